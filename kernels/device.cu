@@ -1,0 +1,89 @@
+// kernels/device.cu: the device layer of a CUDA build (see device.h). Runs on
+// the legacy default stream so that copies, memsets and kernels stay ordered.
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#include <string.h>
+
+#include "kernels/cuda_check.h"
+#include "kernels/device.h"
+#include "kernels/mem.h"
+
+extern "C" {
+
+int mt_device_count(void) {
+    int n = 0;  // cudaGetDeviceCount leaves n untouched on error 35 (no driver)
+    if (cudaGetDeviceCount(&n) != cudaSuccess) {
+        cudaGetLastError();
+        return 0;
+    }
+    return n;
+}
+
+void mt_device_describe(char *buf, size_t len) {
+    int dev = 0;
+    cudaDeviceProp prop;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaGetDeviceProperties(&prop, dev) != cudaSuccess) {
+        snprintf(buf, len, "no GPU");
+        return;
+    }
+    snprintf(buf, len, "GPU %d: %s, %.1f GiB, sm_%d%d", dev, prop.name, prop.totalGlobalMem / 1073741824.0,
+             prop.major, prop.minor);
+}
+
+void *mt_device_malloc(size_t bytes) {
+    void *p = NULL;
+    if (cudaMalloc(&p, bytes) != cudaSuccess) {
+        cudaGetLastError();  // clear the sticky-free OOM error
+        return NULL;
+    }
+    return p;
+}
+
+void mt_device_free(void *p) { CUDA_CHECK(cudaFree(p)); }
+void mt_copy_to_device(void *dst, const void *src, size_t bytes) {
+    CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
+}
+void mt_copy_to_host(void *dst, const void *src, size_t bytes) {
+    CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
+}
+void mt_device_memset(void *dst, int value, size_t bytes) { CUDA_CHECK(cudaMemsetAsync(dst, value, bytes, 0)); }
+void mt_device_synchronize(void) { CUDA_CHECK(cudaDeviceSynchronize()); }
+void mt_device_meminfo(size_t *free_bytes, size_t *total_bytes) {
+    CUDA_CHECK(cudaMemGetInfo(free_bytes, total_bytes));
+}
+
+int mt_backend_init(mt_backend *be, int device) {
+    memset(be, 0, sizeof *be);
+    if (device < 0) return MT_OK;
+    int count = mt_device_count();
+    if (device >= count)
+        return mt_errorf(MT_ERR_DEVICE, "GPU %d asked for, but %d GPU(s) are visible; set device: cpu or a lower "
+                         "ordinal", device, count);
+    CUDA_CHECK(cudaSetDevice(device));
+    be->gpu = 1;
+    be->device = device;
+    be->stream = NULL;
+    cublasHandle_t handle;
+    CUBLAS_CHECK(cublasCreate(&handle));
+    CUBLAS_CHECK(cublasSetStream(handle, 0));
+    be->cublas = handle;
+    void *reduce = NULL;
+    int err = mt_alloc(&reduce, 4096, MT_MEM_WORKSPACE, MT_DEVICE);
+    if (err) return err;
+    be->reduce_buffer = (float *)reduce;
+    return MT_OK;
+}
+
+void mt_backend_free(mt_backend *be) {
+    mt_free(&be->workspace);
+    be->workspace_bytes = 0;
+    if (be->gpu) {
+        void *reduce = be->reduce_buffer;
+        mt_free(&reduce);
+        be->reduce_buffer = NULL;
+        if (be->cublas) CUBLAS_CHECK(cublasDestroy((cublasHandle_t)be->cublas));
+        be->cublas = NULL;
+    }
+}
+
+}  // extern "C"

@@ -1,0 +1,50 @@
+// kernels/device.h: the thin layer between host code and the GPU. Owns device
+// discovery, raw device allocation and copies, and the backend handle (stream,
+// cuBLAS handle, scratch) that every op takes. In a CPU-only build the same
+// functions exist and report "no device", so callers need no #ifdefs.
+#ifndef MT_DEVICE_H
+#define MT_DEVICE_H
+
+#include <stddef.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// Number of usable CUDA devices; 0 when there is no driver, no device, or the
+// binary was built without CUDA (any runtime error counts as "no GPU").
+int mt_device_count(void);
+// Name and total memory of the current device (for the start-up banner).
+void mt_device_describe(char *buf, size_t len);
+
+void *mt_device_malloc(size_t bytes);  // NULL when out of memory
+void mt_device_free(void *p);
+void mt_copy_to_device(void *dst, const void *src, size_t bytes);
+void mt_copy_to_host(void *dst, const void *src, size_t bytes);
+void mt_device_memset(void *dst, int value, size_t bytes);
+void mt_device_synchronize(void);
+// Free and total device memory in bytes.
+void mt_device_meminfo(size_t *free_bytes, size_t *total_bytes);
+
+// What every op runs on. gpu == 0: the fp32 CPU reference path; gpu == 1:
+// bf16 activations and weights on the device, fp32 accumulation.
+typedef struct {
+    int gpu;
+    int device;             // CUDA ordinal when gpu
+    void *stream;           // cudaStream_t
+    void *cublas;           // cublasHandle_t
+    void *workspace;        // device scratch for attention etc. (bytes below)
+    size_t workspace_bytes;
+    float *reduce_buffer;   // small device buffer for scalar reductions
+} mt_backend;
+
+// Creates the backend on device `device` (gpu) or the CPU (device < 0).
+int mt_backend_init(mt_backend *be, int device);
+void mt_backend_free(mt_backend *be);
+// Grows the backend scratch to at least `bytes` (device or host memory).
+int mt_backend_reserve_workspace(mt_backend *be, size_t bytes);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,97 @@
+// kernels/mem.c: categorised allocation with a tally. The live allocations are
+// few (blocks carved per category), so a small table maps pointer -> record.
+#include "kernels/mem.h"
+
+#include <string.h>
+
+#include "kernels/device.h"
+
+static const char *const category_names[] = {
+#define MT_X_CAT(name, label) label,
+    MT_MEM_CATEGORY_TABLE(MT_X_CAT)
+#undef MT_X_CAT
+};
+
+const char *mt_mem_category_name(mt_mem_category cat) {
+    return (cat >= 0 && cat < MT_MEM_NCATEGORIES) ? category_names[cat] : "?";
+}
+
+typedef struct {
+    void *ptr;
+    size_t bytes;
+    mt_mem_category cat;
+    mt_mem_place place;
+} allocation;
+
+static allocation *live;
+static size_t live_count, live_capacity;
+static mt_mem_tally tallies[2];
+
+static void charge(mt_mem_place place, mt_mem_category cat, size_t bytes) {
+    mt_mem_tally *t = &tallies[place];
+    t->current[cat] += bytes;
+    t->current_total += bytes;
+    if (t->current[cat] > t->peak[cat]) t->peak[cat] = t->current[cat];
+    if (t->current_total > t->peak_total) t->peak_total = t->current_total;
+}
+
+void mt_mem_format(mt_mem_place place, char *buf, size_t len) {
+    const mt_mem_tally *t = &tallies[place];
+    size_t used = 0;
+    buf[0] = '\0';
+    for (int c = 0; c < MT_MEM_NCATEGORIES && used < len; c++) {
+        if (!t->peak[c]) continue;
+        used += (size_t)snprintf(buf + used, len - used, "%s%s %.1f MiB (peak %.1f)", used ? ", " : "",
+                                 category_names[c], t->current[c] / 1048576.0, t->peak[c] / 1048576.0);
+    }
+    if (!used) snprintf(buf, len, "nothing allocated");
+}
+
+mt_err mt_alloc(void **out, size_t bytes, mt_mem_category cat, mt_mem_place place) {
+    MT_CHECK(cat >= 0 && cat < MT_MEM_NCATEGORIES, "bad category %d", (int)cat);
+    *out = NULL;
+    if (bytes == 0) bytes = 1;
+    void *p = NULL;
+    if (place == MT_DEVICE) {
+        p = mt_device_malloc(bytes);
+        if (p) mt_device_memset(p, 0, bytes);
+    } else {
+        p = calloc(1, bytes);
+    }
+    if (!p) {
+        char held[1024];
+        mt_mem_format(place, held, sizeof held);
+        return mt_errorf(MT_ERR_NOMEM,
+                         "out of %s memory allocating %.1f MiB for %s (already held: %s). "
+                         "Lower train.micro_batch or train.seq_len, or turn on "
+                         "model.activation_checkpointing.",
+                         place == MT_DEVICE ? "GPU" : "host", bytes / 1048576.0, category_names[cat], held);
+    }
+    if (live_count == live_capacity) {
+        live_capacity = live_capacity ? 2 * live_capacity : 64;
+        live = realloc(live, live_capacity * sizeof *live);
+        MT_CHECK(live != NULL, "allocation table");
+    }
+    live[live_count++] = (allocation){p, bytes, cat, place};
+    charge(place, cat, bytes);
+    *out = p;
+    return MT_OK;
+}
+
+void mt_free(void **p) {
+    if (!p || !*p) return;
+    for (size_t i = 0; i < live_count; i++) {
+        if (live[i].ptr != *p) continue;
+        allocation a = live[i];
+        live[i] = live[--live_count];
+        tallies[a.place].current[a.cat] -= a.bytes;
+        tallies[a.place].current_total -= a.bytes;
+        if (a.place == MT_DEVICE) mt_device_free(a.ptr);
+        else free(a.ptr);
+        *p = NULL;
+        return;
+    }
+    mt_fatal(__FILE__, __LINE__, "mt_free of a pointer mt_alloc did not give: %p", *p);
+}
+
+void mt_mem_get_tally(mt_mem_place place, mt_mem_tally *out) { *out = tallies[place]; }

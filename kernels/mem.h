@@ -1,0 +1,56 @@
+// kernels/mem.h: every allocation of memtune goes through here and is charged
+// to a category, on the host or on the device. The running and peak totals per
+// category are the memory report, compared with `memtune plan`.
+#ifndef MT_MEM_H
+#define MT_MEM_H
+
+#include <stddef.h>
+
+#include "kernels/common.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define MT_MEM_CATEGORY_TABLE(X)                       \
+    X(MT_MEM_WEIGHTS, "weights")                       \
+    X(MT_MEM_ADAPTERS, "adapters")                     \
+    X(MT_MEM_GRADS, "grads")                           \
+    X(MT_MEM_OPTIMIZER, "optimizer")                   \
+    X(MT_MEM_ACTIVATIONS, "activations")               \
+    X(MT_MEM_WORKSPACE, "workspace")                   \
+    X(MT_MEM_OFFLOAD, "offload")                       \
+    X(MT_MEM_DATA, "data")
+
+typedef enum {
+#define MT_X_CAT(name, label) name,
+    MT_MEM_CATEGORY_TABLE(MT_X_CAT)
+#undef MT_X_CAT
+    MT_MEM_NCATEGORIES
+} mt_mem_category;
+
+typedef enum { MT_HOST = 0, MT_DEVICE = 1 } mt_mem_place;
+
+const char *mt_mem_category_name(mt_mem_category cat);
+
+// Allocates `bytes` (zeroed) on the host or the device and charges `cat`.
+// On failure returns MT_ERR_NOMEM with a message naming the category, the
+// size asked for, what is already held by category, and *out = NULL.
+mt_err mt_alloc(void **out, size_t bytes, mt_mem_category cat, mt_mem_place place);
+// Frees what mt_alloc gave and sets *p to NULL; NULL is a no-op.
+void mt_free(void **p);
+
+typedef struct {
+    size_t current[MT_MEM_NCATEGORIES];
+    size_t peak[MT_MEM_NCATEGORIES];
+    size_t current_total, peak_total;
+} mt_mem_tally;
+
+void mt_mem_get_tally(mt_mem_place place, mt_mem_tally *out);
+// One line per category with current and peak, for logs and errors.
+void mt_mem_format(mt_mem_place place, char *buf, size_t len);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,157 @@
+// kernels/ops.c: routes each op to its CPU reference or its CUDA version.
+#include "kernels/ops.h"
+
+#include <string.h>
+
+#include "kernels/common.h"
+#include "kernels/ops_ref.h"
+#ifdef MT_HAVE_CUDA
+#include "kernels/ops_cuda.h"
+#define MT_GPU(be, call)       \
+    if ((be)->gpu) {           \
+        call;                  \
+        return;                \
+    }
+#else
+#define MT_GPU(be, call) MT_CHECK(!(be)->gpu, "GPU backend in a CPU-only build")
+#endif
+
+size_t mt_act_size(const mt_backend *be) { return be->gpu ? 2 : 4; }
+
+void mt_op_embedding_forward(const mt_backend *be, void *out, const int32_t *tokens, const void *wte, int N, int C) {
+    MT_GPU(be, mt_embedding_forward_cuda(be, out, tokens, wte, N, C));
+    mt_embedding_forward_ref(out, tokens, wte, N, C);
+}
+
+void mt_op_embedding_backward(const mt_backend *be, float *dwte, const int32_t *tokens, const void *dout, int N,
+                              int C) {
+    MT_GPU(be, mt_embedding_backward_cuda(be, dwte, tokens, dout, N, C));
+    mt_embedding_backward_ref(dwte, tokens, dout, N, C);
+}
+
+void mt_op_rmsnorm_forward(const mt_backend *be, void *out, float *rstd, const void *inp, const void *weight, int N,
+                           int C, float eps) {
+    MT_GPU(be, mt_rmsnorm_forward_cuda(be, out, rstd, inp, weight, N, C, eps));
+    mt_rmsnorm_forward_ref(out, rstd, inp, weight, N, C, eps);
+}
+
+void mt_op_rmsnorm_backward(const mt_backend *be, void *dinp, float *dweight, const void *dout, const void *inp,
+                            const void *weight, const float *rstd, int N, int C) {
+    MT_GPU(be, mt_rmsnorm_backward_cuda(be, dinp, dweight, dout, inp, weight, rstd, N, C));
+    mt_rmsnorm_backward_ref(dinp, dweight, dout, inp, weight, rstd, N, C);
+}
+
+void mt_op_rope_forward(const mt_backend *be, void *out, const void *inp, const float *cos_table,
+                        const float *sin_table, int B, int T, int H, int D, int rotate) {
+    MT_GPU(be, mt_rope_forward_cuda(be, out, inp, cos_table, sin_table, B, T, H, D, rotate));
+    mt_rope_forward_ref(out, inp, cos_table, sin_table, B, T, H, D, rotate);
+}
+
+void mt_op_rope_backward(const mt_backend *be, void *dinp, const void *dout, const float *cos_table,
+                         const float *sin_table, int B, int T, int H, int D, int rotate) {
+    MT_GPU(be, mt_rope_backward_cuda(be, dinp, dout, cos_table, sin_table, B, T, H, D, rotate));
+    mt_rope_backward_ref(dinp, dout, cos_table, sin_table, B, T, H, D, rotate);
+}
+
+size_t mt_attention_workspace_bytes(const mt_backend *be, int B, int T, int H, int D) {
+#ifdef MT_HAVE_CUDA
+    if (be->gpu) return mt_attention_workspace_bytes_cuda(B, T, H, D);
+#endif
+    (void)be, (void)B, (void)T, (void)H, (void)D;
+    return 0;
+}
+
+void mt_op_attention_forward(mt_backend *be, void *out, const void *q, const void *k, const void *v, int B, int T,
+                             int H, int KV, int D) {
+    MT_GPU(be, mt_attention_forward_cuda(be, out, q, k, v, B, T, H, KV, D));
+    mt_attention_forward_ref(out, q, k, v, B, T, H, KV, D);
+}
+
+void mt_op_attention_backward(mt_backend *be, void *dq, void *dk, void *dv, const void *dout, const void *q,
+                              const void *k, const void *v, int B, int T, int H, int KV, int D) {
+    MT_GPU(be, mt_attention_backward_cuda(be, dq, dk, dv, dout, q, k, v, B, T, H, KV, D));
+    mt_attention_backward_ref(dq, dk, dv, dout, q, k, v, B, T, H, KV, D);
+}
+
+void mt_op_swiglu_forward(const mt_backend *be, void *out, const void *gate, const void *up, size_t n) {
+    MT_GPU(be, mt_swiglu_forward_cuda(be, out, gate, up, n));
+    mt_swiglu_forward_ref(out, gate, up, n);
+}
+
+void mt_op_swiglu_backward(const mt_backend *be, void *dgate, void *dup, const void *dout, const void *gate,
+                           const void *up, size_t n) {
+    MT_GPU(be, mt_swiglu_backward_cuda(be, dgate, dup, dout, gate, up, n));
+    mt_swiglu_backward_ref(dgate, dup, dout, gate, up, n);
+}
+
+void mt_op_matmul_forward(const mt_backend *be, void *out, const void *inp, const void *weight, const void *bias,
+                          int N, int IN, int OUT) {
+    MT_GPU(be, mt_matmul_forward_cuda(be, out, inp, weight, bias, N, IN, OUT));
+    mt_matmul_forward_ref(out, inp, weight, bias, N, IN, OUT);
+}
+
+void mt_op_matmul_backward(const mt_backend *be, void *dinp, float *dweight, float *dbias, const void *dout,
+                           const void *inp, const void *weight, int N, int IN, int OUT, int accumulate) {
+    MT_GPU(be, mt_matmul_backward_cuda(be, dinp, dweight, dbias, dout, inp, weight, N, IN, OUT, accumulate));
+    mt_matmul_backward_ref(dinp, dweight, dbias, dout, inp, weight, N, IN, OUT, accumulate);
+}
+
+void mt_op_logits_forward(const mt_backend *be, float *logits, const void *inp, const void *weight, int N, int C,
+                          int V) {
+    MT_GPU(be, mt_logits_forward_cuda(be, logits, inp, weight, N, C, V));
+    mt_matmul_forward_ref(logits, inp, weight, NULL, N, C, V);
+}
+
+void mt_op_crossentropy(const mt_backend *be, float *losses, void *dlogits, const float *logits,
+                        const int32_t *targets, int N, int V, float dscale) {
+    MT_GPU(be, mt_crossentropy_cuda(be, losses, dlogits, logits, targets, N, V, dscale));
+    mt_crossentropy_ref(losses, dlogits, logits, targets, N, V, dscale);
+}
+
+void mt_op_add(const mt_backend *be, void *out, const void *a, const void *b, size_t n) {
+    MT_GPU(be, mt_add_cuda(be, out, a, b, n));
+    mt_add_ref(out, a, b, n);
+}
+
+void mt_op_adamw(const mt_backend *be, float *master, void *param_copy, const float *grad, float *m, float *v,
+                 size_t n, float lr, float beta1, float beta2, float eps, float weight_decay,
+                 float bias_correction1, float bias_correction2, float grad_scale) {
+    MT_GPU(be, mt_adamw_cuda(be, master, param_copy, grad, m, v, n, lr, beta1, beta2, eps, weight_decay,
+                             bias_correction1, bias_correction2, grad_scale));
+    (void)param_copy;  // the CPU trains its fp32 master weights directly
+    mt_adamw_ref(master, grad, m, v, n, lr, beta1, beta2, eps, weight_decay, bias_correction1, bias_correction2,
+                 grad_scale);
+}
+
+double mt_op_sumsq(const mt_backend *be, const float *x, size_t n) {
+#ifdef MT_HAVE_CUDA
+    if (be->gpu) return mt_sumsq_cuda(be, x, n, 1);
+#endif
+    MT_CHECK(!be->gpu, "GPU backend in a CPU-only build");
+    return mt_sumsq_ref(x, n);
+}
+
+double mt_op_sum(const mt_backend *be, const float *x, size_t n) {
+#ifdef MT_HAVE_CUDA
+    if (be->gpu) return mt_sumsq_cuda(be, x, n, 0);
+#endif
+    MT_CHECK(!be->gpu, "GPU backend in a CPU-only build");
+    double sum = 0.0;
+    for (size_t i = 0; i < n; i++) sum += x[i];
+    return sum;
+}
+
+void mt_op_cast_from_f32(const mt_backend *be, void *dst, const float *src, size_t n) {
+    MT_GPU(be, mt_cast_from_f32_cuda(be, dst, src, n));
+    memmove(dst, src, n * sizeof(float));
+}
+
+void mt_op_cast_to_f32(const mt_backend *be, float *dst, const void *src, size_t n) {
+    MT_GPU(be, mt_cast_to_f32_cuda(be, dst, src, n));
+    memmove(dst, src, n * sizeof(float));
+}
+
+void mt_op_zero(const mt_backend *be, void *dst, size_t bytes) {
+    if (be->gpu) mt_device_memset(dst, 0, bytes);
+    else memset(dst, 0, bytes);
+}

@@ -1,0 +1,73 @@
+// kernels/ops.h: the op API the model and the optimizers call. Each op runs
+// its CPU reference (ops_ref.h, fp32) when the backend is the CPU, and its CUDA
+// version (ops_cuda.h) when it is a GPU; there "act" pointers hold bf16 and
+// parameter gradients, master weights and moments stay fp32.
+//
+// Pointers typed `void *` hold the backend's activation type (fp32 on the
+// CPU, bf16 on the GPU); `float *` is fp32 on both. All pointers live where
+// the backend computes (host memory for the CPU, device memory for the GPU).
+#ifndef MT_OPS_H
+#define MT_OPS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kernels/device.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// Bytes of one activation element on this backend.
+size_t mt_act_size(const mt_backend *be);
+
+void mt_op_embedding_forward(const mt_backend *be, void *out, const int32_t *tokens, const void *wte, int N, int C);
+void mt_op_embedding_backward(const mt_backend *be, float *dwte, const int32_t *tokens, const void *dout, int N,
+                              int C);
+void mt_op_rmsnorm_forward(const mt_backend *be, void *out, float *rstd, const void *inp, const void *weight, int N,
+                           int C, float eps);
+void mt_op_rmsnorm_backward(const mt_backend *be, void *dinp, float *dweight, const void *dout, const void *inp,
+                            const void *weight, const float *rstd, int N, int C);
+void mt_op_rope_forward(const mt_backend *be, void *out, const void *inp, const float *cos_table,
+                        const float *sin_table, int B, int T, int H, int D, int rotate);
+void mt_op_rope_backward(const mt_backend *be, void *dinp, const void *dout, const float *cos_table,
+                         const float *sin_table, int B, int T, int H, int D, int rotate);
+// Workspace the attention ops need for this shape (reserve it on the backend).
+size_t mt_attention_workspace_bytes(const mt_backend *be, int B, int T, int H, int D);
+void mt_op_attention_forward(mt_backend *be, void *out, const void *q, const void *k, const void *v, int B, int T,
+                             int H, int KV, int D);
+void mt_op_attention_backward(mt_backend *be, void *dq, void *dk, void *dv, const void *dout, const void *q,
+                              const void *k, const void *v, int B, int T, int H, int KV, int D);
+void mt_op_swiglu_forward(const mt_backend *be, void *out, const void *gate, const void *up, size_t n);
+void mt_op_swiglu_backward(const mt_backend *be, void *dgate, void *dup, const void *dout, const void *gate,
+                           const void *up, size_t n);
+void mt_op_matmul_forward(const mt_backend *be, void *out, const void *inp, const void *weight, const void *bias,
+                          int N, int IN, int OUT);
+void mt_op_matmul_backward(const mt_backend *be, void *dinp, float *dweight, float *dbias, const void *dout,
+                           const void *inp, const void *weight, int N, int IN, int OUT, int accumulate);
+// logits (N, V) fp32 = inp (N, C) @ weight (V, C)^T.
+void mt_op_logits_forward(const mt_backend *be, float *logits, const void *inp, const void *weight, int N, int C,
+                          int V);
+// dlogits is in the activation type (NULL: loss only). On the CPU it may
+// alias logits.
+void mt_op_crossentropy(const mt_backend *be, float *losses, void *dlogits, const float *logits,
+                        const int32_t *targets, int N, int V, float dscale);
+void mt_op_add(const mt_backend *be, void *out, const void *a, const void *b, size_t n);
+// param_copy: bf16 copy to refresh on the GPU; NULL on the CPU.
+void mt_op_adamw(const mt_backend *be, float *master, void *param_copy, const float *grad, float *m, float *v,
+                 size_t n, float lr, float beta1, float beta2, float eps, float weight_decay,
+                 float bias_correction1, float bias_correction2, float grad_scale);
+// Sum of squares of n fp32 values, returned on the host (synchronises).
+double mt_op_sumsq(const mt_backend *be, const float *x, size_t n);
+// Sum of n fp32 values, returned on the host (synchronises).
+double mt_op_sum(const mt_backend *be, const float *x, size_t n);
+// dst (activation type) <- src fp32, n elements (a copy on the CPU).
+void mt_op_cast_from_f32(const mt_backend *be, void *dst, const float *src, size_t n);
+// dst fp32 <- src (activation type).
+void mt_op_cast_to_f32(const mt_backend *be, float *dst, const void *src, size_t n);
+void mt_op_zero(const mt_backend *be, void *dst, size_t bytes);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,55 @@
+// kernels/ops_cuda.h: CUDA versions of the ops in ops_ref.h, same arguments
+// with bf16 activations (`void *`), fp32 where ops_ref.h says fp32, device
+// pointers, and the backend (stream, cuBLAS handle, workspace) first.
+#ifndef MT_OPS_CUDA_H
+#define MT_OPS_CUDA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kernels/device.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+void mt_embedding_forward_cuda(const mt_backend *be, void *out, const int32_t *tokens, const void *wte, int N,
+                               int C);
+void mt_embedding_backward_cuda(const mt_backend *be, float *dwte, const int32_t *tokens, const void *dout, int N,
+                                int C);
+void mt_rmsnorm_forward_cuda(const mt_backend *be, void *out, float *rstd, const void *inp, const void *weight,
+                             int N, int C, float eps);
+void mt_rmsnorm_backward_cuda(const mt_backend *be, void *dinp, float *dweight, const void *dout, const void *inp,
+                              const void *weight, const float *rstd, int N, int C);
+void mt_rope_forward_cuda(const mt_backend *be, void *out, const void *inp, const float *cos_table,
+                          const float *sin_table, int B, int T, int H, int D, int rotate);
+void mt_rope_backward_cuda(const mt_backend *be, void *dinp, const void *dout, const float *cos_table,
+                           const float *sin_table, int B, int T, int H, int D, int rotate);
+size_t mt_attention_workspace_bytes_cuda(int B, int T, int H, int D);
+void mt_attention_forward_cuda(mt_backend *be, void *out, const void *q, const void *k, const void *v, int B,
+                               int T, int H, int KV, int D);
+void mt_attention_backward_cuda(mt_backend *be, void *dq, void *dk, void *dv, const void *dout, const void *q,
+                                const void *k, const void *v, int B, int T, int H, int KV, int D);
+void mt_swiglu_forward_cuda(const mt_backend *be, void *out, const void *gate, const void *up, size_t n);
+void mt_swiglu_backward_cuda(const mt_backend *be, void *dgate, void *dup, const void *dout, const void *gate,
+                             const void *up, size_t n);
+void mt_matmul_forward_cuda(const mt_backend *be, void *out, const void *inp, const void *weight, const void *bias,
+                            int N, int IN, int OUT);
+void mt_matmul_backward_cuda(const mt_backend *be, void *dinp, float *dweight, float *dbias, const void *dout,
+                             const void *inp, const void *weight, int N, int IN, int OUT, int accumulate);
+void mt_logits_forward_cuda(const mt_backend *be, float *logits, const void *inp, const void *weight, int N, int C,
+                            int V);
+void mt_crossentropy_cuda(const mt_backend *be, float *losses, void *dlogits, const float *logits,
+                          const int32_t *targets, int N, int V, float dscale);
+void mt_add_cuda(const mt_backend *be, void *out, const void *a, const void *b, size_t n);
+void mt_adamw_cuda(const mt_backend *be, float *master, void *param_copy, const float *grad, float *m, float *v,
+                   size_t n, float lr, float beta1, float beta2, float eps, float weight_decay,
+                   float bias_correction1, float bias_correction2, float grad_scale);
+double mt_sumsq_cuda(const mt_backend *be, const float *x, size_t n, int squares);
+void mt_cast_from_f32_cuda(const mt_backend *be, void *dst, const float *src, size_t n);
+void mt_cast_to_f32_cuda(const mt_backend *be, float *dst, const void *src, size_t n);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,319 @@
+// kernels/ops_ref.c: CPU reference ops (see ops_ref.h for the semantics).
+#include "kernels/ops_ref.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/common.h"
+#include "kernels/dtype.h"
+
+void mt_embedding_forward_ref(float *out, const int32_t *tokens, const float *wte, int N, int C) {
+#pragma omp parallel for
+    for (int n = 0; n < N; n++) memcpy(out + (size_t)n * C, wte + (size_t)tokens[n] * C, (size_t)C * sizeof(float));
+}
+
+void mt_embedding_backward_ref(float *dwte, const int32_t *tokens, const float *dout, int N, int C) {
+    // serial over rows: two rows may name the same token
+    for (int n = 0; n < N; n++) {
+        float *row = dwte + (size_t)tokens[n] * C;
+        const float *g = dout + (size_t)n * C;
+        for (int c = 0; c < C; c++) row[c] += g[c];
+    }
+}
+
+void mt_rmsnorm_forward_ref(float *out, float *rstd, const float *inp, const float *weight, int N, int C,
+                            float eps) {
+#pragma omp parallel for
+    for (int n = 0; n < N; n++) {
+        const float *x = inp + (size_t)n * C;
+        double ss = 0.0;
+        for (int c = 0; c < C; c++) ss += (double)x[c] * x[c];
+        float r = (float)(1.0 / sqrt(ss / C + eps));
+        rstd[n] = r;
+        float *y = out + (size_t)n * C;
+        for (int c = 0; c < C; c++) y[c] = x[c] * r * weight[c];
+    }
+}
+
+void mt_rmsnorm_backward_ref(float *dinp, float *dweight, const float *dout, const float *inp,
+                             const float *weight, const float *rstd, int N, int C) {
+    // dx_j = r*w_j*g_j - r^3/C * x_j * sum_i g_i w_i x_i
+#pragma omp parallel for
+    for (int n = 0; n < N; n++) {
+        const float *x = inp + (size_t)n * C, *g = dout + (size_t)n * C;
+        float r = rstd[n];
+        double dot = 0.0;
+        for (int c = 0; c < C; c++) dot += (double)g[c] * weight[c] * x[c];
+        float k = (float)(dot * r * r * r / C);
+        float *dx = dinp + (size_t)n * C;
+        for (int c = 0; c < C; c++) dx[c] += r * weight[c] * g[c] - k * x[c];
+    }
+    for (int n = 0; n < N; n++) {
+        const float *x = inp + (size_t)n * C, *g = dout + (size_t)n * C;
+        for (int c = 0; c < C; c++) dweight[c] += g[c] * x[c] * rstd[n];
+    }
+}
+
+void mt_rope_tables(float *cos_table, float *sin_table, const float *inv_freq, int T, int D) {
+    int half = D / 2;
+    for (int t = 0; t < T; t++)
+        for (int i = 0; i < half; i++) {
+            // fp32 angle as transformers computes it (positions * inv_freq in fp32)
+            float angle = (float)t * inv_freq[i];
+            cos_table[(size_t)t * half + i] = cosf(angle);
+            sin_table[(size_t)t * half + i] = sinf(angle);
+        }
+}
+
+void mt_rope_forward_ref(float *out, const float *inp, const float *cos_table, const float *sin_table, int B,
+                         int T, int H, int D, int rotate) {
+    int half = D / 2;
+#pragma omp parallel for collapse(2)
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++)
+            for (int h = 0; h < H; h++) {
+                const float *x = inp + (((size_t)b * T + t) * H + h) * D;
+                float *y = out + (((size_t)b * H + h) * T + t) * D;
+                if (!rotate) {
+                    memcpy(y, x, (size_t)D * sizeof(float));
+                    continue;
+                }
+                const float *c = cos_table + (size_t)t * half, *s = sin_table + (size_t)t * half;
+                for (int i = 0; i < half; i++) {
+                    y[i] = x[i] * c[i] - x[i + half] * s[i];
+                    y[i + half] = x[i + half] * c[i] + x[i] * s[i];
+                }
+            }
+}
+
+void mt_rope_backward_ref(float *dinp, const float *dout, const float *cos_table, const float *sin_table, int B,
+                          int T, int H, int D, int rotate) {
+    int half = D / 2;
+#pragma omp parallel for collapse(2)
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++)
+            for (int h = 0; h < H; h++) {
+                float *dx = dinp + (((size_t)b * T + t) * H + h) * D;
+                const float *dy = dout + (((size_t)b * H + h) * T + t) * D;
+                if (!rotate) {
+                    memcpy(dx, dy, (size_t)D * sizeof(float));
+                    continue;
+                }
+                const float *c = cos_table + (size_t)t * half, *s = sin_table + (size_t)t * half;
+                for (int i = 0; i < half; i++) {
+                    dx[i] = dy[i] * c[i] + dy[i + half] * s[i];
+                    dx[i + half] = dy[i + half] * c[i] - dy[i] * s[i];
+                }
+            }
+}
+
+// Softmax probabilities of query row t against keys 0..t into p (T).
+static void attention_probs(float *p, const float *qrow, const float *kbase, int t, int D, float scale) {
+    float maxval = -INFINITY;
+    for (int j = 0; j <= t; j++) {
+        const float *krow = kbase + (size_t)j * D;
+        float s = 0.0f;
+        for (int d = 0; d < D; d++) s += qrow[d] * krow[d];
+        p[j] = s * scale;
+        if (p[j] > maxval) maxval = p[j];
+    }
+    double sum = 0.0;
+    for (int j = 0; j <= t; j++) {
+        p[j] = expf(p[j] - maxval);
+        sum += p[j];
+    }
+    float inv = (float)(1.0 / sum);
+    for (int j = 0; j <= t; j++) p[j] *= inv;
+}
+
+void mt_attention_forward_ref(float *out, const float *q, const float *k, const float *v, int B, int T, int H,
+                              int KV, int D) {
+    int group = H / KV;
+    float scale = 1.0f / sqrtf((float)D);
+#pragma omp parallel
+    {
+        float *p = malloc((size_t)T * sizeof(float));
+        MT_CHECK(p != NULL, "attention scratch");
+#pragma omp for collapse(2)
+        for (int b = 0; b < B; b++)
+            for (int h = 0; h < H; h++) {
+                const float *kbase = k + ((size_t)b * KV + h / group) * T * D;
+                const float *vbase = v + ((size_t)b * KV + h / group) * T * D;
+                for (int t = 0; t < T; t++) {
+                    attention_probs(p, q + (((size_t)b * H + h) * T + t) * D, kbase, t, D, scale);
+                    float *y = out + (((size_t)b * T + t) * H + h) * D;
+                    for (int d = 0; d < D; d++) y[d] = 0.0f;
+                    for (int j = 0; j <= t; j++)
+                        for (int d = 0; d < D; d++) y[d] += p[j] * vbase[(size_t)j * D + d];
+                }
+            }
+        free(p);
+    }
+}
+
+void mt_attention_backward_ref(float *dq, float *dk, float *dv, const float *dout, const float *q, const float *k,
+                               const float *v, int B, int T, int H, int KV, int D) {
+    int group = H / KV;
+    float scale = 1.0f / sqrtf((float)D);
+    memset(dk, 0, (size_t)B * KV * T * D * sizeof(float));
+    memset(dv, 0, (size_t)B * KV * T * D * sizeof(float));
+#pragma omp parallel
+    {
+        float *p = malloc(2 * (size_t)T * sizeof(float));
+        MT_CHECK(p != NULL, "attention scratch");
+        float *dp = p + T;
+        // one kv head per task: its heads' dk/dv sums stay in one thread
+#pragma omp for collapse(2)
+        for (int b = 0; b < B; b++)
+            for (int kv = 0; kv < KV; kv++) {
+                const float *kbase = k + ((size_t)b * KV + kv) * T * D;
+                const float *vbase = v + ((size_t)b * KV + kv) * T * D;
+                float *dkbase = dk + ((size_t)b * KV + kv) * T * D;
+                float *dvbase = dv + ((size_t)b * KV + kv) * T * D;
+                for (int h = kv * group; h < (kv + 1) * group; h++)
+                    for (int t = 0; t < T; t++) {
+                        const float *qrow = q + (((size_t)b * H + h) * T + t) * D;
+                        const float *g = dout + (((size_t)b * T + t) * H + h) * D;
+                        float *dqrow = dq + (((size_t)b * H + h) * T + t) * D;
+                        attention_probs(p, qrow, kbase, t, D, scale);
+                        double pdp = 0.0;
+                        for (int j = 0; j <= t; j++) {
+                            float s = 0.0f;
+                            for (int d = 0; d < D; d++) s += g[d] * vbase[(size_t)j * D + d];
+                            dp[j] = s;
+                            pdp += (double)p[j] * s;
+                            for (int d = 0; d < D; d++) dvbase[(size_t)j * D + d] += p[j] * g[d];
+                        }
+                        for (int d = 0; d < D; d++) dqrow[d] = 0.0f;
+                        for (int j = 0; j <= t; j++) {
+                            float ds = p[j] * (dp[j] - (float)pdp) * scale;
+                            for (int d = 0; d < D; d++) {
+                                dqrow[d] += ds * kbase[(size_t)j * D + d];
+                                dkbase[(size_t)j * D + d] += ds * qrow[d];
+                            }
+                        }
+                    }
+            }
+        free(p);
+    }
+}
+
+void mt_swiglu_forward_ref(float *out, const float *gate, const float *up, size_t n) {
+#pragma omp parallel for
+    for (size_t i = 0; i < n; i++) {
+        float g = gate[i];
+        out[i] = g / (1.0f + expf(-g)) * up[i];
+    }
+}
+
+void mt_swiglu_backward_ref(float *dgate, float *dup, const float *dout, const float *gate, const float *up,
+                            size_t n) {
+#pragma omp parallel for
+    for (size_t i = 0; i < n; i++) {
+        float g = gate[i], sig = 1.0f / (1.0f + expf(-g));
+        float silu = g * sig;
+        dgate[i] = dout[i] * up[i] * (sig + silu * (1.0f - sig));
+        dup[i] = dout[i] * silu;
+    }
+}
+
+void mt_matmul_forward_ref(float *out, const float *inp, const float *weight, const float *bias, int N, int IN,
+                           int OUT) {
+#pragma omp parallel for collapse(2)
+    for (int n = 0; n < N; n++)
+        for (int o = 0; o < OUT; o++) {
+            const float *x = inp + (size_t)n * IN, *w = weight + (size_t)o * IN;
+            float sum = bias ? bias[o] : 0.0f;
+#pragma omp simd reduction(+ : sum)
+            for (int i = 0; i < IN; i++) sum += x[i] * w[i];
+            out[(size_t)n * OUT + o] = sum;
+        }
+}
+
+void mt_matmul_backward_ref(float *dinp, float *dweight, float *dbias, const float *dout, const float *inp,
+                            const float *weight, int N, int IN, int OUT, int accumulate) {
+    if (dinp) {
+#pragma omp parallel for
+        for (int n = 0; n < N; n++) {
+            float *dx = dinp + (size_t)n * IN;
+            if (!accumulate) memset(dx, 0, (size_t)IN * sizeof(float));
+            for (int o = 0; o < OUT; o++) {
+                float g = dout[(size_t)n * OUT + o];
+                const float *w = weight + (size_t)o * IN;
+#pragma omp simd
+                for (int i = 0; i < IN; i++) dx[i] += g * w[i];
+            }
+        }
+    }
+    if (dweight) {
+#pragma omp parallel for
+        for (int o = 0; o < OUT; o++) {
+            float *dw = dweight + (size_t)o * IN;
+            double db = 0.0;
+            for (int n = 0; n < N; n++) {
+                float g = dout[(size_t)n * OUT + o];
+                db += g;
+                const float *x = inp + (size_t)n * IN;
+#pragma omp simd
+                for (int i = 0; i < IN; i++) dw[i] += g * x[i];
+            }
+            if (dbias) dbias[o] += (float)db;
+        }
+    }
+}
+
+void mt_crossentropy_ref(float *losses, float *dlogits, const float *logits, const int32_t *targets, int N, int V,
+                         float dscale) {
+#pragma omp parallel for
+    for (int n = 0; n < N; n++) {
+        const float *z = logits + (size_t)n * V;
+        float *dz = dlogits ? dlogits + (size_t)n * V : NULL;
+        int target = targets[n];
+        if (target < 0) {
+            losses[n] = 0.0f;
+            if (dz) memset(dz, 0, (size_t)V * sizeof(float));
+            continue;
+        }
+        float maxval = -INFINITY;
+        for (int i = 0; i < V; i++) maxval = z[i] > maxval ? z[i] : maxval;
+        double sum = 0.0;
+        for (int i = 0; i < V; i++) sum += exp((double)z[i] - maxval);
+        float logsum = (float)log(sum) + maxval;
+        losses[n] = logsum - z[target];
+        if (dz) {
+            for (int i = 0; i < V; i++) dz[i] = expf(z[i] - logsum) * dscale;
+            dz[target] -= dscale;
+        }
+    }
+}
+
+void mt_add_ref(float *out, const float *a, const float *b, size_t n) {
+#pragma omp parallel for
+    for (size_t i = 0; i < n; i++) out[i] = a[i] + b[i];
+}
+
+void mt_adamw_ref(float *param, const float *grad, float *m, float *v, size_t n, float lr, float beta1,
+                  float beta2, float eps, float weight_decay, float bias_correction1, float bias_correction2,
+                  float grad_scale) {
+    float step_size = lr / bias_correction1, bc2_sqrt = sqrtf(bias_correction2);
+#pragma omp parallel for
+    for (size_t i = 0; i < n; i++) {
+        float g = grad[i] * grad_scale;
+        m[i] = beta1 * m[i] + (1.0f - beta1) * g;
+        v[i] = beta2 * v[i] + (1.0f - beta2) * g * g;
+        float p = param[i] * (1.0f - lr * weight_decay);
+        param[i] = p - step_size * m[i] / (sqrtf(v[i]) / bc2_sqrt + eps);
+    }
+}
+
+double mt_sumsq_ref(const float *x, size_t n) {
+    double sum = 0.0;
+#pragma omp parallel for reduction(+ : sum)
+    for (size_t i = 0; i < n; i++) sum += (double)x[i] * x[i];
+    return sum;
+}
+
+void mt_cast_bf16_ref(uint16_t *out, const float *inp, size_t n) {
+    for (size_t i = 0; i < n; i++) out[i] = mt_f32_to_bf16(inp[i]);
+}

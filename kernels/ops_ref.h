@@ -1,0 +1,85 @@
+// kernels/ops_ref.h: the CPU reference of every op, fp32, plain loops (OpenMP
+// across rows). These define what each op means; the CUDA versions in
+// ops_cuda.h take the same arguments (bf16 activations) and must match.
+//
+// Shapes: N = B*T rows; C hidden; H heads, KV kv-heads, D head dim; F ffn;
+// V vocab. Linear weights are (OUT, IN) row-major as in Hugging Face.
+// "+=" in a comment means the op accumulates into that output.
+#ifndef MT_OPS_REF_H
+#define MT_OPS_REF_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// out (N, C) = wte[tokens[n]]; dwte (V, C) += scatter of dout.
+void mt_embedding_forward_ref(float *out, const int32_t *tokens, const float *wte, int N, int C);
+void mt_embedding_backward_ref(float *dwte, const int32_t *tokens, const float *dout, int N, int C);
+
+// y = x * rsqrt(mean(x^2) + eps) * weight; rstd (N) saved for backward.
+void mt_rmsnorm_forward_ref(float *out, float *rstd, const float *inp, const float *weight, int N, int C,
+                            float eps);
+// dinp (N, C) +=, dweight (C) +=.
+void mt_rmsnorm_backward_ref(float *dinp, float *dweight, const float *dout, const float *inp,
+                             const float *weight, const float *rstd, int N, int C);
+
+// Rotary embedding in the "rotate half" convention of Hugging Face Llama, fused
+// with the layout change (B, T, H, D) -> (B, H, T, D). cos/sin are (T, D/2).
+// rotate == 0 only permutes (for v).
+void mt_rope_forward_ref(float *out, const float *inp, const float *cos_table, const float *sin_table, int B,
+                         int T, int H, int D, int rotate);
+// dinp (B, T, H, D) = transpose of the above applied to dout (B, H, T, D).
+void mt_rope_backward_ref(float *dinp, const float *dout, const float *cos_table, const float *sin_table, int B,
+                          int T, int H, int D, int rotate);
+// cos/sin (T, D/2) for positions 0..T-1 from the inverse frequencies (D/2).
+void mt_rope_tables(float *cos_table, float *sin_table, const float *inv_freq, int T, int D);
+
+// Causal scaled-dot-product attention with grouped-query heads.
+// q (B, H, T, D), k/v (B, KV, T, D); out (B, T, H, D); scale 1/sqrt(D).
+void mt_attention_forward_ref(float *out, const float *q, const float *k, const float *v, int B, int T, int H,
+                              int KV, int D);
+// dq/dk/dv are overwritten; P is recomputed from q and k.
+void mt_attention_backward_ref(float *dq, float *dk, float *dv, const float *dout, const float *q, const float *k,
+                               const float *v, int B, int T, int H, int KV, int D);
+
+// out = silu(gate) * up, elementwise over n.
+void mt_swiglu_forward_ref(float *out, const float *gate, const float *up, size_t n);
+void mt_swiglu_backward_ref(float *dgate, float *dup, const float *dout, const float *gate, const float *up,
+                            size_t n);
+
+// out (N, OUT) = inp (N, IN) @ weight^T (+ bias (OUT) when not NULL).
+void mt_matmul_forward_ref(float *out, const float *inp, const float *weight, const float *bias, int N, int IN,
+                           int OUT);
+// dinp (N, IN) = (or += when accumulate) dout @ weight, skipped when NULL;
+// dweight (OUT, IN) += dout^T @ inp; dbias (OUT) += column sums, when not NULL.
+void mt_matmul_backward_ref(float *dinp, float *dweight, float *dbias, const float *dout, const float *inp,
+                            const float *weight, int N, int IN, int OUT, int accumulate);
+
+// losses (N): -log softmax(logits)[target], 0 where target < 0.
+// dlogits (N, V) (may alias logits, may be NULL) = (softmax - onehot) * dscale,
+// 0 on ignored rows.
+void mt_crossentropy_ref(float *losses, float *dlogits, const float *logits, const int32_t *targets, int N, int V,
+                         float dscale);
+
+// out = a + b (out may alias a or b).
+void mt_add_ref(float *out, const float *a, const float *b, size_t n);
+
+// AdamW as torch.optim.AdamW: p *= 1 - lr*wd; p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps),
+// with the gradient multiplied by grad_scale first (clipping).
+void mt_adamw_ref(float *param, const float *grad, float *m, float *v, size_t n, float lr, float beta1,
+                  float beta2, float eps, float weight_decay, float bias_correction1, float bias_correction2,
+                  float grad_scale);
+
+// Sum of squares in double precision.
+double mt_sumsq_ref(const float *x, size_t n);
+
+// bf16 round-to-nearest-even of every element (the cast the GPU does).
+void mt_cast_bf16_ref(uint16_t *out, const float *inp, size_t n);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

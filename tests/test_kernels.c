@@ -1,0 +1,360 @@
+// tests/test_kernels.c: the CPU reference ops. Forward ops are checked against
+// direct formulas; every backward against central finite differences of a
+// random projection of the forward output.
+#include <check.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/common.h"
+#include "kernels/dtype.h"
+#include "kernels/mem.h"
+#include "kernels/ops_ref.h"
+#include "kernels/rng.h"
+#include "testutil.h"
+
+static const double kFdTolerance = 2e-2;
+
+static double dot(const float *a, const float *b, size_t n) {
+    double s = 0.0;
+    for (size_t i = 0; i < n; i++) s += (double)a[i] * b[i];
+    return s;
+}
+
+// ----------------------------------------------------------------- rmsnorm
+typedef struct {
+    int N, C;
+    float *x, *w, *y, *rstd, *r;
+} rms_ctx;
+
+static double rms_loss(void *p) {
+    rms_ctx *c = p;
+    mt_rmsnorm_forward_ref(c->y, c->rstd, c->x, c->w, c->N, c->C, 1e-5f);
+    return dot(c->y, c->r, (size_t)c->N * c->C);
+}
+
+START_TEST(rmsnorm_forward_and_backward) {
+    rms_ctx c = {.N = 7, .C = 22};
+    size_t n = (size_t)c.N * c.C;
+    c.x = tu_random(n, -2, 2, 1);
+    c.w = tu_random(c.C, 0.5f, 1.5f, 2);
+    c.r = tu_random(n, -1, 1, 3);
+    c.y = malloc(n * 4);
+    c.rstd = malloc(c.N * 4);
+    rms_loss(&c);
+    // forward: mean of (y/w)^2 is 1 (up to eps)
+    double ms = 0;
+    for (int i = 0; i < c.C; i++) ms += pow(c.y[i] / c.w[i], 2);
+    ck_assert_double_eq_tol(ms / c.C, 1.0, 1e-3);
+    float *dx = calloc(n, 4), *dw = calloc(c.C, 4);
+    mt_rmsnorm_backward_ref(dx, dw, c.r, c.x, c.w, c.rstd, c.N, c.C);
+    ck_assert_double_lt(tu_fd_check(rms_loss, &c, c.x, dx, n, 40, 1e-2), kFdTolerance);
+    ck_assert_double_lt(tu_fd_check(rms_loss, &c, c.w, dw, c.C, 22, 1e-2), kFdTolerance);
+    // dinp accumulates
+    float *dx2 = malloc(n * 4);
+    for (size_t i = 0; i < n; i++) dx2[i] = 1.0f;
+    float *dw2 = calloc(c.C, 4);
+    mt_rmsnorm_backward_ref(dx2, dw2, c.r, c.x, c.w, c.rstd, c.N, c.C);
+    for (size_t i = 0; i < n; i++) ck_assert_float_eq_tol(dx2[i], dx[i] + 1.0f, 1e-5);
+    free(c.x), free(c.w), free(c.r), free(c.y), free(c.rstd), free(dx), free(dw), free(dx2), free(dw2);
+}
+END_TEST
+
+// -------------------------------------------------------------------- rope
+typedef struct {
+    int B, T, H, D, rotate;
+    float *x, *y, *r, *cos_table, *sin_table;
+} rope_ctx;
+
+static double rope_loss(void *p) {
+    rope_ctx *c = p;
+    mt_rope_forward_ref(c->y, c->x, c->cos_table, c->sin_table, c->B, c->T, c->H, c->D, c->rotate);
+    return dot(c->y, c->r, (size_t)c->B * c->T * c->H * c->D);
+}
+
+START_TEST(rope_forward_and_backward) {
+    for (int rotate = 0; rotate <= 1; rotate++) {
+        rope_ctx c = {.B = 2, .T = 5, .H = 3, .D = 8, .rotate = rotate};
+        size_t n = (size_t)c.B * c.T * c.H * c.D;
+        float inv_freq[4];
+        for (int i = 0; i < 4; i++) inv_freq[i] = powf(10000.0f, -2.0f * i / c.D);
+        c.cos_table = malloc(c.T * 4 * 4);
+        c.sin_table = malloc(c.T * 4 * 4);
+        mt_rope_tables(c.cos_table, c.sin_table, inv_freq, c.T, c.D);
+        c.x = tu_random(n, -1, 1, 4);
+        c.r = tu_random(n, -1, 1, 5);
+        c.y = malloc(n * 4);
+        rope_loss(&c);
+        // position 0 is the identity (up to the layout change)
+        for (int d = 0; d < c.D; d++) ck_assert_float_eq_tol(c.y[d], c.x[d], 1e-6);
+        // element (b=1, t=3, h=2) lands at (b=1, h=2, t=3)
+        const float *src = c.x + ((1 * c.T + 3) * c.H + 2) * c.D, *dst = c.y + ((1 * c.H + 2) * c.T + 3) * c.D;
+        float ang = 3 * inv_freq[1];
+        float expect = rotate ? src[1] * cosf(ang) - src[5] * sinf(ang) : src[1];
+        ck_assert_float_eq_tol(dst[1], expect, 1e-5);
+        float *dx = malloc(n * 4);
+        mt_rope_backward_ref(dx, c.r, c.cos_table, c.sin_table, c.B, c.T, c.H, c.D, c.rotate);
+        ck_assert_double_lt(tu_fd_check(rope_loss, &c, c.x, dx, n, 60, 1e-2), kFdTolerance);
+        free(c.x), free(c.r), free(c.y), free(dx), free(c.cos_table), free(c.sin_table);
+    }
+}
+END_TEST
+
+// --------------------------------------------------------------- attention
+typedef struct {
+    int B, T, H, KV, D;
+    float *q, *k, *v, *y, *r;
+} att_ctx;
+
+static double att_loss(void *p) {
+    att_ctx *c = p;
+    mt_attention_forward_ref(c->y, c->q, c->k, c->v, c->B, c->T, c->H, c->KV, c->D);
+    return dot(c->y, c->r, (size_t)c->B * c->T * c->H * c->D);
+}
+
+START_TEST(attention_forward_and_backward) {
+    att_ctx c = {.B = 2, .T = 7, .H = 4, .KV = 2, .D = 8};
+    size_t nq = (size_t)c.B * c.H * c.T * c.D, nk = (size_t)c.B * c.KV * c.T * c.D;
+    c.q = tu_random(nq, -1, 1, 6);
+    c.k = tu_random(nk, -1, 1, 7);
+    c.v = tu_random(nk, -1, 1, 8);
+    c.r = tu_random(nq, -1, 1, 9);
+    c.y = malloc(nq * 4);
+    att_loss(&c);
+    // t = 0 attends only to itself: output equals v[0] of its kv head
+    for (int h = 0; h < c.H; h++)
+        for (int d = 0; d < c.D; d++)
+            ck_assert_float_eq_tol(c.y[(size_t)h * c.D + d], c.v[(size_t)(h / 2) * c.T * c.D + d], 1e-6);
+    // t = 1 of head 3 (kv head 1), batch 1: two-key softmax by hand
+    {
+        const float *q = c.q + (((size_t)1 * c.H + 3) * c.T + 1) * c.D;
+        const float *k = c.k + (((size_t)1 * c.KV + 1) * c.T) * c.D, *v = c.v + (((size_t)1 * c.KV + 1) * c.T) * c.D;
+        double s0 = 0, s1 = 0;
+        for (int d = 0; d < c.D; d++) s0 += q[d] * k[d], s1 += q[d] * k[c.D + d];
+        s0 /= sqrt(c.D), s1 /= sqrt(c.D);
+        double p0 = 1.0 / (1.0 + exp(s1 - s0));
+        const float *y = c.y + (((size_t)1 * c.T + 1) * c.H + 3) * c.D;
+        for (int d = 0; d < c.D; d++) ck_assert_double_eq_tol(y[d], p0 * v[d] + (1 - p0) * v[c.D + d], 1e-5);
+    }
+    float *dq = malloc(nq * 4), *dk = malloc(nk * 4), *dv = malloc(nk * 4);
+    mt_attention_backward_ref(dq, dk, dv, c.r, c.q, c.k, c.v, c.B, c.T, c.H, c.KV, c.D);
+    ck_assert_double_lt(tu_fd_check(att_loss, &c, c.q, dq, nq, 50, 1e-2), kFdTolerance);
+    ck_assert_double_lt(tu_fd_check(att_loss, &c, c.k, dk, nk, 50, 1e-2), kFdTolerance);
+    ck_assert_double_lt(tu_fd_check(att_loss, &c, c.v, dv, nk, 50, 1e-2), kFdTolerance);
+    free(c.q), free(c.k), free(c.v), free(c.r), free(c.y), free(dq), free(dk), free(dv);
+}
+END_TEST
+
+// ------------------------------------------------------------------ swiglu
+typedef struct {
+    size_t n;
+    float *g, *u, *y, *r;
+} swiglu_ctx;
+
+static double swiglu_loss(void *p) {
+    swiglu_ctx *c = p;
+    mt_swiglu_forward_ref(c->y, c->g, c->u, c->n);
+    return dot(c->y, c->r, c->n);
+}
+
+START_TEST(swiglu_forward_and_backward) {
+    swiglu_ctx c = {.n = 257};
+    c.g = tu_random(c.n, -4, 4, 10);
+    c.u = tu_random(c.n, -2, 2, 11);
+    c.r = tu_random(c.n, -1, 1, 12);
+    c.y = malloc(c.n * 4);
+    swiglu_loss(&c);
+    ck_assert_float_eq_tol(c.y[3], c.g[3] / (1 + expf(-c.g[3])) * c.u[3], 1e-6);
+    float *dg = malloc(c.n * 4), *du = malloc(c.n * 4);
+    mt_swiglu_backward_ref(dg, du, c.r, c.g, c.u, c.n);
+    ck_assert_double_lt(tu_fd_check(swiglu_loss, &c, c.g, dg, c.n, 60, 1e-3), kFdTolerance);
+    ck_assert_double_lt(tu_fd_check(swiglu_loss, &c, c.u, du, c.n, 60, 1e-3), kFdTolerance);
+    free(c.g), free(c.u), free(c.r), free(c.y), free(dg), free(du);
+}
+END_TEST
+
+// ------------------------------------------------------------------ matmul
+typedef struct {
+    int N, IN, OUT;
+    float *x, *w, *b, *y, *r;
+} mm_ctx;
+
+static double mm_loss(void *p) {
+    mm_ctx *c = p;
+    mt_matmul_forward_ref(c->y, c->x, c->w, c->b, c->N, c->IN, c->OUT);
+    return dot(c->y, c->r, (size_t)c->N * c->OUT);
+}
+
+START_TEST(matmul_forward_and_backward) {
+    mm_ctx c = {.N = 7, .IN = 22, .OUT = 13};
+    size_t nx = (size_t)c.N * c.IN, nw = (size_t)c.OUT * c.IN, ny = (size_t)c.N * c.OUT;
+    c.x = tu_random(nx, -1, 1, 13);
+    c.w = tu_random(nw, -1, 1, 14);
+    c.b = tu_random(c.OUT, -1, 1, 15);
+    c.r = tu_random(ny, -1, 1, 16);
+    c.y = malloc(ny * 4);
+    mm_loss(&c);
+    double y23 = c.b[3];
+    for (int i = 0; i < c.IN; i++) y23 += (double)c.x[2 * c.IN + i] * c.w[3 * c.IN + i];
+    ck_assert_double_eq_tol(c.y[2 * c.OUT + 3], y23, 1e-5);
+    float *dx = malloc(nx * 4), *dw = calloc(nw, 4), *db = calloc(c.OUT, 4);
+    for (size_t i = 0; i < nx; i++) dx[i] = NAN;  // poisoned: overwrite mode must write all
+    mt_matmul_backward_ref(dx, dw, db, c.r, c.x, c.w, c.N, c.IN, c.OUT, 0);
+    ck_assert_double_lt(tu_fd_check(mm_loss, &c, c.x, dx, nx, 50, 1e-2), kFdTolerance);
+    ck_assert_double_lt(tu_fd_check(mm_loss, &c, c.w, dw, nw, 50, 1e-2), kFdTolerance);
+    ck_assert_double_lt(tu_fd_check(mm_loss, &c, c.b, db, c.OUT, 13, 1e-2), kFdTolerance);
+    // accumulate mode adds; dweight always accumulates
+    float *dx2 = malloc(nx * 4);
+    memcpy(dx2, dx, nx * 4);
+    mt_matmul_backward_ref(dx2, dw, NULL, c.r, c.x, c.w, c.N, c.IN, c.OUT, 1);
+    for (size_t i = 0; i < nx; i++) ck_assert_float_eq_tol(dx2[i], 2 * dx[i], 1e-5);
+    free(c.x), free(c.w), free(c.b), free(c.r), free(c.y), free(dx), free(dw), free(db), free(dx2);
+}
+END_TEST
+
+// ----------------------------------------------------------- cross-entropy
+typedef struct {
+    int N, V;
+    int32_t *targets;
+    float *z, *losses;
+} ce_ctx;
+
+static double ce_loss(void *p) {
+    ce_ctx *c = p;
+    mt_crossentropy_ref(c->losses, NULL, c->z, c->targets, c->N, c->V, 1.0f);
+    double s = 0;
+    for (int n = 0; n < c->N; n++) s += c->losses[n];
+    return s;
+}
+
+START_TEST(crossentropy_forward_and_backward) {
+    ce_ctx c = {.N = 5, .V = 33};
+    int32_t targets[5] = {3, -1, 0, 32, 17};
+    c.targets = targets;
+    c.z = tu_random((size_t)c.N * c.V, -3, 3, 17);
+    c.losses = malloc(c.N * 4);
+    ce_loss(&c);
+    ck_assert_float_eq(c.losses[1], 0.0f);
+    double sum = 0;
+    for (int i = 0; i < c.V; i++) sum += exp(c.z[i]);
+    ck_assert_double_eq_tol(c.losses[0], log(sum) - c.z[3], 1e-5);
+    float *dz = malloc((size_t)c.N * c.V * 4);
+    float scratch[5];
+    mt_crossentropy_ref(scratch, dz, c.z, targets, c.N, c.V, 1.0f);
+    for (int i = 0; i < c.V; i++) ck_assert_float_eq(dz[c.V + i], 0.0f);  // ignored row
+    ck_assert_double_lt(tu_fd_check(ce_loss, &c, c.z, dz, (size_t)c.N * c.V, 80, 1e-2), kFdTolerance);
+    free(c.z), free(c.losses), free(dz);
+}
+END_TEST
+
+// --------------------------------------------------------------- embedding
+START_TEST(embedding_forward_and_backward) {
+    int N = 6, C = 5, V = 4;
+    int32_t tokens[6] = {1, 3, 1, 0, 2, 1};
+    float *wte = tu_random((size_t)V * C, -1, 1, 18), *out = malloc((size_t)N * C * 4);
+    mt_embedding_forward_ref(out, tokens, wte, N, C);
+    ck_assert_float_eq(out[1 * C + 2], wte[3 * C + 2]);
+    float *dout = tu_random((size_t)N * C, -1, 1, 19), *dwte = calloc((size_t)V * C, 4);
+    mt_embedding_backward_ref(dwte, tokens, dout, N, C);
+    for (int c = 0; c < C; c++) ck_assert_float_eq_tol(dwte[1 * C + c], dout[c] + dout[2 * C + c] + dout[5 * C + c], 1e-6);
+    free(wte), free(out), free(dout), free(dwte);
+}
+END_TEST
+
+// ------------------------------------------------------------------- adamw
+START_TEST(adamw_matches_torch_formula) {
+    size_t n = 1025;
+    float *p = tu_random(n, -1, 1, 20), *g = tu_random(n, -1, 1, 21);
+    float *m = calloc(n, 4), *v = calloc(n, 4);
+    double *pd = malloc(n * 8), *md = calloc(n, 8), *vd = calloc(n, 8);
+    for (size_t i = 0; i < n; i++) pd[i] = p[i];
+    float lr = 1e-2f, b1 = 0.9f, b2 = 0.95f, eps = 1e-8f, wd = 0.1f, scale = 0.5f;
+    for (int step = 1; step <= 3; step++) {
+        float bc1 = 1 - powf(b1, step), bc2 = 1 - powf(b2, step);
+        mt_adamw_ref(p, g, m, v, n, lr, b1, b2, eps, wd, bc1, bc2, scale);
+        for (size_t i = 0; i < n; i++) {
+            double gi = (double)g[i] * scale;
+            md[i] = b1 * md[i] + (1 - b1) * gi;
+            vd[i] = b2 * vd[i] + (1 - b2) * gi * gi;
+            pd[i] *= 1 - (double)lr * wd;
+            pd[i] -= lr / bc1 * md[i] / (sqrt(vd[i]) / sqrt(bc2) + eps);
+        }
+    }
+    for (size_t i = 0; i < n; i++) ck_assert_double_eq_tol(p[i], pd[i], 1e-5);
+    free(p), free(g), free(m), free(v), free(pd), free(md), free(vd);
+}
+END_TEST
+
+START_TEST(sumsq_and_bf16_cast) {
+    float x[4] = {1, -2, 3, 0.5f};
+    ck_assert_double_eq_tol(mt_sumsq_ref(x, 4), 14.25, 1e-12);
+    ck_assert_uint_eq(mt_f32_to_bf16(1.0f), 0x3f80);
+    ck_assert_uint_eq(mt_f32_to_bf16(-2.0f), 0xc000);
+    // 1 + 2^-8 is halfway between two bf16 values: ties to even (down)
+    ck_assert_uint_eq(mt_f32_to_bf16(1.00390625f), 0x3f80);
+    // 1 + 3*2^-8 ties up to the even 1 + 2^-6
+    ck_assert_uint_eq(mt_f32_to_bf16(1.01171875f), 0x3f82);
+    ck_assert(isnan(mt_bf16_to_f32(mt_f32_to_bf16(NAN))));
+    ck_assert_float_eq(mt_f16_to_f32(0x3c00), 1.0f);
+    ck_assert_uint_eq(mt_f32_to_f16(-2.5f), 0xc100);
+    ck_assert_float_eq(mt_f16_to_f32(mt_f32_to_f16(0.1f)), mt_f16_to_f32(0x2e66));
+}
+END_TEST
+
+START_TEST(rng_is_counter_based_and_well_spread) {
+    ck_assert_uint_eq(mt_rng_bits(7, 123), mt_rng_bits(7, 123));
+    ck_assert_uint_ne(mt_rng_bits(7, 123), mt_rng_bits(8, 123));
+    double s = 0, s2 = 0;
+    int n = 200000;
+    for (int i = 0; i < n; i++) {
+        float z = mt_rng_normal(42, i);
+        s += z, s2 += (double)z * z;
+        float u = mt_rng_uniform(42, i);
+        ck_assert(u >= 0.0f && u < 1.0f);
+    }
+    ck_assert_double_lt(fabs(s / n), 0.01);
+    ck_assert_double_lt(fabs(s2 / n - 1.0), 0.02);
+}
+END_TEST
+
+START_TEST(mem_tally_and_oom_message) {
+    mt_mem_tally before, after;
+    mt_mem_get_tally(MT_HOST, &before);
+    void *p = NULL;
+    ck_assert_int_eq(mt_alloc(&p, 1 << 20, MT_MEM_ACTIVATIONS, MT_HOST), MT_OK);
+    mt_mem_get_tally(MT_HOST, &after);
+    ck_assert_uint_eq(after.current[MT_MEM_ACTIVATIONS] - before.current[MT_MEM_ACTIVATIONS], 1 << 20);
+    mt_free(&p);
+    ck_assert_ptr_null(p);
+    mt_free(&p);  // NULL is a no-op
+    mt_mem_get_tally(MT_HOST, &after);
+    ck_assert_uint_eq(after.current[MT_MEM_ACTIVATIONS], before.current[MT_MEM_ACTIVATIONS]);
+    ck_assert_uint_ge(after.peak[MT_MEM_ACTIVATIONS], 1 << 20);
+    ck_assert_int_eq(mt_alloc(&p, (size_t)1 << 62, MT_MEM_OPTIMIZER, MT_HOST), MT_ERR_NOMEM);
+    ck_assert_ptr_null(p);
+    ck_assert_ptr_nonnull(strstr(mt_last_error(), "optimizer"));
+}
+END_TEST
+
+int main(void) {
+    Suite *s = suite_create("kernels");
+    TCase *tc = tcase_create("cpu reference");
+    tcase_set_timeout(tc, 60);
+    tcase_add_test(tc, rmsnorm_forward_and_backward);
+    tcase_add_test(tc, rope_forward_and_backward);
+    tcase_add_test(tc, attention_forward_and_backward);
+    tcase_add_test(tc, swiglu_forward_and_backward);
+    tcase_add_test(tc, matmul_forward_and_backward);
+    tcase_add_test(tc, crossentropy_forward_and_backward);
+    tcase_add_test(tc, embedding_forward_and_backward);
+    tcase_add_test(tc, adamw_matches_torch_formula);
+    tcase_add_test(tc, sumsq_and_bf16_cast);
+    tcase_add_test(tc, rng_is_counter_based_and_well_spread);
+    tcase_add_test(tc, mem_tally_and_oom_message);
+    suite_add_tcase(s, tc);
+    SRunner *sr = srunner_create(s);
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}

@@ -1,0 +1,64 @@
+// tests/testutil.c: see testutil.h.
+#define _DEFAULT_SOURCE
+#include "testutil.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/rng.h"
+
+void tu_fill_uniform(float *x, size_t n, float lo, float hi, uint64_t seed) {
+    for (size_t i = 0; i < n; i++) x[i] = lo + (hi - lo) * mt_rng_uniform(seed, i);
+}
+
+float *tu_random(size_t n, float lo, float hi, uint64_t seed) {
+    float *x = malloc((n ? n : 1) * sizeof(float));
+    ck_assert_ptr_nonnull(x);
+    tu_fill_uniform(x, n, lo, hi, seed);
+    return x;
+}
+
+double tu_max_rel_error(const float *a, const float *b, size_t n) {
+    double maxdiff = 0.0, maxref = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        double d = fabs((double)a[i] - b[i]);
+        if (!(d <= maxdiff)) maxdiff = d;  // NaN propagates as a failure
+        if (fabs(b[i]) > maxref) maxref = fabs(b[i]);
+    }
+    return maxdiff / (maxref + 1e-30);
+}
+
+double tu_norm_rel_error(const float *a, const float *b, size_t n) {
+    double num = 0.0, den = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        double d = (double)a[i] - b[i];
+        num += d * d;
+        den += (double)b[i] * b[i];
+    }
+    if (isnan(num)) return INFINITY;
+    return sqrt(num) / (sqrt(den) + 1e-30);
+}
+
+double tu_fd_check(tu_loss_fn loss, void *ctx, float *x, const float *analytic, size_t n, int samples, double h) {
+    double worst = 0.0;
+    size_t stride = n / (size_t)samples ? n / (size_t)samples : 1;
+    for (size_t i = stride / 2; i < n; i += stride) {
+        float saved = x[i];
+        x[i] = (float)(saved + h);
+        double plus = loss(ctx);
+        x[i] = (float)(saved - h);
+        double minus = loss(ctx);
+        x[i] = saved;
+        double fd = (plus - minus) / (2.0 * h);
+        double err = fabs(fd - analytic[i]) / (fabs(fd) + fabs(analytic[i]) + 1e-2);
+        if (!(err <= worst)) worst = err;
+    }
+    return worst;
+}
+
+void tu_tempdir(char *buf, size_t len) {
+    snprintf(buf, len, "/tmp/memtune-test-XXXXXX");
+    ck_assert_ptr_nonnull(mkdtemp(buf));
+}

@@ -1,0 +1,26 @@
+// tests/testutil.h: helpers shared by the Check suites: seeded random
+// tensors, error measures, finite-difference gradient checks, temp folders.
+#ifndef MT_TESTUTIL_H
+#define MT_TESTUTIL_H
+
+#include <check.h>
+#include <stddef.h>
+#include <stdint.h>
+
+// Fills x with uniform values in [lo, hi) drawn from (seed, i).
+void tu_fill_uniform(float *x, size_t n, float lo, float hi, uint64_t seed);
+float *tu_random(size_t n, float lo, float hi, uint64_t seed);  // malloc'd
+// max_i |a - b| / (|b| + atol) style: max |a-b| / (max|b| + tiny).
+double tu_max_rel_error(const float *a, const float *b, size_t n);
+// ||a - b|| / ||b||
+double tu_norm_rel_error(const float *a, const float *b, size_t n);
+
+// Central finite differences of `loss` with respect to x[i] for `samples`
+// indices spread over x; returns the worst |fd - analytic| / (|fd| + |analytic| + floor).
+typedef double (*tu_loss_fn)(void *ctx);
+double tu_fd_check(tu_loss_fn loss, void *ctx, float *x, const float *analytic, size_t n, int samples, double h);
+
+// A fresh empty folder under /tmp (path written to buf).
+void tu_tempdir(char *buf, size_t len);
+
+#endif
