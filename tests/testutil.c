@@ -1,5 +1,4 @@
 // tests/testutil.c: see testutil.h.
-#define _DEFAULT_SOURCE
 #include "testutil.h"
 
 #include <math.h>

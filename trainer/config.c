@@ -1,0 +1,311 @@
+// trainer/config.c: everything MT_CONFIG_TABLE generates (config.h).
+#define _POSIX_C_SOURCE 200809L
+#include "trainer/config.h"
+
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+#include <yaml.h>
+
+typedef enum { TYPE_INT, TYPE_FLOAT, TYPE_BOOL, TYPE_STR, TYPE_ENUM } key_type;
+
+typedef struct {
+    const char *section, *key, *dotted, *def, *choices, *help;
+    key_type type;
+    double lo, hi;
+    size_t offset;
+} key_info;
+
+#define MT_X_INFO(sec, k, type, def, lo, hi, choices, help) \
+    {#sec, #k, #sec "." #k, def, choices, help, TYPE_##type, lo, hi, offsetof(mt_config, sec##_##k)},
+static const key_info keys[] = {MT_CONFIG_TABLE(MT_X_INFO)};
+#undef MT_X_INFO
+static const int num_keys = (int)(sizeof keys / sizeof keys[0]);
+
+static const char *const type_names[] = {"integer", "number", "boolean", "string", "choice"};
+
+static const key_info *find_key(const char *dotted) {
+    for (int i = 0; i < num_keys; i++)
+        if (strcmp(keys[i].dotted, dotted) == 0) return &keys[i];
+    return NULL;
+}
+
+static size_t edit_distance(const char *a, const char *b) {
+    size_t la = strlen(a), lb = strlen(b), row[128];
+    if (lb >= 127) return 1000;
+    for (size_t j = 0; j <= lb; j++) row[j] = j;
+    for (size_t i = 1; i <= la; i++) {
+        size_t diag = row[0];
+        row[0] = i;
+        for (size_t j = 1; j <= lb; j++) {
+            size_t up = row[j], best = diag + (a[i - 1] != b[j - 1]);
+            if (up + 1 < best) best = up + 1;
+            if (row[j - 1] + 1 < best) best = row[j - 1] + 1;
+            diag = up;
+            row[j] = best;
+        }
+    }
+    return row[lb];
+}
+
+static const char *nearest_key(const char *dotted) {
+    const char *best = NULL;
+    size_t best_d = (size_t)-1;
+    for (int i = 0; i < num_keys; i++) {
+        size_t d = edit_distance(dotted, keys[i].dotted);
+        // also compare without the section, for a key put under the wrong one
+        const char *dot = strchr(dotted, '.');
+        if (dot) {
+            size_t d2 = edit_distance(dot + 1, keys[i].key) + 1;
+            if (d2 < d) d = d2;
+        }
+        if (d < best_d) best_d = d, best = keys[i].dotted;
+    }
+    return best_d <= 4 ? best : NULL;
+}
+
+static int choice_ok(const char *choices, const char *value) {
+    size_t len = strlen(value);
+    for (const char *p = choices; *p;) {
+        const char *end = strchr(p, '|');
+        size_t n = end ? (size_t)(end - p) : strlen(p);
+        if (n == len && strncmp(p, value, n) == 0) return 1;
+        if (!end) break;
+        p = end + 1;
+    }
+    return 0;
+}
+
+static mt_err set_value(mt_config *cfg, const key_info *k, const char *value, const char *origin) {
+    char *field = (char *)cfg + k->offset;
+    switch (k->type) {
+    case TYPE_INT: {
+        long v;
+        if (mt_parse_long(value, (long)k->lo, (long)k->hi, &v))
+            return mt_errorf(MT_ERR_CONFIG, "%s: %s = '%s': expected an integer in [%ld, %ld]", origin, k->dotted,
+                             value, (long)k->lo, (long)k->hi);
+        *(long *)field = v;
+        break;
+    }
+    case TYPE_FLOAT: {
+        double v;
+        if (mt_parse_double(value, k->lo, k->hi, &v))
+            return mt_errorf(MT_ERR_CONFIG, "%s: %s = '%s': expected a number in [%g, %g]", origin, k->dotted, value,
+                             k->lo, k->hi);
+        *(double *)field = v;
+        break;
+    }
+    case TYPE_BOOL:
+        if (!strcmp(value, "true") || !strcmp(value, "yes") || !strcmp(value, "on") || !strcmp(value, "1"))
+            *(int *)field = 1;
+        else if (!strcmp(value, "false") || !strcmp(value, "no") || !strcmp(value, "off") || !strcmp(value, "0"))
+            *(int *)field = 0;
+        else
+            return mt_errorf(MT_ERR_CONFIG, "%s: %s = '%s': expected true or false", origin, k->dotted, value);
+        break;
+    case TYPE_ENUM:
+        if (!choice_ok(k->choices, value))
+            return mt_errorf(MT_ERR_CONFIG, "%s: %s = '%s': expected one of %s", origin, k->dotted, value,
+                             k->choices);
+        /* fall through */
+    case TYPE_STR: {
+        char *copy = strdup(value);
+        MT_CHECK(copy != NULL, "config string");
+        free(*(char **)field);
+        *(char **)field = copy;
+        break;
+    }
+    }
+    return MT_OK;
+}
+
+void mt_config_defaults(mt_config *cfg) {
+    memset(cfg, 0, sizeof *cfg);
+    for (int i = 0; i < num_keys; i++) {
+        mt_err err = set_value(cfg, &keys[i], keys[i].def, "default");
+        MT_CHECK(err == MT_OK, "default of %s does not pass its own check: %s", keys[i].dotted, mt_last_error());
+    }
+}
+
+void mt_config_free(mt_config *cfg) {
+    for (int i = 0; i < num_keys; i++)
+        if (keys[i].type == TYPE_STR || keys[i].type == TYPE_ENUM) {
+            char **field = (char **)((char *)cfg + keys[i].offset);
+            free(*field);
+            *field = NULL;
+        }
+}
+
+mt_err mt_config_set(mt_config *cfg, const char *dotted_key, const char *value, const char *origin) {
+    const key_info *k = find_key(dotted_key);
+    if (!k) {
+        const char *near = nearest_key(dotted_key);
+        return mt_errorf(MT_ERR_CONFIG, "%s: unknown key '%s'%s%s%s. `memtune train --help` lists every key.", origin,
+                         dotted_key, near ? " (did you mean '" : "", near ? near : "", near ? "'?)" : "");
+    }
+    return set_value(cfg, k, value, origin);
+}
+
+mt_err mt_config_set_assignment(mt_config *cfg, const char *assignment, const char *origin) {
+    const char *eq = strchr(assignment, '=');
+    if (!eq || eq == assignment)
+        return mt_errorf(MT_ERR_USAGE, "%s '%s': expected section.key=value, e.g. --set optim.lr=1e-4", origin,
+                         assignment);
+    char key[256];
+    size_t n = (size_t)(eq - assignment);
+    if (n >= sizeof key) n = sizeof key - 1;
+    memcpy(key, assignment, n);
+    key[n] = '\0';
+    return mt_config_set(cfg, key, eq + 1, origin);
+}
+
+// ---------------------------------------------------------------- YAML file
+
+static mt_err yaml_fail(const char *path, const yaml_parser_t *p) {
+    return mt_errorf(MT_ERR_CONFIG, "%s:%zu:%zu: YAML syntax error: %s", path, p->problem_mark.line + 1,
+                     p->problem_mark.column + 1, p->problem ? p->problem : "unknown");
+}
+
+mt_err mt_config_load_yaml(mt_config *cfg, const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return mt_errorf(MT_ERR_IO, "%s: cannot open the config file", path);
+    yaml_parser_t parser;
+    yaml_parser_initialize(&parser);
+    yaml_parser_set_input_file(&parser, f);
+    // States: 0 top level (expect section name), 1 in a section (expect key), 2 expect value
+    int depth = 0, state = 0;
+    char section[128] = "", key[128] = "", origin[1200];
+    mt_err err = MT_OK;
+    for (int done = 0; !done && !err;) {
+        yaml_event_t ev;
+        if (!yaml_parser_parse(&parser, &ev)) {
+            err = yaml_fail(path, &parser);
+            break;
+        }
+        size_t line = ev.start_mark.line + 1;
+        switch (ev.type) {
+        case YAML_STREAM_END_EVENT: done = 1; break;
+        case YAML_MAPPING_START_EVENT:
+            depth++;
+            if (depth == 2 && state == 2) state = 1;
+            else if (depth > 2 || (depth == 2 && state != 1))
+                err = mt_errorf(MT_ERR_CONFIG, "%s:%zu: '%s%s%s' should be a plain value, not a mapping", path, line,
+                                section, depth == 2 ? "" : ".", key);
+            if (depth == 1) state = 0;
+            break;
+        case YAML_MAPPING_END_EVENT:
+            depth--;
+            state = 0;
+            break;
+        case YAML_SEQUENCE_START_EVENT:
+            err = mt_errorf(MT_ERR_CONFIG, "%s:%zu: lists are not used in memtune configs ('%s.%s')", path, line,
+                            section, key);
+            break;
+        case YAML_SCALAR_EVENT: {
+            const char *value = (const char *)ev.data.scalar.value;
+            if (depth == 1 && state == 0) {
+                snprintf(section, sizeof section, "%s", value);
+                state = 2;  // expect the section's mapping
+            } else if (depth == 1 && state == 2) {
+                err = mt_errorf(MT_ERR_CONFIG, "%s:%zu: '%s' should be a section holding keys (e.g. %s:\\n  key: "
+                                "value), not a value", path, line, section, section);
+            } else if (depth == 2 && state == 1) {
+                snprintf(key, sizeof key, "%s", value);
+                state = 3;
+            } else if (depth == 2 && state == 3) {
+                char dotted[300];
+                snprintf(dotted, sizeof dotted, "%s.%s", section, key);
+                snprintf(origin, sizeof origin, "%s:%zu", path, line);
+                err = mt_config_set(cfg, dotted, value, origin);
+                state = 1;
+            } else if (depth == 0) {
+                if (value[0]) err = mt_errorf(MT_ERR_CONFIG, "%s:%zu: the file must be a mapping of sections", path, line);
+            }
+            break;
+        }
+        default: break;
+        }
+        yaml_event_delete(&ev);
+    }
+    yaml_parser_delete(&parser);
+    fclose(f);
+    return err;
+}
+
+// ------------------------------------------------------------ output, docs
+
+static void write_value(const mt_config *cfg, const key_info *k, FILE *f) {
+    const char *field = (const char *)cfg + k->offset;
+    switch (k->type) {
+    case TYPE_INT: fprintf(f, "%ld", *(const long *)field); break;
+    case TYPE_FLOAT: fprintf(f, "%.17g", *(const double *)field); break;
+    case TYPE_BOOL: fprintf(f, "%s", *(const int *)field ? "true" : "false"); break;
+    default: fprintf(f, "\"%s\"", *(char *const *)field); break;
+    }
+}
+
+void mt_config_write_yaml(const mt_config *cfg, FILE *f) {
+    const char *section = "";
+    for (int i = 0; i < num_keys; i++) {
+        if (strcmp(section, keys[i].section)) fprintf(f, "%s:\n", section = keys[i].section);
+        fprintf(f, "  %s: ", keys[i].key);
+        write_value(cfg, &keys[i], f);
+        fputc('\n', f);
+    }
+}
+
+unsigned long long mt_config_hash(const mt_config *cfg) {
+    char *buf = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&buf, &len);
+    MT_CHECK(f != NULL, "memstream");
+    mt_config_write_yaml(cfg, f);
+    fclose(f);
+    unsigned long long h = 1469598103934665603ull;
+    for (size_t i = 0; i < len; i++) h = (h ^ (unsigned char)buf[i]) * 1099511628211ull;
+    free(buf);
+    return h;
+}
+
+void mt_config_write_reference(FILE *f, int markdown) {
+    const char *section = "";
+    if (markdown)
+        fprintf(f, "# Configuration reference\n\n"
+                   "Generated by `memtune config-docs` from the table in trainer/config.h; do not edit by hand.\n"
+                   "Every key can be set in the YAML file (`section:` then `  key: value`) or on the command\n"
+                   "line with `--set section.key=value`, which wins over the file.\n");
+    for (int i = 0; i < num_keys; i++) {
+        const key_info *k = &keys[i];
+        if (strcmp(section, k->section)) {
+            section = k->section;
+            if (markdown) fprintf(f, "\n## %s\n\n| key | type | default | allowed | meaning |\n|---|---|---|---|---|\n", section);
+            else fprintf(f, "\n%s:\n", section);
+        }
+        char allowed[128] = "";
+        if (k->type == TYPE_INT) snprintf(allowed, sizeof allowed, "%ld .. %ld", (long)k->lo, (long)k->hi);
+        else if (k->type == TYPE_FLOAT) snprintf(allowed, sizeof allowed, "%g .. %g", k->lo, k->hi);
+        else if (k->type == TYPE_ENUM) snprintf(allowed, sizeof allowed, "%s", k->choices);
+        else if (k->type == TYPE_BOOL) snprintf(allowed, sizeof allowed, "true|false");
+        if (markdown) {
+            fprintf(f, "| `%s` | %s | `%s` | ", k->dotted, type_names[k->type], k->def);
+            for (const char *p = allowed; *p; p++) fputs(*p == '|' ? "\\|" : (char[2]){*p, 0}, f);
+            fprintf(f, " | %s |\n", k->help);
+        } else {
+            fprintf(f, "  %-36s %s (default %s%s%s%s)\n      %s\n", k->dotted, type_names[k->type],
+                    k->def[0] ? k->def : "none", allowed[0] ? "; " : "", allowed, "", k->help);
+        }
+    }
+}
+
+mt_err mt_config_validate(const mt_config *cfg) {
+    if (!cfg->model_path[0])
+        return mt_errorf(MT_ERR_CONFIG, "model.path is not set: name a Hugging Face model folder (config.json + "
+                         "safetensors), e.g. --set model.path=models/tiny");
+    if (!cfg->data_train[0])
+        return mt_errorf(MT_ERR_CONFIG, "data.train is not set: name an HDF5 token dataset made by `memtune "
+                         "tokenize`");
+    if (cfg->optim_warmup_steps >= cfg->train_steps && cfg->optim_warmup_steps > 0)
+        return mt_errorf(MT_ERR_CONFIG, "optim.warmup_steps (%ld) must be below train.steps (%ld)",
+                         cfg->optim_warmup_steps, cfg->train_steps);
+    return MT_OK;
+}

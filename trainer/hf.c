@@ -1,0 +1,354 @@
+// trainer/hf.c: Hugging Face model folders (hf.h).
+#define _POSIX_C_SOURCE 200809L
+#include "trainer/hf.h"
+
+#include <cjson/cJSON.h>
+#include <dirent.h>
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "trainer/safetensors.h"
+
+static char *read_file(const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    char *buf = n >= 0 ? malloc((size_t)n + 1) : NULL;
+    if (buf && fread(buf, 1, (size_t)n, f) != (size_t)n) {
+        free(buf);
+        buf = NULL;
+    }
+    fclose(f);
+    if (buf) buf[n] = '\0', *len = (size_t)n;
+    return buf;
+}
+
+static cJSON *read_json(const char *path, mt_err *err) {
+    size_t len = 0;
+    char *text = read_file(path, &len);
+    if (!text) {
+        *err = mt_errorf(MT_ERR_IO, "%s: cannot read (%s)", path, strerror(errno));
+        return NULL;
+    }
+    cJSON *j = cJSON_ParseWithLength(text, len);
+    free(text);
+    if (!j) *err = mt_errorf(MT_ERR_FORMAT, "%s: not valid JSON", path);
+    return j;
+}
+
+static int get_int(const cJSON *j, const char *key, int *out) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(j, key);
+    if (!cJSON_IsNumber(v) || v->valuedouble != (double)(long)v->valuedouble || v->valuedouble < 1 ||
+        v->valuedouble > 1e9)
+        return -1;
+    *out = (int)v->valuedouble;
+    return 0;
+}
+
+static int get_float(const cJSON *j, const char *key, float *out) {
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(j, key);
+    if (!cJSON_IsNumber(v)) return -1;
+    *out = (float)v->valuedouble;
+    return 0;
+}
+
+static mt_err read_rope(const char *path, const cJSON *j, mt_model_config *c) {
+    // transformers 4.x: rope_theta + rope_scaling; 5.x: rope_parameters
+    const cJSON *params = cJSON_GetObjectItemCaseSensitive(j, "rope_parameters");
+    const cJSON *scaling = cJSON_GetObjectItemCaseSensitive(j, "rope_scaling");
+    const cJSON *rope = cJSON_IsObject(params) ? params : (cJSON_IsObject(scaling) ? scaling : NULL);
+    c->rope_theta = 10000.0f;
+    get_float(j, "rope_theta", &c->rope_theta);
+    if (rope) get_float(rope, "rope_theta", &c->rope_theta);
+    if (!rope) return MT_OK;
+    const cJSON *type = cJSON_GetObjectItemCaseSensitive(rope, "rope_type");
+    if (!cJSON_IsString(type)) type = cJSON_GetObjectItemCaseSensitive(rope, "type");
+    const char *t = cJSON_IsString(type) ? type->valuestring : "default";
+    if (!strcmp(t, "default")) return MT_OK;
+    if (strcmp(t, "llama3"))
+        return mt_errorf(MT_ERR_MODEL, "%s: rope type '%s' (field %s.rope_type) is not supported; memtune supports "
+                         "default and llama3", path, t, params ? "rope_parameters" : "rope_scaling");
+    c->rope_llama3 = 1;
+    if (get_float(rope, "factor", &c->rope_factor) || get_float(rope, "low_freq_factor", &c->rope_low_freq_factor) ||
+        get_float(rope, "high_freq_factor", &c->rope_high_freq_factor) ||
+        get_int(rope, "original_max_position_embeddings", &c->rope_original_max_position))
+        return mt_errorf(MT_ERR_MODEL, "%s: llama3 rope scaling needs factor, low_freq_factor, high_freq_factor and "
+                         "original_max_position_embeddings", path);
+    return MT_OK;
+}
+
+mt_err mt_hf_read_config(const char *dir, mt_model_config *c) {
+    char path[1100];
+    snprintf(path, sizeof path, "%s/config.json", dir);
+    memset(c, 0, sizeof *c);
+    mt_err err = MT_OK;
+    cJSON *j = read_json(path, &err);
+    if (!j) {
+        if (err == MT_ERR_IO)
+            return mt_errorf(MT_ERR_MODEL, "%s: no config.json; model.path must be a Hugging Face model folder", dir);
+        return err;
+    }
+    const cJSON *archs = cJSON_GetObjectItemCaseSensitive(j, "architectures");
+    const cJSON *arch = cJSON_IsArray(archs) ? cJSON_GetArrayItem(archs, 0) : NULL;
+    const cJSON *model_type = cJSON_GetObjectItemCaseSensitive(j, "model_type");
+    const char *name = cJSON_IsString(arch) ? arch->valuestring : NULL;
+    if (!name && cJSON_IsString(model_type)) {
+        const char *mt = model_type->valuestring;
+        name = !strcmp(mt, "llama") ? "LlamaForCausalLM" : !strcmp(mt, "mistral") ? "MistralForCausalLM"
+             : !strcmp(mt, "qwen2") ? "Qwen2ForCausalLM" : mt;
+    }
+    if (!name) name = "(none)";
+    snprintf(c->architecture, sizeof c->architecture, "%s", name);
+    int qwen2 = !strcmp(name, "Qwen2ForCausalLM");
+    if (strcmp(name, "LlamaForCausalLM") && strcmp(name, "MistralForCausalLM") && !qwen2) {
+        err = mt_errorf(MT_ERR_MODEL, "%s: architecture '%s' (field architectures) is not supported; memtune trains "
+                        "LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM", path, name);
+        goto done;
+    }
+    static const char *const required[] = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                           "num_attention_heads"};
+    int *targets[] = {&c->V, &c->C, &c->F, &c->L, &c->H};
+    for (int i = 0; i < 5; i++)
+        if (get_int(j, required[i], targets[i])) {
+            err = mt_errorf(MT_ERR_MODEL, "%s: field %s is missing or not a positive integer", path, required[i]);
+            goto done;
+        }
+    c->KV = c->H;
+    if (cJSON_GetObjectItemCaseSensitive(j, "num_key_value_heads") && get_int(j, "num_key_value_heads", &c->KV)) {
+        err = mt_errorf(MT_ERR_MODEL, "%s: field num_key_value_heads is not a positive integer", path);
+        goto done;
+    }
+    c->D = c->C / c->H;
+    const cJSON *hd = cJSON_GetObjectItemCaseSensitive(j, "head_dim");
+    if (hd && !cJSON_IsNull(hd) && get_int(j, "head_dim", &c->D)) {
+        err = mt_errorf(MT_ERR_MODEL, "%s: field head_dim is not a positive integer", path);
+        goto done;
+    }
+    if (c->H % c->KV || c->D % 2 || (!hd && c->C % c->H)) {
+        err = mt_errorf(MT_ERR_MODEL, "%s: num_attention_heads (%d) must be a multiple of num_key_value_heads (%d), "
+                        "and the head dimension (%d) even and hidden_size/heads", path, c->H, c->KV, c->D);
+        goto done;
+    }
+    c->max_position = 2048;
+    get_int(j, "max_position_embeddings", &c->max_position);
+    c->rms_eps = 1e-6f;
+    get_float(j, "rms_norm_eps", &c->rms_eps);
+    c->init_std = 0.02f;
+    get_float(j, "initializer_range", &c->init_std);
+    const cJSON *tie = cJSON_GetObjectItemCaseSensitive(j, "tie_word_embeddings");
+    c->tie_embeddings = tie ? cJSON_IsTrue(tie) : 0;  // LlamaConfig's default is false
+    const cJSON *bias = cJSON_GetObjectItemCaseSensitive(j, "attention_bias");
+    int attention_bias = bias ? cJSON_IsTrue(bias) : 0;
+    c->qkv_bias = qwen2 || attention_bias;
+    c->o_bias = !qwen2 && attention_bias;
+    if (cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(j, "mlp_bias"))) {
+        err = mt_errorf(MT_ERR_MODEL, "%s: mlp_bias true is not supported (field mlp_bias)", path);
+        goto done;
+    }
+    const cJSON *act = cJSON_GetObjectItemCaseSensitive(j, "hidden_act");
+    if (act && (!cJSON_IsString(act) || strcmp(act->valuestring, "silu"))) {
+        err = mt_errorf(MT_ERR_MODEL, "%s: hidden_act '%s' is not supported; memtune implements silu (SwiGLU)", path,
+                        cJSON_IsString(act) ? act->valuestring : "?");
+        goto done;
+    }
+    const cJSON *window = cJSON_GetObjectItemCaseSensitive(j, "sliding_window");
+    const cJSON *use_window = cJSON_GetObjectItemCaseSensitive(j, "use_sliding_window");
+    if (cJSON_IsNumber(window) && !(use_window && cJSON_IsFalse(use_window)))
+        c->sliding_window = (long)window->valuedouble;
+    if ((err = read_rope(path, j, c))) goto done;
+    const cJSON *dtype = cJSON_GetObjectItemCaseSensitive(j, "torch_dtype");
+    if (!cJSON_IsString(dtype)) dtype = cJSON_GetObjectItemCaseSensitive(j, "dtype");
+    c->dtype = MT_DTYPE_F32;
+    if (cJSON_IsString(dtype))
+        c->dtype = !strcmp(dtype->valuestring, "bfloat16") ? MT_DTYPE_BF16
+                 : !strcmp(dtype->valuestring, "float16")  ? MT_DTYPE_F16 : MT_DTYPE_F32;
+done:
+    cJSON_Delete(j);
+    return err;
+}
+
+// Shards to read: the index's files, or model.safetensors alone.
+static mt_err list_shards(const char *dir, char ***files, int *count) {
+    char path[1100];
+    snprintf(path, sizeof path, "%s/model.safetensors.index.json", dir);
+    *files = NULL;
+    *count = 0;
+    if (access(path, F_OK) != 0) {
+        snprintf(path, sizeof path, "%s/model.safetensors", dir);
+        if (access(path, R_OK) != 0)
+            return mt_errorf(MT_ERR_MODEL, "%s: no model.safetensors or model.safetensors.index.json; set "
+                             "model.init: random to start from config.json alone", dir);
+        *files = malloc(sizeof **files);
+        (*files)[0] = strdup(path);
+        *count = 1;
+        return MT_OK;
+    }
+    mt_err err = MT_OK;
+    cJSON *j = read_json(path, &err);
+    if (!j) return err;
+    const cJSON *map = cJSON_GetObjectItemCaseSensitive(j, "weight_map");
+    if (!cJSON_IsObject(map)) {
+        cJSON_Delete(j);
+        return mt_errorf(MT_ERR_FORMAT, "%s: no weight_map object", path);
+    }
+    int cap = cJSON_GetArraySize(map);
+    *files = calloc((size_t)cap + 1, sizeof **files);
+    for (const cJSON *e = map->child; e; e = e->next) {
+        if (!cJSON_IsString(e) || strchr(e->valuestring, '/')) {
+            err = mt_errorf(MT_ERR_FORMAT, "%s: weight_map entry %s must name a file in the folder", path, e->string);
+            break;
+        }
+        char shard[1100];
+        snprintf(shard, sizeof shard, "%s/%s", dir, e->valuestring);
+        int seen = 0;
+        for (int i = 0; i < *count && !seen; i++) seen = !strcmp((*files)[i], shard);
+        if (!seen) (*files)[(*count)++] = strdup(shard);
+    }
+    cJSON_Delete(j);
+    return err;
+}
+
+mt_err mt_hf_load_weights(const char *dir, const mt_model_config *cfg, float *params) {
+    int n;
+    size_t total;
+    mt_param_info *table = mt_model_param_table(cfg, &n, &total);
+    char *loaded = calloc((size_t)n, 1);
+    char **files = NULL;
+    int nfiles = 0;
+    mt_err err = list_shards(dir, &files, &nfiles);
+    for (int f = 0; f < nfiles && !err; f++) {
+        mt_safetensors *st = NULL;
+        if ((err = mt_safetensors_open(&st, files[f]))) break;
+        for (int i = 0; i < n && !err; i++) {
+            const mt_st_tensor *t = mt_safetensors_find(st, table[i].name);
+            if (!t) continue;
+            int ok = t->ndim == table[i].ndim && t->shape[0] == table[i].shape[0] &&
+                     (table[i].ndim == 1 || t->shape[1] == table[i].shape[1]);
+            if (!ok) {
+                err = mt_errorf(MT_ERR_MODEL, "%s: tensor %s has shape [%lld%s%lld], config.json implies [%lld%s%lld]",
+                                files[f], t->name, (long long)t->shape[0], t->ndim > 1 ? ", " : "",
+                                t->ndim > 1 ? (long long)t->shape[1] : 0LL, (long long)table[i].shape[0],
+                                table[i].ndim > 1 ? ", " : "", table[i].ndim > 1 ? (long long)table[i].shape[1] : 0LL);
+                break;
+            }
+            err = mt_safetensors_read_f32(st, t, params + table[i].offset);
+            loaded[i] = 1;
+        }
+        mt_safetensors_close(st);
+    }
+    for (int i = 0; i < n && !err; i++)
+        if (!loaded[i])
+            err = mt_errorf(MT_ERR_MODEL, "%s: tensor %s is missing from the safetensors files (config.json says %s)",
+                            dir, table[i].name, cfg->tie_embeddings ? "tied embeddings" : "untied embeddings");
+    for (int f = 0; f < nfiles; f++) free(files[f]);
+    free(files);
+    free(loaded);
+    free(table);
+    return err;
+}
+
+static cJSON *config_from_model(const mt_model_config *c) {
+    cJSON *j = cJSON_CreateObject();
+    cJSON *archs = cJSON_AddArrayToObject(j, "architectures");
+    cJSON_AddItemToArray(archs, cJSON_CreateString(c->architecture));
+    int qwen2 = !strcmp(c->architecture, "Qwen2ForCausalLM");
+    cJSON_AddStringToObject(j, "model_type", qwen2 ? "qwen2" : !strcmp(c->architecture, "MistralForCausalLM") ? "mistral" : "llama");
+    cJSON_AddNumberToObject(j, "vocab_size", c->V);
+    cJSON_AddNumberToObject(j, "hidden_size", c->C);
+    cJSON_AddNumberToObject(j, "intermediate_size", c->F);
+    cJSON_AddNumberToObject(j, "num_hidden_layers", c->L);
+    cJSON_AddNumberToObject(j, "num_attention_heads", c->H);
+    cJSON_AddNumberToObject(j, "num_key_value_heads", c->KV);
+    cJSON_AddNumberToObject(j, "head_dim", c->D);
+    cJSON_AddNumberToObject(j, "max_position_embeddings", c->max_position);
+    cJSON_AddNumberToObject(j, "rms_norm_eps", c->rms_eps);
+    cJSON_AddNumberToObject(j, "rope_theta", c->rope_theta);
+    cJSON_AddNumberToObject(j, "initializer_range", c->init_std);
+    cJSON_AddBoolToObject(j, "tie_word_embeddings", c->tie_embeddings);
+    if (!qwen2) cJSON_AddBoolToObject(j, "attention_bias", c->qkv_bias);
+    cJSON_AddStringToObject(j, "hidden_act", "silu");
+    return j;
+}
+
+static mt_err write_text(const char *path, const char *text) {
+    FILE *f = fopen(path, "wb");
+    if (!f) return mt_errorf(MT_ERR_IO, "%s: cannot create (%s)", path, strerror(errno));
+    int ok = fputs(text, f) >= 0 && fflush(f) == 0 && fsync(fileno(f)) == 0;
+    ok = fclose(f) == 0 && ok;
+    return ok ? MT_OK : mt_errorf(MT_ERR_IO, "%s: write failed (disk full?)", path);
+}
+
+static void remove_tree(const char *dir) {
+    DIR *d = opendir(dir);
+    if (!d) return;
+    struct dirent *e;
+    char path[2200];
+    while ((e = readdir(d))) {
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
+        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+        unlink(path);
+    }
+    closedir(d);
+    rmdir(dir);
+}
+
+mt_err mt_hf_save(const char *dir, const char *src_dir, const mt_model_config *cfg, const float *params,
+                  mt_dtype dtype) {
+    char tmp[1100], path[1200];
+    snprintf(tmp, sizeof tmp, "%s.tmp.%d", dir, (int)getpid());
+    remove_tree(tmp);
+    if (mkdir(tmp, 0755) != 0) return mt_errorf(MT_ERR_IO, "%s: cannot create (%s)", tmp, strerror(errno));
+    mt_err err = MT_OK;
+    cJSON *j = NULL;
+    if (src_dir) {
+        snprintf(path, sizeof path, "%s/config.json", src_dir);
+        j = read_json(path, &err);
+    }
+    if (!j) j = config_from_model(cfg), err = MT_OK;
+    const char *dtype_name = dtype == MT_DTYPE_BF16 ? "bfloat16" : dtype == MT_DTYPE_F16 ? "float16" : "float32";
+    cJSON_DeleteItemFromObject(j, "torch_dtype");
+    cJSON_DeleteItemFromObject(j, "dtype");
+    cJSON_AddStringToObject(j, "torch_dtype", dtype_name);
+    char *text = cJSON_Print(j);
+    cJSON_Delete(j);
+    snprintf(path, sizeof path, "%s/config.json", tmp);
+    err = write_text(path, text);
+    free(text);
+    if (!err) {
+        int n;
+        size_t total;
+        mt_param_info *table = mt_model_param_table(cfg, &n, &total);
+        mt_st_write_tensor *tensors = calloc((size_t)n, sizeof *tensors);
+        for (int i = 0; i < n; i++) {
+            tensors[i].name = table[i].name;
+            tensors[i].ndim = table[i].ndim;
+            tensors[i].shape[0] = table[i].shape[0];
+            tensors[i].shape[1] = table[i].shape[1];
+            tensors[i].data = params + table[i].offset;
+        }
+        snprintf(path, sizeof path, "%s/model.safetensors", tmp);
+        err = mt_safetensors_write(path, tensors, n, dtype, "pt");
+        free(tensors);
+        free(table);
+    }
+    if (!err) {
+        // swap the complete folder in; the old one is removed only afterwards
+        char old[1200];
+        snprintf(old, sizeof old, "%s.old.%d", dir, (int)getpid());
+        int had_old = rename(dir, old) == 0;
+        if (rename(tmp, dir) != 0) {
+            err = mt_errorf(MT_ERR_IO, "%s: cannot move the saved model into place (%s)", dir, strerror(errno));
+            if (had_old) rename(old, dir);
+        } else if (had_old) {
+            remove_tree(old);
+        }
+    }
+    if (err) remove_tree(tmp);
+    return err;
+}

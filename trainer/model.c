@@ -1,0 +1,442 @@
+// trainer/model.c: the LLaMA-family model over the op API (model.h).
+#include "trainer/model.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/mem.h"
+#include "kernels/ops.h"
+#include "kernels/ops_ref.h"
+#include "kernels/rng.h"
+
+// Indices into a layer's parameters, in table order.
+enum { P_LN1, P_WQ, P_BQ, P_WK, P_BK, P_WV, P_BV, P_WO, P_BO, P_LN2, P_WG, P_WU, P_WD, P_LAYER_COUNT };
+
+typedef struct {
+    void *w[P_LAYER_COUNT];   // compute weights (NULL when absent, e.g. no bias)
+    float *g[P_LAYER_COUNT];  // gradients
+} layer_params;
+
+// What backward needs from a layer's forward, in the activation type.
+typedef struct {
+    void *ln1, *q, *k, *v, *atty, *x2, *ln2, *gate, *up;  // (N,C) (B,H,T,D) (B,KV,T,D) x2 (N,HD) (N,C) x2 (N,F) x2
+    float *rstd1, *rstd2;                                 // (N)
+} layer_acts;
+
+struct mt_model {
+    mt_backend *be;
+    mt_model_config cfg;
+    int B, T, checkpointing;
+    mt_param_info *params;
+    int num_params;
+    size_t total;
+    void *weights;  // (total) compute dtype
+    float *grads;   // (total) fp32
+    layer_params *layers;
+    void *wte, *norm_w, *lm_w;
+    float *g_wte, *g_norm, *g_lm;
+    // activations
+    void *act_block;
+    void **x;            // (L+1) residual stream inputs, (N, C) each
+    layer_acts *acts;    // L sets, or 1 shared set with checkpointing
+    void *lnf;           // (N, C)
+    float *rstdf;        // (N)
+    void *qkv_flat;      // (N, (H+2KV)D) projections before rope
+    void *scratch_c;     // (N, C) o_proj / down_proj output
+    void *f0, *f1, *f2;  // (N, F) swiglu out, its grad, up grad
+    void *dres, *dln;    // (N, C) residual grad, norm-input grad
+    void *datty;         // (N, HD)
+    void *dq, *dk, *dv;  // (B,H,T,D), (B,KV,T,D) x2
+    void *dqkv_flat;     // (N, (H+2KV)D)
+    float *logits;       // (R, V) fp32 chunk
+    void *dlogits;       // (R, V) activation type (aliases logits on the CPU)
+    float *losses;       // (N)
+    int32_t *tokens, *targets;  // (N) where the backend computes
+    float *cos_table, *sin_table;  // (T, D/2)
+    int chunk_rows;
+};
+
+// ------------------------------------------------------- parameter table
+
+static void add_param(mt_param_info *t, int *n, size_t *offset, const char *name, int64_t d0, int64_t d1) {
+    mt_param_info *p = &t[(*n)++];
+    snprintf(p->name, sizeof p->name, "%s", name);
+    p->ndim = d1 ? 2 : 1;
+    p->shape[0] = d0;
+    p->shape[1] = d1;
+    p->count = (size_t)d0 * (size_t)(d1 ? d1 : 1);
+    p->offset = *offset;
+    p->decay = p->ndim == 2;
+    // keep every tensor 16-element aligned: vector loads and cuBLAS like it
+    *offset += (p->count + 15) & ~(size_t)15;
+}
+
+mt_param_info *mt_model_param_table(const mt_model_config *c, int *count, size_t *total) {
+    int max = 3 + c->L * P_LAYER_COUNT;
+    mt_param_info *t = calloc((size_t)max, sizeof *t);
+    MT_CHECK(t != NULL, "param table");
+    int n = 0;
+    size_t off = 0;
+    char name[128];
+    int64_t HD = (int64_t)c->H * c->D, KVD = (int64_t)c->KV * c->D;
+    add_param(t, &n, &off, "model.embed_tokens.weight", c->V, c->C);
+    for (int l = 0; l < c->L; l++) {
+#define LAYER_PARAM(suffix, d0, d1)                                          \
+    snprintf(name, sizeof name, "model.layers.%d.%s", l, suffix);            \
+    add_param(t, &n, &off, name, d0, d1)
+        LAYER_PARAM("input_layernorm.weight", c->C, 0);
+        LAYER_PARAM("self_attn.q_proj.weight", HD, c->C);
+        if (c->qkv_bias) { LAYER_PARAM("self_attn.q_proj.bias", HD, 0); }
+        LAYER_PARAM("self_attn.k_proj.weight", KVD, c->C);
+        if (c->qkv_bias) { LAYER_PARAM("self_attn.k_proj.bias", KVD, 0); }
+        LAYER_PARAM("self_attn.v_proj.weight", KVD, c->C);
+        if (c->qkv_bias) { LAYER_PARAM("self_attn.v_proj.bias", KVD, 0); }
+        LAYER_PARAM("self_attn.o_proj.weight", c->C, HD);
+        if (c->o_bias) { LAYER_PARAM("self_attn.o_proj.bias", c->C, 0); }
+        LAYER_PARAM("post_attention_layernorm.weight", c->C, 0);
+        LAYER_PARAM("mlp.gate_proj.weight", c->F, c->C);
+        LAYER_PARAM("mlp.up_proj.weight", c->F, c->C);
+        LAYER_PARAM("mlp.down_proj.weight", c->C, c->F);
+#undef LAYER_PARAM
+    }
+    add_param(t, &n, &off, "model.norm.weight", c->C, 0);
+    if (!c->tie_embeddings) add_param(t, &n, &off, "lm_head.weight", c->V, c->C);
+    *count = n;
+    *total = off;
+    return t;
+}
+
+void mt_model_init_random(const mt_model_config *cfg, float *params, uint64_t seed) {
+    int n;
+    size_t total;
+    mt_param_info *t = mt_model_param_table(cfg, &n, &total);
+    memset(params, 0, total * sizeof(float));
+    for (int i = 0; i < n; i++) {
+        float *p = params + t[i].offset;
+        const char *name = t[i].name;
+        size_t len = strlen(name);
+        int is_bias = len > 5 && !strcmp(name + len - 5, ".bias");
+        if (t[i].ndim == 1) {
+            for (size_t j = 0; j < t[i].count; j++) p[j] = is_bias ? 0.0f : 1.0f;
+        } else {
+            for (size_t j = 0; j < t[i].count; j++) p[j] = cfg->init_std * mt_rng_normal(seed, t[i].offset + j);
+        }
+    }
+    free(t);
+}
+
+// ------------------------------------------------------------- creation
+
+static int find_param(const mt_model *m, const char *name) {
+    for (int i = 0; i < m->num_params; i++)
+        if (!strcmp(m->params[i].name, name)) return i;
+    return -1;
+}
+
+static void bind_params(mt_model *m) {
+    size_t act = mt_act_size(m->be);
+    char name[160];
+    static const char *const suffix[P_LAYER_COUNT] = {
+        "input_layernorm.weight",  "self_attn.q_proj.weight", "self_attn.q_proj.bias",
+        "self_attn.k_proj.weight", "self_attn.k_proj.bias",   "self_attn.v_proj.weight",
+        "self_attn.v_proj.bias",   "self_attn.o_proj.weight", "self_attn.o_proj.bias",
+        "post_attention_layernorm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"};
+#define WPTR(i) ((char *)m->weights + m->params[i].offset * act)
+#define GPTR(i) (m->grads + m->params[i].offset)
+    for (int l = 0; l < m->cfg.L; l++)
+        for (int p = 0; p < P_LAYER_COUNT; p++) {
+            snprintf(name, sizeof name, "model.layers.%d.%s", l, suffix[p]);
+            int i = find_param(m, name);
+            m->layers[l].w[p] = i < 0 ? NULL : WPTR(i);
+            m->layers[l].g[p] = i < 0 ? NULL : GPTR(i);
+        }
+    int i = find_param(m, "model.embed_tokens.weight");
+    m->wte = WPTR(i), m->g_wte = GPTR(i);
+    i = find_param(m, "model.norm.weight");
+    m->norm_w = WPTR(i), m->g_norm = GPTR(i);
+    i = find_param(m, "lm_head.weight");
+    if (i < 0) m->lm_w = m->wte, m->g_lm = m->g_wte;
+    else m->lm_w = WPTR(i), m->g_lm = GPTR(i);
+#undef WPTR
+#undef GPTR
+}
+
+static void compute_inv_freq(const mt_model_config *c, float *inv_freq) {
+    int half = c->D / 2;
+    for (int i = 0; i < half; i++) {
+        inv_freq[i] = (float)(1.0 / pow((double)c->rope_theta, (double)(2 * i) / c->D));
+        if (!c->rope_llama3) continue;
+        // Llama 3.1 frequency scaling: long wavelengths divided by factor,
+        // short ones kept, a smooth blend between
+        double old_len = c->rope_original_max_position;
+        double low_wavelen = old_len / c->rope_low_freq_factor, high_wavelen = old_len / c->rope_high_freq_factor;
+        double wavelen = 2.0 * M_PI / inv_freq[i];
+        double f = inv_freq[i];
+        if (wavelen > low_wavelen) f = f / c->rope_factor;
+        else if (wavelen >= high_wavelen) {
+            double smooth = (old_len / wavelen - c->rope_low_freq_factor) /
+                            (c->rope_high_freq_factor - c->rope_low_freq_factor);
+            f = (1.0 - smooth) * f / c->rope_factor + smooth * f;
+        }
+        inv_freq[i] = (float)f;
+    }
+}
+
+// Carves `bytes` from a block with 256-byte alignment. Works on addresses as
+// integers so that a dry run from address 0 can measure the block's size.
+static void *carve(uintptr_t *cursor, size_t bytes) {
+    void *p = (void *)*cursor;
+    *cursor += (bytes + 255) & ~(size_t)255;
+    return p;
+}
+
+static size_t layout_activations(mt_model *m, uintptr_t base) {
+    const mt_model_config *c = &m->cfg;
+    size_t N = (size_t)m->B * m->T, a = mt_act_size(m->be), HD = (size_t)c->H * c->D, KVD = (size_t)c->KV * c->D;
+    uintptr_t cur = base;
+    for (int l = 0; l <= c->L; l++) m->x[l] = carve(&cur, N * c->C * a);
+    int sets = m->checkpointing ? 1 : c->L;
+    for (int s = 0; s < sets; s++) {
+        layer_acts *A = &m->acts[s];
+        A->ln1 = carve(&cur, N * c->C * a);
+        A->q = carve(&cur, N * HD * a);
+        A->k = carve(&cur, N * KVD * a);
+        A->v = carve(&cur, N * KVD * a);
+        A->atty = carve(&cur, N * HD * a);
+        A->x2 = carve(&cur, N * c->C * a);
+        A->ln2 = carve(&cur, N * c->C * a);
+        A->gate = carve(&cur, N * c->F * a);
+        A->up = carve(&cur, N * c->F * a);
+        A->rstd1 = carve(&cur, N * 4);
+        A->rstd2 = carve(&cur, N * 4);
+    }
+    m->lnf = carve(&cur, N * c->C * a);
+    m->rstdf = carve(&cur, N * 4);
+    m->qkv_flat = carve(&cur, N * (HD + 2 * KVD) * a);
+    m->scratch_c = carve(&cur, N * c->C * a);
+    m->f0 = carve(&cur, N * c->F * a);
+    m->f1 = carve(&cur, N * c->F * a);
+    m->f2 = carve(&cur, N * c->F * a);
+    m->dres = carve(&cur, N * c->C * a);
+    m->dln = carve(&cur, N * c->C * a);
+    m->datty = carve(&cur, N * HD * a);
+    m->dq = carve(&cur, N * HD * a);
+    m->dk = carve(&cur, N * KVD * a);
+    m->dv = carve(&cur, N * KVD * a);
+    m->dqkv_flat = carve(&cur, N * (HD + 2 * KVD) * a);
+    m->logits = carve(&cur, (size_t)m->chunk_rows * c->V * 4);
+    m->dlogits = m->be->gpu ? carve(&cur, (size_t)m->chunk_rows * c->V * a) : (void *)m->logits;
+    m->losses = carve(&cur, N * 4);
+    m->tokens = carve(&cur, N * 4);
+    m->targets = carve(&cur, N * 4);
+    m->cos_table = carve(&cur, (size_t)m->T * (c->D / 2) * 4);
+    m->sin_table = carve(&cur, (size_t)m->T * (c->D / 2) * 4);
+    return (size_t)(cur - base);
+}
+
+mt_err mt_model_create(mt_model **out, mt_backend *be, const mt_model_config *cfg, int B, int T,
+                       int activation_checkpointing) {
+    *out = NULL;
+    mt_model *m = calloc(1, sizeof *m);
+    MT_CHECK(m != NULL, "model");
+    m->be = be;
+    m->cfg = *cfg;
+    m->B = B, m->T = T, m->checkpointing = activation_checkpointing;
+    m->params = mt_model_param_table(cfg, &m->num_params, &m->total);
+    m->layers = calloc((size_t)cfg->L, sizeof *m->layers);
+    m->x = calloc((size_t)cfg->L + 1, sizeof *m->x);
+    m->acts = calloc((size_t)(activation_checkpointing ? 1 : cfg->L), sizeof *m->acts);
+    MT_CHECK(m->layers && m->x && m->acts, "model tables");
+    // logits chunk: at most 64 Mi elements (256 MiB fp32), whole rows
+    size_t N = (size_t)B * T, rows = ((size_t)64 << 20) / (size_t)cfg->V;
+    m->chunk_rows = (int)(rows < N ? (rows ? rows : 1) : N);
+    mt_mem_place place = be->gpu ? MT_DEVICE : MT_HOST;
+    mt_err err = mt_alloc(&m->weights, m->total * mt_act_size(be), MT_MEM_WEIGHTS, place);
+    if (!err) err = mt_alloc((void **)&m->grads, m->total * sizeof(float), MT_MEM_GRADS, place);
+    size_t act_bytes = layout_activations(m, 0);
+    if (!err) err = mt_alloc(&m->act_block, act_bytes, MT_MEM_ACTIVATIONS, place);
+    if (!err) err = mt_backend_reserve_workspace(be, mt_attention_workspace_bytes(be, B, T, cfg->H, cfg->D));
+    if (err) {
+        mt_model_free(m);
+        return err;
+    }
+    layout_activations(m, (uintptr_t)m->act_block);
+    bind_params(m);
+    // rope tables, computed on the host in fp32 as transformers does
+    int half = cfg->D / 2;
+    float *inv_freq = malloc((size_t)half * 4), *cs = malloc((size_t)T * half * 8);
+    MT_CHECK(inv_freq && cs, "rope tables");
+    compute_inv_freq(cfg, inv_freq);
+    mt_rope_tables(cs, cs + (size_t)T * half, inv_freq, T, cfg->D);
+    if (be->gpu) {
+        mt_copy_to_device(m->cos_table, cs, (size_t)T * half * 4);
+        mt_copy_to_device(m->sin_table, cs + (size_t)T * half, (size_t)T * half * 4);
+    } else {
+        memcpy(m->cos_table, cs, (size_t)T * half * 4);
+        memcpy(m->sin_table, cs + (size_t)T * half, (size_t)T * half * 4);
+    }
+    free(inv_freq);
+    free(cs);
+    *out = m;
+    return MT_OK;
+}
+
+void mt_model_free(mt_model *m) {
+    if (!m) return;
+    mt_free(&m->weights);
+    mt_free((void **)&m->grads);
+    mt_free(&m->act_block);
+    free(m->params);
+    free(m->layers);
+    free(m->x);
+    free(m->acts);
+    free(m);
+}
+
+const mt_model_config *mt_model_get_config(const mt_model *m) { return &m->cfg; }
+const mt_param_info *mt_model_params(const mt_model *m, int *count) {
+    *count = m->num_params;
+    return m->params;
+}
+size_t mt_model_num_params(const mt_model *m) { return m->total; }
+void *mt_model_weights(mt_model *m) { return m->weights; }
+float *mt_model_grads(mt_model *m) { return m->grads; }
+
+void mt_model_set_weights(mt_model *m, const float *host_params) {
+    if (!m->be->gpu) {
+        memcpy(m->weights, host_params, m->total * sizeof(float));
+        return;
+    }
+    // stage through the gradient block (fp32, same size), then cast
+    mt_copy_to_device(m->grads, host_params, m->total * sizeof(float));
+    mt_op_cast_from_f32(m->be, m->weights, m->grads, m->total);
+    mt_model_zero_grads(m);
+}
+
+void mt_model_zero_grads(mt_model *m) { mt_op_zero(m->be, m->grads, m->total * sizeof(float)); }
+
+// ------------------------------------------------------- forward/backward
+
+static layer_acts *acts_of(mt_model *m, int l) { return &m->acts[m->checkpointing ? 0 : l]; }
+
+static void *rows(const mt_model *m, void *base, size_t row, size_t width) {
+    return (char *)base + row * width * mt_act_size(m->be);
+}
+
+// Layer l from x[l]; writes x[l+1] unless `recompute` (then it stops once
+// everything backward needs is there).
+static void layer_forward(mt_model *m, int l, int recompute) {
+    const mt_model_config *c = &m->cfg;
+    mt_backend *be = m->be;
+    int N = m->B * m->T, HD = c->H * c->D, KVD = c->KV * c->D;
+    layer_params *P = &m->layers[l];
+    layer_acts *A = acts_of(m, l);
+    void *qf = m->qkv_flat, *kf = rows(m, qf, (size_t)N, (size_t)HD), *vf = rows(m, kf, (size_t)N, (size_t)KVD);
+    mt_op_rmsnorm_forward(be, A->ln1, A->rstd1, m->x[l], P->w[P_LN1], N, c->C, c->rms_eps);
+    mt_op_matmul_forward(be, qf, A->ln1, P->w[P_WQ], P->w[P_BQ], N, c->C, HD);
+    mt_op_matmul_forward(be, kf, A->ln1, P->w[P_WK], P->w[P_BK], N, c->C, KVD);
+    mt_op_matmul_forward(be, vf, A->ln1, P->w[P_WV], P->w[P_BV], N, c->C, KVD);
+    mt_op_rope_forward(be, A->q, qf, m->cos_table, m->sin_table, m->B, m->T, c->H, c->D, 1);
+    mt_op_rope_forward(be, A->k, kf, m->cos_table, m->sin_table, m->B, m->T, c->KV, c->D, 1);
+    mt_op_rope_forward(be, A->v, vf, m->cos_table, m->sin_table, m->B, m->T, c->KV, c->D, 0);
+    mt_op_attention_forward(be, A->atty, A->q, A->k, A->v, m->B, m->T, c->H, c->KV, c->D);
+    mt_op_matmul_forward(be, m->scratch_c, A->atty, P->w[P_WO], P->w[P_BO], N, HD, c->C);
+    mt_op_add(be, A->x2, m->x[l], m->scratch_c, (size_t)N * c->C);
+    mt_op_rmsnorm_forward(be, A->ln2, A->rstd2, A->x2, P->w[P_LN2], N, c->C, c->rms_eps);
+    mt_op_matmul_forward(be, A->gate, A->ln2, P->w[P_WG], NULL, N, c->C, c->F);
+    mt_op_matmul_forward(be, A->up, A->ln2, P->w[P_WU], NULL, N, c->C, c->F);
+    if (recompute) return;
+    mt_op_swiglu_forward(be, m->f0, A->gate, A->up, (size_t)N * c->F);
+    mt_op_matmul_forward(be, m->scratch_c, m->f0, P->w[P_WD], NULL, N, c->F, c->C);
+    mt_op_add(be, m->x[l + 1], A->x2, m->scratch_c, (size_t)N * c->C);
+}
+
+// Adds layer l's gradients; dres holds d(loss)/d(x[l+1]) on entry and
+// d(loss)/d(x[l]) on exit.
+static void layer_backward(mt_model *m, int l) {
+    const mt_model_config *c = &m->cfg;
+    mt_backend *be = m->be;
+    int N = m->B * m->T, HD = c->H * c->D, KVD = c->KV * c->D;
+    layer_params *P = &m->layers[l];
+    layer_acts *A = acts_of(m, l);
+    if (m->checkpointing) layer_forward(m, l, 1);
+    size_t NF = (size_t)N * c->F;
+    mt_op_swiglu_forward(be, m->f0, A->gate, A->up, NF);
+    mt_op_matmul_backward(be, m->f1, P->g[P_WD], NULL, m->dres, m->f0, P->w[P_WD], N, c->F, c->C, 0);
+    mt_op_swiglu_backward(be, m->f0, m->f2, m->f1, A->gate, A->up, NF);
+    mt_op_matmul_backward(be, m->dln, P->g[P_WG], NULL, m->f0, A->ln2, P->w[P_WG], N, c->C, c->F, 0);
+    mt_op_matmul_backward(be, m->dln, P->g[P_WU], NULL, m->f2, A->ln2, P->w[P_WU], N, c->C, c->F, 1);
+    mt_op_rmsnorm_backward(be, m->dres, P->g[P_LN2], m->dln, A->x2, P->w[P_LN2], A->rstd2, N, c->C);
+    mt_op_matmul_backward(be, m->datty, P->g[P_WO], P->g[P_BO], m->dres, A->atty, P->w[P_WO], N, HD, c->C, 0);
+    mt_op_attention_backward(be, m->dq, m->dk, m->dv, m->datty, A->q, A->k, A->v, m->B, m->T, c->H, c->KV, c->D);
+    void *dqf = m->dqkv_flat, *dkf = rows(m, dqf, (size_t)N, (size_t)HD), *dvf = rows(m, dkf, (size_t)N, (size_t)KVD);
+    mt_op_rope_backward(be, dqf, m->dq, m->cos_table, m->sin_table, m->B, m->T, c->H, c->D, 1);
+    mt_op_rope_backward(be, dkf, m->dk, m->cos_table, m->sin_table, m->B, m->T, c->KV, c->D, 1);
+    mt_op_rope_backward(be, dvf, m->dv, m->cos_table, m->sin_table, m->B, m->T, c->KV, c->D, 0);
+    mt_op_matmul_backward(be, m->dln, P->g[P_WQ], P->g[P_BQ], dqf, A->ln1, P->w[P_WQ], N, c->C, HD, 0);
+    mt_op_matmul_backward(be, m->dln, P->g[P_WK], P->g[P_BK], dkf, A->ln1, P->w[P_WK], N, c->C, KVD, 1);
+    mt_op_matmul_backward(be, m->dln, P->g[P_WV], P->g[P_BV], dvf, A->ln1, P->w[P_WV], N, c->C, KVD, 1);
+    mt_op_rmsnorm_backward(be, m->dres, P->g[P_LN1], m->dln, m->x[l], P->w[P_LN1], A->rstd1, N, c->C);
+}
+
+static void upload_tokens(mt_model *m, const int32_t *inputs, const int32_t *targets) {
+    size_t bytes = (size_t)m->B * m->T * sizeof(int32_t);
+    if (m->be->gpu) {
+        mt_copy_to_device(m->tokens, inputs, bytes);
+        if (targets) mt_copy_to_device(m->targets, targets, bytes);
+    } else {
+        memcpy(m->tokens, inputs, bytes);
+        if (targets) memcpy(m->targets, targets, bytes);
+    }
+}
+
+static void body_forward(mt_model *m) {
+    const mt_model_config *c = &m->cfg;
+    int N = m->B * m->T;
+    mt_op_embedding_forward(m->be, m->x[0], m->tokens, m->wte, N, c->C);
+    for (int l = 0; l < c->L; l++) layer_forward(m, l, 0);
+    mt_op_rmsnorm_forward(m->be, m->lnf, m->rstdf, m->x[c->L], m->norm_w, N, c->C, c->rms_eps);
+}
+
+double mt_model_step(mt_model *m, const int32_t *inputs, const int32_t *targets, float dscale, int backward) {
+    const mt_model_config *c = &m->cfg;
+    mt_backend *be = m->be;
+    int N = m->B * m->T;
+    upload_tokens(m, inputs, targets);
+    body_forward(m);
+    // lm_head and the loss in row chunks; backward of each chunk right away,
+    // so only one chunk of logits ever exists
+    for (int r0 = 0; r0 < N; r0 += m->chunk_rows) {
+        int R = N - r0 < m->chunk_rows ? N - r0 : m->chunk_rows;
+        void *x = rows(m, m->lnf, (size_t)r0, (size_t)c->C);
+        mt_op_logits_forward(be, m->logits, x, m->lm_w, R, c->C, c->V);
+        mt_op_crossentropy(be, m->losses + r0, backward ? m->dlogits : NULL, m->logits, m->targets + r0, R, c->V,
+                           dscale);
+        if (backward)
+            mt_op_matmul_backward(be, rows(m, m->dln, (size_t)r0, (size_t)c->C), m->g_lm, NULL, m->dlogits, x,
+                                  m->lm_w, R, c->C, c->V, 0);
+    }
+    double loss = mt_op_sum(be, m->losses, (size_t)N);
+    if (!backward) return loss;
+    mt_op_zero(be, m->dres, (size_t)N * c->C * mt_act_size(be));
+    mt_op_rmsnorm_backward(be, m->dres, m->g_norm, m->dln, m->x[c->L], m->norm_w, m->rstdf, N, c->C);
+    for (int l = c->L - 1; l >= 0; l--) layer_backward(m, l);
+    mt_op_embedding_backward(be, m->g_wte, m->tokens, m->dres, N, c->C);
+    return loss;
+}
+
+void mt_model_logits(mt_model *m, const int32_t *inputs, float *logits) {
+    const mt_model_config *c = &m->cfg;
+    int N = m->B * m->T;
+    upload_tokens(m, inputs, NULL);
+    body_forward(m);
+    for (int r0 = 0; r0 < N; r0 += m->chunk_rows) {
+        int R = N - r0 < m->chunk_rows ? N - r0 : m->chunk_rows;
+        mt_op_logits_forward(m->be, m->logits, rows(m, m->lnf, (size_t)r0, (size_t)c->C), m->lm_w, R, c->C, c->V);
+        size_t bytes = (size_t)R * c->V * sizeof(float);
+        if (m->be->gpu) mt_copy_to_host(logits + (size_t)r0 * c->V, m->logits, bytes);
+        else memcpy(logits + (size_t)r0 * c->V, m->logits, bytes);
+    }
+}

@@ -1,0 +1,78 @@
+// trainer/model.h: the LLaMA-family decoder (Llama, Mistral, Qwen2 layouts):
+// its configuration, its parameter table (Hugging Face names, one contiguous
+// block), and forward/backward over the backend's ops with optional
+// per-layer activation checkpointing. The loss is cross-entropy computed in
+// row chunks, so B x T x V logits never exist at once.
+#ifndef MT_MODEL_H
+#define MT_MODEL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kernels/common.h"
+#include "kernels/device.h"
+#include "kernels/dtype.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct {
+    char architecture[64];
+    int V, C, F, L, H, KV, D;  // vocab, hidden, ffn, layers, heads, kv heads, head dim
+    int max_position;
+    float rms_eps, rope_theta, init_std;
+    int rope_llama3;  // rope_scaling / rope_parameters of type llama3
+    float rope_factor, rope_low_freq_factor, rope_high_freq_factor;
+    int rope_original_max_position;
+    int tie_embeddings;
+    int qkv_bias, o_bias;  // Qwen2: qkv; Llama attention_bias: qkv and o
+    long sliding_window;   // 0: none
+    mt_dtype dtype;        // the folder's declared dtype (for saving)
+} mt_model_config;
+
+typedef struct {
+    char name[128];
+    int ndim;
+    int64_t shape[2];
+    size_t offset, count;  // in elements of the parameter block
+    int decay;             // matrices and embeddings
+} mt_param_info;
+
+typedef struct mt_model mt_model;
+
+// Builds the parameter table and allocates weights, gradients and the
+// activations for batches of B rows of T tokens on the backend.
+mt_err mt_model_create(mt_model **out, mt_backend *be, const mt_model_config *cfg, int B, int T,
+                       int activation_checkpointing);
+void mt_model_free(mt_model *m);
+
+const mt_model_config *mt_model_get_config(const mt_model *m);
+const mt_param_info *mt_model_params(const mt_model *m, int *count);
+size_t mt_model_num_params(const mt_model *m);
+// The compute weights (fp32 host on the CPU, bf16 device on the GPU) and the
+// fp32 gradient block, both in the parameter table's order.
+void *mt_model_weights(mt_model *m);
+float *mt_model_grads(mt_model *m);
+
+// Builds the parameter table only (for loading and saving without a model).
+mt_param_info *mt_model_param_table(const mt_model_config *cfg, int *count, size_t *total);
+// Random initialisation as transformers does it: normal(0, init_std) for
+// matrices and embeddings, ones for norms, zeros for biases.
+void mt_model_init_random(const mt_model_config *cfg, float *params, uint64_t seed);
+
+// Sets the compute weights from fp32 host values (cast to bf16 on the GPU).
+void mt_model_set_weights(mt_model *m, const float *host_params);
+void mt_model_zero_grads(mt_model *m);
+
+// Forward over one (B, T) batch; with `backward`, also backward, adding
+// dscale * d(sum of token losses) to the gradients. targets < 0 are ignored.
+// Returns the sum of token losses.
+double mt_model_step(mt_model *m, const int32_t *inputs, const int32_t *targets, float dscale, int backward);
+// Full logits (B*T, V) fp32 into host memory `logits` (for tests and parity).
+void mt_model_logits(mt_model *m, const int32_t *inputs, float *logits);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
