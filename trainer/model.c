@@ -121,6 +121,8 @@ void mt_model_init_random(const mt_model_config *cfg, float *params, uint64_t se
         if (t[i].ndim == 1) {
             for (size_t j = 0; j < t[i].count; j++) p[j] = is_bias ? 0.0f : 1.0f;
         } else {
+            // counter-based draws: the same values whatever the thread count
+#pragma omp parallel for
             for (size_t j = 0; j < t[i].count; j++) p[j] = cfg->init_std * mt_rng_normal(seed, t[i].offset + j);
         }
     }

@@ -1,0 +1,140 @@
+#!/usr/bin/env python3
+"""Full fine-tuning, memtune vs PyTorch + transformers, in one run on one GPU.
+
+TinyLlama-1.1B shape (random initialisation: speed and memory do not depend
+on the weights), B=4, T=1024, bf16 compute, fp32 master weights and AdamW
+state, 200 steps each, gradient clipping at 1.0 on both sides. Tokens/s are
+measured after 20 warm-up steps. Peak GPU memory is measured the same way for
+both: the device's used memory (nvidia-smi, sampled every 50 ms) minus what
+was used before the process started; each side's own allocator figure is
+reported too. Writes bench.json and prints a table with the ratios.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUILD = os.environ.get("MT_BUILD_DIR", os.path.join(ROOT, "build"))
+
+TINYLLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32000,
+             "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
+             "num_key_value_heads": 4, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
+             "rope_theta": 10000.0, "initializer_range": 0.02, "tie_word_embeddings": False,
+             "attention_bias": False, "hidden_act": "silu", "torch_dtype": "float32"}
+
+
+def gpu_used_mib():
+    out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+                         capture_output=True, text=True, check=True).stdout
+    return float(out.strip().splitlines()[0])
+
+
+class PeakSampler:
+    def __init__(self):
+        self.base = gpu_used_mib()
+        self.peak = self.base
+        self.stop = False
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        while not self.stop:
+            self.peak = max(self.peak, gpu_used_mib())
+            time.sleep(0.05)
+
+    def finish(self):
+        self.stop = True
+        self.thread.join()
+        return (self.peak - self.base) * 1048576
+
+
+def write_dataset(path, n, vocab):
+    import h5py
+    with h5py.File(path, "w") as f:
+        f.create_dataset("tokens", data=np.random.default_rng(0).integers(0, vocab, n).astype(np.uint32))
+        f.create_dataset("doc_offsets", data=np.array([0, n], dtype=np.uint64))
+        f.attrs["format_version"] = np.int32(1)
+        f.attrs["vocab_size"] = np.int64(vocab)
+        f.attrs["tokenizer"] = "random"
+
+
+def run_memtune(args, folder, data, run):
+    cmd = [os.path.join(BUILD, "memtune"), "train", os.path.join(ROOT, "configs", "quickstart.yaml")]
+    sets = {"model.path": folder, "model.init": "random", "data.train": data, "data.eval_fraction": 0,
+            "train.eval_batches": 0, "train.steps": args.steps, "train.micro_batch": args.B, "train.seq_len": args.T,
+            "train.log_every": 10, "train.device": "gpu", "optim.lr": 1e-4, "optim.warmup_steps": 10,
+            "optim.weight_decay": 0.0, "optim.beta2": 0.95, "output.dir": run, "output.save_model": "false",
+            "model.activation_checkpointing": "true" if args.checkpointing else "false"}
+    for k, v in sets.items():
+        cmd += ["--set", f"{k}={v}"]
+    sampler = PeakSampler()
+    subprocess.run(cmd, check=True)
+    peak = sampler.finish()
+    recs = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    by_step = {r["step"]: r for r in recs}
+    w = args.warmup
+    dt = by_step[args.steps]["elapsed_seconds"] - by_step[w]["elapsed_seconds"]
+    return {"tokens_per_second": (args.steps - w) * args.B * args.T / dt, "step_ms": 1000 * dt / (args.steps - w),
+            "peak_gpu_used": peak, "allocator_peak": by_step[args.steps]["peak_memory_bytes"],
+            "first_loss": recs[0]["loss"], "last_loss": recs[-1]["loss"]}
+
+
+def run_torch(args, config_path):
+    sampler = PeakSampler()
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "torch_full_ft.py"), "--config", config_path,
+                          "--steps", str(args.steps), "--warmup", str(args.warmup), "--B", str(args.B), "--T", str(args.T)],
+                         capture_output=True, text=True)
+    peak = sampler.finish()
+    if out.returncode:
+        print(out.stderr[-3000:])
+        raise SystemExit("pytorch run failed")
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r["peak_gpu_used"] = peak
+    r["allocator_peak"] = r["max_memory_allocated"]
+    return r
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--B", type=int, default=4)
+    ap.add_argument("--T", type=int, default=1024)
+    ap.add_argument("--checkpointing", action="store_true")
+    ap.add_argument("--work", default="/tmp/mt-bench")
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/mt-bench"))
+    args = ap.parse_args()
+    os.makedirs(args.work, exist_ok=True)
+    folder = os.path.join(args.work, "tinyllama")
+    os.makedirs(folder, exist_ok=True)
+    config_path = os.path.join(folder, "config.json")
+    with open(config_path, "w") as f:
+        json.dump(TINYLLAMA, f, indent=1)
+    data = os.path.join(args.work, "tokens.h5")
+    write_dataset(data, (args.steps + 10) * args.B * (args.T + 1), TINYLLAMA["vocab_size"])
+    m = run_memtune(args, folder, data, os.path.join(args.work, "run"))
+    t = run_torch(args, config_path)
+    gib = 1024 ** 3
+    result = {"shape": "TinyLlama-1.1B", "B": args.B, "T": args.T, "steps": args.steps, "memtune": m, "pytorch": t,
+              "ratio_tokens_per_second": m["tokens_per_second"] / t["tokens_per_second"],
+              "ratio_peak_gpu_used": m["peak_gpu_used"] / t["peak_gpu_used"],
+              "ratio_allocator_peak": m["allocator_peak"] / t["allocator_peak"]}
+    with open(os.path.join(args.out, "bench.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"\nfull fine-tune, TinyLlama-1.1B shape, B={args.B} T={args.T}, {args.steps} steps (timed after {args.warmup})")
+    print(f"{'':10s} {'tokens/s':>10s} {'step ms':>8s} {'peak GPU used':>14s} {'allocator peak':>15s} {'loss first->last':>18s}")
+    for name, r in (("memtune", m), ("pytorch", t)):
+        print(f"{name:10s} {r['tokens_per_second']:10.0f} {r['step_ms']:8.1f} {r['peak_gpu_used'] / gib:11.2f} GiB"
+              f" {r['allocator_peak'] / gib:12.2f} GiB {r['first_loss']:8.3f} -> {r['last_loss']:.3f}")
+    print(f"ratio memtune/pytorch: tokens/s {result['ratio_tokens_per_second']:.3f}, peak GPU used "
+          f"{result['ratio_peak_gpu_used']:.3f}, allocator peak {result['ratio_allocator_peak']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

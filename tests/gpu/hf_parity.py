@@ -1,0 +1,246 @@
+#!/usr/bin/env python3
+"""memtune against Hugging Face transformers, on the GPU machine.
+
+For each model shape (a TinyLlama-1.1B-shaped Llama, and a small Qwen2 with
+q/k/v biases and tied embeddings), a random-initialised model is built and
+saved by transformers' save_pretrained; memtune (tests/gpu/parity_tool.c)
+loads that folder and computes logits, loss and gradients for one batch, on
+the GPU (bf16) and on the CPU (fp32). transformers computes the same in fp32
+(eager attention, no TF32: the truth) and in bf16 (SDPA). Then a model
+trained and saved by memtune is loaded by transformers and both give the
+same logits. Prints a table and writes parity.json; exits 1 on a failure.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.numpy import load_file
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BUILD = os.environ.get("MT_BUILD_DIR", os.path.join(ROOT, "build"))
+PARITY = os.path.join(BUILD, "tests", "mt_parity")
+MEMTUNE = os.path.join(BUILD, "memtune")
+
+SHAPES = {
+    "tinyllama-1.1b": dict(
+        cls=LlamaForCausalLM, cfg=LlamaConfig, B=2, T=128, cpu_grads=False, shard=None,
+        kw=dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
+                rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)),
+    "qwen2-small": dict(
+        cls=Qwen2ForCausalLM, cfg=Qwen2Config, B=2, T=64, cpu_grads=True, shard="300KB",
+        kw=dict(vocab_size=1000, hidden_size=256, intermediate_size=704, num_hidden_layers=3,
+                num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512,
+                rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True)),
+}
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def kind_of(name):
+    """Tensor kind for the per-kind report: q_proj.weight, input_layernorm.weight, ..."""
+    parts = name.split(".")
+    if "layers" in parts:
+        return ".".join(parts[parts.index("layers") + 2:])
+    return ".".join(parts[-2:]) if parts[0] == "model" else name
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / (np.linalg.norm(b) + 1e-30))
+
+
+def grad_stats(got, ref):
+    g, r = got.astype(np.float64).ravel(), ref.astype(np.float64).ravel()
+    cos = float(g @ r / (np.linalg.norm(g) * np.linalg.norm(r) + 1e-30))
+    maxrel = float(np.max(np.abs(g - r)) / (np.max(np.abs(r)) + 1e-30))
+    return cos, maxrel
+
+
+def build_model(name, spec, folder):
+    torch.manual_seed(1234)
+    config = spec["cfg"](**spec["kw"])
+    model = spec["cls"](config).float()
+    with torch.no_grad():  # make norms and biases non-trivial so their gradients mean something
+        for pname, p in model.named_parameters():
+            if pname.endswith("norm.weight"):
+                p.add_(0.1 * torch.randn_like(p))
+            elif pname.endswith(".bias"):
+                p.normal_(0.0, 0.02)
+    kwargs = {"max_shard_size": spec["shard"]} if spec["shard"] else {}
+    model.save_pretrained(folder, **kwargs)
+    return model
+
+
+def hf_run(model, ids, dtype, attn):
+    """logits, mean loss and gradients (fp32 numpy) from transformers."""
+    model = model.to("cuda", dtype)
+    model.config._attn_implementation = attn
+    model.zero_grad(set_to_none=True)
+    inp = torch.from_numpy(ids[:, :-1].astype(np.int64)).cuda()
+    tgt = torch.from_numpy(ids[:, 1:].astype(np.int64)).cuda()
+    logits = model(input_ids=inp).logits.float()
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1))
+    loss.backward()
+    grads = {n: p.grad.float().cpu().numpy() for n, p in model.named_parameters()}
+    out = logits.detach().reshape(-1, logits.shape[-1]).cpu().numpy(), float(loss), grads
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def memtune_run(folder, tokens_path, B, T, device, grads, out, checkpointing=False):
+    cmd = [PARITY, "--model", folder, "--tokens", tokens_path, "--batch", str(B), "--seq", str(T),
+           "--device", device, "--out", out] + (["--grads"] if grads else []) + (["--checkpointing"] if checkpointing else [])
+    t0 = time.time()
+    subprocess.run(cmd, check=True)
+    log(f"  memtune {device}: {time.time() - t0:.1f}s")
+    d = load_file(out)
+    return d["logits"], float(d["loss"][0]), {k[5:]: v for k, v in d.items() if k.startswith("grad.")}
+
+
+def compare_grads(got, ref, names):
+    per_kind = {}
+    for n in names:
+        cos, maxrel = grad_stats(got[n], ref[n])
+        k = per_kind.setdefault(kind_of(n), {"tensors": 0, "min_cos": 1.0, "max_maxrel": 0.0})
+        k["tensors"] += 1
+        k["min_cos"] = min(k["min_cos"], cos)
+        k["max_maxrel"] = max(k["max_maxrel"], maxrel)
+    return per_kind
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/mt-parity"))
+    ap.add_argument("--work", default="/tmp/mt-parity-work")
+    ap.add_argument("--only", default=None)
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(args.work, exist_ok=True)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    report, failures = {}, []
+    for name, spec in SHAPES.items():
+        if args.only and name != args.only:
+            continue
+        log(f"== {name}")
+        folder = os.path.join(args.work, name)
+        t0 = time.time()
+        model = build_model(name, spec, folder)
+        log(f"  built and saved by transformers in {time.time() - t0:.1f}s: {sorted(os.listdir(folder))}")
+        B, T, V = spec["B"], spec["T"], spec["kw"]["vocab_size"]
+        ids = np.random.default_rng(7).integers(0, V, size=(B, T + 1), dtype=np.int32)
+        tokens_path = os.path.join(args.work, f"{name}.tokens")
+        ids.tofile(tokens_path)
+        names = [n for n, _ in model.named_parameters()]
+        hf32 = hf_run(model, ids, torch.float32, "eager")
+        hf16 = hf_run(model, ids, torch.bfloat16, "sdpa")
+        model.to("cpu", torch.float32)
+        del model
+        torch.cuda.empty_cache()
+        mg = memtune_run(folder, tokens_path, B, T, "gpu", True, os.path.join(args.work, f"{name}.gpu.st"))
+        mc = memtune_run(folder, tokens_path, B, T, "cpu", spec["cpu_grads"], os.path.join(args.work, f"{name}.cpu.st"))
+        r = {
+            "loss": {"hf_fp32": hf32[1], "hf_bf16": hf16[1], "memtune_gpu_bf16": mg[1], "memtune_cpu_fp32": mc[1]},
+            "loss_rel_error": {
+                "memtune_cpu_fp32_vs_hf_fp32": abs(mc[1] - hf32[1]) / abs(hf32[1]),
+                "memtune_gpu_bf16_vs_hf_fp32": abs(mg[1] - hf32[1]) / abs(hf32[1]),
+                "memtune_gpu_bf16_vs_hf_bf16": abs(mg[1] - hf16[1]) / abs(hf16[1]),
+                "hf_bf16_vs_hf_fp32": abs(hf16[1] - hf32[1]) / abs(hf32[1]),
+            },
+            "logits_rel_error": {
+                "memtune_cpu_fp32_vs_hf_fp32": rel(mc[0], hf32[0]),
+                "memtune_gpu_bf16_vs_hf_fp32": rel(mg[0], hf32[0]),
+                "hf_bf16_vs_hf_fp32": rel(hf16[0], hf32[0]),
+            },
+            "grads_memtune_gpu_bf16_vs_hf_fp32": compare_grads(mg[2], hf32[2], names),
+            "grads_hf_bf16_vs_hf_fp32": compare_grads(hf16[2], hf32[2], names),
+        }
+        if spec["cpu_grads"]:
+            r["grads_memtune_cpu_fp32_vs_hf_fp32"] = compare_grads(mc[2], hf32[2], names)
+        report[name] = r
+        le = r["loss_rel_error"]
+        log(f"  loss: hf fp32 {hf32[1]:.6f} | memtune cpu fp32 {mc[1]:.6f} (rel {le['memtune_cpu_fp32_vs_hf_fp32']:.2e})"
+            f" | memtune gpu bf16 {mg[1]:.6f} (rel {le['memtune_gpu_bf16_vs_hf_fp32']:.2e}) | hf bf16 {hf16[1]:.6f}"
+            f" (rel {le['hf_bf16_vs_hf_fp32']:.2e})")
+        log("  logits rel error: " + ", ".join(f"{k} {v:.2e}" for k, v in r["logits_rel_error"].items()))
+        log(f"  {'gradient kind':34s} {'n':>3s} {'memtune bf16 cos':>17s} {'max rel':>9s} {'hf bf16 cos':>12s} {'max rel':>9s}")
+        for k, s in r["grads_memtune_gpu_bf16_vs_hf_fp32"].items():
+            h = r["grads_hf_bf16_vs_hf_fp32"][k]
+            log(f"  {k:34s} {s['tensors']:3d} {s['min_cos']:17.5f} {s['max_maxrel']:9.3e} {h['min_cos']:12.5f} {h['max_maxrel']:9.3e}")
+        if spec["cpu_grads"]:
+            worst = min(s["min_cos"] for s in r["grads_memtune_cpu_fp32_vs_hf_fp32"].values())
+            worst_rel = max(s["max_maxrel"] for s in r["grads_memtune_cpu_fp32_vs_hf_fp32"].values())
+            log(f"  memtune cpu fp32 gradients vs hf fp32: min cosine {worst:.7f}, max rel {worst_rel:.2e}")
+            if worst < 0.99999:
+                failures.append(f"{name}: cpu fp32 gradient cosine {worst}")
+        if le["memtune_cpu_fp32_vs_hf_fp32"] >= 1e-4:
+            failures.append(f"{name}: cpu fp32 loss rel error {le['memtune_cpu_fp32_vs_hf_fp32']:.2e} >= 1e-4")
+        if le["memtune_gpu_bf16_vs_hf_fp32"] >= 1e-2:
+            failures.append(f"{name}: gpu bf16 loss rel error {le['memtune_gpu_bf16_vs_hf_fp32']:.2e} >= 1e-2")
+        worst = min(s["min_cos"] for s in r["grads_memtune_gpu_bf16_vs_hf_fp32"].values())
+        if worst < 0.99:
+            failures.append(f"{name}: gpu bf16 gradient cosine {worst:.4f} < 0.99")
+
+    if not args.only or args.only == "saved":
+        report["saved_by_memtune"] = check_saved_model(args.work, failures)
+    with open(os.path.join(args.out, "parity.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    log("FAILURES:\n  " + "\n  ".join(failures) if failures else "parity: all checks passed")
+    return 1 if failures else 0
+
+
+def write_dataset(path, tokens, vocab):
+    import h5py
+    with h5py.File(path, "w") as f:
+        f.create_dataset("tokens", data=tokens.astype(np.uint32))
+        f.create_dataset("doc_offsets", data=np.array([0, len(tokens)], dtype=np.uint64))
+        f.attrs["format_version"] = np.int32(1)
+        f.attrs["vocab_size"] = np.int64(vocab)
+        f.attrs["tokenizer"] = "random"
+
+
+def check_saved_model(work, failures):
+    """memtune trains the Qwen2 model on the GPU and saves it; transformers loads it."""
+    log("== a model saved by memtune, loaded by transformers")
+    src = os.path.join(work, "qwen2-small")
+    data = os.path.join(work, "random.h5")
+    write_dataset(data, np.random.default_rng(3).integers(0, 1000, 200000), 1000)
+    run = os.path.join(work, "run-saved")
+    subprocess.run([MEMTUNE, "train", os.path.join(ROOT, "configs", "quickstart.yaml"),
+                    "--set", f"model.path={src}", "--set", "model.init=pretrained", "--set", f"data.train={data}",
+                    "--set", f"output.dir={run}", "--set", "train.steps=20", "--set", "train.seq_len=64",
+                    "--set", "train.device=gpu", "--set", "optim.lr=1e-3", "--set", "output.save_dtype=BF16"],
+                   check=True)
+    saved = os.path.join(run, "model")
+    model = Qwen2ForCausalLM.from_pretrained(saved, torch_dtype=torch.float32)
+    ids = np.random.default_rng(9).integers(0, 1000, size=(2, 65), dtype=np.int32)
+    tokens_path = os.path.join(work, "saved.tokens")
+    ids.tofile(tokens_path)
+    hf32 = hf_run(model, ids, torch.float32, "eager")
+    hf16 = hf_run(model, ids, torch.bfloat16, "sdpa")
+    mc = memtune_run(saved, tokens_path, 2, 64, "cpu", False, os.path.join(work, "saved.cpu.st"))
+    mg = memtune_run(saved, tokens_path, 2, 64, "gpu", False, os.path.join(work, "saved.gpu.st"))
+    r = {"logits_rel_error_memtune_cpu_vs_hf_fp32": rel(mc[0], hf32[0]),
+         "logits_rel_error_memtune_gpu_vs_hf_bf16": rel(mg[0], hf16[0]),
+         "loss_hf_fp32": hf32[1], "loss_memtune_cpu": mc[1], "loss_memtune_gpu": mg[1]}
+    log(f"  logits: memtune cpu vs transformers fp32 rel {r['logits_rel_error_memtune_cpu_vs_hf_fp32']:.2e}; "
+        f"memtune gpu vs transformers bf16 rel {r['logits_rel_error_memtune_gpu_vs_hf_bf16']:.2e}")
+    if r["logits_rel_error_memtune_cpu_vs_hf_fp32"] >= 1e-4:
+        failures.append("saved model: cpu logits differ from transformers")
+    if r["logits_rel_error_memtune_gpu_vs_hf_bf16"] >= 2e-2:
+        failures.append("saved model: gpu logits differ from transformers bf16")
+    return r
+
+
+if __name__ == "__main__":
+    sys.exit(main())

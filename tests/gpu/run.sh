@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine (see docs/development.md): every test suite through
+# CTest (the GPU suites against the CPU references included), the
+# comparison with Hugging Face transformers, the quickstart on the GPU, and
+# with --bench the benchmarks of bench/. Logs and results go under $OUT.
+#
+# Build on the development machine first (cmake -S . -B build &&
+# cmake --build build && bash scripts/gpu-bundle.sh build) and carry `build`.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$PWD
+OUT=${OUT:-/tmp/memtune-gpu}
+mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+BUILD=$ROOT/build
+export MT_BUILD_DIR=$BUILD
+
+# CTest's files name the source folder of the machine that configured the
+# build: make that path lead here.
+SRC=$(sed -n 's/^CMAKE_HOME_DIRECTORY:INTERNAL=//p' "$BUILD/CMakeCache.txt")
+if [ -n "$SRC" ] && [ "$SRC" != "$ROOT" ] && [ ! -e "$SRC" ]; then
+    mkdir -p "$(dirname "$SRC")" && ln -s "$ROOT" "$SRC"
+fi
+
+# Libraries the binaries need that this machine lacks: from the bundle, or
+# from wherever this machine keeps them (CUDA's may live in Python packages).
+mkdir -p /tmp/mt-libs
+export LD_LIBRARY_PATH=/tmp/mt-libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+for round in 1 2 3 4 5; do
+    missing=$(for b in "$BUILD/memtune" "$BUILD"/tests/test_* "$BUILD/tests/mt_parity"; do ldd "$b"; done |
+              awk '/not found/{print $1}' | sort -u)
+    [ -z "$missing" ] && break
+    for lib in $missing; do
+        if [ -e "$BUILD/gpu-libs/$lib" ]; then cp "$BUILD/gpu-libs/$lib" /tmp/mt-libs/
+        else
+            found=$(find /usr /opt -name "$lib" 2>/dev/null | head -1)
+            [ -n "$found" ] && ln -sf "$found" /tmp/mt-libs/ || echo "run.sh: $lib not found anywhere"
+        fi
+    done
+done
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; ldd "$BUILD/memtune"; } > "$OUT/env.txt" 2>&1
+head -2 "$OUT/env.txt"
+
+status=0
+echo "== ctest (GPU suites run, CPU suites again)"
+(cd "$BUILD" && CK_FORK=no ctest --output-on-failure 2>&1) | tee "$OUT/ctest.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "== quickstart on the GPU"
+if [ -f data/kjv.txt ]; then
+    "$BUILD/memtune" tokenize --input data/kjv.txt --output /tmp/kjv.h5 &&
+    "$BUILD/memtune" train configs/quickstart.yaml --set data.train=/tmp/kjv.h5 --set train.device=gpu \
+        --set output.dir=/tmp/mt-quickstart 2>&1 | tee "$OUT/quickstart.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+
+echo "== parity with transformers"
+python3 tests/gpu/hf_parity.py --out "$OUT" 2>&1 | tee "$OUT/parity.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+if [ "${1:-}" = "--bench" ]; then
+    echo "== bench: full fine-tune vs PyTorch"
+    python3 bench/full_ft.py --out "$OUT" 2>&1 | tee "$OUT/bench.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+echo "run.sh: exit $status"
+exit $status
