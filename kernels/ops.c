@@ -53,6 +53,14 @@ void mt_op_rope_backward(const mt_backend *be, void *dinp, const void *dout, con
     mt_rope_backward_ref(dinp, dout, cos_table, sin_table, B, T, H, D, rotate);
 }
 
+int mt_attention_supports(const mt_backend *be, int D) {
+#ifdef MT_HAVE_CUDA
+    if (be->gpu) return mt_attention_supports_cuda(D);
+#endif
+    (void)be, (void)D;
+    return 1;
+}
+
 size_t mt_attention_workspace_bytes(const mt_backend *be, int B, int T, int H, int D) {
 #ifdef MT_HAVE_CUDA
     if (be->gpu) return mt_attention_workspace_bytes_cuda(B, T, H, D);
@@ -61,16 +69,17 @@ size_t mt_attention_workspace_bytes(const mt_backend *be, int B, int T, int H, i
     return 0;
 }
 
-void mt_op_attention_forward(mt_backend *be, void *out, const void *q, const void *k, const void *v, int B, int T,
-                             int H, int KV, int D) {
-    MT_GPU(be, mt_attention_forward_cuda(be, out, q, k, v, B, T, H, KV, D));
-    mt_attention_forward_ref(out, q, k, v, B, T, H, KV, D);
+void mt_op_attention_forward(mt_backend *be, void *out, float *lse, const void *q, const void *k, const void *v, int B,
+                             int T, int H, int KV, int D) {
+    MT_GPU(be, mt_attention_forward_cuda(be, out, lse, q, k, v, B, T, H, KV, D));
+    mt_attention_forward_ref(out, lse, q, k, v, B, T, H, KV, D);
 }
 
 void mt_op_attention_backward(mt_backend *be, void *dq, void *dk, void *dv, const void *dout, const void *q,
-                              const void *k, const void *v, int B, int T, int H, int KV, int D) {
-    MT_GPU(be, mt_attention_backward_cuda(be, dq, dk, dv, dout, q, k, v, B, T, H, KV, D));
-    mt_attention_backward_ref(dq, dk, dv, dout, q, k, v, B, T, H, KV, D);
+                              const void *k, const void *v, const void *out, const float *lse, int B, int T, int H,
+                              int KV, int D) {
+    MT_GPU(be, mt_attention_backward_cuda(be, dq, dk, dv, dout, q, k, v, out, lse, B, T, H, KV, D));
+    mt_attention_backward_ref(dq, dk, dv, dout, q, k, v, out, lse, B, T, H, KV, D);
 }
 
 void mt_op_swiglu_forward(const mt_backend *be, void *out, const void *gate, const void *up, size_t n) {

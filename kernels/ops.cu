@@ -6,6 +6,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <math.h>
+#include <mma.h>
 
 #include "kernels/cuda_check.h"
 #include "kernels/ops_cuda.h"
@@ -192,165 +193,419 @@ extern "C" void mt_rope_backward_cuda(const mt_backend *be, void *dinp, const vo
 
 // ---------------------------------------------------------------- attention
 //
-// The simple correct version: per batch chunk, S = scale * Q K^T (fp32) and
-// P = causal softmax(S) (bf16) are materialised by cuBLAS strided-batched
-// products over (b, kv-head); the heads of one kv group form one (G*T, D)
-// matrix, so grouped-query attention needs no copies of K and V. Backward
-// recomputes P. A fused kernel that never materialises T x T is a later issue.
+// Fused causal attention in the manner of FlashAttention-2 (Dao, 2023):
+// scores live only in shared memory, a tile of 64 queries x 64 keys at a
+// time, with the online softmax; forward saves the log-sum-exp per row.
+// Backward is two kernels so that nothing needs atomics: one per key block
+// accumulates dK and dV over every query block and every query head of the
+// kv group (grouped-query attention sums there), one per query block
+// accumulates dQ. Matrix products use the tensor cores through WMMA
+// (bf16 in, fp32 accumulate). Head dims 16, 32, 64 and 128 are compiled.
 
-static const size_t kAttentionChunkBytes = (size_t)2 << 30;
+using namespace nvcuda;
 
-static int attention_batch_chunk(int B, int T, int H) {
-    size_t per_b = (size_t)H * T * T * (sizeof(float) + sizeof(bf16));
-    int chunk = (int)(kAttentionChunkBytes / (per_b ? per_b : 1));
-    return chunk < 1 ? 1 : (chunk > B ? B : chunk);
+static const int kTile = 64;          // queries and keys per tile
+static const int kAttnThreads = 128;  // 4 warps, 16 rows each
+// Shared-memory row strides, padded so that rows start in different banks
+// (an unpadded 128-byte row puts every row of a tile in the same bank).
+static const int kLdS = kTile + 4;  // fp32 score rows
+static const int kLdP = kTile + 8;  // bf16 probability rows
+template <int D> struct attn_ld {
+    static const int tile = D + 8;  // bf16 q/k/v/dO rows
+    static const int out = D + 4;   // fp32 output accumulator rows
+};
+
+typedef wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> frag_a_row;
+typedef wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_major> frag_b_row;
+typedef wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> frag_b_col;
+typedef wmma::fragment<wmma::accumulator, 16, 16, 16, float> frag_acc;
+
+static __device__ float warp_max(float v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
+    return v;
 }
 
-extern "C" size_t mt_attention_workspace_bytes_cuda(int B, int T, int H, int D) {
-    int chunk = attention_batch_chunk(B, T, H);
-    return (size_t)chunk * H * T * T * (sizeof(float) + sizeof(bf16)) + (size_t)B * H * T * D * sizeof(bf16);
+static __device__ float warp_sum(float v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
 }
 
-static void gemm_batched(const mt_backend *be, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
-                         float alpha, const void *A, cudaDataType at, int lda, long long stride_a, const void *B,
-                         int ldb, long long stride_b, float beta, void *C, cudaDataType ct, int ldc,
-                         long long stride_c, int batch) {
-    cublasHandle_t handle = (cublasHandle_t)be->cublas;
-    if (batch == 1)
-        CUBLAS_CHECK(cublasGemmEx(handle, ta, tb, m, n, k, &alpha, A, at, lda, B, at, ldb, &beta, C, ct, ldc,
-                                  CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-    else
-        CUBLAS_CHECK(cublasGemmStridedBatchedEx(handle, ta, tb, m, n, k, &alpha, A, at, lda, stride_a, B, at, ldb,
-                                                stride_b, &beta, C, ct, ldc, stride_c, batch, CUBLAS_COMPUTE_32F,
-                                                CUBLAS_GEMM_DEFAULT));
-}
-
-// Rows of S are ((b*KV + kv)*G + g)*T + t: the query position is row % T.
-static __global__ void causal_softmax_kernel(bf16 *P, const float *S, int T) {
-    size_t row = blockIdx.x;
-    int t = row % T;
-    const float *s = S + row * T;
-    bf16 *p = P + row * T;
-    float m = -INFINITY;
-    for (int j = threadIdx.x; j <= t; j += blockDim.x) m = fmaxf(m, s[j]);
-    m = block_max(m);
-    float sum = 0.0f;
-    for (int j = threadIdx.x; j <= t; j += blockDim.x) sum += __expf(s[j] - m);
-    float inv = 1.0f / block_sum(sum);
-    for (int j = threadIdx.x; j < T; j += blockDim.x)
-        p[j] = __float2bfloat16(j <= t ? __expf(s[j] - m) * inv : 0.0f);
-}
-
-// dS = P * (dP - sum_j P dP) * scale, written over P.
-static __global__ void causal_softmax_backward_kernel(bf16 *P, const float *dP, int T, float scale) {
-    size_t row = blockIdx.x;
-    int t = row % T;
-    bf16 *p = P + row * T;
-    const float *dp = dP + row * T;
-    float dot = 0.0f;
-    for (int j = threadIdx.x; j <= t; j += blockDim.x) dot += __bfloat162float(p[j]) * dp[j];
-    dot = block_sum(dot);
-    for (int j = threadIdx.x; j <= t; j += blockDim.x)
-        p[j] = __float2bfloat16(__bfloat162float(p[j]) * (dp[j] - dot) * scale);
-}
-
-// (B, H, T, D) <-> (B, T, H, D)
-static __global__ void permute_heads_kernel(bf16 *dst, const bf16 *src, int B, int T, int H, int D, int to_bthd) {
-    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= (size_t)B * T * H * D) return;
-    int d = idx % D;
-    size_t rest = idx / D;
-    int t = rest % T;
-    rest /= T;
-    int h = rest % H;
-    int b = rest / H;  // idx enumerates (b, h, t, d)
-    size_t bthd = (((size_t)b * T + t) * H + h) * D + d;
-    if (to_bthd) dst[bthd] = src[idx];
-    else dst[idx] = src[bthd];
-}
-
-static void permute_heads(void *dst, const void *src, int B, int T, int H, int D, int to_bthd) {
-    size_t n = (size_t)B * T * H * D;
-    permute_heads_kernel<<<grid_for(n, kThreads), kThreads>>>((bf16 *)dst, (const bf16 *)src, B, T, H, D, to_bthd);
-    CUDA_CHECK_LAUNCH();
-}
-
-typedef struct {
-    float *S;
-    bf16 *P, *O;
-    int chunk, G;
-    long long q_stride, kv_stride, s_stride;  // per (b, kv) batch entry
-} attention_plan;
-
-static attention_plan attention_prepare(mt_backend *be, int B, int T, int H, int KV, int D) {
-    MT_CHECK(H % KV == 0, "heads %d not a multiple of kv heads %d", H, KV);
-    size_t need = mt_attention_workspace_bytes_cuda(B, T, H, D);
-    MT_CHECK(be->workspace_bytes >= need, "attention workspace %zu < %zu: reserve it first", be->workspace_bytes,
-             need);
-    attention_plan plan;
-    plan.chunk = attention_batch_chunk(B, T, H);
-    plan.G = H / KV;
-    plan.S = (float *)be->workspace;
-    plan.P = (bf16 *)(plan.S + (size_t)plan.chunk * H * T * T);
-    plan.O = plan.P + (size_t)plan.chunk * H * T * T;
-    plan.q_stride = (long long)plan.G * T * D;
-    plan.kv_stride = (long long)T * D;
-    plan.s_stride = (long long)plan.G * T * T;
-    return plan;
-}
-
-// S = scale Q K^T and P = softmax(S) for batches [b0, b0 + nb).
-static void attention_probs(const mt_backend *be, const attention_plan *pl, const bf16 *q, const bf16 *k, int b0,
-                            int nb, int T, int H, int KV, int D) {
-    float scale = 1.0f / sqrtf((float)D);
-    const bf16 *qb = q + (size_t)b0 * H * T * D, *kb = k + (size_t)b0 * KV * T * D;
-    gemm_batched(be, CUBLAS_OP_T, CUBLAS_OP_N, T, pl->G * T, D, scale, kb, CUDA_R_16BF, D, pl->kv_stride, qb, D,
-                 pl->q_stride, 0.0f, pl->S, CUDA_R_32F, T, pl->s_stride, nb * KV);
-    causal_softmax_kernel<<<(unsigned)((size_t)nb * H * T), kThreads>>>(pl->P, pl->S, T);
-    CUDA_CHECK_LAUNCH();
-}
-
-extern "C" void mt_attention_forward_cuda(mt_backend *be, void *out, const void *q, const void *k, const void *v,
-                                          int B, int T, int H, int KV, int D) {
-    attention_plan pl = attention_prepare(be, B, T, H, KV, D);
-    for (int b0 = 0; b0 < B; b0 += pl.chunk) {
-        int nb = B - b0 < pl.chunk ? B - b0 : pl.chunk;
-        attention_probs(be, &pl, (const bf16 *)q, (const bf16 *)k, b0, nb, T, H, KV, D);
-        const bf16 *vb = (const bf16 *)v + (size_t)b0 * KV * T * D;
-        bf16 *ob = pl.O + (size_t)b0 * H * T * D;
-        // O = P V
-        gemm_batched(be, CUBLAS_OP_N, CUBLAS_OP_N, D, pl.G * T, T, 1.0f, vb, CUDA_R_16BF, D, pl.kv_stride, pl.P, T,
-                     pl.s_stride, 0.0f, ob, CUDA_R_16BF, D, pl.q_stride, nb * KV);
+// Loads kTile rows x D of a tile starting at row r0 (zero past T); row r of
+// the source is at src + r * stride.
+template <int D>
+static __device__ void load_tile(bf16 *dst, const bf16 *src, size_t stride, int r0, int T) {
+    const int vecs = D / 8;  // 16-byte vectors per row
+    for (int i = threadIdx.x; i < kTile * vecs; i += blockDim.x) {
+        int r = i / vecs, c = (i % vecs) * 8;
+        uint4 val = make_uint4(0, 0, 0, 0);
+        if (r0 + r < T) val = *reinterpret_cast<const uint4 *>(src + (size_t)(r0 + r) * stride + c);
+        *reinterpret_cast<uint4 *>(dst + r * attn_ld<D>::tile + c) = val;
     }
-    permute_heads(out, pl.O, B, T, H, D, 1);
+}
+
+// S (16 x 64, fp32 at s, ld kLdS) = A (16 x D at a) times B^T, B 64 x D at b.
+template <int D>
+static __device__ void mma_abt_store(float *s, const bf16 *a, const bf16 *b) {
+    const int ld = attn_ld<D>::tile;
+    frag_acc acc[4];
+    frag_a_row fa;
+    frag_b_col fb;
+#pragma unroll
+    for (int j = 0; j < 4; j++) wmma::fill_fragment(acc[j], 0.0f);
+#pragma unroll
+    for (int kk = 0; kk < D; kk += 16) {
+        wmma::load_matrix_sync(fa, a + kk, ld);
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            wmma::load_matrix_sync(fb, b + j * 16 * ld + kk, ld);
+            wmma::mma_sync(acc[j], fa, fb, acc[j]);
+        }
+    }
+#pragma unroll
+    for (int j = 0; j < 4; j++) wmma::store_matrix_sync(s + j * 16, acc[j], kLdS, wmma::mem_row_major);
+    __syncwarp();
+}
+
+// acc[dj] (16 x D in 16-column blocks) += P (16 x 64 bf16 at p, ld kLdP)
+// times M (64 x D at m).
+template <int D>
+static __device__ void mma_pm(frag_acc *acc, const bf16 *p, const bf16 *m) {
+    const int ld = attn_ld<D>::tile;
+    frag_a_row fa;
+    frag_b_row fb;
+#pragma unroll
+    for (int kk = 0; kk < kTile; kk += 16) {
+        wmma::load_matrix_sync(fa, p + kk, kLdP);
+#pragma unroll
+        for (int dj = 0; dj < D / 16; dj++) {
+            wmma::load_matrix_sync(fb, m + kk * ld + dj * 16, ld);
+            wmma::mma_sync(acc[dj], fa, fb, acc[dj]);
+        }
+    }
+}
+
+// Writes a warp's 16 x D fp32 accumulators as bf16 rows dst + r * stride
+// (rows at or past `limit` skipped), staging 64 columns at a time.
+template <int D>
+static __device__ void store_rows(bf16 *dst, size_t stride, int limit, frag_acc *acc, float *stage) {
+    int lane = threadIdx.x & 31;
+    const int width = D < 64 ? D : 64;
+#pragma unroll
+    for (int d0 = 0; d0 < D; d0 += 64) {
+#pragma unroll
+        for (int j = 0; j < width / 16; j++)
+            wmma::store_matrix_sync(stage + j * 16, acc[d0 / 16 + j], kLdS, wmma::mem_row_major);
+        __syncwarp();
+        for (int r = 0; r < 16 && r < limit; r++)
+            for (int c = lane; c < width; c += 32) dst[(size_t)r * stride + d0 + c] = __float2bfloat16(stage[r * kLdS + c]);
+        __syncwarp();
+    }
+}
+
+template <int D>
+struct attn_forward_smem {
+    static const size_t bytes = 3 * kTile * attn_ld<D>::tile * sizeof(bf16) + 4 * 16 * kLdS * sizeof(float) +
+                                4 * 16 * kLdP * sizeof(bf16) + 4 * 16 * attn_ld<D>::out * sizeof(float);
+};
+
+// One block per (query tile, head, batch). Each warp owns 16 query rows; in
+// the row-wise softmax a lane takes columns lane and lane + 32 of every row.
+template <int D>
+static __global__ void __launch_bounds__(kAttnThreads)
+    flash_forward_kernel(bf16 *out, float *lse, const bf16 *q, const bf16 *k, const bf16 *v, int T, int H, int KV,
+                         float scale) {
+    const int ldt = attn_ld<D>::tile, ldo = attn_ld<D>::out;
+    extern __shared__ __align__(16) unsigned char smem[];
+    bf16 *sQ = (bf16 *)smem, *sK = sQ + kTile * ldt, *sV = sK + kTile * ldt;
+    float *sS = (float *)(sV + kTile * ldt);
+    bf16 *sP = (bf16 *)(sS + 4 * 16 * kLdS);
+    float *sO = (float *)(sP + 4 * 16 * kLdP);
+    // the last query tile has the most work: schedule it first
+    int qb = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z, kv = h / (H / KV);
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int q0 = qb * kTile + warp * 16;  // this warp's first query
+    const bf16 *kbase = k + (size_t)(b * KV + kv) * T * D, *vbase = v + (size_t)(b * KV + kv) * T * D;
+    load_tile<D>(sQ, q + (size_t)(b * H + h) * T * D, D, qb * kTile, T);
+    float *sSw = sS + warp * 16 * kLdS, *sOw = sO + warp * 16 * ldo;
+    bf16 *sPw = sP + warp * 16 * kLdP;
+    for (int i = lane; i < 16 * ldo; i += 32) sOw[i] = 0.0f;
+    float m_row[16], l_row[16];
+#pragma unroll
+    for (int r = 0; r < 16; r++) m_row[r] = -INFINITY, l_row[r] = 0.0f;
+    for (int kb = 0; kb <= qb; kb++) {
+        __syncthreads();
+        load_tile<D>(sK, kbase, D, kb * kTile, T);
+        load_tile<D>(sV, vbase, D, kb * kTile, T);
+        __syncthreads();
+        mma_abt_store<D>(sSw, sQ + warp * 16 * ldt, sK);
+        int key0 = kb * kTile + lane, key1 = key0 + 32;
+#pragma unroll
+        for (int r = 0; r < 16; r++) {
+            int qi = q0 + r;
+            float s0 = (key0 <= qi && key0 < T) ? sSw[r * kLdS + lane] * scale : -INFINITY;
+            float s1 = (key1 <= qi && key1 < T) ? sSw[r * kLdS + lane + 32] * scale : -INFINITY;
+            float m_new = fmaxf(m_row[r], warp_max(fmaxf(s0, s1)));
+            float p0 = s0 == -INFINITY ? 0.0f : __expf(s0 - m_new), p1 = s1 == -INFINITY ? 0.0f : __expf(s1 - m_new);
+            float alpha = m_row[r] == -INFINITY ? 0.0f : __expf(m_row[r] - m_new);
+            sPw[r * kLdP + lane] = __float2bfloat16(p0);
+            sPw[r * kLdP + lane + 32] = __float2bfloat16(p1);
+            l_row[r] = l_row[r] * alpha + warp_sum(p0 + p1);
+            m_row[r] = m_new;
+            for (int c = lane; c < D; c += 32) sOw[r * ldo + c] *= alpha;
+        }
+        __syncwarp();
+        frag_acc o[D / 16];
+#pragma unroll
+        for (int dj = 0; dj < D / 16; dj++) wmma::load_matrix_sync(o[dj], sOw + dj * 16, ldo, wmma::mem_row_major);
+        mma_pm<D>(o, sPw, sV);
+#pragma unroll
+        for (int dj = 0; dj < D / 16; dj++) wmma::store_matrix_sync(sOw + dj * 16, o[dj], ldo, wmma::mem_row_major);
+        __syncwarp();
+    }
+#pragma unroll
+    for (int r = 0; r < 16; r++) {
+        int qi = q0 + r;
+        if (qi >= T) break;
+        float inv = 1.0f / l_row[r];
+        bf16 *dst = out + (((size_t)b * T + qi) * H + h) * D;
+        for (int c = lane; c < D; c += 32) dst[c] = __float2bfloat16(sOw[r * ldo + c] * inv);
+        if (lane == 0) lse[((size_t)b * H + h) * T + qi] = m_row[r] + logf(l_row[r]);
+    }
+}
+
+// delta[b,h,t] = sum_d dO * O (rows of the (B, T, H, D) layout), one warp per row.
+static __global__ void attention_delta_kernel(float *delta, const bf16 *dout, const bf16 *out, int B, int T, int H,
+                                              int D) {
+    size_t row = (size_t)blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
+    if (row >= (size_t)B * T * H) return;
+    int lane = threadIdx.x & 31;
+    const bf16 *g = dout + row * D, *o = out + row * D;
+    float s = 0.0f;
+    for (int d = lane; d < D; d += 32) s += __bfloat162float(g[d]) * __bfloat162float(o[d]);
+    s = warp_sum(s);
+    size_t h = row % H, bt = row / H, t = bt % T, b = bt / T;
+    if (lane == 0) delta[(b * H + h) * T + t] = s;
+}
+
+template <int D>
+struct attn_backward_smem {
+    static const size_t bytes = 4 * kTile * attn_ld<D>::tile * sizeof(bf16) + 4 * 16 * kLdS * sizeof(float) +
+                                2 * 4 * 16 * kLdP * sizeof(bf16);
+};
+
+// One block per (key tile, query head, batch): that head's share of dK and
+// dV over every query tile at or after the diagonal, in fp32 (B, H, T_pad, D);
+// group_sum_kernel then adds the heads of each kv group. Each warp owns 16
+// key rows; a lane takes query columns lane and lane + 32.
+template <int D>
+static __global__ void __launch_bounds__(kAttnThreads)
+    flash_backward_kv_kernel(float *dk_part, float *dv_part, const bf16 *dout, const bf16 *q, const bf16 *k,
+                             const bf16 *v, const float *lse, const float *delta, int T, int H, int KV, float scale) {
+    const int ldt = attn_ld<D>::tile;
+    extern __shared__ __align__(16) unsigned char smem[];
+    bf16 *sK = (bf16 *)smem, *sV = sK + kTile * ldt, *sQ = sV + kTile * ldt, *sG = sQ + kTile * ldt;
+    float *sS = (float *)(sG + kTile * ldt);
+    bf16 *sP = (bf16 *)(sS + 4 * 16 * kLdS), *sDS = sP + 4 * 16 * kLdP;
+    // key tile 0 has the most work and comes first
+    int nq = (T + kTile - 1) / kTile, kb = blockIdx.x, h = blockIdx.y, b = blockIdx.z, kv = h / (H / KV);
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int k0 = kb * kTile + warp * 16;  // this warp's first key
+    load_tile<D>(sK, k + (size_t)(b * KV + kv) * T * D, D, kb * kTile, T);
+    load_tile<D>(sV, v + (size_t)(b * KV + kv) * T * D, D, kb * kTile, T);
+    float *sSw = sS + warp * 16 * kLdS;
+    bf16 *sPw = sP + warp * 16 * kLdP, *sDSw = sDS + warp * 16 * kLdP;
+    frag_acc dk_acc[D / 16], dv_acc[D / 16];
+#pragma unroll
+    for (int dj = 0; dj < D / 16; dj++) wmma::fill_fragment(dk_acc[dj], 0.0f), wmma::fill_fragment(dv_acc[dj], 0.0f);
+    const float *lse_h = lse + ((size_t)b * H + h) * T, *delta_h = delta + ((size_t)b * H + h) * T;
+    for (int qb = kb; qb < nq; qb++) {
+        __syncthreads();
+        load_tile<D>(sQ, q + (size_t)(b * H + h) * T * D, D, qb * kTile, T);
+        load_tile<D>(sG, dout + ((size_t)b * T * H + h) * D, (size_t)H * D, qb * kTile, T);
+        __syncthreads();
+        int qi0 = qb * kTile + lane, qi1 = qi0 + 32;
+        float lse0 = qi0 < T ? lse_h[qi0] : 0.0f, lse1 = qi1 < T ? lse_h[qi1] : 0.0f;
+        float delta0 = qi0 < T ? delta_h[qi0] : 0.0f, delta1 = qi1 < T ? delta_h[qi1] : 0.0f;
+        mma_abt_store<D>(sSw, sK + warp * 16 * ldt, sQ);  // S^T (16 keys x 64 queries) = K_w Q^T
+        float p0[16], p1[16];
+#pragma unroll
+        for (int r = 0; r < 16; r++) {
+            int key = k0 + r;
+            p0[r] = (qi0 >= key && qi0 < T && key < T) ? __expf(sSw[r * kLdS + lane] * scale - lse0) : 0.0f;
+            p1[r] = (qi1 >= key && qi1 < T && key < T) ? __expf(sSw[r * kLdS + lane + 32] * scale - lse1) : 0.0f;
+            sPw[r * kLdP + lane] = __float2bfloat16(p0[r]);
+            sPw[r * kLdP + lane + 32] = __float2bfloat16(p1[r]);
+        }
+        __syncwarp();
+        mma_pm<D>(dv_acc, sPw, sG);                       // dV += P^T dO
+        mma_abt_store<D>(sSw, sV + warp * 16 * ldt, sG);  // dP^T = V_w dO^T
+#pragma unroll
+        for (int r = 0; r < 16; r++) {
+            sDSw[r * kLdP + lane] = __float2bfloat16(p0[r] * (sSw[r * kLdS + lane] - delta0) * scale);
+            sDSw[r * kLdP + lane + 32] = __float2bfloat16(p1[r] * (sSw[r * kLdS + lane + 32] - delta1) * scale);
+        }
+        __syncwarp();
+        mma_pm<D>(dk_acc, sDSw, sQ);  // dK += dS^T Q
+    }
+    if (k0 >= T) return;
+    int T_pad = nq * kTile;
+    size_t base = ((size_t)(b * H + h) * T_pad + k0) * D;
+    // rows past T hold zeros (their P is 0); the partial buffer has room for whole tiles
+    for (int dj = 0; dj < D / 16; dj++) {
+        wmma::store_matrix_sync(dk_part + base + dj * 16, dk_acc[dj], D, wmma::mem_row_major);
+        wmma::store_matrix_sync(dv_part + base + dj * 16, dv_acc[dj], D, wmma::mem_row_major);
+    }
+}
+
+// dk (B, KV, T, D) bf16 = sum over the G heads of each group of the partials (B, H, T_pad, D).
+static __global__ void group_sum_kernel(bf16 *dst, const float *part, int B, int KV, int G, int T, int T_pad, int D) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)B * KV * T * D) return;
+    size_t d = i % D, rest = i / D, t = rest % T, bk = rest / T;  // bk = b * KV + kv
+    const float *src = part + ((bk * G) * T_pad + t) * D + d;
+    float sum = 0.0f;
+    for (int g = 0; g < G; g++) sum += src[(size_t)g * T_pad * D];
+    dst[i] = __float2bfloat16(sum);
+}
+
+template <int D>
+struct attn_backward_q_smem {
+    static const size_t bytes = 4 * kTile * attn_ld<D>::tile * sizeof(bf16) + 4 * 16 * kLdS * sizeof(float) +
+                                4 * 16 * kLdP * sizeof(bf16);
+};
+
+// One block per (query tile, head, batch): dQ over the key tiles up to the
+// diagonal. Each warp owns 16 query rows; a lane takes key columns lane and
+// lane + 32.
+template <int D>
+static __global__ void __launch_bounds__(kAttnThreads)
+    flash_backward_q_kernel(bf16 *dq, const bf16 *dout, const bf16 *q, const bf16 *k, const bf16 *v,
+                            const float *lse, const float *delta, int T, int H, int KV, float scale) {
+    const int ldt = attn_ld<D>::tile;
+    extern __shared__ __align__(16) unsigned char smem[];
+    bf16 *sQ = (bf16 *)smem, *sG = sQ + kTile * ldt, *sK = sG + kTile * ldt, *sV = sK + kTile * ldt;
+    float *sS = (float *)(sV + kTile * ldt);
+    bf16 *sDS = (bf16 *)(sS + 4 * 16 * kLdS);
+    int qb = gridDim.x - 1 - blockIdx.x, h = blockIdx.y, b = blockIdx.z, kv = h / (H / KV);
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int q0 = qb * kTile + warp * 16;
+    load_tile<D>(sQ, q + (size_t)(b * H + h) * T * D, D, qb * kTile, T);
+    load_tile<D>(sG, dout + ((size_t)b * T * H + h) * D, (size_t)H * D, qb * kTile, T);
+    float row_lse[16], row_delta[16];
+#pragma unroll
+    for (int r = 0; r < 16; r++) {
+        int qi = q0 + r;
+        row_lse[r] = qi < T ? lse[((size_t)b * H + h) * T + qi] : 0.0f;
+        row_delta[r] = qi < T ? delta[((size_t)b * H + h) * T + qi] : 0.0f;
+    }
+    float *sSw = sS + warp * 16 * kLdS;
+    bf16 *sDSw = sDS + warp * 16 * kLdP;
+    const bf16 *kbase = k + (size_t)(b * KV + kv) * T * D, *vbase = v + (size_t)(b * KV + kv) * T * D;
+    frag_acc dq_acc[D / 16];
+#pragma unroll
+    for (int dj = 0; dj < D / 16; dj++) wmma::fill_fragment(dq_acc[dj], 0.0f);
+    for (int kb = 0; kb <= qb; kb++) {
+        __syncthreads();
+        load_tile<D>(sK, kbase, D, kb * kTile, T);
+        load_tile<D>(sV, vbase, D, kb * kTile, T);
+        __syncthreads();
+        mma_abt_store<D>(sSw, sQ + warp * 16 * ldt, sK);  // S = Q K^T
+        int key0 = kb * kTile + lane, key1 = key0 + 32;
+        float p0[16], p1[16];
+#pragma unroll
+        for (int r = 0; r < 16; r++) {
+            int qi = q0 + r;
+            p0[r] = (key0 <= qi && key0 < T) ? __expf(sSw[r * kLdS + lane] * scale - row_lse[r]) : 0.0f;
+            p1[r] = (key1 <= qi && key1 < T) ? __expf(sSw[r * kLdS + lane + 32] * scale - row_lse[r]) : 0.0f;
+        }
+        __syncwarp();
+        mma_abt_store<D>(sSw, sG + warp * 16 * ldt, sV);  // dP = dO V^T
+#pragma unroll
+        for (int r = 0; r < 16; r++) {
+            sDSw[r * kLdP + lane] = __float2bfloat16(p0[r] * (sSw[r * kLdS + lane] - row_delta[r]) * scale);
+            sDSw[r * kLdP + lane + 32] = __float2bfloat16(p1[r] * (sSw[r * kLdS + lane + 32] - row_delta[r]) * scale);
+        }
+        __syncwarp();
+        mma_pm<D>(dq_acc, sDSw, sK);  // dQ += dS K
+    }
+    store_rows<D>(dq + ((size_t)(b * H + h) * T + q0) * D, D, T - q0, dq_acc, sSw);
+}
+
+static int attention_head_dim_supported(int D) { return D == 16 || D == 32 || D == 64 || D == 128; }
+
+extern "C" int mt_attention_supports_cuda(int D) { return attention_head_dim_supported(D); }
+
+// delta (B, H, T), then the per-head fp32 dK and dV partials (B, H, T_pad, D) each
+extern "C" size_t mt_attention_workspace_bytes_cuda(int B, int T, int H, int D) {
+    size_t T_pad = (size_t)(T + kTile - 1) / kTile * kTile;
+    return (size_t)B * H * T * sizeof(float) + 2 * (size_t)B * H * T_pad * D * sizeof(float) + 256;
+}
+
+template <int D>
+static void attention_forward_launch(void *out, float *lse, const void *q, const void *k, const void *v, int B, int T,
+                                     int H, int KV) {
+    size_t smem = attn_forward_smem<D>::bytes;
+    CUDA_CHECK(cudaFuncSetAttribute(flash_forward_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+    dim3 grid((T + kTile - 1) / kTile, H, B);
+    flash_forward_kernel<D><<<grid, kAttnThreads, smem>>>((bf16 *)out, lse, (const bf16 *)q, (const bf16 *)k,
+                                                          (const bf16 *)v, T, H, KV, 1.0f / sqrtf((float)D));
+    CUDA_CHECK_LAUNCH();
+}
+
+template <int D>
+static void attention_backward_launch(void *dq, void *dk, void *dv, const void *dout, const void *q, const void *k,
+                                      const void *v, const float *lse, const float *delta, float *dk_part,
+                                      float *dv_part, int B, int T, int H, int KV) {
+    float scale = 1.0f / sqrtf((float)D);
+    size_t smem_kv = attn_backward_smem<D>::bytes, smem_q = attn_backward_q_smem<D>::bytes;
+    CUDA_CHECK(cudaFuncSetAttribute(flash_backward_kv_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    (int)smem_kv));
+    CUDA_CHECK(cudaFuncSetAttribute(flash_backward_q_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    (int)smem_q));
+    int tiles = (T + kTile - 1) / kTile;
+    flash_backward_kv_kernel<D><<<dim3(tiles, H, B), kAttnThreads, smem_kv>>>(
+        dk_part, dv_part, (const bf16 *)dout, (const bf16 *)q, (const bf16 *)k, (const bf16 *)v, lse, delta, T, H, KV,
+        scale);
+    CUDA_CHECK_LAUNCH();
+    size_t n = (size_t)B * KV * T * D;
+    group_sum_kernel<<<grid_for(n, kThreads), kThreads>>>((bf16 *)dk, dk_part, B, KV, H / KV, T, tiles * kTile, D);
+    CUDA_CHECK_LAUNCH();
+    group_sum_kernel<<<grid_for(n, kThreads), kThreads>>>((bf16 *)dv, dv_part, B, KV, H / KV, T, tiles * kTile, D);
+    CUDA_CHECK_LAUNCH();
+    flash_backward_q_kernel<D><<<dim3(tiles, H, B), kAttnThreads, smem_q>>>(
+        (bf16 *)dq, (const bf16 *)dout, (const bf16 *)q, (const bf16 *)k, (const bf16 *)v, lse, delta, T, H, KV,
+        scale);
+    CUDA_CHECK_LAUNCH();
+}
+
+extern "C" void mt_attention_forward_cuda(mt_backend *be, void *out, float *lse, const void *q, const void *k,
+                                          const void *v, int B, int T, int H, int KV, int D) {
+    (void)be;
+    MT_CHECK(H % KV == 0 && attention_head_dim_supported(D), "attention H=%d KV=%d D=%d", H, KV, D);
+    switch (D) {
+    case 16: attention_forward_launch<16>(out, lse, q, k, v, B, T, H, KV); break;
+    case 32: attention_forward_launch<32>(out, lse, q, k, v, B, T, H, KV); break;
+    case 64: attention_forward_launch<64>(out, lse, q, k, v, B, T, H, KV); break;
+    default: attention_forward_launch<128>(out, lse, q, k, v, B, T, H, KV); break;
+    }
 }
 
 extern "C" void mt_attention_backward_cuda(mt_backend *be, void *dq, void *dk, void *dv, const void *dout,
-                                           const void *q, const void *k, const void *v, int B, int T, int H, int KV,
-                                           int D) {
-    attention_plan pl = attention_prepare(be, B, T, H, KV, D);
-    float scale = 1.0f / sqrtf((float)D);
-    bf16 *dO = pl.O;
-    permute_heads(dO, dout, B, T, H, D, 0);
-    for (int b0 = 0; b0 < B; b0 += pl.chunk) {
-        int nb = B - b0 < pl.chunk ? B - b0 : pl.chunk;
-        attention_probs(be, &pl, (const bf16 *)q, (const bf16 *)k, b0, nb, T, H, KV, D);
-        size_t qo = (size_t)b0 * H * T * D, ko = (size_t)b0 * KV * T * D;
-        const bf16 *dOb = dO + qo, *qb = (const bf16 *)q + qo;
-        const bf16 *kb = (const bf16 *)k + ko, *vb = (const bf16 *)v + ko;
-        // dV = P^T dO (summed over the group's heads through k = G*T)
-        gemm_batched(be, CUBLAS_OP_N, CUBLAS_OP_T, D, T, pl.G * T, 1.0f, dOb, CUDA_R_16BF, D, pl.q_stride, pl.P, T,
-                     pl.s_stride, 0.0f, (bf16 *)dv + ko, CUDA_R_16BF, D, pl.kv_stride, nb * KV);
-        // dP = dO V^T, into S
-        gemm_batched(be, CUBLAS_OP_T, CUBLAS_OP_N, T, pl.G * T, D, 1.0f, vb, CUDA_R_16BF, D, pl.kv_stride, dOb, D,
-                     pl.q_stride, 0.0f, pl.S, CUDA_R_32F, T, pl.s_stride, nb * KV);
-        causal_softmax_backward_kernel<<<(unsigned)((size_t)nb * H * T), kThreads>>>(pl.P, pl.S, T, scale);
-        CUDA_CHECK_LAUNCH();
-        // dQ = dS K ; dK = dS^T Q
-        gemm_batched(be, CUBLAS_OP_N, CUBLAS_OP_N, D, pl.G * T, T, 1.0f, kb, CUDA_R_16BF, D, pl.kv_stride, pl.P, T,
-                     pl.s_stride, 0.0f, (bf16 *)dq + qo, CUDA_R_16BF, D, pl.q_stride, nb * KV);
-        gemm_batched(be, CUBLAS_OP_N, CUBLAS_OP_T, D, T, pl.G * T, 1.0f, qb, CUDA_R_16BF, D, pl.q_stride, pl.P, T,
-                     pl.s_stride, 0.0f, (bf16 *)dk + ko, CUDA_R_16BF, D, pl.kv_stride, nb * KV);
+                                           const void *q, const void *k, const void *v, const void *out,
+                                           const float *lse, int B, int T, int H, int KV, int D) {
+    MT_CHECK(H % KV == 0 && attention_head_dim_supported(D), "attention H=%d KV=%d D=%d", H, KV, D);
+    MT_CHECK(be->workspace_bytes >= mt_attention_workspace_bytes_cuda(B, T, H, D), "attention workspace too small");
+    float *delta = (float *)be->workspace;
+    size_t rows = (size_t)B * T * H, T_pad = (size_t)(T + kTile - 1) / kTile * kTile;
+    float *dk_part = (float *)(((uintptr_t)(delta + rows) + 255) & ~(uintptr_t)255);
+    float *dv_part = dk_part + (size_t)B * H * T_pad * D;
+    attention_delta_kernel<<<grid_for(rows, 8), 256>>>(delta, (const bf16 *)dout, (const bf16 *)out, B, T, H, D);
+    CUDA_CHECK_LAUNCH();
+    switch (D) {
+    case 16: attention_backward_launch<16>(dq, dk, dv, dout, q, k, v, lse, delta, dk_part, dv_part, B, T, H, KV); break;
+    case 32: attention_backward_launch<32>(dq, dk, dv, dout, q, k, v, lse, delta, dk_part, dv_part, B, T, H, KV); break;
+    case 64: attention_backward_launch<64>(dq, dk, dv, dout, q, k, v, lse, delta, dk_part, dv_part, B, T, H, KV); break;
+    default: attention_backward_launch<128>(dq, dk, dv, dout, q, k, v, lse, delta, dk_part, dv_part, B, T, H, KV); break;
     }
 }
 
@@ -391,6 +646,13 @@ extern "C" void mt_swiglu_backward_cuda(const mt_backend *be, void *dgate, void 
 // Row-major X (r, c) is column-major X^T, so Y = X W^T is computed as
 // Y^T = W X^T in cuBLAS's terms.
 
+static void gemm(const mt_backend *be, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, const void *A,
+                 int lda, const void *B, int ldb, float beta, void *C, cudaDataType ct, int ldc) {
+    float alpha = 1.0f;
+    CUBLAS_CHECK(cublasGemmEx((cublasHandle_t)be->cublas, ta, tb, m, n, k, &alpha, A, CUDA_R_16BF, lda, B,
+                              CUDA_R_16BF, ldb, &beta, C, ct, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
 static __global__ void add_bias_kernel(bf16 *out, const bf16 *bias, size_t n, int OUT) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
@@ -407,8 +669,7 @@ static __global__ void bias_grad_kernel(float *dbias, const bf16 *dout, int N, i
 
 extern "C" void mt_matmul_forward_cuda(const mt_backend *be, void *out, const void *inp, const void *weight,
                                        const void *bias, int N, int IN, int OUT) {
-    gemm_batched(be, CUBLAS_OP_T, CUBLAS_OP_N, OUT, N, IN, 1.0f, weight, CUDA_R_16BF, IN, 0, inp, IN, 0, 0.0f, out,
-                 CUDA_R_16BF, OUT, 0, 1);
+    gemm(be, CUBLAS_OP_T, CUBLAS_OP_N, OUT, N, IN, weight, IN, inp, IN, 0.0f, out, CUDA_R_16BF, OUT);
     if (bias) {
         size_t n = (size_t)N * OUT;
         add_bias_kernel<<<grid_for(n, kThreads), kThreads>>>((bf16 *)out, (const bf16 *)bias, n, OUT);
@@ -420,11 +681,10 @@ extern "C" void mt_matmul_backward_cuda(const mt_backend *be, void *dinp, float 
                                         const void *dout, const void *inp, const void *weight, int N, int IN,
                                         int OUT, int accumulate) {
     if (dinp)
-        gemm_batched(be, CUBLAS_OP_N, CUBLAS_OP_N, IN, N, OUT, 1.0f, weight, CUDA_R_16BF, IN, 0, dout, OUT, 0,
-                     accumulate ? 1.0f : 0.0f, dinp, CUDA_R_16BF, IN, 0, 1);
+        gemm(be, CUBLAS_OP_N, CUBLAS_OP_N, IN, N, OUT, weight, IN, dout, OUT, accumulate ? 1.0f : 0.0f, dinp,
+             CUDA_R_16BF, IN);
     if (dweight)
-        gemm_batched(be, CUBLAS_OP_N, CUBLAS_OP_T, IN, OUT, N, 1.0f, inp, CUDA_R_16BF, IN, 0, dout, OUT, 0, 1.0f,
-                     dweight, CUDA_R_32F, IN, 0, 1);
+        gemm(be, CUBLAS_OP_N, CUBLAS_OP_T, IN, OUT, N, inp, IN, dout, OUT, 1.0f, dweight, CUDA_R_32F, IN);
     if (dbias) {
         bias_grad_kernel<<<grid_for((size_t)OUT, kThreads), kThreads>>>(dbias, (const bf16 *)dout, N, OUT);
         CUDA_CHECK_LAUNCH();
@@ -433,8 +693,7 @@ extern "C" void mt_matmul_backward_cuda(const mt_backend *be, void *dinp, float 
 
 extern "C" void mt_logits_forward_cuda(const mt_backend *be, float *logits, const void *inp, const void *weight,
                                        int N, int C, int V) {
-    gemm_batched(be, CUBLAS_OP_T, CUBLAS_OP_N, V, N, C, 1.0f, weight, CUDA_R_16BF, C, 0, inp, C, 0, 0.0f, logits,
-                 CUDA_R_32F, V, 0, 1);
+    gemm(be, CUBLAS_OP_T, CUBLAS_OP_N, V, N, C, weight, C, inp, C, 0.0f, logits, CUDA_R_32F, V);
 }
 
 // ------------------------------------------------------------ cross-entropy

@@ -32,12 +32,17 @@ void mt_op_rope_forward(const mt_backend *be, void *out, const void *inp, const 
                         const float *sin_table, int B, int T, int H, int D, int rotate);
 void mt_op_rope_backward(const mt_backend *be, void *dinp, const void *dout, const float *cos_table,
                          const float *sin_table, int B, int T, int H, int D, int rotate);
+// Whether the backend's attention handles head dimension D (the GPU kernels
+// are compiled for 16, 32, 64 and 128; the CPU takes any).
+int mt_attention_supports(const mt_backend *be, int D);
 // Workspace the attention ops need for this shape (reserve it on the backend).
 size_t mt_attention_workspace_bytes(const mt_backend *be, int B, int T, int H, int D);
-void mt_op_attention_forward(mt_backend *be, void *out, const void *q, const void *k, const void *v, int B, int T,
-                             int H, int KV, int D);
+// lse (B, H, T) fp32 is written by forward and read by backward.
+void mt_op_attention_forward(mt_backend *be, void *out, float *lse, const void *q, const void *k, const void *v, int B,
+                             int T, int H, int KV, int D);
 void mt_op_attention_backward(mt_backend *be, void *dq, void *dk, void *dv, const void *dout, const void *q,
-                              const void *k, const void *v, int B, int T, int H, int KV, int D);
+                              const void *k, const void *v, const void *out, const float *lse, int B, int T, int H,
+                              int KV, int D);
 void mt_op_swiglu_forward(const mt_backend *be, void *out, const void *gate, const void *up, size_t n);
 void mt_op_swiglu_backward(const mt_backend *be, void *dgate, void *dup, const void *dout, const void *gate,
                            const void *up, size_t n);

@@ -108,8 +108,9 @@ void mt_rope_backward_ref(float *dinp, const float *dout, const float *cos_table
             }
 }
 
-// Softmax probabilities of query row t against keys 0..t into p (T).
-static void attention_probs(float *p, const float *qrow, const float *kbase, int t, int D, float scale) {
+// Softmax probabilities of query row t against keys 0..t into p (T);
+// returns the log-sum-exp of the scaled scores.
+static float attention_probs(float *p, const float *qrow, const float *kbase, int t, int D, float scale) {
     float maxval = -INFINITY;
     for (int j = 0; j <= t; j++) {
         const float *krow = kbase + (size_t)j * D;
@@ -125,10 +126,11 @@ static void attention_probs(float *p, const float *qrow, const float *kbase, int
     }
     float inv = (float)(1.0 / sum);
     for (int j = 0; j <= t; j++) p[j] *= inv;
+    return maxval + (float)log(sum);
 }
 
-void mt_attention_forward_ref(float *out, const float *q, const float *k, const float *v, int B, int T, int H,
-                              int KV, int D) {
+void mt_attention_forward_ref(float *out, float *lse, const float *q, const float *k, const float *v, int B, int T,
+                              int H, int KV, int D) {
     int group = H / KV;
     float scale = 1.0f / sqrtf((float)D);
 #pragma omp parallel
@@ -141,7 +143,8 @@ void mt_attention_forward_ref(float *out, const float *q, const float *k, const 
                 const float *kbase = k + ((size_t)b * KV + h / group) * T * D;
                 const float *vbase = v + ((size_t)b * KV + h / group) * T * D;
                 for (int t = 0; t < T; t++) {
-                    attention_probs(p, q + (((size_t)b * H + h) * T + t) * D, kbase, t, D, scale);
+                    lse[((size_t)b * H + h) * T + t] =
+                        attention_probs(p, q + (((size_t)b * H + h) * T + t) * D, kbase, t, D, scale);
                     float *y = out + (((size_t)b * T + t) * H + h) * D;
                     for (int d = 0; d < D; d++) y[d] = 0.0f;
                     for (int j = 0; j <= t; j++)
@@ -153,7 +156,8 @@ void mt_attention_forward_ref(float *out, const float *q, const float *k, const 
 }
 
 void mt_attention_backward_ref(float *dq, float *dk, float *dv, const float *dout, const float *q, const float *k,
-                               const float *v, int B, int T, int H, int KV, int D) {
+                               const float *v, const float *out, const float *lse, int B, int T, int H, int KV, int D) {
+    (void)out, (void)lse;
     int group = H / KV;
     float scale = 1.0f / sqrtf((float)D);
     memset(dk, 0, (size_t)B * KV * T * D * sizeof(float));

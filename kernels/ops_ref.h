@@ -38,12 +38,14 @@ void mt_rope_backward_ref(float *dinp, const float *dout, const float *cos_table
 void mt_rope_tables(float *cos_table, float *sin_table, const float *inv_freq, int T, int D);
 
 // Causal scaled-dot-product attention with grouped-query heads.
-// q (B, H, T, D), k/v (B, KV, T, D); out (B, T, H, D); scale 1/sqrt(D).
-void mt_attention_forward_ref(float *out, const float *q, const float *k, const float *v, int B, int T, int H,
-                              int KV, int D);
-// dq/dk/dv are overwritten; P is recomputed from q and k.
+// q (B, H, T, D), k/v (B, KV, T, D); out (B, T, H, D); scale 1/sqrt(D);
+// lse (B, H, T) = log-sum-exp of each row's scaled scores (kept for backward).
+void mt_attention_forward_ref(float *out, float *lse, const float *q, const float *k, const float *v, int B, int T,
+                              int H, int KV, int D);
+// dq/dk/dv are overwritten. out and lse are what forward produced (the CUDA
+// version uses them; the reference recomputes P from q and k instead).
 void mt_attention_backward_ref(float *dq, float *dk, float *dv, const float *dout, const float *q, const float *k,
-                               const float *v, int B, int T, int H, int KV, int D);
+                               const float *v, const float *out, const float *lse, int B, int T, int H, int KV, int D);
 
 // out = silu(gate) * up, elementwise over n.
 void mt_swiglu_forward_ref(float *out, const float *gate, const float *up, size_t n);

@@ -103,12 +103,12 @@ END_TEST
 // --------------------------------------------------------------- attention
 typedef struct {
     int B, T, H, KV, D;
-    float *q, *k, *v, *y, *r;
+    float *q, *k, *v, *y, *r, *lse;
 } att_ctx;
 
 static double att_loss(void *p) {
     att_ctx *c = p;
-    mt_attention_forward_ref(c->y, c->q, c->k, c->v, c->B, c->T, c->H, c->KV, c->D);
+    mt_attention_forward_ref(c->y, c->lse, c->q, c->k, c->v, c->B, c->T, c->H, c->KV, c->D);
     return dot(c->y, c->r, (size_t)c->B * c->T * c->H * c->D);
 }
 
@@ -120,6 +120,7 @@ START_TEST(attention_forward_and_backward) {
     c.v = tu_random(nk, -1, 1, 8);
     c.r = tu_random(nq, -1, 1, 9);
     c.y = malloc(nq * 4);
+    c.lse = malloc((size_t)c.B * c.H * c.T * 4);
     att_loss(&c);
     // t = 0 attends only to itself: output equals v[0] of its kv head
     for (int h = 0; h < c.H; h++)
@@ -135,13 +136,14 @@ START_TEST(attention_forward_and_backward) {
         double p0 = 1.0 / (1.0 + exp(s1 - s0));
         const float *y = c.y + (((size_t)1 * c.T + 1) * c.H + 3) * c.D;
         for (int d = 0; d < c.D; d++) ck_assert_double_eq_tol(y[d], p0 * v[d] + (1 - p0) * v[c.D + d], 1e-5);
+        ck_assert_double_eq_tol(c.lse[((size_t)1 * c.H + 3) * c.T + 1], log(exp(s0) + exp(s1)), 1e-5);
     }
     float *dq = malloc(nq * 4), *dk = malloc(nk * 4), *dv = malloc(nk * 4);
-    mt_attention_backward_ref(dq, dk, dv, c.r, c.q, c.k, c.v, c.B, c.T, c.H, c.KV, c.D);
+    mt_attention_backward_ref(dq, dk, dv, c.r, c.q, c.k, c.v, c.y, c.lse, c.B, c.T, c.H, c.KV, c.D);
     ck_assert_double_lt(tu_fd_check(att_loss, &c, c.q, dq, nq, 50, 1e-2), kFdTolerance);
     ck_assert_double_lt(tu_fd_check(att_loss, &c, c.k, dk, nk, 50, 1e-2), kFdTolerance);
     ck_assert_double_lt(tu_fd_check(att_loss, &c, c.v, dv, nk, 50, 1e-2), kFdTolerance);
-    free(c.q), free(c.k), free(c.v), free(c.r), free(c.y), free(dq), free(dk), free(dv);
+    free(c.q), free(c.k), free(c.v), free(c.r), free(c.y), free(c.lse), free(dq), free(dk), free(dv);
 }
 END_TEST
 

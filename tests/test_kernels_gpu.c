@@ -127,26 +127,33 @@ START_TEST(rope) {
 END_TEST
 
 START_TEST(attention) {
-    int shapes[][5] = {{1, 1, 1, 1, 8}, {2, 7, 4, 2, 16}, {1, 257, 6, 2, 64}, {2, 129, 8, 8, 128}, {1, 1025, 4, 1, 64}};
-    for (int s = 0; s < 5; s++) {
+    // head dims 16..128, T around the 64-row tiles, grouped and plain heads
+    int shapes[][5] = {{1, 1, 1, 1, 16}, {2, 7, 4, 2, 16}, {1, 257, 6, 2, 64}, {2, 129, 8, 8, 128},
+                       {1, 1025, 4, 1, 64}, {3, 64, 4, 4, 32}, {1, 65, 8, 2, 128}};
+    for (int s = 0; s < 7; s++) {
         int B = shapes[s][0], T = shapes[s][1], H = shapes[s][2], KV = shapes[s][3], D = shapes[s][4];
         size_t nq = (size_t)B * H * T * D, nk = (size_t)B * KV * T * D;
         float *q = host_random(nq, -1.5f, 1.5f), *k = host_random(nk, -1.5f, 1.5f), *v = host_random(nk, -1, 1);
         float *g = host_random(nq, -1, 1);
-        float *y = malloc(nq * 4), *dq = malloc(nq * 4), *dk = malloc(nk * 4), *dv = malloc(nk * 4);
-        mt_attention_forward_ref(y, q, k, v, B, T, H, KV, D);
-        mt_attention_backward_ref(dq, dk, dv, g, q, k, v, B, T, H, KV, D);
+        size_t nl = (size_t)B * H * T;
+        float *y = malloc(nq * 4), *dq = malloc(nq * 4), *dk = malloc(nk * 4), *dv = malloc(nk * 4), *lse = malloc(nl * 4);
+        mt_attention_forward_ref(y, lse, q, k, v, B, T, H, KV, D);
+        mt_attention_backward_ref(dq, dk, dv, g, q, k, v, y, lse, B, T, H, KV, D);
         ck_assert_int_eq(mt_backend_reserve_workspace(&be, mt_attention_workspace_bytes(&be, B, T, H, D)), MT_OK);
         void *q_d = dev_bf16(q, nq), *k_d = dev_bf16(k, nk), *v_d = dev_bf16(v, nk), *g_d = dev_bf16(g, nq);
         void *y_d = dev_poisoned(nq * 2), *dq_d = dev_poisoned(nq * 2), *dk_d = dev_poisoned(nk * 2),
-             *dv_d = dev_poisoned(nk * 2);
-        mt_op_attention_forward(&be, y_d, q_d, k_d, v_d, B, T, H, KV, D);
-        mt_op_attention_backward(&be, dq_d, dk_d, dv_d, g_d, q_d, k_d, v_d, B, T, H, KV, D);
+             *dv_d = dev_poisoned(nk * 2), *lse_d = dev_poisoned(nl * 4);
+        mt_op_attention_forward(&be, y_d, lse_d, q_d, k_d, v_d, B, T, H, KV, D);
+        mt_op_attention_backward(&be, dq_d, dk_d, dv_d, g_d, q_d, k_d, v_d, y_d, lse_d, B, T, H, KV, D);
         float *yg = host_from_bf16(y_d, nq), *dqg = host_from_bf16(dq_d, nq), *dkg = host_from_bf16(dk_d, nk),
               *dvg = host_from_bf16(dv_d, nk);
         char what[64];
         snprintf(what, sizeof what, "attention T=%d H=%d KV=%d out", T, H, KV);
         expect_close(what, yg, y, nq, kBf16Tol);
+        float *lseg = host_from_f32(lse_d, nl);
+        expect_close("attention lse", lseg, lse, nl, 1e-5);
+        free(lseg), free(lse);
+        mt_device_free(lse_d);
         expect_close("attention dq", dqg, dq, nq, 2 * kBf16Tol);
         expect_close("attention dk", dkg, dk, nk, 2 * kBf16Tol);
         expect_close("attention dv", dvg, dv, nk, kBf16Tol);

@@ -332,6 +332,7 @@ START_TEST(training_reduces_loss_and_saves) {
     ck_assert_int_eq(mt_config_set(&cfg, "train.grad_accum", "2", "t"), MT_OK);
     ck_assert_int_eq(mt_config_set(&cfg, "train.log_every", "20", "t"), MT_OK);
     ck_assert_int_eq(mt_config_set(&cfg, "optim.lr", "1e-2", "t"), MT_OK);
+    ck_assert_int_eq(mt_config_set(&cfg, "train.device", "cpu", "t"), MT_OK);  // head dim 4: CPU only
     mt_train_result r;
     ck_assert_int_eq(mt_train(&cfg, &r), MT_OK);
     ck_assert_int_eq(r.steps_done, 60);

@@ -23,6 +23,7 @@ typedef struct {
 typedef struct {
     void *ln1, *q, *k, *v, *atty, *x2, *ln2, *gate, *up;  // (N,C) (B,H,T,D) (B,KV,T,D) x2 (N,HD) (N,C) x2 (N,F) x2
     float *rstd1, *rstd2;                                 // (N)
+    float *lse;                                           // (B, H, T) attention log-sum-exp
 } layer_acts;
 
 struct mt_model {
@@ -213,6 +214,7 @@ static size_t layout_activations(mt_model *m, uintptr_t base) {
         A->up = carve(&cur, N * c->F * a);
         A->rstd1 = carve(&cur, N * 4);
         A->rstd2 = carve(&cur, N * 4);
+        A->lse = carve(&cur, N * c->H * 4);
     }
     m->lnf = carve(&cur, N * c->C * a);
     m->rstdf = carve(&cur, N * 4);
@@ -241,6 +243,9 @@ static size_t layout_activations(mt_model *m, uintptr_t base) {
 mt_err mt_model_create(mt_model **out, mt_backend *be, const mt_model_config *cfg, int B, int T,
                        int activation_checkpointing) {
     *out = NULL;
+    if (!mt_attention_supports(be, cfg->D))
+        return mt_errorf(MT_ERR_MODEL, "head dimension %d is not supported by the GPU attention kernel (16, 32, 64 "
+                         "and 128 are); train on the CPU with train.device: cpu", cfg->D);
     mt_model *m = calloc(1, sizeof *m);
     MT_CHECK(m != NULL, "model");
     m->be = be;
@@ -343,7 +348,7 @@ static void layer_forward(mt_model *m, int l, int recompute) {
     mt_op_rope_forward(be, A->q, qf, m->cos_table, m->sin_table, m->B, m->T, c->H, c->D, 1);
     mt_op_rope_forward(be, A->k, kf, m->cos_table, m->sin_table, m->B, m->T, c->KV, c->D, 1);
     mt_op_rope_forward(be, A->v, vf, m->cos_table, m->sin_table, m->B, m->T, c->KV, c->D, 0);
-    mt_op_attention_forward(be, A->atty, A->q, A->k, A->v, m->B, m->T, c->H, c->KV, c->D);
+    mt_op_attention_forward(be, A->atty, A->lse, A->q, A->k, A->v, m->B, m->T, c->H, c->KV, c->D);
     mt_op_matmul_forward(be, m->scratch_c, A->atty, P->w[P_WO], P->w[P_BO], N, HD, c->C);
     mt_op_add(be, A->x2, m->x[l], m->scratch_c, (size_t)N * c->C);
     mt_op_rmsnorm_forward(be, A->ln2, A->rstd2, A->x2, P->w[P_LN2], N, c->C, c->rms_eps);
@@ -372,7 +377,8 @@ static void layer_backward(mt_model *m, int l) {
     mt_op_matmul_backward(be, m->dln, P->g[P_WU], NULL, m->f2, A->ln2, P->w[P_WU], N, c->C, c->F, 1);
     mt_op_rmsnorm_backward(be, m->dres, P->g[P_LN2], m->dln, A->x2, P->w[P_LN2], A->rstd2, N, c->C);
     mt_op_matmul_backward(be, m->datty, P->g[P_WO], P->g[P_BO], m->dres, A->atty, P->w[P_WO], N, HD, c->C, 0);
-    mt_op_attention_backward(be, m->dq, m->dk, m->dv, m->datty, A->q, A->k, A->v, m->B, m->T, c->H, c->KV, c->D);
+    mt_op_attention_backward(be, m->dq, m->dk, m->dv, m->datty, A->q, A->k, A->v, A->atty, A->lse, m->B, m->T, c->H,
+                             c->KV, c->D);
     void *dqf = m->dqkv_flat, *dkf = rows(m, dqf, (size_t)N, (size_t)HD), *dvf = rows(m, dkf, (size_t)N, (size_t)KVD);
     mt_op_rope_backward(be, dqf, m->dq, m->cos_table, m->sin_table, m->B, m->T, c->H, c->D, 1);
     mt_op_rope_backward(be, dkf, m->dk, m->cos_table, m->sin_table, m->B, m->T, c->KV, c->D, 1);

@@ -4,6 +4,9 @@
 # comparison with Hugging Face transformers, the quickstart on the GPU, and
 # with --bench the benchmarks of bench/. Logs and results go under $OUT.
 #
+# Stages: ctest quickstart parity (default), plus bench with --bench; or
+# name them: run.sh --stages "ctest bench". MT_CTEST_FILTER narrows ctest.
+#
 # Build on the development machine first (cmake -S . -B build &&
 # cmake --build build && bash scripts/gpu-bundle.sh build) and carry `build`.
 set -uo pipefail
@@ -41,24 +44,37 @@ done
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; ldd "$BUILD/memtune"; } > "$OUT/env.txt" 2>&1
 head -2 "$OUT/env.txt"
 
-status=0
-echo "== ctest (GPU suites run, CPU suites again)"
-(cd "$BUILD" && CK_FORK=no ctest --output-on-failure 2>&1) | tee "$OUT/ctest.log"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+STAGES="ctest quickstart parity"
+case "${1:-}" in
+    --bench) STAGES="$STAGES bench" ;;
+    --stages) STAGES=$2 ;;
+esac
+want() { case " $STAGES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
-echo "== quickstart on the GPU"
-if [ -f data/kjv.txt ]; then
+status=0
+if want ctest; then
+    echo "== ctest (GPU suites run, CPU suites again)"
+    (cd "$BUILD" && CK_FORK=no ctest --output-on-failure ${MT_CTEST_FILTER:+-R "$MT_CTEST_FILTER"} 2>&1) | tee "$OUT/ctest.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+
+if want quickstart && [ -f data/kjv.txt ]; then
+    echo "== quickstart on the GPU"
     "$BUILD/memtune" tokenize --input data/kjv.txt --output /tmp/kjv.h5 &&
     "$BUILD/memtune" train configs/quickstart.yaml --set data.train=/tmp/kjv.h5 --set train.device=gpu \
         --set output.dir=/tmp/mt-quickstart 2>&1 | tee "$OUT/quickstart.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 
-echo "== parity with transformers"
-python3 tests/gpu/hf_parity.py --out "$OUT" 2>&1 | tee "$OUT/parity.log"
-[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+if want parity; then
+    echo "== parity with transformers"
+    python3 tests/gpu/hf_parity.py --out "$OUT" 2>&1 | tee "$OUT/parity.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
 
-if [ "${1:-}" = "--bench" ]; then
+if want bench; then
+    echo "== bench: attention op"
+    "$BUILD/mt_attention_bench" 2>&1 | tee "$OUT/attention_bench.log"
     echo "== bench: full fine-tune vs PyTorch"
     python3 bench/full_ft.py --out "$OUT" 2>&1 | tee "$OUT/bench.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
