@@ -22,7 +22,7 @@ PY
 # the second step's kernels: skip the first step (and start-up)
 ncu --csv --metrics gpu__time_duration.sum --launch-skip 150 --launch-count 150 \
     build/memtune train configs/quickstart.yaml --set model.path=$W/model --set model.init=random \
-    --set data.train=$W/tokens.h5 --set data.eval_fraction=0 --set train.eval_batches=0 --set train.steps=3 \
+    --set data.train=$W/tokens.h5 --set data.eval_fraction=0 --set train.eval_batches=0 --set train.steps=3 --set optim.warmup_steps=0 \
     --set train.micro_batch=4 --set train.seq_len=1024 --set train.device=gpu --set output.dir=$W/run \
     --set output.save_model=false > $OUT/profile.csv 2> $W/ncu.err || { tail -20 $W/ncu.err; exit 1; }
 python3 - "$OUT/profile.csv" <<'PY'
