@@ -65,7 +65,8 @@ def write_dataset(path, n, vocab):
 
 
 def run_memtune(args, folder, data, run):
-    cmd = [os.path.join(BUILD, "memtune"), "train", os.path.join(ROOT, "configs", "quickstart.yaml")]
+    cmd = [os.environ.get("MT_MEMTUNE_BIN", os.path.join(BUILD, "memtune")), "train",
+           os.path.join(ROOT, "configs", "quickstart.yaml")]
     sets = {"model.path": folder, "model.init": "random", "data.train": data, "data.eval_fraction": 0,
             "train.eval_batches": 0, "train.steps": args.steps, "train.micro_batch": args.B, "train.seq_len": args.T,
             "train.log_every": 10, "train.device": "gpu", "optim.lr": 1e-4, "optim.warmup_steps": 10,
@@ -107,6 +108,7 @@ def main():
     ap.add_argument("--B", type=int, default=4)
     ap.add_argument("--T", type=int, default=1024)
     ap.add_argument("--checkpointing", action="store_true")
+    ap.add_argument("--memtune-only", action="store_true", help="skip the PyTorch run (A/B of memtune builds)")
     ap.add_argument("--work", default="/tmp/mt-bench")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/mt-bench"))
     args = ap.parse_args()
@@ -119,6 +121,9 @@ def main():
     data = os.path.join(args.work, "tokens.h5")
     write_dataset(data, (args.steps + 10) * args.B * (args.T + 1), TINYLLAMA["vocab_size"])
     m = run_memtune(args, folder, data, os.path.join(args.work, "run"))
+    if args.memtune_only:
+        print(f"memtune {m['tokens_per_second']:.0f} tokens/s, {m['step_ms']:.1f} ms/step")
+        return
     t = run_torch(args, config_path)
     gib = 1024 ** 3
     result = {"shape": "TinyLlama-1.1B", "B": args.B, "T": args.T, "steps": args.steps, "memtune": m, "pytorch": t,
