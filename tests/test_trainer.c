@@ -343,6 +343,13 @@ START_TEST(training_reduces_loss_and_saves) {
     ck_assert_int_eq(access(path, R_OK), 0);
     snprintf(path, sizeof path, "%s/metrics.jsonl", out);
     ck_assert_int_eq(access(path, R_OK), 0);
+    snprintf(path, sizeof path, "%s/loss.svg", out);
+    FILE *svg = fopen(path, "r");
+    ck_assert_ptr_nonnull(svg);
+    char head[64] = "";
+    ck_assert_ptr_nonnull(fgets(head, sizeof head, svg));
+    fclose(svg);
+    ck_assert_ptr_nonnull(strstr(head, "<svg"));
     // a missing dataset is a clear error before anything runs
     ck_assert_int_eq(mt_config_set(&cfg, "data.train", "/nonexistent.h5", "t"), MT_OK);
     expect_error(mt_train(&cfg, &r), MT_ERR_IO, "/nonexistent.h5: dataset file not found");

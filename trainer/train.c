@@ -55,6 +55,41 @@ typedef struct {
     int *valid;
 } batch_set;
 
+// The run's loss curve as an SVG line chart (train loss per step, eval loss
+// as dots), written next to metrics.jsonl; a picture needs no plotting tool.
+static void write_loss_svg(const char *path, const float *loss, int steps, const float *eval, const int *eval_step,
+                           int evals) {
+    FILE *f = fopen(path, "w");
+    if (!f || steps < 1) {
+        if (f) fclose(f);
+        return;
+    }
+    float lo = loss[0], hi = loss[0];
+    for (int i = 0; i < steps; i++) lo = fminf(lo, loss[i]), hi = fmaxf(hi, loss[i]);
+    for (int i = 0; i < evals; i++) lo = fminf(lo, eval[i]), hi = fmaxf(hi, eval[i]);
+    if (hi - lo < 1e-6f) hi = lo + 1.0f;
+    const double W = 640, H = 360, L = 60, R = 20, T = 20, Bm = 40;
+    double xs = (W - L - R) / (steps > 1 ? steps - 1 : 1), ys = (H - T - Bm) / (hi - lo);
+    fprintf(f, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%.0f\" height=\"%.0f\" font-family=\"sans-serif\" "
+               "font-size=\"12\">\n<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n", W, H);
+    fprintf(f, "<path d=\"M%.0f %.0f V%.0f H%.0f\" stroke=\"black\" fill=\"none\"/>\n", L, T, H - Bm, W - R);
+    for (int k = 0; k <= 4; k++) {
+        double v = lo + (hi - lo) * k / 4, y = H - Bm - (v - lo) * ys;
+        fprintf(f, "<text x=\"%.0f\" y=\"%.1f\" text-anchor=\"end\">%.3g</text>\n", L - 6, y + 4, v);
+    }
+    fprintf(f, "<text x=\"%.0f\" y=\"%.0f\">step 1</text><text x=\"%.0f\" y=\"%.0f\" text-anchor=\"end\">step %d</text>\n",
+            L, H - Bm + 16, W - R, H - Bm + 16, steps);
+    fprintf(f, "<polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"1.5\" points=\"");
+    for (int i = 0; i < steps; i++) fprintf(f, "%.1f,%.1f ", L + i * xs, H - Bm - (loss[i] - lo) * ys);
+    fprintf(f, "\"/>\n");
+    for (int i = 0; i < evals; i++)
+        fprintf(f, "<circle cx=\"%.1f\" cy=\"%.1f\" r=\"3.5\" fill=\"#d62728\"/>\n", L + (eval_step[i] - 1) * xs,
+                H - Bm - (eval[i] - lo) * ys);
+    fprintf(f, "<text x=\"%.0f\" y=\"14\" fill=\"#1f77b4\">train loss</text><text x=\"%.0f\" y=\"14\" "
+               "fill=\"#d62728\">eval loss</text>\n</svg>\n", L + 10, L + 100);
+    fclose(f);
+}
+
 static mt_err evaluate(mt_model *model, mt_loader *eval, int batches, int B, int T, double *loss) {
     mt_loader_set_cursor(eval, (mt_cursor){0, 0});  // the same batches every time
     int32_t *inputs = malloc((size_t)B * T * 4), *targets = malloc((size_t)B * T * 4);
@@ -168,6 +203,13 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     bs.inputs = malloc((size_t)accum * B * T * 4);
     bs.targets = malloc((size_t)accum * B * T * 4);
     bs.valid = malloc((size_t)accum * sizeof(int));
+    float *loss_curve = malloc((size_t)cfg->train_steps * sizeof(float)), *eval_curve = NULL;
+    int *eval_steps = NULL, evals = 0;
+    if (eval) {
+        int most = (int)(cfg->train_eval_every > 0 ? cfg->train_steps / cfg->train_eval_every : 0) + 1;
+        eval_curve = malloc((size_t)most * sizeof(float));
+        eval_steps = malloc((size_t)most * sizeof(int));
+    }
     double t_start = mt_now(), t_last = t_start;
     long tokens_since = 0;
     for (int step = 0; step < cfg->train_steps && !err; step++) {
@@ -195,12 +237,15 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
         if (step == 0) result->first_loss = loss;
         result->last_loss = loss;
         result->steps_done = step + 1;
+        loss_curve[step] = (float)loss;
         tokens_since += (long)accum * B * T;
         double eval_loss = NAN;
         int last = step + 1 == cfg->train_steps;
         if (eval && ((cfg->train_eval_every > 0 && (step + 1) % cfg->train_eval_every == 0) || last)) {
             if ((err = evaluate(model, eval, (int)cfg->train_eval_batches, B, T, &eval_loss))) break;
             result->last_eval_loss = eval_loss;
+            eval_curve[evals] = (float)eval_loss;
+            eval_steps[evals++] = step + 1;
         }
         if ((step + 1) % cfg->train_log_every == 0 || last || isfinite(eval_loss)) {
             double now = mt_now(), tps = tokens_since / (now - t_last + 1e-9);
@@ -230,6 +275,11 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
         }
     }
     fclose(metrics);
+    snprintf(path, sizeof path, "%s/loss.svg", cfg->output_dir);
+    write_loss_svg(path, loss_curve, result->steps_done, eval_curve, eval_steps, evals);
+    free(loss_curve);
+    free(eval_curve);
+    free(eval_steps);
     free(bs.inputs);
     free(bs.targets);
     free(bs.valid);
