@@ -203,14 +203,18 @@ mt_err mt_dataset_open(mt_dataset **out, const char *path, int model_vocab_size)
     ds->tokens = ds->mask = -1;
     if (access(path, R_OK) != 0) {
         free(ds);
-        return mt_errorf(MT_ERR_IO, "%s: dataset file not found or not readable. Make one with `memtune tokenize "
-                         "--input TEXT --output %s`.", path, path);
+        return mt_errorf(MT_ERR_IO,
+                         "%s: dataset file not found or not readable. Make one with `memtune tokenize "
+                         "--input TEXT --output %s`.",
+                         path, path);
     }
     ds->file = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
     if (ds->file < 0) {
         free(ds);
-        return mt_errorf(MT_ERR_DATASET, "%s: not an HDF5 file. memtune datasets are HDF5 (docs/formats.md); "
-                         "convert text with `memtune tokenize`.", path);
+        return mt_errorf(MT_ERR_DATASET,
+                         "%s: not an HDF5 file. memtune datasets are HDF5 (docs/formats.md); "
+                         "convert text with `memtune tokenize`.",
+                         path);
     }
     mt_err err = validate(ds, model_vocab_size);
     if (err) {
@@ -270,10 +274,12 @@ mt_err mt_loader_init(mt_loader **out, const mt_dataset *ds, const mt_loader_con
         if (eval == 0) eval = 1;
     }
     if (eval >= total)
-        return mt_errorf(MT_ERR_DATASET, "%s: %llu tokens make %llu windows of %d+1 tokens, too few to hold out "
+        return mt_errorf(MT_ERR_DATASET,
+                         "%s: %llu tokens make %llu windows of %d+1 tokens, too few to hold out "
                          "%.3g of them for eval and train on the rest. Use more data, a shorter train.seq_len, or "
-                         "data.eval_fraction: 0.", ds->path, (unsigned long long)ds->num_tokens,
-                         (unsigned long long)total, cfg->T, cfg->eval_fraction);
+                         "data.eval_fraction: 0.",
+                         ds->path, (unsigned long long)ds->num_tokens, (unsigned long long)total, cfg->T,
+                         cfg->eval_fraction);
     mt_loader *l = calloc(1, sizeof *l);
     MT_CHECK(l != NULL, "loader");
     l->ds = ds;
@@ -285,7 +291,8 @@ mt_err mt_loader_init(mt_loader **out, const mt_dataset *ds, const mt_loader_con
     if (per_rank < (uint64_t)cfg->B) {
         uint64_t windows = l->num_windows;
         free(l);
-        return mt_errorf(MT_ERR_DATASET, "%s: the %s split has %llu windows of %d+1 tokens, fewer than one batch "
+        return mt_errorf(MT_ERR_DATASET,
+                         "%s: the %s split has %llu windows of %d+1 tokens, fewer than one batch "
                          "(%d rows x %d ranks). Use more data or lower train.micro_batch / train.seq_len.",
                          ds->path, split == MT_SPLIT_TRAIN ? "train" : "eval", (unsigned long long)windows, cfg->T,
                          cfg->B, cfg->world);
@@ -294,7 +301,8 @@ mt_err mt_loader_init(mt_loader **out, const mt_dataset *ds, const mt_loader_con
     l->tokbuf = malloc(((size_t)cfg->T + 1) * sizeof *l->tokbuf);
     l->maskbuf = malloc((size_t)cfg->T + 1);
     MT_CHECK(l->order && l->tokbuf && l->maskbuf, "loader buffers");
-    if (split == MT_SPLIT_TRAIN) shuffle_epoch(l, 0);
+    if (split == MT_SPLIT_TRAIN)
+        shuffle_epoch(l, 0);
     else
         for (uint64_t i = 0; i < l->num_windows; i++) l->order[i] = l->first_window + i;
     *out = l;
@@ -332,8 +340,8 @@ mt_err mt_loader_next(mt_loader *l, int32_t *inputs, int32_t *targets, int *vali
         uint64_t start = l->order[slot] * (uint64_t)T;
         if (read_range(l->ds->tokens, H5T_NATIVE_UINT32, start, (uint64_t)T + 1, l->tokbuf) < 0 ||
             (l->ds->mask >= 0 && read_range(l->ds->mask, H5T_NATIVE_UINT8, start, (uint64_t)T + 1, l->maskbuf) < 0))
-            return mt_errorf(MT_ERR_IO, "%s: reading tokens %llu..%llu failed", l->ds->path,
-                             (unsigned long long)start, (unsigned long long)(start + T));
+            return mt_errorf(MT_ERR_IO, "%s: reading tokens %llu..%llu failed", l->ds->path, (unsigned long long)start,
+                             (unsigned long long)(start + T));
         for (int t = 0; t < T; t++) {
             inputs[b * T + t] = (int32_t)l->tokbuf[t];
             int keep = l->ds->mask < 0 || l->maskbuf[t + 1];
@@ -379,7 +387,8 @@ mt_err mt_dataset_write(const char *path, const uint32_t *tokens, uint64_t num_t
     char tmp[1100];
     snprintf(tmp, sizeof tmp, "%s.tmp.%d", path, (int)getpid());
     hid_t file = H5Fcreate(tmp, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
-    if (file < 0) return mt_errorf(MT_ERR_IO, "%s: cannot create the file (does the folder exist and is it writable?)", path);
+    if (file < 0)
+        return mt_errorf(MT_ERR_IO, "%s: cannot create the file (does the folder exist and is it writable?)", path);
     int version = MT_DATASET_FORMAT_VERSION;
     long long vocab = vocab_size;
     hid_t str = H5Tcopy(H5T_C_S1);

@@ -66,9 +66,10 @@ mt_err mt_convert_to_dataset(const char *input, mt_input_format format, const ch
             cJSON *obj = cJSON_ParseWithLength(s, len);
             cJSON *field = obj ? cJSON_GetObjectItemCaseSensitive(obj, text_field) : NULL;
             if (!cJSON_IsString(field)) {
-                err = mt_errorf(MT_ERR_DATASET, "%s:%ld: %s. Each line must be a JSON object with a string field "
-                                "\"%s\" (or pass --text-field).", input, lineno,
-                                obj ? "no string field by that name" : "not valid JSON", text_field);
+                err = mt_errorf(MT_ERR_DATASET,
+                                "%s:%ld: %s. Each line must be a JSON object with a string field "
+                                "\"%s\" (or pass --text-field).",
+                                input, lineno, obj ? "no string field by that name" : "not valid JSON", text_field);
                 cJSON_Delete(obj);
                 break;
             }
@@ -102,8 +103,8 @@ mt_err mt_convert_to_dataset(const char *input, mt_input_format format, const ch
     if (!err && b.docs == 0)
         err = mt_errorf(MT_ERR_DATASET, "%s: no documents found (the file is empty or blank)", input);
     if (!err)
-        err = mt_dataset_write(output, b.tokens, b.count, b.offsets, b.docs, NULL, MT_BYTE_VOCAB,
-                               MT_BYTE_TOKENIZER_NAME);
+        err =
+            mt_dataset_write(output, b.tokens, b.count, b.offsets, b.docs, NULL, MT_BYTE_VOCAB, MT_BYTE_TOKENIZER_NAME);
     if (!err && stats) *stats = (mt_convert_stats){b.docs, b.count};
     free(line);
     free(doc);

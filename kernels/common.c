@@ -19,9 +19,7 @@ static const char *const error_messages[] = {
 #undef MT_X_MSG
 };
 
-const char *mt_err_name(mt_err err) {
-    return (err >= 0 && err < MT_ERR_COUNT) ? error_names[err] : "MT_ERR_UNKNOWN";
-}
+const char *mt_err_name(mt_err err) { return (err >= 0 && err < MT_ERR_COUNT) ? error_names[err] : "MT_ERR_UNKNOWN"; }
 
 const char *mt_err_message(mt_err err) {
     return (err >= 0 && err < MT_ERR_COUNT) ? error_messages[err] : "unknown error";

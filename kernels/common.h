@@ -16,24 +16,26 @@ extern "C" {
 // User-facing failures travel up to main as one of these codes; the detailed
 // message (what was expected, what was found, what to do) is kept by
 // mt_errorf() and printed once by main.
-#define MT_ERROR_TABLE(X)                                                     \
-    X(MT_OK, "ok")                                                            \
-    X(MT_ERR_IO, "file could not be read or written")                         \
-    X(MT_ERR_CONFIG, "invalid configuration")                                 \
-    X(MT_ERR_MODEL, "invalid or unsupported model")                           \
-    X(MT_ERR_DATASET, "invalid dataset")                                      \
-    X(MT_ERR_FORMAT, "malformed file")                                        \
-    X(MT_ERR_NOMEM, "out of memory")                                          \
-    X(MT_ERR_USAGE, "invalid command line")                                   \
-    X(MT_ERR_NONFINITE, "non-finite loss or gradient")                        \
+#define MT_ERROR_TABLE(X)                              \
+    X(MT_OK, "ok")                                     \
+    X(MT_ERR_IO, "file could not be read or written")  \
+    X(MT_ERR_CONFIG, "invalid configuration")          \
+    X(MT_ERR_MODEL, "invalid or unsupported model")    \
+    X(MT_ERR_DATASET, "invalid dataset")               \
+    X(MT_ERR_FORMAT, "malformed file")                 \
+    X(MT_ERR_NOMEM, "out of memory")                   \
+    X(MT_ERR_USAGE, "invalid command line")            \
+    X(MT_ERR_NONFINITE, "non-finite loss or gradient") \
     X(MT_ERR_DEVICE, "GPU unavailable or failed")
 
+// clang-format off: the X-macro expansion confuses its indentation
 typedef enum {
 #define MT_X_ENUM(name, msg) name,
     MT_ERROR_TABLE(MT_X_ENUM)
 #undef MT_X_ENUM
     MT_ERR_COUNT
 } mt_err;
+// clang-format on
 
 const char *mt_err_name(mt_err err);
 const char *mt_err_message(mt_err err);

@@ -8,21 +8,21 @@
 
 #include "kernels/common.h"
 
-#define CUDA_CHECK(call)                                                                          \
-    do {                                                                                          \
-        cudaError_t mt_cuda_err_ = (call);                                                        \
-        if (mt_cuda_err_ != cudaSuccess) {                                                        \
-            int mt_dev_ = -1;                                                                     \
-            cudaGetDevice(&mt_dev_);                                                              \
-            mt_fatal(__FILE__, __LINE__, "%s failed on device %d: %s", #call, mt_dev_,            \
-                     cudaGetErrorString(mt_cuda_err_));                                           \
-        }                                                                                         \
+#define CUDA_CHECK(call)                                                               \
+    do {                                                                               \
+        cudaError_t mt_cuda_err_ = (call);                                             \
+        if (mt_cuda_err_ != cudaSuccess) {                                             \
+            int mt_dev_ = -1;                                                          \
+            cudaGetDevice(&mt_dev_);                                                   \
+            mt_fatal(__FILE__, __LINE__, "%s failed on device %d: %s", #call, mt_dev_, \
+                     cudaGetErrorString(mt_cuda_err_));                                \
+        }                                                                              \
     } while (0)
 
-#define CUBLAS_CHECK(call)                                                                        \
-    do {                                                                                          \
-        cublasStatus_t mt_cublas_st_ = (call);                                                    \
-        if (mt_cublas_st_ != CUBLAS_STATUS_SUCCESS)                                               \
+#define CUBLAS_CHECK(call)                                                                              \
+    do {                                                                                                \
+        cublasStatus_t mt_cublas_st_ = (call);                                                          \
+        if (mt_cublas_st_ != CUBLAS_STATUS_SUCCESS)                                                     \
             mt_fatal(__FILE__, __LINE__, "%s failed: %s", #call, cublasGetStatusString(mt_cublas_st_)); \
     } while (0)
 

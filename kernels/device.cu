@@ -26,8 +26,8 @@ void mt_device_describe(char *buf, size_t len) {
         snprintf(buf, len, "no GPU");
         return;
     }
-    snprintf(buf, len, "GPU %d: %s, %.1f GiB, sm_%d%d", dev, prop.name, prop.totalGlobalMem / 1073741824.0,
-             prop.major, prop.minor);
+    snprintf(buf, len, "GPU %d: %s, %.1f GiB, sm_%d%d", dev, prop.name, prop.totalGlobalMem / 1073741824.0, prop.major,
+             prop.minor);
 }
 
 void *mt_device_malloc(size_t bytes) {
@@ -48,17 +48,17 @@ void mt_copy_to_host(void *dst, const void *src, size_t bytes) {
 }
 void mt_device_memset(void *dst, int value, size_t bytes) { CUDA_CHECK(cudaMemsetAsync(dst, value, bytes, 0)); }
 void mt_device_synchronize(void) { CUDA_CHECK(cudaDeviceSynchronize()); }
-void mt_device_meminfo(size_t *free_bytes, size_t *total_bytes) {
-    CUDA_CHECK(cudaMemGetInfo(free_bytes, total_bytes));
-}
+void mt_device_meminfo(size_t *free_bytes, size_t *total_bytes) { CUDA_CHECK(cudaMemGetInfo(free_bytes, total_bytes)); }
 
 int mt_backend_init(mt_backend *be, int device) {
     memset(be, 0, sizeof *be);
     if (device < 0) return MT_OK;
     int count = mt_device_count();
     if (device >= count)
-        return mt_errorf(MT_ERR_DEVICE, "GPU %d asked for, but %d GPU(s) are visible; set device: cpu or a lower "
-                         "ordinal", device, count);
+        return mt_errorf(MT_ERR_DEVICE,
+                         "GPU %d asked for, but %d GPU(s) are visible; set device: cpu or a lower "
+                         "ordinal",
+                         device, count);
     CUDA_CHECK(cudaSetDevice(device));
     be->gpu = 1;
     be->device = device;

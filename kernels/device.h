@@ -30,12 +30,12 @@ void mt_device_meminfo(size_t *free_bytes, size_t *total_bytes);
 // bf16 activations and weights on the device, fp32 accumulation.
 typedef struct {
     int gpu;
-    int device;             // CUDA ordinal when gpu
-    void *stream;           // cudaStream_t
-    void *cublas;           // cublasHandle_t
-    void *workspace;        // device scratch for attention etc. (bytes below)
+    int device;       // CUDA ordinal when gpu
+    void *stream;     // cudaStream_t
+    void *cublas;     // cublasHandle_t
+    void *workspace;  // device scratch for attention etc. (bytes below)
     size_t workspace_bytes;
-    float *reduce_buffer;   // small device buffer for scalar reductions
+    float *reduce_buffer;  // small device buffer for scalar reductions
 } mt_backend;
 
 // Creates the backend on device `device` (gpu) or the CPU (device < 0).

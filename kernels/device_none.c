@@ -9,7 +9,10 @@
 
 int mt_device_count(void) { return 0; }
 void mt_device_describe(char *buf, size_t len) { snprintf(buf, len, "CPU (built without CUDA)"); }
-void *mt_device_malloc(size_t bytes) { (void)bytes; return NULL; }
+void *mt_device_malloc(size_t bytes) {
+    (void)bytes;
+    return NULL;
+}
 void mt_device_free(void *p) { (void)p; }
 void mt_copy_to_device(void *dst, const void *src, size_t bytes) { memcpy(dst, src, bytes); }
 void mt_copy_to_host(void *dst, const void *src, size_t bytes) { memcpy(dst, src, bytes); }

@@ -18,9 +18,12 @@ mt_dtype mt_dtype_from_name(const char *name) {
 float mt_f16_to_f32(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff;
     float v;
-    if (exponent == 0) v = ldexpf((float)mantissa, -24);                      // zero / subnormal
-    else if (exponent == 31) v = mantissa ? NAN : INFINITY;
-    else v = ldexpf((float)(mantissa | 0x400), (int)exponent - 25);
+    if (exponent == 0)
+        v = ldexpf((float)mantissa, -24);  // zero / subnormal
+    else if (exponent == 31)
+        v = mantissa ? NAN : INFINITY;
+    else
+        v = ldexpf((float)(mantissa | 0x400), (int)exponent - 25);
     uint32_t u;
     memcpy(&u, &v, 4);
     u |= sign;
@@ -40,7 +43,10 @@ uint16_t mt_f32_to_f16(float f) {
     float m = frexpf(a, &e);  // a = m * 2^e, m in [0.5, 1)
     uint32_t mant = (uint32_t)lrintf((m * 2.0f - 1.0f) * 1024.0f);
     int exponent = e - 1 + 15;
-    if (mant == 1024) { mant = 0; exponent++; }
+    if (mant == 1024) {
+        mant = 0;
+        exponent++;
+    }
     if (exponent >= 31) return sign | 0x7c00;
     return sign | (uint16_t)(exponent << 10) | (uint16_t)mant;
 }
@@ -48,19 +54,27 @@ uint16_t mt_f32_to_f16(float f) {
 void mt_convert_to_f32(float *dst, const void *src, mt_dtype t, size_t n) {
     const uint16_t *h = src;
     switch (t) {
-    case MT_DTYPE_F32: memcpy(dst, src, n * 4); break;
-    case MT_DTYPE_BF16: for (size_t i = 0; i < n; i++) dst[i] = mt_bf16_to_f32(h[i]); break;
-    case MT_DTYPE_F16: for (size_t i = 0; i < n; i++) dst[i] = mt_f16_to_f32(h[i]); break;
-    default: break;
+        case MT_DTYPE_F32: memcpy(dst, src, n * 4); break;
+        case MT_DTYPE_BF16:
+            for (size_t i = 0; i < n; i++) dst[i] = mt_bf16_to_f32(h[i]);
+            break;
+        case MT_DTYPE_F16:
+            for (size_t i = 0; i < n; i++) dst[i] = mt_f16_to_f32(h[i]);
+            break;
+        default: break;
     }
 }
 
 void mt_convert_from_f32(void *dst, const float *src, mt_dtype t, size_t n) {
     uint16_t *h = dst;
     switch (t) {
-    case MT_DTYPE_F32: memcpy(dst, src, n * 4); break;
-    case MT_DTYPE_BF16: for (size_t i = 0; i < n; i++) h[i] = mt_f32_to_bf16(src[i]); break;
-    case MT_DTYPE_F16: for (size_t i = 0; i < n; i++) h[i] = mt_f32_to_f16(src[i]); break;
-    default: break;
+        case MT_DTYPE_F32: memcpy(dst, src, n * 4); break;
+        case MT_DTYPE_BF16:
+            for (size_t i = 0; i < n; i++) h[i] = mt_f32_to_bf16(src[i]);
+            break;
+        case MT_DTYPE_F16:
+            for (size_t i = 0; i < n; i++) h[i] = mt_f32_to_f16(src[i]);
+            break;
+        default: break;
     }
 }

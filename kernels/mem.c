@@ -86,8 +86,10 @@ void mt_free(void **p) {
         live[i] = live[--live_count];
         tallies[a.place].current[a.cat] -= a.bytes;
         tallies[a.place].current_total -= a.bytes;
-        if (a.place == MT_DEVICE) mt_device_free(a.ptr);
-        else free(a.ptr);
+        if (a.place == MT_DEVICE)
+            mt_device_free(a.ptr);
+        else
+            free(a.ptr);
         *p = NULL;
         return;
     }

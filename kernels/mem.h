@@ -12,22 +12,24 @@
 extern "C" {
 #endif
 
-#define MT_MEM_CATEGORY_TABLE(X)                       \
-    X(MT_MEM_WEIGHTS, "weights")                       \
-    X(MT_MEM_ADAPTERS, "adapters")                     \
-    X(MT_MEM_GRADS, "grads")                           \
-    X(MT_MEM_OPTIMIZER, "optimizer")                   \
-    X(MT_MEM_ACTIVATIONS, "activations")               \
-    X(MT_MEM_WORKSPACE, "workspace")                   \
-    X(MT_MEM_OFFLOAD, "offload")                       \
+#define MT_MEM_CATEGORY_TABLE(X)         \
+    X(MT_MEM_WEIGHTS, "weights")         \
+    X(MT_MEM_ADAPTERS, "adapters")       \
+    X(MT_MEM_GRADS, "grads")             \
+    X(MT_MEM_OPTIMIZER, "optimizer")     \
+    X(MT_MEM_ACTIVATIONS, "activations") \
+    X(MT_MEM_WORKSPACE, "workspace")     \
+    X(MT_MEM_OFFLOAD, "offload")         \
     X(MT_MEM_DATA, "data")
 
+// clang-format off: the X-macro expansion confuses its indentation
 typedef enum {
 #define MT_X_CAT(name, label) name,
     MT_MEM_CATEGORY_TABLE(MT_X_CAT)
 #undef MT_X_CAT
     MT_MEM_NCATEGORIES
 } mt_mem_category;
+// clang-format on
 
 typedef enum { MT_HOST = 0, MT_DEVICE = 1 } mt_mem_place;
 

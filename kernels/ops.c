@@ -7,10 +7,10 @@
 #include "kernels/ops_ref.h"
 #ifdef MT_HAVE_CUDA
 #include "kernels/ops_cuda.h"
-#define MT_GPU(be, call)       \
-    if ((be)->gpu) {           \
-        call;                  \
-        return;                \
+#define MT_GPU(be, call) \
+    if ((be)->gpu) {     \
+        call;            \
+        return;          \
     }
 #else
 #define MT_GPU(be, call) MT_CHECK(!(be)->gpu, "GPU backend in a CPU-only build")
@@ -93,8 +93,8 @@ void mt_op_swiglu_backward(const mt_backend *be, void *dgate, void *dup, const v
     mt_swiglu_backward_ref(dgate, dup, dout, gate, up, n);
 }
 
-void mt_op_matmul_forward(const mt_backend *be, void *out, const void *inp, const void *weight, const void *bias,
-                          int N, int IN, int OUT) {
+void mt_op_matmul_forward(const mt_backend *be, void *out, const void *inp, const void *weight, const void *bias, int N,
+                          int IN, int OUT) {
     MT_GPU(be, mt_matmul_forward_cuda(be, out, inp, weight, bias, N, IN, OUT));
     mt_matmul_forward_ref(out, inp, weight, bias, N, IN, OUT);
 }
@@ -111,8 +111,8 @@ void mt_op_logits_forward(const mt_backend *be, float *logits, const void *inp, 
     mt_matmul_forward_ref(logits, inp, weight, NULL, N, C, V);
 }
 
-void mt_op_crossentropy(const mt_backend *be, float *losses, void *dlogits, const float *logits,
-                        const int32_t *targets, int N, int V, float dscale) {
+void mt_op_crossentropy(const mt_backend *be, float *losses, void *dlogits, const float *logits, const int32_t *targets,
+                        int N, int V, float dscale) {
     MT_GPU(be, mt_crossentropy_cuda(be, losses, dlogits, logits, targets, N, V, dscale));
     mt_crossentropy_ref(losses, dlogits, logits, targets, N, V, dscale);
 }
@@ -122,9 +122,9 @@ void mt_op_add(const mt_backend *be, void *out, const void *a, const void *b, si
     mt_add_ref(out, a, b, n);
 }
 
-void mt_op_adamw(const mt_backend *be, float *master, void *param_copy, const float *grad, float *m, float *v,
-                 size_t n, float lr, float beta1, float beta2, float eps, float weight_decay,
-                 float bias_correction1, float bias_correction2, float grad_scale) {
+void mt_op_adamw(const mt_backend *be, float *master, void *param_copy, const float *grad, float *m, float *v, size_t n,
+                 float lr, float beta1, float beta2, float eps, float weight_decay, float bias_correction1,
+                 float bias_correction2, float grad_scale) {
     MT_GPU(be, mt_adamw_cuda(be, master, param_copy, grad, m, v, n, lr, beta1, beta2, eps, weight_decay,
                              bias_correction1, bias_correction2, grad_scale));
     (void)param_copy;  // the CPU trains its fp32 master weights directly
@@ -161,6 +161,8 @@ void mt_op_cast_to_f32(const mt_backend *be, float *dst, const void *src, size_t
 }
 
 void mt_op_zero(const mt_backend *be, void *dst, size_t bytes) {
-    if (be->gpu) mt_device_memset(dst, 0, bytes);
-    else memset(dst, 0, bytes);
+    if (be->gpu)
+        mt_device_memset(dst, 0, bytes);
+    else
+        memset(dst, 0, bytes);
 }

@@ -52,8 +52,7 @@ static __global__ void embedding_forward_kernel(bf16 *out, const int32_t *tokens
     out[idx] = wte[(size_t)tokens[n] * C + c];
 }
 
-static __global__ void embedding_backward_kernel(float *dwte, const int32_t *tokens, const bf16 *dout, int N,
-                                                 int C) {
+static __global__ void embedding_backward_kernel(float *dwte, const int32_t *tokens, const bf16 *dout, int N, int C) {
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (size_t)N * C) return;
     size_t n = idx / C, c = idx % C;
@@ -68,8 +67,8 @@ extern "C" void mt_embedding_forward_cuda(const mt_backend *be, void *out, const
     CUDA_CHECK_LAUNCH();
 }
 
-extern "C" void mt_embedding_backward_cuda(const mt_backend *be, float *dwte, const int32_t *tokens,
-                                           const void *dout, int N, int C) {
+extern "C" void mt_embedding_backward_cuda(const mt_backend *be, float *dwte, const int32_t *tokens, const void *dout,
+                                           int N, int C) {
     (void)be;
     size_t n = (size_t)N * C;
     embedding_backward_kernel<<<grid_for(n, kThreads), kThreads>>>(dwte, tokens, (const bf16 *)dout, N, C);
@@ -133,16 +132,16 @@ extern "C" void mt_rmsnorm_backward_cuda(const mt_backend *be, void *dinp, float
     size_t shared = (size_t)C * sizeof(float);
     MT_CHECK(shared <= 48 * 1024, "rmsnorm backward supports C <= 12288, got %d", C);
     unsigned blocks = grid_for((size_t)N, kRmsRowsPerBlock);
-    rmsnorm_backward_kernel<<<blocks, kThreads, shared>>>((bf16 *)dinp, dweight, (const bf16 *)dout,
-                                                          (const bf16 *)inp, (const bf16 *)weight, rstd, N, C);
+    rmsnorm_backward_kernel<<<blocks, kThreads, shared>>>((bf16 *)dinp, dweight, (const bf16 *)dout, (const bf16 *)inp,
+                                                          (const bf16 *)weight, rstd, N, C);
     CUDA_CHECK_LAUNCH();
 }
 
 // --------------------------------------------------------------------- rope
 
 // One thread per (b, t, h, i) with i < D/2 (rotate) or i < D (permute only).
-static __global__ void rope_kernel(bf16 *dst, const bf16 *src, const float *cos_table, const float *sin_table,
-                                   int B, int T, int H, int D, int rotate, int backward) {
+static __global__ void rope_kernel(bf16 *dst, const bf16 *src, const float *cos_table, const float *sin_table, int B,
+                                   int T, int H, int D, int rotate, int backward) {
     int width = rotate ? D / 2 : D;
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (size_t)B * T * H * width) return;
@@ -154,8 +153,10 @@ static __global__ void rope_kernel(bf16 *dst, const bf16 *src, const float *cos_
     int b = rest / T;
     size_t bthd = (((size_t)b * T + t) * H + h) * D, bhtd = (((size_t)b * H + h) * T + t) * D;
     if (!rotate) {
-        if (backward) dst[bthd + i] = src[bhtd + i];
-        else dst[bhtd + i] = src[bthd + i];
+        if (backward)
+            dst[bthd + i] = src[bhtd + i];
+        else
+            dst[bhtd + i] = src[bthd + i];
         return;
     }
     int half = D / 2;
@@ -171,11 +172,11 @@ static __global__ void rope_kernel(bf16 *dst, const bf16 *src, const float *cos_
     }
 }
 
-static void rope_launch(void *dst, const void *src, const float *cos_table, const float *sin_table, int B, int T,
-                        int H, int D, int rotate, int backward) {
+static void rope_launch(void *dst, const void *src, const float *cos_table, const float *sin_table, int B, int T, int H,
+                        int D, int rotate, int backward) {
     size_t n = (size_t)B * T * H * (rotate ? D / 2 : D);
-    rope_kernel<<<grid_for(n, kThreads), kThreads>>>((bf16 *)dst, (const bf16 *)src, cos_table, sin_table, B, T, H,
-                                                     D, rotate, backward);
+    rope_kernel<<<grid_for(n, kThreads), kThreads>>>((bf16 *)dst, (const bf16 *)src, cos_table, sin_table, B, T, H, D,
+                                                     rotate, backward);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -210,7 +211,8 @@ static const int kAttnThreads = 128;  // 4 warps, 16 rows each
 // (an unpadded 128-byte row puts every row of a tile in the same bank).
 static const int kLdS = kTile + 4;  // fp32 score rows
 static const int kLdP = kTile + 8;  // bf16 probability rows
-template <int D> struct attn_ld {
+template <int D>
+struct attn_ld {
     static const int tile = D + 8;  // bf16 q/k/v/dO rows
     static const int out = D + 4;   // fp32 output accumulator rows
 };
@@ -297,7 +299,8 @@ static __device__ void store_rows(bf16 *dst, size_t stride, int limit, frag_acc 
             wmma::store_matrix_sync(stage + j * 16, acc[d0 / 16 + j], kLdS, wmma::mem_row_major);
         __syncwarp();
         for (int r = 0; r < 16 && r < limit; r++)
-            for (int c = lane; c < width; c += 32) dst[(size_t)r * stride + d0 + c] = __float2bfloat16(stage[r * kLdS + c]);
+            for (int c = lane; c < width; c += 32)
+                dst[(size_t)r * stride + d0 + c] = __float2bfloat16(stage[r * kLdS + c]);
         __syncwarp();
     }
 }
@@ -389,8 +392,8 @@ static __global__ void attention_delta_kernel(float *delta, const bf16 *dout, co
 
 template <int D>
 struct attn_backward_smem {
-    static const size_t bytes = 4 * kTile * attn_ld<D>::tile * sizeof(bf16) + 4 * 16 * kLdS * sizeof(float) +
-                                2 * 4 * 16 * kLdP * sizeof(bf16);
+    static const size_t bytes =
+        4 * kTile * attn_ld<D>::tile * sizeof(bf16) + 4 * 16 * kLdS * sizeof(float) + 2 * 4 * 16 * kLdP * sizeof(bf16);
 };
 
 // One block per (key tile, query head, batch): that head's share of dK and
@@ -470,8 +473,8 @@ static __global__ void group_sum_kernel(bf16 *dst, const float *part, int B, int
 
 template <int D>
 struct attn_backward_q_smem {
-    static const size_t bytes = 4 * kTile * attn_ld<D>::tile * sizeof(bf16) + 4 * 16 * kLdS * sizeof(float) +
-                                4 * 16 * kLdP * sizeof(bf16);
+    static const size_t bytes =
+        4 * kTile * attn_ld<D>::tile * sizeof(bf16) + 4 * 16 * kLdS * sizeof(float) + 4 * 16 * kLdP * sizeof(bf16);
 };
 
 // One block per (query tile, head, batch): dQ over the key tiles up to the
@@ -479,8 +482,8 @@ struct attn_backward_q_smem {
 // lane + 32.
 template <int D>
 static __global__ void __launch_bounds__(kAttnThreads)
-    flash_backward_q_kernel(bf16 *dq, const bf16 *dout, const bf16 *q, const bf16 *k, const bf16 *v,
-                            const float *lse, const float *delta, int T, int H, int KV, float scale) {
+    flash_backward_q_kernel(bf16 *dq, const bf16 *dout, const bf16 *q, const bf16 *k, const bf16 *v, const float *lse,
+                            const float *delta, int T, int H, int KV, float scale) {
     const int ldt = attn_ld<D>::tile;
     extern __shared__ __align__(16) unsigned char smem[];
     bf16 *sQ = (bf16 *)smem, *sG = sQ + kTile * ldt, *sK = sG + kTile * ldt, *sV = sK + kTile * ldt;
@@ -558,14 +561,14 @@ static void attention_backward_launch(void *dq, void *dk, void *dv, const void *
                                       float *dv_part, int B, int T, int H, int KV) {
     float scale = 1.0f / sqrtf((float)D);
     size_t smem_kv = attn_backward_smem<D>::bytes, smem_q = attn_backward_q_smem<D>::bytes;
-    CUDA_CHECK(cudaFuncSetAttribute(flash_backward_kv_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    (int)smem_kv));
-    CUDA_CHECK(cudaFuncSetAttribute(flash_backward_q_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    (int)smem_q));
+    CUDA_CHECK(
+        cudaFuncSetAttribute(flash_backward_kv_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_kv));
+    CUDA_CHECK(
+        cudaFuncSetAttribute(flash_backward_q_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_q));
     int tiles = (T + kTile - 1) / kTile;
-    flash_backward_kv_kernel<D><<<dim3(tiles, H, B), kAttnThreads, smem_kv>>>(
-        dk_part, dv_part, (const bf16 *)dout, (const bf16 *)q, (const bf16 *)k, (const bf16 *)v, lse, delta, T, H, KV,
-        scale);
+    flash_backward_kv_kernel<D>
+        <<<dim3(tiles, H, B), kAttnThreads, smem_kv>>>(dk_part, dv_part, (const bf16 *)dout, (const bf16 *)q,
+                                                       (const bf16 *)k, (const bf16 *)v, lse, delta, T, H, KV, scale);
     CUDA_CHECK_LAUNCH();
     size_t n = (size_t)B * KV * T * D;
     group_sum_kernel<<<grid_for(n, kThreads), kThreads>>>((bf16 *)dk, dk_part, B, KV, H / KV, T, tiles * kTile, D);
@@ -573,8 +576,7 @@ static void attention_backward_launch(void *dq, void *dk, void *dv, const void *
     group_sum_kernel<<<grid_for(n, kThreads), kThreads>>>((bf16 *)dv, dv_part, B, KV, H / KV, T, tiles * kTile, D);
     CUDA_CHECK_LAUNCH();
     flash_backward_q_kernel<D><<<dim3(tiles, H, B), kAttnThreads, smem_q>>>(
-        (bf16 *)dq, (const bf16 *)dout, (const bf16 *)q, (const bf16 *)k, (const bf16 *)v, lse, delta, T, H, KV,
-        scale);
+        (bf16 *)dq, (const bf16 *)dout, (const bf16 *)q, (const bf16 *)k, (const bf16 *)v, lse, delta, T, H, KV, scale);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -583,10 +585,10 @@ extern "C" void mt_attention_forward_cuda(mt_backend *be, void *out, float *lse,
     (void)be;
     MT_CHECK(H % KV == 0 && attention_head_dim_supported(D), "attention H=%d KV=%d D=%d", H, KV, D);
     switch (D) {
-    case 16: attention_forward_launch<16>(out, lse, q, k, v, B, T, H, KV); break;
-    case 32: attention_forward_launch<32>(out, lse, q, k, v, B, T, H, KV); break;
-    case 64: attention_forward_launch<64>(out, lse, q, k, v, B, T, H, KV); break;
-    default: attention_forward_launch<128>(out, lse, q, k, v, B, T, H, KV); break;
+        case 16: attention_forward_launch<16>(out, lse, q, k, v, B, T, H, KV); break;
+        case 32: attention_forward_launch<32>(out, lse, q, k, v, B, T, H, KV); break;
+        case 64: attention_forward_launch<64>(out, lse, q, k, v, B, T, H, KV); break;
+        default: attention_forward_launch<128>(out, lse, q, k, v, B, T, H, KV); break;
     }
 }
 
@@ -602,10 +604,18 @@ extern "C" void mt_attention_backward_cuda(mt_backend *be, void *dq, void *dk, v
     attention_delta_kernel<<<grid_for(rows, 8), 256>>>(delta, (const bf16 *)dout, (const bf16 *)out, B, T, H, D);
     CUDA_CHECK_LAUNCH();
     switch (D) {
-    case 16: attention_backward_launch<16>(dq, dk, dv, dout, q, k, v, lse, delta, dk_part, dv_part, B, T, H, KV); break;
-    case 32: attention_backward_launch<32>(dq, dk, dv, dout, q, k, v, lse, delta, dk_part, dv_part, B, T, H, KV); break;
-    case 64: attention_backward_launch<64>(dq, dk, dv, dout, q, k, v, lse, delta, dk_part, dv_part, B, T, H, KV); break;
-    default: attention_backward_launch<128>(dq, dk, dv, dout, q, k, v, lse, delta, dk_part, dv_part, B, T, H, KV); break;
+        case 16:
+            attention_backward_launch<16>(dq, dk, dv, dout, q, k, v, lse, delta, dk_part, dv_part, B, T, H, KV);
+            break;
+        case 32:
+            attention_backward_launch<32>(dq, dk, dv, dout, q, k, v, lse, delta, dk_part, dv_part, B, T, H, KV);
+            break;
+        case 64:
+            attention_backward_launch<64>(dq, dk, dv, dout, q, k, v, lse, delta, dk_part, dv_part, B, T, H, KV);
+            break;
+        default:
+            attention_backward_launch<128>(dq, dk, dv, dout, q, k, v, lse, delta, dk_part, dv_part, B, T, H, KV);
+            break;
     }
 }
 
@@ -649,8 +659,8 @@ extern "C" void mt_swiglu_backward_cuda(const mt_backend *be, void *dgate, void 
 static void gemm(const mt_backend *be, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, const void *A,
                  int lda, const void *B, int ldb, float beta, void *C, cudaDataType ct, int ldc) {
     float alpha = 1.0f;
-    CUBLAS_CHECK(cublasGemmEx((cublasHandle_t)be->cublas, ta, tb, m, n, k, &alpha, A, CUDA_R_16BF, lda, B,
-                              CUDA_R_16BF, ldb, &beta, C, ct, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    CUBLAS_CHECK(cublasGemmEx((cublasHandle_t)be->cublas, ta, tb, m, n, k, &alpha, A, CUDA_R_16BF, lda, B, CUDA_R_16BF,
+                              ldb, &beta, C, ct, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
 static __global__ void add_bias_kernel(bf16 *out, const bf16 *bias, size_t n, int OUT) {
@@ -678,28 +688,27 @@ extern "C" void mt_matmul_forward_cuda(const mt_backend *be, void *out, const vo
 }
 
 extern "C" void mt_matmul_backward_cuda(const mt_backend *be, void *dinp, float *dweight, float *dbias,
-                                        const void *dout, const void *inp, const void *weight, int N, int IN,
-                                        int OUT, int accumulate) {
+                                        const void *dout, const void *inp, const void *weight, int N, int IN, int OUT,
+                                        int accumulate) {
     if (dinp)
         gemm(be, CUBLAS_OP_N, CUBLAS_OP_N, IN, N, OUT, weight, IN, dout, OUT, accumulate ? 1.0f : 0.0f, dinp,
              CUDA_R_16BF, IN);
-    if (dweight)
-        gemm(be, CUBLAS_OP_N, CUBLAS_OP_T, IN, OUT, N, inp, IN, dout, OUT, 1.0f, dweight, CUDA_R_32F, IN);
+    if (dweight) gemm(be, CUBLAS_OP_N, CUBLAS_OP_T, IN, OUT, N, inp, IN, dout, OUT, 1.0f, dweight, CUDA_R_32F, IN);
     if (dbias) {
         bias_grad_kernel<<<grid_for((size_t)OUT, kThreads), kThreads>>>(dbias, (const bf16 *)dout, N, OUT);
         CUDA_CHECK_LAUNCH();
     }
 }
 
-extern "C" void mt_logits_forward_cuda(const mt_backend *be, float *logits, const void *inp, const void *weight,
-                                       int N, int C, int V) {
+extern "C" void mt_logits_forward_cuda(const mt_backend *be, float *logits, const void *inp, const void *weight, int N,
+                                       int C, int V) {
     gemm(be, CUBLAS_OP_T, CUBLAS_OP_N, V, N, C, weight, C, inp, C, 0.0f, logits, CUDA_R_32F, V);
 }
 
 // ------------------------------------------------------------ cross-entropy
 
-static __global__ void crossentropy_kernel(float *losses, bf16 *dlogits, const float *logits,
-                                           const int32_t *targets, int V, float dscale) {
+static __global__ void crossentropy_kernel(float *losses, bf16 *dlogits, const float *logits, const int32_t *targets,
+                                           int V, float dscale) {
     size_t n = blockIdx.x;
     const float *z = logits + n * V;
     bf16 *dz = dlogits ? dlogits + n * V : NULL;
@@ -744,8 +753,8 @@ extern "C" void mt_add_cuda(const mt_backend *be, void *out, const void *a, cons
 }
 
 static __global__ void adamw_kernel(float *master, bf16 *copy, const float *grad, float *m, float *v, size_t n,
-                                    float lr, float beta1, float beta2, float eps, float weight_decay,
-                                    float step_size, float bc2_sqrt, float grad_scale) {
+                                    float lr, float beta1, float beta2, float eps, float weight_decay, float step_size,
+                                    float bc2_sqrt, float grad_scale) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     float g = grad[i] * grad_scale;
@@ -763,9 +772,9 @@ extern "C" void mt_adamw_cuda(const mt_backend *be, float *master, void *param_c
                               float *v, size_t n, float lr, float beta1, float beta2, float eps, float weight_decay,
                               float bias_correction1, float bias_correction2, float grad_scale) {
     (void)be;
-    adamw_kernel<<<grid_for(n, kThreads), kThreads>>>(master, (bf16 *)param_copy, grad, m, v, n, lr, beta1, beta2,
-                                                      eps, weight_decay, lr / bias_correction1,
-                                                      sqrtf(bias_correction2), grad_scale);
+    adamw_kernel<<<grid_for(n, kThreads), kThreads>>>(master, (bf16 *)param_copy, grad, m, v, n, lr, beta1, beta2, eps,
+                                                      weight_decay, lr / bias_correction1, sqrtf(bias_correction2),
+                                                      grad_scale);
     CUDA_CHECK_LAUNCH();
 }
 

@@ -22,8 +22,7 @@ extern "C" {
 size_t mt_act_size(const mt_backend *be);
 
 void mt_op_embedding_forward(const mt_backend *be, void *out, const int32_t *tokens, const void *wte, int N, int C);
-void mt_op_embedding_backward(const mt_backend *be, float *dwte, const int32_t *tokens, const void *dout, int N,
-                              int C);
+void mt_op_embedding_backward(const mt_backend *be, float *dwte, const int32_t *tokens, const void *dout, int N, int C);
 void mt_op_rmsnorm_forward(const mt_backend *be, void *out, float *rstd, const void *inp, const void *weight, int N,
                            int C, float eps);
 void mt_op_rmsnorm_backward(const mt_backend *be, void *dinp, float *dweight, const void *dout, const void *inp,
@@ -46,8 +45,8 @@ void mt_op_attention_backward(mt_backend *be, void *dq, void *dk, void *dv, cons
 void mt_op_swiglu_forward(const mt_backend *be, void *out, const void *gate, const void *up, size_t n);
 void mt_op_swiglu_backward(const mt_backend *be, void *dgate, void *dup, const void *dout, const void *gate,
                            const void *up, size_t n);
-void mt_op_matmul_forward(const mt_backend *be, void *out, const void *inp, const void *weight, const void *bias,
-                          int N, int IN, int OUT);
+void mt_op_matmul_forward(const mt_backend *be, void *out, const void *inp, const void *weight, const void *bias, int N,
+                          int IN, int OUT);
 void mt_op_matmul_backward(const mt_backend *be, void *dinp, float *dweight, float *dbias, const void *dout,
                            const void *inp, const void *weight, int N, int IN, int OUT, int accumulate);
 // logits (N, V) fp32 = inp (N, C) @ weight (V, C)^T.
@@ -55,13 +54,13 @@ void mt_op_logits_forward(const mt_backend *be, float *logits, const void *inp, 
                           int V);
 // dlogits is in the activation type (NULL: loss only). On the CPU it may
 // alias logits.
-void mt_op_crossentropy(const mt_backend *be, float *losses, void *dlogits, const float *logits,
-                        const int32_t *targets, int N, int V, float dscale);
+void mt_op_crossentropy(const mt_backend *be, float *losses, void *dlogits, const float *logits, const int32_t *targets,
+                        int N, int V, float dscale);
 void mt_op_add(const mt_backend *be, void *out, const void *a, const void *b, size_t n);
 // param_copy: bf16 copy to refresh on the GPU; NULL on the CPU.
-void mt_op_adamw(const mt_backend *be, float *master, void *param_copy, const float *grad, float *m, float *v,
-                 size_t n, float lr, float beta1, float beta2, float eps, float weight_decay,
-                 float bias_correction1, float bias_correction2, float grad_scale);
+void mt_op_adamw(const mt_backend *be, float *master, void *param_copy, const float *grad, float *m, float *v, size_t n,
+                 float lr, float beta1, float beta2, float eps, float weight_decay, float bias_correction1,
+                 float bias_correction2, float grad_scale);
 // Sum of squares of n fp32 values, returned on the host (synchronises).
 double mt_op_sumsq(const mt_backend *be, const float *x, size_t n);
 // Sum of n fp32 values, returned on the host (synchronises).

@@ -13,12 +13,11 @@
 extern "C" {
 #endif
 
-void mt_embedding_forward_cuda(const mt_backend *be, void *out, const int32_t *tokens, const void *wte, int N,
-                               int C);
+void mt_embedding_forward_cuda(const mt_backend *be, void *out, const int32_t *tokens, const void *wte, int N, int C);
 void mt_embedding_backward_cuda(const mt_backend *be, float *dwte, const int32_t *tokens, const void *dout, int N,
                                 int C);
-void mt_rmsnorm_forward_cuda(const mt_backend *be, void *out, float *rstd, const void *inp, const void *weight,
-                             int N, int C, float eps);
+void mt_rmsnorm_forward_cuda(const mt_backend *be, void *out, float *rstd, const void *inp, const void *weight, int N,
+                             int C, float eps);
 void mt_rmsnorm_backward_cuda(const mt_backend *be, void *dinp, float *dweight, const void *dout, const void *inp,
                               const void *weight, const float *rstd, int N, int C);
 void mt_rope_forward_cuda(const mt_backend *be, void *out, const void *inp, const float *cos_table,
@@ -45,8 +44,8 @@ void mt_crossentropy_cuda(const mt_backend *be, float *losses, void *dlogits, co
                           const int32_t *targets, int N, int V, float dscale);
 void mt_add_cuda(const mt_backend *be, void *out, const void *a, const void *b, size_t n);
 void mt_adamw_cuda(const mt_backend *be, float *master, void *param_copy, const float *grad, float *m, float *v,
-                   size_t n, float lr, float beta1, float beta2, float eps, float weight_decay,
-                   float bias_correction1, float bias_correction2, float grad_scale);
+                   size_t n, float lr, float beta1, float beta2, float eps, float weight_decay, float bias_correction1,
+                   float bias_correction2, float grad_scale);
 double mt_sumsq_cuda(const mt_backend *be, const float *x, size_t n, int squares);
 void mt_cast_from_f32_cuda(const mt_backend *be, void *dst, const float *src, size_t n);
 void mt_cast_to_f32_cuda(const mt_backend *be, float *dst, const void *src, size_t n);

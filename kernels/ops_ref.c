@@ -22,8 +22,7 @@ void mt_embedding_backward_ref(float *dwte, const int32_t *tokens, const float *
     }
 }
 
-void mt_rmsnorm_forward_ref(float *out, float *rstd, const float *inp, const float *weight, int N, int C,
-                            float eps) {
+void mt_rmsnorm_forward_ref(float *out, float *rstd, const float *inp, const float *weight, int N, int C, float eps) {
 #pragma omp parallel for
     for (int n = 0; n < N; n++) {
         const float *x = inp + (size_t)n * C;
@@ -36,8 +35,8 @@ void mt_rmsnorm_forward_ref(float *out, float *rstd, const float *inp, const flo
     }
 }
 
-void mt_rmsnorm_backward_ref(float *dinp, float *dweight, const float *dout, const float *inp,
-                             const float *weight, const float *rstd, int N, int C) {
+void mt_rmsnorm_backward_ref(float *dinp, float *dweight, const float *dout, const float *inp, const float *weight,
+                             const float *rstd, int N, int C) {
     // dx_j = r*w_j*g_j - r^3/C * x_j * sum_i g_i w_i x_i
 #pragma omp parallel for
     for (int n = 0; n < N; n++) {
@@ -66,8 +65,8 @@ void mt_rope_tables(float *cos_table, float *sin_table, const float *inv_freq, i
         }
 }
 
-void mt_rope_forward_ref(float *out, const float *inp, const float *cos_table, const float *sin_table, int B,
-                         int T, int H, int D, int rotate) {
+void mt_rope_forward_ref(float *out, const float *inp, const float *cos_table, const float *sin_table, int B, int T,
+                         int H, int D, int rotate) {
     int half = D / 2;
 #pragma omp parallel for collapse(2)
     for (int b = 0; b < B; b++)
@@ -87,8 +86,8 @@ void mt_rope_forward_ref(float *out, const float *inp, const float *cos_table, c
             }
 }
 
-void mt_rope_backward_ref(float *dinp, const float *dout, const float *cos_table, const float *sin_table, int B,
-                          int T, int H, int D, int rotate) {
+void mt_rope_backward_ref(float *dinp, const float *dout, const float *cos_table, const float *sin_table, int B, int T,
+                          int H, int D, int rotate) {
     int half = D / 2;
 #pragma omp parallel for collapse(2)
     for (int b = 0; b < B; b++)
@@ -211,8 +210,7 @@ void mt_swiglu_forward_ref(float *out, const float *gate, const float *up, size_
     }
 }
 
-void mt_swiglu_backward_ref(float *dgate, float *dup, const float *dout, const float *gate, const float *up,
-                            size_t n) {
+void mt_swiglu_backward_ref(float *dgate, float *dup, const float *dout, const float *gate, const float *up, size_t n) {
 #pragma omp parallel for
     for (size_t i = 0; i < n; i++) {
         float g = gate[i], sig = 1.0f / (1.0f + expf(-g));
@@ -297,9 +295,8 @@ void mt_add_ref(float *out, const float *a, const float *b, size_t n) {
     for (size_t i = 0; i < n; i++) out[i] = a[i] + b[i];
 }
 
-void mt_adamw_ref(float *param, const float *grad, float *m, float *v, size_t n, float lr, float beta1,
-                  float beta2, float eps, float weight_decay, float bias_correction1, float bias_correction2,
-                  float grad_scale) {
+void mt_adamw_ref(float *param, const float *grad, float *m, float *v, size_t n, float lr, float beta1, float beta2,
+                  float eps, float weight_decay, float bias_correction1, float bias_correction2, float grad_scale) {
     float step_size = lr / bias_correction1, bc2_sqrt = sqrtf(bias_correction2);
 #pragma omp parallel for
     for (size_t i = 0; i < n; i++) {

@@ -20,20 +20,19 @@ void mt_embedding_forward_ref(float *out, const int32_t *tokens, const float *wt
 void mt_embedding_backward_ref(float *dwte, const int32_t *tokens, const float *dout, int N, int C);
 
 // y = x * rsqrt(mean(x^2) + eps) * weight; rstd (N) saved for backward.
-void mt_rmsnorm_forward_ref(float *out, float *rstd, const float *inp, const float *weight, int N, int C,
-                            float eps);
+void mt_rmsnorm_forward_ref(float *out, float *rstd, const float *inp, const float *weight, int N, int C, float eps);
 // dinp (N, C) +=, dweight (C) +=.
-void mt_rmsnorm_backward_ref(float *dinp, float *dweight, const float *dout, const float *inp,
-                             const float *weight, const float *rstd, int N, int C);
+void mt_rmsnorm_backward_ref(float *dinp, float *dweight, const float *dout, const float *inp, const float *weight,
+                             const float *rstd, int N, int C);
 
 // Rotary embedding in the "rotate half" convention of Hugging Face Llama, fused
 // with the layout change (B, T, H, D) -> (B, H, T, D). cos/sin are (T, D/2).
 // rotate == 0 only permutes (for v).
-void mt_rope_forward_ref(float *out, const float *inp, const float *cos_table, const float *sin_table, int B,
-                         int T, int H, int D, int rotate);
+void mt_rope_forward_ref(float *out, const float *inp, const float *cos_table, const float *sin_table, int B, int T,
+                         int H, int D, int rotate);
 // dinp (B, T, H, D) = transpose of the above applied to dout (B, H, T, D).
-void mt_rope_backward_ref(float *dinp, const float *dout, const float *cos_table, const float *sin_table, int B,
-                          int T, int H, int D, int rotate);
+void mt_rope_backward_ref(float *dinp, const float *dout, const float *cos_table, const float *sin_table, int B, int T,
+                          int H, int D, int rotate);
 // cos/sin (T, D/2) for positions 0..T-1 from the inverse frequencies (D/2).
 void mt_rope_tables(float *cos_table, float *sin_table, const float *inv_freq, int T, int D);
 
@@ -49,8 +48,7 @@ void mt_attention_backward_ref(float *dq, float *dk, float *dv, const float *dou
 
 // out = silu(gate) * up, elementwise over n.
 void mt_swiglu_forward_ref(float *out, const float *gate, const float *up, size_t n);
-void mt_swiglu_backward_ref(float *dgate, float *dup, const float *dout, const float *gate, const float *up,
-                            size_t n);
+void mt_swiglu_backward_ref(float *dgate, float *dup, const float *dout, const float *gate, const float *up, size_t n);
 
 // out (N, OUT) = inp (N, IN) @ weight^T (+ bias (OUT) when not NULL).
 void mt_matmul_forward_ref(float *out, const float *inp, const float *weight, const float *bias, int N, int IN,
@@ -71,9 +69,8 @@ void mt_add_ref(float *out, const float *a, const float *b, size_t n);
 
 // AdamW as torch.optim.AdamW: p *= 1 - lr*wd; p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps),
 // with the gradient multiplied by grad_scale first (clipping).
-void mt_adamw_ref(float *param, const float *grad, float *m, float *v, size_t n, float lr, float beta1,
-                  float beta2, float eps, float weight_decay, float bias_correction1, float bias_correction2,
-                  float grad_scale);
+void mt_adamw_ref(float *param, const float *grad, float *m, float *v, size_t n, float lr, float beta1, float beta2,
+                  float eps, float weight_decay, float bias_correction1, float bias_correction2, float grad_scale);
 
 // Sum of squares in double precision.
 double mt_sumsq_ref(const float *x, size_t n);

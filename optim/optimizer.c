@@ -12,8 +12,8 @@ struct mt_optimizer {
     mt_backend *be;
     mt_adamw_config cfg;
     size_t n;
-    float *master;   // fp32; on the CPU this is the weights block itself
-    void *weights;   // compute copy to refresh (GPU) or NULL
+    float *master;  // fp32; on the CPU this is the weights block itself
+    void *weights;  // compute copy to refresh (GPU) or NULL
     float *m, *v;
     mt_param_group *groups;
     int num_groups, steps;
@@ -82,6 +82,8 @@ void mt_optimizer_step(mt_optimizer *opt, const float *grad, float lr, mt_step_i
 int mt_optimizer_steps_taken(const mt_optimizer *opt) { return opt->steps; }
 
 void mt_optimizer_get_master(const mt_optimizer *opt, float *dst) {
-    if (opt->be->gpu) mt_copy_to_host(dst, opt->master, opt->n * sizeof(float));
-    else memcpy(dst, opt->master, opt->n * sizeof(float));
+    if (opt->be->gpu)
+        mt_copy_to_host(dst, opt->master, opt->n * sizeof(float));
+    else
+        memcpy(dst, opt->master, opt->n * sizeof(float));
 }

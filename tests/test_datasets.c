@@ -85,7 +85,7 @@ START_TEST(loader_shuffle_cursor_shards_and_eval) {
         differs |= memcmp(in, in2, sizeof in) != 0;
     }
     ck_assert(differs);
-    for (int w = 0; w < 360; w++) ck_assert_int_eq(seen[w], 1);  // every train window exactly once over both ranks
+    for (int w = 0; w < 360; w++) ck_assert_int_eq(seen[w], 1);    // every train window exactly once over both ranks
     for (int w = 360; w < 400; w++) ck_assert_int_eq(seen[w], 0);  // eval windows never trained on
     mt_loader_next(eval, in, tg, &valid);
     ck_assert_int_eq(in[0], 3600);

@@ -258,7 +258,8 @@ START_TEST(embedding_forward_and_backward) {
     ck_assert_float_eq(out[1 * C + 2], wte[3 * C + 2]);
     float *dout = tu_random((size_t)N * C, -1, 1, 19), *dwte = calloc((size_t)V * C, 4);
     mt_embedding_backward_ref(dwte, tokens, dout, N, C);
-    for (int c = 0; c < C; c++) ck_assert_float_eq_tol(dwte[1 * C + c], dout[c] + dout[2 * C + c] + dout[5 * C + c], 1e-6);
+    for (int c = 0; c < C; c++)
+        ck_assert_float_eq_tol(dwte[1 * C + c], dout[c] + dout[2 * C + c] + dout[5 * C + c], 1e-6);
     free(wte), free(out), free(dout), free(dwte);
 }
 END_TEST

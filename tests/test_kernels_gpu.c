@@ -67,7 +67,8 @@ static float *host_from_f32(const void *d, size_t n) {
 }
 
 static void expect_close(const char *what, const float *got, const float *ref, size_t n, double tol) {
-    for (size_t i = 0; i < n; i++) ck_assert_msg(isfinite(got[i]), "%s: element %zu not written or not finite", what, i);
+    for (size_t i = 0; i < n; i++)
+        ck_assert_msg(isfinite(got[i]), "%s: element %zu not written or not finite", what, i);
     double err = tu_norm_rel_error(got, ref, n);
     ck_assert_msg(err < tol, "%s: relative error %.3g >= %.3g (n=%zu)", what, err, tol, n);
 }
@@ -121,14 +122,15 @@ START_TEST(rope) {
             expect_close("rope forward", yg, y, n, rotate ? 1e-2 : 1e-7);
             expect_close("rope backward", dxg, dx, n, rotate ? 1e-2 : 1e-7);
             free(inv), free(cs), free(x), free(y), free(dx), free(yg), free(dxg);
-            mt_device_free(cos_d), mt_device_free(sin_d), mt_device_free(x_d), mt_device_free(y_d), mt_device_free(dx_d);
+            mt_device_free(cos_d), mt_device_free(sin_d), mt_device_free(x_d), mt_device_free(y_d),
+                mt_device_free(dx_d);
         }
 }
 END_TEST
 
 START_TEST(attention) {
     // head dims 16..128, T around the 64-row tiles, grouped and plain heads
-    int shapes[][5] = {{1, 1, 1, 1, 16}, {2, 7, 4, 2, 16}, {1, 257, 6, 2, 64}, {2, 129, 8, 8, 128},
+    int shapes[][5] = {{1, 1, 1, 1, 16},    {2, 7, 4, 2, 16},  {1, 257, 6, 2, 64}, {2, 129, 8, 8, 128},
                        {1, 1025, 4, 1, 64}, {3, 64, 4, 4, 32}, {1, 65, 8, 2, 128}};
     for (int s = 0; s < 7; s++) {
         int B = shapes[s][0], T = shapes[s][1], H = shapes[s][2], KV = shapes[s][3], D = shapes[s][4];
@@ -136,7 +138,8 @@ START_TEST(attention) {
         float *q = host_random(nq, -1.5f, 1.5f), *k = host_random(nk, -1.5f, 1.5f), *v = host_random(nk, -1, 1);
         float *g = host_random(nq, -1, 1);
         size_t nl = (size_t)B * H * T;
-        float *y = malloc(nq * 4), *dq = malloc(nq * 4), *dk = malloc(nk * 4), *dv = malloc(nk * 4), *lse = malloc(nl * 4);
+        float *y = malloc(nq * 4), *dq = malloc(nq * 4), *dk = malloc(nk * 4), *dv = malloc(nk * 4),
+              *lse = malloc(nl * 4);
         mt_attention_forward_ref(y, lse, q, k, v, B, T, H, KV, D);
         mt_attention_backward_ref(dq, dk, dv, g, q, k, v, y, lse, B, T, H, KV, D);
         ck_assert_int_eq(mt_backend_reserve_workspace(&be, mt_attention_workspace_bytes(&be, B, T, H, D)), MT_OK);
@@ -157,7 +160,8 @@ START_TEST(attention) {
         expect_close("attention dq", dqg, dq, nq, 2 * kBf16Tol);
         expect_close("attention dk", dkg, dk, nk, 2 * kBf16Tol);
         expect_close("attention dv", dvg, dv, nk, kBf16Tol);
-        free(q), free(k), free(v), free(g), free(y), free(dq), free(dk), free(dv), free(yg), free(dqg), free(dkg), free(dvg);
+        free(q), free(k), free(v), free(g), free(y), free(dq), free(dk), free(dv), free(yg), free(dqg), free(dkg),
+            free(dvg);
         mt_device_free(q_d), mt_device_free(k_d), mt_device_free(v_d), mt_device_free(g_d), mt_device_free(y_d);
         mt_device_free(dq_d), mt_device_free(dk_d), mt_device_free(dv_d);
     }
@@ -174,7 +178,8 @@ START_TEST(swiglu_add_and_embedding) {
         mt_swiglu_backward_ref(dg, du, d, gt, up, n);
         mt_add_ref(sum, gt, up, n);
         void *g_d = dev_bf16(gt, n), *u_d = dev_bf16(up, n), *d_d = dev_bf16(d, n);
-        void *y_d = dev_poisoned(n * 2), *dg_d = dev_poisoned(n * 2), *du_d = dev_poisoned(n * 2), *s_d = dev_poisoned(n * 2);
+        void *y_d = dev_poisoned(n * 2), *dg_d = dev_poisoned(n * 2), *du_d = dev_poisoned(n * 2),
+             *s_d = dev_poisoned(n * 2);
         mt_op_swiglu_forward(&be, y_d, g_d, u_d, n);
         mt_op_swiglu_backward(&be, dg_d, du_d, d_d, g_d, u_d, n);
         mt_op_add(&be, s_d, g_d, u_d, n);
@@ -197,7 +202,8 @@ START_TEST(swiglu_add_and_embedding) {
     mt_embedding_backward_ref(dwte, tok, dout, N, C);
     void *tok_d = mt_device_malloc(N * 4);
     mt_copy_to_device(tok_d, tok, N * 4);
-    void *w_d = dev_bf16(wte, (size_t)V * C), *do_d = dev_bf16(dout, (size_t)N * C), *o_d = dev_poisoned((size_t)N * C * 2);
+    void *w_d = dev_bf16(wte, (size_t)V * C), *do_d = dev_bf16(dout, (size_t)N * C),
+         *o_d = dev_poisoned((size_t)N * C * 2);
     void *dw_d = mt_device_malloc((size_t)V * C * 4);
     mt_device_memset(dw_d, 0, (size_t)V * C * 4);
     mt_op_embedding_forward(&be, o_d, tok_d, w_d, N, C);
@@ -259,7 +265,8 @@ START_TEST(crossentropy) {
         for (int i = 0; i < N; i++) t[i] = (i % 5 == 2) ? -1 : (int32_t)((i * 7919) % V);
         float scale = 1.0f / N;
         mt_crossentropy_ref(loss, dz, z, t, N, V, scale);
-        void *z_d = dev_f32(z, n), *t_d = mt_device_malloc(N * 4), *l_d = dev_poisoned(N * 4), *dz_d = dev_poisoned(n * 2);
+        void *z_d = dev_f32(z, n), *t_d = mt_device_malloc(N * 4), *l_d = dev_poisoned(N * 4),
+             *dz_d = dev_poisoned(n * 2);
         mt_copy_to_device(t_d, t, N * 4);
         mt_op_crossentropy(&be, l_d, dz_d, z_d, t_d, N, V, scale);
         float *lg = host_from_f32(l_d, N), *dzg = host_from_bf16(dz_d, n);
@@ -275,7 +282,8 @@ START_TEST(adamw_sums_and_casts) {
     size_t sizes[] = {1, 22, 1025, 1000003};
     for (int s = 0; s < 4; s++) {
         size_t n = sizes[s];
-        float *p = tu_random(n, -1, 1, seed++), *g = tu_random(n, -1, 1, seed++), *m = tu_random(n, -0.1f, 0.1f, seed++);
+        float *p = tu_random(n, -1, 1, seed++), *g = tu_random(n, -1, 1, seed++),
+              *m = tu_random(n, -0.1f, 0.1f, seed++);
         float *v = tu_random(n, 0, 0.01f, seed++);
         void *p_d = dev_f32(p, n), *g_d = dev_f32(g, n), *m_d = dev_f32(m, n), *v_d = dev_f32(v, n);
         void *c_d = dev_poisoned(n * 2);

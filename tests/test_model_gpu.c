@@ -10,8 +10,8 @@
 
 #include "kernels/device.h"
 #include "kernels/rng.h"
-#include "trainer/model.h"
 #include "testutil.h"
+#include "trainer/model.h"
 
 static double cosine(const float *a, const float *b, size_t n) {
     double ab = 0, aa = 0, bb = 0;
@@ -45,7 +45,8 @@ START_TEST(gpu_model_matches_cpu_reference) {
         mt_model_init_random(&c, params, 77);
         for (size_t i = 0; i < total; i++) params[i] = mt_round_bf16(params[i] + 0.02f * mt_rng_normal(78, i));
         int32_t *in = malloc(N * 4), *tg = malloc(N * 4);
-        for (int i = 0; i < N; i++) in[i] = (int32_t)(mt_rng_bits(5, i) % c.V), tg[i] = (int32_t)(mt_rng_bits(6, i) % c.V);
+        for (int i = 0; i < N; i++)
+            in[i] = (int32_t)(mt_rng_bits(5, i) % c.V), tg[i] = (int32_t)(mt_rng_bits(6, i) % c.V);
         tg[10] = -1;
         mt_model_set_weights(mc, params);
         mt_model_set_weights(mg, params);
@@ -70,7 +71,8 @@ START_TEST(gpu_model_matches_cpu_reference) {
             double cs = cosine(gg + info[i].offset, gc + info[i].offset, info[i].count);
             double rel = tu_norm_rel_error(gg + info[i].offset, gc + info[i].offset, info[i].count);
             if (cs < worst) worst = cs;
-            ck_assert_msg(cs > 0.99 && rel < 0.1, "%s: gradient cosine %.5f, relative error %.3g", info[i].name, cs, rel);
+            ck_assert_msg(cs > 0.99 && rel < 0.1, "%s: gradient cosine %.5f, relative error %.3g", info[i].name, cs,
+                          rel);
             double ck = cosine(gk + info[i].offset, gg + info[i].offset, info[i].count);
             ck_assert_msg(ck > 0.9999, "%s: checkpointing changed the gradient (cosine %.6f)", info[i].name, ck);
         }

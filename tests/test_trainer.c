@@ -13,12 +13,12 @@
 
 #include "datasets/dataset.h"
 #include "kernels/rng.h"
+#include "testutil.h"
 #include "trainer/config.h"
 #include "trainer/hf.h"
 #include "trainer/model.h"
 #include "trainer/safetensors.h"
 #include "trainer/train.h"
-#include "testutil.h"
 
 static char dir[256];
 
@@ -43,8 +43,9 @@ START_TEST(config_yaml_set_and_errors) {
     mt_config_defaults(&cfg);
     ck_assert_int_eq(cfg.train_micro_batch, 4);
     ck_assert_str_eq(cfg.optim_schedule, "cosine");
-    write_text(path, "# comment\ntrain:\n  steps: 7\n  micro_batch: 2\noptim:\n  lr: 1e-3\n  schedule: linear\n"
-                     "model:\n  activation_checkpointing: true\n  path: some/dir\n");
+    write_text(path,
+               "# comment\ntrain:\n  steps: 7\n  micro_batch: 2\noptim:\n  lr: 1e-3\n  schedule: linear\n"
+               "model:\n  activation_checkpointing: true\n  path: some/dir\n");
     ck_assert_int_eq(mt_config_load_yaml(&cfg, path), MT_OK);
     ck_assert_int_eq(cfg.train_steps, 7);
     ck_assert_double_eq(cfg.optim_lr, 1e-3);
@@ -55,7 +56,8 @@ START_TEST(config_yaml_set_and_errors) {
     expect_error(mt_config_set_assignment(&cfg, "train.stesp=9", "--set"), MT_ERR_CONFIG, "did you mean 'train.steps'");
     expect_error(mt_config_set_assignment(&cfg, "steps", "--set"), MT_ERR_USAGE, "expected section.key=value");
     write_text(path, "train:\n  steps: 7\n  micro_bach: 2\n");
-    expect_error(mt_config_load_yaml(&cfg, path), MT_ERR_CONFIG, "c.yaml:3: unknown key 'train.micro_bach' (did you mean 'train.micro_batch'?)");
+    expect_error(mt_config_load_yaml(&cfg, path), MT_ERR_CONFIG,
+                 "c.yaml:3: unknown key 'train.micro_bach' (did you mean 'train.micro_batch'?)");
     write_text(path, "optim:\n  lr: fast\n");
     expect_error(mt_config_load_yaml(&cfg, path), MT_ERR_CONFIG, "c.yaml:2: optim.lr = 'fast': expected a number");
     write_text(path, "train:\n  steps: 0\n");
@@ -170,26 +172,34 @@ START_TEST(hf_config_checks) {
     ck_assert_int_eq(c.D, 4);
     ck_assert_int_eq(c.KV, 2);
     ck_assert_int_eq(c.qkv_bias, 0);
-    make_folder("qwen", "{\"architectures\":[\"Qwen2ForCausalLM\"],\"vocab_size\":13,\"hidden_size\":16,"
+    make_folder("qwen",
+                "{\"architectures\":[\"Qwen2ForCausalLM\"],\"vocab_size\":13,\"hidden_size\":16,"
                 "\"intermediate_size\":24,\"num_hidden_layers\":1,\"num_attention_heads\":2,\"num_key_value_heads\":1,"
                 "\"tie_word_embeddings\":true,\"sliding_window\":4096,\"use_sliding_window\":false,"
-                "\"rope_parameters\":{\"rope_type\":\"default\",\"rope_theta\":1000000.0}}", folder, sizeof folder);
+                "\"rope_parameters\":{\"rope_type\":\"default\",\"rope_theta\":1000000.0}}",
+                folder, sizeof folder);
     ck_assert_int_eq(mt_hf_read_config(folder, &c), MT_OK);
     ck_assert(c.qkv_bias && !c.o_bias && c.tie_embeddings && c.sliding_window == 0);
     ck_assert_float_eq(c.rope_theta, 1e6f);
     make_folder("gpt", "{\"architectures\":[\"GPT2LMHeadModel\"],\"vocab_size\":5}", folder, sizeof folder);
     expect_error(mt_hf_read_config(folder, &c), MT_ERR_MODEL, "architecture 'GPT2LMHeadModel' (field architectures)");
-    make_folder("nolayers", "{\"architectures\":[\"LlamaForCausalLM\"],\"vocab_size\":5,\"hidden_size\":8,"
-                "\"intermediate_size\":8,\"num_attention_heads\":2}", folder, sizeof folder);
+    make_folder("nolayers",
+                "{\"architectures\":[\"LlamaForCausalLM\"],\"vocab_size\":5,\"hidden_size\":8,"
+                "\"intermediate_size\":8,\"num_attention_heads\":2}",
+                folder, sizeof folder);
     expect_error(mt_hf_read_config(folder, &c), MT_ERR_MODEL, "field num_hidden_layers is missing");
-    make_folder("yarn", "{\"architectures\":[\"LlamaForCausalLM\"],\"vocab_size\":5,\"hidden_size\":8,"
+    make_folder("yarn",
+                "{\"architectures\":[\"LlamaForCausalLM\"],\"vocab_size\":5,\"hidden_size\":8,"
                 "\"intermediate_size\":8,\"num_hidden_layers\":1,\"num_attention_heads\":2,"
-                "\"rope_scaling\":{\"rope_type\":\"yarn\",\"factor\":4}}", folder, sizeof folder);
+                "\"rope_scaling\":{\"rope_type\":\"yarn\",\"factor\":4}}",
+                folder, sizeof folder);
     expect_error(mt_hf_read_config(folder, &c), MT_ERR_MODEL, "rope type 'yarn'");
-    make_folder("llama3", "{\"architectures\":[\"LlamaForCausalLM\"],\"vocab_size\":5,\"hidden_size\":8,"
+    make_folder("llama3",
+                "{\"architectures\":[\"LlamaForCausalLM\"],\"vocab_size\":5,\"hidden_size\":8,"
                 "\"intermediate_size\":8,\"num_hidden_layers\":1,\"num_attention_heads\":2,\"rope_theta\":500000.0,"
                 "\"rope_scaling\":{\"rope_type\":\"llama3\",\"factor\":8.0,\"low_freq_factor\":1.0,"
-                "\"high_freq_factor\":4.0,\"original_max_position_embeddings\":8192}}", folder, sizeof folder);
+                "\"high_freq_factor\":4.0,\"original_max_position_embeddings\":8192}}",
+                folder, sizeof folder);
     ck_assert_int_eq(mt_hf_read_config(folder, &c), MT_OK);
     ck_assert(c.rope_llama3 && c.rope_factor == 8.0f && c.rope_original_max_position == 8192);
     expect_error(mt_hf_read_config("/nonexistent-folder", &c), MT_ERR_MODEL, "no config.json");
@@ -233,7 +243,8 @@ START_TEST(model_gradients_match_finite_differences) {
         ctx.params = malloc(ctx.total * 4);
         mt_model_init_random(&c, ctx.params, 3);
         for (size_t i = 0; i < ctx.total; i++) ctx.params[i] += 0.1f * mt_rng_normal(9, i);  // non-trivial norms/biases
-        for (int i = 0; i < N; i++) ctx.inputs[i] = (int32_t)(mt_rng_bits(4, i) % 13), ctx.targets[i] = (int32_t)(mt_rng_bits(5, i) % 13);
+        for (int i = 0; i < N; i++)
+            ctx.inputs[i] = (int32_t)(mt_rng_bits(4, i) % 13), ctx.targets[i] = (int32_t)(mt_rng_bits(5, i) % 13);
         ctx.targets[3] = -1;
         mt_model_set_weights(m, ctx.params);
         mt_model_zero_grads(m);

@@ -79,42 +79,42 @@ static int choice_ok(const char *choices, const char *value) {
 static mt_err set_value(mt_config *cfg, const key_info *k, const char *value, const char *origin) {
     char *field = (char *)cfg + k->offset;
     switch (k->type) {
-    case TYPE_INT: {
-        long v;
-        if (mt_parse_long(value, (long)k->lo, (long)k->hi, &v))
-            return mt_errorf(MT_ERR_CONFIG, "%s: %s = '%s': expected an integer in [%ld, %ld]", origin, k->dotted,
-                             value, (long)k->lo, (long)k->hi);
-        *(long *)field = v;
-        break;
-    }
-    case TYPE_FLOAT: {
-        double v;
-        if (mt_parse_double(value, k->lo, k->hi, &v))
-            return mt_errorf(MT_ERR_CONFIG, "%s: %s = '%s': expected a number in [%g, %g]", origin, k->dotted, value,
-                             k->lo, k->hi);
-        *(double *)field = v;
-        break;
-    }
-    case TYPE_BOOL:
-        if (!strcmp(value, "true") || !strcmp(value, "yes") || !strcmp(value, "on") || !strcmp(value, "1"))
-            *(int *)field = 1;
-        else if (!strcmp(value, "false") || !strcmp(value, "no") || !strcmp(value, "off") || !strcmp(value, "0"))
-            *(int *)field = 0;
-        else
-            return mt_errorf(MT_ERR_CONFIG, "%s: %s = '%s': expected true or false", origin, k->dotted, value);
-        break;
-    case TYPE_ENUM:
-        if (!choice_ok(k->choices, value))
-            return mt_errorf(MT_ERR_CONFIG, "%s: %s = '%s': expected one of %s", origin, k->dotted, value,
-                             k->choices);
-        /* fall through */
-    case TYPE_STR: {
-        char *copy = strdup(value);
-        MT_CHECK(copy != NULL, "config string");
-        free(*(char **)field);
-        *(char **)field = copy;
-        break;
-    }
+        case TYPE_INT: {
+            long v;
+            if (mt_parse_long(value, (long)k->lo, (long)k->hi, &v))
+                return mt_errorf(MT_ERR_CONFIG, "%s: %s = '%s': expected an integer in [%ld, %ld]", origin, k->dotted,
+                                 value, (long)k->lo, (long)k->hi);
+            *(long *)field = v;
+            break;
+        }
+        case TYPE_FLOAT: {
+            double v;
+            if (mt_parse_double(value, k->lo, k->hi, &v))
+                return mt_errorf(MT_ERR_CONFIG, "%s: %s = '%s': expected a number in [%g, %g]", origin, k->dotted,
+                                 value, k->lo, k->hi);
+            *(double *)field = v;
+            break;
+        }
+        case TYPE_BOOL:
+            if (!strcmp(value, "true") || !strcmp(value, "yes") || !strcmp(value, "on") || !strcmp(value, "1"))
+                *(int *)field = 1;
+            else if (!strcmp(value, "false") || !strcmp(value, "no") || !strcmp(value, "off") || !strcmp(value, "0"))
+                *(int *)field = 0;
+            else
+                return mt_errorf(MT_ERR_CONFIG, "%s: %s = '%s': expected true or false", origin, k->dotted, value);
+            break;
+        case TYPE_ENUM:
+            if (!choice_ok(k->choices, value))
+                return mt_errorf(MT_ERR_CONFIG, "%s: %s = '%s': expected one of %s", origin, k->dotted, value,
+                                 k->choices);
+            /* fall through */
+        case TYPE_STR: {
+            char *copy = strdup(value);
+            MT_CHECK(copy != NULL, "config string");
+            free(*(char **)field);
+            *(char **)field = copy;
+            break;
+        }
     }
     return MT_OK;
 }
@@ -184,46 +184,50 @@ mt_err mt_config_load_yaml(mt_config *cfg, const char *path) {
         }
         size_t line = ev.start_mark.line + 1;
         switch (ev.type) {
-        case YAML_STREAM_END_EVENT: done = 1; break;
-        case YAML_MAPPING_START_EVENT:
-            depth++;
-            if (depth == 2 && state == 2) state = 1;
-            else if (depth > 2 || (depth == 2 && state != 1))
-                err = mt_errorf(MT_ERR_CONFIG, "%s:%zu: '%s%s%s' should be a plain value, not a mapping", path, line,
-                                section, depth == 2 ? "" : ".", key);
-            if (depth == 1) state = 0;
-            break;
-        case YAML_MAPPING_END_EVENT:
-            depth--;
-            state = 0;
-            break;
-        case YAML_SEQUENCE_START_EVENT:
-            err = mt_errorf(MT_ERR_CONFIG, "%s:%zu: lists are not used in memtune configs ('%s.%s')", path, line,
-                            section, key);
-            break;
-        case YAML_SCALAR_EVENT: {
-            const char *value = (const char *)ev.data.scalar.value;
-            if (depth == 1 && state == 0) {
-                snprintf(section, sizeof section, "%s", value);
-                state = 2;  // expect the section's mapping
-            } else if (depth == 1 && state == 2) {
-                err = mt_errorf(MT_ERR_CONFIG, "%s:%zu: '%s' should be a section holding keys (e.g. %s:\\n  key: "
-                                "value), not a value", path, line, section, section);
-            } else if (depth == 2 && state == 1) {
-                snprintf(key, sizeof key, "%s", value);
-                state = 3;
-            } else if (depth == 2 && state == 3) {
-                char dotted[300];
-                snprintf(dotted, sizeof dotted, "%s.%s", section, key);
-                snprintf(origin, sizeof origin, "%s:%zu", path, line);
-                err = mt_config_set(cfg, dotted, value, origin);
-                state = 1;
-            } else if (depth == 0) {
-                if (value[0]) err = mt_errorf(MT_ERR_CONFIG, "%s:%zu: the file must be a mapping of sections", path, line);
+            case YAML_STREAM_END_EVENT: done = 1; break;
+            case YAML_MAPPING_START_EVENT:
+                depth++;
+                if (depth == 2 && state == 2)
+                    state = 1;
+                else if (depth > 2 || (depth == 2 && state != 1))
+                    err = mt_errorf(MT_ERR_CONFIG, "%s:%zu: '%s%s%s' should be a plain value, not a mapping", path,
+                                    line, section, depth == 2 ? "" : ".", key);
+                if (depth == 1) state = 0;
+                break;
+            case YAML_MAPPING_END_EVENT:
+                depth--;
+                state = 0;
+                break;
+            case YAML_SEQUENCE_START_EVENT:
+                err = mt_errorf(MT_ERR_CONFIG, "%s:%zu: lists are not used in memtune configs ('%s.%s')", path, line,
+                                section, key);
+                break;
+            case YAML_SCALAR_EVENT: {
+                const char *value = (const char *)ev.data.scalar.value;
+                if (depth == 1 && state == 0) {
+                    snprintf(section, sizeof section, "%s", value);
+                    state = 2;  // expect the section's mapping
+                } else if (depth == 1 && state == 2) {
+                    err = mt_errorf(MT_ERR_CONFIG,
+                                    "%s:%zu: '%s' should be a section holding keys (e.g. %s:\\n  key: "
+                                    "value), not a value",
+                                    path, line, section, section);
+                } else if (depth == 2 && state == 1) {
+                    snprintf(key, sizeof key, "%s", value);
+                    state = 3;
+                } else if (depth == 2 && state == 3) {
+                    char dotted[300];
+                    snprintf(dotted, sizeof dotted, "%s.%s", section, key);
+                    snprintf(origin, sizeof origin, "%s:%zu", path, line);
+                    err = mt_config_set(cfg, dotted, value, origin);
+                    state = 1;
+                } else if (depth == 0) {
+                    if (value[0])
+                        err = mt_errorf(MT_ERR_CONFIG, "%s:%zu: the file must be a mapping of sections", path, line);
+                }
+                break;
             }
-            break;
-        }
-        default: break;
+            default: break;
         }
         yaml_event_delete(&ev);
     }
@@ -237,10 +241,10 @@ mt_err mt_config_load_yaml(mt_config *cfg, const char *path) {
 static void write_value(const mt_config *cfg, const key_info *k, FILE *f) {
     const char *field = (const char *)cfg + k->offset;
     switch (k->type) {
-    case TYPE_INT: fprintf(f, "%ld", *(const long *)field); break;
-    case TYPE_FLOAT: fprintf(f, "%.17g", *(const double *)field); break;
-    case TYPE_BOOL: fprintf(f, "%s", *(const int *)field ? "true" : "false"); break;
-    default: fprintf(f, "\"%s\"", *(char *const *)field); break;
+        case TYPE_INT: fprintf(f, "%ld", *(const long *)field); break;
+        case TYPE_FLOAT: fprintf(f, "%.17g", *(const double *)field); break;
+        case TYPE_BOOL: fprintf(f, "%s", *(const int *)field ? "true" : "false"); break;
+        default: fprintf(f, "\"%s\"", *(char *const *)field); break;
     }
 }
 
@@ -270,22 +274,29 @@ unsigned long long mt_config_hash(const mt_config *cfg) {
 void mt_config_write_reference(FILE *f, int markdown) {
     const char *section = "";
     if (markdown)
-        fprintf(f, "# Configuration reference\n\n"
-                   "Generated by `memtune config-docs` from the table in trainer/config.h; do not edit by hand.\n"
-                   "Every key can be set in the YAML file (`section:` then `  key: value`) or on the command\n"
-                   "line with `--set section.key=value`, which wins over the file.\n");
+        fprintf(f,
+                "# Configuration reference\n\n"
+                "Generated by `memtune config-docs` from the table in trainer/config.h; do not edit by hand.\n"
+                "Every key can be set in the YAML file (`section:` then `  key: value`) or on the command\n"
+                "line with `--set section.key=value`, which wins over the file.\n");
     for (int i = 0; i < num_keys; i++) {
         const key_info *k = &keys[i];
         if (strcmp(section, k->section)) {
             section = k->section;
-            if (markdown) fprintf(f, "\n## %s\n\n| key | type | default | allowed | meaning |\n|---|---|---|---|---|\n", section);
-            else fprintf(f, "\n%s:\n", section);
+            if (markdown)
+                fprintf(f, "\n## %s\n\n| key | type | default | allowed | meaning |\n|---|---|---|---|---|\n", section);
+            else
+                fprintf(f, "\n%s:\n", section);
         }
         char allowed[128] = "";
-        if (k->type == TYPE_INT) snprintf(allowed, sizeof allowed, "%ld .. %ld", (long)k->lo, (long)k->hi);
-        else if (k->type == TYPE_FLOAT) snprintf(allowed, sizeof allowed, "%g .. %g", k->lo, k->hi);
-        else if (k->type == TYPE_ENUM) snprintf(allowed, sizeof allowed, "%s", k->choices);
-        else if (k->type == TYPE_BOOL) snprintf(allowed, sizeof allowed, "true|false");
+        if (k->type == TYPE_INT)
+            snprintf(allowed, sizeof allowed, "%ld .. %ld", (long)k->lo, (long)k->hi);
+        else if (k->type == TYPE_FLOAT)
+            snprintf(allowed, sizeof allowed, "%g .. %g", k->lo, k->hi);
+        else if (k->type == TYPE_ENUM)
+            snprintf(allowed, sizeof allowed, "%s", k->choices);
+        else if (k->type == TYPE_BOOL)
+            snprintf(allowed, sizeof allowed, "true|false");
         if (markdown) {
             fprintf(f, "| `%s` | %s | `%s` | ", k->dotted, type_names[k->type], k->def);
             for (const char *p = allowed; *p; p++) fputs(*p == '|' ? "\\|" : (char[2]){*p, 0}, f);
@@ -299,10 +310,12 @@ void mt_config_write_reference(FILE *f, int markdown) {
 
 mt_err mt_config_validate(const mt_config *cfg) {
     if (!cfg->model_path[0])
-        return mt_errorf(MT_ERR_CONFIG, "model.path is not set: name a Hugging Face model folder (config.json + "
+        return mt_errorf(MT_ERR_CONFIG,
+                         "model.path is not set: name a Hugging Face model folder (config.json + "
                          "safetensors), e.g. --set model.path=models/tiny");
     if (!cfg->data_train[0])
-        return mt_errorf(MT_ERR_CONFIG, "data.train is not set: name an HDF5 token dataset made by `memtune "
+        return mt_errorf(MT_ERR_CONFIG,
+                         "data.train is not set: name an HDF5 token dataset made by `memtune "
                          "tokenize`");
     if (cfg->optim_warmup_steps >= cfg->train_steps && cfg->optim_warmup_steps > 0)
         return mt_errorf(MT_ERR_CONFIG, "optim.warmup_steps (%ld) must be below train.steps (%ld)",

@@ -72,14 +72,18 @@ static mt_err read_rope(const char *path, const cJSON *j, mt_model_config *c) {
     const char *t = cJSON_IsString(type) ? type->valuestring : "default";
     if (!strcmp(t, "default")) return MT_OK;
     if (strcmp(t, "llama3"))
-        return mt_errorf(MT_ERR_MODEL, "%s: rope type '%s' (field %s.rope_type) is not supported; memtune supports "
-                         "default and llama3", path, t, params ? "rope_parameters" : "rope_scaling");
+        return mt_errorf(MT_ERR_MODEL,
+                         "%s: rope type '%s' (field %s.rope_type) is not supported; memtune supports "
+                         "default and llama3",
+                         path, t, params ? "rope_parameters" : "rope_scaling");
     c->rope_llama3 = 1;
     if (get_float(rope, "factor", &c->rope_factor) || get_float(rope, "low_freq_factor", &c->rope_low_freq_factor) ||
         get_float(rope, "high_freq_factor", &c->rope_high_freq_factor) ||
         get_int(rope, "original_max_position_embeddings", &c->rope_original_max_position))
-        return mt_errorf(MT_ERR_MODEL, "%s: llama3 rope scaling needs factor, low_freq_factor, high_freq_factor and "
-                         "original_max_position_embeddings", path);
+        return mt_errorf(MT_ERR_MODEL,
+                         "%s: llama3 rope scaling needs factor, low_freq_factor, high_freq_factor and "
+                         "original_max_position_embeddings",
+                         path);
     return MT_OK;
 }
 
@@ -100,15 +104,19 @@ mt_err mt_hf_read_config(const char *dir, mt_model_config *c) {
     const char *name = cJSON_IsString(arch) ? arch->valuestring : NULL;
     if (!name && cJSON_IsString(model_type)) {
         const char *mt = model_type->valuestring;
-        name = !strcmp(mt, "llama") ? "LlamaForCausalLM" : !strcmp(mt, "mistral") ? "MistralForCausalLM"
-             : !strcmp(mt, "qwen2") ? "Qwen2ForCausalLM" : mt;
+        name = !strcmp(mt, "llama")     ? "LlamaForCausalLM"
+               : !strcmp(mt, "mistral") ? "MistralForCausalLM"
+               : !strcmp(mt, "qwen2")   ? "Qwen2ForCausalLM"
+                                        : mt;
     }
     if (!name) name = "(none)";
     snprintf(c->architecture, sizeof c->architecture, "%s", name);
     int qwen2 = !strcmp(name, "Qwen2ForCausalLM");
     if (strcmp(name, "LlamaForCausalLM") && strcmp(name, "MistralForCausalLM") && !qwen2) {
-        err = mt_errorf(MT_ERR_MODEL, "%s: architecture '%s' (field architectures) is not supported; memtune trains "
-                        "LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM", path, name);
+        err = mt_errorf(MT_ERR_MODEL,
+                        "%s: architecture '%s' (field architectures) is not supported; memtune trains "
+                        "LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM",
+                        path, name);
         goto done;
     }
     static const char *const required[] = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -131,8 +139,10 @@ mt_err mt_hf_read_config(const char *dir, mt_model_config *c) {
         goto done;
     }
     if (c->H % c->KV || c->D % 2 || (!hd && c->C % c->H)) {
-        err = mt_errorf(MT_ERR_MODEL, "%s: num_attention_heads (%d) must be a multiple of num_key_value_heads (%d), "
-                        "and the head dimension (%d) even and hidden_size/heads", path, c->H, c->KV, c->D);
+        err = mt_errorf(MT_ERR_MODEL,
+                        "%s: num_attention_heads (%d) must be a multiple of num_key_value_heads (%d), "
+                        "and the head dimension (%d) even and hidden_size/heads",
+                        path, c->H, c->KV, c->D);
         goto done;
     }
     c->max_position = 2048;
@@ -166,8 +176,9 @@ mt_err mt_hf_read_config(const char *dir, mt_model_config *c) {
     if (!cJSON_IsString(dtype)) dtype = cJSON_GetObjectItemCaseSensitive(j, "dtype");
     c->dtype = MT_DTYPE_F32;
     if (cJSON_IsString(dtype))
-        c->dtype = !strcmp(dtype->valuestring, "bfloat16") ? MT_DTYPE_BF16
-                 : !strcmp(dtype->valuestring, "float16")  ? MT_DTYPE_F16 : MT_DTYPE_F32;
+        c->dtype = !strcmp(dtype->valuestring, "bfloat16")  ? MT_DTYPE_BF16
+                   : !strcmp(dtype->valuestring, "float16") ? MT_DTYPE_F16
+                                                            : MT_DTYPE_F32;
 done:
     cJSON_Delete(j);
     return err;
@@ -182,8 +193,10 @@ static mt_err list_shards(const char *dir, char ***files, int *count) {
     if (access(path, F_OK) != 0) {
         snprintf(path, sizeof path, "%s/model.safetensors", dir);
         if (access(path, R_OK) != 0)
-            return mt_errorf(MT_ERR_MODEL, "%s: no model.safetensors or model.safetensors.index.json; set "
-                             "model.init: random to start from config.json alone", dir);
+            return mt_errorf(MT_ERR_MODEL,
+                             "%s: no model.safetensors or model.safetensors.index.json; set "
+                             "model.init: random to start from config.json alone",
+                             dir);
         *files = malloc(sizeof **files);
         (*files)[0] = strdup(path);
         *count = 1;
@@ -258,7 +271,10 @@ static cJSON *config_from_model(const mt_model_config *c) {
     cJSON *archs = cJSON_AddArrayToObject(j, "architectures");
     cJSON_AddItemToArray(archs, cJSON_CreateString(c->architecture));
     int qwen2 = !strcmp(c->architecture, "Qwen2ForCausalLM");
-    cJSON_AddStringToObject(j, "model_type", qwen2 ? "qwen2" : !strcmp(c->architecture, "MistralForCausalLM") ? "mistral" : "llama");
+    cJSON_AddStringToObject(j, "model_type",
+                            qwen2                                            ? "qwen2"
+                            : !strcmp(c->architecture, "MistralForCausalLM") ? "mistral"
+                                                                             : "llama");
     cJSON_AddNumberToObject(j, "vocab_size", c->V);
     cJSON_AddNumberToObject(j, "hidden_size", c->C);
     cJSON_AddNumberToObject(j, "intermediate_size", c->F);

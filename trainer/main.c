@@ -40,8 +40,10 @@ static int cmd_train(int argc, char **argv) {
     mt_err err = MT_OK;
     for (int i = 0; i < argc && !err; i++) {
         if (!strcmp(argv[i], "--set")) {
-            if (i + 1 >= argc) err = mt_errorf(MT_ERR_USAGE, "--set needs section.key=value");
-            else i++;  // applied after the file, below
+            if (i + 1 >= argc)
+                err = mt_errorf(MT_ERR_USAGE, "--set needs section.key=value");
+            else
+                i++;  // applied after the file, below
         } else if (!strncmp(argv[i], "--", 2)) {
             err = mt_errorf(MT_ERR_USAGE, "unknown option %s (see memtune train --help)", argv[i]);
         } else if (config_path) {
@@ -50,7 +52,8 @@ static int cmd_train(int argc, char **argv) {
             config_path = argv[i];
         }
     }
-    if (!err && !config_path) err = mt_errorf(MT_ERR_USAGE, "memtune train needs a config file, e.g. memtune train configs/quickstart.yaml");
+    if (!err && !config_path)
+        err = mt_errorf(MT_ERR_USAGE, "memtune train needs a config file, e.g. memtune train configs/quickstart.yaml");
     if (!err) err = mt_config_load_yaml(&cfg, config_path);
     for (int i = 0; i < argc && !err; i++)
         if (!strcmp(argv[i], "--set")) err = mt_config_set_assignment(&cfg, argv[++i], "--set");
@@ -69,14 +72,21 @@ static int cmd_tokenize(int argc, char **argv) {
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!v) return fail(mt_errorf(MT_ERR_USAGE, "%s needs a value", a));
-        if (!strcmp(a, "--input")) input = v;
-        else if (!strcmp(a, "--output")) output = v;
-        else if (!strcmp(a, "--text-field")) field = v;
+        if (!strcmp(a, "--input"))
+            input = v;
+        else if (!strcmp(a, "--output"))
+            output = v;
+        else if (!strcmp(a, "--text-field"))
+            field = v;
         else if (!strcmp(a, "--format")) {
-            if (!strcmp(v, "text")) format = MT_INPUT_TEXT;
-            else if (!strcmp(v, "jsonl")) format = MT_INPUT_JSONL;
-            else return fail(mt_errorf(MT_ERR_USAGE, "--format %s: expected text or jsonl", v));
-        } else return fail(mt_errorf(MT_ERR_USAGE, "unknown option %s", a));
+            if (!strcmp(v, "text"))
+                format = MT_INPUT_TEXT;
+            else if (!strcmp(v, "jsonl"))
+                format = MT_INPUT_JSONL;
+            else
+                return fail(mt_errorf(MT_ERR_USAGE, "--format %s: expected text or jsonl", v));
+        } else
+            return fail(mt_errorf(MT_ERR_USAGE, "unknown option %s", a));
         i++;
     }
     if (!input || !output) return fail(mt_errorf(MT_ERR_USAGE, "tokenize needs --input FILE and --output DATA.h5"));

@@ -40,21 +40,21 @@ struct mt_model {
     float *g_wte, *g_norm, *g_lm;
     // activations
     void *act_block;
-    void **x;            // (L+1) residual stream inputs, (N, C) each
-    layer_acts *acts;    // L sets, or 1 shared set with checkpointing
-    void *lnf;           // (N, C)
-    float *rstdf;        // (N)
-    void *qkv_flat;      // (N, (H+2KV)D) projections before rope
-    void *scratch_c;     // (N, C) o_proj / down_proj output
-    void *f0, *f1, *f2;  // (N, F) swiglu out, its grad, up grad
-    void *dres, *dln;    // (N, C) residual grad, norm-input grad
-    void *datty;         // (N, HD)
-    void *dq, *dk, *dv;  // (B,H,T,D), (B,KV,T,D) x2
-    void *dqkv_flat;     // (N, (H+2KV)D)
-    float *logits;       // (R, V) fp32 chunk
-    void *dlogits;       // (R, V) activation type (aliases logits on the CPU)
-    float *losses;       // (N)
-    int32_t *tokens, *targets;  // (N) where the backend computes
+    void **x;                      // (L+1) residual stream inputs, (N, C) each
+    layer_acts *acts;              // L sets, or 1 shared set with checkpointing
+    void *lnf;                     // (N, C)
+    float *rstdf;                  // (N)
+    void *qkv_flat;                // (N, (H+2KV)D) projections before rope
+    void *scratch_c;               // (N, C) o_proj / down_proj output
+    void *f0, *f1, *f2;            // (N, F) swiglu out, its grad, up grad
+    void *dres, *dln;              // (N, C) residual grad, norm-input grad
+    void *datty;                   // (N, HD)
+    void *dq, *dk, *dv;            // (B,H,T,D), (B,KV,T,D) x2
+    void *dqkv_flat;               // (N, (H+2KV)D)
+    float *logits;                 // (R, V) fp32 chunk
+    void *dlogits;                 // (R, V) activation type (aliases logits on the CPU)
+    float *losses;                 // (N)
+    int32_t *tokens, *targets;     // (N) where the backend computes
     float *cos_table, *sin_table;  // (T, D/2)
     int chunk_rows;
 };
@@ -84,18 +84,26 @@ mt_param_info *mt_model_param_table(const mt_model_config *c, int *count, size_t
     int64_t HD = (int64_t)c->H * c->D, KVD = (int64_t)c->KV * c->D;
     add_param(t, &n, &off, "model.embed_tokens.weight", c->V, c->C);
     for (int l = 0; l < c->L; l++) {
-#define LAYER_PARAM(suffix, d0, d1)                                          \
-    snprintf(name, sizeof name, "model.layers.%d.%s", l, suffix);            \
+#define LAYER_PARAM(suffix, d0, d1)                               \
+    snprintf(name, sizeof name, "model.layers.%d.%s", l, suffix); \
     add_param(t, &n, &off, name, d0, d1)
         LAYER_PARAM("input_layernorm.weight", c->C, 0);
         LAYER_PARAM("self_attn.q_proj.weight", HD, c->C);
-        if (c->qkv_bias) { LAYER_PARAM("self_attn.q_proj.bias", HD, 0); }
+        if (c->qkv_bias) {
+            LAYER_PARAM("self_attn.q_proj.bias", HD, 0);
+        }
         LAYER_PARAM("self_attn.k_proj.weight", KVD, c->C);
-        if (c->qkv_bias) { LAYER_PARAM("self_attn.k_proj.bias", KVD, 0); }
+        if (c->qkv_bias) {
+            LAYER_PARAM("self_attn.k_proj.bias", KVD, 0);
+        }
         LAYER_PARAM("self_attn.v_proj.weight", KVD, c->C);
-        if (c->qkv_bias) { LAYER_PARAM("self_attn.v_proj.bias", KVD, 0); }
+        if (c->qkv_bias) {
+            LAYER_PARAM("self_attn.v_proj.bias", KVD, 0);
+        }
         LAYER_PARAM("self_attn.o_proj.weight", c->C, HD);
-        if (c->o_bias) { LAYER_PARAM("self_attn.o_proj.bias", c->C, 0); }
+        if (c->o_bias) {
+            LAYER_PARAM("self_attn.o_proj.bias", c->C, 0);
+        }
         LAYER_PARAM("post_attention_layernorm.weight", c->C, 0);
         LAYER_PARAM("mlp.gate_proj.weight", c->F, c->C);
         LAYER_PARAM("mlp.up_proj.weight", c->F, c->C);
@@ -142,10 +150,10 @@ static void bind_params(mt_model *m) {
     size_t act = mt_act_size(m->be);
     char name[160];
     static const char *const suffix[P_LAYER_COUNT] = {
-        "input_layernorm.weight",  "self_attn.q_proj.weight", "self_attn.q_proj.bias",
-        "self_attn.k_proj.weight", "self_attn.k_proj.bias",   "self_attn.v_proj.weight",
-        "self_attn.v_proj.bias",   "self_attn.o_proj.weight", "self_attn.o_proj.bias",
-        "post_attention_layernorm.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"};
+        "input_layernorm.weight", "self_attn.q_proj.weight",         "self_attn.q_proj.bias", "self_attn.k_proj.weight",
+        "self_attn.k_proj.bias",  "self_attn.v_proj.weight",         "self_attn.v_proj.bias", "self_attn.o_proj.weight",
+        "self_attn.o_proj.bias",  "post_attention_layernorm.weight", "mlp.gate_proj.weight",  "mlp.up_proj.weight",
+        "mlp.down_proj.weight"};
 #define WPTR(i) ((char *)m->weights + m->params[i].offset * act)
 #define GPTR(i) (m->grads + m->params[i].offset)
     for (int l = 0; l < m->cfg.L; l++)
@@ -160,8 +168,10 @@ static void bind_params(mt_model *m) {
     i = find_param(m, "model.norm.weight");
     m->norm_w = WPTR(i), m->g_norm = GPTR(i);
     i = find_param(m, "lm_head.weight");
-    if (i < 0) m->lm_w = m->wte, m->g_lm = m->g_wte;
-    else m->lm_w = WPTR(i), m->g_lm = GPTR(i);
+    if (i < 0)
+        m->lm_w = m->wte, m->g_lm = m->g_wte;
+    else
+        m->lm_w = WPTR(i), m->g_lm = GPTR(i);
 #undef WPTR
 #undef GPTR
 }
@@ -177,10 +187,11 @@ static void compute_inv_freq(const mt_model_config *c, float *inv_freq) {
         double low_wavelen = old_len / c->rope_low_freq_factor, high_wavelen = old_len / c->rope_high_freq_factor;
         double wavelen = 2.0 * M_PI / inv_freq[i];
         double f = inv_freq[i];
-        if (wavelen > low_wavelen) f = f / c->rope_factor;
+        if (wavelen > low_wavelen)
+            f = f / c->rope_factor;
         else if (wavelen >= high_wavelen) {
-            double smooth = (old_len / wavelen - c->rope_low_freq_factor) /
-                            (c->rope_high_freq_factor - c->rope_low_freq_factor);
+            double smooth =
+                (old_len / wavelen - c->rope_low_freq_factor) / (c->rope_high_freq_factor - c->rope_low_freq_factor);
             f = (1.0 - smooth) * f / c->rope_factor + smooth * f;
         }
         inv_freq[i] = (float)f;
@@ -244,8 +255,10 @@ mt_err mt_model_create(mt_model **out, mt_backend *be, const mt_model_config *cf
                        int activation_checkpointing) {
     *out = NULL;
     if (!mt_attention_supports(be, cfg->D))
-        return mt_errorf(MT_ERR_MODEL, "head dimension %d is not supported by the GPU attention kernel (16, 32, 64 "
-                         "and 128 are); train on the CPU with train.device: cpu", cfg->D);
+        return mt_errorf(MT_ERR_MODEL,
+                         "head dimension %d is not supported by the GPU attention kernel (16, 32, 64 "
+                         "and 128 are); train on the CPU with train.device: cpu",
+                         cfg->D);
     mt_model *m = calloc(1, sizeof *m);
     MT_CHECK(m != NULL, "model");
     m->be = be;
@@ -423,8 +436,8 @@ double mt_model_step(mt_model *m, const int32_t *inputs, const int32_t *targets,
         mt_op_crossentropy(be, m->losses + r0, backward ? m->dlogits : NULL, m->logits, m->targets + r0, R, c->V,
                            dscale);
         if (backward)
-            mt_op_matmul_backward(be, rows(m, m->dln, (size_t)r0, (size_t)c->C), m->g_lm, NULL, m->dlogits, x,
-                                  m->lm_w, R, c->C, c->V, 0);
+            mt_op_matmul_backward(be, rows(m, m->dln, (size_t)r0, (size_t)c->C), m->g_lm, NULL, m->dlogits, x, m->lm_w,
+                                  R, c->C, c->V, 0);
     }
     double loss = mt_op_sum(be, m->losses, (size_t)N);
     if (!backward) return loss;
@@ -444,7 +457,9 @@ void mt_model_logits(mt_model *m, const int32_t *inputs, float *logits) {
         int R = N - r0 < m->chunk_rows ? N - r0 : m->chunk_rows;
         mt_op_logits_forward(m->be, m->logits, rows(m, m->lnf, (size_t)r0, (size_t)c->C), m->lm_w, R, c->C, c->V);
         size_t bytes = (size_t)R * c->V * sizeof(float);
-        if (m->be->gpu) mt_copy_to_host(logits + (size_t)r0 * c->V, m->logits, bytes);
-        else memcpy(logits + (size_t)r0 * c->V, m->logits, bytes);
+        if (m->be->gpu)
+            mt_copy_to_host(logits + (size_t)r0 * c->V, m->logits, bytes);
+        else
+            memcpy(logits + (size_t)r0 * c->V, m->logits, bytes);
     }
 }

@@ -20,9 +20,10 @@ struct mt_safetensors {
 };
 
 static mt_err bad(const char *path, const char *what, const char *name) {
-    return mt_errorf(MT_ERR_FORMAT, "%s: malformed safetensors file: %s%s%s. The file is damaged or not "
-                     "safetensors; re-download or re-save it.", path, what, name ? " for tensor " : "",
-                     name ? name : "");
+    return mt_errorf(MT_ERR_FORMAT,
+                     "%s: malformed safetensors file: %s%s%s. The file is damaged or not "
+                     "safetensors; re-download or re-save it.",
+                     path, what, name ? " for tensor " : "", name ? name : "");
 }
 
 static mt_err parse_header(mt_safetensors *st, const char *json, uint64_t len) {

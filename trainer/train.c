@@ -38,10 +38,14 @@ static mt_err make_dirs(const char *path) {
 }
 
 static void format_duration(double s, char *buf, size_t len) {
-    if (!isfinite(s) || s < 0) snprintf(buf, len, "?");
-    else if (s < 60) snprintf(buf, len, "%.0fs", s);
-    else if (s < 3600) snprintf(buf, len, "%dm%02ds", (int)s / 60, (int)s % 60);
-    else snprintf(buf, len, "%dh%02dm", (int)s / 3600, ((int)s % 3600) / 60);
+    if (!isfinite(s) || s < 0)
+        snprintf(buf, len, "?");
+    else if (s < 60)
+        snprintf(buf, len, "%.0fs", s);
+    else if (s < 3600)
+        snprintf(buf, len, "%dm%02ds", (int)s / 60, (int)s % 60);
+    else
+        snprintf(buf, len, "%dh%02dm", (int)s / 3600, ((int)s % 3600) / 60);
 }
 
 static size_t peak_bytes(mt_backend *be) {
@@ -70,14 +74,17 @@ static void write_loss_svg(const char *path, const float *loss, int steps, const
     if (hi - lo < 1e-6f) hi = lo + 1.0f;
     const double W = 640, H = 360, L = 60, R = 20, T = 20, Bm = 40;
     double xs = (W - L - R) / (steps > 1 ? steps - 1 : 1), ys = (H - T - Bm) / (hi - lo);
-    fprintf(f, "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%.0f\" height=\"%.0f\" font-family=\"sans-serif\" "
-               "font-size=\"12\">\n<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n", W, H);
+    fprintf(f,
+            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%.0f\" height=\"%.0f\" font-family=\"sans-serif\" "
+            "font-size=\"12\">\n<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n",
+            W, H);
     fprintf(f, "<path d=\"M%.0f %.0f V%.0f H%.0f\" stroke=\"black\" fill=\"none\"/>\n", L, T, H - Bm, W - R);
     for (int k = 0; k <= 4; k++) {
         double v = lo + (hi - lo) * k / 4, y = H - Bm - (v - lo) * ys;
         fprintf(f, "<text x=\"%.0f\" y=\"%.1f\" text-anchor=\"end\">%.3g</text>\n", L - 6, y + 4, v);
     }
-    fprintf(f, "<text x=\"%.0f\" y=\"%.0f\">step 1</text><text x=\"%.0f\" y=\"%.0f\" text-anchor=\"end\">step %d</text>\n",
+    fprintf(f,
+            "<text x=\"%.0f\" y=\"%.0f\">step 1</text><text x=\"%.0f\" y=\"%.0f\" text-anchor=\"end\">step %d</text>\n",
             L, H - Bm + 16, W - R, H - Bm + 16, steps);
     fprintf(f, "<polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"1.5\" points=\"");
     for (int i = 0; i < steps; i++) fprintf(f, "%.1f,%.1f ", L + i * xs, H - Bm - (loss[i] - lo) * ys);
@@ -85,8 +92,10 @@ static void write_loss_svg(const char *path, const float *loss, int steps, const
     for (int i = 0; i < evals; i++)
         fprintf(f, "<circle cx=\"%.1f\" cy=\"%.1f\" r=\"3.5\" fill=\"#d62728\"/>\n", L + (eval_step[i] - 1) * xs,
                 H - Bm - (eval[i] - lo) * ys);
-    fprintf(f, "<text x=\"%.0f\" y=\"14\" fill=\"#1f77b4\">train loss</text><text x=\"%.0f\" y=\"14\" "
-               "fill=\"#d62728\">eval loss</text>\n</svg>\n", L + 10, L + 100);
+    fprintf(f,
+            "<text x=\"%.0f\" y=\"14\" fill=\"#1f77b4\">train loss</text><text x=\"%.0f\" y=\"14\" "
+            "fill=\"#d62728\">eval loss</text>\n</svg>\n",
+            L + 10, L + 100);
     fclose(f);
 }
 
@@ -119,7 +128,8 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     mt_model_config mc;
     if ((err = mt_hf_read_config(cfg->model_path, &mc))) return err;
     if (mc.sliding_window > 0 && mc.sliding_window < T)
-        return mt_errorf(MT_ERR_MODEL, "%s: sliding_window %ld is shorter than train.seq_len %d; memtune does not "
+        return mt_errorf(MT_ERR_MODEL,
+                         "%s: sliding_window %ld is shorter than train.seq_len %d; memtune does not "
                          "implement sliding-window attention. Lower train.seq_len to %ld or less.",
                          cfg->model_path, mc.sliding_window, T, mc.sliding_window);
     mt_dataset *ds = NULL;
@@ -137,8 +147,10 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     MT_CHECK(host_params != NULL, "host parameter block (%zu floats)", total);
     memset(host_params, 0, total * sizeof(float));
     int random_init = !strcmp(cfg->model_init, "random");
-    if (random_init) mt_model_init_random(&mc, host_params, (uint64_t)cfg->train_seed);
-    else if ((err = mt_hf_load_weights(cfg->model_path, &mc, host_params))) goto out_params;
+    if (random_init)
+        mt_model_init_random(&mc, host_params, (uint64_t)cfg->train_seed);
+    else if ((err = mt_hf_load_weights(cfg->model_path, &mc, host_params)))
+        goto out_params;
     if ((err = make_dirs(cfg->output_dir))) goto out_params;
 
     // ---- backend, model, optimizer
@@ -157,15 +169,17 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     mt_backend be;
     if ((err = mt_backend_init(&be, use_gpu ? 0 : -1))) goto out_params;
     char devname[256];
-    if (use_gpu) mt_device_describe(devname, sizeof devname);
-    else snprintf(devname, sizeof devname, "CPU (fp32 reference backend)");
+    if (use_gpu)
+        mt_device_describe(devname, sizeof devname);
+    else
+        snprintf(devname, sizeof devname, "CPU (fp32 reference backend)");
     mt_model *model = NULL;
     mt_optimizer *opt = NULL;
     if ((err = mt_model_create(&model, &be, &mc, B, T, cfg->model_activation_checkpointing))) goto out_backend;
     mt_model_set_weights(model, host_params);
     mt_param_group *groups = malloc((size_t)n_params * sizeof *groups);
     for (int i = 0; i < n_params; i++) groups[i] = (mt_param_group){table[i].offset, table[i].count, table[i].decay};
-    mt_adamw_config ac = {(float)cfg->optim_lr, (float)cfg->optim_beta1, (float)cfg->optim_beta2,
+    mt_adamw_config ac = {(float)cfg->optim_lr,  (float)cfg->optim_beta1,        (float)cfg->optim_beta2,
                           (float)cfg->optim_eps, (float)cfg->optim_weight_decay, (float)cfg->optim_grad_clip};
     err = mt_optimizer_init(&opt, &be, &ac, use_gpu ? mt_model_weights(model) : (float *)mt_model_weights(model),
                             host_params, total, groups, n_params);
@@ -195,8 +209,9 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
             (unsigned long long)mt_dataset_num_tokens(ds), (unsigned long long)mt_dataset_num_docs(ds),
             (unsigned long long)mt_loader_batches_per_epoch(train));
 
-    mt_schedule sched = {!strcmp(cfg->optim_schedule, "linear") ? MT_SCHEDULE_LINEAR
-                         : !strcmp(cfg->optim_schedule, "constant") ? MT_SCHEDULE_CONSTANT : MT_SCHEDULE_COSINE,
+    mt_schedule sched = {!strcmp(cfg->optim_schedule, "linear")     ? MT_SCHEDULE_LINEAR
+                         : !strcmp(cfg->optim_schedule, "constant") ? MT_SCHEDULE_CONSTANT
+                                                                    : MT_SCHEDULE_COSINE,
                          (float)cfg->optim_lr, (float)cfg->optim_min_lr_ratio, (int)cfg->optim_warmup_steps,
                          (int)cfg->train_steps};
     batch_set bs;
@@ -230,8 +245,10 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
         mt_step_info info;
         mt_optimizer_step(opt, mt_model_grads(model), lr, &info);
         if (!isfinite(loss) || !info.finite) {
-            err = mt_errorf(MT_ERR_NONFINITE, "step %d: loss %g, gradient norm %g. Training stopped before applying "
-                            "it; lower optim.lr or raise optim.warmup_steps.", step + 1, loss, info.grad_norm);
+            err = mt_errorf(MT_ERR_NONFINITE,
+                            "step %d: loss %g, gradient norm %g. Training stopped before applying "
+                            "it; lower optim.lr or raise optim.warmup_steps.",
+                            step + 1, loss, info.grad_norm);
             break;
         }
         if (step == 0) result->first_loss = loss;
@@ -252,9 +269,11 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
             char eta[32], evaltext[48] = "";
             format_duration((now - t_start) / (step + 1) * (cfg->train_steps - step - 1), eta, sizeof eta);
             if (isfinite(eval_loss)) snprintf(evaltext, sizeof evaltext, " | eval %.4f", eval_loss);
-            fprintf(stderr, "step %*d/%ld | loss %.4f%s | lr %.2e | grad norm %.3f | %.0f tok/s | peak mem %.2f GiB | "
-                    "ETA %s\n", (int)(log10((double)cfg->train_steps) + 1), step + 1, cfg->train_steps, loss, evaltext,
-                    lr, info.grad_norm, tps, peak_bytes(&be) / 1073741824.0, eta);
+            fprintf(stderr,
+                    "step %*d/%ld | loss %.4f%s | lr %.2e | grad norm %.3f | %.0f tok/s | peak mem %.2f GiB | "
+                    "ETA %s\n",
+                    (int)(log10((double)cfg->train_steps) + 1), step + 1, cfg->train_steps, loss, evaltext, lr,
+                    info.grad_norm, tps, peak_bytes(&be) / 1073741824.0, eta);
             cJSON *rec = cJSON_CreateObject();
             cJSON_AddNumberToObject(rec, "step", step + 1);
             cJSON_AddNumberToObject(rec, "loss", loss);
@@ -292,7 +311,8 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
         mt_optimizer_get_master(opt, host_params);
         mt_dtype dtype = !strcmp(cfg->output_save_dtype, "F32")    ? MT_DTYPE_F32
                          : !strcmp(cfg->output_save_dtype, "BF16") ? MT_DTYPE_BF16
-                         : random_init ? MT_DTYPE_F32 : mc.dtype;
+                         : random_init                             ? MT_DTYPE_F32
+                                                                   : mc.dtype;
         snprintf(path, sizeof path, "%s/model", cfg->output_dir);
         err = mt_hf_save(path, cfg->model_path, &mc, host_params, dtype);
         if (!err) mt_info("saved %s (%s, Hugging Face layout)", path, mt_dtype_name(dtype));

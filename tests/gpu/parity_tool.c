@@ -25,17 +25,27 @@ int main(int argc, char **argv) {
     int B = 0, T = 0, grads = 0, checkpointing = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : "";
-        if (!strcmp(a, "--model")) model_dir = v, i++;
-        else if (!strcmp(a, "--tokens")) tokens_path = v, i++;
-        else if (!strcmp(a, "--out")) out = v, i++;
-        else if (!strcmp(a, "--device")) device = v, i++;
-        else if (!strcmp(a, "--batch")) B = atoi(v), i++;
-        else if (!strcmp(a, "--seq")) T = atoi(v), i++;
-        else if (!strcmp(a, "--grads")) grads = 1;
-        else if (!strcmp(a, "--checkpointing")) checkpointing = 1;
-        else return fprintf(stderr, "mt_parity: unknown argument %s\n", a), 2;
+        if (!strcmp(a, "--model"))
+            model_dir = v, i++;
+        else if (!strcmp(a, "--tokens"))
+            tokens_path = v, i++;
+        else if (!strcmp(a, "--out"))
+            out = v, i++;
+        else if (!strcmp(a, "--device"))
+            device = v, i++;
+        else if (!strcmp(a, "--batch"))
+            B = atoi(v), i++;
+        else if (!strcmp(a, "--seq"))
+            T = atoi(v), i++;
+        else if (!strcmp(a, "--grads"))
+            grads = 1;
+        else if (!strcmp(a, "--checkpointing"))
+            checkpointing = 1;
+        else
+            return fprintf(stderr, "mt_parity: unknown argument %s\n", a), 2;
     }
-    if (!model_dir || !tokens_path || !out || B <= 0 || T <= 0) return fprintf(stderr, "mt_parity: missing arguments\n"), 2;
+    if (!model_dir || !tokens_path || !out || B <= 0 || T <= 0)
+        return fprintf(stderr, "mt_parity: missing arguments\n"), 2;
     mt_model_config cfg;
     mt_err err = mt_hf_read_config(model_dir, &cfg);
     if (err) return die(err);
@@ -47,7 +57,8 @@ int main(int argc, char **argv) {
     int N = B * T;
     int32_t *raw = malloc((size_t)B * (T + 1) * 4), *in = malloc((size_t)N * 4), *tg = malloc((size_t)N * 4);
     FILE *f = fopen(tokens_path, "rb");
-    if (!f || fread(raw, 4, (size_t)B * (T + 1), f) != (size_t)B * (T + 1)) return fprintf(stderr, "mt_parity: bad tokens file\n"), 1;
+    if (!f || fread(raw, 4, (size_t)B * (T + 1), f) != (size_t)B * (T + 1))
+        return fprintf(stderr, "mt_parity: bad tokens file\n"), 1;
     fclose(f);
     for (int b = 0; b < B; b++)
         for (int t = 0; t < T; t++) in[b * T + t] = raw[b * (T + 1) + t], tg[b * T + t] = raw[b * (T + 1) + t + 1];
@@ -71,13 +82,15 @@ int main(int argc, char **argv) {
     float *g = NULL;
     if (grads) {
         g = malloc(total * sizeof(float));
-        if (be.gpu) mt_copy_to_host(g, mt_model_grads(m), total * sizeof(float));
-        else memcpy(g, mt_model_grads(m), total * sizeof(float));
+        if (be.gpu)
+            mt_copy_to_host(g, mt_model_grads(m), total * sizeof(float));
+        else
+            memcpy(g, mt_model_grads(m), total * sizeof(float));
         for (int i = 0; i < n; i++) {
             names[2 + i] = malloc(160);
             snprintf(names[2 + i], 160, "grad.%s", table[i].name);
-            ts[2 + i] = (mt_st_write_tensor){names[2 + i], table[i].ndim, {table[i].shape[0], table[i].shape[1]},
-                                             g + table[i].offset};
+            ts[2 + i] = (mt_st_write_tensor){
+                names[2 + i], table[i].ndim, {table[i].shape[0], table[i].shape[1]}, g + table[i].offset};
         }
     }
     if ((err = mt_safetensors_write(out, ts, count, MT_DTYPE_F32, "pt"))) return die(err);
