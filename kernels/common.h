@@ -28,7 +28,8 @@ extern "C" {
     X(MT_ERR_NONFINITE, "non-finite loss or gradient") \
     X(MT_ERR_DEVICE, "GPU unavailable or failed")
 
-// clang-format off: the X-macro expansion confuses its indentation
+// The X-macro expansion confuses clang-format's indentation here.
+// clang-format off
 typedef enum {
 #define MT_X_ENUM(name, msg) name,
     MT_ERROR_TABLE(MT_X_ENUM)

@@ -22,7 +22,8 @@ extern "C" {
     X(MT_MEM_OFFLOAD, "offload")         \
     X(MT_MEM_DATA, "data")
 
-// clang-format off: the X-macro expansion confuses its indentation
+// The X-macro expansion confuses clang-format's indentation here.
+// clang-format off
 typedef enum {
 #define MT_X_CAT(name, label) name,
     MT_MEM_CATEGORY_TABLE(MT_X_CAT)
