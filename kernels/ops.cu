@@ -401,7 +401,7 @@ struct attn_backward_smem {
 // group_sum_kernel then adds the heads of each kv group. Each warp owns 16
 // key rows; a lane takes query columns lane and lane + 32.
 template <int D>
-static __global__ void __launch_bounds__(kAttnThreads)
+static __global__ void __launch_bounds__(kAttnThreads, D <= 64 ? 3 : 1)
     flash_backward_kv_kernel(float *dk_part, float *dv_part, const bf16 *dout, const bf16 *q, const bf16 *k,
                              const bf16 *v, const float *lse, const float *delta, int T, int H, int KV, float scale) {
     const int ldt = attn_ld<D>::tile;
@@ -430,22 +430,24 @@ static __global__ void __launch_bounds__(kAttnThreads)
         float lse0 = qi0 < T ? lse_h[qi0] : 0.0f, lse1 = qi1 < T ? lse_h[qi1] : 0.0f;
         float delta0 = qi0 < T ? delta_h[qi0] : 0.0f, delta1 = qi1 < T ? delta_h[qi1] : 0.0f;
         mma_abt_store<D>(sSw, sK + warp * 16 * ldt, sQ);  // S^T (16 keys x 64 queries) = K_w Q^T
-        float p0[16], p1[16];
 #pragma unroll
         for (int r = 0; r < 16; r++) {
             int key = k0 + r;
-            p0[r] = (qi0 >= key && qi0 < T && key < T) ? __expf(sSw[r * kLdS + lane] * scale - lse0) : 0.0f;
-            p1[r] = (qi1 >= key && qi1 < T && key < T) ? __expf(sSw[r * kLdS + lane + 32] * scale - lse1) : 0.0f;
-            sPw[r * kLdP + lane] = __float2bfloat16(p0[r]);
-            sPw[r * kLdP + lane + 32] = __float2bfloat16(p1[r]);
+            float p0 = (qi0 >= key && qi0 < T && key < T) ? __expf(sSw[r * kLdS + lane] * scale - lse0) : 0.0f;
+            float p1 = (qi1 >= key && qi1 < T && key < T) ? __expf(sSw[r * kLdS + lane + 32] * scale - lse1) : 0.0f;
+            sPw[r * kLdP + lane] = __float2bfloat16(p0);
+            sPw[r * kLdP + lane + 32] = __float2bfloat16(p1);
         }
         __syncwarp();
         mma_pm<D>(dv_acc, sPw, sG);                       // dV += P^T dO
         mma_abt_store<D>(sSw, sV + warp * 16 * ldt, sG);  // dP^T = V_w dO^T
+        // dS from the bf16 P kept in shared memory (dS is rounded to bf16 anyway);
+        // holding P in registers across the two products costs occupancy
 #pragma unroll
         for (int r = 0; r < 16; r++) {
-            sDSw[r * kLdP + lane] = __float2bfloat16(p0[r] * (sSw[r * kLdS + lane] - delta0) * scale);
-            sDSw[r * kLdP + lane + 32] = __float2bfloat16(p1[r] * (sSw[r * kLdS + lane + 32] - delta1) * scale);
+            float p0 = __bfloat162float(sPw[r * kLdP + lane]), p1 = __bfloat162float(sPw[r * kLdP + lane + 32]);
+            sDSw[r * kLdP + lane] = __float2bfloat16(p0 * (sSw[r * kLdS + lane] - delta0) * scale);
+            sDSw[r * kLdP + lane + 32] = __float2bfloat16(p1 * (sSw[r * kLdS + lane + 32] - delta1) * scale);
         }
         __syncwarp();
         mma_pm<D>(dk_acc, sDSw, sQ);  // dK += dS^T Q
@@ -514,19 +516,22 @@ static __global__ void __launch_bounds__(kAttnThreads)
         __syncthreads();
         mma_abt_store<D>(sSw, sQ + warp * 16 * ldt, sK);  // S = Q K^T
         int key0 = kb * kTile + lane, key1 = key0 + 32;
-        float p0[16], p1[16];
+        // P is parked (bf16) where dS will go, each lane reading back what it wrote
 #pragma unroll
         for (int r = 0; r < 16; r++) {
             int qi = q0 + r;
-            p0[r] = (key0 <= qi && key0 < T) ? __expf(sSw[r * kLdS + lane] * scale - row_lse[r]) : 0.0f;
-            p1[r] = (key1 <= qi && key1 < T) ? __expf(sSw[r * kLdS + lane + 32] * scale - row_lse[r]) : 0.0f;
+            float p0 = (key0 <= qi && key0 < T) ? __expf(sSw[r * kLdS + lane] * scale - row_lse[r]) : 0.0f;
+            float p1 = (key1 <= qi && key1 < T) ? __expf(sSw[r * kLdS + lane + 32] * scale - row_lse[r]) : 0.0f;
+            sDSw[r * kLdP + lane] = __float2bfloat16(p0);
+            sDSw[r * kLdP + lane + 32] = __float2bfloat16(p1);
         }
         __syncwarp();
         mma_abt_store<D>(sSw, sG + warp * 16 * ldt, sV);  // dP = dO V^T
 #pragma unroll
         for (int r = 0; r < 16; r++) {
-            sDSw[r * kLdP + lane] = __float2bfloat16(p0[r] * (sSw[r * kLdS + lane] - row_delta[r]) * scale);
-            sDSw[r * kLdP + lane + 32] = __float2bfloat16(p1[r] * (sSw[r * kLdS + lane + 32] - row_delta[r]) * scale);
+            float p0 = __bfloat162float(sDSw[r * kLdP + lane]), p1 = __bfloat162float(sDSw[r * kLdP + lane + 32]);
+            sDSw[r * kLdP + lane] = __float2bfloat16(p0 * (sSw[r * kLdS + lane] - row_delta[r]) * scale);
+            sDSw[r * kLdP + lane + 32] = __float2bfloat16(p1 * (sSw[r * kLdS + lane + 32] - row_delta[r]) * scale);
         }
         __syncwarp();
         mma_pm<D>(dq_acc, sDSw, sK);  // dQ += dS K
