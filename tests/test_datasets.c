@@ -209,9 +209,5 @@ int main(void) {
     tcase_add_test(tc, schema_errors_are_specific);
     tcase_add_test(tc, converter_text_and_jsonl);
     suite_add_tcase(s, tc);
-    SRunner *sr = srunner_create(s);
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+    return tu_run_suite(s, 0);
 }

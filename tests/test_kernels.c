@@ -355,9 +355,5 @@ int main(void) {
     tcase_add_test(tc, rng_is_counter_based_and_well_spread);
     tcase_add_test(tc, mem_tally_and_oom_message);
     suite_add_tcase(s, tc);
-    SRunner *sr = srunner_create(s);
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+    return tu_run_suite(s, 0);
 }

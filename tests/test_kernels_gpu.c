@@ -338,11 +338,7 @@ int main(void) {
     tcase_add_test(tc, crossentropy);
     tcase_add_test(tc, adamw_sums_and_casts);
     suite_add_tcase(s, tc);
-    SRunner *sr = srunner_create(s);
-    srunner_set_fork_status(sr, CK_NOFORK);
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
+    int status = tu_run_suite(s, 1);
     mt_backend_free(&be);
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+    return status;
 }

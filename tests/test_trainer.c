@@ -381,9 +381,5 @@ int main(void) {
     tcase_add_test(tc, save_and_load_round_trip);
     tcase_add_test(tc, training_reduces_loss_and_saves);
     suite_add_tcase(s, tc);
-    SRunner *sr = srunner_create(s);
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+    return tu_run_suite(s, 0);
 }

@@ -64,3 +64,12 @@ void tu_tempdir(char *buf, size_t len) {
         exit(1);
     }
 }
+
+int tu_run_suite(Suite *s, int no_fork) {
+    SRunner *sr = srunner_create(s);
+    if (no_fork) srunner_set_fork_status(sr, CK_NOFORK);
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}

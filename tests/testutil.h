@@ -23,4 +23,8 @@ double tu_fd_check(tu_loss_fn loss, void *ctx, float *x, const float *analytic, 
 // A fresh empty folder under /tmp (path written to buf).
 void tu_tempdir(char *buf, size_t len);
 
+// Runs every test of `s` (in this process when `no_fork`, as GPU suites
+// must) and returns the exit status for main: 0 when all passed.
+int tu_run_suite(Suite *s, int no_fork);
+
 #endif
