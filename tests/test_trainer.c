@@ -361,6 +361,27 @@ START_TEST(training_reduces_loss_and_saves) {
     ck_assert_ptr_nonnull(fgets(head, sizeof head, svg));
     fclose(svg);
     ck_assert_ptr_nonnull(strstr(head, "<svg"));
+    // a model with a NaN weight stops at step 1 with a clear error, and no model is written
+    mt_model_config mc;
+    ck_assert_int_eq(mt_hf_read_config(folder, &mc), MT_OK);
+    int n;
+    size_t total;
+    free(mt_model_param_table(&mc, &n, &total));
+    float *params = malloc(total * sizeof(float));
+    mt_model_init_random(&mc, params, 5);
+    params[7] = NAN;  // inside the embedding
+    char bad[300], bad_run[300];
+    snprintf(bad, sizeof bad, "%s/nan-model", dir);
+    snprintf(bad_run, sizeof bad_run, "%s/nan-run", dir);
+    ck_assert_int_eq(mt_hf_save(bad, NULL, &mc, params, MT_DTYPE_F32), MT_OK);
+    free(params);
+    ck_assert_int_eq(mt_config_set(&cfg, "model.path", bad, "t"), MT_OK);
+    ck_assert_int_eq(mt_config_set(&cfg, "model.init", "pretrained", "t"), MT_OK);
+    ck_assert_int_eq(mt_config_set(&cfg, "output.dir", bad_run, "t"), MT_OK);
+    expect_error(mt_train(&cfg, &r), MT_ERR_NONFINITE, "step 1: loss nan");
+    ck_assert_ptr_nonnull(strstr(mt_last_error(), "the update was not applied"));
+    snprintf(path, sizeof path, "%s/model", bad_run);
+    ck_assert_int_ne(access(path, F_OK), 0);
     // a missing dataset is a clear error before anything runs
     ck_assert_int_eq(mt_config_set(&cfg, "data.train", "/nonexistent.h5", "t"), MT_OK);
     expect_error(mt_train(&cfg, &r), MT_ERR_IO, "/nonexistent.h5: dataset file not found");

@@ -60,8 +60,8 @@ static int cmd_train(int argc, char **argv) {
     mt_train_result result;
     if (!err) err = mt_train(&cfg, &result);
     if (!err)
-        printf("done: %d steps, loss %.4f -> %.4f%s, run folder %s\n", result.steps_done, result.first_loss,
-               result.last_loss, "", cfg.output_dir);
+        printf("done: %d steps, loss %.4f -> %.4f, run folder %s\n", result.steps_done, result.first_loss,
+               result.last_loss, cfg.output_dir);
     mt_config_free(&cfg);
     return err ? fail(err) : 0;
 }

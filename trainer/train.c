@@ -181,8 +181,7 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     for (int i = 0; i < n_params; i++) groups[i] = (mt_param_group){table[i].offset, table[i].count, table[i].decay};
     mt_adamw_config ac = {(float)cfg->optim_lr,  (float)cfg->optim_beta1,        (float)cfg->optim_beta2,
                           (float)cfg->optim_eps, (float)cfg->optim_weight_decay, (float)cfg->optim_grad_clip};
-    err = mt_optimizer_init(&opt, &be, &ac, use_gpu ? mt_model_weights(model) : (float *)mt_model_weights(model),
-                            host_params, total, groups, n_params);
+    err = mt_optimizer_init(&opt, &be, &ac, mt_model_weights(model), host_params, total, groups, n_params);
     free(groups);
     if (err) goto out_model;
 
@@ -242,12 +241,13 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
             loss_sum += mt_model_step(model, bs.inputs + (size_t)a * B * T, bs.targets + (size_t)a * B * T, dscale, 1);
         double loss = valid_total ? loss_sum / (double)valid_total : NAN;
         float lr = mt_schedule_lr(&sched, step);
-        mt_step_info info;
-        mt_optimizer_step(opt, mt_model_grads(model), lr, &info);
+        // a non-finite loss or gradient stops the run before any update is applied
+        mt_step_info info = {NAN, 0};
+        if (isfinite(loss)) mt_optimizer_step(opt, mt_model_grads(model), lr, &info);
         if (!isfinite(loss) || !info.finite) {
             err = mt_errorf(MT_ERR_NONFINITE,
-                            "step %d: loss %g, gradient norm %g. Training stopped before applying "
-                            "it; lower optim.lr or raise optim.warmup_steps.",
+                            "step %d: loss %g, gradient norm %g; the update was not applied. Lower optim.lr or raise "
+                            "optim.warmup_steps.",
                             step + 1, loss, info.grad_norm);
             break;
         }
