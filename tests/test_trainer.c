@@ -364,9 +364,9 @@ START_TEST(training_reduces_loss_and_saves) {
     // a model with a NaN weight stops at step 1 with a clear error, and no model is written
     mt_model_config mc;
     ck_assert_int_eq(mt_hf_read_config(folder, &mc), MT_OK);
-    int n;
+    int n_params;
     size_t total;
-    free(mt_model_param_table(&mc, &n, &total));
+    free(mt_model_param_table(&mc, &n_params, &total));
     float *params = malloc(total * sizeof(float));
     mt_model_init_random(&mc, params, 5);
     params[7] = NAN;  // inside the embedding
