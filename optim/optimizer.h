@@ -48,6 +48,11 @@ void mt_optimizer_step(mt_optimizer *opt, const float *grad, float lr, mt_step_i
 int mt_optimizer_steps_taken(const mt_optimizer *opt);
 // fp32 master values (host copy written to dst, n floats), for saving.
 void mt_optimizer_get_master(const mt_optimizer *opt, float *dst);
+// AdamW's moments (host copies, n floats each), for checkpoints.
+void mt_optimizer_get_moments(const mt_optimizer *opt, float *m, float *v);
+// Restores moments and the step count from a checkpoint (the master weights
+// come in through mt_optimizer_init).
+void mt_optimizer_set_moments(mt_optimizer *opt, const float *m, const float *v, int steps);
 
 #ifdef __cplusplus
 }

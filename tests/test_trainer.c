@@ -4,6 +4,7 @@
 // gradients against finite differences, checkpointing equivalence, and a
 // short training run whose loss falls.
 #include <check.h>
+#include <cjson/cJSON.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -382,9 +383,127 @@ START_TEST(training_reduces_loss_and_saves) {
     ck_assert_ptr_nonnull(strstr(mt_last_error(), "the update was not applied"));
     snprintf(path, sizeof path, "%s/model", bad_run);
     ck_assert_int_ne(access(path, F_OK), 0);
+    // with on_nonfinite: skip the run goes on, every update skipped
+    ck_assert_int_eq(mt_config_set(&cfg, "train.on_nonfinite", "skip", "t"), MT_OK);
+    ck_assert_int_eq(mt_config_set(&cfg, "train.steps", "3", "t"), MT_OK);
+    ck_assert_int_eq(mt_train(&cfg, &r), MT_OK);
+    ck_assert_int_eq(r.steps_done, 0);
+    ck_assert_int_eq(mt_config_set(&cfg, "train.on_nonfinite", "stop", "t"), MT_OK);
     // a missing dataset is a clear error before anything runs
     ck_assert_int_eq(mt_config_set(&cfg, "data.train", "/nonexistent.h5", "t"), MT_OK);
     expect_error(mt_train(&cfg, &r), MT_ERR_IO, "/nonexistent.h5: dataset file not found");
+    mt_config_free(&cfg);
+}
+END_TEST
+
+// ------------------------------------------------------------- checkpoints
+
+// The "loss" of every record of a metrics.jsonl, by step (losses[step - 1]).
+static int read_losses(const char *run, double *losses, int max) {
+    char path[400];
+    snprintf(path, sizeof path, "%s/metrics.jsonl", run);
+    FILE *f = fopen(path, "r");
+    ck_assert_ptr_nonnull(f);
+    char line[4096];
+    int count = 0;
+    while (fgets(line, sizeof line, f)) {
+        cJSON *rec = cJSON_Parse(line);
+        ck_assert_ptr_nonnull(rec);
+        int step = (int)cJSON_GetObjectItem(rec, "step")->valuedouble;
+        ck_assert_int_eq(step, count + 1);  // one record per step, in order, no duplicates
+        ck_assert_int_le(step, max);
+        losses[step - 1] = cJSON_GetObjectItem(rec, "loss")->valuedouble;
+        count++;
+        cJSON_Delete(rec);
+    }
+    fclose(f);
+    return count;
+}
+
+static void checkpoint_config(mt_config *cfg, const char *folder, const char *data, const char *out) {
+    mt_config_defaults(cfg);
+    ck_assert_int_eq(mt_config_set(cfg, "model.path", folder, "t"), MT_OK);
+    ck_assert_int_eq(mt_config_set(cfg, "model.init", "random", "t"), MT_OK);
+    ck_assert_int_eq(mt_config_set(cfg, "data.train", data, "t"), MT_OK);
+    ck_assert_int_eq(mt_config_set(cfg, "output.dir", out, "t"), MT_OK);
+    ck_assert_int_eq(mt_config_set(cfg, "train.steps", "14", "t"), MT_OK);
+    ck_assert_int_eq(mt_config_set(cfg, "train.seq_len", "16", "t"), MT_OK);
+    ck_assert_int_eq(mt_config_set(cfg, "train.grad_accum", "2", "t"), MT_OK);
+    ck_assert_int_eq(mt_config_set(cfg, "train.device", "cpu", "t"), MT_OK);
+    ck_assert_int_eq(mt_config_set(cfg, "train.eval_every", "4", "t"), MT_OK);
+    ck_assert_int_eq(mt_config_set(cfg, "optim.warmup_steps", "3", "t"), MT_OK);
+    ck_assert_int_eq(mt_config_set(cfg, "optim.weight_decay", "0.1", "t"), MT_OK);
+}
+
+START_TEST(resume_is_bit_identical) {
+    char data[300], folder[300], whole[300], split[300], path[400];
+    snprintf(data, sizeof data, "%s/resume.h5", dir);
+    uint64_t n = 30000;
+    uint32_t *tok = malloc(n * 4);
+    for (uint64_t i = 0; i < n; i++) tok[i] = (uint32_t)(mt_rng_bits(17, i) % 13);
+    uint64_t offsets[2] = {0, n};
+    ck_assert_int_eq(mt_dataset_write(data, tok, n, offsets, 1, NULL, 13, "test"), MT_OK);
+    free(tok);
+    make_folder("resume-model", tiny_llama_json, folder, sizeof folder);
+    snprintf(whole, sizeof whole, "%s/whole", dir);
+    snprintf(split, sizeof split, "%s/split", dir);
+    mt_config cfg;
+    mt_train_result r;
+    // 14 steps in one go
+    checkpoint_config(&cfg, folder, data, whole);
+    ck_assert_int_eq(mt_train(&cfg, &r), MT_OK);
+    mt_config_free(&cfg);
+    double expect[14], got[14];
+    ck_assert_int_eq(read_losses(whole, expect, 14), 14);
+    // the same run in three shifts: 5 steps, 4 steps, the rest
+    checkpoint_config(&cfg, folder, data, split);
+    ck_assert_int_eq(mt_config_set(&cfg, "train.stop_after", "5", "t"), MT_OK);
+    ck_assert_int_eq(mt_config_set(&cfg, "checkpoint.every", "2", "t"), MT_OK);
+    ck_assert_int_eq(mt_train(&cfg, &r), MT_OK);
+    ck_assert(r.stopped_early);
+    ck_assert_int_eq(r.steps_done, 5);
+    // keep 2: steps 2 and 4 and 5 were written, 4 and 5 remain; no model yet
+    snprintf(path, sizeof path, "%s/checkpoints/step-00000002", split);
+    ck_assert_int_ne(access(path, F_OK), 0);
+    snprintf(path, sizeof path, "%s/checkpoints/step-00000005/state.h5", split);
+    ck_assert_int_eq(access(path, R_OK), 0);
+    snprintf(path, sizeof path, "%s/model", split);
+    ck_assert_int_ne(access(path, F_OK), 0);
+    ck_assert_int_eq(mt_config_set(&cfg, "train.resume", "auto", "t"), MT_OK);
+    ck_assert_int_eq(mt_config_set(&cfg, "train.stop_after", "4", "t"), MT_OK);
+    ck_assert_int_eq(mt_train(&cfg, &r), MT_OK);
+    ck_assert_int_eq(r.steps_done, 9);
+    // a leftover temporary folder (a crash while writing) is never taken for a checkpoint
+    snprintf(path, sizeof path, "%s/checkpoints/.step-00000013.tmp.1", split);
+    ck_assert_int_eq(mkdir(path, 0755), 0);
+    ck_assert_int_eq(mt_config_set(&cfg, "train.stop_after", "0", "t"), MT_OK);
+    ck_assert_int_eq(mt_train(&cfg, &r), MT_OK);
+    ck_assert_int_eq(r.steps_done, 14);
+    ck_assert_int_eq(read_losses(split, got, 14), 14);
+    for (int i = 0; i < 14; i++)
+        ck_assert_msg(got[i] == expect[i], "step %d: %.17g != %.17g", i + 1, got[i], expect[i]);
+    // the final weights are bit-identical too
+    mt_model_config mc;
+    ck_assert_int_eq(mt_hf_read_config(folder, &mc), MT_OK);
+    int np;
+    size_t total;
+    free(mt_model_param_table(&mc, &np, &total));
+    float *a = malloc(total * 4), *b = malloc(total * 4);
+    snprintf(path, sizeof path, "%s/model", whole);
+    ck_assert_int_eq(mt_hf_load_weights(path, &mc, a), MT_OK);
+    snprintf(path, sizeof path, "%s/model", split);
+    ck_assert_int_eq(mt_hf_load_weights(path, &mc, b), MT_OK);
+    ck_assert_mem_eq(a, b, total * 4);
+    free(a), free(b);
+    // resuming with other training settings is refused; a finished run has nothing left
+    ck_assert_int_eq(mt_config_set(&cfg, "train.steps", "20", "t"), MT_OK);
+    ck_assert_int_eq(mt_config_set(&cfg, "optim.lr", "1e-3", "t"), MT_OK);
+    expect_error(mt_train(&cfg, &r), MT_ERR_CONFIG, "different configuration");
+    ck_assert_int_eq(mt_config_set(&cfg, "train.steps", "14", "t"), MT_OK);
+    ck_assert_int_eq(mt_config_set(&cfg, "optim.lr", "3e-4", "t"), MT_OK);
+    expect_error(mt_train(&cfg, &r), MT_ERR_CONFIG, "nothing left to train");
+    ck_assert_int_eq(mt_config_set(&cfg, "train.resume", "/nonexistent/step-1", "t"), MT_OK);
+    expect_error(mt_train(&cfg, &r), MT_ERR_IO, "no readable state.h5");
     mt_config_free(&cfg);
 }
 END_TEST
@@ -401,6 +520,7 @@ int main(void) {
     tcase_add_test(tc, model_gradients_match_finite_differences);
     tcase_add_test(tc, save_and_load_round_trip);
     tcase_add_test(tc, training_reduces_loss_and_saves);
+    tcase_add_test(tc, resume_is_bit_identical);
     suite_add_tcase(s, tc);
     return tu_run_suite(s, 0);
 }

@@ -258,18 +258,33 @@ void mt_config_write_yaml(const mt_config *cfg, FILE *f) {
     }
 }
 
-unsigned long long mt_config_hash(const mt_config *cfg) {
+static const char *const outside_training_hash[] = {
+    "train.resume", "train.stop_after",  "train.log_every",   "train.eval_every", "train.eval_batches", "train.device",
+    "output.dir",   "output.save_model", "output.save_dtype", "checkpoint.every", "checkpoint.keep"};
+
+static unsigned long long hash_keys(const mt_config *cfg, int training_only) {
     char *buf = NULL;
     size_t len = 0;
     FILE *f = open_memstream(&buf, &len);
     MT_CHECK(f != NULL, "memstream");
-    mt_config_write_yaml(cfg, f);
+    for (int i = 0; i < num_keys; i++) {
+        int skip = 0;
+        for (size_t j = 0; training_only && j < sizeof outside_training_hash / sizeof *outside_training_hash; j++)
+            skip |= !strcmp(keys[i].dotted, outside_training_hash[j]);
+        if (skip) continue;
+        fprintf(f, "%s=", keys[i].dotted);
+        write_value(cfg, &keys[i], f);
+        fputc('\n', f);
+    }
     fclose(f);
     unsigned long long h = 1469598103934665603ull;
     for (size_t i = 0; i < len; i++) h = (h ^ (unsigned char)buf[i]) * 1099511628211ull;
     free(buf);
     return h;
 }
+
+unsigned long long mt_config_hash(const mt_config *cfg) { return hash_keys(cfg, 0); }
+unsigned long long mt_config_training_hash(const mt_config *cfg) { return hash_keys(cfg, 1); }
 
 void mt_config_write_reference(FILE *f, int markdown) {
     const char *section = "";

@@ -16,42 +16,52 @@ extern "C" {
 // X(section, key, TYPE, default, min, max, choices, help)
 // TYPE: INT (long), FLOAT (double), BOOL, STR (path or text), ENUM (one of
 // the '|'-separated choices). min/max apply to INT and FLOAT.
-#define MT_CONFIG_TABLE(X)                                                                                       \
-    X(model, path, STR, "", 0, 0, "",                                                                            \
-      "Hugging Face model folder: config.json plus model.safetensors or sharded safetensors with their index")   \
-    X(model, init, ENUM, "pretrained", 0, 0, "pretrained|random",                                                \
-      "pretrained: load the folder's weights; random: initialise from config.json (normal, std "                 \
-      "initializer_range; norms 1) with train.seed")                                                             \
-    X(model, activation_checkpointing, BOOL, "false", 0, 0, "",                                                  \
-      "keep only each layer's input and recompute the layer in backward: less memory, ~1/3 more compute")        \
-    X(data, train, STR, "", 0, 0, "", "HDF5 token dataset (make one with `memtune tokenize`)")                   \
-    X(data, eval_fraction, FLOAT, "0.02", 0, 0.5, "", "share of the dataset's windows held out for eval loss")   \
-    X(train, steps, INT, "100", 1, 1000000000, "", "optimizer steps to run")                                     \
-    X(train, micro_batch, INT, "4", 1, 65536, "", "rows per forward/backward pass (B)")                          \
-    X(train, seq_len, INT, "512", 2, 1048576, "", "tokens per row (T)")                                          \
-    X(train, grad_accum, INT, "1", 1, 65536, "",                                                                 \
-      "micro-batches per optimizer step; the loss is the mean over all their tokens")                            \
-    X(train, seed, INT, "1337", 0, 2147483647, "", "seed for data order and random initialisation")              \
-    X(train, device, ENUM, "auto", 0, 0, "auto|cpu|gpu",                                                         \
-      "auto: the GPU when one is visible, else the CPU; gpu: fail if there is none")                             \
-    X(train, log_every, INT, "1", 1, 1000000, "", "steps between progress lines and metrics records")            \
-    X(train, eval_every, INT, "50", 0, 1000000000, "", "steps between eval losses (0: only at the end)")         \
-    X(train, eval_batches, INT, "4", 0, 100000, "", "micro-batches per eval loss (0: no eval)")                  \
-    X(optim, kind, ENUM, "adamw", 0, 0, "adamw", "update rule")                                                  \
-    X(optim, lr, FLOAT, "3e-4", 0, 10, "", "peak learning rate")                                                 \
-    X(optim, schedule, ENUM, "cosine", 0, 0, "cosine|linear|constant", "decay after warmup")                     \
-    X(optim, warmup_steps, INT, "0", 0, 1000000000, "", "linear warmup steps")                                   \
-    X(optim, min_lr_ratio, FLOAT, "0.1", 0, 1, "", "final learning rate as a fraction of optim.lr")              \
-    X(optim, beta1, FLOAT, "0.9", 0, 0.999999, "", "AdamW first-moment decay")                                   \
-    X(optim, beta2, FLOAT, "0.95", 0, 0.999999, "", "AdamW second-moment decay")                                 \
-    X(optim, eps, FLOAT, "1e-8", 0, 1, "", "AdamW denominator epsilon")                                          \
-    X(optim, weight_decay, FLOAT, "0.0", 0, 10, "",                                                              \
-      "decoupled weight decay on matrices and embeddings (not on norms and biases)")                             \
-    X(optim, grad_clip, FLOAT, "1.0", 0, 1e9, "", "clip the global gradient norm to this (0: off)")              \
-    X(output, dir, STR, "runs/default", 0, 0, "",                                                                \
-      "run folder: resolved config, metrics.jsonl, final model (created; an existing run's files are replaced)") \
-    X(output, save_model, BOOL, "true", 0, 0, "", "write the trained model to output.dir/model at the end")      \
-    X(output, save_dtype, ENUM, "auto", 0, 0, "auto|F32|BF16",                                                   \
+#define MT_CONFIG_TABLE(X)                                                                                            \
+    X(model, path, STR, "", 0, 0, "",                                                                                 \
+      "Hugging Face model folder: config.json plus model.safetensors or sharded safetensors with their index")        \
+    X(model, init, ENUM, "pretrained", 0, 0, "pretrained|random",                                                     \
+      "pretrained: load the folder's weights; random: initialise from config.json (normal, std "                      \
+      "initializer_range; norms 1) with train.seed")                                                                  \
+    X(model, activation_checkpointing, BOOL, "false", 0, 0, "",                                                       \
+      "keep only each layer's input and recompute the layer in backward: less memory, ~1/3 more compute")             \
+    X(data, train, STR, "", 0, 0, "", "HDF5 token dataset (make one with `memtune tokenize`)")                        \
+    X(data, eval_fraction, FLOAT, "0.02", 0, 0.5, "", "share of the dataset's windows held out for eval loss")        \
+    X(train, steps, INT, "100", 1, 1000000000, "", "optimizer steps to run")                                          \
+    X(train, micro_batch, INT, "4", 1, 65536, "", "rows per forward/backward pass (B)")                               \
+    X(train, seq_len, INT, "512", 2, 1048576, "", "tokens per row (T)")                                               \
+    X(train, grad_accum, INT, "1", 1, 65536, "",                                                                      \
+      "micro-batches per optimizer step; the loss is the mean over all their tokens")                                 \
+    X(train, seed, INT, "1337", 0, 2147483647, "", "seed for data order and random initialisation")                   \
+    X(train, device, ENUM, "auto", 0, 0, "auto|cpu|gpu",                                                              \
+      "auto: the GPU when one is visible, else the CPU; gpu: fail if there is none")                                  \
+    X(train, log_every, INT, "1", 1, 1000000, "", "steps between progress lines and metrics records")                 \
+    X(train, eval_every, INT, "50", 0, 1000000000, "", "steps between eval losses (0: only at the end)")              \
+    X(train, eval_batches, INT, "4", 0, 100000, "", "micro-batches per eval loss (0: no eval)")                       \
+    X(train, resume, STR, "", 0, 0, "",                                                                               \
+      "auto: continue from the newest complete checkpoint in output.dir (or start fresh if there is none); "          \
+      "a checkpoint folder: continue from it; empty: start fresh")                                                    \
+    X(train, stop_after, INT, "0", 0, 1000000000, "",                                                                 \
+      "stop with a checkpoint after this many steps in this run (0: run to train.steps); to split a job into shifts") \
+    X(train, on_nonfinite, ENUM, "stop", 0, 0, "stop|skip",                                                           \
+      "a non-finite loss or gradient: stop (keeping the last good checkpoint) or skip that step's update")            \
+    X(checkpoint, every, INT, "0", 0, 1000000000, "",                                                                 \
+      "steps between checkpoints in output.dir/checkpoints (0: only at the end and on stop)")                         \
+    X(checkpoint, keep, INT, "2", 1, 1000000, "", "complete checkpoints to keep; older ones are deleted")             \
+    X(optim, kind, ENUM, "adamw", 0, 0, "adamw", "update rule")                                                       \
+    X(optim, lr, FLOAT, "3e-4", 0, 10, "", "peak learning rate")                                                      \
+    X(optim, schedule, ENUM, "cosine", 0, 0, "cosine|linear|constant", "decay after warmup")                          \
+    X(optim, warmup_steps, INT, "0", 0, 1000000000, "", "linear warmup steps")                                        \
+    X(optim, min_lr_ratio, FLOAT, "0.1", 0, 1, "", "final learning rate as a fraction of optim.lr")                   \
+    X(optim, beta1, FLOAT, "0.9", 0, 0.999999, "", "AdamW first-moment decay")                                        \
+    X(optim, beta2, FLOAT, "0.95", 0, 0.999999, "", "AdamW second-moment decay")                                      \
+    X(optim, eps, FLOAT, "1e-8", 0, 1, "", "AdamW denominator epsilon")                                               \
+    X(optim, weight_decay, FLOAT, "0.0", 0, 10, "",                                                                   \
+      "decoupled weight decay on matrices and embeddings (not on norms and biases)")                                  \
+    X(optim, grad_clip, FLOAT, "1.0", 0, 1e9, "", "clip the global gradient norm to this (0: off)")                   \
+    X(output, dir, STR, "runs/default", 0, 0, "",                                                                     \
+      "run folder: resolved config, metrics.jsonl, final model (created; an existing run's files are replaced)")      \
+    X(output, save_model, BOOL, "true", 0, 0, "", "write the trained model to output.dir/model at the end")           \
+    X(output, save_dtype, ENUM, "auto", 0, 0, "auto|F32|BF16",                                                        \
       "dtype of saved weights; auto: the dtype the model folder declares (F32 for random init)")
 
 #define MT_CFG_CTYPE_INT long
@@ -82,6 +92,10 @@ mt_err mt_config_validate(const mt_config *cfg);
 void mt_config_write_yaml(const mt_config *cfg, FILE *f);
 // 64-bit FNV-1a of the resolved YAML (recorded in runs and checkpoints).
 unsigned long long mt_config_hash(const mt_config *cfg);
+// The same over the keys that change what training computes: not logging,
+// eval, output, checkpoint cadence, the device, train.resume or
+// train.stop_after. A resumed run must match its checkpoint's.
+unsigned long long mt_config_training_hash(const mt_config *cfg);
 // Reference of every key: markdown (docs/configs.md) or plain text (--help).
 void mt_config_write_reference(FILE *f, int markdown);
 

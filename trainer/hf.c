@@ -3,7 +3,6 @@
 #include "trainer/hf.h"
 
 #include <cjson/cJSON.h>
-#include <dirent.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -11,6 +10,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "trainer/fsutil.h"
 #include "trainer/safetensors.h"
 
 static char *read_file(const char *path, size_t *len) {
@@ -300,25 +300,11 @@ static mt_err write_text(const char *path, const char *text) {
     return ok ? MT_OK : mt_errorf(MT_ERR_IO, "%s: write failed (disk full?)", path);
 }
 
-static void remove_tree(const char *dir) {
-    DIR *d = opendir(dir);
-    if (!d) return;
-    struct dirent *e;
-    char path[2200];
-    while ((e = readdir(d))) {
-        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
-        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
-        unlink(path);
-    }
-    closedir(d);
-    rmdir(dir);
-}
-
 mt_err mt_hf_save(const char *dir, const char *src_dir, const mt_model_config *cfg, const float *params,
                   mt_dtype dtype) {
     char tmp[1100], path[1200];
     snprintf(tmp, sizeof tmp, "%s.tmp.%d", dir, (int)getpid());
-    remove_tree(tmp);
+    mt_remove_tree(tmp);
     if (mkdir(tmp, 0755) != 0) return mt_errorf(MT_ERR_IO, "%s: cannot create (%s)", tmp, strerror(errno));
     mt_err err = MT_OK;
     cJSON *j = NULL;
@@ -362,9 +348,9 @@ mt_err mt_hf_save(const char *dir, const char *src_dir, const mt_model_config *c
             err = mt_errorf(MT_ERR_IO, "%s: cannot move the saved model into place (%s)", dir, strerror(errno));
             if (had_old) rename(old, dir);
         } else if (had_old) {
-            remove_tree(old);
+            mt_remove_tree(old);
         }
     }
-    if (err) remove_tree(tmp);
+    if (err) mt_remove_tree(tmp);
     return err;
 }

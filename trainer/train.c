@@ -5,37 +5,24 @@
 #include <cjson/cJSON.h>
 #include <errno.h>
 #include <math.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "datasets/dataset.h"
 #include "kernels/device.h"
 #include "kernels/mem.h"
 #include "optim/optimizer.h"
 #include "optim/schedule.h"
+#include "trainer/checkpoint.h"
+#include "trainer/fsutil.h"
 #include "trainer/hf.h"
 #include "trainer/model.h"
 
 #define MT_VERSION "0.1.0"
-
-// mkdir -p
-static mt_err make_dirs(const char *path) {
-    char buf[1024];
-    snprintf(buf, sizeof buf, "%s", path);
-    for (char *p = buf + 1;; p++) {
-        char c = *p;
-        if (c != '/' && c != '\0') continue;
-        *p = '\0';
-        if (mkdir(buf, 0755) != 0 && errno != EEXIST)
-            return mt_errorf(MT_ERR_IO, "%s: cannot create the folder (%s); set output.dir to a writable place", buf,
-                             strerror(errno));
-        *p = c;
-        if (c == '\0') break;
-    }
-    return MT_OK;
-}
 
 static void format_duration(double s, char *buf, size_t len) {
     if (!isfinite(s) || s < 0)
@@ -117,6 +104,68 @@ static mt_err evaluate(mt_model *model, mt_loader *eval, int batches, int B, int
     return err;
 }
 
+// SIGINT/SIGTERM: the first asks the loop to finish its step, write a
+// checkpoint and exit cleanly; a second one exits at once (the newest
+// complete checkpoint is untouched: checkpoints are published by rename).
+static volatile sig_atomic_t stop_signal;
+
+static void on_stop_signal(int sig) {
+    if (stop_signal) _exit(128 + sig);
+    stop_signal = sig;
+    static const char msg[] =
+        "\nmemtune: stopping after this step (a checkpoint will be written); "
+        "signal again to exit at once\n";
+    ssize_t ignored = write(STDERR_FILENO, msg, sizeof msg - 1);
+    (void)ignored;
+}
+
+// A resumed run continues metrics.jsonl from the checkpoint: records past
+// its step (written before an interruption) are dropped.
+static mt_err trim_metrics(const char *path, long last_step) {
+    FILE *in = fopen(path, "r");
+    if (!in) return MT_OK;
+    char tmp[1300];
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    FILE *out = fopen(tmp, "w");
+    if (!out) {
+        fclose(in);
+        return mt_errorf(MT_ERR_IO, "%s: cannot write (%s)", tmp, strerror(errno));
+    }
+    char *line = NULL;
+    size_t cap = 0;
+    while (getline(&line, &cap, in) > 0) {
+        cJSON *rec = cJSON_Parse(line);
+        const cJSON *step = rec ? cJSON_GetObjectItemCaseSensitive(rec, "step") : NULL;
+        if (cJSON_IsNumber(step) && step->valuedouble <= (double)last_step) fputs(line, out);
+        cJSON_Delete(rec);
+    }
+    free(line);
+    fclose(in);
+    int ok = fclose(out) == 0 && rename(tmp, path) == 0;
+    return ok ? MT_OK : mt_errorf(MT_ERR_IO, "%s: cannot rewrite (%s)", path, strerror(errno));
+}
+
+typedef struct {
+    const mt_config *cfg;
+    const mt_model_config *mc;
+    mt_optimizer *opt;
+    mt_loader *train;
+    float *master, *m, *v;  // host buffers of the parameter count
+} checkpoint_ctx;
+
+static mt_err save_checkpoint(checkpoint_ctx *c, long steps_done) {
+    mt_optimizer_get_master(c->opt, c->master);
+    mt_optimizer_get_moments(c->opt, c->m, c->v);
+    mt_cursor cursor = mt_loader_get_cursor(c->train);
+    mt_checkpoint_meta meta = {steps_done, cursor.epoch, cursor.batch, mt_optimizer_steps_taken(c->opt),
+                               mt_config_training_hash(c->cfg)};
+    double t0 = mt_now();
+    mt_err err = mt_checkpoint_write(c->cfg->output_dir, c->cfg->model_path, c->mc, c->master, c->m, c->v, &meta,
+                                     (int)c->cfg->checkpoint_keep);
+    if (!err) mt_info("checkpoint: %s/checkpoints/step-%08ld (%.1fs)", c->cfg->output_dir, steps_done, mt_now() - t0);
+    return err;
+}
+
 mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     memset(result, 0, sizeof *result);
     result->last_eval_loss = NAN;
@@ -143,7 +192,7 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     int n_params;
     size_t total;
     mt_param_info *table = mt_model_param_table(&mc, &n_params, &total);
-    float *host_params = malloc(total * sizeof(float));
+    float *host_params = malloc(total * sizeof(float)), *moment_m = NULL, *moment_v = NULL;
     MT_CHECK(host_params != NULL, "host parameter block (%zu floats)", total);
     memset(host_params, 0, total * sizeof(float));
     int random_init = !strcmp(cfg->model_init, "random");
@@ -151,7 +200,33 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
         mt_model_init_random(&mc, host_params, (uint64_t)cfg->train_seed);
     else if ((err = mt_hf_load_weights(cfg->model_path, &mc, host_params)))
         goto out_params;
-    if ((err = make_dirs(cfg->output_dir))) goto out_params;
+    if ((err = mt_make_dirs(cfg->output_dir))) goto out_params;
+    char resume_dir[1200] = "";
+    if (!strcmp(cfg->train_resume, "auto"))
+        mt_checkpoint_find_latest(cfg->output_dir, resume_dir, sizeof resume_dir);
+    else if (cfg->train_resume[0])
+        snprintf(resume_dir, sizeof resume_dir, "%s", cfg->train_resume);
+    moment_m = malloc(total * sizeof(float));
+    moment_v = malloc(total * sizeof(float));
+    MT_CHECK(moment_m && moment_v, "moment buffers (%zu floats)", total);
+    mt_checkpoint_meta resume = {0};
+    if (resume_dir[0]) {
+        if ((err = mt_checkpoint_read(resume_dir, &mc, host_params, moment_m, moment_v, &resume))) goto out_params;
+        if (resume.config_hash != mt_config_training_hash(cfg)) {
+            err = mt_errorf(MT_ERR_CONFIG,
+                            "%s was written by a run with a different configuration (model, data, train or optim "
+                            "keys differ; see its run's config.yaml). Resume with the same settings, or start fresh "
+                            "with --set train.resume= (empty) and another output.dir.",
+                            resume_dir);
+            goto out_params;
+        }
+        if (resume.step >= cfg->train_steps) {
+            err = mt_errorf(MT_ERR_CONFIG, "%s is at step %ld, and train.steps is %ld: nothing left to train",
+                            resume_dir, resume.step, cfg->train_steps);
+            goto out_params;
+        }
+        mt_loader_set_cursor(train, (mt_cursor){resume.data_epoch, resume.data_batch});
+    }
 
     // ---- backend, model, optimizer
     int want_gpu = !strcmp(cfg->train_device, "gpu"), ngpu = mt_device_count();
@@ -184,6 +259,7 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     err = mt_optimizer_init(&opt, &be, &ac, mt_model_weights(model), host_params, total, groups, n_params);
     free(groups);
     if (err) goto out_model;
+    if (resume_dir[0]) mt_optimizer_set_moments(opt, moment_m, moment_v, resume.optimizer_steps);
 
     // ---- run folder
     char path[1200];
@@ -196,7 +272,8 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     mt_config_write_yaml(cfg, f);
     fclose(f);
     snprintf(path, sizeof path, "%s/metrics.jsonl", cfg->output_dir);
-    FILE *metrics = fopen(path, "w");
+    if (resume_dir[0] && (err = trim_metrics(path, resume.step))) goto out_model;
+    FILE *metrics = fopen(path, resume_dir[0] ? "a" : "w");
     if (!metrics) {
         err = mt_errorf(MT_ERR_IO, "%s: cannot write (%s)", path, strerror(errno));
         goto out_model;
@@ -207,6 +284,7 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     mt_info("data %s: %llu tokens in %llu docs, %llu train batches/epoch", cfg->data_train,
             (unsigned long long)mt_dataset_num_tokens(ds), (unsigned long long)mt_dataset_num_docs(ds),
             (unsigned long long)mt_loader_batches_per_epoch(train));
+    if (resume_dir[0]) mt_info("resuming from %s at step %ld", resume_dir, resume.step);
 
     mt_schedule sched = {!strcmp(cfg->optim_schedule, "linear")     ? MT_SCHEDULE_LINEAR
                          : !strcmp(cfg->optim_schedule, "constant") ? MT_SCHEDULE_CONSTANT
@@ -226,7 +304,15 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     }
     double t_start = mt_now(), t_last = t_start;
     long tokens_since = 0;
-    for (int step = 0; step < cfg->train_steps && !err; step++) {
+    checkpoint_ctx ckpt = {cfg, &mc, opt, train, host_params, moment_m, moment_v};
+    stop_signal = 0;
+    struct sigaction action = {0}, old_int, old_term;
+    action.sa_handler = on_stop_signal;
+    sigemptyset(&action.sa_mask);
+    sigaction(SIGINT, &action, &old_int);
+    sigaction(SIGTERM, &action, &old_term);
+    int skipped = 0, stopped = 0;
+    for (int step = (int)resume.step; step < cfg->train_steps && !err; step++) {
         // all micro-batches first: the loss is the mean over all their targets
         long valid_total = 0;
         for (int a = 0; a < accum && !err; a++) {
@@ -244,14 +330,25 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
         // a non-finite loss or gradient stops the run before any update is applied
         mt_step_info info = {NAN, 0};
         if (isfinite(loss)) mt_optimizer_step(opt, mt_model_grads(model), lr, &info);
+        if ((!isfinite(loss) || !info.finite) && !strcmp(cfg->train_on_nonfinite, "skip")) {
+            mt_warn("step %d: loss %g, gradient norm %g: update skipped (train.on_nonfinite: skip)", step + 1, loss,
+                    info.grad_norm);
+            skipped++;
+            continue;
+        }
         if (!isfinite(loss) || !info.finite) {
             err = mt_errorf(MT_ERR_NONFINITE,
                             "step %d: loss %g, gradient norm %g; the update was not applied. Lower optim.lr or raise "
-                            "optim.warmup_steps.",
+                            "optim.warmup_steps, or set train.on_nonfinite: skip.",
                             step + 1, loss, info.grad_norm);
+            // the last good state, with the data cursor past the batch that failed
+            if (step > (int)resume.step) {
+                mt_err ckerr = save_checkpoint(&ckpt, step);
+                if (ckerr) err = ckerr;
+            }
             break;
         }
-        if (step == 0) result->first_loss = loss;
+        if (step == (int)resume.step) result->first_loss = loss;
         result->last_loss = loss;
         result->steps_done = step + 1;
         loss_curve[step] = (float)loss;
@@ -292,7 +389,22 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
             t_last = now;
             tokens_since = 0;
         }
+        int run_steps = step + 1 - (int)resume.step;
+        int stop_now = stop_signal || (cfg->train_stop_after > 0 && run_steps >= cfg->train_stop_after);
+        if (stop_now && !last) {
+            if ((err = save_checkpoint(&ckpt, step + 1))) break;
+            mt_info("stopped after step %d (%s). Resume with: memtune train CONFIG --set train.resume=auto", step + 1,
+                    stop_signal ? "signal" : "train.stop_after");
+            stopped = 1;
+            break;
+        }
+        if (last || (cfg->checkpoint_every > 0 && (step + 1) % cfg->checkpoint_every == 0))
+            if ((err = save_checkpoint(&ckpt, step + 1))) break;
     }
+    sigaction(SIGINT, &old_int, NULL);
+    sigaction(SIGTERM, &old_term, NULL);
+    if (skipped) mt_warn("%d step(s) skipped for non-finite values", skipped);
+    result->stopped_early = stopped;
     fclose(metrics);
     snprintf(path, sizeof path, "%s/loss.svg", cfg->output_dir);
     write_loss_svg(path, loss_curve, result->steps_done, eval_curve, eval_steps, evals);
@@ -307,7 +419,7 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
         mt_mem_format(use_gpu ? MT_DEVICE : MT_HOST, report, sizeof report);
         mt_info("memory (%s): %s", use_gpu ? "GPU" : "host", report);
     }
-    if (!err && cfg->output_save_model) {
+    if (!err && !stopped && cfg->output_save_model) {
         mt_optimizer_get_master(opt, host_params);
         mt_dtype dtype = !strcmp(cfg->output_save_dtype, "F32")    ? MT_DTYPE_F32
                          : !strcmp(cfg->output_save_dtype, "BF16") ? MT_DTYPE_BF16
@@ -323,6 +435,8 @@ out_model:
 out_backend:
     mt_backend_free(&be);
 out_params:
+    free(moment_m);
+    free(moment_v);
     free(host_params);
     free(table);
 out_data:
