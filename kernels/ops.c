@@ -69,6 +69,14 @@ size_t mt_attention_workspace_bytes(const mt_backend *be, int B, int T, int H, i
     return 0;
 }
 
+size_t mt_norm_embedding_workspace_bytes(const mt_backend *be, int N, int C) {
+#ifdef MT_HAVE_CUDA
+    if (be->gpu) return mt_norm_embedding_workspace_bytes_cuda(N, C);
+#endif
+    (void)be, (void)N, (void)C;
+    return 0;
+}
+
 void mt_op_attention_forward(mt_backend *be, void *out, float *lse, const void *q, const void *k, const void *v, int B,
                              int T, int H, int KV, int D) {
     MT_GPU(be, mt_attention_forward_cuda(be, out, lse, q, k, v, B, T, H, KV, D));

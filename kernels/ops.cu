@@ -45,6 +45,22 @@ static __device__ float block_max(float v) {
 
 // ---------------------------------------------------------------- embedding
 
+// Orders positions by (token, position): each token's rows are then added in
+// one fixed order. The key array is passed through a file-level pointer for
+// qsort (the host side of one launch; not reentrant, like the op itself).
+static const int32_t *sort_key_tokens;
+
+static int compare_positions(const void *a, const void *b) {
+    int32_t pa = *(const int32_t *)a, pb = *(const int32_t *)b;
+    int32_t ta = sort_key_tokens[pa], tb = sort_key_tokens[pb];
+    return ta != tb ? (ta < tb ? -1 : 1) : (pa < pb ? -1 : pa > pb);
+}
+
+static void sort_positions_by_token(int32_t *order, int N, const int32_t *tokens) {
+    sort_key_tokens = tokens;
+    qsort(order, (size_t)N, sizeof *order, compare_positions);
+}
+
 static __global__ void embedding_forward_kernel(bf16 *out, const int32_t *tokens, const bf16 *wte, int N, int C) {
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (size_t)N * C) return;
@@ -52,11 +68,16 @@ static __global__ void embedding_forward_kernel(bf16 *out, const int32_t *tokens
     out[idx] = wte[(size_t)tokens[n] * C + c];
 }
 
-static __global__ void embedding_backward_kernel(float *dwte, const int32_t *tokens, const bf16 *dout, int N, int C) {
-    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= (size_t)N * C) return;
-    size_t n = idx / C, c = idx % C;
-    atomicAdd(&dwte[(size_t)tokens[n] * C + c], __bfloat162float(dout[idx]));
+// One block per distinct token of the batch: its rows of dout are added in
+// position order, so the result does not depend on scheduling (no atomics).
+static __global__ void embedding_backward_kernel(float *dwte, const int32_t *unique_tokens, const int32_t *offsets,
+                                                 const int32_t *positions, const bf16 *dout, int C) {
+    int u = blockIdx.x, token = unique_tokens[u];
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        float sum = 0.0f;
+        for (int i = offsets[u]; i < offsets[u + 1]; i++) sum += __bfloat162float(dout[(size_t)positions[i] * C + c]);
+        dwte[(size_t)token * C + c] += sum;
+    }
 }
 
 extern "C" void mt_embedding_forward_cuda(const mt_backend *be, void *out, const int32_t *tokens, const void *wte,
@@ -69,9 +90,26 @@ extern "C" void mt_embedding_forward_cuda(const mt_backend *be, void *out, const
 
 extern "C" void mt_embedding_backward_cuda(const mt_backend *be, float *dwte, const int32_t *tokens, const void *dout,
                                            int N, int C) {
-    (void)be;
-    size_t n = (size_t)N * C;
-    embedding_backward_kernel<<<grid_for(n, kThreads), kThreads>>>(dwte, tokens, (const bf16 *)dout, N, C);
+    // group the positions by token on the host (N is one batch: small), then
+    // upload to the workspace: unique tokens (U), offsets (U + 1), positions (N)
+    MT_CHECK(be->workspace_bytes >= (size_t)(3 * N + 1) * sizeof(int32_t), "embedding workspace too small");
+    int32_t *host = (int32_t *)malloc((size_t)(4 * N + 1) * sizeof(int32_t));
+    MT_CHECK(host != NULL, "embedding grouping buffer");
+    int32_t *unique = host, *offsets = host + N, *order = host + 2 * N + 1, *tok = host + 3 * N + 1;
+    CUDA_CHECK(cudaMemcpy(tok, tokens, (size_t)N * sizeof(int32_t), cudaMemcpyDeviceToHost));
+    for (int i = 0; i < N; i++) order[i] = i;
+    sort_positions_by_token(order, N, tok);
+    int U = 0;
+    for (int i = 0; i < N; i++)
+        if (i == 0 || tok[order[i]] != tok[order[i - 1]]) unique[U] = tok[order[i]], offsets[U++] = i;
+    offsets[U] = N;
+    int32_t *dev = (int32_t *)be->workspace;
+    CUDA_CHECK(cudaMemcpy(dev, unique, (size_t)U * sizeof(int32_t), cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemcpy(dev + U, offsets, (size_t)(U + 1) * sizeof(int32_t), cudaMemcpyHostToDevice));
+    CUDA_CHECK(cudaMemcpy(dev + 2 * U + 1, order, (size_t)N * sizeof(int32_t), cudaMemcpyHostToDevice));
+    free(host);
+    if (U == 0) return;
+    embedding_backward_kernel<<<U, kThreads>>>(dwte, dev, dev + U, dev + 2 * U + 1, (const bf16 *)dout, C);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -96,7 +134,7 @@ static __global__ void rmsnorm_forward_kernel(bf16 *out, float *rstd, const bf16
 
 static const int kRmsRowsPerBlock = 32;
 
-static __global__ void rmsnorm_backward_kernel(bf16 *dinp, float *dweight, const bf16 *dout, const bf16 *inp,
+static __global__ void rmsnorm_backward_kernel(bf16 *dinp, float *dweight_partials, const bf16 *dout, const bf16 *inp,
                                                const bf16 *weight, const float *rstd, int N, int C) {
     extern __shared__ float dw_partial[];  // (C)
     for (int c = threadIdx.x; c < C; c += blockDim.x) dw_partial[c] = 0.0f;
@@ -116,7 +154,17 @@ static __global__ void rmsnorm_backward_kernel(bf16 *dinp, float *dweight, const
         }
     }
     __syncthreads();
-    for (int c = threadIdx.x; c < C; c += blockDim.x) atomicAdd(&dweight[c], dw_partial[c]);
+    float *partial = dweight_partials + (size_t)blockIdx.x * C;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) partial[c] = dw_partial[c];
+}
+
+// dweight[c] += the blocks' partials, added in block order (deterministic).
+static __global__ void sum_partials_kernel(float *dweight, const float *partials, int blocks, int C) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    float sum = 0.0f;
+    for (int i = 0; i < blocks; i++) sum += partials[(size_t)i * C + c];
+    dweight[c] += sum;
 }
 
 extern "C" void mt_rmsnorm_forward_cuda(const mt_backend *be, void *out, float *rstd, const void *inp,
@@ -128,12 +176,15 @@ extern "C" void mt_rmsnorm_forward_cuda(const mt_backend *be, void *out, float *
 
 extern "C" void mt_rmsnorm_backward_cuda(const mt_backend *be, void *dinp, float *dweight, const void *dout,
                                          const void *inp, const void *weight, const float *rstd, int N, int C) {
-    (void)be;
     size_t shared = (size_t)C * sizeof(float);
     MT_CHECK(shared <= 48 * 1024, "rmsnorm backward supports C <= 12288, got %d", C);
     unsigned blocks = grid_for((size_t)N, kRmsRowsPerBlock);
-    rmsnorm_backward_kernel<<<blocks, kThreads, shared>>>((bf16 *)dinp, dweight, (const bf16 *)dout, (const bf16 *)inp,
+    MT_CHECK(be->workspace_bytes >= (size_t)blocks * C * sizeof(float), "rmsnorm workspace too small");
+    float *partials = (float *)be->workspace;
+    rmsnorm_backward_kernel<<<blocks, kThreads, shared>>>((bf16 *)dinp, partials, (const bf16 *)dout, (const bf16 *)inp,
                                                           (const bf16 *)weight, rstd, N, C);
+    CUDA_CHECK_LAUNCH();
+    sum_partials_kernel<<<grid_for((size_t)C, kThreads), kThreads>>>(dweight, partials, (int)blocks, C);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -539,6 +590,12 @@ static __global__ void __launch_bounds__(kAttnThreads)
     store_rows<D>(dq + ((size_t)(b * H + h) * T + q0) * D, D, T - q0, dq_acc, sSw);
 }
 
+extern "C" size_t mt_norm_embedding_workspace_bytes_cuda(int N, int C) {
+    size_t rms = (size_t)grid_for((size_t)N, kRmsRowsPerBlock) * C * sizeof(float);
+    size_t emb = (size_t)(3 * N + 1) * sizeof(int32_t);
+    return rms > emb ? rms : emb;
+}
+
 static int attention_head_dim_supported(int D) { return D == 16 || D == 32 || D == 64 || D == 128; }
 
 extern "C" int mt_attention_supports_cuda(int D) { return attention_head_dim_supported(D); }
@@ -783,21 +840,32 @@ extern "C" void mt_adamw_cuda(const mt_backend *be, float *master, void *param_c
     CUDA_CHECK_LAUNCH();
 }
 
-static __global__ void sum_kernel(double *out, const float *x, size_t n, int squares) {
+static const int kSumBlocks = 256;  // partials fit the backend's 4 KiB reduce buffer (as doubles)
+
+// Each block sums a fixed strided share into partials[block]; one thread then
+// adds the partials in order: the same bits every run (no atomics).
+static __global__ void sum_kernel(double *partials, const float *x, size_t n, int squares) {
     float sum = 0.0f;
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
         sum += squares ? x[i] * x[i] : x[i];
     sum = block_sum(sum);
-    if (threadIdx.x == 0) atomicAdd(out, (double)sum);
+    if (threadIdx.x == 0) partials[blockIdx.x] = (double)sum;
+}
+
+static __global__ void sum_partials_double_kernel(double *out, const double *partials, int count) {
+    double sum = 0.0;
+    for (int i = 0; i < count; i++) sum += partials[i];
+    *out = sum;
 }
 
 extern "C" double mt_sumsq_cuda(const mt_backend *be, const float *x, size_t n, int squares) {
-    double *out = (double *)be->reduce_buffer, host = 0.0;
-    CUDA_CHECK(cudaMemsetAsync(out, 0, sizeof(double), 0));
+    double *partials = (double *)be->reduce_buffer, *out = partials + kSumBlocks, host = 0.0;
     unsigned blocks = grid_for(n, kThreads);
-    if (blocks > 1024) blocks = 1024;
+    if (blocks > (unsigned)kSumBlocks) blocks = kSumBlocks;
     if (blocks == 0) blocks = 1;
-    sum_kernel<<<blocks, kThreads>>>(out, x, n, squares);
+    sum_kernel<<<blocks, kThreads>>>(partials, x, n, squares);
+    CUDA_CHECK_LAUNCH();
+    sum_partials_double_kernel<<<1, 1>>>(out, partials, (int)blocks);
     CUDA_CHECK_LAUNCH();
     CUDA_CHECK(cudaMemcpy(&host, out, sizeof host, cudaMemcpyDeviceToHost));
     return host;

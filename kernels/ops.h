@@ -36,6 +36,9 @@ void mt_op_rope_backward(const mt_backend *be, void *dinp, const void *dout, con
 int mt_attention_supports(const mt_backend *be, int D);
 // Workspace the attention ops need for this shape (reserve it on the backend).
 size_t mt_attention_workspace_bytes(const mt_backend *be, int B, int T, int H, int D);
+// Workspace the RMSNorm and embedding backward ops need for N rows of width C
+// (on the GPU they reduce through it in a fixed order: deterministic).
+size_t mt_norm_embedding_workspace_bytes(const mt_backend *be, int N, int C);
 // lse (B, H, T) fp32 is written by forward and read by backward.
 void mt_op_attention_forward(mt_backend *be, void *out, float *lse, const void *q, const void *k, const void *v, int B,
                              int T, int H, int KV, int D);

@@ -25,6 +25,7 @@ void mt_rope_forward_cuda(const mt_backend *be, void *out, const void *inp, cons
 void mt_rope_backward_cuda(const mt_backend *be, void *dinp, const void *dout, const float *cos_table,
                            const float *sin_table, int B, int T, int H, int D, int rotate);
 int mt_attention_supports_cuda(int D);
+size_t mt_norm_embedding_workspace_bytes_cuda(int N, int C);
 size_t mt_attention_workspace_bytes_cuda(int B, int T, int H, int D);
 void mt_attention_forward_cuda(mt_backend *be, void *out, float *lse, const void *q, const void *k, const void *v,
                                int B, int T, int H, int KV, int D);

@@ -324,6 +324,8 @@ int main(void) {
         return 77;
     }
     if (mt_backend_init(&be, 0) != MT_OK) return 1;
+    // room for the RMSNorm/embedding reductions of every size below (attention grows it as needed)
+    if (mt_backend_reserve_workspace(&be, mt_norm_embedding_workspace_bytes(&be, 1 << 14, 1 << 12)) != MT_OK) return 1;
     char name[256];
     mt_device_describe(name, sizeof name);
     printf("test_kernels_gpu on %s\n", name);

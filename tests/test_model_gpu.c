@@ -60,6 +60,18 @@ START_TEST(gpu_model_matches_cpu_reference) {
                fabs(lg - lc) / lc, lk);
         ck_assert_double_lt(fabs(lg - lc) / lc, 1e-2);
         ck_assert_double_eq_tol(lk, lg, 1e-6 * lg);
+        // deterministic: the same step again gives the same bits (no atomics anywhere)
+        {
+            size_t bytes = mt_model_num_params(mg) * 4;
+            float *first = malloc(bytes), *second = malloc(bytes);
+            mt_copy_to_host(first, mt_model_grads(mg), bytes);
+            mt_model_zero_grads(mg);
+            double again = mt_model_step(mg, in, tg, scale, 1) * scale;
+            mt_copy_to_host(second, mt_model_grads(mg), bytes);
+            ck_assert_msg(again == lg, "loss %.17g then %.17g", lg, again);
+            ck_assert_msg(memcmp(first, second, bytes) == 0, "gradients differ between two identical steps");
+            free(first), free(second);
+        }
         float *gc = malloc(total * 4), *gg = malloc(total * 4), *gk = malloc(total * 4);
         memcpy(gc, mt_model_grads(mc), total * 4);
         mt_copy_to_host(gg, mt_model_grads(mg), total * 4);

@@ -5,16 +5,20 @@
 // short training run whose loss falls.
 #include <check.h>
 #include <cjson/cJSON.h>
+#include <dirent.h>
 #include <math.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include "datasets/dataset.h"
 #include "kernels/rng.h"
 #include "testutil.h"
+#include "trainer/checkpoint.h"
 #include "trainer/config.h"
 #include "trainer/hf.h"
 #include "trainer/model.h"
@@ -508,6 +512,54 @@ START_TEST(resume_is_bit_identical) {
 }
 END_TEST
 
+START_TEST(checkpoint_on_a_full_disk_leaves_the_last_one_intact) {
+    mt_model_config mc;
+    char folder[300], run[300], path[400];
+    make_folder("full-disk-model", tiny_llama_json, folder, sizeof folder);
+    ck_assert_int_eq(mt_hf_read_config(folder, &mc), MT_OK);
+    int np;
+    size_t total;
+    free(mt_model_param_table(&mc, &np, &total));
+    float *w = calloc(total, 4), *m = calloc(total, 4), *v = calloc(total, 4);
+    mt_model_init_random(&mc, w, 3);
+    snprintf(run, sizeof run, "%s/full-disk-run", dir);
+    mt_checkpoint_meta meta = {3, 0, 7, 3, 42};
+    ck_assert_int_eq(mt_checkpoint_write(run, NULL, &mc, w, m, v, &meta, 2), MT_OK);
+    // a file size limit makes every write past 4 KiB fail with EFBIG, as a full disk would
+    struct rlimit old, tight = {4096, 0};
+    ck_assert_int_eq(getrlimit(RLIMIT_FSIZE, &old), 0);
+    tight.rlim_max = old.rlim_max;
+    signal(SIGXFSZ, SIG_IGN);
+    ck_assert_int_eq(setrlimit(RLIMIT_FSIZE, &tight), 0);
+    meta.step = 4;
+    mt_err err = mt_checkpoint_write(run, NULL, &mc, w, m, v, &meta, 2);
+    ck_assert_int_eq(setrlimit(RLIMIT_FSIZE, &old), 0);
+    ck_assert_int_eq(err, MT_ERR_IO);
+    // the newest complete checkpoint is still step 3, and nothing half-written is left
+    mt_checkpoint_find_latest(run, path, sizeof path);
+    ck_assert_ptr_nonnull(strstr(path, "step-00000003"));
+    float *w2 = calloc(total, 4), *m2 = calloc(total, 4), *v2 = calloc(total, 4);
+    mt_checkpoint_meta back;
+    ck_assert_int_eq(mt_checkpoint_read(path, &mc, w2, m2, v2, &back), MT_OK);
+    ck_assert_int_eq(back.step, 3);
+    ck_assert_uint_eq(back.data_batch, 7);
+    ck_assert_mem_eq(w2, w, total * 4);
+    snprintf(path, sizeof path, "%s/checkpoints", run);
+    DIR *d = opendir(path);
+    ck_assert_ptr_nonnull(d);
+    struct dirent *e;
+    int entries = 0;
+    while ((e = readdir(d)))
+        if (e->d_name[0] != '.' || strncmp(e->d_name, ".step-", 6) == 0) {
+            ck_assert_msg(strncmp(e->d_name, ".step-", 6) != 0, "temporary folder %s left behind", e->d_name);
+            entries++;
+        }
+    closedir(d);
+    ck_assert_int_eq(entries, 1);
+    free(w), free(m), free(v), free(w2), free(m2), free(v2);
+}
+END_TEST
+
 int main(void) {
     tu_tempdir(dir, sizeof dir);
     Suite *s = suite_create("trainer");
@@ -521,6 +573,7 @@ int main(void) {
     tcase_add_test(tc, save_and_load_round_trip);
     tcase_add_test(tc, training_reduces_loss_and_saves);
     tcase_add_test(tc, resume_is_bit_identical);
+    tcase_add_test(tc, checkpoint_on_a_full_disk_leaves_the_last_one_intact);
     suite_add_tcase(s, tc);
     return tu_run_suite(s, 0);
 }

@@ -277,7 +277,10 @@ mt_err mt_model_create(mt_model **out, mt_backend *be, const mt_model_config *cf
     if (!err) err = mt_alloc((void **)&m->grads, m->total * sizeof(float), MT_MEM_GRADS, place);
     size_t act_bytes = layout_activations(m, 0);
     if (!err) err = mt_alloc(&m->act_block, act_bytes, MT_MEM_ACTIVATIONS, place);
-    if (!err) err = mt_backend_reserve_workspace(be, mt_attention_workspace_bytes(be, B, T, cfg->H, cfg->D));
+    size_t workspace = mt_attention_workspace_bytes(be, B, T, cfg->H, cfg->D);
+    size_t norm_workspace = mt_norm_embedding_workspace_bytes(be, B * T, cfg->C);
+    if (norm_workspace > workspace) workspace = norm_workspace;
+    if (!err) err = mt_backend_reserve_workspace(be, workspace);
     if (err) {
         mt_model_free(m);
         return err;

@@ -4,7 +4,7 @@
 # comparison with Hugging Face transformers, the quickstart on the GPU, and
 # with --bench the benchmarks of bench/. Logs and results go under $OUT.
 #
-# Stages: ctest quickstart parity (default), plus bench with --bench; or
+# Stages: ctest quickstart resume parity (default), plus bench with --bench; or
 # name them: run.sh --stages "ctest bench". MT_CTEST_FILTER narrows ctest.
 #
 # Build on the development machine first (cmake -S . -B build &&
@@ -44,7 +44,7 @@ done
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; ldd "$BUILD/memtune"; } > "$OUT/env.txt" 2>&1
 head -2 "$OUT/env.txt"
 
-STAGES="ctest quickstart parity"
+STAGES="ctest quickstart resume parity"
 case "${1:-}" in
     --bench) STAGES="$STAGES bench" ;;
     --stages) STAGES=$2 ;;
@@ -64,6 +64,20 @@ if want quickstart && [ -f data/kjv.txt ]; then
     "$BUILD/memtune" train configs/quickstart.yaml --set data.train=/tmp/kjv.h5 --set train.device=gpu \
         --set output.dir=/tmp/mt-quickstart 2>&1 | tee "$OUT/quickstart.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+
+if want resume && [ -f data/kjv.txt ]; then
+    echo "== resume on the GPU: stopped and resumed vs uninterrupted, losses compared bit for bit"
+    [ -f /tmp/kjv.h5 ] || "$BUILD/memtune" tokenize --input data/kjv.txt --output /tmp/kjv.h5 > /dev/null
+    common=(train configs/quickstart.yaml --set data.train=/tmp/kjv.h5 --set train.device=gpu --set train.steps=40
+            --set train.log_every=1 --set checkpoint.every=5)
+    rm -rf /tmp/mt-resume-ref /tmp/mt-resume-split
+    "$BUILD/memtune" "${common[@]}" --set output.dir=/tmp/mt-resume-ref > "$OUT/resume.log" 2>&1 &&
+    "$BUILD/memtune" "${common[@]}" --set output.dir=/tmp/mt-resume-split --set train.stop_after=15 >> "$OUT/resume.log" 2>&1 &&
+    "$BUILD/memtune" "${common[@]}" --set output.dir=/tmp/mt-resume-split --set train.resume=auto >> "$OUT/resume.log" 2>&1 &&
+    diff <(grep -o '"loss":[^,]*' /tmp/mt-resume-ref/metrics.jsonl) <(grep -o '"loss":[^,]*' /tmp/mt-resume-split/metrics.jsonl) &&
+    [ "$(grep -c '"loss"' /tmp/mt-resume-split/metrics.jsonl)" -eq 40 ] &&
+    echo "resume on the GPU: 40 losses identical" || { echo "resume on the GPU: FAILED"; tail -5 "$OUT/resume.log"; status=1; }
 fi
 
 if want parity; then
