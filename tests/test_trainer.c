@@ -208,6 +208,18 @@ START_TEST(hf_config_checks) {
     ck_assert_int_eq(mt_hf_read_config(folder, &c), MT_OK);
     ck_assert(c.rope_llama3 && c.rope_factor == 8.0f && c.rope_original_max_position == 8192);
     expect_error(mt_hf_read_config("/nonexistent-folder", &c), MT_ERR_MODEL, "no config.json");
+    // found by fuzzing: a huge number is refused, not converted (that was undefined behaviour)
+    make_folder("huge",
+                "{\"architectures\":[\"LlamaForCausalLM\"],\"vocab_size\":258,\"hidden_size\":128,"
+                "\"intermediate_size\":359999999999999999999999999999992,\"num_hidden_layers\":1,"
+                "\"num_attention_heads\":2}",
+                folder, sizeof folder);
+    expect_error(mt_hf_read_config(folder, &c), MT_ERR_MODEL, "field intermediate_size is missing or not a positive");
+    make_folder("enormous",
+                "{\"architectures\":[\"LlamaForCausalLM\"],\"vocab_size\":1000000,\"hidden_size\":1000000,"
+                "\"intermediate_size\":4000000,\"num_hidden_layers\":1000,\"num_attention_heads\":1000}",
+                folder, sizeof folder);
+    expect_error(mt_hf_read_config(folder, &c), MT_ERR_MODEL, "beyond any model memtune can train");
 }
 END_TEST
 

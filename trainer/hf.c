@@ -4,6 +4,7 @@
 
 #include <cjson/cJSON.h>
 #include <errno.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -44,8 +45,9 @@ static cJSON *read_json(const char *path, mt_err *err) {
 
 static int get_int(const cJSON *j, const char *key, int *out) {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(j, key);
-    if (!cJSON_IsNumber(v) || v->valuedouble != (double)(long)v->valuedouble || v->valuedouble < 1 ||
-        v->valuedouble > 1e9)
+    // range first: converting an out-of-range double to an integer is undefined
+    if (!cJSON_IsNumber(v) || !(v->valuedouble >= 1 && v->valuedouble <= 1e9) ||
+        v->valuedouble != floor(v->valuedouble))
         return -1;
     *out = (int)v->valuedouble;
     return 0;
@@ -171,6 +173,16 @@ mt_err mt_hf_read_config(const char *dir, mt_model_config *c) {
     const cJSON *use_window = cJSON_GetObjectItemCaseSensitive(j, "use_sliding_window");
     if (cJSON_IsNumber(window) && !(use_window && cJSON_IsFalse(use_window)))
         c->sliding_window = (long)window->valuedouble;
+    // dimensions a GPU could never hold are refused here, before any allocation
+    double params = (double)c->V * c->C * (c->tie_embeddings ? 1 : 2) +
+                    (double)c->L * ((double)c->C * c->D * (c->H + c->KV) * 2 + 3.0 * c->C * c->F);
+    if (c->C > (1 << 20) || c->F > (1 << 22) || c->D > 4096 || c->L > 10000 || c->V > (1 << 24) || params > 2e12) {
+        err = mt_errorf(MT_ERR_MODEL,
+                        "%s: the dimensions (hidden_size %d, intermediate_size %d, layers %d, "
+                        "vocab_size %d, head_dim %d: %.3g parameters) are beyond any model memtune can train",
+                        path, c->C, c->F, c->L, c->V, c->D, params);
+        goto done;
+    }
     if ((err = read_rope(path, j, c))) goto done;
     const cJSON *dtype = cJSON_GetObjectItemCaseSensitive(j, "torch_dtype");
     if (!cJSON_IsString(dtype)) dtype = cJSON_GetObjectItemCaseSensitive(j, "dtype");

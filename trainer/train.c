@@ -192,9 +192,12 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     int n_params;
     size_t total;
     mt_param_info *table = mt_model_param_table(&mc, &n_params, &total);
-    float *host_params = malloc(total * sizeof(float)), *moment_m = NULL, *moment_v = NULL;
-    MT_CHECK(host_params != NULL, "host parameter block (%zu floats)", total);
-    memset(host_params, 0, total * sizeof(float));
+    float *host_params = calloc(total, sizeof(float)), *moment_m = NULL, *moment_v = NULL;
+    if (!host_params) {
+        err = mt_errorf(MT_ERR_NOMEM, "out of host memory for the %.2fM parameters' fp32 copy (%.1f GiB)", total / 1e6,
+                        total * 4.0 / 1073741824.0);
+        goto out_params;
+    }
     int random_init = !strcmp(cfg->model_init, "random");
     if (random_init)
         mt_model_init_random(&mc, host_params, (uint64_t)cfg->train_seed);
@@ -208,7 +211,11 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
         snprintf(resume_dir, sizeof resume_dir, "%s", cfg->train_resume);
     moment_m = malloc(total * sizeof(float));
     moment_v = malloc(total * sizeof(float));
-    MT_CHECK(moment_m && moment_v, "moment buffers (%zu floats)", total);
+    if (!moment_m || !moment_v) {
+        err = mt_errorf(MT_ERR_NOMEM, "out of host memory for the optimizer state's checkpoint copies (%.1f GiB)",
+                        total * 8.0 / 1073741824.0);
+        goto out_params;
+    }
     mt_checkpoint_meta resume = {0};
     if (resume_dir[0]) {
         if ((err = mt_checkpoint_read(resume_dir, &mc, host_params, moment_m, moment_v, &resume))) goto out_params;
