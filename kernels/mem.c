@@ -61,11 +61,15 @@ mt_err mt_alloc(void **out, size_t bytes, mt_mem_category cat, mt_mem_place plac
     if (!p) {
         char held[1024];
         mt_mem_format(place, held, sizeof held);
-        return mt_errorf(MT_ERR_NOMEM,
-                         "out of %s memory allocating %.1f MiB for %s (already held: %s). "
-                         "Lower train.micro_batch or train.seq_len, or turn on "
-                         "model.activation_checkpointing.",
-                         place == MT_DEVICE ? "GPU" : "host", bytes / 1048576.0, category_names[cat], held);
+        // what to change depends on what did not fit
+        const char *hint = (cat == MT_MEM_ACTIVATIONS || cat == MT_MEM_WORKSPACE)
+                               ? "Lower train.micro_batch or train.seq_len, or turn on model.activation_checkpointing."
+                           : (cat == MT_MEM_WEIGHTS || cat == MT_MEM_GRADS || cat == MT_MEM_OPTIMIZER)
+                               ? "The model's weights, gradients and AdamW state (18 bytes per parameter on the GPU) "
+                                 "do not fit: train a smaller model or use a GPU with more memory."
+                               : "Free memory or lower the batch size.";
+        return mt_errorf(MT_ERR_NOMEM, "out of %s memory allocating %.1f MiB for %s (already held: %s). %s",
+                         place == MT_DEVICE ? "GPU" : "host", bytes / 1048576.0, category_names[cat], held, hint);
     }
     if (live_count == live_capacity) {
         live_capacity = live_capacity ? 2 * live_capacity : 64;

@@ -102,6 +102,28 @@ START_TEST(gpu_model_matches_cpu_reference) {
 }
 END_TEST
 
+START_TEST(gpu_out_of_memory_is_a_clear_error) {
+    mt_model_config c;
+    small_config(&c, 0);
+    c.V = 32000, c.C = 8192, c.F = 28672, c.L = 80, c.H = 64, c.KV = 8, c.D = 128;  // Llama-70B: ~138 GB of bf16
+    mt_backend gpu;
+    ck_assert_int_eq(mt_backend_init(&gpu, 0), MT_OK);
+    mt_model *m = (mt_model *)1;
+    ck_assert_int_eq(mt_model_create(&m, &gpu, &c, 1, 128, 1), MT_ERR_NOMEM);
+    ck_assert_ptr_null(m);
+    const char *msg = mt_last_error();
+    printf("out-of-memory message: %s\n", msg);
+    ck_assert_ptr_nonnull(strstr(msg, "out of GPU memory"));
+    ck_assert_ptr_nonnull(strstr(msg, "for weights"));
+    ck_assert_ptr_nonnull(strstr(msg, "use a GPU with more memory"));
+    // nothing was left behind and the device still works
+    small_config(&c, 0);
+    ck_assert_int_eq(mt_model_create(&m, &gpu, &c, 1, 16, 0), MT_OK);
+    mt_model_free(m);
+    mt_backend_free(&gpu);
+}
+END_TEST
+
 int main(void) {
     if (mt_device_count() == 0) {
         printf("test_model_gpu: no GPU, skipped\n");
@@ -111,6 +133,7 @@ int main(void) {
     TCase *tc = tcase_create("gpu vs cpu model");
     tcase_set_timeout(tc, 600);
     tcase_add_test(tc, gpu_model_matches_cpu_reference);
+    tcase_add_test(tc, gpu_out_of_memory_is_a_clear_error);
     suite_add_tcase(s, tc);
     return tu_run_suite(s, 1);
 }
