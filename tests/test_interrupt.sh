@@ -33,6 +33,16 @@ rc=$?
 grep -q "train.resume=auto" "$W/sigint.log" || fail "SIGINT: no resume hint"
 ls -d "$W"/run/checkpoints/step-* > /dev/null 2>&1 || fail "SIGINT: no checkpoint"
 
+# a second signal exits at once (status 128+2), or the first one already finished (0)
+"$MEMTUNE" "${common[@]}" --set "output.dir=$W/run" --set train.resume=auto > "$W/twice.log" 2>&1 &
+pid=$!
+sleep 0.3
+kill -INT "$pid"; sleep 0.01; kill -INT "$pid"
+wait "$pid"
+rc=$?
+[ "$rc" -eq 130 ] || [ "$rc" -eq 0 ] || fail "two SIGINTs: exit status $rc, expected 130 (or 0)"
+echo "test_interrupt: two SIGINTs: exit status $rc"
+
 # kill -9 at random moments, resuming each time
 for i in 1 2 3 4 5 6; do
     "$MEMTUNE" "${common[@]}" --set "output.dir=$W/run" --set train.resume=auto > "$W/kill$i.log" 2>&1 &

@@ -325,6 +325,13 @@ START_TEST(save_and_load_round_trip) {
     for (int i = 0; i < n; i++) ck_assert_mem_eq(back + table[i].offset, params + table[i].offset, table[i].count * 4);
     // a second save replaces the folder whole; a tensor missing is named
     ck_assert_int_eq(mt_hf_save(out, NULL, &c, params, MT_DTYPE_BF16), MT_OK);
+    // a tensor whose shape disagrees with config.json is named with both shapes
+    c2.F = 32;
+    float *wide = calloc(total * 2, 4);
+    expect_error(mt_hf_load_weights(out, &c2, wide), MT_ERR_MODEL,
+                 "tensor model.layers.0.mlp.gate_proj.weight has shape [24, 16], config.json implies [32, 16]");
+    free(wide);
+    c2.F = c.F;
     c2.L = 3;
     int n3;
     size_t total3;
