@@ -8,6 +8,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "datasets/h5util.h"
 #include "kernels/rng.h"
 
 struct mt_dataset {
@@ -63,11 +64,9 @@ static mt_err read_int_attribute(mt_dataset *ds, const char *name, long *value) 
         snprintf(msg, sizeof msg, "missing attribute '%s'", name);
         return schema_error(ds, msg);
     }
-    hid_t a = H5Aopen(ds->file, name, H5P_DEFAULT);
     long long v = 0;
-    herr_t st = H5Aread(a, H5T_NATIVE_LLONG, &v);
-    H5Aclose(a);
-    if (st < 0) return schema_error(ds, "an integer attribute could not be read");
+    if (!mt_h5_read_scalar(ds->file, name, H5T_NATIVE_LLONG, &v))
+        return schema_error(ds, "an integer attribute could not be read");
     *value = (long)v;
     return MT_OK;
 }
@@ -372,15 +371,6 @@ static int write_vector(hid_t file, const char *name, hid_t filetype, hid_t memt
     return ok;
 }
 
-static int write_attribute(hid_t file, const char *name, hid_t type, const void *value) {
-    hid_t space = H5Screate(H5S_SCALAR);
-    hid_t a = H5Acreate2(file, name, type, space, H5P_DEFAULT, H5P_DEFAULT);
-    int ok = a >= 0 && H5Awrite(a, type, value) >= 0;
-    if (a >= 0) H5Aclose(a);
-    H5Sclose(space);
-    return ok;
-}
-
 mt_err mt_dataset_write(const char *path, const uint32_t *tokens, uint64_t num_tokens, const uint64_t *doc_offsets,
                         uint64_t num_docs, const uint8_t *loss_mask, int vocab_size, const char *tokenizer) {
     quiet_hdf5();
@@ -396,9 +386,9 @@ mt_err mt_dataset_write(const char *path, const uint32_t *tokens, uint64_t num_t
     int ok = write_vector(file, "tokens", H5T_STD_U32LE, H5T_NATIVE_UINT32, tokens, num_tokens) &&
              write_vector(file, "doc_offsets", H5T_STD_U64LE, H5T_NATIVE_UINT64, doc_offsets, num_docs + 1) &&
              (!loss_mask || write_vector(file, "loss_mask", H5T_STD_U8LE, H5T_NATIVE_UINT8, loss_mask, num_tokens)) &&
-             write_attribute(file, "format_version", H5T_STD_I32LE, &version) &&
-             write_attribute(file, "vocab_size", H5T_STD_I64LE, &vocab) &&
-             write_attribute(file, "tokenizer", str, tokenizer);
+             mt_h5_write_scalar(file, "format_version", H5T_STD_I32LE, &version) &&
+             mt_h5_write_scalar(file, "vocab_size", H5T_STD_I64LE, &vocab) &&
+             mt_h5_write_scalar(file, "tokenizer", str, tokenizer);
     H5Tclose(str);
     ok = H5Fclose(file) >= 0 && ok;
     if (!ok || rename(tmp, path) != 0) {

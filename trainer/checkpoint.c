@@ -10,20 +10,12 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "datasets/h5util.h"
 #include "trainer/fsutil.h"
 #include "trainer/hf.h"
 
 #define MT_CHECKPOINT_FORMAT 1
 #define MT_VERSION_STRING "0.1.0"
-
-static int write_scalar(hid_t loc, const char *name, hid_t type, const void *value) {
-    hid_t space = H5Screate(H5S_SCALAR);
-    hid_t a = H5Acreate2(loc, name, type, space, H5P_DEFAULT, H5P_DEFAULT);
-    int ok = a >= 0 && H5Awrite(a, type, value) >= 0;
-    if (a >= 0) H5Aclose(a);
-    H5Sclose(space);
-    return ok;
-}
 
 static int write_floats(hid_t loc, const char *name, const float *data, size_t n) {
     hsize_t dims[1] = {n};
@@ -44,13 +36,13 @@ static mt_err write_state(const char *path, const mt_model_config *mc, const flo
     unsigned long long epoch = meta->data_epoch, batch = meta->data_batch, hash = meta->config_hash;
     hid_t str = H5Tcopy(H5T_C_S1);
     H5Tset_size(str, strlen(MT_VERSION_STRING) + 1);
-    int ok = write_scalar(file, "format_version", H5T_NATIVE_INT, &format) &&
-             write_scalar(file, "memtune_version", str, MT_VERSION_STRING) &&
-             write_scalar(file, "step", H5T_NATIVE_LLONG, &step) &&
-             write_scalar(file, "optimizer_steps", H5T_NATIVE_LLONG, &opt_steps) &&
-             write_scalar(file, "data_epoch", H5T_NATIVE_ULLONG, &epoch) &&
-             write_scalar(file, "data_batch", H5T_NATIVE_ULLONG, &batch) &&
-             write_scalar(file, "config_hash", H5T_NATIVE_ULLONG, &hash);
+    int ok = mt_h5_write_scalar(file, "format_version", H5T_NATIVE_INT, &format) &&
+             mt_h5_write_scalar(file, "memtune_version", str, MT_VERSION_STRING) &&
+             mt_h5_write_scalar(file, "step", H5T_NATIVE_LLONG, &step) &&
+             mt_h5_write_scalar(file, "optimizer_steps", H5T_NATIVE_LLONG, &opt_steps) &&
+             mt_h5_write_scalar(file, "data_epoch", H5T_NATIVE_ULLONG, &epoch) &&
+             mt_h5_write_scalar(file, "data_batch", H5T_NATIVE_ULLONG, &batch) &&
+             mt_h5_write_scalar(file, "config_hash", H5T_NATIVE_ULLONG, &hash);
     H5Tclose(str);
     int n;
     size_t total;
@@ -153,14 +145,6 @@ void mt_checkpoint_find_latest(const char *run_dir, char *out, size_t len) {
     free(steps);
 }
 
-static int read_scalar(hid_t file, const char *name, hid_t type, void *value) {
-    if (H5Aexists(file, name) <= 0) return 0;
-    hid_t a = H5Aopen(file, name, H5P_DEFAULT);
-    int ok = a >= 0 && H5Aread(a, type, value) >= 0;
-    if (a >= 0) H5Aclose(a);
-    return ok;
-}
-
 static int read_floats(hid_t loc, const char *name, float *data, size_t n) {
     if (H5Lexists(loc, name, H5P_DEFAULT) <= 0) return 0;
     hid_t d = H5Dopen2(loc, name, H5P_DEFAULT);
@@ -188,12 +172,12 @@ mt_err mt_checkpoint_read(const char *dir, const mt_model_config *mc, float *mas
     int format = 0;
     long long step = 0, opt_steps = 0;
     unsigned long long epoch = 0, batch = 0, hash = 0;
-    int ok = read_scalar(file, "format_version", H5T_NATIVE_INT, &format) && format == MT_CHECKPOINT_FORMAT &&
-             read_scalar(file, "step", H5T_NATIVE_LLONG, &step) &&
-             read_scalar(file, "optimizer_steps", H5T_NATIVE_LLONG, &opt_steps) &&
-             read_scalar(file, "data_epoch", H5T_NATIVE_ULLONG, &epoch) &&
-             read_scalar(file, "data_batch", H5T_NATIVE_ULLONG, &batch) &&
-             read_scalar(file, "config_hash", H5T_NATIVE_ULLONG, &hash);
+    int ok = mt_h5_read_scalar(file, "format_version", H5T_NATIVE_INT, &format) && format == MT_CHECKPOINT_FORMAT &&
+             mt_h5_read_scalar(file, "step", H5T_NATIVE_LLONG, &step) &&
+             mt_h5_read_scalar(file, "optimizer_steps", H5T_NATIVE_LLONG, &opt_steps) &&
+             mt_h5_read_scalar(file, "data_epoch", H5T_NATIVE_ULLONG, &epoch) &&
+             mt_h5_read_scalar(file, "data_batch", H5T_NATIVE_ULLONG, &batch) &&
+             mt_h5_read_scalar(file, "config_hash", H5T_NATIVE_ULLONG, &hash);
     mt_err err = ok ? MT_OK
                     : mt_errorf(MT_ERR_FORMAT,
                                 "%s: missing or bad attributes (format_version %d; this memtune "
