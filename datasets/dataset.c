@@ -355,22 +355,6 @@ mt_err mt_loader_next(mt_loader *l, int32_t *inputs, int32_t *targets, int *vali
 
 // ------------------------------------------------------------------- writer
 
-static int write_vector(hid_t file, const char *name, hid_t filetype, hid_t memtype, const void *data, uint64_t n) {
-    hsize_t dims[1] = {n};
-    hid_t space = H5Screate_simple(1, dims, NULL);
-    hid_t dcpl = H5Pcreate(H5P_DATASET_CREATE);
-    if (n > 0) {
-        hsize_t chunk[1] = {n < (1u << 16) ? n : (1u << 16)};
-        H5Pset_chunk(dcpl, 1, chunk);
-    }
-    hid_t d = H5Dcreate2(file, name, filetype, space, H5P_DEFAULT, dcpl, H5P_DEFAULT);
-    int ok = d >= 0 && (n == 0 || H5Dwrite(d, memtype, H5S_ALL, H5S_ALL, H5P_DEFAULT, data) >= 0);
-    if (d >= 0) H5Dclose(d);
-    H5Pclose(dcpl);
-    H5Sclose(space);
-    return ok;
-}
-
 mt_err mt_dataset_write(const char *path, const uint32_t *tokens, uint64_t num_tokens, const uint64_t *doc_offsets,
                         uint64_t num_docs, const uint8_t *loss_mask, int vocab_size, const char *tokenizer) {
     quiet_hdf5();
@@ -383,12 +367,13 @@ mt_err mt_dataset_write(const char *path, const uint32_t *tokens, uint64_t num_t
     long long vocab = vocab_size;
     hid_t str = H5Tcopy(H5T_C_S1);
     H5Tset_size(str, strlen(tokenizer) + 1);
-    int ok = write_vector(file, "tokens", H5T_STD_U32LE, H5T_NATIVE_UINT32, tokens, num_tokens) &&
-             write_vector(file, "doc_offsets", H5T_STD_U64LE, H5T_NATIVE_UINT64, doc_offsets, num_docs + 1) &&
-             (!loss_mask || write_vector(file, "loss_mask", H5T_STD_U8LE, H5T_NATIVE_UINT8, loss_mask, num_tokens)) &&
-             mt_h5_write_scalar(file, "format_version", H5T_STD_I32LE, &version) &&
-             mt_h5_write_scalar(file, "vocab_size", H5T_STD_I64LE, &vocab) &&
-             mt_h5_write_scalar(file, "tokenizer", str, tokenizer);
+    int ok =
+        mt_h5_write_vector(file, "tokens", H5T_STD_U32LE, H5T_NATIVE_UINT32, tokens, num_tokens) &&
+        mt_h5_write_vector(file, "doc_offsets", H5T_STD_U64LE, H5T_NATIVE_UINT64, doc_offsets, num_docs + 1) &&
+        (!loss_mask || mt_h5_write_vector(file, "loss_mask", H5T_STD_U8LE, H5T_NATIVE_UINT8, loss_mask, num_tokens)) &&
+        mt_h5_write_scalar(file, "format_version", H5T_STD_I32LE, &version) &&
+        mt_h5_write_scalar(file, "vocab_size", H5T_STD_I64LE, &vocab) &&
+        mt_h5_write_scalar(file, "tokenizer", str, tokenizer);
     H5Tclose(str);
     ok = H5Fclose(file) >= 0 && ok;
     if (!ok || rename(tmp, path) != 0) {

@@ -17,3 +17,20 @@ int mt_h5_read_scalar(hid_t loc, const char *name, hid_t type, void *value) {
     if (a >= 0) H5Aclose(a);
     return ok;
 }
+
+int mt_h5_write_vector(hid_t loc, const char *name, hid_t filetype, hid_t memtype, const void *data,
+                       unsigned long long n) {
+    hsize_t dims[1] = {n};
+    hid_t space = H5Screate_simple(1, dims, NULL);
+    hid_t dcpl = H5Pcreate(H5P_DATASET_CREATE);
+    if (n > 0) {
+        hsize_t chunk[1] = {n < (1u << 16) ? n : (1u << 16)};
+        H5Pset_chunk(dcpl, 1, chunk);
+    }
+    hid_t d = H5Dcreate2(loc, name, filetype, space, H5P_DEFAULT, dcpl, H5P_DEFAULT);
+    int ok = d >= 0 && (n == 0 || H5Dwrite(d, memtype, H5S_ALL, H5S_ALL, H5P_DEFAULT, data) >= 0);
+    if (d >= 0) H5Dclose(d);
+    H5Pclose(dcpl);
+    H5Sclose(space);
+    return ok;
+}

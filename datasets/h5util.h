@@ -1,5 +1,5 @@
 // datasets/h5util.h: small HDF5 helpers shared by the dataset files and the
-// trainer's checkpoint state (both HDF5): scalar attributes.
+// trainer's checkpoint state (both HDF5): scalar attributes and 1-D datasets.
 #ifndef MT_H5UTIL_H
 #define MT_H5UTIL_H
 
@@ -11,6 +11,11 @@ extern "C" {
 
 // Writes a scalar attribute `name` of `type` on loc; returns 1 on success.
 int mt_h5_write_scalar(hid_t loc, const char *name, hid_t type, const void *value);
+// Writes a 1-D dataset of n elements (file type `filetype`, memory type
+// `memtype`), chunked so that large ones need no contiguous file extent;
+// returns 1 on success.
+int mt_h5_write_vector(hid_t loc, const char *name, hid_t filetype, hid_t memtype, const void *data,
+                       unsigned long long n);
 // Reads a scalar attribute converted to `type`; returns 0 if absent or unreadable.
 int mt_h5_read_scalar(hid_t loc, const char *name, hid_t type, void *value);
 

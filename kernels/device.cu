@@ -48,7 +48,6 @@ void mt_copy_to_host(void *dst, const void *src, size_t bytes) {
 }
 void mt_device_memset(void *dst, int value, size_t bytes) { CUDA_CHECK(cudaMemsetAsync(dst, value, bytes, 0)); }
 void mt_device_synchronize(void) { CUDA_CHECK(cudaDeviceSynchronize()); }
-void mt_device_meminfo(size_t *free_bytes, size_t *total_bytes) { CUDA_CHECK(cudaMemGetInfo(free_bytes, total_bytes)); }
 
 int mt_backend_init(mt_backend *be, int device) {
     memset(be, 0, sizeof *be);

@@ -23,8 +23,6 @@ void mt_copy_to_device(void *dst, const void *src, size_t bytes);
 void mt_copy_to_host(void *dst, const void *src, size_t bytes);
 void mt_device_memset(void *dst, int value, size_t bytes);
 void mt_device_synchronize(void);
-// Free and total device memory in bytes.
-void mt_device_meminfo(size_t *free_bytes, size_t *total_bytes);
 
 // What every op runs on. gpu == 0: the fp32 CPU reference path; gpu == 1:
 // bf16 activations and weights on the device, fp32 accumulation.

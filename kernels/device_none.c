@@ -18,7 +18,6 @@ void mt_copy_to_device(void *dst, const void *src, size_t bytes) { memcpy(dst, s
 void mt_copy_to_host(void *dst, const void *src, size_t bytes) { memcpy(dst, src, bytes); }
 void mt_device_memset(void *dst, int value, size_t bytes) { memset(dst, value, bytes); }
 void mt_device_synchronize(void) {}
-void mt_device_meminfo(size_t *free_bytes, size_t *total_bytes) { *free_bytes = *total_bytes = 0; }
 
 int mt_backend_init(mt_backend *be, int device) {
     memset(be, 0, sizeof *be);

@@ -81,13 +81,6 @@ void mt_optimizer_step(mt_optimizer *opt, const float *grad, float lr, mt_step_i
 
 int mt_optimizer_steps_taken(const mt_optimizer *opt) { return opt->steps; }
 
-void mt_optimizer_get_master(const mt_optimizer *opt, float *dst) {
-    if (opt->be->gpu)
-        mt_copy_to_host(dst, opt->master, opt->n * sizeof(float));
-    else
-        memcpy(dst, opt->master, opt->n * sizeof(float));
-}
-
 // Host <-> where the backend keeps the optimizer (device or host).
 static void copy_out(const mt_optimizer *opt, float *dst, const float *src) {
     if (opt->be->gpu)
@@ -101,6 +94,13 @@ static void copy_in(const mt_optimizer *opt, float *dst, const float *src) {
         mt_copy_to_device(dst, src, opt->n * sizeof(float));
     else
         memcpy(dst, src, opt->n * sizeof(float));
+}
+
+void mt_optimizer_get_master(const mt_optimizer *opt, float *dst) {
+    if (opt->be->gpu)
+        mt_copy_to_host(dst, opt->master, opt->n * sizeof(float));
+    else
+        memcpy(dst, opt->master, opt->n * sizeof(float));
 }
 
 void mt_optimizer_get_moments(const mt_optimizer *opt, float *m, float *v) {

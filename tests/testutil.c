@@ -19,16 +19,6 @@ float *tu_random(size_t n, float lo, float hi, uint64_t seed) {
     return x;
 }
 
-double tu_max_rel_error(const float *a, const float *b, size_t n) {
-    double maxdiff = 0.0, maxref = 0.0;
-    for (size_t i = 0; i < n; i++) {
-        double d = fabs((double)a[i] - b[i]);
-        if (!(d <= maxdiff)) maxdiff = d;  // NaN propagates as a failure
-        if (fabs(b[i]) > maxref) maxref = fabs(b[i]);
-    }
-    return maxdiff / (maxref + 1e-30);
-}
-
 double tu_norm_rel_error(const float *a, const float *b, size_t n) {
     double num = 0.0, den = 0.0;
     for (size_t i = 0; i < n; i++) {

@@ -10,8 +10,6 @@
 // Fills x with uniform values in [lo, hi) drawn from (seed, i).
 void tu_fill_uniform(float *x, size_t n, float lo, float hi, uint64_t seed);
 float *tu_random(size_t n, float lo, float hi, uint64_t seed);  // malloc'd
-// max_i |a - b| / (|b| + atol) style: max |a-b| / (max|b| + tiny).
-double tu_max_rel_error(const float *a, const float *b, size_t n);
 // ||a - b|| / ||b||
 double tu_norm_rel_error(const float *a, const float *b, size_t n);
 

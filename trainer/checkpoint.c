@@ -17,16 +17,6 @@
 #define MT_CHECKPOINT_FORMAT 1
 #define MT_VERSION_STRING "0.1.0"
 
-static int write_floats(hid_t loc, const char *name, const float *data, size_t n) {
-    hsize_t dims[1] = {n};
-    hid_t space = H5Screate_simple(1, dims, NULL);
-    hid_t d = H5Dcreate2(loc, name, H5T_IEEE_F32LE, space, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
-    int ok = d >= 0 && H5Dwrite(d, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, data) >= 0;
-    if (d >= 0) H5Dclose(d);
-    H5Sclose(space);
-    return ok;
-}
-
 static mt_err write_state(const char *path, const mt_model_config *mc, const float *m, const float *v,
                           const mt_checkpoint_meta *meta) {
     hid_t file = H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
@@ -52,8 +42,9 @@ static mt_err write_state(const char *path, const mt_model_config *mc, const flo
     for (int i = 0; i < n && ok; i++) {
         // one group per parameter, named as torch's AdamW names its state
         hid_t g = H5Gcreate2(opt, table[i].name, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
-        ok = g >= 0 && write_floats(g, "exp_avg", m + table[i].offset, table[i].count) &&
-             write_floats(g, "exp_avg_sq", v + table[i].offset, table[i].count);
+        ok = g >= 0 &&
+             mt_h5_write_vector(g, "exp_avg", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, m + table[i].offset, table[i].count) &&
+             mt_h5_write_vector(g, "exp_avg_sq", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, v + table[i].offset, table[i].count);
         if (g >= 0) H5Gclose(g);
     }
     if (opt >= 0) H5Gclose(opt);

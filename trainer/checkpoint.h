@@ -21,7 +21,7 @@ typedef struct {
     long step;                        // optimizer steps done
     uint64_t data_epoch, data_batch;  // the train loader's cursor
     int optimizer_steps;              // AdamW's own count (bias corrections)
-    unsigned long long config_hash;   // mt_config_hash of the run that wrote it
+    unsigned long long config_hash;   // mt_config_training_hash of the run that wrote it
 } mt_checkpoint_meta;
 
 // Writes checkpoint `meta->step` under run_dir/checkpoints and deletes all but

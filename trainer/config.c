@@ -262,14 +262,14 @@ static const char *const outside_training_hash[] = {
     "train.resume", "train.stop_after",  "train.log_every",   "train.eval_every", "train.eval_batches", "train.device",
     "output.dir",   "output.save_model", "output.save_dtype", "checkpoint.every", "checkpoint.keep"};
 
-static unsigned long long hash_keys(const mt_config *cfg, int training_only) {
+unsigned long long mt_config_training_hash(const mt_config *cfg) {
     char *buf = NULL;
     size_t len = 0;
     FILE *f = open_memstream(&buf, &len);
     MT_CHECK(f != NULL, "memstream");
     for (int i = 0; i < num_keys; i++) {
         int skip = 0;
-        for (size_t j = 0; training_only && j < sizeof outside_training_hash / sizeof *outside_training_hash; j++)
+        for (size_t j = 0; j < sizeof outside_training_hash / sizeof *outside_training_hash; j++)
             skip |= !strcmp(keys[i].dotted, outside_training_hash[j]);
         if (skip) continue;
         fprintf(f, "%s=", keys[i].dotted);
@@ -282,9 +282,6 @@ static unsigned long long hash_keys(const mt_config *cfg, int training_only) {
     free(buf);
     return h;
 }
-
-unsigned long long mt_config_hash(const mt_config *cfg) { return hash_keys(cfg, 0); }
-unsigned long long mt_config_training_hash(const mt_config *cfg) { return hash_keys(cfg, 1); }
 
 void mt_config_write_reference(FILE *f, int markdown) {
     const char *section = "";

@@ -90,9 +90,7 @@ mt_err mt_config_set(mt_config *cfg, const char *dotted_key, const char *value, 
 mt_err mt_config_validate(const mt_config *cfg);
 // The resolved configuration as YAML.
 void mt_config_write_yaml(const mt_config *cfg, FILE *f);
-// 64-bit FNV-1a of the resolved YAML (recorded in runs and checkpoints).
-unsigned long long mt_config_hash(const mt_config *cfg);
-// The same over the keys that change what training computes: not logging,
+// 64-bit FNV-1a over the keys that change what training computes: not logging,
 // eval, output, checkpoint cadence, the device, train.resume or
 // train.stop_after. A resumed run must match its checkpoint's.
 unsigned long long mt_config_training_hash(const mt_config *cfg);
