@@ -109,8 +109,25 @@ void mt_op_matmul_forward(const mt_backend *be, void *out, const void *inp, cons
 
 void mt_op_matmul_backward(const mt_backend *be, void *dinp, float *dweight, float *dbias, const void *dout,
                            const void *inp, const void *weight, int N, int IN, int OUT, int accumulate) {
-    MT_GPU(be, mt_matmul_backward_cuda(be, dinp, dweight, dbias, dout, inp, weight, N, IN, OUT, accumulate));
-    mt_matmul_backward_ref(dinp, dweight, dbias, dout, inp, weight, N, IN, OUT, accumulate);
+    MT_GPU(be, mt_matmul_backward_cuda(be, dinp, dweight, dbias, dout, inp, weight, N, IN, OUT, 1.0f, accumulate));
+    mt_matmul_backward_ref(dinp, dweight, dbias, dout, inp, weight, N, IN, OUT, 1.0f, accumulate);
+}
+
+void mt_op_matmul_forward_add(const mt_backend *be, void *out, const void *inp, const void *weight, int N, int IN,
+                              int OUT, float alpha) {
+    MT_GPU(be, mt_matmul_forward_add_cuda(be, out, inp, weight, N, IN, OUT, alpha));
+    mt_matmul_forward_add_ref(out, inp, weight, N, IN, OUT, alpha);
+}
+
+void mt_op_matmul_backward_scaled(const mt_backend *be, void *dinp, float *dweight, const void *dout, const void *inp,
+                                  const void *weight, int N, int IN, int OUT, float alpha, int accumulate) {
+    MT_GPU(be, mt_matmul_backward_cuda(be, dinp, dweight, NULL, dout, inp, weight, N, IN, OUT, alpha, accumulate));
+    mt_matmul_backward_ref(dinp, dweight, NULL, dout, inp, weight, N, IN, OUT, alpha, accumulate);
+}
+
+void mt_op_dropout(const mt_backend *be, void *out, const void *inp, size_t n, float p, uint64_t seed) {
+    MT_GPU(be, mt_dropout_cuda(be, out, inp, n, p, seed));
+    mt_dropout_ref(out, inp, n, p, seed);
 }
 
 void mt_op_logits_forward(const mt_backend *be, float *logits, const void *inp, const void *weight, int N, int C,

@@ -5,6 +5,7 @@
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
+#include <curand_kernel.h>
 #include <math.h>
 #include <mma.h>
 
@@ -184,6 +185,7 @@ extern "C" void mt_rmsnorm_backward_cuda(const mt_backend *be, void *dinp, float
     rmsnorm_backward_kernel<<<blocks, kThreads, shared>>>((bf16 *)dinp, partials, (const bf16 *)dout, (const bf16 *)inp,
                                                           (const bf16 *)weight, rstd, N, C);
     CUDA_CHECK_LAUNCH();
+    if (!dweight) return;  // a frozen norm: its partials are not needed
     sum_partials_kernel<<<grid_for((size_t)C, kThreads), kThreads>>>(dweight, partials, (int)blocks, C);
     CUDA_CHECK_LAUNCH();
 }
@@ -719,8 +721,7 @@ extern "C" void mt_swiglu_backward_cuda(const mt_backend *be, void *dgate, void 
 // Y^T = W X^T in cuBLAS's terms.
 
 static void gemm(const mt_backend *be, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, const void *A,
-                 int lda, const void *B, int ldb, float beta, void *C, cudaDataType ct, int ldc) {
-    float alpha = 1.0f;
+                 int lda, const void *B, int ldb, float alpha, float beta, void *C, cudaDataType ct, int ldc) {
     CUBLAS_CHECK(cublasGemmEx((cublasHandle_t)be->cublas, ta, tb, m, n, k, &alpha, A, CUDA_R_16BF, lda, B, CUDA_R_16BF,
                               ldb, &beta, C, ct, ldc, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
@@ -741,7 +742,7 @@ static __global__ void bias_grad_kernel(float *dbias, const bf16 *dout, int N, i
 
 extern "C" void mt_matmul_forward_cuda(const mt_backend *be, void *out, const void *inp, const void *weight,
                                        const void *bias, int N, int IN, int OUT) {
-    gemm(be, CUBLAS_OP_T, CUBLAS_OP_N, OUT, N, IN, weight, IN, inp, IN, 0.0f, out, CUDA_R_16BF, OUT);
+    gemm(be, CUBLAS_OP_T, CUBLAS_OP_N, OUT, N, IN, weight, IN, inp, IN, 1.0f, 0.0f, out, CUDA_R_16BF, OUT);
     if (bias) {
         size_t n = (size_t)N * OUT;
         add_bias_kernel<<<grid_for(n, kThreads), kThreads>>>((bf16 *)out, (const bf16 *)bias, n, OUT);
@@ -749,13 +750,19 @@ extern "C" void mt_matmul_forward_cuda(const mt_backend *be, void *out, const vo
     }
 }
 
+extern "C" void mt_matmul_forward_add_cuda(const mt_backend *be, void *out, const void *inp, const void *weight, int N,
+                                           int IN, int OUT, float alpha) {
+    gemm(be, CUBLAS_OP_T, CUBLAS_OP_N, OUT, N, IN, weight, IN, inp, IN, alpha, 1.0f, out, CUDA_R_16BF, OUT);
+}
+
 extern "C" void mt_matmul_backward_cuda(const mt_backend *be, void *dinp, float *dweight, float *dbias,
                                         const void *dout, const void *inp, const void *weight, int N, int IN, int OUT,
-                                        int accumulate) {
+                                        float alpha, int accumulate) {
     if (dinp)
-        gemm(be, CUBLAS_OP_N, CUBLAS_OP_N, IN, N, OUT, weight, IN, dout, OUT, accumulate ? 1.0f : 0.0f, dinp,
+        gemm(be, CUBLAS_OP_N, CUBLAS_OP_N, IN, N, OUT, weight, IN, dout, OUT, alpha, accumulate ? 1.0f : 0.0f, dinp,
              CUDA_R_16BF, IN);
-    if (dweight) gemm(be, CUBLAS_OP_N, CUBLAS_OP_T, IN, OUT, N, inp, IN, dout, OUT, 1.0f, dweight, CUDA_R_32F, IN);
+    if (dweight)
+        gemm(be, CUBLAS_OP_N, CUBLAS_OP_T, IN, OUT, N, inp, IN, dout, OUT, alpha, 1.0f, dweight, CUDA_R_32F, IN);
     if (dbias) {
         bias_grad_kernel<<<grid_for((size_t)OUT, kThreads), kThreads>>>(dbias, (const bf16 *)dout, N, OUT);
         CUDA_CHECK_LAUNCH();
@@ -764,7 +771,7 @@ extern "C" void mt_matmul_backward_cuda(const mt_backend *be, void *dinp, float 
 
 extern "C" void mt_logits_forward_cuda(const mt_backend *be, float *logits, const void *inp, const void *weight, int N,
                                        int C, int V) {
-    gemm(be, CUBLAS_OP_T, CUBLAS_OP_N, V, N, C, weight, C, inp, C, 0.0f, logits, CUDA_R_32F, V);
+    gemm(be, CUBLAS_OP_T, CUBLAS_OP_N, V, N, C, weight, C, inp, C, 1.0f, 0.0f, logits, CUDA_R_32F, V);
 }
 
 // ------------------------------------------------------------ cross-entropy
@@ -890,5 +897,34 @@ extern "C" void mt_cast_from_f32_cuda(const mt_backend *be, void *dst, const flo
 extern "C" void mt_cast_to_f32_cuda(const mt_backend *be, float *dst, const void *src, size_t n) {
     (void)be;
     cast_to_f32_kernel<<<grid_for(n, kThreads), kThreads>>>(dst, (const bf16 *)src, n);
+    CUDA_CHECK_LAUNCH();
+}
+
+// ------------------------------------------------------------------ dropout
+// The keep mask comes from cuRAND's Philox generator keyed by (seed, index /
+// 4): any element's draw can be regenerated, so backward recomputes the mask
+// instead of storing it.
+
+static __global__ void dropout_kernel(bf16 *out, const bf16 *inp, size_t n, float p, float keep_scale,
+                                      unsigned long long seed) {
+    size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t * 4 >= n) return;
+    curandStatePhilox4_32_10_t state;
+    curand_init(seed, t, 0, &state);
+    float4 u = curand_uniform4(&state);  // in (0, 1]
+    float draws[4] = {u.x, u.y, u.z, u.w};
+    for (int j = 0; j < 4 && t * 4 + j < n; j++) {
+        size_t i = t * 4 + j;
+        // 1 - u is uniform in [0, 1), like the CPU's draws
+        out[i] =
+            1.0f - draws[j] >= p ? __float2bfloat16(__bfloat162float(inp[i]) * keep_scale) : __float2bfloat16(0.0f);
+    }
+}
+
+extern "C" void mt_dropout_cuda(const mt_backend *be, void *out, const void *inp, size_t n, float p, uint64_t seed) {
+    (void)be;
+    if (n == 0) return;
+    dropout_kernel<<<grid_for((n + 3) / 4, kThreads), kThreads>>>((bf16 *)out, (const bf16 *)inp, n, p,
+                                                                  1.0f / (1.0f - p), (unsigned long long)seed);
     CUDA_CHECK_LAUNCH();
 }

@@ -25,6 +25,7 @@ void mt_op_embedding_forward(const mt_backend *be, void *out, const int32_t *tok
 void mt_op_embedding_backward(const mt_backend *be, float *dwte, const int32_t *tokens, const void *dout, int N, int C);
 void mt_op_rmsnorm_forward(const mt_backend *be, void *out, float *rstd, const void *inp, const void *weight, int N,
                            int C, float eps);
+// dweight may be NULL (a frozen norm).
 void mt_op_rmsnorm_backward(const mt_backend *be, void *dinp, float *dweight, const void *dout, const void *inp,
                             const void *weight, const float *rstd, int N, int C);
 void mt_op_rope_forward(const mt_backend *be, void *out, const void *inp, const float *cos_table,
@@ -52,6 +53,17 @@ void mt_op_matmul_forward(const mt_backend *be, void *out, const void *inp, cons
                           int IN, int OUT);
 void mt_op_matmul_backward(const mt_backend *be, void *dinp, float *dweight, float *dbias, const void *dout,
                            const void *inp, const void *weight, int N, int IN, int OUT, int accumulate);
+// out (N, OUT) += alpha * inp (N, IN) @ weight (OUT, IN)^T.
+void mt_op_matmul_forward_add(const mt_backend *be, void *out, const void *inp, const void *weight, int N, int IN,
+                              int OUT, float alpha);
+// dinp = (or += with accumulate) alpha * dout @ weight; dweight += alpha *
+// dout^T @ inp; either may be NULL.
+void mt_op_matmul_backward_scaled(const mt_backend *be, void *dinp, float *dweight, const void *dout, const void *inp,
+                                  const void *weight, int N, int IN, int OUT, float alpha, int accumulate);
+// out = inp * keep / (1 - p) with keep drawn from (seed, element index) alone:
+// the same seed gives the same mask (the CPU's counter-based draws; cuRAND's
+// Philox on the GPU, a different but equally fixed mask). out may alias inp.
+void mt_op_dropout(const mt_backend *be, void *out, const void *inp, size_t n, float p, uint64_t seed);
 // logits (N, V) fp32 = inp (N, C) @ weight (V, C)^T.
 void mt_op_logits_forward(const mt_backend *be, float *logits, const void *inp, const void *weight, int N, int C,
                           int V);

@@ -37,8 +37,11 @@ void mt_swiglu_backward_cuda(const mt_backend *be, void *dgate, void *dup, const
                              const void *up, size_t n);
 void mt_matmul_forward_cuda(const mt_backend *be, void *out, const void *inp, const void *weight, const void *bias,
                             int N, int IN, int OUT);
+void mt_matmul_forward_add_cuda(const mt_backend *be, void *out, const void *inp, const void *weight, int N, int IN,
+                                int OUT, float alpha);
+void mt_dropout_cuda(const mt_backend *be, void *out, const void *inp, size_t n, float p, uint64_t seed);
 void mt_matmul_backward_cuda(const mt_backend *be, void *dinp, float *dweight, float *dbias, const void *dout,
-                             const void *inp, const void *weight, int N, int IN, int OUT, int accumulate);
+                             const void *inp, const void *weight, int N, int IN, int OUT, float alpha, int accumulate);
 void mt_logits_forward_cuda(const mt_backend *be, float *logits, const void *inp, const void *weight, int N, int C,
                             int V);
 void mt_crossentropy_cuda(const mt_backend *be, float *losses, void *dlogits, const float *logits,

@@ -7,6 +7,7 @@
 
 #include "kernels/common.h"
 #include "kernels/dtype.h"
+#include "kernels/rng.h"
 
 void mt_embedding_forward_ref(float *out, const int32_t *tokens, const float *wte, int N, int C) {
 #pragma omp parallel for
@@ -48,7 +49,7 @@ void mt_rmsnorm_backward_ref(float *dinp, float *dweight, const float *dout, con
         float *dx = dinp + (size_t)n * C;
         for (int c = 0; c < C; c++) dx[c] += r * weight[c] * g[c] - k * x[c];
     }
-    for (int n = 0; n < N; n++) {
+    for (int n = 0; n < N && dweight; n++) {
         const float *x = inp + (size_t)n * C, *g = dout + (size_t)n * C;
         for (int c = 0; c < C; c++) dweight[c] += g[c] * x[c] * rstd[n];
     }
@@ -233,15 +234,27 @@ void mt_matmul_forward_ref(float *out, const float *inp, const float *weight, co
         }
 }
 
+void mt_matmul_forward_add_ref(float *out, const float *inp, const float *weight, int N, int IN, int OUT, float alpha) {
+#pragma omp parallel for collapse(2)
+    for (int n = 0; n < N; n++)
+        for (int o = 0; o < OUT; o++) {
+            const float *x = inp + (size_t)n * IN, *w = weight + (size_t)o * IN;
+            float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+            for (int i = 0; i < IN; i++) sum += x[i] * w[i];
+            out[(size_t)n * OUT + o] += alpha * sum;
+        }
+}
+
 void mt_matmul_backward_ref(float *dinp, float *dweight, float *dbias, const float *dout, const float *inp,
-                            const float *weight, int N, int IN, int OUT, int accumulate) {
+                            const float *weight, int N, int IN, int OUT, float alpha, int accumulate) {
     if (dinp) {
 #pragma omp parallel for
         for (int n = 0; n < N; n++) {
             float *dx = dinp + (size_t)n * IN;
             if (!accumulate) memset(dx, 0, (size_t)IN * sizeof(float));
             for (int o = 0; o < OUT; o++) {
-                float g = dout[(size_t)n * OUT + o];
+                float g = alpha * dout[(size_t)n * OUT + o];
                 const float *w = weight + (size_t)o * IN;
 #pragma omp simd
                 for (int i = 0; i < IN; i++) dx[i] += g * w[i];
@@ -254,7 +267,7 @@ void mt_matmul_backward_ref(float *dinp, float *dweight, float *dbias, const flo
             float *dw = dweight + (size_t)o * IN;
             double db = 0.0;
             for (int n = 0; n < N; n++) {
-                float g = dout[(size_t)n * OUT + o];
+                float g = alpha * dout[(size_t)n * OUT + o];
                 db += g;
                 const float *x = inp + (size_t)n * IN;
 #pragma omp simd
@@ -317,4 +330,10 @@ double mt_sumsq_ref(const float *x, size_t n) {
 
 void mt_cast_bf16_ref(uint16_t *out, const float *inp, size_t n) {
     for (size_t i = 0; i < n; i++) out[i] = mt_f32_to_bf16(inp[i]);
+}
+
+void mt_dropout_ref(float *out, const float *inp, size_t n, float p, uint64_t seed) {
+    float keep_scale = 1.0f / (1.0f - p);
+#pragma omp parallel for
+    for (size_t i = 0; i < n; i++) out[i] = mt_rng_uniform(seed, i) >= p ? inp[i] * keep_scale : 0.0f;
 }

@@ -53,10 +53,16 @@ void mt_swiglu_backward_ref(float *dgate, float *dup, const float *dout, const f
 // out (N, OUT) = inp (N, IN) @ weight^T (+ bias (OUT) when not NULL).
 void mt_matmul_forward_ref(float *out, const float *inp, const float *weight, const float *bias, int N, int IN,
                            int OUT);
-// dinp (N, IN) = (or += when accumulate) dout @ weight, skipped when NULL;
-// dweight (OUT, IN) += dout^T @ inp; dbias (OUT) += column sums, when not NULL.
+// out (N, OUT) += alpha * inp (N, IN) @ weight^T.
+void mt_matmul_forward_add_ref(float *out, const float *inp, const float *weight, int N, int IN, int OUT, float alpha);
+// dinp (N, IN) = (or += when accumulate) alpha * dout @ weight, skipped when
+// NULL; dweight (OUT, IN) += alpha * dout^T @ inp and dbias (OUT) += alpha *
+// column sums, when dweight / dbias are not NULL (dbias only with dweight).
 void mt_matmul_backward_ref(float *dinp, float *dweight, float *dbias, const float *dout, const float *inp,
-                            const float *weight, int N, int IN, int OUT, int accumulate);
+                            const float *weight, int N, int IN, int OUT, float alpha, int accumulate);
+// out = inp * keep / (1 - p), keep = uniform(seed, i) >= p: the mask depends
+// only on (seed, i), so backward regenerates it. out may alias inp.
+void mt_dropout_ref(float *out, const float *inp, size_t n, float p, uint64_t seed);
 
 // losses (N): -log softmax(logits)[target], 0 where target < 0.
 // dlogits (N, V) (may alias logits, may be NULL) = (softmax - onehot) * dscale,

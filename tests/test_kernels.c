@@ -201,14 +201,14 @@ START_TEST(matmul_forward_and_backward) {
     ck_assert_double_eq_tol(c.y[2 * c.OUT + 3], y23, 1e-5);
     float *dx = malloc(nx * 4), *dw = calloc(nw, 4), *db = calloc(c.OUT, 4);
     for (size_t i = 0; i < nx; i++) dx[i] = NAN;  // poisoned: overwrite mode must write all
-    mt_matmul_backward_ref(dx, dw, db, c.r, c.x, c.w, c.N, c.IN, c.OUT, 0);
+    mt_matmul_backward_ref(dx, dw, db, c.r, c.x, c.w, c.N, c.IN, c.OUT, 1.0f, 0);
     ck_assert_double_lt(tu_fd_check(mm_loss, &c, c.x, dx, nx, 50, 1e-2), kFdTolerance);
     ck_assert_double_lt(tu_fd_check(mm_loss, &c, c.w, dw, nw, 50, 1e-2), kFdTolerance);
     ck_assert_double_lt(tu_fd_check(mm_loss, &c, c.b, db, c.OUT, 13, 1e-2), kFdTolerance);
     // accumulate mode adds; dweight always accumulates
     float *dx2 = malloc(nx * 4);
     memcpy(dx2, dx, nx * 4);
-    mt_matmul_backward_ref(dx2, dw, NULL, c.r, c.x, c.w, c.N, c.IN, c.OUT, 1);
+    mt_matmul_backward_ref(dx2, dw, NULL, c.r, c.x, c.w, c.N, c.IN, c.OUT, 1.0f, 1);
     for (size_t i = 0; i < nx; i++) ck_assert_float_eq_tol(dx2[i], 2 * dx[i], 1e-5);
     free(c.x), free(c.w), free(c.b), free(c.r), free(c.y), free(dx), free(dw), free(db), free(dx2);
 }

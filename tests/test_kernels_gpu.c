@@ -11,6 +11,8 @@
 #include "kernels/common.h"
 #include "kernels/device.h"
 #include "kernels/dtype.h"
+#include "kernels/nf4.h"
+#include "kernels/nf4_cuda.h"
 #include "kernels/ops.h"
 #include "kernels/ops_ref.h"
 #include "testutil.h"
@@ -95,6 +97,14 @@ START_TEST(rmsnorm) {
         expect_close("rmsnorm rstd", rg, rstd, N, 1e-5);
         expect_close("rmsnorm dx (accumulated)", dxg, dx, n, kBf16Tol);
         expect_close("rmsnorm dweight", dwg, dw, C, 1e-3);
+        // a frozen norm (LoRA): no dweight, the same dx
+        void *dx2_d = dev_bf16(dx, n);
+        mt_device_memset(dx2_d, 0, n * 2);
+        mt_op_rmsnorm_backward(&be, dx2_d, NULL, g_d, x_d, w_d, rstd_d, N, C);
+        float *dx_frozen = calloc(n, 4), *dx2g = host_from_bf16(dx2_d, n);
+        mt_rmsnorm_backward_ref(dx_frozen, NULL, g, x, w, rstd, N, C);
+        expect_close("rmsnorm dx without dweight", dx2g, dx_frozen, n, kBf16Tol);
+        free(dx_frozen), free(dx2g), mt_device_free(dx2_d);
         free(x), free(w), free(g), free(y), free(rstd), free(dx), free(dw), free(yg), free(rg), free(dxg), free(dwg);
         mt_device_free(x_d), mt_device_free(w_d), mt_device_free(g_d), mt_device_free(y_d), mt_device_free(rstd_d);
         mt_device_free(dx_d), mt_device_free(dw_d);
@@ -226,7 +236,7 @@ START_TEST(matmul_and_logits) {
               *db = calloc(OUT, 4), *lg = malloc(ny * 4);
         mt_matmul_forward_ref(y, x, w, b, N, IN, OUT);
         mt_matmul_forward_ref(lg, x, w, NULL, N, IN, OUT);
-        mt_matmul_backward_ref(dx, dw, db, g, x, w, N, IN, OUT, 0);
+        mt_matmul_backward_ref(dx, dw, db, g, x, w, N, IN, OUT, 1.0f, 0);
         void *x_d = dev_bf16(x, nx), *w_d = dev_bf16(w, nw), *b_d = dev_bf16(b, OUT), *g_d = dev_bf16(g, ny);
         void *y_d = dev_poisoned(ny * 2), *dx_d = dev_poisoned(nx * 2), *lg_d = dev_poisoned(ny * 4);
         void *dw_d = mt_device_malloc(nw * 4), *db_d = mt_device_malloc(OUT * 4);
@@ -251,6 +261,125 @@ START_TEST(matmul_and_logits) {
         free(dxg), free(dwg), free(dbg), free(dx2);
         mt_device_free(x_d), mt_device_free(w_d), mt_device_free(b_d), mt_device_free(g_d), mt_device_free(y_d);
         mt_device_free(dx_d), mt_device_free(lg_d), mt_device_free(dw_d), mt_device_free(db_d);
+    }
+}
+END_TEST
+
+// LoRA's products: y += alpha x W^T; dx (+)= alpha g W and dW += alpha g^T x.
+START_TEST(scaled_matmuls) {
+    int shapes[][3] = {{1, 1, 1}, {7, 22, 3}, {1025, 257, 16}, {257, 16, 1025}};
+    for (int s = 0; s < 4; s++) {
+        int N = shapes[s][0], IN = shapes[s][1], OUT = shapes[s][2];
+        float alpha = 0.5f + (float)s;
+        size_t nx = (size_t)N * IN, nw = (size_t)OUT * IN, ny = (size_t)N * OUT;
+        float *x = host_random(nx, -1, 1), *w = host_random(nw, -1, 1), *y = host_random(ny, -1, 1);
+        float *g = host_random(ny, -1, 1), *dx = host_random(nx, -1, 1), *dw = host_random(nw, -1, 1);
+        void *x_d = dev_bf16(x, nx), *w_d = dev_bf16(w, nw), *y_d = dev_bf16(y, ny), *g_d = dev_bf16(g, ny);
+        void *dx_d = dev_bf16(dx, nx), *dw_d = dev_f32(dw, nw);
+        mt_matmul_forward_add_ref(y, x, w, N, IN, OUT, alpha);
+        mt_matmul_backward_ref(dx, dw, NULL, g, x, w, N, IN, OUT, alpha, 1);
+        mt_op_matmul_forward_add(&be, y_d, x_d, w_d, N, IN, OUT, alpha);
+        mt_op_matmul_backward_scaled(&be, dx_d, dw_d, g_d, x_d, w_d, N, IN, OUT, alpha, 1);
+        float *yg = host_from_bf16(y_d, ny), *dxg = host_from_bf16(dx_d, nx), *dwg = host_from_f32(dw_d, nw);
+        expect_close("matmul forward add", yg, y, ny, 1e-2);
+        expect_close("scaled dinp accumulate", dxg, dx, nx, 1e-2);
+        expect_close("scaled dweight", dwg, dw, nw, 1e-5);
+        // dinp overwritten (accumulate 0) into a poisoned buffer
+        void *dx0_d = dev_poisoned(nx * 2);
+        mt_op_matmul_backward_scaled(&be, dx0_d, NULL, g_d, NULL, w_d, N, IN, OUT, alpha, 0);
+        float *dx0 = malloc(nx * 4), *dx0g = host_from_bf16(dx0_d, nx);
+        mt_matmul_backward_ref(dx0, NULL, NULL, g, x, w, N, IN, OUT, alpha, 0);
+        expect_close("scaled dinp", dx0g, dx0, nx, 1e-2);
+        free(x), free(w), free(y), free(g), free(dx), free(dw), free(yg), free(dxg), free(dwg), free(dx0), free(dx0g);
+        mt_device_free(x_d), mt_device_free(w_d), mt_device_free(y_d), mt_device_free(g_d), mt_device_free(dx_d);
+        mt_device_free(dw_d), mt_device_free(dx0_d);
+    }
+}
+END_TEST
+
+// cuRAND's masks differ from the CPU's, so the op is checked by what it must
+// do: every output is 0 or x/(1-p), the dropped share is p, the same seed
+// gives the same mask (backward regenerates it), another seed another one.
+START_TEST(dropout) {
+    size_t sizes[] = {1, 7, 1025, 1 << 20};
+    for (int s = 0; s < 4; s++) {
+        size_t n = sizes[s];
+        float p = 0.1f + 0.2f * (float)s;
+        float *x = host_random(n, 0.5f, 1.5f);  // never zero
+        void *x_d = dev_bf16(x, n), *a_d = dev_poisoned(n * 2), *b_d = dev_poisoned(n * 2), *c_d = dev_poisoned(n * 2);
+        mt_op_dropout(&be, a_d, x_d, n, p, 42);
+        mt_op_dropout(&be, b_d, x_d, n, p, 42);
+        mt_op_dropout(&be, c_d, x_d, n, p, 43);
+        float *a = host_from_bf16(a_d, n), *b = host_from_bf16(b_d, n), *c = host_from_bf16(c_d, n);
+        size_t dropped = 0, differ = 0;
+        for (size_t i = 0; i < n; i++) {
+            float kept = mt_round_bf16(x[i] * (1.0f / (1.0f - p)));
+            ck_assert_msg(a[i] == 0.0f || a[i] == kept, "dropout %zu: %g from %g", i, a[i], x[i]);
+            ck_assert_msg(a[i] == b[i], "the same seed gave another mask at %zu", i);
+            dropped += a[i] == 0.0f;
+            differ += (a[i] == 0.0f) != (c[i] == 0.0f);
+        }
+        if (n >= 1025) {
+            double share = (double)dropped / (double)n, sd = sqrt(p * (1 - p) / (double)n);
+            ck_assert_msg(fabs(share - p) < 5 * sd, "dropped %g, expected %g", share, p);
+            ck_assert(differ > n / 20);
+        }
+        // in place (backward applies the mask to a gradient buffer)
+        mt_op_dropout(&be, x_d, x_d, n, p, 42);
+        float *inplace = host_from_bf16(x_d, n);
+        ck_assert_mem_eq(inplace, a, n * 4);
+        free(x), free(a), free(b), free(c), free(inplace);
+        mt_device_free(x_d), mt_device_free(a_d), mt_device_free(b_d), mt_device_free(c_d);
+    }
+}
+END_TEST
+
+// NF4: the GPU's absmax and codes equal the CPU reference's bit for bit; its
+// bf16 dequantization is the reference's fp32 value rounded, bit for bit;
+// quantizing from host memory (chunked staging) gives the same storage.
+START_TEST(nf4_codes_and_dequantize) {
+    size_t sizes[] = {1, 7, 64, 130, 257 * 64 + 6, (size_t)64 * 16384 * 2 + 64 * 3 + 8};
+    for (int s = 0; s < 6; s++) {
+        size_t n = sizes[s], blocks = mt_nf4_blocks(n), bytes = (n + 1) / 2;
+        float *x = tu_random(n, -1, 1, seed++);
+        for (size_t i = 0; i < n; i += 97) x[i] *= 8.0f;                  // outliers set some blocks' absmax
+        if (n > 200) memset(x + 64, 0, 64 * sizeof(float));               // an all-zero block
+        if (n > 200) x[130] = 0.5f * (mt_nf4_code[9] + mt_nf4_code[10]);  // a tie (in a block with absmax 1?)
+        float *absmax = malloc(blocks * 4), *absmax_g = malloc(blocks * 4);
+        uint8_t *codes = malloc(bytes), *codes_g = malloc(bytes);
+        mt_nf4_absmax_ref(absmax, x, n);
+        mt_nf4_codes_ref(codes, x, n, absmax);
+        void *x_d = dev_f32(x, n), *codes_d = dev_poisoned(bytes);
+        mt_nf4_codes_device_cuda(codes_d, absmax_g, x_d, n);
+        mt_copy_to_host(codes_g, codes_d, bytes);
+        ck_assert_mem_eq(absmax_g, absmax, blocks * 4);
+        ck_assert_mem_eq(codes_g, codes, bytes);
+        // the whole path from host values, on both backends
+        mt_backend cpu;
+        mt_backend_init(&cpu, -1);
+        void *store = malloc(mt_nf4_storage_bytes(n)), *store_d = dev_poisoned(mt_nf4_storage_bytes(n));
+        mt_nf4 q, qd;
+        mt_nf4_bind(&q, store, n);
+        mt_nf4_bind(&qd, store_d, n);
+        ck_assert_int_eq(mt_nf4_quantize(&cpu, &q, x), MT_OK);
+        ck_assert_int_eq(mt_nf4_quantize(&be, &qd, x), MT_OK);
+        ck_assert(q.offset == qd.offset);
+        uint8_t *store_g = malloc(mt_nf4_storage_bytes(n));
+        mt_copy_to_host(store_g, store_d, mt_nf4_storage_bytes(n));
+        ck_assert_mem_eq(store_g, q.codes, bytes);
+        ck_assert_mem_eq(store_g + (q.absmax_q - (uint8_t *)store), q.absmax_q, blocks);
+        ck_assert_mem_eq(store_g + ((uint8_t *)q.absmax2 - (uint8_t *)store), q.absmax2, mt_nf4_groups(n) * 4);
+        float *deq = malloc(n * 4);
+        mt_nf4_dequantize_ref(deq, &q);
+        void *out_d = dev_poisoned(n * 2);
+        mt_nf4_dequantize(&be, out_d, &qd);
+        float *deq_g = host_from_bf16(out_d, n);
+        for (size_t i = 0; i < n; i++)
+            ck_assert_msg(deq_g[i] == mt_round_bf16(deq[i]), "dequantize %zu of %zu: %g vs %g", i, n, deq_g[i], deq[i]);
+        free(x), free(absmax), free(absmax_g), free(codes), free(codes_g), free(store), free(store_g), free(deq);
+        free(deq_g);
+        mt_device_free(x_d), mt_device_free(codes_d), mt_device_free(store_d), mt_device_free(out_d);
+        mt_backend_free(&cpu);
     }
 }
 END_TEST
@@ -337,6 +466,9 @@ int main(void) {
     tcase_add_test(tc, attention);
     tcase_add_test(tc, swiglu_add_and_embedding);
     tcase_add_test(tc, matmul_and_logits);
+    tcase_add_test(tc, scaled_matmuls);
+    tcase_add_test(tc, dropout);
+    tcase_add_test(tc, nf4_codes_and_dequantize);
     tcase_add_test(tc, crossentropy);
     tcase_add_test(tc, adamw_sums_and_casts);
     suite_add_tcase(s, tc);
