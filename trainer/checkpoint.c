@@ -13,12 +13,18 @@
 #include "datasets/h5util.h"
 #include "trainer/fsutil.h"
 #include "trainer/hf.h"
+#include "trainer/lora.h"
 
 #define MT_CHECKPOINT_FORMAT 1
 #define MT_VERSION_STRING "0.1.0"
 
-static mt_err write_state(const char *path, const mt_model_config *mc, const float *m, const float *v,
-                          const mt_checkpoint_meta *meta) {
+// The trained parameters' table: the model's, or the adapters' with LoRA.
+static mt_param_info *trained_table(const mt_model_config *mc, const mt_lora_config *lora, int *n, size_t *total) {
+    return lora && lora->r > 0 ? mt_lora_param_table(mc, lora, n, total) : mt_model_param_table(mc, n, total);
+}
+
+static mt_err write_state(const char *path, const mt_model_config *mc, const mt_lora_config *lora, const float *m,
+                          const float *v, const mt_checkpoint_meta *meta) {
     hid_t file = H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
     if (file < 0) return mt_errorf(MT_ERR_IO, "%s: cannot create the checkpoint state", path);
     int format = MT_CHECKPOINT_FORMAT;
@@ -36,7 +42,7 @@ static mt_err write_state(const char *path, const mt_model_config *mc, const flo
     H5Tclose(str);
     int n;
     size_t total;
-    mt_param_info *table = mt_model_param_table(mc, &n, &total);
+    mt_param_info *table = trained_table(mc, lora, &n, &total);
     hid_t opt = ok ? H5Gcreate2(file, "optimizer", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT) : -1;
     ok = ok && opt >= 0;
     for (int i = 0; i < n && ok; i++) {
@@ -92,8 +98,8 @@ static int list_checkpoints(const char *run_dir, long **steps) {
 }
 
 mt_err mt_checkpoint_write(const char *run_dir, const char *src_model_dir, const mt_model_config *mc,
-                           const float *master, const float *m, const float *v, const mt_checkpoint_meta *meta,
-                           int keep) {
+                           const mt_lora_config *lora, const float *master, const float *m, const float *v,
+                           const mt_checkpoint_meta *meta, int keep) {
     char dir[1100], tmp[1200], final[1200], path[1300];
     snprintf(dir, sizeof dir, "%s/checkpoints", run_dir);
     mt_err err = mt_make_dirs(dir);
@@ -102,10 +108,19 @@ mt_err mt_checkpoint_write(const char *run_dir, const char *src_model_dir, const
     snprintf(final, sizeof final, "%s/step-%08ld", dir, meta->step);
     mt_remove_tree(tmp);
     if ((err = mt_make_dirs(tmp))) return err;
-    snprintf(path, sizeof path, "%s/model", tmp);
-    err = mt_hf_save(path, src_model_dir, mc, master, MT_DTYPE_F32);
+    if (lora && lora->r > 0) {
+        int n;
+        size_t total;
+        mt_param_info *table = trained_table(mc, lora, &n, &total);
+        snprintf(path, sizeof path, "%s/adapter", tmp);
+        err = mt_lora_save(path, lora, src_model_dir, table, n, master);
+        free(table);
+    } else {
+        snprintf(path, sizeof path, "%s/model", tmp);
+        err = mt_hf_save(path, src_model_dir, mc, master, MT_DTYPE_F32);
+    }
     snprintf(path, sizeof path, "%s/state.h5", tmp);
-    if (!err) err = write_state(path, mc, m, v, meta);
+    if (!err) err = write_state(path, mc, lora, m, v, meta);
     if (!err && mt_fsync_path(tmp) != 0) err = mt_errorf(MT_ERR_IO, "%s: fsync failed (%s)", tmp, strerror(errno));
     if (!err) {
         mt_remove_tree(final);  // a complete checkpoint of the same step (a rerun) is replaced
@@ -149,8 +164,8 @@ static int read_floats(hid_t loc, const char *name, float *data, size_t n) {
     return ok;
 }
 
-mt_err mt_checkpoint_read(const char *dir, const mt_model_config *mc, float *master, float *m, float *v,
-                          mt_checkpoint_meta *meta) {
+mt_err mt_checkpoint_read(const char *dir, const mt_model_config *mc, const mt_lora_config *lora, float *master,
+                          float *m, float *v, mt_checkpoint_meta *meta) {
     char path[1300];
     snprintf(path, sizeof path, "%s/state.h5", dir);
     H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
@@ -176,7 +191,7 @@ mt_err mt_checkpoint_read(const char *dir, const mt_model_config *mc, float *mas
                                 path, format, MT_CHECKPOINT_FORMAT);
     int n;
     size_t total;
-    mt_param_info *table = mt_model_param_table(mc, &n, &total);
+    mt_param_info *table = trained_table(mc, lora, &n, &total);
     hid_t opt = !err && H5Lexists(file, "optimizer", H5P_DEFAULT) > 0 ? H5Gopen2(file, "optimizer", H5P_DEFAULT) : -1;
     if (!err && opt < 0) err = mt_errorf(MT_ERR_FORMAT, "%s: no optimizer group", path);
     for (int i = 0; i < n && !err; i++) {
@@ -192,7 +207,10 @@ mt_err mt_checkpoint_read(const char *dir, const mt_model_config *mc, float *mas
     if (opt >= 0) H5Gclose(opt);
     H5Fclose(file);
     free(table);
-    if (!err) {
+    if (!err && lora && lora->r > 0) {
+        snprintf(path, sizeof path, "%s/adapter", dir);
+        err = mt_lora_load(path, mc, lora, master);
+    } else if (!err) {
         snprintf(path, sizeof path, "%s/model", dir);
         err = mt_hf_load_weights(path, mc, master);
     }

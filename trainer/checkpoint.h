@@ -25,16 +25,17 @@ typedef struct {
 } mt_checkpoint_meta;
 
 // Writes checkpoint `meta->step` under run_dir/checkpoints and deletes all but
-// the newest `keep` complete ones. m and v are AdamW's moments (n floats each,
-// host memory, in the parameter table's order).
+// the newest `keep` complete ones. master, m and v are the trained values and
+// AdamW's moments (host memory, in the order of the model's parameter table,
+// or of the adapter table when lora is not NULL and lora->r > 0).
 mt_err mt_checkpoint_write(const char *run_dir, const char *src_model_dir, const mt_model_config *mc,
-                           const float *master, const float *m, const float *v, const mt_checkpoint_meta *meta,
-                           int keep);
+                           const mt_lora_config *lora, const float *master, const float *m, const float *v,
+                           const mt_checkpoint_meta *meta, int keep);
 // The newest complete checkpoint folder of run_dir into out ("" if none).
 void mt_checkpoint_find_latest(const char *run_dir, char *out, size_t len);
-// Reads a checkpoint folder written for model config mc.
-mt_err mt_checkpoint_read(const char *dir, const mt_model_config *mc, float *master, float *m, float *v,
-                          mt_checkpoint_meta *meta);
+// Reads a checkpoint folder written for model config mc (and adapters lora).
+mt_err mt_checkpoint_read(const char *dir, const mt_model_config *mc, const mt_lora_config *lora, float *master,
+                          float *m, float *v, mt_checkpoint_meta *meta);
 
 #ifdef __cplusplus
 }

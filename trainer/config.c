@@ -2,6 +2,8 @@
 #define _POSIX_C_SOURCE 200809L
 #include "trainer/config.h"
 
+#include "trainer/lora.h"
+
 #include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
@@ -329,6 +331,18 @@ mt_err mt_config_validate(const mt_config *cfg) {
         return mt_errorf(MT_ERR_CONFIG,
                          "data.train is not set: name an HDF5 token dataset made by `memtune "
                          "tokenize`");
+    if (!strcmp(cfg->model_quantize, "nf4") && cfg->lora_r == 0)
+        return mt_errorf(MT_ERR_CONFIG,
+                         "model.quantize is nf4 but lora.r is 0: a quantized base cannot be trained itself; "
+                         "set lora.r (e.g. --set lora.r=16) for QLoRA, or model.quantize: none");
+    unsigned targets;
+    if (cfg->lora_r > 0 && mt_lora_parse_targets(cfg->lora_targets, &targets)) {
+        char why[512];
+        snprintf(why, sizeof why, "%s", mt_last_error());
+        return mt_errorf(MT_ERR_CONFIG, "lora.targets: %s", why);
+    }
+    if (cfg->lora_init[0] && cfg->lora_r == 0)
+        return mt_errorf(MT_ERR_CONFIG, "lora.init names an adapter but lora.r is 0; set lora.r to the adapter's r");
     if (cfg->optim_warmup_steps >= cfg->train_steps && cfg->optim_warmup_steps > 0)
         return mt_errorf(MT_ERR_CONFIG, "optim.warmup_steps (%ld) must be below train.steps (%ld)",
                          cfg->optim_warmup_steps, cfg->train_steps);

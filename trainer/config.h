@@ -24,6 +24,22 @@ extern "C" {
       "initializer_range; norms 1) with train.seed")                                                                  \
     X(model, activation_checkpointing, BOOL, "false", 0, 0, "",                                                       \
       "keep only each layer's input and recompute the layer in backward: less memory, ~1/3 more compute")             \
+    X(model, quantize, ENUM, "none", 0, 0, "none|nf4",                                                                \
+      "nf4: QLoRA, the frozen base's linear weights stored in 4-bit NormalFloat with double quantization "            \
+      "(bitsandbytes' format, ~0.52 bytes per weight); needs lora.r > 0")                                             \
+    X(lora, r, INT, "0", 0, 4096, "",                                                                                 \
+      "LoRA rank: 0 trains every weight (full fine-tune); above 0 trains adapters on a frozen base")                  \
+    X(lora, alpha, FLOAT, "16", 0, 1e6, "",                                                                           \
+      "adapter output scale alpha / r (alpha / sqrt(r) with lora.rslora), PEFT's lora_alpha")                         \
+    X(lora, dropout, FLOAT, "0.05", 0, 0.95, "",                                                                      \
+      "dropout on the adapters' input while training (PEFT's lora_dropout)")                                          \
+    X(lora, targets, STR, "all-linear", 0, 0, "",                                                                     \
+      "modules with adapters, PEFT's names comma-separated (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,"           \
+      "down_proj) or all-linear")                                                                                     \
+    X(lora, rslora, BOOL, "false", 0, 0, "", "rank-stabilized scale alpha / sqrt(r) (PEFT's use_rslora)")             \
+    X(lora, init, STR, "", 0, 0, "",                                                                                  \
+      "PEFT adapter folder to start from (its r, lora_alpha, target_modules and use_rslora must equal lora.*); "      \
+      "empty: PEFT's default init, A Kaiming-uniform and B zero")                                                     \
     X(data, train, STR, "", 0, 0, "", "HDF5 token dataset (make one with `memtune tokenize`)")                        \
     X(data, eval_fraction, FLOAT, "0.02", 0, 0.5, "", "share of the dataset's windows held out for eval loss")        \
     X(train, steps, INT, "100", 1, 1000000000, "", "optimizer steps to run")                                          \

@@ -14,35 +14,6 @@
 #include "trainer/fsutil.h"
 #include "trainer/safetensors.h"
 
-static char *read_file(const char *path, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    char *buf = n >= 0 ? malloc((size_t)n + 1) : NULL;
-    if (buf && fread(buf, 1, (size_t)n, f) != (size_t)n) {
-        free(buf);
-        buf = NULL;
-    }
-    fclose(f);
-    if (buf) buf[n] = '\0', *len = (size_t)n;
-    return buf;
-}
-
-static cJSON *read_json(const char *path, mt_err *err) {
-    size_t len = 0;
-    char *text = read_file(path, &len);
-    if (!text) {
-        *err = mt_errorf(MT_ERR_IO, "%s: cannot read (%s)", path, strerror(errno));
-        return NULL;
-    }
-    cJSON *j = cJSON_ParseWithLength(text, len);
-    free(text);
-    if (!j) *err = mt_errorf(MT_ERR_FORMAT, "%s: not valid JSON", path);
-    return j;
-}
-
 static int get_int(const cJSON *j, const char *key, int *out) {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(j, key);
     // range first: converting an out-of-range double to an integer is undefined
@@ -94,7 +65,7 @@ mt_err mt_hf_read_config(const char *dir, mt_model_config *c) {
     snprintf(path, sizeof path, "%s/config.json", dir);
     memset(c, 0, sizeof *c);
     mt_err err = MT_OK;
-    cJSON *j = read_json(path, &err);
+    cJSON *j = mt_read_json(path, &err);
     if (!j) {
         if (err == MT_ERR_IO)
             return mt_errorf(MT_ERR_MODEL, "%s: no config.json; model.path must be a Hugging Face model folder", dir);
@@ -215,7 +186,7 @@ static mt_err list_shards(const char *dir, char ***files, int *count) {
         return MT_OK;
     }
     mt_err err = MT_OK;
-    cJSON *j = read_json(path, &err);
+    cJSON *j = mt_read_json(path, &err);
     if (!j) return err;
     const cJSON *map = cJSON_GetObjectItemCaseSensitive(j, "weight_map");
     if (!cJSON_IsObject(map)) {
@@ -304,25 +275,15 @@ static cJSON *config_from_model(const mt_model_config *c) {
     return j;
 }
 
-static mt_err write_text(const char *path, const char *text) {
-    FILE *f = fopen(path, "wb");
-    if (!f) return mt_errorf(MT_ERR_IO, "%s: cannot create (%s)", path, strerror(errno));
-    int ok = fputs(text, f) >= 0 && fflush(f) == 0 && fsync(fileno(f)) == 0;
-    ok = fclose(f) == 0 && ok;
-    return ok ? MT_OK : mt_errorf(MT_ERR_IO, "%s: write failed (disk full?)", path);
-}
-
 mt_err mt_hf_save(const char *dir, const char *src_dir, const mt_model_config *cfg, const float *params,
                   mt_dtype dtype) {
     char tmp[1100], path[1200];
-    snprintf(tmp, sizeof tmp, "%s.tmp.%d", dir, (int)getpid());
-    mt_remove_tree(tmp);
-    if (mkdir(tmp, 0755) != 0) return mt_errorf(MT_ERR_IO, "%s: cannot create (%s)", tmp, strerror(errno));
-    mt_err err = MT_OK;
+    mt_err err = mt_dir_stage(dir, tmp, sizeof tmp);
+    if (err) return err;
     cJSON *j = NULL;
     if (src_dir) {
         snprintf(path, sizeof path, "%s/config.json", src_dir);
-        j = read_json(path, &err);
+        j = mt_read_json(path, &err);
     }
     if (!j) j = config_from_model(cfg), err = MT_OK;
     const char *dtype_name = dtype == MT_DTYPE_BF16 ? "bfloat16" : dtype == MT_DTYPE_F16 ? "float16" : "float32";
@@ -332,7 +293,7 @@ mt_err mt_hf_save(const char *dir, const char *src_dir, const mt_model_config *c
     char *text = cJSON_Print(j);
     cJSON_Delete(j);
     snprintf(path, sizeof path, "%s/config.json", tmp);
-    err = write_text(path, text);
+    err = mt_write_text(path, text);
     free(text);
     if (!err) {
         int n;
@@ -351,18 +312,5 @@ mt_err mt_hf_save(const char *dir, const char *src_dir, const mt_model_config *c
         free(tensors);
         free(table);
     }
-    if (!err) {
-        // swap the complete folder in; the old one is removed only afterwards
-        char old[1200];
-        snprintf(old, sizeof old, "%s.old.%d", dir, (int)getpid());
-        int had_old = rename(dir, old) == 0;
-        if (rename(tmp, dir) != 0) {
-            err = mt_errorf(MT_ERR_IO, "%s: cannot move the saved model into place (%s)", dir, strerror(errno));
-            if (had_old) rename(old, dir);
-        } else if (had_old) {
-            mt_remove_tree(old);
-        }
-    }
-    if (err) mt_remove_tree(tmp);
-    return err;
+    return mt_dir_publish(tmp, dir, err);
 }

@@ -1,5 +1,5 @@
 // trainer/main.c: the memtune command line. Subcommands: train, tokenize,
-// config-docs. Every user-facing failure ends here as one message and a
+// merge, config-docs. Every user-facing failure ends here as one message and a
 // non-zero exit.
 #include <stdio.h>
 #include <stdlib.h>
@@ -8,6 +8,7 @@
 #include "datasets/tokenizer.h"
 #include "kernels/common.h"
 #include "trainer/config.h"
+#include "trainer/lora.h"
 #include "trainer/train.h"
 
 static void usage(FILE *f) {
@@ -16,6 +17,8 @@ static void usage(FILE *f) {
             "usage:\n"
             "  memtune train CONFIG.yaml [--set section.key=value ...]\n"
             "  memtune tokenize --input FILE [--format text|jsonl] [--text-field text] --output DATA.h5\n"
+            "  memtune merge --model DIR --adapter DIR -o OUT_DIR\n"
+            "                                 write the model with a LoRA adapter (PEFT layout) merged in\n"
             "  memtune config-docs            print docs/configs.md (every config key)\n"
             "  memtune train --help           list every config key\n\n"
             "Docs: README.md and docs/ in the source tree.\n");
@@ -98,6 +101,29 @@ static int cmd_tokenize(int argc, char **argv) {
     return 0;
 }
 
+static int cmd_merge(int argc, char **argv) {
+    const char *model = NULL, *adapter = NULL, *out = NULL;
+    for (int i = 0; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!v) return fail(mt_errorf(MT_ERR_USAGE, "%s needs a value", a));
+        if (!strcmp(a, "--model"))
+            model = v;
+        else if (!strcmp(a, "--adapter"))
+            adapter = v;
+        else if (!strcmp(a, "-o") || !strcmp(a, "--output"))
+            out = v;
+        else
+            return fail(mt_errorf(MT_ERR_USAGE, "unknown option %s (merge takes --model, --adapter, -o)", a));
+        i++;
+    }
+    if (!model || !adapter || !out)
+        return fail(mt_errorf(MT_ERR_USAGE, "merge needs --model DIR --adapter DIR -o OUT_DIR"));
+    mt_err err = mt_lora_merge_folders(model, adapter, out);
+    if (err) return fail(err);
+    printf("wrote %s: %s with the adapter %s merged in\n", out, model, adapter);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
         usage(argc < 2 ? stderr : stdout);
@@ -105,6 +131,7 @@ int main(int argc, char **argv) {
     }
     if (!strcmp(argv[1], "train")) return cmd_train(argc - 2, argv + 2);
     if (!strcmp(argv[1], "tokenize")) return cmd_tokenize(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "merge")) return cmd_merge(argc - 2, argv + 2);
     if (!strcmp(argv[1], "config-docs")) {
         mt_config_write_reference(stdout, 1);
         return 0;

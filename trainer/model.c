@@ -7,16 +7,24 @@
 #include <string.h>
 
 #include "kernels/mem.h"
+#include "kernels/nf4.h"
 #include "kernels/ops.h"
 #include "kernels/ops_ref.h"
 #include "kernels/rng.h"
+#include "trainer/lora.h"
 
 // Indices into a layer's parameters, in table order.
 enum { P_LN1, P_WQ, P_BQ, P_WK, P_BK, P_WV, P_BV, P_WO, P_BO, P_LN2, P_WG, P_WU, P_WD, P_LAYER_COUNT };
 
+// The base parameter each LoRA module adapts.
+static const int lora_base_param[MT_LORA_MODULES] = {P_WQ, P_WK, P_WV, P_WO, P_WG, P_WU, P_WD};
+
 typedef struct {
-    void *w[P_LAYER_COUNT];   // compute weights (NULL when absent, e.g. no bias)
-    float *g[P_LAYER_COUNT];  // gradients
+    void *w[P_LAYER_COUNT];   // compute weights (NULL when absent, e.g. no bias, or in NF4)
+    float *g[P_LAYER_COUNT];  // gradients (NULL when frozen)
+    mt_nf4 q[P_LAYER_COUNT];  // NF4 storage of the linear weights (QLoRA)
+    void *lora_a[MT_LORA_MODULES], *lora_b[MT_LORA_MODULES];     // (r, IN), (OUT, r); NULL: no adapter
+    float *glora_a[MT_LORA_MODULES], *glora_b[MT_LORA_MODULES];  // their gradients
 } layer_params;
 
 // What backward needs from a layer's forward, in the activation type.
@@ -24,6 +32,7 @@ typedef struct {
     void *ln1, *q, *k, *v, *atty, *x2, *ln2, *gate, *up;  // (N,C) (B,H,T,D) (B,KV,T,D) x2 (N,HD) (N,C) x2 (N,F) x2
     float *rstd1, *rstd2;                                 // (N)
     float *lse;                                           // (B, H, T) attention log-sum-exp
+    void *lora_u[MT_LORA_MODULES];                        // (N, r) A dropout(x), per adapted module
 } layer_acts;
 
 struct mt_model {
@@ -33,8 +42,26 @@ struct mt_model {
     mt_param_info *params;
     int num_params;
     size_t total;
-    void *weights;  // (total) compute dtype
-    float *grads;   // (total) fp32
+    size_t *compute_offset;  // (num_params) element offset in `weights`; NF4 tensors take none
+    size_t compute_total;
+    void *weights;  // (compute_total) compute dtype
+    float *grads;   // (total) fp32; NULL when the base is frozen
+    // LoRA / QLoRA
+    mt_lora_config lora;
+    float lora_scale;
+    int frozen, quantized;
+    mt_param_info *adapter_params;
+    int num_adapter_params;
+    size_t adapter_total;
+    void *adapter_weights;             // (adapter_total) compute dtype
+    float *adapter_grads;              // (adapter_total) fp32
+    void *nf4_storage;                 // every NF4 tensor, one block
+    void *dequant;                     // one linear weight, dequantized (compute dtype)
+    int dequant_layer, dequant_param;  // what `dequant` holds (-1: nothing)
+    uint64_t dropout_seed;
+    int training;    // dropout on (a backward step)
+    void *lora_du;   // (N, r)
+    void *drop_buf;  // (N, max IN) dropout(x), and its gradient
     layer_params *layers;
     void *wte, *norm_w, *lm_w;
     float *g_wte, *g_norm, *g_lm;
@@ -154,8 +181,8 @@ static void bind_params(mt_model *m) {
         "self_attn.k_proj.bias",  "self_attn.v_proj.weight",         "self_attn.v_proj.bias", "self_attn.o_proj.weight",
         "self_attn.o_proj.bias",  "post_attention_layernorm.weight", "mlp.gate_proj.weight",  "mlp.up_proj.weight",
         "mlp.down_proj.weight"};
-#define WPTR(i) ((char *)m->weights + m->params[i].offset * act)
-#define GPTR(i) (m->grads + m->params[i].offset)
+#define WPTR(i) (m->compute_offset[i] == SIZE_MAX ? NULL : (char *)m->weights + m->compute_offset[i] * act)
+#define GPTR(i) (m->grads ? m->grads + m->params[i].offset : NULL)
     for (int l = 0; l < m->cfg.L; l++)
         for (int p = 0; p < P_LAYER_COUNT; p++) {
             snprintf(name, sizeof name, "model.layers.%d.%s", l, suffix[p]);
@@ -163,6 +190,17 @@ static void bind_params(mt_model *m) {
             m->layers[l].w[p] = i < 0 ? NULL : WPTR(i);
             m->layers[l].g[p] = i < 0 ? NULL : GPTR(i);
         }
+    for (int i = 0; i < m->num_adapter_params; i++) {
+        int l, module, is_b;
+        MT_CHECK(mt_lora_parse_name(m->adapter_params[i].name, &l, &module, &is_b), "adapter name %s",
+                 m->adapter_params[i].name);
+        void *w = (char *)m->adapter_weights + m->adapter_params[i].offset * act;
+        float *g = m->adapter_grads + m->adapter_params[i].offset;
+        if (is_b)
+            m->layers[l].lora_b[module] = w, m->layers[l].glora_b[module] = g;
+        else
+            m->layers[l].lora_a[module] = w, m->layers[l].glora_a[module] = g;
+    }
     int i = find_param(m, "model.embed_tokens.weight");
     m->wte = WPTR(i), m->g_wte = GPTR(i);
     i = find_param(m, "model.norm.weight");
@@ -226,7 +264,13 @@ static size_t layout_activations(mt_model *m, uintptr_t base) {
         A->rstd1 = carve(&cur, N * 4);
         A->rstd2 = carve(&cur, N * 4);
         A->lse = carve(&cur, N * c->H * 4);
+        for (int t = 0; t < MT_LORA_MODULES; t++)
+            A->lora_u[t] = m->lora.targets >> t & 1 ? carve(&cur, N * m->lora.r * a) : NULL;
     }
+    m->lora_du = m->lora.r ? carve(&cur, N * m->lora.r * a) : NULL;
+    size_t widest_input = c->C > c->F ? c->C : c->F;
+    if (HD > widest_input) widest_input = HD;
+    m->drop_buf = m->lora.r && m->lora.dropout > 0 ? carve(&cur, N * widest_input * a) : NULL;
     m->lnf = carve(&cur, N * c->C * a);
     m->rstdf = carve(&cur, N * 4);
     m->qkv_flat = carve(&cur, N * (HD + 2 * KVD) * a);
@@ -251,30 +295,70 @@ static size_t layout_activations(mt_model *m, uintptr_t base) {
     return (size_t)(cur - base);
 }
 
-mt_err mt_model_create(mt_model **out, mt_backend *be, const mt_model_config *cfg, int B, int T,
-                       int activation_checkpointing) {
+// Whether parameter i is a linear weight that QLoRA stores in NF4.
+static int is_quantized_param(const mt_model *m, int i) {
+    if (!m->quantized) return 0;
+    const char *name = m->params[i].name;
+    for (int t = 0; t < MT_LORA_MODULES; t++) {
+        char suffix[64];
+        snprintf(suffix, sizeof suffix, "%s.weight", mt_lora_module_names[t]);
+        size_t len = strlen(name), slen = strlen(suffix);
+        if (len > slen && !strcmp(name + len - slen, suffix) && name[len - slen - 1] == '.') return 1;
+    }
+    return 0;
+}
+
+mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_config *cfg, const mt_model_options *o) {
     *out = NULL;
     if (!mt_attention_supports(be, cfg->D))
         return mt_errorf(MT_ERR_MODEL,
                          "head dimension %d is not supported by the GPU attention kernel (16, 32, 64 "
                          "and 128 are); train on the CPU with train.device: cpu",
                          cfg->D);
+    MT_CHECK(!o->quantize_nf4 || o->lora.r > 0, "NF4 base weights need LoRA adapters");
+    int B = o->B, T = o->T;
     mt_model *m = calloc(1, sizeof *m);
     MT_CHECK(m != NULL, "model");
     m->be = be;
     m->cfg = *cfg;
-    m->B = B, m->T = T, m->checkpointing = activation_checkpointing;
+    m->B = B, m->T = T, m->checkpointing = o->activation_checkpointing;
+    m->lora = o->lora;
+    if (m->lora.r <= 0) m->lora.targets = 0, m->lora.r = 0;
+    m->lora_scale = m->lora.r ? mt_lora_scale(&m->lora) : 0.0f;
+    m->frozen = m->lora.r > 0;
+    m->quantized = o->quantize_nf4;
+    m->dequant_layer = m->dequant_param = -1;
     m->params = mt_model_param_table(cfg, &m->num_params, &m->total);
+    if (m->lora.r) m->adapter_params = mt_lora_param_table(cfg, &m->lora, &m->num_adapter_params, &m->adapter_total);
+    m->compute_offset = malloc((size_t)m->num_params * sizeof(size_t));
     m->layers = calloc((size_t)cfg->L, sizeof *m->layers);
     m->x = calloc((size_t)cfg->L + 1, sizeof *m->x);
-    m->acts = calloc((size_t)(activation_checkpointing ? 1 : cfg->L), sizeof *m->acts);
-    MT_CHECK(m->layers && m->x && m->acts, "model tables");
-    // logits chunk: at most 64 Mi elements (256 MiB fp32), whole rows
-    size_t N = (size_t)B * T, rows = ((size_t)64 << 20) / (size_t)cfg->V;
+    m->acts = calloc((size_t)(m->checkpointing ? 1 : cfg->L), sizeof *m->acts);
+    MT_CHECK(m->compute_offset && m->layers && m->x && m->acts, "model tables");
+    // NF4 tensors live in their own block; the rest keep the table's order
+    size_t nf4_bytes = 0, widest_linear = 0;
+    for (int i = 0; i < m->num_params; i++) {
+        if (is_quantized_param(m, i)) {
+            m->compute_offset[i] = SIZE_MAX;
+            nf4_bytes += mt_nf4_storage_bytes(m->params[i].count);
+            if (m->params[i].count > widest_linear) widest_linear = m->params[i].count;
+        } else {
+            m->compute_offset[i] = m->compute_total;
+            m->compute_total += (m->params[i].count + 15) & ~(size_t)15;
+        }
+    }
+    // logits chunk: at most 16 Mi elements (64 MiB fp32), whole rows
+    size_t N = (size_t)B * T, rows = ((size_t)16 << 20) / (size_t)cfg->V;
     m->chunk_rows = (int)(rows < N ? (rows ? rows : 1) : N);
     mt_mem_place place = be->gpu ? MT_DEVICE : MT_HOST;
-    mt_err err = mt_alloc(&m->weights, m->total * mt_act_size(be), MT_MEM_WEIGHTS, place);
-    if (!err) err = mt_alloc((void **)&m->grads, m->total * sizeof(float), MT_MEM_GRADS, place);
+    size_t act = mt_act_size(be);
+    mt_err err = mt_alloc(&m->weights, m->compute_total * act, MT_MEM_WEIGHTS, place);
+    if (!err && !m->frozen) err = mt_alloc((void **)&m->grads, m->total * sizeof(float), MT_MEM_GRADS, place);
+    if (!err && m->quantized) err = mt_alloc(&m->nf4_storage, nf4_bytes, MT_MEM_WEIGHTS, place);
+    if (!err && m->quantized) err = mt_alloc(&m->dequant, widest_linear * act, MT_MEM_WEIGHTS, place);
+    if (!err && m->lora.r) err = mt_alloc(&m->adapter_weights, m->adapter_total * act, MT_MEM_ADAPTERS, place);
+    if (!err && m->lora.r)
+        err = mt_alloc((void **)&m->adapter_grads, m->adapter_total * sizeof(float), MT_MEM_GRADS, place);
     size_t act_bytes = layout_activations(m, 0);
     if (!err) err = mt_alloc(&m->act_block, act_bytes, MT_MEM_ACTIVATIONS, place);
     size_t workspace = mt_attention_workspace_bytes(be, B, T, cfg->H, cfg->D);
@@ -287,6 +371,19 @@ mt_err mt_model_create(mt_model **out, mt_backend *be, const mt_model_config *cf
     }
     layout_activations(m, (uintptr_t)m->act_block);
     bind_params(m);
+    char *nf4 = m->nf4_storage;
+    for (int l = 0; l < cfg->L; l++)
+        for (int t = 0; t < MT_LORA_MODULES && m->quantized; t++) {
+            int p = lora_base_param[t];
+            int64_t rows_out = p == P_WQ                ? (int64_t)cfg->H * cfg->D
+                               : p == P_WK || p == P_WV ? (int64_t)cfg->KV * cfg->D
+                               : p == P_WO || p == P_WD ? cfg->C
+                                                        : cfg->F;
+            int64_t cols_in = p == P_WO ? (int64_t)cfg->H * cfg->D : p == P_WD ? cfg->F : cfg->C;
+            size_t n = (size_t)(rows_out * cols_in);
+            mt_nf4_bind(&m->layers[l].q[p], nf4, n);
+            nf4 += mt_nf4_storage_bytes(n);
+        }
     // rope tables, computed on the host in fp32 as transformers does
     int half = cfg->D / 2;
     float *inv_freq = malloc((size_t)half * 4), *cs = malloc((size_t)T * half * 8);
@@ -306,12 +403,24 @@ mt_err mt_model_create(mt_model **out, mt_backend *be, const mt_model_config *cf
     return MT_OK;
 }
 
+mt_err mt_model_create(mt_model **out, mt_backend *be, const mt_model_config *cfg, int B, int T,
+                       int activation_checkpointing) {
+    mt_model_options o = {B, T, activation_checkpointing, {0}, 0};
+    return mt_model_create_with(out, be, cfg, &o);
+}
+
 void mt_model_free(mt_model *m) {
     if (!m) return;
     mt_free(&m->weights);
     mt_free((void **)&m->grads);
+    mt_free(&m->nf4_storage);
+    mt_free(&m->dequant);
+    mt_free(&m->adapter_weights);
+    mt_free((void **)&m->adapter_grads);
     mt_free(&m->act_block);
     free(m->params);
+    free(m->adapter_params);
+    free(m->compute_offset);
     free(m->layers);
     free(m->x);
     free(m->acts);
@@ -327,18 +436,80 @@ size_t mt_model_num_params(const mt_model *m) { return m->total; }
 void *mt_model_weights(mt_model *m) { return m->weights; }
 float *mt_model_grads(mt_model *m) { return m->grads; }
 
-void mt_model_set_weights(mt_model *m, const float *host_params) {
-    if (!m->be->gpu) {
-        memcpy(m->weights, host_params, m->total * sizeof(float));
-        return;
-    }
-    // stage through the gradient block (fp32, same size), then cast
-    mt_copy_to_device(m->grads, host_params, m->total * sizeof(float));
-    mt_op_cast_from_f32(m->be, m->weights, m->grads, m->total);
-    mt_model_zero_grads(m);
+void mt_model_trainable(mt_model *m, mt_trainable *out) {
+    if (m->frozen)
+        *out = (mt_trainable){m->adapter_params, m->num_adapter_params, m->adapter_total, m->adapter_weights,
+                              m->adapter_grads};
+    else
+        *out = (mt_trainable){m->params, m->num_params, m->total, m->weights, m->grads};
 }
 
-void mt_model_zero_grads(mt_model *m) { mt_op_zero(m->be, m->grads, m->total * sizeof(float)); }
+size_t mt_model_base_weight_bytes(const mt_model *m) {
+    size_t bytes = m->compute_total * mt_act_size(m->be);
+    for (int l = 0; l < m->cfg.L && m->quantized; l++)
+        for (int t = 0; t < MT_LORA_MODULES; t++) bytes += mt_nf4_storage_bytes(m->layers[l].q[lora_base_param[t]].n);
+    return bytes;
+}
+
+void mt_model_set_dropout_seed(mt_model *m, uint64_t seed) { m->dropout_seed = seed; }
+
+// Copies n fp32 host values into dst in the compute dtype (cast on the GPU,
+// through a small staging buffer).
+static mt_err upload_compute(mt_model *m, void *dst, const float *src, size_t n) {
+    if (!m->be->gpu) {
+        memcpy(dst, src, n * sizeof(float));
+        return MT_OK;
+    }
+    const size_t chunk = (size_t)4 << 20;
+    void *staging = NULL;
+    mt_err err = mt_alloc(&staging, (n < chunk ? n : chunk) * sizeof(float), MT_MEM_WORKSPACE, MT_DEVICE);
+    if (err) return err;
+    for (size_t start = 0; start < n; start += chunk) {
+        size_t count = n - start < chunk ? n - start : chunk;
+        mt_copy_to_device(staging, src + start, count * sizeof(float));
+        mt_op_cast_from_f32(m->be, (char *)dst + start * mt_act_size(m->be), staging, count);
+    }
+    mt_free(&staging);
+    return MT_OK;
+}
+
+mt_err mt_model_set_weights(mt_model *m, const float *host_params) {
+    m->dequant_layer = m->dequant_param = -1;
+    mt_err err = MT_OK;
+    if (!m->quantized) {
+        err = upload_compute(m, m->weights, host_params, m->total);
+    } else {
+        for (int i = 0; i < m->num_params && !err; i++) {
+            const mt_param_info *p = &m->params[i];
+            if (m->compute_offset[i] != SIZE_MAX)
+                err = upload_compute(m, (char *)m->weights + m->compute_offset[i] * mt_act_size(m->be),
+                                     host_params + p->offset, p->count);
+        }
+        char name[160];
+        for (int l = 0; l < m->cfg.L && !err; l++)
+            for (int t = 0; t < MT_LORA_MODULES && !err; t++) {
+                mt_lora_base_name(name, sizeof name, l, (mt_lora_module)t);
+                int i = find_param(m, name);
+                MT_CHECK(i >= 0, "no parameter %s", name);
+                err = mt_nf4_quantize(m->be, &m->layers[l].q[lora_base_param[t]], host_params + m->params[i].offset);
+            }
+    }
+    if (!err && m->grads) mt_model_zero_grads(m);
+    return err;
+}
+
+void mt_model_set_adapters(mt_model *m, const float *host_params) {
+    MT_CHECK(m->lora.r > 0, "the model has no adapters");
+    MT_CHECK(upload_compute(m, m->adapter_weights, host_params, m->adapter_total) == MT_OK,
+             "out of device memory staging the adapters");
+    mt_op_zero(m->be, m->adapter_grads, m->adapter_total * sizeof(float));
+}
+
+void mt_model_zero_grads(mt_model *m) {
+    mt_trainable t;
+    mt_model_trainable(m, &t);
+    mt_op_zero(m->be, t.grads, t.total * sizeof(float));
+}
 
 // ------------------------------------------------------- forward/backward
 
@@ -346,6 +517,62 @@ static layer_acts *acts_of(mt_model *m, int l) { return &m->acts[m->checkpointin
 
 static void *rows(const mt_model *m, void *base, size_t row, size_t width) {
     return (char *)base + row * width * mt_act_size(m->be);
+}
+
+// The base weight p of layer l for a matmul: its compute copy, or with NF4
+// the shared buffer, dequantized unless it already holds that weight.
+static const void *base_weight(mt_model *m, int l, int p) {
+    if (!m->quantized || m->layers[l].w[p]) return m->layers[l].w[p];
+    if (m->dequant_layer != l || m->dequant_param != p) {
+        mt_nf4_dequantize(m->be, m->dequant, &m->layers[l].q[p]);
+        m->dequant_layer = l, m->dequant_param = p;
+    }
+    return m->dequant;
+}
+
+static uint64_t dropout_seed(const mt_model *m, int l, int t) {
+    return mt_rng_bits(m->dropout_seed, (uint64_t)l * MT_LORA_MODULES + (uint64_t)t);
+}
+
+// x as the adapter sees it: dropout(x) in training (into drop_buf), else x.
+static const void *adapter_input(mt_model *m, int l, int t, const void *x, int IN) {
+    if (!m->drop_buf || !m->training) return x;
+    mt_op_dropout(m->be, m->drop_buf, x, (size_t)m->B * m->T * IN, m->lora.dropout, dropout_seed(m, l, t));
+    return m->drop_buf;
+}
+
+// y (N, OUT) += scale * B (A dropout(x)); keeps u = A dropout(x) (N, r).
+static void lora_forward(mt_model *m, int l, int t, void *y, const void *x, int IN, int OUT) {
+    layer_params *P = &m->layers[l];
+    if (!P->lora_a[t]) return;
+    int N = m->B * m->T, r = m->lora.r;
+    void *u = acts_of(m, l)->lora_u[t];
+    mt_op_matmul_forward(m->be, u, adapter_input(m, l, t, x, IN), P->lora_a[t], NULL, N, IN, r);
+    mt_op_matmul_forward_add(m->be, y, u, P->lora_b[t], N, r, OUT, m->lora_scale);
+}
+
+// Adds the adapter's gradients from dy (N, OUT) and its part of dx (N, IN),
+// which already holds the base's part.
+static void lora_backward(mt_model *m, int l, int t, void *dx, const void *dy, const void *x, int IN, int OUT) {
+    layer_params *P = &m->layers[l];
+    if (!P->lora_a[t]) return;
+    mt_backend *be = m->be;
+    int N = m->B * m->T, r = m->lora.r;
+    const void *u = acts_of(m, l)->lora_u[t];
+    // du = scale dy B, dB += scale dy^T u
+    mt_op_matmul_backward_scaled(be, m->lora_du, P->glora_b[t], dy, u, P->lora_b[t], N, r, OUT, m->lora_scale, 0);
+    // dA += du^T dropout(x)
+    mt_op_matmul_backward_scaled(be, NULL, P->glora_a[t], m->lora_du, adapter_input(m, l, t, x, IN), P->lora_a[t], N,
+                                 IN, r, 1.0f, 0);
+    if (!m->drop_buf || !m->training) {
+        mt_op_matmul_backward_scaled(be, dx, NULL, m->lora_du, NULL, P->lora_a[t], N, IN, r, 1.0f, 1);
+        return;
+    }
+    // through the dropout: the same mask, regenerated from its seed
+    size_t n = (size_t)N * IN;
+    mt_op_matmul_backward_scaled(be, m->drop_buf, NULL, m->lora_du, NULL, P->lora_a[t], N, IN, r, 1.0f, 0);
+    mt_op_dropout(be, m->drop_buf, m->drop_buf, n, m->lora.dropout, dropout_seed(m, l, t));
+    mt_op_add(be, dx, dx, m->drop_buf, n);
 }
 
 // Layer l from x[l]; writes x[l+1] unless `recompute` (then it stops once
@@ -358,21 +585,28 @@ static void layer_forward(mt_model *m, int l, int recompute) {
     layer_acts *A = acts_of(m, l);
     void *qf = m->qkv_flat, *kf = rows(m, qf, (size_t)N, (size_t)HD), *vf = rows(m, kf, (size_t)N, (size_t)KVD);
     mt_op_rmsnorm_forward(be, A->ln1, A->rstd1, m->x[l], P->w[P_LN1], N, c->C, c->rms_eps);
-    mt_op_matmul_forward(be, qf, A->ln1, P->w[P_WQ], P->w[P_BQ], N, c->C, HD);
-    mt_op_matmul_forward(be, kf, A->ln1, P->w[P_WK], P->w[P_BK], N, c->C, KVD);
-    mt_op_matmul_forward(be, vf, A->ln1, P->w[P_WV], P->w[P_BV], N, c->C, KVD);
+    mt_op_matmul_forward(be, qf, A->ln1, base_weight(m, l, P_WQ), P->w[P_BQ], N, c->C, HD);
+    lora_forward(m, l, MT_LORA_Q, qf, A->ln1, c->C, HD);
+    mt_op_matmul_forward(be, kf, A->ln1, base_weight(m, l, P_WK), P->w[P_BK], N, c->C, KVD);
+    lora_forward(m, l, MT_LORA_K, kf, A->ln1, c->C, KVD);
+    mt_op_matmul_forward(be, vf, A->ln1, base_weight(m, l, P_WV), P->w[P_BV], N, c->C, KVD);
+    lora_forward(m, l, MT_LORA_V, vf, A->ln1, c->C, KVD);
     mt_op_rope_forward(be, A->q, qf, m->cos_table, m->sin_table, m->B, m->T, c->H, c->D, 1);
     mt_op_rope_forward(be, A->k, kf, m->cos_table, m->sin_table, m->B, m->T, c->KV, c->D, 1);
     mt_op_rope_forward(be, A->v, vf, m->cos_table, m->sin_table, m->B, m->T, c->KV, c->D, 0);
     mt_op_attention_forward(be, A->atty, A->lse, A->q, A->k, A->v, m->B, m->T, c->H, c->KV, c->D);
-    mt_op_matmul_forward(be, m->scratch_c, A->atty, P->w[P_WO], P->w[P_BO], N, HD, c->C);
+    mt_op_matmul_forward(be, m->scratch_c, A->atty, base_weight(m, l, P_WO), P->w[P_BO], N, HD, c->C);
+    lora_forward(m, l, MT_LORA_O, m->scratch_c, A->atty, HD, c->C);
     mt_op_add(be, A->x2, m->x[l], m->scratch_c, (size_t)N * c->C);
     mt_op_rmsnorm_forward(be, A->ln2, A->rstd2, A->x2, P->w[P_LN2], N, c->C, c->rms_eps);
-    mt_op_matmul_forward(be, A->gate, A->ln2, P->w[P_WG], NULL, N, c->C, c->F);
-    mt_op_matmul_forward(be, A->up, A->ln2, P->w[P_WU], NULL, N, c->C, c->F);
+    mt_op_matmul_forward(be, A->gate, A->ln2, base_weight(m, l, P_WG), NULL, N, c->C, c->F);
+    lora_forward(m, l, MT_LORA_GATE, A->gate, A->ln2, c->C, c->F);
+    mt_op_matmul_forward(be, A->up, A->ln2, base_weight(m, l, P_WU), NULL, N, c->C, c->F);
+    lora_forward(m, l, MT_LORA_UP, A->up, A->ln2, c->C, c->F);
     if (recompute) return;
     mt_op_swiglu_forward(be, m->f0, A->gate, A->up, (size_t)N * c->F);
-    mt_op_matmul_forward(be, m->scratch_c, m->f0, P->w[P_WD], NULL, N, c->F, c->C);
+    mt_op_matmul_forward(be, m->scratch_c, m->f0, base_weight(m, l, P_WD), NULL, N, c->F, c->C);
+    lora_forward(m, l, MT_LORA_DOWN, m->scratch_c, m->f0, c->F, c->C);
     mt_op_add(be, m->x[l + 1], A->x2, m->scratch_c, (size_t)N * c->C);
 }
 
@@ -387,22 +621,37 @@ static void layer_backward(mt_model *m, int l) {
     if (m->checkpointing) layer_forward(m, l, 1);
     size_t NF = (size_t)N * c->F;
     mt_op_swiglu_forward(be, m->f0, A->gate, A->up, NF);
-    mt_op_matmul_backward(be, m->f1, P->g[P_WD], NULL, m->dres, m->f0, P->w[P_WD], N, c->F, c->C, 0);
+    if (P->lora_a[MT_LORA_DOWN] && m->checkpointing) {
+        // the recompute stopped before down_proj: its adapter's u again
+        mt_op_matmul_forward(be, A->lora_u[MT_LORA_DOWN], adapter_input(m, l, MT_LORA_DOWN, m->f0, c->F),
+                             P->lora_a[MT_LORA_DOWN], NULL, N, c->F, m->lora.r);
+    }
+    mt_op_matmul_backward(be, m->f1, P->g[P_WD], NULL, m->dres, m->f0, base_weight(m, l, P_WD), N, c->F, c->C, 0);
+    lora_backward(m, l, MT_LORA_DOWN, m->f1, m->dres, m->f0, c->F, c->C);
     mt_op_swiglu_backward(be, m->f0, m->f2, m->f1, A->gate, A->up, NF);
-    mt_op_matmul_backward(be, m->dln, P->g[P_WG], NULL, m->f0, A->ln2, P->w[P_WG], N, c->C, c->F, 0);
-    mt_op_matmul_backward(be, m->dln, P->g[P_WU], NULL, m->f2, A->ln2, P->w[P_WU], N, c->C, c->F, 1);
+    mt_op_matmul_backward(be, m->dln, P->g[P_WG], NULL, m->f0, A->ln2, base_weight(m, l, P_WG), N, c->C, c->F, 0);
+    lora_backward(m, l, MT_LORA_GATE, m->dln, m->f0, A->ln2, c->C, c->F);
+    mt_op_matmul_backward(be, m->dln, P->g[P_WU], NULL, m->f2, A->ln2, base_weight(m, l, P_WU), N, c->C, c->F, 1);
+    lora_backward(m, l, MT_LORA_UP, m->dln, m->f2, A->ln2, c->C, c->F);
     mt_op_rmsnorm_backward(be, m->dres, P->g[P_LN2], m->dln, A->x2, P->w[P_LN2], A->rstd2, N, c->C);
-    mt_op_matmul_backward(be, m->datty, P->g[P_WO], P->g[P_BO], m->dres, A->atty, P->w[P_WO], N, HD, c->C, 0);
+    mt_op_matmul_backward(be, m->datty, P->g[P_WO], P->g[P_BO], m->dres, A->atty, base_weight(m, l, P_WO), N, HD, c->C,
+                          0);
+    lora_backward(m, l, MT_LORA_O, m->datty, m->dres, A->atty, HD, c->C);
     mt_op_attention_backward(be, m->dq, m->dk, m->dv, m->datty, A->q, A->k, A->v, A->atty, A->lse, m->B, m->T, c->H,
                              c->KV, c->D);
     void *dqf = m->dqkv_flat, *dkf = rows(m, dqf, (size_t)N, (size_t)HD), *dvf = rows(m, dkf, (size_t)N, (size_t)KVD);
     mt_op_rope_backward(be, dqf, m->dq, m->cos_table, m->sin_table, m->B, m->T, c->H, c->D, 1);
     mt_op_rope_backward(be, dkf, m->dk, m->cos_table, m->sin_table, m->B, m->T, c->KV, c->D, 1);
     mt_op_rope_backward(be, dvf, m->dv, m->cos_table, m->sin_table, m->B, m->T, c->KV, c->D, 0);
-    mt_op_matmul_backward(be, m->dln, P->g[P_WQ], P->g[P_BQ], dqf, A->ln1, P->w[P_WQ], N, c->C, HD, 0);
-    mt_op_matmul_backward(be, m->dln, P->g[P_WK], P->g[P_BK], dkf, A->ln1, P->w[P_WK], N, c->C, KVD, 1);
-    mt_op_matmul_backward(be, m->dln, P->g[P_WV], P->g[P_BV], dvf, A->ln1, P->w[P_WV], N, c->C, KVD, 1);
-    mt_op_rmsnorm_backward(be, m->dres, P->g[P_LN1], m->dln, m->x[l], P->w[P_LN1], A->rstd1, N, c->C);
+    mt_op_matmul_backward(be, m->dln, P->g[P_WQ], P->g[P_BQ], dqf, A->ln1, base_weight(m, l, P_WQ), N, c->C, HD, 0);
+    lora_backward(m, l, MT_LORA_Q, m->dln, dqf, A->ln1, c->C, HD);
+    mt_op_matmul_backward(be, m->dln, P->g[P_WK], P->g[P_BK], dkf, A->ln1, base_weight(m, l, P_WK), N, c->C, KVD, 1);
+    lora_backward(m, l, MT_LORA_K, m->dln, dkf, A->ln1, c->C, KVD);
+    mt_op_matmul_backward(be, m->dln, P->g[P_WV], P->g[P_BV], dvf, A->ln1, base_weight(m, l, P_WV), N, c->C, KVD, 1);
+    lora_backward(m, l, MT_LORA_V, m->dln, dvf, A->ln1, c->C, KVD);
+    // with a frozen embedding nothing needs d(loss)/d(x[0])
+    if (l > 0 || !m->frozen)
+        mt_op_rmsnorm_backward(be, m->dres, P->g[P_LN1], m->dln, m->x[l], P->w[P_LN1], A->rstd1, N, c->C);
 }
 
 static void upload_tokens(mt_model *m, const int32_t *inputs, const int32_t *targets) {
@@ -428,6 +677,7 @@ double mt_model_step(mt_model *m, const int32_t *inputs, const int32_t *targets,
     const mt_model_config *c = &m->cfg;
     mt_backend *be = m->be;
     int N = m->B * m->T;
+    m->training = backward;
     upload_tokens(m, inputs, targets);
     body_forward(m);
     // lm_head and the loss in row chunks; backward of each chunk right away,
@@ -447,13 +697,14 @@ double mt_model_step(mt_model *m, const int32_t *inputs, const int32_t *targets,
     mt_op_zero(be, m->dres, (size_t)N * c->C * mt_act_size(be));
     mt_op_rmsnorm_backward(be, m->dres, m->g_norm, m->dln, m->x[c->L], m->norm_w, m->rstdf, N, c->C);
     for (int l = c->L - 1; l >= 0; l--) layer_backward(m, l);
-    mt_op_embedding_backward(be, m->g_wte, m->tokens, m->dres, N, c->C);
+    if (m->g_wte) mt_op_embedding_backward(be, m->g_wte, m->tokens, m->dres, N, c->C);
     return loss;
 }
 
 void mt_model_logits(mt_model *m, const int32_t *inputs, float *logits) {
     const mt_model_config *c = &m->cfg;
     int N = m->B * m->T;
+    m->training = 0;
     upload_tokens(m, inputs, NULL);
     body_forward(m);
     for (int r0 = 0; r0 < N; r0 += m->chunk_rows) {

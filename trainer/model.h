@@ -41,17 +41,71 @@ typedef struct {
 
 typedef struct mt_model mt_model;
 
-// Builds the parameter table and allocates weights, gradients and the
-// activations for batches of B rows of T tokens on the backend.
+// The linear modules that can carry a LoRA adapter, named as PEFT's
+// target_modules.
+typedef enum {
+    MT_LORA_Q,
+    MT_LORA_K,
+    MT_LORA_V,
+    MT_LORA_O,
+    MT_LORA_GATE,
+    MT_LORA_UP,
+    MT_LORA_DOWN,
+    MT_LORA_MODULES
+} mt_lora_module;
+extern const char *const mt_lora_module_names[MT_LORA_MODULES];  // "q_proj", ...
+
+// LoRA (Hu et al., 2021): y = W x + scale * B A dropout(x), A (r, IN), B (OUT,
+// r), scale alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski, 2023).
+typedef struct {
+    int r;             // rank; 0: no adapters
+    float alpha;       // lora_alpha
+    float dropout;     // on the adapter's input, in training only
+    int rslora;        // use_rslora
+    unsigned targets;  // bit (1 << mt_lora_module) set: that module has an adapter
+} mt_lora_config;
+
+float mt_lora_scale(const mt_lora_config *lora);
+
+typedef struct {
+    int B, T;                      // rows per batch, tokens per row
+    int activation_checkpointing;  // keep layer inputs only; recompute in backward
+    mt_lora_config lora;           // lora.r > 0: adapters trained, the base frozen
+    int quantize_nf4;              // QLoRA: the base's linear weights in NF4 (needs lora.r > 0)
+} mt_model_options;
+
+// Builds the parameter tables and allocates weights, gradients (of the
+// adapters only, with LoRA) and the activations on the backend.
+mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_config *cfg, const mt_model_options *opts);
+// A full fine-tune: every parameter trainable.
 mt_err mt_model_create(mt_model **out, mt_backend *be, const mt_model_config *cfg, int B, int T,
                        int activation_checkpointing);
 void mt_model_free(mt_model *m);
 
+// What the optimizer trains, as one block: every base parameter (full
+// fine-tune) or the adapters (LoRA, in PEFT's names and order).
+typedef struct {
+    const mt_param_info *params;
+    int count;
+    size_t total;   // elements, with alignment padding
+    void *weights;  // compute copy (fp32 on the CPU, bf16 on the GPU)
+    float *grads;   // fp32
+} mt_trainable;
+void mt_model_trainable(mt_model *m, mt_trainable *out);
+// Sets the adapters' compute weights from fp32 host values (LoRA only).
+void mt_model_set_adapters(mt_model *m, const float *host_params);
+// Seed of the adapters' dropout masks for the next training step; each
+// layer and module draws from its own stream of it.
+void mt_model_set_dropout_seed(mt_model *m, uint64_t seed);
+// Bytes that hold the base weights on the backend (NF4 storage included).
+size_t mt_model_base_weight_bytes(const mt_model *m);
+
 const mt_model_config *mt_model_get_config(const mt_model *m);
 const mt_param_info *mt_model_params(const mt_model *m, int *count);
 size_t mt_model_num_params(const mt_model *m);
-// The compute weights (fp32 host on the CPU, bf16 device on the GPU) and the
-// fp32 gradient block, both in the parameter table's order.
+// The base's compute weights (fp32 host on the CPU, bf16 device on the GPU;
+// NULL-free only without NF4) and its fp32 gradient block (NULL with LoRA),
+// both in the parameter table's order.
 void *mt_model_weights(mt_model *m);
 float *mt_model_grads(mt_model *m);
 
@@ -61,8 +115,9 @@ mt_param_info *mt_model_param_table(const mt_model_config *cfg, int *count, size
 // matrices and embeddings, ones for norms, zeros for biases.
 void mt_model_init_random(const mt_model_config *cfg, float *params, uint64_t seed);
 
-// Sets the compute weights from fp32 host values (cast to bf16 on the GPU).
-void mt_model_set_weights(mt_model *m, const float *host_params);
+// Sets the base weights from fp32 host values (cast to bf16 on the GPU, or
+// quantized to NF4).
+mt_err mt_model_set_weights(mt_model *m, const float *host_params);
 void mt_model_zero_grads(mt_model *m);
 
 // Forward over one (B, T) batch; with `backward`, also backward, adding

@@ -15,11 +15,13 @@
 #include "datasets/dataset.h"
 #include "kernels/device.h"
 #include "kernels/mem.h"
+#include "kernels/rng.h"
 #include "optim/optimizer.h"
 #include "optim/schedule.h"
 #include "trainer/checkpoint.h"
 #include "trainer/fsutil.h"
 #include "trainer/hf.h"
+#include "trainer/lora.h"
 #include "trainer/model.h"
 
 #define MT_VERSION "0.1.0"
@@ -148,6 +150,7 @@ static mt_err trim_metrics(const char *path, long last_step) {
 typedef struct {
     const mt_config *cfg;
     const mt_model_config *mc;
+    const mt_lora_config *lora;  // NULL: full fine-tune
     mt_optimizer *opt;
     mt_loader *train;
     float *master, *m, *v;  // host buffers of the parameter count
@@ -160,8 +163,8 @@ static mt_err save_checkpoint(checkpoint_ctx *c, long steps_done) {
     mt_checkpoint_meta meta = {steps_done, cursor.epoch, cursor.batch, mt_optimizer_steps_taken(c->opt),
                                mt_config_training_hash(c->cfg)};
     double t0 = mt_now();
-    mt_err err = mt_checkpoint_write(c->cfg->output_dir, c->cfg->model_path, c->mc, c->master, c->m, c->v, &meta,
-                                     (int)c->cfg->checkpoint_keep);
+    mt_err err = mt_checkpoint_write(c->cfg->output_dir, c->cfg->model_path, c->mc, c->lora, c->master, c->m, c->v,
+                                     &meta, (int)c->cfg->checkpoint_keep);
     if (!err) mt_info("checkpoint: %s/checkpoints/step-%08ld (%.1fs)", c->cfg->output_dir, steps_done, mt_now() - t0);
     return err;
 }
@@ -189,14 +192,45 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     if (cfg->data_eval_fraction > 0 && cfg->train_eval_batches > 0 &&
         (err = mt_loader_init(&eval, ds, &lc, MT_SPLIT_EVAL)))
         goto out_data;
+    mt_model_options opts = {B, T, (int)cfg->model_activation_checkpointing, {0}, !strcmp(cfg->model_quantize, "nf4")};
+    if (cfg->lora_r > 0) {
+        opts.lora = (mt_lora_config){(int)cfg->lora_r, (float)cfg->lora_alpha, (float)cfg->lora_dropout,
+                                     (int)cfg->lora_rslora, 0};
+        if ((err = mt_lora_parse_targets(cfg->lora_targets, &opts.lora.targets))) goto out_data;
+    }
+    const mt_lora_config *lora = cfg->lora_r > 0 ? &opts.lora : NULL;
     int n_params;
     size_t total;
     mt_param_info *table = mt_model_param_table(&mc, &n_params, &total);
+    // what the optimizer trains: the whole model, or the adapters
+    int n_trained = n_params;
+    size_t trained_total = total;
+    mt_param_info *trained_table = lora ? mt_lora_param_table(&mc, lora, &n_trained, &trained_total) : table;
     float *host_params = calloc(total, sizeof(float)), *moment_m = NULL, *moment_v = NULL;
-    if (!host_params) {
+    float *trained = lora ? calloc(trained_total ? trained_total : 1, sizeof(float)) : host_params;
+    if (!host_params || !trained) {
         err = mt_errorf(MT_ERR_NOMEM, "out of host memory for the %.2fM parameters' fp32 copy (%.1f GiB)", total / 1e6,
                         total * 4.0 / 1073741824.0);
         goto out_params;
+    }
+    if (lora && cfg->lora_init[0]) {
+        mt_lora_config from;
+        if ((err = mt_lora_read_config(cfg->lora_init, &from))) goto out_params;
+        if (from.r != lora->r || from.alpha != lora->alpha || from.targets != lora->targets ||
+            from.rslora != lora->rslora) {
+            char want[128], have[128];
+            mt_lora_format_targets(lora->targets, want, sizeof want);
+            mt_lora_format_targets(from.targets, have, sizeof have);
+            err = mt_errorf(MT_ERR_CONFIG,
+                            "lora.init %s has r=%d alpha=%g targets=%s rslora=%d, but the config asks for r=%d "
+                            "alpha=%g targets=%s rslora=%d; set lora.* to the adapter's values",
+                            cfg->lora_init, from.r, from.alpha, have, from.rslora, lora->r, lora->alpha, want,
+                            lora->rslora);
+            goto out_params;
+        }
+        if ((err = mt_lora_load(cfg->lora_init, &mc, lora, trained))) goto out_params;
+    } else if (lora) {
+        mt_lora_init_params(trained_table, n_trained, trained, (uint64_t)cfg->train_seed);
     }
     int random_init = !strcmp(cfg->model_init, "random");
     if (random_init)
@@ -209,16 +243,16 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
         mt_checkpoint_find_latest(cfg->output_dir, resume_dir, sizeof resume_dir);
     else if (cfg->train_resume[0])
         snprintf(resume_dir, sizeof resume_dir, "%s", cfg->train_resume);
-    moment_m = malloc(total * sizeof(float));
-    moment_v = malloc(total * sizeof(float));
+    moment_m = malloc((trained_total ? trained_total : 1) * sizeof(float));
+    moment_v = malloc((trained_total ? trained_total : 1) * sizeof(float));
     if (!moment_m || !moment_v) {
         err = mt_errorf(MT_ERR_NOMEM, "out of host memory for the optimizer state's checkpoint copies (%.1f GiB)",
-                        total * 8.0 / 1073741824.0);
+                        trained_total * 8.0 / 1073741824.0);
         goto out_params;
     }
     mt_checkpoint_meta resume = {0};
     if (resume_dir[0]) {
-        if ((err = mt_checkpoint_read(resume_dir, &mc, host_params, moment_m, moment_v, &resume))) goto out_params;
+        if ((err = mt_checkpoint_read(resume_dir, &mc, lora, trained, moment_m, moment_v, &resume))) goto out_params;
         if (resume.config_hash != mt_config_training_hash(cfg)) {
             err = mt_errorf(MT_ERR_CONFIG,
                             "%s was written by a run with a different configuration (model, data, train or optim "
@@ -257,13 +291,21 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
         snprintf(devname, sizeof devname, "CPU (fp32 reference backend)");
     mt_model *model = NULL;
     mt_optimizer *opt = NULL;
-    if ((err = mt_model_create(&model, &be, &mc, B, T, cfg->model_activation_checkpointing))) goto out_backend;
-    mt_model_set_weights(model, host_params);
-    mt_param_group *groups = malloc((size_t)n_params * sizeof *groups);
-    for (int i = 0; i < n_params; i++) groups[i] = (mt_param_group){table[i].offset, table[i].count, table[i].decay};
+    if ((err = mt_model_create_with(&model, &be, &mc, &opts))) goto out_backend;
+    if ((err = mt_model_set_weights(model, host_params))) goto out_model;
+    if (lora) {
+        mt_model_set_adapters(model, trained);
+        free(host_params);  // the frozen base lives on the backend now
+        host_params = NULL;
+    }
+    mt_trainable tr;
+    mt_model_trainable(model, &tr);
+    mt_param_group *groups = malloc((size_t)n_trained * sizeof *groups);
+    for (int i = 0; i < n_trained; i++)
+        groups[i] = (mt_param_group){trained_table[i].offset, trained_table[i].count, trained_table[i].decay};
     mt_adamw_config ac = {(float)cfg->optim_lr,  (float)cfg->optim_beta1,        (float)cfg->optim_beta2,
                           (float)cfg->optim_eps, (float)cfg->optim_weight_decay, (float)cfg->optim_grad_clip};
-    err = mt_optimizer_init(&opt, &be, &ac, mt_model_weights(model), host_params, total, groups, n_params);
+    err = mt_optimizer_init(&opt, &be, &ac, tr.weights, trained, trained_total, groups, n_trained);
     free(groups);
     if (err) goto out_model;
     if (resume_dir[0]) mt_optimizer_set_moments(opt, moment_m, moment_v, resume.optimizer_steps);
@@ -288,6 +330,18 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     size_t count = mt_model_num_params(model);
     mt_info("memtune %s | %s | %s %d layers, %.2fM params | B=%d T=%d accum=%d | %s", MT_VERSION, devname,
             mc.architecture, mc.L, count / 1e6, B, T, accum, random_init ? "random init" : cfg->model_path);
+    if (lora) {
+        char targets[128];
+        mt_lora_format_targets(lora->targets, targets, sizeof targets);
+        size_t adapter_count = 0;
+        for (int i = 0; i < n_trained; i++) adapter_count += trained_table[i].count;
+        mt_info("LoRA r=%d alpha=%g dropout=%g%s on %s: %.2fM trainable (%.3f%% of the base)%s%s", lora->r, lora->alpha,
+                lora->dropout, lora->rslora ? " rsLoRA" : "", targets, adapter_count / 1e6,
+                100.0 * adapter_count / (double)count, cfg->lora_init[0] ? ", from " : "", cfg->lora_init);
+        mt_info("base weights frozen%s: %.2f GiB on the %s, %.3f bytes per parameter",
+                opts.quantize_nf4 ? " in NF4" : "", mt_model_base_weight_bytes(model) / 1073741824.0,
+                use_gpu ? "GPU" : "host", (double)mt_model_base_weight_bytes(model) / (double)count);
+    }
     mt_info("data %s: %llu tokens in %llu docs, %llu train batches/epoch", cfg->data_train,
             (unsigned long long)mt_dataset_num_tokens(ds), (unsigned long long)mt_dataset_num_docs(ds),
             (unsigned long long)mt_loader_batches_per_epoch(train));
@@ -311,7 +365,7 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     }
     double t_start = mt_now(), t_last = t_start;
     long tokens_since = 0;
-    checkpoint_ctx ckpt = {cfg, &mc, opt, train, host_params, moment_m, moment_v};
+    checkpoint_ctx ckpt = {cfg, &mc, lora, opt, train, trained, moment_m, moment_v};
     stop_signal = 0;
     struct sigaction action = {0}, old_int, old_term;
     action.sa_handler = on_stop_signal;
@@ -330,13 +384,16 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
         float dscale = valid_total ? 1.0f / (float)valid_total : 0.0f;
         mt_model_zero_grads(model);
         double loss_sum = 0.0;
-        for (int a = 0; a < accum; a++)
+        for (int a = 0; a < accum; a++) {
+            // dropout masks: a fresh draw per micro-batch, the same after a resume
+            mt_model_set_dropout_seed(model, mt_rng_bits((uint64_t)cfg->train_seed, (uint64_t)step * accum + a));
             loss_sum += mt_model_step(model, bs.inputs + (size_t)a * B * T, bs.targets + (size_t)a * B * T, dscale, 1);
+        }
         double loss = valid_total ? loss_sum / (double)valid_total : NAN;
         float lr = mt_schedule_lr(&sched, step);
         // a non-finite loss or gradient stops the run before any update is applied
         mt_step_info info = {NAN, 0};
-        if (isfinite(loss)) mt_optimizer_step(opt, mt_model_grads(model), lr, &info);
+        if (isfinite(loss)) mt_optimizer_step(opt, tr.grads, lr, &info);
         if ((!isfinite(loss) || !info.finite) && !strcmp(cfg->train_on_nonfinite, "skip")) {
             mt_warn("step %d: loss %g, gradient norm %g: update skipped (train.on_nonfinite: skip)", step + 1, loss,
                     info.grad_norm);
@@ -426,7 +483,14 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
         mt_mem_format(use_gpu ? MT_DEVICE : MT_HOST, report, sizeof report);
         mt_info("memory (%s): %s", use_gpu ? "GPU" : "host", report);
     }
-    if (!err && !stopped && cfg->output_save_model) {
+    if (!err && !stopped && cfg->output_save_model && lora) {
+        mt_optimizer_get_master(opt, trained);
+        snprintf(path, sizeof path, "%s/adapter", cfg->output_dir);
+        err = mt_lora_save(path, lora, cfg->model_path, trained_table, n_trained, trained);
+        if (!err)
+            mt_info("saved %s (PEFT layout; merge with: memtune merge --model %s --adapter %s -o MERGED)", path,
+                    cfg->model_path, path);
+    } else if (!err && !stopped && cfg->output_save_model) {
         mt_optimizer_get_master(opt, host_params);
         mt_dtype dtype = !strcmp(cfg->output_save_dtype, "F32")    ? MT_DTYPE_F32
                          : !strcmp(cfg->output_save_dtype, "BF16") ? MT_DTYPE_BF16
@@ -444,7 +508,9 @@ out_backend:
 out_params:
     free(moment_m);
     free(moment_v);
+    if (trained != host_params) free(trained);
     free(host_params);
+    if (trained_table != table) free(trained_table);
     free(table);
 out_data:
     mt_loader_free(train);
