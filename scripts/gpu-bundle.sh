@@ -12,3 +12,7 @@ done | awk '$2 == "=>" && $3 ~ /^\// {print $3}' | sort -u |
     grep -v -E '/(libc|libm|libdl|librt|libpthread|libstdc\+\+|libgcc_s|libcublas|libcublasLt|libcudart)\.so' |
     while read -r lib; do cp -L "$lib" "$BUILD/gpu-libs/"; done
 echo "gpu-bundle: $(ls "$BUILD/gpu-libs" | wc -l) libraries, $(du -sh "$BUILD/gpu-libs" | cut -f1) in $BUILD/gpu-libs"
+# Configure-time scratch programs (compiler identification, library probes)
+# are not needed to run anything; the device tool carries at most 64 MiB.
+find "$BUILD/CMakeFiles" \( -path '*/CompilerId*/tmp' -o -name a.out \) -prune -exec rm -rf {} + 2> /dev/null || true
+echo "gpu-bundle: $BUILD is $(du -sh "$BUILD" | cut -f1)"

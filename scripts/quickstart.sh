@@ -2,6 +2,10 @@
 # Builds memtune and runs the quickstart fine-tune: a tiny LLaMA-shaped model
 # trained on the King James Bible (Debian's bible-kjv), on the GPU if there
 # is one, else on the CPU (well under a minute on 2 cores).
+#
+# `quickstart.sh lora`: the LoRA variant. LoRA adapters on the quickstart's
+# model (trained first if it is missing), fine-tuned on the Psalms, saved in
+# PEFT's layout and merged back into a full model (runs/quickstart-lora/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
@@ -11,5 +15,18 @@ mkdir -p data
 if [ ! -f data/kjv.h5 ]; then
     bible "Gen1:1-Rev22:21" > data/kjv.txt
     ./build/memtune tokenize --input data/kjv.txt --output data/kjv.h5
+fi
+if [ "${1:-}" = "lora" ]; then
+    shift
+    if [ ! -f data/psalms.h5 ]; then
+        bible "Ps1:1-Ps150:6" > data/psalms.txt
+        ./build/memtune tokenize --input data/psalms.txt --output data/psalms.h5
+    fi
+    [ -f runs/quickstart/model/model.safetensors ] || ./build/memtune train configs/quickstart.yaml
+    ./build/memtune train configs/quickstart-lora.yaml "$@"
+    rm -rf runs/quickstart-lora/merged  # this script's own output of an earlier run
+    ./build/memtune merge --model runs/quickstart/model --adapter runs/quickstart-lora/adapter \
+        -o runs/quickstart-lora/merged
+    exit
 fi
 ./build/memtune train configs/quickstart.yaml "$@"

@@ -9,8 +9,10 @@
 #include <string.h>
 
 #include "kernels/device.h"
+#include "kernels/nf4.h"
 #include "kernels/rng.h"
 #include "testutil.h"
+#include "trainer/lora.h"
 #include "trainer/model.h"
 
 static double cosine(const float *a, const float *b, size_t n) {
@@ -102,6 +104,86 @@ START_TEST(gpu_model_matches_cpu_reference) {
 }
 END_TEST
 
+// LoRA and QLoRA on the GPU against the CPU reference: the same base and
+// adapters (B non-zero) give the loss and every adapter gradient; the base
+// has no gradient buffer; checkpointing changes nothing; QLoRA's GPU model is
+// compared with the CPU's QLoRA model (both dequantize the same NF4 codes).
+START_TEST(gpu_lora_matches_cpu_reference) {
+    for (int quantized = 0; quantized < 2; quantized++) {
+        mt_model_config c;
+        small_config(&c, quantized);
+        int B = 2, T = 96, N = B * T;
+        mt_backend cpu, gpu;
+        ck_assert_int_eq(mt_backend_init(&cpu, -1), MT_OK);
+        ck_assert_int_eq(mt_backend_init(&gpu, 0), MT_OK);
+        mt_model_options o = {B, T, 0, {8, 16.0f, 0.0f, quantized, (1u << MT_LORA_MODULES) - 1}, quantized};
+        mt_model_options ok = o;
+        ok.activation_checkpointing = 1;
+        mt_model *mc, *mg, *mk;
+        ck_assert_int_eq(mt_model_create_with(&mc, &cpu, &c, &o), MT_OK);
+        ck_assert_int_eq(mt_model_create_with(&mg, &gpu, &c, &o), MT_OK);
+        ck_assert_int_eq(mt_model_create_with(&mk, &gpu, &c, &ok), MT_OK);
+        ck_assert_ptr_null(mt_model_grads(mg));
+        size_t total = mt_model_num_params(mc);
+        float *params = malloc(total * 4);
+        mt_model_init_random(&c, params, 77);
+        int na;
+        size_t ta;
+        mt_param_info *table = mt_lora_param_table(&c, &o.lora, &na, &ta);
+        float *adapters = calloc(ta, 4);
+        mt_lora_init_params(table, na, adapters, 5);
+        for (int i = 0; i < na; i++)
+            if (strstr(table[i].name, "lora_B"))
+                for (size_t j = 0; j < table[i].count; j++)
+                    adapters[table[i].offset + j] = 0.05f * mt_rng_normal(6, table[i].offset + j);
+        for (size_t i = 0; i < ta; i++) adapters[i] = mt_round_bf16(adapters[i]);
+        int32_t *in = malloc(N * 4), *tg = malloc(N * 4);
+        for (int i = 0; i < N; i++)
+            in[i] = (int32_t)(mt_rng_bits(5, i) % c.V), tg[i] = (int32_t)(mt_rng_bits(6, i) % c.V);
+        mt_model *models[3] = {mc, mg, mk};
+        double loss[3];
+        float scale = 1.0f / N;
+        for (int k = 0; k < 3; k++) {
+            ck_assert_int_eq(mt_model_set_weights(models[k], params), MT_OK);
+            mt_model_set_adapters(models[k], adapters);
+            mt_model_zero_grads(models[k]);
+            loss[k] = mt_model_step(models[k], in, tg, scale, 1) * scale;
+        }
+        printf("%s: loss cpu %.6f gpu %.6f (rel %.2e) gpu+checkpointing %.6f; base %.3f bytes/param\n",
+               quantized ? "QLoRA" : "LoRA", loss[0], loss[1], fabs(loss[1] - loss[0]) / loss[0], loss[2],
+               (double)mt_model_base_weight_bytes(mg) / (double)total);
+        ck_assert_double_lt(fabs(loss[1] - loss[0]) / loss[0], 1e-2);
+        ck_assert_double_eq_tol(loss[2], loss[1], 1e-6 * loss[1]);
+        mt_trainable tc, tgpu, tk;
+        mt_model_trainable(mc, &tc);
+        mt_model_trainable(mg, &tgpu);
+        mt_model_trainable(mk, &tk);
+        float *gc = malloc(ta * 4), *gg = malloc(ta * 4), *gk = malloc(ta * 4);
+        memcpy(gc, tc.grads, ta * 4);
+        mt_copy_to_host(gg, tgpu.grads, ta * 4);
+        mt_copy_to_host(gk, tk.grads, ta * 4);
+        ck_assert_msg(cosine(gk, gg, ta) > 0.9999, "checkpointing changed the adapter gradients");
+        double worst = 1.0;
+        for (int i = 0; i < na; i++) {
+            double cs = cosine(gg + table[i].offset, gc + table[i].offset, table[i].count);
+            double rel = tu_norm_rel_error(gg + table[i].offset, gc + table[i].offset, table[i].count);
+            if (cs < worst) worst = cs;
+            ck_assert_msg(cs > 0.99 && rel < 0.1, "%s: gradient cosine %.5f, relative error %.3g", table[i].name, cs,
+                          rel);
+        }
+        printf("%s: worst adapter gradient cosine vs CPU %.5f over %d tensors\n", quantized ? "QLoRA" : "LoRA", worst,
+               na);
+        if (quantized) {
+            double per_param = (double)mt_model_base_weight_bytes(mg) / (double)total;
+            ck_assert_double_lt(per_param, 2.0);
+        }
+        for (int k = 0; k < 3; k++) mt_model_free(models[k]);
+        mt_backend_free(&cpu), mt_backend_free(&gpu);
+        free(params), free(adapters), free(table), free(in), free(tg), free(gc), free(gg), free(gk);
+    }
+}
+END_TEST
+
 START_TEST(gpu_out_of_memory_is_a_clear_error) {
     mt_model_config c;
     small_config(&c, 0);
@@ -133,6 +215,7 @@ int main(void) {
     TCase *tc = tcase_create("gpu vs cpu model");
     tcase_set_timeout(tc, 600);
     tcase_add_test(tc, gpu_model_matches_cpu_reference);
+    tcase_add_test(tc, gpu_lora_matches_cpu_reference);
     tcase_add_test(tc, gpu_out_of_memory_is_a_clear_error);
     suite_add_tcase(s, tc);
     return tu_run_suite(s, 1);

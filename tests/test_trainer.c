@@ -531,6 +531,53 @@ START_TEST(resume_is_bit_identical) {
 }
 END_TEST
 
+// QLoRA with dropout: a run split in two shifts matches the whole run, and
+// both end with the same PEFT adapter (and no full model).
+START_TEST(lora_resume_is_bit_identical) {
+    char data[300], folder[300], whole[300], split[300], path[400];
+    snprintf(data, sizeof data, "%s/resume.h5", dir);
+    make_folder("resume-lora-model", tiny_llama_json, folder, sizeof folder);
+    snprintf(whole, sizeof whole, "%s/lora-whole", dir);
+    snprintf(split, sizeof split, "%s/lora-split", dir);
+    mt_config cfg;
+    mt_train_result r;
+    double expect[14], got[14];
+    for (int shift = 0; shift < 3; shift++) {
+        checkpoint_config(&cfg, folder, data, shift ? split : whole);
+        ck_assert_int_eq(mt_config_set(&cfg, "lora.r", "4", "t"), MT_OK);
+        ck_assert_int_eq(mt_config_set(&cfg, "lora.dropout", "0.2", "t"), MT_OK);
+        ck_assert_int_eq(mt_config_set(&cfg, "optim.lr", "1e-2", "t"), MT_OK);
+        ck_assert_int_eq(mt_config_set(&cfg, "model.quantize", "nf4", "t"), MT_OK);
+        if (shift == 1) ck_assert_int_eq(mt_config_set(&cfg, "train.stop_after", "6", "t"), MT_OK);
+        if (shift == 2) ck_assert_int_eq(mt_config_set(&cfg, "train.resume", "auto", "t"), MT_OK);
+        ck_assert_int_eq(mt_train(&cfg, &r), MT_OK);
+        ck_assert_int_eq(r.steps_done, shift == 1 ? 6 : 14);
+        mt_config_free(&cfg);
+    }
+    ck_assert_int_eq(read_losses(whole, expect, 14), 14);
+    ck_assert_int_eq(read_losses(split, got, 14), 14);
+    ck_assert(expect[13] < expect[0]);
+    for (int i = 0; i < 14; i++)
+        ck_assert_msg(got[i] == expect[i], "step %d: %.17g != %.17g", i + 1, got[i], expect[i]);
+    snprintf(path, sizeof path, "%s/checkpoints/step-00000006/adapter/adapter_model.safetensors", split);
+    ck_assert_int_eq(access(path, R_OK), 0);
+    snprintf(path, sizeof path, "%s/model", whole);
+    ck_assert_int_ne(access(path, F_OK), 0);
+    FILE *fa, *fb;
+    snprintf(path, sizeof path, "%s/adapter/adapter_model.safetensors", whole);
+    ck_assert_ptr_nonnull(fa = fopen(path, "rb"));
+    snprintf(path, sizeof path, "%s/adapter/adapter_model.safetensors", split);
+    ck_assert_ptr_nonnull(fb = fopen(path, "rb"));
+    int ca, cb, same = 1;
+    long bytes = 0;
+    do {
+        ca = fgetc(fa), cb = fgetc(fb), same &= ca == cb, bytes++;
+    } while (ca != EOF && cb != EOF);
+    fclose(fa), fclose(fb);
+    ck_assert(same && bytes > 1000);
+}
+END_TEST
+
 START_TEST(checkpoint_on_a_full_disk_leaves_the_last_one_intact) {
     mt_model_config mc;
     char folder[300], run[300], path[400];
@@ -543,7 +590,7 @@ START_TEST(checkpoint_on_a_full_disk_leaves_the_last_one_intact) {
     mt_model_init_random(&mc, w, 3);
     snprintf(run, sizeof run, "%s/full-disk-run", dir);
     mt_checkpoint_meta meta = {3, 0, 7, 3, 42};
-    ck_assert_int_eq(mt_checkpoint_write(run, NULL, &mc, w, m, v, &meta, 2), MT_OK);
+    ck_assert_int_eq(mt_checkpoint_write(run, NULL, &mc, NULL, w, m, v, &meta, 2), MT_OK);
     // a file size limit makes every write past 4 KiB fail with EFBIG, as a full disk would
     struct rlimit old, tight = {4096, 0};
     ck_assert_int_eq(getrlimit(RLIMIT_FSIZE, &old), 0);
@@ -551,7 +598,7 @@ START_TEST(checkpoint_on_a_full_disk_leaves_the_last_one_intact) {
     signal(SIGXFSZ, SIG_IGN);
     ck_assert_int_eq(setrlimit(RLIMIT_FSIZE, &tight), 0);
     meta.step = 4;
-    mt_err err = mt_checkpoint_write(run, NULL, &mc, w, m, v, &meta, 2);
+    mt_err err = mt_checkpoint_write(run, NULL, &mc, NULL, w, m, v, &meta, 2);
     ck_assert_int_eq(setrlimit(RLIMIT_FSIZE, &old), 0);
     ck_assert_int_eq(err, MT_ERR_IO);
     // the newest complete checkpoint is still step 3, and nothing half-written is left
@@ -559,7 +606,7 @@ START_TEST(checkpoint_on_a_full_disk_leaves_the_last_one_intact) {
     ck_assert_ptr_nonnull(strstr(path, "step-00000003"));
     float *w2 = calloc(total, 4), *m2 = calloc(total, 4), *v2 = calloc(total, 4);
     mt_checkpoint_meta back;
-    ck_assert_int_eq(mt_checkpoint_read(path, &mc, w2, m2, v2, &back), MT_OK);
+    ck_assert_int_eq(mt_checkpoint_read(path, &mc, NULL, w2, m2, v2, &back), MT_OK);
     ck_assert_int_eq(back.step, 3);
     ck_assert_uint_eq(back.data_batch, 7);
     ck_assert_mem_eq(w2, w, total * 4);
@@ -592,6 +639,7 @@ int main(void) {
     tcase_add_test(tc, save_and_load_round_trip);
     tcase_add_test(tc, training_reduces_loss_and_saves);
     tcase_add_test(tc, resume_is_bit_identical);
+    tcase_add_test(tc, lora_resume_is_bit_identical);
     tcase_add_test(tc, checkpoint_on_a_full_disk_leaves_the_last_one_intact);
     suite_add_tcase(s, tc);
     return tu_run_suite(s, 0);

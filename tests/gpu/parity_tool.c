@@ -1,17 +1,25 @@
 // tests/gpu/parity_tool.c: dumps what memtune computes for one batch, for
-// the comparison with Hugging Face transformers (tests/gpu/hf_parity.py):
-// logits, the mean loss and (with --grads) every parameter's gradient, as a
-// safetensors file. Not a user command.
+// the comparison with Hugging Face transformers and PEFT
+// (tests/gpu/hf_parity.py, tests/gpu/peft_parity.py): logits, the mean loss
+// and (with --grads) every trained parameter's gradient, as a safetensors
+// file. With --adapter, a PEFT LoRA folder is applied (dropout off) and the
+// gradients are the adapters'; --quantize nf4 makes it QLoRA. With --nf4, it
+// dumps memtune's NF4 quantization of the tensor "weight" of a safetensors
+// file instead (CPU and GPU), for the comparison with bitsandbytes. Not a
+// user command.
 //
 // usage: mt_parity --model DIR --tokens FILE --batch B --seq T --device cpu|gpu
-//                  --out FILE [--grads] [--checkpointing]
+//                  --out FILE [--grads] [--checkpointing] [--adapter DIR] [--quantize nf4]
+//        mt_parity --nf4 FILE --out FILE
 // FILE of tokens: B*(T+1) little-endian int32; inputs are [:, :T], targets [:, 1:].
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "kernels/device.h"
+#include "kernels/nf4.h"
 #include "trainer/hf.h"
+#include "trainer/lora.h"
 #include "trainer/model.h"
 #include "trainer/safetensors.h"
 
@@ -20,9 +28,68 @@ static int die(mt_err err) {
     return 1;
 }
 
+static float *bytes_as_floats(const uint8_t *bytes, size_t n) {
+    float *f = malloc((n ? n : 1) * sizeof(float));
+    for (size_t i = 0; i < n; i++) f[i] = bytes[i];
+    return f;
+}
+
+// memtune's NF4 storage of `weight` from the CPU reference and the GPU.
+static int dump_nf4(const char *in, const char *out) {
+    mt_safetensors *st;
+    mt_err err = mt_safetensors_open(&st, in);
+    if (err) return die(err);
+    const mt_st_tensor *t = mt_safetensors_find(st, "weight");
+    if (!t) return fprintf(stderr, "mt_parity: %s has no tensor 'weight'\n", in), 1;
+    size_t n = 1;
+    for (int d = 0; d < t->ndim; d++) n *= (size_t)t->shape[d];
+    float *w = malloc(n * sizeof(float));
+    if ((err = mt_safetensors_read_f32(st, t, w))) return die(err);
+    size_t bytes = mt_nf4_storage_bytes(n), blocks = mt_nf4_blocks(n), groups = mt_nf4_groups(n);
+    mt_backend cpu, gpu;
+    mt_backend_init(&cpu, -1);
+    void *store = malloc(bytes), *gpu_store = NULL;
+    mt_nf4 q, qg;
+    mt_nf4_bind(&q, store, n);
+    if ((err = mt_nf4_quantize(&cpu, &q, w))) return die(err);
+    float *deq = malloc(n * sizeof(float)), map[256];
+    mt_nf4_dequantize_ref(deq, &q);
+    mt_nf4_dynamic_map(map);
+    uint8_t *gpu_codes = malloc((n + 1) / 2);
+    uint16_t *gpu_deq16 = malloc(n * 2);
+    float *gpu_deq = malloc(n * sizeof(float));
+    int have_gpu = mt_device_count() > 0 && mt_backend_init(&gpu, 0) == MT_OK;
+    if (have_gpu) {
+        gpu_store = mt_device_malloc(bytes);
+        mt_nf4_bind(&qg, gpu_store, n);
+        if ((err = mt_nf4_quantize(&gpu, &qg, w))) return die(err);
+        mt_copy_to_host(gpu_codes, qg.codes, (n + 1) / 2);
+        void *d = mt_device_malloc(n * 2);
+        mt_nf4_dequantize(&gpu, d, &qg);
+        mt_copy_to_host(gpu_deq16, d, n * 2);
+        for (size_t i = 0; i < n; i++) gpu_deq[i] = mt_bf16_to_f32(gpu_deq16[i]);
+    }
+    float *codes = bytes_as_floats(q.codes, (n + 1) / 2), *absmax_q = bytes_as_floats(q.absmax_q, blocks);
+    float *codes_gpu = bytes_as_floats(gpu_codes, have_gpu ? (n + 1) / 2 : 0);
+    mt_st_write_tensor ts[] = {
+        {"codes", 1, {(int64_t)((n + 1) / 2)}, codes},
+        {"absmax_q", 1, {(int64_t)blocks}, absmax_q},
+        {"absmax2", 1, {(int64_t)groups}, q.absmax2},
+        {"offset", 1, {1}, &q.offset},
+        {"dequantized", 1, {(int64_t)n}, deq},
+        {"dynamic_map", 1, {256}, map},
+        {"codes_gpu", 1, {(int64_t)((n + 1) / 2)}, codes_gpu},
+        {"dequantized_gpu", 1, {(int64_t)n}, gpu_deq},
+    };
+    if ((err = mt_safetensors_write(out, ts, have_gpu ? 8 : 6, MT_DTYPE_F32, "pt"))) return die(err);
+    fprintf(stderr, "mt_parity: NF4 of %zu values (%s)\n", n, have_gpu ? "CPU and GPU" : "CPU only");
+    return 0;
+}
+
 int main(int argc, char **argv) {
-    const char *model_dir = NULL, *tokens_path = NULL, *out = NULL, *device = "cpu";
-    int B = 0, T = 0, grads = 0, checkpointing = 0;
+    const char *model_dir = NULL, *tokens_path = NULL, *out = NULL, *device = "cpu", *adapter = NULL;
+    const char *nf4_input = NULL;
+    int B = 0, T = 0, grads = 0, checkpointing = 0, quantize = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : "";
         if (!strcmp(a, "--model"))
@@ -41,9 +108,16 @@ int main(int argc, char **argv) {
             grads = 1;
         else if (!strcmp(a, "--checkpointing"))
             checkpointing = 1;
+        else if (!strcmp(a, "--adapter"))
+            adapter = v, i++;
+        else if (!strcmp(a, "--quantize"))
+            quantize = !strcmp(v, "nf4"), i++;
+        else if (!strcmp(a, "--nf4"))
+            nf4_input = v, i++;
         else
             return fprintf(stderr, "mt_parity: unknown argument %s\n", a), 2;
     }
+    if (nf4_input && out) return dump_nf4(nf4_input, out);
     if (!model_dir || !tokens_path || !out || B <= 0 || T <= 0)
         return fprintf(stderr, "mt_parity: missing arguments\n"), 2;
     mt_model_config cfg;
@@ -64,10 +138,25 @@ int main(int argc, char **argv) {
         for (int t = 0; t < T; t++) in[b * T + t] = raw[b * (T + 1) + t], tg[b * T + t] = raw[b * (T + 1) + t + 1];
     mt_backend be;
     if ((err = mt_backend_init(&be, strcmp(device, "gpu") ? -1 : 0))) return die(err);
+    mt_model_options o = {B, T, checkpointing, {0}, quantize};
+    float *adapters = NULL;
+    if (adapter) {
+        if ((err = mt_lora_read_config(adapter, &o.lora))) return die(err);
+        o.lora.dropout = 0.0f;  // the comparison runs PEFT without dropout too
+        int na;
+        size_t ta;
+        free(mt_lora_param_table(&cfg, &o.lora, &na, &ta));
+        adapters = malloc((ta + 1) * sizeof(float));
+        if ((err = mt_lora_load(adapter, &cfg, &o.lora, adapters))) return die(err);
+    }
     mt_model *m;
-    if ((err = mt_model_create(&m, &be, &cfg, B, T, checkpointing))) return die(err);
-    mt_model_set_weights(m, params);
+    if ((err = mt_model_create_with(&m, &be, &cfg, &o))) return die(err);
+    if ((err = mt_model_set_weights(m, params))) return die(err);
+    if (adapters) mt_model_set_adapters(m, adapters);
     mt_model_zero_grads(m);
+    mt_trainable tr;
+    mt_model_trainable(m, &tr);
+    table = (mt_param_info *)tr.params, n = tr.count, total = tr.total;
     double t0 = mt_now();
     float loss = (float)(mt_model_step(m, in, tg, 1.0f / N, grads) / N);
     double t1 = mt_now();
@@ -83,9 +172,9 @@ int main(int argc, char **argv) {
     if (grads) {
         g = malloc(total * sizeof(float));
         if (be.gpu)
-            mt_copy_to_host(g, mt_model_grads(m), total * sizeof(float));
+            mt_copy_to_host(g, tr.grads, total * sizeof(float));
         else
-            memcpy(g, mt_model_grads(m), total * sizeof(float));
+            memcpy(g, tr.grads, total * sizeof(float));
         for (int i = 0; i < n; i++) {
             names[2 + i] = malloc(160);
             snprintf(names[2 + i], 160, "grad.%s", table[i].name);

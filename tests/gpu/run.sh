@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine (see docs/development.md): every test suite through
 # CTest (the GPU suites against the CPU references included), the
-# comparison with Hugging Face transformers, the quickstart on the GPU, and
-# with --bench the benchmarks of bench/. Logs and results go under $OUT.
+# comparisons with Hugging Face transformers and PEFT (and bitsandbytes'
+# NF4), the quickstart and its LoRA variant on the GPU, and with --bench the
+# benchmarks of bench/. Logs and results go under $OUT.
 #
-# Stages: ctest quickstart resume parity (default), plus bench with --bench; or
-# name them: run.sh --stages "ctest bench". MT_CTEST_FILTER narrows ctest.
+# Stages: ctest quickstart resume parity peft (default), plus bench and
+# lora-bench with --bench; or name them: run.sh --stages "ctest lora-bench".
+# MT_CTEST_FILTER narrows ctest; MT_LORA_SHAPES picks lora-bench's shapes and
+# MT_LORA_ARGS adds bench/lora_ft.py options (e.g. "--steps 20").
+# Python packages the machine lacks travel in .whl/ (see docs/development.md):
+# .whl/bnb (bitsandbytes) always, .whl/peft only if peft does not import.
 #
 # Build on the development machine first (cmake -S . -B build &&
 # cmake --build build && bash scripts/gpu-bundle.sh build) and carry `build`.
@@ -44,9 +49,14 @@ done
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; ldd "$BUILD/memtune"; } > "$OUT/env.txt" 2>&1
 head -2 "$OUT/env.txt"
 
-STAGES="ctest quickstart resume parity"
+[ -d .whl/bnb ] && export PYTHONPATH=$ROOT/.whl/bnb${PYTHONPATH:+:$PYTHONPATH}
+if ! python3 -c "import peft" 2> /dev/null && [ -d .whl/peft ]; then
+    export PYTHONPATH=$ROOT/.whl/peft${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+STAGES="ctest quickstart resume parity peft"
 case "${1:-}" in
-    --bench) STAGES="$STAGES bench" ;;
+    --bench) STAGES="$STAGES bench lora-bench" ;;
     --stages) STAGES=$2 ;;
 esac
 want() { case " $STAGES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
@@ -64,6 +74,17 @@ if want quickstart && [ -f data/kjv.txt ]; then
     "$BUILD/memtune" train configs/quickstart.yaml --set data.train=/tmp/kjv.h5 --set train.device=gpu \
         --set output.dir=/tmp/mt-quickstart 2>&1 | tee "$OUT/quickstart.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    echo "== quickstart's LoRA variant on the GPU, then merge"
+    # the Psalms: from the "Psalms 1" heading to the "Proverbs 1" one
+    awk '/^Psalms 1$/{p=1} /^Proverbs 1$/{exit} p{print}' data/kjv.txt > /tmp/psalms.txt
+    "$BUILD/memtune" tokenize --input /tmp/psalms.txt --output /tmp/psalms.h5 &&
+    "$BUILD/memtune" train configs/quickstart-lora.yaml --set data.train=/tmp/psalms.h5 --set train.device=gpu \
+        --set model.path=/tmp/mt-quickstart/model --set output.dir=/tmp/mt-quickstart-lora 2>&1 |
+        tee "$OUT/quickstart-lora.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    rm -rf /tmp/mt-quickstart-merged
+    "$BUILD/memtune" merge --model /tmp/mt-quickstart/model --adapter /tmp/mt-quickstart-lora/adapter \
+        -o /tmp/mt-quickstart-merged || status=1
 fi
 
 if want resume && [ -f data/kjv.txt ]; then
@@ -86,11 +107,24 @@ if want parity; then
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 
+if want peft; then
+    echo "== parity with PEFT (and bitsandbytes' NF4)"
+    python3 tests/gpu/peft_parity.py --out "$OUT" 2>&1 | tee "$OUT/peft_parity.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+
 if want bench; then
     echo "== bench: attention op"
     "$BUILD/mt_attention_bench" 2>&1 | tee "$OUT/attention_bench.log"
     echo "== bench: full fine-tune vs PyTorch"
     python3 bench/full_ft.py --out "$OUT" 2>&1 | tee "$OUT/bench.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+
+if want lora-bench; then
+    echo "== bench: LoRA and QLoRA vs PEFT (+ bitsandbytes)"
+    python3 bench/lora_ft.py --out "$OUT" ${MT_LORA_SHAPES:+--shapes "$MT_LORA_SHAPES"} ${MT_LORA_ARGS:-} 2>&1 |
+        tee "$OUT/lora_bench.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 echo "run.sh: exit $status"
