@@ -1,0 +1,158 @@
+#!/usr/bin/env python3
+"""LoRA and QLoRA fine-tuning, memtune vs PyTorch + PEFT (+ bitsandbytes), in
+one run on one GPU.
+
+Shapes TinyLlama-1.1B and Llama-2-7B (random initialisation: speed and
+memory do not depend on the weights), B=4, T=1024, LoRA r=16, alpha=32,
+dropout 0.05 on all seven linear modules, fp32 adapters and AdamW state,
+gradient clipping at 1.0, bf16 compute. Runs per shape: PEFT LoRA without
+and with gradient checkpointing, PEFT + bitsandbytes QLoRA with
+checkpointing (when bitsandbytes imports), memtune LoRA without and with
+activation checkpointing, memtune QLoRA with checkpointing. Tokens/s are
+measured after the warm-up steps. Memory: each side's allocator peak during
+training (memtune's tally; torch.cuda.max_memory_allocated after setup), and
+the device's used memory minus what was used before the process (memtune:
+the whole process, sampled with nvidia-smi; PEFT: from the first training
+step, sampled in the process, so its set-up is not counted against it).
+Writes lora_bench.json and prints a table with the ratios.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from full_ft import PeakSampler, gpu_used_mib, write_dataset  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUILD = os.environ.get("MT_BUILD_DIR", os.path.join(ROOT, "build"))
+
+BASE = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32000,
+        "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "initializer_range": 0.02,
+        "tie_word_embeddings": False, "attention_bias": False, "hidden_act": "silu", "torch_dtype": "bfloat16"}
+SHAPES = {
+    "TinyLlama-1.1B": dict(BASE, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                           num_attention_heads=32, num_key_value_heads=4),
+    "Llama-2-7B": dict(BASE, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32),
+}
+GIB = 1024 ** 3
+
+
+def run_memtune(args, folder, data, run, checkpointing, qlora):
+    cmd = [os.environ.get("MT_MEMTUNE_BIN", os.path.join(BUILD, "memtune")), "train",
+           os.path.join(ROOT, "configs", "llama-lora.yaml")]
+    sets = {"model.path": folder, "model.init": "random", "data.train": data, "data.eval_fraction": 0,
+            "train.eval_batches": 0, "train.steps": args.steps, "train.micro_batch": args.B, "train.seq_len": args.T,
+            "train.grad_accum": 1, "train.log_every": 1, "train.device": "gpu", "optim.warmup_steps": 2,
+            "lora.r": args.r, "lora.alpha": args.alpha, "lora.dropout": args.dropout, "output.dir": run,
+            "output.save_model": "false", "checkpoint.every": 0, "model.quantize": "nf4" if qlora else "none",
+            "model.activation_checkpointing": "true" if checkpointing else "false"}
+    for k, v in sets.items():
+        cmd += ["--set", f"{k}={v}"]
+    sampler = PeakSampler()
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    peak = sampler.finish()
+    if out.returncode:
+        print(out.stderr[-3000:])
+        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
+    info = [line for line in out.stderr.splitlines() if "base weights" in line or "memory (GPU)" in line]
+    recs = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    by_step = {r["step"]: r for r in recs}
+    w = args.warmup
+    dt = by_step[args.steps]["elapsed_seconds"] - by_step[w]["elapsed_seconds"]
+    return {"tokens_per_second": (args.steps - w) * args.B * args.T / dt, "step_ms": 1000 * dt / (args.steps - w),
+            "device_peak": peak, "allocator_peak": by_step[args.steps]["peak_memory_bytes"],
+            "first_loss": recs[0]["loss"], "last_loss": recs[-1]["loss"], "log": info}
+
+
+def run_peft(args, config_path, checkpointing, qlora):
+    base = gpu_used_mib()
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "peft_lora_ft.py"), "--config", config_path,
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--B", str(args.B), "--T", str(args.T),
+           "--r", str(args.r), "--alpha", str(args.alpha), "--dropout", str(args.dropout)]
+    cmd += (["--checkpointing"] if checkpointing else []) + (["--qlora"] if qlora else [])
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode:
+        print(out.stderr[-3000:])
+        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    r["device_peak"] = r["device_used_peak"] - base * 1048576
+    r["allocator_peak"] = r["max_memory_allocated"]
+    return r
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="TinyLlama-1.1B,Llama-2-7B")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--B", type=int, default=4)
+    ap.add_argument("--T", type=int, default=1024)
+    ap.add_argument("--r", type=int, default=16)
+    ap.add_argument("--alpha", type=float, default=32)
+    ap.add_argument("--dropout", type=float, default=0.05)
+    ap.add_argument("--memtune-only", action="store_true")
+    ap.add_argument("--work", default="/tmp/mt-lora-bench")
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/mt-lora-bench"))
+    args = ap.parse_args()
+    os.makedirs(args.work, exist_ok=True)
+    os.makedirs(args.out, exist_ok=True)
+    try:
+        import bitsandbytes  # noqa: F401
+        have_bnb = True
+    except Exception as e:  # noqa: BLE001
+        print(f"bitsandbytes not importable ({e}): PEFT QLoRA not run")
+        have_bnb = False
+    data = os.path.join(args.work, "tokens.h5")
+    write_dataset(data, (args.steps + 10) * args.B * (args.T + 1), 32000)
+    results = {}
+    for shape in args.shapes.split(","):
+        folder = os.path.join(args.work, shape)
+        os.makedirs(folder, exist_ok=True)
+        config_path = os.path.join(folder, "config.json")
+        with open(config_path, "w") as f:
+            json.dump(SHAPES[shape], f, indent=1)
+        runs = {}
+        for name, ckpt, qlora in (("memtune LoRA", False, False), ("memtune LoRA ckpt", True, False),
+                                  ("memtune QLoRA ckpt", True, True)):
+            runs[name] = run_memtune(args, folder, data, os.path.join(args.work, f"run-{shape}-{ckpt}-{qlora}"),
+                                     ckpt, qlora)
+            print(f"{shape} {name}: {json.dumps(runs[name])}", flush=True)
+        if not args.memtune_only:
+            for name, ckpt, qlora in (("PEFT LoRA", False, False), ("PEFT LoRA ckpt", True, False),
+                                      ("PEFT+bnb QLoRA ckpt", True, True)):
+                if qlora and not have_bnb:
+                    continue
+                runs[name] = run_peft(args, config_path, ckpt, qlora)
+                print(f"{shape} {name}: {json.dumps(runs[name])}", flush=True)
+        results[shape] = runs
+        print(f"\n{shape}, B={args.B} T={args.T}, LoRA r={args.r} on all linear modules, {args.steps} steps "
+              f"(timed after {args.warmup})")
+        print(f"{'':22s} {'tokens/s':>9s} {'step ms':>8s} {'allocator peak':>15s} {'device peak':>12s}")
+        for name, r in runs.items():
+            if "error" in r:
+                print(f"{name:22s} failed: {r['error']}")
+                continue
+            print(f"{name:22s} {r['tokens_per_second']:9.0f} {r['step_ms']:8.1f} {r['allocator_peak'] / GIB:11.2f} GiB"
+                  f" {r['device_peak'] / GIB:8.2f} GiB")
+        ratios = {}
+        for ours, theirs in (("memtune LoRA", "PEFT LoRA"), ("memtune LoRA", "PEFT LoRA ckpt"),
+                             ("memtune LoRA ckpt", "PEFT LoRA ckpt"), ("memtune QLoRA ckpt", "PEFT+bnb QLoRA ckpt")):
+            a, b = runs.get(ours, {}), runs.get(theirs, {})
+            if "tokens_per_second" in a and "tokens_per_second" in b:
+                ratios[f"{ours} / {theirs}"] = {
+                    "tokens_per_second": a["tokens_per_second"] / b["tokens_per_second"],
+                    "allocator_peak": a["allocator_peak"] / b["allocator_peak"],
+                    "device_peak": a["device_peak"] / b["device_peak"]}
+        for k, v in ratios.items():
+            print(f"  {k}: tokens/s x{v['tokens_per_second']:.2f}, allocator peak x{v['allocator_peak']:.2f}, "
+                  f"device peak x{v['device_peak']:.2f}")
+        results[shape + " ratios"] = ratios
+        with open(os.path.join(args.out, "lora_bench.json"), "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
