@@ -8,7 +8,8 @@ dropout 0.05 on all seven linear modules, fp32 adapters and AdamW state,
 gradient clipping at 1.0, bf16 compute. Runs per shape: PEFT LoRA without
 and with gradient checkpointing, PEFT + bitsandbytes QLoRA with
 checkpointing (when bitsandbytes imports), memtune LoRA without and with
-activation checkpointing, memtune QLoRA with checkpointing. Tokens/s are
+activation checkpointing, memtune QLoRA with checkpointing, without and with
+the checkpointed layer inputs offloaded to host memory. Tokens/s are
 measured after the warm-up steps. Memory: each side's allocator peak during
 training (memtune's tally; torch.cuda.max_memory_allocated after setup), and
 the device's used memory minus what was used before the process (memtune:
@@ -40,7 +41,7 @@ SHAPES = {
 GIB = 1024 ** 3
 
 
-def run_memtune(args, folder, data, run, checkpointing, qlora):
+def run_memtune(args, folder, data, run, checkpointing, qlora, offload=False):
     cmd = [os.environ.get("MT_MEMTUNE_BIN", os.path.join(BUILD, "memtune")), "train",
            os.path.join(ROOT, "configs", "llama-lora.yaml")]
     sets = {"model.path": folder, "model.init": "random", "data.train": data, "data.eval_fraction": 0,
@@ -48,7 +49,8 @@ def run_memtune(args, folder, data, run, checkpointing, qlora):
             "train.grad_accum": 1, "train.log_every": 1, "train.device": "gpu", "optim.warmup_steps": 2,
             "lora.r": args.r, "lora.alpha": args.alpha, "lora.dropout": args.dropout, "output.dir": run,
             "output.save_model": "false", "checkpoint.every": 0, "model.quantize": "nf4" if qlora else "none",
-            "model.activation_checkpointing": "true" if checkpointing else "false"}
+            "model.activation_checkpointing": "true" if checkpointing else "false",
+            "model.offload_activations": "true" if offload else "false"}
     for k, v in sets.items():
         cmd += ["--set", f"{k}={v}"]
     sampler = PeakSampler()
@@ -115,10 +117,13 @@ def main():
         with open(config_path, "w") as f:
             json.dump(SHAPES[shape], f, indent=1)
         runs = {}
-        for name, ckpt, qlora in (("memtune LoRA", False, False), ("memtune LoRA ckpt", True, False),
-                                  ("memtune QLoRA ckpt", True, True)):
-            runs[name] = run_memtune(args, folder, data, os.path.join(args.work, f"run-{shape}-{ckpt}-{qlora}"),
-                                     ckpt, qlora)
+        for name, ckpt, qlora, offload in (("memtune LoRA", False, False, False),
+                                           ("memtune LoRA ckpt", True, False, False),
+                                           ("memtune QLoRA ckpt", True, True, False),
+                                           ("memtune QLoRA ckpt+offload", True, True, True)):
+            runs[name] = run_memtune(args, folder, data,
+                                     os.path.join(args.work, f"run-{shape}-{ckpt}-{qlora}-{offload}"), ckpt, qlora,
+                                     offload)
             print(f"{shape} {name}: {json.dumps(runs[name])}", flush=True)
         if not args.memtune_only:
             for name, ckpt, qlora in (("PEFT LoRA", False, False), ("PEFT LoRA ckpt", True, False),
@@ -130,16 +135,17 @@ def main():
         results[shape] = runs
         print(f"\n{shape}, B={args.B} T={args.T}, LoRA r={args.r} on all linear modules, {args.steps} steps "
               f"(timed after {args.warmup})")
-        print(f"{'':22s} {'tokens/s':>9s} {'step ms':>8s} {'allocator peak':>15s} {'device peak':>12s}")
+        print(f"{'':26s} {'tokens/s':>9s} {'step ms':>8s} {'allocator peak':>15s} {'device peak':>12s}")
         for name, r in runs.items():
             if "error" in r:
-                print(f"{name:22s} failed: {r['error']}")
+                print(f"{name:26s} failed: {r['error']}")
                 continue
-            print(f"{name:22s} {r['tokens_per_second']:9.0f} {r['step_ms']:8.1f} {r['allocator_peak'] / GIB:11.2f} GiB"
+            print(f"{name:26s} {r['tokens_per_second']:9.0f} {r['step_ms']:8.1f} {r['allocator_peak'] / GIB:11.2f} GiB"
                   f" {r['device_peak'] / GIB:8.2f} GiB")
         ratios = {}
         for ours, theirs in (("memtune LoRA", "PEFT LoRA"), ("memtune LoRA", "PEFT LoRA ckpt"),
-                             ("memtune LoRA ckpt", "PEFT LoRA ckpt"), ("memtune QLoRA ckpt", "PEFT+bnb QLoRA ckpt")):
+                             ("memtune LoRA ckpt", "PEFT LoRA ckpt"), ("memtune QLoRA ckpt", "PEFT+bnb QLoRA ckpt"),
+                             ("memtune QLoRA ckpt+offload", "PEFT+bnb QLoRA ckpt")):
             a, b = runs.get(ours, {}), runs.get(theirs, {})
             if "tokens_per_second" in a and "tokens_per_second" in b:
                 ratios[f"{ours} / {theirs}"] = {

@@ -49,6 +49,41 @@ void mt_copy_to_host(void *dst, const void *src, size_t bytes) {
 void mt_device_memset(void *dst, int value, size_t bytes) { CUDA_CHECK(cudaMemsetAsync(dst, value, bytes, 0)); }
 void mt_device_synchronize(void) { CUDA_CHECK(cudaDeviceSynchronize()); }
 
+void *mt_host_malloc_pinned(size_t bytes) {
+    void *p = NULL;
+    if (cudaMallocHost(&p, bytes) != cudaSuccess) {
+        cudaGetLastError();  // clear it: the caller reports out of memory
+        return NULL;
+    }
+    memset(p, 0, bytes);
+    return p;
+}
+void mt_host_free_pinned(void *p) { CUDA_CHECK(cudaFreeHost(p)); }
+
+// The side stream for copies and a ring of events as tickets. A ticket is
+// waited on long before the ring comes round (the model holds at most a few).
+static cudaStream_t copy_stream;
+static const int kEvents = 256;
+static cudaEvent_t events[kEvents], issued;
+static int next_event;
+
+int mt_copy_async(void *dst, const void *src, size_t bytes) {
+    if (!copy_stream) {
+        CUDA_CHECK(cudaStreamCreateWithFlags(&copy_stream, cudaStreamNonBlocking));
+        CUDA_CHECK(cudaEventCreateWithFlags(&issued, cudaEventDisableTiming));
+        for (int i = 0; i < kEvents; i++) CUDA_CHECK(cudaEventCreateWithFlags(&events[i], cudaEventDisableTiming));
+    }
+    CUDA_CHECK(cudaEventRecord(issued, 0));  // the legacy stream the ops run on
+    CUDA_CHECK(cudaStreamWaitEvent(copy_stream, issued, 0));
+    CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, copy_stream));
+    int ticket = next_event;
+    next_event = (next_event + 1) % kEvents;
+    CUDA_CHECK(cudaEventRecord(events[ticket], copy_stream));
+    return ticket;
+}
+
+void mt_copy_async_wait(int ticket) { CUDA_CHECK(cudaStreamWaitEvent(0, events[ticket], 0)); }
+
 int mt_backend_init(mt_backend *be, int device) {
     memset(be, 0, sizeof *be);
     if (device < 0) return MT_OK;

@@ -23,6 +23,15 @@ void mt_copy_to_device(void *dst, const void *src, size_t bytes);
 void mt_copy_to_host(void *dst, const void *src, size_t bytes);
 void mt_device_memset(void *dst, int value, size_t bytes);
 void mt_device_synchronize(void);
+// Page-locked host memory (what asynchronous copies need); plain host memory
+// in a CPU-only build.
+void *mt_host_malloc_pinned(size_t bytes);  // NULL when out of memory
+void mt_host_free_pinned(void *p);
+// Copies bytes between device and pinned host memory on a side stream, after
+// every op issued so far; returns a ticket. mt_copy_async_wait makes the ops
+// issued after it wait for that copy (on the device: the host does not block).
+int mt_copy_async(void *dst, const void *src, size_t bytes);
+void mt_copy_async_wait(int ticket);
 
 // What every op runs on. gpu == 0: the fp32 CPU reference path; gpu == 1:
 // bf16 activations and weights on the device, fp32 accumulation.

@@ -1,6 +1,7 @@
 // kernels/device_none.c: the device layer of a CPU-only build. Every query
 // says "no device"; the copy and allocation entry points are never reached
 // because nothing asks for device memory without a device.
+#include <stdlib.h>
 #include <string.h>
 
 #include "kernels/common.h"
@@ -18,6 +19,13 @@ void mt_copy_to_device(void *dst, const void *src, size_t bytes) { memcpy(dst, s
 void mt_copy_to_host(void *dst, const void *src, size_t bytes) { memcpy(dst, src, bytes); }
 void mt_device_memset(void *dst, int value, size_t bytes) { memset(dst, value, bytes); }
 void mt_device_synchronize(void) {}
+void *mt_host_malloc_pinned(size_t bytes) { return calloc(1, bytes); }
+void mt_host_free_pinned(void *p) { free(p); }
+int mt_copy_async(void *dst, const void *src, size_t bytes) {
+    memcpy(dst, src, bytes);
+    return 0;
+}
+void mt_copy_async_wait(int ticket) { (void)ticket; }
 
 int mt_backend_init(mt_backend *be, int device) {
     memset(be, 0, sizeof *be);

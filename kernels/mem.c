@@ -21,6 +21,7 @@ typedef struct {
     size_t bytes;
     mt_mem_category cat;
     mt_mem_place place;
+    int pinned;  // page-locked host memory (freed by the device layer)
 } allocation;
 
 static allocation *live;
@@ -52,11 +53,13 @@ mt_err mt_alloc(void **out, size_t bytes, mt_mem_category cat, mt_mem_place plac
     *out = NULL;
     if (bytes == 0) bytes = 1;
     void *p = NULL;
+    int pinned = 0;
     if (place == MT_DEVICE) {
         p = mt_device_malloc(bytes);
         if (p) mt_device_memset(p, 0, bytes);
     } else {
-        p = calloc(1, bytes);
+        pinned = cat == MT_MEM_OFFLOAD && mt_device_count() > 0;
+        p = pinned ? mt_host_malloc_pinned(bytes) : calloc(1, bytes);
     }
     if (!p) {
         char held[1024];
@@ -76,7 +79,7 @@ mt_err mt_alloc(void **out, size_t bytes, mt_mem_category cat, mt_mem_place plac
         live = realloc(live, live_capacity * sizeof *live);
         MT_CHECK(live != NULL, "allocation table");
     }
-    live[live_count++] = (allocation){p, bytes, cat, place};
+    live[live_count++] = (allocation){p, bytes, cat, place, pinned};
     charge(place, cat, bytes);
     *out = p;
     return MT_OK;
@@ -92,6 +95,8 @@ void mt_free(void **p) {
         tallies[a.place].current_total -= a.bytes;
         if (a.place == MT_DEVICE)
             mt_device_free(a.ptr);
+        else if (a.pinned)
+            mt_host_free_pinned(a.ptr);
         else
             free(a.ptr);
         *p = NULL;

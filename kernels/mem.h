@@ -37,6 +37,8 @@ typedef enum { MT_HOST = 0, MT_DEVICE = 1 } mt_mem_place;
 const char *mt_mem_category_name(mt_mem_category cat);
 
 // Allocates `bytes` (zeroed) on the host or the device and charges `cat`.
+// Host memory of the offload category is page-locked (for async copies)
+// when a GPU is present.
 // On failure returns MT_ERR_NOMEM with a message naming the category, the
 // size asked for, what is already held by category, and *out = NULL.
 mt_err mt_alloc(void **out, size_t bytes, mt_mem_category cat, mt_mem_place place);

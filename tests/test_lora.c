@@ -12,6 +12,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "kernels/mem.h"
 #include "kernels/nf4.h"
 #include "kernels/rng.h"
 #include "testutil.h"
@@ -220,8 +221,12 @@ START_TEST(lora_gradients_match_finite_differences) {
         const char *targets;
     } variants[] = {{0.0f, 0, 0, "all-linear"}, {0.25f, 1, 0, "all-linear"}, {0.1f, 0, 1, "q_proj,v_proj,down_proj"}};
     for (int v = 0; v < 3; v++) {
-        mt_model_options o = {
-            B, T, variants[v].checkpointing, {3, 6.0f, variants[v].dropout, variants[v].rslora, 0}, 0};
+        mt_model_options o = {B,
+                              T,
+                              variants[v].checkpointing,
+                              {3, 6.0f, variants[v].dropout, variants[v].rslora, 0},
+                              0,
+                              variants[v].checkpointing};
         ck_assert_int_eq(mt_lora_parse_targets(variants[v].targets, &o.lora.targets), MT_OK);
         mt_model *m;
         ck_assert_int_eq(mt_model_create_with(&m, &be, &c, &o), MT_OK);
@@ -274,7 +279,7 @@ START_TEST(lora_zero_b_merge_and_qlora) {
     ck_assert_int_eq(mt_model_set_weights(full, base), MT_OK);
     mt_model_logits(full, inputs, plain);
     // PEFT's init (B = 0): the adapted model computes the base's logits exactly
-    mt_model_options o = {B, T, 0, {4, 8.0f, 0.1f, 0, (1u << MT_LORA_MODULES) - 1}, 0};
+    mt_model_options o = {B, T, 0, {4, 8.0f, 0.1f, 0, (1u << MT_LORA_MODULES) - 1}, 0, 0};
     int na;
     size_t ta;
     mt_param_info *table = mt_lora_param_table(&c, &o.lora, &na, &ta);
@@ -353,6 +358,53 @@ START_TEST(lora_zero_b_merge_and_qlora) {
     free(qlogits), free(deq_base), free(merged_base), free(adapters), free(table);
     free(plain), free(adapted), free(merged), free(base);
     mt_model_free(m), mt_model_free(mq), mt_model_free(full);
+}
+END_TEST
+
+// Offloading the checkpointed layer inputs to host memory moves bytes, never
+// values: loss and gradients are bit-identical (full fine-tune and QLoRA).
+START_TEST(offloaded_layer_inputs_change_nothing) {
+    char folder[300];
+    tiny_folder(folder, sizeof folder);
+    mt_model_config c;
+    ck_assert_int_eq(mt_hf_read_config(folder, &c), MT_OK);
+    c.L = 5, c.init_std = 0.3f;
+    mt_backend be;
+    mt_backend_init(&be, -1);
+    float *base = random_base(&c);
+    int32_t inputs[N], targets[N];
+    for (int i = 0; i < N; i++)
+        inputs[i] = (int32_t)(mt_rng_bits(4, i) % 13), targets[i] = (int32_t)(mt_rng_bits(5, i) % 13);
+    for (int lora = 0; lora < 2; lora++) {
+        mt_model_options o = {B, T, 1, {lora ? 4 : 0, 8.0f, 0.1f, 0, lora ? (1u << MT_LORA_MODULES) - 1 : 0}, lora, 0};
+        mt_model_options off = o;
+        off.offload_activations = 1;
+        mt_model *a, *b;
+        ck_assert_int_eq(mt_model_create_with(&a, &be, &c, &o), MT_OK);
+        ck_assert_int_eq(mt_model_create_with(&b, &be, &c, &off), MT_OK);
+        float *adapters = lora ? random_adapters(&c, &o.lora, 3) : NULL;
+        mt_model *models[2] = {a, b};
+        double loss[2];
+        for (int k = 0; k < 2; k++) {
+            ck_assert_int_eq(mt_model_set_weights(models[k], base), MT_OK);
+            if (lora) mt_model_set_adapters(models[k], adapters);
+            mt_model_set_dropout_seed(models[k], 5);
+            mt_model_zero_grads(models[k]);
+            loss[k] = mt_model_step(models[k], inputs, targets, 1.0f, 1);
+            loss[k] += mt_model_step(models[k], inputs, targets, 1.0f, 1);  // twice: the slots are reused
+        }
+        ck_assert_double_eq(loss[0], loss[1]);
+        mt_trainable ta, tb;
+        mt_model_trainable(a, &ta);
+        mt_model_trainable(b, &tb);
+        ck_assert_mem_eq(ta.grads, tb.grads, ta.total * 4);
+        mt_mem_tally tally;
+        mt_mem_get_tally(MT_HOST, &tally);
+        ck_assert_uint_ge(tally.current[MT_MEM_OFFLOAD], (size_t)(c.L - 1) * N * c.C * 4);
+        free(adapters);
+        mt_model_free(a), mt_model_free(b);
+    }
+    free(base);
 }
 END_TEST
 
@@ -470,6 +522,7 @@ int main(void) {
     tcase_add_test(tc, nf4_double_quantization_and_round_trip);
     tcase_add_test(tc, lora_gradients_match_finite_differences);
     tcase_add_test(tc, lora_zero_b_merge_and_qlora);
+    tcase_add_test(tc, offloaded_layer_inputs_change_nothing);
     tcase_add_test(tc, peft_folder_round_trip_and_refusals);
     tcase_add_test(tc, merge_writes_a_new_folder);
     suite_add_tcase(s, tc);

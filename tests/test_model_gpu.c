@@ -116,13 +116,15 @@ START_TEST(gpu_lora_matches_cpu_reference) {
         mt_backend cpu, gpu;
         ck_assert_int_eq(mt_backend_init(&cpu, -1), MT_OK);
         ck_assert_int_eq(mt_backend_init(&gpu, 0), MT_OK);
-        mt_model_options o = {B, T, 0, {8, 16.0f, 0.0f, quantized, (1u << MT_LORA_MODULES) - 1}, quantized};
-        mt_model_options ok = o;
+        mt_model_options o = {B, T, 0, {8, 16.0f, 0.0f, quantized, (1u << MT_LORA_MODULES) - 1}, quantized, 0};
+        mt_model_options ok = o, off = o;
         ok.activation_checkpointing = 1;
-        mt_model *mc, *mg, *mk;
+        off.activation_checkpointing = off.offload_activations = 1;
+        mt_model *mc, *mg, *mk, *mo;
         ck_assert_int_eq(mt_model_create_with(&mc, &cpu, &c, &o), MT_OK);
         ck_assert_int_eq(mt_model_create_with(&mg, &gpu, &c, &o), MT_OK);
         ck_assert_int_eq(mt_model_create_with(&mk, &gpu, &c, &ok), MT_OK);
+        ck_assert_int_eq(mt_model_create_with(&mo, &gpu, &c, &off), MT_OK);
         ck_assert_ptr_null(mt_model_grads(mg));
         size_t total = mt_model_num_params(mc);
         float *params = malloc(total * 4);
@@ -140,10 +142,10 @@ START_TEST(gpu_lora_matches_cpu_reference) {
         int32_t *in = malloc(N * 4), *tg = malloc(N * 4);
         for (int i = 0; i < N; i++)
             in[i] = (int32_t)(mt_rng_bits(5, i) % c.V), tg[i] = (int32_t)(mt_rng_bits(6, i) % c.V);
-        mt_model *models[3] = {mc, mg, mk};
-        double loss[3];
+        mt_model *models[4] = {mc, mg, mk, mo};
+        double loss[4];
         float scale = 1.0f / N;
-        for (int k = 0; k < 3; k++) {
+        for (int k = 0; k < 4; k++) {
             ck_assert_int_eq(mt_model_set_weights(models[k], params), MT_OK);
             mt_model_set_adapters(models[k], adapters);
             mt_model_zero_grads(models[k]);
@@ -163,6 +165,14 @@ START_TEST(gpu_lora_matches_cpu_reference) {
         mt_copy_to_host(gg, tgpu.grads, ta * 4);
         mt_copy_to_host(gk, tk.grads, ta * 4);
         ck_assert_msg(cosine(gk, gg, ta) > 0.9999, "checkpointing changed the adapter gradients");
+        // offloading the checkpointed layer inputs moves bytes only: bit-identical
+        mt_trainable to;
+        mt_model_trainable(mo, &to);
+        float *go = malloc(ta * 4);
+        mt_copy_to_host(go, to.grads, ta * 4);
+        ck_assert_msg(loss[3] == loss[2], "offload changed the loss: %.17g vs %.17g", loss[3], loss[2]);
+        ck_assert_msg(memcmp(go, gk, ta * 4) == 0, "offload changed the adapter gradients");
+        free(go);
         double worst = 1.0;
         for (int i = 0; i < na; i++) {
             double cs = cosine(gg + table[i].offset, gc + table[i].offset, table[i].count);
@@ -177,7 +187,7 @@ START_TEST(gpu_lora_matches_cpu_reference) {
             double per_param = (double)mt_model_base_weight_bytes(mg) / (double)total;
             ck_assert_double_lt(per_param, 2.0);
         }
-        for (int k = 0; k < 3; k++) mt_model_free(models[k]);
+        for (int k = 0; k < 4; k++) mt_model_free(models[k]);
         mt_backend_free(&cpu), mt_backend_free(&gpu);
         free(params), free(adapters), free(table), free(in), free(tg), free(gc), free(gg), free(gk);
     }

@@ -331,6 +331,10 @@ mt_err mt_config_validate(const mt_config *cfg) {
         return mt_errorf(MT_ERR_CONFIG,
                          "data.train is not set: name an HDF5 token dataset made by `memtune "
                          "tokenize`");
+    if (cfg->model_offload_activations && !cfg->model_activation_checkpointing)
+        return mt_errorf(MT_ERR_CONFIG,
+                         "model.offload_activations needs model.activation_checkpointing: true (it offloads the "
+                         "layer inputs that checkpointing keeps)");
     if (!strcmp(cfg->model_quantize, "nf4") && cfg->lora_r == 0)
         return mt_errorf(MT_ERR_CONFIG,
                          "model.quantize is nf4 but lora.r is 0: a quantized base cannot be trained itself; "

@@ -24,6 +24,9 @@ extern "C" {
       "initializer_range; norms 1) with train.seed")                                                                  \
     X(model, activation_checkpointing, BOOL, "false", 0, 0, "",                                                       \
       "keep only each layer's input and recompute the layer in backward: less memory, ~1/3 more compute")             \
+    X(model, offload_activations, BOOL, "false", 0, 0, "",                                                            \
+      "with activation_checkpointing: keep the saved layer inputs in pinned host memory, copied out in forward and "  \
+      "back in backward beside the compute (frees L-1 of them on the GPU)")                                           \
     X(model, quantize, ENUM, "none", 0, 0, "none|nf4",                                                                \
       "nf4: QLoRA, the frozen base's linear weights stored in 4-bit NormalFloat with double quantization "            \
       "(bitsandbytes' format, ~0.52 bytes per weight); needs lora.r > 0")                                             \

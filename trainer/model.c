@@ -67,13 +67,18 @@ struct mt_model {
     float *g_wte, *g_norm, *g_lm;
     // activations
     void *act_block;
-    void **x;                      // (L+1) residual stream inputs, (N, C) each
+    void **x;  // (L+1) residual stream inputs, (N, C) each
+    // offload: x[l] lives in slot l % 2 on the backend; x[0..L-2] are copied
+    // to host_x in forward and fetched back in backward, beside the compute
+    int offload;
+    void *host_x;                  // (L-1, N, C) pinned host memory
+    int *tickets;                  // (L+1) the copy that last moved x[l]
     layer_acts *acts;              // L sets, or 1 shared set with checkpointing
     void *lnf;                     // (N, C)
     float *rstdf;                  // (N)
     void *qkv_flat;                // (N, (H+2KV)D) projections before rope
     void *scratch_c;               // (N, C) o_proj / down_proj output
-    void *f0, *f1, *f2;            // (N, F) swiglu out, its grad, up grad
+    void *f0, *f1;                 // (N, F) swiglu out (then gate grad), its grad
     void *dres, *dln;              // (N, C) residual grad, norm-input grad
     void *datty;                   // (N, HD)
     void *dq, *dk, *dv;            // (B,H,T,D), (B,KV,T,D) x2
@@ -248,7 +253,12 @@ static size_t layout_activations(mt_model *m, uintptr_t base) {
     const mt_model_config *c = &m->cfg;
     size_t N = (size_t)m->B * m->T, a = mt_act_size(m->be), HD = (size_t)c->H * c->D, KVD = (size_t)c->KV * c->D;
     uintptr_t cur = base;
-    for (int l = 0; l <= c->L; l++) m->x[l] = carve(&cur, N * c->C * a);
+    if (m->offload) {
+        void *slots[2] = {carve(&cur, N * c->C * a), carve(&cur, N * c->C * a)};
+        for (int l = 0; l <= c->L; l++) m->x[l] = slots[l % 2];
+    } else {
+        for (int l = 0; l <= c->L; l++) m->x[l] = carve(&cur, N * c->C * a);
+    }
     int sets = m->checkpointing ? 1 : c->L;
     for (int s = 0; s < sets; s++) {
         layer_acts *A = &m->acts[s];
@@ -277,14 +287,13 @@ static size_t layout_activations(mt_model *m, uintptr_t base) {
     m->scratch_c = carve(&cur, N * c->C * a);
     m->f0 = carve(&cur, N * c->F * a);
     m->f1 = carve(&cur, N * c->F * a);
-    m->f2 = carve(&cur, N * c->F * a);
     m->dres = carve(&cur, N * c->C * a);
     m->dln = carve(&cur, N * c->C * a);
     m->datty = carve(&cur, N * HD * a);
     m->dq = carve(&cur, N * HD * a);
     m->dk = carve(&cur, N * KVD * a);
     m->dv = carve(&cur, N * KVD * a);
-    m->dqkv_flat = carve(&cur, N * (HD + 2 * KVD) * a);
+    m->dqkv_flat = m->qkv_flat;  // free once rope has read it, in forward and in recompute
     m->logits = carve(&cur, (size_t)m->chunk_rows * c->V * 4);
     m->dlogits = m->be->gpu ? carve(&cur, (size_t)m->chunk_rows * c->V * a) : (void *)m->logits;
     m->losses = carve(&cur, N * 4);
@@ -328,13 +337,15 @@ mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_confi
     m->frozen = m->lora.r > 0;
     m->quantized = o->quantize_nf4;
     m->dequant_layer = m->dequant_param = -1;
+    m->offload = o->offload_activations && o->activation_checkpointing && cfg->L >= 2;
     m->params = mt_model_param_table(cfg, &m->num_params, &m->total);
     if (m->lora.r) m->adapter_params = mt_lora_param_table(cfg, &m->lora, &m->num_adapter_params, &m->adapter_total);
     m->compute_offset = malloc((size_t)m->num_params * sizeof(size_t));
     m->layers = calloc((size_t)cfg->L, sizeof *m->layers);
     m->x = calloc((size_t)cfg->L + 1, sizeof *m->x);
     m->acts = calloc((size_t)(m->checkpointing ? 1 : cfg->L), sizeof *m->acts);
-    MT_CHECK(m->compute_offset && m->layers && m->x && m->acts, "model tables");
+    m->tickets = calloc((size_t)cfg->L + 1, sizeof *m->tickets);
+    MT_CHECK(m->compute_offset && m->layers && m->x && m->acts && m->tickets, "model tables");
     // NF4 tensors live in their own block; the rest keep the table's order
     size_t nf4_bytes = 0, widest_linear = 0;
     for (int i = 0; i < m->num_params; i++) {
@@ -361,6 +372,8 @@ mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_confi
         err = mt_alloc((void **)&m->adapter_grads, m->adapter_total * sizeof(float), MT_MEM_GRADS, place);
     size_t act_bytes = layout_activations(m, 0);
     if (!err) err = mt_alloc(&m->act_block, act_bytes, MT_MEM_ACTIVATIONS, place);
+    if (!err && m->offload)
+        err = mt_alloc(&m->host_x, (size_t)(cfg->L - 1) * N * cfg->C * act, MT_MEM_OFFLOAD, MT_HOST);
     size_t workspace = mt_attention_workspace_bytes(be, B, T, cfg->H, cfg->D);
     size_t norm_workspace = mt_norm_embedding_workspace_bytes(be, B * T, cfg->C);
     if (norm_workspace > workspace) workspace = norm_workspace;
@@ -405,7 +418,7 @@ mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_confi
 
 mt_err mt_model_create(mt_model **out, mt_backend *be, const mt_model_config *cfg, int B, int T,
                        int activation_checkpointing) {
-    mt_model_options o = {B, T, activation_checkpointing, {0}, 0};
+    mt_model_options o = {B, T, activation_checkpointing, {0}, 0, 0};
     return mt_model_create_with(out, be, cfg, &o);
 }
 
@@ -418,6 +431,8 @@ void mt_model_free(mt_model *m) {
     mt_free(&m->adapter_weights);
     mt_free((void **)&m->adapter_grads);
     mt_free(&m->act_block);
+    mt_free(&m->host_x);
+    free(m->tickets);
     free(m->params);
     free(m->adapter_params);
     free(m->compute_offset);
@@ -628,11 +643,13 @@ static void layer_backward(mt_model *m, int l) {
     }
     mt_op_matmul_backward(be, m->f1, P->g[P_WD], NULL, m->dres, m->f0, base_weight(m, l, P_WD), N, c->F, c->C, 0);
     lora_backward(m, l, MT_LORA_DOWN, m->f1, m->dres, m->f0, c->F, c->C);
-    mt_op_swiglu_backward(be, m->f0, m->f2, m->f1, A->gate, A->up, NF);
+    // up's gradient replaces up itself (read first, element by element)
+    void *dup = A->up;
+    mt_op_swiglu_backward(be, m->f0, dup, m->f1, A->gate, A->up, NF);
     mt_op_matmul_backward(be, m->dln, P->g[P_WG], NULL, m->f0, A->ln2, base_weight(m, l, P_WG), N, c->C, c->F, 0);
     lora_backward(m, l, MT_LORA_GATE, m->dln, m->f0, A->ln2, c->C, c->F);
-    mt_op_matmul_backward(be, m->dln, P->g[P_WU], NULL, m->f2, A->ln2, base_weight(m, l, P_WU), N, c->C, c->F, 1);
-    lora_backward(m, l, MT_LORA_UP, m->dln, m->f2, A->ln2, c->C, c->F);
+    mt_op_matmul_backward(be, m->dln, P->g[P_WU], NULL, dup, A->ln2, base_weight(m, l, P_WU), N, c->C, c->F, 1);
+    lora_backward(m, l, MT_LORA_UP, m->dln, dup, A->ln2, c->C, c->F);
     mt_op_rmsnorm_backward(be, m->dres, P->g[P_LN2], m->dln, A->x2, P->w[P_LN2], A->rstd2, N, c->C);
     mt_op_matmul_backward(be, m->datty, P->g[P_WO], P->g[P_BO], m->dres, A->atty, base_weight(m, l, P_WO), N, HD, c->C,
                           0);
@@ -665,11 +682,35 @@ static void upload_tokens(mt_model *m, const int32_t *inputs, const int32_t *tar
     }
 }
 
+// Offload: x[l] to or from its host copy (l <= L-2), beside the compute.
+static void *host_x(const mt_model *m, int l) {
+    return (char *)m->host_x + (size_t)l * m->B * m->T * m->cfg.C * mt_act_size(m->be);
+}
+
+static void move_x(mt_model *m, int l, int to_host) {
+    size_t bytes = (size_t)m->B * m->T * m->cfg.C * mt_act_size(m->be);
+    void *dst = to_host ? host_x(m, l) : m->x[l], *src = to_host ? m->x[l] : host_x(m, l);
+    if (m->be->gpu)
+        m->tickets[l] = mt_copy_async(dst, src, bytes);
+    else
+        memcpy(dst, src, bytes);
+}
+
+static void wait_x(const mt_model *m, int l) {
+    if (m->be->gpu) mt_copy_async_wait(m->tickets[l]);
+}
+
 static void body_forward(mt_model *m) {
     const mt_model_config *c = &m->cfg;
-    int N = m->B * m->T;
+    int N = m->B * m->T, offload = m->offload && m->training;
     mt_op_embedding_forward(m->be, m->x[0], m->tokens, m->wte, N, c->C);
-    for (int l = 0; l < c->L; l++) layer_forward(m, l, 0);
+    if (offload) move_x(m, 0, 1);
+    for (int l = 0; l < c->L; l++) {
+        // x[l+1]'s slot held x[l-1]: its copy out must be done
+        if (offload && l >= 1) wait_x(m, l - 1);
+        layer_forward(m, l, 0);
+        if (offload && l + 1 <= c->L - 2) move_x(m, l + 1, 1);
+    }
     mt_op_rmsnorm_forward(m->be, m->lnf, m->rstdf, m->x[c->L], m->norm_w, N, c->C, c->rms_eps);
 }
 
@@ -696,7 +737,15 @@ double mt_model_step(mt_model *m, const int32_t *inputs, const int32_t *targets,
     if (!backward) return loss;
     mt_op_zero(be, m->dres, (size_t)N * c->C * mt_act_size(be));
     mt_op_rmsnorm_backward(be, m->dres, m->g_norm, m->dln, m->x[c->L], m->norm_w, m->rstdf, N, c->C);
-    for (int l = c->L - 1; l >= 0; l--) layer_backward(m, l);
+    for (int l = c->L - 1; l >= 0; l--) {
+        if (m->offload) {
+            // fetch x[l-1] into the slot x[l+1] used, while layer l runs;
+            // x[L-1] never left
+            if (l >= 1) move_x(m, l - 1, 0);
+            if (l <= c->L - 2) wait_x(m, l);
+        }
+        layer_backward(m, l);
+    }
     if (m->g_wte) mt_op_embedding_backward(be, m->g_wte, m->tokens, m->dres, N, c->C);
     return loss;
 }

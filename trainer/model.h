@@ -72,6 +72,7 @@ typedef struct {
     int activation_checkpointing;  // keep layer inputs only; recompute in backward
     mt_lora_config lora;           // lora.r > 0: adapters trained, the base frozen
     int quantize_nf4;              // QLoRA: the base's linear weights in NF4 (needs lora.r > 0)
+    int offload_activations;       // with checkpointing: layer inputs kept in (pinned) host memory
 } mt_model_options;
 
 // Builds the parameter tables and allocates weights, gradients (of the

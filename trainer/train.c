@@ -192,7 +192,12 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     if (cfg->data_eval_fraction > 0 && cfg->train_eval_batches > 0 &&
         (err = mt_loader_init(&eval, ds, &lc, MT_SPLIT_EVAL)))
         goto out_data;
-    mt_model_options opts = {B, T, (int)cfg->model_activation_checkpointing, {0}, !strcmp(cfg->model_quantize, "nf4")};
+    mt_model_options opts = {B,
+                             T,
+                             (int)cfg->model_activation_checkpointing,
+                             {0},
+                             !strcmp(cfg->model_quantize, "nf4"),
+                             (int)cfg->model_offload_activations};
     if (cfg->lora_r > 0) {
         opts.lora = (mt_lora_config){(int)cfg->lora_r, (float)cfg->lora_alpha, (float)cfg->lora_dropout,
                                      (int)cfg->lora_rslora, 0};
