@@ -217,7 +217,11 @@ def main():
         log(f"== NF4 against bitsandbytes {bnb.__version__}")
         report["bitsandbytes"] = nf4_vs_bnb(args.work, bf, failures)
         try:
-            report["qlora_vs_peft_bnb"] = qlora_vs_bnb(base, adapter, ids, tokens, args.work, p32[1])
+            q = report["qlora_vs_peft_bnb"] = qlora_vs_bnb(base, adapter, ids, tokens, args.work, p32[1])
+            if q["logits_rel_error_vs_truth"]["memtune_cpu_fp32"] >= 2e-3:
+                failures.append("QLoRA: memtune cpu logits differ from the dequantized fp32 truth")
+            if q["logits_rel_error_vs_truth"]["memtune_gpu_bf16"] >= 3e-2:
+                failures.append("QLoRA: memtune gpu logits differ from the dequantized fp32 truth")
         except Exception as e:  # noqa: BLE001
             log(f"  QLoRA with PEFT + bitsandbytes failed: {e}")
             report["qlora_vs_peft_bnb"] = f"failed: {e}"
@@ -276,25 +280,59 @@ def nf4_vs_bnb(work, bf, failures):
 
 
 def qlora_vs_bnb(base, adapter, ids, tokens, work, lora_loss_fp32):
+    """QLoRA three ways on one base and adapter: the truth (fp32 model whose
+    linear weights are bitsandbytes' dequantized NF4 values, PEFT in fp32),
+    PEFT + bitsandbytes (bf16 compute), memtune QLoRA on the GPU (bf16)."""
+    import bitsandbytes.functional as bf
     from peft import PeftModel
     from transformers import BitsAndBytesConfig
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                            bnb_4bit_compute_dtype=torch.bfloat16)
-    model = LlamaForCausalLM.from_pretrained(base, quantization_config=q, torch_dtype=torch.bfloat16,
+    # fp32 weights in, as memtune reads this fp32 folder: both quantize the same values
+    # (loaded as bf16, bitsandbytes would quantize bf16-rounded weights, and codes
+    # near a midpoint would land on the other side)
+    model = LlamaForCausalLM.from_pretrained(base, quantization_config=q, torch_dtype=torch.float32,
                                              device_map={"": 0})
     pm = PeftModel.from_pretrained(model, adapter)
     pm.eval()
     inp = torch.from_numpy(ids[:, :-1].astype(np.int64)).cuda()
     tgt = torch.from_numpy(ids[:, 1:].astype(np.int64)).cuda()
-    logits = pm(input_ids=inp).logits.float()
-    loss = float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1)))
+
+    def run(m):
+        with torch.no_grad():
+            z = m(input_ids=inp).logits.float()
+        return z.reshape(-1, z.shape[-1]).cpu().numpy(), float(F.cross_entropy(torch.from_numpy(
+            z.reshape(-1, z.shape[-1]).cpu().numpy()), tgt.reshape(-1).cpu()))
+
+    bnb_logits, bnb_loss = run(pm)
+    # the truth: dequantized NF4 weights in an fp32 model
+    deq = {}
+    for name, mod in model.named_modules():
+        if hasattr(mod, "weight") and hasattr(mod.weight, "quant_state"):
+            deq[name.replace(".base_layer", "") + ".weight"] = bf.dequantize_4bit(mod.weight.data, mod.weight.quant_state).float().cpu()
+    del pm, model
+    torch.cuda.empty_cache()
+    truth_model = LlamaForCausalLM.from_pretrained(base, torch_dtype=torch.float32)
+    sd = truth_model.state_dict()
+    with torch.no_grad():
+        for k, v in deq.items():
+            sd[k].copy_(v.reshape(sd[k].shape))
+    truth = PeftModel.from_pretrained(truth_model, adapter).cuda().eval()
+    truth_logits, truth_loss = run(truth)
     mq = memtune_run(base, adapter, tokens, "gpu", os.path.join(work, "qlora.gpu.st"), grads=False, quantize=True)
-    r = {"loss_peft_bnb_qlora_bf16": loss, "loss_memtune_qlora_gpu": mq[1],
-         "loss_rel_diff": abs(mq[1] - loss) / loss,
-         "logits_rel_diff": rel(mq[0], logits.detach().reshape(-1, logits.shape[-1]).cpu().numpy()),
+    mqc = memtune_run(base, adapter, tokens, "cpu", os.path.join(work, "qlora.cpu.st"), grads=False, quantize=True)
+    r = {"dequantized_tensors": len(deq), "loss_truth_fp32": truth_loss, "loss_peft_bnb_bf16": bnb_loss,
+         "loss_memtune_qlora_gpu_bf16": mq[1], "loss_memtune_qlora_cpu_fp32": mqc[1],
+         "logits_rel_error_vs_truth": {"memtune_cpu_fp32": rel(mqc[0], truth_logits),
+                                       "memtune_gpu_bf16": rel(mq[0], truth_logits),
+                                       "peft_bnb_bf16": rel(bnb_logits, truth_logits)},
+         "logits_rel_diff_memtune_gpu_vs_peft_bnb": rel(mq[0], bnb_logits),
          "loss_unquantized_lora_fp32": lora_loss_fp32}
-    log(f"  QLoRA loss: PEFT + bitsandbytes {loss:.6f}, memtune {mq[1]:.6f} (rel diff {r['loss_rel_diff']:.2e}); "
-        f"logits rel diff {r['logits_rel_diff']:.2e}; unquantized LoRA fp32 {lora_loss_fp32:.6f}")
+    e = r["logits_rel_error_vs_truth"]
+    log(f"  QLoRA ({len(deq)} NF4 weights): loss truth fp32 {truth_loss:.6f}, memtune cpu fp32 {mqc[1]:.6f}, "
+        f"memtune gpu {mq[1]:.6f}, PEFT + bitsandbytes {bnb_loss:.6f}; logits rel error vs truth: memtune cpu "
+        f"{e['memtune_cpu_fp32']:.2e}, memtune gpu {e['memtune_gpu_bf16']:.2e}, PEFT + bitsandbytes "
+        f"{e['peft_bnb_bf16']:.2e}")
     return r
 
 
