@@ -16,6 +16,8 @@ import time
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from torch_train import train
+
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -86,33 +88,9 @@ def main():
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
-    opt = torch.optim.AdamW(params, lr=2e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, fused=True)
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    sampler = DeviceSampler()
-    losses, t_start = [], None
-    for step in range(args.steps):
-        if step == args.warmup:
-            torch.cuda.synchronize()
-            t_start = time.perf_counter()
-        ids = torch.randint(0, config.vocab_size, (args.B, args.T), device="cuda", generator=gen)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    torch.cuda.synchronize()
-    elapsed = time.perf_counter() - t_start
-    device_peak = sampler.finish()
-    tokens = (args.steps - args.warmup) * args.B * args.T
-    print(json.dumps({"tokens_per_second": tokens / elapsed, "step_ms": 1000 * elapsed / (args.steps - args.warmup),
-                      "max_memory_allocated": torch.cuda.max_memory_allocated(),
-                      "max_memory_reserved": torch.cuda.max_memory_reserved(),
-                      "device_used_peak": device_peak, "trainable": trainable,
-                      "first_loss": losses[0], "last_loss": losses[-1]}), flush=True)
+    result = train(model, params, config.vocab_size, args, DeviceSampler)
+    result["trainable"] = trainable
+    print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":

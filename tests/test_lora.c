@@ -164,6 +164,14 @@ static void tiny_folder(char *out, size_t len) {
     ck_assert_int_eq(mt_write_text(path, tiny_json), MT_OK);
 }
 
+// The tiny model's config, with weights drawn large enough to matter.
+static void tiny_config(mt_model_config *c) {
+    char folder[300];
+    tiny_folder(folder, sizeof folder);
+    ck_assert_int_eq(mt_hf_read_config(folder, c), MT_OK);
+    c->init_std = 0.3f;
+}
+
 enum { B = 2, T = 5, N = B * T };
 
 typedef struct {
@@ -204,11 +212,8 @@ static float *random_adapters(const mt_model_config *c, const mt_lora_config *lo
 }
 
 START_TEST(lora_gradients_match_finite_differences) {
-    char folder[300];
-    tiny_folder(folder, sizeof folder);
     mt_model_config c;
-    ck_assert_int_eq(mt_hf_read_config(folder, &c), MT_OK);
-    c.init_std = 0.3f;
+    tiny_config(&c);
     mt_backend be;
     mt_backend_init(&be, -1);
     float *base = random_base(&c);
@@ -262,11 +267,8 @@ START_TEST(lora_gradients_match_finite_differences) {
 END_TEST
 
 START_TEST(lora_zero_b_merge_and_qlora) {
-    char folder[300];
-    tiny_folder(folder, sizeof folder);
     mt_model_config c;
-    ck_assert_int_eq(mt_hf_read_config(folder, &c), MT_OK);
-    c.init_std = 0.3f;
+    tiny_config(&c);
     mt_backend be;
     mt_backend_init(&be, -1);
     float *base = random_base(&c);
@@ -364,11 +366,9 @@ END_TEST
 // Offloading the checkpointed layer inputs to host memory moves bytes, never
 // values: loss and gradients are bit-identical (full fine-tune and QLoRA).
 START_TEST(offloaded_layer_inputs_change_nothing) {
-    char folder[300];
-    tiny_folder(folder, sizeof folder);
     mt_model_config c;
-    ck_assert_int_eq(mt_hf_read_config(folder, &c), MT_OK);
-    c.L = 5, c.init_std = 0.3f;
+    tiny_config(&c);
+    c.L = 5;
     mt_backend be;
     mt_backend_init(&be, -1);
     float *base = random_base(&c);

@@ -20,13 +20,12 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.numpy import load_file
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from parity_common import MEMTUNE, compare_grads, log, memtune_parity, rel, write_dataset  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-BUILD = os.environ.get("MT_BUILD_DIR", os.path.join(ROOT, "build"))
-PARITY = os.path.join(BUILD, "tests", "mt_parity")
-MEMTUNE = os.path.join(BUILD, "memtune")
 
 SHAPES = {
     "tinyllama-1.1b": dict(
@@ -42,28 +41,12 @@ SHAPES = {
 }
 
 
-def log(*a):
-    print(*a, flush=True)
-
-
 def kind_of(name):
     """Tensor kind for the per-kind report: q_proj.weight, input_layernorm.weight, ..."""
     parts = name.split(".")
     if "layers" in parts:
         return ".".join(parts[parts.index("layers") + 2:])
     return ".".join(parts[-2:]) if parts[0] == "model" else name
-
-
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / (np.linalg.norm(b) + 1e-30))
-
-
-def grad_stats(got, ref):
-    g, r = got.astype(np.float64).ravel(), ref.astype(np.float64).ravel()
-    cos = float(g @ r / (np.linalg.norm(g) * np.linalg.norm(r) + 1e-30))
-    maxrel = float(np.max(np.abs(g - r)) / (np.max(np.abs(r)) + 1e-30))
-    return cos, maxrel
 
 
 def build_model(name, spec, folder):
@@ -98,24 +81,8 @@ def hf_run(model, ids, dtype, attn):
 
 
 def memtune_run(folder, tokens_path, B, T, device, grads, out, checkpointing=False):
-    cmd = [PARITY, "--model", folder, "--tokens", tokens_path, "--batch", str(B), "--seq", str(T),
-           "--device", device, "--out", out] + (["--grads"] if grads else []) + (["--checkpointing"] if checkpointing else [])
-    t0 = time.time()
-    subprocess.run(cmd, check=True)
-    log(f"  memtune {device}: {time.time() - t0:.1f}s")
-    d = load_file(out)
-    return d["logits"], float(d["loss"][0]), {k[5:]: v for k, v in d.items() if k.startswith("grad.")}
-
-
-def compare_grads(got, ref, names):
-    per_kind = {}
-    for n in names:
-        cos, maxrel = grad_stats(got[n], ref[n])
-        k = per_kind.setdefault(kind_of(n), {"tensors": 0, "min_cos": 1.0, "max_maxrel": 0.0})
-        k["tensors"] += 1
-        k["min_cos"] = min(k["min_cos"], cos)
-        k["max_maxrel"] = max(k["max_maxrel"], maxrel)
-    return per_kind
+    extra = (["--grads"] if grads else []) + (["--checkpointing"] if checkpointing else [])
+    return memtune_parity(folder, tokens_path, B, T, device, out, extra)
 
 
 def main():
@@ -162,11 +129,11 @@ def main():
                 "memtune_gpu_bf16_vs_hf_fp32": rel(mg[0], hf32[0]),
                 "hf_bf16_vs_hf_fp32": rel(hf16[0], hf32[0]),
             },
-            "grads_memtune_gpu_bf16_vs_hf_fp32": compare_grads(mg[2], hf32[2], names),
-            "grads_hf_bf16_vs_hf_fp32": compare_grads(hf16[2], hf32[2], names),
+            "grads_memtune_gpu_bf16_vs_hf_fp32": compare_grads(mg[2], hf32[2], names, kind_of),
+            "grads_hf_bf16_vs_hf_fp32": compare_grads(hf16[2], hf32[2], names, kind_of),
         }
         if spec["cpu_grads"]:
-            r["grads_memtune_cpu_fp32_vs_hf_fp32"] = compare_grads(mc[2], hf32[2], names)
+            r["grads_memtune_cpu_fp32_vs_hf_fp32"] = compare_grads(mc[2], hf32[2], names, kind_of)
         report[name] = r
         le = r["loss_rel_error"]
         log(f"  loss: hf fp32 {hf32[1]:.6f} | memtune cpu fp32 {mc[1]:.6f} (rel {le['memtune_cpu_fp32_vs_hf_fp32']:.2e})"
@@ -197,16 +164,6 @@ def main():
         json.dump(report, f, indent=1)
     log("FAILURES:\n  " + "\n  ".join(failures) if failures else "parity: all checks passed")
     return 1 if failures else 0
-
-
-def write_dataset(path, tokens, vocab):
-    import h5py
-    with h5py.File(path, "w") as f:
-        f.create_dataset("tokens", data=tokens.astype(np.uint32))
-        f.create_dataset("doc_offsets", data=np.array([0, len(tokens)], dtype=np.uint64))
-        f.attrs["format_version"] = np.int32(1)
-        f.attrs["vocab_size"] = np.int64(vocab)
-        f.attrs["tokenizer"] = "random"
 
 
 def check_saved_model(work, failures):

@@ -22,7 +22,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import torch
@@ -30,31 +29,15 @@ import torch.nn.functional as F
 from safetensors.numpy import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from parity_common import MEMTUNE, PARITY, compare_grads, log, memtune_parity, rel, write_dataset  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-BUILD = os.environ.get("MT_BUILD_DIR", os.path.join(ROOT, "build"))
-PARITY = os.path.join(BUILD, "tests", "mt_parity")
-MEMTUNE = os.path.join(BUILD, "memtune")
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SHAPE = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
              num_key_value_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0,
              tie_word_embeddings=False)
 B, T = 2, 128
-
-
-def log(*a):
-    print(*a, flush=True)
-
-
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / (np.linalg.norm(b) + 1e-30))
-
-
-def grad_stats(got, ref):
-    g, r = got.astype(np.float64).ravel(), ref.astype(np.float64).ravel()
-    cos = float(g @ r / (np.linalg.norm(g) * np.linalg.norm(r) + 1e-30))
-    maxrel = float(np.max(np.abs(g - r)) / (np.max(np.abs(r)) + 1e-30))
-    return cos, maxrel
 
 
 def kind_of(name):
@@ -80,22 +63,8 @@ def peft_run(model, ids, dtype):
 
 
 def memtune_run(base, adapter, tokens, device, out, grads=True, quantize=False):
-    cmd = [PARITY, "--model", base, "--adapter", adapter, "--tokens", tokens, "--batch", str(B), "--seq", str(T),
-           "--device", device, "--out", out] + (["--grads"] if grads else []) + (["--quantize", "nf4"] if quantize else [])
-    subprocess.run(cmd, check=True)
-    d = load_file(out)
-    return d["logits"], float(d["loss"][0]), {k[5:]: v for k, v in d.items() if k.startswith("grad.")}
-
-
-def compare(got, ref):
-    per_kind = {}
-    for n, r in ref.items():
-        cos, maxrel = grad_stats(got[n], r)
-        k = per_kind.setdefault(kind_of(n), {"tensors": 0, "min_cos": 1.0, "max_maxrel": 0.0})
-        k["tensors"] += 1
-        k["min_cos"] = min(k["min_cos"], cos)
-        k["max_maxrel"] = max(k["max_maxrel"], maxrel)
-    return per_kind
+    extra = ["--adapter", adapter] + (["--grads"] if grads else []) + (["--quantize", "nf4"] if quantize else [])
+    return memtune_parity(base, tokens, B, T, device, out, extra)
 
 
 def main():
@@ -141,9 +110,9 @@ def main():
                               "memtune_gpu_bf16_vs_peft_fp32": rel(mg[0], p32[0]),
                               "peft_bf16_vs_peft_fp32": rel(p16[0], p32[0])},
          "adapter_tensors": len(p32[2]),
-         "grads_memtune_gpu_bf16_vs_peft_fp32": compare(mg[2], p32[2]),
-         "grads_memtune_cpu_fp32_vs_peft_fp32": compare(mc[2], p32[2]),
-         "grads_peft_bf16_vs_peft_fp32": compare(p16[2], p32[2])}
+         "grads_memtune_gpu_bf16_vs_peft_fp32": compare_grads(mg[2], p32[2], p32[2], kind_of),
+         "grads_memtune_cpu_fp32_vs_peft_fp32": compare_grads(mc[2], p32[2], p32[2], kind_of),
+         "grads_peft_bf16_vs_peft_fp32": compare_grads(p16[2], p32[2], p32[2], kind_of)}
     report["peft_adapter_in_memtune"] = r
     le = r["loss_rel_error"]
     log(f"== PEFT's adapter in memtune ({len(p32[2])} adapter tensors, {SHAPE['num_hidden_layers']} layers)")
@@ -172,13 +141,7 @@ def main():
     # ---- 2. memtune's adapter in PEFT
     log("== an adapter trained and saved by memtune, loaded by PEFT")
     data = os.path.join(args.work, "random.h5")
-    import h5py
-    with h5py.File(data, "w") as f:
-        f.create_dataset("tokens", data=np.random.default_rng(3).integers(0, SHAPE["vocab_size"], 300000).astype(np.uint32))
-        f.create_dataset("doc_offsets", data=np.array([0, 300000], dtype=np.uint64))
-        f.attrs["format_version"] = np.int32(1)
-        f.attrs["vocab_size"] = np.int64(SHAPE["vocab_size"])
-        f.attrs["tokenizer"] = "random"
+    write_dataset(data, np.random.default_rng(3).integers(0, SHAPE["vocab_size"], 300000), SHAPE["vocab_size"])
     run = os.path.join(args.work, "run")
     subprocess.run([MEMTUNE, "train", os.path.join(ROOT, "configs", "llama-lora.yaml"),
                     "--set", f"model.path={base}", "--set", f"data.train={data}", "--set", f"output.dir={run}",

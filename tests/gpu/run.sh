@@ -99,6 +99,21 @@ if want resume && [ -f data/kjv.txt ]; then
     diff <(grep -o '"loss":[^,]*' /tmp/mt-resume-ref/metrics.jsonl) <(grep -o '"loss":[^,]*' /tmp/mt-resume-split/metrics.jsonl) &&
     [ "$(grep -c '"loss"' /tmp/mt-resume-split/metrics.jsonl)" -eq 40 ] &&
     echo "resume on the GPU: 40 losses identical" || { echo "resume on the GPU: FAILED"; tail -5 "$OUT/resume.log"; status=1; }
+    if [ -f /tmp/mt-quickstart/model/model.safetensors ] && [ -f /tmp/psalms.h5 ]; then
+        echo "== QLoRA resume on the GPU (dropout on): stopped and resumed vs uninterrupted"
+        lora=(train configs/quickstart-lora.yaml --set model.path=/tmp/mt-quickstart/model --set data.train=/tmp/psalms.h5
+              --set train.device=gpu --set model.quantize=nf4 --set train.steps=30 --set train.log_every=1
+              --set model.activation_checkpointing=true --set model.offload_activations=true)
+        rm -rf /tmp/mt-lora-ref /tmp/mt-lora-split
+        "$BUILD/memtune" "${lora[@]}" --set output.dir=/tmp/mt-lora-ref >> "$OUT/resume.log" 2>&1 &&
+        "$BUILD/memtune" "${lora[@]}" --set output.dir=/tmp/mt-lora-split --set train.stop_after=12 >> "$OUT/resume.log" 2>&1 &&
+        "$BUILD/memtune" "${lora[@]}" --set output.dir=/tmp/mt-lora-split --set train.resume=auto >> "$OUT/resume.log" 2>&1 &&
+        diff <(grep -o '"loss":[^,]*' /tmp/mt-lora-ref/metrics.jsonl) <(grep -o '"loss":[^,]*' /tmp/mt-lora-split/metrics.jsonl) &&
+        cmp /tmp/mt-lora-ref/adapter/adapter_model.safetensors /tmp/mt-lora-split/adapter/adapter_model.safetensors &&
+        [ "$(grep -c '"loss"' /tmp/mt-lora-split/metrics.jsonl)" -eq 30 ] &&
+        echo "QLoRA resume on the GPU: 30 losses and the adapter identical" ||
+            { echo "QLoRA resume on the GPU: FAILED"; tail -5 "$OUT/resume.log"; status=1; }
+    fi
 fi
 
 if want parity; then
