@@ -1,8 +1,9 @@
 // tests/test_trainer.c: the config table (YAML, --set, errors with lines and
 // suggestions, generated docs), safetensors (round trip, malformed files),
 // Hugging Face folders (config.json checks, save/load), the whole model's
-// gradients against finite differences, checkpointing equivalence, and a
-// short training run whose loss falls.
+// gradients against finite differences, checkpointing equivalence, a short
+// training run whose loss falls, bit-identical resume (full fine-tune and
+// QLoRA with dropout), starting from a PEFT adapter, and a full disk.
 #include <check.h>
 #include <cjson/cJSON.h>
 #include <dirent.h>
@@ -21,6 +22,7 @@
 #include "trainer/checkpoint.h"
 #include "trainer/config.h"
 #include "trainer/hf.h"
+#include "trainer/lora.h"
 #include "trainer/model.h"
 #include "trainer/safetensors.h"
 #include "trainer/train.h"
@@ -578,6 +580,45 @@ START_TEST(lora_resume_is_bit_identical) {
 }
 END_TEST
 
+// lora.init: training starts from a PEFT adapter folder (with lr 0 the saved
+// adapter is that adapter); one whose r differs from lora.r is refused.
+START_TEST(lora_starts_from_an_adapter_folder) {
+    char data[300], folder[300], adapter[300], run[300], path[400];
+    snprintf(data, sizeof data, "%s/resume.h5", dir);
+    make_folder("init-lora-model", tiny_llama_json, folder, sizeof folder);
+    mt_model_config mc;
+    ck_assert_int_eq(mt_hf_read_config(folder, &mc), MT_OK);
+    mt_lora_config lora = {4, 16.0f, 0.05f, 0, 0};
+    ck_assert_int_eq(mt_lora_parse_targets("all-linear", &lora.targets), MT_OK);
+    int n;
+    size_t total;
+    mt_param_info *table = mt_lora_param_table(&mc, &lora, &n, &total);
+    float *init = calloc(total, 4), *back = calloc(total, 4);
+    for (size_t i = 0; i < total; i++) init[i] = 0.05f * mt_rng_normal(31, i);
+    snprintf(adapter, sizeof adapter, "%s/init-adapter", dir);
+    ck_assert_int_eq(mt_lora_save(adapter, &lora, folder, table, n, init), MT_OK);
+    snprintf(run, sizeof run, "%s/init-run", dir);
+    mt_config cfg;
+    mt_train_result r;
+    checkpoint_config(&cfg, folder, data, run);
+    ck_assert_int_eq(mt_config_set(&cfg, "lora.r", "4", "t"), MT_OK);
+    ck_assert_int_eq(mt_config_set(&cfg, "lora.init", adapter, "t"), MT_OK);
+    ck_assert_int_eq(mt_config_set(&cfg, "optim.lr", "0", "t"), MT_OK);
+    ck_assert_int_eq(mt_config_set(&cfg, "train.steps", "4", "t"), MT_OK);
+    ck_assert_int_eq(mt_train(&cfg, &r), MT_OK);
+    snprintf(path, sizeof path, "%s/adapter", run);
+    ck_assert_int_eq(mt_lora_load(path, &mc, &lora, back), MT_OK);
+    for (int i = 0; i < n; i++) ck_assert_mem_eq(back + table[i].offset, init + table[i].offset, table[i].count * 4);
+    ck_assert_int_eq(mt_config_set(&cfg, "lora.r", "8", "t"), MT_OK);
+    snprintf(path, sizeof path, "%s/init-run-refused", dir);
+    ck_assert_int_eq(mt_config_set(&cfg, "output.dir", path, "t"), MT_OK);
+    expect_error(mt_train(&cfg, &r), MT_ERR_CONFIG, "set lora.* to the adapter's values");
+    ck_assert_int_ne(access(path, F_OK), 0);  // refused before anything was written
+    mt_config_free(&cfg);
+    free(table), free(init), free(back);
+}
+END_TEST
+
 START_TEST(checkpoint_on_a_full_disk_leaves_the_last_one_intact) {
     mt_model_config mc;
     char folder[300], run[300], path[400];
@@ -640,6 +681,7 @@ int main(void) {
     tcase_add_test(tc, training_reduces_loss_and_saves);
     tcase_add_test(tc, resume_is_bit_identical);
     tcase_add_test(tc, lora_resume_is_bit_identical);
+    tcase_add_test(tc, lora_starts_from_an_adapter_folder);
     tcase_add_test(tc, checkpoint_on_a_full_disk_leaves_the_last_one_intact);
     suite_add_tcase(s, tc);
     return tu_run_suite(s, 0);
