@@ -304,17 +304,14 @@ static size_t layout_activations(mt_model *m, uintptr_t base) {
     return (size_t)(cur - base);
 }
 
-// Whether parameter i is a linear weight that QLoRA stores in NF4.
-static int is_quantized_param(const mt_model *m, int i) {
-    if (!m->quantized) return 0;
-    const char *name = m->params[i].name;
-    for (int t = 0; t < MT_LORA_MODULES; t++) {
-        char suffix[64];
-        snprintf(suffix, sizeof suffix, "%s.weight", mt_lora_module_names[t]);
-        size_t len = strlen(name), slen = strlen(suffix);
-        if (len > slen && !strcmp(name + len - slen, suffix) && name[len - slen - 1] == '.') return 1;
-    }
-    return 0;
+// The index of the weight that module t of layer l adapts (and QLoRA stores
+// in NF4).
+static int linear_param(const mt_model *m, int l, int t) {
+    char name[160];
+    mt_lora_base_name(name, sizeof name, l, (mt_lora_module)t);
+    int i = find_param(m, name);
+    MT_CHECK(i >= 0, "no parameter %s", name);
+    return i;
 }
 
 mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_config *cfg, const mt_model_options *o) {
@@ -340,7 +337,7 @@ mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_confi
     m->offload = o->offload_activations && o->activation_checkpointing && cfg->L >= 2;
     m->params = mt_model_param_table(cfg, &m->num_params, &m->total);
     if (m->lora.r) m->adapter_params = mt_lora_param_table(cfg, &m->lora, &m->num_adapter_params, &m->adapter_total);
-    m->compute_offset = malloc((size_t)m->num_params * sizeof(size_t));
+    m->compute_offset = calloc((size_t)m->num_params, sizeof(size_t));
     m->layers = calloc((size_t)cfg->L, sizeof *m->layers);
     m->x = calloc((size_t)cfg->L + 1, sizeof *m->x);
     m->acts = calloc((size_t)(m->checkpointing ? 1 : cfg->L), sizeof *m->acts);
@@ -348,15 +345,17 @@ mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_confi
     MT_CHECK(m->compute_offset && m->layers && m->x && m->acts && m->tickets, "model tables");
     // NF4 tensors live in their own block; the rest keep the table's order
     size_t nf4_bytes = 0, widest_linear = 0;
-    for (int i = 0; i < m->num_params; i++) {
-        if (is_quantized_param(m, i)) {
+    for (int l = 0; l < cfg->L && m->quantized; l++)
+        for (int t = 0; t < MT_LORA_MODULES; t++) {
+            int i = linear_param(m, l, t);
             m->compute_offset[i] = SIZE_MAX;
             nf4_bytes += mt_nf4_storage_bytes(m->params[i].count);
             if (m->params[i].count > widest_linear) widest_linear = m->params[i].count;
-        } else {
-            m->compute_offset[i] = m->compute_total;
-            m->compute_total += (m->params[i].count + 15) & ~(size_t)15;
         }
+    for (int i = 0; i < m->num_params; i++) {
+        if (m->compute_offset[i] == SIZE_MAX) continue;
+        m->compute_offset[i] = m->compute_total;
+        m->compute_total += (m->params[i].count + 15) & ~(size_t)15;
     }
     // logits chunk: at most 16 Mi elements (64 MiB fp32), whole rows
     size_t N = (size_t)B * T, rows = ((size_t)16 << 20) / (size_t)cfg->V;
@@ -385,16 +384,10 @@ mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_confi
     layout_activations(m, (uintptr_t)m->act_block);
     bind_params(m);
     char *nf4 = m->nf4_storage;
-    for (int l = 0; l < cfg->L; l++)
-        for (int t = 0; t < MT_LORA_MODULES && m->quantized; t++) {
-            int p = lora_base_param[t];
-            int64_t rows_out = p == P_WQ                ? (int64_t)cfg->H * cfg->D
-                               : p == P_WK || p == P_WV ? (int64_t)cfg->KV * cfg->D
-                               : p == P_WO || p == P_WD ? cfg->C
-                                                        : cfg->F;
-            int64_t cols_in = p == P_WO ? (int64_t)cfg->H * cfg->D : p == P_WD ? cfg->F : cfg->C;
-            size_t n = (size_t)(rows_out * cols_in);
-            mt_nf4_bind(&m->layers[l].q[p], nf4, n);
+    for (int l = 0; l < cfg->L && m->quantized; l++)
+        for (int t = 0; t < MT_LORA_MODULES; t++) {
+            size_t n = m->params[linear_param(m, l, t)].count;
+            mt_nf4_bind(&m->layers[l].q[lora_base_param[t]], nf4, n);
             nf4 += mt_nf4_storage_bytes(n);
         }
     // rope tables, computed on the host in fp32 as transformers does
@@ -500,14 +493,10 @@ mt_err mt_model_set_weights(mt_model *m, const float *host_params) {
                 err = upload_compute(m, (char *)m->weights + m->compute_offset[i] * mt_act_size(m->be),
                                      host_params + p->offset, p->count);
         }
-        char name[160];
         for (int l = 0; l < m->cfg.L && !err; l++)
-            for (int t = 0; t < MT_LORA_MODULES && !err; t++) {
-                mt_lora_base_name(name, sizeof name, l, (mt_lora_module)t);
-                int i = find_param(m, name);
-                MT_CHECK(i >= 0, "no parameter %s", name);
-                err = mt_nf4_quantize(m->be, &m->layers[l].q[lora_base_param[t]], host_params + m->params[i].offset);
-            }
+            for (int t = 0; t < MT_LORA_MODULES && !err; t++)
+                err = mt_nf4_quantize(m->be, &m->layers[l].q[lora_base_param[t]],
+                                      host_params + m->params[linear_param(m, l, t)].offset);
     }
     if (!err && m->grads) mt_model_zero_grads(m);
     return err;
