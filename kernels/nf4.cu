@@ -62,17 +62,25 @@ static __global__ void codes_kernel(uint8_t *codes, const float *x, size_t n, co
     codes[k] = (uint8_t)(pair[0] << 4 | pair[1]);
 }
 
-extern "C" void mt_nf4_codes_device_cuda(uint8_t *codes, float *absmax, const float *values, size_t n) {
-    upload_tables();
+// Absmax (device) and packed codes of n device values; n a multiple of 64
+// except at the tensor's end, so code bytes never straddle two calls.
+static void codes_on_device(uint8_t *codes, float *dev_absmax, const float *values, size_t n) {
     size_t blocks = (n + MT_NF4_BLOCK - 1) / MT_NF4_BLOCK;
-    float *dev_absmax = NULL;
-    CUDA_CHECK(cudaMalloc((void **)&dev_absmax, blocks * sizeof(float) + 4));
     absmax_kernel<<<grid_for(blocks * 32, kThreads), kThreads>>>(dev_absmax, values, n);
     CUDA_CHECK_LAUNCH();
     codes_kernel<<<grid_for((n + 1) / 2, kThreads), kThreads>>>(codes, values, n, dev_absmax);
     CUDA_CHECK_LAUNCH();
+}
+
+extern "C" void mt_nf4_codes_device_cuda(uint8_t *codes, float *absmax, const float *values, size_t n) {
+    upload_tables();
+    size_t blocks = (n + MT_NF4_BLOCK - 1) / MT_NF4_BLOCK;
+    void *dev_absmax = NULL;
+    MT_CHECK(mt_alloc(&dev_absmax, blocks * sizeof(float), MT_MEM_WORKSPACE, MT_DEVICE) == MT_OK,
+             "out of device memory for %zu absmax values", blocks);
+    codes_on_device(codes, (float *)dev_absmax, values, n);
     CUDA_CHECK(cudaMemcpy(absmax, dev_absmax, blocks * sizeof(float), cudaMemcpyDeviceToHost));
-    CUDA_CHECK(cudaFree(dev_absmax));
+    mt_free(&dev_absmax);
 }
 
 extern "C" mt_err mt_nf4_codes_cuda(uint8_t *codes, float *absmax, const float *host_values, size_t n) {
@@ -89,11 +97,7 @@ extern "C" mt_err mt_nf4_codes_cuda(uint8_t *codes, float *absmax, const float *
     for (size_t start = 0; start < n; start += chunk) {
         size_t count = n - start < chunk ? n - start : chunk, blocks = (count + MT_NF4_BLOCK - 1) / MT_NF4_BLOCK;
         CUDA_CHECK(cudaMemcpy(values, host_values + start, count * sizeof(float), cudaMemcpyHostToDevice));
-        absmax_kernel<<<grid_for(blocks * 32, kThreads), kThreads>>>(absmax_scratch, values, count);
-        CUDA_CHECK_LAUNCH();
-        codes_kernel<<<grid_for((count + 1) / 2, kThreads), kThreads>>>(codes + start / 2, values, count,
-                                                                        absmax_scratch);
-        CUDA_CHECK_LAUNCH();
+        codes_on_device(codes + start / 2, absmax_scratch, values, count);
         CUDA_CHECK(
             cudaMemcpy(absmax + start / MT_NF4_BLOCK, absmax_scratch, blocks * sizeof(float), cudaMemcpyDeviceToHost));
     }
