@@ -23,8 +23,9 @@ static mt_param_info *trained_table(const mt_model_config *mc, const mt_lora_con
     return lora && lora->r > 0 ? mt_lora_param_table(mc, lora, n, total) : mt_model_param_table(mc, n, total);
 }
 
-static mt_err write_state(const char *path, const mt_model_config *mc, const mt_lora_config *lora, const float *m,
-                          const float *v, const mt_checkpoint_meta *meta) {
+// state.h5: the attributes of meta and AdamW's moments by the table's names.
+static mt_err write_state(const char *path, const mt_param_info *table, int n, const float *m, const float *v,
+                          const mt_checkpoint_meta *meta) {
     hid_t file = H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
     if (file < 0) return mt_errorf(MT_ERR_IO, "%s: cannot create the checkpoint state", path);
     int format = MT_CHECKPOINT_FORMAT;
@@ -40,9 +41,6 @@ static mt_err write_state(const char *path, const mt_model_config *mc, const mt_
              mt_h5_write_scalar(file, "data_batch", H5T_NATIVE_ULLONG, &batch) &&
              mt_h5_write_scalar(file, "config_hash", H5T_NATIVE_ULLONG, &hash);
     H5Tclose(str);
-    int n;
-    size_t total;
-    mt_param_info *table = trained_table(mc, lora, &n, &total);
     hid_t opt = ok ? H5Gcreate2(file, "optimizer", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT) : -1;
     ok = ok && opt >= 0;
     for (int i = 0; i < n && ok; i++) {
@@ -54,7 +52,6 @@ static mt_err write_state(const char *path, const mt_model_config *mc, const mt_
         if (g >= 0) H5Gclose(g);
     }
     if (opt >= 0) H5Gclose(opt);
-    free(table);
     ok = H5Fclose(file) >= 0 && ok;
     if (ok && mt_fsync_path(path) != 0) ok = 0;
     return ok ? MT_OK : mt_errorf(MT_ERR_IO, "%s: writing the checkpoint state failed (disk full?)", path);
@@ -108,19 +105,19 @@ mt_err mt_checkpoint_write(const char *run_dir, const char *src_model_dir, const
     snprintf(final, sizeof final, "%s/step-%08ld", dir, meta->step);
     mt_remove_tree(tmp);
     if ((err = mt_make_dirs(tmp))) return err;
+    int n;
+    size_t total;
+    mt_param_info *table = trained_table(mc, lora, &n, &total);
     if (lora && lora->r > 0) {
-        int n;
-        size_t total;
-        mt_param_info *table = trained_table(mc, lora, &n, &total);
         snprintf(path, sizeof path, "%s/adapter", tmp);
         err = mt_lora_save(path, lora, src_model_dir, table, n, master);
-        free(table);
     } else {
         snprintf(path, sizeof path, "%s/model", tmp);
         err = mt_hf_save(path, src_model_dir, mc, master, MT_DTYPE_F32);
     }
     snprintf(path, sizeof path, "%s/state.h5", tmp);
-    if (!err) err = write_state(path, mc, lora, m, v, meta);
+    if (!err) err = write_state(path, table, n, m, v, meta);
+    free(table);
     if (!err && mt_fsync_path(tmp) != 0) err = mt_errorf(MT_ERR_IO, "%s: fsync failed (%s)", tmp, strerror(errno));
     if (!err) {
         mt_remove_tree(final);  // a complete checkpoint of the same step (a rerun) is replaced

@@ -26,13 +26,14 @@ static const char *module_parent(int t) { return t <= MT_LORA_O ? "self_attn" : 
 // Input and output widths of module t.
 static void module_shape(const mt_model_config *c, int t, int64_t *in, int64_t *out) {
     int64_t HD = (int64_t)c->H * c->D, KVD = (int64_t)c->KV * c->D;
-    static const int is_kv[MT_LORA_MODULES] = {0, 1, 1, 0, 0, 0, 0};
     switch (t) {
+        case MT_LORA_Q: *in = c->C, *out = HD; break;
+        case MT_LORA_K:
+        case MT_LORA_V: *in = c->C, *out = KVD; break;
         case MT_LORA_O: *in = HD, *out = c->C; break;
         case MT_LORA_GATE:
         case MT_LORA_UP: *in = c->C, *out = c->F; break;
-        case MT_LORA_DOWN: *in = c->F, *out = c->C; break;
-        default: *in = c->C, *out = is_kv[t] ? KVD : HD; break;
+        default: *in = c->F, *out = c->C; break;  // down_proj
     }
 }
 

@@ -125,7 +125,7 @@ int main(int argc, char **argv) {
     if (err) return die(err);
     int n;
     size_t total;
-    mt_param_info *table = mt_model_param_table(&cfg, &n, &total);
+    free(mt_model_param_table(&cfg, &n, &total));
     float *params = malloc(total * sizeof(float));
     if ((err = mt_hf_load_weights(model_dir, &cfg, params))) return die(err);
     int N = B * T;
@@ -156,7 +156,9 @@ int main(int argc, char **argv) {
     mt_model_zero_grads(m);
     mt_trainable tr;
     mt_model_trainable(m, &tr);
-    table = (mt_param_info *)tr.params, n = tr.count, total = tr.total;
+    // what is dumped: the trained parameters (the model's, or the adapters')
+    const mt_param_info *table = tr.params;
+    n = tr.count, total = tr.total;
     double t0 = mt_now();
     float loss = (float)(mt_model_step(m, in, tg, 1.0f / N, grads) / N);
     double t1 = mt_now();
