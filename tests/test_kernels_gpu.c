@@ -342,9 +342,13 @@ START_TEST(nf4_codes_and_dequantize) {
     for (int s = 0; s < 6; s++) {
         size_t n = sizes[s], blocks = mt_nf4_blocks(n), bytes = (n + 1) / 2;
         float *x = tu_random(n, -1, 1, seed++);
-        for (size_t i = 0; i < n; i += 97) x[i] *= 8.0f;                  // outliers set some blocks' absmax
-        if (n > 200) memset(x + 64, 0, 64 * sizeof(float));               // an all-zero block
-        if (n > 200) x[130] = 0.5f * (mt_nf4_code[9] + mt_nf4_code[10]);  // a tie (in a block with absmax 1?)
+        for (size_t i = 0; i < n; i += 97) x[i] *= 8.0f;     // outliers set some blocks' absmax
+        if (n > 200) memset(x + 64, 0, 64 * sizeof(float));  // an all-zero block
+        if (n > 200) {  // an exact tie: block 2's absmax is 1, and x[130] sits on an NF4 midpoint
+            for (size_t i = 128; i < 192; i++) x[i] *= 0.5f;
+            x[131] = 1.0f;
+            x[130] = 0.5f * (mt_nf4_code[9] + mt_nf4_code[10]);
+        }
         float *absmax = malloc(blocks * 4), *absmax_g = malloc(blocks * 4);
         uint8_t *codes = malloc(bytes), *codes_g = malloc(bytes);
         mt_nf4_absmax_ref(absmax, x, n);
@@ -352,6 +356,7 @@ START_TEST(nf4_codes_and_dequantize) {
         void *x_d = dev_f32(x, n), *codes_d = dev_poisoned(bytes);
         mt_nf4_codes_device_cuda(codes_d, absmax_g, x_d, n);
         mt_copy_to_host(codes_g, codes_d, bytes);
+        if (n > 200) ck_assert_uint_eq(codes_g[65] >> 4, 9u);  // the tie went to the lower code
         ck_assert_mem_eq(absmax_g, absmax, blocks * 4);
         ck_assert_mem_eq(codes_g, codes, bytes);
         // the whole path from host values, on both backends
