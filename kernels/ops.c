@@ -130,6 +130,25 @@ void mt_op_dropout(const mt_backend *be, void *out, const void *inp, size_t n, f
     mt_dropout_ref(out, inp, n, p, seed);
 }
 
+void mt_op_perturb(const mt_backend *be, void *dst, const void *src, size_t n, float scale, uint64_t seed,
+                   uint64_t offset) {
+    MT_GPU(be, mt_perturb_cuda(be, dst, src, n, scale, seed, offset));
+    mt_perturb_ref(dst, src, n, scale, seed, offset);
+}
+
+void mt_op_perturb_rows(const mt_backend *be, void *x, const int32_t *tokens, int N, int C, float scale, uint64_t seed,
+                        uint64_t offset) {
+    MT_GPU(be, mt_perturb_rows_cuda(be, x, tokens, N, C, scale, seed, offset));
+    mt_perturb_rows_ref(x, tokens, N, C, scale, seed, offset);
+}
+
+void mt_op_zo_update(const mt_backend *be, void *w, size_t n, uint64_t offset, const mt_zo_directions *d, float lr,
+                     float weight_decay, uint64_t round_seed) {
+    MT_CHECK(d->count >= 1 && d->count <= MT_ZO_MAX_DIRECTIONS, "zo_update: %d directions", d->count);
+    MT_GPU(be, mt_zo_update_cuda(be, w, n, offset, d, lr, weight_decay, round_seed));
+    mt_zo_update_ref(w, n, offset, d->count, d->seed, d->coef, lr, weight_decay);
+}
+
 void mt_op_logits_forward(const mt_backend *be, float *logits, const void *inp, const void *weight, int N, int C,
                           int V) {
     MT_GPU(be, mt_logits_forward_cuda(be, logits, inp, weight, N, C, V));

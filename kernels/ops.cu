@@ -928,3 +928,130 @@ extern "C" void mt_dropout_cuda(const mt_backend *be, void *out, const void *inp
                                                                   1.0f / (1.0f - p), (unsigned long long)seed);
     CUDA_CHECK_LAUNCH();
 }
+
+// --------------------------------------------------------------------- MeZO
+// z(seed, i) as rng.h defines it: Philox group i / 4 from cuRAND, Box-Muller
+// on 24-bit uniforms in single precision. One thread owns one group.
+
+static __device__ uint4 philox_group(unsigned long long seed, unsigned long long group) {
+    uint4 counter = make_uint4((unsigned)group, (unsigned)(group >> 32), 0u, 0u);
+    uint2 key = make_uint2((unsigned)seed, (unsigned)(seed >> 32));
+    return curand_Philox4x32_10(counter, key);
+}
+
+static __device__ void gauss4(unsigned long long seed, unsigned long long group, float z[4]) {
+    uint4 w = philox_group(seed, group);
+    unsigned words[4] = {w.x, w.y, w.z, w.w};
+    for (int pair = 0; pair < 2; pair++) {
+        float u1 = (float)((words[2 * pair] >> 8) + 1u) * (1.0f / 16777216.0f);
+        float u2 = (float)(words[2 * pair + 1] >> 8) * (1.0f / 16777216.0f);
+        float r = sqrtf(-2.0f * logf(u1)), s, c;
+        sincospif(2.0f * u2, &s, &c);
+        z[2 * pair] = r * c;
+        z[2 * pair + 1] = r * s;
+    }
+}
+
+// Element j0 + q (q < 4) of a range has z index 4 * group + q; j0 may be
+// negative for the first group when offset is not a multiple of 4.
+static __device__ long long group_start(size_t t, unsigned long long offset) {
+    return (long long)((offset / 4 + t) * 4) - (long long)offset;
+}
+
+static size_t group_count(size_t n, uint64_t offset) { return (size_t)((offset + n + 3) / 4 - offset / 4); }
+
+static __global__ void perturb_kernel(bf16 *dst, const bf16 *src, size_t n, float scale, unsigned long long seed,
+                                      unsigned long long offset) {
+    size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= (offset + n + 3) / 4 - offset / 4) return;
+    float z[4];
+    gauss4(seed, offset / 4 + t, z);
+    long long j0 = group_start(t, offset);
+    for (int q = 0; q < 4; q++) {
+        long long j = j0 + q;
+        if (j >= 0 && (size_t)j < n) dst[j] = __float2bfloat16(__bfloat162float(src[j]) + scale * z[q]);
+    }
+}
+
+extern "C" void mt_perturb_cuda(const mt_backend *be, void *dst, const void *src, size_t n, float scale, uint64_t seed,
+                                uint64_t offset) {
+    (void)be;
+    if (n == 0) return;
+    size_t groups = group_count(n, offset);
+    perturb_kernel<<<grid_for(groups, kThreads), kThreads>>>((bf16 *)dst, (const bf16 *)src, n, scale,
+                                                             (unsigned long long)seed, (unsigned long long)offset);
+    CUDA_CHECK_LAUNCH();
+}
+
+static __global__ void perturb_rows_kernel(bf16 *x, const int32_t *tokens, int N, int C, float scale,
+                                           unsigned long long seed, unsigned long long offset) {
+    size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (e >= (size_t)N * C) return;
+    size_t row = e / C, c = e % C;
+    unsigned long long i = offset + (unsigned long long)tokens[row] * C + c;
+    float z[4];
+    gauss4(seed, i / 4, z);
+    x[e] = __float2bfloat16(__bfloat162float(x[e]) + scale * z[i % 4]);
+}
+
+extern "C" void mt_perturb_rows_cuda(const mt_backend *be, void *x, const int32_t *tokens, int N, int C, float scale,
+                                     uint64_t seed, uint64_t offset) {
+    (void)be;
+    size_t n = (size_t)N * C;
+    if (n == 0) return;
+    perturb_rows_kernel<<<grid_for(n, kThreads), kThreads>>>((bf16 *)x, tokens, N, C, scale, (unsigned long long)seed,
+                                                             (unsigned long long)offset);
+    CUDA_CHECK_LAUNCH();
+}
+
+// fp32 -> bf16 rounded up in magnitude with probability equal to the
+// fraction cut off (16 random bits added below the kept ones): E[result] = x.
+static __device__ bf16 bf16_stochastic(float x, unsigned random_bits) {
+    unsigned bits = __float_as_uint(x);
+    if ((bits & 0x7f800000u) != 0x7f800000u) bits += random_bits >> 16;  // inf and NaN pass unchanged
+    return __ushort_as_bfloat16((unsigned short)(bits >> 16));
+}
+
+static __global__ void zo_update_kernel(bf16 *w, size_t n, unsigned long long offset, mt_zo_directions d, float lr,
+                                        float weight_decay, unsigned long long round_seed) {
+    size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= (offset + n + 3) / 4 - offset / 4) return;
+    unsigned long long group = offset / 4 + t;
+    float step[4] = {0.0f, 0.0f, 0.0f, 0.0f}, z[4];
+    for (int k = 0; k < d.count; k++) {
+        gauss4(d.seed[k], group, z);
+        for (int q = 0; q < 4; q++) step[q] += d.coef[k] * z[q];
+    }
+    uint4 r = philox_group(round_seed, group);
+    unsigned random[4] = {r.x, r.y, r.z, r.w};
+    long long j0 = group_start(t, offset);
+    for (int q = 0; q < 4; q++) {
+        long long j = j0 + q;
+        if (j < 0 || (size_t)j >= n) continue;
+        float p = __bfloat162float(w[j]);
+        w[j] = bf16_stochastic(p - lr * (step[q] + weight_decay * p), random[q]);
+    }
+}
+
+extern "C" void mt_zo_update_cuda(const mt_backend *be, void *w, size_t n, uint64_t offset, const mt_zo_directions *d,
+                                  float lr, float weight_decay, uint64_t round_seed) {
+    (void)be;
+    if (n == 0) return;
+    size_t groups = group_count(n, offset);
+    zo_update_kernel<<<grid_for(groups, kThreads), kThreads>>>((bf16 *)w, n, (unsigned long long)offset, *d, lr,
+                                                               weight_decay, (unsigned long long)round_seed);
+    CUDA_CHECK_LAUNCH();
+}
+
+static __global__ void philox_words_kernel(uint32_t *out, size_t groups, unsigned long long seed) {
+    size_t g = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (g >= groups) return;
+    uint4 w = philox_group(seed, g);
+    out[4 * g] = w.x, out[4 * g + 1] = w.y, out[4 * g + 2] = w.z, out[4 * g + 3] = w.w;
+}
+
+extern "C" void mt_philox_words_cuda(uint32_t *out, size_t groups, uint64_t seed) {
+    if (groups == 0) return;
+    philox_words_kernel<<<grid_for(groups, kThreads), kThreads>>>(out, groups, (unsigned long long)seed);
+    CUDA_CHECK_LAUNCH();
+}

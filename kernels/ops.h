@@ -64,6 +64,27 @@ void mt_op_matmul_backward_scaled(const mt_backend *be, void *dinp, float *dweig
 // the same seed gives the same mask (the CPU's counter-based draws; cuRAND's
 // Philox on the GPU, a different but equally fixed mask). out may alias inp.
 void mt_op_dropout(const mt_backend *be, void *out, const void *inp, size_t n, float p, uint64_t seed);
+// Zeroth-order (MeZO) perturbations. z(seed, i) is the stream of rng.h's
+// mt_rng_gauss: Philox4x32-10 and Box-Muller, cuRAND's Philox on the GPU with
+// the same words; nothing of a parameter's size is stored for it.
+// dst = src + scale * z(seed, offset + j) for j < n; dst may alias src.
+void mt_op_perturb(const mt_backend *be, void *dst, const void *src, size_t n, float scale, uint64_t seed,
+                   uint64_t offset);
+// x (N, C) += scale * z(seed, offset + tokens[n] * C + c): the rows an
+// embedding lookup gathered, perturbed as the table itself would be.
+void mt_op_perturb_rows(const mt_backend *be, void *x, const int32_t *tokens, int N, int C, float scale, uint64_t seed,
+                        uint64_t offset);
+#define MT_ZO_MAX_DIRECTIONS 16
+typedef struct {
+    int count;
+    uint64_t seed[MT_ZO_MAX_DIRECTIONS];  // the stream of each direction z_k
+    float coef[MT_ZO_MAX_DIRECTIONS];     // its weight: projected gradient / count
+} mt_zo_directions;
+// w -= lr * (sum_k coef_k z(seed_k, offset + j) + weight_decay * w). On the
+// GPU the bf16 result is rounded stochastically with Philox bits keyed by
+// round_seed: unbiased, so steps far below bf16's resolution still count.
+void mt_op_zo_update(const mt_backend *be, void *w, size_t n, uint64_t offset, const mt_zo_directions *d, float lr,
+                     float weight_decay, uint64_t round_seed);
 // logits (N, V) fp32 = inp (N, C) @ weight (V, C)^T.
 void mt_op_logits_forward(const mt_backend *be, float *logits, const void *inp, const void *weight, int N, int C,
                           int V);

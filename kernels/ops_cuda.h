@@ -8,6 +8,7 @@
 #include <stdint.h>
 
 #include "kernels/device.h"
+#include "kernels/ops.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -40,6 +41,15 @@ void mt_matmul_forward_cuda(const mt_backend *be, void *out, const void *inp, co
 void mt_matmul_forward_add_cuda(const mt_backend *be, void *out, const void *inp, const void *weight, int N, int IN,
                                 int OUT, float alpha);
 void mt_dropout_cuda(const mt_backend *be, void *out, const void *inp, size_t n, float p, uint64_t seed);
+void mt_perturb_cuda(const mt_backend *be, void *dst, const void *src, size_t n, float scale, uint64_t seed,
+                     uint64_t offset);
+void mt_perturb_rows_cuda(const mt_backend *be, void *x, const int32_t *tokens, int N, int C, float scale,
+                          uint64_t seed, uint64_t offset);
+void mt_zo_update_cuda(const mt_backend *be, void *w, size_t n, uint64_t offset, const mt_zo_directions *d, float lr,
+                       float weight_decay, uint64_t round_seed);
+// Philox words of groups [0, groups) keyed by seed, 4 per group (tests: the
+// GPU's stream equals the CPU's).
+void mt_philox_words_cuda(uint32_t *out, size_t groups, uint64_t seed);
 void mt_matmul_backward_cuda(const mt_backend *be, void *dinp, float *dweight, float *dbias, const void *dout,
                              const void *inp, const void *weight, int N, int IN, int OUT, float alpha, int accumulate);
 void mt_logits_forward_cuda(const mt_backend *be, float *logits, const void *inp, const void *weight, int N, int C,

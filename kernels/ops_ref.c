@@ -337,3 +337,43 @@ void mt_dropout_ref(float *out, const float *inp, size_t n, float p, uint64_t se
 #pragma omp parallel for
     for (size_t i = 0; i < n; i++) out[i] = mt_rng_uniform(seed, i) >= p ? inp[i] * keep_scale : 0.0f;
 }
+
+// The z streams are drawn a Philox group (4 values) at a time: groups
+// [offset / 4, (offset + n + 3) / 4) cover elements j < n, whose z index is
+// offset + j.
+static uint64_t first_group(uint64_t offset) { return offset / 4; }
+static uint64_t end_group(size_t n, uint64_t offset) { return (offset + n + 3) / 4; }
+
+void mt_perturb_ref(float *dst, const float *src, size_t n, float scale, uint64_t seed, uint64_t offset) {
+#pragma omp parallel for
+    for (uint64_t g = first_group(offset); g < end_group(n, offset); g++) {
+        float z[4];
+        mt_rng_gauss4(seed, g, z);
+        for (uint64_t i = g * 4; i < g * 4 + 4; i++)
+            if (i >= offset && i < offset + n) dst[i - offset] = src[i - offset] + scale * z[i - g * 4];
+    }
+}
+
+void mt_perturb_rows_ref(float *x, const int32_t *tokens, int N, int C, float scale, uint64_t seed, uint64_t offset) {
+#pragma omp parallel for
+    for (int row = 0; row < N; row++)
+        for (int c = 0; c < C; c++)
+            x[(size_t)row * C + c] += scale * mt_rng_gauss(seed, offset + (uint64_t)tokens[row] * C + (uint64_t)c);
+}
+
+void mt_zo_update_ref(float *w, size_t n, uint64_t offset, int count, const uint64_t *seeds, const float *coefs,
+                      float lr, float weight_decay) {
+#pragma omp parallel for
+    for (uint64_t g = first_group(offset); g < end_group(n, offset); g++) {
+        float step[4] = {0, 0, 0, 0}, z[4];
+        for (int k = 0; k < count; k++) {
+            mt_rng_gauss4(seeds[k], g, z);
+            for (int q = 0; q < 4; q++) step[q] += coefs[k] * z[q];
+        }
+        for (uint64_t i = g * 4; i < g * 4 + 4; i++) {
+            if (i < offset || i >= offset + n) continue;
+            float *p = &w[i - offset];
+            *p -= lr * (step[i - g * 4] + weight_decay * *p);
+        }
+    }
+}

@@ -64,6 +64,12 @@ void mt_matmul_backward_ref(float *dinp, float *dweight, float *dbias, const flo
 // only on (seed, i), so backward regenerates it. out may alias inp.
 void mt_dropout_ref(float *out, const float *inp, size_t n, float p, uint64_t seed);
 
+// MeZO's perturbation and update over z = mt_rng_gauss (see ops.h).
+void mt_perturb_ref(float *dst, const float *src, size_t n, float scale, uint64_t seed, uint64_t offset);
+void mt_perturb_rows_ref(float *x, const int32_t *tokens, int N, int C, float scale, uint64_t seed, uint64_t offset);
+void mt_zo_update_ref(float *w, size_t n, uint64_t offset, int count, const uint64_t *seeds, const float *coefs,
+                      float lr, float weight_decay);
+
 // losses (N): -log softmax(logits)[target], 0 where target < 0.
 // dlogits (N, V) (may alias logits, may be NULL) = (softmax - onehot) * dscale,
 // 0 on ignored rows.

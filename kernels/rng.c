@@ -2,6 +2,7 @@
 #include "kernels/rng.h"
 
 #include <math.h>
+#include <string.h>
 
 uint64_t mt_rng_bits(uint64_t seed, uint64_t counter) {
     uint64_t z = seed * 0x9e3779b97f4a7c15ull + (counter + 1) * 0xbf58476d1ce4e5b9ull;
@@ -23,4 +24,52 @@ float mt_rng_normal(uint64_t seed, uint64_t counter) {
     double u1 = ((double)(mt_rng_bits(seed, 2 * counter) >> 11) + 1.0) * (1.0 / 9007199254740993.0);
     double u2 = (double)(mt_rng_bits(seed, 2 * counter + 1) >> 11) * (1.0 / 9007199254740992.0);
     return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
+}
+
+// One Philox round: two 32x32->64 multiplies mix the counter words, the key
+// is added by xor (the constants are the paper's).
+static void philox_round(uint32_t c[4], const uint32_t k[2]) {
+    uint64_t p0 = (uint64_t)0xD2511F53u * c[0], p1 = (uint64_t)0xCD9E8D57u * c[2];
+    uint32_t hi0 = (uint32_t)(p0 >> 32), lo0 = (uint32_t)p0, hi1 = (uint32_t)(p1 >> 32), lo1 = (uint32_t)p1;
+    uint32_t next[4] = {hi1 ^ c[1] ^ k[0], lo1, hi0 ^ c[3] ^ k[1], lo0};
+    memcpy(c, next, sizeof next);
+}
+
+void mt_philox4x32_10(const uint32_t counter[4], const uint32_t key[2], uint32_t out[4]) {
+    uint32_t c[4] = {counter[0], counter[1], counter[2], counter[3]}, k[2] = {key[0], key[1]};
+    for (int round = 0; round < 10; round++) {
+        if (round) k[0] += 0x9E3779B9u, k[1] += 0xBB67AE85u;  // the key schedule's Weyl constants
+        philox_round(c, k);
+    }
+    memcpy(out, c, sizeof c);
+}
+
+static void philox_group(uint64_t seed, uint64_t group, uint32_t out[4]) {
+    uint32_t counter[4] = {(uint32_t)group, (uint32_t)(group >> 32), 0, 0};
+    uint32_t key[2] = {(uint32_t)seed, (uint32_t)(seed >> 32)};
+    mt_philox4x32_10(counter, key, out);
+}
+
+void mt_rng_gauss4(uint64_t seed, uint64_t group, float out[4]) {
+    uint32_t w[4];
+    philox_group(seed, group, w);
+    for (int pair = 0; pair < 2; pair++) {
+        double u1 = (double)((w[2 * pair] >> 8) + 1) * (1.0 / 16777216.0);
+        double u2 = (double)(w[2 * pair + 1] >> 8) * (1.0 / 16777216.0);
+        double r = sqrt(-2.0 * log(u1)), angle = 6.283185307179586 * u2;
+        out[2 * pair] = (float)(r * cos(angle));
+        out[2 * pair + 1] = (float)(r * sin(angle));
+    }
+}
+
+float mt_rng_gauss(uint64_t seed, uint64_t i) {
+    float z[4];
+    mt_rng_gauss4(seed, i / 4, z);
+    return z[i % 4];
+}
+
+uint32_t mt_rng_philox_word(uint64_t seed, uint64_t i) {
+    uint32_t w[4];
+    philox_group(seed, i / 4, w);
+    return w[i % 4];
 }

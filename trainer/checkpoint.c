@@ -43,7 +43,7 @@ static mt_err write_state(const char *path, const mt_param_info *table, int n, c
     H5Tclose(str);
     hid_t opt = ok ? H5Gcreate2(file, "optimizer", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT) : -1;
     ok = ok && opt >= 0;
-    for (int i = 0; i < n && ok; i++) {
+    for (int i = 0; i < n && ok && m; i++) {  // MeZO keeps no moments: an empty group
         // one group per parameter, named as torch's AdamW names its state
         hid_t g = H5Gcreate2(opt, table[i].name, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
         ok = g >= 0 &&
@@ -191,7 +191,7 @@ mt_err mt_checkpoint_read(const char *dir, const mt_model_config *mc, const mt_l
     mt_param_info *table = trained_table(mc, lora, &n, &total);
     hid_t opt = !err && H5Lexists(file, "optimizer", H5P_DEFAULT) > 0 ? H5Gopen2(file, "optimizer", H5P_DEFAULT) : -1;
     if (!err && opt < 0) err = mt_errorf(MT_ERR_FORMAT, "%s: no optimizer group", path);
-    for (int i = 0; i < n && !err; i++) {
+    for (int i = 0; i < n && !err && m; i++) {
         hid_t g = H5Lexists(opt, table[i].name, H5P_DEFAULT) > 0 ? H5Gopen2(opt, table[i].name, H5P_DEFAULT) : -1;
         if (g < 0 || !read_floats(g, "exp_avg", m + table[i].offset, table[i].count) ||
             !read_floats(g, "exp_avg_sq", v + table[i].offset, table[i].count))

@@ -27,13 +27,16 @@ typedef struct {
 // Writes checkpoint `meta->step` under run_dir/checkpoints and deletes all but
 // the newest `keep` complete ones. master, m and v are the trained values and
 // AdamW's moments (host memory, in the order of the model's parameter table,
-// or of the adapter table when lora is not NULL and lora->r > 0).
+// or of the adapter table when lora is not NULL and lora->r > 0). m and v
+// may be NULL (MeZO: no optimizer state); the state's optimizer group is then
+// empty.
 mt_err mt_checkpoint_write(const char *run_dir, const char *src_model_dir, const mt_model_config *mc,
                            const mt_lora_config *lora, const float *master, const float *m, const float *v,
                            const mt_checkpoint_meta *meta, int keep);
 // The newest complete checkpoint folder of run_dir into out ("" if none).
 void mt_checkpoint_find_latest(const char *run_dir, char *out, size_t len);
-// Reads a checkpoint folder written for model config mc (and adapters lora).
+// Reads a checkpoint folder written for model config mc (and adapters lora);
+// m and v NULL: the moments are not read.
 mt_err mt_checkpoint_read(const char *dir, const mt_model_config *mc, const mt_lora_config *lora, float *master,
                           float *m, float *v, mt_checkpoint_meta *meta);
 

@@ -347,6 +347,16 @@ mt_err mt_config_validate(const mt_config *cfg) {
     }
     if (cfg->lora_init[0] && cfg->lora_r == 0)
         return mt_errorf(MT_ERR_CONFIG, "lora.init names an adapter but lora.r is 0; set lora.r to the adapter's r");
+    int mezo = !strcmp(cfg->optim_kind, "mezo");
+    if (mezo && cfg->model_offload_activations)
+        return mt_errorf(MT_ERR_CONFIG,
+                         "model.offload_activations does nothing with optim.kind: mezo (its forward passes keep one "
+                         "layer's activations); set it to false");
+    if (!mezo && (cfg->mezo_samples != 1 || strcmp(cfg->mezo_trainable, "*")))
+        return mt_errorf(MT_ERR_CONFIG, "mezo.samples and mezo.trainable need optim.kind: mezo (it is %s)",
+                         cfg->optim_kind);
+    if (!cfg->mezo_trainable[0])
+        return mt_errorf(MT_ERR_CONFIG, "mezo.trainable is empty; use * to train every trainable parameter");
     if (cfg->optim_warmup_steps >= cfg->train_steps && cfg->optim_warmup_steps > 0)
         return mt_errorf(MT_ERR_CONFIG, "optim.warmup_steps (%ld) must be below train.steps (%ld)",
                          cfg->optim_warmup_steps, cfg->train_steps);

@@ -66,7 +66,9 @@ extern "C" {
     X(checkpoint, every, INT, "0", 0, 1000000000, "",                                                                 \
       "steps between checkpoints in output.dir/checkpoints (0: only at the end and on stop)")                         \
     X(checkpoint, keep, INT, "2", 1, 1000000, "", "complete checkpoints to keep; older ones are deleted")             \
-    X(optim, kind, ENUM, "adamw", 0, 0, "adamw", "update rule")                                                       \
+    X(optim, kind, ENUM, "adamw", 0, 0, "adamw|mezo",                                                                 \
+      "update rule: adamw (backward pass, AdamW moments) or mezo (zeroth-order SGD from two forward passes per "      \
+      "direction: the memory of inference; see the mezo.* keys)")                                                     \
     X(optim, lr, FLOAT, "3e-4", 0, 10, "", "peak learning rate")                                                      \
     X(optim, schedule, ENUM, "cosine", 0, 0, "cosine|linear|constant", "decay after warmup")                          \
     X(optim, warmup_steps, INT, "0", 0, 1000000000, "", "linear warmup steps")                                        \
@@ -77,6 +79,12 @@ extern "C" {
     X(optim, weight_decay, FLOAT, "0.0", 0, 10, "",                                                                   \
       "decoupled weight decay on matrices and embeddings (not on norms and biases)")                                  \
     X(optim, grad_clip, FLOAT, "1.0", 0, 1e9, "", "clip the global gradient norm to this (0: off)")                   \
+    X(mezo, eps, FLOAT, "1e-3", 0, 1, "", "MeZO: perturbation scale of the two-point (SPSA) gradient estimate")       \
+    X(mezo, samples, INT, "1", 1, 16, "",                                                                             \
+      "MeZO: random directions per step (n-SPSA), averaged; each costs two forward passes")                           \
+    X(mezo, trainable, STR, "*", 0, 0, "",                                                                            \
+      "MeZO: what it trains, comma-separated glob patterns over the trainable parameters' names (Hugging Face "       \
+      "names; PEFT adapter names with lora.r > 0), e.g. model.layers.*.self_attn.*; * for all")                       \
     X(output, dir, STR, "runs/default", 0, 0, "",                                                                     \
       "run folder: resolved config, metrics.jsonl, final model (created; an existing run's files are replaced)")      \
     X(output, save_model, BOOL, "true", 0, 0, "", "write the trained model to output.dir/model at the end")           \

@@ -23,8 +23,10 @@ typedef struct {
     void *w[P_LAYER_COUNT];   // compute weights (NULL when absent, e.g. no bias, or in NF4)
     float *g[P_LAYER_COUNT];  // gradients (NULL when frozen)
     mt_nf4 q[P_LAYER_COUNT];  // NF4 storage of the linear weights (QLoRA)
-    void *lora_a[MT_LORA_MODULES], *lora_b[MT_LORA_MODULES];     // (r, IN), (OUT, r); NULL: no adapter
-    float *glora_a[MT_LORA_MODULES], *glora_b[MT_LORA_MODULES];  // their gradients
+    void *lora_a[MT_LORA_MODULES], *lora_b[MT_LORA_MODULES];           // (r, IN), (OUT, r); NULL: no adapter
+    float *glora_a[MT_LORA_MODULES], *glora_b[MT_LORA_MODULES];        // their gradients
+    int index[P_LAYER_COUNT];                                          // in the parameter table (-1: absent)
+    int lora_index_a[MT_LORA_MODULES], lora_index_b[MT_LORA_MODULES];  // in the adapter table
 } layer_params;
 
 // What backward needs from a layer's forward, in the activation type.
@@ -59,9 +61,18 @@ struct mt_model {
     void *dequant;                     // one linear weight, dequantized (compute dtype)
     int dequant_layer, dequant_param;  // what `dequant` holds (-1: nothing)
     uint64_t dropout_seed;
-    int training;    // dropout on (a backward step)
-    void *lora_du;   // (N, r)
-    void *drop_buf;  // (N, max IN) dropout(x), and its gradient
+    int training;  // dropout on (a backward step)
+    int forward_only;
+    // MeZO: the perturbation the forward applies (scale 0: none)
+    uint64_t perturb_seed;
+    float perturb_scale;
+    unsigned char *perturb_selected;                 // per trainable parameter
+    void *perturb_matrix, *perturb_vector;           // scratch: the widest selected matrix and vector
+    int perturb_matrix_holds, perturb_vector_holds;  // the trainable index each holds (-1: none)
+    size_t perturb_bytes;
+    int index_wte, index_norm, index_lm;  // in the parameter table (lm: wte's when tied)
+    void *lora_du;                        // (N, r)
+    void *drop_buf;                       // (N, max IN) dropout(x), and its gradient
     layer_params *layers;
     void *wte, *norm_w, *lm_w;
     float *g_wte, *g_norm, *g_lm;
@@ -194,27 +205,28 @@ static void bind_params(mt_model *m) {
             int i = find_param(m, name);
             m->layers[l].w[p] = i < 0 ? NULL : WPTR(i);
             m->layers[l].g[p] = i < 0 ? NULL : GPTR(i);
+            m->layers[l].index[p] = i;
         }
     for (int i = 0; i < m->num_adapter_params; i++) {
         int l, module, is_b;
         MT_CHECK(mt_lora_parse_name(m->adapter_params[i].name, &l, &module, &is_b), "adapter name %s",
                  m->adapter_params[i].name);
         void *w = (char *)m->adapter_weights + m->adapter_params[i].offset * act;
-        float *g = m->adapter_grads + m->adapter_params[i].offset;
+        float *g = m->adapter_grads ? m->adapter_grads + m->adapter_params[i].offset : NULL;
         if (is_b)
-            m->layers[l].lora_b[module] = w, m->layers[l].glora_b[module] = g;
+            m->layers[l].lora_b[module] = w, m->layers[l].glora_b[module] = g, m->layers[l].lora_index_b[module] = i;
         else
-            m->layers[l].lora_a[module] = w, m->layers[l].glora_a[module] = g;
+            m->layers[l].lora_a[module] = w, m->layers[l].glora_a[module] = g, m->layers[l].lora_index_a[module] = i;
     }
     int i = find_param(m, "model.embed_tokens.weight");
-    m->wte = WPTR(i), m->g_wte = GPTR(i);
+    m->wte = WPTR(i), m->g_wte = GPTR(i), m->index_wte = i;
     i = find_param(m, "model.norm.weight");
-    m->norm_w = WPTR(i), m->g_norm = GPTR(i);
+    m->norm_w = WPTR(i), m->g_norm = GPTR(i), m->index_norm = i;
     i = find_param(m, "lm_head.weight");
     if (i < 0)
-        m->lm_w = m->wte, m->g_lm = m->g_wte;
+        m->lm_w = m->wte, m->g_lm = m->g_wte, m->index_lm = m->index_wte;
     else
-        m->lm_w = WPTR(i), m->g_lm = GPTR(i);
+        m->lm_w = WPTR(i), m->g_lm = GPTR(i), m->index_lm = i;
 #undef WPTR
 #undef GPTR
 }
@@ -253,13 +265,13 @@ static size_t layout_activations(mt_model *m, uintptr_t base) {
     const mt_model_config *c = &m->cfg;
     size_t N = (size_t)m->B * m->T, a = mt_act_size(m->be), HD = (size_t)c->H * c->D, KVD = (size_t)c->KV * c->D;
     uintptr_t cur = base;
-    if (m->offload) {
+    if (m->offload || m->forward_only) {
         void *slots[2] = {carve(&cur, N * c->C * a), carve(&cur, N * c->C * a)};
         for (int l = 0; l <= c->L; l++) m->x[l] = slots[l % 2];
     } else {
         for (int l = 0; l <= c->L; l++) m->x[l] = carve(&cur, N * c->C * a);
     }
-    int sets = m->checkpointing ? 1 : c->L;
+    int sets = m->checkpointing || m->forward_only ? 1 : c->L;
     for (int s = 0; s < sets; s++) {
         layer_acts *A = &m->acts[s];
         A->ln1 = carve(&cur, N * c->C * a);
@@ -277,25 +289,28 @@ static size_t layout_activations(mt_model *m, uintptr_t base) {
         for (int t = 0; t < MT_LORA_MODULES; t++)
             A->lora_u[t] = m->lora.targets >> t & 1 ? carve(&cur, N * m->lora.r * a) : NULL;
     }
-    m->lora_du = m->lora.r ? carve(&cur, N * m->lora.r * a) : NULL;
+    int backward = !m->forward_only;
+    m->lora_du = m->lora.r && backward ? carve(&cur, N * m->lora.r * a) : NULL;
     size_t widest_input = c->C > c->F ? c->C : c->F;
     if (HD > widest_input) widest_input = HD;
-    m->drop_buf = m->lora.r && m->lora.dropout > 0 ? carve(&cur, N * widest_input * a) : NULL;
+    m->drop_buf = m->lora.r && m->lora.dropout > 0 && backward ? carve(&cur, N * widest_input * a) : NULL;
     m->lnf = carve(&cur, N * c->C * a);
     m->rstdf = carve(&cur, N * 4);
     m->qkv_flat = carve(&cur, N * (HD + 2 * KVD) * a);
     m->scratch_c = carve(&cur, N * c->C * a);
     m->f0 = carve(&cur, N * c->F * a);
-    m->f1 = carve(&cur, N * c->F * a);
-    m->dres = carve(&cur, N * c->C * a);
-    m->dln = carve(&cur, N * c->C * a);
-    m->datty = carve(&cur, N * HD * a);
-    m->dq = carve(&cur, N * HD * a);
-    m->dk = carve(&cur, N * KVD * a);
-    m->dv = carve(&cur, N * KVD * a);
+    if (backward) {
+        m->f1 = carve(&cur, N * c->F * a);
+        m->dres = carve(&cur, N * c->C * a);
+        m->dln = carve(&cur, N * c->C * a);
+        m->datty = carve(&cur, N * HD * a);
+        m->dq = carve(&cur, N * HD * a);
+        m->dk = carve(&cur, N * KVD * a);
+        m->dv = carve(&cur, N * KVD * a);
+    }
     m->dqkv_flat = m->qkv_flat;  // free once rope has read it, in forward and in recompute
     m->logits = carve(&cur, (size_t)m->chunk_rows * c->V * 4);
-    m->dlogits = m->be->gpu ? carve(&cur, (size_t)m->chunk_rows * c->V * a) : (void *)m->logits;
+    if (backward) m->dlogits = m->be->gpu ? carve(&cur, (size_t)m->chunk_rows * c->V * a) : (void *)m->logits;
     m->losses = carve(&cur, N * 4);
     m->tokens = carve(&cur, N * 4);
     m->targets = carve(&cur, N * 4);
@@ -340,7 +355,9 @@ mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_confi
     m->compute_offset = calloc((size_t)m->num_params, sizeof(size_t));
     m->layers = calloc((size_t)cfg->L, sizeof *m->layers);
     m->x = calloc((size_t)cfg->L + 1, sizeof *m->x);
-    m->acts = calloc((size_t)(m->checkpointing ? 1 : cfg->L), sizeof *m->acts);
+    m->forward_only = o->forward_only;
+    m->perturb_matrix_holds = m->perturb_vector_holds = -1;
+    m->acts = calloc((size_t)(m->checkpointing || m->forward_only ? 1 : cfg->L), sizeof *m->acts);
     m->tickets = calloc((size_t)cfg->L + 1, sizeof *m->tickets);
     MT_CHECK(m->compute_offset && m->layers && m->x && m->acts && m->tickets, "model tables");
     // NF4 tensors live in their own block; the rest keep the table's order
@@ -363,11 +380,12 @@ mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_confi
     mt_mem_place place = be->gpu ? MT_DEVICE : MT_HOST;
     size_t act = mt_act_size(be);
     mt_err err = mt_alloc(&m->weights, m->compute_total * act, MT_MEM_WEIGHTS, place);
-    if (!err && !m->frozen) err = mt_alloc((void **)&m->grads, m->total * sizeof(float), MT_MEM_GRADS, place);
+    if (!err && !m->frozen && !m->forward_only)
+        err = mt_alloc((void **)&m->grads, m->total * sizeof(float), MT_MEM_GRADS, place);
     if (!err && m->quantized) err = mt_alloc(&m->nf4_storage, nf4_bytes, MT_MEM_WEIGHTS, place);
     if (!err && m->quantized) err = mt_alloc(&m->dequant, widest_linear * act, MT_MEM_WEIGHTS, place);
     if (!err && m->lora.r) err = mt_alloc(&m->adapter_weights, m->adapter_total * act, MT_MEM_ADAPTERS, place);
-    if (!err && m->lora.r)
+    if (!err && m->lora.r && !m->forward_only)
         err = mt_alloc((void **)&m->adapter_grads, m->adapter_total * sizeof(float), MT_MEM_GRADS, place);
     size_t act_bytes = layout_activations(m, 0);
     if (!err) err = mt_alloc(&m->act_block, act_bytes, MT_MEM_ACTIVATIONS, place);
@@ -411,7 +429,7 @@ mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_confi
 
 mt_err mt_model_create(mt_model **out, mt_backend *be, const mt_model_config *cfg, int B, int T,
                        int activation_checkpointing) {
-    mt_model_options o = {B, T, activation_checkpointing, {0}, 0, 0};
+    mt_model_options o = {B, T, activation_checkpointing, {0}, 0, 0, 0};
     return mt_model_create_with(out, be, cfg, &o);
 }
 
@@ -425,6 +443,9 @@ void mt_model_free(mt_model *m) {
     mt_free((void **)&m->adapter_grads);
     mt_free(&m->act_block);
     mt_free(&m->host_x);
+    mt_free(&m->perturb_matrix);
+    mt_free(&m->perturb_vector);
+    free(m->perturb_selected);
     free(m->tickets);
     free(m->params);
     free(m->adapter_params);
@@ -506,18 +527,74 @@ void mt_model_set_adapters(mt_model *m, const float *host_params) {
     MT_CHECK(m->lora.r > 0, "the model has no adapters");
     MT_CHECK(upload_compute(m, m->adapter_weights, host_params, m->adapter_total) == MT_OK,
              "out of device memory staging the adapters");
-    mt_op_zero(m->be, m->adapter_grads, m->adapter_total * sizeof(float));
+    if (m->adapter_grads) mt_op_zero(m->be, m->adapter_grads, m->adapter_total * sizeof(float));
 }
 
 void mt_model_zero_grads(mt_model *m) {
     mt_trainable t;
     mt_model_trainable(m, &t);
-    mt_op_zero(m->be, t.grads, t.total * sizeof(float));
+    if (t.grads) mt_op_zero(m->be, t.grads, t.total * sizeof(float));
+}
+
+mt_err mt_model_enable_perturbation(mt_model *m, const unsigned char *selected) {
+    mt_trainable t;
+    mt_model_trainable(m, &t);
+    free(m->perturb_selected);
+    mt_free(&m->perturb_matrix);
+    mt_free(&m->perturb_vector);
+    m->perturb_selected = malloc((size_t)t.count);
+    MT_CHECK(m->perturb_selected != NULL, "perturbation flags");
+    size_t widest_matrix = 0, widest_vector = 0;
+    for (int i = 0; i < t.count; i++) {
+        m->perturb_selected[i] = selected ? selected[i] != 0 : 1;
+        if (!m->perturb_selected[i]) continue;
+        // the untied embedding is only gathered: its rows are perturbed in place
+        int gathered_only = !m->frozen && i == m->index_wte && m->index_lm != m->index_wte;
+        size_t *widest = t.params[i].ndim == 1 ? &widest_vector : &widest_matrix;
+        if (!gathered_only && t.params[i].count > *widest) *widest = t.params[i].count;
+    }
+    mt_mem_place place = m->be->gpu ? MT_DEVICE : MT_HOST;
+    size_t act = mt_act_size(m->be);
+    mt_err err = MT_OK;
+    if (widest_matrix) err = mt_alloc(&m->perturb_matrix, widest_matrix * act, MT_MEM_WORKSPACE, place);
+    if (!err && widest_vector) err = mt_alloc(&m->perturb_vector, widest_vector * act, MT_MEM_WORKSPACE, place);
+    m->perturb_bytes = (widest_matrix + widest_vector) * act;
+    m->perturb_matrix_holds = m->perturb_vector_holds = -1;
+    return err;
+}
+
+void mt_model_set_perturbation(mt_model *m, uint64_t seed, float scale) {
+    MT_CHECK(m->perturb_selected || scale == 0.0f, "perturbation set before mt_model_enable_perturbation");
+    m->perturb_seed = seed;
+    m->perturb_scale = scale;
+    m->perturb_matrix_holds = m->perturb_vector_holds = -1;
+}
+
+size_t mt_model_perturbation_bytes(const mt_model *m) { return m->perturb_bytes; }
+
+void mt_model_get_trainable(mt_model *m, float *dst) {
+    mt_trainable t;
+    mt_model_trainable(m, &t);
+    if (!m->be->gpu) {
+        memcpy(dst, t.weights, t.total * sizeof(float));
+        return;
+    }
+    const size_t chunk = (size_t)4 << 20;
+    float *staging = NULL;
+    MT_CHECK(mt_alloc((void **)&staging, (t.total < chunk ? t.total : chunk) * sizeof(float), MT_MEM_WORKSPACE,
+                      MT_DEVICE) == MT_OK,
+             "out of device memory reading the weights back");
+    for (size_t start = 0; start < t.total; start += chunk) {
+        size_t count = t.total - start < chunk ? t.total - start : chunk;
+        mt_op_cast_to_f32(m->be, staging, (const char *)t.weights + start * 2, count);
+        mt_copy_to_host(dst + start, staging, count * sizeof(float));
+    }
+    mt_free((void **)&staging);
 }
 
 // ------------------------------------------------------- forward/backward
 
-static layer_acts *acts_of(mt_model *m, int l) { return &m->acts[m->checkpointing ? 0 : l]; }
+static layer_acts *acts_of(mt_model *m, int l) { return &m->acts[m->checkpointing || m->forward_only ? 0 : l]; }
 
 static void *rows(const mt_model *m, void *base, size_t row, size_t width) {
     return (char *)base + row * width * mt_act_size(m->be);
@@ -526,13 +603,38 @@ static void *rows(const mt_model *m, void *base, size_t row, size_t width) {
 // The base weight p of layer l for a matmul: its compute copy, or with NF4
 // the shared buffer, dequantized unless it already holds that weight.
 static const void *base_weight(mt_model *m, int l, int p) {
-    if (!m->quantized || m->layers[l].w[p]) return m->layers[l].w[p];
+    if (!m->quantized || m->layers[l].w[p] || !m->layers[l].q[p].n) return m->layers[l].w[p];
     if (m->dequant_layer != l || m->dequant_param != p) {
         mt_nf4_dequantize(m->be, m->dequant, &m->layers[l].q[p]);
         m->dequant_layer = l, m->dequant_param = p;
     }
     return m->dequant;
 }
+
+// What the forward reads for trainable parameter i stored at w: w itself, or
+// under a MeZO perturbation w + scale z, generated into the scratch buffer of
+// its kind unless that already holds it.
+static const void *perturbed(mt_model *m, int i, const void *w) {
+    if (m->perturb_scale == 0.0f || i < 0 || !m->perturb_selected[i]) return w;
+    const mt_param_info *p = m->frozen ? &m->adapter_params[i] : &m->params[i];
+    int vector = p->ndim == 1;
+    void *buf = vector ? m->perturb_vector : m->perturb_matrix;
+    int *holds = vector ? &m->perturb_vector_holds : &m->perturb_matrix_holds;
+    if (*holds != i) {
+        mt_op_perturb(m->be, buf, w, p->count, m->perturb_scale, m->perturb_seed, p->offset);
+        *holds = i;
+    }
+    return buf;
+}
+
+// Base parameter p of layer l as the forward reads it (NF4 dequantized,
+// perturbed when trainable and selected).
+static const void *layer_weight(mt_model *m, int l, int p) {
+    const void *w = base_weight(m, l, p);
+    return w && !m->frozen ? perturbed(m, m->layers[l].index[p], w) : w;
+}
+
+static const void *lm_weight(mt_model *m) { return m->frozen ? m->lm_w : perturbed(m, m->index_lm, m->lm_w); }
 
 static uint64_t dropout_seed(const mt_model *m, int l, int t) {
     return mt_rng_bits(m->dropout_seed, (uint64_t)l * MT_LORA_MODULES + (uint64_t)t);
@@ -551,8 +653,9 @@ static void lora_forward(mt_model *m, int l, int t, void *y, const void *x, int 
     if (!P->lora_a[t]) return;
     int N = m->B * m->T, r = m->lora.r;
     void *u = acts_of(m, l)->lora_u[t];
-    mt_op_matmul_forward(m->be, u, adapter_input(m, l, t, x, IN), P->lora_a[t], NULL, N, IN, r);
-    mt_op_matmul_forward_add(m->be, y, u, P->lora_b[t], N, r, OUT, m->lora_scale);
+    mt_op_matmul_forward(m->be, u, adapter_input(m, l, t, x, IN), perturbed(m, P->lora_index_a[t], P->lora_a[t]), NULL,
+                         N, IN, r);
+    mt_op_matmul_forward_add(m->be, y, u, perturbed(m, P->lora_index_b[t], P->lora_b[t]), N, r, OUT, m->lora_scale);
 }
 
 // Adds the adapter's gradients from dy (N, OUT) and its part of dx (N, IN),
@@ -585,31 +688,30 @@ static void layer_forward(mt_model *m, int l, int recompute) {
     const mt_model_config *c = &m->cfg;
     mt_backend *be = m->be;
     int N = m->B * m->T, HD = c->H * c->D, KVD = c->KV * c->D;
-    layer_params *P = &m->layers[l];
     layer_acts *A = acts_of(m, l);
     void *qf = m->qkv_flat, *kf = rows(m, qf, (size_t)N, (size_t)HD), *vf = rows(m, kf, (size_t)N, (size_t)KVD);
-    mt_op_rmsnorm_forward(be, A->ln1, A->rstd1, m->x[l], P->w[P_LN1], N, c->C, c->rms_eps);
-    mt_op_matmul_forward(be, qf, A->ln1, base_weight(m, l, P_WQ), P->w[P_BQ], N, c->C, HD);
+    mt_op_rmsnorm_forward(be, A->ln1, A->rstd1, m->x[l], layer_weight(m, l, P_LN1), N, c->C, c->rms_eps);
+    mt_op_matmul_forward(be, qf, A->ln1, layer_weight(m, l, P_WQ), layer_weight(m, l, P_BQ), N, c->C, HD);
     lora_forward(m, l, MT_LORA_Q, qf, A->ln1, c->C, HD);
-    mt_op_matmul_forward(be, kf, A->ln1, base_weight(m, l, P_WK), P->w[P_BK], N, c->C, KVD);
+    mt_op_matmul_forward(be, kf, A->ln1, layer_weight(m, l, P_WK), layer_weight(m, l, P_BK), N, c->C, KVD);
     lora_forward(m, l, MT_LORA_K, kf, A->ln1, c->C, KVD);
-    mt_op_matmul_forward(be, vf, A->ln1, base_weight(m, l, P_WV), P->w[P_BV], N, c->C, KVD);
+    mt_op_matmul_forward(be, vf, A->ln1, layer_weight(m, l, P_WV), layer_weight(m, l, P_BV), N, c->C, KVD);
     lora_forward(m, l, MT_LORA_V, vf, A->ln1, c->C, KVD);
     mt_op_rope_forward(be, A->q, qf, m->cos_table, m->sin_table, m->B, m->T, c->H, c->D, 1);
     mt_op_rope_forward(be, A->k, kf, m->cos_table, m->sin_table, m->B, m->T, c->KV, c->D, 1);
     mt_op_rope_forward(be, A->v, vf, m->cos_table, m->sin_table, m->B, m->T, c->KV, c->D, 0);
     mt_op_attention_forward(be, A->atty, A->lse, A->q, A->k, A->v, m->B, m->T, c->H, c->KV, c->D);
-    mt_op_matmul_forward(be, m->scratch_c, A->atty, base_weight(m, l, P_WO), P->w[P_BO], N, HD, c->C);
+    mt_op_matmul_forward(be, m->scratch_c, A->atty, layer_weight(m, l, P_WO), layer_weight(m, l, P_BO), N, HD, c->C);
     lora_forward(m, l, MT_LORA_O, m->scratch_c, A->atty, HD, c->C);
     mt_op_add(be, A->x2, m->x[l], m->scratch_c, (size_t)N * c->C);
-    mt_op_rmsnorm_forward(be, A->ln2, A->rstd2, A->x2, P->w[P_LN2], N, c->C, c->rms_eps);
-    mt_op_matmul_forward(be, A->gate, A->ln2, base_weight(m, l, P_WG), NULL, N, c->C, c->F);
+    mt_op_rmsnorm_forward(be, A->ln2, A->rstd2, A->x2, layer_weight(m, l, P_LN2), N, c->C, c->rms_eps);
+    mt_op_matmul_forward(be, A->gate, A->ln2, layer_weight(m, l, P_WG), NULL, N, c->C, c->F);
     lora_forward(m, l, MT_LORA_GATE, A->gate, A->ln2, c->C, c->F);
-    mt_op_matmul_forward(be, A->up, A->ln2, base_weight(m, l, P_WU), NULL, N, c->C, c->F);
+    mt_op_matmul_forward(be, A->up, A->ln2, layer_weight(m, l, P_WU), NULL, N, c->C, c->F);
     lora_forward(m, l, MT_LORA_UP, A->up, A->ln2, c->C, c->F);
     if (recompute) return;
     mt_op_swiglu_forward(be, m->f0, A->gate, A->up, (size_t)N * c->F);
-    mt_op_matmul_forward(be, m->scratch_c, m->f0, base_weight(m, l, P_WD), NULL, N, c->F, c->C);
+    mt_op_matmul_forward(be, m->scratch_c, m->f0, layer_weight(m, l, P_WD), NULL, N, c->F, c->C);
     lora_forward(m, l, MT_LORA_DOWN, m->scratch_c, m->f0, c->F, c->C);
     mt_op_add(be, m->x[l + 1], A->x2, m->scratch_c, (size_t)N * c->C);
 }
@@ -693,6 +795,9 @@ static void body_forward(mt_model *m) {
     const mt_model_config *c = &m->cfg;
     int N = m->B * m->T, offload = m->offload && m->training;
     mt_op_embedding_forward(m->be, m->x[0], m->tokens, m->wte, N, c->C);
+    if (m->perturb_scale != 0.0f && !m->frozen && m->perturb_selected[m->index_wte])
+        mt_op_perturb_rows(m->be, m->x[0], m->tokens, N, c->C, m->perturb_scale, m->perturb_seed,
+                           m->params[m->index_wte].offset);
     if (offload) move_x(m, 0, 1);
     for (int l = 0; l < c->L; l++) {
         // x[l+1]'s slot held x[l-1]: its copy out must be done
@@ -700,22 +805,26 @@ static void body_forward(mt_model *m) {
         layer_forward(m, l, 0);
         if (offload && l + 1 <= c->L - 2) move_x(m, l + 1, 1);
     }
-    mt_op_rmsnorm_forward(m->be, m->lnf, m->rstdf, m->x[c->L], m->norm_w, N, c->C, c->rms_eps);
+    const void *norm_w = m->frozen ? m->norm_w : perturbed(m, m->index_norm, m->norm_w);
+    mt_op_rmsnorm_forward(m->be, m->lnf, m->rstdf, m->x[c->L], norm_w, N, c->C, c->rms_eps);
 }
 
 double mt_model_step(mt_model *m, const int32_t *inputs, const int32_t *targets, float dscale, int backward) {
     const mt_model_config *c = &m->cfg;
     mt_backend *be = m->be;
     int N = m->B * m->T;
+    MT_CHECK(!backward || (!m->forward_only && m->perturb_scale == 0.0f),
+             "backward on a forward-only or perturbed model");
     m->training = backward;
     upload_tokens(m, inputs, targets);
     body_forward(m);
+    const void *lm_w = lm_weight(m);
     // lm_head and the loss in row chunks; backward of each chunk right away,
     // so only one chunk of logits ever exists
     for (int r0 = 0; r0 < N; r0 += m->chunk_rows) {
         int R = N - r0 < m->chunk_rows ? N - r0 : m->chunk_rows;
         void *x = rows(m, m->lnf, (size_t)r0, (size_t)c->C);
-        mt_op_logits_forward(be, m->logits, x, m->lm_w, R, c->C, c->V);
+        mt_op_logits_forward(be, m->logits, x, lm_w, R, c->C, c->V);
         mt_op_crossentropy(be, m->losses + r0, backward ? m->dlogits : NULL, m->logits, m->targets + r0, R, c->V,
                            dscale);
         if (backward)
@@ -745,9 +854,10 @@ void mt_model_logits(mt_model *m, const int32_t *inputs, float *logits) {
     m->training = 0;
     upload_tokens(m, inputs, NULL);
     body_forward(m);
+    const void *lm_w = lm_weight(m);
     for (int r0 = 0; r0 < N; r0 += m->chunk_rows) {
         int R = N - r0 < m->chunk_rows ? N - r0 : m->chunk_rows;
-        mt_op_logits_forward(m->be, m->logits, rows(m, m->lnf, (size_t)r0, (size_t)c->C), m->lm_w, R, c->C, c->V);
+        mt_op_logits_forward(m->be, m->logits, rows(m, m->lnf, (size_t)r0, (size_t)c->C), lm_w, R, c->C, c->V);
         size_t bytes = (size_t)R * c->V * sizeof(float);
         if (m->be->gpu)
             mt_copy_to_host(logits + (size_t)r0 * c->V, m->logits, bytes);

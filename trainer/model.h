@@ -73,6 +73,8 @@ typedef struct {
     mt_lora_config lora;           // lora.r > 0: adapters trained, the base frozen
     int quantize_nf4;              // QLoRA: the base's linear weights in NF4 (needs lora.r > 0)
     int offload_activations;       // with checkpointing: layer inputs kept in (pinned) host memory
+    int forward_only;              // inference memory: no gradients, no backward buffers, one
+                                   // layer's activations (MeZO, evaluation)
 } mt_model_options;
 
 // Builds the parameter tables and allocates weights, gradients (of the
@@ -100,6 +102,22 @@ void mt_model_set_adapters(mt_model *m, const float *host_params);
 void mt_model_set_dropout_seed(mt_model *m, uint64_t seed);
 // Bytes that hold the base weights on the backend (NF4 storage included).
 size_t mt_model_base_weight_bytes(const mt_model *m);
+
+// MeZO (Malladi et al., 2023): the forward reads every selected trainable
+// parameter w as w + scale * z(seed, offset + j), offset being its place in
+// the trainable block (ops.h's z stream). The stored weights never change;
+// each perturbed tensor is generated into a scratch buffer when a matmul or
+// norm reads it (the embedding's gathered rows are perturbed in place), so
+// +eps / -eps / restore cost no rounding. selected: one flag per trainable
+// parameter (mt_model_trainable's order), NULL for all; it allocates that
+// scratch (workspace: the widest selected matrix and vector).
+mt_err mt_model_enable_perturbation(mt_model *m, const unsigned char *selected);
+// The perturbation of the following forward passes; scale 0 turns it off.
+void mt_model_set_perturbation(mt_model *m, uint64_t seed, float scale);
+// Bytes of the perturbation scratch.
+size_t mt_model_perturbation_bytes(const mt_model *m);
+// The trainable block's compute weights as fp32 host values (total floats).
+void mt_model_get_trainable(mt_model *m, float *dst);
 
 const mt_model_config *mt_model_get_config(const mt_model *m);
 const mt_param_info *mt_model_params(const mt_model *m, int *count);

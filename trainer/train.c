@@ -4,6 +4,7 @@
 
 #include <cjson/cJSON.h>
 #include <errno.h>
+#include <fnmatch.h>
 #include <math.h>
 #include <signal.h>
 #include <stdio.h>
@@ -16,6 +17,7 @@
 #include "kernels/device.h"
 #include "kernels/mem.h"
 #include "kernels/rng.h"
+#include "optim/mezo.h"
 #include "optim/optimizer.h"
 #include "optim/schedule.h"
 #include "trainer/checkpoint.h"
@@ -151,22 +153,75 @@ typedef struct {
     const mt_config *cfg;
     const mt_model_config *mc;
     const mt_lora_config *lora;  // NULL: full fine-tune
-    mt_optimizer *opt;
+    mt_optimizer *opt;           // AdamW; NULL with MeZO
+    mt_model *model;
     mt_loader *train;
     float *master, *m, *v;  // host buffers of the parameter count
 } checkpoint_ctx;
 
+// The trained values as fp32 host values: AdamW's master copy, or with MeZO
+// (no master) the compute weights themselves.
+static void get_trained(checkpoint_ctx *c, float *dst) {
+    if (c->opt)
+        mt_optimizer_get_master(c->opt, dst);
+    else
+        mt_model_get_trainable(c->model, dst);
+}
+
 static mt_err save_checkpoint(checkpoint_ctx *c, long steps_done) {
-    mt_optimizer_get_master(c->opt, c->master);
-    mt_optimizer_get_moments(c->opt, c->m, c->v);
+    get_trained(c, c->master);
+    if (c->opt) mt_optimizer_get_moments(c->opt, c->m, c->v);
     mt_cursor cursor = mt_loader_get_cursor(c->train);
-    mt_checkpoint_meta meta = {steps_done, cursor.epoch, cursor.batch, mt_optimizer_steps_taken(c->opt),
+    mt_checkpoint_meta meta = {steps_done, cursor.epoch, cursor.batch,
+                               c->opt ? mt_optimizer_steps_taken(c->opt) : (int)steps_done,
                                mt_config_training_hash(c->cfg)};
     double t0 = mt_now();
-    mt_err err = mt_checkpoint_write(c->cfg->output_dir, c->cfg->model_path, c->mc, c->lora, c->master, c->m, c->v,
-                                     &meta, (int)c->cfg->checkpoint_keep);
+    mt_err err = mt_checkpoint_write(c->cfg->output_dir, c->cfg->model_path, c->mc, c->lora, c->master,
+                                     c->opt ? c->m : NULL, c->opt ? c->v : NULL, &meta, (int)c->cfg->checkpoint_keep);
     if (!err) mt_info("checkpoint: %s/checkpoints/step-%08ld (%.1fs)", c->cfg->output_dir, steps_done, mt_now() - t0);
     return err;
+}
+
+// MeZO's loss callback: the step's micro-batches under the perturbation
+// (seed, scale), as the mean over all their targets.
+typedef struct {
+    mt_model *model;
+    const batch_set *batch;
+    int accum, B, T;
+    long valid_total;
+} mezo_batch;
+
+static double mezo_batch_loss(void *ctx, uint64_t seed, float scale) {
+    mezo_batch *b = ctx;
+    mt_model_set_perturbation(b->model, seed, scale);
+    double sum = 0.0;
+    for (int a = 0; a < b->accum; a++) {
+        size_t at = (size_t)a * b->B * b->T;
+        sum += mt_model_step(b->model, b->batch->inputs + at, b->batch->targets + at, 0.0f, 0);
+    }
+    mt_model_set_perturbation(b->model, 0, 0.0f);
+    return b->valid_total ? sum / (double)b->valid_total : NAN;
+}
+
+// mezo.trainable: which trainable parameters match one of the comma-separated
+// glob patterns. Returns how many do.
+static int select_trainable(const char *patterns, const mt_param_info *table, int n, unsigned char *selected) {
+    int count = 0;
+    for (int i = 0; i < n; i++) {
+        selected[i] = 0;
+        for (const char *p = patterns; *p && !selected[i];) {
+            const char *end = strchr(p, ',');
+            size_t len = end ? (size_t)(end - p) : strlen(p);
+            char pattern[256];
+            while (len && *p == ' ') p++, len--;
+            while (len && p[len - 1] == ' ') len--;
+            snprintf(pattern, sizeof pattern, "%.*s", (int)len, p);
+            if (pattern[0] && fnmatch(pattern, table[i].name, 0) == 0) selected[i] = 1;
+            p = end ? end + 1 : p + len;
+        }
+        count += selected[i];
+    }
+    return count;
 }
 
 mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
@@ -197,7 +252,10 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
                              (int)cfg->model_activation_checkpointing,
                              {0},
                              !strcmp(cfg->model_quantize, "nf4"),
-                             (int)cfg->model_offload_activations};
+                             (int)cfg->model_offload_activations,
+                             0};
+    int mezo = !strcmp(cfg->optim_kind, "mezo");
+    opts.forward_only = mezo;
     if (cfg->lora_r > 0) {
         opts.lora = (mt_lora_config){(int)cfg->lora_r, (float)cfg->lora_alpha, (float)cfg->lora_dropout,
                                      (int)cfg->lora_rslora, 0};
@@ -257,7 +315,9 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     }
     mt_checkpoint_meta resume = {0};
     if (resume_dir[0]) {
-        if ((err = mt_checkpoint_read(resume_dir, &mc, lora, trained, moment_m, moment_v, &resume))) goto out_params;
+        if ((err = mt_checkpoint_read(resume_dir, &mc, lora, trained, mezo ? NULL : moment_m, mezo ? NULL : moment_v,
+                                      &resume)))
+            goto out_params;
         if (resume.config_hash != mt_config_training_hash(cfg)) {
             err = mt_errorf(MT_ERR_CONFIG,
                             "%s was written by a run with a different configuration (model, data, train or optim "
@@ -296,6 +356,8 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
         snprintf(devname, sizeof devname, "CPU (fp32 reference backend)");
     mt_model *model = NULL;
     mt_optimizer *opt = NULL;
+    mt_mezo *mz = NULL;
+    unsigned char *selected = NULL;
     if ((err = mt_model_create_with(&model, &be, &mc, &opts))) goto out_backend;
     if ((err = mt_model_set_weights(model, host_params))) goto out_model;
     if (lora) {
@@ -305,15 +367,40 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     }
     mt_trainable tr;
     mt_model_trainable(model, &tr);
-    mt_param_group *groups = malloc((size_t)n_trained * sizeof *groups);
-    for (int i = 0; i < n_trained; i++)
-        groups[i] = (mt_param_group){trained_table[i].offset, trained_table[i].count, trained_table[i].decay};
-    mt_adamw_config ac = {(float)cfg->optim_lr,  (float)cfg->optim_beta1,        (float)cfg->optim_beta2,
-                          (float)cfg->optim_eps, (float)cfg->optim_weight_decay, (float)cfg->optim_grad_clip};
-    err = mt_optimizer_init(&opt, &be, &ac, tr.weights, trained, trained_total, groups, n_trained);
+    mt_param_group *groups = malloc((size_t)(n_trained ? n_trained : 1) * sizeof *groups);
+    selected = calloc((size_t)(n_trained ? n_trained : 1), 1);
+    MT_CHECK(groups && selected, "parameter groups");
+    int n_groups = 0, n_selected = n_trained;
+    size_t selected_count = 0;
+    if (mezo) {
+        n_selected = select_trainable(cfg->mezo_trainable, trained_table, n_trained, selected);
+        if (n_selected == 0) {
+            err = mt_errorf(MT_ERR_CONFIG,
+                            "mezo.trainable '%s' matches none of the %d trainable parameters (they are named like "
+                            "%s); use * for all",
+                            cfg->mezo_trainable, n_trained, n_trained ? trained_table[n_trained - 1].name : "?");
+            free(groups);
+            goto out_model;
+        }
+    }
+    for (int i = 0; i < n_trained; i++) {
+        if (mezo && !selected[i]) continue;
+        groups[n_groups++] = (mt_param_group){trained_table[i].offset, trained_table[i].count, trained_table[i].decay};
+        selected_count += trained_table[i].count;
+    }
+    if (mezo) {
+        mt_mezo_config zc = {(float)cfg->mezo_eps, (int)cfg->mezo_samples, (float)cfg->optim_weight_decay,
+                             (uint64_t)cfg->train_seed};
+        err = mt_model_enable_perturbation(model, selected);
+        if (!err) err = mt_mezo_init(&mz, &be, &zc, tr.weights, groups, n_groups);
+    } else {
+        mt_adamw_config ac = {(float)cfg->optim_lr,  (float)cfg->optim_beta1,        (float)cfg->optim_beta2,
+                              (float)cfg->optim_eps, (float)cfg->optim_weight_decay, (float)cfg->optim_grad_clip};
+        err = mt_optimizer_init(&opt, &be, &ac, tr.weights, trained, trained_total, groups, n_groups);
+    }
     free(groups);
     if (err) goto out_model;
-    if (resume_dir[0]) mt_optimizer_set_moments(opt, moment_m, moment_v, resume.optimizer_steps);
+    if (resume_dir[0] && opt) mt_optimizer_set_moments(opt, moment_m, moment_v, resume.optimizer_steps);
 
     // ---- run folder
     char path[1200];
@@ -347,6 +434,16 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
                 opts.quantize_nf4 ? " in NF4" : "", mt_model_base_weight_bytes(model) / 1073741824.0,
                 use_gpu ? "GPU" : "host", (double)mt_model_base_weight_bytes(model) / (double)count);
     }
+    if (mezo) {
+        mt_info(
+            "MeZO eps=%g samples=%d: %d of %d trainable tensors, %.2fM parameters (%s); no gradients or optimizer "
+            "state, %.1f MiB perturbation scratch",
+            cfg->mezo_eps, (int)cfg->mezo_samples, n_selected, n_trained, selected_count / 1e6, cfg->mezo_trainable,
+            mt_model_perturbation_bytes(model) / 1048576.0);
+        if (lora && lora->dropout > 0)
+            mt_info("lora.dropout %g is not applied: MeZO's two forward passes must see the same function",
+                    lora->dropout);
+    }
     mt_info("data %s: %llu tokens in %llu docs, %llu train batches/epoch", cfg->data_train,
             (unsigned long long)mt_dataset_num_tokens(ds), (unsigned long long)mt_dataset_num_docs(ds),
             (unsigned long long)mt_loader_batches_per_epoch(train));
@@ -370,7 +467,7 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     }
     double t_start = mt_now(), t_last = t_start;
     long tokens_since = 0;
-    checkpoint_ctx ckpt = {cfg, &mc, lora, opt, train, trained, moment_m, moment_v};
+    checkpoint_ctx ckpt = {cfg, &mc, lora, opt, model, train, trained, moment_m, moment_v};
     stop_signal = 0;
     struct sigaction action = {0}, old_int, old_term;
     action.sa_handler = on_stop_signal;
@@ -386,19 +483,32 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
             valid_total += bs.valid[a];
         }
         if (err) break;
-        float dscale = valid_total ? 1.0f / (float)valid_total : 0.0f;
-        mt_model_zero_grads(model);
-        double loss_sum = 0.0;
-        for (int a = 0; a < accum; a++) {
-            // dropout masks: a fresh draw per micro-batch, the same after a resume
-            mt_model_set_dropout_seed(model, mt_rng_bits((uint64_t)cfg->train_seed, (uint64_t)step * accum + a));
-            loss_sum += mt_model_step(model, bs.inputs + (size_t)a * B * T, bs.targets + (size_t)a * B * T, dscale, 1);
-        }
-        double loss = valid_total ? loss_sum / (double)valid_total : NAN;
         float lr = mt_schedule_lr(&sched, step);
+        double loss;
         // a non-finite loss or gradient stops the run before any update is applied
         mt_step_info info = {NAN, 0};
-        if (isfinite(loss)) mt_optimizer_step(opt, tr.grads, lr, &info);
+        if (mezo) {
+            mezo_batch mb = {model, &bs, accum, B, T, valid_total};
+            double pair_losses[2 * MT_ZO_MAX_DIRECTIONS];
+            mt_mezo_losses(mz, step, mezo_batch_loss, &mb, pair_losses);
+            // (data parallelism averages the 2 * samples pair_losses across ranks here)
+            mt_mezo_info zi;
+            mt_mezo_update(mz, step, pair_losses, lr, &zi);
+            loss = zi.loss;
+            info = (mt_step_info){zi.projected_grad_rms, zi.finite};
+        } else {
+            float dscale = valid_total ? 1.0f / (float)valid_total : 0.0f;
+            mt_model_zero_grads(model);
+            double loss_sum = 0.0;
+            for (int a = 0; a < accum; a++) {
+                // dropout masks: a fresh draw per micro-batch, the same after a resume
+                mt_model_set_dropout_seed(model, mt_rng_bits((uint64_t)cfg->train_seed, (uint64_t)step * accum + a));
+                loss_sum +=
+                    mt_model_step(model, bs.inputs + (size_t)a * B * T, bs.targets + (size_t)a * B * T, dscale, 1);
+            }
+            loss = valid_total ? loss_sum / (double)valid_total : NAN;
+            if (isfinite(loss)) mt_optimizer_step(opt, tr.grads, lr, &info);
+        }
         if ((!isfinite(loss) || !info.finite) && !strcmp(cfg->train_on_nonfinite, "skip")) {
             mt_warn("step %d: loss %g, gradient norm %g: update skipped (train.on_nonfinite: skip)", step + 1, loss,
                     info.grad_norm);
@@ -436,16 +546,16 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
             format_duration((now - t_start) / (step + 1) * (cfg->train_steps - step - 1), eta, sizeof eta);
             if (isfinite(eval_loss)) snprintf(evaltext, sizeof evaltext, " | eval %.4f", eval_loss);
             fprintf(stderr,
-                    "step %*d/%ld | loss %.4f%s | lr %.2e | grad norm %.3f | %.0f tok/s | peak mem %.2f GiB | "
+                    "step %*d/%ld | loss %.4f%s | lr %.2e | %s %.3f | %.0f tok/s | peak mem %.2f GiB | "
                     "ETA %s\n",
                     (int)(log10((double)cfg->train_steps) + 1), step + 1, cfg->train_steps, loss, evaltext, lr,
-                    info.grad_norm, tps, peak_bytes(&be) / 1073741824.0, eta);
+                    mezo ? "proj grad" : "grad norm", info.grad_norm, tps, peak_bytes(&be) / 1073741824.0, eta);
             cJSON *rec = cJSON_CreateObject();
             cJSON_AddNumberToObject(rec, "step", step + 1);
             cJSON_AddNumberToObject(rec, "loss", loss);
             if (isfinite(eval_loss)) cJSON_AddNumberToObject(rec, "eval_loss", eval_loss);
             cJSON_AddNumberToObject(rec, "lr", lr);
-            cJSON_AddNumberToObject(rec, "grad_norm", info.grad_norm);
+            cJSON_AddNumberToObject(rec, mezo ? "projected_grad_rms" : "grad_norm", info.grad_norm);
             cJSON_AddNumberToObject(rec, "tokens_per_second", tps);
             cJSON_AddNumberToObject(rec, "peak_memory_bytes", (double)peak_bytes(&be));
             cJSON_AddNumberToObject(rec, "elapsed_seconds", now - t_start);
@@ -489,14 +599,14 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
         mt_info("memory (%s): %s", use_gpu ? "GPU" : "host", report);
     }
     if (!err && !stopped && cfg->output_save_model && lora) {
-        mt_optimizer_get_master(opt, trained);
+        get_trained(&ckpt, trained);
         snprintf(path, sizeof path, "%s/adapter", cfg->output_dir);
         err = mt_lora_save(path, lora, cfg->model_path, trained_table, n_trained, trained);
         if (!err)
             mt_info("saved %s (PEFT layout; merge with: memtune merge --model %s --adapter %s -o MERGED)", path,
                     cfg->model_path, path);
     } else if (!err && !stopped && cfg->output_save_model) {
-        mt_optimizer_get_master(opt, host_params);
+        get_trained(&ckpt, host_params);
         mt_dtype dtype = !strcmp(cfg->output_save_dtype, "F32")    ? MT_DTYPE_F32
                          : !strcmp(cfg->output_save_dtype, "BF16") ? MT_DTYPE_BF16
                          : random_init                             ? MT_DTYPE_F32
@@ -506,6 +616,8 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
         if (!err) mt_info("saved %s (%s, Hugging Face layout)", path, mt_dtype_name(dtype));
     }
 out_model:
+    free(selected);
+    mt_mezo_free(mz);
     mt_optimizer_free(opt);
     mt_model_free(model);
 out_backend:
