@@ -939,17 +939,40 @@ static __device__ uint4 philox_group(unsigned long long seed, unsigned long long
     return curand_Philox4x32_10(counter, key);
 }
 
+// Box-Muller in hardware approximations (MUFU log2, sin, cos: absolute
+// errors near 1e-6, far below bf16's resolution), the angle taken in
+// [-pi, pi) where __sincosf is accurate: cos(2 pi u - pi) = -cos(2 pi u).
 static __device__ void gauss4(unsigned long long seed, unsigned long long group, float z[4]) {
     uint4 w = philox_group(seed, group);
     unsigned words[4] = {w.x, w.y, w.z, w.w};
     for (int pair = 0; pair < 2; pair++) {
         float u1 = (float)((words[2 * pair] >> 8) + 1u) * (1.0f / 16777216.0f);
         float u2 = (float)(words[2 * pair + 1] >> 8) * (1.0f / 16777216.0f);
-        float r = sqrtf(-2.0f * logf(u1)), s, c;
-        sincospif(2.0f * u2, &s, &c);
-        z[2 * pair] = r * c;
-        z[2 * pair + 1] = r * s;
+        float r = sqrtf(-2.0f * __logf(u1)), s, c;
+        __sincosf(6.283185307f * u2 - 3.141592654f, &s, &c);
+        z[2 * pair] = -r * c;
+        z[2 * pair + 1] = -r * s;
     }
+}
+
+// Four bf16 at 8-byte aligned p, as floats and back.
+static __device__ void load4(const bf16 *p, float v[4]) {
+    uint2 raw = *(const uint2 *)p;
+    __nv_bfloat162 lo = *(__nv_bfloat162 *)&raw.x, hi = *(__nv_bfloat162 *)&raw.y;
+    float2 a = __bfloat1622float2(lo), b = __bfloat1622float2(hi);
+    v[0] = a.x, v[1] = a.y, v[2] = b.x, v[3] = b.y;
+}
+
+static __device__ void store4(bf16 *p, const bf16 v[4]) {
+    __nv_bfloat162 lo = __halves2bfloat162(v[0], v[1]), hi = __halves2bfloat162(v[2], v[3]);
+    uint2 raw;
+    raw.x = *(unsigned *)&lo, raw.y = *(unsigned *)&hi;
+    *(uint2 *)p = raw;
+}
+
+// Whether a thread's four elements from j0 are whole and 8-byte aligned.
+static __device__ bool whole4(const void *base, long long j0, size_t n) {
+    return j0 >= 0 && (size_t)j0 + 4 <= n && (((uintptr_t)base + (size_t)j0 * 2) & 7) == 0;
 }
 
 // Element j0 + q (q < 4) of a range has z index 4 * group + q; j0 may be
@@ -967,6 +990,14 @@ static __global__ void perturb_kernel(bf16 *dst, const bf16 *src, size_t n, floa
     float z[4];
     gauss4(seed, offset / 4 + t, z);
     long long j0 = group_start(t, offset);
+    if (whole4(src, j0, n) && whole4(dst, j0, n)) {
+        float v[4];
+        bf16 out[4];
+        load4(src + j0, v);
+        for (int q = 0; q < 4; q++) out[q] = __float2bfloat16(v[q] + scale * z[q]);
+        store4(dst + j0, out);
+        return;
+    }
     for (int q = 0; q < 4; q++) {
         long long j = j0 + q;
         if (j >= 0 && (size_t)j < n) dst[j] = __float2bfloat16(__bfloat162float(src[j]) + scale * z[q]);
@@ -1022,9 +1053,23 @@ static __global__ void zo_update_kernel(bf16 *w, size_t n, unsigned long long of
         gauss4(d.seed[k], group, z);
         for (int q = 0; q < 4; q++) step[q] += d.coef[k] * z[q];
     }
-    uint4 r = philox_group(round_seed, group);
-    unsigned random[4] = {r.x, r.y, r.z, r.w};
+    // the rounding needs independent bits, not Philox's quality: a SplitMix64
+    // finaliser of (seed, group) gives 16 bits per element at a sixth of the cost
+    unsigned long long h = round_seed ^ (group * 0x9e3779b97f4a7c15ull);
+    h = (h ^ (h >> 30)) * 0xbf58476d1ce4e5b9ull;
+    h = (h ^ (h >> 27)) * 0x94d049bb133111ebull;
+    h ^= h >> 31;
+    unsigned random[4] = {(unsigned)(h << 16), (unsigned)h & 0xffff0000u, (unsigned)(h >> 16) << 16,
+                          (unsigned)(h >> 32) & 0xffff0000u};
     long long j0 = group_start(t, offset);
+    if (whole4(w, j0, n)) {
+        float v[4];
+        bf16 out[4];
+        load4(w + j0, v);
+        for (int q = 0; q < 4; q++) out[q] = bf16_stochastic(v[q] - lr * (step[q] + weight_decay * v[q]), random[q]);
+        store4(w + j0, out);
+        return;
+    }
     for (int q = 0; q < 4; q++) {
         long long j = j0 + q;
         if (j < 0 || (size_t)j >= n) continue;

@@ -81,8 +81,9 @@ typedef struct {
     float coef[MT_ZO_MAX_DIRECTIONS];     // its weight: projected gradient / count
 } mt_zo_directions;
 // w -= lr * (sum_k coef_k z(seed_k, offset + j) + weight_decay * w). On the
-// GPU the bf16 result is rounded stochastically with Philox bits keyed by
-// round_seed: unbiased, so steps far below bf16's resolution still count.
+// GPU the bf16 result is rounded stochastically with 16 random bits per
+// element keyed by round_seed (a SplitMix64 hash of the element's group):
+// unbiased, so steps far below bf16's resolution still count.
 void mt_op_zo_update(const mt_backend *be, void *w, size_t n, uint64_t offset, const mt_zo_directions *d, float lr,
                      float weight_decay, uint64_t round_seed);
 // logits (N, V) fp32 = inp (N, C) @ weight (V, C)^T.

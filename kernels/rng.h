@@ -30,7 +30,7 @@ void mt_philox4x32_10(const uint32_t counter[4], const uint32_t key[2], uint32_t
 // u2 = (b >> 8) / 2^24: z[4g] = r cos(2 pi u2), z[4g+1] = r sin(2 pi u2),
 // r = sqrt(-2 ln u1), likewise z[4g+2], z[4g+3] from (c, d). The GPU draws
 // the same words from cuRAND and differs only by its single-precision
-// log/sqrt/sincos (about 1e-6).
+// hardware log/sin/cos (absolute differences near 1e-6).
 void mt_rng_gauss4(uint64_t seed, uint64_t group, float out[4]);
 float mt_rng_gauss(uint64_t seed, uint64_t i);
 // 32 random bits number i of the stream keyed by seed (Philox group i / 4,

@@ -6,7 +6,7 @@
 set -euo pipefail
 BUILD=${1:-build}
 mkdir -p "$BUILD/gpu-libs"
-for bin in "$BUILD/memtune" "$BUILD"/tests/test_* "$BUILD/tests/mt_parity"; do
+for bin in "$BUILD/memtune" "$BUILD"/tests/test_* "$BUILD/tests/mt_parity" "$BUILD"/mt_*_bench; do
     ldd "$bin"
 done | awk '$2 == "=>" && $3 ~ /^\// {print $3}' | sort -u |
     grep -v -E '/(libc|libm|libdl|librt|libpthread|libstdc\+\+|libgcc_s|libcublas|libcublasLt|libcudart)\.so' |

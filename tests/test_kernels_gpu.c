@@ -14,7 +14,9 @@
 #include "kernels/nf4.h"
 #include "kernels/nf4_cuda.h"
 #include "kernels/ops.h"
+#include "kernels/ops_cuda.h"
 #include "kernels/ops_ref.h"
+#include "kernels/rng.h"
 #include "testutil.h"
 
 static mt_backend be;
@@ -452,6 +454,127 @@ START_TEST(adamw_sums_and_casts) {
 }
 END_TEST
 
+// --------------------------------------------------------------------- MeZO
+
+START_TEST(philox_words_equal_the_cpu_stream) {
+    const size_t groups = 1025;
+    uint32_t *d = mt_device_malloc(groups * 16), *h = malloc(groups * 16);
+    ck_assert_ptr_nonnull(d);
+    mt_philox_words_cuda(d, groups, 0x0123456789abcdefull);
+    mt_copy_to_host(h, d, groups * 16);
+    for (size_t i = 0; i < groups * 4; i++)
+        ck_assert_msg(h[i] == mt_rng_philox_word(0x0123456789abcdefull, i), "word %zu", i);
+    mt_device_free(d);
+    free(h);
+}
+END_TEST
+
+START_TEST(perturb_ops) {
+    static const size_t sizes[] = {1, 7, 22, 257, 1025, 100003};
+    static const uint64_t offsets[] = {0, 1, 3, 4099};
+    for (int si = 0; si < 6; si++)
+        for (int oi = 0; oi < 4; oi++) {
+            size_t n = sizes[si];
+            uint64_t off = offsets[oi];
+            float *w = host_random(n, -0.1f, 0.1f), *ref = malloc(n * 4);
+            void *dw = dev_bf16(w, n), *dout = dev_poisoned(n * 2);
+            mt_op_perturb(&be, dout, dw, n, 1e-2f, 31, off);
+            mt_perturb_ref(ref, w, n, 1e-2f, 31, off);
+            float *got = host_from_bf16(dout, n);
+            // one bf16 rounding of the sum; z agrees to ~1e-6
+            for (size_t j = 0; j < n; j++)
+                ck_assert_msg(fabsf(got[j] - ref[j]) <= fabsf(ref[j]) * (1.0f / 256) + 1e-6f,
+                              "perturb n=%zu offset=%llu j=%zu: %g vs %g", n, (unsigned long long)off, j, got[j],
+                              ref[j]);
+            // in place (dst = src) gives the same values
+            mt_op_perturb(&be, dw, dw, n, 1e-2f, 31, off);
+            float *inplace = host_from_bf16(dw, n);
+            ck_assert(memcmp(inplace, got, n * 4) == 0);
+            free(w), free(ref), free(got), free(inplace);
+            mt_device_free(dw), mt_device_free(dout);
+        }
+    // embedding rows
+    int N = 37, C = 22, V = 11;
+    int32_t *tokens = malloc(N * 4);
+    for (int i = 0; i < N; i++) tokens[i] = (int32_t)(mt_rng_bits(3, i) % V);
+    float *x = host_random((size_t)N * C, -1, 1), *ref = malloc((size_t)N * C * 4);
+    memcpy(ref, x, (size_t)N * C * 4);
+    void *dx = dev_bf16(x, (size_t)N * C), *dt = dev_f32((const float *)tokens, N);
+    mt_op_perturb_rows(&be, dx, dt, N, C, 0.5f, 9, 13);
+    mt_perturb_rows_ref(ref, tokens, N, C, 0.5f, 9, 13);
+    float *got = host_from_bf16(dx, (size_t)N * C);
+    for (int i = 0; i < N * C; i++) ck_assert_msg(fabsf(got[i] - ref[i]) <= fabsf(ref[i]) / 256 + 1e-6f, "row %d", i);
+    free(tokens), free(x), free(ref), free(got);
+    mt_device_free(dx), mt_device_free(dt);
+}
+END_TEST
+
+START_TEST(zo_update_rounds_stochastically) {
+    static const size_t sizes[] = {1, 7, 257, 100003};
+    for (int si = 0; si < 4; si++) {
+        size_t n = sizes[si];
+        float *w = host_random(n, -0.5f, 0.5f), *ref = malloc(n * 4);
+        memcpy(ref, w, n * 4);
+        void *dw = dev_bf16(w, n);
+        mt_zo_directions d = {3, {101, 202, 303}, {0.5f, -1.0f, 2.0f}};
+        mt_op_zo_update(&be, dw, n, 5, &d, 1e-3f, 0.1f, 77);
+        mt_zo_update_ref(ref, n, 5, d.count, d.seed, d.coef, 1e-3f, 0.1f);
+        float *got = host_from_bf16(dw, n);
+        // one of the two bf16 neighbours of the exact value
+        for (size_t j = 0; j < n; j++)
+            ck_assert_msg(fabsf(got[j] - ref[j]) <= fabsf(ref[j]) / 128 + 1e-6f, "update j=%zu: %g vs %g", j, got[j],
+                          ref[j]);
+        free(w), free(ref), free(got);
+        mt_device_free(dw);
+    }
+    // a step of 1e-4 on values of 1.0 is below half a bf16 ulp (2^-9): round
+    // to nearest would lose it, stochastic rounding keeps it on average
+    size_t n = 1 << 20;
+    float *ones = malloc(n * 4);
+    for (size_t j = 0; j < n; j++) ones[j] = 1.0f;
+    void *dw = dev_bf16(ones, n);
+    mt_zo_directions d = {1, {1}, {0.0f}};
+    mt_op_zo_update(&be, dw, n, 0, &d, 1e-3f, 0.1f, 5);  // w -= 1e-3 * 0.1 * w
+    float *got = host_from_bf16(dw, n);
+    double mean = 0;
+    for (size_t j = 0; j < n; j++) {
+        ck_assert(got[j] == 1.0f || got[j] == 1.0f - 1.0f / 256);
+        mean += got[j];
+    }
+    mean /= n;
+    printf("stochastic rounding: 1 - 1e-4 stored in bf16 averages %.7f over %zu values\n", mean, n);
+    ck_assert_msg(fabs(mean - (1.0 - 1e-4)) < 5e-6, "mean %.8f", mean);
+    free(ones), free(got);
+    mt_device_free(dw);
+}
+END_TEST
+
+// Why the model never perturbs bf16 weights in place: +eps, -2 eps, +eps
+// each round to bf16 and the values wander.
+START_TEST(in_place_bf16_drift_is_measured) {
+    size_t n = 1 << 16;
+    float *w = malloc(n * 4);
+    for (size_t j = 0; j < n; j++) w[j] = mt_round_bf16(0.02f * mt_rng_gauss(1, j));
+    void *dw = dev_bf16(w, n);
+    for (int t = 0; t < 1000; t++) {
+        mt_op_perturb(&be, dw, dw, n, 1e-3f, (uint64_t)t, 0);
+        mt_op_perturb(&be, dw, dw, n, -2e-3f, (uint64_t)t, 0);
+        mt_op_perturb(&be, dw, dw, n, 1e-3f, (uint64_t)t, 0);
+    }
+    float *got = host_from_bf16(dw, n);
+    double worst = 0, sum = 0;
+    for (size_t j = 0; j < n; j++) {
+        double dlt = fabs((double)got[j] - w[j]);
+        worst = fmax(worst, dlt), sum += dlt;
+    }
+    printf("bf16 in-place perturbation drift after 1000 cycles (|w| ~ 0.02, eps 1e-3): max %.3g, mean %.3g\n", worst,
+           sum / n);
+    ck_assert(worst > 0);  // it does drift: the reason for the model's scratch-buffer perturbation
+    free(w), free(got);
+    mt_device_free(dw);
+}
+END_TEST
+
 int main(void) {
     if (mt_device_count() == 0) {
         printf("test_kernels_gpu: no GPU, skipped\n");
@@ -476,6 +599,10 @@ int main(void) {
     tcase_add_test(tc, nf4_codes_and_dequantize);
     tcase_add_test(tc, crossentropy);
     tcase_add_test(tc, adamw_sums_and_casts);
+    tcase_add_test(tc, philox_words_equal_the_cpu_stream);
+    tcase_add_test(tc, perturb_ops);
+    tcase_add_test(tc, zo_update_rounds_stochastically);
+    tcase_add_test(tc, in_place_bf16_drift_is_measured);
     suite_add_tcase(s, tc);
     int status = tu_run_suite(s, 1);
     mt_backend_free(&be);

@@ -5,10 +5,11 @@
 # NF4), the quickstart and its LoRA variant on the GPU, and with --bench the
 # benchmarks of bench/. Logs and results go under $OUT.
 #
-# Stages: ctest quickstart resume parity peft (default), plus bench and
-# lora-bench with --bench; or name them: run.sh --stages "ctest lora-bench".
-# MT_CTEST_FILTER narrows ctest; MT_LORA_SHAPES picks lora-bench's shapes and
-# MT_LORA_ARGS adds bench/lora_ft.py options (e.g. "--steps 20").
+# Stages: ctest quickstart resume parity peft (default), plus bench,
+# lora-bench and mezo-bench with --bench; or name them: run.sh --stages
+# "ctest mezo-bench". MT_CTEST_FILTER narrows ctest; MT_LORA_SHAPES picks
+# lora-bench's shapes and MT_LORA_ARGS adds bench/lora_ft.py options (e.g.
+# "--steps 20"); MT_MEZO_ARGS adds bench/mezo.py options.
 # Python packages the machine lacks travel in .whl/ (see docs/development.md):
 # .whl/bnb (bitsandbytes) always, .whl/peft only if peft does not import.
 #
@@ -35,7 +36,7 @@ fi
 mkdir -p /tmp/mt-libs
 export LD_LIBRARY_PATH=/tmp/mt-libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 for round in 1 2 3 4 5; do
-    missing=$(for b in "$BUILD/memtune" "$BUILD"/tests/test_* "$BUILD/tests/mt_parity"; do ldd "$b"; done |
+    missing=$(for b in "$BUILD/memtune" "$BUILD"/tests/test_* "$BUILD/tests/mt_parity" "$BUILD"/mt_*_bench; do ldd "$b"; done |
               awk '/not found/{print $1}' | sort -u)
     [ -z "$missing" ] && break
     for lib in $missing; do
@@ -56,7 +57,7 @@ fi
 
 STAGES="ctest quickstart resume parity peft"
 case "${1:-}" in
-    --bench) STAGES="$STAGES bench lora-bench" ;;
+    --bench) STAGES="$STAGES bench lora-bench mezo-bench" ;;
     --stages) STAGES=$2 ;;
 esac
 want() { case " $STAGES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
@@ -64,8 +65,10 @@ want() { case " $STAGES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 status=0
 if want ctest; then
     echo "== ctest (GPU suites run, CPU suites again)"
-    (cd "$BUILD" && CK_FORK=no ctest --output-on-failure ${MT_CTEST_FILTER:+-R "$MT_CTEST_FILTER"} 2>&1) | tee "$OUT/ctest.log"
-    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    # every suite's own output (the measurements the tests print) in ctest-verbose.log
+    (cd "$BUILD" && CK_FORK=no ctest -V ${MT_CTEST_FILTER:+-R "$MT_CTEST_FILTER"} 2>&1) > "$OUT/ctest-verbose.log"
+    [ $? -eq 0 ] || status=1
+    grep -E '^[0-9]+/[0-9]+ Test|tests passed|FAILED|Failed' "$OUT/ctest-verbose.log" | tee "$OUT/ctest.log"
 fi
 
 if want quickstart && [ -f data/kjv.txt ]; then
@@ -85,6 +88,11 @@ if want quickstart && [ -f data/kjv.txt ]; then
     rm -rf /tmp/mt-quickstart-merged
     "$BUILD/memtune" merge --model /tmp/mt-quickstart/model --adapter /tmp/mt-quickstart-lora/adapter \
         -o /tmp/mt-quickstart-merged || status=1
+    echo "== quickstart's MeZO variant on the GPU"
+    "$BUILD/memtune" train configs/quickstart-mezo.yaml --set data.train=/tmp/psalms.h5 --set train.device=gpu \
+        --set model.path=/tmp/mt-quickstart/model --set output.dir=/tmp/mt-quickstart-mezo 2>&1 |
+        tee "$OUT/quickstart-mezo.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 
 if want resume && [ -f data/kjv.txt ]; then
@@ -113,6 +121,18 @@ if want resume && [ -f data/kjv.txt ]; then
         [ "$(grep -c '"loss"' /tmp/mt-lora-split/metrics.jsonl)" -eq 30 ] &&
         echo "QLoRA resume on the GPU: 30 losses and the adapter identical" ||
             { echo "QLoRA resume on the GPU: FAILED"; tail -5 "$OUT/resume.log"; status=1; }
+        echo "== MeZO resume on the GPU (bf16 weights, stochastic rounding): stopped and resumed vs uninterrupted"
+        mezo=(train configs/quickstart-mezo.yaml --set model.path=/tmp/mt-quickstart/model --set data.train=/tmp/psalms.h5
+              --set train.device=gpu --set train.steps=30 --set train.log_every=1 --set mezo.samples=2)
+        rm -rf /tmp/mt-mezo-ref /tmp/mt-mezo-split
+        "$BUILD/memtune" "${mezo[@]}" --set output.dir=/tmp/mt-mezo-ref >> "$OUT/resume.log" 2>&1 &&
+        "$BUILD/memtune" "${mezo[@]}" --set output.dir=/tmp/mt-mezo-split --set train.stop_after=12 >> "$OUT/resume.log" 2>&1 &&
+        "$BUILD/memtune" "${mezo[@]}" --set output.dir=/tmp/mt-mezo-split --set train.resume=auto >> "$OUT/resume.log" 2>&1 &&
+        diff <(grep -o '"loss":[^,]*' /tmp/mt-mezo-ref/metrics.jsonl) <(grep -o '"loss":[^,]*' /tmp/mt-mezo-split/metrics.jsonl) &&
+        cmp /tmp/mt-mezo-ref/model/model.safetensors /tmp/mt-mezo-split/model/model.safetensors &&
+        [ "$(grep -c '"loss"' /tmp/mt-mezo-split/metrics.jsonl)" -eq 30 ] &&
+        echo "MeZO resume on the GPU: 30 losses and the model identical" ||
+            { echo "MeZO resume on the GPU: FAILED"; tail -5 "$OUT/resume.log"; status=1; }
     fi
 fi
 
@@ -140,6 +160,11 @@ if want lora-bench; then
     echo "== bench: LoRA and QLoRA vs PEFT (+ bitsandbytes)"
     python3 bench/lora_ft.py --out "$OUT" ${MT_LORA_SHAPES:+--shapes "$MT_LORA_SHAPES"} ${MT_LORA_ARGS:-} 2>&1 |
         tee "$OUT/lora_bench.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+if want mezo-bench; then
+    echo "== bench: MeZO vs PyTorch in-place MeZO and vs memtune's forward pass"
+    python3 bench/mezo.py --out "$OUT" ${MT_MEZO_ARGS:-} 2>&1 | tee "$OUT/mezo_bench.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 echo "run.sh: exit $status"
