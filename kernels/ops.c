@@ -145,8 +145,17 @@ void mt_op_perturb_rows(const mt_backend *be, void *x, const int32_t *tokens, in
 void mt_op_zo_update(const mt_backend *be, void *w, size_t n, uint64_t offset, const mt_zo_directions *d, float lr,
                      float weight_decay, uint64_t round_seed) {
     MT_CHECK(d->count >= 1 && d->count <= MT_ZO_MAX_DIRECTIONS, "zo_update: %d directions", d->count);
-    MT_GPU(be, mt_zo_update_cuda(be, w, n, offset, d, lr, weight_decay, round_seed));
+    MT_GPU(be, mt_zo_update_cuda(be, w, n, offset, d, lr, weight_decay, round_seed, NULL, 0.0f, 0));
     mt_zo_update_ref(w, n, offset, d->count, d->seed, d->coef, lr, weight_decay);
+}
+
+void mt_op_zo_update_perturb(const mt_backend *be, void *w, void *perturbed, size_t n, uint64_t offset,
+                             const mt_zo_directions *d, float lr, float weight_decay, uint64_t round_seed, float scale,
+                             uint64_t seed) {
+    MT_CHECK(d->count >= 1 && d->count <= MT_ZO_MAX_DIRECTIONS, "zo_update: %d directions", d->count);
+    MT_GPU(be, mt_zo_update_cuda(be, w, n, offset, d, lr, weight_decay, round_seed, perturbed, scale, seed));
+    mt_zo_update_ref(w, n, offset, d->count, d->seed, d->coef, lr, weight_decay);
+    mt_perturb_ref(perturbed, w, n, scale, seed, offset);
 }
 
 void mt_op_logits_forward(const mt_backend *be, float *logits, const void *inp, const void *weight, int N, int C,

@@ -1043,8 +1043,12 @@ static __device__ bf16 bf16_stochastic(float x, unsigned random_bits) {
     return __ushort_as_bfloat16((unsigned short)(bits >> 16));
 }
 
+// The update, and with `perturbed` also the next forward's read of the
+// updated weights, w_new + scale * z(seed), in the same pass: the same values
+// as the update kernel followed by the perturbation kernel, one read fewer.
 static __global__ void zo_update_kernel(bf16 *w, size_t n, unsigned long long offset, mt_zo_directions d, float lr,
-                                        float weight_decay, unsigned long long round_seed) {
+                                        float weight_decay, unsigned long long round_seed, bf16 *perturbed, float scale,
+                                        unsigned long long seed) {
     size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= (offset + n + 3) / 4 - offset / 4) return;
     unsigned long long group = offset / 4 + t;
@@ -1061,13 +1065,18 @@ static __global__ void zo_update_kernel(bf16 *w, size_t n, unsigned long long of
     h ^= h >> 31;
     unsigned random[4] = {(unsigned)(h << 16), (unsigned)h & 0xffff0000u, (unsigned)(h >> 16) << 16,
                           (unsigned)(h >> 32) & 0xffff0000u};
+    if (perturbed) gauss4(seed, group, z);
     long long j0 = group_start(t, offset);
-    if (whole4(w, j0, n)) {
+    if (whole4(w, j0, n) && (!perturbed || whole4(perturbed, j0, n))) {
         float v[4];
-        bf16 out[4];
+        bf16 out[4], read[4];
         load4(w + j0, v);
-        for (int q = 0; q < 4; q++) out[q] = bf16_stochastic(v[q] - lr * (step[q] + weight_decay * v[q]), random[q]);
+        for (int q = 0; q < 4; q++) {
+            out[q] = bf16_stochastic(v[q] - lr * (step[q] + weight_decay * v[q]), random[q]);
+            if (perturbed) read[q] = __float2bfloat16(__bfloat162float(out[q]) + scale * z[q]);
+        }
         store4(w + j0, out);
+        if (perturbed) store4(perturbed + j0, read);
         return;
     }
     for (int q = 0; q < 4; q++) {
@@ -1075,16 +1084,19 @@ static __global__ void zo_update_kernel(bf16 *w, size_t n, unsigned long long of
         if (j < 0 || (size_t)j >= n) continue;
         float p = __bfloat162float(w[j]);
         w[j] = bf16_stochastic(p - lr * (step[q] + weight_decay * p), random[q]);
+        if (perturbed) perturbed[j] = __float2bfloat16(__bfloat162float(w[j]) + scale * z[q]);
     }
 }
 
 extern "C" void mt_zo_update_cuda(const mt_backend *be, void *w, size_t n, uint64_t offset, const mt_zo_directions *d,
-                                  float lr, float weight_decay, uint64_t round_seed) {
+                                  float lr, float weight_decay, uint64_t round_seed, void *perturbed, float scale,
+                                  uint64_t seed) {
     (void)be;
     if (n == 0) return;
     size_t groups = group_count(n, offset);
     zo_update_kernel<<<grid_for(groups, kThreads), kThreads>>>((bf16 *)w, n, (unsigned long long)offset, *d, lr,
-                                                               weight_decay, (unsigned long long)round_seed);
+                                                               weight_decay, (unsigned long long)round_seed,
+                                                               (bf16 *)perturbed, scale, (unsigned long long)seed);
     CUDA_CHECK_LAUNCH();
 }
 

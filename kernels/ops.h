@@ -86,6 +86,11 @@ typedef struct {
 // unbiased, so steps far below bf16's resolution still count.
 void mt_op_zo_update(const mt_backend *be, void *w, size_t n, uint64_t offset, const mt_zo_directions *d, float lr,
                      float weight_decay, uint64_t round_seed);
+// The update, then perturbed = w_new + scale * z(seed, offset + j), in one
+// pass: the same values as mt_op_zo_update followed by mt_op_perturb.
+void mt_op_zo_update_perturb(const mt_backend *be, void *w, void *perturbed, size_t n, uint64_t offset,
+                             const mt_zo_directions *d, float lr, float weight_decay, uint64_t round_seed, float scale,
+                             uint64_t seed);
 // logits (N, V) fp32 = inp (N, C) @ weight (V, C)^T.
 void mt_op_logits_forward(const mt_backend *be, float *logits, const void *inp, const void *weight, int N, int C,
                           int V);

@@ -45,8 +45,9 @@ void mt_perturb_cuda(const mt_backend *be, void *dst, const void *src, size_t n,
                      uint64_t offset);
 void mt_perturb_rows_cuda(const mt_backend *be, void *x, const int32_t *tokens, int N, int C, float scale,
                           uint64_t seed, uint64_t offset);
+// perturbed: NULL, or where w_new + scale * z(seed) goes (mt_op_zo_update_perturb).
 void mt_zo_update_cuda(const mt_backend *be, void *w, size_t n, uint64_t offset, const mt_zo_directions *d, float lr,
-                       float weight_decay, uint64_t round_seed);
+                       float weight_decay, uint64_t round_seed, void *perturbed, float scale, uint64_t seed);
 // Philox words of groups [0, groups) keyed by seed, 4 per group (tests: the
 // GPU's stream equals the CPU's).
 void mt_philox_words_cuda(uint32_t *out, size_t groups, uint64_t seed);

@@ -13,6 +13,8 @@ struct mt_mezo {
     void *weights;
     mt_param_group *groups;
     int num_groups;
+    mt_mezo_defer_fn defer;
+    void *defer_ctx;
 };
 
 // Domain separators: directions and the update's rounding bits come from
@@ -74,12 +76,21 @@ void mt_mezo_update(mt_mezo *mz, long step, const double *losses, float lr, mt_m
     info->projected_grad_rms = sqrt(sum_sq / n);
     if (!info->finite) return;
     uint64_t round_seed = mt_rng_bits(mz->cfg.seed ^ (uint64_t)STREAM_ROUNDING, (uint64_t)step);
+    if (mz->defer) {
+        mz->defer(mz->defer_ctx, &d, lr, mz->cfg.weight_decay, round_seed);
+        return;
+    }
     size_t act = mt_act_size(mz->be);
     for (int i = 0; i < mz->num_groups; i++) {
         const mt_param_group *g = &mz->groups[i];
         mt_op_zo_update(mz->be, (char *)mz->weights + g->offset * act, g->count, g->offset, &d, lr,
                         g->decay ? mz->cfg.weight_decay : 0.0f, round_seed);
     }
+}
+
+void mt_mezo_defer_updates(mt_mezo *mz, mt_mezo_defer_fn defer, void *ctx) {
+    mz->defer = defer;
+    mz->defer_ctx = ctx;
 }
 
 void mt_mezo_perturb_in_place(mt_mezo *mz, uint64_t seed, float scale) {

@@ -68,6 +68,13 @@ typedef struct {
 // The update of step `step` from the (all-reduced) losses, learning rate lr.
 void mt_mezo_update(mt_mezo *mz, long step, const double *losses, float lr, mt_mezo_info *info);
 
+// Hands each step's update to `defer` instead of applying it (the model
+// applies it where its next forward reads each tensor: mt_model_defer_update).
+// weight_decay is the config's; the receiver applies it where groups decay.
+typedef void (*mt_mezo_defer_fn)(void *ctx, const mt_zo_directions *d, float lr, float weight_decay,
+                                 uint64_t round_seed);
+void mt_mezo_defer_updates(mt_mezo *mz, mt_mezo_defer_fn defer, void *ctx);
+
 // w += scale * z(seed) over the groups, in place (for a loss that reads the
 // weight block directly).
 void mt_mezo_perturb_in_place(mt_mezo *mz, uint64_t seed, float scale);

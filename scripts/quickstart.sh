@@ -6,6 +6,10 @@
 # `quickstart.sh lora`: the LoRA variant. LoRA adapters on the quickstart's
 # model (trained first if it is missing), fine-tuned on the Psalms, saved in
 # PEFT's layout and merged back into a full model (runs/quickstart-lora/).
+#
+# `quickstart.sh mezo`: the MeZO variant. Every weight of the quickstart's
+# model fine-tuned on the Psalms from forward passes alone
+# (runs/quickstart-mezo/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
@@ -16,13 +20,18 @@ if [ ! -f data/kjv.h5 ]; then
     bible "Gen1:1-Rev22:21" > data/kjv.txt
     ./build/memtune tokenize --input data/kjv.txt --output data/kjv.h5
 fi
-if [ "${1:-}" = "lora" ]; then
+if [ "${1:-}" = "lora" ] || [ "${1:-}" = "mezo" ]; then
+    variant=$1
     shift
     if [ ! -f data/psalms.h5 ]; then
         bible "Ps1:1-Ps150:6" > data/psalms.txt
         ./build/memtune tokenize --input data/psalms.txt --output data/psalms.h5
     fi
     [ -f runs/quickstart/model/model.safetensors ] || ./build/memtune train configs/quickstart.yaml
+    if [ "$variant" = "mezo" ]; then
+        ./build/memtune train configs/quickstart-mezo.yaml "$@"
+        exit
+    fi
     ./build/memtune train configs/quickstart-lora.yaml "$@"
     rm -rf runs/quickstart-lora/merged  # this script's own output of an earlier run
     ./build/memtune merge --model runs/quickstart/model --adapter runs/quickstart-lora/adapter \

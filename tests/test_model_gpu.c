@@ -296,6 +296,77 @@ START_TEST(gpu_mezo_matches_cpu_reference) {
 }
 END_TEST
 
+static void defer_to(void *model, const mt_zo_directions *d, float lr, float weight_decay, uint64_t round_seed) {
+    mt_model_defer_update(model, d, lr, weight_decay, round_seed);
+}
+
+typedef struct {
+    mt_model *model;
+    const int32_t *in, *tg;
+} gpu_loss_ctx;
+
+static double gpu_loss(void *p, uint64_t seed, float scale) {
+    gpu_loss_ctx *c = p;
+    mt_model_set_perturbation(c->model, seed, scale);
+    double loss = mt_model_step(c->model, c->in, c->tg, 0, 0);
+    mt_model_set_perturbation(c->model, 0, 0.0f);
+    return loss;
+}
+
+// The fused update + perturbation kernel gives bit for bit what the update
+// kernel and the perturbation kernel give (bf16, stochastic rounding).
+START_TEST(gpu_deferred_mezo_update_is_bit_identical) {
+    mt_model_config c;
+    small_config(&c, 1);
+    int B = 2, T = 64, N = B * T;
+    mt_backend gpu;
+    ck_assert_int_eq(mt_backend_init(&gpu, 0), MT_OK);
+    mt_model_options o = {B, T, 0, {0}, 0, 0, 1};
+    mt_model *m[2];
+    mt_mezo *mz[2];
+    size_t total = 0;
+    float *params = NULL;
+    mt_mezo_config zc = {1e-3f, 2, 0.1f, 23};
+    int32_t *in = malloc(N * 4), *tg = malloc(N * 4);
+    for (int i = 0; i < N; i++) in[i] = (int32_t)(mt_rng_bits(7, i) % c.V), tg[i] = (int32_t)(mt_rng_bits(8, i) % c.V);
+    for (int k = 0; k < 2; k++) {
+        ck_assert_int_eq(mt_model_create_with(&m[k], &gpu, &c, &o), MT_OK);
+        if (!params) {
+            total = mt_model_num_params(m[k]);
+            params = malloc(total * 4);
+            mt_model_init_random(&c, params, 91);
+        }
+        ck_assert_int_eq(mt_model_set_weights(m[k], params), MT_OK);
+        ck_assert_int_eq(mt_model_enable_perturbation(m[k], NULL), MT_OK);
+        mt_trainable t;
+        mt_model_trainable(m[k], &t);
+        mt_param_group *g = malloc((size_t)t.count * sizeof *g);
+        for (int i = 0; i < t.count; i++)
+            g[i] = (mt_param_group){t.params[i].offset, t.params[i].count, t.params[i].decay};
+        ck_assert_int_eq(mt_mezo_init(&mz[k], &gpu, &zc, t.weights, g, t.count), MT_OK);
+        free(g);
+    }
+    mt_mezo_defer_updates(mz[1], defer_to, m[1]);
+    for (int step = 0; step < 6; step++) {
+        double l[2][4];
+        for (int k = 0; k < 2; k++) {
+            gpu_loss_ctx ctx = {m[k], in, tg};
+            mt_mezo_losses(mz[k], step, gpu_loss, &ctx, l[k]);
+            mt_mezo_info info;
+            mt_mezo_update(mz[k], step, l[k], 1e-3f, &info);
+        }
+        for (int j = 0; j < 4; j++) ck_assert_msg(l[0][j] == l[1][j], "step %d loss %d differs", step, j);
+    }
+    float *a = malloc(total * 4), *b = malloc(total * 4);
+    mt_model_get_trainable(m[0], a);
+    mt_model_get_trainable(m[1], b);
+    ck_assert_msg(memcmp(a, b, total * 4) == 0, "deferred update changed the weights");
+    for (int k = 0; k < 2; k++) mt_mezo_free(mz[k]), mt_model_free(m[k]);
+    mt_backend_free(&gpu);
+    free(params), free(in), free(tg), free(a), free(b);
+}
+END_TEST
+
 int main(void) {
     if (mt_device_count() == 0) {
         printf("test_model_gpu: no GPU, skipped\n");
@@ -307,6 +378,7 @@ int main(void) {
     tcase_add_test(tc, gpu_model_matches_cpu_reference);
     tcase_add_test(tc, gpu_lora_matches_cpu_reference);
     tcase_add_test(tc, gpu_mezo_matches_cpu_reference);
+    tcase_add_test(tc, gpu_deferred_mezo_update_is_bit_identical);
     tcase_add_test(tc, gpu_out_of_memory_is_a_clear_error);
     suite_add_tcase(s, tc);
     return tu_run_suite(s, 1);

@@ -70,6 +70,12 @@ struct mt_model {
     void *perturb_matrix, *perturb_vector;           // scratch: the widest selected matrix and vector
     int perturb_matrix_holds, perturb_vector_holds;  // the trainable index each holds (-1: none)
     size_t perturb_bytes;
+    // a deferred MeZO update (mt_model_defer_update)
+    int pending;                  // trainable tensors whose update is still to apply
+    unsigned char *pending_left;  // per trainable parameter
+    mt_zo_directions pending_directions;
+    float pending_lr, pending_decay;
+    uint64_t pending_round_seed;
     int index_wte, index_norm, index_lm;  // in the parameter table (lm: wte's when tied)
     void *lora_du;                        // (N, r)
     void *drop_buf;                       // (N, max IN) dropout(x), and its gradient
@@ -446,6 +452,7 @@ void mt_model_free(mt_model *m) {
     mt_free(&m->perturb_matrix);
     mt_free(&m->perturb_vector);
     free(m->perturb_selected);
+    free(m->pending_left);
     free(m->tickets);
     free(m->params);
     free(m->adapter_params);
@@ -503,6 +510,7 @@ static mt_err upload_compute(mt_model *m, void *dst, const float *src, size_t n)
 }
 
 mt_err mt_model_set_weights(mt_model *m, const float *host_params) {
+    mt_model_flush_update(m);
     m->dequant_layer = m->dequant_param = -1;
     mt_err err = MT_OK;
     if (!m->quantized) {
@@ -525,6 +533,7 @@ mt_err mt_model_set_weights(mt_model *m, const float *host_params) {
 
 void mt_model_set_adapters(mt_model *m, const float *host_params) {
     MT_CHECK(m->lora.r > 0, "the model has no adapters");
+    mt_model_flush_update(m);
     MT_CHECK(upload_compute(m, m->adapter_weights, host_params, m->adapter_total) == MT_OK,
              "out of device memory staging the adapters");
     if (m->adapter_grads) mt_op_zero(m->be, m->adapter_grads, m->adapter_total * sizeof(float));
@@ -542,8 +551,11 @@ mt_err mt_model_enable_perturbation(mt_model *m, const unsigned char *selected) 
     free(m->perturb_selected);
     mt_free(&m->perturb_matrix);
     mt_free(&m->perturb_vector);
+    free(m->pending_left);
     m->perturb_selected = malloc((size_t)t.count);
-    MT_CHECK(m->perturb_selected != NULL, "perturbation flags");
+    m->pending_left = calloc((size_t)t.count, 1);
+    m->pending = 0;
+    MT_CHECK(m->perturb_selected && m->pending_left, "perturbation flags");
     size_t widest_matrix = 0, widest_vector = 0;
     for (int i = 0; i < t.count; i++) {
         m->perturb_selected[i] = selected ? selected[i] != 0 : 1;
@@ -572,7 +584,48 @@ void mt_model_set_perturbation(mt_model *m, uint64_t seed, float scale) {
 
 size_t mt_model_perturbation_bytes(const mt_model *m) { return m->perturb_bytes; }
 
+static const mt_param_info *trainable_param(const mt_model *m, int i) {
+    return m->frozen ? &m->adapter_params[i] : &m->params[i];
+}
+
+static void *trainable_weight(mt_model *m, int i) {
+    void *block = m->frozen ? m->adapter_weights : m->weights;
+    return (char *)block + trainable_param(m, i)->offset * mt_act_size(m->be);
+}
+
+static float pending_decay(const mt_model *m, int i) { return trainable_param(m, i)->decay ? m->pending_decay : 0.0f; }
+
+// Applies the deferred update to trainable parameter i, alone.
+static void apply_pending(mt_model *m, int i) {
+    if (!m->pending || !m->pending_left[i]) return;
+    const mt_param_info *p = trainable_param(m, i);
+    mt_op_zo_update(m->be, trainable_weight(m, i), p->count, p->offset, &m->pending_directions, m->pending_lr,
+                    pending_decay(m, i), m->pending_round_seed);
+    m->pending_left[i] = 0;
+    m->pending--;
+}
+
+void mt_model_flush_update(mt_model *m) {
+    mt_trainable t;
+    mt_model_trainable(m, &t);
+    for (int i = 0; i < t.count && m->pending; i++) apply_pending(m, i);
+}
+
+void mt_model_defer_update(mt_model *m, const mt_zo_directions *d, float lr, float weight_decay, uint64_t round_seed) {
+    MT_CHECK(m->perturb_selected, "update deferred before mt_model_enable_perturbation");
+    mt_model_flush_update(m);
+    mt_trainable t;
+    mt_model_trainable(m, &t);
+    m->pending_directions = *d;
+    m->pending_lr = lr, m->pending_decay = weight_decay, m->pending_round_seed = round_seed;
+    for (int i = 0; i < t.count; i++) {
+        m->pending_left[i] = m->perturb_selected[i];
+        m->pending += m->pending_left[i];
+    }
+}
+
 void mt_model_get_trainable(mt_model *m, float *dst) {
+    mt_model_flush_update(m);
     mt_trainable t;
     mt_model_trainable(m, &t);
     if (!m->be->gpu) {
@@ -616,12 +669,21 @@ static const void *base_weight(mt_model *m, int l, int p) {
 // its kind unless that already holds it.
 static const void *perturbed(mt_model *m, int i, const void *w) {
     if (m->perturb_scale == 0.0f || i < 0 || !m->perturb_selected[i]) return w;
-    const mt_param_info *p = m->frozen ? &m->adapter_params[i] : &m->params[i];
+    const mt_param_info *p = trainable_param(m, i);
     int vector = p->ndim == 1;
     void *buf = vector ? m->perturb_vector : m->perturb_matrix;
     int *holds = vector ? &m->perturb_vector_holds : &m->perturb_matrix_holds;
     if (*holds != i) {
-        mt_op_perturb(m->be, buf, w, p->count, m->perturb_scale, m->perturb_seed, p->offset);
+        if (m->pending && m->pending_left[i]) {
+            // the deferred update and this read's perturbation in one pass
+            mt_op_zo_update_perturb(m->be, trainable_weight(m, i), buf, p->count, p->offset, &m->pending_directions,
+                                    m->pending_lr, pending_decay(m, i), m->pending_round_seed, m->perturb_scale,
+                                    m->perturb_seed);
+            m->pending_left[i] = 0;
+            m->pending--;
+        } else {
+            mt_op_perturb(m->be, buf, w, p->count, m->perturb_scale, m->perturb_seed, p->offset);
+        }
         *holds = i;
     }
     return buf;
@@ -794,6 +856,10 @@ static void wait_x(const mt_model *m, int l) {
 static void body_forward(mt_model *m) {
     const mt_model_config *c = &m->cfg;
     int N = m->B * m->T, offload = m->offload && m->training;
+    // a deferred update reaches the weights before anything unperturbed reads
+    // them, and the embedding table before its rows are gathered
+    if (m->pending && m->perturb_scale == 0.0f) mt_model_flush_update(m);
+    if (m->pending && !m->frozen) apply_pending(m, m->index_wte);
     mt_op_embedding_forward(m->be, m->x[0], m->tokens, m->wte, N, c->C);
     if (m->perturb_scale != 0.0f && !m->frozen && m->perturb_selected[m->index_wte])
         mt_op_perturb_rows(m->be, m->x[0], m->tokens, N, c->C, m->perturb_scale, m->perturb_seed,

@@ -12,6 +12,7 @@
 #include "kernels/common.h"
 #include "kernels/device.h"
 #include "kernels/dtype.h"
+#include "kernels/ops.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -114,6 +115,15 @@ size_t mt_model_base_weight_bytes(const mt_model *m);
 mt_err mt_model_enable_perturbation(mt_model *m, const unsigned char *selected);
 // The perturbation of the following forward passes; scale 0 turns it off.
 void mt_model_set_perturbation(mt_model *m, uint64_t seed, float scale);
+// MeZO's update w -= lr (sum_k coef_k z_k + decay w) of the selected
+// parameters (weight_decay where the table marks decay), not applied now but
+// where the next perturbed forward reads each tensor: the update and that
+// read's perturbation share one pass over the weights (the same values as
+// separate passes). Anything else that reads the weights (an unperturbed
+// forward, mt_model_get_trainable, a new deferral) applies what is left.
+void mt_model_defer_update(mt_model *m, const mt_zo_directions *d, float lr, float weight_decay, uint64_t round_seed);
+// Applies a deferred update now (nothing if none is pending).
+void mt_model_flush_update(mt_model *m);
 // Bytes of the perturbation scratch.
 size_t mt_model_perturbation_bytes(const mt_model *m);
 // The trainable block's compute weights as fp32 host values (total floats).

@@ -203,6 +203,10 @@ static double mezo_batch_loss(void *ctx, uint64_t seed, float scale) {
     return b->valid_total ? sum / (double)b->valid_total : NAN;
 }
 
+static void defer_to_model(void *model, const mt_zo_directions *d, float lr, float weight_decay, uint64_t round_seed) {
+    mt_model_defer_update(model, d, lr, weight_decay, round_seed);
+}
+
 // mezo.trainable: which trainable parameters match one of the comma-separated
 // glob patterns. Returns how many do.
 static int select_trainable(const char *patterns, const mt_param_info *table, int n, unsigned char *selected) {
@@ -393,6 +397,8 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
                              (uint64_t)cfg->train_seed};
         err = mt_model_enable_perturbation(model, selected);
         if (!err) err = mt_mezo_init(&mz, &be, &zc, tr.weights, groups, n_groups);
+        // each update rides on the next forward's first read of each tensor
+        if (!err) mt_mezo_defer_updates(mz, defer_to_model, model);
     } else {
         mt_adamw_config ac = {(float)cfg->optim_lr,  (float)cfg->optim_beta1,        (float)cfg->optim_beta2,
                               (float)cfg->optim_eps, (float)cfg->optim_weight_decay, (float)cfg->optim_grad_clip};
