@@ -41,6 +41,17 @@ SHAPES = {
 GIB = 1024 ** 3
 
 
+def shape_folder(work, shape):
+    """A model folder under work holding the shape's config.json (random
+    initialisation: speed and memory do not depend on the weights)."""
+    folder = os.path.join(work, shape)
+    os.makedirs(folder, exist_ok=True)
+    config_path = os.path.join(folder, "config.json")
+    with open(config_path, "w") as f:
+        json.dump(SHAPES[shape], f, indent=1)
+    return folder, config_path
+
+
 def run_memtune(args, folder, data, run, checkpointing, qlora, offload=False):
     cmd = [os.environ.get("MT_MEMTUNE_BIN", os.path.join(BUILD, "memtune")), "train",
            os.path.join(ROOT, "configs", "llama-lora.yaml")]
@@ -111,11 +122,7 @@ def main():
     write_dataset(data, (args.steps + 10) * args.B * (args.T + 1), 32000)
     results = {}
     for shape in args.shapes.split(","):
-        folder = os.path.join(args.work, shape)
-        os.makedirs(folder, exist_ok=True)
-        config_path = os.path.join(folder, "config.json")
-        with open(config_path, "w") as f:
-            json.dump(SHAPES[shape], f, indent=1)
+        folder, config_path = shape_folder(args.work, shape)
         runs = {}
         for name, ckpt, qlora, offload in (("memtune LoRA", False, False, False),
                                            ("memtune LoRA ckpt", True, False, False),

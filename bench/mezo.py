@@ -21,7 +21,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from full_ft import PeakSampler, write_dataset  # noqa: E402
-from lora_ft import SHAPES  # noqa: E402
+from lora_ft import shape_folder  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILD = os.environ.get("MT_BUILD_DIR", os.path.join(ROOT, "build"))
@@ -98,11 +98,7 @@ def main():
     write_dataset(data, (args.steps + 10) * args.B * (args.T + 1), 32000)
     results = {}
     for shape in args.shapes.split(","):
-        folder = os.path.join(args.work, shape)
-        os.makedirs(folder, exist_ok=True)
-        config_path = os.path.join(folder, "config.json")
-        with open(config_path, "w") as f:
-            json.dump(SHAPES[shape], f, indent=1)
+        folder, config_path = shape_folder(args.work, shape)
         runs = {"memtune forward": run_forward(args, folder)}
         print(f"{shape} memtune forward: {json.dumps(runs['memtune forward'])}", flush=True)
         runs["memtune MeZO"] = run_memtune(args, folder, data, os.path.join(args.work, f"run-{shape}"))

@@ -151,18 +151,7 @@ END_TEST
 
 // ----------------------------------------------------------------- model
 
-static const char *const tiny_json =
-    "{\"architectures\":[\"LlamaForCausalLM\"],\"vocab_size\":13,\"hidden_size\":16,\"intermediate_size\":24,"
-    "\"num_hidden_layers\":2,\"num_attention_heads\":4,\"num_key_value_heads\":2,\"rms_norm_eps\":1e-5,"
-    "\"rope_theta\":10000.0,\"tie_word_embeddings\":false,\"torch_dtype\":\"float32\"}";
-
-static void tiny_folder(char *out, size_t len) {
-    snprintf(out, len, "%s/tiny", dir);
-    mkdir(out, 0755);
-    char path[400];
-    snprintf(path, sizeof path, "%s/config.json", out);
-    ck_assert_int_eq(mt_write_text(path, tiny_json), MT_OK);
-}
+static void tiny_folder(char *out, size_t len) { tu_model_folder(dir, "tiny", tu_tiny_llama_json, out, len); }
 
 // The tiny model's config, with weights drawn large enough to matter.
 static void tiny_config(mt_model_config *c) {

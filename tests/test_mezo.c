@@ -531,22 +531,6 @@ END_TEST
 
 // ---------------------------------------------------------- memtune train
 
-static void write_tiny_folder(char *folder, size_t len) {
-    snprintf(folder, len, "%s/tiny", dir);
-    char cmd[600];
-    snprintf(cmd, sizeof cmd, "mkdir -p %s", folder);
-    ck_assert_int_eq(system(cmd), 0);
-    char path[400];
-    snprintf(path, sizeof path, "%s/config.json", folder);
-    FILE *f = fopen(path, "w");
-    fputs(
-        "{\"architectures\":[\"LlamaForCausalLM\"],\"vocab_size\":13,\"hidden_size\":16,\"intermediate_size\":24,"
-        "\"num_hidden_layers\":2,\"num_attention_heads\":4,\"num_key_value_heads\":2,\"rms_norm_eps\":1e-5,"
-        "\"rope_theta\":10000.0,\"tie_word_embeddings\":false,\"torch_dtype\":\"float32\"}",
-        f);
-    fclose(f);
-}
-
 static void mezo_config(mt_config *cfg, const char *folder, const char *data, const char *out) {
     mt_config_defaults(cfg);
     ck_assert_int_eq(mt_config_set(cfg, "model.path", folder, "t"), MT_OK);
@@ -564,21 +548,6 @@ static void mezo_config(mt_config *cfg, const char *folder, const char *data, co
     ck_assert_int_eq(mt_config_set(cfg, "mezo.samples", "2", "t"), MT_OK);
 }
 
-static int read_losses(const char *run, double *out, int most) {
-    char path[400];
-    snprintf(path, sizeof path, "%s/metrics.jsonl", run);
-    FILE *f = fopen(path, "r");
-    if (!f) return 0;
-    char line[1024];
-    int n = 0;
-    while (n < most && fgets(line, sizeof line, f)) {
-        const char *at = strstr(line, "\"loss\":");
-        if (at) out[n++] = strtod(at + 7, NULL);
-    }
-    fclose(f);
-    return n;
-}
-
 START_TEST(mezo_training_resumes_bit_identically) {
     char data[300], folder[300], whole[300], split[300];
     snprintf(data, sizeof data, "%s/data.h5", dir);
@@ -588,7 +557,7 @@ START_TEST(mezo_training_resumes_bit_identically) {
     uint64_t offsets[2] = {0, n};
     ck_assert_int_eq(mt_dataset_write(data, tok, n, offsets, 1, NULL, 13, "test"), MT_OK);
     free(tok);
-    write_tiny_folder(folder, sizeof folder);
+    tu_model_folder(dir, "tiny", tu_tiny_llama_json, folder, sizeof folder);
     snprintf(whole, sizeof whole, "%s/whole", dir);
     snprintf(split, sizeof split, "%s/split", dir);
     mt_config cfg;
@@ -602,8 +571,8 @@ START_TEST(mezo_training_resumes_bit_identically) {
         mt_config_free(&cfg);
     }
     double expect[12], got[12];
-    ck_assert_int_eq(read_losses(whole, expect, 12), 12);
-    ck_assert_int_eq(read_losses(split, got, 12), 12);
+    ck_assert_int_eq(tu_read_losses(whole, expect, 12), 12);
+    ck_assert_int_eq(tu_read_losses(split, got, 12), 12);
     for (int i = 0; i < 12; i++)
         ck_assert_msg(got[i] == expect[i], "step %d: %.17g != %.17g", i + 1, got[i], expect[i]);
     char a[1400], b[400];

@@ -158,23 +158,14 @@ END_TEST
 
 // ---------------------------------------------------------------- HF config
 
-static const char *const tiny_llama_json =
-    "{\"architectures\":[\"LlamaForCausalLM\"],\"vocab_size\":13,\"hidden_size\":16,\"intermediate_size\":24,"
-    "\"num_hidden_layers\":2,\"num_attention_heads\":4,\"num_key_value_heads\":2,\"rms_norm_eps\":1e-5,"
-    "\"rope_theta\":10000.0,\"tie_word_embeddings\":false,\"torch_dtype\":\"float32\"}";
-
 static void make_folder(const char *name, const char *json, char *out, size_t len) {
-    snprintf(out, len, "%s/%s", dir, name);
-    mkdir(out, 0755);
-    char path[400];
-    snprintf(path, sizeof path, "%s/config.json", out);
-    write_text(path, json);
+    tu_model_folder(dir, name, json, out, len);
 }
 
 START_TEST(hf_config_checks) {
     char folder[300];
     mt_model_config c;
-    make_folder("llama", tiny_llama_json, folder, sizeof folder);
+    make_folder("llama", tu_tiny_llama_json, folder, sizeof folder);
     ck_assert_int_eq(mt_hf_read_config(folder, &c), MT_OK);
     ck_assert_int_eq(c.D, 4);
     ck_assert_int_eq(c.KV, 2);
@@ -242,7 +233,7 @@ static double model_loss(void *p) {
 
 static void tiny_config(mt_model_config *c, int tie, int bias) {
     char folder[300];
-    make_folder("cfg", tiny_llama_json, folder, sizeof folder);
+    make_folder("cfg", tu_tiny_llama_json, folder, sizeof folder);
     ck_assert_int_eq(mt_hf_read_config(folder, c), MT_OK);
     c->tie_embeddings = tie;
     c->qkv_bias = c->o_bias = bias;
@@ -356,7 +347,7 @@ START_TEST(training_reduces_loss_and_saves) {
     uint64_t offsets[2] = {0, n};
     ck_assert_int_eq(mt_dataset_write(data, tok, n, offsets, 1, NULL, 13, "test"), MT_OK);
     free(tok);
-    make_folder("train-model", tiny_llama_json, folder, sizeof folder);
+    make_folder("train-model", tu_tiny_llama_json, folder, sizeof folder);
     snprintf(out, sizeof out, "%s/run", dir);
     mt_config cfg;
     mt_config_defaults(&cfg);
@@ -424,26 +415,6 @@ END_TEST
 // ------------------------------------------------------------- checkpoints
 
 // The "loss" of every record of a metrics.jsonl, by step (losses[step - 1]).
-static int read_losses(const char *run, double *losses, int max) {
-    char path[400];
-    snprintf(path, sizeof path, "%s/metrics.jsonl", run);
-    FILE *f = fopen(path, "r");
-    ck_assert_ptr_nonnull(f);
-    char line[4096];
-    int count = 0;
-    while (fgets(line, sizeof line, f)) {
-        cJSON *rec = cJSON_Parse(line);
-        ck_assert_ptr_nonnull(rec);
-        int step = (int)cJSON_GetObjectItem(rec, "step")->valuedouble;
-        ck_assert_int_eq(step, count + 1);  // one record per step, in order, no duplicates
-        ck_assert_int_le(step, max);
-        losses[step - 1] = cJSON_GetObjectItem(rec, "loss")->valuedouble;
-        count++;
-        cJSON_Delete(rec);
-    }
-    fclose(f);
-    return count;
-}
 
 static void checkpoint_config(mt_config *cfg, const char *folder, const char *data, const char *out) {
     mt_config_defaults(cfg);
@@ -469,7 +440,7 @@ START_TEST(resume_is_bit_identical) {
     uint64_t offsets[2] = {0, n};
     ck_assert_int_eq(mt_dataset_write(data, tok, n, offsets, 1, NULL, 13, "test"), MT_OK);
     free(tok);
-    make_folder("resume-model", tiny_llama_json, folder, sizeof folder);
+    make_folder("resume-model", tu_tiny_llama_json, folder, sizeof folder);
     snprintf(whole, sizeof whole, "%s/whole", dir);
     snprintf(split, sizeof split, "%s/split", dir);
     mt_config cfg;
@@ -479,7 +450,7 @@ START_TEST(resume_is_bit_identical) {
     ck_assert_int_eq(mt_train(&cfg, &r), MT_OK);
     mt_config_free(&cfg);
     double expect[14], got[14];
-    ck_assert_int_eq(read_losses(whole, expect, 14), 14);
+    ck_assert_int_eq(tu_read_losses(whole, expect, 14), 14);
     // the same run in three shifts: 5 steps, 4 steps, the rest
     checkpoint_config(&cfg, folder, data, split);
     ck_assert_int_eq(mt_config_set(&cfg, "train.stop_after", "5", "t"), MT_OK);
@@ -504,7 +475,7 @@ START_TEST(resume_is_bit_identical) {
     ck_assert_int_eq(mt_config_set(&cfg, "train.stop_after", "0", "t"), MT_OK);
     ck_assert_int_eq(mt_train(&cfg, &r), MT_OK);
     ck_assert_int_eq(r.steps_done, 14);
-    ck_assert_int_eq(read_losses(split, got, 14), 14);
+    ck_assert_int_eq(tu_read_losses(split, got, 14), 14);
     for (int i = 0; i < 14; i++)
         ck_assert_msg(got[i] == expect[i], "step %d: %.17g != %.17g", i + 1, got[i], expect[i]);
     // the final weights are bit-identical too
@@ -538,7 +509,7 @@ END_TEST
 START_TEST(lora_resume_is_bit_identical) {
     char data[300], folder[300], whole[300], split[300], path[400];
     snprintf(data, sizeof data, "%s/resume.h5", dir);
-    make_folder("resume-lora-model", tiny_llama_json, folder, sizeof folder);
+    make_folder("resume-lora-model", tu_tiny_llama_json, folder, sizeof folder);
     snprintf(whole, sizeof whole, "%s/lora-whole", dir);
     snprintf(split, sizeof split, "%s/lora-split", dir);
     mt_config cfg;
@@ -556,8 +527,8 @@ START_TEST(lora_resume_is_bit_identical) {
         ck_assert_int_eq(r.steps_done, shift == 1 ? 6 : 14);
         mt_config_free(&cfg);
     }
-    ck_assert_int_eq(read_losses(whole, expect, 14), 14);
-    ck_assert_int_eq(read_losses(split, got, 14), 14);
+    ck_assert_int_eq(tu_read_losses(whole, expect, 14), 14);
+    ck_assert_int_eq(tu_read_losses(split, got, 14), 14);
     ck_assert(expect[13] < expect[0]);
     for (int i = 0; i < 14; i++)
         ck_assert_msg(got[i] == expect[i], "step %d: %.17g != %.17g", i + 1, got[i], expect[i]);
@@ -585,7 +556,7 @@ END_TEST
 START_TEST(lora_starts_from_an_adapter_folder) {
     char data[300], folder[300], adapter[300], run[300], path[400];
     snprintf(data, sizeof data, "%s/resume.h5", dir);
-    make_folder("init-lora-model", tiny_llama_json, folder, sizeof folder);
+    make_folder("init-lora-model", tu_tiny_llama_json, folder, sizeof folder);
     mt_model_config mc;
     ck_assert_int_eq(mt_hf_read_config(folder, &mc), MT_OK);
     mt_lora_config lora = {4, 16.0f, 0.05f, 0, 0};
@@ -622,7 +593,7 @@ END_TEST
 START_TEST(checkpoint_on_a_full_disk_leaves_the_last_one_intact) {
     mt_model_config mc;
     char folder[300], run[300], path[400];
-    make_folder("full-disk-model", tiny_llama_json, folder, sizeof folder);
+    make_folder("full-disk-model", tu_tiny_llama_json, folder, sizeof folder);
     ck_assert_int_eq(mt_hf_read_config(folder, &mc), MT_OK);
     int np;
     size_t total;

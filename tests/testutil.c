@@ -6,6 +6,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <cjson/cJSON.h>
+#include <sys/stat.h>
+
 #include "kernels/rng.h"
 
 void tu_fill_uniform(float *x, size_t n, float lo, float hi, uint64_t seed) {
@@ -62,4 +65,41 @@ int tu_run_suite(Suite *s, int no_fork) {
     int failed = srunner_ntests_failed(sr);
     srunner_free(sr);
     return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}
+
+const char *const tu_tiny_llama_json =
+    "{\"architectures\":[\"LlamaForCausalLM\"],\"vocab_size\":13,\"hidden_size\":16,\"intermediate_size\":24,"
+    "\"num_hidden_layers\":2,\"num_attention_heads\":4,\"num_key_value_heads\":2,\"rms_norm_eps\":1e-5,"
+    "\"rope_theta\":10000.0,\"tie_word_embeddings\":false,\"torch_dtype\":\"float32\"}";
+
+void tu_model_folder(const char *parent, const char *name, const char *json, char *out, size_t len) {
+    snprintf(out, len, "%s/%s", parent, name);
+    mkdir(out, 0755);
+    char path[1200];
+    snprintf(path, sizeof path, "%s/config.json", out);
+    FILE *f = fopen(path, "w");
+    ck_assert_ptr_nonnull(f);
+    fputs(json, f);
+    ck_assert_int_eq(fclose(f), 0);
+}
+
+int tu_read_losses(const char *run, double *losses, int max) {
+    char path[1200];
+    snprintf(path, sizeof path, "%s/metrics.jsonl", run);
+    FILE *f = fopen(path, "r");
+    ck_assert_ptr_nonnull(f);
+    char line[4096];
+    int count = 0;
+    while (fgets(line, sizeof line, f)) {
+        cJSON *rec = cJSON_Parse(line);
+        ck_assert_ptr_nonnull(rec);
+        int step = (int)cJSON_GetObjectItem(rec, "step")->valuedouble;
+        ck_assert_int_eq(step, count + 1);  // one record per step, in order, no duplicates
+        ck_assert_int_le(step, max);
+        losses[step - 1] = cJSON_GetObjectItem(rec, "loss")->valuedouble;
+        count++;
+        cJSON_Delete(rec);
+    }
+    fclose(f);
+    return count;
 }

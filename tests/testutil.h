@@ -18,6 +18,14 @@ double tu_norm_rel_error(const float *a, const float *b, size_t n);
 typedef double (*tu_loss_fn)(void *ctx);
 double tu_fd_check(tu_loss_fn loss, void *ctx, float *x, const float *analytic, size_t n, int samples, double h);
 
+// config.json of the tiny Llama the suites train (V 13, C 16, 2 layers, GQA).
+extern const char *const tu_tiny_llama_json;
+// parent/name holding config.json with `json` (path written to out).
+void tu_model_folder(const char *parent, const char *name, const char *json, char *out, size_t len);
+// The losses of run/metrics.jsonl by step into losses[step - 1]; checks one
+// record per step, in order, at most max; returns the count.
+int tu_read_losses(const char *run, double *losses, int max);
+
 // A fresh empty folder under /tmp (path written to buf).
 void tu_tempdir(char *buf, size_t len);
 

@@ -95,44 +95,38 @@ if want quickstart && [ -f data/kjv.txt ]; then
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 
+# resume_check NAME STEPS STOP OUTPUT_FILE ARGS...: a run of STEPS steps,
+# against one stopped after STOP and resumed; the losses must be identical
+# bit for bit, and OUTPUT_FILE (under the run folder), when named, too.
+resume_check() {
+    local name=$1 steps=$2 stop=$3 file=$4
+    shift 4
+    rm -rf /tmp/mt-resume-ref /tmp/mt-resume-split
+    "$BUILD/memtune" "$@" --set output.dir=/tmp/mt-resume-ref >> "$OUT/resume.log" 2>&1 &&
+    "$BUILD/memtune" "$@" --set output.dir=/tmp/mt-resume-split --set train.stop_after="$stop" >> "$OUT/resume.log" 2>&1 &&
+    "$BUILD/memtune" "$@" --set output.dir=/tmp/mt-resume-split --set train.resume=auto >> "$OUT/resume.log" 2>&1 &&
+    diff <(grep -o '"loss":[^,]*' /tmp/mt-resume-ref/metrics.jsonl) <(grep -o '"loss":[^,]*' /tmp/mt-resume-split/metrics.jsonl) &&
+    { [ -z "$file" ] || cmp "/tmp/mt-resume-ref/$file" "/tmp/mt-resume-split/$file"; } &&
+    [ "$(grep -c '"loss"' /tmp/mt-resume-split/metrics.jsonl)" -eq "$steps" ] &&
+    echo "$name resume on the GPU: $steps losses${file:+ and $file} identical" ||
+        { echo "$name resume on the GPU: FAILED"; tail -5 "$OUT/resume.log"; status=1; }
+}
+
 if want resume && [ -f data/kjv.txt ]; then
     echo "== resume on the GPU: stopped and resumed vs uninterrupted, losses compared bit for bit"
     [ -f /tmp/kjv.h5 ] || "$BUILD/memtune" tokenize --input data/kjv.txt --output /tmp/kjv.h5 > /dev/null
-    common=(train configs/quickstart.yaml --set data.train=/tmp/kjv.h5 --set train.device=gpu --set train.steps=40
-            --set train.log_every=1 --set checkpoint.every=5)
-    rm -rf /tmp/mt-resume-ref /tmp/mt-resume-split
-    "$BUILD/memtune" "${common[@]}" --set output.dir=/tmp/mt-resume-ref > "$OUT/resume.log" 2>&1 &&
-    "$BUILD/memtune" "${common[@]}" --set output.dir=/tmp/mt-resume-split --set train.stop_after=15 >> "$OUT/resume.log" 2>&1 &&
-    "$BUILD/memtune" "${common[@]}" --set output.dir=/tmp/mt-resume-split --set train.resume=auto >> "$OUT/resume.log" 2>&1 &&
-    diff <(grep -o '"loss":[^,]*' /tmp/mt-resume-ref/metrics.jsonl) <(grep -o '"loss":[^,]*' /tmp/mt-resume-split/metrics.jsonl) &&
-    [ "$(grep -c '"loss"' /tmp/mt-resume-split/metrics.jsonl)" -eq 40 ] &&
-    echo "resume on the GPU: 40 losses identical" || { echo "resume on the GPU: FAILED"; tail -5 "$OUT/resume.log"; status=1; }
+    : > "$OUT/resume.log"
+    resume_check full 40 15 "" train configs/quickstart.yaml --set data.train=/tmp/kjv.h5 --set train.device=gpu \
+        --set train.steps=40 --set train.log_every=1 --set checkpoint.every=5
     if [ -f /tmp/mt-quickstart/model/model.safetensors ] && [ -f /tmp/psalms.h5 ]; then
-        echo "== QLoRA resume on the GPU (dropout on): stopped and resumed vs uninterrupted"
-        lora=(train configs/quickstart-lora.yaml --set model.path=/tmp/mt-quickstart/model --set data.train=/tmp/psalms.h5
-              --set train.device=gpu --set model.quantize=nf4 --set train.steps=30 --set train.log_every=1
-              --set model.activation_checkpointing=true --set model.offload_activations=true)
-        rm -rf /tmp/mt-lora-ref /tmp/mt-lora-split
-        "$BUILD/memtune" "${lora[@]}" --set output.dir=/tmp/mt-lora-ref >> "$OUT/resume.log" 2>&1 &&
-        "$BUILD/memtune" "${lora[@]}" --set output.dir=/tmp/mt-lora-split --set train.stop_after=12 >> "$OUT/resume.log" 2>&1 &&
-        "$BUILD/memtune" "${lora[@]}" --set output.dir=/tmp/mt-lora-split --set train.resume=auto >> "$OUT/resume.log" 2>&1 &&
-        diff <(grep -o '"loss":[^,]*' /tmp/mt-lora-ref/metrics.jsonl) <(grep -o '"loss":[^,]*' /tmp/mt-lora-split/metrics.jsonl) &&
-        cmp /tmp/mt-lora-ref/adapter/adapter_model.safetensors /tmp/mt-lora-split/adapter/adapter_model.safetensors &&
-        [ "$(grep -c '"loss"' /tmp/mt-lora-split/metrics.jsonl)" -eq 30 ] &&
-        echo "QLoRA resume on the GPU: 30 losses and the adapter identical" ||
-            { echo "QLoRA resume on the GPU: FAILED"; tail -5 "$OUT/resume.log"; status=1; }
-        echo "== MeZO resume on the GPU (bf16 weights, stochastic rounding): stopped and resumed vs uninterrupted"
-        mezo=(train configs/quickstart-mezo.yaml --set model.path=/tmp/mt-quickstart/model --set data.train=/tmp/psalms.h5
-              --set train.device=gpu --set train.steps=30 --set train.log_every=1 --set mezo.samples=2)
-        rm -rf /tmp/mt-mezo-ref /tmp/mt-mezo-split
-        "$BUILD/memtune" "${mezo[@]}" --set output.dir=/tmp/mt-mezo-ref >> "$OUT/resume.log" 2>&1 &&
-        "$BUILD/memtune" "${mezo[@]}" --set output.dir=/tmp/mt-mezo-split --set train.stop_after=12 >> "$OUT/resume.log" 2>&1 &&
-        "$BUILD/memtune" "${mezo[@]}" --set output.dir=/tmp/mt-mezo-split --set train.resume=auto >> "$OUT/resume.log" 2>&1 &&
-        diff <(grep -o '"loss":[^,]*' /tmp/mt-mezo-ref/metrics.jsonl) <(grep -o '"loss":[^,]*' /tmp/mt-mezo-split/metrics.jsonl) &&
-        cmp /tmp/mt-mezo-ref/model/model.safetensors /tmp/mt-mezo-split/model/model.safetensors &&
-        [ "$(grep -c '"loss"' /tmp/mt-mezo-split/metrics.jsonl)" -eq 30 ] &&
-        echo "MeZO resume on the GPU: 30 losses and the model identical" ||
-            { echo "MeZO resume on the GPU: FAILED"; tail -5 "$OUT/resume.log"; status=1; }
+        echo "== QLoRA (dropout on) and MeZO (bf16 weights, stochastic rounding) resume on the GPU"
+        resume_check QLoRA 30 12 adapter/adapter_model.safetensors train configs/quickstart-lora.yaml \
+            --set model.path=/tmp/mt-quickstart/model --set data.train=/tmp/psalms.h5 --set train.device=gpu \
+            --set model.quantize=nf4 --set train.steps=30 --set train.log_every=1 \
+            --set model.activation_checkpointing=true --set model.offload_activations=true
+        resume_check MeZO 30 12 model/model.safetensors train configs/quickstart-mezo.yaml \
+            --set model.path=/tmp/mt-quickstart/model --set data.train=/tmp/psalms.h5 --set train.device=gpu \
+            --set train.steps=30 --set train.log_every=1 --set mezo.samples=2
     fi
 fi
 
