@@ -146,6 +146,7 @@ void mt_op_zo_update(const mt_backend *be, void *w, size_t n, uint64_t offset, c
                      float weight_decay, uint64_t round_seed) {
     MT_CHECK(d->count >= 1 && d->count <= MT_ZO_MAX_DIRECTIONS, "zo_update: %d directions", d->count);
     MT_GPU(be, mt_zo_update_cuda(be, w, n, offset, d, lr, weight_decay, round_seed, NULL, 0.0f, 0));
+    (void)round_seed;  // fp32 on the CPU: no rounding to draw
     mt_zo_update_ref(w, n, offset, d->count, d->seed, d->coef, lr, weight_decay);
 }
 
@@ -154,6 +155,7 @@ void mt_op_zo_update_perturb(const mt_backend *be, void *w, void *perturbed, siz
                              uint64_t seed) {
     MT_CHECK(d->count >= 1 && d->count <= MT_ZO_MAX_DIRECTIONS, "zo_update: %d directions", d->count);
     MT_GPU(be, mt_zo_update_cuda(be, w, n, offset, d, lr, weight_decay, round_seed, perturbed, scale, seed));
+    (void)round_seed;
     mt_zo_update_ref(w, n, offset, d->count, d->seed, d->coef, lr, weight_decay);
     mt_perturb_ref(perturbed, w, n, scale, seed, offset);
 }
