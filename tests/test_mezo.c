@@ -21,6 +21,7 @@
 #include "optim/mezo.h"
 #include "testutil.h"
 #include "trainer/config.h"
+#include "trainer/hf.h"
 #include "trainer/lora.h"
 #include "trainer/model.h"
 #include "trainer/train.h"
@@ -584,16 +585,38 @@ START_TEST(mezo_training_resumes_bit_identically) {
     snprintf(a, sizeof a, "cmp -s %s %s/model/model.safetensors", b, whole);
     ck_assert_int_ne(system(a), 0);
 
-    // MeZO on LoRA adapters, a selection of them by name
+    // MeZO on LoRA adapters over an NF4 base, a selection of them by name
     char lora_run[300];
     snprintf(lora_run, sizeof lora_run, "%s/lora", dir);
     mezo_config(&cfg, folder, data, lora_run);
     ck_assert_int_eq(mt_config_set(&cfg, "lora.r", "2", "t"), MT_OK);
+    ck_assert_int_eq(mt_config_set(&cfg, "model.quantize", "nf4", "t"), MT_OK);  // MeZO on QLoRA
     ck_assert_int_eq(mt_config_set(&cfg, "mezo.trainable", "*.q_proj.*, *.v_proj.*", "t"), MT_OK);
     ck_assert_int_eq(mt_train(&cfg, &r), MT_OK);
     ck_assert_int_eq(r.steps_done, 12);
     snprintf(a, sizeof a, "%s/adapter/adapter_model.safetensors", lora_run);
     ck_assert_int_eq(access(a, R_OK), 0);
+    {
+        // B starts at zero: the selected q/v adapters moved, the others did not
+        mt_model_config mc;
+        mt_lora_config lc;
+        snprintf(a, sizeof a, "%s/adapter", lora_run);
+        ck_assert_int_eq(mt_hf_read_config(folder, &mc), MT_OK);
+        ck_assert_int_eq(mt_lora_read_config(a, &lc), MT_OK);
+        int count;
+        size_t total;
+        mt_param_info *t = mt_lora_param_table(&mc, &lc, &count, &total);
+        float *adapter = malloc(total * 4);
+        ck_assert_int_eq(mt_lora_load(a, &mc, &lc, adapter), MT_OK);
+        for (int i = 0; i < count; i++) {
+            if (!strstr(t[i].name, "lora_B")) continue;
+            double norm = 0;
+            for (size_t j = 0; j < t[i].count; j++) norm += fabs(adapter[t[i].offset + j]);
+            int selected = strstr(t[i].name, ".q_proj.") || strstr(t[i].name, ".v_proj.");
+            ck_assert_msg(selected ? norm > 0 : norm == 0, "%s: |B| %g", t[i].name, norm);
+        }
+        free(adapter), free(t);
+    }
     // a pattern that selects nothing is refused with the names it could take
     ck_assert_int_eq(mt_config_set(&cfg, "mezo.trainable", "*.nothing", "t"), MT_OK);
     ck_assert_int_eq(mt_train(&cfg, &r), MT_ERR_CONFIG);
