@@ -62,15 +62,22 @@ def run_memtune(args, folder, data, run, checkpointing, qlora, offload=False):
             "output.save_model": "false", "checkpoint.every": 0, "model.quantize": "nf4" if qlora else "none",
             "model.activation_checkpointing": "true" if checkpointing else "false",
             "model.offload_activations": "true" if offload else "false"}
+    return train_and_time(args, cmd, sets, run, ("base weights", "memory (GPU)"))
+
+
+def train_and_time(args, cmd, sets, run, log_marks):
+    """Runs `memtune train` (cmd plus --set for each of sets) and reads its
+    metrics.jsonl: tokens/s and step ms after args.warmup steps, the
+    allocator's and the device's peaks, and the log lines holding log_marks."""
     for k, v in sets.items():
-        cmd += ["--set", f"{k}={v}"]
+        cmd = cmd + ["--set", f"{k}={v}"]
     sampler = PeakSampler()
     out = subprocess.run(cmd, capture_output=True, text=True)
     peak = sampler.finish()
     if out.returncode:
         print(out.stderr[-3000:])
         return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
-    info = [line for line in out.stderr.splitlines() if "base weights" in line or "memory (GPU)" in line]
+    info = [line for line in out.stderr.splitlines() if any(mark in line for mark in log_marks)]
     recs = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
     by_step = {r["step"]: r for r in recs}
     w = args.warmup

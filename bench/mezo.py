@@ -21,7 +21,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from full_ft import PeakSampler, write_dataset  # noqa: E402
-from lora_ft import shape_folder  # noqa: E402
+from lora_ft import shape_folder, train_and_time  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILD = os.environ.get("MT_BUILD_DIR", os.path.join(ROOT, "build"))
@@ -52,21 +52,7 @@ def run_memtune(args, folder, data, run):
             "train.grad_accum": 1, "train.log_every": 1, "train.device": "gpu", "optim.lr": args.lr,
             "optim.warmup_steps": 0, "mezo.eps": args.eps, "output.dir": run, "output.save_model": "false",
             "checkpoint.every": 0}
-    for k, v in sets.items():
-        cmd += ["--set", f"{k}={v}"]
-    sampler = PeakSampler()
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    peak = sampler.finish()
-    if out.returncode:
-        return failed(out)
-    info = [line for line in out.stderr.splitlines() if "MeZO" in line or "memory (GPU)" in line]
-    recs = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
-    by_step = {r["step"]: r for r in recs}
-    w = args.warmup
-    dt = by_step[args.steps]["elapsed_seconds"] - by_step[w]["elapsed_seconds"]
-    return {"tokens_per_second": (args.steps - w) * args.B * args.T / dt, "step_ms": 1000 * dt / (args.steps - w),
-            "device_peak": peak, "allocator_peak": by_step[args.steps]["peak_memory_bytes"],
-            "first_loss": recs[0]["loss"], "last_loss": recs[-1]["loss"], "log": info}
+    return train_and_time(args, cmd, sets, run, ("MeZO", "memory (GPU)"))
 
 
 def run_torch(args, config_path):
