@@ -489,24 +489,38 @@ size_t mt_model_base_weight_bytes(const mt_model *m) {
 
 void mt_model_set_dropout_seed(mt_model *m, uint64_t seed) { m->dropout_seed = seed; }
 
-// Copies n fp32 host values into dst in the compute dtype (cast on the GPU,
-// through a small staging buffer).
-static mt_err upload_compute(mt_model *m, void *dst, const float *src, size_t n) {
+// Moves n values between fp32 host memory and compute weights: host -> compute
+// (cast on the GPU) when to_compute, else compute -> host. On the GPU the
+// casts go through a small fp32 staging buffer.
+static mt_err convert_compute(mt_model *m, void *compute, float *host, size_t n, int to_compute) {
     if (!m->be->gpu) {
-        memcpy(dst, src, n * sizeof(float));
+        if (to_compute)
+            memcpy(compute, host, n * sizeof(float));
+        else
+            memcpy(host, compute, n * sizeof(float));
         return MT_OK;
     }
     const size_t chunk = (size_t)4 << 20;
-    void *staging = NULL;
-    mt_err err = mt_alloc(&staging, (n < chunk ? n : chunk) * sizeof(float), MT_MEM_WORKSPACE, MT_DEVICE);
+    float *staging = NULL;
+    mt_err err = mt_alloc((void **)&staging, (n < chunk ? n : chunk) * sizeof(float), MT_MEM_WORKSPACE, MT_DEVICE);
     if (err) return err;
     for (size_t start = 0; start < n; start += chunk) {
         size_t count = n - start < chunk ? n - start : chunk;
-        mt_copy_to_device(staging, src + start, count * sizeof(float));
-        mt_op_cast_from_f32(m->be, (char *)dst + start * mt_act_size(m->be), staging, count);
+        void *at = (char *)compute + start * mt_act_size(m->be);
+        if (to_compute) {
+            mt_copy_to_device(staging, host + start, count * sizeof(float));
+            mt_op_cast_from_f32(m->be, at, staging, count);
+        } else {
+            mt_op_cast_to_f32(m->be, staging, at, count);
+            mt_copy_to_host(host + start, staging, count * sizeof(float));
+        }
     }
-    mt_free(&staging);
+    mt_free((void **)&staging);
     return MT_OK;
+}
+
+static mt_err upload_compute(mt_model *m, void *dst, const float *src, size_t n) {
+    return convert_compute(m, dst, (float *)src, n, 1);
 }
 
 mt_err mt_model_set_weights(mt_model *m, const float *host_params) {
@@ -595,14 +609,21 @@ static void *trainable_weight(mt_model *m, int i) {
 
 static float pending_decay(const mt_model *m, int i) { return trainable_param(m, i)->decay ? m->pending_decay : 0.0f; }
 
+// Whether trainable parameter i still owes the deferred update; it is then
+// marked as paid (the caller applies it).
+static int take_pending(mt_model *m, int i) {
+    if (!m->pending || !m->pending_left[i]) return 0;
+    m->pending_left[i] = 0;
+    m->pending--;
+    return 1;
+}
+
 // Applies the deferred update to trainable parameter i, alone.
 static void apply_pending(mt_model *m, int i) {
-    if (!m->pending || !m->pending_left[i]) return;
+    if (!take_pending(m, i)) return;
     const mt_param_info *p = trainable_param(m, i);
     mt_op_zo_update(m->be, trainable_weight(m, i), p->count, p->offset, &m->pending_directions, m->pending_lr,
                     pending_decay(m, i), m->pending_round_seed);
-    m->pending_left[i] = 0;
-    m->pending--;
 }
 
 void mt_model_flush_update(mt_model *m) {
@@ -628,21 +649,7 @@ void mt_model_get_trainable(mt_model *m, float *dst) {
     mt_model_flush_update(m);
     mt_trainable t;
     mt_model_trainable(m, &t);
-    if (!m->be->gpu) {
-        memcpy(dst, t.weights, t.total * sizeof(float));
-        return;
-    }
-    const size_t chunk = (size_t)4 << 20;
-    float *staging = NULL;
-    MT_CHECK(mt_alloc((void **)&staging, (t.total < chunk ? t.total : chunk) * sizeof(float), MT_MEM_WORKSPACE,
-                      MT_DEVICE) == MT_OK,
-             "out of device memory reading the weights back");
-    for (size_t start = 0; start < t.total; start += chunk) {
-        size_t count = t.total - start < chunk ? t.total - start : chunk;
-        mt_op_cast_to_f32(m->be, staging, (const char *)t.weights + start * 2, count);
-        mt_copy_to_host(dst + start, staging, count * sizeof(float));
-    }
-    mt_free((void **)&staging);
+    MT_CHECK(convert_compute(m, t.weights, dst, t.total, 0) == MT_OK, "out of device memory reading the weights back");
 }
 
 // ------------------------------------------------------- forward/backward
@@ -674,13 +681,11 @@ static const void *perturbed(mt_model *m, int i, const void *w) {
     void *buf = vector ? m->perturb_vector : m->perturb_matrix;
     int *holds = vector ? &m->perturb_vector_holds : &m->perturb_matrix_holds;
     if (*holds != i) {
-        if (m->pending && m->pending_left[i]) {
+        if (take_pending(m, i)) {
             // the deferred update and this read's perturbation in one pass
             mt_op_zo_update_perturb(m->be, trainable_weight(m, i), buf, p->count, p->offset, &m->pending_directions,
                                     m->pending_lr, pending_decay(m, i), m->pending_round_seed, m->perturb_scale,
                                     m->perturb_seed);
-            m->pending_left[i] = 0;
-            m->pending--;
         } else {
             mt_op_perturb(m->be, buf, w, p->count, m->perturb_scale, m->perturb_seed, p->offset);
         }
