@@ -322,6 +322,16 @@ void mt_config_write_reference(FILE *f, int markdown) {
     }
 }
 
+int mt_config_next_item(const char **cursor, const char **item, size_t *len) {
+    const char *p = *cursor;
+    while (*p == ' ' || *p == ',') p++;
+    if (!*p) return 0;
+    const char *end = p;
+    while (*end && *end != ',' && *end != ' ') end++;
+    *item = p, *len = (size_t)(end - p), *cursor = end;
+    return 1;
+}
+
 mt_err mt_config_validate(const mt_config *cfg) {
     if (!cfg->model_path[0])
         return mt_errorf(MT_ERR_CONFIG,

@@ -10,6 +10,7 @@
 #include <sys/stat.h>
 
 #include "kernels/rng.h"
+#include "trainer/config.h"
 #include "trainer/fsutil.h"
 #include "trainer/hf.h"
 #include "trainer/safetensors.h"
@@ -56,20 +57,16 @@ mt_err mt_lora_parse_targets(const char *text, unsigned *targets) {
         *targets = (1u << MT_LORA_MODULES) - 1;
         return MT_OK;
     }
-    const char *p = text;
-    while (*p) {
-        while (*p == ' ' || *p == ',') p++;
-        if (!*p) break;
-        const char *end = p;
-        while (*end && *end != ',' && *end != ' ') end++;
-        int t = module_index(p, (size_t)(end - p));
+    const char *cursor = text, *item;
+    size_t len;
+    while (mt_config_next_item(&cursor, &item, &len)) {
+        int t = module_index(item, len);
         if (t < 0)
             return mt_errorf(MT_ERR_CONFIG,
                              "LoRA target module '%.*s' is not one memtune adapts; use any of q_proj, k_proj, "
                              "v_proj, o_proj, gate_proj, up_proj, down_proj, or all-linear",
-                             (int)(end - p), p);
+                             (int)len, item);
         *targets |= 1u << t;
-        p = end;
     }
     if (!*targets)
         return mt_errorf(MT_ERR_CONFIG, "no LoRA target modules given; name some (e.g. q_proj,v_proj) or all-linear");

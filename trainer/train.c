@@ -156,7 +156,7 @@ typedef struct {
     mt_optimizer *opt;           // AdamW; NULL with MeZO
     mt_model *model;
     mt_loader *train;
-    float *master, *m, *v;  // host buffers of the parameter count
+    float *master, *m, *v;  // host buffers of the parameter count (m, v NULL with MeZO)
 } checkpoint_ctx;
 
 // The trained values as fp32 host values: AdamW's master copy, or with MeZO
@@ -176,8 +176,8 @@ static mt_err save_checkpoint(checkpoint_ctx *c, long steps_done) {
                                c->opt ? mt_optimizer_steps_taken(c->opt) : (int)steps_done,
                                mt_config_training_hash(c->cfg)};
     double t0 = mt_now();
-    mt_err err = mt_checkpoint_write(c->cfg->output_dir, c->cfg->model_path, c->mc, c->lora, c->master,
-                                     c->opt ? c->m : NULL, c->opt ? c->v : NULL, &meta, (int)c->cfg->checkpoint_keep);
+    mt_err err = mt_checkpoint_write(c->cfg->output_dir, c->cfg->model_path, c->mc, c->lora, c->master, c->m, c->v,
+                                     &meta, (int)c->cfg->checkpoint_keep);
     if (!err) mt_info("checkpoint: %s/checkpoints/step-%08ld (%.1fs)", c->cfg->output_dir, steps_done, mt_now() - t0);
     return err;
 }
@@ -207,21 +207,18 @@ static void defer_to_model(void *model, const mt_zo_directions *d, float lr, flo
     mt_model_defer_update(model, d, lr, weight_decay, round_seed);
 }
 
-// mezo.trainable: which trainable parameters match one of the comma-separated
-// glob patterns. Returns how many do.
+// mezo.trainable: which trainable parameters match one of the listed glob
+// patterns. Returns how many do.
 static int select_trainable(const char *patterns, const mt_param_info *table, int n, unsigned char *selected) {
     int count = 0;
     for (int i = 0; i < n; i++) {
         selected[i] = 0;
-        for (const char *p = patterns; *p && !selected[i];) {
-            const char *end = strchr(p, ',');
-            size_t len = end ? (size_t)(end - p) : strlen(p);
+        const char *cursor = patterns, *item;
+        size_t len;
+        while (!selected[i] && mt_config_next_item(&cursor, &item, &len)) {
             char pattern[256];
-            while (len && *p == ' ') p++, len--;
-            while (len && p[len - 1] == ' ') len--;
-            snprintf(pattern, sizeof pattern, "%.*s", (int)len, p);
-            if (pattern[0] && fnmatch(pattern, table[i].name, 0) == 0) selected[i] = 1;
-            p = end ? end + 1 : p + len;
+            snprintf(pattern, sizeof pattern, "%.*s", (int)len, item);
+            selected[i] = fnmatch(pattern, table[i].name, 0) == 0;
         }
         count += selected[i];
     }
@@ -310,18 +307,19 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
         mt_checkpoint_find_latest(cfg->output_dir, resume_dir, sizeof resume_dir);
     else if (cfg->train_resume[0])
         snprintf(resume_dir, sizeof resume_dir, "%s", cfg->train_resume);
-    moment_m = malloc((trained_total ? trained_total : 1) * sizeof(float));
-    moment_v = malloc((trained_total ? trained_total : 1) * sizeof(float));
-    if (!moment_m || !moment_v) {
+    // AdamW's moments' host copies for checkpoints (MeZO has none)
+    if (!mezo) {
+        moment_m = malloc((trained_total ? trained_total : 1) * sizeof(float));
+        moment_v = malloc((trained_total ? trained_total : 1) * sizeof(float));
+    }
+    if (!mezo && (!moment_m || !moment_v)) {
         err = mt_errorf(MT_ERR_NOMEM, "out of host memory for the optimizer state's checkpoint copies (%.1f GiB)",
                         trained_total * 8.0 / 1073741824.0);
         goto out_params;
     }
     mt_checkpoint_meta resume = {0};
     if (resume_dir[0]) {
-        if ((err = mt_checkpoint_read(resume_dir, &mc, lora, trained, mezo ? NULL : moment_m, mezo ? NULL : moment_v,
-                                      &resume)))
-            goto out_params;
+        if ((err = mt_checkpoint_read(resume_dir, &mc, lora, trained, moment_m, moment_v, &resume))) goto out_params;
         if (resume.config_hash != mt_config_training_hash(cfg)) {
             err = mt_errorf(MT_ERR_CONFIG,
                             "%s was written by a run with a different configuration (model, data, train or optim "
