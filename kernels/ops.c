@@ -187,6 +187,25 @@ void mt_op_adamw(const mt_backend *be, float *master, void *param_copy, const fl
                  grad_scale);
 }
 
+void mt_op_adam_direction(const mt_backend *be, float *dir, const float *grad, const mt_adam_state *s, size_t n,
+                          float beta1, float beta2, float eps, float bias_correction1, float bias_correction2) {
+    MT_CHECK(s->m ? s->v != NULL : s->mq && s->vq && s->m_absmax && s->v_absmax, "adam_direction: incomplete state");
+    MT_GPU(be, mt_adam_direction_cuda(be, dir, grad, s, n, beta1, beta2, eps, bias_correction1, bias_correction2));
+    mt_adam_direction_ref(dir, grad, s, n, beta1, beta2, eps, bias_correction1, bias_correction2);
+}
+
+void mt_op_apply_update(const mt_backend *be, void *w, const float *update, size_t n, float lr, float scale,
+                        float weight_decay, uint64_t round_seed) {
+    MT_GPU(be, mt_apply_update_cuda(be, w, update, n, lr, scale, weight_decay, round_seed));
+    (void)round_seed;  // fp32 on the CPU: nothing to round
+    mt_apply_update_ref(w, update, n, lr, scale, weight_decay);
+}
+
+void mt_op_gauss(const mt_backend *be, float *dst, size_t n, uint64_t seed) {
+    MT_GPU(be, mt_gauss_cuda(be, dst, n, seed));
+    mt_gauss_ref(dst, n, seed);
+}
+
 double mt_op_sumsq(const mt_backend *be, const float *x, size_t n) {
 #ifdef MT_HAVE_CUDA
     if (be->gpu) return mt_sumsq_cuda(be, x, n, 1);

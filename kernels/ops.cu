@@ -8,9 +8,11 @@
 #include <curand_kernel.h>
 #include <math.h>
 #include <mma.h>
+#include <string.h>
 
 #include "kernels/cuda_check.h"
 #include "kernels/ops_cuda.h"
+#include "kernels/qmap.h"
 
 typedef __nv_bfloat16 bf16;
 
@@ -1043,6 +1045,18 @@ static __device__ bf16 bf16_stochastic(float x, unsigned random_bits) {
     return __ushort_as_bfloat16((unsigned short)(bits >> 16));
 }
 
+// 16 rounding bits (in the high half) for each of the 4 elements of a group.
+// The rounding needs independent bits, not Philox's quality: a SplitMix64
+// finaliser of (seed, group) gives them at a sixth of the cost.
+static __device__ void round_bits4(unsigned long long seed, unsigned long long group, unsigned random[4]) {
+    unsigned long long h = seed ^ (group * 0x9e3779b97f4a7c15ull);
+    h = (h ^ (h >> 30)) * 0xbf58476d1ce4e5b9ull;
+    h = (h ^ (h >> 27)) * 0x94d049bb133111ebull;
+    h ^= h >> 31;
+    random[0] = (unsigned)(h << 16), random[1] = (unsigned)h & 0xffff0000u;
+    random[2] = (unsigned)(h >> 16) << 16, random[3] = (unsigned)(h >> 32) & 0xffff0000u;
+}
+
 // The update, and with `perturbed` also the next forward's read of the
 // updated weights, w_new + scale * z(seed), in the same pass: the same values
 // as the update kernel followed by the perturbation kernel, one read fewer.
@@ -1057,14 +1071,8 @@ static __global__ void zo_update_kernel(bf16 *w, size_t n, unsigned long long of
         gauss4(d.seed[k], group, z);
         for (int q = 0; q < 4; q++) step[q] += d.coef[k] * z[q];
     }
-    // the rounding needs independent bits, not Philox's quality: a SplitMix64
-    // finaliser of (seed, group) gives 16 bits per element at a sixth of the cost
-    unsigned long long h = round_seed ^ (group * 0x9e3779b97f4a7c15ull);
-    h = (h ^ (h >> 30)) * 0xbf58476d1ce4e5b9ull;
-    h = (h ^ (h >> 27)) * 0x94d049bb133111ebull;
-    h ^= h >> 31;
-    unsigned random[4] = {(unsigned)(h << 16), (unsigned)h & 0xffff0000u, (unsigned)(h >> 16) << 16,
-                          (unsigned)(h >> 32) & 0xffff0000u};
+    unsigned random[4];
+    round_bits4(round_seed, group, random);
     if (perturbed) gauss4(seed, group, z);
     long long j0 = group_start(t, offset);
     if (whole4(w, j0, n) && (!perturbed || whole4(perturbed, j0, n))) {
@@ -1110,5 +1118,121 @@ static __global__ void philox_words_kernel(uint32_t *out, size_t groups, unsigne
 extern "C" void mt_philox_words_cuda(uint32_t *out, size_t groups, uint64_t seed) {
     if (groups == 0) return;
     philox_words_kernel<<<grid_for(groups, kThreads), kThreads>>>(out, groups, (unsigned long long)seed);
+    CUDA_CHECK_LAUNCH();
+}
+
+// ------------------------------------------------------------------ GaLore
+
+static __global__ void apply_update_kernel(bf16 *w, const float *update, size_t n, float keep, float step,
+                                           unsigned long long round_seed) {
+    size_t g = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    long long j0 = (long long)(4 * g);
+    if ((size_t)j0 >= n) return;
+    unsigned random[4];
+    round_bits4(round_seed, g, random);
+    if (whole4(w, j0, n) && ((uintptr_t)(update + j0) & 15) == 0) {
+        float v[4];
+        bf16 out[4];
+        load4(w + j0, v);
+        float4 u = *(const float4 *)(update + j0);
+        float us[4] = {u.x, u.y, u.z, u.w};
+        for (int q = 0; q < 4; q++) out[q] = bf16_stochastic(v[q] * keep - step * us[q], random[q]);
+        store4(w + j0, out);
+        return;
+    }
+    for (int q = 0; q < 4 && (size_t)(j0 + q) < n; q++)
+        w[j0 + q] = bf16_stochastic(__bfloat162float(w[j0 + q]) * keep - step * update[j0 + q], random[q]);
+}
+
+extern "C" void mt_apply_update_cuda(const mt_backend *be, void *w, const float *update, size_t n, float lr,
+                                     float scale, float weight_decay, uint64_t round_seed) {
+    (void)be;
+    if (n == 0) return;
+    size_t groups = (n + 3) / 4;
+    apply_update_kernel<<<grid_for(groups, kThreads), kThreads>>>((bf16 *)w, update, n, 1.0f - lr * weight_decay,
+                                                                  lr * scale, (unsigned long long)round_seed);
+    CUDA_CHECK_LAUNCH();
+}
+
+static __global__ void gauss_kernel(float *dst, size_t n, unsigned long long seed) {
+    size_t g = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (4 * g >= n) return;
+    float z[4];
+    gauss4(seed, g, z);
+    for (int q = 0; q < 4 && 4 * g + q < n; q++) dst[4 * g + q] = z[q];
+}
+
+extern "C" void mt_gauss_cuda(const mt_backend *be, float *dst, size_t n, uint64_t seed) {
+    (void)be;
+    if (n == 0) return;
+    gauss_kernel<<<grid_for((n + 3) / 4, kThreads), kThreads>>>(dst, n, (unsigned long long)seed);
+    CUDA_CHECK_LAUNCH();
+}
+
+// Adam's moment updates in explicit single roundings (no fused multiply-add),
+// as the CPU computes them: the 8-bit codes then come out the same.
+static __device__ float ema(float beta, float old, float x) {
+    return __fadd_rn(__fmul_rn(beta, old), __fmul_rn(1.0f - beta, x));
+}
+
+static __device__ float adam_dir(float m, float v, float bc1, float bc2_sqrt, float eps) {
+    return __fdiv_rn(__fdiv_rn(m, bc1), __fadd_rn(__fdiv_rn(__fsqrt_rn(v), bc2_sqrt), eps));
+}
+
+static __global__ void adam_direction_kernel(float *dir, const float *grad, float *m, float *v, size_t n, float beta1,
+                                             float beta2, float eps, float bc1, float bc2_sqrt) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float g = grad[i];
+    float mi = ema(beta1, m[i], g), vi = ema(beta2, v[i], __fmul_rn(g, g));
+    m[i] = mi, v[i] = vi;
+    dir[i] = adam_dir(mi, vi, bc1, bc2_sqrt, eps);
+}
+
+static __constant__ float c_qmap[2][256];  // [0] unsigned, [1] signed (mt_qmap)
+
+// One block per MT_QBLOCK values, one thread per value.
+static __global__ void adam_direction_8bit_kernel(float *dir, const float *grad, unsigned char *mq, unsigned char *vq,
+                                                  float *m_absmax, float *v_absmax, size_t n, float beta1, float beta2,
+                                                  float eps, float bc1, float bc2_sqrt) {
+    size_t b = blockIdx.x, i = b * MT_QBLOCK + threadIdx.x;
+    bool live = i < n;
+    float m = 0.0f, v = 0.0f;
+    if (live) {
+        float g = grad[i];
+        m = ema(beta1, __fmul_rn(c_qmap[1][mq[i]], m_absmax[b]), g);
+        v = ema(beta2, __fmul_rn(c_qmap[0][vq[i]], v_absmax[b]), __fmul_rn(g, g));
+        dir[i] = adam_dir(m, v, bc1, bc2_sqrt, eps);
+    }
+    float m_max = block_max(fabsf(m)), v_max = block_max(v);
+    if (threadIdx.x == 0) m_absmax[b] = m_max, v_absmax[b] = v_max;
+    if (!live) return;
+    mq[i] = mt_qmap_nearest(c_qmap[1], m_max > 0.0f ? __fdiv_rn(m, m_max) : 0.0f);
+    unsigned char code = mt_qmap_nearest(c_qmap[0], v_max > 0.0f ? __fdiv_rn(v, v_max) : 0.0f);
+    vq[i] = code == 0 && v > 0.0f ? 1 : code;
+}
+
+extern "C" void mt_adam_direction_cuda(const mt_backend *be, float *dir, const float *grad, const mt_adam_state *s,
+                                       size_t n, float beta1, float beta2, float eps, float bias_correction1,
+                                       float bias_correction2) {
+    (void)be;
+    if (n == 0) return;
+    float bc2_sqrt = sqrtf(bias_correction2);
+    if (s->m) {
+        adam_direction_kernel<<<grid_for(n, kThreads), kThreads>>>(dir, grad, s->m, s->v, n, beta1, beta2, eps,
+                                                                   bias_correction1, bc2_sqrt);
+    } else {
+        static int maps_loaded;
+        if (!maps_loaded) {
+            float maps[2][256];
+            memcpy(maps[0], mt_qmap(0), sizeof maps[0]);
+            memcpy(maps[1], mt_qmap(1), sizeof maps[1]);
+            CUDA_CHECK(cudaMemcpyToSymbol(c_qmap, maps, sizeof maps));
+            maps_loaded = 1;
+        }
+        size_t blocks = (n + MT_QBLOCK - 1) / MT_QBLOCK;
+        adam_direction_8bit_kernel<<<(unsigned)blocks, MT_QBLOCK>>>(dir, grad, s->mq, s->vq, s->m_absmax, s->v_absmax,
+                                                                    n, beta1, beta2, eps, bias_correction1, bc2_sqrt);
+    }
     CUDA_CHECK_LAUNCH();
 }

@@ -103,6 +103,35 @@ void mt_op_add(const mt_backend *be, void *out, const void *a, const void *b, si
 void mt_op_adamw(const mt_backend *be, float *master, void *param_copy, const float *grad, float *m, float *v, size_t n,
                  float lr, float beta1, float beta2, float eps, float weight_decay, float bias_correction1,
                  float bias_correction2, float grad_scale);
+// Adam's moments of n values: fp32 (m, v), or 8-bit blockwise (mq, vq with
+// one fp32 absmax per MT_QBLOCK values; m on mt_qmap(1), v on mt_qmap(0)).
+#define MT_QBLOCK 256
+typedef struct {
+    float *m, *v;                // fp32 moments, or NULL with 8-bit
+    uint8_t *mq, *vq;            // 8-bit codes
+    float *m_absmax, *v_absmax;  // (n + MT_QBLOCK - 1) / MT_QBLOCK each
+} mt_adam_state;
+// Bytes of the state of n values (fp32, or 8-bit codes with their absmax).
+size_t mt_adam_state_bytes(size_t n, int int8);
+// Adam's direction without the step: m, v updated from grad, then
+// dir = (m / bc1) / (sqrt(v / bc2) + eps). dir may alias grad. With 8-bit
+// moments each block is decoded, updated in fp32 and encoded again with its
+// new absmax (the direction uses the fp32 values).
+void mt_op_adam_direction(const mt_backend *be, float *dir, const float *grad, const mt_adam_state *s, size_t n,
+                          float beta1, float beta2, float eps, float bias_correction1, float bias_correction2);
+// w = w * (1 - lr * weight_decay) - lr * scale * update. On the GPU the bf16
+// result is rounded stochastically (16 bits of a SplitMix64 hash of
+// (round_seed, element), as mt_op_zo_update does): no fp32 master copy, and
+// updates below bf16's resolution still count on average.
+void mt_op_apply_update(const mt_backend *be, void *w, const float *update, size_t n, float lr, float scale,
+                        float weight_decay, uint64_t round_seed);
+// dst (fp32) = z(seed, j), j < n: the z stream of mt_op_perturb.
+void mt_op_gauss(const mt_backend *be, float *dst, size_t n, uint64_t seed);
+// The 8-bit moment maps: 256 ascending values in [-1, 1] (signed: 0, and
+// +-127 magnitudes over 7 decades, linear within each, densest near 1) or
+// [0, 1] (unsigned: 0 and 255 magnitudes over 8 decades). A value x of a
+// block with absmax s is stored as the code nearest to x / s.
+const float *mt_qmap(int is_signed);
 // Sum of squares of n fp32 values, returned on the host (synchronises).
 double mt_op_sumsq(const mt_backend *be, const float *x, size_t n);
 // Sum of n fp32 values, returned on the host (synchronises).

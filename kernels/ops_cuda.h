@@ -61,6 +61,11 @@ void mt_add_cuda(const mt_backend *be, void *out, const void *a, const void *b, 
 void mt_adamw_cuda(const mt_backend *be, float *master, void *param_copy, const float *grad, float *m, float *v,
                    size_t n, float lr, float beta1, float beta2, float eps, float weight_decay, float bias_correction1,
                    float bias_correction2, float grad_scale);
+void mt_adam_direction_cuda(const mt_backend *be, float *dir, const float *grad, const mt_adam_state *s, size_t n,
+                            float beta1, float beta2, float eps, float bias_correction1, float bias_correction2);
+void mt_apply_update_cuda(const mt_backend *be, void *w, const float *update, size_t n, float lr, float scale,
+                          float weight_decay, uint64_t round_seed);
+void mt_gauss_cuda(const mt_backend *be, float *dst, size_t n, uint64_t seed);
 double mt_sumsq_cuda(const mt_backend *be, const float *x, size_t n, int squares);
 void mt_cast_from_f32_cuda(const mt_backend *be, void *dst, const float *src, size_t n);
 void mt_cast_to_f32_cuda(const mt_backend *be, float *dst, const void *src, size_t n);

@@ -2,11 +2,13 @@
 #include "kernels/ops_ref.h"
 
 #include <math.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "kernels/common.h"
 #include "kernels/dtype.h"
+#include "kernels/qmap.h"
 #include "kernels/rng.h"
 
 void mt_embedding_forward_ref(float *out, const int32_t *tokens, const float *wte, int N, int C) {
@@ -375,5 +377,101 @@ void mt_zo_update_ref(float *w, size_t n, uint64_t offset, int count, const uint
             float *p = &w[i - offset];
             *p -= lr * (step[i - g * 4] + weight_decay * *p);
         }
+    }
+}
+
+// ------------------------------------------------- GaLore's Adam and update
+
+// The 8-bit maps (ops.h): decade d of D holds 2^(D-1-d) magnitudes spread
+// linearly over (10^-(d+1), 10^-d].
+static float qmap_tables[2][256];
+static pthread_once_t qmap_once = PTHREAD_ONCE_INIT;
+
+static int decade_magnitudes(double *out, int decades) {
+    int count = 0;
+    for (int d = decades - 1; d >= 0; d--) {
+        int levels = 1 << (decades - 1 - d);
+        for (int j = 0; j < levels; j++) out[count++] = pow(10.0, -d) * (0.1 + 0.9 * (j + 1) / levels);
+    }
+    return count;
+}
+
+static void build_qmaps(void) {
+    double mag[255];
+    int n = decade_magnitudes(mag, 7);  // 127
+    float *s = qmap_tables[1];
+    for (int i = 0; i < n; i++) s[i] = (float)-mag[n - 1 - i];
+    s[n] = 0.0f;
+    for (int i = 0; i < n; i++) s[n + 1 + i] = (float)mag[i];
+    s[255] = 1.0f;                  // 255 distinct values; the last code repeats 1
+    n = decade_magnitudes(mag, 8);  // 255
+    float *u = qmap_tables[0];
+    u[0] = 0.0f;
+    for (int i = 0; i < n; i++) u[1 + i] = (float)mag[i];
+}
+
+const float *mt_qmap(int is_signed) {
+    pthread_once(&qmap_once, build_qmaps);
+    return qmap_tables[is_signed ? 1 : 0];
+}
+
+uint8_t mt_qmap_encode(const float *map, float x) { return mt_qmap_nearest(map, x); }
+
+size_t mt_adam_state_bytes(size_t n, int int8) {
+    if (!int8) return 2 * n * sizeof(float);
+    return 2 * (n + 2 * ((n + MT_QBLOCK - 1) / MT_QBLOCK) * sizeof(float));
+}
+
+void mt_adam_direction_ref(float *dir, const float *grad, const mt_adam_state *s, size_t n, float beta1, float beta2,
+                           float eps, float bias_correction1, float bias_correction2) {
+    float bc2_sqrt = sqrtf(bias_correction2);
+    if (s->m) {
+#pragma omp parallel for
+        for (size_t i = 0; i < n; i++) {
+            float g = grad[i];
+            float m = beta1 * s->m[i] + (1.0f - beta1) * g;
+            float v = beta2 * s->v[i] + (1.0f - beta2) * g * g;
+            s->m[i] = m, s->v[i] = v;
+            dir[i] = (m / bias_correction1) / (sqrtf(v) / bc2_sqrt + eps);
+        }
+        return;
+    }
+    const float *smap = mt_qmap(1), *umap = mt_qmap(0);
+    size_t blocks = (n + MT_QBLOCK - 1) / MT_QBLOCK;
+#pragma omp parallel for
+    for (size_t b = 0; b < blocks; b++) {
+        size_t i0 = b * MT_QBLOCK, len = n - i0 < MT_QBLOCK ? n - i0 : MT_QBLOCK;
+        float m[MT_QBLOCK], v[MT_QBLOCK], m_max = 0.0f, v_max = 0.0f;
+        for (size_t k = 0; k < len; k++) {
+            size_t i = i0 + k;
+            float g = grad[i];
+            m[k] = beta1 * (smap[s->mq[i]] * s->m_absmax[b]) + (1.0f - beta1) * g;
+            v[k] = beta2 * (umap[s->vq[i]] * s->v_absmax[b]) + (1.0f - beta2) * g * g;
+            dir[i] = (m[k] / bias_correction1) / (sqrtf(v[k]) / bc2_sqrt + eps);
+            m_max = fmaxf(m_max, fabsf(m[k]));
+            v_max = fmaxf(v_max, v[k]);
+        }
+        s->m_absmax[b] = m_max, s->v_absmax[b] = v_max;
+        for (size_t k = 0; k < len; k++) {
+            size_t i = i0 + k;
+            s->mq[i] = mt_qmap_encode(smap, m_max > 0.0f ? m[k] / m_max : 0.0f);
+            uint8_t code = mt_qmap_encode(umap, v_max > 0.0f ? v[k] / v_max : 0.0f);
+            s->vq[i] = code == 0 && v[k] > 0.0f ? 1 : code;  // a nonzero v never decodes to 0
+        }
+    }
+}
+
+void mt_apply_update_ref(float *w, const float *update, size_t n, float lr, float scale, float weight_decay) {
+    float keep = 1.0f - lr * weight_decay, step = lr * scale;
+#pragma omp parallel for
+    for (size_t i = 0; i < n; i++) w[i] = w[i] * keep - step * update[i];
+}
+
+void mt_gauss_ref(float *dst, size_t n, uint64_t seed) {
+#pragma omp parallel for
+    for (size_t g = 0; g < (n + 3) / 4; g++) {
+        float z[4];
+        mt_rng_gauss4(seed, g, z);
+        for (size_t q = 0; q < 4 && 4 * g + q < n; q++) dst[4 * g + q] = z[q];
     }
 }

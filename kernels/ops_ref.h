@@ -11,6 +11,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "kernels/ops.h"
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -83,6 +85,14 @@ void mt_add_ref(float *out, const float *a, const float *b, size_t n);
 // with the gradient multiplied by grad_scale first (clipping).
 void mt_adamw_ref(float *param, const float *grad, float *m, float *v, size_t n, float lr, float beta1, float beta2,
                   float eps, float weight_decay, float bias_correction1, float bias_correction2, float grad_scale);
+
+// GaLore's pieces (ops.h: mt_op_adam_direction, mt_op_apply_update, mt_op_gauss).
+void mt_adam_direction_ref(float *dir, const float *grad, const mt_adam_state *s, size_t n, float beta1, float beta2,
+                           float eps, float bias_correction1, float bias_correction2);
+void mt_apply_update_ref(float *w, const float *update, size_t n, float lr, float scale, float weight_decay);
+void mt_gauss_ref(float *dst, size_t n, uint64_t seed);
+// The code of map (mt_qmap) nearest to x (ties to the lower code).
+uint8_t mt_qmap_encode(const float *map, float x);
 
 // Sum of squares in double precision.
 double mt_sumsq_ref(const float *x, size_t n);

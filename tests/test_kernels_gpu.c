@@ -11,6 +11,7 @@
 #include "kernels/common.h"
 #include "kernels/device.h"
 #include "kernels/dtype.h"
+#include "kernels/linalg.h"
 #include "kernels/nf4.h"
 #include "kernels/nf4_cuda.h"
 #include "kernels/ops.h"
@@ -575,6 +576,131 @@ START_TEST(in_place_bf16_drift_is_measured) {
 }
 END_TEST
 
+// ------------------------------------------------------------------ GaLore
+
+START_TEST(galore_adam_update_and_gauss) {
+    // Adam's direction, fp32 moments: the same arithmetic as the CPU
+    size_t n = 100003, blocks = (n + MT_QBLOCK - 1) / MT_QBLOCK;
+    float *m = host_random(n, -0.1f, 0.1f), *v = host_random(n, 0.0f, 0.01f), *g = host_random(n, -1.0f, 1.0f);
+    float *dm = dev_f32(m, n), *dv = dev_f32(v, n), *dg = dev_f32(g, n), *ddir = dev_poisoned(n * 4);
+    float *dir = malloc(n * 4);
+    mt_adam_state hs = {m, v, NULL, NULL, NULL, NULL}, ds = {dm, dv, NULL, NULL, NULL, NULL};
+    mt_adam_direction_ref(dir, g, &hs, n, 0.9f, 0.95f, 1e-8f, 0.19f, 0.0975f);
+    mt_op_adam_direction(&be, ddir, dg, &ds, n, 0.9f, 0.95f, 1e-8f, 0.19f, 0.0975f);
+    float *got = host_from_f32(ddir, n), *gm = host_from_f32(dm, n);
+    expect_close("adam direction", got, dir, n, 1e-6);
+    expect_close("adam m", gm, m, n, 1e-6);
+    free(got), free(gm);
+    // 8-bit moments over 5 steps: codes and absmax as the CPU's (single
+    // roundings on both), the direction within fp32 rounding
+    uint8_t *mq = calloc(n, 1), *vq = calloc(n, 1);
+    float *ma = calloc(blocks, 4), *va = calloc(blocks, 4);
+    void *dmq = dev_poisoned(n), *dvq = dev_poisoned(n);
+    float *dma = dev_f32(ma, blocks), *dva = dev_f32(va, blocks);
+    mt_device_memset(dmq, 0, n), mt_device_memset(dvq, 0, n);
+    mt_adam_state h8 = {NULL, NULL, mq, vq, ma, va}, d8 = {NULL, NULL, dmq, dvq, dma, dva};
+    for (int step = 1; step <= 5; step++) {
+        float *gs = host_random(n, -1.0f, 1.0f);
+        mt_copy_to_device(dg, gs, n * 4);
+        float bc1 = 1 - powf(0.9f, (float)step), bc2 = 1 - powf(0.95f, (float)step);
+        mt_adam_direction_ref(dir, gs, &h8, n, 0.9f, 0.95f, 1e-8f, bc1, bc2);
+        mt_op_adam_direction(&be, ddir, dg, &d8, n, 0.9f, 0.95f, 1e-8f, bc1, bc2);
+        got = host_from_f32(ddir, n);
+        expect_close("8-bit adam direction", got, dir, n, 1e-5);
+        free(got), free(gs);
+    }
+    uint8_t *gq = malloc(n);
+    mt_copy_to_host(gq, dmq, n);
+    size_t differ = 0;
+    for (size_t i = 0; i < n; i++) differ += gq[i] != mq[i];
+    ck_assert_msg(differ <= n / 1000, "%zu of %zu 8-bit m codes differ from the CPU's", differ, n);
+    free(gq), free(mq), free(vq), free(ma), free(va);
+    mt_device_free(dmq), mt_device_free(dvq), mt_device_free(dma), mt_device_free(dva);
+    // the update into bf16 weights: one of the two neighbours of the exact value
+    float *w = host_random(n, -0.5f, 0.5f), *ref = malloc(n * 4);
+    for (size_t i = 0; i < n; i++) ref[i] = mt_bf16_to_f32(mt_f32_to_bf16(w[i]));
+    void *dw = dev_bf16(w, n);
+    mt_op_apply_update(&be, dw, dg, n, 1e-3f, 0.5f, 0.1f, 99);
+    float *gs = host_from_f32(dg, n);
+    mt_apply_update_ref(ref, gs, n, 1e-3f, 0.5f, 0.1f);
+    got = host_from_bf16(dw, n);
+    for (size_t j = 0; j < n; j++)
+        ck_assert_msg(fabsf(got[j] - ref[j]) <= fabsf(ref[j]) / 128 + 1e-6f, "update j=%zu: %g vs %g", j, got[j],
+                      ref[j]);
+    free(got), free(gs), free(w), free(ref);
+    mt_device_free(dw);
+    // the z stream in fp32
+    float *z = malloc(n * 4);
+    mt_gauss_ref(z, n, 1234);
+    mt_op_gauss(&be, ddir, n, 1234);
+    got = host_from_f32(ddir, n);
+    expect_close("gauss", got, z, n, 1e-5);
+    free(got), free(z), free(m), free(v), free(g), free(dir);
+    mt_device_free(dm), mt_device_free(dv), mt_device_free(dg), mt_device_free(ddir);
+}
+END_TEST
+
+START_TEST(galore_linear_algebra) {
+    mt_backend cpu;
+    mt_backend_init(&cpu, -1);
+    // products in TF32 against the CPU's double sums, every transpose
+    const int M = 300, N = 136, K = 1000;
+    for (int ta = 0; ta < 2; ta++)
+        for (int tb = 0; tb < 2; tb++) {
+            int lda = ta ? K : M, ldb = tb ? N : K;
+            size_t na = (size_t)lda * (ta ? M : K), nb = (size_t)ldb * (tb ? K : N), nc = (size_t)M * N;
+            float *A = host_random(na, -1, 1), *B = host_random(nb, -1, 1), *C = malloc(nc * 4);
+            float *dA = dev_f32(A, na), *dB = dev_f32(B, nb), *dC = dev_poisoned(nc * 4);
+            mt_la_gemm(&cpu, ta, tb, M, N, K, 1.0f, A, lda, B, ldb, 0.0f, C, M);
+            mt_la_gemm(&be, ta, tb, M, N, K, 1.0f, dA, lda, dB, ldb, 0.0f, dC, M);
+            float *got = host_from_f32(dC, nc);
+            expect_close("tf32 gemm", got, C, nc, 5e-3);
+            free(A), free(B), free(C), free(got);
+            mt_device_free(dA), mt_device_free(dB), mt_device_free(dC);
+        }
+    // QR's Q on the GPU: orthonormal, the same span as the CPU's
+    const int a = 2048, k = 136;
+    float *Y = host_random((size_t)a * k, -1, 1), *Q = malloc((size_t)a * k * 4);
+    memcpy(Q, Y, (size_t)a * k * 4);
+    float *dQ = dev_f32(Y, (size_t)a * k);
+    mt_la_orthonormalize(&be, dQ, a, k);
+    mt_la_orthonormalize(&cpu, Q, a, k);
+    float *gq = host_from_f32(dQ, (size_t)a * k);
+    double worst = 0, span = 0;
+    for (int i = 0; i < k; i++)
+        for (int j = 0; j < k; j++) {
+            double d = 0, c = 0;
+            for (int r = 0; r < a; r++)
+                d += (double)gq[i * a + r] * gq[j * a + r], c += (double)gq[i * a + r] * Q[j * a + r];
+            worst = fmax(worst, fabs(d - (i == j)));
+            span += c * c;  // ||Q_gpu^T Q_cpu||_F^2 = k when the spans agree
+        }
+    ck_assert_msg(worst < 1e-4, "GPU Q^T Q - I: %g", worst);
+    ck_assert_msg(fabs(span - k) < 1e-2, "GPU and CPU spans differ: %g of %d", span, k);
+    free(Y), free(Q), free(gq);
+    mt_device_free(dQ);
+    // eigenvalues of a Gram matrix as the CPU's Jacobi finds them
+    const int e = 96;
+    float *X = host_random((size_t)e * e, -1, 1), *S = malloc((size_t)e * e * 4), w[96];
+    mt_la_gemm(&cpu, 1, 0, e, e, e, 1.0f, X, e, X, e, 0.0f, S, e);
+    float *dS = dev_f32(S, (size_t)e * e), *dw = dev_poisoned(e * 4);
+    mt_la_symmetric_eigen(&cpu, S, w, e);
+    mt_la_symmetric_eigen(&be, dS, dw, e);
+    float *gw = host_from_f32(dw, e), *gS = host_from_f32(dS, (size_t)e * e);
+    expect_close("eigenvalues", gw, w, e, 1e-4);
+    // eigenvectors up to sign: |v_gpu . v_cpu| = 1 for the well-separated top ones
+    for (int j = e - 8; j < e; j++) {
+        double d = 0;
+        for (int r = 0; r < e; r++) d += (double)gS[j * e + r] * S[j * e + r];
+        ck_assert_msg(fabs(fabs(d) - 1) < 1e-3, "eigenvector %d: |dot| %g", j, fabs(d));
+    }
+    free(X), free(S), free(gw), free(gS);
+    mt_device_free(dS), mt_device_free(dw);
+    mt_la_release();
+    mt_backend_free(&cpu);
+}
+END_TEST
+
 int main(void) {
     if (mt_device_count() == 0) {
         printf("test_kernels_gpu: no GPU, skipped\n");
@@ -603,6 +729,8 @@ int main(void) {
     tcase_add_test(tc, perturb_ops);
     tcase_add_test(tc, zo_update_rounds_stochastically);
     tcase_add_test(tc, in_place_bf16_drift_is_measured);
+    tcase_add_test(tc, galore_adam_update_and_gauss);
+    tcase_add_test(tc, galore_linear_algebra);
     suite_add_tcase(s, tc);
     int status = tu_run_suite(s, 1);
     mt_backend_free(&be);
