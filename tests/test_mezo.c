@@ -176,7 +176,7 @@ static void random_batch(int32_t *inputs, int32_t *targets, int V, uint64_t seed
 }
 
 static mt_model *make_model(mt_backend *be, const mt_model_config *c, const mt_lora_config *lora, int forward_only) {
-    mt_model_options o = {B, T, 0, {0}, 0, 0, forward_only};
+    mt_model_options o = {B, T, 0, {0}, 0, 0, forward_only, NULL, NULL};
     if (lora) o.lora = *lora;
     mt_model *m;
     ck_assert_int_eq(mt_model_create_with(&m, be, c, &o), MT_OK);
@@ -533,20 +533,34 @@ END_TEST
 // ---------------------------------------------------------- memtune train
 
 static void mezo_config(mt_config *cfg, const char *folder, const char *data, const char *out) {
-    mt_config_defaults(cfg);
-    ck_assert_int_eq(mt_config_set(cfg, "model.path", folder, "t"), MT_OK);
-    ck_assert_int_eq(mt_config_set(cfg, "model.init", "random", "t"), MT_OK);
-    ck_assert_int_eq(mt_config_set(cfg, "data.train", data, "t"), MT_OK);
-    ck_assert_int_eq(mt_config_set(cfg, "output.dir", out, "t"), MT_OK);
-    ck_assert_int_eq(mt_config_set(cfg, "train.steps", "12", "t"), MT_OK);
-    ck_assert_int_eq(mt_config_set(cfg, "train.seq_len", "16", "t"), MT_OK);
-    ck_assert_int_eq(mt_config_set(cfg, "train.grad_accum", "2", "t"), MT_OK);
-    ck_assert_int_eq(mt_config_set(cfg, "train.device", "cpu", "t"), MT_OK);
-    ck_assert_int_eq(mt_config_set(cfg, "train.eval_every", "4", "t"), MT_OK);
-    ck_assert_int_eq(mt_config_set(cfg, "optim.kind", "mezo", "t"), MT_OK);
-    ck_assert_int_eq(mt_config_set(cfg, "optim.lr", "1e-3", "t"), MT_OK);
-    ck_assert_int_eq(mt_config_set(cfg, "optim.weight_decay", "0.1", "t"), MT_OK);
-    ck_assert_int_eq(mt_config_set(cfg, "mezo.samples", "2", "t"), MT_OK);
+    const char *const pairs[] = {"model.path",
+                                 folder,
+                                 "model.init",
+                                 "random",
+                                 "data.train",
+                                 data,
+                                 "output.dir",
+                                 out,
+                                 "train.steps",
+                                 "12",
+                                 "train.seq_len",
+                                 "16",
+                                 "train.grad_accum",
+                                 "2",
+                                 "train.device",
+                                 "cpu",
+                                 "train.eval_every",
+                                 "4",
+                                 "optim.kind",
+                                 "mezo",
+                                 "optim.lr",
+                                 "1e-3",
+                                 "optim.weight_decay",
+                                 "0.1",
+                                 "mezo.samples",
+                                 "2",
+                                 NULL};
+    tu_config(cfg, pairs);
 }
 
 START_TEST(mezo_training_resumes_bit_identically) {

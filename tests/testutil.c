@@ -10,6 +10,7 @@
 #include <sys/stat.h>
 
 #include "kernels/rng.h"
+#include "trainer/config.h"
 
 void tu_fill_uniform(float *x, size_t n, float lo, float hi, uint64_t seed) {
     for (size_t i = 0; i < n; i++) x[i] = lo + (hi - lo) * mt_rng_uniform(seed, i);
@@ -102,4 +103,13 @@ int tu_read_losses(const char *run, double *losses, int max) {
     }
     fclose(f);
     return count;
+}
+
+void tu_config(void *cfg, const char *const *pairs) {
+    mt_config_defaults(cfg);
+    for (int i = 0; pairs[i]; i += 2) {
+        ck_assert_ptr_nonnull(pairs[i + 1]);
+        ck_assert_msg(mt_config_set(cfg, pairs[i], pairs[i + 1], "test") == MT_OK, "%s=%s: %s", pairs[i], pairs[i + 1],
+                      mt_last_error());
+    }
 }

@@ -26,6 +26,10 @@ void tu_model_folder(const char *parent, const char *name, const char *json, cha
 // record per step, in order, at most max; returns the count.
 int tu_read_losses(const char *run, double *losses, int max);
 
+// mt_config_defaults, then each "section.key", "value" pair of a
+// NULL-terminated list (each assignment asserted).
+void tu_config(void *cfg, const char *const *pairs);
+
 // A fresh empty folder under /tmp (path written to buf).
 void tu_tempdir(char *buf, size_t len);
 

@@ -47,7 +47,13 @@ struct mt_model {
     size_t *compute_offset;  // (num_params) element offset in `weights`; NF4 tensors take none
     size_t compute_total;
     void *weights;  // (compute_total) compute dtype
-    float *grads;   // (total) fp32; NULL when the base is frozen
+    float *grads;   // (total) fp32; NULL when the base is frozen or gradients are streamed
+    // streamed gradients (mt_model_options.grad_ready)
+    mt_grad_ready_fn grad_ready;
+    void *grad_ready_ctx;
+    float *grad_stream;  // one layer's gradients, or lm_head's or the embedding's (untied)
+    float *grad_outer;   // the final norm's, then a tied embedding's
+    size_t grad_stream_count, grad_outer_count;
     // LoRA / QLoRA
     mt_lora_config lora;
     float lora_scale;
@@ -195,6 +201,29 @@ static int find_param(const mt_model *m, const char *name) {
     return -1;
 }
 
+static size_t align16(size_t n) { return (n + 15) & ~(size_t)15; }
+
+// Streamed gradients: the shared buffer holds one layer's span of the
+// parameter table, or an untied embedding or lm_head; the outer one the
+// final norm and a tied embedding.
+static void size_streamed_grads(mt_model *m) {
+    const mt_model_config *c = &m->cfg;
+    int tied = find_param(m, "lm_head.weight") < 0;
+    size_t span = 0, table = (size_t)c->V * c->C;
+    if (c->L > 0) {
+        int first = find_param(m, "model.layers.0.input_layernorm.weight");
+        int next =
+            c->L > 1 ? find_param(m, "model.layers.1.input_layernorm.weight") : find_param(m, "model.norm.weight");
+        span = m->params[next].offset - m->params[first].offset;
+    }
+    m->grad_stream_count = align16(tied || span > table ? span : table);
+    m->grad_outer_count = align16((size_t)c->C) + (tied ? align16(table) : 0);
+}
+
+size_t mt_model_streamed_grad_bytes(const mt_model *m) {
+    return (m->grad_stream_count + m->grad_outer_count) * sizeof(float);
+}
+
 static void bind_params(mt_model *m) {
     size_t act = mt_act_size(m->be);
     char name[160];
@@ -205,14 +234,18 @@ static void bind_params(mt_model *m) {
         "mlp.down_proj.weight"};
 #define WPTR(i) (m->compute_offset[i] == SIZE_MAX ? NULL : (char *)m->weights + m->compute_offset[i] * act)
 #define GPTR(i) (m->grads ? m->grads + m->params[i].offset : NULL)
-    for (int l = 0; l < m->cfg.L; l++)
+    for (int l = 0; l < m->cfg.L; l++) {
+        size_t base = 0;  // streamed: the layer's gradients start the shared buffer
         for (int p = 0; p < P_LAYER_COUNT; p++) {
             snprintf(name, sizeof name, "model.layers.%d.%s", l, suffix[p]);
             int i = find_param(m, name);
+            if (p == 0) base = m->params[i].offset;
             m->layers[l].w[p] = i < 0 ? NULL : WPTR(i);
             m->layers[l].g[p] = i < 0 ? NULL : GPTR(i);
+            if (i >= 0 && m->grad_stream) m->layers[l].g[p] = m->grad_stream + (m->params[i].offset - base);
             m->layers[l].index[p] = i;
         }
+    }
     for (int i = 0; i < m->num_adapter_params; i++) {
         int l, module, is_b;
         MT_CHECK(mt_lora_parse_name(m->adapter_params[i].name, &l, &module, &is_b), "adapter name %s",
@@ -229,10 +262,14 @@ static void bind_params(mt_model *m) {
     i = find_param(m, "model.norm.weight");
     m->norm_w = WPTR(i), m->g_norm = GPTR(i), m->index_norm = i;
     i = find_param(m, "lm_head.weight");
+    if (m->grad_stream) {
+        m->g_norm = m->grad_outer;
+        m->g_wte = i < 0 ? m->grad_outer + align16(m->cfg.C) : m->grad_stream;
+    }
     if (i < 0)
         m->lm_w = m->wte, m->g_lm = m->g_wte, m->index_lm = m->index_wte;
     else
-        m->lm_w = WPTR(i), m->g_lm = GPTR(i), m->index_lm = i;
+        m->lm_w = WPTR(i), m->g_lm = m->grad_stream ? m->grad_stream : GPTR(i), m->index_lm = i;
 #undef WPTR
 #undef GPTR
 }
@@ -385,9 +422,16 @@ mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_confi
     m->chunk_rows = (int)(rows < N ? (rows ? rows : 1) : N);
     mt_mem_place place = be->gpu ? MT_DEVICE : MT_HOST;
     size_t act = mt_act_size(be);
+    m->grad_ready = o->grad_ready, m->grad_ready_ctx = o->grad_ready_ctx;
+    MT_CHECK(!m->grad_ready || (!m->frozen && !m->forward_only), "streamed gradients need a full fine-tune");
     mt_err err = mt_alloc(&m->weights, m->compute_total * act, MT_MEM_WEIGHTS, place);
-    if (!err && !m->frozen && !m->forward_only)
+    if (!err && !m->frozen && !m->forward_only && !m->grad_ready)
         err = mt_alloc((void **)&m->grads, m->total * sizeof(float), MT_MEM_GRADS, place);
+    if (!err && m->grad_ready) {
+        size_streamed_grads(m);
+        err = mt_alloc((void **)&m->grad_stream, m->grad_stream_count * sizeof(float), MT_MEM_GRADS, place);
+        if (!err) err = mt_alloc((void **)&m->grad_outer, m->grad_outer_count * sizeof(float), MT_MEM_GRADS, place);
+    }
     if (!err && m->quantized) err = mt_alloc(&m->nf4_storage, nf4_bytes, MT_MEM_WEIGHTS, place);
     if (!err && m->quantized) err = mt_alloc(&m->dequant, widest_linear * act, MT_MEM_WEIGHTS, place);
     if (!err && m->lora.r) err = mt_alloc(&m->adapter_weights, m->adapter_total * act, MT_MEM_ADAPTERS, place);
@@ -435,7 +479,7 @@ mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_confi
 
 mt_err mt_model_create(mt_model **out, mt_backend *be, const mt_model_config *cfg, int B, int T,
                        int activation_checkpointing) {
-    mt_model_options o = {B, T, activation_checkpointing, {0}, 0, 0, 0};
+    mt_model_options o = {B, T, activation_checkpointing, {0}, 0, 0, 0, NULL, NULL};
     return mt_model_create_with(out, be, cfg, &o);
 }
 
@@ -443,6 +487,8 @@ void mt_model_free(mt_model *m) {
     if (!m) return;
     mt_free(&m->weights);
     mt_free((void **)&m->grads);
+    mt_free((void **)&m->grad_stream);
+    mt_free((void **)&m->grad_outer);
     mt_free(&m->nf4_storage);
     mt_free(&m->dequant);
     mt_free(&m->adapter_weights);
@@ -883,12 +929,16 @@ static void body_forward(mt_model *m) {
 double mt_model_step(mt_model *m, const int32_t *inputs, const int32_t *targets, float dscale, int backward) {
     const mt_model_config *c = &m->cfg;
     mt_backend *be = m->be;
-    int N = m->B * m->T;
+    int N = m->B * m->T, streamed = backward && m->grad_ready;
     MT_CHECK(!backward || (!m->forward_only && m->perturb_scale == 0.0f),
              "backward on a forward-only or perturbed model");
     m->training = backward;
     upload_tokens(m, inputs, targets);
     body_forward(m);
+    if (streamed) {
+        mt_op_zero(be, m->grad_outer, m->grad_outer_count * sizeof(float));
+        if (m->index_lm != m->index_wte) mt_op_zero(be, m->g_lm, m->params[m->index_lm].count * sizeof(float));
+    }
     const void *lm_w = lm_weight(m);
     // lm_head and the loss in row chunks; backward of each chunk right away,
     // so only one chunk of logits ever exists
@@ -903,9 +953,11 @@ double mt_model_step(mt_model *m, const int32_t *inputs, const int32_t *targets,
                                   R, c->C, c->V, 0);
     }
     double loss = mt_op_sum(be, m->losses, (size_t)N);
-    if (!backward) return loss;
+    if (!backward || (streamed && !isfinite(loss))) return loss;
+    if (streamed && m->index_lm != m->index_wte) m->grad_ready(m->grad_ready_ctx, m->index_lm, m->g_lm);
     mt_op_zero(be, m->dres, (size_t)N * c->C * mt_act_size(be));
     mt_op_rmsnorm_backward(be, m->dres, m->g_norm, m->dln, m->x[c->L], m->norm_w, m->rstdf, N, c->C);
+    if (streamed) m->grad_ready(m->grad_ready_ctx, m->index_norm, m->g_norm);
     for (int l = c->L - 1; l >= 0; l--) {
         if (m->offload) {
             // fetch x[l-1] into the slot x[l+1] used, while layer l runs;
@@ -913,9 +965,16 @@ double mt_model_step(mt_model *m, const int32_t *inputs, const int32_t *targets,
             if (l >= 1) move_x(m, l - 1, 0);
             if (l <= c->L - 2) wait_x(m, l);
         }
+        if (streamed) mt_op_zero(be, m->grad_stream, m->grad_stream_count * sizeof(float));
         layer_backward(m, l);
+        // the layer's gradients are complete: each is applied and its place reused
+        for (int p = 0; p < P_LAYER_COUNT && streamed; p++)
+            if (m->layers[l].index[p] >= 0) m->grad_ready(m->grad_ready_ctx, m->layers[l].index[p], m->layers[l].g[p]);
     }
+    if (streamed && m->index_lm != m->index_wte)
+        mt_op_zero(be, m->g_wte, m->params[m->index_wte].count * sizeof(float));
     if (m->g_wte) mt_op_embedding_backward(be, m->g_wte, m->tokens, m->dres, N, c->C);
+    if (streamed) m->grad_ready(m->grad_ready_ctx, m->index_wte, m->g_wte);
     return loss;
 }
 

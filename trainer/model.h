@@ -68,6 +68,12 @@ typedef struct {
 
 float mt_lora_scale(const mt_lora_config *lora);
 
+// Streamed gradients: called in backward once parameter `param` (an index
+// into the parameter table) has its whole gradient for this step, grad (fp32,
+// where the backend computes, param's count values). The buffer is reused
+// after the call returns: the callback applies its update there and then.
+typedef void (*mt_grad_ready_fn)(void *ctx, int param, float *grad);
+
 typedef struct {
     int B, T;                      // rows per batch, tokens per row
     int activation_checkpointing;  // keep layer inputs only; recompute in backward
@@ -76,6 +82,8 @@ typedef struct {
     int offload_activations;       // with checkpointing: layer inputs kept in (pinned) host memory
     int forward_only;              // inference memory: no gradients, no backward buffers, one
                                    // layer's activations (MeZO, evaluation)
+    mt_grad_ready_fn grad_ready;   // full fine-tune: no model-sized gradient block; each
+    void *grad_ready_ctx;          // gradient is handed over as soon as it is complete (GaLore)
 } mt_model_options;
 
 // Builds the parameter tables and allocates weights, gradients (of the
@@ -151,8 +159,15 @@ void mt_model_zero_grads(mt_model *m);
 
 // Forward over one (B, T) batch; with `backward`, also backward, adding
 // dscale * d(sum of token losses) to the gradients. targets < 0 are ignored.
-// Returns the sum of token losses.
+// Returns the sum of token losses. With grad_ready, backward hands over each
+// gradient in this order: lm_head (when not tied), the final norm, each
+// layer's parameters from the last layer to the first, the embedding; a
+// non-finite loss skips the backward (nothing is handed over).
 double mt_model_step(mt_model *m, const int32_t *inputs, const int32_t *targets, float dscale, int backward);
+// Bytes of the gradient buffers with grad_ready: one layer's parameters or
+// one embedding-sized matrix, whichever is larger, plus the final norm's and
+// a tied embedding's.
+size_t mt_model_streamed_grad_bytes(const mt_model *m);
 // Full logits (B*T, V) fp32 into host memory `logits` (for tests and parity).
 void mt_model_logits(mt_model *m, const int32_t *inputs, float *logits);
 
