@@ -10,6 +10,10 @@
 # `quickstart.sh mezo`: the MeZO variant. Every weight of the quickstart's
 # model fine-tuned on the Psalms from forward passes alone
 # (runs/quickstart-mezo/).
+#
+# `quickstart.sh galore`: the GaLore variant. Every weight of the
+# quickstart's model fine-tuned on the Psalms with low-rank projected Adam
+# moments, updated layer by layer in backward (runs/quickstart-galore/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
@@ -20,7 +24,7 @@ if [ ! -f data/kjv.h5 ]; then
     bible "Gen1:1-Rev22:21" > data/kjv.txt
     ./build/memtune tokenize --input data/kjv.txt --output data/kjv.h5
 fi
-if [ "${1:-}" = "lora" ] || [ "${1:-}" = "mezo" ]; then
+if [ "${1:-}" = "lora" ] || [ "${1:-}" = "mezo" ] || [ "${1:-}" = "galore" ]; then
     variant=$1
     shift
     if [ ! -f data/psalms.h5 ]; then
@@ -28,8 +32,8 @@ if [ "${1:-}" = "lora" ] || [ "${1:-}" = "mezo" ]; then
         ./build/memtune tokenize --input data/psalms.txt --output data/psalms.h5
     fi
     [ -f runs/quickstart/model/model.safetensors ] || ./build/memtune train configs/quickstart.yaml
-    if [ "$variant" = "mezo" ]; then
-        ./build/memtune train configs/quickstart-mezo.yaml "$@"
+    if [ "$variant" = "mezo" ] || [ "$variant" = "galore" ]; then
+        ./build/memtune train "configs/quickstart-$variant.yaml" "$@"
         exit
     fi
     ./build/memtune train configs/quickstart-lora.yaml "$@"

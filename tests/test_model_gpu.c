@@ -11,6 +11,7 @@
 #include "kernels/device.h"
 #include "kernels/nf4.h"
 #include "kernels/rng.h"
+#include "optim/galore.h"
 #include "optim/mezo.h"
 #include "testutil.h"
 #include "trainer/lora.h"
@@ -117,7 +118,8 @@ START_TEST(gpu_lora_matches_cpu_reference) {
         mt_backend cpu, gpu;
         ck_assert_int_eq(mt_backend_init(&cpu, -1), MT_OK);
         ck_assert_int_eq(mt_backend_init(&gpu, 0), MT_OK);
-        mt_model_options o = {B, T, 0, {8, 16.0f, 0.0f, quantized, (1u << MT_LORA_MODULES) - 1}, quantized, 0, 0};
+        mt_model_options o = {B, T,    0,   {8, 16.0f, 0.0f, quantized, (1u << MT_LORA_MODULES) - 1}, quantized, 0,
+                              0, NULL, NULL};
         mt_model_options ok = o, off = o;
         ok.activation_checkpointing = 1;
         off.activation_checkpointing = off.offload_activations = 1;
@@ -229,7 +231,7 @@ START_TEST(gpu_mezo_matches_cpu_reference) {
         mt_backend cpu, gpu;
         ck_assert_int_eq(mt_backend_init(&cpu, -1), MT_OK);
         ck_assert_int_eq(mt_backend_init(&gpu, 0), MT_OK);
-        mt_model_options o = {B, T, 0, {0}, 0, 0, 1};
+        mt_model_options o = {B, T, 0, {0}, 0, 0, 1, NULL, NULL};
         mt_model *mc, *mg, *mtrain;
         ck_assert_int_eq(mt_model_create_with(&mc, &cpu, &c, &o), MT_OK);
         ck_assert_int_eq(mt_model_create_with(&mg, &gpu, &c, &o), MT_OK);
@@ -321,7 +323,7 @@ START_TEST(gpu_deferred_mezo_update_is_bit_identical) {
     int B = 2, T = 64, N = B * T;
     mt_backend gpu;
     ck_assert_int_eq(mt_backend_init(&gpu, 0), MT_OK);
-    mt_model_options o = {B, T, 0, {0}, 0, 0, 1};
+    mt_model_options o = {B, T, 0, {0}, 0, 0, 1, NULL, NULL};
     mt_model *m[2];
     mt_mezo *mz[2];
     size_t total = 0;
@@ -367,6 +369,104 @@ START_TEST(gpu_deferred_mezo_update_is_bit_identical) {
 }
 END_TEST
 
+// GaLore on the GPU: streamed gradients equal the gradient block, and three
+// GaLore steps (refresh included) move the weights as the CPU's do.
+typedef struct {
+    mt_galore *galore;
+    void *weights;
+    size_t act;
+    const mt_param_info *table;
+    float *host;  // collect mode: gradients copied here (NULL: update)
+    int gpu;
+} gpu_hook;
+
+static void gpu_hook_fn(void *ctx, int param, float *grad) {
+    gpu_hook *h = ctx;
+    const mt_param_info *p = &h->table[param];
+    if (h->host) {
+        mt_copy_to_host(h->host + p->offset, grad, p->count * 4);
+        return;
+    }
+    mt_galore_update(h->galore, param, grad, (char *)h->weights + p->offset * h->act);
+}
+
+START_TEST(gpu_galore_matches_cpu_reference) {
+    for (int variant = 0; variant < 2; variant++) {
+        mt_model_config c;
+        small_config(&c, variant);
+        int B = 2, T = 64, N = B * T;
+        mt_backend cpu, gpu;
+        ck_assert_int_eq(mt_backend_init(&cpu, -1), MT_OK);
+        ck_assert_int_eq(mt_backend_init(&gpu, 0), MT_OK);
+        gpu_hook hg = {0}, hc = {0};
+        mt_model_options og = {B, T, 1, {0}, 0, 0, 0, gpu_hook_fn, &hg}, oc = og;
+        oc.grad_ready_ctx = &hc;
+        mt_model *plain, *mg, *mc;
+        ck_assert_int_eq(mt_model_create(&plain, &gpu, &c, B, T, 1), MT_OK);
+        ck_assert_int_eq(mt_model_create_with(&mg, &gpu, &c, &og), MT_OK);
+        ck_assert_int_eq(mt_model_create_with(&mc, &cpu, &c, &oc), MT_OK);
+        int n;
+        const mt_param_info *table = mt_model_params(mc, &n);
+        size_t total = mt_model_num_params(mc);
+        float *params = malloc(total * 4), *g_block = malloc(total * 4), *g_streamed = calloc(total, 4);
+        mt_model_init_random(&c, params, 77);
+        for (size_t i = 0; i < total; i++) params[i] = mt_round_bf16(params[i]);
+        int32_t *in = malloc(N * 4), *tg = malloc(N * 4);
+        for (int i = 0; i < N; i++) in[i] = (int32_t)(mt_rng_bits(5, i) % c.V), tg[i] = (int32_t)((in[i] + 1) % c.V);
+        ck_assert_int_eq(mt_model_set_weights(plain, params), MT_OK);
+        ck_assert_int_eq(mt_model_set_weights(mg, params), MT_OK);
+        ck_assert_int_eq(mt_model_set_weights(mc, params), MT_OK);
+        mt_model_zero_grads(plain);
+        mt_model_step(plain, in, tg, 1.0f / N, 1);
+        mt_copy_to_host(g_block, mt_model_grads(plain), total * 4);
+        hg = (gpu_hook){NULL, NULL, 2, table, g_streamed, 1};
+        mt_model_step(mg, in, tg, 1.0f / N, 1);
+        double gerr = tu_norm_rel_error(g_streamed, g_block, total);
+        printf("GaLore %s: streamed GPU gradients vs the block: relative error %.3g\n", variant ? "tied+bias" : "llama",
+               gerr);
+        ck_assert_msg(gerr == 0.0, "streamed gradients differ from the block's: %g", gerr);
+        // three steps of GaLore (rank 8, refresh at step 1) on each backend
+        mt_galore_param *gp = malloc((size_t)n * sizeof *gp);
+        for (int i = 0; i < n; i++)
+            gp[i] = (mt_galore_param){table[i].name, table[i].shape[0], table[i].ndim == 2 ? table[i].shape[1] : 0,
+                                      table[i].decay, table[i].ndim == 2 && strstr(table[i].name, "layers.") != NULL};
+        for (int int8 = 0; int8 < 2; int8++) {
+            mt_galore_config gc = {0.9f, 0.95f, 1e-8f, 0.0f, 8, 100, 0.25f, MT_GALORE_RANDOMIZED, int8, 3};
+            ck_assert_int_eq(mt_model_set_weights(mg, params), MT_OK);
+            ck_assert_int_eq(mt_model_set_weights(mc, params), MT_OK);
+            ck_assert_int_eq(mt_galore_init(&hg.galore, &gpu, &gc, gp, n), MT_OK);
+            ck_assert_int_eq(mt_galore_init(&hc.galore, &cpu, &gc, gp, n), MT_OK);
+            hg.host = NULL, hg.weights = mt_model_weights(mg);
+            hc = (gpu_hook){hc.galore, mt_model_weights(mc), 4, table, NULL, 0};
+            for (int step = 0; step < 3; step++) {
+                mt_step_info ig, ic;
+                mt_galore_begin_step(hg.galore, 2e-3f), mt_galore_begin_step(hc.galore, 2e-3f);
+                mt_model_step(mg, in, tg, 1.0f / N, 1), mt_model_step(mc, in, tg, 1.0f / N, 1);
+                mt_galore_end_step(hg.galore, &ig), mt_galore_end_step(hc.galore, &ic);
+                ck_assert_msg(fabs(ig.grad_norm - ic.grad_norm) < 0.03 * ic.grad_norm, "grad norms %g %g", ig.grad_norm,
+                              ic.grad_norm);
+            }
+            float *wg = malloc(total * 4), *dg = malloc(total * 4), *dc = malloc(total * 4);
+            mt_model_get_trainable(mg, wg);
+            const float *wc = mt_model_weights(mc);
+            for (size_t i = 0; i < total; i++) dg[i] = wg[i] - params[i], dc[i] = wc[i] - params[i];
+            double cos = cosine(dg, dc, total);
+            double ng = 0, nc = 0;
+            for (size_t i = 0; i < total; i++) ng += (double)dg[i] * dg[i], nc += (double)dc[i] * dc[i];
+            printf("GaLore %s %s moments: 3 steps, GPU vs CPU weight change cosine %.4f, norms %.4g / %.4g\n",
+                   variant ? "tied+bias" : "llama", int8 ? "int8" : "fp32", cos, sqrt(ng), sqrt(nc));
+            ck_assert_msg(cos > 0.95, "GaLore GPU update direction vs CPU: cosine %g", cos);
+            ck_assert_msg(fabs(sqrt(ng) / sqrt(nc) - 1) < 0.1, "update norms %g %g", sqrt(ng), sqrt(nc));
+            free(wg), free(dg), free(dc);
+            mt_galore_free(hg.galore), mt_galore_free(hc.galore);
+        }
+        free(gp), free(params), free(g_block), free(g_streamed), free(in), free(tg);
+        mt_model_free(plain), mt_model_free(mg), mt_model_free(mc);
+        mt_backend_free(&gpu), mt_backend_free(&cpu);
+    }
+}
+END_TEST
+
 int main(void) {
     if (mt_device_count() == 0) {
         printf("test_model_gpu: no GPU, skipped\n");
@@ -379,6 +479,7 @@ int main(void) {
     tcase_add_test(tc, gpu_lora_matches_cpu_reference);
     tcase_add_test(tc, gpu_mezo_matches_cpu_reference);
     tcase_add_test(tc, gpu_deferred_mezo_update_is_bit_identical);
+    tcase_add_test(tc, gpu_galore_matches_cpu_reference);
     tcase_add_test(tc, gpu_out_of_memory_is_a_clear_error);
     suite_add_tcase(s, tc);
     return tu_run_suite(s, 1);

@@ -602,7 +602,7 @@ START_TEST(checkpoint_on_a_full_disk_leaves_the_last_one_intact) {
     mt_model_init_random(&mc, w, 3);
     snprintf(run, sizeof run, "%s/full-disk-run", dir);
     mt_checkpoint_meta meta = {3, 0, 7, 3, 42};
-    ck_assert_int_eq(mt_checkpoint_write(run, NULL, &mc, NULL, w, m, v, &meta, 2), MT_OK);
+    ck_assert_int_eq(mt_checkpoint_write(run, NULL, &mc, NULL, w, m, v, NULL, 0, &meta, 2), MT_OK);
     // a file size limit makes every write past 4 KiB fail with EFBIG, as a full disk would
     struct rlimit old, tight = {4096, 0};
     ck_assert_int_eq(getrlimit(RLIMIT_FSIZE, &old), 0);
@@ -610,7 +610,7 @@ START_TEST(checkpoint_on_a_full_disk_leaves_the_last_one_intact) {
     signal(SIGXFSZ, SIG_IGN);
     ck_assert_int_eq(setrlimit(RLIMIT_FSIZE, &tight), 0);
     meta.step = 4;
-    mt_err err = mt_checkpoint_write(run, NULL, &mc, NULL, w, m, v, &meta, 2);
+    mt_err err = mt_checkpoint_write(run, NULL, &mc, NULL, w, m, v, NULL, 0, &meta, 2);
     ck_assert_int_eq(setrlimit(RLIMIT_FSIZE, &old), 0);
     ck_assert_int_eq(err, MT_ERR_IO);
     // the newest complete checkpoint is still step 3, and nothing half-written is left

@@ -24,8 +24,14 @@ static mt_param_info *trained_table(const mt_model_config *mc, const mt_lora_con
 }
 
 // state.h5: the attributes of meta and AdamW's moments by the table's names.
+// The group optimizer/NAME, made if it is not there yet.
+static hid_t param_group(hid_t opt, const char *name) {
+    if (H5Lexists(opt, name, H5P_DEFAULT) > 0) return H5Gopen2(opt, name, H5P_DEFAULT);
+    return H5Gcreate2(opt, name, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+}
+
 static mt_err write_state(const char *path, const mt_param_info *table, int n, const float *m, const float *v,
-                          const mt_checkpoint_meta *meta) {
+                          const mt_state_tensor *extra, int n_extra, const mt_checkpoint_meta *meta) {
     hid_t file = H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
     if (file < 0) return mt_errorf(MT_ERR_IO, "%s: cannot create the checkpoint state", path);
     int format = MT_CHECKPOINT_FORMAT;
@@ -49,6 +55,14 @@ static mt_err write_state(const char *path, const mt_param_info *table, int n, c
         ok = g >= 0 &&
              mt_h5_write_vector(g, "exp_avg", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, m + table[i].offset, table[i].count) &&
              mt_h5_write_vector(g, "exp_avg_sq", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, v + table[i].offset, table[i].count);
+        if (g >= 0) H5Gclose(g);
+    }
+    for (int i = 0; i < n_extra && ok; i++) {
+        hid_t g = param_group(opt, extra[i].param);
+        ok = g >= 0 && (extra[i].is_u8 ? mt_h5_write_vector(g, extra[i].name, H5T_STD_U8LE, H5T_NATIVE_UCHAR,
+                                                            extra[i].data, extra[i].count)
+                                       : mt_h5_write_vector(g, extra[i].name, H5T_IEEE_F32LE, H5T_NATIVE_FLOAT,
+                                                            extra[i].data, extra[i].count));
         if (g >= 0) H5Gclose(g);
     }
     if (opt >= 0) H5Gclose(opt);
@@ -96,7 +110,7 @@ static int list_checkpoints(const char *run_dir, long **steps) {
 
 mt_err mt_checkpoint_write(const char *run_dir, const char *src_model_dir, const mt_model_config *mc,
                            const mt_lora_config *lora, const float *master, const float *m, const float *v,
-                           const mt_checkpoint_meta *meta, int keep) {
+                           const mt_state_tensor *extra, int n_extra, const mt_checkpoint_meta *meta, int keep) {
     char dir[1100], tmp[1200], final[1200], path[1300];
     snprintf(dir, sizeof dir, "%s/checkpoints", run_dir);
     mt_err err = mt_make_dirs(dir);
@@ -116,7 +130,7 @@ mt_err mt_checkpoint_write(const char *run_dir, const char *src_model_dir, const
         err = mt_hf_save(path, src_model_dir, mc, master, MT_DTYPE_F32);
     }
     snprintf(path, sizeof path, "%s/state.h5", tmp);
-    if (!err) err = write_state(path, table, n, m, v, meta);
+    if (!err) err = write_state(path, table, n, m, v, extra, n_extra, meta);
     free(table);
     if (!err && mt_fsync_path(tmp) != 0) err = mt_errorf(MT_ERR_IO, "%s: fsync failed (%s)", tmp, strerror(errno));
     if (!err) {
@@ -148,14 +162,14 @@ void mt_checkpoint_find_latest(const char *run_dir, char *out, size_t len) {
     free(steps);
 }
 
-static int read_floats(hid_t loc, const char *name, float *data, size_t n) {
+static int read_vector(hid_t loc, const char *name, hid_t memtype, void *data, size_t n) {
     if (H5Lexists(loc, name, H5P_DEFAULT) <= 0) return 0;
     hid_t d = H5Dopen2(loc, name, H5P_DEFAULT);
     if (d < 0) return 0;
     hid_t space = H5Dget_space(d);
     hsize_t dims[1] = {0};
     int ok = H5Sget_simple_extent_ndims(space) == 1 && H5Sget_simple_extent_dims(space, dims, NULL) == 1 &&
-             dims[0] == n && H5Dread(d, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, data) >= 0;
+             dims[0] == n && H5Dread(d, memtype, H5S_ALL, H5S_ALL, H5P_DEFAULT, data) >= 0;
     H5Sclose(space);
     H5Dclose(d);
     return ok;
@@ -193,8 +207,8 @@ mt_err mt_checkpoint_read(const char *dir, const mt_model_config *mc, const mt_l
     if (!err && opt < 0) err = mt_errorf(MT_ERR_FORMAT, "%s: no optimizer group", path);
     for (int i = 0; i < n && !err && m; i++) {
         hid_t g = H5Lexists(opt, table[i].name, H5P_DEFAULT) > 0 ? H5Gopen2(opt, table[i].name, H5P_DEFAULT) : -1;
-        if (g < 0 || !read_floats(g, "exp_avg", m + table[i].offset, table[i].count) ||
-            !read_floats(g, "exp_avg_sq", v + table[i].offset, table[i].count))
+        if (g < 0 || !read_vector(g, "exp_avg", H5T_NATIVE_FLOAT, m + table[i].offset, table[i].count) ||
+            !read_vector(g, "exp_avg_sq", H5T_NATIVE_FLOAT, v + table[i].offset, table[i].count))
             err = mt_errorf(MT_ERR_FORMAT,
                             "%s: optimizer state of %s is missing or has the wrong size; the "
                             "checkpoint was written for another model",
@@ -212,5 +226,28 @@ mt_err mt_checkpoint_read(const char *dir, const mt_model_config *mc, const mt_l
         err = mt_hf_load_weights(path, mc, master);
     }
     if (!err) *meta = (mt_checkpoint_meta){(long)step, epoch, batch, (int)opt_steps, hash};
+    return err;
+}
+
+mt_err mt_checkpoint_read_extra(const char *dir, const mt_state_tensor *extra, int n_extra) {
+    char path[1300];
+    snprintf(path, sizeof path, "%s/state.h5", dir);
+    H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
+    hid_t file = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
+    if (file < 0) return mt_errorf(MT_ERR_IO, "%s: cannot open the checkpoint state", path);
+    hid_t opt = H5Lexists(file, "optimizer", H5P_DEFAULT) > 0 ? H5Gopen2(file, "optimizer", H5P_DEFAULT) : -1;
+    mt_err err = opt < 0 ? mt_errorf(MT_ERR_FORMAT, "%s: no optimizer group", path) : MT_OK;
+    for (int i = 0; i < n_extra && !err; i++) {
+        const mt_state_tensor *t = &extra[i];
+        hid_t g = H5Lexists(opt, t->param, H5P_DEFAULT) > 0 ? H5Gopen2(opt, t->param, H5P_DEFAULT) : -1;
+        if (g < 0 || !read_vector(g, t->name, t->is_u8 ? H5T_NATIVE_UCHAR : H5T_NATIVE_FLOAT, t->data, t->count))
+            err = mt_errorf(MT_ERR_FORMAT,
+                            "%s: optimizer/%s/%s is missing or has the wrong size (want %zu values); the checkpoint "
+                            "was written with other optim or galore settings",
+                            path, t->param, t->name, t->count);
+        if (g >= 0) H5Gclose(g);
+    }
+    if (opt >= 0) H5Gclose(opt);
+    H5Fclose(file);
     return err;
 }

@@ -11,6 +11,7 @@
 #include <stdint.h>
 
 #include "kernels/common.h"
+#include "optim/galore.h"
 #include "trainer/model.h"
 
 #ifdef __cplusplus
@@ -28,17 +29,21 @@ typedef struct {
 // the newest `keep` complete ones. master, m and v are the trained values and
 // AdamW's moments (host memory, in the order of the model's parameter table,
 // or of the adapter table when lora is not NULL and lora->r > 0). m and v
-// may be NULL (MeZO: no optimizer state); the state's optimizer group is then
-// empty.
+// may be NULL (MeZO and GaLore: no AdamW moments of the parameters' shapes).
+// extra: n_extra more optimizer tensors (GaLore's projectors and moments),
+// each written as optimizer/PARAM/NAME.
 mt_err mt_checkpoint_write(const char *run_dir, const char *src_model_dir, const mt_model_config *mc,
                            const mt_lora_config *lora, const float *master, const float *m, const float *v,
-                           const mt_checkpoint_meta *meta, int keep);
+                           const mt_state_tensor *extra, int n_extra, const mt_checkpoint_meta *meta, int keep);
 // The newest complete checkpoint folder of run_dir into out ("" if none).
 void mt_checkpoint_find_latest(const char *run_dir, char *out, size_t len);
 // Reads a checkpoint folder written for model config mc (and adapters lora);
 // m and v NULL: the moments are not read.
 mt_err mt_checkpoint_read(const char *dir, const mt_model_config *mc, const mt_lora_config *lora, float *master,
                           float *m, float *v, mt_checkpoint_meta *meta);
+// Reads the extra optimizer tensors of a checkpoint folder into their data
+// (each must be there with exactly its count).
+mt_err mt_checkpoint_read_extra(const char *dir, const mt_state_tensor *extra, int n_extra);
 
 #ifdef __cplusplus
 }

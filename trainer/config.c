@@ -332,6 +332,28 @@ int mt_config_next_item(const char **cursor, const char **item, size_t *len) {
     return 1;
 }
 
+// Whether any key of `section` differs from its default.
+static int section_changed(const mt_config *cfg, const char *section) {
+    mt_config d;
+    mt_config_defaults(&d);
+    int changed = 0;
+    for (int i = 0; i < num_keys && !changed; i++) {
+        const key_info *k = &keys[i];
+        if (strcmp(k->section, section)) continue;
+        const char *a = (const char *)cfg + k->offset, *b = (const char *)&d + k->offset;
+        if (k->type == TYPE_INT)
+            changed = *(const long *)a != *(const long *)b;
+        else if (k->type == TYPE_FLOAT)
+            changed = *(const double *)a != *(const double *)b;
+        else if (k->type == TYPE_BOOL)
+            changed = *(const int *)a != *(const int *)b;
+        else
+            changed = strcmp(*(char *const *)a, *(char *const *)b) != 0;
+    }
+    mt_config_free(&d);
+    return changed;
+}
+
 mt_err mt_config_validate(const mt_config *cfg) {
     if (!cfg->model_path[0])
         return mt_errorf(MT_ERR_CONFIG,
@@ -362,11 +384,30 @@ mt_err mt_config_validate(const mt_config *cfg) {
         return mt_errorf(MT_ERR_CONFIG,
                          "model.offload_activations does nothing with optim.kind: mezo (its forward passes keep one "
                          "layer's activations); set it to false");
-    if (!mezo && (cfg->mezo_samples != 1 || strcmp(cfg->mezo_trainable, "*")))
-        return mt_errorf(MT_ERR_CONFIG, "mezo.samples and mezo.trainable need optim.kind: mezo (it is %s)",
-                         cfg->optim_kind);
+    if (!mezo && section_changed(cfg, "mezo"))
+        return mt_errorf(MT_ERR_CONFIG, "mezo.* keys need optim.kind: mezo (it is %s)", cfg->optim_kind);
     if (!cfg->mezo_trainable[0])
         return mt_errorf(MT_ERR_CONFIG, "mezo.trainable is empty; use * to train every trainable parameter");
+    int galore = !strcmp(cfg->optim_kind, "galore");
+    if (!galore && section_changed(cfg, "galore"))
+        return mt_errorf(MT_ERR_CONFIG, "galore.* keys need optim.kind: galore (it is %s)", cfg->optim_kind);
+    if (galore && cfg->lora_r > 0)
+        return mt_errorf(MT_ERR_CONFIG,
+                         "optim.kind galore trains every parameter, but lora.r is %ld; set lora.r: 0 (GaLore) or "
+                         "optim.kind: adamw (LoRA)",
+                         cfg->lora_r);
+    if (galore && cfg->train_grad_accum > 1)
+        return mt_errorf(MT_ERR_CONFIG,
+                         "optim.kind galore applies each layer's update during backward, so train.grad_accum must be "
+                         "1 (it is %ld); raise train.micro_batch instead",
+                         cfg->train_grad_accum);
+    if (galore && cfg->optim_grad_clip > 0)
+        return mt_errorf(MT_ERR_CONFIG,
+                         "optim.grad_clip is %g, but optim.kind galore updates each layer before the global gradient "
+                         "norm is known; set optim.grad_clip: 0 (configs/galore.yaml does)",
+                         cfg->optim_grad_clip);
+    if (galore && !cfg->galore_targets[0])
+        return mt_errorf(MT_ERR_CONFIG, "galore.targets is empty; the default projects the attention and MLP matrices");
     if (cfg->optim_warmup_steps >= cfg->train_steps && cfg->optim_warmup_steps > 0)
         return mt_errorf(MT_ERR_CONFIG, "optim.warmup_steps (%ld) must be below train.steps (%ld)",
                          cfg->optim_warmup_steps, cfg->train_steps);

@@ -66,9 +66,10 @@ extern "C" {
     X(checkpoint, every, INT, "0", 0, 1000000000, "",                                                                 \
       "steps between checkpoints in output.dir/checkpoints (0: only at the end and on stop)")                         \
     X(checkpoint, keep, INT, "2", 1, 1000000, "", "complete checkpoints to keep; older ones are deleted")             \
-    X(optim, kind, ENUM, "adamw", 0, 0, "adamw|mezo",                                                                 \
-      "update rule: adamw (backward pass, AdamW moments) or mezo (zeroth-order SGD from two forward passes per "      \
-      "direction: the memory of inference; see the mezo.* keys)")                                                     \
+    X(optim, kind, ENUM, "adamw", 0, 0, "adamw|mezo|galore",                                                          \
+      "update rule: adamw (backward pass, AdamW moments), mezo (zeroth-order SGD from two forward passes per "        \
+      "direction: the memory of inference; see the mezo.* keys) or galore (full-parameter AdamW with the matrices' "  \
+      "moments in a low-rank projection of their gradients, updated layer by layer in backward; see galore.*)")       \
     X(optim, lr, FLOAT, "3e-4", 0, 10, "", "peak learning rate")                                                      \
     X(optim, schedule, ENUM, "cosine", 0, 0, "cosine|linear|constant", "decay after warmup")                          \
     X(optim, warmup_steps, INT, "0", 0, 1000000000, "", "linear warmup steps")                                        \
@@ -85,6 +86,20 @@ extern "C" {
     X(mezo, trainable, STR, "*", 0, 0, "",                                                                            \
       "MeZO: what it trains, comma-separated glob patterns over the trainable parameters' names (Hugging Face "       \
       "names; PEFT adapter names with lora.r > 0), e.g. model.layers.*.self_attn.*; * for all")                       \
+    X(galore, rank, INT, "128", 1, 65536, "",                                                                         \
+      "GaLore: rank r of each projected matrix's gradient (capped at its smaller side)")                              \
+    X(galore, update_gap, INT, "200", 1, 1000000000, "",                                                              \
+      "GaLore: steps between projector refreshes (each from the current gradient's top-r singular subspace)")         \
+    X(galore, scale, FLOAT, "0.25", 0, 1e6, "",                                                                       \
+      "GaLore: factor on the projected matrices' updates (the paper's alpha)")                                        \
+    X(galore, targets, STR, "*.self_attn.*_proj.weight,*.mlp.*_proj.weight", 0, 0, "",                                \
+      "GaLore: which matrices are projected, comma-separated glob patterns over Hugging Face names; every other "     \
+      "parameter (norms, embeddings, lm_head) takes plain AdamW")                                                     \
+    X(galore, refresh, ENUM, "randomized", 0, 0, "randomized|svd",                                                    \
+      "GaLore: how projectors are computed: randomized (range finder with 2 subspace iterations, 8 extra columns) "   \
+      "or svd (eigenvectors of the full Gram matrix, exact; slower); docs/galore.md compares them")                   \
+    X(galore, moments, ENUM, "fp32", 0, 0, "fp32|int8",                                                               \
+      "GaLore: Adam moments in fp32, or int8 (blockwise 8-bit, 256 values per block with an absmax; ~1/4 the bytes)") \
     X(output, dir, STR, "runs/default", 0, 0, "",                                                                     \
       "run folder: resolved config, metrics.jsonl, final model (created; an existing run's files are replaced)")      \
     X(output, save_model, BOOL, "true", 0, 0, "", "write the trained model to output.dir/model at the end")           \

@@ -17,6 +17,7 @@
 #include "kernels/device.h"
 #include "kernels/mem.h"
 #include "kernels/rng.h"
+#include "optim/galore.h"
 #include "optim/mezo.h"
 #include "optim/optimizer.h"
 #include "optim/schedule.h"
@@ -153,7 +154,8 @@ typedef struct {
     const mt_config *cfg;
     const mt_model_config *mc;
     const mt_lora_config *lora;  // NULL: full fine-tune
-    mt_optimizer *opt;           // AdamW; NULL with MeZO
+    mt_optimizer *opt;           // AdamW; NULL with MeZO and GaLore
+    mt_galore *galore;           // GaLore's projectors and moments, or NULL
     mt_model *model;
     mt_loader *train;
     float *master, *m, *v;  // host buffers of the parameter count (m, v NULL with MeZO)
@@ -171,13 +173,21 @@ static void get_trained(checkpoint_ctx *c, float *dst) {
 static mt_err save_checkpoint(checkpoint_ctx *c, long steps_done) {
     get_trained(c, c->master);
     if (c->opt) mt_optimizer_get_moments(c->opt, c->m, c->v);
+    mt_state_tensor *extra = NULL;
+    int n_extra = 0;
+    if (c->galore) {
+        n_extra = mt_galore_state(c->galore, &extra);
+        mt_galore_state_download(c->galore);
+    }
     mt_cursor cursor = mt_loader_get_cursor(c->train);
-    mt_checkpoint_meta meta = {steps_done, cursor.epoch, cursor.batch,
-                               c->opt ? mt_optimizer_steps_taken(c->opt) : (int)steps_done,
+    int optimizer_steps = c->opt      ? mt_optimizer_steps_taken(c->opt)
+                          : c->galore ? mt_galore_steps_taken(c->galore)
+                                      : (int)steps_done;
+    mt_checkpoint_meta meta = {steps_done, cursor.epoch, cursor.batch, optimizer_steps,
                                mt_config_training_hash(c->cfg)};
     double t0 = mt_now();
     mt_err err = mt_checkpoint_write(c->cfg->output_dir, c->cfg->model_path, c->mc, c->lora, c->master, c->m, c->v,
-                                     &meta, (int)c->cfg->checkpoint_keep);
+                                     extra, n_extra, &meta, (int)c->cfg->checkpoint_keep);
     if (!err) mt_info("checkpoint: %s/checkpoints/step-%08ld (%.1fs)", c->cfg->output_dir, steps_done, mt_now() - t0);
     return err;
 }
@@ -207,8 +217,22 @@ static void defer_to_model(void *model, const mt_zo_directions *d, float lr, flo
     mt_model_defer_update(model, d, lr, weight_decay, round_seed);
 }
 
-// mezo.trainable: which trainable parameters match one of the listed glob
-// patterns. Returns how many do.
+// GaLore: each parameter's gradient goes to its update as soon as the
+// model's backward has finished it.
+typedef struct {
+    mt_galore *galore;
+    char *weights;  // the compute weights (the parameter table's offsets)
+    size_t act;
+    const mt_param_info *table;
+} galore_hook;
+
+static void galore_grad_ready(void *ctx, int param, float *grad) {
+    galore_hook *h = ctx;
+    mt_galore_update(h->galore, param, grad, h->weights + h->table[param].offset * h->act);
+}
+
+// mezo.trainable, galore.targets: which parameters match one of the listed
+// glob patterns. Returns how many do.
 static int select_trainable(const char *patterns, const mt_param_info *table, int n, unsigned char *selected) {
     int count = 0;
     for (int i = 0; i < n; i++) {
@@ -254,9 +278,13 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
                              {0},
                              !strcmp(cfg->model_quantize, "nf4"),
                              (int)cfg->model_offload_activations,
-                             0};
-    int mezo = !strcmp(cfg->optim_kind, "mezo");
+                             0,
+                             NULL,
+                             NULL};
+    int mezo = !strcmp(cfg->optim_kind, "mezo"), galore = !strcmp(cfg->optim_kind, "galore");
+    galore_hook hook = {0};
     opts.forward_only = mezo;
+    if (galore) opts.grad_ready = galore_grad_ready, opts.grad_ready_ctx = &hook;
     if (cfg->lora_r > 0) {
         opts.lora = (mt_lora_config){(int)cfg->lora_r, (float)cfg->lora_alpha, (float)cfg->lora_dropout,
                                      (int)cfg->lora_rslora, 0};
@@ -307,12 +335,13 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
         mt_checkpoint_find_latest(cfg->output_dir, resume_dir, sizeof resume_dir);
     else if (cfg->train_resume[0])
         snprintf(resume_dir, sizeof resume_dir, "%s", cfg->train_resume);
-    // AdamW's moments' host copies for checkpoints (MeZO has none)
-    if (!mezo) {
+    // AdamW's moments' host copies for checkpoints (MeZO has none, GaLore its own)
+    int adamw = !mezo && !galore;
+    if (adamw) {
         moment_m = malloc((trained_total ? trained_total : 1) * sizeof(float));
         moment_v = malloc((trained_total ? trained_total : 1) * sizeof(float));
     }
-    if (!mezo && (!moment_m || !moment_v)) {
+    if (adamw && (!moment_m || !moment_v)) {
         err = mt_errorf(MT_ERR_NOMEM, "out of host memory for the optimizer state's checkpoint copies (%.1f GiB)",
                         trained_total * 8.0 / 1073741824.0);
         goto out_params;
@@ -359,6 +388,8 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     mt_model *model = NULL;
     mt_optimizer *opt = NULL;
     mt_mezo *mz = NULL;
+    mt_galore *gal = NULL;
+    mt_galore_param *gparams = NULL;
     unsigned char *selected = NULL;
     if ((err = mt_model_create_with(&model, &be, &mc, &opts))) goto out_backend;
     if ((err = mt_model_set_weights(model, host_params))) goto out_model;
@@ -390,7 +421,46 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
         groups[n_groups++] = (mt_param_group){trained_table[i].offset, trained_table[i].count, trained_table[i].decay};
         selected_count += trained_table[i].count;
     }
-    if (mezo) {
+    int n_projected = 0;
+    size_t projected_count = 0;
+    if (galore) {
+        n_projected = select_trainable(cfg->galore_targets, trained_table, n_trained, selected);
+        gparams = calloc((size_t)(n_trained ? n_trained : 1), sizeof *gparams);
+        MT_CHECK(gparams != NULL, "galore parameters");
+        for (int i = 0; i < n_trained && !err; i++) {
+            const mt_param_info *p = &trained_table[i];
+            if (selected[i] && p->ndim != 2)
+                err = mt_errorf(MT_ERR_CONFIG,
+                                "galore.targets '%s' matches %s, a vector; GaLore projects matrices (the default "
+                                "is *.self_attn.*_proj.weight,*.mlp.*_proj.weight)",
+                                cfg->galore_targets, p->name);
+            gparams[i] = (mt_galore_param){p->name, p->shape[0], p->ndim == 2 ? p->shape[1] : 0, p->decay, selected[i]};
+            if (selected[i]) projected_count += p->count;
+        }
+        if (!err && n_projected == 0)
+            err = mt_errorf(MT_ERR_CONFIG,
+                            "galore.targets '%s' matches none of the model's matrices (they are named like "
+                            "model.layers.0.self_attn.q_proj.weight)",
+                            cfg->galore_targets);
+        mt_galore_config gc = {(float)cfg->optim_beta1,
+                               (float)cfg->optim_beta2,
+                               (float)cfg->optim_eps,
+                               (float)cfg->optim_weight_decay,
+                               (int)cfg->galore_rank,
+                               (int)cfg->galore_update_gap,
+                               (float)cfg->galore_scale,
+                               !strcmp(cfg->galore_refresh, "svd") ? MT_GALORE_SVD : MT_GALORE_RANDOMIZED,
+                               !strcmp(cfg->galore_moments, "int8"),
+                               (uint64_t)cfg->train_seed};
+        if (!err) err = mt_galore_init(&gal, &be, &gc, gparams, n_trained);
+        hook = (galore_hook){gal, tr.weights, mt_act_size(&be), trained_table};
+        if (!err && resume_dir[0]) {
+            mt_state_tensor *state;
+            int n_state = mt_galore_state(gal, &state);
+            err = mt_checkpoint_read_extra(resume_dir, state, n_state);
+            if (!err) mt_galore_state_upload(gal, resume.optimizer_steps);
+        }
+    } else if (mezo) {
         mt_mezo_config zc = {(float)cfg->mezo_eps, (int)cfg->mezo_samples, (float)cfg->optim_weight_decay,
                              (uint64_t)cfg->train_seed};
         err = mt_model_enable_perturbation(model, selected);
@@ -448,6 +518,15 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
             mt_info("lora.dropout %g is not applied: MeZO's two forward passes must see the same function",
                     lora->dropout);
     }
+    if (galore)
+        mt_info(
+            "GaLore rank %ld, update_gap %ld, scale %g, %s refresh, %s moments: %d matrices projected (%.2fM of "
+            "%.2fM parameters), the rest plain AdamW; optimizer state %.2f GiB, gradient buffers %.1f MiB (no "
+            "fp32 master copy%s)",
+            cfg->galore_rank, cfg->galore_update_gap, cfg->galore_scale, cfg->galore_refresh, cfg->galore_moments,
+            n_projected, projected_count / 1e6, count / 1e6, mt_galore_state_bytes(gal) / 1073741824.0,
+            mt_model_streamed_grad_bytes(model) / 1048576.0,
+            use_gpu ? "; bf16 weights updated with stochastic rounding" : "");
     mt_info("data %s: %llu tokens in %llu docs, %llu train batches/epoch", cfg->data_train,
             (unsigned long long)mt_dataset_num_tokens(ds), (unsigned long long)mt_dataset_num_docs(ds),
             (unsigned long long)mt_loader_batches_per_epoch(train));
@@ -471,7 +550,7 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     }
     double t_start = mt_now(), t_last = t_start;
     long tokens_since = 0;
-    checkpoint_ctx ckpt = {cfg, &mc, lora, opt, model, train, trained, moment_m, moment_v};
+    checkpoint_ctx ckpt = {cfg, &mc, lora, opt, gal, model, train, trained, moment_m, moment_v};
     stop_signal = 0;
     struct sigaction action = {0}, old_int, old_term;
     action.sa_handler = on_stop_signal;
@@ -488,7 +567,7 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
         }
         if (err) break;
         float lr = mt_schedule_lr(&sched, step);
-        double loss;
+        double loss, refresh_seconds = NAN;
         // a non-finite loss or gradient stops the run before any update is applied
         mt_step_info info = {NAN, 0};
         if (mezo) {
@@ -500,6 +579,25 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
             mt_mezo_update(mz, step, pair_losses, lr, &zi);
             loss = zi.loss;
             info = (mt_step_info){zi.projected_grad_rms, zi.finite};
+        } else if (galore) {
+            // each parameter is updated inside backward, as its gradient completes
+            float dscale = valid_total ? 1.0f / (float)valid_total : 0.0f;
+            mt_model_set_dropout_seed(model, mt_rng_bits((uint64_t)cfg->train_seed, (uint64_t)step));
+            mt_galore_begin_step(gal, lr);
+            double loss_sum = mt_model_step(model, bs.inputs, bs.targets, dscale, 1);
+            loss = valid_total ? loss_sum / (double)valid_total : NAN;
+            if (isfinite(loss)) {
+                mt_galore_end_step(gal, &info);
+                int matrices;
+                double seconds = mt_galore_last_refresh_seconds(gal, &matrices);
+                if (matrices) {
+                    refresh_seconds = seconds;
+                    mt_info("step %d: GaLore refreshed %d projectors in %.2fs (%s)", step + 1, matrices, seconds,
+                            cfg->galore_refresh);
+                }
+            } else {
+                mt_galore_cancel_step(gal);
+            }
         } else {
             float dscale = valid_total ? 1.0f / (float)valid_total : 0.0f;
             mt_model_zero_grads(model);
@@ -561,6 +659,7 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
             cJSON_AddNumberToObject(rec, "lr", lr);
             cJSON_AddNumberToObject(rec, mezo ? "projected_grad_rms" : "grad_norm", info.grad_norm);
             cJSON_AddNumberToObject(rec, "tokens_per_second", tps);
+            if (isfinite(refresh_seconds)) cJSON_AddNumberToObject(rec, "projector_refresh_seconds", refresh_seconds);
             cJSON_AddNumberToObject(rec, "peak_memory_bytes", (double)peak_bytes(&be));
             cJSON_AddNumberToObject(rec, "elapsed_seconds", now - t_start);
             char *line = cJSON_PrintUnformatted(rec);
@@ -621,6 +720,8 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     }
 out_model:
     free(selected);
+    free(gparams);
+    mt_galore_free(gal);
     mt_mezo_free(mz);
     mt_optimizer_free(opt);
     mt_model_free(model);

@@ -6,12 +6,14 @@
 # benchmarks of bench/. Logs and results go under $OUT.
 #
 # Stages: ctest quickstart resume parity peft (default), plus bench,
-# lora-bench and mezo-bench with --bench; or name them: run.sh --stages
+# lora-bench, mezo-bench and galore-bench with --bench; or name them: run.sh --stages
 # "ctest mezo-bench". MT_CTEST_FILTER narrows ctest; MT_LORA_SHAPES picks
 # lora-bench's shapes and MT_LORA_ARGS adds bench/lora_ft.py options (e.g.
-# "--steps 20"); MT_MEZO_ARGS adds bench/mezo.py options.
+# "--steps 20"); MT_MEZO_ARGS adds bench/mezo.py options, MT_GALORE_ARGS
+# bench/galore.py's.
 # Python packages the machine lacks travel in .whl/ (see docs/development.md):
-# .whl/bnb (bitsandbytes) always, .whl/peft only if peft does not import.
+# .whl/bnb (bitsandbytes) and .whl/galore (galore-torch) always, .whl/peft
+# only if peft does not import.
 #
 # Build on the development machine first (cmake -S . -B build &&
 # cmake --build build && bash scripts/gpu-bundle.sh build) and carry `build`.
@@ -51,13 +53,14 @@ done
 head -2 "$OUT/env.txt"
 
 [ -d .whl/bnb ] && export PYTHONPATH=$ROOT/.whl/bnb${PYTHONPATH:+:$PYTHONPATH}
+[ -d .whl/galore ] && export PYTHONPATH=$ROOT/.whl/galore${PYTHONPATH:+:$PYTHONPATH}
 if ! python3 -c "import peft" 2> /dev/null && [ -d .whl/peft ]; then
     export PYTHONPATH=$ROOT/.whl/peft${PYTHONPATH:+:$PYTHONPATH}
 fi
 
 STAGES="ctest quickstart resume parity peft"
 case "${1:-}" in
-    --bench) STAGES="$STAGES bench lora-bench mezo-bench" ;;
+    --bench) STAGES="$STAGES bench lora-bench mezo-bench galore-bench" ;;
     --stages) STAGES=$2 ;;
 esac
 want() { case " $STAGES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
@@ -93,6 +96,11 @@ if want quickstart && [ -f data/kjv.txt ]; then
         --set model.path=/tmp/mt-quickstart/model --set output.dir=/tmp/mt-quickstart-mezo 2>&1 |
         tee "$OUT/quickstart-mezo.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    echo "== quickstart's GaLore variant on the GPU"
+    "$BUILD/memtune" train configs/quickstart-galore.yaml --set data.train=/tmp/psalms.h5 --set train.device=gpu \
+        --set model.path=/tmp/mt-quickstart/model --set output.dir=/tmp/mt-quickstart-galore 2>&1 |
+        tee "$OUT/quickstart-galore.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 
 # resume_check NAME STEPS STOP OUTPUT_FILE ARGS...: a run of STEPS steps,
@@ -127,6 +135,10 @@ if want resume && [ -f data/kjv.txt ]; then
         resume_check MeZO 30 12 model/model.safetensors train configs/quickstart-mezo.yaml \
             --set model.path=/tmp/mt-quickstart/model --set data.train=/tmp/psalms.h5 --set train.device=gpu \
             --set train.steps=30 --set train.log_every=1 --set mezo.samples=2
+        # refreshes at steps 1, 11, 21; stopped between them
+        resume_check GaLore 30 15 model/model.safetensors train configs/quickstart-galore.yaml \
+            --set model.path=/tmp/mt-quickstart/model --set data.train=/tmp/psalms.h5 --set train.device=gpu \
+            --set train.steps=30 --set train.log_every=1 --set galore.update_gap=10 --set galore.moments=int8
     fi
 fi
 
@@ -159,6 +171,11 @@ fi
 if want mezo-bench; then
     echo "== bench: MeZO vs PyTorch in-place MeZO and vs memtune's forward pass"
     python3 bench/mezo.py --out "$OUT" ${MT_MEZO_ARGS:-} 2>&1 | tee "$OUT/mezo_bench.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+if want galore-bench; then
+    echo "== bench: GaLore vs memtune AdamW and galore-torch"
+    python3 bench/galore.py --out "$OUT" ${MT_GALORE_ARGS:-} 2>&1 | tee "$OUT/galore_bench.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 echo "run.sh: exit $status"
