@@ -50,6 +50,10 @@ int mt_backend_init(mt_backend *be, int device);
 void mt_backend_free(mt_backend *be);
 // Grows the backend scratch to at least `bytes` (device or host memory).
 int mt_backend_reserve_workspace(mt_backend *be, size_t bytes);
+// Copies between host memory and where the backend computes (device memory
+// for the GPU, host memory for the CPU).
+void mt_backend_to_host(const mt_backend *be, void *dst, const void *src, size_t bytes);
+void mt_backend_from_host(const mt_backend *be, void *dst, const void *src, size_t bytes);
 
 #ifdef __cplusplus
 }

@@ -10,7 +10,6 @@
 
 #include <math.h>
 #include <stdlib.h>
-#include <string.h>
 
 #include "kernels/linalg.h"
 #include "kernels/mem.h"
@@ -41,8 +40,7 @@ struct mt_galore {
     float lr, bc1, bc2;
     double sumsq;
     int finite;
-    float *work;  // X, then the refresh's Omega, Y, Z, S, eigenvalues
-    size_t work_floats;
+    float *work;  // X, then the refresh's Omega, Y, Z, S, eigenvalues (sized at init)
     double refresh_seconds;
     int refresh_count;
     size_t state_bytes;
@@ -119,7 +117,6 @@ mt_err mt_galore_init(mt_galore **out, mt_backend *be, const mt_galore_config *c
         }
         err = alloc_state(g, p);
     }
-    g->work_floats = work;
     if (!err && work)
         err = mt_alloc((void **)&g->work, work * sizeof(float), MT_MEM_WORKSPACE, be->gpu ? MT_DEVICE : MT_HOST);
     if (err) {
@@ -249,7 +246,6 @@ double mt_galore_last_refresh_seconds(const mt_galore *g, int *matrices) {
 
 int mt_galore_steps_taken(const mt_galore *g) { return g->steps; }
 size_t mt_galore_state_bytes(const mt_galore *g) { return g->state_bytes; }
-size_t mt_galore_workspace_bytes(const mt_galore *g) { return g->work_floats * sizeof(float); }
 
 int mt_galore_shape(const mt_galore *g, int i, int *a, int *b, int *r, int *left) {
     const galore_param *p = &g->p[i];
@@ -261,11 +257,7 @@ int mt_galore_shape(const mt_galore *g, int i, int *a, int *b, int *r, int *left
 void mt_galore_set_projector(mt_galore *g, int i, const float *host) {
     galore_param *p = &g->p[i];
     MT_CHECK(p->projected, "galore: %s has no projector", p->name);
-    size_t bytes = (size_t)p->a * p->r * sizeof(float);
-    if (g->be->gpu)
-        mt_copy_to_device(p->P, host, bytes);
-    else
-        memcpy(p->P, host, bytes);
+    mt_backend_from_host(g->be, p->P, host, (size_t)p->a * p->r * sizeof(float));
     p->refreshed_at = g->steps + 1;  // the step about to begin needs no refresh
 }
 
@@ -321,15 +313,10 @@ static void move_tensors(mt_galore *g, int to_host) {
     int n = mt_galore_state(g, &t);
     for (int k = 0; k < n; k++) {
         size_t bytes = t[k].count * (t[k].is_u8 ? 1 : sizeof(float));
-        void *dev = g->tensor_src[k];
-        if (g->be->gpu && to_host)
-            mt_copy_to_host(t[k].data, dev, bytes);
-        else if (g->be->gpu)
-            mt_copy_to_device(dev, t[k].data, bytes);
-        else if (to_host)
-            memcpy(t[k].data, dev, bytes);
+        if (to_host)
+            mt_backend_to_host(g->be, t[k].data, g->tensor_src[k], bytes);
         else
-            memcpy(dev, t[k].data, bytes);
+            mt_backend_from_host(g->be, g->tensor_src[k], t[k].data, bytes);
     }
 }
 

@@ -68,9 +68,8 @@ void mt_galore_cancel_step(mt_galore *g);
 int mt_galore_refreshing(const mt_galore *g);
 double mt_galore_last_refresh_seconds(const mt_galore *g, int *matrices);
 int mt_galore_steps_taken(const mt_galore *g);
-// Bytes of projectors and moments (on the backend), and of the workspace.
+// Bytes of projectors and moments (on the backend).
 size_t mt_galore_state_bytes(const mt_galore *g);
-size_t mt_galore_workspace_bytes(const mt_galore *g);
 
 // The state for checkpoints, as named host tensors grouped by parameter:
 // projected matrices have "projector" (a, r column-major), moments of the

@@ -82,34 +82,17 @@ void mt_optimizer_step(mt_optimizer *opt, const float *grad, float lr, mt_step_i
 int mt_optimizer_steps_taken(const mt_optimizer *opt) { return opt->steps; }
 
 // Host <-> where the backend keeps the optimizer (device or host).
-static void copy_out(const mt_optimizer *opt, float *dst, const float *src) {
-    if (opt->be->gpu)
-        mt_copy_to_host(dst, src, opt->n * sizeof(float));
-    else
-        memcpy(dst, src, opt->n * sizeof(float));
-}
-
-static void copy_in(const mt_optimizer *opt, float *dst, const float *src) {
-    if (opt->be->gpu)
-        mt_copy_to_device(dst, src, opt->n * sizeof(float));
-    else
-        memcpy(dst, src, opt->n * sizeof(float));
-}
-
 void mt_optimizer_get_master(const mt_optimizer *opt, float *dst) {
-    if (opt->be->gpu)
-        mt_copy_to_host(dst, opt->master, opt->n * sizeof(float));
-    else
-        memcpy(dst, opt->master, opt->n * sizeof(float));
+    mt_backend_to_host(opt->be, dst, opt->master, opt->n * sizeof(float));
 }
 
 void mt_optimizer_get_moments(const mt_optimizer *opt, float *m, float *v) {
-    copy_out(opt, m, opt->m);
-    copy_out(opt, v, opt->v);
+    mt_backend_to_host(opt->be, m, opt->m, opt->n * sizeof(float));
+    mt_backend_to_host(opt->be, v, opt->v, opt->n * sizeof(float));
 }
 
 void mt_optimizer_set_moments(mt_optimizer *opt, const float *m, const float *v, int steps) {
-    copy_in(opt, opt->m, m);
-    copy_in(opt, opt->v, v);
+    mt_backend_from_host(opt->be, opt->m, m, opt->n * sizeof(float));
+    mt_backend_from_host(opt->be, opt->v, v, opt->n * sizeof(float));
     opt->steps = steps;
 }

@@ -464,13 +464,8 @@ mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_confi
     MT_CHECK(inv_freq && cs, "rope tables");
     compute_inv_freq(cfg, inv_freq);
     mt_rope_tables(cs, cs + (size_t)T * half, inv_freq, T, cfg->D);
-    if (be->gpu) {
-        mt_copy_to_device(m->cos_table, cs, (size_t)T * half * 4);
-        mt_copy_to_device(m->sin_table, cs + (size_t)T * half, (size_t)T * half * 4);
-    } else {
-        memcpy(m->cos_table, cs, (size_t)T * half * 4);
-        memcpy(m->sin_table, cs + (size_t)T * half, (size_t)T * half * 4);
-    }
+    mt_backend_from_host(be, m->cos_table, cs, (size_t)T * half * 4);
+    mt_backend_from_host(be, m->sin_table, cs + (size_t)T * half, (size_t)T * half * 4);
     free(inv_freq);
     free(cs);
     *out = m;
@@ -877,13 +872,8 @@ static void layer_backward(mt_model *m, int l) {
 
 static void upload_tokens(mt_model *m, const int32_t *inputs, const int32_t *targets) {
     size_t bytes = (size_t)m->B * m->T * sizeof(int32_t);
-    if (m->be->gpu) {
-        mt_copy_to_device(m->tokens, inputs, bytes);
-        if (targets) mt_copy_to_device(m->targets, targets, bytes);
-    } else {
-        memcpy(m->tokens, inputs, bytes);
-        if (targets) memcpy(m->targets, targets, bytes);
-    }
+    mt_backend_from_host(m->be, m->tokens, inputs, bytes);
+    if (targets) mt_backend_from_host(m->be, m->targets, targets, bytes);
 }
 
 // Offload: x[l] to or from its host copy (l <= L-2), beside the compute.
@@ -989,9 +979,6 @@ void mt_model_logits(mt_model *m, const int32_t *inputs, float *logits) {
         int R = N - r0 < m->chunk_rows ? N - r0 : m->chunk_rows;
         mt_op_logits_forward(m->be, m->logits, rows(m, m->lnf, (size_t)r0, (size_t)c->C), lm_w, R, c->C, c->V);
         size_t bytes = (size_t)R * c->V * sizeof(float);
-        if (m->be->gpu)
-            mt_copy_to_host(logits + (size_t)r0 * c->V, m->logits, bytes);
-        else
-            memcpy(logits + (size_t)r0 * c->V, m->logits, bytes);
+        mt_backend_to_host(m->be, logits + (size_t)r0 * c->V, m->logits, bytes);
     }
 }

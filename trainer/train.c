@@ -579,26 +579,10 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
             mt_mezo_update(mz, step, pair_losses, lr, &zi);
             loss = zi.loss;
             info = (mt_step_info){zi.projected_grad_rms, zi.finite};
-        } else if (galore) {
-            // each parameter is updated inside backward, as its gradient completes
-            float dscale = valid_total ? 1.0f / (float)valid_total : 0.0f;
-            mt_model_set_dropout_seed(model, mt_rng_bits((uint64_t)cfg->train_seed, (uint64_t)step));
-            mt_galore_begin_step(gal, lr);
-            double loss_sum = mt_model_step(model, bs.inputs, bs.targets, dscale, 1);
-            loss = valid_total ? loss_sum / (double)valid_total : NAN;
-            if (isfinite(loss)) {
-                mt_galore_end_step(gal, &info);
-                int matrices;
-                double seconds = mt_galore_last_refresh_seconds(gal, &matrices);
-                if (matrices) {
-                    refresh_seconds = seconds;
-                    mt_info("step %d: GaLore refreshed %d projectors in %.2fs (%s)", step + 1, matrices, seconds,
-                            cfg->galore_refresh);
-                }
-            } else {
-                mt_galore_cancel_step(gal);
-            }
         } else {
+            // GaLore applies each parameter's update inside backward, as its
+            // gradient completes (grad_accum is 1 then); AdamW steps after
+            if (galore) mt_galore_begin_step(gal, lr);
             float dscale = valid_total ? 1.0f / (float)valid_total : 0.0f;
             mt_model_zero_grads(model);
             double loss_sum = 0.0;
@@ -609,7 +593,20 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
                     mt_model_step(model, bs.inputs + (size_t)a * B * T, bs.targets + (size_t)a * B * T, dscale, 1);
             }
             loss = valid_total ? loss_sum / (double)valid_total : NAN;
-            if (isfinite(loss)) mt_optimizer_step(opt, tr.grads, lr, &info);
+            if (galore && !isfinite(loss)) {
+                mt_galore_cancel_step(gal);  // the backward was skipped: nothing was applied
+            } else if (galore) {
+                mt_galore_end_step(gal, &info);
+                int matrices;
+                double seconds = mt_galore_last_refresh_seconds(gal, &matrices);
+                if (matrices) {
+                    refresh_seconds = seconds;
+                    mt_info("step %d: GaLore refreshed %d projectors in %.2fs (%s)", step + 1, matrices, seconds,
+                            cfg->galore_refresh);
+                }
+            } else if (isfinite(loss)) {
+                mt_optimizer_step(opt, tr.grads, lr, &info);
+            }
         }
         if ((!isfinite(loss) || !info.finite) && !strcmp(cfg->train_on_nonfinite, "skip")) {
             mt_warn("step %d: loss %g, gradient norm %g: update skipped (train.on_nonfinite: skip)", step + 1, loss,
