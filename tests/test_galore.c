@@ -432,40 +432,19 @@ END_TEST
 // ------------------------------------------------------------ memtune train
 
 static void galore_config(mt_config *cfg, const char *folder, const char *data, const char *out) {
-    const char *const pairs[] = {"model.path",
-                                 folder,
-                                 "model.init",
-                                 "random",
-                                 "data.train",
-                                 data,
-                                 "output.dir",
-                                 out,
-                                 "train.steps",
-                                 "12",
-                                 "train.seq_len",
-                                 "16",
-                                 "train.device",
-                                 "cpu",
-                                 "train.eval_every",
-                                 "4",
-                                 "model.activation_checkpointing",
-                                 "true",
-                                 "optim.kind",
-                                 "galore",
-                                 "optim.lr",
-                                 "1e-2",
-                                 "optim.grad_clip",
-                                 "0",
-                                 "optim.weight_decay",
-                                 "0.1",
-                                 "galore.rank",
-                                 "2",
-                                 "galore.update_gap",
-                                 "3",
-                                 "galore.scale",
-                                 "1",
-                                 NULL};
-    tu_config(cfg, pairs);
+    // clang-format off
+    const char *const extra[] = {
+        "model.activation_checkpointing", "true",
+        "optim.kind", "galore",
+        "optim.lr", "1e-2",
+        "optim.grad_clip", "0",
+        "optim.weight_decay", "0.1",
+        "galore.rank", "2",
+        "galore.update_gap", "3",
+        "galore.scale", "1",
+        NULL};
+    // clang-format on
+    tu_tiny_run_config(cfg, folder, data, out, extra);
 }
 
 static void write_data(const char *path) {

@@ -533,34 +533,16 @@ END_TEST
 // ---------------------------------------------------------- memtune train
 
 static void mezo_config(mt_config *cfg, const char *folder, const char *data, const char *out) {
-    const char *const pairs[] = {"model.path",
-                                 folder,
-                                 "model.init",
-                                 "random",
-                                 "data.train",
-                                 data,
-                                 "output.dir",
-                                 out,
-                                 "train.steps",
-                                 "12",
-                                 "train.seq_len",
-                                 "16",
-                                 "train.grad_accum",
-                                 "2",
-                                 "train.device",
-                                 "cpu",
-                                 "train.eval_every",
-                                 "4",
-                                 "optim.kind",
-                                 "mezo",
-                                 "optim.lr",
-                                 "1e-3",
-                                 "optim.weight_decay",
-                                 "0.1",
-                                 "mezo.samples",
-                                 "2",
-                                 NULL};
-    tu_config(cfg, pairs);
+    // clang-format off
+    const char *const extra[] = {
+        "train.grad_accum", "2",
+        "optim.kind", "mezo",
+        "optim.lr", "1e-3",
+        "optim.weight_decay", "0.1",
+        "mezo.samples", "2",
+        NULL};
+    // clang-format on
+    tu_tiny_run_config(cfg, folder, data, out, extra);
 }
 
 START_TEST(mezo_training_resumes_bit_identically) {

@@ -105,11 +105,28 @@ int tu_read_losses(const char *run, double *losses, int max) {
     return count;
 }
 
-void tu_config(void *cfg, const char *const *pairs) {
-    mt_config_defaults(cfg);
+static void apply_pairs(void *cfg, const char *const *pairs) {
     for (int i = 0; pairs[i]; i += 2) {
         ck_assert_ptr_nonnull(pairs[i + 1]);
         ck_assert_msg(mt_config_set(cfg, pairs[i], pairs[i + 1], "test") == MT_OK, "%s=%s: %s", pairs[i], pairs[i + 1],
                       mt_last_error());
     }
+}
+
+void tu_tiny_run_config(void *cfg, const char *folder, const char *data, const char *out, const char *const *extra) {
+    // clang-format off
+    const char *const base[] = {
+        "model.path", folder,
+        "model.init", "random",
+        "data.train", data,
+        "output.dir", out,
+        "train.steps", "12",
+        "train.seq_len", "16",
+        "train.device", "cpu",
+        "train.eval_every", "4",
+        NULL};
+    // clang-format on
+    mt_config_defaults(cfg);
+    apply_pairs(cfg, base);
+    apply_pairs(cfg, extra);
 }

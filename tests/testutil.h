@@ -26,9 +26,11 @@ void tu_model_folder(const char *parent, const char *name, const char *json, cha
 // record per step, in order, at most max; returns the count.
 int tu_read_losses(const char *run, double *losses, int max);
 
-// mt_config_defaults, then each "section.key", "value" pair of a
-// NULL-terminated list (each assignment asserted).
-void tu_config(void *cfg, const char *const *pairs);
+// An mt_config for the tiny CPU runs the suites train: defaults, model.path
+// folder with random init, data.train data, output.dir out, 12 steps of 16
+// tokens, eval every 4; then each "section.key", "value" pair of the
+// NULL-terminated extra (every assignment asserted).
+void tu_tiny_run_config(void *cfg, const char *folder, const char *data, const char *out, const char *const *extra);
 
 // A fresh empty folder under /tmp (path written to buf).
 void tu_tempdir(char *buf, size_t len);
