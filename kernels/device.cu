@@ -2,6 +2,7 @@
 // the legacy default stream so that copies, memsets and kernels stay ordered.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
+#include <math.h>
 #include <string.h>
 
 #include "kernels/cuda_check.h"
@@ -83,6 +84,39 @@ int mt_copy_async(void *dst, const void *src, size_t bytes) {
 }
 
 void mt_copy_async_wait(int ticket) { CUDA_CHECK(cudaStreamWaitEvent(0, events[ticket], 0)); }
+
+void *mt_stream_create(void) {
+    cudaStream_t stream;
+    CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    return stream;
+}
+void mt_stream_destroy(void *stream) {
+    if (stream) CUDA_CHECK(cudaStreamDestroy((cudaStream_t)stream));
+}
+void *mt_event_create(void) {
+    cudaEvent_t event;
+    CUDA_CHECK(cudaEventCreate(&event));
+    return event;
+}
+void mt_event_destroy(void *event) {
+    if (event) CUDA_CHECK(cudaEventDestroy((cudaEvent_t)event));
+}
+void mt_event_record(void *event, void *stream) { CUDA_CHECK(cudaEventRecord((cudaEvent_t)event, (cudaStream_t)stream)); }
+void mt_stream_wait_event(void *stream, void *event) {
+    CUDA_CHECK(cudaStreamWaitEvent((cudaStream_t)stream, (cudaEvent_t)event, 0));
+}
+void mt_event_synchronize(void *event) { CUDA_CHECK(cudaEventSynchronize((cudaEvent_t)event)); }
+float mt_event_elapsed_ms(void *from, void *to) {
+    float ms = 0.0f;
+    if (cudaEventElapsedTime(&ms, (cudaEvent_t)from, (cudaEvent_t)to) != cudaSuccess) {
+        cudaGetLastError();  // an event never recorded: no time, not a failure
+        return NAN;
+    }
+    return ms;
+}
+void mt_memcpy_async(void *dst, const void *src, size_t bytes, void *stream) {
+    CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, (cudaStream_t)stream));
+}
 
 int mt_backend_init(mt_backend *be, int device) {
     memset(be, 0, sizeof *be);

@@ -33,6 +33,25 @@ void mt_host_free_pinned(void *p);
 int mt_copy_async(void *dst, const void *src, size_t bytes);
 void mt_copy_async_wait(int ticket);
 
+// Side streams and events for copy pipelines (offload/), as opaque handles;
+// stream NULL is the compute stream the ops run on. Events keep timing, so
+// a pipeline can be drawn as a timeline (mt_event_elapsed_ms). In a CPU-only
+// build copies are immediate and events do nothing.
+void *mt_stream_create(void);
+void mt_stream_destroy(void *stream);
+void *mt_event_create(void);
+void mt_event_destroy(void *event);
+void mt_event_record(void *event, void *stream);
+// Work issued to `stream` after this waits for the event (the host does not).
+void mt_stream_wait_event(void *stream, void *event);
+// The host waits for the event.
+void mt_event_synchronize(void *event);
+// Milliseconds from one completed event to another; NaN if either was never
+// recorded.
+float mt_event_elapsed_ms(void *from, void *to);
+// Copies between host (pinned for overlap) and device memory on `stream`.
+void mt_memcpy_async(void *dst, const void *src, size_t bytes, void *stream);
+
 // What every op runs on. gpu == 0: the fp32 CPU reference path; gpu == 1:
 // bf16 activations and weights on the device, fp32 accumulation.
 typedef struct {

@@ -27,6 +27,22 @@ int mt_copy_async(void *dst, const void *src, size_t bytes) {
 }
 void mt_copy_async_wait(int ticket) { (void)ticket; }
 
+void *mt_stream_create(void) { return NULL; }
+void mt_stream_destroy(void *stream) { (void)stream; }
+void *mt_event_create(void) { return NULL; }
+void mt_event_destroy(void *event) { (void)event; }
+void mt_event_record(void *event, void *stream) { (void)event, (void)stream; }
+void mt_stream_wait_event(void *stream, void *event) { (void)stream, (void)event; }
+void mt_event_synchronize(void *event) { (void)event; }
+float mt_event_elapsed_ms(void *from, void *to) {
+    (void)from, (void)to;
+    return 0.0f;
+}
+void mt_memcpy_async(void *dst, const void *src, size_t bytes, void *stream) {
+    (void)stream;
+    memcpy(dst, src, bytes);
+}
+
 int mt_backend_init(mt_backend *be, int device) {
     memset(be, 0, sizeof *be);
     if (device >= 0) return mt_errorf(MT_ERR_DEVICE, "this memtune was built without CUDA; set device: cpu");

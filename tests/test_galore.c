@@ -195,7 +195,7 @@ START_TEST(streamed_gradients_equal_the_gradient_block) {
         const mt_param_info *table = mt_model_params(plain, &n);
         size_t total = mt_model_num_params(plain);
         collect c = {table, calloc(total, 4), 0, {0}};
-        mt_model_options o = {B, T, 1, {0}, 0, 0, 0, collect_grad, &c};  // with checkpointing
+        mt_model_options o = {B, T, 1, {0}, 0, 0, 0, collect_grad, &c, NULL, NULL};  // with checkpointing
         ck_assert_int_eq(mt_model_create_with(&streamed, &cpu, &mc, &o), MT_OK);
         float *w = malloc(total * 4);
         mt_model_init_random(&mc, w, 3);
@@ -368,7 +368,7 @@ START_TEST(full_rank_identity_galore_equals_adamw) {
     hook_ctx h = {0};
     mt_model *ref, *gm;
     ck_assert_int_eq(mt_model_create(&ref, &cpu, &mc, B, T, 0), MT_OK);
-    mt_model_options o = {B, T, 0, {0}, 0, 0, 0, hook, &h};
+    mt_model_options o = {B, T, 0, {0}, 0, 0, 0, hook, &h, NULL, NULL};
     ck_assert_int_eq(mt_model_create_with(&gm, &cpu, &mc, &o), MT_OK);
     int n;
     const mt_param_info *table = mt_model_params(ref, &n);
@@ -447,20 +447,10 @@ static void galore_config(mt_config *cfg, const char *folder, const char *data, 
     tu_tiny_run_config(cfg, folder, data, out, extra);
 }
 
-static void write_data(const char *path) {
-    uint64_t n = 20000;
-    uint32_t *tok = malloc(n * 4);
-    // a learnable sequence: mostly token i+1 after token i
-    for (uint64_t i = 0; i < n; i++) tok[i] = (uint32_t)((i + (mt_rng_bits(17, i) % 8 == 0)) % 13);
-    uint64_t offsets[2] = {0, n};
-    ck_assert_int_eq(mt_dataset_write(path, tok, n, offsets, 1, NULL, 13, "test"), MT_OK);
-    free(tok);
-}
-
 START_TEST(galore_training_lowers_the_loss_and_resumes_bit_identically) {
     char data[300], folder[300], whole[300], split[300], a[1400];
     snprintf(data, sizeof data, "%s/galore-data.h5", dir);
-    write_data(data);
+    tu_write_sequence_data(data);
     tu_model_folder(dir, "tiny", tu_tiny_llama_json, folder, sizeof folder);
     for (int int8 = 0; int8 < 2; int8++) {
         snprintf(whole, sizeof whole, "%s/whole%d", dir, int8);
@@ -495,7 +485,7 @@ END_TEST
 START_TEST(galore_config_errors_name_the_fix) {
     char data[300], folder[300], out[300];
     snprintf(data, sizeof data, "%s/galore-data.h5", dir);
-    write_data(data);
+    tu_write_sequence_data(data);
     tu_model_folder(dir, "tiny", tu_tiny_llama_json, folder, sizeof folder);
     snprintf(out, sizeof out, "%s/bad", dir);
     mt_config cfg;

@@ -119,7 +119,7 @@ START_TEST(gpu_lora_matches_cpu_reference) {
         ck_assert_int_eq(mt_backend_init(&cpu, -1), MT_OK);
         ck_assert_int_eq(mt_backend_init(&gpu, 0), MT_OK);
         mt_model_options o = {B, T,    0,   {8, 16.0f, 0.0f, quantized, (1u << MT_LORA_MODULES) - 1}, quantized, 0,
-                              0, NULL, NULL};
+                              0, NULL, NULL, NULL, NULL};
         mt_model_options ok = o, off = o;
         ok.activation_checkpointing = 1;
         off.activation_checkpointing = off.offload_activations = 1;
@@ -231,7 +231,7 @@ START_TEST(gpu_mezo_matches_cpu_reference) {
         mt_backend cpu, gpu;
         ck_assert_int_eq(mt_backend_init(&cpu, -1), MT_OK);
         ck_assert_int_eq(mt_backend_init(&gpu, 0), MT_OK);
-        mt_model_options o = {B, T, 0, {0}, 0, 0, 1, NULL, NULL};
+        mt_model_options o = {B, T, 0, {0}, 0, 0, 1, NULL, NULL, NULL, NULL};
         mt_model *mc, *mg, *mtrain;
         ck_assert_int_eq(mt_model_create_with(&mc, &cpu, &c, &o), MT_OK);
         ck_assert_int_eq(mt_model_create_with(&mg, &gpu, &c, &o), MT_OK);
@@ -323,7 +323,7 @@ START_TEST(gpu_deferred_mezo_update_is_bit_identical) {
     int B = 2, T = 64, N = B * T;
     mt_backend gpu;
     ck_assert_int_eq(mt_backend_init(&gpu, 0), MT_OK);
-    mt_model_options o = {B, T, 0, {0}, 0, 0, 1, NULL, NULL};
+    mt_model_options o = {B, T, 0, {0}, 0, 0, 1, NULL, NULL, NULL, NULL};
     mt_model *m[2];
     mt_mezo *mz[2];
     size_t total = 0;
@@ -399,7 +399,7 @@ START_TEST(gpu_galore_matches_cpu_reference) {
         ck_assert_int_eq(mt_backend_init(&cpu, -1), MT_OK);
         ck_assert_int_eq(mt_backend_init(&gpu, 0), MT_OK);
         gpu_hook hg = {0}, hc = {0};
-        mt_model_options og = {B, T, 1, {0}, 0, 0, 0, gpu_hook_fn, &hg}, oc = og;
+        mt_model_options og = {B, T, 1, {0}, 0, 0, 0, gpu_hook_fn, &hg, NULL, NULL}, oc = og;
         oc.grad_ready_ctx = &hc;
         mt_model *plain, *mg, *mc;
         ck_assert_int_eq(mt_model_create(&plain, &gpu, &c, B, T, 1), MT_OK);

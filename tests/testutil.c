@@ -9,6 +9,7 @@
 #include <cjson/cJSON.h>
 #include <sys/stat.h>
 
+#include "datasets/dataset.h"
 #include "kernels/rng.h"
 #include "trainer/config.h"
 
@@ -129,4 +130,13 @@ void tu_tiny_run_config(void *cfg, const char *folder, const char *data, const c
     mt_config_defaults(cfg);
     apply_pairs(cfg, base);
     apply_pairs(cfg, extra);
+}
+
+void tu_write_sequence_data(const char *path) {
+    uint64_t n = 20000;
+    uint32_t *tok = malloc(n * 4);
+    for (uint64_t i = 0; i < n; i++) tok[i] = (uint32_t)((i + (mt_rng_bits(17, i) % 8 == 0)) % 13);
+    uint64_t offsets[2] = {0, n};
+    ck_assert_int_eq(mt_dataset_write(path, tok, n, offsets, 1, NULL, 13, "test"), MT_OK);
+    free(tok);
 }

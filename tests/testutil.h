@@ -32,6 +32,10 @@ int tu_read_losses(const char *run, double *losses, int max);
 // NULL-terminated extra (every assignment asserted).
 void tu_tiny_run_config(void *cfg, const char *folder, const char *data, const char *out, const char *const *extra);
 
+// A 20000-token dataset over the tiny vocabulary (13) at path: mostly
+// token i + 1 after token i, so that a few steps visibly learn.
+void tu_write_sequence_data(const char *path);
+
 // A fresh empty folder under /tmp (path written to buf).
 void tu_tempdir(char *buf, size_t len);
 

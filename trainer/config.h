@@ -66,6 +66,8 @@ extern "C" {
     X(checkpoint, every, INT, "0", 0, 1000000000, "",                                                                 \
       "steps between checkpoints in output.dir/checkpoints (0: only at the end and on stop)")                         \
     X(checkpoint, keep, INT, "2", 1, 1000000, "", "complete checkpoints to keep; older ones are deleted")             \
+    X(checkpoint, final, BOOL, "true", 0, 0, "",                                                                      \
+      "write a checkpoint after the last step too (false: the run ends with output.dir/model only)")                  \
     X(optim, kind, ENUM, "adamw", 0, 0, "adamw|mezo|galore",                                                          \
       "update rule: adamw (backward pass, AdamW moments), mezo (zeroth-order SGD from two forward passes per "        \
       "direction: the memory of inference; see the mezo.* keys) or galore (full-parameter AdamW with the matrices' "  \
@@ -100,6 +102,19 @@ extern "C" {
       "or svd (eigenvectors of the full Gram matrix, exact; slower); docs/galore.md compares them")                   \
     X(galore, moments, ENUM, "fp32", 0, 0, "fp32|int8",                                                               \
       "GaLore: Adam moments in fp32, or int8 (blockwise 8-bit, 256 values per block with an absmax; ~1/4 the bytes)") \
+    X(offload, optimizer, ENUM, "none", 0, 0, "none|cpu|ssd",                                                         \
+      "where AdamW's fp32 master weights and moments live: none (the GPU), cpu (pinned host memory; AdamW runs on "   \
+      "the CPU beside the GPU's work, gradients and weights cross in bf16) or ssd (a file under offload.path, read "  \
+      "ahead and written behind with O_DIRECT); see docs/offload.md")                                                 \
+    X(offload, path, STR, "", 0, 0, "",                                                                               \
+      "offload.optimizer ssd: folder on a fast local disk for the state file (12 bytes per trained parameter, "       \
+      "reserved at start, deleted at the end; checkpoints keep the state)")                                           \
+    X(offload, io_threads, INT, "4", 1, 64, "", "offload.optimizer ssd: reads and writes in flight at once")          \
+    X(offload, threads, INT, "0", 0, 4096, "",                                                                        \
+      "CPU threads of the offloaded AdamW (0: every core but one with a GPU, every core without)")                   \
+    X(offload, trace_step, INT, "0", 0, 1000000000, "",                                                               \
+      "GPU: write the copy/update timeline of this step and the next to output.dir/offload-trace.json (Chrome trace " \
+      "format, for chrome://tracing or ui.perfetto.dev); 0: none")                                                    \
     X(output, dir, STR, "runs/default", 0, 0, "",                                                                     \
       "run folder: resolved config, metrics.jsonl, final model (created; an existing run's files are replaced)")      \
     X(output, save_model, BOOL, "true", 0, 0, "", "write the trained model to output.dir/model at the end")           \

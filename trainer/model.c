@@ -51,6 +51,8 @@ struct mt_model {
     // streamed gradients (mt_model_options.grad_ready)
     mt_grad_ready_fn grad_ready;
     void *grad_ready_ctx;
+    mt_weights_needed_fn weights_needed;
+    void *weights_needed_ctx;
     float *grad_stream;  // one layer's gradients, or lm_head's or the embedding's (untied)
     float *grad_outer;   // the final norm's, then a tied embedding's
     size_t grad_stream_count, grad_outer_count;
@@ -423,6 +425,7 @@ mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_confi
     mt_mem_place place = be->gpu ? MT_DEVICE : MT_HOST;
     size_t act = mt_act_size(be);
     m->grad_ready = o->grad_ready, m->grad_ready_ctx = o->grad_ready_ctx;
+    m->weights_needed = o->weights_needed, m->weights_needed_ctx = o->weights_needed_ctx;
     MT_CHECK(!m->grad_ready || (!m->frozen && !m->forward_only), "streamed gradients need a full fine-tune");
     mt_err err = mt_alloc(&m->weights, m->compute_total * act, MT_MEM_WEIGHTS, place);
     if (!err && !m->frozen && !m->forward_only && !m->grad_ready)
@@ -474,7 +477,7 @@ mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_confi
 
 mt_err mt_model_create(mt_model **out, mt_backend *be, const mt_model_config *cfg, int B, int T,
                        int activation_checkpointing) {
-    mt_model_options o = {B, T, activation_checkpointing, {0}, 0, 0, 0, NULL, NULL};
+    mt_model_options o = {B, T, activation_checkpointing, {0}, 0, 0, 0, NULL, NULL, NULL, NULL};
     return mt_model_create_with(out, be, cfg, &o);
 }
 
@@ -894,9 +897,14 @@ static void wait_x(const mt_model *m, int l) {
     if (m->be->gpu) mt_copy_async_wait(m->tickets[l]);
 }
 
+static void weights_needed(const mt_model *m, int bucket) {
+    if (m->weights_needed) m->weights_needed(m->weights_needed_ctx, bucket);
+}
+
 static void body_forward(mt_model *m) {
     const mt_model_config *c = &m->cfg;
     int N = m->B * m->T, offload = m->offload && m->training;
+    weights_needed(m, 0);
     // a deferred update reaches the weights before anything unperturbed reads
     // them, and the embedding table before its rows are gathered
     if (m->pending && m->perturb_scale == 0.0f) mt_model_flush_update(m);
@@ -909,9 +917,11 @@ static void body_forward(mt_model *m) {
     for (int l = 0; l < c->L; l++) {
         // x[l+1]'s slot held x[l-1]: its copy out must be done
         if (offload && l >= 1) wait_x(m, l - 1);
+        weights_needed(m, 1 + l);
         layer_forward(m, l, 0);
         if (offload && l + 1 <= c->L - 2) move_x(m, l + 1, 1);
     }
+    weights_needed(m, 1 + c->L);
     const void *norm_w = m->frozen ? m->norm_w : perturbed(m, m->index_norm, m->norm_w);
     mt_op_rmsnorm_forward(m->be, m->lnf, m->rstdf, m->x[c->L], norm_w, N, c->C, c->rms_eps);
 }

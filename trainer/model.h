@@ -74,6 +74,11 @@ float mt_lora_scale(const mt_lora_config *lora);
 // after the call returns: the callback applies its update there and then.
 typedef void (*mt_grad_ready_fn)(void *ctx, int param, float *grad);
 
+// Called in every forward before it first reads the weights of `bucket`:
+// 0 the embedding, 1 + l layer l, L + 1 the final norm and lm_head (a tied
+// lm_head is the embedding, read already). Offloaded updates land here.
+typedef void (*mt_weights_needed_fn)(void *ctx, int bucket);
+
 typedef struct {
     int B, T;                      // rows per batch, tokens per row
     int activation_checkpointing;  // keep layer inputs only; recompute in backward
@@ -84,6 +89,8 @@ typedef struct {
                                    // layer's activations (MeZO, evaluation)
     mt_grad_ready_fn grad_ready;   // full fine-tune: no model-sized gradient block; each
     void *grad_ready_ctx;          // gradient is handed over as soon as it is complete (GaLore)
+    mt_weights_needed_fn weights_needed;  // NULL, or the hook above (offloaded optimizer)
+    void *weights_needed_ctx;
 } mt_model_options;
 
 // Builds the parameter tables and allocates weights, gradients (of the

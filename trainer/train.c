@@ -17,6 +17,7 @@
 #include "kernels/device.h"
 #include "kernels/mem.h"
 #include "kernels/rng.h"
+#include "offload/offload.h"
 #include "optim/galore.h"
 #include "optim/mezo.h"
 #include "optim/optimizer.h"
@@ -156,23 +157,50 @@ typedef struct {
     const mt_lora_config *lora;  // NULL: full fine-tune
     mt_optimizer *opt;           // AdamW; NULL with MeZO and GaLore
     mt_galore *galore;           // GaLore's projectors and moments, or NULL
+    mt_offload *offload;         // AdamW with its state off the GPU, or NULL
     mt_model *model;
     mt_loader *train;
-    float *master, *m, *v;  // host buffers of the parameter count (m, v NULL with MeZO)
+    float *master, *m, *v;  // host buffers of the parameter count (m, v NULL with MeZO; all NULL with offload)
+    size_t trained_total;
 } checkpoint_ctx;
 
-// The trained values as fp32 host values: AdamW's master copy, or with MeZO
-// (no master) the compute weights themselves.
-static void get_trained(checkpoint_ctx *c, float *dst) {
+// The trained values as fp32 host values: AdamW's master copy (on the GPU or
+// offloaded), or with MeZO and GaLore (no master) the compute weights.
+static mt_err get_trained(checkpoint_ctx *c, float *dst) {
+    if (c->offload) return mt_offload_read_state(c->offload, dst, NULL, NULL);
     if (c->opt)
         mt_optimizer_get_master(c->opt, dst);
     else
         mt_model_get_trainable(c->model, dst);
+    return MT_OK;
+}
+
+// Host arrays of the trained block for an offloaded state's copy; the run
+// keeps none between checkpoints (they would double its host memory).
+static mt_err alloc_state_copy(size_t n, int count, float **a, float **b, float **c) {
+    float **arrays[3] = {a, b, c};
+    for (int i = 0; i < 3; i++) *arrays[i] = NULL;
+    for (int i = 0; i < count; i++)
+        if (!(*arrays[i] = malloc((n ? n : 1) * sizeof(float)))) {
+            for (int j = 0; j < i; j++) free(*arrays[j]);
+            return mt_errorf(MT_ERR_NOMEM,
+                             "out of host memory for a copy of the offloaded optimizer state (%.1f GiB for checkpoints "
+                             "and the saved model); free host memory, or save less often",
+                             count * n * 4.0 / 1073741824.0);
+        }
+    return MT_OK;
 }
 
 static mt_err save_checkpoint(checkpoint_ctx *c, long steps_done) {
-    get_trained(c, c->master);
-    if (c->opt) mt_optimizer_get_moments(c->opt, c->m, c->v);
+    float *master = c->master, *m = c->m, *v = c->v;
+    mt_err err = MT_OK;
+    if (c->offload) {
+        if ((err = alloc_state_copy(c->trained_total, 3, &master, &m, &v))) return err;
+        err = mt_offload_read_state(c->offload, master, m, v);
+    } else {
+        get_trained(c, master);
+        if (c->opt) mt_optimizer_get_moments(c->opt, m, v);
+    }
     mt_state_tensor *extra = NULL;
     int n_extra = 0;
     if (c->galore) {
@@ -180,14 +208,21 @@ static mt_err save_checkpoint(checkpoint_ctx *c, long steps_done) {
         mt_galore_state_download(c->galore);
     }
     mt_cursor cursor = mt_loader_get_cursor(c->train);
-    int optimizer_steps = c->opt      ? mt_optimizer_steps_taken(c->opt)
-                          : c->galore ? mt_galore_steps_taken(c->galore)
-                                      : (int)steps_done;
+    int optimizer_steps = c->opt       ? mt_optimizer_steps_taken(c->opt)
+                          : c->offload ? mt_offload_steps_taken(c->offload)
+                          : c->galore  ? mt_galore_steps_taken(c->galore)
+                                       : (int)steps_done;
     mt_checkpoint_meta meta = {steps_done, cursor.epoch, cursor.batch, optimizer_steps,
                                mt_config_training_hash(c->cfg)};
     double t0 = mt_now();
-    mt_err err = mt_checkpoint_write(c->cfg->output_dir, c->cfg->model_path, c->mc, c->lora, c->master, c->m, c->v,
-                                     extra, n_extra, &meta, (int)c->cfg->checkpoint_keep);
+    if (!err)
+        err = mt_checkpoint_write(c->cfg->output_dir, c->cfg->model_path, c->mc, c->lora, master, m, v, extra, n_extra,
+                                  &meta, (int)c->cfg->checkpoint_keep);
+    if (c->offload) {
+        free(master);
+        free(m);
+        free(v);
+    }
     if (!err) mt_info("checkpoint: %s/checkpoints/step-%08ld (%.1fs)", c->cfg->output_dir, steps_done, mt_now() - t0);
     return err;
 }
@@ -229,6 +264,24 @@ typedef struct {
 static void galore_grad_ready(void *ctx, int param, float *grad) {
     galore_hook *h = ctx;
     mt_galore_update(h->galore, param, grad, h->weights + h->table[param].offset * h->act);
+}
+
+// Offloaded AdamW: gradients stream to the host as backward completes them,
+// and each forward unit waits for its own update only. ctx: the mt_offload *
+// (made after the model, whose weights it updates).
+static void offload_grad_ready(void *ctx, int param, float *grad) { mt_offload_grad(*(mt_offload **)ctx, param, grad); }
+
+static void offload_weights_needed(void *ctx, int bucket) {
+    mt_offload *o = *(mt_offload **)ctx;
+    if (o) mt_offload_wait_bucket(o, bucket);
+}
+
+// The forward unit that reads a trainable parameter (model.h's buckets):
+// the embedding, a layer (its adapters too), or the head.
+static int forward_bucket(const char *name, int L) {
+    const char *layer = strstr(name, "layers.");
+    if (layer) return 1 + atoi(layer + strlen("layers."));
+    return strstr(name, "embed_tokens") ? 0 : L + 1;
 }
 
 // mezo.trainable, galore.targets: which parameters match one of the listed
@@ -280,11 +333,18 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
                              (int)cfg->model_offload_activations,
                              0,
                              NULL,
-                             NULL};
+                             NULL, NULL, NULL};
     int mezo = !strcmp(cfg->optim_kind, "mezo"), galore = !strcmp(cfg->optim_kind, "galore");
+    int offload = strcmp(cfg->offload_optimizer, "none") != 0;
+    // offloaded gradients stream out of backward unless they must add up
+    // over micro-batches first, or are the adapters' (one small block)
+    int offload_streamed = offload && cfg->lora_r == 0 && accum == 1;
     galore_hook hook = {0};
+    mt_offload *ofl = NULL;
     opts.forward_only = mezo;
     if (galore) opts.grad_ready = galore_grad_ready, opts.grad_ready_ctx = &hook;
+    if (offload_streamed) opts.grad_ready = offload_grad_ready, opts.grad_ready_ctx = &ofl;
+    if (offload) opts.weights_needed = offload_weights_needed, opts.weights_needed_ctx = &ofl;
     if (cfg->lora_r > 0) {
         opts.lora = (mt_lora_config){(int)cfg->lora_r, (float)cfg->lora_alpha, (float)cfg->lora_dropout,
                                      (int)cfg->lora_rslora, 0};
@@ -337,11 +397,12 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
         snprintf(resume_dir, sizeof resume_dir, "%s", cfg->train_resume);
     // AdamW's moments' host copies for checkpoints (MeZO has none, GaLore its own)
     int adamw = !mezo && !galore;
-    if (adamw) {
+    // with offload the moments live in the store; host copies only to resume
+    if (adamw && (!offload || resume_dir[0])) {
         moment_m = malloc((trained_total ? trained_total : 1) * sizeof(float));
         moment_v = malloc((trained_total ? trained_total : 1) * sizeof(float));
     }
-    if (adamw && (!moment_m || !moment_v)) {
+    if (adamw && (!offload || resume_dir[0]) && (!moment_m || !moment_v)) {
         err = mt_errorf(MT_ERR_NOMEM, "out of host memory for the optimizer state's checkpoint copies (%.1f GiB)",
                         trained_total * 8.0 / 1073741824.0);
         goto out_params;
@@ -467,6 +528,38 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
         if (!err) err = mt_mezo_init(&mz, &be, &zc, tr.weights, groups, n_groups);
         // each update rides on the next forward's first read of each tensor
         if (!err) mt_mezo_defer_updates(mz, defer_to_model, model);
+    } else if (offload) {
+        mt_offload_param *op = malloc((size_t)(n_trained ? n_trained : 1) * sizeof *op);
+        MT_CHECK(op != NULL, "offload parameters");
+        for (int i = 0; i < n_trained; i++)
+            op[i] = (mt_offload_param){trained_table[i].offset, trained_table[i].count, trained_table[i].decay,
+                                       forward_bucket(trained_table[i].name, mc.L)};
+        char trace[1200];
+        snprintf(trace, sizeof trace, "%s/offload-trace.json", cfg->output_dir);
+        mt_offload_config oc = {!strcmp(cfg->offload_optimizer, "ssd") ? MT_STORE_FILE : MT_STORE_MEMORY,
+                                cfg->offload_path,
+                                0,
+                                (int)cfg->offload_io_threads,
+                                (float)cfg->optim_beta1,
+                                (float)cfg->optim_beta2,
+                                (float)cfg->optim_eps,
+                                (float)cfg->optim_weight_decay,
+                                (float)cfg->optim_grad_clip,
+                                (int)cfg->offload_threads,
+                                cfg->offload_trace_step > 0 ? trace : NULL,
+                                cfg->offload_trace_step};
+        err = mt_offload_init(&ofl, &be, &oc, op, n_trained, trained_total, tr.weights, trained);
+        free(op);
+        if (!err && resume_dir[0])
+            err = mt_offload_write_state(ofl, trained, moment_m, moment_v, resume.optimizer_steps);
+        // the store holds the values now: the host copies go (at 7B they are 28 GB each)
+        free(moment_m);
+        free(moment_v);
+        moment_m = moment_v = NULL;
+        if (!lora) {
+            free(host_params);
+            host_params = trained = NULL;
+        }
     } else {
         mt_adamw_config ac = {(float)cfg->optim_lr,  (float)cfg->optim_beta1,        (float)cfg->optim_beta2,
                               (float)cfg->optim_eps, (float)cfg->optim_weight_decay, (float)cfg->optim_grad_clip};
@@ -527,6 +620,18 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
             n_projected, projected_count / 1e6, count / 1e6, mt_galore_state_bytes(gal) / 1073741824.0,
             mt_model_streamed_grad_bytes(model) / 1048576.0,
             use_gpu ? "; bf16 weights updated with stochastic rounding" : "");
+    if (offload) {
+        const mt_store *st = mt_offload_store(ofl);
+        mt_info("AdamW state offloaded to %s: %.2fM parameters, %.2f GiB (fp32 master, m, v)%s%s; CPU AdamW %s; "
+                "gradients %s, %.1f MiB of GPU staging; host memory %.2f GiB",
+                !strcmp(cfg->offload_optimizer, "ssd") ? "SSD" : "pinned host memory", trained_total / 1e6,
+                trained_total * 12.0 / 1073741824.0, st && mt_store_path(st)[0] ? " in " : "",
+                st ? mt_store_path(st) : "", mt_offload_cpu_path(ofl),
+                offload_streamed ? "streamed per layer" : "sent after backward",
+                mt_offload_device_bytes(ofl) / 1048576.0, mt_offload_host_bytes(ofl) / 1073741824.0);
+        if (!strcmp(cfg->offload_optimizer, "ssd") && !mt_store_direct_io(st))
+            mt_warn("%s does not take O_DIRECT (tmpfs?): the state goes through the page cache", cfg->offload_path);
+    }
     mt_info("data %s: %llu tokens in %llu docs, %llu train batches/epoch", cfg->data_train,
             (unsigned long long)mt_dataset_num_tokens(ds), (unsigned long long)mt_dataset_num_docs(ds),
             (unsigned long long)mt_loader_batches_per_epoch(train));
@@ -550,7 +655,7 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     }
     double t_start = mt_now(), t_last = t_start;
     long tokens_since = 0;
-    checkpoint_ctx ckpt = {cfg, &mc, lora, opt, gal, model, train, trained, moment_m, moment_v};
+    checkpoint_ctx ckpt = {cfg, &mc, lora, opt, gal, ofl, model, train, trained, moment_m, moment_v, trained_total};
     stop_signal = 0;
     struct sigaction action = {0}, old_int, old_term;
     action.sa_handler = on_stop_signal;
@@ -583,6 +688,7 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
             // GaLore applies each parameter's update inside backward, as its
             // gradient completes (grad_accum is 1 then); AdamW steps after
             if (galore) mt_galore_begin_step(gal, lr);
+            if (ofl) mt_offload_begin_step(ofl, lr);
             float dscale = valid_total ? 1.0f / (float)valid_total : 0.0f;
             mt_model_zero_grads(model);
             double loss_sum = 0.0;
@@ -604,6 +710,13 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
                     mt_info("step %d: GaLore refreshed %d projectors in %.2fs (%s)", step + 1, matrices, seconds,
                             cfg->galore_refresh);
                 }
+            } else if (ofl && !isfinite(loss)) {
+                mt_offload_cancel_step(ofl);
+            } else if (ofl) {
+                // adapters, or gradients summed over micro-batches: the whole block now, last layer first
+                for (int p = n_trained - 1; p >= 0 && !offload_streamed; p--)
+                    mt_offload_grad(ofl, p, tr.grads + trained_table[p].offset);
+                if ((err = mt_offload_end_step(ofl, &info.grad_norm, &info.finite))) break;
             } else if (isfinite(loss)) {
                 mt_optimizer_step(opt, tr.grads, lr, &info);
             }
@@ -677,7 +790,7 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
             stopped = 1;
             break;
         }
-        if (last || (cfg->checkpoint_every > 0 && (step + 1) % cfg->checkpoint_every == 0))
+        if ((last && cfg->checkpoint_final) || (cfg->checkpoint_every > 0 && (step + 1) % cfg->checkpoint_every == 0))
             if ((err = save_checkpoint(&ckpt, step + 1))) break;
     }
     sigaction(SIGINT, &old_int, NULL);
@@ -699,20 +812,22 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
         mt_info("memory (%s): %s", use_gpu ? "GPU" : "host", report);
     }
     if (!err && !stopped && cfg->output_save_model && lora) {
-        get_trained(&ckpt, trained);
+        err = get_trained(&ckpt, trained);
         snprintf(path, sizeof path, "%s/adapter", cfg->output_dir);
-        err = mt_lora_save(path, lora, cfg->model_path, trained_table, n_trained, trained);
+        if (!err) err = mt_lora_save(path, lora, cfg->model_path, trained_table, n_trained, trained);
         if (!err)
             mt_info("saved %s (PEFT layout; merge with: memtune merge --model %s --adapter %s -o MERGED)", path,
                     cfg->model_path, path);
     } else if (!err && !stopped && cfg->output_save_model) {
-        get_trained(&ckpt, host_params);
+        float *unused;
+        if (!host_params) err = alloc_state_copy(total, 1, &host_params, &unused, &unused);
+        if (!err) err = get_trained(&ckpt, host_params);
         mt_dtype dtype = !strcmp(cfg->output_save_dtype, "F32")    ? MT_DTYPE_F32
                          : !strcmp(cfg->output_save_dtype, "BF16") ? MT_DTYPE_BF16
                          : random_init                             ? MT_DTYPE_F32
                                                                    : mc.dtype;
         snprintf(path, sizeof path, "%s/model", cfg->output_dir);
-        err = mt_hf_save(path, cfg->model_path, &mc, host_params, dtype);
+        if (!err) err = mt_hf_save(path, cfg->model_path, &mc, host_params, dtype);
         if (!err) mt_info("saved %s (%s, Hugging Face layout)", path, mt_dtype_name(dtype));
     }
 out_model:
@@ -721,6 +836,8 @@ out_model:
     mt_galore_free(gal);
     mt_mezo_free(mz);
     mt_optimizer_free(opt);
+    mt_offload_free(ofl);
+    ofl = NULL;
     mt_model_free(model);
 out_backend:
     mt_backend_free(&be);

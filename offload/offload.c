@@ -1,0 +1,539 @@
+// offload/offload.c: the offloaded optimizer step (offload.h). The main
+// thread issues device work (casts, copies, stream waits) and never computes;
+// one worker thread owns the CPU side (norm sums, AdamW over the store,
+// copies back), fed through a queue. Per-step device events come in two sets
+// (step parity), because the next step's forward waits on this step's
+// updates while its own backward records new ones.
+#define _POSIX_C_SOURCE 200809L
+#include "offload/offload.h"
+
+#include <math.h>
+#include <omp.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "kernels/mem.h"
+#include "kernels/ops.h"
+#include "offload/cpu_adam.h"
+
+#define STAGES 4  // bf16 weight buffers between the CPU update and the copy back
+
+typedef struct {
+    int first, end;        // its parameters, [first, end) of params
+    size_t offset, count;  // its elements (padding included)
+    int remaining;         // parameters still to arrive this step
+    int ring;              // device staging buffer of this step (GPU)
+    double sumsq;          // of this step's gradients
+    long arrived, ready;   // last step whose sum is in / whose update is issued (or skipped)
+    double t_sum[2][2], t_adam[2][2];  // trace: host seconds, per step parity
+} bucket;
+
+typedef struct {
+    int update;  // 0: gradients arrived (sum them), 1: apply the update
+    int bucket;
+    long step;
+} message;
+
+struct mt_offload {
+    mt_backend *be;
+    mt_offload_config cfg;
+    char trace_path[1024];
+    mt_cpu_adam_path path;
+    mt_offload_param *params;
+    int n_params;
+    bucket *buckets;
+    int n_buckets;
+    size_t total;
+    mt_store *store;
+    void *weights;
+    void *grad_host;  // total values: bf16 (GPU; pinned) or fp32 (CPU)
+    int gpu;
+    // device side
+    void *ring[2];  // bf16 gradients of one bucket each
+    void *ring_free[2];
+    int ring_next;
+    size_t ring_count;
+    void *d2h, *h2d, *marker;
+    void **ev;  // 6 kinds x 2 parities x n_buckets
+    uint16_t *stage[STAGES];
+    void *stage_done[STAGES];
+    int stage_next;
+    // the worker
+    pthread_t worker;
+    int has_worker, stop;
+    pthread_mutex_t lock;
+    pthread_cond_t changed;
+    message *queue;
+    int queue_head, queue_len, queue_cap;
+    // the step
+    long gen;     // steps begun
+    int in_step;  // between begin and end
+    int steps;    // updates applied (AdamW's t)
+    int step_finite, applied;
+    float lr;
+    mt_cpu_adam_step adam_decay, adam_plain;
+    mt_err error;
+    char error_msg[1024];
+    // trace
+    void *origin;
+    double origin_host;
+    int trace_written;
+};
+
+enum { EV_FORWARD, EV_GRADS, EV_D2H_START, EV_D2H, EV_H2D_START, EV_UPDATED, EV_KINDS };
+
+static void *event(mt_offload *o, int kind, long step, int b) {
+    return o->ev[((size_t)kind * 2 + (size_t)(step & 1)) * o->n_buckets + b];
+}
+
+static void post(mt_offload *o, int update, int b, long step) {
+    pthread_mutex_lock(&o->lock);
+    MT_CHECK(o->queue_len < o->queue_cap, "offload queue full");
+    o->queue[(o->queue_head + o->queue_len) % o->queue_cap] = (message){update, b, step};
+    o->queue_len++;
+    pthread_cond_broadcast(&o->changed);
+    pthread_mutex_unlock(&o->lock);
+}
+
+static void mark_ready(mt_offload *o, int b, long step, int applied) {
+    pthread_mutex_lock(&o->lock);
+    o->buckets[b].ready = step;
+    o->applied += applied;
+    pthread_cond_broadcast(&o->changed);
+    pthread_mutex_unlock(&o->lock);
+}
+
+static void record_error(mt_offload *o, mt_err err) {
+    pthread_mutex_lock(&o->lock);
+    if (!o->error) {
+        o->error = err;
+        snprintf(o->error_msg, sizeof o->error_msg, "%s", mt_last_error());
+    }
+    pthread_cond_broadcast(&o->changed);
+    pthread_mutex_unlock(&o->lock);
+}
+
+// AdamW over bucket b's state, block by block, each block's bf16 weights
+// copied back as soon as it is done.
+static void update_bucket(mt_offload *o, int b, long step) {
+    bucket *k = &o->buckets[b];
+    size_t gsize = o->gpu ? 2 : 4;
+    k->t_adam[step & 1][0] = mt_now();
+    mt_store_begin(o->store, k->offset, k->offset + k->count, MT_STORE_UPDATE);
+    mt_store_block blk;
+    int first = 1;
+    while (mt_store_next(o->store, &blk)) {
+        uint16_t *stage = NULL;
+        int s = 0;
+        if (o->gpu) {
+            s = o->stage_next;
+            o->stage_next = (o->stage_next + 1) % STAGES;
+            mt_event_synchronize(o->stage_done[s]);  // its previous copy is done
+            stage = o->stage[s];
+            if (first) mt_event_record(event(o, EV_H2D_START, step, b), o->h2d);
+            first = 0;
+        }
+        size_t blk_end = blk.offset + blk.count;
+        for (int p = k->first; p < k->end; p++) {
+            const mt_offload_param *pa = &o->params[p];
+            size_t lo = pa->offset > blk.offset ? pa->offset : blk.offset;
+            size_t hi = pa->offset + pa->count < blk_end ? pa->offset + pa->count : blk_end;
+            if (lo >= hi) continue;
+            size_t at = lo - blk.offset;
+            mt_cpu_adam_update(o->path, pa->decay ? &o->adam_decay : &o->adam_plain, blk.master + at, blk.m + at,
+                               blk.v + at, (const char *)o->grad_host + lo * gsize, o->gpu, stage ? stage + at : NULL,
+                               hi - lo);
+            if (!o->gpu) memcpy((float *)o->weights + lo, blk.master + at, (hi - lo) * sizeof(float));
+        }
+        if (o->gpu) {
+            mt_memcpy_async((uint16_t *)o->weights + blk.offset, stage, blk.count * 2, o->h2d);
+            mt_event_record(o->stage_done[s], o->h2d);
+        }
+        mt_store_done(o->store, &blk);
+    }
+    mt_err err = mt_store_end(o->store);
+    if (err) record_error(o, err);
+    if (o->gpu) mt_event_record(event(o, EV_UPDATED, step, b), o->h2d);
+    k->t_adam[step & 1][1] = mt_now();
+    mark_ready(o, b, step, !err);
+}
+
+// Bucket b's gradients are in host memory: their sum of squares, and
+// without clipping the update right away.
+static void arrive(mt_offload *o, int b, long step) {
+    bucket *k = &o->buckets[b];
+    if (o->gpu) mt_event_synchronize(event(o, EV_D2H, step, b));
+    k->t_sum[step & 1][0] = mt_now();
+    double sum = mt_cpu_sumsq((const char *)o->grad_host + k->offset * (o->gpu ? 2 : 4), o->gpu, k->count);
+    k->t_sum[step & 1][1] = mt_now();
+    pthread_mutex_lock(&o->lock);
+    k->sumsq = sum;
+    k->arrived = step;
+    if (!isfinite(sum)) o->step_finite = 0;
+    int apply = o->step_finite;
+    pthread_cond_broadcast(&o->changed);
+    pthread_mutex_unlock(&o->lock);
+    if (o->cfg.grad_clip > 0.0f) return;
+    if (apply)
+        update_bucket(o, b, step);
+    else
+        mark_ready(o, b, step, 0);
+}
+
+static void *worker_main(void *arg) {
+    mt_offload *o = arg;
+    int threads = o->cfg.threads > 0 ? o->cfg.threads : omp_get_num_procs() - 1;
+    omp_set_num_threads(threads > 0 ? threads : 1);  // one core stays with the thread that drives the GPU
+    pthread_mutex_lock(&o->lock);
+    for (;;) {
+        while (!o->stop && o->queue_len == 0) pthread_cond_wait(&o->changed, &o->lock);
+        if (o->stop) break;
+        message msg = o->queue[o->queue_head];
+        o->queue_head = (o->queue_head + 1) % o->queue_cap;
+        o->queue_len--;
+        pthread_mutex_unlock(&o->lock);
+        if (msg.update)
+            update_bucket(o, msg.bucket, msg.step);
+        else
+            arrive(o, msg.bucket, msg.step);
+        pthread_mutex_lock(&o->lock);
+    }
+    pthread_mutex_unlock(&o->lock);
+    return NULL;
+}
+
+mt_err mt_offload_init(mt_offload **out, mt_backend *be, const mt_offload_config *cfg, const mt_offload_param *params,
+                       int n_params, size_t total, void *weights, const float *master_init) {
+    *out = NULL;
+    mt_offload *o = calloc(1, sizeof *o);
+    MT_CHECK(o != NULL, "offload");
+    o->be = be;
+    o->cfg = *cfg;
+    o->gpu = be->gpu;
+    o->weights = weights;
+    o->total = total;
+    o->path = mt_cpu_adam_best_path();
+    if (cfg->trace_path) snprintf(o->trace_path, sizeof o->trace_path, "%s", cfg->trace_path);
+    o->cfg.trace_path = cfg->trace_path ? o->trace_path : NULL;
+    o->params = malloc((size_t)(n_params ? n_params : 1) * sizeof *params);
+    MT_CHECK(o->params != NULL, "offload params");
+    memcpy(o->params, params, (size_t)n_params * sizeof *params);
+    o->n_params = n_params;
+    pthread_mutex_init(&o->lock, NULL);
+    pthread_cond_init(&o->changed, NULL);
+
+    // buckets: runs of parameters with the same bucket id, in offset order
+    int max_bucket = -1;
+    for (int p = 0; p < n_params; p++) {
+        MT_CHECK(p == 0 || params[p].offset >= params[p - 1].offset + params[p - 1].count, "offload params unsorted");
+        MT_CHECK(params[p].bucket >= 0 && (p == 0 || params[p].bucket >= params[p - 1].bucket),
+                 "offload buckets must be contiguous and ascending (parameter %d)", p);
+        if (params[p].bucket > max_bucket) max_bucket = params[p].bucket;
+    }
+    o->buckets = calloc((size_t)(max_bucket + 1 > 0 ? max_bucket + 1 : 1), sizeof *o->buckets);
+    MT_CHECK(o->buckets != NULL, "offload buckets");
+    for (int p = 0; p < n_params;) {
+        int q = p;
+        while (q < n_params && params[q].bucket == params[p].bucket) q++;
+        bucket *k = &o->buckets[o->n_buckets++];
+        k->first = p;
+        k->end = q;
+        k->offset = params[p].offset;
+        k->count = params[q - 1].offset + params[q - 1].count - k->offset;
+        if (k->count > o->ring_count) o->ring_count = k->count;
+        p = q;
+    }
+    // gaps in the bucket ids (a layer without adapters) are not buckets
+    int *index = malloc((size_t)(max_bucket + 2) * sizeof *index);
+    MT_CHECK(index != NULL, "offload bucket index");
+    for (int b = 0; b <= max_bucket; b++) index[b] = -1;
+    for (int b = 0; b < o->n_buckets; b++) index[o->params[o->buckets[b].first].bucket] = b;
+    for (int p = 0; p < n_params; p++) o->params[p].bucket = index[o->params[p].bucket];
+    free(index);
+
+    mt_store_config sc = {cfg->kind, cfg->dir, total, 0, 1, cfg->block_params, cfg->io_threads, 0};
+    mt_err err = mt_store_open(&o->store, &sc);
+    if (!err) err = mt_store_write_all(o->store, master_init, NULL, NULL);
+    if (!err) err = mt_alloc(&o->grad_host, (total ? total : 1) * (o->gpu ? 2 : 4), MT_MEM_OFFLOAD, MT_HOST);
+    if (!err && o->gpu) {
+        for (int r = 0; r < 2 && !err; r++) err = mt_alloc(&o->ring[r], (o->ring_count ? o->ring_count : 1) * 2,
+                                                         MT_MEM_GRADS, MT_DEVICE);
+        size_t block = cfg->block_params ? cfg->block_params : (size_t)1 << 21;
+        block = (block + 1023) / 1024 * 1024;
+        for (int s = 0; s < STAGES && !err; s++) {
+            err = mt_alloc((void **)&o->stage[s], block * 2, MT_MEM_OFFLOAD, MT_HOST);
+            o->stage_done[s] = mt_event_create();
+        }
+        o->d2h = mt_stream_create();
+        o->h2d = mt_stream_create();
+        o->marker = mt_stream_create();
+        o->origin = mt_event_create();
+        o->ev = calloc((size_t)EV_KINDS * 2 * o->n_buckets, sizeof *o->ev);
+        MT_CHECK(o->ev != NULL, "offload events");
+        for (size_t e = 0; e < (size_t)EV_KINDS * 2 * o->n_buckets; e++) o->ev[e] = mt_event_create();
+        o->queue_cap = 4 * o->n_buckets + 4;
+        o->queue = calloc((size_t)o->queue_cap, sizeof *o->queue);
+        MT_CHECK(o->queue != NULL, "offload queue");
+        if (!err) {
+            MT_CHECK(pthread_create(&o->worker, NULL, worker_main, o) == 0, "offload worker");
+            o->has_worker = 1;
+        }
+    } else if (!err && cfg->threads > 0) {
+        omp_set_num_threads(cfg->threads);
+    }
+    if (err) {
+        mt_offload_free(o);
+        return err;
+    }
+    *out = o;
+    return MT_OK;
+}
+
+void mt_offload_free(mt_offload *o) {
+    if (!o) return;
+    if (o->has_worker) {
+        pthread_mutex_lock(&o->lock);
+        o->stop = 1;
+        pthread_cond_broadcast(&o->changed);
+        pthread_mutex_unlock(&o->lock);
+        pthread_join(o->worker, NULL);
+    }
+    if (o->gpu) {
+        mt_device_synchronize();
+        for (size_t e = 0; o->ev && e < (size_t)EV_KINDS * 2 * o->n_buckets; e++) mt_event_destroy(o->ev[e]);
+        for (int s = 0; s < STAGES; s++) {
+            mt_event_destroy(o->stage_done[s]);
+            mt_free((void **)&o->stage[s]);
+        }
+        mt_event_destroy(o->origin);
+        mt_stream_destroy(o->d2h);
+        mt_stream_destroy(o->h2d);
+        mt_stream_destroy(o->marker);
+        for (int r = 0; r < 2; r++) mt_free(&o->ring[r]);
+    }
+    free(o->ev);
+    free(o->queue);
+    mt_free(&o->grad_host);
+    mt_store_close(o->store);
+    pthread_mutex_destroy(&o->lock);
+    pthread_cond_destroy(&o->changed);
+    free(o->buckets);
+    free(o->params);
+    free(o);
+}
+
+static void prepare(mt_offload *o, int t, float scale) {
+    const mt_offload_config *c = &o->cfg;
+    mt_cpu_adam_prepare(&o->adam_decay, o->lr, c->beta1, c->beta2, c->eps, c->weight_decay, t, scale);
+    mt_cpu_adam_prepare(&o->adam_plain, o->lr, c->beta1, c->beta2, c->eps, 0.0f, t, scale);
+}
+
+static void write_trace(mt_offload *o);
+
+void mt_offload_begin_step(mt_offload *o, float lr) {
+    if (o->gpu && o->cfg.trace_path && !o->trace_written && o->gen == o->cfg.trace_step + 1) write_trace(o);
+    pthread_mutex_lock(&o->lock);
+    o->gen++;
+    o->in_step = 1;
+    o->step_finite = 1;
+    o->applied = 0;
+    o->lr = lr;
+    pthread_mutex_unlock(&o->lock);
+    for (int b = 0; b < o->n_buckets; b++) {
+        o->buckets[b].remaining = o->buckets[b].end - o->buckets[b].first;
+        o->buckets[b].ring = -1;
+    }
+    // without clipping the factor is 1 and the update can start per bucket
+    if (o->cfg.grad_clip <= 0.0f) prepare(o, o->steps + 1, 1.0f);
+    if (o->gpu && o->cfg.trace_path && o->gen == o->cfg.trace_step) {
+        mt_event_record(o->origin, o->marker);  // the marker stream is idle: this is now
+        o->origin_host = mt_now();
+    }
+}
+
+void mt_offload_grad(mt_offload *o, int param, const float *grad) {
+    const mt_offload_param *pa = &o->params[param];
+    int b = pa->bucket;
+    bucket *k = &o->buckets[b];
+    MT_CHECK(o->in_step && k->remaining > 0, "gradient of parameter %d outside a step or twice", param);
+    if (!o->gpu) {
+        memcpy((float *)o->grad_host + pa->offset, grad, pa->count * sizeof(float));
+    } else {
+        if (k->ring < 0) {
+            k->ring = o->ring_next;
+            o->ring_next ^= 1;
+            if (o->ring_free[k->ring]) mt_stream_wait_event(NULL, o->ring_free[k->ring]);
+        }
+        mt_op_cast_from_f32(o->be, (uint16_t *)o->ring[k->ring] + (pa->offset - k->offset), grad, pa->count);
+    }
+    if (--k->remaining > 0) return;
+    if (!o->gpu) {
+        arrive(o, b, o->gen);
+        return;
+    }
+    mt_event_record(event(o, EV_GRADS, o->gen, b), NULL);
+    mt_stream_wait_event(o->d2h, event(o, EV_GRADS, o->gen, b));
+    mt_event_record(event(o, EV_D2H_START, o->gen, b), o->d2h);
+    mt_memcpy_async((uint16_t *)o->grad_host + k->offset, o->ring[k->ring], k->count * 2, o->d2h);
+    mt_event_record(event(o, EV_D2H, o->gen, b), o->d2h);
+    o->ring_free[k->ring] = event(o, EV_D2H, o->gen, b);
+    post(o, 0, b, o->gen);
+}
+
+mt_err mt_offload_end_step(mt_offload *o, double *grad_norm, int *finite) {
+    int clip = o->cfg.grad_clip > 0.0f;
+    double sum = 0.0;
+    pthread_mutex_lock(&o->lock);
+    for (int b = 0; b < o->n_buckets && !o->error; b++) {
+        while (!o->error && (clip ? o->buckets[b].arrived : o->buckets[b].ready) < o->gen)
+            pthread_cond_wait(&o->changed, &o->lock);
+        sum += o->buckets[b].sumsq;
+    }
+    mt_err err = o->error;
+    int applied = o->applied, step_finite = o->step_finite;
+    pthread_mutex_unlock(&o->lock);
+    *grad_norm = sqrt(sum);
+    *finite = isfinite(*grad_norm) && step_finite && !err;
+    if (!clip) {
+        if (applied) o->steps++;
+    } else if (*finite) {
+        float scale = *grad_norm > o->cfg.grad_clip ? (float)(o->cfg.grad_clip / (*grad_norm + 1e-6)) : 1.0f;
+        o->steps++;
+        prepare(o, o->steps, scale);
+        // forward order: the next forward's first reads are the first ready
+        for (int b = 0; b < o->n_buckets; b++) {
+            if (o->gpu)
+                post(o, 1, b, o->gen);
+            else
+                update_bucket(o, b, o->gen);
+        }
+    } else {
+        for (int b = 0; b < o->n_buckets; b++) mark_ready(o, b, o->gen, 0);
+    }
+    o->in_step = 0;
+    if (err) return mt_errorf(err, "%s", o->error_msg);
+    return MT_OK;
+}
+
+void mt_offload_cancel_step(mt_offload *o) {
+    for (int b = 0; b < o->n_buckets; b++) mark_ready(o, b, o->gen, 0);
+    o->in_step = 0;
+}
+
+void mt_offload_wait_bucket(mt_offload *o, int b) {
+    if (!o->gpu || b < 0 || b >= o->n_buckets) return;
+    long needed = o->in_step ? o->gen - 1 : o->gen;
+    if (needed > 0) {
+        pthread_mutex_lock(&o->lock);
+        while (!o->error && o->buckets[b].ready < needed) pthread_cond_wait(&o->changed, &o->lock);
+        pthread_mutex_unlock(&o->lock);
+        mt_stream_wait_event(NULL, event(o, EV_UPDATED, needed, b));
+    }
+    if (o->in_step) mt_event_record(event(o, EV_FORWARD, o->gen, b), NULL);
+}
+
+mt_err mt_offload_sync(mt_offload *o) {
+    if (o->gpu && o->cfg.trace_path && !o->trace_written && o->gen == o->cfg.trace_step + 1) write_trace(o);
+    pthread_mutex_lock(&o->lock);
+    for (int b = 0; b < o->n_buckets; b++)
+        while (!o->error && o->buckets[b].ready < o->gen) pthread_cond_wait(&o->changed, &o->lock);
+    mt_err err = o->error;
+    pthread_mutex_unlock(&o->lock);
+    if (o->gpu)
+        for (int b = 0; b < o->n_buckets && o->gen > 0; b++) mt_event_synchronize(event(o, EV_UPDATED, o->gen, b));
+    if (err) return mt_errorf(err, "%s", o->error_msg);
+    return MT_OK;
+}
+
+int mt_offload_steps_taken(const mt_offload *o) { return o->steps; }
+const mt_store *mt_offload_store(const mt_offload *o) { return o->store; }
+const char *mt_offload_cpu_path(const mt_offload *o) { return mt_cpu_adam_path_name(o->path); }
+
+mt_err mt_offload_read_state(mt_offload *o, float *master, float *m, float *v) {
+    mt_err err = mt_offload_sync(o);
+    return err ? err : mt_store_read_all(o->store, master, m, v);
+}
+
+mt_err mt_offload_write_state(mt_offload *o, const float *master, const float *m, const float *v, int steps) {
+    mt_err err = mt_offload_sync(o);
+    if (!err) err = mt_store_write_all(o->store, master, m, v);
+    if (!err) o->steps = steps;
+    return err;
+}
+
+size_t mt_offload_host_bytes(const mt_offload *o) {
+    size_t block = o->cfg.block_params ? o->cfg.block_params : (size_t)1 << 21;
+    return mt_store_host_bytes(o->store) + o->total * (o->gpu ? 2 : 4) + (o->gpu ? STAGES * block * 2 : 0);
+}
+
+size_t mt_offload_device_bytes(const mt_offload *o) { return o->gpu ? 2 * o->ring_count * 2 : 0; }
+
+// ---- the timeline of steps trace_step and trace_step + 1 (Chrome's trace
+// event format: open it in chrome://tracing or ui.perfetto.dev)
+
+static void bucket_name(const mt_offload *o, int b, char *buf, size_t len) {
+    if (b == 0)
+        snprintf(buf, len, "embedding");
+    else if (b == o->n_buckets - 1)
+        snprintf(buf, len, "head");
+    else
+        snprintf(buf, len, "layer %d", b - 1);
+}
+
+// Times are host seconds; the file counts microseconds from the origin.
+static void span(FILE *f, int *first, const char *name, int track, double origin, double t0, double t1) {
+    if (!(t1 >= t0)) return;  // NaN: an event of a bucket that was skipped
+    fprintf(f, "%s{\"name\":\"%s\",\"ph\":\"X\",\"pid\":1,\"tid\":%d,\"ts\":%.1f,\"dur\":%.1f}", *first ? "" : ",\n",
+            name, track, (t0 - origin) * 1e6, (t1 - t0) * 1e6);
+    *first = 0;
+}
+
+static void write_trace(mt_offload *o) {
+    o->trace_written = 1;
+    mt_offload_sync(o);
+    mt_device_synchronize();
+    FILE *f = fopen(o->trace_path, "w");
+    if (!f) {
+        mt_warn("offload trace: cannot write %s", o->trace_path);
+        return;
+    }
+    static const char *const tracks[] = {"", "GPU compute", "copy GPU to host (gradients)", "CPU (norm, AdamW)",
+                                         "copy host to GPU (weights)"};
+    fprintf(f, "{\"traceEvents\":[\n");
+    int first = 1;
+    for (int t = 1; t <= 4; t++) {
+        fprintf(f, "%s{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":1,\"tid\":%d,\"args\":{\"name\":\"%s\"}}",
+                first ? "" : ",\n", t, tracks[t]);
+        first = 0;
+    }
+    for (long step = o->cfg.trace_step; step <= o->cfg.trace_step + 1; step++) {
+#define GPU_TIME(kind, b) (o->origin_host + mt_event_elapsed_ms(o->origin, event(o, kind, step, b)) / 1e3)
+        for (int b = 0; b < o->n_buckets; b++) {
+            char unit[32], name[80];
+            bucket_name(o, b, unit, sizeof unit);
+            int last = b == o->n_buckets - 1;
+            snprintf(name, sizeof name, "step %ld forward %s%s", step, unit, last ? " + loss + backward" : "");
+            span(f, &first, name, o->origin_host, 1, GPU_TIME(EV_FORWARD, b),
+                 last ? GPU_TIME(EV_GRADS, b) : GPU_TIME(EV_FORWARD, b + 1));
+            if (!last) {
+                snprintf(name, sizeof name, "step %ld backward %s", step, unit);
+                span(f, &first, name, o->origin_host, 1, GPU_TIME(EV_GRADS, b + 1), GPU_TIME(EV_GRADS, b));
+            }
+            snprintf(name, sizeof name, "step %ld gradients %s", step, unit);
+            span(f, &first, name, o->origin_host, 2, GPU_TIME(EV_D2H_START, b), GPU_TIME(EV_D2H, b));
+            const bucket *k = &o->buckets[b];
+            snprintf(name, sizeof name, "step %ld norm %s", step, unit);
+            span(f, &first, name, o->origin_host, 3, k->t_sum[step & 1][0], k->t_sum[step & 1][1]);
+            snprintf(name, sizeof name, "step %ld AdamW %s", step, unit);
+            span(f, &first, name, o->origin_host, 3, k->t_adam[step & 1][0], k->t_adam[step & 1][1]);
+            snprintf(name, sizeof name, "step %ld weights %s", step, unit);
+            span(f, &first, name, o->origin_host, 4, GPU_TIME(EV_H2D_START, b), GPU_TIME(EV_UPDATED, b));
+        }
+#undef GPU_TIME
+    }
+    fprintf(f, "\n]}\n");
+    fclose(f);
+    mt_info("offload: timeline of steps %ld-%ld written to %s", o->cfg.trace_step, o->cfg.trace_step + 1,
+            o->trace_path);
+}

@@ -1,0 +1,93 @@
+// offload/offload.h: ZeRO-Offload's optimizer step (Ren et al., 2021) for
+// whatever memtune trains. The GPU keeps only the bf16 compute weights; the
+// fp32 master weights and Adam's moments live in an mt_store (host memory or
+// a file on an SSD), and AdamW runs on the CPU (cpu_adam.h).
+//
+// The pipeline on a GPU, per bucket (the parameters one forward unit reads:
+// the embedding, each layer, the head):
+//   backward finishes bucket b -> its fp32 gradients are cast to bf16 into one
+//   of two device staging buffers -> copied to pinned host memory on a copy
+//   stream -> a worker thread sums its squares (the global norm) and, once
+//   the clip factor is known, updates the state block by block -> each
+//   block's new bf16 weights are copied back on a second stream -> the next
+//   forward waits (on the device) only for the bucket it is about to read.
+// Without clipping (optim.grad_clip: 0) a bucket is updated as soon as its
+// gradients land, beside the rest of backward; with clipping the update
+// waits for the norm and then runs in forward order, beside the next
+// forward. On the CPU backend the same steps run inline, with fp32 gradients.
+#ifndef MT_OFFLOAD_H
+#define MT_OFFLOAD_H
+
+#include <stddef.h>
+
+#include "kernels/common.h"
+#include "kernels/device.h"
+#include "offload/store.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct {
+    size_t offset, count;  // in the trainable block (padding between parameters allowed)
+    int decay;             // weight decay applies
+    int bucket;            // forward unit that reads it: 0 the embedding, 1 + l layer l, L + 1 the head
+} mt_offload_param;
+
+typedef struct {
+    mt_store_kind kind;      // memory (offload.optimizer: cpu) or file (ssd)
+    const char *dir;         // file: offload.path
+    size_t block_params;     // store block (0: its default)
+    int io_threads;          // file: I/O threads (0: the store's default)
+    float beta1, beta2, eps, weight_decay;
+    float grad_clip;         // <= 0: off, and buckets update as their gradients land
+    int threads;             // OpenMP threads of the CPU AdamW (0: all cores but one with a GPU)
+    const char *trace_path;  // Chrome trace JSON of steps trace_step and trace_step + 1, or NULL
+    long trace_step;
+} mt_offload_config;
+
+typedef struct mt_offload mt_offload;
+
+// weights: the trainable block's compute weights where the backend computes
+// (bf16 device memory, or fp32 host memory on the CPU), `total` elements in
+// the layout of params (sorted by offset, buckets contiguous); master_init
+// its fp32 values (host). Moments start at zero.
+mt_err mt_offload_init(mt_offload **out, mt_backend *be, const mt_offload_config *cfg, const mt_offload_param *params,
+                       int n_params, size_t total, void *weights, const float *master_init);
+void mt_offload_free(mt_offload *o);
+
+// One optimizer step: begin, every parameter's whole gradient once (fp32,
+// where the backend computes; the buffer may be reused when the call
+// returns), then end, which returns the global gradient norm (before
+// clipping) and whether it was finite. A non-finite norm applies nothing
+// with clipping; without it, the buckets before the first non-finite one
+// have been applied. Errors are the store's (I/O, checksum), possibly of
+// the previous step's updates.
+void mt_offload_begin_step(mt_offload *o, float lr);
+void mt_offload_grad(mt_offload *o, int param, const float *grad);
+mt_err mt_offload_end_step(mt_offload *o, double *grad_norm, int *finite);
+// The backward did not run (a non-finite loss): nothing is applied.
+void mt_offload_cancel_step(mt_offload *o);
+// Before a forward reads bucket b: its update of the last step is issued
+// and the compute stream waits for its copy (the host blocks only until the
+// worker has issued it).
+void mt_offload_wait_bucket(mt_offload *o, int bucket);
+// Waits for every update; returns the first store error.
+mt_err mt_offload_sync(mt_offload *o);
+
+int mt_offload_steps_taken(const mt_offload *o);
+// The whole state as host arrays (checkpoints; m, v may be NULL), and back
+// (resume: also the step count), after mt_offload_sync.
+mt_err mt_offload_read_state(mt_offload *o, float *master, float *m, float *v);
+mt_err mt_offload_write_state(mt_offload *o, const float *master, const float *m, const float *v, int steps);
+// Host bytes held: the store, the gradient buffer, the staging buffers.
+size_t mt_offload_host_bytes(const mt_offload *o);
+// Device bytes held: the two gradient staging buffers.
+size_t mt_offload_device_bytes(const mt_offload *o);
+const mt_store *mt_offload_store(const mt_offload *o);
+const char *mt_offload_cpu_path(const mt_offload *o);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,473 @@
+// offload/store.c: the optimizer-state store (store.h). The file kind keeps
+// block b's master, m and v as one contiguous 3 * block_params * 4-byte record
+// at b * record bytes, so each block is one aligned read and one aligned
+// write. A small pool of I/O threads serves a queue of slot requests; the
+// caller's thread only waits for the block it needs next.
+#define _GNU_SOURCE
+#include "offload/store.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <unistd.h>
+
+#include "kernels/mem.h"
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define MT_X86 1
+#endif
+
+#define ALIGN 4096
+
+// ---- CRC-32C
+
+static uint32_t crc_table[256];
+static pthread_once_t crc_once = PTHREAD_ONCE_INIT;
+
+static void crc_make_table(void) {
+    for (uint32_t i = 0; i < 256; i++) {
+        uint32_t c = i;
+        for (int k = 0; k < 8; k++) c = c & 1 ? (c >> 1) ^ 0x82f63b78u : c >> 1;  // reflected Castagnoli
+        crc_table[i] = c;
+    }
+}
+
+static uint32_t crc_bytes(uint32_t c, const unsigned char *p, size_t len) {
+    pthread_once(&crc_once, crc_make_table);
+    for (size_t i = 0; i < len; i++) c = crc_table[(c ^ p[i]) & 0xff] ^ (c >> 8);
+    return c;
+}
+
+#ifdef MT_X86
+__attribute__((target("sse4.2"))) static uint32_t crc_sse42(uint32_t c, const unsigned char *p, size_t len) {
+    uint64_t c64 = c;
+    size_t i = 0;
+    for (; i + 8 <= len; i += 8) {
+        uint64_t word;
+        memcpy(&word, p + i, 8);
+        c64 = _mm_crc32_u64(c64, word);
+    }
+    c = (uint32_t)c64;
+    for (; i < len; i++) c = _mm_crc32_u8(c, p[i]);
+    return c;
+}
+#endif
+
+uint32_t mt_crc32c(uint32_t crc, const void *data, size_t len) {
+    uint32_t c = ~crc;
+#ifdef MT_X86
+    if (__builtin_cpu_supports("sse4.2")) return ~crc_sse42(c, data, len);
+#endif
+    return ~crc_bytes(c, data, len);
+}
+
+// ---- the store
+
+typedef enum { SLOT_FREE, SLOT_READING, SLOT_READY, SLOT_WRITING } slot_state;
+
+typedef struct {
+    float *buffer;  // 3 * block_params floats, ALIGN-aligned: master | m | v
+    size_t block;
+    slot_state state;
+} slot;
+
+struct mt_store {
+    mt_store_kind kind;
+    size_t count, block_params, blocks, record_bytes;
+    // memory kind
+    float *master, *m, *v;
+    // file kind
+    char path[1100];
+    int fd, direct, prefetch;
+    uint32_t *crc;  // per block, of its whole record
+    slot *slots;
+    int n_slots;
+    pthread_t *threads;
+    int n_threads, stop;
+    int *queue, queue_head, queue_len;  // slot indices with a request
+    pthread_mutex_t lock;
+    pthread_cond_t changed;
+    mt_store_pread_fn pread_fn;
+    mt_store_pwrite_fn pwrite_fn;
+    // the pass
+    size_t begin, end, next_block, issued;
+    mt_store_mode mode;
+    int error;  // errno of the first failure (EBADMSG: checksum), 0 if none
+    size_t error_block;
+    int error_writing;
+    size_t transferred;  // bytes moved by the failing call before it failed
+    int fault_after, fault_errno, writes;  // mt_store_inject_write_fault
+};
+
+static int fault_after = -1, fault_errno;
+
+void mt_store_inject_write_fault(int after_writes, int err) {
+    fault_after = after_writes;
+    fault_errno = err;
+}
+
+static ssize_t plain_pread(int fd, void *buf, size_t len, off_t offset) { return pread(fd, buf, len, offset); }
+static ssize_t plain_pwrite(int fd, const void *buf, size_t len, off_t offset) {
+    return pwrite(fd, buf, len, offset);
+}
+
+// Whole transfers: a short count continues where it stopped; no progress at
+// all is an error of its own (EIO), as is any errno but EINTR.
+static int transfer(mt_store *s, int writing, void *buf, size_t len, off_t offset, size_t *done) {
+    *done = 0;
+    while (*done < len) {
+        ssize_t r = writing ? s->pwrite_fn(s->fd, (char *)buf + *done, len - *done, offset + (off_t)*done)
+                            : s->pread_fn(s->fd, (char *)buf + *done, len - *done, offset + (off_t)*done);
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0) return errno ? errno : EIO;
+        if (r == 0) return EIO;
+        *done += (size_t)r;
+    }
+    return 0;
+}
+
+static void *io_thread(void *arg) {
+    mt_store *s = arg;
+    pthread_mutex_lock(&s->lock);
+    for (;;) {
+        while (!s->stop && s->queue_len == 0) pthread_cond_wait(&s->changed, &s->lock);
+        if (s->stop) break;
+        int k = s->queue[s->queue_head];
+        s->queue_head = (s->queue_head + 1) % s->n_slots;
+        s->queue_len--;
+        slot *sl = &s->slots[k];
+        int writing = sl->state == SLOT_WRITING;
+        size_t block = sl->block;
+        pthread_mutex_unlock(&s->lock);
+
+        off_t at = (off_t)(block * s->record_bytes);
+        size_t done = 0;
+        int err = 0;
+        if (writing) {
+            uint32_t crc = mt_crc32c(0, sl->buffer, s->record_bytes);
+            pthread_mutex_lock(&s->lock);
+            int fault = s->fault_after >= 0 && s->writes++ >= s->fault_after;
+            pthread_mutex_unlock(&s->lock);
+            err = fault ? s->fault_errno : transfer(s, 1, sl->buffer, s->record_bytes, at, &done);
+            if (!err) s->crc[block] = crc;  // only this thread touches the block now
+        } else {
+            err = transfer(s, 0, sl->buffer, s->record_bytes, at, &done);
+            if (!err && mt_crc32c(0, sl->buffer, s->record_bytes) != s->crc[block]) err = EBADMSG;
+        }
+
+        pthread_mutex_lock(&s->lock);
+        if (err && !s->error) {
+            s->error = err;
+            s->error_block = block;
+            s->error_writing = writing;
+            s->transferred = done;
+        }
+        sl->state = writing || err ? SLOT_FREE : SLOT_READY;
+        pthread_cond_broadcast(&s->changed);
+    }
+    pthread_mutex_unlock(&s->lock);
+    return NULL;
+}
+
+static void enqueue(mt_store *s, int k) {  // with the lock held
+    s->queue[(s->queue_head + s->queue_len) % s->n_slots] = k;
+    s->queue_len++;
+    pthread_cond_broadcast(&s->changed);
+}
+
+size_t mt_store_count(const mt_store *s) { return s->count; }
+const char *mt_store_path(const mt_store *s) { return s->path; }
+int mt_store_direct_io(const mt_store *s) { return s->direct; }
+
+size_t mt_store_host_bytes(const mt_store *s) {
+    if (s->kind == MT_STORE_MEMORY) return 3 * s->count * sizeof(float);
+    return (size_t)s->n_slots * s->record_bytes + s->blocks * sizeof(uint32_t);
+}
+
+void mt_store_set_io(mt_store *s, mt_store_pread_fn pread_fn, mt_store_pwrite_fn pwrite_fn) {
+    s->pread_fn = pread_fn ? pread_fn : plain_pread;
+    s->pwrite_fn = pwrite_fn ? pwrite_fn : plain_pwrite;
+}
+
+static mt_err open_file(mt_store *s, const mt_store_config *c) {
+    if (mkdir(c->dir, 0755) != 0 && errno != EEXIST)
+        return mt_errorf(MT_ERR_IO, "offload.path %s: cannot create the folder (%s); set offload.path to a folder on a "
+                                    "local disk you can write",
+                         c->dir, strerror(errno));
+    snprintf(s->path, sizeof s->path, "%s/state-rank%d-of-%d.bin", c->dir, c->rank, c->world);
+    s->fd = open(s->path, O_RDWR | O_CREAT | O_DIRECT | O_CLOEXEC, 0600);
+    s->direct = s->fd >= 0;
+    if (s->fd < 0 && errno == EINVAL) s->fd = open(s->path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (s->fd < 0)
+        return mt_errorf(MT_ERR_IO, "offload.path: cannot open %s (%s); set offload.path to a folder you can write",
+                         s->path, strerror(errno));
+    if (flock(s->fd, LOCK_EX | LOCK_NB) != 0) {
+        close(s->fd);
+        s->fd = -1;
+        return mt_errorf(MT_ERR_IO,
+                         "%s is in use by another memtune run; give each run its own offload.path (or rank)", s->path);
+    }
+    off_t bytes = (off_t)(s->blocks * s->record_bytes);
+    int err = ftruncate(s->fd, 0) != 0 ? errno : posix_fallocate(s->fd, 0, bytes);
+    if (err) {
+        struct statvfs fs;
+        double free_gib = fstatvfs(s->fd, &fs) == 0 ? (double)fs.f_bavail * fs.f_frsize / 1073741824.0 : -1.0;
+        unlink(s->path);
+        close(s->fd);
+        s->fd = -1;
+        if (err == ENOSPC)
+            return mt_errorf(MT_ERR_IO,
+                             "offload.path %s: the optimizer state needs %.2f GiB and the disk has %.2f GiB free; "
+                             "free space there or set offload.path to a larger disk",
+                             c->dir, bytes / 1073741824.0, free_gib);
+        return mt_errorf(MT_ERR_IO, "%s: cannot reserve %.2f GiB (%s)", s->path, bytes / 1073741824.0, strerror(err));
+    }
+    // every record starts as zeros, as posix_fallocate leaves them
+    float *zeros = calloc(1, s->record_bytes);
+    MT_CHECK(zeros != NULL, "store");
+    uint32_t zero_crc = mt_crc32c(0, zeros, s->record_bytes);
+    free(zeros);
+    s->crc = malloc(s->blocks * sizeof(uint32_t));
+    MT_CHECK(s->crc != NULL, "store checksums");
+    for (size_t b = 0; b < s->blocks; b++) s->crc[b] = zero_crc;
+
+    s->n_slots = s->prefetch + 3;  // the block in use, its write, the read-ahead, one spare
+    s->slots = calloc((size_t)s->n_slots, sizeof *s->slots);
+    s->queue = calloc((size_t)s->n_slots, sizeof *s->queue);
+    MT_CHECK(s->slots && s->queue, "store slots");
+    for (int k = 0; k < s->n_slots; k++) {
+        // O_DIRECT needs aligned buffers; mem.h's host blocks are not, so these
+        // come from posix_memalign (their bytes are in mt_store_host_bytes)
+        if (posix_memalign((void **)&s->slots[k].buffer, ALIGN, s->record_bytes) != 0)
+            return mt_errorf(MT_ERR_NOMEM, "out of host memory for the offload store's %d block buffers (%.1f MiB each)",
+                             s->n_slots, s->record_bytes / 1048576.0);
+    }
+    pthread_mutex_init(&s->lock, NULL);
+    pthread_cond_init(&s->changed, NULL);
+    s->threads = calloc((size_t)s->n_threads, sizeof *s->threads);
+    MT_CHECK(s->threads != NULL, "store threads");
+    for (int t = 0; t < s->n_threads; t++) MT_CHECK(pthread_create(&s->threads[t], NULL, io_thread, s) == 0, "thread");
+    return MT_OK;
+}
+
+mt_err mt_store_open(mt_store **out, const mt_store_config *c) {
+    *out = NULL;
+    mt_store *s = calloc(1, sizeof *s);
+    MT_CHECK(s != NULL, "store");
+    s->kind = c->kind;
+    s->count = c->count;
+    s->fd = -1;
+    size_t bp = c->block_params ? c->block_params : (size_t)1 << 21;
+    if (bp > c->count) bp = c->count ? c->count : 1;  // a small shard is one block
+    s->block_params = (bp + 1023) / 1024 * 1024;
+    s->blocks = (c->count + s->block_params - 1) / s->block_params;
+    s->record_bytes = 3 * s->block_params * sizeof(float);
+    s->n_threads = c->io_threads > 0 ? c->io_threads : 4;
+    s->prefetch = c->prefetch > 0 ? c->prefetch : 2;
+    mt_store_set_io(s, NULL, NULL);
+    s->fault_after = fault_after;
+    s->fault_errno = fault_errno;
+    mt_err err = MT_OK;
+    if (c->kind == MT_STORE_MEMORY) {
+        size_t bytes = (c->count ? c->count : 1) * sizeof(float);
+        err = mt_alloc((void **)&s->master, bytes, MT_MEM_OFFLOAD, MT_HOST);
+        if (!err) err = mt_alloc((void **)&s->m, bytes, MT_MEM_OFFLOAD, MT_HOST);
+        if (!err) err = mt_alloc((void **)&s->v, bytes, MT_MEM_OFFLOAD, MT_HOST);
+    } else {
+        err = open_file(s, c);
+    }
+    if (err) {
+        mt_store_close(s);
+        return err;
+    }
+    *out = s;
+    return MT_OK;
+}
+
+void mt_store_close(mt_store *s) {
+    if (!s) return;
+    if (s->threads) {
+        pthread_mutex_lock(&s->lock);
+        s->stop = 1;
+        pthread_cond_broadcast(&s->changed);
+        pthread_mutex_unlock(&s->lock);
+        for (int t = 0; t < s->n_threads; t++) pthread_join(s->threads[t], NULL);
+        free(s->threads);
+        pthread_mutex_destroy(&s->lock);
+        pthread_cond_destroy(&s->changed);
+    }
+    if (s->fd >= 0) {
+        unlink(s->path);
+        close(s->fd);
+    }
+    for (int k = 0; s->slots && k < s->n_slots; k++) free(s->slots[k].buffer);
+    free(s->slots);
+    free(s->queue);
+    free(s->crc);
+    mt_free((void **)&s->master);
+    mt_free((void **)&s->m);
+    mt_free((void **)&s->v);
+    free(s);
+}
+
+void mt_store_begin(mt_store *s, size_t begin, size_t end, mt_store_mode mode) {
+    MT_CHECK(begin <= end && end <= s->count, "store pass [%zu, %zu) of %zu", begin, end, s->count);
+    s->begin = begin;
+    s->end = end;
+    s->mode = mode;
+    s->next_block = begin / s->block_params;
+    s->issued = s->next_block;
+}
+
+static int find_slot(mt_store *s, size_t block) {  // with the lock held
+    for (int k = 0; k < s->n_slots; k++)
+        if (s->slots[k].state != SLOT_FREE && s->slots[k].block == block && s->slots[k].state != SLOT_WRITING) return k;
+    return -1;
+}
+
+static int free_slot(mt_store *s) {
+    for (int k = 0; k < s->n_slots; k++)
+        if (s->slots[k].state == SLOT_FREE) return k;
+    return -1;
+}
+
+int mt_store_next(mt_store *s, mt_store_block *out) {
+    size_t b = s->next_block, first = b * s->block_params;
+    if (first >= s->end || s->begin == s->end) return 0;
+    size_t offset = first > s->begin ? first : s->begin;
+    size_t last = (b + 1) * s->block_params < s->end ? (b + 1) * s->block_params : s->end;
+    out->offset = offset;
+    out->count = last - offset;
+    s->next_block++;
+    if (s->kind == MT_STORE_MEMORY) {
+        out->master = s->master + offset;
+        out->m = s->m + offset;
+        out->v = s->v + offset;
+        out->slot = -1;
+        return 1;
+    }
+    size_t end_block = (s->end + s->block_params - 1) / s->block_params;
+    pthread_mutex_lock(&s->lock);
+    int k;
+    for (;;) {
+        if (s->error) {
+            pthread_mutex_unlock(&s->lock);
+            return 0;
+        }
+        // read ahead: blocks up to b + prefetch, while buffers are free
+        while (s->issued < end_block && s->issued <= b + (size_t)s->prefetch && (k = free_slot(s)) >= 0) {
+            // a block still being written (the previous pass's) is read after its write
+            int busy = 0;
+            for (int j = 0; j < s->n_slots; j++) busy |= s->slots[j].state == SLOT_WRITING && s->slots[j].block == s->issued;
+            if (busy) break;
+            slot *sl = &s->slots[k];
+            sl->block = s->issued++;
+            if (s->mode == MT_STORE_OVERWRITE) {
+                memset(sl->buffer, 0, s->record_bytes);
+                sl->state = SLOT_READY;
+            } else {
+                sl->state = SLOT_READING;
+                enqueue(s, k);
+            }
+        }
+        k = find_slot(s, b);
+        if (k >= 0 && s->slots[k].state == SLOT_READY) break;
+        pthread_cond_wait(&s->changed, &s->lock);
+    }
+    pthread_mutex_unlock(&s->lock);
+    float *buf = s->slots[k].buffer;
+    size_t within = offset - first;
+    out->master = buf + within;
+    out->m = buf + s->block_params + within;
+    out->v = buf + 2 * s->block_params + within;
+    out->slot = k;
+    return 1;
+}
+
+void mt_store_done(mt_store *s, const mt_store_block *block) {
+    if (s->kind == MT_STORE_MEMORY || block->slot < 0) return;
+    pthread_mutex_lock(&s->lock);
+    slot *sl = &s->slots[block->slot];
+    if (s->mode == MT_STORE_READ || s->error) {
+        sl->state = SLOT_FREE;
+        pthread_cond_broadcast(&s->changed);
+    } else {
+        sl->state = SLOT_WRITING;
+        enqueue(s, block->slot);
+    }
+    pthread_mutex_unlock(&s->lock);
+}
+
+mt_err mt_store_end(mt_store *s) {
+    if (s->kind == MT_STORE_MEMORY) return MT_OK;
+    pthread_mutex_lock(&s->lock);
+    for (;;) {
+        int busy = 0;
+        for (int k = 0; k < s->n_slots; k++) busy |= s->slots[k].state == SLOT_READING || s->slots[k].state == SLOT_WRITING;
+        if (!busy) break;
+        pthread_cond_wait(&s->changed, &s->lock);
+    }
+    for (int k = 0; k < s->n_slots; k++) s->slots[k].state = SLOT_FREE;  // read-ahead past the range is dropped
+    int err = s->error;
+    size_t block = s->error_block, done = s->transferred;
+    int writing = s->error_writing;
+    s->error = 0;
+    pthread_mutex_unlock(&s->lock);
+    if (!err) return MT_OK;
+    double mib = s->record_bytes / 1048576.0;
+    if (err == EBADMSG)
+        return mt_errorf(MT_ERR_IO,
+                         "%s: block %zu of the optimizer state fails its CRC-32C check: the file was changed or the "
+                         "disk returned other bytes than were written. Resume from the last checkpoint "
+                         "(train.resume: auto); if it happens again, check the disk.",
+                         s->path, block);
+    if (err == ENOSPC)
+        return mt_errorf(MT_ERR_IO,
+                         "%s: no space left on the device writing block %zu of the optimizer state (%.1f MiB); free "
+                         "space there or set offload.path to a larger disk, then resume from the last checkpoint "
+                         "(it is untouched: checkpoints are written elsewhere)",
+                         s->path, block, mib);
+    return mt_errorf(MT_ERR_IO,
+                     "%s: %s %s block %zu of the optimizer state (%zu of %.1f MiB moved)%s; the last checkpoint is "
+                     "untouched: check the disk, then resume from it (train.resume: auto)",
+                     s->path, strerror(err), writing ? "writing" : "reading", block, done, mib,
+                     err == EIO && done < s->record_bytes ? ", a short transfer that made no progress" : "");
+}
+
+static mt_err copy_all(mt_store *s, float *master, float *m, float *v, const float *in_master, const float *in_m,
+                       const float *in_v) {
+    int writing = in_master != NULL;
+    mt_store_begin(s, 0, s->count, writing ? MT_STORE_OVERWRITE : MT_STORE_READ);
+    mt_store_block b;
+    while (mt_store_next(s, &b)) {
+        size_t bytes = b.count * sizeof(float);
+        if (writing) {
+            memcpy(b.master, in_master + b.offset, bytes);
+            if (in_m) memcpy(b.m, in_m + b.offset, bytes);
+            if (in_v) memcpy(b.v, in_v + b.offset, bytes);
+            if (s->kind == MT_STORE_MEMORY && !in_m) memset(b.m, 0, bytes);
+            if (s->kind == MT_STORE_MEMORY && !in_v) memset(b.v, 0, bytes);
+        } else {
+            if (master) memcpy(master + b.offset, b.master, bytes);
+            if (m) memcpy(m + b.offset, b.m, bytes);
+            if (v) memcpy(v + b.offset, b.v, bytes);
+        }
+        mt_store_done(s, &b);
+    }
+    return mt_store_end(s);
+}
+
+mt_err mt_store_read_all(mt_store *s, float *master, float *m, float *v) {
+    return copy_all(s, master, m, v, NULL, NULL, NULL);
+}
+
+mt_err mt_store_write_all(mt_store *s, const float *master, const float *m, const float *v) {
+    MT_CHECK(master != NULL, "mt_store_write_all needs the master values");
+    return copy_all(s, NULL, NULL, NULL, master, m, v);
+}

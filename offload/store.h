@@ -1,0 +1,100 @@
+// offload/store.h: where the optimizer state of offloaded parameters lives:
+// fp32 master weights and Adam's two moments, for one shard of the trainable
+// parameters. Two kinds behind one interface:
+//   memory  three arrays in (page-locked when a GPU is present) host memory;
+//   file    one file under a folder (ZeRO-Infinity's NVMe tier, Rajbhandari
+//           et al., 2021), read and written in blocks with O_DIRECT from
+//           aligned buffers by a few I/O threads: blocks are read ahead of the
+//           one being updated and written behind it, and each block carries a
+//           CRC-32C checked on every read.
+// The state is visited in passes over a range of parameters, block by block;
+// a caller updates each block in place and hands it back. A shard is
+// (rank, world) and names its file, so data-parallel ranks each keep theirs.
+#ifndef MT_STORE_H
+#define MT_STORE_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "kernels/common.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum { MT_STORE_MEMORY = 0, MT_STORE_FILE } mt_store_kind;
+
+typedef struct {
+    mt_store_kind kind;
+    const char *dir;      // file: the folder (created) holding state-rank<R>-of-<W>.bin
+    size_t count;         // parameters in this shard
+    int rank, world;      // the shard (0, 1 without data parallelism)
+    size_t block_params;  // parameters per block (rounded up to 1024; 0: 2^21, 24 MiB of state)
+    int io_threads;       // file: concurrent reads and writes (0: 4)
+    int prefetch;         // file: blocks read ahead of the one in use (0: 2)
+} mt_store_config;
+
+typedef struct mt_store mt_store;
+
+// Creates the store with every value zero. The file kind takes the whole
+// file's size on disk at once (so a disk too small fails here, before any
+// training), locks it against a second run using the same folder, and
+// deletes it on close: the state that outlives a run is in checkpoints.
+mt_err mt_store_open(mt_store **out, const mt_store_config *cfg);
+void mt_store_close(mt_store *s);
+size_t mt_store_count(const mt_store *s);
+// Host memory the store holds (arrays, or the file kind's block buffers).
+size_t mt_store_host_bytes(const mt_store *s);
+// The file's path ("" for the memory kind) and whether it uses O_DIRECT
+// (some filesystems, tmpfs among them, refuse it; then the page cache is used).
+const char *mt_store_path(const mt_store *s);
+int mt_store_direct_io(const mt_store *s);
+
+// A window of the state: parameters [offset, offset + count) of the shard.
+typedef struct {
+    size_t offset, count;
+    float *master, *m, *v;
+    int slot;  // the store's buffer (file kind)
+} mt_store_block;
+
+typedef enum {
+    MT_STORE_READ,      // look only
+    MT_STORE_UPDATE,    // read, change in place, write back
+    MT_STORE_OVERWRITE  // every value is set: no read (the values start undefined)
+} mt_store_mode;
+
+// A pass over [begin, end): mt_store_next gives its blocks in order (waiting
+// for their reads and checking their checksums), mt_store_done returns each
+// (written behind in the update modes), mt_store_end waits for the writes and
+// returns the pass's first error (an I/O error or a checksum mismatch, with a
+// message naming the file, the block and what to do). Blocks are whole store
+// blocks clipped to the range. One pass at a time; next returns 0 at the end
+// or after an error.
+void mt_store_begin(mt_store *s, size_t begin, size_t end, mt_store_mode mode);
+int mt_store_next(mt_store *s, mt_store_block *block);
+void mt_store_done(mt_store *s, const mt_store_block *block);
+mt_err mt_store_end(mt_store *s);
+
+// Copies between the state and host arrays of the whole shard (checkpoints,
+// resume). m or v NULL: not copied (read) or set to zero (write).
+mt_err mt_store_read_all(mt_store *s, float *master, float *m, float *v);
+mt_err mt_store_write_all(mt_store *s, const float *master, const float *m, const float *v);
+
+// CRC-32C (Castagnoli) of len bytes continuing from crc (0 to start); the
+// SSE4.2 instruction where the processor has it.
+uint32_t mt_crc32c(uint32_t crc, const void *data, size_t len);
+
+// Tests: replace pread/pwrite of the file kind (NULL restores them), to make
+// short transfers, ENOSPC and EIO happen on demand.
+typedef ssize_t (*mt_store_pread_fn)(int fd, void *buf, size_t len, off_t offset);
+typedef ssize_t (*mt_store_pwrite_fn)(int fd, const void *buf, size_t len, off_t offset);
+void mt_store_set_io(mt_store *s, mt_store_pread_fn pread_fn, mt_store_pwrite_fn pwrite_fn);
+// Tests: every file store opened after this call fails its write number
+// after_writes + 1 (and later ones) with errno err; after_writes < 0 stops it.
+void mt_store_inject_write_fault(int after_writes, int err);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

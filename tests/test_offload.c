@@ -1,0 +1,413 @@
+// tests/test_offload.c: the offload module on the CPU. The CPU AdamW against
+// the reference AdamW bit for bit on every instruction path this processor
+// has; the SSD store's round trip and its error paths (short transfers,
+// ENOSPC, EIO, checksum, a second user, a disk too small); training with the
+// state offloaded against the same run without it, resume, and a disk that
+// fills mid-run leaving the last checkpoint whole.
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "kernels/dtype.h"
+#include "kernels/ops_ref.h"
+#include "kernels/rng.h"
+#include "offload/cpu_adam.h"
+#include "offload/store.h"
+#include "testutil.h"
+#include "trainer/config.h"
+#include "trainer/train.h"
+
+static char dir[256];
+
+// ---------------------------------------------------------------- CPU AdamW
+
+START_TEST(cpu_adam_equals_the_reference_bit_for_bit) {
+    const size_t sizes[] = {1, 22, 1025, 1000003};
+    int paths = 0;
+    for (int path = 0; path < MT_CPU_ADAM_NPATHS; path++) {
+        if (!mt_cpu_adam_path_available((mt_cpu_adam_path)path)) continue;
+        paths++;
+        for (size_t si = 0; si < sizeof sizes / sizeof *sizes; si++) {
+            size_t n = sizes[si];
+            for (int bf16 = 0; bf16 < 2; bf16++) {
+                float lr = 3e-3f, b1 = 0.9f, b2 = 0.95f, eps = 1e-8f, wd = bf16 ? 0.1f : 0.0f, scale = 0.7f;
+                int t = 3 + bf16 * 40;
+                float *master = tu_random(n, -0.5f, 0.5f, 1 + si), *m = tu_random(n, -0.01f, 0.01f, 2 + si);
+                float *v = tu_random(n, 0.0f, 1e-4f, 3 + si), *g = tu_random(n, -2.0f, 2.0f, 4 + si);
+                uint16_t *gh = malloc(n * 2), *out = malloc(n * 2);
+                for (size_t i = 0; i < n; i++) {
+                    if (i % 97 == 5) g[i] = 0.0f;  // zeros and a tiny value among them
+                    if (i % 1013 == 7) g[i] = 1e-30f;
+                    gh[i] = mt_f32_to_bf16(g[i]);
+                    if (bf16) g[i] = mt_bf16_to_f32(gh[i]);  // the reference sees what the bf16 path reads
+                }
+                float *rm = malloc(n * 4), *rmm = malloc(n * 4), *rv = malloc(n * 4);
+                memcpy(rm, master, n * 4), memcpy(rmm, m, n * 4), memcpy(rv, v, n * 4);
+                float bc1 = 1.0f - powf(b1, (float)t), bc2 = 1.0f - powf(b2, (float)t);
+                mt_adamw_ref(rm, g, rmm, rv, n, lr, b1, b2, eps, wd, bc1, bc2, scale);
+                mt_cpu_adam_step s;
+                mt_cpu_adam_prepare(&s, lr, b1, b2, eps, wd, t, scale);
+                mt_cpu_adam_update((mt_cpu_adam_path)path, &s, master, m, v, bf16 ? (const void *)gh : g, bf16, out,
+                                   n);
+                const char *name = mt_cpu_adam_path_name((mt_cpu_adam_path)path);
+                ck_assert_msg(memcmp(master, rm, n * 4) == 0, "%s n=%zu bf16=%d: master differs", name, n, bf16);
+                ck_assert_msg(memcmp(m, rmm, n * 4) == 0, "%s n=%zu: m differs", name, n);
+                ck_assert_msg(memcmp(v, rv, n * 4) == 0, "%s n=%zu: v differs", name, n);
+                for (size_t i = 0; i < n; i++)
+                    ck_assert_msg(out[i] == mt_f32_to_bf16(rm[i]), "%s n=%zu: bf16 weight %zu is %04x, not %04x", name,
+                                  n, i, out[i], mt_f32_to_bf16(rm[i]));
+                free(master), free(m), free(v), free(g), free(gh), free(out), free(rm), free(rmm), free(rv);
+            }
+        }
+    }
+    fprintf(stderr, "cpu_adam: %d path(s) checked, best %s\n", paths, mt_cpu_adam_path_name(mt_cpu_adam_best_path()));
+    ck_assert_int_ge(paths, 1);
+#if defined(__x86_64__)
+    ck_assert_msg(paths >= 2 || !__builtin_cpu_supports("avx2"), "the AVX2 path was not tested on an AVX2 machine");
+#endif
+}
+END_TEST
+
+START_TEST(sumsq_is_the_same_for_any_thread_count) {
+    size_t n = 1000003;
+    float *g = tu_random(n, -3.0f, 3.0f, 9);
+    double serial = 0.0;
+    for (size_t i = 0; i < n; i++) serial += (double)g[i] * g[i];
+    int before = omp_get_max_threads();
+    omp_set_num_threads(1);
+    double one = mt_cpu_sumsq(g, 0, n);
+    omp_set_num_threads(3);
+    double three = mt_cpu_sumsq(g, 0, n);
+    omp_set_num_threads(before);
+    ck_assert_msg(one == three, "%.17g vs %.17g", one, three);
+    ck_assert_msg(fabs(one - serial) <= 1e-12 * serial, "%.17g vs %.17g", one, serial);
+    g[n / 2] = INFINITY;
+    ck_assert(!isfinite(mt_cpu_sumsq(g, 0, n)));
+    free(g);
+}
+END_TEST
+
+// ---------------------------------------------------------------- the store
+
+START_TEST(crc32c_known_answer_and_continuation) {
+    ck_assert_uint_eq(mt_crc32c(0, "123456789", 9), 0xE3069283u);
+    unsigned char buf[1000];
+    for (int i = 0; i < 1000; i++) buf[i] = (unsigned char)mt_rng_bits(3, (uint64_t)i);
+    uint32_t whole = mt_crc32c(0, buf, sizeof buf);
+    for (size_t cut = 0; cut <= 1000; cut += 37) ck_assert_uint_eq(mt_crc32c(mt_crc32c(0, buf, cut), buf + cut, 1000 - cut), whole);
+    buf[500] ^= 1;
+    ck_assert_uint_ne(mt_crc32c(0, buf, sizeof buf), whole);
+}
+END_TEST
+
+static mt_store *open_store(mt_store_kind kind, const char *sub, size_t count, size_t block) {
+    char path[512];
+    snprintf(path, sizeof path, "%s/%s", dir, sub);
+    mt_store_config c = {kind, path, count, 0, 1, block, 3, 2};
+    mt_store *s = NULL;
+    ck_assert_msg(mt_store_open(&s, &c) == MT_OK, "%s", mt_last_error());
+    return s;
+}
+
+// Writes random state, reads it back, changes an odd sub-range in place and
+// reads again: every value must be the one written.
+static void round_trip(mt_store *s, size_t n, uint64_t seed) {
+    float *a = tu_random(n, -1, 1, seed), *b = tu_random(n, -1, 1, seed + 1), *c = tu_random(n, 0, 1, seed + 2);
+    float *x = malloc(n * 4), *y = malloc(n * 4), *z = malloc(n * 4);
+    ck_assert_msg(mt_store_write_all(s, a, b, c) == MT_OK, "%s", mt_last_error());
+    ck_assert_msg(mt_store_read_all(s, x, y, z) == MT_OK, "%s", mt_last_error());
+    ck_assert(memcmp(a, x, n * 4) == 0 && memcmp(b, y, n * 4) == 0 && memcmp(c, z, n * 4) == 0);
+    size_t lo = n > 20 ? 17 : 0, hi = n > 20 ? n - 3 : n;
+    mt_store_begin(s, lo, hi, MT_STORE_UPDATE);
+    mt_store_block blk;
+    size_t seen = 0;
+    while (mt_store_next(s, &blk)) {
+        ck_assert_uint_eq(blk.offset, lo + seen);
+        for (size_t i = 0; i < blk.count; i++) {
+            ck_assert(blk.master[i] == a[blk.offset + i] && blk.v[i] == c[blk.offset + i]);
+            blk.master[i] += 1.0f, blk.m[i] *= 2.0f;
+        }
+        seen += blk.count;
+        mt_store_done(s, &blk);
+    }
+    ck_assert_msg(mt_store_end(s) == MT_OK, "%s", mt_last_error());
+    ck_assert_uint_eq(seen, hi - lo);
+    for (size_t i = lo; i < hi; i++) a[i] += 1.0f, b[i] *= 2.0f;
+    ck_assert_msg(mt_store_read_all(s, x, y, z) == MT_OK, "%s", mt_last_error());
+    ck_assert(memcmp(a, x, n * 4) == 0 && memcmp(b, y, n * 4) == 0 && memcmp(c, z, n * 4) == 0);
+    free(a), free(b), free(c), free(x), free(y), free(z);
+}
+
+START_TEST(store_round_trip_is_bit_exact_at_odd_sizes) {
+    const size_t counts[] = {1, 1025, 3000007};
+    const size_t blocks[] = {1024, 5000, 0};
+    for (size_t i = 0; i < 3; i++)
+        for (size_t j = 0; j < 3; j++) {
+            for (int kind = 0; kind < 2; kind++) {
+                mt_store *s = open_store((mt_store_kind)kind, "rt", counts[i], blocks[j]);
+                ck_assert_uint_eq(mt_store_count(s), counts[i]);
+                round_trip(s, counts[i], 10 * i + j);
+                char path[1200];
+                snprintf(path, sizeof path, "%s", mt_store_path(s));
+                mt_store_close(s);
+                if (kind == MT_STORE_FILE) ck_assert_msg(access(path, F_OK) != 0, "%s left behind", path);
+            }
+        }
+}
+END_TEST
+
+// pread/pwrite doubles: short transfers, no progress, ENOSPC, EIO
+static ssize_t short_pread(int fd, void *buf, size_t len, off_t at) { return pread(fd, buf, len < 4096 ? len : 4096, at); }
+static ssize_t short_pwrite(int fd, const void *buf, size_t len, off_t at) {
+    return pwrite(fd, buf, len < 8192 ? len : 8192, at);
+}
+static ssize_t stuck_pwrite(int fd, const void *buf, size_t len, off_t at) {
+    (void)fd, (void)buf, (void)len, (void)at;
+    return 0;
+}
+static ssize_t full_pwrite(int fd, const void *buf, size_t len, off_t at) {
+    ssize_t half = pwrite(fd, buf, len / 2, at);  // part lands, then the disk is full
+    (void)half;
+    errno = ENOSPC;
+    return -1;
+}
+static ssize_t failing_pread(int fd, void *buf, size_t len, off_t at) {
+    (void)fd, (void)buf, (void)len, (void)at;
+    errno = EIO;
+    return -1;
+}
+
+START_TEST(store_errors_are_clear_and_values) {
+    size_t n = 5000;
+    float *a = tu_random(n, -1, 1, 5);
+    mt_store *s = open_store(MT_STORE_FILE, "errors", n, 1024);
+    // short transfers continue where they stopped
+    mt_store_set_io(s, short_pread, short_pwrite);
+    round_trip(s, n, 40);
+    // ENOSPC
+    mt_store_set_io(s, NULL, full_pwrite);
+    ck_assert_int_eq(mt_store_write_all(s, a, NULL, NULL), MT_ERR_IO);
+    ck_assert_msg(strstr(mt_last_error(), "no space left") && strstr(mt_last_error(), "offload.path"), "%s",
+                  mt_last_error());
+    // a write that makes no progress
+    mt_store_set_io(s, NULL, stuck_pwrite);
+    ck_assert_int_eq(mt_store_write_all(s, a, NULL, NULL), MT_ERR_IO);
+    ck_assert_msg(strstr(mt_last_error(), "short transfer") && strstr(mt_last_error(), "writing"), "%s",
+                  mt_last_error());
+    // EIO on read
+    mt_store_set_io(s, NULL, NULL);
+    ck_assert_int_eq(mt_store_write_all(s, a, NULL, NULL), MT_OK);
+    mt_store_set_io(s, failing_pread, NULL);
+    float *x = malloc(n * 4);
+    ck_assert_int_eq(mt_store_read_all(s, x, NULL, NULL), MT_ERR_IO);
+    ck_assert_msg(strstr(mt_last_error(), strerror(EIO)) && strstr(mt_last_error(), "reading"), "%s",
+                  mt_last_error());
+    // one flipped byte behind the store's back fails the checksum
+    mt_store_set_io(s, NULL, NULL);
+    ck_assert_int_eq(mt_store_read_all(s, x, NULL, NULL), MT_OK);
+    ck_assert(memcmp(a, x, n * 4) == 0);
+    int fd = open(mt_store_path(s), O_RDWR);
+    ck_assert_int_ge(fd, 0);
+    unsigned char byte;
+    ck_assert_int_eq(pread(fd, &byte, 1, 3 * 1024 * 4 * 2 + 100), 1);
+    byte ^= 0x10;
+    ck_assert_int_eq(pwrite(fd, &byte, 1, 3 * 1024 * 4 * 2 + 100), 1);
+    fsync(fd);
+    close(fd);
+    ck_assert_int_eq(mt_store_read_all(s, x, NULL, NULL), MT_ERR_IO);
+    ck_assert_msg(strstr(mt_last_error(), "CRC-32C") && strstr(mt_last_error(), "block 2"), "%s", mt_last_error());
+    // a second user of the same file is refused
+    char path[512];
+    snprintf(path, sizeof path, "%s/errors", dir);
+    mt_store_config c = {MT_STORE_FILE, path, n, 0, 1, 1024, 1, 1};
+    mt_store *other = NULL;
+    ck_assert_int_eq(mt_store_open(&other, &c), MT_ERR_IO);
+    ck_assert_msg(strstr(mt_last_error(), "in use"), "%s", mt_last_error());
+    ck_assert_ptr_null(other);
+    mt_store_close(s);
+    // a disk too small fails at open, and leaves no file
+    c.count = (size_t)1 << 52;
+    c.block_params = 0;
+    ck_assert_int_eq(mt_store_open(&other, &c), MT_ERR_IO);
+    ck_assert_msg(strstr(mt_last_error(), "GiB"), "%s", mt_last_error());
+    snprintf(path, sizeof path, "%s/errors/state-rank0-of-1.bin", dir);
+    ck_assert_msg(access(path, F_OK) != 0, "%s left behind", path);
+    free(a);
+    free(x);
+}
+END_TEST
+
+// ---------------------------------------------------------------- training
+
+static void run_config(mt_config *cfg, const char *folder, const char *data, const char *out, const char *const *extra) {
+    const char *const none[] = {NULL};
+    tu_tiny_run_config(cfg, folder, data, out, extra ? extra : none);
+    ck_assert_int_eq(mt_config_set(cfg, "optim.weight_decay", "0.1", "t"), MT_OK);
+}
+
+static void train_losses(const char *name, const char *const *extra, double *losses) {
+    char data[300], folder[300], out[300];
+    snprintf(data, sizeof data, "%s/data.h5", dir);
+    if (access(data, R_OK) != 0) tu_write_sequence_data(data);
+    tu_model_folder(dir, "tiny", tu_tiny_llama_json, folder, sizeof folder);
+    snprintf(out, sizeof out, "%s/%s", dir, name);
+    mt_config cfg;
+    mt_train_result r;
+    run_config(&cfg, folder, data, out, extra);
+    ck_assert_msg(mt_train(&cfg, &r) == MT_OK, "%s: %s", name, mt_last_error());
+    ck_assert_int_eq(tu_read_losses(out, losses, 12), 12);
+    mt_config_free(&cfg);
+}
+
+START_TEST(offloaded_runs_follow_the_run_without_offload) {
+    char ssd[400];
+    snprintf(ssd, sizeof ssd, "%s/ssd", dir);
+    // clang-format off
+    const char *const variants[][12] = {
+        {NULL},  // with clipping (optim.grad_clip 1, the default)
+        {"optim.grad_clip", "0", NULL},  // buckets update as their gradients land
+        {"train.grad_accum", "2", NULL},  // the gradient block after backward
+        {"lora.r", "4", "lora.dropout", "0", NULL},  // adapters
+    };
+    // clang-format on
+    for (size_t k = 0; k < sizeof variants / sizeof *variants; k++) {
+        double base[12], cpu[12], file[12];
+        const char *plain[16], *off_cpu[16], *off_ssd[16];
+        int n = 0;
+        while (variants[k][n]) n++;
+        for (int i = 0; i <= n; i++) plain[i] = off_cpu[i] = off_ssd[i] = variants[k][i];
+        off_cpu[n] = "offload.optimizer", off_cpu[n + 1] = "cpu", off_cpu[n + 2] = NULL;
+        off_ssd[n] = "offload.optimizer", off_ssd[n + 1] = "ssd", off_ssd[n + 2] = "offload.path",
+        off_ssd[n + 3] = ssd, off_ssd[n + 4] = NULL;
+        train_losses("plain", plain, base);
+        train_losses("cpu", off_cpu, cpu);
+        train_losses("ssd", off_ssd, file);
+        for (int i = 0; i < 12; i++) {
+            // the same arithmetic; only the norm's summation order differs
+            ck_assert_msg(fabs(cpu[i] - base[i]) <= 1e-5 * fabs(base[i]), "variant %zu step %d: %.9g vs %.9g", k,
+                          i + 1, cpu[i], base[i]);
+            ck_assert_msg(file[i] == cpu[i], "variant %zu step %d: ssd %.17g vs cpu %.17g", k, i + 1, file[i], cpu[i]);
+        }
+        ck_assert_msg(base[11] < base[0], "variant %zu: loss %g -> %g", k, base[0], base[11]);
+    }
+}
+END_TEST
+
+START_TEST(ssd_offload_resumes_bit_identically) {
+    char ssd[400], data[300], folder[300], whole[300], split[300];
+    snprintf(ssd, sizeof ssd, "%s/ssd-resume", dir);
+    snprintf(data, sizeof data, "%s/data.h5", dir);
+    if (access(data, R_OK) != 0) tu_write_sequence_data(data);
+    tu_model_folder(dir, "tiny", tu_tiny_llama_json, folder, sizeof folder);
+    snprintf(whole, sizeof whole, "%s/whole", dir);
+    snprintf(split, sizeof split, "%s/split", dir);
+    const char *const extra[] = {"offload.optimizer", "ssd", "offload.path", ssd, NULL};
+    mt_config cfg;
+    mt_train_result r;
+    for (int shift = 0; shift < 3; shift++) {
+        run_config(&cfg, folder, data, shift ? split : whole, extra);
+        if (shift == 1) ck_assert_int_eq(mt_config_set(&cfg, "train.stop_after", "5", "t"), MT_OK);
+        if (shift == 2) ck_assert_int_eq(mt_config_set(&cfg, "train.resume", "auto", "t"), MT_OK);
+        // the second shift takes the state back onto the CPU store: where it lives is not part of it
+        if (shift == 2) ck_assert_int_eq(mt_config_set(&cfg, "offload.optimizer", "cpu", "t"), MT_OK);
+        if (shift == 2) ck_assert_int_eq(mt_config_set(&cfg, "offload.path", "", "t"), MT_OK);
+        ck_assert_msg(mt_train(&cfg, &r) == MT_OK, "%s", mt_last_error());
+        ck_assert_int_eq(r.steps_done, shift == 1 ? 5 : 12);
+        mt_config_free(&cfg);
+    }
+    double expect[12], got[12];
+    ck_assert_int_eq(tu_read_losses(whole, expect, 12), 12);
+    ck_assert_int_eq(tu_read_losses(split, got, 12), 12);
+    for (int i = 0; i < 12; i++) ck_assert_msg(got[i] == expect[i], "step %d: %.17g != %.17g", i + 1, got[i], expect[i]);
+    char cmd[1400];
+    snprintf(cmd, sizeof cmd, "cmp -s %s/model/model.safetensors %s/model/model.safetensors", whole, split);
+    ck_assert_int_eq(system(cmd), 0);
+}
+END_TEST
+
+START_TEST(a_full_disk_mid_run_leaves_the_last_checkpoint_whole) {
+    char ssd[400], data[300], folder[300], out[300], path[1400];
+    snprintf(ssd, sizeof ssd, "%s/ssd-full", dir);
+    snprintf(data, sizeof data, "%s/data.h5", dir);
+    if (access(data, R_OK) != 0) tu_write_sequence_data(data);
+    tu_model_folder(dir, "tiny", tu_tiny_llama_json, folder, sizeof folder);
+    snprintf(out, sizeof out, "%s/full", dir);
+    const char *const extra[] = {"offload.optimizer", "ssd", "offload.path", ssd, "checkpoint.every", "4", NULL};
+    mt_config cfg;
+    mt_train_result r;
+    run_config(&cfg, folder, data, out, extra);
+    // the tiny model is one store block: 1 write to start, 4 per step (one per
+    // bucket: embedding, 2 layers, head); the 27th write is in step 7
+    mt_store_inject_write_fault(26, ENOSPC);
+    mt_err err = mt_train(&cfg, &r);
+    mt_store_inject_write_fault(-1, 0);
+    ck_assert_int_eq(err, MT_ERR_IO);
+    ck_assert_msg(strstr(mt_last_error(), "no space left") && strstr(mt_last_error(), "untouched"), "%s",
+                  mt_last_error());
+    snprintf(path, sizeof path, "%s/checkpoints/step-00000004/state.h5", out);
+    ck_assert_msg(access(path, R_OK) == 0, "the step-4 checkpoint is gone");
+    snprintf(path, sizeof path, "%s/checkpoints/step-00000008", out);
+    ck_assert_msg(access(path, F_OK) != 0, "a checkpoint past the failure exists");
+    // resume from it: the run ends as an uninterrupted one does
+    ck_assert_int_eq(mt_config_set(&cfg, "train.resume", "auto", "t"), MT_OK);
+    ck_assert_msg(mt_train(&cfg, &r) == MT_OK, "%s", mt_last_error());
+    mt_config_free(&cfg);
+    double got[12], expect[12];
+    ck_assert_int_eq(tu_read_losses(out, got, 12), 12);
+    const char *const same[] = {"offload.optimizer", "ssd", "offload.path", ssd, NULL};
+    train_losses("unbroken", same, expect);
+    for (int i = 0; i < 12; i++) ck_assert_msg(got[i] == expect[i], "step %d: %.17g != %.17g", i + 1, got[i], expect[i]);
+}
+END_TEST
+
+START_TEST(offload_config_errors_name_the_fix) {
+    char data[300], folder[300], out[300];
+    snprintf(data, sizeof data, "%s/data.h5", dir);
+    if (access(data, R_OK) != 0) tu_write_sequence_data(data);
+    tu_model_folder(dir, "tiny", tu_tiny_llama_json, folder, sizeof folder);
+    snprintf(out, sizeof out, "%s/bad", dir);
+    mt_config cfg;
+    mt_train_result r;
+    run_config(&cfg, folder, data, out, NULL);
+    ck_assert_int_eq(mt_config_set(&cfg, "offload.optimizer", "ssd", "t"), MT_OK);
+    ck_assert_int_eq(mt_config_validate(&cfg), MT_ERR_CONFIG);
+    ck_assert_msg(strstr(mt_last_error(), "offload.path"), "%s", mt_last_error());
+    ck_assert_int_eq(mt_config_set(&cfg, "offload.path", "/proc/memtune-cannot-be-here", "t"), MT_OK);
+    ck_assert_int_eq(mt_train(&cfg, &r), MT_ERR_IO);
+    ck_assert_msg(strstr(mt_last_error(), "offload.path"), "%s", mt_last_error());
+    ck_assert_int_eq(mt_config_set(&cfg, "optim.kind", "galore", "t"), MT_OK);
+    ck_assert_int_eq(mt_config_set(&cfg, "optim.grad_clip", "0", "t"), MT_OK);
+    ck_assert_int_eq(mt_config_validate(&cfg), MT_ERR_CONFIG);
+    ck_assert_msg(strstr(mt_last_error(), "optim.kind: adamw"), "%s", mt_last_error());
+    mt_config_free(&cfg);
+    run_config(&cfg, folder, data, out, NULL);
+    ck_assert_int_eq(mt_config_set(&cfg, "offload.threads", "2", "t"), MT_OK);
+    ck_assert_int_eq(mt_config_validate(&cfg), MT_ERR_CONFIG);
+    ck_assert_msg(strstr(mt_last_error(), "offload.optimizer: cpu or ssd"), "%s", mt_last_error());
+    mt_config_free(&cfg);
+}
+END_TEST
+
+int main(void) {
+    tu_tempdir(dir, sizeof dir);
+    Suite *s = suite_create("offload");
+    TCase *tc = tcase_create("offload");
+    tcase_set_timeout(tc, 600);
+    tcase_add_test(tc, cpu_adam_equals_the_reference_bit_for_bit);
+    tcase_add_test(tc, sumsq_is_the_same_for_any_thread_count);
+    tcase_add_test(tc, crc32c_known_answer_and_continuation);
+    tcase_add_test(tc, store_round_trip_is_bit_exact_at_odd_sizes);
+    tcase_add_test(tc, store_errors_are_clear_and_values);
+    tcase_add_test(tc, offloaded_runs_follow_the_run_without_offload);
+    tcase_add_test(tc, ssd_offload_resumes_bit_identically);
+    tcase_add_test(tc, a_full_disk_mid_run_leaves_the_last_checkpoint_whole);
+    tcase_add_test(tc, offload_config_errors_name_the_fix);
+    suite_add_tcase(s, tc);
+    return tu_run_suite(s, 0);
+}
