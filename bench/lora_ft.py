@@ -22,6 +22,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from full_ft import PeakSampler, gpu_used_mib, write_dataset  # noqa: E402
@@ -65,6 +67,32 @@ def run_memtune(args, folder, data, run, checkpointing, qlora, offload=False):
     return train_and_time(args, cmd, sets, run, ("base weights", "memory (GPU)"))
 
 
+class HostSampler:
+    """Peak resident host memory (VmRSS, pinned pages included) of a running
+    process, sampled every 50 ms."""
+
+    def __init__(self, pid):
+        self.pid, self.peak, self.stop = pid, 0, False
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self):
+        while not self.stop:
+            try:
+                with open(f"/proc/{self.pid}/status") as f:
+                    for line in f:
+                        if line.startswith("VmRSS:"):
+                            self.peak = max(self.peak, int(line.split()[1]) * 1024)
+            except OSError:
+                return
+            time.sleep(0.05)
+
+    def finish(self):
+        self.stop = True
+        self.thread.join()
+        return self.peak
+
+
 def train_and_time(args, cmd, sets, run, log_marks):
     """Runs `memtune train` (cmd plus --set for each of sets) and reads its
     metrics.jsonl: tokens/s and step ms after args.warmup steps, the
@@ -72,8 +100,12 @@ def train_and_time(args, cmd, sets, run, log_marks):
     for k, v in sets.items():
         cmd = cmd + ["--set", f"{k}={v}"]
     sampler = PeakSampler()
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    host = HostSampler(proc.pid)
+    stdout, stderr = proc.communicate()
+    out = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
     peak = sampler.finish()
+    host_peak = host.finish()
     if out.returncode:
         print(out.stderr[-3000:])
         return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
@@ -83,7 +115,7 @@ def train_and_time(args, cmd, sets, run, log_marks):
     w = args.warmup
     dt = by_step[args.steps]["elapsed_seconds"] - by_step[w]["elapsed_seconds"]
     return {"tokens_per_second": (args.steps - w) * args.B * args.T / dt, "step_ms": 1000 * dt / (args.steps - w),
-            "device_peak": peak, "allocator_peak": by_step[args.steps]["peak_memory_bytes"],
+            "device_peak": peak, "allocator_peak": by_step[args.steps]["peak_memory_bytes"], "host_peak": host_peak,
             "first_loss": recs[0]["loss"], "last_loss": recs[-1]["loss"], "log": info}
 
 

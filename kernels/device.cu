@@ -101,7 +101,9 @@ void *mt_event_create(void) {
 void mt_event_destroy(void *event) {
     if (event) CUDA_CHECK(cudaEventDestroy((cudaEvent_t)event));
 }
-void mt_event_record(void *event, void *stream) { CUDA_CHECK(cudaEventRecord((cudaEvent_t)event, (cudaStream_t)stream)); }
+void mt_event_record(void *event, void *stream) {
+    CUDA_CHECK(cudaEventRecord((cudaEvent_t)event, (cudaStream_t)stream));
+}
 void mt_stream_wait_event(void *stream, void *event) {
     CUDA_CHECK(cudaStreamWaitEvent((cudaStream_t)stream, (cudaEvent_t)event, 0));
 }

@@ -42,7 +42,12 @@ const char *mt_mem_category_name(mt_mem_category cat);
 // On failure returns MT_ERR_NOMEM with a message naming the category, the
 // size asked for, what is already held by category, and *out = NULL.
 mt_err mt_alloc(void **out, size_t bytes, mt_mem_category cat, mt_mem_place place);
-// Frees what mt_alloc gave and sets *p to NULL; NULL is a no-op.
+// Host memory for large arrays only the CPU reads and writes (the offloaded
+// optimizer state): 2 MiB-aligned, advised for huge pages, zeroed by every
+// OpenMP thread, never page-locked (no copy engine reads it). Aligned enough
+// for O_DIRECT. Freed with mt_free.
+mt_err mt_alloc_host_large(void **out, size_t bytes, mt_mem_category cat);
+// Frees what mt_alloc or mt_alloc_host_large gave and sets *p to NULL; NULL is a no-op.
 void mt_free(void **p);
 
 typedef struct {

@@ -29,16 +29,12 @@ const char *mt_cpu_adam_path_name(mt_cpu_adam_path path) {
 
 int mt_cpu_adam_path_available(mt_cpu_adam_path path) {
     switch (path) {
-    case MT_CPU_ADAM_SCALAR:
-        return 1;
+        case MT_CPU_ADAM_SCALAR: return 1;
 #ifdef MT_X86
-    case MT_CPU_ADAM_AVX2:
-        return __builtin_cpu_supports("avx2");
-    case MT_CPU_ADAM_AVX512:
-        return __builtin_cpu_supports("avx512f");
+        case MT_CPU_ADAM_AVX2: return __builtin_cpu_supports("avx2");
+        case MT_CPU_ADAM_AVX512: return __builtin_cpu_supports("avx512f");
 #endif
-    default:
-        return 0;
+        default: return 0;
     }
 }
 
@@ -113,20 +109,21 @@ __attribute__((target("avx2"))) static void adam_avx2(const mt_cpu_adam_step *s,
         if (out) {  // mt_f32_to_bf16 lane-wise: round to nearest even, NaN kept quiet
             __m256i u = _mm256_castps_si256(p);
             __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, abs_mask), inf);
-            __m256i rounded = _mm256_add_epi32(u, _mm256_add_epi32(round, _mm256_and_si256(_mm256_srli_epi32(u, 16), one)));
+            __m256i rounded =
+                _mm256_add_epi32(u, _mm256_add_epi32(round, _mm256_and_si256(_mm256_srli_epi32(u, 16), one)));
             __m256i h = _mm256_blendv_epi8(_mm256_srli_epi32(rounded, 16),
                                            _mm256_or_si256(_mm256_srli_epi32(u, 16), quiet), nan);
             __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(h, h), 0x08);
             _mm_storeu_si128((__m128i *)(out + i), _mm256_castsi256_si128(packed));
         }
     }
-    if (i < n) adam_scalar(s, master + i, m + i, v + i, grad_bf16 ? (const void *)(gh + i) : (const void *)(gf + i),
-                           grad_bf16, out ? out + i : NULL, n - i);
+    if (i < n)
+        adam_scalar(s, master + i, m + i, v + i, grad_bf16 ? (const void *)(gh + i) : (const void *)(gf + i), grad_bf16,
+                    out ? out + i : NULL, n - i);
 }
 
-__attribute__((target("avx512f"))) static void adam_avx512(const mt_cpu_adam_step *s, float *master, float *m,
-                                                           float *v, const void *grad, int grad_bf16, uint16_t *out,
-                                                           size_t n) {
+__attribute__((target("avx512f"))) static void adam_avx512(const mt_cpu_adam_step *s, float *master, float *m, float *v,
+                                                           const void *grad, int grad_bf16, uint16_t *out, size_t n) {
     const __m512 b1 = _mm512_set1_ps(s->beta1), b2 = _mm512_set1_ps(s->beta2);
     const __m512 omb1 = _mm512_set1_ps(1.0f - s->beta1), omb2 = _mm512_set1_ps(1.0f - s->beta2);
     const __m512 eps = _mm512_set1_ps(s->eps), step = _mm512_set1_ps(s->step_size);
@@ -153,14 +150,16 @@ __attribute__((target("avx512f"))) static void adam_avx512(const mt_cpu_adam_ste
         if (out) {
             __m512i u = _mm512_castps_si512(p);
             __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, abs_mask), inf);
-            __m512i rounded = _mm512_add_epi32(u, _mm512_add_epi32(round, _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
+            __m512i rounded =
+                _mm512_add_epi32(u, _mm512_add_epi32(round, _mm512_and_si512(_mm512_srli_epi32(u, 16), one)));
             __m512i h = _mm512_mask_blend_epi32(nan, _mm512_srli_epi32(rounded, 16),
                                                 _mm512_or_si512(_mm512_srli_epi32(u, 16), quiet));
             _mm256_storeu_si256((__m256i *)(out + i), _mm512_cvtepi32_epi16(h));
         }
     }
-    if (i < n) adam_scalar(s, master + i, m + i, v + i, grad_bf16 ? (const void *)(gh + i) : (const void *)(gf + i),
-                           grad_bf16, out ? out + i : NULL, n - i);
+    if (i < n)
+        adam_scalar(s, master + i, m + i, v + i, grad_bf16 ? (const void *)(gh + i) : (const void *)(gf + i), grad_bf16,
+                    out ? out + i : NULL, n - i);
 }
 #endif
 
@@ -197,12 +196,19 @@ double mt_cpu_sumsq(const void *grad, int grad_bf16, size_t n) {
         size_t extra = n % STRIPES, kk = (size_t)k;
         size_t begin = n / STRIPES * kk + (kk < extra ? kk : extra);
         size_t end = begin + n / STRIPES + (kk < extra);
-        double sum = 0.0;
-        for (size_t i = begin; i < end; i++) {
+        // eight independent sums: no chain of dependent adds to wait on
+        double lane[8] = {0};
+        size_t i = begin;
+        for (; i + 8 <= end; i += 8)
+            for (int j = 0; j < 8; j++) {
+                double g = grad_bf16 ? mt_bf16_to_f32(gh[i + j]) : gf[i + j];
+                lane[j] += g * g;
+            }
+        for (; i < end; i++) {
             double g = grad_bf16 ? mt_bf16_to_f32(gh[i]) : gf[i];
-            sum += g * g;
+            lane[0] += g * g;
         }
-        part[k] = sum;
+        part[k] = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
     }
     double sum = 0.0;
     for (int k = 0; k < STRIPES; k++) sum += part[k];

@@ -20,12 +20,12 @@
 #define STAGES 4  // bf16 weight buffers between the CPU update and the copy back
 
 typedef struct {
-    int first, end;        // its parameters, [first, end) of params
-    size_t offset, count;  // its elements (padding included)
-    int remaining;         // parameters still to arrive this step
-    int ring;              // device staging buffer of this step (GPU)
-    double sumsq;          // of this step's gradients
-    long arrived, ready;   // last step whose sum is in / whose update is issued (or skipped)
+    int first, end;                    // its parameters, [first, end) of params
+    size_t offset, count;              // its elements (padding included)
+    int remaining;                     // parameters still to arrive this step
+    int ring;                          // device staging buffer of this step (GPU)
+    double sumsq;                      // of this step's gradients
+    long arrived, ready;               // last step whose sum is in / whose update is issued (or skipped)
     double t_sum[2][2], t_adam[2][2];  // trace: host seconds, per step parity
 } bucket;
 
@@ -257,8 +257,8 @@ mt_err mt_offload_init(mt_offload **out, mt_backend *be, const mt_offload_config
     if (!err) err = mt_store_write_all(o->store, master_init, NULL, NULL);
     if (!err) err = mt_alloc(&o->grad_host, (total ? total : 1) * (o->gpu ? 2 : 4), MT_MEM_OFFLOAD, MT_HOST);
     if (!err && o->gpu) {
-        for (int r = 0; r < 2 && !err; r++) err = mt_alloc(&o->ring[r], (o->ring_count ? o->ring_count : 1) * 2,
-                                                         MT_MEM_GRADS, MT_DEVICE);
+        for (int r = 0; r < 2 && !err; r++)
+            err = mt_alloc(&o->ring[r], (o->ring_count ? o->ring_count : 1) * 2, MT_MEM_GRADS, MT_DEVICE);
         size_t block = cfg->block_params ? cfg->block_params : (size_t)1 << 21;
         block = (block + 1023) / 1024 * 1024;
         for (int s = 0; s < STAGES && !err; s++) {
@@ -482,7 +482,7 @@ static void bucket_name(const mt_offload *o, int b, char *buf, size_t len) {
 }
 
 // Times are host seconds; the file counts microseconds from the origin.
-static void span(FILE *f, int *first, const char *name, int track, double origin, double t0, double t1) {
+static void span(FILE *f, int *first, const char *name, double origin, int track, double t0, double t1) {
     if (!(t1 >= t0)) return;  // NaN: an event of a bucket that was skipped
     fprintf(f, "%s{\"name\":\"%s\",\"ph\":\"X\",\"pid\":1,\"tid\":%d,\"ts\":%.1f,\"dur\":%.1f}", *first ? "" : ",\n",
             name, track, (t0 - origin) * 1e6, (t1 - t0) * 1e6);

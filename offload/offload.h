@@ -35,10 +35,10 @@ typedef struct {
 } mt_offload_param;
 
 typedef struct {
-    mt_store_kind kind;      // memory (offload.optimizer: cpu) or file (ssd)
-    const char *dir;         // file: offload.path
-    size_t block_params;     // store block (0: its default)
-    int io_threads;          // file: I/O threads (0: the store's default)
+    mt_store_kind kind;   // memory (offload.optimizer: cpu) or file (ssd)
+    const char *dir;      // file: offload.path
+    size_t block_params;  // store block (0: its default)
+    int io_threads;       // file: I/O threads (0: the store's default)
     float beta1, beta2, eps, weight_decay;
     float grad_clip;         // <= 0: off, and buckets update as their gradients land
     int threads;             // OpenMP threads of the CPU AdamW (0: all cores but one with a GPU)

@@ -23,8 +23,6 @@
 #define MT_X86 1
 #endif
 
-#define ALIGN 4096
-
 // ---- CRC-32C
 
 static uint32_t crc_table[256];
@@ -72,7 +70,7 @@ uint32_t mt_crc32c(uint32_t crc, const void *data, size_t len) {
 typedef enum { SLOT_FREE, SLOT_READING, SLOT_READY, SLOT_WRITING } slot_state;
 
 typedef struct {
-    float *buffer;  // 3 * block_params floats, ALIGN-aligned: master | m | v
+    float *buffer;  // 3 * block_params floats, 2 MiB-aligned: master | m | v
     size_t block;
     slot_state state;
 } slot;
@@ -101,7 +99,7 @@ struct mt_store {
     int error;  // errno of the first failure (EBADMSG: checksum), 0 if none
     size_t error_block;
     int error_writing;
-    size_t transferred;  // bytes moved by the failing call before it failed
+    size_t transferred;                    // bytes moved by the failing call before it failed
     int fault_after, fault_errno, writes;  // mt_store_inject_write_fault
 };
 
@@ -113,9 +111,7 @@ void mt_store_inject_write_fault(int after_writes, int err) {
 }
 
 static ssize_t plain_pread(int fd, void *buf, size_t len, off_t offset) { return pread(fd, buf, len, offset); }
-static ssize_t plain_pwrite(int fd, const void *buf, size_t len, off_t offset) {
-    return pwrite(fd, buf, len, offset);
-}
+static ssize_t plain_pwrite(int fd, const void *buf, size_t len, off_t offset) { return pwrite(fd, buf, len, offset); }
 
 // Whole transfers: a short count continues where it stopped; no progress at
 // all is an error of its own (EIO), as is any errno but EINTR.
@@ -197,8 +193,9 @@ void mt_store_set_io(mt_store *s, mt_store_pread_fn pread_fn, mt_store_pwrite_fn
 
 static mt_err open_file(mt_store *s, const mt_store_config *c) {
     if (mkdir(c->dir, 0755) != 0 && errno != EEXIST)
-        return mt_errorf(MT_ERR_IO, "offload.path %s: cannot create the folder (%s); set offload.path to a folder on a "
-                                    "local disk you can write",
+        return mt_errorf(MT_ERR_IO,
+                         "offload.path %s: cannot create the folder (%s); set offload.path to a folder on a "
+                         "local disk you can write",
                          c->dir, strerror(errno));
     snprintf(s->path, sizeof s->path, "%s/state-rank%d-of-%d.bin", c->dir, c->rank, c->world);
     s->fd = open(s->path, O_RDWR | O_CREAT | O_DIRECT | O_CLOEXEC, 0600);
@@ -210,14 +207,20 @@ static mt_err open_file(mt_store *s, const mt_store_config *c) {
     if (flock(s->fd, LOCK_EX | LOCK_NB) != 0) {
         close(s->fd);
         s->fd = -1;
-        return mt_errorf(MT_ERR_IO,
-                         "%s is in use by another memtune run; give each run its own offload.path (or rank)", s->path);
+        return mt_errorf(MT_ERR_IO, "%s is in use by another memtune run; give each run its own offload.path (or rank)",
+                         s->path);
     }
     off_t bytes = (off_t)(s->blocks * s->record_bytes);
-    int err = ftruncate(s->fd, 0) != 0 ? errno : posix_fallocate(s->fd, 0, bytes);
+    // the space is checked first, so that a disk too small is not filled
+    // to the brim by a reservation that then fails
+    struct statvfs fs;
+    double free_gib = fstatvfs(s->fd, &fs) == 0 ? (double)fs.f_bavail * fs.f_frsize / 1073741824.0 : -1.0;
+    int err = ftruncate(s->fd, 0) != 0 ? errno : 0;
+    if (!err)
+        err = free_gib >= 0 && free_gib * 1073741824.0 < (double)bytes ? ENOSPC : posix_fallocate(s->fd, 0, bytes);
     if (err) {
-        struct statvfs fs;
-        double free_gib = fstatvfs(s->fd, &fs) == 0 ? (double)fs.f_bavail * fs.f_frsize / 1073741824.0 : -1.0;
+        if (ftruncate(s->fd, 0) == 0 && fstatvfs(s->fd, &fs) == 0)
+            free_gib = (double)fs.f_bavail * fs.f_frsize / 1073741824.0;
         unlink(s->path);
         close(s->fd);
         s->fd = -1;
@@ -241,12 +244,9 @@ static mt_err open_file(mt_store *s, const mt_store_config *c) {
     s->slots = calloc((size_t)s->n_slots, sizeof *s->slots);
     s->queue = calloc((size_t)s->n_slots, sizeof *s->queue);
     MT_CHECK(s->slots && s->queue, "store slots");
-    for (int k = 0; k < s->n_slots; k++) {
-        // O_DIRECT needs aligned buffers; mem.h's host blocks are not, so these
-        // come from posix_memalign (their bytes are in mt_store_host_bytes)
-        if (posix_memalign((void **)&s->slots[k].buffer, ALIGN, s->record_bytes) != 0)
-            return mt_errorf(MT_ERR_NOMEM, "out of host memory for the offload store's %d block buffers (%.1f MiB each)",
-                             s->n_slots, s->record_bytes / 1048576.0);
+    for (int k = 0; k < s->n_slots; k++) {  // O_DIRECT needs aligned buffers
+        mt_err alloc_err = mt_alloc_host_large((void **)&s->slots[k].buffer, s->record_bytes, MT_MEM_OFFLOAD);
+        if (alloc_err) return alloc_err;
     }
     pthread_mutex_init(&s->lock, NULL);
     pthread_cond_init(&s->changed, NULL);
@@ -275,10 +275,11 @@ mt_err mt_store_open(mt_store **out, const mt_store_config *c) {
     s->fault_errno = fault_errno;
     mt_err err = MT_OK;
     if (c->kind == MT_STORE_MEMORY) {
+        // plain (not page-locked) memory: only the CPU touches the state
         size_t bytes = (c->count ? c->count : 1) * sizeof(float);
-        err = mt_alloc((void **)&s->master, bytes, MT_MEM_OFFLOAD, MT_HOST);
-        if (!err) err = mt_alloc((void **)&s->m, bytes, MT_MEM_OFFLOAD, MT_HOST);
-        if (!err) err = mt_alloc((void **)&s->v, bytes, MT_MEM_OFFLOAD, MT_HOST);
+        err = mt_alloc_host_large((void **)&s->master, bytes, MT_MEM_OFFLOAD);
+        if (!err) err = mt_alloc_host_large((void **)&s->m, bytes, MT_MEM_OFFLOAD);
+        if (!err) err = mt_alloc_host_large((void **)&s->v, bytes, MT_MEM_OFFLOAD);
     } else {
         err = open_file(s, c);
     }
@@ -306,7 +307,7 @@ void mt_store_close(mt_store *s) {
         unlink(s->path);
         close(s->fd);
     }
-    for (int k = 0; s->slots && k < s->n_slots; k++) free(s->slots[k].buffer);
+    for (int k = 0; s->slots && k < s->n_slots; k++) mt_free((void **)&s->slots[k].buffer);
     free(s->slots);
     free(s->queue);
     free(s->crc);
@@ -364,7 +365,8 @@ int mt_store_next(mt_store *s, mt_store_block *out) {
         while (s->issued < end_block && s->issued <= b + (size_t)s->prefetch && (k = free_slot(s)) >= 0) {
             // a block still being written (the previous pass's) is read after its write
             int busy = 0;
-            for (int j = 0; j < s->n_slots; j++) busy |= s->slots[j].state == SLOT_WRITING && s->slots[j].block == s->issued;
+            for (int j = 0; j < s->n_slots; j++)
+                busy |= s->slots[j].state == SLOT_WRITING && s->slots[j].block == s->issued;
             if (busy) break;
             slot *sl = &s->slots[k];
             sl->block = s->issued++;
@@ -409,7 +411,8 @@ mt_err mt_store_end(mt_store *s) {
     pthread_mutex_lock(&s->lock);
     for (;;) {
         int busy = 0;
-        for (int k = 0; k < s->n_slots; k++) busy |= s->slots[k].state == SLOT_READING || s->slots[k].state == SLOT_WRITING;
+        for (int k = 0; k < s->n_slots; k++)
+            busy |= s->slots[k].state == SLOT_READING || s->slots[k].state == SLOT_WRITING;
         if (!busy) break;
         pthread_cond_wait(&s->changed, &s->lock);
     }

@@ -3,6 +3,7 @@
 // parameter's gradient; checkpointing; and a short GPU training run.
 // Run with CK_FORK=no; exits 77 without a GPU.
 #include <check.h>
+#include <cjson/cJSON.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -14,8 +15,10 @@
 #include "optim/galore.h"
 #include "optim/mezo.h"
 #include "testutil.h"
+#include "trainer/config.h"
 #include "trainer/lora.h"
 #include "trainer/model.h"
+#include "trainer/train.h"
 
 static double cosine(const float *a, const float *b, size_t n) {
     double ab = 0, aa = 0, bb = 0;
@@ -118,8 +121,8 @@ START_TEST(gpu_lora_matches_cpu_reference) {
         mt_backend cpu, gpu;
         ck_assert_int_eq(mt_backend_init(&cpu, -1), MT_OK);
         ck_assert_int_eq(mt_backend_init(&gpu, 0), MT_OK);
-        mt_model_options o = {B, T,    0,   {8, 16.0f, 0.0f, quantized, (1u << MT_LORA_MODULES) - 1}, quantized, 0,
-                              0, NULL, NULL, NULL, NULL};
+        mt_model_options o = {
+            B, T, 0, {8, 16.0f, 0.0f, quantized, (1u << MT_LORA_MODULES) - 1}, quantized, 0, 0, NULL, NULL, NULL, NULL};
         mt_model_options ok = o, off = o;
         ok.activation_checkpointing = 1;
         off.activation_checkpointing = off.offload_activations = 1;
@@ -471,6 +474,83 @@ START_TEST(gpu_galore_matches_cpu_reference) {
 }
 END_TEST
 
+// The offloaded optimizer on the GPU, through `memtune train` on the tiny
+// model: gradients cross in bf16, so the losses follow the GPU-resident
+// AdamW's closely but not exactly; the SSD store gives the host store's
+// values bit for bit; the timeline names every stage.
+static void gpu_run(const char *dir, const char *name, const char *const *extra, double *losses) {
+    char data[300], folder[300], out[400];
+    snprintf(data, sizeof data, "%s/data.h5", dir);
+    tu_write_sequence_data(data);
+    // the tiny model with head dimension 16, which the GPU attention takes
+    static const char *const json =
+        "{\"architectures\":[\"LlamaForCausalLM\"],\"vocab_size\":13,\"hidden_size\":64,\"intermediate_size\":96,"
+        "\"num_hidden_layers\":2,\"num_attention_heads\":4,\"num_key_value_heads\":2,\"rms_norm_eps\":1e-5,"
+        "\"rope_theta\":10000.0,\"tie_word_embeddings\":false,\"torch_dtype\":\"float32\"}";
+    tu_model_folder(dir, "tiny-gpu", json, folder, sizeof folder);
+    snprintf(out, sizeof out, "%s/%s", dir, name);
+    mt_config cfg;
+    mt_train_result r;
+    tu_tiny_run_config(&cfg, folder, data, out, extra);
+    ck_assert_int_eq(mt_config_set(&cfg, "train.device", "gpu", "t"), MT_OK);
+    ck_assert_msg(mt_train(&cfg, &r) == MT_OK, "%s: %s", name, mt_last_error());
+    ck_assert_int_eq(tu_read_losses(out, losses, 12), 12);
+    mt_config_free(&cfg);
+}
+
+START_TEST(gpu_offload_follows_gpu_adamw) {
+    char dir[256], ssd[300], trace[400];
+    tu_tempdir(dir, sizeof dir);
+    snprintf(ssd, sizeof ssd, "%s/ssd", dir);
+    // clang-format off
+    const char *const variants[][8] = {{"optim.grad_clip", "1", NULL}, {"optim.grad_clip", "0", NULL},
+                                       {"train.grad_accum", "2", NULL}};
+    // clang-format on
+    for (int k = 0; k < 3; k++) {
+        double base[12], cpu[12], file[12];
+        const char *cpu_extra[12] = {
+            variants[k][0], variants[k][1], "offload.optimizer", "cpu", "offload.trace_step", "3", NULL};
+        const char *ssd_extra[12] = {
+            variants[k][0], variants[k][1], "offload.optimizer", "ssd", "offload.path", ssd, NULL};
+        gpu_run(dir, "resident", variants[k], base);
+        gpu_run(dir, "cpu", cpu_extra, cpu);
+        gpu_run(dir, "ssd", ssd_extra, file);
+        double worst = 0.0;
+        for (int i = 0; i < 12; i++) {
+            worst = fmax(worst, fabs(cpu[i] - base[i]) / fabs(base[i]));
+            ck_assert_msg(file[i] == cpu[i], "variant %d step %d: ssd %.17g vs host %.17g", k, i + 1, file[i], cpu[i]);
+        }
+        printf("offload variant %d (%s=%s): losses vs GPU AdamW: worst relative difference %.3g; %.4f -> %.4f\n", k,
+               variants[k][0], variants[k][1], worst, cpu[0], cpu[11]);
+        ck_assert_msg(worst < 1e-2, "variant %d: offloaded losses drift from GPU AdamW's by %g", k, worst);
+        ck_assert_msg(cpu[11] < cpu[0], "variant %d: no learning", k);
+        // the timeline of steps 3 and 4
+        snprintf(trace, sizeof trace, "%s/cpu/offload-trace.json", dir);
+        FILE *f = fopen(trace, "r");
+        ck_assert_msg(f != NULL, "no %s", trace);
+        static char text[1 << 20];
+        size_t len = fread(text, 1, sizeof text - 1, f);
+        fclose(f);
+        text[len] = 0;
+        cJSON *doc = cJSON_Parse(text);
+        ck_assert_msg(doc != NULL, "the trace is not JSON");
+        const cJSON *events = cJSON_GetObjectItemCaseSensitive(doc, "traceEvents"), *e;
+        int adam = 0, weights = 0, grads = 0, forward = 0;
+        cJSON_ArrayForEach(e, events) {
+            const char *nm = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(e, "name"));
+            adam += nm && strstr(nm, "AdamW") != NULL;
+            weights += nm && strstr(nm, "weights") != NULL;
+            grads += nm && strstr(nm, "gradients") != NULL;
+            forward += nm && strstr(nm, "forward") != NULL;
+        }
+        cJSON_Delete(doc);
+        // 4 buckets (embedding, 2 layers, head) in each of 2 steps
+        ck_assert_msg(adam == 8 && weights == 8 && grads == 8 && forward == 8,
+                      "trace spans: AdamW %d, weights %d, gradients %d, forward %d", adam, weights, grads, forward);
+    }
+}
+END_TEST
+
 int main(void) {
     if (mt_device_count() == 0) {
         printf("test_model_gpu: no GPU, skipped\n");
@@ -485,6 +565,7 @@ int main(void) {
     tcase_add_test(tc, gpu_deferred_mezo_update_is_bit_identical);
     tcase_add_test(tc, gpu_galore_matches_cpu_reference);
     tcase_add_test(tc, gpu_out_of_memory_is_a_clear_error);
+    tcase_add_test(tc, gpu_offload_follows_gpu_adamw);
     suite_add_tcase(s, tc);
     return tu_run_suite(s, 1);
 }

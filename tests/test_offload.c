@@ -53,8 +53,7 @@ START_TEST(cpu_adam_equals_the_reference_bit_for_bit) {
                 mt_adamw_ref(rm, g, rmm, rv, n, lr, b1, b2, eps, wd, bc1, bc2, scale);
                 mt_cpu_adam_step s;
                 mt_cpu_adam_prepare(&s, lr, b1, b2, eps, wd, t, scale);
-                mt_cpu_adam_update((mt_cpu_adam_path)path, &s, master, m, v, bf16 ? (const void *)gh : g, bf16, out,
-                                   n);
+                mt_cpu_adam_update((mt_cpu_adam_path)path, &s, master, m, v, bf16 ? (const void *)gh : g, bf16, out, n);
                 const char *name = mt_cpu_adam_path_name((mt_cpu_adam_path)path);
                 ck_assert_msg(memcmp(master, rm, n * 4) == 0, "%s n=%zu bf16=%d: master differs", name, n, bf16);
                 ck_assert_msg(memcmp(m, rmm, n * 4) == 0, "%s n=%zu: m differs", name, n);
@@ -100,7 +99,8 @@ START_TEST(crc32c_known_answer_and_continuation) {
     unsigned char buf[1000];
     for (int i = 0; i < 1000; i++) buf[i] = (unsigned char)mt_rng_bits(3, (uint64_t)i);
     uint32_t whole = mt_crc32c(0, buf, sizeof buf);
-    for (size_t cut = 0; cut <= 1000; cut += 37) ck_assert_uint_eq(mt_crc32c(mt_crc32c(0, buf, cut), buf + cut, 1000 - cut), whole);
+    for (size_t cut = 0; cut <= 1000; cut += 37)
+        ck_assert_uint_eq(mt_crc32c(mt_crc32c(0, buf, cut), buf + cut, 1000 - cut), whole);
     buf[500] ^= 1;
     ck_assert_uint_ne(mt_crc32c(0, buf, sizeof buf), whole);
 }
@@ -163,7 +163,9 @@ START_TEST(store_round_trip_is_bit_exact_at_odd_sizes) {
 END_TEST
 
 // pread/pwrite doubles: short transfers, no progress, ENOSPC, EIO
-static ssize_t short_pread(int fd, void *buf, size_t len, off_t at) { return pread(fd, buf, len < 4096 ? len : 4096, at); }
+static ssize_t short_pread(int fd, void *buf, size_t len, off_t at) {
+    return pread(fd, buf, len < 4096 ? len : 4096, at);
+}
 static ssize_t short_pwrite(int fd, const void *buf, size_t len, off_t at) {
     return pwrite(fd, buf, len < 8192 ? len : 8192, at);
 }
@@ -206,8 +208,7 @@ START_TEST(store_errors_are_clear_and_values) {
     mt_store_set_io(s, failing_pread, NULL);
     float *x = malloc(n * 4);
     ck_assert_int_eq(mt_store_read_all(s, x, NULL, NULL), MT_ERR_IO);
-    ck_assert_msg(strstr(mt_last_error(), strerror(EIO)) && strstr(mt_last_error(), "reading"), "%s",
-                  mt_last_error());
+    ck_assert_msg(strstr(mt_last_error(), strerror(EIO)) && strstr(mt_last_error(), "reading"), "%s", mt_last_error());
     // one flipped byte behind the store's back fails the checksum
     mt_store_set_io(s, NULL, NULL);
     ck_assert_int_eq(mt_store_read_all(s, x, NULL, NULL), MT_OK);
@@ -245,7 +246,8 @@ END_TEST
 
 // ---------------------------------------------------------------- training
 
-static void run_config(mt_config *cfg, const char *folder, const char *data, const char *out, const char *const *extra) {
+static void run_config(mt_config *cfg, const char *folder, const char *data, const char *out,
+                       const char *const *extra) {
     const char *const none[] = {NULL};
     tu_tiny_run_config(cfg, folder, data, out, extra ? extra : none);
     ck_assert_int_eq(mt_config_set(cfg, "optim.weight_decay", "0.1", "t"), MT_OK);
@@ -283,15 +285,15 @@ START_TEST(offloaded_runs_follow_the_run_without_offload) {
         while (variants[k][n]) n++;
         for (int i = 0; i <= n; i++) plain[i] = off_cpu[i] = off_ssd[i] = variants[k][i];
         off_cpu[n] = "offload.optimizer", off_cpu[n + 1] = "cpu", off_cpu[n + 2] = NULL;
-        off_ssd[n] = "offload.optimizer", off_ssd[n + 1] = "ssd", off_ssd[n + 2] = "offload.path",
-        off_ssd[n + 3] = ssd, off_ssd[n + 4] = NULL;
+        off_ssd[n] = "offload.optimizer", off_ssd[n + 1] = "ssd", off_ssd[n + 2] = "offload.path", off_ssd[n + 3] = ssd,
+        off_ssd[n + 4] = NULL;
         train_losses("plain", plain, base);
         train_losses("cpu", off_cpu, cpu);
         train_losses("ssd", off_ssd, file);
         for (int i = 0; i < 12; i++) {
             // the same arithmetic; only the norm's summation order differs
-            ck_assert_msg(fabs(cpu[i] - base[i]) <= 1e-5 * fabs(base[i]), "variant %zu step %d: %.9g vs %.9g", k,
-                          i + 1, cpu[i], base[i]);
+            ck_assert_msg(fabs(cpu[i] - base[i]) <= 1e-5 * fabs(base[i]), "variant %zu step %d: %.9g vs %.9g", k, i + 1,
+                          cpu[i], base[i]);
             ck_assert_msg(file[i] == cpu[i], "variant %zu step %d: ssd %.17g vs cpu %.17g", k, i + 1, file[i], cpu[i]);
         }
         ck_assert_msg(base[11] < base[0], "variant %zu: loss %g -> %g", k, base[0], base[11]);
@@ -324,7 +326,8 @@ START_TEST(ssd_offload_resumes_bit_identically) {
     double expect[12], got[12];
     ck_assert_int_eq(tu_read_losses(whole, expect, 12), 12);
     ck_assert_int_eq(tu_read_losses(split, got, 12), 12);
-    for (int i = 0; i < 12; i++) ck_assert_msg(got[i] == expect[i], "step %d: %.17g != %.17g", i + 1, got[i], expect[i]);
+    for (int i = 0; i < 12; i++)
+        ck_assert_msg(got[i] == expect[i], "step %d: %.17g != %.17g", i + 1, got[i], expect[i]);
     char cmd[1400];
     snprintf(cmd, sizeof cmd, "cmp -s %s/model/model.safetensors %s/model/model.safetensors", whole, split);
     ck_assert_int_eq(system(cmd), 0);
@@ -362,7 +365,8 @@ START_TEST(a_full_disk_mid_run_leaves_the_last_checkpoint_whole) {
     ck_assert_int_eq(tu_read_losses(out, got, 12), 12);
     const char *const same[] = {"offload.optimizer", "ssd", "offload.path", ssd, NULL};
     train_losses("unbroken", same, expect);
-    for (int i = 0; i < 12; i++) ck_assert_msg(got[i] == expect[i], "step %d: %.17g != %.17g", i + 1, got[i], expect[i]);
+    for (int i = 0; i < 12; i++)
+        ck_assert_msg(got[i] == expect[i], "step %d: %.17g != %.17g", i + 1, got[i], expect[i]);
 }
 END_TEST
 

@@ -261,9 +261,8 @@ void mt_config_write_yaml(const mt_config *cfg, FILE *f) {
 }
 
 static const char *const outside_training_hash[] = {
-    "train.resume", "train.stop_after",  "train.log_every",   "train.eval_every", "train.eval_batches", "train.device",
-    "output.dir",   "output.save_model", "output.save_dtype", "checkpoint.every", "checkpoint.keep",
-    "checkpoint.final",
+    "train.resume", "train.stop_after", "train.log_every", "train.eval_every", "train.eval_batches", "train.device",
+    "output.dir", "output.save_model", "output.save_dtype", "checkpoint.every", "checkpoint.keep", "checkpoint.final",
     // where the optimizer state lives changes no value it holds: a run may
     // resume with it moved (onto a smaller GPU, say)
     "offload.optimizer", "offload.path", "offload.io_threads", "offload.threads", "offload.trace_step"};
@@ -414,11 +413,12 @@ mt_err mt_config_validate(const mt_config *cfg) {
         return mt_errorf(MT_ERR_CONFIG, "galore.targets is empty; the default projects the attention and MLP matrices");
     int offload = strcmp(cfg->offload_optimizer, "none") != 0;
     if (offload && strcmp(cfg->optim_kind, "adamw"))
-        return mt_errorf(MT_ERR_CONFIG,
-                         "offload.optimizer %s moves AdamW's state, but optim.kind is %s (%s); set offload.optimizer: "
-                         "none, or optim.kind: adamw",
-                         cfg->offload_optimizer, cfg->optim_kind,
-                         mezo ? "MeZO keeps no optimizer state" : "GaLore's state is already small and stays on the GPU");
+        return mt_errorf(
+            MT_ERR_CONFIG,
+            "offload.optimizer %s moves AdamW's state, but optim.kind is %s (%s); set offload.optimizer: "
+            "none, or optim.kind: adamw",
+            cfg->offload_optimizer, cfg->optim_kind,
+            mezo ? "MeZO keeps no optimizer state" : "GaLore's state is already small and stays on the GPU");
     if (!offload && section_changed(cfg, "offload"))
         return mt_errorf(MT_ERR_CONFIG, "offload.* keys need offload.optimizer: cpu or ssd (it is none)");
     if (!strcmp(cfg->offload_optimizer, "ssd") && !cfg->offload_path[0])

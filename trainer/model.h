@@ -80,15 +80,15 @@ typedef void (*mt_grad_ready_fn)(void *ctx, int param, float *grad);
 typedef void (*mt_weights_needed_fn)(void *ctx, int bucket);
 
 typedef struct {
-    int B, T;                      // rows per batch, tokens per row
-    int activation_checkpointing;  // keep layer inputs only; recompute in backward
-    mt_lora_config lora;           // lora.r > 0: adapters trained, the base frozen
-    int quantize_nf4;              // QLoRA: the base's linear weights in NF4 (needs lora.r > 0)
-    int offload_activations;       // with checkpointing: layer inputs kept in (pinned) host memory
-    int forward_only;              // inference memory: no gradients, no backward buffers, one
-                                   // layer's activations (MeZO, evaluation)
-    mt_grad_ready_fn grad_ready;   // full fine-tune: no model-sized gradient block; each
-    void *grad_ready_ctx;          // gradient is handed over as soon as it is complete (GaLore)
+    int B, T;                             // rows per batch, tokens per row
+    int activation_checkpointing;         // keep layer inputs only; recompute in backward
+    mt_lora_config lora;                  // lora.r > 0: adapters trained, the base frozen
+    int quantize_nf4;                     // QLoRA: the base's linear weights in NF4 (needs lora.r > 0)
+    int offload_activations;              // with checkpointing: layer inputs kept in (pinned) host memory
+    int forward_only;                     // inference memory: no gradients, no backward buffers, one
+                                          // layer's activations (MeZO, evaluation)
+    mt_grad_ready_fn grad_ready;          // full fine-tune: no model-sized gradient block; each
+    void *grad_ready_ctx;                 // gradient is handed over as soon as it is complete (GaLore)
     mt_weights_needed_fn weights_needed;  // NULL, or the hook above (offloaded optimizer)
     void *weights_needed_ctx;
 } mt_model_options;

@@ -333,7 +333,9 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
                              (int)cfg->model_offload_activations,
                              0,
                              NULL,
-                             NULL, NULL, NULL};
+                             NULL,
+                             NULL,
+                             NULL};
     int mezo = !strcmp(cfg->optim_kind, "mezo"), galore = !strcmp(cfg->optim_kind, "galore");
     int offload = strcmp(cfg->offload_optimizer, "none") != 0;
     // offloaded gradients stream out of backward unless they must add up
@@ -622,13 +624,13 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
             use_gpu ? "; bf16 weights updated with stochastic rounding" : "");
     if (offload) {
         const mt_store *st = mt_offload_store(ofl);
-        mt_info("AdamW state offloaded to %s: %.2fM parameters, %.2f GiB (fp32 master, m, v)%s%s; CPU AdamW %s; "
-                "gradients %s, %.1f MiB of GPU staging; host memory %.2f GiB",
-                !strcmp(cfg->offload_optimizer, "ssd") ? "SSD" : "pinned host memory", trained_total / 1e6,
-                trained_total * 12.0 / 1073741824.0, st && mt_store_path(st)[0] ? " in " : "",
-                st ? mt_store_path(st) : "", mt_offload_cpu_path(ofl),
-                offload_streamed ? "streamed per layer" : "sent after backward",
-                mt_offload_device_bytes(ofl) / 1048576.0, mt_offload_host_bytes(ofl) / 1073741824.0);
+        mt_info(
+            "AdamW state offloaded to %s: %.2fM parameters, %.2f GiB (fp32 master, m, v)%s%s; CPU AdamW %s; "
+            "gradients %s, %.1f MiB of GPU staging; host memory %.2f GiB",
+            !strcmp(cfg->offload_optimizer, "ssd") ? "SSD" : "pinned host memory", trained_total / 1e6,
+            trained_total * 12.0 / 1073741824.0, st && mt_store_path(st)[0] ? " in " : "", st ? mt_store_path(st) : "",
+            mt_offload_cpu_path(ofl), offload_streamed ? "streamed per layer" : "sent after backward",
+            mt_offload_device_bytes(ofl) / 1048576.0, mt_offload_host_bytes(ofl) / 1073741824.0);
         if (!strcmp(cfg->offload_optimizer, "ssd") && !mt_store_direct_io(st))
             mt_warn("%s does not take O_DIRECT (tmpfs?): the state goes through the page cache", cfg->offload_path);
     }

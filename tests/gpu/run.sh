@@ -6,11 +6,11 @@
 # benchmarks of bench/. Logs and results go under $OUT.
 #
 # Stages: ctest quickstart resume parity peft (default), plus bench,
-# lora-bench, mezo-bench and galore-bench with --bench; or name them: run.sh --stages
+# lora-bench, mezo-bench, galore-bench and offload-bench with --bench; or name them: run.sh --stages
 # "ctest mezo-bench". MT_CTEST_FILTER narrows ctest; MT_LORA_SHAPES picks
 # lora-bench's shapes and MT_LORA_ARGS adds bench/lora_ft.py options (e.g.
 # "--steps 20"); MT_MEZO_ARGS adds bench/mezo.py options, MT_GALORE_ARGS
-# bench/galore.py's.
+# bench/galore.py's, MT_OFFLOAD_ARGS bench/offload.py's.
 # Python packages the machine lacks travel in .whl/ (see docs/development.md):
 # .whl/bnb (bitsandbytes) and .whl/galore (galore-torch) always, .whl/peft
 # only if peft does not import.
@@ -60,7 +60,7 @@ fi
 
 STAGES="ctest quickstart resume parity peft"
 case "${1:-}" in
-    --bench) STAGES="$STAGES bench lora-bench mezo-bench galore-bench" ;;
+    --bench) STAGES="$STAGES bench lora-bench mezo-bench galore-bench offload-bench" ;;
     --stages) STAGES=$2 ;;
 esac
 want() { case " $STAGES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
@@ -96,6 +96,10 @@ if want quickstart && [ -f data/kjv.txt ]; then
         --set model.path=/tmp/mt-quickstart/model --set output.dir=/tmp/mt-quickstart-mezo 2>&1 |
         tee "$OUT/quickstart-mezo.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    echo "== quickstart with AdamW's state offloaded to host memory, on the GPU"
+    "$BUILD/memtune" train configs/quickstart.yaml --set data.train=/tmp/kjv.h5 --set train.device=gpu \
+        --set output.dir=/tmp/mt-quickstart-offload --set offload.optimizer=cpu 2>&1 | tee "$OUT/quickstart-offload.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
     echo "== quickstart's GaLore variant on the GPU"
     "$BUILD/memtune" train configs/quickstart-galore.yaml --set data.train=/tmp/psalms.h5 --set train.device=gpu \
         --set model.path=/tmp/mt-quickstart/model --set output.dir=/tmp/mt-quickstart-galore 2>&1 |
@@ -126,6 +130,10 @@ if want resume && [ -f data/kjv.txt ]; then
     : > "$OUT/resume.log"
     resume_check full 40 15 "" train configs/quickstart.yaml --set data.train=/tmp/kjv.h5 --set train.device=gpu \
         --set train.steps=40 --set train.log_every=1 --set checkpoint.every=5
+    echo "== offloaded AdamW (state in a file, O_DIRECT) resume on the GPU"
+    resume_check offload-ssd 40 15 "" train configs/quickstart.yaml --set data.train=/tmp/kjv.h5 \
+        --set train.device=gpu --set train.steps=40 --set train.log_every=1 --set checkpoint.every=5 \
+        --set offload.optimizer=ssd --set offload.path=/tmp/mt-offload-resume
     if [ -f /tmp/mt-quickstart/model/model.safetensors ] && [ -f /tmp/psalms.h5 ]; then
         echo "== QLoRA (dropout on) and MeZO (bf16 weights, stochastic rounding) resume on the GPU"
         resume_check QLoRA 30 12 adapter/adapter_model.safetensors train configs/quickstart-lora.yaml \
@@ -176,6 +184,11 @@ fi
 if want galore-bench; then
     echo "== bench: GaLore vs memtune AdamW and galore-torch"
     python3 bench/galore.py --out "$OUT" ${MT_GALORE_ARGS:-} 2>&1 | tee "$OUT/galore_bench.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+if want offload-bench; then
+    echo "== bench: optimizer state on the GPU, in host memory, on disk; CPU AdamW vs torch's"
+    python3 bench/offload.py --out "$OUT" ${MT_OFFLOAD_ARGS:-} 2>&1 | tee "$OUT/offload_bench.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 echo "run.sh: exit $status"

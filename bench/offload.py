@@ -1,0 +1,154 @@
+#!/usr/bin/env python3
+"""ZeRO-style offload of AdamW's state, in one run on one GPU.
+
+Full fine-tuning (every weight) of the TinyLlama-1.1B and Llama-2-7B shapes
+(random initialisation), B=4, T=1024, activation checkpointing, global-norm
+clipping at 1.0, with the optimizer state (fp32 master weights and moments)
+on the GPU (`offload.optimizer: none`), in pinned host memory (`cpu`) and in
+a file on the machine's disk (`ssd`); on the 1.1B shape also `cpu` without
+clipping, where each layer updates as its gradients land. Per run: step time
+after the warm-up steps (from metrics.jsonl), the device's used memory
+minus what was used before (nvidia-smi, sampled), memtune's allocator peak,
+and the process's peak resident host memory (VmRSS, pinned pages included).
+The cpu run of the 1.1B shape writes the copy/update timeline of two steps
+(offload-trace.json, Chrome's trace format) to --out.
+
+Then the CPU AdamW alone: memtune's (bench/cpu_adam_bench.c, every
+instruction path, fp32 and bf16 gradients) against torch's CPU AdamW
+(bench/torch_cpu_adam.py: the default and fused=True) on the same
+parameters and cores, in parameters per second.
+
+Targets (issue 7): the 7B full fine-tune fits on one GPU with peak GPU
+memory <= 24 GiB; CPU AdamW >= 4 x torch's; the cpu-offload step of the 1.1B
+shape <= 1.3 x the GPU-resident step. Writes offload_bench.json and prints
+the table and the ratios.
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from full_ft import write_dataset  # noqa: E402
+from lora_ft import shape_folder, train_and_time  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUILD = os.environ.get("MT_BUILD_DIR", os.path.join(ROOT, "build"))
+GIB = 1024 ** 3
+
+
+def run_memtune(args, folder, data, run, mode, trace_step=0):
+    offload = mode.split("-")[0]
+    cmd = [os.path.join(BUILD, "memtune"), "train", os.path.join(ROOT, "configs", "full-offload-cpu.yaml")]
+    sets = {"model.path": folder, "model.init": "random", "data.train": data, "data.eval_fraction": 0,
+            "train.eval_batches": 0, "train.steps": args.steps, "train.micro_batch": args.B, "train.seq_len": args.T,
+            "train.log_every": 1, "train.device": "gpu", "optim.lr": 1e-5, "optim.warmup_steps": 0,
+            "optim.grad_clip": 0 if mode.endswith("noclip") else 1.0, "output.dir": run,
+            "output.save_model": "false", "checkpoint.every": 0, "checkpoint.final": "false",
+            "model.activation_checkpointing": "true", "offload.optimizer": offload}
+    if offload == "ssd":
+        sets["offload.path"] = args.ssd_path
+    if trace_step:
+        sets["offload.trace_step"] = trace_step
+    shutil.rmtree(run, ignore_errors=True)
+    return train_and_time(args, cmd, sets, run, ("offloaded", "memory (GPU)", "O_DIRECT", "timeline"))
+
+
+def json_lines(cmd, timeout):
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return [{"error": f"timed out after {timeout}s"}]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode:
+        rows.append({"error": out.stderr.strip()[-500:]})
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="TinyLlama-1.1B,Llama-2-7B")
+    ap.add_argument("--modes", default="none,cpu,cpu-noclip,ssd")
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--B", type=int, default=4)
+    ap.add_argument("--T", type=int, default=1024)
+    ap.add_argument("--ssd-path", default="/tmp/memtune-offload-bench")
+    ap.add_argument("--adam-millions", type=float, default=256)
+    ap.add_argument("--skip-adam", action="store_true")
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--work", default="/tmp/mt-offload-bench")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(args.work, exist_ok=True)
+    data = os.path.join(args.work, "data.h5")
+    write_dataset(data, (args.steps + 10) * args.B * (args.T + 1), 32000)
+    disk = shutil.disk_usage(os.path.dirname(args.ssd_path.rstrip("/")) or "/")
+    results = {"B": args.B, "T": args.T, "steps": args.steps, "warmup": args.warmup, "cores": os.cpu_count(),
+               "ssd_path": args.ssd_path, "disk_free_gib": disk.free / GIB, "shapes": {}}
+    for shape in args.shapes.split(","):
+        folder, _ = shape_folder(args.work, shape)
+        res = results["shapes"][shape] = {}
+        for mode in args.modes.split(","):
+            if mode == "cpu-noclip" and shape != "TinyLlama-1.1B":
+                continue
+            trace = 6 if mode == "cpu" and shape == "TinyLlama-1.1B" else 0
+            run = os.path.join(args.work, f"{shape}-{mode}")
+            r = run_memtune(args, folder, data, run, mode, trace)
+            if trace and os.path.exists(os.path.join(run, "offload-trace.json")):
+                shutil.copy(os.path.join(run, "offload-trace.json"), os.path.join(args.out, "offload-trace.json"))
+            res[mode] = r
+            print(json.dumps({"shape": shape, "mode": mode, **r}), flush=True)
+        if "error" not in res.get("none", {"error": 1}) and "error" not in res.get("cpu", {"error": 1}):
+            res["ratio_cpu_step_vs_gpu"] = res["cpu"]["step_ms"] / res["none"]["step_ms"]
+        if "error" not in res.get("none", {"error": 1}) and "error" not in res.get("cpu-noclip", {"error": 1}):
+            res["ratio_cpu_noclip_step_vs_gpu"] = res["cpu-noclip"]["step_ms"] / res["none"]["step_ms"]
+
+    if not args.skip_adam:
+        cores = os.cpu_count()
+        threads = f"{cores},{max(cores - 1, 1)}"
+        mem = json_lines([os.path.join(BUILD, "mt_cpu_adam_bench"), str(args.adam_millions), "5", threads], 600)
+        tor = json_lines([sys.executable, os.path.join(ROOT, "bench", "torch_cpu_adam.py"), "--millions",
+                          str(args.adam_millions), "--threads", threads], 900)
+        results["cpu_adam"] = {"memtune": mem, "torch": tor}
+        for row in mem + tor:
+            print(json.dumps(row), flush=True)
+        best = {}
+        for row in mem:
+            if "params_per_second" in row:
+                key = (row["grad"], row["threads"])
+                best[key] = max(best.get(key, 0), row["params_per_second"])
+        ratios = {}
+        for row in tor:
+            if "params_per_second" not in row:
+                continue
+            for grad in ("fp32", "bf16"):
+                if (grad, row["threads"]) in best:
+                    ratios[f"memtune_{grad}_grads_vs_torch_{row['variant']}_{row['threads']}_threads"] = \
+                        best[(grad, row["threads"])] / row["params_per_second"]
+        results["cpu_adam"]["ratios"] = ratios
+
+    with open(os.path.join(args.out, "offload_bench.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print("\n| shape | optimizer state | step ms | tok/s | GPU used peak GiB | allocator peak GiB | host RSS peak GiB |")
+    print("|---|---|---|---|---|---|---|")
+    for shape, res in results["shapes"].items():
+        for mode, r in res.items():
+            if not isinstance(r, dict):
+                continue
+            if "error" in r:
+                print(f"| {shape} | {mode} | error: {r['error'][:150]} | | | | |")
+            else:
+                print(f"| {shape} | {mode} | {r['step_ms']:.0f} | {r['tokens_per_second']:.0f} | "
+                      f"{r['device_peak'] / GIB:.2f} | {r['allocator_peak'] / GIB:.2f} | {r['host_peak'] / GIB:.1f} |")
+        for k, v in res.items():
+            if k.startswith("ratio"):
+                print(f"{shape} {k}: {v:.2f}")
+    for k, v in results.get("cpu_adam", {}).get("ratios", {}).items():
+        print(f"CPU AdamW {k}: {v:.2f}")
+
+
+if __name__ == "__main__":
+    main()
