@@ -246,6 +246,13 @@ END_TEST
 
 // ---------------------------------------------------------------- training
 
+// The dataset and the tiny model's folder the training tests share.
+static void data_and_model(char *data, char *folder) {
+    snprintf(data, 300, "%s/data.h5", dir);
+    if (access(data, R_OK) != 0) tu_write_sequence_data(data);
+    tu_model_folder(dir, "tiny", tu_tiny_llama_json, folder, 300);
+}
+
 static void run_config(mt_config *cfg, const char *folder, const char *data, const char *out,
                        const char *const *extra) {
     const char *const none[] = {NULL};
@@ -255,9 +262,7 @@ static void run_config(mt_config *cfg, const char *folder, const char *data, con
 
 static void train_losses(const char *name, const char *const *extra, double *losses) {
     char data[300], folder[300], out[300];
-    snprintf(data, sizeof data, "%s/data.h5", dir);
-    if (access(data, R_OK) != 0) tu_write_sequence_data(data);
-    tu_model_folder(dir, "tiny", tu_tiny_llama_json, folder, sizeof folder);
+    data_and_model(data, folder);
     snprintf(out, sizeof out, "%s/%s", dir, name);
     mt_config cfg;
     mt_train_result r;
@@ -304,9 +309,7 @@ END_TEST
 START_TEST(ssd_offload_resumes_bit_identically) {
     char ssd[400], data[300], folder[300], whole[300], split[300];
     snprintf(ssd, sizeof ssd, "%s/ssd-resume", dir);
-    snprintf(data, sizeof data, "%s/data.h5", dir);
-    if (access(data, R_OK) != 0) tu_write_sequence_data(data);
-    tu_model_folder(dir, "tiny", tu_tiny_llama_json, folder, sizeof folder);
+    data_and_model(data, folder);
     snprintf(whole, sizeof whole, "%s/whole", dir);
     snprintf(split, sizeof split, "%s/split", dir);
     const char *const extra[] = {"offload.optimizer", "ssd", "offload.path", ssd, NULL};
@@ -337,9 +340,7 @@ END_TEST
 START_TEST(a_full_disk_mid_run_leaves_the_last_checkpoint_whole) {
     char ssd[400], data[300], folder[300], out[300], path[1400];
     snprintf(ssd, sizeof ssd, "%s/ssd-full", dir);
-    snprintf(data, sizeof data, "%s/data.h5", dir);
-    if (access(data, R_OK) != 0) tu_write_sequence_data(data);
-    tu_model_folder(dir, "tiny", tu_tiny_llama_json, folder, sizeof folder);
+    data_and_model(data, folder);
     snprintf(out, sizeof out, "%s/full", dir);
     const char *const extra[] = {"offload.optimizer", "ssd", "offload.path", ssd, "checkpoint.every", "4", NULL};
     mt_config cfg;
@@ -372,9 +373,7 @@ END_TEST
 
 START_TEST(offload_config_errors_name_the_fix) {
     char data[300], folder[300], out[300];
-    snprintf(data, sizeof data, "%s/data.h5", dir);
-    if (access(data, R_OK) != 0) tu_write_sequence_data(data);
-    tu_model_folder(dir, "tiny", tu_tiny_llama_json, folder, sizeof folder);
+    data_and_model(data, folder);
     snprintf(out, sizeof out, "%s/bad", dir);
     mt_config cfg;
     mt_train_result r;

@@ -111,7 +111,7 @@ extern "C" {
       "reserved at start, deleted at the end; checkpoints keep the state)")                                           \
     X(offload, io_threads, INT, "4", 1, 64, "", "offload.optimizer ssd: reads and writes in flight at once")          \
     X(offload, threads, INT, "0", 0, 4096, "",                                                                        \
-      "CPU threads of the offloaded AdamW (0: every core but one with a GPU, every core without)")                   \
+      "CPU threads of the offloaded AdamW (0: every core but one with a GPU, every core without)")                    \
     X(offload, trace_step, INT, "0", 0, 1000000000, "",                                                               \
       "GPU: write the copy/update timeline of this step and the next to output.dir/offload-trace.json (Chrome trace " \
       "format, for chrome://tracing or ui.perfetto.dev); 0: none")                                                    \
