@@ -103,7 +103,7 @@ extern "C" {
     X(galore, moments, ENUM, "fp32", 0, 0, "fp32|int8",                                                               \
       "GaLore: Adam moments in fp32, or int8 (blockwise 8-bit, 256 values per block with an absmax; ~1/4 the bytes)") \
     X(offload, optimizer, ENUM, "none", 0, 0, "none|cpu|ssd",                                                         \
-      "where AdamW's fp32 master weights and moments live: none (the GPU), cpu (pinned host memory; AdamW runs on "   \
+      "where AdamW's fp32 master weights and moments live: none (the GPU), cpu (host memory; AdamW runs on "          \
       "the CPU beside the GPU's work, gradients and weights cross in bf16) or ssd (a file under offload.path, read "  \
       "ahead and written behind with O_DIRECT); see docs/offload.md")                                                 \
     X(offload, path, STR, "", 0, 0, "",                                                                               \

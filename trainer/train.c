@@ -627,7 +627,7 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
         mt_info(
             "AdamW state offloaded to %s: %.2fM parameters, %.2f GiB (fp32 master, m, v)%s%s; CPU AdamW %s; "
             "gradients %s, %.1f MiB of GPU staging; host memory %.2f GiB",
-            !strcmp(cfg->offload_optimizer, "ssd") ? "SSD" : "pinned host memory", trained_total / 1e6,
+            !strcmp(cfg->offload_optimizer, "ssd") ? "SSD" : "host memory", trained_total / 1e6,
             trained_total * 12.0 / 1073741824.0, st && mt_store_path(st)[0] ? " in " : "", st ? mt_store_path(st) : "",
             mt_offload_cpu_path(ofl), offload_streamed ? "streamed per layer" : "sent after backward",
             mt_offload_device_bytes(ofl) / 1048576.0, mt_offload_host_bytes(ofl) / 1073741824.0);
