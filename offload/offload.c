@@ -20,6 +20,7 @@
 #define STAGES 4  // bf16 weight buffers between the CPU update and the copy back
 
 typedef struct {
+    int unit;                          // the model's forward unit it belongs to
     int first, end;                    // its parameters, [first, end) of params
     size_t offset, count;              // its elements (padding included)
     int remaining;                     // parameters still to arrive this step
@@ -44,6 +45,8 @@ struct mt_offload {
     int n_params;
     bucket *buckets;
     int n_buckets;
+    int *unit_bucket;  // the model's forward unit -> its bucket, or -1
+    int n_units;
     size_t total;
     mt_store *store;
     void *weights;
@@ -223,34 +226,33 @@ mt_err mt_offload_init(mt_offload **out, mt_backend *be, const mt_offload_config
     pthread_mutex_init(&o->lock, NULL);
     pthread_cond_init(&o->changed, NULL);
 
-    // buckets: runs of parameters with the same bucket id, in offset order
-    int max_bucket = -1;
+    // buckets: runs of parameters with the same forward unit, in offset
+    // order; a unit without trained parameters (the embedding, with LoRA)
+    // has no bucket, so the model's unit ids map to bucket indices
     for (int p = 0; p < n_params; p++) {
         MT_CHECK(p == 0 || params[p].offset >= params[p - 1].offset + params[p - 1].count, "offload params unsorted");
         MT_CHECK(params[p].bucket >= 0 && (p == 0 || params[p].bucket >= params[p - 1].bucket),
                  "offload buckets must be contiguous and ascending (parameter %d)", p);
-        if (params[p].bucket > max_bucket) max_bucket = params[p].bucket;
     }
-    o->buckets = calloc((size_t)(max_bucket + 1 > 0 ? max_bucket + 1 : 1), sizeof *o->buckets);
-    MT_CHECK(o->buckets != NULL, "offload buckets");
+    o->n_units = n_params ? params[n_params - 1].bucket + 1 : 0;
+    o->buckets = calloc((size_t)(o->n_units ? o->n_units : 1), sizeof *o->buckets);
+    o->unit_bucket = malloc((size_t)(o->n_units ? o->n_units : 1) * sizeof *o->unit_bucket);
+    MT_CHECK(o->buckets && o->unit_bucket, "offload buckets");
+    for (int u = 0; u < o->n_units; u++) o->unit_bucket[u] = -1;
     for (int p = 0; p < n_params;) {
         int q = p;
         while (q < n_params && params[q].bucket == params[p].bucket) q++;
-        bucket *k = &o->buckets[o->n_buckets++];
+        int b = o->n_buckets++;
+        bucket *k = &o->buckets[b];
+        k->unit = params[p].bucket;
         k->first = p;
         k->end = q;
         k->offset = params[p].offset;
         k->count = params[q - 1].offset + params[q - 1].count - k->offset;
         if (k->count > o->ring_count) o->ring_count = k->count;
-        p = q;
+        o->unit_bucket[params[p].bucket] = b;
+        for (; p < q; p++) o->params[p].bucket = b;
     }
-    // gaps in the bucket ids (a layer without adapters) are not buckets
-    int *index = malloc((size_t)(max_bucket + 2) * sizeof *index);
-    MT_CHECK(index != NULL, "offload bucket index");
-    for (int b = 0; b <= max_bucket; b++) index[b] = -1;
-    for (int b = 0; b < o->n_buckets; b++) index[o->params[o->buckets[b].first].bucket] = b;
-    for (int p = 0; p < n_params; p++) o->params[p].bucket = index[o->params[p].bucket];
-    free(index);
 
     mt_store_config sc = {cfg->kind, cfg->dir, total, 0, 1, cfg->block_params, cfg->io_threads, 0};
     mt_err err = mt_store_open(&o->store, &sc);
@@ -259,10 +261,8 @@ mt_err mt_offload_init(mt_offload **out, mt_backend *be, const mt_offload_config
     if (!err && o->gpu) {
         for (int r = 0; r < 2 && !err; r++)
             err = mt_alloc(&o->ring[r], (o->ring_count ? o->ring_count : 1) * 2, MT_MEM_GRADS, MT_DEVICE);
-        size_t block = cfg->block_params ? cfg->block_params : (size_t)1 << 21;
-        block = (block + 1023) / 1024 * 1024;
         for (int s = 0; s < STAGES && !err; s++) {
-            err = mt_alloc((void **)&o->stage[s], block * 2, MT_MEM_OFFLOAD, MT_HOST);
+            err = mt_alloc((void **)&o->stage[s], mt_store_block_params(o->store) * 2, MT_MEM_OFFLOAD, MT_HOST);
             o->stage_done[s] = mt_event_create();
         }
         o->d2h = mt_stream_create();
@@ -319,6 +319,7 @@ void mt_offload_free(mt_offload *o) {
     pthread_mutex_destroy(&o->lock);
     pthread_cond_destroy(&o->changed);
     free(o->buckets);
+    free(o->unit_bucket);
     free(o->params);
     free(o);
 }
@@ -421,8 +422,9 @@ void mt_offload_cancel_step(mt_offload *o) {
     o->in_step = 0;
 }
 
-void mt_offload_wait_bucket(mt_offload *o, int b) {
-    if (!o->gpu || b < 0 || b >= o->n_buckets) return;
+void mt_offload_wait_bucket(mt_offload *o, int unit) {
+    if (!o->gpu || unit < 0 || unit >= o->n_units || o->unit_bucket[unit] < 0) return;
+    int b = o->unit_bucket[unit];
     long needed = o->in_step ? o->gen - 1 : o->gen;
     if (needed > 0) {
         pthread_mutex_lock(&o->lock);
@@ -463,8 +465,8 @@ mt_err mt_offload_write_state(mt_offload *o, const float *master, const float *m
 }
 
 size_t mt_offload_host_bytes(const mt_offload *o) {
-    size_t block = o->cfg.block_params ? o->cfg.block_params : (size_t)1 << 21;
-    return mt_store_host_bytes(o->store) + o->total * (o->gpu ? 2 : 4) + (o->gpu ? STAGES * block * 2 : 0);
+    size_t stages = o->gpu ? STAGES * mt_store_block_params(o->store) * 2 : 0;
+    return mt_store_host_bytes(o->store) + o->total * (o->gpu ? 2 : 4) + stages;
 }
 
 size_t mt_offload_device_bytes(const mt_offload *o) { return o->gpu ? 2 * o->ring_count * 2 : 0; }
@@ -473,12 +475,13 @@ size_t mt_offload_device_bytes(const mt_offload *o) { return o->gpu ? 2 * o->rin
 // event format: open it in chrome://tracing or ui.perfetto.dev)
 
 static void bucket_name(const mt_offload *o, int b, char *buf, size_t len) {
-    if (b == 0)
+    int unit = o->buckets[b].unit;
+    if (unit == 0)
         snprintf(buf, len, "embedding");
-    else if (b == o->n_buckets - 1)
+    else if (unit == o->cfg.layers + 1)
         snprintf(buf, len, "head");
     else
-        snprintf(buf, len, "layer %d", b - 1);
+        snprintf(buf, len, "layer %d", unit - 1);
 }
 
 // Times are host seconds; the file counts microseconds from the origin.

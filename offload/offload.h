@@ -44,6 +44,7 @@ typedef struct {
     int threads;             // OpenMP threads of the CPU AdamW (0: all cores but one with a GPU)
     const char *trace_path;  // Chrome trace JSON of steps trace_step and trace_step + 1, or NULL
     long trace_step;
+    int layers;  // L: names the units in the trace (1 + l layer l, L + 1 the head)
 } mt_offload_config;
 
 typedef struct mt_offload mt_offload;
@@ -68,10 +69,11 @@ void mt_offload_grad(mt_offload *o, int param, const float *grad);
 mt_err mt_offload_end_step(mt_offload *o, double *grad_norm, int *finite);
 // The backward did not run (a non-finite loss): nothing is applied.
 void mt_offload_cancel_step(mt_offload *o);
-// Before a forward reads bucket b: its update of the last step is issued
-// and the compute stream waits for its copy (the host blocks only until the
-// worker has issued it).
-void mt_offload_wait_bucket(mt_offload *o, int bucket);
+// Before a forward reads forward unit `unit` (mt_offload_param.bucket's
+// numbering): the update of its bucket from the last step is issued and the
+// compute stream waits for its copy (the host blocks only until the worker
+// has issued it). A unit with nothing trained returns at once.
+void mt_offload_wait_bucket(mt_offload *o, int unit);
 // Waits for every update; returns the first store error.
 mt_err mt_offload_sync(mt_offload *o);
 

@@ -178,6 +178,7 @@ static void enqueue(mt_store *s, int k) {  // with the lock held
 }
 
 size_t mt_store_count(const mt_store *s) { return s->count; }
+size_t mt_store_block_params(const mt_store *s) { return s->block_params; }
 const char *mt_store_path(const mt_store *s) { return s->path; }
 int mt_store_direct_io(const mt_store *s) { return s->direct; }
 

@@ -44,6 +44,8 @@ typedef struct mt_store mt_store;
 mt_err mt_store_open(mt_store **out, const mt_store_config *cfg);
 void mt_store_close(mt_store *s);
 size_t mt_store_count(const mt_store *s);
+// Parameters per block: the largest window mt_store_next gives.
+size_t mt_store_block_params(const mt_store *s);
 // Host memory the store holds (arrays, or the file kind's block buffers).
 size_t mt_store_host_bytes(const mt_store *s);
 // The file's path ("" for the memory kind) and whether it uses O_DIRECT

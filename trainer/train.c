@@ -175,27 +175,24 @@ static mt_err get_trained(checkpoint_ctx *c, float *dst) {
     return MT_OK;
 }
 
-// Host arrays of the trained block for an offloaded state's copy; the run
-// keeps none between checkpoints (they would double its host memory).
-static mt_err alloc_state_copy(size_t n, int count, float **a, float **b, float **c) {
-    float **arrays[3] = {a, b, c};
-    for (int i = 0; i < 3; i++) *arrays[i] = NULL;
-    for (int i = 0; i < count; i++)
-        if (!(*arrays[i] = malloc((n ? n : 1) * sizeof(float)))) {
-            for (int j = 0; j < i; j++) free(*arrays[j]);
-            return mt_errorf(MT_ERR_NOMEM,
-                             "out of host memory for a copy of the offloaded optimizer state (%.1f GiB for checkpoints "
-                             "and the saved model); free host memory, or save less often",
-                             count * n * 4.0 / 1073741824.0);
-        }
-    return MT_OK;
+// `arrays` host arrays of the trained block's n values, in one allocation,
+// for a copy of an offloaded state; the run keeps none between checkpoints
+// (they would double its host memory).
+static mt_err alloc_state_copy(size_t n, int arrays, float **block) {
+    *block = malloc((n ? n : 1) * (size_t)arrays * sizeof(float));
+    if (*block) return MT_OK;
+    return mt_errorf(MT_ERR_NOMEM,
+                     "out of host memory for a copy of the offloaded optimizer state (%.1f GiB for checkpoints and the "
+                     "saved model); free host memory, or save less often",
+                     arrays * n * 4.0 / 1073741824.0);
 }
 
 static mt_err save_checkpoint(checkpoint_ctx *c, long steps_done) {
-    float *master = c->master, *m = c->m, *v = c->v;
+    float *master = c->master, *m = c->m, *v = c->v, *copy = NULL;
     mt_err err = MT_OK;
     if (c->offload) {
-        if ((err = alloc_state_copy(c->trained_total, 3, &master, &m, &v))) return err;
+        if ((err = alloc_state_copy(c->trained_total, 3, &copy))) return err;
+        master = copy, m = copy + c->trained_total, v = copy + 2 * c->trained_total;
         err = mt_offload_read_state(c->offload, master, m, v);
     } else {
         get_trained(c, master);
@@ -218,11 +215,7 @@ static mt_err save_checkpoint(checkpoint_ctx *c, long steps_done) {
     if (!err)
         err = mt_checkpoint_write(c->cfg->output_dir, c->cfg->model_path, c->mc, c->lora, master, m, v, extra, n_extra,
                                   &meta, (int)c->cfg->checkpoint_keep);
-    if (c->offload) {
-        free(master);
-        free(m);
-        free(v);
-    }
+    free(copy);
     if (!err) mt_info("checkpoint: %s/checkpoints/step-%08ld (%.1fs)", c->cfg->output_dir, steps_done, mt_now() - t0);
     return err;
 }
@@ -398,13 +391,13 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     else if (cfg->train_resume[0])
         snprintf(resume_dir, sizeof resume_dir, "%s", cfg->train_resume);
     // AdamW's moments' host copies for checkpoints (MeZO has none, GaLore its own)
-    int adamw = !mezo && !galore;
     // with offload the moments live in the store; host copies only to resume
-    if (adamw && (!offload || resume_dir[0])) {
+    int host_moments = !mezo && !galore && (!offload || resume_dir[0]);
+    if (host_moments) {
         moment_m = malloc((trained_total ? trained_total : 1) * sizeof(float));
         moment_v = malloc((trained_total ? trained_total : 1) * sizeof(float));
     }
-    if (adamw && (!offload || resume_dir[0]) && (!moment_m || !moment_v)) {
+    if (host_moments && (!moment_m || !moment_v)) {
         err = mt_errorf(MT_ERR_NOMEM, "out of host memory for the optimizer state's checkpoint copies (%.1f GiB)",
                         trained_total * 8.0 / 1073741824.0);
         goto out_params;
@@ -549,7 +542,8 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
                                 (float)cfg->optim_grad_clip,
                                 (int)cfg->offload_threads,
                                 cfg->offload_trace_step > 0 ? trace : NULL,
-                                cfg->offload_trace_step};
+                                cfg->offload_trace_step,
+                                mc.L};
         err = mt_offload_init(&ofl, &be, &oc, op, n_trained, trained_total, tr.weights, trained);
         free(op);
         if (!err && resume_dir[0])
@@ -716,8 +710,9 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
                 mt_offload_cancel_step(ofl);
             } else if (ofl) {
                 // adapters, or gradients summed over micro-batches: the whole block now, last layer first
-                for (int p = n_trained - 1; p >= 0 && !offload_streamed; p--)
-                    mt_offload_grad(ofl, p, tr.grads + trained_table[p].offset);
+                if (!offload_streamed)
+                    for (int p = n_trained - 1; p >= 0; p--)
+                        mt_offload_grad(ofl, p, tr.grads + trained_table[p].offset);
                 if ((err = mt_offload_end_step(ofl, &info.grad_norm, &info.finite))) break;
             } else if (isfinite(loss)) {
                 mt_optimizer_step(opt, tr.grads, lr, &info);
@@ -821,8 +816,7 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
             mt_info("saved %s (PEFT layout; merge with: memtune merge --model %s --adapter %s -o MERGED)", path,
                     cfg->model_path, path);
     } else if (!err && !stopped && cfg->output_save_model) {
-        float *unused;
-        if (!host_params) err = alloc_state_copy(total, 1, &host_params, &unused, &unused);
+        if (!host_params) err = alloc_state_copy(total, 1, &host_params);
         if (!err) err = get_trained(&ckpt, host_params);
         mt_dtype dtype = !strcmp(cfg->output_save_dtype, "F32")    ? MT_DTYPE_F32
                          : !strcmp(cfg->output_save_dtype, "BF16") ? MT_DTYPE_BF16
@@ -839,7 +833,6 @@ out_model:
     mt_mezo_free(mz);
     mt_optimizer_free(opt);
     mt_offload_free(ofl);
-    ofl = NULL;
     mt_model_free(model);
 out_backend:
     mt_backend_free(&be);
