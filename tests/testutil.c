@@ -140,3 +140,13 @@ void tu_write_sequence_data(const char *path) {
     ck_assert_int_eq(mt_dataset_write(path, tok, n, offsets, 1, NULL, 13, "test"), MT_OK);
     free(tok);
 }
+
+void tu_assert_same_losses(const char *expect, const char *got, int steps, double *losses) {
+    double a[64], b[64];
+    ck_assert_int_le(steps, 64);
+    ck_assert_int_eq(tu_read_losses(expect, a, steps), steps);
+    ck_assert_int_eq(tu_read_losses(got, b, steps), steps);
+    for (int i = 0; i < steps; i++)
+        ck_assert_msg(b[i] == a[i], "%s vs %s, step %d: %.17g != %.17g", got, expect, i + 1, b[i], a[i]);
+    if (losses) memcpy(losses, a, (size_t)steps * sizeof *a);
+}

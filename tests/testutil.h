@@ -25,6 +25,10 @@ void tu_model_folder(const char *parent, const char *name, const char *json, cha
 // The losses of run/metrics.jsonl by step into losses[step - 1]; checks one
 // record per step, in order, at most max; returns the count.
 int tu_read_losses(const char *run, double *losses, int max);
+// Asserts that runs `expect` and `got` both logged `steps` losses (steps <=
+// 64) and that they are the same bits, step by step; `expect`'s losses go to
+// losses unless it is NULL.
+void tu_assert_same_losses(const char *expect, const char *got, int steps, double *losses);
 
 // An mt_config for the tiny CPU runs the suites train: defaults, model.path
 // folder with random init, data.train data, output.dir out, 12 steps of 16
