@@ -207,7 +207,8 @@ static void *worker_main(void *arg) {
 }
 
 mt_err mt_offload_init(mt_offload **out, mt_backend *be, const mt_offload_config *cfg, const mt_offload_param *params,
-                       int n_params, size_t total, void *weights, const float *master_init) {
+                       int n_params, size_t total, void *weights, const float *master, const float *m, const float *v,
+                       int steps) {
     *out = NULL;
     mt_offload *o = calloc(1, sizeof *o);
     MT_CHECK(o != NULL, "offload");
@@ -256,7 +257,8 @@ mt_err mt_offload_init(mt_offload **out, mt_backend *be, const mt_offload_config
 
     mt_store_config sc = {cfg->kind, cfg->dir, total, 0, 1, cfg->block_params, cfg->io_threads, 0};
     mt_err err = mt_store_open(&o->store, &sc);
-    if (!err) err = mt_store_write_all(o->store, master_init, NULL, NULL);
+    if (!err) err = mt_store_write_all(o->store, master, m, v);
+    o->steps = steps;
     if (!err) err = mt_alloc(&o->grad_host, (total ? total : 1) * (o->gpu ? 2 : 4), MT_MEM_OFFLOAD, MT_HOST);
     if (!err && o->gpu) {
         for (int r = 0; r < 2 && !err; r++)
@@ -455,13 +457,6 @@ const char *mt_offload_cpu_path(const mt_offload *o) { return mt_cpu_adam_path_n
 mt_err mt_offload_read_state(mt_offload *o, float *master, float *m, float *v) {
     mt_err err = mt_offload_sync(o);
     return err ? err : mt_store_read_all(o->store, master, m, v);
-}
-
-mt_err mt_offload_write_state(mt_offload *o, const float *master, const float *m, const float *v, int steps) {
-    mt_err err = mt_offload_sync(o);
-    if (!err) err = mt_store_write_all(o->store, master, m, v);
-    if (!err) o->steps = steps;
-    return err;
 }
 
 size_t mt_offload_host_bytes(const mt_offload *o) {

@@ -51,10 +51,12 @@ typedef struct mt_offload mt_offload;
 
 // weights: the trainable block's compute weights where the backend computes
 // (bf16 device memory, or fp32 host memory on the CPU), `total` elements in
-// the layout of params (sorted by offset, buckets contiguous); master_init
-// its fp32 values (host). Moments start at zero.
+// the layout of params (sorted by offset, buckets contiguous). The state
+// starts as master, m and v (host fp32; m, v NULL: zero) after `steps`
+// updates (0 fresh, a checkpoint's count on resume), written to the store once.
 mt_err mt_offload_init(mt_offload **out, mt_backend *be, const mt_offload_config *cfg, const mt_offload_param *params,
-                       int n_params, size_t total, void *weights, const float *master_init);
+                       int n_params, size_t total, void *weights, const float *master, const float *m, const float *v,
+                       int steps);
 void mt_offload_free(mt_offload *o);
 
 // One optimizer step: begin, every parameter's whole gradient once (fp32,
@@ -78,10 +80,9 @@ void mt_offload_wait_bucket(mt_offload *o, int unit);
 mt_err mt_offload_sync(mt_offload *o);
 
 int mt_offload_steps_taken(const mt_offload *o);
-// The whole state as host arrays (checkpoints; m, v may be NULL), and back
-// (resume: also the step count), after mt_offload_sync.
+// The whole state as host arrays (checkpoints; m, v may be NULL), after
+// every pending update.
 mt_err mt_offload_read_state(mt_offload *o, float *master, float *m, float *v);
-mt_err mt_offload_write_state(mt_offload *o, const float *master, const float *m, const float *v, int steps);
 // Host bytes held: the store, the gradient buffer, the staging buffers.
 size_t mt_offload_host_bytes(const mt_offload *o);
 // Device bytes held: the two gradient staging buffers.

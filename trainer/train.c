@@ -544,10 +544,10 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
                                 cfg->offload_trace_step > 0 ? trace : NULL,
                                 cfg->offload_trace_step,
                                 mc.L};
-        err = mt_offload_init(&ofl, &be, &oc, op, n_trained, trained_total, tr.weights, trained);
+        // moment_m and moment_v exist only when resuming (resume.optimizer_steps is 0 otherwise)
+        err = mt_offload_init(&ofl, &be, &oc, op, n_trained, trained_total, tr.weights, trained, moment_m, moment_v,
+                              resume.optimizer_steps);
         free(op);
-        if (!err && resume_dir[0])
-            err = mt_offload_write_state(ofl, trained, moment_m, moment_v, resume.optimizer_steps);
         // the store holds the values now: the host copies go (at 7B they are 28 GB each)
         free(moment_m);
         free(moment_v);
