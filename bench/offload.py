@@ -11,7 +11,10 @@ after the warm-up steps (from metrics.jsonl), the device's used memory
 minus what was used before (nvidia-smi, sampled), memtune's allocator peak,
 and the process's peak resident host memory (VmRSS, pinned pages included).
 The cpu run of the 1.1B shape writes the copy/update timeline of two steps
-(offload-trace.json, Chrome's trace format) to --out.
+(offload-trace.json, Chrome's trace format) to --out. Modes galore and
+galore-cpu: GaLore (optim.kind galore, its defaults, no clipping) with the
+AdamW state of what it does not project (embeddings, norms, head) on the
+GPU or offloaded to host memory.
 
 Then the CPU AdamW alone: memtune's (bench/cpu_adam_bench.c, every
 instruction path, fp32 and bf16 gradients) against torch's CPU AdamW
@@ -40,14 +43,18 @@ GIB = 1024 ** 3
 
 
 def run_memtune(args, folder, data, run, mode, trace_step=0):
-    offload = mode.split("-")[0]
+    parts = mode.split("-")
+    galore = parts[0] == "galore"
+    offload = (parts[1] if len(parts) > 1 else "none") if galore else parts[0]
     cmd = [os.path.join(BUILD, "memtune"), "train", os.path.join(ROOT, "configs", "full-offload-cpu.yaml")]
     sets = {"model.path": folder, "model.init": "random", "data.train": data, "data.eval_fraction": 0,
             "train.eval_batches": 0, "train.steps": args.steps, "train.micro_batch": args.B, "train.seq_len": args.T,
             "train.log_every": 1, "train.device": "gpu", "optim.lr": 1e-5, "optim.warmup_steps": 0,
-            "optim.grad_clip": 0 if mode.endswith("noclip") else 1.0, "output.dir": run,
+            "optim.grad_clip": 0 if mode.endswith("noclip") or galore else 1.0, "output.dir": run,
             "output.save_model": "false", "checkpoint.every": 0, "checkpoint.final": "false",
             "model.activation_checkpointing": "true", "offload.optimizer": offload}
+    if galore:
+        sets["optim.kind"] = "galore"
     if offload == "ssd":
         sets["offload.path"] = args.ssd_path
     if trace_step:
@@ -70,7 +77,7 @@ def json_lines(cmd, timeout):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="TinyLlama-1.1B,Llama-2-7B")
-    ap.add_argument("--modes", default="none,cpu,cpu-noclip,ssd")
+    ap.add_argument("--modes", default="none,cpu,cpu-noclip,ssd,galore,galore-cpu")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--B", type=int, default=4)
@@ -105,6 +112,10 @@ def main():
             res["ratio_cpu_step_vs_gpu"] = res["cpu"]["step_ms"] / res["none"]["step_ms"]
         if "error" not in res.get("none", {"error": 1}) and "error" not in res.get("cpu-noclip", {"error": 1}):
             res["ratio_cpu_noclip_step_vs_gpu"] = res["cpu-noclip"]["step_ms"] / res["none"]["step_ms"]
+        if "error" not in res.get("galore", {"error": 1}) and "error" not in res.get("galore-cpu", {"error": 1}):
+            res["ratio_galore_cpu_step_vs_galore"] = res["galore-cpu"]["step_ms"] / res["galore"]["step_ms"]
+            res["galore_cpu_device_peak_saved_gib"] = \
+                (res["galore"]["device_peak"] - res["galore-cpu"]["device_peak"]) / GIB
 
     if not args.skip_adam:
         cores = os.cpu_count()
@@ -144,7 +155,7 @@ def main():
                 print(f"| {shape} | {mode} | {r['step_ms']:.0f} | {r['tokens_per_second']:.0f} | "
                       f"{r['device_peak'] / GIB:.2f} | {r['allocator_peak'] / GIB:.2f} | {r['host_peak'] / GIB:.1f} |")
         for k, v in res.items():
-            if k.startswith("ratio"):
+            if isinstance(v, float):
                 print(f"{shape} {k}: {v:.2f}")
     for k, v in results.get("cpu_adam", {}).get("ratios", {}).items():
         print(f"CPU AdamW {k}: {v:.2f}")

@@ -22,7 +22,7 @@
 typedef struct {
     int unit;                          // the model's forward unit it belongs to
     int first, end;                    // its parameters, [first, end) of params
-    size_t offset, count;              // its elements (padding included)
+    size_t offset, count;              // its state's slots (padding included)
     int remaining;                     // parameters still to arrive this step
     int ring;                          // device staging buffer of this step (GPU)
     double sumsq;                      // of this step's gradients
@@ -138,19 +138,29 @@ static void update_bucket(mt_offload *o, int b, long step) {
             first = 0;
         }
         size_t blk_end = blk.offset + blk.count;
+        // the weights go back in runs: parameters the same distance apart in
+        // both layouts share a copy (all of a block, when slots are offsets)
+        size_t run_w = 0, run_at = 0, run_n = 0;
         for (int p = k->first; p < k->end; p++) {
             const mt_offload_param *pa = &o->params[p];
-            size_t lo = pa->offset > blk.offset ? pa->offset : blk.offset;
-            size_t hi = pa->offset + pa->count < blk_end ? pa->offset + pa->count : blk_end;
+            size_t lo = pa->slot > blk.offset ? pa->slot : blk.offset;
+            size_t hi = pa->slot + pa->count < blk_end ? pa->slot + pa->count : blk_end;
             if (lo >= hi) continue;
-            size_t at = lo - blk.offset;
+            size_t at = lo - blk.offset, w = pa->offset + (lo - pa->slot);
             mt_cpu_adam_update(o->path, pa->decay ? &o->adam_decay : &o->adam_plain, blk.master + at, blk.m + at,
                                blk.v + at, (const char *)o->grad_host + lo * gsize, o->gpu, stage ? stage + at : NULL,
                                hi - lo);
-            if (!o->gpu) memcpy((float *)o->weights + lo, blk.master + at, (hi - lo) * sizeof(float));
+            if (!o->gpu) {
+                memcpy((float *)o->weights + w, blk.master + at, (hi - lo) * sizeof(float));
+            } else if (run_n && w - run_w == at - run_at) {
+                run_n = at + (hi - lo) - run_at;
+            } else {
+                if (run_n) mt_memcpy_async((uint16_t *)o->weights + run_w, stage + run_at, run_n * 2, o->h2d);
+                run_w = w, run_at = at, run_n = hi - lo;
+            }
         }
         if (o->gpu) {
-            mt_memcpy_async((uint16_t *)o->weights + blk.offset, stage, blk.count * 2, o->h2d);
+            if (run_n) mt_memcpy_async((uint16_t *)o->weights + run_w, stage + run_at, run_n * 2, o->h2d);
             mt_event_record(o->stage_done[s], o->h2d);
         }
         mt_store_done(o->store, &blk);
@@ -232,6 +242,9 @@ mt_err mt_offload_init(mt_offload **out, mt_backend *be, const mt_offload_config
     // has no bucket, so the model's unit ids map to bucket indices
     for (int p = 0; p < n_params; p++) {
         MT_CHECK(p == 0 || params[p].offset >= params[p - 1].offset + params[p - 1].count, "offload params unsorted");
+        MT_CHECK((p == 0 || params[p].slot >= params[p - 1].slot + params[p - 1].count) &&
+                     params[p].slot + params[p].count <= total,
+                 "offload slots must ascend, apart, within the %zu values (parameter %d)", total, p);
         MT_CHECK(params[p].bucket >= 0 && (p == 0 || params[p].bucket >= params[p - 1].bucket),
                  "offload buckets must be contiguous and ascending (parameter %d)", p);
     }
@@ -248,8 +261,8 @@ mt_err mt_offload_init(mt_offload **out, mt_backend *be, const mt_offload_config
         k->unit = params[p].bucket;
         k->first = p;
         k->end = q;
-        k->offset = params[p].offset;
-        k->count = params[q - 1].offset + params[q - 1].count - k->offset;
+        k->offset = params[p].slot;
+        k->count = params[q - 1].slot + params[q - 1].count - k->offset;
         if (k->count > o->ring_count) o->ring_count = k->count;
         o->unit_bucket[params[p].bucket] = b;
         for (; p < q; p++) o->params[p].bucket = b;
@@ -361,14 +374,14 @@ void mt_offload_grad(mt_offload *o, int param, const float *grad) {
     bucket *k = &o->buckets[b];
     MT_CHECK(o->in_step && k->remaining > 0, "gradient of parameter %d outside a step or twice", param);
     if (!o->gpu) {
-        memcpy((float *)o->grad_host + pa->offset, grad, pa->count * sizeof(float));
+        memcpy((float *)o->grad_host + pa->slot, grad, pa->count * sizeof(float));
     } else {
         if (k->ring < 0) {
             k->ring = o->ring_next;
             o->ring_next ^= 1;
             if (o->ring_free[k->ring]) mt_stream_wait_event(NULL, o->ring_free[k->ring]);
         }
-        mt_op_cast_from_f32(o->be, (uint16_t *)o->ring[k->ring] + (pa->offset - k->offset), grad, pa->count);
+        mt_op_cast_from_f32(o->be, (uint16_t *)o->ring[k->ring] + (pa->slot - k->offset), grad, pa->count);
     }
     if (--k->remaining > 0) return;
     if (!o->gpu) {

@@ -29,9 +29,10 @@ extern "C" {
 #endif
 
 typedef struct {
-    size_t offset, count;  // in the trainable block (padding between parameters allowed)
+    size_t offset, count;  // its compute weights in the trainable block
     int decay;             // weight decay applies
     int bucket;            // forward unit that reads it: 0 the embedding, 1 + l layer l, L + 1 the head
+    size_t slot;           // where its state lies in the store (and in the host arrays below)
 } mt_offload_param;
 
 typedef struct {
@@ -50,10 +51,16 @@ typedef struct {
 typedef struct mt_offload mt_offload;
 
 // weights: the trainable block's compute weights where the backend computes
-// (bf16 device memory, or fp32 host memory on the CPU), `total` elements in
-// the layout of params (sorted by offset, buckets contiguous). The state
-// starts as master, m and v (host fp32; m, v NULL: zero) after `steps`
-// updates (0 fresh, a checkpoint's count on resume), written to the store once.
+// (bf16 device memory, or fp32 host memory on the CPU), params sorted by
+// offset with their buckets contiguous. The state holds `total` values: each
+// parameter's at its slot (slots ascending, not overlapping). Slots equal to
+// the offsets keep the weights' layout (every trained parameter offloaded);
+// packed slots keep only some (GaLore's unprojected parameters). Where two
+// parameters are the same distance apart in both layouts, the weights
+// between them are written too: leave such gaps only over padding. The
+// state starts as master, m and v (host fp32 in the slots' layout; m, v
+// NULL: zero) after `steps` updates (0 fresh, a checkpoint's count on
+// resume), written to the store once.
 mt_err mt_offload_init(mt_offload **out, mt_backend *be, const mt_offload_config *cfg, const mt_offload_param *params,
                        int n_params, size_t total, void *weights, const float *master, const float *m, const float *v,
                        int steps);
@@ -76,12 +83,13 @@ void mt_offload_cancel_step(mt_offload *o);
 // compute stream waits for its copy (the host blocks only until the worker
 // has issued it). A unit with nothing trained returns at once.
 void mt_offload_wait_bucket(mt_offload *o, int unit);
-// Waits for every update; returns the first store error.
+// Waits for every update, the copies of the weights back included; returns
+// the first store error.
 mt_err mt_offload_sync(mt_offload *o);
 
 int mt_offload_steps_taken(const mt_offload *o);
-// The whole state as host arrays (checkpoints; m, v may be NULL), after
-// every pending update.
+// The whole state as host arrays in the slots' layout (checkpoints; m, v may
+// be NULL), after every pending update.
 mt_err mt_offload_read_state(mt_offload *o, float *master, float *m, float *v);
 // Host bytes held: the store, the gradient buffer, the staging buffers.
 size_t mt_offload_host_bytes(const mt_offload *o);

@@ -22,7 +22,7 @@
 typedef struct {
     const char *name;
     size_t count;
-    int decay, projected;
+    int decay, projected, external;
     int left, a, b, r;  // projected only
     int refreshed_at;   // the step its projector was made for
     float *P;           // (a, r) column-major
@@ -102,6 +102,7 @@ mt_err mt_galore_init(mt_galore **out, mt_backend *be, const mt_galore_config *c
         p->count = (size_t)q->rows * (size_t)(q->cols ? q->cols : 1);
         p->decay = q->decay;
         p->projected = q->project && q->cols > 0;
+        p->external = q->external && !p->projected;
         p->refreshed_at = -1;
         p->state_n = p->count;
         if (p->projected) {
@@ -115,7 +116,7 @@ mt_err mt_galore_init(mt_galore **out, mt_backend *be, const mt_galore_config *c
             if (refresh > need) need = refresh;
             if (need > work) work = need;
         }
-        err = alloc_state(g, p);
+        if (!p->external) err = alloc_state(g, p);
     }
     if (!err && work)
         err = mt_alloc((void **)&g->work, work * sizeof(float), MT_MEM_WORKSPACE, be->gpu ? MT_DEVICE : MT_HOST);
@@ -199,6 +200,7 @@ static void refresh(mt_galore *g, galore_param *p, int i, const float *G, int ld
 void mt_galore_update(mt_galore *g, int i, float *grad, void *weights) {
     MT_CHECK(i >= 0 && i < g->n, "galore: parameter %d of %d", i, g->n);
     galore_param *p = &g->p[i];
+    MT_CHECK(!p->external, "galore: %s is updated elsewhere", p->name);
     mt_backend *be = g->be;
     double ss = mt_op_sumsq(be, grad, p->count);
     g->sumsq += ss;
@@ -280,6 +282,7 @@ static size_t list_tensors(mt_galore *g) {
     for (int i = 0; i < g->n; i++) {
         galore_param *p = &g->p[i];
         size_t n = p->state_n, blocks = (n + MT_QBLOCK - 1) / MT_QBLOCK;
+        if (p->external) continue;
         if (p->projected) add_tensor(g, p, "projector", 0, (size_t)p->a * p->r, p->P, &bytes);
         if (g->cfg.int8) {
             add_tensor(g, p, "exp_avg_q8", 1, n, p->st.mq, &bytes);

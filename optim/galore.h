@@ -46,6 +46,7 @@ typedef struct {
     int64_t rows, cols;  // cols 0: a vector
     int decay;           // weight decay applies
     int project;         // a matrix to project (else plain AdamW)
+    int external;        // not projected and updated elsewhere (offload.h): no state here, never handed over
 } mt_galore_param;
 
 mt_err mt_galore_init(mt_galore **out, mt_backend *be, const mt_galore_config *cfg, const mt_galore_param *params,

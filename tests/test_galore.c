@@ -238,7 +238,7 @@ START_TEST(one_update_matches_a_direct_computation) {
     const int shapes[2][2] = {{6, 10}, {12, 5}};
     for (int s = 0; s < 2; s++) {
         int m = shapes[s][0], n = shapes[s][1], left = m <= n, a = left ? m : n, b = left ? n : m, r = 3;
-        mt_galore_param gp = {"w", m, n, 1, 1};
+        mt_galore_param gp = {"w", m, n, 1, 1, 0};
         mt_galore_config gc = {0.9f, 0.95f, 1e-8f, 0.1f, r, 1000, 0.5f, MT_GALORE_RANDOMIZED, 0, 1};
         mt_galore *g;
         ck_assert_int_eq(mt_galore_init(&g, &cpu, &gc, &gp, 1), MT_OK);
@@ -311,7 +311,7 @@ START_TEST(refresh_recovers_the_top_singular_subspace) {
                     else
                         G[i * n + j] = (float)x;
                 }
-            mt_galore_param gp = {"w", rows, cols, 0, 1};
+            mt_galore_param gp = {"w", rows, cols, 0, 1, 0};
             mt_galore_config gc = {0.9f, 0.95f, 1e-8f, 0.0f, r, 5, 1.0f, how ? MT_GALORE_SVD : MT_GALORE_RANDOMIZED,
                                    0,    7};
             mt_galore *g;
@@ -381,8 +381,12 @@ START_TEST(full_rank_identity_galore_equals_adamw) {
     mt_galore_param *gp = malloc((size_t)n * sizeof *gp);
     for (int i = 0; i < n; i++) {
         groups[i] = (mt_param_group){table[i].offset, table[i].count, table[i].decay};
-        gp[i] = (mt_galore_param){table[i].name, table[i].shape[0], table[i].ndim == 2 ? table[i].shape[1] : 0,
-                                  table[i].decay, table[i].ndim == 2 && strstr(table[i].name, "layers.") != NULL};
+        gp[i] = (mt_galore_param){table[i].name,
+                                  table[i].shape[0],
+                                  table[i].ndim == 2 ? table[i].shape[1] : 0,
+                                  table[i].decay,
+                                  table[i].ndim == 2 && strstr(table[i].name, "layers.") != NULL,
+                                  0};
     }
     mt_adamw_config ac = {1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, 0.0f};
     mt_optimizer *opt;

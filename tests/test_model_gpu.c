@@ -431,8 +431,12 @@ START_TEST(gpu_galore_matches_cpu_reference) {
         // three steps of GaLore (rank 8, refresh at step 1) on each backend
         mt_galore_param *gp = malloc((size_t)n * sizeof *gp);
         for (int i = 0; i < n; i++)
-            gp[i] = (mt_galore_param){table[i].name, table[i].shape[0], table[i].ndim == 2 ? table[i].shape[1] : 0,
-                                      table[i].decay, table[i].ndim == 2 && strstr(table[i].name, "layers.") != NULL};
+            gp[i] = (mt_galore_param){table[i].name,
+                                      table[i].shape[0],
+                                      table[i].ndim == 2 ? table[i].shape[1] : 0,
+                                      table[i].decay,
+                                      table[i].ndim == 2 && strstr(table[i].name, "layers.") != NULL,
+                                      0};
         for (int int8 = 0; int8 < 2; int8++) {
             mt_galore_config gc = {0.9f, 0.95f, 1e-8f, 0.0f, 8, 100, 0.25f, MT_GALORE_RANDOMIZED, int8, 3};
             ck_assert_int_eq(mt_model_set_weights(mg, params), MT_OK);
@@ -503,15 +507,19 @@ START_TEST(gpu_offload_follows_gpu_adamw) {
     tu_tempdir(dir, sizeof dir);
     snprintf(ssd, sizeof ssd, "%s/ssd", dir);
     // clang-format off
-    const char *const variants[][8] = {{"optim.grad_clip", "1", NULL}, {"optim.grad_clip", "0", NULL},
-                                       {"train.grad_accum", "2", NULL}, {"lora.r", "4", NULL}};
+    const char *const variants[][12] = {{"optim.grad_clip", "1", NULL}, {"optim.grad_clip", "0", NULL},
+                                        {"train.grad_accum", "2", NULL}, {"lora.r", "4", NULL},
+                                        // GaLore: its unprojected parameters' state offloaded
+                                        {"optim.kind", "galore", "optim.grad_clip", "0", "galore.rank", "4", NULL}};
     // clang-format on
-    for (int k = 0; k < 4; k++) {
+    for (int k = 0; k < 5; k++) {
         double base[12], cpu[12], file[12];
-        const char *cpu_extra[12] = {
-            variants[k][0], variants[k][1], "offload.optimizer", "cpu", "offload.trace_step", "3", NULL};
-        const char *ssd_extra[12] = {
-            variants[k][0], variants[k][1], "offload.optimizer", "ssd", "offload.path", ssd, NULL};
+        const char *cpu_extra[20], *ssd_extra[20];
+        int n = 0;
+        for (; variants[k][n]; n++) cpu_extra[n] = ssd_extra[n] = variants[k][n];
+        const char *const cpu_tail[] = {"offload.optimizer", "cpu", "offload.trace_step", "3", NULL};
+        const char *const ssd_tail[] = {"offload.optimizer", "ssd", "offload.path", ssd, NULL};
+        for (int i = 0; i < 5; i++) cpu_extra[n + i] = cpu_tail[i], ssd_extra[n + i] = ssd_tail[i];
         gpu_run(dir, "resident", variants[k], base);
         gpu_run(dir, "cpu", cpu_extra, cpu);
         gpu_run(dir, "ssd", ssd_extra, file);
@@ -520,9 +528,11 @@ START_TEST(gpu_offload_follows_gpu_adamw) {
             worst = fmax(worst, fabs(cpu[i] - base[i]) / fabs(base[i]));
             ck_assert_msg(file[i] == cpu[i], "variant %d step %d: ssd %.17g vs host %.17g", k, i + 1, file[i], cpu[i]);
         }
-        printf("offload variant %d (%s=%s): losses vs GPU AdamW: worst relative difference %.3g; %.4f -> %.4f\n", k,
-               variants[k][0], variants[k][1], worst, cpu[0], cpu[11]);
-        ck_assert_msg(worst < 1e-2, "variant %d: offloaded losses drift from GPU AdamW's by %g", k, worst);
+        printf(
+            "offload variant %d (%s=%s): losses vs the optimizer on the GPU: worst relative difference %.3g; %.4f -> "
+            "%.4f\n",
+            k, variants[k][0], variants[k][1], worst, cpu[0], cpu[11]);
+        ck_assert_msg(worst < 1e-2, "variant %d: offloaded losses drift from the GPU-resident run's by %g", k, worst);
         ck_assert_msg(cpu[11] < cpu[0], "variant %d: no learning", k);
         // the timeline of steps 3 and 4
         snprintf(trace, sizeof trace, "%s/cpu/offload-trace.json", dir);
@@ -544,7 +554,8 @@ START_TEST(gpu_offload_follows_gpu_adamw) {
             forward += nm && strstr(nm, "forward") != NULL;
         }
         cJSON_Delete(doc);
-        // per step, 4 buckets (embedding, 2 layers, head), or the 2 layers' adapters with LoRA
+        // per step, 4 buckets (embedding, 2 layers, head; GaLore's: the layers' norms), or the 2 layers' adapters
+        // with LoRA
         int spans = 2 * (k == 3 ? 2 : 4);
         ck_assert_msg(adam == spans && weights == spans && grads == spans && forward == spans,
                       "variant %d trace spans: AdamW %d, weights %d, gradients %d, forward %d (want %d)", k, adam,

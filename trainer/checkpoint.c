@@ -243,7 +243,8 @@ mt_err mt_checkpoint_read_extra(const char *dir, const mt_state_tensor *extra, i
         if (g < 0 || !read_vector(g, t->name, t->is_u8 ? H5T_NATIVE_UCHAR : H5T_NATIVE_FLOAT, t->data, t->count))
             err = mt_errorf(MT_ERR_FORMAT,
                             "%s: optimizer/%s/%s is missing or has the wrong size (want %zu values); the checkpoint "
-                            "was written with other optim or galore settings",
+                            "was written with other optim or galore settings (with galore.moments int8, also another "
+                            "offload.optimizer: none against cpu or ssd); resume with the settings it was written with",
                             path, t->param, t->name, t->count);
         if (g >= 0) H5Gclose(g);
     }

@@ -105,7 +105,8 @@ extern "C" {
     X(offload, optimizer, ENUM, "none", 0, 0, "none|cpu|ssd",                                                         \
       "where AdamW's fp32 master weights and moments live: none (the GPU), cpu (host memory; AdamW runs on "          \
       "the CPU beside the GPU's work, gradients and weights cross in bf16) or ssd (a file under offload.path, read "  \
-      "ahead and written behind with O_DIRECT); see docs/offload.md")                                                 \
+      "ahead and written behind with O_DIRECT); with optim.kind galore, the state of what GaLore does not project "   \
+      "(embeddings, norms, head); see docs/offload.md")                                                               \
     X(offload, path, STR, "", 0, 0, "",                                                                               \
       "offload.optimizer ssd: folder on a fast local disk for the state file (12 bytes per trained parameter, "       \
       "reserved at start, deleted at the end; checkpoints keep the state)")                                           \

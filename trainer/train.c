@@ -151,6 +151,73 @@ static mt_err trim_metrics(const char *path, long last_step) {
     return ok ? MT_OK : mt_errorf(MT_ERR_IO, "%s: cannot rewrite (%s)", path, strerror(errno));
 }
 
+// The forward unit that reads a trainable parameter (model.h's buckets):
+// the embedding, a layer (its adapters too), or the head.
+static int forward_bucket(const char *name, int L) {
+    const char *layer = strstr(name, "layers.");
+    if (layer) return 1 + atoi(layer + strlen("layers."));
+    return strstr(name, "embed_tokens") ? 0 : L + 1;
+}
+
+// Which trained parameters offload's store holds, and where. Without GaLore
+// all of them, each state at its weights' offset; with GaLore those it does
+// not project (embeddings, norms, the head), packed one after another. In
+// checkpoints the packed ones' moments are named tensors as GaLore names its
+// own (fp32 exp_avg, exp_avg_sq), so a GaLore run resumes with offload on or off.
+typedef struct {
+    mt_offload_param *params;
+    int n, packed;
+    int *index;    // trained parameter -> its entry in params, or -1
+    size_t count;  // state values
+} offload_plan;
+
+static offload_plan plan_offload(const mt_param_info *table, int n, size_t total, const unsigned char *projected,
+                                 int L) {
+    offload_plan p = {malloc((size_t)(n ? n : 1) * sizeof *p.params), 0, projected != NULL,
+                      malloc((size_t)(n ? n : 1) * sizeof *p.index), 0};
+    MT_CHECK(p.params && p.index, "offload plan");
+    for (int i = 0; i < n; i++) {
+        p.index[i] = -1;
+        if (projected && projected[i]) continue;
+        p.index[i] = p.n;
+        p.params[p.n++] = (mt_offload_param){table[i].offset, table[i].count, table[i].decay,
+                                             forward_bucket(table[i].name, L), projected ? p.count : table[i].offset};
+        p.count += table[i].count;
+    }
+    if (!projected) p.count = total;
+    return p;
+}
+
+static void free_plan(offload_plan *p) {
+    free(p->params);
+    free(p->index);
+}
+
+// Packed state arrays <-> the weights' layout.
+static void scatter_packed(const offload_plan *p, const float *packed, float *weights_layout) {
+    for (int k = 0; k < p->n; k++)
+        memcpy(weights_layout + p->params[k].offset, packed + p->params[k].slot, p->params[k].count * sizeof(float));
+}
+
+static void gather_packed(const offload_plan *p, const float *weights_layout, float *packed) {
+    for (int k = 0; k < p->n; k++)
+        memcpy(packed + p->params[k].slot, weights_layout + p->params[k].offset, p->params[k].count * sizeof(float));
+}
+
+// The packed parameters' moments as checkpoint tensors, over m and v.
+static mt_state_tensor *packed_moment_tensors(const offload_plan *p, const mt_param_info *table, int n, float *m,
+                                              float *v) {
+    mt_state_tensor *t = malloc((size_t)(2 * p->n + 1) * sizeof *t);
+    MT_CHECK(t != NULL, "offload checkpoint tensors");
+    for (int i = 0, k = 0; i < n; i++) {
+        if (p->index[i] < 0) continue;
+        const mt_offload_param *q = &p->params[p->index[i]];
+        t[k++] = (mt_state_tensor){table[i].name, "exp_avg", 0, q->count, m + q->slot};
+        t[k++] = (mt_state_tensor){table[i].name, "exp_avg_sq", 0, q->count, v + q->slot};
+    }
+    return t;
+}
+
 typedef struct {
     const mt_config *cfg;
     const mt_model_config *mc;
@@ -158,22 +225,14 @@ typedef struct {
     mt_optimizer *opt;           // AdamW; NULL with MeZO and GaLore
     mt_galore *galore;           // GaLore's projectors and moments, or NULL
     mt_offload *offload;         // AdamW with its state off the GPU, or NULL
+    const offload_plan *plan;    // what offload holds (packed with GaLore)
+    const mt_param_info *table;  // the trained parameters
+    int n_trained;
     mt_model *model;
     mt_loader *train;
     float *master, *m, *v;  // host buffers of the parameter count (m, v NULL with MeZO; all NULL with offload)
     size_t trained_total;
 } checkpoint_ctx;
-
-// The trained values as fp32 host values: AdamW's master copy (on the GPU or
-// offloaded), or with MeZO and GaLore (no master) the compute weights.
-static mt_err get_trained(checkpoint_ctx *c, float *dst) {
-    if (c->offload) return mt_offload_read_state(c->offload, dst, NULL, NULL);
-    if (c->opt)
-        mt_optimizer_get_master(c->opt, dst);
-    else
-        mt_model_get_trainable(c->model, dst);
-    return MT_OK;
-}
 
 // `arrays` host arrays of the trained block's n values, in one allocation,
 // for a copy of an offloaded state; the run keeps none between checkpoints
@@ -187,27 +246,65 @@ static mt_err alloc_state_copy(size_t n, int arrays, float **block) {
                      arrays * n * 4.0 / 1073741824.0);
 }
 
+// The trained values as fp32 host values: AdamW's master copy (on the GPU or
+// offloaded), or with MeZO and GaLore (no master) the compute weights, and
+// then the offloaded master of what GaLore does not project. packed: NULL,
+// or a copy of the packed state to fill (master, m, v: 3 arrays of
+// plan->count), which checkpoints keep.
+static mt_err get_trained(checkpoint_ctx *c, float *dst, float *packed) {
+    if (c->offload && !c->plan->packed) return mt_offload_read_state(c->offload, dst, NULL, NULL);
+    if (c->opt) {
+        mt_optimizer_get_master(c->opt, dst);
+        return MT_OK;
+    }
+    float *own = NULL;
+    mt_err err = MT_OK;
+    if (c->offload) {
+        size_t count = c->plan->count;
+        if (!packed && (err = alloc_state_copy(count, 1, &own))) return err;
+        err = packed ? mt_offload_read_state(c->offload, packed, packed + count, packed + 2 * count)
+                     : mt_offload_read_state(c->offload, own, NULL, NULL);
+    }
+    mt_model_get_trainable(c->model, dst);  // after the offloaded updates' copies (read_state waits for them)
+    if (c->offload && !err) scatter_packed(c->plan, packed ? packed : own, dst);
+    free(own);
+    return err;
+}
+
 static mt_err save_checkpoint(checkpoint_ctx *c, long steps_done) {
     float *master = c->master, *m = c->m, *v = c->v, *copy = NULL;
     mt_err err = MT_OK;
-    if (c->offload) {
+    int packed = c->offload && c->plan->packed;
+    if (c->offload && !packed) {
         if ((err = alloc_state_copy(c->trained_total, 3, &copy))) return err;
         master = copy, m = copy + c->trained_total, v = copy + 2 * c->trained_total;
         err = mt_offload_read_state(c->offload, master, m, v);
     } else {
-        get_trained(c, master);
+        if (packed && (err = alloc_state_copy(c->plan->count, 3, &copy))) return err;
+        err = get_trained(c, master, copy);
         if (c->opt) mt_optimizer_get_moments(c->opt, m, v);
     }
-    mt_state_tensor *extra = NULL;
+    mt_state_tensor *extra = NULL, *all = NULL;
     int n_extra = 0;
     if (c->galore) {
         n_extra = mt_galore_state(c->galore, &extra);
         mt_galore_state_download(c->galore);
     }
+    if (packed) {
+        // GaLore's tensors, then those of the offloaded parameters
+        size_t count = c->plan->count;
+        mt_state_tensor *mine = packed_moment_tensors(c->plan, c->table, c->n_trained, copy + count, copy + 2 * count);
+        all = malloc((size_t)(n_extra + 2 * c->plan->n + 1) * sizeof *all);
+        MT_CHECK(all != NULL, "checkpoint tensors");
+        memcpy(all, extra, (size_t)n_extra * sizeof *all);
+        memcpy(all + n_extra, mine, (size_t)(2 * c->plan->n) * sizeof *all);
+        free(mine);
+        extra = all, n_extra += 2 * c->plan->n;
+    }
     mt_cursor cursor = mt_loader_get_cursor(c->train);
     int optimizer_steps = c->opt       ? mt_optimizer_steps_taken(c->opt)
-                          : c->offload ? mt_offload_steps_taken(c->offload)
                           : c->galore  ? mt_galore_steps_taken(c->galore)
+                          : c->offload ? mt_offload_steps_taken(c->offload)
                                        : (int)steps_done;
     mt_checkpoint_meta meta = {steps_done, cursor.epoch, cursor.batch, optimizer_steps,
                                mt_config_training_hash(c->cfg)};
@@ -215,6 +312,7 @@ static mt_err save_checkpoint(checkpoint_ctx *c, long steps_done) {
     if (!err)
         err = mt_checkpoint_write(c->cfg->output_dir, c->cfg->model_path, c->mc, c->lora, master, m, v, extra, n_extra,
                                   &meta, (int)c->cfg->checkpoint_keep);
+    free(all);
     free(copy);
     if (!err) mt_info("checkpoint: %s/checkpoints/step-%08ld (%.1fs)", c->cfg->output_dir, steps_done, mt_now() - t0);
     return err;
@@ -252,11 +350,16 @@ typedef struct {
     char *weights;  // the compute weights (the parameter table's offsets)
     size_t act;
     const mt_param_info *table;
+    const int *offloaded;  // with offload: the parameter's index there (offload_plan.index), or -1
+    mt_offload *const *offload;
 } galore_hook;
 
 static void galore_grad_ready(void *ctx, int param, float *grad) {
     galore_hook *h = ctx;
-    mt_galore_update(h->galore, param, grad, h->weights + h->table[param].offset * h->act);
+    if (h->offloaded && h->offloaded[param] >= 0)
+        mt_offload_grad(*h->offload, h->offloaded[param], grad);
+    else
+        mt_galore_update(h->galore, param, grad, h->weights + h->table[param].offset * h->act);
 }
 
 // Offloaded AdamW: gradients stream to the host as backward completes them,
@@ -267,14 +370,6 @@ static void offload_grad_ready(void *ctx, int param, float *grad) { mt_offload_g
 static void offload_weights_needed(void *ctx, int bucket) {
     mt_offload *o = *(mt_offload **)ctx;
     if (o) mt_offload_wait_bucket(o, bucket);
-}
-
-// The forward unit that reads a trainable parameter (model.h's buckets):
-// the embedding, a layer (its adapters too), or the head.
-static int forward_bucket(const char *name, int L) {
-    const char *layer = strstr(name, "layers.");
-    if (layer) return 1 + atoi(layer + strlen("layers."));
-    return strstr(name, "embed_tokens") ? 0 : L + 1;
 }
 
 // mezo.trainable, galore.targets: which parameters match one of the listed
@@ -333,12 +428,14 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     int offload = strcmp(cfg->offload_optimizer, "none") != 0;
     // offloaded gradients stream out of backward unless they must add up
     // over micro-batches first, or are the adapters' (one small block)
+    // (with GaLore, which passes on what it does not project)
     int offload_streamed = offload && cfg->lora_r == 0 && accum == 1;
     galore_hook hook = {0};
     mt_offload *ofl = NULL;
+    offload_plan plan = {0};
     opts.forward_only = mezo;
     if (galore) opts.grad_ready = galore_grad_ready, opts.grad_ready_ctx = &hook;
-    if (offload_streamed) opts.grad_ready = offload_grad_ready, opts.grad_ready_ctx = &ofl;
+    if (offload_streamed && !galore) opts.grad_ready = offload_grad_ready, opts.grad_ready_ctx = &ofl;
     if (offload) opts.weights_needed = offload_weights_needed, opts.weights_needed_ctx = &ofl;
     if (cfg->lora_r > 0) {
         opts.lora = (mt_lora_config){(int)cfg->lora_r, (float)cfg->lora_alpha, (float)cfg->lora_dropout,
@@ -490,7 +587,8 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
                                 "galore.targets '%s' matches %s, a vector; GaLore projects matrices (the default "
                                 "is *.self_attn.*_proj.weight,*.mlp.*_proj.weight)",
                                 cfg->galore_targets, p->name);
-            gparams[i] = (mt_galore_param){p->name, p->shape[0], p->ndim == 2 ? p->shape[1] : 0, p->decay, selected[i]};
+            gparams[i] = (mt_galore_param){p->name,  p->shape[0], p->ndim == 2 ? p->shape[1] : 0,
+                                           p->decay, selected[i], offload && !selected[i]};
             if (selected[i]) projected_count += p->count;
         }
         if (!err && n_projected == 0)
@@ -509,7 +607,7 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
                                !strcmp(cfg->galore_moments, "int8"),
                                (uint64_t)cfg->train_seed};
         if (!err) err = mt_galore_init(&gal, &be, &gc, gparams, n_trained);
-        hook = (galore_hook){gal, tr.weights, mt_act_size(&be), trained_table};
+        hook = (galore_hook){gal, tr.weights, mt_act_size(&be), trained_table, NULL, &ofl};
         if (!err && resume_dir[0]) {
             mt_state_tensor *state;
             int n_state = mt_galore_state(gal, &state);
@@ -523,12 +621,10 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
         if (!err) err = mt_mezo_init(&mz, &be, &zc, tr.weights, groups, n_groups);
         // each update rides on the next forward's first read of each tensor
         if (!err) mt_mezo_defer_updates(mz, defer_to_model, model);
-    } else if (offload) {
-        mt_offload_param *op = malloc((size_t)(n_trained ? n_trained : 1) * sizeof *op);
-        MT_CHECK(op != NULL, "offload parameters");
-        for (int i = 0; i < n_trained; i++)
-            op[i] = (mt_offload_param){trained_table[i].offset, trained_table[i].count, trained_table[i].decay,
-                                       forward_bucket(trained_table[i].name, mc.L)};
+    }
+    if (offload && !err) {
+        plan = plan_offload(trained_table, n_trained, trained_total, galore ? selected : NULL, mc.L);
+        hook.offloaded = plan.index;
         char trace[1200];
         snprintf(trace, sizeof trace, "%s/offload-trace.json", cfg->output_dir);
         mt_offload_config oc = {!strcmp(cfg->offload_optimizer, "ssd") ? MT_STORE_FILE : MT_STORE_MEMORY,
@@ -544,19 +640,39 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
                                 cfg->offload_trace_step > 0 ? trace : NULL,
                                 cfg->offload_trace_step,
                                 mc.L};
-        // moment_m and moment_v exist only when resuming (resume.optimizer_steps is 0 otherwise)
-        err = mt_offload_init(&ofl, &be, &oc, op, n_trained, trained_total, tr.weights, trained, moment_m, moment_v,
-                              resume.optimizer_steps);
-        free(op);
-        // the store holds the values now: the host copies go (at 7B they are 28 GB each)
-        free(moment_m);
-        free(moment_v);
-        moment_m = moment_v = NULL;
-        if (!lora) {
-            free(host_params);
-            host_params = trained = NULL;
+        float *packed = NULL;
+        if (plan.packed) {
+            // GaLore's unprojected parameters: their master from the weights
+            // (a checkpoint's are the offloaded fp32 values), moments from
+            // the checkpoint's tensors
+            int moments = resume_dir[0] ? 3 : 1;
+            err = alloc_state_copy(plan.count, moments, &packed);
+            if (!err) gather_packed(&plan, trained, packed);
+            if (!err && moments == 3) {
+                mt_state_tensor *t = packed_moment_tensors(&plan, trained_table, n_trained, packed + plan.count,
+                                                           packed + 2 * plan.count);
+                err = mt_checkpoint_read_extra(resume_dir, t, 2 * plan.n);
+                free(t);
+            }
+            if (!err)
+                err = mt_offload_init(&ofl, &be, &oc, plan.params, plan.n, plan.count, tr.weights, packed,
+                                      moments == 3 ? packed + plan.count : NULL,
+                                      moments == 3 ? packed + 2 * plan.count : NULL, resume.optimizer_steps);
+            free(packed);
+        } else {
+            // moment_m and moment_v exist only when resuming (resume.optimizer_steps is 0 otherwise)
+            err = mt_offload_init(&ofl, &be, &oc, plan.params, plan.n, plan.count, tr.weights, trained, moment_m,
+                                  moment_v, resume.optimizer_steps);
+            // the store holds the values now: the host copies go (at 7B they are 28 GB each)
+            free(moment_m);
+            free(moment_v);
+            moment_m = moment_v = NULL;
+            if (!lora) {
+                free(host_params);
+                host_params = trained = NULL;
+            }
         }
-    } else {
+    } else if (!galore && !mezo && !err) {
         mt_adamw_config ac = {(float)cfg->optim_lr,  (float)cfg->optim_beta1,        (float)cfg->optim_beta2,
                               (float)cfg->optim_eps, (float)cfg->optim_weight_decay, (float)cfg->optim_grad_clip};
         err = mt_optimizer_init(&opt, &be, &ac, tr.weights, trained, trained_total, groups, n_groups);
@@ -610,19 +726,20 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     if (galore)
         mt_info(
             "GaLore rank %ld, update_gap %ld, scale %g, %s refresh, %s moments: %d matrices projected (%.2fM of "
-            "%.2fM parameters), the rest plain AdamW; optimizer state %.2f GiB, gradient buffers %.1f MiB (no "
-            "fp32 master copy%s)",
+            "%.2fM parameters), the rest AdamW%s; optimizer state %.2f GiB, gradient buffers %.1f MiB (no "
+            "fp32 master copy%s%s)",
             cfg->galore_rank, cfg->galore_update_gap, cfg->galore_scale, cfg->galore_refresh, cfg->galore_moments,
-            n_projected, projected_count / 1e6, count / 1e6, mt_galore_state_bytes(gal) / 1073741824.0,
-            mt_model_streamed_grad_bytes(model) / 1048576.0,
+            n_projected, projected_count / 1e6, count / 1e6, offload ? " with its state offloaded" : "",
+            mt_galore_state_bytes(gal) / 1073741824.0, mt_model_streamed_grad_bytes(model) / 1048576.0,
+            offload ? " of the projected matrices" : "",
             use_gpu ? "; bf16 weights updated with stochastic rounding" : "");
     if (offload) {
         const mt_store *st = mt_offload_store(ofl);
         mt_info(
             "AdamW state offloaded to %s: %.2fM parameters, %.2f GiB (fp32 master, m, v)%s%s; CPU AdamW %s; "
             "gradients %s, %.1f MiB of GPU staging; host memory %.2f GiB",
-            !strcmp(cfg->offload_optimizer, "ssd") ? "SSD" : "host memory", trained_total / 1e6,
-            trained_total * 12.0 / 1073741824.0, st && mt_store_path(st)[0] ? " in " : "", st ? mt_store_path(st) : "",
+            !strcmp(cfg->offload_optimizer, "ssd") ? "SSD" : "host memory", plan.count / 1e6,
+            plan.count * 12.0 / 1073741824.0, st && mt_store_path(st)[0] ? " in " : "", st ? mt_store_path(st) : "",
             mt_offload_cpu_path(ofl), offload_streamed ? "streamed per layer" : "sent after backward",
             mt_offload_device_bytes(ofl) / 1048576.0, mt_offload_host_bytes(ofl) / 1073741824.0);
         if (!strcmp(cfg->offload_optimizer, "ssd") && !mt_store_direct_io(st))
@@ -651,7 +768,8 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     }
     double t_start = mt_now(), t_last = t_start;
     long tokens_since = 0;
-    checkpoint_ctx ckpt = {cfg, &mc, lora, opt, gal, ofl, model, train, trained, moment_m, moment_v, trained_total};
+    checkpoint_ctx ckpt = {cfg,       &mc,   lora,  opt,     gal,      ofl,      &plan,        trained_table,
+                           n_trained, model, train, trained, moment_m, moment_v, trained_total};
     stop_signal = 0;
     struct sigaction action = {0}, old_int, old_term;
     action.sa_handler = on_stop_signal;
@@ -695,27 +813,31 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
                     mt_model_step(model, bs.inputs + (size_t)a * B * T, bs.targets + (size_t)a * B * T, dscale, 1);
             }
             loss = valid_total ? loss_sum / (double)valid_total : NAN;
-            if (galore && !isfinite(loss)) {
-                mt_galore_cancel_step(gal);  // the backward was skipped: nothing was applied
-            } else if (galore) {
-                mt_galore_end_step(gal, &info);
+            if (!isfinite(loss)) {
+                // the backward was skipped: nothing was applied
+                if (galore) mt_galore_cancel_step(gal);
+                if (ofl) mt_offload_cancel_step(ofl);
+            } else {
+                if (galore) mt_galore_end_step(gal, &info);
+                if (ofl) {
+                    // adapters, or gradients summed over micro-batches: the whole block now, last layer first
+                    if (!offload_streamed)
+                        for (int p = n_trained - 1; p >= 0; p--)
+                            mt_offload_grad(ofl, p, tr.grads + trained_table[p].offset);
+                    mt_step_info off;
+                    if ((err = mt_offload_end_step(ofl, &off.grad_norm, &off.finite))) break;
+                    // with GaLore, the norm over both parts
+                    info =
+                        galore ? (mt_step_info){hypot(info.grad_norm, off.grad_norm), info.finite && off.finite} : off;
+                }
+                if (opt) mt_optimizer_step(opt, tr.grads, lr, &info);
                 int matrices;
-                double seconds = mt_galore_last_refresh_seconds(gal, &matrices);
-                if (matrices) {
+                double seconds = galore ? mt_galore_last_refresh_seconds(gal, &matrices) : 0.0;
+                if (galore && matrices) {
                     refresh_seconds = seconds;
                     mt_info("step %d: GaLore refreshed %d projectors in %.2fs (%s)", step + 1, matrices, seconds,
                             cfg->galore_refresh);
                 }
-            } else if (ofl && !isfinite(loss)) {
-                mt_offload_cancel_step(ofl);
-            } else if (ofl) {
-                // adapters, or gradients summed over micro-batches: the whole block now, last layer first
-                if (!offload_streamed)
-                    for (int p = n_trained - 1; p >= 0; p--)
-                        mt_offload_grad(ofl, p, tr.grads + trained_table[p].offset);
-                if ((err = mt_offload_end_step(ofl, &info.grad_norm, &info.finite))) break;
-            } else if (isfinite(loss)) {
-                mt_optimizer_step(opt, tr.grads, lr, &info);
             }
         }
         if ((!isfinite(loss) || !info.finite) && !strcmp(cfg->train_on_nonfinite, "skip")) {
@@ -809,7 +931,7 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
         mt_info("memory (%s): %s", use_gpu ? "GPU" : "host", report);
     }
     if (!err && !stopped && cfg->output_save_model && lora) {
-        err = get_trained(&ckpt, trained);
+        err = get_trained(&ckpt, trained, NULL);
         snprintf(path, sizeof path, "%s/adapter", cfg->output_dir);
         if (!err) err = mt_lora_save(path, lora, cfg->model_path, trained_table, n_trained, trained);
         if (!err)
@@ -817,7 +939,7 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
                     cfg->model_path, path);
     } else if (!err && !stopped && cfg->output_save_model) {
         if (!host_params) err = alloc_state_copy(total, 1, &host_params);
-        if (!err) err = get_trained(&ckpt, host_params);
+        if (!err) err = get_trained(&ckpt, host_params, NULL);
         mt_dtype dtype = !strcmp(cfg->output_save_dtype, "F32")    ? MT_DTYPE_F32
                          : !strcmp(cfg->output_save_dtype, "BF16") ? MT_DTYPE_BF16
                          : random_init                             ? MT_DTYPE_F32
@@ -833,6 +955,7 @@ out_model:
     mt_mezo_free(mz);
     mt_optimizer_free(opt);
     mt_offload_free(ofl);
+    free_plan(&plan);
     mt_model_free(model);
 out_backend:
     mt_backend_free(&be);

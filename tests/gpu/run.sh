@@ -10,7 +10,8 @@
 # "ctest mezo-bench". MT_CTEST_FILTER narrows ctest; MT_LORA_SHAPES picks
 # lora-bench's shapes and MT_LORA_ARGS adds bench/lora_ft.py options (e.g.
 # "--steps 20"); MT_MEZO_ARGS adds bench/mezo.py options, MT_GALORE_ARGS
-# bench/galore.py's, MT_OFFLOAD_ARGS bench/offload.py's.
+# bench/galore.py's, MT_OFFLOAD_ARGS bench/offload.py's; MT_RESUME_ONLY (a
+# regular expression) picks resume checks by name.
 # Python packages the machine lacks travel in .whl/ (see docs/development.md):
 # .whl/bnb (bitsandbytes) and .whl/galore (galore-torch) always, .whl/peft
 # only if peft does not import.
@@ -113,6 +114,8 @@ fi
 resume_check() {
     local name=$1 steps=$2 stop=$3 file=$4
     shift 4
+    # MT_RESUME_ONLY: a regular expression of the checks to run
+    [ -n "${MT_RESUME_ONLY:-}" ] && [[ ! "$name" =~ $MT_RESUME_ONLY ]] && return 0
     rm -rf /tmp/mt-resume-ref /tmp/mt-resume-split
     "$BUILD/memtune" "$@" --set output.dir=/tmp/mt-resume-ref >> "$OUT/resume.log" 2>&1 &&
     "$BUILD/memtune" "$@" --set output.dir=/tmp/mt-resume-split --set train.stop_after="$stop" >> "$OUT/resume.log" 2>&1 &&
@@ -147,6 +150,11 @@ if want resume && [ -f data/kjv.txt ]; then
         resume_check GaLore 30 15 model/model.safetensors train configs/quickstart-galore.yaml \
             --set model.path=/tmp/mt-quickstart/model --set data.train=/tmp/psalms.h5 --set train.device=gpu \
             --set train.steps=30 --set train.log_every=1 --set galore.update_gap=10 --set galore.moments=int8
+        # what GaLore does not project, with its AdamW state in a file
+        resume_check GaLore-offload-ssd 30 15 model/model.safetensors train configs/quickstart-galore.yaml \
+            --set model.path=/tmp/mt-quickstart/model --set data.train=/tmp/psalms.h5 --set train.device=gpu \
+            --set train.steps=30 --set train.log_every=1 --set galore.update_gap=10 \
+            --set offload.optimizer=ssd --set offload.path=/tmp/mt-offload-resume
     fi
 fi
 
