@@ -268,7 +268,8 @@ mt_err mt_offload_init(mt_offload **out, mt_backend *be, const mt_offload_config
         for (; p < q; p++) o->params[p].bucket = b;
     }
 
-    mt_store_config sc = {cfg->kind, cfg->dir, total, 0, 1, cfg->block_params, cfg->io_threads, 0};
+    mt_store_config sc = {cfg->kind,         cfg->dir,        total, cfg->rank, cfg->world > 0 ? cfg->world : 1,
+                          cfg->block_params, cfg->io_threads, 0};
     mt_err err = mt_store_open(&o->store, &sc);
     if (!err) err = mt_store_write_all(o->store, master, m, v);
     o->steps = steps;

@@ -45,7 +45,8 @@ typedef struct {
     int threads;             // OpenMP threads of the CPU AdamW (0: all cores but one with a GPU)
     const char *trace_path;  // Chrome trace JSON of steps trace_step and trace_step + 1, or NULL
     long trace_step;
-    int layers;  // L: names the units in the trace (1 + l layer l, L + 1 the head)
+    int layers;       // L: names the units in the trace (1 + l layer l, L + 1 the head)
+    int rank, world;  // data parallelism: names the store's file (0, 1 without)
 } mt_offload_config;
 
 typedef struct mt_offload mt_offload;

@@ -17,7 +17,13 @@ struct mt_optimizer {
     float *m, *v;
     mt_param_group *groups;
     int num_groups, steps;
+    double (*norm_sum)(void *ctx, double local);
+    void *norm_ctx;
 };
+
+void mt_optimizer_set_norm_sum(mt_optimizer *opt, double (*sum)(void *ctx, double local), void *ctx) {
+    opt->norm_sum = sum, opt->norm_ctx = ctx;
+}
 
 mt_err mt_optimizer_init(mt_optimizer **out, mt_backend *be, const mt_adamw_config *cfg, float *weights,
                          const float *master_init, size_t n, const mt_param_group *groups, int num_groups) {
@@ -60,7 +66,8 @@ void mt_optimizer_free(mt_optimizer *opt) {
 }
 
 void mt_optimizer_step(mt_optimizer *opt, const float *grad, float lr, mt_step_info *info) {
-    double norm = sqrt(mt_op_sumsq(opt->be, grad, opt->n));
+    double sumsq = mt_op_sumsq(opt->be, grad, opt->n);
+    double norm = sqrt(opt->norm_sum ? opt->norm_sum(opt->norm_ctx, sumsq) : sumsq);
     info->grad_norm = norm;
     info->finite = isfinite(norm);
     if (!info->finite) return;

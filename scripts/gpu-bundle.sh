@@ -9,7 +9,7 @@ mkdir -p "$BUILD/gpu-libs"
 for bin in "$BUILD/memtune" "$BUILD"/tests/test_* "$BUILD/tests/mt_parity" "$BUILD"/mt_*_bench; do
     ldd "$bin"
 done | awk '$2 == "=>" && $3 ~ /^\// {print $3}' | sort -u |
-    grep -v -E '/(libc|libm|libdl|librt|libpthread|libstdc\+\+|libgcc_s|libcublas|libcublasLt|libcudart|libcusolver|libcusparse|libnvJitLink|libcurand)\.so' |
+    grep -v -E '/(libc|libm|libdl|librt|libpthread|libstdc\+\+|libgcc_s|libcublas|libcublasLt|libcudart|libcusolver|libcusparse|libnvJitLink|libcurand|libnccl)\.so' |
     while read -r lib; do cp -L "$lib" "$BUILD/gpu-libs/"; done
 echo "gpu-bundle: $(ls "$BUILD/gpu-libs" | wc -l) libraries, $(du -sh "$BUILD/gpu-libs" | cut -f1) in $BUILD/gpu-libs"
 # Configure-time scratch programs (compiler identification, library probes)

@@ -195,7 +195,7 @@ START_TEST(streamed_gradients_equal_the_gradient_block) {
         const mt_param_info *table = mt_model_params(plain, &n);
         size_t total = mt_model_num_params(plain);
         collect c = {table, calloc(total, 4), 0, {0}};
-        mt_model_options o = {B, T, 1, {0}, 0, 0, 0, collect_grad, &c, NULL, NULL};  // with checkpointing
+        mt_model_options o = {B, T, 1, {0}, 0, 0, 0, collect_grad, &c, NULL, NULL, NULL, NULL};  // with checkpointing
         ck_assert_int_eq(mt_model_create_with(&streamed, &cpu, &mc, &o), MT_OK);
         float *w = malloc(total * 4);
         mt_model_init_random(&mc, w, 3);
@@ -368,7 +368,7 @@ START_TEST(full_rank_identity_galore_equals_adamw) {
     hook_ctx h = {0};
     mt_model *ref, *gm;
     ck_assert_int_eq(mt_model_create(&ref, &cpu, &mc, B, T, 0), MT_OK);
-    mt_model_options o = {B, T, 0, {0}, 0, 0, 0, hook, &h, NULL, NULL};
+    mt_model_options o = {B, T, 0, {0}, 0, 0, 0, hook, &h, NULL, NULL, NULL, NULL};
     ck_assert_int_eq(mt_model_create_with(&gm, &cpu, &mc, &o), MT_OK);
     int n;
     const mt_param_info *table = mt_model_params(ref, &n);
@@ -378,16 +378,8 @@ START_TEST(full_rank_identity_galore_equals_adamw) {
     ck_assert_int_eq(mt_model_set_weights(ref, w), MT_OK);
     ck_assert_int_eq(mt_model_set_weights(gm, w), MT_OK);
     mt_param_group *groups = malloc((size_t)n * sizeof *groups);
-    mt_galore_param *gp = malloc((size_t)n * sizeof *gp);
-    for (int i = 0; i < n; i++) {
-        groups[i] = (mt_param_group){table[i].offset, table[i].count, table[i].decay};
-        gp[i] = (mt_galore_param){table[i].name,
-                                  table[i].shape[0],
-                                  table[i].ndim == 2 ? table[i].shape[1] : 0,
-                                  table[i].decay,
-                                  table[i].ndim == 2 && strstr(table[i].name, "layers.") != NULL,
-                                  0};
-    }
+    mt_galore_param *gp = tu_galore_layer_params(table, n);
+    for (int i = 0; i < n; i++) groups[i] = (mt_param_group){table[i].offset, table[i].count, table[i].decay};
     mt_adamw_config ac = {1e-2f, 0.9f, 0.95f, 1e-8f, 0.1f, 0.0f};
     mt_optimizer *opt;
     ck_assert_int_eq(mt_optimizer_init(&opt, &cpu, &ac, mt_model_weights(ref), w, total, groups, n), MT_OK);

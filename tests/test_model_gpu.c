@@ -121,8 +121,10 @@ START_TEST(gpu_lora_matches_cpu_reference) {
         mt_backend cpu, gpu;
         ck_assert_int_eq(mt_backend_init(&cpu, -1), MT_OK);
         ck_assert_int_eq(mt_backend_init(&gpu, 0), MT_OK);
-        mt_model_options o = {
-            B, T, 0, {8, 16.0f, 0.0f, quantized, (1u << MT_LORA_MODULES) - 1}, quantized, 0, 0, NULL, NULL, NULL, NULL};
+        mt_model_options o = {B,         T,    0,    {8, 16.0f, 0.0f, quantized, (1u << MT_LORA_MODULES) - 1},
+                              quantized, 0,    0,    NULL,
+                              NULL,      NULL, NULL, NULL,
+                              NULL};
         mt_model_options ok = o, off = o;
         ok.activation_checkpointing = 1;
         off.activation_checkpointing = off.offload_activations = 1;
@@ -234,7 +236,7 @@ START_TEST(gpu_mezo_matches_cpu_reference) {
         mt_backend cpu, gpu;
         ck_assert_int_eq(mt_backend_init(&cpu, -1), MT_OK);
         ck_assert_int_eq(mt_backend_init(&gpu, 0), MT_OK);
-        mt_model_options o = {B, T, 0, {0}, 0, 0, 1, NULL, NULL, NULL, NULL};
+        mt_model_options o = {B, T, 0, {0}, 0, 0, 1, NULL, NULL, NULL, NULL, NULL, NULL};
         mt_model *mc, *mg, *mtrain;
         ck_assert_int_eq(mt_model_create_with(&mc, &cpu, &c, &o), MT_OK);
         ck_assert_int_eq(mt_model_create_with(&mg, &gpu, &c, &o), MT_OK);
@@ -326,7 +328,7 @@ START_TEST(gpu_deferred_mezo_update_is_bit_identical) {
     int B = 2, T = 64, N = B * T;
     mt_backend gpu;
     ck_assert_int_eq(mt_backend_init(&gpu, 0), MT_OK);
-    mt_model_options o = {B, T, 0, {0}, 0, 0, 1, NULL, NULL, NULL, NULL};
+    mt_model_options o = {B, T, 0, {0}, 0, 0, 1, NULL, NULL, NULL, NULL, NULL, NULL};
     mt_model *m[2];
     mt_mezo *mz[2];
     size_t total = 0;
@@ -402,7 +404,7 @@ START_TEST(gpu_galore_matches_cpu_reference) {
         ck_assert_int_eq(mt_backend_init(&cpu, -1), MT_OK);
         ck_assert_int_eq(mt_backend_init(&gpu, 0), MT_OK);
         gpu_hook hg = {0}, hc = {0};
-        mt_model_options og = {B, T, 1, {0}, 0, 0, 0, gpu_hook_fn, &hg, NULL, NULL}, oc = og;
+        mt_model_options og = {B, T, 1, {0}, 0, 0, 0, gpu_hook_fn, &hg, NULL, NULL, NULL, NULL}, oc = og;
         oc.grad_ready_ctx = &hc;
         mt_model *plain, *mg, *mc;
         ck_assert_int_eq(mt_model_create(&plain, &gpu, &c, B, T, 1), MT_OK);
@@ -429,14 +431,7 @@ START_TEST(gpu_galore_matches_cpu_reference) {
                gerr);
         ck_assert_msg(gerr == 0.0, "streamed gradients differ from the block's: %g", gerr);
         // three steps of GaLore (rank 8, refresh at step 1) on each backend
-        mt_galore_param *gp = malloc((size_t)n * sizeof *gp);
-        for (int i = 0; i < n; i++)
-            gp[i] = (mt_galore_param){table[i].name,
-                                      table[i].shape[0],
-                                      table[i].ndim == 2 ? table[i].shape[1] : 0,
-                                      table[i].decay,
-                                      table[i].ndim == 2 && strstr(table[i].name, "layers.") != NULL,
-                                      0};
+        mt_galore_param *gp = tu_galore_layer_params(table, n);
         for (int int8 = 0; int8 < 2; int8++) {
             mt_galore_config gc = {0.9f, 0.95f, 1e-8f, 0.0f, 8, 100, 0.25f, MT_GALORE_RANDOMIZED, int8, 3};
             ck_assert_int_eq(mt_model_set_weights(mg, params), MT_OK);

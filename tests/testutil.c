@@ -150,3 +150,16 @@ void tu_assert_same_losses(const char *expect, const char *got, int steps, doubl
         ck_assert_msg(b[i] == a[i], "%s vs %s, step %d: %.17g != %.17g", got, expect, i + 1, b[i], a[i]);
     if (losses) memcpy(losses, a, (size_t)steps * sizeof *a);
 }
+
+mt_galore_param *tu_galore_layer_params(const mt_param_info *table, int n) {
+    mt_galore_param *gp = malloc((size_t)n * sizeof *gp);
+    ck_assert_ptr_nonnull(gp);
+    for (int i = 0; i < n; i++)
+        gp[i] = (mt_galore_param){table[i].name,
+                                  table[i].shape[0],
+                                  table[i].ndim == 2 ? table[i].shape[1] : 0,
+                                  table[i].decay,
+                                  table[i].ndim == 2 && strstr(table[i].name, "layers.") != NULL,
+                                  0};
+    return gp;
+}

@@ -7,6 +7,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "optim/galore.h"
+#include "trainer/model.h"
+
 // Fills x with uniform values in [lo, hi) drawn from (seed, i).
 void tu_fill_uniform(float *x, size_t n, float lo, float hi, uint64_t seed);
 float *tu_random(size_t n, float lo, float hi, uint64_t seed);  // malloc'd
@@ -29,6 +32,10 @@ int tu_read_losses(const char *run, double *losses, int max);
 // 64) and that they are the same bits, step by step; `expect`'s losses go to
 // losses unless it is NULL.
 void tu_assert_same_losses(const char *expect, const char *got, int steps, double *losses);
+
+// GaLore's view of a model table: every layer matrix projected, the rest
+// plain AdamW (malloc'd, n entries).
+mt_galore_param *tu_galore_layer_params(const mt_param_info *table, int n);
 
 // An mt_config for the tiny CPU runs the suites train: defaults, model.path
 // folder with random init, data.train data, output.dir out, 12 steps of 16

@@ -265,7 +265,9 @@ static const char *const outside_training_hash[] = {
     "output.dir", "output.save_model", "output.save_dtype", "checkpoint.every", "checkpoint.keep", "checkpoint.final",
     // where the optimizer state lives changes no value it holds: a run may
     // resume with it moved (onto a smaller GPU, say)
-    "offload.optimizer", "offload.path", "offload.io_threads", "offload.threads", "offload.trace_step"};
+    "offload.optimizer", "offload.path", "offload.io_threads", "offload.threads", "offload.trace_step",
+    // checkpoints hold the whole state whatever the sharding
+    "dist.zero_stage", "dist.timeout"};
 
 unsigned long long mt_config_training_hash(const mt_config *cfg) {
     char *buf = NULL;
@@ -417,6 +419,16 @@ mt_err mt_config_validate(const mt_config *cfg) {
                          "offload.optimizer %s moves AdamW's state, but optim.kind is mezo, which keeps none; set "
                          "offload.optimizer: none, or optim.kind: adamw or galore",
                          cfg->offload_optimizer);
+    if (cfg->dist_zero_stage > 0 && strcmp(cfg->optim_kind, "adamw"))
+        return mt_errorf(MT_ERR_CONFIG,
+                         "dist.zero_stage %ld shards AdamW's state, but optim.kind is %s (%s); set dist.zero_stage: 0",
+                         cfg->dist_zero_stage, cfg->optim_kind,
+                         mezo ? "MeZO keeps none" : "GaLore's projected state is not sharded yet");
+    if (cfg->dist_zero_stage > 0 && offload)
+        return mt_errorf(MT_ERR_CONFIG,
+                         "dist.zero_stage %ld with offload.optimizer %s is not built yet: every rank offloads the "
+                         "whole state; set dist.zero_stage: 0 (or offload.optimizer: none)",
+                         cfg->dist_zero_stage, cfg->offload_optimizer);
     if (!offload && section_changed(cfg, "offload"))
         return mt_errorf(MT_ERR_CONFIG, "offload.* keys need offload.optimizer: cpu or ssd (it is none)");
     if (!strcmp(cfg->offload_optimizer, "ssd") && !cfg->offload_path[0])

@@ -116,6 +116,12 @@ extern "C" {
     X(offload, trace_step, INT, "0", 0, 1000000000, "",                                                               \
       "GPU: write the copy/update timeline of this step and the next to output.dir/offload-trace.json (Chrome trace " \
       "format, for chrome://tracing or ui.perfetto.dev); 0: none")                                                    \
+    X(dist, zero_stage, INT, "0", 0, 2, "",                                                                           \
+      "data parallelism (mpirun -np N): 0 every rank keeps the whole AdamW state; 1 each keeps its shard (1/N); 2 "   \
+      "also reduce-scatters the gradients to the shards' owners instead of all-reducing them; see docs/multi-gpu.md") \
+    X(dist, timeout, FLOAT, "1800", 10, 1e7, "",                                                                      \
+      "data parallelism: seconds without a finished step (or checkpoint) before a rank gives up on the others and "   \
+      "exits with a message")                                                                                         \
     X(output, dir, STR, "runs/default", 0, 0, "",                                                                     \
       "run folder: resolved config, metrics.jsonl, final model (created; an existing run's files are replaced)")      \
     X(output, save_model, BOOL, "true", 0, 0, "", "write the trained model to output.dir/model at the end")           \

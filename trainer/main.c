@@ -62,7 +62,7 @@ static int cmd_train(int argc, char **argv) {
         if (!strcmp(argv[i], "--set")) err = mt_config_set_assignment(&cfg, argv[++i], "--set");
     mt_train_result result;
     if (!err) err = mt_train(&cfg, &result);
-    if (!err)
+    if (!err && result.rank == 0)
         printf("done: %d steps, loss %.4f -> %.4f, run folder %s\n", result.steps_done, result.first_loss,
                result.last_loss, cfg.output_dir);
     mt_config_free(&cfg);

@@ -50,6 +50,8 @@ struct mt_model {
     float *grads;   // (total) fp32; NULL when the base is frozen or gradients are streamed
     // streamed gradients (mt_model_options.grad_ready)
     mt_grad_ready_fn grad_ready;
+    mt_grads_done_fn grads_done;
+    void *grads_done_ctx;
     void *grad_ready_ctx;
     mt_weights_needed_fn weights_needed;
     void *weights_needed_ctx;
@@ -425,6 +427,7 @@ mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_confi
     mt_mem_place place = be->gpu ? MT_DEVICE : MT_HOST;
     size_t act = mt_act_size(be);
     m->grad_ready = o->grad_ready, m->grad_ready_ctx = o->grad_ready_ctx;
+    m->grads_done = o->grads_done, m->grads_done_ctx = o->grads_done_ctx;
     m->weights_needed = o->weights_needed, m->weights_needed_ctx = o->weights_needed_ctx;
     MT_CHECK(!m->grad_ready || (!m->frozen && !m->forward_only), "streamed gradients need a full fine-tune");
     mt_err err = mt_alloc(&m->weights, m->compute_total * act, MT_MEM_WEIGHTS, place);
@@ -477,7 +480,7 @@ mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_confi
 
 mt_err mt_model_create(mt_model **out, mt_backend *be, const mt_model_config *cfg, int B, int T,
                        int activation_checkpointing) {
-    mt_model_options o = {B, T, activation_checkpointing, {0}, 0, 0, 0, NULL, NULL, NULL, NULL};
+    mt_model_options o = {B, T, activation_checkpointing, {0}, 0, 0, 0, NULL, NULL, NULL, NULL, NULL, NULL};
     return mt_model_create_with(out, be, cfg, &o);
 }
 
@@ -958,6 +961,7 @@ double mt_model_step(mt_model *m, const int32_t *inputs, const int32_t *targets,
     mt_op_zero(be, m->dres, (size_t)N * c->C * mt_act_size(be));
     mt_op_rmsnorm_backward(be, m->dres, m->g_norm, m->dln, m->x[c->L], m->norm_w, m->rstdf, N, c->C);
     if (streamed) m->grad_ready(m->grad_ready_ctx, m->index_norm, m->g_norm);
+    if (m->grads_done) m->grads_done(m->grads_done_ctx, c->L + 1);
     for (int l = c->L - 1; l >= 0; l--) {
         if (m->offload) {
             // fetch x[l-1] into the slot x[l+1] used, while layer l runs;
@@ -970,11 +974,13 @@ double mt_model_step(mt_model *m, const int32_t *inputs, const int32_t *targets,
         // the layer's gradients are complete: each is applied and its place reused
         for (int p = 0; p < P_LAYER_COUNT && streamed; p++)
             if (m->layers[l].index[p] >= 0) m->grad_ready(m->grad_ready_ctx, m->layers[l].index[p], m->layers[l].g[p]);
+        if (m->grads_done) m->grads_done(m->grads_done_ctx, 1 + l);
     }
     if (streamed && m->index_lm != m->index_wte)
         mt_op_zero(be, m->g_wte, m->params[m->index_wte].count * sizeof(float));
     if (m->g_wte) mt_op_embedding_backward(be, m->g_wte, m->tokens, m->dres, N, c->C);
     if (streamed) m->grad_ready(m->grad_ready_ctx, m->index_wte, m->g_wte);
+    if (m->grads_done) m->grads_done(m->grads_done_ctx, 0);
     return loss;
 }
 

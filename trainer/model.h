@@ -79,6 +79,12 @@ typedef void (*mt_grad_ready_fn)(void *ctx, int param, float *grad);
 // lm_head is the embedding, read already). Offloaded updates land here.
 typedef void (*mt_weights_needed_fn)(void *ctx, int bucket);
 
+// Called in every backward when the gradients of `bucket` (the numbering
+// above) are complete for this batch, in backward's order: the head, each
+// layer from the last, the embedding. Data parallelism reduces them here,
+// beside the rest of backward.
+typedef void (*mt_grads_done_fn)(void *ctx, int bucket);
+
 typedef struct {
     int B, T;                             // rows per batch, tokens per row
     int activation_checkpointing;         // keep layer inputs only; recompute in backward
@@ -91,6 +97,8 @@ typedef struct {
     void *grad_ready_ctx;                 // gradient is handed over as soon as it is complete (GaLore)
     mt_weights_needed_fn weights_needed;  // NULL, or the hook above (offloaded optimizer)
     void *weights_needed_ctx;
+    mt_grads_done_fn grads_done;  // NULL, or the hook above (data parallelism)
+    void *grads_done_ctx;
 } mt_model_options;
 
 // Builds the parameter tables and allocates weights, gradients (of the

@@ -23,6 +23,7 @@
 #include "optim/optimizer.h"
 #include "optim/schedule.h"
 #include "trainer/checkpoint.h"
+#include "trainer/dist.h"
 #include "trainer/fsutil.h"
 #include "trainer/hf.h"
 #include "trainer/lora.h"
@@ -232,6 +233,9 @@ typedef struct {
     mt_loader *train;
     float *master, *m, *v;  // host buffers of the parameter count (m, v NULL with MeZO; all NULL with offload)
     size_t trained_total;
+    mt_dist *dist;
+    int sharded;  // ZeRO 1, 2: the AdamW state of [shard_lo, shard_hi) is this rank's
+    size_t shard_lo;
 } checkpoint_ctx;
 
 // `arrays` host arrays of the trained block's n values, in one allocation,
@@ -254,7 +258,8 @@ static mt_err alloc_state_copy(size_t n, int arrays, float **block) {
 static mt_err get_trained(checkpoint_ctx *c, float *dst, float *packed) {
     if (c->offload && !c->plan->packed) return mt_offload_read_state(c->offload, dst, NULL, NULL);
     if (c->opt) {
-        mt_optimizer_get_master(c->opt, dst);
+        mt_optimizer_get_master(c->opt, dst + c->shard_lo);
+        if (c->sharded) mt_dist_share_shards_host(c->dist, dst, c->trained_total);
         return MT_OK;
     }
     float *own = NULL;
@@ -282,7 +287,11 @@ static mt_err save_checkpoint(checkpoint_ctx *c, long steps_done) {
     } else {
         if (packed && (err = alloc_state_copy(c->plan->count, 3, &copy))) return err;
         err = get_trained(c, master, copy);
-        if (c->opt) mt_optimizer_get_moments(c->opt, m, v);
+        if (c->opt) mt_optimizer_get_moments(c->opt, m + c->shard_lo, v + c->shard_lo);
+        if (c->opt && c->sharded) {
+            mt_dist_share_shards_host(c->dist, m, c->trained_total);
+            mt_dist_share_shards_host(c->dist, v, c->trained_total);
+        }
     }
     mt_state_tensor *extra = NULL, *all = NULL;
     int n_extra = 0;
@@ -309,9 +318,15 @@ static mt_err save_checkpoint(checkpoint_ctx *c, long steps_done) {
     mt_checkpoint_meta meta = {steps_done, cursor.epoch, cursor.batch, optimizer_steps,
                                mt_config_training_hash(c->cfg)};
     double t0 = mt_now();
-    if (!err)
+    // every rank holds the whole state now (the same values); rank 0 writes it
+    if (!err && mt_dist_rank(c->dist) == 0)
         err = mt_checkpoint_write(c->cfg->output_dir, c->cfg->model_path, c->mc, c->lora, master, m, v, extra, n_extra,
                                   &meta, (int)c->cfg->checkpoint_keep);
+    double failed = err != MT_OK;
+    mt_dist_sum_host(c->dist, &failed, 1);
+    if (!err && failed > 0)
+        err = mt_errorf(MT_ERR_IO, "rank 0 could not write the checkpoint of step %ld (its log says why)", steps_done);
+    mt_dist_heartbeat(c->dist);
     free(all);
     free(copy);
     if (!err) mt_info("checkpoint: %s/checkpoints/step-%08ld (%.1fs)", c->cfg->output_dir, steps_done, mt_now() - t0);
@@ -324,7 +339,8 @@ typedef struct {
     mt_model *model;
     const batch_set *batch;
     int accum, B, T;
-    long valid_total;
+    long valid_total;  // this rank's
+    mt_dist *dist;
 } mezo_batch;
 
 static double mezo_batch_loss(void *ctx, uint64_t seed, float scale) {
@@ -336,7 +352,10 @@ static double mezo_batch_loss(void *ctx, uint64_t seed, float scale) {
         sum += mt_model_step(b->model, b->batch->inputs + at, b->batch->targets + at, 0.0f, 0);
     }
     mt_model_set_perturbation(b->model, 0, 0.0f);
-    return b->valid_total ? sum / (double)b->valid_total : NAN;
+    // data parallelism: the mean over every rank's targets, two scalars a call
+    double both[2] = {sum, (double)b->valid_total};
+    mt_dist_sum_host(b->dist, both, 2);
+    return both[1] > 0 ? both[0] / both[1] : NAN;
 }
 
 static void defer_to_model(void *model, const mt_zo_directions *d, float lr, float weight_decay, uint64_t round_seed) {
@@ -352,10 +371,50 @@ typedef struct {
     const mt_param_info *table;
     const int *offloaded;  // with offload: the parameter's index there (offload_plan.index), or -1
     mt_offload *const *offload;
+    mt_dist *dist;
 } galore_hook;
+
+// A streamed gradient (GaLore's, offload's) is summed over the ranks before
+// it is used (GaLore projects the sum).
+static void reduce_now(mt_dist *d, float *grad, size_t n) {
+    if (mt_dist_world(d) == 1) return;
+    mt_dist_after_compute(d);
+    mt_dist_allreduce(d, grad, n);
+    mt_dist_wait(d);
+}
+
+// Data parallelism over the gradient block: each forward unit's range is
+// reduced as soon as backward has finished it in the step's last
+// micro-batch, on the communication stream, beside the rest of backward:
+// all-reduced, or with ZeRO-2 reduced to the owners of its shards.
+typedef struct {
+    mt_dist *dist;
+    int zero_stage, active;
+    float *grads;  // the trained block's (NULL: streamed)
+    size_t total;
+    size_t *lo, *hi;  // per forward unit
+    int units;
+} dp_hook;
+
+static void dp_grads_done(void *ctx, int unit) {
+    dp_hook *h = ctx;
+    if (!h->active || !h->grads || unit >= h->units || h->lo[unit] >= h->hi[unit]) return;
+    mt_dist_after_compute(h->dist);
+    if (h->zero_stage == 2)
+        mt_dist_reduce_to_owners(h->dist, h->grads, h->lo[unit], h->hi[unit], h->total);
+    else
+        mt_dist_allreduce(h->dist, h->grads + h->lo[unit], h->hi[unit] - h->lo[unit]);
+}
+
+// ZeRO's shard norms into the whole gradient's.
+static double sum_over_ranks(void *ctx, double local) {
+    mt_dist_sum_host(ctx, &local, 1);
+    return local;
+}
 
 static void galore_grad_ready(void *ctx, int param, float *grad) {
     galore_hook *h = ctx;
+    reduce_now(h->dist, grad, h->table[param].count);
     if (h->offloaded && h->offloaded[param] >= 0)
         mt_offload_grad(*h->offload, h->offloaded[param], grad);
     else
@@ -365,7 +424,17 @@ static void galore_grad_ready(void *ctx, int param, float *grad) {
 // Offloaded AdamW: gradients stream to the host as backward completes them,
 // and each forward unit waits for its own update only. ctx: the mt_offload *
 // (made after the model, whose weights it updates).
-static void offload_grad_ready(void *ctx, int param, float *grad) { mt_offload_grad(*(mt_offload **)ctx, param, grad); }
+typedef struct {
+    mt_offload **offload;
+    mt_dist *dist;
+    const mt_param_info *table;
+} offload_hook;
+
+static void offload_grad_ready(void *ctx, int param, float *grad) {
+    offload_hook *h = ctx;
+    reduce_now(h->dist, grad, h->table[param].count);
+    mt_offload_grad(*h->offload, param, grad);
+}
 
 static void offload_weights_needed(void *ctx, int bucket) {
     mt_offload *o = *(mt_offload **)ctx;
@@ -390,6 +459,20 @@ static int select_trainable(const char *patterns, const mt_param_info *table, in
     return count;
 }
 
+// What every rank of a data-parallel run must agree on: all of the config.
+static uint64_t config_fingerprint(const mt_config *cfg) {
+    char *text = NULL;
+    size_t len = 0;
+    FILE *f = open_memstream(&text, &len);
+    MT_CHECK(f != NULL, "memstream");
+    mt_config_write_yaml(cfg, f);
+    fclose(f);
+    uint64_t h = 1469598103934665603ull;  // FNV-1a
+    for (size_t i = 0; i < len; i++) h = (h ^ (unsigned char)text[i]) * 1099511628211ull;
+    free(text);
+    return h;
+}
+
 mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     memset(result, 0, sizeof *result);
     result->last_eval_loss = NAN;
@@ -407,11 +490,18 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
                          cfg->model_path, mc.sliding_window, T, mc.sliding_window);
     mt_dataset *ds = NULL;
     if ((err = mt_dataset_open(&ds, cfg->data_train, mc.V))) return err;
-    mt_loader_config lc = {B, T, (uint64_t)cfg->train_seed, 0, 1, cfg->data_eval_fraction};
+    // data parallelism: this process's rank (world 1 without a launcher)
+    mt_dist *dist = NULL;
     mt_loader *train = NULL, *eval = NULL;
+    if ((err = mt_dist_init(&dist))) goto out_data;
+    int rank = mt_dist_rank(dist), world = mt_dist_world(dist), zero = world > 1 ? (int)cfg->dist_zero_stage : 0;
+    result->rank = rank;
+    // each rank its share of the training windows; every rank the same eval
+    mt_loader_config lc = {B, T, (uint64_t)cfg->train_seed, rank, world, cfg->data_eval_fraction};
+    mt_loader_config ec = {B, T, (uint64_t)cfg->train_seed, 0, 1, cfg->data_eval_fraction};
     if ((err = mt_loader_init(&train, ds, &lc, MT_SPLIT_TRAIN))) goto out_data;
     if (cfg->data_eval_fraction > 0 && cfg->train_eval_batches > 0 &&
-        (err = mt_loader_init(&eval, ds, &lc, MT_SPLIT_EVAL)))
+        (err = mt_loader_init(&eval, ds, &ec, MT_SPLIT_EVAL)))
         goto out_data;
     mt_model_options opts = {B,
                              T,
@@ -420,6 +510,8 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
                              !strcmp(cfg->model_quantize, "nf4"),
                              (int)cfg->model_offload_activations,
                              0,
+                             NULL,
+                             NULL,
                              NULL,
                              NULL,
                              NULL,
@@ -432,10 +524,13 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     int offload_streamed = offload && cfg->lora_r == 0 && accum == 1;
     galore_hook hook = {0};
     mt_offload *ofl = NULL;
+    offload_hook ohook = {&ofl, dist, NULL};
     offload_plan plan = {0};
+    dp_hook dp = {dist, zero, 0, NULL, 0, NULL, NULL, 0};
     opts.forward_only = mezo;
     if (galore) opts.grad_ready = galore_grad_ready, opts.grad_ready_ctx = &hook;
-    if (offload_streamed && !galore) opts.grad_ready = offload_grad_ready, opts.grad_ready_ctx = &ofl;
+    if (offload_streamed && !galore) opts.grad_ready = offload_grad_ready, opts.grad_ready_ctx = &ohook;
+    if (world > 1) opts.grads_done = dp_grads_done, opts.grads_done_ctx = &dp;
     if (offload) opts.weights_needed = offload_weights_needed, opts.weights_needed_ctx = &ofl;
     if (cfg->lora_r > 0) {
         opts.lora = (mt_lora_config){(int)cfg->lora_r, (float)cfg->lora_alpha, (float)cfg->lora_dropout,
@@ -450,6 +545,18 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     int n_trained = n_params;
     size_t trained_total = total;
     mt_param_info *trained_table = lora ? mt_lora_param_table(&mc, lora, &n_trained, &trained_total) : table;
+    ohook.table = trained_table;
+    // each forward unit's range of the trained block, for the gradient reduction
+    dp.units = mc.L + 2;
+    dp.lo = calloc((size_t)dp.units, sizeof *dp.lo);
+    dp.hi = calloc((size_t)dp.units, sizeof *dp.hi);
+    MT_CHECK(dp.lo && dp.hi, "unit ranges");
+    for (int i = 0; i < n_trained; i++) {
+        int u = forward_bucket(trained_table[i].name, mc.L);
+        size_t a = trained_table[i].offset, b = a + trained_table[i].count;
+        if (dp.lo[u] == dp.hi[u] || a < dp.lo[u]) dp.lo[u] = a;
+        if (b > dp.hi[u]) dp.hi[u] = b;
+    }
     float *host_params = calloc(total, sizeof(float)), *moment_m = NULL, *moment_v = NULL;
     float *trained = lora ? calloc(trained_total ? trained_total : 1, sizeof(float)) : host_params;
     if (!host_params || !trained) {
@@ -531,8 +638,17 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
         goto out_params;
     }
     int use_gpu = strcmp(cfg->train_device, "cpu") && ngpu > 0;
+    if (use_gpu && mt_dist_local_world(dist) > ngpu) {
+        err = mt_errorf(MT_ERR_DEVICE,
+                        "%d ranks run on this node but it has %d GPU%s: start at most %d per node (mpirun -np %d, or "
+                        "a hostfile's slots)",
+                        mt_dist_local_world(dist), ngpu, ngpu == 1 ? "" : "s", ngpu, ngpu);
+        goto out_params;
+    }
     mt_backend be;
-    if ((err = mt_backend_init(&be, use_gpu ? 0 : -1))) goto out_params;
+    if ((err = mt_backend_init(&be, use_gpu ? mt_dist_local_rank(dist) : -1))) goto out_params;
+    if ((err = mt_dist_connect(dist, &be, cfg->dist_timeout))) goto out_backend;
+    if ((err = mt_dist_check_same(dist, config_fingerprint(cfg), "the configuration"))) goto out_backend;
     char devname[256];
     if (use_gpu)
         mt_device_describe(devname, sizeof devname);
@@ -553,6 +669,7 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     }
     mt_trainable tr;
     mt_model_trainable(model, &tr);
+    size_t shard_lo = 0, shard_hi = trained_total;
     mt_param_group *groups = malloc((size_t)(n_trained ? n_trained : 1) * sizeof *groups);
     selected = calloc((size_t)(n_trained ? n_trained : 1), 1);
     MT_CHECK(groups && selected, "parameter groups");
@@ -607,7 +724,7 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
                                !strcmp(cfg->galore_moments, "int8"),
                                (uint64_t)cfg->train_seed};
         if (!err) err = mt_galore_init(&gal, &be, &gc, gparams, n_trained);
-        hook = (galore_hook){gal, tr.weights, mt_act_size(&be), trained_table, NULL, &ofl};
+        hook = (galore_hook){gal, tr.weights, mt_act_size(&be), trained_table, NULL, &ofl, dist};
         if (!err && resume_dir[0]) {
             mt_state_tensor *state;
             int n_state = mt_galore_state(gal, &state);
@@ -639,7 +756,9 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
                                 (int)cfg->offload_threads,
                                 cfg->offload_trace_step > 0 ? trace : NULL,
                                 cfg->offload_trace_step,
-                                mc.L};
+                                mc.L,
+                                rank,
+                                world};
         float *packed = NULL;
         if (plan.packed) {
             // GaLore's unprojected parameters: their master from the weights
@@ -675,27 +794,42 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     } else if (!galore && !mezo && !err) {
         mt_adamw_config ac = {(float)cfg->optim_lr,  (float)cfg->optim_beta1,        (float)cfg->optim_beta2,
                               (float)cfg->optim_eps, (float)cfg->optim_weight_decay, (float)cfg->optim_grad_clip};
-        err = mt_optimizer_init(&opt, &be, &ac, tr.weights, trained, trained_total, groups, n_groups);
+        // ZeRO 1, 2: this rank's shard of the block, its groups clipped to it
+        if (zero) mt_dist_shard(dist, rank, trained_total, &shard_lo, &shard_hi);
+        int n_shard = 0;
+        for (int g = 0; g < n_groups; g++) {
+            size_t a = groups[g].offset > shard_lo ? groups[g].offset : shard_lo;
+            size_t b = groups[g].offset + groups[g].count < shard_hi ? groups[g].offset + groups[g].count : shard_hi;
+            if (a < b) groups[n_shard++] = (mt_param_group){a - shard_lo, b - a, groups[g].decay};
+        }
+        err = mt_optimizer_init(&opt, &be, &ac, (float *)((char *)tr.weights + shard_lo * mt_act_size(&be)),
+                                trained + shard_lo, shard_hi - shard_lo, groups, n_shard);
+        if (!err && zero) mt_optimizer_set_norm_sum(opt, sum_over_ranks, dist);
     }
     free(groups);
     if (err) goto out_model;
-    if (resume_dir[0] && opt) mt_optimizer_set_moments(opt, moment_m, moment_v, resume.optimizer_steps);
+    if (resume_dir[0] && opt)
+        mt_optimizer_set_moments(opt, moment_m + shard_lo, moment_v + shard_lo, resume.optimizer_steps);
+    dp.grads = tr.grads, dp.total = trained_total;
 
-    // ---- run folder
+    // ---- run folder (rank 0's)
     char path[1200];
-    snprintf(path, sizeof path, "%s/config.yaml", cfg->output_dir);
-    FILE *f = fopen(path, "w");
-    if (!f) {
-        err = mt_errorf(MT_ERR_IO, "%s: cannot write (%s)", path, strerror(errno));
-        goto out_model;
+    FILE *metrics = NULL;
+    if (rank == 0) {
+        snprintf(path, sizeof path, "%s/config.yaml", cfg->output_dir);
+        FILE *f = fopen(path, "w");
+        if (f) mt_config_write_yaml(cfg, f);
+        if (!f || fclose(f) != 0) err = mt_errorf(MT_ERR_IO, "%s: cannot write (%s)", path, strerror(errno));
+        snprintf(path, sizeof path, "%s/metrics.jsonl", cfg->output_dir);
+        if (!err && resume_dir[0]) err = trim_metrics(path, resume.step);
+        if (!err && !(metrics = fopen(path, resume_dir[0] ? "a" : "w")))
+            err = mt_errorf(MT_ERR_IO, "%s: cannot write (%s)", path, strerror(errno));
     }
-    mt_config_write_yaml(cfg, f);
-    fclose(f);
-    snprintf(path, sizeof path, "%s/metrics.jsonl", cfg->output_dir);
-    if (resume_dir[0] && (err = trim_metrics(path, resume.step))) goto out_model;
-    FILE *metrics = fopen(path, resume_dir[0] ? "a" : "w");
-    if (!metrics) {
-        err = mt_errorf(MT_ERR_IO, "%s: cannot write (%s)", path, strerror(errno));
+    double folder_failed = err != MT_OK;
+    mt_dist_sum_host(dist, &folder_failed, 1);
+    if (!err && folder_failed > 0) err = mt_errorf(MT_ERR_IO, "rank 0 could not write to %s", cfg->output_dir);
+    if (err) {
+        if (metrics) fclose(metrics);
         goto out_model;
     }
     size_t count = mt_model_num_params(model);
@@ -749,6 +883,10 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
             (unsigned long long)mt_dataset_num_tokens(ds), (unsigned long long)mt_dataset_num_docs(ds),
             (unsigned long long)mt_loader_batches_per_epoch(train));
     if (resume_dir[0]) mt_info("resuming from %s at step %ld", resume_dir, resume.step);
+    if (world > 1)
+        mt_info("data parallel: %d ranks (%s), %d on this node; %d x %d x %d tokens a step; ZeRO stage %d%s", world,
+                mt_dist_launcher(dist), mt_dist_local_world(dist), world, accum, B * T, zero,
+                zero ? " (each rank keeps 1/N of AdamW's state)" : "");
 
     mt_schedule sched = {!strcmp(cfg->optim_schedule, "linear")     ? MT_SCHEDULE_LINEAR
                          : !strcmp(cfg->optim_schedule, "constant") ? MT_SCHEDULE_CONSTANT
@@ -768,8 +906,8 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     }
     double t_start = mt_now(), t_last = t_start;
     long tokens_since = 0;
-    checkpoint_ctx ckpt = {cfg,       &mc,   lora,  opt,     gal,      ofl,      &plan,        trained_table,
-                           n_trained, model, train, trained, moment_m, moment_v, trained_total};
+    checkpoint_ctx ckpt = {cfg,   &mc,   lora,    opt,      gal,      ofl,           &plan, trained_table, n_trained,
+                           model, train, trained, moment_m, moment_v, trained_total, dist,  zero > 0,      shard_lo};
     stop_signal = 0;
     struct sigaction action = {0}, old_int, old_term;
     action.sa_handler = on_stop_signal;
@@ -790,10 +928,9 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
         // a non-finite loss or gradient stops the run before any update is applied
         mt_step_info info = {NAN, 0};
         if (mezo) {
-            mezo_batch mb = {model, &bs, accum, B, T, valid_total};
+            mezo_batch mb = {model, &bs, accum, B, T, valid_total, dist};
             double pair_losses[2 * MT_ZO_MAX_DIRECTIONS];
             mt_mezo_losses(mz, step, mezo_batch_loss, &mb, pair_losses);
-            // (data parallelism averages the 2 * samples pair_losses across ranks here)
             mt_mezo_info zi;
             mt_mezo_update(mz, step, pair_losses, lr, &zi);
             loss = zi.loss;
@@ -803,16 +940,23 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
             // gradient completes (grad_accum is 1 then); AdamW steps after
             if (galore) mt_galore_begin_step(gal, lr);
             if (ofl) mt_offload_begin_step(ofl, lr);
-            float dscale = valid_total ? 1.0f / (float)valid_total : 0.0f;
+            // the loss is the mean over every rank's targets
+            double valid_all = (double)valid_total;
+            mt_dist_sum_host(dist, &valid_all, 1);
+            float dscale = valid_all > 0 ? 1.0f / (float)valid_all : 0.0f;
             mt_model_zero_grads(model);
             double loss_sum = 0.0;
             for (int a = 0; a < accum; a++) {
-                // dropout masks: a fresh draw per micro-batch, the same after a resume
-                mt_model_set_dropout_seed(model, mt_rng_bits((uint64_t)cfg->train_seed, (uint64_t)step * accum + a));
+                // dropout masks: a fresh draw per micro-batch (and rank), the same after a resume
+                mt_model_set_dropout_seed(
+                    model, mt_rng_bits((uint64_t)cfg->train_seed, ((uint64_t)step * accum + a) * world + rank));
+                dp.active = a == accum - 1;  // the gradients are reduced in the last micro-batch's backward
                 loss_sum +=
                     mt_model_step(model, bs.inputs + (size_t)a * B * T, bs.targets + (size_t)a * B * T, dscale, 1);
             }
-            loss = valid_total ? loss_sum / (double)valid_total : NAN;
+            mt_dist_sum_host(dist, &loss_sum, 1);
+            mt_dist_wait(dist);  // what follows reads the reduced gradients
+            loss = valid_all > 0 ? loss_sum / valid_all : NAN;
             if (!isfinite(loss)) {
                 // the backward was skipped: nothing was applied
                 if (galore) mt_galore_cancel_step(gal);
@@ -830,7 +974,13 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
                     info =
                         galore ? (mt_step_info){hypot(info.grad_norm, off.grad_norm), info.finite && off.finite} : off;
                 }
-                if (opt) mt_optimizer_step(opt, tr.grads, lr, &info);
+                if (opt) mt_optimizer_step(opt, tr.grads + shard_lo, lr, &info);
+                if (opt && zero && info.finite) {
+                    // each rank updated its shard: every rank gets all of them
+                    mt_dist_after_compute(dist);
+                    mt_dist_share_shards(dist, tr.weights, trained_total, mt_act_size(&be));
+                    mt_dist_wait(dist);
+                }
                 int matrices;
                 double seconds = galore ? mt_galore_last_refresh_seconds(gal, &matrices) : 0.0;
                 if (galore && matrices) {
@@ -862,7 +1012,8 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
         result->last_loss = loss;
         result->steps_done = step + 1;
         loss_curve[step] = (float)loss;
-        tokens_since += (long)accum * B * T;
+        tokens_since += (long)accum * B * T * world;
+        mt_dist_heartbeat(dist);
         double eval_loss = NAN;
         int last = step + 1 == cfg->train_steps;
         if (eval && ((cfg->train_eval_every > 0 && (step + 1) % cfg->train_eval_every == 0) || last)) {
@@ -876,11 +1027,12 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
             char eta[32], evaltext[48] = "";
             format_duration((now - t_start) / (step + 1) * (cfg->train_steps - step - 1), eta, sizeof eta);
             if (isfinite(eval_loss)) snprintf(evaltext, sizeof evaltext, " | eval %.4f", eval_loss);
-            fprintf(stderr,
-                    "step %*d/%ld | loss %.4f%s | lr %.2e | %s %.3f | %.0f tok/s | peak mem %.2f GiB | "
-                    "ETA %s\n",
-                    (int)(log10((double)cfg->train_steps) + 1), step + 1, cfg->train_steps, loss, evaltext, lr,
-                    mezo ? "proj grad" : "grad norm", info.grad_norm, tps, peak_bytes(&be) / 1073741824.0, eta);
+            if (rank == 0)
+                fprintf(stderr,
+                        "step %*d/%ld | loss %.4f%s | lr %.2e | %s %.3f | %.0f tok/s | peak mem %.2f GiB | "
+                        "ETA %s\n",
+                        (int)(log10((double)cfg->train_steps) + 1), step + 1, cfg->train_steps, loss, evaltext, lr,
+                        mezo ? "proj grad" : "grad norm", info.grad_norm, tps, peak_bytes(&be) / 1073741824.0, eta);
             cJSON *rec = cJSON_CreateObject();
             cJSON_AddNumberToObject(rec, "step", step + 1);
             cJSON_AddNumberToObject(rec, "loss", loss);
@@ -892,8 +1044,10 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
             cJSON_AddNumberToObject(rec, "peak_memory_bytes", (double)peak_bytes(&be));
             cJSON_AddNumberToObject(rec, "elapsed_seconds", now - t_start);
             char *line = cJSON_PrintUnformatted(rec);
-            fprintf(metrics, "%s\n", line);
-            fflush(metrics);
+            if (metrics) {
+                fprintf(metrics, "%s\n", line);
+                fflush(metrics);
+            }
             free(line);
             cJSON_Delete(rec);
             result->tokens_per_second = tps;
@@ -901,7 +1055,9 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
             tokens_since = 0;
         }
         int run_steps = step + 1 - (int)resume.step;
-        int stop_now = stop_signal || (cfg->train_stop_after > 0 && run_steps >= cfg->train_stop_after);
+        double signalled = stop_signal;  // every rank stops at the same step
+        if (world > 1) mt_dist_sum_host(dist, &signalled, 1);
+        int stop_now = signalled > 0 || (cfg->train_stop_after > 0 && run_steps >= cfg->train_stop_after);
         if (stop_now && !last) {
             if ((err = save_checkpoint(&ckpt, step + 1))) break;
             mt_info("stopped after step %d (%s). Resume with: memtune train CONFIG --set train.resume=auto", step + 1,
@@ -916,9 +1072,9 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     sigaction(SIGTERM, &old_term, NULL);
     if (skipped) mt_warn("%d step(s) skipped for non-finite values", skipped);
     result->stopped_early = stopped;
-    fclose(metrics);
+    if (metrics) fclose(metrics);
     snprintf(path, sizeof path, "%s/loss.svg", cfg->output_dir);
-    write_loss_svg(path, loss_curve, result->steps_done, eval_curve, eval_steps, evals);
+    if (rank == 0) write_loss_svg(path, loss_curve, result->steps_done, eval_curve, eval_steps, evals);
     free(loss_curve);
     free(eval_curve);
     free(eval_steps);
@@ -933,7 +1089,7 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     if (!err && !stopped && cfg->output_save_model && lora) {
         err = get_trained(&ckpt, trained, NULL);
         snprintf(path, sizeof path, "%s/adapter", cfg->output_dir);
-        if (!err) err = mt_lora_save(path, lora, cfg->model_path, trained_table, n_trained, trained);
+        if (!err && rank == 0) err = mt_lora_save(path, lora, cfg->model_path, trained_table, n_trained, trained);
         if (!err)
             mt_info("saved %s (PEFT layout; merge with: memtune merge --model %s --adapter %s -o MERGED)", path,
                     cfg->model_path, path);
@@ -945,7 +1101,7 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
                          : random_init                             ? MT_DTYPE_F32
                                                                    : mc.dtype;
         snprintf(path, sizeof path, "%s/model", cfg->output_dir);
-        if (!err) err = mt_hf_save(path, cfg->model_path, &mc, host_params, dtype);
+        if (!err && rank == 0) err = mt_hf_save(path, cfg->model_path, &mc, host_params, dtype);
         if (!err) mt_info("saved %s (%s, Hugging Face layout)", path, mt_dtype_name(dtype));
     }
 out_model:
@@ -967,6 +1123,9 @@ out_params:
     if (trained_table != table) free(trained_table);
     free(table);
 out_data:
+    free(dp.lo);
+    free(dp.hi);
+    mt_dist_free(dist);
     mt_loader_free(train);
     mt_loader_free(eval);
     mt_dataset_free(ds);

@@ -16,6 +16,7 @@ typedef struct {
     double first_loss, last_loss, last_eval_loss;  // eval NAN when none ran
     double tokens_per_second;
     int stopped_early;  // by a signal or train.stop_after, with a checkpoint
+    int rank;           // data parallelism: this process's (0 speaks for the run)
 } mt_train_result;
 
 mt_err mt_train(const mt_config *cfg, mt_train_result *result);

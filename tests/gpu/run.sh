@@ -10,7 +10,8 @@
 # "ctest mezo-bench". MT_CTEST_FILTER narrows ctest; MT_LORA_SHAPES picks
 # lora-bench's shapes and MT_LORA_ARGS adds bench/lora_ft.py options (e.g.
 # "--steps 20"); MT_MEZO_ARGS adds bench/mezo.py options, MT_GALORE_ARGS
-# bench/galore.py's, MT_OFFLOAD_ARGS bench/offload.py's; MT_RESUME_ONLY (a
+# bench/galore.py's, MT_OFFLOAD_ARGS bench/offload.py's, MT_DIST_ARGS
+# bench/dist.py's (stage dist, on a machine with 2 or more GPUs); MT_RESUME_ONLY (a
 # regular expression) picks resume checks by name.
 # Python packages the machine lacks travel in .whl/ (see docs/development.md):
 # .whl/bnb (bitsandbytes) and .whl/galore (galore-torch) always, .whl/peft
@@ -194,6 +195,15 @@ if want galore-bench; then
     python3 bench/galore.py --out "$OUT" ${MT_GALORE_ARGS:-} 2>&1 | tee "$OUT/galore_bench.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
+if want dist; then
+    echo "== data parallelism: loss curves on 2 GPUs vs 1, scaling efficiency (bench/dist.py)"
+    nvidia-smi -L
+    command -v mpirun && mpirun --version 2>&1 | head -1
+    [ -f /tmp/kjv.h5 ] || "$BUILD/memtune" tokenize --input data/kjv.txt --output /tmp/kjv.h5 > /dev/null
+    python3 bench/dist.py --out "$OUT" ${MT_DIST_ARGS:-} 2>&1 | tee "$OUT/dist_bench.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+
 if want offload-bench; then
     echo "== bench: optimizer state on the GPU, in host memory, on disk; CPU AdamW vs torch's"
     python3 bench/offload.py --out "$OUT" ${MT_OFFLOAD_ARGS:-} 2>&1 | tee "$OUT/offload_bench.log"

@@ -1,0 +1,144 @@
+#!/usr/bin/env python3
+"""Data parallelism on the GPUs of one machine, in one run.
+
+1. Loss curves: the quickstart's tiny model on the KJV data, LoRA, full
+   fine-tuning with ZeRO-2 and MeZO, on 2 GPUs against 1 GPU with twice the
+   gradient accumulation (the same windows each step): the largest relative
+   difference of the losses, which should be bf16 rounding.
+2. Scaling: the TinyLlama-1.1B shape (random init), B=4 rows of T=1024 per
+   GPU, activation checkpointing: tokens/s on 1 GPU and on 2, and the
+   efficiency tokens/s(2) / (2 x tokens/s(1)), for LoRA, full fine-tuning
+   with ZeRO-2 and MeZO. Targets (issue 8): >= 0.9 for LoRA and full
+   fine-tuning, >= 0.95 for MeZO.
+
+Ranks start with memtune's MT_RANK / MT_WORLD_SIZE / MT_RENDEZVOUS variables
+(docs/multi-gpu.md), or with mpirun when MT_DIST_LAUNCHER=mpirun.
+Writes dist_bench.json to --out and prints a table.
+"""
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from full_ft import write_dataset  # noqa: E402
+from lora_ft import shape_folder  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUILD = os.environ.get("MT_BUILD_DIR", os.path.join(ROOT, "build"))
+
+
+def launch(n, args_list, log, timeout):
+    """memtune with args_list on n GPUs; returns the exit status."""
+    exe = [os.path.join(BUILD, "memtune")] + args_list
+    env = dict(os.environ)
+    with open(log, "w") as out:
+        if n == 1:
+            return subprocess.run(exe, stdout=out, stderr=subprocess.STDOUT, timeout=timeout).returncode
+        if os.environ.get("MT_DIST_LAUNCHER") == "mpirun":
+            cmd = ["mpirun", "-np", str(n), "--allow-run-as-root", "-x", "LD_LIBRARY_PATH", "-x", "NCCL_NVLS_ENABLE"]
+            return subprocess.run(cmd + exe, stdout=out, stderr=subprocess.STDOUT, timeout=timeout).returncode
+        rdv = tempfile.mkdtemp(prefix="mt-rdv-")
+        procs = []
+        for r in range(n):
+            e = dict(env, MT_RANK=str(r), MT_WORLD_SIZE=str(n), MT_LOCAL_RANK=str(r), MT_RENDEZVOUS=rdv)
+            procs.append(subprocess.Popen(exe, stdout=out, stderr=subprocess.STDOUT, env=e))
+        codes = [p.wait(timeout=timeout) for p in procs]
+        return max(codes)
+
+
+def losses(run):
+    return [json.loads(line)["loss"] for line in open(os.path.join(run, "metrics.jsonl"))]
+
+
+def timing(run, steps, warmup):
+    recs = {r["step"]: r for r in map(json.loads, open(os.path.join(run, "metrics.jsonl")))}
+    dt = recs[steps]["elapsed_seconds"] - recs[warmup]["elapsed_seconds"]
+    return dt / (steps - warmup), recs[steps]["peak_memory_bytes"]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--gpus", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--warmup", type=int, default=4)
+    ap.add_argument("--B", type=int, default=4)
+    ap.add_argument("--T", type=int, default=1024)
+    ap.add_argument("--kjv", default="/tmp/kjv.h5")
+    ap.add_argument("--parts", default="curves,scaling")
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--work", default="/tmp/mt-dist-bench")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(args.work, exist_ok=True)
+    n = args.gpus
+    res = {"gpus": n, "launcher": os.environ.get("MT_DIST_LAUNCHER", "env"), "curves": {}, "scaling": {}}
+    variants = {
+        "lora": ["--set", "lora.r=8", "--set", "lora.dropout=0"],
+        "full-zero2": ["--set", "dist.zero_stage=2"],
+        "mezo": ["--set", "optim.kind=mezo", "--set", "optim.lr=1e-4", "--set", "mezo.samples=1"],
+    }
+    if "curves" in args.parts:
+        base = ["train", os.path.join(ROOT, "configs", "quickstart.yaml"), "--set", f"data.train={args.kjv}",
+                "--set", "train.device=gpu", "--set", "train.steps=40", "--set", "train.log_every=1",
+                "--set", "train.eval_every=0", "--set", "checkpoint.every=0", "--set", "output.save_model=false"]
+        for name, extra in variants.items():
+            one, two = os.path.join(args.work, f"{name}-1"), os.path.join(args.work, f"{name}-{n}")
+            r1 = launch(1, base + extra + ["--set", f"train.grad_accum={n}", "--set", f"output.dir={one}"],
+                        one + ".log", 600)
+            r2 = launch(n, base + extra + ["--set", f"output.dir={two}"], two + ".log", 600)
+            if r1 or r2:
+                res["curves"][name] = {"error": f"exit {r1}, {r2}; see {one}.log, {two}.log"}
+            else:
+                a, b = losses(one), losses(two)
+                worst = max(abs(x - y) / abs(x) for x, y in zip(a, b))
+                res["curves"][name] = {"steps": len(a), "worst_relative_difference": worst,
+                                       "first": a[0], "last_1gpu": a[-1], "last_ngpu": b[-1]}
+            print(json.dumps({"curves": name, **res["curves"][name]}), flush=True)
+    if "scaling" in args.parts:
+        data = os.path.join(args.work, "data.h5")
+        write_dataset(data, (args.steps + 10) * n * args.B * (args.T + 1), 32000)
+        folder, _ = shape_folder(args.work, "TinyLlama-1.1B")
+        base = ["train", os.path.join(ROOT, "configs", "full-offload-cpu.yaml"), "--set", f"model.path={folder}",
+                "--set", "model.init=random", "--set", f"data.train={data}", "--set", "data.eval_fraction=0",
+                "--set", "train.eval_batches=0", "--set", f"train.steps={args.steps}", "--set",
+                f"train.micro_batch={args.B}", "--set", f"train.seq_len={args.T}", "--set", "train.log_every=1",
+                "--set", "train.device=gpu", "--set", "optim.lr=1e-5", "--set", "optim.warmup_steps=0",
+                "--set", "output.save_model=false", "--set", "checkpoint.every=0", "--set", "checkpoint.final=false",
+                "--set", "model.activation_checkpointing=true", "--set", "offload.optimizer=none"]
+        for name, extra in variants.items():
+            row = {}
+            for g in (1, n):
+                run = os.path.join(args.work, f"scale-{name}-{g}")
+                shutil.rmtree(run, ignore_errors=True)
+                rc = launch(g, base + extra + ["--set", f"output.dir={run}"], run + ".log", 900)
+                if rc:
+                    row[f"{g}gpu"] = {"error": open(run + ".log").read()[-600:]}
+                    continue
+                step, peak = timing(run, args.steps, args.warmup)
+                row[f"{g}gpu"] = {"step_s": step, "tokens_per_second": g * args.B * args.T / step,
+                                  "allocator_peak_gib": peak / 2 ** 30}
+            if all("error" not in row.get(f"{g}gpu", {"error": 1}) for g in (1, n)):
+                row["efficiency"] = row[f"{n}gpu"]["tokens_per_second"] / (n * row["1gpu"]["tokens_per_second"])
+            res["scaling"][name] = row
+            print(json.dumps({"scaling": name, **row}), flush=True)
+    with open(os.path.join(args.out, "dist_bench.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"\nlauncher: {res['launcher']}")
+    print("| run | loss curves: worst relative difference, 2 GPUs vs 1 GPU x2 accumulation |")
+    print("|---|---|")
+    for k, v in res["curves"].items():
+        print(f"| {k} | {v.get('worst_relative_difference', v.get('error'))} |")
+    print(f"\n| run (TinyLlama-1.1B, B={args.B}, T={args.T} per GPU) | 1 GPU tok/s | {n} GPUs tok/s | efficiency |")
+    print("|---|---|---|---|")
+    for k, v in res["scaling"].items():
+        t1 = v.get("1gpu", {}).get("tokens_per_second", float("nan"))
+        tn = v.get(f"{n}gpu", {}).get("tokens_per_second", float("nan"))
+        print(f"| {k} | {t1:.0f} | {tn:.0f} | {v.get('efficiency', float('nan')):.3f} |")
+
+
+if __name__ == "__main__":
+    main()

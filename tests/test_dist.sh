@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# tests/test_dist.sh MEMTUNE REPO: data parallelism on the CPU backend, 2
+# ranks under mpirun (MPI's collectives). Each run's losses must equal, to
+# rounding, a single process's with twice the accumulation (or, for GaLore,
+# which takes no accumulation, twice the micro-batch: the same windows):
+# AdamW with ZeRO stages 0, 1 and 2, LoRA, MeZO, GaLore, offloaded AdamW.
+# A 2-rank run stopped and resumed gives the uninterrupted one's losses bit
+# for bit; ranks with different configs are refused; a rank killed mid-run
+# ends the job instead of leaving the other hanging.
+set -u
+MEMTUNE=$1
+ROOT=$2
+W=$(mktemp -d /tmp/memtune-dist-XXXXXX)
+trap 'rm -rf "$W"' EXIT
+fail() { echo "test_dist: FAIL: $*"; for f in "$W"/*.log; do echo "--- $f"; tail -5 "$f"; done; exit 1; }
+command -v mpirun > /dev/null || fail "no mpirun (scripts/install-deps.sh installs openmpi-bin)"
+# CI containers run as root; 2 ranks may exceed the cores
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
+MPI=(mpirun -np 2 --oversubscribe)
+
+cat "$ROOT"/README.md "$ROOT"/docs/*.md > "$W/text.txt"
+"$MEMTUNE" tokenize --input "$W/text.txt" --output "$W/data.h5" > /dev/null || fail "tokenize"
+common=(train "$ROOT/configs/quickstart.yaml" --set "data.train=$W/data.h5" --set "model.path=$ROOT/configs/models/tiny"
+        --set train.device=cpu --set train.seq_len=32 --set train.micro_batch=2 --set train.steps=16
+        --set train.log_every=1 --set train.eval_every=0 --set checkpoint.every=0)
+
+losses() { grep -o '"loss":[^,]*' "$1/metrics.jsonl" | cut -d: -f2; }
+# same NAME A B: the two runs' losses agree to 1e-4 relative, and there are 16
+same() {
+    local n
+    n=$(paste <(losses "$2") <(losses "$3") |
+        awk '{d = $1 - $2; if (d < 0) d = -d; if (d > 1e-4 * ($1 < 0 ? -$1 : $1)) bad++; n++} END {print (bad ? -1 : n)}')
+    [ "$n" -eq 16 ] || fail "$1: losses differ (or are missing): $(paste <(losses "$2") <(losses "$3") | head -16 | tr '\n' ' ')"
+    echo "test_dist: $1: 16 losses of 2 ranks equal the single process's to 1e-4"
+}
+
+# NAME "single-process options" "2-rank options"
+pair() {
+    local name=$1 one=$2 two=$3
+    # shellcheck disable=SC2086
+    "$MEMTUNE" "${common[@]}" $one --set "output.dir=$W/$name-1" > "$W/$name-1.log" 2>&1 || fail "$name: one process"
+    # shellcheck disable=SC2086
+    "${MPI[@]}" "$MEMTUNE" "${common[@]}" $two --set "output.dir=$W/$name-2" > "$W/$name-2.log" 2>&1 ||
+        fail "$name: 2 ranks"
+    same "$name" "$W/$name-1" "$W/$name-2"
+}
+
+pair adamw "--set train.grad_accum=2" ""
+pair zero1 "--set train.grad_accum=2" "--set dist.zero_stage=1"
+pair zero2 "--set train.grad_accum=4" "--set dist.zero_stage=2 --set train.grad_accum=2"
+pair lora "--set train.grad_accum=2 --set lora.r=4 --set lora.dropout=0" "--set lora.r=4 --set lora.dropout=0"
+pair mezo "--set train.grad_accum=2 --set optim.kind=mezo --set optim.lr=1e-3" \
+    "--set optim.kind=mezo --set optim.lr=1e-3"
+pair galore "--set train.micro_batch=4 --set optim.kind=galore --set optim.grad_clip=0 --set galore.rank=4" \
+    "--set optim.kind=galore --set optim.grad_clip=0 --set galore.rank=4"
+pair offload "--set train.grad_accum=2 --set offload.optimizer=cpu" "--set offload.optimizer=cpu"
+grep -q "data parallel: 2 ranks (mpi)" "$W/zero2-2.log" || fail "no data-parallel line in the log"
+[ "$(grep -c '^done:' "$W/adamw-2.log")" -eq 1 ] || fail "more than one rank reported the run"
+
+# stopped after 7 steps and resumed, ZeRO-2 (the shards gathered into the checkpoint)
+z2=(--set dist.zero_stage=2 --set checkpoint.every=4)
+"${MPI[@]}" "$MEMTUNE" "${common[@]}" "${z2[@]}" --set "output.dir=$W/whole" > "$W/whole.log" 2>&1 || fail "whole"
+"${MPI[@]}" "$MEMTUNE" "${common[@]}" "${z2[@]}" --set "output.dir=$W/split" --set train.stop_after=7 \
+    > "$W/split.log" 2>&1 || fail "split"
+"${MPI[@]}" "$MEMTUNE" "${common[@]}" "${z2[@]}" --set "output.dir=$W/split" --set train.resume=auto \
+    > "$W/resumed.log" 2>&1 || fail "resumed"
+cmp -s <(losses "$W/whole") <(losses "$W/split") || fail "resume: losses differ"
+cmp -s "$W/whole/model/model.safetensors" "$W/split/model/model.safetensors" || fail "resume: models differ"
+echo "test_dist: 2 ranks, ZeRO-2, stopped after 7 steps and resumed: 16 losses and the model identical"
+
+# ranks with different configs
+mpirun -np 1 "$MEMTUNE" "${common[@]}" --set "output.dir=$W/bad" --set optim.lr=1e-3 : \
+    -np 1 "$MEMTUNE" "${common[@]}" --set "output.dir=$W/bad" --set optim.lr=2e-3 > "$W/mismatch.log" 2>&1 &&
+    fail "ranks with different configs ran"
+grep -q "do not agree on the configuration" "$W/mismatch.log" || fail "no message for different configs"
+echo "test_dist: ranks with different configs are refused with a message"
+
+# a rank killed mid-run: the job ends (mpirun takes the other down) well before dist.timeout
+"${MPI[@]}" "$MEMTUNE" "${common[@]}" --set train.steps=100000 --set "output.dir=$W/killed" > "$W/killed.log" 2>&1 &
+job=$!
+for _ in $(seq 600); do
+    [ -f "$W/killed/metrics.jsonl" ] && [ "$(wc -l < "$W/killed/metrics.jsonl")" -ge 3 ] && break
+    sleep 0.05
+done
+victim=$(pgrep -f "output.dir=$W/killed" | while read -r p; do
+    [ "$(ps -o comm= -p "$p")" = memtune ] && echo "$p"; done | tail -1)
+[ -n "$victim" ] || fail "no rank to kill"
+kill -9 "$victim"
+for _ in $(seq 300); do kill -0 "$job" 2> /dev/null || break; sleep 0.1; done
+kill -0 "$job" 2> /dev/null && { kill -9 "$job"; fail "the job still runs 30 s after a rank was killed"; }
+wait "$job" && fail "the job exited 0 after a rank was killed"
+echo "test_dist: a rank killed mid-run ends the job"
+echo "test_dist: all passed"
