@@ -381,8 +381,8 @@ mt_err mt_dist_check_same(mt_dist *d, uint64_t value, const char *what) {
                      (unsigned long long)hi);
 }
 
-void mt_dist_barrier(mt_dist *d) {
-    if (d->world == 1) return;
-    double token = 0.0;
-    mt_dist_sum_host(d, &token, 1);  // every rank must arrive for a sum
+int mt_dist_any(mt_dist *d, int flag) {
+    double count = flag != 0;
+    mt_dist_sum_host(d, &count, 1);  // every rank must arrive for a sum
+    return count > 0;
 }

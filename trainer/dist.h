@@ -68,7 +68,8 @@ void mt_dist_share_shards_host(mt_dist *d, float *host, size_t total);
 void mt_dist_sum_host(mt_dist *d, double *x, int n);
 // Every rank's `value` must be equal; the error names what differs.
 mt_err mt_dist_check_same(mt_dist *d, uint64_t value, const char *what);
-void mt_dist_barrier(mt_dist *d);
+// Whether flag is set on any rank (every rank waits for all of them).
+int mt_dist_any(mt_dist *d, int flag);
 // Progress for the watchdog (a step, or a checkpoint, finished).
 void mt_dist_heartbeat(mt_dist *d);
 

@@ -322,9 +322,7 @@ static mt_err save_checkpoint(checkpoint_ctx *c, long steps_done) {
     if (!err && mt_dist_rank(c->dist) == 0)
         err = mt_checkpoint_write(c->cfg->output_dir, c->cfg->model_path, c->mc, c->lora, master, m, v, extra, n_extra,
                                   &meta, (int)c->cfg->checkpoint_keep);
-    double failed = err != MT_OK;
-    mt_dist_sum_host(c->dist, &failed, 1);
-    if (!err && failed > 0)
+    if (mt_dist_any(c->dist, err != MT_OK) && !err)
         err = mt_errorf(MT_ERR_IO, "rank 0 could not write the checkpoint of step %ld (its log says why)", steps_done);
     mt_dist_heartbeat(c->dist);
     free(all);
@@ -648,7 +646,7 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     mt_backend be;
     if ((err = mt_backend_init(&be, use_gpu ? mt_dist_local_rank(dist) : -1))) goto out_params;
     if ((err = mt_dist_connect(dist, &be, cfg->dist_timeout))) goto out_backend;
-    if ((err = mt_dist_check_same(dist, config_fingerprint(cfg), "the configuration"))) goto out_backend;
+    if (world > 1 && (err = mt_dist_check_same(dist, config_fingerprint(cfg), "the configuration"))) goto out_backend;
     char devname[256];
     if (use_gpu)
         mt_device_describe(devname, sizeof devname);
@@ -825,9 +823,8 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
         if (!err && !(metrics = fopen(path, resume_dir[0] ? "a" : "w")))
             err = mt_errorf(MT_ERR_IO, "%s: cannot write (%s)", path, strerror(errno));
     }
-    double folder_failed = err != MT_OK;
-    mt_dist_sum_host(dist, &folder_failed, 1);
-    if (!err && folder_failed > 0) err = mt_errorf(MT_ERR_IO, "rank 0 could not write to %s", cfg->output_dir);
+    if (mt_dist_any(dist, err != MT_OK) && !err)
+        err = mt_errorf(MT_ERR_IO, "rank 0 could not write to %s", cfg->output_dir);
     if (err) {
         if (metrics) fclose(metrics);
         goto out_model;
@@ -1055,9 +1052,9 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
             tokens_since = 0;
         }
         int run_steps = step + 1 - (int)resume.step;
-        double signalled = stop_signal;  // every rank stops at the same step
-        if (world > 1) mt_dist_sum_host(dist, &signalled, 1);
-        int stop_now = signalled > 0 || (cfg->train_stop_after > 0 && run_steps >= cfg->train_stop_after);
+        // every rank stops at the same step
+        int stop_now =
+            mt_dist_any(dist, stop_signal) || (cfg->train_stop_after > 0 && run_steps >= cfg->train_stop_after);
         if (stop_now && !last) {
             if ((err = save_checkpoint(&ckpt, step + 1))) break;
             mt_info("stopped after step %d (%s). Resume with: memtune train CONFIG --set train.resume=auto", step + 1,
