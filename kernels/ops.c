@@ -177,6 +177,11 @@ void mt_op_add(const mt_backend *be, void *out, const void *a, const void *b, si
     mt_add_ref(out, a, b, n);
 }
 
+void mt_op_add_f32(const mt_backend *be, float *out, const float *a, const float *b, size_t n) {
+    MT_GPU(be, mt_add_f32_cuda(be, out, a, b, n));
+    mt_add_ref(out, a, b, n);
+}
+
 void mt_op_adamw(const mt_backend *be, float *master, void *param_copy, const float *grad, float *m, float *v, size_t n,
                  float lr, float beta1, float beta2, float eps, float weight_decay, float bias_correction1,
                  float bias_correction2, float grad_scale) {

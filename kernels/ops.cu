@@ -823,6 +823,18 @@ extern "C" void mt_add_cuda(const mt_backend *be, void *out, const void *a, cons
     CUDA_CHECK_LAUNCH();
 }
 
+static __global__ void add_f32_kernel(float *out, const float *a, const float *b, size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = a[i] + b[i];
+}
+
+extern "C" void mt_add_f32_cuda(const mt_backend *be, float *out, const float *a, const float *b, size_t n) {
+    (void)be;
+    if (n == 0) return;
+    add_f32_kernel<<<grid_for(n, kThreads), kThreads>>>(out, a, b, n);
+    CUDA_CHECK_LAUNCH();
+}
+
 static __global__ void adamw_kernel(float *master, bf16 *copy, const float *grad, float *m, float *v, size_t n,
                                     float lr, float beta1, float beta2, float eps, float weight_decay, float step_size,
                                     float bc2_sqrt, float grad_scale) {

@@ -99,6 +99,8 @@ void mt_op_logits_forward(const mt_backend *be, float *logits, const void *inp, 
 void mt_op_crossentropy(const mt_backend *be, float *losses, void *dlogits, const float *logits, const int32_t *targets,
                         int N, int V, float dscale);
 void mt_op_add(const mt_backend *be, void *out, const void *a, const void *b, size_t n);
+// The same over fp32 buffers (gradients) on either backend; out may alias a or b.
+void mt_op_add_f32(const mt_backend *be, float *out, const float *a, const float *b, size_t n);
 // param_copy: bf16 copy to refresh on the GPU; NULL on the CPU.
 void mt_op_adamw(const mt_backend *be, float *master, void *param_copy, const float *grad, float *m, float *v, size_t n,
                  float lr, float beta1, float beta2, float eps, float weight_decay, float bias_correction1,

@@ -58,6 +58,7 @@ void mt_logits_forward_cuda(const mt_backend *be, float *logits, const void *inp
 void mt_crossentropy_cuda(const mt_backend *be, float *losses, void *dlogits, const float *logits,
                           const int32_t *targets, int N, int V, float dscale);
 void mt_add_cuda(const mt_backend *be, void *out, const void *a, const void *b, size_t n);
+void mt_add_f32_cuda(const mt_backend *be, float *out, const float *a, const float *b, size_t n);
 void mt_adamw_cuda(const mt_backend *be, float *master, void *param_copy, const float *grad, float *m, float *v,
                    size_t n, float lr, float beta1, float beta2, float eps, float weight_decay, float bias_correction1,
                    float bias_correction2, float grad_scale);

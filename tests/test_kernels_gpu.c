@@ -202,6 +202,12 @@ START_TEST(swiglu_add_and_embedding) {
         expect_close("swiglu dgate", dgg, dg, n, 1e-2);
         expect_close("swiglu dup", dug, du, n, 1e-2);
         expect_close("add", sg, sum, n, 1e-2);
+        // fp32 (gradient sums), in place as ZeRO-2 uses it: bit-exact
+        float *a_d = dev_f32(gt, n), *b_d = dev_f32(up, n);
+        mt_op_add_f32(&be, a_d, a_d, b_d, n);
+        float *sf = host_from_f32(a_d, n);
+        ck_assert_msg(memcmp(sf, sum, n * 4) == 0, "fp32 add differs from mt_add_ref (n %zu)", n);
+        free(sf), mt_device_free(a_d), mt_device_free(b_d);
         free(gt), free(up), free(d), free(y), free(dg), free(du), free(sum), free(yg), free(dgg), free(dug), free(sg);
         mt_device_free(g_d), mt_device_free(u_d), mt_device_free(d_d), mt_device_free(y_d), mt_device_free(dg_d);
         mt_device_free(du_d), mt_device_free(s_d);

@@ -32,6 +32,8 @@ struct mt_dist {
     ncclComm_t comm;
     cudaStream_t stream;
     cudaEvent_t compute_done, comm_done;
+    cudaEvent_t ring_done[2];  // mt_dist_wait_previous's marks, alternating
+    int ring, ring_used[2];
     void *scratch;  // STAGE_FLOATS floats of device memory (host values, checkpoints)
 #endif
     double timeout;
@@ -188,6 +190,7 @@ mt_err mt_dist_connect(mt_dist *d, mt_backend *be, double timeout_s) {
         cudaStreamCreateWithFlags(&d->stream, cudaStreamNonBlocking);
         cudaEventCreateWithFlags(&d->compute_done, cudaEventDisableTiming);
         cudaEventCreateWithFlags(&d->comm_done, cudaEventDisableTiming);
+        for (int k = 0; k < 2; k++) cudaEventCreateWithFlags(&d->ring_done[k], cudaEventDisableTiming);
         if (cudaMalloc(&d->scratch, STAGE_FLOATS * sizeof(float)) != cudaSuccess)
             return mt_errorf(MT_ERR_NOMEM, "out of GPU memory for the communication buffer (64 MiB)");
 #endif
@@ -211,6 +214,7 @@ void mt_dist_free(mt_dist *d) {
         cudaStreamDestroy(d->stream);
         cudaEventDestroy(d->compute_done);
         cudaEventDestroy(d->comm_done);
+        for (int k = 0; k < 2; k++) cudaEventDestroy(d->ring_done[k]);
         cudaFree(d->scratch);
     }
 #endif
@@ -262,26 +266,56 @@ static int owned(const mt_dist *d, int r, size_t total, size_t lo, size_t hi, si
     return *a < *b;
 }
 
-void mt_dist_reduce_to_owners(mt_dist *d, float *buf, size_t lo, size_t hi, size_t total) {
-    if (d->world == 1) return;
+void mt_dist_reduce_to_owners(mt_dist *d, const float *src, size_t lo, size_t hi, float *shard, size_t total) {
+    size_t mine_lo, mine_hi;
+    mt_dist_shard(d, d->rank, total, &mine_lo, &mine_hi);
+    if (d->world == 1) {  // the one owner: a copy, unless in place
+        const float *from = src + (mine_lo > lo ? mine_lo - lo : 0);
+        size_t a = lo > mine_lo ? lo : mine_lo, b = hi < mine_hi ? hi : mine_hi;
+        float *to = shard + (a - mine_lo);
+        if (a >= b || from == to) return;
+#ifdef MT_HAVE_CUDA
+        if (d->be->gpu) {
+            cudaMemcpyAsync(to, from, (b - a) * sizeof(float), cudaMemcpyDeviceToDevice, (cudaStream_t)d->be->stream);
+            return;
+        }
+#endif
+        memmove(to, from, (b - a) * sizeof(float));
+        return;
+    }
 #ifdef MT_HAVE_CUDA
     if (d->nccl) NCCL_CHECK(ncclGroupStart());
 #endif
     for (int r = 0; r < d->world; r++) {
         size_t a, b;
         if (!owned(d, r, total, lo, hi, &a, &b)) continue;
+        const float *send = src + (a - lo);
+        float *recv = d->rank == r ? shard + (a - mine_lo) : NULL;
 #ifdef MT_HAVE_CUDA
         if (d->nccl) {
-            NCCL_CHECK(ncclReduce(buf + a, buf + a, b - a, ncclFloat, ncclSum, r, d->comm, d->stream));
+            NCCL_CHECK(ncclReduce(send, recv ? recv : (float *)send, b - a, ncclFloat, ncclSum, r, d->comm, d->stream));
             continue;
         }
 #endif
         MPI_PIECES(b - a, at, len)
-        MPI_Reduce(d->rank == r ? MPI_IN_PLACE : buf + a + at, buf + a + at, (int)len, MPI_FLOAT, MPI_SUM, r,
-                   MPI_COMM_WORLD);
+        MPI_Reduce(recv && recv == send ? MPI_IN_PLACE : send + at, recv ? recv + at : NULL, (int)len, MPI_FLOAT,
+                   MPI_SUM, r, MPI_COMM_WORLD);
     }
 #ifdef MT_HAVE_CUDA
     if (d->nccl) NCCL_CHECK(ncclGroupEnd());
+#endif
+}
+
+void mt_dist_wait_previous(mt_dist *d) {
+#ifdef MT_HAVE_CUDA
+    if (!d->nccl) return;
+    int prev = d->ring, next = prev ^ 1;
+    if (d->ring_used[prev]) cudaStreamWaitEvent((cudaStream_t)d->be->stream, d->ring_done[prev], 0);
+    cudaEventRecord(d->ring_done[next], d->stream);
+    d->ring_used[next] = 1;
+    d->ring = next;
+#else
+    (void)d;
 #endif
 }
 

@@ -55,10 +55,16 @@ void mt_dist_wait(mt_dist *d);
 
 // Sums n floats over the ranks, in place, into every rank's buffer.
 void mt_dist_allreduce(mt_dist *d, float *buf, size_t n);
-// ZeRO-2's reduce-scatter: the values [lo, hi) of a block of `total`, summed
-// over the ranks into each shard's owner (mt_dist_shard); the rest of the
-// range is left as it was, not summed.
-void mt_dist_reduce_to_owners(mt_dist *d, float *buf, size_t lo, size_t hi, size_t total);
+// ZeRO-2's reduce-scatter: the values [lo, hi) of a block of `total`, from
+// src (which holds element lo first), summed over the ranks into the owner
+// of each shard (mt_dist_shard): this rank's part lands in `shard`, which
+// holds its shard's first element first (src and shard may overlap exactly,
+// as one block reduced in place). With one rank, a copy.
+void mt_dist_reduce_to_owners(mt_dist *d, const float *src, size_t lo, size_t hi, float *shard, size_t total);
+// Pipelining over two buffers: the compute stream's next work waits for the
+// collectives issued before the previous call (not those since); no-op on
+// the CPU and with one rank.
+void mt_dist_wait_previous(mt_dist *d);
 // The all-gather: each rank's shard of buf (total elements of elem bytes)
 // goes to every rank, in place.
 void mt_dist_share_shards(mt_dist *d, void *buf, size_t total, size_t elem);

@@ -55,9 +55,13 @@ struct mt_model {
     void *grad_ready_ctx;
     mt_weights_needed_fn weights_needed;
     void *weights_needed_ctx;
-    float *grad_stream;  // one layer's gradients, or lm_head's or the embedding's (untied)
+    float *grad_stream;  // one layer's gradients, or lm_head's or the embedding's (untied);
+                         // two such buffers, alternating, with grads_done
     float *grad_outer;   // the final norm's, then a tied embedding's
     size_t grad_stream_count, grad_outer_count;
+    int grad_buffers;
+    mt_agree_fn agree;  // data parallelism: whether any rank's loss is non-finite
+    void *agree_ctx;
     // LoRA / QLoRA
     mt_lora_config lora;
     float lora_scale;
@@ -225,8 +229,18 @@ static void size_streamed_grads(mt_model *m) {
 }
 
 size_t mt_model_streamed_grad_bytes(const mt_model *m) {
-    return (m->grad_stream_count + m->grad_outer_count) * sizeof(float);
+    return (m->grad_buffers * m->grad_stream_count + m->grad_outer_count) * sizeof(float);
 }
+
+// The streamed buffer of layer l; with two, the head's (after layer L-1's
+// turn: index L) and an untied embedding's (after layer 0's: index 1)
+// alternate with the layers', so a buffer's gradients can be communicated
+// while backward fills the other.
+static float *stream_buffer(const mt_model *m, int index) {
+    return m->grad_stream + (m->grad_buffers == 2 ? (size_t)(index & 1) * m->grad_stream_count : 0);
+}
+
+void mt_model_set_agreement(mt_model *m, mt_agree_fn any, void *ctx) { m->agree = any, m->agree_ctx = ctx; }
 
 static void bind_params(mt_model *m) {
     size_t act = mt_act_size(m->be);
@@ -246,7 +260,7 @@ static void bind_params(mt_model *m) {
             if (p == 0) base = m->params[i].offset;
             m->layers[l].w[p] = i < 0 ? NULL : WPTR(i);
             m->layers[l].g[p] = i < 0 ? NULL : GPTR(i);
-            if (i >= 0 && m->grad_stream) m->layers[l].g[p] = m->grad_stream + (m->params[i].offset - base);
+            if (i >= 0 && m->grad_stream) m->layers[l].g[p] = stream_buffer(m, l) + (m->params[i].offset - base);
             m->layers[l].index[p] = i;
         }
     }
@@ -268,12 +282,12 @@ static void bind_params(mt_model *m) {
     i = find_param(m, "lm_head.weight");
     if (m->grad_stream) {
         m->g_norm = m->grad_outer;
-        m->g_wte = i < 0 ? m->grad_outer + align16(m->cfg.C) : m->grad_stream;
+        m->g_wte = i < 0 ? m->grad_outer + align16(m->cfg.C) : stream_buffer(m, 1);
     }
     if (i < 0)
         m->lm_w = m->wte, m->g_lm = m->g_wte, m->index_lm = m->index_wte;
     else
-        m->lm_w = WPTR(i), m->g_lm = m->grad_stream ? m->grad_stream : GPTR(i), m->index_lm = i;
+        m->lm_w = WPTR(i), m->g_lm = m->grad_stream ? stream_buffer(m, m->cfg.L) : GPTR(i), m->index_lm = i;
 #undef WPTR
 #undef GPTR
 }
@@ -435,7 +449,9 @@ mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_confi
         err = mt_alloc((void **)&m->grads, m->total * sizeof(float), MT_MEM_GRADS, place);
     if (!err && m->grad_ready) {
         size_streamed_grads(m);
-        err = mt_alloc((void **)&m->grad_stream, m->grad_stream_count * sizeof(float), MT_MEM_GRADS, place);
+        m->grad_buffers = m->grads_done ? 2 : 1;
+        err = mt_alloc((void **)&m->grad_stream, m->grad_buffers * m->grad_stream_count * sizeof(float), MT_MEM_GRADS,
+                       place);
         if (!err) err = mt_alloc((void **)&m->grad_outer, m->grad_outer_count * sizeof(float), MT_MEM_GRADS, place);
     }
     if (!err && m->quantized) err = mt_alloc(&m->nf4_storage, nf4_bytes, MT_MEM_WEIGHTS, place);
@@ -956,7 +972,11 @@ double mt_model_step(mt_model *m, const int32_t *inputs, const int32_t *targets,
                                   R, c->C, c->V, 0);
     }
     double loss = mt_op_sum(be, m->losses, (size_t)N);
-    if (!backward || (streamed && !isfinite(loss))) return loss;
+    // streamed: a non-finite loss skips backward (nothing is handed over), on
+    // every rank if any has one
+    int skip = streamed && !isfinite(loss);
+    if (streamed && m->agree) skip = m->agree(m->agree_ctx, skip);
+    if (!backward || skip) return loss;
     if (streamed && m->index_lm != m->index_wte) m->grad_ready(m->grad_ready_ctx, m->index_lm, m->g_lm);
     mt_op_zero(be, m->dres, (size_t)N * c->C * mt_act_size(be));
     mt_op_rmsnorm_backward(be, m->dres, m->g_norm, m->dln, m->x[c->L], m->norm_w, m->rstdf, N, c->C);
@@ -969,7 +989,7 @@ double mt_model_step(mt_model *m, const int32_t *inputs, const int32_t *targets,
             if (l >= 1) move_x(m, l - 1, 0);
             if (l <= c->L - 2) wait_x(m, l);
         }
-        if (streamed) mt_op_zero(be, m->grad_stream, m->grad_stream_count * sizeof(float));
+        if (streamed) mt_op_zero(be, stream_buffer(m, l), m->grad_stream_count * sizeof(float));
         layer_backward(m, l);
         // the layer's gradients are complete: each is applied and its place reused
         for (int p = 0; p < P_LAYER_COUNT && streamed; p++)

@@ -82,7 +82,10 @@ typedef void (*mt_weights_needed_fn)(void *ctx, int bucket);
 // Called in every backward when the gradients of `bucket` (the numbering
 // above) are complete for this batch, in backward's order: the head, each
 // layer from the last, the embedding. Data parallelism reduces them here,
-// beside the rest of backward.
+// beside the rest of backward. With grad_ready too, the streamed buffers are
+// two, one layer's each, used in turn: before the call returns, the
+// communication of the bucket before must be waited for (its buffer is
+// the next to be filled).
 typedef void (*mt_grads_done_fn)(void *ctx, int bucket);
 
 typedef struct {
@@ -180,9 +183,14 @@ void mt_model_zero_grads(mt_model *m);
 // non-finite loss skips the backward (nothing is handed over).
 double mt_model_step(mt_model *m, const int32_t *inputs, const int32_t *targets, float dscale, int backward);
 // Bytes of the gradient buffers with grad_ready: one layer's parameters or
-// one embedding-sized matrix, whichever is larger, plus the final norm's and
-// a tied embedding's.
+// one embedding-sized matrix, whichever is larger (two such with grads_done,
+// used in turn), plus the final norm's and a tied embedding's.
 size_t mt_model_streamed_grad_bytes(const mt_model *m);
+// Data parallelism with streamed gradients: any(ctx, flag) returns whether
+// any rank set flag; backward is skipped on every rank when one rank's loss
+// is not finite (else some ranks would wait in a collective for the others).
+typedef int (*mt_agree_fn)(void *ctx, int flag);
+void mt_model_set_agreement(mt_model *m, mt_agree_fn any, void *ctx);
 // Full logits (B*T, V) fp32 into host memory `logits` (for tests and parity).
 void mt_model_logits(mt_model *m, const int32_t *inputs, float *logits);
 

@@ -389,7 +389,7 @@ typedef struct {
     mt_dist *dist;
     int zero_stage, active;
     float *grads;  // the trained block's (NULL: streamed)
-    size_t total;
+    size_t total, shard_lo;
     size_t *lo, *hi;  // per forward unit
     int units;
 } dp_hook;
@@ -399,10 +399,42 @@ static void dp_grads_done(void *ctx, int unit) {
     if (!h->active || !h->grads || unit >= h->units || h->lo[unit] >= h->hi[unit]) return;
     mt_dist_after_compute(h->dist);
     if (h->zero_stage == 2)
-        mt_dist_reduce_to_owners(h->dist, h->grads, h->lo[unit], h->hi[unit], h->total);
+        mt_dist_reduce_to_owners(h->dist, h->grads + h->lo[unit], h->lo[unit], h->hi[unit], h->grads + h->shard_lo,
+                                 h->total);
     else
         mt_dist_allreduce(h->dist, h->grads + h->lo[unit], h->hi[unit] - h->lo[unit]);
 }
+
+// ZeRO-2 of a full fine-tune: the model-sized gradient block never exists.
+// Backward hands each parameter's gradient over in one of two buffers used
+// in turn (a layer's each); its shards are reduced on the communication
+// stream to their owners, each owner's part into its shard's gradient, while
+// backward fills the other buffer. Over micro-batches the owner adds its
+// running sum into its part before the reduce.
+typedef struct {
+    mt_dist *dist;
+    mt_backend *be;
+    const mt_param_info *table;
+    float *shard;  // this rank's [lo, hi) of the summed gradient
+    size_t lo, hi, total;
+    int first;  // the step's first micro-batch: the shard is overwritten
+} zero2_hook;
+
+static void zero2_grad_ready(void *ctx, int param, float *grad) {
+    zero2_hook *h = ctx;
+    size_t a = h->table[param].offset, b = a + h->table[param].count;
+    size_t oa = a > h->lo ? a : h->lo, ob = b < h->hi ? b : h->hi;
+    if (!h->first && oa < ob) mt_op_add_f32(h->be, grad + (oa - a), grad + (oa - a), h->shard + (oa - h->lo), ob - oa);
+    mt_dist_after_compute(h->dist);
+    mt_dist_reduce_to_owners(h->dist, grad, a, b, h->shard, h->total);
+}
+
+static void zero2_grads_done(void *ctx, int unit) {
+    (void)unit;
+    mt_dist_wait_previous(((zero2_hook *)ctx)->dist);
+}
+
+static int any_rank(void *dist, int flag) { return mt_dist_any(dist, flag); }
 
 // ZeRO's shard norms into the whole gradient's.
 static double sum_over_ranks(void *ctx, double local) {
@@ -492,7 +524,8 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     mt_dist *dist = NULL;
     mt_loader *train = NULL, *eval = NULL;
     if ((err = mt_dist_init(&dist))) goto out_data;
-    int rank = mt_dist_rank(dist), world = mt_dist_world(dist), zero = world > 1 ? (int)cfg->dist_zero_stage : 0;
+    // ZeRO with one process changes only the code path (tests compare it)
+    int rank = mt_dist_rank(dist), world = mt_dist_world(dist), zero = (int)cfg->dist_zero_stage;
     result->rank = rank;
     // each rank its share of the training windows; every rank the same eval
     mt_loader_config lc = {B, T, (uint64_t)cfg->train_seed, rank, world, cfg->data_eval_fraction};
@@ -524,11 +557,19 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     mt_offload *ofl = NULL;
     offload_hook ohook = {&ofl, dist, NULL};
     offload_plan plan = {0};
-    dp_hook dp = {dist, zero, 0, NULL, 0, NULL, NULL, 0};
+    dp_hook dp = {dist, zero, 0, NULL, 0, 0, NULL, NULL, 0};
+    // ZeRO-2 streams a full fine-tune's gradients into the shards
+    int zero2_streamed = zero == 2 && cfg->lora_r == 0;
+    zero2_hook zhook = {dist, NULL, NULL, NULL, 0, 0, 0, 0};
+    float *shard_grads = NULL;
     opts.forward_only = mezo;
     if (galore) opts.grad_ready = galore_grad_ready, opts.grad_ready_ctx = &hook;
     if (offload_streamed && !galore) opts.grad_ready = offload_grad_ready, opts.grad_ready_ctx = &ohook;
     if (world > 1) opts.grads_done = dp_grads_done, opts.grads_done_ctx = &dp;
+    if (zero2_streamed) {
+        opts.grad_ready = zero2_grad_ready, opts.grad_ready_ctx = &zhook;
+        opts.grads_done = zero2_grads_done, opts.grads_done_ctx = &zhook;
+    }
     if (offload) opts.weights_needed = offload_weights_needed, opts.weights_needed_ctx = &ofl;
     if (cfg->lora_r > 0) {
         opts.lora = (mt_lora_config){(int)cfg->lora_r, (float)cfg->lora_alpha, (float)cfg->lora_dropout,
@@ -659,6 +700,7 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     mt_galore_param *gparams = NULL;
     unsigned char *selected = NULL;
     if ((err = mt_model_create_with(&model, &be, &mc, &opts))) goto out_backend;
+    if (world > 1 && opts.grad_ready) mt_model_set_agreement(model, any_rank, dist);
     if ((err = mt_model_set_weights(model, host_params))) goto out_model;
     if (lora) {
         mt_model_set_adapters(model, trained);
@@ -794,21 +836,31 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
                               (float)cfg->optim_eps, (float)cfg->optim_weight_decay, (float)cfg->optim_grad_clip};
         // ZeRO 1, 2: this rank's shard of the block, its groups clipped to it
         if (zero) mt_dist_shard(dist, rank, trained_total, &shard_lo, &shard_hi);
+        if (zero2_streamed) {
+            mt_mem_place place = use_gpu ? MT_DEVICE : MT_HOST;
+            size_t n = shard_hi - shard_lo;
+            err = mt_alloc((void **)&shard_grads, (n ? n : 1) * sizeof(float), MT_MEM_GRADS, place);
+            if (!err) mt_op_zero(&be, shard_grads, (n ? n : 1) * sizeof(float));  // alignment gaps stay 0
+            zhook = (zero2_hook){dist, &be, trained_table, shard_grads, shard_lo, shard_hi, trained_total, 1};
+        }
         int n_shard = 0;
         for (int g = 0; g < n_groups; g++) {
             size_t a = groups[g].offset > shard_lo ? groups[g].offset : shard_lo;
             size_t b = groups[g].offset + groups[g].count < shard_hi ? groups[g].offset + groups[g].count : shard_hi;
             if (a < b) groups[n_shard++] = (mt_param_group){a - shard_lo, b - a, groups[g].decay};
         }
-        err = mt_optimizer_init(&opt, &be, &ac, (float *)((char *)tr.weights + shard_lo * mt_act_size(&be)),
-                                trained + shard_lo, shard_hi - shard_lo, groups, n_shard);
-        if (!err && zero) mt_optimizer_set_norm_sum(opt, sum_over_ranks, dist);
+        if (!err)
+            err = mt_optimizer_init(&opt, &be, &ac, (float *)((char *)tr.weights + shard_lo * mt_act_size(&be)),
+                                    trained + shard_lo, shard_hi - shard_lo, groups, n_shard);
+        if (!err && zero && world > 1) mt_optimizer_set_norm_sum(opt, sum_over_ranks, dist);
     }
     free(groups);
     if (err) goto out_model;
     if (resume_dir[0] && opt)
         mt_optimizer_set_moments(opt, moment_m + shard_lo, moment_v + shard_lo, resume.optimizer_steps);
-    dp.grads = tr.grads, dp.total = trained_total;
+    dp.grads = tr.grads, dp.total = trained_total, dp.shard_lo = shard_lo;
+    // what AdamW reads: the block's shard, or ZeRO-2's streamed sums
+    float *opt_grads = zero2_streamed ? shard_grads : tr.grads + shard_lo;
 
     // ---- run folder (rank 0's)
     char path[1200];
@@ -948,8 +1000,10 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
                 mt_model_set_dropout_seed(
                     model, mt_rng_bits((uint64_t)cfg->train_seed, ((uint64_t)step * accum + a) * world + rank));
                 dp.active = a == accum - 1;  // the gradients are reduced in the last micro-batch's backward
+                zhook.first = a == 0;
                 loss_sum +=
                     mt_model_step(model, bs.inputs + (size_t)a * B * T, bs.targets + (size_t)a * B * T, dscale, 1);
+                if (zero2_streamed) mt_dist_wait(dist);  // the next micro-batch adds to the shard's sums
             }
             mt_dist_sum_host(dist, &loss_sum, 1);
             mt_dist_wait(dist);  // what follows reads the reduced gradients
@@ -971,7 +1025,7 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
                     info =
                         galore ? (mt_step_info){hypot(info.grad_norm, off.grad_norm), info.finite && off.finite} : off;
                 }
-                if (opt) mt_optimizer_step(opt, tr.grads + shard_lo, lr, &info);
+                if (opt) mt_optimizer_step(opt, opt_grads, lr, &info);
                 if (opt && zero && info.finite) {
                     // each rank updated its shard: every rank gets all of them
                     mt_dist_after_compute(dist);
@@ -1109,6 +1163,7 @@ out_model:
     mt_optimizer_free(opt);
     mt_offload_free(ofl);
     free_plan(&plan);
+    mt_free((void **)&shard_grads);
     mt_model_free(model);
 out_backend:
     mt_backend_free(&be);
