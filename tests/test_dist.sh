@@ -80,11 +80,22 @@ z2=(--set dist.zero_stage=2 --set checkpoint.every=4)
 "${MPI[@]}" "$MEMTUNE" "${common[@]}" "${z2[@]}" --set "output.dir=$W/whole" > "$W/whole.log" 2>&1 || fail "whole"
 "${MPI[@]}" "$MEMTUNE" "${common[@]}" "${z2[@]}" --set "output.dir=$W/split" --set train.stop_after=7 \
     > "$W/split.log" 2>&1 || fail "split"
+ck=$W/split/checkpoints/step-00000007
+for r in 0 1; do [ -s "$ck/state-rank-0000$r-of-00002.h5" ] || fail "no shard file of rank $r in $ck"; done
+[ -s "$ck/state.h5" ] && [ -s "$ck/model/model.safetensors" ] || fail "$ck is incomplete"
+[ -z "$(ls -A "$W/split/checkpoints" | grep '^\.')" ] || fail "a temporary checkpoint folder was left behind"
+cp -r "$W/split" "$W/split-one"
 "${MPI[@]}" "$MEMTUNE" "${common[@]}" "${z2[@]}" --set "output.dir=$W/split" --set train.resume=auto \
     > "$W/resumed.log" 2>&1 || fail "resumed"
 cmp -s <(losses "$W/whole") <(losses "$W/split") || fail "resume: losses differ"
 cmp -s "$W/whole/model/model.safetensors" "$W/split/model/model.safetensors" || fail "resume: models differ"
 echo "test_dist: 2 ranks, ZeRO-2, stopped after 7 steps and resumed: 16 losses and the model identical"
+# the 2 ranks' sharded checkpoint resumed by one process (another world size: the data order differs)
+"$MEMTUNE" "${common[@]}" --set checkpoint.every=4 --set "output.dir=$W/split-one" --set train.resume=auto \
+    > "$W/split-one.log" 2>&1 || fail "one process resuming the 2 ranks' sharded checkpoint"
+grep -q "resuming from .*step-00000007" "$W/split-one.log" && [ "$(losses "$W/split-one" | grep -vc nan)" -eq 16 ] ||
+    fail "one process did not resume the sharded checkpoint"
+echo "test_dist: a sharded checkpoint (a shard file per rank, state.h5 last) resumes in one process too"
 
 # ranks with different configs
 mpirun -np 1 "$MEMTUNE" "${common[@]}" --set "output.dir=$W/bad" --set optim.lr=1e-3 : \

@@ -46,10 +46,13 @@ static mt_err write_state(const char *path, const mt_param_info *table, int n, c
              mt_h5_write_scalar(file, "data_epoch", H5T_NATIVE_ULLONG, &epoch) &&
              mt_h5_write_scalar(file, "data_batch", H5T_NATIVE_ULLONG, &batch) &&
              mt_h5_write_scalar(file, "config_hash", H5T_NATIVE_ULLONG, &hash);
+    int shards = meta->shards;
+    if (ok && shards > 0) ok = mt_h5_write_scalar(file, "moment_shards", H5T_NATIVE_INT, &shards);
     H5Tclose(str);
     hid_t opt = ok ? H5Gcreate2(file, "optimizer", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT) : -1;
     ok = ok && opt >= 0;
-    for (int i = 0; i < n && ok && m; i++) {  // MeZO keeps no moments: an empty group
+    // MeZO keeps no moments (an empty group); sharded, they are in the shard files
+    for (int i = 0; i < n && ok && m && shards == 0; i++) {
         // one group per parameter, named as torch's AdamW names its state
         hid_t g = H5Gcreate2(opt, table[i].name, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
         ok = g >= 0 &&
@@ -108,20 +111,51 @@ static int list_checkpoints(const char *run_dir, long **steps) {
     return count;
 }
 
-mt_err mt_checkpoint_write(const char *run_dir, const char *src_model_dir, const mt_model_config *mc,
-                           const mt_lora_config *lora, const float *master, const float *m, const float *v,
-                           const mt_state_tensor *extra, int n_extra, const mt_checkpoint_meta *meta, int keep) {
-    char dir[1100], tmp[1200], final[1200], path[1300];
+void mt_checkpoint_folder_name(const char *run_dir, long step, long tag, char *tmp, size_t len) {
+    snprintf(tmp, len, "%s/checkpoints/.step-%08ld.tmp.%ld", run_dir, step, tag);
+}
+
+mt_err mt_checkpoint_prepare(const char *run_dir, long step, long tag, char *tmp, size_t len) {
+    mt_checkpoint_folder_name(run_dir, step, tag, tmp, len);
+    mt_remove_tree(tmp);  // a stale one of an earlier attempt
+    return mt_make_dirs(tmp);
+}
+
+void mt_checkpoint_abandon(const char *tmp) { mt_remove_tree(tmp); }
+
+static void shard_file_name(const char *folder, int rank, int world, char *path, size_t len) {
+    snprintf(path, len, "%s/state-rank-%05d-of-%05d.h5", folder, rank, world);
+}
+
+mt_err mt_checkpoint_write_shard(const char *tmp, int rank, int world, size_t lo, size_t hi, size_t total,
+                                 const float *m, const float *v) {
+    char path[1300];
+    shard_file_name(tmp, rank, world, path, sizeof path);
+    hid_t file = H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
+    if (file < 0) return mt_errorf(MT_ERR_IO, "%s: cannot create the checkpoint shard", path);
+    unsigned long long a = lo, b = hi, n = total;
+    int ok = mt_h5_write_scalar(file, "rank", H5T_NATIVE_INT, &rank) &&
+             mt_h5_write_scalar(file, "world", H5T_NATIVE_INT, &world) &&
+             mt_h5_write_scalar(file, "lo", H5T_NATIVE_ULLONG, &a) &&
+             mt_h5_write_scalar(file, "hi", H5T_NATIVE_ULLONG, &b) &&
+             mt_h5_write_scalar(file, "total", H5T_NATIVE_ULLONG, &n) &&
+             mt_h5_write_vector(file, "exp_avg", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, m, hi - lo) &&
+             mt_h5_write_vector(file, "exp_avg_sq", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, v, hi - lo);
+    ok = H5Fclose(file) >= 0 && ok;
+    if (ok && mt_fsync_path(path) != 0) ok = 0;
+    return ok ? MT_OK : mt_errorf(MT_ERR_IO, "%s: writing the checkpoint shard failed (disk full?)", path);
+}
+
+mt_err mt_checkpoint_publish(const char *tmp, const char *run_dir, const char *src_model_dir, const mt_model_config *mc,
+                             const mt_lora_config *lora, const float *master, const float *m, const float *v,
+                             const mt_state_tensor *extra, int n_extra, const mt_checkpoint_meta *meta, int keep) {
+    char dir[1100], final[1200], path[1300];
     snprintf(dir, sizeof dir, "%s/checkpoints", run_dir);
-    mt_err err = mt_make_dirs(dir);
-    if (err) return err;
-    snprintf(tmp, sizeof tmp, "%s/.step-%08ld.tmp.%d", dir, meta->step, (int)getpid());
     snprintf(final, sizeof final, "%s/step-%08ld", dir, meta->step);
-    mt_remove_tree(tmp);
-    if ((err = mt_make_dirs(tmp))) return err;
     int n;
     size_t total;
     mt_param_info *table = trained_table(mc, lora, &n, &total);
+    mt_err err;
     if (lora && lora->r > 0) {
         snprintf(path, sizeof path, "%s/adapter", tmp);
         err = mt_lora_save(path, lora, src_model_dir, table, n, master);
@@ -129,6 +163,8 @@ mt_err mt_checkpoint_write(const char *run_dir, const char *src_model_dir, const
         snprintf(path, sizeof path, "%s/model", tmp);
         err = mt_hf_save(path, src_model_dir, mc, master, MT_DTYPE_F32);
     }
+    // state.h5 last: with shards, it is the completion marker of a folder
+    // whose shard files every rank has written and fsynced
     snprintf(path, sizeof path, "%s/state.h5", tmp);
     if (!err) err = write_state(path, table, n, m, v, extra, n_extra, meta);
     free(table);
@@ -152,6 +188,15 @@ mt_err mt_checkpoint_write(const char *run_dir, const char *src_model_dir, const
     return MT_OK;
 }
 
+mt_err mt_checkpoint_write(const char *run_dir, const char *src_model_dir, const mt_model_config *mc,
+                           const mt_lora_config *lora, const float *master, const float *m, const float *v,
+                           const mt_state_tensor *extra, int n_extra, const mt_checkpoint_meta *meta, int keep) {
+    char tmp[1200];
+    mt_err err = mt_checkpoint_prepare(run_dir, meta->step, (long)getpid(), tmp, sizeof tmp);
+    if (err) return err;
+    return mt_checkpoint_publish(tmp, run_dir, src_model_dir, mc, lora, master, m, v, extra, n_extra, meta, keep);
+}
+
 void mt_checkpoint_find_latest(const char *run_dir, char *out, size_t len) {
     long *steps;
     int count = list_checkpoints(run_dir, &steps);
@@ -162,21 +207,66 @@ void mt_checkpoint_find_latest(const char *run_dir, char *out, size_t len) {
     free(steps);
 }
 
-static int read_vector(hid_t loc, const char *name, hid_t memtype, void *data, size_t n) {
+// Values [start, start + count) of the 1-D dataset `name`, which must hold n.
+static int read_slice(hid_t loc, const char *name, hid_t memtype, void *data, size_t n, size_t start, size_t count) {
     if (H5Lexists(loc, name, H5P_DEFAULT) <= 0) return 0;
     hid_t d = H5Dopen2(loc, name, H5P_DEFAULT);
     if (d < 0) return 0;
     hid_t space = H5Dget_space(d);
-    hsize_t dims[1] = {0};
+    hsize_t dims[1] = {0}, at[1] = {start}, len[1] = {count};
     int ok = H5Sget_simple_extent_ndims(space) == 1 && H5Sget_simple_extent_dims(space, dims, NULL) == 1 &&
-             dims[0] == n && H5Dread(d, memtype, H5S_ALL, H5S_ALL, H5P_DEFAULT, data) >= 0;
+             dims[0] == n && start + count <= n;
+    if (ok && count > 0) {
+        hid_t mem = H5Screate_simple(1, len, NULL);
+        ok = H5Sselect_hyperslab(space, H5S_SELECT_SET, at, NULL, len, NULL) >= 0 &&
+             H5Dread(d, memtype, mem, space, H5P_DEFAULT, data) >= 0;
+        H5Sclose(mem);
+    }
     H5Sclose(space);
     H5Dclose(d);
     return ok;
 }
 
+static int read_vector(hid_t loc, const char *name, hid_t memtype, void *data, size_t n) {
+    return read_slice(loc, name, memtype, data, n, 0, n);
+}
+
+// The moments [lo, hi) of the trained block from the shard files of a
+// checkpoint written by `shards` ranks (any number may read it).
+static mt_err read_sharded_moments(const char *dir, int shards, size_t total, size_t lo, size_t hi, float *m,
+                                   float *v) {
+    size_t covered = 0;
+    for (int r = 0; r < shards; r++) {
+        char path[1300];
+        shard_file_name(dir, r, shards, path, sizeof path);
+        hid_t file = access(path, R_OK) == 0 ? H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT) : -1;
+        if (file < 0)
+            return mt_errorf(MT_ERR_FORMAT, "%s: missing; the checkpoint's optimizer state is incomplete", path);
+        unsigned long long a = 0, b = 0, n = 0;
+        int ok = mt_h5_read_scalar(file, "lo", H5T_NATIVE_ULLONG, &a) &&
+                 mt_h5_read_scalar(file, "hi", H5T_NATIVE_ULLONG, &b) &&
+                 mt_h5_read_scalar(file, "total", H5T_NATIVE_ULLONG, &n) && n == total && a <= b && b <= n;
+        size_t from = a > lo ? a : lo, to = b < hi ? b : hi;
+        if (ok && from < to) {
+            ok = read_slice(file, "exp_avg", H5T_NATIVE_FLOAT, m + (from - lo), b - a, from - a, to - from) &&
+                 read_slice(file, "exp_avg_sq", H5T_NATIVE_FLOAT, v + (from - lo), b - a, from - a, to - from);
+            covered += to - from;
+        }
+        H5Fclose(file);
+        if (!ok)
+            return mt_errorf(MT_ERR_FORMAT,
+                             "%s: bad shard (its range or size does not fit a block of %zu values); the checkpoint "
+                             "was written for another model",
+                             path, total);
+    }
+    if (covered != hi - lo)
+        return mt_errorf(MT_ERR_FORMAT, "%s: the %d shard files cover %zu of the %zu optimizer values wanted", dir,
+                         shards, covered, hi - lo);
+    return MT_OK;
+}
+
 mt_err mt_checkpoint_read(const char *dir, const mt_model_config *mc, const mt_lora_config *lora, float *master,
-                          float *m, float *v, mt_checkpoint_meta *meta) {
+                          size_t lo, size_t hi, float *m, float *v, mt_checkpoint_meta *meta) {
     char path[1300];
     snprintf(path, sizeof path, "%s/state.h5", dir);
     H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
@@ -195,6 +285,8 @@ mt_err mt_checkpoint_read(const char *dir, const mt_model_config *mc, const mt_l
              mt_h5_read_scalar(file, "data_epoch", H5T_NATIVE_ULLONG, &epoch) &&
              mt_h5_read_scalar(file, "data_batch", H5T_NATIVE_ULLONG, &batch) &&
              mt_h5_read_scalar(file, "config_hash", H5T_NATIVE_ULLONG, &hash);
+    int shards = 0;
+    if (ok && !mt_h5_read_scalar(file, "moment_shards", H5T_NATIVE_INT, &shards)) shards = 0;
     mt_err err = ok ? MT_OK
                     : mt_errorf(MT_ERR_FORMAT,
                                 "%s: missing or bad attributes (format_version %d; this memtune "
@@ -205,10 +297,15 @@ mt_err mt_checkpoint_read(const char *dir, const mt_model_config *mc, const mt_l
     mt_param_info *table = trained_table(mc, lora, &n, &total);
     hid_t opt = !err && H5Lexists(file, "optimizer", H5P_DEFAULT) > 0 ? H5Gopen2(file, "optimizer", H5P_DEFAULT) : -1;
     if (!err && opt < 0) err = mt_errorf(MT_ERR_FORMAT, "%s: no optimizer group", path);
-    for (int i = 0; i < n && !err && m; i++) {
+    if (m && hi > lo) memset(m, 0, (hi - lo) * sizeof(float)), memset(v, 0, (hi - lo) * sizeof(float));  // gaps
+    if (!err && m && shards > 0) err = read_sharded_moments(dir, shards, total, lo, hi, m, v);
+    for (int i = 0; i < n && !err && m && shards == 0; i++) {
+        size_t a = table[i].offset, b = a + table[i].count, from = a > lo ? a : lo, to = b < hi ? b : hi;
+        if (from >= to) continue;
         hid_t g = H5Lexists(opt, table[i].name, H5P_DEFAULT) > 0 ? H5Gopen2(opt, table[i].name, H5P_DEFAULT) : -1;
-        if (g < 0 || !read_vector(g, "exp_avg", H5T_NATIVE_FLOAT, m + table[i].offset, table[i].count) ||
-            !read_vector(g, "exp_avg_sq", H5T_NATIVE_FLOAT, v + table[i].offset, table[i].count))
+        if (g < 0 ||
+            !read_slice(g, "exp_avg", H5T_NATIVE_FLOAT, m + (from - lo), table[i].count, from - a, to - from) ||
+            !read_slice(g, "exp_avg_sq", H5T_NATIVE_FLOAT, v + (from - lo), table[i].count, from - a, to - from))
             err = mt_errorf(MT_ERR_FORMAT,
                             "%s: optimizer state of %s is missing or has the wrong size; the "
                             "checkpoint was written for another model",
@@ -225,7 +322,7 @@ mt_err mt_checkpoint_read(const char *dir, const mt_model_config *mc, const mt_l
         snprintf(path, sizeof path, "%s/model", dir);
         err = mt_hf_load_weights(path, mc, master);
     }
-    if (!err) *meta = (mt_checkpoint_meta){(long)step, epoch, batch, (int)opt_steps, hash};
+    if (!err) *meta = (mt_checkpoint_meta){(long)step, epoch, batch, (int)opt_steps, hash, shards};
     return err;
 }
 

@@ -23,6 +23,7 @@ typedef struct {
     uint64_t data_epoch, data_batch;  // the train loader's cursor
     int optimizer_steps;              // AdamW's own count (bias corrections)
     unsigned long long config_hash;   // mt_config_training_hash of the run that wrote it
+    int shards;                       // 0: AdamW's moments in state.h5; N: in N shard files (ZeRO)
 } mt_checkpoint_meta;
 
 // Writes checkpoint `meta->step` under run_dir/checkpoints and deletes all but
@@ -35,12 +36,30 @@ typedef struct {
 mt_err mt_checkpoint_write(const char *run_dir, const char *src_model_dir, const mt_model_config *mc,
                            const mt_lora_config *lora, const float *master, const float *m, const float *v,
                            const mt_state_tensor *extra, int n_extra, const mt_checkpoint_meta *meta, int keep);
+// Sharded checkpoints (data parallelism with ZeRO): rank 0 prepares the
+// folder being built (OUTPUT/checkpoints/.step-N.tmp.TAG, TAG the same on
+// every rank); every rank writes its shard [lo, hi) of the moments into it
+// (state-rank-R-of-W.h5, fsynced); after a barrier rank 0 publishes it with
+// meta->shards = W and m = v = NULL: state.h5, written last, marks it
+// complete, and the folder is renamed into place. mt_checkpoint_write is
+// prepare + publish in one process.
+void mt_checkpoint_folder_name(const char *run_dir, long step, long tag, char *tmp, size_t len);
+mt_err mt_checkpoint_prepare(const char *run_dir, long step, long tag, char *tmp, size_t len);
+mt_err mt_checkpoint_write_shard(const char *tmp, int rank, int world, size_t lo, size_t hi, size_t total,
+                                 const float *m, const float *v);
+mt_err mt_checkpoint_publish(const char *tmp, const char *run_dir, const char *src_model_dir, const mt_model_config *mc,
+                             const mt_lora_config *lora, const float *master, const float *m, const float *v,
+                             const mt_state_tensor *extra, int n_extra, const mt_checkpoint_meta *meta, int keep);
+// Removes a folder that will not be published (a rank failed).
+void mt_checkpoint_abandon(const char *tmp);
 // The newest complete checkpoint folder of run_dir into out ("" if none).
 void mt_checkpoint_find_latest(const char *run_dir, char *out, size_t len);
-// Reads a checkpoint folder written for model config mc (and adapters lora);
-// m and v NULL: the moments are not read.
+// Reads a checkpoint folder written for model config mc (and adapters lora):
+// the whole master, and the moments [lo, hi) of the trained block into m and
+// v (hi - lo values each; NULL: not read), from state.h5 or from the shard
+// files of a sharded one, whatever number of ranks wrote it.
 mt_err mt_checkpoint_read(const char *dir, const mt_model_config *mc, const mt_lora_config *lora, float *master,
-                          float *m, float *v, mt_checkpoint_meta *meta);
+                          size_t lo, size_t hi, float *m, float *v, mt_checkpoint_meta *meta);
 // Reads the extra optimizer tensors of a checkpoint folder into their data
 // (each must be there with exactly its count).
 mt_err mt_checkpoint_read_extra(const char *dir, const mt_state_tensor *extra, int n_extra);

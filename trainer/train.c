@@ -231,11 +231,12 @@ typedef struct {
     int n_trained;
     mt_model *model;
     mt_loader *train;
-    float *master, *m, *v;  // host buffers of the parameter count (m, v NULL with MeZO; all NULL with offload)
+    float *master;  // host buffer of the parameter count (NULL with offload)
+    float *m, *v;   // host buffers of AdamW's moments of [shard_lo, shard_hi) (NULL with MeZO, GaLore, offload)
     size_t trained_total;
     mt_dist *dist;
-    int sharded;  // ZeRO 1, 2: the AdamW state of [shard_lo, shard_hi) is this rank's
-    size_t shard_lo;
+    int sharded;  // ZeRO 1, 2 over several ranks: the AdamW state of [shard_lo, shard_hi) is this rank's
+    size_t shard_lo, shard_hi;
 } checkpoint_ctx;
 
 // `arrays` host arrays of the trained block's n values, in one allocation,
@@ -276,6 +277,41 @@ static mt_err get_trained(checkpoint_ctx *c, float *dst, float *packed) {
     return err;
 }
 
+// ZeRO over several ranks: each rank writes its shard of the moments into
+// the folder rank 0 prepared (named by rank 0's pid, the same on every rank);
+// once all are on disk, rank 0 writes the weights and state.h5, the
+// completion marker, and renames the folder into place. The moments are
+// never gathered.
+static mt_err write_sharded(checkpoint_ctx *c, mt_checkpoint_meta *meta, const float *master, const float *m,
+                            const float *v) {
+    int rank = mt_dist_rank(c->dist), world = mt_dist_world(c->dist);
+    const char *run = c->cfg->output_dir;
+    double tag = rank == 0 ? (double)getpid() : 0.0;
+    mt_dist_sum_host(c->dist, &tag, 1);
+    char tmp[1200];
+    mt_err err = MT_OK;
+    if (rank == 0)
+        err = mt_checkpoint_prepare(run, meta->step, (long)tag, tmp, sizeof tmp);
+    else
+        mt_checkpoint_folder_name(run, meta->step, (long)tag, tmp, sizeof tmp);
+    if (mt_dist_any(c->dist, err != MT_OK))
+        return err ? err : mt_errorf(MT_ERR_IO, "rank 0 could not make %s (its log says why)", tmp);
+    err = mt_checkpoint_write_shard(tmp, rank, world, c->shard_lo, c->shard_hi, c->trained_total, m, v);
+    if (mt_dist_any(c->dist, err != MT_OK)) {
+        if (rank == 0) mt_checkpoint_abandon(tmp);
+        return err ? err
+                   : mt_errorf(MT_ERR_IO,
+                               "a rank could not write its shard of the checkpoint of step %ld (its log says "
+                               "why)",
+                               meta->step);
+    }
+    meta->shards = world;
+    if (rank == 0)
+        err = mt_checkpoint_publish(tmp, run, c->cfg->model_path, c->mc, c->lora, master, NULL, NULL, NULL, 0, meta,
+                                    (int)c->cfg->checkpoint_keep);
+    return err;
+}
+
 static mt_err save_checkpoint(checkpoint_ctx *c, long steps_done) {
     float *master = c->master, *m = c->m, *v = c->v, *copy = NULL;
     mt_err err = MT_OK;
@@ -287,11 +323,7 @@ static mt_err save_checkpoint(checkpoint_ctx *c, long steps_done) {
     } else {
         if (packed && (err = alloc_state_copy(c->plan->count, 3, &copy))) return err;
         err = get_trained(c, master, copy);
-        if (c->opt) mt_optimizer_get_moments(c->opt, m + c->shard_lo, v + c->shard_lo);
-        if (c->opt && c->sharded) {
-            mt_dist_share_shards_host(c->dist, m, c->trained_total);
-            mt_dist_share_shards_host(c->dist, v, c->trained_total);
-        }
+        if (c->opt) mt_optimizer_get_moments(c->opt, m, v);
     }
     mt_state_tensor *extra = NULL, *all = NULL;
     int n_extra = 0;
@@ -315,11 +347,12 @@ static mt_err save_checkpoint(checkpoint_ctx *c, long steps_done) {
                           : c->galore  ? mt_galore_steps_taken(c->galore)
                           : c->offload ? mt_offload_steps_taken(c->offload)
                                        : (int)steps_done;
-    mt_checkpoint_meta meta = {steps_done, cursor.epoch, cursor.batch, optimizer_steps,
-                               mt_config_training_hash(c->cfg)};
+    mt_checkpoint_meta meta = {steps_done, cursor.epoch, cursor.batch, optimizer_steps, mt_config_training_hash(c->cfg),
+                               0};
     double t0 = mt_now();
-    // every rank holds the whole state now (the same values); rank 0 writes it
-    if (!err && mt_dist_rank(c->dist) == 0)
+    if (!err && c->sharded)
+        err = write_sharded(c, &meta, master, m, v);
+    else if (!err && mt_dist_rank(c->dist) == 0)  // every rank holds the same state; rank 0 writes it
         err = mt_checkpoint_write(c->cfg->output_dir, c->cfg->model_path, c->mc, c->lora, master, m, v, extra, n_extra,
                                   &meta, (int)c->cfg->checkpoint_keep);
     if (mt_dist_any(c->dist, err != MT_OK) && !err)
@@ -565,7 +598,8 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     opts.forward_only = mezo;
     if (galore) opts.grad_ready = galore_grad_ready, opts.grad_ready_ctx = &hook;
     if (offload_streamed && !galore) opts.grad_ready = offload_grad_ready, opts.grad_ready_ctx = &ohook;
-    if (world > 1) opts.grads_done = dp_grads_done, opts.grads_done_ctx = &dp;
+    // (streamed gradients, GaLore's and offload's, are reduced as each is handed over)
+    if (world > 1 && !opts.grad_ready) opts.grads_done = dp_grads_done, opts.grads_done_ctx = &dp;
     if (zero2_streamed) {
         opts.grad_ready = zero2_grad_ready, opts.grad_ready_ctx = &zhook;
         opts.grads_done = zero2_grads_done, opts.grads_done_ctx = &zhook;
@@ -585,6 +619,9 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     size_t trained_total = total;
     mt_param_info *trained_table = lora ? mt_lora_param_table(&mc, lora, &n_trained, &trained_total) : table;
     ohook.table = trained_table;
+    // ZeRO: this rank's shard of the trained block (all of it with one rank, or without ZeRO)
+    size_t shard_lo = 0, shard_hi = trained_total;
+    if (zero) mt_dist_shard(dist, rank, trained_total, &shard_lo, &shard_hi);
     // each forward unit's range of the trained block, for the gradient reduction
     dp.units = mc.L + 2;
     dp.lo = calloc((size_t)dp.units, sizeof *dp.lo);
@@ -633,21 +670,24 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
         mt_checkpoint_find_latest(cfg->output_dir, resume_dir, sizeof resume_dir);
     else if (cfg->train_resume[0])
         snprintf(resume_dir, sizeof resume_dir, "%s", cfg->train_resume);
-    // AdamW's moments' host copies for checkpoints (MeZO has none, GaLore its own)
-    // with offload the moments live in the store; host copies only to resume
+    // AdamW's moments' host copies for checkpoints, of this rank's shard (MeZO
+    // has none, GaLore its own); with offload the moments live in the store:
+    // host copies only to resume
     int host_moments = !mezo && !galore && (!offload || resume_dir[0]);
+    size_t n_moments = shard_hi - shard_lo;
     if (host_moments) {
-        moment_m = malloc((trained_total ? trained_total : 1) * sizeof(float));
-        moment_v = malloc((trained_total ? trained_total : 1) * sizeof(float));
+        moment_m = malloc((n_moments ? n_moments : 1) * sizeof(float));
+        moment_v = malloc((n_moments ? n_moments : 1) * sizeof(float));
     }
     if (host_moments && (!moment_m || !moment_v)) {
         err = mt_errorf(MT_ERR_NOMEM, "out of host memory for the optimizer state's checkpoint copies (%.1f GiB)",
-                        trained_total * 8.0 / 1073741824.0);
+                        n_moments * 8.0 / 1073741824.0);
         goto out_params;
     }
     mt_checkpoint_meta resume = {0};
     if (resume_dir[0]) {
-        if ((err = mt_checkpoint_read(resume_dir, &mc, lora, trained, moment_m, moment_v, &resume))) goto out_params;
+        if ((err = mt_checkpoint_read(resume_dir, &mc, lora, trained, shard_lo, shard_hi, moment_m, moment_v, &resume)))
+            goto out_params;
         if (resume.config_hash != mt_config_training_hash(cfg)) {
             err = mt_errorf(MT_ERR_CONFIG,
                             "%s was written by a run with a different configuration (model, data, train or optim "
@@ -709,7 +749,6 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     }
     mt_trainable tr;
     mt_model_trainable(model, &tr);
-    size_t shard_lo = 0, shard_hi = trained_total;
     mt_param_group *groups = malloc((size_t)(n_trained ? n_trained : 1) * sizeof *groups);
     selected = calloc((size_t)(n_trained ? n_trained : 1), 1);
     MT_CHECK(groups && selected, "parameter groups");
@@ -835,7 +874,6 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
         mt_adamw_config ac = {(float)cfg->optim_lr,  (float)cfg->optim_beta1,        (float)cfg->optim_beta2,
                               (float)cfg->optim_eps, (float)cfg->optim_weight_decay, (float)cfg->optim_grad_clip};
         // ZeRO 1, 2: this rank's shard of the block, its groups clipped to it
-        if (zero) mt_dist_shard(dist, rank, trained_total, &shard_lo, &shard_hi);
         if (zero2_streamed) {
             mt_mem_place place = use_gpu ? MT_DEVICE : MT_HOST;
             size_t n = shard_hi - shard_lo;
@@ -856,8 +894,7 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     }
     free(groups);
     if (err) goto out_model;
-    if (resume_dir[0] && opt)
-        mt_optimizer_set_moments(opt, moment_m + shard_lo, moment_v + shard_lo, resume.optimizer_steps);
+    if (resume_dir[0] && opt) mt_optimizer_set_moments(opt, moment_m, moment_v, resume.optimizer_steps);
     dp.grads = tr.grads, dp.total = trained_total, dp.shard_lo = shard_lo;
     // what AdamW reads: the block's shard, or ZeRO-2's streamed sums
     float *opt_grads = zero2_streamed ? shard_grads : tr.grads + shard_lo;
@@ -955,8 +992,10 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     }
     double t_start = mt_now(), t_last = t_start;
     long tokens_since = 0;
-    checkpoint_ctx ckpt = {cfg,   &mc,   lora,    opt,      gal,      ofl,           &plan, trained_table, n_trained,
-                           model, train, trained, moment_m, moment_v, trained_total, dist,  zero > 0,      shard_lo};
+    checkpoint_ctx ckpt = {
+        cfg,     &mc,   lora,    opt,      gal,      ofl,           &plan, trained_table,         n_trained,
+        model,   train, trained, moment_m, moment_v, trained_total, dist,  zero > 0 && world > 1, shard_lo,
+        shard_hi};
     stop_signal = 0;
     struct sigaction action = {0}, old_int, old_term;
     action.sa_handler = on_stop_signal;
