@@ -37,6 +37,8 @@ typedef struct {
 } message;
 
 struct mt_offload {
+    double (*norm_sum)(void *ctx, double local);  // ZeRO: the shard's sum of squares -> the whole's
+    void *norm_ctx;
     mt_backend *be;
     mt_offload_config cfg;
     char trace_path[1024];
@@ -410,6 +412,7 @@ mt_err mt_offload_end_step(mt_offload *o, double *grad_norm, int *finite) {
     mt_err err = o->error;
     int applied = o->applied, step_finite = o->step_finite;
     pthread_mutex_unlock(&o->lock);
+    if (o->norm_sum) sum = o->norm_sum(o->norm_ctx, sum);  // a shard's: over the ranks
     *grad_norm = sqrt(sum);
     *finite = isfinite(*grad_norm) && step_finite && !err;
     if (!clip) {
@@ -431,6 +434,10 @@ mt_err mt_offload_end_step(mt_offload *o, double *grad_norm, int *finite) {
     o->in_step = 0;
     if (err) return mt_errorf(err, "%s", o->error_msg);
     return MT_OK;
+}
+
+void mt_offload_set_norm_sum(mt_offload *o, double (*sum)(void *ctx, double local), void *ctx) {
+    o->norm_sum = sum, o->norm_ctx = ctx;
 }
 
 void mt_offload_cancel_step(mt_offload *o) {

@@ -77,6 +77,10 @@ void mt_offload_free(mt_offload *o);
 void mt_offload_begin_step(mt_offload *o, float lr);
 void mt_offload_grad(mt_offload *o, int param, const float *grad);
 mt_err mt_offload_end_step(mt_offload *o, double *grad_norm, int *finite);
+// Data parallelism with ZeRO (each rank offloads its shard): `sum` turns the
+// shard's sum of squares of the gradient into the whole's (over the ranks);
+// end_step calls it on every rank.
+void mt_offload_set_norm_sum(mt_offload *o, double (*sum)(void *ctx, double local), void *ctx);
 // The backward did not run (a non-finite loss): nothing is applied.
 void mt_offload_cancel_step(mt_offload *o);
 // Before a forward reads forward unit `unit` (mt_offload_param.bucket's

@@ -3,7 +3,8 @@
 # ranks under mpirun (MPI's collectives). Each run's losses must equal, to
 # rounding, a single process's with twice the accumulation (or, for GaLore,
 # which takes no accumulation, twice the micro-batch: the same windows):
-# AdamW with ZeRO stages 0, 1 and 2, LoRA, MeZO, GaLore, offloaded AdamW.
+# AdamW with ZeRO stages 0, 1 and 2, LoRA, MeZO, GaLore, offloaded AdamW (also
+# with ZeRO: each rank offloads its shard).
 # A 2-rank run stopped and resumed gives the uninterrupted one's losses bit
 # for bit; ranks with different configs are refused; a rank killed mid-run
 # ends the job instead of leaving the other hanging.
@@ -54,6 +55,11 @@ pair mezo "--set train.grad_accum=2 --set optim.kind=mezo --set optim.lr=1e-3" \
 pair galore "--set train.micro_batch=4 --set optim.kind=galore --set optim.grad_clip=0 --set galore.rank=4" \
     "--set optim.kind=galore --set optim.grad_clip=0 --set galore.rank=4"
 pair offload "--set train.grad_accum=2 --set offload.optimizer=cpu" "--set offload.optimizer=cpu"
+# ZeRO with offload: each rank offloads its shard (a file per rank on ssd)
+pair zero2-offload "--set train.grad_accum=2 --set offload.optimizer=cpu" \
+    "--set dist.zero_stage=2 --set offload.optimizer=cpu"
+pair zero1-offload-ssd "--set train.grad_accum=2 --set offload.optimizer=ssd --set offload.path=$W/ssd-1" \
+    "--set dist.zero_stage=1 --set offload.optimizer=ssd --set offload.path=$W/ssd-2"
 grep -q "data parallel: 2 ranks (mpi)" "$W/zero2-2.log" || fail "no data-parallel line in the log"
 # ZeRO-2's streamed gradients in one process (its code path, with a copy for the reduce)
 "$MEMTUNE" "${common[@]}" --set train.grad_accum=2 --set dist.zero_stage=2 --set "output.dir=$W/zero2-single" \
@@ -96,6 +102,17 @@ echo "test_dist: 2 ranks, ZeRO-2, stopped after 7 steps and resumed: 16 losses a
 grep -q "resuming from .*step-00000007" "$W/split-one.log" && [ "$(losses "$W/split-one" | grep -vc nan)" -eq 16 ] ||
     fail "one process did not resume the sharded checkpoint"
 echo "test_dist: a sharded checkpoint (a shard file per rank, state.h5 last) resumes in one process too"
+
+# the same with ZeRO-2 and each rank's shard offloaded to a file
+zo=(--set dist.zero_stage=2 --set checkpoint.every=4 --set offload.optimizer=ssd --set "offload.path=$W/ssd-z")
+"${MPI[@]}" "$MEMTUNE" "${common[@]}" "${zo[@]}" --set "output.dir=$W/owhole" > "$W/owhole.log" 2>&1 || fail "owhole"
+"${MPI[@]}" "$MEMTUNE" "${common[@]}" "${zo[@]}" --set "output.dir=$W/osplit" --set train.stop_after=7 \
+    > "$W/osplit.log" 2>&1 || fail "osplit"
+"${MPI[@]}" "$MEMTUNE" "${common[@]}" "${zo[@]}" --set "output.dir=$W/osplit" --set train.resume=auto \
+    > "$W/oresumed.log" 2>&1 || fail "oresumed"
+cmp -s <(losses "$W/owhole") <(losses "$W/osplit") || fail "offload resume: losses differ"
+cmp -s "$W/owhole/model/model.safetensors" "$W/osplit/model/model.safetensors" || fail "offload resume: models differ"
+echo "test_dist: 2 ranks, ZeRO-2, each offloading its shard to a file, stopped and resumed: losses and model identical"
 
 # ranks with different configs
 mpirun -np 1 "$MEMTUNE" "${common[@]}" --set "output.dir=$W/bad" --set optim.lr=1e-3 : \

@@ -424,11 +424,6 @@ mt_err mt_config_validate(const mt_config *cfg) {
                          "dist.zero_stage %ld shards AdamW's state, but optim.kind is %s (%s); set dist.zero_stage: 0",
                          cfg->dist_zero_stage, cfg->optim_kind,
                          mezo ? "MeZO keeps none" : "GaLore's projected state is not sharded yet");
-    if (cfg->dist_zero_stage > 0 && offload)
-        return mt_errorf(MT_ERR_CONFIG,
-                         "dist.zero_stage %ld with offload.optimizer %s is not built yet: every rank offloads the "
-                         "whole state; set dist.zero_stage: 0 (or offload.optimizer: none)",
-                         cfg->dist_zero_stage, cfg->offload_optimizer);
     if (!offload && section_changed(cfg, "offload"))
         return mt_errorf(MT_ERR_CONFIG, "offload.* keys need offload.optimizer: cpu or ssd (it is none)");
     if (!strcmp(cfg->offload_optimizer, "ssd") && !cfg->offload_path[0])

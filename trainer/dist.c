@@ -319,14 +319,14 @@ void mt_dist_wait_previous(mt_dist *d) {
 #endif
 }
 
-void mt_dist_share_shards(mt_dist *d, void *buf, size_t total, size_t elem) {
+void mt_dist_share_shards(mt_dist *d, void *buf, size_t lo, size_t hi, size_t total, size_t elem) {
     if (d->world == 1) return;
 #ifdef MT_HAVE_CUDA
     if (d->nccl) NCCL_CHECK(ncclGroupStart());
 #endif
     for (int r = 0; r < d->world; r++) {
         size_t a, b;
-        if (!owned(d, r, total, 0, total, &a, &b)) continue;
+        if (!owned(d, r, total, lo, hi, &a, &b)) continue;
         char *at0 = (char *)buf + a * elem;
         size_t bytes = (b - a) * elem;
 #ifdef MT_HAVE_CUDA

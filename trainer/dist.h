@@ -65,9 +65,9 @@ void mt_dist_reduce_to_owners(mt_dist *d, const float *src, size_t lo, size_t hi
 // collectives issued before the previous call (not those since); no-op on
 // the CPU and with one rank.
 void mt_dist_wait_previous(mt_dist *d);
-// The all-gather: each rank's shard of buf (total elements of elem bytes)
-// goes to every rank, in place.
-void mt_dist_share_shards(mt_dist *d, void *buf, size_t total, size_t elem);
+// The all-gather over [lo, hi) of buf (a block of total elements of elem
+// bytes): each rank's shard's part goes to every rank, in place.
+void mt_dist_share_shards(mt_dist *d, void *buf, size_t lo, size_t hi, size_t total, size_t elem);
 // The same for host arrays of floats (checkpoints), blocking.
 void mt_dist_share_shards_host(mt_dist *d, float *host, size_t total);
 // Sums n host doubles over the ranks, in place; blocking.

@@ -161,8 +161,9 @@ static int forward_bucket(const char *name, int L) {
 }
 
 // Which trained parameters offload's store holds, and where. Without GaLore
-// all of them, each state at its weights' offset; with GaLore those it does
-// not project (embeddings, norms, the head), packed one after another. In
+// all of them in [lo, hi) (ZeRO: this rank's shard; parameters cut at its
+// ends), each state at its weights' offset less lo; with GaLore those it
+// does not project (embeddings, norms, the head), packed one after another. In
 // checkpoints the packed ones' moments are named tensors as GaLore names its
 // own (fp32 exp_avg, exp_avg_sq), so a GaLore run resumes with offload on or off.
 typedef struct {
@@ -172,20 +173,22 @@ typedef struct {
     size_t count;  // state values
 } offload_plan;
 
-static offload_plan plan_offload(const mt_param_info *table, int n, size_t total, const unsigned char *projected,
-                                 int L) {
+static offload_plan plan_offload(const mt_param_info *table, int n, size_t lo, size_t hi,
+                                 const unsigned char *projected, int L) {
     offload_plan p = {malloc((size_t)(n ? n : 1) * sizeof *p.params), 0, projected != NULL,
                       malloc((size_t)(n ? n : 1) * sizeof *p.index), 0};
     MT_CHECK(p.params && p.index, "offload plan");
     for (int i = 0; i < n; i++) {
+        size_t a = table[i].offset > lo ? table[i].offset : lo, end = table[i].offset + table[i].count;
+        size_t b = end < hi ? end : hi;
         p.index[i] = -1;
-        if (projected && projected[i]) continue;
+        if ((projected && projected[i]) || a >= b) continue;
         p.index[i] = p.n;
-        p.params[p.n++] = (mt_offload_param){table[i].offset, table[i].count, table[i].decay,
-                                             forward_bucket(table[i].name, L), projected ? p.count : table[i].offset};
-        p.count += table[i].count;
+        p.params[p.n++] = (mt_offload_param){a, b - a, table[i].decay, forward_bucket(table[i].name, L),
+                                             projected ? p.count : a - lo};
+        p.count += b - a;
     }
-    if (!projected) p.count = total;
+    if (!projected) p.count = hi - lo;
     return p;
 }
 
@@ -257,11 +260,15 @@ static mt_err alloc_state_copy(size_t n, int arrays, float **block) {
 // or a copy of the packed state to fill (master, m, v: 3 arrays of
 // plan->count), which checkpoints keep.
 static mt_err get_trained(checkpoint_ctx *c, float *dst, float *packed) {
-    if (c->offload && !c->plan->packed) return mt_offload_read_state(c->offload, dst, NULL, NULL);
-    if (c->opt) {
-        mt_optimizer_get_master(c->opt, dst + c->shard_lo);
+    if ((c->offload && !c->plan->packed) || c->opt) {
+        // ZeRO: every rank gets every shard's master
+        mt_err err = MT_OK;
+        if (c->opt)
+            mt_optimizer_get_master(c->opt, dst + c->shard_lo);
+        else
+            err = mt_offload_read_state(c->offload, dst + c->shard_lo, NULL, NULL);
         if (c->sharded) mt_dist_share_shards_host(c->dist, dst, c->trained_total);
-        return MT_OK;
+        return err;
     }
     float *own = NULL;
     mt_err err = MT_OK;
@@ -317,9 +324,12 @@ static mt_err save_checkpoint(checkpoint_ctx *c, long steps_done) {
     mt_err err = MT_OK;
     int packed = c->offload && c->plan->packed;
     if (c->offload && !packed) {
-        if ((err = alloc_state_copy(c->trained_total, 3, &copy))) return err;
-        master = copy, m = copy + c->trained_total, v = copy + 2 * c->trained_total;
-        err = mt_offload_read_state(c->offload, master, m, v);
+        // the whole master (ZeRO: every rank's shard of it), this rank's moments
+        size_t n = c->shard_hi - c->shard_lo;
+        if ((err = alloc_state_copy(c->trained_total + 2 * n, 1, &copy))) return err;
+        master = copy, m = copy + c->trained_total, v = m + n;
+        err = mt_offload_read_state(c->offload, master + c->shard_lo, m, v);
+        if (c->sharded) mt_dist_share_shards_host(c->dist, master, c->trained_total);
     } else {
         if (packed && (err = alloc_state_copy(c->plan->count, 3, &copy))) return err;
         err = get_trained(c, master, copy);
@@ -491,6 +501,13 @@ typedef struct {
     mt_offload **offload;
     mt_dist *dist;
     const mt_param_info *table;
+    // ZeRO over several ranks: each offloads its shard; after a step, each
+    // forward unit's weights are all-gathered before the first forward reads them
+    int gather;
+    unsigned char *stale;  // per forward unit
+    const size_t *lo, *hi;
+    void *weights;
+    size_t total, elem;
 } offload_hook;
 
 static void offload_grad_ready(void *ctx, int param, float *grad) {
@@ -500,8 +517,15 @@ static void offload_grad_ready(void *ctx, int param, float *grad) {
 }
 
 static void offload_weights_needed(void *ctx, int bucket) {
-    mt_offload *o = *(mt_offload **)ctx;
-    if (o) mt_offload_wait_bucket(o, bucket);
+    offload_hook *h = ctx;
+    if (!*h->offload) return;
+    mt_offload_wait_bucket(*h->offload, bucket);
+    if (!h->gather || !h->stale[bucket]) return;
+    h->stale[bucket] = 0;
+    if (h->lo[bucket] >= h->hi[bucket]) return;
+    mt_dist_after_compute(h->dist);  // after the copy of this rank's updated part
+    mt_dist_share_shards(h->dist, h->weights, h->lo[bucket], h->hi[bucket], h->total, h->elem);
+    mt_dist_wait(h->dist);
 }
 
 // mezo.trainable, galore.targets: which parameters match one of the listed
@@ -585,10 +609,11 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     // offloaded gradients stream out of backward unless they must add up
     // over micro-batches first, or are the adapters' (one small block)
     // (with GaLore, which passes on what it does not project)
-    int offload_streamed = offload && cfg->lora_r == 0 && accum == 1;
+    // (with ZeRO, which reduces them to their shards' owners first)
+    int offload_streamed = offload && cfg->lora_r == 0 && accum == 1 && cfg->dist_zero_stage == 0;
     galore_hook hook = {0};
     mt_offload *ofl = NULL;
-    offload_hook ohook = {&ofl, dist, NULL};
+    offload_hook ohook = {&ofl, dist, NULL, 0, NULL, NULL, NULL, NULL, 0, 0};
     offload_plan plan = {0};
     dp_hook dp = {dist, zero, 0, NULL, 0, 0, NULL, NULL, 0};
     // ZeRO-2 streams a full fine-tune's gradients into the shards
@@ -604,7 +629,7 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
         opts.grad_ready = zero2_grad_ready, opts.grad_ready_ctx = &zhook;
         opts.grads_done = zero2_grads_done, opts.grads_done_ctx = &zhook;
     }
-    if (offload) opts.weights_needed = offload_weights_needed, opts.weights_needed_ctx = &ofl;
+    if (offload) opts.weights_needed = offload_weights_needed, opts.weights_needed_ctx = &ohook;
     if (cfg->lora_r > 0) {
         opts.lora = (mt_lora_config){(int)cfg->lora_r, (float)cfg->lora_alpha, (float)cfg->lora_dropout,
                                      (int)cfg->lora_rslora, 0};
@@ -818,8 +843,14 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
         // each update rides on the next forward's first read of each tensor
         if (!err) mt_mezo_defer_updates(mz, defer_to_model, model);
     }
+    if (zero2_streamed && !err) {
+        size_t n = shard_hi - shard_lo;
+        err = mt_alloc((void **)&shard_grads, (n ? n : 1) * sizeof(float), MT_MEM_GRADS, use_gpu ? MT_DEVICE : MT_HOST);
+        if (!err) mt_op_zero(&be, shard_grads, (n ? n : 1) * sizeof(float));  // alignment gaps stay 0
+        zhook = (zero2_hook){dist, &be, trained_table, shard_grads, shard_lo, shard_hi, trained_total, 1};
+    }
     if (offload && !err) {
-        plan = plan_offload(trained_table, n_trained, trained_total, galore ? selected : NULL, mc.L);
+        plan = plan_offload(trained_table, n_trained, shard_lo, shard_hi, galore ? selected : NULL, mc.L);
         hook.offloaded = plan.index;
         char trace[1200];
         snprintf(trace, sizeof trace, "%s/offload-trace.json", cfg->output_dir);
@@ -859,8 +890,15 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
             free(packed);
         } else {
             // moment_m and moment_v exist only when resuming (resume.optimizer_steps is 0 otherwise)
-            err = mt_offload_init(&ofl, &be, &oc, plan.params, plan.n, plan.count, tr.weights, trained, moment_m,
-                                  moment_v, resume.optimizer_steps);
+            err = mt_offload_init(&ofl, &be, &oc, plan.params, plan.n, plan.count, tr.weights, trained + shard_lo,
+                                  moment_m, moment_v, resume.optimizer_steps);
+            if (!err && zero && world > 1) {
+                mt_offload_set_norm_sum(ofl, sum_over_ranks, dist);
+                ohook.gather = 1, ohook.lo = dp.lo, ohook.hi = dp.hi, ohook.weights = tr.weights;
+                ohook.total = trained_total, ohook.elem = mt_act_size(&be);
+                ohook.stale = calloc((size_t)dp.units, 1);
+                MT_CHECK(ohook.stale != NULL, "offload units");
+            }
             // the store holds the values now: the host copies go (at 7B they are 28 GB each)
             free(moment_m);
             free(moment_v);
@@ -874,13 +912,6 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
         mt_adamw_config ac = {(float)cfg->optim_lr,  (float)cfg->optim_beta1,        (float)cfg->optim_beta2,
                               (float)cfg->optim_eps, (float)cfg->optim_weight_decay, (float)cfg->optim_grad_clip};
         // ZeRO 1, 2: this rank's shard of the block, its groups clipped to it
-        if (zero2_streamed) {
-            mt_mem_place place = use_gpu ? MT_DEVICE : MT_HOST;
-            size_t n = shard_hi - shard_lo;
-            err = mt_alloc((void **)&shard_grads, (n ? n : 1) * sizeof(float), MT_MEM_GRADS, place);
-            if (!err) mt_op_zero(&be, shard_grads, (n ? n : 1) * sizeof(float));  // alignment gaps stay 0
-            zhook = (zero2_hook){dist, &be, trained_table, shard_grads, shard_lo, shard_hi, trained_total, 1};
-        }
         int n_shard = 0;
         for (int g = 0; g < n_groups; g++) {
             size_t a = groups[g].offset > shard_lo ? groups[g].offset : shard_lo;
@@ -956,12 +987,13 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     if (offload) {
         const mt_store *st = mt_offload_store(ofl);
         mt_info(
-            "AdamW state offloaded to %s: %.2fM parameters, %.2f GiB (fp32 master, m, v)%s%s; CPU AdamW %s; "
+            "AdamW state offloaded to %s: %.2fM parameters%s, %.2f GiB (fp32 master, m, v)%s%s; CPU AdamW %s; "
             "gradients %s, %.1f MiB of GPU staging; host memory %.2f GiB",
             !strcmp(cfg->offload_optimizer, "ssd") ? "SSD" : "host memory", plan.count / 1e6,
-            plan.count * 12.0 / 1073741824.0, st && mt_store_path(st)[0] ? " in " : "", st ? mt_store_path(st) : "",
-            mt_offload_cpu_path(ofl), offload_streamed ? "streamed per layer" : "sent after backward",
-            mt_offload_device_bytes(ofl) / 1048576.0, mt_offload_host_bytes(ofl) / 1073741824.0);
+            ohook.gather ? " (this rank's shard)" : "", plan.count * 12.0 / 1073741824.0,
+            st && mt_store_path(st)[0] ? " in " : "", st ? mt_store_path(st) : "", mt_offload_cpu_path(ofl),
+            offload_streamed ? "streamed per layer" : "sent after backward", mt_offload_device_bytes(ofl) / 1048576.0,
+            mt_offload_host_bytes(ofl) / 1073741824.0);
         if (!strcmp(cfg->offload_optimizer, "ssd") && !mt_store_direct_io(st))
             mt_warn("%s does not take O_DIRECT (tmpfs?): the state goes through the page cache", cfg->offload_path);
     }
@@ -1055,11 +1087,13 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
                 if (galore) mt_galore_end_step(gal, &info);
                 if (ofl) {
                     // adapters, or gradients summed over micro-batches: the whole block now, last layer first
+                    // (ZeRO: the sums of this rank's shard)
                     if (!offload_streamed)
-                        for (int p = n_trained - 1; p >= 0; p--)
-                            mt_offload_grad(ofl, p, tr.grads + trained_table[p].offset);
+                        for (int k = plan.n - 1; k >= 0; k--)
+                            mt_offload_grad(ofl, k, opt_grads + (plan.params[k].offset - shard_lo));
                     mt_step_info off;
                     if ((err = mt_offload_end_step(ofl, &off.grad_norm, &off.finite))) break;
+                    if (ohook.gather) memset(ohook.stale, 1, (size_t)dp.units);
                     // with GaLore, the norm over both parts
                     info =
                         galore ? (mt_step_info){hypot(info.grad_norm, off.grad_norm), info.finite && off.finite} : off;
@@ -1068,7 +1102,7 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
                 if (opt && zero && info.finite) {
                     // each rank updated its shard: every rank gets all of them
                     mt_dist_after_compute(dist);
-                    mt_dist_share_shards(dist, tr.weights, trained_total, mt_act_size(&be));
+                    mt_dist_share_shards(dist, tr.weights, 0, trained_total, trained_total, mt_act_size(&be));
                     mt_dist_wait(dist);
                 }
                 int matrices;
@@ -1203,6 +1237,7 @@ out_model:
     mt_offload_free(ofl);
     free_plan(&plan);
     mt_free((void **)&shard_grads);
+    free(ohook.stale);
     mt_model_free(model);
 out_backend:
     mt_backend_free(&be);
