@@ -69,6 +69,8 @@ def main():
     ap.add_argument("--T", type=int, default=1024)
     ap.add_argument("--kjv", default="/tmp/kjv.h5")
     ap.add_argument("--parts", default="curves,scaling")
+    ap.add_argument("--variants", default="lora,full-zero2,mezo",
+                    help="of lora, full-zero1, full-zero2, full-zero2-offload, mezo")
     ap.add_argument("--out", default=".")
     ap.add_argument("--work", default="/tmp/mt-dist-bench")
     args = ap.parse_args()
@@ -79,8 +81,11 @@ def main():
     variants = {
         "lora": ["--set", "lora.r=8", "--set", "lora.dropout=0"],
         "full-zero2": ["--set", "dist.zero_stage=2"],
+        "full-zero1": ["--set", "dist.zero_stage=1"],
+        "full-zero2-offload": ["--set", "dist.zero_stage=2", "--set", "offload.optimizer=cpu"],
         "mezo": ["--set", "optim.kind=mezo", "--set", "optim.lr=1e-4", "--set", "mezo.samples=1"],
     }
+    variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}
     if "curves" in args.parts:
         base = ["train", os.path.join(ROOT, "configs", "quickstart.yaml"), "--set", f"data.train={args.kjv}",
                 "--set", "train.device=gpu", "--set", "train.steps=40", "--set", "train.log_every=1",
@@ -132,12 +137,14 @@ def main():
     print("|---|---|")
     for k, v in res["curves"].items():
         print(f"| {k} | {v.get('worst_relative_difference', v.get('error'))} |")
-    print(f"\n| run (TinyLlama-1.1B, B={args.B}, T={args.T} per GPU) | 1 GPU tok/s | {n} GPUs tok/s | efficiency |")
-    print("|---|---|---|---|")
+    print(f"\n| run (TinyLlama-1.1B, B={args.B}, T={args.T} per GPU) | 1 GPU tok/s | {n} GPUs tok/s | efficiency "
+          f"| allocator peak per GPU, 1 / {n} GPUs (GiB) |")
+    print("|---|---|---|---|---|")
     for k, v in res["scaling"].items():
-        t1 = v.get("1gpu", {}).get("tokens_per_second", float("nan"))
-        tn = v.get(f"{n}gpu", {}).get("tokens_per_second", float("nan"))
-        print(f"| {k} | {t1:.0f} | {tn:.0f} | {v.get('efficiency', float('nan')):.3f} |")
+        one, many = v.get("1gpu", {}), v.get(f"{n}gpu", {})
+        t1, tn = one.get("tokens_per_second", float("nan")), many.get("tokens_per_second", float("nan"))
+        p1, pn = one.get("allocator_peak_gib", float("nan")), many.get("allocator_peak_gib", float("nan"))
+        print(f"| {k} | {t1:.0f} | {tn:.0f} | {v.get('efficiency', float('nan')):.3f} | {p1:.2f} / {pn:.2f} |")
 
 
 if __name__ == "__main__":
