@@ -86,13 +86,17 @@ def main():
         "mezo": ["--set", "optim.kind=mezo", "--set", "optim.lr=1e-4", "--set", "mezo.samples=1"],
     }
     variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}
+
+    def alone(extra):  # the 1-GPU reference runs without ZeRO (in one process it only changes the code path)
+        return [x for i, x in enumerate(extra) if not (x.startswith("dist.zero_stage") or
+                                                       (x == "--set" and extra[i + 1].startswith("dist.zero_stage")))]
     if "curves" in args.parts:
         base = ["train", os.path.join(ROOT, "configs", "quickstart.yaml"), "--set", f"data.train={args.kjv}",
                 "--set", "train.device=gpu", "--set", "train.steps=40", "--set", "train.log_every=1",
                 "--set", "train.eval_every=0", "--set", "checkpoint.every=0", "--set", "output.save_model=false"]
         for name, extra in variants.items():
             one, two = os.path.join(args.work, f"{name}-1"), os.path.join(args.work, f"{name}-{n}")
-            r1 = launch(1, base + extra + ["--set", f"train.grad_accum={n}", "--set", f"output.dir={one}"],
+            r1 = launch(1, base + alone(extra) + ["--set", f"train.grad_accum={n}", "--set", f"output.dir={one}"],
                         one + ".log", 600)
             r2 = launch(n, base + extra + ["--set", f"output.dir={two}"], two + ".log", 600)
             if r1 or r2:
@@ -119,7 +123,8 @@ def main():
             for g in (1, n):
                 run = os.path.join(args.work, f"scale-{name}-{g}")
                 shutil.rmtree(run, ignore_errors=True)
-                rc = launch(g, base + extra + ["--set", f"output.dir={run}"], run + ".log", 900)
+                rc = launch(g, base + (alone(extra) if g == 1 else extra) + ["--set", f"output.dir={run}"],
+                            run + ".log", 900)
                 if rc:
                     row[f"{g}gpu"] = {"error": open(run + ".log").read()[-600:]}
                     continue
