@@ -50,6 +50,8 @@ pair adamw "--set train.grad_accum=2" ""
 pair zero1 "--set train.grad_accum=2" "--set dist.zero_stage=1"
 pair zero2 "--set train.grad_accum=4" "--set dist.zero_stage=2 --set train.grad_accum=2"
 pair lora "--set train.grad_accum=2 --set lora.r=4 --set lora.dropout=0" "--set lora.r=4 --set lora.dropout=0"
+pair lora-zero2 "--set train.grad_accum=2 --set lora.r=4 --set lora.dropout=0" \
+    "--set lora.r=4 --set lora.dropout=0 --set dist.zero_stage=2"
 pair mezo "--set train.grad_accum=2 --set optim.kind=mezo --set optim.lr=1e-3" \
     "--set optim.kind=mezo --set optim.lr=1e-3"
 pair galore "--set train.micro_batch=4 --set optim.kind=galore --set optim.grad_clip=0 --set galore.rank=4" \
