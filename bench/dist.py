@@ -11,6 +11,11 @@
    with ZeRO-2 and MeZO. Targets (issue 8): >= 0.9 for LoRA and full
    fine-tuning, >= 0.95 for MeZO.
 
+3. Path (--parts path, one GPU is enough): each ZeRO variant as one process
+   (the same code: streamed gradients, the reduce a copy) against the same
+   run without ZeRO, same shape: the step time ratio and allocator peaks,
+   what the ZeRO code costs on the compute side.
+
 Ranks start with memtune's MT_RANK / MT_WORLD_SIZE / MT_RENDEZVOUS variables
 (docs/multi-gpu.md), or with mpirun when MT_DIST_LAUNCHER=mpirun.
 Writes dist_bench.json to --out and prints a table.
@@ -107,7 +112,7 @@ def main():
                 res["curves"][name] = {"steps": len(a), "worst_relative_difference": worst,
                                        "first": a[0], "last_1gpu": a[-1], "last_ngpu": b[-1]}
             print(json.dumps({"curves": name, **res["curves"][name]}), flush=True)
-    if "scaling" in args.parts:
+    if "scaling" in args.parts or "path" in args.parts:
         data = os.path.join(args.work, "data.h5")
         write_dataset(data, (args.steps + 10) * n * args.B * (args.T + 1), 32000)
         folder, _ = shape_folder(args.work, "TinyLlama-1.1B")
@@ -119,6 +124,24 @@ def main():
                 "--set", "output.save_model=false", "--set", "checkpoint.every=0", "--set", "checkpoint.final=false",
                 "--set", "model.activation_checkpointing=true", "--set", "offload.optimizer=none"]
         for name, extra in variants.items():
+            if "path" not in args.parts or alone(extra) == extra:
+                continue
+            row = {}
+            for label, ex in (("alone", alone(extra)), ("zero", extra)):
+                run = os.path.join(args.work, f"path-{name}-{label}")
+                shutil.rmtree(run, ignore_errors=True)
+                if launch(1, base + ex + ["--set", f"output.dir={run}"], run + ".log", 900):
+                    row[label] = {"error": open(run + ".log").read()[-600:]}
+                    continue
+                step, peak = timing(run, args.steps, args.warmup)
+                row[label] = {"step_s": step, "allocator_peak_gib": peak / 2 ** 30}
+            if "step_s" in row["alone"] and "step_s" in row["zero"]:
+                row["step_ratio"] = row["zero"]["step_s"] / row["alone"]["step_s"]
+            res.setdefault("path", {})[name] = row
+            print(json.dumps({"path": name, **row}), flush=True)
+        for name, extra in variants.items():
+            if "scaling" not in args.parts:
+                break
             row = {}
             for g in (1, n):
                 run = os.path.join(args.work, f"scale-{name}-{g}")
