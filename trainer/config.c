@@ -266,17 +266,19 @@ static const char *const outside_training_hash[] = {
     // where the optimizer state lives changes no value it holds: a run may
     // resume with it moved (onto a smaller GPU, say)
     "offload.optimizer", "offload.path", "offload.io_threads", "offload.threads", "offload.trace_step",
-    // checkpoints hold the whole state whatever the sharding
+    // a checkpoint resumes whatever the sharding (docs/checkpoints.md)
     "dist.zero_stage", "dist.timeout"};
 
-unsigned long long mt_config_training_hash(const mt_config *cfg) {
+// FNV-1a over KEY=VALUE lines of every key, or of those that change what
+// training computes.
+static unsigned long long hash_keys(const mt_config *cfg, int training_only) {
     char *buf = NULL;
     size_t len = 0;
     FILE *f = open_memstream(&buf, &len);
     MT_CHECK(f != NULL, "memstream");
     for (int i = 0; i < num_keys; i++) {
         int skip = 0;
-        for (size_t j = 0; j < sizeof outside_training_hash / sizeof *outside_training_hash; j++)
+        for (size_t j = 0; j < sizeof outside_training_hash / sizeof *outside_training_hash && training_only; j++)
             skip |= !strcmp(keys[i].dotted, outside_training_hash[j]);
         if (skip) continue;
         fprintf(f, "%s=", keys[i].dotted);
@@ -289,6 +291,10 @@ unsigned long long mt_config_training_hash(const mt_config *cfg) {
     free(buf);
     return h;
 }
+
+unsigned long long mt_config_training_hash(const mt_config *cfg) { return hash_keys(cfg, 1); }
+
+unsigned long long mt_config_hash(const mt_config *cfg) { return hash_keys(cfg, 0); }
 
 void mt_config_write_reference(FILE *f, int markdown) {
     const char *section = "";

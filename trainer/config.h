@@ -163,6 +163,8 @@ int mt_config_next_item(const char **cursor, const char **item, size_t *len);
 // eval, output, checkpoint cadence, the device, train.resume or
 // train.stop_after. A resumed run must match its checkpoint's.
 unsigned long long mt_config_training_hash(const mt_config *cfg);
+// The same over every key (the ranks of a data-parallel run must agree on all).
+unsigned long long mt_config_hash(const mt_config *cfg);
 // Reference of every key: markdown (docs/configs.md) or plain text (--help).
 void mt_config_write_reference(FILE *f, int markdown);
 

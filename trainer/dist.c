@@ -243,6 +243,15 @@ void mt_dist_wait(mt_dist *d) {
 #endif
 }
 
+// NCCL calls between start (1) and end (0) go as one launch; no-op without NCCL.
+static void nccl_group(const mt_dist *d, int start) {
+#ifdef MT_HAVE_CUDA
+    if (d->nccl) NCCL_CHECK(start ? ncclGroupStart() : ncclGroupEnd());
+#else
+    (void)d, (void)start;
+#endif
+}
+
 // MPI over n values in pieces its int counts take.
 #define MPI_PIECES(n, at, len) \
     for (size_t at = 0, len = 0; at < (n) && ((len = (n)-at < MPI_CHUNK ? (n)-at : MPI_CHUNK), 1); at += len)
@@ -283,9 +292,7 @@ void mt_dist_reduce_to_owners(mt_dist *d, const float *src, size_t lo, size_t hi
         memmove(to, from, (b - a) * sizeof(float));
         return;
     }
-#ifdef MT_HAVE_CUDA
-    if (d->nccl) NCCL_CHECK(ncclGroupStart());
-#endif
+    nccl_group(d, 1);
     for (int r = 0; r < d->world; r++) {
         size_t a, b;
         if (!owned(d, r, total, lo, hi, &a, &b)) continue;
@@ -301,9 +308,7 @@ void mt_dist_reduce_to_owners(mt_dist *d, const float *src, size_t lo, size_t hi
         MPI_Reduce(recv && recv == send ? MPI_IN_PLACE : send + at, recv ? recv + at : NULL, (int)len, MPI_FLOAT,
                    MPI_SUM, r, MPI_COMM_WORLD);
     }
-#ifdef MT_HAVE_CUDA
-    if (d->nccl) NCCL_CHECK(ncclGroupEnd());
-#endif
+    nccl_group(d, 0);
 }
 
 void mt_dist_wait_previous(mt_dist *d) {
@@ -321,9 +326,7 @@ void mt_dist_wait_previous(mt_dist *d) {
 
 void mt_dist_share_shards(mt_dist *d, void *buf, size_t lo, size_t hi, size_t total, size_t elem) {
     if (d->world == 1) return;
-#ifdef MT_HAVE_CUDA
-    if (d->nccl) NCCL_CHECK(ncclGroupStart());
-#endif
+    nccl_group(d, 1);
     for (int r = 0; r < d->world; r++) {
         size_t a, b;
         if (!owned(d, r, total, lo, hi, &a, &b)) continue;
@@ -337,9 +340,7 @@ void mt_dist_share_shards(mt_dist *d, void *buf, size_t lo, size_t hi, size_t to
 #endif
         MPI_PIECES(bytes, at, len) MPI_Bcast(at0 + at, (int)len, MPI_BYTE, r, MPI_COMM_WORLD);
     }
-#ifdef MT_HAVE_CUDA
-    if (d->nccl) NCCL_CHECK(ncclGroupEnd());
-#endif
+    nccl_group(d, 0);
 }
 
 void mt_dist_share_shards_host(mt_dist *d, float *host, size_t total) {

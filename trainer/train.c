@@ -160,6 +160,13 @@ static int forward_bucket(const char *name, int L) {
     return strstr(name, "embed_tokens") ? 0 : L + 1;
 }
 
+// [*a, *b) cut to [lo, hi); whether anything is left.
+static int clip_range(size_t *a, size_t *b, size_t lo, size_t hi) {
+    if (*a < lo) *a = lo;
+    if (*b > hi) *b = hi;
+    return *a < *b;
+}
+
 // Which trained parameters offload's store holds, and where. Without GaLore
 // all of them in [lo, hi) (ZeRO: this rank's shard; parameters cut at its
 // ends), each state at its weights' offset less lo; with GaLore those it
@@ -179,10 +186,9 @@ static offload_plan plan_offload(const mt_param_info *table, int n, size_t lo, s
                       malloc((size_t)(n ? n : 1) * sizeof *p.index), 0};
     MT_CHECK(p.params && p.index, "offload plan");
     for (int i = 0; i < n; i++) {
-        size_t a = table[i].offset > lo ? table[i].offset : lo, end = table[i].offset + table[i].count;
-        size_t b = end < hi ? end : hi;
+        size_t a = table[i].offset, b = a + table[i].count;
         p.index[i] = -1;
-        if ((projected && projected[i]) || a >= b) continue;
+        if ((projected && projected[i]) || !clip_range(&a, &b, lo, hi)) continue;
         p.index[i] = p.n;
         p.params[p.n++] = (mt_offload_param){a, b - a, table[i].decay, forward_bucket(table[i].name, L),
                                              projected ? p.count : a - lo};
@@ -259,17 +265,21 @@ static mt_err alloc_state_copy(size_t n, int arrays, float **block) {
 // then the offloaded master of what GaLore does not project. packed: NULL,
 // or a copy of the packed state to fill (master, m, v: 3 arrays of
 // plan->count), which checkpoints keep.
+// AdamW's whole master (on the GPU, or offloaded without GaLore) into dst,
+// and with offload the moments of this rank's shard into m, v (NULL: not
+// read); ZeRO: every rank gets every shard's master.
+static mt_err read_master(checkpoint_ctx *c, float *dst, float *m, float *v) {
+    mt_err err = MT_OK;
+    if (c->opt)
+        mt_optimizer_get_master(c->opt, dst + c->shard_lo);
+    else
+        err = mt_offload_read_state(c->offload, dst + c->shard_lo, m, v);
+    if (c->sharded) mt_dist_share_shards_host(c->dist, dst, c->trained_total);
+    return err;
+}
+
 static mt_err get_trained(checkpoint_ctx *c, float *dst, float *packed) {
-    if ((c->offload && !c->plan->packed) || c->opt) {
-        // ZeRO: every rank gets every shard's master
-        mt_err err = MT_OK;
-        if (c->opt)
-            mt_optimizer_get_master(c->opt, dst + c->shard_lo);
-        else
-            err = mt_offload_read_state(c->offload, dst + c->shard_lo, NULL, NULL);
-        if (c->sharded) mt_dist_share_shards_host(c->dist, dst, c->trained_total);
-        return err;
-    }
+    if ((c->offload && !c->plan->packed) || c->opt) return read_master(c, dst, NULL, NULL);
     float *own = NULL;
     mt_err err = MT_OK;
     if (c->offload) {
@@ -328,8 +338,7 @@ static mt_err save_checkpoint(checkpoint_ctx *c, long steps_done) {
         size_t n = c->shard_hi - c->shard_lo;
         if ((err = alloc_state_copy(c->trained_total + 2 * n, 1, &copy))) return err;
         master = copy, m = copy + c->trained_total, v = m + n;
-        err = mt_offload_read_state(c->offload, master + c->shard_lo, m, v);
-        if (c->sharded) mt_dist_share_shards_host(c->dist, master, c->trained_total);
+        err = read_master(c, master, m, v);
     } else {
         if (packed && (err = alloc_state_copy(c->plan->count, 3, &copy))) return err;
         err = get_trained(c, master, copy);
@@ -465,9 +474,9 @@ typedef struct {
 
 static void zero2_grad_ready(void *ctx, int param, float *grad) {
     zero2_hook *h = ctx;
-    size_t a = h->table[param].offset, b = a + h->table[param].count;
-    size_t oa = a > h->lo ? a : h->lo, ob = b < h->hi ? b : h->hi;
-    if (!h->first && oa < ob) mt_op_add_f32(h->be, grad + (oa - a), grad + (oa - a), h->shard + (oa - h->lo), ob - oa);
+    size_t a = h->table[param].offset, b = a + h->table[param].count, oa = a, ob = b;
+    if (!h->first && clip_range(&oa, &ob, h->lo, h->hi))
+        mt_op_add_f32(h->be, grad + (oa - a), grad + (oa - a), h->shard + (oa - h->lo), ob - oa);
     mt_dist_after_compute(h->dist);
     mt_dist_reduce_to_owners(h->dist, grad, a, b, h->shard, h->total);
 }
@@ -544,20 +553,6 @@ static int select_trainable(const char *patterns, const mt_param_info *table, in
         count += selected[i];
     }
     return count;
-}
-
-// What every rank of a data-parallel run must agree on: all of the config.
-static uint64_t config_fingerprint(const mt_config *cfg) {
-    char *text = NULL;
-    size_t len = 0;
-    FILE *f = open_memstream(&text, &len);
-    MT_CHECK(f != NULL, "memstream");
-    mt_config_write_yaml(cfg, f);
-    fclose(f);
-    uint64_t h = 1469598103934665603ull;  // FNV-1a
-    for (size_t i = 0; i < len; i++) h = (h ^ (unsigned char)text[i]) * 1099511628211ull;
-    free(text);
-    return h;
 }
 
 mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
@@ -752,7 +747,7 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     mt_backend be;
     if ((err = mt_backend_init(&be, use_gpu ? mt_dist_local_rank(dist) : -1))) goto out_params;
     if ((err = mt_dist_connect(dist, &be, cfg->dist_timeout))) goto out_backend;
-    if (world > 1 && (err = mt_dist_check_same(dist, config_fingerprint(cfg), "the configuration"))) goto out_backend;
+    if (world > 1 && (err = mt_dist_check_same(dist, mt_config_hash(cfg), "the configuration"))) goto out_backend;
     char devname[256];
     if (use_gpu)
         mt_device_describe(devname, sizeof devname);
@@ -914,9 +909,9 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
         // ZeRO 1, 2: this rank's shard of the block, its groups clipped to it
         int n_shard = 0;
         for (int g = 0; g < n_groups; g++) {
-            size_t a = groups[g].offset > shard_lo ? groups[g].offset : shard_lo;
-            size_t b = groups[g].offset + groups[g].count < shard_hi ? groups[g].offset + groups[g].count : shard_hi;
-            if (a < b) groups[n_shard++] = (mt_param_group){a - shard_lo, b - a, groups[g].decay};
+            size_t a = groups[g].offset, b = a + groups[g].count;
+            if (clip_range(&a, &b, shard_lo, shard_hi))
+                groups[n_shard++] = (mt_param_group){a - shard_lo, b - a, groups[g].decay};
         }
         if (!err)
             err = mt_optimizer_init(&opt, &be, &ac, (float *)((char *)tr.weights + shard_lo * mt_act_size(&be)),
