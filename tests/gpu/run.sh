@@ -5,7 +5,7 @@
 # NF4), the quickstart and its LoRA variant on the GPU, and with --bench the
 # benchmarks of bench/. Logs and results go under $OUT.
 #
-# Stages: ctest quickstart resume parity peft (default), plus bench,
+# Stages: ctest quickstart resume dist-test parity peft (default), plus bench,
 # lora-bench, mezo-bench, galore-bench and offload-bench with --bench; or name them: run.sh --stages
 # "ctest mezo-bench". MT_CTEST_FILTER narrows ctest; MT_LORA_SHAPES picks
 # lora-bench's shapes and MT_LORA_ARGS adds bench/lora_ft.py options (e.g.
@@ -60,7 +60,7 @@ if ! python3 -c "import peft" 2> /dev/null && [ -d .whl/peft ]; then
     export PYTHONPATH=$ROOT/.whl/peft${PYTHONPATH:+:$PYTHONPATH}
 fi
 
-STAGES="ctest quickstart resume parity peft"
+STAGES="ctest quickstart resume dist-test parity peft"
 case "${1:-}" in
     --bench) STAGES="$STAGES bench lora-bench mezo-bench galore-bench offload-bench" ;;
     --stages) STAGES=$2 ;;
@@ -210,6 +210,17 @@ if want galore-bench; then
     echo "== bench: GaLore vs memtune AdamW and galore-torch"
     python3 bench/galore.py --out "$OUT" ${MT_GALORE_ARGS:-} 2>&1 | tee "$OUT/galore_bench.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+if want dist-test; then
+    # tests/test_dist.sh on the GPU backend: NCCL's collectives, 2 ranks (on one
+    # GPU through NCCL's socket transport when the machine has one)
+    mode=gpu-shared
+    [ "$(nvidia-smi -L | grep -c '^GPU')" -ge 2 ] && mode=gpu
+    echo "== data parallelism over NCCL: tests/test_dist.sh, 2 ranks ($mode)"
+    MT_DIST_DEVICE=$mode MT_DIST_LOGS=$OUT/dist-test bash tests/test_dist.sh "$BUILD/memtune" "$ROOT" \
+        > "$OUT/dist-test.log" 2>&1
+    [ $? -eq 0 ] || status=1
+    grep '^test_dist' "$OUT/dist-test.log"
 fi
 if want dist; then
     echo "== data parallelism: loss curves on 2 GPUs vs 1, scaling efficiency (bench/dist.py)"
