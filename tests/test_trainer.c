@@ -408,6 +408,16 @@ START_TEST(training_reduces_loss_and_saves) {
     // a missing dataset is a clear error before anything runs
     ck_assert_int_eq(mt_config_set(&cfg, "data.train", "/nonexistent.h5", "t"), MT_OK);
     expect_error(mt_train(&cfg, &r), MT_ERR_IO, "/nonexistent.h5: dataset file not found");
+    // too little data for one eval batch: refused, and the early exit frees
+    // only what it made (it once freed the unset unit ranges)
+    char small[300];
+    snprintf(small, sizeof small, "%s/small.h5", dir);
+    uint32_t few[400];
+    for (int i = 0; i < 400; i++) few[i] = (uint32_t)(i % 13);
+    uint64_t few_offsets[2] = {0, 400};
+    ck_assert_int_eq(mt_dataset_write(small, few, 400, few_offsets, 1, NULL, 13, "test"), MT_OK);
+    ck_assert_int_eq(mt_config_set(&cfg, "data.train", small, "t"), MT_OK);
+    expect_error(mt_train(&cfg, &r), MT_ERR_DATASET, "fewer than one batch");
     mt_config_free(&cfg);
 }
 END_TEST

@@ -575,6 +575,7 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     // data parallelism: this process's rank (world 1 without a launcher)
     mt_dist *dist = NULL;
     mt_loader *train = NULL, *eval = NULL;
+    dp_hook dp = {0};  // (before the first goto: out_data frees its ranges)
     if ((err = mt_dist_init(&dist))) goto out_data;
     // ZeRO with one process changes only the code path (tests compare it)
     int rank = mt_dist_rank(dist), world = mt_dist_world(dist), zero = (int)cfg->dist_zero_stage;
@@ -610,7 +611,7 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     mt_offload *ofl = NULL;
     offload_hook ohook = {&ofl, dist, NULL, 0, NULL, NULL, NULL, NULL, 0, 0};
     offload_plan plan = {0};
-    dp_hook dp = {dist, zero, 0, NULL, 0, 0, NULL, NULL, 0};
+    dp.dist = dist, dp.zero_stage = zero;
     // ZeRO-2 streams a full fine-tune's gradients into the shards
     int zero2_streamed = zero == 2 && cfg->lora_r == 0;
     zero2_hook zhook = {dist, NULL, NULL, NULL, 0, 0, 0, 0};
