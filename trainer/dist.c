@@ -109,35 +109,40 @@ void mt_dist_shard(const mt_dist *d, int r, size_t n, size_t *lo, size_t *hi) {
     if (*hi > n) *hi = n;
 }
 
+// This rank cannot go on because another is gone: one message, and exit 3
+// (mpirun, or the other ranks' own failures and watchdogs, end the rest).
+static _Noreturn void peer_lost(const mt_dist *d, const char *what, const char *why) {
+    fprintf(stderr,
+            "memtune: error: rank %d of %d: %s%s; another rank has died or hangs. Exiting instead of waiting for it "
+            "(dist.timeout sets the wait); resume from the last checkpoint (train.resume: auto)\n",
+            d->rank, d->world, what, why);
+    fflush(stderr);
+    _exit(3);
+}
+
 static void *watchdog_main(void *arg) {
     mt_dist *d = arg;
     while (!atomic_load(&d->stop)) {
         sleep(1);
         double idle = (now_ms() - atomic_load(&d->beat_ms)) / 1000.0;
-        const char *why = NULL;
 #ifdef MT_HAVE_CUDA
         ncclResult_t async = ncclSuccess;
         if (d->nccl && ncclCommGetAsyncError(d->comm, &async) == ncclSuccess && async != ncclSuccess &&
             async != ncclInProgress)
-            why = ncclGetErrorString(async);
+            peer_lost(d, "the communicator failed: ", ncclGetErrorString(async));
 #endif
-        if (!why && idle <= d->timeout) continue;
-        fprintf(stderr,
-                "memtune: error: rank %d of %d: %s%s; another rank has died or hangs. Exiting instead of "
-                "waiting for it (dist.timeout sets the wait); resume from the last checkpoint "
-                "(train.resume: auto)\n",
-                d->rank, d->world, why ? "the communicator failed: " : "no step finished in the last ",
-                why ? why : "dist.timeout seconds");
-        fflush(stderr);
-        _exit(3);
+        if (idle > d->timeout) peer_lost(d, "no step finished in the last ", "dist.timeout seconds");
     }
     return NULL;
 }
 
 #ifdef MT_HAVE_CUDA
+// A collective that fails because a peer is gone (NCCL's remote error)
+// ends the rank as the watchdog would; anything else is a bug.
 #define NCCL_CHECK(call)                                                                                    \
     do {                                                                                                    \
         ncclResult_t r_ = (call);                                                                           \
+        if (r_ == ncclRemoteError) peer_lost(d, "NCCL: ", ncclGetErrorString(r_));                          \
         if (r_ != ncclSuccess) mt_fatal(__FILE__, __LINE__, "NCCL: %s: %s", #call, ncclGetErrorString(r_)); \
     } while (0)
 
@@ -279,6 +284,7 @@ void mt_dist_reduce_to_owners(mt_dist *d, const float *src, size_t lo, size_t hi
     size_t mine_lo, mine_hi;
     mt_dist_shard(d, d->rank, total, &mine_lo, &mine_hi);
     if (d->world == 1) {  // the one owner: a copy, unless in place
+        if (!shard) return;
         const float *from = src + (mine_lo > lo ? mine_lo - lo : 0);
         size_t a = lo > mine_lo ? lo : mine_lo, b = hi < mine_hi ? hi : mine_hi;
         float *to = shard + (a - mine_lo);
@@ -297,7 +303,7 @@ void mt_dist_reduce_to_owners(mt_dist *d, const float *src, size_t lo, size_t hi
         size_t a, b;
         if (!owned(d, r, total, lo, hi, &a, &b)) continue;
         const float *send = src + (a - lo);
-        float *recv = d->rank == r ? shard + (a - mine_lo) : NULL;
+        float *recv = d->rank != r ? NULL : shard ? shard + (a - mine_lo) : (float *)send;
 #ifdef MT_HAVE_CUDA
         if (d->nccl) {
             NCCL_CHECK(ncclReduce(send, recv ? recv : (float *)send, b - a, ncclFloat, ncclSum, r, d->comm, d->stream));

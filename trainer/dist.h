@@ -59,7 +59,8 @@ void mt_dist_allreduce(mt_dist *d, float *buf, size_t n);
 // src (which holds element lo first), summed over the ranks into the owner
 // of each shard (mt_dist_shard): this rank's part lands in `shard`, which
 // holds its shard's first element first (src and shard may overlap exactly,
-// as one block reduced in place). With one rank, a copy.
+// as one block reduced in place; shard NULL: this rank's part lands where it
+// lies in src). With one rank, a copy (nothing, in place).
 void mt_dist_reduce_to_owners(mt_dist *d, const float *src, size_t lo, size_t hi, float *shard, size_t total);
 // Pipelining over two buffers: the compute stream's next work waits for the
 // collectives issued before the previous call (not those since); no-op on

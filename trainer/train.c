@@ -463,27 +463,64 @@ static void dp_grads_done(void *ctx, int unit) {
 // stream to their owners, each owner's part into its shard's gradient, while
 // backward fills the other buffer. Over micro-batches the owner adds its
 // running sum into its part before the reduce.
+// With offload and one micro-batch a step there are no shard sums either:
+// the owner's part is reduced in place, and when the next unit's backward is
+// done (the compute stream then waits for the previous unit's collectives)
+// it goes to the store, before backward reuses its buffer.
+#define ZERO2_UNIT_PARAMS 32  // the most parameters a forward unit has
+typedef struct {
+    int param;
+    float *grad;
+} zero2_piece;
+
 typedef struct {
     mt_dist *dist;
     mt_backend *be;
     const mt_param_info *table;
-    float *shard;  // this rank's [lo, hi) of the summed gradient
+    float *shard;  // this rank's [lo, hi) of the summed gradient (NULL: to the store)
     size_t lo, hi, total;
     int first;  // the step's first micro-batch: the shard is overwritten
+    // to the store: the offload and its plan; the pieces of the unit in
+    // backward (pending[cur]) and of the one before it
+    mt_offload **offload;
+    const offload_plan *plan;
+    zero2_piece pending[2][ZERO2_UNIT_PARAMS];
+    int n_pending[2], cur;
 } zero2_hook;
 
 static void zero2_grad_ready(void *ctx, int param, float *grad) {
     zero2_hook *h = ctx;
     size_t a = h->table[param].offset, b = a + h->table[param].count, oa = a, ob = b;
-    if (!h->first && clip_range(&oa, &ob, h->lo, h->hi))
+    if (h->shard && !h->first && clip_range(&oa, &ob, h->lo, h->hi))
         mt_op_add_f32(h->be, grad + (oa - a), grad + (oa - a), h->shard + (oa - h->lo), ob - oa);
     mt_dist_after_compute(h->dist);
     mt_dist_reduce_to_owners(h->dist, grad, a, b, h->shard, h->total);
+    if (h->shard) return;
+    int *n = &h->n_pending[h->cur];
+    MT_CHECK(*n < ZERO2_UNIT_PARAMS, "more than %d parameters in a forward unit", ZERO2_UNIT_PARAMS);
+    h->pending[h->cur][(*n)++] = (zero2_piece){param, grad};
+}
+
+// This rank's parts of a unit's reduced gradients to the store.
+static void zero2_to_store(zero2_hook *h, int list) {
+    for (int i = 0; i < h->n_pending[list]; i++) {
+        const zero2_piece *q = &h->pending[list][i];
+        int k = h->plan->index[q->param];
+        if (k >= 0) mt_offload_grad(*h->offload, k, q->grad + (h->plan->params[k].offset - h->table[q->param].offset));
+    }
+    h->n_pending[list] = 0;
 }
 
 static void zero2_grads_done(void *ctx, int unit) {
-    (void)unit;
-    mt_dist_wait_previous(((zero2_hook *)ctx)->dist);
+    zero2_hook *h = ctx;
+    mt_dist_wait_previous(h->dist);
+    if (h->shard) return;
+    zero2_to_store(h, h->cur ^ 1);  // the previous unit's collectives are waited for
+    if (unit == 0) {                // backward's last: wait for its own too
+        mt_dist_wait(h->dist);
+        zero2_to_store(h, h->cur);
+    }
+    h->cur ^= 1;
 }
 
 static int any_rank(void *dist, int flag) { return mt_dist_any(dist, flag); }
@@ -605,8 +642,9 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     // offloaded gradients stream out of backward unless they must add up
     // over micro-batches first, or are the adapters' (one small block)
     // (with GaLore, which passes on what it does not project)
-    // (with ZeRO, which reduces them to their shards' owners first)
-    int offload_streamed = offload && cfg->lora_r == 0 && accum == 1 && cfg->dist_zero_stage == 0;
+    // (with ZeRO-1, which reduces the whole block after backward; ZeRO-2
+    // hands over the shard's reduced parts instead, zero2_hook)
+    int offload_streamed = offload && cfg->lora_r == 0 && accum == 1 && cfg->dist_zero_stage != 1;
     galore_hook hook = {0};
     mt_offload *ofl = NULL;
     offload_hook ohook = {&ofl, dist, NULL, 0, NULL, NULL, NULL, NULL, 0, 0};
@@ -614,11 +652,12 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     dp.dist = dist, dp.zero_stage = zero;
     // ZeRO-2 streams a full fine-tune's gradients into the shards
     int zero2_streamed = zero == 2 && cfg->lora_r == 0;
-    zero2_hook zhook = {dist, NULL, NULL, NULL, 0, 0, 0, 0};
+    zero2_hook zhook = {0};
     float *shard_grads = NULL;
     opts.forward_only = mezo;
     if (galore) opts.grad_ready = galore_grad_ready, opts.grad_ready_ctx = &hook;
-    if (offload_streamed && !galore) opts.grad_ready = offload_grad_ready, opts.grad_ready_ctx = &ohook;
+    if (offload_streamed && !galore && !zero2_streamed)
+        opts.grad_ready = offload_grad_ready, opts.grad_ready_ctx = &ohook;
     // (streamed gradients, GaLore's and offload's, are reduced as each is handed over)
     if (world > 1 && !opts.grad_ready) opts.grads_done = dp_grads_done, opts.grads_done_ctx = &dp;
     if (zero2_streamed) {
@@ -839,12 +878,14 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
         // each update rides on the next forward's first read of each tensor
         if (!err) mt_mezo_defer_updates(mz, defer_to_model, model);
     }
-    if (zero2_streamed && !err) {
+    if (zero2_streamed && !offload_streamed && !err) {
         size_t n = shard_hi - shard_lo;
         err = mt_alloc((void **)&shard_grads, (n ? n : 1) * sizeof(float), MT_MEM_GRADS, use_gpu ? MT_DEVICE : MT_HOST);
         if (!err) mt_op_zero(&be, shard_grads, (n ? n : 1) * sizeof(float));  // alignment gaps stay 0
-        zhook = (zero2_hook){dist, &be, trained_table, shard_grads, shard_lo, shard_hi, trained_total, 1};
     }
+    zhook.dist = dist, zhook.be = &be, zhook.table = trained_table, zhook.shard = shard_grads;
+    zhook.lo = shard_lo, zhook.hi = shard_hi, zhook.total = trained_total, zhook.first = 1;
+    zhook.offload = &ofl, zhook.plan = &plan;
     if (offload && !err) {
         plan = plan_offload(trained_table, n_trained, shard_lo, shard_hi, galore ? selected : NULL, mc.L);
         hook.offloaded = plan.index;
