@@ -17,7 +17,10 @@
    what the ZeRO code costs on the compute side.
 
 Ranks start with memtune's MT_RANK / MT_WORLD_SIZE / MT_RENDEZVOUS variables
-(docs/multi-gpu.md), or with mpirun when MT_DIST_LAUNCHER=mpirun.
+(docs/multi-gpu.md), or with mpirun when MT_DIST_LAUNCHER=mpirun. With
+--shared-gpu (curves only) every rank runs on GPU 0, NCCL between them over
+its socket transport on the loopback (each rank its own NCCL_HOSTID): the
+loss curves of the NCCL code path on a machine with one GPU.
 Writes dist_bench.json to --out and prints a table.
 """
 import argparse
@@ -36,8 +39,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILD = os.environ.get("MT_BUILD_DIR", os.path.join(ROOT, "build"))
 
 
+SHARED_GPU = {"MT_LOCAL_RANK": "0", "MT_LOCAL_WORLD_SIZE": "1", "NCCL_P2P_DISABLE": "1", "NCCL_SHM_DISABLE": "1",
+              "NCCL_IB_DISABLE": "1", "NCCL_NET": "Socket", "NCCL_SOCKET_IFNAME": "lo"}
+shared_gpu = False
+
+
 def launch(n, args_list, log, timeout):
-    """memtune with args_list on n GPUs; returns the exit status."""
+    """memtune with args_list on n GPUs (n ranks on GPU 0 with --shared-gpu); returns the exit status."""
     exe = [os.path.join(BUILD, "memtune")] + args_list
     env = dict(os.environ)
     with open(log, "w") as out:
@@ -50,6 +58,8 @@ def launch(n, args_list, log, timeout):
         procs = []
         for r in range(n):
             e = dict(env, MT_RANK=str(r), MT_WORLD_SIZE=str(n), MT_LOCAL_RANK=str(r), MT_RENDEZVOUS=rdv)
+            if shared_gpu:
+                e.update(SHARED_GPU, NCCL_HOSTID=f"memtune-bench-rank{r}")
             procs.append(subprocess.Popen(exe, stdout=out, stderr=subprocess.STDOUT, env=e))
         codes = [p.wait(timeout=timeout) for p in procs]
         return max(codes)
@@ -76,13 +86,19 @@ def main():
     ap.add_argument("--parts", default="curves,scaling")
     ap.add_argument("--variants", default="lora,full-zero2,mezo",
                     help="of lora, full-zero1, full-zero2, full-zero2-offload, mezo")
+    ap.add_argument("--shared-gpu", action="store_true", help="every rank on GPU 0 (loss curves only)")
     ap.add_argument("--out", default=".")
     ap.add_argument("--work", default="/tmp/mt-dist-bench")
     args = ap.parse_args()
+    global shared_gpu
+    shared_gpu = args.shared_gpu
+    if shared_gpu and (args.parts != "curves" or os.environ.get("MT_DIST_LAUNCHER") == "mpirun"):
+        ap.error("--shared-gpu times nothing and starts the ranks itself: use it with --parts curves, without mpirun")
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.work, exist_ok=True)
     n = args.gpus
-    res = {"gpus": n, "launcher": os.environ.get("MT_DIST_LAUNCHER", "env"), "curves": {}, "scaling": {}}
+    res = {"gpus": n, "launcher": os.environ.get("MT_DIST_LAUNCHER", "env"), "shared_gpu": shared_gpu,
+           "curves": {}, "scaling": {}}
     variants = {
         "lora": ["--set", "lora.r=8", "--set", "lora.dropout=0"],
         "full-zero2": ["--set", "dist.zero_stage=2"],
@@ -160,7 +176,7 @@ def main():
             print(json.dumps({"scaling": name, **row}), flush=True)
     with open(os.path.join(args.out, "dist_bench.json"), "w") as f:
         json.dump(res, f, indent=1)
-    print(f"\nlauncher: {res['launcher']}")
+    print(f"\nlauncher: {res['launcher']}" + (f", the {n} ranks on GPU 0 (NCCL over sockets)" if shared_gpu else ""))
     print("| run | loss curves: worst relative difference, 2 GPUs vs 1 GPU x2 accumulation |")
     print("|---|---|")
     for k, v in res["curves"].items():
