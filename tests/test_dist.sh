@@ -133,17 +133,19 @@ same "zero2 in one process vs AdamW" "$W/adamw-1" "$W/zero2-single"
 mkdir -p "$W/deep"
 sed 's/"num_hidden_layers": 4/"num_hidden_layers": 16/' "$ROOT/configs/models/tiny/config.json" > "$W/deep/config.json"
 grads_mib() { sed -n 's/^memory ([A-Za-z]*): .*grads \([0-9.]*\) MiB.*/\1/p' "$1"; }
-for z in 1 2 2-offload; do
+for z in 1 2 2-offload 1-offload; do
     two "$MEMTUNE" "${common[@]}" --set "model.path=$W/deep" --set dist.zero_stage="${z%-offload}" --set train.steps=12 \
-        --set offload.optimizer="$([ "$z" = 2-offload ] && echo cpu || echo none)" \
+        --set offload.optimizer="$(case $z in *-offload) echo cpu ;; *) echo none ;; esac)" \
         --set "output.dir=$W/deep-$z" > "$W/deep-$z.log" 2>&1 || fail "16 layers, ZeRO-$z"
 done
 g1=$(grads_mib "$W/deep-1.log") g2=$(grads_mib "$W/deep-2.log") g3=$(grads_mib "$W/deep-2-offload.log")
+g4=$(grads_mib "$W/deep-1-offload.log")
 awk -v a="$g1" -v b="$g2" 'BEGIN {exit !(a > 0 && b > 0 && b < 0.65 * a)}' ||
     fail "ZeRO-2 holds $g2 MiB of gradients per rank, ZeRO-1 $g1 MiB: not freed"
 awk -v a="$g2" -v b="$g3" 'BEGIN {exit !(b > 0 && b < 0.5 * a)}' ||
     fail "ZeRO-2 with offload holds $g3 MiB of gradients per rank, without $g2 MiB: the shard's sums stayed"
-echo "test_dist: gradients per rank, 16 layers: ZeRO-1 $g1 MiB, ZeRO-2 $g2 MiB, ZeRO-2 with offload $g3 MiB"
+[ "$g4" = "$g3" ] || fail "ZeRO-1 with offload holds $g4 MiB of gradients per rank, ZeRO-2 with offload $g3 MiB"
+echo "test_dist: gradients per rank, 16 layers: ZeRO-1 $g1 MiB, ZeRO-2 $g2 MiB, ZeRO-1 or 2 with offload $g3 MiB"
 [ "$(grep -c '^done:' "$W/adamw-2.log")" -eq 1 ] || fail "more than one rank reported the run"
 
 # one rank's loss not finite where gradients are streamed: every rank skips

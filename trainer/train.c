@@ -642,16 +642,18 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     // offloaded gradients stream out of backward unless they must add up
     // over micro-batches first, or are the adapters' (one small block)
     // (with GaLore, which passes on what it does not project)
-    // (with ZeRO-1, which reduces the whole block after backward; ZeRO-2
-    // hands over the shard's reduced parts instead, zero2_hook)
-    int offload_streamed = offload && cfg->lora_r == 0 && accum == 1 && cfg->dist_zero_stage != 1;
+    // (with ZeRO, zero2_hook hands over the shard's reduced parts instead)
+    int offload_streamed = offload && cfg->lora_r == 0 && accum == 1;
     galore_hook hook = {0};
     mt_offload *ofl = NULL;
     offload_hook ohook = {&ofl, dist, NULL, 0, NULL, NULL, NULL, NULL, 0, 0};
     offload_plan plan = {0};
     dp.dist = dist, dp.zero_stage = zero;
-    // ZeRO-2 streams a full fine-tune's gradients into the shards
-    int zero2_streamed = zero == 2 && cfg->lora_r == 0;
+    // ZeRO-2 streams a full fine-tune's gradients into the shards; with
+    // offload, ZeRO-1 too: each rank's store updates its shard only, so a
+    // whole all-reduced gradient would serve nothing but to cost 4 bytes a
+    // parameter on the GPU and twice the traffic
+    int zero2_streamed = cfg->lora_r == 0 && (zero == 2 || (zero == 1 && offload));
     zero2_hook zhook = {0};
     float *shard_grads = NULL;
     opts.forward_only = mezo;
