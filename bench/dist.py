@@ -85,7 +85,7 @@ def main():
     ap.add_argument("--kjv", default="/tmp/kjv.h5")
     ap.add_argument("--parts", default="curves,scaling")
     ap.add_argument("--variants", default="lora,full-zero2,mezo",
-                    help="of lora, full-zero1, full-zero2, full-zero2-offload, mezo")
+                    help="of lora, full-zero1, full-zero2, full-zero1-offload, full-zero2-offload, mezo")
     ap.add_argument("--shared-gpu", action="store_true", help="every rank on GPU 0 (loss curves only)")
     ap.add_argument("--out", default=".")
     ap.add_argument("--work", default="/tmp/mt-dist-bench")
@@ -104,6 +104,7 @@ def main():
         "full-zero2": ["--set", "dist.zero_stage=2"],
         "full-zero1": ["--set", "dist.zero_stage=1"],
         "full-zero2-offload": ["--set", "dist.zero_stage=2", "--set", "offload.optimizer=cpu"],
+        "full-zero1-offload": ["--set", "dist.zero_stage=1", "--set", "offload.optimizer=cpu"],
         "mezo": ["--set", "optim.kind=mezo", "--set", "optim.lr=1e-4", "--set", "mezo.samples=1"],
     }
     variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}
