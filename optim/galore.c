@@ -102,10 +102,10 @@ mt_err mt_galore_init(mt_galore **out, mt_backend *be, const mt_galore_config *c
         p->count = (size_t)q->rows * (size_t)(q->cols ? q->cols : 1);
         p->decay = q->decay;
         p->projected = q->project && q->cols > 0;
-        p->external = q->external && !p->projected;
+        p->external = (q->external && !p->projected) || q->elsewhere;
         p->refreshed_at = -1;
         p->state_n = p->count;
-        if (p->projected) {
+        if (p->projected && !p->external) {
             int64_t m = q->rows, nn = q->cols;
             p->left = m <= nn;
             p->a = (int)(p->left ? m : nn), p->b = (int)(p->left ? nn : m);

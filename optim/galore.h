@@ -47,6 +47,7 @@ typedef struct {
     int decay;           // weight decay applies
     int project;         // a matrix to project (else plain AdamW)
     int external;        // not projected and updated elsewhere (offload.h): no state here, never handed over
+    int elsewhere;       // another rank's (ZeRO): no state here, never handed over, projected or not
 } mt_galore_param;
 
 mt_err mt_galore_init(mt_galore **out, mt_backend *be, const mt_galore_config *cfg, const mt_galore_param *params,

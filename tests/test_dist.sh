@@ -110,6 +110,9 @@ pair mezo "--set train.grad_accum=2 --set optim.kind=mezo --set optim.lr=1e-3" \
     "--set optim.kind=mezo --set optim.lr=1e-3"
 pair galore "--set train.micro_batch=4 --set optim.kind=galore --set optim.grad_clip=0 --set galore.rank=4" \
     "--set optim.kind=galore --set optim.grad_clip=0 --set galore.rank=4"
+# GaLore with ZeRO: each rank keeps and updates the state of its own parameters
+pair galore-zero1 "--set train.micro_batch=4 --set optim.kind=galore --set optim.grad_clip=0 --set galore.rank=4" \
+    "--set dist.zero_stage=1 --set optim.kind=galore --set optim.grad_clip=0 --set galore.rank=4"
 pair offload "--set train.grad_accum=2 --set offload.optimizer=cpu" "--set offload.optimizer=cpu"
 # ZeRO with offload: each rank offloads its shard (a file per rank on ssd)
 pair zero2-offload "--set train.grad_accum=2 --set offload.optimizer=cpu" \
@@ -212,6 +215,31 @@ echo "test_dist: 2 ranks, ZeRO-2, stopped after 7 steps and resumed: 16 losses a
 grep -q "resuming from .*step-00000007" "$W/split-one.log" && [ "$(losses "$W/split-one" | grep -vc nan)" -eq 16 ] ||
     fail "one process did not resume the sharded checkpoint"
 echo "test_dist: a sharded checkpoint (a shard file per rank, state.h5 last) resumes in one process too"
+
+# GaLore with ZeRO: each rank's projectors and moments in its shard file;
+# resumed by 2 ranks exactly, and by one process (which finds every
+# parameter's state in one shard file or the other)
+gz=(--set dist.zero_stage=2 --set optim.kind=galore --set optim.grad_clip=0 --set galore.rank=4
+    --set galore.update_gap=5 --set checkpoint.every=4)
+two "$MEMTUNE" "${common[@]}" "${gz[@]}" --set "output.dir=$W/gwhole" > "$W/gwhole.log" 2>&1 || fail "gwhole"
+two "$MEMTUNE" "${common[@]}" "${gz[@]}" --set "output.dir=$W/gsplit" --set train.stop_after=7 \
+    > "$W/gsplit.log" 2>&1 || fail "gsplit"
+gck=$W/gsplit/checkpoints/step-00000007
+for r in 0 1; do [ -s "$gck/state-rank-0000$r-of-00002.h5" ] || fail "no GaLore shard file of rank $r in $gck"; done
+cp -r "$W/gsplit" "$W/gsplit-one"
+two "$MEMTUNE" "${common[@]}" "${gz[@]}" --set "output.dir=$W/gsplit" --set train.resume=auto \
+    > "$W/gresumed.log" 2>&1 || fail "gresumed"
+cmp -s <(losses "$W/gwhole") <(losses "$W/gsplit") || fail "GaLore resume: losses differ"
+cmp -s "$W/gwhole/model/model.safetensors" "$W/gsplit/model/model.safetensors" || fail "GaLore resume: models differ"
+"$MEMTUNE" "${common[@]}" "${gz[@]}" --set dist.zero_stage=0 --set "output.dir=$W/gsplit-one" --set train.resume=auto \
+    > "$W/gsplit-one.log" 2>&1 || fail "one process resuming the 2 ranks' GaLore checkpoint"
+grep -q "resuming from .*step-00000007" "$W/gsplit-one.log" || fail "one process did not resume the GaLore checkpoint"
+# each rank keeps about half of GaLore's state
+opt_mib() { sed -n 's/^memory ([A-Za-z]*): .*optimizer \([0-9.]*\) MiB.*/\1/p' "$1"; }
+o1=$(opt_mib "$W/galore-2.log") o2=$(opt_mib "$W/gwhole.log")
+awk -v a="$o1" -v b="$o2" 'BEGIN {exit !(a > 0 && b > 0 && b < 0.7 * a)}' ||
+    fail "GaLore's state per rank: $o2 MiB with ZeRO, $o1 MiB without"
+echo "test_dist: GaLore with ZeRO-2: $o2 MiB of state per rank against $o1; stopped and resumed, losses and model identical; one process resumes it"
 
 # the same with ZeRO-2 and each rank's shard offloaded to a file
 zo=(--set dist.zero_stage=2 --set checkpoint.every=4 --set offload.optimizer=ssd --set "offload.path=$W/ssd-z")

@@ -238,7 +238,7 @@ START_TEST(one_update_matches_a_direct_computation) {
     const int shapes[2][2] = {{6, 10}, {12, 5}};
     for (int s = 0; s < 2; s++) {
         int m = shapes[s][0], n = shapes[s][1], left = m <= n, a = left ? m : n, b = left ? n : m, r = 3;
-        mt_galore_param gp = {"w", m, n, 1, 1, 0};
+        mt_galore_param gp = {"w", m, n, 1, 1, 0, 0};
         mt_galore_config gc = {0.9f, 0.95f, 1e-8f, 0.1f, r, 1000, 0.5f, MT_GALORE_RANDOMIZED, 0, 1};
         mt_galore *g;
         ck_assert_int_eq(mt_galore_init(&g, &cpu, &gc, &gp, 1), MT_OK);
@@ -311,7 +311,7 @@ START_TEST(refresh_recovers_the_top_singular_subspace) {
                     else
                         G[i * n + j] = (float)x;
                 }
-            mt_galore_param gp = {"w", rows, cols, 0, 1, 0};
+            mt_galore_param gp = {"w", rows, cols, 0, 1, 0, 0};
             mt_galore_config gc = {0.9f, 0.95f, 1e-8f, 0.0f, r, 5, 1.0f, how ? MT_GALORE_SVD : MT_GALORE_RANDOMIZED,
                                    0,    7};
             mt_galore *g;
@@ -501,6 +501,14 @@ START_TEST(galore_config_errors_name_the_fix) {
     ck_assert_int_eq(mt_config_set(&cfg, "lora.r", "4", "t"), MT_OK);
     ck_assert_int_eq(mt_config_validate(&cfg), MT_ERR_CONFIG);
     ck_assert_msg(strstr(mt_last_error(), "lora.r: 0") != NULL, "%s", mt_last_error());
+    ck_assert_int_eq(mt_config_set(&cfg, "lora.r", "0", "t"), MT_OK);
+    // ZeRO shards GaLore's state, but not together with offload
+    ck_assert_int_eq(mt_config_set(&cfg, "galore.targets", "*.mlp.*_proj.weight", "t"), MT_OK);
+    ck_assert_int_eq(mt_config_set(&cfg, "dist.zero_stage", "2", "t"), MT_OK);
+    ck_assert_int_eq(mt_config_validate(&cfg), MT_OK);
+    ck_assert_int_eq(mt_config_set(&cfg, "offload.optimizer", "cpu", "t"), MT_OK);
+    ck_assert_int_eq(mt_config_validate(&cfg), MT_ERR_CONFIG);
+    ck_assert_msg(strstr(mt_last_error(), "offload.optimizer: none") != NULL, "%s", mt_last_error());
     mt_config_free(&cfg);
     // galore keys without galore
     mt_config_defaults(&cfg);

@@ -671,8 +671,8 @@ START_TEST(sharded_checkpoint_reads_any_range) {
     ck_assert_int_eq(mt_checkpoint_prepare(run, meta.step, 1234, tmp, sizeof tmp), MT_OK);
     size_t cut[4] = {0, total / 3 & ~(size_t)15, 2 * total / 3 & ~(size_t)15, total};
     for (int r = 0; r < 3; r++)
-        ck_assert_int_eq(mt_checkpoint_write_shard(tmp, r, 3, cut[r], cut[r + 1], total, m + cut[r], v + cut[r]),
-                         MT_OK);
+        ck_assert_int_eq(
+            mt_checkpoint_write_shard(tmp, r, 3, cut[r], cut[r + 1], total, m + cut[r], v + cut[r], NULL, 0), MT_OK);
     meta.shards = 3;
     ck_assert_int_eq(mt_checkpoint_publish(tmp, run, NULL, &mc, NULL, w, NULL, NULL, NULL, 0, &meta, 5), MT_OK);
     mt_checkpoint_find_latest(run, path, sizeof path);

@@ -160,6 +160,7 @@ mt_galore_param *tu_galore_layer_params(const mt_param_info *table, int n) {
                                   table[i].ndim == 2 ? table[i].shape[1] : 0,
                                   table[i].decay,
                                   table[i].ndim == 2 && strstr(table[i].name, "layers.") != NULL,
+                                  0,
                                   0};
     return gp;
 }

@@ -30,6 +30,20 @@ static hid_t param_group(hid_t opt, const char *name) {
     return H5Gcreate2(opt, name, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
 }
 
+// Optimizer tensors by parameter: opt/PARAM/NAME.
+static int write_tensors(hid_t opt, const mt_state_tensor *extra, int n_extra) {
+    int ok = 1;
+    for (int i = 0; i < n_extra && ok; i++) {
+        hid_t g = param_group(opt, extra[i].param);
+        ok = g >= 0 && (extra[i].is_u8 ? mt_h5_write_vector(g, extra[i].name, H5T_STD_U8LE, H5T_NATIVE_UCHAR,
+                                                            extra[i].data, extra[i].count)
+                                       : mt_h5_write_vector(g, extra[i].name, H5T_IEEE_F32LE, H5T_NATIVE_FLOAT,
+                                                            extra[i].data, extra[i].count));
+        if (g >= 0) H5Gclose(g);
+    }
+    return ok;
+}
+
 static mt_err write_state(const char *path, const mt_param_info *table, int n, const float *m, const float *v,
                           const mt_state_tensor *extra, int n_extra, const mt_checkpoint_meta *meta) {
     hid_t file = H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
@@ -60,14 +74,7 @@ static mt_err write_state(const char *path, const mt_param_info *table, int n, c
              mt_h5_write_vector(g, "exp_avg_sq", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, v + table[i].offset, table[i].count);
         if (g >= 0) H5Gclose(g);
     }
-    for (int i = 0; i < n_extra && ok; i++) {
-        hid_t g = param_group(opt, extra[i].param);
-        ok = g >= 0 && (extra[i].is_u8 ? mt_h5_write_vector(g, extra[i].name, H5T_STD_U8LE, H5T_NATIVE_UCHAR,
-                                                            extra[i].data, extra[i].count)
-                                       : mt_h5_write_vector(g, extra[i].name, H5T_IEEE_F32LE, H5T_NATIVE_FLOAT,
-                                                            extra[i].data, extra[i].count));
-        if (g >= 0) H5Gclose(g);
-    }
+    ok = ok && write_tensors(opt, extra, n_extra);
     if (opt >= 0) H5Gclose(opt);
     ok = H5Fclose(file) >= 0 && ok;
     if (ok && mt_fsync_path(path) != 0) ok = 0;
@@ -128,7 +135,7 @@ static void shard_file_name(const char *folder, int rank, int world, char *path,
 }
 
 mt_err mt_checkpoint_write_shard(const char *tmp, int rank, int world, size_t lo, size_t hi, size_t total,
-                                 const float *m, const float *v) {
+                                 const float *m, const float *v, const mt_state_tensor *extra, int n_extra) {
     char path[1300];
     shard_file_name(tmp, rank, world, path, sizeof path);
     hid_t file = H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
@@ -138,9 +145,15 @@ mt_err mt_checkpoint_write_shard(const char *tmp, int rank, int world, size_t lo
              mt_h5_write_scalar(file, "world", H5T_NATIVE_INT, &world) &&
              mt_h5_write_scalar(file, "lo", H5T_NATIVE_ULLONG, &a) &&
              mt_h5_write_scalar(file, "hi", H5T_NATIVE_ULLONG, &b) &&
-             mt_h5_write_scalar(file, "total", H5T_NATIVE_ULLONG, &n) &&
-             mt_h5_write_vector(file, "exp_avg", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, m, hi - lo) &&
+             mt_h5_write_scalar(file, "total", H5T_NATIVE_ULLONG, &n);
+    if (ok && m)
+        ok = mt_h5_write_vector(file, "exp_avg", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, m, hi - lo) &&
              mt_h5_write_vector(file, "exp_avg_sq", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, v, hi - lo);
+    if (ok && n_extra > 0) {
+        hid_t opt = H5Gcreate2(file, "optimizer", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
+        ok = opt >= 0 && write_tensors(opt, extra, n_extra);
+        if (opt >= 0) H5Gclose(opt);
+    }
     ok = H5Fclose(file) >= 0 && ok;
     if (ok && mt_fsync_path(path) != 0) ok = 0;
     return ok ? MT_OK : mt_errorf(MT_ERR_IO, "%s: writing the checkpoint shard failed (disk full?)", path);
@@ -332,20 +345,44 @@ mt_err mt_checkpoint_read_extra(const char *dir, const mt_state_tensor *extra, i
     H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
     hid_t file = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
     if (file < 0) return mt_errorf(MT_ERR_IO, "%s: cannot open the checkpoint state", path);
-    hid_t opt = H5Lexists(file, "optimizer", H5P_DEFAULT) > 0 ? H5Gopen2(file, "optimizer", H5P_DEFAULT) : -1;
-    mt_err err = opt < 0 ? mt_errorf(MT_ERR_FORMAT, "%s: no optimizer group", path) : MT_OK;
+    // sharded (ZeRO): a tensor not in state.h5 is in the shard file of the rank that kept it
+    int shards = 0;
+    if (!mt_h5_read_scalar(file, "moment_shards", H5T_NATIVE_INT, &shards) || shards < 0) shards = 0;
+    hid_t *groups = malloc((size_t)(2 * (shards + 1)) * sizeof *groups), *files = groups + shards + 1;
+    MT_CHECK(groups != NULL, "checkpoint groups");
+    files[0] = file;
+    for (int r = 0; r < shards; r++) {
+        char shard[1300];
+        shard_file_name(dir, r, shards, shard, sizeof shard);
+        files[r + 1] = access(shard, R_OK) == 0 ? H5Fopen(shard, H5F_ACC_RDONLY, H5P_DEFAULT) : -1;
+    }
+    for (int k = 0; k <= shards; k++)
+        groups[k] = files[k] >= 0 && H5Lexists(files[k], "optimizer", H5P_DEFAULT) > 0
+                        ? H5Gopen2(files[k], "optimizer", H5P_DEFAULT)
+                        : -1;
+    mt_err err = MT_OK;
     for (int i = 0; i < n_extra && !err; i++) {
         const mt_state_tensor *t = &extra[i];
-        hid_t g = H5Lexists(opt, t->param, H5P_DEFAULT) > 0 ? H5Gopen2(opt, t->param, H5P_DEFAULT) : -1;
-        if (g < 0 || !read_vector(g, t->name, t->is_u8 ? H5T_NATIVE_UCHAR : H5T_NATIVE_FLOAT, t->data, t->count))
+        int found = 0;
+        for (int k = 0; k <= shards && !found; k++) {
+            hid_t g = groups[k] >= 0 && H5Lexists(groups[k], t->param, H5P_DEFAULT) > 0
+                          ? H5Gopen2(groups[k], t->param, H5P_DEFAULT)
+                          : -1;
+            found =
+                g >= 0 && read_vector(g, t->name, t->is_u8 ? H5T_NATIVE_UCHAR : H5T_NATIVE_FLOAT, t->data, t->count);
+            if (g >= 0) H5Gclose(g);
+        }
+        if (!found)
             err = mt_errorf(MT_ERR_FORMAT,
-                            "%s: optimizer/%s/%s is missing or has the wrong size (want %zu values); the checkpoint "
+                            "%s: optimizer/%s/%s is missing%s or has the wrong size (want %zu values); the checkpoint "
                             "was written with other optim or galore settings (with galore.moments int8, also another "
                             "offload.optimizer: none against cpu or ssd); resume with the settings it was written with",
-                            path, t->param, t->name, t->count);
-        if (g >= 0) H5Gclose(g);
+                            path, t->param, t->name, shards ? " (from it and its shard files)" : "", t->count);
     }
-    if (opt >= 0) H5Gclose(opt);
-    H5Fclose(file);
+    for (int k = 0; k <= shards; k++) {
+        if (groups[k] >= 0) H5Gclose(groups[k]);
+        if (files[k] >= 0) H5Fclose(files[k]);
+    }
+    free(groups);
     return err;
 }

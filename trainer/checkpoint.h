@@ -39,14 +39,15 @@ mt_err mt_checkpoint_write(const char *run_dir, const char *src_model_dir, const
 // Sharded checkpoints (data parallelism with ZeRO): rank 0 prepares the
 // folder being built (OUTPUT/checkpoints/.step-N.tmp.TAG, TAG the same on
 // every rank); every rank writes its shard [lo, hi) of the moments into it
-// (state-rank-R-of-W.h5, fsynced); after a barrier rank 0 publishes it with
-// meta->shards = W and m = v = NULL: state.h5, written last, marks it
+// (state-rank-R-of-W.h5, fsynced; m, v NULL: none) with its own extra
+// tensors (GaLore's, of the parameters it keeps); after a barrier rank 0
+// publishes it with meta->shards = W and m = v = NULL: state.h5, written last, marks it
 // complete, and the folder is renamed into place. mt_checkpoint_write is
 // prepare + publish in one process.
 void mt_checkpoint_folder_name(const char *run_dir, long step, long tag, char *tmp, size_t len);
 mt_err mt_checkpoint_prepare(const char *run_dir, long step, long tag, char *tmp, size_t len);
 mt_err mt_checkpoint_write_shard(const char *tmp, int rank, int world, size_t lo, size_t hi, size_t total,
-                                 const float *m, const float *v);
+                                 const float *m, const float *v, const mt_state_tensor *extra, int n_extra);
 mt_err mt_checkpoint_publish(const char *tmp, const char *run_dir, const char *src_model_dir, const mt_model_config *mc,
                              const mt_lora_config *lora, const float *master, const float *m, const float *v,
                              const mt_state_tensor *extra, int n_extra, const mt_checkpoint_meta *meta, int keep);
@@ -61,7 +62,8 @@ void mt_checkpoint_find_latest(const char *run_dir, char *out, size_t len);
 mt_err mt_checkpoint_read(const char *dir, const mt_model_config *mc, const mt_lora_config *lora, float *master,
                           size_t lo, size_t hi, float *m, float *v, mt_checkpoint_meta *meta);
 // Reads the extra optimizer tensors of a checkpoint folder into their data
-// (each must be there with exactly its count).
+// (each must be there with exactly its count), from state.h5 or, sharded,
+// from whichever rank's shard file holds it.
 mt_err mt_checkpoint_read_extra(const char *dir, const mt_state_tensor *extra, int n_extra);
 
 #ifdef __cplusplus

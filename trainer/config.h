@@ -119,7 +119,8 @@ extern "C" {
     X(dist, zero_stage, INT, "0", 0, 2, "",                                                                           \
       "data parallelism (mpirun -np N): 0 every rank keeps the whole AdamW state; 1 each keeps (or, with offload, "   \
       "offloads) its shard (1/N); 2 also the gradient: each rank holds its shard's sums, reduced to it as backward "  \
-      "finishes each layer (with offload, stage 1 does the same: only the owner's store reads a gradient); see "      \
+      "finishes each layer (with offload, stage 1 does the same: only the owner's store reads a gradient); with "     \
+      "GaLore (1 or 2) each rank keeps and updates its own parameters' projectors and moments; see "                  \
       "docs/multi-gpu.md (one process: the same code path, nothing saved)")                                           \
     X(dist, timeout, FLOAT, "1800", 10, 1e7, "",                                                                      \
       "data parallelism: seconds without a finished step (or checkpoint) before a rank gives up on the others and "   \

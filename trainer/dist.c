@@ -317,6 +317,19 @@ void mt_dist_reduce_to_owners(mt_dist *d, const float *src, size_t lo, size_t hi
     nccl_group(d, 0);
 }
 
+void mt_dist_reduce_to(mt_dist *d, float *buf, size_t n, int root) {
+    if (d->world == 1 || n == 0) return;
+#ifdef MT_HAVE_CUDA
+    if (d->nccl) {
+        NCCL_CHECK(ncclReduce(buf, buf, n, ncclFloat, ncclSum, root, d->comm, d->stream));
+        return;
+    }
+#endif
+    MPI_PIECES(n, at, len)
+    MPI_Reduce(d->rank == root ? MPI_IN_PLACE : buf + at, d->rank == root ? buf + at : NULL, (int)len, MPI_FLOAT,
+               MPI_SUM, root, MPI_COMM_WORLD);
+}
+
 void mt_dist_wait_previous(mt_dist *d) {
 #ifdef MT_HAVE_CUDA
     if (!d->nccl) return;
@@ -330,14 +343,13 @@ void mt_dist_wait_previous(mt_dist *d) {
 #endif
 }
 
-void mt_dist_share_shards(mt_dist *d, void *buf, size_t lo, size_t hi, size_t total, size_t elem) {
+void mt_dist_share_ranges(mt_dist *d, void *buf, const size_t *bounds, size_t elem) {
     if (d->world == 1) return;
     nccl_group(d, 1);
     for (int r = 0; r < d->world; r++) {
-        size_t a, b;
-        if (!owned(d, r, total, lo, hi, &a, &b)) continue;
-        char *at0 = (char *)buf + a * elem;
-        size_t bytes = (b - a) * elem;
+        if (bounds[r] >= bounds[r + 1]) continue;
+        char *at0 = (char *)buf + bounds[r] * elem;
+        size_t bytes = (bounds[r + 1] - bounds[r]) * elem;
 #ifdef MT_HAVE_CUDA
         if (d->nccl) {
             NCCL_CHECK(ncclBroadcast(at0, at0, bytes, ncclUint8, r, d->comm, d->stream));
@@ -347,6 +359,19 @@ void mt_dist_share_shards(mt_dist *d, void *buf, size_t lo, size_t hi, size_t to
         MPI_PIECES(bytes, at, len) MPI_Bcast(at0 + at, (int)len, MPI_BYTE, r, MPI_COMM_WORLD);
     }
     nccl_group(d, 0);
+}
+
+void mt_dist_share_shards(mt_dist *d, void *buf, size_t lo, size_t hi, size_t total, size_t elem) {
+    if (d->world == 1) return;
+    size_t *bounds = malloc((size_t)(d->world + 1) * sizeof *bounds);
+    MT_CHECK(bounds != NULL, "shard bounds");
+    for (int r = 0; r <= d->world; r++) {  // rank r's shard clipped to [lo, hi)
+        size_t a = total, b;
+        if (r < d->world) mt_dist_shard(d, r, total, &a, &b);
+        bounds[r] = a < lo ? lo : a > hi ? hi : a;
+    }
+    mt_dist_share_ranges(d, buf, bounds, elem);
+    free(bounds);
 }
 
 void mt_dist_share_shards_host(mt_dist *d, float *host, size_t total) {

@@ -62,6 +62,9 @@ void mt_dist_allreduce(mt_dist *d, float *buf, size_t n);
 // as one block reduced in place; shard NULL: this rank's part lands where it
 // lies in src). With one rank, a copy (nothing, in place).
 void mt_dist_reduce_to_owners(mt_dist *d, const float *src, size_t lo, size_t hi, float *shard, size_t total);
+// Sums n floats over the ranks into rank root's buf, in place (the others'
+// are left as they were).
+void mt_dist_reduce_to(mt_dist *d, float *buf, size_t n, int root);
 // Pipelining over two buffers: the compute stream's next work waits for the
 // collectives issued before the previous call (not those since); no-op on
 // the CPU and with one rank.
@@ -69,6 +72,8 @@ void mt_dist_wait_previous(mt_dist *d);
 // The all-gather over [lo, hi) of buf (a block of total elements of elem
 // bytes): each rank's shard's part goes to every rank, in place.
 void mt_dist_share_shards(mt_dist *d, void *buf, size_t lo, size_t hi, size_t total, size_t elem);
+// The same with parts of any size: rank r's is [bounds[r], bounds[r + 1]).
+void mt_dist_share_ranges(mt_dist *d, void *buf, const size_t *bounds, size_t elem);
 // The same for host arrays of floats (checkpoints), blocking.
 void mt_dist_share_shards_host(mt_dist *d, float *host, size_t total);
 // Sums n host doubles over the ranks, in place; blocking.

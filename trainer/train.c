@@ -300,7 +300,7 @@ static mt_err get_trained(checkpoint_ctx *c, float *dst, float *packed) {
 // completion marker, and renames the folder into place. The moments are
 // never gathered.
 static mt_err write_sharded(checkpoint_ctx *c, mt_checkpoint_meta *meta, const float *master, const float *m,
-                            const float *v) {
+                            const float *v, const mt_state_tensor *extra, int n_extra) {
     int rank = mt_dist_rank(c->dist), world = mt_dist_world(c->dist);
     const char *run = c->cfg->output_dir;
     double tag = rank == 0 ? (double)getpid() : 0.0;
@@ -313,7 +313,9 @@ static mt_err write_sharded(checkpoint_ctx *c, mt_checkpoint_meta *meta, const f
         mt_checkpoint_folder_name(run, meta->step, (long)tag, tmp, sizeof tmp);
     if (mt_dist_any(c->dist, err != MT_OK))
         return err ? err : mt_errorf(MT_ERR_IO, "rank 0 could not make %s (its log says why)", tmp);
-    err = mt_checkpoint_write_shard(tmp, rank, world, c->shard_lo, c->shard_hi, c->trained_total, m, v);
+    // (GaLore: no moments of the block's shape; its tensors of this rank's parameters)
+    err = mt_checkpoint_write_shard(tmp, rank, world, m ? c->shard_lo : 0, m ? c->shard_hi : 0, c->trained_total, m, v,
+                                    extra, n_extra);
     if (mt_dist_any(c->dist, err != MT_OK)) {
         if (rank == 0) mt_checkpoint_abandon(tmp);
         return err ? err
@@ -370,7 +372,7 @@ static mt_err save_checkpoint(checkpoint_ctx *c, long steps_done) {
                                0};
     double t0 = mt_now();
     if (!err && c->sharded)
-        err = write_sharded(c, &meta, master, m, v);
+        err = write_sharded(c, &meta, master, m, v, extra, n_extra);
     else if (!err && mt_dist_rank(c->dist) == 0)  // every rank holds the same state; rank 0 writes it
         err = mt_checkpoint_write(c->cfg->output_dir, c->cfg->model_path, c->mc, c->lora, master, m, v, extra, n_extra,
                                   &meta, (int)c->cfg->checkpoint_keep);
@@ -422,15 +424,36 @@ typedef struct {
     const int *offloaded;  // with offload: the parameter's index there (offload_plan.index), or -1
     mt_offload *const *offload;
     mt_dist *dist;
+    const int *owner;  // ZeRO: the rank that keeps each parameter's state and updates it (NULL: every rank)
 } galore_hook;
 
 // A streamed gradient (GaLore's, offload's) is summed over the ranks before
-// it is used (GaLore projects the sum).
-static void reduce_now(mt_dist *d, float *grad, size_t n) {
+// it is used (GaLore projects the sum): into every rank's buffer, or with
+// root >= 0 into root's only.
+static void reduce_now(mt_dist *d, float *grad, size_t n, int root) {
     if (mt_dist_world(d) == 1) return;
     mt_dist_after_compute(d);
-    mt_dist_allreduce(d, grad, n);
+    if (root >= 0)
+        mt_dist_reduce_to(d, grad, n, root);
+    else
+        mt_dist_allreduce(d, grad, n);
     mt_dist_wait(d);
+}
+
+// GaLore under ZeRO: each parameter's owner is the rank whose shard of the
+// trained block holds its middle, so each rank owns whole parameters, a run
+// of them in table order: rank r's are [bounds[r], bounds[r + 1]) of the block.
+static void galore_owners(mt_dist *d, const mt_param_info *table, int n, size_t total, int *owner, size_t *bounds) {
+    int world = mt_dist_world(d), r = 0;
+    size_t lo, hi;
+    bounds[0] = 0;
+    for (int i = 0; i < n; i++) {
+        size_t mid = table[i].offset + table[i].count / 2;
+        // the next rank's run starts here once a middle reaches its shard
+        while (r + 1 < world && (mt_dist_shard(d, r + 1, total, &lo, &hi), mid >= lo)) bounds[++r] = table[i].offset;
+        owner[i] = r;
+    }
+    while (r < world) bounds[++r] = total;
 }
 
 // Data parallelism over the gradient block: each forward unit's range is
@@ -533,7 +556,9 @@ static double sum_over_ranks(void *ctx, double local) {
 
 static void galore_grad_ready(void *ctx, int param, float *grad) {
     galore_hook *h = ctx;
-    reduce_now(h->dist, grad, h->table[param].count);
+    int root = h->owner ? h->owner[param] : -1;
+    reduce_now(h->dist, grad, h->table[param].count, root);
+    if (root >= 0 && root != mt_dist_rank(h->dist)) return;  // another rank's to update
     if (h->offloaded && h->offloaded[param] >= 0)
         mt_offload_grad(*h->offload, h->offloaded[param], grad);
     else
@@ -558,7 +583,7 @@ typedef struct {
 
 static void offload_grad_ready(void *ctx, int param, float *grad) {
     offload_hook *h = ctx;
-    reduce_now(h->dist, grad, h->table[param].count);
+    reduce_now(h->dist, grad, h->table[param].count, -1);
     mt_offload_grad(*h->offload, param, grad);
 }
 
@@ -800,6 +825,8 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     mt_mezo *mz = NULL;
     mt_galore *gal = NULL;
     mt_galore_param *gparams = NULL;
+    int *gowner = NULL;      // GaLore under ZeRO: each parameter's rank
+    size_t *gbounds = NULL;  // and each rank's run of the block (galore_owners)
     unsigned char *selected = NULL;
     if ((err = mt_model_create_with(&model, &be, &mc, &opts))) goto out_backend;
     if (world > 1 && opts.grad_ready) mt_model_set_agreement(model, any_rank, dist);
@@ -838,6 +865,12 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
         n_projected = select_trainable(cfg->galore_targets, trained_table, n_trained, selected);
         gparams = calloc((size_t)(n_trained ? n_trained : 1), sizeof *gparams);
         MT_CHECK(gparams != NULL, "galore parameters");
+        if (zero) {  // each rank keeps and updates the state of its own parameters only
+            gowner = malloc((size_t)(n_trained ? n_trained : 1) * sizeof *gowner);
+            gbounds = malloc((size_t)(world + 1) * sizeof *gbounds);
+            MT_CHECK(gowner && gbounds, "galore owners");
+            galore_owners(dist, trained_table, n_trained, trained_total, gowner, gbounds);
+        }
         for (int i = 0; i < n_trained && !err; i++) {
             const mt_param_info *p = &trained_table[i];
             if (selected[i] && p->ndim != 2)
@@ -845,8 +878,13 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
                                 "galore.targets '%s' matches %s, a vector; GaLore projects matrices (the default "
                                 "is *.self_attn.*_proj.weight,*.mlp.*_proj.weight)",
                                 cfg->galore_targets, p->name);
-            gparams[i] = (mt_galore_param){p->name,  p->shape[0], p->ndim == 2 ? p->shape[1] : 0,
-                                           p->decay, selected[i], offload && !selected[i]};
+            gparams[i] = (mt_galore_param){p->name,
+                                           p->shape[0],
+                                           p->ndim == 2 ? p->shape[1] : 0,
+                                           p->decay,
+                                           selected[i],
+                                           offload && !selected[i],
+                                           gowner && gowner[i] != rank};
             if (selected[i]) projected_count += p->count;
         }
         if (!err && n_projected == 0)
@@ -865,7 +903,7 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
                                !strcmp(cfg->galore_moments, "int8"),
                                (uint64_t)cfg->train_seed};
         if (!err) err = mt_galore_init(&gal, &be, &gc, gparams, n_trained);
-        hook = (galore_hook){gal, tr.weights, mt_act_size(&be), trained_table, NULL, &ofl, dist};
+        hook = (galore_hook){gal, tr.weights, mt_act_size(&be), trained_table, NULL, &ofl, dist, gowner};
         if (!err && resume_dir[0]) {
             mt_state_tensor *state;
             int n_state = mt_galore_state(gal, &state);
@@ -1124,6 +1162,20 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
                 if (ofl) mt_offload_cancel_step(ofl);
             } else {
                 if (galore) mt_galore_end_step(gal, &info);
+                int matrices = 0;
+                double seconds = galore ? mt_galore_last_refresh_seconds(gal, &matrices) : 0.0;
+                if (galore && gowner && world > 1) {
+                    // each rank updated (and refreshed) its own parameters: the
+                    // norm, the verdict and the count over all of them (the
+                    // seconds stay rank 0's), then every rank gets the weights
+                    double sum[3] = {info.grad_norm * info.grad_norm, !info.finite, matrices};
+                    mt_dist_sum_host(dist, sum, 3);
+                    info = (mt_step_info){sqrt(sum[0]), sum[1] == 0};
+                    matrices = (int)sum[2];
+                    mt_dist_after_compute(dist);
+                    mt_dist_share_ranges(dist, tr.weights, gbounds, mt_act_size(&be));
+                    mt_dist_wait(dist);
+                }
                 if (ofl) {
                     // adapters, or gradients summed over micro-batches: the whole block now, last layer first
                     // (ZeRO: the sums of this rank's shard)
@@ -1144,8 +1196,6 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
                     mt_dist_share_shards(dist, tr.weights, 0, trained_total, trained_total, mt_act_size(&be));
                     mt_dist_wait(dist);
                 }
-                int matrices;
-                double seconds = galore ? mt_galore_last_refresh_seconds(gal, &matrices) : 0.0;
                 if (galore && matrices) {
                     refresh_seconds = seconds;
                     mt_info("step %d: GaLore refreshed %d projectors in %.2fs (%s)", step + 1, matrices, seconds,
@@ -1270,6 +1320,8 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
 out_model:
     free(selected);
     free(gparams);
+    free(gowner);
+    free(gbounds);
     mt_galore_free(gal);
     mt_mezo_free(mz);
     mt_optimizer_free(opt);
