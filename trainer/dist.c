@@ -280,6 +280,22 @@ static int owned(const mt_dist *d, int r, size_t total, size_t lo, size_t hi, si
     return *a < *b;
 }
 
+// Sums n floats over the ranks into root: send is every rank's part, recv
+// root's destination (NULL elsewhere; equal to send: in place).
+static void reduce_part(mt_dist *d, const float *send, float *recv, size_t n, int root) {
+#ifdef MT_HAVE_CUDA
+    if (d->nccl) {
+        NCCL_CHECK(ncclReduce(send, recv ? recv : (float *)send, n, ncclFloat, ncclSum, root, d->comm, d->stream));
+        return;
+    }
+#else
+    (void)d;
+#endif
+    MPI_PIECES(n, at, len)
+    MPI_Reduce(recv && recv == send ? MPI_IN_PLACE : send + at, recv ? recv + at : NULL, (int)len, MPI_FLOAT, MPI_SUM,
+               root, MPI_COMM_WORLD);
+}
+
 void mt_dist_reduce_to_owners(mt_dist *d, const float *src, size_t lo, size_t hi, float *shard, size_t total) {
     size_t mine_lo, mine_hi;
     mt_dist_shard(d, d->rank, total, &mine_lo, &mine_hi);
@@ -303,31 +319,14 @@ void mt_dist_reduce_to_owners(mt_dist *d, const float *src, size_t lo, size_t hi
         size_t a, b;
         if (!owned(d, r, total, lo, hi, &a, &b)) continue;
         const float *send = src + (a - lo);
-        float *recv = d->rank != r ? NULL : shard ? shard + (a - mine_lo) : (float *)send;
-#ifdef MT_HAVE_CUDA
-        if (d->nccl) {
-            NCCL_CHECK(ncclReduce(send, recv ? recv : (float *)send, b - a, ncclFloat, ncclSum, r, d->comm, d->stream));
-            continue;
-        }
-#endif
-        MPI_PIECES(b - a, at, len)
-        MPI_Reduce(recv && recv == send ? MPI_IN_PLACE : send + at, recv ? recv + at : NULL, (int)len, MPI_FLOAT,
-                   MPI_SUM, r, MPI_COMM_WORLD);
+        reduce_part(d, send, d->rank != r ? NULL : shard ? shard + (a - mine_lo) : (float *)send, b - a, r);
     }
     nccl_group(d, 0);
 }
 
 void mt_dist_reduce_to(mt_dist *d, float *buf, size_t n, int root) {
     if (d->world == 1 || n == 0) return;
-#ifdef MT_HAVE_CUDA
-    if (d->nccl) {
-        NCCL_CHECK(ncclReduce(buf, buf, n, ncclFloat, ncclSum, root, d->comm, d->stream));
-        return;
-    }
-#endif
-    MPI_PIECES(n, at, len)
-    MPI_Reduce(d->rank == root ? MPI_IN_PLACE : buf + at, d->rank == root ? buf + at : NULL, (int)len, MPI_FLOAT,
-               MPI_SUM, root, MPI_COMM_WORLD);
+    reduce_part(d, buf, d->rank == root ? buf : NULL, n, root);
 }
 
 void mt_dist_wait_previous(mt_dist *d) {
@@ -343,35 +342,37 @@ void mt_dist_wait_previous(mt_dist *d) {
 #endif
 }
 
+// Elements [a, b) of buf (elem bytes each) from root to every rank, in place.
+static void broadcast_part(mt_dist *d, void *buf, size_t a, size_t b, size_t elem, int root) {
+    char *at0 = (char *)buf + a * elem;
+    size_t bytes = (b - a) * elem;
+#ifdef MT_HAVE_CUDA
+    if (d->nccl) {
+        NCCL_CHECK(ncclBroadcast(at0, at0, bytes, ncclUint8, root, d->comm, d->stream));
+        return;
+    }
+#else
+    (void)d;
+#endif
+    MPI_PIECES(bytes, at, len) MPI_Bcast(at0 + at, (int)len, MPI_BYTE, root, MPI_COMM_WORLD);
+}
+
 void mt_dist_share_ranges(mt_dist *d, void *buf, const size_t *bounds, size_t elem) {
     if (d->world == 1) return;
     nccl_group(d, 1);
-    for (int r = 0; r < d->world; r++) {
-        if (bounds[r] >= bounds[r + 1]) continue;
-        char *at0 = (char *)buf + bounds[r] * elem;
-        size_t bytes = (bounds[r + 1] - bounds[r]) * elem;
-#ifdef MT_HAVE_CUDA
-        if (d->nccl) {
-            NCCL_CHECK(ncclBroadcast(at0, at0, bytes, ncclUint8, r, d->comm, d->stream));
-            continue;
-        }
-#endif
-        MPI_PIECES(bytes, at, len) MPI_Bcast(at0 + at, (int)len, MPI_BYTE, r, MPI_COMM_WORLD);
-    }
+    for (int r = 0; r < d->world; r++)
+        if (bounds[r] < bounds[r + 1]) broadcast_part(d, buf, bounds[r], bounds[r + 1], elem, r);
     nccl_group(d, 0);
 }
 
 void mt_dist_share_shards(mt_dist *d, void *buf, size_t lo, size_t hi, size_t total, size_t elem) {
     if (d->world == 1) return;
-    size_t *bounds = malloc((size_t)(d->world + 1) * sizeof *bounds);
-    MT_CHECK(bounds != NULL, "shard bounds");
-    for (int r = 0; r <= d->world; r++) {  // rank r's shard clipped to [lo, hi)
-        size_t a = total, b;
-        if (r < d->world) mt_dist_shard(d, r, total, &a, &b);
-        bounds[r] = a < lo ? lo : a > hi ? hi : a;
+    nccl_group(d, 1);
+    for (int r = 0; r < d->world; r++) {
+        size_t a, b;
+        if (owned(d, r, total, lo, hi, &a, &b)) broadcast_part(d, buf, a, b, elem, r);
     }
-    mt_dist_share_ranges(d, buf, bounds, elem);
-    free(bounds);
+    nccl_group(d, 0);
 }
 
 void mt_dist_share_shards_host(mt_dist *d, float *host, size_t total) {
