@@ -14,7 +14,10 @@ The cpu run of the 1.1B shape writes the copy/update timeline of two steps
 (offload-trace.json, Chrome's trace format) to --out. Modes galore and
 galore-cpu: GaLore (optim.kind galore, its defaults, no clipping) with the
 AdamW state of what it does not project (embeddings, norms, head) on the
-GPU or offloaded to host memory.
+GPU or offloaded to host memory. A suffix -accumN on a mode (none-accum2,
+cpu-accum2) runs N micro-batches a step (train.grad_accum): offloaded, each
+micro-batch's gradients stream to the host, which sums them, so the GPU
+holds no gradient block; on the GPU the block holds the sums.
 
 Then the CPU AdamW alone: memtune's (bench/cpu_adam_bench.c, every
 instruction path, fp32 and bf16 gradients) against torch's CPU AdamW
@@ -43,7 +46,8 @@ GIB = 1024 ** 3
 
 
 def run_memtune(args, folder, data, run, mode, trace_step=0):
-    parts = mode.split("-")
+    parts = [p for p in mode.split("-") if not p.startswith("accum")]
+    accum = [int(p[len("accum"):]) for p in mode.split("-") if p.startswith("accum")]
     galore = parts[0] == "galore"
     offload = (parts[1] if len(parts) > 1 else "none") if galore else parts[0]
     cmd = [os.path.join(BUILD, "memtune"), "train", os.path.join(ROOT, "configs", "full-offload-cpu.yaml")]
@@ -55,6 +59,8 @@ def run_memtune(args, folder, data, run, mode, trace_step=0):
             "model.activation_checkpointing": "true", "offload.optimizer": offload}
     if galore:
         sets["optim.kind"] = "galore"
+    if accum:
+        sets["train.grad_accum"] = accum[0]
     if offload == "ssd":
         sets["offload.path"] = args.ssd_path
     if trace_step:
@@ -116,6 +122,14 @@ def main():
             res["ratio_galore_cpu_step_vs_galore"] = res["galore-cpu"]["step_ms"] / res["galore"]["step_ms"]
             res["galore_cpu_device_peak_saved_gib"] = \
                 (res["galore"]["device_peak"] - res["galore-cpu"]["device_peak"]) / GIB
+        # accumulation against one micro-batch a step: memory, and time per token
+        for mode, r in list(res.items()):
+            base = res.get(mode.split("-accum")[0]) if "-accum" in mode else None
+            if isinstance(r, dict) and isinstance(base, dict) and "error" not in r and "error" not in base:
+                res[f"{mode}_allocator_peak_minus_one_micro_batch_gib"] = \
+                    (r["allocator_peak"] - base["allocator_peak"]) / GIB
+                res[f"{mode}_tokens_per_second_vs_one_micro_batch"] = \
+                    r["tokens_per_second"] / base["tokens_per_second"]
 
     if not args.skip_adam:
         cores = os.cpu_count()

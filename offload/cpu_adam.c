@@ -214,3 +214,22 @@ double mt_cpu_sumsq(const void *grad, int grad_bf16, size_t n) {
     for (int k = 0; k < STRIPES; k++) sum += part[k];
     return sum;
 }
+
+void mt_cpu_accumulate(float *sum, const void *grad, int grad_bf16, size_t n, int first) {
+    const float *gf = grad;
+    const uint16_t *gh = grad;
+    size_t chunks = (n + CHUNK - 1) / CHUNK;
+#pragma omp parallel for schedule(static)
+    for (size_t c = 0; c < chunks; c++) {
+        size_t at = c * CHUNK, end = n - at < CHUNK ? n : at + CHUNK;
+        // (plain loops: the compiler vectorizes them)
+        if (grad_bf16 && first)
+            for (size_t i = at; i < end; i++) sum[i] = mt_bf16_to_f32(gh[i]);
+        else if (grad_bf16)
+            for (size_t i = at; i < end; i++) sum[i] += mt_bf16_to_f32(gh[i]);
+        else if (first)
+            memcpy(sum + at, gf + at, (end - at) * sizeof(float));
+        else
+            for (size_t i = at; i < end; i++) sum[i] += gf[i];
+    }
+}

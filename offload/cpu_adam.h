@@ -52,6 +52,11 @@ void mt_cpu_adam_update(mt_cpu_adam_path path, const mt_cpu_adam_step *s, float 
 // Not finite when any value is not.
 double mt_cpu_sumsq(const void *grad, int grad_bf16, size_t n);
 
+// Gradient accumulation over micro-batches: sum = grad (first) or
+// sum + grad, in fp32, over n values; grad fp32 or bf16. OpenMP threads
+// share the elements; each element's sum is the same for any thread count.
+void mt_cpu_accumulate(float *sum, const void *grad, int grad_bf16, size_t n, int first);
+
 #ifdef __cplusplus
 }
 #endif

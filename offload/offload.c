@@ -27,13 +27,21 @@ typedef struct {
     int ring;                          // device staging buffer of this step (GPU)
     double sumsq;                      // of this step's gradients
     long arrived, ready;               // last step whose sum is in / whose update is issued (or skipped)
+    long sent, taken;                  // accumulation: landings copied to the host / added to the sum
     double t_sum[2][2], t_adam[2][2];  // trace: host seconds, per step parity
 } bucket;
 
+enum {
+    MSG_ARRIVE,  // the step's (last micro-batch's) gradients are in: sum their squares
+    MSG_UPDATE,  // apply the update
+    MSG_ADD      // an earlier micro-batch's gradients are in: add them to the sum
+};
+
 typedef struct {
-    int update;  // 0: gradients arrived (sum them), 1: apply the update
+    int kind;  // MSG_*
     int bucket;
     long step;
+    int micro;  // the micro-batch (MSG_ADD, MSG_ARRIVE)
 } message;
 
 struct mt_offload {
@@ -52,7 +60,8 @@ struct mt_offload {
     size_t total;
     mt_store *store;
     void *weights;
-    void *grad_host;  // total values: bf16 (GPU; pinned) or fp32 (CPU)
+    void *grad_host;  // total values: bf16 (GPU; pinned) or fp32 (CPU; with accumulation, the sum)
+    float *grad_sum;  // accumulation from a GPU: the fp32 sum over the micro-batches (else NULL)
     int gpu;
     // device side
     void *ring[2];  // bf16 gradients of one bucket each
@@ -75,6 +84,7 @@ struct mt_offload {
     long gen;     // steps begun
     int in_step;  // between begin and end
     int steps;    // updates applied (AdamW's t)
+    int micro;    // the micro-batch handing its gradients over
     int step_finite, applied;
     float lr;
     mt_cpu_adam_step adam_decay, adam_plain;
@@ -92,10 +102,10 @@ static void *event(mt_offload *o, int kind, long step, int b) {
     return o->ev[((size_t)kind * 2 + (size_t)(step & 1)) * o->n_buckets + b];
 }
 
-static void post(mt_offload *o, int update, int b, long step) {
+static void post(mt_offload *o, int kind, int b, long step) {
     pthread_mutex_lock(&o->lock);
     MT_CHECK(o->queue_len < o->queue_cap, "offload queue full");
-    o->queue[(o->queue_head + o->queue_len) % o->queue_cap] = (message){update, b, step};
+    o->queue[(o->queue_head + o->queue_len) % o->queue_cap] = (message){kind, b, step, o->micro};
     o->queue_len++;
     pthread_cond_broadcast(&o->changed);
     pthread_mutex_unlock(&o->lock);
@@ -119,11 +129,18 @@ static void record_error(mt_offload *o, mt_err err) {
     pthread_mutex_unlock(&o->lock);
 }
 
+// The gradients the norm and the update read at a slot: the fp32 sum
+// (accumulation from a GPU) or what crossed (bf16 from a GPU, fp32 on the CPU).
+static int grads_bf16(const mt_offload *o) { return o->gpu && !o->grad_sum; }
+static const void *grads_at(const mt_offload *o, size_t slot) {
+    if (o->grad_sum) return o->grad_sum + slot;
+    return (const char *)o->grad_host + slot * (o->gpu ? 2 : 4);
+}
+
 // AdamW over bucket b's state, block by block, each block's bf16 weights
 // copied back as soon as it is done.
 static void update_bucket(mt_offload *o, int b, long step) {
     bucket *k = &o->buckets[b];
-    size_t gsize = o->gpu ? 2 : 4;
     k->t_adam[step & 1][0] = mt_now();
     mt_store_begin(o->store, k->offset, k->offset + k->count, MT_STORE_UPDATE);
     mt_store_block blk;
@@ -150,8 +167,7 @@ static void update_bucket(mt_offload *o, int b, long step) {
             if (lo >= hi) continue;
             size_t at = lo - blk.offset, w = pa->offset + (lo - pa->slot);
             mt_cpu_adam_update(o->path, pa->decay ? &o->adam_decay : &o->adam_plain, blk.master + at, blk.m + at,
-                               blk.v + at, (const char *)o->grad_host + lo * gsize, o->gpu, stage ? stage + at : NULL,
-                               hi - lo);
+                               blk.v + at, grads_at(o, lo), grads_bf16(o), stage ? stage + at : NULL, hi - lo);
             if (!o->gpu) {
                 memcpy((float *)o->weights + w, blk.master + at, (hi - lo) * sizeof(float));
             } else if (run_n && w - run_w == at - run_at) {
@@ -174,13 +190,32 @@ static void update_bucket(mt_offload *o, int b, long step) {
     mark_ready(o, b, step, !err);
 }
 
-// Bucket b's gradients are in host memory: their sum of squares, and
-// without clipping the update right away.
-static void arrive(mt_offload *o, int b, long step) {
+// Accumulation from a GPU: bucket b's bf16 gradients, landed, into the fp32
+// sum, parameter by parameter (padding between slots stays 0); then the
+// landing may take the next micro-batch's.
+static void add_landed(mt_offload *o, int b, long step, int micro) {
     bucket *k = &o->buckets[b];
-    if (o->gpu) mt_event_synchronize(event(o, EV_D2H, step, b));
+    mt_event_synchronize(event(o, EV_D2H, step, b));
+    for (int p = k->first; p < k->end; p++) {
+        const mt_offload_param *pa = &o->params[p];
+        mt_cpu_accumulate(o->grad_sum + pa->slot, (const uint16_t *)o->grad_host + pa->slot, 1, pa->count, micro == 0);
+    }
+    pthread_mutex_lock(&o->lock);
+    k->taken++;
+    pthread_cond_broadcast(&o->changed);
+    pthread_mutex_unlock(&o->lock);
+}
+
+// Bucket b's gradients (the step's last) are in host memory: their sum of
+// squares, and without clipping the update right away.
+static void arrive(mt_offload *o, int b, long step, int micro) {
+    bucket *k = &o->buckets[b];
+    if (o->grad_sum)
+        add_landed(o, b, step, micro);
+    else if (o->gpu)
+        mt_event_synchronize(event(o, EV_D2H, step, b));
     k->t_sum[step & 1][0] = mt_now();
-    double sum = mt_cpu_sumsq((const char *)o->grad_host + k->offset * (o->gpu ? 2 : 4), o->gpu, k->count);
+    double sum = mt_cpu_sumsq(grads_at(o, k->offset), grads_bf16(o), k->count);
     k->t_sum[step & 1][1] = mt_now();
     pthread_mutex_lock(&o->lock);
     k->sumsq = sum;
@@ -208,10 +243,12 @@ static void *worker_main(void *arg) {
         o->queue_head = (o->queue_head + 1) % o->queue_cap;
         o->queue_len--;
         pthread_mutex_unlock(&o->lock);
-        if (msg.update)
+        if (msg.kind == MSG_UPDATE)
             update_bucket(o, msg.bucket, msg.step);
+        else if (msg.kind == MSG_ADD)
+            add_landed(o, msg.bucket, msg.step, msg.micro);
         else
-            arrive(o, msg.bucket, msg.step);
+            arrive(o, msg.bucket, msg.step, msg.micro);
         pthread_mutex_lock(&o->lock);
     }
     pthread_mutex_unlock(&o->lock);
@@ -276,6 +313,8 @@ mt_err mt_offload_init(mt_offload **out, mt_backend *be, const mt_offload_config
     if (!err) err = mt_store_write_all(o->store, master, m, v);
     o->steps = steps;
     if (!err) err = mt_alloc(&o->grad_host, (total ? total : 1) * (o->gpu ? 2 : 4), MT_MEM_OFFLOAD, MT_HOST);
+    if (!err && o->gpu && cfg->micro_batches > 1)
+        err = mt_alloc_host_large((void **)&o->grad_sum, (total ? total : 1) * sizeof(float), MT_MEM_OFFLOAD);
     if (!err && o->gpu) {
         for (int r = 0; r < 2 && !err; r++)
             err = mt_alloc(&o->ring[r], (o->ring_count ? o->ring_count : 1) * 2, MT_MEM_GRADS, MT_DEVICE);
@@ -333,6 +372,7 @@ void mt_offload_free(mt_offload *o) {
     free(o->ev);
     free(o->queue);
     mt_free(&o->grad_host);
+    mt_free((void **)&o->grad_sum);
     mt_store_close(o->store);
     pthread_mutex_destroy(&o->lock);
     pthread_cond_destroy(&o->changed);
@@ -350,6 +390,25 @@ static void prepare(mt_offload *o, int t, float scale) {
 
 static void write_trace(mt_offload *o);
 
+// Every parameter's gradient is due (once) from the next backward.
+static void expect_gradients(mt_offload *o) {
+    for (int b = 0; b < o->n_buckets; b++) {
+        o->buckets[b].remaining = o->buckets[b].end - o->buckets[b].first;
+        o->buckets[b].ring = -1;
+    }
+}
+
+void mt_offload_micro_batch(mt_offload *o, int micro) {
+    MT_CHECK(o->in_step && micro == o->micro + 1 && micro < o->cfg.micro_batches,
+             "micro-batch %d announced after micro-batch %d of %d (or outside a step)", micro, o->micro,
+             o->cfg.micro_batches);
+    for (int b = 0; b < o->n_buckets; b++)
+        MT_CHECK(o->buckets[b].remaining == 0, "micro-batch %d began before micro-batch %d's gradients were all in",
+                 micro, o->micro);
+    o->micro = micro;
+    expect_gradients(o);
+}
+
 void mt_offload_begin_step(mt_offload *o, float lr) {
     if (o->gpu && o->cfg.trace_path && !o->trace_written && o->gen == o->cfg.trace_step + 1) write_trace(o);
     pthread_mutex_lock(&o->lock);
@@ -358,11 +417,9 @@ void mt_offload_begin_step(mt_offload *o, float lr) {
     o->step_finite = 1;
     o->applied = 0;
     o->lr = lr;
+    o->micro = 0;
     pthread_mutex_unlock(&o->lock);
-    for (int b = 0; b < o->n_buckets; b++) {
-        o->buckets[b].remaining = o->buckets[b].end - o->buckets[b].first;
-        o->buckets[b].ring = -1;
-    }
+    expect_gradients(o);
     // without clipping the factor is 1 and the update can start per bucket
     if (o->cfg.grad_clip <= 0.0f) prepare(o, o->steps + 1, 1.0f);
     if (o->gpu && o->cfg.trace_path && o->gen == o->cfg.trace_step) {
@@ -376,8 +433,10 @@ void mt_offload_grad(mt_offload *o, int param, const float *grad) {
     int b = pa->bucket;
     bucket *k = &o->buckets[b];
     MT_CHECK(o->in_step && k->remaining > 0, "gradient of parameter %d outside a step or twice", param);
+    int last = o->micro + 1 >= o->cfg.micro_batches;  // the step's last micro-batch (or no accumulation)
     if (!o->gpu) {
-        memcpy((float *)o->grad_host + pa->slot, grad, pa->count * sizeof(float));
+        // (with accumulation grad_host is the sum)
+        mt_cpu_accumulate((float *)o->grad_host + pa->slot, grad, 0, pa->count, o->micro == 0);
     } else {
         if (k->ring < 0) {
             k->ring = o->ring_next;
@@ -388,8 +447,15 @@ void mt_offload_grad(mt_offload *o, int param, const float *grad) {
     }
     if (--k->remaining > 0) return;
     if (!o->gpu) {
-        arrive(o, b, o->gen);
+        if (last) arrive(o, b, o->gen, o->micro);
         return;
+    }
+    if (o->grad_sum) {
+        // the landing is free once the worker has added the micro-batch before
+        pthread_mutex_lock(&o->lock);
+        while (k->taken < k->sent) pthread_cond_wait(&o->changed, &o->lock);
+        pthread_mutex_unlock(&o->lock);
+        k->sent++;
     }
     mt_event_record(event(o, EV_GRADS, o->gen, b), NULL);
     mt_stream_wait_event(o->d2h, event(o, EV_GRADS, o->gen, b));
@@ -397,7 +463,7 @@ void mt_offload_grad(mt_offload *o, int param, const float *grad) {
     mt_memcpy_async((uint16_t *)o->grad_host + k->offset, o->ring[k->ring], k->count * 2, o->d2h);
     mt_event_record(event(o, EV_D2H, o->gen, b), o->d2h);
     o->ring_free[k->ring] = event(o, EV_D2H, o->gen, b);
-    post(o, 0, b, o->gen);
+    post(o, last ? MSG_ARRIVE : MSG_ADD, b, o->gen);
 }
 
 mt_err mt_offload_end_step(mt_offload *o, double *grad_norm, int *finite) {
@@ -424,7 +490,7 @@ mt_err mt_offload_end_step(mt_offload *o, double *grad_norm, int *finite) {
         // forward order: the next forward's first reads are the first ready
         for (int b = 0; b < o->n_buckets; b++) {
             if (o->gpu)
-                post(o, 1, b, o->gen);
+                post(o, MSG_UPDATE, b, o->gen);
             else
                 update_bucket(o, b, o->gen);
         }
@@ -482,7 +548,7 @@ mt_err mt_offload_read_state(mt_offload *o, float *master, float *m, float *v) {
 
 size_t mt_offload_host_bytes(const mt_offload *o) {
     size_t stages = o->gpu ? STAGES * mt_store_block_params(o->store) * 2 : 0;
-    return mt_store_host_bytes(o->store) + o->total * (o->gpu ? 2 : 4) + stages;
+    return mt_store_host_bytes(o->store) + o->total * (o->gpu ? 2 : 4) + (o->grad_sum ? o->total * 4 : 0) + stages;
 }
 
 size_t mt_offload_device_bytes(const mt_offload *o) { return o->gpu ? 2 * o->ring_count * 2 : 0; }

@@ -45,8 +45,9 @@ typedef struct {
     int threads;             // OpenMP threads of the CPU AdamW (0: all cores but one with a GPU)
     const char *trace_path;  // Chrome trace JSON of steps trace_step and trace_step + 1, or NULL
     long trace_step;
-    int layers;       // L: names the units in the trace (1 + l layer l, L + 1 the head)
-    int rank, world;  // data parallelism: names the store's file (0, 1 without)
+    int layers;         // L: names the units in the trace (1 + l layer l, L + 1 the head)
+    int rank, world;    // data parallelism: names the store's file (0, 1 without)
+    int micro_batches;  // gradient accumulation: micro-batches whose gradients stream in a step (0, 1: none)
 } mt_offload_config;
 
 typedef struct mt_offload mt_offload;
@@ -70,12 +71,20 @@ void mt_offload_free(mt_offload *o);
 // One optimizer step: begin, every parameter's whole gradient once (fp32,
 // where the backend computes; the buffer may be reused when the call
 // returns), then end, which returns the global gradient norm (before
-// clipping) and whether it was finite. A non-finite norm applies nothing
+// clipping) and whether it was finite. With micro_batches > 1 every
+// parameter's gradient comes once per micro-batch instead, each
+// micro-batch announced by mt_offload_micro_batch: they cross to the host
+// as they come (bf16 from a GPU) and are summed there in fp32, so no
+// gradient block ever sits on the GPU; the last micro-batch's arrivals sum
+// the squares and update, as a step's do without accumulation. A non-finite norm applies nothing
 // with clipping; without it, the buckets before the first non-finite one
 // have been applied. Errors are the store's (I/O, checksum), possibly of
 // the previous step's updates.
 void mt_offload_begin_step(mt_offload *o, float lr);
 void mt_offload_grad(mt_offload *o, int param, const float *grad);
+// Before micro-batch `micro` (0 .. micro_batches - 1) of the step hands its
+// gradients over; micro-batch 0 needs no call (begin_step starts it).
+void mt_offload_micro_batch(mt_offload *o, int micro);
 mt_err mt_offload_end_step(mt_offload *o, double *grad_norm, int *finite);
 // Data parallelism with ZeRO (each rank offloads its shard): `sum` turns the
 // shard's sum of squares of the gradient into the whole's (over the ranks);
@@ -96,7 +105,8 @@ int mt_offload_steps_taken(const mt_offload *o);
 // The whole state as host arrays in the slots' layout (checkpoints; m, v may
 // be NULL), after every pending update.
 mt_err mt_offload_read_state(mt_offload *o, float *master, float *m, float *v);
-// Host bytes held: the store, the gradient buffer, the staging buffers.
+// Host bytes held: the store, the gradient buffers (with accumulation from
+// a GPU an fp32 sum as well: 4 bytes a parameter), the staging buffers.
 size_t mt_offload_host_bytes(const mt_offload *o);
 // Device bytes held: the two gradient staging buffers.
 size_t mt_offload_device_bytes(const mt_offload *o);

@@ -122,9 +122,11 @@ pair zero2-offload-accum "--set train.grad_accum=4 --set offload.optimizer=cpu" 
 pair zero1-offload-ssd "--set train.grad_accum=2 --set offload.optimizer=ssd --set offload.path=$W/ssd-1" \
     "--set dist.zero_stage=1 --set offload.optimizer=ssd --set offload.path=$W/ssd-2"
 grep -q "data parallel: 2 ranks ($LAUNCHER)" "$W/zero2-2.log" || fail "no data-parallel line in the log"
-# one micro-batch a step: ZeRO-2 hands each reduced part to the store as it arrives
+# ZeRO-2 hands each reduced part to the store as it arrives; over several
+# micro-batches the host sums them
 grep -q "gradients streamed per layer" "$W/zero2-offload-2.log" || fail "ZeRO-2 + offload did not stream"
-grep -q "gradients sent after backward" "$W/zero2-offload-accum-2.log" || fail "ZeRO-2 + offload + accumulation streamed"
+grep -q "gradients streamed per layer and summed on the host" "$W/zero2-offload-accum-2.log" ||
+    fail "ZeRO-2 + offload + accumulation did not stream"
 # ZeRO-2's streamed gradients in one process (its code path, with a copy for the reduce)
 "$MEMTUNE" "${common[@]}" --set train.grad_accum=2 --set dist.zero_stage=2 --set "output.dir=$W/zero2-single" \
     > "$W/zero2-single.log" 2>&1 || fail "zero2 in one process"
@@ -132,13 +134,15 @@ same "zero2 in one process vs AdamW" "$W/adamw-1" "$W/zero2-single"
 
 # ZeRO-2 frees the gradient: each rank holds its shard's sums and two layers'
 # buffers, against stage 1's whole block (16 layers: about 0.56 of it); with
-# offload (one micro-batch a step) only the two layers' buffers
+# offload only the two layers' buffers, with accumulation too (ZeRO-1 with
+# offload runs 2 micro-batches a step: the host sums them)
 mkdir -p "$W/deep"
 sed 's/"num_hidden_layers": 4/"num_hidden_layers": 16/' "$ROOT/configs/models/tiny/config.json" > "$W/deep/config.json"
 grads_mib() { sed -n 's/^memory ([A-Za-z]*): .*grads \([0-9.]*\) MiB.*/\1/p' "$1"; }
 for z in 1 2 2-offload 1-offload; do
     two "$MEMTUNE" "${common[@]}" --set "model.path=$W/deep" --set dist.zero_stage="${z%-offload}" --set train.steps=12 \
         --set offload.optimizer="$(case $z in *-offload) echo cpu ;; *) echo none ;; esac)" \
+        --set train.grad_accum="$(case $z in 1-offload) echo 2 ;; *) echo 1 ;; esac)" \
         --set "output.dir=$W/deep-$z" > "$W/deep-$z.log" 2>&1 || fail "16 layers, ZeRO-$z"
 done
 g1=$(grads_mib "$W/deep-1.log") g2=$(grads_mib "$W/deep-2.log") g3=$(grads_mib "$W/deep-2-offload.log")
@@ -147,8 +151,10 @@ awk -v a="$g1" -v b="$g2" 'BEGIN {exit !(a > 0 && b > 0 && b < 0.65 * a)}' ||
     fail "ZeRO-2 holds $g2 MiB of gradients per rank, ZeRO-1 $g1 MiB: not freed"
 awk -v a="$g2" -v b="$g3" 'BEGIN {exit !(b > 0 && b < 0.5 * a)}' ||
     fail "ZeRO-2 with offload holds $g3 MiB of gradients per rank, without $g2 MiB: the shard's sums stayed"
-[ "$g4" = "$g3" ] || fail "ZeRO-1 with offload holds $g4 MiB of gradients per rank, ZeRO-2 with offload $g3 MiB"
-echo "test_dist: gradients per rank, 16 layers: ZeRO-1 $g1 MiB, ZeRO-2 $g2 MiB, ZeRO-1 or 2 with offload $g3 MiB"
+[ "$g4" = "$g3" ] ||
+    fail "ZeRO-1 with offload and 2 micro-batches holds $g4 MiB of gradients per rank, ZeRO-2 with offload $g3 MiB"
+echo "test_dist: gradients per rank, 16 layers: ZeRO-1 $g1 MiB, ZeRO-2 $g2 MiB, ZeRO-1 (2 micro-batches) or 2 with" \
+    "offload $g3 MiB"
 [ "$(grep -c '^done:' "$W/adamw-2.log")" -eq 1 ] || fail "more than one rank reported the run"
 
 # one rank's loss not finite where gradients are streamed: every rank skips
@@ -185,13 +191,26 @@ pair nan-zero2-offload "--set train.grad_accum=2 --set offload.optimizer=cpu" \
     "--set dist.zero_stage=2 --set offload.optimizer=cpu" 15
 pair nan-galore "--set train.micro_batch=4 --set optim.kind=galore --set optim.grad_clip=0 --set galore.rank=4" \
     "--set optim.kind=galore --set optim.grad_clip=0 --set galore.rank=4" 15
+# offload summing micro-batches on the host, without clipping (a bucket
+# updates as its last gradients land): a skipped micro-batch backward must
+# keep the step's later ones from reaching the store, in one process (where
+# the NaN is not in the last of the 4 micro-batches) and over 2 ranks. One
+# row a micro-batch keeps 4 windows a step, so the epoch still outlasts the run.
+acc=(--set train.micro_batch=1 --set optim.grad_clip=0)
+pair nan-offload-accum "${acc[*]} --set train.grad_accum=4" \
+    "${acc[*]} --set dist.zero_stage=2 --set train.grad_accum=2 --set offload.optimizer=cpu" 15
+"$MEMTUNE" "${common[@]}" "${acc[@]}" --set train.grad_accum=4 --set offload.optimizer=cpu \
+    --set "output.dir=$W/nan-offload-accum-1o" > "$W/nan-offload-accum-1o.log" 2>&1 || fail "nan-offload-accum-1o"
+same "nan-offload-accum: offloaded vs AdamW on the device" "$W/nan-offload-accum-1" "$W/nan-offload-accum-1o" 15
 skips() { grep -c "update skipped" "$1"; }
-for run in nan-zero2 nan-zero2-offload nan-galore; do
+[ "$(skips "$W/nan-offload-accum-1o.log")" -eq 1 ] || fail "nan-offload-accum-1o: not one skipped step"
+for run in nan-zero2 nan-zero2-offload nan-galore nan-offload-accum; do
     s1=$(skips "$W/$run-1.log") s2=$(skips "$W/$run-2.log")
     # (each rank warns: the 2 ranks' log has the line twice)
     [ "$s1" -eq 1 ] && [ "$s2" -eq 2 ] || fail "$run: one process skipped $s1 steps; the 2 ranks warned $s2 times"
 done
-echo "test_dist: one rank's loss NaN (ZeRO-2, ZeRO-2 + offload, GaLore): both ranks skip that step, as one process does"
+echo "test_dist: one rank's loss NaN (ZeRO-2, ZeRO-2 + offload, GaLore, offload with accumulation): both ranks skip" \
+    "that step, as one process does"
 common=("${common_all[@]}")
 
 # stopped after 7 steps and resumed, ZeRO-2 (the shards gathered into the checkpoint)

@@ -92,6 +92,37 @@ START_TEST(sumsq_is_the_same_for_any_thread_count) {
 }
 END_TEST
 
+// Accumulation over micro-batches: the sum of fp32 or bf16 gradients, each
+// element's the plain fp32 sum in order, whatever the chunks and threads.
+START_TEST(accumulate_sums_micro_batches_in_fp32) {
+    const size_t sizes[] = {1, 22, 16385, 1000003};
+    int before = omp_get_max_threads();
+    for (size_t k = 0; k < sizeof sizes / sizeof *sizes; k++) {
+        size_t n = sizes[k];
+        float *a = tu_random(n, -3.0f, 3.0f, 21), *b = tu_random(n, -3.0f, 3.0f, 22);
+        uint16_t *h = malloc(n * sizeof *h);
+        float *sum = malloc(n * sizeof *sum);
+        for (size_t i = 0; i < n; i++) h[i] = mt_f32_to_bf16(b[i]);
+        for (int bf16 = 0; bf16 <= 1; bf16++) {
+            omp_set_num_threads(bf16 ? 3 : 1);
+            for (size_t i = 0; i < n; i++) sum[i] = NAN;  // the first micro-batch overwrites
+            mt_cpu_accumulate(sum, a, 0, n, 1);
+            mt_cpu_accumulate(sum, bf16 ? (const void *)h : (const void *)b, bf16, n, 0);
+            mt_cpu_accumulate(sum, a, 0, n, 0);
+            for (size_t i = 0; i < n; i++) {
+                float want = a[i] + (bf16 ? mt_bf16_to_f32(h[i]) : b[i]);
+                want += a[i];
+                ck_assert_msg(sum[i] == want, "n=%zu bf16=%d [%zu]: %.9g vs %.9g", n, bf16, i, sum[i], want);
+            }
+            mt_cpu_accumulate(sum, h, 1, n, 1);  // bf16, first
+            for (size_t i = 0; i < n; i++) ck_assert(sum[i] == mt_bf16_to_f32(h[i]));
+        }
+        omp_set_num_threads(before);
+        free(a), free(b), free(h), free(sum);
+    }
+}
+END_TEST
+
 // ---------------------------------------------------------------- the store
 
 START_TEST(crc32c_known_answer_and_continuation) {
@@ -457,6 +488,7 @@ int main(void) {
     tcase_set_timeout(tc, 600);
     tcase_add_test(tc, cpu_adam_equals_the_reference_bit_for_bit);
     tcase_add_test(tc, sumsq_is_the_same_for_any_thread_count);
+    tcase_add_test(tc, accumulate_sums_micro_batches_in_fp32);
     tcase_add_test(tc, crc32c_known_answer_and_continuation);
     tcase_add_test(tc, store_round_trip_is_bit_exact_at_odd_sizes);
     tcase_add_test(tc, store_errors_are_clear_and_values);

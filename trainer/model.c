@@ -61,6 +61,7 @@ struct mt_model {
     size_t grad_stream_count, grad_outer_count;
     int grad_buffers;
     mt_agree_fn agree;  // data parallelism: whether any rank's loss is non-finite
+    int skipped;        // the last step's backward was skipped
     void *agree_ctx;
     // LoRA / QLoRA
     mt_lora_config lora;
@@ -241,6 +242,7 @@ static float *stream_buffer(const mt_model *m, int index) {
 }
 
 void mt_model_set_agreement(mt_model *m, mt_agree_fn any, void *ctx) { m->agree = any, m->agree_ctx = ctx; }
+int mt_model_backward_skipped(const mt_model *m) { return m->skipped; }
 
 static void bind_params(mt_model *m) {
     size_t act = mt_act_size(m->be);
@@ -976,6 +978,7 @@ double mt_model_step(mt_model *m, const int32_t *inputs, const int32_t *targets,
     // every rank if any has one
     int skip = streamed && !isfinite(loss);
     if (streamed && m->agree) skip = m->agree(m->agree_ctx, skip);
+    m->skipped = skip;
     if (!backward || skip) return loss;
     if (streamed && m->index_lm != m->index_wte) m->grad_ready(m->grad_ready_ctx, m->index_lm, m->g_lm);
     mt_op_zero(be, m->dres, (size_t)N * c->C * mt_act_size(be));

@@ -182,6 +182,9 @@ void mt_model_zero_grads(mt_model *m);
 // layer's parameters from the last layer to the first, the embedding; a
 // non-finite loss skips the backward (nothing is handed over).
 double mt_model_step(mt_model *m, const int32_t *inputs, const int32_t *targets, float dscale, int backward);
+// Whether the last mt_model_step skipped its backward (streamed gradients and
+// a non-finite loss, on this or, with the agreement, any rank).
+int mt_model_backward_skipped(const mt_model *m);
 // Bytes of the gradient buffers with grad_ready: one layer's parameters or
 // one embedding-sized matrix, whichever is larger (two such with grads_done,
 // used in turn), plus the final norm's and a tied embedding's.

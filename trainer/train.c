@@ -664,11 +664,11 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
                              NULL};
     int mezo = !strcmp(cfg->optim_kind, "mezo"), galore = !strcmp(cfg->optim_kind, "galore");
     int offload = strcmp(cfg->offload_optimizer, "none") != 0;
-    // offloaded gradients stream out of backward unless they must add up
-    // over micro-batches first, or are the adapters' (one small block)
+    // offloaded gradients stream out of backward, every micro-batch's (the
+    // host sums them), unless they are the adapters' (one small block)
     // (with GaLore, which passes on what it does not project)
     // (with ZeRO, zero2_hook hands over the shard's reduced parts instead)
-    int offload_streamed = offload && cfg->lora_r == 0 && accum == 1;
+    int offload_streamed = offload && cfg->lora_r == 0;
     galore_hook hook = {0};
     mt_offload *ofl = NULL;
     offload_hook ohook = {&ofl, dist, NULL, 0, NULL, NULL, NULL, NULL, 0, 0};
@@ -945,7 +945,8 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
                                 cfg->offload_trace_step,
                                 mc.L,
                                 rank,
-                                world};
+                                world,
+                                offload_streamed ? accum : 1};
         float *packed = NULL;
         if (plan.packed) {
             // GaLore's unprojected parameters: their master from the weights
@@ -1069,8 +1070,10 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
             !strcmp(cfg->offload_optimizer, "ssd") ? "SSD" : "host memory", plan.count / 1e6,
             ohook.gather ? " (this rank's shard)" : "", plan.count * 12.0 / 1073741824.0,
             st && mt_store_path(st)[0] ? " in " : "", st ? mt_store_path(st) : "", mt_offload_cpu_path(ofl),
-            offload_streamed ? "streamed per layer" : "sent after backward", mt_offload_device_bytes(ofl) / 1048576.0,
-            mt_offload_host_bytes(ofl) / 1073741824.0);
+            !offload_streamed ? "sent after backward"
+            : accum > 1       ? "streamed per layer and summed on the host over the micro-batches"
+                              : "streamed per layer",
+            mt_offload_device_bytes(ofl) / 1048576.0, mt_offload_host_bytes(ofl) / 1073741824.0);
         if (!strcmp(cfg->offload_optimizer, "ssd") && !mt_store_direct_io(st))
             mt_warn("%s does not take O_DIRECT (tmpfs?): the state goes through the page cache", cfg->offload_path);
     }
@@ -1143,14 +1146,21 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
             float dscale = valid_all > 0 ? 1.0f / (float)valid_all : 0.0f;
             mt_model_zero_grads(model);
             double loss_sum = 0.0;
+            // once a streamed backward is skipped (a non-finite loss, on any
+            // rank) the step is lost: the rest of its micro-batches only add
+            // their losses (nothing more goes to the store, which would
+            // otherwise update on the last one's gradients)
+            int backward = 1;
             for (int a = 0; a < accum; a++) {
                 // dropout masks: a fresh draw per micro-batch (and rank), the same after a resume
                 mt_model_set_dropout_seed(
                     model, mt_rng_bits((uint64_t)cfg->train_seed, ((uint64_t)step * accum + a) * world + rank));
                 dp.active = a == accum - 1;  // the gradients are reduced in the last micro-batch's backward
                 zhook.first = a == 0;
-                loss_sum +=
-                    mt_model_step(model, bs.inputs + (size_t)a * B * T, bs.targets + (size_t)a * B * T, dscale, 1);
+                if (a > 0 && backward && ofl && offload_streamed) mt_offload_micro_batch(ofl, a);
+                loss_sum += mt_model_step(model, bs.inputs + (size_t)a * B * T, bs.targets + (size_t)a * B * T, dscale,
+                                          backward);
+                if (mt_model_backward_skipped(model)) backward = 0;
                 if (zero2_streamed) mt_dist_wait(dist);  // the next micro-batch adds to the shard's sums
             }
             mt_dist_sum_host(dist, &loss_sum, 1);
