@@ -17,7 +17,9 @@ AdamW state of what it does not project (embeddings, norms, head) on the
 GPU or offloaded to host memory. A suffix -accumN on a mode (none-accum2,
 cpu-accum2) runs N micro-batches a step (train.grad_accum): offloaded, each
 micro-batch's gradients stream to the host, which sums them, so the GPU
-holds no gradient block; on the GPU the block holds the sums.
+holds no gradient block; on the GPU the block holds the sums. A further
+suffix -gpusum (cpu-accum2-gpusum) keeps the offloaded run's sums on the GPU
+(offload.grad_sum: gpu).
 
 Then the CPU AdamW alone: memtune's (bench/cpu_adam_bench.c, every
 instruction path, fp32 and bf16 gradients) against torch's CPU AdamW
@@ -46,7 +48,7 @@ GIB = 1024 ** 3
 
 
 def run_memtune(args, folder, data, run, mode, trace_step=0):
-    parts = [p for p in mode.split("-") if not p.startswith("accum")]
+    parts = [p for p in mode.split("-") if not p.startswith("accum") and p != "gpusum"]
     accum = [int(p[len("accum"):]) for p in mode.split("-") if p.startswith("accum")]
     galore = parts[0] == "galore"
     offload = (parts[1] if len(parts) > 1 else "none") if galore else parts[0]
@@ -61,12 +63,14 @@ def run_memtune(args, folder, data, run, mode, trace_step=0):
         sets["optim.kind"] = "galore"
     if accum:
         sets["train.grad_accum"] = accum[0]
+    if mode.endswith("-gpusum"):
+        sets["offload.grad_sum"] = "gpu"
     if offload == "ssd":
         sets["offload.path"] = args.ssd_path
     if trace_step:
         sets["offload.trace_step"] = trace_step
     shutil.rmtree(run, ignore_errors=True)
-    return train_and_time(args, cmd, sets, run, ("offloaded", "memory (GPU)", "O_DIRECT", "timeline"))
+    return train_and_time(args, cmd, sets, run, ("offloaded", "memory (GPU)", "O_DIRECT", "timeline", "grad_sum"))
 
 
 def json_lines(cmd, timeout):
@@ -125,11 +129,12 @@ def main():
         # accumulation against one micro-batch a step: memory, and time per token
         for mode, r in list(res.items()):
             base = res.get(mode.split("-accum")[0]) if "-accum" in mode else None
+            if mode.endswith("-gpusum"):
+                base = res.get(mode[:-len("-gpusum")])  # against the host's sums
             if isinstance(r, dict) and isinstance(base, dict) and "error" not in r and "error" not in base:
-                res[f"{mode}_allocator_peak_minus_one_micro_batch_gib"] = \
-                    (r["allocator_peak"] - base["allocator_peak"]) / GIB
-                res[f"{mode}_tokens_per_second_vs_one_micro_batch"] = \
-                    r["tokens_per_second"] / base["tokens_per_second"]
+                than = "host_sums" if mode.endswith("-gpusum") else "one_micro_batch"
+                res[f"{mode}_allocator_peak_minus_{than}_gib"] = (r["allocator_peak"] - base["allocator_peak"]) / GIB
+                res[f"{mode}_tokens_per_second_vs_{than}"] = r["tokens_per_second"] / base["tokens_per_second"]
 
     if not args.skip_adam:
         cores = os.cpu_count()

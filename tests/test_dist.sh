@@ -117,16 +117,17 @@ pair offload "--set train.grad_accum=2 --set offload.optimizer=cpu" "--set offlo
 # ZeRO with offload: each rank offloads its shard (a file per rank on ssd)
 pair zero2-offload "--set train.grad_accum=2 --set offload.optimizer=cpu" \
     "--set dist.zero_stage=2 --set offload.optimizer=cpu"
+# (its shard's sums on the device, handed over after backward; the host sums them in nan-offload-accum)
 pair zero2-offload-accum "--set train.grad_accum=4 --set offload.optimizer=cpu" \
-    "--set dist.zero_stage=2 --set train.grad_accum=2 --set offload.optimizer=cpu"
+    "--set dist.zero_stage=2 --set train.grad_accum=2 --set offload.optimizer=cpu --set offload.grad_sum=gpu"
 pair zero1-offload-ssd "--set train.grad_accum=2 --set offload.optimizer=ssd --set offload.path=$W/ssd-1" \
     "--set dist.zero_stage=1 --set offload.optimizer=ssd --set offload.path=$W/ssd-2"
 grep -q "data parallel: 2 ranks ($LAUNCHER)" "$W/zero2-2.log" || fail "no data-parallel line in the log"
-# ZeRO-2 hands each reduced part to the store as it arrives; over several
-# micro-batches the host sums them
+# ZeRO-2 hands each reduced part to the store as it arrives (or with
+# offload.grad_sum gpu its shard's sums after backward)
 grep -q "gradients streamed per layer" "$W/zero2-offload-2.log" || fail "ZeRO-2 + offload did not stream"
-grep -q "gradients streamed per layer and summed on the host" "$W/zero2-offload-accum-2.log" ||
-    fail "ZeRO-2 + offload + accumulation did not stream"
+grep -q "gradients summed over the micro-batches where computed" "$W/zero2-offload-accum-2.log" ||
+    fail "ZeRO-2 + offload + accumulation with offload.grad_sum gpu streamed"
 # ZeRO-2's streamed gradients in one process (its code path, with a copy for the reduce)
 "$MEMTUNE" "${common[@]}" --set train.grad_accum=2 --set dist.zero_stage=2 --set "output.dir=$W/zero2-single" \
     > "$W/zero2-single.log" 2>&1 || fail "zero2 in one process"
@@ -202,6 +203,8 @@ pair nan-offload-accum "${acc[*]} --set train.grad_accum=4" \
 "$MEMTUNE" "${common[@]}" "${acc[@]}" --set train.grad_accum=4 --set offload.optimizer=cpu \
     --set "output.dir=$W/nan-offload-accum-1o" > "$W/nan-offload-accum-1o.log" 2>&1 || fail "nan-offload-accum-1o"
 same "nan-offload-accum: offloaded vs AdamW on the device" "$W/nan-offload-accum-1" "$W/nan-offload-accum-1o" 15
+grep -q "gradients streamed per layer and summed on the host" "$W/nan-offload-accum-2.log" ||
+    fail "ZeRO-2 + offload + accumulation did not stream"
 skips() { grep -c "update skipped" "$1"; }
 [ "$(skips "$W/nan-offload-accum-1o.log")" -eq 1 ] || fail "nan-offload-accum-1o: not one skipped step"
 for run in nan-zero2 nan-zero2-offload nan-galore nan-offload-accum; do

@@ -504,10 +504,12 @@ START_TEST(gpu_offload_follows_gpu_adamw) {
     // clang-format off
     const char *const variants[][12] = {{"optim.grad_clip", "1", NULL}, {"optim.grad_clip", "0", NULL},
                                         {"train.grad_accum", "2", NULL}, {"lora.r", "4", NULL},
+                                        // summed on the GPU in the gradient block, handed over after backward
+                                        {"train.grad_accum", "2", "offload.grad_sum", "gpu", NULL},
                                         // GaLore: its unprojected parameters' state offloaded
                                         {"optim.kind", "galore", "optim.grad_clip", "0", "galore.rank", "4", NULL}};
     // clang-format on
-    for (int k = 0; k < 5; k++) {
+    for (int k = 0; k < (int)(sizeof variants / sizeof *variants); k++) {
         double base[12], cpu[12], file[12];
         const char *cpu_extra[20], *ssd_extra[20];
         int n = 0;
@@ -515,7 +517,13 @@ START_TEST(gpu_offload_follows_gpu_adamw) {
         const char *const cpu_tail[] = {"offload.optimizer", "cpu", "offload.trace_step", "3", NULL};
         const char *const ssd_tail[] = {"offload.optimizer", "ssd", "offload.path", ssd, NULL};
         for (int i = 0; i < 5; i++) cpu_extra[n + i] = cpu_tail[i], ssd_extra[n + i] = ssd_tail[i];
-        gpu_run(dir, "resident", variants[k], base);
+        const char *resident[20];  // (the run without offload takes no offload.* keys)
+        int nr = 0;
+        for (int i = 0; i < n; i += 2)
+            if (strncmp(variants[k][i], "offload.", 8))
+                resident[nr++] = variants[k][i], resident[nr++] = variants[k][i + 1];
+        resident[nr] = NULL;
+        gpu_run(dir, "resident", resident, base);
         gpu_run(dir, "cpu", cpu_extra, cpu);
         gpu_run(dir, "ssd", ssd_extra, file);
         double worst = 0.0;

@@ -310,7 +310,8 @@ START_TEST(offloaded_runs_follow_the_run_without_offload) {
     const char *const variants[][12] = {
         {NULL},  // with clipping (optim.grad_clip 1, the default)
         {"optim.grad_clip", "0", NULL},  // buckets update as their gradients land
-        {"train.grad_accum", "2", NULL},  // the gradient block after backward
+        {"train.grad_accum", "2", NULL},  // each micro-batch's gradients streamed, summed on the host
+        {"train.grad_accum", "2", "offload.grad_sum", "gpu", NULL},  // summed in the block, sent after backward
         {"lora.r", "4", "lora.dropout", "0", NULL},  // adapters
     };
     // clang-format on
@@ -319,7 +320,11 @@ START_TEST(offloaded_runs_follow_the_run_without_offload) {
         const char *plain[16], *off_cpu[16], *off_ssd[16];
         int n = 0;
         while (variants[k][n]) n++;
-        for (int i = 0; i <= n; i++) plain[i] = off_cpu[i] = off_ssd[i] = variants[k][i];
+        int np = 0;  // (the run without offload takes no offload.* keys)
+        for (int i = 0; i < n; i += 2)
+            if (strncmp(variants[k][i], "offload.", 8)) plain[np++] = variants[k][i], plain[np++] = variants[k][i + 1];
+        plain[np] = NULL;
+        for (int i = 0; i <= n; i++) off_cpu[i] = off_ssd[i] = variants[k][i];
         off_cpu[n] = "offload.optimizer", off_cpu[n + 1] = "cpu", off_cpu[n + 2] = NULL;
         off_ssd[n] = "offload.optimizer", off_ssd[n + 1] = "ssd", off_ssd[n + 2] = "offload.path", off_ssd[n + 3] = ssd,
         off_ssd[n + 4] = NULL;

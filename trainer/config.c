@@ -266,6 +266,7 @@ static const char *const outside_training_hash[] = {
     // where the optimizer state lives changes no value it holds: a run may
     // resume with it moved (onto a smaller GPU, say)
     "offload.optimizer", "offload.path", "offload.io_threads", "offload.threads", "offload.trace_step",
+    "offload.grad_sum",
     // a checkpoint resumes whatever the sharding (docs/checkpoints.md)
     "dist.zero_stage", "dist.timeout"};
 

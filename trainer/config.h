@@ -113,6 +113,11 @@ extern "C" {
     X(offload, io_threads, INT, "4", 1, 64, "", "offload.optimizer ssd: reads and writes in flight at once")          \
     X(offload, threads, INT, "0", 0, 4096, "",                                                                        \
       "CPU threads of the offloaded AdamW (0: every core but one with a GPU, every core without)")                    \
+    X(offload, grad_sum, ENUM, "auto", 0, 0, "auto|host|gpu",                                                         \
+      "with train.grad_accum > 1, where a step's gradients add up over its micro-batches: host (each micro-batch's "  \
+      "stream out and host memory sums them in fp32, 4 bytes a trained parameter; none on the GPU), gpu (the fp32 "   \
+      "block on the GPU, 4 bytes a parameter there) or auto (host when the run's host memory then stays within 85% "  \
+      "of the node's; LoRA's adapters always on the GPU)")                                                            \
     X(offload, trace_step, INT, "0", 0, 1000000000, "",                                                               \
       "GPU: write the copy/update timeline of this step and the next to output.dir/offload-trace.json (Chrome trace " \
       "format, for chrome://tracing or ui.perfetto.dev); 0: none")                                                    \

@@ -599,6 +599,22 @@ static void offload_weights_needed(void *ctx, int bucket) {
     mt_dist_wait(h->dist);
 }
 
+// Offload with accumulation: whether host memory sums the micro-batches'
+// gradients (offload.grad_sum). auto: when the node's ranks then hold at
+// most 85% of its memory at the run's start, each with the weights' fp32
+// copy (4 bytes a parameter of the model), and per parameter of its shard
+// the state in host memory (12, offload.optimizer cpu), the bf16 landing (2)
+// and the fp32 sum (4); need and have (bytes) say what was weighed.
+static int sum_on_host(const mt_config *cfg, size_t total, size_t shard, int local_ranks, double *need, double *have) {
+    if (strcmp(cfg->offload_grad_sum, "auto")) return !strcmp(cfg->offload_grad_sum, "host");
+    int gpu = strcmp(cfg->train_device, "cpu") && mt_device_count() > 0;
+    if (!gpu) return 1;  // the CPU backend's fp32 gradient buffer is the sum: nothing more
+    double per_param = (!strcmp(cfg->offload_optimizer, "cpu") ? 12.0 : 0.0) + 2.0 + 4.0;
+    *need = local_ranks * (per_param * (double)shard + 4.0 * (double)total);
+    *have = (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE);
+    return *need <= 0.85 * *have;
+}
+
 // mezo.trainable, galore.targets: which parameters match one of the listed
 // glob patterns. Returns how many do.
 static int select_trainable(const char *patterns, const mt_param_info *table, int n, unsigned char *selected) {
@@ -664,11 +680,6 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
                              NULL};
     int mezo = !strcmp(cfg->optim_kind, "mezo"), galore = !strcmp(cfg->optim_kind, "galore");
     int offload = strcmp(cfg->offload_optimizer, "none") != 0;
-    // offloaded gradients stream out of backward, every micro-batch's (the
-    // host sums them), unless they are the adapters' (one small block)
-    // (with GaLore, which passes on what it does not project)
-    // (with ZeRO, zero2_hook hands over the shard's reduced parts instead)
-    int offload_streamed = offload && cfg->lora_r == 0;
     galore_hook hook = {0};
     mt_offload *ofl = NULL;
     offload_hook ohook = {&ofl, dist, NULL, 0, NULL, NULL, NULL, NULL, 0, 0};
@@ -682,16 +693,6 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     zero2_hook zhook = {0};
     float *shard_grads = NULL;
     opts.forward_only = mezo;
-    if (galore) opts.grad_ready = galore_grad_ready, opts.grad_ready_ctx = &hook;
-    if (offload_streamed && !galore && !zero2_streamed)
-        opts.grad_ready = offload_grad_ready, opts.grad_ready_ctx = &ohook;
-    // (streamed gradients, GaLore's and offload's, are reduced as each is handed over)
-    if (world > 1 && !opts.grad_ready) opts.grads_done = dp_grads_done, opts.grads_done_ctx = &dp;
-    if (zero2_streamed) {
-        opts.grad_ready = zero2_grad_ready, opts.grad_ready_ctx = &zhook;
-        opts.grads_done = zero2_grads_done, opts.grads_done_ctx = &zhook;
-    }
-    if (offload) opts.weights_needed = offload_weights_needed, opts.weights_needed_ctx = &ohook;
     if (cfg->lora_r > 0) {
         opts.lora = (mt_lora_config){(int)cfg->lora_r, (float)cfg->lora_alpha, (float)cfg->lora_dropout,
                                      (int)cfg->lora_rslora, 0};
@@ -709,6 +710,24 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     // ZeRO: this rank's shard of the trained block (all of it with one rank, or without ZeRO)
     size_t shard_lo = 0, shard_hi = trained_total;
     if (zero) mt_dist_shard(dist, rank, trained_total, &shard_lo, &shard_hi);
+    // offloaded gradients stream out of backward, every micro-batch's when
+    // the host sums them (offload.grad_sum), unless they are the adapters'
+    // (one small block) (with GaLore, which passes on what it does not
+    // project) (with ZeRO, zero2_hook hands over the shard's reduced parts)
+    double host_need = 0.0, host_have = 0.0;
+    int host_sum = offload && cfg->lora_r == 0 && accum > 1 &&
+                   sum_on_host(cfg, total, shard_hi - shard_lo, mt_dist_local_world(dist), &host_need, &host_have);
+    int offload_streamed = offload && cfg->lora_r == 0 && (accum == 1 || host_sum);
+    if (galore) opts.grad_ready = galore_grad_ready, opts.grad_ready_ctx = &hook;
+    if (offload_streamed && !galore && !zero2_streamed)
+        opts.grad_ready = offload_grad_ready, opts.grad_ready_ctx = &ohook;
+    // (streamed gradients, GaLore's and offload's, are reduced as each is handed over)
+    if (world > 1 && !opts.grad_ready) opts.grads_done = dp_grads_done, opts.grads_done_ctx = &dp;
+    if (zero2_streamed) {
+        opts.grad_ready = zero2_grad_ready, opts.grad_ready_ctx = &zhook;
+        opts.grads_done = zero2_grads_done, opts.grads_done_ctx = &zhook;
+    }
+    if (offload) opts.weights_needed = offload_weights_needed, opts.weights_needed_ctx = &ohook;
     // each forward unit's range of the trained block, for the gradient reduction
     dp.units = mc.L + 2;
     dp.lo = calloc((size_t)dp.units, sizeof *dp.lo);
@@ -1070,10 +1089,17 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
             !strcmp(cfg->offload_optimizer, "ssd") ? "SSD" : "host memory", plan.count / 1e6,
             ohook.gather ? " (this rank's shard)" : "", plan.count * 12.0 / 1073741824.0,
             st && mt_store_path(st)[0] ? " in " : "", st ? mt_store_path(st) : "", mt_offload_cpu_path(ofl),
-            !offload_streamed ? "sent after backward"
-            : accum > 1       ? "streamed per layer and summed on the host over the micro-batches"
-                              : "streamed per layer",
+            lora                ? "sent after backward"
+            : !offload_streamed ? "summed over the micro-batches where computed, sent after backward"
+            : accum > 1         ? "streamed per layer and summed on the host over the micro-batches"
+                                : "streamed per layer",
             mt_offload_device_bytes(ofl) / 1048576.0, mt_offload_host_bytes(ofl) / 1073741824.0);
+        if (host_need > 0.0 && !host_sum)
+            mt_info(
+                "offload.grad_sum auto: summed in host memory, the gradients would bring this node's ranks to about "
+                "%.1f GiB at the start, over 85%% of its %.1f GiB: the GPU sums them (4 bytes a parameter there; "
+                "offload.grad_sum: host forces the host)",
+                host_need / 1073741824.0, host_have / 1073741824.0);
         if (!strcmp(cfg->offload_optimizer, "ssd") && !mt_store_direct_io(st))
             mt_warn("%s does not take O_DIRECT (tmpfs?): the state goes through the page cache", cfg->offload_path);
     }
