@@ -517,12 +517,8 @@ START_TEST(gpu_offload_follows_gpu_adamw) {
         const char *const cpu_tail[] = {"offload.optimizer", "cpu", "offload.trace_step", "3", NULL};
         const char *const ssd_tail[] = {"offload.optimizer", "ssd", "offload.path", ssd, NULL};
         for (int i = 0; i < 5; i++) cpu_extra[n + i] = cpu_tail[i], ssd_extra[n + i] = ssd_tail[i];
-        const char *resident[20];  // (the run without offload takes no offload.* keys)
-        int nr = 0;
-        for (int i = 0; i < n; i += 2)
-            if (strncmp(variants[k][i], "offload.", 8))
-                resident[nr++] = variants[k][i], resident[nr++] = variants[k][i + 1];
-        resident[nr] = NULL;
+        const char *resident[20];
+        tu_pairs_without(variants[k], "offload.", resident);  // (the run without offload takes no offload.* keys)
         gpu_run(dir, "resident", resident, base);
         gpu_run(dir, "cpu", cpu_extra, cpu);
         gpu_run(dir, "ssd", ssd_extra, file);

@@ -320,10 +320,7 @@ START_TEST(offloaded_runs_follow_the_run_without_offload) {
         const char *plain[16], *off_cpu[16], *off_ssd[16];
         int n = 0;
         while (variants[k][n]) n++;
-        int np = 0;  // (the run without offload takes no offload.* keys)
-        for (int i = 0; i < n; i += 2)
-            if (strncmp(variants[k][i], "offload.", 8)) plain[np++] = variants[k][i], plain[np++] = variants[k][i + 1];
-        plain[np] = NULL;
+        tu_pairs_without(variants[k], "offload.", plain);  // (the run without offload takes no offload.* keys)
         for (int i = 0; i <= n; i++) off_cpu[i] = off_ssd[i] = variants[k][i];
         off_cpu[n] = "offload.optimizer", off_cpu[n + 1] = "cpu", off_cpu[n + 2] = NULL;
         off_ssd[n] = "offload.optimizer", off_ssd[n + 1] = "ssd", off_ssd[n + 2] = "offload.path", off_ssd[n + 3] = ssd,

@@ -132,6 +132,13 @@ void tu_tiny_run_config(void *cfg, const char *folder, const char *data, const c
     apply_pairs(cfg, extra);
 }
 
+void tu_pairs_without(const char *const *pairs, const char *prefix, const char **out) {
+    int n = 0;
+    for (int i = 0; pairs[i]; i += 2)
+        if (strncmp(pairs[i], prefix, strlen(prefix))) out[n++] = pairs[i], out[n++] = pairs[i + 1];
+    out[n] = NULL;
+}
+
 void tu_write_sequence_data(const char *path) {
     uint64_t n = 20000;
     uint32_t *tok = malloc(n * 4);

@@ -46,6 +46,9 @@ void tu_tiny_run_config(void *cfg, const char *folder, const char *data, const c
 // A 20000-token dataset over the tiny vocabulary (13) at path: mostly
 // token i + 1 after token i, so that a few steps visibly learn.
 void tu_write_sequence_data(const char *path);
+// The NULL-ended key/value pairs whose keys do not start with prefix, into
+// out (room for all of them and the NULL).
+void tu_pairs_without(const char *const *pairs, const char *prefix, const char **out);
 
 // A fresh empty folder under /tmp (path written to buf).
 void tu_tempdir(char *buf, size_t len);

@@ -605,10 +605,10 @@ static void offload_weights_needed(void *ctx, int bucket) {
 // copy (4 bytes a parameter of the model), and per parameter of its shard
 // the state in host memory (12, offload.optimizer cpu), the bf16 landing (2)
 // and the fp32 sum (4); need and have (bytes) say what was weighed.
-static int sum_on_host(const mt_config *cfg, size_t total, size_t shard, int local_ranks, double *need, double *have) {
+static int sum_on_host(const mt_config *cfg, int use_gpu, size_t total, size_t shard, int local_ranks, double *need,
+                       double *have) {
     if (strcmp(cfg->offload_grad_sum, "auto")) return !strcmp(cfg->offload_grad_sum, "host");
-    int gpu = strcmp(cfg->train_device, "cpu") && mt_device_count() > 0;
-    if (!gpu) return 1;  // the CPU backend's fp32 gradient buffer is the sum: nothing more
+    if (!use_gpu) return 1;  // the CPU backend's fp32 gradient buffer is the sum: nothing more
     double per_param = (!strcmp(cfg->offload_optimizer, "cpu") ? 12.0 : 0.0) + 2.0 + 4.0;
     *need = local_ranks * (per_param * (double)shard + 4.0 * (double)total);
     *have = (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE);
@@ -714,9 +714,13 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     // the host sums them (offload.grad_sum), unless they are the adapters'
     // (one small block) (with GaLore, which passes on what it does not
     // project) (with ZeRO, zero2_hook hands over the shard's reduced parts)
+    // (the backend: the GPU unless train.device is cpu or none is visible)
+    int want_gpu = !strcmp(cfg->train_device, "gpu"), ngpu = mt_device_count();
+    int use_gpu = strcmp(cfg->train_device, "cpu") && ngpu > 0;
     double host_need = 0.0, host_have = 0.0;
-    int host_sum = offload && cfg->lora_r == 0 && accum > 1 &&
-                   sum_on_host(cfg, total, shard_hi - shard_lo, mt_dist_local_world(dist), &host_need, &host_have);
+    int host_sum =
+        offload && cfg->lora_r == 0 && accum > 1 &&
+        sum_on_host(cfg, use_gpu, total, shard_hi - shard_lo, mt_dist_local_world(dist), &host_need, &host_have);
     int offload_streamed = offload && cfg->lora_r == 0 && (accum == 1 || host_sum);
     if (galore) opts.grad_ready = galore_grad_ready, opts.grad_ready_ctx = &hook;
     if (offload_streamed && !galore && !zero2_streamed)
@@ -811,7 +815,6 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     }
 
     // ---- backend, model, optimizer
-    int want_gpu = !strcmp(cfg->train_device, "gpu"), ngpu = mt_device_count();
     if (want_gpu && ngpu == 0) {
         err = mt_errorf(MT_ERR_DEVICE, "train.device is gpu but no GPU is visible%s; set train.device: auto or cpu",
 #ifdef MT_HAVE_CUDA
@@ -822,7 +825,6 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
         );
         goto out_params;
     }
-    int use_gpu = strcmp(cfg->train_device, "cpu") && ngpu > 0;
     if (use_gpu && mt_dist_local_world(dist) > ngpu) {
         err = mt_errorf(MT_ERR_DEVICE,
                         "%d ranks run on this node but it has %d GPU%s: start at most %d per node (mpirun -np %d, or "
