@@ -110,9 +110,11 @@ pair mezo "--set train.grad_accum=2 --set optim.kind=mezo --set optim.lr=1e-3" \
     "--set optim.kind=mezo --set optim.lr=1e-3"
 pair galore "--set train.micro_batch=4 --set optim.kind=galore --set optim.grad_clip=0 --set galore.rank=4" \
     "--set optim.kind=galore --set optim.grad_clip=0 --set galore.rank=4"
-# GaLore with ZeRO: each rank keeps and updates the state of its own parameters
-pair galore-zero1 "--set train.micro_batch=4 --set optim.kind=galore --set optim.grad_clip=0 --set galore.rank=4" \
-    "--set dist.zero_stage=1 --set optim.kind=galore --set optim.grad_clip=0 --set galore.rank=4"
+# GaLore with ZeRO: each rank keeps and updates the state of its own
+# parameters (stage 2 as 1: no gradient shards, GaLore's hook takes each
+# gradient to its owner)
+pair galore-zero2 "--set train.micro_batch=4 --set optim.kind=galore --set optim.grad_clip=0 --set galore.rank=4" \
+    "--set dist.zero_stage=2 --set optim.kind=galore --set optim.grad_clip=0 --set galore.rank=4"
 pair offload "--set train.grad_accum=2 --set offload.optimizer=cpu" "--set offload.optimizer=cpu"
 # ZeRO with offload: each rank offloads its shard (a file per rank on ssd)
 pair zero2-offload "--set train.grad_accum=2 --set offload.optimizer=cpu" \

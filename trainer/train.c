@@ -688,8 +688,9 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     // ZeRO-2 streams a full fine-tune's gradients into the shards; with
     // offload, ZeRO-1 too: each rank's store updates its shard only, so a
     // whole all-reduced gradient would serve nothing but to cost 4 bytes a
-    // parameter on the GPU and twice the traffic
-    int zero2_streamed = cfg->lora_r == 0 && (zero == 2 || (zero == 1 && offload));
+    // parameter on the GPU and twice the traffic. (Not GaLore's: its hook
+    // takes each gradient to the parameter's owner, whatever the stage.)
+    int zero2_streamed = cfg->lora_r == 0 && !galore && (zero == 2 || (zero == 1 && offload));
     zero2_hook zhook = {0};
     float *shard_grads = NULL;
     opts.forward_only = mezo;
