@@ -4,7 +4,9 @@
 1. Loss curves: the quickstart's tiny model on the KJV data, LoRA, full
    fine-tuning with ZeRO-2 and MeZO, on 2 GPUs against 1 GPU with twice the
    gradient accumulation (the same windows each step): the largest relative
-   difference of the losses, which should be bf16 rounding.
+   difference of the losses, which should be bf16 rounding. Also GaLore
+   with ZeRO-2 (and offload) by --variants, its 1-GPU run with twice the
+   micro-batch (GaLore takes no accumulation).
 2. Scaling: the TinyLlama-1.1B shape (random init), B=4 rows of T=1024 per
    GPU, activation checkpointing: tokens/s on 1 GPU and on 2, and the
    efficiency tokens/s(2) / (2 x tokens/s(1)), for LoRA, full fine-tuning
@@ -26,6 +28,7 @@ Writes dist_bench.json to --out and prints a table.
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -42,6 +45,13 @@ BUILD = os.environ.get("MT_BUILD_DIR", os.path.join(ROOT, "build"))
 SHARED_GPU = {"MT_LOCAL_RANK": "0", "MT_LOCAL_WORLD_SIZE": "1", "NCCL_P2P_DISABLE": "1", "NCCL_SHM_DISABLE": "1",
               "NCCL_IB_DISABLE": "1", "NCCL_NET": "Socket", "NCCL_SOCKET_IFNAME": "lo"}
 shared_gpu = False
+# GaLore takes no accumulation: its 1-GPU curve doubles the micro-batch instead (the same windows)
+GALORE = ["--set", "optim.kind=galore", "--set", "optim.grad_clip=0"]
+
+
+def quickstart_micro_batch():
+    with open(os.path.join(ROOT, "configs", "quickstart.yaml")) as f:
+        return int(re.search(r"^\s*micro_batch:\s*(\d+)", f.read(), re.M).group(1))
 
 
 def launch(n, args_list, log, timeout):
@@ -85,7 +95,8 @@ def main():
     ap.add_argument("--kjv", default="/tmp/kjv.h5")
     ap.add_argument("--parts", default="curves,scaling")
     ap.add_argument("--variants", default="lora,full-zero2,mezo",
-                    help="of lora, full-zero1, full-zero2, full-zero1-offload, full-zero2-offload, mezo")
+                    help="of lora, full-zero1, full-zero2, full-zero1-offload, full-zero2-offload, mezo, "
+                    "galore-zero2, galore-zero2-offload")
     ap.add_argument("--shared-gpu", action="store_true", help="every rank on GPU 0 (loss curves only)")
     ap.add_argument("--out", default=".")
     ap.add_argument("--work", default="/tmp/mt-dist-bench")
@@ -106,6 +117,8 @@ def main():
         "full-zero2-offload": ["--set", "dist.zero_stage=2", "--set", "offload.optimizer=cpu"],
         "full-zero1-offload": ["--set", "dist.zero_stage=1", "--set", "offload.optimizer=cpu"],
         "mezo": ["--set", "optim.kind=mezo", "--set", "optim.lr=1e-4", "--set", "mezo.samples=1"],
+        "galore-zero2": GALORE + ["--set", "dist.zero_stage=2"],
+        "galore-zero2-offload": GALORE + ["--set", "dist.zero_stage=2", "--set", "offload.optimizer=cpu"],
     }
     variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}
 
@@ -118,8 +131,9 @@ def main():
                 "--set", "train.eval_every=0", "--set", "checkpoint.every=0", "--set", "output.save_model=false"]
         for name, extra in variants.items():
             one, two = os.path.join(args.work, f"{name}-1"), os.path.join(args.work, f"{name}-{n}")
-            r1 = launch(1, base + alone(extra) + ["--set", f"train.grad_accum={n}", "--set", f"output.dir={one}"],
-                        one + ".log", 600)
+            wider = (f"train.micro_batch={n * quickstart_micro_batch()}" if name.startswith("galore")
+                     else f"train.grad_accum={n}")
+            r1 = launch(1, base + alone(extra) + ["--set", wider, "--set", f"output.dir={one}"], one + ".log", 600)
             r2 = launch(n, base + extra + ["--set", f"output.dir={two}"], two + ".log", 600)
             if r1 or r2:
                 res["curves"][name] = {"error": f"exit {r1}, {r2}; see {one}.log, {two}.log"}
@@ -178,7 +192,8 @@ def main():
     with open(os.path.join(args.out, "dist_bench.json"), "w") as f:
         json.dump(res, f, indent=1)
     print(f"\nlauncher: {res['launcher']}" + (f", the {n} ranks on GPU 0 (NCCL over sockets)" if shared_gpu else ""))
-    print("| run | loss curves: worst relative difference, 2 GPUs vs 1 GPU x2 accumulation |")
+    print(f"| run | loss curves: worst relative difference, {n} GPUs vs 1 GPU with {n}x the accumulation "
+          "(GaLore: the micro-batch) |")
     print("|---|---|")
     for k, v in res["curves"].items():
         print(f"| {k} | {v.get('worst_relative_difference', v.get('error'))} |")

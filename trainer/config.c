@@ -431,12 +431,6 @@ mt_err mt_config_validate(const mt_config *cfg) {
                          "dist.zero_stage %ld shards the optimizer's state, but optim.kind is mezo, which keeps none; "
                          "set dist.zero_stage: 0",
                          cfg->dist_zero_stage);
-    if (cfg->dist_zero_stage > 0 && galore && offload)
-        return mt_errorf(MT_ERR_CONFIG,
-                         "dist.zero_stage %ld with optim.kind galore and offload.optimizer %s is not built (GaLore's "
-                         "sharded state or its offloaded rest, not both); set dist.zero_stage: 0 or "
-                         "offload.optimizer: none",
-                         cfg->dist_zero_stage, cfg->offload_optimizer);
     if (!offload && section_changed(cfg, "offload"))
         return mt_errorf(MT_ERR_CONFIG, "offload.* keys need offload.optimizer: cpu or ssd (it is none)");
     if (!strcmp(cfg->offload_optimizer, "ssd") && !cfg->offload_path[0])

@@ -375,16 +375,14 @@ void mt_dist_share_shards(mt_dist *d, void *buf, size_t lo, size_t hi, size_t to
     nccl_group(d, 0);
 }
 
-void mt_dist_share_shards_host(mt_dist *d, float *host, size_t total) {
+void mt_dist_share_ranges_host(mt_dist *d, float *host, const size_t *bounds) {
     if (d->world == 1) return;
 #ifdef MT_HAVE_CUDA
     if (d->nccl) {
         mt_dist_after_compute(d);
         for (int r = 0; r < d->world; r++) {
-            size_t a, b;
-            mt_dist_shard(d, r, total, &a, &b);
-            for (size_t at = a; at < b; at += STAGE_FLOATS) {
-                size_t len = b - at < STAGE_FLOATS ? b - at : STAGE_FLOATS;
+            for (size_t at = bounds[r]; at < bounds[r + 1]; at += STAGE_FLOATS) {
+                size_t len = bounds[r + 1] - at < STAGE_FLOATS ? bounds[r + 1] - at : STAGE_FLOATS;
                 if (d->rank == r)
                     cudaMemcpyAsync(d->scratch, host + at, len * sizeof(float), cudaMemcpyHostToDevice, d->stream);
                 NCCL_CHECK(ncclBroadcast(d->scratch, d->scratch, len, ncclFloat, r, d->comm, d->stream));
@@ -397,10 +395,19 @@ void mt_dist_share_shards_host(mt_dist *d, float *host, size_t total) {
     }
 #endif
     for (int r = 0; r < d->world; r++) {
-        size_t a, b;
-        mt_dist_shard(d, r, total, &a, &b);
-        MPI_PIECES(b - a, at, len) MPI_Bcast(host + a + at, (int)len, MPI_FLOAT, r, MPI_COMM_WORLD);
+        MPI_PIECES(bounds[r + 1] - bounds[r], at, len)
+        MPI_Bcast(host + bounds[r] + at, (int)len, MPI_FLOAT, r, MPI_COMM_WORLD);
     }
+}
+
+void mt_dist_share_shards_host(mt_dist *d, float *host, size_t total) {
+    if (d->world == 1) return;
+    size_t *bounds = malloc((size_t)(d->world + 1) * sizeof *bounds), hi;
+    MT_CHECK(bounds != NULL, "shard bounds");
+    for (int r = 0; r < d->world; r++) mt_dist_shard(d, r, total, &bounds[r], &hi);
+    bounds[d->world] = total;
+    mt_dist_share_ranges_host(d, host, bounds);
+    free(bounds);
 }
 
 void mt_dist_sum_host(mt_dist *d, double *x, int n) {

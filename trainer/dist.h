@@ -76,6 +76,7 @@ void mt_dist_share_shards(mt_dist *d, void *buf, size_t lo, size_t hi, size_t to
 void mt_dist_share_ranges(mt_dist *d, void *buf, const size_t *bounds, size_t elem);
 // The same for host arrays of floats (checkpoints), blocking.
 void mt_dist_share_shards_host(mt_dist *d, float *host, size_t total);
+void mt_dist_share_ranges_host(mt_dist *d, float *host, const size_t *bounds);
 // Sums n host doubles over the ranks, in place; blocking.
 void mt_dist_sum_host(mt_dist *d, double *x, int n);
 // Every rank's `value` must be equal; the error names what differs.

@@ -246,6 +246,7 @@ typedef struct {
     mt_dist *dist;
     int sharded;  // ZeRO 1, 2 over several ranks: the AdamW state of [shard_lo, shard_hi) is this rank's
     size_t shard_lo, shard_hi;
+    const size_t *owned;  // GaLore under ZeRO: each rank's run of parameters (galore_owners), or NULL
 } checkpoint_ctx;
 
 // `arrays` host arrays of the trained block's n values, in one allocation,
@@ -290,6 +291,8 @@ static mt_err get_trained(checkpoint_ctx *c, float *dst, float *packed) {
     }
     mt_model_get_trainable(c->model, dst);  // after the offloaded updates' copies (read_state waits for them)
     if (c->offload && !err) scatter_packed(c->plan, packed ? packed : own, dst);
+    // GaLore under ZeRO: the store held only this rank's parameters' master
+    if (c->offload && c->sharded && c->owned) mt_dist_share_ranges_host(c->dist, dst, c->owned);
     free(own);
     return err;
 }
@@ -949,7 +952,9 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     zhook.lo = shard_lo, zhook.hi = shard_hi, zhook.total = trained_total, zhook.first = 1;
     zhook.offload = &ofl, zhook.plan = &plan;
     if (offload && !err) {
-        plan = plan_offload(trained_table, n_trained, shard_lo, shard_hi, galore ? selected : NULL, mc.L);
+        // (GaLore under ZeRO: the unprojected ones of this rank's parameters)
+        plan = plan_offload(trained_table, n_trained, gbounds ? gbounds[rank] : shard_lo,
+                            gbounds ? gbounds[rank + 1] : shard_hi, galore ? selected : NULL, mc.L);
         hook.offloaded = plan.index;
         char trace[1200];
         snprintf(trace, sizeof trace, "%s/offload-trace.json", cfg->output_dir);
@@ -988,6 +993,7 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
                                       moments == 3 ? packed + plan.count : NULL,
                                       moments == 3 ? packed + 2 * plan.count : NULL, resume.optimizer_steps);
             free(packed);
+            if (!err && zero && world > 1) mt_offload_set_norm_sum(ofl, sum_over_ranks, dist);
         } else {
             // moment_m and moment_v exist only when resuming (resume.optimizer_steps is 0 otherwise)
             err = mt_offload_init(&ofl, &be, &oc, plan.params, plan.n, plan.count, tr.weights, trained + shard_lo,
@@ -1090,8 +1096,12 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
             "AdamW state offloaded to %s: %.2fM parameters%s, %.2f GiB (fp32 master, m, v)%s%s; CPU AdamW %s; "
             "gradients %s, %.1f MiB of GPU staging; host memory %.2f GiB",
             !strcmp(cfg->offload_optimizer, "ssd") ? "SSD" : "host memory", plan.count / 1e6,
-            ohook.gather ? " (this rank's shard)" : "", plan.count * 12.0 / 1073741824.0,
-            st && mt_store_path(st)[0] ? " in " : "", st ? mt_store_path(st) : "", mt_offload_cpu_path(ofl),
+            plan.packed    ? (gbounds && world > 1 ? " (those GaLore does not project, of this rank's parameters)"
+                                                   : " (those GaLore does not project)")
+            : ohook.gather ? " (this rank's shard)"
+                           : "",
+            plan.count * 12.0 / 1073741824.0, st && mt_store_path(st)[0] ? " in " : "", st ? mt_store_path(st) : "",
+            mt_offload_cpu_path(ofl),
             lora                ? "sent after backward"
             : !offload_streamed ? "summed over the micro-batches where computed, sent after backward"
             : accum > 1         ? "streamed per layer and summed on the host over the micro-batches"
@@ -1134,9 +1144,9 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     double t_start = mt_now(), t_last = t_start;
     long tokens_since = 0;
     checkpoint_ctx ckpt = {
-        cfg,     &mc,   lora,    opt,      gal,      ofl,           &plan, trained_table,         n_trained,
-        model,   train, trained, moment_m, moment_v, trained_total, dist,  zero > 0 && world > 1, shard_lo,
-        shard_hi};
+        cfg,      &mc,    lora,    opt,      gal,      ofl,           &plan, trained_table,         n_trained,
+        model,    train,  trained, moment_m, moment_v, trained_total, dist,  zero > 0 && world > 1, shard_lo,
+        shard_hi, gbounds};
     stop_signal = 0;
     struct sigaction action = {0}, old_int, old_term;
     action.sa_handler = on_stop_signal;
@@ -1203,17 +1213,15 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
                 if (galore) mt_galore_end_step(gal, &info);
                 int matrices = 0;
                 double seconds = galore ? mt_galore_last_refresh_seconds(gal, &matrices) : 0.0;
-                if (galore && gowner && world > 1) {
+                int share_owned = galore && gowner && world > 1;
+                if (share_owned) {
                     // each rank updated (and refreshed) its own parameters: the
                     // norm, the verdict and the count over all of them (the
-                    // seconds stay rank 0's), then every rank gets the weights
+                    // seconds stay rank 0's); every rank gets the weights below
                     double sum[3] = {info.grad_norm * info.grad_norm, !info.finite, matrices};
                     mt_dist_sum_host(dist, sum, 3);
                     info = (mt_step_info){sqrt(sum[0]), sum[1] == 0};
                     matrices = (int)sum[2];
-                    mt_dist_after_compute(dist);
-                    mt_dist_share_ranges(dist, tr.weights, gbounds, mt_act_size(&be));
-                    mt_dist_wait(dist);
                 }
                 if (ofl) {
                     // adapters, or gradients summed over micro-batches: the whole block now, last layer first
@@ -1227,6 +1235,14 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
                     // with GaLore, the norm over both parts
                     info =
                         galore ? (mt_step_info){hypot(info.grad_norm, off.grad_norm), info.finite && off.finite} : off;
+                    // GaLore under ZeRO: the store's updates of this rank's
+                    // unprojected parameters are in the weights before they are shared
+                    if (share_owned && (err = mt_offload_sync(ofl))) break;
+                }
+                if (share_owned) {
+                    mt_dist_after_compute(dist);
+                    mt_dist_share_ranges(dist, tr.weights, gbounds, mt_act_size(&be));
+                    mt_dist_wait(dist);
                 }
                 if (opt) mt_optimizer_step(opt, opt_grads, lr, &info);
                 if (opt && zero && info.finite) {
