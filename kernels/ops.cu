@@ -22,14 +22,15 @@ static unsigned grid_for(size_t n, int threads) { return (unsigned)((n + threads
 
 // Sum of v over the block, returned to every thread. blockDim.x must be a
 // multiple of 32; callable repeatedly (the first barrier guards the scratch).
-static __device__ float block_sum(float v) {
-    __shared__ float partial[32];
+template <typename T>
+static __device__ T block_sum(T v) {
+    __shared__ T partial[32];
     for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     __syncthreads();
     if (lane == 0) partial[warp] = v;
     __syncthreads();
-    v = lane < (int)(blockDim.x >> 5) ? partial[lane] : 0.0f;
+    v = lane < (int)(blockDim.x >> 5) ? partial[lane] : T(0);
     for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
     return v;
 }
@@ -865,12 +866,16 @@ static const int kSumBlocks = 256;  // partials fit the backend's 4 KiB reduce b
 
 // Each block sums a fixed strided share into partials[block]; one thread then
 // adds the partials in order: the same bits every run (no atomics).
+// In double throughout, as the CPU reference: a float running sum would make
+// the loss depend on how the tokens are grouped (2 micro-batches against one
+// of twice the rows) by about 1e-7, which MeZO's difference of two losses
+// over a small eps magnifies.
 static __global__ void sum_kernel(double *partials, const float *x, size_t n, int squares) {
-    float sum = 0.0f;
+    double sum = 0.0;
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        sum += squares ? x[i] * x[i] : x[i];
+        sum += squares ? (double)x[i] * x[i] : (double)x[i];
     sum = block_sum(sum);
-    if (threadIdx.x == 0) partials[blockIdx.x] = (double)sum;
+    if (threadIdx.x == 0) partials[blockIdx.x] = sum;
 }
 
 static __global__ void sum_partials_double_kernel(double *out, const double *partials, int count) {
