@@ -622,3 +622,9 @@ static void write_trace(mt_offload *o) {
     mt_info("offload: timeline of steps %ld-%ld written to %s", o->cfg.trace_step, o->cfg.trace_step + 1,
             o->trace_path);
 }
+
+int mt_offload_host_sum_fits(int state_on_host, size_t total, size_t shard, int ranks, double have, double *need) {
+    double per_param = (state_on_host ? 12.0 : 0.0) + 2.0 + 4.0;
+    *need = ranks * (per_param * (double)shard + 4.0 * (double)total);
+    return *need <= 0.85 * have;
+}

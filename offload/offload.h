@@ -111,6 +111,14 @@ size_t mt_offload_host_bytes(const mt_offload *o);
 // Device bytes held: the two gradient staging buffers.
 size_t mt_offload_device_bytes(const mt_offload *o);
 const mt_store *mt_offload_store(const mt_offload *o);
+
+// offload.grad_sum auto: whether host memory can also sum the micro-batches'
+// gradients. Each of the node's `ranks` holds the weights' fp32 copy (4
+// bytes a parameter of the model's `total`) and, per parameter of its
+// `shard`, the state if it lives in host memory (12), the bf16 landing (2)
+// and the fp32 sum (4). *need gets that (bytes); it fits when at most 85% of
+// the node's `have` bytes.
+int mt_offload_host_sum_fits(int state_on_host, size_t total, size_t shard, int ranks, double have, double *need);
 const char *mt_offload_cpu_path(const mt_offload *o);
 
 #ifdef __cplusplus

@@ -18,6 +18,7 @@
 #include "kernels/ops_ref.h"
 #include "kernels/rng.h"
 #include "offload/cpu_adam.h"
+#include "offload/offload.h"
 #include "offload/store.h"
 #include "testutil.h"
 #include "trainer/config.h"
@@ -124,6 +125,33 @@ START_TEST(accumulate_sums_micro_batches_in_fp32) {
 END_TEST
 
 // ---------------------------------------------------------------- the store
+
+// offload.grad_sum auto's arithmetic, on the shapes docs/offload.md names
+START_TEST(host_sum_fits_below_85_percent_of_the_node) {
+    const double gib = 1073741824.0, node = 125.9 * gib;  // the H100 machine's MemTotal
+    double need = 0.0;
+    size_t p7 = 6738415616, p1 = 1100048384;  // Llama-2-7B, TinyLlama-1.1B
+    // 7B, cpu state: 12 + 2 + 4 bytes a parameter and the 4-byte copy, 138.1 GiB: the GPU sums
+    ck_assert(!mt_offload_host_sum_fits(1, p7, p7, 1, node, &need));
+    ck_assert_double_eq_tol(need / gib, 22.0 * p7 / gib, 1e-9);
+    ck_assert_double_eq_tol(need / gib, 138.06, 0.01);
+    // the state on disk (ssd): 10 bytes a parameter, 62.8 GiB: the host
+    ck_assert(mt_offload_host_sum_fits(0, p7, p7, 1, node, &need));
+    ck_assert_double_eq_tol(need, 10.0 * p7, 1.0);
+    // 1.1B: the host, also for 2 ranks of ZeRO each with half
+    ck_assert(mt_offload_host_sum_fits(1, p1, p1, 1, node, &need));
+    ck_assert(mt_offload_host_sum_fits(1, p1, p1 / 2, 2, node, &need));
+    ck_assert_double_eq_tol(need, 2.0 * (18.0 * (p1 / 2) + 4.0 * p1), 1.0);
+    // 8 ranks of 7B on a node of twice the memory: each its eighth, but each
+    // the whole fp32 copy (313.7 GiB)
+    ck_assert(!mt_offload_host_sum_fits(1, p7, p7 / 8, 8, 2 * node, &need));
+    ck_assert_double_eq_tol(need, 8.0 * (18.0 * (p7 / 8) + 4.0 * p7), 1.0);
+    // the edge: at 85% it fits, just above it does not
+    mt_offload_host_sum_fits(1, p1, p1, 1, node, &need);
+    ck_assert(mt_offload_host_sum_fits(1, p1, p1, 1, need / 0.85, &need));
+    ck_assert(!mt_offload_host_sum_fits(1, p1, p1, 1, need / 0.85 * (1 - 1e-9), &need));
+}
+END_TEST
 
 START_TEST(crc32c_known_answer_and_continuation) {
     ck_assert_uint_eq(mt_crc32c(0, "123456789", 9), 0xE3069283u);
@@ -491,6 +519,7 @@ int main(void) {
     tcase_add_test(tc, cpu_adam_equals_the_reference_bit_for_bit);
     tcase_add_test(tc, sumsq_is_the_same_for_any_thread_count);
     tcase_add_test(tc, accumulate_sums_micro_batches_in_fp32);
+    tcase_add_test(tc, host_sum_fits_below_85_percent_of_the_node);
     tcase_add_test(tc, crc32c_known_answer_and_continuation);
     tcase_add_test(tc, store_round_trip_is_bit_exact_at_odd_sizes);
     tcase_add_test(tc, store_errors_are_clear_and_values);

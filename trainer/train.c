@@ -603,19 +603,14 @@ static void offload_weights_needed(void *ctx, int bucket) {
 }
 
 // Offload with accumulation: whether host memory sums the micro-batches'
-// gradients (offload.grad_sum). auto: when the node's ranks then hold at
-// most 85% of its memory at the run's start, each with the weights' fp32
-// copy (4 bytes a parameter of the model), and per parameter of its shard
-// the state in host memory (12, offload.optimizer cpu), the bf16 landing (2)
-// and the fp32 sum (4); need and have (bytes) say what was weighed.
+// gradients (offload.grad_sum; auto: mt_offload_host_sum_fits with this
+// node's memory); need and have (bytes) say what was weighed.
 static int sum_on_host(const mt_config *cfg, int use_gpu, size_t total, size_t shard, int local_ranks, double *need,
                        double *have) {
     if (strcmp(cfg->offload_grad_sum, "auto")) return !strcmp(cfg->offload_grad_sum, "host");
     if (!use_gpu) return 1;  // the CPU backend's fp32 gradient buffer is the sum: nothing more
-    double per_param = (!strcmp(cfg->offload_optimizer, "cpu") ? 12.0 : 0.0) + 2.0 + 4.0;
-    *need = local_ranks * (per_param * (double)shard + 4.0 * (double)total);
     *have = (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE);
-    return *need <= 0.85 * *have;
+    return mt_offload_host_sum_fits(!strcmp(cfg->offload_optimizer, "cpu"), total, shard, local_ranks, *have, need);
 }
 
 // mezo.trainable, galore.targets: which parameters match one of the listed
