@@ -62,7 +62,9 @@ def launch(n, args_list, log, timeout):
         if n == 1:
             return subprocess.run(exe, stdout=out, stderr=subprocess.STDOUT, timeout=timeout).returncode
         if os.environ.get("MT_DIST_LAUNCHER") == "mpirun":
-            cmd = ["mpirun", "-np", str(n), "--allow-run-as-root", "-x", "LD_LIBRARY_PATH", "-x", "NCCL_NVLS_ENABLE"]
+            # (--bind-to none: Open MPI binds each of 2 ranks to one core, which starves offload's CPU AdamW)
+            cmd = ["mpirun", "-np", str(n), "--allow-run-as-root", "--bind-to", "none", "-x", "LD_LIBRARY_PATH", "-x",
+                   "NCCL_NVLS_ENABLE"]
             return subprocess.run(cmd + exe, stdout=out, stderr=subprocess.STDOUT, timeout=timeout).returncode
         rdv = tempfile.mkdtemp(prefix="mt-rdv-")
         procs = []

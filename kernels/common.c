@@ -71,12 +71,28 @@ void mt_log(mt_log_level level, const char *fmt, ...) {
     }
     if ((int)level < log_level) return;
     static const char *const prefix[] = {"debug: ", "", "warning: ", "error: "};
-    fputs(prefix[level], stderr);
-    va_list ap;
+    // the whole line in one write: the ranks of a data-parallel run share
+    // their terminal or log file, and pieces written apart interleave
+    char line[2048], *text = line;
+    size_t head = strlen(prefix[level]);
+    memcpy(line, prefix[level], head);
+    va_list ap, again;
     va_start(ap, fmt);
-    vfprintf(stderr, fmt, ap);
+    va_copy(again, ap);
+    int n = vsnprintf(line + head, sizeof line - head - 1, fmt, ap);
     va_end(ap);
-    fputc('\n', stderr);
+    if (n >= 0 && head + (size_t)n + 2 > sizeof line && (text = malloc(head + (size_t)n + 2))) {
+        memcpy(text, prefix[level], head);
+        vsnprintf(text + head, (size_t)n + 1, fmt, again);
+    } else if (!text || n < 0) {
+        text = line;  // (out of memory: the line cut at the buffer's end)
+        n = n < 0 ? 0 : (int)(sizeof line - head - 2);
+    }
+    va_end(again);
+    size_t len = head + (size_t)n;
+    text[len] = '\n';
+    fwrite(text, 1, len + 1, stderr);
+    if (text != line) free(text);
 }
 
 double mt_now(void) {

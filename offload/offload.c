@@ -4,14 +4,16 @@
 // copies back), fed through a queue. Per-step device events come in two sets
 // (step parity), because the next step's forward waits on this step's
 // updates while its own backward records new ones.
-#define _POSIX_C_SOURCE 200809L
+#define _GNU_SOURCE  // sched_getaffinity
 #include "offload/offload.h"
 
 #include <math.h>
 #include <omp.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "kernels/mem.h"
 #include "kernels/ops.h"
@@ -627,4 +629,15 @@ int mt_offload_host_sum_fits(int state_on_host, size_t total, size_t shard, int 
     double per_param = (state_on_host ? 12.0 : 0.0) + 2.0 + 4.0;
     *need = ranks * (per_param * (double)shard + 4.0 * (double)total);
     return *need <= 0.85 * have;
+}
+
+int mt_offload_auto_threads(int local_ranks, int gpu, int *cores) {
+    cpu_set_t set;
+    int online = (int)sysconf(_SC_NPROCESSORS_ONLN);
+    int mine = sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set) : online;
+    int share = online / (local_ranks > 1 ? local_ranks : 1);
+    *cores = mine < share ? mine : share;
+    if (*cores < 1) *cores = 1;
+    int threads = *cores - (gpu ? 1 : 0);
+    return threads > 0 ? threads : 1;
 }

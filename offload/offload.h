@@ -112,6 +112,12 @@ size_t mt_offload_host_bytes(const mt_offload *o);
 size_t mt_offload_device_bytes(const mt_offload *o);
 const mt_store *mt_offload_store(const mt_offload *o);
 
+// offload.threads 0: the CPU AdamW's threads for a rank. Its cores are
+// those of its CPU affinity, but no more than its share of the node's among
+// the node's `local_ranks` ranks (unbound ranks, or ranks bound to a socket,
+// share theirs); *cores gets that count. With a GPU one of them drives it.
+int mt_offload_auto_threads(int local_ranks, int gpu, int *cores);
+
 // offload.grad_sum auto: whether host memory can also sum the micro-batches'
 // gradients. Each of the node's `ranks` holds the weights' fp32 copy (4
 // bytes a parameter of the model's `total`) and, per parameter of its

@@ -5,6 +5,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "kernels/common.h"
 #include "kernels/dtype.h"
@@ -339,10 +340,45 @@ START_TEST(mem_tally_and_oom_message) {
 }
 END_TEST
 
+// Each log line reaches stderr whole, prefix and newline included, also
+// past the formatting buffer (the ranks of a run share one log file)
+START_TEST(log_lines_are_written_whole) {
+    char path[] = "/tmp/memtune-log-XXXXXX";
+    int fd = mkstemp(path), saved = dup(2);
+    ck_assert(fd >= 0 && saved >= 0);
+    ck_assert_int_eq(dup2(fd, 2), 2);
+    mt_log_set_level(MT_LOG_INFO);
+    size_t n = 5000;
+    char *big = malloc(n + 1);
+    memset(big, 'x', n);
+    big[n] = '\0';
+    mt_warn("%s", big);
+    mt_info("step %d of %s", 7, "16");
+    mt_log(MT_LOG_DEBUG, "not shown");
+    fflush(stderr);
+    dup2(saved, 2);
+    close(saved);
+    FILE *f = fdopen(fd, "r");
+    rewind(f);
+    char *got = calloc(n + 64, 1);
+    size_t len = fread(got, 1, n + 63, f);
+    fclose(f);
+    unlink(path);
+    char *want = malloc(n + 64);
+    snprintf(want, n + 64, "warning: %s\nstep 7 of 16\n", big);
+    ck_assert_uint_eq(len, strlen(want));
+    ck_assert(memcmp(got, want, len) == 0);
+    free(big);
+    free(got);
+    free(want);
+}
+END_TEST
+
 int main(void) {
     Suite *s = suite_create("kernels");
     TCase *tc = tcase_create("cpu reference");
     tcase_set_timeout(tc, 60);
+    tcase_add_test(tc, log_lines_are_written_whole);
     tcase_add_test(tc, rmsnorm_forward_and_backward);
     tcase_add_test(tc, rope_forward_and_backward);
     tcase_add_test(tc, attention_forward_and_backward);

@@ -9,6 +9,7 @@
 #include <fcntl.h>
 #include <math.h>
 #include <omp.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -125,6 +126,35 @@ START_TEST(accumulate_sums_micro_batches_in_fp32) {
 END_TEST
 
 // ---------------------------------------------------------------- the store
+
+// offload.threads 0: a rank's share of the node's cores, or fewer when its
+// affinity gives it fewer (mpirun's --bind-to core)
+START_TEST(auto_threads_share_the_node_or_follow_the_binding) {
+    int online = (int)sysconf(_SC_NPROCESSORS_ONLN), cores = 0;
+    cpu_set_t all, one;
+    ck_assert_int_eq(sched_getaffinity(0, sizeof all, &all), 0);
+    if (CPU_COUNT(&all) == online) {  // the whole node (CI, a shell)
+        ck_assert_int_eq(mt_offload_auto_threads(1, 1, &cores), online > 1 ? online - 1 : 1);
+        ck_assert_int_eq(cores, online);
+        ck_assert_int_eq(mt_offload_auto_threads(1, 0, &cores), online);
+        mt_offload_auto_threads(2, 0, &cores);
+        ck_assert_int_eq(cores, online / 2 > 0 ? online / 2 : 1);
+    }
+    // bound to one core (this test runs in a child of its own): one thread,
+    // whatever the ranks
+    CPU_ZERO(&one);
+    for (int c = 0; c < CPU_SETSIZE; c++)
+        if (CPU_ISSET(c, &all)) {
+            CPU_SET(c, &one);
+            break;
+        }
+    ck_assert_int_eq(sched_setaffinity(0, sizeof one, &one), 0);
+    ck_assert_int_eq(mt_offload_auto_threads(2, 1, &cores), 1);
+    ck_assert_int_eq(cores, 1);
+    ck_assert_int_eq(mt_offload_auto_threads(1, 0, &cores), 1);
+    sched_setaffinity(0, sizeof all, &all);
+}
+END_TEST
 
 // offload.grad_sum auto's arithmetic, on the shapes docs/offload.md names
 START_TEST(host_sum_fits_below_85_percent_of_the_node) {
@@ -520,6 +550,7 @@ int main(void) {
     tcase_add_test(tc, sumsq_is_the_same_for_any_thread_count);
     tcase_add_test(tc, accumulate_sums_micro_batches_in_fp32);
     tcase_add_test(tc, host_sum_fits_below_85_percent_of_the_node);
+    tcase_add_test(tc, auto_threads_share_the_node_or_follow_the_binding);
     tcase_add_test(tc, crc32c_known_answer_and_continuation);
     tcase_add_test(tc, store_round_trip_is_bit_exact_at_odd_sizes);
     tcase_add_test(tc, store_errors_are_clear_and_values);

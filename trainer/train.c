@@ -845,8 +845,9 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     mt_mezo *mz = NULL;
     mt_galore *gal = NULL;
     mt_galore_param *gparams = NULL;
-    int *gowner = NULL;      // GaLore under ZeRO: each parameter's rank
-    size_t *gbounds = NULL;  // and each rank's run of the block (galore_owners)
+    int offload_threads = 0;  // the CPU AdamW's (offload.threads, or mt_offload_auto_threads)
+    int *gowner = NULL;       // GaLore under ZeRO: each parameter's rank
+    size_t *gbounds = NULL;   // and each rank's run of the block (galore_owners)
     unsigned char *selected = NULL;
     if ((err = mt_model_create_with(&model, &be, &mc, &opts))) goto out_backend;
     if (world > 1 && opts.grad_ready) mt_model_set_agreement(model, any_rank, dist);
@@ -948,6 +949,16 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     zhook.offload = &ofl, zhook.plan = &plan;
     if (offload && !err) {
         // (GaLore under ZeRO: the unprojected ones of this rank's parameters)
+        int cores;
+        offload_threads = mt_offload_auto_threads(mt_dist_local_world(dist), use_gpu, &cores);
+        if (cfg->offload_threads > 0)
+            offload_threads = (int)cfg->offload_threads;
+        else if (use_gpu && cores < 4)
+            mt_warn(
+                "offload: this rank may run on %d core%s (its CPU affinity, or its share of the node's), so the "
+                "CPU AdamW has %d thread%s and will hold the GPU back; with mpirun, start with --bind-to none, or "
+                "--map-by slot:PE=N to give each rank N cores",
+                cores, cores == 1 ? "" : "s", offload_threads, offload_threads == 1 ? "" : "s");
         plan = plan_offload(trained_table, n_trained, gbounds ? gbounds[rank] : shard_lo,
                             gbounds ? gbounds[rank + 1] : shard_hi, galore ? selected : NULL, mc.L);
         hook.offloaded = plan.index;
@@ -962,7 +973,7 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
                                 (float)cfg->optim_eps,
                                 (float)cfg->optim_weight_decay,
                                 (float)cfg->optim_grad_clip,
-                                (int)cfg->offload_threads,
+                                offload_threads,
                                 cfg->offload_trace_step > 0 ? trace : NULL,
                                 cfg->offload_trace_step,
                                 mc.L,
@@ -1088,15 +1099,15 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     if (offload) {
         const mt_store *st = mt_offload_store(ofl);
         mt_info(
-            "AdamW state offloaded to %s: %.2fM parameters%s, %.2f GiB (fp32 master, m, v)%s%s; CPU AdamW %s; "
-            "gradients %s, %.1f MiB of GPU staging; host memory %.2f GiB",
+            "AdamW state offloaded to %s: %.2fM parameters%s, %.2f GiB (fp32 master, m, v)%s%s; CPU AdamW %s, %d "
+            "thread%s; gradients %s, %.1f MiB of GPU staging; host memory %.2f GiB",
             !strcmp(cfg->offload_optimizer, "ssd") ? "SSD" : "host memory", plan.count / 1e6,
             plan.packed    ? (gbounds && world > 1 ? " (those GaLore does not project, of this rank's parameters)"
                                                    : " (those GaLore does not project)")
             : ohook.gather ? " (this rank's shard)"
                            : "",
             plan.count * 12.0 / 1073741824.0, st && mt_store_path(st)[0] ? " in " : "", st ? mt_store_path(st) : "",
-            mt_offload_cpu_path(ofl),
+            mt_offload_cpu_path(ofl), offload_threads, offload_threads == 1 ? "" : "s",
             lora                ? "sent after backward"
             : !offload_streamed ? "summed over the micro-batches where computed, sent after backward"
             : accum > 1         ? "streamed per layer and summed on the host over the micro-batches"
