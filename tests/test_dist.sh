@@ -3,7 +3,8 @@
 # losses must equal, to rounding, a single process's with twice the
 # accumulation (or, for GaLore, which takes no accumulation, twice the
 # micro-batch: the same windows): AdamW with ZeRO stages 0, 1 and 2, LoRA,
-# MeZO, GaLore, offloaded AdamW (also with ZeRO: each rank offloads its shard).
+# QLoRA, MeZO, GaLore, offloaded AdamW (also with ZeRO: each rank offloads its
+# shard; GaLore's unprojected parameters too).
 # A 2-rank run stopped and resumed gives the uninterrupted one's losses bit
 # for bit; ranks with different configs are refused; a rank killed mid-run
 # ends the job instead of leaving the other hanging.
@@ -108,6 +109,10 @@ if [ "$PART" != checks ]; then
     pair lora "--set train.grad_accum=2 --set lora.r=4 --set lora.dropout=0" "--set lora.r=4 --set lora.dropout=0"
     pair lora-zero2 "--set train.grad_accum=2 --set lora.r=4 --set lora.dropout=0" \
         "--set lora.r=4 --set lora.dropout=0 --set dist.zero_stage=2"
+    # QLoRA: the NF4 base is the same on every rank, the adapters as LoRA's
+    q=(--set lora.r=4 --set lora.dropout=0 --set model.quantize=nf4)
+    pair qlora-zero2 "--set train.grad_accum=2 ${q[*]}" "${q[*]} --set dist.zero_stage=2"
+    grep -q "base weights frozen in NF4" "$W/qlora-zero2-2.log" || fail "qlora-zero2: the base was not quantized"
     # MeZO's losses (no gradients, sums of per-token losses in double) are
     # the same bit for bit, on the GPU too: its difference of two losses over
     # a small eps would magnify any rounding
