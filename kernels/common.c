@@ -81,12 +81,16 @@ void mt_log(mt_log_level level, const char *fmt, ...) {
     va_copy(again, ap);
     int n = vsnprintf(line + head, sizeof line - head - 1, fmt, ap);
     va_end(ap);
-    if (n >= 0 && head + (size_t)n + 2 > sizeof line && (text = malloc(head + (size_t)n + 2))) {
-        memcpy(text, prefix[level], head);
-        vsnprintf(text + head, (size_t)n + 1, fmt, again);
-    } else if (!text || n < 0) {
-        text = line;  // (out of memory: the line cut at the buffer's end)
-        n = n < 0 ? 0 : (int)(sizeof line - head - 2);
+    if (n < 0) n = 0;
+    if (head + (size_t)n + 2 > sizeof line) {  // longer than the buffer: format it again into one that fits
+        text = malloc(head + (size_t)n + 2);
+        if (text) {
+            memcpy(text, prefix[level], head);
+            vsnprintf(text + head, (size_t)n + 1, fmt, again);
+        } else {  // (out of memory: the line cut at the buffer's end)
+            text = line;
+            n = (int)(sizeof line - head - 2);
+        }
     }
     va_end(again);
     size_t len = head + (size_t)n;

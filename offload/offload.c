@@ -235,8 +235,8 @@ static void arrive(mt_offload *o, int b, long step, int micro) {
 
 static void *worker_main(void *arg) {
     mt_offload *o = arg;
-    int threads = o->cfg.threads > 0 ? o->cfg.threads : omp_get_num_procs() - 1;
-    omp_set_num_threads(threads > 0 ? threads : 1);  // one core stays with the thread that drives the GPU
+    int cores;  // (0: one rank's; one core stays with the thread that drives the GPU)
+    omp_set_num_threads(o->cfg.threads > 0 ? o->cfg.threads : mt_offload_auto_threads(1, 1, &cores));
     pthread_mutex_lock(&o->lock);
     for (;;) {
         while (!o->stop && o->queue_len == 0) pthread_cond_wait(&o->changed, &o->lock);

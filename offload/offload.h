@@ -42,7 +42,7 @@ typedef struct {
     int io_threads;       // file: I/O threads (0: the store's default)
     float beta1, beta2, eps, weight_decay;
     float grad_clip;         // <= 0: off, and buckets update as their gradients land
-    int threads;             // OpenMP threads of the CPU AdamW (0: all cores but one with a GPU)
+    int threads;             // OpenMP threads of the CPU AdamW (0: mt_offload_auto_threads for one rank, with a GPU)
     const char *trace_path;  // Chrome trace JSON of steps trace_step and trace_step + 1, or NULL
     long trace_step;
     int layers;         // L: names the units in the trace (1 + l layer l, L + 1 the head)

@@ -112,8 +112,8 @@ extern "C" {
       "reserved at start, deleted at the end; checkpoints keep the state)")                                           \
     X(offload, io_threads, INT, "4", 1, 64, "", "offload.optimizer ssd: reads and writes in flight at once")          \
     X(offload, threads, INT, "0", 0, 4096, "",                                                                        \
-      "CPU threads of the offloaded AdamW (0: the cores this rank may run on, its share of the node's when it is "    \
-      "not bound to some, less one that drives the GPU)")                                                             \
+      "CPU threads of the offloaded AdamW (0: the cores this rank may run on, at most its share of the node's, "      \
+      "less one that drives the GPU when there is one)")                                                              \
     X(offload, grad_sum, ENUM, "auto", 0, 0, "auto|host|gpu",                                                         \
       "with train.grad_accum > 1, where a step's gradients add up over its micro-batches: host (each micro-batch's "  \
       "stream out and host memory sums them in fp32, 4 bytes a trained parameter; none on the GPU), gpu (the fp32 "   \

@@ -948,7 +948,6 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     zhook.lo = shard_lo, zhook.hi = shard_hi, zhook.total = trained_total, zhook.first = 1;
     zhook.offload = &ofl, zhook.plan = &plan;
     if (offload && !err) {
-        // (GaLore under ZeRO: the unprojected ones of this rank's parameters)
         int cores;
         offload_threads = mt_offload_auto_threads(mt_dist_local_world(dist), use_gpu, &cores);
         if (cfg->offload_threads > 0)
@@ -959,6 +958,7 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
                 "CPU AdamW has %d thread%s and will hold the GPU back; with mpirun, start with --bind-to none, or "
                 "--map-by slot:PE=N to give each rank N cores",
                 cores, cores == 1 ? "" : "s", offload_threads, offload_threads == 1 ? "" : "s");
+        // (GaLore under ZeRO: the unprojected ones of this rank's parameters)
         plan = plan_offload(trained_table, n_trained, gbounds ? gbounds[rank] : shard_lo,
                             gbounds ? gbounds[rank + 1] : shard_hi, galore ? selected : NULL, mc.L);
         hook.offloaded = plan.index;
