@@ -119,12 +119,13 @@ def train_and_time(args, cmd, sets, run, log_marks):
             "first_loss": recs[0]["loss"], "last_loss": recs[-1]["loss"], "log": info}
 
 
-def run_peft(args, config_path, checkpointing, qlora):
+def run_peft(args, config_path, checkpointing, qlora, compiled=False):
     base = gpu_used_mib()
     cmd = [sys.executable, os.path.join(ROOT, "bench", "peft_lora_ft.py"), "--config", config_path,
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--B", str(args.B), "--T", str(args.T),
            "--r", str(args.r), "--alpha", str(args.alpha), "--dropout", str(args.dropout)]
     cmd += (["--checkpointing"] if checkpointing else []) + (["--qlora"] if qlora else [])
+    cmd += ["--compile"] if compiled else []
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode:
         print(out.stderr[-3000:])
@@ -146,6 +147,7 @@ def main():
     ap.add_argument("--alpha", type=float, default=32)
     ap.add_argument("--dropout", type=float, default=0.05)
     ap.add_argument("--memtune-only", action="store_true")
+    ap.add_argument("--only", default="", help="run only these runs, comma-separated, spaces in names as _ (memtune_LoRA_ckpt)")
     ap.add_argument("--work", default="/tmp/mt-lora-bench")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/mt-lora-bench"))
     args = ap.parse_args()
@@ -163,20 +165,26 @@ def main():
     for shape in args.shapes.split(","):
         folder, config_path = shape_folder(args.work, shape)
         runs = {}
+        wanted = [w for w in args.only.split(",") if w]
         for name, ckpt, qlora, offload in (("memtune LoRA", False, False, False),
                                            ("memtune LoRA ckpt", True, False, False),
                                            ("memtune QLoRA ckpt", True, True, False),
                                            ("memtune QLoRA ckpt+offload", True, True, True)):
+            if wanted and name.replace(" ", "_") not in wanted:
+                continue
             runs[name] = run_memtune(args, folder, data,
                                      os.path.join(args.work, f"run-{shape}-{ckpt}-{qlora}-{offload}"), ckpt, qlora,
                                      offload)
             print(f"{shape} {name}: {json.dumps(runs[name])}", flush=True)
         if not args.memtune_only:
-            for name, ckpt, qlora in (("PEFT LoRA", False, False), ("PEFT LoRA ckpt", True, False),
-                                      ("PEFT+bnb QLoRA ckpt", True, True)):
-                if qlora and not have_bnb:
+            for name, ckpt, qlora, compiled in (("PEFT LoRA", False, False, False),
+                                                ("PEFT LoRA compiled", False, False, True),
+                                                ("PEFT LoRA ckpt", True, False, False),
+                                                ("PEFT LoRA ckpt compiled", True, False, True),
+                                                ("PEFT+bnb QLoRA ckpt", True, True, False)):
+                if (qlora and not have_bnb) or (wanted and name.replace(" ", "_") not in wanted):
                     continue
-                runs[name] = run_peft(args, config_path, ckpt, qlora)
+                runs[name] = run_peft(args, config_path, ckpt, qlora, compiled)
                 print(f"{shape} {name}: {json.dumps(runs[name])}", flush=True)
         results[shape] = runs
         print(f"\n{shape}, B={args.B} T={args.T}, LoRA r={args.r} on all linear modules, {args.steps} steps "
@@ -189,8 +197,9 @@ def main():
             print(f"{name:26s} {r['tokens_per_second']:9.0f} {r['step_ms']:8.1f} {r['allocator_peak'] / GIB:11.2f} GiB"
                   f" {r['device_peak'] / GIB:8.2f} GiB")
         ratios = {}
-        for ours, theirs in (("memtune LoRA", "PEFT LoRA"), ("memtune LoRA", "PEFT LoRA ckpt"),
-                             ("memtune LoRA ckpt", "PEFT LoRA ckpt"), ("memtune QLoRA ckpt", "PEFT+bnb QLoRA ckpt"),
+        for ours, theirs in (("memtune LoRA", "PEFT LoRA"), ("memtune LoRA", "PEFT LoRA compiled"),
+                             ("memtune LoRA", "PEFT LoRA ckpt"), ("memtune LoRA ckpt", "PEFT LoRA ckpt"),
+                             ("memtune LoRA ckpt", "PEFT LoRA ckpt compiled"), ("memtune QLoRA ckpt", "PEFT+bnb QLoRA ckpt"),
                              ("memtune QLoRA ckpt+offload", "PEFT+bnb QLoRA ckpt")):
             a, b = runs.get(ours, {}), runs.get(theirs, {})
             if "tokens_per_second" in a and "tokens_per_second" in b:
@@ -202,7 +211,7 @@ def main():
             print(f"  {k}: tokens/s x{v['tokens_per_second']:.2f}, allocator peak x{v['allocator_peak']:.2f}, "
                   f"device peak x{v['device_peak']:.2f}")
         results[shape + " ratios"] = ratios
-        with open(os.path.join(args.out, "lora_bench.json"), "w") as f:
+        with open(os.path.join(args.out, f"lora_bench-dropout{args.dropout:g}.json"), "w") as f:
             json.dump(results, f, indent=1)
 
 

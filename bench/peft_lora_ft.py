@@ -3,7 +3,7 @@
 seven linear modules, PEFT's defaults otherwise) on a bf16 base, or QLoRA with
 bitsandbytes (NF4, double quantization, bf16 compute), with bf16 autocast,
 fp32 adapters and fused AdamW, optionally with gradient checkpointing, on
-random tokens. The model is built in bf16 on the GPU (random weights: speed
+random tokens, optionally torch.compile'd. The model is built in bf16 on the GPU (random weights: speed
 and memory do not depend on them); for QLoRA its linear layers are then
 replaced by bitsandbytes' Linear4bit. Peaks are measured from the first
 training step on: the allocator's, and the device's used memory sampled
@@ -68,6 +68,7 @@ def main():
     ap.add_argument("--dropout", type=float, default=0.05)
     ap.add_argument("--checkpointing", action="store_true")
     ap.add_argument("--qlora", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the PEFT model (compiled in the warm-up)")
     args = ap.parse_args()
     from peft import LoraConfig, get_peft_model
     torch.manual_seed(0)
@@ -87,6 +88,8 @@ def main():
     model = get_peft_model(model, lcfg)  # adapters in fp32 (autocast_adapter_dtype)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
+    if args.compile:
+        model = torch.compile(model)
     trainable = sum(p.numel() for p in params)
     result = train(model, params, config.vocab_size, args, DeviceSampler)
     result["trainable"] = trainable

@@ -5,6 +5,7 @@
 #include <math.h>
 #include <string.h>
 
+#include "kernels/attention_cudnn.h"
 #include "kernels/cuda_check.h"
 #include "kernels/device.h"
 #include "kernels/mem.h"
@@ -141,6 +142,11 @@ int mt_backend_init(mt_backend *be, int device) {
     int err = mt_alloc(&reduce, 4096, MT_MEM_WORKSPACE, MT_DEVICE);
     if (err) return err;
     be->reduce_buffer = (float *)reduce;
+    const char *use_cudnn = getenv("MT_CUDNN");
+    if (use_cudnn && strcmp(use_cudnn, "0") == 0)
+        snprintf(be->attention_note, sizeof be->attention_note, "MT_CUDNN=0 in the environment");
+    else
+        be->cudnn = mt_cudnn_init(be->attention_note, sizeof be->attention_note);
     return MT_OK;
 }
 
@@ -153,6 +159,8 @@ void mt_backend_free(mt_backend *be) {
         be->reduce_buffer = NULL;
         if (be->cublas) CUBLAS_CHECK(cublasDestroy((cublasHandle_t)be->cublas));
         be->cublas = NULL;
+        mt_cudnn_free(be->cudnn);
+        be->cudnn = NULL;
     }
 }
 

@@ -52,6 +52,8 @@ float mt_event_elapsed_ms(void *from, void *to);
 // Copies between host (pinned for overlap) and device memory on `stream`.
 void mt_memcpy_async(void *dst, const void *src, size_t bytes, void *stream);
 
+struct mt_cudnn;  // kernels/attention_cudnn.h
+
 // What every op runs on. gpu == 0: the fp32 CPU reference path; gpu == 1:
 // bf16 activations and weights on the device, fp32 accumulation.
 typedef struct {
@@ -61,10 +63,14 @@ typedef struct {
     void *cublas;     // cublasHandle_t
     void *workspace;  // device scratch for attention etc. (bytes below)
     size_t workspace_bytes;
-    float *reduce_buffer;  // small device buffer for scalar reductions
+    float *reduce_buffer;      // small device buffer for scalar reductions
+    struct mt_cudnn *cudnn;    // cuDNN's handle and attention graphs; NULL: memtune's own attention kernel
+    char attention_note[160];  // without cuDNN: why not (for the start-up line)
 } mt_backend;
 
-// Creates the backend on device `device` (gpu) or the CPU (device < 0).
+// Creates the backend on device `device` (gpu) or the CPU (device < 0). On a
+// GPU it also loads cuDNN for attention unless the environment has
+// MT_CUDNN=0 (then, or when cuDNN is missing, memtune's own kernel runs).
 int mt_backend_init(mt_backend *be, int device);
 void mt_backend_free(mt_backend *be);
 // Grows the backend scratch to at least `bytes` (device or host memory).

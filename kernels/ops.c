@@ -1,6 +1,7 @@
 // kernels/ops.c: routes each op to its CPU reference or its CUDA version.
 #include "kernels/ops.h"
 
+#include <stdio.h>
 #include <string.h>
 
 #include "kernels/common.h"
@@ -53,19 +54,30 @@ void mt_op_rope_backward(const mt_backend *be, void *dinp, const void *dout, con
     mt_rope_backward_ref(dinp, dout, cos_table, sin_table, B, T, H, D, rotate);
 }
 
-int mt_attention_supports(const mt_backend *be, int D) {
+int mt_attention_supports(mt_backend *be, const mt_attention_shape *s) {
 #ifdef MT_HAVE_CUDA
-    if (be->gpu) return mt_attention_supports_cuda(D);
+    if (be->gpu) return mt_attention_supports_cuda(be, s);
 #endif
-    (void)be, (void)D;
-    return 1;
+    (void)be;
+    return s->KV > 0 && s->H % s->KV == 0;
 }
 
-size_t mt_attention_workspace_bytes(const mt_backend *be, int B, int T, int H, int D) {
+void mt_attention_describe(mt_backend *be, const mt_attention_shape *s, char *buf, size_t len) {
 #ifdef MT_HAVE_CUDA
-    if (be->gpu) return mt_attention_workspace_bytes_cuda(B, T, H, D);
+    if (be->gpu) {
+        mt_attention_describe_cuda(be, s, buf, len);
+        return;
+    }
 #endif
-    (void)be, (void)B, (void)T, (void)H, (void)D;
+    (void)be, (void)s;
+    snprintf(buf, len, "the fp32 reference (CPU)");
+}
+
+size_t mt_attention_workspace_bytes(mt_backend *be, const mt_attention_shape *s) {
+#ifdef MT_HAVE_CUDA
+    if (be->gpu) return mt_attention_workspace_bytes_cuda(be, s);
+#endif
+    (void)be, (void)s;
     return 0;
 }
 
@@ -77,17 +89,17 @@ size_t mt_norm_embedding_workspace_bytes(const mt_backend *be, int N, int C) {
     return 0;
 }
 
-void mt_op_attention_forward(mt_backend *be, void *out, float *lse, const void *q, const void *k, const void *v, int B,
-                             int T, int H, int KV, int D) {
-    MT_GPU(be, mt_attention_forward_cuda(be, out, lse, q, k, v, B, T, H, KV, D));
-    mt_attention_forward_ref(out, lse, q, k, v, B, T, H, KV, D);
+void mt_op_attention_forward(mt_backend *be, const mt_attention_shape *s, void *out, float *lse, const void *q,
+                             const void *k, const void *v) {
+    MT_GPU(be, mt_attention_forward_cuda(be, s, out, lse, q, k, v));
+    mt_attention_forward_ref(out, lse, q, k, v, s->B, s->T, s->H, s->KV, s->D, s->window);
 }
 
-void mt_op_attention_backward(mt_backend *be, void *dq, void *dk, void *dv, const void *dout, const void *q,
-                              const void *k, const void *v, const void *out, const float *lse, int B, int T, int H,
-                              int KV, int D) {
-    MT_GPU(be, mt_attention_backward_cuda(be, dq, dk, dv, dout, q, k, v, out, lse, B, T, H, KV, D));
-    mt_attention_backward_ref(dq, dk, dv, dout, q, k, v, out, lse, B, T, H, KV, D);
+void mt_op_attention_backward(mt_backend *be, const mt_attention_shape *s, void *dq, void *dk, void *dv,
+                              const void *dout, const void *q, const void *k, const void *v, const void *out,
+                              const float *lse) {
+    MT_GPU(be, mt_attention_backward_cuda(be, s, dq, dk, dv, dout, q, k, v, out, lse));
+    mt_attention_backward_ref(dq, dk, dv, dout, q, k, v, out, lse, s->B, s->T, s->H, s->KV, s->D, s->window);
 }
 
 void mt_op_swiglu_forward(const mt_backend *be, void *out, const void *gate, const void *up, size_t n) {

@@ -10,6 +10,7 @@
 #include <mma.h>
 #include <string.h>
 
+#include "kernels/attention_cudnn.h"
 #include "kernels/cuda_check.h"
 #include "kernels/ops_cuda.h"
 #include "kernels/qmap.h"
@@ -372,7 +373,7 @@ struct attn_forward_smem {
 template <int D>
 static __global__ void __launch_bounds__(kAttnThreads)
     flash_forward_kernel(bf16 *out, float *lse, const bf16 *q, const bf16 *k, const bf16 *v, int T, int H, int KV,
-                         float scale) {
+                         int window, float scale) {
     const int ldt = attn_ld<D>::tile, ldo = attn_ld<D>::out;
     extern __shared__ __align__(16) unsigned char smem[];
     bf16 *sQ = (bf16 *)smem, *sK = sQ + kTile * ldt, *sV = sK + kTile * ldt;
@@ -391,7 +392,9 @@ static __global__ void __launch_bounds__(kAttnThreads)
     float m_row[16], l_row[16];
 #pragma unroll
     for (int r = 0; r < 16; r++) m_row[r] = -INFINITY, l_row[r] = 0.0f;
-    for (int kb = 0; kb <= qb; kb++) {
+    // the first key tile any query of this tile sees
+    int first = qb * kTile - window + 1, kb0 = first > 0 ? first / kTile : 0;
+    for (int kb = kb0; kb <= qb; kb++) {
         __syncthreads();
         load_tile<D>(sK, kbase, D, kb * kTile, T);
         load_tile<D>(sV, vbase, D, kb * kTile, T);
@@ -401,8 +404,8 @@ static __global__ void __launch_bounds__(kAttnThreads)
 #pragma unroll
         for (int r = 0; r < 16; r++) {
             int qi = q0 + r;
-            float s0 = (key0 <= qi && key0 < T) ? sSw[r * kLdS + lane] * scale : -INFINITY;
-            float s1 = (key1 <= qi && key1 < T) ? sSw[r * kLdS + lane + 32] * scale : -INFINITY;
+            float s0 = (key0 <= qi && key0 > qi - window && key0 < T) ? sSw[r * kLdS + lane] * scale : -INFINITY;
+            float s1 = (key1 <= qi && key1 > qi - window && key1 < T) ? sSw[r * kLdS + lane + 32] * scale : -INFINITY;
             float m_new = fmaxf(m_row[r], warp_max(fmaxf(s0, s1)));
             float p0 = s0 == -INFINITY ? 0.0f : __expf(s0 - m_new), p1 = s1 == -INFINITY ? 0.0f : __expf(s1 - m_new);
             float alpha = m_row[r] == -INFINITY ? 0.0f : __expf(m_row[r] - m_new);
@@ -459,7 +462,8 @@ struct attn_backward_smem {
 template <int D>
 static __global__ void __launch_bounds__(kAttnThreads, D <= 64 ? 3 : 1)
     flash_backward_kv_kernel(float *dk_part, float *dv_part, const bf16 *dout, const bf16 *q, const bf16 *k,
-                             const bf16 *v, const float *lse, const float *delta, int T, int H, int KV, float scale) {
+                             const bf16 *v, const float *lse, const float *delta, int T, int H, int KV, int window,
+                             float scale) {
     const int ldt = attn_ld<D>::tile;
     extern __shared__ __align__(16) unsigned char smem[];
     bf16 *sK = (bf16 *)smem, *sV = sK + kTile * ldt, *sQ = sV + kTile * ldt, *sG = sQ + kTile * ldt;
@@ -477,7 +481,10 @@ static __global__ void __launch_bounds__(kAttnThreads, D <= 64 ? 3 : 1)
 #pragma unroll
     for (int dj = 0; dj < D / 16; dj++) wmma::fill_fragment(dk_acc[dj], 0.0f), wmma::fill_fragment(dv_acc[dj], 0.0f);
     const float *lse_h = lse + ((size_t)b * H + h) * T, *delta_h = delta + ((size_t)b * H + h) * T;
-    for (int qb = kb; qb < nq; qb++) {
+    // the last query tile that sees a key of this tile
+    long last = (long)kb * kTile + kTile - 1 + window - 1;
+    int qb1 = last / kTile < nq - 1 ? (int)(last / kTile) : nq - 1;
+    for (int qb = kb; qb <= qb1; qb++) {
         __syncthreads();
         load_tile<D>(sQ, q + (size_t)(b * H + h) * T * D, D, qb * kTile, T);
         load_tile<D>(sG, dout + ((size_t)b * T * H + h) * D, (size_t)H * D, qb * kTile, T);
@@ -489,8 +496,10 @@ static __global__ void __launch_bounds__(kAttnThreads, D <= 64 ? 3 : 1)
 #pragma unroll
         for (int r = 0; r < 16; r++) {
             int key = k0 + r;
-            float p0 = (qi0 >= key && qi0 < T && key < T) ? __expf(sSw[r * kLdS + lane] * scale - lse0) : 0.0f;
-            float p1 = (qi1 >= key && qi1 < T && key < T) ? __expf(sSw[r * kLdS + lane + 32] * scale - lse1) : 0.0f;
+            bool see0 = qi0 >= key && qi0 - key < window && qi0 < T && key < T;
+            bool see1 = qi1 >= key && qi1 - key < window && qi1 < T && key < T;
+            float p0 = see0 ? __expf(sSw[r * kLdS + lane] * scale - lse0) : 0.0f;
+            float p1 = see1 ? __expf(sSw[r * kLdS + lane + 32] * scale - lse1) : 0.0f;
             sPw[r * kLdP + lane] = __float2bfloat16(p0);
             sPw[r * kLdP + lane + 32] = __float2bfloat16(p1);
         }
@@ -541,7 +550,7 @@ struct attn_backward_q_smem {
 template <int D>
 static __global__ void __launch_bounds__(kAttnThreads)
     flash_backward_q_kernel(bf16 *dq, const bf16 *dout, const bf16 *q, const bf16 *k, const bf16 *v, const float *lse,
-                            const float *delta, int T, int H, int KV, float scale) {
+                            const float *delta, int T, int H, int KV, int window, float scale) {
     const int ldt = attn_ld<D>::tile;
     extern __shared__ __align__(16) unsigned char smem[];
     bf16 *sQ = (bf16 *)smem, *sG = sQ + kTile * ldt, *sK = sG + kTile * ldt, *sV = sK + kTile * ldt;
@@ -565,7 +574,8 @@ static __global__ void __launch_bounds__(kAttnThreads)
     frag_acc dq_acc[D / 16];
 #pragma unroll
     for (int dj = 0; dj < D / 16; dj++) wmma::fill_fragment(dq_acc[dj], 0.0f);
-    for (int kb = 0; kb <= qb; kb++) {
+    int first = qb * kTile - window + 1, kb0 = first > 0 ? first / kTile : 0;
+    for (int kb = kb0; kb <= qb; kb++) {
         __syncthreads();
         load_tile<D>(sK, kbase, D, kb * kTile, T);
         load_tile<D>(sV, vbase, D, kb * kTile, T);
@@ -576,8 +586,10 @@ static __global__ void __launch_bounds__(kAttnThreads)
 #pragma unroll
         for (int r = 0; r < 16; r++) {
             int qi = q0 + r;
-            float p0 = (key0 <= qi && key0 < T) ? __expf(sSw[r * kLdS + lane] * scale - row_lse[r]) : 0.0f;
-            float p1 = (key1 <= qi && key1 < T) ? __expf(sSw[r * kLdS + lane + 32] * scale - row_lse[r]) : 0.0f;
+            bool see0 = key0 <= qi && key0 > qi - window && key0 < T;
+            bool see1 = key1 <= qi && key1 > qi - window && key1 < T;
+            float p0 = see0 ? __expf(sSw[r * kLdS + lane] * scale - row_lse[r]) : 0.0f;
+            float p1 = see1 ? __expf(sSw[r * kLdS + lane + 32] * scale - row_lse[r]) : 0.0f;
             sDSw[r * kLdP + lane] = __float2bfloat16(p0);
             sDSw[r * kLdP + lane + 32] = __float2bfloat16(p1);
         }
@@ -601,31 +613,61 @@ extern "C" size_t mt_norm_embedding_workspace_bytes_cuda(int N, int C) {
     return rms > emb ? rms : emb;
 }
 
-static int attention_head_dim_supported(int D) { return D == 16 || D == 32 || D == 64 || D == 128; }
+// memtune's own kernel: the head dims it is compiled for
+static int own_kernel_supports(int D) { return D == 16 || D == 32 || D == 64 || D == 128; }
 
-extern "C" int mt_attention_supports_cuda(int D) { return attention_head_dim_supported(D); }
-
-// delta (B, H, T), then the per-head fp32 dK and dV partials (B, H, T_pad, D) each
-extern "C" size_t mt_attention_workspace_bytes_cuda(int B, int T, int H, int D) {
-    size_t T_pad = (size_t)(T + kTile - 1) / kTile * kTile;
-    return (size_t)B * H * T * sizeof(float) + 2 * (size_t)B * H * T_pad * D * sizeof(float) + 256;
+// cuDNN's fused attention runs a shape when the backend has cuDNN and the
+// library builds both graphs for it (workspace: what they need).
+static int cudnn_serves(mt_backend *be, const mt_attention_shape *s, size_t *workspace) {
+    return be->cudnn && mt_cudnn_attention_prepare(be->cudnn, s, workspace);
 }
 
+extern "C" int mt_attention_supports_cuda(mt_backend *be, const mt_attention_shape *s) {
+    return s->KV > 0 && s->H % s->KV == 0 && (cudnn_serves(be, s, NULL) || own_kernel_supports(s->D));
+}
+
+extern "C" void mt_attention_describe_cuda(mt_backend *be, const mt_attention_shape *s, char *buf, size_t len) {
+    if (cudnn_serves(be, s, NULL))
+        snprintf(buf, len, "%s fused attention (deterministic backward)", mt_cudnn_describe(be->cudnn));
+    else if (be->cudnn)
+        snprintf(buf, len, "memtune's kernel (%s does not serve this shape)", mt_cudnn_describe(be->cudnn));
+    else
+        snprintf(buf, len, "memtune's kernel (%s)", be->attention_note);
+}
+
+// Own kernel: delta (B, H, T), then the per-head fp32 dK and dV partials
+// (B, H, T_pad, D) each.
+static size_t own_workspace_bytes(const mt_attention_shape *s) {
+    size_t T_pad = (size_t)(s->T + kTile - 1) / kTile * kTile;
+    return (size_t)s->B * s->H * s->T * sizeof(float) + 2 * (size_t)s->B * s->H * T_pad * s->D * sizeof(float) + 256;
+}
+
+extern "C" size_t mt_attention_workspace_bytes_cuda(mt_backend *be, const mt_attention_shape *s) {
+    size_t workspace = 0;
+    if (cudnn_serves(be, s, &workspace)) return workspace;
+    return own_workspace_bytes(s);
+}
+
+// a window of 0 (none) as the kernels take it: every key up to the query
+static int kernel_window(const mt_attention_shape *s) { return s->window > 0 ? s->window : s->T; }
+
 template <int D>
-static void attention_forward_launch(void *out, float *lse, const void *q, const void *k, const void *v, int B, int T,
-                                     int H, int KV) {
+static void attention_forward_launch(const mt_attention_shape *s, void *out, float *lse, const void *q, const void *k,
+                                     const void *v) {
     size_t smem = attn_forward_smem<D>::bytes;
     CUDA_CHECK(cudaFuncSetAttribute(flash_forward_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-    dim3 grid((T + kTile - 1) / kTile, H, B);
+    dim3 grid((s->T + kTile - 1) / kTile, s->H, s->B);
     flash_forward_kernel<D><<<grid, kAttnThreads, smem>>>((bf16 *)out, lse, (const bf16 *)q, (const bf16 *)k,
-                                                          (const bf16 *)v, T, H, KV, 1.0f / sqrtf((float)D));
+                                                          (const bf16 *)v, s->T, s->H, s->KV, kernel_window(s),
+                                                          1.0f / sqrtf((float)D));
     CUDA_CHECK_LAUNCH();
 }
 
 template <int D>
-static void attention_backward_launch(void *dq, void *dk, void *dv, const void *dout, const void *q, const void *k,
-                                      const void *v, const float *lse, const float *delta, float *dk_part,
-                                      float *dv_part, int B, int T, int H, int KV) {
+static void attention_backward_launch(const mt_attention_shape *s, void *dq, void *dk, void *dv, const void *dout,
+                                      const void *q, const void *k, const void *v, const float *lse, const float *delta,
+                                      float *dk_part, float *dv_part) {
+    int B = s->B, T = s->T, H = s->H, KV = s->KV, window = kernel_window(s);
     float scale = 1.0f / sqrtf((float)D);
     size_t smem_kv = attn_backward_smem<D>::bytes, smem_q = attn_backward_q_smem<D>::bytes;
     CUDA_CHECK(
@@ -633,37 +675,50 @@ static void attention_backward_launch(void *dq, void *dk, void *dv, const void *
     CUDA_CHECK(
         cudaFuncSetAttribute(flash_backward_q_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_q));
     int tiles = (T + kTile - 1) / kTile;
-    flash_backward_kv_kernel<D>
-        <<<dim3(tiles, H, B), kAttnThreads, smem_kv>>>(dk_part, dv_part, (const bf16 *)dout, (const bf16 *)q,
-                                                       (const bf16 *)k, (const bf16 *)v, lse, delta, T, H, KV, scale);
+    flash_backward_kv_kernel<D><<<dim3(tiles, H, B), kAttnThreads, smem_kv>>>(
+        dk_part, dv_part, (const bf16 *)dout, (const bf16 *)q, (const bf16 *)k, (const bf16 *)v, lse, delta, T, H, KV,
+        window, scale);
     CUDA_CHECK_LAUNCH();
     size_t n = (size_t)B * KV * T * D;
     group_sum_kernel<<<grid_for(n, kThreads), kThreads>>>((bf16 *)dk, dk_part, B, KV, H / KV, T, tiles * kTile, D);
     CUDA_CHECK_LAUNCH();
     group_sum_kernel<<<grid_for(n, kThreads), kThreads>>>((bf16 *)dv, dv_part, B, KV, H / KV, T, tiles * kTile, D);
     CUDA_CHECK_LAUNCH();
-    flash_backward_q_kernel<D><<<dim3(tiles, H, B), kAttnThreads, smem_q>>>(
-        (bf16 *)dq, (const bf16 *)dout, (const bf16 *)q, (const bf16 *)k, (const bf16 *)v, lse, delta, T, H, KV, scale);
+    flash_backward_q_kernel<D>
+        <<<dim3(tiles, H, B), kAttnThreads, smem_q>>>((bf16 *)dq, (const bf16 *)dout, (const bf16 *)q, (const bf16 *)k,
+                                                      (const bf16 *)v, lse, delta, T, H, KV, window, scale);
     CUDA_CHECK_LAUNCH();
 }
 
-extern "C" void mt_attention_forward_cuda(mt_backend *be, void *out, float *lse, const void *q, const void *k,
-                                          const void *v, int B, int T, int H, int KV, int D) {
-    (void)be;
-    MT_CHECK(H % KV == 0 && attention_head_dim_supported(D), "attention H=%d KV=%d D=%d", H, KV, D);
-    switch (D) {
-        case 16: attention_forward_launch<16>(out, lse, q, k, v, B, T, H, KV); break;
-        case 32: attention_forward_launch<32>(out, lse, q, k, v, B, T, H, KV); break;
-        case 64: attention_forward_launch<64>(out, lse, q, k, v, B, T, H, KV); break;
-        default: attention_forward_launch<128>(out, lse, q, k, v, B, T, H, KV); break;
+extern "C" void mt_attention_forward_cuda(mt_backend *be, const mt_attention_shape *s, void *out, float *lse,
+                                          const void *q, const void *k, const void *v) {
+    size_t workspace = 0;
+    if (cudnn_serves(be, s, &workspace)) {
+        MT_CHECK(be->workspace_bytes >= workspace, "attention workspace too small");
+        mt_cudnn_attention_forward(be->cudnn, s, out, lse, q, k, v, be->workspace, be->stream);
+        return;
+    }
+    MT_CHECK(s->H % s->KV == 0 && own_kernel_supports(s->D), "attention H=%d KV=%d D=%d", s->H, s->KV, s->D);
+    switch (s->D) {
+        case 16: attention_forward_launch<16>(s, out, lse, q, k, v); break;
+        case 32: attention_forward_launch<32>(s, out, lse, q, k, v); break;
+        case 64: attention_forward_launch<64>(s, out, lse, q, k, v); break;
+        default: attention_forward_launch<128>(s, out, lse, q, k, v); break;
     }
 }
 
-extern "C" void mt_attention_backward_cuda(mt_backend *be, void *dq, void *dk, void *dv, const void *dout,
-                                           const void *q, const void *k, const void *v, const void *out,
-                                           const float *lse, int B, int T, int H, int KV, int D) {
-    MT_CHECK(H % KV == 0 && attention_head_dim_supported(D), "attention H=%d KV=%d D=%d", H, KV, D);
-    MT_CHECK(be->workspace_bytes >= mt_attention_workspace_bytes_cuda(B, T, H, D), "attention workspace too small");
+extern "C" void mt_attention_backward_cuda(mt_backend *be, const mt_attention_shape *s, void *dq, void *dk, void *dv,
+                                           const void *dout, const void *q, const void *k, const void *v,
+                                           const void *out, const float *lse) {
+    size_t workspace = 0;
+    if (cudnn_serves(be, s, &workspace)) {
+        MT_CHECK(be->workspace_bytes >= workspace, "attention workspace too small");
+        mt_cudnn_attention_backward(be->cudnn, s, dq, dk, dv, dout, q, k, v, out, lse, be->workspace, be->stream);
+        return;
+    }
+    MT_CHECK(s->H % s->KV == 0 && own_kernel_supports(s->D), "attention H=%d KV=%d D=%d", s->H, s->KV, s->D);
+    MT_CHECK(be->workspace_bytes >= own_workspace_bytes(s), "attention workspace too small");
+    int B = s->B, T = s->T, H = s->H, D = s->D;
     float *delta = (float *)be->workspace;
     size_t rows = (size_t)B * T * H, T_pad = (size_t)(T + kTile - 1) / kTile * kTile;
     float *dk_part = (float *)(((uintptr_t)(delta + rows) + 255) & ~(uintptr_t)255);
@@ -671,18 +726,10 @@ extern "C" void mt_attention_backward_cuda(mt_backend *be, void *dq, void *dk, v
     attention_delta_kernel<<<grid_for(rows, 8), 256>>>(delta, (const bf16 *)dout, (const bf16 *)out, B, T, H, D);
     CUDA_CHECK_LAUNCH();
     switch (D) {
-        case 16:
-            attention_backward_launch<16>(dq, dk, dv, dout, q, k, v, lse, delta, dk_part, dv_part, B, T, H, KV);
-            break;
-        case 32:
-            attention_backward_launch<32>(dq, dk, dv, dout, q, k, v, lse, delta, dk_part, dv_part, B, T, H, KV);
-            break;
-        case 64:
-            attention_backward_launch<64>(dq, dk, dv, dout, q, k, v, lse, delta, dk_part, dv_part, B, T, H, KV);
-            break;
-        default:
-            attention_backward_launch<128>(dq, dk, dv, dout, q, k, v, lse, delta, dk_part, dv_part, B, T, H, KV);
-            break;
+        case 16: attention_backward_launch<16>(s, dq, dk, dv, dout, q, k, v, lse, delta, dk_part, dv_part); break;
+        case 32: attention_backward_launch<32>(s, dq, dk, dv, dout, q, k, v, lse, delta, dk_part, dv_part); break;
+        case 64: attention_backward_launch<64>(s, dq, dk, dv, dout, q, k, v, lse, delta, dk_part, dv_part); break;
+        default: attention_backward_launch<128>(s, dq, dk, dv, dout, q, k, v, lse, delta, dk_part, dv_part); break;
     }
 }
 

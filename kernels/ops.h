@@ -32,20 +32,35 @@ void mt_op_rope_forward(const mt_backend *be, void *out, const void *inp, const 
                         const float *sin_table, int B, int T, int H, int D, int rotate);
 void mt_op_rope_backward(const mt_backend *be, void *dinp, const void *dout, const float *cos_table,
                          const float *sin_table, int B, int T, int H, int D, int rotate);
-// Whether the backend's attention handles head dimension D (the GPU kernels
-// are compiled for 16, 32, 64 and 128; the CPU takes any).
-int mt_attention_supports(const mt_backend *be, int D);
+// One attention problem: q (B, H, T, D), k/v (B, KV, T, D) with H a multiple
+// of KV (grouped-query heads share a kv head), causal. window > 0: query t
+// sees only keys t - window + 1 .. t (sliding-window attention, Mistral's
+// sliding_window); 0: every key up to t.
+typedef struct {
+    int B, T, H, KV, D;
+    int window;
+} mt_attention_shape;
+// Whether the backend's attention handles this shape: on the GPU cuDNN's fused
+// attention where the library serves it (built with cuDNN, found at run time),
+// else memtune's own kernel (head dims 16, 32, 64 and 128); the CPU takes any.
+// On the GPU this builds cuDNN's graphs for the shape (once, cached).
+int mt_attention_supports(mt_backend *be, const mt_attention_shape *s);
+// Which attention runs this shape, in words, for the start-up line.
+void mt_attention_describe(mt_backend *be, const mt_attention_shape *s, char *buf, size_t len);
 // Workspace the attention ops need for this shape (reserve it on the backend).
-size_t mt_attention_workspace_bytes(const mt_backend *be, int B, int T, int H, int D);
+size_t mt_attention_workspace_bytes(mt_backend *be, const mt_attention_shape *s);
 // Workspace the RMSNorm and embedding backward ops need for N rows of width C
 // (on the GPU they reduce through it in a fixed order: deterministic).
 size_t mt_norm_embedding_workspace_bytes(const mt_backend *be, int N, int C);
-// lse (B, H, T) fp32 is written by forward and read by backward.
-void mt_op_attention_forward(mt_backend *be, void *out, float *lse, const void *q, const void *k, const void *v, int B,
-                             int T, int H, int KV, int D);
-void mt_op_attention_backward(mt_backend *be, void *dq, void *dk, void *dv, const void *dout, const void *q,
-                              const void *k, const void *v, const void *out, const float *lse, int B, int T, int H,
-                              int KV, int D);
+// out (B, T, H, D); lse (B, H, T) fp32, the log-sum-exp of each row's scaled
+// scores, is written by forward and read by backward. Both are deterministic:
+// the same inputs give the same bits.
+void mt_op_attention_forward(mt_backend *be, const mt_attention_shape *s, void *out, float *lse, const void *q,
+                             const void *k, const void *v);
+// dq/dk/dv (the layouts of q/k/v) are overwritten; dout (B, T, H, D).
+void mt_op_attention_backward(mt_backend *be, const mt_attention_shape *s, void *dq, void *dk, void *dv,
+                              const void *dout, const void *q, const void *k, const void *v, const void *out,
+                              const float *lse);
 void mt_op_swiglu_forward(const mt_backend *be, void *out, const void *gate, const void *up, size_t n);
 void mt_op_swiglu_backward(const mt_backend *be, void *dgate, void *dup, const void *dout, const void *gate,
                            const void *up, size_t n);

@@ -25,14 +25,17 @@ void mt_rope_forward_cuda(const mt_backend *be, void *out, const void *inp, cons
                           const float *sin_table, int B, int T, int H, int D, int rotate);
 void mt_rope_backward_cuda(const mt_backend *be, void *dinp, const void *dout, const float *cos_table,
                            const float *sin_table, int B, int T, int H, int D, int rotate);
-int mt_attention_supports_cuda(int D);
+// Attention: cuDNN's fused graphs where the backend has them for the shape,
+// memtune's own kernel otherwise (see ops.h).
+int mt_attention_supports_cuda(mt_backend *be, const mt_attention_shape *s);
+void mt_attention_describe_cuda(mt_backend *be, const mt_attention_shape *s, char *buf, size_t len);
 size_t mt_norm_embedding_workspace_bytes_cuda(int N, int C);
-size_t mt_attention_workspace_bytes_cuda(int B, int T, int H, int D);
-void mt_attention_forward_cuda(mt_backend *be, void *out, float *lse, const void *q, const void *k, const void *v,
-                               int B, int T, int H, int KV, int D);
-void mt_attention_backward_cuda(mt_backend *be, void *dq, void *dk, void *dv, const void *dout, const void *q,
-                                const void *k, const void *v, const void *out, const float *lse, int B, int T, int H,
-                                int KV, int D);
+size_t mt_attention_workspace_bytes_cuda(mt_backend *be, const mt_attention_shape *s);
+void mt_attention_forward_cuda(mt_backend *be, const mt_attention_shape *s, void *out, float *lse, const void *q,
+                               const void *k, const void *v);
+void mt_attention_backward_cuda(mt_backend *be, const mt_attention_shape *s, void *dq, void *dk, void *dv,
+                                const void *dout, const void *q, const void *k, const void *v, const void *out,
+                                const float *lse);
 void mt_swiglu_forward_cuda(const mt_backend *be, void *out, const void *gate, const void *up, size_t n);
 void mt_swiglu_backward_cuda(const mt_backend *be, void *dgate, void *dup, const void *dout, const void *gate,
                              const void *up, size_t n);

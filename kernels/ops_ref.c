@@ -110,11 +110,14 @@ void mt_rope_backward_ref(float *dinp, const float *dout, const float *cos_table
             }
 }
 
-// Softmax probabilities of query row t against keys 0..t into p (T);
+// The first key query t sees: 0, or t - window + 1 with a sliding window.
+static int attention_first_key(int t, int window) { return window > 0 && t >= window ? t - window + 1 : 0; }
+
+// Softmax probabilities of query row t against keys j0..t into p[j0..t];
 // returns the log-sum-exp of the scaled scores.
-static float attention_probs(float *p, const float *qrow, const float *kbase, int t, int D, float scale) {
+static float attention_probs(float *p, const float *qrow, const float *kbase, int j0, int t, int D, float scale) {
     float maxval = -INFINITY;
-    for (int j = 0; j <= t; j++) {
+    for (int j = j0; j <= t; j++) {
         const float *krow = kbase + (size_t)j * D;
         float s = 0.0f;
         for (int d = 0; d < D; d++) s += qrow[d] * krow[d];
@@ -122,17 +125,17 @@ static float attention_probs(float *p, const float *qrow, const float *kbase, in
         if (p[j] > maxval) maxval = p[j];
     }
     double sum = 0.0;
-    for (int j = 0; j <= t; j++) {
+    for (int j = j0; j <= t; j++) {
         p[j] = expf(p[j] - maxval);
         sum += p[j];
     }
     float inv = (float)(1.0 / sum);
-    for (int j = 0; j <= t; j++) p[j] *= inv;
+    for (int j = j0; j <= t; j++) p[j] *= inv;
     return maxval + (float)log(sum);
 }
 
 void mt_attention_forward_ref(float *out, float *lse, const float *q, const float *k, const float *v, int B, int T,
-                              int H, int KV, int D) {
+                              int H, int KV, int D, int window) {
     int group = H / KV;
     float scale = 1.0f / sqrtf((float)D);
 #pragma omp parallel
@@ -145,11 +148,12 @@ void mt_attention_forward_ref(float *out, float *lse, const float *q, const floa
                 const float *kbase = k + ((size_t)b * KV + h / group) * T * D;
                 const float *vbase = v + ((size_t)b * KV + h / group) * T * D;
                 for (int t = 0; t < T; t++) {
+                    int j0 = attention_first_key(t, window);
                     lse[((size_t)b * H + h) * T + t] =
-                        attention_probs(p, q + (((size_t)b * H + h) * T + t) * D, kbase, t, D, scale);
+                        attention_probs(p, q + (((size_t)b * H + h) * T + t) * D, kbase, j0, t, D, scale);
                     float *y = out + (((size_t)b * T + t) * H + h) * D;
                     for (int d = 0; d < D; d++) y[d] = 0.0f;
-                    for (int j = 0; j <= t; j++)
+                    for (int j = j0; j <= t; j++)
                         for (int d = 0; d < D; d++) y[d] += p[j] * vbase[(size_t)j * D + d];
                 }
             }
@@ -158,7 +162,8 @@ void mt_attention_forward_ref(float *out, float *lse, const float *q, const floa
 }
 
 void mt_attention_backward_ref(float *dq, float *dk, float *dv, const float *dout, const float *q, const float *k,
-                               const float *v, const float *out, const float *lse, int B, int T, int H, int KV, int D) {
+                               const float *v, const float *out, const float *lse, int B, int T, int H, int KV, int D,
+                               int window) {
     (void)out, (void)lse;
     int group = H / KV;
     float scale = 1.0f / sqrtf((float)D);
@@ -182,9 +187,10 @@ void mt_attention_backward_ref(float *dq, float *dk, float *dv, const float *dou
                         const float *qrow = q + (((size_t)b * H + h) * T + t) * D;
                         const float *g = dout + (((size_t)b * T + t) * H + h) * D;
                         float *dqrow = dq + (((size_t)b * H + h) * T + t) * D;
-                        attention_probs(p, qrow, kbase, t, D, scale);
+                        int j0 = attention_first_key(t, window);
+                        attention_probs(p, qrow, kbase, j0, t, D, scale);
                         double pdp = 0.0;
-                        for (int j = 0; j <= t; j++) {
+                        for (int j = j0; j <= t; j++) {
                             float s = 0.0f;
                             for (int d = 0; d < D; d++) s += g[d] * vbase[(size_t)j * D + d];
                             dp[j] = s;
@@ -192,7 +198,7 @@ void mt_attention_backward_ref(float *dq, float *dk, float *dv, const float *dou
                             for (int d = 0; d < D; d++) dvbase[(size_t)j * D + d] += p[j] * g[d];
                         }
                         for (int d = 0; d < D; d++) dqrow[d] = 0.0f;
-                        for (int j = 0; j <= t; j++) {
+                        for (int j = j0; j <= t; j++) {
                             float ds = p[j] * (dp[j] - (float)pdp) * scale;
                             for (int d = 0; d < D; d++) {
                                 dqrow[d] += ds * kbase[(size_t)j * D + d];

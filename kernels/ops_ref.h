@@ -41,12 +41,14 @@ void mt_rope_tables(float *cos_table, float *sin_table, const float *inv_freq, i
 // Causal scaled-dot-product attention with grouped-query heads.
 // q (B, H, T, D), k/v (B, KV, T, D); out (B, T, H, D); scale 1/sqrt(D);
 // lse (B, H, T) = log-sum-exp of each row's scaled scores (kept for backward).
+// window > 0: query t attends to keys max(0, t - window + 1) .. t only.
 void mt_attention_forward_ref(float *out, float *lse, const float *q, const float *k, const float *v, int B, int T,
-                              int H, int KV, int D);
+                              int H, int KV, int D, int window);
 // dq/dk/dv are overwritten. out and lse are what forward produced (the CUDA
 // version uses them; the reference recomputes P from q and k instead).
 void mt_attention_backward_ref(float *dq, float *dk, float *dv, const float *dout, const float *q, const float *k,
-                               const float *v, const float *out, const float *lse, int B, int T, int H, int KV, int D);
+                               const float *v, const float *out, const float *lse, int B, int T, int H, int KV, int D,
+                               int window);
 
 // out = silu(gate) * up, elementwise over n.
 void mt_swiglu_forward_ref(float *out, const float *gate, const float *up, size_t n);

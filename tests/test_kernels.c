@@ -103,14 +103,32 @@ END_TEST
 
 // --------------------------------------------------------------- attention
 typedef struct {
-    int B, T, H, KV, D;
+    int B, T, H, KV, D, window;
     float *q, *k, *v, *y, *r, *lse;
 } att_ctx;
 
 static double att_loss(void *p) {
     att_ctx *c = p;
-    mt_attention_forward_ref(c->y, c->lse, c->q, c->k, c->v, c->B, c->T, c->H, c->KV, c->D);
+    mt_attention_forward_ref(c->y, c->lse, c->q, c->k, c->v, c->B, c->T, c->H, c->KV, c->D, c->window);
     return dot(c->y, c->r, (size_t)c->B * c->T * c->H * c->D);
+}
+
+// Output row (b, t, h) of attention over keys j0..t alone, in double.
+static void att_row_by_hand(const att_ctx *c, int b, int t, int h, int j0, double *y) {
+    const float *q = c->q + (((size_t)b * c->H + h) * c->T + t) * c->D;
+    size_t kv = ((size_t)b * c->KV + h / (c->H / c->KV)) * c->T * c->D;
+    double s[64], max = -INFINITY, sum = 0;
+    for (int j = j0; j <= t; j++) {
+        s[j] = 0;
+        for (int d = 0; d < c->D; d++) s[j] += (double)q[d] * c->k[kv + (size_t)j * c->D + d];
+        s[j] /= sqrt(c->D);
+        if (s[j] > max) max = s[j];
+    }
+    for (int j = j0; j <= t; j++) sum += exp(s[j] - max);
+    for (int d = 0; d < c->D; d++) {
+        y[d] = 0;
+        for (int j = j0; j <= t; j++) y[d] += exp(s[j] - max) / sum * c->v[kv + (size_t)j * c->D + d];
+    }
 }
 
 START_TEST(attention_forward_and_backward) {
@@ -140,11 +158,48 @@ START_TEST(attention_forward_and_backward) {
         ck_assert_double_eq_tol(c.lse[((size_t)1 * c.H + 3) * c.T + 1], log(exp(s0) + exp(s1)), 1e-5);
     }
     float *dq = malloc(nq * 4), *dk = malloc(nk * 4), *dv = malloc(nk * 4);
-    mt_attention_backward_ref(dq, dk, dv, c.r, c.q, c.k, c.v, c.y, c.lse, c.B, c.T, c.H, c.KV, c.D);
+    mt_attention_backward_ref(dq, dk, dv, c.r, c.q, c.k, c.v, c.y, c.lse, c.B, c.T, c.H, c.KV, c.D, c.window);
     ck_assert_double_lt(tu_fd_check(att_loss, &c, c.q, dq, nq, 50, 1e-2), kFdTolerance);
     ck_assert_double_lt(tu_fd_check(att_loss, &c, c.k, dk, nk, 50, 1e-2), kFdTolerance);
     ck_assert_double_lt(tu_fd_check(att_loss, &c, c.v, dv, nk, 50, 1e-2), kFdTolerance);
     free(c.q), free(c.k), free(c.v), free(c.r), free(c.y), free(c.lse), free(dq), free(dk), free(dv);
+}
+END_TEST
+
+// Mistral's sliding window: query t sees keys t - window + 1 .. t (transformers'
+// sliding_window_overlay: kv_idx > q_idx - sliding_window); a window of T or
+// more is no window; the backward matches finite differences.
+START_TEST(attention_sliding_window) {
+    att_ctx c = {.B = 2, .T = 13, .H = 4, .KV = 2, .D = 8, .window = 4};
+    size_t nq = (size_t)c.B * c.H * c.T * c.D, nk = (size_t)c.B * c.KV * c.T * c.D;
+    c.q = tu_random(nq, -1, 1, 60);
+    c.k = tu_random(nk, -1, 1, 61);
+    c.v = tu_random(nk, -1, 1, 62);
+    c.r = tu_random(nq, -1, 1, 63);
+    c.y = malloc(nq * 4);
+    c.lse = malloc((size_t)c.B * c.H * c.T * 4);
+    att_loss(&c);
+    int rows[][3] = {{0, 0, 0}, {1, 2, 3}, {0, 3, 1}, {1, 4, 2}, {1, 12, 3}, {0, 9, 0}};
+    for (int i = 0; i < 6; i++) {
+        int b = rows[i][0], t = rows[i][1], h = rows[i][2], j0 = t - c.window + 1 > 0 ? t - c.window + 1 : 0;
+        double expect[8];
+        att_row_by_hand(&c, b, t, h, j0, expect);
+        const float *y = c.y + (((size_t)b * c.T + t) * c.H + h) * c.D;
+        for (int d = 0; d < c.D; d++) ck_assert_double_eq_tol(y[d], expect[d], 1e-5);
+    }
+    float *full = malloc(nq * 4), *full_lse = malloc((size_t)c.B * c.H * c.T * 4);
+    mt_attention_forward_ref(full, full_lse, c.q, c.k, c.v, c.B, c.T, c.H, c.KV, c.D, 0);
+    mt_attention_forward_ref(c.y, c.lse, c.q, c.k, c.v, c.B, c.T, c.H, c.KV, c.D, c.T);
+    ck_assert_mem_eq(full, c.y, nq * 4);
+    mt_attention_forward_ref(c.y, c.lse, c.q, c.k, c.v, c.B, c.T, c.H, c.KV, c.D, c.window);
+    ck_assert(memcmp(full, c.y, nq * 4) != 0);
+    float *dq = malloc(nq * 4), *dk = malloc(nk * 4), *dv = malloc(nk * 4);
+    mt_attention_backward_ref(dq, dk, dv, c.r, c.q, c.k, c.v, c.y, c.lse, c.B, c.T, c.H, c.KV, c.D, c.window);
+    ck_assert_double_lt(tu_fd_check(att_loss, &c, c.q, dq, nq, 50, 1e-2), kFdTolerance);
+    ck_assert_double_lt(tu_fd_check(att_loss, &c, c.k, dk, nk, 50, 1e-2), kFdTolerance);
+    ck_assert_double_lt(tu_fd_check(att_loss, &c, c.v, dv, nk, 50, 1e-2), kFdTolerance);
+    free(c.q), free(c.k), free(c.v), free(c.r), free(c.y), free(c.lse), free(dq), free(dk), free(dv), free(full);
+    free(full_lse);
 }
 END_TEST
 
@@ -382,6 +437,7 @@ int main(void) {
     tcase_add_test(tc, rmsnorm_forward_and_backward);
     tcase_add_test(tc, rope_forward_and_backward);
     tcase_add_test(tc, attention_forward_and_backward);
+    tcase_add_test(tc, attention_sliding_window);
     tcase_add_test(tc, swiglu_forward_and_backward);
     tcase_add_test(tc, matmul_forward_and_backward);
     tcase_add_test(tc, crossentropy_forward_and_backward);

@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels/attention_cudnn.h"
 #include "kernels/common.h"
 #include "kernels/device.h"
 #include "kernels/dtype.h"
@@ -141,42 +142,89 @@ START_TEST(rope) {
 }
 END_TEST
 
+// One attention shape on the GPU (cuDNN's graphs, or memtune's kernel with
+// be.cudnn NULL) against the CPU reference; the backward runs twice and must
+// give the same bits (resumes rely on it).
+static void attention_case(const mt_attention_shape *s, const char *path) {
+    int B = s->B, T = s->T, H = s->H, KV = s->KV, D = s->D;
+    size_t nq = (size_t)B * H * T * D, nk = (size_t)B * KV * T * D, nl = (size_t)B * H * T;
+    float *q = host_random(nq, -1.5f, 1.5f), *k = host_random(nk, -1.5f, 1.5f), *v = host_random(nk, -1, 1);
+    float *g = host_random(nq, -1, 1);
+    float *y = malloc(nq * 4), *dq = malloc(nq * 4), *dk = malloc(nk * 4), *dv = malloc(nk * 4), *lse = malloc(nl * 4);
+    mt_attention_forward_ref(y, lse, q, k, v, B, T, H, KV, D, s->window);
+    mt_attention_backward_ref(dq, dk, dv, g, q, k, v, y, lse, B, T, H, KV, D, s->window);
+    ck_assert_int_eq(mt_backend_reserve_workspace(&be, mt_attention_workspace_bytes(&be, s)), MT_OK);
+    void *q_d = dev_bf16(q, nq), *k_d = dev_bf16(k, nk), *v_d = dev_bf16(v, nk), *g_d = dev_bf16(g, nq);
+    void *y_d = dev_poisoned(nq * 2), *dq_d = dev_poisoned(nq * 2), *dk_d = dev_poisoned(nk * 2),
+         *dv_d = dev_poisoned(nk * 2), *lse_d = dev_poisoned(nl * 4);
+    mt_op_attention_forward(&be, s, y_d, lse_d, q_d, k_d, v_d);
+    mt_op_attention_backward(&be, s, dq_d, dk_d, dv_d, g_d, q_d, k_d, v_d, y_d, lse_d);
+    float *yg = host_from_bf16(y_d, nq), *lseg = host_from_f32(lse_d, nl), *dqg = host_from_bf16(dq_d, nq),
+          *dkg = host_from_bf16(dk_d, nk), *dvg = host_from_bf16(dv_d, nk);
+    char what[128];
+    snprintf(what, sizeof what, "%s attention B=%d T=%d H=%d KV=%d D=%d window=%d", path, B, T, H, KV, D, s->window);
+    printf("%s\n", what);
+    char part[160];
+#define EXPECT(name, got, ref, n, tol) \
+    snprintf(part, sizeof part, "%s %s", what, name), expect_close(part, got, ref, n, tol)
+    EXPECT("out", yg, y, nq, kBf16Tol);
+    EXPECT("lse", lseg, lse, nl, 1e-5);
+    EXPECT("dq", dqg, dq, nq, 2 * kBf16Tol);
+    EXPECT("dk", dkg, dk, nk, 2 * kBf16Tol);
+    EXPECT("dv", dvg, dv, nk, kBf16Tol);
+#undef EXPECT
+    // the same backward again: bit for bit
+    uint16_t *first = malloc((nq + 2 * nk) * 2), *second = malloc((nq + 2 * nk) * 2);
+    mt_copy_to_host(first, dq_d, nq * 2), mt_copy_to_host(first + nq, dk_d, nk * 2);
+    mt_copy_to_host(first + nq + nk, dv_d, nk * 2);
+    mt_device_memset(dq_d, 0xff, nq * 2), mt_device_memset(dk_d, 0xff, nk * 2), mt_device_memset(dv_d, 0xff, nk * 2);
+    mt_op_attention_backward(&be, s, dq_d, dk_d, dv_d, g_d, q_d, k_d, v_d, y_d, lse_d);
+    mt_copy_to_host(second, dq_d, nq * 2), mt_copy_to_host(second + nq, dk_d, nk * 2);
+    mt_copy_to_host(second + nq + nk, dv_d, nk * 2);
+    ck_assert_msg(memcmp(first, second, (nq + 2 * nk) * 2) == 0, "%s: two backward runs differ", what);
+    free(first), free(second), free(lseg), free(lse);
+    free(q), free(k), free(v), free(g), free(y), free(dq), free(dk), free(dv), free(yg), free(dqg), free(dkg),
+        free(dvg);
+    mt_device_free(q_d), mt_device_free(k_d), mt_device_free(v_d), mt_device_free(g_d), mt_device_free(y_d);
+    mt_device_free(dq_d), mt_device_free(dk_d), mt_device_free(dv_d), mt_device_free(lse_d);
+}
+
 START_TEST(attention) {
-    // head dims 16..128, T around the 64-row tiles, grouped and plain heads
-    int shapes[][5] = {{1, 1, 1, 1, 16},    {2, 7, 4, 2, 16},  {1, 257, 6, 2, 64}, {2, 129, 8, 8, 128},
-                       {1, 1025, 4, 1, 64}, {3, 64, 4, 4, 32}, {1, 65, 8, 2, 128}};
-    for (int s = 0; s < 7; s++) {
-        int B = shapes[s][0], T = shapes[s][1], H = shapes[s][2], KV = shapes[s][3], D = shapes[s][4];
-        size_t nq = (size_t)B * H * T * D, nk = (size_t)B * KV * T * D;
-        float *q = host_random(nq, -1.5f, 1.5f), *k = host_random(nk, -1.5f, 1.5f), *v = host_random(nk, -1, 1);
-        float *g = host_random(nq, -1, 1);
-        size_t nl = (size_t)B * H * T;
-        float *y = malloc(nq * 4), *dq = malloc(nq * 4), *dk = malloc(nk * 4), *dv = malloc(nk * 4),
-              *lse = malloc(nl * 4);
-        mt_attention_forward_ref(y, lse, q, k, v, B, T, H, KV, D);
-        mt_attention_backward_ref(dq, dk, dv, g, q, k, v, y, lse, B, T, H, KV, D);
-        ck_assert_int_eq(mt_backend_reserve_workspace(&be, mt_attention_workspace_bytes(&be, B, T, H, D)), MT_OK);
-        void *q_d = dev_bf16(q, nq), *k_d = dev_bf16(k, nk), *v_d = dev_bf16(v, nk), *g_d = dev_bf16(g, nq);
-        void *y_d = dev_poisoned(nq * 2), *dq_d = dev_poisoned(nq * 2), *dk_d = dev_poisoned(nk * 2),
-             *dv_d = dev_poisoned(nk * 2), *lse_d = dev_poisoned(nl * 4);
-        mt_op_attention_forward(&be, y_d, lse_d, q_d, k_d, v_d, B, T, H, KV, D);
-        mt_op_attention_backward(&be, dq_d, dk_d, dv_d, g_d, q_d, k_d, v_d, y_d, lse_d, B, T, H, KV, D);
-        float *yg = host_from_bf16(y_d, nq), *dqg = host_from_bf16(dq_d, nq), *dkg = host_from_bf16(dk_d, nk),
-              *dvg = host_from_bf16(dv_d, nk);
-        char what[64];
-        snprintf(what, sizeof what, "attention T=%d H=%d KV=%d out", T, H, KV);
-        expect_close(what, yg, y, nq, kBf16Tol);
-        float *lseg = host_from_f32(lse_d, nl);
-        expect_close("attention lse", lseg, lse, nl, 1e-5);
-        free(lseg), free(lse);
-        mt_device_free(lse_d);
-        expect_close("attention dq", dqg, dq, nq, 2 * kBf16Tol);
-        expect_close("attention dk", dkg, dk, nk, 2 * kBf16Tol);
-        expect_close("attention dv", dvg, dv, nk, kBf16Tol);
-        free(q), free(k), free(v), free(g), free(y), free(dq), free(dk), free(dv), free(yg), free(dqg), free(dkg),
-            free(dvg);
-        mt_device_free(q_d), mt_device_free(k_d), mt_device_free(v_d), mt_device_free(g_d), mt_device_free(y_d);
-        mt_device_free(dq_d), mt_device_free(dk_d), mt_device_free(dv_d);
+    // head dims 16..256, T around the 64-row tiles, grouped and plain heads,
+    // sliding windows shorter than T (Mistral) and one no shorter
+    mt_attention_shape shapes[] = {{1, 1, 1, 1, 16, 0},    {2, 7, 4, 2, 16, 0},    {1, 257, 6, 2, 64, 0},
+                                   {2, 129, 8, 8, 128, 0}, {1, 1025, 4, 1, 64, 0}, {3, 64, 4, 4, 32, 0},
+                                   {1, 65, 8, 2, 128, 0},  {2, 200, 4, 2, 64, 37}, {1, 300, 8, 4, 128, 64},
+                                   {1, 33, 2, 1, 32, 40},  {2, 130, 4, 2, 80, 0},  {1, 257, 6, 3, 96, 0},
+                                   {1, 129, 4, 2, 96, 50}, {1, 100, 4, 1, 256, 0}};
+    int n = sizeof shapes / sizeof shapes[0], served = 0;
+    for (int i = 0; i < n; i++) {
+        mt_attention_shape *s = &shapes[i];
+        // cuDNN's graphs, where the backend has them and they serve the shape
+        if (be.cudnn && mt_attention_supports(&be, s)) {
+            size_t workspace;
+            if (mt_cudnn_attention_prepare(be.cudnn, s, &workspace)) served++, attention_case(s, "cuDNN");
+        }
+        // memtune's own kernel for the head dims it is compiled for
+        if (s->D == 16 || s->D == 32 || s->D == 64 || s->D == 128) {
+            struct mt_cudnn *saved = be.cudnn;
+            be.cudnn = NULL;
+            attention_case(s, "own kernel");
+            be.cudnn = saved;
+        }
+    }
+    if (be.cudnn) {
+        printf("attention: %s served %d of %d shapes\n", mt_cudnn_describe(be.cudnn), served, n);
+        // the shapes memtune trains (head dims 64 and 128, windows) must not
+        // fall back silently
+        ck_assert_msg(served >= 8, "cuDNN served only %d of %d attention shapes", served, n);
+    } else {
+        printf("attention: no cuDNN (%s): memtune's kernel alone was tested\n", be.attention_note);
+        const char *off = getenv("MT_CUDNN");
+#ifdef MT_HAVE_CUDNN
+        ck_assert_msg(off && strcmp(off, "0") == 0, "built with cuDNN but it did not load: %s", be.attention_note);
+#endif
+        (void)off;
     }
 }
 END_TEST

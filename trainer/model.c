@@ -41,6 +41,7 @@ struct mt_model {
     mt_backend *be;
     mt_model_config cfg;
     int B, T, checkpointing;
+    mt_attention_shape attn;  // B, T, heads, head dim and window of every layer's attention
     mt_param_info *params;
     int num_params;
     size_t total;
@@ -394,16 +395,21 @@ static int linear_param(const mt_model *m, int l, int t) {
 
 mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_config *cfg, const mt_model_options *o) {
     *out = NULL;
-    if (!mt_attention_supports(be, cfg->D))
-        return mt_errorf(MT_ERR_MODEL,
-                         "head dimension %d is not supported by the GPU attention kernel (16, 32, 64 "
-                         "and 128 are); train on the CPU with train.device: cpu",
-                         cfg->D);
-    MT_CHECK(!o->quantize_nf4 || o->lora.r > 0, "NF4 base weights need LoRA adapters");
     int B = o->B, T = o->T;
+    // Mistral's sliding window binds only when the window is shorter than T
+    int window = cfg->sliding_window > 0 && cfg->sliding_window < T ? (int)cfg->sliding_window : 0;
+    mt_attention_shape attn = {B, T, cfg->H, cfg->KV, cfg->D, window};
+    if (!mt_attention_supports(be, &attn))
+        return mt_errorf(MT_ERR_MODEL,
+                         "head dimension %d is not supported by the GPU attention: cuDNN's fused attention is not "
+                         "available (%s) and memtune's own kernel takes 16, 32, 64 and 128; install cuDNN 9 (see "
+                         "docs/development.md) or train on the CPU with train.device: cpu",
+                         cfg->D, be->cudnn ? "it refused this shape" : be->attention_note);
+    MT_CHECK(!o->quantize_nf4 || o->lora.r > 0, "NF4 base weights need LoRA adapters");
     mt_model *m = calloc(1, sizeof *m);
     MT_CHECK(m != NULL, "model");
     m->be = be;
+    m->attn = attn;
     m->cfg = *cfg;
     m->B = B, m->T = T, m->checkpointing = o->activation_checkpointing;
     m->lora = o->lora;
@@ -465,7 +471,7 @@ mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_confi
     if (!err) err = mt_alloc(&m->act_block, act_bytes, MT_MEM_ACTIVATIONS, place);
     if (!err && m->offload)
         err = mt_alloc(&m->host_x, (size_t)(cfg->L - 1) * N * cfg->C * act, MT_MEM_OFFLOAD, MT_HOST);
-    size_t workspace = mt_attention_workspace_bytes(be, B, T, cfg->H, cfg->D);
+    size_t workspace = mt_attention_workspace_bytes(be, &m->attn);
     size_t norm_workspace = mt_norm_embedding_workspace_bytes(be, B * T, cfg->C);
     if (norm_workspace > workspace) workspace = norm_workspace;
     if (!err) err = mt_backend_reserve_workspace(be, workspace);
@@ -543,6 +549,15 @@ void mt_model_trainable(mt_model *m, mt_trainable *out) {
                               m->adapter_grads};
     else
         *out = (mt_trainable){m->params, m->num_params, m->total, m->weights, m->grads};
+}
+
+void mt_model_describe_attention(mt_model *m, char *buf, size_t len) {
+    char what[200];
+    mt_attention_describe(m->be, &m->attn, what, sizeof what);
+    if (m->attn.window)
+        snprintf(buf, len, "%s, sliding window of %d tokens", what, m->attn.window);
+    else
+        snprintf(buf, len, "%s", what);
 }
 
 size_t mt_model_base_weight_bytes(const mt_model *m) {
@@ -832,7 +847,7 @@ static void layer_forward(mt_model *m, int l, int recompute) {
     mt_op_rope_forward(be, A->q, qf, m->cos_table, m->sin_table, m->B, m->T, c->H, c->D, 1);
     mt_op_rope_forward(be, A->k, kf, m->cos_table, m->sin_table, m->B, m->T, c->KV, c->D, 1);
     mt_op_rope_forward(be, A->v, vf, m->cos_table, m->sin_table, m->B, m->T, c->KV, c->D, 0);
-    mt_op_attention_forward(be, A->atty, A->lse, A->q, A->k, A->v, m->B, m->T, c->H, c->KV, c->D);
+    mt_op_attention_forward(be, &m->attn, A->atty, A->lse, A->q, A->k, A->v);
     mt_op_matmul_forward(be, m->scratch_c, A->atty, layer_weight(m, l, P_WO), layer_weight(m, l, P_BO), N, HD, c->C);
     lora_forward(m, l, MT_LORA_O, m->scratch_c, A->atty, HD, c->C);
     mt_op_add(be, A->x2, m->x[l], m->scratch_c, (size_t)N * c->C);
@@ -877,8 +892,7 @@ static void layer_backward(mt_model *m, int l) {
     mt_op_matmul_backward(be, m->datty, P->g[P_WO], P->g[P_BO], m->dres, A->atty, base_weight(m, l, P_WO), N, HD, c->C,
                           0);
     lora_backward(m, l, MT_LORA_O, m->datty, m->dres, A->atty, HD, c->C);
-    mt_op_attention_backward(be, m->dq, m->dk, m->dv, m->datty, A->q, A->k, A->v, A->atty, A->lse, m->B, m->T, c->H,
-                             c->KV, c->D);
+    mt_op_attention_backward(be, &m->attn, m->dq, m->dk, m->dv, m->datty, A->q, A->k, A->v, A->atty, A->lse);
     void *dqf = m->dqkv_flat, *dkf = rows(m, dqf, (size_t)N, (size_t)HD), *dvf = rows(m, dkf, (size_t)N, (size_t)KVD);
     mt_op_rope_backward(be, dqf, m->dq, m->cos_table, m->sin_table, m->B, m->T, c->H, c->D, 1);
     mt_op_rope_backward(be, dkf, m->dk, m->cos_table, m->sin_table, m->B, m->T, c->KV, c->D, 1);

@@ -641,11 +641,6 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     // ---- everything checked before the first device allocation
     mt_model_config mc;
     if ((err = mt_hf_read_config(cfg->model_path, &mc))) return err;
-    if (mc.sliding_window > 0 && mc.sliding_window < T)
-        return mt_errorf(MT_ERR_MODEL,
-                         "%s: sliding_window %ld is shorter than train.seq_len %d; memtune does not "
-                         "implement sliding-window attention. Lower train.seq_len to %ld or less.",
-                         cfg->model_path, mc.sliding_window, T, mc.sliding_window);
     mt_dataset *ds = NULL;
     if ((err = mt_dataset_open(&ds, cfg->data_train, mc.V))) return err;
     // data parallelism: this process's rank (world 1 without a launcher)
@@ -1064,6 +1059,9 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     size_t count = mt_model_num_params(model);
     mt_info("memtune %s | %s | %s %d layers, %.2fM params | B=%d T=%d accum=%d | %s", MT_VERSION, devname,
             mc.architecture, mc.L, count / 1e6, B, T, accum, random_init ? "random init" : cfg->model_path);
+    char attention[256];
+    mt_model_describe_attention(model, attention, sizeof attention);
+    mt_info("attention: %s", attention);
     if (lora) {
         char targets[128];
         mt_lora_format_targets(lora->targets, targets, sizeof targets);

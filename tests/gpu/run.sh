@@ -5,8 +5,9 @@
 # NF4), the quickstart and its LoRA variant on the GPU, and with --bench the
 # benchmarks of bench/. Logs and results go under $OUT.
 #
-# Stages: ctest quickstart resume dist-test parity peft (default), plus bench,
-# lora-bench, mezo-bench, galore-bench and offload-bench with --bench; or name them: run.sh --stages
+# Stages: ctest quickstart resume dist-test parity peft (default), plus bench
+# (attention and full fine-tune), lora-bench, mezo-bench, galore-bench and
+# offload-bench with --bench; attention-bench alone; or name them: run.sh --stages
 # "ctest mezo-bench". MT_CTEST_FILTER narrows ctest; MT_LORA_SHAPES picks
 # lora-bench's shapes and MT_LORA_ARGS adds bench/lora_ft.py options (e.g.
 # "--steps 20"); MT_MEZO_ARGS adds bench/mezo.py options, MT_GALORE_ARGS
@@ -39,6 +40,10 @@ fi
 # from wherever this machine keeps them (CUDA's may live in Python packages).
 mkdir -p /tmp/mt-libs
 export LD_LIBRARY_PATH=/tmp/mt-libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+# cuDNN: memtune is built against 9.19 (attention's graphs); PyTorch's wheel
+# carries that version where the system's may be older: its folder goes first
+cudnn_lib=$(python3 -c 'import os, nvidia.cudnn; print(os.path.join(list(nvidia.cudnn.__path__)[0], "lib"))' 2> /dev/null)
+[ -n "$cudnn_lib" ] && [ -d "$cudnn_lib" ] && export LD_LIBRARY_PATH=$cudnn_lib:$LD_LIBRARY_PATH
 for round in 1 2 3 4 5; do
     missing=$(for b in "$BUILD/memtune" "$BUILD"/tests/test_* "$BUILD/tests/mt_parity" "$BUILD"/mt_*_bench; do ldd "$b"; done |
               awk '/not found/{print $1}' | sort -u)
@@ -187,9 +192,12 @@ if want peft; then
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 
+if want attention-bench || want bench; then
+    echo "== bench: the attention op (cuDNN path, own kernel) vs torch's SDPA backends"
+    python3 bench/attention.py --out "$OUT" 2>&1 | tee "$OUT/attention_bench.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
 if want bench; then
-    echo "== bench: attention op"
-    "$BUILD/mt_attention_bench" 2>&1 | tee "$OUT/attention_bench.log"
     echo "== bench: full fine-tune vs PyTorch"
     python3 bench/full_ft.py --out "$OUT" 2>&1 | tee "$OUT/bench.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
