@@ -19,6 +19,7 @@
 #include "trainer/fsutil.h"
 #include "trainer/hf.h"
 #include "trainer/lora.h"
+#include "trainer/merge.h"
 #include "trainer/model.h"
 
 static char dir[256];

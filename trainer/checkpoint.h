@@ -12,7 +12,7 @@
 
 #include "kernels/common.h"
 #include "optim/galore.h"
-#include "trainer/model.h"
+#include "trainer/params.h"
 
 #ifdef __cplusplus
 extern "C" {

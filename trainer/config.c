@@ -2,7 +2,7 @@
 #define _POSIX_C_SOURCE 200809L
 #include "trainer/config.h"
 
-#include "trainer/lora.h"
+#include "trainer/params.h"
 
 #include <stddef.h>
 #include <stdlib.h>
@@ -332,16 +332,6 @@ void mt_config_write_reference(FILE *f, int markdown) {
                     k->def[0] ? k->def : "none", allowed[0] ? "; " : "", allowed, "", k->help);
         }
     }
-}
-
-int mt_config_next_item(const char **cursor, const char **item, size_t *len) {
-    const char *p = *cursor;
-    while (*p == ' ' || *p == ',') p++;
-    if (!*p) return 0;
-    const char *end = p;
-    while (*end && *end != ',' && *end != ' ') end++;
-    *item = p, *len = (size_t)(end - p), *cursor = end;
-    return 1;
 }
 
 // Whether any key of `section` differs from its default.

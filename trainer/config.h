@@ -163,10 +163,6 @@ mt_err mt_config_set(mt_config *cfg, const char *dotted_key, const char *value, 
 mt_err mt_config_validate(const mt_config *cfg);
 // The resolved configuration as YAML.
 void mt_config_write_yaml(const mt_config *cfg, FILE *f);
-// The next item of a list value separated by commas and/or spaces (lora.targets,
-// mezo.trainable): *item and *len set and *cursor moved past it; 0 when no
-// item is left.
-int mt_config_next_item(const char **cursor, const char **item, size_t *len);
 // 64-bit FNV-1a over the keys that change what training computes: not logging,
 // eval, output, checkpoint cadence, the device, train.resume or
 // train.stop_after. A resumed run must match its checkpoint's.

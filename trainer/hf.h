@@ -7,7 +7,7 @@
 #define MT_HF_H
 
 #include "kernels/common.h"
-#include "trainer/model.h"
+#include "trainer/params.h"
 
 #ifdef __cplusplus
 extern "C" {

@@ -8,7 +8,7 @@
 #include "datasets/tokenizer.h"
 #include "kernels/common.h"
 #include "trainer/config.h"
-#include "trainer/lora.h"
+#include "trainer/merge.h"
 #include "trainer/train.h"
 
 static void usage(FILE *f) {

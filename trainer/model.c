@@ -11,7 +11,6 @@
 #include "kernels/ops.h"
 #include "kernels/ops_ref.h"
 #include "kernels/rng.h"
-#include "trainer/lora.h"
 
 // Indices into a layer's parameters, in table order.
 enum { P_LN1, P_WQ, P_BQ, P_WK, P_BK, P_WV, P_BV, P_WO, P_BO, P_LN2, P_WG, P_WU, P_WD, P_LAYER_COUNT };
@@ -125,62 +124,6 @@ struct mt_model {
 };
 
 // ------------------------------------------------------- parameter table
-
-static void add_param(mt_param_info *t, int *n, size_t *offset, const char *name, int64_t d0, int64_t d1) {
-    mt_param_info *p = &t[(*n)++];
-    snprintf(p->name, sizeof p->name, "%s", name);
-    p->ndim = d1 ? 2 : 1;
-    p->shape[0] = d0;
-    p->shape[1] = d1;
-    p->count = (size_t)d0 * (size_t)(d1 ? d1 : 1);
-    p->offset = *offset;
-    p->decay = p->ndim == 2;
-    // keep every tensor 16-element aligned: vector loads and cuBLAS like it
-    *offset += (p->count + 15) & ~(size_t)15;
-}
-
-mt_param_info *mt_model_param_table(const mt_model_config *c, int *count, size_t *total) {
-    int max = 3 + c->L * P_LAYER_COUNT;
-    mt_param_info *t = calloc((size_t)max, sizeof *t);
-    MT_CHECK(t != NULL, "param table");
-    int n = 0;
-    size_t off = 0;
-    char name[128];
-    int64_t HD = (int64_t)c->H * c->D, KVD = (int64_t)c->KV * c->D;
-    add_param(t, &n, &off, "model.embed_tokens.weight", c->V, c->C);
-    for (int l = 0; l < c->L; l++) {
-#define LAYER_PARAM(suffix, d0, d1)                               \
-    snprintf(name, sizeof name, "model.layers.%d.%s", l, suffix); \
-    add_param(t, &n, &off, name, d0, d1)
-        LAYER_PARAM("input_layernorm.weight", c->C, 0);
-        LAYER_PARAM("self_attn.q_proj.weight", HD, c->C);
-        if (c->qkv_bias) {
-            LAYER_PARAM("self_attn.q_proj.bias", HD, 0);
-        }
-        LAYER_PARAM("self_attn.k_proj.weight", KVD, c->C);
-        if (c->qkv_bias) {
-            LAYER_PARAM("self_attn.k_proj.bias", KVD, 0);
-        }
-        LAYER_PARAM("self_attn.v_proj.weight", KVD, c->C);
-        if (c->qkv_bias) {
-            LAYER_PARAM("self_attn.v_proj.bias", KVD, 0);
-        }
-        LAYER_PARAM("self_attn.o_proj.weight", c->C, HD);
-        if (c->o_bias) {
-            LAYER_PARAM("self_attn.o_proj.bias", c->C, 0);
-        }
-        LAYER_PARAM("post_attention_layernorm.weight", c->C, 0);
-        LAYER_PARAM("mlp.gate_proj.weight", c->F, c->C);
-        LAYER_PARAM("mlp.up_proj.weight", c->F, c->C);
-        LAYER_PARAM("mlp.down_proj.weight", c->C, c->F);
-#undef LAYER_PARAM
-    }
-    add_param(t, &n, &off, "model.norm.weight", c->C, 0);
-    if (!c->tie_embeddings) add_param(t, &n, &off, "lm_head.weight", c->V, c->C);
-    *count = n;
-    *total = off;
-    return t;
-}
 
 void mt_model_init_random(const mt_model_config *cfg, float *params, uint64_t seed) {
     int n;

@@ -13,60 +13,13 @@
 #include "kernels/device.h"
 #include "kernels/dtype.h"
 #include "kernels/ops.h"
+#include "trainer/params.h"
 
 #ifdef __cplusplus
 extern "C" {
 #endif
 
-typedef struct {
-    char architecture[64];
-    int V, C, F, L, H, KV, D;  // vocab, hidden, ffn, layers, heads, kv heads, head dim
-    int max_position;
-    float rms_eps, rope_theta, init_std;
-    int rope_llama3;  // rope_scaling / rope_parameters of type llama3
-    float rope_factor, rope_low_freq_factor, rope_high_freq_factor;
-    int rope_original_max_position;
-    int tie_embeddings;
-    int qkv_bias, o_bias;  // Qwen2: qkv; Llama attention_bias: qkv and o
-    long sliding_window;   // 0: none
-    mt_dtype dtype;        // the folder's declared dtype (for saving)
-} mt_model_config;
-
-typedef struct {
-    char name[128];
-    int ndim;
-    int64_t shape[2];
-    size_t offset, count;  // in elements of the parameter block
-    int decay;             // matrices and embeddings
-} mt_param_info;
-
 typedef struct mt_model mt_model;
-
-// The linear modules that can carry a LoRA adapter, named as PEFT's
-// target_modules.
-typedef enum {
-    MT_LORA_Q,
-    MT_LORA_K,
-    MT_LORA_V,
-    MT_LORA_O,
-    MT_LORA_GATE,
-    MT_LORA_UP,
-    MT_LORA_DOWN,
-    MT_LORA_MODULES
-} mt_lora_module;
-extern const char *const mt_lora_module_names[MT_LORA_MODULES];  // "q_proj", ...
-
-// LoRA (Hu et al., 2021): y = W x + scale * B A dropout(x), A (r, IN), B (OUT,
-// r), scale alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski, 2023).
-typedef struct {
-    int r;             // rank; 0: no adapters
-    float alpha;       // lora_alpha
-    float dropout;     // on the adapter's input, in training only
-    int rslora;        // use_rslora
-    unsigned targets;  // bit (1 << mt_lora_module) set: that module has an adapter
-} mt_lora_config;
-
-float mt_lora_scale(const mt_lora_config *lora);
 
 // Streamed gradients: called in backward once parameter `param` (an index
 // into the parameter table) has its whole gradient for this step, grad (fp32,
@@ -167,8 +120,6 @@ size_t mt_model_num_params(const mt_model *m);
 void *mt_model_weights(mt_model *m);
 float *mt_model_grads(mt_model *m);
 
-// Builds the parameter table only (for loading and saving without a model).
-mt_param_info *mt_model_param_table(const mt_model_config *cfg, int *count, size_t *total);
 // Random initialisation as transformers does it: normal(0, init_std) for
 // matrices and embeddings, ones for norms, zeros for biases.
 void mt_model_init_random(const mt_model_config *cfg, float *params, uint64_t seed);

@@ -621,7 +621,7 @@ static int select_trainable(const char *patterns, const mt_param_info *table, in
         selected[i] = 0;
         const char *cursor = patterns, *item;
         size_t len;
-        while (!selected[i] && mt_config_next_item(&cursor, &item, &len)) {
+        while (!selected[i] && mt_list_next_item(&cursor, &item, &len)) {
             char pattern[256];
             snprintf(pattern, sizeof pattern, "%.*s", (int)len, item);
             selected[i] = fnmatch(pattern, table[i].name, 0) == 0;

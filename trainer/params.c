@@ -1,0 +1,190 @@
+// trainer/params.c: parameter tables and adapter names (params.h).
+#include "trainer/params.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static void add_param(mt_param_info *t, int *n, size_t *offset, const char *name, int64_t d0, int64_t d1) {
+    mt_param_info *p = &t[(*n)++];
+    snprintf(p->name, sizeof p->name, "%s", name);
+    p->ndim = d1 ? 2 : 1;
+    p->shape[0] = d0;
+    p->shape[1] = d1;
+    p->count = (size_t)d0 * (size_t)(d1 ? d1 : 1);
+    p->offset = *offset;
+    p->decay = p->ndim == 2;
+    // keep every tensor 16-element aligned: vector loads and cuBLAS like it
+    *offset += (p->count + 15) & ~(size_t)15;
+}
+
+mt_param_info *mt_model_param_table(const mt_model_config *c, int *count, size_t *total) {
+    int max = 3 + c->L * 13;  // a layer has at most 13 tensors (4 biases among them)
+    mt_param_info *t = calloc((size_t)max, sizeof *t);
+    MT_CHECK(t != NULL, "param table");
+    int n = 0;
+    size_t off = 0;
+    char name[128];
+    int64_t HD = (int64_t)c->H * c->D, KVD = (int64_t)c->KV * c->D;
+    add_param(t, &n, &off, "model.embed_tokens.weight", c->V, c->C);
+    for (int l = 0; l < c->L; l++) {
+#define LAYER_PARAM(suffix, d0, d1)                               \
+    snprintf(name, sizeof name, "model.layers.%d.%s", l, suffix); \
+    add_param(t, &n, &off, name, d0, d1)
+        LAYER_PARAM("input_layernorm.weight", c->C, 0);
+        LAYER_PARAM("self_attn.q_proj.weight", HD, c->C);
+        if (c->qkv_bias) {
+            LAYER_PARAM("self_attn.q_proj.bias", HD, 0);
+        }
+        LAYER_PARAM("self_attn.k_proj.weight", KVD, c->C);
+        if (c->qkv_bias) {
+            LAYER_PARAM("self_attn.k_proj.bias", KVD, 0);
+        }
+        LAYER_PARAM("self_attn.v_proj.weight", KVD, c->C);
+        if (c->qkv_bias) {
+            LAYER_PARAM("self_attn.v_proj.bias", KVD, 0);
+        }
+        LAYER_PARAM("self_attn.o_proj.weight", c->C, HD);
+        if (c->o_bias) {
+            LAYER_PARAM("self_attn.o_proj.bias", c->C, 0);
+        }
+        LAYER_PARAM("post_attention_layernorm.weight", c->C, 0);
+        LAYER_PARAM("mlp.gate_proj.weight", c->F, c->C);
+        LAYER_PARAM("mlp.up_proj.weight", c->F, c->C);
+        LAYER_PARAM("mlp.down_proj.weight", c->C, c->F);
+#undef LAYER_PARAM
+    }
+    add_param(t, &n, &off, "model.norm.weight", c->C, 0);
+    if (!c->tie_embeddings) add_param(t, &n, &off, "lm_head.weight", c->V, c->C);
+    *count = n;
+    *total = off;
+    return t;
+}
+
+const char *const mt_lora_module_names[MT_LORA_MODULES] = {"q_proj",    "k_proj",  "v_proj",   "o_proj",
+                                                           "gate_proj", "up_proj", "down_proj"};
+
+float mt_lora_scale(const mt_lora_config *lora) {
+    return lora->rslora ? lora->alpha / sqrtf((float)lora->r) : lora->alpha / (float)lora->r;
+}
+
+static const char *module_parent(int t) { return t <= MT_LORA_O ? "self_attn" : "mlp"; }
+
+// Input and output widths of module t.
+static void module_shape(const mt_model_config *c, int t, int64_t *in, int64_t *out) {
+    int64_t HD = (int64_t)c->H * c->D, KVD = (int64_t)c->KV * c->D;
+    switch (t) {
+        case MT_LORA_Q: *in = c->C, *out = HD; break;
+        case MT_LORA_K:
+        case MT_LORA_V: *in = c->C, *out = KVD; break;
+        case MT_LORA_O: *in = HD, *out = c->C; break;
+        case MT_LORA_GATE:
+        case MT_LORA_UP: *in = c->C, *out = c->F; break;
+        default: *in = c->F, *out = c->C; break;  // down_proj
+    }
+}
+
+// A name of one module, with an optional "self_attn." / "mlp." prefix.
+static int module_index(const char *name, size_t len) {
+    for (int t = 0; t < MT_LORA_MODULES; t++) {
+        const char *base = mt_lora_module_names[t];
+        char with_parent[64];
+        snprintf(with_parent, sizeof with_parent, "%s.%s", module_parent(t), base);
+        if ((strlen(base) == len && !strncmp(name, base, len)) ||
+            (strlen(with_parent) == len && !strncmp(name, with_parent, len)))
+            return t;
+    }
+    return -1;
+}
+
+mt_err mt_lora_parse_targets(const char *text, unsigned *targets) {
+    *targets = 0;
+    if (!strcmp(text, "all-linear")) {
+        *targets = (1u << MT_LORA_MODULES) - 1;
+        return MT_OK;
+    }
+    const char *cursor = text, *item;
+    size_t len;
+    while (mt_list_next_item(&cursor, &item, &len)) {
+        int t = module_index(item, len);
+        if (t < 0)
+            return mt_errorf(MT_ERR_CONFIG,
+                             "LoRA target module '%.*s' is not one memtune adapts; use any of q_proj, k_proj, "
+                             "v_proj, o_proj, gate_proj, up_proj, down_proj, or all-linear",
+                             (int)len, item);
+        *targets |= 1u << t;
+    }
+    if (!*targets)
+        return mt_errorf(MT_ERR_CONFIG, "no LoRA target modules given; name some (e.g. q_proj,v_proj) or all-linear");
+    return MT_OK;
+}
+
+void mt_lora_format_targets(unsigned targets, char *buf, size_t len) {
+    size_t used = 0;
+    buf[0] = '\0';
+    for (int t = 0; t < MT_LORA_MODULES; t++)
+        if (targets >> t & 1 && used < len)
+            used += (size_t)snprintf(buf + used, len - used, "%s%s", used ? "," : "", mt_lora_module_names[t]);
+}
+
+mt_param_info *mt_lora_param_table(const mt_model_config *c, const mt_lora_config *lora, int *count, size_t *total) {
+    int max = c->L * MT_LORA_MODULES * 2;
+    mt_param_info *table = calloc((size_t)(max ? max : 1), sizeof *table);
+    MT_CHECK(table != NULL, "adapter table");
+    int n = 0;
+    size_t offset = 0;
+    for (int l = 0; l < c->L; l++)
+        for (int t = 0; t < MT_LORA_MODULES; t++) {
+            if (!(lora->targets >> t & 1)) continue;
+            int64_t in, out;
+            module_shape(c, t, &in, &out);
+            for (int is_b = 0; is_b < 2; is_b++) {
+                mt_param_info *p = &table[n++];
+                snprintf(p->name, sizeof p->name, "base_model.model.model.layers.%d.%s.%s.lora_%c.weight", l,
+                         module_parent(t), mt_lora_module_names[t], is_b ? 'B' : 'A');
+                p->ndim = 2;
+                p->shape[0] = is_b ? out : lora->r;
+                p->shape[1] = is_b ? lora->r : in;
+                p->count = (size_t)(p->shape[0] * p->shape[1]);
+                p->offset = offset;
+                p->decay = 1;
+                offset += (p->count + 15) & ~(size_t)15;
+            }
+        }
+    *count = n;
+    *total = offset;
+    return table;
+}
+
+int mt_lora_parse_name(const char *name, int *layer, int *module, int *is_b) {
+    int l, used = 0;
+    char parent[16], rest[160];
+    if (sscanf(name, "base_model.model.model.layers.%d.%15[a-z_].%159s%n", &l, parent, rest, &used) != 3 ||
+        name[used] != '\0' || l < 0)
+        return 0;
+    for (int t = 0; t < MT_LORA_MODULES; t++)
+        for (int b = 0; b < 2; b++) {
+            char expect[64];
+            snprintf(expect, sizeof expect, "%s.lora_%c.weight", mt_lora_module_names[t], b ? 'B' : 'A');
+            if (!strcmp(parent, module_parent(t)) && !strcmp(rest, expect)) {
+                *layer = l, *module = t, *is_b = b;
+                return 1;
+            }
+        }
+    return 0;
+}
+
+void mt_lora_base_name(char *buf, size_t len, int layer, mt_lora_module module) {
+    snprintf(buf, len, "model.layers.%d.%s.%s.weight", layer, module_parent((int)module), mt_lora_module_names[module]);
+}
+
+int mt_list_next_item(const char **cursor, const char **item, size_t *len) {
+    const char *p = *cursor;
+    while (*p == ' ' || *p == ',') p++;
+    if (!*p) return 0;
+    const char *end = p;
+    while (*end && *end != ',' && *end != ' ') end++;
+    *item = p, *len = (size_t)(end - p), *cursor = end;
+    return 1;
+}

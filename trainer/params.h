@@ -1,0 +1,94 @@
+// trainer/params.h: what a model's parameters are, before any of them exist:
+// the LLaMA-family configuration, the parameter table of the base model
+// (Hugging Face's names and order, one block) and of LoRA adapters (PEFT's
+// names: layer by layer, modules in q, k, v, o, gate, up, down order, lora_A
+// before lora_B), and the names of the modules adapters target. Every other
+// module of trainer/ (config, hf, lora, model, checkpoints) builds on this one
+// and it on none of them.
+#ifndef MT_PARAMS_H
+#define MT_PARAMS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kernels/common.h"
+#include "kernels/dtype.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct {
+    char architecture[64];
+    int V, C, F, L, H, KV, D;  // vocab, hidden, ffn, layers, heads, kv heads, head dim
+    int max_position;
+    float rms_eps, rope_theta, init_std;
+    int rope_llama3;  // rope_scaling / rope_parameters of type llama3
+    float rope_factor, rope_low_freq_factor, rope_high_freq_factor;
+    int rope_original_max_position;
+    int tie_embeddings;
+    int qkv_bias, o_bias;  // Qwen2: qkv; Llama attention_bias: qkv and o
+    long sliding_window;   // 0: none
+    mt_dtype dtype;        // the folder's declared dtype (for saving)
+} mt_model_config;
+
+typedef struct {
+    char name[128];
+    int ndim;
+    int64_t shape[2];
+    size_t offset, count;  // in elements of the parameter block
+    int decay;             // matrices and embeddings
+} mt_param_info;
+
+// The linear modules that can carry a LoRA adapter, named as PEFT's
+// target_modules.
+typedef enum {
+    MT_LORA_Q,
+    MT_LORA_K,
+    MT_LORA_V,
+    MT_LORA_O,
+    MT_LORA_GATE,
+    MT_LORA_UP,
+    MT_LORA_DOWN,
+    MT_LORA_MODULES
+} mt_lora_module;
+extern const char *const mt_lora_module_names[MT_LORA_MODULES];  // "q_proj", ...
+
+// LoRA (Hu et al., 2021): y = W x + scale * B A dropout(x), A (r, IN), B (OUT,
+// r), scale alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski, 2023).
+typedef struct {
+    int r;             // rank; 0: no adapters
+    float alpha;       // lora_alpha
+    float dropout;     // on the adapter's input, in training only
+    int rslora;        // use_rslora
+    unsigned targets;  // bit (1 << mt_lora_module) set: that module has an adapter
+} mt_lora_config;
+
+float mt_lora_scale(const mt_lora_config *lora);
+
+// The base model's parameters in Hugging Face's order: embedding, each
+// layer's, final norm, lm_head (absent when tied). Offsets are 16-element
+// aligned. The caller frees the table.
+mt_param_info *mt_model_param_table(const mt_model_config *cfg, int *count, size_t *total);
+
+// Parses PEFT's target_modules as written in a config: a comma-separated list
+// of module names, or "all-linear". Unknown names are an error naming them.
+mt_err mt_lora_parse_targets(const char *text, unsigned *targets);
+// The same as text ("q_proj,k_proj,..."), for logs and configs.
+void mt_lora_format_targets(unsigned targets, char *buf, size_t len);
+
+// The adapter table: (r, IN) lora_A and (OUT, r) lora_B of every targeted
+// module, named "base_model.model.model.layers.L.self_attn.q_proj.lora_A.weight".
+mt_param_info *mt_lora_param_table(const mt_model_config *cfg, const mt_lora_config *lora, int *count, size_t *total);
+// Layer, module and A/B of an adapter tensor name; 0 if it is not one.
+int mt_lora_parse_name(const char *name, int *layer, int *module, int *is_b);
+// The base weight a module adapts: "model.layers.L.self_attn.q_proj.weight".
+void mt_lora_base_name(char *buf, size_t len, int layer, mt_lora_module module);
+// The next item of a list written "a,b c" (commas or spaces between items):
+// 1 with *item and *len set and *cursor past it, 0 at the end.
+int mt_list_next_item(const char **cursor, const char **item, size_t *len);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
