@@ -2,7 +2,6 @@
 #define _POSIX_C_SOURCE 200809L
 #include "trainer/train.h"
 
-#include <cjson/cJSON.h>
 #include <errno.h>
 #include <fnmatch.h>
 #include <math.h>
@@ -27,20 +26,10 @@
 #include "trainer/fsutil.h"
 #include "trainer/hf.h"
 #include "trainer/lora.h"
+#include "trainer/metrics.h"
 #include "trainer/model.h"
 
 #define MT_VERSION "0.1.0"
-
-static void format_duration(double s, char *buf, size_t len) {
-    if (!isfinite(s) || s < 0)
-        snprintf(buf, len, "?");
-    else if (s < 60)
-        snprintf(buf, len, "%.0fs", s);
-    else if (s < 3600)
-        snprintf(buf, len, "%dm%02ds", (int)s / 60, (int)s % 60);
-    else
-        snprintf(buf, len, "%dh%02dm", (int)s / 3600, ((int)s % 3600) / 60);
-}
 
 static size_t peak_bytes(mt_backend *be) {
     mt_mem_tally t;
@@ -52,46 +41,6 @@ typedef struct {
     int32_t *inputs, *targets;
     int *valid;
 } batch_set;
-
-// The run's loss curve as an SVG line chart (train loss per step, eval loss
-// as dots), written next to metrics.jsonl; a picture needs no plotting tool.
-static void write_loss_svg(const char *path, const float *loss, int steps, const float *eval, const int *eval_step,
-                           int evals) {
-    FILE *f = fopen(path, "w");
-    if (!f || steps < 1) {
-        if (f) fclose(f);
-        return;
-    }
-    float lo = loss[0], hi = loss[0];
-    for (int i = 0; i < steps; i++) lo = fminf(lo, loss[i]), hi = fmaxf(hi, loss[i]);
-    for (int i = 0; i < evals; i++) lo = fminf(lo, eval[i]), hi = fmaxf(hi, eval[i]);
-    if (hi - lo < 1e-6f) hi = lo + 1.0f;
-    const double W = 640, H = 360, L = 60, R = 20, T = 20, Bm = 40;
-    double xs = (W - L - R) / (steps > 1 ? steps - 1 : 1), ys = (H - T - Bm) / (hi - lo);
-    fprintf(f,
-            "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%.0f\" height=\"%.0f\" font-family=\"sans-serif\" "
-            "font-size=\"12\">\n<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n",
-            W, H);
-    fprintf(f, "<path d=\"M%.0f %.0f V%.0f H%.0f\" stroke=\"black\" fill=\"none\"/>\n", L, T, H - Bm, W - R);
-    for (int k = 0; k <= 4; k++) {
-        double v = lo + (hi - lo) * k / 4, y = H - Bm - (v - lo) * ys;
-        fprintf(f, "<text x=\"%.0f\" y=\"%.1f\" text-anchor=\"end\">%.3g</text>\n", L - 6, y + 4, v);
-    }
-    fprintf(f,
-            "<text x=\"%.0f\" y=\"%.0f\">step 1</text><text x=\"%.0f\" y=\"%.0f\" text-anchor=\"end\">step %d</text>\n",
-            L, H - Bm + 16, W - R, H - Bm + 16, steps);
-    fprintf(f, "<polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"1.5\" points=\"");
-    for (int i = 0; i < steps; i++) fprintf(f, "%.1f,%.1f ", L + i * xs, H - Bm - (loss[i] - lo) * ys);
-    fprintf(f, "\"/>\n");
-    for (int i = 0; i < evals; i++)
-        fprintf(f, "<circle cx=\"%.1f\" cy=\"%.1f\" r=\"3.5\" fill=\"#d62728\"/>\n", L + (eval_step[i] - 1) * xs,
-                H - Bm - (eval[i] - lo) * ys);
-    fprintf(f,
-            "<text x=\"%.0f\" y=\"14\" fill=\"#1f77b4\">train loss</text><text x=\"%.0f\" y=\"14\" "
-            "fill=\"#d62728\">eval loss</text>\n</svg>\n",
-            L + 10, L + 100);
-    fclose(f);
-}
 
 static mt_err evaluate(mt_model *model, mt_loader *eval, int batches, int B, int T, double *loss) {
     mt_loader_set_cursor(eval, (mt_cursor){0, 0});  // the same batches every time
@@ -124,32 +73,6 @@ static void on_stop_signal(int sig) {
         "signal again to exit at once\n";
     ssize_t ignored = write(STDERR_FILENO, msg, sizeof msg - 1);
     (void)ignored;
-}
-
-// A resumed run continues metrics.jsonl from the checkpoint: records past
-// its step (written before an interruption) are dropped.
-static mt_err trim_metrics(const char *path, long last_step) {
-    FILE *in = fopen(path, "r");
-    if (!in) return MT_OK;
-    char tmp[1300];
-    snprintf(tmp, sizeof tmp, "%s.tmp", path);
-    FILE *out = fopen(tmp, "w");
-    if (!out) {
-        fclose(in);
-        return mt_errorf(MT_ERR_IO, "%s: cannot write (%s)", tmp, strerror(errno));
-    }
-    char *line = NULL;
-    size_t cap = 0;
-    while (getline(&line, &cap, in) > 0) {
-        cJSON *rec = cJSON_Parse(line);
-        const cJSON *step = rec ? cJSON_GetObjectItemCaseSensitive(rec, "step") : NULL;
-        if (cJSON_IsNumber(step) && step->valuedouble <= (double)last_step) fputs(line, out);
-        cJSON_Delete(rec);
-    }
-    free(line);
-    fclose(in);
-    int ok = fclose(out) == 0 && rename(tmp, path) == 0;
-    return ok ? MT_OK : mt_errorf(MT_ERR_IO, "%s: cannot rewrite (%s)", path, strerror(errno));
 }
 
 // The forward unit that reads a trainable parameter (model.h's buckets):
@@ -1039,21 +962,25 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
 
     // ---- run folder (rank 0's)
     char path[1200];
-    FILE *metrics = NULL;
+    mt_metrics *metrics = NULL;
     if (rank == 0) {
         snprintf(path, sizeof path, "%s/config.yaml", cfg->output_dir);
         FILE *f = fopen(path, "w");
         if (f) mt_config_write_yaml(cfg, f);
         if (!f || fclose(f) != 0) err = mt_errorf(MT_ERR_IO, "%s: cannot write (%s)", path, strerror(errno));
-        snprintf(path, sizeof path, "%s/metrics.jsonl", cfg->output_dir);
-        if (!err && resume_dir[0]) err = trim_metrics(path, resume.step);
-        if (!err && !(metrics = fopen(path, resume_dir[0] ? "a" : "w")))
-            err = mt_errorf(MT_ERR_IO, "%s: cannot write (%s)", path, strerror(errno));
     }
+    mt_metrics_config metrics_cfg = {cfg->output_dir,
+                                     rank == 0,
+                                     cfg->train_steps,
+                                     resume.step,
+                                     cfg->train_log_every,
+                                     eval ? cfg->train_eval_every : 0,
+                                     mezo};
+    if (!err) err = mt_metrics_open(&metrics, &metrics_cfg);
     if (mt_dist_any(dist, err != MT_OK) && !err)
         err = mt_errorf(MT_ERR_IO, "rank 0 could not write to %s", cfg->output_dir);
     if (err) {
-        if (metrics) fclose(metrics);
+        mt_metrics_close(metrics, 0);
         goto out_model;
     }
     size_t count = mt_model_num_params(model);
@@ -1138,15 +1065,6 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     bs.inputs = malloc((size_t)accum * B * T * 4);
     bs.targets = malloc((size_t)accum * B * T * 4);
     bs.valid = malloc((size_t)accum * sizeof(int));
-    float *loss_curve = malloc((size_t)cfg->train_steps * sizeof(float)), *eval_curve = NULL;
-    int *eval_steps = NULL, evals = 0;
-    if (eval) {
-        int most = (int)(cfg->train_eval_every > 0 ? cfg->train_steps / cfg->train_eval_every : 0) + 1;
-        eval_curve = malloc((size_t)most * sizeof(float));
-        eval_steps = malloc((size_t)most * sizeof(int));
-    }
-    double t_start = mt_now(), t_last = t_start;
-    long tokens_since = 0;
     checkpoint_ctx ckpt = {
         cfg,      &mc,    lora,    opt,      gal,      ofl,           &plan, trained_table,         n_trained,
         model,    train,  trained, moment_m, moment_v, trained_total, dist,  zero > 0 && world > 1, shard_lo,
@@ -1283,49 +1201,17 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
         if (step == (int)resume.step) result->first_loss = loss;
         result->last_loss = loss;
         result->steps_done = step + 1;
-        loss_curve[step] = (float)loss;
-        tokens_since += (long)accum * B * T * world;
         mt_dist_heartbeat(dist);
         double eval_loss = NAN;
         int last = step + 1 == cfg->train_steps;
         if (eval && ((cfg->train_eval_every > 0 && (step + 1) % cfg->train_eval_every == 0) || last)) {
             if ((err = evaluate(model, eval, (int)cfg->train_eval_batches, B, T, &eval_loss))) break;
             result->last_eval_loss = eval_loss;
-            eval_curve[evals] = (float)eval_loss;
-            eval_steps[evals++] = step + 1;
         }
-        if ((step + 1) % cfg->train_log_every == 0 || last || isfinite(eval_loss)) {
-            double now = mt_now(), tps = tokens_since / (now - t_last + 1e-9);
-            char eta[32], evaltext[48] = "";
-            format_duration((now - t_start) / (step + 1) * (cfg->train_steps - step - 1), eta, sizeof eta);
-            if (isfinite(eval_loss)) snprintf(evaltext, sizeof evaltext, " | eval %.4f", eval_loss);
-            if (rank == 0)
-                fprintf(stderr,
-                        "step %*d/%ld | loss %.4f%s | lr %.2e | %s %.3f | %.0f tok/s | peak mem %.2f GiB | "
-                        "ETA %s\n",
-                        (int)(log10((double)cfg->train_steps) + 1), step + 1, cfg->train_steps, loss, evaltext, lr,
-                        mezo ? "proj grad" : "grad norm", info.grad_norm, tps, peak_bytes(&be) / 1073741824.0, eta);
-            cJSON *rec = cJSON_CreateObject();
-            cJSON_AddNumberToObject(rec, "step", step + 1);
-            cJSON_AddNumberToObject(rec, "loss", loss);
-            if (isfinite(eval_loss)) cJSON_AddNumberToObject(rec, "eval_loss", eval_loss);
-            cJSON_AddNumberToObject(rec, "lr", lr);
-            cJSON_AddNumberToObject(rec, mezo ? "projected_grad_rms" : "grad_norm", info.grad_norm);
-            cJSON_AddNumberToObject(rec, "tokens_per_second", tps);
-            if (isfinite(refresh_seconds)) cJSON_AddNumberToObject(rec, "projector_refresh_seconds", refresh_seconds);
-            cJSON_AddNumberToObject(rec, "peak_memory_bytes", (double)peak_bytes(&be));
-            cJSON_AddNumberToObject(rec, "elapsed_seconds", now - t_start);
-            char *line = cJSON_PrintUnformatted(rec);
-            if (metrics) {
-                fprintf(metrics, "%s\n", line);
-                fflush(metrics);
-            }
-            free(line);
-            cJSON_Delete(rec);
-            result->tokens_per_second = tps;
-            t_last = now;
-            tokens_since = 0;
-        }
+        mt_step_record rec = {
+            step, loss, eval_loss, lr, info.grad_norm, (long)accum * B * T * world, refresh_seconds, peak_bytes(&be)};
+        double tps = mt_metrics_step(metrics, &rec);
+        if (isfinite(tps)) result->tokens_per_second = tps;
         int run_steps = step + 1 - (int)resume.step;
         // every rank stops at the same step
         int stop_now =
@@ -1344,12 +1230,7 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     sigaction(SIGTERM, &old_term, NULL);
     if (skipped) mt_warn("%d step(s) skipped for non-finite values", skipped);
     result->stopped_early = stopped;
-    if (metrics) fclose(metrics);
-    snprintf(path, sizeof path, "%s/loss.svg", cfg->output_dir);
-    if (rank == 0) write_loss_svg(path, loss_curve, result->steps_done, eval_curve, eval_steps, evals);
-    free(loss_curve);
-    free(eval_curve);
-    free(eval_steps);
+    mt_metrics_close(metrics, result->steps_done);
     free(bs.inputs);
     free(bs.targets);
     free(bs.valid);
