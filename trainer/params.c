@@ -188,3 +188,18 @@ int mt_list_next_item(const char **cursor, const char **item, size_t *len) {
     *item = p, *len = (size_t)(end - p), *cursor = end;
     return 1;
 }
+
+// The forward unit that reads a trainable parameter (model.h's buckets):
+// the embedding, a layer (its adapters too), or the head.
+int mt_param_forward_unit(const char *name, int L) {
+    const char *layer = strstr(name, "layers.");
+    if (layer) return 1 + atoi(layer + strlen("layers."));
+    return strstr(name, "embed_tokens") ? 0 : L + 1;
+}
+
+// [*a, *b) cut to [lo, hi); whether anything is left.
+int mt_range_clip(size_t *a, size_t *b, size_t lo, size_t hi) {
+    if (*a < lo) *a = lo;
+    if (*b > hi) *b = hi;
+    return *a < *b;
+}

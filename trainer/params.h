@@ -84,6 +84,12 @@ mt_param_info *mt_lora_param_table(const mt_model_config *cfg, const mt_lora_con
 int mt_lora_parse_name(const char *name, int *layer, int *module, int *is_b);
 // The base weight a module adapts: "model.layers.L.self_attn.q_proj.weight".
 void mt_lora_base_name(char *buf, size_t len, int layer, mt_lora_module module);
+// The forward unit that reads a trainable parameter (model.h's buckets): 0
+// the embedding, 1 + l layer l (its adapters too), L + 1 the head.
+int mt_param_forward_unit(const char *name, int L);
+// [*a, *b) cut to [lo, hi); whether anything is left.
+int mt_range_clip(size_t *a, size_t *b, size_t lo, size_t hi);
+
 // The next item of a list written "a,b c" (commas or spaces between items):
 // 1 with *item and *len set and *cursor past it, 0 at the end.
 int mt_list_next_item(const char **cursor, const char **item, size_t *len);

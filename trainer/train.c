@@ -28,6 +28,7 @@
 #include "trainer/lora.h"
 #include "trainer/metrics.h"
 #include "trainer/model.h"
+#include "trainer/state.h"
 
 #define MT_VERSION "0.1.0"
 
@@ -75,242 +76,6 @@ static void on_stop_signal(int sig) {
     (void)ignored;
 }
 
-// The forward unit that reads a trainable parameter (model.h's buckets):
-// the embedding, a layer (its adapters too), or the head.
-static int forward_bucket(const char *name, int L) {
-    const char *layer = strstr(name, "layers.");
-    if (layer) return 1 + atoi(layer + strlen("layers."));
-    return strstr(name, "embed_tokens") ? 0 : L + 1;
-}
-
-// [*a, *b) cut to [lo, hi); whether anything is left.
-static int clip_range(size_t *a, size_t *b, size_t lo, size_t hi) {
-    if (*a < lo) *a = lo;
-    if (*b > hi) *b = hi;
-    return *a < *b;
-}
-
-// Which trained parameters offload's store holds, and where. Without GaLore
-// all of them in [lo, hi) (ZeRO: this rank's shard; parameters cut at its
-// ends), each state at its weights' offset less lo; with GaLore those it
-// does not project (embeddings, norms, the head), packed one after another. In
-// checkpoints the packed ones' moments are named tensors as GaLore names its
-// own (fp32 exp_avg, exp_avg_sq), so a GaLore run resumes with offload on or off.
-typedef struct {
-    mt_offload_param *params;
-    int n, packed;
-    int *index;    // trained parameter -> its entry in params, or -1
-    size_t count;  // state values
-} offload_plan;
-
-static offload_plan plan_offload(const mt_param_info *table, int n, size_t lo, size_t hi,
-                                 const unsigned char *projected, int L) {
-    offload_plan p = {malloc((size_t)(n ? n : 1) * sizeof *p.params), 0, projected != NULL,
-                      malloc((size_t)(n ? n : 1) * sizeof *p.index), 0};
-    MT_CHECK(p.params && p.index, "offload plan");
-    for (int i = 0; i < n; i++) {
-        size_t a = table[i].offset, b = a + table[i].count;
-        p.index[i] = -1;
-        if ((projected && projected[i]) || !clip_range(&a, &b, lo, hi)) continue;
-        p.index[i] = p.n;
-        p.params[p.n++] = (mt_offload_param){a, b - a, table[i].decay, forward_bucket(table[i].name, L),
-                                             projected ? p.count : a - lo};
-        p.count += b - a;
-    }
-    if (!projected) p.count = hi - lo;
-    return p;
-}
-
-static void free_plan(offload_plan *p) {
-    free(p->params);
-    free(p->index);
-}
-
-// Packed state arrays <-> the weights' layout.
-static void scatter_packed(const offload_plan *p, const float *packed, float *weights_layout) {
-    for (int k = 0; k < p->n; k++)
-        memcpy(weights_layout + p->params[k].offset, packed + p->params[k].slot, p->params[k].count * sizeof(float));
-}
-
-static void gather_packed(const offload_plan *p, const float *weights_layout, float *packed) {
-    for (int k = 0; k < p->n; k++)
-        memcpy(packed + p->params[k].slot, weights_layout + p->params[k].offset, p->params[k].count * sizeof(float));
-}
-
-// The packed parameters' moments as checkpoint tensors, over m and v.
-static mt_state_tensor *packed_moment_tensors(const offload_plan *p, const mt_param_info *table, int n, float *m,
-                                              float *v) {
-    mt_state_tensor *t = malloc((size_t)(2 * p->n + 1) * sizeof *t);
-    MT_CHECK(t != NULL, "offload checkpoint tensors");
-    for (int i = 0, k = 0; i < n; i++) {
-        if (p->index[i] < 0) continue;
-        const mt_offload_param *q = &p->params[p->index[i]];
-        t[k++] = (mt_state_tensor){table[i].name, "exp_avg", 0, q->count, m + q->slot};
-        t[k++] = (mt_state_tensor){table[i].name, "exp_avg_sq", 0, q->count, v + q->slot};
-    }
-    return t;
-}
-
-typedef struct {
-    const mt_config *cfg;
-    const mt_model_config *mc;
-    const mt_lora_config *lora;  // NULL: full fine-tune
-    mt_optimizer *opt;           // AdamW; NULL with MeZO and GaLore
-    mt_galore *galore;           // GaLore's projectors and moments, or NULL
-    mt_offload *offload;         // AdamW with its state off the GPU, or NULL
-    const offload_plan *plan;    // what offload holds (packed with GaLore)
-    const mt_param_info *table;  // the trained parameters
-    int n_trained;
-    mt_model *model;
-    mt_loader *train;
-    float *master;  // host buffer of the parameter count (NULL with offload)
-    float *m, *v;   // host buffers of AdamW's moments of [shard_lo, shard_hi) (NULL with MeZO, GaLore, offload)
-    size_t trained_total;
-    mt_dist *dist;
-    int sharded;  // ZeRO 1, 2 over several ranks: the AdamW state of [shard_lo, shard_hi) is this rank's
-    size_t shard_lo, shard_hi;
-    const size_t *owned;  // GaLore under ZeRO: each rank's run of parameters (galore_owners), or NULL
-} checkpoint_ctx;
-
-// `arrays` host arrays of the trained block's n values, in one allocation,
-// for a copy of an offloaded state; the run keeps none between checkpoints
-// (they would double its host memory).
-static mt_err alloc_state_copy(size_t n, int arrays, float **block) {
-    *block = malloc((n ? n : 1) * (size_t)arrays * sizeof(float));
-    if (*block) return MT_OK;
-    return mt_errorf(MT_ERR_NOMEM,
-                     "out of host memory for a copy of the offloaded optimizer state (%.1f GiB for checkpoints and the "
-                     "saved model); free host memory, or save less often",
-                     arrays * n * 4.0 / 1073741824.0);
-}
-
-// The trained values as fp32 host values: AdamW's master copy (on the GPU or
-// offloaded), or with MeZO and GaLore (no master) the compute weights, and
-// then the offloaded master of what GaLore does not project. packed: NULL,
-// or a copy of the packed state to fill (master, m, v: 3 arrays of
-// plan->count), which checkpoints keep.
-// AdamW's whole master (on the GPU, or offloaded without GaLore) into dst,
-// and with offload the moments of this rank's shard into m, v (NULL: not
-// read); ZeRO: every rank gets every shard's master.
-static mt_err read_master(checkpoint_ctx *c, float *dst, float *m, float *v) {
-    mt_err err = MT_OK;
-    if (c->opt)
-        mt_optimizer_get_master(c->opt, dst + c->shard_lo);
-    else
-        err = mt_offload_read_state(c->offload, dst + c->shard_lo, m, v);
-    if (c->sharded) mt_dist_share_shards_host(c->dist, dst, c->trained_total);
-    return err;
-}
-
-static mt_err get_trained(checkpoint_ctx *c, float *dst, float *packed) {
-    if ((c->offload && !c->plan->packed) || c->opt) return read_master(c, dst, NULL, NULL);
-    float *own = NULL;
-    mt_err err = MT_OK;
-    if (c->offload) {
-        size_t count = c->plan->count;
-        if (!packed && (err = alloc_state_copy(count, 1, &own))) return err;
-        err = packed ? mt_offload_read_state(c->offload, packed, packed + count, packed + 2 * count)
-                     : mt_offload_read_state(c->offload, own, NULL, NULL);
-    }
-    mt_model_get_trainable(c->model, dst);  // after the offloaded updates' copies (read_state waits for them)
-    if (c->offload && !err) scatter_packed(c->plan, packed ? packed : own, dst);
-    // GaLore under ZeRO: the store held only this rank's parameters' master
-    if (c->offload && c->sharded && c->owned) mt_dist_share_ranges_host(c->dist, dst, c->owned);
-    free(own);
-    return err;
-}
-
-// ZeRO over several ranks: each rank writes its shard of the moments into
-// the folder rank 0 prepared (named by rank 0's pid, the same on every rank);
-// once all are on disk, rank 0 writes the weights and state.h5, the
-// completion marker, and renames the folder into place. The moments are
-// never gathered.
-static mt_err write_sharded(checkpoint_ctx *c, mt_checkpoint_meta *meta, const float *master, const float *m,
-                            const float *v, const mt_state_tensor *extra, int n_extra) {
-    int rank = mt_dist_rank(c->dist), world = mt_dist_world(c->dist);
-    const char *run = c->cfg->output_dir;
-    double tag = rank == 0 ? (double)getpid() : 0.0;
-    mt_dist_sum_host(c->dist, &tag, 1);
-    char tmp[1200];
-    mt_err err = MT_OK;
-    if (rank == 0)
-        err = mt_checkpoint_prepare(run, meta->step, (long)tag, tmp, sizeof tmp);
-    else
-        mt_checkpoint_folder_name(run, meta->step, (long)tag, tmp, sizeof tmp);
-    if (mt_dist_any(c->dist, err != MT_OK))
-        return err ? err : mt_errorf(MT_ERR_IO, "rank 0 could not make %s (its log says why)", tmp);
-    // (GaLore: no moments of the block's shape; its tensors of this rank's parameters)
-    err = mt_checkpoint_write_shard(tmp, rank, world, m ? c->shard_lo : 0, m ? c->shard_hi : 0, c->trained_total, m, v,
-                                    extra, n_extra);
-    if (mt_dist_any(c->dist, err != MT_OK)) {
-        if (rank == 0) mt_checkpoint_abandon(tmp);
-        return err ? err
-                   : mt_errorf(MT_ERR_IO,
-                               "a rank could not write its shard of the checkpoint of step %ld (its log says "
-                               "why)",
-                               meta->step);
-    }
-    meta->shards = world;
-    if (rank == 0)
-        err = mt_checkpoint_publish(tmp, run, c->cfg->model_path, c->mc, c->lora, master, NULL, NULL, NULL, 0, meta,
-                                    (int)c->cfg->checkpoint_keep);
-    return err;
-}
-
-static mt_err save_checkpoint(checkpoint_ctx *c, long steps_done) {
-    float *master = c->master, *m = c->m, *v = c->v, *copy = NULL;
-    mt_err err = MT_OK;
-    int packed = c->offload && c->plan->packed;
-    if (c->offload && !packed) {
-        // the whole master (ZeRO: every rank's shard of it), this rank's moments
-        size_t n = c->shard_hi - c->shard_lo;
-        if ((err = alloc_state_copy(c->trained_total + 2 * n, 1, &copy))) return err;
-        master = copy, m = copy + c->trained_total, v = m + n;
-        err = read_master(c, master, m, v);
-    } else {
-        if (packed && (err = alloc_state_copy(c->plan->count, 3, &copy))) return err;
-        err = get_trained(c, master, copy);
-        if (c->opt) mt_optimizer_get_moments(c->opt, m, v);
-    }
-    mt_state_tensor *extra = NULL, *all = NULL;
-    int n_extra = 0;
-    if (c->galore) {
-        n_extra = mt_galore_state(c->galore, &extra);
-        mt_galore_state_download(c->galore);
-    }
-    if (packed) {
-        // GaLore's tensors, then those of the offloaded parameters
-        size_t count = c->plan->count;
-        mt_state_tensor *mine = packed_moment_tensors(c->plan, c->table, c->n_trained, copy + count, copy + 2 * count);
-        all = malloc((size_t)(n_extra + 2 * c->plan->n + 1) * sizeof *all);
-        MT_CHECK(all != NULL, "checkpoint tensors");
-        memcpy(all, extra, (size_t)n_extra * sizeof *all);
-        memcpy(all + n_extra, mine, (size_t)(2 * c->plan->n) * sizeof *all);
-        free(mine);
-        extra = all, n_extra += 2 * c->plan->n;
-    }
-    mt_cursor cursor = mt_loader_get_cursor(c->train);
-    int optimizer_steps = c->opt       ? mt_optimizer_steps_taken(c->opt)
-                          : c->galore  ? mt_galore_steps_taken(c->galore)
-                          : c->offload ? mt_offload_steps_taken(c->offload)
-                                       : (int)steps_done;
-    mt_checkpoint_meta meta = {steps_done, cursor.epoch, cursor.batch, optimizer_steps, mt_config_training_hash(c->cfg),
-                               0};
-    double t0 = mt_now();
-    if (!err && c->sharded)
-        err = write_sharded(c, &meta, master, m, v, extra, n_extra);
-    else if (!err && mt_dist_rank(c->dist) == 0)  // every rank holds the same state; rank 0 writes it
-        err = mt_checkpoint_write(c->cfg->output_dir, c->cfg->model_path, c->mc, c->lora, master, m, v, extra, n_extra,
-                                  &meta, (int)c->cfg->checkpoint_keep);
-    if (mt_dist_any(c->dist, err != MT_OK) && !err)
-        err = mt_errorf(MT_ERR_IO, "rank 0 could not write the checkpoint of step %ld (its log says why)", steps_done);
-    mt_dist_heartbeat(c->dist);
-    free(all);
-    free(copy);
-    if (!err) mt_info("checkpoint: %s/checkpoints/step-%08ld (%.1fs)", c->cfg->output_dir, steps_done, mt_now() - t0);
-    return err;
-}
-
 // MeZO's loss callback: the step's micro-batches under the perturbation
 // (seed, scale), as the mean over all their targets.
 typedef struct {
@@ -347,7 +112,7 @@ typedef struct {
     char *weights;  // the compute weights (the parameter table's offsets)
     size_t act;
     const mt_param_info *table;
-    const int *offloaded;  // with offload: the parameter's index there (offload_plan.index), or -1
+    const int *offloaded;  // with offload: the parameter's index there (mt_offload_plan.index), or -1
     mt_offload *const *offload;
     mt_dist *dist;
     const int *owner;  // ZeRO: the rank that keeps each parameter's state and updates it (NULL: every rank)
@@ -432,7 +197,7 @@ typedef struct {
     // to the store: the offload and its plan; the pieces of the unit in
     // backward (pending[cur]) and of the one before it
     mt_offload **offload;
-    const offload_plan *plan;
+    const mt_offload_plan *plan;
     zero2_piece pending[2][ZERO2_UNIT_PARAMS];
     int n_pending[2], cur;
 } zero2_hook;
@@ -440,7 +205,7 @@ typedef struct {
 static void zero2_grad_ready(void *ctx, int param, float *grad) {
     zero2_hook *h = ctx;
     size_t a = h->table[param].offset, b = a + h->table[param].count, oa = a, ob = b;
-    if (h->shard && !h->first && clip_range(&oa, &ob, h->lo, h->hi))
+    if (h->shard && !h->first && mt_range_clip(&oa, &ob, h->lo, h->hi))
         mt_op_add_f32(h->be, grad + (oa - a), grad + (oa - a), h->shard + (oa - h->lo), ob - oa);
     mt_dist_after_compute(h->dist);
     mt_dist_reduce_to_owners(h->dist, grad, a, b, h->shard, h->total);
@@ -599,7 +364,7 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     galore_hook hook = {0};
     mt_offload *ofl = NULL;
     offload_hook ohook = {&ofl, dist, NULL, 0, NULL, NULL, NULL, NULL, 0, 0};
-    offload_plan plan = {0};
+    mt_offload_plan plan = {0};
     dp.dist = dist, dp.zero_stage = zero;
     // ZeRO-2 streams a full fine-tune's gradients into the shards; with
     // offload, ZeRO-1 too: each rank's store updates its shard only, so a
@@ -655,7 +420,7 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     dp.hi = calloc((size_t)dp.units, sizeof *dp.hi);
     MT_CHECK(dp.lo && dp.hi, "unit ranges");
     for (int i = 0; i < n_trained; i++) {
-        int u = forward_bucket(trained_table[i].name, mc.L);
+        int u = mt_param_forward_unit(trained_table[i].name, mc.L);
         size_t a = trained_table[i].offset, b = a + trained_table[i].count;
         if (dp.lo[u] == dp.hi[u] || a < dp.lo[u]) dp.lo[u] = a;
         if (b > dp.hi[u]) dp.hi[u] = b;
@@ -877,8 +642,8 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
                 "--map-by slot:PE=N to give each rank N cores",
                 cores, cores == 1 ? "" : "s", offload_threads, offload_threads == 1 ? "" : "s");
         // (GaLore under ZeRO: the unprojected ones of this rank's parameters)
-        plan = plan_offload(trained_table, n_trained, gbounds ? gbounds[rank] : shard_lo,
-                            gbounds ? gbounds[rank + 1] : shard_hi, galore ? selected : NULL, mc.L);
+        plan = mt_offload_plan_make(trained_table, n_trained, gbounds ? gbounds[rank] : shard_lo,
+                                    gbounds ? gbounds[rank + 1] : shard_hi, galore ? selected : NULL, mc.L);
         hook.offloaded = plan.index;
         char trace[1200];
         snprintf(trace, sizeof trace, "%s/offload-trace.json", cfg->output_dir);
@@ -904,11 +669,11 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
             // (a checkpoint's are the offloaded fp32 values), moments from
             // the checkpoint's tensors
             int moments = resume_dir[0] ? 3 : 1;
-            err = alloc_state_copy(plan.count, moments, &packed);
-            if (!err) gather_packed(&plan, trained, packed);
+            err = mt_state_copy_alloc(plan.count, moments, &packed);
+            if (!err) mt_offload_plan_gather(&plan, trained, packed);
             if (!err && moments == 3) {
-                mt_state_tensor *t = packed_moment_tensors(&plan, trained_table, n_trained, packed + plan.count,
-                                                           packed + 2 * plan.count);
+                mt_state_tensor *t = mt_offload_plan_moments(&plan, trained_table, n_trained, packed + plan.count,
+                                                             packed + 2 * plan.count);
                 err = mt_checkpoint_read_extra(resume_dir, t, 2 * plan.n);
                 free(t);
             }
@@ -945,7 +710,7 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
         int n_shard = 0;
         for (int g = 0; g < n_groups; g++) {
             size_t a = groups[g].offset, b = a + groups[g].count;
-            if (clip_range(&a, &b, shard_lo, shard_hi))
+            if (mt_range_clip(&a, &b, shard_lo, shard_hi))
                 groups[n_shard++] = (mt_param_group){a - shard_lo, b - a, groups[g].decay};
         }
         if (!err)
@@ -1065,7 +830,7 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     bs.inputs = malloc((size_t)accum * B * T * 4);
     bs.targets = malloc((size_t)accum * B * T * 4);
     bs.valid = malloc((size_t)accum * sizeof(int));
-    checkpoint_ctx ckpt = {
+    mt_run_state ckpt = {
         cfg,      &mc,    lora,    opt,      gal,      ofl,           &plan, trained_table,         n_trained,
         model,    train,  trained, moment_m, moment_v, trained_total, dist,  zero > 0 && world > 1, shard_lo,
         shard_hi, gbounds};
@@ -1193,7 +958,7 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
                             step + 1, loss, info.grad_norm);
             // the last good state, with the data cursor past the batch that failed
             if (step > (int)resume.step) {
-                mt_err ckerr = save_checkpoint(&ckpt, step);
+                mt_err ckerr = mt_run_state_save(&ckpt, step);
                 if (ckerr) err = ckerr;
             }
             break;
@@ -1217,14 +982,14 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
         int stop_now =
             mt_dist_any(dist, stop_signal) || (cfg->train_stop_after > 0 && run_steps >= cfg->train_stop_after);
         if (stop_now && !last) {
-            if ((err = save_checkpoint(&ckpt, step + 1))) break;
+            if ((err = mt_run_state_save(&ckpt, step + 1))) break;
             mt_info("stopped after step %d (%s). Resume with: memtune train CONFIG --set train.resume=auto", step + 1,
                     stop_signal ? "signal" : "train.stop_after");
             stopped = 1;
             break;
         }
         if ((last && cfg->checkpoint_final) || (cfg->checkpoint_every > 0 && (step + 1) % cfg->checkpoint_every == 0))
-            if ((err = save_checkpoint(&ckpt, step + 1))) break;
+            if ((err = mt_run_state_save(&ckpt, step + 1))) break;
     }
     sigaction(SIGINT, &old_int, NULL);
     sigaction(SIGTERM, &old_term, NULL);
@@ -1240,15 +1005,15 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
         mt_info("memory (%s): %s", use_gpu ? "GPU" : "host", report);
     }
     if (!err && !stopped && cfg->output_save_model && lora) {
-        err = get_trained(&ckpt, trained, NULL);
+        err = mt_run_state_get_trained(&ckpt, trained, NULL);
         snprintf(path, sizeof path, "%s/adapter", cfg->output_dir);
         if (!err && rank == 0) err = mt_lora_save(path, lora, cfg->model_path, trained_table, n_trained, trained);
         if (!err)
             mt_info("saved %s (PEFT layout; merge with: memtune merge --model %s --adapter %s -o MERGED)", path,
                     cfg->model_path, path);
     } else if (!err && !stopped && cfg->output_save_model) {
-        if (!host_params) err = alloc_state_copy(total, 1, &host_params);
-        if (!err) err = get_trained(&ckpt, host_params, NULL);
+        if (!host_params) err = mt_state_copy_alloc(total, 1, &host_params);
+        if (!err) err = mt_run_state_get_trained(&ckpt, host_params, NULL);
         mt_dtype dtype = !strcmp(cfg->output_save_dtype, "F32")    ? MT_DTYPE_F32
                          : !strcmp(cfg->output_save_dtype, "BF16") ? MT_DTYPE_BF16
                          : random_init                             ? MT_DTYPE_F32
@@ -1266,7 +1031,7 @@ out_model:
     mt_mezo_free(mz);
     mt_optimizer_free(opt);
     mt_offload_free(ofl);
-    free_plan(&plan);
+    mt_offload_plan_free(&plan);
     mt_free((void **)&shard_grads);
     free(ohook.stale);
     mt_model_free(model);
