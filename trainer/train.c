@@ -28,6 +28,7 @@
 #include "trainer/lora.h"
 #include "trainer/metrics.h"
 #include "trainer/model.h"
+#include "trainer/route.h"
 #include "trainer/state.h"
 
 #define MT_VERSION "0.1.0"
@@ -105,191 +106,6 @@ static void defer_to_model(void *model, const mt_zo_directions *d, float lr, flo
     mt_model_defer_update(model, d, lr, weight_decay, round_seed);
 }
 
-// GaLore: each parameter's gradient goes to its update as soon as the
-// model's backward has finished it.
-typedef struct {
-    mt_galore *galore;
-    char *weights;  // the compute weights (the parameter table's offsets)
-    size_t act;
-    const mt_param_info *table;
-    const int *offloaded;  // with offload: the parameter's index there (mt_offload_plan.index), or -1
-    mt_offload *const *offload;
-    mt_dist *dist;
-    const int *owner;  // ZeRO: the rank that keeps each parameter's state and updates it (NULL: every rank)
-} galore_hook;
-
-// A streamed gradient (GaLore's, offload's) is summed over the ranks before
-// it is used (GaLore projects the sum): into every rank's buffer, or with
-// root >= 0 into root's only.
-static void reduce_now(mt_dist *d, float *grad, size_t n, int root) {
-    if (mt_dist_world(d) == 1) return;
-    mt_dist_after_compute(d);
-    if (root >= 0)
-        mt_dist_reduce_to(d, grad, n, root);
-    else
-        mt_dist_allreduce(d, grad, n);
-    mt_dist_wait(d);
-}
-
-// GaLore under ZeRO: each parameter's owner is the rank whose shard of the
-// trained block holds its middle, so each rank owns whole parameters, a run
-// of them in table order: rank r's are [bounds[r], bounds[r + 1]) of the block.
-static void galore_owners(mt_dist *d, const mt_param_info *table, int n, size_t total, int *owner, size_t *bounds) {
-    int world = mt_dist_world(d), r = 0;
-    size_t lo, hi;
-    bounds[0] = 0;
-    for (int i = 0; i < n; i++) {
-        size_t mid = table[i].offset + table[i].count / 2;
-        // the next rank's run starts here once a middle reaches its shard
-        while (r + 1 < world && (mt_dist_shard(d, r + 1, total, &lo, &hi), mid >= lo)) bounds[++r] = table[i].offset;
-        owner[i] = r;
-    }
-    while (r < world) bounds[++r] = total;
-}
-
-// Data parallelism over the gradient block: each forward unit's range is
-// reduced as soon as backward has finished it in the step's last
-// micro-batch, on the communication stream, beside the rest of backward:
-// all-reduced, or with ZeRO-2 reduced to the owners of its shards.
-typedef struct {
-    mt_dist *dist;
-    int zero_stage, active;
-    float *grads;  // the trained block's (NULL: streamed)
-    size_t total, shard_lo;
-    size_t *lo, *hi;  // per forward unit
-    int units;
-} dp_hook;
-
-static void dp_grads_done(void *ctx, int unit) {
-    dp_hook *h = ctx;
-    if (!h->active || !h->grads || unit >= h->units || h->lo[unit] >= h->hi[unit]) return;
-    mt_dist_after_compute(h->dist);
-    if (h->zero_stage == 2)
-        mt_dist_reduce_to_owners(h->dist, h->grads + h->lo[unit], h->lo[unit], h->hi[unit], h->grads + h->shard_lo,
-                                 h->total);
-    else
-        mt_dist_allreduce(h->dist, h->grads + h->lo[unit], h->hi[unit] - h->lo[unit]);
-}
-
-// ZeRO-2 of a full fine-tune: the model-sized gradient block never exists.
-// Backward hands each parameter's gradient over in one of two buffers used
-// in turn (a layer's each); its shards are reduced on the communication
-// stream to their owners, each owner's part into its shard's gradient, while
-// backward fills the other buffer. Over micro-batches the owner adds its
-// running sum into its part before the reduce.
-// With offload and one micro-batch a step there are no shard sums either:
-// the owner's part is reduced in place, and when the next unit's backward is
-// done (the compute stream then waits for the previous unit's collectives)
-// it goes to the store, before backward reuses its buffer.
-#define ZERO2_UNIT_PARAMS 32  // the most parameters a forward unit has
-typedef struct {
-    int param;
-    float *grad;
-} zero2_piece;
-
-typedef struct {
-    mt_dist *dist;
-    mt_backend *be;
-    const mt_param_info *table;
-    float *shard;  // this rank's [lo, hi) of the summed gradient (NULL: to the store)
-    size_t lo, hi, total;
-    int first;  // the step's first micro-batch: the shard is overwritten
-    // to the store: the offload and its plan; the pieces of the unit in
-    // backward (pending[cur]) and of the one before it
-    mt_offload **offload;
-    const mt_offload_plan *plan;
-    zero2_piece pending[2][ZERO2_UNIT_PARAMS];
-    int n_pending[2], cur;
-} zero2_hook;
-
-static void zero2_grad_ready(void *ctx, int param, float *grad) {
-    zero2_hook *h = ctx;
-    size_t a = h->table[param].offset, b = a + h->table[param].count, oa = a, ob = b;
-    if (h->shard && !h->first && mt_range_clip(&oa, &ob, h->lo, h->hi))
-        mt_op_add_f32(h->be, grad + (oa - a), grad + (oa - a), h->shard + (oa - h->lo), ob - oa);
-    mt_dist_after_compute(h->dist);
-    mt_dist_reduce_to_owners(h->dist, grad, a, b, h->shard, h->total);
-    if (h->shard) return;
-    int *n = &h->n_pending[h->cur];
-    MT_CHECK(*n < ZERO2_UNIT_PARAMS, "more than %d parameters in a forward unit", ZERO2_UNIT_PARAMS);
-    h->pending[h->cur][(*n)++] = (zero2_piece){param, grad};
-}
-
-// This rank's parts of a unit's reduced gradients to the store.
-static void zero2_to_store(zero2_hook *h, int list) {
-    for (int i = 0; i < h->n_pending[list]; i++) {
-        const zero2_piece *q = &h->pending[list][i];
-        int k = h->plan->index[q->param];
-        if (k >= 0) mt_offload_grad(*h->offload, k, q->grad + (h->plan->params[k].offset - h->table[q->param].offset));
-    }
-    h->n_pending[list] = 0;
-}
-
-static void zero2_grads_done(void *ctx, int unit) {
-    zero2_hook *h = ctx;
-    mt_dist_wait_previous(h->dist);
-    if (h->shard) return;
-    zero2_to_store(h, h->cur ^ 1);  // the previous unit's collectives are waited for
-    if (unit == 0) {                // backward's last: wait for its own too
-        mt_dist_wait(h->dist);
-        zero2_to_store(h, h->cur);
-    }
-    h->cur ^= 1;
-}
-
-static int any_rank(void *dist, int flag) { return mt_dist_any(dist, flag); }
-
-// ZeRO's shard norms into the whole gradient's.
-static double sum_over_ranks(void *ctx, double local) {
-    mt_dist_sum_host(ctx, &local, 1);
-    return local;
-}
-
-static void galore_grad_ready(void *ctx, int param, float *grad) {
-    galore_hook *h = ctx;
-    int root = h->owner ? h->owner[param] : -1;
-    reduce_now(h->dist, grad, h->table[param].count, root);
-    if (root >= 0 && root != mt_dist_rank(h->dist)) return;  // another rank's to update
-    if (h->offloaded && h->offloaded[param] >= 0)
-        mt_offload_grad(*h->offload, h->offloaded[param], grad);
-    else
-        mt_galore_update(h->galore, param, grad, h->weights + h->table[param].offset * h->act);
-}
-
-// Offloaded AdamW: gradients stream to the host as backward completes them,
-// and each forward unit waits for its own update only. ctx: the mt_offload *
-// (made after the model, whose weights it updates).
-typedef struct {
-    mt_offload **offload;
-    mt_dist *dist;
-    const mt_param_info *table;
-    // ZeRO over several ranks: each offloads its shard; after a step, each
-    // forward unit's weights are all-gathered before the first forward reads them
-    int gather;
-    unsigned char *stale;  // per forward unit
-    const size_t *lo, *hi;
-    void *weights;
-    size_t total, elem;
-} offload_hook;
-
-static void offload_grad_ready(void *ctx, int param, float *grad) {
-    offload_hook *h = ctx;
-    reduce_now(h->dist, grad, h->table[param].count, -1);
-    mt_offload_grad(*h->offload, param, grad);
-}
-
-static void offload_weights_needed(void *ctx, int bucket) {
-    offload_hook *h = ctx;
-    if (!*h->offload) return;
-    mt_offload_wait_bucket(*h->offload, bucket);
-    if (!h->gather || !h->stale[bucket]) return;
-    h->stale[bucket] = 0;
-    if (h->lo[bucket] >= h->hi[bucket]) return;
-    mt_dist_after_compute(h->dist);  // after the copy of this rank's updated part
-    mt_dist_share_shards(h->dist, h->weights, h->lo[bucket], h->hi[bucket], h->total, h->elem);
-    mt_dist_wait(h->dist);
-}
-
 // Offload with accumulation: whether host memory sums the micro-batches'
 // gradients (offload.grad_sum; auto: mt_offload_host_sum_fits with this
 // node's memory); need and have (bytes) say what was weighed.
@@ -334,7 +150,7 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     // data parallelism: this process's rank (world 1 without a launcher)
     mt_dist *dist = NULL;
     mt_loader *train = NULL, *eval = NULL;
-    dp_hook dp = {0};  // (before the first goto: out_data frees its ranges)
+    mt_dp_hook dp = {0};  // (before the first goto: out_data frees its ranges)
     if ((err = mt_dist_init(&dist))) goto out_data;
     // ZeRO with one process changes only the code path (tests compare it)
     int rank = mt_dist_rank(dist), world = mt_dist_world(dist), zero = (int)cfg->dist_zero_stage;
@@ -361,9 +177,9 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
                              NULL};
     int mezo = !strcmp(cfg->optim_kind, "mezo"), galore = !strcmp(cfg->optim_kind, "galore");
     int offload = strcmp(cfg->offload_optimizer, "none") != 0;
-    galore_hook hook = {0};
+    mt_galore_hook hook = {0};
     mt_offload *ofl = NULL;
-    offload_hook ohook = {&ofl, dist, NULL, 0, NULL, NULL, NULL, NULL, 0, 0};
+    mt_offload_hook ohook = {&ofl, dist, NULL, 0, NULL, NULL, NULL, NULL, 0, 0};
     mt_offload_plan plan = {0};
     dp.dist = dist, dp.zero_stage = zero;
     // ZeRO-2 streams a full fine-tune's gradients into the shards; with
@@ -372,7 +188,7 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     // parameter on the GPU and twice the traffic. (Not GaLore's: its hook
     // takes each gradient to the parameter's owner, whatever the stage.)
     int zero2_streamed = cfg->lora_r == 0 && !galore && (zero == 2 || (zero == 1 && offload));
-    zero2_hook zhook = {0};
+    mt_zero2_hook zhook = {0};
     float *shard_grads = NULL;
     opts.forward_only = mezo;
     if (cfg->lora_r > 0) {
@@ -395,7 +211,7 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     // offloaded gradients stream out of backward, every micro-batch's when
     // the host sums them (offload.grad_sum), unless they are the adapters'
     // (one small block) (with GaLore, which passes on what it does not
-    // project) (with ZeRO, zero2_hook hands over the shard's reduced parts)
+    // project) (with ZeRO, mt_zero2_hook hands over the shard's reduced parts)
     // (the backend: the GPU unless train.device is cpu or none is visible)
     int want_gpu = !strcmp(cfg->train_device, "gpu"), ngpu = mt_device_count();
     int use_gpu = strcmp(cfg->train_device, "cpu") && ngpu > 0;
@@ -404,16 +220,16 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
         offload && cfg->lora_r == 0 && accum > 1 &&
         sum_on_host(cfg, use_gpu, total, shard_hi - shard_lo, mt_dist_local_world(dist), &host_need, &host_have);
     int offload_streamed = offload && cfg->lora_r == 0 && (accum == 1 || host_sum);
-    if (galore) opts.grad_ready = galore_grad_ready, opts.grad_ready_ctx = &hook;
+    if (galore) opts.grad_ready = mt_route_galore_grad_ready, opts.grad_ready_ctx = &hook;
     if (offload_streamed && !galore && !zero2_streamed)
-        opts.grad_ready = offload_grad_ready, opts.grad_ready_ctx = &ohook;
+        opts.grad_ready = mt_route_offload_grad_ready, opts.grad_ready_ctx = &ohook;
     // (streamed gradients, GaLore's and offload's, are reduced as each is handed over)
-    if (world > 1 && !opts.grad_ready) opts.grads_done = dp_grads_done, opts.grads_done_ctx = &dp;
+    if (world > 1 && !opts.grad_ready) opts.grads_done = mt_route_dp_grads_done, opts.grads_done_ctx = &dp;
     if (zero2_streamed) {
-        opts.grad_ready = zero2_grad_ready, opts.grad_ready_ctx = &zhook;
-        opts.grads_done = zero2_grads_done, opts.grads_done_ctx = &zhook;
+        opts.grad_ready = mt_route_zero2_grad_ready, opts.grad_ready_ctx = &zhook;
+        opts.grads_done = mt_route_zero2_grads_done, opts.grads_done_ctx = &zhook;
     }
-    if (offload) opts.weights_needed = offload_weights_needed, opts.weights_needed_ctx = &ohook;
+    if (offload) opts.weights_needed = mt_route_offload_weights_needed, opts.weights_needed_ctx = &ohook;
     // each forward unit's range of the trained block, for the gradient reduction
     dp.units = mc.L + 2;
     dp.lo = calloc((size_t)dp.units, sizeof *dp.lo);
@@ -530,10 +346,10 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     mt_galore_param *gparams = NULL;
     int offload_threads = 0;  // the CPU AdamW's (offload.threads, or mt_offload_auto_threads)
     int *gowner = NULL;       // GaLore under ZeRO: each parameter's rank
-    size_t *gbounds = NULL;   // and each rank's run of the block (galore_owners)
+    size_t *gbounds = NULL;   // and each rank's run of the block (mt_route_galore_owners)
     unsigned char *selected = NULL;
     if ((err = mt_model_create_with(&model, &be, &mc, &opts))) goto out_backend;
-    if (world > 1 && opts.grad_ready) mt_model_set_agreement(model, any_rank, dist);
+    if (world > 1 && opts.grad_ready) mt_model_set_agreement(model, mt_route_any_rank, dist);
     if ((err = mt_model_set_weights(model, host_params))) goto out_model;
     if (lora) {
         mt_model_set_adapters(model, trained);
@@ -573,7 +389,7 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
             gowner = malloc((size_t)(n_trained ? n_trained : 1) * sizeof *gowner);
             gbounds = malloc((size_t)(world + 1) * sizeof *gbounds);
             MT_CHECK(gowner && gbounds, "galore owners");
-            galore_owners(dist, trained_table, n_trained, trained_total, gowner, gbounds);
+            mt_route_galore_owners(dist, trained_table, n_trained, trained_total, gowner, gbounds);
         }
         for (int i = 0; i < n_trained && !err; i++) {
             const mt_param_info *p = &trained_table[i];
@@ -607,7 +423,7 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
                                !strcmp(cfg->galore_moments, "int8"),
                                (uint64_t)cfg->train_seed};
         if (!err) err = mt_galore_init(&gal, &be, &gc, gparams, n_trained);
-        hook = (galore_hook){gal, tr.weights, mt_act_size(&be), trained_table, NULL, &ofl, dist, gowner};
+        hook = (mt_galore_hook){gal, tr.weights, mt_act_size(&be), trained_table, NULL, &ofl, dist, gowner};
         if (!err && resume_dir[0]) {
             mt_state_tensor *state;
             int n_state = mt_galore_state(gal, &state);
@@ -682,13 +498,13 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
                                       moments == 3 ? packed + plan.count : NULL,
                                       moments == 3 ? packed + 2 * plan.count : NULL, resume.optimizer_steps);
             free(packed);
-            if (!err && zero && world > 1) mt_offload_set_norm_sum(ofl, sum_over_ranks, dist);
+            if (!err && zero && world > 1) mt_offload_set_norm_sum(ofl, mt_route_sum_over_ranks, dist);
         } else {
             // moment_m and moment_v exist only when resuming (resume.optimizer_steps is 0 otherwise)
             err = mt_offload_init(&ofl, &be, &oc, plan.params, plan.n, plan.count, tr.weights, trained + shard_lo,
                                   moment_m, moment_v, resume.optimizer_steps);
             if (!err && zero && world > 1) {
-                mt_offload_set_norm_sum(ofl, sum_over_ranks, dist);
+                mt_offload_set_norm_sum(ofl, mt_route_sum_over_ranks, dist);
                 ohook.gather = 1, ohook.lo = dp.lo, ohook.hi = dp.hi, ohook.weights = tr.weights;
                 ohook.total = trained_total, ohook.elem = mt_act_size(&be);
                 ohook.stale = calloc((size_t)dp.units, 1);
@@ -716,7 +532,7 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
         if (!err)
             err = mt_optimizer_init(&opt, &be, &ac, (float *)((char *)tr.weights + shard_lo * mt_act_size(&be)),
                                     trained + shard_lo, shard_hi - shard_lo, groups, n_shard);
-        if (!err && zero && world > 1) mt_optimizer_set_norm_sum(opt, sum_over_ranks, dist);
+        if (!err && zero && world > 1) mt_optimizer_set_norm_sum(opt, mt_route_sum_over_ranks, dist);
     }
     free(groups);
     if (err) goto out_model;
