@@ -28,6 +28,7 @@
 #include "trainer/lora.h"
 #include "trainer/metrics.h"
 #include "trainer/model.h"
+#include "trainer/plan.h"
 #include "trainer/route.h"
 #include "trainer/state.h"
 
@@ -106,35 +107,6 @@ static void defer_to_model(void *model, const mt_zo_directions *d, float lr, flo
     mt_model_defer_update(model, d, lr, weight_decay, round_seed);
 }
 
-// Offload with accumulation: whether host memory sums the micro-batches'
-// gradients (offload.grad_sum; auto: mt_offload_host_sum_fits with this
-// node's memory); need and have (bytes) say what was weighed.
-static int sum_on_host(const mt_config *cfg, int use_gpu, size_t total, size_t shard, int local_ranks, double *need,
-                       double *have) {
-    if (strcmp(cfg->offload_grad_sum, "auto")) return !strcmp(cfg->offload_grad_sum, "host");
-    if (!use_gpu) return 1;  // the CPU backend's fp32 gradient buffer is the sum: nothing more
-    *have = (double)sysconf(_SC_PHYS_PAGES) * (double)sysconf(_SC_PAGESIZE);
-    return mt_offload_host_sum_fits(!strcmp(cfg->offload_optimizer, "cpu"), total, shard, local_ranks, *have, need);
-}
-
-// mezo.trainable, galore.targets: which parameters match one of the listed
-// glob patterns. Returns how many do.
-static int select_trainable(const char *patterns, const mt_param_info *table, int n, unsigned char *selected) {
-    int count = 0;
-    for (int i = 0; i < n; i++) {
-        selected[i] = 0;
-        const char *cursor = patterns, *item;
-        size_t len;
-        while (!selected[i] && mt_list_next_item(&cursor, &item, &len)) {
-            char pattern[256];
-            snprintf(pattern, sizeof pattern, "%.*s", (int)len, item);
-            selected[i] = fnmatch(pattern, table[i].name, 0) == 0;
-        }
-        count += selected[i];
-    }
-    return count;
-}
-
 mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     memset(result, 0, sizeof *result);
     result->last_eval_loss = NAN;
@@ -162,64 +134,36 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     if (cfg->data_eval_fraction > 0 && cfg->train_eval_batches > 0 &&
         (err = mt_loader_init(&eval, ds, &ec, MT_SPLIT_EVAL)))
         goto out_data;
+    mt_plan pl;
+    int ngpu = mt_device_count();
+    if ((err = mt_plan_make(&pl, cfg, &mc, dist, ngpu))) goto out_data;
+    int mezo = pl.mezo, galore = pl.galore, offload = pl.offload, zero2_streamed = pl.zero2_streamed;
+    int offload_streamed = pl.offload_streamed, use_gpu = pl.use_gpu;
+    const mt_lora_config *lora = pl.lora ? &pl.lora_cfg : NULL;
+    mt_param_info *trained_table = pl.trained;
+    int n_trained = pl.n_trained;
+    size_t total = pl.total, trained_total = pl.trained_total, shard_lo = pl.shard_lo, shard_hi = pl.shard_hi;
+    unsigned char *selected = pl.selected;
     mt_model_options opts = {B,
                              T,
                              (int)cfg->model_activation_checkpointing,
-                             {0},
+                             pl.lora_cfg,
                              !strcmp(cfg->model_quantize, "nf4"),
                              (int)cfg->model_offload_activations,
-                             0,
+                             mezo,
                              NULL,
                              NULL,
                              NULL,
                              NULL,
                              NULL,
                              NULL};
-    int mezo = !strcmp(cfg->optim_kind, "mezo"), galore = !strcmp(cfg->optim_kind, "galore");
-    int offload = strcmp(cfg->offload_optimizer, "none") != 0;
     mt_galore_hook hook = {0};
     mt_offload *ofl = NULL;
-    mt_offload_hook ohook = {&ofl, dist, NULL, 0, NULL, NULL, NULL, NULL, 0, 0};
+    mt_offload_hook ohook = {&ofl, dist, trained_table, 0, NULL, NULL, NULL, NULL, 0, 0};
     mt_offload_plan plan = {0};
     dp.dist = dist, dp.zero_stage = zero;
-    // ZeRO-2 streams a full fine-tune's gradients into the shards; with
-    // offload, ZeRO-1 too: each rank's store updates its shard only, so a
-    // whole all-reduced gradient would serve nothing but to cost 4 bytes a
-    // parameter on the GPU and twice the traffic. (Not GaLore's: its hook
-    // takes each gradient to the parameter's owner, whatever the stage.)
-    int zero2_streamed = cfg->lora_r == 0 && !galore && (zero == 2 || (zero == 1 && offload));
     mt_zero2_hook zhook = {0};
     float *shard_grads = NULL;
-    opts.forward_only = mezo;
-    if (cfg->lora_r > 0) {
-        opts.lora = (mt_lora_config){(int)cfg->lora_r, (float)cfg->lora_alpha, (float)cfg->lora_dropout,
-                                     (int)cfg->lora_rslora, 0};
-        if ((err = mt_lora_parse_targets(cfg->lora_targets, &opts.lora.targets))) goto out_data;
-    }
-    const mt_lora_config *lora = cfg->lora_r > 0 ? &opts.lora : NULL;
-    int n_params;
-    size_t total;
-    mt_param_info *table = mt_model_param_table(&mc, &n_params, &total);
-    // what the optimizer trains: the whole model, or the adapters
-    int n_trained = n_params;
-    size_t trained_total = total;
-    mt_param_info *trained_table = lora ? mt_lora_param_table(&mc, lora, &n_trained, &trained_total) : table;
-    ohook.table = trained_table;
-    // ZeRO: this rank's shard of the trained block (all of it with one rank, or without ZeRO)
-    size_t shard_lo = 0, shard_hi = trained_total;
-    if (zero) mt_dist_shard(dist, rank, trained_total, &shard_lo, &shard_hi);
-    // offloaded gradients stream out of backward, every micro-batch's when
-    // the host sums them (offload.grad_sum), unless they are the adapters'
-    // (one small block) (with GaLore, which passes on what it does not
-    // project) (with ZeRO, mt_zero2_hook hands over the shard's reduced parts)
-    // (the backend: the GPU unless train.device is cpu or none is visible)
-    int want_gpu = !strcmp(cfg->train_device, "gpu"), ngpu = mt_device_count();
-    int use_gpu = strcmp(cfg->train_device, "cpu") && ngpu > 0;
-    double host_need = 0.0, host_have = 0.0;
-    int host_sum =
-        offload && cfg->lora_r == 0 && accum > 1 &&
-        sum_on_host(cfg, use_gpu, total, shard_hi - shard_lo, mt_dist_local_world(dist), &host_need, &host_have);
-    int offload_streamed = offload && cfg->lora_r == 0 && (accum == 1 || host_sum);
     if (galore) opts.grad_ready = mt_route_galore_grad_ready, opts.grad_ready_ctx = &hook;
     if (offload_streamed && !galore && !zero2_streamed)
         opts.grad_ready = mt_route_offload_grad_ready, opts.grad_ready_ctx = &ohook;
@@ -249,20 +193,6 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
         goto out_params;
     }
     if (lora && cfg->lora_init[0]) {
-        mt_lora_config from;
-        if ((err = mt_lora_read_config(cfg->lora_init, &from))) goto out_params;
-        if (from.r != lora->r || from.alpha != lora->alpha || from.targets != lora->targets ||
-            from.rslora != lora->rslora) {
-            char want[128], have[128];
-            mt_lora_format_targets(lora->targets, want, sizeof want);
-            mt_lora_format_targets(from.targets, have, sizeof have);
-            err = mt_errorf(MT_ERR_CONFIG,
-                            "lora.init %s has r=%d alpha=%g targets=%s rslora=%d, but the config asks for r=%d "
-                            "alpha=%g targets=%s rslora=%d; set lora.* to the adapter's values",
-                            cfg->lora_init, from.r, from.alpha, have, from.rslora, lora->r, lora->alpha, want,
-                            lora->rslora);
-            goto out_params;
-        }
         if ((err = mt_lora_load(cfg->lora_init, &mc, lora, trained))) goto out_params;
     } else if (lora) {
         mt_lora_init_params(trained_table, n_trained, trained, (uint64_t)cfg->train_seed);
@@ -313,23 +243,6 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     }
 
     // ---- backend, model, optimizer
-    if (want_gpu && ngpu == 0) {
-        err = mt_errorf(MT_ERR_DEVICE, "train.device is gpu but no GPU is visible%s; set train.device: auto or cpu",
-#ifdef MT_HAVE_CUDA
-                        ""
-#else
-                        " (this memtune was built without CUDA)"
-#endif
-        );
-        goto out_params;
-    }
-    if (use_gpu && mt_dist_local_world(dist) > ngpu) {
-        err = mt_errorf(MT_ERR_DEVICE,
-                        "%d ranks run on this node but it has %d GPU%s: start at most %d per node (mpirun -np %d, or "
-                        "a hostfile's slots)",
-                        mt_dist_local_world(dist), ngpu, ngpu == 1 ? "" : "s", ngpu, ngpu);
-        goto out_params;
-    }
     mt_backend be;
     if ((err = mt_backend_init(&be, use_gpu ? mt_dist_local_rank(dist) : -1))) goto out_params;
     if ((err = mt_dist_connect(dist, &be, cfg->dist_timeout))) goto out_backend;
@@ -347,7 +260,6 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     int offload_threads = 0;  // the CPU AdamW's (offload.threads, or mt_offload_auto_threads)
     int *gowner = NULL;       // GaLore under ZeRO: each parameter's rank
     size_t *gbounds = NULL;   // and each rank's run of the block (mt_route_galore_owners)
-    unsigned char *selected = NULL;
     if ((err = mt_model_create_with(&model, &be, &mc, &opts))) goto out_backend;
     if (world > 1 && opts.grad_ready) mt_model_set_agreement(model, mt_route_any_rank, dist);
     if ((err = mt_model_set_weights(model, host_params))) goto out_model;
@@ -359,30 +271,17 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     mt_trainable tr;
     mt_model_trainable(model, &tr);
     mt_param_group *groups = malloc((size_t)(n_trained ? n_trained : 1) * sizeof *groups);
-    selected = calloc((size_t)(n_trained ? n_trained : 1), 1);
-    MT_CHECK(groups && selected, "parameter groups");
-    int n_groups = 0, n_selected = n_trained;
+    MT_CHECK(groups, "parameter groups");
+    int n_groups = 0, n_selected = pl.n_selected;
     size_t selected_count = 0;
-    if (mezo) {
-        n_selected = select_trainable(cfg->mezo_trainable, trained_table, n_trained, selected);
-        if (n_selected == 0) {
-            err = mt_errorf(MT_ERR_CONFIG,
-                            "mezo.trainable '%s' matches none of the %d trainable parameters (they are named like "
-                            "%s); use * for all",
-                            cfg->mezo_trainable, n_trained, n_trained ? trained_table[n_trained - 1].name : "?");
-            free(groups);
-            goto out_model;
-        }
-    }
     for (int i = 0; i < n_trained; i++) {
         if (mezo && !selected[i]) continue;
         groups[n_groups++] = (mt_param_group){trained_table[i].offset, trained_table[i].count, trained_table[i].decay};
         selected_count += trained_table[i].count;
     }
-    int n_projected = 0;
+    int n_projected = galore ? pl.n_selected : 0;
     size_t projected_count = 0;
     if (galore) {
-        n_projected = select_trainable(cfg->galore_targets, trained_table, n_trained, selected);
         gparams = calloc((size_t)(n_trained ? n_trained : 1), sizeof *gparams);
         MT_CHECK(gparams != NULL, "galore parameters");
         if (zero) {  // each rank keeps and updates the state of its own parameters only
@@ -391,13 +290,8 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
             MT_CHECK(gowner && gbounds, "galore owners");
             mt_route_galore_owners(dist, trained_table, n_trained, trained_total, gowner, gbounds);
         }
-        for (int i = 0; i < n_trained && !err; i++) {
+        for (int i = 0; i < n_trained; i++) {
             const mt_param_info *p = &trained_table[i];
-            if (selected[i] && p->ndim != 2)
-                err = mt_errorf(MT_ERR_CONFIG,
-                                "galore.targets '%s' matches %s, a vector; GaLore projects matrices (the default "
-                                "is *.self_attn.*_proj.weight,*.mlp.*_proj.weight)",
-                                cfg->galore_targets, p->name);
             gparams[i] = (mt_galore_param){p->name,
                                            p->shape[0],
                                            p->ndim == 2 ? p->shape[1] : 0,
@@ -407,11 +301,6 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
                                            gowner && gowner[i] != rank};
             if (selected[i]) projected_count += p->count;
         }
-        if (!err && n_projected == 0)
-            err = mt_errorf(MT_ERR_CONFIG,
-                            "galore.targets '%s' matches none of the model's matrices (they are named like "
-                            "model.layers.0.self_attn.q_proj.weight)",
-                            cfg->galore_targets);
         mt_galore_config gc = {(float)cfg->optim_beta1,
                                (float)cfg->optim_beta2,
                                (float)cfg->optim_eps,
@@ -619,12 +508,12 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
             : accum > 1         ? "streamed per layer and summed on the host over the micro-batches"
                                 : "streamed per layer",
             mt_offload_device_bytes(ofl) / 1048576.0, mt_offload_host_bytes(ofl) / 1073741824.0);
-        if (host_need > 0.0 && !host_sum)
+        if (pl.host_need > 0.0 && !pl.host_sum)
             mt_info(
                 "offload.grad_sum auto: summed in host memory, the gradients would bring this node's ranks to about "
                 "%.1f GiB at the start, over 85%% of its %.1f GiB: the GPU sums them (4 bytes a parameter there; "
                 "offload.grad_sum: host forces the host)",
-                host_need / 1073741824.0, host_have / 1073741824.0);
+                pl.host_need / 1073741824.0, pl.host_have / 1073741824.0);
         if (!strcmp(cfg->offload_optimizer, "ssd") && !mt_store_direct_io(st))
             mt_warn("%s does not take O_DIRECT (tmpfs?): the state goes through the page cache", cfg->offload_path);
     }
@@ -839,7 +728,6 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
         if (!err) mt_info("saved %s (%s, Hugging Face layout)", path, mt_dtype_name(dtype));
     }
 out_model:
-    free(selected);
     free(gparams);
     free(gowner);
     free(gbounds);
@@ -858,8 +746,7 @@ out_params:
     free(moment_v);
     if (trained != host_params) free(trained);
     free(host_params);
-    if (trained_table != table) free(trained_table);
-    free(table);
+    mt_plan_free(&pl);
 out_data:
     free(dp.lo);
     free(dp.hi);
