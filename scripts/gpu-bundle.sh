@@ -23,6 +23,6 @@ done
 for bin in "${bins[@]}"; do
     ldd "$bin"
 done | awk '$2 == "=>" && $3 ~ /^\// {print $3}' | sort -u |
-    grep -E '/(libyaml|libcjson|libsubunit|libhdf5|libsz|libaec)[^/]*\.so' |
+    grep -E '/(libyaml|libcjson|libsubunit|libhdf5|libsz|libaec|libutf8proc)[^/]*\.so' |
     while read -r lib; do cp -L "$lib" "$OUT/gpu-libs/"; done
 echo "gpu-bundle: $(ls "$OUT/gpu-libs" | wc -l) libraries in $OUT/gpu-libs; $OUT is $(du -sh "$OUT" | cut -f1)"

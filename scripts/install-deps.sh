@@ -5,7 +5,7 @@
 set -euo pipefail
 
 PACKAGES=(build-essential cmake pkg-config libhdf5-dev check libyaml-dev
-          libcjson-dev libopenmpi-dev openmpi-bin bible-kjv)
+          libcjson-dev libpcre2-dev libutf8proc-dev libopenmpi-dev openmpi-bin bible-kjv)
 
 missing=()
 for p in "${PACKAGES[@]}"; do
