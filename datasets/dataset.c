@@ -16,6 +16,7 @@ struct mt_dataset {
     hid_t file, tokens, mask;  // mask < 0 when absent
     uint64_t num_tokens, num_docs;
     int vocab_size;
+    int window;  // > 0: packed one example per window of this many tokens
     char tokenizer[128];
 };
 
@@ -120,6 +121,10 @@ static mt_err validate(mt_dataset *ds, int model_vocab_size) {
     if (vocab <= 0 || vocab > (1L << 31)) return schema_error(ds, "attribute vocab_size must be positive");
     ds->vocab_size = (int)vocab;
     read_string_attribute(ds, "tokenizer", ds->tokenizer, sizeof ds->tokenizer);
+    long window = 0;
+    if (H5Aexists(ds->file, "window") > 0 && (err = read_int_attribute(ds, "window", &window))) return err;
+    if (window < 0 || window > (1L << 30)) return schema_error(ds, "attribute window must be positive");
+    ds->window = (int)window;
     if ((err = open_vector(ds, "tokens", 4, H5T_SGN_NONE, &ds->tokens, &ds->num_tokens))) return err;
     hid_t offsets;
     uint64_t num_offsets;
@@ -236,6 +241,7 @@ uint64_t mt_dataset_num_tokens(const mt_dataset *ds) { return ds->num_tokens; }
 uint64_t mt_dataset_num_docs(const mt_dataset *ds) { return ds->num_docs; }
 int mt_dataset_vocab_size(const mt_dataset *ds) { return ds->vocab_size; }
 const char *mt_dataset_tokenizer(const mt_dataset *ds) { return ds->tokenizer; }
+int mt_dataset_window(const mt_dataset *ds) { return ds->window; }
 
 // ------------------------------------------------------------------- loader
 
@@ -266,6 +272,11 @@ static void shuffle_epoch(mt_loader *l, uint64_t epoch) {
 mt_err mt_loader_init(mt_loader **out, const mt_dataset *ds, const mt_loader_config *cfg, mt_split split) {
     *out = NULL;
     MT_CHECK(cfg->B > 0 && cfg->T > 0 && cfg->world > 0 && cfg->rank >= 0 && cfg->rank < cfg->world, "loader cfg");
+    if (ds->window > 0 && ds->window != cfg->T)
+        return mt_errorf(MT_ERR_DATASET,
+                         "%s was packed one example per window of %d tokens (memtune tokenize --seq-len %d), but "
+                         "train.seq_len is %d: set train.seq_len: %d, or tokenize again with --seq-len %d",
+                         ds->path, ds->window, ds->window, cfg->T, ds->window, cfg->T);
     uint64_t total = ds->num_tokens > 0 ? (ds->num_tokens - 1) / (uint64_t)cfg->T : 0;
     uint64_t eval = 0;
     if (cfg->eval_fraction > 0.0) {
@@ -355,30 +366,135 @@ mt_err mt_loader_next(mt_loader *l, int32_t *inputs, int32_t *targets, int *vali
 
 // ------------------------------------------------------------------- writer
 
+struct mt_dataset_writer {
+    char path[1024], tmp[1100];
+    hid_t file, sets[3];  // tokens, doc_offsets, loss_mask (< 0 without one)
+    uint64_t written[3];  // elements in the file
+    uint32_t *tokens;     // buffered, not yet written
+    uint8_t *mask;
+    uint64_t *offsets;
+    size_t n_tokens, n_offsets;
+    uint64_t count;  // tokens so far, buffered ones included
+    int failed;
+};
+
+enum { WRITER_BUFFER = 1 << 20 };
+
+static hid_t extendable(hid_t file, const char *name, hid_t filetype) {
+    hsize_t dims[1] = {0}, maxdims[1] = {H5S_UNLIMITED}, chunk[1] = {1 << 16};
+    hid_t space = H5Screate_simple(1, dims, maxdims), dcpl = H5Pcreate(H5P_DATASET_CREATE);
+    H5Pset_chunk(dcpl, 1, chunk);
+    hid_t d = H5Dcreate2(file, name, filetype, space, H5P_DEFAULT, dcpl, H5P_DEFAULT);
+    H5Pclose(dcpl);
+    H5Sclose(space);
+    return d;
+}
+
+static int append(mt_dataset_writer *w, int which, hid_t memtype, const void *data, size_t n) {
+    if (n == 0 || w->sets[which] < 0) return 1;
+    hsize_t size[1] = {w->written[which] + n}, off[1] = {w->written[which]}, cnt[1] = {n};
+    if (H5Dset_extent(w->sets[which], size) < 0) return 0;
+    hid_t space = H5Dget_space(w->sets[which]), mem = H5Screate_simple(1, cnt, NULL);
+    H5Sselect_hyperslab(space, H5S_SELECT_SET, off, NULL, cnt, NULL);
+    int ok = H5Dwrite(w->sets[which], memtype, mem, space, H5P_DEFAULT, data) >= 0;
+    H5Sclose(mem);
+    H5Sclose(space);
+    w->written[which] += n;
+    return ok;
+}
+
+static int flush(mt_dataset_writer *w) {
+    int ok = append(w, 0, H5T_NATIVE_UINT32, w->tokens, w->n_tokens) &&
+             append(w, 2, H5T_NATIVE_UINT8, w->mask, w->n_tokens) &&
+             append(w, 1, H5T_NATIVE_UINT64, w->offsets, w->n_offsets);
+    w->n_tokens = w->n_offsets = 0;
+    if (!ok) w->failed = 1;
+    return ok;
+}
+
+mt_err mt_dataset_writer_open(mt_dataset_writer **out, const char *path, int with_mask) {
+    *out = NULL;
+    quiet_hdf5();
+    mt_dataset_writer *w = calloc(1, sizeof *w);
+    MT_CHECK(w != NULL, "dataset writer");
+    snprintf(w->path, sizeof w->path, "%s", path);
+    snprintf(w->tmp, sizeof w->tmp, "%s.tmp.%d", path, (int)getpid());
+    w->file = H5Fcreate(w->tmp, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
+    if (w->file < 0) {
+        free(w);
+        return mt_errorf(MT_ERR_IO, "%s: cannot create the file (does the folder exist and is it writable?)", path);
+    }
+    w->sets[0] = extendable(w->file, "tokens", H5T_STD_U32LE);
+    w->sets[1] = extendable(w->file, "doc_offsets", H5T_STD_U64LE);
+    w->sets[2] = with_mask ? extendable(w->file, "loss_mask", H5T_STD_U8LE) : -1;
+    w->tokens = malloc(WRITER_BUFFER * sizeof *w->tokens);
+    w->mask = malloc(WRITER_BUFFER);
+    w->offsets = malloc(WRITER_BUFFER * sizeof *w->offsets);
+    MT_CHECK(w->tokens && w->mask && w->offsets, "dataset writer buffers");
+    w->failed = w->sets[0] < 0 || w->sets[1] < 0 || (with_mask && w->sets[2] < 0);
+    w->offsets[w->n_offsets++] = 0;
+    *out = w;
+    return MT_OK;
+}
+
+void mt_dataset_writer_add(mt_dataset_writer *w, const uint32_t *tokens, const uint8_t *mask, size_t n) {
+    while (n > 0) {
+        size_t room = WRITER_BUFFER - w->n_tokens, k = n < room ? n : room;
+        memcpy(w->tokens + w->n_tokens, tokens, k * sizeof *tokens);
+        if (mask)
+            memcpy(w->mask + w->n_tokens, mask, k);
+        else
+            memset(w->mask + w->n_tokens, 1, k);
+        w->n_tokens += k, w->count += k, tokens += k, n -= k;
+        if (mask) mask += k;
+        if (w->n_tokens == WRITER_BUFFER) flush(w);
+    }
+}
+
+void mt_dataset_writer_end_doc(mt_dataset_writer *w) {
+    if (w->n_offsets == WRITER_BUFFER) flush(w);
+    w->offsets[w->n_offsets++] = w->count;
+}
+
+uint64_t mt_dataset_writer_tokens(const mt_dataset_writer *w) { return w->count; }
+
+mt_err mt_dataset_writer_close(mt_dataset_writer *w, int commit, int vocab_size, const char *tokenizer, int window) {
+    if (!w) return MT_OK;
+    int ok = commit && !w->failed && flush(w);
+    if (ok) {
+        int version = MT_DATASET_FORMAT_VERSION;
+        long long vocab = vocab_size, win = window;
+        hid_t str = H5Tcopy(H5T_C_S1);
+        H5Tset_size(str, strlen(tokenizer) + 1);
+        ok = mt_h5_write_scalar(w->file, "format_version", H5T_STD_I32LE, &version) &&
+             mt_h5_write_scalar(w->file, "vocab_size", H5T_STD_I64LE, &vocab) &&
+             mt_h5_write_scalar(w->file, "tokenizer", str, tokenizer) &&
+             (window <= 0 || mt_h5_write_scalar(w->file, "window", H5T_STD_I64LE, &win));
+        H5Tclose(str);
+    }
+    for (int i = 0; i < 3; i++)
+        if (w->sets[i] >= 0) H5Dclose(w->sets[i]);
+    ok = H5Fclose(w->file) >= 0 && ok;
+    mt_err err = MT_OK;
+    if (!ok || rename(w->tmp, w->path) != 0) {
+        unlink(w->tmp);
+        if (commit) err = mt_errorf(MT_ERR_IO, "%s: writing the dataset failed (disk full?)", w->path);
+    }
+    free(w->tokens), free(w->mask), free(w->offsets);
+    free(w);
+    return err;
+}
+
 mt_err mt_dataset_write(const char *path, const uint32_t *tokens, uint64_t num_tokens, const uint64_t *doc_offsets,
                         uint64_t num_docs, const uint8_t *loss_mask, int vocab_size, const char *tokenizer) {
-    quiet_hdf5();
-    char tmp[1100];
-    snprintf(tmp, sizeof tmp, "%s.tmp.%d", path, (int)getpid());
-    hid_t file = H5Fcreate(tmp, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
-    if (file < 0)
-        return mt_errorf(MT_ERR_IO, "%s: cannot create the file (does the folder exist and is it writable?)", path);
-    int version = MT_DATASET_FORMAT_VERSION;
-    long long vocab = vocab_size;
-    hid_t str = H5Tcopy(H5T_C_S1);
-    H5Tset_size(str, strlen(tokenizer) + 1);
-    int ok =
-        mt_h5_write_vector(file, "tokens", H5T_STD_U32LE, H5T_NATIVE_UINT32, tokens, num_tokens) &&
-        mt_h5_write_vector(file, "doc_offsets", H5T_STD_U64LE, H5T_NATIVE_UINT64, doc_offsets, num_docs + 1) &&
-        (!loss_mask || mt_h5_write_vector(file, "loss_mask", H5T_STD_U8LE, H5T_NATIVE_UINT8, loss_mask, num_tokens)) &&
-        mt_h5_write_scalar(file, "format_version", H5T_STD_I32LE, &version) &&
-        mt_h5_write_scalar(file, "vocab_size", H5T_STD_I64LE, &vocab) &&
-        mt_h5_write_scalar(file, "tokenizer", str, tokenizer);
-    H5Tclose(str);
-    ok = H5Fclose(file) >= 0 && ok;
-    if (!ok || rename(tmp, path) != 0) {
-        unlink(tmp);
-        return mt_errorf(MT_ERR_IO, "%s: writing the dataset failed (disk full?)", path);
+    mt_dataset_writer *w;
+    mt_err err = mt_dataset_writer_open(&w, path, loss_mask != NULL);
+    if (err) return err;
+    mt_dataset_writer_add(w, tokens, loss_mask, (size_t)num_tokens);
+    w->n_offsets = 0;  // the offsets as given (tests write broken ones on purpose)
+    for (uint64_t d = 0; d <= num_docs; d++) {
+        if (w->n_offsets == WRITER_BUFFER) flush(w);
+        w->offsets[w->n_offsets++] = doc_offsets[d];
     }
-    return MT_OK;
+    return mt_dataset_writer_close(w, 1, vocab_size, tokenizer, 0);
 }

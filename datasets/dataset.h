@@ -29,6 +29,9 @@ uint64_t mt_dataset_num_tokens(const mt_dataset *ds);
 uint64_t mt_dataset_num_docs(const mt_dataset *ds);
 int mt_dataset_vocab_size(const mt_dataset *ds);
 const char *mt_dataset_tokenizer(const mt_dataset *ds);
+// > 0: the file holds one example per window of this many tokens (memtune
+// tokenize --pack pad); the loader then requires T to equal it.
+int mt_dataset_window(const mt_dataset *ds);
 
 typedef enum { MT_SPLIT_TRAIN, MT_SPLIT_EVAL } mt_split;
 
@@ -60,8 +63,21 @@ uint64_t mt_loader_batches_per_epoch(const mt_loader *l);
 mt_cursor mt_loader_get_cursor(const mt_loader *l);
 void mt_loader_set_cursor(mt_loader *l, mt_cursor c);
 
-// Writes a dataset file (used by the converter and by tests). loss_mask may
-// be NULL. Written under a temporary name and renamed.
+// Writes a dataset file as it streams in, under a temporary name that
+// closing renames (commit) or removes: tokens (and their loss mask when
+// with_mask) are added in order, end_doc closes a document. Memory stays
+// bounded by a fixed buffer, whatever the file's size.
+typedef struct mt_dataset_writer mt_dataset_writer;
+mt_err mt_dataset_writer_open(mt_dataset_writer **out, const char *path, int with_mask);
+// mask NULL: every token trained.
+void mt_dataset_writer_add(mt_dataset_writer *w, const uint32_t *tokens, const uint8_t *mask, size_t n);
+void mt_dataset_writer_end_doc(mt_dataset_writer *w);
+uint64_t mt_dataset_writer_tokens(const mt_dataset_writer *w);
+// window > 0 records the packing window (mt_dataset_window). A failed write
+// (or commit 0) leaves no file behind.
+mt_err mt_dataset_writer_close(mt_dataset_writer *w, int commit, int vocab_size, const char *tokenizer, int window);
+
+// Writes a whole dataset file at once (tests). loss_mask may be NULL.
 mt_err mt_dataset_write(const char *path, const uint32_t *tokens, uint64_t num_tokens, const uint64_t *doc_offsets,
                         uint64_t num_docs, const uint8_t *loss_mask, int vocab_size, const char *tokenizer);
 

@@ -252,7 +252,8 @@ struct mt_tokenizer {
     int n_decs;
     added_token *added;
     int n_added;
-    int bos, eos;
+    int bos, eos, pad;
+    char *chat_template;  // tokenizer_config.json's (or chat_template.jinja), NULL: none
     char describe[96];
     // ByteLevel: each byte's stand-in character, as UTF-8, and back
     char byte_char[256][3];
@@ -598,6 +599,23 @@ static int config_token(const mt_tokenizer *t, const cJSON *cfg, const char *key
     return s ? mt_tokenizer_token_id(t, s) : -1;
 }
 
+// The chat template: tokenizer_config.json's chat_template (a string, or a
+// list of {name, template} of which "default" is the one), else the folder's
+// chat_template.jinja, as transformers reads them.
+static char *config_chat_template(const cJSON *cfg, const char *folder) {
+    const cJSON *v = cfg ? cJSON_GetObjectItemCaseSensitive(cfg, "chat_template") : NULL;
+    if (cJSON_IsString(v)) return strdup(v->valuestring);
+    const cJSON *item;
+    if (cJSON_IsArray(v)) cJSON_ArrayForEach(item, v) {
+            const char *name = json_str(item, "name"), *text = json_str(item, "template");
+            if (name && text && !strcmp(name, "default")) return strdup(text);
+        }
+    char path[1300];
+    snprintf(path, sizeof path, "%s/chat_template.jinja", folder);
+    size_t len;
+    return read_file(path, &len);
+}
+
 mt_err mt_tokenizer_load(mt_tokenizer **out, const char *path) {
     *out = NULL;
     char file[1200], folder[1200];
@@ -629,7 +647,7 @@ mt_err mt_tokenizer_load(mt_tokenizer **out, const char *path) {
     if (!root) return mt_errorf(MT_ERR_FORMAT, "%s: not valid JSON", file);
     mt_tokenizer *t = calloc(1, sizeof *t);
     MT_CHECK(t != NULL, "tokenizer");
-    t->bos = t->eos = t->unk = -1;
+    t->bos = t->eos = t->pad = t->unk = -1;
     byte_level_tables(t);
     mt_err err = load_model(t, cJSON_GetObjectItemCaseSensitive(root, "model"), file);
     if (!err) err = load_added(t, cJSON_GetObjectItemCaseSensitive(root, "added_tokens"), file);
@@ -653,8 +671,10 @@ mt_err mt_tokenizer_load(mt_tokenizer **out, const char *path) {
     if (config) {
         t->bos = config_token(t, config, "bos_token");
         t->eos = config_token(t, config, "eos_token");
-        cJSON_Delete(config);
+        t->pad = config_token(t, config, "pad_token");
     }
+    t->chat_template = config_chat_template(config, folder);
+    cJSON_Delete(config);
     *out = t;
     return MT_OK;
 }
@@ -670,12 +690,15 @@ void mt_tokenizer_free(mt_tokenizer *t) {
     for (int i = 0; i < t->n_decs; i++) free(t->decs[i].a), free(t->decs[i].b);
     for (int i = 0; i < t->n_added; i++) free(t->added[i].content);
     free(t->norms), free(t->pres), free(t->decs), free(t->added);
+    free(t->chat_template);
     free(t);
 }
 
 int mt_tokenizer_vocab_size(const mt_tokenizer *t) { return t->n_ids; }
 int mt_tokenizer_bos(const mt_tokenizer *t) { return t->bos; }
 int mt_tokenizer_eos(const mt_tokenizer *t) { return t->eos; }
+int mt_tokenizer_pad(const mt_tokenizer *t) { return t->pad; }
+const char *mt_tokenizer_chat_template(const mt_tokenizer *t) { return t->chat_template; }
 const char *mt_tokenizer_describe(const mt_tokenizer *t) { return t->describe; }
 
 int mt_tokenizer_token_id(const mt_tokenizer *t, const char *token) {

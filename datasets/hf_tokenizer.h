@@ -44,6 +44,11 @@ int mt_tokenizer_vocab_size(const mt_tokenizer *t);
 // BOS and EOS ids as tokenizer_config.json names them (-1: none).
 int mt_tokenizer_bos(const mt_tokenizer *t);
 int mt_tokenizer_eos(const mt_tokenizer *t);
+// PAD as tokenizer_config.json names it (-1: none).
+int mt_tokenizer_pad(const mt_tokenizer *t);
+// The model's chat template (Jinja source) from tokenizer_config.json or
+// chat_template.jinja; NULL when the folder has none.
+const char *mt_tokenizer_chat_template(const mt_tokenizer *t);
 // The id of a token string (vocabulary or added), or -1.
 int mt_tokenizer_token_id(const mt_tokenizer *t, const char *token);
 // The token string of an id (NULL: none), and whether it is a special token.

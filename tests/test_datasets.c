@@ -1,6 +1,7 @@
 // tests/test_datasets.c: the HDF5 dataset format, its schema checks (as error
 // values and messages), the loader (windows, masks, shuffling, shards, eval
-// split, cursor) and the text/JSONL converter.
+// split, cursor) and the converter (formats, loss masks, packing, bad lines,
+// threads).
 #include <check.h>
 #include <hdf5.h>
 #include <stdio.h>
@@ -8,6 +9,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "datasets/convert.h"
 #include "datasets/dataset.h"
 #include "datasets/tokenizer.h"
 #include "testutil.h"
@@ -163,39 +165,226 @@ START_TEST(schema_errors_are_specific) {
 }
 END_TEST
 
-START_TEST(converter_text_and_jsonl) {
-    char in[300], out[300];
-    snprintf(in, sizeof in, "%s/in.txt", dir);
-    snprintf(out, sizeof out, "%s/out.h5", dir);
-    FILE *f = fopen(in, "w");
-    fputs("\nfirst doc\nline two\n\n\n second\n", f);
+static void write_file(const char *path, const char *text) {
+    FILE *f = fopen(path, "w");
+    ck_assert_ptr_nonnull(f);
+    fputs(text, f);
     fclose(f);
+}
+
+// Converts `text` (written to in.<ext>) with memtune's bytes; returns the error.
+static mt_err convert(mt_convert_options *o, const char *ext, const char *text, mt_convert_stats *st) {
+    static char in[300], out[300];
+    snprintf(in, sizeof in, "%s/in.%s", dir, ext);
+    snprintf(out, sizeof out, "%s/out.h5", dir);
+    write_file(in, text);
+    o->input = in, o->output = out;
+    return mt_convert(o, st);
+}
+
+// A dataset's tokens and loss mask (all ones when the file has none).
+static uint64_t read_back(uint32_t **tokens, uint8_t **mask, int *window) {
+    char path[300];
+    snprintf(path, sizeof path, "%s/out.h5", dir);
+    mt_dataset *ds;
+    ck_assert_int_eq(mt_dataset_open(&ds, path, 0), MT_OK);
+    uint64_t n = mt_dataset_num_tokens(ds);
+    *window = mt_dataset_window(ds);
+    mt_dataset_free(ds);
+    hid_t f = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
+    *tokens = malloc(n * sizeof **tokens);
+    *mask = malloc(n);
+    hid_t d = H5Dopen2(f, "tokens", H5P_DEFAULT);
+    H5Dread(d, H5T_NATIVE_UINT32, H5S_ALL, H5S_ALL, H5P_DEFAULT, *tokens);
+    H5Dclose(d);
+    if (H5Lexists(f, "loss_mask", H5P_DEFAULT) > 0) {
+        d = H5Dopen2(f, "loss_mask", H5P_DEFAULT);
+        H5Dread(d, H5T_NATIVE_UINT8, H5S_ALL, H5S_ALL, H5P_DEFAULT, *mask);
+        H5Dclose(d);
+    } else {
+        memset(*mask, 1, n);
+    }
+    H5Fclose(f);
+    return n;
+}
+
+// The trained tokens as text (bytes), '|' between runs.
+static void trained_text(const uint32_t *tok, const uint8_t *mask, uint64_t n, char *out, size_t cap) {
+    size_t k = 0;
+    for (uint64_t i = 0; i < n && k + 2 < cap; i++) {
+        if (!mask[i]) {
+            if (k && out[k - 1] != '|') out[k++] = '|';
+            continue;
+        }
+        out[k++] = tok[i] == MT_TOKEN_EOS ? '$' : tok[i] == MT_TOKEN_BOS ? '^' : (char)tok[i];
+    }
+    if (k && out[k - 1] == '|') k--;
+    out[k] = '\0';
+}
+
+START_TEST(converter_text_and_jsonl) {
+    mt_convert_options o;
+    mt_convert_defaults(&o);
     mt_convert_stats st;
-    ck_assert_int_eq(mt_convert_to_dataset(in, MT_INPUT_TEXT, "text", out, &st), MT_OK);
-    ck_assert_uint_eq(st.docs, 2);
+    ck_assert_int_eq(convert(&o, "txt", "\nfirst doc\nline two\n\n\n second\n", &st), MT_OK);
+    ck_assert_uint_eq(st.kept, 2);
     // BOS "first doc\nline two" EOS BOS "second" EOS
     ck_assert_uint_eq(st.tokens, 2 + 18 + 2 + 6);
+    ck_assert_uint_eq(st.trained, st.tokens);
     mt_dataset *ds;
-    ck_assert_int_eq(mt_dataset_open(&ds, out, MT_BYTE_VOCAB), MT_OK);
+    ck_assert_int_eq(mt_dataset_open(&ds, o.output, MT_BYTE_VOCAB), MT_OK);
     ck_assert_str_eq(mt_dataset_tokenizer(ds), MT_BYTE_TOKENIZER_NAME);
     ck_assert_int_eq(mt_dataset_vocab_size(ds), MT_BYTE_VOCAB);
+    ck_assert_uint_eq(mt_dataset_num_docs(ds), 2);
     mt_dataset_free(ds);
-    snprintf(in, sizeof in, "%s/in.jsonl", dir);
-    f = fopen(in, "w");
-    fputs("{\"text\": \"ab\"}\n\n{\"text\": \"cde\"}\n", f);
-    fclose(f);
-    ck_assert_int_eq(mt_convert_to_dataset(in, MT_INPUT_JSONL, "text", out, &st), MT_OK);
-    ck_assert_uint_eq(st.docs, 2);
+    o.format = MT_FORMAT_JSONL;
+    ck_assert_int_eq(convert(&o, "jsonl", "{\"text\": \"ab\"}\n\n{\"text\": \"cde\"}\n", &st), MT_OK);
+    ck_assert_uint_eq(st.kept, 2);
     ck_assert_uint_eq(st.tokens, 9);
     // a bad line names itself, and the previous output stays as it was
-    f = fopen(in, "w");
-    fputs("{\"text\": \"ab\"}\n{\"body\": 1}\n", f);
-    fclose(f);
-    ck_assert_int_eq(mt_convert_to_dataset(in, MT_INPUT_JSONL, "text", out, &st), MT_ERR_DATASET);
+    ck_assert_int_eq(convert(&o, "jsonl", "{\"text\": \"ab\"}\n{\"body\": 1}\n", &st), MT_ERR_DATASET);
     ck_assert_ptr_nonnull(strstr(mt_last_error(), "in.jsonl:2"));
-    ck_assert_int_eq(mt_dataset_open(&ds, out, 0), MT_OK);
+    ck_assert_ptr_nonnull(strstr(mt_last_error(), "--on-bad-line skip"));
+    ck_assert_int_eq(mt_dataset_open(&ds, o.output, 0), MT_OK);
     ck_assert_uint_eq(mt_dataset_num_tokens(ds), 9);
     mt_dataset_free(ds);
+    // or is skipped and counted when asked
+    o.skip_bad_lines = 1;
+    ck_assert_int_eq(convert(&o, "jsonl", "{\"text\": \"ab\"}\nnot json\n{\"body\": 1}\n{\"text\": \"x\"}\n", &st),
+                     MT_OK);
+    ck_assert_uint_eq(st.examples, 4);
+    ck_assert_uint_eq(st.bad_lines, 2);
+    ck_assert_uint_eq(st.kept, 2);
+    ck_assert_uint_eq(st.tokens, 4 + 3);
+}
+END_TEST
+
+START_TEST(converter_masks_answers) {
+    mt_convert_options o;
+    mt_convert_defaults(&o);
+    o.pack = MT_PACK_CONCAT;
+    mt_convert_stats st;
+    uint32_t *tok;
+    uint8_t *mask;
+    int window;
+    char text[512];
+    o.format = MT_FORMAT_PROMPT_COMPLETION;
+    ck_assert_int_eq(convert(&o, "jsonl", "{\"prompt\": \"Q: 2+2?\", \"completion\": \" A: 4\"}\n", &st), MT_OK);
+    uint64_t n = read_back(&tok, &mask, &window);
+    trained_text(tok, mask, n, text, sizeof text);
+    ck_assert_str_eq(text, " A: 4$");  // the completion and its EOS; not BOS, not the prompt
+    ck_assert_uint_eq(st.trained, 6);
+    ck_assert_uint_eq(st.masked, 8);  // BOS and the prompt
+    free(tok), free(mask);
+    o.train_on_inputs = 1;
+    ck_assert_int_eq(convert(&o, "jsonl", "{\"prompt\": \"Q\", \"completion\": \"A\"}\n", &st), MT_OK);
+    ck_assert_uint_eq(st.trained, 4);
+    o.train_on_inputs = 0;
+    o.format = MT_FORMAT_ALPACA;
+    ck_assert_int_eq(convert(&o, "jsonl",
+                             "{\"instruction\": \"Add\", \"input\": \"2 2\", \"output\": \"4\"}\n"
+                             "{\"instruction\": \"Say hi\", \"output\": \"hi\"}\n"
+                             "{\"instruction\": \"No answer\", \"output\": \"\"}\n",
+                             &st),
+                     MT_OK);
+    n = read_back(&tok, &mask, &window);
+    trained_text(tok, mask, n, text, sizeof text);
+    ck_assert_str_eq(text, "4$|hi$|$");
+    ck_assert_uint_eq(st.kept, 3);  // an empty output still trains its EOS
+    // the prompt is the Alpaca prompt, with and without input
+    char *all = calloc(n + 1, 1);
+    for (uint64_t i = 0; i < n; i++) all[i] = tok[i] < 256 ? (char)tok[i] : '^';
+    ck_assert_ptr_nonnull(strstr(all, "^Below is an instruction that describes a task, paired with an input"));
+    ck_assert_ptr_nonnull(strstr(all, "### Instruction:\nAdd\n\n### Input:\n2 2\n\n### Response:\n4^"));
+    ck_assert_ptr_nonnull(strstr(all, "the request.\n\n### Instruction:\nSay hi\n\n### Response:\nhi^"));
+    free(all), free(tok), free(mask);
+    ck_assert_int_eq(convert(&o, "jsonl", "{\"instruction\": \"Add\", \"output\": 4}\n", &st), MT_ERR_DATASET);
+    ck_assert_ptr_nonnull(strstr(mt_last_error(), "in.jsonl:1"));
+    // chat needs a model's tokenizer
+    o.format = MT_FORMAT_CHAT;
+    ck_assert_int_eq(convert(&o, "jsonl", "{\"messages\": []}\n", &st), MT_ERR_USAGE);
+    ck_assert_ptr_nonnull(strstr(mt_last_error(), "--tokenizer"));
+}
+END_TEST
+
+START_TEST(converter_pads_windows) {
+    mt_convert_options o;
+    mt_convert_defaults(&o);
+    o.format = MT_FORMAT_PROMPT_COMPLETION;
+    o.pack = MT_PACK_PAD;
+    o.seq_len = 8;
+    mt_convert_stats st;
+    uint32_t *tok;
+    uint8_t *mask;
+    int window;
+    const char *data =
+        "{\"prompt\": \"ab\", \"completion\": \"cd\"}\n"         // 6 tokens: one window
+        "{\"prompt\": \"p\", \"completion\": \"0123456789\"}\n"  // 13 tokens: longer than 8
+        "{\"prompt\": \"x\", \"completion\": \"y\"}\n";          // 4 tokens
+    ck_assert_int_eq(convert(&o, "jsonl", data, &st), MT_OK);
+    uint64_t n = read_back(&tok, &mask, &window);
+    ck_assert_int_eq(window, 8);
+    // windows: [^abcd$..] [^p012345] [56789$..] [^xy$....] and one closing pad
+    ck_assert_uint_eq(n, 4 * 8 + 1);
+    ck_assert_uint_eq(st.split, 1);
+    ck_assert_uint_eq(st.kept, 3);
+    for (uint64_t w = 0; w < 4; w++) ck_assert_int_eq(mask[w * 8], 0);  // a window's first token is no target
+    ck_assert_uint_eq(tok[16], '5');                                    // split windows overlap by one token
+    char text[256];
+    trained_text(tok, mask, n, text, sizeof text);
+    ck_assert_str_eq(text, "cd$|012345|6789$|y$");  // every completion token a target once
+    ck_assert_uint_eq(st.padded, 2 + 0 + 2 + 4 + 1);
+    free(tok), free(mask);
+    // the loader takes it only at its window
+    mt_dataset *ds;
+    ck_assert_int_eq(mt_dataset_open(&ds, o.output, 0), MT_OK);
+    mt_loader *l;
+    mt_loader_config lc = {.B = 1, .T = 16, .seed = 1, .rank = 0, .world = 1};
+    ck_assert_int_eq(mt_loader_init(&l, ds, &lc, MT_SPLIT_TRAIN), MT_ERR_DATASET);
+    ck_assert_ptr_nonnull(strstr(mt_last_error(), "train.seq_len: 8"));
+    lc.T = 8;
+    ck_assert_int_eq(mt_loader_init(&l, ds, &lc, MT_SPLIT_TRAIN), MT_OK);
+    ck_assert_uint_eq(mt_loader_batches_per_epoch(l), 4);
+    mt_loader_free(l);
+    mt_dataset_free(ds);
+    o.long_mode = MT_LONG_TRUNCATE;
+    ck_assert_int_eq(convert(&o, "jsonl", data, &st), MT_OK);
+    ck_assert_uint_eq(st.truncated, 1);
+    ck_assert_uint_eq(st.tokens, 3 * 8 + 1);
+    o.long_mode = MT_LONG_DROP;
+    ck_assert_int_eq(convert(&o, "jsonl", data, &st), MT_OK);
+    ck_assert_uint_eq(st.dropped_long, 1);
+    ck_assert_uint_eq(st.kept, 2);
+    ck_assert_uint_eq(st.tokens, 2 * 8 + 1);
+}
+END_TEST
+
+// The output does not depend on the thread count, across batches.
+START_TEST(converter_threads_agree) {
+    size_t cap = 1 << 22, k = 0;
+    char *data = malloc(cap);
+    for (int i = 0; i < 20000; i++)
+        k += (size_t)snprintf(data + k, cap - k, "{\"prompt\": \"q%d\", \"completion\": \"%*d\"}\n", i, i % 13 + 1, i);
+    mt_convert_options o;
+    mt_convert_defaults(&o);
+    o.format = MT_FORMAT_PROMPT_COMPLETION;
+    o.pack = MT_PACK_PAD, o.seq_len = 16;
+    mt_convert_stats st1, st4;
+    uint32_t *t1, *t4;
+    uint8_t *m1, *m4;
+    int window;
+    o.threads = 1;
+    ck_assert_int_eq(convert(&o, "jsonl", data, &st1), MT_OK);
+    uint64_t n1 = read_back(&t1, &m1, &window);
+    o.threads = 4;
+    ck_assert_int_eq(convert(&o, "jsonl", data, &st4), MT_OK);
+    uint64_t n4 = read_back(&t4, &m4, &window);
+    ck_assert_uint_eq(st1.examples, 20000);
+    ck_assert_uint_eq(n1, n4);
+    ck_assert_int_eq(memcmp(t1, t4, n1 * sizeof *t1), 0);
+    ck_assert_int_eq(memcmp(m1, m4, n1), 0);
+    ck_assert_uint_eq(st1.trained, st4.trained);
+    free(t1), free(t4), free(m1), free(m4), free(data);
 }
 END_TEST
 
@@ -208,6 +397,9 @@ int main(void) {
     tcase_add_test(tc, loader_shuffle_cursor_shards_and_eval);
     tcase_add_test(tc, schema_errors_are_specific);
     tcase_add_test(tc, converter_text_and_jsonl);
+    tcase_add_test(tc, converter_masks_answers);
+    tcase_add_test(tc, converter_pads_windows);
+    tcase_add_test(tc, converter_threads_agree);
     suite_add_tcase(s, tc);
     return tu_run_suite(s, 0);
 }

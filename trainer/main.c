@@ -5,7 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "datasets/tokenizer.h"
+#include "datasets/convert.h"
 #include "kernels/common.h"
 #include "trainer/config.h"
 #include "trainer/merge.h"
@@ -16,7 +16,9 @@ static void usage(FILE *f) {
             "memtune: fine-tune LLaMA-family models in little GPU memory\n\n"
             "usage:\n"
             "  memtune train CONFIG.yaml [--set section.key=value ...]\n"
-            "  memtune tokenize --input FILE [--format text|jsonl] [--text-field text] --output DATA.h5\n"
+            "  memtune tokenize --input FILE --output DATA.h5 [--tokenizer MODEL_DIR] [--format F] ...\n"
+            "                                 text, JSONL, prompt/completion, Alpaca or chat data to tokens\n"
+            "                                 (memtune tokenize --help)\n"
             "  memtune merge --model DIR --adapter DIR -o OUT_DIR\n"
             "                                 write the model with a LoRA adapter (PEFT layout) merged in\n"
             "  memtune config-docs            print docs/configs.md (every config key)\n"
@@ -69,35 +71,120 @@ static int cmd_train(int argc, char **argv) {
     return err ? fail(err) : 0;
 }
 
+static const char TOKENIZE_HELP[] =
+    "usage: memtune tokenize --input FILE --output DATA.h5 [options]\n\n"
+    "  --format F           text (documents separated by blank lines; the default), jsonl ({\"text\": ...}),\n"
+    "                       prompt-completion ({\"prompt\", \"completion\"}), alpaca ({\"instruction\", \"input\",\n"
+    "                       \"output\"}), chat ({\"messages\": [{\"role\", \"content\"}]} or ShareGPT's\n"
+    "                       {\"conversations\": [{\"from\", \"value\"}]})\n"
+    "  --tokenizer DIR      the model folder (tokenizer.json, tokenizer_config.json); without it memtune's\n"
+    "                       byte tokenizer (for models trained from scratch with it)\n"
+    "  --text-field NAME    jsonl's text field (text)\n"
+    "  --chat-template T    auto (recognise the model's own; the default), llama3, llama2, mistral,\n"
+    "                       mistral-v0.1, chatml, qwen2\n"
+    "  --train-on-inputs    train prompts too (default: prompt-completion, alpaca and chat train the\n"
+    "                       answers and the end-of-turn token that closes each)\n"
+    "  --pack P             concat (examples one after another; training windows cross them) or pad\n"
+    "                       (each example alone in a window of --seq-len tokens, padding masked). Default:\n"
+    "                       concat for text and jsonl, pad for the others\n"
+    "  --seq-len N          pad's window: the train.seq_len you will train with\n"
+    "  --long L             pad: examples longer than a window: split (the default), truncate or drop\n"
+    "  --on-bad-line B      error (the default: stop, naming the line) or skip (count and go on)\n"
+    "  --threads N          tokenizing threads (default: every core)\n"
+    "  --quiet              no progress line\n";
+
+static int parse_choice(const char *opt, const char *v, const char *const *names, int n, int *out) {
+    for (int i = 0; i < n; i++)
+        if (!strcmp(v, names[i])) return *out = i, 0;
+    char list[256] = "";
+    for (int i = 0; i < n; i++)
+        snprintf(list + strlen(list), sizeof list - strlen(list), "%s%s", i ? ", " : "", names[i]);
+    return fail(mt_errorf(MT_ERR_USAGE, "%s %s: expected one of %s", opt, v, list));
+}
+
 static int cmd_tokenize(int argc, char **argv) {
-    const char *input = NULL, *output = NULL, *field = "text";
-    mt_input_format format = MT_INPUT_TEXT;
+    static const char *const formats[] = {"text", "jsonl", "prompt-completion", "alpaca", "chat"};
+    static const char *const packs[] = {"concat", "pad"}, *const longs[] = {"split", "truncate", "drop"},
+                             *const bad[] = {"error", "skip"};
+    mt_convert_options o;
+    mt_convert_defaults(&o);
+    o.progress = 1;
+    int format = 0, pack = -1, long_mode = 0, on_bad = 0;
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-        if (!v) return fail(mt_errorf(MT_ERR_USAGE, "%s needs a value", a));
-        if (!strcmp(a, "--input"))
-            input = v;
-        else if (!strcmp(a, "--output"))
-            output = v;
-        else if (!strcmp(a, "--text-field"))
-            field = v;
-        else if (!strcmp(a, "--format")) {
-            if (!strcmp(v, "text"))
-                format = MT_INPUT_TEXT;
-            else if (!strcmp(v, "jsonl"))
-                format = MT_INPUT_JSONL;
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) return printf("%s", TOKENIZE_HELP), 0;
+        if (!strcmp(a, "--train-on-inputs") || !strcmp(a, "--quiet")) {
+            if (a[2] == 't')
+                o.train_on_inputs = 1;
             else
-                return fail(mt_errorf(MT_ERR_USAGE, "--format %s: expected text or jsonl", v));
+                o.progress = 0;
+            continue;
+        }
+        if (!v) return fail(mt_errorf(MT_ERR_USAGE, "%s needs a value (memtune tokenize --help)", a));
+        int rc = 0;
+        if (!strcmp(a, "--input"))
+            o.input = v;
+        else if (!strcmp(a, "--output"))
+            o.output = v;
+        else if (!strcmp(a, "--text-field"))
+            o.text_field = v;
+        else if (!strcmp(a, "--tokenizer"))
+            o.tokenizer = v;
+        else if (!strcmp(a, "--chat-template"))
+            o.chat_template = v;
+        else if (!strcmp(a, "--format"))
+            rc = parse_choice(a, v, formats, 5, &format);
+        else if (!strcmp(a, "--pack"))
+            rc = parse_choice(a, v, packs, 2, &pack);
+        else if (!strcmp(a, "--long"))
+            rc = parse_choice(a, v, longs, 3, &long_mode);
+        else if (!strcmp(a, "--on-bad-line"))
+            rc = parse_choice(a, v, bad, 2, &on_bad);
+        else if (!strcmp(a, "--seq-len") || !strcmp(a, "--threads")) {
+            char *end;
+            long n = strtol(v, &end, 10);
+            if (*end || n < 1 || n > (1L << 30))
+                return fail(mt_errorf(MT_ERR_USAGE, "%s %s: expected a positive whole number", a, v));
+            if (a[2] == 's')
+                o.seq_len = (int)n;
+            else
+                o.threads = (int)n;
         } else
-            return fail(mt_errorf(MT_ERR_USAGE, "unknown option %s", a));
+            return fail(mt_errorf(MT_ERR_USAGE, "unknown option %s (memtune tokenize --help)", a));
+        if (rc) return rc;
         i++;
     }
-    if (!input || !output) return fail(mt_errorf(MT_ERR_USAGE, "tokenize needs --input FILE and --output DATA.h5"));
-    mt_convert_stats stats;
-    mt_err err = mt_convert_to_dataset(input, format, field, output, &stats);
+    o.format = (mt_input_format)format;
+    if (pack < 0) {  // examples with masks are padded unless asked otherwise
+        pack = format >= MT_FORMAT_PROMPT_COMPLETION;
+        if (pack && !o.seq_len)
+            return fail(mt_errorf(MT_ERR_USAGE,
+                                  "--format %s puts each example alone in a window, padded: pass --seq-len N (your "
+                                  "train.seq_len), or --pack concat to let examples share windows (they then "
+                                  "attend to each other)",
+                                  formats[format]));
+    }
+    o.pack = (mt_pack_mode)pack, o.long_mode = (mt_long_mode)long_mode, o.skip_bad_lines = on_bad;
+    mt_convert_stats st;
+    mt_err err = mt_convert(&o, &st);
     if (err) return fail(err);
-    printf("wrote %s: %llu documents, %llu tokens (%s)\n", output, (unsigned long long)stats.docs,
-           (unsigned long long)stats.tokens, MT_BYTE_TOKENIZER_NAME);
+    printf(
+        "wrote %s: %llu examples of %llu (%s%s%s), %llu tokens: %llu trained, %llu masked, %llu padding; "
+        "%.1f s, %.2fM tokens/s\n",
+        o.output, (unsigned long long)st.kept, (unsigned long long)st.examples, st.tokenizer,
+        st.template_name[0] ? ", chat template " : "", st.template_name, (unsigned long long)st.tokens,
+        (unsigned long long)st.trained, (unsigned long long)st.masked, (unsigned long long)st.padded, st.seconds,
+        st.seconds > 0 ? st.tokens / st.seconds / 1e6 : 0.0);
+    if (st.split || st.truncated || st.dropped_long)
+        printf("  longer than --seq-len %d: %llu split, %llu truncated, %llu dropped\n", o.seq_len,
+               (unsigned long long)st.split, (unsigned long long)st.truncated, (unsigned long long)st.dropped_long);
+    if (st.dropped_empty)
+        printf("  %llu examples had nothing to train (no answer) and were left out\n",
+               (unsigned long long)st.dropped_empty);
+    if (st.bad_lines) printf("  %llu bad lines skipped (--on-bad-line skip)\n", (unsigned long long)st.bad_lines);
+    if (st.straddled)
+        printf("  %llu examples have a token across a prompt/answer boundary; it counts with the text after it\n",
+               (unsigned long long)st.straddled);
     return 0;
 }
 

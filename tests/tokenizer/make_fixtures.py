@@ -14,7 +14,9 @@ models, since their own tokenizer.json files are not in this repository:
            pre-tokenizer (prepend first, no split), byte fallback
 
 Each goes to tests/tokenizer/fixtures/NAME/tokenizer.json with a
-tokenizer_config.json (bos/eos, chat template where the family has one).
+tokenizer_config.json (bos/eos, and with --chat the released chat template of
+the family). `--chat` also writes what transformers' apply_chat_template gives
+for tests/tokenizer/chat.jsonl (chat-CHOICE.expected: ids and answer masks).
 `--corpus FILE --mb N` also writes N MB of mixed text (KJV, source code,
 numbers, CJK, emoji, combining marks, whitespace runs, invalid UTF-8) for
 compare.py. `--expect` writes, per fixture, the ids HF gives for
@@ -148,11 +150,111 @@ def train(name, out_dir, text):
 
 NAMES = ["llama3", "qwen2", "gpt2", "llama2", "mistral"]
 
+# The chat templates of released models' tokenizer_config.json files (Jinja
+# source, as data: memtune renders them in C and must give the same ids):
+# Meta-Llama-3-8B-Instruct, Qwen2-7B-Instruct, Llama-2-7b-chat-hf,
+# Mixtral-8x7B-Instruct-v0.1 (as Mistral-7B-Instruct-v0.2), Mistral-7B-Instruct-v0.1,
+# and plain ChatML (OpenHermes-2.5).
+LLAMA3_TEMPLATE = ("{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+                   "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + "
+                   "'<|eot_id|>' %}{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+                   "{{ content }}{% endfor %}{% if add_generation_prompt %}"
+                   "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+QWEN2_TEMPLATE = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                  "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+                  "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+                  "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CHATML_TEMPLATE = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+                   "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+                   "{% endif %}")
+LLAMA2_TEMPLATE = ("{% if messages[0]['role'] == 'system' %}{% set loop_messages = messages[1:] %}"
+                   "{% set system_message = messages[0]['content'] %}{% else %}{% set loop_messages = messages %}"
+                   "{% set system_message = false %}{% endif %}{% for message in loop_messages %}"
+                   "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                   "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+                   "{% endif %}{% if loop.index0 == 0 and system_message != false %}"
+                   "{% set content = '<<SYS>>\\n' + system_message + '\\n<</SYS>>\\n\\n' + message['content'] %}"
+                   "{% else %}{% set content = message['content'] %}{% endif %}{% if message['role'] == 'user' %}"
+                   "{{ bos_token + '[INST] ' + content.strip() + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+                   "{{ ' '  + content.strip() + ' ' + eos_token }}{% endif %}{% endfor %}")
+MISTRAL_TEMPLATE = ("{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != "
+                    "(loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate "
+                    "user/assistant/user/assistant/...') }}{% endif %}{% if message['role'] == 'user' %}"
+                    "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+                    "{{ message['content'] + eos_token}}{% else %}{{ raise_exception('Only user and assistant roles "
+                    "are supported!') }}{% endif %}{% endfor %}")
+MISTRAL_V01_TEMPLATE = MISTRAL_TEMPLATE.replace("eos_token}}", "eos_token + ' ' }}")
+FIXTURE_TEMPLATES = {"llama3": LLAMA3_TEMPLATE, "qwen2": QWEN2_TEMPLATE, "llama2": LLAMA2_TEMPLATE,
+                     "mistral": MISTRAL_TEMPLATE}
+# (fixture, memtune's --chat-template, the template transformers renders)
+CHAT_CASES = [("llama3", "auto", LLAMA3_TEMPLATE), ("qwen2", "auto", QWEN2_TEMPLATE),
+              ("qwen2", "chatml", CHATML_TEMPLATE), ("llama2", "auto", LLAMA2_TEMPLATE),
+              ("mistral", "auto", MISTRAL_TEMPLATE), ("mistral", "mistral-v0.1", MISTRAL_V01_TEMPLATE)]
+END_OF_TURN = {"llama3": "<|eot_id|>", "qwen2": "<|im_end|>"}
+
+
+def chat_expect(fixtures):
+    """Per CHAT_CASES entry, fixtures/NAME/chat-CHOICE.expected: for each
+    conversation of chat.jsonl, transformers' apply_chat_template ids and the
+    answer mask (a token is trained when it starts inside an answer: from
+    after the assistant header to the end-of-turn token that closes it,
+    included), or "refused" where the template raises."""
+    from transformers import AutoTokenizer
+    with open(os.path.join(HERE, "chat.jsonl"), encoding="utf-8") as f:
+        convs = []
+        for line in f:
+            obj = json.loads(line)
+            if "messages" in obj:
+                convs.append(obj["messages"])
+            else:
+                role = {"human": "user", "gpt": "assistant", "system": "system"}
+                convs.append([{"role": role[m["from"]], "content": m["value"]} for m in obj["conversations"]])
+    for name, choice, template in CHAT_CASES:
+        tok = AutoTokenizer.from_pretrained(os.path.join(fixtures, name))
+        eot = END_OF_TURN.get(name, tok.eos_token)
+        gen_header = name in ("llama3", "qwen2")
+        lines = []
+        for conv in convs:
+            def render(msgs, gen=False):
+                return tok.apply_chat_template(msgs, chat_template=template, tokenize=False,
+                                               add_generation_prompt=gen)
+            try:
+                text = render(conv)
+            except Exception:  # jinja2's TemplateError from raise_exception
+                lines.append("refused")
+                continue
+            enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+            ids = tok.apply_chat_template(conv, chat_template=template, tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+            assert list(ids) == enc["input_ids"], (name, conv)
+            spans = []
+            for k, m in enumerate(conv):
+                if m["role"] != "assistant":
+                    continue
+                if k:
+                    start = len(render(conv[:k], gen=gen_header))
+                else:  # an assistant first: after its header
+                    header = {"llama3": "<|start_header_id|>assistant<|end_header_id|>\n\n",
+                              "qwen2": "<|im_start|>assistant\n"}[name]
+                    start = text.index(header) + len(header)
+                end = render(conv[:k + 1]).index(eot, start) + len(eot)
+                spans.append((start, end))
+            mask = "".join("1" if any(a <= o[0] < b for a, b in spans) else "0" for o in enc["offset_mapping"])
+            lines.append(" ".join(map(str, ids)) + "\t" + mask)
+        path = os.path.join(fixtures, name, f"chat-{choice}.expected")
+        with open(path, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        print(f"{path}: {len(lines)} conversations, {lines.count('refused')} refused")
+
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--fixtures", action="store_true", help="train the fixture tokenizers")
     ap.add_argument("--expect", action="store_true", help="write expected ids of sample.txt per fixture")
+    ap.add_argument("--chat", action="store_true",
+                    help="write the chat templates into the fixtures' tokenizer_config.json and the expected "
+                         "renders of chat.jsonl (needs transformers)")
     ap.add_argument("--corpus", help="write this many --mb of mixed text here")
     ap.add_argument("--mb", type=float, default=10)
     args = ap.parse_args()
@@ -173,6 +275,15 @@ def main():
             with open(os.path.join(fixtures, name, "expected.decoded"), "w", encoding="utf-8") as f:
                 f.write(tok.decode(ids, skip_special_tokens=False))
             print(f"{name}: {len(ids)} ids")
+    if args.chat:
+        for name, template in FIXTURE_TEMPLATES.items():
+            path = os.path.join(fixtures, name, "tokenizer_config.json")
+            with open(path) as f:
+                cfg = json.load(f)
+            cfg["chat_template"] = template
+            with open(path, "w") as f:
+                json.dump(cfg, f, indent=1)
+        chat_expect(fixtures)
     if args.corpus:
         data = mixed_text(int(args.mb * 1e6), seed=11).encode("utf-8")
         # invalid UTF-8 here and there: lone continuation bytes, truncated
