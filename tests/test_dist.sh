@@ -112,6 +112,16 @@ pair() {
 
 if [ "$PART" != checks ]; then
     pair adamw "--set train.grad_accum=2" ""
+    # prompt/completion rows with very unequal trained counts: the loss is the
+    # mean over the step's trained tokens across micro-batches and ranks
+    if wanted masked; then
+        awk 'BEGIN { for (i = 1; i <= 600; i++) { a = ""; for (k = 0; k < (i * 7) % 29; k++) a = a substr("ab", k % 2 + 1, 1);
+                     printf "{\"prompt\": \"Question %d, asked at length:\", \"completion\": \" %s.\"}\n", i, a } }' \
+            > "$W/masked.jsonl"
+        "$MEMTUNE" tokenize --input "$W/masked.jsonl" --output "$W/masked.h5" --format prompt-completion \
+            --seq-len 32 --quiet > /dev/null || fail "tokenize the prompt/completion rows"
+        pair masked "--set train.grad_accum=2 --set data.train=$W/masked.h5" "--set data.train=$W/masked.h5"
+    fi
     pair zero1 "--set train.grad_accum=2" "--set dist.zero_stage=1"
     pair zero2 "--set train.grad_accum=4" "--set dist.zero_stage=2 --set train.grad_accum=2"
     pair lora "--set train.grad_accum=2 --set lora.r=4 --set lora.dropout=0" "--set lora.r=4 --set lora.dropout=0"

@@ -422,6 +422,77 @@ START_TEST(training_reduces_loss_and_saves) {
 }
 END_TEST
 
+// The loss (and so the gradient) is the mean over the step's trained tokens,
+// whatever micro-batches they come in: with very unequal masks per row, one
+// micro-batch of 2 rows and 2 micro-batches of 1 row give the same losses (a
+// mean per micro-batch would not).
+START_TEST(loss_is_the_mean_over_the_steps_trained_tokens) {
+    char data[300], folder[300], one[300], two[300];
+    snprintf(data, sizeof data, "%s/masked.h5", dir);
+    const uint64_t T = 16, windows = 240, n = T * windows + 1;
+    uint32_t *tok = malloc(n * 4);
+    uint8_t *mask = malloc(n);
+    for (uint64_t i = 0; i < n; i++) {
+        tok[i] = (uint32_t)(mt_rng_bits(23, i) % 13);
+        uint64_t w = i / T, t = i % T;
+        mask[i] = w % 3 == 0 || t >= T - 2;  // a third of the windows fully trained, the rest 2 tokens
+    }
+    uint64_t offsets[2] = {0, n};
+    ck_assert_int_eq(mt_dataset_write(data, tok, n, offsets, 1, mask, 13, "test"), MT_OK);
+    free(tok), free(mask);
+    make_folder("masked-model", tu_tiny_llama_json, folder, sizeof folder);
+    snprintf(one, sizeof one, "%s/masked-one", dir);
+    snprintf(two, sizeof two, "%s/masked-two", dir);
+    const int steps = 8;
+    double a[8], b[8];
+    for (int run = 0; run < 2; run++) {
+        mt_config cfg;
+        mt_config_defaults(&cfg);
+        ck_assert_int_eq(mt_config_set(&cfg, "model.path", folder, "t"), MT_OK);
+        ck_assert_int_eq(mt_config_set(&cfg, "model.init", "random", "t"), MT_OK);
+        ck_assert_int_eq(mt_config_set(&cfg, "data.train", data, "t"), MT_OK);
+        ck_assert_int_eq(mt_config_set(&cfg, "data.eval_fraction", "0", "t"), MT_OK);
+        ck_assert_int_eq(mt_config_set(&cfg, "output.dir", run ? two : one, "t"), MT_OK);
+        ck_assert_int_eq(mt_config_set(&cfg, "train.steps", "8", "t"), MT_OK);
+        ck_assert_int_eq(mt_config_set(&cfg, "train.seq_len", "16", "t"), MT_OK);
+        ck_assert_int_eq(mt_config_set(&cfg, "train.micro_batch", run ? "1" : "2", "t"), MT_OK);
+        ck_assert_int_eq(mt_config_set(&cfg, "train.grad_accum", run ? "2" : "1", "t"), MT_OK);
+        ck_assert_int_eq(mt_config_set(&cfg, "train.log_every", "1", "t"), MT_OK);
+        ck_assert_int_eq(mt_config_set(&cfg, "train.eval_every", "0", "t"), MT_OK);
+        ck_assert_int_eq(mt_config_set(&cfg, "optim.lr", "1e-2", "t"), MT_OK);
+        ck_assert_int_eq(mt_config_set(&cfg, "train.device", "cpu", "t"), MT_OK);
+        mt_train_result r;
+        ck_assert_int_eq(mt_train(&cfg, &r), MT_OK);
+        ck_assert_int_eq(tu_read_losses(run ? two : one, run ? b : a, steps), steps);
+        // the steps' rows: some steps pair a fully trained row with a 2-token one
+        if (run == 1) {
+            mt_dataset *ds;
+            ck_assert_int_eq(mt_dataset_open(&ds, data, 13), MT_OK);
+            mt_loader *l;
+            mt_loader_config lc = {1, (int)T, (uint64_t)cfg.train_seed, 0, 1, 0.0};
+            ck_assert_int_eq(mt_loader_init(&l, ds, &lc, MT_SPLIT_TRAIN), MT_OK);
+            int32_t in[16], tg[16];
+            int unequal = 0;
+            for (int s = 0; s < steps; s++) {
+                int v0, v1;
+                ck_assert_int_eq(mt_loader_next(l, in, tg, &v0), MT_OK);
+                ck_assert_int_eq(mt_loader_next(l, in, tg, &v1), MT_OK);
+                unequal += v0 != v1;
+            }
+            ck_assert_int_ge(unequal, 2);
+            mt_loader_free(l);
+            mt_dataset_free(ds);
+        }
+        mt_config_free(&cfg);
+    }
+    for (int s = 0; s < steps; s++)
+        ck_assert_msg(fabs(a[s] - b[s]) <= 1e-6 * fabs(a[s]),
+                      "step %d: loss %.9g (1 micro-batch of 2 rows) vs %.9g "
+                      "(2 of 1)",
+                      s + 1, a[s], b[s]);
+}
+END_TEST
+
 // ------------------------------------------------------------- checkpoints
 
 // The "loss" of every record of a metrics.jsonl, by step (losses[step - 1]).
@@ -715,6 +786,7 @@ int main(void) {
     tcase_add_test(tc, model_gradients_match_finite_differences);
     tcase_add_test(tc, save_and_load_round_trip);
     tcase_add_test(tc, training_reduces_loss_and_saves);
+    tcase_add_test(tc, loss_is_the_mean_over_the_steps_trained_tokens);
     tcase_add_test(tc, resume_is_bit_identical);
     tcase_add_test(tc, lora_resume_is_bit_identical);
     tcase_add_test(tc, lora_starts_from_an_adapter_folder);
