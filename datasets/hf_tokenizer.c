@@ -281,7 +281,9 @@ static const char *const kGpt2Split =
 static pcre2_code *compile_regex(const char *pattern, int literal, const char *where, mt_err *err) {
     int code;
     PCRE2_SIZE at;
-    uint32_t options = PCRE2_UTF | PCRE2_UCP | PCRE2_NO_UTF_CHECK | (literal ? PCRE2_LITERAL : 0);
+    // the pattern is checked as UTF-8 (a file may hold anything); the text
+    // it runs on is sanitised first, so matching skips the check
+    uint32_t options = PCRE2_UTF | PCRE2_UCP | (literal ? PCRE2_LITERAL : 0);
     pcre2_code *re = pcre2_compile((PCRE2_SPTR)pattern, PCRE2_ZERO_TERMINATED, options, &code, &at, NULL);
     if (!re) {
         PCRE2_UCHAR msg[256];
@@ -480,6 +482,9 @@ static mt_err load_decoder(mt_tokenizer *t, const cJSON *d, const char *path) {
     return MT_OK;
 }
 
+// Token ids stay below this (the largest vocabularies have a few hundred thousand).
+enum { MAX_ID = 1 << 24 };
+
 static void set_token(mt_tokenizer *t, int id, const char *s) {
     if (id >= t->n_ids) {
         int n = id + 1;
@@ -512,8 +517,10 @@ static mt_err load_model(mt_tokenizer *t, const cJSON *m, const char *path) {
     strmap_init(&t->vocab, (size_t)cJSON_GetArraySize(vocab));
     const cJSON *item;
     cJSON_ArrayForEach(item, vocab) {
-        if (!cJSON_IsNumber(item) || item->valuedouble < 0 || item->valuedouble > 1e8)
-            return mt_errorf(MT_ERR_FORMAT, "%s: model.vocab[\"%s\"] is not an id", path, item->string);
+        if (!cJSON_IsNumber(item) || item->valuedouble < 0 || item->valuedouble >= MAX_ID ||
+            item->valuedouble != (double)item->valueint)
+            return mt_errorf(MT_ERR_FORMAT, "%s: model.vocab[\"%s\"] is not an id (a whole number below %d)", path,
+                             item->string, MAX_ID);
         strmap_put(&t->vocab, item->string, strlen(item->string), item->valueint);
         set_token(t, item->valueint, item->string);
     }
@@ -560,8 +567,10 @@ static mt_err load_added(mt_tokenizer *t, const cJSON *list, const char *path) {
     cJSON_ArrayForEach(item, list) {
         const cJSON *id = cJSON_GetObjectItemCaseSensitive(item, "id");
         const char *content = json_str(item, "content");
-        if (!cJSON_IsNumber(id) || id->valuedouble < 0 || !content || !content[0])
-            return mt_errorf(MT_ERR_FORMAT, "%s: an added token has no id or content", path);
+        if (!cJSON_IsNumber(id) || id->valuedouble < 0 || id->valuedouble >= MAX_ID ||
+            id->valuedouble != (double)id->valueint || !content || !content[0])
+            return mt_errorf(MT_ERR_FORMAT, "%s: an added token has no id (a whole number below %d) or no content",
+                             path, MAX_ID);
         added_token a = {(uint32_t)id->valueint,
                          dup_string(content),
                          strlen(content),
@@ -642,6 +651,16 @@ mt_err mt_tokenizer_load(mt_tokenizer **out, const char *path) {
                          "%s: cannot read it; memtune reads the fast tokenizer's tokenizer.json (a folder with only "
                          "tokenizer.model: save it once with transformers' AutoTokenizer.save_pretrained)",
                          file);
+    // JSON is UTF-8; a token or pattern with other bytes would match inside characters
+    size_t clean_len;
+    char *clean = mt_utf8_sanitize(text, len, &clean_len);
+    int valid = clean_len == len && !memcmp(clean, text, len);
+    free(clean);
+    if (!valid) {
+        free(text);
+        return mt_errorf(MT_ERR_FORMAT, "%s: not valid UTF-8 (JSON files are UTF-8; was it saved in another encoding?)",
+                         file);
+    }
     cJSON *root = cJSON_ParseWithLength(text, len);
     free(text);
     if (!root) return mt_errorf(MT_ERR_FORMAT, "%s: not valid JSON", file);
@@ -863,7 +882,10 @@ static void pre_step_apply(const mt_tokenizer *t, const pre_step *s, pcre2_match
         if (s->add_prefix_space && !(w.len && arena->s[w.at] == ' ')) {
             size_t at = arena->n;
             buf_add(arena, " ", 1);
-            for (size_t k = 0; k < w.len; k++) buf_add(arena, arena->s + w.at + k, 1);
+            for (size_t k = 0; k < w.len; k++) {
+                char c = arena->s[w.at + k];  // (buf_add may move the arena)
+                buf_add(arena, &c, 1);
+            }
             w.at = at, w.len += 1;
         }
         pieces words = {0};

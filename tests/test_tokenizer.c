@@ -189,6 +189,8 @@ START_TEST(what_memtune_does_not_implement_is_refused) {
     expect_refused(dir, MT_ERR_FORMAT, "decoder WordPiece");
     variant(dir, "\"merges\": [", "\"merges\": [\"Ġ zzzz-not-a-token\", ");
     expect_refused(dir, MT_ERR_FORMAT, "not in the vocabulary");
+    variant(dir, "\"<|eot_id|>\"", "\"\xbd<|eot_id|>\"");
+    expect_refused(dir, MT_ERR_FORMAT, "not valid UTF-8");
     variant(dir, "\"version\": \"1.0\"", "\"version\" : ] broken");
     expect_refused(dir, MT_ERR_FORMAT, "not valid JSON");
 }

@@ -8,12 +8,12 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 SECONDS_PER_TARGET=${1:-60}
 shift || true
-TARGETS=${*:-"safetensors config_json yaml dataset"}
+TARGETS=${*:-"safetensors config_json yaml dataset tokenizer_json jsonl"}
 FUZZ_OUT=${FUZZ_OUT:-/tmp/memtune-fuzz}
 mkdir -p "$FUZZ_OUT"
-SOURCES=$(ls kernels/*.c datasets/*.c optim/*.c trainer/*.c | grep -v -E 'trainer/main.c|kernels/device_none.c')
-CFLAGS="-g -O1 -std=c11 -D_DEFAULT_SOURCE -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -I. -Itests/fuzz -I/usr/include/hdf5/serial"
-LIBS="-L/usr/lib/x86_64-linux-gnu/hdf5/serial -lhdf5 -lcjson -lyaml -lm"
+SOURCES=$(ls kernels/*.c datasets/*.c optim/*.c offload/*.c trainer/*.c | grep -v -E 'trainer/main.c|kernels/device_none.c')
+CFLAGS="-g -O1 -std=c11 -D_DEFAULT_SOURCE -fopenmp -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -I. -Itests/fuzz -I/usr/include/hdf5/serial $(mpicc --showme:compile)"
+LIBS="$(mpicc --showme:link) -L/usr/lib/x86_64-linux-gnu/hdf5/serial -lhdf5 -lcjson -lyaml -lpcre2-8 -lutf8proc -lpthread -lm"
 status=0
 for t in $TARGETS; do
     bin="$FUZZ_OUT/fuzz_$t"
@@ -22,7 +22,9 @@ for t in $TARGETS; do
         { echo "fuzz: building $t failed"; exit 2; }
     mkdir -p "$FUZZ_OUT/corpus_$t"
     log="$FUZZ_OUT/$t.log"
-    "$bin" -max_total_time="$SECONDS_PER_TARGET" -max_len=4096 -rss_limit_mb=2048 -timeout=10 \
+    max_len=4096
+    [ "$t" = tokenizer_json ] && max_len=16384  # a tokenizer.json needs its vocabulary and merges
+    "$bin" -max_total_time="$SECONDS_PER_TARGET" -max_len=$max_len -rss_limit_mb=2048 -timeout=10 \
         -artifact_prefix="$FUZZ_OUT/crash_${t}_" "$FUZZ_OUT/corpus_$t" "tests/fuzz/corpus/$t" > "$log" 2>&1
     rc=$?
     execs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$')
