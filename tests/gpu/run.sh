@@ -5,7 +5,7 @@
 # NF4), the quickstart and its LoRA variant on the GPU, and with --bench the
 # benchmarks of bench/. Logs and results go under $OUT.
 #
-# Stages: ctest quickstart resume dist-test parity peft (default), plus bench
+# Stages: ctest quickstart resume dist-test parity chat peft (default), plus bench
 # (attention and full fine-tune), lora-bench, mezo-bench, galore-bench and
 # offload-bench with --bench; attention-bench alone; or name them: run.sh --stages
 # "ctest mezo-bench". MT_CTEST_FILTER narrows ctest; MT_LORA_SHAPES picks
@@ -65,7 +65,7 @@ if ! python3 -c "import peft" 2> /dev/null && [ -d .whl/peft ]; then
     export PYTHONPATH=$ROOT/.whl/peft${PYTHONPATH:+:$PYTHONPATH}
 fi
 
-STAGES="ctest quickstart resume dist-test parity peft"
+STAGES="ctest quickstart resume dist-test parity chat peft"
 case "${1:-}" in
     --bench) STAGES="$STAGES bench lora-bench mezo-bench galore-bench offload-bench" ;;
     --stages) STAGES=$2 ;;
@@ -183,6 +183,12 @@ fi
 if want parity; then
     echo "== parity with transformers"
     python3 tests/gpu/hf_parity.py --out "$OUT" 2>&1 | tee "$OUT/parity.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+
+if want chat; then
+    echo "== a chat JSONL through memtune tokenize and LoRA training, answer-only loss, against transformers"
+    python3 tests/gpu/chat_e2e.py --out "$OUT" 2>&1 | tee "$OUT/chat_e2e.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 
