@@ -63,12 +63,20 @@ std::shared_ptr<fe::graph::Graph> new_graph() {
     return g;
 }
 
+// q, k and v as both graphs read them.
+std::tuple<std::shared_ptr<fe::graph::Tensor_attributes>, std::shared_ptr<fe::graph::Tensor_attributes>,
+           std::shared_ptr<fe::graph::Tensor_attributes>>
+qkv_tensors(fe::graph::Graph &g, const mt_attention_shape *s) {
+    int B = s->B, T = s->T, H = s->H, KV = s->KV, D = s->D;
+    return {tensor(g, "q", kQ, {B, H, T, D}, bhsd_strides(H, T, D)),
+            tensor(g, "k", kK, {B, KV, T, D}, bhsd_strides(KV, T, D)),
+            tensor(g, "v", kV, {B, KV, T, D}, bhsd_strides(KV, T, D))};
+}
+
 std::shared_ptr<fe::graph::Graph> forward_graph(const mt_attention_shape *s) {
     auto g = new_graph();
-    int B = s->B, T = s->T, H = s->H, KV = s->KV, D = s->D;
-    auto q = tensor(*g, "q", kQ, {B, H, T, D}, bhsd_strides(H, T, D));
-    auto k = tensor(*g, "k", kK, {B, KV, T, D}, bhsd_strides(KV, T, D));
-    auto v = tensor(*g, "v", kV, {B, KV, T, D}, bhsd_strides(KV, T, D));
+    int B = s->B, T = s->T, H = s->H, D = s->D;
+    auto [q, k, v] = qkv_tensors(*g, s);
     auto options = fe::graph::SDPA_attributes()
                        .set_name("attention")
                        .set_generate_stats(true)
@@ -84,9 +92,7 @@ std::shared_ptr<fe::graph::Graph> forward_graph(const mt_attention_shape *s) {
 std::shared_ptr<fe::graph::Graph> backward_graph(const mt_attention_shape *s) {
     auto g = new_graph();
     int B = s->B, T = s->T, H = s->H, KV = s->KV, D = s->D;
-    auto q = tensor(*g, "q", kQ, {B, H, T, D}, bhsd_strides(H, T, D));
-    auto k = tensor(*g, "k", kK, {B, KV, T, D}, bhsd_strides(KV, T, D));
-    auto v = tensor(*g, "v", kV, {B, KV, T, D}, bhsd_strides(KV, T, D));
+    auto [q, k, v] = qkv_tensors(*g, s);
     auto o = tensor(*g, "o", kO, {B, H, T, D}, bshd_strides(H, T, D));
     auto dout = tensor(*g, "dout", kDO, {B, H, T, D}, bshd_strides(H, T, D));
     auto stats = tensor(*g, "stats", kStats, {B, H, T, 1}, {(int64_t)H * T, T, 1, 1});

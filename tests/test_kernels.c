@@ -131,15 +131,21 @@ static void att_row_by_hand(const att_ctx *c, int b, int t, int h, int j0, doubl
     }
 }
 
+// Random q, k, v and upstream gradient r (seeds seed..seed+3), room for y and lse.
+static void att_init(att_ctx *c, uint64_t seed, size_t *nq, size_t *nk) {
+    *nq = (size_t)c->B * c->H * c->T * c->D, *nk = (size_t)c->B * c->KV * c->T * c->D;
+    c->q = tu_random(*nq, -1, 1, seed);
+    c->k = tu_random(*nk, -1, 1, seed + 1);
+    c->v = tu_random(*nk, -1, 1, seed + 2);
+    c->r = tu_random(*nq, -1, 1, seed + 3);
+    c->y = malloc(*nq * 4);
+    c->lse = malloc((size_t)c->B * c->H * c->T * 4);
+}
+
 START_TEST(attention_forward_and_backward) {
     att_ctx c = {.B = 2, .T = 7, .H = 4, .KV = 2, .D = 8};
-    size_t nq = (size_t)c.B * c.H * c.T * c.D, nk = (size_t)c.B * c.KV * c.T * c.D;
-    c.q = tu_random(nq, -1, 1, 6);
-    c.k = tu_random(nk, -1, 1, 7);
-    c.v = tu_random(nk, -1, 1, 8);
-    c.r = tu_random(nq, -1, 1, 9);
-    c.y = malloc(nq * 4);
-    c.lse = malloc((size_t)c.B * c.H * c.T * 4);
+    size_t nq, nk;
+    att_init(&c, 6, &nq, &nk);
     att_loss(&c);
     // t = 0 attends only to itself: output equals v[0] of its kv head
     for (int h = 0; h < c.H; h++)
@@ -171,13 +177,8 @@ END_TEST
 // more is no window; the backward matches finite differences.
 START_TEST(attention_sliding_window) {
     att_ctx c = {.B = 2, .T = 13, .H = 4, .KV = 2, .D = 8, .window = 4};
-    size_t nq = (size_t)c.B * c.H * c.T * c.D, nk = (size_t)c.B * c.KV * c.T * c.D;
-    c.q = tu_random(nq, -1, 1, 60);
-    c.k = tu_random(nk, -1, 1, 61);
-    c.v = tu_random(nk, -1, 1, 62);
-    c.r = tu_random(nq, -1, 1, 63);
-    c.y = malloc(nq * 4);
-    c.lse = malloc((size_t)c.B * c.H * c.T * 4);
+    size_t nq, nk;
+    att_init(&c, 60, &nq, &nk);
     att_loss(&c);
     int rows[][3] = {{0, 0, 0}, {1, 2, 3}, {0, 3, 1}, {1, 4, 2}, {1, 12, 3}, {0, 9, 0}};
     for (int i = 0; i < 6; i++) {
