@@ -14,8 +14,9 @@ int LLVMFuzzerTestOneInput(const unsigned char *data, size_t size) {
     fuzz_write(path, data, size);
     mt_tokenizer *t = NULL;
     if (mt_tokenizer_load(&t, path) != MT_OK) return 0;
-    static const char sample[] = "Hello  world!\n\n\tcafe\xcc\x81 \xe4\xb8\xad\xe6\x96\x87 \xf0\x9f\x99\x82 12345 "
-                                 "\xff\xc3 <s></s><|endoftext|> don't";
+    static const char sample[] =
+        "Hello  world!\n\n\tcafe\xcc\x81 \xe4\xb8\xad\xe6\x96\x87 \xf0\x9f\x99\x82 12345 "
+        "\xff\xc3 <s></s><|endoftext|> don't";
     mt_ids ids = {0};
     mt_tokenizer_encode(t, sample, sizeof sample - 1, &ids);
     size_t len;
