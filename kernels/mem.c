@@ -136,3 +136,9 @@ void mt_free(void **p) {
 }
 
 void mt_mem_get_tally(mt_mem_place place, mt_mem_tally *out) { *out = tallies[place]; }
+
+size_t mt_mem_peak_total(mt_mem_place place) {
+    mt_mem_tally t;
+    mt_mem_get_tally(place, &t);
+    return t.peak_total;
+}

@@ -57,6 +57,8 @@ typedef struct {
 } mt_mem_tally;
 
 void mt_mem_get_tally(mt_mem_place place, mt_mem_tally *out);
+// The peak of all categories together at `place`.
+size_t mt_mem_peak_total(mt_mem_place place);
 // One line per category with current and peak, for logs and errors.
 void mt_mem_format(mt_mem_place place, char *buf, size_t len);
 

@@ -226,3 +226,16 @@ void mt_lora_merge(const mt_model_config *cfg, const mt_lora_config *lora, float
     free(base);
     free(adapter);
 }
+
+void mt_lora_report(const mt_lora_config *lora, const mt_param_info *trained, int n, size_t base_count,
+                    size_t base_bytes, int nf4, int gpu, const char *init) {
+    char targets[128];
+    mt_lora_format_targets(lora->targets, targets, sizeof targets);
+    size_t adapter_count = 0;
+    for (int i = 0; i < n; i++) adapter_count += trained[i].count;
+    mt_info("LoRA r=%d alpha=%g dropout=%g%s on %s: %.2fM trainable (%.3f%% of the base)%s%s", lora->r, lora->alpha,
+            lora->dropout, lora->rslora ? " rsLoRA" : "", targets, adapter_count / 1e6,
+            100.0 * adapter_count / (double)base_count, init[0] ? ", from " : "", init);
+    mt_info("base weights frozen%s: %.2f GiB on the %s, %.3f bytes per parameter", nf4 ? " in NF4" : "",
+            base_bytes / 1073741824.0, gpu ? "GPU" : "host", (double)base_bytes / (double)base_count);
+}

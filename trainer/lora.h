@@ -36,6 +36,12 @@ mt_err mt_lora_load(const char *dir, const mt_model_config *cfg, const mt_lora_c
 void mt_lora_merge(const mt_model_config *cfg, const mt_lora_config *lora, float *base_params,
                    const float *adapter_params);
 
+// Logs the start-up lines of a LoRA run: the adapters (n trained parameters
+// of the table) and the frozen base (base_count parameters in base_bytes;
+// nf4, gpu: where and how it is kept; init: lora.init or "").
+void mt_lora_report(const mt_lora_config *lora, const mt_param_info *trained, int n, size_t base_count,
+                    size_t base_bytes, int nf4, int gpu, const char *init);
+
 #ifdef __cplusplus
 }
 #endif

@@ -108,3 +108,42 @@ void mt_route_offload_weights_needed(void *ctx, int bucket) {
     mt_dist_share_shards(h->dist, h->weights, h->lo[bucket], h->hi[bucket], h->total, h->elem);
     mt_dist_wait(h->dist);
 }
+
+void mt_route_share_owned(mt_dist *d, void *weights, const size_t *bounds, size_t elem) {
+    mt_dist_after_compute(d);
+    mt_dist_share_ranges(d, weights, bounds, elem);
+    mt_dist_wait(d);
+}
+
+void mt_route_share_shards(mt_dist *d, void *weights, size_t total, size_t elem) {
+    mt_dist_after_compute(d);
+    mt_dist_share_shards(d, weights, 0, total, total, elem);
+    mt_dist_wait(d);
+}
+
+void mt_route_install(const mt_plan *pl, int L, mt_dist *dist, int world, mt_offload **ofl, mt_model_options *o,
+                      mt_dp_hook *dp, mt_zero2_hook *z, mt_galore_hook *g, mt_offload_hook *oh) {
+    *oh = (mt_offload_hook){ofl, dist, pl->trained, 0, NULL, NULL, NULL, NULL, 0, 0};
+    dp->dist = dist, dp->zero_stage = pl->zero;
+    if (pl->galore) o->grad_ready = mt_route_galore_grad_ready, o->grad_ready_ctx = g;
+    if (pl->offload_streamed && !pl->galore && !pl->zero2_streamed)
+        o->grad_ready = mt_route_offload_grad_ready, o->grad_ready_ctx = oh;
+    // (streamed gradients, GaLore's and offload's, are reduced as each is handed over)
+    if (world > 1 && !o->grad_ready) o->grads_done = mt_route_dp_grads_done, o->grads_done_ctx = dp;
+    if (pl->zero2_streamed) {
+        o->grad_ready = mt_route_zero2_grad_ready, o->grad_ready_ctx = z;
+        o->grads_done = mt_route_zero2_grads_done, o->grads_done_ctx = z;
+    }
+    if (pl->offload) o->weights_needed = mt_route_offload_weights_needed, o->weights_needed_ctx = oh;
+    // each forward unit's range of the trained block, for the gradient reduction
+    dp->units = L + 2;
+    dp->lo = calloc((size_t)dp->units, sizeof *dp->lo);
+    dp->hi = calloc((size_t)dp->units, sizeof *dp->hi);
+    MT_CHECK(dp->lo && dp->hi, "unit ranges");
+    for (int i = 0; i < pl->n_trained; i++) {
+        int unit = mt_param_forward_unit(pl->trained[i].name, L);
+        size_t a = pl->trained[i].offset, b = a + pl->trained[i].count;
+        if (dp->lo[unit] == dp->hi[unit] || a < dp->lo[unit]) dp->lo[unit] = a;
+        if (b > dp->hi[unit]) dp->hi[unit] = b;
+    }
+}

@@ -12,7 +12,9 @@
 #include "offload/offload.h"
 #include "optim/galore.h"
 #include "trainer/dist.h"
+#include "trainer/model.h"
 #include "trainer/params.h"
+#include "trainer/plan.h"
 #include "trainer/state.h"
 
 #ifdef __cplusplus
@@ -111,6 +113,20 @@ void mt_route_offload_weights_needed(void *ctx, int bucket);
 int mt_route_any_rank(void *dist, int flag);
 // ZeRO's shard norms into the whole gradient's (ctx: the mt_dist).
 double mt_route_sum_over_ranks(void *ctx, double local);
+
+// The hooks the plan asks the model to call, installed in o, with each
+// hook's state: the data-parallel reduce (and its L + 2 forward units'
+// ranges of the trained block), ZeRO-2's streamed reduce, GaLore's and
+// offload's gradient streams, offload's weights. ofl: where the offload
+// engine will be once built.
+void mt_route_install(const mt_plan *pl, int L, mt_dist *dist, int world, mt_offload **ofl, mt_model_options *o,
+                      mt_dp_hook *dp, mt_zero2_hook *z, mt_galore_hook *g, mt_offload_hook *oh);
+
+// After an update: every rank gets the weights the others updated, in place
+// on the backend (elem bytes an element): GaLore's owned runs (bounds, a
+// rank's run each), or ZeRO's shards of a block of `total`.
+void mt_route_share_owned(mt_dist *d, void *weights, const size_t *bounds, size_t elem);
+void mt_route_share_shards(mt_dist *d, void *weights, size_t total, size_t elem);
 
 #ifdef __cplusplus
 }

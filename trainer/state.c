@@ -3,9 +3,13 @@
 #define _POSIX_C_SOURCE 200809L
 #include "trainer/state.h"
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+
+#include "trainer/hf.h"
+#include "trainer/lora.h"
 
 mt_offload_plan mt_offload_plan_make(const mt_param_info *table, int n, size_t lo, size_t hi,
                                      const unsigned char *projected, int L) {
@@ -184,5 +188,47 @@ mt_err mt_run_state_save(mt_run_state *c, long steps_done) {
     free(all);
     free(copy);
     if (!err) mt_info("checkpoint: %s/checkpoints/step-%08ld (%.1fs)", c->cfg->output_dir, steps_done, mt_now() - t0);
+    return err;
+}
+
+mt_err mt_run_state_read_resume(const char *dir, const mt_config *cfg, const mt_model_config *mc,
+                                const mt_lora_config *lora, float *trained, size_t shard_lo, size_t shard_hi, float *m,
+                                float *v, mt_checkpoint_meta *meta) {
+    mt_err err = mt_checkpoint_read(dir, mc, lora, trained, shard_lo, shard_hi, m, v, meta);
+    if (err) return err;
+    if (meta->config_hash != mt_config_training_hash(cfg))
+        return mt_errorf(MT_ERR_CONFIG,
+                         "%s was written by a run with a different configuration (model, data, train or optim "
+                         "keys differ; see its run's config.yaml). Resume with the same settings, or start fresh "
+                         "with --set train.resume= (empty) and another output.dir.",
+                         dir);
+    if (meta->step >= cfg->train_steps)
+        return mt_errorf(MT_ERR_CONFIG, "%s is at step %ld, and train.steps is %ld: nothing left to train", dir,
+                         meta->step, cfg->train_steps);
+    return MT_OK;
+}
+
+mt_err mt_run_state_save_outputs(mt_run_state *s, int rank, int random_init, float **trained, float **host_params) {
+    const mt_config *cfg = s->cfg;
+    char path[1200];
+    mt_err err = MT_OK;
+    if (s->lora) {
+        err = mt_run_state_get_trained(s, *trained, NULL);
+        snprintf(path, sizeof path, "%s/adapter", cfg->output_dir);
+        if (!err && rank == 0) err = mt_lora_save(path, s->lora, cfg->model_path, s->table, s->n_trained, *trained);
+        if (!err)
+            mt_info("saved %s (PEFT layout; merge with: memtune merge --model %s --adapter %s -o MERGED)", path,
+                    cfg->model_path, path);
+        return err;
+    }
+    if (!*host_params) err = mt_state_copy_alloc(s->trained_total, 1, host_params);
+    if (!err) err = mt_run_state_get_trained(s, *host_params, NULL);
+    mt_dtype dtype = !strcmp(cfg->output_save_dtype, "F32")    ? MT_DTYPE_F32
+                     : !strcmp(cfg->output_save_dtype, "BF16") ? MT_DTYPE_BF16
+                     : random_init                             ? MT_DTYPE_F32
+                                                               : s->mc->dtype;
+    snprintf(path, sizeof path, "%s/model", cfg->output_dir);
+    if (!err && rank == 0) err = mt_hf_save(path, cfg->model_path, s->mc, *host_params, dtype);
+    if (!err) mt_info("saved %s (%s, Hugging Face layout)", path, mt_dtype_name(dtype));
     return err;
 }

@@ -81,6 +81,19 @@ mt_err mt_run_state_get_trained(mt_run_state *c, float *dst, float *packed);
 // Writes the checkpoint of `steps_done` steps (every rank calls it).
 mt_err mt_run_state_save(mt_run_state *c, long steps_done);
 
+// The trained result at the end of a run: the adapter (PEFT's layout) or the
+// model (Hugging Face's; output.save_dtype, or F32 for a random init, else
+// the input's dtype), written by rank 0. trained / host_params: the run's
+// host buffers for the values (host_params allocated when absent).
+mt_err mt_run_state_save_outputs(mt_run_state *s, int rank, int random_init, float **trained, float **host_params);
+
+// Reads a checkpoint to resume from (checkpoint.h's mt_checkpoint_read) and
+// refuses one that another configuration wrote, or one at or past
+// train.steps.
+mt_err mt_run_state_read_resume(const char *dir, const mt_config *cfg, const mt_model_config *mc,
+                                const mt_lora_config *lora, float *trained, size_t shard_lo, size_t shard_hi, float *m,
+                                float *v, mt_checkpoint_meta *meta);
+
 #ifdef __cplusplus
 }
 #endif

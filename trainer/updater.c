@@ -1,0 +1,339 @@
+// trainer/updater.c: see updater.h. Moved from train.c (build_galore,
+// build_offload, build_updater, finish_update) with the run's fields in
+// mt_updater.
+#define _POSIX_C_SOURCE 200809L
+#include "trainer/updater.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/mem.h"
+#include "trainer/checkpoint.h"
+
+// MeZO's update rides on the model's next forward.
+static void defer_to_model(void *model, const mt_zo_directions *d, float lr, float weight_decay, uint64_t round_seed) {
+    mt_model_defer_update(model, d, lr, weight_decay, round_seed);
+}
+
+// GaLore over the trained block: projected matrices, the rest AdamW (or the
+// store's), each rank its own parameters under ZeRO.
+static mt_err build_galore(mt_updater *u) {
+    const mt_config *cfg = u->cfg;
+    const mt_plan *pl = u->pl;
+    int n = pl->n_trained;
+    u->gparams = calloc((size_t)(n ? n : 1), sizeof *u->gparams);
+    MT_CHECK(u->gparams != NULL, "galore parameters");
+    if (pl->zero) {  // each rank keeps and updates the state of its own parameters only
+        u->gowner = malloc((size_t)(n ? n : 1) * sizeof *u->gowner);
+        u->gbounds = malloc((size_t)(u->world + 1) * sizeof *u->gbounds);
+        MT_CHECK(u->gowner && u->gbounds, "galore owners");
+        mt_route_galore_owners(u->dist, pl->trained, n, pl->trained_total, u->gowner, u->gbounds);
+    }
+    for (int i = 0; i < n; i++) {
+        const mt_param_info *p = &pl->trained[i];
+        u->gparams[i] = (mt_galore_param){p->name,
+                                          p->shape[0],
+                                          p->ndim == 2 ? p->shape[1] : 0,
+                                          p->decay,
+                                          pl->selected[i],
+                                          pl->offload && !pl->selected[i],
+                                          u->gowner && u->gowner[i] != u->rank};
+        if (pl->selected[i]) u->projected_count += p->count;
+    }
+    mt_galore_config gc = {(float)cfg->optim_beta1,
+                           (float)cfg->optim_beta2,
+                           (float)cfg->optim_eps,
+                           (float)cfg->optim_weight_decay,
+                           (int)cfg->galore_rank,
+                           (int)cfg->galore_update_gap,
+                           (float)cfg->galore_scale,
+                           !strcmp(cfg->galore_refresh, "svd") ? MT_GALORE_SVD : MT_GALORE_RANDOMIZED,
+                           !strcmp(cfg->galore_moments, "int8"),
+                           (uint64_t)cfg->train_seed};
+    mt_err err = mt_galore_init(&u->gal, u->be, &gc, u->gparams, n);
+    *u->ghook =
+        (mt_galore_hook){u->gal, u->tr.weights, mt_act_size(u->be), pl->trained, NULL, &u->ofl, u->dist, u->gowner};
+    if (!err && u->resume_dir[0]) {
+        mt_state_tensor *state;
+        int n_state = mt_galore_state(u->gal, &state);
+        err = mt_checkpoint_read_extra(u->resume_dir, state, n_state);
+        if (!err) mt_galore_state_upload(u->gal, u->resume->optimizer_steps);
+    }
+    return err;
+}
+// AdamW's state in a store off the GPU (host memory or a file): with GaLore
+// the parameters it does not project, packed; else the trained block (ZeRO:
+// this rank's shard).
+static mt_err build_offload(mt_updater *u) {
+    const mt_config *cfg = u->cfg;
+    const mt_plan *pl = u->pl;
+    int cores;
+    u->offload_threads = mt_offload_auto_threads(pl->local_world, pl->use_gpu, &cores);
+    if (cfg->offload_threads > 0)
+        u->offload_threads = (int)cfg->offload_threads;
+    else if (pl->use_gpu && cores < 4)
+        mt_warn(
+            "offload: this rank may run on %d core%s (its CPU affinity, or its share of the node's), so the "
+            "CPU AdamW has %d thread%s and will hold the GPU back; with mpirun, start with --bind-to none, or "
+            "--map-by slot:PE=N to give each rank N cores",
+            cores, cores == 1 ? "" : "s", u->offload_threads, u->offload_threads == 1 ? "" : "s");
+    // (GaLore under ZeRO: the unprojected ones of this rank's parameters)
+    mt_offload_plan *plan = &u->plan;
+    *plan = mt_offload_plan_make(pl->trained, pl->n_trained, u->gbounds ? u->gbounds[u->rank] : pl->shard_lo,
+                                 u->gbounds ? u->gbounds[u->rank + 1] : pl->shard_hi, pl->galore ? pl->selected : NULL,
+                                 u->mc->L);
+    u->ghook->offloaded = plan->index;
+    char trace[1200];
+    snprintf(trace, sizeof trace, "%s/offload-trace.json", cfg->output_dir);
+    mt_offload_config oc = {!strcmp(cfg->offload_optimizer, "ssd") ? MT_STORE_FILE : MT_STORE_MEMORY,
+                            cfg->offload_path,
+                            0,
+                            (int)cfg->offload_io_threads,
+                            (float)cfg->optim_beta1,
+                            (float)cfg->optim_beta2,
+                            (float)cfg->optim_eps,
+                            (float)cfg->optim_weight_decay,
+                            (float)cfg->optim_grad_clip,
+                            u->offload_threads,
+                            cfg->offload_trace_step > 0 ? trace : NULL,
+                            cfg->offload_trace_step,
+                            u->mc->L,
+                            u->rank,
+                            u->world,
+                            pl->offload_streamed ? u->accum : 1};
+    int ranks = pl->zero && u->world > 1;
+    mt_err err = MT_OK;
+    if (plan->packed) {
+        // GaLore's unprojected parameters: their master from the weights
+        // (a checkpoint's are the offloaded fp32 values), moments from
+        // the checkpoint's tensors
+        float *packed = NULL;
+        int moments = u->resume_dir[0] ? 3 : 1;
+        err = mt_state_copy_alloc(plan->count, moments, &packed);
+        if (!err) mt_offload_plan_gather(plan, *u->trained, packed);
+        if (!err && moments == 3) {
+            mt_state_tensor *t = mt_offload_plan_moments(plan, pl->trained, pl->n_trained, packed + plan->count,
+                                                         packed + 2 * plan->count);
+            err = mt_checkpoint_read_extra(u->resume_dir, t, 2 * plan->n);
+            free(t);
+        }
+        if (!err)
+            err = mt_offload_init(&u->ofl, u->be, &oc, plan->params, plan->n, plan->count, u->tr.weights, packed,
+                                  moments == 3 ? packed + plan->count : NULL,
+                                  moments == 3 ? packed + 2 * plan->count : NULL, u->resume->optimizer_steps);
+        free(packed);
+        if (!err && ranks) mt_offload_set_norm_sum(u->ofl, mt_route_sum_over_ranks, u->dist);
+        return err;
+    }
+    // moment_m and moment_v exist only when resuming (resume.optimizer_steps is 0 otherwise)
+    err = mt_offload_init(&u->ofl, u->be, &oc, plan->params, plan->n, plan->count, u->tr.weights,
+                          *u->trained + pl->shard_lo, *u->moment_m, *u->moment_v, u->resume->optimizer_steps);
+    if (!err && ranks) {
+        mt_offload_hook *h = u->ohook;
+        mt_offload_set_norm_sum(u->ofl, mt_route_sum_over_ranks, u->dist);
+        h->gather = 1, h->lo = u->dp->lo, h->hi = u->dp->hi, h->weights = u->tr.weights;
+        h->total = pl->trained_total, h->elem = mt_act_size(u->be);
+        h->stale = calloc((size_t)u->dp->units, 1);
+        MT_CHECK(h->stale != NULL, "offload units");
+    }
+    // the store holds the values now: the host copies go (at 7B they are 28 GB each)
+    free(*u->moment_m);
+    free(*u->moment_v);
+    *u->moment_m = *u->moment_v = NULL;
+    if (!pl->lora) {
+        free(*u->host_params);
+        *u->host_params = *u->trained = NULL;
+    }
+    return err;
+}
+// What updates the trained block: GaLore, MeZO, AdamW on the backend, or
+// AdamW with its state offloaded (alone or beside GaLore).
+mt_err mt_updater_build(mt_updater *u) {
+    const mt_config *cfg = u->cfg;
+    const mt_plan *pl = u->pl;
+    int n = pl->n_trained, n_groups = 0;
+    mt_param_group *groups = malloc((size_t)(n ? n : 1) * sizeof *groups);
+    MT_CHECK(groups, "parameter groups");
+    for (int i = 0; i < n; i++) {
+        if (pl->mezo && !pl->selected[i]) continue;
+        groups[n_groups++] = (mt_param_group){pl->trained[i].offset, pl->trained[i].count, pl->trained[i].decay};
+        u->selected_count += pl->trained[i].count;
+    }
+    mt_err err = MT_OK;
+    if (pl->galore) {
+        err = build_galore(u);
+    } else if (pl->mezo) {
+        mt_mezo_config zc = {(float)cfg->mezo_eps, (int)cfg->mezo_samples, (float)cfg->optim_weight_decay,
+                             (uint64_t)cfg->train_seed};
+        err = mt_model_enable_perturbation(u->model, pl->selected);
+        if (!err) err = mt_mezo_init(&u->mz, u->be, &zc, u->tr.weights, groups, n_groups);
+        // each update rides on the next forward's first read of each tensor
+        if (!err) mt_mezo_defer_updates(u->mz, defer_to_model, u->model);
+    }
+    if (pl->zero2_streamed && !pl->offload_streamed && !err) {
+        size_t count = pl->shard_hi - pl->shard_lo;
+        err = mt_alloc((void **)&u->shard_grads, (count ? count : 1) * sizeof(float), MT_MEM_GRADS,
+                       pl->use_gpu ? MT_DEVICE : MT_HOST);
+        if (!err) mt_op_zero(u->be, u->shard_grads, (count ? count : 1) * sizeof(float));  // alignment gaps stay 0
+    }
+    mt_zero2_hook *z = u->zhook;
+    z->dist = u->dist, z->be = u->be, z->table = pl->trained, z->shard = u->shard_grads;
+    z->lo = pl->shard_lo, z->hi = pl->shard_hi, z->total = pl->trained_total, z->first = 1;
+    z->offload = &u->ofl, z->plan = &u->plan;
+    if (pl->offload && !err) {
+        err = build_offload(u);
+    } else if (!pl->galore && !pl->mezo && !err) {
+        mt_adamw_config ac = {(float)cfg->optim_lr,  (float)cfg->optim_beta1,        (float)cfg->optim_beta2,
+                              (float)cfg->optim_eps, (float)cfg->optim_weight_decay, (float)cfg->optim_grad_clip};
+        // ZeRO 1, 2: this rank's shard of the block, its groups clipped to it
+        int n_shard = 0;
+        for (int g = 0; g < n_groups; g++) {
+            size_t a = groups[g].offset, b = a + groups[g].count;
+            if (mt_range_clip(&a, &b, pl->shard_lo, pl->shard_hi))
+                groups[n_shard++] = (mt_param_group){a - pl->shard_lo, b - a, groups[g].decay};
+        }
+        err =
+            mt_optimizer_init(&u->opt, u->be, &ac, (float *)((char *)u->tr.weights + pl->shard_lo * mt_act_size(u->be)),
+                              *u->trained + pl->shard_lo, pl->shard_hi - pl->shard_lo, groups, n_shard);
+        if (!err && pl->zero && u->world > 1) mt_optimizer_set_norm_sum(u->opt, mt_route_sum_over_ranks, u->dist);
+    }
+    free(groups);
+    if (err) return err;
+    if (u->resume_dir[0] && u->opt)
+        mt_optimizer_set_moments(u->opt, *u->moment_m, *u->moment_v, u->resume->optimizer_steps);
+    u->dp->grads = u->tr.grads, u->dp->total = pl->trained_total, u->dp->shard_lo = pl->shard_lo;
+    u->opt_grads = pl->zero2_streamed ? u->shard_grads : u->tr.grads + pl->shard_lo;
+    return MT_OK;
+}
+// After backward: the updates that wait for the whole step (AdamW, the
+// store's, the sharing of ZeRO's and GaLore's owned parts), and the norm of
+// the step's gradient in info. refresh_seconds: GaLore's projector refresh.
+mt_err mt_updater_end(mt_updater *u, int step, float lr, mt_step_info *info, double *refresh_seconds) {
+    const mt_plan *pl = u->pl;
+    if (pl->galore) mt_galore_end_step(u->gal, info);
+    int matrices = 0;
+    double seconds = pl->galore ? mt_galore_last_refresh_seconds(u->gal, &matrices) : 0.0;
+    int share_owned = pl->galore && u->gowner && u->world > 1;
+    if (share_owned) {
+        // each rank updated (and refreshed) its own parameters: the
+        // norm, the verdict and the count over all of them (the
+        // seconds stay rank 0's); every rank gets the weights below
+        double sum[3] = {info->grad_norm * info->grad_norm, !info->finite, matrices};
+        mt_dist_sum_host(u->dist, sum, 3);
+        *info = (mt_step_info){sqrt(sum[0]), sum[1] == 0};
+        matrices = (int)sum[2];
+    }
+    mt_err err;
+    if (u->ofl) {
+        // adapters, or gradients summed over micro-batches: the whole block now, last layer first
+        // (ZeRO: the sums of this rank's shard)
+        if (!pl->offload_streamed)
+            for (int k = u->plan.n - 1; k >= 0; k--)
+                mt_offload_grad(u->ofl, k, u->opt_grads + (u->plan.params[k].offset - pl->shard_lo));
+        mt_step_info off;
+        if ((err = mt_offload_end_step(u->ofl, &off.grad_norm, &off.finite))) return err;
+        if (u->ohook->gather) memset(u->ohook->stale, 1, (size_t)u->dp->units);
+        // with GaLore, the norm over both parts
+        *info = pl->galore ? (mt_step_info){hypot(info->grad_norm, off.grad_norm), info->finite && off.finite} : off;
+        // GaLore under ZeRO: the store's updates of this rank's
+        // unprojected parameters are in the weights before they are shared
+        if (share_owned && (err = mt_offload_sync(u->ofl))) return err;
+    }
+    if (share_owned) {
+        mt_route_share_owned(u->dist, u->tr.weights, u->gbounds, mt_act_size(u->be));
+    }
+    if (u->opt) mt_optimizer_step(u->opt, u->opt_grads, lr, info);
+    if (u->opt && pl->zero && info->finite) {
+        mt_route_share_shards(u->dist, u->tr.weights, pl->trained_total, mt_act_size(u->be));
+    }
+    if (pl->galore && matrices) {
+        *refresh_seconds = seconds;
+        mt_info("step %d: GaLore refreshed %d projectors in %.2fs (%s)", step + 1, matrices, seconds,
+                u->cfg->galore_refresh);
+    }
+    return MT_OK;
+}
+
+// The start-up lines of MeZO, GaLore and offload: what each keeps, where.
+void mt_updater_report(const mt_updater *u, size_t count) {
+    const mt_config *cfg = u->cfg;
+    const mt_plan *pl = u->pl;
+    const mt_lora_config *lora = pl->lora ? &pl->lora_cfg : NULL;
+    if (pl->mezo) {
+        mt_info(
+            "MeZO eps=%g samples=%d: %d of %d trainable tensors, %.2fM parameters (%s); no gradients or optimizer "
+            "state, %.1f MiB perturbation scratch",
+            cfg->mezo_eps, (int)cfg->mezo_samples, pl->n_selected, pl->n_trained, u->selected_count / 1e6,
+            cfg->mezo_trainable, mt_model_perturbation_bytes(u->model) / 1048576.0);
+        if (lora && lora->dropout > 0)
+            mt_info("lora.dropout %g is not applied: MeZO's two forward passes must see the same function",
+                    lora->dropout);
+    }
+    if (pl->galore)
+        mt_info(
+            "GaLore rank %ld, update_gap %ld, scale %g, %s refresh, %s moments: %d matrices projected (%.2fM of "
+            "%.2fM parameters), the rest AdamW%s; optimizer state %.2f GiB, gradient buffers %.1f MiB (no "
+            "fp32 master copy%s%s)",
+            cfg->galore_rank, cfg->galore_update_gap, cfg->galore_scale, cfg->galore_refresh, cfg->galore_moments,
+            pl->n_selected, u->projected_count / 1e6, count / 1e6, pl->offload ? " with its state offloaded" : "",
+            mt_galore_state_bytes(u->gal) / 1073741824.0, mt_model_streamed_grad_bytes(u->model) / 1048576.0,
+            pl->offload ? " of the projected matrices" : "",
+            pl->use_gpu ? "; bf16 weights updated with stochastic rounding" : "");
+    if (pl->offload) {
+        const mt_store *st = mt_offload_store(u->ofl);
+        mt_info(
+            "AdamW state offloaded to %s: %.2fM parameters%s, %.2f GiB (fp32 master, m, v)%s%s; CPU AdamW %s, %d "
+            "thread%s; gradients %s, %.1f MiB of GPU staging; host memory %.2f GiB",
+            !strcmp(cfg->offload_optimizer, "ssd") ? "SSD" : "host memory", u->plan.count / 1e6,
+            u->plan.packed     ? (u->gbounds && u->world > 1 ? " (those GaLore does not project, of this rank's "
+                                                               "parameters)"
+                                                             : " (those GaLore does not project)")
+            : u->ohook->gather ? " (this rank's shard)"
+                               : "",
+            u->plan.count * 12.0 / 1073741824.0, st && mt_store_path(st)[0] ? " in " : "", st ? mt_store_path(st) : "",
+            mt_offload_cpu_path(u->ofl), u->offload_threads, u->offload_threads == 1 ? "" : "s",
+            lora                    ? "sent after backward"
+            : !pl->offload_streamed ? "summed over the micro-batches where computed, sent after backward"
+            : u->accum > 1          ? "streamed per layer and summed on the host over the micro-batches"
+                                    : "streamed per layer",
+            mt_offload_device_bytes(u->ofl) / 1048576.0, mt_offload_host_bytes(u->ofl) / 1073741824.0);
+        if (pl->host_need > 0.0 && !pl->host_sum)
+            mt_info(
+                "offload.grad_sum auto: summed in host memory, the gradients would bring this node's ranks to about "
+                "%.1f GiB at the start, over 85%% of its %.1f GiB: the GPU sums them (4 bytes a parameter there; "
+                "offload.grad_sum: host forces the host)",
+                pl->host_need / 1073741824.0, pl->host_have / 1073741824.0);
+        if (!strcmp(cfg->offload_optimizer, "ssd") && !mt_store_direct_io(st))
+            mt_warn("%s does not take O_DIRECT (tmpfs?): the state goes through the page cache", cfg->offload_path);
+    }
+}
+
+void mt_updater_begin(mt_updater *u, float lr) {
+    if (u->gal) mt_galore_begin_step(u->gal, lr);
+    if (u->ofl) mt_offload_begin_step(u->ofl, lr);
+}
+
+void mt_updater_micro_batch(mt_updater *u, int a) {
+    if (u->ofl && u->pl->offload_streamed) mt_offload_micro_batch(u->ofl, a);
+}
+
+void mt_updater_cancel(mt_updater *u) {
+    if (u->gal) mt_galore_cancel_step(u->gal);
+    if (u->ofl) mt_offload_cancel_step(u->ofl);
+}
+
+void mt_updater_free(mt_updater *u) {
+    free(u->gparams);
+    free(u->gowner);
+    free(u->gbounds);
+    mt_galore_free(u->gal);
+    mt_mezo_free(u->mz);
+    mt_optimizer_free(u->opt);
+    mt_offload_free(u->ofl);
+    mt_offload_plan_free(&u->plan);
+    mt_free((void **)&u->shard_grads);
+    u->gparams = NULL, u->gowner = NULL, u->gbounds = NULL, u->gal = NULL, u->mz = NULL, u->opt = NULL;
+    u->ofl = NULL;
+}

@@ -1,0 +1,86 @@
+// trainer/updater.h: what updates the trained block, behind one lifecycle:
+// AdamW on the backend (each rank its ZeRO shard), GaLore (projected
+// matrices; the rest AdamW, or the store's when offloaded), AdamW with its
+// state offloaded to host memory or an SSD, and MeZO (whose step the loop
+// drives: mt_mezo). The run fills in the inputs, mt_updater_build makes the
+// rest from the plan; then each step with gradients is begin, (micro_batch
+// per further micro-batch), and end, or cancel when the step is lost.
+#ifndef MT_UPDATER_H
+#define MT_UPDATER_H
+
+#include <stddef.h>
+
+#include "kernels/device.h"
+#include "offload/offload.h"
+#include "optim/galore.h"
+#include "optim/mezo.h"
+#include "optim/optimizer.h"
+#include "trainer/checkpoint.h"
+#include "trainer/config.h"
+#include "trainer/dist.h"
+#include "trainer/model.h"
+#include "trainer/plan.h"
+#include "trainer/route.h"
+#include "trainer/state.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct {
+    // the run's, set before mt_updater_build
+    const mt_config *cfg;
+    const mt_plan *pl;
+    const mt_model_config *mc;
+    mt_backend *be;
+    mt_model *model;
+    mt_trainable tr;
+    mt_dist *dist;
+    int rank, world, accum;
+    const char *resume_dir;  // "" when not resuming
+    const mt_checkpoint_meta *resume;
+    // the run's host copies: the trained values, the base's fp32 values,
+    // AdamW's moments (a checkpoint's); with offload the store takes the
+    // values over and the copies are released (set to NULL)
+    float **trained, **host_params, **moment_m, **moment_v;
+    // the hooks the model calls (route.h), completed here
+    mt_dp_hook *dp;
+    mt_zero2_hook *zhook;
+    mt_galore_hook *ghook;
+    mt_offload_hook *ohook;
+    // what mt_updater_build makes
+    mt_optimizer *opt;
+    mt_mezo *mz;
+    mt_galore *gal;
+    mt_galore_param *gparams;
+    mt_offload *ofl;
+    mt_offload_plan plan;
+    int offload_threads;  // the CPU AdamW's (offload.threads, or mt_offload_auto_threads)
+    int *gowner;          // GaLore under ZeRO: each parameter's rank
+    size_t *gbounds;      // and each rank's run of the block (mt_route_galore_owners)
+    float *shard_grads;   // ZeRO-2's sums of this rank's shard
+    float *opt_grads;     // what AdamW reads: the block's shard, or ZeRO-2's sums
+    size_t selected_count, projected_count;
+} mt_updater;
+
+mt_err mt_updater_build(mt_updater *u);
+// Before the step's first backward.
+void mt_updater_begin(mt_updater *u, float lr);
+// Before micro-batch a (> 0) of a step whose gradients stream off the GPU.
+void mt_updater_micro_batch(mt_updater *u, int a);
+// After the step's backward: the updates that wait for the whole step
+// (AdamW, the store's, the sharing of ZeRO's and GaLore's owned parts), and
+// the norm of the step's gradient in info. refresh_seconds: GaLore's
+// projector refresh.
+mt_err mt_updater_end(mt_updater *u, int step, float lr, mt_step_info *info, double *refresh_seconds);
+// A step whose backward was skipped: nothing is applied.
+void mt_updater_cancel(mt_updater *u);
+// Logs the start-up lines of MeZO, GaLore and offload (count: the model's
+// parameters).
+void mt_updater_report(const mt_updater *u, size_t count);
+void mt_updater_free(mt_updater *u);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
