@@ -275,8 +275,9 @@ mt_err mt_loader_init(mt_loader **out, const mt_dataset *ds, const mt_loader_con
     if (ds->window > 0 && ds->window != cfg->T)
         return mt_errorf(MT_ERR_DATASET,
                          "%s was packed one example per window of %d tokens (memtune tokenize --seq-len %d), but "
-                         "train.seq_len is %d: set train.seq_len: %d, or tokenize again with --seq-len %d",
-                         ds->path, ds->window, ds->window, cfg->T, ds->window, cfg->T);
+                         "windows of %d were asked for: set train.seq_len: %d (memtune eval: --seq-len %d), or "
+                         "tokenize again with --seq-len %d",
+                         ds->path, ds->window, ds->window, cfg->T, ds->window, ds->window, cfg->T);
     uint64_t total = ds->num_tokens > 0 ? (ds->num_tokens - 1) / (uint64_t)cfg->T : 0;
     uint64_t eval = 0;
     if (cfg->eval_fraction > 0.0) {

@@ -21,6 +21,7 @@
 #include "testutil.h"
 #include "trainer/checkpoint.h"
 #include "trainer/config.h"
+#include "trainer/eval.h"
 #include "trainer/hf.h"
 #include "trainer/lora.h"
 #include "trainer/model.h"
@@ -493,6 +494,91 @@ START_TEST(loss_is_the_mean_over_the_steps_trained_tokens) {
 }
 END_TEST
 
+// memtune eval: the mean cross-entropy over the trained targets of every
+// window, as computed here from the model's logits; an adapter applied on
+// the fly gives the loss of the merged model.
+START_TEST(eval_matches_logits_and_adapter) {
+    char folder[300], model_dir[300], data[300], adapter[300], merged[300];
+    make_folder("eval-config", tu_tiny_llama_json, folder, sizeof folder);
+    snprintf(model_dir, sizeof model_dir, "%s/eval-model", dir);
+    snprintf(data, sizeof data, "%s/eval.h5", dir);
+    snprintf(adapter, sizeof adapter, "%s/eval-adapter", dir);
+    snprintf(merged, sizeof merged, "%s/eval-merged", dir);
+    mt_model_config mc;
+    ck_assert_int_eq(mt_hf_read_config(folder, &mc), MT_OK);
+    int n_params;
+    size_t total;
+    free(mt_model_param_table(&mc, &n_params, &total));
+    float *params = malloc(total * sizeof(float));
+    mt_model_init_random(&mc, params, 9);
+    ck_assert_int_eq(mt_hf_save(model_dir, NULL, &mc, params, MT_DTYPE_F32), MT_OK);
+    const int T = 16, windows = 12;
+    uint64_t n = (uint64_t)T * windows + 1;
+    uint32_t *tok = malloc(n * 4);
+    uint8_t *mask = malloc(n);
+    for (uint64_t i = 0; i < n; i++) tok[i] = (uint32_t)(mt_rng_bits(31, i) % 13), mask[i] = (i % 5) < 2;
+    uint64_t offsets[2] = {0, n};
+    ck_assert_int_eq(mt_dataset_write(data, tok, n, offsets, 1, mask, 13, "test"), MT_OK);
+    mt_eval_options o;
+    mt_eval_defaults(&o);
+    o.model = model_dir, o.data = data, o.device = "cpu", o.seq_len = T, o.batch = 3, o.progress = 0;
+    mt_eval_result r;
+    ck_assert_msg(mt_eval_run(&o, &r) == MT_OK, "%s", mt_last_error());
+    ck_assert_int_eq(r.windows, windows);
+    // by hand: logits of each window, cross-entropy at the trained targets
+    mt_backend be;
+    ck_assert_int_eq(mt_backend_init(&be, -1), MT_OK);
+    mt_model *m;
+    ck_assert_int_eq(mt_model_create(&m, &be, &mc, 1, T, 0), MT_OK);
+    ck_assert_int_eq(mt_model_set_weights(m, params), MT_OK);
+    float *logits = malloc((size_t)T * mc.V * sizeof(float));
+    double sum = 0.0;
+    long count = 0;
+    for (int w = 0; w < windows; w++) {
+        int32_t in[16];
+        for (int t = 0; t < T; t++) in[t] = (int32_t)tok[w * T + t];
+        mt_model_logits(m, in, logits);
+        for (int t = 0; t < T; t++) {
+            if (!mask[w * T + t + 1]) continue;
+            const float *row = logits + (size_t)t * mc.V;
+            double mx = row[0], z = 0.0;
+            for (int v = 1; v < mc.V; v++) mx = row[v] > mx ? row[v] : mx;
+            for (int v = 0; v < mc.V; v++) z += exp(row[v] - mx);
+            sum += log(z) + mx - row[tok[w * T + t + 1]];
+            count++;
+        }
+    }
+    mt_model_free(m);
+    mt_backend_free(&be);
+    ck_assert_int_eq(r.targets, count);
+    ck_assert_msg(fabs(r.loss - sum / count) < 1e-5 * (sum / count), "eval %.9g, by hand %.9g", r.loss, sum / count);
+    ck_assert_double_eq_tol(r.perplexity, exp(r.loss), 1e-9 * r.perplexity);
+    // an adapter with non-zero A and B, on the fly and merged
+    mt_lora_config lora = {.r = 2, .alpha = 4, .targets = 0x7f};
+    int n_ad;
+    size_t ad_total;
+    mt_param_info *table = mt_lora_param_table(&mc, &lora, &n_ad, &ad_total);
+    float *ad = tu_random(ad_total, -0.3f, 0.3f, 77);
+    ck_assert_int_eq(mt_lora_save(adapter, &lora, model_dir, table, n_ad, ad), MT_OK);
+    o.adapter = adapter;
+    mt_eval_result ra;
+    ck_assert_msg(mt_eval_run(&o, &ra) == MT_OK, "%s", mt_last_error());
+    mt_lora_merge(&mc, &lora, params, ad);
+    ck_assert_int_eq(mt_hf_save(merged, NULL, &mc, params, MT_DTYPE_F32), MT_OK);
+    o.adapter = NULL, o.model = merged;
+    mt_eval_result rm;
+    ck_assert_int_eq(mt_eval_run(&o, &rm), MT_OK);
+    ck_assert_msg(fabs(ra.loss - r.loss) > 1e-3, "the adapter changed nothing (%g)", ra.loss);
+    ck_assert_msg(fabs(ra.loss - rm.loss) < 1e-5 * rm.loss, "on the fly %.9g, merged %.9g", ra.loss, rm.loss);
+    // a file too short for one window, and a missing model, are clear errors
+    o.seq_len = 4096;
+    expect_error(mt_eval_run(&o, &rm), MT_ERR_DATASET, "no window of 4096+1");
+    o.seq_len = T, o.model = "/nonexistent";
+    ck_assert_int_ne(mt_eval_run(&o, &rm), MT_OK);
+    free(table), free(ad), free(params), free(tok), free(mask), free(logits);
+}
+END_TEST
+
 // ------------------------------------------------------------- checkpoints
 
 // The "loss" of every record of a metrics.jsonl, by step (losses[step - 1]).
@@ -787,6 +873,7 @@ int main(void) {
     tcase_add_test(tc, save_and_load_round_trip);
     tcase_add_test(tc, training_reduces_loss_and_saves);
     tcase_add_test(tc, loss_is_the_mean_over_the_steps_trained_tokens);
+    tcase_add_test(tc, eval_matches_logits_and_adapter);
     tcase_add_test(tc, resume_is_bit_identical);
     tcase_add_test(tc, lora_resume_is_bit_identical);
     tcase_add_test(tc, lora_starts_from_an_adapter_folder);

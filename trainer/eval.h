@@ -1,10 +1,12 @@
 // trainer/eval.h: the loss of a model over held-out batches, as the mean
 // over their counted targets (the loss mask's), every target weighing the
-// same.
+// same; and `memtune eval`: a saved model (with a LoRA adapter applied on
+// the fly, or not) over a whole dataset.
 #ifndef MT_EVAL_H
 #define MT_EVAL_H
 
 #include "datasets/dataset.h"
+#include "kernels/common.h"
 #include "trainer/model.h"
 
 #ifdef __cplusplus
@@ -15,6 +17,29 @@ extern "C" {
 // from its start each time; *loss NAN when no target counts. *targets (when
 // not NULL): how many counted.
 mt_err mt_eval_loss(mt_model *model, mt_loader *loader, int batches, int B, int T, double *loss, long *targets);
+
+typedef struct {
+    const char *model;    // a Hugging Face model folder
+    const char *adapter;  // a PEFT LoRA adapter folder, or NULL
+    const char *data;     // a dataset file (memtune tokenize)
+    const char *device;   // auto, cpu, gpu
+    int seq_len;          // 0: the file's window, else 1024
+    int batch;            // rows a batch (4)
+    long max_batches;     // 0: every whole batch of the file
+    int progress;         // a progress line on stderr
+} mt_eval_options;
+
+typedef struct {
+    double loss, perplexity;
+    long targets;
+    long windows, windows_total;  // evaluated, and in the file (the last partial batch is left out)
+    int seq_len;
+    double seconds;
+    char device[256];
+} mt_eval_result;
+
+void mt_eval_defaults(mt_eval_options *o);
+mt_err mt_eval_run(const mt_eval_options *o, mt_eval_result *r);
 
 #ifdef __cplusplus
 }

@@ -1,5 +1,5 @@
 // trainer/main.c: the memtune command line. Subcommands: train, tokenize,
-// merge, config-docs. Every user-facing failure ends here as one message and a
+// eval, merge, config-docs. Every user-facing failure ends here as one message and a
 // non-zero exit.
 #include <stdio.h>
 #include <stdlib.h>
@@ -8,6 +8,7 @@
 #include "datasets/convert.h"
 #include "kernels/common.h"
 #include "trainer/config.h"
+#include "trainer/eval.h"
 #include "trainer/merge.h"
 #include "trainer/train.h"
 
@@ -19,6 +20,8 @@ static void usage(FILE *f) {
             "  memtune tokenize --input FILE --output DATA.h5 [--tokenizer MODEL_DIR] [--format F] ...\n"
             "                                 text, JSONL, prompt/completion, Alpaca or chat data to tokens\n"
             "                                 (memtune tokenize --help)\n"
+            "  memtune eval --model DIR [--adapter DIR] --data DATA.h5\n"
+            "                                 mean loss and perplexity over a dataset's trained targets\n"
             "  memtune merge --model DIR --adapter DIR -o OUT_DIR\n"
             "                                 write the model with a LoRA adapter (PEFT layout) merged in\n"
             "  memtune config-docs            print docs/configs.md (every config key)\n"
@@ -188,6 +191,60 @@ static int cmd_tokenize(int argc, char **argv) {
     return 0;
 }
 
+static const char EVAL_HELP[] =
+    "usage: memtune eval --model DIR [--adapter DIR] --data DATA.h5 [options]\n\n"
+    "The mean cross-entropy over the dataset's trained targets (its loss mask), every target weighing the\n"
+    "same, and its perplexity; the model in bf16 on the GPU (fp32 on the CPU), a LoRA adapter applied on the\n"
+    "fly.\n\n"
+    "  --seq-len N          window length (default: the file's window, else 1024)\n"
+    "  --batch B            rows a batch (4); the last partial batch is left out\n"
+    "  --batches N          evaluate the first N batches only\n"
+    "  --device D           auto (the default), cpu, gpu\n"
+    "  --quiet              no progress line\n";
+
+static int cmd_eval(int argc, char **argv) {
+    mt_eval_options o;
+    mt_eval_defaults(&o);
+    for (int i = 0; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) return printf("%s", EVAL_HELP), 0;
+        if (!strcmp(a, "--quiet")) {
+            o.progress = 0;
+            continue;
+        }
+        if (!v) return fail(mt_errorf(MT_ERR_USAGE, "%s needs a value (memtune eval --help)", a));
+        if (!strcmp(a, "--model"))
+            o.model = v;
+        else if (!strcmp(a, "--adapter"))
+            o.adapter = v;
+        else if (!strcmp(a, "--data"))
+            o.data = v;
+        else if (!strcmp(a, "--device"))
+            o.device = v;
+        else if (!strcmp(a, "--seq-len") || !strcmp(a, "--batch") || !strcmp(a, "--batches")) {
+            char *end;
+            long n = strtol(v, &end, 10);
+            if (*end || n < 1 || n > (1L << 30))
+                return fail(mt_errorf(MT_ERR_USAGE, "%s %s: expected a positive whole number", a, v));
+            if (!strcmp(a, "--seq-len"))
+                o.seq_len = (int)n;
+            else if (!strcmp(a, "--batch"))
+                o.batch = (int)n;
+            else
+                o.max_batches = n;
+        } else
+            return fail(mt_errorf(MT_ERR_USAGE, "unknown option %s (memtune eval --help)", a));
+        i++;
+    }
+    mt_eval_result r;
+    mt_err err = mt_eval_run(&o, &r);
+    if (err) return fail(err);
+    printf("eval %s%s%s on %s: %ld windows of %d tokens (of %ld), %ld targets: loss %.6f, perplexity %.4f (%.1f s)\n",
+           o.model, o.adapter ? " + " : "", o.adapter ? o.adapter : "", o.data, r.windows, r.seq_len, r.windows_total,
+           r.targets, r.loss, r.perplexity, r.seconds);
+    return 0;
+}
+
 static int cmd_merge(int argc, char **argv) {
     const char *model = NULL, *adapter = NULL, *out = NULL;
     for (int i = 0; i < argc; i++) {
@@ -219,6 +276,7 @@ int main(int argc, char **argv) {
     if (!strcmp(argv[1], "train")) return cmd_train(argc - 2, argv + 2);
     if (!strcmp(argv[1], "tokenize")) return cmd_tokenize(argc - 2, argv + 2);
     if (!strcmp(argv[1], "merge")) return cmd_merge(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "eval")) return cmd_eval(argc - 2, argv + 2);
     if (!strcmp(argv[1], "config-docs")) {
         mt_config_write_reference(stdout, 1);
         return 0;
