@@ -21,6 +21,13 @@ int mt_device_count(void) {
     return n;
 }
 
+size_t mt_device_total_bytes(void) {
+    int dev = 0;
+    cudaDeviceProp prop;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaGetDeviceProperties(&prop, dev) != cudaSuccess) return 0;
+    return prop.totalGlobalMem;
+}
+
 void mt_device_describe(char *buf, size_t len) {
     int dev = 0;
     cudaDeviceProp prop;

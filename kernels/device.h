@@ -16,6 +16,8 @@ extern "C" {
 int mt_device_count(void);
 // Name and total memory of the current device (for the start-up banner).
 void mt_device_describe(char *buf, size_t len);
+// The current device's memory in bytes (0: no GPU).
+size_t mt_device_total_bytes(void);
 
 void *mt_device_malloc(size_t bytes);  // NULL when out of memory
 void mt_device_free(void *p);

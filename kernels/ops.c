@@ -81,6 +81,21 @@ size_t mt_attention_workspace_bytes(mt_backend *be, const mt_attention_shape *s)
     return 0;
 }
 
+// Own kernel: delta (B, H, T), then the per-head fp32 dK and dV partials
+// (B, H, T_pad, D) each, T_pad a multiple of the 64-query tile.
+size_t mt_attention_own_workspace_bytes(const mt_attention_shape *s) {
+    size_t T_pad = (size_t)(s->T + 63) / 64 * 64;
+    return (size_t)s->B * s->H * s->T * sizeof(float) + 2 * (size_t)s->B * s->H * T_pad * s->D * sizeof(float) + 256;
+}
+
+// RMSNorm backward: a weight-gradient partial per 32-row block; embedding
+// backward: the positions grouped by token.
+size_t mt_norm_embedding_workspace_bytes_gpu(int N, int C) {
+    size_t rms = ((size_t)N + 31) / 32 * (size_t)C * sizeof(float);
+    size_t emb = (size_t)(3 * N + 1) * sizeof(int32_t);
+    return rms > emb ? rms : emb;
+}
+
 size_t mt_norm_embedding_workspace_bytes(const mt_backend *be, int N, int C) {
 #ifdef MT_HAVE_CUDA
     if (be->gpu) return mt_norm_embedding_workspace_bytes_cuda(N, C);

@@ -608,9 +608,8 @@ static __global__ void __launch_bounds__(kAttnThreads)
 }
 
 extern "C" size_t mt_norm_embedding_workspace_bytes_cuda(int N, int C) {
-    size_t rms = (size_t)grid_for((size_t)N, kRmsRowsPerBlock) * C * sizeof(float);
-    size_t emb = (size_t)(3 * N + 1) * sizeof(int32_t);
-    return rms > emb ? rms : emb;
+    static_assert(kRmsRowsPerBlock == 32, "mt_norm_embedding_workspace_bytes_gpu counts 32-row blocks");
+    return mt_norm_embedding_workspace_bytes_gpu(N, C);
 }
 
 // memtune's own kernel: the head dims it is compiled for
@@ -635,17 +634,11 @@ extern "C" void mt_attention_describe_cuda(mt_backend *be, const mt_attention_sh
         snprintf(buf, len, "memtune's kernel (%s)", be->attention_note);
 }
 
-// Own kernel: delta (B, H, T), then the per-head fp32 dK and dV partials
-// (B, H, T_pad, D) each.
-static size_t own_workspace_bytes(const mt_attention_shape *s) {
-    size_t T_pad = (size_t)(s->T + kTile - 1) / kTile * kTile;
-    return (size_t)s->B * s->H * s->T * sizeof(float) + 2 * (size_t)s->B * s->H * T_pad * s->D * sizeof(float) + 256;
-}
-
 extern "C" size_t mt_attention_workspace_bytes_cuda(mt_backend *be, const mt_attention_shape *s) {
     size_t workspace = 0;
     if (cudnn_serves(be, s, &workspace)) return workspace;
-    return own_workspace_bytes(s);
+    static_assert(kTile == 64, "mt_attention_own_workspace_bytes counts 64-query tiles");
+    return mt_attention_own_workspace_bytes(s);
 }
 
 // a window of 0 (none) as the kernels take it: every key up to the query
@@ -717,7 +710,7 @@ extern "C" void mt_attention_backward_cuda(mt_backend *be, const mt_attention_sh
         return;
     }
     MT_CHECK(s->H % s->KV == 0 && own_kernel_supports(s->D), "attention H=%d KV=%d D=%d", s->H, s->KV, s->D);
-    MT_CHECK(be->workspace_bytes >= own_workspace_bytes(s), "attention workspace too small");
+    MT_CHECK(be->workspace_bytes >= mt_attention_own_workspace_bytes(s), "attention workspace too small");
     int B = s->B, T = s->T, H = s->H, D = s->D;
     float *delta = (float *)be->workspace;
     size_t rows = (size_t)B * T * H, T_pad = (size_t)(T + kTile - 1) / kTile * kTile;

@@ -52,6 +52,11 @@ size_t mt_attention_workspace_bytes(mt_backend *be, const mt_attention_shape *s)
 // Workspace the RMSNorm and embedding backward ops need for N rows of width C
 // (on the GPU they reduce through it in a fixed order: deterministic).
 size_t mt_norm_embedding_workspace_bytes(const mt_backend *be, int N, int C);
+// What the GPU path's kernels need, by formula (no GPU needed; memtune plan):
+// memtune's own attention kernel's backward scratch, and the RMSNorm and
+// embedding backward's.
+size_t mt_attention_own_workspace_bytes(const mt_attention_shape *s);
+size_t mt_norm_embedding_workspace_bytes_gpu(int N, int C);
 // out (B, T, H, D); lse (B, H, T) fp32, the log-sum-exp of each row's scaled
 // scores, is written by forward and read by backward. Both are deterministic:
 // the same inputs give the same bits.

@@ -1,5 +1,5 @@
 // trainer/main.c: the memtune command line. Subcommands: train, tokenize,
-// eval, merge, config-docs. Every user-facing failure ends here as one message and a
+// plan, eval, merge, config-docs. Every user-facing failure ends here as one message and a
 // non-zero exit.
 #include <stdio.h>
 #include <stdlib.h>
@@ -7,8 +7,10 @@
 
 #include "datasets/convert.h"
 #include "kernels/common.h"
+#include "kernels/device.h"
 #include "trainer/config.h"
 #include "trainer/eval.h"
+#include "trainer/forecast.h"
 #include "trainer/merge.h"
 #include "trainer/train.h"
 
@@ -20,6 +22,8 @@ static void usage(FILE *f) {
             "  memtune tokenize --input FILE --output DATA.h5 [--tokenizer MODEL_DIR] [--format F] ...\n"
             "                                 text, JSONL, prompt/completion, Alpaca or chat data to tokens\n"
             "                                 (memtune tokenize --help)\n"
+            "  memtune plan CONFIG.yaml [--set ...] [--gpu-memory SIZE] [--device gpu|cpu] [--ranks N]\n"
+            "                                 what the run will hold, before it runs, and alternatives\n"
             "  memtune eval --model DIR [--adapter DIR] --data DATA.h5\n"
             "                                 mean loss and perplexity over a dataset's trained targets\n"
             "  memtune merge --model DIR --adapter DIR -o OUT_DIR\n"
@@ -245,6 +249,80 @@ static int cmd_eval(int argc, char **argv) {
     return 0;
 }
 
+// "24GiB", "80G", "81920MiB", "1.5T", or bytes.
+static double parse_size(const char *v) {
+    char *end;
+    double x = strtod(v, &end);
+    if (end == v || x <= 0) return -1;
+    double unit = 1;
+    if (*end == 'K' || *end == 'k')
+        unit = 1024.0, end++;
+    else if (*end == 'M' || *end == 'm')
+        unit = 1048576.0, end++;
+    else if (*end == 'G' || *end == 'g')
+        unit = 1073741824.0, end++;
+    else if (*end == 'T' || *end == 't')
+        unit = 1099511627776.0, end++;
+    if (unit > 1 && (*end == 'i' || *end == 'I')) end++;
+    if (unit > 1 && (*end == 'B' || *end == 'b')) end++;
+    return *end ? -1 : x * unit;
+}
+
+static int cmd_plan(int argc, char **argv) {
+    const char *path = NULL, *device = NULL;
+    char **sets = calloc((size_t)argc + 2, sizeof *sets);
+    int n_sets = 0, ranks = 1;
+    double capacity = 0;
+    const char *source = "";
+    MT_CHECK(sets != NULL, "plan arguments");
+    for (int i = 0; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+            printf(
+                "usage: memtune plan CONFIG.yaml [--set section.key=value ...] [--gpu-memory SIZE] [--device gpu|cpu] "
+                "[--ranks N]\n\nForecasts the run's memory by category on the device (and host memory for "
+                "offload), without a GPU and without loading weights, with alternatives that fit or not and the "
+                "longest train.seq_len that fits. SIZE: 80GiB, 24G, ... (default: the GPU's, when one is "
+                "visible). docs/plan.md.\n");
+            free(sets);
+            return 0;
+        }
+        if (a[0] == '-' && !v) return free(sets), fail(mt_errorf(MT_ERR_USAGE, "%s needs a value", a));
+        if (!strcmp(a, "--set"))
+            sets[n_sets++] = argv[++i];
+        else if (!strcmp(a, "--device"))
+            device = argv[++i];
+        else if (!strcmp(a, "--ranks"))
+            ranks = atoi(argv[++i]);
+        else if (!strcmp(a, "--gpu-memory")) {
+            capacity = parse_size(argv[++i]);
+            source = "--gpu-memory";
+            if (capacity <= 0)
+                return free(sets),
+                       fail(mt_errorf(MT_ERR_USAGE, "--gpu-memory %s: expected a size such as 80GiB or 24G", v));
+        } else if (a[0] == '-')
+            return free(sets), fail(mt_errorf(MT_ERR_USAGE, "unknown option %s (memtune plan --help)", a));
+        else if (path)
+            return free(sets), fail(mt_errorf(MT_ERR_USAGE, "one config file expected, got %s and %s", path, a));
+        else
+            path = a;
+    }
+    if (!path) return free(sets), fail(mt_errorf(MT_ERR_USAGE, "memtune plan needs a config file"));
+    if (ranks < 1) return free(sets), fail(mt_errorf(MT_ERR_USAGE, "--ranks takes a positive number"));
+    if (device && strcmp(device, "gpu") && strcmp(device, "cpu"))
+        return free(sets), fail(mt_errorf(MT_ERR_USAGE, "--device %s: expected gpu or cpu", device));
+    int gpu = !device || !strcmp(device, "gpu");
+    if (gpu && capacity <= 0 && mt_device_total_bytes() > 0)
+        capacity = (double)mt_device_total_bytes(), source = "this GPU";
+    static char set_device[32];
+    snprintf(set_device, sizeof set_device, "train.device=%s", gpu ? "gpu" : "cpu");
+    sets[n_sets++] = set_device;
+    // plan forecasts a GPU run on any machine: the plan's device check is the trainer's, so it sees one
+    mt_err err = mt_forecast_print(stdout, path, sets, n_sets, gpu, ranks, capacity, source);
+    free(sets);
+    return err ? fail(err) : 0;
+}
+
 static int cmd_merge(int argc, char **argv) {
     const char *model = NULL, *adapter = NULL, *out = NULL;
     for (int i = 0; i < argc; i++) {
@@ -277,6 +355,7 @@ int main(int argc, char **argv) {
     if (!strcmp(argv[1], "tokenize")) return cmd_tokenize(argc - 2, argv + 2);
     if (!strcmp(argv[1], "merge")) return cmd_merge(argc - 2, argv + 2);
     if (!strcmp(argv[1], "eval")) return cmd_eval(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "plan")) return cmd_plan(argc - 2, argv + 2);
     if (!strcmp(argv[1], "config-docs")) {
         mt_config_write_reference(stdout, 1);
         return 0;

@@ -336,25 +336,17 @@ static int linear_param(const mt_model *m, int l, int t) {
     return i;
 }
 
-mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_config *cfg, const mt_model_options *o) {
-    *out = NULL;
-    int B = o->B, T = o->T;
-    // Mistral's sliding window binds only when the window is shorter than T
-    int window = cfg->sliding_window > 0 && cfg->sliding_window < T ? (int)cfg->sliding_window : 0;
-    mt_attention_shape attn = {B, T, cfg->H, cfg->KV, cfg->D, window};
-    if (!mt_attention_supports(be, &attn))
-        return mt_errorf(MT_ERR_MODEL,
-                         "head dimension %d is not supported by the GPU attention: cuDNN's fused attention is not "
-                         "available (%s) and memtune's own kernel takes 16, 32, 64 and 128; install cuDNN 9 (see "
-                         "docs/development.md) or train on the CPU with train.device: cpu",
-                         cfg->D, be->cudnn ? "it refused this shape" : be->attention_note);
-    MT_CHECK(!o->quantize_nf4 || o->lora.r > 0, "NF4 base weights need LoRA adapters");
+// The model's tables and sizes, from the config and options, before any
+// allocation (mt_model_create_with allocates after it; memtune plan only
+// counts). nf4_bytes, widest_linear: QLoRA's NF4 block and its widest weight.
+static mt_model *model_setup(mt_backend *be, const mt_model_config *cfg, const mt_model_options *o,
+                             mt_attention_shape attn, size_t *nf4_bytes, size_t *widest_linear) {
     mt_model *m = calloc(1, sizeof *m);
     MT_CHECK(m != NULL, "model");
     m->be = be;
     m->attn = attn;
     m->cfg = *cfg;
-    m->B = B, m->T = T, m->checkpointing = o->activation_checkpointing;
+    m->B = o->B, m->T = o->T, m->checkpointing = o->activation_checkpointing;
     m->lora = o->lora;
     if (m->lora.r <= 0) m->lora.targets = 0, m->lora.r = 0;
     m->lora_scale = m->lora.r ? mt_lora_scale(&m->lora) : 0.0f;
@@ -373,13 +365,13 @@ mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_confi
     m->tickets = calloc((size_t)cfg->L + 1, sizeof *m->tickets);
     MT_CHECK(m->compute_offset && m->layers && m->x && m->acts && m->tickets, "model tables");
     // NF4 tensors live in their own block; the rest keep the table's order
-    size_t nf4_bytes = 0, widest_linear = 0;
+    *nf4_bytes = 0, *widest_linear = 0;
     for (int l = 0; l < cfg->L && m->quantized; l++)
         for (int t = 0; t < MT_LORA_MODULES; t++) {
             int i = linear_param(m, l, t);
             m->compute_offset[i] = SIZE_MAX;
-            nf4_bytes += mt_nf4_storage_bytes(m->params[i].count);
-            if (m->params[i].count > widest_linear) widest_linear = m->params[i].count;
+            *nf4_bytes += mt_nf4_storage_bytes(m->params[i].count);
+            if (m->params[i].count > *widest_linear) *widest_linear = m->params[i].count;
         }
     for (int i = 0; i < m->num_params; i++) {
         if (m->compute_offset[i] == SIZE_MAX) continue;
@@ -387,13 +379,32 @@ mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_confi
         m->compute_total += (m->params[i].count + 15) & ~(size_t)15;
     }
     // logits chunk: at most 16 Mi elements (64 MiB fp32), whole rows
-    size_t N = (size_t)B * T, rows = ((size_t)16 << 20) / (size_t)cfg->V;
+    size_t N = (size_t)o->B * o->T, rows = ((size_t)16 << 20) / (size_t)cfg->V;
     m->chunk_rows = (int)(rows < N ? (rows ? rows : 1) : N);
-    mt_mem_place place = be->gpu ? MT_DEVICE : MT_HOST;
-    size_t act = mt_act_size(be);
     m->grad_ready = o->grad_ready, m->grad_ready_ctx = o->grad_ready_ctx;
     m->grads_done = o->grads_done, m->grads_done_ctx = o->grads_done_ctx;
     m->weights_needed = o->weights_needed, m->weights_needed_ctx = o->weights_needed_ctx;
+    return m;
+}
+
+mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_config *cfg, const mt_model_options *o) {
+    *out = NULL;
+    int B = o->B, T = o->T;
+    // Mistral's sliding window binds only when the window is shorter than T
+    int window = cfg->sliding_window > 0 && cfg->sliding_window < T ? (int)cfg->sliding_window : 0;
+    mt_attention_shape attn = {B, T, cfg->H, cfg->KV, cfg->D, window};
+    if (!mt_attention_supports(be, &attn))
+        return mt_errorf(MT_ERR_MODEL,
+                         "head dimension %d is not supported by the GPU attention: cuDNN's fused attention is not "
+                         "available (%s) and memtune's own kernel takes 16, 32, 64 and 128; install cuDNN 9 (see "
+                         "docs/development.md) or train on the CPU with train.device: cpu",
+                         cfg->D, be->cudnn ? "it refused this shape" : be->attention_note);
+    MT_CHECK(!o->quantize_nf4 || o->lora.r > 0, "NF4 base weights need LoRA adapters");
+    size_t nf4_bytes, widest_linear;
+    mt_model *m = model_setup(be, cfg, o, attn, &nf4_bytes, &widest_linear);
+    size_t N = (size_t)B * T;
+    mt_mem_place place = be->gpu ? MT_DEVICE : MT_HOST;
+    size_t act = mt_act_size(be);
     MT_CHECK(!m->grad_ready || (!m->frozen && !m->forward_only), "streamed gradients need a full fine-tune");
     mt_err err = mt_alloc(&m->weights, m->compute_total * act, MT_MEM_WEIGHTS, place);
     if (!err && !m->frozen && !m->forward_only && !m->grad_ready)
@@ -443,6 +454,50 @@ mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_confi
     free(cs);
     *out = m;
     return MT_OK;
+}
+
+void mt_model_plan_bytes(int gpu, const mt_model_config *cfg, const mt_model_options *o, const unsigned char *perturbed,
+                         mt_model_bytes *b) {
+    mt_backend be = {0};
+    be.gpu = gpu;
+    int window = cfg->sliding_window > 0 && cfg->sliding_window < o->T ? (int)cfg->sliding_window : 0;
+    mt_attention_shape attn = {o->B, o->T, cfg->H, cfg->KV, cfg->D, window};
+    size_t nf4_bytes, widest_linear, act = gpu ? 2 : 4, N = (size_t)o->B * o->T;
+    mt_model *m = model_setup(&be, cfg, o, attn, &nf4_bytes, &widest_linear);
+    *b = (mt_model_bytes){0};
+    b->weights = m->compute_total * act + (m->quantized ? nf4_bytes + widest_linear * act : 0);
+    b->adapters = m->lora.r ? m->adapter_total * act : 0;
+    if (!m->frozen && !m->forward_only && !m->grad_ready) b->grads = m->total * sizeof(float);
+    if (m->grad_ready) {
+        size_streamed_grads(m);
+        b->grads = ((m->grads_done ? 2 : 1) * m->grad_stream_count + m->grad_outer_count) * sizeof(float);
+    }
+    if (m->lora.r && !m->forward_only) b->grads += m->adapter_total * sizeof(float);
+    b->activations = layout_activations(m, 0);
+    b->offload_host = m->offload ? (size_t)(cfg->L - 1) * N * cfg->C * act : 0;
+    if (gpu) {
+        size_t att = mt_attention_own_workspace_bytes(&attn),
+               norm = mt_norm_embedding_workspace_bytes_gpu((int)N, cfg->C);
+        b->workspace = att > norm ? att : norm;
+        // the fp32 staging of each upload (transient), at most 4 Mi values
+        b->staging = (m->total < ((size_t)4 << 20) ? m->total : ((size_t)4 << 20)) * sizeof(float);
+    }
+    if (m->forward_only && !m->frozen) {  // MeZO's perturbation scratch (full: the model's tensors)
+        size_t wm = 0, wv = 0;
+        for (int i = 0; i < m->num_params; i++) {
+            if (perturbed && !perturbed[i]) continue;
+            int gathered_only = i == find_param(m, "model.embed_tokens.weight") && find_param(m, "lm_head.weight") >= 0;
+            size_t *w = m->params[i].ndim == 1 ? &wv : &wm;
+            if (!gathered_only && m->params[i].count > *w) *w = m->params[i].count;
+        }
+        b->perturbation = (wm + wv) * act;
+    } else if (m->forward_only && m->lora.r) {
+        size_t wm = 0;
+        for (int i = 0; i < m->num_adapter_params; i++)
+            if ((!perturbed || perturbed[i]) && m->adapter_params[i].count > wm) wm = m->adapter_params[i].count;
+        b->perturbation = wm * act;
+    }
+    mt_model_free(m);
 }
 
 mt_err mt_model_create(mt_model **out, mt_backend *be, const mt_model_config *cfg, int B, int T,

@@ -61,6 +61,18 @@ typedef struct {
 // adapters only, with LoRA) and the activations on the backend.
 mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_config *cfg, const mt_model_options *opts);
 // A full fine-tune: every parameter trainable.
+// What mt_model_create_with allocates for (cfg, o) on a GPU (gpu) or the
+// host, by category, counted from the same tables and layout without
+// allocating (memtune plan). perturbation: MeZO's scratch (forward_only),
+// for the trained tensors `perturbed` selects (NULL: all).
+typedef struct {
+    size_t weights, adapters, grads, activations, workspace, perturbation;
+    size_t staging;       // transient: the fp32 staging of weight uploads (GPU)
+    size_t offload_host;  // pinned host memory of offloaded layer inputs
+} mt_model_bytes;
+void mt_model_plan_bytes(int gpu, const mt_model_config *cfg, const mt_model_options *o, const unsigned char *perturbed,
+                         mt_model_bytes *b);
+
 mt_err mt_model_create(mt_model **out, mt_backend *be, const mt_model_config *cfg, int B, int T,
                        int activation_checkpointing);
 void mt_model_free(mt_model *m);

@@ -6,8 +6,8 @@
 # benchmarks of bench/. Logs and results go under $OUT.
 #
 # Stages: ctest quickstart resume dist-test parity chat peft (default), plus bench
-# (attention and full fine-tune), lora-bench, mezo-bench, galore-bench and
-# offload-bench with --bench; attention-bench alone; or name them: run.sh --stages
+# (attention and full fine-tune), lora-bench, mezo-bench, galore-bench,
+# offload-bench and plan (memtune plan against 24 measured runs) with --bench; attention-bench alone; or name them: run.sh --stages
 # "ctest mezo-bench". MT_CTEST_FILTER narrows ctest; MT_LORA_SHAPES picks
 # lora-bench's shapes and MT_LORA_ARGS adds bench/lora_ft.py options (e.g.
 # "--steps 20"); MT_MEZO_ARGS adds bench/mezo.py options, MT_GALORE_ARGS
@@ -67,7 +67,7 @@ fi
 
 STAGES="ctest quickstart resume dist-test parity chat peft"
 case "${1:-}" in
-    --bench) STAGES="$STAGES bench lora-bench mezo-bench galore-bench offload-bench" ;;
+    --bench) STAGES="$STAGES bench lora-bench mezo-bench galore-bench offload-bench plan" ;;
     --stages) STAGES=$2 ;;
 esac
 want() { case " $STAGES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
@@ -183,6 +183,12 @@ fi
 if want parity; then
     echo "== parity with transformers"
     python3 tests/gpu/hf_parity.py --out "$OUT" 2>&1 | tee "$OUT/parity.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+
+if want plan; then
+    echo "== memtune plan's forecasts against measured GPU allocator peaks"
+    python3 tests/gpu/plan_check.py --out "$OUT" 2>&1 | tee "$OUT/plan_check.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# memtune plan against real runs: for configurations of the quickstart model
+# on the CPU (full AdamW, checkpointing, offloaded activations, LoRA, QLoRA,
+# MeZO on all weights and on adapters, GaLore alone and with offload, AdamW
+# state in host memory and on disk, accumulation, micro-batch sizes), every
+# category `memtune plan --device cpu` forecasts equals the peak the run's
+# memory report gives (to its 0.1 MiB). Then the 7B configs of configs/
+# forecast for the GPU with configs/models/llama-2-7b's shape (no weights
+# needed), and a combination the trainer refuses is refused the same way.
+# usage: test_plan.sh MEMTUNE ROOT
+set -uo pipefail
+MEMTUNE=$1
+ROOT=$2
+W=$(mktemp -d /tmp/memtune-plan-XXXXXX)
+trap 'rm -rf "$W"' EXIT
+fail() {
+    echo "test_plan: FAIL: $*"
+    exit 1
+}
+cd "$ROOT" || exit 1
+printf 'In the beginning was the word.\n\nAnd the word was with the model.\n' > "$W/text.txt"
+for i in $(seq 200); do printf 'line %d of some text for a few windows of tokens to train on\n' "$i"; done >> "$W/text.txt"
+"$MEMTUNE" tokenize --input "$W/text.txt" --output "$W/data.h5" --quiet > /dev/null || fail "tokenize"
+base=(configs/quickstart.yaml --set "data.train=$W/data.h5" --set train.seq_len=64 --set train.micro_batch=4
+      --set train.steps=2 --set optim.warmup_steps=0 --set train.device=cpu --set train.eval_every=0
+      --set data.eval_fraction=0 --set checkpoint.every=0 --set checkpoint.final=false)
+
+# "weights 3.1 MiB (peak 3.1), grads ..." -> "weights 3.1\ngrads ..."
+run_peaks() { grep -o 'memory (host): .*' | sed 's/memory (host): //; s/ MiB (peak \([0-9.]*\))/ \1/g' | tr ',' '\n' |
+    sed 's/^ //' | awk '{print $1, $3}'; }
+plan_peaks() { awk '/^category/{on=1; next} on && /^peak/{exit} on && NF {print $1, $2}'; }
+
+n=0
+check() {
+    local name=$1
+    shift
+    local run plan
+    run=$("$MEMTUNE" train "${base[@]}" "$@" --set "output.dir=$W/run-$n" 2>&1 | run_peaks) || true
+    [ -n "$run" ] || fail "$name: the run printed no memory report"
+    plan=$("$MEMTUNE" plan "${base[@]}" "$@" --device cpu 2>&1 | plan_peaks)
+    [ -n "$plan" ] || fail "$name: memtune plan printed no forecast"
+    if [ "$run" != "$plan" ]; then
+        echo "--- run:"
+        echo "$run"
+        echo "--- plan:"
+        echo "$plan"
+        fail "$name: the forecast differs from the run's peaks"
+    fi
+    echo "test_plan: $name: $(echo "$plan" | tr '\n' ' ')(MiB) as the run"
+    n=$((n + 1))
+}
+
+check "AdamW"
+check "AdamW, checkpointing" --set model.activation_checkpointing=true
+check "AdamW, offloaded activations" --set model.activation_checkpointing=true --set model.offload_activations=true
+check "AdamW, accumulation 3, micro-batch 2" --set train.grad_accum=3 --set train.micro_batch=2
+check "LoRA r=16" --set lora.r=16
+check "QLoRA r=8, checkpointing" --set lora.r=8 --set model.quantize=nf4 --set model.activation_checkpointing=true
+check "MeZO" --set optim.kind=mezo
+check "MeZO on adapters" --set optim.kind=mezo --set lora.r=8
+check "GaLore r=16" --set optim.kind=galore --set optim.grad_clip=0 --set galore.rank=16
+check "GaLore r=16, int8 moments, offload" --set optim.kind=galore --set optim.grad_clip=0 --set galore.rank=16 \
+    --set galore.moments=int8 --set offload.optimizer=cpu
+check "AdamW state in host memory" --set offload.optimizer=cpu --set train.grad_accum=2
+check "AdamW state on disk" --set offload.optimizer=ssd --set "offload.path=$W/ssd"
+
+# the 7B configs, forecast for the GPU from config.json alone
+for c in llama-lora llama-qlora mezo galore full-offload-cpu full-offload-ssd; do
+    out=$("$MEMTUNE" plan "configs/$c.yaml" --set model.path=configs/models/llama-2-7b --gpu-memory 80GiB 2>&1) ||
+        fail "$c: memtune plan failed: $out"
+    peak=$(echo "$out" | awk '/^peak/{print $2, $3; exit}')
+    echo "$out" | grep -q "^longest train.seq_len that fits as configured: [0-9]" ||
+        fail "$c: no longest seq_len in: $out"
+    echo "test_plan: configs/$c.yaml at Llama-2-7B's shape on a GPU: peak $peak"
+done
+# a combination the trainer refuses: the same message, exit 1
+out=$("$MEMTUNE" plan "${base[@]}" --set optim.kind=mezo --set dist.zero_stage=1 2>&1)
+rc=$?
+[ $rc -eq 1 ] && echo "$out" | grep -q "dist.zero_stage 1 shards the optimizer's state" ||
+    fail "MeZO with ZeRO: expected the trainer's refusal and exit 1, got $rc: $out"
+out=$("$MEMTUNE" plan "${base[@]}" --gpu-memory lots 2>&1)
+[ $? -eq 2 ] && echo "$out" | grep -q "expected a size" || fail "--gpu-memory lots: $out"
+echo "test_plan: all passed"

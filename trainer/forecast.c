@@ -1,0 +1,303 @@
+// trainer/forecast.c: see forecast.h. The model's bytes come from
+// mt_model_plan_bytes (the model's own tables and activation layout); the
+// updaters' from the same sizes their init functions allocate (optim/,
+// offload/): keep the two in step when either changes (tests/test_plan.sh
+// compares forecasts with the tallies of real runs).
+#define _POSIX_C_SOURCE 200809L
+#include "trainer/forecast.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/ops.h"
+#include "trainer/dist.h"
+#include "trainer/hf.h"
+#include "trainer/model.h"
+#include "trainer/plan.h"
+
+// The step-time model: FLOPs / R plus the offloaded updates / S. R and S
+// come from one H100 (16 cores) with TinyLlama-1.1B's shape, B=4, T=1024
+// (README, 2026-11-23): full fine-tuning at 38.3k tokens/s, 3 x (2P + 2LTC)
+// FLOPs a token, gives R; AdamW's state in host memory took 290 ms a step more
+// for 1.1B parameters, S. The estimate is relative: different GPUs scale R.
+static const double kFlopsPerSecond = 2.63e14, kOffloadParamsPerSecond = 3.8e9;
+// offload/store.c's read-ahead for a file store (records in flight: it, plus 3)
+enum { kSsdPrefetch = 2 };
+
+// mt_alloc_host_large's rounding: whole 2 MiB pages.
+static double huge_pages(double bytes) {
+    const double huge = 2097152.0;
+    return ceil(bytes / huge) * huge;
+}
+
+static void dummy_grad_ready(void *ctx, int param, float *grad) { (void)ctx, (void)param, (void)grad; }
+static void dummy_grads_done(void *ctx, int bucket) { (void)ctx, (void)bucket; }
+
+// The largest shard of n over `world` ranks (mt_dist_shard's rule: the last
+// rank's).
+static size_t largest_shard(size_t n, int world) {
+    if (world <= 1) return n;
+    size_t runs = (n + 15) / 16, lo = runs * (size_t)(world - 1) / (size_t)world * 16;
+    return lo < n ? n - lo : 0;
+}
+
+// GaLore's state (optim/galore.c's alloc_state) and its largest scratch.
+static void galore_bytes(const mt_config *cfg, const mt_plan *pl, double *state, double *work) {
+    int int8 = !strcmp(cfg->galore_moments, "int8"), svd = !strcmp(cfg->galore_refresh, "svd");
+    size_t w = 0;
+    *state = 0;
+    for (int i = 0; i < pl->n_trained; i++) {
+        const mt_param_info *p = &pl->trained[i];
+        int projected = pl->selected[i] && p->ndim == 2;
+        if (!projected) {
+            if (!pl->offload) *state += (double)mt_adam_state_bytes(p->count, int8);
+            continue;
+        }
+        size_t rows = (size_t)p->shape[0], cols = (size_t)p->shape[1];
+        size_t a = rows < cols ? rows : cols, b = rows < cols ? cols : rows;
+        size_t r = (size_t)cfg->galore_rank < a ? (size_t)cfg->galore_rank : a;
+        *state += (double)mt_adam_state_bytes(r * b, int8) + (double)a * r * 4;
+        size_t k = r + 10 < a ? r + 10 : a;  // the range finder's oversampled width (galore.c's OVERSAMPLE)
+        size_t refresh = svd ? a * a + a : b * k + a * k + b * k + k * k + k;
+        size_t need = r * b > refresh ? r * b : refresh;
+        if (need > w) w = need;
+    }
+    *work = (double)w * 4;
+}
+
+// What the store holds with offload: the trained block (a shard), or with
+// GaLore the parameters it does not project; the largest forward unit's run
+// (offload.c's ring).
+static void offload_counts(const mt_plan *pl, int L, size_t *count, size_t *ring) {
+    size_t *units = calloc((size_t)L + 2, sizeof *units);
+    MT_CHECK(units != NULL, "units");
+    *count = 0, *ring = 0;
+    for (int i = 0; i < pl->n_trained; i++) {
+        if (pl->galore && pl->selected[i] && pl->trained[i].ndim == 2) continue;
+        *count += pl->trained[i].count;
+        units[mt_param_forward_unit(pl->trained[i].name, L)] += pl->trained[i].count;
+    }
+    for (int u = 0; u < L + 2; u++)
+        if (units[u] > *ring) *ring = units[u];
+    free(units);
+}
+
+mt_err mt_forecast_run(const mt_config *cfg, const mt_model_config *mc, int gpu, int world, mt_forecast *f) {
+    memset(f, 0, sizeof *f);
+    f->gpu = gpu;
+    mt_err err = mt_config_validate(cfg);
+    if (err) return err;
+    mt_dist *dist;
+    if ((err = mt_dist_init(&dist))) return err;
+    mt_plan pl;
+    err = mt_plan_make(&pl, cfg, mc, dist, gpu);
+    mt_dist_free(dist);
+    if (err) return err;
+    int zero = pl.zero && world > 1;
+    size_t shard = zero ? largest_shard(pl.trained_total, world) : pl.trained_total;
+    double *d = f->device, *h = gpu ? f->host : f->device;
+    int streamed = pl.galore || (pl.offload_streamed && !pl.zero2_streamed) || pl.zero2_streamed;
+    mt_model_options o = {.B = pl.B,
+                          .T = pl.T,
+                          .activation_checkpointing = (int)cfg->model_activation_checkpointing,
+                          .lora = pl.lora_cfg,
+                          .quantize_nf4 = !strcmp(cfg->model_quantize, "nf4"),
+                          .offload_activations = (int)cfg->model_offload_activations,
+                          .forward_only = pl.mezo,
+                          .grad_ready = streamed ? dummy_grad_ready : NULL,
+                          .grads_done = (world > 1 && !streamed) || pl.zero2_streamed ? dummy_grads_done : NULL};
+    mt_model_bytes mb;
+    mt_model_plan_bytes(gpu, mc, &o, pl.mezo ? pl.selected : NULL, &mb);
+    d[MT_MEM_WEIGHTS] = (double)mb.weights;
+    d[MT_MEM_ADAPTERS] = (double)mb.adapters;
+    d[MT_MEM_GRADS] = (double)mb.grads;
+    d[MT_MEM_ACTIVATIONS] = (double)mb.activations;
+    d[MT_MEM_WORKSPACE] = (double)(mb.workspace + mb.perturbation);
+    h[MT_MEM_OFFLOAD] += (double)mb.offload_host;
+    double transient = (double)mb.staging;
+    const char *state_where;
+    if (pl.mezo) {
+        state_where = "no gradients or optimizer state (MeZO: two forward passes a direction)";
+    } else if (pl.galore) {
+        double state, work;
+        galore_bytes(cfg, &pl, &state, &work);
+        d[MT_MEM_OPTIMIZER] = state / (zero ? world : 1);
+        d[MT_MEM_WORKSPACE] += work;
+        state_where = "GaLore's projected moments on the device";
+    } else if (!pl.offload) {
+        d[MT_MEM_OPTIMIZER] = (double)shard * (gpu ? 12 : 8);  // fp32 master (the GPU's), m, v
+        if (pl.zero2_streamed) d[MT_MEM_GRADS] += (double)shard * 4;
+        state_where = gpu ? "AdamW's fp32 master and moments on the GPU" : "AdamW's moments in host memory";
+    } else {
+        state_where = "AdamW's state offloaded";
+    }
+    if (pl.offload) {
+        size_t count, ring;
+        offload_counts(&pl, mc->L, &count, &ring);
+        if (zero && !pl.galore) count = shard;
+        size_t block = (size_t)1 << 21;  // store.c's block of parameters (a small store is one block)
+        if (block > count) block = count ? count : 1;
+        block = (block + 1023) / 1024 * 1024;
+        if (!strcmp(cfg->offload_optimizer, "ssd"))
+            h[MT_MEM_OFFLOAD] += (double)(kSsdPrefetch + 3) * huge_pages((double)block * 12);
+        else
+            h[MT_MEM_OFFLOAD] += 3 * huge_pages((double)count * 4);  // fp32 master, m, v
+        h[MT_MEM_OFFLOAD] += (double)count * (gpu ? 2 : 4);
+        if (gpu) {
+            if (pl.accum > 1 && pl.host_sum) h[MT_MEM_OFFLOAD] += huge_pages((double)count * 4);
+            h[MT_MEM_OFFLOAD] += 4.0 * block * 2;
+            d[MT_MEM_GRADS] += 2.0 * ring * 2;
+        }
+        f->step_time += (double)count / kOffloadParamsPerSecond;
+    }
+    for (int c = 0; c < MT_MEM_NCATEGORIES; c++) f->device_peak += d[c];
+    f->device_peak += transient;
+    if (gpu)
+        for (int c = 0; c < MT_MEM_NCATEGORIES; c++) f->host_peak += f->host[c];
+    // FLOPs a token: forward 2P + 2LTC (the causal attention's two products)
+    double P = (double)pl.total, fwd = 2 * P + 2.0 * mc->L * pl.T * mc->C;
+    double passes = pl.mezo ? 2.0 * (double)cfg->mezo_samples : pl.lora ? 2.0 : 3.0;
+    if (cfg->model_activation_checkpointing && !pl.mezo) passes += 1.0;
+    f->tokens = (double)pl.B * pl.T * pl.accum * (world > 0 ? world : 1);
+    f->step_time += passes * fwd * (double)pl.B * pl.T * pl.accum / kFlopsPerSecond;
+    snprintf(f->what, sizeof f->what, "%s%.2fM of %.2fM parameters trained; %s%s", pl.lora ? "LoRA: " : "",
+             pl.trained_total / 1e6, P / 1e6, state_where, zero ? "; ZeRO shards over the ranks" : "");
+    mt_plan_free(&pl);
+    return MT_OK;
+}
+
+// Bytes in GiB, or MiB under one GiB.
+static const char *size_text(double b, char *buf, size_t n) {
+    if (b >= 1073741824.0)
+        snprintf(buf, n, "%7.2f GiB", b / 1073741824.0);
+    else
+        snprintf(buf, n, "%7.1f MiB", b / 1048576.0);
+    return buf;
+}
+
+// Loads the config file with its --set assignments and `extra` ones.
+static mt_err load(mt_config *cfg, const char *path, char *const *sets, int n_sets, const char *const *extra) {
+    mt_config_defaults(cfg);
+    mt_err err = mt_config_load_yaml(cfg, path);
+    for (int i = 0; i < n_sets && !err; i++) err = mt_config_set_assignment(cfg, sets[i], "--set");
+    // an alternative without offload: the file's offload.* keys go back to their defaults
+    static const char *const no_offload[] = {"offload.path=",         "offload.io_threads=4", "offload.threads=0",
+                                             "offload.grad_sum=auto", "offload.trace_step=0", NULL};
+    for (int i = 0; extra && extra[i] && !err; i++) {
+        err = mt_config_set_assignment(cfg, extra[i], "memtune plan");
+        for (int k = 0; !err && !strcmp(extra[i], "offload.optimizer=none") && no_offload[k]; k++)
+            err = mt_config_set_assignment(cfg, no_offload[k], "memtune plan");
+    }
+    return err;
+}
+
+mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_sets, int gpu, int world,
+                         double capacity, const char *capacity_source) {
+    mt_config cfg;
+    mt_err err = load(&cfg, path, sets, n_sets, NULL);
+    mt_model_config mc;
+    if (!err) err = mt_hf_read_config(cfg.model_path, &mc);
+    mt_forecast f;
+    if (!err) err = mt_forecast_run(&cfg, &mc, gpu, world, &f);
+    if (err) {
+        mt_config_free(&cfg);
+        return err;
+    }
+    const char *dev = gpu ? "GPU" : "host";
+    fprintf(out, "memtune plan: %s on %s | %s %d layers | B=%ld T=%ld accum=%ld", path,
+            gpu ? "the GPU (bf16)" : "the CPU (fp32)", mc.architecture, mc.L, cfg.train_micro_batch, cfg.train_seq_len,
+            cfg.train_grad_accum);
+    if (world > 1) fprintf(out, " | %d ranks (each rank's share)", world);
+    fputc('\n', out);
+    fprintf(out, "%s\n\n", f.what);
+    char b1[32], b2[32];
+    fprintf(out, "%-12s %11s%s\n", "category", dev, gpu ? "        host" : "");
+    for (int c = 0; c < MT_MEM_NCATEGORIES; c++) {
+        if (f.device[c] == 0 && f.host[c] == 0) continue;
+        fprintf(out, "%-12s %s", mt_mem_category_name((mt_mem_category)c), size_text(f.device[c], b1, sizeof b1));
+        if (gpu && f.host[c] > 0) fprintf(out, " %s", size_text(f.host[c], b2, sizeof b2));
+        fputc('\n', out);
+    }
+    fprintf(out, "%-12s %s", "peak", size_text(f.device_peak, b1, sizeof b1));
+    if (gpu && f.host_peak > 0) fprintf(out, " %s", size_text(f.host_peak, b2, sizeof b2));
+    if (capacity > 0)
+        fprintf(out, "   of %.1f GiB (%s): %s", capacity / 1073741824.0, capacity_source,
+                f.device_peak <= capacity ? "fits" : "does NOT fit");
+    fputc('\n', out);
+    if (gpu)
+        fprintf(out,
+                "(the allocator's tally; the device also holds the CUDA context and the libraries' workspaces, "
+                "about 0.5-1 GiB)\n");
+    fputc('\n', out);
+    // the alternatives
+    char mb2[64], mbh[64], acc2[64];
+    snprintf(mb2, sizeof mb2, "train.micro_batch=%ld", cfg.train_micro_batch * 2);
+    snprintf(mbh, sizeof mbh, "train.micro_batch=%ld", cfg.train_micro_batch > 1 ? cfg.train_micro_batch / 2 : 1);
+    snprintf(acc2, sizeof acc2, "train.grad_accum=%ld", cfg.train_grad_accum * 2);
+    const char *alternatives[][8] = {
+        {"as configured", NULL},
+        {"activation checkpointing", "model.activation_checkpointing=true", NULL},
+        {"checkpointing + offloaded activations", "model.activation_checkpointing=true",
+         "model.offload_activations=true", NULL},
+        {"LoRA r=16, all linear", "lora.r=16", "model.quantize=none", "optim.kind=adamw", "offload.optimizer=none",
+         NULL},
+        {"LoRA r=16 + checkpointing", "lora.r=16", "model.quantize=none", "optim.kind=adamw", "offload.optimizer=none",
+         "model.activation_checkpointing=true"},
+        {"QLoRA (NF4) r=16 + checkpointing", "lora.r=16", "model.quantize=nf4", "optim.kind=adamw",
+         "offload.optimizer=none", "model.activation_checkpointing=true"},
+        {"GaLore r=128 + checkpointing", "lora.r=0", "model.quantize=none", "optim.kind=galore", "train.grad_accum=1",
+         "optim.grad_clip=0", "model.activation_checkpointing=true"},
+        {"MeZO (all weights)", "lora.r=0", "model.quantize=none", "optim.kind=mezo", "offload.optimizer=none", NULL},
+        {"AdamW state in host memory + ckpt", "lora.r=0", "model.quantize=none", "optim.kind=adamw",
+         "offload.optimizer=cpu", "model.activation_checkpointing=true"},
+        {"micro-batch x2", mb2, NULL},
+        {"micro-batch /2, accumulation x2", mbh, acc2, NULL},
+    };
+    double base_time = f.step_time / f.tokens;
+    fprintf(out, "%-40s %11s %8s %14s\n", "alternative", dev, capacity > 0 ? "fits" : "", "time per token");
+    for (size_t a = 0; a < sizeof alternatives / sizeof alternatives[0]; a++) {
+        mt_config alt;
+        mt_forecast fa;
+        mt_err e = load(&alt, path, sets, n_sets, alternatives[a] + 1);
+        if (!e) e = mt_forecast_run(&alt, &mc, gpu, world, &fa);
+        if (e)
+            fprintf(out, "%-40s %11s   refused: %.100s\n", alternatives[a][0], "-", mt_last_error());
+        else
+            fprintf(out, "%-40s %s %8s %13.2fx\n", alternatives[a][0], size_text(fa.device_peak, b1, sizeof b1),
+                    capacity <= 0                ? ""
+                    : fa.device_peak <= capacity ? "yes"
+                                                 : "no",
+                    fa.step_time / fa.tokens / base_time);
+        mt_config_free(&alt);
+    }
+    fprintf(out,
+            "(time per token relative to the configured run: a FLOP count and offload's CPU update, from H100 "
+            "measurements; docs/plan.md)\n");
+    // the longest seq_len that fits, as configured
+    if (capacity > 0) {
+        long lo = 0, hi = 1 << 20, best = 0;
+        while (lo <= hi) {
+            long mid = (lo + hi) / 2;
+            char set[64];
+            snprintf(set, sizeof set, "train.seq_len=%ld", mid < 16 ? 16 : mid);
+            const char *extra[] = {set, NULL};
+            mt_config alt;
+            mt_forecast fa;
+            mt_err e = load(&alt, path, sets, n_sets, extra);
+            if (!e) e = mt_forecast_run(&alt, &mc, gpu, world, &fa);
+            mt_config_free(&alt);
+            if (!e && fa.device_peak <= capacity)
+                best = mid < 16 ? 16 : mid, lo = mid + 1;
+            else
+                hi = mid - 1;
+        }
+        if (best)
+            fprintf(out, "\nlongest train.seq_len that fits as configured: %ld\n", best);
+        else
+            fprintf(out, "\nno train.seq_len fits as configured\n");
+    }
+    mt_config_free(&cfg);
+    return MT_OK;
+}

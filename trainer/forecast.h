@@ -1,0 +1,47 @@
+// trainer/forecast.h: what a run will hold, before it runs (`memtune plan`):
+// the bytes of every tallied category (kernels/mem.h) on the training device
+// and in host memory, counted from the plan (trainer/plan.h) and the same
+// tables and layout the model and updaters allocate from, for any machine
+// (no GPU needed to forecast a GPU run); and a relative step time from a
+// FLOP count and two H100 measurements (trainer/forecast.c says which).
+#ifndef MT_FORECAST_H
+#define MT_FORECAST_H
+
+#include <stdio.h>
+
+#include "kernels/mem.h"
+#include "trainer/config.h"
+#include "trainer/params.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct {
+    int gpu;                            // forecast for the GPU backend (bf16), else the CPU's (fp32)
+    double device[MT_MEM_NCATEGORIES];  // each category's peak where the run computes
+    double device_peak;                 // all of them at once (resident plus the largest transient)
+    double host[MT_MEM_NCATEGORIES];    // host memory of a GPU run (offload stores, pinned buffers)
+    double host_peak;
+    double step_time;  // relative: FLOPs / R + offloaded updates / S (forecast.c)
+    double tokens;     // per step, over the ranks
+    char what[256];    // the run in words: what is trained, where the state lives
+} mt_forecast;
+
+// Forecasts cfg's run with `world` ranks (ZeRO shards divide by it) on the
+// GPU (gpu) or the CPU; model config mc (config.json's). Errors are the
+// plan's (a combination the trainer would refuse).
+mt_err mt_forecast_run(const mt_config *cfg, const mt_model_config *mc, int gpu, int world, mt_forecast *f);
+
+// `memtune plan`: the forecast of the configured run, a table of
+// alternatives (checkpointing, offloaded activations, LoRA, QLoRA, GaLore,
+// MeZO, optimizer offload, micro-batch sizes) against `capacity` bytes of GPU
+// memory (0: unknown), and the longest train.seq_len that fits. The config is
+// the file at path with its --set assignments (sets).
+mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_sets, int gpu, int world,
+                         double capacity, const char *capacity_source);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
