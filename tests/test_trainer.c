@@ -338,6 +338,17 @@ END_TEST
 
 // ---------------------------------------------------------------- training
 
+// The config of the model folder and random fp32 values for it (malloc'd).
+static float *random_params(const char *folder, mt_model_config *mc, uint64_t seed) {
+    ck_assert_int_eq(mt_hf_read_config(folder, mc), MT_OK);
+    int n_params;
+    size_t total;
+    free(mt_model_param_table(mc, &n_params, &total));
+    float *params = malloc(total * sizeof(float));
+    mt_model_init_random(mc, params, seed);
+    return params;
+}
+
 START_TEST(training_reduces_loss_and_saves) {
     char data[300], folder[300], out[300];
     snprintf(data, sizeof data, "%s/train.h5", dir);
@@ -381,12 +392,7 @@ START_TEST(training_reduces_loss_and_saves) {
     ck_assert_ptr_nonnull(strstr(head, "<svg"));
     // a model with a NaN weight stops at step 1 with a clear error, and no model is written
     mt_model_config mc;
-    ck_assert_int_eq(mt_hf_read_config(folder, &mc), MT_OK);
-    int n_params;
-    size_t total;
-    free(mt_model_param_table(&mc, &n_params, &total));
-    float *params = malloc(total * sizeof(float));
-    mt_model_init_random(&mc, params, 5);
+    float *params = random_params(folder, &mc, 5);
     params[7] = NAN;  // inside the embedding
     char bad[300], bad_run[300];
     snprintf(bad, sizeof bad, "%s/nan-model", dir);
@@ -505,12 +511,7 @@ START_TEST(eval_matches_logits_and_adapter) {
     snprintf(adapter, sizeof adapter, "%s/eval-adapter", dir);
     snprintf(merged, sizeof merged, "%s/eval-merged", dir);
     mt_model_config mc;
-    ck_assert_int_eq(mt_hf_read_config(folder, &mc), MT_OK);
-    int n_params;
-    size_t total;
-    free(mt_model_param_table(&mc, &n_params, &total));
-    float *params = malloc(total * sizeof(float));
-    mt_model_init_random(&mc, params, 9);
+    float *params = random_params(folder, &mc, 9);
     ck_assert_int_eq(mt_hf_save(model_dir, NULL, &mc, params, MT_DTYPE_F32), MT_OK);
     const int T = 16, windows = 12;
     uint64_t n = (uint64_t)T * windows + 1;
