@@ -21,6 +21,12 @@ int mt_device_count(void) {
     return n;
 }
 
+size_t mt_device_free_bytes(void) {
+    size_t free_bytes = 0, total = 0;
+    if (cudaMemGetInfo(&free_bytes, &total) != cudaSuccess) return 0;
+    return free_bytes;
+}
+
 size_t mt_device_total_bytes(void) {
     int dev = 0;
     cudaDeviceProp prop;

@@ -18,6 +18,8 @@ int mt_device_count(void);
 void mt_device_describe(char *buf, size_t len);
 // The current device's memory in bytes (0: no GPU).
 size_t mt_device_total_bytes(void);
+// What the current device has free now (0: no GPU).
+size_t mt_device_free_bytes(void);
 
 void *mt_device_malloc(size_t bytes);  // NULL when out of memory
 void mt_device_free(void *p);

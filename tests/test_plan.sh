@@ -64,6 +64,20 @@ check "GaLore r=16, int8 moments, offload" --set optim.kind=galore --set optim.g
 check "AdamW state in host memory" --set offload.optimizer=cpu --set train.grad_accum=2
 check "AdamW state on disk" --set offload.optimizer=ssd --set "offload.path=$W/ssd"
 
+# memory.budget: the fastest setting that keeps the training and fits, and the
+# run then holds no more than the budget; a budget nothing fits is refused
+out=$("$MEMTUNE" train "${base[@]}" --set memory.budget=16MiB --set "output.dir=$W/budget" 2>&1) ||
+    fail "memory.budget 16MiB: the run failed: $out"
+echo "$out" | grep -q "memory.budget 16MiB (16.0 MiB): the configuration needs .* running with" ||
+    fail "memory.budget 16MiB: no line saying what it chose: $out"
+total=$(echo "$out" | run_peaks | awk '{s += $2} END {print s}')
+awk -v t="$total" 'BEGIN {exit !(t <= 16.0)}' || fail "memory.budget 16MiB: the run held $total MiB"
+echo "test_plan: memory.budget 16MiB: $(echo "$out" | grep -o 'running with [^(]*')held $total MiB"
+out=$("$MEMTUNE" train "${base[@]}" --set memory.budget=2MiB --set "output.dir=$W/budget2" 2>&1)
+[ $? -eq 1 ] && echo "$out" | grep -q "no setting that keeps this training fits: the smallest" ||
+    fail "memory.budget 2MiB: expected a refusal naming the smallest setting: $out"
+[ ! -e "$W/budget2/model" ] || fail "memory.budget 2MiB: a refused run wrote a model"
+
 # the 7B configs, forecast for the GPU from config.json alone
 for c in llama-lora llama-qlora mezo galore full-offload-cpu full-offload-ssd; do
     out=$("$MEMTUNE" plan "configs/$c.yaml" --set model.path=configs/models/llama-2-7b --gpu-memory 80GiB 2>&1) ||

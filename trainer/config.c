@@ -268,7 +268,9 @@ static const char *const outside_training_hash[] = {
     "offload.optimizer", "offload.path", "offload.io_threads", "offload.threads", "offload.trace_step",
     "offload.grad_sum",
     // a checkpoint resumes whatever the sharding (docs/checkpoints.md)
-    "dist.zero_stage", "dist.timeout"};
+    "dist.zero_stage", "dist.timeout",
+    // the settings it picks are in the hash themselves
+    "memory.budget"};
 
 // FNV-1a over KEY=VALUE lines of every key, or of those that change what
 // training computes.

@@ -135,7 +135,12 @@ extern "C" {
       "run folder: resolved config, metrics.jsonl, final model (created; an existing run's files are replaced)")      \
     X(output, save_model, BOOL, "true", 0, 0, "", "write the trained model to output.dir/model at the end")           \
     X(output, save_dtype, ENUM, "auto", 0, 0, "auto|F32|BF16",                                                        \
-      "dtype of saved weights; auto: the dtype the model folder declares (F32 for random init)")
+      "dtype of saved weights; auto: the dtype the model folder declares (F32 for random init)")                      \
+    X(memory, budget, STR, "", 0, 0, "",                                                                              \
+      "the most the run may hold where it computes (SIZE: 24GiB, 16G, 900MiB; auto: the GPU's free memory less 1 "    \
+      "GiB): when the configuration needs more, memtune runs the fastest of the settings that keep the same "         \
+      "training (activation checkpointing, offloaded activations, smaller micro-batches with more accumulation, "     \
+      "AdamW's state in host memory) that fits, and says which; empty: no budget (docs/plan.md)")
 
 #define MT_CFG_CTYPE_INT long
 #define MT_CFG_CTYPE_FLOAT double

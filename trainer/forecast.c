@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels/device.h"
 #include "kernels/ops.h"
 #include "trainer/dist.h"
 #include "trainer/hf.h"
@@ -177,6 +178,11 @@ static const char *size_text(double b, char *buf, size_t n) {
     return buf;
 }
 
+static const char *trimmed(const char *s) {
+    while (*s == ' ') s++;
+    return s;
+}
+
 // Loads the config file with its --set assignments and `extra` ones.
 static mt_err load(mt_config *cfg, const char *path, char *const *sets, int n_sets, const char *const *extra) {
     mt_config_defaults(cfg);
@@ -299,5 +305,134 @@ mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_s
             fprintf(out, "\nno train.seq_len fits as configured\n");
     }
     mt_config_free(&cfg);
+    return MT_OK;
+}
+
+// "24GiB", "80G", "900MiB", "1.5T", or bytes; -1 when not a size.
+double mt_parse_size(const char *v) {
+    char *end;
+    double x = strtod(v, &end);
+    if (end == v || x <= 0) return -1;
+    double unit = 1;
+    if (*end == 'K' || *end == 'k')
+        unit = 1024.0, end++;
+    else if (*end == 'M' || *end == 'm')
+        unit = 1048576.0, end++;
+    else if (*end == 'G' || *end == 'g')
+        unit = 1073741824.0, end++;
+    else if (*end == 'T' || *end == 't')
+        unit = 1099511627776.0, end++;
+    if (unit > 1 && (*end == 'i' || *end == 'I')) end++;
+    if (unit > 1 && (*end == 'B' || *end == 'b')) end++;
+    return *end ? -1 : x * unit;
+}
+
+// The settings a budget may change: what keeps the training the same.
+typedef struct {
+    int ckpt, offload_acts;
+    long micro_batch, accum;
+    int offload_cpu;  // AdamW's state to host memory (from none)
+} knobs;
+
+static void set_knobs(mt_config *cfg, const knobs *k, const char *offload_was) {
+    cfg->model_activation_checkpointing = k->ckpt;
+    cfg->model_offload_activations = k->offload_acts;
+    cfg->train_micro_batch = k->micro_batch, cfg->train_grad_accum = k->accum;
+    mt_config_set(cfg, "offload.optimizer", k->offload_cpu ? "cpu" : offload_was, "memory.budget");
+}
+
+static void describe_knobs(const knobs *k, const knobs *was, char *buf, size_t n) {
+    buf[0] = '\0';
+    size_t at = 0;
+    if (k->ckpt != was->ckpt) at += (size_t)snprintf(buf + at, n - at, "model.activation_checkpointing=true ");
+    if (at < n && k->offload_acts != was->offload_acts)
+        at += (size_t)snprintf(buf + at, n - at, "model.offload_activations=true ");
+    if (at < n && k->micro_batch != was->micro_batch)
+        at +=
+            (size_t)snprintf(buf + at, n - at, "train.micro_batch=%ld train.grad_accum=%ld ", k->micro_batch, k->accum);
+    if (at < n && k->offload_cpu != was->offload_cpu)
+        at += (size_t)snprintf(buf + at, n - at, "offload.optimizer=cpu ");
+    if (at > 0 && at <= n) buf[at - 1] = '\0';
+}
+
+mt_err mt_forecast_fit_budget(mt_config *cfg, int gpu, int world) {
+    if (!cfg->memory_budget || !cfg->memory_budget[0]) return MT_OK;
+    double budget;
+    char source[64];
+    if (!strcmp(cfg->memory_budget, "auto")) {
+        if (!gpu)
+            return mt_errorf(MT_ERR_CONFIG,
+                             "memory.budget auto takes the GPU's free memory, and this run is on the "
+                             "CPU; give a size (memory.budget: 16GiB) or none");
+        budget = (double)mt_device_free_bytes() - 1073741824.0;
+        snprintf(source, sizeof source, "auto: the GPU's free memory less 1 GiB");
+    } else {
+        budget = mt_parse_size(cfg->memory_budget);
+        if (budget <= 0)
+            return mt_errorf(MT_ERR_CONFIG, "memory.budget %s: expected a size (24GiB, 16G, 900MiB), auto, or empty",
+                             cfg->memory_budget);
+        snprintf(source, sizeof source, "%s", cfg->memory_budget);
+    }
+    mt_model_config mc;
+    mt_err err = mt_hf_read_config(cfg->model_path, &mc);
+    if (err) return err;
+    char *offload_was = strdup(cfg->offload_optimizer);
+    MT_CHECK(offload_was != NULL, "budget");
+    knobs was = {(int)cfg->model_activation_checkpointing, (int)cfg->model_offload_activations, cfg->train_micro_batch,
+                 cfg->train_grad_accum, 0};
+    mt_forecast f;
+    if ((err = mt_forecast_run(cfg, &mc, gpu, world, &f))) {
+        free(offload_was);
+        return err;
+    }
+    double need = f.device_peak;
+    if (need <= budget) {
+        char b1[32], b2[32];
+        mt_info("memory.budget %s (%s): the configuration's forecast is %s; it runs as it is", source,
+                trimmed(size_text(budget, b1, sizeof b1)), trimmed(size_text(need, b2, sizeof b2)));
+        free(offload_was);
+        return MT_OK;
+    }
+    knobs best = was, smallest = was;
+    double best_time = INFINITY, best_peak = 0, smallest_peak = need, base_time = f.step_time / f.tokens;
+    int can_offload = gpu && !strcmp(offload_was, "none") && strcmp(cfg->optim_kind, "mezo");
+    for (int ckpt = was.ckpt; ckpt <= 1; ckpt++)
+        for (int acts = was.offload_acts; acts <= ckpt; acts++)
+            for (long mb = was.micro_batch, acc = was.accum; mb >= 1; mb /= 2, acc *= 2) {
+                if (mb != was.micro_batch && strcmp(cfg->optim_kind, "galore") == 0) break;  // GaLore: accum 1
+                for (int off = 0; off <= can_offload; off++) {
+                    knobs k = {ckpt, acts, mb, acc, off};
+                    set_knobs(cfg, &k, offload_was);
+                    mt_forecast fk;
+                    if (mt_forecast_run(cfg, &mc, gpu, world, &fk)) continue;
+                    double t = fk.step_time / fk.tokens;
+                    if (fk.device_peak < smallest_peak) smallest = k, smallest_peak = fk.device_peak;
+                    if (fk.device_peak <= budget && t < best_time) best = k, best_time = t, best_peak = fk.device_peak;
+                    if (mb % 2) break;  // whole halvings only
+                }
+                if (mb % 2) break;
+            }
+    char what[256];
+    if (isinf(best_time)) {
+        set_knobs(cfg, &was, offload_was);
+        describe_knobs(&smallest, &was, what, sizeof what);
+        free(offload_was);
+        char b1[32], b2[32], b3[32];
+        return mt_errorf(MT_ERR_CONFIG,
+                         "memory.budget %s (%s): the configuration needs %s, and no setting that keeps this training "
+                         "fits: the smallest (%s) needs %s. Raise the budget, or train less (lora.r, model.quantize: "
+                         "nf4, optim.kind: galore or mezo; memtune plan shows them)",
+                         source, trimmed(size_text(budget, b1, sizeof b1)), trimmed(size_text(need, b2, sizeof b2)),
+                         what[0] ? what : "as configured", trimmed(size_text(smallest_peak, b3, sizeof b3)));
+    }
+    set_knobs(cfg, &best, offload_was);
+    describe_knobs(&best, &was, what, sizeof what);
+    char b1[32], b2[32], b3[32];
+    mt_info(
+        "memory.budget %s (%s): the configuration needs %s; running with %s (forecast %s, %.2fx the time per "
+        "token), the fastest of the settings that keep this training and fit",
+        source, trimmed(size_text(budget, b1, sizeof b1)), trimmed(size_text(need, b2, sizeof b2)), what,
+        trimmed(size_text(best_peak, b3, sizeof b3)), best_time / base_time);
+    free(offload_was);
     return MT_OK;
 }

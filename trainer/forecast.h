@@ -41,6 +41,16 @@ mt_err mt_forecast_run(const mt_config *cfg, const mt_model_config *mc, int gpu,
 mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_sets, int gpu, int world,
                          double capacity, const char *capacity_source);
 
+// memory.budget: when cfg's run would need more than the budget where it
+// computes (gpu, world ranks), changes cfg to the fastest of the settings
+// that keep the same training (activation checkpointing, offloaded
+// activations, micro-batch halved with accumulation doubled, AdamW's state
+// in host memory) whose forecast fits, and logs which and why; refuses with
+// the smallest one's needs when none fits. No budget: nothing changes.
+mt_err mt_forecast_fit_budget(mt_config *cfg, int gpu, int world);
+// "24GiB", "80G", "900MiB", "1.5T", or bytes; -1 when not a size.
+double mt_parse_size(const char *v);
+
 #ifdef __cplusplus
 }
 #endif

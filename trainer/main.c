@@ -69,6 +69,12 @@ static int cmd_train(int argc, char **argv) {
     if (!err) err = mt_config_load_yaml(&cfg, config_path);
     for (int i = 0; i < argc && !err; i++)
         if (!strcmp(argv[i], "--set")) err = mt_config_set_assignment(&cfg, argv[++i], "--set");
+    // memory.budget: the settings that fit, before anything is allocated
+    if (!err && cfg.memory_budget[0]) {
+        const char *ws = getenv("OMPI_COMM_WORLD_SIZE") ? getenv("OMPI_COMM_WORLD_SIZE") : getenv("MT_WORLD_SIZE");
+        int gpu = strcmp(cfg.train_device, "cpu") && mt_device_count() > 0;
+        err = mt_forecast_fit_budget(&cfg, gpu, ws ? atoi(ws) : 1);
+    }
     mt_train_result result;
     if (!err) err = mt_train(&cfg, &result);
     if (!err && result.rank == 0)
@@ -249,25 +255,6 @@ static int cmd_eval(int argc, char **argv) {
     return 0;
 }
 
-// "24GiB", "80G", "81920MiB", "1.5T", or bytes.
-static double parse_size(const char *v) {
-    char *end;
-    double x = strtod(v, &end);
-    if (end == v || x <= 0) return -1;
-    double unit = 1;
-    if (*end == 'K' || *end == 'k')
-        unit = 1024.0, end++;
-    else if (*end == 'M' || *end == 'm')
-        unit = 1048576.0, end++;
-    else if (*end == 'G' || *end == 'g')
-        unit = 1073741824.0, end++;
-    else if (*end == 'T' || *end == 't')
-        unit = 1099511627776.0, end++;
-    if (unit > 1 && (*end == 'i' || *end == 'I')) end++;
-    if (unit > 1 && (*end == 'B' || *end == 'b')) end++;
-    return *end ? -1 : x * unit;
-}
-
 static int cmd_plan(int argc, char **argv) {
     const char *path = NULL, *device = NULL;
     char **sets = calloc((size_t)argc + 2, sizeof *sets);
@@ -295,7 +282,7 @@ static int cmd_plan(int argc, char **argv) {
         else if (!strcmp(a, "--ranks"))
             ranks = atoi(argv[++i]);
         else if (!strcmp(a, "--gpu-memory")) {
-            capacity = parse_size(argv[++i]);
+            capacity = mt_parse_size(argv[++i]);
             source = "--gpu-memory";
             if (capacity <= 0)
                 return free(sets),
