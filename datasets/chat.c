@@ -301,3 +301,12 @@ mt_err mt_chat_template_pick(mt_chat_template *out, const char *choice, const ch
     snprintf(out->eos, sizeof out->eos, "%s", eos ? eos : "");
     return MT_OK;
 }
+
+void mt_chat_add_generation_prompt(const mt_chat_template *t, mt_render *r) {
+    if (t->family == MT_CHAT_LLAMA3) add_str(r, "<|start_header_id|>assistant<|end_header_id|>\n\n", 0);
+    if (t->family == MT_CHAT_CHATML) add_str(r, "<|im_start|>assistant\n", 0);
+}
+
+const char *mt_chat_end_of_turn(const mt_chat_template *t) {
+    return t->family == MT_CHAT_LLAMA3 ? "<|eot_id|>" : t->family == MT_CHAT_CHATML ? "<|im_end|>" : t->eos;
+}

@@ -65,6 +65,12 @@ void mt_render_free(mt_render *r);
 // reason in why.
 int mt_chat_render(const mt_chat_template *t, const mt_chat_message *m, int n, mt_render *r, char *why, size_t why_len);
 
+// Appends what add_generation_prompt=True adds: the assistant's header
+// (Llama-3, ChatML; Llama-2 and Mistral add nothing).
+void mt_chat_add_generation_prompt(const mt_chat_template *t, mt_render *r);
+// The token that ends an answer: <|eot_id|>, <|im_end|>, or EOS.
+const char *mt_chat_end_of_turn(const mt_chat_template *t);
+
 #ifdef __cplusplus
 }
 #endif

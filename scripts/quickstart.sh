@@ -43,3 +43,8 @@ if [ "${1:-}" = "lora" ] || [ "${1:-}" = "mezo" ] || [ "${1:-}" = "galore" ]; th
     exit
 fi
 ./build/memtune train configs/quickstart.yaml "$@"
+# a sample from the trained model (greedy, on the CPU)
+if [ -f runs/quickstart/model/model.safetensors ]; then
+    echo "sample: And God said ..."
+    ./build/memtune generate --model runs/quickstart/model --prompt "And God said" --max-new-tokens 80
+fi

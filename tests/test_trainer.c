@@ -22,6 +22,7 @@
 #include "trainer/checkpoint.h"
 #include "trainer/config.h"
 #include "trainer/eval.h"
+#include "trainer/generate.h"
 #include "trainer/hf.h"
 #include "trainer/lora.h"
 #include "trainer/model.h"
@@ -580,6 +581,88 @@ START_TEST(eval_matches_logits_and_adapter) {
 }
 END_TEST
 
+// Generation with a key/value cache gives, at every position, the logits of
+// the whole-sequence forward (the model checked against transformers) and so
+// the same greedy tokens; a sliding window and tied embeddings too. Sampling:
+// temperature 0 is argmax, top-k 1 is argmax, draws are reproducible by seed.
+START_TEST(generation_matches_the_full_forward) {
+    static const char *const configs[] = {
+        NULL,  // the tiny Llama
+        "{\"architectures\":[\"Qwen2ForCausalLM\"],\"model_type\":\"qwen2\",\"vocab_size\":13,\"hidden_size\":12,"
+        "\"intermediate_size\":20,\"num_hidden_layers\":2,\"num_attention_heads\":3,\"num_key_value_heads\":1,"
+        "\"max_position_embeddings\":64,\"rms_norm_eps\":1e-6,\"rope_theta\":1000.0,\"tie_word_embeddings\":true,"
+        "\"sliding_window\":5,\"use_sliding_window\":true,\"max_window_layers\":0}"};
+    for (int variant = 0; variant < 2; variant++) {
+        char folder[300];
+        make_folder(variant ? "gen-qwen" : "gen-llama", variant ? configs[1] : tu_tiny_llama_json, folder,
+                    sizeof folder);
+        mt_model_config mc;
+        float *params = random_params(folder, &mc, 21 + variant);
+        const int T = 24;
+        mt_generator *g;
+        ck_assert_int_eq(mt_generator_init(&g, &mc, params, T), MT_OK);
+        mt_backend be;
+        ck_assert_int_eq(mt_backend_init(&be, -1), MT_OK);
+        mt_model *m;
+        ck_assert_int_eq(mt_model_create(&m, &be, &mc, 1, T, 0), MT_OK);
+        ck_assert_int_eq(mt_model_set_weights(m, params), MT_OK);
+        int32_t seq[24] = {1, 5, 2};
+        int n = 3;
+        float *logits = malloc((size_t)mc.V * 4), *full = malloc((size_t)T * mc.V * 4);
+        mt_sampling greedy = {0.0f, 0, 1.0f, 0.0f, 1.0f, 0};
+        for (int i = 0; i < n; i++) ck_assert_int_eq(mt_generator_step(g, seq[i], i == n - 1 ? logits : NULL), MT_OK);
+        double worst = 0.0;
+        while (n < T) {
+            int32_t in[24] = {0};
+            memcpy(in, seq, (size_t)n * 4);
+            mt_model_logits(m, in, full);  // causal: rows < n see only the sequence so far
+            const float *row = full + (size_t)(n - 1) * mc.V;
+            for (int v = 0; v < mc.V; v++) {
+                double d = fabs(row[v] - logits[v]);
+                worst = d > worst ? d : worst;
+            }
+            int32_t next = mt_sample(logits, mc.V, &greedy, NULL, 0, 0);
+            int32_t want = 0;
+            for (int v = 1; v < mc.V; v++) want = row[v] > row[want] ? v : want;
+            ck_assert_int_eq(next, want);
+            seq[n++] = next;
+            if (n < T) ck_assert_int_eq(mt_generator_step(g, next, logits), MT_OK);
+        }
+        ck_assert_msg(worst < 1e-4, "variant %d: logits differ by %g", variant, worst);
+        ck_assert_int_eq(mt_generator_step(g, 1, logits), MT_OK);  // the cache's last position
+        ck_assert_int_eq(mt_generator_step(g, 1, logits), MT_ERR_USAGE);  // past it
+        mt_model_free(m);
+        mt_backend_free(&be);
+        mt_generator_free(g);
+        free(params), free(logits), free(full);
+    }
+    // sampling
+    float l[6] = {0.1f, 2.0f, -1.0f, 1.9f, 0.0f, -3.0f}, c[6];
+    mt_sampling s = {1.0f, 1, 1.0f, 0.0f, 1.0f, 7};
+    memcpy(c, l, sizeof l);
+    ck_assert_int_eq(mt_sample(c, 6, &s, NULL, 0, 3), 1);  // top-k 1
+    s.top_k = 0, s.top_p = 0.5f;
+    int counts[6] = {0};
+    for (int d = 0; d < 2000; d++) {
+        memcpy(c, l, sizeof l);
+        counts[mt_sample(c, 6, &s, NULL, 0, (uint64_t)d)]++;
+    }
+    ck_assert_int_eq(counts[0] + counts[2] + counts[4] + counts[5], 0);  // top-p 0.5: tokens 1 and 3 only
+    // token 1's share: e^2 / (e^2 + e^1.9) = 0.525, within 4 standard deviations of 2000 draws
+    ck_assert_msg(fabs(counts[1] / 2000.0 - 0.525) < 0.045, "token 1 drawn %d times of 2000", counts[1]);
+    memcpy(c, l, sizeof l);
+    int32_t a = mt_sample(c, 6, &s, NULL, 0, 11);
+    memcpy(c, l, sizeof l);
+    ck_assert_int_eq(mt_sample(c, 6, &s, NULL, 0, 11), a);  // same seed and draw, same token
+    // repetition penalty 2: token 1 (2.0 -> 1.0) falls below token 3 (1.9)
+    mt_sampling rp = {0.0f, 0, 1.0f, 0.0f, 2.0f, 0};
+    uint32_t hist[2] = {1, 1};
+    memcpy(c, l, sizeof l);
+    ck_assert_int_eq(mt_sample(c, 6, &rp, hist, 2, 0), 3);
+    ck_assert_float_eq(c[1], 1.0f);  // once, though seen twice
+}
+END_TEST
+
 // ------------------------------------------------------------- checkpoints
 
 // The "loss" of every record of a metrics.jsonl, by step (losses[step - 1]).
@@ -875,6 +958,7 @@ int main(void) {
     tcase_add_test(tc, training_reduces_loss_and_saves);
     tcase_add_test(tc, loss_is_the_mean_over_the_steps_trained_tokens);
     tcase_add_test(tc, eval_matches_logits_and_adapter);
+    tcase_add_test(tc, generation_matches_the_full_forward);
     tcase_add_test(tc, resume_is_bit_identical);
     tcase_add_test(tc, lora_resume_is_bit_identical);
     tcase_add_test(tc, lora_starts_from_an_adapter_folder);

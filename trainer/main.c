@@ -1,16 +1,24 @@
 // trainer/main.c: the memtune command line. Subcommands: train, tokenize,
-// plan, eval, merge, config-docs. Every user-facing failure ends here as one message and a
+// plan, generate, eval, merge, config-docs. Every user-facing failure ends here as one message and a
 // non-zero exit.
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
+#include <cjson/cJSON.h>
+#include "datasets/chat.h"
 #include "datasets/convert.h"
+#include "datasets/hf_tokenizer.h"
+#include "datasets/tokenizer.h"
 #include "kernels/common.h"
 #include "kernels/device.h"
 #include "trainer/config.h"
 #include "trainer/eval.h"
 #include "trainer/forecast.h"
+#include "trainer/generate.h"
+#include "trainer/hf.h"
+#include "trainer/lora.h"
 #include "trainer/merge.h"
 #include "trainer/train.h"
 
@@ -24,6 +32,8 @@ static void usage(FILE *f) {
             "                                 (memtune tokenize --help)\n"
             "  memtune plan CONFIG.yaml [--set ...] [--gpu-memory SIZE] [--device gpu|cpu] [--ranks N]\n"
             "                                 what the run will hold, before it runs, and alternatives\n"
+            "  memtune generate --model DIR [--adapter DIR] (--prompt TEXT | --chat TEXT | --input FILE.jsonl)\n"
+            "                                 text from the model (CPU, KV cache; memtune generate --help)\n"
             "  memtune eval --model DIR [--adapter DIR] --data DATA.h5\n"
             "                                 mean loss and perplexity over a dataset's trained targets\n"
             "  memtune merge --model DIR --adapter DIR -o OUT_DIR\n"
@@ -310,6 +320,275 @@ static int cmd_plan(int argc, char **argv) {
     return err ? fail(err) : 0;
 }
 
+static const char GENERATE_HELP[] =
+    "usage: memtune generate --model DIR [--adapter DIR] (--prompt TEXT | --chat TEXT | --input FILE.jsonl)\n\n"
+    "Text from a model folder (its tokenizer.json and chat template), one token at a time with a key/value cache,\n"
+    "on the CPU in fp32 (a GPU decode path is not built yet). A LoRA adapter is folded into the host copy.\n\n"
+    "  --prompt TEXT          continue TEXT (BOS first when the tokenizer has one)\n"
+    "  --chat TEXT            TEXT as the user's message, rendered with the model's chat template\n"
+    "  --system TEXT          a system message before --chat's\n"
+    "  --input FILE.jsonl     one {\"prompt\": ...} or {\"messages\": [...]} a line; writes JSONL to stdout\n"
+    "  --chat-template T      auto (the model's) or a name, as memtune tokenize takes\n"
+    "  --max-new-tokens N     (128)\n"
+    "  --temperature T        0: greedy (the default)\n"
+    "  --top-k K  --top-p P  --min-p M  --repetition-penalty R  --seed S\n"
+    "  --stop TEXT            stop when the text ends with TEXT (repeatable)\n";
+
+typedef struct {
+    mt_generator *gen;
+    mt_tokenizer *tok;
+    const mt_model_config *mc;
+    mt_sampling sampling;
+    int max_new, eos, eot;
+    const char *stops[8];
+    int n_stops;
+} gen_ctx;
+
+// The text of byte-tokenizer ids (BOS and EOS left out).
+static char *bytes_decode(const uint32_t *ids, size_t n, size_t *len) {
+    char *out = malloc(n + 1);
+    MT_CHECK(out != NULL, "decode");
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++)
+        if (ids[i] < 256) out[k++] = (char)ids[i];
+    out[k] = '\0';
+    *len = k;
+    return out;
+}
+
+// Generates after the prompt ids; streams to `stream` (NULL: quiet); returns
+// the completion's text (malloc'd).
+static mt_err run_generation(gen_ctx *c, const mt_ids *prompt, FILE *stream, char **text_out) {
+    *text_out = NULL;
+    mt_generator_reset(c->gen);
+    float *logits = malloc((size_t)c->mc->V * sizeof(float));
+    mt_ids hist = {0};
+    MT_CHECK(logits != NULL, "logits");
+    mt_err err = MT_OK;
+    for (size_t i = 0; i < prompt->n && !err; i++) {
+        mt_ids_push(&hist, prompt->ids[i]);
+        err = mt_generator_step(c->gen, (int32_t)prompt->ids[i], i + 1 == prompt->n ? logits : NULL);
+    }
+    size_t start = hist.n, shown = 0;
+    char *text = NULL;
+    size_t len = 0;
+    for (int n = 0; n < c->max_new && !err && prompt->n; n++) {
+        int32_t next = mt_sample(logits, c->mc->V, &c->sampling, hist.ids, hist.n, (uint64_t)n);
+        if (next == c->eos || next == c->eot) break;
+        mt_ids_push(&hist, (uint32_t)next);
+        free(text);
+        text = c->tok ? mt_tokenizer_decode(c->tok, hist.ids + start, hist.n - start, 1, &len)
+                      : bytes_decode(hist.ids + start, hist.n - start, &len);
+        // stream what is complete (a trailing U+FFFD may be half a character still)
+        size_t ready = len;
+        if (ready >= 3 && !memcmp(text + ready - 3, "\xef\xbf\xbd", 3)) ready -= 3;
+        if (stream && ready > shown) {
+            fwrite(text + shown, 1, ready - shown, stream);
+            fflush(stream);
+            shown = ready;
+        }
+        int stop = 0;
+        for (int s = 0; s < c->n_stops && !stop; s++) {
+            size_t sl = strlen(c->stops[s]);
+            if (len >= sl && !memcmp(text + len - sl, c->stops[s], sl)) stop = 1, len -= sl, text[len] = '\0';
+        }
+        if (stop) break;
+        err = mt_generator_step(c->gen, next, logits);
+    }
+    if (stream && text && len > shown) fwrite(text + shown, 1, len - shown, stream);
+    if (stream) fputc('\n', stream);
+    free(logits);
+    mt_ids_free(&hist);
+    if (!text) text = calloc(1, 1);
+    *text_out = text;
+    return err;
+}
+
+// The prompt's ids: a chat rendered with the template and its generation
+// prompt, or text after BOS.
+static mt_err prompt_ids(const mt_tokenizer *tok, const mt_chat_template *tmpl, const mt_chat_message *msgs, int n,
+                         const char *text, mt_ids *ids) {
+    ids->n = 0;
+    if (msgs) {
+        mt_render r = {0};
+        char why[200];
+        if (mt_chat_render(tmpl, msgs, n, &r, why, sizeof why)) {
+            mt_render_free(&r);
+            return mt_errorf(MT_ERR_USAGE, "the conversation cannot be rendered: %s", why);
+        }
+        mt_chat_add_generation_prompt(tmpl, &r);
+        mt_tokenizer_encode(tok, r.text, r.len, ids);
+        mt_render_free(&r);
+        return MT_OK;
+    }
+    if (!tok) {  // memtune's bytes
+        mt_ids_push(ids, MT_TOKEN_BOS);
+        for (const char *p = text; *p; p++) mt_ids_push(ids, (unsigned char)*p);
+        return MT_OK;
+    }
+    if (mt_tokenizer_bos(tok) >= 0) mt_ids_push(ids, (uint32_t)mt_tokenizer_bos(tok));
+    mt_tokenizer_encode(tok, text, strlen(text), ids);
+    return MT_OK;
+}
+
+static int cmd_generate(int argc, char **argv) {
+    const char *model = NULL, *adapter = NULL, *prompt = NULL, *chat = NULL, *system = NULL, *input = NULL,
+               *template_name = "auto";
+    gen_ctx c = {.max_new = 128, .sampling = {0.0f, 0, 1.0f, 0.0f, 1.0f, 0}};
+    for (int i = 0; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "--help") || !strcmp(a, "-h")) return printf("%s", GENERATE_HELP), 0;
+        if (!v) return fail(mt_errorf(MT_ERR_USAGE, "%s needs a value (memtune generate --help)", a));
+        char *end = NULL;
+        if (!strcmp(a, "--model"))
+            model = v;
+        else if (!strcmp(a, "--adapter"))
+            adapter = v;
+        else if (!strcmp(a, "--prompt"))
+            prompt = v;
+        else if (!strcmp(a, "--chat"))
+            chat = v;
+        else if (!strcmp(a, "--system"))
+            system = v;
+        else if (!strcmp(a, "--input"))
+            input = v;
+        else if (!strcmp(a, "--chat-template"))
+            template_name = v;
+        else if (!strcmp(a, "--stop")) {
+            if (c.n_stops == 8) return fail(mt_errorf(MT_ERR_USAGE, "at most 8 --stop strings"));
+            c.stops[c.n_stops++] = v;
+        } else if (!strcmp(a, "--max-new-tokens"))
+            c.max_new = (int)strtol(v, &end, 10);
+        else if (!strcmp(a, "--top-k"))
+            c.sampling.top_k = (int)strtol(v, &end, 10);
+        else if (!strcmp(a, "--seed"))
+            c.sampling.seed = strtoull(v, &end, 10);
+        else if (!strcmp(a, "--temperature"))
+            c.sampling.temperature = strtof(v, &end);
+        else if (!strcmp(a, "--top-p"))
+            c.sampling.top_p = strtof(v, &end);
+        else if (!strcmp(a, "--min-p"))
+            c.sampling.min_p = strtof(v, &end);
+        else if (!strcmp(a, "--repetition-penalty"))
+            c.sampling.repetition_penalty = strtof(v, &end);
+        else
+            return fail(mt_errorf(MT_ERR_USAGE, "unknown option %s (memtune generate --help)", a));
+        if (end && (*end || end == v)) return fail(mt_errorf(MT_ERR_USAGE, "%s %s: expected a number", a, v));
+        i++;
+    }
+    if (!model || (!!prompt + !!chat + !!input) != 1)
+        return fail(mt_errorf(MT_ERR_USAGE, "generate needs --model DIR and one of --prompt, --chat, --input"));
+    if (c.max_new < 1 || c.sampling.top_k < 0 || c.sampling.temperature < 0 || c.sampling.top_p <= 0 ||
+        c.sampling.top_p > 1 || c.sampling.min_p < 0 || c.sampling.min_p >= 1 || c.sampling.repetition_penalty <= 0)
+        return fail(mt_errorf(MT_ERR_USAGE, "a sampling setting is out of range (memtune generate --help)"));
+    mt_model_config mc;
+    mt_err err = mt_hf_read_config(model, &mc);
+    mt_tokenizer *tok = NULL;
+    char tokenizer_file[1100];
+    snprintf(tokenizer_file, sizeof tokenizer_file, "%s/tokenizer.json", model);
+    int bytes = !err && access(tokenizer_file, F_OK) != 0 && mc.V == MT_BYTE_VOCAB;  // memtune's byte tokenizer
+    if (!err && !bytes) err = mt_tokenizer_load(&tok, model);
+    if (!err && bytes && (chat || input))
+        err =
+            mt_errorf(MT_ERR_USAGE, "%s has memtune's byte tokenizer, which has no chat template: use --prompt", model);
+    float *params = NULL;
+    int n_params;
+    size_t total = 0;
+    if (!err) {
+        free(mt_model_param_table(&mc, &n_params, &total));
+        params = malloc(total * sizeof(float));
+        if (!params) err = mt_errorf(MT_ERR_NOMEM, "out of host memory for the model (%.1f GiB)", total * 4.0 / 1e9);
+    }
+    if (!err) err = mt_hf_load_weights(model, &mc, params);
+    if (!err && adapter) {  // folded into the host copy: the same function as applying it on the fly
+        mt_lora_config lora;
+        err = mt_lora_read_config(adapter, &lora);
+        int n_ad;
+        size_t ad_total = 0;
+        float *ad = NULL;
+        if (!err) {
+            free(mt_lora_param_table(&mc, &lora, &n_ad, &ad_total));
+            ad = calloc(ad_total ? ad_total : 1, sizeof(float));
+            MT_CHECK(ad != NULL, "adapter");
+            err = mt_lora_load(adapter, &mc, &lora, ad);
+        }
+        if (!err) mt_lora_merge(&mc, &lora, params, ad);
+        free(ad);
+    }
+    mt_chat_template tmpl;
+    int uses_chat = chat || input;
+    if (!err && uses_chat) {
+        int b = mt_tokenizer_bos(tok), e = mt_tokenizer_eos(tok);
+        err = mt_chat_template_pick(&tmpl, template_name, mt_tokenizer_chat_template(tok),
+                                    b >= 0 ? mt_tokenizer_token(tok, (uint32_t)b) : NULL,
+                                    e >= 0 ? mt_tokenizer_token(tok, (uint32_t)e) : NULL, model);
+        if (err && input) err = MT_OK, uses_chat = 0;  // a file of plain prompts needs no template
+    }
+    c.mc = &mc, c.tok = tok, c.eos = tok ? mt_tokenizer_eos(tok) : MT_TOKEN_EOS, c.eot = -1;
+    if (!err && uses_chat) c.eot = mt_tokenizer_token_id(tok, mt_chat_end_of_turn(&tmpl));
+    int max_len = mc.max_position > 0 ? mc.max_position : 4096;
+    if (!err) err = mt_generator_init(&c.gen, &mc, params, max_len);
+    mt_ids ids = {0};
+    if (!err && !input) {
+        mt_chat_message msgs[2];
+        int n = 0;
+        if (system) msgs[n++] = (mt_chat_message){MT_ROLE_SYSTEM, system, strlen(system)};
+        if (chat) msgs[n++] = (mt_chat_message){MT_ROLE_USER, chat, strlen(chat)};
+        err = prompt_ids(tok, &tmpl, chat ? msgs : NULL, n, prompt, &ids);
+        char *text = NULL;
+        if (!err) err = run_generation(&c, &ids, stdout, &text);
+        free(text);
+    } else if (!err) {
+        FILE *f = fopen(input, "rb");
+        if (!f) err = mt_errorf(MT_ERR_IO, "%s: cannot open the input file", input);
+        char *line = NULL;
+        size_t cap = 0;
+        long lineno = 0;
+        while (!err && getline(&line, &cap, f) >= 0) {
+            lineno++;
+            cJSON *obj = cJSON_Parse(line);
+            const cJSON *p = obj ? cJSON_GetObjectItemCaseSensitive(obj, "prompt") : NULL;
+            const cJSON *list = obj ? cJSON_GetObjectItemCaseSensitive(obj, "messages") : NULL;
+            mt_chat_message msgs[64];
+            int n = 0;
+            const cJSON *m;
+            if (cJSON_IsArray(list)) cJSON_ArrayForEach(m, list) {
+                    const cJSON *role = cJSON_GetObjectItemCaseSensitive(m, "role");
+                    const cJSON *content = cJSON_GetObjectItemCaseSensitive(m, "content");
+                    if (n == 64 || !cJSON_IsString(role) || !cJSON_IsString(content)) break;
+                    mt_chat_role rl = !strcmp(role->valuestring, "system")      ? MT_ROLE_SYSTEM
+                                      : !strcmp(role->valuestring, "assistant") ? MT_ROLE_ASSISTANT
+                                                                                : MT_ROLE_USER;
+                    msgs[n++] = (mt_chat_message){rl, content->valuestring, strlen(content->valuestring)};
+                }
+            if (!cJSON_IsString(p) && !(cJSON_IsArray(list) && uses_chat))
+                err = mt_errorf(MT_ERR_DATASET, "%s:%ld: expected {\"prompt\": \"...\"}%s", input, lineno,
+                                uses_chat ? " or {\"messages\": [...]}" : " (no chat template for messages)");
+            if (!err)
+                err = prompt_ids(tok, &tmpl, cJSON_IsString(p) ? NULL : msgs, n,
+                                 cJSON_IsString(p) ? p->valuestring : NULL, &ids);
+            char *text = NULL;
+            if (!err) err = run_generation(&c, &ids, NULL, &text);
+            if (!err) {
+                cJSON_AddStringToObject(obj, "completion", text);
+                char *out = cJSON_PrintUnformatted(obj);
+                printf("%s\n", out);
+                fflush(stdout);
+                free(out);
+            }
+            free(text);
+            cJSON_Delete(obj);
+        }
+        free(line);
+        if (f) fclose(f);
+    }
+    mt_ids_free(&ids);
+    mt_generator_free(c.gen);
+    mt_tokenizer_free(tok);
+    free(params);
+    return err ? fail(err) : 0;
+}
+
 static int cmd_merge(int argc, char **argv) {
     const char *model = NULL, *adapter = NULL, *out = NULL;
     for (int i = 0; i < argc; i++) {
@@ -343,6 +622,7 @@ int main(int argc, char **argv) {
     if (!strcmp(argv[1], "merge")) return cmd_merge(argc - 2, argv + 2);
     if (!strcmp(argv[1], "eval")) return cmd_eval(argc - 2, argv + 2);
     if (!strcmp(argv[1], "plan")) return cmd_plan(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "generate")) return cmd_generate(argc - 2, argv + 2);
     if (!strcmp(argv[1], "config-docs")) {
         mt_config_write_reference(stdout, 1);
         return 0;

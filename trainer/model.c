@@ -238,7 +238,7 @@ static void bind_params(mt_model *m) {
 #undef GPTR
 }
 
-static void compute_inv_freq(const mt_model_config *c, float *inv_freq) {
+void mt_model_rope_inv_freq(const mt_model_config *c, float *inv_freq) {
     int half = c->D / 2;
     for (int i = 0; i < half; i++) {
         inv_freq[i] = (float)(1.0 / pow((double)c->rope_theta, (double)(2 * i) / c->D));
@@ -446,7 +446,7 @@ mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_confi
     int half = cfg->D / 2;
     float *inv_freq = malloc((size_t)half * 4), *cs = malloc((size_t)T * half * 8);
     MT_CHECK(inv_freq && cs, "rope tables");
-    compute_inv_freq(cfg, inv_freq);
+    mt_model_rope_inv_freq(cfg, inv_freq);
     mt_rope_tables(cs, cs + (size_t)T * half, inv_freq, T, cfg->D);
     mt_backend_from_host(be, m->cos_table, cs, (size_t)T * half * 4);
     mt_backend_from_host(be, m->sin_table, cs + (size_t)T * half, (size_t)T * half * 4);

@@ -1,0 +1,246 @@
+// trainer/generate.c: see generate.h. One position at a time, the layer as
+// trainer/model.c computes it on the CPU (the reference ops for the
+// products, norms and SwiGLU; RoPE from the same tables), keys and values
+// kept per layer.
+#define _POSIX_C_SOURCE 200809L
+#include "trainer/generate.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kernels/ops_ref.h"
+#include "kernels/rng.h"
+#include "trainer/model.h"
+
+typedef struct {
+    const float *ln1, *q, *qb, *k, *kb, *v, *vb, *o, *ob, *ln2, *gate, *up, *down;
+} layer_w;
+
+struct mt_generator {
+    mt_model_config cfg;
+    const float *params;
+    const float *wte, *norm, *lm;
+    layer_w *layers;
+    int max_len, pos;
+    float *cos_table, *sin_table;
+    float *kcache, *vcache;  // (L, KV, max_len, D)
+    // one position's activations
+    float *x, *x2, *ln, *q, *k, *v, *qr, *att, *o, *gate, *up, *h, *down, *scores;
+};
+
+static const float *param(const mt_param_info *table, int n, const float *params, const char *fmt, int l) {
+    char name[160];
+    snprintf(name, sizeof name, fmt, l);
+    for (int i = 0; i < n; i++)
+        if (!strcmp(table[i].name, name)) return params + table[i].offset;
+    return NULL;
+}
+
+mt_err mt_generator_init(mt_generator **out, const mt_model_config *cfg, const float *params, int max_len) {
+    *out = NULL;
+    mt_generator *g = calloc(1, sizeof *g);
+    MT_CHECK(g != NULL, "generator");
+    g->cfg = *cfg, g->params = params, g->max_len = max_len;
+    int n;
+    size_t total;
+    mt_param_info *table = mt_model_param_table(cfg, &n, &total);
+    g->wte = param(table, n, params, "model.embed_tokens.weight", 0);
+    g->norm = param(table, n, params, "model.norm.weight", 0);
+    g->lm = param(table, n, params, "lm_head.weight", 0);
+    if (!g->lm) g->lm = g->wte;  // tied
+    g->layers = calloc((size_t)cfg->L, sizeof *g->layers);
+    MT_CHECK(g->layers != NULL, "generator layers");
+    for (int l = 0; l < cfg->L; l++) {
+        layer_w *w = &g->layers[l];
+        const char *p = "model.layers.%d.";
+        char f[96];
+#define W(field, suffix) (snprintf(f, sizeof f, "%s%s", p, suffix), w->field = param(table, n, params, f, l))
+        W(ln1, "input_layernorm.weight"), W(q, "self_attn.q_proj.weight"), W(qb, "self_attn.q_proj.bias");
+        W(k, "self_attn.k_proj.weight"), W(kb, "self_attn.k_proj.bias"), W(v, "self_attn.v_proj.weight");
+        W(vb, "self_attn.v_proj.bias"), W(o, "self_attn.o_proj.weight"), W(ob, "self_attn.o_proj.bias");
+        W(ln2, "post_attention_layernorm.weight"), W(gate, "mlp.gate_proj.weight"), W(up, "mlp.up_proj.weight");
+        W(down, "mlp.down_proj.weight");
+#undef W
+    }
+    free(table);
+    int half = cfg->D / 2, C = cfg->C, HD = cfg->H * cfg->D, KVD = cfg->KV * cfg->D, F = cfg->F;
+    float *inv_freq = malloc((size_t)half * sizeof(float));
+    g->cos_table = malloc((size_t)max_len * half * sizeof(float));
+    g->sin_table = malloc((size_t)max_len * half * sizeof(float));
+    size_t cache = (size_t)cfg->L * cfg->KV * max_len * cfg->D;
+    g->kcache = malloc(cache * sizeof(float));
+    g->vcache = malloc(cache * sizeof(float));
+    g->x = malloc((size_t)C * 4), g->x2 = malloc((size_t)C * 4), g->ln = malloc((size_t)C * 4);
+    g->q = malloc((size_t)HD * 4), g->qr = malloc((size_t)HD * 4), g->att = malloc((size_t)HD * 4);
+    g->k = malloc((size_t)KVD * 4), g->v = malloc((size_t)KVD * 4), g->o = malloc((size_t)C * 4);
+    g->gate = malloc((size_t)F * 4), g->up = malloc((size_t)F * 4), g->h = malloc((size_t)F * 4);
+    g->down = malloc((size_t)C * 4), g->scores = malloc((size_t)max_len * 4);
+    if (!inv_freq || !g->cos_table || !g->sin_table || !g->kcache || !g->vcache || !g->x || !g->x2 || !g->ln || !g->q ||
+        !g->qr || !g->att || !g->k || !g->v || !g->o || !g->gate || !g->up || !g->h || !g->down || !g->scores) {
+        free(inv_freq);
+        mt_generator_free(g);
+        return mt_errorf(MT_ERR_NOMEM, "out of host memory for a %d-position key/value cache (%.1f GiB)", max_len,
+                         2.0 * cache * 4 / 1073741824.0);
+    }
+    mt_model_rope_inv_freq(cfg, inv_freq);
+    mt_rope_tables(g->cos_table, g->sin_table, inv_freq, max_len, cfg->D);
+    free(inv_freq);
+    *out = g;
+    return MT_OK;
+}
+
+void mt_generator_free(mt_generator *g) {
+    if (!g) return;
+    free(g->layers), free(g->cos_table), free(g->sin_table), free(g->kcache), free(g->vcache);
+    free(g->x), free(g->x2), free(g->ln), free(g->q), free(g->qr), free(g->att), free(g->k), free(g->v);
+    free(g->o), free(g->gate), free(g->up), free(g->h), free(g->down), free(g->scores);
+    free(g);
+}
+
+void mt_generator_reset(mt_generator *g) { g->pos = 0; }
+int mt_generator_position(const mt_generator *g) { return g->pos; }
+
+// One position's attention over the cached keys: each query head over its
+// kv head's keys from the window's first to this position.
+static void attend(mt_generator *g, int l) {
+    const mt_model_config *c = &g->cfg;
+    int D = c->D, group = c->H / c->KV, t = g->pos;
+    int first = c->sliding_window > 0 && c->sliding_window <= t ? t - (int)c->sliding_window + 1 : 0;
+    float scale = 1.0f / sqrtf((float)D);
+    for (int h = 0; h < c->H; h++) {
+        int kv = h / group;
+        const float *q = g->qr + (size_t)h * D;
+        const float *K = g->kcache + (((size_t)l * c->KV + kv) * g->max_len) * D;
+        const float *V = g->vcache + (((size_t)l * c->KV + kv) * g->max_len) * D;
+        float mx = -INFINITY;
+        for (int j = first; j <= t; j++) {
+            float s = 0.0f;
+            for (int d = 0; d < D; d++) s += q[d] * K[(size_t)j * D + d];
+            g->scores[j] = s * scale;
+            if (g->scores[j] > mx) mx = g->scores[j];
+        }
+        double sum = 0.0;
+        for (int j = first; j <= t; j++) sum += g->scores[j] = expf(g->scores[j] - mx);
+        float *y = g->att + (size_t)h * D;
+        for (int d = 0; d < D; d++) y[d] = 0.0f;
+        for (int j = first; j <= t; j++) {
+            float p = (float)(g->scores[j] / sum);
+            for (int d = 0; d < D; d++) y[d] += p * V[(size_t)j * D + d];
+        }
+    }
+}
+
+mt_err mt_generator_step(mt_generator *g, int32_t token, float *logits) {
+    const mt_model_config *c = &g->cfg;
+    if (g->pos >= g->max_len)
+        return mt_errorf(MT_ERR_USAGE, "generation reached %d positions, the cache's length (--max-len)", g->max_len);
+    if (token < 0 || token >= c->V) return mt_errorf(MT_ERR_USAGE, "token %d is outside the vocabulary", token);
+    int C = c->C, D = c->D, half = D / 2, HD = c->H * D, KVD = c->KV * D, t = g->pos;
+    float rstd;
+    memcpy(g->x, g->wte + (size_t)token * C, (size_t)C * sizeof(float));
+    const float *cs = g->cos_table + (size_t)t * half, *sn = g->sin_table + (size_t)t * half;
+    for (int l = 0; l < c->L; l++) {
+        const layer_w *w = &g->layers[l];
+        mt_rmsnorm_forward_ref(g->ln, &rstd, g->x, w->ln1, 1, C, c->rms_eps);
+        mt_matmul_forward_ref(g->q, g->ln, w->q, w->qb, 1, C, HD);
+        mt_matmul_forward_ref(g->k, g->ln, w->k, w->kb, 1, C, KVD);
+        mt_matmul_forward_ref(g->v, g->ln, w->v, w->vb, 1, C, KVD);
+        // RoPE (rotate-half), queries into qr, keys and values into the cache
+        for (int h = 0; h < c->H + c->KV; h++) {
+            const float *x = h < c->H ? g->q + (size_t)h * D : g->k + (size_t)(h - c->H) * D;
+            float *y =
+                h < c->H ? g->qr + (size_t)h * D : g->kcache + (((size_t)l * c->KV + (h - c->H)) * g->max_len + t) * D;
+            for (int i = 0; i < half; i++) {
+                y[i] = x[i] * cs[i] - x[i + half] * sn[i];
+                y[i + half] = x[i + half] * cs[i] + x[i] * sn[i];
+            }
+        }
+        for (int kv = 0; kv < c->KV; kv++)
+            memcpy(g->vcache + (((size_t)l * c->KV + kv) * g->max_len + t) * D, g->v + (size_t)kv * D,
+                   (size_t)D * sizeof(float));
+        attend(g, l);
+        mt_matmul_forward_ref(g->o, g->att, w->o, w->ob, 1, HD, C);
+        mt_add_ref(g->x2, g->x, g->o, (size_t)C);
+        mt_rmsnorm_forward_ref(g->ln, &rstd, g->x2, w->ln2, 1, C, c->rms_eps);
+        mt_matmul_forward_ref(g->gate, g->ln, w->gate, NULL, 1, C, c->F);
+        mt_matmul_forward_ref(g->up, g->ln, w->up, NULL, 1, C, c->F);
+        mt_swiglu_forward_ref(g->h, g->gate, g->up, (size_t)c->F);
+        mt_matmul_forward_ref(g->down, g->h, w->down, NULL, 1, c->F, C);
+        mt_add_ref(g->x, g->x2, g->down, (size_t)C);
+    }
+    g->pos++;
+    if (!logits) return MT_OK;
+    mt_rmsnorm_forward_ref(g->ln, &rstd, g->x, g->norm, 1, C, c->rms_eps);
+    mt_matmul_forward_ref(logits, g->ln, g->lm, NULL, 1, C, c->V);
+    return MT_OK;
+}
+
+// ------------------------------------------------------------ sampling
+
+typedef struct {
+    float logit;
+    int32_t id;
+} cand;
+
+static int by_logit_desc(const void *a, const void *b) {
+    float x = ((const cand *)a)->logit, y = ((const cand *)b)->logit;
+    if (x != y) return x < y ? 1 : -1;
+    return ((const cand *)a)->id - ((const cand *)b)->id;
+}
+
+int32_t mt_sample(float *logits, int V, const mt_sampling *s, const uint32_t *history, size_t n_history,
+                  uint64_t draw) {
+    if (s->repetition_penalty != 1.0f)
+        for (size_t i = 0; i < n_history; i++) {
+            float *x = &logits[history[i]];
+            // once per distinct id, as transformers gathers the scores of the ids seen
+            int seen = 0;
+            for (size_t j = 0; j < i && !seen; j++) seen = history[j] == history[i];
+            if (!seen) *x = *x > 0 ? *x / s->repetition_penalty : *x * s->repetition_penalty;
+        }
+    int32_t best = 0;
+    for (int v = 1; v < V; v++)
+        if (logits[v] > logits[best]) best = v;
+    if (s->temperature <= 0.0f) return best;
+    cand *c = malloc((size_t)V * sizeof *c);
+    MT_CHECK(c != NULL, "sampling");
+    for (int v = 0; v < V; v++) c[v] = (cand){logits[v] / s->temperature, v};
+    qsort(c, (size_t)V, sizeof *c, by_logit_desc);
+    int n = s->top_k > 0 && s->top_k < V ? s->top_k : V;
+    double z = 0.0;
+    for (int i = 0; i < n; i++) z += exp((double)c[i].logit - c[0].logit);
+    // min-p: drop what is below min_p of the top probability; top-p: the
+    // smallest head whose mass reaches top_p (the top token always stays)
+    int keep = n;
+    if (s->min_p > 0.0f)
+        for (int i = 1; i < keep; i++)
+            if (exp((double)c[i].logit - c[0].logit) < s->min_p) {
+                keep = i;
+                break;
+            }
+    if (s->top_p < 1.0f) {
+        double mass = 0.0;
+        for (int i = 0; i < keep; i++) {
+            mass += exp((double)c[i].logit - c[0].logit) / z;
+            if (mass >= s->top_p) {
+                keep = i + 1;
+                break;
+            }
+        }
+    }
+    double total = 0.0;
+    for (int i = 0; i < keep; i++) total += exp((double)c[i].logit - c[0].logit);
+    double u = (double)(mt_rng_bits(s->seed, draw) >> 11) * (1.0 / 9007199254740992.0) * total, acc = 0.0;
+    int32_t pick = c[keep - 1].id;
+    for (int i = 0; i < keep; i++) {
+        acc += exp((double)c[i].logit - c[0].logit);
+        if (u < acc) {
+            pick = c[i].id;
+            break;
+        }
+    }
+    free(c);
+    return pick;
+}

@@ -1,0 +1,49 @@
+// trainer/generate.h: `memtune generate`: text from a model folder (with a
+// LoRA adapter folded into its host copy, or not), one token at a time with a
+// key/value cache, on the CPU in fp32 through the reference ops' arithmetic:
+// greedy or sampled (temperature, top-k, top-p, min-p, repetition penalty,
+// seed), stopping at the tokenizer's EOS, the chat template's end of turn or
+// a stop string. A GPU decode path is not built yet.
+#ifndef MT_GENERATE_H
+#define MT_GENERATE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kernels/common.h"
+#include "trainer/params.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct mt_generator mt_generator;
+
+// The model's values (fp32, mt_model_param_table's layout; the generator
+// keeps the pointer) and a cache for max_len positions.
+mt_err mt_generator_init(mt_generator **out, const mt_model_config *cfg, const float *params, int max_len);
+void mt_generator_free(mt_generator *g);
+// Forgets the cached positions.
+void mt_generator_reset(mt_generator *g);
+// Feeds one token at the next position; logits (V) of what follows (may be
+// NULL for prompt tokens but the last). Fails past max_len.
+mt_err mt_generator_step(mt_generator *g, int32_t token, float *logits);
+int mt_generator_position(const mt_generator *g);
+
+typedef struct {
+    float temperature;         // 0: greedy
+    int top_k;                 // 0: all
+    float top_p, min_p;        // 1, 0: off
+    float repetition_penalty;  // 1: off (transformers' rule: divide positive logits, multiply negative)
+    uint64_t seed;
+} mt_sampling;
+
+// Picks the next token from logits (changed in place) given the ids so far
+// (for the repetition penalty); draw: the sample's index (a new uniform per
+// draw from seed).
+int32_t mt_sample(float *logits, int V, const mt_sampling *s, const uint32_t *history, size_t n_history, uint64_t draw);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
