@@ -440,21 +440,24 @@ static int cmd_generate(int argc, char **argv) {
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) return printf("%s", GENERATE_HELP), 0;
         if (!v) return fail(mt_errorf(MT_ERR_USAGE, "%s needs a value (memtune generate --help)", a));
         char *end = NULL;
-        if (!strcmp(a, "--model"))
-            model = v;
-        else if (!strcmp(a, "--adapter"))
-            adapter = v;
-        else if (!strcmp(a, "--prompt"))
-            prompt = v;
-        else if (!strcmp(a, "--chat"))
-            chat = v;
-        else if (!strcmp(a, "--system"))
-            system = v;
-        else if (!strcmp(a, "--input"))
-            input = v;
-        else if (!strcmp(a, "--chat-template"))
-            template_name = v;
-        else if (!strcmp(a, "--stop")) {
+        const struct {
+            const char *name;
+            const char **dst;
+        } strings[] = {{"--model", &model},
+                       {"--adapter", &adapter},
+                       {"--prompt", &prompt},
+                       {"--chat", &chat},
+                       {"--system", &system},
+                       {"--input", &input},
+                       {"--chat-template", &template_name}};
+        int taken = 0;
+        for (size_t k = 0; k < sizeof strings / sizeof strings[0] && !taken; k++)
+            if (!strcmp(a, strings[k].name)) *strings[k].dst = v, taken = 1;
+        if (taken) {
+            i++;
+            continue;
+        }
+        if (!strcmp(a, "--stop")) {
             if (c.n_stops == 8) return fail(mt_errorf(MT_ERR_USAGE, "at most 8 --stop strings"));
             c.stops[c.n_stops++] = v;
         } else if (!strcmp(a, "--max-new-tokens"))
