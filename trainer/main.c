@@ -369,7 +369,9 @@ static mt_err run_generation(gen_ctx *c, const mt_ids *prompt, FILE *stream, cha
         mt_ids_push(&hist, prompt->ids[i]);
         err = mt_generator_step(c->gen, (int32_t)prompt->ids[i], i + 1 == prompt->n ? logits : NULL);
     }
-    size_t start = hist.n, shown = 0;
+    size_t start = hist.n, shown = 0, hold = 0;
+    for (int s = 0; s < c->n_stops; s++)
+        if (strlen(c->stops[s]) > hold) hold = strlen(c->stops[s]);
     char *text = NULL;
     size_t len = 0;
     for (int n = 0; n < c->max_new && !err && prompt->n; n++) {
@@ -382,6 +384,7 @@ static mt_err run_generation(gen_ctx *c, const mt_ids *prompt, FILE *stream, cha
         // stream what is complete (a trailing U+FFFD may be half a character still)
         size_t ready = len;
         if (ready >= 3 && !memcmp(text + ready - 3, "\xef\xbf\xbd", 3)) ready -= 3;
+        ready = ready > hold ? ready - hold : 0;  // what may still become a stop string waits
         if (stream && ready > shown) {
             fwrite(text + shown, 1, ready - shown, stream);
             fflush(stream);
