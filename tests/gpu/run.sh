@@ -5,7 +5,7 @@
 # NF4), the quickstart and its LoRA variant on the GPU, and with --bench the
 # benchmarks of bench/. Logs and results go under $OUT.
 #
-# Stages: ctest quickstart resume dist-test parity chat peft (default), plus bench
+# Stages: ctest quickstart resume dist-test parity chat generate peft (default), plus bench
 # (attention and full fine-tune), lora-bench, mezo-bench, galore-bench,
 # offload-bench and plan (memtune plan against 24 measured runs) with --bench; attention-bench alone; or name them: run.sh --stages
 # "ctest mezo-bench". MT_CTEST_FILTER narrows ctest; MT_LORA_SHAPES picks
@@ -65,7 +65,7 @@ if ! python3 -c "import peft" 2> /dev/null && [ -d .whl/peft ]; then
     export PYTHONPATH=$ROOT/.whl/peft${PYTHONPATH:+:$PYTHONPATH}
 fi
 
-STAGES="ctest quickstart resume dist-test parity chat peft"
+STAGES="ctest quickstart resume dist-test parity chat generate peft"
 case "${1:-}" in
     --bench) STAGES="$STAGES bench lora-bench mezo-bench galore-bench offload-bench plan" ;;
     --stages) STAGES=$2 ;;
@@ -189,6 +189,12 @@ fi
 if want plan; then
     echo "== memtune plan's forecasts against measured GPU allocator peaks"
     python3 tests/gpu/plan_check.py --out "$OUT" 2>&1 | tee "$OUT/plan_check.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+
+if want generate; then
+    echo "== memtune generate against transformers' generate (greedy, fp32, CPU)"
+    python3 tests/gpu/generate_parity.py --out "$OUT" 2>&1 | tee "$OUT/generate_parity.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 
