@@ -180,35 +180,20 @@ if want resume && [ -f data/kjv.txt ]; then
     fi
 fi
 
-if want parity; then
-    echo "== parity with transformers"
-    python3 tests/gpu/hf_parity.py --out "$OUT" 2>&1 | tee "$OUT/parity.log"
+# py_stage STAGE SCRIPT LOG TITLE: SCRIPT --out $OUT when STAGE is wanted, its output also in $OUT/LOG
+py_stage() {
+    want "$1" || return 0
+    echo "== $4"
+    python3 "$2" --out "$OUT" 2>&1 | tee "$OUT/$3"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-fi
-
-if want plan; then
-    echo "== memtune plan's forecasts against measured GPU allocator peaks"
-    python3 tests/gpu/plan_check.py --out "$OUT" 2>&1 | tee "$OUT/plan_check.log"
-    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-fi
-
-if want generate; then
-    echo "== memtune generate against transformers' generate (greedy, fp32, CPU)"
-    python3 tests/gpu/generate_parity.py --out "$OUT" 2>&1 | tee "$OUT/generate_parity.log"
-    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-fi
-
-if want chat; then
-    echo "== a chat JSONL through memtune tokenize and LoRA training, answer-only loss, against transformers"
-    python3 tests/gpu/chat_e2e.py --out "$OUT" 2>&1 | tee "$OUT/chat_e2e.log"
-    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-fi
-
-if want peft; then
-    echo "== parity with PEFT (and bitsandbytes' NF4)"
-    python3 tests/gpu/peft_parity.py --out "$OUT" 2>&1 | tee "$OUT/peft_parity.log"
-    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-fi
+}
+py_stage parity tests/gpu/hf_parity.py parity.log "parity with transformers"
+py_stage plan tests/gpu/plan_check.py plan_check.log "memtune plan's forecasts against measured GPU allocator peaks"
+py_stage generate tests/gpu/generate_parity.py generate_parity.log \
+    "memtune generate against transformers' generate (greedy, fp32, CPU)"
+py_stage chat tests/gpu/chat_e2e.py chat_e2e.log \
+    "a chat JSONL through memtune tokenize and LoRA training, answer-only loss, against transformers"
+py_stage peft tests/gpu/peft_parity.py peft_parity.log "parity with PEFT (and bitsandbytes' NF4)"
 
 if want attention-bench || want bench; then
     echo "== bench: the attention op (cuDNN path, own kernel) vs torch's SDPA backends"
