@@ -181,6 +181,23 @@ START_TEST(hf_config_checks) {
     ck_assert_int_eq(mt_hf_read_config(folder, &c), MT_OK);
     ck_assert(c.qkv_bias && !c.o_bias && c.tie_embeddings && c.sliding_window == 0);
     ck_assert_float_eq(c.rope_theta, 1e6f);
+    // Qwen2's window from layer max_window_layers on: all full when that is every layer; refused between
+    const char *qwen_window =
+        "{\"architectures\":[\"Qwen2ForCausalLM\"],\"vocab_size\":13,\"hidden_size\":16,\"intermediate_size\":24,"
+        "\"num_hidden_layers\":4,\"num_attention_heads\":2,\"num_key_value_heads\":1,\"sliding_window\":8,"
+        "\"use_sliding_window\":true,\"max_window_layers\":%d}";
+    char json[512];
+    snprintf(json, sizeof json, qwen_window, 4);
+    make_folder("qwen-window-none", json, folder, sizeof folder);
+    ck_assert_int_eq(mt_hf_read_config(folder, &c), MT_OK);
+    ck_assert_int_eq(c.sliding_window, 0);
+    snprintf(json, sizeof json, qwen_window, 0);
+    make_folder("qwen-window-all", json, folder, sizeof folder);
+    ck_assert_int_eq(mt_hf_read_config(folder, &c), MT_OK);
+    ck_assert_int_eq(c.sliding_window, 8);
+    snprintf(json, sizeof json, qwen_window, 2);
+    make_folder("qwen-window-some", json, folder, sizeof folder);
+    expect_error(mt_hf_read_config(folder, &c), MT_ERR_MODEL, "max_window_layers");
     make_folder("gpt", "{\"architectures\":[\"GPT2LMHeadModel\"],\"vocab_size\":5}", folder, sizeof folder);
     expect_error(mt_hf_read_config(folder, &c), MT_ERR_MODEL, "architecture 'GPT2LMHeadModel' (field architectures)");
     make_folder("nolayers",
@@ -629,7 +646,7 @@ START_TEST(generation_matches_the_full_forward) {
             if (n < T) ck_assert_int_eq(mt_generator_step(g, next, logits), MT_OK);
         }
         ck_assert_msg(worst < 1e-4, "variant %d: logits differ by %g", variant, worst);
-        ck_assert_int_eq(mt_generator_step(g, 1, logits), MT_OK);  // the cache's last position
+        ck_assert_int_eq(mt_generator_step(g, 1, logits), MT_OK);         // the cache's last position
         ck_assert_int_eq(mt_generator_step(g, 1, logits), MT_ERR_USAGE);  // past it
         mt_model_free(m);
         mt_backend_free(&be);

@@ -144,6 +144,20 @@ mt_err mt_hf_read_config(const char *dir, mt_model_config *c) {
     const cJSON *use_window = cJSON_GetObjectItemCaseSensitive(j, "use_sliding_window");
     if (cJSON_IsNumber(window) && !(use_window && cJSON_IsFalse(use_window)))
         c->sliding_window = (long)window->valuedouble;
+    // Qwen2: the window only from layer max_window_layers on (transformers' layer_types)
+    const cJSON *window_layers = cJSON_GetObjectItemCaseSensitive(j, "max_window_layers");
+    if (c->sliding_window > 0 && cJSON_IsTrue(use_window) && cJSON_IsNumber(window_layers) &&
+        window_layers->valuedouble > 0) {
+        if (window_layers->valuedouble >= c->L) {
+            c->sliding_window = 0;  // every layer attends in full
+        } else {
+            err = mt_errorf(MT_ERR_MODEL,
+                            "%s: sliding_window on layers %g and up only (max_window_layers) is not supported; "
+                            "memtune applies one attention to every layer",
+                            path, window_layers->valuedouble);
+            goto done;
+        }
+    }
     // dimensions a GPU could never hold are refused here, before any allocation
     double params = (double)c->V * c->C * (c->tie_embeddings ? 1 : 2) +
                     (double)c->L * ((double)c->C * c->D * (c->H + c->KV) * 2 + 3.0 * c->C * c->F);
