@@ -680,6 +680,100 @@ START_TEST(generation_matches_the_full_forward) {
 }
 END_TEST
 
+// train.sample_every: greedy samples of the model (full, and LoRA over its
+// base) in metrics.jsonl at the steps asked, the same text the generator
+// gives from the saved model; no prompts is refused before training.
+START_TEST(training_samples_its_text) {
+    char folder[300], data[300], out[300], path[400];
+    make_folder("sample-model",
+                "{\"architectures\":[\"LlamaForCausalLM\"],\"vocab_size\":258,\"hidden_size\":16,"
+                "\"intermediate_size\":24,\"num_hidden_layers\":2,\"num_attention_heads\":2,\"num_key_value_heads\":1,"
+                "\"max_position_embeddings\":128,\"rms_norm_eps\":1e-5}",
+                folder, sizeof folder);
+    snprintf(data, sizeof data, "%s/sample.h5", dir);
+    uint64_t n = 4000;
+    uint32_t *tok = malloc(n * 4);
+    for (uint64_t i = 0; i < n; i++) tok[i] = (uint32_t)('a' + i % 7);
+    uint64_t offsets[2] = {0, n};
+    ck_assert_int_eq(mt_dataset_write(data, tok, n, offsets, 1, NULL, 258, "test"), MT_OK);
+    free(tok);
+    for (int lora = 0; lora < 2; lora++) {
+        snprintf(out, sizeof out, "%s/sample-run-%d", dir, lora);
+        mt_config cfg;
+        mt_config_defaults(&cfg);
+        ck_assert_int_eq(mt_config_set(&cfg, "model.path", folder, "t"), MT_OK);
+        ck_assert_int_eq(mt_config_set(&cfg, "model.init", "random", "t"), MT_OK);
+        ck_assert_int_eq(mt_config_set(&cfg, "data.train", data, "t"), MT_OK);
+        ck_assert_int_eq(mt_config_set(&cfg, "output.dir", out, "t"), MT_OK);
+        ck_assert_int_eq(mt_config_set(&cfg, "train.steps", "4", "t"), MT_OK);
+        ck_assert_int_eq(mt_config_set(&cfg, "train.seq_len", "16", "t"), MT_OK);
+        ck_assert_int_eq(mt_config_set(&cfg, "train.device", "cpu", "t"), MT_OK);
+        ck_assert_int_eq(mt_config_set(&cfg, "optim.warmup_steps", "0", "t"), MT_OK);
+        ck_assert_int_eq(mt_config_set(&cfg, "train.sample_every", "2", "t"), MT_OK);
+        if (lora) ck_assert_int_eq(mt_config_set(&cfg, "lora.r", "4", "t"), MT_OK);
+        mt_train_result r;
+        expect_error(mt_train(&cfg, &r), MT_ERR_CONFIG, "train.sample_prompts is empty");
+        ck_assert_int_eq(mt_config_set(&cfg, "train.sample_prompts", "abc|de", "t"), MT_OK);
+        ck_assert_int_eq(mt_config_set(&cfg, "train.sample_tokens", "6", "t"), MT_OK);
+        ck_assert_int_eq(mt_train(&cfg, &r), MT_OK);
+        snprintf(path, sizeof path, "%s/metrics.jsonl", out);
+        FILE *f = fopen(path, "r");
+        ck_assert_ptr_nonnull(f);
+        char line[512];
+        int samples = 0, last_step = 0;
+        char last_text[64] = "";
+        while (fgets(line, sizeof line, f)) {
+            if (!strstr(line, "\"sample\"")) continue;
+            samples++;
+            ck_assert_ptr_nonnull(strstr(line, samples % 2 ? "\"sample_prompt\":\"abc\"" : "\"sample_prompt\":\"de\""));
+            sscanf(line, "{\"step\":%d", &last_step);
+            char *t = strstr(line, "\"sample\":\"");
+            if (samples == 3) snprintf(last_text, sizeof last_text, "%.*s", (int)strcspn(t + 10, "\""), t + 10);
+        }
+        fclose(f);
+        ck_assert_int_eq(samples, 4);  // steps 2 and 4, two prompts each
+        ck_assert_int_eq(last_step, 4);
+        // the text of step 4 for "abc" is the saved model's greedy text
+        mt_model_config mc;
+        float *values = random_params(folder, &mc, 0);
+        char saved[400];
+        snprintf(saved, sizeof saved, "%s/%s", out, lora ? "adapter" : "model");
+        if (lora) {
+            mt_model_init_random(&mc, values, (uint64_t)cfg.train_seed);
+            mt_lora_config lc;
+            ck_assert_int_eq(mt_lora_read_config(saved, &lc), MT_OK);
+            int na;
+            size_t at;
+            free(mt_lora_param_table(&mc, &lc, &na, &at));
+            float *ad = calloc(at, sizeof(float));
+            ck_assert_int_eq(mt_lora_load(saved, &mc, &lc, ad), MT_OK);
+            mt_lora_merge(&mc, &lc, values, ad);
+            free(ad);
+        } else {
+            ck_assert_int_eq(mt_hf_load_weights(saved, &mc, values), MT_OK);
+        }
+        mt_generator *g;
+        ck_assert_int_eq(mt_generator_init(&g, &mc, values, 16), MT_OK);
+        float *logits = malloc((size_t)mc.V * 4);
+        int32_t prompt[4] = {256, 'a', 'b', 'c'};
+        for (int k = 0; k < 4; k++) ck_assert_int_eq(mt_generator_step(g, prompt[k], logits), MT_OK);
+        char want[16] = "";
+        mt_sampling greedy = {0.0f, 0, 1.0f, 0.0f, 1.0f, 0};
+        for (int k = 0; k < 6; k++) {
+            int32_t next = mt_sample(logits, mc.V, &greedy, NULL, 0, 0);
+            if (next == 257) break;
+            if (next < 256 && next >= 32 && next < 127 && next != '"' && next != '\\') want[strlen(want)] = (char)next;
+            ck_assert_int_eq(mt_generator_step(g, next, logits), MT_OK);
+        }
+        ck_assert_msg(strstr(last_text, want) != NULL || !want[0], "step 4 sampled '%s', the saved model gives '%s'",
+                      last_text, want);
+        mt_generator_free(g);
+        free(logits), free(values);
+        mt_config_free(&cfg);
+    }
+}
+END_TEST
+
 // ------------------------------------------------------------- checkpoints
 
 // The "loss" of every record of a metrics.jsonl, by step (losses[step - 1]).
@@ -976,6 +1070,7 @@ int main(void) {
     tcase_add_test(tc, loss_is_the_mean_over_the_steps_trained_tokens);
     tcase_add_test(tc, eval_matches_logits_and_adapter);
     tcase_add_test(tc, generation_matches_the_full_forward);
+    tcase_add_test(tc, training_samples_its_text);
     tcase_add_test(tc, resume_is_bit_identical);
     tcase_add_test(tc, lora_resume_is_bit_identical);
     tcase_add_test(tc, lora_starts_from_an_adapter_folder);

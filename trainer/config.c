@@ -262,7 +262,8 @@ void mt_config_write_yaml(const mt_config *cfg, FILE *f) {
 
 static const char *const outside_training_hash[] = {
     "train.resume", "train.stop_after", "train.log_every", "train.eval_every", "train.eval_batches", "train.device",
-    "output.dir", "output.save_model", "output.save_dtype", "checkpoint.every", "checkpoint.keep", "checkpoint.final",
+    "train.sample_every", "train.sample_prompts", "train.sample_tokens", "output.dir", "output.save_model",
+    "output.save_dtype", "checkpoint.every", "checkpoint.keep", "checkpoint.final",
     // where the optimizer state lives changes no value it holds: a run may
     // resume with it moved (onto a smaller GPU, say)
     "offload.optimizer", "offload.path", "offload.io_threads", "offload.threads", "offload.trace_step",

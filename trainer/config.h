@@ -56,6 +56,11 @@ extern "C" {
     X(train, log_every, INT, "1", 1, 1000000, "", "steps between progress lines and metrics records")                 \
     X(train, eval_every, INT, "50", 0, 1000000000, "", "steps between eval losses (0: only at the end)")              \
     X(train, eval_batches, INT, "4", 0, 100000, "", "micro-batches per eval loss (0: no eval)")                       \
+    X(train, sample_every, INT, "0", 0, 1000000000, "",                                                               \
+      "steps between samples of the model's text from train.sample_prompts (greedy, on the CPU, printed and in "      \
+      "metrics.jsonl; 0: none)")                                                                                      \
+    X(train, sample_prompts, STR, "", 0, 0, "", "prompts for train.sample_every, separated by |")                     \
+    X(train, sample_tokens, INT, "48", 1, 4096, "", "new tokens per sample")                                          \
     X(train, resume, STR, "", 0, 0, "",                                                                               \
       "auto: continue from the newest complete checkpoint in output.dir (or start fresh if there is none); "          \
       "a checkpoint folder: continue from it; empty: start fresh")                                                    \

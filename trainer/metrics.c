@@ -183,3 +183,17 @@ void mt_metrics_close(mt_metrics *m, int steps_done) {
     free(m->eval_steps);
     free(m);
 }
+
+void mt_metrics_sample(mt_metrics *m, int step, const char *prompt, const char *text) {
+    mt_info("sample (step %d): %s >>>%s", step, prompt, text);
+    if (!m || !m->file) return;
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddNumberToObject(o, "step", step);
+    cJSON_AddStringToObject(o, "sample_prompt", prompt);
+    cJSON_AddStringToObject(o, "sample", text);
+    char *line = cJSON_PrintUnformatted(o);
+    fprintf(m->file, "%s\n", line);
+    fflush(m->file);
+    free(line);
+    cJSON_Delete(o);
+}

@@ -49,6 +49,9 @@ typedef struct {
 double mt_metrics_step(mt_metrics *m, const mt_step_record *r);
 // Closes metrics.jsonl and writes loss.svg of the steps done (rank 0).
 void mt_metrics_close(mt_metrics *m, int steps_done);
+// A sample of the model's text after step: printed, and a record
+// {"step", "sample_prompt", "sample"} in metrics.jsonl.
+void mt_metrics_sample(mt_metrics *m, int step, const char *prompt, const char *text);
 
 #ifdef __cplusplus
 }

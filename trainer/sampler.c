@@ -1,0 +1,108 @@
+// trainer/sampler.c: see sampler.h.
+#define _POSIX_C_SOURCE 200809L
+#include "trainer/sampler.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "datasets/hf_tokenizer.h"
+#include "datasets/tokenizer.h"
+#include "trainer/generate.h"
+
+struct mt_sampler {
+    mt_model_config mc;
+    mt_tokenizer *tok;  // NULL: memtune's bytes
+    char *prompts;      // the list, split in place
+    char **prompt;
+    int n, tokens;
+};
+
+mt_err mt_sampler_open(mt_sampler **out, const mt_config *cfg, const mt_model_config *mc) {
+    *out = NULL;
+    if (cfg->train_sample_every <= 0) return MT_OK;
+    if (!cfg->train_sample_prompts[0])
+        return mt_errorf(MT_ERR_CONFIG,
+                         "train.sample_every is %ld but train.sample_prompts is empty: give prompts "
+                         "separated by | (e.g. \"And God said|In the beginning\")",
+                         cfg->train_sample_every);
+    mt_sampler *s = calloc(1, sizeof *s);
+    MT_CHECK(s != NULL, "sampler");
+    s->mc = *mc, s->tokens = (int)cfg->train_sample_tokens;
+    char path[1200];
+    snprintf(path, sizeof path, "%s/tokenizer.json", cfg->model_path);
+    if (access(path, F_OK) == 0) {
+        mt_err err = mt_tokenizer_load(&s->tok, cfg->model_path);
+        if (err) {
+            free(s);
+            return err;
+        }
+    } else if (mc->V != MT_BYTE_VOCAB) {
+        free(s);
+        return mt_errorf(MT_ERR_CONFIG, "train.sample_every needs the model's tokenizer.json in %s", cfg->model_path);
+    }
+    s->prompts = strdup(cfg->train_sample_prompts);
+    s->prompt = calloc(strlen(s->prompts) + 1, sizeof *s->prompt);
+    MT_CHECK(s->prompts && s->prompt, "sample prompts");
+    for (char *p = s->prompts, *save = NULL, *t; (t = strtok_r(p, "|", &save)); p = NULL) s->prompt[s->n++] = t;
+    *out = s;
+    return MT_OK;
+}
+
+mt_err mt_sampler_run(mt_sampler *s, const float *params, int step, mt_metrics *metrics) {
+    int longest = 0;
+    for (int i = 0; i < s->n; i++)
+        if ((int)strlen(s->prompt[i]) > longest) longest = (int)strlen(s->prompt[i]);
+    int max_len = longest + 2 + s->tokens;  // a token a byte at most, BOS
+    mt_generator *g;
+    mt_err err = mt_generator_init(&g, &s->mc, params, max_len);
+    float *logits = malloc((size_t)s->mc.V * sizeof(float));
+    MT_CHECK(logits != NULL, "sample logits");
+    mt_sampling greedy = {0.0f, 0, 1.0f, 0.0f, 1.0f, 0};
+    int eos = s->tok ? mt_tokenizer_eos(s->tok) : MT_TOKEN_EOS;
+    for (int i = 0; i < s->n && !err; i++) {
+        mt_ids ids = {0};
+        if (s->tok) {
+            if (mt_tokenizer_bos(s->tok) >= 0) mt_ids_push(&ids, (uint32_t)mt_tokenizer_bos(s->tok));
+            mt_tokenizer_encode(s->tok, s->prompt[i], strlen(s->prompt[i]), &ids);
+        } else {
+            mt_ids_push(&ids, MT_TOKEN_BOS);
+            for (const char *p = s->prompt[i]; *p; p++) mt_ids_push(&ids, (unsigned char)*p);
+        }
+        size_t start = ids.n;
+        mt_generator_reset(g);
+        for (size_t k = 0; k < start && !err; k++)
+            err = mt_generator_step(g, (int32_t)ids.ids[k], k + 1 == start ? logits : NULL);
+        for (int n = 0; n < s->tokens && !err; n++) {
+            int32_t next = mt_sample(logits, s->mc.V, &greedy, NULL, 0, 0);
+            if (next == eos) break;
+            mt_ids_push(&ids, (uint32_t)next);
+            if (n + 1 < s->tokens) err = mt_generator_step(g, next, logits);
+        }
+        size_t len = 0;
+        char *text;
+        if (s->tok) {
+            text = mt_tokenizer_decode(s->tok, ids.ids + start, ids.n - start, 1, &len);
+        } else {
+            text = malloc(ids.n - start + 1);
+            MT_CHECK(text != NULL, "sample text");
+            for (size_t k = start; k < ids.n; k++)
+                if (ids.ids[k] < 256) text[len++] = (char)ids.ids[k];
+            text[len] = '\0';
+        }
+        if (!err) mt_metrics_sample(metrics, step, s->prompt[i], text);
+        free(text);
+        mt_ids_free(&ids);
+    }
+    free(logits);
+    mt_generator_free(g);
+    return err;
+}
+
+void mt_sampler_free(mt_sampler *s) {
+    if (!s) return;
+    mt_tokenizer_free(s->tok);
+    free(s->prompts), free(s->prompt);
+    free(s);
+}

@@ -1,0 +1,28 @@
+// trainer/sampler.h: train.sample_every: the model's text for a few prompts
+// while it trains (greedy, on the CPU from an fp32 host copy of the values,
+// trainer/generate.h), printed and recorded in metrics.jsonl.
+#ifndef MT_SAMPLER_H
+#define MT_SAMPLER_H
+
+#include "trainer/config.h"
+#include "trainer/metrics.h"
+#include "trainer/params.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct mt_sampler mt_sampler;
+
+// The model folder's tokenizer (or memtune's bytes for a 258-token model)
+// and the prompts; refuses a configuration it cannot sample, before training.
+mt_err mt_sampler_open(mt_sampler **out, const mt_config *cfg, const mt_model_config *mc);
+// One greedy sample a prompt from the model's values (fp32, the parameter
+// table's layout) after `step`.
+mt_err mt_sampler_run(mt_sampler *s, const float *params, int step, mt_metrics *metrics);
+void mt_sampler_free(mt_sampler *s);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
