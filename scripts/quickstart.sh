@@ -42,9 +42,6 @@ if [ "${1:-}" = "lora" ] || [ "${1:-}" = "mezo" ] || [ "${1:-}" = "galore" ]; th
         -o runs/quickstart-lora/merged
     exit
 fi
-./build/memtune train configs/quickstart.yaml "$@"
-# a sample from the trained model (greedy, on the CPU)
-if [ -f runs/quickstart/model/model.safetensors ]; then
-    echo "sample: And God said ..."
-    ./build/memtune generate --model runs/quickstart/model --prompt "And God said" --max-new-tokens 80
-fi
+# samples of the model's text before training, halfway and at the end
+./build/memtune train configs/quickstart.yaml --set train.sample_every=75 \
+    --set "train.sample_prompts=And God said|In the beginning" "$@"

@@ -728,10 +728,10 @@ START_TEST(training_samples_its_text) {
             ck_assert_ptr_nonnull(strstr(line, samples % 2 ? "\"sample_prompt\":\"abc\"" : "\"sample_prompt\":\"de\""));
             sscanf(line, "{\"step\":%d", &last_step);
             char *t = strstr(line, "\"sample\":\"");
-            if (samples == 3) snprintf(last_text, sizeof last_text, "%.*s", (int)strcspn(t + 10, "\""), t + 10);
+            if (samples == 5) snprintf(last_text, sizeof last_text, "%.*s", (int)strcspn(t + 10, "\""), t + 10);
         }
         fclose(f);
-        ck_assert_int_eq(samples, 4);  // steps 2 and 4, two prompts each
+        ck_assert_int_eq(samples, 6);  // before training, steps 2 and 4, two prompts each
         ck_assert_int_eq(last_step, 4);
         // the text of step 4 for "abc" is the saved model's greedy text
         mt_model_config mc;

@@ -3,6 +3,8 @@
 #define _POSIX_C_SOURCE 200809L
 #include "trainer/metrics.h"
 
+#include "datasets/hf_tokenizer.h"
+
 #include <cjson/cJSON.h>
 #include <errno.h>
 #include <math.h>
@@ -184,9 +186,19 @@ void mt_metrics_close(mt_metrics *m, int steps_done) {
     free(m);
 }
 
-void mt_metrics_sample(mt_metrics *m, int step, const char *prompt, const char *text) {
-    mt_info("sample (step %d): %s >>>%s", step, prompt, text);
-    if (!m || !m->file) return;
+void mt_metrics_sample(mt_metrics *m, int step, const char *prompt, const char *raw) {
+    // an untrained model's bytes: valid UTF-8 for the JSON, no control characters for the terminal
+    size_t len;
+    char *text = mt_utf8_sanitize(raw, strlen(raw), &len), *shown = strdup(text);
+    MT_CHECK(shown != NULL, "sample text");
+    for (char *c = shown; *c; c++)
+        if ((unsigned char)*c < 0x20 || *c == 0x7f) *c = *c == '\n' ? '/' : '?';
+    mt_info("sample (step %d): %s >>>%s", step, prompt, shown);
+    free(shown);
+    if (!m || !m->file) {
+        free(text);
+        return;
+    }
     cJSON *o = cJSON_CreateObject();
     cJSON_AddNumberToObject(o, "step", step);
     cJSON_AddStringToObject(o, "sample_prompt", prompt);
@@ -196,4 +208,5 @@ void mt_metrics_sample(mt_metrics *m, int step, const char *prompt, const char *
     fflush(m->file);
     free(line);
     cJSON_Delete(o);
+    free(text);
 }

@@ -355,7 +355,8 @@ static mt_err train_steps(run *r, int *stopped) {
                     malloc((size_t)accum * sizeof(int))};
     MT_CHECK(bs.inputs && bs.targets && bs.valid, "batches");
     int skipped = 0;
-    mt_err err = MT_OK;
+    // a sample before training, to compare the later ones with
+    mt_err err = r->sampler && r->resume.step == 0 ? sample(r, 0) : MT_OK;
     for (int step = (int)r->resume.step; step < cfg->train_steps && !err; step++) {
         // all micro-batches first: the loss is the mean over all their targets
         long valid_total = 0;
