@@ -367,6 +367,19 @@ static float *random_params(const char *folder, mt_model_config *mc, uint64_t se
     return params;
 }
 
+// A CPU run of the model folder, from random values, on data into out.
+static void base_config(mt_config *cfg, const char *folder, const char *data, const char *out, const char *steps,
+                        const char *seq_len) {
+    mt_config_defaults(cfg);
+    ck_assert_int_eq(mt_config_set(cfg, "model.path", folder, "t"), MT_OK);
+    ck_assert_int_eq(mt_config_set(cfg, "model.init", "random", "t"), MT_OK);
+    ck_assert_int_eq(mt_config_set(cfg, "data.train", data, "t"), MT_OK);
+    ck_assert_int_eq(mt_config_set(cfg, "output.dir", out, "t"), MT_OK);
+    ck_assert_int_eq(mt_config_set(cfg, "train.steps", steps, "t"), MT_OK);
+    ck_assert_int_eq(mt_config_set(cfg, "train.seq_len", seq_len, "t"), MT_OK);
+    ck_assert_int_eq(mt_config_set(cfg, "train.device", "cpu", "t"), MT_OK);
+}
+
 START_TEST(training_reduces_loss_and_saves) {
     char data[300], folder[300], out[300];
     snprintf(data, sizeof data, "%s/train.h5", dir);
@@ -380,17 +393,10 @@ START_TEST(training_reduces_loss_and_saves) {
     make_folder("train-model", tu_tiny_llama_json, folder, sizeof folder);
     snprintf(out, sizeof out, "%s/run", dir);
     mt_config cfg;
-    mt_config_defaults(&cfg);
-    ck_assert_int_eq(mt_config_set(&cfg, "model.path", folder, "t"), MT_OK);
-    ck_assert_int_eq(mt_config_set(&cfg, "model.init", "random", "t"), MT_OK);
-    ck_assert_int_eq(mt_config_set(&cfg, "data.train", data, "t"), MT_OK);
-    ck_assert_int_eq(mt_config_set(&cfg, "output.dir", out, "t"), MT_OK);
-    ck_assert_int_eq(mt_config_set(&cfg, "train.steps", "60", "t"), MT_OK);
-    ck_assert_int_eq(mt_config_set(&cfg, "train.seq_len", "32", "t"), MT_OK);
+    base_config(&cfg, folder, data, out, "60", "32");  // head dim 4: CPU only
     ck_assert_int_eq(mt_config_set(&cfg, "train.grad_accum", "2", "t"), MT_OK);
     ck_assert_int_eq(mt_config_set(&cfg, "train.log_every", "20", "t"), MT_OK);
     ck_assert_int_eq(mt_config_set(&cfg, "optim.lr", "1e-2", "t"), MT_OK);
-    ck_assert_int_eq(mt_config_set(&cfg, "train.device", "cpu", "t"), MT_OK);  // head dim 4: CPU only
     mt_train_result r;
     ck_assert_int_eq(mt_train(&cfg, &r), MT_OK);
     ck_assert_int_eq(r.steps_done, 60);
@@ -472,20 +478,13 @@ START_TEST(loss_is_the_mean_over_the_steps_trained_tokens) {
     double a[8], b[8];
     for (int run = 0; run < 2; run++) {
         mt_config cfg;
-        mt_config_defaults(&cfg);
-        ck_assert_int_eq(mt_config_set(&cfg, "model.path", folder, "t"), MT_OK);
-        ck_assert_int_eq(mt_config_set(&cfg, "model.init", "random", "t"), MT_OK);
-        ck_assert_int_eq(mt_config_set(&cfg, "data.train", data, "t"), MT_OK);
+        base_config(&cfg, folder, data, run ? two : one, "8", "16");
         ck_assert_int_eq(mt_config_set(&cfg, "data.eval_fraction", "0", "t"), MT_OK);
-        ck_assert_int_eq(mt_config_set(&cfg, "output.dir", run ? two : one, "t"), MT_OK);
-        ck_assert_int_eq(mt_config_set(&cfg, "train.steps", "8", "t"), MT_OK);
-        ck_assert_int_eq(mt_config_set(&cfg, "train.seq_len", "16", "t"), MT_OK);
         ck_assert_int_eq(mt_config_set(&cfg, "train.micro_batch", run ? "1" : "2", "t"), MT_OK);
         ck_assert_int_eq(mt_config_set(&cfg, "train.grad_accum", run ? "2" : "1", "t"), MT_OK);
         ck_assert_int_eq(mt_config_set(&cfg, "train.log_every", "1", "t"), MT_OK);
         ck_assert_int_eq(mt_config_set(&cfg, "train.eval_every", "0", "t"), MT_OK);
         ck_assert_int_eq(mt_config_set(&cfg, "optim.lr", "1e-2", "t"), MT_OK);
-        ck_assert_int_eq(mt_config_set(&cfg, "train.device", "cpu", "t"), MT_OK);
         mt_train_result r;
         ck_assert_int_eq(mt_train(&cfg, &r), MT_OK);
         ck_assert_int_eq(tu_read_losses(run ? two : one, run ? b : a, steps), steps);
@@ -700,14 +699,7 @@ START_TEST(training_samples_its_text) {
     for (int lora = 0; lora < 2; lora++) {
         snprintf(out, sizeof out, "%s/sample-run-%d", dir, lora);
         mt_config cfg;
-        mt_config_defaults(&cfg);
-        ck_assert_int_eq(mt_config_set(&cfg, "model.path", folder, "t"), MT_OK);
-        ck_assert_int_eq(mt_config_set(&cfg, "model.init", "random", "t"), MT_OK);
-        ck_assert_int_eq(mt_config_set(&cfg, "data.train", data, "t"), MT_OK);
-        ck_assert_int_eq(mt_config_set(&cfg, "output.dir", out, "t"), MT_OK);
-        ck_assert_int_eq(mt_config_set(&cfg, "train.steps", "4", "t"), MT_OK);
-        ck_assert_int_eq(mt_config_set(&cfg, "train.seq_len", "16", "t"), MT_OK);
-        ck_assert_int_eq(mt_config_set(&cfg, "train.device", "cpu", "t"), MT_OK);
+        base_config(&cfg, folder, data, out, "4", "16");
         ck_assert_int_eq(mt_config_set(&cfg, "optim.warmup_steps", "0", "t"), MT_OK);
         ck_assert_int_eq(mt_config_set(&cfg, "train.sample_every", "2", "t"), MT_OK);
         if (lora) ck_assert_int_eq(mt_config_set(&cfg, "lora.r", "4", "t"), MT_OK);
