@@ -434,6 +434,58 @@ static mt_err prompt_ids(const mt_tokenizer *tok, const mt_chat_template *tmpl, 
     return MT_OK;
 }
 
+// --input: one {"prompt"} or {"messages"} a line, each answered into its
+// line as "completion" on stdout.
+static mt_err generate_file(gen_ctx *c, const char *input, const mt_tokenizer *tok, const mt_chat_template *tmpl,
+                            int uses_chat) {
+    mt_ids ids = {0};
+    mt_err err = MT_OK;
+    FILE *f = fopen(input, "rb");
+    if (!f) err = mt_errorf(MT_ERR_IO, "%s: cannot open the input file", input);
+    char *line = NULL;
+    size_t cap = 0;
+    long lineno = 0;
+    while (!err && getline(&line, &cap, f) >= 0) {
+        lineno++;
+        cJSON *obj = cJSON_Parse(line);
+        const cJSON *p = obj ? cJSON_GetObjectItemCaseSensitive(obj, "prompt") : NULL;
+        const cJSON *list = obj ? cJSON_GetObjectItemCaseSensitive(obj, "messages") : NULL;
+        mt_chat_message msgs[64];
+        int n = 0;
+        const cJSON *m;
+        if (cJSON_IsArray(list)) cJSON_ArrayForEach(m, list) {
+                const cJSON *role = cJSON_GetObjectItemCaseSensitive(m, "role");
+                const cJSON *content = cJSON_GetObjectItemCaseSensitive(m, "content");
+                if (n == 64 || !cJSON_IsString(role) || !cJSON_IsString(content)) break;
+                mt_chat_role rl = !strcmp(role->valuestring, "system")      ? MT_ROLE_SYSTEM
+                                  : !strcmp(role->valuestring, "assistant") ? MT_ROLE_ASSISTANT
+                                                                            : MT_ROLE_USER;
+                msgs[n++] = (mt_chat_message){rl, content->valuestring, strlen(content->valuestring)};
+            }
+        if (!cJSON_IsString(p) && !(cJSON_IsArray(list) && uses_chat))
+            err = mt_errorf(MT_ERR_DATASET, "%s:%ld: expected {\"prompt\": \"...\"}%s", input, lineno,
+                            uses_chat ? " or {\"messages\": [...]}" : " (no chat template for messages)");
+        if (!err)
+            err = prompt_ids(tok, tmpl, cJSON_IsString(p) ? NULL : msgs, n, cJSON_IsString(p) ? p->valuestring : NULL,
+                             &ids);
+        char *text = NULL;
+        if (!err) err = run_generation(c, &ids, NULL, &text);
+        if (!err) {
+            cJSON_AddStringToObject(obj, "completion", text);
+            char *out = cJSON_PrintUnformatted(obj);
+            printf("%s\n", out);
+            fflush(stdout);
+            free(out);
+        }
+        free(text);
+        cJSON_Delete(obj);
+    }
+    free(line);
+    if (f) fclose(f);
+    mt_ids_free(&ids);
+    return err;
+}
+
 static int cmd_generate(int argc, char **argv) {
     const char *model = NULL, *adapter = NULL, *prompt = NULL, *chat = NULL, *system = NULL, *input = NULL,
                *template_name = "auto";
@@ -494,7 +546,7 @@ static int cmd_generate(int argc, char **argv) {
     snprintf(tokenizer_file, sizeof tokenizer_file, "%s/tokenizer.json", model);
     int bytes = !err && access(tokenizer_file, F_OK) != 0 && mc.V == MT_BYTE_VOCAB;  // memtune's byte tokenizer
     if (!err && !bytes) err = mt_tokenizer_load(&tok, model);
-    if (!err && bytes && (chat || input))
+    if (!err && bytes && chat)
         err =
             mt_errorf(MT_ERR_USAGE, "%s has memtune's byte tokenizer, which has no chat template: use --prompt", model);
     float *params = NULL;
@@ -522,7 +574,7 @@ static int cmd_generate(int argc, char **argv) {
         free(ad);
     }
     mt_chat_template tmpl;
-    int uses_chat = chat || input;
+    int uses_chat = (chat || input) && tok;  // memtune's bytes: plain prompts only
     if (!err && uses_chat) {
         int b = mt_tokenizer_bos(tok), e = mt_tokenizer_eos(tok);
         err = mt_chat_template_pick(&tmpl, template_name, mt_tokenizer_chat_template(tok),
@@ -545,48 +597,7 @@ static int cmd_generate(int argc, char **argv) {
         if (!err) err = run_generation(&c, &ids, stdout, &text);
         free(text);
     } else if (!err) {
-        FILE *f = fopen(input, "rb");
-        if (!f) err = mt_errorf(MT_ERR_IO, "%s: cannot open the input file", input);
-        char *line = NULL;
-        size_t cap = 0;
-        long lineno = 0;
-        while (!err && getline(&line, &cap, f) >= 0) {
-            lineno++;
-            cJSON *obj = cJSON_Parse(line);
-            const cJSON *p = obj ? cJSON_GetObjectItemCaseSensitive(obj, "prompt") : NULL;
-            const cJSON *list = obj ? cJSON_GetObjectItemCaseSensitive(obj, "messages") : NULL;
-            mt_chat_message msgs[64];
-            int n = 0;
-            const cJSON *m;
-            if (cJSON_IsArray(list)) cJSON_ArrayForEach(m, list) {
-                    const cJSON *role = cJSON_GetObjectItemCaseSensitive(m, "role");
-                    const cJSON *content = cJSON_GetObjectItemCaseSensitive(m, "content");
-                    if (n == 64 || !cJSON_IsString(role) || !cJSON_IsString(content)) break;
-                    mt_chat_role rl = !strcmp(role->valuestring, "system")      ? MT_ROLE_SYSTEM
-                                      : !strcmp(role->valuestring, "assistant") ? MT_ROLE_ASSISTANT
-                                                                                : MT_ROLE_USER;
-                    msgs[n++] = (mt_chat_message){rl, content->valuestring, strlen(content->valuestring)};
-                }
-            if (!cJSON_IsString(p) && !(cJSON_IsArray(list) && uses_chat))
-                err = mt_errorf(MT_ERR_DATASET, "%s:%ld: expected {\"prompt\": \"...\"}%s", input, lineno,
-                                uses_chat ? " or {\"messages\": [...]}" : " (no chat template for messages)");
-            if (!err)
-                err = prompt_ids(tok, &tmpl, cJSON_IsString(p) ? NULL : msgs, n,
-                                 cJSON_IsString(p) ? p->valuestring : NULL, &ids);
-            char *text = NULL;
-            if (!err) err = run_generation(&c, &ids, NULL, &text);
-            if (!err) {
-                cJSON_AddStringToObject(obj, "completion", text);
-                char *out = cJSON_PrintUnformatted(obj);
-                printf("%s\n", out);
-                fflush(stdout);
-                free(out);
-            }
-            free(text);
-            cJSON_Delete(obj);
-        }
-        free(line);
-        if (f) fclose(f);
+        err = generate_file(&c, input, tok, &tmpl, uses_chat);
     }
     mt_ids_free(&ids);
     mt_generator_free(c.gen);
