@@ -45,7 +45,7 @@ static void encode(const encoder *e, const char *s, size_t n, mt_ids *out) {
         mt_tokenizer_encode(e->hf, s, n, out);
         return;
     }
-    for (size_t i = 0; i < n; i++) mt_ids_push(out, (unsigned char)s[i]);
+    mt_bytes_encode(s, n, out);
 }
 
 // ------------------------------------------------------------- one example

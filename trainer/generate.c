@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "datasets/tokenizer.h"
 #include "kernels/ops_ref.h"
 #include "kernels/rng.h"
 #include "trainer/model.h"
@@ -243,4 +244,66 @@ int32_t mt_sample(float *logits, int V, const mt_sampling *s, const uint32_t *hi
     }
     free(c);
     return pick;
+}
+
+// ------------------------------------------------------------ text
+
+void mt_generate_prompt(const mt_tokenizer *tok, const char *text, mt_ids *ids) {
+    int bos = tok ? mt_tokenizer_bos(tok) : MT_TOKEN_BOS;
+    if (bos >= 0) mt_ids_push(ids, (uint32_t)bos);
+    if (tok)
+        mt_tokenizer_encode(tok, text, strlen(text), ids);
+    else
+        mt_bytes_encode(text, strlen(text), ids);
+}
+
+mt_err mt_generate_text(mt_generator *g, const mt_tokenizer *tok, const mt_ids *prompt, const mt_generate_options *o,
+                        FILE *stream, char **text_out) {
+    *text_out = NULL;
+    int V = g->cfg.V;
+    mt_generator_reset(g);
+    float *logits = malloc((size_t)V * sizeof(float));
+    mt_ids hist = {0};
+    MT_CHECK(logits != NULL, "logits");
+    mt_err err = MT_OK;
+    for (size_t i = 0; i < prompt->n && !err; i++) {
+        mt_ids_push(&hist, prompt->ids[i]);
+        err = mt_generator_step(g, (int32_t)prompt->ids[i], i + 1 == prompt->n ? logits : NULL);
+    }
+    size_t start = hist.n, shown = 0, hold = 0;
+    for (int s = 0; s < o->n_stops; s++)
+        if (strlen(o->stops[s]) > hold) hold = strlen(o->stops[s]);
+    char *text = NULL;
+    size_t len = 0;
+    for (int n = 0; n < o->max_new && !err && prompt->n; n++) {
+        int32_t next = mt_sample(logits, V, &o->sampling, hist.ids, hist.n, (uint64_t)n);
+        if (next == o->eos || next == o->eot) break;
+        mt_ids_push(&hist, (uint32_t)next);
+        free(text);
+        text = tok ? mt_tokenizer_decode(tok, hist.ids + start, hist.n - start, 1, &len)
+                   : mt_bytes_decode(hist.ids + start, hist.n - start, &len);
+        // stream what is complete (a trailing U+FFFD may be half a character still)
+        size_t ready = len;
+        if (ready >= 3 && !memcmp(text + ready - 3, "\xef\xbf\xbd", 3)) ready -= 3;
+        ready = ready > hold ? ready - hold : 0;  // what may still become a stop string waits
+        if (stream && ready > shown) {
+            fwrite(text + shown, 1, ready - shown, stream);
+            fflush(stream);
+            shown = ready;
+        }
+        int stop = 0;
+        for (int s = 0; s < o->n_stops && !stop; s++) {
+            size_t sl = strlen(o->stops[s]);
+            if (len >= sl && !memcmp(text + len - sl, o->stops[s], sl)) stop = 1, len -= sl, text[len] = '\0';
+        }
+        if (stop) break;
+        if (n + 1 < o->max_new) err = mt_generator_step(g, next, logits);  // (the last token's logits serve nothing)
+    }
+    if (stream && text && len > shown) fwrite(text + shown, 1, len - shown, stream);
+    if (stream) fputc('\n', stream);
+    free(logits);
+    mt_ids_free(&hist);
+    if (!text) text = calloc(1, 1);
+    *text_out = text;
+    return err;
 }

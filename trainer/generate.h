@@ -9,7 +9,9 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 
+#include "datasets/hf_tokenizer.h"
 #include "kernels/common.h"
 #include "trainer/params.h"
 
@@ -42,6 +44,23 @@ typedef struct {
 // (for the repetition penalty); draw: the sample's index (a new uniform per
 // draw from seed).
 int32_t mt_sample(float *logits, int V, const mt_sampling *s, const uint32_t *history, size_t n_history, uint64_t draw);
+
+typedef struct {
+    mt_sampling sampling;
+    int max_new;           // new tokens at most
+    int eos, eot;          // ids that end the text (-1: none)
+    const char *stops[8];  // texts that end it (left out of it)
+    int n_stops;
+} mt_generate_options;
+
+// BOS (the tokenizer's when it has one; tok NULL: memtune's bytes) and the
+// ids of text.
+void mt_generate_prompt(const mt_tokenizer *tok, const char *text, mt_ids *ids);
+// From the start of the cache: the prompt, then new tokens until an end id,
+// a stop text or max_new; *text (malloc'd) their text, streamed to `stream`
+// as it grows (NULL: quiet; text that may still turn into a stop waits).
+mt_err mt_generate_text(mt_generator *g, const mt_tokenizer *tok, const mt_ids *prompt, const mt_generate_options *o,
+                        FILE *stream, char **text);
 
 #ifdef __cplusplus
 }

@@ -336,76 +336,9 @@ static const char GENERATE_HELP[] =
 
 typedef struct {
     mt_generator *gen;
-    mt_tokenizer *tok;
-    const mt_model_config *mc;
-    mt_sampling sampling;
-    int max_new, eos, eot;
-    const char *stops[8];
-    int n_stops;
+    mt_tokenizer *tok;  // NULL: memtune's bytes
+    mt_generate_options o;
 } gen_ctx;
-
-// The text of byte-tokenizer ids (BOS and EOS left out).
-static char *bytes_decode(const uint32_t *ids, size_t n, size_t *len) {
-    char *out = malloc(n + 1);
-    MT_CHECK(out != NULL, "decode");
-    size_t k = 0;
-    for (size_t i = 0; i < n; i++)
-        if (ids[i] < 256) out[k++] = (char)ids[i];
-    out[k] = '\0';
-    *len = k;
-    return out;
-}
-
-// Generates after the prompt ids; streams to `stream` (NULL: quiet); returns
-// the completion's text (malloc'd).
-static mt_err run_generation(gen_ctx *c, const mt_ids *prompt, FILE *stream, char **text_out) {
-    *text_out = NULL;
-    mt_generator_reset(c->gen);
-    float *logits = malloc((size_t)c->mc->V * sizeof(float));
-    mt_ids hist = {0};
-    MT_CHECK(logits != NULL, "logits");
-    mt_err err = MT_OK;
-    for (size_t i = 0; i < prompt->n && !err; i++) {
-        mt_ids_push(&hist, prompt->ids[i]);
-        err = mt_generator_step(c->gen, (int32_t)prompt->ids[i], i + 1 == prompt->n ? logits : NULL);
-    }
-    size_t start = hist.n, shown = 0, hold = 0;
-    for (int s = 0; s < c->n_stops; s++)
-        if (strlen(c->stops[s]) > hold) hold = strlen(c->stops[s]);
-    char *text = NULL;
-    size_t len = 0;
-    for (int n = 0; n < c->max_new && !err && prompt->n; n++) {
-        int32_t next = mt_sample(logits, c->mc->V, &c->sampling, hist.ids, hist.n, (uint64_t)n);
-        if (next == c->eos || next == c->eot) break;
-        mt_ids_push(&hist, (uint32_t)next);
-        free(text);
-        text = c->tok ? mt_tokenizer_decode(c->tok, hist.ids + start, hist.n - start, 1, &len)
-                      : bytes_decode(hist.ids + start, hist.n - start, &len);
-        // stream what is complete (a trailing U+FFFD may be half a character still)
-        size_t ready = len;
-        if (ready >= 3 && !memcmp(text + ready - 3, "\xef\xbf\xbd", 3)) ready -= 3;
-        ready = ready > hold ? ready - hold : 0;  // what may still become a stop string waits
-        if (stream && ready > shown) {
-            fwrite(text + shown, 1, ready - shown, stream);
-            fflush(stream);
-            shown = ready;
-        }
-        int stop = 0;
-        for (int s = 0; s < c->n_stops && !stop; s++) {
-            size_t sl = strlen(c->stops[s]);
-            if (len >= sl && !memcmp(text + len - sl, c->stops[s], sl)) stop = 1, len -= sl, text[len] = '\0';
-        }
-        if (stop) break;
-        err = mt_generator_step(c->gen, next, logits);
-    }
-    if (stream && text && len > shown) fwrite(text + shown, 1, len - shown, stream);
-    if (stream) fputc('\n', stream);
-    free(logits);
-    mt_ids_free(&hist);
-    if (!text) text = calloc(1, 1);
-    *text_out = text;
-    return err;
-}
 
 // The prompt's ids: a chat rendered with the template and its generation
 // prompt, or text after BOS.
@@ -424,13 +357,7 @@ static mt_err prompt_ids(const mt_tokenizer *tok, const mt_chat_template *tmpl, 
         mt_render_free(&r);
         return MT_OK;
     }
-    if (!tok) {  // memtune's bytes
-        mt_ids_push(ids, MT_TOKEN_BOS);
-        for (const char *p = text; *p; p++) mt_ids_push(ids, (unsigned char)*p);
-        return MT_OK;
-    }
-    if (mt_tokenizer_bos(tok) >= 0) mt_ids_push(ids, (uint32_t)mt_tokenizer_bos(tok));
-    mt_tokenizer_encode(tok, text, strlen(text), ids);
+    mt_generate_prompt(tok, text, ids);
     return MT_OK;
 }
 
@@ -469,7 +396,7 @@ static mt_err generate_file(gen_ctx *c, const char *input, const mt_tokenizer *t
             err = prompt_ids(tok, tmpl, cJSON_IsString(p) ? NULL : msgs, n, cJSON_IsString(p) ? p->valuestring : NULL,
                              &ids);
         char *text = NULL;
-        if (!err) err = run_generation(c, &ids, NULL, &text);
+        if (!err) err = mt_generate_text(c->gen, c->tok, &ids, &c->o, NULL, &text);
         if (!err) {
             cJSON_AddStringToObject(obj, "completion", text);
             char *out = cJSON_PrintUnformatted(obj);
@@ -489,7 +416,7 @@ static mt_err generate_file(gen_ctx *c, const char *input, const mt_tokenizer *t
 static int cmd_generate(int argc, char **argv) {
     const char *model = NULL, *adapter = NULL, *prompt = NULL, *chat = NULL, *system = NULL, *input = NULL,
                *template_name = "auto";
-    gen_ctx c = {.max_new = 128, .sampling = {0.0f, 0, 1.0f, 0.0f, 1.0f, 0}};
+    gen_ctx c = {.o = {.max_new = 128, .sampling = {0.0f, 0, 1.0f, 0.0f, 1.0f, 0}}};
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) return printf("%s", GENERATE_HELP), 0;
@@ -513,22 +440,22 @@ static int cmd_generate(int argc, char **argv) {
             continue;
         }
         if (!strcmp(a, "--stop")) {
-            if (c.n_stops == 8) return fail(mt_errorf(MT_ERR_USAGE, "at most 8 --stop strings"));
-            c.stops[c.n_stops++] = v;
+            if (c.o.n_stops == 8) return fail(mt_errorf(MT_ERR_USAGE, "at most 8 --stop strings"));
+            c.o.stops[c.o.n_stops++] = v;
         } else if (!strcmp(a, "--max-new-tokens"))
-            c.max_new = (int)strtol(v, &end, 10);
+            c.o.max_new = (int)strtol(v, &end, 10);
         else if (!strcmp(a, "--top-k"))
-            c.sampling.top_k = (int)strtol(v, &end, 10);
+            c.o.sampling.top_k = (int)strtol(v, &end, 10);
         else if (!strcmp(a, "--seed"))
-            c.sampling.seed = strtoull(v, &end, 10);
+            c.o.sampling.seed = strtoull(v, &end, 10);
         else if (!strcmp(a, "--temperature"))
-            c.sampling.temperature = strtof(v, &end);
+            c.o.sampling.temperature = strtof(v, &end);
         else if (!strcmp(a, "--top-p"))
-            c.sampling.top_p = strtof(v, &end);
+            c.o.sampling.top_p = strtof(v, &end);
         else if (!strcmp(a, "--min-p"))
-            c.sampling.min_p = strtof(v, &end);
+            c.o.sampling.min_p = strtof(v, &end);
         else if (!strcmp(a, "--repetition-penalty"))
-            c.sampling.repetition_penalty = strtof(v, &end);
+            c.o.sampling.repetition_penalty = strtof(v, &end);
         else
             return fail(mt_errorf(MT_ERR_USAGE, "unknown option %s (memtune generate --help)", a));
         if (end && (*end || end == v)) return fail(mt_errorf(MT_ERR_USAGE, "%s %s: expected a number", a, v));
@@ -536,8 +463,9 @@ static int cmd_generate(int argc, char **argv) {
     }
     if (!model || (!!prompt + !!chat + !!input) != 1)
         return fail(mt_errorf(MT_ERR_USAGE, "generate needs --model DIR and one of --prompt, --chat, --input"));
-    if (c.max_new < 1 || c.sampling.top_k < 0 || c.sampling.temperature < 0 || c.sampling.top_p <= 0 ||
-        c.sampling.top_p > 1 || c.sampling.min_p < 0 || c.sampling.min_p >= 1 || c.sampling.repetition_penalty <= 0)
+    if (c.o.max_new < 1 || c.o.sampling.top_k < 0 || c.o.sampling.temperature < 0 || c.o.sampling.top_p <= 0 ||
+        c.o.sampling.top_p > 1 || c.o.sampling.min_p < 0 || c.o.sampling.min_p >= 1 ||
+        c.o.sampling.repetition_penalty <= 0)
         return fail(mt_errorf(MT_ERR_USAGE, "a sampling setting is out of range (memtune generate --help)"));
     mt_model_config mc;
     mt_err err = mt_hf_read_config(model, &mc);
@@ -582,8 +510,8 @@ static int cmd_generate(int argc, char **argv) {
                                     e >= 0 ? mt_tokenizer_token(tok, (uint32_t)e) : NULL, model);
         if (err && input) err = MT_OK, uses_chat = 0;  // a file of plain prompts needs no template
     }
-    c.mc = &mc, c.tok = tok, c.eos = tok ? mt_tokenizer_eos(tok) : MT_TOKEN_EOS, c.eot = -1;
-    if (!err && uses_chat) c.eot = mt_tokenizer_token_id(tok, mt_chat_end_of_turn(&tmpl));
+    c.tok = tok, c.o.eos = tok ? mt_tokenizer_eos(tok) : MT_TOKEN_EOS, c.o.eot = -1;
+    if (!err && uses_chat) c.o.eot = mt_tokenizer_token_id(tok, mt_chat_end_of_turn(&tmpl));
     int max_len = mc.max_position > 0 ? mc.max_position : 4096;
     if (!err) err = mt_generator_init(&c.gen, &mc, params, max_len);
     mt_ids ids = {0};
@@ -594,7 +522,7 @@ static int cmd_generate(int argc, char **argv) {
         if (chat) msgs[n++] = (mt_chat_message){MT_ROLE_USER, chat, strlen(chat)};
         err = prompt_ids(tok, &tmpl, chat ? msgs : NULL, n, prompt, &ids);
         char *text = NULL;
-        if (!err) err = run_generation(&c, &ids, stdout, &text);
+        if (!err) err = mt_generate_text(c.gen, c.tok, &ids, &c.o, stdout, &text);
         free(text);
     } else if (!err) {
         err = generate_file(&c, input, tok, &tmpl, uses_chat);

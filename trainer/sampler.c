@@ -57,45 +57,17 @@ mt_err mt_sampler_run(mt_sampler *s, const float *params, int step, mt_metrics *
     int max_len = longest + 2 + s->tokens;  // a token a byte at most, BOS
     mt_generator *g;
     mt_err err = mt_generator_init(&g, &s->mc, params, max_len);
-    float *logits = malloc((size_t)s->mc.V * sizeof(float));
-    MT_CHECK(logits != NULL, "sample logits");
-    mt_sampling greedy = {0.0f, 0, 1.0f, 0.0f, 1.0f, 0};
-    int eos = s->tok ? mt_tokenizer_eos(s->tok) : MT_TOKEN_EOS;
+    mt_generate_options greedy = {
+        {0.0f, 0, 1.0f, 0.0f, 1.0f, 0}, s->tokens, s->tok ? mt_tokenizer_eos(s->tok) : MT_TOKEN_EOS, -1, {NULL}, 0};
     for (int i = 0; i < s->n && !err; i++) {
         mt_ids ids = {0};
-        if (s->tok) {
-            if (mt_tokenizer_bos(s->tok) >= 0) mt_ids_push(&ids, (uint32_t)mt_tokenizer_bos(s->tok));
-            mt_tokenizer_encode(s->tok, s->prompt[i], strlen(s->prompt[i]), &ids);
-        } else {
-            mt_ids_push(&ids, MT_TOKEN_BOS);
-            for (const char *p = s->prompt[i]; *p; p++) mt_ids_push(&ids, (unsigned char)*p);
-        }
-        size_t start = ids.n;
-        mt_generator_reset(g);
-        for (size_t k = 0; k < start && !err; k++)
-            err = mt_generator_step(g, (int32_t)ids.ids[k], k + 1 == start ? logits : NULL);
-        for (int n = 0; n < s->tokens && !err; n++) {
-            int32_t next = mt_sample(logits, s->mc.V, &greedy, NULL, 0, 0);
-            if (next == eos) break;
-            mt_ids_push(&ids, (uint32_t)next);
-            if (n + 1 < s->tokens) err = mt_generator_step(g, next, logits);
-        }
-        size_t len = 0;
-        char *text;
-        if (s->tok) {
-            text = mt_tokenizer_decode(s->tok, ids.ids + start, ids.n - start, 1, &len);
-        } else {
-            text = malloc(ids.n - start + 1);
-            MT_CHECK(text != NULL, "sample text");
-            for (size_t k = start; k < ids.n; k++)
-                if (ids.ids[k] < 256) text[len++] = (char)ids.ids[k];
-            text[len] = '\0';
-        }
+        char *text = NULL;
+        mt_generate_prompt(s->tok, s->prompt[i], &ids);
+        err = mt_generate_text(g, s->tok, &ids, &greedy, NULL, &text);
         if (!err) mt_metrics_sample(metrics, step, s->prompt[i], text);
         free(text);
         mt_ids_free(&ids);
     }
-    free(logits);
     mt_generator_free(g);
     return err;
 }
