@@ -11,7 +11,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "datasets/chat.h"
@@ -23,12 +22,6 @@ enum { BATCH_ITEMS = 8192, BATCH_BYTES = 32 << 20 };
 
 void mt_convert_defaults(mt_convert_options *o) {
     *o = (mt_convert_options){.format = MT_FORMAT_TEXT, .text_field = "text", .chat_template = "auto"};
-}
-
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
 // ------------------------------------------------------------- the encoder
@@ -482,7 +475,7 @@ static mt_err check_options(const mt_convert_options *o) {
 }
 
 static void progress(const mt_convert_stats *st, uint64_t total_bytes, double start, int final) {
-    double t = now() - start;
+    double t = mt_now() - start;
     double frac = total_bytes ? (double)st->bytes_read / (double)total_bytes : 0.0;
     char eta[32] = "";
     if (!final && frac > 0.0 && frac < 1.0) snprintf(eta, sizeof eta, " | ETA %.0fs", t / frac - t);
@@ -524,7 +517,7 @@ static mt_err run_batch(const mt_convert_options *o, const encoder *e, reader *r
 
 mt_err mt_convert(const mt_convert_options *o, mt_convert_stats *stats) {
     mt_convert_stats st = {0};
-    double start = now();
+    double start = mt_now();
     mt_err err = check_options(o);
     encoder e;
     if (!err)
@@ -555,13 +548,13 @@ mt_err mt_convert(const mt_convert_options *o, mt_convert_stats *stats) {
     emitter em = {o, &e, w, &st, malloc(T * sizeof(uint32_t)), calloc(T, 1)};
     MT_CHECK(rd.items && exs && scs && em.pad_ids && em.pad_mask, "converter buffers");
     for (size_t i = 0; i < T; i++) em.pad_ids[i] = (uint32_t)e.pad;
-    double last = now();
+    double last = mt_now();
     while (!err && read_batch(&rd)) {
         st.bytes_read = rd.bytes;
         err = run_batch(o, &e, &rd, exs, scs, &em);
-        if (o->progress && now() - last > (isatty(2) ? 1.0 : 30.0)) {
+        if (o->progress && mt_now() - last > (isatty(2) ? 1.0 : 30.0)) {
             progress(&st, total_bytes, start, 0);
-            last = now();
+            last = mt_now();
         }
     }
     if (!err && ferror(f)) err = mt_errorf(MT_ERR_IO, "%s: read error", o->input);
@@ -579,7 +572,7 @@ mt_err mt_convert(const mt_convert_options *o, mt_convert_stats *stats) {
                         (unsigned long long)st.dropped_long, (unsigned long long)st.bad_lines);
     mt_err close_err = mt_dataset_writer_close(w, !err, e.vocab, e.name, o->pack == MT_PACK_PAD ? o->seq_len : 0);
     if (!err) err = close_err;
-    st.seconds = now() - start;
+    st.seconds = mt_now() - start;
     if (!err && o->progress && isatty(2) && st.seconds > 1.0) progress(&st, total_bytes, start, 1);
     fclose(f);
     for (int i = 0; i < BATCH_ITEMS; i++) mt_ids_free(&exs[i].ids), free(exs[i].mask);

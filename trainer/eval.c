@@ -6,19 +6,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "kernels/device.h"
 #include "trainer/hf.h"
 #include "trainer/lora.h"
 #include "trainer/params.h"
-
-static double now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
 
 typedef void (*progress_fn)(void *ctx, int done, int total, double sum, long count);
 
@@ -57,7 +50,7 @@ typedef struct {
 
 static void show_progress(void *ctx, int done, int total, double sum, long count) {
     progress_state *p = ctx;
-    double t = now();
+    double t = mt_now();
     if (t - p->last < (isatty(2) ? 1.0 : 30.0) && done < total) return;
     p->last = t;
     double tps = (double)done * p->tokens_per_batch / (t - p->start);
@@ -68,7 +61,7 @@ static void show_progress(void *ctx, int done, int total, double sum, long count
 
 mt_err mt_eval_run(const mt_eval_options *o, mt_eval_result *r) {
     memset(r, 0, sizeof *r);
-    double start = now();
+    double start = mt_now();
     if (!o->model || !o->data)
         return mt_errorf(MT_ERR_USAGE, "eval needs --model DIR and --data FILE.h5 (memtune eval --help)");
     mt_model_config mc;
@@ -127,14 +120,14 @@ mt_err mt_eval_run(const mt_eval_options *o, mt_eval_result *r) {
             mt_device_describe(r->device, sizeof r->device);
         else
             snprintf(r->device, sizeof r->device, "CPU (fp32)");
-        progress_state ps = {now(), now(), (long)B * T};
+        progress_state ps = {mt_now(), mt_now(), (long)B * T};
         err = eval_batches(model, loader, (int)batches, B, T, &r->loss, &r->targets, o->progress ? show_progress : NULL,
                            &ps);
     }
     if (!err) {
         r->perplexity = exp(r->loss);
         r->windows = batches * B, r->windows_total = (long)windows, r->seq_len = T;
-        r->seconds = now() - start;
+        r->seconds = mt_now() - start;
         if (r->targets == 0)
             err = mt_errorf(MT_ERR_DATASET, "%s: no target counts in the evaluated windows (the loss mask is all 0)",
                             o->data);

@@ -116,6 +116,13 @@ static const char TOKENIZE_HELP[] =
     "  --threads N          tokenizing threads (default: every core)\n"
     "  --quiet              no progress line\n";
 
+// A positive whole number option value (at most 2^30); the exit code of its
+// error, or 0.
+static int positive_option(const char *opt, const char *v, long *out) {
+    if (mt_parse_long(v, 1, 1L << 30, out) == 0) return 0;
+    return fail(mt_errorf(MT_ERR_USAGE, "%s %s: expected a positive whole number", opt, v));
+}
+
 static int parse_choice(const char *opt, const char *v, const char *const *names, int n, int *out) {
     for (int i = 0; i < n; i++)
         if (!strcmp(v, names[i])) return *out = i, 0;
@@ -164,10 +171,8 @@ static int cmd_tokenize(int argc, char **argv) {
         else if (!strcmp(a, "--on-bad-line"))
             rc = parse_choice(a, v, bad, 2, &on_bad);
         else if (!strcmp(a, "--seq-len") || !strcmp(a, "--threads")) {
-            char *end;
-            long n = strtol(v, &end, 10);
-            if (*end || n < 1 || n > (1L << 30))
-                return fail(mt_errorf(MT_ERR_USAGE, "%s %s: expected a positive whole number", a, v));
+            long n;
+            if ((rc = positive_option(a, v, &n))) return rc;
             if (a[2] == 's')
                 o.seq_len = (int)n;
             else
@@ -242,10 +247,9 @@ static int cmd_eval(int argc, char **argv) {
         else if (!strcmp(a, "--device"))
             o.device = v;
         else if (!strcmp(a, "--seq-len") || !strcmp(a, "--batch") || !strcmp(a, "--batches")) {
-            char *end;
-            long n = strtol(v, &end, 10);
-            if (*end || n < 1 || n > (1L << 30))
-                return fail(mt_errorf(MT_ERR_USAGE, "%s %s: expected a positive whole number", a, v));
+            long n;
+            int rc = positive_option(a, v, &n);
+            if (rc) return rc;
             if (!strcmp(a, "--seq-len"))
                 o.seq_len = (int)n;
             else if (!strcmp(a, "--batch"))
@@ -289,9 +293,12 @@ static int cmd_plan(int argc, char **argv) {
             sets[n_sets++] = argv[++i];
         else if (!strcmp(a, "--device"))
             device = argv[++i];
-        else if (!strcmp(a, "--ranks"))
-            ranks = atoi(argv[++i]);
-        else if (!strcmp(a, "--gpu-memory")) {
+        else if (!strcmp(a, "--ranks")) {
+            long n;
+            int rc = positive_option(a, argv[++i], &n);
+            if (rc) return free(sets), rc;
+            ranks = (int)n;
+        } else if (!strcmp(a, "--gpu-memory")) {
             capacity = mt_parse_size(argv[++i]);
             source = "--gpu-memory";
             if (capacity <= 0)
@@ -305,7 +312,6 @@ static int cmd_plan(int argc, char **argv) {
             path = a;
     }
     if (!path) return free(sets), fail(mt_errorf(MT_ERR_USAGE, "memtune plan needs a config file"));
-    if (ranks < 1) return free(sets), fail(mt_errorf(MT_ERR_USAGE, "--ranks takes a positive number"));
     if (device && strcmp(device, "gpu") && strcmp(device, "cpu"))
         return free(sets), fail(mt_errorf(MT_ERR_USAGE, "--device %s: expected gpu or cpu", device));
     int gpu = !device || !strcmp(device, "gpu");
