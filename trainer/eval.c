@@ -68,15 +68,19 @@ mt_err mt_eval_run(const mt_eval_options *o, mt_eval_result *r) {
     mt_err err = mt_hf_read_config(o->model, &mc);
     if (err) return err;
     mt_lora_config lora = {0};
-    if (o->adapter && (err = mt_lora_read_config(o->adapter, &lora))) return err;
+    float *adapters = NULL;
+    if (o->adapter && (err = mt_lora_read_folder(o->adapter, &mc, &lora, &adapters))) return err;
     lora.dropout = 0.0f;  // evaluation: no dropout
     mt_dataset *ds = NULL;
     mt_loader *loader = NULL;
     mt_model *model = NULL;
     mt_backend be;
     int backend_ready = 0;
-    float *params = NULL, *adapters = NULL;
-    if ((err = mt_dataset_open(&ds, o->data, mc.V))) return err;
+    float *params = NULL;
+    if ((err = mt_dataset_open(&ds, o->data, mc.V))) {
+        free(adapters);
+        return err;
+    }
     int T = o->seq_len > 0 ? o->seq_len : mt_dataset_window(ds) > 0 ? mt_dataset_window(ds) : 1024;
     uint64_t windows = mt_dataset_num_tokens(ds) > 1 ? (mt_dataset_num_tokens(ds) - 1) / (uint64_t)T : 0;
     int B = o->batch > 0 ? o->batch : 4;
@@ -103,16 +107,7 @@ mt_err mt_eval_run(const mt_eval_options *o, mt_eval_result *r) {
     mt_model_options mo = {.B = B, .T = T, .lora = lora, .forward_only = 1};
     if (!err) err = mt_model_create_with(&model, &be, &mc, &mo);
     if (!err) err = mt_model_set_weights(model, params);
-    if (!err && o->adapter) {
-        int n_adapter;
-        size_t adapter_total;
-        mt_param_info *table = mt_lora_param_table(&mc, &lora, &n_adapter, &adapter_total);
-        free(table);
-        adapters = calloc(adapter_total ? adapter_total : 1, sizeof(float));
-        MT_CHECK(adapters != NULL, "adapter values");
-        err = mt_lora_load(o->adapter, &mc, &lora, adapters);
-        if (!err) mt_model_set_adapters(model, adapters);
-    }
+    if (!err && adapters) mt_model_set_adapters(model, adapters);
     long batches = loader ? (long)mt_loader_batches_per_epoch(loader) : 0;
     if (o->max_batches > 0 && o->max_batches < batches) batches = o->max_batches;
     if (!err) {

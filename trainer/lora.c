@@ -239,3 +239,20 @@ void mt_lora_report(const mt_lora_config *lora, const mt_param_info *trained, in
     mt_info("base weights frozen%s: %.2f GiB on the %s, %.3f bytes per parameter", nf4 ? " in NF4" : "",
             base_bytes / 1073741824.0, gpu ? "GPU" : "host", (double)base_bytes / (double)base_count);
 }
+
+mt_err mt_lora_read_folder(const char *dir, const mt_model_config *cfg, mt_lora_config *lora, float **values) {
+    *values = NULL;
+    mt_err err = mt_lora_read_config(dir, lora);
+    if (err) return err;
+    int n;
+    size_t total;
+    free(mt_lora_param_table(cfg, lora, &n, &total));
+    float *v = calloc(total ? total : 1, sizeof(float));
+    if (!v) return mt_errorf(MT_ERR_NOMEM, "out of host memory for the adapter %s", dir);
+    if ((err = mt_lora_load(dir, cfg, lora, v))) {
+        free(v);
+        return err;
+    }
+    *values = v;
+    return MT_OK;
+}

@@ -30,6 +30,9 @@ mt_err mt_lora_read_config(const char *dir, mt_lora_config *lora);
 // Reads dir/adapter_model.safetensors into params (the table of `lora` for
 // cfg); every tensor must be present with its shape, and nothing else.
 mt_err mt_lora_load(const char *dir, const mt_model_config *cfg, const mt_lora_config *lora, float *params);
+// Both: an adapter folder's config into lora and its values into *values
+// (malloc'd, lora's table layout).
+mt_err mt_lora_read_folder(const char *dir, const mt_model_config *cfg, mt_lora_config *lora, float **values);
 
 // Adds scale * B A of every adapted module into the base parameters
 // (mt_model_param_table's layout), in fp32 on the host.

@@ -494,16 +494,8 @@ static int cmd_generate(int argc, char **argv) {
     if (!err) err = mt_hf_load_weights(model, &mc, params);
     if (!err && adapter) {  // folded into the host copy: the same function as applying it on the fly
         mt_lora_config lora;
-        err = mt_lora_read_config(adapter, &lora);
-        int n_ad;
-        size_t ad_total = 0;
         float *ad = NULL;
-        if (!err) {
-            free(mt_lora_param_table(&mc, &lora, &n_ad, &ad_total));
-            ad = calloc(ad_total ? ad_total : 1, sizeof(float));
-            MT_CHECK(ad != NULL, "adapter");
-            err = mt_lora_load(adapter, &mc, &lora, ad);
-        }
+        err = mt_lora_read_folder(adapter, &mc, &lora, &ad);
         if (!err) mt_lora_merge(&mc, &lora, params, ad);
         free(ad);
     }

@@ -17,22 +17,20 @@ mt_err mt_lora_merge_folders(const char *model_dir, const char *adapter_dir, con
                          out_dir);
     mt_model_config cfg;
     mt_lora_config lora;
+    float *adapter = NULL;
     mt_err err = mt_hf_read_config(model_dir, &cfg);
-    if (!err) err = mt_lora_read_config(adapter_dir, &lora);
+    if (!err) err = mt_lora_read_folder(adapter_dir, &cfg, &lora, &adapter);
     if (err) return err;
-    int n_base, n_adapter;
-    size_t total_base, total_adapter;
+    int n_base;
+    size_t total_base;
     free(mt_model_param_table(&cfg, &n_base, &total_base));
-    free(mt_lora_param_table(&cfg, &lora, &n_adapter, &total_adapter));
-    float *base = malloc(total_base * sizeof(float)), *adapter = malloc((total_adapter + 1) * sizeof(float));
-    if (!base || !adapter) {
-        free(base);
+    float *base = malloc(total_base * sizeof(float));
+    if (!base) {
         free(adapter);
         return mt_errorf(MT_ERR_NOMEM, "out of host memory for the model's fp32 copy (%.1f GiB)",
                          total_base * 4.0 / 1073741824.0);
     }
     err = mt_hf_load_weights(model_dir, &cfg, base);
-    if (!err) err = mt_lora_load(adapter_dir, &cfg, &lora, adapter);
     if (!err) {
         mt_lora_merge(&cfg, &lora, base, adapter);
         err = mt_hf_save(out_dir, model_dir, &cfg, base, cfg.dtype);
