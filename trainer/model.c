@@ -456,6 +456,21 @@ mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_confi
     return MT_OK;
 }
 
+// MeZO's scratch: the widest selected trainable matrix and vector (the
+// untied embedding is only gathered: its rows are perturbed in place).
+static void perturb_widest(const mt_model *m, const unsigned char *selected, size_t *matrix, size_t *vector) {
+    int count = m->frozen ? m->num_adapter_params : m->num_params;
+    int wte = find_param(m, "model.embed_tokens.weight"), untied = find_param(m, "lm_head.weight") >= 0;
+    *matrix = *vector = 0;
+    for (int i = 0; i < count; i++) {
+        if (selected && !selected[i]) continue;
+        const mt_param_info *p = m->frozen ? &m->adapter_params[i] : &m->params[i];
+        int gathered_only = !m->frozen && i == wte && untied;
+        size_t *widest = p->ndim == 1 ? vector : matrix;
+        if (!gathered_only && p->count > *widest) *widest = p->count;
+    }
+}
+
 void mt_model_plan_bytes(int gpu, const mt_model_config *cfg, const mt_model_options *o, const unsigned char *perturbed,
                          mt_model_bytes *b) {
     mt_backend be = {0};
@@ -482,20 +497,10 @@ void mt_model_plan_bytes(int gpu, const mt_model_config *cfg, const mt_model_opt
         // the fp32 staging of each upload (transient), at most 4 Mi values
         b->staging = (m->total < ((size_t)4 << 20) ? m->total : ((size_t)4 << 20)) * sizeof(float);
     }
-    if (m->forward_only && !m->frozen) {  // MeZO's perturbation scratch (full: the model's tensors)
-        size_t wm = 0, wv = 0;
-        for (int i = 0; i < m->num_params; i++) {
-            if (perturbed && !perturbed[i]) continue;
-            int gathered_only = i == find_param(m, "model.embed_tokens.weight") && find_param(m, "lm_head.weight") >= 0;
-            size_t *w = m->params[i].ndim == 1 ? &wv : &wm;
-            if (!gathered_only && m->params[i].count > *w) *w = m->params[i].count;
-        }
+    if (m->forward_only) {  // MeZO's perturbation scratch
+        size_t wm, wv;
+        perturb_widest(m, perturbed, &wm, &wv);
         b->perturbation = (wm + wv) * act;
-    } else if (m->forward_only && m->lora.r) {
-        size_t wm = 0;
-        for (int i = 0; i < m->num_adapter_params; i++)
-            if ((!perturbed || perturbed[i]) && m->adapter_params[i].count > wm) wm = m->adapter_params[i].count;
-        b->perturbation = wm * act;
     }
     mt_model_free(m);
 }
@@ -648,15 +653,9 @@ mt_err mt_model_enable_perturbation(mt_model *m, const unsigned char *selected) 
     m->pending_left = calloc((size_t)t.count, 1);
     m->pending = 0;
     MT_CHECK(m->perturb_selected && m->pending_left, "perturbation flags");
-    size_t widest_matrix = 0, widest_vector = 0;
-    for (int i = 0; i < t.count; i++) {
-        m->perturb_selected[i] = selected ? selected[i] != 0 : 1;
-        if (!m->perturb_selected[i]) continue;
-        // the untied embedding is only gathered: its rows are perturbed in place
-        int gathered_only = !m->frozen && i == m->index_wte && m->index_lm != m->index_wte;
-        size_t *widest = t.params[i].ndim == 1 ? &widest_vector : &widest_matrix;
-        if (!gathered_only && t.params[i].count > *widest) *widest = t.params[i].count;
-    }
+    for (int i = 0; i < t.count; i++) m->perturb_selected[i] = selected ? selected[i] != 0 : 1;
+    size_t widest_matrix, widest_vector;
+    perturb_widest(m, selected, &widest_matrix, &widest_vector);
     mt_mem_place place = m->be->gpu ? MT_DEVICE : MT_HOST;
     size_t act = mt_act_size(m->be);
     mt_err err = MT_OK;
