@@ -59,6 +59,24 @@ static size_t refresh_floats(const galore_param *p, mt_galore_refresh how) {
     return b * k + a * k + b * k + k * k + k;
 }
 
+void mt_galore_param_bytes(const mt_galore_config *cfg, int64_t rows, int64_t cols, int project, size_t *state,
+                           size_t *work_floats) {
+    galore_param p = {0};
+    p.count = (size_t)rows * (size_t)(cols ? cols : 1);
+    *work_floats = 0;
+    if (!project || cols <= 0) {
+        *state = mt_adam_state_bytes(p.count, cfg->int8);
+        return;
+    }
+    // as mt_galore_init shapes a projected matrix
+    int left = rows <= cols;
+    p.a = (int)(left ? rows : cols), p.b = (int)(left ? cols : rows);
+    p.r = cfg->rank < p.a ? cfg->rank : p.a;
+    size_t n = (size_t)p.r * p.b, refresh = refresh_floats(&p, cfg->refresh);
+    *state = mt_adam_state_bytes(n, cfg->int8) + (size_t)p.a * p.r * sizeof(float);
+    *work_floats = n > refresh ? n : refresh;
+}
+
 static mt_err alloc_state(mt_galore *g, galore_param *p) {
     mt_mem_place place = g->be->gpu ? MT_DEVICE : MT_HOST;
     size_t n = p->state_n, blocks = (n + MT_QBLOCK - 1) / MT_QBLOCK;
@@ -111,10 +129,8 @@ mt_err mt_galore_init(mt_galore **out, mt_backend *be, const mt_galore_config *c
             p->a = (int)(p->left ? m : nn), p->b = (int)(p->left ? nn : m);
             p->r = cfg->rank < p->a ? cfg->rank : p->a;
             p->state_n = (size_t)p->r * p->b;
-            size_t need = p->state_n;  // X
-            size_t refresh = refresh_floats(p, cfg->refresh);
-            if (refresh > need) need = refresh;
-            if (need > work) work = need;
+            size_t need = p->state_n > refresh_floats(p, cfg->refresh) ? p->state_n : refresh_floats(p, cfg->refresh);
+            if (need > work) work = need;  // X, or the refresh's
         }
         if (!p->external) err = alloc_state(g, p);
     }

@@ -50,6 +50,13 @@ typedef struct {
     int elsewhere;       // another rank's (ZeRO): no state here, never handed over, projected or not
 } mt_galore_param;
 
+// What mt_galore_init allocates for one parameter of rows x cols (cols 0:
+// a vector), projected or not: its state's bytes (moments, and the
+// projector) and the scratch floats it needs (X, or the refresh's; the
+// optimizer keeps the largest over its parameters). memtune plan counts with it.
+void mt_galore_param_bytes(const mt_galore_config *cfg, int64_t rows, int64_t cols, int project, size_t *state,
+                           size_t *work_floats);
+
 mt_err mt_galore_init(mt_galore **out, mt_backend *be, const mt_galore_config *cfg, const mt_galore_param *params,
                       int n);
 void mt_galore_free(mt_galore *g);

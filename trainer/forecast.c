@@ -13,6 +13,7 @@
 
 #include "kernels/device.h"
 #include "kernels/ops.h"
+#include "optim/galore.h"
 #include "trainer/dist.h"
 #include "trainer/hf.h"
 #include "trainer/model.h"
@@ -44,26 +45,21 @@ static size_t largest_shard(size_t n, int world) {
     return lo < n ? n - lo : 0;
 }
 
-// GaLore's state (optim/galore.c's alloc_state) and its largest scratch.
+// GaLore's state and its largest scratch, as optim/galore.c allocates them.
 static void galore_bytes(const mt_config *cfg, const mt_plan *pl, double *state, double *work) {
-    int int8 = !strcmp(cfg->galore_moments, "int8"), svd = !strcmp(cfg->galore_refresh, "svd");
+    mt_galore_config gc = {.rank = (int)cfg->galore_rank,
+                           .refresh = !strcmp(cfg->galore_refresh, "svd") ? MT_GALORE_SVD : MT_GALORE_RANDOMIZED,
+                           .int8 = !strcmp(cfg->galore_moments, "int8")};
     size_t w = 0;
     *state = 0;
     for (int i = 0; i < pl->n_trained; i++) {
         const mt_param_info *p = &pl->trained[i];
         int projected = pl->selected[i] && p->ndim == 2;
-        if (!projected) {
-            if (!pl->offload) *state += (double)mt_adam_state_bytes(p->count, int8);
-            continue;
-        }
-        size_t rows = (size_t)p->shape[0], cols = (size_t)p->shape[1];
-        size_t a = rows < cols ? rows : cols, b = rows < cols ? cols : rows;
-        size_t r = (size_t)cfg->galore_rank < a ? (size_t)cfg->galore_rank : a;
-        *state += (double)mt_adam_state_bytes(r * b, int8) + (double)a * r * 4;
-        size_t k = r + 10 < a ? r + 10 : a;  // the range finder's oversampled width (galore.c's OVERSAMPLE)
-        size_t refresh = svd ? a * a + a : b * k + a * k + b * k + k * k + k;
-        size_t need = r * b > refresh ? r * b : refresh;
-        if (need > w) w = need;
+        if (!projected && pl->offload) continue;  // the store's
+        size_t bytes, floats;
+        mt_galore_param_bytes(&gc, p->shape[0], p->ndim == 2 ? p->shape[1] : 0, projected, &bytes, &floats);
+        *state += (double)bytes;
+        if (floats > w) w = floats;
     }
     *work = (double)w * 4;
 }
