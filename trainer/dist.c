@@ -58,6 +58,13 @@ static int env_int(const char *name, int fallback) {
 static int mpi_started;
 static void mpi_finish(void) { MPI_Finalize(); }
 
+int mt_dist_launched_world(void) {
+    static const char *const sizes[] = {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MT_WORLD_SIZE"};
+    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++)
+        if (env_int(sizes[i], 0) > 0) return env_int(sizes[i], 0);
+    return 1;
+}
+
 mt_err mt_dist_init(mt_dist **out) {
     mt_dist *d = calloc(1, sizeof *d);
     MT_CHECK(d != NULL, "dist");

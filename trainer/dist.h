@@ -31,6 +31,9 @@ typedef struct mt_dist mt_dist;
 
 // Reads the launcher's environment (MPI_Init under mpirun). Always returns a
 // handle; world 1 when there is no launcher.
+// The number of ranks the launcher started (mpirun's or memtune's own
+// environment), before mt_dist_init: 1 without one.
+int mt_dist_launched_world(void);
 mt_err mt_dist_init(mt_dist **out);
 // After the backend exists: the communicator (NCCL on a GPU) and the
 // watchdog (timeout_s: seconds without a finished step before exiting).

@@ -14,6 +14,7 @@
 #include "kernels/common.h"
 #include "kernels/device.h"
 #include "trainer/config.h"
+#include "trainer/dist.h"
 #include "trainer/eval.h"
 #include "trainer/forecast.h"
 #include "trainer/generate.h"
@@ -81,9 +82,8 @@ static int cmd_train(int argc, char **argv) {
         if (!strcmp(argv[i], "--set")) err = mt_config_set_assignment(&cfg, argv[++i], "--set");
     // memory.budget: the settings that fit, before anything is allocated
     if (!err && cfg.memory_budget[0]) {
-        const char *ws = getenv("OMPI_COMM_WORLD_SIZE") ? getenv("OMPI_COMM_WORLD_SIZE") : getenv("MT_WORLD_SIZE");
         int gpu = strcmp(cfg.train_device, "cpu") && mt_device_count() > 0;
-        err = mt_forecast_fit_budget(&cfg, gpu, ws ? atoi(ws) : 1);
+        err = mt_forecast_fit_budget(&cfg, gpu, mt_dist_launched_world());
     }
     mt_train_result result;
     if (!err) err = mt_train(&cfg, &result);
