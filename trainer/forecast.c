@@ -18,6 +18,7 @@
 #include "trainer/hf.h"
 #include "trainer/model.h"
 #include "trainer/plan.h"
+#include "trainer/state.h"
 
 // The step-time model: FLOPs / R plus the offloaded updates / S. R and S
 // come from one H100 (16 cores) with TinyLlama-1.1B's shape, B=4, T=1024
@@ -64,21 +65,21 @@ static void galore_bytes(const mt_config *cfg, const mt_plan *pl, double *state,
     *work = (double)w * 4;
 }
 
-// What the store holds with offload: the trained block (a shard), or with
-// GaLore the parameters it does not project; the largest forward unit's run
-// (offload.c's ring).
-static void offload_counts(const mt_plan *pl, int L, size_t *count, size_t *ring) {
-    size_t *units = calloc((size_t)L + 2, sizeof *units);
-    MT_CHECK(units != NULL, "units");
-    *count = 0, *ring = 0;
-    for (int i = 0; i < pl->n_trained; i++) {
-        if (pl->galore && pl->selected[i] && pl->trained[i].ndim == 2) continue;
-        *count += pl->trained[i].count;
-        units[mt_param_forward_unit(pl->trained[i].name, L)] += pl->trained[i].count;
+// What the store holds with offload (state.c's offload plan: the trained
+// block, the largest rank's shard of it, or what GaLore does not project),
+// and its largest forward unit's run (offload.c's device ring).
+static void offload_counts(const mt_plan *pl, int L, size_t shard, size_t *count, size_t *ring) {
+    mt_offload_plan plan = mt_offload_plan_make(pl->trained, pl->n_trained, pl->trained_total - shard,
+                                                pl->trained_total, pl->galore ? pl->selected : NULL, L);
+    *count = plan.count, *ring = 0;
+    for (int p = 0; p < plan.n;) {
+        int q = p;
+        while (q < plan.n && plan.params[q].bucket == plan.params[p].bucket) q++;
+        size_t span = plan.params[q - 1].slot + plan.params[q - 1].count - plan.params[p].slot;
+        if (span > *ring) *ring = span;
+        p = q;
     }
-    for (int u = 0; u < L + 2; u++)
-        if (units[u] > *ring) *ring = units[u];
-    free(units);
+    mt_offload_plan_free(&plan);
 }
 
 mt_err mt_forecast_run(const mt_config *cfg, const mt_model_config *mc, int gpu, int world, mt_forecast *f) {
@@ -132,8 +133,7 @@ mt_err mt_forecast_run(const mt_config *cfg, const mt_model_config *mc, int gpu,
     }
     if (pl.offload) {
         size_t count, ring;
-        offload_counts(&pl, mc->L, &count, &ring);
-        if (zero && !pl.galore) count = shard;
+        offload_counts(&pl, mc->L, pl.galore ? pl.trained_total : shard, &count, &ring);
         size_t block = (size_t)1 << 21;  // store.c's block of parameters (a small store is one block)
         if (block > count) block = count ? count : 1;
         block = (block + 1023) / 1024 * 1024;
