@@ -10,9 +10,14 @@
 #include "datasets/hf_tokenizer.h"
 #include "datasets/tokenizer.h"
 #include "trainer/generate.h"
+#include "trainer/hf.h"
+#include "trainer/lora.h"
+#include "trainer/model.h"
 
 struct mt_sampler {
+    const mt_config *cfg;
     mt_model_config mc;
+    float *values;      // the model's fp32 host copy, while training
     mt_tokenizer *tok;  // NULL: memtune's bytes
     char *prompts;      // the list, split in place
     char **prompt;
@@ -29,7 +34,7 @@ mt_err mt_sampler_open(mt_sampler **out, const mt_config *cfg, const mt_model_co
                          cfg->train_sample_every);
     mt_sampler *s = calloc(1, sizeof *s);
     MT_CHECK(s != NULL, "sampler");
-    s->mc = *mc, s->tokens = (int)cfg->train_sample_tokens;
+    s->cfg = cfg, s->mc = *mc, s->tokens = (int)cfg->train_sample_tokens;
     char path[1200];
     snprintf(path, sizeof path, "%s/tokenizer.json", cfg->model_path);
     if (access(path, F_OK) == 0) {
@@ -72,8 +77,33 @@ mt_err mt_sampler_run(mt_sampler *s, const float *params, int step, mt_metrics *
     return err;
 }
 
+mt_err mt_sampler_after_step(mt_sampler *s, mt_run_state *state, int rank, int random_init, int step,
+                             mt_metrics *metrics) {
+    if (!s || (step > 0 && step % s->cfg->train_sample_every)) return MT_OK;
+    int n;
+    size_t total;
+    free(mt_model_param_table(&s->mc, &n, &total));
+    mt_err err = s->values ? MT_OK : mt_state_copy_alloc(total, 1, &s->values);
+    if (!err && state->lora) {
+        float *adapters = NULL;
+        err = mt_state_copy_alloc(state->trained_total, 1, &adapters);
+        if (!err) err = mt_run_state_get_trained(state, adapters, NULL);
+        if (!err && random_init)
+            mt_model_init_random(&s->mc, s->values, (uint64_t)s->cfg->train_seed);
+        else if (!err)
+            err = mt_hf_load_weights(s->cfg->model_path, &s->mc, s->values);
+        if (!err) mt_lora_merge(&s->mc, state->lora, s->values, adapters);
+        free(adapters);
+    } else if (!err) {
+        err = mt_run_state_get_trained(state, s->values, NULL);
+    }
+    if (!err && rank == 0) err = mt_sampler_run(s, s->values, step, metrics);
+    return err;
+}
+
 void mt_sampler_free(mt_sampler *s) {
     if (!s) return;
+    free(s->values);
     mt_tokenizer_free(s->tok);
     free(s->prompts), free(s->prompt);
     free(s);

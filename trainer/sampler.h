@@ -7,6 +7,7 @@
 #include "trainer/config.h"
 #include "trainer/metrics.h"
 #include "trainer/params.h"
+#include "trainer/state.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -20,6 +21,12 @@ mt_err mt_sampler_open(mt_sampler **out, const mt_config *cfg, const mt_model_co
 // One greedy sample a prompt from the model's values (fp32, the parameter
 // table's layout) after `step`.
 mt_err mt_sampler_run(mt_sampler *s, const float *params, int step, mt_metrics *metrics);
+// After `step` (0: before training), when it is one to sample (s NULL: none):
+// the run's values on the host (every rank calls: reading them back may be
+// collective; a LoRA adapter is merged over the base as loaded, random_init:
+// as initialised), then rank 0's samples.
+mt_err mt_sampler_after_step(mt_sampler *s, mt_run_state *state, int rank, int random_init, int step,
+                             mt_metrics *metrics);
 void mt_sampler_free(mt_sampler *s);
 
 #ifdef __cplusplus

@@ -85,8 +85,7 @@ typedef struct {
     mt_updater up;  // what updates the trained block
     mt_metrics *metrics;
     mt_run_state ckpt;
-    mt_sampler *sampler;   // train.sample_every
-    float *sample_values;  // its fp32 host copy of the model
+    mt_sampler *sampler;  // train.sample_every
 } run;
 
 // The data, the ranks, the plan, and the hooks the plan asks for.
@@ -317,28 +316,6 @@ static mt_err gradient_step(run *r, const batch_set *bs, long valid_total, int s
     return MT_OK;
 }
 
-// train.sample_every: the model's values on the host (a LoRA adapter over
-// the base as loaded), then rank 0's samples.
-static mt_err sample(run *r, int step) {
-    const mt_plan *pl = &r->pl;
-    mt_err err = r->sample_values ? MT_OK : mt_state_copy_alloc(pl->total, 1, &r->sample_values);
-    if (!err && pl->lora) {
-        float *adapters = NULL;
-        err = mt_state_copy_alloc(pl->trained_total, 1, &adapters);
-        if (!err) err = mt_run_state_get_trained(&r->ckpt, adapters, NULL);
-        if (!err && r->random_init)
-            mt_model_init_random(&r->mc, r->sample_values, (uint64_t)r->cfg->train_seed);
-        else if (!err)
-            err = mt_hf_load_weights(r->cfg->model_path, &r->mc, r->sample_values);
-        if (!err) mt_lora_merge(&r->mc, &pl->lora_cfg, r->sample_values, adapters);
-        free(adapters);
-    } else if (!err) {
-        err = mt_run_state_get_trained(&r->ckpt, r->sample_values, NULL);
-    }
-    if (!err && r->rank == 0) err = mt_sampler_run(r->sampler, r->sample_values, step, r->metrics);
-    return err;
-}
-
 // The steps from the resume point: each its micro-batches, its update, and
 // then the checks, eval, metrics, stop and checkpoints. *stopped: by a signal
 // or train.stop_after, with a checkpoint.
@@ -356,7 +333,9 @@ static mt_err train_steps(run *r, int *stopped) {
     MT_CHECK(bs.inputs && bs.targets && bs.valid, "batches");
     int skipped = 0;
     // a sample before training, to compare the later ones with
-    mt_err err = r->sampler && r->resume.step == 0 ? sample(r, 0) : MT_OK;
+    mt_err err = r->resume.step == 0
+                     ? mt_sampler_after_step(r->sampler, &r->ckpt, r->rank, r->random_init, 0, r->metrics)
+                     : MT_OK;
     for (int step = (int)r->resume.step; step < cfg->train_steps && !err; step++) {
         // all micro-batches first: the loss is the mean over all their targets
         long valid_total = 0;
@@ -413,7 +392,7 @@ static mt_err train_steps(run *r, int *stopped) {
                               mt_mem_peak_total(r->pl.use_gpu ? MT_DEVICE : MT_HOST)};
         double tps = mt_metrics_step(r->metrics, &rec);
         if (isfinite(tps)) result->tokens_per_second = tps;
-        if (r->sampler && (step + 1) % cfg->train_sample_every == 0 && (err = sample(r, step + 1))) break;
+        if ((err = mt_sampler_after_step(r->sampler, &r->ckpt, r->rank, r->random_init, step + 1, r->metrics))) break;
         int run_steps = step + 1 - (int)r->resume.step;
         // every rank stops at the same step
         int stop_now =
@@ -439,7 +418,6 @@ static void run_free(run *r) {
     mt_metrics_close(r->metrics, r->result->steps_done);
     mt_updater_free(&r->up);
     mt_sampler_free(r->sampler);
-    free(r->sample_values);
     free(r->ohook.stale);
     mt_model_free(r->model);
     if (r->backend_ready) mt_backend_free(&r->be);
