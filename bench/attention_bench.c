@@ -41,7 +41,7 @@ static int backward_repeats(mt_backend *be, const mt_attention_shape *s, void **
     unsigned char *a = malloc(bytes), *b = malloc(bytes);
     for (int run = 0; run < 2; run++) {
         unsigned char *dst = run ? b : a;
-        mt_op_attention_backward(be, s, dq, dk, dv, g, q, k, v, o, lse);
+        mt_op_attention_backward(be, s, dq, dk, dv, g, q, k, v, o, lse, NULL);
         mt_copy_to_host(dst, dq, nq * 2), mt_copy_to_host(dst + nq * 2, dk, nk * 2);
         mt_copy_to_host(dst + (nq + nk) * 2, dv, nk * 2);
     }
@@ -67,9 +67,9 @@ static void bench(mt_backend *be, const char *name, const char *path, const mt_a
     float fwd[kRuns], bwd[kRuns];
     for (int rep = 0; rep < kWarm + kRuns; rep++) {
         mt_event_record(ev[0], NULL);
-        mt_op_attention_forward(be, s, o, lse, q, k, v);
+        mt_op_attention_forward(be, s, o, lse, q, k, v, NULL);
         mt_event_record(ev[1], NULL);
-        mt_op_attention_backward(be, s, dq, dk, dv, g, q, k, v, o, lse);
+        mt_op_attention_backward(be, s, dq, dk, dv, g, q, k, v, o, lse, NULL);
         mt_event_record(ev[2], NULL);
         mt_event_synchronize(ev[2]);
         if (rep >= kWarm) {
@@ -91,8 +91,10 @@ int main(int argc, char **argv) {
     if (mt_device_count() == 0) return printf("attention_bench: no GPU\n"), 77;
     mt_backend be;
     if (mt_backend_init(&be, 0)) return 1;
-    mt_attention_shape shapes[] = {
-        {4, 1024, 32, 4, 64, 0}, {4, 1024, 32, 32, 128, 0}, {1, 4096, 32, 8, 128, 0}, {1, 16384, 32, 8, 128, 0}};
+    mt_attention_shape shapes[] = {{4, 1024, 32, 4, 64, 0, 0},
+                                   {4, 1024, 32, 32, 128, 0, 0},
+                                   {1, 4096, 32, 8, 128, 0, 0},
+                                   {1, 16384, 32, 8, 128, 0, 0}};
     const char *names[] = {"TinyLlama-1.1B", "Llama-2-7B", "Llama-3-8B T=4096", "Llama-3-8B T=16384"};
     int own = argc < 2 || strcmp(argv[1], "--cudnn-only") != 0;
     printf("%-20s %-10s %9s %9s %9s %9s %s\n", "shape", "path", "fwd ms", "fwd TF/s", "bwd ms", "bwd TF/s",

@@ -14,6 +14,7 @@
 struct mt_dataset {
     char path[1024];
     hid_t file, tokens, mask;  // mask < 0 when absent
+    hid_t offsets;             // doc_offsets, kept open for the loader's document bounds
     uint64_t num_tokens, num_docs;
     int vocab_size;
     int window;  // > 0: packed one example per window of this many tokens
@@ -126,14 +127,11 @@ static mt_err validate(mt_dataset *ds, int model_vocab_size) {
     if (window < 0 || window > (1L << 30)) return schema_error(ds, "attribute window must be positive");
     ds->window = (int)window;
     if ((err = open_vector(ds, "tokens", 4, H5T_SGN_NONE, &ds->tokens, &ds->num_tokens))) return err;
-    hid_t offsets;
     uint64_t num_offsets;
-    if ((err = open_vector(ds, "doc_offsets", 8, H5T_SGN_NONE, &offsets, &num_offsets))) return err;
+    if ((err = open_vector(ds, "doc_offsets", 8, H5T_SGN_NONE, &ds->offsets, &num_offsets))) return err;
+    hid_t offsets = ds->offsets;
     char msg[512];
-    if (num_offsets < 2) {
-        H5Dclose(offsets);
-        return schema_error(ds, "doc_offsets needs at least 2 entries (0 and the token count)");
-    }
+    if (num_offsets < 2) return schema_error(ds, "doc_offsets needs at least 2 entries (0 and the token count)");
     ds->num_docs = num_offsets - 1;
     // stream through offsets and tokens in blocks, so validation needs no big buffer
     const uint64_t block = 1 << 20;
@@ -161,7 +159,6 @@ static mt_err validate(mt_dataset *ds, int model_vocab_size) {
             prev = o;
         }
     }
-    H5Dclose(offsets);
     int limit = ds->vocab_size;
     if (model_vocab_size > 0 && model_vocab_size < limit) limit = model_vocab_size;
     for (uint64_t i = 0; i < ds->num_tokens && !err; i += block) {
@@ -204,7 +201,7 @@ mt_err mt_dataset_open(mt_dataset **out, const char *path, int model_vocab_size)
     mt_dataset *ds = calloc(1, sizeof *ds);
     MT_CHECK(ds != NULL, "dataset handle");
     snprintf(ds->path, sizeof ds->path, "%s", path);
-    ds->tokens = ds->mask = -1;
+    ds->tokens = ds->mask = ds->offsets = -1;
     if (access(path, R_OK) != 0) {
         free(ds);
         return mt_errorf(MT_ERR_IO,
@@ -232,6 +229,7 @@ mt_err mt_dataset_open(mt_dataset **out, const char *path, int model_vocab_size)
 void mt_dataset_free(mt_dataset *ds) {
     if (!ds) return;
     if (ds->mask >= 0) H5Dclose(ds->mask);
+    if (ds->offsets >= 0) H5Dclose(ds->offsets);
     if (ds->tokens >= 0) H5Dclose(ds->tokens);
     if (ds->file >= 0) H5Fclose(ds->file);
     free(ds);
@@ -255,6 +253,8 @@ struct mt_loader {
     mt_cursor cursor;
     uint32_t *tokbuf;
     uint8_t *maskbuf;
+    uint8_t *starts;  // documents: starts[t] = 1 where the window's token t begins one
+    int32_t *pos;     // documents: (B, T) positions of the last batch's inputs
 };
 
 static void shuffle_epoch(mt_loader *l, uint64_t epoch) {
@@ -312,6 +312,11 @@ mt_err mt_loader_init(mt_loader **out, const mt_dataset *ds, const mt_loader_con
     l->tokbuf = malloc(((size_t)cfg->T + 1) * sizeof *l->tokbuf);
     l->maskbuf = malloc((size_t)cfg->T + 1);
     MT_CHECK(l->order && l->tokbuf && l->maskbuf, "loader buffers");
+    if (cfg->documents) {
+        l->starts = malloc((size_t)cfg->T + 1);
+        l->pos = malloc((size_t)cfg->B * cfg->T * sizeof *l->pos);
+        MT_CHECK(l->starts && l->pos, "loader buffers");
+    }
     if (split == MT_SPLIT_TRAIN)
         shuffle_epoch(l, 0);
     else
@@ -325,8 +330,12 @@ void mt_loader_free(mt_loader *l) {
     free(l->order);
     free(l->tokbuf);
     free(l->maskbuf);
+    free(l->starts);
+    free(l->pos);
     free(l);
 }
+
+const int32_t *mt_loader_positions(const mt_loader *l) { return l->pos; }
 
 uint64_t mt_loader_batches_per_epoch(const mt_loader *l) {
     return l->num_windows / (uint64_t)l->cfg.world / (uint64_t)l->cfg.B;
@@ -337,6 +346,34 @@ mt_cursor mt_loader_get_cursor(const mt_loader *l) { return l->cursor; }
 void mt_loader_set_cursor(mt_loader *l, mt_cursor c) {
     l->cursor = c;
     if (l->split == MT_SPLIT_TRAIN && l->order_epoch != c.epoch) shuffle_epoch(l, c.epoch);
+}
+
+// starts[t] = 1 (0 < t <= T) where token start + t begins a document: a
+// binary search for the first offset past start, then the offsets up to
+// start + T. Window tokens all lie before the token count, so every offset
+// met there begins a document (empty ones included).
+static herr_t document_starts(const mt_loader *l, uint64_t start, uint8_t *starts) {
+    int T = l->cfg.T;
+    memset(starts, 0, (size_t)T + 1);
+    uint64_t lo = 1, hi = l->ds->num_docs, v;  // offsets[num_docs] = the token count > start
+    while (lo < hi) {
+        uint64_t mid = lo + (hi - lo) / 2;
+        if (read_range(l->ds->offsets, H5T_NATIVE_UINT64, mid, 1, &v) < 0) return -1;
+        if (v > start)
+            hi = mid;
+        else
+            lo = mid + 1;
+    }
+    uint64_t block[64];
+    for (uint64_t i = lo; i < l->ds->num_docs; i += 64) {
+        uint64_t n = l->ds->num_docs - i < 64 ? l->ds->num_docs - i : 64;
+        if (read_range(l->ds->offsets, H5T_NATIVE_UINT64, i, n, block) < 0) return -1;
+        for (uint64_t j = 0; j < n; j++) {
+            if (block[j] > start + (uint64_t)T) return 0;
+            starts[block[j] - start] = 1;
+        }
+    }
+    return 0;
 }
 
 mt_err mt_loader_next(mt_loader *l, int32_t *inputs, int32_t *targets, int *valid) {
@@ -353,9 +390,18 @@ mt_err mt_loader_next(mt_loader *l, int32_t *inputs, int32_t *targets, int *vali
             (l->ds->mask >= 0 && read_range(l->ds->mask, H5T_NATIVE_UINT8, start, (uint64_t)T + 1, l->maskbuf) < 0))
             return mt_errorf(MT_ERR_IO, "%s: reading tokens %llu..%llu failed", l->ds->path, (unsigned long long)start,
                              (unsigned long long)(start + T));
+        if (l->pos && document_starts(l, start, l->starts) < 0)
+            return mt_errorf(MT_ERR_IO, "%s: reading doc_offsets near token %llu failed", l->ds->path,
+                             (unsigned long long)start);
         for (int t = 0; t < T; t++) {
             inputs[b * T + t] = (int32_t)l->tokbuf[t];
             int keep = l->ds->mask < 0 || l->maskbuf[t + 1];
+            if (l->pos) {
+                // a row restarts positions where a document does; its last
+                // token predicts nothing (the next token is another document's)
+                l->pos[b * T + t] = t == 0 || l->starts[t] ? 0 : l->pos[b * T + t - 1] + 1;
+                keep = keep && !l->starts[t + 1];
+            }
             targets[b * T + t] = keep ? (int32_t)l->tokbuf[t + 1] : -1;
             count += keep;
         }

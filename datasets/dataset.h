@@ -40,6 +40,8 @@ typedef struct {
     uint64_t seed;         // shuffle seed
     int rank, world;       // data-parallel shard
     double eval_fraction;  // share of windows held out for eval (at the end)
+    int documents;         // rows keep documents apart: positions restart at each document's
+                           // start and no target crosses into the next document
 } mt_loader_config;
 
 // Where a loader is: restoring it restores the exact batch sequence.
@@ -57,8 +59,13 @@ mt_err mt_loader_init(mt_loader **out, const mt_dataset *ds, const mt_loader_con
 void mt_loader_free(mt_loader *l);
 
 // Fills inputs and targets (B*T each); a target is -1 where the dataset's
-// loss_mask is 0. Returns the number of targets that count.
+// loss_mask is 0 and, with documents, where it is the first token of the
+// next document (doc_offsets). Returns the number of targets that count.
 mt_err mt_loader_next(mt_loader *l, int32_t *inputs, int32_t *targets, int *valid);
+// With documents: the (B, T) positions of the inputs mt_loader_next gave
+// last, each token's place in its document (0 at a document's start and at
+// each row's start), for mt_model_set_positions; NULL without.
+const int32_t *mt_loader_positions(const mt_loader *l);
 uint64_t mt_loader_batches_per_epoch(const mt_loader *l);
 mt_cursor mt_loader_get_cursor(const mt_loader *l);
 void mt_loader_set_cursor(mt_loader *l, mt_cursor c);

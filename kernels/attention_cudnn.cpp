@@ -165,7 +165,7 @@ extern "C" void mt_cudnn_free(mt_cudnn *c) {
 extern "C" const char *mt_cudnn_describe(const mt_cudnn *c) { return c ? c->describe : "no cuDNN"; }
 
 extern "C" int mt_cudnn_attention_prepare(mt_cudnn *c, const mt_attention_shape *s, size_t *workspace) {
-    if (!c) return 0;
+    if (!c || s->docs) return 0;  // packed documents: memtune's kernel (no ragged graphs built yet)
     auto found = c->graphs.find(key_of(s));
     if (found == c->graphs.end()) {
         attention_graphs a;

@@ -43,15 +43,15 @@ void mt_op_rmsnorm_backward(const mt_backend *be, void *dinp, float *dweight, co
 }
 
 void mt_op_rope_forward(const mt_backend *be, void *out, const void *inp, const float *cos_table,
-                        const float *sin_table, int B, int T, int H, int D, int rotate) {
-    MT_GPU(be, mt_rope_forward_cuda(be, out, inp, cos_table, sin_table, B, T, H, D, rotate));
-    mt_rope_forward_ref(out, inp, cos_table, sin_table, B, T, H, D, rotate);
+                        const float *sin_table, const int32_t *pos, int B, int T, int H, int D, int rotate) {
+    MT_GPU(be, mt_rope_forward_cuda(be, out, inp, cos_table, sin_table, pos, B, T, H, D, rotate));
+    mt_rope_forward_ref(out, inp, cos_table, sin_table, pos, B, T, H, D, rotate);
 }
 
 void mt_op_rope_backward(const mt_backend *be, void *dinp, const void *dout, const float *cos_table,
-                         const float *sin_table, int B, int T, int H, int D, int rotate) {
-    MT_GPU(be, mt_rope_backward_cuda(be, dinp, dout, cos_table, sin_table, B, T, H, D, rotate));
-    mt_rope_backward_ref(dinp, dout, cos_table, sin_table, B, T, H, D, rotate);
+                         const float *sin_table, const int32_t *pos, int B, int T, int H, int D, int rotate) {
+    MT_GPU(be, mt_rope_backward_cuda(be, dinp, dout, cos_table, sin_table, pos, B, T, H, D, rotate));
+    mt_rope_backward_ref(dinp, dout, cos_table, sin_table, pos, B, T, H, D, rotate);
 }
 
 int mt_attention_supports(mt_backend *be, const mt_attention_shape *s) {
@@ -105,16 +105,18 @@ size_t mt_norm_embedding_workspace_bytes(const mt_backend *be, int N, int C) {
 }
 
 void mt_op_attention_forward(mt_backend *be, const mt_attention_shape *s, void *out, float *lse, const void *q,
-                             const void *k, const void *v) {
-    MT_GPU(be, mt_attention_forward_cuda(be, s, out, lse, q, k, v));
-    mt_attention_forward_ref(out, lse, q, k, v, s->B, s->T, s->H, s->KV, s->D, s->window);
+                             const void *k, const void *v, const int32_t *pos) {
+    MT_CHECK(!s->docs == !pos, "attention: positions are given exactly when documents are packed");
+    MT_GPU(be, mt_attention_forward_cuda(be, s, out, lse, q, k, v, pos));
+    mt_attention_forward_ref(out, lse, q, k, v, s->B, s->T, s->H, s->KV, s->D, s->window, pos);
 }
 
 void mt_op_attention_backward(mt_backend *be, const mt_attention_shape *s, void *dq, void *dk, void *dv,
                               const void *dout, const void *q, const void *k, const void *v, const void *out,
-                              const float *lse) {
-    MT_GPU(be, mt_attention_backward_cuda(be, s, dq, dk, dv, dout, q, k, v, out, lse));
-    mt_attention_backward_ref(dq, dk, dv, dout, q, k, v, out, lse, s->B, s->T, s->H, s->KV, s->D, s->window);
+                              const float *lse, const int32_t *pos) {
+    MT_CHECK(!s->docs == !pos, "attention: positions are given exactly when documents are packed");
+    MT_GPU(be, mt_attention_backward_cuda(be, s, dq, dk, dv, dout, q, k, v, out, lse, pos));
+    mt_attention_backward_ref(dq, dk, dv, dout, q, k, v, out, lse, s->B, s->T, s->H, s->KV, s->D, s->window, pos);
 }
 
 void mt_op_swiglu_forward(const mt_backend *be, void *out, const void *gate, const void *up, size_t n) {

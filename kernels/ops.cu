@@ -197,8 +197,8 @@ extern "C" void mt_rmsnorm_backward_cuda(const mt_backend *be, void *dinp, float
 // --------------------------------------------------------------------- rope
 
 // One thread per (b, t, h, i) with i < D/2 (rotate) or i < D (permute only).
-static __global__ void rope_kernel(bf16 *dst, const bf16 *src, const float *cos_table, const float *sin_table, int B,
-                                   int T, int H, int D, int rotate, int backward) {
+static __global__ void rope_kernel(bf16 *dst, const bf16 *src, const float *cos_table, const float *sin_table,
+                                   const int32_t *pos, int B, int T, int H, int D, int rotate, int backward) {
     int width = rotate ? D / 2 : D;
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (size_t)B * T * H * width) return;
@@ -217,7 +217,8 @@ static __global__ void rope_kernel(bf16 *dst, const bf16 *src, const float *cos_
         return;
     }
     int half = D / 2;
-    float c = cos_table[(size_t)t * half + i], s = sin_table[(size_t)t * half + i];
+    size_t row = (size_t)(pos ? pos[(size_t)b * T + t] : t) * half;
+    float c = cos_table[row + i], s = sin_table[row + i];
     if (!backward) {
         float x1 = __bfloat162float(src[bthd + i]), x2 = __bfloat162float(src[bthd + i + half]);
         dst[bhtd + i] = __float2bfloat16(x1 * c - x2 * s);
@@ -229,24 +230,26 @@ static __global__ void rope_kernel(bf16 *dst, const bf16 *src, const float *cos_
     }
 }
 
-static void rope_launch(void *dst, const void *src, const float *cos_table, const float *sin_table, int B, int T, int H,
-                        int D, int rotate, int backward) {
+static void rope_launch(void *dst, const void *src, const float *cos_table, const float *sin_table, const int32_t *pos,
+                        int B, int T, int H, int D, int rotate, int backward) {
     size_t n = (size_t)B * T * H * (rotate ? D / 2 : D);
-    rope_kernel<<<grid_for(n, kThreads), kThreads>>>((bf16 *)dst, (const bf16 *)src, cos_table, sin_table, B, T, H, D,
-                                                     rotate, backward);
+    rope_kernel<<<grid_for(n, kThreads), kThreads>>>((bf16 *)dst, (const bf16 *)src, cos_table, sin_table, pos, B, T, H,
+                                                     D, rotate, backward);
     CUDA_CHECK_LAUNCH();
 }
 
 extern "C" void mt_rope_forward_cuda(const mt_backend *be, void *out, const void *inp, const float *cos_table,
-                                     const float *sin_table, int B, int T, int H, int D, int rotate) {
+                                     const float *sin_table, const int32_t *pos, int B, int T, int H, int D,
+                                     int rotate) {
     (void)be;
-    rope_launch(out, inp, cos_table, sin_table, B, T, H, D, rotate, 0);
+    rope_launch(out, inp, cos_table, sin_table, pos, B, T, H, D, rotate, 0);
 }
 
 extern "C" void mt_rope_backward_cuda(const mt_backend *be, void *dinp, const void *dout, const float *cos_table,
-                                      const float *sin_table, int B, int T, int H, int D, int rotate) {
+                                      const float *sin_table, const int32_t *pos, int B, int T, int H, int D,
+                                      int rotate) {
     (void)be;
-    rope_launch(dinp, dout, cos_table, sin_table, B, T, H, D, rotate, 1);
+    rope_launch(dinp, dout, cos_table, sin_table, pos, B, T, H, D, rotate, 1);
 }
 
 // ---------------------------------------------------------------- attention
@@ -368,12 +371,20 @@ struct attn_forward_smem {
                                 4 * 16 * kLdP * sizeof(bf16) + 4 * 16 * attn_ld<D>::out * sizeof(float);
 };
 
+// The first key query qi sees: its window's start (window is T without one)
+// and, with packed documents (prow: the row's positions), its document's start.
+static __device__ __forceinline__ int first_key(const int32_t *prow, int qi, int T, int window) {
+    int lo = qi - window + 1;
+    if (prow && qi < T && qi - prow[qi] > lo) lo = qi - prow[qi];
+    return lo > 0 ? lo : 0;
+}
+
 // One block per (query tile, head, batch). Each warp owns 16 query rows; in
 // the row-wise softmax a lane takes columns lane and lane + 32 of every row.
 template <int D>
 static __global__ void __launch_bounds__(kAttnThreads)
-    flash_forward_kernel(bf16 *out, float *lse, const bf16 *q, const bf16 *k, const bf16 *v, int T, int H, int KV,
-                         int window, float scale) {
+    flash_forward_kernel(bf16 *out, float *lse, const bf16 *q, const bf16 *k, const bf16 *v, const int32_t *pos, int T,
+                         int H, int KV, int window, float scale) {
     const int ldt = attn_ld<D>::tile, ldo = attn_ld<D>::out;
     extern __shared__ __align__(16) unsigned char smem[];
     bf16 *sQ = (bf16 *)smem, *sK = sQ + kTile * ldt, *sV = sK + kTile * ldt;
@@ -390,10 +401,14 @@ static __global__ void __launch_bounds__(kAttnThreads)
     bf16 *sPw = sP + warp * 16 * kLdP;
     for (int i = lane; i < 16 * ldo; i += 32) sOw[i] = 0.0f;
     float m_row[16], l_row[16];
+    int lo_row[16];  // the first key each row sees
+    const int32_t *prow = pos ? pos + (size_t)b * T : NULL;
 #pragma unroll
-    for (int r = 0; r < 16; r++) m_row[r] = -INFINITY, l_row[r] = 0.0f;
-    // the first key tile any query of this tile sees
-    int first = qb * kTile - window + 1, kb0 = first > 0 ? first / kTile : 0;
+    for (int r = 0; r < 16; r++) {
+        m_row[r] = -INFINITY, l_row[r] = 0.0f;
+        lo_row[r] = first_key(prow, q0 + r, T, window);
+    }
+    int kb0 = first_key(prow, qb * kTile, T, window) / kTile;  // the first key tile any query of this tile sees
     for (int kb = kb0; kb <= qb; kb++) {
         __syncthreads();
         load_tile<D>(sK, kbase, D, kb * kTile, T);
@@ -404,8 +419,8 @@ static __global__ void __launch_bounds__(kAttnThreads)
 #pragma unroll
         for (int r = 0; r < 16; r++) {
             int qi = q0 + r;
-            float s0 = (key0 <= qi && key0 > qi - window && key0 < T) ? sSw[r * kLdS + lane] * scale : -INFINITY;
-            float s1 = (key1 <= qi && key1 > qi - window && key1 < T) ? sSw[r * kLdS + lane + 32] * scale : -INFINITY;
+            float s0 = (key0 <= qi && key0 >= lo_row[r] && key0 < T) ? sSw[r * kLdS + lane] * scale : -INFINITY;
+            float s1 = (key1 <= qi && key1 >= lo_row[r] && key1 < T) ? sSw[r * kLdS + lane + 32] * scale : -INFINITY;
             float m_new = fmaxf(m_row[r], warp_max(fmaxf(s0, s1)));
             float p0 = s0 == -INFINITY ? 0.0f : __expf(s0 - m_new), p1 = s1 == -INFINITY ? 0.0f : __expf(s1 - m_new);
             float alpha = m_row[r] == -INFINITY ? 0.0f : __expf(m_row[r] - m_new);
@@ -462,8 +477,8 @@ struct attn_backward_smem {
 template <int D>
 static __global__ void __launch_bounds__(kAttnThreads, D <= 64 ? 3 : 1)
     flash_backward_kv_kernel(float *dk_part, float *dv_part, const bf16 *dout, const bf16 *q, const bf16 *k,
-                             const bf16 *v, const float *lse, const float *delta, int T, int H, int KV, int window,
-                             float scale) {
+                             const bf16 *v, const float *lse, const float *delta, const int32_t *pos, int T, int H,
+                             int KV, int window, float scale) {
     const int ldt = attn_ld<D>::tile;
     extern __shared__ __align__(16) unsigned char smem[];
     bf16 *sK = (bf16 *)smem, *sV = sK + kTile * ldt, *sQ = sV + kTile * ldt, *sG = sQ + kTile * ldt;
@@ -484,7 +499,10 @@ static __global__ void __launch_bounds__(kAttnThreads, D <= 64 ? 3 : 1)
     // the last query tile that sees a key of this tile
     long last = (long)kb * kTile + kTile - 1 + window - 1;
     int qb1 = last / kTile < nq - 1 ? (int)(last / kTile) : nq - 1;
+    const int32_t *prow = pos ? pos + (size_t)b * T : NULL;
     for (int qb = kb; qb <= qb1; qb++) {
+        // documents: once a query tile's first query starts past this key tile, so do all later ones
+        if (prow && first_key(prow, qb * kTile, T, T) > kb * kTile + kTile - 1) break;
         __syncthreads();
         load_tile<D>(sQ, q + (size_t)(b * H + h) * T * D, D, qb * kTile, T);
         load_tile<D>(sG, dout + ((size_t)b * T * H + h) * D, (size_t)H * D, qb * kTile, T);
@@ -492,12 +510,13 @@ static __global__ void __launch_bounds__(kAttnThreads, D <= 64 ? 3 : 1)
         int qi0 = qb * kTile + lane, qi1 = qi0 + 32;
         float lse0 = qi0 < T ? lse_h[qi0] : 0.0f, lse1 = qi1 < T ? lse_h[qi1] : 0.0f;
         float delta0 = qi0 < T ? delta_h[qi0] : 0.0f, delta1 = qi1 < T ? delta_h[qi1] : 0.0f;
+        int lo0 = first_key(prow, qi0, T, window), lo1 = first_key(prow, qi1, T, window);
         mma_abt_store<D>(sSw, sK + warp * 16 * ldt, sQ);  // S^T (16 keys x 64 queries) = K_w Q^T
 #pragma unroll
         for (int r = 0; r < 16; r++) {
             int key = k0 + r;
-            bool see0 = qi0 >= key && qi0 - key < window && qi0 < T && key < T;
-            bool see1 = qi1 >= key && qi1 - key < window && qi1 < T && key < T;
+            bool see0 = qi0 >= key && key >= lo0 && qi0 < T && key < T;
+            bool see1 = qi1 >= key && key >= lo1 && qi1 < T && key < T;
             float p0 = see0 ? __expf(sSw[r * kLdS + lane] * scale - lse0) : 0.0f;
             float p1 = see1 ? __expf(sSw[r * kLdS + lane + 32] * scale - lse1) : 0.0f;
             sPw[r * kLdP + lane] = __float2bfloat16(p0);
@@ -550,7 +569,7 @@ struct attn_backward_q_smem {
 template <int D>
 static __global__ void __launch_bounds__(kAttnThreads)
     flash_backward_q_kernel(bf16 *dq, const bf16 *dout, const bf16 *q, const bf16 *k, const bf16 *v, const float *lse,
-                            const float *delta, int T, int H, int KV, int window, float scale) {
+                            const float *delta, const int32_t *pos, int T, int H, int KV, int window, float scale) {
     const int ldt = attn_ld<D>::tile;
     extern __shared__ __align__(16) unsigned char smem[];
     bf16 *sQ = (bf16 *)smem, *sG = sQ + kTile * ldt, *sK = sG + kTile * ldt, *sV = sK + kTile * ldt;
@@ -562,11 +581,14 @@ static __global__ void __launch_bounds__(kAttnThreads)
     load_tile<D>(sQ, q + (size_t)(b * H + h) * T * D, D, qb * kTile, T);
     load_tile<D>(sG, dout + ((size_t)b * T * H + h) * D, (size_t)H * D, qb * kTile, T);
     float row_lse[16], row_delta[16];
+    int lo_row[16];  // the first key each row sees
+    const int32_t *prow = pos ? pos + (size_t)b * T : NULL;
 #pragma unroll
     for (int r = 0; r < 16; r++) {
         int qi = q0 + r;
         row_lse[r] = qi < T ? lse[((size_t)b * H + h) * T + qi] : 0.0f;
         row_delta[r] = qi < T ? delta[((size_t)b * H + h) * T + qi] : 0.0f;
+        lo_row[r] = first_key(prow, qi, T, window);
     }
     float *sSw = sS + warp * 16 * kLdS;
     bf16 *sDSw = sDS + warp * 16 * kLdP;
@@ -574,7 +596,7 @@ static __global__ void __launch_bounds__(kAttnThreads)
     frag_acc dq_acc[D / 16];
 #pragma unroll
     for (int dj = 0; dj < D / 16; dj++) wmma::fill_fragment(dq_acc[dj], 0.0f);
-    int first = qb * kTile - window + 1, kb0 = first > 0 ? first / kTile : 0;
+    int kb0 = first_key(prow, qb * kTile, T, window) / kTile;
     for (int kb = kb0; kb <= qb; kb++) {
         __syncthreads();
         load_tile<D>(sK, kbase, D, kb * kTile, T);
@@ -586,8 +608,8 @@ static __global__ void __launch_bounds__(kAttnThreads)
 #pragma unroll
         for (int r = 0; r < 16; r++) {
             int qi = q0 + r;
-            bool see0 = key0 <= qi && key0 > qi - window && key0 < T;
-            bool see1 = key1 <= qi && key1 > qi - window && key1 < T;
+            bool see0 = key0 <= qi && key0 >= lo_row[r] && key0 < T;
+            bool see1 = key1 <= qi && key1 >= lo_row[r] && key1 < T;
             float p0 = see0 ? __expf(sSw[r * kLdS + lane] * scale - row_lse[r]) : 0.0f;
             float p1 = see1 ? __expf(sSw[r * kLdS + lane + 32] * scale - row_lse[r]) : 0.0f;
             sDSw[r * kLdP + lane] = __float2bfloat16(p0);
@@ -618,7 +640,7 @@ static int own_kernel_supports(int D) { return D == 16 || D == 32 || D == 64 || 
 // cuDNN's fused attention runs a shape when the backend has cuDNN and the
 // library builds both graphs for it (workspace: what they need).
 static int cudnn_serves(mt_backend *be, const mt_attention_shape *s, size_t *workspace) {
-    return be->cudnn && mt_cudnn_attention_prepare(be->cudnn, s, workspace);
+    return !s->docs && be->cudnn && mt_cudnn_attention_prepare(be->cudnn, s, workspace);
 }
 
 extern "C" int mt_attention_supports_cuda(mt_backend *be, const mt_attention_shape *s) {
@@ -628,6 +650,9 @@ extern "C" int mt_attention_supports_cuda(mt_backend *be, const mt_attention_sha
 extern "C" void mt_attention_describe_cuda(mt_backend *be, const mt_attention_shape *s, char *buf, size_t len) {
     if (cudnn_serves(be, s, NULL))
         snprintf(buf, len, "%s fused attention (deterministic backward)", mt_cudnn_describe(be->cudnn));
+    else if (be->cudnn && s->docs)
+        snprintf(buf, len, "memtune's kernel (packed-document masks do not go through %s yet)",
+                 mt_cudnn_describe(be->cudnn));
     else if (be->cudnn)
         snprintf(buf, len, "memtune's kernel (%s does not serve this shape)", mt_cudnn_describe(be->cudnn));
     else
@@ -646,12 +671,12 @@ static int kernel_window(const mt_attention_shape *s) { return s->window > 0 ? s
 
 template <int D>
 static void attention_forward_launch(const mt_attention_shape *s, void *out, float *lse, const void *q, const void *k,
-                                     const void *v) {
+                                     const void *v, const int32_t *pos) {
     size_t smem = attn_forward_smem<D>::bytes;
     CUDA_CHECK(cudaFuncSetAttribute(flash_forward_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     dim3 grid((s->T + kTile - 1) / kTile, s->H, s->B);
     flash_forward_kernel<D><<<grid, kAttnThreads, smem>>>((bf16 *)out, lse, (const bf16 *)q, (const bf16 *)k,
-                                                          (const bf16 *)v, s->T, s->H, s->KV, kernel_window(s),
+                                                          (const bf16 *)v, pos, s->T, s->H, s->KV, kernel_window(s),
                                                           1.0f / sqrtf((float)D));
     CUDA_CHECK_LAUNCH();
 }
@@ -659,7 +684,7 @@ static void attention_forward_launch(const mt_attention_shape *s, void *out, flo
 template <int D>
 static void attention_backward_launch(const mt_attention_shape *s, void *dq, void *dk, void *dv, const void *dout,
                                       const void *q, const void *k, const void *v, const float *lse, const float *delta,
-                                      float *dk_part, float *dv_part) {
+                                      const int32_t *pos, float *dk_part, float *dv_part) {
     int B = s->B, T = s->T, H = s->H, KV = s->KV, window = kernel_window(s);
     float scale = 1.0f / sqrtf((float)D);
     size_t smem_kv = attn_backward_smem<D>::bytes, smem_q = attn_backward_q_smem<D>::bytes;
@@ -669,8 +694,8 @@ static void attention_backward_launch(const mt_attention_shape *s, void *dq, voi
         cudaFuncSetAttribute(flash_backward_q_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_q));
     int tiles = (T + kTile - 1) / kTile;
     flash_backward_kv_kernel<D><<<dim3(tiles, H, B), kAttnThreads, smem_kv>>>(
-        dk_part, dv_part, (const bf16 *)dout, (const bf16 *)q, (const bf16 *)k, (const bf16 *)v, lse, delta, T, H, KV,
-        window, scale);
+        dk_part, dv_part, (const bf16 *)dout, (const bf16 *)q, (const bf16 *)k, (const bf16 *)v, lse, delta, pos, T, H,
+        KV, window, scale);
     CUDA_CHECK_LAUNCH();
     size_t n = (size_t)B * KV * T * D;
     group_sum_kernel<<<grid_for(n, kThreads), kThreads>>>((bf16 *)dk, dk_part, B, KV, H / KV, T, tiles * kTile, D);
@@ -679,12 +704,12 @@ static void attention_backward_launch(const mt_attention_shape *s, void *dq, voi
     CUDA_CHECK_LAUNCH();
     flash_backward_q_kernel<D>
         <<<dim3(tiles, H, B), kAttnThreads, smem_q>>>((bf16 *)dq, (const bf16 *)dout, (const bf16 *)q, (const bf16 *)k,
-                                                      (const bf16 *)v, lse, delta, T, H, KV, window, scale);
+                                                      (const bf16 *)v, lse, delta, pos, T, H, KV, window, scale);
     CUDA_CHECK_LAUNCH();
 }
 
 extern "C" void mt_attention_forward_cuda(mt_backend *be, const mt_attention_shape *s, void *out, float *lse,
-                                          const void *q, const void *k, const void *v) {
+                                          const void *q, const void *k, const void *v, const int32_t *pos) {
     size_t workspace = 0;
     if (cudnn_serves(be, s, &workspace)) {
         MT_CHECK(be->workspace_bytes >= workspace, "attention workspace too small");
@@ -693,16 +718,16 @@ extern "C" void mt_attention_forward_cuda(mt_backend *be, const mt_attention_sha
     }
     MT_CHECK(s->H % s->KV == 0 && own_kernel_supports(s->D), "attention H=%d KV=%d D=%d", s->H, s->KV, s->D);
     switch (s->D) {
-        case 16: attention_forward_launch<16>(s, out, lse, q, k, v); break;
-        case 32: attention_forward_launch<32>(s, out, lse, q, k, v); break;
-        case 64: attention_forward_launch<64>(s, out, lse, q, k, v); break;
-        default: attention_forward_launch<128>(s, out, lse, q, k, v); break;
+        case 16: attention_forward_launch<16>(s, out, lse, q, k, v, pos); break;
+        case 32: attention_forward_launch<32>(s, out, lse, q, k, v, pos); break;
+        case 64: attention_forward_launch<64>(s, out, lse, q, k, v, pos); break;
+        default: attention_forward_launch<128>(s, out, lse, q, k, v, pos); break;
     }
 }
 
 extern "C" void mt_attention_backward_cuda(mt_backend *be, const mt_attention_shape *s, void *dq, void *dk, void *dv,
                                            const void *dout, const void *q, const void *k, const void *v,
-                                           const void *out, const float *lse) {
+                                           const void *out, const float *lse, const int32_t *pos) {
     size_t workspace = 0;
     if (cudnn_serves(be, s, &workspace)) {
         MT_CHECK(be->workspace_bytes >= workspace, "attention workspace too small");
@@ -719,10 +744,10 @@ extern "C" void mt_attention_backward_cuda(mt_backend *be, const mt_attention_sh
     attention_delta_kernel<<<grid_for(rows, 8), 256>>>(delta, (const bf16 *)dout, (const bf16 *)out, B, T, H, D);
     CUDA_CHECK_LAUNCH();
     switch (D) {
-        case 16: attention_backward_launch<16>(s, dq, dk, dv, dout, q, k, v, lse, delta, dk_part, dv_part); break;
-        case 32: attention_backward_launch<32>(s, dq, dk, dv, dout, q, k, v, lse, delta, dk_part, dv_part); break;
-        case 64: attention_backward_launch<64>(s, dq, dk, dv, dout, q, k, v, lse, delta, dk_part, dv_part); break;
-        default: attention_backward_launch<128>(s, dq, dk, dv, dout, q, k, v, lse, delta, dk_part, dv_part); break;
+        case 16: attention_backward_launch<16>(s, dq, dk, dv, dout, q, k, v, lse, delta, pos, dk_part, dv_part); break;
+        case 32: attention_backward_launch<32>(s, dq, dk, dv, dout, q, k, v, lse, delta, pos, dk_part, dv_part); break;
+        case 64: attention_backward_launch<64>(s, dq, dk, dv, dout, q, k, v, lse, delta, pos, dk_part, dv_part); break;
+        default: attention_backward_launch<128>(s, dq, dk, dv, dout, q, k, v, lse, delta, pos, dk_part, dv_part); break;
     }
 }
 

@@ -28,17 +28,23 @@ void mt_op_rmsnorm_forward(const mt_backend *be, void *out, float *rstd, const v
 // dweight may be NULL (a frozen norm).
 void mt_op_rmsnorm_backward(const mt_backend *be, void *dinp, float *dweight, const void *dout, const void *inp,
                             const void *weight, const float *rstd, int N, int C);
+// pos (B, T) where the backend computes, or NULL: each token's position (its
+// row of the tables); NULL means t. Packed documents restart it at 0.
 void mt_op_rope_forward(const mt_backend *be, void *out, const void *inp, const float *cos_table,
-                        const float *sin_table, int B, int T, int H, int D, int rotate);
+                        const float *sin_table, const int32_t *pos, int B, int T, int H, int D, int rotate);
 void mt_op_rope_backward(const mt_backend *be, void *dinp, const void *dout, const float *cos_table,
-                         const float *sin_table, int B, int T, int H, int D, int rotate);
+                         const float *sin_table, const int32_t *pos, int B, int T, int H, int D, int rotate);
 // One attention problem: q (B, H, T, D), k/v (B, KV, T, D) with H a multiple
 // of KV (grouped-query heads share a kv head), causal. window > 0: query t
 // sees only keys t - window + 1 .. t (sliding-window attention, Mistral's
-// sliding_window); 0: every key up to t.
+// sliding_window); 0: every key up to t. docs: each row holds documents
+// packed one after another, and query t sees no key before its document's
+// start; the ops then take pos (B, T), each token's position in its document
+// (0 where a document starts, else the position before plus 1).
 typedef struct {
     int B, T, H, KV, D;
     int window;
+    int docs;
 } mt_attention_shape;
 // Whether the backend's attention handles this shape: on the GPU cuDNN's fused
 // attention where the library serves it (built with cuDNN, found at run time),
@@ -61,11 +67,11 @@ size_t mt_norm_embedding_workspace_bytes_gpu(int N, int C);
 // scores, is written by forward and read by backward. Both are deterministic:
 // the same inputs give the same bits.
 void mt_op_attention_forward(mt_backend *be, const mt_attention_shape *s, void *out, float *lse, const void *q,
-                             const void *k, const void *v);
+                             const void *k, const void *v, const int32_t *pos);
 // dq/dk/dv (the layouts of q/k/v) are overwritten; dout (B, T, H, D).
 void mt_op_attention_backward(mt_backend *be, const mt_attention_shape *s, void *dq, void *dk, void *dv,
                               const void *dout, const void *q, const void *k, const void *v, const void *out,
-                              const float *lse);
+                              const float *lse, const int32_t *pos);
 void mt_op_swiglu_forward(const mt_backend *be, void *out, const void *gate, const void *up, size_t n);
 void mt_op_swiglu_backward(const mt_backend *be, void *dgate, void *dup, const void *dout, const void *gate,
                            const void *up, size_t n);

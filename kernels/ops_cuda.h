@@ -22,9 +22,9 @@ void mt_rmsnorm_forward_cuda(const mt_backend *be, void *out, float *rstd, const
 void mt_rmsnorm_backward_cuda(const mt_backend *be, void *dinp, float *dweight, const void *dout, const void *inp,
                               const void *weight, const float *rstd, int N, int C);
 void mt_rope_forward_cuda(const mt_backend *be, void *out, const void *inp, const float *cos_table,
-                          const float *sin_table, int B, int T, int H, int D, int rotate);
+                          const float *sin_table, const int32_t *pos, int B, int T, int H, int D, int rotate);
 void mt_rope_backward_cuda(const mt_backend *be, void *dinp, const void *dout, const float *cos_table,
-                           const float *sin_table, int B, int T, int H, int D, int rotate);
+                           const float *sin_table, const int32_t *pos, int B, int T, int H, int D, int rotate);
 // Attention: cuDNN's fused graphs where the backend has them for the shape,
 // memtune's own kernel otherwise (see ops.h).
 int mt_attention_supports_cuda(mt_backend *be, const mt_attention_shape *s);
@@ -32,10 +32,10 @@ void mt_attention_describe_cuda(mt_backend *be, const mt_attention_shape *s, cha
 size_t mt_norm_embedding_workspace_bytes_cuda(int N, int C);
 size_t mt_attention_workspace_bytes_cuda(mt_backend *be, const mt_attention_shape *s);
 void mt_attention_forward_cuda(mt_backend *be, const mt_attention_shape *s, void *out, float *lse, const void *q,
-                               const void *k, const void *v);
+                               const void *k, const void *v, const int32_t *pos);
 void mt_attention_backward_cuda(mt_backend *be, const mt_attention_shape *s, void *dq, void *dk, void *dv,
                                 const void *dout, const void *q, const void *k, const void *v, const void *out,
-                                const float *lse);
+                                const float *lse, const int32_t *pos);
 void mt_swiglu_forward_cuda(const mt_backend *be, void *out, const void *gate, const void *up, size_t n);
 void mt_swiglu_backward_cuda(const mt_backend *be, void *dgate, void *dup, const void *dout, const void *gate,
                              const void *up, size_t n);

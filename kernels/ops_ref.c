@@ -68,8 +68,8 @@ void mt_rope_tables(float *cos_table, float *sin_table, const float *inv_freq, i
         }
 }
 
-void mt_rope_forward_ref(float *out, const float *inp, const float *cos_table, const float *sin_table, int B, int T,
-                         int H, int D, int rotate) {
+void mt_rope_forward_ref(float *out, const float *inp, const float *cos_table, const float *sin_table,
+                         const int32_t *pos, int B, int T, int H, int D, int rotate) {
     int half = D / 2;
 #pragma omp parallel for collapse(2)
     for (int b = 0; b < B; b++)
@@ -81,7 +81,8 @@ void mt_rope_forward_ref(float *out, const float *inp, const float *cos_table, c
                     memcpy(y, x, (size_t)D * sizeof(float));
                     continue;
                 }
-                const float *c = cos_table + (size_t)t * half, *s = sin_table + (size_t)t * half;
+                size_t row = (size_t)(pos ? pos[(size_t)b * T + t] : t) * half;
+                const float *c = cos_table + row, *s = sin_table + row;
                 for (int i = 0; i < half; i++) {
                     y[i] = x[i] * c[i] - x[i + half] * s[i];
                     y[i + half] = x[i + half] * c[i] + x[i] * s[i];
@@ -89,8 +90,8 @@ void mt_rope_forward_ref(float *out, const float *inp, const float *cos_table, c
             }
 }
 
-void mt_rope_backward_ref(float *dinp, const float *dout, const float *cos_table, const float *sin_table, int B, int T,
-                          int H, int D, int rotate) {
+void mt_rope_backward_ref(float *dinp, const float *dout, const float *cos_table, const float *sin_table,
+                          const int32_t *pos, int B, int T, int H, int D, int rotate) {
     int half = D / 2;
 #pragma omp parallel for collapse(2)
     for (int b = 0; b < B; b++)
@@ -102,7 +103,8 @@ void mt_rope_backward_ref(float *dinp, const float *dout, const float *cos_table
                     memcpy(dx, dy, (size_t)D * sizeof(float));
                     continue;
                 }
-                const float *c = cos_table + (size_t)t * half, *s = sin_table + (size_t)t * half;
+                size_t row = (size_t)(pos ? pos[(size_t)b * T + t] : t) * half;
+                const float *c = cos_table + row, *s = sin_table + row;
                 for (int i = 0; i < half; i++) {
                     dx[i] = dy[i] * c[i] + dy[i + half] * s[i];
                     dx[i + half] = dy[i + half] * c[i] - dy[i] * s[i];
@@ -110,8 +112,13 @@ void mt_rope_backward_ref(float *dinp, const float *dout, const float *cos_table
             }
 }
 
-// The first key query t sees: 0, or t - window + 1 with a sliding window.
-static int attention_first_key(int t, int window) { return window > 0 && t >= window ? t - window + 1 : 0; }
+// The first key query t of row b sees: 0, or t - window + 1 with a sliding
+// window, and never one before the start of t's document.
+static int attention_first_key(int b, int t, int T, int window, const int32_t *pos) {
+    int j0 = window > 0 && t >= window ? t - window + 1 : 0;
+    int doc = pos ? t - pos[(size_t)b * T + t] : 0;
+    return doc > j0 ? doc : j0;
+}
 
 // Softmax probabilities of query row t against keys j0..t into p[j0..t];
 // returns the log-sum-exp of the scaled scores.
@@ -135,7 +142,7 @@ static float attention_probs(float *p, const float *qrow, const float *kbase, in
 }
 
 void mt_attention_forward_ref(float *out, float *lse, const float *q, const float *k, const float *v, int B, int T,
-                              int H, int KV, int D, int window) {
+                              int H, int KV, int D, int window, const int32_t *pos) {
     int group = H / KV;
     float scale = 1.0f / sqrtf((float)D);
 #pragma omp parallel
@@ -148,7 +155,7 @@ void mt_attention_forward_ref(float *out, float *lse, const float *q, const floa
                 const float *kbase = k + ((size_t)b * KV + h / group) * T * D;
                 const float *vbase = v + ((size_t)b * KV + h / group) * T * D;
                 for (int t = 0; t < T; t++) {
-                    int j0 = attention_first_key(t, window);
+                    int j0 = attention_first_key(b, t, T, window, pos);
                     lse[((size_t)b * H + h) * T + t] =
                         attention_probs(p, q + (((size_t)b * H + h) * T + t) * D, kbase, j0, t, D, scale);
                     float *y = out + (((size_t)b * T + t) * H + h) * D;
@@ -163,7 +170,7 @@ void mt_attention_forward_ref(float *out, float *lse, const float *q, const floa
 
 void mt_attention_backward_ref(float *dq, float *dk, float *dv, const float *dout, const float *q, const float *k,
                                const float *v, const float *out, const float *lse, int B, int T, int H, int KV, int D,
-                               int window) {
+                               int window, const int32_t *pos) {
     (void)out, (void)lse;
     int group = H / KV;
     float scale = 1.0f / sqrtf((float)D);
@@ -187,7 +194,7 @@ void mt_attention_backward_ref(float *dq, float *dk, float *dv, const float *dou
                         const float *qrow = q + (((size_t)b * H + h) * T + t) * D;
                         const float *g = dout + (((size_t)b * T + t) * H + h) * D;
                         float *dqrow = dq + (((size_t)b * H + h) * T + t) * D;
-                        int j0 = attention_first_key(t, window);
+                        int j0 = attention_first_key(b, t, T, window, pos);
                         attention_probs(p, qrow, kbase, j0, t, D, scale);
                         double pdp = 0.0;
                         for (int j = j0; j <= t; j++) {

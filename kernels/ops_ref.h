@@ -29,12 +29,13 @@ void mt_rmsnorm_backward_ref(float *dinp, float *dweight, const float *dout, con
 
 // Rotary embedding in the "rotate half" convention of Hugging Face Llama, fused
 // with the layout change (B, T, H, D) -> (B, H, T, D). cos/sin are (T, D/2).
-// rotate == 0 only permutes (for v).
-void mt_rope_forward_ref(float *out, const float *inp, const float *cos_table, const float *sin_table, int B, int T,
-                         int H, int D, int rotate);
+// rotate == 0 only permutes (for v). pos (B, T): each token's position (the
+// row of the tables), NULL for t (packed documents restart their positions).
+void mt_rope_forward_ref(float *out, const float *inp, const float *cos_table, const float *sin_table,
+                         const int32_t *pos, int B, int T, int H, int D, int rotate);
 // dinp (B, T, H, D) = transpose of the above applied to dout (B, H, T, D).
-void mt_rope_backward_ref(float *dinp, const float *dout, const float *cos_table, const float *sin_table, int B, int T,
-                          int H, int D, int rotate);
+void mt_rope_backward_ref(float *dinp, const float *dout, const float *cos_table, const float *sin_table,
+                          const int32_t *pos, int B, int T, int H, int D, int rotate);
 // cos/sin (T, D/2) for positions 0..T-1 from the inverse frequencies (D/2).
 void mt_rope_tables(float *cos_table, float *sin_table, const float *inv_freq, int T, int D);
 
@@ -42,13 +43,16 @@ void mt_rope_tables(float *cos_table, float *sin_table, const float *inv_freq, i
 // q (B, H, T, D), k/v (B, KV, T, D); out (B, T, H, D); scale 1/sqrt(D);
 // lse (B, H, T) = log-sum-exp of each row's scaled scores (kept for backward).
 // window > 0: query t attends to keys max(0, t - window + 1) .. t only.
+// pos (B, T), or NULL: each token's position in its document; query t then
+// sees no key before its document's start, t - pos[t] (documents packed into
+// one row attend only within themselves).
 void mt_attention_forward_ref(float *out, float *lse, const float *q, const float *k, const float *v, int B, int T,
-                              int H, int KV, int D, int window);
+                              int H, int KV, int D, int window, const int32_t *pos);
 // dq/dk/dv are overwritten. out and lse are what forward produced (the CUDA
 // version uses them; the reference recomputes P from q and k instead).
 void mt_attention_backward_ref(float *dq, float *dk, float *dv, const float *dout, const float *q, const float *k,
                                const float *v, const float *out, const float *lse, int B, int T, int H, int KV, int D,
-                               int window);
+                               int window, const int32_t *pos);
 
 // out = silu(gate) * up, elementwise over n.
 void mt_swiglu_forward_ref(float *out, const float *gate, const float *up, size_t n);

@@ -12,6 +12,7 @@
 #include "datasets/convert.h"
 #include "datasets/dataset.h"
 #include "datasets/tokenizer.h"
+#include "kernels/rng.h"
 #include "testutil.h"
 
 static char dir[256];
@@ -53,6 +54,69 @@ START_TEST(loader_windows_targets_and_mask) {
     ck_assert_int_lt(valid, 20);  // the mask removed some targets
     mt_loader_free(l);
     mt_dataset_free(ds);
+}
+END_TEST
+
+// data.document_mask: token i == i names its place, documents of random
+// lengths (some empty, some longer than a window). Every window's positions
+// restart at each document's start (and at the row's), and no target is the
+// first token of the next document; the rest are the plain loader's.
+START_TEST(loader_documents_positions_and_boundaries) {
+    char path[300];
+    snprintf(path, sizeof path, "%s/docs.h5", dir);
+    enum { N = 3001, T = 16 };
+    uint32_t *tok = malloc(N * 4);
+    uint64_t offsets[N + 1];
+    uint8_t *starts = calloc(N + 1, 1);
+    for (uint32_t i = 0; i < N; i++) tok[i] = i;
+    uint64_t docs = 0, at = 0;
+    offsets[0] = 0;
+    while (at < N) {
+        uint64_t len = mt_rng_bits(3, docs) % 40;  // 0 (empty) .. 39, some across windows
+        at = at + len < N ? at + len : N;
+        offsets[++docs] = at;
+        starts[at] = 1;
+    }
+    ck_assert_int_eq(mt_dataset_write(path, tok, N, offsets, docs, NULL, N, "test"), MT_OK);
+    mt_dataset *ds;
+    ck_assert_int_eq(mt_dataset_open(&ds, path, 0), MT_OK);
+    mt_loader_config plain = {.B = 3, .T = T, .seed = 5, .world = 1}, with = plain;
+    with.documents = 1;
+    mt_loader *a, *b;
+    ck_assert_int_eq(mt_loader_init(&a, ds, &plain, MT_SPLIT_TRAIN), MT_OK);
+    ck_assert_int_eq(mt_loader_init(&b, ds, &with, MT_SPLIT_TRAIN), MT_OK);
+    ck_assert_ptr_null(mt_loader_positions(a));
+    int32_t in_a[3 * T], tg_a[3 * T], in_b[3 * T], tg_b[3 * T];
+    int restarts = 0, cut = 0;
+    for (int batch = 0; batch < 40; batch++) {
+        int va, vb;
+        ck_assert_int_eq(mt_loader_next(a, in_a, tg_a, &va), MT_OK);
+        ck_assert_int_eq(mt_loader_next(b, in_b, tg_b, &vb), MT_OK);
+        ck_assert_mem_eq(in_a, in_b, sizeof in_a);
+        const int32_t *pos = mt_loader_positions(b);
+        int counted = 0;
+        for (int r = 0; r < 3; r++)
+            for (int t = 0; t < T; t++) {
+                int i = r * T + t;
+                uint32_t id = (uint32_t)in_b[i];
+                // the token's place in its document, from the window's start at most
+                int expect = 0;
+                while (expect < t && !starts[id - (uint32_t)expect]) expect++;
+                ck_assert_int_eq(pos[i], expect);
+                restarts += t > 0 && pos[i] == 0;
+                int crosses = starts[id + 1];
+                ck_assert_int_eq(tg_b[i], crosses ? -1 : tg_a[i]);
+                cut += crosses;
+                counted += tg_b[i] >= 0;
+            }
+        ck_assert_int_eq(vb, counted);
+    }
+    ck_assert_int_gt(restarts, 20);
+    ck_assert_int_gt(cut, 20);
+    mt_loader_free(a);
+    mt_loader_free(b);
+    mt_dataset_free(ds);
+    free(tok), free(starts);
 }
 END_TEST
 
@@ -395,6 +459,7 @@ int main(void) {
     tcase_set_timeout(tc, 60);
     tcase_add_test(tc, loader_windows_targets_and_mask);
     tcase_add_test(tc, loader_shuffle_cursor_shards_and_eval);
+    tcase_add_test(tc, loader_documents_positions_and_boundaries);
     tcase_add_test(tc, schema_errors_are_specific);
     tcase_add_test(tc, converter_text_and_jsonl);
     tcase_add_test(tc, converter_masks_answers);

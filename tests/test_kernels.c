@@ -65,11 +65,12 @@ END_TEST
 typedef struct {
     int B, T, H, D, rotate;
     float *x, *y, *r, *cos_table, *sin_table;
+    const int32_t *pos;
 } rope_ctx;
 
 static double rope_loss(void *p) {
     rope_ctx *c = p;
-    mt_rope_forward_ref(c->y, c->x, c->cos_table, c->sin_table, c->B, c->T, c->H, c->D, c->rotate);
+    mt_rope_forward_ref(c->y, c->x, c->cos_table, c->sin_table, c->pos, c->B, c->T, c->H, c->D, c->rotate);
     return dot(c->y, c->r, (size_t)c->B * c->T * c->H * c->D);
 }
 
@@ -94,7 +95,7 @@ START_TEST(rope_forward_and_backward) {
         float expect = rotate ? src[1] * cosf(ang) - src[5] * sinf(ang) : src[1];
         ck_assert_float_eq_tol(dst[1], expect, 1e-5);
         float *dx = malloc(n * 4);
-        mt_rope_backward_ref(dx, c.r, c.cos_table, c.sin_table, c.B, c.T, c.H, c.D, c.rotate);
+        mt_rope_backward_ref(dx, c.r, c.cos_table, c.sin_table, NULL, c.B, c.T, c.H, c.D, c.rotate);
         ck_assert_double_lt(tu_fd_check(rope_loss, &c, c.x, dx, n, 60, 1e-2), kFdTolerance);
         free(c.x), free(c.r), free(c.y), free(dx), free(c.cos_table), free(c.sin_table);
     }
@@ -105,11 +106,12 @@ END_TEST
 typedef struct {
     int B, T, H, KV, D, window;
     float *q, *k, *v, *y, *r, *lse;
+    const int32_t *pos;  // packed documents, or NULL
 } att_ctx;
 
 static double att_loss(void *p) {
     att_ctx *c = p;
-    mt_attention_forward_ref(c->y, c->lse, c->q, c->k, c->v, c->B, c->T, c->H, c->KV, c->D, c->window);
+    mt_attention_forward_ref(c->y, c->lse, c->q, c->k, c->v, c->B, c->T, c->H, c->KV, c->D, c->window, c->pos);
     return dot(c->y, c->r, (size_t)c->B * c->T * c->H * c->D);
 }
 
@@ -164,7 +166,7 @@ START_TEST(attention_forward_and_backward) {
         ck_assert_double_eq_tol(c.lse[((size_t)1 * c.H + 3) * c.T + 1], log(exp(s0) + exp(s1)), 1e-5);
     }
     float *dq = malloc(nq * 4), *dk = malloc(nk * 4), *dv = malloc(nk * 4);
-    mt_attention_backward_ref(dq, dk, dv, c.r, c.q, c.k, c.v, c.y, c.lse, c.B, c.T, c.H, c.KV, c.D, c.window);
+    mt_attention_backward_ref(dq, dk, dv, c.r, c.q, c.k, c.v, c.y, c.lse, c.B, c.T, c.H, c.KV, c.D, c.window, NULL);
     ck_assert_double_lt(tu_fd_check(att_loss, &c, c.q, dq, nq, 50, 1e-2), kFdTolerance);
     ck_assert_double_lt(tu_fd_check(att_loss, &c, c.k, dk, nk, 50, 1e-2), kFdTolerance);
     ck_assert_double_lt(tu_fd_check(att_loss, &c, c.v, dv, nk, 50, 1e-2), kFdTolerance);
@@ -189,18 +191,113 @@ START_TEST(attention_sliding_window) {
         for (int d = 0; d < c.D; d++) ck_assert_double_eq_tol(y[d], expect[d], 1e-5);
     }
     float *full = malloc(nq * 4), *full_lse = malloc((size_t)c.B * c.H * c.T * 4);
-    mt_attention_forward_ref(full, full_lse, c.q, c.k, c.v, c.B, c.T, c.H, c.KV, c.D, 0);
-    mt_attention_forward_ref(c.y, c.lse, c.q, c.k, c.v, c.B, c.T, c.H, c.KV, c.D, c.T);
+    mt_attention_forward_ref(full, full_lse, c.q, c.k, c.v, c.B, c.T, c.H, c.KV, c.D, 0, NULL);
+    mt_attention_forward_ref(c.y, c.lse, c.q, c.k, c.v, c.B, c.T, c.H, c.KV, c.D, c.T, NULL);
     ck_assert_mem_eq(full, c.y, nq * 4);
-    mt_attention_forward_ref(c.y, c.lse, c.q, c.k, c.v, c.B, c.T, c.H, c.KV, c.D, c.window);
+    mt_attention_forward_ref(c.y, c.lse, c.q, c.k, c.v, c.B, c.T, c.H, c.KV, c.D, c.window, NULL);
     ck_assert(memcmp(full, c.y, nq * 4) != 0);
     float *dq = malloc(nq * 4), *dk = malloc(nk * 4), *dv = malloc(nk * 4);
-    mt_attention_backward_ref(dq, dk, dv, c.r, c.q, c.k, c.v, c.y, c.lse, c.B, c.T, c.H, c.KV, c.D, c.window);
+    mt_attention_backward_ref(dq, dk, dv, c.r, c.q, c.k, c.v, c.y, c.lse, c.B, c.T, c.H, c.KV, c.D, c.window, NULL);
     ck_assert_double_lt(tu_fd_check(att_loss, &c, c.q, dq, nq, 50, 1e-2), kFdTolerance);
     ck_assert_double_lt(tu_fd_check(att_loss, &c, c.k, dk, nk, 50, 1e-2), kFdTolerance);
     ck_assert_double_lt(tu_fd_check(att_loss, &c, c.v, dv, nk, 50, 1e-2), kFdTolerance);
     free(c.q), free(c.k), free(c.v), free(c.r), free(c.y), free(c.lse), free(dq), free(dk), free(dv), free(full);
     free(full_lse);
+}
+END_TEST
+
+// Packed documents: each row holds documents one after another (positions
+// restart at 0). Every document's outputs, lse and gradients equal that
+// document's attention run alone (bit for bit: the same keys in the same
+// order), with and without a sliding window; rope rotates each document from
+// position 0; the backward matches finite differences.
+START_TEST(attention_packed_documents_equal_each_document_alone) {
+    enum { B = 2, T = 13, H = 4, KV = 2, D = 8 };
+    int lengths[B][4] = {{5, 1, 7, 0}, {13, 0}};  // row 0: three documents; row 1: one
+    int32_t pos[B * T];
+    for (int b = 0; b < B; b++)
+        for (int i = 0, t = 0; lengths[b][i]; i++)
+            for (int p = 0; p < lengths[b][i]; p++, t++) pos[b * T + t] = p;
+    for (int window = 0; window <= 3; window += 3) {
+        att_ctx c = {.B = B, .T = T, .H = H, .KV = KV, .D = D, .window = window, .pos = pos};
+        size_t nq, nk;
+        att_init(&c, 80 + window, &nq, &nk);
+        att_loss(&c);
+        float *dq = malloc(nq * 4), *dk = malloc(nk * 4), *dv = malloc(nk * 4);
+        mt_attention_backward_ref(dq, dk, dv, c.r, c.q, c.k, c.v, c.y, c.lse, B, T, H, KV, D, window, pos);
+        for (int b = 0; b < B; b++)
+            for (int i = 0, t0 = 0; lengths[b][i]; t0 += lengths[b][i], i++) {
+                int n = lengths[b][i];
+                // the document alone: rows t0..t0+n-1 of row b, as a batch of one
+                att_ctx a = {.B = 1, .T = n, .H = H, .KV = KV, .D = D, .window = window};
+                size_t aq = (size_t)H * n * D, ak = (size_t)KV * n * D;
+                a.q = malloc(aq * 4), a.k = malloc(ak * 4), a.v = malloc(ak * 4), a.r = malloc(aq * 4);
+                a.y = malloc(aq * 4), a.lse = malloc((size_t)H * n * 4);
+                float *aq_d = malloc(aq * 4), *ak_d = malloc(ak * 4), *av_d = malloc(ak * 4);
+                for (int h = 0; h < H; h++)
+                    for (int t = 0; t < n; t++) {
+                        memcpy(a.q + ((size_t)h * n + t) * D, c.q + (((size_t)b * H + h) * T + t0 + t) * D, D * 4);
+                        memcpy(a.r + ((size_t)t * H + h) * D, c.r + (((size_t)b * T + t0 + t) * H + h) * D, D * 4);
+                    }
+                for (int g = 0; g < KV; g++)
+                    for (int t = 0; t < n; t++) {
+                        memcpy(a.k + ((size_t)g * n + t) * D, c.k + (((size_t)b * KV + g) * T + t0 + t) * D, D * 4);
+                        memcpy(a.v + ((size_t)g * n + t) * D, c.v + (((size_t)b * KV + g) * T + t0 + t) * D, D * 4);
+                    }
+                att_loss(&a);
+                mt_attention_backward_ref(aq_d, ak_d, av_d, a.r, a.q, a.k, a.v, a.y, a.lse, 1, n, H, KV, D, window,
+                                          NULL);
+                for (int h = 0; h < H; h++)
+                    for (int t = 0; t < n; t++) {
+                        ck_assert_mem_eq(a.y + ((size_t)t * H + h) * D, c.y + (((size_t)b * T + t0 + t) * H + h) * D,
+                                         D * 4);
+                        ck_assert_float_eq(a.lse[(size_t)h * n + t], c.lse[((size_t)b * H + h) * T + t0 + t]);
+                        ck_assert_mem_eq(aq_d + ((size_t)h * n + t) * D, dq + (((size_t)b * H + h) * T + t0 + t) * D,
+                                         D * 4);
+                    }
+                for (int g = 0; g < KV; g++)
+                    for (int t = 0; t < n; t++) {
+                        size_t at = ((size_t)g * n + t) * D, in = (((size_t)b * KV + g) * T + t0 + t) * D;
+                        ck_assert_mem_eq(ak_d + at, dk + in, D * 4);
+                        ck_assert_mem_eq(av_d + at, dv + in, D * 4);
+                    }
+                free(a.q), free(a.k), free(a.v), free(a.r), free(a.y), free(a.lse), free(aq_d), free(ak_d), free(av_d);
+            }
+        // the masks matter: without them row 0 differs
+        float *plain = malloc(nq * 4);
+        mt_attention_forward_ref(plain, c.lse, c.q, c.k, c.v, B, T, H, KV, D, window, NULL);
+        ck_assert(memcmp(plain, c.y, (size_t)T * H * D * 4) != 0);
+        free(plain);
+        att_loss(&c);
+        ck_assert_double_lt(tu_fd_check(att_loss, &c, c.q, dq, nq, 50, 1e-2), kFdTolerance);
+        ck_assert_double_lt(tu_fd_check(att_loss, &c, c.k, dk, nk, 50, 1e-2), kFdTolerance);
+        ck_assert_double_lt(tu_fd_check(att_loss, &c, c.v, dv, nk, 50, 1e-2), kFdTolerance);
+        free(c.q), free(c.k), free(c.v), free(c.r), free(c.y), free(c.lse), free(dq), free(dk), free(dv);
+    }
+    // rope: a document's token p turns by angle p, wherever it sits in the row
+    rope_ctx r = {.B = B, .T = T, .H = H, .D = D, .rotate = 1, .pos = pos};
+    size_t n = (size_t)B * T * H * D;
+    float inv_freq[D / 2];
+    for (int i = 0; i < D / 2; i++) inv_freq[i] = powf(10000.0f, -2.0f * i / D);
+    r.cos_table = malloc(T * D / 2 * 4), r.sin_table = malloc(T * D / 2 * 4);
+    mt_rope_tables(r.cos_table, r.sin_table, inv_freq, T, D);
+    r.x = tu_random(n, -1, 1, 90), r.r = tu_random(n, -1, 1, 91), r.y = malloc(n * 4);
+    rope_loss(&r);
+    float *dx = malloc(n * 4);
+    for (int b = 0; b < B; b++)
+        for (int t = 0; t < T; t++)
+            for (int h = 0; h < H; h++) {
+                int p = pos[b * T + t];
+                const float *y = r.y + (((size_t)b * H + h) * T + t) * D, *x = r.x + (((size_t)b * T + t) * H + h) * D;
+                for (int i = 0; i < D / 2; i++) {
+                    float cth = cosf((float)p * inv_freq[i]), sth = sinf((float)p * inv_freq[i]);
+                    ck_assert_float_eq_tol(y[i], x[i] * cth - x[i + D / 2] * sth, 1e-6);
+                    ck_assert_float_eq_tol(y[i + D / 2], x[i + D / 2] * cth + x[i] * sth, 1e-6);
+                }
+            }
+    mt_rope_backward_ref(dx, r.r, r.cos_table, r.sin_table, pos, B, T, H, D, 1);
+    ck_assert_double_lt(tu_fd_check(rope_loss, &r, r.x, dx, n, 60, 1e-2), kFdTolerance);
+    free(dx), free(r.x), free(r.r), free(r.y), free(r.cos_table), free(r.sin_table);
 }
 END_TEST
 
@@ -439,6 +536,7 @@ int main(void) {
     tcase_add_test(tc, rope_forward_and_backward);
     tcase_add_test(tc, attention_forward_and_backward);
     tcase_add_test(tc, attention_sliding_window);
+    tcase_add_test(tc, attention_packed_documents_equal_each_document_alone);
     tcase_add_test(tc, swiglu_forward_and_backward);
     tcase_add_test(tc, matmul_forward_and_backward);
     tcase_add_test(tc, crossentropy_forward_and_backward);

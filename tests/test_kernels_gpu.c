@@ -50,6 +50,31 @@ static void *dev_f32(const float *x, size_t n) {
     return d;
 }
 
+// Positions of documents packed into B rows of T: random lengths from 1 to
+// 150 (across the 64-row tiles; some rows one document), restarting at each
+// row.
+static int32_t *doc_positions(int B, int T) {
+    int32_t *pos = malloc((size_t)B * T * sizeof *pos);
+    uint64_t draw = 0;
+    for (int b = 0; b < B; b++) {
+        int left = 0;  // tokens left in the current document
+        for (int t = 0; t < T; t++) {
+            int start = t == 0 || (b % 3 != 2 && left == 0);
+            if (start) left = 1 + (int)(mt_rng_bits(seed, draw++) % 150);
+            pos[(size_t)b * T + t] = start ? 0 : pos[(size_t)b * T + t - 1] + 1;
+            left--;
+        }
+    }
+    return pos;
+}
+
+static void *dev_i32(const int32_t *x, size_t n) {
+    void *d = mt_device_malloc(n * 4 + 4);
+    ck_assert_ptr_nonnull(d);
+    mt_copy_to_device(d, x, n * 4);
+    return d;
+}
+
 static void *dev_poisoned(size_t bytes) {
     void *d = mt_device_malloc(bytes + 4);
     ck_assert_ptr_nonnull(d);
@@ -126,18 +151,25 @@ START_TEST(rope) {
             for (int i = 0; i < half; i++) inv[i] = powf(10000.0f, -2.0f * i / D);
             mt_rope_tables(cs, cs + (size_t)T * half, inv, T, D);
             float *x = host_random(n, -1, 1), *y = malloc(n * 4), *dx = malloc(n * 4);
-            mt_rope_forward_ref(y, x, cs, cs + (size_t)T * half, B, T, H, D, rotate);
-            mt_rope_backward_ref(dx, x, cs, cs + (size_t)T * half, B, T, H, D, rotate);  // x as a (B,H,T,D) grad
             void *cos_d = dev_f32(cs, (size_t)T * half), *sin_d = dev_f32(cs + (size_t)T * half, (size_t)T * half);
             void *x_d = dev_bf16(x, n), *y_d = dev_poisoned(n * 2), *dx_d = dev_poisoned(n * 2);
-            mt_op_rope_forward(&be, y_d, x_d, cos_d, sin_d, B, T, H, D, rotate);
-            mt_op_rope_backward(&be, dx_d, x_d, cos_d, sin_d, B, T, H, D, rotate);
-            float *yg = host_from_bf16(y_d, n), *dxg = host_from_bf16(dx_d, n);
-            expect_close("rope forward", yg, y, n, rotate ? 1e-2 : 1e-7);
-            expect_close("rope backward", dxg, dx, n, rotate ? 1e-2 : 1e-7);
-            free(inv), free(cs), free(x), free(y), free(dx), free(yg), free(dxg);
+            // positions 0..T-1, then packed documents' restarting ones
+            int32_t *pos = doc_positions(B, T);
+            void *pos_d = dev_i32(pos, (size_t)B * T);
+            for (int docs = 0; docs <= 1; docs++) {
+                const int32_t *p = docs ? pos : NULL;
+                mt_rope_forward_ref(y, x, cs, cs + (size_t)T * half, p, B, T, H, D, rotate);
+                mt_rope_backward_ref(dx, x, cs, cs + (size_t)T * half, p, B, T, H, D, rotate);  // x as a grad
+                mt_op_rope_forward(&be, y_d, x_d, cos_d, sin_d, docs ? pos_d : NULL, B, T, H, D, rotate);
+                mt_op_rope_backward(&be, dx_d, x_d, cos_d, sin_d, docs ? pos_d : NULL, B, T, H, D, rotate);
+                float *yg = host_from_bf16(y_d, n), *dxg = host_from_bf16(dx_d, n);
+                expect_close(docs ? "rope forward (documents)" : "rope forward", yg, y, n, rotate ? 1e-2 : 1e-7);
+                expect_close(docs ? "rope backward (documents)" : "rope backward", dxg, dx, n, rotate ? 1e-2 : 1e-7);
+                free(yg), free(dxg);
+            }
+            free(inv), free(cs), free(x), free(y), free(dx), free(pos);
             mt_device_free(cos_d), mt_device_free(sin_d), mt_device_free(x_d), mt_device_free(y_d),
-                mt_device_free(dx_d);
+                mt_device_free(dx_d), mt_device_free(pos_d);
         }
 }
 END_TEST
@@ -151,18 +183,21 @@ static void attention_case(const mt_attention_shape *s, const char *path) {
     float *q = host_random(nq, -1.5f, 1.5f), *k = host_random(nk, -1.5f, 1.5f), *v = host_random(nk, -1, 1);
     float *g = host_random(nq, -1, 1);
     float *y = malloc(nq * 4), *dq = malloc(nq * 4), *dk = malloc(nk * 4), *dv = malloc(nk * 4), *lse = malloc(nl * 4);
-    mt_attention_forward_ref(y, lse, q, k, v, B, T, H, KV, D, s->window);
-    mt_attention_backward_ref(dq, dk, dv, g, q, k, v, y, lse, B, T, H, KV, D, s->window);
+    int32_t *pos = s->docs ? doc_positions(B, T) : NULL;
+    void *pos_d = pos ? dev_i32(pos, (size_t)B * T) : NULL;
+    mt_attention_forward_ref(y, lse, q, k, v, B, T, H, KV, D, s->window, pos);
+    mt_attention_backward_ref(dq, dk, dv, g, q, k, v, y, lse, B, T, H, KV, D, s->window, pos);
     ck_assert_int_eq(mt_backend_reserve_workspace(&be, mt_attention_workspace_bytes(&be, s)), MT_OK);
     void *q_d = dev_bf16(q, nq), *k_d = dev_bf16(k, nk), *v_d = dev_bf16(v, nk), *g_d = dev_bf16(g, nq);
     void *y_d = dev_poisoned(nq * 2), *dq_d = dev_poisoned(nq * 2), *dk_d = dev_poisoned(nk * 2),
          *dv_d = dev_poisoned(nk * 2), *lse_d = dev_poisoned(nl * 4);
-    mt_op_attention_forward(&be, s, y_d, lse_d, q_d, k_d, v_d);
-    mt_op_attention_backward(&be, s, dq_d, dk_d, dv_d, g_d, q_d, k_d, v_d, y_d, lse_d);
+    mt_op_attention_forward(&be, s, y_d, lse_d, q_d, k_d, v_d, pos_d);
+    mt_op_attention_backward(&be, s, dq_d, dk_d, dv_d, g_d, q_d, k_d, v_d, y_d, lse_d, pos_d);
     float *yg = host_from_bf16(y_d, nq), *lseg = host_from_f32(lse_d, nl), *dqg = host_from_bf16(dq_d, nq),
           *dkg = host_from_bf16(dk_d, nk), *dvg = host_from_bf16(dv_d, nk);
     char what[128];
-    snprintf(what, sizeof what, "%s attention B=%d T=%d H=%d KV=%d D=%d window=%d", path, B, T, H, KV, D, s->window);
+    snprintf(what, sizeof what, "%s attention B=%d T=%d H=%d KV=%d D=%d window=%d%s", path, B, T, H, KV, D, s->window,
+             s->docs ? " packed documents" : "");
     printf("%s\n", what);
     char part[160];
 #define EXPECT(name, got, ref, n, tol) \
@@ -178,11 +213,12 @@ static void attention_case(const mt_attention_shape *s, const char *path) {
     mt_copy_to_host(first, dq_d, nq * 2), mt_copy_to_host(first + nq, dk_d, nk * 2);
     mt_copy_to_host(first + nq + nk, dv_d, nk * 2);
     mt_device_memset(dq_d, 0xff, nq * 2), mt_device_memset(dk_d, 0xff, nk * 2), mt_device_memset(dv_d, 0xff, nk * 2);
-    mt_op_attention_backward(&be, s, dq_d, dk_d, dv_d, g_d, q_d, k_d, v_d, y_d, lse_d);
+    mt_op_attention_backward(&be, s, dq_d, dk_d, dv_d, g_d, q_d, k_d, v_d, y_d, lse_d, pos_d);
     mt_copy_to_host(second, dq_d, nq * 2), mt_copy_to_host(second + nq, dk_d, nk * 2);
     mt_copy_to_host(second + nq + nk, dv_d, nk * 2);
     ck_assert_msg(memcmp(first, second, (nq + 2 * nk) * 2) == 0, "%s: two backward runs differ", what);
-    free(first), free(second), free(lseg), free(lse);
+    free(first), free(second), free(lseg), free(lse), free(pos);
+    if (pos_d) mt_device_free(pos_d);
     free(q), free(k), free(v), free(g), free(y), free(dq), free(dk), free(dv), free(yg), free(dqg), free(dkg),
         free(dvg);
     mt_device_free(q_d), mt_device_free(k_d), mt_device_free(v_d), mt_device_free(g_d), mt_device_free(y_d);
@@ -192,16 +228,30 @@ static void attention_case(const mt_attention_shape *s, const char *path) {
 START_TEST(attention) {
     // head dims 16..256, T around the 64-row tiles, grouped and plain heads,
     // sliding windows shorter than T (Mistral) and one no shorter
-    mt_attention_shape shapes[] = {{1, 1, 1, 1, 16, 0},    {2, 7, 4, 2, 16, 0},    {1, 257, 6, 2, 64, 0},
-                                   {2, 129, 8, 8, 128, 0}, {1, 1025, 4, 1, 64, 0}, {3, 64, 4, 4, 32, 0},
-                                   {1, 65, 8, 2, 128, 0},  {2, 200, 4, 2, 64, 37}, {1, 300, 8, 4, 128, 64},
-                                   {1, 33, 2, 1, 32, 40},  {2, 130, 4, 2, 80, 0},  {1, 257, 6, 3, 96, 0},
-                                   {1, 129, 4, 2, 96, 50}, {1, 100, 4, 1, 256, 0}};
+    mt_attention_shape shapes[] = {{1, 1, 1, 1, 16, 0, 0},
+                                   {2, 7, 4, 2, 16, 0, 0},
+                                   {1, 257, 6, 2, 64, 0, 0},
+                                   {2, 129, 8, 8, 128, 0, 0},
+                                   {1, 1025, 4, 1, 64, 0, 0},
+                                   {3, 64, 4, 4, 32, 0, 0},
+                                   {1, 65, 8, 2, 128, 0, 0},
+                                   {2, 200, 4, 2, 64, 37, 0},
+                                   {1, 300, 8, 4, 128, 64, 0},
+                                   {1, 33, 2, 1, 32, 40, 0},
+                                   {2, 130, 4, 2, 80, 0, 0},
+                                   {1, 257, 6, 3, 96, 0, 0},
+                                   {1, 129, 4, 2, 96, 50, 0},
+                                   {1, 100, 4, 1, 256, 0, 0},
+                                   // packed documents (memtune's kernel: cuDNN's path does not take them)
+                                   {3, 300, 4, 2, 64, 0, 1},
+                                   {3, 257, 8, 4, 128, 0, 1},
+                                   {2, 129, 4, 1, 32, 50, 1},
+                                   {1, 1025, 4, 2, 64, 0, 1}};
     int n = sizeof shapes / sizeof shapes[0], served = 0;
     for (int i = 0; i < n; i++) {
         mt_attention_shape *s = &shapes[i];
         // cuDNN's graphs, where the backend has them and they serve the shape
-        if (be.cudnn && mt_attention_supports(&be, s)) {
+        if (be.cudnn && !s->docs && mt_attention_supports(&be, s)) {
             size_t workspace;
             if (mt_cudnn_attention_prepare(be.cudnn, s, &workspace)) served++, attention_case(s, "cuDNN");
         }

@@ -228,7 +228,8 @@ START_TEST(lora_gradients_match_finite_differences) {
                               NULL,
                               NULL,
                               NULL,
-                              NULL};
+                              NULL,
+                              0};
         ck_assert_int_eq(mt_lora_parse_targets(variants[v].targets, &o.lora.targets), MT_OK);
         mt_model *m;
         ck_assert_int_eq(mt_model_create_with(&m, &be, &c, &o), MT_OK);
@@ -278,8 +279,8 @@ START_TEST(lora_zero_b_merge_and_qlora) {
     ck_assert_int_eq(mt_model_set_weights(full, base), MT_OK);
     mt_model_logits(full, inputs, plain);
     // PEFT's init (B = 0): the adapted model computes the base's logits exactly
-    mt_model_options o = {B,    T,    0,   {4, 8.0f, 0.1f, 0, (1u << MT_LORA_MODULES) - 1}, 0, 0, 0, NULL, NULL, NULL,
-                          NULL, NULL, NULL};
+    mt_model_options o = {
+        B, T, 0, {4, 8.0f, 0.1f, 0, (1u << MT_LORA_MODULES) - 1}, 0, 0, 0, NULL, NULL, NULL, NULL, NULL, NULL, 0};
     int na;
     size_t ta;
     mt_param_info *table = mt_lora_param_table(&c, &o.lora, &na, &ta);
@@ -377,7 +378,7 @@ START_TEST(offloaded_layer_inputs_change_nothing) {
         mt_model_options o = {B,    T,    1,    {lora ? 4 : 0, 8.0f, 0.1f, 0, lora ? (1u << MT_LORA_MODULES) - 1 : 0},
                               lora, 0,    0,    NULL,
                               NULL, NULL, NULL, NULL,
-                              NULL};
+                              NULL, 0};
         mt_model_options off = o;
         off.offload_activations = 1;
         mt_model *a, *b;

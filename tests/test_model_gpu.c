@@ -35,18 +35,34 @@ static void small_config(mt_model_config *c, int qwen_like) {
     c->dtype = MT_DTYPE_BF16;
 }
 
+// Llama, Qwen2 (tied, biases, 4 heads a kv head), and Llama with packed
+// documents (data.document_mask: positions restart, memtune's kernel).
 START_TEST(gpu_model_matches_cpu_reference) {
-    for (int variant = 0; variant < 2; variant++) {
+    for (int variant = 0; variant < 3; variant++) {
         mt_model_config c;
-        small_config(&c, variant);
-        int B = 2, T = 127, N = B * T;
+        small_config(&c, variant == 1);
+        int B = 2, T = 127, N = B * T, docs = variant == 2;
         mt_backend cpu, gpu;
         ck_assert_int_eq(mt_backend_init(&cpu, -1), MT_OK);
         ck_assert_int_eq(mt_backend_init(&gpu, 0), MT_OK);
         mt_model *mc, *mg, *mg_ckpt;
-        ck_assert_int_eq(mt_model_create(&mc, &cpu, &c, B, T, 0), MT_OK);
-        ck_assert_int_eq(mt_model_create(&mg, &gpu, &c, B, T, 0), MT_OK);
-        ck_assert_int_eq(mt_model_create(&mg_ckpt, &gpu, &c, B, T, 1), MT_OK);
+        mt_model_options o = {.B = B, .T = T, .document_mask = docs}, ok = o;
+        ok.activation_checkpointing = 1;
+        ck_assert_int_eq(mt_model_create_with(&mc, &cpu, &c, &o), MT_OK);
+        ck_assert_int_eq(mt_model_create_with(&mg, &gpu, &c, &o), MT_OK);
+        ck_assert_int_eq(mt_model_create_with(&mg_ckpt, &gpu, &c, &ok), MT_OK);
+        if (docs) {
+            // documents of 1 to 90 tokens, across the kernel's 64-row tiles
+            int32_t *pos = malloc(N * 4);
+            for (int i = 0, left = 0, k = 0; i < N; i++) {
+                int start = i % T == 0 || left == 0;
+                if (start) left = 1 + (int)(mt_rng_bits(7, k++) % 90);
+                pos[i] = start ? 0 : pos[i - 1] + 1;
+                left--;
+            }
+            mt_model_set_positions(mc, pos), mt_model_set_positions(mg, pos), mt_model_set_positions(mg_ckpt, pos);
+            free(pos);
+        }
         size_t total = mt_model_num_params(mc);
         float *params = malloc(total * 4);
         mt_model_init_random(&c, params, 77);
@@ -63,8 +79,8 @@ START_TEST(gpu_model_matches_cpu_reference) {
         double lc = mt_model_step(mc, in, tg, scale, 1) * scale;
         double lg = mt_model_step(mg, in, tg, scale, 1) * scale;
         double lk = mt_model_step(mg_ckpt, in, tg, scale, 1) * scale;
-        printf("%s: loss cpu %.6f gpu %.6f (rel %.2e) gpu+checkpointing %.6f\n", c.architecture, lc, lg,
-               fabs(lg - lc) / lc, lk);
+        printf("%s%s: loss cpu %.6f gpu %.6f (rel %.2e) gpu+checkpointing %.6f\n", c.architecture,
+               docs ? " (packed documents)" : "", lc, lg, fabs(lg - lc) / lc, lk);
         ck_assert_double_lt(fabs(lg - lc) / lc, 1e-2);
         ck_assert_double_eq_tol(lk, lg, 1e-6 * lg);
         // deterministic: the same step again gives the same bits (no atomics anywhere)
@@ -124,7 +140,7 @@ START_TEST(gpu_lora_matches_cpu_reference) {
         mt_model_options o = {B,         T,    0,    {8, 16.0f, 0.0f, quantized, (1u << MT_LORA_MODULES) - 1},
                               quantized, 0,    0,    NULL,
                               NULL,      NULL, NULL, NULL,
-                              NULL};
+                              NULL,      0};
         mt_model_options ok = o, off = o;
         ok.activation_checkpointing = 1;
         off.activation_checkpointing = off.offload_activations = 1;
@@ -236,7 +252,7 @@ START_TEST(gpu_mezo_matches_cpu_reference) {
         mt_backend cpu, gpu;
         ck_assert_int_eq(mt_backend_init(&cpu, -1), MT_OK);
         ck_assert_int_eq(mt_backend_init(&gpu, 0), MT_OK);
-        mt_model_options o = {B, T, 0, {0}, 0, 0, 1, NULL, NULL, NULL, NULL, NULL, NULL};
+        mt_model_options o = {B, T, 0, {0}, 0, 0, 1, NULL, NULL, NULL, NULL, NULL, NULL, 0};
         mt_model *mc, *mg, *mtrain;
         ck_assert_int_eq(mt_model_create_with(&mc, &cpu, &c, &o), MT_OK);
         ck_assert_int_eq(mt_model_create_with(&mg, &gpu, &c, &o), MT_OK);
@@ -328,7 +344,7 @@ START_TEST(gpu_deferred_mezo_update_is_bit_identical) {
     int B = 2, T = 64, N = B * T;
     mt_backend gpu;
     ck_assert_int_eq(mt_backend_init(&gpu, 0), MT_OK);
-    mt_model_options o = {B, T, 0, {0}, 0, 0, 1, NULL, NULL, NULL, NULL, NULL, NULL};
+    mt_model_options o = {B, T, 0, {0}, 0, 0, 1, NULL, NULL, NULL, NULL, NULL, NULL, 0};
     mt_model *m[2];
     mt_mezo *mz[2];
     size_t total = 0;
@@ -404,7 +420,7 @@ START_TEST(gpu_galore_matches_cpu_reference) {
         ck_assert_int_eq(mt_backend_init(&cpu, -1), MT_OK);
         ck_assert_int_eq(mt_backend_init(&gpu, 0), MT_OK);
         gpu_hook hg = {0}, hc = {0};
-        mt_model_options og = {B, T, 1, {0}, 0, 0, 0, gpu_hook_fn, &hg, NULL, NULL, NULL, NULL}, oc = og;
+        mt_model_options og = {B, T, 1, {0}, 0, 0, 0, gpu_hook_fn, &hg, NULL, NULL, NULL, NULL, 0}, oc = og;
         oc.grad_ready_ctx = &hc;
         mt_model *plain, *mg, *mc;
         ck_assert_int_eq(mt_model_create(&plain, &gpu, &c, B, T, 1), MT_OK);

@@ -319,6 +319,71 @@ START_TEST(model_gradients_match_finite_differences) {
 }
 END_TEST
 
+// data.document_mask at the model: documents packed into rows (positions
+// restarting, attention kept inside each) give every document the logits,
+// loss and gradients it has alone in a row of its own length.
+START_TEST(packed_documents_train_like_each_document_alone) {
+    mt_model_config c;
+    tiny_config(&c, 0, 1);
+    mt_backend be;
+    mt_backend_init(&be, -1);
+    enum { B = 2, T = 9, N = B * T };
+    int lengths[B][3] = {{4, 5, 0}, {2, 7, 0}};
+    int32_t inputs[N], targets[N], pos[N];
+    for (int i = 0; i < N; i++) inputs[i] = (int32_t)(mt_rng_bits(14, i) % 13);
+    for (int b = 0; b < B; b++)
+        for (int d = 0, t = 0; lengths[b][d]; d++)
+            for (int p = 0; p < lengths[b][d]; p++, t++) {
+                pos[b * T + t] = p;
+                // the last token of a document predicts nothing
+                targets[b * T + t] = p + 1 < lengths[b][d] ? inputs[b * T + t + 1] : -1;
+            }
+    mt_model_options o = {.B = B, .T = T, .document_mask = 1};
+    mt_model *packed;
+    ck_assert_int_eq(mt_model_create_with(&packed, &be, &c, &o), MT_OK);
+    size_t total = mt_model_num_params(packed);
+    float *params = malloc(total * 4), *sum = calloc(total, 4), *logits = malloc((size_t)N * c.V * 4);
+    mt_model_init_random(&c, params, 21);
+    mt_model_set_weights(packed, params);
+    mt_model_set_positions(packed, pos);
+    mt_model_zero_grads(packed);
+    double packed_loss = mt_model_step(packed, inputs, targets, 1.0f, 1);
+    mt_model_logits(packed, inputs, logits);
+    double alone_loss = 0;
+    for (int b = 0; b < B; b++)
+        for (int d = 0, t0 = 0; lengths[b][d]; t0 += lengths[b][d], d++) {
+            int n = lengths[b][d];
+            mt_model *m;
+            ck_assert_int_eq(mt_model_create(&m, &be, &c, 1, n, 0), MT_OK);
+            mt_model_set_weights(m, params);
+            mt_model_zero_grads(m);
+            alone_loss += mt_model_step(m, inputs + b * T + t0, targets + b * T + t0, 1.0f, 1);
+            for (size_t i = 0; i < total; i++) sum[i] += mt_model_grads(m)[i];
+            float *own = malloc((size_t)n * c.V * 4);
+            mt_model_logits(m, inputs + b * T + t0, own);
+            for (int i = 0; i < n * c.V; i++)
+                ck_assert_float_eq_tol(logits[(size_t)(b * T + t0) * c.V + i], own[i], 1e-5);
+            free(own);
+            mt_model_free(m);
+        }
+    ck_assert_double_eq_tol(packed_loss, alone_loss, 1e-5 * fabs(alone_loss));
+    double diff = 0, norm = 0;
+    for (size_t i = 0; i < total; i++) {
+        double e = (double)mt_model_grads(packed)[i] - sum[i];
+        diff += e * e, norm += (double)sum[i] * sum[i];
+    }
+    ck_assert_msg(sqrt(diff / norm) < 1e-5, "packed gradients differ from the documents' alone: %g", sqrt(diff / norm));
+    // without the positions (one document a row) the same batch gives other logits
+    float *plain = malloc((size_t)N * c.V * 4);
+    mt_model_set_positions(packed, NULL);
+    mt_model_logits(packed, inputs, plain);
+    ck_assert(memcmp(plain, logits, (size_t)N * c.V * 4) != 0);
+    mt_model_free(packed);
+    mt_backend_free(&be);
+    free(params), free(sum), free(logits), free(plain);
+}
+END_TEST
+
 START_TEST(save_and_load_round_trip) {
     mt_model_config c;
     tiny_config(&c, 0, 1);
@@ -494,7 +559,7 @@ START_TEST(loss_is_the_mean_over_the_steps_trained_tokens) {
             mt_dataset *ds;
             ck_assert_int_eq(mt_dataset_open(&ds, data, 13), MT_OK);
             mt_loader *l;
-            mt_loader_config lc = {1, (int)T, (uint64_t)cfg.train_seed, 0, 1, 0.0};
+            mt_loader_config lc = {1, (int)T, (uint64_t)cfg.train_seed, 0, 1, 0.0, 0};
             ck_assert_int_eq(mt_loader_init(&l, ds, &lc, MT_SPLIT_TRAIN), MT_OK);
             int32_t in[16], tg[16];
             int unequal = 0;
@@ -1062,6 +1127,7 @@ int main(void) {
     tcase_add_test(tc, safetensors_round_trip_and_malformed);
     tcase_add_test(tc, hf_config_checks);
     tcase_add_test(tc, model_gradients_match_finite_differences);
+    tcase_add_test(tc, packed_documents_train_like_each_document_alone);
     tcase_add_test(tc, save_and_load_round_trip);
     tcase_add_test(tc, training_reduces_loss_and_saves);
     tcase_add_test(tc, loss_is_the_mean_over_the_steps_trained_tokens);

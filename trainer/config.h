@@ -45,6 +45,9 @@ extern "C" {
       "empty: PEFT's default init, A Kaiming-uniform and B zero")                                                     \
     X(data, train, STR, "", 0, 0, "", "HDF5 token dataset (make one with `memtune tokenize`)")                        \
     X(data, eval_fraction, FLOAT, "0.02", 0, 0.5, "", "share of the dataset's windows held out for eval loss")        \
+    X(data, document_mask, BOOL, "false", 0, 0, "",                                                                   \
+      "documents packed into one row (the dataset's doc_offsets) attend only within themselves, positions restart "   \
+      "at each, and no token is trained to predict the next document's first")                                        \
     X(train, steps, INT, "100", 1, 1000000000, "", "optimizer steps to run")                                          \
     X(train, micro_batch, INT, "4", 1, 65536, "", "rows per forward/backward pass (B)")                               \
     X(train, seq_len, INT, "512", 2, 1048576, "", "tokens per row (T)")                                               \

@@ -26,6 +26,7 @@ static mt_err eval_batches(mt_model *model, mt_loader *loader, int batches, int 
     for (int i = 0; i < batches && !err; i++) {
         int valid;
         if ((err = mt_loader_next(loader, inputs, tgt, &valid))) break;
+        if (mt_loader_positions(loader)) mt_model_set_positions(model, mt_loader_positions(loader));
         sum += mt_model_step(model, inputs, tgt, 0.0f, 0);
         count += valid;
         if (progress) progress(ctx, i + 1, batches, sum, count);
@@ -88,7 +89,7 @@ mt_err mt_eval_run(const mt_eval_options *o, mt_eval_result *r) {
     if (windows == 0)
         err = mt_errorf(MT_ERR_DATASET, "%s: %llu tokens make no window of %d+1; pass a smaller --seq-len", o->data,
                         (unsigned long long)mt_dataset_num_tokens(ds), T);
-    mt_loader_config lc = {B, T, 0, 0, 1, 0.0};
+    mt_loader_config lc = {B, T, 0, 0, 1, 0.0, o->document_mask};
     if (!err) err = mt_loader_init(&loader, ds, &lc, MT_SPLIT_TRAIN);
     int gpu = strcmp(o->device, "cpu") && mt_device_count() > 0;
     if (!err && !strcmp(o->device, "gpu") && !gpu)
@@ -104,7 +105,7 @@ mt_err mt_eval_run(const mt_eval_options *o, mt_eval_result *r) {
     if (!err) err = mt_hf_load_weights(o->model, &mc, params);
     if (!err && mt_backend_init(&be, gpu ? 0 : -1) == MT_OK) backend_ready = 1;
     if (!err && !backend_ready) err = mt_errorf(MT_ERR_DEVICE, "the %s backend did not start", gpu ? "GPU" : "CPU");
-    mt_model_options mo = {.B = B, .T = T, .lora = lora, .forward_only = 1};
+    mt_model_options mo = {.B = B, .T = T, .lora = lora, .forward_only = 1, .document_mask = o->document_mask};
     if (!err) err = mt_model_create_with(&model, &be, &mc, &mo);
     if (!err) err = mt_model_set_weights(model, params);
     if (!err && adapters) mt_model_set_adapters(model, adapters);

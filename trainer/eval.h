@@ -27,6 +27,7 @@ typedef struct {
     int batch;            // rows a batch (4)
     long max_batches;     // 0: every whole batch of the file
     int progress;         // a progress line on stderr
+    int document_mask;    // documents attend only within themselves (data.document_mask)
 } mt_eval_options;
 
 typedef struct {

@@ -104,6 +104,7 @@ mt_err mt_forecast_run(const mt_config *cfg, const mt_model_config *mc, int gpu,
                           .quantize_nf4 = !strcmp(cfg->model_quantize, "nf4"),
                           .offload_activations = (int)cfg->model_offload_activations,
                           .forward_only = pl.mezo,
+                          .document_mask = (int)cfg->data_document_mask,
                           .grad_ready = streamed ? dummy_grad_ready : NULL,
                           .grads_done = (world > 1 && !streamed) || pl.zero2_streamed ? dummy_grads_done : NULL};
     mt_model_bytes mb;

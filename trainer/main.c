@@ -107,9 +107,9 @@ static const char TOKENIZE_HELP[] =
     "                       mistral-v0.1, chatml, qwen2\n"
     "  --train-on-inputs    train prompts too (default: prompt-completion, alpaca and chat train the\n"
     "                       answers and the end-of-turn token that closes each)\n"
-    "  --pack P             concat (examples one after another; training windows cross them) or pad\n"
-    "                       (each example alone in a window of --seq-len tokens, padding masked). Default:\n"
-    "                       concat for text and jsonl, pad for the others\n"
+    "  --pack P             concat (examples one after another, windows crossing them; data.document_mask\n"
+    "                       keeps them apart in training) or pad (each example alone in a window of --seq-len\n"
+    "                       tokens, padding masked). Default: concat for text and jsonl, pad for the others\n"
     "  --seq-len N          pad's window: the train.seq_len you will train with\n"
     "  --long L             pad: examples longer than a window: split (the default), truncate or drop\n"
     "  --on-bad-line B      error (the default: stop, naming the line) or skip (count and go on)\n"
@@ -225,6 +225,9 @@ static const char EVAL_HELP[] =
     "  --batch B            rows a batch (4); the last partial batch is left out\n"
     "  --batches N          evaluate the first N batches only\n"
     "  --device D           auto (the default), cpu, gpu\n"
+    "  --document-mask      documents packed into a window attend only within themselves and restart their\n"
+    "                       positions (as data.document_mask trains); a window's last token of a document\n"
+    "                       does not count\n"
     "  --quiet              no progress line\n";
 
 static int cmd_eval(int argc, char **argv) {
@@ -233,8 +236,11 @@ static int cmd_eval(int argc, char **argv) {
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) return printf("%s", EVAL_HELP), 0;
-        if (!strcmp(a, "--quiet")) {
-            o.progress = 0;
+        if (!strcmp(a, "--quiet") || !strcmp(a, "--document-mask")) {
+            if (a[2] == 'q')
+                o.progress = 0;
+            else
+                o.document_mask = 1;
             continue;
         }
         if (!v) return fail(mt_errorf(MT_ERR_USAGE, "%s needs a value (memtune eval --help)", a));

@@ -17,13 +17,15 @@ extern "C" {
 #endif
 
 // The step's data: accum micro-batches of B x T inputs and targets, one
-// after another; valid_total, this rank's count of targets.
+// after another; valid_total, this rank's count of targets; pos, their
+// positions in packed documents (NULL without data.document_mask).
 typedef struct {
     mt_model *model;
     mt_dist *dist;
     const int32_t *inputs, *targets;
     int accum, B, T;
     long valid_total;
+    const int32_t *pos;
 } mt_zo_batches;
 
 // *loss: the step's loss (the mean of the pair's); info: the projected

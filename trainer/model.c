@@ -119,6 +119,7 @@ struct mt_model {
     void *dlogits;                 // (R, V) activation type (aliases logits on the CPU)
     float *losses;                 // (N)
     int32_t *tokens, *targets;     // (N) where the backend computes
+    int32_t *pos;                  // (N) positions in documents (document_mask), else NULL
     float *cos_table, *sin_table;  // (T, D/2)
     int chunk_rows;
 };
@@ -321,6 +322,7 @@ static size_t layout_activations(mt_model *m, uintptr_t base) {
     m->losses = carve(&cur, N * 4);
     m->tokens = carve(&cur, N * 4);
     m->targets = carve(&cur, N * 4);
+    m->pos = m->attn.docs ? carve(&cur, N * 4) : NULL;
     m->cos_table = carve(&cur, (size_t)m->T * (c->D / 2) * 4);
     m->sin_table = carve(&cur, (size_t)m->T * (c->D / 2) * 4);
     return (size_t)(cur - base);
@@ -387,12 +389,17 @@ static mt_model *model_setup(mt_backend *be, const mt_model_config *cfg, const m
     return m;
 }
 
+// Every layer's attention problem. Mistral's sliding window binds only when
+// the window is shorter than T.
+static mt_attention_shape attention_shape(const mt_model_config *cfg, const mt_model_options *o) {
+    int window = cfg->sliding_window > 0 && cfg->sliding_window < o->T ? (int)cfg->sliding_window : 0;
+    return (mt_attention_shape){o->B, o->T, cfg->H, cfg->KV, cfg->D, window, o->document_mask != 0};
+}
+
 mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_config *cfg, const mt_model_options *o) {
     *out = NULL;
     int B = o->B, T = o->T;
-    // Mistral's sliding window binds only when the window is shorter than T
-    int window = cfg->sliding_window > 0 && cfg->sliding_window < T ? (int)cfg->sliding_window : 0;
-    mt_attention_shape attn = {B, T, cfg->H, cfg->KV, cfg->D, window};
+    mt_attention_shape attn = attention_shape(cfg, o);
     if (!mt_attention_supports(be, &attn))
         return mt_errorf(MT_ERR_MODEL,
                          "head dimension %d is not supported by the GPU attention: cuDNN's fused attention is not "
@@ -452,8 +459,30 @@ mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_confi
     mt_backend_from_host(be, m->sin_table, cs + (size_t)T * half, (size_t)T * half * 4);
     free(inv_freq);
     free(cs);
+    mt_model_set_positions(m, NULL);
     *out = m;
     return MT_OK;
+}
+
+void mt_model_set_positions(mt_model *m, const int32_t *pos) {
+    if (!m->pos) {
+        MT_CHECK(pos == NULL, "positions given to a model created without document_mask");
+        return;
+    }
+    size_t N = (size_t)m->B * m->T;
+    int32_t *identity = NULL;
+    if (!pos) {
+        identity = malloc(N * sizeof *identity);
+        MT_CHECK(identity != NULL, "positions");
+        for (size_t i = 0; i < N; i++) identity[i] = (int32_t)(i % (size_t)m->T);
+        pos = identity;
+    }
+    // the kernels trust them: 0, or the position before plus 1
+    for (size_t i = 0; i < N; i++)
+        MT_CHECK(pos[i] == 0 || (i % (size_t)m->T > 0 && pos[i] == pos[i - 1] + 1),
+                 "position %d at row %zu, column %zu", pos[i], i / (size_t)m->T, i % (size_t)m->T);
+    mt_backend_from_host(m->be, m->pos, pos, N * sizeof *pos);
+    free(identity);
 }
 
 // MeZO's scratch: the widest selected trainable matrix and vector (the
@@ -475,8 +504,7 @@ void mt_model_plan_bytes(int gpu, const mt_model_config *cfg, const mt_model_opt
                          mt_model_bytes *b) {
     mt_backend be = {0};
     be.gpu = gpu;
-    int window = cfg->sliding_window > 0 && cfg->sliding_window < o->T ? (int)cfg->sliding_window : 0;
-    mt_attention_shape attn = {o->B, o->T, cfg->H, cfg->KV, cfg->D, window};
+    mt_attention_shape attn = attention_shape(cfg, o);
     size_t nf4_bytes, widest_linear, act = gpu ? 2 : 4, N = (size_t)o->B * o->T;
     mt_model *m = model_setup(&be, cfg, o, attn, &nf4_bytes, &widest_linear);
     *b = (mt_model_bytes){0};
@@ -507,7 +535,7 @@ void mt_model_plan_bytes(int gpu, const mt_model_config *cfg, const mt_model_opt
 
 mt_err mt_model_create(mt_model **out, mt_backend *be, const mt_model_config *cfg, int B, int T,
                        int activation_checkpointing) {
-    mt_model_options o = {B, T, activation_checkpointing, {0}, 0, 0, 0, NULL, NULL, NULL, NULL, NULL, NULL};
+    mt_model_options o = {B, T, activation_checkpointing, {0}, 0, 0, 0, NULL, NULL, NULL, NULL, NULL, NULL, 0};
     return mt_model_create_with(out, be, cfg, &o);
 }
 
@@ -557,10 +585,9 @@ void mt_model_trainable(mt_model *m, mt_trainable *out) {
 void mt_model_describe_attention(mt_model *m, char *buf, size_t len) {
     char what[200];
     mt_attention_describe(m->be, &m->attn, what, sizeof what);
-    if (m->attn.window)
-        snprintf(buf, len, "%s, sliding window of %d tokens", what, m->attn.window);
-    else
-        snprintf(buf, len, "%s", what);
+    char window[64] = "";
+    if (m->attn.window) snprintf(window, sizeof window, ", sliding window of %d tokens", m->attn.window);
+    snprintf(buf, len, "%s%s%s", what, window, m->attn.docs ? ", packed documents kept apart" : "");
 }
 
 size_t mt_model_base_weight_bytes(const mt_model *m) {
@@ -841,10 +868,10 @@ static void layer_forward(mt_model *m, int l, int recompute) {
     lora_forward(m, l, MT_LORA_K, kf, A->ln1, c->C, KVD);
     mt_op_matmul_forward(be, vf, A->ln1, layer_weight(m, l, P_WV), layer_weight(m, l, P_BV), N, c->C, KVD);
     lora_forward(m, l, MT_LORA_V, vf, A->ln1, c->C, KVD);
-    mt_op_rope_forward(be, A->q, qf, m->cos_table, m->sin_table, m->B, m->T, c->H, c->D, 1);
-    mt_op_rope_forward(be, A->k, kf, m->cos_table, m->sin_table, m->B, m->T, c->KV, c->D, 1);
-    mt_op_rope_forward(be, A->v, vf, m->cos_table, m->sin_table, m->B, m->T, c->KV, c->D, 0);
-    mt_op_attention_forward(be, &m->attn, A->atty, A->lse, A->q, A->k, A->v);
+    mt_op_rope_forward(be, A->q, qf, m->cos_table, m->sin_table, m->pos, m->B, m->T, c->H, c->D, 1);
+    mt_op_rope_forward(be, A->k, kf, m->cos_table, m->sin_table, m->pos, m->B, m->T, c->KV, c->D, 1);
+    mt_op_rope_forward(be, A->v, vf, m->cos_table, m->sin_table, m->pos, m->B, m->T, c->KV, c->D, 0);
+    mt_op_attention_forward(be, &m->attn, A->atty, A->lse, A->q, A->k, A->v, m->pos);
     mt_op_matmul_forward(be, m->scratch_c, A->atty, layer_weight(m, l, P_WO), layer_weight(m, l, P_BO), N, HD, c->C);
     lora_forward(m, l, MT_LORA_O, m->scratch_c, A->atty, HD, c->C);
     mt_op_add(be, A->x2, m->x[l], m->scratch_c, (size_t)N * c->C);
@@ -889,11 +916,11 @@ static void layer_backward(mt_model *m, int l) {
     mt_op_matmul_backward(be, m->datty, P->g[P_WO], P->g[P_BO], m->dres, A->atty, base_weight(m, l, P_WO), N, HD, c->C,
                           0);
     lora_backward(m, l, MT_LORA_O, m->datty, m->dres, A->atty, HD, c->C);
-    mt_op_attention_backward(be, &m->attn, m->dq, m->dk, m->dv, m->datty, A->q, A->k, A->v, A->atty, A->lse);
+    mt_op_attention_backward(be, &m->attn, m->dq, m->dk, m->dv, m->datty, A->q, A->k, A->v, A->atty, A->lse, m->pos);
     void *dqf = m->dqkv_flat, *dkf = rows(m, dqf, (size_t)N, (size_t)HD), *dvf = rows(m, dkf, (size_t)N, (size_t)KVD);
-    mt_op_rope_backward(be, dqf, m->dq, m->cos_table, m->sin_table, m->B, m->T, c->H, c->D, 1);
-    mt_op_rope_backward(be, dkf, m->dk, m->cos_table, m->sin_table, m->B, m->T, c->KV, c->D, 1);
-    mt_op_rope_backward(be, dvf, m->dv, m->cos_table, m->sin_table, m->B, m->T, c->KV, c->D, 0);
+    mt_op_rope_backward(be, dqf, m->dq, m->cos_table, m->sin_table, m->pos, m->B, m->T, c->H, c->D, 1);
+    mt_op_rope_backward(be, dkf, m->dk, m->cos_table, m->sin_table, m->pos, m->B, m->T, c->KV, c->D, 1);
+    mt_op_rope_backward(be, dvf, m->dv, m->cos_table, m->sin_table, m->pos, m->B, m->T, c->KV, c->D, 0);
     mt_op_matmul_backward(be, m->dln, P->g[P_WQ], P->g[P_BQ], dqf, A->ln1, base_weight(m, l, P_WQ), N, c->C, HD, 0);
     lora_backward(m, l, MT_LORA_Q, m->dln, dqf, A->ln1, c->C, HD);
     mt_op_matmul_backward(be, m->dln, P->g[P_WK], P->g[P_BK], dkf, A->ln1, base_weight(m, l, P_WK), N, c->C, KVD, 1);

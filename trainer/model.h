@@ -55,6 +55,8 @@ typedef struct {
     void *weights_needed_ctx;
     mt_grads_done_fn grads_done;  // NULL, or the hook above (data parallelism)
     void *grads_done_ctx;
+    int document_mask;  // rows hold packed documents: mt_model_set_positions gives each token's
+                        // position in its document, and attention stays inside the document
 } mt_model_options;
 
 // Builds the parameter tables and allocates weights, gradients (of the
@@ -140,6 +142,12 @@ void mt_model_init_random(const mt_model_config *cfg, float *params, uint64_t se
 // quantized to NF4).
 mt_err mt_model_set_weights(mt_model *m, const float *host_params);
 void mt_model_zero_grads(mt_model *m);
+
+// With document_mask: pos (B*T, host) is each input token's position in its
+// document, 0 where one starts (mt_loader_positions); RoPE takes it and
+// attention sees only the keys of the query's own document, for the
+// following steps. NULL: every row is one document (positions 0..T-1).
+void mt_model_set_positions(mt_model *m, const int32_t *pos);
 
 // Forward over one (B, T) batch; with `backward`, also backward, adding
 // dscale * d(sum of token losses) to the gradients. targets < 0 are ignored.

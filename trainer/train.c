@@ -35,6 +35,7 @@
 typedef struct {
     int32_t *inputs, *targets;
     int *valid;
+    int32_t *pos;  // data.document_mask: the inputs' positions in their documents, else NULL
 } batch_set;
 
 // SIGINT/SIGTERM: the first asks the loop to finish its step, write a
@@ -99,8 +100,9 @@ static mt_err open_run(run *r) {
     r->rank = mt_dist_rank(r->dist), r->world = mt_dist_world(r->dist);
     r->result->rank = r->rank;
     // each rank its share of the training windows; every rank the same eval
-    mt_loader_config lc = {r->B, r->T, (uint64_t)cfg->train_seed, r->rank, r->world, cfg->data_eval_fraction};
-    mt_loader_config ec = {r->B, r->T, (uint64_t)cfg->train_seed, 0, 1, cfg->data_eval_fraction};
+    int docs = (int)cfg->data_document_mask;
+    mt_loader_config lc = {r->B, r->T, (uint64_t)cfg->train_seed, r->rank, r->world, cfg->data_eval_fraction, docs};
+    mt_loader_config ec = {r->B, r->T, (uint64_t)cfg->train_seed, 0, 1, cfg->data_eval_fraction, docs};
     if ((err = mt_loader_init(&r->train, r->ds, &lc, MT_SPLIT_TRAIN))) return err;
     if (cfg->data_eval_fraction > 0 && cfg->train_eval_batches > 0 &&
         (err = mt_loader_init(&r->eval, r->ds, &ec, MT_SPLIT_EVAL)))
@@ -115,7 +117,8 @@ static mt_err open_run(run *r) {
                             .lora = pl->lora_cfg,
                             .quantize_nf4 = !strcmp(cfg->model_quantize, "nf4"),
                             .offload_activations = (int)cfg->model_offload_activations,
-                            .forward_only = pl->mezo};
+                            .forward_only = pl->mezo,
+                            .document_mask = docs};
     mt_route_install(pl, r->mc.L, r->dist, r->world, &r->up.ofl, o, &r->dp, &r->zhook, &r->hook, &r->ohook);
     return mt_sampler_open(&r->sampler, cfg, &r->mc);
 }
@@ -302,6 +305,7 @@ static mt_err gradient_step(run *r, const batch_set *bs, long valid_total, int s
         r->dp.active = a == accum - 1;  // the gradients are reduced in the last micro-batch's backward
         r->zhook.first = a == 0;
         if (a > 0 && backward) mt_updater_micro_batch(&r->up, a);
+        if (bs->pos) mt_model_set_positions(r->model, bs->pos + (size_t)a * B * T);
         loss_sum +=
             mt_model_step(r->model, bs->inputs + (size_t)a * B * T, bs->targets + (size_t)a * B * T, dscale, backward);
         if (mt_model_backward_skipped(r->model)) backward = 0;
@@ -329,8 +333,9 @@ static mt_err train_steps(run *r, int *stopped) {
                          (float)cfg->optim_lr, (float)cfg->optim_min_lr_ratio, (int)cfg->optim_warmup_steps,
                          (int)cfg->train_steps};
     batch_set bs = {malloc((size_t)accum * B * T * 4), malloc((size_t)accum * B * T * 4),
-                    malloc((size_t)accum * sizeof(int))};
-    MT_CHECK(bs.inputs && bs.targets && bs.valid, "batches");
+                    malloc((size_t)accum * sizeof(int)),
+                    cfg->data_document_mask ? malloc((size_t)accum * B * T * 4) : NULL};
+    MT_CHECK(bs.inputs && bs.targets && bs.valid && (bs.pos || !cfg->data_document_mask), "batches");
     int skipped = 0;
     // a sample before training, to compare the later ones with
     mt_err err = r->resume.step == 0
@@ -341,6 +346,7 @@ static mt_err train_steps(run *r, int *stopped) {
         long valid_total = 0;
         for (int a = 0; a < accum && !err; a++) {
             err = mt_loader_next(r->train, bs.inputs + (size_t)a * B * T, bs.targets + (size_t)a * B * T, &bs.valid[a]);
+            if (!err && bs.pos) memcpy(bs.pos + (size_t)a * B * T, mt_loader_positions(r->train), (size_t)B * T * 4);
             valid_total += bs.valid[a];
         }
         if (err) break;
@@ -349,7 +355,7 @@ static mt_err train_steps(run *r, int *stopped) {
         // a non-finite loss or gradient stops the run before any update is applied
         mt_step_info info = {NAN, 0};
         if (r->pl.mezo) {
-            mt_zo_batches zb = {r->model, r->dist, bs.inputs, bs.targets, accum, B, T, valid_total};
+            mt_zo_batches zb = {r->model, r->dist, bs.inputs, bs.targets, accum, B, T, valid_total, bs.pos};
             mt_mezo_step(r->up.mz, &zb, step, lr, &loss, &info);
         } else if ((err = gradient_step(r, &bs, valid_total, step, lr, &loss, &info, &refresh_seconds))) {
             break;
@@ -410,6 +416,7 @@ static mt_err train_steps(run *r, int *stopped) {
     if (skipped) mt_warn("%d step(s) skipped for non-finite values", skipped);
     free(bs.inputs);
     free(bs.targets);
+    free(bs.pos);
     free(bs.valid);
     return err;
 }

@@ -63,8 +63,8 @@ int LLVMFuzzerTestOneInput(const unsigned char *data, size_t size) {
     H5Fclose(file);
     mt_dataset *ds = NULL;
     if (mt_dataset_open(&ds, path, (int)take(&r, 10)) == MT_OK) {
-        mt_loader_config cfg = {(int)take(&r, 3) + 1, (int)take(&r, 5) + 1, take(&r, 8), 0,
-                                (int)take(&r, 2) + 1, take(&r, 3) / 10.0};
+        mt_loader_config cfg = {(int)take(&r, 3) + 1, (int)take(&r, 5) + 1, take(&r, 8),     0,
+                                (int)take(&r, 2) + 1, take(&r, 3) / 10.0,   (int)take(&r, 1)};
         cfg.rank = (int)take(&r, 2) % cfg.world;
         mt_loader *l = NULL;
         if (mt_loader_init(&l, ds, &cfg, (mt_split)(take(&r, 1))) == MT_OK) {
