@@ -65,6 +65,10 @@ mt_err mt_eval_run(const mt_eval_options *o, mt_eval_result *r) {
     double start = mt_now();
     if (!o->model || !o->data)
         return mt_errorf(MT_ERR_USAGE, "eval needs --model DIR and --data FILE.h5 (memtune eval --help)");
+    if (o->quantize_nf4 && !o->adapter)
+        return mt_errorf(MT_ERR_USAGE,
+                         "--quantize nf4 evaluates a QLoRA adapter over its NF4 base: give the adapter with --adapter "
+                         "DIR");
     mt_model_config mc;
     mt_err err = mt_hf_read_config(o->model, &mc);
     if (err) return err;
@@ -105,7 +109,12 @@ mt_err mt_eval_run(const mt_eval_options *o, mt_eval_result *r) {
     if (!err) err = mt_hf_load_weights(o->model, &mc, params);
     if (!err && mt_backend_init(&be, gpu ? 0 : -1) == MT_OK) backend_ready = 1;
     if (!err && !backend_ready) err = mt_errorf(MT_ERR_DEVICE, "the %s backend did not start", gpu ? "GPU" : "CPU");
-    mt_model_options mo = {.B = B, .T = T, .lora = lora, .forward_only = 1, .document_mask = o->document_mask};
+    mt_model_options mo = {.B = B,
+                           .T = T,
+                           .lora = lora,
+                           .quantize_nf4 = o->quantize_nf4,
+                           .forward_only = 1,
+                           .document_mask = o->document_mask};
     if (!err) err = mt_model_create_with(&model, &be, &mc, &mo);
     if (!err) err = mt_model_set_weights(model, params);
     if (!err && adapters) mt_model_set_adapters(model, adapters);

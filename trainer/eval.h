@@ -28,6 +28,7 @@ typedef struct {
     long max_batches;     // 0: every whole batch of the file
     int progress;         // a progress line on stderr
     int document_mask;    // documents attend only within themselves (data.document_mask)
+    int quantize_nf4;     // the base's linear weights in NF4, as QLoRA trained them (needs adapter)
 } mt_eval_options;
 
 typedef struct {

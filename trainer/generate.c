@@ -11,12 +11,14 @@
 #include <string.h>
 
 #include "datasets/tokenizer.h"
+#include "kernels/nf4.h"
 #include "kernels/ops_ref.h"
 #include "kernels/rng.h"
 #include "trainer/model.h"
 
 typedef struct {
     const float *ln1, *q, *qb, *k, *kb, *v, *vb, *o, *ob, *ln2, *gate, *up, *down;
+    const float *lora_a[MT_LORA_MODULES], *lora_b[MT_LORA_MODULES];  // NULL: no adapter
 } layer_w;
 
 struct mt_generator {
@@ -29,6 +31,8 @@ struct mt_generator {
     float *kcache, *vcache;  // (L, KV, max_len, D)
     // one position's activations
     float *x, *x2, *ln, *q, *k, *v, *qr, *att, *o, *gate, *up, *h, *down, *scores;
+    int lora_r;  // an adapter on the fly: its rank, scale and (r) scratch
+    float lora_scale, *lora_u;
 };
 
 static const float *param(const mt_param_info *table, int n, const float *params, const char *fmt, int l) {
@@ -96,8 +100,62 @@ void mt_generator_free(mt_generator *g) {
     if (!g) return;
     free(g->layers), free(g->cos_table), free(g->sin_table), free(g->kcache), free(g->vcache);
     free(g->x), free(g->x2), free(g->ln), free(g->q), free(g->qr), free(g->att), free(g->k), free(g->v);
-    free(g->o), free(g->gate), free(g->up), free(g->h), free(g->down), free(g->scores);
+    free(g->o), free(g->gate), free(g->up), free(g->h), free(g->down), free(g->scores), free(g->lora_u);
     free(g);
+}
+
+void mt_generator_set_adapter(mt_generator *g, const mt_lora_config *lora, const float *values) {
+    int n;
+    size_t total;
+    mt_param_info *table = mt_lora_param_table(&g->cfg, lora, &n, &total);
+    free(g->lora_u);
+    g->lora_u = malloc((size_t)lora->r * sizeof(float));
+    MT_CHECK(g->lora_u != NULL, "adapter scratch");
+    g->lora_r = lora->r, g->lora_scale = mt_lora_scale(lora);
+    for (int i = 0; i < n; i++) {
+        int l, module, is_b;
+        MT_CHECK(mt_lora_parse_name(table[i].name, &l, &module, &is_b), "adapter name %s", table[i].name);
+        const float **slot = is_b ? &g->layers[l].lora_b[module] : &g->layers[l].lora_a[module];
+        *slot = values + table[i].offset;
+    }
+    free(table);
+}
+
+mt_err mt_generate_quantize_nf4(const mt_model_config *cfg, float *params) {
+    int n;
+    size_t total;
+    mt_param_info *table = mt_model_param_table(cfg, &n, &total);
+    mt_backend host = {0};  // the CPU reference's arithmetic
+    mt_err err = MT_OK;
+    for (int l = 0; l < cfg->L && !err; l++)
+        for (int t = 0; t < MT_LORA_MODULES && !err; t++) {
+            char name[160];
+            mt_lora_base_name(name, sizeof name, l, (mt_lora_module)t);
+            const mt_param_info *w = NULL;
+            for (int i = 0; i < n && !w; i++)
+                if (!strcmp(table[i].name, name)) w = &table[i];
+            MT_CHECK(w != NULL, "no base weight %s", name);
+            void *storage = malloc(mt_nf4_storage_bytes(w->count));
+            if (!storage) {
+                err = mt_errorf(MT_ERR_NOMEM, "out of host memory quantizing %s to NF4", name);
+                break;
+            }
+            mt_nf4 q;
+            mt_nf4_bind(&q, storage, w->count);
+            err = mt_nf4_quantize(&host, &q, params + w->offset);
+            if (!err) mt_nf4_dequantize_ref(params + w->offset, &q);
+            free(storage);
+        }
+    free(table);
+    return err;
+}
+
+// y += scale * B (A x) where layer l's module t has an adapter.
+static void adapt(mt_generator *g, int l, mt_lora_module t, float *y, const float *x, int IN, int OUT) {
+    const layer_w *w = &g->layers[l];
+    if (!w->lora_a[t]) return;
+    mt_matmul_forward_ref(g->lora_u, x, w->lora_a[t], NULL, 1, IN, g->lora_r);
+    mt_matmul_forward_add_ref(y, g->lora_u, w->lora_b[t], 1, g->lora_r, OUT, g->lora_scale);
 }
 
 void mt_generator_reset(mt_generator *g) { g->pos = 0; }
@@ -146,8 +204,11 @@ mt_err mt_generator_step(mt_generator *g, int32_t token, float *logits) {
         const layer_w *w = &g->layers[l];
         mt_rmsnorm_forward_ref(g->ln, &rstd, g->x, w->ln1, 1, C, c->rms_eps);
         mt_matmul_forward_ref(g->q, g->ln, w->q, w->qb, 1, C, HD);
+        adapt(g, l, MT_LORA_Q, g->q, g->ln, C, HD);
         mt_matmul_forward_ref(g->k, g->ln, w->k, w->kb, 1, C, KVD);
+        adapt(g, l, MT_LORA_K, g->k, g->ln, C, KVD);
         mt_matmul_forward_ref(g->v, g->ln, w->v, w->vb, 1, C, KVD);
+        adapt(g, l, MT_LORA_V, g->v, g->ln, C, KVD);
         // RoPE (rotate-half), queries into qr, keys and values into the cache
         for (int h = 0; h < c->H + c->KV; h++) {
             const float *x = h < c->H ? g->q + (size_t)h * D : g->k + (size_t)(h - c->H) * D;
@@ -163,12 +224,16 @@ mt_err mt_generator_step(mt_generator *g, int32_t token, float *logits) {
                    (size_t)D * sizeof(float));
         attend(g, l);
         mt_matmul_forward_ref(g->o, g->att, w->o, w->ob, 1, HD, C);
+        adapt(g, l, MT_LORA_O, g->o, g->att, HD, C);
         mt_add_ref(g->x2, g->x, g->o, (size_t)C);
         mt_rmsnorm_forward_ref(g->ln, &rstd, g->x2, w->ln2, 1, C, c->rms_eps);
         mt_matmul_forward_ref(g->gate, g->ln, w->gate, NULL, 1, C, c->F);
+        adapt(g, l, MT_LORA_GATE, g->gate, g->ln, C, c->F);
         mt_matmul_forward_ref(g->up, g->ln, w->up, NULL, 1, C, c->F);
+        adapt(g, l, MT_LORA_UP, g->up, g->ln, C, c->F);
         mt_swiglu_forward_ref(g->h, g->gate, g->up, (size_t)c->F);
         mt_matmul_forward_ref(g->down, g->h, w->down, NULL, 1, c->F, C);
+        adapt(g, l, MT_LORA_DOWN, g->down, g->h, c->F, C);
         mt_add_ref(g->x, g->x2, g->down, (size_t)C);
     }
     g->pos++;

@@ -1,5 +1,6 @@
 // trainer/generate.h: `memtune generate`: text from a model folder (with a
-// LoRA adapter folded into its host copy, or not), one token at a time with a
+// LoRA adapter applied on the fly or merged, over a base that may be QLoRA's
+// NF4 round trip), one token at a time with a
 // key/value cache, on the CPU in fp32 through the reference ops' arithmetic:
 // greedy or sampled (temperature, top-k, top-p, min-p, repetition penalty,
 // seed), stopping at the tokenizer's EOS, the chat template's end of turn or
@@ -25,6 +26,14 @@ typedef struct mt_generator mt_generator;
 // keeps the pointer) and a cache for max_len positions.
 mt_err mt_generator_init(mt_generator **out, const mt_model_config *cfg, const float *params, int max_len);
 void mt_generator_free(mt_generator *g);
+// A LoRA adapter applied on the fly: after each adapted module's product,
+// y += scale * B (A x) (no dropout), the base values untouched. values:
+// lora's table layout (mt_lora_read_folder), kept by pointer.
+void mt_generator_set_adapter(mt_generator *g, const mt_lora_config *lora, const float *values);
+// QLoRA's base as training saw it: every layer's linear weights (the seven
+// modules LoRA can adapt) replaced in place by their NF4 round trip
+// (bitsandbytes' format with double quantization, kernels/nf4.h).
+mt_err mt_generate_quantize_nf4(const mt_model_config *cfg, float *params);
 // Forgets the cached positions.
 void mt_generator_reset(mt_generator *g);
 // Feeds one token at the next position; logits (V) of what follows (may be

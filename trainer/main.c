@@ -225,6 +225,7 @@ static const char EVAL_HELP[] =
     "  --batch B            rows a batch (4); the last partial batch is left out\n"
     "  --batches N          evaluate the first N batches only\n"
     "  --device D           auto (the default), cpu, gpu\n"
+    "  --quantize nf4       the base as QLoRA trained it (linear weights in NF4); needs --adapter\n"
     "  --document-mask      documents packed into a window attend only within themselves and restart their\n"
     "                       positions (as data.document_mask trains); a window's last token of a document\n"
     "                       does not count\n"
@@ -252,7 +253,11 @@ static int cmd_eval(int argc, char **argv) {
             o.data = v;
         else if (!strcmp(a, "--device"))
             o.device = v;
-        else if (!strcmp(a, "--seq-len") || !strcmp(a, "--batch") || !strcmp(a, "--batches")) {
+        else if (!strcmp(a, "--quantize")) {
+            if (strcmp(v, "nf4") && strcmp(v, "none"))
+                return fail(mt_errorf(MT_ERR_USAGE, "--quantize %s: expected nf4 (or none)", v));
+            o.quantize_nf4 = !strcmp(v, "nf4");
+        } else if (!strcmp(a, "--seq-len") || !strcmp(a, "--batch") || !strcmp(a, "--batches")) {
             long n;
             int rc = positive_option(a, v, &n);
             if (rc) return rc;
@@ -335,7 +340,10 @@ static int cmd_plan(int argc, char **argv) {
 static const char GENERATE_HELP[] =
     "usage: memtune generate --model DIR [--adapter DIR] (--prompt TEXT | --chat TEXT | --input FILE.jsonl)\n\n"
     "Text from a model folder (its tokenizer.json and chat template), one token at a time with a key/value cache,\n"
-    "on the CPU in fp32 (a GPU decode path is not built yet). A LoRA adapter is folded into the host copy.\n\n"
+    "on the CPU in fp32 (a GPU decode path is not built yet).\n\n"
+    "  --adapter DIR          a PEFT LoRA adapter, applied on the fly (the base's values untouched)\n"
+    "  --merge                fold the adapter into the base first instead (the same function)\n"
+    "  --quantize nf4         the base as QLoRA trained it: its linear weights through NF4 and back\n"
     "  --prompt TEXT          continue TEXT (BOS first when the tokenizer has one)\n"
     "  --chat TEXT            TEXT as the user's message, rendered with the model's chat template\n"
     "  --system TEXT          a system message before --chat's\n"
@@ -427,11 +435,16 @@ static mt_err generate_file(gen_ctx *c, const char *input, const mt_tokenizer *t
 
 static int cmd_generate(int argc, char **argv) {
     const char *model = NULL, *adapter = NULL, *prompt = NULL, *chat = NULL, *system = NULL, *input = NULL,
-               *template_name = "auto";
+               *template_name = "auto", *quantize = "none";
     gen_ctx c = {.o = {.max_new = 128, .sampling = {0.0f, 0, 1.0f, 0.0f, 1.0f, 0}}};
+    int merge = 0;
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) return printf("%s", GENERATE_HELP), 0;
+        if (!strcmp(a, "--merge")) {
+            merge = 1;
+            continue;
+        }
         if (!v) return fail(mt_errorf(MT_ERR_USAGE, "%s needs a value (memtune generate --help)", a));
         char *end = NULL;
         const struct {
@@ -443,7 +456,8 @@ static int cmd_generate(int argc, char **argv) {
                        {"--chat", &chat},
                        {"--system", &system},
                        {"--input", &input},
-                       {"--chat-template", &template_name}};
+                       {"--chat-template", &template_name},
+                       {"--quantize", &quantize}};
         int taken = 0;
         for (size_t k = 0; k < sizeof strings / sizeof strings[0] && !taken; k++)
             if (!strcmp(a, strings[k].name)) *strings[k].dst = v, taken = 1;
@@ -475,6 +489,9 @@ static int cmd_generate(int argc, char **argv) {
     }
     if (!model || (!!prompt + !!chat + !!input) != 1)
         return fail(mt_errorf(MT_ERR_USAGE, "generate needs --model DIR and one of --prompt, --chat, --input"));
+    if (strcmp(quantize, "none") && strcmp(quantize, "nf4"))
+        return fail(mt_errorf(MT_ERR_USAGE, "--quantize %s: expected nf4 (or none)", quantize));
+    if (merge && !adapter) return fail(mt_errorf(MT_ERR_USAGE, "--merge needs --adapter DIR"));
     if (c.o.max_new < 1 || c.o.sampling.top_k < 0 || c.o.sampling.temperature < 0 || c.o.sampling.top_p <= 0 ||
         c.o.sampling.top_p > 1 || c.o.sampling.min_p < 0 || c.o.sampling.min_p >= 1 ||
         c.o.sampling.repetition_penalty <= 0)
@@ -498,13 +515,11 @@ static int cmd_generate(int argc, char **argv) {
         if (!params) err = mt_errorf(MT_ERR_NOMEM, "out of host memory for the model (%.1f GiB)", total * 4.0 / 1e9);
     }
     if (!err) err = mt_hf_load_weights(model, &mc, params);
-    if (!err && adapter) {  // folded into the host copy: the same function as applying it on the fly
-        mt_lora_config lora;
-        float *ad = NULL;
-        err = mt_lora_read_folder(adapter, &mc, &lora, &ad);
-        if (!err) mt_lora_merge(&mc, &lora, params, ad);
-        free(ad);
-    }
+    if (!err && !strcmp(quantize, "nf4")) err = mt_generate_quantize_nf4(&mc, params);
+    mt_lora_config lora;
+    float *ad = NULL;
+    if (!err && adapter) err = mt_lora_read_folder(adapter, &mc, &lora, &ad);
+    if (!err && ad && merge) mt_lora_merge(&mc, &lora, params, ad);
     mt_chat_template tmpl;
     int uses_chat = (chat || input) && tok;  // memtune's bytes: plain prompts only
     if (!err && uses_chat) {
@@ -518,6 +533,7 @@ static int cmd_generate(int argc, char **argv) {
     if (!err && uses_chat) c.o.eot = mt_tokenizer_token_id(tok, mt_chat_end_of_turn(&tmpl));
     int max_len = mc.max_position > 0 ? mc.max_position : 4096;
     if (!err) err = mt_generator_init(&c.gen, &mc, params, max_len);
+    if (!err && ad && !merge) mt_generator_set_adapter(c.gen, &lora, ad);
     mt_ids ids = {0};
     if (!err && !input) {
         mt_chat_message msgs[2];
@@ -535,6 +551,7 @@ static int cmd_generate(int argc, char **argv) {
     mt_generator_free(c.gen);
     mt_tokenizer_free(tok);
     free(params);
+    free(ad);
     return err ? fail(err) : 0;
 }
 
