@@ -17,8 +17,8 @@
 #include "trainer/dist.h"
 #include "trainer/hf.h"
 #include "trainer/model.h"
+#include "trainer/offload_plan.h"
 #include "trainer/plan.h"
-#include "trainer/state.h"
 
 // The step-time model: FLOPs / R plus the offloaded updates / S. R and S
 // come from one H100 (16 cores) with TinyLlama-1.1B's shape, B=4, T=1024

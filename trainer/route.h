@@ -13,9 +13,9 @@
 #include "optim/galore.h"
 #include "trainer/dist.h"
 #include "trainer/model.h"
+#include "trainer/offload_plan.h"
 #include "trainer/params.h"
 #include "trainer/plan.h"
-#include "trainer/state.h"
 
 #ifdef __cplusplus
 extern "C" {

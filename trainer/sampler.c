@@ -87,7 +87,7 @@ mt_err mt_sampler_after_step(mt_sampler *s, mt_run_state *state, int rank, int r
     if (!err && state->lora) {
         float *adapters = NULL;
         err = mt_state_copy_alloc(state->trained_total, 1, &adapters);
-        if (!err) err = mt_run_state_get_trained(state, adapters, NULL);
+        if (!err) err = mt_updater_get_trained(state->up, adapters, NULL);
         if (!err && random_init)
             mt_model_init_random(&s->mc, s->values, (uint64_t)s->cfg->train_seed);
         else if (!err)
@@ -95,7 +95,7 @@ mt_err mt_sampler_after_step(mt_sampler *s, mt_run_state *state, int rank, int r
         if (!err) mt_lora_merge(&s->mc, state->lora, s->values, adapters);
         free(adapters);
     } else if (!err) {
-        err = mt_run_state_get_trained(state, s->values, NULL);
+        err = mt_updater_get_trained(state->up, s->values, NULL);
     }
     if (!err && rank == 0) err = mt_sampler_run(s, s->values, step, metrics);
     return err;

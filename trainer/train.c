@@ -211,23 +211,15 @@ static mt_err build_updater(run *r) {
     r->ckpt = (mt_run_state){.cfg = cfg,
                              .mc = &r->mc,
                              .lora = pl->lora ? &pl->lora_cfg : NULL,
-                             .opt = u->opt,
-                             .galore = u->gal,
-                             .offload = u->ofl,
-                             .plan = &u->plan,
+                             .up = u,
                              .table = pl->trained,
                              .n_trained = pl->n_trained,
-                             .model = r->model,
                              .train = r->train,
-                             .master = r->trained,
-                             .m = r->moment_m,
-                             .v = r->moment_v,
                              .trained_total = pl->trained_total,
                              .dist = r->dist,
                              .sharded = pl->zero > 0 && r->world > 1,
                              .shard_lo = pl->shard_lo,
-                             .shard_hi = pl->shard_hi,
-                             .owned = u->gbounds};
+                             .shard_hi = pl->shard_hi};
     return MT_OK;
 }
 

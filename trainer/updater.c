@@ -324,6 +324,101 @@ void mt_updater_cancel(mt_updater *u) {
     if (u->ofl) mt_offload_cancel_step(u->ofl);
 }
 
+// --------------------------------------------------------------- state
+
+mt_err mt_state_copy_alloc(size_t n, int arrays, float **block) {
+    *block = malloc((n ? n : 1) * (size_t)arrays * sizeof(float));
+    if (*block) return MT_OK;
+    return mt_errorf(MT_ERR_NOMEM,
+                     "out of host memory for a copy of the offloaded optimizer state (%.1f GiB for checkpoints and the "
+                     "saved model); free host memory, or save less often",
+                     arrays * n * 4.0 / 1073741824.0);
+}
+
+// ZeRO over several ranks: each rank holds the AdamW state of its shard.
+static int sharded(const mt_updater *u) { return u->pl->zero > 0 && u->world > 1; }
+
+// AdamW's whole master (on the GPU, or offloaded without GaLore) into dst,
+// and with offload the moments of this rank's shard into m, v (NULL: not
+// read); ZeRO: every rank gets every shard's master.
+static mt_err read_master(mt_updater *u, float *dst, float *m, float *v) {
+    const mt_plan *pl = u->pl;
+    mt_err err = MT_OK;
+    if (u->opt)
+        mt_optimizer_get_master(u->opt, dst + pl->shard_lo);
+    else
+        err = mt_offload_read_state(u->ofl, dst + pl->shard_lo, m, v);
+    if (sharded(u)) mt_dist_share_shards_host(u->dist, dst, pl->trained_total);
+    return err;
+}
+
+mt_err mt_updater_get_trained(mt_updater *u, float *dst, float *packed) {
+    if ((u->ofl && !u->plan.packed) || u->opt) return read_master(u, dst, NULL, NULL);
+    float *own = NULL;
+    mt_err err = MT_OK;
+    if (u->ofl) {
+        size_t count = u->plan.count;
+        if (!packed && (err = mt_state_copy_alloc(count, 1, &own))) return err;
+        err = packed ? mt_offload_read_state(u->ofl, packed, packed + count, packed + 2 * count)
+                     : mt_offload_read_state(u->ofl, own, NULL, NULL);
+    }
+    mt_model_get_trainable(u->model, dst);  // after the offloaded updates' copies (read_state waits for them)
+    if (u->ofl && !err) mt_offload_plan_scatter(&u->plan, packed ? packed : own, dst);
+    // GaLore under ZeRO: the store held only this rank's parameters' master
+    if (u->ofl && sharded(u) && u->gbounds) mt_dist_share_ranges_host(u->dist, dst, u->gbounds);
+    free(own);
+    return err;
+}
+
+mt_err mt_updater_read_state(mt_updater *u, long steps_done, mt_updater_state *s) {
+    const mt_plan *pl = u->pl;
+    *s = (mt_updater_state){0};
+    float *master = *u->trained, *m = *u->moment_m, *v = *u->moment_v;
+    mt_err err = MT_OK;
+    int packed = u->ofl && u->plan.packed;
+    if (u->ofl && !packed) {
+        // the whole master (ZeRO: every rank's shard of it), this rank's moments
+        size_t n = pl->shard_hi - pl->shard_lo;
+        if ((err = mt_state_copy_alloc(pl->trained_total + 2 * n, 1, &s->copy))) return err;
+        master = s->copy, m = s->copy + pl->trained_total, v = m + n;
+        err = read_master(u, master, m, v);
+    } else {
+        if (packed && (err = mt_state_copy_alloc(u->plan.count, 3, &s->copy))) return err;
+        err = mt_updater_get_trained(u, master, s->copy);
+        if (u->opt) mt_optimizer_get_moments(u->opt, m, v);
+    }
+    mt_state_tensor *extra = NULL;
+    int n_extra = 0;
+    if (u->gal) {
+        n_extra = mt_galore_state(u->gal, &extra);
+        mt_galore_state_download(u->gal);
+    }
+    if (packed) {
+        // GaLore's tensors, then those of the offloaded parameters
+        size_t count = u->plan.count;
+        mt_state_tensor *mine =
+            mt_offload_plan_moments(&u->plan, pl->trained, pl->n_trained, s->copy + count, s->copy + 2 * count);
+        s->all = malloc((size_t)(n_extra + 2 * u->plan.n + 1) * sizeof *s->all);
+        MT_CHECK(s->all != NULL, "checkpoint tensors");
+        memcpy(s->all, extra, (size_t)n_extra * sizeof *s->all);
+        memcpy(s->all + n_extra, mine, (size_t)(2 * u->plan.n) * sizeof *s->all);
+        free(mine);
+        extra = s->all, n_extra += 2 * u->plan.n;
+    }
+    s->master = master, s->m = m, s->v = v, s->extra = extra, s->n_extra = n_extra;
+    s->optimizer_steps = u->opt   ? mt_optimizer_steps_taken(u->opt)
+                         : u->gal ? mt_galore_steps_taken(u->gal)
+                         : u->ofl ? mt_offload_steps_taken(u->ofl)
+                                  : (int)steps_done;
+    return err;
+}
+
+void mt_updater_state_free(mt_updater_state *s) {
+    free(s->all);
+    free(s->copy);
+    *s = (mt_updater_state){0};
+}
+
 void mt_updater_free(mt_updater *u) {
     free(u->gparams);
     free(u->gowner);

@@ -19,9 +19,9 @@
 #include "trainer/config.h"
 #include "trainer/dist.h"
 #include "trainer/model.h"
+#include "trainer/offload_plan.h"
 #include "trainer/plan.h"
 #include "trainer/route.h"
-#include "trainer/state.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -75,6 +75,31 @@ void mt_updater_micro_batch(mt_updater *u, int a);
 mt_err mt_updater_end(mt_updater *u, int step, float lr, mt_step_info *info, double *refresh_seconds);
 // A step whose backward was skipped: nothing is applied.
 void mt_updater_cancel(mt_updater *u);
+
+// `arrays` host arrays of n values in one allocation, for a copy of state
+// that lives off the host or off the run's buffers; the run keeps none
+// between uses (they would double its host memory).
+mt_err mt_state_copy_alloc(size_t n, int arrays, float **block);
+// The trained values as fp32 host values (every rank calls: ZeRO shares the
+// shards): AdamW's master copy (on the GPU or offloaded), or with MeZO and
+// GaLore (no master) the compute weights, and then the offloaded master of
+// what GaLore does not project. packed: NULL, or a copy of the packed state
+// to fill (master, m, v: 3 arrays of plan.count), which checkpoints keep.
+mt_err mt_updater_get_trained(mt_updater *u, float *dst, float *packed);
+
+// What a checkpoint keeps of the updater, read back to the host.
+typedef struct {
+    float *master;                 // the trained block's values (NULL when reading failed to start)
+    float *m, *v;                  // AdamW's moments of this rank's shard, or NULL
+    const mt_state_tensor *extra;  // GaLore's tensors, then the packed offloaded parameters' moments
+    int n_extra;
+    int optimizer_steps;  // updates applied (MeZO: the steps done)
+    float *copy;          // owned: the host copy of offloaded state
+    mt_state_tensor *all;
+} mt_updater_state;
+// Every rank calls it. steps_done: the run's steps (MeZO's update count).
+mt_err mt_updater_read_state(mt_updater *u, long steps_done, mt_updater_state *s);
+void mt_updater_state_free(mt_updater_state *s);
 // Logs the start-up lines of MeZO, GaLore and offload (count: the model's
 // parameters).
 void mt_updater_report(const mt_updater *u, size_t count);
