@@ -35,12 +35,17 @@ static void small_config(mt_model_config *c, int qwen_like) {
     c->dtype = MT_DTYPE_BF16;
 }
 
-// Llama, Qwen2 (tied, biases, 4 heads a kv head), and Llama with packed
-// documents (data.document_mask: positions restart, memtune's kernel).
+// Llama, Qwen2 (tied, biases, 4 heads a kv head), Llama with packed
+// documents (data.document_mask: positions restart, memtune's kernel), and
+// Qwen3 (head norms, head_dim 64 with hidden/heads 32).
 START_TEST(gpu_model_matches_cpu_reference) {
-    for (int variant = 0; variant < 3; variant++) {
+    for (int variant = 0; variant < 4; variant++) {
         mt_model_config c;
-        small_config(&c, variant == 1);
+        small_config(&c, variant == 1 || variant == 3);
+        if (variant == 3) {
+            snprintf(c.architecture, sizeof c.architecture, "Qwen3ForCausalLM");
+            c.qk_norm = 1, c.qkv_bias = 0, c.D = 64;
+        }
         int B = 2, T = 127, N = B * T, docs = variant == 2;
         mt_backend cpu, gpu;
         ck_assert_int_eq(mt_backend_init(&cpu, -1), MT_OK);

@@ -180,8 +180,28 @@ START_TEST(hf_config_checks) {
                 "\"rope_parameters\":{\"rope_type\":\"default\",\"rope_theta\":1000000.0}}",
                 folder, sizeof folder);
     ck_assert_int_eq(mt_hf_read_config(folder, &c), MT_OK);
-    ck_assert(c.qkv_bias && !c.o_bias && c.tie_embeddings && c.sliding_window == 0);
+    ck_assert(c.qkv_bias && !c.o_bias && c.tie_embeddings && c.sliding_window == 0 && !c.qk_norm);
     ck_assert_float_eq(c.rope_theta, 1e6f);
+    // Qwen3: head norms, its own head_dim, no biases unless attention_bias (then on q, k, v and o)
+    make_folder("qwen3",
+                "{\"architectures\":[\"Qwen3ForCausalLM\"],\"vocab_size\":13,\"hidden_size\":16,"
+                "\"intermediate_size\":24,\"num_hidden_layers\":1,\"num_attention_heads\":4,\"num_key_value_heads\":2,"
+                "\"head_dim\":8,\"tie_word_embeddings\":true,\"attention_bias\":false}",
+                folder, sizeof folder);
+    ck_assert_int_eq(mt_hf_read_config(folder, &c), MT_OK);
+    ck_assert(c.qk_norm && !c.qkv_bias && !c.o_bias && c.D == 8);
+    {
+        int n;
+        size_t total;
+        mt_param_info *t = mt_model_param_table(&c, &n, &total);
+        int found = 0;
+        for (int i = 0; i < n; i++)
+            found += (!strcmp(t[i].name, "model.layers.0.self_attn.q_norm.weight") ||
+                      !strcmp(t[i].name, "model.layers.0.self_attn.k_norm.weight")) &&
+                     t[i].count == 8 && !t[i].decay;
+        ck_assert_int_eq(found, 2);
+        free(t);
+    }
     // Qwen2's window from layer max_window_layers on: all full when that is every layer; refused between
     const char *qwen_window =
         "{\"architectures\":[\"Qwen2ForCausalLM\"],\"vocab_size\":13,\"hidden_size\":16,\"intermediate_size\":24,"
@@ -261,9 +281,10 @@ static void tiny_config(mt_model_config *c, int tie, int bias) {
 }
 
 START_TEST(model_gradients_match_finite_differences) {
-    for (int variant = 0; variant < 2; variant++) {
+    for (int variant = 0; variant < 3; variant++) {
         mt_model_config c;
-        tiny_config(&c, variant, variant);  // untied without bias; tied with biases
+        tiny_config(&c, variant == 1, variant == 1);  // untied without bias; tied with biases
+        if (variant == 2) c.qk_norm = 1, c.D = 6;     // Qwen3: head norms, head_dim not hidden/heads
         mt_backend be;
         mt_backend_init(&be, -1);
         int B = 2, T = 5, N = B * T;
@@ -673,11 +694,15 @@ START_TEST(generation_matches_the_full_forward) {
         "{\"architectures\":[\"Qwen2ForCausalLM\"],\"model_type\":\"qwen2\",\"vocab_size\":13,\"hidden_size\":12,"
         "\"intermediate_size\":20,\"num_hidden_layers\":2,\"num_attention_heads\":3,\"num_key_value_heads\":1,"
         "\"max_position_embeddings\":64,\"rms_norm_eps\":1e-6,\"rope_theta\":1000.0,\"tie_word_embeddings\":true,"
-        "\"sliding_window\":5,\"use_sliding_window\":true,\"max_window_layers\":0}"};
-    for (int variant = 0; variant < 2; variant++) {
+        "\"sliding_window\":5,\"use_sliding_window\":true,\"max_window_layers\":0}",
+        "{\"architectures\":[\"Qwen3ForCausalLM\"],\"model_type\":\"qwen3\",\"vocab_size\":13,\"hidden_size\":12,"
+        "\"intermediate_size\":20,\"num_hidden_layers\":2,\"num_attention_heads\":4,\"num_key_value_heads\":2,"
+        "\"head_dim\":8,\"max_position_embeddings\":64,\"rms_norm_eps\":1e-6,\"rope_theta\":1000.0,"
+        "\"tie_word_embeddings\":true}"};
+    static const char *const names[] = {"gen-llama", "gen-qwen", "gen-qwen3"};
+    for (int variant = 0; variant < 3; variant++) {
         char folder[300];
-        make_folder(variant ? "gen-qwen" : "gen-llama", variant ? configs[1] : tu_tiny_llama_json, folder,
-                    sizeof folder);
+        make_folder(names[variant], variant ? configs[variant] : tu_tiny_llama_json, folder, sizeof folder);
         mt_model_config mc;
         float *params = random_params(folder, &mc, 21 + variant);
         const int T = 24;

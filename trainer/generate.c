@@ -18,6 +18,7 @@
 
 typedef struct {
     const float *ln1, *q, *qb, *k, *kb, *v, *vb, *o, *ob, *ln2, *gate, *up, *down;
+    const float *qn, *kn;                                            // Qwen3's head norms, or NULL
     const float *lora_a[MT_LORA_MODULES], *lora_b[MT_LORA_MODULES];  // NULL: no adapter
 } layer_w;
 
@@ -66,7 +67,7 @@ mt_err mt_generator_init(mt_generator **out, const mt_model_config *cfg, const f
         W(k, "self_attn.k_proj.weight"), W(kb, "self_attn.k_proj.bias"), W(v, "self_attn.v_proj.weight");
         W(vb, "self_attn.v_proj.bias"), W(o, "self_attn.o_proj.weight"), W(ob, "self_attn.o_proj.bias");
         W(ln2, "post_attention_layernorm.weight"), W(gate, "mlp.gate_proj.weight"), W(up, "mlp.up_proj.weight");
-        W(down, "mlp.down_proj.weight");
+        W(down, "mlp.down_proj.weight"), W(qn, "self_attn.q_norm.weight"), W(kn, "self_attn.k_norm.weight");
 #undef W
     }
     free(table);
@@ -209,6 +210,12 @@ mt_err mt_generator_step(mt_generator *g, int32_t token, float *logits) {
         adapt(g, l, MT_LORA_K, g->k, g->ln, C, KVD);
         mt_matmul_forward_ref(g->v, g->ln, w->v, w->vb, 1, C, KVD);
         adapt(g, l, MT_LORA_V, g->v, g->ln, C, KVD);
+        if (w->qn) {  // Qwen3: each head's query and key normalised (in place, a row at a time)
+            for (int h = 0; h < c->H; h++)
+                mt_rmsnorm_forward_ref(g->q + h * D, &rstd, g->q + h * D, w->qn, 1, D, c->rms_eps);
+            for (int h = 0; h < c->KV; h++)
+                mt_rmsnorm_forward_ref(g->k + h * D, &rstd, g->k + h * D, w->kn, 1, D, c->rms_eps);
+        }
         // RoPE (rotate-half), queries into qr, keys and values into the cache
         for (int h = 0; h < c->H + c->KV; h++) {
             const float *x = h < c->H ? g->q + (size_t)h * D : g->k + (size_t)(h - c->H) * D;

@@ -80,18 +80,20 @@ mt_err mt_hf_read_config(const char *dir, mt_model_config *c) {
         name = !strcmp(mt, "llama")     ? "LlamaForCausalLM"
                : !strcmp(mt, "mistral") ? "MistralForCausalLM"
                : !strcmp(mt, "qwen2")   ? "Qwen2ForCausalLM"
+               : !strcmp(mt, "qwen3")   ? "Qwen3ForCausalLM"
                                         : mt;
     }
     if (!name) name = "(none)";
     snprintf(c->architecture, sizeof c->architecture, "%s", name);
-    int qwen2 = !strcmp(name, "Qwen2ForCausalLM");
-    if (strcmp(name, "LlamaForCausalLM") && strcmp(name, "MistralForCausalLM") && !qwen2) {
+    int qwen2 = !strcmp(name, "Qwen2ForCausalLM"), qwen3 = !strcmp(name, "Qwen3ForCausalLM");
+    if (strcmp(name, "LlamaForCausalLM") && strcmp(name, "MistralForCausalLM") && !qwen2 && !qwen3) {
         err = mt_errorf(MT_ERR_MODEL,
                         "%s: architecture '%s' (field architectures) is not supported; memtune trains "
-                        "LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM",
+                        "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM and Qwen3ForCausalLM",
                         path, name);
         goto done;
     }
+    c->qk_norm = qwen3;
     static const char *const required[] = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                            "num_attention_heads"};
     int *targets[] = {&c->V, &c->C, &c->F, &c->L, &c->H};
@@ -128,7 +130,7 @@ mt_err mt_hf_read_config(const char *dir, mt_model_config *c) {
     c->tie_embeddings = tie ? cJSON_IsTrue(tie) : 0;  // LlamaConfig's default is false
     const cJSON *bias = cJSON_GetObjectItemCaseSensitive(j, "attention_bias");
     int attention_bias = bias ? cJSON_IsTrue(bias) : 0;
-    c->qkv_bias = qwen2 || attention_bias;
+    c->qkv_bias = qwen2 || attention_bias;  // Qwen3, Llama: attention_bias on q, k, v and o alike
     c->o_bias = !qwen2 && attention_bias;
     if (cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(j, "mlp_bias"))) {
         err = mt_errorf(MT_ERR_MODEL, "%s: mlp_bias true is not supported (field mlp_bias)", path);
@@ -270,6 +272,7 @@ static cJSON *config_from_model(const mt_model_config *c) {
     int qwen2 = !strcmp(c->architecture, "Qwen2ForCausalLM");
     cJSON_AddStringToObject(j, "model_type",
                             qwen2                                            ? "qwen2"
+                            : c->qk_norm                                     ? "qwen3"
                             : !strcmp(c->architecture, "MistralForCausalLM") ? "mistral"
                                                                              : "llama");
     cJSON_AddNumberToObject(j, "vocab_size", c->V);

@@ -13,7 +13,7 @@
 #include "kernels/rng.h"
 
 // Indices into a layer's parameters, in table order.
-enum { P_LN1, P_WQ, P_BQ, P_WK, P_BK, P_WV, P_BV, P_WO, P_BO, P_LN2, P_WG, P_WU, P_WD, P_LAYER_COUNT };
+enum { P_LN1, P_WQ, P_BQ, P_WK, P_BK, P_WV, P_BV, P_QN, P_KN, P_WO, P_BO, P_LN2, P_WG, P_WU, P_WD, P_LAYER_COUNT };
 
 // The base parameter each LoRA module adapts.
 static const int lora_base_param[MT_LORA_MODULES] = {P_WQ, P_WK, P_WV, P_WO, P_WG, P_WU, P_WD};
@@ -34,6 +34,8 @@ typedef struct {
     float *rstd1, *rstd2;                                 // (N)
     float *lse;                                           // (B, H, T) attention log-sum-exp
     void *lora_u[MT_LORA_MODULES];                        // (N, r) A dropout(x), per adapted module
+    void *qraw, *kraw;                                    // Qwen3: (N, HD), (N, KVD) projections before the head norms
+    float *rstd_q, *rstd_k;                               // (N*H), (N*KV)
 } layer_acts;
 
 struct mt_model {
@@ -193,10 +195,11 @@ static void bind_params(mt_model *m) {
     size_t act = mt_act_size(m->be);
     char name[160];
     static const char *const suffix[P_LAYER_COUNT] = {
-        "input_layernorm.weight", "self_attn.q_proj.weight",         "self_attn.q_proj.bias", "self_attn.k_proj.weight",
-        "self_attn.k_proj.bias",  "self_attn.v_proj.weight",         "self_attn.v_proj.bias", "self_attn.o_proj.weight",
-        "self_attn.o_proj.bias",  "post_attention_layernorm.weight", "mlp.gate_proj.weight",  "mlp.up_proj.weight",
-        "mlp.down_proj.weight"};
+        "input_layernorm.weight",  "self_attn.q_proj.weight", "self_attn.q_proj.bias",
+        "self_attn.k_proj.weight", "self_attn.k_proj.bias",   "self_attn.v_proj.weight",
+        "self_attn.v_proj.bias",   "self_attn.q_norm.weight", "self_attn.k_norm.weight",
+        "self_attn.o_proj.weight", "self_attn.o_proj.bias",   "post_attention_layernorm.weight",
+        "mlp.gate_proj.weight",    "mlp.up_proj.weight",      "mlp.down_proj.weight"};
 #define WPTR(i) (m->compute_offset[i] == SIZE_MAX ? NULL : (char *)m->weights + m->compute_offset[i] * act)
 #define GPTR(i) (m->grads ? m->grads + m->params[i].offset : NULL)
     for (int l = 0; l < m->cfg.L; l++) {
@@ -296,6 +299,10 @@ static size_t layout_activations(mt_model *m, uintptr_t base) {
         A->lse = carve(&cur, N * c->H * 4);
         for (int t = 0; t < MT_LORA_MODULES; t++)
             A->lora_u[t] = m->lora.targets >> t & 1 ? carve(&cur, N * m->lora.r * a) : NULL;
+        A->qraw = c->qk_norm ? carve(&cur, N * HD * a) : NULL;
+        A->kraw = c->qk_norm ? carve(&cur, N * KVD * a) : NULL;
+        A->rstd_q = c->qk_norm ? carve(&cur, N * c->H * 4) : NULL;
+        A->rstd_k = c->qk_norm ? carve(&cur, N * c->KV * 4) : NULL;
     }
     int backward = !m->forward_only;
     m->lora_du = m->lora.r && backward ? carve(&cur, N * m->lora.r * a) : NULL;
@@ -435,6 +442,8 @@ mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_confi
     size_t workspace = mt_attention_workspace_bytes(be, &m->attn);
     size_t norm_workspace = mt_norm_embedding_workspace_bytes(be, B * T, cfg->C);
     if (norm_workspace > workspace) workspace = norm_workspace;
+    size_t heads_workspace = cfg->qk_norm ? mt_norm_embedding_workspace_bytes(be, B * T * cfg->H, cfg->D) : 0;
+    if (heads_workspace > workspace) workspace = heads_workspace;
     if (!err) err = mt_backend_reserve_workspace(be, workspace);
     if (err) {
         mt_model_free(m);
@@ -520,7 +529,9 @@ void mt_model_plan_bytes(int gpu, const mt_model_config *cfg, const mt_model_opt
     b->offload_host = m->offload ? (size_t)(cfg->L - 1) * N * cfg->C * act : 0;
     if (gpu) {
         size_t att = mt_attention_own_workspace_bytes(&attn),
-               norm = mt_norm_embedding_workspace_bytes_gpu((int)N, cfg->C);
+               norm = mt_norm_embedding_workspace_bytes_gpu((int)N, cfg->C),
+               heads = cfg->qk_norm ? mt_norm_embedding_workspace_bytes_gpu((int)N * cfg->H, cfg->D) : 0;
+        if (heads > norm) norm = heads;
         b->workspace = att > norm ? att : norm;
         // the fp32 staging of each upload (transient), at most 4 Mi values
         b->staging = (m->total < ((size_t)4 << 20) ? m->total : ((size_t)4 << 20)) * sizeof(float);
@@ -862,10 +873,16 @@ static void layer_forward(mt_model *m, int l, int recompute) {
     layer_acts *A = acts_of(m, l);
     void *qf = m->qkv_flat, *kf = rows(m, qf, (size_t)N, (size_t)HD), *vf = rows(m, kf, (size_t)N, (size_t)KVD);
     mt_op_rmsnorm_forward(be, A->ln1, A->rstd1, m->x[l], layer_weight(m, l, P_LN1), N, c->C, c->rms_eps);
-    mt_op_matmul_forward(be, qf, A->ln1, layer_weight(m, l, P_WQ), layer_weight(m, l, P_BQ), N, c->C, HD);
-    lora_forward(m, l, MT_LORA_Q, qf, A->ln1, c->C, HD);
-    mt_op_matmul_forward(be, kf, A->ln1, layer_weight(m, l, P_WK), layer_weight(m, l, P_BK), N, c->C, KVD);
-    lora_forward(m, l, MT_LORA_K, kf, A->ln1, c->C, KVD);
+    // Qwen3: the projections stay for backward; each head's norm writes what RoPE reads
+    void *qp = c->qk_norm ? A->qraw : qf, *kp = c->qk_norm ? A->kraw : kf;
+    mt_op_matmul_forward(be, qp, A->ln1, layer_weight(m, l, P_WQ), layer_weight(m, l, P_BQ), N, c->C, HD);
+    lora_forward(m, l, MT_LORA_Q, qp, A->ln1, c->C, HD);
+    mt_op_matmul_forward(be, kp, A->ln1, layer_weight(m, l, P_WK), layer_weight(m, l, P_BK), N, c->C, KVD);
+    lora_forward(m, l, MT_LORA_K, kp, A->ln1, c->C, KVD);
+    if (c->qk_norm) {
+        mt_op_rmsnorm_forward(be, qf, A->rstd_q, qp, layer_weight(m, l, P_QN), N * c->H, c->D, c->rms_eps);
+        mt_op_rmsnorm_forward(be, kf, A->rstd_k, kp, layer_weight(m, l, P_KN), N * c->KV, c->D, c->rms_eps);
+    }
     mt_op_matmul_forward(be, vf, A->ln1, layer_weight(m, l, P_WV), layer_weight(m, l, P_BV), N, c->C, KVD);
     lora_forward(m, l, MT_LORA_V, vf, A->ln1, c->C, KVD);
     mt_op_rope_forward(be, A->q, qf, m->cos_table, m->sin_table, m->pos, m->B, m->T, c->H, c->D, 1);
@@ -921,6 +938,15 @@ static void layer_backward(mt_model *m, int l) {
     mt_op_rope_backward(be, dqf, m->dq, m->cos_table, m->sin_table, m->pos, m->B, m->T, c->H, c->D, 1);
     mt_op_rope_backward(be, dkf, m->dk, m->cos_table, m->sin_table, m->pos, m->B, m->T, c->KV, c->D, 1);
     mt_op_rope_backward(be, dvf, m->dv, m->cos_table, m->sin_table, m->pos, m->B, m->T, c->KV, c->D, 0);
+    if (c->qk_norm) {
+        // through each head's norm, into dq and dk (free once RoPE's backward has read them)
+        size_t a = mt_act_size(be);
+        mt_op_zero(be, m->dq, (size_t)N * HD * a);
+        mt_op_zero(be, m->dk, (size_t)N * KVD * a);
+        mt_op_rmsnorm_backward(be, m->dq, P->g[P_QN], dqf, A->qraw, P->w[P_QN], A->rstd_q, N * c->H, c->D);
+        mt_op_rmsnorm_backward(be, m->dk, P->g[P_KN], dkf, A->kraw, P->w[P_KN], A->rstd_k, N * c->KV, c->D);
+        dqf = m->dq, dkf = m->dk;
+    }
     mt_op_matmul_backward(be, m->dln, P->g[P_WQ], P->g[P_BQ], dqf, A->ln1, base_weight(m, l, P_WQ), N, c->C, HD, 0);
     lora_backward(m, l, MT_LORA_Q, m->dln, dqf, A->ln1, c->C, HD);
     mt_op_matmul_backward(be, m->dln, P->g[P_WK], P->g[P_BK], dkf, A->ln1, base_weight(m, l, P_WK), N, c->C, KVD, 1);

@@ -20,7 +20,7 @@ static void add_param(mt_param_info *t, int *n, size_t *offset, const char *name
 }
 
 mt_param_info *mt_model_param_table(const mt_model_config *c, int *count, size_t *total) {
-    int max = 3 + c->L * 13;  // a layer has at most 13 tensors (4 biases among them)
+    int max = 3 + c->L * 15;  // a layer has at most 15 tensors (4 biases, 2 head norms among them)
     mt_param_info *t = calloc((size_t)max, sizeof *t);
     MT_CHECK(t != NULL, "param table");
     int n = 0;
@@ -44,6 +44,10 @@ mt_param_info *mt_model_param_table(const mt_model_config *c, int *count, size_t
         LAYER_PARAM("self_attn.v_proj.weight", KVD, c->C);
         if (c->qkv_bias) {
             LAYER_PARAM("self_attn.v_proj.bias", KVD, 0);
+        }
+        if (c->qk_norm) {
+            LAYER_PARAM("self_attn.q_norm.weight", c->D, 0);
+            LAYER_PARAM("self_attn.k_norm.weight", c->D, 0);
         }
         LAYER_PARAM("self_attn.o_proj.weight", c->C, HD);
         if (c->o_bias) {

@@ -28,6 +28,7 @@ typedef struct {
     int rope_original_max_position;
     int tie_embeddings;
     int qkv_bias, o_bias;  // Qwen2: qkv; Llama attention_bias: qkv and o
+    int qk_norm;           // Qwen3: RMSNorm of each head's query and key (head_dim weights) before RoPE
     long sliding_window;   // 0: none
     mt_dtype dtype;        // the folder's declared dtype (for saving)
 } mt_model_config;

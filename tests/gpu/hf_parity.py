@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
 """memtune against Hugging Face transformers, on the GPU machine.
 
-For each model shape (a TinyLlama-1.1B-shaped Llama, and a small Qwen2 with
-q/k/v biases and tied embeddings), a random-initialised model is built and
+For each model shape (a TinyLlama-1.1B-shaped Llama, a small Qwen2 with
+q/k/v biases and tied embeddings, and Qwen3 at two sizes: per-head q/k norms,
+head_dim apart from hidden/heads), a random-initialised model is built and
 saved by transformers' save_pretrained; memtune (tests/gpu/parity_tool.c)
 loads that folder and computes logits, loss and gradients for one batch, on
 the GPU (bf16) and on the CPU (fp32). transformers computes the same in fp32
 (eager attention, no TF32: the truth) and in bf16 (SDPA). Then a model
 trained and saved by memtune is loaded by transformers and both give the
-same logits. Prints a table and writes parity.json; exits 1 on a failure.
+same logits (a Qwen2 and a Qwen3 model). Prints a table and writes
+parity.json; exits 1 on a failure.
 """
 import argparse
 import json
@@ -20,7 +22,13 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+import transformers
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+try:  # transformers 4.51 and later
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+except ImportError:
+    Qwen3Config = Qwen3ForCausalLM = None
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from parity_common import MEMTUNE, compare_grads, log, memtune_parity, rel, write_dataset  # noqa: E402
@@ -37,6 +45,16 @@ SHAPES = {
         cls=Qwen2ForCausalLM, cfg=Qwen2Config, B=2, T=64, cpu_grads=True, shard="300KB",
         kw=dict(vocab_size=1000, hidden_size=256, intermediate_size=704, num_hidden_layers=3,
                 num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512,
+                rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True)),
+    "qwen3-small": dict(
+        cls=Qwen3ForCausalLM, cfg=Qwen3Config, B=2, T=64, cpu_grads=True, shard=None,
+        kw=dict(vocab_size=1000, hidden_size=256, intermediate_size=704, num_hidden_layers=3,
+                num_attention_heads=8, num_key_value_heads=2, head_dim=48, max_position_embeddings=512,
+                rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True)),
+    "qwen3-0.6b": dict(  # Qwen3-0.6B's shape
+        cls=Qwen3ForCausalLM, cfg=Qwen3Config, B=2, T=128, cpu_grads=False, shard=None,
+        kw=dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
                 rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True)),
 }
 
@@ -100,6 +118,9 @@ def main():
         if args.only and name != args.only:
             continue
         log(f"== {name}")
+        if spec["cls"] is None:
+            failures.append(f"{name}: this transformers ({transformers.__version__}) has no such model class")
+            continue
         folder = os.path.join(args.work, name)
         t0 = time.time()
         model = build_model(name, spec, folder)
@@ -154,48 +175,56 @@ def main():
             failures.append(f"{name}: cpu fp32 loss rel error {le['memtune_cpu_fp32_vs_hf_fp32']:.2e} >= 1e-4")
         if le["memtune_gpu_bf16_vs_hf_fp32"] >= 1e-2:
             failures.append(f"{name}: gpu bf16 loss rel error {le['memtune_gpu_bf16_vs_hf_fp32']:.2e} >= 1e-2")
+        if name.startswith("qwen3") and r["logits_rel_error"]["memtune_gpu_bf16_vs_hf_fp32"] > 2 * max(
+                r["logits_rel_error"]["hf_bf16_vs_hf_fp32"], 1e-6):
+            failures.append(f"{name}: gpu bf16 logits error above twice transformers' own bf16 error")
         worst = min(s["min_cos"] for s in r["grads_memtune_gpu_bf16_vs_hf_fp32"].values())
         if worst < 0.99:
             failures.append(f"{name}: gpu bf16 gradient cosine {worst:.4f} < 0.99")
 
     if not args.only or args.only == "saved":
-        report["saved_by_memtune"] = check_saved_model(args.work, failures)
+        report["saved_by_memtune"] = check_saved_model(args.work, "qwen2-small", Qwen2ForCausalLM, failures)
+        if Qwen3ForCausalLM is not None:
+            report["saved_by_memtune_qwen3"] = check_saved_model(args.work, "qwen3-small", Qwen3ForCausalLM, failures)
     with open(os.path.join(args.out, "parity.json"), "w") as f:
         json.dump(report, f, indent=1)
     log("FAILURES:\n  " + "\n  ".join(failures) if failures else "parity: all checks passed")
     return 1 if failures else 0
 
 
-def check_saved_model(work, failures):
-    """memtune trains the Qwen2 model on the GPU and saves it; transformers loads it."""
-    log("== a model saved by memtune, loaded by transformers")
-    src = os.path.join(work, "qwen2-small")
+def check_saved_model(work, name, cls, failures):
+    """memtune trains the model `name` (vocabulary 1000; built above) on the GPU and saves it; transformers
+    loads it."""
+    log(f"== a {name} model saved by memtune, loaded by transformers")
+    src = os.path.join(work, name)
+    if not os.path.isdir(src):
+        build_model(name, SHAPES[name], src)
     data = os.path.join(work, "random.h5")
     write_dataset(data, np.random.default_rng(3).integers(0, 1000, 200000), 1000)
-    run = os.path.join(work, "run-saved")
+    run = os.path.join(work, f"run-saved-{name}")
     subprocess.run([MEMTUNE, "train", os.path.join(ROOT, "configs", "quickstart.yaml"),
                     "--set", f"model.path={src}", "--set", "model.init=pretrained", "--set", f"data.train={data}",
                     "--set", f"output.dir={run}", "--set", "train.steps=20", "--set", "train.seq_len=64",
                     "--set", "train.device=gpu", "--set", "optim.lr=1e-3", "--set", "output.save_dtype=BF16"],
                    check=True)
     saved = os.path.join(run, "model")
-    model = Qwen2ForCausalLM.from_pretrained(saved, torch_dtype=torch.float32)
+    model = cls.from_pretrained(saved, torch_dtype=torch.float32)
     ids = np.random.default_rng(9).integers(0, 1000, size=(2, 65), dtype=np.int32)
-    tokens_path = os.path.join(work, "saved.tokens")
+    tokens_path = os.path.join(work, f"saved-{name}.tokens")
     ids.tofile(tokens_path)
     hf32 = hf_run(model, ids, torch.float32, "eager")
     hf16 = hf_run(model, ids, torch.bfloat16, "sdpa")
-    mc = memtune_run(saved, tokens_path, 2, 64, "cpu", False, os.path.join(work, "saved.cpu.st"))
-    mg = memtune_run(saved, tokens_path, 2, 64, "gpu", False, os.path.join(work, "saved.gpu.st"))
+    mc = memtune_run(saved, tokens_path, 2, 64, "cpu", False, os.path.join(work, f"saved-{name}.cpu.st"))
+    mg = memtune_run(saved, tokens_path, 2, 64, "gpu", False, os.path.join(work, f"saved-{name}.gpu.st"))
     r = {"logits_rel_error_memtune_cpu_vs_hf_fp32": rel(mc[0], hf32[0]),
          "logits_rel_error_memtune_gpu_vs_hf_bf16": rel(mg[0], hf16[0]),
          "loss_hf_fp32": hf32[1], "loss_memtune_cpu": mc[1], "loss_memtune_gpu": mg[1]}
     log(f"  logits: memtune cpu vs transformers fp32 rel {r['logits_rel_error_memtune_cpu_vs_hf_fp32']:.2e}; "
         f"memtune gpu vs transformers bf16 rel {r['logits_rel_error_memtune_gpu_vs_hf_bf16']:.2e}")
     if r["logits_rel_error_memtune_cpu_vs_hf_fp32"] >= 1e-4:
-        failures.append("saved model: cpu logits differ from transformers")
+        failures.append(f"saved {name} model: cpu logits differ from transformers")
     if r["logits_rel_error_memtune_gpu_vs_hf_bf16"] >= 2e-2:
-        failures.append("saved model: gpu logits differ from transformers bf16")
+        failures.append(f"saved {name} model: gpu logits differ from transformers bf16")
     return r
 
 

@@ -2,7 +2,8 @@
 """memtune's LoRA against Hugging Face PEFT, and its NF4 against bitsandbytes,
 on the GPU machine.
 
-1. A Llama (GQA, 4 layers) is built and saved by transformers; PEFT puts a
+1. A Llama (GQA, 4 layers; --family qwen3: a Qwen3 with head norms and its
+   own head_dim) is built and saved by transformers; PEFT puts a
    LoRA adapter (r=16, all seven linear modules) on it, makes lora_B
    non-zero (as after training) and saves the adapter. memtune
    (tests/gpu/parity_tool.c) loads the base and PEFT's adapter and computes
@@ -29,6 +30,11 @@ import torch.nn.functional as F
 from safetensors.numpy import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
+try:  # transformers 4.51 and later
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+except ImportError:
+    Qwen3Config = Qwen3ForCausalLM = None
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from parity_common import MEMTUNE, PARITY, compare_grads, log, memtune_parity, rel, write_dataset  # noqa: E402
 
@@ -37,6 +43,14 @@ MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 SHAPE = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4, num_attention_heads=16,
              num_key_value_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0,
              tie_word_embeddings=False)
+FAMILIES = {
+    "llama": (LlamaForCausalLM, LlamaConfig, SHAPE),
+    "qwen3": (Qwen3ForCausalLM, Qwen3Config,
+              dict(vocab_size=32000, hidden_size=1024, intermediate_size=3072, num_hidden_layers=4,
+                   num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=4096,
+                   rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True)),
+}
+CLS, CFG = LlamaForCausalLM, LlamaConfig
 B, T = 2, 128
 
 
@@ -71,7 +85,15 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/mt-peft-parity"))
     ap.add_argument("--work", default="/tmp/mt-peft-work")
+    ap.add_argument("--family", default="llama", choices=sorted(FAMILIES))
     args = ap.parse_args()
+    global CLS, CFG, SHAPE
+    CLS, CFG, SHAPE = FAMILIES[args.family]
+    suffix = "" if args.family == "llama" else f"-{args.family}"
+    args.work += suffix
+    if CLS is None:
+        log(f"transformers has no {args.family} model class: nothing checked")
+        return 1
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.work, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -83,7 +105,7 @@ def main():
     # ---- 1. PEFT's adapter in memtune
     base = os.path.join(args.work, "base")
     torch.manual_seed(1234)
-    model = LlamaForCausalLM(LlamaConfig(**SHAPE)).float()
+    model = CLS(CFG(**SHAPE)).float()
     model.save_pretrained(base)
     lcfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=MODULES, task_type="CAUSAL_LM")
     pm = get_peft_model(model, lcfg)
@@ -150,7 +172,7 @@ def main():
                     "--set", "train.device=gpu", "--set", "optim.lr=1e-3", "--set", "train.eval_batches=0",
                     "--set", "train.log_every=5"], check=True)
     saved = os.path.join(run, "adapter")
-    model = LlamaForCausalLM.from_pretrained(base, torch_dtype=torch.float32)
+    model = CLS.from_pretrained(base, torch_dtype=torch.float32)
     pm2 = PeftModel.from_pretrained(model, saved, is_trainable=True)
     q32 = peft_run(pm2, ids, torch.float32)
     q16 = peft_run(pm2, ids, torch.bfloat16)
@@ -189,7 +211,7 @@ def main():
             log(f"  QLoRA with PEFT + bitsandbytes failed: {e}")
             report["qlora_vs_peft_bnb"] = f"failed: {e}"
 
-    with open(os.path.join(args.out, "peft_parity.json"), "w") as f:
+    with open(os.path.join(args.out, f"peft_parity{suffix}.json"), "w") as f:
         json.dump(report, f, indent=1)
     log("FAILURES:\n  " + "\n  ".join(failures) if failures else "peft parity: all checks passed")
     return 1 if failures else 0
@@ -254,7 +276,7 @@ def qlora_vs_bnb(base, adapter, ids, tokens, work, lora_loss_fp32):
     # fp32 weights in, as memtune reads this fp32 folder: both quantize the same values
     # (loaded as bf16, bitsandbytes would quantize bf16-rounded weights, and codes
     # near a midpoint would land on the other side)
-    model = LlamaForCausalLM.from_pretrained(base, quantization_config=q, torch_dtype=torch.float32,
+    model = CLS.from_pretrained(base, quantization_config=q, torch_dtype=torch.float32,
                                              device_map={"": 0})
     pm = PeftModel.from_pretrained(model, adapter)
     pm.eval()
