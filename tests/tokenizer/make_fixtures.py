@@ -193,7 +193,7 @@ CHAT_CASES = [("llama3", "auto", LLAMA3_TEMPLATE), ("qwen2", "auto", QWEN2_TEMPL
 END_OF_TURN = {"llama3": "<|eot_id|>", "qwen2": "<|im_end|>"}
 
 
-def chat_expect(fixtures):
+def chat_expect(fixtures, cases=None):
     """Per CHAT_CASES entry, fixtures/NAME/chat-CHOICE.expected: for each
     conversation of chat.jsonl, transformers' apply_chat_template ids and the
     answer mask (a token is trained when it starts inside an answer: from
@@ -209,7 +209,7 @@ def chat_expect(fixtures):
             else:
                 role = {"human": "user", "gpt": "assistant", "system": "system"}
                 convs.append([{"role": role[m["from"]], "content": m["value"]} for m in obj["conversations"]])
-    for name, choice, template in CHAT_CASES:
+    for name, choice, template in cases or CHAT_CASES:
         tok = AutoTokenizer.from_pretrained(os.path.join(fixtures, name))
         eot = END_OF_TURN.get(name, tok.eos_token)
         gen_header = name in ("llama3", "qwen2")

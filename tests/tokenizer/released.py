@@ -23,12 +23,21 @@ be the same, document by document. Both libraries install from PyPI.
       --corpus /tmp/mixed10.txt --out /tmp/released
   python3 tests/tokenizer/compare.py --corpus /tmp/mixed10.txt \\
       --tokenizers /tmp/released/llama2,/tmp/released/qwen2
+
+With --chat (needs transformers) each folder also gets its family's released
+chat template (Llama-2-chat's; Qwen2-Instruct's ChatML), and `memtune
+tokenize --format chat` renders tests/tokenizer/chat.jsonl with it: ids and
+answer masks must equal transformers' apply_chat_template, conversation by
+conversation (as test_tokenizer does for the fixtures).
 """
 import argparse
 import base64
 import json
 import os
 import re
+import subprocess
+import sys
+import tempfile
 import unicodedata
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
@@ -102,7 +111,7 @@ def llama2(model_path):
                                      decoders.Strip(" ", 1, 0)])
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in ("<unk>", "<s>", "</s>")])
     config = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True,
-              "add_eos_token": False, "tokenizer_class": "LlamaTokenizer"}
+              "add_eos_token": False, "tokenizer_class": "PreTrainedTokenizerFast"}
 
     return tok, config, around_specials({"<unk>": 0, "<s>": 1, "</s>": 2}, sp.encode)
 
@@ -131,7 +140,7 @@ def qwen2(tiktoken_path):
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in specials])
     config = {"bos_token": None, "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
-              "add_bos_token": False, "tokenizer_class": "Qwen2Tokenizer"}
+              "add_bos_token": False, "tokenizer_class": "PreTrainedTokenizerFast"}
     enc = tiktoken.Encoding("qwen", pat_str=QWEN2_SPLIT, mergeable_ranks=ranks,
                             special_tokens={t: len(ranks) + i for i, t in enumerate(specials)})
 
@@ -146,6 +155,7 @@ def main():
     ap.add_argument("--qwen2", help="Qwen's qwen.tiktoken")
     ap.add_argument("--corpus", required=True, help="the compare.py corpus (make_fixtures.py --corpus)")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--chat", action="store_true", help="also check chat rendering against transformers")
     args = ap.parse_args()
     with open(args.corpus, "rb") as f:
         docs = [d.decode("utf-8", errors="replace") for d in f.read().split(b"\n\n")]
@@ -169,7 +179,52 @@ def main():
         with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
             json.dump(config, f, indent=1)
         print(f"  wrote {folder}")
+        if args.chat and not failed:
+            failed |= check_chat(name, folder)
     raise SystemExit(failed)
+
+
+def check_chat(name, folder):
+    """The family's released chat template on this vocabulary: memtune tokenize's ids and masks against
+    transformers' apply_chat_template (make_fixtures.chat_expect writes the expectation)."""
+    import h5py
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import make_fixtures as mf
+    template = {"llama2": mf.LLAMA2_TEMPLATE, "qwen2": mf.QWEN2_TEMPLATE}[name]
+    path = os.path.join(folder, "tokenizer_config.json")
+    with open(path) as f:
+        cfg = json.load(f)
+    cfg["chat_template"] = template
+    with open(path, "w") as f:
+        json.dump(cfg, f, indent=1)
+    parent = os.path.dirname(folder)
+    mf.chat_expect(parent, [(name, "auto", template)])
+    with open(os.path.join(folder, "chat-auto.expected")) as f:
+        expected = f.read().splitlines()
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    memtune = os.path.join(os.environ.get("MT_BUILD_DIR", os.path.join(root, "build")), "memtune")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "chat.h5")
+        subprocess.run([memtune, "tokenize", "--tokenizer", folder, "--format", "chat", "--pack", "concat",
+                        "--on-bad-line", "skip", "--input", os.path.join(root, "tests", "tokenizer", "chat.jsonl"),
+                        "--output", out], check=True, capture_output=True)
+        with h5py.File(out) as f:
+            tokens, mask, offsets = f["tokens"][:], f["loss_mask"][:], f["doc_offsets"][:]
+    doc, differ, compared = 0, 0, 0
+    for line in expected:
+        if line == "refused":
+            continue
+        ids, want = line.split("\t")
+        ids = [int(x) for x in ids.split()]
+        a, b = offsets[doc], offsets[doc + 1]
+        got_ids, got_mask = tokens[a:b].tolist(), "".join(str(int(x)) for x in mask[a:b])
+        differ += got_ids != ids or got_mask != want
+        compared += 1
+        doc += 1
+    differ += doc != len(offsets) - 1
+    print(f"  chat ({name}'s released template): {compared} conversations, {differ} differ from "
+          f"apply_chat_template (ids or answer masks)")
+    return 1 if differ else 0
 
 
 if __name__ == "__main__":
