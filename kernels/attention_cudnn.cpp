@@ -31,7 +31,7 @@ namespace {
 // The tensors' ids in the variant packs.
 enum : int64_t { kQ = 1, kK, kV, kO, kStats, kDO, kDQ, kDK, kDV };
 
-typedef std::tuple<int, int, int, int, int, int> shape_key;
+typedef std::tuple<int, int, int, int, int, int, float> shape_key;
 
 struct attention_graphs {
     bool ok = false;
@@ -40,7 +40,10 @@ struct attention_graphs {
     int64_t workspace = 0;
 };
 
-shape_key key_of(const mt_attention_shape *s) { return shape_key(s->B, s->T, s->H, s->KV, s->D, s->window); }
+shape_key key_of(const mt_attention_shape *s) { return shape_key(s->B, s->T, s->H, s->KV, s->D, s->window, s->scale); }
+
+// The scores' scale: the shape's, or 1/sqrt(D).
+float attention_scale(const mt_attention_shape *s) { return s->scale != 0.0f ? s->scale : 1.0f / sqrtf((float)s->D); }
 
 // Strides of the op's layouts, as cuDNN's (b, h, s, d) dims see them.
 std::vector<int64_t> bhsd_strides(int H, int T, int D) {  // (B, H, T, D): q, k, v, dq, dk, dv
@@ -81,7 +84,7 @@ std::shared_ptr<fe::graph::Graph> forward_graph(const mt_attention_shape *s) {
                        .set_name("attention")
                        .set_generate_stats(true)
                        .set_causal_mask(true)
-                       .set_attn_scale(1.0f / sqrtf((float)D));
+                       .set_attn_scale(attention_scale(s));
     if (s->window > 0) options.set_diagonal_band_left_bound(s->window);
     auto [o, stats] = g->sdpa(q, k, v, options);
     o->set_output(true).set_uid(kO).set_dim({B, H, T, D}).set_stride(bshd_strides(H, T, D));
@@ -100,7 +103,7 @@ std::shared_ptr<fe::graph::Graph> backward_graph(const mt_attention_shape *s) {
     auto options = fe::graph::SDPA_backward_attributes()
                        .set_name("attention_backward")
                        .set_causal_mask(true)
-                       .set_attn_scale(1.0f / sqrtf((float)D))
+                       .set_attn_scale(attention_scale(s))
                        .set_deterministic_algorithm(true);
     if (s->window > 0) options.set_diagonal_band_left_bound(s->window);
     auto [dq, dk, dv] = g->sdpa_backward(q, k, v, o, dout, stats, options);

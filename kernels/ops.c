@@ -31,15 +31,15 @@ void mt_op_embedding_backward(const mt_backend *be, float *dwte, const int32_t *
 }
 
 void mt_op_rmsnorm_forward(const mt_backend *be, void *out, float *rstd, const void *inp, const void *weight, int N,
-                           int C, float eps) {
-    MT_GPU(be, mt_rmsnorm_forward_cuda(be, out, rstd, inp, weight, N, C, eps));
-    mt_rmsnorm_forward_ref(out, rstd, inp, weight, N, C, eps);
+                           int C, float eps, int plus_one) {
+    MT_GPU(be, mt_rmsnorm_forward_cuda(be, out, rstd, inp, weight, N, C, eps, plus_one));
+    mt_rmsnorm_forward_ref(out, rstd, inp, weight, N, C, eps, plus_one);
 }
 
 void mt_op_rmsnorm_backward(const mt_backend *be, void *dinp, float *dweight, const void *dout, const void *inp,
-                            const void *weight, const float *rstd, int N, int C) {
-    MT_GPU(be, mt_rmsnorm_backward_cuda(be, dinp, dweight, dout, inp, weight, rstd, N, C));
-    mt_rmsnorm_backward_ref(dinp, dweight, dout, inp, weight, rstd, N, C);
+                            const void *weight, const float *rstd, int N, int C, int plus_one) {
+    MT_GPU(be, mt_rmsnorm_backward_cuda(be, dinp, dweight, dout, inp, weight, rstd, N, C, plus_one));
+    mt_rmsnorm_backward_ref(dinp, dweight, dout, inp, weight, rstd, N, C, plus_one);
 }
 
 void mt_op_rope_forward(const mt_backend *be, void *out, const void *inp, const float *cos_table,
@@ -108,7 +108,7 @@ void mt_op_attention_forward(mt_backend *be, const mt_attention_shape *s, void *
                              const void *k, const void *v, const int32_t *pos) {
     MT_CHECK(!s->docs == !pos, "attention: positions are given exactly when documents are packed");
     MT_GPU(be, mt_attention_forward_cuda(be, s, out, lse, q, k, v, pos));
-    mt_attention_forward_ref(out, lse, q, k, v, s->B, s->T, s->H, s->KV, s->D, s->window, pos);
+    mt_attention_forward_ref(out, lse, q, k, v, s->B, s->T, s->H, s->KV, s->D, s->window, pos, s->scale);
 }
 
 void mt_op_attention_backward(mt_backend *be, const mt_attention_shape *s, void *dq, void *dk, void *dv,
@@ -116,18 +116,25 @@ void mt_op_attention_backward(mt_backend *be, const mt_attention_shape *s, void 
                               const float *lse, const int32_t *pos) {
     MT_CHECK(!s->docs == !pos, "attention: positions are given exactly when documents are packed");
     MT_GPU(be, mt_attention_backward_cuda(be, s, dq, dk, dv, dout, q, k, v, out, lse, pos));
-    mt_attention_backward_ref(dq, dk, dv, dout, q, k, v, out, lse, s->B, s->T, s->H, s->KV, s->D, s->window, pos);
+    mt_attention_backward_ref(dq, dk, dv, dout, q, k, v, out, lse, s->B, s->T, s->H, s->KV, s->D, s->window, pos,
+                              s->scale);
 }
 
-void mt_op_swiglu_forward(const mt_backend *be, void *out, const void *gate, const void *up, size_t n) {
-    MT_GPU(be, mt_swiglu_forward_cuda(be, out, gate, up, n));
-    mt_swiglu_forward_ref(out, gate, up, n);
+void mt_op_glu_forward(const mt_backend *be, void *out, const void *gate, const void *up, size_t n, mt_act act) {
+    MT_GPU(be, mt_glu_forward_cuda(be, out, gate, up, n, act));
+    mt_glu_forward_ref(out, gate, up, n, act);
 }
 
-void mt_op_swiglu_backward(const mt_backend *be, void *dgate, void *dup, const void *dout, const void *gate,
-                           const void *up, size_t n) {
-    MT_GPU(be, mt_swiglu_backward_cuda(be, dgate, dup, dout, gate, up, n));
-    mt_swiglu_backward_ref(dgate, dup, dout, gate, up, n);
+void mt_op_glu_backward(const mt_backend *be, void *dgate, void *dup, const void *dout, const void *gate,
+                        const void *up, size_t n, mt_act act) {
+    MT_GPU(be, mt_glu_backward_cuda(be, dgate, dup, dout, gate, up, n, act));
+    mt_glu_backward_ref(dgate, dup, dout, gate, up, n, act);
+}
+
+void mt_op_scale(const mt_backend *be, void *x, size_t n, float s) {
+    MT_GPU(be, mt_scale_cuda(be, x, n, s));
+    float *f = x;
+    for (size_t i = 0; i < n; i++) f[i] *= s;
 }
 
 void mt_op_matmul_forward(const mt_backend *be, void *out, const void *inp, const void *weight, const void *bias, int N,

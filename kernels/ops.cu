@@ -121,7 +121,7 @@ extern "C" void mt_embedding_backward_cuda(const mt_backend *be, float *dwte, co
 // ------------------------------------------------------------------ rmsnorm
 
 static __global__ void rmsnorm_forward_kernel(bf16 *out, float *rstd, const bf16 *inp, const bf16 *weight, int C,
-                                              float eps) {
+                                              float eps, int plus_one) {
     const bf16 *x = inp + (size_t)blockIdx.x * C;
     float ss = 0.0f;
     for (int c = threadIdx.x; c < C; c += blockDim.x) {
@@ -131,16 +131,21 @@ static __global__ void rmsnorm_forward_kernel(bf16 *out, float *rstd, const bf16
     float r = rsqrtf(block_sum(ss) / C + eps);
     if (threadIdx.x == 0) rstd[blockIdx.x] = r;
     bf16 *y = out + (size_t)blockIdx.x * C;
-    // as transformers: normalise in fp32, cast to bf16, then scale by the weight
-    for (int c = threadIdx.x; c < C; c += blockDim.x)
-        y[c] = __float2bfloat16(__bfloat162float(__float2bfloat16(__bfloat162float(x[c]) * r)) *
-                                __bfloat162float(weight[c]));
+    // as transformers: Llama normalises in fp32, casts to bf16, then scales by
+    // the weight; Gemma scales by (1 + w) in fp32 and casts once
+    if (plus_one)
+        for (int c = threadIdx.x; c < C; c += blockDim.x)
+            y[c] = __float2bfloat16(__bfloat162float(x[c]) * r * (1.0f + __bfloat162float(weight[c])));
+    else
+        for (int c = threadIdx.x; c < C; c += blockDim.x)
+            y[c] = __float2bfloat16(__bfloat162float(__float2bfloat16(__bfloat162float(x[c]) * r)) *
+                                    __bfloat162float(weight[c]));
 }
 
 static const int kRmsRowsPerBlock = 32;
 
 static __global__ void rmsnorm_backward_kernel(bf16 *dinp, float *dweight_partials, const bf16 *dout, const bf16 *inp,
-                                               const bf16 *weight, const float *rstd, int N, int C) {
+                                               const bf16 *weight, const float *rstd, int N, int C, float one) {
     extern __shared__ float dw_partial[];  // (C)
     for (int c = threadIdx.x; c < C; c += blockDim.x) dw_partial[c] = 0.0f;
     int row_end = min(N, (int)(blockIdx.x + 1) * kRmsRowsPerBlock);
@@ -149,12 +154,12 @@ static __global__ void rmsnorm_backward_kernel(bf16 *dinp, float *dweight_partia
         bf16 *dx = dinp + (size_t)row * C;
         float dot = 0.0f;
         for (int c = threadIdx.x; c < C; c += blockDim.x)
-            dot += __bfloat162float(g[c]) * __bfloat162float(weight[c]) * __bfloat162float(x[c]);
+            dot += __bfloat162float(g[c]) * (one + __bfloat162float(weight[c])) * __bfloat162float(x[c]);
         dot = block_sum(dot);
         float r = rstd[row], k = dot * r * r * r / C;
         for (int c = threadIdx.x; c < C; c += blockDim.x) {
             float gv = __bfloat162float(g[c]), xv = __bfloat162float(x[c]);
-            dx[c] = __float2bfloat16(__bfloat162float(dx[c]) + r * __bfloat162float(weight[c]) * gv - k * xv);
+            dx[c] = __float2bfloat16(__bfloat162float(dx[c]) + r * (one + __bfloat162float(weight[c])) * gv - k * xv);
             dw_partial[c] += gv * xv * r;
         }
     }
@@ -173,21 +178,23 @@ static __global__ void sum_partials_kernel(float *dweight, const float *partials
 }
 
 extern "C" void mt_rmsnorm_forward_cuda(const mt_backend *be, void *out, float *rstd, const void *inp,
-                                        const void *weight, int N, int C, float eps) {
+                                        const void *weight, int N, int C, float eps, int plus_one) {
     (void)be;
-    rmsnorm_forward_kernel<<<N, kThreads>>>((bf16 *)out, rstd, (const bf16 *)inp, (const bf16 *)weight, C, eps);
+    rmsnorm_forward_kernel<<<N, kThreads>>>((bf16 *)out, rstd, (const bf16 *)inp, (const bf16 *)weight, C, eps,
+                                            plus_one);
     CUDA_CHECK_LAUNCH();
 }
 
 extern "C" void mt_rmsnorm_backward_cuda(const mt_backend *be, void *dinp, float *dweight, const void *dout,
-                                         const void *inp, const void *weight, const float *rstd, int N, int C) {
+                                         const void *inp, const void *weight, const float *rstd, int N, int C,
+                                         int plus_one) {
     size_t shared = (size_t)C * sizeof(float);
     MT_CHECK(shared <= 48 * 1024, "rmsnorm backward supports C <= 12288, got %d", C);
     unsigned blocks = grid_for((size_t)N, kRmsRowsPerBlock);
     MT_CHECK(be->workspace_bytes >= (size_t)blocks * C * sizeof(float), "rmsnorm workspace too small");
     float *partials = (float *)be->workspace;
     rmsnorm_backward_kernel<<<blocks, kThreads, shared>>>((bf16 *)dinp, partials, (const bf16 *)dout, (const bf16 *)inp,
-                                                          (const bf16 *)weight, rstd, N, C);
+                                                          (const bf16 *)weight, rstd, N, C, plus_one ? 1.0f : 0.0f);
     CUDA_CHECK_LAUNCH();
     if (!dweight) return;  // a frozen norm: its partials are not needed
     sum_partials_kernel<<<grid_for((size_t)C, kThreads), kThreads>>>(dweight, partials, (int)blocks, C);
@@ -666,6 +673,11 @@ extern "C" size_t mt_attention_workspace_bytes_cuda(mt_backend *be, const mt_att
     return mt_attention_own_workspace_bytes(s);
 }
 
+// The scores' scale: the shape's, or 1/sqrt(D).
+static float attention_scale(const mt_attention_shape *s) {
+    return s->scale != 0.0f ? s->scale : 1.0f / sqrtf((float)s->D);
+}
+
 // a window of 0 (none) as the kernels take it: every key up to the query
 static int kernel_window(const mt_attention_shape *s) { return s->window > 0 ? s->window : s->T; }
 
@@ -677,7 +689,7 @@ static void attention_forward_launch(const mt_attention_shape *s, void *out, flo
     dim3 grid((s->T + kTile - 1) / kTile, s->H, s->B);
     flash_forward_kernel<D><<<grid, kAttnThreads, smem>>>((bf16 *)out, lse, (const bf16 *)q, (const bf16 *)k,
                                                           (const bf16 *)v, pos, s->T, s->H, s->KV, kernel_window(s),
-                                                          1.0f / sqrtf((float)D));
+                                                          attention_scale(s));
     CUDA_CHECK_LAUNCH();
 }
 
@@ -686,7 +698,7 @@ static void attention_backward_launch(const mt_attention_shape *s, void *dq, voi
                                       const void *q, const void *k, const void *v, const float *lse, const float *delta,
                                       const int32_t *pos, float *dk_part, float *dv_part) {
     int B = s->B, T = s->T, H = s->H, KV = s->KV, window = kernel_window(s);
-    float scale = 1.0f / sqrtf((float)D);
+    float scale = attention_scale(s);
     size_t smem_kv = attn_backward_smem<D>::bytes, smem_q = attn_backward_q_smem<D>::bytes;
     CUDA_CHECK(
         cudaFuncSetAttribute(flash_backward_kv_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_kv));
@@ -751,36 +763,64 @@ extern "C" void mt_attention_backward_cuda(mt_backend *be, const mt_attention_sh
     }
 }
 
-// ------------------------------------------------------------------- swiglu
+// ---------------------------------------------------------------------- glu
 
-static __global__ void swiglu_forward_kernel(bf16 *out, const bf16 *gate, const bf16 *up, size_t n) {
-    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    float g = __bfloat162float(gate[i]);
-    out[i] = __float2bfloat16(g / (1.0f + __expf(-g)) * __bfloat162float(up[i]));
+// The activation and its derivative at g: SiLU, or GELU's tanh approximation.
+static __device__ __forceinline__ void glu_act(mt_act act, float g, float *a, float *da) {
+    if (act == MT_ACT_SILU) {
+        float sig = 1.0f / (1.0f + __expf(-g));
+        *a = g * sig, *da = sig + *a * (1.0f - sig);
+    } else {
+        const float k0 = 0.7978845608028654f, k1 = 0.044715f;
+        float t = tanhf(k0 * (g + k1 * g * g * g));
+        *a = 0.5f * g * (1.0f + t);
+        *da = 0.5f * (1.0f + t) + 0.5f * g * (1.0f - t * t) * k0 * (1.0f + 3.0f * k1 * g * g);
+    }
 }
 
-static __global__ void swiglu_backward_kernel(bf16 *dgate, bf16 *dup, const bf16 *dout, const bf16 *gate,
-                                              const bf16 *up, size_t n) {
+static __global__ void glu_forward_kernel(bf16 *out, const bf16 *gate, const bf16 *up, size_t n, mt_act act) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    float g = __bfloat162float(gate[i]), u = __bfloat162float(up[i]), d = __bfloat162float(dout[i]);
-    float sig = 1.0f / (1.0f + __expf(-g)), silu = g * sig;
-    dgate[i] = __float2bfloat16(d * u * (sig + silu * (1.0f - sig)));
-    dup[i] = __float2bfloat16(d * silu);
+    float a, da;
+    glu_act(act, __bfloat162float(gate[i]), &a, &da);
+    out[i] = __float2bfloat16(a * __bfloat162float(up[i]));
 }
 
-extern "C" void mt_swiglu_forward_cuda(const mt_backend *be, void *out, const void *gate, const void *up, size_t n) {
+static __global__ void glu_backward_kernel(bf16 *dgate, bf16 *dup, const bf16 *dout, const bf16 *gate, const bf16 *up,
+                                           size_t n, mt_act act) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n) return;
+    float u = __bfloat162float(up[i]), d = __bfloat162float(dout[i]), a, da;
+    glu_act(act, __bfloat162float(gate[i]), &a, &da);
+    dgate[i] = __float2bfloat16(d * u * da);
+    dup[i] = __float2bfloat16(d * a);
+}
+
+extern "C" void mt_glu_forward_cuda(const mt_backend *be, void *out, const void *gate, const void *up, size_t n,
+                                    mt_act act) {
     (void)be;
-    swiglu_forward_kernel<<<grid_for(n, kThreads), kThreads>>>((bf16 *)out, (const bf16 *)gate, (const bf16 *)up, n);
+    glu_forward_kernel<<<grid_for(n, kThreads), kThreads>>>((bf16 *)out, (const bf16 *)gate, (const bf16 *)up, n, act);
     CUDA_CHECK_LAUNCH();
 }
 
-extern "C" void mt_swiglu_backward_cuda(const mt_backend *be, void *dgate, void *dup, const void *dout,
-                                        const void *gate, const void *up, size_t n) {
+extern "C" void mt_glu_backward_cuda(const mt_backend *be, void *dgate, void *dup, const void *dout, const void *gate,
+                                     const void *up, size_t n, mt_act act) {
     (void)be;
-    swiglu_backward_kernel<<<grid_for(n, kThreads), kThreads>>>((bf16 *)dgate, (bf16 *)dup, (const bf16 *)dout,
-                                                                (const bf16 *)gate, (const bf16 *)up, n);
+    glu_backward_kernel<<<grid_for(n, kThreads), kThreads>>>((bf16 *)dgate, (bf16 *)dup, (const bf16 *)dout,
+                                                             (const bf16 *)gate, (const bf16 *)up, n, act);
+    CUDA_CHECK_LAUNCH();
+}
+
+// x *= s in bf16: the product of x and s rounded to bf16 (s itself rounded first, as a bf16 tensor times a
+// bf16 scalar in torch)
+static __global__ void scale_kernel(bf16 *x, size_t n, float s) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] = __float2bfloat16(__bfloat162float(x[i]) * s);
+}
+
+extern "C" void mt_scale_cuda(const mt_backend *be, void *x, size_t n, float s) {
+    (void)be;
+    scale_kernel<<<grid_for(n, kThreads), kThreads>>>((bf16 *)x, n, __bfloat162float(__float2bfloat16(s)));
     CUDA_CHECK_LAUNCH();
 }
 

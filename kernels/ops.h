@@ -23,11 +23,14 @@ size_t mt_act_size(const mt_backend *be);
 
 void mt_op_embedding_forward(const mt_backend *be, void *out, const int32_t *tokens, const void *wte, int N, int C);
 void mt_op_embedding_backward(const mt_backend *be, float *dwte, const int32_t *tokens, const void *dout, int N, int C);
+// plus_one: the weight scales by (1 + w), computed in fp32 before the result
+// is rounded (Gemma's RMSNorm); else by w, the normalised value rounded first
+// (Llama's).
 void mt_op_rmsnorm_forward(const mt_backend *be, void *out, float *rstd, const void *inp, const void *weight, int N,
-                           int C, float eps);
+                           int C, float eps, int plus_one);
 // dweight may be NULL (a frozen norm).
 void mt_op_rmsnorm_backward(const mt_backend *be, void *dinp, float *dweight, const void *dout, const void *inp,
-                            const void *weight, const float *rstd, int N, int C);
+                            const void *weight, const float *rstd, int N, int C, int plus_one);
 // pos (B, T) where the backend computes, or NULL: each token's position (its
 // row of the tables); NULL means t. Packed documents restart it at 0.
 void mt_op_rope_forward(const mt_backend *be, void *out, const void *inp, const float *cos_table,
@@ -45,6 +48,7 @@ typedef struct {
     int B, T, H, KV, D;
     int window;
     int docs;
+    float scale;  // the scores' scale; 0: 1/sqrt(D) (Gemma: query_pre_attn_scalar^-1/2)
 } mt_attention_shape;
 // Whether the backend's attention handles this shape: on the GPU cuDNN's fused
 // attention where the library serves it (built with cuDNN, found at run time),
@@ -72,9 +76,14 @@ void mt_op_attention_forward(mt_backend *be, const mt_attention_shape *s, void *
 void mt_op_attention_backward(mt_backend *be, const mt_attention_shape *s, void *dq, void *dk, void *dv,
                               const void *dout, const void *q, const void *k, const void *v, const void *out,
                               const float *lse, const int32_t *pos);
-void mt_op_swiglu_forward(const mt_backend *be, void *out, const void *gate, const void *up, size_t n);
-void mt_op_swiglu_backward(const mt_backend *be, void *dgate, void *dup, const void *dout, const void *gate,
-                           const void *up, size_t n);
+// Gated linear unit: out = act(gate) * up, elementwise over n. SiLU: SwiGLU
+// (Llama); GELU's tanh approximation: GeGLU (Gemma's gelu_pytorch_tanh).
+typedef enum { MT_ACT_SILU, MT_ACT_GELU_TANH } mt_act;
+void mt_op_glu_forward(const mt_backend *be, void *out, const void *gate, const void *up, size_t n, mt_act act);
+void mt_op_glu_backward(const mt_backend *be, void *dgate, void *dup, const void *dout, const void *gate,
+                        const void *up, size_t n, mt_act act);
+// x *= s over n activations (rounded to the activation type, as s * x in it).
+void mt_op_scale(const mt_backend *be, void *x, size_t n, float s);
 void mt_op_matmul_forward(const mt_backend *be, void *out, const void *inp, const void *weight, const void *bias, int N,
                           int IN, int OUT);
 void mt_op_matmul_backward(const mt_backend *be, void *dinp, float *dweight, float *dbias, const void *dout,

@@ -18,9 +18,9 @@ void mt_embedding_forward_cuda(const mt_backend *be, void *out, const int32_t *t
 void mt_embedding_backward_cuda(const mt_backend *be, float *dwte, const int32_t *tokens, const void *dout, int N,
                                 int C);
 void mt_rmsnorm_forward_cuda(const mt_backend *be, void *out, float *rstd, const void *inp, const void *weight, int N,
-                             int C, float eps);
+                             int C, float eps, int plus_one);
 void mt_rmsnorm_backward_cuda(const mt_backend *be, void *dinp, float *dweight, const void *dout, const void *inp,
-                              const void *weight, const float *rstd, int N, int C);
+                              const void *weight, const float *rstd, int N, int C, int plus_one);
 void mt_rope_forward_cuda(const mt_backend *be, void *out, const void *inp, const float *cos_table,
                           const float *sin_table, const int32_t *pos, int B, int T, int H, int D, int rotate);
 void mt_rope_backward_cuda(const mt_backend *be, void *dinp, const void *dout, const float *cos_table,
@@ -36,9 +36,10 @@ void mt_attention_forward_cuda(mt_backend *be, const mt_attention_shape *s, void
 void mt_attention_backward_cuda(mt_backend *be, const mt_attention_shape *s, void *dq, void *dk, void *dv,
                                 const void *dout, const void *q, const void *k, const void *v, const void *out,
                                 const float *lse, const int32_t *pos);
-void mt_swiglu_forward_cuda(const mt_backend *be, void *out, const void *gate, const void *up, size_t n);
-void mt_swiglu_backward_cuda(const mt_backend *be, void *dgate, void *dup, const void *dout, const void *gate,
-                             const void *up, size_t n);
+void mt_glu_forward_cuda(const mt_backend *be, void *out, const void *gate, const void *up, size_t n, mt_act act);
+void mt_scale_cuda(const mt_backend *be, void *x, size_t n, float s);
+void mt_glu_backward_cuda(const mt_backend *be, void *dgate, void *dup, const void *dout, const void *gate,
+                          const void *up, size_t n, mt_act act);
 void mt_matmul_forward_cuda(const mt_backend *be, void *out, const void *inp, const void *weight, const void *bias,
                             int N, int IN, int OUT);
 void mt_matmul_forward_add_cuda(const mt_backend *be, void *out, const void *inp, const void *weight, int N, int IN,

@@ -25,7 +25,9 @@ void mt_embedding_backward_ref(float *dwte, const int32_t *tokens, const float *
     }
 }
 
-void mt_rmsnorm_forward_ref(float *out, float *rstd, const float *inp, const float *weight, int N, int C, float eps) {
+void mt_rmsnorm_forward_ref(float *out, float *rstd, const float *inp, const float *weight, int N, int C, float eps,
+                            int plus_one) {
+    float one = plus_one ? 1.0f : 0.0f;
 #pragma omp parallel for
     for (int n = 0; n < N; n++) {
         const float *x = inp + (size_t)n * C;
@@ -34,22 +36,23 @@ void mt_rmsnorm_forward_ref(float *out, float *rstd, const float *inp, const flo
         float r = (float)(1.0 / sqrt(ss / C + eps));
         rstd[n] = r;
         float *y = out + (size_t)n * C;
-        for (int c = 0; c < C; c++) y[c] = x[c] * r * weight[c];
+        for (int c = 0; c < C; c++) y[c] = x[c] * r * (one + weight[c]);
     }
 }
 
 void mt_rmsnorm_backward_ref(float *dinp, float *dweight, const float *dout, const float *inp, const float *weight,
-                             const float *rstd, int N, int C) {
-    // dx_j = r*w_j*g_j - r^3/C * x_j * sum_i g_i w_i x_i
+                             const float *rstd, int N, int C, int plus_one) {
+    // dx_j = r*w_j*g_j - r^3/C * x_j * sum_i g_i w_i x_i (w: the scale, 1 + weight with plus_one)
+    float one = plus_one ? 1.0f : 0.0f;
 #pragma omp parallel for
     for (int n = 0; n < N; n++) {
         const float *x = inp + (size_t)n * C, *g = dout + (size_t)n * C;
         float r = rstd[n];
         double dot = 0.0;
-        for (int c = 0; c < C; c++) dot += (double)g[c] * weight[c] * x[c];
+        for (int c = 0; c < C; c++) dot += (double)g[c] * (one + weight[c]) * x[c];
         float k = (float)(dot * r * r * r / C);
         float *dx = dinp + (size_t)n * C;
-        for (int c = 0; c < C; c++) dx[c] += r * weight[c] * g[c] - k * x[c];
+        for (int c = 0; c < C; c++) dx[c] += r * (one + weight[c]) * g[c] - k * x[c];
     }
     for (int n = 0; n < N && dweight; n++) {
         const float *x = inp + (size_t)n * C, *g = dout + (size_t)n * C;
@@ -142,9 +145,9 @@ static float attention_probs(float *p, const float *qrow, const float *kbase, in
 }
 
 void mt_attention_forward_ref(float *out, float *lse, const float *q, const float *k, const float *v, int B, int T,
-                              int H, int KV, int D, int window, const int32_t *pos) {
+                              int H, int KV, int D, int window, const int32_t *pos, float scale) {
     int group = H / KV;
-    float scale = 1.0f / sqrtf((float)D);
+    if (scale == 0.0f) scale = 1.0f / sqrtf((float)D);
 #pragma omp parallel
     {
         float *p = malloc((size_t)T * sizeof(float));
@@ -170,10 +173,10 @@ void mt_attention_forward_ref(float *out, float *lse, const float *q, const floa
 
 void mt_attention_backward_ref(float *dq, float *dk, float *dv, const float *dout, const float *q, const float *k,
                                const float *v, const float *out, const float *lse, int B, int T, int H, int KV, int D,
-                               int window, const int32_t *pos) {
+                               int window, const int32_t *pos, float scale) {
     (void)out, (void)lse;
     int group = H / KV;
-    float scale = 1.0f / sqrtf((float)D);
+    if (scale == 0.0f) scale = 1.0f / sqrtf((float)D);
     memset(dk, 0, (size_t)B * KV * T * D * sizeof(float));
     memset(dv, 0, (size_t)B * KV * T * D * sizeof(float));
 #pragma omp parallel
@@ -218,21 +221,36 @@ void mt_attention_backward_ref(float *dq, float *dk, float *dv, const float *dou
     }
 }
 
-void mt_swiglu_forward_ref(float *out, const float *gate, const float *up, size_t n) {
+// GELU's tanh approximation (torch's gelu(approximate="tanh")): its value and
+// derivative at g.
+static const float kGeluK0 = 0.7978845608028654f, kGeluK1 = 0.044715f;  // sqrt(2/pi)
+static float gelu_tanh(float g) { return 0.5f * g * (1.0f + tanhf(kGeluK0 * (g + kGeluK1 * g * g * g))); }
+static float gelu_tanh_grad(float g) {
+    float t = tanhf(kGeluK0 * (g + kGeluK1 * g * g * g));
+    return 0.5f * (1.0f + t) + 0.5f * g * (1.0f - t * t) * kGeluK0 * (1.0f + 3.0f * kGeluK1 * g * g);
+}
+
+void mt_glu_forward_ref(float *out, const float *gate, const float *up, size_t n, mt_act act) {
 #pragma omp parallel for
     for (size_t i = 0; i < n; i++) {
         float g = gate[i];
-        out[i] = g / (1.0f + expf(-g)) * up[i];
+        out[i] = (act == MT_ACT_SILU ? g / (1.0f + expf(-g)) : gelu_tanh(g)) * up[i];
     }
 }
 
-void mt_swiglu_backward_ref(float *dgate, float *dup, const float *dout, const float *gate, const float *up, size_t n) {
+void mt_glu_backward_ref(float *dgate, float *dup, const float *dout, const float *gate, const float *up, size_t n,
+                         mt_act act) {
 #pragma omp parallel for
     for (size_t i = 0; i < n; i++) {
-        float g = gate[i], sig = 1.0f / (1.0f + expf(-g));
-        float silu = g * sig;
-        dgate[i] = dout[i] * up[i] * (sig + silu * (1.0f - sig));
-        dup[i] = dout[i] * silu;
+        float g = gate[i], a, da;
+        if (act == MT_ACT_SILU) {
+            float sig = 1.0f / (1.0f + expf(-g));
+            a = g * sig, da = sig + a * (1.0f - sig);
+        } else {
+            a = gelu_tanh(g), da = gelu_tanh_grad(g);
+        }
+        dgate[i] = dout[i] * up[i] * da;
+        dup[i] = dout[i] * a;
     }
 }
 

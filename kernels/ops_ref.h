@@ -21,11 +21,13 @@ extern "C" {
 void mt_embedding_forward_ref(float *out, const int32_t *tokens, const float *wte, int N, int C);
 void mt_embedding_backward_ref(float *dwte, const int32_t *tokens, const float *dout, int N, int C);
 
-// y = x * rsqrt(mean(x^2) + eps) * weight; rstd (N) saved for backward.
-void mt_rmsnorm_forward_ref(float *out, float *rstd, const float *inp, const float *weight, int N, int C, float eps);
+// y = x * rsqrt(mean(x^2) + eps) * weight (plus_one: * (1 + weight)); rstd
+// (N) saved for backward.
+void mt_rmsnorm_forward_ref(float *out, float *rstd, const float *inp, const float *weight, int N, int C, float eps,
+                            int plus_one);
 // dinp (N, C) +=, dweight (C) +=.
 void mt_rmsnorm_backward_ref(float *dinp, float *dweight, const float *dout, const float *inp, const float *weight,
-                             const float *rstd, int N, int C);
+                             const float *rstd, int N, int C, int plus_one);
 
 // Rotary embedding in the "rotate half" convention of Hugging Face Llama, fused
 // with the layout change (B, T, H, D) -> (B, H, T, D). cos/sin are (T, D/2).
@@ -40,23 +42,25 @@ void mt_rope_backward_ref(float *dinp, const float *dout, const float *cos_table
 void mt_rope_tables(float *cos_table, float *sin_table, const float *inv_freq, int T, int D);
 
 // Causal scaled-dot-product attention with grouped-query heads.
-// q (B, H, T, D), k/v (B, KV, T, D); out (B, T, H, D); scale 1/sqrt(D);
+// q (B, H, T, D), k/v (B, KV, T, D); out (B, T, H, D); scores scaled by
+// scale (0: 1/sqrt(D));
 // lse (B, H, T) = log-sum-exp of each row's scaled scores (kept for backward).
 // window > 0: query t attends to keys max(0, t - window + 1) .. t only.
 // pos (B, T), or NULL: each token's position in its document; query t then
 // sees no key before its document's start, t - pos[t] (documents packed into
 // one row attend only within themselves).
 void mt_attention_forward_ref(float *out, float *lse, const float *q, const float *k, const float *v, int B, int T,
-                              int H, int KV, int D, int window, const int32_t *pos);
+                              int H, int KV, int D, int window, const int32_t *pos, float scale);
 // dq/dk/dv are overwritten. out and lse are what forward produced (the CUDA
 // version uses them; the reference recomputes P from q and k instead).
 void mt_attention_backward_ref(float *dq, float *dk, float *dv, const float *dout, const float *q, const float *k,
                                const float *v, const float *out, const float *lse, int B, int T, int H, int KV, int D,
-                               int window, const int32_t *pos);
+                               int window, const int32_t *pos, float scale);
 
-// out = silu(gate) * up, elementwise over n.
-void mt_swiglu_forward_ref(float *out, const float *gate, const float *up, size_t n);
-void mt_swiglu_backward_ref(float *dgate, float *dup, const float *dout, const float *gate, const float *up, size_t n);
+// out = act(gate) * up, elementwise over n (silu, or GELU's tanh approximation).
+void mt_glu_forward_ref(float *out, const float *gate, const float *up, size_t n, mt_act act);
+void mt_glu_backward_ref(float *dgate, float *dup, const float *dout, const float *gate, const float *up, size_t n,
+                         mt_act act);
 
 // out (N, OUT) = inp (N, IN) @ weight^T (+ bias (OUT) when not NULL).
 void mt_matmul_forward_ref(float *out, const float *inp, const float *weight, const float *bias, int N, int IN,

@@ -24,13 +24,13 @@ static double dot(const float *a, const float *b, size_t n) {
 
 // ----------------------------------------------------------------- rmsnorm
 typedef struct {
-    int N, C;
+    int N, C, plus_one;
     float *x, *w, *y, *rstd, *r;
 } rms_ctx;
 
 static double rms_loss(void *p) {
     rms_ctx *c = p;
-    mt_rmsnorm_forward_ref(c->y, c->rstd, c->x, c->w, c->N, c->C, 1e-5f);
+    mt_rmsnorm_forward_ref(c->y, c->rstd, c->x, c->w, c->N, c->C, 1e-5f, c->plus_one);
     return dot(c->y, c->r, (size_t)c->N * c->C);
 }
 
@@ -48,16 +48,43 @@ START_TEST(rmsnorm_forward_and_backward) {
     for (int i = 0; i < c.C; i++) ms += pow(c.y[i] / c.w[i], 2);
     ck_assert_double_eq_tol(ms / c.C, 1.0, 1e-3);
     float *dx = calloc(n, 4), *dw = calloc(c.C, 4);
-    mt_rmsnorm_backward_ref(dx, dw, c.r, c.x, c.w, c.rstd, c.N, c.C);
+    mt_rmsnorm_backward_ref(dx, dw, c.r, c.x, c.w, c.rstd, c.N, c.C, 0);
     ck_assert_double_lt(tu_fd_check(rms_loss, &c, c.x, dx, n, 40, 1e-2), kFdTolerance);
     ck_assert_double_lt(tu_fd_check(rms_loss, &c, c.w, dw, c.C, 22, 1e-2), kFdTolerance);
     // dinp accumulates
     float *dx2 = malloc(n * 4);
     for (size_t i = 0; i < n; i++) dx2[i] = 1.0f;
     float *dw2 = calloc(c.C, 4);
-    mt_rmsnorm_backward_ref(dx2, dw2, c.r, c.x, c.w, c.rstd, c.N, c.C);
+    mt_rmsnorm_backward_ref(dx2, dw2, c.r, c.x, c.w, c.rstd, c.N, c.C, 0);
     for (size_t i = 0; i < n; i++) ck_assert_float_eq_tol(dx2[i], dx[i] + 1.0f, 1e-5);
     free(c.x), free(c.w), free(c.r), free(c.y), free(c.rstd), free(dx), free(dw), free(dx2), free(dw2);
+}
+END_TEST
+
+// Gemma's RMSNorm scales by (1 + w): a weight of 0 is the plain norm, and the
+// backward matches finite differences.
+START_TEST(rmsnorm_plus_one) {
+    rms_ctx c = {.N = 5, .C = 19, .plus_one = 1};
+    size_t n = (size_t)c.N * c.C;
+    c.x = tu_random(n, -2, 2, 101);
+    c.w = tu_random(c.C, -0.5f, 0.5f, 102);
+    c.r = tu_random(n, -1, 1, 103);
+    c.y = malloc(n * 4), c.rstd = malloc(c.N * 4);
+    rms_loss(&c);
+    float *ones = malloc(c.C * 4), *zeros = calloc(c.C, 4), *a = malloc(n * 4), *b = malloc(n * 4), r[5];
+    for (int i = 0; i < c.C; i++) ones[i] = 1.0f + c.w[i];
+    mt_rmsnorm_forward_ref(a, r, c.x, ones, c.N, c.C, 1e-5f, 0);  // (1 + w) as a plain weight
+    for (size_t i = 0; i < n; i++) ck_assert_float_eq_tol(c.y[i], a[i], 1e-6);
+    mt_rmsnorm_forward_ref(a, r, c.x, zeros, c.N, c.C, 1e-5f, 1);
+    for (int i = 0; i < c.C; i++) ones[i] = 1.0f;
+    mt_rmsnorm_forward_ref(b, r, c.x, ones, c.N, c.C, 1e-5f, 0);
+    ck_assert_mem_eq(a, b, n * 4);
+    float *dx = calloc(n, 4), *dw = calloc(c.C, 4);
+    mt_rmsnorm_backward_ref(dx, dw, c.r, c.x, c.w, c.rstd, c.N, c.C, 1);
+    ck_assert_double_lt(tu_fd_check(rms_loss, &c, c.x, dx, n, 40, 1e-2), kFdTolerance);
+    ck_assert_double_lt(tu_fd_check(rms_loss, &c, c.w, dw, c.C, 19, 1e-2), kFdTolerance);
+    free(c.x), free(c.w), free(c.r), free(c.y), free(c.rstd), free(dx), free(dw), free(ones), free(zeros), free(a),
+        free(b);
 }
 END_TEST
 
@@ -107,11 +134,13 @@ typedef struct {
     int B, T, H, KV, D, window;
     float *q, *k, *v, *y, *r, *lse;
     const int32_t *pos;  // packed documents, or NULL
+    float scale;         // 0: 1/sqrt(D)
 } att_ctx;
 
 static double att_loss(void *p) {
     att_ctx *c = p;
-    mt_attention_forward_ref(c->y, c->lse, c->q, c->k, c->v, c->B, c->T, c->H, c->KV, c->D, c->window, c->pos);
+    mt_attention_forward_ref(c->y, c->lse, c->q, c->k, c->v, c->B, c->T, c->H, c->KV, c->D, c->window, c->pos,
+                             c->scale);
     return dot(c->y, c->r, (size_t)c->B * c->T * c->H * c->D);
 }
 
@@ -166,7 +195,8 @@ START_TEST(attention_forward_and_backward) {
         ck_assert_double_eq_tol(c.lse[((size_t)1 * c.H + 3) * c.T + 1], log(exp(s0) + exp(s1)), 1e-5);
     }
     float *dq = malloc(nq * 4), *dk = malloc(nk * 4), *dv = malloc(nk * 4);
-    mt_attention_backward_ref(dq, dk, dv, c.r, c.q, c.k, c.v, c.y, c.lse, c.B, c.T, c.H, c.KV, c.D, c.window, NULL);
+    mt_attention_backward_ref(dq, dk, dv, c.r, c.q, c.k, c.v, c.y, c.lse, c.B, c.T, c.H, c.KV, c.D, c.window, NULL,
+                              0.0f);
     ck_assert_double_lt(tu_fd_check(att_loss, &c, c.q, dq, nq, 50, 1e-2), kFdTolerance);
     ck_assert_double_lt(tu_fd_check(att_loss, &c, c.k, dk, nk, 50, 1e-2), kFdTolerance);
     ck_assert_double_lt(tu_fd_check(att_loss, &c, c.v, dv, nk, 50, 1e-2), kFdTolerance);
@@ -191,13 +221,14 @@ START_TEST(attention_sliding_window) {
         for (int d = 0; d < c.D; d++) ck_assert_double_eq_tol(y[d], expect[d], 1e-5);
     }
     float *full = malloc(nq * 4), *full_lse = malloc((size_t)c.B * c.H * c.T * 4);
-    mt_attention_forward_ref(full, full_lse, c.q, c.k, c.v, c.B, c.T, c.H, c.KV, c.D, 0, NULL);
-    mt_attention_forward_ref(c.y, c.lse, c.q, c.k, c.v, c.B, c.T, c.H, c.KV, c.D, c.T, NULL);
+    mt_attention_forward_ref(full, full_lse, c.q, c.k, c.v, c.B, c.T, c.H, c.KV, c.D, 0, NULL, 0.0f);
+    mt_attention_forward_ref(c.y, c.lse, c.q, c.k, c.v, c.B, c.T, c.H, c.KV, c.D, c.T, NULL, 0.0f);
     ck_assert_mem_eq(full, c.y, nq * 4);
-    mt_attention_forward_ref(c.y, c.lse, c.q, c.k, c.v, c.B, c.T, c.H, c.KV, c.D, c.window, NULL);
+    mt_attention_forward_ref(c.y, c.lse, c.q, c.k, c.v, c.B, c.T, c.H, c.KV, c.D, c.window, NULL, 0.0f);
     ck_assert(memcmp(full, c.y, nq * 4) != 0);
     float *dq = malloc(nq * 4), *dk = malloc(nk * 4), *dv = malloc(nk * 4);
-    mt_attention_backward_ref(dq, dk, dv, c.r, c.q, c.k, c.v, c.y, c.lse, c.B, c.T, c.H, c.KV, c.D, c.window, NULL);
+    mt_attention_backward_ref(dq, dk, dv, c.r, c.q, c.k, c.v, c.y, c.lse, c.B, c.T, c.H, c.KV, c.D, c.window, NULL,
+                              0.0f);
     ck_assert_double_lt(tu_fd_check(att_loss, &c, c.q, dq, nq, 50, 1e-2), kFdTolerance);
     ck_assert_double_lt(tu_fd_check(att_loss, &c, c.k, dk, nk, 50, 1e-2), kFdTolerance);
     ck_assert_double_lt(tu_fd_check(att_loss, &c, c.v, dv, nk, 50, 1e-2), kFdTolerance);
@@ -224,7 +255,7 @@ START_TEST(attention_packed_documents_equal_each_document_alone) {
         att_init(&c, 80 + window, &nq, &nk);
         att_loss(&c);
         float *dq = malloc(nq * 4), *dk = malloc(nk * 4), *dv = malloc(nk * 4);
-        mt_attention_backward_ref(dq, dk, dv, c.r, c.q, c.k, c.v, c.y, c.lse, B, T, H, KV, D, window, pos);
+        mt_attention_backward_ref(dq, dk, dv, c.r, c.q, c.k, c.v, c.y, c.lse, B, T, H, KV, D, window, pos, 0.0f);
         for (int b = 0; b < B; b++)
             for (int i = 0, t0 = 0; lengths[b][i]; t0 += lengths[b][i], i++) {
                 int n = lengths[b][i];
@@ -246,7 +277,7 @@ START_TEST(attention_packed_documents_equal_each_document_alone) {
                     }
                 att_loss(&a);
                 mt_attention_backward_ref(aq_d, ak_d, av_d, a.r, a.q, a.k, a.v, a.y, a.lse, 1, n, H, KV, D, window,
-                                          NULL);
+                                          NULL, 0.0f);
                 for (int h = 0; h < H; h++)
                     for (int t = 0; t < n; t++) {
                         ck_assert_mem_eq(a.y + ((size_t)t * H + h) * D, c.y + (((size_t)b * T + t0 + t) * H + h) * D,
@@ -265,7 +296,7 @@ START_TEST(attention_packed_documents_equal_each_document_alone) {
             }
         // the masks matter: without them row 0 differs
         float *plain = malloc(nq * 4);
-        mt_attention_forward_ref(plain, c.lse, c.q, c.k, c.v, B, T, H, KV, D, window, NULL);
+        mt_attention_forward_ref(plain, c.lse, c.q, c.k, c.v, B, T, H, KV, D, window, NULL, 0.0f);
         ck_assert(memcmp(plain, c.y, (size_t)T * H * D * 4) != 0);
         free(plain);
         att_loss(&c);
@@ -301,15 +332,37 @@ START_TEST(attention_packed_documents_equal_each_document_alone) {
 }
 END_TEST
 
+// The scores' scale (Gemma's query_pre_attn_scalar^-1/2): scaling q by s / (1
+// / sqrt(D)) with the default scale gives the same output; the backward
+// matches finite differences.
+START_TEST(attention_scale) {
+    att_ctx c = {.B = 1, .T = 9, .H = 4, .KV = 2, .D = 8, .scale = 0.2f};
+    size_t nq, nk;
+    att_init(&c, 70, &nq, &nk);
+    att_loss(&c);
+    float *q2 = malloc(nq * 4), *y2 = malloc(nq * 4), *lse2 = malloc((size_t)c.H * c.T * 4);
+    for (size_t i = 0; i < nq; i++) q2[i] = c.q[i] * 0.2f * sqrtf(8.0f);
+    mt_attention_forward_ref(y2, lse2, q2, c.k, c.v, c.B, c.T, c.H, c.KV, c.D, 0, NULL, 0.0f);
+    for (size_t i = 0; i < nq; i++) ck_assert_float_eq_tol(y2[i], c.y[i], 1e-5);
+    float *dq = malloc(nq * 4), *dk = malloc(nk * 4), *dv = malloc(nk * 4);
+    mt_attention_backward_ref(dq, dk, dv, c.r, c.q, c.k, c.v, c.y, c.lse, c.B, c.T, c.H, c.KV, c.D, 0, NULL, 0.2f);
+    ck_assert_double_lt(tu_fd_check(att_loss, &c, c.q, dq, nq, 50, 1e-2), kFdTolerance);
+    ck_assert_double_lt(tu_fd_check(att_loss, &c, c.k, dk, nk, 50, 1e-2), kFdTolerance);
+    free(c.q), free(c.k), free(c.v), free(c.r), free(c.y), free(c.lse), free(dq), free(dk), free(dv), free(q2);
+    free(y2), free(lse2);
+}
+END_TEST
+
 // ------------------------------------------------------------------ swiglu
 typedef struct {
     size_t n;
     float *g, *u, *y, *r;
+    mt_act act;
 } swiglu_ctx;
 
 static double swiglu_loss(void *p) {
     swiglu_ctx *c = p;
-    mt_swiglu_forward_ref(c->y, c->g, c->u, c->n);
+    mt_glu_forward_ref(c->y, c->g, c->u, c->n, c->act);
     return dot(c->y, c->r, c->n);
 }
 
@@ -322,7 +375,29 @@ START_TEST(swiglu_forward_and_backward) {
     swiglu_loss(&c);
     ck_assert_float_eq_tol(c.y[3], c.g[3] / (1 + expf(-c.g[3])) * c.u[3], 1e-6);
     float *dg = malloc(c.n * 4), *du = malloc(c.n * 4);
-    mt_swiglu_backward_ref(dg, du, c.r, c.g, c.u, c.n);
+    mt_glu_backward_ref(dg, du, c.r, c.g, c.u, c.n, MT_ACT_SILU);
+    ck_assert_double_lt(tu_fd_check(swiglu_loss, &c, c.g, dg, c.n, 60, 1e-3), kFdTolerance);
+    ck_assert_double_lt(tu_fd_check(swiglu_loss, &c, c.u, du, c.n, 60, 1e-3), kFdTolerance);
+    free(c.g), free(c.u), free(c.r), free(c.y), free(dg), free(du);
+}
+END_TEST
+
+// GeGLU with GELU's tanh approximation (Gemma's gelu_pytorch_tanh): values
+// of 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))) at 1, -2, 0.5 computed
+// in fp64, and the backward against finite differences.
+START_TEST(geglu_forward_and_backward) {
+    swiglu_ctx c = {.n = 257, .act = MT_ACT_GELU_TANH};
+    c.g = tu_random(c.n, -4, 4, 20);
+    c.u = tu_random(c.n, -2, 2, 21);
+    c.r = tu_random(c.n, -1, 1, 22);
+    c.y = malloc(c.n * 4);
+    float gx[3] = {1.0f, -2.0f, 0.5f}, ones[3] = {1, 1, 1}, y[3];
+    const double fp64[3] = {0.8411919906082768, -0.04540230591222494, 0.34571400982514394};
+    mt_glu_forward_ref(y, gx, ones, 3, MT_ACT_GELU_TANH);
+    for (int i = 0; i < 3; i++) ck_assert_double_eq_tol(y[i], fp64[i], 1e-6);
+    swiglu_loss(&c);
+    float *dg = malloc(c.n * 4), *du = malloc(c.n * 4);
+    mt_glu_backward_ref(dg, du, c.r, c.g, c.u, c.n, MT_ACT_GELU_TANH);
     ck_assert_double_lt(tu_fd_check(swiglu_loss, &c, c.g, dg, c.n, 60, 1e-3), kFdTolerance);
     ck_assert_double_lt(tu_fd_check(swiglu_loss, &c, c.u, du, c.n, 60, 1e-3), kFdTolerance);
     free(c.g), free(c.u), free(c.r), free(c.y), free(dg), free(du);
@@ -536,6 +611,9 @@ int main(void) {
     tcase_add_test(tc, rope_forward_and_backward);
     tcase_add_test(tc, attention_forward_and_backward);
     tcase_add_test(tc, attention_sliding_window);
+    tcase_add_test(tc, attention_scale);
+    tcase_add_test(tc, rmsnorm_plus_one);
+    tcase_add_test(tc, geglu_forward_and_backward);
     tcase_add_test(tc, attention_packed_documents_equal_each_document_alone);
     tcase_add_test(tc, swiglu_forward_and_backward);
     tcase_add_test(tc, matmul_forward_and_backward);

@@ -105,21 +105,23 @@ static void expect_close(const char *what, const float *got, const float *ref, s
 }
 
 START_TEST(rmsnorm) {
-    int sizes[][2] = {{1, 7}, {7, 22}, {33, 257}, {5, 2048}};
-    for (int s = 0; s < 4; s++) {
-        int N = sizes[s][0], C = sizes[s][1];
+    // the last two: Gemma's (1 + w) on rows of 2304 and on head-norm rows of 256
+    int sizes[][3] = {{1, 7, 0}, {7, 22, 0}, {33, 257, 0}, {5, 2048, 0}, {9, 2304, 1}, {300, 256, 1}};
+    for (int s = 0; s < 6; s++) {
+        int N = sizes[s][0], C = sizes[s][1], one = sizes[s][2];
         size_t n = (size_t)N * C;
-        float *x = host_random(n, -2, 2), *w = host_random(C, 0.5f, 1.5f), *g = host_random(n, -1, 1);
+        float *x = host_random(n, -2, 2), *w = host_random(C, one ? -0.5f : 0.5f, one ? 0.5f : 1.5f),
+              *g = host_random(n, -1, 1);
         float *y = malloc(n * 4), *rstd = malloc(N * 4), *dx = tu_random(n, -1, 1, seed++), *dw = calloc(C, 4);
         for (size_t i = 0; i < n; i++) dx[i] = mt_round_bf16(dx[i]);
         void *dx_d = dev_bf16(dx, n);
-        mt_rmsnorm_forward_ref(y, rstd, x, w, N, C, 1e-5f);
-        mt_rmsnorm_backward_ref(dx, dw, g, x, w, rstd, N, C);
+        mt_rmsnorm_forward_ref(y, rstd, x, w, N, C, 1e-5f, one);
+        mt_rmsnorm_backward_ref(dx, dw, g, x, w, rstd, N, C, one);
         void *x_d = dev_bf16(x, n), *w_d = dev_bf16(w, C), *g_d = dev_bf16(g, n);
         void *y_d = dev_poisoned(n * 2), *rstd_d = dev_poisoned(N * 4), *dw_d = mt_device_malloc(C * 4);
         mt_device_memset(dw_d, 0, C * 4);
-        mt_op_rmsnorm_forward(&be, y_d, rstd_d, x_d, w_d, N, C, 1e-5f);
-        mt_op_rmsnorm_backward(&be, dx_d, dw_d, g_d, x_d, w_d, rstd_d, N, C);
+        mt_op_rmsnorm_forward(&be, y_d, rstd_d, x_d, w_d, N, C, 1e-5f, one);
+        mt_op_rmsnorm_backward(&be, dx_d, dw_d, g_d, x_d, w_d, rstd_d, N, C, one);
         float *yg = host_from_bf16(y_d, n), *rg = host_from_f32(rstd_d, N), *dxg = host_from_bf16(dx_d, n),
               *dwg = host_from_f32(dw_d, C);
         expect_close("rmsnorm y", yg, y, n, kBf16Tol);
@@ -129,9 +131,9 @@ START_TEST(rmsnorm) {
         // a frozen norm (LoRA): no dweight, the same dx
         void *dx2_d = dev_bf16(dx, n);
         mt_device_memset(dx2_d, 0, n * 2);
-        mt_op_rmsnorm_backward(&be, dx2_d, NULL, g_d, x_d, w_d, rstd_d, N, C);
+        mt_op_rmsnorm_backward(&be, dx2_d, NULL, g_d, x_d, w_d, rstd_d, N, C, one);
         float *dx_frozen = calloc(n, 4), *dx2g = host_from_bf16(dx2_d, n);
-        mt_rmsnorm_backward_ref(dx_frozen, NULL, g, x, w, rstd, N, C);
+        mt_rmsnorm_backward_ref(dx_frozen, NULL, g, x, w, rstd, N, C, one);
         expect_close("rmsnorm dx without dweight", dx2g, dx_frozen, n, kBf16Tol);
         free(dx_frozen), free(dx2g), mt_device_free(dx2_d);
         free(x), free(w), free(g), free(y), free(rstd), free(dx), free(dw), free(yg), free(rg), free(dxg), free(dwg);
@@ -185,8 +187,8 @@ static void attention_case(const mt_attention_shape *s, const char *path) {
     float *y = malloc(nq * 4), *dq = malloc(nq * 4), *dk = malloc(nk * 4), *dv = malloc(nk * 4), *lse = malloc(nl * 4);
     int32_t *pos = s->docs ? doc_positions(B, T) : NULL;
     void *pos_d = pos ? dev_i32(pos, (size_t)B * T) : NULL;
-    mt_attention_forward_ref(y, lse, q, k, v, B, T, H, KV, D, s->window, pos);
-    mt_attention_backward_ref(dq, dk, dv, g, q, k, v, y, lse, B, T, H, KV, D, s->window, pos);
+    mt_attention_forward_ref(y, lse, q, k, v, B, T, H, KV, D, s->window, pos, s->scale);
+    mt_attention_backward_ref(dq, dk, dv, g, q, k, v, y, lse, B, T, H, KV, D, s->window, pos, s->scale);
     ck_assert_int_eq(mt_backend_reserve_workspace(&be, mt_attention_workspace_bytes(&be, s)), MT_OK);
     void *q_d = dev_bf16(q, nq), *k_d = dev_bf16(k, nk), *v_d = dev_bf16(v, nk), *g_d = dev_bf16(g, nq);
     void *y_d = dev_poisoned(nq * 2), *dq_d = dev_poisoned(nq * 2), *dk_d = dev_poisoned(nk * 2),
@@ -228,25 +230,27 @@ static void attention_case(const mt_attention_shape *s, const char *path) {
 START_TEST(attention) {
     // head dims 16..256, T around the 64-row tiles, grouped and plain heads,
     // sliding windows shorter than T (Mistral) and one no shorter
-    mt_attention_shape shapes[] = {{1, 1, 1, 1, 16, 0, 0},
-                                   {2, 7, 4, 2, 16, 0, 0},
-                                   {1, 257, 6, 2, 64, 0, 0},
-                                   {2, 129, 8, 8, 128, 0, 0},
-                                   {1, 1025, 4, 1, 64, 0, 0},
-                                   {3, 64, 4, 4, 32, 0, 0},
-                                   {1, 65, 8, 2, 128, 0, 0},
-                                   {2, 200, 4, 2, 64, 37, 0},
-                                   {1, 300, 8, 4, 128, 64, 0},
-                                   {1, 33, 2, 1, 32, 40, 0},
-                                   {2, 130, 4, 2, 80, 0, 0},
-                                   {1, 257, 6, 3, 96, 0, 0},
-                                   {1, 129, 4, 2, 96, 50, 0},
-                                   {1, 100, 4, 1, 256, 0, 0},
+    mt_attention_shape shapes[] = {{1, 1, 1, 1, 16, 0, 0, 0.0f},
+                                   {2, 7, 4, 2, 16, 0, 0, 0.0f},
+                                   {1, 257, 6, 2, 64, 0, 0, 0.0f},
+                                   {2, 129, 8, 8, 128, 0, 0, 0.0f},
+                                   {1, 1025, 4, 1, 64, 0, 0, 0.0f},
+                                   {3, 64, 4, 4, 32, 0, 0, 0.0f},
+                                   {1, 65, 8, 2, 128, 0, 0, 0.0f},
+                                   {2, 200, 4, 2, 64, 37, 0, 0.0f},
+                                   {1, 300, 8, 4, 128, 64, 0, 0.0f},
+                                   {1, 33, 2, 1, 32, 40, 0, 0.0f},
+                                   {2, 130, 4, 2, 80, 0, 0, 0.0f},
+                                   {1, 257, 6, 3, 96, 0, 0, 0.0f},
+                                   {1, 129, 4, 2, 96, 50, 0, 0.0f},
+                                   {1, 100, 4, 1, 256, 0, 0, 0.0f},
                                    // packed documents (memtune's kernel: cuDNN's path does not take them)
-                                   {3, 300, 4, 2, 64, 0, 1},
-                                   {3, 257, 8, 4, 128, 0, 1},
-                                   {2, 129, 4, 1, 32, 50, 1},
-                                   {1, 1025, 4, 2, 64, 0, 1}};
+                                   {3, 300, 4, 2, 64, 0, 1, 0.0f},
+                                   {3, 257, 8, 4, 128, 0, 1, 0.0f},
+                                   {2, 129, 4, 1, 32, 50, 1, 0.0f},
+                                   {1, 1025, 4, 2, 64, 0, 1, 0.0f},
+                                   // Gemma: scale query_pre_attn_scalar^-1/2 (here 1/sqrt(144)), window
+                                   {2, 200, 4, 1, 128, 64, 0, 1.0f / 12.0f}};
     int n = sizeof shapes / sizeof shapes[0], served = 0;
     for (int i = 0; i < n; i++) {
         mt_attention_shape *s = &shapes[i];
@@ -283,23 +287,33 @@ START_TEST(swiglu_add_and_embedding) {
     size_t sizes[] = {1, 7, 257, 100003};
     for (int s = 0; s < 4; s++) {
         size_t n = sizes[s];
+        mt_act act = s % 2 ? MT_ACT_GELU_TANH : MT_ACT_SILU;  // GeGLU at two of the sizes
         float *gt = host_random(n, -5, 5), *up = host_random(n, -2, 2), *d = host_random(n, -1, 1);
         float *y = malloc(n * 4), *dg = malloc(n * 4), *du = malloc(n * 4), *sum = malloc(n * 4);
-        mt_swiglu_forward_ref(y, gt, up, n);
-        mt_swiglu_backward_ref(dg, du, d, gt, up, n);
+        mt_glu_forward_ref(y, gt, up, n, act);
+        mt_glu_backward_ref(dg, du, d, gt, up, n, act);
         mt_add_ref(sum, gt, up, n);
         void *g_d = dev_bf16(gt, n), *u_d = dev_bf16(up, n), *d_d = dev_bf16(d, n);
         void *y_d = dev_poisoned(n * 2), *dg_d = dev_poisoned(n * 2), *du_d = dev_poisoned(n * 2),
              *s_d = dev_poisoned(n * 2);
-        mt_op_swiglu_forward(&be, y_d, g_d, u_d, n);
-        mt_op_swiglu_backward(&be, dg_d, du_d, d_d, g_d, u_d, n);
+        mt_op_glu_forward(&be, y_d, g_d, u_d, n, act);
+        mt_op_glu_backward(&be, dg_d, du_d, d_d, g_d, u_d, n, act);
         mt_op_add(&be, s_d, g_d, u_d, n);
         float *yg = host_from_bf16(y_d, n), *dgg = host_from_bf16(dg_d, n), *dug = host_from_bf16(du_d, n),
               *sg = host_from_bf16(s_d, n);
-        expect_close("swiglu forward", yg, y, n, 1e-2);
-        expect_close("swiglu dgate", dgg, dg, n, 1e-2);
-        expect_close("swiglu dup", dug, du, n, 1e-2);
+        expect_close(act ? "geglu forward" : "swiglu forward", yg, y, n, 1e-2);
+        expect_close(act ? "geglu dgate" : "swiglu dgate", dgg, dg, n, 1e-2);
+        expect_close(act ? "geglu dup" : "swiglu dup", dug, du, n, 1e-2);
         expect_close("add", sg, sum, n, 1e-2);
+        // scale (Gemma's embedding times sqrt(hidden)): bf16(x * bf16(s))
+        {
+            float s_bf = mt_round_bf16(48.0f * 1.0001f), *want = malloc(n * 4);
+            for (size_t i = 0; i < n; i++) want[i] = mt_round_bf16(gt[i] * s_bf);
+            mt_op_scale(&be, g_d, n, 48.0f * 1.0001f);
+            float *got = host_from_bf16(g_d, n);
+            ck_assert_msg(memcmp(got, want, n * 4) == 0, "scale differs from bf16(x * bf16(s)) (n %zu)", n);
+            free(got), free(want);
+        }
         // fp32 (gradient sums), in place as ZeRO-2 uses it: bit-exact
         float *a_d = dev_f32(gt, n), *b_d = dev_f32(up, n);
         mt_op_add_f32(&be, a_d, a_d, b_d, n);

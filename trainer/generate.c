@@ -203,7 +203,7 @@ mt_err mt_generator_step(mt_generator *g, int32_t token, float *logits) {
     const float *cs = g->cos_table + (size_t)t * half, *sn = g->sin_table + (size_t)t * half;
     for (int l = 0; l < c->L; l++) {
         const layer_w *w = &g->layers[l];
-        mt_rmsnorm_forward_ref(g->ln, &rstd, g->x, w->ln1, 1, C, c->rms_eps);
+        mt_rmsnorm_forward_ref(g->ln, &rstd, g->x, w->ln1, 1, C, c->rms_eps, 0);
         mt_matmul_forward_ref(g->q, g->ln, w->q, w->qb, 1, C, HD);
         adapt(g, l, MT_LORA_Q, g->q, g->ln, C, HD);
         mt_matmul_forward_ref(g->k, g->ln, w->k, w->kb, 1, C, KVD);
@@ -212,9 +212,9 @@ mt_err mt_generator_step(mt_generator *g, int32_t token, float *logits) {
         adapt(g, l, MT_LORA_V, g->v, g->ln, C, KVD);
         if (w->qn) {  // Qwen3: each head's query and key normalised (in place, a row at a time)
             for (int h = 0; h < c->H; h++)
-                mt_rmsnorm_forward_ref(g->q + h * D, &rstd, g->q + h * D, w->qn, 1, D, c->rms_eps);
+                mt_rmsnorm_forward_ref(g->q + h * D, &rstd, g->q + h * D, w->qn, 1, D, c->rms_eps, 0);
             for (int h = 0; h < c->KV; h++)
-                mt_rmsnorm_forward_ref(g->k + h * D, &rstd, g->k + h * D, w->kn, 1, D, c->rms_eps);
+                mt_rmsnorm_forward_ref(g->k + h * D, &rstd, g->k + h * D, w->kn, 1, D, c->rms_eps, 0);
         }
         // RoPE (rotate-half), queries into qr, keys and values into the cache
         for (int h = 0; h < c->H + c->KV; h++) {
@@ -233,19 +233,19 @@ mt_err mt_generator_step(mt_generator *g, int32_t token, float *logits) {
         mt_matmul_forward_ref(g->o, g->att, w->o, w->ob, 1, HD, C);
         adapt(g, l, MT_LORA_O, g->o, g->att, HD, C);
         mt_add_ref(g->x2, g->x, g->o, (size_t)C);
-        mt_rmsnorm_forward_ref(g->ln, &rstd, g->x2, w->ln2, 1, C, c->rms_eps);
+        mt_rmsnorm_forward_ref(g->ln, &rstd, g->x2, w->ln2, 1, C, c->rms_eps, 0);
         mt_matmul_forward_ref(g->gate, g->ln, w->gate, NULL, 1, C, c->F);
         adapt(g, l, MT_LORA_GATE, g->gate, g->ln, C, c->F);
         mt_matmul_forward_ref(g->up, g->ln, w->up, NULL, 1, C, c->F);
         adapt(g, l, MT_LORA_UP, g->up, g->ln, C, c->F);
-        mt_swiglu_forward_ref(g->h, g->gate, g->up, (size_t)c->F);
+        mt_glu_forward_ref(g->h, g->gate, g->up, (size_t)c->F, MT_ACT_SILU);
         mt_matmul_forward_ref(g->down, g->h, w->down, NULL, 1, c->F, C);
         adapt(g, l, MT_LORA_DOWN, g->down, g->h, c->F, C);
         mt_add_ref(g->x, g->x2, g->down, (size_t)C);
     }
     g->pos++;
     if (!logits) return MT_OK;
-    mt_rmsnorm_forward_ref(g->ln, &rstd, g->x, g->norm, 1, C, c->rms_eps);
+    mt_rmsnorm_forward_ref(g->ln, &rstd, g->x, g->norm, 1, C, c->rms_eps, 0);
     mt_matmul_forward_ref(logits, g->ln, g->lm, NULL, 1, C, c->V);
     return MT_OK;
 }

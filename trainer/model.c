@@ -400,7 +400,7 @@ static mt_model *model_setup(mt_backend *be, const mt_model_config *cfg, const m
 // the window is shorter than T.
 static mt_attention_shape attention_shape(const mt_model_config *cfg, const mt_model_options *o) {
     int window = cfg->sliding_window > 0 && cfg->sliding_window < o->T ? (int)cfg->sliding_window : 0;
-    return (mt_attention_shape){o->B, o->T, cfg->H, cfg->KV, cfg->D, window, o->document_mask != 0};
+    return (mt_attention_shape){o->B, o->T, cfg->H, cfg->KV, cfg->D, window, o->document_mask != 0, 0.0f};
 }
 
 mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_config *cfg, const mt_model_options *o) {
@@ -872,7 +872,7 @@ static void layer_forward(mt_model *m, int l, int recompute) {
     int N = m->B * m->T, HD = c->H * c->D, KVD = c->KV * c->D;
     layer_acts *A = acts_of(m, l);
     void *qf = m->qkv_flat, *kf = rows(m, qf, (size_t)N, (size_t)HD), *vf = rows(m, kf, (size_t)N, (size_t)KVD);
-    mt_op_rmsnorm_forward(be, A->ln1, A->rstd1, m->x[l], layer_weight(m, l, P_LN1), N, c->C, c->rms_eps);
+    mt_op_rmsnorm_forward(be, A->ln1, A->rstd1, m->x[l], layer_weight(m, l, P_LN1), N, c->C, c->rms_eps, 0);
     // Qwen3: the projections stay for backward; each head's norm writes what RoPE reads
     void *qp = c->qk_norm ? A->qraw : qf, *kp = c->qk_norm ? A->kraw : kf;
     mt_op_matmul_forward(be, qp, A->ln1, layer_weight(m, l, P_WQ), layer_weight(m, l, P_BQ), N, c->C, HD);
@@ -880,8 +880,8 @@ static void layer_forward(mt_model *m, int l, int recompute) {
     mt_op_matmul_forward(be, kp, A->ln1, layer_weight(m, l, P_WK), layer_weight(m, l, P_BK), N, c->C, KVD);
     lora_forward(m, l, MT_LORA_K, kp, A->ln1, c->C, KVD);
     if (c->qk_norm) {
-        mt_op_rmsnorm_forward(be, qf, A->rstd_q, qp, layer_weight(m, l, P_QN), N * c->H, c->D, c->rms_eps);
-        mt_op_rmsnorm_forward(be, kf, A->rstd_k, kp, layer_weight(m, l, P_KN), N * c->KV, c->D, c->rms_eps);
+        mt_op_rmsnorm_forward(be, qf, A->rstd_q, qp, layer_weight(m, l, P_QN), N * c->H, c->D, c->rms_eps, 0);
+        mt_op_rmsnorm_forward(be, kf, A->rstd_k, kp, layer_weight(m, l, P_KN), N * c->KV, c->D, c->rms_eps, 0);
     }
     mt_op_matmul_forward(be, vf, A->ln1, layer_weight(m, l, P_WV), layer_weight(m, l, P_BV), N, c->C, KVD);
     lora_forward(m, l, MT_LORA_V, vf, A->ln1, c->C, KVD);
@@ -892,13 +892,13 @@ static void layer_forward(mt_model *m, int l, int recompute) {
     mt_op_matmul_forward(be, m->scratch_c, A->atty, layer_weight(m, l, P_WO), layer_weight(m, l, P_BO), N, HD, c->C);
     lora_forward(m, l, MT_LORA_O, m->scratch_c, A->atty, HD, c->C);
     mt_op_add(be, A->x2, m->x[l], m->scratch_c, (size_t)N * c->C);
-    mt_op_rmsnorm_forward(be, A->ln2, A->rstd2, A->x2, layer_weight(m, l, P_LN2), N, c->C, c->rms_eps);
+    mt_op_rmsnorm_forward(be, A->ln2, A->rstd2, A->x2, layer_weight(m, l, P_LN2), N, c->C, c->rms_eps, 0);
     mt_op_matmul_forward(be, A->gate, A->ln2, layer_weight(m, l, P_WG), NULL, N, c->C, c->F);
     lora_forward(m, l, MT_LORA_GATE, A->gate, A->ln2, c->C, c->F);
     mt_op_matmul_forward(be, A->up, A->ln2, layer_weight(m, l, P_WU), NULL, N, c->C, c->F);
     lora_forward(m, l, MT_LORA_UP, A->up, A->ln2, c->C, c->F);
     if (recompute) return;
-    mt_op_swiglu_forward(be, m->f0, A->gate, A->up, (size_t)N * c->F);
+    mt_op_glu_forward(be, m->f0, A->gate, A->up, (size_t)N * c->F, MT_ACT_SILU);
     mt_op_matmul_forward(be, m->scratch_c, m->f0, layer_weight(m, l, P_WD), NULL, N, c->F, c->C);
     lora_forward(m, l, MT_LORA_DOWN, m->scratch_c, m->f0, c->F, c->C);
     mt_op_add(be, m->x[l + 1], A->x2, m->scratch_c, (size_t)N * c->C);
@@ -914,7 +914,7 @@ static void layer_backward(mt_model *m, int l) {
     layer_acts *A = acts_of(m, l);
     if (m->checkpointing) layer_forward(m, l, 1);
     size_t NF = (size_t)N * c->F;
-    mt_op_swiglu_forward(be, m->f0, A->gate, A->up, NF);
+    mt_op_glu_forward(be, m->f0, A->gate, A->up, NF, MT_ACT_SILU);
     if (P->lora_a[MT_LORA_DOWN] && m->checkpointing) {
         // the recompute stopped before down_proj: its adapter's u again
         mt_op_matmul_forward(be, A->lora_u[MT_LORA_DOWN], adapter_input(m, l, MT_LORA_DOWN, m->f0, c->F),
@@ -924,12 +924,12 @@ static void layer_backward(mt_model *m, int l) {
     lora_backward(m, l, MT_LORA_DOWN, m->f1, m->dres, m->f0, c->F, c->C);
     // up's gradient replaces up itself (read first, element by element)
     void *dup = A->up;
-    mt_op_swiglu_backward(be, m->f0, dup, m->f1, A->gate, A->up, NF);
+    mt_op_glu_backward(be, m->f0, dup, m->f1, A->gate, A->up, NF, MT_ACT_SILU);
     mt_op_matmul_backward(be, m->dln, P->g[P_WG], NULL, m->f0, A->ln2, base_weight(m, l, P_WG), N, c->C, c->F, 0);
     lora_backward(m, l, MT_LORA_GATE, m->dln, m->f0, A->ln2, c->C, c->F);
     mt_op_matmul_backward(be, m->dln, P->g[P_WU], NULL, dup, A->ln2, base_weight(m, l, P_WU), N, c->C, c->F, 1);
     lora_backward(m, l, MT_LORA_UP, m->dln, dup, A->ln2, c->C, c->F);
-    mt_op_rmsnorm_backward(be, m->dres, P->g[P_LN2], m->dln, A->x2, P->w[P_LN2], A->rstd2, N, c->C);
+    mt_op_rmsnorm_backward(be, m->dres, P->g[P_LN2], m->dln, A->x2, P->w[P_LN2], A->rstd2, N, c->C, 0);
     mt_op_matmul_backward(be, m->datty, P->g[P_WO], P->g[P_BO], m->dres, A->atty, base_weight(m, l, P_WO), N, HD, c->C,
                           0);
     lora_backward(m, l, MT_LORA_O, m->datty, m->dres, A->atty, HD, c->C);
@@ -943,8 +943,8 @@ static void layer_backward(mt_model *m, int l) {
         size_t a = mt_act_size(be);
         mt_op_zero(be, m->dq, (size_t)N * HD * a);
         mt_op_zero(be, m->dk, (size_t)N * KVD * a);
-        mt_op_rmsnorm_backward(be, m->dq, P->g[P_QN], dqf, A->qraw, P->w[P_QN], A->rstd_q, N * c->H, c->D);
-        mt_op_rmsnorm_backward(be, m->dk, P->g[P_KN], dkf, A->kraw, P->w[P_KN], A->rstd_k, N * c->KV, c->D);
+        mt_op_rmsnorm_backward(be, m->dq, P->g[P_QN], dqf, A->qraw, P->w[P_QN], A->rstd_q, N * c->H, c->D, 0);
+        mt_op_rmsnorm_backward(be, m->dk, P->g[P_KN], dkf, A->kraw, P->w[P_KN], A->rstd_k, N * c->KV, c->D, 0);
         dqf = m->dq, dkf = m->dk;
     }
     mt_op_matmul_backward(be, m->dln, P->g[P_WQ], P->g[P_BQ], dqf, A->ln1, base_weight(m, l, P_WQ), N, c->C, HD, 0);
@@ -955,7 +955,7 @@ static void layer_backward(mt_model *m, int l) {
     lora_backward(m, l, MT_LORA_V, m->dln, dvf, A->ln1, c->C, KVD);
     // with a frozen embedding nothing needs d(loss)/d(x[0])
     if (l > 0 || !m->frozen)
-        mt_op_rmsnorm_backward(be, m->dres, P->g[P_LN1], m->dln, m->x[l], P->w[P_LN1], A->rstd1, N, c->C);
+        mt_op_rmsnorm_backward(be, m->dres, P->g[P_LN1], m->dln, m->x[l], P->w[P_LN1], A->rstd1, N, c->C, 0);
 }
 
 static void upload_tokens(mt_model *m, const int32_t *inputs, const int32_t *targets) {
@@ -1008,7 +1008,7 @@ static void body_forward(mt_model *m) {
     }
     weights_needed(m, 1 + c->L);
     const void *norm_w = m->frozen ? m->norm_w : perturbed(m, m->index_norm, m->norm_w);
-    mt_op_rmsnorm_forward(m->be, m->lnf, m->rstdf, m->x[c->L], norm_w, N, c->C, c->rms_eps);
+    mt_op_rmsnorm_forward(m->be, m->lnf, m->rstdf, m->x[c->L], norm_w, N, c->C, c->rms_eps, 0);
 }
 
 double mt_model_step(mt_model *m, const int32_t *inputs, const int32_t *targets, float dscale, int backward) {
@@ -1046,7 +1046,7 @@ double mt_model_step(mt_model *m, const int32_t *inputs, const int32_t *targets,
     if (!backward || skip) return loss;
     if (streamed && m->index_lm != m->index_wte) m->grad_ready(m->grad_ready_ctx, m->index_lm, m->g_lm);
     mt_op_zero(be, m->dres, (size_t)N * c->C * mt_act_size(be));
-    mt_op_rmsnorm_backward(be, m->dres, m->g_norm, m->dln, m->x[c->L], m->norm_w, m->rstdf, N, c->C);
+    mt_op_rmsnorm_backward(be, m->dres, m->g_norm, m->dln, m->x[c->L], m->norm_w, m->rstdf, N, c->C, 0);
     if (streamed) m->grad_ready(m->grad_ready_ctx, m->index_norm, m->g_norm);
     if (m->grads_done) m->grads_done(m->grads_done_ctx, c->L + 1);
     for (int l = c->L - 1; l >= 0; l--) {
