@@ -37,14 +37,22 @@ static void small_config(mt_model_config *c, int qwen_like) {
 
 // Llama, Qwen2 (tied, biases, 4 heads a kv head), Llama with packed
 // documents (data.document_mask: positions restart, memtune's kernel), and
-// Qwen3 (head norms, head_dim 64 with hidden/heads 32).
+// Qwen3 (head norms, head_dim 64 with hidden/heads 32), and Gemma 3 (norms by
+// 1 + w, sandwich norms, GeGLU, the embedding and score scales, sliding
+// layers of window 48 and a global one with linear RoPE scaling).
 START_TEST(gpu_model_matches_cpu_reference) {
-    for (int variant = 0; variant < 4; variant++) {
+    for (int variant = 0; variant < 5; variant++) {
         mt_model_config c;
-        small_config(&c, variant == 1 || variant == 3);
+        small_config(&c, variant == 1 || variant == 3 || variant == 4);
         if (variant == 3) {
             snprintf(c.architecture, sizeof c.architecture, "Qwen3ForCausalLM");
             c.qk_norm = 1, c.qkv_bias = 0, c.D = 64;
+        }
+        if (variant == 4) {
+            snprintf(c.architecture, sizeof c.architecture, "Gemma3ForCausalLM");
+            c.gemma = c.qk_norm = 1, c.qkv_bias = 0, c.D = 64;
+            c.embed_scale = 16.0f, c.attn_scale = 0.125f, c.global_every = 3, c.sliding_window = 48;
+            c.rope_local_theta = 10000.0f, c.rope_linear_factor = 8.0f;
         }
         int B = 2, T = 127, N = B * T, docs = variant == 2;
         mt_backend cpu, gpu;

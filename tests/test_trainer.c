@@ -189,7 +189,8 @@ START_TEST(hf_config_checks) {
                 "\"head_dim\":8,\"tie_word_embeddings\":true,\"attention_bias\":false}",
                 folder, sizeof folder);
     ck_assert_int_eq(mt_hf_read_config(folder, &c), MT_OK);
-    ck_assert(c.qk_norm && !c.qkv_bias && !c.o_bias && c.D == 8);
+    ck_assert(c.qk_norm && !c.qkv_bias && !c.o_bias && c.D == 8 && !c.gemma);
+
     {
         int n;
         size_t total;
@@ -202,6 +203,31 @@ START_TEST(hf_config_checks) {
         ck_assert_int_eq(found, 2);
         free(t);
     }
+    char gjson[1024];
+    // Gemma 3 as transformers 5 writes it: layer_types, rope_parameters per layer type; tied by default
+    const char *gemma =
+        "{\"architectures\":[\"Gemma3ForCausalLM\"],\"vocab_size\":13,\"hidden_size\":16,\"intermediate_size\":24,"
+        "\"num_hidden_layers\":4,\"num_attention_heads\":2,\"num_key_value_heads\":1,\"head_dim\":32,"
+        "\"query_pre_attn_scalar\":64,\"sliding_window\":512,\"hidden_activation\":\"gelu_pytorch_tanh\","
+        "\"final_logit_softcapping\":%s,\"layer_types\":[\"sliding_attention\",\"full_attention\",%s],"
+        "\"rope_parameters\":{\"full_attention\":{\"rope_type\":\"linear\",\"factor\":8.0,\"rope_theta\":"
+        "1000000.0},\"sliding_attention\":{\"rope_type\":\"default\",\"rope_theta\":10000.0}}}";
+    snprintf(gjson, sizeof gjson, gemma, "null", "\"sliding_attention\",\"full_attention\"");
+    make_folder("gemma3", gjson, folder, sizeof folder);
+    ck_assert_int_eq(mt_hf_read_config(folder, &c), MT_OK);
+    ck_assert(c.gemma && c.qk_norm && c.tie_embeddings && c.D == 32 && c.global_every == 2 && c.sliding_window == 512);
+    ck_assert_float_eq(c.attn_scale, 0.125f);
+    ck_assert_float_eq_tol(c.embed_scale, 4.0f, 1e-6);
+    ck_assert_float_eq(c.rope_theta, 1e6f);
+    ck_assert_float_eq(c.rope_local_theta, 1e4f);
+    ck_assert_float_eq(c.rope_linear_factor, 8.0f);
+    ck_assert(mt_layer_local(&c, 0) && !mt_layer_local(&c, 1) && mt_layer_local(&c, 2));
+    snprintf(gjson, sizeof gjson, gemma, "30.0", "\"sliding_attention\",\"full_attention\"");
+    make_folder("gemma3-softcap", gjson, folder, sizeof folder);
+    expect_error(mt_hf_read_config(folder, &c), MT_ERR_MODEL, "final_logit_softcapping");
+    snprintf(gjson, sizeof gjson, gemma, "null", "\"full_attention\",\"full_attention\"");
+    make_folder("gemma3-pattern", gjson, folder, sizeof folder);
+    expect_error(mt_hf_read_config(folder, &c), MT_ERR_MODEL, "layer_types[2]");
     // Qwen2's window from layer max_window_layers on: all full when that is every layer; refused between
     const char *qwen_window =
         "{\"architectures\":[\"Qwen2ForCausalLM\"],\"vocab_size\":13,\"hidden_size\":16,\"intermediate_size\":24,"
@@ -281,10 +307,15 @@ static void tiny_config(mt_model_config *c, int tie, int bias) {
 }
 
 START_TEST(model_gradients_match_finite_differences) {
-    for (int variant = 0; variant < 3; variant++) {
+    for (int variant = 0; variant < 4; variant++) {
         mt_model_config c;
         tiny_config(&c, variant == 1, variant == 1);  // untied without bias; tied with biases
         if (variant == 2) c.qk_norm = 1, c.D = 6;     // Qwen3: head norms, head_dim not hidden/heads
+        if (variant == 3) {                           // Gemma 3: layer 0 sliding (window 3 of T 5), layer 1 global
+            c.gemma = c.qk_norm = c.tie_embeddings = 1, c.D = 6;
+            c.embed_scale = 4.0f, c.attn_scale = 0.3f, c.global_every = 2, c.sliding_window = 3;
+            c.rope_local_theta = 100.0f, c.rope_linear_factor = 2.0f;
+        }
         mt_backend be;
         mt_backend_init(&be, -1);
         int B = 2, T = 5, N = B * T;
@@ -698,13 +729,23 @@ START_TEST(generation_matches_the_full_forward) {
         "{\"architectures\":[\"Qwen3ForCausalLM\"],\"model_type\":\"qwen3\",\"vocab_size\":13,\"hidden_size\":12,"
         "\"intermediate_size\":20,\"num_hidden_layers\":2,\"num_attention_heads\":4,\"num_key_value_heads\":2,"
         "\"head_dim\":8,\"max_position_embeddings\":64,\"rms_norm_eps\":1e-6,\"rope_theta\":1000.0,"
-        "\"tie_word_embeddings\":true}"};
-    static const char *const names[] = {"gen-llama", "gen-qwen", "gen-qwen3"};
-    for (int variant = 0; variant < 3; variant++) {
+        "\"tie_word_embeddings\":true}",
+        "{\"architectures\":[\"Gemma3ForCausalLM\"],\"model_type\":\"gemma3_text\",\"vocab_size\":13,\"hidden_size\":"
+        "12,"
+        "\"intermediate_size\":20,\"num_hidden_layers\":3,\"num_attention_heads\":4,\"num_key_value_heads\":1,"
+        "\"head_dim\":8,\"max_position_embeddings\":64,\"query_pre_attn_scalar\":6,\"sliding_window\":5,"
+        "\"sliding_window_pattern\":3,\"rope_theta\":1000.0,\"rope_local_base_freq\":100.0,"
+        "\"rope_scaling\":{\"rope_type\":\"linear\",\"factor\":2.0}}"};
+    static const char *const names[] = {"gen-llama", "gen-qwen", "gen-qwen3", "gen-gemma3"};
+    for (int variant = 0; variant < 4; variant++) {
         char folder[300];
         make_folder(names[variant], variant ? configs[variant] : tu_tiny_llama_json, folder, sizeof folder);
         mt_model_config mc;
         float *params = random_params(folder, &mc, 21 + variant);
+        int n_params;
+        size_t n_values;
+        free(mt_model_param_table(&mc, &n_params, &n_values));
+        for (size_t i = 0; i < n_values; i++) params[i] += 0.05f * mt_rng_normal(29, i);  // norms away from 1 (or 0)
         const int T = 24;
         mt_generator *g;
         ck_assert_int_eq(mt_generator_init(&g, &mc, params, T), MT_OK);

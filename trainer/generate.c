@@ -18,7 +18,8 @@
 
 typedef struct {
     const float *ln1, *q, *qb, *k, *kb, *v, *vb, *o, *ob, *ln2, *gate, *up, *down;
-    const float *qn, *kn;                                            // Qwen3's head norms, or NULL
+    const float *qn, *kn;        // Qwen3's and Gemma's head norms, or NULL
+    const float *anorm, *fnorm;  // Gemma: the attention's and the MLP's output norms
     const float *lora_a[MT_LORA_MODULES], *lora_b[MT_LORA_MODULES];  // NULL: no adapter
 } layer_w;
 
@@ -29,7 +30,8 @@ struct mt_generator {
     layer_w *layers;
     int max_len, pos;
     float *cos_table, *sin_table;
-    float *kcache, *vcache;  // (L, KV, max_len, D)
+    float *cos_local, *sin_local;  // Gemma's sliding layers'
+    float *kcache, *vcache;        // (L, KV, max_len, D)
     // one position's activations
     float *x, *x2, *ln, *q, *k, *v, *qr, *att, *o, *gate, *up, *h, *down, *scores;
     int lora_r;  // an adapter on the fly: its rank, scale and (r) scratch
@@ -66,7 +68,13 @@ mt_err mt_generator_init(mt_generator **out, const mt_model_config *cfg, const f
         W(ln1, "input_layernorm.weight"), W(q, "self_attn.q_proj.weight"), W(qb, "self_attn.q_proj.bias");
         W(k, "self_attn.k_proj.weight"), W(kb, "self_attn.k_proj.bias"), W(v, "self_attn.v_proj.weight");
         W(vb, "self_attn.v_proj.bias"), W(o, "self_attn.o_proj.weight"), W(ob, "self_attn.o_proj.bias");
-        W(ln2, "post_attention_layernorm.weight"), W(gate, "mlp.gate_proj.weight"), W(up, "mlp.up_proj.weight");
+        W(gate, "mlp.gate_proj.weight"), W(up, "mlp.up_proj.weight");
+        if (cfg->gemma) {
+            W(anorm, "post_attention_layernorm.weight"), W(ln2, "pre_feedforward_layernorm.weight");
+            W(fnorm, "post_feedforward_layernorm.weight");
+        } else {
+            W(ln2, "post_attention_layernorm.weight");
+        }
         W(down, "mlp.down_proj.weight"), W(qn, "self_attn.q_norm.weight"), W(kn, "self_attn.k_norm.weight");
 #undef W
     }
@@ -75,6 +83,8 @@ mt_err mt_generator_init(mt_generator **out, const mt_model_config *cfg, const f
     float *inv_freq = malloc((size_t)half * sizeof(float));
     g->cos_table = malloc((size_t)max_len * half * sizeof(float));
     g->sin_table = malloc((size_t)max_len * half * sizeof(float));
+    g->cos_local = malloc((size_t)max_len * half * sizeof(float));
+    g->sin_local = malloc((size_t)max_len * half * sizeof(float));
     size_t cache = (size_t)cfg->L * cfg->KV * max_len * cfg->D;
     g->kcache = malloc(cache * sizeof(float));
     g->vcache = malloc(cache * sizeof(float));
@@ -83,15 +93,18 @@ mt_err mt_generator_init(mt_generator **out, const mt_model_config *cfg, const f
     g->k = malloc((size_t)KVD * 4), g->v = malloc((size_t)KVD * 4), g->o = malloc((size_t)C * 4);
     g->gate = malloc((size_t)F * 4), g->up = malloc((size_t)F * 4), g->h = malloc((size_t)F * 4);
     g->down = malloc((size_t)C * 4), g->scores = malloc((size_t)max_len * 4);
-    if (!inv_freq || !g->cos_table || !g->sin_table || !g->kcache || !g->vcache || !g->x || !g->x2 || !g->ln || !g->q ||
-        !g->qr || !g->att || !g->k || !g->v || !g->o || !g->gate || !g->up || !g->h || !g->down || !g->scores) {
+    if (!inv_freq || !g->cos_table || !g->sin_table || !g->cos_local || !g->sin_local || !g->kcache || !g->vcache ||
+        !g->x || !g->x2 || !g->ln || !g->q || !g->qr || !g->att || !g->k || !g->v || !g->o || !g->gate || !g->up ||
+        !g->h || !g->down || !g->scores) {
         free(inv_freq);
         mt_generator_free(g);
         return mt_errorf(MT_ERR_NOMEM, "out of host memory for a %d-position key/value cache (%.1f GiB)", max_len,
                          2.0 * cache * 4 / 1073741824.0);
     }
-    mt_model_rope_inv_freq(cfg, inv_freq);
+    mt_model_rope_inv_freq(cfg, 0, inv_freq);
     mt_rope_tables(g->cos_table, g->sin_table, inv_freq, max_len, cfg->D);
+    mt_model_rope_inv_freq(cfg, cfg->global_every > 0, inv_freq);  // Gemma's sliding layers
+    mt_rope_tables(g->cos_local, g->sin_local, inv_freq, max_len, cfg->D);
     free(inv_freq);
     *out = g;
     return MT_OK;
@@ -99,7 +112,8 @@ mt_err mt_generator_init(mt_generator **out, const mt_model_config *cfg, const f
 
 void mt_generator_free(mt_generator *g) {
     if (!g) return;
-    free(g->layers), free(g->cos_table), free(g->sin_table), free(g->kcache), free(g->vcache);
+    free(g->layers), free(g->cos_table), free(g->sin_table), free(g->cos_local), free(g->sin_local);
+    free(g->kcache), free(g->vcache);
     free(g->x), free(g->x2), free(g->ln), free(g->q), free(g->qr), free(g->att), free(g->k), free(g->v);
     free(g->o), free(g->gate), free(g->up), free(g->h), free(g->down), free(g->scores), free(g->lora_u);
     free(g);
@@ -167,8 +181,9 @@ int mt_generator_position(const mt_generator *g) { return g->pos; }
 static void attend(mt_generator *g, int l) {
     const mt_model_config *c = &g->cfg;
     int D = c->D, group = c->H / c->KV, t = g->pos;
-    int first = c->sliding_window > 0 && c->sliding_window <= t ? t - (int)c->sliding_window + 1 : 0;
-    float scale = 1.0f / sqrtf((float)D);
+    int sliding = c->global_every == 0 || mt_layer_local(c, l);  // Gemma: its sliding layers only
+    int first = sliding && c->sliding_window > 0 && c->sliding_window <= t ? t - (int)c->sliding_window + 1 : 0;
+    float scale = c->attn_scale != 0.0f ? c->attn_scale : 1.0f / sqrtf((float)D);
     for (int h = 0; h < c->H; h++) {
         int kv = h / group;
         const float *q = g->qr + (size_t)h * D;
@@ -199,11 +214,16 @@ mt_err mt_generator_step(mt_generator *g, int32_t token, float *logits) {
     if (token < 0 || token >= c->V) return mt_errorf(MT_ERR_USAGE, "token %d is outside the vocabulary", token);
     int C = c->C, D = c->D, half = D / 2, HD = c->H * D, KVD = c->KV * D, t = g->pos;
     float rstd;
+    int gm = c->gemma;
     memcpy(g->x, g->wte + (size_t)token * C, (size_t)C * sizeof(float));
-    const float *cs = g->cos_table + (size_t)t * half, *sn = g->sin_table + (size_t)t * half;
+    if (c->embed_scale != 0.0f)
+        for (int i = 0; i < C; i++) g->x[i] *= c->embed_scale;
     for (int l = 0; l < c->L; l++) {
         const layer_w *w = &g->layers[l];
-        mt_rmsnorm_forward_ref(g->ln, &rstd, g->x, w->ln1, 1, C, c->rms_eps, 0);
+        int local = mt_layer_local(c, l);
+        const float *cs = (local ? g->cos_local : g->cos_table) + (size_t)t * half;
+        const float *sn = (local ? g->sin_local : g->sin_table) + (size_t)t * half;
+        mt_rmsnorm_forward_ref(g->ln, &rstd, g->x, w->ln1, 1, C, c->rms_eps, gm);
         mt_matmul_forward_ref(g->q, g->ln, w->q, w->qb, 1, C, HD);
         adapt(g, l, MT_LORA_Q, g->q, g->ln, C, HD);
         mt_matmul_forward_ref(g->k, g->ln, w->k, w->kb, 1, C, KVD);
@@ -212,9 +232,9 @@ mt_err mt_generator_step(mt_generator *g, int32_t token, float *logits) {
         adapt(g, l, MT_LORA_V, g->v, g->ln, C, KVD);
         if (w->qn) {  // Qwen3: each head's query and key normalised (in place, a row at a time)
             for (int h = 0; h < c->H; h++)
-                mt_rmsnorm_forward_ref(g->q + h * D, &rstd, g->q + h * D, w->qn, 1, D, c->rms_eps, 0);
+                mt_rmsnorm_forward_ref(g->q + h * D, &rstd, g->q + h * D, w->qn, 1, D, c->rms_eps, gm);
             for (int h = 0; h < c->KV; h++)
-                mt_rmsnorm_forward_ref(g->k + h * D, &rstd, g->k + h * D, w->kn, 1, D, c->rms_eps, 0);
+                mt_rmsnorm_forward_ref(g->k + h * D, &rstd, g->k + h * D, w->kn, 1, D, c->rms_eps, gm);
         }
         // RoPE (rotate-half), queries into qr, keys and values into the cache
         for (int h = 0; h < c->H + c->KV; h++) {
@@ -232,20 +252,22 @@ mt_err mt_generator_step(mt_generator *g, int32_t token, float *logits) {
         attend(g, l);
         mt_matmul_forward_ref(g->o, g->att, w->o, w->ob, 1, HD, C);
         adapt(g, l, MT_LORA_O, g->o, g->att, HD, C);
+        if (gm) mt_rmsnorm_forward_ref(g->o, &rstd, g->o, w->anorm, 1, C, c->rms_eps, 1);
         mt_add_ref(g->x2, g->x, g->o, (size_t)C);
-        mt_rmsnorm_forward_ref(g->ln, &rstd, g->x2, w->ln2, 1, C, c->rms_eps, 0);
+        mt_rmsnorm_forward_ref(g->ln, &rstd, g->x2, w->ln2, 1, C, c->rms_eps, gm);
         mt_matmul_forward_ref(g->gate, g->ln, w->gate, NULL, 1, C, c->F);
         adapt(g, l, MT_LORA_GATE, g->gate, g->ln, C, c->F);
         mt_matmul_forward_ref(g->up, g->ln, w->up, NULL, 1, C, c->F);
         adapt(g, l, MT_LORA_UP, g->up, g->ln, C, c->F);
-        mt_glu_forward_ref(g->h, g->gate, g->up, (size_t)c->F, MT_ACT_SILU);
+        mt_glu_forward_ref(g->h, g->gate, g->up, (size_t)c->F, gm ? MT_ACT_GELU_TANH : MT_ACT_SILU);
         mt_matmul_forward_ref(g->down, g->h, w->down, NULL, 1, c->F, C);
         adapt(g, l, MT_LORA_DOWN, g->down, g->h, c->F, C);
+        if (gm) mt_rmsnorm_forward_ref(g->down, &rstd, g->down, w->fnorm, 1, C, c->rms_eps, 1);
         mt_add_ref(g->x, g->x2, g->down, (size_t)C);
     }
     g->pos++;
     if (!logits) return MT_OK;
-    mt_rmsnorm_forward_ref(g->ln, &rstd, g->x, g->norm, 1, C, c->rms_eps, 0);
+    mt_rmsnorm_forward_ref(g->ln, &rstd, g->x, g->norm, 1, C, c->rms_eps, gm);
     mt_matmul_forward_ref(logits, g->ln, g->lm, NULL, 1, C, c->V);
     return MT_OK;
 }

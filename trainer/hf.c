@@ -32,11 +32,23 @@ static int get_float(const cJSON *j, const char *key, float *out) {
 }
 
 static mt_err read_rope(const char *path, const cJSON *j, mt_model_config *c) {
-    // transformers 4.x: rope_theta + rope_scaling; 5.x: rope_parameters
+    // transformers 4.x: rope_theta + rope_scaling; 5.x: rope_parameters, for
+    // Gemma 3 one per layer type (full_attention: the global layers')
     const cJSON *params = cJSON_GetObjectItemCaseSensitive(j, "rope_parameters");
+    if (c->gemma && cJSON_IsObject(params) && cJSON_GetObjectItemCaseSensitive(params, "full_attention")) {
+        const cJSON *local = cJSON_GetObjectItemCaseSensitive(params, "sliding_attention");
+        const cJSON *local_type = cJSON_GetObjectItemCaseSensitive(local, "rope_type");
+        if (cJSON_IsObject(local)) get_float(local, "rope_theta", &c->rope_local_theta);
+        if (cJSON_IsString(local_type) && strcmp(local_type->valuestring, "default"))
+            return mt_errorf(MT_ERR_MODEL,
+                             "%s: rope type '%s' for the sliding layers (rope_parameters.sliding_attention) is not "
+                             "supported; memtune supports default there",
+                             path, local_type->valuestring);
+        params = cJSON_GetObjectItemCaseSensitive(params, "full_attention");
+    }
     const cJSON *scaling = cJSON_GetObjectItemCaseSensitive(j, "rope_scaling");
     const cJSON *rope = cJSON_IsObject(params) ? params : (cJSON_IsObject(scaling) ? scaling : NULL);
-    c->rope_theta = 10000.0f;
+    c->rope_theta = c->gemma ? 1000000.0f : 10000.0f;  // Gemma3TextConfig's default base is 1e6
     get_float(j, "rope_theta", &c->rope_theta);
     if (rope) get_float(rope, "rope_theta", &c->rope_theta);
     if (!rope) return MT_OK;
@@ -44,10 +56,15 @@ static mt_err read_rope(const char *path, const cJSON *j, mt_model_config *c) {
     if (!cJSON_IsString(type)) type = cJSON_GetObjectItemCaseSensitive(rope, "type");
     const char *t = cJSON_IsString(type) ? type->valuestring : "default";
     if (!strcmp(t, "default")) return MT_OK;
+    if (!strcmp(t, "linear")) {
+        if (get_float(rope, "factor", &c->rope_linear_factor) || !(c->rope_linear_factor > 0))
+            return mt_errorf(MT_ERR_MODEL, "%s: linear rope scaling needs a positive factor", path);
+        return MT_OK;
+    }
     if (strcmp(t, "llama3"))
         return mt_errorf(MT_ERR_MODEL,
                          "%s: rope type '%s' (field %s.rope_type) is not supported; memtune supports "
-                         "default and llama3",
+                         "default, linear and llama3",
                          path, t, params ? "rope_parameters" : "rope_scaling");
     c->rope_llama3 = 1;
     if (get_float(rope, "factor", &c->rope_factor) || get_float(rope, "low_freq_factor", &c->rope_low_freq_factor) ||
@@ -57,6 +74,59 @@ static mt_err read_rope(const char *path, const cJSON *j, mt_model_config *c) {
                          "%s: llama3 rope scaling needs factor, low_freq_factor, high_freq_factor and "
                          "original_max_position_embeddings",
                          path);
+    return MT_OK;
+}
+
+// Gemma 3's fields (Gemma3TextConfig's defaults where absent). Anything it
+// could set that memtune does not compute is refused by name.
+static mt_err read_gemma(const char *path, const cJSON *j, mt_model_config *c) {
+    const cJSON *act = cJSON_GetObjectItemCaseSensitive(j, "hidden_activation");
+    if (!act) act = cJSON_GetObjectItemCaseSensitive(j, "hidden_act");
+    if (act && (!cJSON_IsString(act) || strcmp(act->valuestring, "gelu_pytorch_tanh")))
+        return mt_errorf(MT_ERR_MODEL,
+                         "%s: hidden_activation '%s' is not supported for Gemma 3; memtune implements "
+                         "gelu_pytorch_tanh (GeGLU)",
+                         path, cJSON_IsString(act) ? act->valuestring : "?");
+    static const char *const absent[] = {"final_logit_softcapping", "attn_logit_softcapping"};
+    for (int i = 0; i < 2; i++) {
+        const cJSON *v = cJSON_GetObjectItemCaseSensitive(j, absent[i]);
+        if (v && !cJSON_IsNull(v))
+            return mt_errorf(MT_ERR_MODEL, "%s: %s is set; memtune does not implement logit soft-capping", path,
+                             absent[i]);
+    }
+    if (cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(j, "use_bidirectional_attention")))
+        return mt_errorf(MT_ERR_MODEL, "%s: use_bidirectional_attention is true; memtune trains causal models", path);
+    float scalar = 256.0f;
+    get_float(j, "query_pre_attn_scalar", &scalar);
+    if (!(scalar > 0)) return mt_errorf(MT_ERR_MODEL, "%s: query_pre_attn_scalar must be positive", path);
+    c->attn_scale = (float)pow((double)scalar, -0.5);
+    c->embed_scale = (float)sqrt((double)c->C);
+    c->rope_local_theta = 10000.0f;
+    get_float(j, "rope_local_base_freq", &c->rope_local_theta);
+    c->sliding_window = 4096;
+    int window = 0;
+    if (!get_int(j, "sliding_window", &window)) c->sliding_window = window;
+    // sliding and global layers: every global_every-th is global (layer_types must follow that pattern)
+    c->global_every = 6;
+    get_int(j, "sliding_window_pattern", &c->global_every);
+    const cJSON *types = cJSON_GetObjectItemCaseSensitive(j, "layer_types");
+    if (cJSON_IsArray(types)) {
+        int n = cJSON_GetArraySize(types), first = 0;
+        for (int l = 0; l < n && !first; l++) {
+            const cJSON *t = cJSON_GetArrayItem(types, l);
+            if (cJSON_IsString(t) && !strcmp(t->valuestring, "full_attention")) first = l + 1;
+        }
+        c->global_every = first ? first : n + 1;  // no global layer: all sliding
+        for (int l = 0; l < n; l++) {
+            const cJSON *t = cJSON_GetArrayItem(types, l);
+            const char *want = mt_layer_local(c, l) ? "sliding_attention" : "full_attention";
+            if (!cJSON_IsString(t) || strcmp(t->valuestring, want))
+                return mt_errorf(MT_ERR_MODEL,
+                                 "%s: layer_types[%d] is '%s' where memtune expects '%s': it supports one global layer "
+                                 "every N (the first at N), the rest sliding",
+                                 path, l, cJSON_IsString(t) ? t->valuestring : "?", want);
+        }
+    }
     return MT_OK;
 }
 
@@ -77,23 +147,35 @@ mt_err mt_hf_read_config(const char *dir, mt_model_config *c) {
     const char *name = cJSON_IsString(arch) ? arch->valuestring : NULL;
     if (!name && cJSON_IsString(model_type)) {
         const char *mt = model_type->valuestring;
-        name = !strcmp(mt, "llama")     ? "LlamaForCausalLM"
-               : !strcmp(mt, "mistral") ? "MistralForCausalLM"
-               : !strcmp(mt, "qwen2")   ? "Qwen2ForCausalLM"
-               : !strcmp(mt, "qwen3")   ? "Qwen3ForCausalLM"
-                                        : mt;
+        name = !strcmp(mt, "llama")         ? "LlamaForCausalLM"
+               : !strcmp(mt, "mistral")     ? "MistralForCausalLM"
+               : !strcmp(mt, "qwen2")       ? "Qwen2ForCausalLM"
+               : !strcmp(mt, "qwen3")       ? "Qwen3ForCausalLM"
+               : !strcmp(mt, "gemma3_text") ? "Gemma3ForCausalLM"
+                                            : mt;
     }
     if (!name) name = "(none)";
     snprintf(c->architecture, sizeof c->architecture, "%s", name);
     int qwen2 = !strcmp(name, "Qwen2ForCausalLM"), qwen3 = !strcmp(name, "Qwen3ForCausalLM");
-    if (strcmp(name, "LlamaForCausalLM") && strcmp(name, "MistralForCausalLM") && !qwen2 && !qwen3) {
+    int gemma = !strcmp(name, "Gemma3ForCausalLM");
+    if (!strcmp(name, "Gemma3ForConditionalGeneration")) {
+        err = mt_errorf(MT_ERR_MODEL,
+                        "%s: Gemma3ForConditionalGeneration (the multimodal folder) is not supported yet; memtune "
+                        "trains its language model from a Gemma3ForCausalLM folder (the text-only 1B, or the "
+                        "language model saved on its own)",
+                        path);
+        goto done;
+    }
+    if (strcmp(name, "LlamaForCausalLM") && strcmp(name, "MistralForCausalLM") && !qwen2 && !qwen3 && !gemma) {
         err = mt_errorf(MT_ERR_MODEL,
                         "%s: architecture '%s' (field architectures) is not supported; memtune trains "
-                        "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM and Qwen3ForCausalLM",
+                        "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM and "
+                        "Gemma3ForCausalLM",
                         path, name);
         goto done;
     }
-    c->qk_norm = qwen3;
+    c->qk_norm = qwen3 || gemma;
+    c->gemma = gemma;
     static const char *const required[] = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                            "num_attention_heads"};
     int *targets[] = {&c->V, &c->C, &c->F, &c->L, &c->H};
@@ -107,13 +189,13 @@ mt_err mt_hf_read_config(const char *dir, mt_model_config *c) {
         err = mt_errorf(MT_ERR_MODEL, "%s: field num_key_value_heads is not a positive integer", path);
         goto done;
     }
-    c->D = c->C / c->H;
+    c->D = gemma ? 256 : c->C / c->H;  // Gemma3TextConfig's default head_dim is 256
     const cJSON *hd = cJSON_GetObjectItemCaseSensitive(j, "head_dim");
     if (hd && !cJSON_IsNull(hd) && get_int(j, "head_dim", &c->D)) {
         err = mt_errorf(MT_ERR_MODEL, "%s: field head_dim is not a positive integer", path);
         goto done;
     }
-    if (c->H % c->KV || c->D % 2 || (!hd && c->C % c->H)) {
+    if (c->H % c->KV || c->D % 2 || (!hd && !gemma && c->C % c->H)) {
         err = mt_errorf(MT_ERR_MODEL,
                         "%s: num_attention_heads (%d) must be a multiple of num_key_value_heads (%d), "
                         "and the head dimension (%d) even and hidden_size/heads",
@@ -127,7 +209,7 @@ mt_err mt_hf_read_config(const char *dir, mt_model_config *c) {
     c->init_std = 0.02f;
     get_float(j, "initializer_range", &c->init_std);
     const cJSON *tie = cJSON_GetObjectItemCaseSensitive(j, "tie_word_embeddings");
-    c->tie_embeddings = tie ? cJSON_IsTrue(tie) : 0;  // LlamaConfig's default is false
+    c->tie_embeddings = tie ? cJSON_IsTrue(tie) : gemma;  // LlamaConfig's default is false, Gemma3's true
     const cJSON *bias = cJSON_GetObjectItemCaseSensitive(j, "attention_bias");
     int attention_bias = bias ? cJSON_IsTrue(bias) : 0;
     c->qkv_bias = qwen2 || attention_bias;  // Qwen3, Llama: attention_bias on q, k, v and o alike
@@ -136,15 +218,16 @@ mt_err mt_hf_read_config(const char *dir, mt_model_config *c) {
         err = mt_errorf(MT_ERR_MODEL, "%s: mlp_bias true is not supported (field mlp_bias)", path);
         goto done;
     }
+    if (gemma && (err = read_gemma(path, j, c))) goto done;
     const cJSON *act = cJSON_GetObjectItemCaseSensitive(j, "hidden_act");
-    if (act && (!cJSON_IsString(act) || strcmp(act->valuestring, "silu"))) {
+    if (!gemma && act && (!cJSON_IsString(act) || strcmp(act->valuestring, "silu"))) {
         err = mt_errorf(MT_ERR_MODEL, "%s: hidden_act '%s' is not supported; memtune implements silu (SwiGLU)", path,
                         cJSON_IsString(act) ? act->valuestring : "?");
         goto done;
     }
     const cJSON *window = cJSON_GetObjectItemCaseSensitive(j, "sliding_window");
     const cJSON *use_window = cJSON_GetObjectItemCaseSensitive(j, "use_sliding_window");
-    if (cJSON_IsNumber(window) && !(use_window && cJSON_IsFalse(use_window)))
+    if (!gemma && cJSON_IsNumber(window) && !(use_window && cJSON_IsFalse(use_window)))
         c->sliding_window = (long)window->valuedouble;
     // Qwen2: the window only from layer max_window_layers on (transformers' layer_types)
     const cJSON *window_layers = cJSON_GetObjectItemCaseSensitive(j, "max_window_layers");
@@ -272,6 +355,7 @@ static cJSON *config_from_model(const mt_model_config *c) {
     int qwen2 = !strcmp(c->architecture, "Qwen2ForCausalLM");
     cJSON_AddStringToObject(j, "model_type",
                             qwen2                                            ? "qwen2"
+                            : c->gemma                                       ? "gemma3_text"
                             : c->qk_norm                                     ? "qwen3"
                             : !strcmp(c->architecture, "MistralForCausalLM") ? "mistral"
                                                                              : "llama");
@@ -288,7 +372,20 @@ static cJSON *config_from_model(const mt_model_config *c) {
     cJSON_AddNumberToObject(j, "initializer_range", c->init_std);
     cJSON_AddBoolToObject(j, "tie_word_embeddings", c->tie_embeddings);
     if (!qwen2) cJSON_AddBoolToObject(j, "attention_bias", c->qkv_bias);
-    cJSON_AddStringToObject(j, "hidden_act", "silu");
+    if (c->gemma) {
+        cJSON_AddStringToObject(j, "hidden_activation", "gelu_pytorch_tanh");
+        cJSON_AddNumberToObject(j, "query_pre_attn_scalar", 1.0 / ((double)c->attn_scale * c->attn_scale));
+        cJSON_AddNumberToObject(j, "sliding_window", (double)c->sliding_window);
+        cJSON_AddNumberToObject(j, "sliding_window_pattern", c->global_every);
+        cJSON_AddNumberToObject(j, "rope_local_base_freq", c->rope_local_theta);
+        if (c->rope_linear_factor > 0) {
+            cJSON *s = cJSON_AddObjectToObject(j, "rope_scaling");
+            cJSON_AddStringToObject(s, "rope_type", "linear");
+            cJSON_AddNumberToObject(s, "factor", c->rope_linear_factor);
+        }
+    } else {
+        cJSON_AddStringToObject(j, "hidden_act", "silu");
+    }
     return j;
 }
 

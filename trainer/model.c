@@ -13,7 +13,26 @@
 #include "kernels/rng.h"
 
 // Indices into a layer's parameters, in table order.
-enum { P_LN1, P_WQ, P_BQ, P_WK, P_BK, P_WV, P_BV, P_QN, P_KN, P_WO, P_BO, P_LN2, P_WG, P_WU, P_WD, P_LAYER_COUNT };
+enum {
+    P_LN1,
+    P_WQ,
+    P_BQ,
+    P_WK,
+    P_BK,
+    P_WV,
+    P_BV,
+    P_QN,
+    P_KN,
+    P_WO,
+    P_BO,
+    P_ANORM,  // Gemma: the attention output's norm
+    P_LN2,
+    P_WG,
+    P_WU,
+    P_WD,
+    P_FNORM,  // Gemma: the MLP output's norm
+    P_LAYER_COUNT
+};
 
 // The base parameter each LoRA module adapts.
 static const int lora_base_param[MT_LORA_MODULES] = {P_WQ, P_WK, P_WV, P_WO, P_WG, P_WU, P_WD};
@@ -36,6 +55,8 @@ typedef struct {
     void *lora_u[MT_LORA_MODULES];                        // (N, r) A dropout(x), per adapted module
     void *qraw, *kraw;                                    // Qwen3: (N, HD), (N, KVD) projections before the head norms
     float *rstd_q, *rstd_k;                               // (N*H), (N*KV)
+    void *attn_out, *mlp_out;                             // Gemma: (N, C) o_proj's and down_proj's outputs
+    float *rstd_a, *rstd_f;                               // (N) their norms'
 } layer_acts;
 
 struct mt_model {
@@ -105,24 +126,26 @@ struct mt_model {
     // offload: x[l] lives in slot l % 2 on the backend; x[0..L-2] are copied
     // to host_x in forward and fetched back in backward, beside the compute
     int offload;
-    void *host_x;                  // (L-1, N, C) pinned host memory
-    int *tickets;                  // (L+1) the copy that last moved x[l]
-    layer_acts *acts;              // L sets, or 1 shared set with checkpointing
-    void *lnf;                     // (N, C)
-    float *rstdf;                  // (N)
-    void *qkv_flat;                // (N, (H+2KV)D) projections before rope
-    void *scratch_c;               // (N, C) o_proj / down_proj output
-    void *f0, *f1;                 // (N, F) swiglu out (then gate grad), its grad
-    void *dres, *dln;              // (N, C) residual grad, norm-input grad
-    void *datty;                   // (N, HD)
-    void *dq, *dk, *dv;            // (B,H,T,D), (B,KV,T,D) x2
-    void *dqkv_flat;               // (N, (H+2KV)D)
-    float *logits;                 // (R, V) fp32 chunk
-    void *dlogits;                 // (R, V) activation type (aliases logits on the CPU)
-    float *losses;                 // (N)
-    int32_t *tokens, *targets;     // (N) where the backend computes
-    int32_t *pos;                  // (N) positions in documents (document_mask), else NULL
-    float *cos_table, *sin_table;  // (T, D/2)
+    void *host_x;                   // (L-1, N, C) pinned host memory
+    int *tickets;                   // (L+1) the copy that last moved x[l]
+    layer_acts *acts;               // L sets, or 1 shared set with checkpointing
+    void *lnf;                      // (N, C)
+    float *rstdf;                   // (N)
+    void *qkv_flat;                 // (N, (H+2KV)D) projections before rope
+    void *scratch_c;                // (N, C) o_proj / down_proj output
+    void *f0, *f1;                  // (N, F) swiglu out (then gate grad), its grad
+    void *dres, *dln;               // (N, C) residual grad, norm-input grad
+    void *datty;                    // (N, HD)
+    void *dq, *dk, *dv;             // (B,H,T,D), (B,KV,T,D) x2
+    void *dqkv_flat;                // (N, (H+2KV)D)
+    float *logits;                  // (R, V) fp32 chunk
+    void *dlogits;                  // (R, V) activation type (aliases logits on the CPU)
+    float *losses;                  // (N)
+    int32_t *tokens, *targets;      // (N) where the backend computes
+    int32_t *pos;                   // (N) positions in documents (document_mask), else NULL
+    float *cos_table, *sin_table;   // (T, D/2)
+    float *cos_local, *sin_local;   // Gemma's sliding layers' (T, D/2), else NULL
+    mt_attention_shape attn_local;  // Gemma's sliding layers' attention
     int chunk_rows;
 };
 
@@ -139,7 +162,8 @@ void mt_model_init_random(const mt_model_config *cfg, float *params, uint64_t se
         size_t len = strlen(name);
         int is_bias = len > 5 && !strcmp(name + len - 5, ".bias");
         if (t[i].ndim == 1) {
-            for (size_t j = 0; j < t[i].count; j++) p[j] = is_bias ? 0.0f : 1.0f;
+            // norms scale by w (1 + w with Gemma's: 0 there), biases start at 0
+            for (size_t j = 0; j < t[i].count; j++) p[j] = is_bias || cfg->gemma ? 0.0f : 1.0f;
         } else {
             // counter-based draws: the same values whatever the thread count
 #pragma omp parallel for
@@ -194,12 +218,27 @@ int mt_model_backward_skipped(const mt_model *m) { return m->skipped; }
 static void bind_params(mt_model *m) {
     size_t act = mt_act_size(m->be);
     char name[160];
-    static const char *const suffix[P_LAYER_COUNT] = {
-        "input_layernorm.weight",  "self_attn.q_proj.weight", "self_attn.q_proj.bias",
-        "self_attn.k_proj.weight", "self_attn.k_proj.bias",   "self_attn.v_proj.weight",
-        "self_attn.v_proj.bias",   "self_attn.q_norm.weight", "self_attn.k_norm.weight",
-        "self_attn.o_proj.weight", "self_attn.o_proj.bias",   "post_attention_layernorm.weight",
-        "mlp.gate_proj.weight",    "mlp.up_proj.weight",      "mlp.down_proj.weight"};
+    // Gemma names the MLP's input norm pre_feedforward_layernorm, and its
+    // post_attention_layernorm normalises the attention's output
+    int gemma = m->cfg.gemma;
+    const char *const suffix[P_LAYER_COUNT] = {
+        "input_layernorm.weight",
+        "self_attn.q_proj.weight",
+        "self_attn.q_proj.bias",
+        "self_attn.k_proj.weight",
+        "self_attn.k_proj.bias",
+        "self_attn.v_proj.weight",
+        "self_attn.v_proj.bias",
+        "self_attn.q_norm.weight",
+        "self_attn.k_norm.weight",
+        "self_attn.o_proj.weight",
+        "self_attn.o_proj.bias",
+        gemma ? "post_attention_layernorm.weight" : "(none)",
+        gemma ? "pre_feedforward_layernorm.weight" : "post_attention_layernorm.weight",
+        "mlp.gate_proj.weight",
+        "mlp.up_proj.weight",
+        "mlp.down_proj.weight",
+        gemma ? "post_feedforward_layernorm.weight" : "(none)"};
 #define WPTR(i) (m->compute_offset[i] == SIZE_MAX ? NULL : (char *)m->weights + m->compute_offset[i] * act)
 #define GPTR(i) (m->grads ? m->grads + m->params[i].offset : NULL)
     for (int l = 0; l < m->cfg.L; l++) {
@@ -242,10 +281,13 @@ static void bind_params(mt_model *m) {
 #undef GPTR
 }
 
-void mt_model_rope_inv_freq(const mt_model_config *c, float *inv_freq) {
+void mt_model_rope_inv_freq(const mt_model_config *c, int local, float *inv_freq) {
     int half = c->D / 2;
     for (int i = 0; i < half; i++) {
-        inv_freq[i] = (float)(1.0 / pow((double)c->rope_theta, (double)(2 * i) / c->D));
+        double theta = local ? c->rope_local_theta : c->rope_theta;
+        inv_freq[i] = (float)(1.0 / pow(theta, (double)(2 * i) / c->D));
+        if (local) continue;  // Gemma's sliding layers: no scaling
+        if (c->rope_linear_factor > 0) inv_freq[i] = (float)((double)inv_freq[i] / c->rope_linear_factor);
         if (!c->rope_llama3) continue;
         // Llama 3.1 frequency scaling: long wavelengths divided by factor,
         // short ones kept, a smooth blend between
@@ -303,6 +345,10 @@ static size_t layout_activations(mt_model *m, uintptr_t base) {
         A->kraw = c->qk_norm ? carve(&cur, N * KVD * a) : NULL;
         A->rstd_q = c->qk_norm ? carve(&cur, N * c->H * 4) : NULL;
         A->rstd_k = c->qk_norm ? carve(&cur, N * c->KV * 4) : NULL;
+        A->attn_out = c->gemma ? carve(&cur, N * c->C * a) : NULL;
+        A->mlp_out = c->gemma ? carve(&cur, N * c->C * a) : NULL;
+        A->rstd_a = c->gemma ? carve(&cur, N * 4) : NULL;
+        A->rstd_f = c->gemma ? carve(&cur, N * 4) : NULL;
     }
     int backward = !m->forward_only;
     m->lora_du = m->lora.r && backward ? carve(&cur, N * m->lora.r * a) : NULL;
@@ -332,6 +378,8 @@ static size_t layout_activations(mt_model *m, uintptr_t base) {
     m->pos = m->attn.docs ? carve(&cur, N * 4) : NULL;
     m->cos_table = carve(&cur, (size_t)m->T * (c->D / 2) * 4);
     m->sin_table = carve(&cur, (size_t)m->T * (c->D / 2) * 4);
+    m->cos_local = c->global_every ? carve(&cur, (size_t)m->T * (c->D / 2) * 4) : NULL;
+    m->sin_local = c->global_every ? carve(&cur, (size_t)m->T * (c->D / 2) * 4) : NULL;
     return (size_t)(cur - base);
 }
 
@@ -396,18 +444,27 @@ static mt_model *model_setup(mt_backend *be, const mt_model_config *cfg, const m
     return m;
 }
 
-// Every layer's attention problem. Mistral's sliding window binds only when
-// the window is shorter than T.
-static mt_attention_shape attention_shape(const mt_model_config *cfg, const mt_model_options *o) {
-    int window = cfg->sliding_window > 0 && cfg->sliding_window < o->T ? (int)cfg->sliding_window : 0;
-    return (mt_attention_shape){o->B, o->T, cfg->H, cfg->KV, cfg->D, window, o->document_mask != 0, 0.0f};
+// A layer's attention problem (local: Gemma's sliding layers; with
+// global_every 0 every layer is alike). The sliding window binds only when
+// it is shorter than T.
+static mt_attention_shape attention_shape(const mt_model_config *cfg, const mt_model_options *o, int local) {
+    int sliding = cfg->global_every == 0 || local;
+    int window = sliding && cfg->sliding_window > 0 && cfg->sliding_window < o->T ? (int)cfg->sliding_window : 0;
+    return (mt_attention_shape){o->B, o->T, cfg->H, cfg->KV, cfg->D, window, o->document_mask != 0, cfg->attn_scale};
+}
+
+// The larger of the two layer kinds' attention workspaces.
+static size_t attention_workspace(mt_backend *be, const mt_model_config *cfg, const mt_model_options *o) {
+    mt_attention_shape g = attention_shape(cfg, o, 0), l = attention_shape(cfg, o, 1);
+    size_t a = mt_attention_workspace_bytes(be, &g), b = cfg->global_every ? mt_attention_workspace_bytes(be, &l) : 0;
+    return a > b ? a : b;
 }
 
 mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_config *cfg, const mt_model_options *o) {
     *out = NULL;
     int B = o->B, T = o->T;
-    mt_attention_shape attn = attention_shape(cfg, o);
-    if (!mt_attention_supports(be, &attn))
+    mt_attention_shape attn = attention_shape(cfg, o, 0), local = attention_shape(cfg, o, 1);
+    if (!mt_attention_supports(be, &attn) || (cfg->global_every && !mt_attention_supports(be, &local)))
         return mt_errorf(MT_ERR_MODEL,
                          "head dimension %d is not supported by the GPU attention: cuDNN's fused attention is not "
                          "available (%s) and memtune's own kernel takes 16, 32, 64 and 128; install cuDNN 9 (see "
@@ -416,6 +473,7 @@ mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_confi
     MT_CHECK(!o->quantize_nf4 || o->lora.r > 0, "NF4 base weights need LoRA adapters");
     size_t nf4_bytes, widest_linear;
     mt_model *m = model_setup(be, cfg, o, attn, &nf4_bytes, &widest_linear);
+    m->attn_local = local;
     size_t N = (size_t)B * T;
     mt_mem_place place = be->gpu ? MT_DEVICE : MT_HOST;
     size_t act = mt_act_size(be);
@@ -439,7 +497,7 @@ mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_confi
     if (!err) err = mt_alloc(&m->act_block, act_bytes, MT_MEM_ACTIVATIONS, place);
     if (!err && m->offload)
         err = mt_alloc(&m->host_x, (size_t)(cfg->L - 1) * N * cfg->C * act, MT_MEM_OFFLOAD, MT_HOST);
-    size_t workspace = mt_attention_workspace_bytes(be, &m->attn);
+    size_t workspace = attention_workspace(be, cfg, o);
     size_t norm_workspace = mt_norm_embedding_workspace_bytes(be, B * T, cfg->C);
     if (norm_workspace > workspace) workspace = norm_workspace;
     size_t heads_workspace = cfg->qk_norm ? mt_norm_embedding_workspace_bytes(be, B * T * cfg->H, cfg->D) : 0;
@@ -462,10 +520,12 @@ mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_confi
     int half = cfg->D / 2;
     float *inv_freq = malloc((size_t)half * 4), *cs = malloc((size_t)T * half * 8);
     MT_CHECK(inv_freq && cs, "rope tables");
-    mt_model_rope_inv_freq(cfg, inv_freq);
-    mt_rope_tables(cs, cs + (size_t)T * half, inv_freq, T, cfg->D);
-    mt_backend_from_host(be, m->cos_table, cs, (size_t)T * half * 4);
-    mt_backend_from_host(be, m->sin_table, cs + (size_t)T * half, (size_t)T * half * 4);
+    for (int kind = 0; kind <= (cfg->global_every > 0); kind++) {  // global, then Gemma's sliding layers'
+        mt_model_rope_inv_freq(cfg, kind, inv_freq);
+        mt_rope_tables(cs, cs + (size_t)T * half, inv_freq, T, cfg->D);
+        mt_backend_from_host(be, kind ? m->cos_local : m->cos_table, cs, (size_t)T * half * 4);
+        mt_backend_from_host(be, kind ? m->sin_local : m->sin_table, cs + (size_t)T * half, (size_t)T * half * 4);
+    }
     free(inv_freq);
     free(cs);
     mt_model_set_positions(m, NULL);
@@ -513,7 +573,7 @@ void mt_model_plan_bytes(int gpu, const mt_model_config *cfg, const mt_model_opt
                          mt_model_bytes *b) {
     mt_backend be = {0};
     be.gpu = gpu;
-    mt_attention_shape attn = attention_shape(cfg, o);
+    mt_attention_shape attn = attention_shape(cfg, o, 0), local = attention_shape(cfg, o, 1);
     size_t nf4_bytes, widest_linear, act = gpu ? 2 : 4, N = (size_t)o->B * o->T;
     mt_model *m = model_setup(&be, cfg, o, attn, &nf4_bytes, &widest_linear);
     *b = (mt_model_bytes){0};
@@ -528,10 +588,11 @@ void mt_model_plan_bytes(int gpu, const mt_model_config *cfg, const mt_model_opt
     b->activations = layout_activations(m, 0);
     b->offload_host = m->offload ? (size_t)(cfg->L - 1) * N * cfg->C * act : 0;
     if (gpu) {
-        size_t att = mt_attention_own_workspace_bytes(&attn),
+        size_t att = mt_attention_own_workspace_bytes(&attn), att_local = mt_attention_own_workspace_bytes(&local),
                norm = mt_norm_embedding_workspace_bytes_gpu((int)N, cfg->C),
                heads = cfg->qk_norm ? mt_norm_embedding_workspace_bytes_gpu((int)N * cfg->H, cfg->D) : 0;
         if (heads > norm) norm = heads;
+        if (cfg->global_every && att_local > att) att = att_local;
         b->workspace = att > norm ? att : norm;
         // the fp32 staging of each upload (transient), at most 4 Mi values
         b->staging = (m->total < ((size_t)4 << 20) ? m->total : ((size_t)4 << 20)) * sizeof(float);
@@ -596,8 +657,12 @@ void mt_model_trainable(mt_model *m, mt_trainable *out) {
 void mt_model_describe_attention(mt_model *m, char *buf, size_t len) {
     char what[200];
     mt_attention_describe(m->be, &m->attn, what, sizeof what);
-    char window[64] = "";
-    if (m->attn.window) snprintf(window, sizeof window, ", sliding window of %d tokens", m->attn.window);
+    char window[96] = "";
+    if (m->cfg.global_every && m->attn_local.window)
+        snprintf(window, sizeof window, ", sliding window of %d tokens (one layer in %d global)", m->attn_local.window,
+                 m->cfg.global_every);
+    else if (m->attn.window)
+        snprintf(window, sizeof window, ", sliding window of %d tokens", m->attn.window);
     snprintf(buf, len, "%s%s%s", what, window, m->attn.docs ? ", packed documents kept apart" : "");
 }
 
@@ -864,6 +929,9 @@ static void lora_backward(mt_model *m, int l, int t, void *dx, const void *dy, c
     mt_op_add(be, dx, dx, m->drop_buf, n);
 }
 
+// The MLP's gate activation: Gemma's tanh GELU, else SiLU.
+static mt_act glu_act(const mt_model_config *c) { return c->gemma ? MT_ACT_GELU_TANH : MT_ACT_SILU; }
+
 // Layer l from x[l]; writes x[l+1] unless `recompute` (then it stops once
 // everything backward needs is there).
 static void layer_forward(mt_model *m, int l, int recompute) {
@@ -872,7 +940,9 @@ static void layer_forward(mt_model *m, int l, int recompute) {
     int N = m->B * m->T, HD = c->H * c->D, KVD = c->KV * c->D;
     layer_acts *A = acts_of(m, l);
     void *qf = m->qkv_flat, *kf = rows(m, qf, (size_t)N, (size_t)HD), *vf = rows(m, kf, (size_t)N, (size_t)KVD);
-    mt_op_rmsnorm_forward(be, A->ln1, A->rstd1, m->x[l], layer_weight(m, l, P_LN1), N, c->C, c->rms_eps, 0);
+    int g = c->gemma, local = mt_layer_local(c, l);
+    const float *cs = local ? m->cos_local : m->cos_table, *sn = local ? m->sin_local : m->sin_table;
+    mt_op_rmsnorm_forward(be, A->ln1, A->rstd1, m->x[l], layer_weight(m, l, P_LN1), N, c->C, c->rms_eps, g);
     // Qwen3: the projections stay for backward; each head's norm writes what RoPE reads
     void *qp = c->qk_norm ? A->qraw : qf, *kp = c->qk_norm ? A->kraw : kf;
     mt_op_matmul_forward(be, qp, A->ln1, layer_weight(m, l, P_WQ), layer_weight(m, l, P_BQ), N, c->C, HD);
@@ -880,28 +950,46 @@ static void layer_forward(mt_model *m, int l, int recompute) {
     mt_op_matmul_forward(be, kp, A->ln1, layer_weight(m, l, P_WK), layer_weight(m, l, P_BK), N, c->C, KVD);
     lora_forward(m, l, MT_LORA_K, kp, A->ln1, c->C, KVD);
     if (c->qk_norm) {
-        mt_op_rmsnorm_forward(be, qf, A->rstd_q, qp, layer_weight(m, l, P_QN), N * c->H, c->D, c->rms_eps, 0);
-        mt_op_rmsnorm_forward(be, kf, A->rstd_k, kp, layer_weight(m, l, P_KN), N * c->KV, c->D, c->rms_eps, 0);
+        mt_op_rmsnorm_forward(be, qf, A->rstd_q, qp, layer_weight(m, l, P_QN), N * c->H, c->D, c->rms_eps, g);
+        mt_op_rmsnorm_forward(be, kf, A->rstd_k, kp, layer_weight(m, l, P_KN), N * c->KV, c->D, c->rms_eps, g);
     }
     mt_op_matmul_forward(be, vf, A->ln1, layer_weight(m, l, P_WV), layer_weight(m, l, P_BV), N, c->C, KVD);
     lora_forward(m, l, MT_LORA_V, vf, A->ln1, c->C, KVD);
-    mt_op_rope_forward(be, A->q, qf, m->cos_table, m->sin_table, m->pos, m->B, m->T, c->H, c->D, 1);
-    mt_op_rope_forward(be, A->k, kf, m->cos_table, m->sin_table, m->pos, m->B, m->T, c->KV, c->D, 1);
-    mt_op_rope_forward(be, A->v, vf, m->cos_table, m->sin_table, m->pos, m->B, m->T, c->KV, c->D, 0);
-    mt_op_attention_forward(be, &m->attn, A->atty, A->lse, A->q, A->k, A->v, m->pos);
-    mt_op_matmul_forward(be, m->scratch_c, A->atty, layer_weight(m, l, P_WO), layer_weight(m, l, P_BO), N, HD, c->C);
-    lora_forward(m, l, MT_LORA_O, m->scratch_c, A->atty, HD, c->C);
+    mt_op_rope_forward(be, A->q, qf, cs, sn, m->pos, m->B, m->T, c->H, c->D, 1);
+    mt_op_rope_forward(be, A->k, kf, cs, sn, m->pos, m->B, m->T, c->KV, c->D, 1);
+    mt_op_rope_forward(be, A->v, vf, cs, sn, m->pos, m->B, m->T, c->KV, c->D, 0);
+    mt_op_attention_forward(be, local ? &m->attn_local : &m->attn, A->atty, A->lse, A->q, A->k, A->v, m->pos);
+    // Gemma: o_proj's output is kept and normalised before the residual
+    void *o = g ? A->attn_out : m->scratch_c;
+    mt_op_matmul_forward(be, o, A->atty, layer_weight(m, l, P_WO), layer_weight(m, l, P_BO), N, HD, c->C);
+    lora_forward(m, l, MT_LORA_O, o, A->atty, HD, c->C);
+    if (g) mt_op_rmsnorm_forward(be, m->scratch_c, A->rstd_a, o, layer_weight(m, l, P_ANORM), N, c->C, c->rms_eps, 1);
     mt_op_add(be, A->x2, m->x[l], m->scratch_c, (size_t)N * c->C);
-    mt_op_rmsnorm_forward(be, A->ln2, A->rstd2, A->x2, layer_weight(m, l, P_LN2), N, c->C, c->rms_eps, 0);
+    mt_op_rmsnorm_forward(be, A->ln2, A->rstd2, A->x2, layer_weight(m, l, P_LN2), N, c->C, c->rms_eps, g);
     mt_op_matmul_forward(be, A->gate, A->ln2, layer_weight(m, l, P_WG), NULL, N, c->C, c->F);
     lora_forward(m, l, MT_LORA_GATE, A->gate, A->ln2, c->C, c->F);
     mt_op_matmul_forward(be, A->up, A->ln2, layer_weight(m, l, P_WU), NULL, N, c->C, c->F);
     lora_forward(m, l, MT_LORA_UP, A->up, A->ln2, c->C, c->F);
-    if (recompute) return;
-    mt_op_glu_forward(be, m->f0, A->gate, A->up, (size_t)N * c->F, MT_ACT_SILU);
-    mt_op_matmul_forward(be, m->scratch_c, m->f0, layer_weight(m, l, P_WD), NULL, N, c->F, c->C);
-    lora_forward(m, l, MT_LORA_DOWN, m->scratch_c, m->f0, c->F, c->C);
+    // Gemma's backward needs down_proj's output for its norm: recompute reaches it
+    if (recompute && !g) return;
+    mt_op_glu_forward(be, m->f0, A->gate, A->up, (size_t)N * c->F, glu_act(c));
+    void *d = g ? A->mlp_out : m->scratch_c;
+    mt_op_matmul_forward(be, d, m->f0, layer_weight(m, l, P_WD), NULL, N, c->F, c->C);
+    lora_forward(m, l, MT_LORA_DOWN, d, m->f0, c->F, c->C);
+    if (g) mt_op_rmsnorm_forward(be, m->scratch_c, A->rstd_f, d, layer_weight(m, l, P_FNORM), N, c->C, c->rms_eps, 1);
+    if (recompute) return;  // x[l+1] is kept (and its slot may hold another layer's input)
     mt_op_add(be, m->x[l + 1], A->x2, m->scratch_c, (size_t)N * c->C);
+}
+
+// Gemma: d(loss)/d(the norm's input) into scratch_c (free in backward) from
+// d(loss)/d(its output) = dres, through the norm of `in` (rstd) by weight p.
+static void *sandwich_backward(mt_model *m, int l, int p, const void *in, const float *rstd) {
+    const mt_model_config *c = &m->cfg;
+    layer_params *P = &m->layers[l];
+    size_t N = (size_t)m->B * m->T;
+    mt_op_zero(m->be, m->scratch_c, N * c->C * mt_act_size(m->be));
+    mt_op_rmsnorm_backward(m->be, m->scratch_c, P->g[p], m->dres, in, P->w[p], rstd, (int)N, c->C, 1);
+    return m->scratch_c;
 }
 
 // Adds layer l's gradients; dres holds d(loss)/d(x[l+1]) on entry and
@@ -912,39 +1000,45 @@ static void layer_backward(mt_model *m, int l) {
     int N = m->B * m->T, HD = c->H * c->D, KVD = c->KV * c->D;
     layer_params *P = &m->layers[l];
     layer_acts *A = acts_of(m, l);
+    int g = c->gemma, local = mt_layer_local(c, l);
+    const float *cs = local ? m->cos_local : m->cos_table, *sn = local ? m->sin_local : m->sin_table;
     if (m->checkpointing) layer_forward(m, l, 1);
     size_t NF = (size_t)N * c->F;
-    mt_op_glu_forward(be, m->f0, A->gate, A->up, NF, MT_ACT_SILU);
-    if (P->lora_a[MT_LORA_DOWN] && m->checkpointing) {
+    mt_op_glu_forward(be, m->f0, A->gate, A->up, NF, glu_act(c));
+    if (P->lora_a[MT_LORA_DOWN] && m->checkpointing && !g) {
         // the recompute stopped before down_proj: its adapter's u again
         mt_op_matmul_forward(be, A->lora_u[MT_LORA_DOWN], adapter_input(m, l, MT_LORA_DOWN, m->f0, c->F),
                              P->lora_a[MT_LORA_DOWN], NULL, N, c->F, m->lora.r);
     }
-    mt_op_matmul_backward(be, m->f1, P->g[P_WD], NULL, m->dres, m->f0, base_weight(m, l, P_WD), N, c->F, c->C, 0);
-    lora_backward(m, l, MT_LORA_DOWN, m->f1, m->dres, m->f0, c->F, c->C);
+    // Gemma: through the MLP output's norm first
+    void *dmlp = g ? sandwich_backward(m, l, P_FNORM, A->mlp_out, A->rstd_f) : m->dres;
+    mt_op_matmul_backward(be, m->f1, P->g[P_WD], NULL, dmlp, m->f0, base_weight(m, l, P_WD), N, c->F, c->C, 0);
+    lora_backward(m, l, MT_LORA_DOWN, m->f1, dmlp, m->f0, c->F, c->C);
     // up's gradient replaces up itself (read first, element by element)
     void *dup = A->up;
-    mt_op_glu_backward(be, m->f0, dup, m->f1, A->gate, A->up, NF, MT_ACT_SILU);
+    mt_op_glu_backward(be, m->f0, dup, m->f1, A->gate, A->up, NF, glu_act(c));
     mt_op_matmul_backward(be, m->dln, P->g[P_WG], NULL, m->f0, A->ln2, base_weight(m, l, P_WG), N, c->C, c->F, 0);
     lora_backward(m, l, MT_LORA_GATE, m->dln, m->f0, A->ln2, c->C, c->F);
     mt_op_matmul_backward(be, m->dln, P->g[P_WU], NULL, dup, A->ln2, base_weight(m, l, P_WU), N, c->C, c->F, 1);
     lora_backward(m, l, MT_LORA_UP, m->dln, dup, A->ln2, c->C, c->F);
-    mt_op_rmsnorm_backward(be, m->dres, P->g[P_LN2], m->dln, A->x2, P->w[P_LN2], A->rstd2, N, c->C, 0);
-    mt_op_matmul_backward(be, m->datty, P->g[P_WO], P->g[P_BO], m->dres, A->atty, base_weight(m, l, P_WO), N, HD, c->C,
+    mt_op_rmsnorm_backward(be, m->dres, P->g[P_LN2], m->dln, A->x2, P->w[P_LN2], A->rstd2, N, c->C, g);
+    void *dattn = g ? sandwich_backward(m, l, P_ANORM, A->attn_out, A->rstd_a) : m->dres;
+    mt_op_matmul_backward(be, m->datty, P->g[P_WO], P->g[P_BO], dattn, A->atty, base_weight(m, l, P_WO), N, HD, c->C,
                           0);
-    lora_backward(m, l, MT_LORA_O, m->datty, m->dres, A->atty, HD, c->C);
-    mt_op_attention_backward(be, &m->attn, m->dq, m->dk, m->dv, m->datty, A->q, A->k, A->v, A->atty, A->lse, m->pos);
+    lora_backward(m, l, MT_LORA_O, m->datty, dattn, A->atty, HD, c->C);
+    mt_op_attention_backward(be, local ? &m->attn_local : &m->attn, m->dq, m->dk, m->dv, m->datty, A->q, A->k, A->v,
+                             A->atty, A->lse, m->pos);
     void *dqf = m->dqkv_flat, *dkf = rows(m, dqf, (size_t)N, (size_t)HD), *dvf = rows(m, dkf, (size_t)N, (size_t)KVD);
-    mt_op_rope_backward(be, dqf, m->dq, m->cos_table, m->sin_table, m->pos, m->B, m->T, c->H, c->D, 1);
-    mt_op_rope_backward(be, dkf, m->dk, m->cos_table, m->sin_table, m->pos, m->B, m->T, c->KV, c->D, 1);
-    mt_op_rope_backward(be, dvf, m->dv, m->cos_table, m->sin_table, m->pos, m->B, m->T, c->KV, c->D, 0);
+    mt_op_rope_backward(be, dqf, m->dq, cs, sn, m->pos, m->B, m->T, c->H, c->D, 1);
+    mt_op_rope_backward(be, dkf, m->dk, cs, sn, m->pos, m->B, m->T, c->KV, c->D, 1);
+    mt_op_rope_backward(be, dvf, m->dv, cs, sn, m->pos, m->B, m->T, c->KV, c->D, 0);
     if (c->qk_norm) {
         // through each head's norm, into dq and dk (free once RoPE's backward has read them)
         size_t a = mt_act_size(be);
         mt_op_zero(be, m->dq, (size_t)N * HD * a);
         mt_op_zero(be, m->dk, (size_t)N * KVD * a);
-        mt_op_rmsnorm_backward(be, m->dq, P->g[P_QN], dqf, A->qraw, P->w[P_QN], A->rstd_q, N * c->H, c->D, 0);
-        mt_op_rmsnorm_backward(be, m->dk, P->g[P_KN], dkf, A->kraw, P->w[P_KN], A->rstd_k, N * c->KV, c->D, 0);
+        mt_op_rmsnorm_backward(be, m->dq, P->g[P_QN], dqf, A->qraw, P->w[P_QN], A->rstd_q, N * c->H, c->D, g);
+        mt_op_rmsnorm_backward(be, m->dk, P->g[P_KN], dkf, A->kraw, P->w[P_KN], A->rstd_k, N * c->KV, c->D, g);
         dqf = m->dq, dkf = m->dk;
     }
     mt_op_matmul_backward(be, m->dln, P->g[P_WQ], P->g[P_BQ], dqf, A->ln1, base_weight(m, l, P_WQ), N, c->C, HD, 0);
@@ -955,7 +1049,7 @@ static void layer_backward(mt_model *m, int l) {
     lora_backward(m, l, MT_LORA_V, m->dln, dvf, A->ln1, c->C, KVD);
     // with a frozen embedding nothing needs d(loss)/d(x[0])
     if (l > 0 || !m->frozen)
-        mt_op_rmsnorm_backward(be, m->dres, P->g[P_LN1], m->dln, m->x[l], P->w[P_LN1], A->rstd1, N, c->C, 0);
+        mt_op_rmsnorm_backward(be, m->dres, P->g[P_LN1], m->dln, m->x[l], P->w[P_LN1], A->rstd1, N, c->C, g);
 }
 
 static void upload_tokens(mt_model *m, const int32_t *inputs, const int32_t *targets) {
@@ -998,6 +1092,7 @@ static void body_forward(mt_model *m) {
     if (m->perturb_scale != 0.0f && !m->frozen && m->perturb_selected[m->index_wte])
         mt_op_perturb_rows(m->be, m->x[0], m->tokens, N, c->C, m->perturb_scale, m->perturb_seed,
                            m->params[m->index_wte].offset);
+    if (c->embed_scale != 0.0f) mt_op_scale(m->be, m->x[0], (size_t)N * c->C, c->embed_scale);  // Gemma
     if (offload) move_x(m, 0, 1);
     for (int l = 0; l < c->L; l++) {
         // x[l+1]'s slot held x[l-1]: its copy out must be done
@@ -1008,7 +1103,7 @@ static void body_forward(mt_model *m) {
     }
     weights_needed(m, 1 + c->L);
     const void *norm_w = m->frozen ? m->norm_w : perturbed(m, m->index_norm, m->norm_w);
-    mt_op_rmsnorm_forward(m->be, m->lnf, m->rstdf, m->x[c->L], norm_w, N, c->C, c->rms_eps, 0);
+    mt_op_rmsnorm_forward(m->be, m->lnf, m->rstdf, m->x[c->L], norm_w, N, c->C, c->rms_eps, c->gemma);
 }
 
 double mt_model_step(mt_model *m, const int32_t *inputs, const int32_t *targets, float dscale, int backward) {
@@ -1046,7 +1141,7 @@ double mt_model_step(mt_model *m, const int32_t *inputs, const int32_t *targets,
     if (!backward || skip) return loss;
     if (streamed && m->index_lm != m->index_wte) m->grad_ready(m->grad_ready_ctx, m->index_lm, m->g_lm);
     mt_op_zero(be, m->dres, (size_t)N * c->C * mt_act_size(be));
-    mt_op_rmsnorm_backward(be, m->dres, m->g_norm, m->dln, m->x[c->L], m->norm_w, m->rstdf, N, c->C, 0);
+    mt_op_rmsnorm_backward(be, m->dres, m->g_norm, m->dln, m->x[c->L], m->norm_w, m->rstdf, N, c->C, c->gemma);
     if (streamed) m->grad_ready(m->grad_ready_ctx, m->index_norm, m->g_norm);
     if (m->grads_done) m->grads_done(m->grads_done_ctx, c->L + 1);
     for (int l = c->L - 1; l >= 0; l--) {
@@ -1065,6 +1160,7 @@ double mt_model_step(mt_model *m, const int32_t *inputs, const int32_t *targets,
     }
     if (streamed && m->index_lm != m->index_wte)
         mt_op_zero(be, m->g_wte, m->params[m->index_wte].count * sizeof(float));
+    if (m->g_wte && c->embed_scale != 0.0f) mt_op_scale(be, m->dres, (size_t)N * c->C, c->embed_scale);
     if (m->g_wte) mt_op_embedding_backward(be, m->g_wte, m->tokens, m->dres, N, c->C);
     if (streamed) m->grad_ready(m->grad_ready_ctx, m->index_wte, m->g_wte);
     if (m->grads_done) m->grads_done(m->grads_done_ctx, 0);

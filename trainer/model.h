@@ -170,7 +170,8 @@ typedef int (*mt_agree_fn)(void *ctx, int flag);
 void mt_model_set_agreement(mt_model *m, mt_agree_fn any, void *ctx);
 // RoPE's D/2 inverse frequencies as transformers computes them (llama3
 // scaling included).
-void mt_model_rope_inv_freq(const mt_model_config *c, float *inv_freq);
+// local: Gemma's sliding layers' (rope_local_theta, no scaling).
+void mt_model_rope_inv_freq(const mt_model_config *c, int local, float *inv_freq);
 // Full logits (B*T, V) fp32 into host memory `logits` (for tests and parity).
 void mt_model_logits(mt_model *m, const int32_t *inputs, float *logits);
 

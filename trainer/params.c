@@ -20,7 +20,7 @@ static void add_param(mt_param_info *t, int *n, size_t *offset, const char *name
 }
 
 mt_param_info *mt_model_param_table(const mt_model_config *c, int *count, size_t *total) {
-    int max = 3 + c->L * 15;  // a layer has at most 15 tensors (4 biases, 2 head norms among them)
+    int max = 3 + c->L * 17;  // a layer has at most 17 tensors (4 biases, 2 head norms, Gemma's 2 more norms)
     mt_param_info *t = calloc((size_t)max, sizeof *t);
     MT_CHECK(t != NULL, "param table");
     int n = 0;
@@ -53,10 +53,18 @@ mt_param_info *mt_model_param_table(const mt_model_config *c, int *count, size_t
         if (c->o_bias) {
             LAYER_PARAM("self_attn.o_proj.bias", c->C, 0);
         }
+        // Llama's post_attention_layernorm is the MLP's input norm; Gemma's
+        // normalises the attention's output, pre_feedforward_layernorm the MLP's input
         LAYER_PARAM("post_attention_layernorm.weight", c->C, 0);
+        if (c->gemma) {
+            LAYER_PARAM("pre_feedforward_layernorm.weight", c->C, 0);
+        }
         LAYER_PARAM("mlp.gate_proj.weight", c->F, c->C);
         LAYER_PARAM("mlp.up_proj.weight", c->F, c->C);
         LAYER_PARAM("mlp.down_proj.weight", c->C, c->F);
+        if (c->gemma) {
+            LAYER_PARAM("post_feedforward_layernorm.weight", c->C, 0);
+        }
 #undef LAYER_PARAM
     }
     add_param(t, &n, &off, "model.norm.weight", c->C, 0);
@@ -65,6 +73,8 @@ mt_param_info *mt_model_param_table(const mt_model_config *c, int *count, size_t
     *total = off;
     return t;
 }
+
+int mt_layer_local(const mt_model_config *c, int l) { return c->global_every > 0 && (l + 1) % c->global_every != 0; }
 
 const char *const mt_lora_module_names[MT_LORA_MODULES] = {"q_proj",    "k_proj",  "v_proj",   "o_proj",
                                                            "gate_proj", "up_proj", "down_proj"};

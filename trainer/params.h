@@ -28,9 +28,19 @@ typedef struct {
     int rope_original_max_position;
     int tie_embeddings;
     int qkv_bias, o_bias;  // Qwen2: qkv; Llama attention_bias: qkv and o
-    int qk_norm;           // Qwen3: RMSNorm of each head's query and key (head_dim weights) before RoPE
-    long sliding_window;   // 0: none
-    mt_dtype dtype;        // the folder's declared dtype (for saving)
+    int qk_norm;           // Qwen3, Gemma 3: RMSNorm of each head's query and key (head_dim weights) before RoPE
+    // Gemma 3: every RMSNorm scales by (1 + w); norms after attention and
+    // around the MLP (post_attention, pre_ and post_feedforward); GeGLU with
+    // the tanh GELU; the embedding scaled; its own score scale; sliding and
+    // global layers with their own RoPE bases
+    int gemma;
+    float embed_scale;         // embeddings times this (0: none)
+    float attn_scale;          // the scores' scale (0: 1/sqrt(head dim))
+    int global_every;          // > 0: layer l global when (l + 1) % global_every == 0, else in sliding_window
+    float rope_local_theta;    // the sliding layers' RoPE base (global_every > 0; no scaling there)
+    float rope_linear_factor;  // rope type linear: positions divided by this (0: none)
+    long sliding_window;       // 0: none
+    mt_dtype dtype;            // the folder's declared dtype (for saving)
 } mt_model_config;
 
 typedef struct {
@@ -57,6 +67,10 @@ extern const char *const mt_lora_module_names[MT_LORA_MODULES];  // "q_proj", ..
 
 // LoRA (Hu et al., 2021): y = W x + scale * B A dropout(x), A (r, IN), B (OUT,
 // r), scale alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski, 2023).
+// Whether layer l attends within sliding_window with the local RoPE base
+// (Gemma 3's sliding layers); with global_every 0 every layer is alike.
+int mt_layer_local(const mt_model_config *c, int l);
+
 typedef struct {
     int r;             // rank; 0: no adapters
     float alpha;       // lora_alpha

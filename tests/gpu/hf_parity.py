@@ -2,14 +2,15 @@
 """memtune against Hugging Face transformers, on the GPU machine.
 
 For each model shape (a TinyLlama-1.1B-shaped Llama, a small Qwen2 with
-q/k/v biases and tied embeddings, and Qwen3 at two sizes: per-head q/k norms,
-head_dim apart from hidden/heads), a random-initialised model is built and
+q/k/v biases and tied embeddings, Qwen3 at two sizes: per-head q/k norms,
+head_dim apart from hidden/heads; Gemma 3 at two sizes: sliding and global
+layers, sandwich norms, GeGLU), a random-initialised model is built and
 saved by transformers' save_pretrained; memtune (tests/gpu/parity_tool.c)
 loads that folder and computes logits, loss and gradients for one batch, on
 the GPU (bf16) and on the CPU (fp32). transformers computes the same in fp32
 (eager attention, no TF32: the truth) and in bf16 (SDPA). Then a model
 trained and saved by memtune is loaded by transformers and both give the
-same logits (a Qwen2 and a Qwen3 model). Prints a table and writes
+same logits (a Qwen2, a Qwen3 and a Gemma 3 model). Prints a table and writes
 parity.json; exits 1 on a failure.
 """
 import argparse
@@ -29,6 +30,14 @@ try:  # transformers 4.51 and later
     from transformers import Qwen3Config, Qwen3ForCausalLM
 except ImportError:
     Qwen3Config = Qwen3ForCausalLM = None
+try:  # transformers 4.50 and later
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+except ImportError:
+    Gemma3ForCausalLM = Gemma3TextConfig = None
+
+
+def gemma_layers(n, every):
+    return ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(n)]
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from parity_common import MEMTUNE, compare_grads, log, memtune_parity, rel, write_dataset  # noqa: E402
@@ -56,6 +65,20 @@ SHAPES = {
         kw=dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
                 num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=40960,
                 rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True)),
+    "gemma3-small": dict(  # sliding layers (window 16 of T 64) and a global one in three
+        cls=Gemma3ForCausalLM, cfg=Gemma3TextConfig, B=2, T=64, cpu_grads=True, shard=None,
+        kw=dict(vocab_size=1000, hidden_size=256, intermediate_size=704, num_hidden_layers=3,
+                num_attention_heads=4, num_key_value_heads=1, head_dim=64, query_pre_attn_scalar=64,
+                sliding_window=16, sliding_window_pattern=3, layer_types=gemma_layers(3, 3),
+                max_position_embeddings=512, rms_norm_eps=1e-6, rope_theta=1000000.0, rope_local_base_freq=10000.0,
+                hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True)),
+    "gemma3-1b": dict(  # Gemma 3 1B's shape (262k vocabulary, head_dim 256)
+        cls=Gemma3ForCausalLM, cfg=Gemma3TextConfig, B=2, T=128, cpu_grads=False, shard=None,
+        kw=dict(vocab_size=262144, hidden_size=1152, intermediate_size=6912, num_hidden_layers=26,
+                num_attention_heads=4, num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256,
+                sliding_window=512, sliding_window_pattern=6, layer_types=gemma_layers(26, 6),
+                max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0, rope_local_base_freq=10000.0,
+                hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True)),
 }
 
 
@@ -175,7 +198,7 @@ def main():
             failures.append(f"{name}: cpu fp32 loss rel error {le['memtune_cpu_fp32_vs_hf_fp32']:.2e} >= 1e-4")
         if le["memtune_gpu_bf16_vs_hf_fp32"] >= 1e-2:
             failures.append(f"{name}: gpu bf16 loss rel error {le['memtune_gpu_bf16_vs_hf_fp32']:.2e} >= 1e-2")
-        if name.startswith("qwen3") and r["logits_rel_error"]["memtune_gpu_bf16_vs_hf_fp32"] > 2 * max(
+        if name.startswith(("qwen3", "gemma3")) and r["logits_rel_error"]["memtune_gpu_bf16_vs_hf_fp32"] > 2 * max(
                 r["logits_rel_error"]["hf_bf16_vs_hf_fp32"], 1e-6):
             failures.append(f"{name}: gpu bf16 logits error above twice transformers' own bf16 error")
         worst = min(s["min_cos"] for s in r["grads_memtune_gpu_bf16_vs_hf_fp32"].values())
@@ -186,6 +209,9 @@ def main():
         report["saved_by_memtune"] = check_saved_model(args.work, "qwen2-small", Qwen2ForCausalLM, failures)
         if Qwen3ForCausalLM is not None:
             report["saved_by_memtune_qwen3"] = check_saved_model(args.work, "qwen3-small", Qwen3ForCausalLM, failures)
+        if Gemma3ForCausalLM is not None:
+            report["saved_by_memtune_gemma3"] = check_saved_model(args.work, "gemma3-small", Gemma3ForCausalLM,
+                                                                  failures)
     with open(os.path.join(args.out, "parity.json"), "w") as f:
         json.dump(report, f, indent=1)
     log("FAILURES:\n  " + "\n  ".join(failures) if failures else "parity: all checks passed")

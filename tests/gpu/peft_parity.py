@@ -3,7 +3,8 @@
 on the GPU machine.
 
 1. A Llama (GQA, 4 layers; --family qwen3: a Qwen3 with head norms and its
-   own head_dim) is built and saved by transformers; PEFT puts a
+   own head_dim; --family gemma3: a Gemma 3 with sliding and global layers)
+   is built and saved by transformers; PEFT puts a
    LoRA adapter (r=16, all seven linear modules) on it, makes lora_B
    non-zero (as after training) and saves the adapter. memtune
    (tests/gpu/parity_tool.c) loads the base and PEFT's adapter and computes
@@ -34,6 +35,10 @@ try:  # transformers 4.51 and later
     from transformers import Qwen3Config, Qwen3ForCausalLM
 except ImportError:
     Qwen3Config = Qwen3ForCausalLM = None
+try:  # transformers 4.50 and later
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+except ImportError:
+    Gemma3ForCausalLM = Gemma3TextConfig = None
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from parity_common import MEMTUNE, PARITY, compare_grads, log, memtune_parity, rel, write_dataset  # noqa: E402
@@ -49,6 +54,13 @@ FAMILIES = {
               dict(vocab_size=32000, hidden_size=1024, intermediate_size=3072, num_hidden_layers=4,
                    num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=4096,
                    rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True)),
+    "gemma3": (Gemma3ForCausalLM, Gemma3TextConfig,
+               dict(vocab_size=32000, hidden_size=1152, intermediate_size=6912, num_hidden_layers=4,
+                    num_attention_heads=4, num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256,
+                    sliding_window=64, sliding_window_pattern=2,
+                    layer_types=["sliding_attention", "full_attention"] * 2, max_position_embeddings=4096,
+                    rms_norm_eps=1e-6, rope_theta=1000000.0, rope_local_base_freq=10000.0,
+                    hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True)),
 }
 CLS, CFG = LlamaForCausalLM, LlamaConfig
 B, T = 2, 128
