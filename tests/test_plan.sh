@@ -78,6 +78,21 @@ out=$("$MEMTUNE" train "${base[@]}" --set memory.budget=2MiB --set "output.dir=$
     fail "memory.budget 2MiB: expected a refusal naming the smallest setting: $out"
 [ ! -e "$W/budget2/model" ] || fail "memory.budget 2MiB: a refused run wrote a model"
 
+# train.seq_len: max: the longest length whose forecast fits the budget; the
+# run holds no more, one more token would not fit; refused without a budget
+out=$("$MEMTUNE" train "${base[@]}" --set train.seq_len=max --set memory.budget=24MiB --set "output.dir=$W/max" 2>&1) ||
+    fail "train.seq_len max: the run failed: $out"
+len=$(echo "$out" | sed -n 's/.*train.seq_len max: \([0-9]*\) tokens.*/\1/p')
+[ -n "$len" ] && echo "$out" | grep -q "T=$len " || fail "train.seq_len max: no length chosen and used: $out"
+total=$(echo "$out" | run_peaks | awk '{s += $2} END {print s}')
+awk -v t="$total" 'BEGIN {exit !(t <= 24.0)}' || fail "train.seq_len max: the run at T=$len held $total MiB"
+more=$("$MEMTUNE" plan "${base[@]}" --device cpu --set "train.seq_len=$((len + 1))" 2>&1 | awk '/^peak/{print $2, $3; exit}')
+echo "test_plan: train.seq_len max under 24MiB: T=$len, held $total MiB (T=$((len + 1)) would need $more)"
+case "$more" in *MiB) awk -v m="${more% MiB}" 'BEGIN {exit !(m > 24.0)}' || fail "T=$((len + 1)) fits too: $more" ;; esac
+out=$("$MEMTUNE" train "${base[@]}" --set train.seq_len=max --set "output.dir=$W/max2" 2>&1)
+[ $? -eq 1 ] && echo "$out" | grep -q "train.seq_len: max takes the longest length that fits memory.budget" ||
+    fail "train.seq_len max without a budget: expected a refusal: $out"
+
 # the 7B configs, forecast for the GPU from config.json alone
 for c in llama-lora llama-qlora mezo galore full-offload-cpu full-offload-ssd; do
     out=$("$MEMTUNE" plan "configs/$c.yaml" --set model.path=configs/models/llama-2-7b --gpu-memory 80GiB 2>&1) ||

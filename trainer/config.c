@@ -83,6 +83,10 @@ static mt_err set_value(mt_config *cfg, const key_info *k, const char *value, co
     switch (k->type) {
         case TYPE_INT: {
             long v;
+            if (!strcmp(k->dotted, "train.seq_len") && !strcmp(value, "max")) {
+                *(long *)field = MT_SEQ_LEN_MAX;
+                break;
+            }
             if (mt_parse_long(value, (long)k->lo, (long)k->hi, &v))
                 return mt_errorf(MT_ERR_CONFIG, "%s: %s = '%s': expected an integer in [%ld, %ld]", origin, k->dotted,
                                  value, (long)k->lo, (long)k->hi);
@@ -360,6 +364,10 @@ static int section_changed(const mt_config *cfg, const char *section) {
 }
 
 mt_err mt_config_validate(const mt_config *cfg) {
+    if (cfg->train_seq_len == MT_SEQ_LEN_MAX)
+        return mt_errorf(MT_ERR_CONFIG,
+                         "train.seq_len: max is resolved by `memtune train` against memory.budget (or by `memtune "
+                         "plan` against the GPU's memory); here it needs a number");
     if (!cfg->model_path[0])
         return mt_errorf(MT_ERR_CONFIG,
                          "model.path is not set: name a Hugging Face model folder (config.json + "

@@ -50,7 +50,8 @@ extern "C" {
       "at each, and no token is trained to predict the next document's first")                                        \
     X(train, steps, INT, "100", 1, 1000000000, "", "optimizer steps to run")                                          \
     X(train, micro_batch, INT, "4", 1, 65536, "", "rows per forward/backward pass (B)")                               \
-    X(train, seq_len, INT, "512", 2, 1048576, "", "tokens per row (T)")                                               \
+    X(train, seq_len, INT, "512", 2, 1048576, "",                                                                     \
+      "tokens per row (T); max: the longest that fits memory.budget as configured (memtune plan lists it)")           \
     X(train, grad_accum, INT, "1", 1, 65536, "",                                                                      \
       "micro-batches per optimizer step; the loss is the mean over all their tokens")                                 \
     X(train, seed, INT, "1337", 0, 2147483647, "", "seed for data order and random initialisation")                   \
@@ -149,6 +150,9 @@ extern "C" {
       "GiB): when the configuration needs more, memtune runs the fastest of the settings that keep the same "         \
       "training (activation checkpointing, offloaded activations, smaller micro-batches with more accumulation, "     \
       "AdamW's state in host memory) that fits, and says which; empty: no budget (docs/plan.md)")
+
+// train.seq_len: max, until the budget resolves it (mt_forecast_seq_len_max)
+#define MT_SEQ_LEN_MAX 0L
 
 #define MT_CFG_CTYPE_INT long
 #define MT_CFG_CTYPE_FLOAT double

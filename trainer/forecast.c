@@ -202,6 +202,16 @@ mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_s
     mt_err err = load(&cfg, path, sets, n_sets, NULL);
     mt_model_config mc;
     if (!err) err = mt_hf_read_config(cfg.model_path, &mc);
+    if (!err && cfg.train_seq_len == MT_SEQ_LEN_MAX) {  // the longest that fits the GPU's memory
+        long limit = mc.max_position > 0 && mc.max_position < (1L << 20) ? mc.max_position : (1L << 20);
+        cfg.train_seq_len = capacity > 0 ? mt_forecast_longest_seq_len(&cfg, &mc, gpu, world, capacity, limit) : 0;
+        if (!cfg.train_seq_len)
+            err = mt_errorf(MT_ERR_CONFIG, "train.seq_len: max: %s",
+                            capacity > 0 ? "not even 16 tokens fit the GPU's memory as configured"
+                                         : "give the GPU's memory (--gpu-memory 80GiB) to find the longest length");
+        else
+            fprintf(out, "train.seq_len max: %ld tokens, the longest that fits as configured\n", cfg.train_seq_len);
+    }
     mt_forecast f;
     if (!err) err = mt_forecast_run(&cfg, &mc, gpu, world, &f);
     if (err) {
@@ -280,22 +290,7 @@ mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_s
             "measurements; docs/plan.md)\n");
     // the longest seq_len that fits, as configured
     if (capacity > 0) {
-        long lo = 0, hi = 1 << 20, best = 0;
-        while (lo <= hi) {
-            long mid = (lo + hi) / 2;
-            char set[64];
-            snprintf(set, sizeof set, "train.seq_len=%ld", mid < 16 ? 16 : mid);
-            const char *extra[] = {set, NULL};
-            mt_config alt;
-            mt_forecast fa;
-            mt_err e = load(&alt, path, sets, n_sets, extra);
-            if (!e) e = mt_forecast_run(&alt, &mc, gpu, world, &fa);
-            mt_config_free(&alt);
-            if (!e && fa.device_peak <= capacity)
-                best = mid < 16 ? 16 : mid, lo = mid + 1;
-            else
-                hi = mid - 1;
-        }
+        long best = mt_forecast_longest_seq_len(&cfg, &mc, gpu, world, capacity, 1L << 20);
         if (best)
             fprintf(out, "\nlongest train.seq_len that fits as configured: %ld\n", best);
         else
@@ -352,27 +347,74 @@ static void describe_knobs(const knobs *k, const knobs *was, char *buf, size_t n
     if (at > 0 && at <= n) buf[at - 1] = '\0';
 }
 
-mt_err mt_forecast_fit_budget(mt_config *cfg, int gpu, int world) {
-    if (!cfg->memory_budget || !cfg->memory_budget[0]) return MT_OK;
-    double budget;
-    char source[64];
+// memory.budget in bytes, and where it came from (a size, or auto: the GPU's free memory less 1 GiB).
+static mt_err read_budget(const mt_config *cfg, int gpu, double *budget, char *source, size_t len) {
     if (!strcmp(cfg->memory_budget, "auto")) {
         if (!gpu)
             return mt_errorf(MT_ERR_CONFIG,
                              "memory.budget auto takes the GPU's free memory, and this run is on the "
                              "CPU; give a size (memory.budget: 16GiB) or none");
-        budget = (double)mt_device_free_bytes() - 1073741824.0;
-        snprintf(source, sizeof source, "auto: the GPU's free memory less 1 GiB");
-    } else {
-        budget = mt_parse_size(cfg->memory_budget);
-        if (budget <= 0)
-            return mt_errorf(MT_ERR_CONFIG, "memory.budget %s: expected a size (24GiB, 16G, 900MiB), auto, or empty",
-                             cfg->memory_budget);
-        snprintf(source, sizeof source, "%s", cfg->memory_budget);
+        *budget = (double)mt_device_free_bytes() - 1073741824.0;
+        snprintf(source, len, "auto: the GPU's free memory less 1 GiB");
+        return MT_OK;
     }
+    *budget = mt_parse_size(cfg->memory_budget);
+    if (*budget <= 0)
+        return mt_errorf(MT_ERR_CONFIG, "memory.budget %s: expected a size (24GiB, 16G, 900MiB), auto, or empty",
+                         cfg->memory_budget);
+    snprintf(source, len, "%s", cfg->memory_budget);
+    return MT_OK;
+}
+
+long mt_forecast_longest_seq_len(mt_config *cfg, const mt_model_config *mc, int gpu, int world, double capacity,
+                                 long limit) {
+    long saved = cfg->train_seq_len, lo = 16, hi = limit, best = 0;
+    while (lo <= hi) {
+        long mid = lo + (hi - lo) / 2;
+        cfg->train_seq_len = mid;
+        mt_forecast f;
+        if (!mt_forecast_run(cfg, mc, gpu, world, &f) && f.device_peak <= capacity)
+            best = mid, lo = mid + 1;
+        else
+            hi = mid - 1;
+    }
+    cfg->train_seq_len = saved;
+    return best;
+}
+
+mt_err mt_forecast_seq_len_max(mt_config *cfg, int gpu, int world) {
+    if (cfg->train_seq_len != MT_SEQ_LEN_MAX) return MT_OK;
+    if (!cfg->memory_budget[0])
+        return mt_errorf(MT_ERR_CONFIG,
+                         "train.seq_len: max takes the longest length that fits memory.budget; set one "
+                         "(memory.budget: 24GiB, or auto on a GPU), or give train.seq_len a number");
+    double budget = 0.0;
+    char source[64], b1[32];
     mt_model_config mc;
-    mt_err err = mt_hf_read_config(cfg->model_path, &mc);
+    mt_err err = read_budget(cfg, gpu, &budget, source, sizeof source);
+    if (!err) err = mt_hf_read_config(cfg->model_path, &mc);
     if (err) return err;
+    long limit = mc.max_position > 0 && mc.max_position < (1L << 20) ? mc.max_position : (1L << 20);
+    long best = mt_forecast_longest_seq_len(cfg, &mc, gpu, world, budget, limit);
+    if (!best)
+        return mt_errorf(MT_ERR_CONFIG,
+                         "train.seq_len: max: not even 16 tokens fit memory.budget %s (%s) as configured; raise the "
+                         "budget or train less (memtune plan shows the alternatives)",
+                         source, trimmed(size_text(budget, b1, sizeof b1)));
+    cfg->train_seq_len = best;
+    mt_info("train.seq_len max: %ld tokens, the longest that fits memory.budget %s (%s) as configured%s", best, source,
+            trimmed(size_text(budget, b1, sizeof b1)), best == limit ? " (the model's max_position_embeddings)" : "");
+    return MT_OK;
+}
+
+mt_err mt_forecast_fit_budget(mt_config *cfg, int gpu, int world) {
+    if (!cfg->memory_budget || !cfg->memory_budget[0]) return MT_OK;
+    double budget = 0.0;
+    char source[64];
+    mt_err err = read_budget(cfg, gpu, &budget, source, sizeof source);
+    if (err) return err;
+    mt_model_config mc;
+    if ((err = mt_hf_read_config(cfg->model_path, &mc))) return err;
     char *offload_was = strdup(cfg->offload_optimizer);
     MT_CHECK(offload_was != NULL, "budget");
     knobs was = {(int)cfg->model_activation_checkpointing, (int)cfg->model_offload_activations, cfg->train_micro_batch,

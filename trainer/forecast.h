@@ -48,6 +48,15 @@ mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_s
 // in host memory) whose forecast fits, and logs which and why; refuses with
 // the smallest one's needs when none fits. No budget: nothing changes.
 mt_err mt_forecast_fit_budget(mt_config *cfg, int gpu, int world);
+// The longest train.seq_len, from 16 to limit, whose forecast fits capacity
+// bytes with cfg's other settings (cfg is changed and restored); 0: none.
+long mt_forecast_longest_seq_len(mt_config *cfg, const mt_model_config *mc, int gpu, int world, double capacity,
+                                 long limit);
+// train.seq_len: max (MT_SEQ_LEN_MAX): sets it to the longest length that
+// fits memory.budget as configured (at most the model's
+// max_position_embeddings) and logs it; refuses without a budget, or when
+// nothing fits. Any other length: nothing changes.
+mt_err mt_forecast_seq_len_max(mt_config *cfg, int gpu, int world);
 // "24GiB", "80G", "900MiB", "1.5T", or bytes; -1 when not a size.
 double mt_parse_size(const char *v);
 
