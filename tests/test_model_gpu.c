@@ -39,9 +39,10 @@ static void small_config(mt_model_config *c, int qwen_like) {
 // documents (data.document_mask: positions restart, memtune's kernel), and
 // Qwen3 (head norms, head_dim 64 with hidden/heads 32), and Gemma 3 (norms by
 // 1 + w, sandwich norms, GeGLU, the embedding and score scales, sliding
-// layers of window 48 and a global one with linear RoPE scaling).
+// layers of window 48 and a global one with linear RoPE scaling), and Phi-3
+// (fused qkv_proj and gate_up_proj).
 START_TEST(gpu_model_matches_cpu_reference) {
-    for (int variant = 0; variant < 5; variant++) {
+    for (int variant = 0; variant < 6; variant++) {
         mt_model_config c;
         small_config(&c, variant == 1 || variant == 3 || variant == 4);
         if (variant == 3) {
@@ -54,6 +55,7 @@ START_TEST(gpu_model_matches_cpu_reference) {
             c.embed_scale = 16.0f, c.attn_scale = 0.125f, c.global_every = 3, c.sliding_window = 48;
             c.rope_local_theta = 10000.0f, c.rope_linear_factor = 8.0f;
         }
+        if (variant == 5) snprintf(c.architecture, sizeof c.architecture, "Phi3ForCausalLM"), c.fused = 1;
         int B = 2, T = 127, N = B * T, docs = variant == 2;
         mt_backend cpu, gpu;
         ck_assert_int_eq(mt_backend_init(&cpu, -1), MT_OK);

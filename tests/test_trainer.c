@@ -228,6 +228,26 @@ START_TEST(hf_config_checks) {
     snprintf(gjson, sizeof gjson, gemma, "null", "\"full_attention\",\"full_attention\"");
     make_folder("gemma3-pattern", gjson, folder, sizeof folder);
     expect_error(mt_hf_read_config(folder, &c), MT_ERR_MODEL, "layer_types[2]");
+    // Phi-3: fused qkv_proj and gate_up_proj in the table; partial RoPE refused
+    const char *phi3 =
+        "{\"architectures\":[\"Phi3ForCausalLM\"],\"vocab_size\":13,\"hidden_size\":16,"
+        "\"intermediate_size\":24,\"num_hidden_layers\":1,\"num_attention_heads\":4,"
+        "\"num_key_value_heads\":2%s}";
+    snprintf(gjson, sizeof gjson, phi3, "");
+    make_folder("phi3", gjson, folder, sizeof folder);
+    ck_assert_int_eq(mt_hf_read_config(folder, &c), MT_OK);
+    {
+        int n;
+        size_t total;
+        mt_param_info *t = mt_model_param_table(&c, &n, &total);
+        ck_assert(c.fused && n == 3 + 6 && !strcmp(t[2].name, "model.layers.0.self_attn.qkv_proj.weight"));
+        ck_assert(t[2].shape[0] == 16 + 2 * 8 && !strcmp(t[5].name, "model.layers.0.mlp.gate_up_proj.weight"));
+        ck_assert_int_eq(t[5].shape[0], 48);
+        free(t);
+    }
+    snprintf(gjson, sizeof gjson, phi3, ",\"partial_rotary_factor\":0.75");
+    make_folder("phi4-mini", gjson, folder, sizeof folder);
+    expect_error(mt_hf_read_config(folder, &c), MT_ERR_MODEL, "partial_rotary_factor 0.75");
     // Qwen2's window from layer max_window_layers on: all full when that is every layer; refused between
     const char *qwen_window =
         "{\"architectures\":[\"Qwen2ForCausalLM\"],\"vocab_size\":13,\"hidden_size\":16,\"intermediate_size\":24,"
@@ -307,11 +327,12 @@ static void tiny_config(mt_model_config *c, int tie, int bias) {
 }
 
 START_TEST(model_gradients_match_finite_differences) {
-    for (int variant = 0; variant < 4; variant++) {
+    for (int variant = 0; variant < 5; variant++) {
         mt_model_config c;
-        tiny_config(&c, variant == 1, variant == 1);  // untied without bias; tied with biases
-        if (variant == 2) c.qk_norm = 1, c.D = 6;     // Qwen3: head norms, head_dim not hidden/heads
-        if (variant == 3) {                           // Gemma 3: layer 0 sliding (window 3 of T 5), layer 1 global
+        tiny_config(&c, variant == 1, variant == 1);          // untied without bias; tied with biases
+        if (variant == 4) c.fused = 1, c.sliding_window = 4;  // Phi-3: qkv_proj and gate_up_proj, a window
+        if (variant == 2) c.qk_norm = 1, c.D = 6;             // Qwen3: head norms, head_dim not hidden/heads
+        if (variant == 3) {  // Gemma 3: layer 0 sliding (window 3 of T 5), layer 1 global
             c.gemma = c.qk_norm = c.tie_embeddings = 1, c.D = 6;
             c.embed_scale = 4.0f, c.attn_scale = 0.3f, c.global_every = 2, c.sliding_window = 3;
             c.rope_local_theta = 100.0f, c.rope_linear_factor = 2.0f;
@@ -735,9 +756,13 @@ START_TEST(generation_matches_the_full_forward) {
         "\"intermediate_size\":20,\"num_hidden_layers\":3,\"num_attention_heads\":4,\"num_key_value_heads\":1,"
         "\"head_dim\":8,\"max_position_embeddings\":64,\"query_pre_attn_scalar\":6,\"sliding_window\":5,"
         "\"sliding_window_pattern\":3,\"rope_theta\":1000.0,\"rope_local_base_freq\":100.0,"
-        "\"rope_scaling\":{\"rope_type\":\"linear\",\"factor\":2.0}}"};
-    static const char *const names[] = {"gen-llama", "gen-qwen", "gen-qwen3", "gen-gemma3"};
-    for (int variant = 0; variant < 4; variant++) {
+        "\"rope_scaling\":{\"rope_type\":\"linear\",\"factor\":2.0}}",
+        "{\"architectures\":[\"Phi3ForCausalLM\"],\"model_type\":\"phi3\",\"vocab_size\":13,\"hidden_size\":16,"
+        "\"intermediate_size\":20,\"num_hidden_layers\":2,\"num_attention_heads\":4,\"num_key_value_heads\":2,"
+        "\"max_position_embeddings\":64,\"rms_norm_eps\":1e-5,\"rope_theta\":10000.0,\"sliding_window\":7,"
+        "\"resid_pdrop\":0.0,\"embd_pdrop\":0.0,\"attention_dropout\":0.0,\"tie_word_embeddings\":false}"};
+    static const char *const names[] = {"gen-llama", "gen-qwen", "gen-qwen3", "gen-gemma3", "gen-phi3"};
+    for (int variant = 0; variant < 5; variant++) {
         char folder[300];
         make_folder(names[variant], variant ? configs[variant] : tu_tiny_llama_json, folder, sizeof folder);
         mt_model_config mc;

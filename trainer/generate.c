@@ -76,6 +76,11 @@ mt_err mt_generator_init(mt_generator **out, const mt_model_config *cfg, const f
             W(ln2, "post_attention_layernorm.weight");
         }
         W(down, "mlp.down_proj.weight"), W(qn, "self_attn.q_norm.weight"), W(kn, "self_attn.k_norm.weight");
+        if (cfg->fused) {  // Phi-3: row blocks of qkv_proj and gate_up_proj
+            size_t HD = (size_t)cfg->H * cfg->D, KVD = (size_t)cfg->KV * cfg->D;
+            W(q, "self_attn.qkv_proj.weight"), W(gate, "mlp.gate_up_proj.weight");
+            w->k = w->q + HD * cfg->C, w->v = w->k + KVD * cfg->C, w->up = w->gate + (size_t)cfg->F * cfg->C;
+        }
 #undef W
     }
     free(table);
@@ -142,25 +147,21 @@ mt_err mt_generate_quantize_nf4(const mt_model_config *cfg, float *params) {
     mt_param_info *table = mt_model_param_table(cfg, &n, &total);
     mt_backend host = {0};  // the CPU reference's arithmetic
     mt_err err = MT_OK;
-    for (int l = 0; l < cfg->L && !err; l++)
-        for (int t = 0; t < MT_LORA_MODULES && !err; t++) {
-            char name[160];
-            mt_lora_base_name(name, sizeof name, l, (mt_lora_module)t);
-            const mt_param_info *w = NULL;
-            for (int i = 0; i < n && !w; i++)
-                if (!strcmp(table[i].name, name)) w = &table[i];
-            MT_CHECK(w != NULL, "no base weight %s", name);
-            void *storage = malloc(mt_nf4_storage_bytes(w->count));
-            if (!storage) {
-                err = mt_errorf(MT_ERR_NOMEM, "out of host memory quantizing %s to NF4", name);
-                break;
-            }
-            mt_nf4 q;
-            mt_nf4_bind(&q, storage, w->count);
-            err = mt_nf4_quantize(&host, &q, params + w->offset);
-            if (!err) mt_nf4_dequantize_ref(params + w->offset, &q);
-            free(storage);
+    // the layers' matrices: the linear modules (q_proj ... down_proj, or Phi-3's fused ones)
+    for (int i = 0; i < n && !err; i++) {
+        const mt_param_info *w = &table[i];
+        if (w->ndim != 2 || !strstr(w->name, ".layers.")) continue;
+        void *storage = malloc(mt_nf4_storage_bytes(w->count));
+        if (!storage) {
+            err = mt_errorf(MT_ERR_NOMEM, "out of host memory quantizing %s to NF4", w->name);
+            break;
         }
+        mt_nf4 q;
+        mt_nf4_bind(&q, storage, w->count);
+        err = mt_nf4_quantize(&host, &q, params + w->offset);
+        if (!err) mt_nf4_dequantize_ref(params + w->offset, &q);
+        free(storage);
+    }
     free(table);
     return err;
 }

@@ -77,6 +77,28 @@ static mt_err read_rope(const char *path, const cJSON *j, mt_model_config *c) {
     return MT_OK;
 }
 
+// Phi-3 / Phi-4 (Phi3ForCausalLM): the fused projections; what it could set
+// that memtune does not compute is refused by name.
+static mt_err read_phi3(const char *path, const cJSON *j, mt_model_config *c) {
+    c->fused = 1;
+    const cJSON *partial = cJSON_GetObjectItemCaseSensitive(j, "partial_rotary_factor");
+    if (cJSON_IsNumber(partial) && partial->valuedouble != 1.0)
+        return mt_errorf(MT_ERR_MODEL,
+                         "%s: partial_rotary_factor %g (RoPE on part of each head) is not supported; memtune "
+                         "rotates whole heads",
+                         path, partial->valuedouble);
+    if (cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(j, "attention_bias")))
+        return mt_errorf(MT_ERR_MODEL, "%s: attention_bias true is not supported for Phi3ForCausalLM", path);
+    static const char *const dropouts[] = {"resid_pdrop", "embd_pdrop", "attention_dropout"};
+    for (int i = 0; i < 3; i++) {
+        const cJSON *v = cJSON_GetObjectItemCaseSensitive(j, dropouts[i]);
+        if (cJSON_IsNumber(v) && v->valuedouble != 0.0)
+            return mt_errorf(MT_ERR_MODEL, "%s: %s %g: memtune does not implement dropout there; set it to 0.0", path,
+                             dropouts[i], v->valuedouble);
+    }
+    return MT_OK;
+}
+
 // Gemma 3's fields (Gemma3TextConfig's defaults where absent). Anything it
 // could set that memtune does not compute is refused by name.
 static mt_err read_gemma(const char *path, const cJSON *j, mt_model_config *c) {
@@ -152,12 +174,13 @@ mt_err mt_hf_read_config(const char *dir, mt_model_config *c) {
                : !strcmp(mt, "qwen2")       ? "Qwen2ForCausalLM"
                : !strcmp(mt, "qwen3")       ? "Qwen3ForCausalLM"
                : !strcmp(mt, "gemma3_text") ? "Gemma3ForCausalLM"
+               : !strcmp(mt, "phi3")        ? "Phi3ForCausalLM"
                                             : mt;
     }
     if (!name) name = "(none)";
     snprintf(c->architecture, sizeof c->architecture, "%s", name);
     int qwen2 = !strcmp(name, "Qwen2ForCausalLM"), qwen3 = !strcmp(name, "Qwen3ForCausalLM");
-    int gemma = !strcmp(name, "Gemma3ForCausalLM");
+    int gemma = !strcmp(name, "Gemma3ForCausalLM"), phi3 = !strcmp(name, "Phi3ForCausalLM");
     if (!strcmp(name, "Gemma3ForConditionalGeneration")) {
         err = mt_errorf(MT_ERR_MODEL,
                         "%s: Gemma3ForConditionalGeneration (the multimodal folder) is not supported yet; memtune "
@@ -166,14 +189,15 @@ mt_err mt_hf_read_config(const char *dir, mt_model_config *c) {
                         path);
         goto done;
     }
-    if (strcmp(name, "LlamaForCausalLM") && strcmp(name, "MistralForCausalLM") && !qwen2 && !qwen3 && !gemma) {
+    if (strcmp(name, "LlamaForCausalLM") && strcmp(name, "MistralForCausalLM") && !qwen2 && !qwen3 && !gemma && !phi3) {
         err = mt_errorf(MT_ERR_MODEL,
                         "%s: architecture '%s' (field architectures) is not supported; memtune trains "
-                        "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM and "
-                        "Gemma3ForCausalLM",
+                        "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, "
+                        "Gemma3ForCausalLM and Phi3ForCausalLM",
                         path, name);
         goto done;
     }
+    if (phi3 && (err = read_phi3(path, j, c))) goto done;
     c->qk_norm = qwen3 || gemma;
     c->gemma = gemma;
     static const char *const required[] = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -356,6 +380,7 @@ static cJSON *config_from_model(const mt_model_config *c) {
     cJSON_AddStringToObject(j, "model_type",
                             qwen2                                            ? "qwen2"
                             : c->gemma                                       ? "gemma3_text"
+                            : c->fused                                       ? "phi3"
                             : c->qk_norm                                     ? "qwen3"
                             : !strcmp(c->architecture, "MistralForCausalLM") ? "mistral"
                                                                              : "llama");

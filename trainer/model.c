@@ -215,15 +215,26 @@ static float *stream_buffer(const mt_model *m, int index) {
 void mt_model_set_agreement(mt_model *m, mt_agree_fn any, void *ctx) { m->agree = any, m->agree_ctx = ctx; }
 int mt_model_backward_skipped(const mt_model *m) { return m->skipped; }
 
+// Phi-3: whether layer parameter p is a row block of another (k and v of
+// q's qkv_proj, up of gate's gate_up_proj), and its element offset there.
+static int fused_part(const mt_model_config *c, int p, int *whole, size_t *off) {
+    size_t HD = (size_t)c->H * c->D, KVD = (size_t)c->KV * c->D;
+    if (!c->fused || (p != P_WK && p != P_WV && p != P_WU)) return 0;
+    *whole = p == P_WU ? P_WG : P_WQ;
+    *off = (p == P_WU ? (size_t)c->F : p == P_WK ? HD : HD + KVD) * (size_t)c->C;
+    return 1;
+}
+
 static void bind_params(mt_model *m) {
     size_t act = mt_act_size(m->be);
     char name[160];
     // Gemma names the MLP's input norm pre_feedforward_layernorm, and its
     // post_attention_layernorm normalises the attention's output
     int gemma = m->cfg.gemma;
+    int fused = m->cfg.fused;  // Phi-3: k, v and up are row blocks of q's and gate's tensors (bound below)
     const char *const suffix[P_LAYER_COUNT] = {
         "input_layernorm.weight",
-        "self_attn.q_proj.weight",
+        fused ? "self_attn.qkv_proj.weight" : "self_attn.q_proj.weight",
         "self_attn.q_proj.bias",
         "self_attn.k_proj.weight",
         "self_attn.k_proj.bias",
@@ -235,7 +246,7 @@ static void bind_params(mt_model *m) {
         "self_attn.o_proj.bias",
         gemma ? "post_attention_layernorm.weight" : "(none)",
         gemma ? "pre_feedforward_layernorm.weight" : "post_attention_layernorm.weight",
-        "mlp.gate_proj.weight",
+        fused ? "mlp.gate_up_proj.weight" : "mlp.gate_proj.weight",
         "mlp.up_proj.weight",
         "mlp.down_proj.weight",
         gemma ? "post_feedforward_layernorm.weight" : "(none)"};
@@ -251,6 +262,14 @@ static void bind_params(mt_model *m) {
             m->layers[l].g[p] = i < 0 ? NULL : GPTR(i);
             if (i >= 0 && m->grad_stream) m->layers[l].g[p] = stream_buffer(m, l) + (m->params[i].offset - base);
             m->layers[l].index[p] = i;
+        }
+        for (int p = 0; p < P_LAYER_COUNT && fused; p++) {
+            int whole;
+            size_t off;
+            if (!fused_part(&m->cfg, p, &whole, &off)) continue;
+            layer_params *L = &m->layers[l];
+            L->w[p] = L->w[whole] ? (char *)L->w[whole] + off * act : NULL;
+            L->g[p] = L->g[whole] ? L->g[whole] + off : NULL;  // index stays -1: the whole is handed over once
         }
     }
     for (int i = 0; i < m->num_adapter_params; i++) {
@@ -884,6 +903,10 @@ static const void *perturbed(mt_model *m, int i, const void *w) {
 // Base parameter p of layer l as the forward reads it (NF4 dequantized,
 // perturbed when trainable and selected).
 static const void *layer_weight(mt_model *m, int l, int p) {
+    int whole;
+    size_t off;
+    if (m->perturb_scale != 0.0f && fused_part(&m->cfg, p, &whole, &off))  // a block of the perturbed whole
+        return (const char *)layer_weight(m, l, whole) + off * mt_act_size(m->be);
     const void *w = base_weight(m, l, p);
     return w && !m->frozen ? perturbed(m, m->layers[l].index[p], w) : w;
 }

@@ -33,15 +33,23 @@ mt_param_info *mt_model_param_table(const mt_model_config *c, int *count, size_t
     snprintf(name, sizeof name, "model.layers.%d.%s", l, suffix); \
     add_param(t, &n, &off, name, d0, d1)
         LAYER_PARAM("input_layernorm.weight", c->C, 0);
-        LAYER_PARAM("self_attn.q_proj.weight", HD, c->C);
+        if (c->fused) {  // Phi-3: q, k, v are row blocks of qkv_proj (no biases there)
+            LAYER_PARAM("self_attn.qkv_proj.weight", HD + 2 * KVD, c->C);
+        } else {
+            LAYER_PARAM("self_attn.q_proj.weight", HD, c->C);
+        }
         if (c->qkv_bias) {
             LAYER_PARAM("self_attn.q_proj.bias", HD, 0);
         }
-        LAYER_PARAM("self_attn.k_proj.weight", KVD, c->C);
+        if (!c->fused) {
+            LAYER_PARAM("self_attn.k_proj.weight", KVD, c->C);
+        }
         if (c->qkv_bias) {
             LAYER_PARAM("self_attn.k_proj.bias", KVD, 0);
         }
-        LAYER_PARAM("self_attn.v_proj.weight", KVD, c->C);
+        if (!c->fused) {
+            LAYER_PARAM("self_attn.v_proj.weight", KVD, c->C);
+        }
         if (c->qkv_bias) {
             LAYER_PARAM("self_attn.v_proj.bias", KVD, 0);
         }
@@ -59,8 +67,12 @@ mt_param_info *mt_model_param_table(const mt_model_config *c, int *count, size_t
         if (c->gemma) {
             LAYER_PARAM("pre_feedforward_layernorm.weight", c->C, 0);
         }
-        LAYER_PARAM("mlp.gate_proj.weight", c->F, c->C);
-        LAYER_PARAM("mlp.up_proj.weight", c->F, c->C);
+        if (c->fused) {  // Phi-3: gate, then up, in gate_up_proj
+            LAYER_PARAM("mlp.gate_up_proj.weight", 2 * (int64_t)c->F, c->C);
+        } else {
+            LAYER_PARAM("mlp.gate_proj.weight", c->F, c->C);
+            LAYER_PARAM("mlp.up_proj.weight", c->F, c->C);
+        }
         LAYER_PARAM("mlp.down_proj.weight", c->C, c->F);
         if (c->gemma) {
             LAYER_PARAM("post_feedforward_layernorm.weight", c->C, 0);

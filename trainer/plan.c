@@ -116,6 +116,12 @@ mt_err mt_plan_make(mt_plan *p, const mt_config *cfg, const mt_model_config *mc,
     // ZeRO with one process changes only the code path (tests compare it)
     p->zero = (int)cfg->dist_zero_stage;
     mt_err err = MT_OK;
+    if (cfg->lora_r > 0 && mc->fused)
+        return mt_errorf(MT_ERR_CONFIG,
+                         "LoRA on %s is not supported yet: its q/k/v and gate/up projections are fused "
+                         "(qkv_proj, gate_up_proj), which PEFT adapts as single modules. Fine-tune it fully "
+                         "(lora.r: 0, with optim.kind adamw, galore or mezo, or offload.optimizer)",
+                         mc->architecture);
     if (cfg->lora_r > 0) {
         p->lora = 1;
         p->lora_cfg = (mt_lora_config){(int)cfg->lora_r, (float)cfg->lora_alpha, (float)cfg->lora_dropout,

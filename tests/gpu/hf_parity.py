@@ -4,13 +4,14 @@
 For each model shape (a TinyLlama-1.1B-shaped Llama, a small Qwen2 with
 q/k/v biases and tied embeddings, Qwen3 at two sizes: per-head q/k norms,
 head_dim apart from hidden/heads; Gemma 3 at two sizes: sliding and global
-layers, sandwich norms, GeGLU), a random-initialised model is built and
+layers, sandwich norms, GeGLU; Phi-3 at two sizes: fused projections, head
+dim 96), a random-initialised model is built and
 saved by transformers' save_pretrained; memtune (tests/gpu/parity_tool.c)
 loads that folder and computes logits, loss and gradients for one batch, on
 the GPU (bf16) and on the CPU (fp32). transformers computes the same in fp32
 (eager attention, no TF32: the truth) and in bf16 (SDPA). Then a model
 trained and saved by memtune is loaded by transformers and both give the
-same logits (a Qwen2, a Qwen3 and a Gemma 3 model). Prints a table and writes
+same logits (a Qwen2, a Qwen3, a Gemma 3 and a Phi-3 model). Prints a table and writes
 parity.json; exits 1 on a failure.
 """
 import argparse
@@ -34,6 +35,10 @@ try:  # transformers 4.50 and later
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 except ImportError:
     Gemma3ForCausalLM = Gemma3TextConfig = None
+try:
+    from transformers import Phi3Config, Phi3ForCausalLM
+except ImportError:
+    Phi3Config = Phi3ForCausalLM = None
 
 
 def gemma_layers(n, every):
@@ -79,6 +84,18 @@ SHAPES = {
                 sliding_window=512, sliding_window_pattern=6, layer_types=gemma_layers(26, 6),
                 max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0, rope_local_base_freq=10000.0,
                 hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True)),
+    "phi3-small": dict(  # fused qkv_proj and gate_up_proj, a sliding window shorter than T
+        cls=Phi3ForCausalLM, cfg=Phi3Config, B=2, T=64, cpu_grads=True, shard=None,
+        kw=dict(vocab_size=1000, hidden_size=256, intermediate_size=704, num_hidden_layers=3,
+                num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512, rms_norm_eps=1e-5,
+                rope_theta=10000.0, sliding_window=31, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0,
+                pad_token_id=0, tie_word_embeddings=False)),
+    "phi3-mini-4-layers": dict(  # Phi-3-mini's widths (head_dim 96, 32064 tokens), 4 of its 32 layers
+        cls=Phi3ForCausalLM, cfg=Phi3Config, B=2, T=128, cpu_grads=False, shard=None,
+        kw=dict(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=4,
+                num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                rope_theta=10000.0, sliding_window=2047, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0,
+                pad_token_id=0, tie_word_embeddings=False)),
 }
 
 
@@ -198,7 +215,7 @@ def main():
             failures.append(f"{name}: cpu fp32 loss rel error {le['memtune_cpu_fp32_vs_hf_fp32']:.2e} >= 1e-4")
         if le["memtune_gpu_bf16_vs_hf_fp32"] >= 1e-2:
             failures.append(f"{name}: gpu bf16 loss rel error {le['memtune_gpu_bf16_vs_hf_fp32']:.2e} >= 1e-2")
-        if name.startswith(("qwen3", "gemma3")) and r["logits_rel_error"]["memtune_gpu_bf16_vs_hf_fp32"] > 2 * max(
+        if name.startswith(("qwen3", "gemma3", "phi3")) and r["logits_rel_error"]["memtune_gpu_bf16_vs_hf_fp32"] > 2 * max(
                 r["logits_rel_error"]["hf_bf16_vs_hf_fp32"], 1e-6):
             failures.append(f"{name}: gpu bf16 logits error above twice transformers' own bf16 error")
         worst = min(s["min_cos"] for s in r["grads_memtune_gpu_bf16_vs_hf_fp32"].values())
@@ -212,6 +229,8 @@ def main():
         if Gemma3ForCausalLM is not None:
             report["saved_by_memtune_gemma3"] = check_saved_model(args.work, "gemma3-small", Gemma3ForCausalLM,
                                                                   failures)
+        if Phi3ForCausalLM is not None:
+            report["saved_by_memtune_phi3"] = check_saved_model(args.work, "phi3-small", Phi3ForCausalLM, failures)
     with open(os.path.join(args.out, "parity.json"), "w") as f:
         json.dump(report, f, indent=1)
     log("FAILURES:\n  " + "\n  ".join(failures) if failures else "parity: all checks passed")
