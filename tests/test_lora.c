@@ -203,19 +203,24 @@ static float *random_adapters(const mt_model_config *c, const mt_lora_config *lo
 
 START_TEST(lora_gradients_match_finite_differences) {
     mt_model_config c;
-    tiny_config(&c);
     mt_backend be;
     mt_backend_init(&be, -1);
-    float *base = random_base(&c);
     // dropout off and on (the mask is fixed by the seed, so the loss is a
     // function of the adapters); with and without checkpointing; a subset of
-    // targets with rsLoRA
+    // targets with rsLoRA; Phi-3's fused modules (k, v share qkv_proj's A and
+    // take rows of its B; up gate_up_proj's)
     struct {
         float dropout;
         int checkpointing, rslora;
         const char *targets;
-    } variants[] = {{0.0f, 0, 0, "all-linear"}, {0.25f, 1, 0, "all-linear"}, {0.1f, 0, 1, "q_proj,v_proj,down_proj"}};
-    for (int v = 0; v < 3; v++) {
+    } variants[] = {{0.0f, 0, 0, "all-linear"},
+                    {0.25f, 1, 0, "all-linear"},
+                    {0.1f, 0, 1, "q_proj,v_proj,down_proj"},
+                    {0.1f, 1, 0, "qkv_proj,o_proj,gate_up_proj"}};
+    for (int v = 0; v < 4; v++) {
+        tiny_config(&c);
+        c.fused = v == 3;
+        float *base = random_base(&c);
         mt_model_options o = {B,
                               T,
                               variants[v].checkpointing,
@@ -259,8 +264,8 @@ START_TEST(lora_gradients_match_finite_differences) {
         free(grads);
         free(ctx.adapters);
         mt_model_free(m);
+        free(base);
     }
-    free(base);
 }
 END_TEST
 

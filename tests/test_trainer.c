@@ -844,76 +844,83 @@ END_TEST
 // the base; with --quantize nf4 the base is QLoRA's (the model with NF4 base
 // weights gives the same logits).
 START_TEST(generation_applies_adapters_on_the_fly_and_over_nf4) {
-    char folder[300];
-    make_folder("gen-lora", tu_tiny_llama_json, folder, sizeof folder);
-    mt_model_config mc;
-    float *params = random_params(folder, &mc, 31);
-    mt_lora_config lora = {4, 8.0f, 0.0f, 0, (1u << MT_LORA_MODULES) - 1};
-    int na;
-    size_t ta;
-    mt_param_info *table = mt_lora_param_table(&mc, &lora, &na, &ta);
-    free(table);
-    float *ad = malloc(ta * 4);
-    for (size_t i = 0; i < ta; i++) ad[i] = 0.3f * mt_rng_normal(32, i);  // B non-zero: the adapter matters
-    int32_t full_seq[3] = {1, 5, 2};
-    enum { T = 40, NEW = T - 3 };
-    int n_base;
-    size_t total;
-    free(mt_model_param_table(&mc, &n_base, &total));
-    for (int nf4 = 0; nf4 <= 1; nf4++) {
-        float *base = malloc(total * 4), *merged = malloc(total * 4);
-        memcpy(base, params, total * 4);
-        if (nf4) ck_assert_int_eq(mt_generate_quantize_nf4(&mc, base), MT_OK);
-        memcpy(merged, base, total * 4);
-        mt_lora_merge(&mc, &lora, merged, ad);
-        mt_generator *fly, *folded;
-        ck_assert_int_eq(mt_generator_init(&fly, &mc, base, T), MT_OK);
-        ck_assert_int_eq(mt_generator_init(&folded, &mc, merged, T), MT_OK);
-        mt_generator_set_adapter(fly, &lora, ad);
-        // the training model with the same adapters (and NF4 base weights)
-        mt_backend be;
-        ck_assert_int_eq(mt_backend_init(&be, -1), MT_OK);
-        mt_model_options o = {.B = 1, .T = T, .lora = lora, .quantize_nf4 = nf4, .forward_only = 1};
-        mt_model *m;
-        ck_assert_int_eq(mt_model_create_with(&m, &be, &mc, &o), MT_OK);
-        ck_assert_int_eq(mt_model_set_weights(m, params), MT_OK);
-        mt_model_set_adapters(m, ad);
-        float *lf = malloc((size_t)mc.V * 4), *lm = malloc((size_t)mc.V * 4), *full = malloc((size_t)T * mc.V * 4);
-        int32_t seq_fly[T], seq_folded[T];
-        memcpy(seq_fly, full_seq, sizeof full_seq), memcpy(seq_folded, full_seq, sizeof full_seq);
-        for (int i = 0; i < 3; i++) {
-            ck_assert_int_eq(mt_generator_step(fly, full_seq[i], lf), MT_OK);
-            ck_assert_int_eq(mt_generator_step(folded, full_seq[i], lm), MT_OK);
-        }
-        mt_sampling greedy = {0.0f, 0, 1.0f, 0.0f, 1.0f, 0};
-        double worst_model = 0, worst_merged = 0;
-        for (int n = 3; n < T; n++) {
-            for (int v = 0; v < mc.V; v++) worst_merged = fmax(worst_merged, fabs(lf[v] - lm[v]));
-            seq_fly[n] = mt_sample(lf, mc.V, &greedy, NULL, 0, 0);
-            seq_folded[n] = mt_sample(lm, mc.V, &greedy, NULL, 0, 0);
-            if (n + 1 < T) {
-                ck_assert_int_eq(mt_generator_step(fly, seq_fly[n], lf), MT_OK);
-                ck_assert_int_eq(mt_generator_step(folded, seq_folded[n], lm), MT_OK);
+    // a Llama, and Phi-3 (fused qkv_proj and gate_up_proj adapters)
+    static const char *const phi3 =
+        "{\"architectures\":[\"Phi3ForCausalLM\"],\"vocab_size\":13,\"hidden_size\":16,\"intermediate_size\":24,"
+        "\"num_hidden_layers\":2,\"num_attention_heads\":4,\"num_key_value_heads\":2,\"rms_norm_eps\":1e-5}";
+    for (int family = 0; family < 2; family++) {
+        char folder[300];
+        make_folder(family ? "gen-lora-phi3" : "gen-lora", family ? phi3 : tu_tiny_llama_json, folder, sizeof folder);
+        mt_model_config mc;
+        float *params = random_params(folder, &mc, 31);
+        mt_lora_config lora = {4, 8.0f, 0.0f, 0, (1u << MT_LORA_MODULES) - 1};
+        int na;
+        size_t ta;
+        mt_param_info *table = mt_lora_param_table(&mc, &lora, &na, &ta);
+        free(table);
+        float *ad = malloc(ta * 4);
+        for (size_t i = 0; i < ta; i++) ad[i] = 0.3f * mt_rng_normal(32, i);  // B non-zero: the adapter matters
+        int32_t full_seq[3] = {1, 5, 2};
+        enum { T = 40, NEW = T - 3 };
+        int n_base;
+        size_t total;
+        free(mt_model_param_table(&mc, &n_base, &total));
+        for (int nf4 = 0; nf4 <= 1; nf4++) {
+            float *base = malloc(total * 4), *merged = malloc(total * 4);
+            memcpy(base, params, total * 4);
+            if (nf4) ck_assert_int_eq(mt_generate_quantize_nf4(&mc, base), MT_OK);
+            memcpy(merged, base, total * 4);
+            mt_lora_merge(&mc, &lora, merged, ad);
+            mt_generator *fly, *folded;
+            ck_assert_int_eq(mt_generator_init(&fly, &mc, base, T), MT_OK);
+            ck_assert_int_eq(mt_generator_init(&folded, &mc, merged, T), MT_OK);
+            mt_generator_set_adapter(fly, &lora, ad);
+            // the training model with the same adapters (and NF4 base weights)
+            mt_backend be;
+            ck_assert_int_eq(mt_backend_init(&be, -1), MT_OK);
+            mt_model_options o = {.B = 1, .T = T, .lora = lora, .quantize_nf4 = nf4, .forward_only = 1};
+            mt_model *m;
+            ck_assert_int_eq(mt_model_create_with(&m, &be, &mc, &o), MT_OK);
+            ck_assert_int_eq(mt_model_set_weights(m, params), MT_OK);
+            mt_model_set_adapters(m, ad);
+            float *lf = malloc((size_t)mc.V * 4), *lm = malloc((size_t)mc.V * 4), *full = malloc((size_t)T * mc.V * 4);
+            int32_t seq_fly[T], seq_folded[T];
+            memcpy(seq_fly, full_seq, sizeof full_seq), memcpy(seq_folded, full_seq, sizeof full_seq);
+            for (int i = 0; i < 3; i++) {
+                ck_assert_int_eq(mt_generator_step(fly, full_seq[i], lf), MT_OK);
+                ck_assert_int_eq(mt_generator_step(folded, full_seq[i], lm), MT_OK);
             }
+            mt_sampling greedy = {0.0f, 0, 1.0f, 0.0f, 1.0f, 0};
+            double worst_model = 0, worst_merged = 0;
+            for (int n = 3; n < T; n++) {
+                for (int v = 0; v < mc.V; v++) worst_merged = fmax(worst_merged, fabs(lf[v] - lm[v]));
+                seq_fly[n] = mt_sample(lf, mc.V, &greedy, NULL, 0, 0);
+                seq_folded[n] = mt_sample(lm, mc.V, &greedy, NULL, 0, 0);
+                if (n + 1 < T) {
+                    ck_assert_int_eq(mt_generator_step(fly, seq_fly[n], lf), MT_OK);
+                    ck_assert_int_eq(mt_generator_step(folded, seq_folded[n], lm), MT_OK);
+                }
+            }
+            ck_assert_mem_eq(seq_fly, seq_folded, sizeof seq_fly);  // the same greedy text
+            mt_model_logits(m, seq_fly, full);
+            mt_generator_reset(fly);
+            for (int n = 0; n < T; n++) {
+                ck_assert_int_eq(mt_generator_step(fly, seq_fly[n], lf), MT_OK);
+                for (int v = 0; v < mc.V; v++)
+                    worst_model = fmax(worst_model, fabs(lf[v] - full[(size_t)n * mc.V + v]));
+            }
+            ck_assert_msg(worst_model < 1e-4 && worst_merged < 1e-4,
+                          "%s: on the fly vs the LoRA model %g, vs merged %g (logits)", nf4 ? "nf4" : "bf16",
+                          worst_model, worst_merged);
+            // the NF4 round trip changed the base (so the check above is QLoRA's)
+            if (nf4) ck_assert(memcmp(base, params, total * 4) != 0);
+            mt_model_free(m);
+            mt_backend_free(&be);
+            mt_generator_free(fly), mt_generator_free(folded);
+            free(base), free(merged), free(lf), free(lm), free(full);
         }
-        ck_assert_mem_eq(seq_fly, seq_folded, sizeof seq_fly);  // the same greedy text
-        mt_model_logits(m, seq_fly, full);
-        mt_generator_reset(fly);
-        for (int n = 0; n < T; n++) {
-            ck_assert_int_eq(mt_generator_step(fly, seq_fly[n], lf), MT_OK);
-            for (int v = 0; v < mc.V; v++) worst_model = fmax(worst_model, fabs(lf[v] - full[(size_t)n * mc.V + v]));
-        }
-        ck_assert_msg(worst_model < 1e-4 && worst_merged < 1e-4,
-                      "%s: on the fly vs the LoRA model %g, vs merged %g (logits)", nf4 ? "nf4" : "bf16", worst_model,
-                      worst_merged);
-        // the NF4 round trip changed the base (so the check above is QLoRA's)
-        if (nf4) ck_assert(memcmp(base, params, total * 4) != 0);
-        mt_model_free(m);
-        mt_backend_free(&be);
-        mt_generator_free(fly), mt_generator_free(folded);
-        free(base), free(merged), free(lf), free(lm), free(full);
+        free(params), free(ad);
     }
-    free(params), free(ad);
 }
 END_TEST
 

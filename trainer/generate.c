@@ -139,6 +139,21 @@ void mt_generator_set_adapter(mt_generator *g, const mt_lora_config *lora, const
         *slot = values + table[i].offset;
     }
     free(table);
+    // Phi-3: k, v share q's qkv_proj adapter (its A, row blocks of its B); up gate's
+    const mt_model_config *c = &g->cfg;
+    size_t HD = (size_t)c->H * c->D, KVD = (size_t)c->KV * c->D, r = (size_t)lora->r;
+    for (int l = 0; l < c->L && c->fused; l++) {
+        layer_w *w = &g->layers[l];
+        if (w->lora_a[MT_LORA_Q]) {
+            w->lora_a[MT_LORA_K] = w->lora_a[MT_LORA_V] = w->lora_a[MT_LORA_Q];
+            w->lora_b[MT_LORA_K] = w->lora_b[MT_LORA_Q] + HD * r;
+            w->lora_b[MT_LORA_V] = w->lora_b[MT_LORA_Q] + (HD + KVD) * r;
+        }
+        if (w->lora_a[MT_LORA_GATE]) {
+            w->lora_a[MT_LORA_UP] = w->lora_a[MT_LORA_GATE];
+            w->lora_b[MT_LORA_UP] = w->lora_b[MT_LORA_GATE] + (size_t)c->F * r;
+        }
+    }
 }
 
 mt_err mt_generate_quantize_nf4(const mt_model_config *cfg, float *params) {

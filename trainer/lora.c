@@ -41,8 +41,15 @@ mt_err mt_lora_save(const char *dir, const mt_lora_config *lora, const char *bas
     cJSON_AddNumberToObject(j, "lora_alpha", lora->alpha);
     cJSON_AddNumberToObject(j, "lora_dropout", lora->dropout);
     cJSON *targets = cJSON_AddArrayToObject(j, "target_modules");
-    for (int t = 0; t < MT_LORA_MODULES; t++)
-        if (lora->targets >> t & 1) cJSON_AddItemToArray(targets, cJSON_CreateString(mt_lora_module_names[t]));
+    char names[256];
+    mt_lora_table_targets(table, count, names, sizeof names);
+    for (const char *cursor = names, *item; *cursor;) {
+        size_t len;
+        if (!mt_list_next_item(&cursor, &item, &len)) break;
+        char one[64];
+        snprintf(one, sizeof one, "%.*s", (int)len, item);
+        cJSON_AddItemToArray(targets, cJSON_CreateString(one));
+    }
     cJSON_AddStringToObject(j, "bias", "none");
     cJSON_AddBoolToObject(j, "use_rslora", lora->rslora);
     cJSON_AddBoolToObject(j, "use_dora", 0);
@@ -208,7 +215,7 @@ void mt_lora_merge(const mt_model_config *cfg, const mt_lora_config *lora, float
         int l, module, is_b;
         MT_CHECK(mt_lora_parse_name(a->name, &l, &module, &is_b) && !is_b, "adapter table order");
         char name[160];
-        mt_lora_base_name(name, sizeof name, l, (mt_lora_module)module);
+        mt_lora_base_name(cfg, name, sizeof name, l, (mt_lora_module)module);
         const mt_param_info *w = NULL;
         for (int k = 0; k < n_base && !w; k++)
             if (!strcmp(base[k].name, name)) w = &base[k];
@@ -229,8 +236,8 @@ void mt_lora_merge(const mt_model_config *cfg, const mt_lora_config *lora, float
 
 void mt_lora_report(const mt_lora_config *lora, const mt_param_info *trained, int n, size_t base_count,
                     size_t base_bytes, int nf4, int gpu, const char *init) {
-    char targets[128];
-    mt_lora_format_targets(lora->targets, targets, sizeof targets);
+    char targets[256];
+    mt_lora_table_targets(trained, n, targets, sizeof targets);
     size_t adapter_count = 0;
     for (int i = 0; i < n; i++) adapter_count += trained[i].count;
     mt_info("LoRA r=%d alpha=%g dropout=%g%s on %s: %.2fM trainable (%.3f%% of the base)%s%s", lora->r, lora->alpha,

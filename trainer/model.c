@@ -215,6 +215,20 @@ static float *stream_buffer(const mt_model *m, int index) {
 void mt_model_set_agreement(mt_model *m, mt_agree_fn any, void *ctx) { m->agree = any, m->agree_ctx = ctx; }
 int mt_model_backward_skipped(const mt_model *m) { return m->skipped; }
 
+// Phi-3's fused module's module: q for k and v, gate for up (t itself otherwise).
+static int lora_owner(const mt_model_config *c, int t) {
+    return !mt_lora_fused_part(c, t) ? t : t == MT_LORA_UP ? MT_LORA_GATE : MT_LORA_Q;
+}
+
+// The output width of LoRA module t (q: heads x head dim, k/v: kv heads x
+// head dim, o and down: hidden, gate and up: intermediate).
+static size_t lora_out(const mt_model_config *c, int t) {
+    return t == MT_LORA_Q                         ? (size_t)c->H * c->D
+           : t == MT_LORA_K || t == MT_LORA_V     ? (size_t)c->KV * c->D
+           : t == MT_LORA_GATE || t == MT_LORA_UP ? (size_t)c->F
+                                                  : (size_t)c->C;
+}
+
 // Phi-3: whether layer parameter p is a row block of another (k and v of
 // q's qkv_proj, up of gate's gate_up_proj), and its element offset there.
 static int fused_part(const mt_model_config *c, int p, int *whole, size_t *off) {
@@ -283,6 +297,21 @@ static void bind_params(mt_model *m) {
         else
             m->layers[l].lora_a[module] = w, m->layers[l].glora_a[module] = g, m->layers[l].lora_index_a[module] = i;
     }
+    // Phi-3: the parts of a fused module share its A (their dA add up) and
+    // take row blocks of its B
+    for (int l = 0; l < m->cfg.L && m->cfg.fused; l++)
+        for (int t = 0; t < MT_LORA_MODULES; t++) {
+            layer_params *L = &m->layers[l];
+            int owner = lora_owner(&m->cfg, t);
+            if (owner == t || !L->lora_a[owner]) continue;
+            size_t rows = 0;  // the outputs of the parts before t
+            for (int k = owner; k < t; k++) rows += lora_out(&m->cfg, k);
+            size_t off = rows * (size_t)m->lora.r;
+            L->lora_a[t] = L->lora_a[owner], L->glora_a[t] = L->glora_a[owner];
+            L->lora_b[t] = (char *)L->lora_b[owner] + off * act;
+            L->glora_b[t] = L->glora_b[owner] ? L->glora_b[owner] + off : NULL;
+            L->lora_index_a[t] = L->lora_index_a[owner], L->lora_index_b[t] = L->lora_index_b[owner];
+        }
     int i = find_param(m, "model.embed_tokens.weight");
     m->wte = WPTR(i), m->g_wte = GPTR(i), m->index_wte = i;
     i = find_param(m, "model.norm.weight");
@@ -406,7 +435,7 @@ static size_t layout_activations(mt_model *m, uintptr_t base) {
 // in NF4).
 static int linear_param(const mt_model *m, int l, int t) {
     char name[160];
-    mt_lora_base_name(name, sizeof name, l, (mt_lora_module)t);
+    mt_lora_base_name(&m->cfg, name, sizeof name, l, (mt_lora_module)t);
     int i = find_param(m, name);
     MT_CHECK(i >= 0, "no parameter %s", name);
     return i;
@@ -444,6 +473,7 @@ static mt_model *model_setup(mt_backend *be, const mt_model_config *cfg, const m
     *nf4_bytes = 0, *widest_linear = 0;
     for (int l = 0; l < cfg->L && m->quantized; l++)
         for (int t = 0; t < MT_LORA_MODULES; t++) {
+            if (mt_lora_fused_part(cfg, t)) continue;  // Phi-3: stored with the module it is part of
             int i = linear_param(m, l, t);
             m->compute_offset[i] = SIZE_MAX;
             *nf4_bytes += mt_nf4_storage_bytes(m->params[i].count);
@@ -538,6 +568,7 @@ mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_confi
     char *nf4 = m->nf4_storage;
     for (int l = 0; l < cfg->L && m->quantized; l++)
         for (int t = 0; t < MT_LORA_MODULES; t++) {
+            if (mt_lora_fused_part(cfg, t)) continue;
             size_t n = m->params[linear_param(m, l, t)].count;
             mt_nf4_bind(&m->layers[l].q[lora_base_param[t]], nf4, n);
             nf4 += mt_nf4_storage_bytes(n);
@@ -750,8 +781,9 @@ mt_err mt_model_set_weights(mt_model *m, const float *host_params) {
         }
         for (int l = 0; l < m->cfg.L && !err; l++)
             for (int t = 0; t < MT_LORA_MODULES && !err; t++)
-                err = mt_nf4_quantize(m->be, &m->layers[l].q[lora_base_param[t]],
-                                      host_params + m->params[linear_param(m, l, t)].offset);
+                if (!mt_lora_fused_part(&m->cfg, t))
+                    err = mt_nf4_quantize(m->be, &m->layers[l].q[lora_base_param[t]],
+                                          host_params + m->params[linear_param(m, l, t)].offset);
     }
     if (!err && m->grads) mt_model_zero_grads(m);
     return err;
@@ -869,6 +901,10 @@ static void *rows(const mt_model *m, void *base, size_t row, size_t width) {
 // The base weight p of layer l for a matmul: its compute copy, or with NF4
 // the shared buffer, dequantized unless it already holds that weight.
 static const void *base_weight(mt_model *m, int l, int p) {
+    int whole;
+    size_t off;
+    if (m->quantized && fused_part(&m->cfg, p, &whole, &off))  // Phi-3: a block of the dequantized whole
+        return (const char *)base_weight(m, l, whole) + off * mt_act_size(m->be);
     if (!m->quantized || m->layers[l].w[p] || !m->layers[l].q[p].n) return m->layers[l].w[p];
     if (m->dequant_layer != l || m->dequant_param != p) {
         mt_nf4_dequantize(m->be, m->dequant, &m->layers[l].q[p]);
@@ -914,7 +950,8 @@ static const void *layer_weight(mt_model *m, int l, int p) {
 static const void *lm_weight(mt_model *m) { return m->frozen ? m->lm_w : perturbed(m, m->index_lm, m->lm_w); }
 
 static uint64_t dropout_seed(const mt_model *m, int l, int t) {
-    return mt_rng_bits(m->dropout_seed, (uint64_t)l * MT_LORA_MODULES + (uint64_t)t);
+    // the parts of a fused module see its input through one mask
+    return mt_rng_bits(m->dropout_seed, (uint64_t)l * MT_LORA_MODULES + (uint64_t)lora_owner(&m->cfg, t));
 }
 
 // x as the adapter sees it: dropout(x) in training (into drop_buf), else x.
@@ -932,7 +969,11 @@ static void lora_forward(mt_model *m, int l, int t, void *y, const void *x, int 
     void *u = acts_of(m, l)->lora_u[t];
     mt_op_matmul_forward(m->be, u, adapter_input(m, l, t, x, IN), perturbed(m, P->lora_index_a[t], P->lora_a[t]), NULL,
                          N, IN, r);
-    mt_op_matmul_forward_add(m->be, y, u, perturbed(m, P->lora_index_b[t], P->lora_b[t]), N, r, OUT, m->lora_scale);
+    // a fused module's part: its rows of the whole B (MeZO perturbs the whole)
+    int owner = lora_owner(&m->cfg, t);
+    const void *whole = perturbed(m, P->lora_index_b[t], P->lora_b[owner]);
+    const void *b = (const char *)whole + ((const char *)P->lora_b[t] - (const char *)P->lora_b[owner]);
+    mt_op_matmul_forward_add(m->be, y, u, b, N, r, OUT, m->lora_scale);
 }
 
 // Adds the adapter's gradients from dy (N, OUT) and its part of dx (N, IN),

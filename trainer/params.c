@@ -111,17 +111,37 @@ static void module_shape(const mt_model_config *c, int t, int64_t *in, int64_t *
     }
 }
 
-// A name of one module, with an optional "self_attn." / "mlp." prefix.
-static int module_index(const char *name, size_t len) {
+// Phi-3's fused modules: q, k, v in qkv_proj (named at q), gate, up in
+// gate_up_proj (named at gate); k, v and up have no module of their own there.
+static const char *fused_name(int t) { return t == MT_LORA_Q ? "qkv_proj" : t == MT_LORA_GATE ? "gate_up_proj" : NULL; }
+int mt_lora_fused_part(const mt_model_config *c, int t) {
+    return c->fused && (t == MT_LORA_K || t == MT_LORA_V || t == MT_LORA_UP);
+}
+// The module name PEFT gives module t of model c.
+static const char *module_name(const mt_model_config *c, int t) {
+    return c->fused && fused_name(t) ? fused_name(t) : mt_lora_module_names[t];
+}
+
+// A name of one module, with an optional "self_attn." / "mlp." prefix; a
+// fused module's name (qkv_proj, gate_up_proj) stands for its parts.
+static unsigned module_bits(const char *name, size_t len) {
+    for (int t = 0; t <= MT_LORA_GATE; t += MT_LORA_GATE) {
+        char with_parent[64];
+        snprintf(with_parent, sizeof with_parent, "%s.%s", module_parent(t), fused_name(t));
+        if ((strlen(fused_name(t)) == len && !strncmp(name, fused_name(t), len)) ||
+            (strlen(with_parent) == len && !strncmp(name, with_parent, len)))
+            return t == MT_LORA_Q ? 1u << MT_LORA_Q | 1u << MT_LORA_K | 1u << MT_LORA_V
+                                  : 1u << MT_LORA_GATE | 1u << MT_LORA_UP;
+    }
     for (int t = 0; t < MT_LORA_MODULES; t++) {
         const char *base = mt_lora_module_names[t];
         char with_parent[64];
         snprintf(with_parent, sizeof with_parent, "%s.%s", module_parent(t), base);
         if ((strlen(base) == len && !strncmp(name, base, len)) ||
             (strlen(with_parent) == len && !strncmp(name, with_parent, len)))
-            return t;
+            return 1u << t;
     }
-    return -1;
+    return 0;
 }
 
 mt_err mt_lora_parse_targets(const char *text, unsigned *targets) {
@@ -133,25 +153,26 @@ mt_err mt_lora_parse_targets(const char *text, unsigned *targets) {
     const char *cursor = text, *item;
     size_t len;
     while (mt_list_next_item(&cursor, &item, &len)) {
-        int t = module_index(item, len);
-        if (t < 0)
+        unsigned bits = module_bits(item, len);
+        if (!bits)
             return mt_errorf(MT_ERR_CONFIG,
                              "LoRA target module '%.*s' is not one memtune adapts; use any of q_proj, k_proj, "
-                             "v_proj, o_proj, gate_proj, up_proj, down_proj, or all-linear",
+                             "v_proj, o_proj, gate_proj, up_proj, down_proj (Phi-3: qkv_proj, o_proj, gate_up_proj, "
+                             "down_proj), or all-linear",
                              (int)len, item);
-        *targets |= 1u << t;
+        *targets |= bits;
     }
     if (!*targets)
         return mt_errorf(MT_ERR_CONFIG, "no LoRA target modules given; name some (e.g. q_proj,v_proj) or all-linear");
     return MT_OK;
 }
 
-void mt_lora_format_targets(unsigned targets, char *buf, size_t len) {
+void mt_lora_format_targets(const mt_model_config *c, unsigned targets, char *buf, size_t len) {
     size_t used = 0;
     buf[0] = '\0';
     for (int t = 0; t < MT_LORA_MODULES; t++)
-        if (targets >> t & 1 && used < len)
-            used += (size_t)snprintf(buf + used, len - used, "%s%s", used ? "," : "", mt_lora_module_names[t]);
+        if (targets >> t & 1 && !mt_lora_fused_part(c, t) && used < len)
+            used += (size_t)snprintf(buf + used, len - used, "%s%s", used ? "," : "", module_name(c, t));
 }
 
 mt_param_info *mt_lora_param_table(const mt_model_config *c, const mt_lora_config *lora, int *count, size_t *total) {
@@ -162,13 +183,18 @@ mt_param_info *mt_lora_param_table(const mt_model_config *c, const mt_lora_confi
     size_t offset = 0;
     for (int l = 0; l < c->L; l++)
         for (int t = 0; t < MT_LORA_MODULES; t++) {
-            if (!(lora->targets >> t & 1)) continue;
-            int64_t in, out;
+            if (!(lora->targets >> t & 1) || mt_lora_fused_part(c, t)) continue;
+            int64_t in, out, part_in, part_out;
             module_shape(c, t, &in, &out);
+            // a fused module's B covers its parts' outputs (q, k, v; gate, up)
+            for (int k = t + 1; c->fused && fused_name(t) && k < MT_LORA_MODULES && mt_lora_fused_part(c, k) &&
+                                (t == MT_LORA_Q ? k <= MT_LORA_V : k == MT_LORA_UP);
+                 k++)
+                module_shape(c, k, &part_in, &part_out), out += part_out;
             for (int is_b = 0; is_b < 2; is_b++) {
                 mt_param_info *p = &table[n++];
                 snprintf(p->name, sizeof p->name, "base_model.model.model.layers.%d.%s.%s.lora_%c.weight", l,
-                         module_parent(t), mt_lora_module_names[t], is_b ? 'B' : 'A');
+                         module_parent(t), module_name(c, t), is_b ? 'B' : 'A');
                 p->ndim = 2;
                 p->shape[0] = is_b ? out : lora->r;
                 p->shape[1] = is_b ? lora->r : in;
@@ -183,6 +209,26 @@ mt_param_info *mt_lora_param_table(const mt_model_config *c, const mt_lora_confi
     return table;
 }
 
+void mt_lora_table_targets(const mt_param_info *table, int n, char *buf, size_t len) {
+    size_t used = 0;
+    buf[0] = '\0';
+    for (int i = 0; i < n; i++) {
+        // "...layers.L.PARENT.MODULE.lora_A.weight": MODULE, once each
+        const char *end = strstr(table[i].name, ".lora_");
+        if (!end) continue;
+        const char *start = end;
+        while (start > table[i].name && start[-1] != '.') start--;
+        char module[64];
+        snprintf(module, sizeof module, "%.*s", (int)(end - start), start);
+        char padded[80];
+        snprintf(padded, sizeof padded, ",%s,", module);
+        char have[600];
+        snprintf(have, sizeof have, ",%s,", buf);
+        if (strstr(have, padded) || used >= len) continue;
+        used += (size_t)snprintf(buf + used, len - used, "%s%s", used ? "," : "", module);
+    }
+}
+
 int mt_lora_parse_name(const char *name, int *layer, int *module, int *is_b) {
     int l, used = 0;
     char parent[16], rest[160];
@@ -190,19 +236,23 @@ int mt_lora_parse_name(const char *name, int *layer, int *module, int *is_b) {
         name[used] != '\0' || l < 0)
         return 0;
     for (int t = 0; t < MT_LORA_MODULES; t++)
-        for (int b = 0; b < 2; b++) {
-            char expect[64];
-            snprintf(expect, sizeof expect, "%s.lora_%c.weight", mt_lora_module_names[t], b ? 'B' : 'A');
-            if (!strcmp(parent, module_parent(t)) && !strcmp(rest, expect)) {
-                *layer = l, *module = t, *is_b = b;
-                return 1;
+        for (int b = 0; b < 2; b++)
+            for (int fused = 0; fused <= (fused_name(t) != NULL); fused++) {
+                char expect[64];
+                snprintf(expect, sizeof expect, "%s.lora_%c.weight", fused ? fused_name(t) : mt_lora_module_names[t],
+                         b ? 'B' : 'A');
+                if (!strcmp(parent, module_parent(t)) && !strcmp(rest, expect)) {
+                    *layer = l, *module = t, *is_b = b;
+                    return 1;
+                }
             }
-        }
     return 0;
 }
 
-void mt_lora_base_name(char *buf, size_t len, int layer, mt_lora_module module) {
-    snprintf(buf, len, "model.layers.%d.%s.%s.weight", layer, module_parent((int)module), mt_lora_module_names[module]);
+void mt_lora_base_name(const mt_model_config *c, char *buf, size_t len, int layer, mt_lora_module module) {
+    int t = (int)module;
+    if (mt_lora_fused_part(c, t)) t = t == MT_LORA_UP ? MT_LORA_GATE : MT_LORA_Q;  // the fused tensor it is part of
+    snprintf(buf, len, "model.layers.%d.%s.%s.weight", layer, module_parent(t), module_name(c, t));
 }
 
 int mt_list_next_item(const char **cursor, const char **item, size_t *len) {

@@ -90,16 +90,26 @@ mt_param_info *mt_model_param_table(const mt_model_config *cfg, int *count, size
 // Parses PEFT's target_modules as written in a config: a comma-separated list
 // of module names, or "all-linear". Unknown names are an error naming them.
 mt_err mt_lora_parse_targets(const char *text, unsigned *targets);
-// The same as text ("q_proj,k_proj,..."), for logs and configs.
-void mt_lora_format_targets(unsigned targets, char *buf, size_t len);
+// The same as text ("q_proj,k_proj,..."; Phi-3's fused names for model c),
+// for logs and configs.
+void mt_lora_format_targets(const mt_model_config *c, unsigned targets, char *buf, size_t len);
+// Whether module t of model c is a part of a fused module (Phi-3: k and v of
+// qkv_proj, up of gate_up_proj), which shares that module's A and holds a
+// row block of its B.
+int mt_lora_fused_part(const mt_model_config *c, int t);
 
 // The adapter table: (r, IN) lora_A and (OUT, r) lora_B of every targeted
-// module, named "base_model.model.model.layers.L.self_attn.q_proj.lora_A.weight".
+// module, named "base_model.model.model.layers.L.self_attn.q_proj.lora_A.weight"
+// (Phi-3: one pair for qkv_proj and for gate_up_proj, B over the parts).
 mt_param_info *mt_lora_param_table(const mt_model_config *cfg, const mt_lora_config *lora, int *count, size_t *total);
+// The module names of an adapter table, in its order, each once
+// ("q_proj,k_proj,..."; Phi-3's "qkv_proj,...").
+void mt_lora_table_targets(const mt_param_info *table, int n, char *buf, size_t len);
 // Layer, module and A/B of an adapter tensor name; 0 if it is not one.
 int mt_lora_parse_name(const char *name, int *layer, int *module, int *is_b);
-// The base weight a module adapts: "model.layers.L.self_attn.q_proj.weight".
-void mt_lora_base_name(char *buf, size_t len, int layer, mt_lora_module module);
+// The base weight a module adapts: "model.layers.L.self_attn.q_proj.weight"
+// (Phi-3: the fused tensor the module is part of).
+void mt_lora_base_name(const mt_model_config *c, char *buf, size_t len, int layer, mt_lora_module module);
 // The forward unit that reads a trainable parameter (model.h's buckets): 0
 // the embedding, 1 + l layer l (its adapters too), L + 1 the head.
 int mt_param_forward_unit(const char *name, int L);

@@ -40,15 +40,15 @@ static int sum_on_host(const mt_config *cfg, int use_gpu, size_t total, size_t s
 }
 
 // lora.init: the adapter must have the configured shape.
-static mt_err check_lora_init(const mt_config *cfg, const mt_lora_config *lora) {
+static mt_err check_lora_init(const mt_config *cfg, const mt_model_config *mc, const mt_lora_config *lora) {
     mt_lora_config from;
     mt_err err = mt_lora_read_config(cfg->lora_init, &from);
     if (err) return err;
     if (from.r == lora->r && from.alpha == lora->alpha && from.targets == lora->targets && from.rslora == lora->rslora)
         return MT_OK;
     char want[128], have[128];
-    mt_lora_format_targets(lora->targets, want, sizeof want);
-    mt_lora_format_targets(from.targets, have, sizeof have);
+    mt_lora_format_targets(mc, lora->targets, want, sizeof want);
+    mt_lora_format_targets(mc, from.targets, have, sizeof have);
     return mt_errorf(MT_ERR_CONFIG,
                      "lora.init %s has r=%d alpha=%g targets=%s rslora=%d, but the config asks for r=%d "
                      "alpha=%g targets=%s rslora=%d; set lora.* to the adapter's values",
@@ -116,18 +116,20 @@ mt_err mt_plan_make(mt_plan *p, const mt_config *cfg, const mt_model_config *mc,
     // ZeRO with one process changes only the code path (tests compare it)
     p->zero = (int)cfg->dist_zero_stage;
     mt_err err = MT_OK;
-    if (cfg->lora_r > 0 && mc->fused)
-        return mt_errorf(MT_ERR_CONFIG,
-                         "LoRA on %s is not supported yet: its q/k/v and gate/up projections are fused "
-                         "(qkv_proj, gate_up_proj), which PEFT adapts as single modules. Fine-tune it fully "
-                         "(lora.r: 0, with optim.kind adamw, galore or mezo, or offload.optimizer)",
-                         mc->architecture);
     if (cfg->lora_r > 0) {
         p->lora = 1;
         p->lora_cfg = (mt_lora_config){(int)cfg->lora_r, (float)cfg->lora_alpha, (float)cfg->lora_dropout,
                                        (int)cfg->lora_rslora, 0};
         err = mt_lora_parse_targets(cfg->lora_targets, &p->lora_cfg.targets);
-        if (!err && cfg->lora_init[0]) err = check_lora_init(cfg, &p->lora_cfg);
+        unsigned t = p->lora_cfg.targets, qkv = 1u << MT_LORA_Q | 1u << MT_LORA_K | 1u << MT_LORA_V,
+                 gate_up = 1u << MT_LORA_GATE | 1u << MT_LORA_UP;
+        if (!err && mc->fused && (((t & qkv) && (t & qkv) != qkv) || ((t & gate_up) && (t & gate_up) != gate_up)))
+            err = mt_errorf(MT_ERR_CONFIG,
+                            "lora.targets %s: %s fuses q, k, v into qkv_proj and gate, up into gate_up_proj, and "
+                            "an adapter covers a whole module; target qkv_proj, o_proj, gate_up_proj, down_proj "
+                            "(or all-linear)",
+                            cfg->lora_targets, mc->architecture);
+        if (!err && cfg->lora_init[0]) err = check_lora_init(cfg, mc, &p->lora_cfg);
         if (err) return err;
     }
     p->table = mt_model_param_table(mc, &p->n_params, &p->total);

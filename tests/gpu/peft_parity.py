@@ -3,7 +3,8 @@
 on the GPU machine.
 
 1. A Llama (GQA, 4 layers; --family qwen3: a Qwen3 with head norms and its
-   own head_dim; --family gemma3: a Gemma 3 with sliding and global layers)
+   own head_dim; --family gemma3: a Gemma 3 with sliding and global layers;
+   --family phi3: a Phi-3, its fused qkv_proj and gate_up_proj adapted whole)
    is built and saved by transformers; PEFT puts a
    LoRA adapter (r=16, all seven linear modules) on it, makes lora_B
    non-zero (as after training) and saves the adapter. memtune
@@ -39,6 +40,10 @@ try:  # transformers 4.50 and later
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 except ImportError:
     Gemma3ForCausalLM = Gemma3TextConfig = None
+try:
+    from transformers import Phi3Config, Phi3ForCausalLM
+except ImportError:
+    Phi3Config = Phi3ForCausalLM = None
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from parity_common import MEMTUNE, PARITY, compare_grads, log, memtune_parity, rel, write_dataset  # noqa: E402
@@ -61,7 +66,13 @@ FAMILIES = {
                     layer_types=["sliding_attention", "full_attention"] * 2, max_position_embeddings=4096,
                     rms_norm_eps=1e-6, rope_theta=1000000.0, rope_local_base_freq=10000.0,
                     hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True)),
+    "phi3": (Phi3ForCausalLM, Phi3Config,  # fused qkv_proj and gate_up_proj: PEFT adapts them whole
+             dict(vocab_size=32064, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
+                  num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                  rope_theta=10000.0, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, pad_token_id=0,
+                  tie_word_embeddings=False)),
 }
+FAMILY_MODULES = {"phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]}
 CLS, CFG = LlamaForCausalLM, LlamaConfig
 B, T = 2, 128
 
@@ -99,8 +110,9 @@ def main():
     ap.add_argument("--work", default="/tmp/mt-peft-work")
     ap.add_argument("--family", default="llama", choices=sorted(FAMILIES))
     args = ap.parse_args()
-    global CLS, CFG, SHAPE
+    global CLS, CFG, SHAPE, MODULES
     CLS, CFG, SHAPE = FAMILIES[args.family]
+    MODULES = FAMILY_MODULES.get(args.family, MODULES)
     suffix = "" if args.family == "llama" else f"-{args.family}"
     args.work += suffix
     if CLS is None:

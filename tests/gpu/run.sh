@@ -5,7 +5,7 @@
 # NF4), the quickstart and its LoRA variant on the GPU, and with --bench the
 # benchmarks of bench/. Logs and results go under $OUT.
 #
-# Stages: ctest quickstart resume dist-test parity chat generate peft peft-qwen3 peft-gemma3 (default), plus bench
+# Stages: ctest quickstart resume dist-test parity chat generate peft peft-qwen3 peft-gemma3 peft-phi3 (default), plus bench
 # (attention and full fine-tune), lora-bench, mezo-bench, galore-bench,
 # offload-bench and plan (memtune plan against 24 measured runs) with --bench; attention-bench alone; or name them: run.sh --stages
 # "ctest mezo-bench". MT_CTEST_FILTER narrows ctest; MT_LORA_SHAPES picks
@@ -65,7 +65,7 @@ if ! python3 -c "import peft" 2> /dev/null && [ -d .whl/peft ]; then
     export PYTHONPATH=$ROOT/.whl/peft${PYTHONPATH:+:$PYTHONPATH}
 fi
 
-STAGES="ctest quickstart resume dist-test parity chat generate peft peft-qwen3 peft-gemma3"
+STAGES="ctest quickstart resume dist-test parity chat generate peft peft-qwen3 peft-gemma3 peft-phi3"
 case "${1:-}" in
     --bench) STAGES="$STAGES bench lora-bench mezo-bench galore-bench offload-bench plan" ;;
     --stages) STAGES=$2 ;;
@@ -198,6 +198,8 @@ py_stage peft-qwen3 tests/gpu/peft_parity.py peft_parity_qwen3.log "parity with 
     --family qwen3
 py_stage peft-gemma3 tests/gpu/peft_parity.py peft_parity_gemma3.log "parity with PEFT on Gemma 3 (and an NF4 base)" \
     --family gemma3
+py_stage peft-phi3 tests/gpu/peft_parity.py peft_parity_phi3.log "parity with PEFT on Phi-3 (fused modules)" \
+    --family phi3
 
 if want attention-bench || want bench; then
     echo "== bench: the attention op (cuDNN path, own kernel) vs torch's SDPA backends"
