@@ -1101,6 +1101,26 @@ START_TEST(resume_is_bit_identical) {
     ck_assert_int_eq(mt_config_set(&cfg, "train.resume", "/nonexistent/step-1", "t"), MT_OK);
     expect_error(mt_train(&cfg, &r), MT_ERR_IO, "no readable state.h5");
     mt_config_free(&cfg);
+    // the runs above wrote their checkpoints in the background (checkpoint.async, the default); written
+    // in place they hold the same values
+    char sync[300];
+    snprintf(sync, sizeof sync, "%s/whole-sync", dir);
+    checkpoint_config(&cfg, folder, data, sync);
+    ck_assert_int_eq(mt_config_set(&cfg, "checkpoint.async", "false", "t"), MT_OK);
+    ck_assert_int_eq(mt_train(&cfg, &r), MT_OK);
+    mt_config_free(&cfg);
+    float *wa = malloc(total * 4), *ma = malloc(total * 4), *va = malloc(total * 4);
+    float *wb = malloc(total * 4), *mb = malloc(total * 4), *vb = malloc(total * 4);
+    mt_checkpoint_meta ka, kb;
+    snprintf(path, sizeof path, "%s/checkpoints/step-00000014", whole);
+    ck_assert_int_eq(mt_checkpoint_read(path, &mc, NULL, wa, 0, total, ma, va, &ka), MT_OK);
+    snprintf(path, sizeof path, "%s/checkpoints/step-00000014", sync);
+    ck_assert_int_eq(mt_checkpoint_read(path, &mc, NULL, wb, 0, total, mb, vb, &kb), MT_OK);
+    ck_assert_mem_eq(wa, wb, total * 4);
+    ck_assert_mem_eq(ma, mb, total * 4);
+    ck_assert_mem_eq(va, vb, total * 4);
+    ck_assert(ka.step == kb.step && ka.optimizer_steps == kb.optimizer_steps && ka.data_batch == kb.data_batch);
+    free(wa), free(ma), free(va), free(wb), free(mb), free(vb);
 }
 END_TEST
 
@@ -1232,6 +1252,35 @@ START_TEST(checkpoint_on_a_full_disk_leaves_the_last_one_intact) {
     closedir(d);
     ck_assert_int_eq(entries, 1);
     free(w), free(m), free(v), free(w2), free(m2), free(v2);
+    // a checkpoint that fails on the background thread fails the run at the next wait, and leaves nothing
+    char data[300];
+    snprintf(data, sizeof data, "%s/full-disk.h5", dir);
+    uint64_t n = 4000;
+    uint32_t *tok = malloc(n * 4);
+    for (uint64_t i = 0; i < n; i++) tok[i] = (uint32_t)(mt_rng_bits(19, i) % 13);
+    uint64_t offsets[2] = {0, n};
+    ck_assert_int_eq(mt_dataset_write(data, tok, n, offsets, 1, NULL, 13, "test"), MT_OK);
+    free(tok);
+    snprintf(run, sizeof run, "%s/full-disk-async", dir);
+    mt_config cfg;
+    base_config(&cfg, folder, data, run, "4", "16");
+    ck_assert_int_eq(mt_config_set(&cfg, "checkpoint.every", "2", "t"), MT_OK);
+    ck_assert_int_eq(mt_config_set(&cfg, "optim.warmup_steps", "0", "t"), MT_OK);
+    tight.rlim_cur = 8192;  // the run's small files fit; a checkpoint's weights do not
+    ck_assert_int_eq(setrlimit(RLIMIT_FSIZE, &tight), 0);
+    mt_train_result r;
+    err = mt_train(&cfg, &r);
+    ck_assert_int_eq(setrlimit(RLIMIT_FSIZE, &old), 0);
+    ck_assert_int_eq(err, MT_ERR_IO);
+    ck_assert_int_eq(r.steps_done, 4);  // stopped at the next checkpoint (step 4), which waited for the failed one
+    snprintf(path, sizeof path, "%s/checkpoints", run);
+    d = opendir(path);
+    entries = 0;
+    while (d && (e = readdir(d)))
+        if (strcmp(e->d_name, ".") && strcmp(e->d_name, "..")) entries++;
+    if (d) closedir(d);
+    ck_assert_int_eq(entries, 0);
+    mt_config_free(&cfg);
 }
 END_TEST
 

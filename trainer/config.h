@@ -77,6 +77,9 @@ extern "C" {
     X(checkpoint, keep, INT, "2", 1, 1000000, "", "complete checkpoints to keep; older ones are deleted")             \
     X(checkpoint, final, BOOL, "true", 0, 0, "",                                                                      \
       "write a checkpoint after the last step too (false: the run ends with output.dir/model only)")                  \
+    X(checkpoint, async, BOOL, "true", 0, 0, "",                                                                      \
+      "write checkpoints on a background thread while training goes on (the state is read back first; the next "      \
+      "checkpoint and the end of the run wait for it; ZeRO's sharded checkpoints stay synchronous)")                  \
     X(optim, kind, ENUM, "adamw", 0, 0, "adamw|mezo|galore",                                                          \
       "update rule: adamw (backward pass, AdamW moments), mezo (zeroth-order SGD from two forward passes per "        \
       "direction: the memory of inference; see the mezo.* keys) or galore (full-parameter AdamW with the matrices' "  \

@@ -3,6 +3,7 @@
 #define _POSIX_C_SOURCE 200809L
 #include "trainer/state.h"
 
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -48,9 +49,52 @@ static mt_err write_sharded(mt_run_state *c, mt_checkpoint_meta *meta, const flo
     return err;
 }
 
-mt_err mt_run_state_save(mt_run_state *c, long steps_done) {
+// A checkpoint written in the background: the state read back (owned until
+// written), what to write, and how it went.
+struct mt_ckpt_writer {
+    pthread_t thread;
+    mt_run_state *c;
     mt_updater_state us;
-    mt_err err = mt_updater_read_state(c->up, steps_done, &us);
+    mt_checkpoint_meta meta;
+    double start;
+    mt_err err;
+    char message[2048];  // the error's (mt_last_error is per thread)
+};
+
+static void *write_in_background(void *arg) {
+    mt_ckpt_writer *w = arg;
+    const mt_run_state *c = w->c;
+    w->err = mt_checkpoint_write(c->cfg->output_dir, c->cfg->model_path, c->mc, c->lora, w->us.master, w->us.m, w->us.v,
+                                 w->us.extra, w->us.n_extra, &w->meta, (int)c->cfg->checkpoint_keep);
+    if (w->err)
+        snprintf(w->message, sizeof w->message, "%s", mt_last_error());
+    else
+        mt_info("checkpoint: %s/checkpoints/step-%08ld written (%.1fs in the background)", c->cfg->output_dir,
+                w->meta.step, mt_now() - w->start);
+    return NULL;
+}
+
+mt_err mt_run_state_wait(mt_run_state *c, int collective) {
+    mt_err err = MT_OK;
+    long step = 0;
+    if (c->writer) {
+        pthread_join(c->writer->thread, NULL);
+        step = c->writer->meta.step;
+        if (c->writer->err) err = mt_errorf(c->writer->err, "%s", c->writer->message);
+        mt_updater_state_free(&c->writer->us);
+        free(c->writer);
+        c->writer = NULL;
+    }
+    if (collective && mt_dist_any(c->dist, err != MT_OK) && !err)
+        err = mt_errorf(MT_ERR_IO, "rank 0 could not write the checkpoint of step %ld (its log says why)", step);
+    return err;
+}
+
+mt_err mt_run_state_save(mt_run_state *c, long steps_done) {
+    mt_err err = mt_run_state_wait(c, 1);  // the last one first: its host copies are about to be read again
+    if (err) return err;
+    mt_updater_state us;
+    err = mt_updater_read_state(c->up, steps_done, &us);
     if (err && !us.master) return err;  // no host copy for it
     float *master = us.master, *m = us.m, *v = us.v;
     const mt_state_tensor *extra = us.extra;
@@ -59,6 +103,29 @@ mt_err mt_run_state_save(mt_run_state *c, long steps_done) {
     mt_checkpoint_meta meta = {
         steps_done, cursor.epoch, cursor.batch, us.optimizer_steps, mt_config_training_hash(c->cfg), 0};
     double t0 = mt_now();
+    if (!err && !c->sharded && c->cfg->checkpoint_async) {
+        // rank 0 writes on its own thread; every rank learns how it went at the next wait
+        if (mt_dist_rank(c->dist) == 0) {
+            mt_ckpt_writer *w = calloc(1, sizeof *w);
+            MT_CHECK(w != NULL, "checkpoint writer");
+            *w = (mt_ckpt_writer){.c = c, .us = us, .meta = meta, .start = t0};
+            if (pthread_create(&w->thread, NULL, write_in_background, w) == 0) {
+                c->writer = w;
+                mt_info("checkpoint: step %ld read back in %.1fs; writing it in the background", steps_done,
+                        mt_now() - t0);
+                return MT_OK;
+            }
+            free(w);  // no thread: write it here
+            err = mt_checkpoint_write(c->cfg->output_dir, c->cfg->model_path, c->mc, c->lora, master, m, v, extra,
+                                      n_extra, &meta, (int)c->cfg->checkpoint_keep);
+            mt_updater_state_free(&us);
+            if (!err)
+                mt_info("checkpoint: %s/checkpoints/step-%08ld (%.1fs)", c->cfg->output_dir, steps_done, mt_now() - t0);
+            return err;
+        }
+        mt_updater_state_free(&us);
+        return MT_OK;
+    }
     if (!err && c->sharded)
         err = write_sharded(c, &meta, master, m, v, extra, n_extra);
     else if (!err && mt_dist_rank(c->dist) == 0)  // every rank holds the same state; rank 0 writes it

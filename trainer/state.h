@@ -20,11 +20,14 @@
 extern "C" {
 #endif
 
+typedef struct mt_ckpt_writer mt_ckpt_writer;
+
 typedef struct {
     const mt_config *cfg;
     const mt_model_config *mc;
     const mt_lora_config *lora;  // NULL: full fine-tune
     mt_updater *up;              // what holds the trained state
+    mt_ckpt_writer *writer;      // checkpoint.async: the one in flight, or NULL
     const mt_param_info *table;  // the trained parameters
     int n_trained;
     mt_loader *train;
@@ -34,8 +37,16 @@ typedef struct {
     size_t shard_lo, shard_hi;
 } mt_run_state;
 
-// Writes the checkpoint of `steps_done` steps (every rank calls it).
+// Writes the checkpoint of `steps_done` steps (every rank calls it). With
+// checkpoint.async (and one writing rank: not ZeRO's shards) the state is
+// read back to the host now and written by a background thread while
+// training goes on; the previous one is waited for first, and its failure is
+// this call's error.
 mt_err mt_run_state_save(mt_run_state *c, long steps_done);
+// Waits for a checkpoint in flight (every rank calls it, before the run's
+// host copies of the state are read again and at the end of the run): its
+// error, on any rank. collective 0: this rank alone (a run already failing).
+mt_err mt_run_state_wait(mt_run_state *c, int collective);
 
 // The trained result at the end of a run: the adapter (PEFT's layout) or the
 // model (Hugging Face's; output.save_dtype, or F32 for a random init, else

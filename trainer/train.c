@@ -457,6 +457,9 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
         sigaction(SIGINT, &action, &old_int);
         sigaction(SIGTERM, &action, &old_term);
         err = train_steps(&r, &stopped);
+        // a checkpoint still being written finishes first (its failure is the run's)
+        mt_err written = mt_run_state_wait(&r.ckpt, !err);
+        if (!err) err = written;
         sigaction(SIGINT, &old_int, NULL);
         sigaction(SIGTERM, &old_term, NULL);
         result->stopped_early = stopped;
