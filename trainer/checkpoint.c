@@ -201,6 +201,11 @@ mt_err mt_checkpoint_publish(const char *tmp, const char *run_dir, const char *s
     return MT_OK;
 }
 
+int mt_checkpoint_background_ok(void) {
+    hbool_t safe = 0;
+    return H5is_library_threadsafe(&safe) >= 0 && safe;
+}
+
 mt_err mt_checkpoint_write(const char *run_dir, const char *src_model_dir, const mt_model_config *mc,
                            const mt_lora_config *lora, const float *master, const float *m, const float *v,
                            const mt_state_tensor *extra, int n_extra, const mt_checkpoint_meta *meta, int keep) {

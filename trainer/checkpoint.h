@@ -33,6 +33,9 @@ typedef struct {
 // may be NULL (MeZO and GaLore: no AdamW moments of the parameters' shapes).
 // extra: n_extra more optimizer tensors (GaLore's projectors and moments),
 // each written as optimizer/PARAM/NAME.
+// Whether checkpoints may be written on another thread while the loader
+// reads the dataset: the HDF5 library was built thread-safe.
+int mt_checkpoint_background_ok(void);
 mt_err mt_checkpoint_write(const char *run_dir, const char *src_model_dir, const mt_model_config *mc,
                            const mt_lora_config *lora, const float *master, const float *m, const float *v,
                            const mt_state_tensor *extra, int n_extra, const mt_checkpoint_meta *meta, int keep);

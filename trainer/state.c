@@ -103,7 +103,12 @@ mt_err mt_run_state_save(mt_run_state *c, long steps_done) {
     mt_checkpoint_meta meta = {
         steps_done, cursor.epoch, cursor.batch, us.optimizer_steps, mt_config_training_hash(c->cfg), 0};
     double t0 = mt_now();
-    if (!err && !c->sharded && c->cfg->checkpoint_async) {
+    static int warned;
+    if (c->cfg->checkpoint_async && !mt_checkpoint_background_ok() && !warned++)
+        mt_warn(
+            "checkpoint.async: this HDF5 library is not thread-safe (the loader reads with it meanwhile); "
+            "checkpoints are written in place");
+    if (!err && !c->sharded && c->cfg->checkpoint_async && mt_checkpoint_background_ok()) {
         // rank 0 writes on its own thread; every rank learns how it went at the next wait
         if (mt_dist_rank(c->dist) == 0) {
             mt_ckpt_writer *w = calloc(1, sizeof *w);
