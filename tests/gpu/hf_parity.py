@@ -27,25 +27,11 @@ import torch.nn.functional as F
 import transformers
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-try:  # transformers 4.51 and later
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-except ImportError:
-    Qwen3Config = Qwen3ForCausalLM = None
-try:  # transformers 4.50 and later
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-except ImportError:
-    Gemma3ForCausalLM = Gemma3TextConfig = None
-try:
-    from transformers import Phi3Config, Phi3ForCausalLM
-except ImportError:
-    Phi3Config = Phi3ForCausalLM = None
-
-
-def gemma_layers(n, every):
-    return ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(n)]
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from parity_common import MEMTUNE, compare_grads, log, memtune_parity, rel, write_dataset  # noqa: E402
+from parity_common import (MEMTUNE, Gemma3ForCausalLM, Gemma3TextConfig, Phi3Config, Phi3ForCausalLM,  # noqa: E402
+                            Qwen3Config, Qwen3ForCausalLM, compare_grads, gemma_layers, log, memtune_parity, rel,
+                            write_dataset)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

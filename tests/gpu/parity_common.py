@@ -1,5 +1,7 @@
 """What tests/gpu/hf_parity.py and tests/gpu/peft_parity.py share: error
-measures, per-kind gradient summaries and a random-token HDF5 dataset."""
+measures, per-kind gradient summaries, a random-token HDF5 dataset, and the
+model classes of the newer families (None where this transformers lacks
+them)."""
 import os
 import subprocess
 import time
@@ -7,10 +9,28 @@ import time
 import numpy as np
 from safetensors.numpy import load_file
 
+try:  # transformers 4.51 and later
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+except ImportError:
+    Qwen3Config = Qwen3ForCausalLM = None
+try:  # transformers 4.50 and later
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+except ImportError:
+    Gemma3ForCausalLM = Gemma3TextConfig = None
+try:
+    from transformers import Phi3Config, Phi3ForCausalLM
+except ImportError:
+    Phi3Config = Phi3ForCausalLM = None
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BUILD = os.environ.get("MT_BUILD_DIR", os.path.join(ROOT, "build"))
 PARITY = os.path.join(BUILD, "tests", "mt_parity")
 MEMTUNE = os.path.join(BUILD, "memtune")
+
+
+def gemma_layers(n, every):
+    """Gemma 3's layer_types: one global layer in `every`, the rest sliding."""
+    return ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(n)]
 
 
 def log(*a):

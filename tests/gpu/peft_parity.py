@@ -32,21 +32,11 @@ import torch.nn.functional as F
 from safetensors.numpy import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-try:  # transformers 4.51 and later
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-except ImportError:
-    Qwen3Config = Qwen3ForCausalLM = None
-try:  # transformers 4.50 and later
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-except ImportError:
-    Gemma3ForCausalLM = Gemma3TextConfig = None
-try:
-    from transformers import Phi3Config, Phi3ForCausalLM
-except ImportError:
-    Phi3Config = Phi3ForCausalLM = None
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from parity_common import MEMTUNE, PARITY, compare_grads, log, memtune_parity, rel, write_dataset  # noqa: E402
+from parity_common import (MEMTUNE, PARITY, Gemma3ForCausalLM, Gemma3TextConfig, Phi3Config,  # noqa: E402
+                            Phi3ForCausalLM, Qwen3Config, Qwen3ForCausalLM, compare_grads, log, memtune_parity, rel,
+                            write_dataset)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
