@@ -177,11 +177,15 @@ static __global__ void sum_partials_kernel(float *dweight, const float *partials
     dweight[c] += sum;
 }
 
+// Threads per row: a warp per 32 columns up to kThreads (head norms' rows of
+// 64-256 leave no warp idle).
+static int rms_threads(int C) { return C >= kThreads ? kThreads : (C + 31) / 32 * 32; }
+
 extern "C" void mt_rmsnorm_forward_cuda(const mt_backend *be, void *out, float *rstd, const void *inp,
                                         const void *weight, int N, int C, float eps, int plus_one) {
     (void)be;
-    rmsnorm_forward_kernel<<<N, kThreads>>>((bf16 *)out, rstd, (const bf16 *)inp, (const bf16 *)weight, C, eps,
-                                            plus_one);
+    rmsnorm_forward_kernel<<<N, rms_threads(C)>>>((bf16 *)out, rstd, (const bf16 *)inp, (const bf16 *)weight, C, eps,
+                                                  plus_one);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -193,8 +197,9 @@ extern "C" void mt_rmsnorm_backward_cuda(const mt_backend *be, void *dinp, float
     unsigned blocks = grid_for((size_t)N, kRmsRowsPerBlock);
     MT_CHECK(be->workspace_bytes >= (size_t)blocks * C * sizeof(float), "rmsnorm workspace too small");
     float *partials = (float *)be->workspace;
-    rmsnorm_backward_kernel<<<blocks, kThreads, shared>>>((bf16 *)dinp, partials, (const bf16 *)dout, (const bf16 *)inp,
-                                                          (const bf16 *)weight, rstd, N, C, plus_one ? 1.0f : 0.0f);
+    rmsnorm_backward_kernel<<<blocks, rms_threads(C), shared>>>((bf16 *)dinp, partials, (const bf16 *)dout,
+                                                                (const bf16 *)inp, (const bf16 *)weight, rstd, N, C,
+                                                                plus_one ? 1.0f : 0.0f);
     CUDA_CHECK_LAUNCH();
     if (!dweight) return;  // a frozen norm: its partials are not needed
     sum_partials_kernel<<<grid_for((size_t)C, kThreads), kThreads>>>(dweight, partials, (int)blocks, C);
