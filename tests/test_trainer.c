@@ -1207,6 +1207,101 @@ START_TEST(lora_starts_from_an_adapter_folder) {
 }
 END_TEST
 
+// A multimodal Gemma 3 folder (Gemma3ForConditionalGeneration, the
+// language model under "language_model.model." as transformers 4.50 saved it,
+// a vision tower and a projector beside it): memtune trains its language
+// model, writes it back under the same names with the other tensors
+// unchanged, and names a LoRA adapter's tensors as PEFT does on that model.
+START_TEST(multimodal_gemma3_folder_round_trip) {
+    char folder[300], data[300], run[300], path[400];
+    make_folder(
+        "gemma3-mm",
+        "{\"architectures\":[\"Gemma3ForConditionalGeneration\"],\"model_type\":\"gemma3\","
+        "\"torch_dtype\":\"float32\",\"vision_config\":{\"hidden_size\":8},\"text_config\":{"
+        "\"vocab_size\":13,\"hidden_size\":16,\"intermediate_size\":24,\"num_hidden_layers\":2,"
+        "\"num_attention_heads\":2,\"num_key_value_heads\":1,\"head_dim\":8,\"query_pre_attn_scalar\":8,"
+        "\"sliding_window\":4,\"sliding_window_pattern\":2,\"rope_local_base_freq\":100.0,\"rope_theta\":1000.0}}",
+        folder, sizeof folder);
+    mt_model_config mc;
+    ck_assert_int_eq(mt_hf_read_config(folder, &mc), MT_OK);  // no weights yet: the newer prefix
+    ck_assert(mc.multimodal && mc.gemma && mc.tie_embeddings && mc.D == 8 && mc.global_every == 2);
+    ck_assert_str_eq(mc.text_prefix, "model.language_model.");
+    int n;
+    size_t total;
+    mt_param_info *table = mt_model_param_table(&mc, &n, &total);
+    float *params = malloc(total * 4), vision[15], proj[16];
+    mt_model_init_random(&mc, params, 5);
+    for (int i = 0; i < 15; i++) vision[i] = 0.01f * (float)i;
+    for (int i = 0; i < 16; i++) proj[i] = -0.5f + 0.03f * (float)i;
+    mt_st_write_tensor *t = calloc((size_t)n + 2, sizeof *t);
+    char(*names)[300] = calloc((size_t)n, sizeof *names);
+    for (int i = 0; i < n; i++) {
+        snprintf(names[i], sizeof names[i], "language_model.model.%s", table[i].name + strlen("model."));
+        t[i] = (mt_st_write_tensor){
+            names[i], table[i].ndim, {table[i].shape[0], table[i].shape[1]}, params + table[i].offset};
+    }
+    t[n] = (mt_st_write_tensor){"vision_tower.vision_model.w", 2, {3, 5}, vision};
+    t[n + 1] = (mt_st_write_tensor){"multi_modal_projector.mm_input_projection_weight", 2, {4, 4}, proj};
+    snprintf(path, sizeof path, "%s/model.safetensors", folder);
+    ck_assert_int_eq(mt_safetensors_write(path, t, n + 2, MT_DTYPE_F32, "pt"), MT_OK);
+    free(t), free(names);
+    ck_assert_int_eq(mt_hf_read_config(folder, &mc), MT_OK);
+    ck_assert_str_eq(mc.text_prefix, "language_model.model.");
+    float *back = malloc(total * 4);
+    ck_assert_int_eq(mt_hf_load_weights(folder, &mc, back), MT_OK);
+    ck_assert_mem_eq(back, params, total * 4);
+    // train it (full, then LoRA) from the folder
+    snprintf(data, sizeof data, "%s/mm.h5", dir);
+    uint64_t ntok = 3000;
+    uint32_t *tok = malloc(ntok * 4);
+    for (uint64_t i = 0; i < ntok; i++) tok[i] = (uint32_t)(mt_rng_bits(23, i) % 13);
+    uint64_t offsets[2] = {0, ntok};
+    ck_assert_int_eq(mt_dataset_write(data, tok, ntok, offsets, 1, NULL, 13, "test"), MT_OK);
+    free(tok);
+    snprintf(run, sizeof run, "%s/mm-run", dir);
+    mt_config cfg;
+    mt_train_result r;
+    base_config(&cfg, folder, data, run, "3", "8");
+    ck_assert_int_eq(mt_config_set(&cfg, "model.init", "pretrained", "t"), MT_OK);
+    ck_assert_int_eq(mt_config_set(&cfg, "optim.warmup_steps", "0", "t"), MT_OK);
+    ck_assert_int_eq(mt_train(&cfg, &r), MT_OK);
+    snprintf(path, sizeof path, "%s/model", run);
+    mt_model_config saved;
+    ck_assert_int_eq(mt_hf_read_config(path, &saved), MT_OK);
+    ck_assert(saved.multimodal);
+    ck_assert_str_eq(saved.text_prefix, "language_model.model.");
+    ck_assert_int_eq(mt_hf_load_weights(path, &saved, back), MT_OK);
+    ck_assert(memcmp(back, params, total * 4) != 0);  // trained
+    snprintf(path, sizeof path, "%s/model/model.safetensors", run);
+    mt_safetensors *st;
+    ck_assert_int_eq(mt_safetensors_open(&st, path), MT_OK);
+    ck_assert_int_eq(mt_safetensors_count(st), n + 2);
+    const mt_st_tensor *v = mt_safetensors_find(st, "vision_tower.vision_model.w");
+    const mt_st_tensor *pj = mt_safetensors_find(st, "multi_modal_projector.mm_input_projection_weight");
+    ck_assert(v && pj && !mt_safetensors_find(st, "model.layers.0.input_layernorm.weight"));
+    float got[16];
+    ck_assert_int_eq(mt_safetensors_read_f32(st, v, got), MT_OK);
+    ck_assert_mem_eq(got, vision, sizeof vision);
+    ck_assert_int_eq(mt_safetensors_read_f32(st, pj, got), MT_OK);
+    ck_assert_mem_eq(got, proj, sizeof proj);
+    mt_safetensors_close(st);
+    mt_config_free(&cfg);
+    snprintf(run, sizeof run, "%s/mm-lora", dir);
+    base_config(&cfg, folder, data, run, "3", "8");
+    ck_assert_int_eq(mt_config_set(&cfg, "model.init", "pretrained", "t"), MT_OK);
+    ck_assert_int_eq(mt_config_set(&cfg, "optim.warmup_steps", "0", "t"), MT_OK);
+    ck_assert_int_eq(mt_config_set(&cfg, "lora.r", "2", "t"), MT_OK);
+    ck_assert_int_eq(mt_train(&cfg, &r), MT_OK);
+    snprintf(path, sizeof path, "%s/adapter/adapter_model.safetensors", run);
+    ck_assert_int_eq(mt_safetensors_open(&st, path), MT_OK);
+    ck_assert_ptr_nonnull(
+        mt_safetensors_find(st, "base_model.model.language_model.model.layers.0.self_attn.q_proj.lora_A.weight"));
+    mt_safetensors_close(st);
+    mt_config_free(&cfg);
+    free(params), free(back), free(table);
+}
+END_TEST
+
 START_TEST(checkpoint_on_a_full_disk_leaves_the_last_one_intact) {
     mt_model_config mc;
     char folder[300], run[300], path[400];
@@ -1364,6 +1459,7 @@ int main(void) {
     tcase_add_test(tc, lora_resume_is_bit_identical);
     tcase_add_test(tc, lora_starts_from_an_adapter_folder);
     tcase_add_test(tc, checkpoint_on_a_full_disk_leaves_the_last_one_intact);
+    tcase_add_test(tc, multimodal_gemma3_folder_round_trip);
     tcase_add_test(tc, sharded_checkpoint_reads_any_range);
     suite_add_tcase(s, tc);
     return tu_run_suite(s, 0);

@@ -152,6 +152,44 @@ static mt_err read_gemma(const char *path, const cJSON *j, mt_model_config *c) {
     return MT_OK;
 }
 
+// Gemma3TextConfig's defaults for the fields a config leaves out (the
+// multimodal folders' text_config names few of them).
+static void gemma_defaults(cJSON *j) {
+    static const struct {
+        const char *key;
+        double value;
+    } d[] = {{"vocab_size", 262208},      {"hidden_size", 2304},
+             {"intermediate_size", 9216}, {"num_hidden_layers", 26},
+             {"num_attention_heads", 8},  {"num_key_value_heads", 4},
+             {"head_dim", 256},           {"max_position_embeddings", 131072},
+             {"rms_norm_eps", 1e-6}};
+    for (size_t i = 0; i < sizeof d / sizeof d[0]; i++)
+        if (!cJSON_GetObjectItemCaseSensitive(j, d[i].key)) cJSON_AddNumberToObject(j, d[i].key, d[i].value);
+}
+
+static mt_err list_shards(const char *dir, char ***files, int *count);
+
+// A multimodal folder's language model prefix, from its first file's tensor
+// names: transformers before 4.52 saved "language_model.model.", later ones
+// "model.language_model." (also the default without weights).
+static void text_prefix(const char *dir, mt_model_config *c) {
+    snprintf(c->text_prefix, sizeof c->text_prefix, "model.language_model.");
+    char **files = NULL;
+    int n = 0;
+    mt_safetensors *st = NULL;
+    if (!list_shards(dir, &files, &n) && n > 0 && !mt_safetensors_open(&st, files[0])) {
+        for (int i = 0; i < mt_safetensors_count(st); i++)
+            if (!strncmp(mt_safetensors_get(st, i)->name, "language_model.model.", 21)) {
+                snprintf(c->text_prefix, sizeof c->text_prefix, "language_model.model.");
+                break;
+            }
+        mt_safetensors_close(st);
+    }
+    mt_clear_error();
+    for (int f = 0; f < n; f++) free(files[f]);
+    free(files);
+}
+
 mt_err mt_hf_read_config(const char *dir, mt_model_config *c) {
     char path[1100];
     snprintf(path, sizeof path, "%s/config.json", dir);
@@ -181,14 +219,19 @@ mt_err mt_hf_read_config(const char *dir, mt_model_config *c) {
     snprintf(c->architecture, sizeof c->architecture, "%s", name);
     int qwen2 = !strcmp(name, "Qwen2ForCausalLM"), qwen3 = !strcmp(name, "Qwen3ForCausalLM");
     int gemma = !strcmp(name, "Gemma3ForCausalLM"), phi3 = !strcmp(name, "Phi3ForCausalLM");
+    cJSON *top = j;  // the folder's config: the text model's fields are in text_config for a multimodal one
+    snprintf(c->text_prefix, sizeof c->text_prefix, "model.");
     if (!strcmp(name, "Gemma3ForConditionalGeneration")) {
-        err = mt_errorf(MT_ERR_MODEL,
-                        "%s: Gemma3ForConditionalGeneration (the multimodal folder) is not supported yet; memtune "
-                        "trains its language model from a Gemma3ForCausalLM folder (the text-only 1B, or the "
-                        "language model saved on its own)",
-                        path);
-        goto done;
+        cJSON *text = cJSON_GetObjectItemCaseSensitive(j, "text_config");
+        if (!cJSON_IsObject(text)) {
+            err = mt_errorf(MT_ERR_MODEL, "%s: Gemma3ForConditionalGeneration without a text_config object", path);
+            goto done;
+        }
+        gemma = c->multimodal = 1;
+        j = text;
+        text_prefix(dir, c);
     }
+    if (gemma) gemma_defaults(j);
     if (strcmp(name, "LlamaForCausalLM") && strcmp(name, "MistralForCausalLM") && !qwen2 && !qwen3 && !gemma && !phi3) {
         err = mt_errorf(MT_ERR_MODEL,
                         "%s: architecture '%s' (field architectures) is not supported; memtune trains "
@@ -278,15 +321,16 @@ mt_err mt_hf_read_config(const char *dir, mt_model_config *c) {
         goto done;
     }
     if ((err = read_rope(path, j, c))) goto done;
-    const cJSON *dtype = cJSON_GetObjectItemCaseSensitive(j, "torch_dtype");
-    if (!cJSON_IsString(dtype)) dtype = cJSON_GetObjectItemCaseSensitive(j, "dtype");
+    const cJSON *dtype = cJSON_GetObjectItemCaseSensitive(top, "torch_dtype");
+    if (!cJSON_IsString(dtype)) dtype = cJSON_GetObjectItemCaseSensitive(top, "dtype");
+    if (!cJSON_IsString(dtype)) dtype = cJSON_GetObjectItemCaseSensitive(j, "torch_dtype");
     c->dtype = MT_DTYPE_F32;
     if (cJSON_IsString(dtype))
         c->dtype = !strcmp(dtype->valuestring, "bfloat16")  ? MT_DTYPE_BF16
                    : !strcmp(dtype->valuestring, "float16") ? MT_DTYPE_F16
                                                             : MT_DTYPE_F32;
 done:
-    cJSON_Delete(j);
+    cJSON_Delete(top);
     return err;
 }
 
@@ -333,6 +377,17 @@ static mt_err list_shards(const char *dir, char ***files, int *count) {
     return err;
 }
 
+// A parameter's name in the files: the table's ("model.layers...",
+// "lm_head.weight"), with a multimodal folder's language model prefix.
+static void file_name(const mt_model_config *c, const char *name, char *buf, size_t len) {
+    if (!c->multimodal)
+        snprintf(buf, len, "%s", name);
+    else if (!strncmp(name, "model.", 6))
+        snprintf(buf, len, "%s%s", c->text_prefix, name + 6);
+    else  // lm_head: at the top since transformers 4.52, inside language_model before
+        snprintf(buf, len, "%s%s", strncmp(c->text_prefix, "language_model.", 15) ? "" : "language_model.", name);
+}
+
 mt_err mt_hf_load_weights(const char *dir, const mt_model_config *cfg, float *params) {
     int n;
     size_t total;
@@ -345,7 +400,9 @@ mt_err mt_hf_load_weights(const char *dir, const mt_model_config *cfg, float *pa
         mt_safetensors *st = NULL;
         if ((err = mt_safetensors_open(&st, files[f]))) break;
         for (int i = 0; i < n && !err; i++) {
-            const mt_st_tensor *t = mt_safetensors_find(st, table[i].name);
+            char name[300];
+            file_name(cfg, table[i].name, name, sizeof name);
+            const mt_st_tensor *t = mt_safetensors_find(st, name);
             if (!t) continue;
             int ok = t->ndim == table[i].ndim && t->shape[0] == table[i].shape[0] &&
                      (table[i].ndim == 1 || t->shape[1] == table[i].shape[1]);
@@ -414,6 +471,63 @@ static cJSON *config_from_model(const mt_model_config *c) {
     return j;
 }
 
+// The tensors of a multimodal folder that are not its language model's
+// (vision tower, projector), read as fp32 to be written back unchanged.
+typedef struct {
+    mt_st_write_tensor *tensors;
+    float **data;
+    char (*names)[256];
+    int n;
+} carried;
+
+static void carried_free(carried *c) {
+    for (int i = 0; i < c->n; i++) free(c->data[i]);
+    free(c->tensors), free(c->data), free(c->names);
+    *c = (carried){0};
+}
+
+static mt_err carry_other_tensors(const char *src_dir, const mt_model_config *cfg, carried *out) {
+    char **files = NULL;
+    int nfiles = 0;
+    if (list_shards(src_dir, &files, &nfiles)) {  // a random init: nothing to carry
+        mt_clear_error();
+        return MT_OK;
+    }
+    mt_err err = MT_OK;
+    size_t prefix = strlen(cfg->text_prefix);
+    for (int f = 0; f < nfiles && !err; f++) {
+        mt_safetensors *st = NULL;
+        if ((err = mt_safetensors_open(&st, files[f]))) break;
+        for (int i = 0; i < mt_safetensors_count(st) && !err; i++) {
+            const mt_st_tensor *t = mt_safetensors_get(st, i);
+            if (!strncmp(t->name, cfg->text_prefix, prefix) || strstr(t->name, "lm_head.weight")) continue;
+            size_t count = 1;
+            for (int d = 0; d < t->ndim; d++) count *= (size_t)t->shape[d];
+            int k = out->n++;
+            out->tensors = realloc(out->tensors, (size_t)out->n * sizeof *out->tensors);
+            out->data = realloc(out->data, (size_t)out->n * sizeof *out->data);
+            out->names = realloc(out->names, (size_t)out->n * sizeof *out->names);
+            MT_CHECK(out->tensors && out->data && out->names, "carried tensors");
+            out->data[k] = malloc((count ? count : 1) * sizeof(float));
+            if (!out->data[k]) {
+                err = mt_errorf(MT_ERR_NOMEM, "out of host memory carrying %s into the saved model", t->name);
+                out->n--;
+                break;
+            }
+            snprintf(out->names[k], sizeof out->names[k], "%s", t->name);
+            err = mt_safetensors_read_f32(st, t, out->data[k]);
+            out->tensors[k] = (mt_st_write_tensor){out->names[k], t->ndim, {0}, out->data[k]};
+            for (int d = 0; d < t->ndim; d++) out->tensors[k].shape[d] = t->shape[d];
+        }
+        mt_safetensors_close(st);
+    }
+    // names point into out->names, which realloc may have moved
+    for (int k = 0; k < out->n; k++) out->tensors[k].name = out->names[k];
+    for (int f = 0; f < nfiles; f++) free(files[f]);
+    free(files);
+    return err;
+}
+
 mt_err mt_hf_save(const char *dir, const char *src_dir, const mt_model_config *cfg, const float *params,
                   mt_dtype dtype) {
     char tmp[1100], path[1200];
@@ -438,17 +552,26 @@ mt_err mt_hf_save(const char *dir, const char *src_dir, const mt_model_config *c
         int n;
         size_t total;
         mt_param_info *table = mt_model_param_table(cfg, &n, &total);
-        mt_st_write_tensor *tensors = calloc((size_t)n, sizeof *tensors);
+        carried extra = {0};
+        if (cfg->multimodal && src_dir) err = carry_other_tensors(src_dir, cfg, &extra);
+        mt_st_write_tensor *tensors = calloc((size_t)(n + extra.n), sizeof *tensors);
+        char(*names)[300] = calloc((size_t)n + 1, sizeof *names);
+        MT_CHECK(tensors && names, "save tables");
         for (int i = 0; i < n; i++) {
-            tensors[i].name = table[i].name;
+            file_name(cfg, table[i].name, names[i], sizeof names[i]);
+            tensors[i].name = names[i];
             tensors[i].ndim = table[i].ndim;
             tensors[i].shape[0] = table[i].shape[0];
             tensors[i].shape[1] = table[i].shape[1];
             tensors[i].data = params + table[i].offset;
         }
+        memcpy(tensors + n, extra.tensors,
+               (size_t)extra.n * sizeof *tensors);  // the folder's other parts, as they were
         snprintf(path, sizeof path, "%s/model.safetensors", tmp);
-        err = mt_safetensors_write(path, tensors, n, dtype, "pt");
+        if (!err) err = mt_safetensors_write(path, tensors, n + extra.n, dtype, "pt");
+        carried_free(&extra);
         free(tensors);
+        free(names);
         free(table);
     }
     return mt_dir_publish(tmp, dir, err);

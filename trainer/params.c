@@ -193,8 +193,9 @@ mt_param_info *mt_lora_param_table(const mt_model_config *c, const mt_lora_confi
                 module_shape(c, k, &part_in, &part_out), out += part_out;
             for (int is_b = 0; is_b < 2; is_b++) {
                 mt_param_info *p = &table[n++];
-                snprintf(p->name, sizeof p->name, "base_model.model.model.layers.%d.%s.%s.lora_%c.weight", l,
-                         module_parent(t), module_name(c, t), is_b ? 'B' : 'A');
+                snprintf(p->name, sizeof p->name, "base_model.model.%slayers.%d.%s.%s.lora_%c.weight",
+                         c->multimodal ? c->text_prefix : "model.", l, module_parent(t), module_name(c, t),
+                         is_b ? 'B' : 'A');
                 p->ndim = 2;
                 p->shape[0] = is_b ? out : lora->r;
                 p->shape[1] = is_b ? lora->r : in;
@@ -232,8 +233,14 @@ void mt_lora_table_targets(const mt_param_info *table, int n, char *buf, size_t 
 int mt_lora_parse_name(const char *name, int *layer, int *module, int *is_b) {
     int l, used = 0;
     char parent[16], rest[160];
-    if (sscanf(name, "base_model.model.model.layers.%d.%15[a-z_].%159s%n", &l, parent, rest, &used) != 3 ||
-        name[used] != '\0' || l < 0)
+    // PEFT's names over the language model: model.layers..., or a multimodal
+    // Gemma 3's model.language_model.layers... / language_model.model.layers...
+    static const char *const prefixes[] = {"base_model.model.model.language_model.",
+                                           "base_model.model.language_model.model.", "base_model.model.model."};
+    const char *p = NULL;
+    for (int i = 0; i < 3 && !p; i++)
+        if (!strncmp(name, prefixes[i], strlen(prefixes[i]))) p = name + strlen(prefixes[i]);
+    if (!p || sscanf(p, "layers.%d.%15[a-z_].%159s%n", &l, parent, rest, &used) != 3 || p[used] != '\0' || l < 0)
         return 0;
     for (int t = 0; t < MT_LORA_MODULES; t++)
         for (int b = 0; b < 2; b++)

@@ -34,10 +34,16 @@ typedef struct {
     // the tanh GELU; the embedding scaled; its own score scale; sliding and
     // global layers with their own RoPE bases
     int gemma;
-    int fused;          // Phi-3: q, k, v in one qkv_proj and gate, up in one gate_up_proj (row blocks, in that order)
-    float embed_scale;  // embeddings times this (0: none)
-    float attn_scale;   // the scores' scale (0: 1/sqrt(head dim))
-    int global_every;   // > 0: layer l global when (l + 1) % global_every == 0, else in sliding_window
+    int fused;  // Phi-3: q, k, v in one qkv_proj and gate, up in one gate_up_proj (row blocks, in that order)
+    // Gemma3ForConditionalGeneration: the language model of a multimodal
+    // folder, its tensors named text_prefix + "layers..." in the files
+    // ("model.language_model." or "language_model.model."; "model." for any
+    // other model); the rest of the folder is carried through unchanged
+    int multimodal;
+    char text_prefix[32];
+    float embed_scale;         // embeddings times this (0: none)
+    float attn_scale;          // the scores' scale (0: 1/sqrt(head dim))
+    int global_every;          // > 0: layer l global when (l + 1) % global_every == 0, else in sliding_window
     float rope_local_theta;    // the sliding layers' RoPE base (global_every > 0; no scaling there)
     float rope_linear_factor;  // rope type linear: positions divided by this (0: none)
     long sliding_window;       // 0: none
