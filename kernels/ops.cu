@@ -273,7 +273,7 @@ extern "C" void mt_rope_backward_cuda(const mt_backend *be, void *dinp, const vo
 // accumulates dK and dV over every query block and every query head of the
 // kv group (grouped-query attention sums there), one per query block
 // accumulates dQ. Matrix products use the tensor cores through WMMA
-// (bf16 in, fp32 accumulate). Head dims 16, 32, 64 and 128 are compiled.
+// (bf16 in, fp32 accumulate). Head dims 16, 32, 64, 80, 96 and 128 are compiled.
 
 using namespace nvcuda;
 
@@ -363,9 +363,9 @@ static __device__ void mma_pm(frag_acc *acc, const bf16 *p, const bf16 *m) {
 template <int D>
 static __device__ void store_rows(bf16 *dst, size_t stride, int limit, frag_acc *acc, float *stage) {
     int lane = threadIdx.x & 31;
-    const int width = D < 64 ? D : 64;
 #pragma unroll
     for (int d0 = 0; d0 < D; d0 += 64) {
+        const int width = D - d0 < 64 ? D - d0 : 64;  // head dims 80 and 96 end in a narrower block
 #pragma unroll
         for (int j = 0; j < width / 16; j++)
             wmma::store_matrix_sync(stage + j * 16, acc[d0 / 16 + j], kLdS, wmma::mem_row_major);
@@ -647,7 +647,7 @@ extern "C" size_t mt_norm_embedding_workspace_bytes_cuda(int N, int C) {
 }
 
 // memtune's own kernel: the head dims it is compiled for
-static int own_kernel_supports(int D) { return D == 16 || D == 32 || D == 64 || D == 128; }
+static int own_kernel_supports(int D) { return D == 16 || D == 32 || D == 64 || D == 80 || D == 96 || D == 128; }
 
 // cuDNN's fused attention runs a shape when the backend has cuDNN and the
 // library builds both graphs for it (workspace: what they need).
@@ -738,6 +738,8 @@ extern "C" void mt_attention_forward_cuda(mt_backend *be, const mt_attention_sha
         case 16: attention_forward_launch<16>(s, out, lse, q, k, v, pos); break;
         case 32: attention_forward_launch<32>(s, out, lse, q, k, v, pos); break;
         case 64: attention_forward_launch<64>(s, out, lse, q, k, v, pos); break;
+        case 80: attention_forward_launch<80>(s, out, lse, q, k, v, pos); break;
+        case 96: attention_forward_launch<96>(s, out, lse, q, k, v, pos); break;
         default: attention_forward_launch<128>(s, out, lse, q, k, v, pos); break;
     }
 }
@@ -764,6 +766,8 @@ extern "C" void mt_attention_backward_cuda(mt_backend *be, const mt_attention_sh
         case 16: attention_backward_launch<16>(s, dq, dk, dv, dout, q, k, v, lse, delta, pos, dk_part, dv_part); break;
         case 32: attention_backward_launch<32>(s, dq, dk, dv, dout, q, k, v, lse, delta, pos, dk_part, dv_part); break;
         case 64: attention_backward_launch<64>(s, dq, dk, dv, dout, q, k, v, lse, delta, pos, dk_part, dv_part); break;
+        case 80: attention_backward_launch<80>(s, dq, dk, dv, dout, q, k, v, lse, delta, pos, dk_part, dv_part); break;
+        case 96: attention_backward_launch<96>(s, dq, dk, dv, dout, q, k, v, lse, delta, pos, dk_part, dv_part); break;
         default: attention_backward_launch<128>(s, dq, dk, dv, dout, q, k, v, lse, delta, pos, dk_part, dv_part); break;
     }
 }

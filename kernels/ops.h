@@ -52,7 +52,7 @@ typedef struct {
 } mt_attention_shape;
 // Whether the backend's attention handles this shape: on the GPU cuDNN's fused
 // attention where the library serves it (built with cuDNN, found at run time),
-// else memtune's own kernel (head dims 16, 32, 64 and 128); the CPU takes any.
+// else memtune's own kernel (head dims 16, 32, 64, 80, 96 and 128); the CPU takes any.
 // On the GPU this builds cuDNN's graphs for the shape (once, cached).
 int mt_attention_supports(mt_backend *be, const mt_attention_shape *s);
 // Which attention runs this shape, in words, for the start-up line.

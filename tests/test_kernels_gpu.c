@@ -260,7 +260,7 @@ START_TEST(attention) {
             if (mt_cudnn_attention_prepare(be.cudnn, s, &workspace)) served++, attention_case(s, "cuDNN");
         }
         // memtune's own kernel for the head dims it is compiled for
-        if (s->D == 16 || s->D == 32 || s->D == 64 || s->D == 128) {
+        if (s->D == 16 || s->D == 32 || s->D == 64 || s->D == 80 || s->D == 96 || s->D == 128) {
             struct mt_cudnn *saved = be.cudnn;
             be.cudnn = NULL;
             attention_case(s, "own kernel");

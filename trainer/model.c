@@ -515,17 +515,19 @@ mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_confi
     mt_attention_shape attn = attention_shape(cfg, o, 0), local = attention_shape(cfg, o, 1);
     int supported = mt_attention_supports(be, &attn) && (!cfg->global_every || mt_attention_supports(be, &local));
     if (!supported && attn.docs)
-        return mt_errorf(MT_ERR_MODEL,
-                         "head dimension %d with data.document_mask: packed-document masks run on memtune's own GPU "
-                         "kernel (cuDNN's path does not take them yet), which takes head dims 16, 32, 64 and 128; "
-                         "set data.document_mask: false, or train on the CPU with train.device: cpu",
-                         cfg->D);
+        return mt_errorf(
+            MT_ERR_MODEL,
+            "head dimension %d with data.document_mask: packed-document masks run on memtune's own GPU "
+            "kernel (cuDNN's path does not take them yet), which takes head dims 16, 32, 64, 80, 96 and 128; "
+            "set data.document_mask: false, or train on the CPU with train.device: cpu",
+            cfg->D);
     if (!supported)
-        return mt_errorf(MT_ERR_MODEL,
-                         "head dimension %d is not supported by the GPU attention: cuDNN's fused attention is not "
-                         "available (%s) and memtune's own kernel takes 16, 32, 64 and 128; install cuDNN 9 (see "
-                         "docs/development.md) or train on the CPU with train.device: cpu",
-                         cfg->D, be->cudnn ? "it refused this shape" : be->attention_note);
+        return mt_errorf(
+            MT_ERR_MODEL,
+            "head dimension %d is not supported by the GPU attention: cuDNN's fused attention is not "
+            "available (%s) and memtune's own kernel takes 16, 32, 64, 80, 96 and 128; install cuDNN 9 (see "
+            "docs/development.md) or train on the CPU with train.device: cpu",
+            cfg->D, be->cudnn ? "it refused this shape" : be->attention_note);
     MT_CHECK(!o->quantize_nf4 || o->lora.r > 0, "NF4 base weights need LoRA adapters");
     size_t nf4_bytes, widest_linear;
     mt_model *m = model_setup(be, cfg, o, attn, &nf4_bytes, &widest_linear);
