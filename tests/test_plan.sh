@@ -58,6 +58,20 @@ check "LoRA r=16" --set lora.r=16
 check "QLoRA r=8, checkpointing" --set lora.r=8 --set model.quantize=nf4 --set model.activation_checkpointing=true
 check "MeZO" --set optim.kind=mezo
 check "MeZO on adapters" --set optim.kind=mezo --set lora.r=8
+check "AdamW, packed documents" --set data.document_mask=true
+# the other families' layers, from a config.json alone (random init)
+family() { mkdir -p "$W/$1" && echo "$2" > "$W/$1/config.json"; }
+family qwen3 '{"architectures":["Qwen3ForCausalLM"],"vocab_size":258,"hidden_size":64,"intermediate_size":172,
+  "num_hidden_layers":4,"num_attention_heads":4,"num_key_value_heads":2,"head_dim":32,"tie_word_embeddings":true}'
+family gemma3 '{"architectures":["Gemma3ForCausalLM"],"vocab_size":258,"hidden_size":64,"intermediate_size":172,
+  "num_hidden_layers":4,"num_attention_heads":4,"num_key_value_heads":1,"head_dim":32,"query_pre_attn_scalar":32,
+  "sliding_window":16,"sliding_window_pattern":2}'
+family phi3 '{"architectures":["Phi3ForCausalLM"],"vocab_size":258,"hidden_size":64,"intermediate_size":172,
+  "num_hidden_layers":4,"num_attention_heads":4,"num_key_value_heads":2}'
+check "Qwen3, LoRA r=8" --set "model.path=$W/qwen3" --set lora.r=8
+check "Gemma 3, checkpointing" --set "model.path=$W/gemma3" --set model.activation_checkpointing=true
+check "Gemma 3, MeZO" --set "model.path=$W/gemma3" --set optim.kind=mezo
+check "Phi-3, QLoRA r=8" --set "model.path=$W/phi3" --set lora.r=8 --set model.quantize=nf4
 check "GaLore r=16" --set optim.kind=galore --set optim.grad_clip=0 --set galore.rank=16
 check "GaLore r=16, int8 moments, offload" --set optim.kind=galore --set optim.grad_clip=0 --set galore.rank=16 \
     --set galore.moments=int8 --set offload.optimizer=cpu
