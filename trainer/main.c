@@ -1,6 +1,7 @@
 // trainer/main.c: the memtune command line. Subcommands: train, tokenize,
 // plan, generate, eval, merge, config-docs. Every user-facing failure ends here as one message and a
 // non-zero exit.
+#include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -346,7 +347,10 @@ static const char GENERATE_HELP[] =
     "  --prompt TEXT          continue TEXT (BOS first when the tokenizer has one)\n"
     "  --chat TEXT            TEXT as the user's message, rendered with the model's chat template\n"
     "  --system TEXT          a system message before --chat's\n"
-    "  --input FILE.jsonl     one {\"prompt\": ...} or {\"messages\": [...]} a line; writes JSONL to stdout\n"
+    "  --input FILE.jsonl     one {\"prompt\": ...} or {\"messages\": [...]} a line; writes JSONL to stdout,\n"
+    "                         in the file's order\n"
+    "  --batch N              --input's lines generated at once, each on a core of its own (default: the\n"
+    "                         OpenMP threads)\n"
     "  --chat-template T      auto (the model's) or a name, as memtune tokenize takes\n"
     "  --max-new-tokens N     (128)\n"
     "  --temperature T        0: greedy (the default)\n"
@@ -357,7 +361,35 @@ typedef struct {
     mt_generator *gen;
     mt_tokenizer *tok;  // NULL: memtune's bytes
     mt_generate_options o;
+    // --input: what each thread's own generator is made of
+    const mt_model_config *mc;
+    const float *params;
+    const mt_lora_config *lora;  // an adapter on the fly, or NULL
+    const float *adapter;
+    int max_len, batch;
 } gen_ctx;
+
+// One line of a --input file: its JSON, the prompt's ids, and then the
+// completion or the error.
+typedef struct {
+    cJSON *obj;
+    mt_ids ids;
+    char *text;
+    mt_err err;
+    char message[1024];
+} gen_item;
+
+// The completion of one item, on a generator of its own (a key/value cache
+// as long as the prompt and the new tokens need).
+static void generate_item(const gen_ctx *c, gen_item *it) {
+    mt_generator *g = NULL;
+    int need = (int)it->ids.n + c->o.max_new;
+    it->err = mt_generator_init(&g, c->mc, c->params, need < c->max_len ? need : c->max_len);
+    if (!it->err && c->adapter) mt_generator_set_adapter(g, c->lora, c->adapter);
+    if (!it->err) it->err = mt_generate_text(g, c->tok, &it->ids, &c->o, NULL, &it->text);
+    if (it->err) snprintf(it->message, sizeof it->message, "%s", mt_last_error());
+    mt_generator_free(g);
+}
 
 // The prompt's ids: a chat rendered with the template and its generation
 // prompt, or text after BOS.
@@ -382,53 +414,76 @@ static mt_err prompt_ids(const mt_tokenizer *tok, const mt_chat_template *tmpl, 
 
 // --input: one {"prompt"} or {"messages"} a line, each answered into its
 // line as "completion" on stdout.
+// --input FILE.jsonl: --batch lines at a time, each on its own thread and
+// generator; the results in the input's order.
 static mt_err generate_file(gen_ctx *c, const char *input, const mt_tokenizer *tok, const mt_chat_template *tmpl,
                             int uses_chat) {
-    mt_ids ids = {0};
     mt_err err = MT_OK;
     FILE *f = fopen(input, "rb");
-    if (!f) err = mt_errorf(MT_ERR_IO, "%s: cannot open the input file", input);
+    if (!f) return mt_errorf(MT_ERR_IO, "%s: cannot open the input file", input);
+    gen_item *items = calloc((size_t)c->batch, sizeof *items);
+    MT_CHECK(items != NULL, "generation batch");
     char *line = NULL;
     size_t cap = 0;
     long lineno = 0;
-    while (!err && getline(&line, &cap, f) >= 0) {
-        lineno++;
-        cJSON *obj = cJSON_Parse(line);
-        const cJSON *p = obj ? cJSON_GetObjectItemCaseSensitive(obj, "prompt") : NULL;
-        const cJSON *list = obj ? cJSON_GetObjectItemCaseSensitive(obj, "messages") : NULL;
-        mt_chat_message msgs[64];
+    int eof = 0;
+    while (!err && !eof) {
         int n = 0;
-        const cJSON *m;
-        if (cJSON_IsArray(list)) cJSON_ArrayForEach(m, list) {
-                const cJSON *role = cJSON_GetObjectItemCaseSensitive(m, "role");
-                const cJSON *content = cJSON_GetObjectItemCaseSensitive(m, "content");
-                if (n == 64 || !cJSON_IsString(role) || !cJSON_IsString(content)) break;
-                mt_chat_role rl = !strcmp(role->valuestring, "system")      ? MT_ROLE_SYSTEM
-                                  : !strcmp(role->valuestring, "assistant") ? MT_ROLE_ASSISTANT
-                                                                            : MT_ROLE_USER;
-                msgs[n++] = (mt_chat_message){rl, content->valuestring, strlen(content->valuestring)};
+        while (n < c->batch && !err) {
+            if (getline(&line, &cap, f) < 0) {
+                eof = 1;
+                break;
             }
-        if (!cJSON_IsString(p) && !(cJSON_IsArray(list) && uses_chat))
-            err = mt_errorf(MT_ERR_DATASET, "%s:%ld: expected {\"prompt\": \"...\"}%s", input, lineno,
-                            uses_chat ? " or {\"messages\": [...]}" : " (no chat template for messages)");
-        if (!err)
-            err = prompt_ids(tok, tmpl, cJSON_IsString(p) ? NULL : msgs, n, cJSON_IsString(p) ? p->valuestring : NULL,
-                             &ids);
-        char *text = NULL;
-        if (!err) err = mt_generate_text(c->gen, c->tok, &ids, &c->o, NULL, &text);
-        if (!err) {
-            cJSON_AddStringToObject(obj, "completion", text);
-            char *out = cJSON_PrintUnformatted(obj);
-            printf("%s\n", out);
-            fflush(stdout);
-            free(out);
+            lineno++;
+            gen_item *it = &items[n];
+            *it = (gen_item){0};
+            it->obj = cJSON_Parse(line);
+            const cJSON *p = it->obj ? cJSON_GetObjectItemCaseSensitive(it->obj, "prompt") : NULL;
+            const cJSON *list = it->obj ? cJSON_GetObjectItemCaseSensitive(it->obj, "messages") : NULL;
+            mt_chat_message msgs[64];
+            int k = 0;
+            const cJSON *m;
+            if (cJSON_IsArray(list)) cJSON_ArrayForEach(m, list) {
+                    const cJSON *role = cJSON_GetObjectItemCaseSensitive(m, "role");
+                    const cJSON *content = cJSON_GetObjectItemCaseSensitive(m, "content");
+                    if (k == 64 || !cJSON_IsString(role) || !cJSON_IsString(content)) break;
+                    mt_chat_role rl = !strcmp(role->valuestring, "system")      ? MT_ROLE_SYSTEM
+                                      : !strcmp(role->valuestring, "assistant") ? MT_ROLE_ASSISTANT
+                                                                                : MT_ROLE_USER;
+                    msgs[k++] = (mt_chat_message){rl, content->valuestring, strlen(content->valuestring)};
+                }
+            if (!cJSON_IsString(p) && !(cJSON_IsArray(list) && uses_chat))
+                err = mt_errorf(MT_ERR_DATASET, "%s:%ld: expected {\"prompt\": \"...\"}%s", input, lineno,
+                                uses_chat ? " or {\"messages\": [...]}" : " (no chat template for messages)");
+            if (!err)
+                err = prompt_ids(tok, tmpl, cJSON_IsString(p) ? NULL : msgs, k,
+                                 cJSON_IsString(p) ? p->valuestring : NULL, &it->ids);
+            if (err) {  // the lines before it still get their completions
+                cJSON_Delete(it->obj);
+                mt_ids_free(&it->ids);
+                break;
+            }
+            n++;
         }
-        free(text);
-        cJSON_Delete(obj);
+#pragma omp parallel for schedule(dynamic, 1)
+        for (int i = 0; i < n; i++) generate_item(c, &items[i]);
+        for (int i = 0; i < n; i++) {
+            if (!err && items[i].err) err = mt_errorf(items[i].err, "%s", items[i].message);
+            if (!err) {
+                cJSON_AddStringToObject(items[i].obj, "completion", items[i].text);
+                char *out = cJSON_PrintUnformatted(items[i].obj);
+                printf("%s\n", out);
+                fflush(stdout);
+                free(out);
+            }
+            free(items[i].text);
+            cJSON_Delete(items[i].obj);
+            mt_ids_free(&items[i].ids);
+        }
     }
+    free(items);
     free(line);
-    if (f) fclose(f);
-    mt_ids_free(&ids);
+    fclose(f);
     return err;
 }
 
@@ -471,6 +526,8 @@ static int cmd_generate(int argc, char **argv) {
             c.o.max_new = (int)strtol(v, &end, 10);
         else if (!strcmp(a, "--top-k"))
             c.o.sampling.top_k = (int)strtol(v, &end, 10);
+        else if (!strcmp(a, "--batch"))
+            c.batch = (int)strtol(v, &end, 10);
         else if (!strcmp(a, "--seed"))
             c.o.sampling.seed = strtoull(v, &end, 10);
         else if (!strcmp(a, "--temperature"))
@@ -495,6 +552,7 @@ static int cmd_generate(int argc, char **argv) {
         c.o.sampling.top_p > 1 || c.o.sampling.min_p < 0 || c.o.sampling.min_p >= 1 ||
         c.o.sampling.repetition_penalty <= 0)
         return fail(mt_errorf(MT_ERR_USAGE, "a sampling setting is out of range (memtune generate --help)"));
+    if (c.batch < 0 || c.batch > 4096) return fail(mt_errorf(MT_ERR_USAGE, "--batch %d: expected 1 to 4096", c.batch));
     mt_model_config mc;
     mt_err err = mt_hf_read_config(model, &mc);
     mt_tokenizer *tok = NULL;
@@ -530,9 +588,9 @@ static int cmd_generate(int argc, char **argv) {
     }
     c.tok = tok, c.o.eos = tok ? mt_tokenizer_eos(tok) : MT_TOKEN_EOS, c.o.eot = -1;
     if (!err && uses_chat) c.o.eot = mt_tokenizer_token_id(tok, mt_chat_end_of_turn(&tmpl));
-    int max_len = mc.max_position > 0 ? mc.max_position : 4096;
-    if (!err) err = mt_generator_init(&c.gen, &mc, params, max_len);
-    if (!err && ad && !merge) mt_generator_set_adapter(c.gen, &lora, ad);
+    // the key/value cache holds the prompt and the new tokens, at most max_position_embeddings
+    c.max_len = mc.max_position > 0 ? mc.max_position : 4096;
+    c.mc = &mc, c.params = params, c.lora = ad && !merge ? &lora : NULL, c.adapter = ad && !merge ? ad : NULL;
     mt_ids ids = {0};
     if (!err && !input) {
         mt_chat_message msgs[2];
@@ -540,10 +598,14 @@ static int cmd_generate(int argc, char **argv) {
         if (system) msgs[n++] = (mt_chat_message){MT_ROLE_SYSTEM, system, strlen(system)};
         if (chat) msgs[n++] = (mt_chat_message){MT_ROLE_USER, chat, strlen(chat)};
         err = prompt_ids(tok, &tmpl, chat ? msgs : NULL, n, prompt, &ids);
+        int need = (int)ids.n + c.o.max_new;
+        if (!err) err = mt_generator_init(&c.gen, &mc, params, need < c.max_len ? need : c.max_len);
+        if (!err && c.adapter) mt_generator_set_adapter(c.gen, c.lora, c.adapter);
         char *text = NULL;
         if (!err) err = mt_generate_text(c.gen, c.tok, &ids, &c.o, stdout, &text);
         free(text);
     } else if (!err) {
+        if (c.batch <= 0) c.batch = omp_get_max_threads();
         err = generate_file(&c, input, tok, &tmpl, uses_chat);
     }
     mt_ids_free(&ids);
