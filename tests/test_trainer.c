@@ -161,6 +161,16 @@ END_TEST
 
 // ---------------------------------------------------------------- HF config
 
+// dir/name: n tokens below 13 drawn from seed, one document.
+static void random_dataset(char *path, size_t len, const char *name, uint64_t n, uint64_t seed) {
+    snprintf(path, len, "%s/%s", dir, name);
+    uint32_t *tok = malloc(n * 4);
+    for (uint64_t i = 0; i < n; i++) tok[i] = (uint32_t)(mt_rng_bits(seed, i) % 13);
+    uint64_t offsets[2] = {0, n};
+    ck_assert_int_eq(mt_dataset_write(path, tok, n, offsets, 1, NULL, 13, "test"), MT_OK);
+    free(tok);
+}
+
 static void make_folder(const char *name, const char *json, char *out, size_t len) {
     tu_model_folder(dir, name, json, out, len);
 }
@@ -1033,13 +1043,7 @@ static void checkpoint_config(mt_config *cfg, const char *folder, const char *da
 
 START_TEST(resume_is_bit_identical) {
     char data[300], folder[300], whole[300], split[300], path[400];
-    snprintf(data, sizeof data, "%s/resume.h5", dir);
-    uint64_t n = 30000;
-    uint32_t *tok = malloc(n * 4);
-    for (uint64_t i = 0; i < n; i++) tok[i] = (uint32_t)(mt_rng_bits(17, i) % 13);
-    uint64_t offsets[2] = {0, n};
-    ck_assert_int_eq(mt_dataset_write(data, tok, n, offsets, 1, NULL, 13, "test"), MT_OK);
-    free(tok);
+    random_dataset(data, sizeof data, "resume.h5", 30000, 17);
     make_folder("resume-model", tu_tiny_llama_json, folder, sizeof folder);
     snprintf(whole, sizeof whole, "%s/whole", dir);
     snprintf(split, sizeof split, "%s/split", dir);
@@ -1251,13 +1255,7 @@ START_TEST(multimodal_gemma3_folder_round_trip) {
     ck_assert_int_eq(mt_hf_load_weights(folder, &mc, back), MT_OK);
     ck_assert_mem_eq(back, params, total * 4);
     // train it (full, then LoRA) from the folder
-    snprintf(data, sizeof data, "%s/mm.h5", dir);
-    uint64_t ntok = 3000;
-    uint32_t *tok = malloc(ntok * 4);
-    for (uint64_t i = 0; i < ntok; i++) tok[i] = (uint32_t)(mt_rng_bits(23, i) % 13);
-    uint64_t offsets[2] = {0, ntok};
-    ck_assert_int_eq(mt_dataset_write(data, tok, ntok, offsets, 1, NULL, 13, "test"), MT_OK);
-    free(tok);
+    random_dataset(data, sizeof data, "mm.h5", 3000, 23);
     snprintf(run, sizeof run, "%s/mm-run", dir);
     mt_config cfg;
     mt_train_result r;
@@ -1349,13 +1347,7 @@ START_TEST(checkpoint_on_a_full_disk_leaves_the_last_one_intact) {
     free(w), free(m), free(v), free(w2), free(m2), free(v2);
     // a checkpoint that fails on the background thread fails the run at the next wait, and leaves nothing
     char data[300];
-    snprintf(data, sizeof data, "%s/full-disk.h5", dir);
-    uint64_t n = 4000;
-    uint32_t *tok = malloc(n * 4);
-    for (uint64_t i = 0; i < n; i++) tok[i] = (uint32_t)(mt_rng_bits(19, i) % 13);
-    uint64_t offsets[2] = {0, n};
-    ck_assert_int_eq(mt_dataset_write(data, tok, n, offsets, 1, NULL, 13, "test"), MT_OK);
-    free(tok);
+    random_dataset(data, sizeof data, "full-disk.h5", 4000, 19);
     snprintf(run, sizeof run, "%s/full-disk-async", dir);
     mt_config cfg;
     base_config(&cfg, folder, data, run, "4", "16");
