@@ -1251,7 +1251,7 @@ START_TEST(multimodal_gemma3_folder_round_trip) {
     free(t), free(names);
     ck_assert_int_eq(mt_hf_read_config(folder, &mc), MT_OK);
     ck_assert_str_eq(mc.text_prefix, "language_model.model.");
-    float *back = malloc(total * 4);
+    float *back = calloc(total, 4);  // the table's alignment padding stays 0, as in params
     ck_assert_int_eq(mt_hf_load_weights(folder, &mc, back), MT_OK);
     ck_assert_mem_eq(back, params, total * 4);
     // train it (full, then LoRA) from the folder

@@ -565,8 +565,8 @@ mt_err mt_hf_save(const char *dir, const char *src_dir, const mt_model_config *c
             tensors[i].shape[1] = table[i].shape[1];
             tensors[i].data = params + table[i].offset;
         }
-        memcpy(tensors + n, extra.tensors,
-               (size_t)extra.n * sizeof *tensors);  // the folder's other parts, as they were
+        if (extra.n)  // the folder's other parts, as they were
+            memcpy(tensors + n, extra.tensors, (size_t)extra.n * sizeof *tensors);
         snprintf(path, sizeof path, "%s/model.safetensors", tmp);
         if (!err) err = mt_safetensors_write(path, tensors, n + extra.n, dtype, "pt");
         carried_free(&extra);
