@@ -76,11 +76,12 @@ mt_err mt_generator_init(mt_generator **out, const mt_model_config *cfg, const f
             W(ln2, "post_attention_layernorm.weight");
         }
         W(down, "mlp.down_proj.weight"), W(qn, "self_attn.q_norm.weight"), W(kn, "self_attn.k_norm.weight");
-        if (cfg->fused) {  // Phi-3: row blocks of qkv_proj and gate_up_proj
-            size_t HD = (size_t)cfg->H * cfg->D, KVD = (size_t)cfg->KV * cfg->D;
-            W(q, "self_attn.qkv_proj.weight"), W(gate, "mlp.gate_up_proj.weight");
-            w->k = w->q + HD * cfg->C, w->v = w->k + KVD * cfg->C, w->up = w->gate + (size_t)cfg->F * cfg->C;
-        }
+        if (cfg->fused) W(q, "self_attn.qkv_proj.weight"), W(gate, "mlp.gate_up_proj.weight");
+        // Phi-3: k, v and up are row blocks of their fused module's tensor
+        const float **linear[MT_LORA_MODULES] = {&w->q, &w->k, &w->v, &w->o, &w->gate, &w->up, &w->down};
+        for (int t = 0; t < MT_LORA_MODULES; t++)
+            if (mt_lora_fused_part(cfg, t))
+                *linear[t] = *linear[mt_lora_fused_owner(cfg, t)] + mt_lora_fused_rows(cfg, t) * (size_t)cfg->C;
 #undef W
     }
     free(table);
@@ -139,21 +140,15 @@ void mt_generator_set_adapter(mt_generator *g, const mt_lora_config *lora, const
         *slot = values + table[i].offset;
     }
     free(table);
-    // Phi-3: k, v share q's qkv_proj adapter (its A, row blocks of its B); up gate's
-    const mt_model_config *c = &g->cfg;
-    size_t HD = (size_t)c->H * c->D, KVD = (size_t)c->KV * c->D, r = (size_t)lora->r;
-    for (int l = 0; l < c->L && c->fused; l++) {
-        layer_w *w = &g->layers[l];
-        if (w->lora_a[MT_LORA_Q]) {
-            w->lora_a[MT_LORA_K] = w->lora_a[MT_LORA_V] = w->lora_a[MT_LORA_Q];
-            w->lora_b[MT_LORA_K] = w->lora_b[MT_LORA_Q] + HD * r;
-            w->lora_b[MT_LORA_V] = w->lora_b[MT_LORA_Q] + (HD + KVD) * r;
+    // Phi-3: the parts of a fused module share its adapter's A and take row blocks of its B
+    for (int l = 0; l < g->cfg.L; l++)
+        for (int t = 0; t < MT_LORA_MODULES; t++) {
+            layer_w *w = &g->layers[l];
+            int owner = mt_lora_fused_owner(&g->cfg, t);
+            if (owner == t || !w->lora_a[owner]) continue;
+            w->lora_a[t] = w->lora_a[owner];
+            w->lora_b[t] = w->lora_b[owner] + mt_lora_fused_rows(&g->cfg, t) * (size_t)lora->r;
         }
-        if (w->lora_a[MT_LORA_GATE]) {
-            w->lora_a[MT_LORA_UP] = w->lora_a[MT_LORA_GATE];
-            w->lora_b[MT_LORA_UP] = w->lora_b[MT_LORA_GATE] + (size_t)c->F * r;
-        }
-    }
 }
 
 mt_err mt_generate_quantize_nf4(const mt_model_config *cfg, float *params) {

@@ -215,28 +215,16 @@ static float *stream_buffer(const mt_model *m, int index) {
 void mt_model_set_agreement(mt_model *m, mt_agree_fn any, void *ctx) { m->agree = any, m->agree_ctx = ctx; }
 int mt_model_backward_skipped(const mt_model *m) { return m->skipped; }
 
-// Phi-3's fused module's module: q for k and v, gate for up (t itself otherwise).
-static int lora_owner(const mt_model_config *c, int t) {
-    return !mt_lora_fused_part(c, t) ? t : t == MT_LORA_UP ? MT_LORA_GATE : MT_LORA_Q;
-}
-
-// The output width of LoRA module t (q: heads x head dim, k/v: kv heads x
-// head dim, o and down: hidden, gate and up: intermediate).
-static size_t lora_out(const mt_model_config *c, int t) {
-    return t == MT_LORA_Q                         ? (size_t)c->H * c->D
-           : t == MT_LORA_K || t == MT_LORA_V     ? (size_t)c->KV * c->D
-           : t == MT_LORA_GATE || t == MT_LORA_UP ? (size_t)c->F
-                                                  : (size_t)c->C;
-}
-
 // Phi-3: whether layer parameter p is a row block of another (k and v of
 // q's qkv_proj, up of gate's gate_up_proj), and its element offset there.
 static int fused_part(const mt_model_config *c, int p, int *whole, size_t *off) {
-    size_t HD = (size_t)c->H * c->D, KVD = (size_t)c->KV * c->D;
-    if (!c->fused || (p != P_WK && p != P_WV && p != P_WU)) return 0;
-    *whole = p == P_WU ? P_WG : P_WQ;
-    *off = (p == P_WU ? (size_t)c->F : p == P_WK ? HD : HD + KVD) * (size_t)c->C;
-    return 1;
+    for (int t = 0; t < MT_LORA_MODULES; t++)
+        if (lora_base_param[t] == p && mt_lora_fused_part(c, t)) {
+            *whole = lora_base_param[mt_lora_fused_owner(c, t)];
+            *off = mt_lora_fused_rows(c, t) * (size_t)c->C;
+            return 1;
+        }
+    return 0;
 }
 
 static void bind_params(mt_model *m) {
@@ -302,11 +290,9 @@ static void bind_params(mt_model *m) {
     for (int l = 0; l < m->cfg.L && m->cfg.fused; l++)
         for (int t = 0; t < MT_LORA_MODULES; t++) {
             layer_params *L = &m->layers[l];
-            int owner = lora_owner(&m->cfg, t);
+            int owner = mt_lora_fused_owner(&m->cfg, t);
             if (owner == t || !L->lora_a[owner]) continue;
-            size_t rows = 0;  // the outputs of the parts before t
-            for (int k = owner; k < t; k++) rows += lora_out(&m->cfg, k);
-            size_t off = rows * (size_t)m->lora.r;
+            size_t off = mt_lora_fused_rows(&m->cfg, t) * (size_t)m->lora.r;
             L->lora_a[t] = L->lora_a[owner], L->glora_a[t] = L->glora_a[owner];
             L->lora_b[t] = (char *)L->lora_b[owner] + off * act;
             L->glora_b[t] = L->glora_b[owner] ? L->glora_b[owner] + off : NULL;
@@ -953,7 +939,7 @@ static const void *lm_weight(mt_model *m) { return m->frozen ? m->lm_w : perturb
 
 static uint64_t dropout_seed(const mt_model *m, int l, int t) {
     // the parts of a fused module see its input through one mask
-    return mt_rng_bits(m->dropout_seed, (uint64_t)l * MT_LORA_MODULES + (uint64_t)lora_owner(&m->cfg, t));
+    return mt_rng_bits(m->dropout_seed, (uint64_t)l * MT_LORA_MODULES + (uint64_t)mt_lora_fused_owner(&m->cfg, t));
 }
 
 // x as the adapter sees it: dropout(x) in training (into drop_buf), else x.
@@ -972,7 +958,7 @@ static void lora_forward(mt_model *m, int l, int t, void *y, const void *x, int 
     mt_op_matmul_forward(m->be, u, adapter_input(m, l, t, x, IN), perturbed(m, P->lora_index_a[t], P->lora_a[t]), NULL,
                          N, IN, r);
     // a fused module's part: its rows of the whole B (MeZO perturbs the whole)
-    int owner = lora_owner(&m->cfg, t);
+    int owner = mt_lora_fused_owner(&m->cfg, t);
     const void *whole = perturbed(m, P->lora_index_b[t], P->lora_b[owner]);
     const void *b = (const char *)whole + ((const char *)P->lora_b[t] - (const char *)P->lora_b[owner]);
     mt_op_matmul_forward_add(m->be, y, u, b, N, r, OUT, m->lora_scale);

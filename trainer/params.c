@@ -114,8 +114,16 @@ static void module_shape(const mt_model_config *c, int t, int64_t *in, int64_t *
 // Phi-3's fused modules: q, k, v in qkv_proj (named at q), gate, up in
 // gate_up_proj (named at gate); k, v and up have no module of their own there.
 static const char *fused_name(int t) { return t == MT_LORA_Q ? "qkv_proj" : t == MT_LORA_GATE ? "gate_up_proj" : NULL; }
-int mt_lora_fused_part(const mt_model_config *c, int t) {
-    return c->fused && (t == MT_LORA_K || t == MT_LORA_V || t == MT_LORA_UP);
+int mt_lora_fused_owner(const mt_model_config *c, int t) {
+    if (!c->fused) return t;
+    return t == MT_LORA_K || t == MT_LORA_V ? MT_LORA_Q : t == MT_LORA_UP ? MT_LORA_GATE : t;
+}
+int mt_lora_fused_part(const mt_model_config *c, int t) { return mt_lora_fused_owner(c, t) != t; }
+size_t mt_lora_fused_rows(const mt_model_config *c, int t) {
+    size_t rows = 0;
+    int64_t in, out;
+    for (int k = mt_lora_fused_owner(c, t); k < t; k++) module_shape(c, k, &in, &out), rows += (size_t)out;
+    return rows;
 }
 // The module name PEFT gives module t of model c.
 static const char *module_name(const mt_model_config *c, int t) {
@@ -187,10 +195,8 @@ mt_param_info *mt_lora_param_table(const mt_model_config *c, const mt_lora_confi
             int64_t in, out, part_in, part_out;
             module_shape(c, t, &in, &out);
             // a fused module's B covers its parts' outputs (q, k, v; gate, up)
-            for (int k = t + 1; c->fused && fused_name(t) && k < MT_LORA_MODULES && mt_lora_fused_part(c, k) &&
-                                (t == MT_LORA_Q ? k <= MT_LORA_V : k == MT_LORA_UP);
-                 k++)
-                module_shape(c, k, &part_in, &part_out), out += part_out;
+            for (int k = t + 1; k < MT_LORA_MODULES; k++)
+                if (mt_lora_fused_owner(c, k) == t) module_shape(c, k, &part_in, &part_out), out += part_out;
             for (int is_b = 0; is_b < 2; is_b++) {
                 mt_param_info *p = &table[n++];
                 snprintf(p->name, sizeof p->name, "base_model.model.%slayers.%d.%s.%s.lora_%c.weight",
@@ -257,8 +263,7 @@ int mt_lora_parse_name(const char *name, int *layer, int *module, int *is_b) {
 }
 
 void mt_lora_base_name(const mt_model_config *c, char *buf, size_t len, int layer, mt_lora_module module) {
-    int t = (int)module;
-    if (mt_lora_fused_part(c, t)) t = t == MT_LORA_UP ? MT_LORA_GATE : MT_LORA_Q;  // the fused tensor it is part of
+    int t = mt_lora_fused_owner(c, (int)module);  // Phi-3: the fused tensor it is part of
     snprintf(buf, len, "model.layers.%d.%s.%s.weight", layer, module_parent(t), module_name(c, t));
 }
 

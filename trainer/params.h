@@ -99,10 +99,14 @@ mt_err mt_lora_parse_targets(const char *text, unsigned *targets);
 // The same as text ("q_proj,k_proj,..."; Phi-3's fused names for model c),
 // for logs and configs.
 void mt_lora_format_targets(const mt_model_config *c, unsigned targets, char *buf, size_t len);
-// Whether module t of model c is a part of a fused module (Phi-3: k and v of
-// qkv_proj, up of gate_up_proj), which shares that module's A and holds a
-// row block of its B.
+// Phi-3's fused modules: the module whose tensor module t is a row block of
+// (q for k and v in qkv_proj, gate for up in gate_up_proj; t itself for any
+// other, and in any other model), whether t is such a part (it shares the
+// owner's LoRA A and holds a row block of its B), and the owner's output rows
+// before t's (0 for the owner itself).
+int mt_lora_fused_owner(const mt_model_config *c, int t);
 int mt_lora_fused_part(const mt_model_config *c, int t);
+size_t mt_lora_fused_rows(const mt_model_config *c, int t);
 
 // The adapter table: (r, IN) lora_A and (OUT, r) lora_B of every targeted
 // module, named "base_model.model.model.layers.L.self_attn.q_proj.lora_A.weight"
