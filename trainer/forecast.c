@@ -196,6 +196,11 @@ static mt_err load(mt_config *cfg, const char *path, char *const *sets, int n_se
     return err;
 }
 
+// train.seq_len: max's ceiling: the model's max_position_embeddings, at most 2^20.
+static long seq_len_limit(const mt_model_config *mc) {
+    return mc->max_position > 0 && mc->max_position < (1L << 20) ? mc->max_position : (1L << 20);
+}
+
 mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_sets, int gpu, int world,
                          double capacity, const char *capacity_source) {
     mt_config cfg;
@@ -203,7 +208,7 @@ mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_s
     mt_model_config mc;
     if (!err) err = mt_hf_read_config(cfg.model_path, &mc);
     if (!err && cfg.train_seq_len == MT_SEQ_LEN_MAX) {  // the longest that fits the GPU's memory
-        long limit = mc.max_position > 0 && mc.max_position < (1L << 20) ? mc.max_position : (1L << 20);
+        long limit = seq_len_limit(&mc);
         cfg.train_seq_len = capacity > 0 ? mt_forecast_longest_seq_len(&cfg, &mc, gpu, world, capacity, limit) : 0;
         if (!cfg.train_seq_len)
             err = mt_errorf(MT_ERR_CONFIG, "train.seq_len: max: %s",
@@ -394,7 +399,7 @@ mt_err mt_forecast_seq_len_max(mt_config *cfg, int gpu, int world) {
     mt_err err = read_budget(cfg, gpu, &budget, source, sizeof source);
     if (!err) err = mt_hf_read_config(cfg->model_path, &mc);
     if (err) return err;
-    long limit = mc.max_position > 0 && mc.max_position < (1L << 20) ? mc.max_position : (1L << 20);
+    long limit = seq_len_limit(&mc);
     long best = mt_forecast_longest_seq_len(cfg, &mc, gpu, world, budget, limit);
     if (!best)
         return mt_errorf(MT_ERR_CONFIG,

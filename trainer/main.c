@@ -123,6 +123,9 @@ static int positive_option(const char *opt, const char *v, long *out) {
     return fail(mt_errorf(MT_ERR_USAGE, "%s %s: expected a positive whole number", opt, v));
 }
 
+// --quantize of eval and generate: index 1 is NF4.
+static const char *const quantizations[] = {"none", "nf4"};
+
 static int parse_choice(const char *opt, const char *v, const char *const *names, int n, int *out) {
     for (int i = 0; i < n; i++)
         if (!strcmp(v, names[i])) return *out = i, 0;
@@ -254,9 +257,8 @@ static int cmd_eval(int argc, char **argv) {
         else if (!strcmp(a, "--device"))
             o.device = v;
         else if (!strcmp(a, "--quantize")) {
-            if (strcmp(v, "nf4") && strcmp(v, "none"))
-                return fail(mt_errorf(MT_ERR_USAGE, "--quantize %s: expected nf4 (or none)", v));
-            o.quantize_nf4 = !strcmp(v, "nf4");
+            int rc = parse_choice(a, v, quantizations, 2, &o.quantize_nf4);
+            if (rc) return rc;
         } else if (!strcmp(a, "--seq-len") || !strcmp(a, "--batch") || !strcmp(a, "--batches")) {
             long n;
             int rc = positive_option(a, v, &n);
@@ -489,9 +491,9 @@ static mt_err generate_file(gen_ctx *c, const char *input, const mt_tokenizer *t
 
 static int cmd_generate(int argc, char **argv) {
     const char *model = NULL, *adapter = NULL, *prompt = NULL, *chat = NULL, *system = NULL, *input = NULL,
-               *template_name = "auto", *quantize = "none";
+               *template_name = "auto";
     gen_ctx c = {.o = {.max_new = 128, .sampling = {0.0f, 0, 1.0f, 0.0f, 1.0f, 0}}};
-    int merge = 0;
+    int merge = 0, nf4 = 0;
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) return printf("%s", GENERATE_HELP), 0;
@@ -510,8 +512,7 @@ static int cmd_generate(int argc, char **argv) {
                        {"--chat", &chat},
                        {"--system", &system},
                        {"--input", &input},
-                       {"--chat-template", &template_name},
-                       {"--quantize", &quantize}};
+                       {"--chat-template", &template_name}};
         int taken = 0;
         for (size_t k = 0; k < sizeof strings / sizeof strings[0] && !taken; k++)
             if (!strcmp(a, strings[k].name)) *strings[k].dst = v, taken = 1;
@@ -519,7 +520,10 @@ static int cmd_generate(int argc, char **argv) {
             i++;
             continue;
         }
-        if (!strcmp(a, "--stop")) {
+        if (!strcmp(a, "--quantize")) {
+            int rc = parse_choice(a, v, quantizations, 2, &nf4);
+            if (rc) return rc;
+        } else if (!strcmp(a, "--stop")) {
             if (c.o.n_stops == 8) return fail(mt_errorf(MT_ERR_USAGE, "at most 8 --stop strings"));
             c.o.stops[c.o.n_stops++] = v;
         } else if (!strcmp(a, "--max-new-tokens"))
@@ -545,8 +549,6 @@ static int cmd_generate(int argc, char **argv) {
     }
     if (!model || (!!prompt + !!chat + !!input) != 1)
         return fail(mt_errorf(MT_ERR_USAGE, "generate needs --model DIR and one of --prompt, --chat, --input"));
-    if (strcmp(quantize, "none") && strcmp(quantize, "nf4"))
-        return fail(mt_errorf(MT_ERR_USAGE, "--quantize %s: expected nf4 (or none)", quantize));
     if (merge && !adapter) return fail(mt_errorf(MT_ERR_USAGE, "--merge needs --adapter DIR"));
     if (c.o.max_new < 1 || c.o.sampling.top_k < 0 || c.o.sampling.temperature < 0 || c.o.sampling.top_p <= 0 ||
         c.o.sampling.top_p > 1 || c.o.sampling.min_p < 0 || c.o.sampling.min_p >= 1 ||
@@ -572,7 +574,7 @@ static int cmd_generate(int argc, char **argv) {
         if (!params) err = mt_errorf(MT_ERR_NOMEM, "out of host memory for the model (%.1f GiB)", total * 4.0 / 1e9);
     }
     if (!err) err = mt_hf_load_weights(model, &mc, params);
-    if (!err && !strcmp(quantize, "nf4")) err = mt_generate_quantize_nf4(&mc, params);
+    if (!err && nf4) err = mt_generate_quantize_nf4(&mc, params);
     mt_lora_config lora;
     float *ad = NULL;
     if (!err && adapter) err = mt_lora_read_folder(adapter, &mc, &lora, &ad);

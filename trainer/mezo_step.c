@@ -11,7 +11,7 @@ static double batches_loss(void *ctx, uint64_t seed, float scale) {
     double sum = 0.0;
     for (int a = 0; a < b->accum; a++) {
         size_t at = (size_t)a * b->B * b->T;
-        if (b->pos && b->accum > 1) mt_model_set_positions(b->model, b->pos + at);
+        if (b->pos) mt_model_set_positions(b->model, b->pos + at);
         sum += mt_model_step(b->model, b->inputs + at, b->targets + at, 0.0f, 0);
     }
     mt_model_set_perturbation(b->model, 0, 0.0f);
@@ -23,7 +23,6 @@ static double batches_loss(void *ctx, uint64_t seed, float scale) {
 
 void mt_mezo_step(mt_mezo *mz, mt_zo_batches *b, int step, float lr, double *loss, mt_step_info *info) {
     double pair_losses[2 * MT_ZO_MAX_DIRECTIONS];
-    if (b->pos && b->accum == 1) mt_model_set_positions(b->model, b->pos);  // once for every pass
     mt_mezo_losses(mz, step, batches_loss, b, pair_losses);
     mt_mezo_info zi;
     mt_mezo_update(mz, step, pair_losses, lr, &zi);
