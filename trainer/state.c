@@ -53,6 +53,7 @@ static mt_err write_sharded(mt_run_state *c, mt_checkpoint_meta *meta, const flo
 // written), what to write, and how it went.
 struct mt_ckpt_writer {
     pthread_t thread;
+    int joinable;  // 0: no thread could be made; it was written in place
     mt_run_state *c;
     mt_updater_state us;
     mt_checkpoint_meta meta;
@@ -69,7 +70,7 @@ static void *write_in_background(void *arg) {
     if (w->err)
         snprintf(w->message, sizeof w->message, "%s", mt_last_error());
     else
-        mt_info("checkpoint: %s/checkpoints/step-%08ld written (%.1fs in the background)", c->cfg->output_dir,
+        mt_info("checkpoint: %s/checkpoints/step-%08ld written (%.1fs after its step)", c->cfg->output_dir,
                 w->meta.step, mt_now() - w->start);
     return NULL;
 }
@@ -78,7 +79,7 @@ mt_err mt_run_state_wait(mt_run_state *c, int collective) {
     mt_err err = MT_OK;
     long step = 0;
     if (c->writer) {
-        pthread_join(c->writer->thread, NULL);
+        if (c->writer->joinable) pthread_join(c->writer->thread, NULL);
         step = c->writer->meta.step;
         if (c->writer->err) err = mt_errorf(c->writer->err, "%s", c->writer->message);
         mt_updater_state_free(&c->writer->us);
@@ -104,29 +105,25 @@ mt_err mt_run_state_save(mt_run_state *c, long steps_done) {
         steps_done, cursor.epoch, cursor.batch, us.optimizer_steps, mt_config_training_hash(c->cfg), 0};
     double t0 = mt_now();
     static int warned;
-    if (c->cfg->checkpoint_async && !mt_checkpoint_background_ok() && !warned++)
+    int background = c->cfg->checkpoint_async && mt_checkpoint_background_ok();
+    if (c->cfg->checkpoint_async && !background && !warned++)
         mt_warn(
             "checkpoint.async: this HDF5 library is not thread-safe (the loader reads with it meanwhile); "
             "checkpoints are written in place");
-    if (!err && !c->sharded && c->cfg->checkpoint_async && mt_checkpoint_background_ok()) {
+    if (!err && !c->sharded && background) {
         // rank 0 writes on its own thread; every rank learns how it went at the next wait
         if (mt_dist_rank(c->dist) == 0) {
             mt_ckpt_writer *w = calloc(1, sizeof *w);
             MT_CHECK(w != NULL, "checkpoint writer");
             *w = (mt_ckpt_writer){.c = c, .us = us, .meta = meta, .start = t0};
-            if (pthread_create(&w->thread, NULL, write_in_background, w) == 0) {
-                c->writer = w;
+            w->joinable = pthread_create(&w->thread, NULL, write_in_background, w) == 0;
+            if (w->joinable)
                 mt_info("checkpoint: step %ld read back in %.1fs; writing it in the background", steps_done,
                         mt_now() - t0);
-                return MT_OK;
-            }
-            free(w);  // no thread: write it here
-            err = mt_checkpoint_write(c->cfg->output_dir, c->cfg->model_path, c->mc, c->lora, master, m, v, extra,
-                                      n_extra, &meta, (int)c->cfg->checkpoint_keep);
-            mt_updater_state_free(&us);
-            if (!err)
-                mt_info("checkpoint: %s/checkpoints/step-%08ld (%.1fs)", c->cfg->output_dir, steps_done, mt_now() - t0);
-            return err;
+            else
+                write_in_background(w);  // no thread: here, its outcome reported at the next wait all the same
+            c->writer = w;
+            return MT_OK;
         }
         mt_updater_state_free(&us);
         return MT_OK;
