@@ -30,7 +30,7 @@ struct mt_generator {
     layer_w *layers;
     int max_len, pos;
     float *cos_table, *sin_table;
-    float *cos_local, *sin_local;  // Gemma's sliding layers'
+    float *cos_local, *sin_local;  // Gemma's sliding layers' (NULL for other models: no layer reads them)
     float *kcache, *vcache;        // (L, KV, max_len, D)
     // one position's activations
     float *x, *x2, *ln, *q, *k, *v, *qr, *att, *o, *gate, *up, *h, *down, *scores;
@@ -89,8 +89,9 @@ mt_err mt_generator_init(mt_generator **out, const mt_model_config *cfg, const f
     float *inv_freq = malloc((size_t)half * sizeof(float));
     g->cos_table = malloc((size_t)max_len * half * sizeof(float));
     g->sin_table = malloc((size_t)max_len * half * sizeof(float));
-    g->cos_local = malloc((size_t)max_len * half * sizeof(float));
-    g->sin_local = malloc((size_t)max_len * half * sizeof(float));
+    int sliding = cfg->global_every > 0;  // Gemma: its sliding layers' own tables
+    g->cos_local = sliding ? malloc((size_t)max_len * half * sizeof(float)) : NULL;
+    g->sin_local = sliding ? malloc((size_t)max_len * half * sizeof(float)) : NULL;
     size_t cache = (size_t)cfg->L * cfg->KV * max_len * cfg->D;
     g->kcache = malloc(cache * sizeof(float));
     g->vcache = malloc(cache * sizeof(float));
@@ -99,9 +100,9 @@ mt_err mt_generator_init(mt_generator **out, const mt_model_config *cfg, const f
     g->k = malloc((size_t)KVD * 4), g->v = malloc((size_t)KVD * 4), g->o = malloc((size_t)C * 4);
     g->gate = malloc((size_t)F * 4), g->up = malloc((size_t)F * 4), g->h = malloc((size_t)F * 4);
     g->down = malloc((size_t)C * 4), g->scores = malloc((size_t)max_len * 4);
-    if (!inv_freq || !g->cos_table || !g->sin_table || !g->cos_local || !g->sin_local || !g->kcache || !g->vcache ||
-        !g->x || !g->x2 || !g->ln || !g->q || !g->qr || !g->att || !g->k || !g->v || !g->o || !g->gate || !g->up ||
-        !g->h || !g->down || !g->scores) {
+    if (!inv_freq || !g->cos_table || !g->sin_table || (sliding && (!g->cos_local || !g->sin_local)) || !g->kcache ||
+        !g->vcache || !g->x || !g->x2 || !g->ln || !g->q || !g->qr || !g->att || !g->k || !g->v || !g->o || !g->gate ||
+        !g->up || !g->h || !g->down || !g->scores) {
         free(inv_freq);
         mt_generator_free(g);
         return mt_errorf(MT_ERR_NOMEM, "out of host memory for a %d-position key/value cache (%.1f GiB)", max_len,
@@ -109,8 +110,10 @@ mt_err mt_generator_init(mt_generator **out, const mt_model_config *cfg, const f
     }
     mt_model_rope_inv_freq(cfg, 0, inv_freq);
     mt_rope_tables(g->cos_table, g->sin_table, inv_freq, max_len, cfg->D);
-    mt_model_rope_inv_freq(cfg, cfg->global_every > 0, inv_freq);  // Gemma's sliding layers
-    mt_rope_tables(g->cos_local, g->sin_local, inv_freq, max_len, cfg->D);
+    if (sliding) {
+        mt_model_rope_inv_freq(cfg, 1, inv_freq);
+        mt_rope_tables(g->cos_local, g->sin_local, inv_freq, max_len, cfg->D);
+    }
     free(inv_freq);
     *out = g;
     return MT_OK;
