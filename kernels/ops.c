@@ -120,6 +120,18 @@ void mt_op_attention_backward(mt_backend *be, const mt_attention_shape *s, void 
                               s->scale);
 }
 
+void mt_op_kv_store(const mt_backend *be, void *kcache, void *vcache, const void *k, const void *v, const int32_t *pos,
+                    int B, int KV, int D, int S) {
+    MT_GPU(be, mt_kv_store_cuda(be, kcache, vcache, k, v, pos, B, KV, D, S));
+    mt_kv_store_ref(kcache, vcache, k, v, pos, B, KV, D, S);
+}
+
+void mt_op_attention_decode(const mt_backend *be, void *out, const void *q, const void *kcache, const void *vcache,
+                            const int32_t *pos, int B, int H, int KV, int D, int S, int window, float scale) {
+    MT_GPU(be, mt_attention_decode_cuda(be, out, q, kcache, vcache, pos, B, H, KV, D, S, window, scale));
+    mt_attention_decode_ref(out, q, kcache, vcache, pos, B, H, KV, D, S, window, scale);
+}
+
 void mt_op_glu_forward(const mt_backend *be, void *out, const void *gate, const void *up, size_t n, mt_act act) {
     MT_GPU(be, mt_glu_forward_cuda(be, out, gate, up, n, act));
     mt_glu_forward_ref(out, gate, up, n, act);

@@ -772,6 +772,91 @@ extern "C" void mt_attention_backward_cuda(mt_backend *be, const mt_attention_sh
     }
 }
 
+// ------------------------------------------------------------------ decoding
+
+// One thread per (b, kv head, d): the new token's key and value into the caches.
+static __global__ void kv_store_kernel(bf16 *kcache, bf16 *vcache, const bf16 *k, const bf16 *v, const int32_t *pos,
+                                       int B, int KV, int D, int S) {
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)B * KV * D) return;
+    size_t bh = idx / D, b = bh / KV;
+    size_t at = (bh * S + (size_t)pos[b]) * D + idx % D;
+    kcache[at] = k[idx];
+    vcache[at] = v[idx];
+}
+
+extern "C" void mt_kv_store_cuda(const mt_backend *be, void *kcache, void *vcache, const void *k, const void *v,
+                                 const int32_t *pos, int B, int KV, int D, int S) {
+    (void)be;
+    size_t n = (size_t)B * KV * D;
+    kv_store_kernel<<<grid_for(n, kThreads), kThreads>>>((bf16 *)kcache, (bf16 *)vcache, (const bf16 *)k,
+                                                         (const bf16 *)v, pos, B, KV, D, S);
+    CUDA_CHECK_LAUNCH();
+}
+
+// One block per (query head, row), kDecodeWarps warps: warp w takes the
+// cached positions first + w, first + w + kDecodeWarps, ..., each lane the
+// dims lane, lane + 32, ... (head dims up to 32 kDecodeDims), with an online
+// softmax; the warps' partial sums are merged at the end through shared memory.
+static const int kDecodeWarps = 4, kDecodeDims = 8;
+
+static __global__ void attention_decode_kernel(bf16 *out, const bf16 *q, const bf16 *kcache, const bf16 *vcache,
+                                               const int32_t *pos, int H, int KV, int D, int S, int window,
+                                               float scale) {
+    __shared__ float m_part[kDecodeWarps], l_part[kDecodeWarps], acc_part[kDecodeWarps][32 * kDecodeDims];
+    int h = blockIdx.x, b = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int t = pos[b], first = window > 0 && t >= window ? t - window + 1 : 0;
+    size_t kv = (size_t)b * KV + h / (H / KV);
+    const bf16 *K = kcache + kv * S * D, *V = vcache + kv * S * D, *qrow = q + ((size_t)b * H + h) * D;
+    float qv[kDecodeDims], acc[kDecodeDims];
+    for (int i = 0; i < kDecodeDims; i++) {
+        int d = lane + 32 * i;
+        qv[i] = d < D ? __bfloat162float(qrow[d]) * scale : 0.0f;
+        acc[i] = 0.0f;
+    }
+    float m = -INFINITY, l = 0.0f;
+    for (int j = first + warp; j <= t; j += kDecodeWarps) {
+        const bf16 *krow = K + (size_t)j * D, *vrow = V + (size_t)j * D;
+        float s = 0.0f;
+        for (int i = 0; i < kDecodeDims; i++) {
+            int d = lane + 32 * i;
+            if (d < D) s += qv[i] * __bfloat162float(krow[d]);
+        }
+        for (int offset = 16; offset > 0; offset >>= 1) s += __shfl_xor_sync(0xffffffffu, s, offset);
+        float m_new = fmaxf(m, s), keep = __expf(m - m_new), p = __expf(s - m_new);
+        l = l * keep + p;
+        for (int i = 0; i < kDecodeDims; i++) {
+            int d = lane + 32 * i;
+            if (d < D) acc[i] = acc[i] * keep + p * __bfloat162float(vrow[d]);
+        }
+        m = m_new;
+    }
+    if (lane == 0) m_part[warp] = m, l_part[warp] = l;
+    for (int i = 0; i < kDecodeDims; i++) acc_part[warp][lane + 32 * i] = acc[i];
+    __syncthreads();
+    float M = -INFINITY;
+    for (int w = 0; w < kDecodeWarps; w++) M = fmaxf(M, m_part[w]);
+    float L = 0.0f;
+    for (int w = 0; w < kDecodeWarps; w++) L += m_part[w] == -INFINITY ? 0.0f : l_part[w] * __expf(m_part[w] - M);
+    for (int d = threadIdx.x; d < D; d += blockDim.x) {
+        float y = 0.0f;
+        for (int w = 0; w < kDecodeWarps; w++)
+            if (m_part[w] != -INFINITY) y += acc_part[w][d] * __expf(m_part[w] - M);
+        out[((size_t)b * H + h) * D + d] = __float2bfloat16(y / L);
+    }
+}
+
+extern "C" void mt_attention_decode_cuda(const mt_backend *be, void *out, const void *q, const void *kcache,
+                                         const void *vcache, const int32_t *pos, int B, int H, int KV, int D, int S,
+                                         int window, float scale) {
+    (void)be;
+    MT_CHECK(D <= 32 * kDecodeDims, "decoding attention: head dim %d above %d", D, 32 * kDecodeDims);
+    if (scale == 0.0f) scale = 1.0f / sqrtf((float)D);
+    attention_decode_kernel<<<dim3((unsigned)H, (unsigned)B), 32 * kDecodeWarps>>>(
+        (bf16 *)out, (const bf16 *)q, (const bf16 *)kcache, (const bf16 *)vcache, pos, H, KV, D, S, window, scale);
+    CUDA_CHECK_LAUNCH();
+}
+
 // ---------------------------------------------------------------------- glu
 
 // The activation and its derivative at g: SiLU, or GELU's tanh approximation.

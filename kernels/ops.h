@@ -76,6 +76,16 @@ void mt_op_attention_forward(mt_backend *be, const mt_attention_shape *s, void *
 void mt_op_attention_backward(mt_backend *be, const mt_attention_shape *s, void *dq, void *dk, void *dv,
                               const void *dout, const void *q, const void *k, const void *v, const void *out,
                               const float *lse, const int32_t *pos);
+// Decoding (memtune generate): each row b of a batch is one sequence, its new
+// token at position pos[b] (where the backend computes). kv_store puts its
+// k/v (B, KV, D) into the caches (B, KV, S, D) at pos[b]; attention_decode
+// gives out (B, H, D) for its query heads q (B, H, D) over the cached
+// positions first..pos[b] (first = pos[b] - window + 1 with a window that
+// binds, else 0), scores scaled by scale (0: 1/sqrt(D)).
+void mt_op_kv_store(const mt_backend *be, void *kcache, void *vcache, const void *k, const void *v, const int32_t *pos,
+                    int B, int KV, int D, int S);
+void mt_op_attention_decode(const mt_backend *be, void *out, const void *q, const void *kcache, const void *vcache,
+                            const int32_t *pos, int B, int H, int KV, int D, int S, int window, float scale);
 // Gated linear unit: out = act(gate) * up, elementwise over n. SiLU: SwiGLU
 // (Llama); GELU's tanh approximation: GeGLU (Gemma's gelu_pytorch_tanh).
 typedef enum { MT_ACT_SILU, MT_ACT_GELU_TANH } mt_act;

@@ -36,6 +36,10 @@ void mt_attention_forward_cuda(mt_backend *be, const mt_attention_shape *s, void
 void mt_attention_backward_cuda(mt_backend *be, const mt_attention_shape *s, void *dq, void *dk, void *dv,
                                 const void *dout, const void *q, const void *k, const void *v, const void *out,
                                 const float *lse, const int32_t *pos);
+void mt_kv_store_cuda(const mt_backend *be, void *kcache, void *vcache, const void *k, const void *v,
+                      const int32_t *pos, int B, int KV, int D, int S);
+void mt_attention_decode_cuda(const mt_backend *be, void *out, const void *q, const void *kcache, const void *vcache,
+                              const int32_t *pos, int B, int H, int KV, int D, int S, int window, float scale);
 void mt_glu_forward_cuda(const mt_backend *be, void *out, const void *gate, const void *up, size_t n, mt_act act);
 void mt_scale_cuda(const mt_backend *be, void *x, size_t n, float s);
 void mt_glu_backward_cuda(const mt_backend *be, void *dgate, void *dup, const void *dout, const void *gate,

@@ -171,6 +171,36 @@ void mt_attention_forward_ref(float *out, float *lse, const float *q, const floa
     }
 }
 
+void mt_kv_store_ref(float *kcache, float *vcache, const float *k, const float *v, const int32_t *pos, int B, int KV,
+                     int D, int S) {
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < KV; h++) {
+            size_t at = (((size_t)b * KV + h) * S + (size_t)pos[b]) * D, from = ((size_t)b * KV + h) * D;
+            memcpy(kcache + at, k + from, (size_t)D * sizeof(float));
+            memcpy(vcache + at, v + from, (size_t)D * sizeof(float));
+        }
+}
+
+void mt_attention_decode_ref(float *out, const float *q, const float *kcache, const float *vcache, const int32_t *pos,
+                             int B, int H, int KV, int D, int S, int window, float scale) {
+    int group = H / KV;
+    if (scale == 0.0f) scale = 1.0f / sqrtf((float)D);
+    float *p = malloc((size_t)S * sizeof(float));
+    MT_CHECK(p != NULL, "attention scratch");
+    for (int b = 0; b < B; b++)
+        for (int h = 0; h < H; h++) {
+            int t = pos[b], j0 = attention_first_key(0, t, S, window, NULL);
+            const float *kbase = kcache + ((size_t)b * KV + h / group) * S * D;
+            const float *vbase = vcache + ((size_t)b * KV + h / group) * S * D;
+            attention_probs(p, q + ((size_t)b * H + h) * D, kbase, j0, t, D, scale);
+            float *y = out + ((size_t)b * H + h) * D;
+            for (int d = 0; d < D; d++) y[d] = 0.0f;
+            for (int j = j0; j <= t; j++)
+                for (int d = 0; d < D; d++) y[d] += p[j] * vbase[(size_t)j * D + d];
+        }
+    free(p);
+}
+
 void mt_attention_backward_ref(float *dq, float *dk, float *dv, const float *dout, const float *q, const float *k,
                                const float *v, const float *out, const float *lse, int B, int T, int H, int KV, int D,
                                int window, const int32_t *pos, float scale) {

@@ -51,6 +51,15 @@ void mt_rope_tables(float *cos_table, float *sin_table, const float *inv_freq, i
 // one row attend only within themselves).
 void mt_attention_forward_ref(float *out, float *lse, const float *q, const float *k, const float *v, int B, int T,
                               int H, int KV, int D, int window, const int32_t *pos, float scale);
+// Decoding, one new token per sequence: row b's k/v (B, KV, D) go into the
+// caches (B, KV, S, D) at position pos[b].
+void mt_kv_store_ref(float *kcache, float *vcache, const float *k, const float *v, const int32_t *pos, int B, int KV,
+                     int D, int S);
+// out (B, H, D): row b's query heads q (B, H, D) against its cached keys and
+// values at positions first..pos[b] (first: pos[b] - window + 1 with a
+// window that binds, else 0), scores scaled by scale (0: 1/sqrt(D)).
+void mt_attention_decode_ref(float *out, const float *q, const float *kcache, const float *vcache, const int32_t *pos,
+                             int B, int H, int KV, int D, int S, int window, float scale);
 // dq/dk/dv are overwritten. out and lse are what forward produced (the CUDA
 // version uses them; the reference recomputes P from q and k instead).
 void mt_attention_backward_ref(float *dq, float *dk, float *dv, const float *dout, const float *q, const float *k,

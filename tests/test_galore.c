@@ -195,8 +195,11 @@ START_TEST(streamed_gradients_equal_the_gradient_block) {
         const mt_param_info *table = mt_model_params(plain, &n);
         size_t total = mt_model_num_params(plain);
         collect c = {table, calloc(total, 4), 0, {0}};
-        mt_model_options o = {B,  T,    1,    {0},  0,    0, 0, collect_grad,
-                              &c, NULL, NULL, NULL, NULL, 0};  // with checkpointing
+        mt_model_options o = {.B = B,  // with checkpointing
+                              .T = T,
+                              .activation_checkpointing = 1,
+                              .grad_ready = collect_grad,
+                              .grad_ready_ctx = &c};
         ck_assert_int_eq(mt_model_create_with(&streamed, &cpu, &mc, &o), MT_OK);
         float *w = malloc(total * 4);
         mt_model_init_random(&mc, w, 3);
@@ -369,7 +372,7 @@ START_TEST(full_rank_identity_galore_equals_adamw) {
     hook_ctx h = {0};
     mt_model *ref, *gm;
     ck_assert_int_eq(mt_model_create(&ref, &cpu, &mc, B, T, 0), MT_OK);
-    mt_model_options o = {B, T, 0, {0}, 0, 0, 0, hook, &h, NULL, NULL, NULL, NULL, 0};
+    mt_model_options o = {B, T, 0, {0}, 0, 0, 0, hook, &h, NULL, NULL, NULL, NULL, 0, 0};
     ck_assert_int_eq(mt_model_create_with(&gm, &cpu, &mc, &o), MT_OK);
     int n;
     const mt_param_info *table = mt_model_params(ref, &n);

@@ -335,6 +335,44 @@ END_TEST
 // The scores' scale (Gemma's query_pre_attn_scalar^-1/2): scaling q by s / (1
 // / sqrt(D)) with the default scale gives the same output; the backward
 // matches finite differences.
+// Decoding one token at a time through the caches gives, at each position,
+// the row causal attention over the whole sequence gives there (bit for bit:
+// the same sums in the same order), with and without a window.
+START_TEST(attention_decode_equals_causal_rows) {
+    int B = 2, T = 37, H = 4, KV = 2, D = 16, S = 40;
+    size_t nq = (size_t)B * H * T * D, nk = (size_t)B * KV * T * D;
+    for (int window = 0; window <= 8; window += 8) {
+        float *q = tu_random(nq, -1, 1, 71), *k = tu_random(nk, -1, 1, 72), *v = tu_random(nk, -1, 1, 73);
+        float *out = malloc(nq * 4), *lse = malloc((size_t)B * H * T * 4);
+        mt_attention_forward_ref(out, lse, q, k, v, B, T, H, KV, D, window, NULL, 0.0f);
+        float *kc = calloc((size_t)B * KV * S * D, 4), *vc = calloc((size_t)B * KV * S * D, 4);
+        float *qt = malloc((size_t)B * H * D * 4), *kt = malloc((size_t)B * KV * D * 4),
+              *vt = malloc((size_t)B * KV * D * 4), *yt = malloc((size_t)B * H * D * 4);
+        for (int t = 0; t < T; t++) {
+            // row 1 runs 3 positions behind row 0 (a row of its own position)
+            int32_t pos[2] = {t, t >= 3 ? t - 3 : t};
+            for (int b = 0; b < B; b++) {
+                for (int h = 0; h < H; h++)
+                    memcpy(qt + ((size_t)b * H + h) * D, q + (((size_t)b * H + h) * T + pos[b]) * D, (size_t)D * 4);
+                for (int h = 0; h < KV; h++) {
+                    memcpy(kt + ((size_t)b * KV + h) * D, k + (((size_t)b * KV + h) * T + pos[b]) * D, (size_t)D * 4);
+                    memcpy(vt + ((size_t)b * KV + h) * D, v + (((size_t)b * KV + h) * T + pos[b]) * D, (size_t)D * 4);
+                }
+            }
+            mt_kv_store_ref(kc, vc, kt, vt, pos, B, KV, D, S);
+            mt_attention_decode_ref(yt, qt, kc, vc, pos, B, H, KV, D, S, window, 0.0f);
+            for (int b = 0; b < B; b++)
+                for (int h = 0; h < H; h++)
+                    for (int d = 0; d < D; d++)
+                        ck_assert_msg(
+                            yt[((size_t)b * H + h) * D + d] == out[(((size_t)b * T + pos[b]) * H + h) * D + d],
+                            "window %d, row %d, position %d, head %d, dim %d", window, b, pos[b], h, d);
+        }
+        free(q), free(k), free(v), free(out), free(lse), free(kc), free(vc), free(qt), free(kt), free(vt), free(yt);
+    }
+}
+END_TEST
+
 START_TEST(attention_scale) {
     att_ctx c = {.B = 1, .T = 9, .H = 4, .KV = 2, .D = 8, .scale = 0.2f};
     size_t nq, nk;
@@ -612,6 +650,7 @@ int main(void) {
     tcase_add_test(tc, attention_forward_and_backward);
     tcase_add_test(tc, attention_sliding_window);
     tcase_add_test(tc, attention_scale);
+    tcase_add_test(tc, attention_decode_equals_causal_rows);
     tcase_add_test(tc, rmsnorm_plus_one);
     tcase_add_test(tc, geglu_forward_and_backward);
     tcase_add_test(tc, attention_packed_documents_equal_each_document_alone);

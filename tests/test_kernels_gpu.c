@@ -283,6 +283,40 @@ START_TEST(attention) {
 }
 END_TEST
 
+// Decoding: kv_store and attention over the caches against the CPU
+// reference, rows at their own positions (0, mid-cache, the cache's last),
+// head dims 64 to 256, grouped heads, windows that bind and one that does not.
+START_TEST(attention_decode) {
+    struct {
+        int B, H, KV, D, S, window;
+    } shapes[] = {{1, 4, 2, 64, 9, 0},   {4, 8, 2, 64, 300, 0}, {3, 32, 4, 128, 130, 0},
+                  {2, 6, 3, 96, 77, 16}, {2, 8, 1, 256, 64, 0}, {5, 4, 4, 80, 200, 1000}};
+    for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
+        int B = shapes[i].B, H = shapes[i].H, KV = shapes[i].KV, D = shapes[i].D, S = shapes[i].S;
+        int window = shapes[i].window;
+        size_t nc = (size_t)B * KV * S * D, nq = (size_t)B * H * D, nk = (size_t)B * KV * D;
+        float *kc = host_random(nc, -1, 1), *vc = host_random(nc, -1, 1), *q = host_random(nq, -2, 2);
+        float *k = host_random(nk, -1, 1), *v = host_random(nk, -1, 1), *ref = malloc(nq * 4);
+        int32_t *pos = malloc((size_t)B * sizeof *pos);
+        for (int b = 0; b < B; b++) pos[b] = b == 0 ? 0 : b == 1 ? S - 1 : (int)(mt_rng_bits(seed, (uint64_t)b) % S);
+        void *dkc = dev_bf16(kc, nc), *dvc = dev_bf16(vc, nc), *dq = dev_bf16(q, nq), *dk = dev_bf16(k, nk),
+             *dv = dev_bf16(v, nk), *dpos = dev_i32(pos, (size_t)B), *dout = dev_poisoned(nq * 2);
+        mt_kv_store_ref(kc, vc, k, v, pos, B, KV, D, S);
+        mt_attention_decode_ref(ref, q, kc, vc, pos, B, H, KV, D, S, window, 0.0f);
+        mt_op_kv_store(&be, dkc, dvc, dk, dv, dpos, B, KV, D, S);
+        mt_op_attention_decode(&be, dout, dq, dkc, dvc, dpos, B, H, KV, D, S, window, 0.0f);
+        float *got = host_from_bf16(dout, nq), *gotk = host_from_bf16(dkc, nc);
+        for (size_t j = 0; j < nc; j++) ck_assert_msg(gotk[j] == kc[j], "kv_store: key cache element %zu", j);
+        char what[96];
+        snprintf(what, sizeof what, "attention_decode B=%d H=%d KV=%d D=%d S=%d window=%d", B, H, KV, D, S, window);
+        expect_close(what, got, ref, nq, kBf16Tol);
+        free(kc), free(vc), free(q), free(k), free(v), free(ref), free(pos), free(got), free(gotk);
+        mt_device_free(dkc), mt_device_free(dvc), mt_device_free(dq), mt_device_free(dk), mt_device_free(dv);
+        mt_device_free(dpos), mt_device_free(dout);
+    }
+}
+END_TEST
+
 START_TEST(swiglu_add_and_embedding) {
     size_t sizes[] = {1, 7, 257, 100003};
     for (int s = 0; s < 4; s++) {
@@ -837,6 +871,7 @@ int main(void) {
     tcase_add_test(tc, rmsnorm);
     tcase_add_test(tc, rope);
     tcase_add_test(tc, attention);
+    tcase_add_test(tc, attention_decode);
     tcase_add_test(tc, swiglu_add_and_embedding);
     tcase_add_test(tc, matmul_and_logits);
     tcase_add_test(tc, scaled_matmuls);

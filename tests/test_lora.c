@@ -221,20 +221,11 @@ START_TEST(lora_gradients_match_finite_differences) {
         tiny_config(&c);
         c.fused = v == 3;
         float *base = random_base(&c);
-        mt_model_options o = {B,
-                              T,
-                              variants[v].checkpointing,
-                              {3, 6.0f, variants[v].dropout, variants[v].rslora, 0},
-                              0,
-                              variants[v].checkpointing,
-                              0,
-                              NULL,
-                              NULL,
-                              NULL,
-                              NULL,
-                              NULL,
-                              NULL,
-                              0};
+        mt_model_options o = {.B = B,
+                              .T = T,
+                              .activation_checkpointing = variants[v].checkpointing,
+                              .lora = {3, 6.0f, variants[v].dropout, variants[v].rslora, 0},
+                              .offload_activations = variants[v].checkpointing};
         ck_assert_int_eq(mt_lora_parse_targets(variants[v].targets, &o.lora.targets), MT_OK);
         mt_model *m;
         ck_assert_int_eq(mt_model_create_with(&m, &be, &c, &o), MT_OK);
@@ -284,8 +275,7 @@ START_TEST(lora_zero_b_merge_and_qlora) {
     ck_assert_int_eq(mt_model_set_weights(full, base), MT_OK);
     mt_model_logits(full, inputs, plain);
     // PEFT's init (B = 0): the adapted model computes the base's logits exactly
-    mt_model_options o = {
-        B, T, 0, {4, 8.0f, 0.1f, 0, (1u << MT_LORA_MODULES) - 1}, 0, 0, 0, NULL, NULL, NULL, NULL, NULL, NULL, 0};
+    mt_model_options o = {.B = B, .T = T, .lora = {4, 8.0f, 0.1f, 0, (1u << MT_LORA_MODULES) - 1}};
     int na;
     size_t ta;
     mt_param_info *table = mt_lora_param_table(&c, &o.lora, &na, &ta);
@@ -380,10 +370,11 @@ START_TEST(offloaded_layer_inputs_change_nothing) {
     for (int i = 0; i < N; i++)
         inputs[i] = (int32_t)(mt_rng_bits(4, i) % 13), targets[i] = (int32_t)(mt_rng_bits(5, i) % 13);
     for (int lora = 0; lora < 2; lora++) {
-        mt_model_options o = {B,    T,    1,    {lora ? 4 : 0, 8.0f, 0.1f, 0, lora ? (1u << MT_LORA_MODULES) - 1 : 0},
-                              lora, 0,    0,    NULL,
-                              NULL, NULL, NULL, NULL,
-                              NULL, 0};
+        mt_model_options o = {.B = B,
+                              .T = T,
+                              .activation_checkpointing = 1,
+                              .lora = {lora ? 4 : 0, 8.0f, 0.1f, 0, lora ? (1u << MT_LORA_MODULES) - 1 : 0},
+                              .quantize_nf4 = lora};
         mt_model_options off = o;
         off.offload_activations = 1;
         mt_model *a, *b;

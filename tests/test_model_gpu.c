@@ -41,21 +41,25 @@ static void small_config(mt_model_config *c, int qwen_like) {
 // 1 + w, sandwich norms, GeGLU, the embedding and score scales, sliding
 // layers of window 48 and a global one with linear RoPE scaling), and Phi-3
 // (fused qkv_proj and gate_up_proj).
+static void family_config(mt_model_config *c, int variant) {
+    small_config(c, variant == 1 || variant == 3 || variant == 4);
+    if (variant == 3) {
+        snprintf(c->architecture, sizeof c->architecture, "Qwen3ForCausalLM");
+        c->qk_norm = 1, c->qkv_bias = 0, c->D = 64;
+    }
+    if (variant == 4) {
+        snprintf(c->architecture, sizeof c->architecture, "Gemma3ForCausalLM");
+        c->gemma = c->qk_norm = 1, c->qkv_bias = 0, c->D = 64;
+        c->embed_scale = 16.0f, c->attn_scale = 0.125f, c->global_every = 3, c->sliding_window = 48;
+        c->rope_local_theta = 10000.0f, c->rope_linear_factor = 8.0f;
+    }
+    if (variant == 5) snprintf(c->architecture, sizeof c->architecture, "Phi3ForCausalLM"), c->fused = 1;
+}
+
 START_TEST(gpu_model_matches_cpu_reference) {
     for (int variant = 0; variant < 6; variant++) {
         mt_model_config c;
-        small_config(&c, variant == 1 || variant == 3 || variant == 4);
-        if (variant == 3) {
-            snprintf(c.architecture, sizeof c.architecture, "Qwen3ForCausalLM");
-            c.qk_norm = 1, c.qkv_bias = 0, c.D = 64;
-        }
-        if (variant == 4) {
-            snprintf(c.architecture, sizeof c.architecture, "Gemma3ForCausalLM");
-            c.gemma = c.qk_norm = 1, c.qkv_bias = 0, c.D = 64;
-            c.embed_scale = 16.0f, c.attn_scale = 0.125f, c.global_every = 3, c.sliding_window = 48;
-            c.rope_local_theta = 10000.0f, c.rope_linear_factor = 8.0f;
-        }
-        if (variant == 5) snprintf(c.architecture, sizeof c.architecture, "Phi3ForCausalLM"), c.fused = 1;
+        family_config(&c, variant);
         int B = 2, T = 127, N = B * T, docs = variant == 2;
         mt_backend cpu, gpu;
         ck_assert_int_eq(mt_backend_init(&cpu, -1), MT_OK);
@@ -140,6 +144,59 @@ START_TEST(gpu_model_matches_cpu_reference) {
 }
 END_TEST
 
+// Decoding (memtune generate's GPU path) in every family: three rows at
+// their own positions (one starting over midway) through the key/value
+// caches give the CPU reference's decoding logits, and the GPU's full
+// forward's logits at each row's position.
+START_TEST(gpu_decoding_matches_cpu_and_full_forward) {
+    for (int variant = 0; variant < 6; variant++) {
+        if (variant == 2) continue;  // packed documents: a training setting
+        mt_model_config c;
+        family_config(&c, variant);
+        enum { B = 3, S = 96 };
+        mt_backend cpu, gpu;
+        ck_assert_int_eq(mt_backend_init(&cpu, -1), MT_OK);
+        ck_assert_int_eq(mt_backend_init(&gpu, 0), MT_OK);
+        mt_model_options od = {.B = B, .T = 1, .forward_only = 1, .decode_len = S};
+        mt_model_options of = {.B = 1, .T = S, .forward_only = 1};
+        mt_model *dc, *dg, *fg;
+        ck_assert_int_eq(mt_model_create_with(&dc, &cpu, &c, &od), MT_OK);
+        ck_assert_int_eq(mt_model_create_with(&dg, &gpu, &c, &od), MT_OK);
+        ck_assert_int_eq(mt_model_create_with(&fg, &gpu, &c, &of), MT_OK);
+        size_t total = mt_model_num_params(dc);
+        float *params = malloc(total * 4);
+        mt_model_init_random(&c, params, 91);
+        for (size_t i = 0; i < total; i++) params[i] = mt_round_bf16(params[i] + 0.02f * mt_rng_normal(92, i));
+        mt_model_set_weights(dc, params), mt_model_set_weights(dg, params), mt_model_set_weights(fg, params);
+        int32_t seq[S];
+        for (int i = 0; i < S; i++) seq[i] = (int32_t)(mt_rng_bits(93, i) % c.V);
+        float *full = malloc((size_t)S * c.V * 4), *lc = malloc((size_t)B * c.V * 4), *lg = malloc((size_t)B * c.V * 4);
+        mt_model_logits(fg, seq, full);
+        double worst_cpu = 0.0, worst_full = 0.0;
+        for (int step = 0; step < S + 20; step++) {
+            // row 0 from the start; row 1 starts over at step 20; row 2 runs 7 behind
+            int32_t pos[B] = {step < S ? step : S - 1, step < 20 ? step : (step - 20) % S, step < 7 ? 0 : step - 7};
+            if (pos[2] >= S) pos[2] = S - 1;
+            int32_t tok[B];
+            for (int b = 0; b < B; b++) tok[b] = seq[pos[b]];
+            mt_model_decode(dc, tok, pos, lc);
+            mt_model_decode(dg, tok, pos, lg);
+            worst_cpu = fmax(worst_cpu, tu_norm_rel_error(lg, lc, (size_t)B * c.V));
+            for (int b = 0; b < B; b++)
+                worst_full =
+                    fmax(worst_full, tu_norm_rel_error(lg + (size_t)b * c.V, full + (size_t)pos[b] * c.V, (size_t)c.V));
+        }
+        printf("%s decoding: logits relative error vs CPU %.3e, vs the GPU's full forward %.3e\n", c.architecture,
+               worst_cpu, worst_full);
+        ck_assert_double_lt(worst_cpu, 2e-2);
+        ck_assert_double_lt(worst_full, 2e-2);
+        mt_model_free(dc), mt_model_free(dg), mt_model_free(fg);
+        mt_backend_free(&cpu), mt_backend_free(&gpu);
+        free(params), free(full), free(lc), free(lg);
+    }
+}
+END_TEST
+
 // LoRA and QLoRA on the GPU against the CPU reference: the same base and
 // adapters (B non-zero) give the loss and every adapter gradient; the base
 // has no gradient buffer; checkpointing changes nothing; QLoRA's GPU model is
@@ -152,10 +209,10 @@ START_TEST(gpu_lora_matches_cpu_reference) {
         mt_backend cpu, gpu;
         ck_assert_int_eq(mt_backend_init(&cpu, -1), MT_OK);
         ck_assert_int_eq(mt_backend_init(&gpu, 0), MT_OK);
-        mt_model_options o = {B,         T,    0,    {8, 16.0f, 0.0f, quantized, (1u << MT_LORA_MODULES) - 1},
-                              quantized, 0,    0,    NULL,
-                              NULL,      NULL, NULL, NULL,
-                              NULL,      0};
+        mt_model_options o = {.B = B,
+                              .T = T,
+                              .lora = {8, 16.0f, 0.0f, quantized, (1u << MT_LORA_MODULES) - 1},
+                              .quantize_nf4 = quantized};
         mt_model_options ok = o, off = o;
         ok.activation_checkpointing = 1;
         off.activation_checkpointing = off.offload_activations = 1;
@@ -267,7 +324,7 @@ START_TEST(gpu_mezo_matches_cpu_reference) {
         mt_backend cpu, gpu;
         ck_assert_int_eq(mt_backend_init(&cpu, -1), MT_OK);
         ck_assert_int_eq(mt_backend_init(&gpu, 0), MT_OK);
-        mt_model_options o = {B, T, 0, {0}, 0, 0, 1, NULL, NULL, NULL, NULL, NULL, NULL, 0};
+        mt_model_options o = {B, T, 0, {0}, 0, 0, 1, NULL, NULL, NULL, NULL, NULL, NULL, 0, 0};
         mt_model *mc, *mg, *mtrain;
         ck_assert_int_eq(mt_model_create_with(&mc, &cpu, &c, &o), MT_OK);
         ck_assert_int_eq(mt_model_create_with(&mg, &gpu, &c, &o), MT_OK);
@@ -359,7 +416,7 @@ START_TEST(gpu_deferred_mezo_update_is_bit_identical) {
     int B = 2, T = 64, N = B * T;
     mt_backend gpu;
     ck_assert_int_eq(mt_backend_init(&gpu, 0), MT_OK);
-    mt_model_options o = {B, T, 0, {0}, 0, 0, 1, NULL, NULL, NULL, NULL, NULL, NULL, 0};
+    mt_model_options o = {B, T, 0, {0}, 0, 0, 1, NULL, NULL, NULL, NULL, NULL, NULL, 0, 0};
     mt_model *m[2];
     mt_mezo *mz[2];
     size_t total = 0;
@@ -435,7 +492,7 @@ START_TEST(gpu_galore_matches_cpu_reference) {
         ck_assert_int_eq(mt_backend_init(&cpu, -1), MT_OK);
         ck_assert_int_eq(mt_backend_init(&gpu, 0), MT_OK);
         gpu_hook hg = {0}, hc = {0};
-        mt_model_options og = {B, T, 1, {0}, 0, 0, 0, gpu_hook_fn, &hg, NULL, NULL, NULL, NULL, 0}, oc = og;
+        mt_model_options og = {B, T, 1, {0}, 0, 0, 0, gpu_hook_fn, &hg, NULL, NULL, NULL, NULL, 0, 0}, oc = og;
         oc.grad_ready_ctx = &hc;
         mt_model *plain, *mg, *mc;
         ck_assert_int_eq(mt_model_create(&plain, &gpu, &c, B, T, 1), MT_OK);
@@ -603,6 +660,7 @@ int main(void) {
     TCase *tc = tcase_create("gpu vs cpu model");
     tcase_set_timeout(tc, 600);
     tcase_add_test(tc, gpu_model_matches_cpu_reference);
+    tcase_add_test(tc, gpu_decoding_matches_cpu_and_full_forward);
     tcase_add_test(tc, gpu_lora_matches_cpu_reference);
     tcase_add_test(tc, gpu_mezo_matches_cpu_reference);
     tcase_add_test(tc, gpu_deferred_mezo_update_is_bit_identical);

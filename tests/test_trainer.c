@@ -18,6 +18,7 @@
 
 #include "datasets/dataset.h"
 #include "datasets/hf_tokenizer.h"
+#include "datasets/tokenizer.h"
 #include "kernels/rng.h"
 #include "testutil.h"
 #include "trainer/checkpoint.h"
@@ -812,6 +813,27 @@ START_TEST(generation_matches_the_full_forward) {
             if (n < T) ck_assert_int_eq(mt_generator_step(g, next, logits), MT_OK);
         }
         ck_assert_msg(worst < 1e-4, "variant %d: logits differ by %g", variant, worst);
+        // the backend's decoding (memtune generate on a GPU; here the CPU
+        // backend): two rows, the second 5 positions behind after it starts
+        // over, each row's logits the full forward's at its position
+        mt_model_options od = {.B = 2, .T = 1, .forward_only = 1, .decode_len = T};
+        mt_model *dec;
+        ck_assert_int_eq(mt_model_create_with(&dec, &be, &mc, &od), MT_OK);
+        ck_assert_int_eq(mt_model_set_weights(dec, params), MT_OK);
+        mt_model_logits(m, seq, full);
+        float *two = malloc(2 * (size_t)mc.V * 4);
+        double worst_dec = 0.0;
+        for (int step = 0; step < T + 5; step++) {
+            int32_t pos[2] = {step < T ? step : T - 1, step < 5 ? step : step - 5};
+            int32_t tok[2] = {seq[pos[0]], seq[pos[1]]};
+            mt_model_decode(dec, tok, pos, two);
+            for (int b = 0; b < 2; b++)
+                for (int v = 0; v < mc.V; v++)
+                    worst_dec = fmax(worst_dec, fabs(two[(size_t)b * mc.V + v] - full[(size_t)pos[b] * mc.V + v]));
+        }
+        ck_assert_msg(worst_dec < 1e-4, "variant %d: decoding's logits differ by %g", variant, worst_dec);
+        mt_model_free(dec);
+        free(two);
         ck_assert_int_eq(mt_generator_step(g, 1, logits), MT_OK);         // the cache's last position
         ck_assert_int_eq(mt_generator_step(g, 1, logits), MT_ERR_USAGE);  // past it
         mt_model_free(m);
@@ -843,6 +865,82 @@ START_TEST(generation_matches_the_full_forward) {
     memcpy(c, l, sizeof l);
     ck_assert_int_eq(mt_sample(c, 6, &rp, hist, 2, 0), 3);
     ck_assert_float_eq(c[1], 1.0f);  // once, though seen twice
+}
+END_TEST
+
+// Batched decoding (memtune generate on a GPU; here on the CPU backend):
+// prompts of different lengths, two rows taking the next prompt as each
+// sequence ends, give the texts the fp32 generator gives one by one, greedy
+// and sampled, with a stop string; completions arrive in the prompts' order;
+// a sequence that outgrows the cache is an error after the ones before it.
+typedef struct {
+    int count;
+    char texts[6][64];
+} batch_seen;
+
+static void batch_ready(void *ctx, int i, const char *text) {
+    batch_seen *seen = ctx;
+    ck_assert_int_eq(i, seen->count);
+    snprintf(seen->texts[seen->count++], sizeof seen->texts[0], "%s", text);
+}
+
+START_TEST(batched_decoding_gives_the_generators_texts) {
+    char folder[300];
+    make_folder("gen-batch",
+                "{\"architectures\":[\"LlamaForCausalLM\"],\"vocab_size\":258,\"hidden_size\":32,"
+                "\"intermediate_size\":48,\"num_hidden_layers\":2,\"num_attention_heads\":4,"
+                "\"num_key_value_heads\":2,\"max_position_embeddings\":64,\"rms_norm_eps\":1e-5}",
+                folder, sizeof folder);
+    mt_model_config mc;
+    float *params = random_params(folder, &mc, 41);
+    int n_params;
+    size_t total;
+    free(mt_model_param_table(&mc, &n_params, &total));
+    for (size_t i = 0; i < total; i++) params[i] *= 8.0f;  // peaked logits: no near-ties between fp32 paths
+    static const char *const texts[] = {"a", "longer prompt here", "xy", "", "Q:", "the end"};
+    enum { N = 6, NEW = 12 };
+    mt_ids prompts[N] = {{0}};
+    for (int i = 0; i < N; i++) mt_generate_prompt(NULL, texts[i], &prompts[i]);
+    mt_backend be;
+    ck_assert_int_eq(mt_backend_init(&be, -1), MT_OK);
+    mt_model_options od = {.B = 2, .T = 1, .forward_only = 1, .decode_len = 40};
+    mt_model *m;
+    ck_assert_int_eq(mt_model_create_with(&m, &be, &mc, &od), MT_OK);
+    ck_assert_int_eq(mt_model_set_weights(m, params), MT_OK);
+    for (int sampled = 0; sampled <= 1; sampled++) {
+        mt_generate_options o = {.sampling = {sampled ? 1.0f : 0.0f, 0, sampled ? 0.9f : 1.0f, 0.0f, 1.0f, 5},
+                                 .max_new = NEW,
+                                 .eos = MT_TOKEN_EOS,
+                                 .eot = -1,
+                                 .stops = {"e"},
+                                 .n_stops = sampled};
+        batch_seen seen = {0};
+        ck_assert_int_eq(mt_generate_batch(m, NULL, prompts, N, &o, NULL, batch_ready, &seen, NULL), MT_OK);
+        ck_assert_int_eq(seen.count, N);
+        for (int i = 0; i < N; i++) {
+            mt_generator *g;
+            ck_assert_int_eq(mt_generator_init(&g, &mc, params, 40), MT_OK);
+            char *want;
+            ck_assert_int_eq(mt_generate_text(g, NULL, &prompts[i], &o, NULL, &want), MT_OK);
+            ck_assert_msg(!strcmp(seen.texts[i], want), "%s prompt %d: batched \"%s\", generator \"%s\"",
+                          sampled ? "sampled" : "greedy", i, seen.texts[i], want);
+            free(want);
+            mt_generator_free(g);
+        }
+    }
+    // a cache of 10 positions: the second prompt (19 ids) outgrows it
+    mt_model_free(m);
+    od.B = 1, od.decode_len = 10;
+    ck_assert_int_eq(mt_model_create_with(&m, &be, &mc, &od), MT_OK);
+    ck_assert_int_eq(mt_model_set_weights(m, params), MT_OK);
+    mt_generate_options o = {.sampling = {0.0f, 0, 1.0f, 0.0f, 1.0f, 0}, .max_new = 3, .eos = -1, .eot = -1};
+    batch_seen seen = {0};
+    ck_assert_int_eq(mt_generate_batch(m, NULL, prompts, N, &o, NULL, batch_ready, &seen, NULL), MT_ERR_USAGE);
+    ck_assert_int_eq(seen.count, 1);
+    mt_model_free(m);
+    mt_backend_free(&be);
+    for (int i = 0; i < N; i++) mt_ids_free(&prompts[i]);
+    free(params);
 }
 END_TEST
 
@@ -1446,6 +1544,7 @@ int main(void) {
     tcase_add_test(tc, eval_matches_logits_and_adapter);
     tcase_add_test(tc, generation_matches_the_full_forward);
     tcase_add_test(tc, generation_applies_adapters_on_the_fly_and_over_nf4);
+    tcase_add_test(tc, batched_decoding_gives_the_generators_texts);
     tcase_add_test(tc, training_samples_its_text);
     tcase_add_test(tc, resume_is_bit_identical);
     tcase_add_test(tc, lora_resume_is_bit_identical);

@@ -365,53 +365,141 @@ void mt_generate_prompt(const mt_tokenizer *tok, const char *text, mt_ids *ids) 
         mt_bytes_encode(text, strlen(text), ids);
 }
 
+// One sequence being generated, driven by the logits of its last token:
+// the ids so far, the text of the new ones and what of it was streamed. The
+// CPU generator runs one; batched decoding runs one a row.
+typedef struct {
+    const mt_tokenizer *tok;
+    const mt_generate_options *o;
+    FILE *stream;
+    mt_ids hist;
+    size_t start, fed, shown, hold, len;  // prompt length, ids fed so far, text streamed, held back, text length
+    char *text;
+    int done;
+} gen_seq;
+
+static void seq_begin(gen_seq *s, const mt_tokenizer *tok, const mt_ids *prompt, const mt_generate_options *o,
+                      FILE *stream) {
+    *s = (gen_seq){.tok = tok, .o = o, .stream = stream};
+    for (size_t i = 0; i < prompt->n; i++) mt_ids_push(&s->hist, prompt->ids[i]);
+    s->start = prompt->n;
+    for (int k = 0; k < o->n_stops; k++)
+        if (strlen(o->stops[k]) > s->hold) s->hold = strlen(o->stops[k]);
+    s->done = prompt->n == 0;
+}
+
+// The logits after every id so far was fed: the next token, unless the
+// sequence ends (an end id, a stop text, max_new tokens).
+static void seq_take(gen_seq *s, float *logits, int V) {
+    const mt_generate_options *o = s->o;
+    size_t n = s->hist.n - s->start;
+    int32_t next = mt_sample(logits, V, &o->sampling, s->hist.ids, s->hist.n, (uint64_t)n);
+    if (next == o->eos || next == o->eot) {
+        s->done = 1;
+        return;
+    }
+    mt_ids_push(&s->hist, (uint32_t)next);
+    free(s->text);
+    const uint32_t *ids = s->hist.ids + s->start;
+    s->text = s->tok ? mt_tokenizer_decode(s->tok, ids, n + 1, 1, &s->len) : mt_bytes_decode(ids, n + 1, &s->len);
+    // stream what is complete (a trailing U+FFFD may be half a character still)
+    size_t ready = s->len;
+    if (ready >= 3 && !memcmp(s->text + ready - 3, "\xef\xbf\xbd", 3)) ready -= 3;
+    ready = ready > s->hold ? ready - s->hold : 0;  // what may still become a stop string waits
+    if (s->stream && ready > s->shown) {
+        fwrite(s->text + s->shown, 1, ready - s->shown, s->stream);
+        fflush(s->stream);
+        s->shown = ready;
+    }
+    for (int k = 0; k < o->n_stops && !s->done; k++) {
+        size_t sl = strlen(o->stops[k]);
+        if (s->len >= sl && !memcmp(s->text + s->len - sl, o->stops[k], sl))
+            s->done = 1, s->len -= sl, s->text[s->len] = '\0';
+    }
+    // the last token's logits would serve nothing: it is not fed
+    if (n + 1 >= (size_t)o->max_new) s->done = 1;
+}
+
+// The text (malloc'd; the rest streamed); the sequence's ids are freed.
+static char *seq_end(gen_seq *s) {
+    if (s->stream && s->text && s->len > s->shown) fwrite(s->text + s->shown, 1, s->len - s->shown, s->stream);
+    if (s->stream) fputc('\n', s->stream);
+    mt_ids_free(&s->hist);
+    char *text = s->text ? s->text : calloc(1, 1);
+    s->text = NULL;
+    return text;
+}
+
 mt_err mt_generate_text(mt_generator *g, const mt_tokenizer *tok, const mt_ids *prompt, const mt_generate_options *o,
                         FILE *stream, char **text_out) {
-    *text_out = NULL;
     int V = g->cfg.V;
     mt_generator_reset(g);
     float *logits = malloc((size_t)V * sizeof(float));
-    mt_ids hist = {0};
     MT_CHECK(logits != NULL, "logits");
+    gen_seq s;
+    seq_begin(&s, tok, prompt, o, stream);
     mt_err err = MT_OK;
-    for (size_t i = 0; i < prompt->n && !err; i++) {
-        mt_ids_push(&hist, prompt->ids[i]);
-        err = mt_generator_step(g, (int32_t)prompt->ids[i], i + 1 == prompt->n ? logits : NULL);
+    while (!s.done && !err) {
+        for (; s.fed < s.hist.n && !err; s.fed++)
+            err = mt_generator_step(g, (int32_t)s.hist.ids[s.fed], s.fed + 1 == s.hist.n ? logits : NULL);
+        if (!err) seq_take(&s, logits, V);
     }
-    size_t start = hist.n, shown = 0, hold = 0;
-    for (int s = 0; s < o->n_stops; s++)
-        if (strlen(o->stops[s]) > hold) hold = strlen(o->stops[s]);
-    char *text = NULL;
-    size_t len = 0;
-    for (int n = 0; n < o->max_new && !err && prompt->n; n++) {
-        int32_t next = mt_sample(logits, V, &o->sampling, hist.ids, hist.n, (uint64_t)n);
-        if (next == o->eos || next == o->eot) break;
-        mt_ids_push(&hist, (uint32_t)next);
-        free(text);
-        text = tok ? mt_tokenizer_decode(tok, hist.ids + start, hist.n - start, 1, &len)
-                   : mt_bytes_decode(hist.ids + start, hist.n - start, &len);
-        // stream what is complete (a trailing U+FFFD may be half a character still)
-        size_t ready = len;
-        if (ready >= 3 && !memcmp(text + ready - 3, "\xef\xbf\xbd", 3)) ready -= 3;
-        ready = ready > hold ? ready - hold : 0;  // what may still become a stop string waits
-        if (stream && ready > shown) {
-            fwrite(text + shown, 1, ready - shown, stream);
-            fflush(stream);
-            shown = ready;
-        }
-        int stop = 0;
-        for (int s = 0; s < o->n_stops && !stop; s++) {
-            size_t sl = strlen(o->stops[s]);
-            if (len >= sl && !memcmp(text + len - sl, o->stops[s], sl)) stop = 1, len -= sl, text[len] = '\0';
-        }
-        if (stop) break;
-        if (n + 1 < o->max_new) err = mt_generator_step(g, next, logits);  // (the last token's logits serve nothing)
-    }
-    if (stream && text && len > shown) fwrite(text + shown, 1, len - shown, stream);
-    if (stream) fputc('\n', stream);
     free(logits);
-    mt_ids_free(&hist);
-    if (!text) text = calloc(1, 1);
-    *text_out = text;
+    *text_out = seq_end(&s);
+    return err;
+}
+
+mt_err mt_generate_batch(mt_model *m, const mt_tokenizer *tok, const mt_ids *prompts, int n,
+                         const mt_generate_options *o, FILE *stream, mt_generated_fn ready, void *ctx,
+                         long *new_tokens) {
+    const mt_model_config *c = mt_model_get_config(m);
+    long made = 0;
+    int cache = mt_model_decode_len(m), rows = mt_model_decode_rows(m);
+    gen_seq *seqs = calloc((size_t)rows, sizeof *seqs);
+    int *item = malloc((size_t)rows * sizeof *item), *pos = malloc((size_t)rows * sizeof *pos);
+    int32_t *tokens = malloc((size_t)rows * sizeof *tokens);
+    float *logits = malloc((size_t)rows * c->V * sizeof(float));
+    char **texts = calloc((size_t)(n ? n : 1), sizeof *texts);
+    MT_CHECK(seqs && item && pos && tokens && logits && texts, "generation batch");
+    mt_err err = MT_OK;
+    int next_item = 0, next_ready = 0, active = 0;
+    for (int r = 0; r < rows; r++) item[r] = -1;
+    while (!err && next_ready < n) {
+        // rows whose sequence ended take the next prompt
+        for (int r = 0; r < rows; r++) {
+            if (item[r] >= 0 || next_item >= n) continue;
+            item[r] = next_item++, active++;
+            seq_begin(&seqs[r], tok, &prompts[item[r]], o, n == 1 ? stream : NULL);
+        }
+        for (int r = 0; r < rows; r++) {
+            gen_seq *s = &seqs[r];
+            int live = item[r] >= 0 && !s->done;
+            if (live && s->fed >= (size_t)cache)
+                err = mt_errorf(MT_ERR_USAGE, "prompt %d: generation reached %d positions, the cache's length",
+                                item[r] + 1, cache);
+            tokens[r] = live ? (int32_t)s->hist.ids[s->fed] : 0, pos[r] = live ? (int)s->fed : 0;
+        }
+        if (active && !err) mt_model_decode(m, tokens, pos, logits);
+        for (int r = 0; r < rows && !err; r++) {
+            gen_seq *s = &seqs[r];
+            if (item[r] < 0) continue;
+            if (!s->done && ++s->fed == s->hist.n) seq_take(s, logits + (size_t)r * c->V, c->V);
+            if (!s->done) continue;
+            made += (long)(s->hist.n - s->start);
+            texts[item[r]] = seq_end(s);
+            item[r] = -1, active--;
+        }
+        // finished texts in the prompts' order
+        for (; !err && next_ready < n && texts[next_ready]; next_ready++) {
+            if (ready) ready(ctx, next_ready, texts[next_ready]);
+            free(texts[next_ready]);
+            texts[next_ready] = NULL;
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        if (item[r] >= 0) free(seq_end(&seqs[r]));
+    for (int i = next_ready; i < n; i++) free(texts[i]);
+    free(seqs), free(item), free(pos), free(tokens), free(logits), free(texts);
+    if (new_tokens) *new_tokens = made;
     return err;
 }

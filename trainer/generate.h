@@ -1,10 +1,11 @@
 // trainer/generate.h: `memtune generate`: text from a model folder (with a
 // LoRA adapter applied on the fly or merged, over a base that may be QLoRA's
 // NF4 round trip), one token at a time with a
-// key/value cache, on the CPU in fp32 through the reference ops' arithmetic:
-// greedy or sampled (temperature, top-k, top-p, min-p, repetition penalty,
-// seed), stopping at the tokenizer's EOS, the chat template's end of turn or
-// a stop string. A GPU decode path is not built yet.
+// key/value cache: on the CPU in fp32 through the reference ops' arithmetic
+// (mt_generator), or batched on a backend through the model's decoding mode
+// (mt_generate_batch); greedy or sampled (temperature, top-k, top-p, min-p,
+// repetition penalty, seed), stopping at the tokenizer's EOS, the chat
+// template's end of turn or a stop string.
 #ifndef MT_GENERATE_H
 #define MT_GENERATE_H
 
@@ -14,6 +15,7 @@
 
 #include "datasets/hf_tokenizer.h"
 #include "kernels/common.h"
+#include "trainer/model.h"
 #include "trainer/params.h"
 
 #ifdef __cplusplus
@@ -70,6 +72,20 @@ void mt_generate_prompt(const mt_tokenizer *tok, const char *text, mt_ids *ids);
 // as it grows (NULL: quiet; text that may still turn into a stop waits).
 mt_err mt_generate_text(mt_generator *g, const mt_tokenizer *tok, const mt_ids *prompt, const mt_generate_options *o,
                         FILE *stream, char **text);
+
+// Called with each completion, in the prompts' order, as soon as it and the
+// ones before it are final (the text stays the caller's only during the call).
+typedef void (*mt_generated_fn)(void *ctx, int index, const char *text);
+// Batched decoding on a backend (a model created with decode_len, weights
+// and adapters set; on a GPU in bf16): its B rows' sequences at once, each row
+// taking the next prompt as soon as its sequence ends, prompt tokens fed one
+// step at a time beside other rows' new ones. A single prompt (n 1) streams
+// to `stream`. Stops at the first sequence that outgrows the cache (the
+// completions before it were handed over).
+// new_tokens (may be NULL): how many tokens the completions hold.
+mt_err mt_generate_batch(mt_model *m, const mt_tokenizer *tok, const mt_ids *prompts, int n,
+                         const mt_generate_options *o, FILE *stream, mt_generated_fn ready, void *ctx,
+                         long *new_tokens);
 
 #ifdef __cplusplus
 }

@@ -35,7 +35,7 @@ static void usage(FILE *f) {
             "  memtune plan CONFIG.yaml [--set ...] [--gpu-memory SIZE] [--device gpu|cpu] [--ranks N]\n"
             "                                 what the run will hold, before it runs, and alternatives\n"
             "  memtune generate --model DIR [--adapter DIR] (--prompt TEXT | --chat TEXT | --input FILE.jsonl)\n"
-            "                                 text from the model (CPU, KV cache; memtune generate --help)\n"
+            "                                 text from the model (KV cache, GPU or CPU; memtune generate --help)\n"
             "  memtune eval --model DIR [--adapter DIR] --data DATA.h5\n"
             "                                 mean loss and perplexity over a dataset's trained targets\n"
             "  memtune merge --model DIR --adapter DIR -o OUT_DIR\n"
@@ -341,8 +341,9 @@ static int cmd_plan(int argc, char **argv) {
 
 static const char GENERATE_HELP[] =
     "usage: memtune generate --model DIR [--adapter DIR] (--prompt TEXT | --chat TEXT | --input FILE.jsonl)\n\n"
-    "Text from a model folder (its tokenizer.json and chat template), one token at a time with a key/value cache,\n"
-    "on the CPU in fp32 (a GPU decode path is not built yet).\n\n"
+    "Text from a model folder (its tokenizer.json and chat template), one token at a time with a key/value cache:\n"
+    "on a GPU in bf16, rows of --input decoded together; on the CPU in fp32.\n\n"
+    "  --device D             auto (a GPU when one is visible), gpu or cpu\n"
     "  --adapter DIR          a PEFT LoRA adapter, applied on the fly (the base's values untouched)\n"
     "  --merge                fold the adapter into the base first instead (the same function)\n"
     "  --quantize nf4         the base as QLoRA trained it: its linear weights through NF4 and back\n"
@@ -351,8 +352,8 @@ static const char GENERATE_HELP[] =
     "  --system TEXT          a system message before --chat's\n"
     "  --input FILE.jsonl     one {\"prompt\": ...} or {\"messages\": [...]} a line; writes JSONL to stdout,\n"
     "                         in the file's order\n"
-    "  --batch N              --input's lines generated at once, each on a core of its own (default: the\n"
-    "                         OpenMP threads)\n"
+    "  --batch N              --input's lines generated at once: rows decoded together on a GPU (default 16),\n"
+    "                         each on a core of its own on the CPU (default: the OpenMP threads)\n"
     "  --chat-template T      auto (the model's) or a name, as memtune tokenize takes\n"
     "  --max-new-tokens N     (128)\n"
     "  --temperature T        0: greedy (the default)\n"
@@ -360,19 +361,17 @@ static const char GENERATE_HELP[] =
     "  --stop TEXT            stop when the text ends with TEXT (repeatable)\n";
 
 typedef struct {
-    mt_generator *gen;
     mt_tokenizer *tok;  // NULL: memtune's bytes
     mt_generate_options o;
-    // --input: what each thread's own generator is made of
     const mt_model_config *mc;
     const float *params;
     const mt_lora_config *lora;  // an adapter on the fly, or NULL
     const float *adapter;
-    int max_len, batch;
+    int max_len, batch, gpu;
 } gen_ctx;
 
-// One line of a --input file: its JSON, the prompt's ids, and then the
-// completion or the error.
+// One line of a --input file (or the one prompt): its JSON, the prompt's
+// ids, and then the completion or the error.
 typedef struct {
     cJSON *obj;
     mt_ids ids;
@@ -381,14 +380,14 @@ typedef struct {
     char message[1024];
 } gen_item;
 
-// The completion of one item, on a generator of its own (a key/value cache
-// as long as the prompt and the new tokens need).
-static void generate_item(const gen_ctx *c, gen_item *it) {
+// The completion of one item on the CPU, on a generator of its own (a
+// key/value cache as long as the prompt and the new tokens need).
+static void generate_item(const gen_ctx *c, gen_item *it, FILE *stream) {
     mt_generator *g = NULL;
     int need = (int)it->ids.n + c->o.max_new;
     it->err = mt_generator_init(&g, c->mc, c->params, need < c->max_len ? need : c->max_len);
     if (!it->err && c->adapter) mt_generator_set_adapter(g, c->lora, c->adapter);
-    if (!it->err) it->err = mt_generate_text(g, c->tok, &it->ids, &c->o, NULL, &it->text);
+    if (!it->err) it->err = mt_generate_text(g, c->tok, &it->ids, &c->o, stream, &it->text);
     if (it->err) snprintf(it->message, sizeof it->message, "%s", mt_last_error());
     mt_generator_free(g);
 }
@@ -414,84 +413,132 @@ static mt_err prompt_ids(const mt_tokenizer *tok, const mt_chat_template *tmpl, 
     return MT_OK;
 }
 
-// --input: one {"prompt"} or {"messages"} a line, each answered into its
-// line as "completion" on stdout.
-// --input FILE.jsonl: --batch lines at a time, each on its own thread and
-// generator; the results in the input's order.
-static mt_err generate_file(gen_ctx *c, const char *input, const mt_tokenizer *tok, const mt_chat_template *tmpl,
-                            int uses_chat) {
-    mt_err err = MT_OK;
+// --input: every line's {"prompt"} or {"messages"} and its prompt ids; a
+// line that is neither stops the command before anything is generated.
+static mt_err read_items(const char *input, const mt_tokenizer *tok, const mt_chat_template *tmpl, int uses_chat,
+                         gen_item **out, int *count) {
+    *out = NULL, *count = 0;
     FILE *f = fopen(input, "rb");
     if (!f) return mt_errorf(MT_ERR_IO, "%s: cannot open the input file", input);
-    gen_item *items = calloc((size_t)c->batch, sizeof *items);
-    MT_CHECK(items != NULL, "generation batch");
+    mt_err err = MT_OK;
     char *line = NULL;
     size_t cap = 0;
     long lineno = 0;
-    int eof = 0;
-    while (!err && !eof) {
-        int n = 0;
-        while (n < c->batch && !err) {
-            if (getline(&line, &cap, f) < 0) {
-                eof = 1;
-                break;
+    int n = 0, room = 0;
+    gen_item *items = NULL;
+    while (!err && getline(&line, &cap, f) >= 0) {
+        lineno++;
+        if (n == room) {
+            room = room ? 2 * room : 64;
+            gen_item *grown = realloc(items, (size_t)room * sizeof *items);
+            MT_CHECK(grown != NULL, "generation items");
+            items = grown;
+        }
+        gen_item *it = &items[n];
+        *it = (gen_item){0};
+        it->obj = cJSON_Parse(line);
+        const cJSON *p = it->obj ? cJSON_GetObjectItemCaseSensitive(it->obj, "prompt") : NULL;
+        const cJSON *list = it->obj ? cJSON_GetObjectItemCaseSensitive(it->obj, "messages") : NULL;
+        mt_chat_message msgs[64];
+        int k = 0;
+        const cJSON *m;
+        if (cJSON_IsArray(list)) cJSON_ArrayForEach(m, list) {
+                const cJSON *role = cJSON_GetObjectItemCaseSensitive(m, "role");
+                const cJSON *content = cJSON_GetObjectItemCaseSensitive(m, "content");
+                if (k == 64 || !cJSON_IsString(role) || !cJSON_IsString(content)) break;
+                mt_chat_role rl = !strcmp(role->valuestring, "system")      ? MT_ROLE_SYSTEM
+                                  : !strcmp(role->valuestring, "assistant") ? MT_ROLE_ASSISTANT
+                                                                            : MT_ROLE_USER;
+                msgs[k++] = (mt_chat_message){rl, content->valuestring, strlen(content->valuestring)};
             }
-            lineno++;
-            gen_item *it = &items[n];
-            *it = (gen_item){0};
-            it->obj = cJSON_Parse(line);
-            const cJSON *p = it->obj ? cJSON_GetObjectItemCaseSensitive(it->obj, "prompt") : NULL;
-            const cJSON *list = it->obj ? cJSON_GetObjectItemCaseSensitive(it->obj, "messages") : NULL;
-            mt_chat_message msgs[64];
-            int k = 0;
-            const cJSON *m;
-            if (cJSON_IsArray(list)) cJSON_ArrayForEach(m, list) {
-                    const cJSON *role = cJSON_GetObjectItemCaseSensitive(m, "role");
-                    const cJSON *content = cJSON_GetObjectItemCaseSensitive(m, "content");
-                    if (k == 64 || !cJSON_IsString(role) || !cJSON_IsString(content)) break;
-                    mt_chat_role rl = !strcmp(role->valuestring, "system")      ? MT_ROLE_SYSTEM
-                                      : !strcmp(role->valuestring, "assistant") ? MT_ROLE_ASSISTANT
-                                                                                : MT_ROLE_USER;
-                    msgs[k++] = (mt_chat_message){rl, content->valuestring, strlen(content->valuestring)};
-                }
-            if (!cJSON_IsString(p) && !(cJSON_IsArray(list) && uses_chat))
-                err = mt_errorf(MT_ERR_DATASET, "%s:%ld: expected {\"prompt\": \"...\"}%s", input, lineno,
-                                uses_chat ? " or {\"messages\": [...]}" : " (no chat template for messages)");
-            if (!err)
-                err = prompt_ids(tok, tmpl, cJSON_IsString(p) ? NULL : msgs, k,
-                                 cJSON_IsString(p) ? p->valuestring : NULL, &it->ids);
-            if (err) {  // the lines before it still get their completions
-                cJSON_Delete(it->obj);
-                mt_ids_free(&it->ids);
-                break;
-            }
+        if (!cJSON_IsString(p) && !(cJSON_IsArray(list) && uses_chat))
+            err = mt_errorf(MT_ERR_DATASET, "%s:%ld: expected {\"prompt\": \"...\"}%s", input, lineno,
+                            uses_chat ? " or {\"messages\": [...]}" : " (no chat template for messages)");
+        if (!err)
+            err = prompt_ids(tok, tmpl, cJSON_IsString(p) ? NULL : msgs, k, cJSON_IsString(p) ? p->valuestring : NULL,
+                             &it->ids);
+        if (err) {
+            cJSON_Delete(it->obj);
+            mt_ids_free(&it->ids);
+        } else {
             n++;
         }
-#pragma omp parallel for schedule(dynamic, 1)
-        for (int i = 0; i < n; i++) generate_item(c, &items[i]);
-        for (int i = 0; i < n; i++) {
-            if (!err && items[i].err) err = mt_errorf(items[i].err, "%s", items[i].message);
-            if (!err) {
-                cJSON_AddStringToObject(items[i].obj, "completion", items[i].text);
-                char *out = cJSON_PrintUnformatted(items[i].obj);
-                printf("%s\n", out);
-                fflush(stdout);
-                free(out);
-            }
-            free(items[i].text);
-            cJSON_Delete(items[i].obj);
-            mt_ids_free(&items[i].ids);
-        }
     }
-    free(items);
     free(line);
     fclose(f);
+    *out = items, *count = n;
+    return err;
+}
+
+// A completion, printed as its input line with "completion" added.
+static void print_completion(void *ctx, int i, const char *text) {
+    gen_item *it = &((gen_item *)ctx)[i];
+    cJSON_AddStringToObject(it->obj, "completion", text);
+    char *out = cJSON_PrintUnformatted(it->obj);
+    printf("%s\n", out);
+    fflush(stdout);
+    free(out);
+}
+
+// On the CPU: --batch items at a time, each on its own thread and
+// generator; the results in the input's order, up to the first failure.
+static mt_err generate_cpu(const gen_ctx *c, gen_item *items, int n, FILE *stream) {
+    mt_err err = MT_OK;
+    for (int first = 0; first < n && !err; first += c->batch) {
+        int count = n - first < c->batch ? n - first : c->batch;
+#pragma omp parallel for schedule(dynamic, 1)
+        for (int i = first; i < first + count; i++) generate_item(c, &items[i], stream);
+        for (int i = first; i < first + count && !err; i++) {
+            if (items[i].err) err = mt_errorf(items[i].err, "%s", items[i].message);
+            if (!err && !stream) print_completion(items, i, items[i].text);
+        }
+    }
+    return err;
+}
+
+// On a GPU: one model with a key/value cache for --batch rows, as long as
+// the longest prompt and the new tokens need (at most the model's context),
+// every item through mt_generate_batch.
+static mt_err generate_gpu(const gen_ctx *c, gen_item *items, int n, FILE *stream) {
+    int len = 1;
+    for (int i = 0; i < n; i++)
+        if ((int)items[i].ids.n + c->o.max_new > len) len = (int)items[i].ids.n + c->o.max_new;
+    if (len > c->max_len) len = c->max_len;
+    int rows = n < c->batch ? n : c->batch;
+    mt_backend be;
+    mt_err err = mt_backend_init(&be, 0);
+    if (err) return err;
+    mt_model_options mo = {.B = rows, .T = 1, .forward_only = 1, .decode_len = len};
+    if (c->lora) mo.lora = *c->lora, mo.lora.dropout = 0.0f;
+    mt_model *m = NULL;
+    err = mt_model_create_with(&m, &be, c->mc, &mo);
+    if (!err) err = mt_model_set_weights(m, c->params);
+    if (!err && c->lora) mt_model_set_adapters(m, c->adapter);
+    mt_ids *prompts = malloc((size_t)(n ? n : 1) * sizeof *prompts);
+    MT_CHECK(prompts != NULL, "prompts");
+    for (int i = 0; i < n; i++) prompts[i] = items[i].ids;
+    char device[200];
+    mt_device_describe(device, sizeof device);
+    if (!err)
+        fprintf(stderr, "generate: %s, bf16, %d row%s, a cache of %d positions (%.1f MiB)\n", device, rows,
+                rows > 1 ? "s" : "", len, mt_model_kv_cache_bytes(1, c->mc, rows, len) / 1048576.0);
+    double t0 = mt_now();
+    long made = 0;
+    if (!err)
+        err = mt_generate_batch(m, c->tok, prompts, n, &c->o, stream, stream ? NULL : print_completion, items, &made);
+    double dt = mt_now() - t0;
+    if (!err)
+        fprintf(stderr, "generate: %d completion%s, %ld new tokens in %.3f s (%.1f tokens/s)\n", n, n > 1 ? "s" : "",
+                made, dt, made / (dt > 0 ? dt : 1e-9));
+    free(prompts);
+    mt_model_free(m);
+    mt_backend_free(&be);
     return err;
 }
 
 static int cmd_generate(int argc, char **argv) {
     const char *model = NULL, *adapter = NULL, *prompt = NULL, *chat = NULL, *system = NULL, *input = NULL,
-               *template_name = "auto";
+               *template_name = "auto", *device = "auto";
     gen_ctx c = {.o = {.max_new = 128, .sampling = {0.0f, 0, 1.0f, 0.0f, 1.0f, 0}}};
     int merge = 0, nf4 = 0;
     for (int i = 0; i < argc; i++) {
@@ -506,13 +553,9 @@ static int cmd_generate(int argc, char **argv) {
         const struct {
             const char *name;
             const char **dst;
-        } strings[] = {{"--model", &model},
-                       {"--adapter", &adapter},
-                       {"--prompt", &prompt},
-                       {"--chat", &chat},
-                       {"--system", &system},
-                       {"--input", &input},
-                       {"--chat-template", &template_name}};
+        } strings[] = {
+            {"--model", &model},   {"--adapter", &adapter}, {"--prompt", &prompt}, {"--chat", &chat},
+            {"--system", &system}, {"--input", &input},     {"--device", &device}, {"--chat-template", &template_name}};
         int taken = 0;
         for (size_t k = 0; k < sizeof strings / sizeof strings[0] && !taken; k++)
             if (!strcmp(a, strings[k].name)) *strings[k].dst = v, taken = 1;
@@ -555,6 +598,13 @@ static int cmd_generate(int argc, char **argv) {
         c.o.sampling.repetition_penalty <= 0)
         return fail(mt_errorf(MT_ERR_USAGE, "a sampling setting is out of range (memtune generate --help)"));
     if (c.batch < 0 || c.batch > 4096) return fail(mt_errorf(MT_ERR_USAGE, "--batch %d: expected 1 to 4096", c.batch));
+    static const char *const devices[] = {"auto", "cpu", "gpu"};
+    int dev;
+    int rc = parse_choice("--device", device, devices, 3, &dev);
+    if (rc) return rc;
+    c.gpu = dev != 1 && mt_device_count() > 0;
+    if (dev == 2 && !c.gpu)
+        return fail(mt_errorf(MT_ERR_DEVICE, "--device gpu but no GPU is visible; use --device cpu or auto"));
     mt_model_config mc;
     mt_err err = mt_hf_read_config(model, &mc);
     mt_tokenizer *tok = NULL;
@@ -593,25 +643,26 @@ static int cmd_generate(int argc, char **argv) {
     // the key/value cache holds the prompt and the new tokens, at most max_position_embeddings
     c.max_len = mc.max_position > 0 ? mc.max_position : 4096;
     c.mc = &mc, c.params = params, c.lora = ad && !merge ? &lora : NULL, c.adapter = ad && !merge ? ad : NULL;
-    mt_ids ids = {0};
+    gen_item one = {0}, *items = &one;
+    int n = 1;
     if (!err && !input) {
         mt_chat_message msgs[2];
-        int n = 0;
-        if (system) msgs[n++] = (mt_chat_message){MT_ROLE_SYSTEM, system, strlen(system)};
-        if (chat) msgs[n++] = (mt_chat_message){MT_ROLE_USER, chat, strlen(chat)};
-        err = prompt_ids(tok, &tmpl, chat ? msgs : NULL, n, prompt, &ids);
-        int need = (int)ids.n + c.o.max_new;
-        if (!err) err = mt_generator_init(&c.gen, &mc, params, need < c.max_len ? need : c.max_len);
-        if (!err && c.adapter) mt_generator_set_adapter(c.gen, c.lora, c.adapter);
-        char *text = NULL;
-        if (!err) err = mt_generate_text(c.gen, c.tok, &ids, &c.o, stdout, &text);
-        free(text);
+        int k = 0;
+        if (system) msgs[k++] = (mt_chat_message){MT_ROLE_SYSTEM, system, strlen(system)};
+        if (chat) msgs[k++] = (mt_chat_message){MT_ROLE_USER, chat, strlen(chat)};
+        err = prompt_ids(tok, &tmpl, chat ? msgs : NULL, k, prompt, &one.ids);
     } else if (!err) {
-        if (c.batch <= 0) c.batch = omp_get_max_threads();
-        err = generate_file(&c, input, tok, &tmpl, uses_chat);
+        err = read_items(input, tok, &tmpl, uses_chat, &items, &n);
     }
-    mt_ids_free(&ids);
-    mt_generator_free(c.gen);
+    if (c.batch <= 0) c.batch = c.gpu ? 16 : omp_get_max_threads();
+    FILE *stream = input ? NULL : stdout;
+    if (!err && n > 0) err = c.gpu ? generate_gpu(&c, items, n, stream) : generate_cpu(&c, items, n, stream);
+    for (int i = 0; i < n && items; i++) {
+        free(items[i].text);
+        cJSON_Delete(items[i].obj);
+        mt_ids_free(&items[i].ids);
+    }
+    if (items != &one) free(items);
     mt_tokenizer_free(tok);
     free(params);
     free(ad);

@@ -142,9 +142,11 @@ struct mt_model {
     void *dlogits;                  // (R, V) activation type (aliases logits on the CPU)
     float *losses;                  // (N)
     int32_t *tokens, *targets;      // (N) where the backend computes
-    int32_t *pos;                   // (N) positions in documents (document_mask), else NULL
-    float *cos_table, *sin_table;   // (T, D/2)
-    float *cos_local, *sin_local;   // Gemma's sliding layers' (T, D/2), else NULL
+    int32_t *pos;                   // (N) positions in documents (document_mask) or sequences (decoding)
+    float *cos_table, *sin_table;   // (T, D/2), decoding (decode_len, D/2)
+    float *cos_local, *sin_local;   // Gemma's sliding layers' (as above), else NULL
+    int decode_len;                 // decoding: positions per row's cache, else 0
+    void *kcache, *vcache;          // (L, B, KV, decode_len, D) compute dtype
     mt_attention_shape attn_local;  // Gemma's sliding layers' attention
     int chunk_rows;
 };
@@ -348,6 +350,9 @@ static void *carve(uintptr_t *cursor, size_t bytes) {
     return p;
 }
 
+// Positions the RoPE tables cover: a row's tokens, or a decoding cache's.
+static int rope_rows(const mt_model *m) { return m->decode_len ? m->decode_len : m->T; }
+
 static size_t layout_activations(mt_model *m, uintptr_t base) {
     const mt_model_config *c = &m->cfg;
     size_t N = (size_t)m->B * m->T, a = mt_act_size(m->be), HD = (size_t)c->H * c->D, KVD = (size_t)c->KV * c->D;
@@ -409,11 +414,12 @@ static size_t layout_activations(mt_model *m, uintptr_t base) {
     m->losses = carve(&cur, N * 4);
     m->tokens = carve(&cur, N * 4);
     m->targets = carve(&cur, N * 4);
-    m->pos = m->attn.docs ? carve(&cur, N * 4) : NULL;
-    m->cos_table = carve(&cur, (size_t)m->T * (c->D / 2) * 4);
-    m->sin_table = carve(&cur, (size_t)m->T * (c->D / 2) * 4);
-    m->cos_local = c->global_every ? carve(&cur, (size_t)m->T * (c->D / 2) * 4) : NULL;
-    m->sin_local = c->global_every ? carve(&cur, (size_t)m->T * (c->D / 2) * 4) : NULL;
+    m->pos = m->attn.docs || m->decode_len ? carve(&cur, N * 4) : NULL;
+    size_t table = (size_t)rope_rows(m) * (c->D / 2) * 4;
+    m->cos_table = carve(&cur, table);
+    m->sin_table = carve(&cur, table);
+    m->cos_local = c->global_every ? carve(&cur, table) : NULL;
+    m->sin_local = c->global_every ? carve(&cur, table) : NULL;
     return (size_t)(cur - base);
 }
 
@@ -451,6 +457,9 @@ static mt_model *model_setup(mt_backend *be, const mt_model_config *cfg, const m
     m->layers = calloc((size_t)cfg->L, sizeof *m->layers);
     m->x = calloc((size_t)cfg->L + 1, sizeof *m->x);
     m->forward_only = o->forward_only;
+    m->decode_len = o->decode_len;
+    MT_CHECK(!m->decode_len || (o->forward_only && o->T == 1 && !o->document_mask),
+             "decoding needs a forward-only model of one token per row");
     m->perturb_matrix_holds = m->perturb_vector_holds = -1;
     m->acts = calloc((size_t)(m->checkpointing || m->forward_only ? 1 : cfg->L), sizeof *m->acts);
     m->tickets = calloc((size_t)cfg->L + 1, sizeof *m->tickets);
@@ -499,7 +508,10 @@ mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_confi
     *out = NULL;
     int B = o->B, T = o->T;
     mt_attention_shape attn = attention_shape(cfg, o, 0), local = attention_shape(cfg, o, 1);
-    int supported = mt_attention_supports(be, &attn) && (!cfg->global_every || mt_attention_supports(be, &local));
+    // decoding reads its caches through its own op, which takes every head dim up to 256
+    int supported = o->decode_len
+                        ? cfg->D <= 256
+                        : mt_attention_supports(be, &attn) && (!cfg->global_every || mt_attention_supports(be, &local));
     if (!supported && attn.docs)
         return mt_errorf(
             MT_ERR_MODEL,
@@ -541,7 +553,10 @@ mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_confi
     if (!err) err = mt_alloc(&m->act_block, act_bytes, MT_MEM_ACTIVATIONS, place);
     if (!err && m->offload)
         err = mt_alloc(&m->host_x, (size_t)(cfg->L - 1) * N * cfg->C * act, MT_MEM_OFFLOAD, MT_HOST);
-    size_t workspace = attention_workspace(be, cfg, o);
+    size_t cache = mt_model_kv_cache_bytes(be->gpu, cfg, B, o->decode_len) / 2;
+    if (!err && cache) err = mt_alloc(&m->kcache, cache, MT_MEM_ACTIVATIONS, place);
+    if (!err && cache) err = mt_alloc(&m->vcache, cache, MT_MEM_ACTIVATIONS, place);
+    size_t workspace = o->decode_len ? 0 : attention_workspace(be, cfg, o);
     size_t norm_workspace = mt_norm_embedding_workspace_bytes(be, B * T, cfg->C);
     if (norm_workspace > workspace) workspace = norm_workspace;
     size_t heads_workspace = cfg->qk_norm ? mt_norm_embedding_workspace_bytes(be, B * T * cfg->H, cfg->D) : 0;
@@ -563,17 +578,18 @@ mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_confi
         }
     // rope tables, computed on the host in fp32 as transformers does
     int half = cfg->D / 2;
-    float *inv_freq = malloc((size_t)half * 4), *cs = malloc((size_t)T * half * 8);
+    int R = rope_rows(m);
+    float *inv_freq = malloc((size_t)half * 4), *cs = malloc((size_t)R * half * 8);
     MT_CHECK(inv_freq && cs, "rope tables");
     for (int kind = 0; kind <= (cfg->global_every > 0); kind++) {  // global, then Gemma's sliding layers'
         mt_model_rope_inv_freq(cfg, kind, inv_freq);
-        mt_rope_tables(cs, cs + (size_t)T * half, inv_freq, T, cfg->D);
-        mt_backend_from_host(be, kind ? m->cos_local : m->cos_table, cs, (size_t)T * half * 4);
-        mt_backend_from_host(be, kind ? m->sin_local : m->sin_table, cs + (size_t)T * half, (size_t)T * half * 4);
+        mt_rope_tables(cs, cs + (size_t)R * half, inv_freq, R, cfg->D);
+        mt_backend_from_host(be, kind ? m->cos_local : m->cos_table, cs, (size_t)R * half * 4);
+        mt_backend_from_host(be, kind ? m->sin_local : m->sin_table, cs + (size_t)R * half, (size_t)R * half * 4);
     }
     free(inv_freq);
     free(cs);
-    mt_model_set_positions(m, NULL);
+    if (!m->decode_len) mt_model_set_positions(m, NULL);
     *out = m;
     return MT_OK;
 }
@@ -631,6 +647,7 @@ void mt_model_plan_bytes(int gpu, const mt_model_config *cfg, const mt_model_opt
     }
     if (m->lora.r && !m->forward_only) b->grads += m->adapter_total * sizeof(float);
     b->activations = layout_activations(m, 0);
+    b->activations += mt_model_kv_cache_bytes(gpu, cfg, o->B, o->decode_len);
     b->offload_host = m->offload ? (size_t)(cfg->L - 1) * N * cfg->C * act : 0;
     if (gpu) {
         size_t att = mt_attention_own_workspace_bytes(&attn), att_local = mt_attention_own_workspace_bytes(&local),
@@ -652,7 +669,7 @@ void mt_model_plan_bytes(int gpu, const mt_model_config *cfg, const mt_model_opt
 
 mt_err mt_model_create(mt_model **out, mt_backend *be, const mt_model_config *cfg, int B, int T,
                        int activation_checkpointing) {
-    mt_model_options o = {B, T, activation_checkpointing, {0}, 0, 0, 0, NULL, NULL, NULL, NULL, NULL, NULL, 0};
+    mt_model_options o = {B, T, activation_checkpointing, {0}, 0, 0, 0, NULL, NULL, NULL, NULL, NULL, NULL, 0, 0};
     return mt_model_create_with(out, be, cfg, &o);
 }
 
@@ -668,6 +685,8 @@ void mt_model_free(mt_model *m) {
     mt_free((void **)&m->adapter_grads);
     mt_free(&m->act_block);
     mt_free(&m->host_x);
+    mt_free(&m->kcache);
+    mt_free(&m->vcache);
     mt_free(&m->perturb_matrix);
     mt_free(&m->perturb_vector);
     free(m->perturb_selected);
@@ -991,6 +1010,20 @@ static void lora_backward(mt_model *m, int l, int t, void *dx, const void *dy, c
 // The MLP's gate activation: Gemma's tanh GELU, else SiLU.
 static mt_act glu_act(const mt_model_config *c) { return c->gemma ? MT_ACT_GELU_TANH : MT_ACT_SILU; }
 
+// Decoding: the rows' new keys and values into layer l's caches, then each
+// row's queries over its cached positions (Gemma's sliding layers and
+// Mistral's window: the window's last positions only).
+static void decode_attention(mt_model *m, int l, layer_acts *A) {
+    const mt_model_config *c = &m->cfg;
+    size_t per_layer = (size_t)m->B * c->KV * m->decode_len * c->D;
+    void *kc = rows(m, m->kcache, (size_t)l, per_layer), *vc = rows(m, m->vcache, (size_t)l, per_layer);
+    int sliding = c->global_every == 0 || mt_layer_local(c, l);
+    int window = sliding && c->sliding_window > 0 ? (int)c->sliding_window : 0;
+    mt_op_kv_store(m->be, kc, vc, A->k, A->v, m->pos, m->B, c->KV, c->D, m->decode_len);
+    mt_op_attention_decode(m->be, A->atty, A->q, kc, vc, m->pos, m->B, c->H, c->KV, c->D, m->decode_len, window,
+                           c->attn_scale);
+}
+
 // Layer l from x[l]; writes x[l+1] unless `recompute` (then it stops once
 // everything backward needs is there).
 static void layer_forward(mt_model *m, int l, int recompute) {
@@ -1017,7 +1050,10 @@ static void layer_forward(mt_model *m, int l, int recompute) {
     mt_op_rope_forward(be, A->q, qf, cs, sn, m->pos, m->B, m->T, c->H, c->D, 1);
     mt_op_rope_forward(be, A->k, kf, cs, sn, m->pos, m->B, m->T, c->KV, c->D, 1);
     mt_op_rope_forward(be, A->v, vf, cs, sn, m->pos, m->B, m->T, c->KV, c->D, 0);
-    mt_op_attention_forward(be, local ? &m->attn_local : &m->attn, A->atty, A->lse, A->q, A->k, A->v, m->pos);
+    if (m->decode_len)
+        decode_attention(m, l, A);
+    else
+        mt_op_attention_forward(be, local ? &m->attn_local : &m->attn, A->atty, A->lse, A->q, A->k, A->v, m->pos);
     // Gemma: o_proj's output is kept and normalised before the residual
     void *o = g ? A->attn_out : m->scratch_c;
     mt_op_matmul_forward(be, o, A->atty, layer_weight(m, l, P_WO), layer_weight(m, l, P_BO), N, HD, c->C);
@@ -1239,4 +1275,20 @@ void mt_model_logits(mt_model *m, const int32_t *inputs, float *logits) {
         size_t bytes = (size_t)R * c->V * sizeof(float);
         mt_backend_to_host(m->be, logits + (size_t)r0 * c->V, m->logits, bytes);
     }
+}
+
+void mt_model_decode(mt_model *m, const int32_t *tokens, const int32_t *pos, float *logits) {
+    MT_CHECK(m->decode_len > 0, "mt_model_decode on a model created without decode_len");
+    for (int b = 0; b < m->B; b++)
+        MT_CHECK(pos[b] >= 0 && pos[b] < m->decode_len, "position %d of row %d outside the cache's %d", pos[b], b,
+                 m->decode_len);
+    mt_backend_from_host(m->be, m->pos, pos, (size_t)m->B * sizeof *pos);
+    mt_model_logits(m, tokens, logits);
+}
+
+int mt_model_decode_len(const mt_model *m) { return m->decode_len; }
+int mt_model_decode_rows(const mt_model *m) { return m->B; }
+
+size_t mt_model_kv_cache_bytes(int gpu, const mt_model_config *cfg, int B, int decode_len) {
+    return 2 * (size_t)cfg->L * B * cfg->KV * decode_len * cfg->D * (gpu ? 2 : 4);
 }

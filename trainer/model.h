@@ -57,6 +57,8 @@ typedef struct {
     void *grads_done_ctx;
     int document_mask;  // rows hold packed documents: mt_model_set_positions gives each token's
                         // position in its document, and attention stays inside the document
+    int decode_len;     // decoding (with forward_only and T 1): each of the B rows is a sequence
+                        // with a key/value cache of decode_len positions (mt_model_decode)
 } mt_model_options;
 
 // Builds the parameter tables and allocates weights, gradients (of the
@@ -174,6 +176,18 @@ void mt_model_set_agreement(mt_model *m, mt_agree_fn any, void *ctx);
 void mt_model_rope_inv_freq(const mt_model_config *c, int local, float *inv_freq);
 // Full logits (B*T, V) fp32 into host memory `logits` (for tests and parity).
 void mt_model_logits(mt_model *m, const int32_t *inputs, float *logits);
+// Decoding: row b's token tokens[b] at position pos[b] (0 <= pos < decode_len)
+// goes through the model, its keys and values into row b's cache at pos[b],
+// attending to its cached positions up to pos[b]; logits (B, V) fp32 into
+// host memory. Rows are independent: each may be at its own position, and a
+// row restarted at 0 begins a new sequence.
+void mt_model_decode(mt_model *m, const int32_t *tokens, const int32_t *pos, float *logits);
+// Decoding: the cache's positions and the rows (B) decoded together.
+int mt_model_decode_len(const mt_model *m);
+int mt_model_decode_rows(const mt_model *m);
+// Bytes of the key/value caches of (cfg, B, decode_len) in the backend's
+// compute type.
+size_t mt_model_kv_cache_bytes(int gpu, const mt_model_config *cfg, int B, int decode_len);
 
 #ifdef __cplusplus
 }

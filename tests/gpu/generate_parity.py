@@ -4,8 +4,9 @@
 a TinyLlama-like Llama (llama2 fixture), Qwen2 with tied embeddings and odd
 head counts (qwen2 fixture), a Llama-3 shape with llama3 rope scaling
 (llama3 fixture). Both start from the same ids (BOS, when the tokenizer has
-one, then the prompt's); the texts must be equal. Runs on the GPU machine
-because that is where torch is; no GPU is used.
+one, then the prompt's); the texts must be equal (memtune --device cpu).
+Where a GPU is present, memtune --device gpu (bf16) runs the same prompts
+and the first token where its text leaves the fp32 one is reported.
 
   python3 tests/gpu/generate_parity.py --out $OUT
 """
@@ -42,6 +43,13 @@ SHAPES = {
 PROMPTS = ["In the beginning", "The quick brown fox", "1, 2, 3,", "def main():", "Hello, world"]
 
 
+def memtune(folder, prompt, device):
+    res = subprocess.run([MEMTUNE, "generate", "--model", folder, "--prompt", prompt, "--max-new-tokens", "64",
+                          "--device", device], capture_output=True, text=True)
+    text = res.stdout[:-1] if res.stdout.endswith("\n") else res.stdout
+    return text, (res.stderr[-400:] if res.returncode else None)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/memtune-gpu"))
@@ -50,7 +58,7 @@ def main():
     shutil.rmtree(args.work, ignore_errors=True)
     os.makedirs(args.work)
     torch.manual_seed(0)
-    results, bad = {}, 0
+    results, bad, divergences = {}, 0, []
     for name, (fixture, cfg) in SHAPES.items():
         folder = os.path.join(args.work, name)
         model = AutoModelForCausalLM.from_config(cfg).float().eval()
@@ -68,17 +76,28 @@ def main():
             if tok.eos_token_id in new:
                 new = new[:new.index(tok.eos_token_id)]
             want = tok.decode(new, skip_special_tokens=True)
-            res = subprocess.run([MEMTUNE, "generate", "--model", folder, "--prompt", prompt, "--max-new-tokens", "64"],
-                                 capture_output=True, text=True)
-            got = res.stdout[:-1] if res.stdout.endswith("\n") else res.stdout
-            same = res.returncode == 0 and got == want
+            got, err = memtune(folder, prompt, "cpu")
+            same = err is None and got == want
             bad += not same
-            results[f"{name}: {prompt}"] = {"equal": same, "transformers": want, "memtune": got,
-                                            "error": res.stderr[-400:]}
-            print(f"{name} | {prompt!r}: {'equal' if same else 'DIFFERENT'} ({len(new)} tokens)", flush=True)
+            row = {"equal": same, "transformers": want, "memtune": got, "error": err}
+            note = ""
+            if torch.cuda.is_available():
+                # bf16 on the GPU: where its greedy text first leaves the fp32 one (in the tokenizer's ids)
+                gpu_text, gpu_err = memtune(folder, prompt, "gpu")
+                a, b = tok(want, add_special_tokens=False)["input_ids"], tok(gpu_text or "", add_special_tokens=False)["input_ids"]
+                first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                row.update(gpu_bf16=gpu_text, gpu_error=gpu_err, gpu_first_divergence=first, gpu_tokens=len(a))
+                divergences.append(first)
+                bad += gpu_err is not None
+                note = f"; GPU bf16 first differs at token {first} of {len(a)}"
+            results[f"{name}: {prompt}"] = row
+            print(f"{name} | {prompt!r}: {'equal' if same else 'DIFFERENT'} ({len(new)} tokens){note}", flush=True)
     with open(os.path.join(args.out, "generate_parity.json"), "w") as f:
         json.dump(results, f, indent=1)
-    print(f"generate_parity: {len(results) - bad} of {len(results)} equal")
+    print(f"generate_parity: {len(results) - bad} of {len(results)} equal (fp32, CPU)")
+    if divergences:
+        print(f"generate_parity: memtune on the GPU (bf16) first leaves the fp32 greedy text at token "
+              f"{sum(divergences) / len(divergences):.1f} on average over {len(divergences)} prompts")
     sys.exit(1 if bad else 0)
 
 
