@@ -32,7 +32,7 @@ int main(int argc, char **argv) {
     float *params = malloc(total * 4);
     if (!params) return fprintf(stderr, "out of host memory\n"), 1;
     mt_model_init_random(&c, params, 1);
-    mt_model_options o = {B, T, 0, {0}, 0, 0, 1, NULL, NULL, NULL, NULL, NULL, NULL, 0, 0};
+    mt_model_options o = {.B = B, .T = T, .forward_only = 1};
     mt_model *m;
     if ((err = mt_model_create_with(&m, &be, &c, &o)) || (err = mt_model_set_weights(m, params)))
         return fprintf(stderr, "%s\n", mt_last_error()), 1;

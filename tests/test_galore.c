@@ -372,7 +372,7 @@ START_TEST(full_rank_identity_galore_equals_adamw) {
     hook_ctx h = {0};
     mt_model *ref, *gm;
     ck_assert_int_eq(mt_model_create(&ref, &cpu, &mc, B, T, 0), MT_OK);
-    mt_model_options o = {B, T, 0, {0}, 0, 0, 0, hook, &h, NULL, NULL, NULL, NULL, 0, 0};
+    mt_model_options o = {.B = B, .T = T, .grad_ready = hook, .grad_ready_ctx = &h};
     ck_assert_int_eq(mt_model_create_with(&gm, &cpu, &mc, &o), MT_OK);
     int n;
     const mt_param_info *table = mt_model_params(ref, &n);

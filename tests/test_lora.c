@@ -406,6 +406,81 @@ START_TEST(offloaded_layer_inputs_change_nothing) {
 }
 END_TEST
 
+// model.weights: cpu: the frozen base in a host store, each layer copied
+// into one of two slots before it runs, gives the resident model's losses
+// and adapter gradients bit for bit (LoRA and QLoRA, with checkpointing and
+// with offloaded layer inputs, Phi-3's fused modules, two steps: the slots
+// refilled), and a forward-only model's logits; the slots hold two layers.
+START_TEST(streamed_weights_change_nothing) {
+    mt_backend be;
+    mt_backend_init(&be, -1);
+    int32_t inputs[N], targets[N];
+    for (int i = 0; i < N; i++)
+        inputs[i] = (int32_t)(mt_rng_bits(4, i) % 13), targets[i] = (int32_t)(mt_rng_bits(5, i) % 13);
+    for (int v = 0; v < 5; v++) {
+        mt_model_config c;
+        tiny_config(&c);
+        c.L = 4, c.fused = v == 4;
+        float *base = random_base(&c);
+        int nf4 = v == 1 || v == 3 || v == 4, ckpt = v >= 2;
+        mt_model_options o = {.B = B,
+                              .T = T,
+                              .activation_checkpointing = ckpt,
+                              .offload_activations = v == 3,
+                              .lora = {4, 8.0f, 0.1f, 0, (1u << MT_LORA_MODULES) - 1},
+                              .quantize_nf4 = nf4};
+        mt_model_options so = o;
+        so.stream_weights = 1;
+        mt_model *a, *b;
+        ck_assert_int_eq(mt_model_create_with(&a, &be, &c, &o), MT_OK);
+        ck_assert_int_eq(mt_model_create_with(&b, &be, &c, &so), MT_OK);
+        float *adapters = random_adapters(&c, &o.lora, 3);
+        mt_model *models[2] = {a, b};
+        double loss[2][2];
+        for (int k = 0; k < 2; k++) {
+            ck_assert_int_eq(mt_model_set_weights(models[k], base), MT_OK);
+            mt_model_set_adapters(models[k], adapters);
+            mt_model_set_dropout_seed(models[k], 5);
+            mt_model_zero_grads(models[k]);
+            loss[k][0] = mt_model_step(models[k], inputs, targets, 1.0f, 1);
+            loss[k][1] = mt_model_step(models[k], targets, inputs, 1.0f, 1);
+        }
+        ck_assert_msg(loss[0][0] == loss[1][0] && loss[0][1] == loss[1][1],
+                      "variant %d: losses %.17g %.17g, %.17g %.17g", v, loss[0][0], loss[1][0], loss[0][1], loss[1][1]);
+        mt_trainable ta, tb;
+        mt_model_trainable(a, &ta);
+        mt_model_trainable(b, &tb);
+        ck_assert_mem_eq(ta.grads, tb.grads, ta.total * 4);
+        // on the backend: the outer tensors and two layer slots, not the base
+        mt_model_bytes ra, rb;
+        mt_model_plan_bytes(0, &c, &o, NULL, &ra);
+        mt_model_plan_bytes(0, &c, &so, NULL, &rb);
+        ck_assert_uint_lt(rb.weights, ra.weights);
+        ck_assert_uint_ge(rb.offload_host, mt_model_base_weight_bytes(a) - (ra.weights - rb.weights));
+        free(adapters);
+        mt_model_free(a), mt_model_free(b);
+        free(base);
+    }
+    // a forward-only model of the whole base (evaluation)
+    mt_model_config c;
+    tiny_config(&c);
+    float *base = random_base(&c);
+    mt_model_options o = {.B = B, .T = T, .forward_only = 1}, so = o;
+    so.stream_weights = 1;
+    mt_model *a, *b;
+    ck_assert_int_eq(mt_model_create_with(&a, &be, &c, &o), MT_OK);
+    ck_assert_int_eq(mt_model_create_with(&b, &be, &c, &so), MT_OK);
+    ck_assert_int_eq(mt_model_set_weights(a, base), MT_OK);
+    ck_assert_int_eq(mt_model_set_weights(b, base), MT_OK);
+    float *la = malloc((size_t)N * c.V * 4), *lb = malloc((size_t)N * c.V * 4);
+    mt_model_logits(a, inputs, la);
+    mt_model_logits(b, inputs, lb);
+    ck_assert_mem_eq(la, lb, (size_t)N * c.V * 4);
+    free(la), free(lb), free(base);
+    mt_model_free(a), mt_model_free(b);
+}
+END_TEST
+
 // ------------------------------------------------------------ PEFT files
 
 START_TEST(peft_folder_round_trip_and_refusals) {
@@ -521,6 +596,7 @@ int main(void) {
     tcase_add_test(tc, lora_gradients_match_finite_differences);
     tcase_add_test(tc, lora_zero_b_merge_and_qlora);
     tcase_add_test(tc, offloaded_layer_inputs_change_nothing);
+    tcase_add_test(tc, streamed_weights_change_nothing);
     tcase_add_test(tc, peft_folder_round_trip_and_refusals);
     tcase_add_test(tc, merge_writes_a_new_folder);
     suite_add_tcase(s, tc);

@@ -176,7 +176,7 @@ static void random_batch(int32_t *inputs, int32_t *targets, int V, uint64_t seed
 }
 
 static mt_model *make_model(mt_backend *be, const mt_model_config *c, const mt_lora_config *lora, int forward_only) {
-    mt_model_options o = {B, T, 0, {0}, 0, 0, forward_only, NULL, NULL, NULL, NULL, NULL, NULL, 0, 0};
+    mt_model_options o = {.B = B, .T = T, .forward_only = forward_only};
     if (lora) o.lora = *lora;
     mt_model *m;
     ck_assert_int_eq(mt_model_create_with(&m, be, c, &o), MT_OK);

@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "kernels/device.h"
+#include "kernels/mem.h"
 #include "kernels/nf4.h"
 #include "kernels/rng.h"
 #include "optim/galore.h"
@@ -197,6 +198,76 @@ START_TEST(gpu_decoding_matches_cpu_and_full_forward) {
 }
 END_TEST
 
+// model.weights: cpu on the GPU: the base in pinned host memory, layers
+// copied into two slots on a side stream beside the compute, gives the
+// resident model's losses and adapter gradients bit for bit (LoRA, QLoRA
+// with checkpointing, two steps), with the base's layers off the GPU.
+START_TEST(gpu_streamed_weights_equal_resident) {
+    for (int variant = 0; variant < 2; variant++) {
+        mt_model_config c;
+        small_config(&c, 0);
+        c.L = 6;
+        int B = 2, T = 128, N = B * T, nf4 = variant == 1;
+        mt_backend gpu;
+        ck_assert_int_eq(mt_backend_init(&gpu, 0), MT_OK);
+        mt_model_options o = {.B = B,
+                              .T = T,
+                              .activation_checkpointing = nf4,
+                              .lora = {8, 16.0f, 0.1f, 0, (1u << MT_LORA_MODULES) - 1},
+                              .quantize_nf4 = nf4},
+                         so = o;
+        so.stream_weights = 1;
+        mt_model *a, *b;
+        ck_assert_int_eq(mt_model_create_with(&a, &gpu, &c, &o), MT_OK);
+        mt_mem_tally before, after;
+        mt_mem_get_tally(MT_DEVICE, &before);
+        ck_assert_int_eq(mt_model_create_with(&b, &gpu, &c, &so), MT_OK);
+        mt_mem_get_tally(MT_DEVICE, &after);
+        size_t total = mt_model_num_params(a);
+        float *params = malloc(total * 4);
+        mt_model_init_random(&c, params, 81);
+        int na;
+        size_t ta;
+        free(mt_lora_param_table(&c, &o.lora, &na, &ta));
+        float *ad = malloc(ta * 4);
+        for (size_t i = 0; i < ta; i++) ad[i] = 0.05f * mt_rng_normal(82, i);
+        int32_t *in = malloc(N * 4), *tg = malloc(N * 4);
+        for (int i = 0; i < N; i++)
+            in[i] = (int32_t)(mt_rng_bits(83, i) % c.V), tg[i] = (int32_t)(mt_rng_bits(84, i) % c.V);
+        mt_model *models[2] = {a, b};
+        double loss[2][2];
+        float *grads[2];
+        for (int k = 0; k < 2; k++) {
+            ck_assert_int_eq(mt_model_set_weights(models[k], params), MT_OK);
+            mt_model_set_adapters(models[k], ad);
+            mt_model_set_dropout_seed(models[k], 9);
+            mt_model_zero_grads(models[k]);
+            loss[k][0] = mt_model_step(models[k], in, tg, 1.0f / N, 1);
+            loss[k][1] = mt_model_step(models[k], tg, in, 1.0f / N, 1);
+            mt_trainable t;
+            mt_model_trainable(models[k], &t);
+            grads[k] = malloc(t.total * 4);
+            mt_copy_to_host(grads[k], t.grads, t.total * 4);
+        }
+        printf(
+            "streamed weights (%s): losses %.9g %.9g, resident %.9g %.9g; the streamed model holds %.1f MiB of "
+            "weights on the GPU, the resident %.1f MiB\n",
+            nf4 ? "QLoRA, checkpointing" : "LoRA", loss[1][0], loss[1][1], loss[0][0], loss[0][1],
+            (after.current[MT_MEM_WEIGHTS] - before.current[MT_MEM_WEIGHTS]) / 1048576.0,
+            before.current[MT_MEM_WEIGHTS] / 1048576.0);
+        ck_assert(loss[0][0] == loss[1][0] && loss[0][1] == loss[1][1]);
+        mt_trainable t;
+        mt_model_trainable(a, &t);
+        ck_assert_mem_eq(grads[0], grads[1], t.total * 4);
+        ck_assert_uint_lt(after.current[MT_MEM_WEIGHTS] - before.current[MT_MEM_WEIGHTS],
+                          before.current[MT_MEM_WEIGHTS]);
+        mt_model_free(a), mt_model_free(b);
+        mt_backend_free(&gpu);
+        free(params), free(ad), free(in), free(tg), free(grads[0]), free(grads[1]);
+    }
+}
+END_TEST
+
 // LoRA and QLoRA on the GPU against the CPU reference: the same base and
 // adapters (B non-zero) give the loss and every adapter gradient; the base
 // has no gradient buffer; checkpointing changes nothing; QLoRA's GPU model is
@@ -324,7 +395,7 @@ START_TEST(gpu_mezo_matches_cpu_reference) {
         mt_backend cpu, gpu;
         ck_assert_int_eq(mt_backend_init(&cpu, -1), MT_OK);
         ck_assert_int_eq(mt_backend_init(&gpu, 0), MT_OK);
-        mt_model_options o = {B, T, 0, {0}, 0, 0, 1, NULL, NULL, NULL, NULL, NULL, NULL, 0, 0};
+        mt_model_options o = {.B = B, .T = T, .forward_only = 1};
         mt_model *mc, *mg, *mtrain;
         ck_assert_int_eq(mt_model_create_with(&mc, &cpu, &c, &o), MT_OK);
         ck_assert_int_eq(mt_model_create_with(&mg, &gpu, &c, &o), MT_OK);
@@ -416,7 +487,7 @@ START_TEST(gpu_deferred_mezo_update_is_bit_identical) {
     int B = 2, T = 64, N = B * T;
     mt_backend gpu;
     ck_assert_int_eq(mt_backend_init(&gpu, 0), MT_OK);
-    mt_model_options o = {B, T, 0, {0}, 0, 0, 1, NULL, NULL, NULL, NULL, NULL, NULL, 0, 0};
+    mt_model_options o = {.B = B, .T = T, .forward_only = 1};
     mt_model *m[2];
     mt_mezo *mz[2];
     size_t total = 0;
@@ -492,7 +563,12 @@ START_TEST(gpu_galore_matches_cpu_reference) {
         ck_assert_int_eq(mt_backend_init(&cpu, -1), MT_OK);
         ck_assert_int_eq(mt_backend_init(&gpu, 0), MT_OK);
         gpu_hook hg = {0}, hc = {0};
-        mt_model_options og = {B, T, 1, {0}, 0, 0, 0, gpu_hook_fn, &hg, NULL, NULL, NULL, NULL, 0, 0}, oc = og;
+        mt_model_options og = {.B = B,
+                               .T = T,
+                               .activation_checkpointing = 1,
+                               .grad_ready = gpu_hook_fn,
+                               .grad_ready_ctx = &hg},
+                         oc = og;
         oc.grad_ready_ctx = &hc;
         mt_model *plain, *mg, *mc;
         ck_assert_int_eq(mt_model_create(&plain, &gpu, &c, B, T, 1), MT_OK);
@@ -662,6 +738,7 @@ int main(void) {
     tcase_add_test(tc, gpu_model_matches_cpu_reference);
     tcase_add_test(tc, gpu_decoding_matches_cpu_and_full_forward);
     tcase_add_test(tc, gpu_lora_matches_cpu_reference);
+    tcase_add_test(tc, gpu_streamed_weights_equal_resident);
     tcase_add_test(tc, gpu_mezo_matches_cpu_reference);
     tcase_add_test(tc, gpu_deferred_mezo_update_is_bit_identical);
     tcase_add_test(tc, gpu_galore_matches_cpu_reference);

@@ -97,16 +97,9 @@ mt_err mt_forecast_run(const mt_config *cfg, const mt_model_config *mc, int gpu,
     size_t shard = zero ? largest_shard(pl.trained_total, world) : pl.trained_total;
     double *d = f->device, *h = gpu ? f->host : f->device;
     int streamed = pl.galore || (pl.offload_streamed && !pl.zero2_streamed) || pl.zero2_streamed;
-    mt_model_options o = {.B = pl.B,
-                          .T = pl.T,
-                          .activation_checkpointing = (int)cfg->model_activation_checkpointing,
-                          .lora = pl.lora_cfg,
-                          .quantize_nf4 = !strcmp(cfg->model_quantize, "nf4"),
-                          .offload_activations = (int)cfg->model_offload_activations,
-                          .forward_only = pl.mezo,
-                          .document_mask = (int)cfg->data_document_mask,
-                          .grad_ready = streamed ? dummy_grad_ready : NULL,
-                          .grads_done = (world > 1 && !streamed) || pl.zero2_streamed ? dummy_grads_done : NULL};
+    mt_model_options o = mt_plan_model_options(&pl, cfg);
+    o.grad_ready = streamed ? dummy_grad_ready : NULL;
+    o.grads_done = (world > 1 && !streamed) || pl.zero2_streamed ? dummy_grads_done : NULL;
     mt_model_bytes mb;
     mt_model_plan_bytes(gpu, mc, &o, pl.mezo ? pl.selected : NULL, &mb);
     d[MT_MEM_WEIGHTS] = (double)mb.weights;

@@ -235,7 +235,7 @@ void mt_lora_merge(const mt_model_config *cfg, const mt_lora_config *lora, float
 }
 
 void mt_lora_report(const mt_lora_config *lora, const mt_param_info *trained, int n, size_t base_count,
-                    size_t base_bytes, int nf4, int gpu, const char *init) {
+                    size_t base_bytes, int nf4, const char *where, const char *init) {
     char targets[256];
     mt_lora_table_targets(trained, n, targets, sizeof targets);
     size_t adapter_count = 0;
@@ -244,7 +244,7 @@ void mt_lora_report(const mt_lora_config *lora, const mt_param_info *trained, in
             lora->dropout, lora->rslora ? " rsLoRA" : "", targets, adapter_count / 1e6,
             100.0 * adapter_count / (double)base_count, init[0] ? ", from " : "", init);
     mt_info("base weights frozen%s: %.2f GiB on the %s, %.3f bytes per parameter", nf4 ? " in NF4" : "",
-            base_bytes / 1073741824.0, gpu ? "GPU" : "host", (double)base_bytes / (double)base_count);
+            base_bytes / 1073741824.0, where, (double)base_bytes / (double)base_count);
 }
 
 mt_err mt_lora_read_folder(const char *dir, const mt_model_config *cfg, mt_lora_config *lora, float **values) {

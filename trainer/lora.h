@@ -41,9 +41,9 @@ void mt_lora_merge(const mt_model_config *cfg, const mt_lora_config *lora, float
 
 // Logs the start-up lines of a LoRA run: the adapters (n trained parameters
 // of the table) and the frozen base (base_count parameters in base_bytes;
-// nf4, gpu: where and how it is kept; init: lora.init or "").
+// nf4, where: how and where it is kept; init: lora.init or "").
 void mt_lora_report(const mt_lora_config *lora, const mt_param_info *trained, int n, size_t base_count,
-                    size_t base_bytes, int nf4, int gpu, const char *init);
+                    size_t base_bytes, int nf4, const char *where, const char *init);
 
 #ifdef __cplusplus
 }

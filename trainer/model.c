@@ -41,9 +41,11 @@ typedef struct {
     void *w[P_LAYER_COUNT];   // compute weights (NULL when absent, e.g. no bias, or in NF4)
     float *g[P_LAYER_COUNT];  // gradients (NULL when frozen)
     mt_nf4 q[P_LAYER_COUNT];  // NF4 storage of the linear weights (QLoRA)
-    void *lora_a[MT_LORA_MODULES], *lora_b[MT_LORA_MODULES];           // (r, IN), (OUT, r); NULL: no adapter
-    float *glora_a[MT_LORA_MODULES], *glora_b[MT_LORA_MODULES];        // their gradients
-    int index[P_LAYER_COUNT];                                          // in the parameter table (-1: absent)
+    void *lora_a[MT_LORA_MODULES], *lora_b[MT_LORA_MODULES];     // (r, IN), (OUT, r); NULL: no adapter
+    float *glora_a[MT_LORA_MODULES], *glora_b[MT_LORA_MODULES];  // their gradients
+    int index[P_LAYER_COUNT];                                    // in the parameter table (-1: absent)
+    void *home[P_LAYER_COUNT];  // streamed weights: where w[] lives in the host store (else w[] itself)
+    mt_nf4 qh[P_LAYER_COUNT];   // and q[]
     int lora_index_a[MT_LORA_MODULES], lora_index_b[MT_LORA_MODULES];  // in the adapter table
 } layer_params;
 
@@ -98,6 +100,14 @@ struct mt_model {
     void *nf4_storage;                 // every NF4 tensor, one block
     void *dequant;                     // one linear weight, dequantized (compute dtype)
     int dequant_layer, dequant_param;  // what `dequant` holds (-1: nothing)
+    // streamed base weights (mt_model_options.stream_weights): `weights` and
+    // `nf4_storage` are the host store; on the backend the embedding, final
+    // norm and lm_head (outer) and two slots of one layer's weights each
+    int streamed;
+    void *outer, *slots[2];
+    int slot_layer[2], slot_ticket[2];     // the layer each slot holds (-1: none), its copy
+    size_t layer_compute, layer_nf4;       // bytes of one layer's compute weights, NF4 storage
+    void *home_wte, *home_norm, *home_lm;  // the outer tensors in the store
     uint64_t dropout_seed;
     int training;  // dropout on (a backward step)
     int forward_only;
@@ -457,6 +467,8 @@ static mt_model *model_setup(mt_backend *be, const mt_model_config *cfg, const m
     m->layers = calloc((size_t)cfg->L, sizeof *m->layers);
     m->x = calloc((size_t)cfg->L + 1, sizeof *m->x);
     m->forward_only = o->forward_only;
+    m->streamed = o->stream_weights;
+    m->slot_layer[0] = m->slot_layer[1] = -1;
     m->decode_len = o->decode_len;
     MT_CHECK(!m->decode_len || (o->forward_only && o->T == 1 && !o->document_mask),
              "decoding needs a forward-only model of one token per row");
@@ -504,6 +516,116 @@ static size_t attention_workspace(mt_backend *be, const mt_model_config *cfg, co
     return a > b ? a : b;
 }
 
+// ------------------------------------------------------- streamed weights
+//
+// With stream_weights the base lives in a host store (`weights` and
+// `nf4_storage`, laid out as a resident model's); each layer's span of it is
+// copied into one of two slots on the backend before the layer runs, the
+// next layer's beside the compute (mt_copy_async: after every op issued so
+// far, so a slot is overwritten only once the ops reading it ran). The
+// embedding, final norm and lm_head stay on the backend (outer). Every
+// layer's span has the same size and layout, so a layer's weights are its
+// home pointers moved to the slot.
+
+// The element offset of layer l's first weight in the compute block (l = L:
+// the end of the last layer's).
+static size_t layer_start(const mt_model *m, int l) {
+    char name[96];
+    if (l < m->cfg.L)
+        snprintf(name, sizeof name, "model.layers.%d.input_layernorm.weight", l);
+    else
+        snprintf(name, sizeof name, "model.norm.weight");
+    return m->compute_offset[find_param(m, name)];
+}
+
+static size_t align256(size_t n) { return (n + 255) & ~(size_t)255; }
+
+// Bytes of the outer tensors and of one slot.
+static void streamed_sizes(mt_model *m, size_t nf4_bytes, size_t *outer, size_t *slot) {
+    size_t act = mt_act_size(m->be);
+    m->layer_compute = (layer_start(m, 1 < m->cfg.L ? 1 : m->cfg.L) - layer_start(m, 0)) * act;
+    for (int l = 1; l < m->cfg.L; l++)
+        MT_CHECK((layer_start(m, l + 1) - layer_start(m, l)) * act == m->layer_compute, "layer %d's span differs", l);
+    m->layer_nf4 = m->cfg.L ? nf4_bytes / (size_t)m->cfg.L : 0;
+    *outer = 0;
+    static const char *const names[] = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"};
+    for (int k = 0; k < 3; k++) {
+        int i = find_param(m, names[k]);
+        if (i >= 0) *outer += align16(m->params[i].count) * act;
+    }
+    *slot = align256(m->layer_compute) + m->layer_nf4;
+}
+
+// The outer tensors on the backend (their home stays in the store, where
+// mt_model_set_weights writes first).
+static void bind_outer(mt_model *m) {
+    size_t act = mt_act_size(m->be);
+    char *at = m->outer;
+    m->home_wte = m->wte, m->home_norm = m->norm_w, m->home_lm = m->lm_w;
+    void **ptrs[3] = {&m->wte, &m->norm_w, &m->lm_w};
+    int index[3] = {m->index_wte, m->index_norm, m->index_lm};
+    for (int k = 0; k < 3; k++) {
+        if (k == 2 && m->index_lm == m->index_wte) {
+            m->lm_w = m->wte;  // tied
+            break;
+        }
+        *ptrs[k] = at;
+        at += align16(m->params[index[k]].count) * act;
+    }
+}
+
+static void upload_outer(mt_model *m) {
+    size_t act = mt_act_size(m->be);
+    mt_backend_from_host(m->be, m->wte, m->home_wte, m->params[m->index_wte].count * act);
+    mt_backend_from_host(m->be, m->norm_w, m->home_norm, m->params[m->index_norm].count * act);
+    if (m->index_lm != m->index_wte)
+        mt_backend_from_host(m->be, m->lm_w, m->home_lm, m->params[m->index_lm].count * act);
+}
+
+// Copies layer l's span of the store into slot k.
+static void fill_slot(mt_model *m, int k, int l) {
+    size_t act = mt_act_size(m->be);
+    const char *compute = (const char *)m->weights + layer_start(m, l) * act;
+    const char *nf4 = m->quantized ? (const char *)m->nf4_storage + (size_t)l * m->layer_nf4 : NULL;
+    char *dst = m->slots[k];
+    if (m->be->gpu) {
+        m->slot_ticket[k] = mt_copy_async(dst, compute, m->layer_compute);
+        if (nf4) m->slot_ticket[k] = mt_copy_async(dst + align256(m->layer_compute), nf4, m->layer_nf4);
+    } else {
+        memcpy(dst, compute, m->layer_compute);
+        if (nf4) memcpy(dst + align256(m->layer_compute), nf4, m->layer_nf4);
+    }
+    m->slot_layer[k] = l;
+}
+
+// Points layer l's weights (and NF4 storage) into slot k.
+static void bind_slot(mt_model *m, int l, int k) {
+    layer_params *P = &m->layers[l];
+    const char *base = (const char *)m->weights + layer_start(m, l) * mt_act_size(m->be);
+    const char *nf4_base = m->quantized ? (const char *)m->nf4_storage + (size_t)l * m->layer_nf4 : NULL;
+    char *slot = m->slots[k], *slot_nf4 = slot + align256(m->layer_compute);
+    for (int p = 0; p < P_LAYER_COUNT; p++) {
+        P->w[p] = P->home[p] ? slot + ((const char *)P->home[p] - base) : NULL;
+        if (!P->qh[p].n) continue;
+        mt_nf4_bind(&P->q[p], slot_nf4 + ((const char *)P->qh[p].codes - nf4_base), P->qh[p].n);
+        P->q[p].offset = P->qh[p].offset;
+    }
+}
+
+// Layer l's weights on the backend, waited for; then `next` (-1: none) on
+// its way into the other slot.
+static void stream_layer(mt_model *m, int l, int next) {
+    if (!m->streamed) return;
+    int k = m->slot_layer[0] == l ? 0 : m->slot_layer[1] == l ? 1 : -1;
+    if (k < 0) {
+        k = m->slot_layer[0] == next ? 1 : 0;
+        fill_slot(m, k, l);
+    }
+    if (m->be->gpu) mt_copy_async_wait(m->slot_ticket[k]);
+    bind_slot(m, l, k);
+    if (next >= 0 && next < m->cfg.L && m->slot_layer[0] != next && m->slot_layer[1] != next) fill_slot(m, 1 - k, next);
+}
+
 mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_config *cfg, const mt_model_options *o) {
     *out = NULL;
     int B = o->B, T = o->T;
@@ -534,7 +656,12 @@ mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_confi
     mt_mem_place place = be->gpu ? MT_DEVICE : MT_HOST;
     size_t act = mt_act_size(be);
     MT_CHECK(!m->grad_ready || (!m->frozen && !m->forward_only), "streamed gradients need a full fine-tune");
-    mt_err err = mt_alloc(&m->weights, m->compute_total * act, MT_MEM_WEIGHTS, place);
+    MT_CHECK(!m->streamed || m->frozen || m->forward_only,
+             "streamed weights need a frozen base or a forward-only model");
+    // streamed: the base in host memory (pinned where a GPU copies from it)
+    mt_mem_place store = m->streamed ? MT_HOST : place;
+    mt_mem_category store_cat = m->streamed ? MT_MEM_OFFLOAD : MT_MEM_WEIGHTS;
+    mt_err err = mt_alloc(&m->weights, m->compute_total * act, store_cat, store);
     if (!err && !m->frozen && !m->forward_only && !m->grad_ready)
         err = mt_alloc((void **)&m->grads, m->total * sizeof(float), MT_MEM_GRADS, place);
     if (!err && m->grad_ready) {
@@ -544,7 +671,11 @@ mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_confi
                        place);
         if (!err) err = mt_alloc((void **)&m->grad_outer, m->grad_outer_count * sizeof(float), MT_MEM_GRADS, place);
     }
-    if (!err && m->quantized) err = mt_alloc(&m->nf4_storage, nf4_bytes, MT_MEM_WEIGHTS, place);
+    if (!err && m->quantized) err = mt_alloc(&m->nf4_storage, nf4_bytes, store_cat, store);
+    size_t outer = 0, slot = 0;
+    if (m->streamed) streamed_sizes(m, nf4_bytes, &outer, &slot);
+    if (!err && m->streamed) err = mt_alloc(&m->outer, outer, MT_MEM_WEIGHTS, place);
+    for (int k = 0; k < 2 && !err && m->streamed; k++) err = mt_alloc(&m->slots[k], slot, MT_MEM_WEIGHTS, place);
     if (!err && m->quantized) err = mt_alloc(&m->dequant, widest_linear * act, MT_MEM_WEIGHTS, place);
     if (!err && m->lora.r) err = mt_alloc(&m->adapter_weights, m->adapter_total * act, MT_MEM_ADAPTERS, place);
     if (!err && m->lora.r && !m->forward_only)
@@ -576,6 +707,11 @@ mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_confi
             mt_nf4_bind(&m->layers[l].q[lora_base_param[t]], nf4, n);
             nf4 += mt_nf4_storage_bytes(n);
         }
+    for (int l = 0; l < cfg->L; l++) {
+        memcpy(m->layers[l].home, m->layers[l].w, sizeof m->layers[l].home);
+        memcpy(m->layers[l].qh, m->layers[l].q, sizeof m->layers[l].qh);
+    }
+    if (m->streamed) bind_outer(m);
     // rope tables, computed on the host in fp32 as transformers does
     int half = cfg->D / 2;
     int R = rope_rows(m);
@@ -639,6 +775,12 @@ void mt_model_plan_bytes(int gpu, const mt_model_config *cfg, const mt_model_opt
     mt_model *m = model_setup(&be, cfg, o, attn, &nf4_bytes, &widest_linear);
     *b = (mt_model_bytes){0};
     b->weights = m->compute_total * act + (m->quantized ? nf4_bytes + widest_linear * act : 0);
+    if (m->streamed) {  // the store in host memory; on the backend the outer tensors and two slots
+        size_t outer, slot;
+        streamed_sizes(m, nf4_bytes, &outer, &slot);
+        b->offload_host += m->compute_total * act + (m->quantized ? nf4_bytes : 0);
+        b->weights = outer + 2 * slot + (m->quantized ? widest_linear * act : 0);
+    }
     b->adapters = m->lora.r ? m->adapter_total * act : 0;
     if (!m->frozen && !m->forward_only && !m->grad_ready) b->grads = m->total * sizeof(float);
     if (m->grad_ready) {
@@ -648,7 +790,7 @@ void mt_model_plan_bytes(int gpu, const mt_model_config *cfg, const mt_model_opt
     if (m->lora.r && !m->forward_only) b->grads += m->adapter_total * sizeof(float);
     b->activations = layout_activations(m, 0);
     b->activations += mt_model_kv_cache_bytes(gpu, cfg, o->B, o->decode_len);
-    b->offload_host = m->offload ? (size_t)(cfg->L - 1) * N * cfg->C * act : 0;
+    b->offload_host += m->offload ? (size_t)(cfg->L - 1) * N * cfg->C * act : 0;
     if (gpu) {
         size_t att = mt_attention_own_workspace_bytes(&attn), att_local = mt_attention_own_workspace_bytes(&local),
                norm = mt_norm_embedding_workspace_bytes_gpu((int)N, cfg->C),
@@ -669,7 +811,7 @@ void mt_model_plan_bytes(int gpu, const mt_model_config *cfg, const mt_model_opt
 
 mt_err mt_model_create(mt_model **out, mt_backend *be, const mt_model_config *cfg, int B, int T,
                        int activation_checkpointing) {
-    mt_model_options o = {B, T, activation_checkpointing, {0}, 0, 0, 0, NULL, NULL, NULL, NULL, NULL, NULL, 0, 0};
+    mt_model_options o = {.B = B, .T = T, .activation_checkpointing = activation_checkpointing};
     return mt_model_create_with(out, be, cfg, &o);
 }
 
@@ -680,6 +822,9 @@ void mt_model_free(mt_model *m) {
     mt_free((void **)&m->grad_stream);
     mt_free((void **)&m->grad_outer);
     mt_free(&m->nf4_storage);
+    mt_free(&m->outer);
+    mt_free(&m->slots[0]);
+    mt_free(&m->slots[1]);
     mt_free(&m->dequant);
     mt_free(&m->adapter_weights);
     mt_free((void **)&m->adapter_grads);
@@ -773,11 +918,38 @@ static mt_err upload_compute(mt_model *m, void *dst, const float *src, size_t n)
     return convert_compute(m, dst, (float *)src, n, 1);
 }
 
+// Streamed: the store is written on the host (bf16 by the same rounding as
+// the GPU's cast, NF4 by the CPU's quantizer), then the outer tensors go up.
+static mt_err set_streamed_weights(mt_model *m, const float *host_params) {
+    size_t act = mt_act_size(m->be);
+    for (int i = 0; i < m->num_params; i++) {
+        if (m->compute_offset[i] == SIZE_MAX) continue;
+        void *dst = (char *)m->weights + m->compute_offset[i] * act;
+        const float *src = host_params + m->params[i].offset;
+        if (m->be->gpu)
+            mt_cast_bf16_ref(dst, src, m->params[i].count);
+        else
+            memcpy(dst, src, m->params[i].count * sizeof(float));
+    }
+    mt_backend host = {0};
+    mt_err err = MT_OK;
+    for (int l = 0; l < m->cfg.L && m->quantized && !err; l++)
+        for (int t = 0; t < MT_LORA_MODULES && !err; t++)
+            if (!mt_lora_fused_part(&m->cfg, t))
+                err = mt_nf4_quantize(&host, &m->layers[l].qh[lora_base_param[t]],
+                                      host_params + m->params[linear_param(m, l, t)].offset);
+    m->slot_layer[0] = m->slot_layer[1] = -1;
+    if (!err) upload_outer(m);
+    return err;
+}
+
 mt_err mt_model_set_weights(mt_model *m, const float *host_params) {
     mt_model_flush_update(m);
     m->dequant_layer = m->dequant_param = -1;
     mt_err err = MT_OK;
-    if (!m->quantized) {
+    if (m->streamed) {
+        err = set_streamed_weights(m, host_params);
+    } else if (!m->quantized) {
         err = upload_compute(m, m->weights, host_params, m->total);
     } else {
         for (int i = 0; i < m->num_params && !err; i++) {
@@ -811,6 +983,7 @@ void mt_model_zero_grads(mt_model *m) {
 }
 
 mt_err mt_model_enable_perturbation(mt_model *m, const unsigned char *selected) {
+    MT_CHECK(!m->streamed, "MeZO's perturbation over streamed weights is not built");
     mt_trainable t;
     mt_model_trainable(m, &t);
     free(m->perturb_selected);
@@ -1193,6 +1366,7 @@ static void body_forward(mt_model *m) {
         // x[l+1]'s slot held x[l-1]: its copy out must be done
         if (offload && l >= 1) wait_x(m, l - 1);
         weights_needed(m, 1 + l);
+        stream_layer(m, l, l + 1);
         layer_forward(m, l, 0);
         if (offload && l + 1 <= c->L - 2) move_x(m, l + 1, 1);
     }
@@ -1247,6 +1421,7 @@ double mt_model_step(mt_model *m, const int32_t *inputs, const int32_t *targets,
             if (l <= c->L - 2) wait_x(m, l);
         }
         if (streamed) mt_op_zero(be, stream_buffer(m, l), m->grad_stream_count * sizeof(float));
+        stream_layer(m, l, l - 1);
         layer_backward(m, l);
         // the layer's gradients are complete: each is applied and its place reused
         for (int p = 0; p < P_LAYER_COUNT && streamed; p++)

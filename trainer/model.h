@@ -59,6 +59,9 @@ typedef struct {
                         // position in its document, and attention stays inside the document
     int decode_len;     // decoding (with forward_only and T 1): each of the B rows is a sequence
                         // with a key/value cache of decode_len positions (mt_model_decode)
+    int stream_weights;  // a frozen base (LoRA, QLoRA) or a forward-only model: the base's layers live in
+                         // host memory and each is copied into one of two slots on the backend before it
+                         // runs, the next beside the compute (the embedding, norm and lm_head stay)
 } mt_model_options;
 
 // Builds the parameter tables and allocates weights, gradients (of the
@@ -72,7 +75,7 @@ mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_confi
 typedef struct {
     size_t weights, adapters, grads, activations, workspace, perturbation;
     size_t staging;       // transient: the fp32 staging of weight uploads (GPU)
-    size_t offload_host;  // pinned host memory of offloaded layer inputs
+    size_t offload_host;  // pinned host memory of offloaded layer inputs, and of streamed weights
 } mt_model_bytes;
 void mt_model_plan_bytes(int gpu, const mt_model_config *cfg, const mt_model_options *o, const unsigned char *perturbed,
                          mt_model_bytes *b);

@@ -14,6 +14,7 @@
 #include "kernels/common.h"
 #include "trainer/config.h"
 #include "trainer/dist.h"
+#include "trainer/model.h"
 #include "trainer/params.h"
 
 #ifdef __cplusplus
@@ -52,6 +53,10 @@ typedef struct {
 // is left to free.
 mt_err mt_plan_make(mt_plan *p, const mt_config *cfg, const mt_model_config *mc, mt_dist *dist, int ngpu);
 void mt_plan_free(mt_plan *p);
+
+// The model's options for the plan's run of cfg (the gradient's hooks aside:
+// route.c installs them; the forecast counts with stand-ins).
+mt_model_options mt_plan_model_options(const mt_plan *p, const mt_config *cfg);
 
 // mezo.trainable, galore.targets: which parameters match one of the listed
 // glob patterns. Returns how many do.

@@ -111,14 +111,7 @@ static mt_err open_run(run *r) {
     r->planned = 1;
     const mt_plan *pl = &r->pl;
     mt_model_options *o = &r->opts;
-    *o = (mt_model_options){.B = r->B,
-                            .T = r->T,
-                            .activation_checkpointing = (int)cfg->model_activation_checkpointing,
-                            .lora = pl->lora_cfg,
-                            .quantize_nf4 = !strcmp(cfg->model_quantize, "nf4"),
-                            .offload_activations = (int)cfg->model_offload_activations,
-                            .forward_only = pl->mezo,
-                            .document_mask = docs};
+    *o = mt_plan_model_options(pl, cfg);
     mt_route_install(pl, r->mc.L, r->dist, r->world, &r->up.ofl, o, &r->dp, &r->zhook, &r->hook, &r->ohook);
     return mt_sampler_open(&r->sampler, cfg, &r->mc);
 }
@@ -257,7 +250,12 @@ static void report(run *r) {
     mt_info("attention: %s", attention);
     if (lora)
         mt_lora_report(lora, pl->trained, pl->n_trained, count, mt_model_base_weight_bytes(r->model),
-                       r->opts.quantize_nf4, pl->use_gpu, cfg->lora_init);
+                       r->opts.quantize_nf4,
+                       r->opts.stream_weights ? (pl->use_gpu ? "host, a layer at a time on the GPU (model.weights: cpu)"
+                                                             : "host, a layer at a time in a slot (model.weights: cpu)")
+                       : pl->use_gpu          ? "GPU"
+                                              : "host",
+                       cfg->lora_init);
     mt_updater_report(&r->up, count);
     mt_info("data %s: %llu tokens in %llu docs, %llu train batches/epoch", cfg->data_train,
             (unsigned long long)mt_dataset_num_tokens(r->ds), (unsigned long long)mt_dataset_num_docs(r->ds),

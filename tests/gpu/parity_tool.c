@@ -138,7 +138,7 @@ int main(int argc, char **argv) {
         for (int t = 0; t < T; t++) in[b * T + t] = raw[b * (T + 1) + t], tg[b * T + t] = raw[b * (T + 1) + t + 1];
     mt_backend be;
     if ((err = mt_backend_init(&be, strcmp(device, "gpu") ? -1 : 0))) return die(err);
-    mt_model_options o = {B, T, checkpointing, {0}, quantize, 0, 0, NULL, NULL, NULL, NULL, NULL, NULL, 0, 0};
+    mt_model_options o = {.B = B, .T = T, .activation_checkpointing = checkpointing, .quantize_nf4 = quantize};
     float *adapters = NULL;
     if (adapter) {
         if ((err = mt_lora_read_config(adapter, &o.lora))) return die(err);
