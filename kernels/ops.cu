@@ -1123,27 +1123,33 @@ extern "C" void mt_cast_to_f32_cuda(const mt_backend *be, float *dst, const void
 // 4): any element's draw can be regenerated, so backward recomputes the mask
 // instead of storing it.
 
+// One thread per group of 4 mask indices (offset + i for element i): the
+// groups from offset / 4 cover the n elements.
 static __global__ void dropout_kernel(bf16 *out, const bf16 *inp, size_t n, float p, float keep_scale,
-                                      unsigned long long seed) {
-    size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (t * 4 >= n) return;
+                                      unsigned long long seed, unsigned long long offset) {
+    unsigned long long group = offset / 4 + (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (group * 4 >= offset + n) return;
     curandStatePhilox4_32_10_t state;
-    curand_init(seed, t, 0, &state);
+    curand_init(seed, group, 0, &state);
     float4 u = curand_uniform4(&state);  // in (0, 1]
     float draws[4] = {u.x, u.y, u.z, u.w};
-    for (int j = 0; j < 4 && t * 4 + j < n; j++) {
-        size_t i = t * 4 + j;
+    for (int j = 0; j < 4; j++) {
+        unsigned long long index = group * 4 + j;
+        if (index < offset || index >= offset + n) continue;
+        size_t i = index - offset;
         // 1 - u is uniform in [0, 1), like the CPU's draws
         out[i] =
             1.0f - draws[j] >= p ? __float2bfloat16(__bfloat162float(inp[i]) * keep_scale) : __float2bfloat16(0.0f);
     }
 }
 
-extern "C" void mt_dropout_cuda(const mt_backend *be, void *out, const void *inp, size_t n, float p, uint64_t seed) {
+extern "C" void mt_dropout_cuda(const mt_backend *be, void *out, const void *inp, size_t n, float p, uint64_t seed,
+                                uint64_t offset) {
     (void)be;
     if (n == 0) return;
-    dropout_kernel<<<grid_for((n + 3) / 4, kThreads), kThreads>>>((bf16 *)out, (const bf16 *)inp, n, p,
-                                                                  1.0f / (1.0f - p), (unsigned long long)seed);
+    size_t groups = (offset + n + 3) / 4 - offset / 4;
+    dropout_kernel<<<grid_for(groups, kThreads), kThreads>>>((bf16 *)out, (const bf16 *)inp, n, p, 1.0f / (1.0f - p),
+                                                             (unsigned long long)seed, (unsigned long long)offset);
     CUDA_CHECK_LAUNCH();
 }
 

@@ -107,8 +107,11 @@ void mt_op_matmul_backward_scaled(const mt_backend *be, void *dinp, float *dweig
                                   const void *weight, int N, int IN, int OUT, float alpha, int accumulate);
 // out = inp * keep / (1 - p) with keep drawn from (seed, element index) alone:
 // the same seed gives the same mask (the CPU's counter-based draws; cuRAND's
-// Philox on the GPU, a different but equally fixed mask). out may alias inp.
-void mt_op_dropout(const mt_backend *be, void *out, const void *inp, size_t n, float p, uint64_t seed);
+// Philox on the GPU, a different but equally fixed mask). Element i is index
+// offset + i of the mask (a block of rows sees its rows' part of the whole
+// tensor's mask). out may alias inp.
+void mt_op_dropout(const mt_backend *be, void *out, const void *inp, size_t n, float p, uint64_t seed,
+                   uint64_t offset);
 // Zeroth-order (MeZO) perturbations. z(seed, i) is the stream of rng.h's
 // mt_rng_gauss: Philox4x32-10 and Box-Muller, cuRAND's Philox on the GPU with
 // the same words; nothing of a parameter's size is stored for it.

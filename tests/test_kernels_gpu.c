@@ -462,9 +462,9 @@ START_TEST(dropout) {
         float p = 0.1f + 0.2f * (float)s;
         float *x = host_random(n, 0.5f, 1.5f);  // never zero
         void *x_d = dev_bf16(x, n), *a_d = dev_poisoned(n * 2), *b_d = dev_poisoned(n * 2), *c_d = dev_poisoned(n * 2);
-        mt_op_dropout(&be, a_d, x_d, n, p, 42);
-        mt_op_dropout(&be, b_d, x_d, n, p, 42);
-        mt_op_dropout(&be, c_d, x_d, n, p, 43);
+        mt_op_dropout(&be, a_d, x_d, n, p, 42, 0);
+        mt_op_dropout(&be, b_d, x_d, n, p, 42, 0);
+        mt_op_dropout(&be, c_d, x_d, n, p, 43, 0);
         float *a = host_from_bf16(a_d, n), *b = host_from_bf16(b_d, n), *c = host_from_bf16(c_d, n);
         size_t dropped = 0, differ = 0;
         for (size_t i = 0; i < n; i++) {
@@ -480,7 +480,17 @@ START_TEST(dropout) {
             ck_assert(differ > n / 20);
         }
         // in place (backward applies the mask to a gradient buffer)
-        mt_op_dropout(&be, x_d, x_d, n, p, 42);
+        // a block of it at an offset: that block of the whole mask (rows of a tiled MLP)
+        if (n > 7) {
+            size_t off = 5, count = n - 7;
+            void *part_d = dev_poisoned(count * 2);
+            mt_op_dropout(&be, part_d, (const char *)x_d + off * 2, count, p, 42, off);
+            float *part = host_from_bf16(part_d, count);
+            ck_assert_mem_eq(part, a + off, count * 4);
+            free(part);
+            mt_device_free(part_d);
+        }
+        mt_op_dropout(&be, x_d, x_d, n, p, 42, 0);
         float *inplace = host_from_bf16(x_d, n);
         ck_assert_mem_eq(inplace, a, n * 4);
         free(x), free(a), free(b), free(c), free(inplace);

@@ -268,6 +268,61 @@ START_TEST(gpu_streamed_weights_equal_resident) {
 }
 END_TEST
 
+// model.mlp_tile_rows on the GPU: the MLP over tiles of 100 rows (the last
+// short) against the whole batch at once, full fine-tune and LoRA with
+// dropout (each tile its rows' part of the mask), with checkpointing.
+START_TEST(gpu_tiled_mlp_matches_untiled) {
+    for (int lora = 0; lora <= 1; lora++) {
+        mt_model_config c;
+        small_config(&c, 0);
+        int B = 2, T = 127, N = B * T;
+        mt_backend gpu;
+        ck_assert_int_eq(mt_backend_init(&gpu, 0), MT_OK);
+        mt_model_options o = {.B = B, .T = T, .activation_checkpointing = 1}, ot;
+        if (lora) o.lora = (mt_lora_config){8, 16.0f, 0.1f, 0, (1u << MT_LORA_MODULES) - 1};
+        ot = o, ot.mlp_tile_rows = 100;
+        mt_model *a, *b;
+        ck_assert_int_eq(mt_model_create_with(&a, &gpu, &c, &o), MT_OK);
+        ck_assert_int_eq(mt_model_create_with(&b, &gpu, &c, &ot), MT_OK);
+        size_t total = mt_model_num_params(a);
+        float *params = malloc(total * 4);
+        mt_model_init_random(&c, params, 71);
+        int na;
+        size_t ta = 0;
+        if (lora) free(mt_lora_param_table(&c, &o.lora, &na, &ta));
+        float *ad = malloc((ta ? ta : 1) * 4);
+        for (size_t i = 0; i < ta; i++) ad[i] = 0.05f * mt_rng_normal(72, i);
+        int32_t *in = malloc(N * 4), *tg = malloc(N * 4);
+        for (int i = 0; i < N; i++)
+            in[i] = (int32_t)(mt_rng_bits(73, i) % c.V), tg[i] = (int32_t)(mt_rng_bits(74, i) % c.V);
+        mt_model *models[2] = {a, b};
+        double loss[2];
+        float *grads[2];
+        for (int k = 0; k < 2; k++) {
+            ck_assert_int_eq(mt_model_set_weights(models[k], params), MT_OK);
+            if (lora) mt_model_set_adapters(models[k], ad);
+            mt_model_set_dropout_seed(models[k], 3);
+            mt_model_zero_grads(models[k]);
+            loss[k] = mt_model_step(models[k], in, tg, 1.0f / N, 1);
+            mt_trainable t;
+            mt_model_trainable(models[k], &t);
+            grads[k] = malloc(t.total * 4);
+            mt_copy_to_host(grads[k], t.grads, t.total * 4);
+        }
+        mt_trainable t;
+        mt_model_trainable(a, &t);
+        double cs = cosine(grads[1], grads[0], t.total), rel = fabs(loss[1] - loss[0]) / loss[0];
+        printf("tiled MLP (%s): loss %.9g untiled %.9g (rel %.1e), gradient cosine %.7f\n", lora ? "LoRA" : "full",
+               loss[1], loss[0], rel, cs);
+        ck_assert_double_lt(rel, 1e-3);
+        ck_assert_double_gt(cs, 0.9999);
+        mt_model_free(a), mt_model_free(b);
+        mt_backend_free(&gpu);
+        free(params), free(ad), free(in), free(tg), free(grads[0]), free(grads[1]);
+    }
+}
+END_TEST
+
 // LoRA and QLoRA on the GPU against the CPU reference: the same base and
 // adapters (B non-zero) give the loss and every adapter gradient; the base
 // has no gradient buffer; checkpointing changes nothing; QLoRA's GPU model is
@@ -739,6 +794,7 @@ int main(void) {
     tcase_add_test(tc, gpu_decoding_matches_cpu_and_full_forward);
     tcase_add_test(tc, gpu_lora_matches_cpu_reference);
     tcase_add_test(tc, gpu_streamed_weights_equal_resident);
+    tcase_add_test(tc, gpu_tiled_mlp_matches_untiled);
     tcase_add_test(tc, gpu_mezo_matches_cpu_reference);
     tcase_add_test(tc, gpu_deferred_mezo_update_is_bit_identical);
     tcase_add_test(tc, gpu_galore_matches_cpu_reference);

@@ -751,31 +751,78 @@ END_TEST
 // the whole-sequence forward (the model checked against transformers) and so
 // the same greedy tokens; a sliding window and tied embeddings too. Sampling:
 // temperature 0 is argmax, top-k 1 is argmax, draws are reproducible by seed.
-START_TEST(generation_matches_the_full_forward) {
-    static const char *const configs[] = {
-        NULL,  // the tiny Llama
-        "{\"architectures\":[\"Qwen2ForCausalLM\"],\"model_type\":\"qwen2\",\"vocab_size\":13,\"hidden_size\":12,"
-        "\"intermediate_size\":20,\"num_hidden_layers\":2,\"num_attention_heads\":3,\"num_key_value_heads\":1,"
-        "\"max_position_embeddings\":64,\"rms_norm_eps\":1e-6,\"rope_theta\":1000.0,\"tie_word_embeddings\":true,"
-        "\"sliding_window\":5,\"use_sliding_window\":true,\"max_window_layers\":0}",
-        "{\"architectures\":[\"Qwen3ForCausalLM\"],\"model_type\":\"qwen3\",\"vocab_size\":13,\"hidden_size\":12,"
-        "\"intermediate_size\":20,\"num_hidden_layers\":2,\"num_attention_heads\":4,\"num_key_value_heads\":2,"
-        "\"head_dim\":8,\"max_position_embeddings\":64,\"rms_norm_eps\":1e-6,\"rope_theta\":1000.0,"
-        "\"tie_word_embeddings\":true}",
-        "{\"architectures\":[\"Gemma3ForCausalLM\"],\"model_type\":\"gemma3_text\",\"vocab_size\":13,\"hidden_size\":"
-        "12,"
-        "\"intermediate_size\":20,\"num_hidden_layers\":3,\"num_attention_heads\":4,\"num_key_value_heads\":1,"
-        "\"head_dim\":8,\"max_position_embeddings\":64,\"query_pre_attn_scalar\":6,\"sliding_window\":5,"
-        "\"sliding_window_pattern\":3,\"rope_theta\":1000.0,\"rope_local_base_freq\":100.0,"
-        "\"rope_scaling\":{\"rope_type\":\"linear\",\"factor\":2.0}}",
-        "{\"architectures\":[\"Phi3ForCausalLM\"],\"model_type\":\"phi3\",\"vocab_size\":13,\"hidden_size\":16,"
-        "\"intermediate_size\":20,\"num_hidden_layers\":2,\"num_attention_heads\":4,\"num_key_value_heads\":2,"
-        "\"max_position_embeddings\":64,\"rms_norm_eps\":1e-5,\"rope_theta\":10000.0,\"sliding_window\":7,"
-        "\"resid_pdrop\":0.0,\"embd_pdrop\":0.0,\"attention_dropout\":0.0,\"tie_word_embeddings\":false}"};
-    static const char *const names[] = {"gen-llama", "gen-qwen", "gen-qwen3", "gen-gemma3", "gen-phi3"};
+// Small models of each family: a Llama (the tiny one, NULL here), Qwen2 with
+// tied embeddings and a sliding window, Qwen3, Gemma 3 (sliding and global
+// layers, linear RoPE scaling), Phi-3.
+static const char *const family_configs[] = {
+    NULL,  // the tiny Llama
+    "{\"architectures\":[\"Qwen2ForCausalLM\"],\"model_type\":\"qwen2\",\"vocab_size\":13,\"hidden_size\":12,"
+    "\"intermediate_size\":20,\"num_hidden_layers\":2,\"num_attention_heads\":3,\"num_key_value_heads\":1,"
+    "\"max_position_embeddings\":64,\"rms_norm_eps\":1e-6,\"rope_theta\":1000.0,\"tie_word_embeddings\":true,"
+    "\"sliding_window\":5,\"use_sliding_window\":true,\"max_window_layers\":0}",
+    "{\"architectures\":[\"Qwen3ForCausalLM\"],\"model_type\":\"qwen3\",\"vocab_size\":13,\"hidden_size\":12,"
+    "\"intermediate_size\":20,\"num_hidden_layers\":2,\"num_attention_heads\":4,\"num_key_value_heads\":2,"
+    "\"head_dim\":8,\"max_position_embeddings\":64,\"rms_norm_eps\":1e-6,\"rope_theta\":1000.0,"
+    "\"tie_word_embeddings\":true}",
+    "{\"architectures\":[\"Gemma3ForCausalLM\"],\"model_type\":\"gemma3_text\",\"vocab_size\":13,\"hidden_size\":"
+    "12,"
+    "\"intermediate_size\":20,\"num_hidden_layers\":3,\"num_attention_heads\":4,\"num_key_value_heads\":1,"
+    "\"head_dim\":8,\"max_position_embeddings\":64,\"query_pre_attn_scalar\":6,\"sliding_window\":5,"
+    "\"sliding_window_pattern\":3,\"rope_theta\":1000.0,\"rope_local_base_freq\":100.0,"
+    "\"rope_scaling\":{\"rope_type\":\"linear\",\"factor\":2.0}}",
+    "{\"architectures\":[\"Phi3ForCausalLM\"],\"model_type\":\"phi3\",\"vocab_size\":13,\"hidden_size\":16,"
+    "\"intermediate_size\":20,\"num_hidden_layers\":2,\"num_attention_heads\":4,\"num_key_value_heads\":2,"
+    "\"max_position_embeddings\":64,\"rms_norm_eps\":1e-5,\"rope_theta\":10000.0,\"sliding_window\":7,"
+    "\"resid_pdrop\":0.0,\"embd_pdrop\":0.0,\"attention_dropout\":0.0,\"tie_word_embeddings\":false}"};
+static const char *const family_names[] = {"gen-llama", "gen-qwen", "gen-qwen3", "gen-gemma3", "gen-phi3"};
+
+// model.mlp_tile_rows: the MLP over tiles of rows (the last one short) gives
+// the untiled model's loss bit for bit and its gradients within fp32's
+// reordering of the weight gradients' sums over tiles, in every family, with
+// and without checkpointing; its (rows, intermediate) buffers shrink.
+START_TEST(tiled_mlp_equals_untiled) {
     for (int variant = 0; variant < 5; variant++) {
         char folder[300];
-        make_folder(names[variant], variant ? configs[variant] : tu_tiny_llama_json, folder, sizeof folder);
+        make_folder(family_names[variant], variant ? family_configs[variant] : tu_tiny_llama_json, folder,
+                    sizeof folder);
+        mt_model_config mc;
+        float *params = random_params(folder, &mc, 61 + variant);
+        mt_backend be;
+        ck_assert_int_eq(mt_backend_init(&be, -1), MT_OK);
+        enum { B = 2, T = 11, N = B * T };
+        int32_t in[N], tg[N];
+        for (int i = 0; i < N; i++)
+            in[i] = (int32_t)(mt_rng_bits(62, i) % mc.V), tg[i] = (int32_t)(mt_rng_bits(63, i) % mc.V);
+        for (int ckpt = 0; ckpt <= 1; ckpt++) {
+            mt_model_options o = {.B = B, .T = T, .activation_checkpointing = ckpt}, ot = o;
+            ot.mlp_tile_rows = 5;  // 4 tiles of 5 rows and one of 2
+            mt_model *a, *b;
+            ck_assert_int_eq(mt_model_create_with(&a, &be, &mc, &o), MT_OK);
+            ck_assert_int_eq(mt_model_create_with(&b, &be, &mc, &ot), MT_OK);
+            ck_assert_int_eq(mt_model_set_weights(a, params), MT_OK);
+            ck_assert_int_eq(mt_model_set_weights(b, params), MT_OK);
+            double la = mt_model_step(a, in, tg, 1.0f, 1), lb = mt_model_step(b, in, tg, 1.0f, 1);
+            ck_assert_msg(la == lb, "variant %d checkpointing %d: loss %.17g tiled %.17g", variant, ckpt, la, lb);
+            size_t total = mt_model_num_params(a);
+            double err = tu_norm_rel_error(mt_model_grads(b), mt_model_grads(a), total);
+            ck_assert_msg(err < 1e-6, "variant %d checkpointing %d: gradients differ by %g", variant, ckpt, err);
+            mt_model_bytes ba, bb;
+            mt_model_plan_bytes(0, &mc, &o, NULL, &ba);
+            mt_model_plan_bytes(0, &mc, &ot, NULL, &bb);
+            ck_assert_uint_lt(bb.activations, ba.activations);
+            mt_model_free(a), mt_model_free(b);
+        }
+        mt_backend_free(&be);
+        free(params);
+    }
+}
+END_TEST
+
+START_TEST(generation_matches_the_full_forward) {
+    for (int variant = 0; variant < 5; variant++) {
+        char folder[300];
+        make_folder(family_names[variant], variant ? family_configs[variant] : tu_tiny_llama_json, folder,
+                    sizeof folder);
         mt_model_config mc;
         float *params = random_params(folder, &mc, 21 + variant);
         int n_params;
@@ -1545,6 +1592,7 @@ int main(void) {
     tcase_add_test(tc, generation_matches_the_full_forward);
     tcase_add_test(tc, generation_applies_adapters_on_the_fly_and_over_nf4);
     tcase_add_test(tc, batched_decoding_gives_the_generators_texts);
+    tcase_add_test(tc, tiled_mlp_equals_untiled);
     tcase_add_test(tc, training_samples_its_text);
     tcase_add_test(tc, resume_is_bit_identical);
     tcase_add_test(tc, lora_resume_is_bit_identical);

@@ -26,6 +26,8 @@
 // FLOPs a token, gives R; AdamW's state in host memory took 290 ms a step more
 // for 1.1B parameters, S. The estimate is relative: different GPUs scale R.
 static const double kFlopsPerSecond = 2.63e14, kOffloadParamsPerSecond = 3.8e9;
+// pinned host memory to the GPU over PCIe (a planning figure, not yet measured here)
+static const double kHostToDeviceBytesPerSecond = 2.5e10;
 // offload/store.c's read-ahead for a file store (records in flight: it, plus 3)
 enum { kSsdPrefetch = 2 };
 
@@ -107,7 +109,7 @@ mt_err mt_forecast_run(const mt_config *cfg, const mt_model_config *mc, int gpu,
     d[MT_MEM_GRADS] = (double)mb.grads;
     d[MT_MEM_ACTIVATIONS] = (double)mb.activations;
     d[MT_MEM_WORKSPACE] = (double)(mb.workspace + mb.perturbation);
-    h[MT_MEM_OFFLOAD] += (double)mb.offload_host;
+    h[MT_MEM_OFFLOAD] += (double)(mb.offload_host + mb.weights_host);
     double transient = (double)mb.staging;
     const char *state_where;
     if (pl.mezo) {
@@ -152,7 +154,11 @@ mt_err mt_forecast_run(const mt_config *cfg, const mt_model_config *mc, int gpu,
     double passes = pl.mezo ? 2.0 * (double)cfg->mezo_samples : pl.lora ? 2.0 : 3.0;
     if (cfg->model_activation_checkpointing && !pl.mezo) passes += 1.0;
     f->tokens = (double)pl.B * pl.T * pl.accum * (world > 0 ? world : 1);
-    f->step_time += passes * fwd * (double)pl.B * pl.T * pl.accum / kFlopsPerSecond;
+    double compute = passes * fwd * (double)pl.B * pl.T * pl.accum / kFlopsPerSecond;
+    // streamed weights cross to the GPU once in forward and once in backward
+    // a micro-batch, beside the compute: the slower of the two binds
+    double moved = (double)mb.weights_host * (pl.mezo ? 2.0 * (double)cfg->mezo_samples : 2.0) * pl.accum;
+    f->step_time += gpu && moved / kHostToDeviceBytesPerSecond > compute ? moved / kHostToDeviceBytesPerSecond : compute;
     snprintf(f->what, sizeof f->what, "%s%.2fM of %.2fM parameters trained; %s%s", pl.lora ? "LoRA: " : "",
              pl.trained_total / 1e6, P / 1e6, state_where, zero ? "; ZeRO shards over the ranks" : "");
     mt_plan_free(&pl);
@@ -263,6 +269,8 @@ mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_s
         {"MeZO (all weights)", "lora.r=0", "model.quantize=none", "optim.kind=mezo", "offload.optimizer=none", NULL},
         {"AdamW state in host memory + ckpt", "lora.r=0", "model.quantize=none", "optim.kind=adamw",
          "offload.optimizer=cpu", "model.activation_checkpointing=true"},
+        {"MLP in tiles of 4096 tokens", "model.mlp_tile_rows=4096", NULL},
+        {"base in host memory, streamed", "model.weights=cpu", NULL},
         {"micro-batch x2", mb2, NULL},
         {"micro-batch /2, accumulation x2", mbh, acc2, NULL},
     };

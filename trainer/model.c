@@ -156,6 +156,7 @@ struct mt_model {
     float *cos_table, *sin_table;   // (T, D/2), decoding (decode_len, D/2)
     float *cos_local, *sin_local;   // Gemma's sliding layers' (as above), else NULL
     int decode_len;                 // decoding: positions per row's cache, else 0
+    int mlp_rows, mlp_tiled;        // rows of an MLP tile (N: untiled), and whether N > mlp_rows
     void *kcache, *vcache;          // (L, B, KV, decode_len, D) compute dtype
     mt_attention_shape attn_local;  // Gemma's sliding layers' attention
     int chunk_rows;
@@ -383,8 +384,8 @@ static size_t layout_activations(mt_model *m, uintptr_t base) {
         A->atty = carve(&cur, N * HD * a);
         A->x2 = carve(&cur, N * c->C * a);
         A->ln2 = carve(&cur, N * c->C * a);
-        A->gate = carve(&cur, N * c->F * a);
-        A->up = carve(&cur, N * c->F * a);
+        A->gate = carve(&cur, (size_t)m->mlp_rows * c->F * a);
+        A->up = carve(&cur, (size_t)m->mlp_rows * c->F * a);
         A->rstd1 = carve(&cur, N * 4);
         A->rstd2 = carve(&cur, N * 4);
         A->lse = carve(&cur, N * c->H * 4);
@@ -408,9 +409,9 @@ static size_t layout_activations(mt_model *m, uintptr_t base) {
     m->rstdf = carve(&cur, N * 4);
     m->qkv_flat = carve(&cur, N * (HD + 2 * KVD) * a);
     m->scratch_c = carve(&cur, N * c->C * a);
-    m->f0 = carve(&cur, N * c->F * a);
+    m->f0 = carve(&cur, (size_t)m->mlp_rows * c->F * a);
     if (backward) {
-        m->f1 = carve(&cur, N * c->F * a);
+        m->f1 = carve(&cur, (size_t)m->mlp_rows * c->F * a);
         m->dres = carve(&cur, N * c->C * a);
         m->dln = carve(&cur, N * c->C * a);
         m->datty = carve(&cur, N * HD * a);
@@ -470,6 +471,9 @@ static mt_model *model_setup(mt_backend *be, const mt_model_config *cfg, const m
     m->streamed = o->stream_weights;
     m->slot_layer[0] = m->slot_layer[1] = -1;
     m->decode_len = o->decode_len;
+    int tokens = o->B * o->T;
+    m->mlp_rows = o->mlp_tile_rows > 0 && o->mlp_tile_rows < tokens ? o->mlp_tile_rows : tokens;
+    m->mlp_tiled = m->mlp_rows < tokens;
     MT_CHECK(!m->decode_len || (o->forward_only && o->T == 1 && !o->document_mask),
              "decoding needs a forward-only model of one token per row");
     m->perturb_matrix_holds = m->perturb_vector_holds = -1;
@@ -778,7 +782,7 @@ void mt_model_plan_bytes(int gpu, const mt_model_config *cfg, const mt_model_opt
     if (m->streamed) {  // the store in host memory; on the backend the outer tensors and two slots
         size_t outer, slot;
         streamed_sizes(m, nf4_bytes, &outer, &slot);
-        b->offload_host += m->compute_total * act + (m->quantized ? nf4_bytes : 0);
+        b->weights_host = m->compute_total * act + (m->quantized ? nf4_bytes : 0);
         b->weights = outer + 2 * slot + (m->quantized ? widest_linear * act : 0);
     }
     b->adapters = m->lora.r ? m->adapter_total * act : 0;
@@ -790,7 +794,7 @@ void mt_model_plan_bytes(int gpu, const mt_model_config *cfg, const mt_model_opt
     if (m->lora.r && !m->forward_only) b->grads += m->adapter_total * sizeof(float);
     b->activations = layout_activations(m, 0);
     b->activations += mt_model_kv_cache_bytes(gpu, cfg, o->B, o->decode_len);
-    b->offload_host += m->offload ? (size_t)(cfg->L - 1) * N * cfg->C * act : 0;
+    b->offload_host = m->offload ? (size_t)(cfg->L - 1) * N * cfg->C * act : 0;
     if (gpu) {
         size_t att = mt_attention_own_workspace_bytes(&attn), att_local = mt_attention_own_workspace_bytes(&local),
                norm = mt_norm_embedding_workspace_bytes_gpu((int)N, cfg->C),
@@ -1134,54 +1138,84 @@ static uint64_t dropout_seed(const mt_model *m, int l, int t) {
     return mt_rng_bits(m->dropout_seed, (uint64_t)l * MT_LORA_MODULES + (uint64_t)mt_lora_fused_owner(&m->cfg, t));
 }
 
+// The adapters see rows r0..r0+R of the batch (all N rows, or a tile of the
+// MLP's): x, y, dx and dy point at those rows; their u rows and dropout mask
+// are those rows' part of the whole batch's.
+
 // x as the adapter sees it: dropout(x) in training (into drop_buf), else x.
-static const void *adapter_input(mt_model *m, int l, int t, const void *x, int IN) {
+static const void *adapter_input(mt_model *m, int l, int t, const void *x, int IN, int r0, int R) {
     if (!m->drop_buf || !m->training) return x;
-    mt_op_dropout(m->be, m->drop_buf, x, (size_t)m->B * m->T * IN, m->lora.dropout, dropout_seed(m, l, t));
+    mt_op_dropout(m->be, m->drop_buf, x, (size_t)R * IN, m->lora.dropout, dropout_seed(m, l, t), (uint64_t)r0 * IN);
     return m->drop_buf;
 }
 
-// y (N, OUT) += scale * B (A dropout(x)); keeps u = A dropout(x) (N, r).
-static void lora_forward(mt_model *m, int l, int t, void *y, const void *x, int IN, int OUT) {
+// y (R, OUT) += scale * B (A dropout(x)); keeps u = A dropout(x) (its R rows).
+static void lora_forward(mt_model *m, int l, int t, void *y, const void *x, int IN, int OUT, int r0, int R) {
     layer_params *P = &m->layers[l];
     if (!P->lora_a[t]) return;
-    int N = m->B * m->T, r = m->lora.r;
-    void *u = acts_of(m, l)->lora_u[t];
-    mt_op_matmul_forward(m->be, u, adapter_input(m, l, t, x, IN), perturbed(m, P->lora_index_a[t], P->lora_a[t]), NULL,
-                         N, IN, r);
+    int r = m->lora.r;
+    void *u = rows(m, acts_of(m, l)->lora_u[t], (size_t)r0, (size_t)r);
+    mt_op_matmul_forward(m->be, u, adapter_input(m, l, t, x, IN, r0, R),
+                         perturbed(m, P->lora_index_a[t], P->lora_a[t]), NULL, R, IN, r);
     // a fused module's part: its rows of the whole B (MeZO perturbs the whole)
     int owner = mt_lora_fused_owner(&m->cfg, t);
     const void *whole = perturbed(m, P->lora_index_b[t], P->lora_b[owner]);
     const void *b = (const char *)whole + ((const char *)P->lora_b[t] - (const char *)P->lora_b[owner]);
-    mt_op_matmul_forward_add(m->be, y, u, b, N, r, OUT, m->lora_scale);
+    mt_op_matmul_forward_add(m->be, y, u, b, R, r, OUT, m->lora_scale);
 }
 
-// Adds the adapter's gradients from dy (N, OUT) and its part of dx (N, IN),
+// Adds the adapter's gradients from dy (R, OUT) and its part of dx (R, IN),
 // which already holds the base's part.
-static void lora_backward(mt_model *m, int l, int t, void *dx, const void *dy, const void *x, int IN, int OUT) {
+static void lora_backward(mt_model *m, int l, int t, void *dx, const void *dy, const void *x, int IN, int OUT, int r0,
+                          int R) {
     layer_params *P = &m->layers[l];
     if (!P->lora_a[t]) return;
     mt_backend *be = m->be;
-    int N = m->B * m->T, r = m->lora.r;
-    const void *u = acts_of(m, l)->lora_u[t];
+    int r = m->lora.r;
+    const void *u = rows(m, acts_of(m, l)->lora_u[t], (size_t)r0, (size_t)r);
     // du = scale dy B, dB += scale dy^T u
-    mt_op_matmul_backward_scaled(be, m->lora_du, P->glora_b[t], dy, u, P->lora_b[t], N, r, OUT, m->lora_scale, 0);
+    mt_op_matmul_backward_scaled(be, m->lora_du, P->glora_b[t], dy, u, P->lora_b[t], R, r, OUT, m->lora_scale, 0);
     // dA += du^T dropout(x)
-    mt_op_matmul_backward_scaled(be, NULL, P->glora_a[t], m->lora_du, adapter_input(m, l, t, x, IN), P->lora_a[t], N,
-                                 IN, r, 1.0f, 0);
+    mt_op_matmul_backward_scaled(be, NULL, P->glora_a[t], m->lora_du, adapter_input(m, l, t, x, IN, r0, R),
+                                 P->lora_a[t], R, IN, r, 1.0f, 0);
     if (!m->drop_buf || !m->training) {
-        mt_op_matmul_backward_scaled(be, dx, NULL, m->lora_du, NULL, P->lora_a[t], N, IN, r, 1.0f, 1);
+        mt_op_matmul_backward_scaled(be, dx, NULL, m->lora_du, NULL, P->lora_a[t], R, IN, r, 1.0f, 1);
         return;
     }
     // through the dropout: the same mask, regenerated from its seed
-    size_t n = (size_t)N * IN;
-    mt_op_matmul_backward_scaled(be, m->drop_buf, NULL, m->lora_du, NULL, P->lora_a[t], N, IN, r, 1.0f, 0);
-    mt_op_dropout(be, m->drop_buf, m->drop_buf, n, m->lora.dropout, dropout_seed(m, l, t));
+    size_t n = (size_t)R * IN;
+    mt_op_matmul_backward_scaled(be, m->drop_buf, NULL, m->lora_du, NULL, P->lora_a[t], R, IN, r, 1.0f, 0);
+    mt_op_dropout(be, m->drop_buf, m->drop_buf, n, m->lora.dropout, dropout_seed(m, l, t), (uint64_t)r0 * IN);
     mt_op_add(be, dx, dx, m->drop_buf, n);
 }
 
 // The MLP's gate activation: Gemma's tanh GELU, else SiLU.
 static mt_act glu_act(const mt_model_config *c) { return c->gemma ? MT_ACT_GELU_TANH : MT_ACT_SILU; }
+
+// The MLP over rows r0..r0+R of the batch (all N, or a tile: model option
+// mlp_tile_rows): gate and up into A->gate and A->up (R rows), and unless d
+// is NULL act(gate) * up into f0 and down_proj's output into d's rows.
+static void mlp_rows_forward(mt_model *m, int l, int r0, int R, void *d) {
+    const mt_model_config *c = &m->cfg;
+    mt_backend *be = m->be;
+    layer_acts *A = acts_of(m, l);
+    const void *ln2 = rows(m, A->ln2, (size_t)r0, (size_t)c->C);
+    mt_op_matmul_forward(be, A->gate, ln2, layer_weight(m, l, P_WG), NULL, R, c->C, c->F);
+    lora_forward(m, l, MT_LORA_GATE, A->gate, ln2, c->C, c->F, r0, R);
+    mt_op_matmul_forward(be, A->up, ln2, layer_weight(m, l, P_WU), NULL, R, c->C, c->F);
+    lora_forward(m, l, MT_LORA_UP, A->up, ln2, c->C, c->F, r0, R);
+    if (!d) return;
+    mt_op_glu_forward(be, m->f0, A->gate, A->up, (size_t)R * c->F, glu_act(c));
+    void *dr = rows(m, d, (size_t)r0, (size_t)c->C);
+    mt_op_matmul_forward(be, dr, m->f0, layer_weight(m, l, P_WD), NULL, R, c->F, c->C);
+    lora_forward(m, l, MT_LORA_DOWN, dr, m->f0, c->F, c->C, r0, R);
+}
+
+// Rows in the MLP tile starting at row r0.
+static int tile_rows(const mt_model *m, int r0) {
+    int N = m->B * m->T;
+    return N - r0 < m->mlp_rows ? N - r0 : m->mlp_rows;
+}
 
 // Decoding: the rows' new keys and values into layer l's caches, then each
 // row's queries over its cached positions (Gemma's sliding layers and
@@ -1211,15 +1245,15 @@ static void layer_forward(mt_model *m, int l, int recompute) {
     // Qwen3: the projections stay for backward; each head's norm writes what RoPE reads
     void *qp = c->qk_norm ? A->qraw : qf, *kp = c->qk_norm ? A->kraw : kf;
     mt_op_matmul_forward(be, qp, A->ln1, layer_weight(m, l, P_WQ), layer_weight(m, l, P_BQ), N, c->C, HD);
-    lora_forward(m, l, MT_LORA_Q, qp, A->ln1, c->C, HD);
+    lora_forward(m, l, MT_LORA_Q, qp, A->ln1, c->C, HD, 0, N);
     mt_op_matmul_forward(be, kp, A->ln1, layer_weight(m, l, P_WK), layer_weight(m, l, P_BK), N, c->C, KVD);
-    lora_forward(m, l, MT_LORA_K, kp, A->ln1, c->C, KVD);
+    lora_forward(m, l, MT_LORA_K, kp, A->ln1, c->C, KVD, 0, N);
     if (c->qk_norm) {
         mt_op_rmsnorm_forward(be, qf, A->rstd_q, qp, layer_weight(m, l, P_QN), N * c->H, c->D, c->rms_eps, g);
         mt_op_rmsnorm_forward(be, kf, A->rstd_k, kp, layer_weight(m, l, P_KN), N * c->KV, c->D, c->rms_eps, g);
     }
     mt_op_matmul_forward(be, vf, A->ln1, layer_weight(m, l, P_WV), layer_weight(m, l, P_BV), N, c->C, KVD);
-    lora_forward(m, l, MT_LORA_V, vf, A->ln1, c->C, KVD);
+    lora_forward(m, l, MT_LORA_V, vf, A->ln1, c->C, KVD, 0, N);
     mt_op_rope_forward(be, A->q, qf, cs, sn, m->pos, m->B, m->T, c->H, c->D, 1);
     mt_op_rope_forward(be, A->k, kf, cs, sn, m->pos, m->B, m->T, c->KV, c->D, 1);
     mt_op_rope_forward(be, A->v, vf, cs, sn, m->pos, m->B, m->T, c->KV, c->D, 0);
@@ -1230,20 +1264,20 @@ static void layer_forward(mt_model *m, int l, int recompute) {
     // Gemma: o_proj's output is kept and normalised before the residual
     void *o = g ? A->attn_out : m->scratch_c;
     mt_op_matmul_forward(be, o, A->atty, layer_weight(m, l, P_WO), layer_weight(m, l, P_BO), N, HD, c->C);
-    lora_forward(m, l, MT_LORA_O, o, A->atty, HD, c->C);
+    lora_forward(m, l, MT_LORA_O, o, A->atty, HD, c->C, 0, N);
     if (g) mt_op_rmsnorm_forward(be, m->scratch_c, A->rstd_a, o, layer_weight(m, l, P_ANORM), N, c->C, c->rms_eps, 1);
     mt_op_add(be, A->x2, m->x[l], m->scratch_c, (size_t)N * c->C);
     mt_op_rmsnorm_forward(be, A->ln2, A->rstd2, A->x2, layer_weight(m, l, P_LN2), N, c->C, c->rms_eps, g);
-    mt_op_matmul_forward(be, A->gate, A->ln2, layer_weight(m, l, P_WG), NULL, N, c->C, c->F);
-    lora_forward(m, l, MT_LORA_GATE, A->gate, A->ln2, c->C, c->F);
-    mt_op_matmul_forward(be, A->up, A->ln2, layer_weight(m, l, P_WU), NULL, N, c->C, c->F);
-    lora_forward(m, l, MT_LORA_UP, A->up, A->ln2, c->C, c->F);
-    // Gemma's backward needs down_proj's output for its norm: recompute reaches it
-    if (recompute && !g) return;
-    mt_op_glu_forward(be, m->f0, A->gate, A->up, (size_t)N * c->F, glu_act(c));
+    // the MLP, whole or in tiles of rows; Gemma's backward needs down_proj's
+    // output for its norm: recompute reaches it
     void *d = g ? A->mlp_out : m->scratch_c;
-    mt_op_matmul_forward(be, d, m->f0, layer_weight(m, l, P_WD), NULL, N, c->F, c->C);
-    lora_forward(m, l, MT_LORA_DOWN, d, m->f0, c->F, c->C);
+    if (!m->mlp_tiled) {
+        mlp_rows_forward(m, l, 0, N, recompute && !g ? NULL : d);
+        if (recompute && !g) return;
+    } else {
+        if (recompute && !g) return;  // backward recomputes each tile
+        for (int r0 = 0; r0 < N; r0 += m->mlp_rows) mlp_rows_forward(m, l, r0, tile_rows(m, r0), d);
+    }
     if (g) mt_op_rmsnorm_forward(be, m->scratch_c, A->rstd_f, d, layer_weight(m, l, P_FNORM), N, c->C, c->rms_eps, 1);
     if (recompute) return;  // x[l+1] is kept (and its slot may hold another layer's input)
     mt_op_add(be, m->x[l + 1], A->x2, m->scratch_c, (size_t)N * c->C);
@@ -1260,6 +1294,35 @@ static void *sandwich_backward(mt_model *m, int l, int p, const void *in, const 
     return m->scratch_c;
 }
 
+// The MLP's backward over rows r0..r0+R, from gate and up of those rows (in
+// A->gate, A->up) and dmlp (N, C): its weights' gradients added, and the
+// rows' d(loss)/d(ln2) into dln's rows.
+static void mlp_rows_backward(mt_model *m, int l, const void *dmlp, int r0, int R) {
+    const mt_model_config *c = &m->cfg;
+    mt_backend *be = m->be;
+    layer_params *P = &m->layers[l];
+    layer_acts *A = acts_of(m, l);
+    size_t RF = (size_t)R * c->F;
+    mt_op_glu_forward(be, m->f0, A->gate, A->up, RF, glu_act(c));
+    if (P->lora_a[MT_LORA_DOWN] && (m->mlp_tiled || (m->checkpointing && !c->gemma))) {
+        // the recompute stopped before down_proj (or a tile's was not kept): its adapter's u again
+        mt_op_matmul_forward(be, rows(m, A->lora_u[MT_LORA_DOWN], (size_t)r0, (size_t)m->lora.r),
+                             adapter_input(m, l, MT_LORA_DOWN, m->f0, c->F, r0, R), P->lora_a[MT_LORA_DOWN], NULL, R,
+                             c->F, m->lora.r);
+    }
+    const void *dy = rows(m, (void *)dmlp, (size_t)r0, (size_t)c->C), *ln2 = rows(m, A->ln2, (size_t)r0, (size_t)c->C);
+    void *dln = rows(m, m->dln, (size_t)r0, (size_t)c->C);
+    mt_op_matmul_backward(be, m->f1, P->g[P_WD], NULL, dy, m->f0, base_weight(m, l, P_WD), R, c->F, c->C, 0);
+    lora_backward(m, l, MT_LORA_DOWN, m->f1, dy, m->f0, c->F, c->C, r0, R);
+    // up's gradient replaces up itself (read first, element by element)
+    void *dup = A->up;
+    mt_op_glu_backward(be, m->f0, dup, m->f1, A->gate, A->up, RF, glu_act(c));
+    mt_op_matmul_backward(be, dln, P->g[P_WG], NULL, m->f0, ln2, base_weight(m, l, P_WG), R, c->C, c->F, 0);
+    lora_backward(m, l, MT_LORA_GATE, dln, m->f0, ln2, c->C, c->F, r0, R);
+    mt_op_matmul_backward(be, dln, P->g[P_WU], NULL, dup, ln2, base_weight(m, l, P_WU), R, c->C, c->F, 1);
+    lora_backward(m, l, MT_LORA_UP, dln, dup, ln2, c->C, c->F, r0, R);
+}
+
 // Adds layer l's gradients; dres holds d(loss)/d(x[l+1]) on entry and
 // d(loss)/d(x[l]) on exit.
 static void layer_backward(mt_model *m, int l) {
@@ -1271,29 +1334,21 @@ static void layer_backward(mt_model *m, int l) {
     int g = c->gemma, local = mt_layer_local(c, l);
     const float *cs = local ? m->cos_local : m->cos_table, *sn = local ? m->sin_local : m->sin_table;
     if (m->checkpointing) layer_forward(m, l, 1);
-    size_t NF = (size_t)N * c->F;
-    mt_op_glu_forward(be, m->f0, A->gate, A->up, NF, glu_act(c));
-    if (P->lora_a[MT_LORA_DOWN] && m->checkpointing && !g) {
-        // the recompute stopped before down_proj: its adapter's u again
-        mt_op_matmul_forward(be, A->lora_u[MT_LORA_DOWN], adapter_input(m, l, MT_LORA_DOWN, m->f0, c->F),
-                             P->lora_a[MT_LORA_DOWN], NULL, N, c->F, m->lora.r);
-    }
     // Gemma: through the MLP output's norm first
     void *dmlp = g ? sandwich_backward(m, l, P_FNORM, A->mlp_out, A->rstd_f) : m->dres;
-    mt_op_matmul_backward(be, m->f1, P->g[P_WD], NULL, dmlp, m->f0, base_weight(m, l, P_WD), N, c->F, c->C, 0);
-    lora_backward(m, l, MT_LORA_DOWN, m->f1, dmlp, m->f0, c->F, c->C);
-    // up's gradient replaces up itself (read first, element by element)
-    void *dup = A->up;
-    mt_op_glu_backward(be, m->f0, dup, m->f1, A->gate, A->up, NF, glu_act(c));
-    mt_op_matmul_backward(be, m->dln, P->g[P_WG], NULL, m->f0, A->ln2, base_weight(m, l, P_WG), N, c->C, c->F, 0);
-    lora_backward(m, l, MT_LORA_GATE, m->dln, m->f0, A->ln2, c->C, c->F);
-    mt_op_matmul_backward(be, m->dln, P->g[P_WU], NULL, dup, A->ln2, base_weight(m, l, P_WU), N, c->C, c->F, 1);
-    lora_backward(m, l, MT_LORA_UP, m->dln, dup, A->ln2, c->C, c->F);
+    if (!m->mlp_tiled) {
+        mlp_rows_backward(m, l, dmlp, 0, N);
+    } else {
+        for (int r0 = 0; r0 < N; r0 += m->mlp_rows) {
+            mlp_rows_forward(m, l, r0, tile_rows(m, r0), NULL);
+            mlp_rows_backward(m, l, dmlp, r0, tile_rows(m, r0));
+        }
+    }
     mt_op_rmsnorm_backward(be, m->dres, P->g[P_LN2], m->dln, A->x2, P->w[P_LN2], A->rstd2, N, c->C, g);
     void *dattn = g ? sandwich_backward(m, l, P_ANORM, A->attn_out, A->rstd_a) : m->dres;
     mt_op_matmul_backward(be, m->datty, P->g[P_WO], P->g[P_BO], dattn, A->atty, base_weight(m, l, P_WO), N, HD, c->C,
                           0);
-    lora_backward(m, l, MT_LORA_O, m->datty, dattn, A->atty, HD, c->C);
+    lora_backward(m, l, MT_LORA_O, m->datty, dattn, A->atty, HD, c->C, 0, N);
     mt_op_attention_backward(be, local ? &m->attn_local : &m->attn, m->dq, m->dk, m->dv, m->datty, A->q, A->k, A->v,
                              A->atty, A->lse, m->pos);
     void *dqf = m->dqkv_flat, *dkf = rows(m, dqf, (size_t)N, (size_t)HD), *dvf = rows(m, dkf, (size_t)N, (size_t)KVD);
@@ -1310,11 +1365,11 @@ static void layer_backward(mt_model *m, int l) {
         dqf = m->dq, dkf = m->dk;
     }
     mt_op_matmul_backward(be, m->dln, P->g[P_WQ], P->g[P_BQ], dqf, A->ln1, base_weight(m, l, P_WQ), N, c->C, HD, 0);
-    lora_backward(m, l, MT_LORA_Q, m->dln, dqf, A->ln1, c->C, HD);
+    lora_backward(m, l, MT_LORA_Q, m->dln, dqf, A->ln1, c->C, HD, 0, N);
     mt_op_matmul_backward(be, m->dln, P->g[P_WK], P->g[P_BK], dkf, A->ln1, base_weight(m, l, P_WK), N, c->C, KVD, 1);
-    lora_backward(m, l, MT_LORA_K, m->dln, dkf, A->ln1, c->C, KVD);
+    lora_backward(m, l, MT_LORA_K, m->dln, dkf, A->ln1, c->C, KVD, 0, N);
     mt_op_matmul_backward(be, m->dln, P->g[P_WV], P->g[P_BV], dvf, A->ln1, base_weight(m, l, P_WV), N, c->C, KVD, 1);
-    lora_backward(m, l, MT_LORA_V, m->dln, dvf, A->ln1, c->C, KVD);
+    lora_backward(m, l, MT_LORA_V, m->dln, dvf, A->ln1, c->C, KVD, 0, N);
     // with a frozen embedding nothing needs d(loss)/d(x[0])
     if (l > 0 || !m->frozen)
         mt_op_rmsnorm_backward(be, m->dres, P->g[P_LN1], m->dln, m->x[l], P->w[P_LN1], A->rstd1, N, c->C, g);

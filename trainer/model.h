@@ -62,6 +62,9 @@ typedef struct {
     int stream_weights;  // a frozen base (LoRA, QLoRA) or a forward-only model: the base's layers live in
                          // host memory and each is copied into one of two slots on the backend before it
                          // runs, the next beside the compute (the embedding, norm and lm_head stay)
+    int mlp_tile_rows;   // > 0 and below B*T: the MLP runs over tiles of this many rows (tokens), its
+                         // (rows, intermediate) buffers sized by the tile; backward recomputes each
+                         // tile's gate and up from the kept norm output (0: the whole batch at once)
 } mt_model_options;
 
 // Builds the parameter tables and allocates weights, gradients (of the
@@ -75,7 +78,8 @@ mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_confi
 typedef struct {
     size_t weights, adapters, grads, activations, workspace, perturbation;
     size_t staging;       // transient: the fp32 staging of weight uploads (GPU)
-    size_t offload_host;  // pinned host memory of offloaded layer inputs, and of streamed weights
+    size_t offload_host;  // pinned host memory of offloaded layer inputs
+    size_t weights_host;  // the host store of streamed weights (pinned on a GPU)
 } mt_model_bytes;
 void mt_model_plan_bytes(int gpu, const mt_model_config *cfg, const mt_model_options *o, const unsigned char *perturbed,
                          mt_model_bytes *b);

@@ -174,5 +174,6 @@ mt_model_options mt_plan_model_options(const mt_plan *p, const mt_config *cfg) {
                               .offload_activations = (int)cfg->model_offload_activations,
                               .forward_only = p->mezo,
                               .document_mask = (int)cfg->data_document_mask,
-                              .stream_weights = !strcmp(cfg->model_weights, "cpu")};
+                              .stream_weights = !strcmp(cfg->model_weights, "cpu"),
+                              .mlp_tile_rows = (int)cfg->model_mlp_tile_rows};
 }
