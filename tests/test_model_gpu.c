@@ -535,23 +535,28 @@ static double gpu_loss(void *p, uint64_t seed, float scale) {
 }
 
 // The fused update + perturbation kernel gives bit for bit what the update
-// kernel and the perturbation kernel give (bf16, stochastic rounding).
+// kernel and the perturbation kernel give (bf16, stochastic rounding), and so
+// does the base streamed from host memory (the update applied in a slot and
+// written back).
 START_TEST(gpu_deferred_mezo_update_is_bit_identical) {
     mt_model_config c;
     small_config(&c, 1);
     int B = 2, T = 64, N = B * T;
     mt_backend gpu;
     ck_assert_int_eq(mt_backend_init(&gpu, 0), MT_OK);
-    mt_model_options o = {.B = B, .T = T, .forward_only = 1};
-    mt_model *m[2];
-    mt_mezo *mz[2];
+    // 0: updated at once; 1: deferred into the next forward; 2: deferred, the
+    // base streamed from host memory (model.weights: cpu)
+    mt_model_options o = {.B = B, .T = T, .forward_only = 1}, so = o;
+    so.stream_weights = 1;
+    mt_model *m[3];
+    mt_mezo *mz[3];
     size_t total = 0;
     float *params = NULL;
     mt_mezo_config zc = {1e-3f, 2, 0.1f, 23};
     int32_t *in = malloc(N * 4), *tg = malloc(N * 4);
     for (int i = 0; i < N; i++) in[i] = (int32_t)(mt_rng_bits(7, i) % c.V), tg[i] = (int32_t)(mt_rng_bits(8, i) % c.V);
-    for (int k = 0; k < 2; k++) {
-        ck_assert_int_eq(mt_model_create_with(&m[k], &gpu, &c, &o), MT_OK);
+    for (int k = 0; k < 3; k++) {
+        ck_assert_int_eq(mt_model_create_with(&m[k], &gpu, &c, k == 2 ? &so : &o), MT_OK);
         if (!params) {
             total = mt_model_num_params(m[k]);
             params = malloc(total * 4);
@@ -568,21 +573,25 @@ START_TEST(gpu_deferred_mezo_update_is_bit_identical) {
         free(g);
     }
     mt_mezo_defer_updates(mz[1], defer_to, m[1]);
+    mt_mezo_defer_updates(mz[2], defer_to, m[2]);
     for (int step = 0; step < 6; step++) {
-        double l[2][4];
-        for (int k = 0; k < 2; k++) {
+        double l[3][4];
+        for (int k = 0; k < 3; k++) {
             gpu_loss_ctx ctx = {m[k], in, tg};
             mt_mezo_losses(mz[k], step, gpu_loss, &ctx, l[k]);
             mt_mezo_info info;
             mt_mezo_update(mz[k], step, l[k], 1e-3f, &info);
         }
-        for (int j = 0; j < 4; j++) ck_assert_msg(l[0][j] == l[1][j], "step %d loss %d differs", step, j);
+        for (int j = 0; j < 4; j++)
+            ck_assert_msg(l[0][j] == l[1][j] && l[0][j] == l[2][j], "step %d loss %d differs", step, j);
     }
     float *a = malloc(total * 4), *b = malloc(total * 4);
     mt_model_get_trainable(m[0], a);
     mt_model_get_trainable(m[1], b);
     ck_assert_msg(memcmp(a, b, total * 4) == 0, "deferred update changed the weights");
-    for (int k = 0; k < 2; k++) mt_mezo_free(mz[k]), mt_model_free(m[k]);
+    mt_model_get_trainable(m[2], b);
+    ck_assert_msg(memcmp(a, b, total * 4) == 0, "streamed weights changed the weights");
+    for (int k = 0; k < 3; k++) mt_mezo_free(mz[k]), mt_model_free(m[k]);
     mt_backend_free(&gpu);
     free(params), free(in), free(tg), free(a), free(b);
 }

@@ -384,11 +384,12 @@ mt_err mt_config_validate(const mt_config *cfg) {
         return mt_errorf(MT_ERR_CONFIG,
                          "model.quantize is nf4 but lora.r is 0: a quantized base cannot be trained itself; "
                          "set lora.r (e.g. --set lora.r=16) for QLoRA, or model.quantize: none");
-    if (!strcmp(cfg->model_weights, "cpu") && (cfg->lora_r == 0 || strcmp(cfg->optim_kind, "adamw")))
+    if (!strcmp(cfg->model_weights, "cpu") && strcmp(cfg->optim_kind, "mezo") &&
+        (cfg->lora_r == 0 || strcmp(cfg->optim_kind, "adamw")))
         return mt_errorf(MT_ERR_CONFIG,
-                         "model.weights: cpu streams a frozen base, so it needs LoRA adapters (lora.r > 0) and "
-                         "optim.kind: adamw; full fine-tuning, MeZO and GaLore keep the weights on the GPU for now "
-                         "(set model.weights: gpu)");
+                         "model.weights: cpu streams the base's layers through the GPU, for LoRA/QLoRA (lora.r > 0, "
+                         "optim.kind: adamw) and MeZO; full fine-tuning with AdamW and GaLore keep the weights on the "
+                         "GPU for now (set model.weights: gpu)");
     unsigned targets;
     if (cfg->lora_r > 0 && mt_lora_parse_targets(cfg->lora_targets, &targets)) {
         char why[512];

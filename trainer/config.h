@@ -28,12 +28,12 @@ extern "C" {
       "with activation_checkpointing: keep the saved layer inputs in pinned host memory, copied out in forward and "  \
       "back in backward beside the compute (frees L-1 of them on the GPU)")                                           \
     X(model, weights, ENUM, "gpu", 0, 0, "gpu|cpu",                                                                   \
-      "where the base's layers live: gpu, or cpu (host memory; each layer is copied to the GPU just before it runs, "  \
-      "the next beside the compute: GPU memory independent of the model's depth; a frozen base only: LoRA/QLoRA)")    \
+      "where the base's layers live: gpu, or cpu (host memory; each layer is copied to the GPU just before it runs, " \
+      "the next beside the compute: GPU memory independent of the model's depth; LoRA/QLoRA and MeZO)")               \
     X(model, mlp_tile_rows, INT, "0", 0, 1 << 30, "",                                                                 \
       "0: the MLP runs over the whole micro-batch; N > 0: over tiles of N tokens, so its intermediate (tokens x "     \
-      "intermediate_size, 3-4 such buffers) exists for one tile at a time; backward recomputes each tile's gate and "  \
-      "up (long sequences: e.g. 4096)")                                                                              \
+      "intermediate_size, 3-4 such buffers) exists for one tile at a time; backward recomputes each tile's gate and " \
+      "up (long sequences: e.g. 4096)")                                                                               \
     X(model, quantize, ENUM, "none", 0, 0, "none|nf4",                                                                \
       "nf4: QLoRA, the frozen base's linear weights stored in 4-bit NormalFloat with double quantization "            \
       "(bitsandbytes' format, ~0.52 bytes per weight); needs lora.r > 0")                                             \

@@ -106,6 +106,8 @@ struct mt_model {
     int streamed;
     void *outer, *slots[2];
     int slot_layer[2], slot_ticket[2];     // the layer each slot holds (-1: none), its copy
+    int slot_dirty[2];                     // MeZO's update changed the slot: written back before reuse
+    int *param_layer;                      // (num_params) the layer of each parameter, -1 outside layers
     size_t layer_compute, layer_nf4;       // bytes of one layer's compute weights, NF4 storage
     void *home_wte, *home_norm, *home_lm;  // the outer tensors in the store
     uint64_t dropout_seed;
@@ -470,6 +472,10 @@ static mt_model *model_setup(mt_backend *be, const mt_model_config *cfg, const m
     m->forward_only = o->forward_only;
     m->streamed = o->stream_weights;
     m->slot_layer[0] = m->slot_layer[1] = -1;
+    m->param_layer = malloc((size_t)m->num_params * sizeof *m->param_layer);
+    MT_CHECK(m->param_layer != NULL, "model tables");
+    for (int i = 0; i < m->num_params; i++)
+        if (sscanf(m->params[i].name, "model.layers.%d.", &m->param_layer[i]) != 1) m->param_layer[i] = -1;
     m->decode_len = o->decode_len;
     int tokens = o->B * o->T;
     m->mlp_rows = o->mlp_tile_rows > 0 && o->mlp_tile_rows < tokens ? o->mlp_tile_rows : tokens;
@@ -586,9 +592,26 @@ static void upload_outer(mt_model *m) {
         mt_backend_from_host(m->be, m->lm_w, m->home_lm, m->params[m->index_lm].count * act);
 }
 
+// Layer l's span of the store: its compute weights and NF4 storage.
+static char *store_compute(const mt_model *m, int l) {
+    return (char *)m->weights + layer_start(m, l) * mt_act_size(m->be);
+}
+
+// MeZO changed slot k's weights: back into the store (beside the compute,
+// after the ops that changed them; before anything else the copy stream does).
+static void write_back(mt_model *m, int k) {
+    if (!m->slot_dirty[k]) return;
+    if (m->be->gpu)
+        m->slot_ticket[k] = mt_copy_async(store_compute(m, m->slot_layer[k]), m->slots[k], m->layer_compute);
+    else
+        memcpy(store_compute(m, m->slot_layer[k]), m->slots[k], m->layer_compute);
+    m->slot_dirty[k] = 0;
+}
+
 // Copies layer l's span of the store into slot k.
 static void fill_slot(mt_model *m, int k, int l) {
     size_t act = mt_act_size(m->be);
+    write_back(m, k);
     const char *compute = (const char *)m->weights + layer_start(m, l) * act;
     const char *nf4 = m->quantized ? (const char *)m->nf4_storage + (size_t)l * m->layer_nf4 : NULL;
     char *dst = m->slots[k];
@@ -844,6 +867,7 @@ void mt_model_free(mt_model *m) {
     free(m->params);
     free(m->adapter_params);
     free(m->compute_offset);
+    free(m->param_layer);
     free(m->layers);
     free(m->x);
     free(m->acts);
@@ -943,6 +967,7 @@ static mt_err set_streamed_weights(mt_model *m, const float *host_params) {
                 err = mt_nf4_quantize(&host, &m->layers[l].qh[lora_base_param[t]],
                                       host_params + m->params[linear_param(m, l, t)].offset);
     m->slot_layer[0] = m->slot_layer[1] = -1;
+    m->slot_dirty[0] = m->slot_dirty[1] = 0;
     if (!err) upload_outer(m);
     return err;
 }
@@ -987,7 +1012,6 @@ void mt_model_zero_grads(mt_model *m) {
 }
 
 mt_err mt_model_enable_perturbation(mt_model *m, const unsigned char *selected) {
-    MT_CHECK(!m->streamed, "MeZO's perturbation over streamed weights is not built");
     mt_trainable t;
     mt_model_trainable(m, &t);
     free(m->perturb_selected);
@@ -1024,9 +1048,21 @@ static const mt_param_info *trainable_param(const mt_model *m, int i) {
     return m->frozen ? &m->adapter_params[i] : &m->params[i];
 }
 
+// Where trainable parameter i is written (MeZO's update). A streamed base's
+// layer weight is in the slot holding its layer (which must be there; the
+// slot is then marked changed), the outer tensors on the backend.
 static void *trainable_weight(mt_model *m, int i) {
-    void *block = m->frozen ? m->adapter_weights : m->weights;
-    return (char *)block + trainable_param(m, i)->offset * mt_act_size(m->be);
+    size_t act = mt_act_size(m->be);
+    if (m->frozen || !m->streamed) {
+        void *block = m->frozen ? m->adapter_weights : m->weights;
+        return (char *)block + trainable_param(m, i)->offset * act;
+    }
+    int l = m->param_layer[i];
+    if (l < 0) return i == m->index_wte ? m->wte : i == m->index_norm ? m->norm_w : m->lm_w;
+    int k = m->slot_layer[0] == l ? 0 : m->slot_layer[1] == l ? 1 : -1;
+    MT_CHECK(k >= 0, "layer %d's weights written while not in a slot", l);
+    m->slot_dirty[k] = 1;
+    return (char *)m->slots[k] + (m->compute_offset[i] - layer_start(m, l)) * act;
 }
 
 static float pending_decay(const mt_model *m, int i) { return trainable_param(m, i)->decay ? m->pending_decay : 0.0f; }
@@ -1051,6 +1087,15 @@ static void apply_pending(mt_model *m, int i) {
 void mt_model_flush_update(mt_model *m) {
     mt_trainable t;
     mt_model_trainable(m, &t);
+    // a streamed base: each layer that owes its update through a slot
+    for (int l = 0; l < m->cfg.L && m->pending && m->streamed && !m->frozen; l++) {
+        int owes = 0;
+        for (int i = 0; i < t.count && !owes; i++) owes = m->param_layer[i] == l && m->pending_left[i];
+        if (!owes) continue;
+        stream_layer(m, l, -1);
+        for (int i = 0; i < t.count; i++)
+            if (m->param_layer[i] == l) apply_pending(m, i);
+    }
     for (int i = 0; i < t.count && m->pending; i++) apply_pending(m, i);
 }
 
@@ -1067,10 +1112,34 @@ void mt_model_defer_update(mt_model *m, const mt_zo_directions *d, float lr, flo
     }
 }
 
+// A streamed base as it stands: changed slots and the outer tensors back in
+// the store, then the store as fp32.
+static void read_streamed(mt_model *m, float *dst) {
+    for (int k = 0; k < 2; k++) {
+        int wrote = m->slot_dirty[k];
+        write_back(m, k);
+        if (wrote && m->be->gpu) mt_copy_async_wait(m->slot_ticket[k]);  // before the copies below
+    }
+    size_t act = mt_act_size(m->be);
+    mt_backend_to_host(m->be, m->home_wte, m->wte, m->params[m->index_wte].count * act);
+    mt_backend_to_host(m->be, m->home_norm, m->norm_w, m->params[m->index_norm].count * act);
+    if (m->index_lm != m->index_wte) mt_backend_to_host(m->be, m->home_lm, m->lm_w, m->params[m->index_lm].count * act);
+    if (!m->be->gpu) {
+        memcpy(dst, m->weights, m->total * sizeof(float));
+        return;
+    }
+    const uint16_t *store = m->weights;
+    for (size_t j = 0; j < m->total; j++) dst[j] = mt_bf16_to_f32(store[j]);
+}
+
 void mt_model_get_trainable(mt_model *m, float *dst) {
     mt_model_flush_update(m);
     mt_trainable t;
     mt_model_trainable(m, &t);
+    if (m->streamed && !m->frozen) {
+        read_streamed(m, dst);
+        return;
+    }
     MT_CHECK(convert_compute(m, t.weights, dst, t.total, 0) == MT_OK, "out of device memory reading the weights back");
 }
 
@@ -1155,8 +1224,8 @@ static void lora_forward(mt_model *m, int l, int t, void *y, const void *x, int 
     if (!P->lora_a[t]) return;
     int r = m->lora.r;
     void *u = rows(m, acts_of(m, l)->lora_u[t], (size_t)r0, (size_t)r);
-    mt_op_matmul_forward(m->be, u, adapter_input(m, l, t, x, IN, r0, R),
-                         perturbed(m, P->lora_index_a[t], P->lora_a[t]), NULL, R, IN, r);
+    mt_op_matmul_forward(m->be, u, adapter_input(m, l, t, x, IN, r0, R), perturbed(m, P->lora_index_a[t], P->lora_a[t]),
+                         NULL, R, IN, r);
     // a fused module's part: its rows of the whole B (MeZO perturbs the whole)
     int owner = mt_lora_fused_owner(&m->cfg, t);
     const void *whole = perturbed(m, P->lora_index_b[t], P->lora_b[owner]);
