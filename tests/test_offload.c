@@ -397,6 +397,64 @@ START_TEST(offloaded_runs_follow_the_run_without_offload) {
 }
 END_TEST
 
+// model.weights: cpu (the base's layers streamed from a host store through
+// two slots) changes nothing in a run: the same losses bit for bit and the
+// same saved model, for full fine-tuning with the offloaded optimizer (with
+// and without clipping, with accumulation, on the SSD tier), LoRA with
+// checkpointing, and MeZO; and a streamed run stopped and resumed is the
+// uninterrupted one.
+START_TEST(streamed_weights_runs_equal_resident_runs) {
+    char ssd[400], data[300], folder[300];
+    snprintf(ssd, sizeof ssd, "%s/ssd-streamed", dir);
+    data_and_model(data, folder);
+    // clang-format off
+    const char *const variants[][12] = {
+        {"offload.optimizer", "cpu", NULL},
+        {"offload.optimizer", "cpu", "optim.grad_clip", "0", "train.grad_accum", "2", NULL},
+        {"offload.optimizer", "ssd", "offload.path", ssd, "model.activation_checkpointing", "true", NULL},
+        {"lora.r", "4", "model.activation_checkpointing", "true", NULL},
+        {"optim.kind", "mezo", "optim.lr", "1e-3", "mezo.samples", "2", NULL},
+    };
+    // clang-format on
+    for (size_t k = 0; k < sizeof variants / sizeof *variants; k++) {
+        char out[2][300];
+        double losses[2][12];
+        for (int streamed = 0; streamed <= 1; streamed++) {
+            snprintf(out[streamed], sizeof out[streamed], "%s/streamed-%zu-%d", dir, k, streamed);
+            mt_config cfg;
+            mt_train_result r;
+            run_config(&cfg, folder, data, out[streamed], variants[k]);
+            ck_assert_int_eq(mt_config_set(&cfg, "model.weights", streamed ? "cpu" : "gpu", "t"), MT_OK);
+            ck_assert_msg(mt_train(&cfg, &r) == MT_OK, "variant %zu: %s", k, mt_last_error());
+            ck_assert_int_eq(tu_read_losses(out[streamed], losses[streamed], 12), 12);
+            mt_config_free(&cfg);
+        }
+        for (int i = 0; i < 12; i++)
+            ck_assert_msg(losses[1][i] == losses[0][i], "variant %zu step %d: streamed %.17g, resident %.17g", k, i + 1,
+                          losses[1][i], losses[0][i]);
+        char cmd[1400];
+        const char *file = k == 3 ? "adapter/adapter_model.safetensors" : "model/model.safetensors";
+        snprintf(cmd, sizeof cmd, "cmp -s %s/%s %s/%s", out[0], file, out[1], file);
+        ck_assert_msg(system(cmd) == 0, "variant %zu: the saved %s differs", k, file);
+    }
+    // stopped after 5 steps and resumed, streamed with the offloaded optimizer
+    char whole[300], split[300];
+    snprintf(whole, sizeof whole, "%s/streamed-whole", dir);
+    snprintf(split, sizeof split, "%s/streamed-split", dir);
+    const char *const extra[] = {"offload.optimizer", "cpu", "model.weights", "cpu", NULL};
+    for (int shift = 0; shift < 3; shift++) {
+        mt_config cfg;
+        mt_train_result r;
+        run_config(&cfg, folder, data, shift ? split : whole, extra);
+        if (shift == 1) ck_assert_int_eq(mt_config_set(&cfg, "train.stop_after", "5", "t"), MT_OK);
+        if (shift == 2) ck_assert_int_eq(mt_config_set(&cfg, "train.resume", "auto", "t"), MT_OK);
+        ck_assert_msg(mt_train(&cfg, &r) == MT_OK, "%s", mt_last_error());
+        mt_config_free(&cfg);
+    }
+    tu_assert_same_losses(whole, split, 12, NULL);
+}
+END_TEST
+
 START_TEST(ssd_offload_resumes_bit_identically) {
     char ssd[400], data[300], folder[300], whole[300], split[300];
     snprintf(ssd, sizeof ssd, "%s/ssd-resume", dir);
@@ -556,6 +614,7 @@ int main(void) {
     tcase_add_test(tc, store_errors_are_clear_and_values);
     tcase_add_test(tc, offloaded_runs_follow_the_run_without_offload);
     tcase_add_test(tc, ssd_offload_resumes_bit_identically);
+    tcase_add_test(tc, streamed_weights_runs_equal_resident_runs);
     tcase_add_test(tc, a_full_disk_mid_run_leaves_the_last_checkpoint_whole);
     tcase_add_test(tc, galore_offloads_what_it_does_not_project);
     tcase_add_test(tc, offload_config_errors_name_the_fix);

@@ -384,12 +384,19 @@ mt_err mt_config_validate(const mt_config *cfg) {
         return mt_errorf(MT_ERR_CONFIG,
                          "model.quantize is nf4 but lora.r is 0: a quantized base cannot be trained itself; "
                          "set lora.r (e.g. --set lora.r=16) for QLoRA, or model.quantize: none");
-    if (!strcmp(cfg->model_weights, "cpu") && strcmp(cfg->optim_kind, "mezo") &&
-        (cfg->lora_r == 0 || strcmp(cfg->optim_kind, "adamw")))
+    int streamed = !strcmp(cfg->model_weights, "cpu"), adamw = !strcmp(cfg->optim_kind, "adamw");
+    if (streamed && !strcmp(cfg->optim_kind, "galore"))
         return mt_errorf(MT_ERR_CONFIG,
-                         "model.weights: cpu streams the base's layers through the GPU, for LoRA/QLoRA (lora.r > 0, "
-                         "optim.kind: adamw) and MeZO; full fine-tuning with AdamW and GaLore keep the weights on the "
-                         "GPU for now (set model.weights: gpu)");
+                         "model.weights: cpu streams the base's layers through the GPU, which GaLore does not take "
+                         "yet; set model.weights: gpu, or train with LoRA, MeZO or offload.optimizer: cpu");
+    if (streamed && adamw && cfg->lora_r == 0 && !strcmp(cfg->offload_optimizer, "none"))
+        return mt_errorf(MT_ERR_CONFIG,
+                         "model.weights: cpu with a full fine-tune needs AdamW's state off the GPU too "
+                         "(offload.optimizer: cpu or ssd), which updates the weights where they live");
+    if (streamed && cfg->dist_zero_stage > 0)
+        return mt_errorf(MT_ERR_CONFIG,
+                         "model.weights: cpu keeps every rank's whole base in its host memory; ZeRO's gather of "
+                         "updated shards into it is not built: set dist.zero_stage: 0");
     unsigned targets;
     if (cfg->lora_r > 0 && mt_lora_parse_targets(cfg->lora_targets, &targets)) {
         char why[512];

@@ -29,7 +29,8 @@ extern "C" {
       "back in backward beside the compute (frees L-1 of them on the GPU)")                                           \
     X(model, weights, ENUM, "gpu", 0, 0, "gpu|cpu",                                                                   \
       "where the base's layers live: gpu, or cpu (host memory; each layer is copied to the GPU just before it runs, " \
-      "the next beside the compute: GPU memory independent of the model's depth; LoRA/QLoRA and MeZO)")               \
+      "the next beside the compute: GPU memory independent of the model's depth; LoRA/QLoRA, MeZO, and full "         \
+      "fine-tuning with offload.optimizer: cpu or ssd)")                                                              \
     X(model, mlp_tile_rows, INT, "0", 0, 1 << 30, "",                                                                 \
       "0: the MLP runs over the whole micro-batch; N > 0: over tiles of N tokens, so its intermediate (tokens x "     \
       "intermediate_size, 3-4 such buffers) exists for one tile at a time; backward recomputes each tile's gate and " \

@@ -650,7 +650,10 @@ static void stream_layer(mt_model *m, int l, int next) {
     }
     if (m->be->gpu) mt_copy_async_wait(m->slot_ticket[k]);
     bind_slot(m, l, k);
-    if (next >= 0 && next < m->cfg.L && m->slot_layer[0] != next && m->slot_layer[1] != next) fill_slot(m, 1 - k, next);
+    if (next >= 0 && next < m->cfg.L && m->slot_layer[0] != next && m->slot_layer[1] != next) {
+        if (m->weights_needed) m->weights_needed(m->weights_needed_ctx, 1 + next);  // its update is in the store
+        fill_slot(m, 1 - k, next);
+    }
 }
 
 mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_config *cfg, const mt_model_options *o) {
@@ -683,8 +686,8 @@ mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_confi
     mt_mem_place place = be->gpu ? MT_DEVICE : MT_HOST;
     size_t act = mt_act_size(be);
     MT_CHECK(!m->grad_ready || (!m->frozen && !m->forward_only), "streamed gradients need a full fine-tune");
-    MT_CHECK(!m->streamed || m->frozen || m->forward_only,
-             "streamed weights need a frozen base or a forward-only model");
+    MT_CHECK(!m->streamed || m->frozen || m->forward_only || m->weights_needed,
+             "streamed weights need a frozen base, a forward-only model or the offloaded optimizer");
     // streamed: the base in host memory (pinned where a GPU copies from it)
     mt_mem_place store = m->streamed ? MT_HOST : place;
     mt_mem_category store_cat = m->streamed ? MT_MEM_OFFLOAD : MT_MEM_WEIGHTS;
@@ -1470,11 +1473,22 @@ static void wait_x(const mt_model *m, int l) {
 
 static void weights_needed(const mt_model *m, int bucket) {
     if (m->weights_needed) m->weights_needed(m->weights_needed_ctx, bucket);
+    // a streamed base trained by the offloaded optimizer: the outer tensors'
+    // update landed in the store
+    if (!m->streamed || m->frozen || !m->weights_needed || (bucket != 0 && bucket != m->cfg.L + 1)) return;
+    size_t act = mt_act_size(m->be);
+    if (bucket == 0) mt_backend_from_host(m->be, m->wte, m->home_wte, m->params[m->index_wte].count * act);
+    if (bucket != 0) mt_backend_from_host(m->be, m->norm_w, m->home_norm, m->params[m->index_norm].count * act);
+    if (bucket != 0 && m->index_lm != m->index_wte)
+        mt_backend_from_host(m->be, m->lm_w, m->home_lm, m->params[m->index_lm].count * act);
 }
 
 static void body_forward(mt_model *m) {
     const mt_model_config *c = &m->cfg;
     int N = m->B * m->T, offload = m->offload && m->training;
+    // the offloaded optimizer updates a streamed base in the store: what the
+    // slots hold from the last step is stale
+    if (m->streamed && !m->frozen && m->weights_needed) m->slot_layer[0] = m->slot_layer[1] = -1;
     weights_needed(m, 0);
     // a deferred update reaches the weights before anything unperturbed reads
     // them, and the embedding table before its rows are gathered
