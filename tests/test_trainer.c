@@ -504,6 +504,65 @@ START_TEST(save_and_load_round_trip) {
 }
 END_TEST
 
+// mt_hf_set_model (a frozen base a layer at a time through one layer-sized
+// buffer) sets what the whole fp32 copy sets: the same logits from the folder
+// and from a random draw, with bf16-range and NF4 bases, resident and
+// streamed; a tensor missing from the folder is named.
+START_TEST(a_base_set_a_layer_at_a_time_equals_the_whole_copy) {
+    mt_model_config c;
+    tiny_config(&c, 0, 1);
+    int n;
+    size_t total;
+    mt_param_info *table = mt_model_param_table(&c, &n, &total);
+    float *params = calloc(total, 4);
+    mt_model_init_random(&c, params, 13);
+    char out[300];
+    snprintf(out, sizeof out, "%s/by-layer", dir);
+    ck_assert_int_eq(mt_hf_save(out, NULL, &c, params, MT_DTYPE_F32), MT_OK);
+    mt_backend be;
+    ck_assert_int_eq(mt_backend_init(&be, -1), MT_OK);
+    enum { B = 2, T = 6, N = B * T };
+    int32_t in[N];
+    for (int i = 0; i < N; i++) in[i] = (int32_t)(mt_rng_bits(14, i) % c.V);
+    float *la = malloc((size_t)N * c.V * 4), *lb = malloc((size_t)N * c.V * 4);
+    for (int v = 0; v < 4; v++) {
+        mt_model_options o = {.B = B,
+                              .T = T,
+                              .forward_only = 1,
+                              .lora = {v >= 2 ? 2 : 0, 4.0f, 0.0f, 0, v >= 2 ? (1u << MT_LORA_MODULES) - 1 : 0},
+                              .quantize_nf4 = v >= 2,
+                              .stream_weights = v & 1};
+        mt_model *a, *b;
+        ck_assert_int_eq(mt_model_create_with(&a, &be, &c, &o), MT_OK);
+        ck_assert_int_eq(mt_model_create_with(&b, &be, &c, &o), MT_OK);
+        if (v >= 2) {  // zero adapters: the base alone
+            mt_trainable t;
+            mt_model_trainable(a, &t);
+            float *zero = calloc(t.total, 4);
+            mt_model_set_adapters(a, zero), mt_model_set_adapters(b, zero);
+            free(zero);
+        }
+        for (int random = 0; random <= 1; random++) {
+            ck_assert_int_eq(mt_model_set_weights(a, params), MT_OK);
+            ck_assert_int_eq(mt_hf_set_model(b, random ? NULL : out, 13), MT_OK);
+            mt_model_logits(a, in, la);
+            mt_model_logits(b, in, lb);
+            ck_assert_msg(!memcmp(la, lb, (size_t)N * c.V * 4), "variant %d, %s: logits differ", v,
+                          random ? "random" : "loaded");
+        }
+        mt_model_free(a), mt_model_free(b);
+    }
+    c.L = 3;  // a layer the folder does not have
+    mt_model_options o = {.B = B, .T = T, .forward_only = 1};
+    mt_model *m;
+    ck_assert_int_eq(mt_model_create_with(&m, &be, &c, &o), MT_OK);
+    expect_error(mt_hf_set_model(m, out, 0), MT_ERR_MODEL, "model.layers.2.input_layernorm.weight is missing");
+    mt_model_free(m);
+    mt_backend_free(&be);
+    free(params), free(table), free(la), free(lb);
+}
+END_TEST
+
 // ---------------------------------------------------------------- training
 
 // The config of the model folder and random fp32 values for it (malloc'd).
@@ -1593,6 +1652,7 @@ int main(void) {
     tcase_add_test(tc, generation_applies_adapters_on_the_fly_and_over_nf4);
     tcase_add_test(tc, batched_decoding_gives_the_generators_texts);
     tcase_add_test(tc, tiled_mlp_equals_untiled);
+    tcase_add_test(tc, a_base_set_a_layer_at_a_time_equals_the_whole_copy);
     tcase_add_test(tc, training_samples_its_text);
     tcase_add_test(tc, resume_is_bit_identical);
     tcase_add_test(tc, lora_resume_is_bit_identical);

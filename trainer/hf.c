@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include "trainer/fsutil.h"
+#include "trainer/model.h"
 #include "trainer/safetensors.h"
 
 static int get_int(const cJSON *j, const char *key, int *out) {
@@ -391,7 +392,15 @@ static void file_name(const mt_model_config *c, const char *name, char *buf, siz
 mt_err mt_hf_load_weights(const char *dir, const mt_model_config *cfg, float *params) {
     int n;
     size_t total;
+    free(mt_model_param_table(cfg, &n, &total));
+    return mt_hf_load_params(dir, cfg, 0, n, params);
+}
+
+mt_err mt_hf_load_params(const char *dir, const mt_model_config *cfg, int first, int count, float *dst) {
+    int n;
+    size_t total;
     mt_param_info *table = mt_model_param_table(cfg, &n, &total);
+    MT_CHECK(first >= 0 && count >= 0 && first + count <= n, "parameters %d..%d of %d", first, first + count, n);
     char *loaded = calloc((size_t)n, 1);
     char **files = NULL;
     int nfiles = 0;
@@ -399,7 +408,7 @@ mt_err mt_hf_load_weights(const char *dir, const mt_model_config *cfg, float *pa
     for (int f = 0; f < nfiles && !err; f++) {
         mt_safetensors *st = NULL;
         if ((err = mt_safetensors_open(&st, files[f]))) break;
-        for (int i = 0; i < n && !err; i++) {
+        for (int i = first; i < first + count && !err; i++) {
             char name[300];
             file_name(cfg, table[i].name, name, sizeof name);
             const mt_st_tensor *t = mt_safetensors_find(st, name);
@@ -413,12 +422,12 @@ mt_err mt_hf_load_weights(const char *dir, const mt_model_config *cfg, float *pa
                                 table[i].ndim > 1 ? ", " : "", table[i].ndim > 1 ? (long long)table[i].shape[1] : 0LL);
                 break;
             }
-            err = mt_safetensors_read_f32(st, t, params + table[i].offset);
+            err = mt_safetensors_read_f32(st, t, dst + (table[i].offset - table[first].offset));
             loaded[i] = 1;
         }
         mt_safetensors_close(st);
     }
-    for (int i = 0; i < n && !err; i++)
+    for (int i = first; i < first + count && !err; i++)
         if (!loaded[i])
             err = mt_errorf(MT_ERR_MODEL, "%s: tensor %s is missing from the safetensors files (config.json says %s)",
                             dir, table[i].name, cfg->tie_embeddings ? "tied embeddings" : "untied embeddings");
@@ -575,4 +584,47 @@ mt_err mt_hf_save(const char *dir, const char *src_dir, const mt_model_config *c
         free(table);
     }
     return mt_dir_publish(tmp, dir, err);
+}
+
+// ------------------------------------------------------ a layer at a time
+
+// The unit that starts at parameter first of the table (a tensor outside the
+// layers, or one layer's): the index after it.
+static int unit_end(const mt_param_info *table, int n, int first) {
+    int layer = -1, next = first + 1;
+    if (sscanf(table[first].name, "model.layers.%d.", &layer) != 1) return next;
+    for (int l; next < n; next++)
+        if (sscanf(table[next].name, "model.layers.%d.", &l) != 1 || l != layer) break;
+    return next;
+}
+
+static size_t unit_span(const mt_param_info *table, int first, int end) {
+    return table[end - 1].offset + table[end - 1].count - table[first].offset;
+}
+
+mt_err mt_hf_set_model(mt_model *m, const char *dir, uint64_t seed) {
+    const mt_model_config *cfg = mt_model_get_config(m);
+    int n;
+    const mt_param_info *table = mt_model_params(m, &n);
+    size_t widest = 0;
+    for (int first = 0; first < n; first = unit_end(table, n, first)) {
+        size_t span = unit_span(table, first, unit_end(table, n, first));
+        if (span > widest) widest = span;
+    }
+    float *buf = malloc((widest ? widest : 1) * sizeof(float));
+    if (!buf)
+        return mt_errorf(MT_ERR_NOMEM, "out of host memory for one layer's fp32 values (%.1f GiB)",
+                         widest * 4.0 / 1073741824.0);
+    mt_err err = MT_OK;
+    for (int first = 0, end; first < n && !err; first = end) {
+        end = unit_end(table, n, first);
+        memset(buf, 0, unit_span(table, first, end) * sizeof(float));  // the padding between tensors
+        if (!dir)
+            mt_model_init_random_params(cfg, first, end - first, buf, seed);
+        else
+            err = mt_hf_load_params(dir, cfg, first, end - first, buf);
+        if (!err) err = mt_model_set_params(m, first, end - first, buf);
+    }
+    free(buf);
+    return err;
 }

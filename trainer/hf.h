@@ -7,6 +7,7 @@
 #define MT_HF_H
 
 #include "kernels/common.h"
+#include "trainer/model.h"
 #include "trainer/params.h"
 
 #ifdef __cplusplus
@@ -16,6 +17,13 @@ extern "C" {
 mt_err mt_hf_read_config(const char *dir, mt_model_config *cfg);
 // params: fp32 host block of mt_model_param_table's total size.
 mt_err mt_hf_load_weights(const char *dir, const mt_model_config *cfg, float *params);
+// Parameters first .. first + count - 1 of the table only, into dst
+// (dst[0] is parameter first's): a base loaded a layer at a time.
+mt_err mt_hf_load_params(const char *dir, const mt_model_config *cfg, int first, int count, float *dst);
+// The model's base weights from the folder dir (NULL: mt_model_init_random's
+// values of seed), a layer at a time through one layer-sized fp32 host buffer:
+// host memory never holds the whole model in fp32.
+mt_err mt_hf_set_model(mt_model *m, const char *dir, uint64_t seed);
 // Writes dir/config.json (the source folder's, or one made from cfg when
 // src_dir is NULL) and dir/model.safetensors in `dtype`. The folder is built
 // under a temporary name and renamed over `dir` when complete.

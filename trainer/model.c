@@ -169,10 +169,17 @@ struct mt_model {
 void mt_model_init_random(const mt_model_config *cfg, float *params, uint64_t seed) {
     int n;
     size_t total;
-    mt_param_info *t = mt_model_param_table(cfg, &n, &total);
+    free(mt_model_param_table(cfg, &n, &total));
     memset(params, 0, total * sizeof(float));
-    for (int i = 0; i < n; i++) {
-        float *p = params + t[i].offset;
+    mt_model_init_random_params(cfg, 0, n, params, seed);
+}
+
+void mt_model_init_random_params(const mt_model_config *cfg, int first, int count, float *dst, uint64_t seed) {
+    int n;
+    size_t total;
+    mt_param_info *t = mt_model_param_table(cfg, &n, &total);
+    for (int i = first; i < first + count; i++) {
+        float *p = dst + (t[i].offset - t[first].offset);
         const char *name = t[i].name;
         size_t len = strlen(name);
         int is_bias = len > 5 && !strcmp(name + len - 5, ".bias");
@@ -584,14 +591,6 @@ static void bind_outer(mt_model *m) {
     }
 }
 
-static void upload_outer(mt_model *m) {
-    size_t act = mt_act_size(m->be);
-    mt_backend_from_host(m->be, m->wte, m->home_wte, m->params[m->index_wte].count * act);
-    mt_backend_from_host(m->be, m->norm_w, m->home_norm, m->params[m->index_norm].count * act);
-    if (m->index_lm != m->index_wte)
-        mt_backend_from_host(m->be, m->lm_w, m->home_lm, m->params[m->index_lm].count * act);
-}
-
 // Layer l's span of the store: its compute weights and NF4 storage.
 static char *store_compute(const mt_model *m, int l) {
     return (char *)m->weights + layer_start(m, l) * mt_act_size(m->be);
@@ -949,53 +948,60 @@ static mt_err upload_compute(mt_model *m, void *dst, const float *src, size_t n)
     return convert_compute(m, dst, (float *)src, n, 1);
 }
 
-// Streamed: the store is written on the host (bf16 by the same rounding as
-// the GPU's cast, NF4 by the CPU's quantizer), then the outer tensors go up.
-static mt_err set_streamed_weights(mt_model *m, const float *host_params) {
-    size_t act = mt_act_size(m->be);
-    for (int i = 0; i < m->num_params; i++) {
-        if (m->compute_offset[i] == SIZE_MAX) continue;
-        void *dst = (char *)m->weights + m->compute_offset[i] * act;
-        const float *src = host_params + m->params[i].offset;
-        if (m->be->gpu)
-            mt_cast_bf16_ref(dst, src, m->params[i].count);
-        else
-            memcpy(dst, src, m->params[i].count * sizeof(float));
+// The NF4 storage of parameter i (a layer's linear weight in QLoRA), as bound
+// in the model's home block.
+static mt_nf4 *nf4_home(mt_model *m, int i) {
+    int l = m->param_layer[i];
+    for (int t = 0; t < MT_LORA_MODULES && l >= 0; t++)
+        if (!mt_lora_fused_part(&m->cfg, t) && linear_param(m, l, t) == i) return &m->layers[l].qh[lora_base_param[t]];
+    MT_CHECK(0, "parameter %s has no NF4 storage", m->params[i].name);
+    return NULL;
+}
+
+// Where the backend reads outer parameter i of a streamed base.
+static void *outer_of(mt_model *m, int i) {
+    return i == m->index_wte ? m->wte : i == m->index_norm ? m->norm_w : m->lm_w;
+}
+
+mt_err mt_model_set_params(mt_model *m, int first, int count, const float *values) {
+    mt_model_flush_update(m);
+    m->dequant_layer = m->dequant_param = -1;
+    size_t act = mt_act_size(m->be), base = m->params[first].offset;
+    if (!m->streamed && !m->quantized) {  // the table's layout: one upload of the span
+        const mt_param_info *last = &m->params[first + count - 1];
+        return upload_compute(m, (char *)m->weights + m->compute_offset[first] * act, values,
+                              last->offset + last->count - base);
     }
+    // streamed: the store is written on the host (bf16 by the same rounding
+    // as the GPU's cast, NF4 by the CPU's quantizer), the outer tensors go up
     mt_backend host = {0};
     mt_err err = MT_OK;
-    for (int l = 0; l < m->cfg.L && m->quantized && !err; l++)
-        for (int t = 0; t < MT_LORA_MODULES && !err; t++)
-            if (!mt_lora_fused_part(&m->cfg, t))
-                err = mt_nf4_quantize(&host, &m->layers[l].qh[lora_base_param[t]],
-                                      host_params + m->params[linear_param(m, l, t)].offset);
-    m->slot_layer[0] = m->slot_layer[1] = -1;
-    m->slot_dirty[0] = m->slot_dirty[1] = 0;
-    if (!err) upload_outer(m);
+    for (int i = first; i < first + count && !err; i++) {
+        const float *src = values + (m->params[i].offset - base);
+        size_t n = m->params[i].count;
+        int l = m->param_layer[i];
+        for (int k = 0; k < 2 && m->streamed; k++)
+            if (m->slot_layer[k] == l && l >= 0) m->slot_layer[k] = -1, m->slot_dirty[k] = 0;
+        if (m->compute_offset[i] == SIZE_MAX) {
+            mt_nf4 *q = nf4_home(m, i);
+            err = mt_nf4_quantize(m->streamed ? &host : m->be, q, src);
+            if (!m->streamed) m->layers[l].q[q - m->layers[l].qh] = *q;  // the forward's view is the home one
+            continue;
+        }
+        void *dst = (char *)m->weights + m->compute_offset[i] * act;
+        if (!m->streamed)
+            err = upload_compute(m, dst, src, n);
+        else if (m->be->gpu)
+            mt_cast_bf16_ref(dst, src, n);
+        else
+            memcpy(dst, src, n * sizeof(float));
+        if (m->streamed && l < 0) mt_backend_from_host(m->be, outer_of(m, i), dst, n * act);
+    }
     return err;
 }
 
 mt_err mt_model_set_weights(mt_model *m, const float *host_params) {
-    mt_model_flush_update(m);
-    m->dequant_layer = m->dequant_param = -1;
-    mt_err err = MT_OK;
-    if (m->streamed) {
-        err = set_streamed_weights(m, host_params);
-    } else if (!m->quantized) {
-        err = upload_compute(m, m->weights, host_params, m->total);
-    } else {
-        for (int i = 0; i < m->num_params && !err; i++) {
-            const mt_param_info *p = &m->params[i];
-            if (m->compute_offset[i] != SIZE_MAX)
-                err = upload_compute(m, (char *)m->weights + m->compute_offset[i] * mt_act_size(m->be),
-                                     host_params + p->offset, p->count);
-        }
-        for (int l = 0; l < m->cfg.L && !err; l++)
-            for (int t = 0; t < MT_LORA_MODULES && !err; t++)
-                if (!mt_lora_fused_part(&m->cfg, t))
-                    err = mt_nf4_quantize(m->be, &m->layers[l].q[lora_base_param[t]],
-                                          host_params + m->params[linear_param(m, l, t)].offset);
-    }
+    mt_err err = mt_model_set_params(m, 0, m->num_params, host_params);
     if (!err && m->grads) mt_model_zero_grads(m);
     return err;
 }

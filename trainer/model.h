@@ -55,10 +55,10 @@ typedef struct {
     void *weights_needed_ctx;
     mt_grads_done_fn grads_done;  // NULL, or the hook above (data parallelism)
     void *grads_done_ctx;
-    int document_mask;  // rows hold packed documents: mt_model_set_positions gives each token's
-                        // position in its document, and attention stays inside the document
-    int decode_len;     // decoding (with forward_only and T 1): each of the B rows is a sequence
-                        // with a key/value cache of decode_len positions (mt_model_decode)
+    int document_mask;   // rows hold packed documents: mt_model_set_positions gives each token's
+                         // position in its document, and attention stays inside the document
+    int decode_len;      // decoding (with forward_only and T 1): each of the B rows is a sequence
+                         // with a key/value cache of decode_len positions (mt_model_decode)
     int stream_weights;  // a frozen base (LoRA, QLoRA) or a forward-only model: the base's layers live in
                          // host memory and each is copied into one of two slots on the backend before it
                          // runs, the next beside the compute (the embedding, norm and lm_head stay)
@@ -146,10 +146,17 @@ float *mt_model_grads(mt_model *m);
 // Random initialisation as transformers does it: normal(0, init_std) for
 // matrices and embeddings, ones for norms, zeros for biases.
 void mt_model_init_random(const mt_model_config *cfg, float *params, uint64_t seed);
+// The same values of parameters first .. first + count - 1 only, into dst
+// (dst[0] is parameter first's; padding between them is left as it is).
+void mt_model_init_random_params(const mt_model_config *cfg, int first, int count, float *dst, uint64_t seed);
 
 // Sets the base weights from fp32 host values (cast to bf16 on the GPU, or
 // quantized to NF4).
 mt_err mt_model_set_weights(mt_model *m, const float *host_params);
+// Sets parameters first .. first + count - 1 of the table from their fp32
+// host values (values[0] is parameter first's; the table's layout from there):
+// a base can be set a layer at a time, never whole on the host.
+mt_err mt_model_set_params(mt_model *m, int first, int count, const float *values);
 void mt_model_zero_grads(mt_model *m);
 
 // With document_mask: pos (B*T, host) is each input token's position in its

@@ -124,9 +124,11 @@ static mt_err load_values(run *r) {
     const mt_plan *pl = &r->pl;
     const mt_lora_config *lora = pl->lora ? &pl->lora_cfg : NULL;
     mt_err err;
-    r->host_params = calloc(pl->total, sizeof(float));
+    // a frozen base is read a layer at a time into the model (build_model):
+    // only a trained base has a whole fp32 copy on the host
+    r->host_params = lora ? NULL : calloc(pl->total, sizeof(float));
     r->trained = lora ? calloc(pl->trained_total ? pl->trained_total : 1, sizeof(float)) : r->host_params;
-    if (!r->host_params || !r->trained)
+    if ((!lora && !r->host_params) || !r->trained)
         return mt_errorf(MT_ERR_NOMEM, "out of host memory for the %.2fM parameters' fp32 copy (%.1f GiB)",
                          pl->total / 1e6, pl->total * 4.0 / 1073741824.0);
     if (lora && cfg->lora_init[0]) {
@@ -135,7 +137,9 @@ static mt_err load_values(run *r) {
         mt_lora_init_params(pl->trained, pl->n_trained, r->trained, (uint64_t)cfg->train_seed);
     }
     r->random_init = !strcmp(cfg->model_init, "random");
-    if (r->random_init)
+    if (lora)
+        ;
+    else if (r->random_init)
         mt_model_init_random(&r->mc, r->host_params, (uint64_t)cfg->train_seed);
     else if ((err = mt_hf_load_weights(cfg->model_path, &r->mc, r->host_params)))
         return err;
@@ -178,11 +182,12 @@ static mt_err build_model(run *r) {
         snprintf(r->devname, sizeof r->devname, "CPU (fp32 reference backend)");
     if ((err = mt_model_create_with(&r->model, &r->be, &r->mc, &r->opts))) return err;
     if (r->world > 1 && r->opts.grad_ready) mt_model_set_agreement(r->model, mt_route_any_rank, r->dist);
-    if ((err = mt_model_set_weights(r->model, r->host_params))) return err;
     if (r->pl.lora) {
+        if ((err = mt_hf_set_model(r->model, r->random_init ? NULL : r->cfg->model_path, (uint64_t)r->cfg->train_seed)))
+            return err;
         mt_model_set_adapters(r->model, r->trained);
-        free(r->host_params);  // the frozen base lives on the backend now
-        r->host_params = NULL;
+    } else if ((err = mt_model_set_weights(r->model, r->host_params))) {
+        return err;
     }
     mt_model_trainable(r->model, &r->tr);
     return MT_OK;
