@@ -7,11 +7,11 @@
 #
 # Stages: ctest quickstart resume dist-test parity chat generate peft peft-qwen3 peft-gemma3 peft-phi3 (default), plus bench
 # (attention and full fine-tune), lora-bench, mezo-bench, galore-bench,
-# offload-bench, decode-bench and plan (memtune plan against 24 measured runs) with --bench; attention-bench alone; or name them: run.sh --stages
+# offload-bench, decode-bench, streaming-bench and plan (memtune plan against 24 measured runs) with --bench; attention-bench alone; or name them: run.sh --stages
 # "ctest mezo-bench". MT_CTEST_FILTER narrows ctest; MT_LORA_SHAPES picks
 # lora-bench's shapes and MT_LORA_ARGS adds bench/lora_ft.py options (e.g.
 # "--steps 20"); MT_MEZO_ARGS adds bench/mezo.py options, MT_GALORE_ARGS
-# bench/galore.py's, MT_OFFLOAD_ARGS bench/offload.py's, MT_DECODE_ARGS bench/decode.py's, MT_DIST_ARGS
+# bench/galore.py's, MT_OFFLOAD_ARGS bench/offload.py's, MT_DECODE_ARGS bench/decode.py's, MT_STREAMING_ARGS bench/streaming.py's, MT_DIST_ARGS
 # bench/dist.py's (stage dist, on a machine with 2 or more GPUs); MT_RESUME_ONLY (a
 # regular expression) picks resume checks by name.
 # Python packages the machine lacks travel in .whl/ (see docs/development.md):
@@ -67,7 +67,7 @@ fi
 
 STAGES="ctest quickstart resume dist-test parity chat generate peft peft-qwen3 peft-gemma3 peft-phi3"
 case "${1:-}" in
-    --bench) STAGES="$STAGES bench lora-bench mezo-bench galore-bench offload-bench decode-bench plan" ;;
+    --bench) STAGES="$STAGES bench lora-bench mezo-bench galore-bench offload-bench decode-bench streaming-bench plan" ;;
     --stages) STAGES=$2 ;;
 esac
 want() { case " $STAGES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
@@ -209,6 +209,11 @@ fi
 if want decode-bench; then
     echo "== bench: decoding, memtune generate vs transformers' generate"
     python3 bench/decode.py --out "$OUT" ${MT_DECODE_ARGS:-} 2>&1 | tee "$OUT/decode_bench.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+if want streaming-bench; then
+    echo "== bench: weights streamed from host memory (model.weights: cpu) vs resident"
+    python3 bench/streaming.py --out "$OUT" ${MT_STREAMING_ARGS:-} 2>&1 | tee "$OUT/streaming_bench.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 if want bench; then

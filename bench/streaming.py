@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""Weight streaming (model.weights: cpu) against the same run with the weights
+resident on the GPU, in one run on one GPU (issue: models bigger than the GPU).
+
+Cases (random initialisation, `memtune train`, tokens/s after the warm-up
+steps, GPU peak from nvidia-smi and the allocator, host peak from VmRSS):
+  qlora-70b  QLoRA r=16 on all linear modules over a Llama-2-70B shape, NF4
+             base, activation checkpointing, B=1, T=2048: streamed from host
+             memory (target: at most 10 GiB of GPU memory) and resident.
+  mezo-13b   MeZO over a Llama-2-13B shape, bf16, at two batch sizes: where
+             the transfer binds and where compute covers it (target: 0.9x of
+             resident); the host-to-device bandwidth is measured first.
+  full-3b    full fine-tuning of a 3B Llama shape with AdamW's state in host
+             memory (offload.optimizer: cpu), checkpointing: weights and
+             state off the GPU against the weights resident.
+Writes streaming_bench.json and prints one line per run.
+
+  python3 bench/streaming.py --out $OUT [--cases qlora-70b,mezo-13b,full-3b]
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from full_ft import write_dataset  # noqa: E402
+from lora_ft import BASE, train_and_time  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUILD = os.environ.get("MT_BUILD_DIR", os.path.join(ROOT, "build"))
+GIB = 1024 ** 3
+SHAPES = {
+    "70b": dict(BASE, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                num_key_value_heads=8),
+    "13b": dict(BASE, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                num_key_value_heads=40),
+    "3b": dict(BASE, hidden_size=3200, intermediate_size=8640, num_hidden_layers=26, num_attention_heads=32,
+               num_key_value_heads=32),
+}
+
+
+def h2d_bandwidth():
+    """Pinned host to device, bytes a second, of a 1 GiB copy (torch)."""
+    try:
+        import torch
+        src = torch.empty(1 << 29, dtype=torch.bfloat16, pin_memory=True)
+        dst = torch.empty_like(src, device="cuda")
+        for _ in range(2):
+            dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(5):
+            dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize()
+        return 5 * src.numel() * 2 / (time.perf_counter() - t)
+    except Exception as e:  # noqa: BLE001 - reported, the bench goes on
+        print(f"host-to-device bandwidth not measured: {e}")
+        return None
+
+
+def folder_for(work, shape):
+    folder = os.path.join(work, shape)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(SHAPES[shape], f)
+    return folder
+
+
+def run(args, case, folder, data, B, T, sets, weights):
+    ns = argparse.Namespace(steps=args.steps, warmup=args.warmup, B=B, T=T)
+    out = os.path.join(args.work, f"{case}-{weights}-B{B}")
+    base = {"model.path": folder, "model.init": "random", "data.train": data, "data.eval_fraction": 0,
+            "train.eval_batches": 0, "train.steps": args.steps, "train.micro_batch": B, "train.seq_len": T,
+            "train.grad_accum": 1, "train.log_every": 1, "train.device": "gpu", "optim.warmup_steps": 1,
+            "output.dir": out, "output.save_model": "false", "checkpoint.every": 0, "model.weights": weights}
+    base.update(sets)
+    cmd = [os.path.join(BUILD, "memtune"), "train", os.path.join(ROOT, "configs", "quickstart.yaml")]
+    r = train_and_time(ns, cmd, base, out, ("base weights", "memory (GPU)", "memory (host)"))
+    line = (f"{case} {weights:3s} B={B} T={T}: " + (f"{r['tokens_per_second']:.0f} tok/s, GPU peak "
+            f"{r['device_peak'] / GIB:.2f} GiB (allocator {r['allocator_peak'] / GIB:.2f}), host peak "
+            f"{r['host_peak'] / GIB:.1f} GiB" if "error" not in r else f"error {r['error']}"))
+    print(line, flush=True)
+    return r
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", default="qlora-70b,mezo-13b,full-3b")
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--work", default="/tmp/mt-streaming-bench")
+    ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/mt-streaming-bench"))
+    args = ap.parse_args()
+    os.makedirs(args.work, exist_ok=True)
+    os.makedirs(args.out, exist_ok=True)
+    bw = h2d_bandwidth()
+    results = {"h2d_bytes_per_second": bw, "runs": {}}
+    if bw:
+        print(f"host-to-device bandwidth (pinned, 1 GiB): {bw / 1e9:.1f} GB/s", flush=True)
+    data = os.path.join(args.work, "data.h5")
+    write_dataset(data, 4 << 20, 32000)
+    for case in args.cases.split(","):
+        if case == "qlora-70b":
+            folder = folder_for(args.work, "70b")
+            sets = {"lora.r": 16, "lora.alpha": 32, "lora.dropout": 0.05, "lora.targets": "all-linear",
+                    "model.quantize": "nf4", "model.activation_checkpointing": "true",
+                    "model.offload_activations": "true", "optim.lr": 1e-4}
+            for w in ("cpu", "gpu"):
+                results["runs"][f"{case}-{w}"] = run(args, case, folder, data, 1, 2048, sets, w)
+        elif case == "mezo-13b":
+            folder = folder_for(args.work, "13b")
+            sets = {"optim.kind": "mezo", "optim.lr": 1e-6, "mezo.eps": 1e-3}
+            for B in (1, 16):
+                for w in ("cpu", "gpu"):
+                    results["runs"][f"{case}-{w}-B{B}"] = run(args, case, folder, data, B, 1024, sets, w)
+        elif case == "full-3b":
+            folder = folder_for(args.work, "3b")
+            sets = {"offload.optimizer": "cpu", "model.activation_checkpointing": "true", "optim.lr": 1e-5}
+            for w in ("cpu", "gpu"):
+                results["runs"][f"{case}-{w}"] = run(args, case, folder, data, 4, 1024, sets, w)
+    for key, r in results["runs"].items():
+        twin = key.replace("-cpu", "-gpu")
+        if key != twin and "tokens_per_second" in r and "tokens_per_second" in results["runs"].get(twin, {}):
+            r["vs_resident"] = r["tokens_per_second"] / results["runs"][twin]["tokens_per_second"]
+            print(f"{key}: {r['vs_resident']:.2f}x the resident run's tokens/s", flush=True)
+    with open(os.path.join(args.out, "streaming_bench.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    sys.exit(0 if all("error" not in r for r in results["runs"].values()) else 1)
+
+
+if __name__ == "__main__":
+    main()
