@@ -788,8 +788,12 @@ START_TEST(eval_matches_logits_and_adapter) {
     float *ad = tu_random(ad_total, -0.3f, 0.3f, 77);
     ck_assert_int_eq(mt_lora_save(adapter, &lora, model_dir, table, n_ad, ad), MT_OK);
     o.adapter = adapter;
-    mt_eval_result ra;
+    mt_eval_result ra, rs;
     ck_assert_msg(mt_eval_run(&o, &ra) == MT_OK, "%s", mt_last_error());
+    o.stream_weights = 1;  // --weights cpu: the base streamed a layer at a time, the same loss bit for bit
+    ck_assert_msg(mt_eval_run(&o, &rs) == MT_OK, "%s", mt_last_error());
+    ck_assert_msg(rs.loss == ra.loss, "streamed %.17g, resident %.17g", rs.loss, ra.loss);
+    o.stream_weights = 0;
     mt_lora_merge(&mc, &lora, params, ad);
     ck_assert_int_eq(mt_hf_save(merged, NULL, &mc, params, MT_DTYPE_F32), MT_OK);
     o.adapter = NULL, o.model = merged;

@@ -81,7 +81,6 @@ mt_err mt_eval_run(const mt_eval_options *o, mt_eval_result *r) {
     mt_model *model = NULL;
     mt_backend be;
     int backend_ready = 0;
-    float *params = NULL;
     if ((err = mt_dataset_open(&ds, o->data, mc.V))) {
         free(adapters);
         return err;
@@ -100,13 +99,6 @@ mt_err mt_eval_run(const mt_eval_options *o, mt_eval_result *r) {
         err = mt_errorf(MT_ERR_DEVICE, "--device gpu but no GPU is visible; use --device cpu or auto");
     if (!err && strcmp(o->device, "cpu") && strcmp(o->device, "gpu") && strcmp(o->device, "auto"))
         err = mt_errorf(MT_ERR_USAGE, "--device %s: expected auto, cpu or gpu", o->device);
-    int n_params;
-    size_t total;
-    free(mt_model_param_table(&mc, &n_params, &total));
-    if (!err && !(params = malloc(total * sizeof(float))))
-        err = mt_errorf(MT_ERR_NOMEM, "out of host memory for the model's fp32 copy (%.1f GiB)",
-                        total * 4.0 / 1073741824.0);
-    if (!err) err = mt_hf_load_weights(o->model, &mc, params);
     if (!err && mt_backend_init(&be, gpu ? 0 : -1) == MT_OK) backend_ready = 1;
     if (!err && !backend_ready) err = mt_errorf(MT_ERR_DEVICE, "the %s backend did not start", gpu ? "GPU" : "CPU");
     mt_model_options mo = {.B = B,
@@ -114,9 +106,10 @@ mt_err mt_eval_run(const mt_eval_options *o, mt_eval_result *r) {
                            .lora = lora,
                            .quantize_nf4 = o->quantize_nf4,
                            .forward_only = 1,
-                           .document_mask = o->document_mask};
+                           .document_mask = o->document_mask,
+                           .stream_weights = o->stream_weights};
     if (!err) err = mt_model_create_with(&model, &be, &mc, &mo);
-    if (!err) err = mt_model_set_weights(model, params);
+    if (!err) err = mt_hf_set_model(model, o->model, 0);  // a layer at a time: no whole fp32 copy
     if (!err && adapters) mt_model_set_adapters(model, adapters);
     long batches = loader ? (long)mt_loader_batches_per_epoch(loader) : 0;
     if (o->max_batches > 0 && o->max_batches < batches) batches = o->max_batches;
@@ -139,7 +132,6 @@ mt_err mt_eval_run(const mt_eval_options *o, mt_eval_result *r) {
     }
     mt_model_free(model);
     if (backend_ready) mt_backend_free(&be);
-    free(params);
     free(adapters);
     mt_loader_free(loader);
     mt_dataset_free(ds);

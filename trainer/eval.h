@@ -29,6 +29,7 @@ typedef struct {
     int progress;         // a progress line on stderr
     int document_mask;    // documents attend only within themselves (data.document_mask)
     int quantize_nf4;     // the base's linear weights in NF4, as QLoRA trained them (needs adapter)
+    int stream_weights;   // the base in host memory, a layer at a time on the backend (model.weights: cpu)
 } mt_eval_options;
 
 typedef struct {

@@ -229,6 +229,8 @@ static const char EVAL_HELP[] =
     "  --batches N          evaluate the first N batches only\n"
     "  --device D           auto (the default), cpu, gpu\n"
     "  --quantize nf4       the base as QLoRA trained it (linear weights in NF4); needs --adapter\n"
+    "  --weights W          gpu (the default) or cpu: the base's layers in host memory, each copied to the\n"
+    "                       GPU as it runs (a model larger than the GPU; model.weights in training)\n"
     "  --document-mask      documents packed into a window attend only within themselves and restart their\n"
     "                       positions (as data.document_mask trains); a window's last token of a document\n"
     "                       does not count\n"
@@ -256,7 +258,11 @@ static int cmd_eval(int argc, char **argv) {
             o.data = v;
         else if (!strcmp(a, "--device"))
             o.device = v;
-        else if (!strcmp(a, "--quantize")) {
+        else if (!strcmp(a, "--weights")) {
+            static const char *const where[] = {"gpu", "cpu"};
+            int rc = parse_choice(a, v, where, 2, &o.stream_weights);
+            if (rc) return rc;
+        } else if (!strcmp(a, "--quantize")) {
             int rc = parse_choice(a, v, quantizations, 2, &o.quantize_nf4);
             if (rc) return rc;
         } else if (!strcmp(a, "--seq-len") || !strcmp(a, "--batch") || !strcmp(a, "--batches")) {
