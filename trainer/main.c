@@ -350,6 +350,8 @@ static const char GENERATE_HELP[] =
     "Text from a model folder (its tokenizer.json and chat template), one token at a time with a key/value cache:\n"
     "on a GPU in bf16, rows of --input decoded together; on the CPU in fp32.\n\n"
     "  --device D             auto (a GPU when one is visible), gpu or cpu\n"
+    "  --weights W            on a GPU: gpu (the default) or cpu, the model's layers in host memory, each copied\n"
+    "                         to the GPU as it runs (a model larger than the GPU, slowly: every token reads them)\n"
     "  --adapter DIR          a PEFT LoRA adapter, applied on the fly (the base's values untouched)\n"
     "  --merge                fold the adapter into the base first instead (the same function)\n"
     "  --quantize nf4         the base as QLoRA trained it: its linear weights through NF4 and back\n"
@@ -373,7 +375,7 @@ typedef struct {
     const float *params;
     const mt_lora_config *lora;  // an adapter on the fly, or NULL
     const float *adapter;
-    int max_len, batch, gpu;
+    int max_len, batch, gpu, stream_weights;
 } gen_ctx;
 
 // One line of a --input file (or the one prompt): its JSON, the prompt's
@@ -514,7 +516,8 @@ static mt_err generate_gpu(const gen_ctx *c, gen_item *items, int n, FILE *strea
     mt_backend be;
     mt_err err = mt_backend_init(&be, 0);
     if (err) return err;
-    mt_model_options mo = {.B = rows, .T = 1, .forward_only = 1, .decode_len = len};
+    mt_model_options mo = {
+        .B = rows, .T = 1, .forward_only = 1, .decode_len = len, .stream_weights = c->stream_weights};
     if (c->lora) mo.lora = *c->lora, mo.lora.dropout = 0.0f;
     mt_model *m = NULL;
     err = mt_model_create_with(&m, &be, c->mc, &mo);
@@ -544,7 +547,7 @@ static mt_err generate_gpu(const gen_ctx *c, gen_item *items, int n, FILE *strea
 
 static int cmd_generate(int argc, char **argv) {
     const char *model = NULL, *adapter = NULL, *prompt = NULL, *chat = NULL, *system = NULL, *input = NULL,
-               *template_name = "auto", *device = "auto";
+               *template_name = "auto", *device = "auto", *weights = "gpu";
     gen_ctx c = {.o = {.max_new = 128, .sampling = {0.0f, 0, 1.0f, 0.0f, 1.0f, 0}}};
     int merge = 0, nf4 = 0;
     for (int i = 0; i < argc; i++) {
@@ -560,8 +563,9 @@ static int cmd_generate(int argc, char **argv) {
             const char *name;
             const char **dst;
         } strings[] = {
-            {"--model", &model},   {"--adapter", &adapter}, {"--prompt", &prompt}, {"--chat", &chat},
-            {"--system", &system}, {"--input", &input},     {"--device", &device}, {"--chat-template", &template_name}};
+            {"--model", &model},    {"--adapter", &adapter}, {"--prompt", &prompt}, {"--chat", &chat},
+            {"--system", &system},  {"--input", &input},     {"--device", &device}, {"--chat-template", &template_name},
+            {"--weights", &weights}};
         int taken = 0;
         for (size_t k = 0; k < sizeof strings / sizeof strings[0] && !taken; k++)
             if (!strcmp(a, strings[k].name)) *strings[k].dst = v, taken = 1;
@@ -608,6 +612,8 @@ static int cmd_generate(int argc, char **argv) {
     int dev;
     int rc = parse_choice("--device", device, devices, 3, &dev);
     if (rc) return rc;
+    static const char *const where[] = {"gpu", "cpu"};
+    if ((rc = parse_choice("--weights", weights, where, 2, &c.stream_weights))) return rc;
     c.gpu = dev != 1 && mt_device_count() > 0;
     if (dev == 2 && !c.gpu)
         return fail(mt_errorf(MT_ERR_DEVICE, "--device gpu but no GPU is visible; use --device cpu or auto"));
