@@ -59,6 +59,11 @@ void mt_mezo_losses(mt_mezo *mz, long step, mt_mezo_loss_fn loss, void *ctx, dou
     }
 }
 
+void mt_mezo_losses_paired(mt_mezo *mz, long step, mt_mezo_pair_fn pair, void *ctx, double *losses) {
+    for (int k = 0; k < mz->cfg.samples; k++)
+        pair(ctx, mt_mezo_direction_seed(mz, step, k), mz->cfg.eps, &losses[2 * k], &losses[2 * k + 1]);
+}
+
 void mt_mezo_update(mt_mezo *mz, long step, const double *losses, float lr, mt_mezo_info *info) {
     int n = mz->cfg.samples;
     mt_zo_directions d = {n, {0}, {0}};

@@ -58,6 +58,10 @@ typedef double (*mt_mezo_loss_fn)(void *ctx, uint64_t seed, float scale);
 
 // losses[2k], losses[2k + 1]: the loss at +eps z_k and at -eps z_k.
 void mt_mezo_losses(mt_mezo *mz, long step, mt_mezo_loss_fn loss, void *ctx, double *losses);
+// The same from a callback that gives both of a direction's losses at once
+// (*plus at +eps z(seed), *minus at -eps z(seed)).
+typedef void (*mt_mezo_pair_fn)(void *ctx, uint64_t seed, float eps, double *plus, double *minus);
+void mt_mezo_losses_paired(mt_mezo *mz, long step, mt_mezo_pair_fn pair, void *ctx, double *losses);
 
 typedef struct {
     double projected_grad_rms;  // root mean square of the g_k

@@ -596,6 +596,56 @@ START_TEST(streamed_weights_under_mezo_equal_resident) {
 }
 END_TEST
 
+// MeZO's paired passes (mt_model_forward_pair: each layer read once for +eps
+// and -eps) give the two separate passes' losses bit for bit, with a deferred
+// update pending (applied at the first perturbed read), resident and with the
+// base streamed, tied embeddings and a Gemma 3 model.
+START_TEST(paired_passes_equal_two_passes) {
+    mt_backend be;
+    mt_backend_init(&be, -1);
+    for (int v = 0; v < 3; v++) {
+        mt_model_config c;
+        tiny(&c, 1, 1);
+        c.L = 3;
+        if (v == 2) c.gemma = 1, c.embed_scale = 4.0f;
+        size_t total;
+        float *w = random_weights(&c, &total);
+        mt_model_options o = {.B = B, .T = T, .forward_only = 1, .stream_weights = v == 1};
+        mt_model *ma, *mb;
+        ck_assert_int_eq(mt_model_create_with(&ma, &be, &c, &o), MT_OK);
+        ck_assert_int_eq(mt_model_create_with(&mb, &be, &c, &o), MT_OK);
+        mt_model *models[2] = {ma, mb};
+        mt_zo_directions d = {1, {99}, {0.5f}};
+        for (int k = 0; k < 2; k++) {
+            ck_assert_int_eq(mt_model_set_weights(models[k], w), MT_OK);
+            ck_assert_int_eq(mt_model_enable_perturbation(models[k], NULL), MT_OK);
+            mt_model_defer_update(models[k], &d, 1e-2f, 0.1f, 7);
+        }
+        int32_t inputs[N], targets[N];
+        random_batch(inputs, targets, c.V, 57);
+        for (int round = 0; round < 2; round++) {
+            mt_model_set_perturbation(ma, 31 + round, 1e-2f);
+            double plus = mt_model_step(ma, inputs, targets, 0, 0);
+            mt_model_set_perturbation(ma, 31 + round, -1e-2f);
+            double minus = mt_model_step(ma, inputs, targets, 0, 0);
+            mt_model_set_perturbation(ma, 0, 0.0f);
+            double p2, m2;
+            mt_model_forward_pair(mb, inputs, targets, 31 + round, 1e-2f, &p2, &m2);
+            ck_assert_msg(plus == p2 && minus == m2, "variant %d round %d: %.17g %.17g vs %.17g %.17g", v, round, plus,
+                          minus, p2, m2);
+            ck_assert(plus != minus);
+        }
+        float *wa = malloc(total * 4), *wb = malloc(total * 4);
+        mt_model_get_trainable(ma, wa);
+        mt_model_get_trainable(mb, wb);
+        ck_assert(memcmp(wa, wb, total * 4) == 0);
+        free(w), free(wa), free(wb);
+        mt_model_free(ma), mt_model_free(mb);
+    }
+    mt_backend_free(&be);
+}
+END_TEST
+
 // ---------------------------------------------------------- memtune train
 
 static void mezo_config(mt_config *cfg, const char *folder, const char *data, const char *out) {
@@ -706,6 +756,7 @@ int main(void) {
     tcase_add_test(tc, mezo_lowers_the_tiny_model_loss);
     tcase_add_test(tc, projected_gradients_average_to_the_gradient);
     tcase_add_test(tc, streamed_weights_under_mezo_equal_resident);
+    tcase_add_test(tc, paired_passes_equal_two_passes);
     tcase_add_test(tc, deferred_update_equals_immediate);
     tcase_add_test(tc, mezo_training_resumes_bit_identically);
     suite_add_tcase(s, tc);

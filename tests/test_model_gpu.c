@@ -585,6 +585,13 @@ START_TEST(gpu_deferred_mezo_update_is_bit_identical) {
         for (int j = 0; j < 4; j++)
             ck_assert_msg(l[0][j] == l[1][j] && l[0][j] == l[2][j], "step %d loss %d differs", step, j);
     }
+    // MeZO's paired passes (as the trainer runs them) on the pending update
+    // of the deferred models: the two separate passes' losses bit for bit
+    gpu_loss_ctx c0 = {m[0], in, tg};
+    double p0 = gpu_loss(&c0, 5, 1e-3f), n0 = gpu_loss(&c0, 5, -1e-3f), p1, n1, p2, n2;
+    mt_model_forward_pair(m[1], in, tg, 5, 1e-3f, &p1, &n1);
+    mt_model_forward_pair(m[2], in, tg, 5, 1e-3f, &p2, &n2);
+    ck_assert_msg(p0 == p1 && n0 == n1 && p0 == p2 && n0 == n2, "paired passes differ");
     float *a = malloc(total * 4), *b = malloc(total * 4);
     mt_model_get_trainable(m[0], a);
     mt_model_get_trainable(m[1], b);

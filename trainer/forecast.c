@@ -156,8 +156,9 @@ mt_err mt_forecast_run(const mt_config *cfg, const mt_model_config *mc, int gpu,
     f->tokens = (double)pl.B * pl.T * pl.accum * (world > 0 ? world : 1);
     double compute = passes * fwd * (double)pl.B * pl.T * pl.accum / kFlopsPerSecond;
     // streamed weights cross to the GPU once in forward and once in backward
-    // a micro-batch, beside the compute: the slower of the two binds
-    double moved = (double)mb.weights_host * (pl.mezo ? 2.0 * (double)cfg->mezo_samples : 2.0) * pl.accum;
+    // a micro-batch (MeZO: once a direction, both passes at once), beside the
+    // compute: the slower of the two binds
+    double moved = (double)mb.weights_host * (pl.mezo ? (double)cfg->mezo_samples : 2.0) * pl.accum;
     f->step_time +=
         gpu && moved / kHostToDeviceBytesPerSecond > compute ? moved / kHostToDeviceBytesPerSecond : compute;
     snprintf(f->what, sizeof f->what, "%s%.2fM of %.2fM parameters trained; %s%s", pl.lora ? "LoRA: " : "",

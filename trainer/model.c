@@ -134,7 +134,8 @@ struct mt_model {
     float *g_wte, *g_norm, *g_lm;
     // activations
     void *act_block;
-    void **x;  // (L+1) residual stream inputs, (N, C) each
+    void **x;       // (L+1) residual stream inputs, (N, C) each
+    void **x_pair;  // forward-only: a second stream's, for MeZO's paired passes
     // offload: x[l] lives in slot l % 2 on the backend; x[0..L-2] are copied
     // to host_x in forward and fetched back in backward, beside the compute
     int offload;
@@ -380,6 +381,9 @@ static size_t layout_activations(mt_model *m, uintptr_t base) {
     if (m->offload || m->forward_only) {
         void *slots[2] = {carve(&cur, N * c->C * a), carve(&cur, N * c->C * a)};
         for (int l = 0; l <= c->L; l++) m->x[l] = slots[l % 2];
+        void *pair[2] = {NULL, NULL};
+        if (m->forward_only && !m->decode_len) pair[0] = carve(&cur, N * c->C * a), pair[1] = carve(&cur, N * c->C * a);
+        for (int l = 0; l <= c->L && m->x_pair; l++) m->x_pair[l] = pair[l % 2];
     } else {
         for (int l = 0; l <= c->L; l++) m->x[l] = carve(&cur, N * c->C * a);
     }
@@ -476,6 +480,7 @@ static mt_model *model_setup(mt_backend *be, const mt_model_config *cfg, const m
     m->compute_offset = calloc((size_t)m->num_params, sizeof(size_t));
     m->layers = calloc((size_t)cfg->L, sizeof *m->layers);
     m->x = calloc((size_t)cfg->L + 1, sizeof *m->x);
+    m->x_pair = o->forward_only ? calloc((size_t)cfg->L + 1, sizeof *m->x_pair) : NULL;
     m->forward_only = o->forward_only;
     m->streamed = o->stream_weights;
     m->slot_layer[0] = m->slot_layer[1] = -1;
@@ -872,6 +877,7 @@ void mt_model_free(mt_model *m) {
     free(m->param_layer);
     free(m->layers);
     free(m->x);
+    free(m->x_pair);
     free(m->acts);
     free(m);
 }
@@ -1489,13 +1495,17 @@ static void weights_needed(const mt_model *m, int bucket) {
         mt_backend_from_host(m->be, m->lm_w, m->home_lm, m->params[m->index_lm].count * act);
 }
 
-static void body_forward(mt_model *m) {
-    const mt_model_config *c = &m->cfg;
-    int N = m->B * m->T, offload = m->offload && m->training;
-    // the offloaded optimizer updates a streamed base in the store: what the
-    // slots hold from the last step is stale
+// A forward's start: the embedding's weights (stale slots dropped when the
+// offloaded optimizer updates a streamed base in the store).
+static void begin_forward(mt_model *m) {
     if (m->streamed && !m->frozen && m->weights_needed) m->slot_layer[0] = m->slot_layer[1] = -1;
     weights_needed(m, 0);
+}
+
+// x[0]: the tokens' embeddings (perturbed rows under MeZO's perturbation).
+static void embed_forward(mt_model *m) {
+    const mt_model_config *c = &m->cfg;
+    int N = m->B * m->T;
     // a deferred update reaches the weights before anything unperturbed reads
     // them, and the embedding table before its rows are gathered
     if (m->pending && m->perturb_scale == 0.0f) mt_model_flush_update(m);
@@ -1505,6 +1515,20 @@ static void body_forward(mt_model *m) {
         mt_op_perturb_rows(m->be, m->x[0], m->tokens, N, c->C, m->perturb_scale, m->perturb_seed,
                            m->params[m->index_wte].offset);
     if (c->embed_scale != 0.0f) mt_op_scale(m->be, m->x[0], (size_t)N * c->C, c->embed_scale);  // Gemma
+}
+
+// lnf: the final norm of x[L] (its weight perturbed under MeZO).
+static void final_norm(mt_model *m) {
+    const mt_model_config *c = &m->cfg;
+    const void *norm_w = m->frozen ? m->norm_w : perturbed(m, m->index_norm, m->norm_w);
+    mt_op_rmsnorm_forward(m->be, m->lnf, m->rstdf, m->x[c->L], norm_w, m->B * m->T, c->C, c->rms_eps, c->gemma);
+}
+
+static void body_forward(mt_model *m) {
+    const mt_model_config *c = &m->cfg;
+    int offload = m->offload && m->training;
+    begin_forward(m);
+    embed_forward(m);
     if (offload) move_x(m, 0, 1);
     for (int l = 0; l < c->L; l++) {
         // x[l+1]'s slot held x[l-1]: its copy out must be done
@@ -1515,8 +1539,58 @@ static void body_forward(mt_model *m) {
         if (offload && l + 1 <= c->L - 2) move_x(m, l + 1, 1);
     }
     weights_needed(m, 1 + c->L);
-    const void *norm_w = m->frozen ? m->norm_w : perturbed(m, m->index_norm, m->norm_w);
-    mt_op_rmsnorm_forward(m->be, m->lnf, m->rstdf, m->x[c->L], norm_w, N, c->C, c->rms_eps, c->gemma);
+    final_norm(m);
+}
+
+// The loss of lnf's rows against the targets, lm_head's product and the
+// cross-entropy in row chunks (forward only).
+static double head_loss(mt_model *m) {
+    const mt_model_config *c = &m->cfg;
+    int N = m->B * m->T;
+    const void *lm_w = lm_weight(m);
+    for (int r0 = 0; r0 < N; r0 += m->chunk_rows) {
+        int R = N - r0 < m->chunk_rows ? N - r0 : m->chunk_rows;
+        mt_op_logits_forward(m->be, m->logits, rows(m, m->lnf, (size_t)r0, (size_t)c->C), lm_w, R, c->C, c->V);
+        mt_op_crossentropy(m->be, m->losses + r0, NULL, m->logits, m->targets + r0, R, c->V, 0.0f);
+    }
+    return mt_op_sum(m->be, m->losses, (size_t)N);
+}
+
+void mt_model_forward_pair(mt_model *m, const int32_t *inputs, const int32_t *targets, uint64_t seed, float scale,
+                           double *plus, double *minus) {
+    const mt_model_config *c = &m->cfg;
+    MT_CHECK(m->forward_only && m->perturb_selected, "a perturbed pair needs a forward-only model with perturbation");
+    m->training = 0;
+    upload_tokens(m, inputs, targets);
+    void **xs[2] = {m->x, m->x_pair};
+    float signed_scale[2] = {scale, -scale};
+    double loss[2];
+    begin_forward(m);
+    for (int s = 0; s < 2; s++) {
+        m->x = xs[s];
+        mt_model_set_perturbation(m, seed, signed_scale[s]);
+        embed_forward(m);
+    }
+    // each layer's weights read once (streamed: copied once) for both signs
+    for (int l = 0; l < c->L; l++) {
+        weights_needed(m, 1 + l);
+        stream_layer(m, l, l + 1);
+        for (int s = 0; s < 2; s++) {
+            m->x = xs[s];
+            mt_model_set_perturbation(m, seed, signed_scale[s]);
+            layer_forward(m, l, 0);
+        }
+    }
+    weights_needed(m, 1 + c->L);
+    for (int s = 0; s < 2; s++) {
+        m->x = xs[s];
+        mt_model_set_perturbation(m, seed, signed_scale[s]);
+        final_norm(m);
+        loss[s] = head_loss(m);
+    }
+    m->x = xs[0];
+    mt_model_set_perturbation(m, 0, 0.0f);
+    *plus = loss[0], *minus = loss[1];
 }
 
 double mt_model_step(mt_model *m, const int32_t *inputs, const int32_t *targets, float dscale, int backward) {

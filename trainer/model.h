@@ -120,6 +120,13 @@ void mt_model_describe_attention(mt_model *m, char *buf, size_t len);
 mt_err mt_model_enable_perturbation(mt_model *m, const unsigned char *selected);
 // The perturbation of the following forward passes; scale 0 turns it off.
 void mt_model_set_perturbation(mt_model *m, uint64_t seed, float scale);
+// MeZO's two passes over one batch at once: the sums of token losses under
+// the perturbations +scale and -scale of seed, layer by layer, so each
+// layer's weights are read once (and, streamed, copied to the GPU once) for
+// both. The same values as two mt_model_step calls; the perturbation is off
+// afterwards.
+void mt_model_forward_pair(mt_model *m, const int32_t *inputs, const int32_t *targets, uint64_t seed, float scale,
+                           double *plus, double *minus);
 // MeZO's update w -= lr (sum_k coef_k z_k + decay w) of the selected
 // parameters (weight_decay where the table marks decay), not applied now but
 // where the next perturbed forward reads each tensor: the update and that
