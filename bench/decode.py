@@ -8,8 +8,8 @@ vocabulary: speed does not depend on the text), greedy, a one-word prompt,
 --new tokens at batch 1 and batch 16. memtune: `memtune generate --device
 gpu --input` (its own summary line times the decoding, not the loading).
 transformers: generate with its dynamic cache (eager), and with the static
-cache and torch.compile (mode reduce-overhead) where it compiles; both after a
-warm-up generate; min_new_tokens forces the same length. The batch-1 bound:
+cache (which transformers compiles with torch.compile itself) where it runs;
+both after a warm-up generate; min_new_tokens forces the same length. The batch-1 bound:
 the model's bf16 weight bytes read once per token over the GPU's copy
 bandwidth (measured here: a device-to-device copy, bytes read plus written).
 Writes decode_bench.json; prints tokens/s and the ratios.
@@ -119,13 +119,13 @@ def main():
             r = {"memtune": memtune_decode(folder, batch, args.new),
                  "transformers_eager": torch_decode(model, batch, args.new, static=False)}
             if not args.no_compile:
-                compiled = model.forward
+                # transformers compiles the forward itself for a static cache
+                # (generation_config.compile_config); compiling model.forward by
+                # hand with CUDA graphs broke on reused outputs (2026-12-05, H100)
                 try:
-                    model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
                     r["transformers_static_compiled"] = torch_decode(model, batch, args.new, static=True)
                 except Exception as e:  # noqa: BLE001 - reported, the bench goes on
                     r["transformers_static_compiled"] = {"error": str(e).splitlines()[0][:300]}
-                model.forward = compiled
                 torch._dynamo.reset()
             mt = r["memtune"].get("tokens_per_s")
             best = max([v.get("tokens_per_s", 0) for k, v in r.items() if k != "memtune"] or [0])

@@ -769,7 +769,13 @@ START_TEST(galore_adam_update_and_gauss) {
         mt_adam_direction_ref(dir, gs, &h8, n, 0.9f, 0.95f, 1e-8f, bc1, bc2);
         mt_op_adam_direction(&be, ddir, dg, &d8, n, 0.9f, 0.95f, 1e-8f, bc1, bc2);
         got = host_from_f32(ddir, n);
-        expect_close("8-bit adam direction", got, dir, n, 1e-5);
+        // where the GPU's and the CPU's codes agree the directions agree to
+        // fp32 rounding; a code may land on the other neighbour (at most 1 in
+        // 1000, checked below), and its element's direction moves by a step
+        size_t off = 0;
+        for (size_t i = 0; i < n; i++) off += fabsf(got[i] - dir[i]) > 1e-4f * fabsf(dir[i]) + 1e-6f;
+        ck_assert_msg(off <= n / 1000, "step %d: %zu of %zu 8-bit adam directions off", step, off, n);
+        expect_close("8-bit adam direction", got, dir, n, 1e-3);
         free(got), free(gs);
     }
     uint8_t *gq = malloc(n);
