@@ -114,6 +114,12 @@ for c in llama-lora llama-qlora mezo galore full-offload-cpu full-offload-ssd; d
     peak=$(echo "$out" | awk '/^peak/{print $2, $3; exit}')
     echo "$out" | grep -q "^longest train.seq_len that fits as configured: [0-9]" ||
         fail "$c: no longest seq_len in: $out"
+    # the MLP in tiles: a longer context fits where the configured one is
+    # bound by the MLP's buffers (reported only when longer)
+    longest=$(echo "$out" | sed -n 's/^longest train.seq_len that fits as configured: //p')
+    tiled=$(echo "$out" | sed -n 's/^with model.mlp_tile_rows=4096 (the MLP in tiles of 4096 tokens): //p')
+    [ -z "$tiled" ] || [ "$tiled" -gt "$longest" ] || fail "$c: tiled $tiled not above $longest"
+    [ "$c" != llama-qlora ] || [ -n "$tiled" ] || fail "$c: no tiled length in: $out"
     echo "test_plan: configs/$c.yaml at Llama-2-7B's shape on a GPU: peak $peak"
 done
 # a combination the trainer refuses: the same message, exit 1

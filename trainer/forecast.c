@@ -303,6 +303,13 @@ mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_s
             fprintf(out, "\nlongest train.seq_len that fits as configured: %ld\n", best);
         else
             fprintf(out, "\nno train.seq_len fits as configured\n");
+        // long contexts: the MLP's (tokens x intermediate) buffers in tiles
+        if (cfg.model_mlp_tile_rows == 0) {
+            cfg.model_mlp_tile_rows = 4096;
+            long tiled = mt_forecast_longest_seq_len(&cfg, &mc, gpu, world, capacity, 1L << 20);
+            if (tiled > best)
+                fprintf(out, "with model.mlp_tile_rows=4096 (the MLP in tiles of 4096 tokens): %ld\n", tiled);
+        }
     }
     mt_config_free(&cfg);
     return MT_OK;
