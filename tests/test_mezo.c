@@ -476,57 +476,77 @@ static void defer_to(void *model, const mt_zo_directions *d, float lr, float wei
     mt_model_defer_update(model, d, lr, weight_decay, round_seed);
 }
 
-// The update deferred into the next forward's reads gives the same losses and
-// weights as the update applied at once (tied embeddings: the gathered rows
-// must see it too; a selection with decayed and undecayed tensors).
-START_TEST(deferred_update_equals_immediate) {
+// Two MeZO runs from the same weights, directions and batch: model a with
+// options oa (its update applied at once, or deferred with defer_a), model b
+// with ob and its update deferred. The tensors named like `unselected` are not
+// trained. Every step's losses must agree bit for bit, an eval at eval_step
+// and a read-back at read_step (-1: none) change nothing after them, and the
+// final weights agree (and moved).
+static void mezo_runs_agree(const mt_model_config *c, const mt_model_options *oa, const mt_model_options *ob,
+                            int defer_a, const char *unselected, uint64_t seed, int steps, int eval_step,
+                            int read_step) {
     mt_backend be;
     mt_backend_init(&be, -1);
-    mt_model_config c;
-    tiny(&c, 1, 1);
     size_t total;
-    float *w = random_weights(&c, &total), *wa = malloc(total * 4), *wb = malloc(total * 4);
-    mt_model *ma = make_model(&be, &c, NULL, 1), *mb = make_model(&be, &c, NULL, 1);
-    mt_trainable ta, tb;
-    mt_model_trainable(ma, &ta);
-    mt_model_trainable(mb, &tb);
-    unsigned char *selected = malloc((size_t)ta.count);
-    mt_param_group groups[64];
+    float *w = random_weights(c, &total), *wa = malloc(total * 4), *wb = malloc(total * 4);
+    mt_model *models[2];
+    ck_assert_int_eq(mt_model_create_with(&models[0], &be, c, oa), MT_OK);
+    ck_assert_int_eq(mt_model_create_with(&models[1], &be, c, ob), MT_OK);
+    mt_trainable t[2];
+    mt_model_trainable(models[0], &t[0]);
+    mt_model_trainable(models[1], &t[1]);
+    unsigned char *selected = malloc((size_t)t[0].count);
+    mt_param_group *groups = malloc((size_t)t[0].count * sizeof *groups);
     int ng = 0;
-    for (int i = 0; i < ta.count; i++) {
-        selected[i] = !strstr(ta.params[i].name, "layers.0.mlp");
-        if (selected[i]) groups[ng++] = (mt_param_group){ta.params[i].offset, ta.params[i].count, ta.params[i].decay};
+    for (int i = 0; i < t[0].count; i++) {
+        selected[i] = !strstr(t[0].params[i].name, unselected);
+        if (selected[i])
+            groups[ng++] = (mt_param_group){t[0].params[i].offset, t[0].params[i].count, t[0].params[i].decay};
     }
-    mt_model *models[2] = {ma, mb};
     mt_mezo *mz[2];
-    mt_mezo_config cfg = {1e-3f, 2, 0.1f, 17};
+    mt_mezo_config cfg = {1e-3f, 2, 0.1f, seed};
     for (int k = 0; k < 2; k++) {
         ck_assert_int_eq(mt_model_set_weights(models[k], w), MT_OK);
         ck_assert_int_eq(mt_model_enable_perturbation(models[k], selected), MT_OK);
-        ck_assert_int_eq(mt_mezo_init(&mz[k], &be, &cfg, k ? tb.weights : ta.weights, groups, ng), MT_OK);
+        ck_assert_int_eq(mt_mezo_init(&mz[k], &be, &cfg, t[k].weights, groups, ng), MT_OK);
+        if (k == 1 || defer_a) mt_mezo_defer_updates(mz[k], defer_to, models[k]);
     }
-    mt_mezo_defer_updates(mz[1], defer_to, mb);
     int32_t inputs[N], targets[N];
-    random_batch(inputs, targets, c.V, 51);
-    for (int t = 0; t < 20; t++) {
-        double la[4], lb[4];
-        model_ctx ca = {ma, inputs, targets}, cb = {mb, inputs, targets};
-        mt_mezo_losses(mz[0], t, model_loss, &ca, la);
-        mt_mezo_losses(mz[1], t, model_loss, &cb, lb);
+    random_batch(inputs, targets, c->V, seed + 34);
+    for (int step = 0; step < steps; step++) {
+        double l[2][4];
+        model_ctx ctx[2] = {{models[0], inputs, targets}, {models[1], inputs, targets}};
+        for (int k = 0; k < 2; k++) mt_mezo_losses(mz[k], step, model_loss, &ctx[k], l[k]);
         for (int j = 0; j < 4; j++)
-            ck_assert_msg(la[j] == lb[j], "step %d loss %d: %.17g vs %.17g", t, j, la[j], lb[j]);
-        mt_mezo_info ia, ib;
-        mt_mezo_update(mz[0], t, la, 1e-2f, &ia);
-        mt_mezo_update(mz[1], t, lb, 1e-2f, &ib);
-        if (t == 10) ck_assert(model_loss(&cb, 0, 0.0f) == model_loss(&ca, 0, 0.0f));  // an eval flushes
+            ck_assert_msg(l[0][j] == l[1][j], "step %d loss %d: %.17g vs %.17g", step, j, l[0][j], l[1][j]);
+        for (int k = 0; k < 2; k++) {
+            mt_mezo_info info;
+            mt_mezo_update(mz[k], step, l[k], 1e-2f, &info);
+        }
+        if (step == eval_step) ck_assert(model_loss(&ctx[1], 0, 0.0f) == model_loss(&ctx[0], 0, 0.0f));  // flushes
+        if (step == read_step) {  // a read-back mid-run (a checkpoint) changes nothing after it
+            mt_model_get_trainable(models[0], wa);
+            mt_model_get_trainable(models[1], wb);
+            ck_assert(memcmp(wa, wb, total * 4) == 0);
+        }
     }
-    mt_model_get_trainable(ma, wa);
-    mt_model_get_trainable(mb, wb);  // flushes the last step's update
+    mt_model_get_trainable(models[0], wa);
+    mt_model_get_trainable(models[1], wb);  // flushes the last step's update
     ck_assert(memcmp(wa, wb, total * 4) == 0);
     ck_assert(memcmp(wa, w, total * 4) != 0);
     for (int k = 0; k < 2; k++) mt_mezo_free(mz[k]), mt_model_free(models[k]);
     mt_backend_free(&be);
-    free(w), free(wa), free(wb), free(selected);
+    free(w), free(wa), free(wb), free(selected), free(groups);
+}
+
+// The update deferred into the next forward's reads gives the same losses and
+// weights as the update applied at once (tied embeddings: the gathered rows
+// must see it too; a selection with decayed and undecayed tensors).
+START_TEST(deferred_update_equals_immediate) {
+    mt_model_config c;
+    tiny(&c, 1, 1);
+    mt_model_options o = {.B = B, .T = T, .forward_only = 1};
+    mezo_runs_agree(&c, &o, &o, 0, "layers.0.mlp", 17, 20, 10, -1);
 }
 END_TEST
 
@@ -536,63 +556,12 @@ END_TEST
 // resident model's losses and weights bit for bit, with tied embeddings (the
 // outer tensors updated where they live) and a partial selection.
 START_TEST(streamed_weights_under_mezo_equal_resident) {
-    mt_backend be;
-    mt_backend_init(&be, -1);
     mt_model_config c;
     tiny(&c, 1, 1);
     c.L = 4;
-    size_t total;
-    float *w = random_weights(&c, &total), *wa = malloc(total * 4), *wb = malloc(total * 4);
     mt_model_options o = {.B = B, .T = T, .forward_only = 1}, so = o;
     so.stream_weights = 1;
-    mt_model *ma, *mb;
-    ck_assert_int_eq(mt_model_create_with(&ma, &be, &c, &o), MT_OK);
-    ck_assert_int_eq(mt_model_create_with(&mb, &be, &c, &so), MT_OK);
-    mt_trainable ta, tb;
-    mt_model_trainable(ma, &ta);
-    mt_model_trainable(mb, &tb);
-    unsigned char *selected = malloc((size_t)ta.count);
-    mt_param_group groups[128];
-    int ng = 0;
-    for (int i = 0; i < ta.count; i++) {
-        selected[i] = !strstr(ta.params[i].name, "layers.1.self_attn");
-        if (selected[i]) groups[ng++] = (mt_param_group){ta.params[i].offset, ta.params[i].count, ta.params[i].decay};
-    }
-    mt_model *models[2] = {ma, mb};
-    mt_mezo *mz[2];
-    mt_mezo_config cfg = {1e-3f, 2, 0.1f, 19};
-    for (int k = 0; k < 2; k++) {
-        ck_assert_int_eq(mt_model_set_weights(models[k], w), MT_OK);
-        ck_assert_int_eq(mt_model_enable_perturbation(models[k], selected), MT_OK);
-        ck_assert_int_eq(mt_mezo_init(&mz[k], &be, &cfg, k ? tb.weights : ta.weights, groups, ng), MT_OK);
-        mt_mezo_defer_updates(mz[k], defer_to, models[k]);
-    }
-    int32_t inputs[N], targets[N];
-    random_batch(inputs, targets, c.V, 53);
-    for (int t = 0; t < 12; t++) {
-        double la[4], lb[4];
-        model_ctx ca = {ma, inputs, targets}, cb = {mb, inputs, targets};
-        mt_mezo_losses(mz[0], t, model_loss, &ca, la);
-        mt_mezo_losses(mz[1], t, model_loss, &cb, lb);
-        for (int j = 0; j < 4; j++)
-            ck_assert_msg(la[j] == lb[j], "step %d loss %d: %.17g vs %.17g", t, j, la[j], lb[j]);
-        mt_mezo_info ia, ib;
-        mt_mezo_update(mz[0], t, la, 1e-2f, &ia);
-        mt_mezo_update(mz[1], t, lb, 1e-2f, &ib);
-        if (t == 5) ck_assert(model_loss(&cb, 0, 0.0f) == model_loss(&ca, 0, 0.0f));  // an eval flushes
-        if (t == 8) {  // a read-back mid-run (a checkpoint) changes nothing after it
-            mt_model_get_trainable(ma, wa);
-            mt_model_get_trainable(mb, wb);
-            ck_assert(memcmp(wa, wb, total * 4) == 0);
-        }
-    }
-    mt_model_get_trainable(ma, wa);
-    mt_model_get_trainable(mb, wb);
-    ck_assert(memcmp(wa, wb, total * 4) == 0);
-    ck_assert(memcmp(wa, w, total * 4) != 0);
-    for (int k = 0; k < 2; k++) mt_mezo_free(mz[k]), mt_model_free(models[k]);
-    mt_backend_free(&be);
-    free(w), free(wa), free(wb), free(selected);
+    mezo_runs_agree(&c, &o, &so, 1, "layers.1.self_attn", 19, 12, 5, 8);
 }
 END_TEST
 
