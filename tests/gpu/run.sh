@@ -206,16 +206,12 @@ if want attention-bench || want bench; then
     python3 bench/attention.py --out "$OUT" 2>&1 | tee "$OUT/attention_bench.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
-if want decode-bench; then
-    echo "== bench: decoding, memtune generate vs transformers' generate"
-    python3 bench/decode.py --out "$OUT" ${MT_DECODE_ARGS:-} 2>&1 | tee "$OUT/decode_bench.log"
-    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-fi
-if want streaming-bench; then
-    echo "== bench: weights streamed from host memory (model.weights: cpu) vs resident"
-    python3 bench/streaming.py --out "$OUT" ${MT_STREAMING_ARGS:-} 2>&1 | tee "$OUT/streaming_bench.log"
-    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-fi
+# shellcheck disable=SC2086 # the *_ARGS variables are lists of options
+py_stage decode-bench bench/decode.py decode_bench.log "bench: decoding, memtune generate vs transformers' generate" \
+    ${MT_DECODE_ARGS:-}
+# shellcheck disable=SC2086
+py_stage streaming-bench bench/streaming.py streaming_bench.log \
+    "bench: weights streamed from host memory (model.weights: cpu) vs resident" ${MT_STREAMING_ARGS:-}
 if want bench; then
     echo "== bench: full fine-tune vs PyTorch"
     python3 bench/full_ft.py --out "$OUT" 2>&1 | tee "$OUT/bench.log"
@@ -228,16 +224,12 @@ if want lora-bench; then
         tee "$OUT/lora_bench.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
-if want mezo-bench; then
-    echo "== bench: MeZO vs PyTorch in-place MeZO and vs memtune's forward pass"
-    python3 bench/mezo.py --out "$OUT" ${MT_MEZO_ARGS:-} 2>&1 | tee "$OUT/mezo_bench.log"
-    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-fi
-if want galore-bench; then
-    echo "== bench: GaLore vs memtune AdamW and galore-torch"
-    python3 bench/galore.py --out "$OUT" ${MT_GALORE_ARGS:-} 2>&1 | tee "$OUT/galore_bench.log"
-    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
-fi
+# shellcheck disable=SC2086
+py_stage mezo-bench bench/mezo.py mezo_bench.log "bench: MeZO vs PyTorch in-place MeZO and vs memtune's forward pass" \
+    ${MT_MEZO_ARGS:-}
+# shellcheck disable=SC2086
+py_stage galore-bench bench/galore.py galore_bench.log "bench: GaLore vs memtune AdamW and galore-torch" \
+    ${MT_GALORE_ARGS:-}
 if want dist-test; then
     # tests/test_dist.sh on the GPU backend: NCCL's collectives, 2 ranks (on one
     # GPU through NCCL's socket transport when the machine has one)
