@@ -839,17 +839,21 @@ static const char *const family_configs[] = {
     "\"resid_pdrop\":0.0,\"embd_pdrop\":0.0,\"attention_dropout\":0.0,\"tie_word_embeddings\":false}"};
 static const char *const family_names[] = {"gen-llama", "gen-qwen", "gen-qwen3", "gen-gemma3", "gen-phi3"};
 
+// Family `variant`'s folder, its config and random fp32 values (malloc'd).
+static float *family_params(int variant, mt_model_config *mc, uint64_t seed) {
+    char folder[300];
+    make_folder(family_names[variant], variant ? family_configs[variant] : tu_tiny_llama_json, folder, sizeof folder);
+    return random_params(folder, mc, seed);
+}
+
 // model.mlp_tile_rows: the MLP over tiles of rows (the last one short) gives
 // the untiled model's loss bit for bit and its gradients within fp32's
 // reordering of the weight gradients' sums over tiles, in every family, with
 // and without checkpointing; its (rows, intermediate) buffers shrink.
 START_TEST(tiled_mlp_equals_untiled) {
     for (int variant = 0; variant < 5; variant++) {
-        char folder[300];
-        make_folder(family_names[variant], variant ? family_configs[variant] : tu_tiny_llama_json, folder,
-                    sizeof folder);
         mt_model_config mc;
-        float *params = random_params(folder, &mc, 61 + variant);
+        float *params = family_params(variant, &mc, 61 + variant);
         mt_backend be;
         ck_assert_int_eq(mt_backend_init(&be, -1), MT_OK);
         enum { B = 2, T = 11, N = B * T };
@@ -883,11 +887,8 @@ END_TEST
 
 START_TEST(generation_matches_the_full_forward) {
     for (int variant = 0; variant < 5; variant++) {
-        char folder[300];
-        make_folder(family_names[variant], variant ? family_configs[variant] : tu_tiny_llama_json, folder,
-                    sizeof folder);
         mt_model_config mc;
-        float *params = random_params(folder, &mc, 21 + variant);
+        float *params = family_params(variant, &mc, 21 + variant);
         int n_params;
         size_t n_values;
         free(mt_model_param_table(&mc, &n_params, &n_values));
