@@ -357,6 +357,15 @@ START_TEST(lora_zero_b_merge_and_qlora) {
 }
 END_TEST
 
+// A model of the comparisons below: the base, its adapters (NULL: none),
+// the dropout seed, gradients zeroed.
+static void set_model(mt_model *m, const float *base, const float *adapters, uint64_t dropout_seed) {
+    ck_assert_int_eq(mt_model_set_weights(m, base), MT_OK);
+    if (adapters) mt_model_set_adapters(m, adapters);
+    mt_model_set_dropout_seed(m, dropout_seed);
+    mt_model_zero_grads(m);
+}
+
 // Offloading the checkpointed layer inputs to host memory moves bytes, never
 // values: loss and gradients are bit-identical (full fine-tune and QLoRA).
 START_TEST(offloaded_layer_inputs_change_nothing) {
@@ -384,10 +393,7 @@ START_TEST(offloaded_layer_inputs_change_nothing) {
         mt_model *models[2] = {a, b};
         double loss[2];
         for (int k = 0; k < 2; k++) {
-            ck_assert_int_eq(mt_model_set_weights(models[k], base), MT_OK);
-            if (lora) mt_model_set_adapters(models[k], adapters);
-            mt_model_set_dropout_seed(models[k], 5);
-            mt_model_zero_grads(models[k]);
+            set_model(models[k], base, adapters, 5);
             loss[k] = mt_model_step(models[k], inputs, targets, 1.0f, 1);
             loss[k] += mt_model_step(models[k], inputs, targets, 1.0f, 1);  // twice: the slots are reused
         }
@@ -438,10 +444,7 @@ START_TEST(streamed_weights_change_nothing) {
         mt_model *models[2] = {a, b};
         double loss[2][2];
         for (int k = 0; k < 2; k++) {
-            ck_assert_int_eq(mt_model_set_weights(models[k], base), MT_OK);
-            mt_model_set_adapters(models[k], adapters);
-            mt_model_set_dropout_seed(models[k], 5);
-            mt_model_zero_grads(models[k]);
+            set_model(models[k], base, adapters, 5);
             loss[k][0] = mt_model_step(models[k], inputs, targets, 1.0f, 1);
             loss[k][1] = mt_model_step(models[k], targets, inputs, 1.0f, 1);
         }
@@ -510,10 +513,7 @@ START_TEST(tiled_mlp_under_lora_equals_untiled) {
         mt_model *models[2] = {a, b};
         double loss[2];
         for (int k = 0; k < 2; k++) {
-            ck_assert_int_eq(mt_model_set_weights(models[k], base), MT_OK);
-            mt_model_set_adapters(models[k], adapters);
-            mt_model_set_dropout_seed(models[k], 17);
-            mt_model_zero_grads(models[k]);
+            set_model(models[k], base, adapters, 17);
             loss[k] = mt_model_step(models[k], inputs, targets, 1.0f, 1);
         }
         ck_assert_msg(loss[0] == loss[1], "variant %d: loss %.17g, tiled %.17g", v, loss[0], loss[1]);
