@@ -43,14 +43,15 @@ SHAPES = {
 GIB = 1024 ** 3
 
 
-def shape_folder(work, shape):
+def shape_folder(work, shape, shapes=None):
     """A model folder under work holding the shape's config.json (random
-    initialisation: speed and memory do not depend on the weights)."""
+    initialisation: speed and memory do not depend on the weights); shapes:
+    the table it comes from (this file's SHAPES by default)."""
     folder = os.path.join(work, shape)
     os.makedirs(folder, exist_ok=True)
     config_path = os.path.join(folder, "config.json")
     with open(config_path, "w") as f:
-        json.dump(SHAPES[shape], f, indent=1)
+        json.dump((shapes or SHAPES)[shape], f, indent=1)
     return folder, config_path
 
 

@@ -25,7 +25,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from full_ft import write_dataset  # noqa: E402
-from lora_ft import BASE, train_and_time  # noqa: E402
+from lora_ft import BASE, shape_folder, train_and_time  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILD = os.environ.get("MT_BUILD_DIR", os.path.join(ROOT, "build"))
@@ -57,14 +57,6 @@ def h2d_bandwidth():
     except Exception as e:  # noqa: BLE001 - reported, the bench goes on
         print(f"host-to-device bandwidth not measured: {e}")
         return None
-
-
-def folder_for(work, shape):
-    folder = os.path.join(work, shape)
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        json.dump(SHAPES[shape], f)
-    return folder
 
 
 def run(args, case, folder, data, B, T, sets, weights):
@@ -102,20 +94,20 @@ def main():
     write_dataset(data, 4 << 20, 32000)
     for case in args.cases.split(","):
         if case == "qlora-70b":
-            folder = folder_for(args.work, "70b")
+            folder, _ = shape_folder(args.work, "70b", SHAPES)
             sets = {"lora.r": 16, "lora.alpha": 32, "lora.dropout": 0.05, "lora.targets": "all-linear",
                     "model.quantize": "nf4", "model.activation_checkpointing": "true",
                     "model.offload_activations": "true", "optim.lr": 1e-4}
             for w in ("cpu", "gpu"):
                 results["runs"][f"{case}-{w}"] = run(args, case, folder, data, 1, 2048, sets, w)
         elif case == "mezo-13b":
-            folder = folder_for(args.work, "13b")
+            folder, _ = shape_folder(args.work, "13b", SHAPES)
             sets = {"optim.kind": "mezo", "optim.lr": 1e-6, "mezo.eps": 1e-3}
             for B in (1, 16):
                 for w in ("cpu", "gpu"):
                     results["runs"][f"{case}-{w}-B{B}"] = run(args, case, folder, data, B, 1024, sets, w)
         elif case == "full-3b":
-            folder = folder_for(args.work, "3b")
+            folder, _ = shape_folder(args.work, "3b", SHAPES)
             sets = {"offload.optimizer": "cpu", "model.activation_checkpointing": "true", "optim.lr": 1e-5}
             for w in ("cpu", "gpu"):
                 results["runs"][f"{case}-{w}"] = run(args, case, folder, data, 4, 1024, sets, w)
