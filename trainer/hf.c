@@ -588,13 +588,11 @@ mt_err mt_hf_save(const char *dir, const char *src_dir, const mt_model_config *c
 
 // ------------------------------------------------------ a layer at a time
 
-// The unit that starts at parameter first of the table (a tensor outside the
-// layers, or one layer's): the index after it.
-static int unit_end(const mt_param_info *table, int n, int first) {
-    int layer = -1, next = first + 1;
-    if (sscanf(table[first].name, "model.layers.%d.", &layer) != 1) return next;
-    for (int l; next < n; next++)
-        if (sscanf(table[next].name, "model.layers.%d.", &l) != 1 || l != layer) break;
+// The unit that starts at parameter first of the table (the embedding, a
+// layer, or the head: mt_param_forward_unit's): the index after it.
+static int unit_end(const mt_param_info *table, int n, int L, int first) {
+    int unit = mt_param_forward_unit(table[first].name, L), next = first + 1;
+    while (next < n && mt_param_forward_unit(table[next].name, L) == unit) next++;
     return next;
 }
 
@@ -607,9 +605,9 @@ mt_err mt_hf_set_model(mt_model *m, const char *dir, uint64_t seed) {
     int n;
     const mt_param_info *table = mt_model_params(m, &n);
     size_t widest = 0;
-    for (int first = 0; first < n; first = unit_end(table, n, first)) {
-        size_t span = unit_span(table, first, unit_end(table, n, first));
-        if (span > widest) widest = span;
+    for (int first = 0, end; first < n; first = end) {
+        end = unit_end(table, n, cfg->L, first);
+        if (unit_span(table, first, end) > widest) widest = unit_span(table, first, end);
     }
     float *buf = malloc((widest ? widest : 1) * sizeof(float));
     if (!buf)
@@ -617,7 +615,7 @@ mt_err mt_hf_set_model(mt_model *m, const char *dir, uint64_t seed) {
                          widest * 4.0 / 1073741824.0);
     mt_err err = MT_OK;
     for (int first = 0, end; first < n && !err; first = end) {
-        end = unit_end(table, n, first);
+        end = unit_end(table, n, cfg->L, first);
         memset(buf, 0, unit_span(table, first, end) * sizeof(float));  // the padding between tensors
         if (!dir)
             mt_model_init_random_params(cfg, first, end - first, buf, seed);

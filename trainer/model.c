@@ -108,6 +108,7 @@ struct mt_model {
     int slot_layer[2], slot_ticket[2];     // the layer each slot holds (-1: none), its copy
     int slot_dirty[2];                     // MeZO's update changed the slot: written back before reuse
     int *param_layer;                      // (num_params) the layer of each parameter, -1 outside layers
+    size_t *layer_first;                   // (L+1) element offset of each layer's span in the compute block
     size_t layer_compute, layer_nf4;       // bytes of one layer's compute weights, NF4 storage
     void *home_wte, *home_norm, *home_lm;  // the outer tensors in the store
     uint64_t dropout_seed;
@@ -486,8 +487,10 @@ static mt_model *model_setup(mt_backend *be, const mt_model_config *cfg, const m
     m->slot_layer[0] = m->slot_layer[1] = -1;
     m->param_layer = malloc((size_t)m->num_params * sizeof *m->param_layer);
     MT_CHECK(m->param_layer != NULL, "model tables");
-    for (int i = 0; i < m->num_params; i++)
-        if (sscanf(m->params[i].name, "model.layers.%d.", &m->param_layer[i]) != 1) m->param_layer[i] = -1;
+    for (int i = 0; i < m->num_params; i++) {
+        int unit = mt_param_forward_unit(m->params[i].name, cfg->L);  // 1 + l for layer l's
+        m->param_layer[i] = unit >= 1 && unit <= cfg->L ? unit - 1 : -1;
+    }
     m->decode_len = o->decode_len;
     int tokens = o->B * o->T;
     m->mlp_rows = o->mlp_tile_rows > 0 && o->mlp_tile_rows < tokens ? o->mlp_tile_rows : tokens;
@@ -512,6 +515,15 @@ static mt_model *model_setup(mt_backend *be, const mt_model_config *cfg, const m
         if (m->compute_offset[i] == SIZE_MAX) continue;
         m->compute_offset[i] = m->compute_total;
         m->compute_total += (m->params[i].count + 15) & ~(size_t)15;
+    }
+    // each layer's span: from its first tensor (its input norm, never NF4) to
+    // the next layer's, the last one's to the final norm
+    m->layer_first = malloc(((size_t)cfg->L + 1) * sizeof *m->layer_first);
+    MT_CHECK(m->layer_first != NULL, "model tables");
+    for (int i = m->num_params - 1; i >= 0; i--) {
+        int l = m->param_layer[i];
+        if (l >= 0) m->layer_first[l] = m->compute_offset[i];
+        if (!strcmp(m->params[i].name, "model.norm.weight")) m->layer_first[cfg->L] = m->compute_offset[i];
     }
     // logits chunk: at most 16 Mi elements (64 MiB fp32), whole rows
     size_t N = (size_t)o->B * o->T, rows = ((size_t)16 << 20) / (size_t)cfg->V;
@@ -551,14 +563,7 @@ static size_t attention_workspace(mt_backend *be, const mt_model_config *cfg, co
 
 // The element offset of layer l's first weight in the compute block (l = L:
 // the end of the last layer's).
-static size_t layer_start(const mt_model *m, int l) {
-    char name[96];
-    if (l < m->cfg.L)
-        snprintf(name, sizeof name, "model.layers.%d.input_layernorm.weight", l);
-    else
-        snprintf(name, sizeof name, "model.norm.weight");
-    return m->compute_offset[find_param(m, name)];
-}
+static size_t layer_start(const mt_model *m, int l) { return m->layer_first[l]; }
 
 static size_t align256(size_t n) { return (n + 255) & ~(size_t)255; }
 
@@ -596,9 +601,13 @@ static void bind_outer(mt_model *m) {
     }
 }
 
-// Layer l's span of the store: its compute weights and NF4 storage.
+// Layer l's span of the store: its compute weights, and its NF4 storage
+// (NULL without NF4).
 static char *store_compute(const mt_model *m, int l) {
     return (char *)m->weights + layer_start(m, l) * mt_act_size(m->be);
+}
+static char *store_nf4(const mt_model *m, int l) {
+    return m->quantized ? (char *)m->nf4_storage + (size_t)l * m->layer_nf4 : NULL;
 }
 
 // MeZO changed slot k's weights: back into the store (beside the compute,
@@ -614,10 +623,8 @@ static void write_back(mt_model *m, int k) {
 
 // Copies layer l's span of the store into slot k.
 static void fill_slot(mt_model *m, int k, int l) {
-    size_t act = mt_act_size(m->be);
     write_back(m, k);
-    const char *compute = (const char *)m->weights + layer_start(m, l) * act;
-    const char *nf4 = m->quantized ? (const char *)m->nf4_storage + (size_t)l * m->layer_nf4 : NULL;
+    const char *compute = store_compute(m, l), *nf4 = store_nf4(m, l);
     char *dst = m->slots[k];
     if (m->be->gpu) {
         m->slot_ticket[k] = mt_copy_async(dst, compute, m->layer_compute);
@@ -632,8 +639,7 @@ static void fill_slot(mt_model *m, int k, int l) {
 // Points layer l's weights (and NF4 storage) into slot k.
 static void bind_slot(mt_model *m, int l, int k) {
     layer_params *P = &m->layers[l];
-    const char *base = (const char *)m->weights + layer_start(m, l) * mt_act_size(m->be);
-    const char *nf4_base = m->quantized ? (const char *)m->nf4_storage + (size_t)l * m->layer_nf4 : NULL;
+    const char *base = store_compute(m, l), *nf4_base = store_nf4(m, l);
     char *slot = m->slots[k], *slot_nf4 = slot + align256(m->layer_compute);
     for (int p = 0; p < P_LAYER_COUNT; p++) {
         P->w[p] = P->home[p] ? slot + ((const char *)P->home[p] - base) : NULL;
@@ -875,6 +881,7 @@ void mt_model_free(mt_model *m) {
     free(m->adapter_params);
     free(m->compute_offset);
     free(m->param_layer);
+    free(m->layer_first);
     free(m->layers);
     free(m->x);
     free(m->x_pair);
