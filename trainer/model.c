@@ -105,12 +105,11 @@ struct mt_model {
     // norm and lm_head (outer) and two slots of one layer's weights each
     int streamed;
     void *outer, *slots[2];
-    int slot_layer[2], slot_ticket[2];     // the layer each slot holds (-1: none), its copy
-    int slot_dirty[2];                     // MeZO's update changed the slot: written back before reuse
-    int *param_layer;                      // (num_params) the layer of each parameter, -1 outside layers
-    size_t *layer_first;                   // (L+1) element offset of each layer's span in the compute block
-    size_t layer_compute, layer_nf4;       // bytes of one layer's compute weights, NF4 storage
-    void *home_wte, *home_norm, *home_lm;  // the outer tensors in the store
+    int slot_layer[2], slot_ticket[2];  // the layer each slot holds (-1: none), its copy
+    int slot_dirty[2];                  // MeZO's update changed the slot: written back before reuse
+    int *param_layer;                   // (num_params) the layer of each parameter, -1 outside layers
+    size_t *layer_first;                // (L+1) element offset of each layer's span in the compute block
+    size_t layer_compute, layer_nf4;    // bytes of one layer's compute weights, NF4 storage
     uint64_t dropout_seed;
     int training;  // dropout on (a backward step)
     int forward_only;
@@ -588,7 +587,6 @@ static void streamed_sizes(mt_model *m, size_t nf4_bytes, size_t *outer, size_t 
 static void bind_outer(mt_model *m) {
     size_t act = mt_act_size(m->be);
     char *at = m->outer;
-    m->home_wte = m->wte, m->home_norm = m->norm_w, m->home_lm = m->lm_w;
     void **ptrs[3] = {&m->wte, &m->norm_w, &m->lm_w};
     int index[3] = {m->index_wte, m->index_norm, m->index_lm};
     for (int k = 0; k < 3; k++) {
@@ -972,8 +970,19 @@ static mt_nf4 *nf4_home(mt_model *m, int i) {
 }
 
 // Where the backend reads outer parameter i of a streamed base.
-static void *outer_of(mt_model *m, int i) {
+static void *outer_of(const mt_model *m, int i) {
     return i == m->index_wte ? m->wte : i == m->index_norm ? m->norm_w : m->lm_w;
+}
+
+// Outer parameter i of a streamed base between its place in the store and
+// the backend's copy: up (store -> backend) or back.
+static void sync_outer(const mt_model *m, int i, int up) {
+    size_t act = mt_act_size(m->be), bytes = m->params[i].count * act;
+    void *home = (char *)m->weights + m->compute_offset[i] * act;
+    if (up)
+        mt_backend_from_host(m->be, outer_of(m, i), home, bytes);
+    else
+        mt_backend_to_host(m->be, home, outer_of(m, i), bytes);
 }
 
 mt_err mt_model_set_params(mt_model *m, int first, int count, const float *values) {
@@ -1008,7 +1017,7 @@ mt_err mt_model_set_params(mt_model *m, int first, int count, const float *value
             mt_cast_bf16_ref(dst, src, n);
         else
             memcpy(dst, src, n * sizeof(float));
-        if (m->streamed && l < 0) mt_backend_from_host(m->be, outer_of(m, i), dst, n * act);
+        if (m->streamed && l < 0) sync_outer(m, i, 1);
     }
     return err;
 }
@@ -1080,7 +1089,7 @@ static void *trainable_weight(mt_model *m, int i) {
         return (char *)block + trainable_param(m, i)->offset * act;
     }
     int l = m->param_layer[i];
-    if (l < 0) return i == m->index_wte ? m->wte : i == m->index_norm ? m->norm_w : m->lm_w;
+    if (l < 0) return outer_of(m, i);
     int k = m->slot_layer[0] == l ? 0 : m->slot_layer[1] == l ? 1 : -1;
     MT_CHECK(k >= 0, "layer %d's weights written while not in a slot", l);
     m->slot_dirty[k] = 1;
@@ -1142,10 +1151,9 @@ static void read_streamed(mt_model *m, float *dst) {
         write_back(m, k);
         if (wrote && m->be->gpu) mt_copy_async_wait(m->slot_ticket[k]);  // before the copies below
     }
-    size_t act = mt_act_size(m->be);
-    mt_backend_to_host(m->be, m->home_wte, m->wte, m->params[m->index_wte].count * act);
-    mt_backend_to_host(m->be, m->home_norm, m->norm_w, m->params[m->index_norm].count * act);
-    if (m->index_lm != m->index_wte) mt_backend_to_host(m->be, m->home_lm, m->lm_w, m->params[m->index_lm].count * act);
+    sync_outer(m, m->index_wte, 0);
+    sync_outer(m, m->index_norm, 0);
+    if (m->index_lm != m->index_wte) sync_outer(m, m->index_lm, 0);
     if (!m->be->gpu) {
         memcpy(dst, m->weights, m->total * sizeof(float));
         return;
@@ -1495,11 +1503,9 @@ static void weights_needed(const mt_model *m, int bucket) {
     // a streamed base trained by the offloaded optimizer: the outer tensors'
     // update landed in the store
     if (!m->streamed || m->frozen || !m->weights_needed || (bucket != 0 && bucket != m->cfg.L + 1)) return;
-    size_t act = mt_act_size(m->be);
-    if (bucket == 0) mt_backend_from_host(m->be, m->wte, m->home_wte, m->params[m->index_wte].count * act);
-    if (bucket != 0) mt_backend_from_host(m->be, m->norm_w, m->home_norm, m->params[m->index_norm].count * act);
-    if (bucket != 0 && m->index_lm != m->index_wte)
-        mt_backend_from_host(m->be, m->lm_w, m->home_lm, m->params[m->index_lm].count * act);
+    if (bucket == 0) sync_outer(m, m->index_wte, 1);
+    if (bucket != 0) sync_outer(m, m->index_norm, 1);
+    if (bucket != 0 && m->index_lm != m->index_wte) sync_outer(m, m->index_lm, 1);
 }
 
 // A forward's start: the embedding's weights (stale slots dropped when the
