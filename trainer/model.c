@@ -1615,6 +1615,10 @@ double mt_model_step(mt_model *m, const int32_t *inputs, const int32_t *targets,
     m->training = backward;
     upload_tokens(m, inputs, targets);
     body_forward(m);
+    if (!backward) {
+        m->skipped = 0;
+        return head_loss(m);
+    }
     if (streamed) {
         mt_op_zero(be, m->grad_outer, m->grad_outer_count * sizeof(float));
         if (m->index_lm != m->index_wte) mt_op_zero(be, m->g_lm, m->params[m->index_lm].count * sizeof(float));
@@ -1626,11 +1630,9 @@ double mt_model_step(mt_model *m, const int32_t *inputs, const int32_t *targets,
         int R = N - r0 < m->chunk_rows ? N - r0 : m->chunk_rows;
         void *x = rows(m, m->lnf, (size_t)r0, (size_t)c->C);
         mt_op_logits_forward(be, m->logits, x, lm_w, R, c->C, c->V);
-        mt_op_crossentropy(be, m->losses + r0, backward ? m->dlogits : NULL, m->logits, m->targets + r0, R, c->V,
-                           dscale);
-        if (backward)
-            mt_op_matmul_backward(be, rows(m, m->dln, (size_t)r0, (size_t)c->C), m->g_lm, NULL, m->dlogits, x, m->lm_w,
-                                  R, c->C, c->V, 0);
+        mt_op_crossentropy(be, m->losses + r0, m->dlogits, m->logits, m->targets + r0, R, c->V, dscale);
+        mt_op_matmul_backward(be, rows(m, m->dln, (size_t)r0, (size_t)c->C), m->g_lm, NULL, m->dlogits, x, m->lm_w, R,
+                              c->C, c->V, 0);
     }
     double loss = mt_op_sum(be, m->losses, (size_t)N);
     // streamed: a non-finite loss skips backward (nothing is handed over), on
@@ -1638,7 +1640,7 @@ double mt_model_step(mt_model *m, const int32_t *inputs, const int32_t *targets,
     int skip = streamed && !isfinite(loss);
     if (streamed && m->agree) skip = m->agree(m->agree_ctx, skip);
     m->skipped = skip;
-    if (!backward || skip) return loss;
+    if (skip) return loss;
     if (streamed && m->index_lm != m->index_wte) m->grad_ready(m->grad_ready_ctx, m->index_lm, m->g_lm);
     mt_op_zero(be, m->dres, (size_t)N * c->C * mt_act_size(be));
     mt_op_rmsnorm_backward(be, m->dres, m->g_norm, m->dln, m->x[c->L], m->norm_w, m->rstdf, N, c->C, c->gemma);
