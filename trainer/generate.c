@@ -456,30 +456,32 @@ mt_err mt_generate_batch(mt_model *m, const mt_tokenizer *tok, const mt_ids *pro
     long made = 0;
     int cache = mt_model_decode_len(m), rows = mt_model_decode_rows(m);
     gen_seq *seqs = calloc((size_t)rows, sizeof *seqs);
-    int *item = malloc((size_t)rows * sizeof *item), *pos = malloc((size_t)rows * sizeof *pos);
-    int32_t *tokens = malloc((size_t)rows * sizeof *tokens);
+    int *item = malloc((size_t)rows * sizeof *item);  // the prompt each row is on, -1: none
+    int32_t *tokens = malloc((size_t)rows * sizeof *tokens), *pos = malloc((size_t)rows * sizeof *pos);
     float *logits = malloc((size_t)rows * c->V * sizeof(float));
     char **texts = calloc((size_t)(n ? n : 1), sizeof *texts);
     MT_CHECK(seqs && item && pos && tokens && logits && texts, "generation batch");
     mt_err err = MT_OK;
-    int next_item = 0, next_ready = 0, active = 0;
+    int next_item = 0, next_ready = 0;
     for (int r = 0; r < rows; r++) item[r] = -1;
     while (!err && next_ready < n) {
         // rows whose sequence ended take the next prompt
         for (int r = 0; r < rows; r++) {
             if (item[r] >= 0 || next_item >= n) continue;
-            item[r] = next_item++, active++;
+            item[r] = next_item++;
             seq_begin(&seqs[r], tok, &prompts[item[r]], o, n == 1 ? stream : NULL);
         }
+        int any = 0;  // a row still feeding its sequence
         for (int r = 0; r < rows; r++) {
             gen_seq *s = &seqs[r];
             int live = item[r] >= 0 && !s->done;
+            any |= live;
             if (live && s->fed >= (size_t)cache)
                 err = mt_errorf(MT_ERR_USAGE, "prompt %d: generation reached %d positions, the cache's length",
                                 item[r] + 1, cache);
             tokens[r] = live ? (int32_t)s->hist.ids[s->fed] : 0, pos[r] = live ? (int)s->fed : 0;
         }
-        if (active && !err) mt_model_decode(m, tokens, pos, logits);
+        if (any && !err) mt_model_decode(m, tokens, pos, logits);
         for (int r = 0; r < rows && !err; r++) {
             gen_seq *s = &seqs[r];
             if (item[r] < 0) continue;
@@ -487,7 +489,7 @@ mt_err mt_generate_batch(mt_model *m, const mt_tokenizer *tok, const mt_ids *pro
             if (!s->done) continue;
             made += (long)(s->hist.n - s->start);
             texts[item[r]] = seq_end(s);
-            item[r] = -1, active--;
+            item[r] = -1;
         }
         // finished texts in the prompts' order
         for (; !err && next_ready < n && texts[next_ready]; next_ready++) {
