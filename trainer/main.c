@@ -125,6 +125,8 @@ static int positive_option(const char *opt, const char *v, long *out) {
 
 // --quantize of eval and generate: index 1 is NF4.
 static const char *const quantizations[] = {"none", "nf4"};
+// --weights of eval and generate: index 1 streams the base from host memory (model.weights).
+static const char *const weight_places[] = {"gpu", "cpu"};
 
 static int parse_choice(const char *opt, const char *v, const char *const *names, int n, int *out) {
     for (int i = 0; i < n; i++)
@@ -259,8 +261,7 @@ static int cmd_eval(int argc, char **argv) {
         else if (!strcmp(a, "--device"))
             o.device = v;
         else if (!strcmp(a, "--weights")) {
-            static const char *const where[] = {"gpu", "cpu"};
-            int rc = parse_choice(a, v, where, 2, &o.stream_weights);
+            int rc = parse_choice(a, v, weight_places, 2, &o.stream_weights);
             if (rc) return rc;
         } else if (!strcmp(a, "--quantize")) {
             int rc = parse_choice(a, v, quantizations, 2, &o.quantize_nf4);
@@ -612,8 +613,7 @@ static int cmd_generate(int argc, char **argv) {
     int dev;
     int rc = parse_choice("--device", device, devices, 3, &dev);
     if (rc) return rc;
-    static const char *const where[] = {"gpu", "cpu"};
-    if ((rc = parse_choice("--weights", weights, where, 2, &c.stream_weights))) return rc;
+    if ((rc = parse_choice("--weights", weights, weight_places, 2, &c.stream_weights))) return rc;
     c.gpu = dev != 1 && mt_device_count() > 0;
     if (dev == 2 && !c.gpu)
         return fail(mt_errorf(MT_ERR_DEVICE, "--device gpu but no GPU is visible; use --device cpu or auto"));
