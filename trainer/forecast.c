@@ -158,9 +158,9 @@ mt_err mt_forecast_run(const mt_config *cfg, const mt_model_config *mc, int gpu,
     // streamed weights cross to the GPU once in forward and once in backward
     // a micro-batch (MeZO: once a direction, both passes at once), beside the
     // compute: the slower of the two binds
-    double moved = (double)mb.weights_host * (pl.mezo ? (double)cfg->mezo_samples : 2.0) * pl.accum;
-    f->step_time +=
-        gpu && moved / kHostToDeviceBytesPerSecond > compute ? moved / kHostToDeviceBytesPerSecond : compute;
+    double transfer =
+        (double)mb.weights_host * (pl.mezo ? (double)cfg->mezo_samples : 2.0) * pl.accum / kHostToDeviceBytesPerSecond;
+    f->step_time += gpu && transfer > compute ? transfer : compute;
     snprintf(f->what, sizeof f->what, "%s%.2fM of %.2fM parameters trained; %s%s", pl.lora ? "LoRA: " : "",
              pl.trained_total / 1e6, P / 1e6, state_where, zero ? "; ZeRO shards over the ranks" : "");
     mt_plan_free(&pl);
