@@ -1,6 +1,7 @@
 // kernels/device.cu: the device layer of a CUDA build (see device.h). Runs on
 // the legacy default stream so that copies, memsets and kernels stay ordered.
 #include <cublas_v2.h>
+#include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 #include <math.h>
 #include <string.h>
@@ -63,6 +64,11 @@ void mt_copy_to_host(void *dst, const void *src, size_t bytes) {
 }
 void mt_device_memset(void *dst, int value, size_t bytes) { CUDA_CHECK(cudaMemsetAsync(dst, value, bytes, 0)); }
 void mt_device_synchronize(void) { CUDA_CHECK(cudaDeviceSynchronize()); }
+
+void mt_device_profile(int on) {
+    CUDA_CHECK(cudaDeviceSynchronize());
+    CUDA_CHECK(on ? cudaProfilerStart() : cudaProfilerStop());
+}
 
 void *mt_host_malloc_pinned(size_t bytes) {
     void *p = NULL;

@@ -27,6 +27,9 @@ void mt_copy_to_device(void *dst, const void *src, size_t bytes);
 void mt_copy_to_host(void *dst, const void *src, size_t bytes);
 void mt_device_memset(void *dst, int value, size_t bytes);
 void mt_device_synchronize(void);
+// Starts (on != 0) or stops the profiler's capture range, after the work
+// issued so far (ncu --profile-from-start off); nothing without CUDA.
+void mt_device_profile(int on);
 // Page-locked host memory (what asynchronous copies need); plain host memory
 // in a CPU-only build.
 void *mt_host_malloc_pinned(size_t bytes);  // NULL when out of memory

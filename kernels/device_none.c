@@ -21,6 +21,7 @@ void mt_copy_to_device(void *dst, const void *src, size_t bytes) { memcpy(dst, s
 void mt_copy_to_host(void *dst, const void *src, size_t bytes) { memcpy(dst, src, bytes); }
 void mt_device_memset(void *dst, int value, size_t bytes) { memset(dst, value, bytes); }
 void mt_device_synchronize(void) {}
+void mt_device_profile(int on) { (void)on; }
 void *mt_host_malloc_pinned(size_t bytes) { return calloc(1, bytes); }
 void mt_host_free_pinned(void *p) { free(p); }
 int mt_copy_async(void *dst, const void *src, size_t bytes) {

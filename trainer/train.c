@@ -332,6 +332,10 @@ static mt_err train_steps(run *r, int *stopped) {
                     cfg->data_document_mask ? malloc((size_t)accum * B * T * 4) : NULL};
     MT_CHECK(bs.inputs && bs.targets && bs.valid && (bs.pos || !cfg->data_document_mask), "batches");
     int skipped = 0;
+    // MT_PROFILE_STEP=k: the profiler's capture range is step k (1-based) alone
+    // (bench/profile_step.sh)
+    const char *profile_env = getenv("MT_PROFILE_STEP");
+    int profile_step = profile_env && r->pl.use_gpu ? atoi(profile_env) - 1 : -1;
     // a sample before training, to compare the later ones with
     mt_err err = r->resume.step == 0
                      ? mt_sampler_after_step(r->sampler, &r->ckpt, r->rank, r->random_init, 0, r->metrics)
@@ -346,6 +350,7 @@ static mt_err train_steps(run *r, int *stopped) {
         }
         if (err) break;
         float lr = mt_schedule_lr(&sched, step);
+        if (step == profile_step) mt_device_profile(1);
         double loss, refresh_seconds = NAN;
         // a non-finite loss or gradient stops the run before any update is applied
         mt_step_info info = {NAN, 0};
@@ -355,6 +360,7 @@ static mt_err train_steps(run *r, int *stopped) {
         } else if ((err = gradient_step(r, &bs, valid_total, step, lr, &loss, &info, &refresh_seconds))) {
             break;
         }
+        if (step == profile_step) mt_device_profile(0);
         if ((!isfinite(loss) || !info.finite) && !strcmp(cfg->train_on_nonfinite, "skip")) {
             mt_warn("step %d: loss %g, gradient norm %g: update skipped (train.on_nonfinite: skip)", step + 1, loss,
                     info.grad_norm);

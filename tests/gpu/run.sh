@@ -7,7 +7,7 @@
 #
 # Stages: ctest quickstart resume dist-test parity chat generate peft peft-qwen3 peft-gemma3 peft-phi3 (default), plus bench
 # (attention and full fine-tune), lora-bench, mezo-bench, galore-bench,
-# offload-bench, decode-bench, streaming-bench and plan (memtune plan against 24 measured runs) with --bench; attention-bench alone; or name them: run.sh --stages
+# offload-bench, decode-bench, streaming-bench, profile (per-kernel time of a step; MT_PROFILE_MODES picks bench/profile_step.sh's modes) and plan (memtune plan against 24 measured runs) with --bench; attention-bench alone; or name them: run.sh --stages
 # "ctest mezo-bench". MT_CTEST_FILTER narrows ctest; MT_LORA_SHAPES picks
 # lora-bench's shapes and MT_LORA_ARGS adds bench/lora_ft.py options (e.g.
 # "--steps 20"); MT_MEZO_ARGS adds bench/mezo.py options, MT_GALORE_ARGS
@@ -67,7 +67,7 @@ fi
 
 STAGES="ctest quickstart resume dist-test parity chat generate peft peft-qwen3 peft-gemma3 peft-phi3"
 case "${1:-}" in
-    --bench) STAGES="$STAGES bench lora-bench mezo-bench galore-bench offload-bench decode-bench streaming-bench plan" ;;
+    --bench) STAGES="$STAGES bench profile lora-bench mezo-bench galore-bench offload-bench decode-bench streaming-bench plan" ;;
     --stages) STAGES=$2 ;;
 esac
 want() { case " $STAGES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
@@ -205,6 +205,13 @@ if want attention-bench || want bench; then
     echo "== bench: the attention op (cuDNN path, own kernel) vs torch's SDPA backends"
     python3 bench/attention.py --out "$OUT" 2>&1 | tee "$OUT/attention_bench.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
+if want profile; then
+    echo "== per-kernel time of one training step (bench/profile_step.sh ${MT_PROFILE_MODES:-})"
+    # shellcheck disable=SC2086 # a list of modes
+    OUT=$OUT bash bench/profile_step.sh ${MT_PROFILE_MODES:-} > "$OUT/profile.log" 2>&1
+    [ $? -eq 0 ] || status=1
+    grep '^###' "$OUT/profile.log"
 fi
 # shellcheck disable=SC2086 # the *_ARGS variables are lists of options
 py_stage decode-bench bench/decode.py decode_bench.log "bench: decoding, memtune generate vs transformers' generate" \
