@@ -175,8 +175,14 @@ void mt_op_matmul_backward_scaled(const mt_backend *be, void *dinp, float *dweig
 
 void mt_op_dropout(const mt_backend *be, void *out, const void *inp, size_t n, float p, uint64_t seed,
                    uint64_t offset) {
-    MT_GPU(be, mt_dropout_cuda(be, out, inp, n, p, seed, offset));
-    mt_dropout_ref(out, inp, n, p, seed, offset);
+    MT_GPU(be, mt_dropout_cuda(be, out, inp, n, p, seed, offset, 0));
+    mt_dropout_ref(out, inp, n, p, seed, offset, 0);
+}
+
+void mt_op_dropout_add(const mt_backend *be, void *out, const void *inp, size_t n, float p, uint64_t seed,
+                       uint64_t offset) {
+    MT_GPU(be, mt_dropout_cuda(be, out, inp, n, p, seed, offset, 1));
+    mt_dropout_ref(out, inp, n, p, seed, offset, 1);
 }
 
 void mt_op_perturb(const mt_backend *be, void *dst, const void *src, size_t n, float scale, uint64_t seed,

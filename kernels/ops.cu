@@ -21,6 +21,37 @@ static const int kThreads = 256;
 
 static unsigned grid_for(size_t n, int threads) { return (unsigned)((n + threads - 1) / threads); }
 
+static __device__ float warp_sum(float v) {
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    return v;
+}
+
+// Memory-bound kernels move 8 bf16 (16 bytes) a load where every pointer they
+// touch is 16-byte aligned; vec8 says so for up to four pointers (NULL counts
+// as aligned).
+static const int kVec = 8;
+
+static bool vec8(const void *a, const void *b = NULL, const void *c = NULL, const void *d = NULL) {
+    return (((uintptr_t)a | (uintptr_t)b | (uintptr_t)c | (uintptr_t)d) & 15) == 0;
+}
+
+static __device__ void load8(float f[kVec], const bf16 *p) {
+    uint4 u = *(const uint4 *)p;
+    const bf16 *h = (const bf16 *)&u;
+    for (int j = 0; j < kVec; j++) f[j] = __bfloat162float(h[j]);
+}
+
+static __device__ void store8(bf16 *p, const float f[kVec]) {
+    uint4 u;
+    bf16 *h = (bf16 *)&u;
+    for (int j = 0; j < kVec; j++) h[j] = __float2bfloat16(f[j]);
+    *(uint4 *)p = u;
+}
+
+// Elements [8t, 8t + 8) of n belong to thread t: f(i0, count, vector) with
+// vector true when all 8 are in range and the kernel's pointers are aligned.
+static unsigned grid_for8(size_t n) { return grid_for((n + kVec - 1) / kVec, kThreads); }
+
 // Sum of v over the block, returned to every thread. blockDim.x must be a
 // multiple of 32; callable repeatedly (the first barrier guards the scratch).
 template <typename T>
@@ -120,52 +151,96 @@ extern "C" void mt_embedding_backward_cuda(const mt_backend *be, float *dwte, co
 
 // ------------------------------------------------------------------ rmsnorm
 
-static __global__ void rmsnorm_forward_kernel(bf16 *out, float *rstd, const bf16 *inp, const bf16 *weight, int C,
-                                              float eps, int plus_one) {
-    const bf16 *x = inp + (size_t)blockIdx.x * C;
-    float ss = 0.0f;
-    for (int c = threadIdx.x; c < C; c += blockDim.x) {
-        float v = __bfloat162float(x[c]);
-        ss += v * v;
-    }
-    float r = rsqrtf(block_sum(ss) / C + eps);
-    if (threadIdx.x == 0) rstd[blockIdx.x] = r;
-    bf16 *y = out + (size_t)blockIdx.x * C;
-    // as transformers: Llama normalises in fp32, casts to bf16, then scales by
-    // the weight; Gemma scales by (1 + w) in fp32 and casts once
-    if (plus_one)
-        for (int c = threadIdx.x; c < C; c += blockDim.x)
-            y[c] = __float2bfloat16(__bfloat162float(x[c]) * r * (1.0f + __bfloat162float(weight[c])));
-    else
-        for (int c = threadIdx.x; c < C; c += blockDim.x)
-            y[c] = __float2bfloat16(__bfloat162float(__float2bfloat16(__bfloat162float(x[c]) * r)) *
-                                    __bfloat162float(weight[c]));
+// As transformers: Llama normalises in fp32, casts to bf16, then scales by
+// the weight; Gemma scales by (1 + w) in fp32 and casts once.
+static __device__ float rms_scaled(float x, float r, float w, int plus_one) {
+    return plus_one ? x * r * (1.0f + w) : __bfloat162float(__float2bfloat16(x * r)) * w;
 }
 
-static const int kRmsRowsPerBlock = 32;
+// One warp per row, 8 columns a load where the row allows it.
+static __global__ void rmsnorm_forward_kernel(bf16 *out, float *rstd, const bf16 *inp, const bf16 *weight, int N, int C,
+                                              float eps, int plus_one, int vector) {
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x & 31;
+    if (row >= N) return;
+    const bf16 *x = inp + (size_t)row * C;
+    bf16 *y = out + (size_t)row * C;
+    float ss = 0.0f;
+    if (vector) {
+        for (int c = lane * kVec; c < C; c += 32 * kVec) {
+            float xv[kVec];
+            load8(xv, x + c);
+            for (int j = 0; j < kVec; j++) ss += xv[j] * xv[j];
+        }
+    } else {
+        for (int c = lane; c < C; c += 32) ss += __bfloat162float(x[c]) * __bfloat162float(x[c]);
+    }
+    float r = rsqrtf(warp_sum(ss) / C + eps);
+    if (lane == 0) rstd[row] = r;
+    if (vector) {
+        for (int c = lane * kVec; c < C; c += 32 * kVec) {
+            float xv[kVec], wv[kVec];
+            load8(xv, x + c), load8(wv, weight + c);
+            for (int j = 0; j < kVec; j++) xv[j] = rms_scaled(xv[j], r, wv[j], plus_one);
+            store8(y + c, xv);
+        }
+    } else {
+        for (int c = lane; c < C; c += 32)
+            y[c] = __float2bfloat16(rms_scaled(__bfloat162float(x[c]), r, __bfloat162float(weight[c]), plus_one));
+    }
+}
 
-static __global__ void rmsnorm_backward_kernel(bf16 *dinp, float *dweight_partials, const bf16 *dout, const bf16 *inp,
-                                               const bf16 *weight, const float *rstd, int N, int C, float one) {
-    extern __shared__ float dw_partial[];  // (C)
-    for (int c = threadIdx.x; c < C; c += blockDim.x) dw_partial[c] = 0.0f;
-    int row_end = min(N, (int)(blockIdx.x + 1) * kRmsRowsPerBlock);
-    for (int row = blockIdx.x * kRmsRowsPerBlock; row < row_end; row++) {
-        const bf16 *x = inp + (size_t)row * C, *g = dout + (size_t)row * C;
-        bf16 *dx = dinp + (size_t)row * C;
-        float dot = 0.0f;
-        for (int c = threadIdx.x; c < C; c += blockDim.x)
+static const int kRmsRowsPerBlock = 32;  // rows per partial sum of the weight's gradient
+
+// dx += the norm's backward, one warp per row (rows are independent; a
+// block-wide reduction per row left the SMs waiting on memory). Each lane
+// owns 8 columns in every 256; the row's dot product is summed in lane
+// order (the same bits every run).
+static __global__ void rmsnorm_backward_kernel(bf16 *dinp, const bf16 *dout, const bf16 *inp, const bf16 *weight,
+                                               const float *rstd, int N, int C, float one, int vector) {
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x & 31;
+    if (row >= N) return;
+    const bf16 *x = inp + (size_t)row * C, *g = dout + (size_t)row * C;
+    bf16 *dx = dinp + (size_t)row * C;
+    float dot = 0.0f;
+    if (vector) {
+        for (int c = lane * kVec; c < C; c += 32 * kVec) {
+            float xv[kVec], gv[kVec], wv[kVec];
+            load8(xv, x + c), load8(gv, g + c), load8(wv, weight + c);
+            for (int j = 0; j < kVec; j++) dot += gv[j] * (one + wv[j]) * xv[j];
+        }
+    } else {
+        for (int c = lane; c < C; c += 32)
             dot += __bfloat162float(g[c]) * (one + __bfloat162float(weight[c])) * __bfloat162float(x[c]);
-        dot = block_sum(dot);
-        float r = rstd[row], k = dot * r * r * r / C;
-        for (int c = threadIdx.x; c < C; c += blockDim.x) {
+    }
+    dot = warp_sum(dot);
+    float r = rstd[row], k = dot * r * r * r / C;
+    if (vector) {
+        for (int c = lane * kVec; c < C; c += 32 * kVec) {
+            float xv[kVec], gv[kVec], wv[kVec], d[kVec];
+            load8(xv, x + c), load8(gv, g + c), load8(wv, weight + c), load8(d, dx + c);
+            for (int j = 0; j < kVec; j++) d[j] += r * (one + wv[j]) * gv[j] - k * xv[j];
+            store8(dx + c, d);
+        }
+    } else {
+        for (int c = lane; c < C; c += 32) {
             float gv = __bfloat162float(g[c]), xv = __bfloat162float(x[c]);
             dx[c] = __float2bfloat16(__bfloat162float(dx[c]) + r * (one + __bfloat162float(weight[c])) * gv - k * xv);
-            dw_partial[c] += gv * xv * r;
         }
     }
-    __syncthreads();
-    float *partial = dweight_partials + (size_t)blockIdx.x * C;
-    for (int c = threadIdx.x; c < C; c += blockDim.x) partial[c] = dw_partial[c];
+}
+
+// The weight's gradient over a chunk of kRmsRowsPerBlock rows per block row:
+// partials[chunk][c] = sum over the chunk's rows of dout * x * rstd, a thread
+// per column (reads along a row are coalesced).
+static __global__ void rmsnorm_dweight_kernel(float *partials, const bf16 *dout, const bf16 *inp, const float *rstd,
+                                              int N, int C) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    int row_end = min(N, (int)(blockIdx.y + 1) * kRmsRowsPerBlock);
+    float sum = 0.0f;
+    for (int row = blockIdx.y * kRmsRowsPerBlock; row < row_end; row++)
+        sum += __bfloat162float(dout[(size_t)row * C + c]) * __bfloat162float(inp[(size_t)row * C + c]) * rstd[row];
+    partials[(size_t)blockIdx.y * C + c] = sum;
 }
 
 // dweight[c] += the blocks' partials, added in block order (deterministic).
@@ -177,32 +252,31 @@ static __global__ void sum_partials_kernel(float *dweight, const float *partials
     dweight[c] += sum;
 }
 
-// Threads per row: a warp per 32 columns up to kThreads (head norms' rows of
-// 64-256 leave no warp idle).
-static int rms_threads(int C) { return C >= kThreads ? kThreads : (C + 31) / 32 * 32; }
-
 extern "C" void mt_rmsnorm_forward_cuda(const mt_backend *be, void *out, float *rstd, const void *inp,
                                         const void *weight, int N, int C, float eps, int plus_one) {
     (void)be;
-    rmsnorm_forward_kernel<<<N, rms_threads(C)>>>((bf16 *)out, rstd, (const bf16 *)inp, (const bf16 *)weight, C, eps,
-                                                  plus_one);
+    int vector = C % kVec == 0 && vec8(out, inp, weight);
+    rmsnorm_forward_kernel<<<grid_for((size_t)N, kThreads / 32), kThreads>>>(
+        (bf16 *)out, rstd, (const bf16 *)inp, (const bf16 *)weight, N, C, eps, plus_one, vector);
     CUDA_CHECK_LAUNCH();
 }
 
 extern "C" void mt_rmsnorm_backward_cuda(const mt_backend *be, void *dinp, float *dweight, const void *dout,
                                          const void *inp, const void *weight, const float *rstd, int N, int C,
                                          int plus_one) {
-    size_t shared = (size_t)C * sizeof(float);
-    MT_CHECK(shared <= 48 * 1024, "rmsnorm backward supports C <= 12288, got %d", C);
-    unsigned blocks = grid_for((size_t)N, kRmsRowsPerBlock);
-    MT_CHECK(be->workspace_bytes >= (size_t)blocks * C * sizeof(float), "rmsnorm workspace too small");
-    float *partials = (float *)be->workspace;
-    rmsnorm_backward_kernel<<<blocks, rms_threads(C), shared>>>((bf16 *)dinp, partials, (const bf16 *)dout,
-                                                                (const bf16 *)inp, (const bf16 *)weight, rstd, N, C,
-                                                                plus_one ? 1.0f : 0.0f);
+    int vector = C % kVec == 0 && vec8(dinp, dout, inp, weight);
+    rmsnorm_backward_kernel<<<grid_for((size_t)N, kThreads / 32), kThreads>>>(
+        (bf16 *)dinp, (const bf16 *)dout, (const bf16 *)inp, (const bf16 *)weight, rstd, N, C, plus_one ? 1.0f : 0.0f,
+        vector);
     CUDA_CHECK_LAUNCH();
-    if (!dweight) return;  // a frozen norm: its partials are not needed
-    sum_partials_kernel<<<grid_for((size_t)C, kThreads), kThreads>>>(dweight, partials, (int)blocks, C);
+    if (!dweight) return;  // a frozen norm
+    unsigned chunks = grid_for((size_t)N, kRmsRowsPerBlock);
+    MT_CHECK(be->workspace_bytes >= (size_t)chunks * C * sizeof(float), "rmsnorm workspace too small");
+    float *partials = (float *)be->workspace;
+    rmsnorm_dweight_kernel<<<dim3(grid_for((size_t)C, kThreads), chunks), kThreads>>>(partials, (const bf16 *)dout,
+                                                                                      (const bf16 *)inp, rstd, N, C);
+    CUDA_CHECK_LAUNCH();
+    sum_partials_kernel<<<grid_for((size_t)C, kThreads), kThreads>>>(dweight, partials, (int)chunks, C);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -296,11 +370,6 @@ typedef wmma::fragment<wmma::accumulator, 16, 16, 16, float> frag_acc;
 
 static __device__ float warp_max(float v) {
     for (int offset = 16; offset > 0; offset >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, offset));
-    return v;
-}
-
-static __device__ float warp_sum(float v) {
-    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
     return v;
 }
 
@@ -872,36 +941,59 @@ static __device__ __forceinline__ void glu_act(mt_act act, float g, float *a, fl
     }
 }
 
-static __global__ void glu_forward_kernel(bf16 *out, const bf16 *gate, const bf16 *up, size_t n, mt_act act) {
-    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
+static __global__ void glu_forward_kernel(bf16 *out, const bf16 *gate, const bf16 *up, size_t n, mt_act act,
+                                          int vector) {
+    size_t i0 = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * kVec;
+    if (i0 >= n) return;
     float a, da;
-    glu_act(act, __bfloat162float(gate[i]), &a, &da);
-    out[i] = __float2bfloat16(a * __bfloat162float(up[i]));
+    if (vector && i0 + kVec <= n) {
+        float g[kVec], u[kVec];
+        load8(g, gate + i0), load8(u, up + i0);
+        for (int j = 0; j < kVec; j++) glu_act(act, g[j], &a, &da), g[j] = a * u[j];
+        store8(out + i0, g);
+        return;
+    }
+    for (size_t i = i0; i < n && i < i0 + kVec; i++) {
+        glu_act(act, __bfloat162float(gate[i]), &a, &da);
+        out[i] = __float2bfloat16(a * __bfloat162float(up[i]));
+    }
 }
 
 static __global__ void glu_backward_kernel(bf16 *dgate, bf16 *dup, const bf16 *dout, const bf16 *gate, const bf16 *up,
-                                           size_t n, mt_act act) {
-    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
-    float u = __bfloat162float(up[i]), d = __bfloat162float(dout[i]), a, da;
-    glu_act(act, __bfloat162float(gate[i]), &a, &da);
-    dgate[i] = __float2bfloat16(d * u * da);
-    dup[i] = __float2bfloat16(d * a);
+                                           size_t n, mt_act act, int vector) {
+    size_t i0 = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * kVec;
+    if (i0 >= n) return;
+    float a, da;
+    if (vector && i0 + kVec <= n) {
+        float g[kVec], u[kVec], d[kVec];
+        load8(g, gate + i0), load8(u, up + i0), load8(d, dout + i0);
+        for (int j = 0; j < kVec; j++) glu_act(act, g[j], &a, &da), g[j] = d[j] * u[j] * da, u[j] = d[j] * a;
+        store8(dgate + i0, g), store8(dup + i0, u);
+        return;
+    }
+    for (size_t i = i0; i < n && i < i0 + kVec; i++) {
+        float u = __bfloat162float(up[i]), d = __bfloat162float(dout[i]);
+        glu_act(act, __bfloat162float(gate[i]), &a, &da);
+        dgate[i] = __float2bfloat16(d * u * da);
+        dup[i] = __float2bfloat16(d * a);
+    }
 }
 
 extern "C" void mt_glu_forward_cuda(const mt_backend *be, void *out, const void *gate, const void *up, size_t n,
                                     mt_act act) {
     (void)be;
-    glu_forward_kernel<<<grid_for(n, kThreads), kThreads>>>((bf16 *)out, (const bf16 *)gate, (const bf16 *)up, n, act);
+    if (n == 0) return;
+    glu_forward_kernel<<<grid_for8(n), kThreads>>>((bf16 *)out, (const bf16 *)gate, (const bf16 *)up, n, act,
+                                                   vec8(out, gate, up));
     CUDA_CHECK_LAUNCH();
 }
 
 extern "C" void mt_glu_backward_cuda(const mt_backend *be, void *dgate, void *dup, const void *dout, const void *gate,
                                      const void *up, size_t n, mt_act act) {
     (void)be;
-    glu_backward_kernel<<<grid_for(n, kThreads), kThreads>>>((bf16 *)dgate, (bf16 *)dup, (const bf16 *)dout,
-                                                             (const bf16 *)gate, (const bf16 *)up, n, act);
+    if (n == 0) return;
+    glu_backward_kernel<<<grid_for8(n), kThreads>>>((bf16 *)dgate, (bf16 *)dup, (const bf16 *)dout, (const bf16 *)gate,
+                                                    (const bf16 *)up, n, act, vec8(dgate, dup, dout, gate) && vec8(up));
     CUDA_CHECK_LAUNCH();
 }
 
@@ -1012,14 +1104,24 @@ extern "C" void mt_crossentropy_cuda(const mt_backend *be, float *losses, void *
 
 // -------------------------------------------------------------- elementwise
 
-static __global__ void add_kernel(bf16 *out, const bf16 *a, const bf16 *b, size_t n) {
-    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) out[i] = __float2bfloat16(__bfloat162float(a[i]) + __bfloat162float(b[i]));
+static __global__ void add_kernel(bf16 *out, const bf16 *a, const bf16 *b, size_t n, int vector) {
+    size_t i0 = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * kVec;
+    if (i0 >= n) return;
+    if (vector && i0 + kVec <= n) {
+        float x[kVec], y[kVec];
+        load8(x, a + i0), load8(y, b + i0);
+        for (int j = 0; j < kVec; j++) x[j] += y[j];
+        store8(out + i0, x);
+        return;
+    }
+    for (size_t i = i0; i < n && i < i0 + kVec; i++)
+        out[i] = __float2bfloat16(__bfloat162float(a[i]) + __bfloat162float(b[i]));
 }
 
 extern "C" void mt_add_cuda(const mt_backend *be, void *out, const void *a, const void *b, size_t n) {
     (void)be;
-    add_kernel<<<grid_for(n, kThreads), kThreads>>>((bf16 *)out, (const bf16 *)a, (const bf16 *)b, n);
+    if (n == 0) return;
+    add_kernel<<<grid_for8(n), kThreads>>>((bf16 *)out, (const bf16 *)a, (const bf16 *)b, n, vec8(out, a, b));
     CUDA_CHECK_LAUNCH();
 }
 
@@ -1071,8 +1173,17 @@ static const int kSumBlocks = 256;  // partials fit the backend's 4 KiB reduce b
 // over a small eps magnifies.
 static __global__ void sum_kernel(double *partials, const float *x, size_t n, int squares) {
     double sum = 0.0;
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        sum += squares ? (double)x[i] * x[i] : (double)x[i];
+    size_t stride = (size_t)gridDim.x * blockDim.x, first = (size_t)blockIdx.x * blockDim.x + threadIdx.x, tail = 0;
+    if (((uintptr_t)x & 15) == 0) {  // 4 floats a load: enough bytes in flight to fill the memory system
+        const float4 *x4 = (const float4 *)x;
+        for (size_t i = first; i < n / 4; i += stride) {
+            float4 v = x4[i];
+            sum += squares ? (double)v.x * v.x + (double)v.y * v.y + (double)v.z * v.z + (double)v.w * v.w
+                           : (double)v.x + (double)v.y + (double)v.z + (double)v.w;
+        }
+        tail = n / 4 * 4;
+    }
+    for (size_t i = tail + first; i < n; i += stride) sum += squares ? (double)x[i] * x[i] : (double)x[i];
     sum = block_sum(sum);
     if (threadIdx.x == 0) partials[blockIdx.x] = sum;
 }
@@ -1123,33 +1234,55 @@ extern "C" void mt_cast_to_f32_cuda(const mt_backend *be, float *dst, const void
 // 4): any element's draw can be regenerated, so backward recomputes the mask
 // instead of storing it.
 
-// One thread per group of 4 mask indices (offset + i for element i): the
-// groups from offset / 4 cover the n elements.
+// One thread per two groups of 4 mask indices (offset + i for element i):
+// the groups from offset / 4 cover the n elements; each group's 4 draws are
+// Philox's for that group alone. accumulate: out += the dropped-out input
+// (rounded to bf16 first, as a dropout then an add). vector: offset is a
+// multiple of 8 and the pointers 16-byte aligned, so the thread's 8 elements
+// move in one load.
 static __global__ void dropout_kernel(bf16 *out, const bf16 *inp, size_t n, float p, float keep_scale,
-                                      unsigned long long seed, unsigned long long offset) {
-    unsigned long long group = offset / 4 + (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+                                      unsigned long long seed, unsigned long long offset, int accumulate, int vector) {
+    unsigned long long group = offset / 4 + 2 * ((size_t)blockIdx.x * blockDim.x + threadIdx.x);
     if (group * 4 >= offset + n) return;
-    curandStatePhilox4_32_10_t state;
-    curand_init(seed, group, 0, &state);
-    float4 u = curand_uniform4(&state);  // in (0, 1]
-    float draws[4] = {u.x, u.y, u.z, u.w};
-    for (int j = 0; j < 4; j++) {
+    float draws[8];
+    for (int h = 0; h < 2; h++) {
+        curandStatePhilox4_32_10_t state;
+        curand_init(seed, group + h, 0, &state);
+        float4 u = curand_uniform4(&state);  // in (0, 1]
+        draws[4 * h] = u.x, draws[4 * h + 1] = u.y, draws[4 * h + 2] = u.z, draws[4 * h + 3] = u.w;
+    }
+    // 1 - u is uniform in [0, 1), like the CPU's draws
+    if (vector && group * 4 + 8 <= offset + n) {
+        size_t i = group * 4 - offset;
+        float x[kVec], o[kVec];
+        load8(x, inp + i);
+        if (accumulate) load8(o, out + i);
+        for (int j = 0; j < kVec; j++) {
+            float kept = 1.0f - draws[j] >= p ? __bfloat162float(__float2bfloat16(x[j] * keep_scale)) : 0.0f;
+            x[j] = accumulate ? o[j] + kept : kept;
+        }
+        store8(out + i, x);
+        return;
+    }
+    for (int j = 0; j < 8; j++) {
         unsigned long long index = group * 4 + j;
         if (index < offset || index >= offset + n) continue;
         size_t i = index - offset;
-        // 1 - u is uniform in [0, 1), like the CPU's draws
-        out[i] =
+        bf16 kept =
             1.0f - draws[j] >= p ? __float2bfloat16(__bfloat162float(inp[i]) * keep_scale) : __float2bfloat16(0.0f);
+        out[i] = accumulate ? __float2bfloat16(__bfloat162float(out[i]) + __bfloat162float(kept)) : kept;
     }
 }
 
 extern "C" void mt_dropout_cuda(const mt_backend *be, void *out, const void *inp, size_t n, float p, uint64_t seed,
-                                uint64_t offset) {
+                                uint64_t offset, int accumulate) {
     (void)be;
     if (n == 0) return;
     size_t groups = (offset + n + 3) / 4 - offset / 4;
-    dropout_kernel<<<grid_for(groups, kThreads), kThreads>>>((bf16 *)out, (const bf16 *)inp, n, p, 1.0f / (1.0f - p),
-                                                             (unsigned long long)seed, (unsigned long long)offset);
+    int vector = offset % 8 == 0 && vec8(out, inp);
+    dropout_kernel<<<grid_for((groups + 1) / 2, kThreads), kThreads>>>((bf16 *)out, (const bf16 *)inp, n, p,
+                                                                       1.0f / (1.0f - p), (unsigned long long)seed,
+                                                                       (unsigned long long)offset, accumulate, vector);
     CUDA_CHECK_LAUNCH();
 }
 

@@ -111,6 +111,10 @@ void mt_op_matmul_backward_scaled(const mt_backend *be, void *dinp, float *dweig
 // offset + i of the mask (a block of rows sees its rows' part of the whole
 // tensor's mask). out may alias inp.
 void mt_op_dropout(const mt_backend *be, void *out, const void *inp, size_t n, float p, uint64_t seed, uint64_t offset);
+// out += dropout(inp) with the same mask (backward through a dropout into a
+// gradient that already holds other parts); out must not alias inp.
+void mt_op_dropout_add(const mt_backend *be, void *out, const void *inp, size_t n, float p, uint64_t seed,
+                       uint64_t offset);
 // Zeroth-order (MeZO) perturbations. z(seed, i) is the stream of rng.h's
 // mt_rng_gauss: Philox4x32-10 and Box-Muller, cuRAND's Philox on the GPU with
 // the same words; nothing of a parameter's size is stored for it.

@@ -49,7 +49,7 @@ void mt_matmul_forward_cuda(const mt_backend *be, void *out, const void *inp, co
 void mt_matmul_forward_add_cuda(const mt_backend *be, void *out, const void *inp, const void *weight, int N, int IN,
                                 int OUT, float alpha);
 void mt_dropout_cuda(const mt_backend *be, void *out, const void *inp, size_t n, float p, uint64_t seed,
-                     uint64_t offset);
+                     uint64_t offset, int accumulate);
 void mt_perturb_cuda(const mt_backend *be, void *dst, const void *src, size_t n, float scale, uint64_t seed,
                      uint64_t offset);
 void mt_perturb_rows_cuda(const mt_backend *be, void *x, const int32_t *tokens, int N, int C, float scale,

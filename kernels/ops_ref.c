@@ -395,10 +395,13 @@ void mt_cast_bf16_ref(uint16_t *out, const float *inp, size_t n) {
     for (size_t i = 0; i < n; i++) out[i] = mt_f32_to_bf16(inp[i]);
 }
 
-void mt_dropout_ref(float *out, const float *inp, size_t n, float p, uint64_t seed, uint64_t offset) {
+void mt_dropout_ref(float *out, const float *inp, size_t n, float p, uint64_t seed, uint64_t offset, int accumulate) {
     float keep_scale = 1.0f / (1.0f - p);
 #pragma omp parallel for
-    for (size_t i = 0; i < n; i++) out[i] = mt_rng_uniform(seed, offset + i) >= p ? inp[i] * keep_scale : 0.0f;
+    for (size_t i = 0; i < n; i++) {
+        float kept = mt_rng_uniform(seed, offset + i) >= p ? inp[i] * keep_scale : 0.0f;
+        out[i] = accumulate ? out[i] + kept : kept;
+    }
 }
 
 // The z streams are drawn a Philox group (4 values) at a time: groups

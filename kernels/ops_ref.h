@@ -83,7 +83,7 @@ void mt_matmul_backward_ref(float *dinp, float *dweight, float *dbias, const flo
                             const float *weight, int N, int IN, int OUT, float alpha, int accumulate);
 // out = inp * keep / (1 - p), keep = uniform(seed, i) >= p: the mask depends
 // only on (seed, i), so backward regenerates it. out may alias inp.
-void mt_dropout_ref(float *out, const float *inp, size_t n, float p, uint64_t seed, uint64_t offset);
+void mt_dropout_ref(float *out, const float *inp, size_t n, float p, uint64_t seed, uint64_t offset, int accumulate);
 
 // MeZO's perturbation and update over z = mt_rng_gauss (see ops.h).
 void mt_perturb_ref(float *dst, const float *src, size_t n, float scale, uint64_t seed, uint64_t offset);

@@ -571,6 +571,29 @@ START_TEST(sumsq_and_bf16_cast) {
 }
 END_TEST
 
+// Dropout keeps x / (1 - p) where the element's draw is >= p, the same mask
+// for the same (seed, index); accumulating adds exactly that to out, and a
+// block at an offset is that block of the whole.
+START_TEST(dropout_and_dropout_add) {
+    size_t n = 1000;
+    float p = 0.3f, *x = malloc(n * 4), *a = malloc(n * 4), *acc = malloc(n * 4), *part = malloc(n * 4);
+    for (size_t i = 0; i < n; i++) x[i] = 0.5f + (float)(i % 13), acc[i] = (float)i;
+    mt_dropout_ref(a, x, n, p, 9, 0, 0);
+    mt_dropout_ref(acc, x, n, p, 9, 0, 1);
+    size_t dropped = 0;
+    for (size_t i = 0; i < n; i++) {
+        float kept = x[i] * (1.0f / (1.0f - p));
+        ck_assert(mt_rng_uniform(9, i) >= p ? a[i] == kept : a[i] == 0.0f);
+        ck_assert_float_eq(acc[i], (float)i + a[i]);
+        dropped += a[i] == 0.0f;
+    }
+    ck_assert(dropped > n / 5 && dropped < 2 * n / 5);
+    mt_dropout_ref(part, x + 17, n - 17, p, 9, 17, 0);
+    ck_assert_mem_eq(part, a + 17, (n - 17) * 4);
+    free(x), free(a), free(acc), free(part);
+}
+END_TEST
+
 START_TEST(rng_is_counter_based_and_well_spread) {
     ck_assert_uint_eq(mt_rng_bits(7, 123), mt_rng_bits(7, 123));
     ck_assert_uint_ne(mt_rng_bits(7, 123), mt_rng_bits(8, 123));
@@ -660,6 +683,7 @@ int main(void) {
     tcase_add_test(tc, embedding_forward_and_backward);
     tcase_add_test(tc, adamw_matches_torch_formula);
     tcase_add_test(tc, sumsq_and_bf16_cast);
+    tcase_add_test(tc, dropout_and_dropout_add);
     tcase_add_test(tc, rng_is_counter_based_and_well_spread);
     tcase_add_test(tc, mem_tally_and_oom_message);
     suite_add_tcase(s, tc);

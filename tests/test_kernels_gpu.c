@@ -490,6 +490,20 @@ START_TEST(dropout) {
             free(part);
             mt_device_free(part_d);
         }
+        // accumulated into another tensor: bf16(out + the dropped-out value), also at odd offsets
+        for (size_t off = 0; off < 3 && off < n; off++) {
+            size_t count = n - off;
+            float *o = host_random(count, -1.0f, 1.0f);
+            void *o_d = dev_bf16(o, count);
+            float *o_b = host_from_bf16(o_d, count);
+            mt_op_dropout_add(&be, o_d, (const char *)x_d + off * 2, count, p, 42, off);
+            float *got = host_from_bf16(o_d, count);
+            for (size_t i = 0; i < count; i++)
+                ck_assert_msg(got[i] == mt_round_bf16(o_b[i] + a[off + i]), "dropout_add %zu (offset %zu): %g", i, off,
+                              got[i]);
+            free(o), free(o_b), free(got);
+            mt_device_free(o_d);
+        }
         mt_op_dropout(&be, x_d, x_d, n, p, 42, 0);
         float *inplace = host_from_bf16(x_d, n);
         ck_assert_mem_eq(inplace, a, n * 4);
@@ -589,6 +603,10 @@ START_TEST(adamw_sums_and_casts) {
         double ss = mt_sumsq_ref(g, n), gs = mt_op_sumsq(&be, g_d, n);
         // summed in double, as the reference: to double rounding, not float's
         ck_assert_double_eq_tol(gs, ss, 1e-12 * ss + 1e-15);
+        if (n > 1) {  // from an address that is not 16-byte aligned (the scalar path)
+            double ss1 = mt_sumsq_ref(g + 1, n - 1), gs1 = mt_op_sumsq(&be, (const float *)g_d + 1, n - 1);
+            ck_assert_double_eq_tol(gs1, ss1, 1e-12 * ss1 + 1e-15);
+        }
         double sum = 0;
         for (size_t i = 0; i < n; i++) sum += g[i];
         ck_assert_double_eq_tol(mt_op_sum(&be, g_d, n), sum, 1e-12 * sqrt(ss) * sqrt((double)n) + 1e-15);

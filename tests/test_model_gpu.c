@@ -419,7 +419,9 @@ END_TEST
 START_TEST(gpu_out_of_memory_is_a_clear_error) {
     mt_model_config c;
     small_config(&c, 0);
-    c.V = 32000, c.C = 8192, c.F = 28672, c.L = 80, c.H = 64, c.KV = 8, c.D = 128;  // Llama-70B: ~138 GB of bf16
+    // Llama-70B's width at 240 layers: ~414 GB of bf16 weights, more than any one GPU holds (80 layers, 138 GB,
+    // fit an H200's 141 GB: the failure then came later, for gradients)
+    c.V = 32000, c.C = 8192, c.F = 28672, c.L = 240, c.H = 64, c.KV = 8, c.D = 128;
     mt_backend gpu;
     ck_assert_int_eq(mt_backend_init(&gpu, 0), MT_OK);
     mt_model *m = (mt_model *)1;

@@ -128,7 +128,12 @@ struct mt_model {
     uint64_t pending_round_seed;
     int index_wte, index_norm, index_lm;  // in the parameter table (lm: wte's when tied)
     void *lora_du;                        // (N, r)
-    void *drop_buf;                       // (N, max IN) dropout(x), and its gradient
+    void *drop_buf;                       // (N, max IN) dropout(x), and its gradient (see lora_du_of)
+    struct {                              // what drop_buf holds: dropout(x) of these rows, this mask
+        const void *x;
+        uint64_t seed;
+        int r0, R, IN;
+    } drop_holds;
     layer_params *layers;
     void *wte, *norm_w, *lm_w;
     float *g_wte, *g_norm, *g_lm;
@@ -417,6 +422,8 @@ static size_t layout_activations(mt_model *m, uintptr_t base) {
     m->lora_du = m->lora.r && backward ? carve(&cur, N * m->lora.r * a) : NULL;
     size_t widest_input = c->C > c->F ? c->C : c->F;
     if (HD > widest_input) widest_input = HD;
+    // with dropout, k's and v's (up's) du wait beside dropout(ln1) (ln2): lora_du_of
+    if ((size_t)c->C + 2 * (size_t)m->lora.r > widest_input) widest_input = (size_t)c->C + 2 * (size_t)m->lora.r;
     m->drop_buf = m->lora.r && m->lora.dropout > 0 && backward ? carve(&cur, N * widest_input * a) : NULL;
     m->lnf = carve(&cur, N * c->C * a);
     m->rstdf = carve(&cur, N * 4);
@@ -1232,20 +1239,43 @@ static const void *layer_weight(mt_model *m, int l, int p) {
 
 static const void *lm_weight(mt_model *m) { return m->frozen ? m->lm_w : perturbed(m, m->index_lm, m->lm_w); }
 
+// Adapters that read one input share one dropout mask, drawn and applied
+// once forward and once backward: q, k and v (the attention's norm), gate and
+// up (the MLP's); a fused module's parts (Phi-3) are such groups too. The
+// mask's seed is the group's first module's.
+static int drop_group(int t) {
+    return t == MT_LORA_K || t == MT_LORA_V ? MT_LORA_Q : t == MT_LORA_UP ? MT_LORA_GATE : t;
+}
+
 static uint64_t dropout_seed(const mt_model *m, int l, int t) {
-    // the parts of a fused module see its input through one mask
-    return mt_rng_bits(m->dropout_seed, (uint64_t)l * MT_LORA_MODULES + (uint64_t)mt_lora_fused_owner(&m->cfg, t));
+    return mt_rng_bits(m->dropout_seed, (uint64_t)l * MT_LORA_MODULES + (uint64_t)drop_group(t));
 }
 
 // The adapters see rows r0..r0+R of the batch (all N rows, or a tile of the
 // MLP's): x, y, dx and dy point at those rows; their u rows and dropout mask
 // are those rows' part of the whole batch's.
 
-// x as the adapter sees it: dropout(x) in training (into drop_buf), else x.
+// x as the adapter sees it: dropout(x) in training (into drop_buf, unless it
+// holds it already for another adapter of the group), else x.
 static const void *adapter_input(mt_model *m, int l, int t, const void *x, int IN, int r0, int R) {
     if (!m->drop_buf || !m->training) return x;
-    mt_op_dropout(m->be, m->drop_buf, x, (size_t)R * IN, m->lora.dropout, dropout_seed(m, l, t), (uint64_t)r0 * IN);
+    uint64_t seed = dropout_seed(m, l, t);
+    if (m->drop_holds.x != x || m->drop_holds.seed != seed || m->drop_holds.r0 != r0 || m->drop_holds.R != R ||
+        m->drop_holds.IN != IN) {
+        mt_op_dropout(m->be, m->drop_buf, x, (size_t)R * IN, m->lora.dropout, seed, (uint64_t)r0 * IN);
+        m->drop_holds.x = x, m->drop_holds.seed = seed, m->drop_holds.r0 = r0, m->drop_holds.R = R;
+        m->drop_holds.IN = IN;
+    }
     return m->drop_buf;
+}
+
+// Where adapter t's du (R, r) waits: lora_du, except that with dropout the
+// group's later members keep theirs beside dropout(x) in drop_buf until the
+// group's input gradient is formed (lora_input_backward).
+static void *lora_du_of(mt_model *m, int t, int IN, int R) {
+    int slot = t - drop_group(t);
+    if (!m->drop_buf || !m->training || slot == 0) return m->lora_du;
+    return rows(m, m->drop_buf, 1, (size_t)R * IN + (size_t)(slot - 1) * R * m->lora.r);
 }
 
 // y (R, OUT) += scale * B (A dropout(x)); keeps u = A dropout(x) (its R rows).
@@ -1263,8 +1293,10 @@ static void lora_forward(mt_model *m, int l, int t, void *y, const void *x, int 
     mt_op_matmul_forward_add(m->be, y, u, b, R, r, OUT, m->lora_scale);
 }
 
-// Adds the adapter's gradients from dy (R, OUT) and its part of dx (R, IN),
-// which already holds the base's part.
+// Adds the adapter's gradients from dy (R, OUT). Without dropout its part of
+// dx (R, IN), which already holds the base's part, is added here; with
+// dropout the group's parts are added together by lora_input_backward once
+// its last member is done.
 static void lora_backward(mt_model *m, int l, int t, void *dx, const void *dy, const void *x, int IN, int OUT, int r0,
                           int R) {
     layer_params *P = &m->layers[l];
@@ -1272,20 +1304,32 @@ static void lora_backward(mt_model *m, int l, int t, void *dx, const void *dy, c
     mt_backend *be = m->be;
     int r = m->lora.r;
     const void *u = rows(m, acts_of(m, l)->lora_u[t], (size_t)r0, (size_t)r);
+    void *du = lora_du_of(m, t, IN, R);
     // du = scale dy B, dB += scale dy^T u
-    mt_op_matmul_backward_scaled(be, m->lora_du, P->glora_b[t], dy, u, P->lora_b[t], R, r, OUT, m->lora_scale, 0);
+    mt_op_matmul_backward_scaled(be, du, P->glora_b[t], dy, u, P->lora_b[t], R, r, OUT, m->lora_scale, 0);
     // dA += du^T dropout(x)
-    mt_op_matmul_backward_scaled(be, NULL, P->glora_a[t], m->lora_du, adapter_input(m, l, t, x, IN, r0, R),
-                                 P->lora_a[t], R, IN, r, 1.0f, 0);
-    if (!m->drop_buf || !m->training) {
-        mt_op_matmul_backward_scaled(be, dx, NULL, m->lora_du, NULL, P->lora_a[t], R, IN, r, 1.0f, 1);
-        return;
+    mt_op_matmul_backward_scaled(be, NULL, P->glora_a[t], du, adapter_input(m, l, t, x, IN, r0, R), P->lora_a[t], R, IN,
+                                 r, 1.0f, 0);
+    if (!m->drop_buf || !m->training)
+        mt_op_matmul_backward_scaled(be, dx, NULL, du, NULL, P->lora_a[t], R, IN, r, 1.0f, 1);
+}
+
+// With dropout: dx (R, IN) += dropout's backward of the sum of du A over the
+// adapters of the group that ends at module t, through their one mask.
+static void lora_input_backward(mt_model *m, int l, int t, void *dx, int IN, int r0, int R) {
+    if (!m->drop_buf || !m->training) return;
+    layer_params *P = &m->layers[l];
+    int any = 0;
+    for (int s = drop_group(t); s <= t; s++) {
+        if (!P->lora_a[s]) continue;
+        mt_op_matmul_backward_scaled(m->be, m->drop_buf, NULL, lora_du_of(m, s, IN, R), NULL, P->lora_a[s], R, IN,
+                                     m->lora.r, 1.0f, any);
+        any = 1;
     }
-    // through the dropout: the same mask, regenerated from its seed
-    size_t n = (size_t)R * IN;
-    mt_op_matmul_backward_scaled(be, m->drop_buf, NULL, m->lora_du, NULL, P->lora_a[t], R, IN, r, 1.0f, 0);
-    mt_op_dropout(be, m->drop_buf, m->drop_buf, n, m->lora.dropout, dropout_seed(m, l, t), (uint64_t)r0 * IN);
-    mt_op_add(be, dx, dx, m->drop_buf, n);
+    if (!any) return;
+    m->drop_holds.x = NULL;  // drop_buf now holds a gradient
+    mt_op_dropout_add(m->be, dx, m->drop_buf, (size_t)R * IN, m->lora.dropout, dropout_seed(m, l, t),
+                      (uint64_t)r0 * IN);
 }
 
 // The MLP's gate activation: Gemma's tanh GELU, else SiLU.
@@ -1340,6 +1384,7 @@ static void layer_forward(mt_model *m, int l, int recompute) {
     void *qf = m->qkv_flat, *kf = rows(m, qf, (size_t)N, (size_t)HD), *vf = rows(m, kf, (size_t)N, (size_t)KVD);
     int g = c->gemma, local = mt_layer_local(c, l);
     const float *cs = local ? m->cos_local : m->cos_table, *sn = local ? m->sin_local : m->sin_table;
+    m->drop_holds.x = NULL;  // a dropped-out input is shared within a layer's pass only
     mt_op_rmsnorm_forward(be, A->ln1, A->rstd1, m->x[l], layer_weight(m, l, P_LN1), N, c->C, c->rms_eps, g);
     // Qwen3: the projections stay for backward; each head's norm writes what RoPE reads
     void *qp = c->qk_norm ? A->qraw : qf, *kp = c->qk_norm ? A->kraw : kf;
@@ -1413,6 +1458,7 @@ static void mlp_rows_backward(mt_model *m, int l, const void *dmlp, int r0, int 
     void *dln = rows(m, m->dln, (size_t)r0, (size_t)c->C);
     mt_op_matmul_backward(be, m->f1, P->g[P_WD], NULL, dy, m->f0, base_weight(m, l, P_WD), R, c->F, c->C, 0);
     lora_backward(m, l, MT_LORA_DOWN, m->f1, dy, m->f0, c->F, c->C, r0, R);
+    lora_input_backward(m, l, MT_LORA_DOWN, m->f1, c->F, r0, R);
     // up's gradient replaces up itself (read first, element by element)
     void *dup = A->up;
     mt_op_glu_backward(be, m->f0, dup, m->f1, A->gate, A->up, RF, glu_act(c));
@@ -1420,6 +1466,7 @@ static void mlp_rows_backward(mt_model *m, int l, const void *dmlp, int r0, int 
     lora_backward(m, l, MT_LORA_GATE, dln, m->f0, ln2, c->C, c->F, r0, R);
     mt_op_matmul_backward(be, dln, P->g[P_WU], NULL, dup, ln2, base_weight(m, l, P_WU), R, c->C, c->F, 1);
     lora_backward(m, l, MT_LORA_UP, dln, dup, ln2, c->C, c->F, r0, R);
+    lora_input_backward(m, l, MT_LORA_UP, dln, c->C, r0, R);
 }
 
 // Adds layer l's gradients; dres holds d(loss)/d(x[l+1]) on entry and
@@ -1432,6 +1479,7 @@ static void layer_backward(mt_model *m, int l) {
     layer_acts *A = acts_of(m, l);
     int g = c->gemma, local = mt_layer_local(c, l);
     const float *cs = local ? m->cos_local : m->cos_table, *sn = local ? m->sin_local : m->sin_table;
+    m->drop_holds.x = NULL;
     if (m->checkpointing) layer_forward(m, l, 1);
     // Gemma: through the MLP output's norm first
     void *dmlp = g ? sandwich_backward(m, l, P_FNORM, A->mlp_out, A->rstd_f) : m->dres;
@@ -1448,6 +1496,7 @@ static void layer_backward(mt_model *m, int l) {
     mt_op_matmul_backward(be, m->datty, P->g[P_WO], P->g[P_BO], dattn, A->atty, base_weight(m, l, P_WO), N, HD, c->C,
                           0);
     lora_backward(m, l, MT_LORA_O, m->datty, dattn, A->atty, HD, c->C, 0, N);
+    lora_input_backward(m, l, MT_LORA_O, m->datty, HD, 0, N);
     mt_op_attention_backward(be, local ? &m->attn_local : &m->attn, m->dq, m->dk, m->dv, m->datty, A->q, A->k, A->v,
                              A->atty, A->lse, m->pos);
     void *dqf = m->dqkv_flat, *dkf = rows(m, dqf, (size_t)N, (size_t)HD), *dvf = rows(m, dkf, (size_t)N, (size_t)KVD);
@@ -1469,6 +1518,7 @@ static void layer_backward(mt_model *m, int l) {
     lora_backward(m, l, MT_LORA_K, m->dln, dkf, A->ln1, c->C, KVD, 0, N);
     mt_op_matmul_backward(be, m->dln, P->g[P_WV], P->g[P_BV], dvf, A->ln1, base_weight(m, l, P_WV), N, c->C, KVD, 1);
     lora_backward(m, l, MT_LORA_V, m->dln, dvf, A->ln1, c->C, KVD, 0, N);
+    lora_input_backward(m, l, MT_LORA_V, m->dln, c->C, 0, N);
     // with a frozen embedding nothing needs d(loss)/d(x[0])
     if (l > 0 || !m->frozen)
         mt_op_rmsnorm_backward(be, m->dres, P->g[P_LN1], m->dln, m->x[l], P->w[P_LN1], A->rstd1, N, c->C, g);
