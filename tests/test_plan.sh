@@ -107,6 +107,17 @@ out=$("$MEMTUNE" train "${base[@]}" --set train.seq_len=max --set "output.dir=$W
 [ $? -eq 1 ] && echo "$out" | grep -q "train.seq_len: max takes the longest length that fits memory.budget" ||
     fail "train.seq_len max without a budget: expected a refusal: $out"
 
+# train.seq_len: max may put the MLP in tiles when that fits a longer
+# length (QLoRA 7B on 8 GiB); the alternatives are forecast at that length
+out=$("$MEMTUNE" plan configs/llama-qlora.yaml --set model.path=configs/models/llama-2-7b --set train.seq_len=max \
+    --gpu-memory 8GiB 2>&1) || fail "train.seq_len max on 8GiB: memtune plan failed: $out"
+chosen=$(echo "$out" | sed -n 's/^train.seq_len max: \([0-9]*\) tokens, the longest that fits with the MLP in tiles.*/\1/p')
+untiled=$(echo "$out" | sed -n 's/^longest train.seq_len that fits as configured: //p')
+[ -n "$chosen" ] && [ -n "$untiled" ] && [ "$chosen" -gt "$untiled" ] ||
+    fail "train.seq_len max on 8GiB: expected tiles and a length above the untiled $untiled: $out"
+echo "$out" | grep -q "refused: train.seq_len: max" && fail "train.seq_len max: alternatives refused: $out"
+echo "test_plan: train.seq_len max, QLoRA 7B on 8GiB: T=$chosen with the MLP in tiles ($untiled without)"
+
 # the 7B configs, forecast for the GPU from config.json alone
 for c in llama-lora llama-qlora mezo galore full-offload-cpu full-offload-ssd; do
     out=$("$MEMTUNE" plan "configs/$c.yaml" --set model.path=configs/models/llama-2-7b --gpu-memory 80GiB 2>&1) ||

@@ -202,21 +202,51 @@ static long seq_len_limit(const mt_model_config *mc) {
     return mc->max_position > 0 && mc->max_position < (1L << 20) ? mc->max_position : (1L << 20);
 }
 
+// The MLP's tile when the planner may choose one (train.seq_len: max).
+enum { kAutoMlpTileRows = 4096 };
+
+// The longest seq_len up to limit whose forecast fits capacity; where
+// model.mlp_tile_rows is 0 and the MLP in tiles of kAutoMlpTileRows tokens fits
+// a longer one, that one, with the tiles set in cfg. *as_configured: the
+// longest without that choice.
+static long longest_choosing_tiles(mt_config *cfg, const mt_model_config *mc, int gpu, int world, double capacity,
+                                   long limit, long *as_configured) {
+    long best = mt_forecast_longest_seq_len(cfg, mc, gpu, world, capacity, limit);
+    *as_configured = best;
+    if (cfg->model_mlp_tile_rows != 0) return best;
+    cfg->model_mlp_tile_rows = kAutoMlpTileRows;
+    long tiled = mt_forecast_longest_seq_len(cfg, mc, gpu, world, capacity, limit);
+    if (tiled > best) return tiled;
+    cfg->model_mlp_tile_rows = 0;
+    return best;
+}
+
+// How a chosen length was reached, for the line that reports it.
+static const char *tiles_note(long chosen, long as_configured) {
+    return chosen > as_configured ? " with the MLP in tiles of 4096 tokens (model.mlp_tile_rows: 4096)"
+                                  : " as configured";
+}
+
 mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_sets, int gpu, int world,
                          double capacity, const char *capacity_source) {
     mt_config cfg;
     mt_err err = load(&cfg, path, sets, n_sets, NULL);
     mt_model_config mc;
     if (!err) err = mt_hf_read_config(cfg.model_path, &mc);
+    int auto_tiles = 0;                                 // train.seq_len: max chose the MLP's tiles
     if (!err && cfg.train_seq_len == MT_SEQ_LEN_MAX) {  // the longest that fits the GPU's memory
-        long limit = seq_len_limit(&mc);
-        cfg.train_seq_len = capacity > 0 ? mt_forecast_longest_seq_len(&cfg, &mc, gpu, world, capacity, limit) : 0;
+        long as_configured = 0;
+        cfg.train_seq_len =
+            capacity > 0 ? longest_choosing_tiles(&cfg, &mc, gpu, world, capacity, seq_len_limit(&mc), &as_configured)
+                         : 0;
         if (!cfg.train_seq_len)
             err = mt_errorf(MT_ERR_CONFIG, "train.seq_len: max: %s",
                             capacity > 0 ? "not even 16 tokens fit the GPU's memory as configured"
                                          : "give the GPU's memory (--gpu-memory 80GiB) to find the longest length");
         else
-            fprintf(out, "train.seq_len max: %ld tokens, the longest that fits as configured\n", cfg.train_seq_len);
+            fprintf(out, "train.seq_len max: %ld tokens, the longest that fits%s\n", cfg.train_seq_len,
+                    tiles_note(cfg.train_seq_len, as_configured));
+        auto_tiles = cfg.train_seq_len > as_configured;
     }
     mt_forecast f;
     if (!err) err = mt_forecast_run(&cfg, &mc, gpu, world, &f);
@@ -282,6 +312,10 @@ mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_s
         mt_config alt;
         mt_forecast fa;
         mt_err e = load(&alt, path, sets, n_sets, alternatives[a] + 1);
+        if (!e && alt.train_seq_len == MT_SEQ_LEN_MAX) {  // at the length chosen above
+            alt.train_seq_len = cfg.train_seq_len;
+            if (auto_tiles && !alt.model_mlp_tile_rows) alt.model_mlp_tile_rows = cfg.model_mlp_tile_rows;
+        }
         if (!e) e = mt_forecast_run(&alt, &mc, gpu, world, &fa);
         if (e)
             fprintf(out, "%-40s %11s   refused: %.100s\n", alternatives[a][0], "-", mt_last_error());
@@ -298,18 +332,14 @@ mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_s
             "measurements; docs/plan.md)\n");
     // the longest seq_len that fits, as configured
     if (capacity > 0) {
-        long best = mt_forecast_longest_seq_len(&cfg, &mc, gpu, world, capacity, 1L << 20);
+        // long contexts: the MLP's (tokens x intermediate) buffers in tiles
+        if (auto_tiles) cfg.model_mlp_tile_rows = 0;  // "as configured": as the file and --set say
+        long best = 0, tiled = longest_choosing_tiles(&cfg, &mc, gpu, world, capacity, 1L << 20, &best);
         if (best)
             fprintf(out, "\nlongest train.seq_len that fits as configured: %ld\n", best);
         else
             fprintf(out, "\nno train.seq_len fits as configured\n");
-        // long contexts: the MLP's (tokens x intermediate) buffers in tiles
-        if (cfg.model_mlp_tile_rows == 0) {
-            cfg.model_mlp_tile_rows = 4096;
-            long tiled = mt_forecast_longest_seq_len(&cfg, &mc, gpu, world, capacity, 1L << 20);
-            if (tiled > best)
-                fprintf(out, "with model.mlp_tile_rows=4096 (the MLP in tiles of 4096 tokens): %ld\n", tiled);
-        }
+        if (tiled > best) fprintf(out, "with model.mlp_tile_rows=4096 (the MLP in tiles of 4096 tokens): %ld\n", tiled);
     }
     mt_config_free(&cfg);
     return MT_OK;
@@ -409,16 +439,17 @@ mt_err mt_forecast_seq_len_max(mt_config *cfg, int gpu, int world) {
     mt_err err = read_budget(cfg, gpu, &budget, source, sizeof source);
     if (!err) err = mt_hf_read_config(cfg->model_path, &mc);
     if (err) return err;
-    long limit = seq_len_limit(&mc);
-    long best = mt_forecast_longest_seq_len(cfg, &mc, gpu, world, budget, limit);
+    long limit = seq_len_limit(&mc), as_configured = 0;
+    long best = longest_choosing_tiles(cfg, &mc, gpu, world, budget, limit, &as_configured);
     if (!best)
         return mt_errorf(MT_ERR_CONFIG,
                          "train.seq_len: max: not even 16 tokens fit memory.budget %s (%s) as configured; raise the "
                          "budget or train less (memtune plan shows the alternatives)",
                          source, trimmed(size_text(budget, b1, sizeof b1)));
     cfg->train_seq_len = best;
-    mt_info("train.seq_len max: %ld tokens, the longest that fits memory.budget %s (%s) as configured%s", best, source,
-            trimmed(size_text(budget, b1, sizeof b1)), best == limit ? " (the model's max_position_embeddings)" : "");
+    mt_info("train.seq_len max: %ld tokens, the longest that fits memory.budget %s (%s)%s%s", best, source,
+            trimmed(size_text(budget, b1, sizeof b1)), tiles_note(best, as_configured),
+            best == limit ? " (the model's max_position_embeddings)" : "");
     return MT_OK;
 }
 
