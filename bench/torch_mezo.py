@@ -33,7 +33,10 @@ def update(params, seed, projected_grad, lr, weight_decay):
     for name, p in params:
         z = torch.normal(mean=0, std=1, size=p.data.size(), device=p.data.device, dtype=p.data.dtype)
         decay = 0.0 if ("bias" in name or "norm" in name) else weight_decay
-        p.data.add_(projected_grad * z + decay * p.data, alpha=-lr)
+        if decay:
+            p.data.add_(projected_grad * z + decay * p.data, alpha=-lr)
+        else:  # no pass over p for a zero decay (as a user would write it)
+            p.data.add_(z, alpha=-lr * projected_grad)
 
 
 def main():

@@ -316,11 +316,48 @@ static __global__ void rope_kernel(bf16 *dst, const bf16 *src, const float *cos_
     }
 }
 
+// The same, 8 consecutive i a thread (16-byte loads): width and D/2 are
+// multiples of 8 and the pointers aligned.
+static __global__ void rope8_kernel(bf16 *dst, const bf16 *src, const float *cos_table, const float *sin_table,
+                                    const int32_t *pos, int B, int T, int H, int D, int rotate, int backward) {
+    int width = rotate ? D / 2 : D;
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= (size_t)B * T * H * (width / kVec)) return;
+    int i = (int)(idx % (width / kVec)) * kVec;
+    size_t rest = idx / (width / kVec);
+    int h = rest % H;
+    rest /= H;
+    int t = rest % T;
+    int b = rest / T;
+    size_t bthd = (((size_t)b * T + t) * H + h) * D, bhtd = (((size_t)b * H + h) * T + t) * D;
+    size_t from = backward ? bhtd : bthd, to = backward ? bthd : bhtd;
+    if (!rotate) {
+        *(uint4 *)(dst + to + i) = *(const uint4 *)(src + from + i);
+        return;
+    }
+    int half = D / 2;
+    size_t row = (size_t)(pos ? pos[(size_t)b * T + t] : t) * half;
+    float x1[kVec], x2[kVec], y1[kVec], y2[kVec];
+    load8(x1, src + from + i), load8(x2, src + from + i + half);
+    for (int j = 0; j < kVec; j++) {
+        float c = cos_table[row + i + j], sn = backward ? -sin_table[row + i + j] : sin_table[row + i + j];
+        y1[j] = x1[j] * c - x2[j] * sn;
+        y2[j] = x2[j] * c + x1[j] * sn;
+    }
+    store8(dst + to + i, y1), store8(dst + to + i + half, y2);
+}
+
 static void rope_launch(void *dst, const void *src, const float *cos_table, const float *sin_table, const int32_t *pos,
                         int B, int T, int H, int D, int rotate, int backward) {
-    size_t n = (size_t)B * T * H * (rotate ? D / 2 : D);
-    rope_kernel<<<grid_for(n, kThreads), kThreads>>>((bf16 *)dst, (const bf16 *)src, cos_table, sin_table, pos, B, T, H,
-                                                     D, rotate, backward);
+    int width = rotate ? D / 2 : D;
+    size_t n = (size_t)B * T * H * width;
+    if (width % kVec == 0 && vec8(dst, src)) {
+        rope8_kernel<<<grid_for(n / kVec, kThreads), kThreads>>>((bf16 *)dst, (const bf16 *)src, cos_table, sin_table,
+                                                                 pos, B, T, H, D, rotate, backward);
+    } else {
+        rope_kernel<<<grid_for(n, kThreads), kThreads>>>((bf16 *)dst, (const bf16 *)src, cos_table, sin_table, pos, B,
+                                                         T, H, D, rotate, backward);
+    }
     CUDA_CHECK_LAUNCH();
 }
 
@@ -1171,16 +1208,22 @@ static const int kSumBlocks = 256;  // partials fit the backend's 4 KiB reduce b
 // the loss depend on how the tokens are grouped (2 micro-batches against one
 // of twice the rows) by about 1e-7, which MeZO's difference of two losses
 // over a small eps magnifies.
+static __device__ double sum4(float4 v, int squares) {
+    return squares ? (double)v.x * v.x + (double)v.y * v.y + (double)v.z * v.z + (double)v.w * v.w
+                   : (double)v.x + (double)v.y + (double)v.z + (double)v.w;
+}
+
 static __global__ void sum_kernel(double *partials, const float *x, size_t n, int squares) {
     double sum = 0.0;
     size_t stride = (size_t)gridDim.x * blockDim.x, first = (size_t)blockIdx.x * blockDim.x + threadIdx.x, tail = 0;
     if (((uintptr_t)x & 15) == 0) {  // 4 floats a load: enough bytes in flight to fill the memory system
         const float4 *x4 = (const float4 *)x;
-        for (size_t i = first; i < n / 4; i += stride) {
-            float4 v = x4[i];
-            sum += squares ? (double)v.x * v.x + (double)v.y * v.y + (double)v.z * v.z + (double)v.w * v.w
-                           : (double)v.x + (double)v.y + (double)v.z + (double)v.w;
+        size_t n4 = n / 4, i = first;
+        for (; i + stride < n4; i += 2 * stride) {  // two loads in flight
+            float4 v = x4[i], w = x4[i + stride];
+            sum += sum4(v, squares) + sum4(w, squares);
         }
+        if (i < n4) sum += sum4(x4[i], squares);
         tail = n / 4 * 4;
     }
     for (size_t i = tail + first; i < n; i += stride) sum += squares ? (double)x[i] * x[i] : (double)x[i];
