@@ -11,7 +11,8 @@ answer-only loss. Checks, against transformers:
    so the weights are the initial ones) equals transformers' fp32 mean cross
    entropy over the trained targets of the same eval windows, token-weighted
    across them (rel 2e-3: memtune computes in bf16);
-3. training: LoRA r=16 lowers the answer-only loss.
+3. training: LoRA r=16 lowers the held-out answer-only loss below 0.8x its
+   value at the initial weights.
 
   python3 tests/gpu/chat_e2e.py --out $OUT
 """
@@ -199,7 +200,10 @@ def main():
     last_eval = [r["eval_loss"] for r in losses if "eval_loss" in r][-1]
     print(f"chat_e2e: LoRA r=16, 150 steps: train loss {first_loss:.4f} -> {last_loss:.4f}, eval {last_eval:.4f}")
     results.update(first_loss=first_loss, last_loss=last_loss, last_eval=last_eval)
-    ok = bad == 0 and rel < 2e-3 and last_loss < 0.5 * first_loss
+    # the held-out answers' loss after training against the same windows'
+    # loss at the initial weights (step-to-step train losses move by +-1 on
+    # this data, so one step's value is no measure)
+    ok = bad == 0 and rel < 2e-3 and last_eval < 0.8 * mt_eval
     results["passed"] = ok
     with open(os.path.join(args.out, "chat_e2e.json"), "w") as f:
         json.dump(results, f, indent=1)

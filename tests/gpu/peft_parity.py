@@ -311,7 +311,7 @@ def qlora_vs_bnb(base, adapter, ids, tokens, work, lora_loss_fp32):
             deq[name.replace(".base_layer", "") + ".weight"] = bf.dequantize_4bit(mod.weight.data, mod.weight.quant_state).float().cpu()
     del pm, model
     torch.cuda.empty_cache()
-    truth_model = LlamaForCausalLM.from_pretrained(base, torch_dtype=torch.float32)
+    truth_model = CLS.from_pretrained(base, torch_dtype=torch.float32)
     sd = truth_model.state_dict()
     with torch.no_grad():
         for k, v in deq.items():
