@@ -29,6 +29,41 @@ TINYLLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "voca
              "attention_bias": False, "hidden_act": "silu", "torch_dtype": "float32"}
 
 
+# Dense bf16 tensor-core peak (TFLOP/s) by the name nvidia-smi gives: H100
+# SXM and H200 both 989.
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}
+
+
+def gpu_peak_tflops():
+    out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader", "-i", "0"],
+                         capture_output=True, text=True).stdout
+    return next((v for k, v in PEAK_TFLOPS.items() if k in out), None)
+
+
+def model_flops_per_token(cfg, T, mode):
+    """Model FLOPs a trained token costs (no recompute counted), from a
+    config.json dict: the linear layers' 2 FLOPs a weight per pass and causal
+    attention's 2 T (H D) a layer per pass. full: forward + backward with
+    weight gradients (3 passes of the linears, 3 of attention); lora: the
+    base's weight gradients skipped (2 passes of the linears, 3 of
+    attention; the adapters are under 2% at r=16); mezo: two forwards."""
+    C, F, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    H, KV = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+    D = cfg.get("head_dim") or C // H
+    linear = L * (C * H * D + 2 * C * KV * D + H * D * C + 3 * C * F) + C * cfg["vocab_size"]
+    attention = L * 2 * T * H * D  # causal: half of the 4 T H D of full attention
+    passes = {"full": (3, 3), "lora": (2, 3), "mezo": (2, 2)}[mode]
+    return 2 * linear * passes[0] + attention * passes[1]
+
+
+def mfu_text(cfg, T, mode, tokens_per_second):
+    """'MFU 41.2%' against the GPU's dense bf16 peak, or '' on another GPU."""
+    peak = gpu_peak_tflops()
+    if not peak or not tokens_per_second:
+        return ""
+    return f"MFU {100 * model_flops_per_token(cfg, T, mode) * tokens_per_second / (peak * 1e12):.1f}%"
+
+
 def gpu_used_mib():
     out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
                          capture_output=True, text=True, check=True).stdout
@@ -122,7 +157,8 @@ def main():
     write_dataset(data, (args.steps + 10) * args.B * (args.T + 1), TINYLLAMA["vocab_size"])
     m = run_memtune(args, folder, data, os.path.join(args.work, "run"))
     if args.memtune_only:
-        print(f"memtune {m['tokens_per_second']:.0f} tokens/s, {m['step_ms']:.1f} ms/step")
+        print(f"memtune {m['tokens_per_second']:.0f} tokens/s, {m['step_ms']:.1f} ms/step "
+              f"{mfu_text(TINYLLAMA, args.T, 'full', m['tokens_per_second'])}")
         return
     t = run_torch(args, config_path)
     gib = 1024 ** 3
@@ -136,7 +172,8 @@ def main():
     print(f"{'':10s} {'tokens/s':>10s} {'step ms':>8s} {'peak GPU used':>14s} {'allocator peak':>15s} {'loss first->last':>18s}")
     for name, r in (("memtune", m), ("pytorch", t)):
         print(f"{name:10s} {r['tokens_per_second']:10.0f} {r['step_ms']:8.1f} {r['peak_gpu_used'] / gib:11.2f} GiB"
-              f" {r['allocator_peak'] / gib:12.2f} GiB {r['first_loss']:8.3f} -> {r['last_loss']:.3f}")
+              f" {r['allocator_peak'] / gib:12.2f} GiB {r['first_loss']:8.3f} -> {r['last_loss']:.3f}"
+              f"  {mfu_text(TINYLLAMA, args.T, 'full', r['tokens_per_second'])}")
     print(f"ratio memtune/pytorch: tokens/s {result['ratio_tokens_per_second']:.3f}, peak GPU used "
           f"{result['ratio_peak_gpu_used']:.3f}, allocator peak {result['ratio_allocator_peak']:.3f}")
 

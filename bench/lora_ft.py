@@ -26,7 +26,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from full_ft import PeakSampler, gpu_used_mib, write_dataset  # noqa: E402
+from full_ft import PeakSampler, gpu_used_mib, mfu_text, write_dataset  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILD = os.environ.get("MT_BUILD_DIR", os.path.join(ROOT, "build"))
@@ -196,7 +196,7 @@ def main():
                 print(f"{name:26s} failed: {r['error']}")
                 continue
             print(f"{name:26s} {r['tokens_per_second']:9.0f} {r['step_ms']:8.1f} {r['allocator_peak'] / GIB:11.2f} GiB"
-                  f" {r['device_peak'] / GIB:8.2f} GiB")
+                  f" {r['device_peak'] / GIB:8.2f} GiB  {mfu_text(SHAPES[shape], args.T, 'lora', r['tokens_per_second'])}")
         ratios = {}
         for ours, theirs in (("memtune LoRA", "PEFT LoRA"), ("memtune LoRA", "PEFT LoRA compiled"),
                              ("memtune LoRA", "PEFT LoRA ckpt"), ("memtune LoRA ckpt", "PEFT LoRA ckpt"),

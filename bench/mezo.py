@@ -20,8 +20,8 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from full_ft import PeakSampler, write_dataset  # noqa: E402
-from lora_ft import shape_folder, train_and_time  # noqa: E402
+from full_ft import PeakSampler, mfu_text, write_dataset  # noqa: E402
+from lora_ft import SHAPES, shape_folder, train_and_time  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILD = os.environ.get("MT_BUILD_DIR", os.path.join(ROOT, "build"))
@@ -105,7 +105,7 @@ def main():
                 print(f"{name:18s} failed: {r['error']}")
                 continue
             print(f"{name:18s} {r['tokens_per_second']:9.0f} {r['step_ms']:8.1f} {r['allocator_peak'] / GIB:11.2f} GiB"
-                  f" {r['device_peak'] / GIB:8.2f} GiB")
+                  f" {r['device_peak'] / GIB:8.2f} GiB  {mfu_text(SHAPES[shape], args.T, 'mezo', r['tokens_per_second'])}")
         ratios = {}
         if "forward_ms" in fwd and "step_ms" in ours:
             ratios["MeZO step / two forward passes"] = ours["step_ms"] / (2 * fwd["forward_ms"])

@@ -40,7 +40,9 @@ SHAPES = {
                                                                 "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                                                 "original_max_position_embeddings": 128})),
 }
-PROMPTS = ["In the beginning", "The quick brown fox", "1, 2, 3,", "def main():", "Hello, world"]
+# 7 prompts on each of the three shapes: 21, over the 20 issue 24 asks for
+PROMPTS = ["In the beginning", "The quick brown fox", "1, 2, 3,", "def main():", "Hello, world",
+           "Once upon a time", "Q: What is the capital of France?\nA:"]
 
 
 def memtune(folder, prompt, device):
