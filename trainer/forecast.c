@@ -153,8 +153,15 @@ mt_err mt_forecast_run(const mt_config *cfg, const mt_model_config *mc, int gpu,
     double P = (double)pl.total, fwd = 2 * P + 2.0 * mc->L * pl.T * mc->C;
     double passes = pl.mezo ? 2.0 * (double)cfg->mezo_samples : pl.lora ? 2.0 : 3.0;
     if (cfg->model_activation_checkpointing && !pl.mezo) passes += 1.0;
+    // the MLP in tiles: backward computes each tile's gate and up again
+    // (what the checkpointed recompute, which then stops before the MLP,
+    // would have done; Gemma's recompute runs the MLP whole as well)
+    double tiles_again = o.mlp_tile_rows > 0 && (long)o.mlp_tile_rows < (long)pl.B * pl.T && !pl.mezo &&
+                                 (!cfg->model_activation_checkpointing || mc->gemma)
+                             ? 4.0 * mc->L * mc->C * mc->F
+                             : 0.0;
     f->tokens = (double)pl.B * pl.T * pl.accum * (world > 0 ? world : 1);
-    double compute = passes * fwd * (double)pl.B * pl.T * pl.accum / kFlopsPerSecond;
+    double compute = (passes * fwd + tiles_again) * (double)pl.B * pl.T * pl.accum / kFlopsPerSecond;
     // streamed weights cross to the GPU once in forward and once in backward
     // a micro-batch (MeZO: once a direction, both passes at once), beside the
     // compute: the slower of the two binds
