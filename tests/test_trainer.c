@@ -297,6 +297,37 @@ START_TEST(hf_config_checks) {
                 folder, sizeof folder);
     ck_assert_int_eq(mt_hf_read_config(folder, &c), MT_OK);
     ck_assert(c.rope_llama3 && c.rope_factor == 8.0f && c.rope_original_max_position == 8192);
+    // longrope as transformers 5 writes a Phi3Config (rope_parameters, the original length at the top level
+    // too): tables longer than the original length take the long factors, cos and sin scaled by
+    // sqrt(1 + ln(512 / 32) / ln(32)); the factors' count is checked
+    const char *longrope =
+        "{\"architectures\":[\"Phi3ForCausalLM\"],\"vocab_size\":13,\"hidden_size\":32,\"intermediate_size\":24,"
+        "\"num_hidden_layers\":1,\"num_attention_heads\":4,\"num_key_value_heads\":2,"
+        "\"max_position_embeddings\":512,\"original_max_position_embeddings\":32,\"rope_parameters\":{"
+        "\"rope_type\":\"%s\",\"rope_theta\":10000.0,\"original_max_position_embeddings\":32,"
+        "\"long_factor\":[1.0,1.5,2.0%s],\"short_factor\":[1.0,1.1,1.2,1.3]}}";
+    snprintf(gjson, sizeof gjson, longrope, "longrope", ",2.5");
+    make_folder("phi3-longrope", gjson, folder, sizeof folder);
+    ck_assert_int_eq(mt_hf_read_config(folder, &c), MT_OK);
+    ck_assert(c.rope_longrope && c.rope_original_max_position == 32 && c.D == 8);
+    ck_assert_float_eq(c.rope_attention_factor, (float)sqrt(1.0 + log(16.0) / log(32.0)));
+    for (int P = 32; P <= 33; P++) {  // 32 positions: the short factors; 33: the long ones
+        float cs[33 * 4], sn[33 * 4];
+        mt_model_rope_tables(&c, 0, P, cs, sn);
+        const float *ext = P > 32 ? c.rope_long_factor : c.rope_short_factor;
+        for (int t = 0; t < P; t++)
+            for (int i = 0; i < 4; i++) {
+                // transformers: 1 / (ext * base ** (arange(0, dim, 2) / dim)) in fp32, then cos(t * inv) * factor
+                float inv = 1.0f / (ext[i] * powf(10000.0f, (float)(2 * i) / 8.0f)), angle = (float)t * inv;
+                ck_assert_float_eq_tol(cs[t * 4 + i], cosf(angle) * c.rope_attention_factor, 2e-6f);
+                ck_assert_float_eq_tol(sn[t * 4 + i], sinf(angle) * c.rope_attention_factor, 2e-6f);
+            }
+    }
+    ck_assert_float_eq(c.rope_long_factor[3], 2.5f);
+    ck_assert_float_eq(c.rope_short_factor[3], 1.3f);
+    snprintf(gjson, sizeof gjson, longrope, "su", "");  // Phi-3's first name for it; three long factors, not four
+    make_folder("phi3-longrope-short-list", gjson, folder, sizeof folder);
+    expect_error(mt_hf_read_config(folder, &c), MT_ERR_MODEL, "long_factor and short_factor, 4 numbers each");
     expect_error(mt_hf_read_config("/nonexistent-folder", &c), MT_ERR_MODEL, "no config.json");
     // found by fuzzing: a huge number is refused, not converted (that was undefined behaviour)
     make_folder("huge",

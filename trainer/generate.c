@@ -86,7 +86,6 @@ mt_err mt_generator_init(mt_generator **out, const mt_model_config *cfg, const f
     }
     free(table);
     int half = cfg->D / 2, C = cfg->C, HD = cfg->H * cfg->D, KVD = cfg->KV * cfg->D, F = cfg->F;
-    float *inv_freq = malloc((size_t)half * sizeof(float));
     g->cos_table = malloc((size_t)max_len * half * sizeof(float));
     g->sin_table = malloc((size_t)max_len * half * sizeof(float));
     int sliding = cfg->global_every > 0;  // Gemma: its sliding layers' own tables
@@ -100,21 +99,15 @@ mt_err mt_generator_init(mt_generator **out, const mt_model_config *cfg, const f
     g->k = malloc((size_t)KVD * 4), g->v = malloc((size_t)KVD * 4), g->o = malloc((size_t)C * 4);
     g->gate = malloc((size_t)F * 4), g->up = malloc((size_t)F * 4), g->h = malloc((size_t)F * 4);
     g->down = malloc((size_t)C * 4), g->scores = malloc((size_t)max_len * 4);
-    if (!inv_freq || !g->cos_table || !g->sin_table || (sliding && (!g->cos_local || !g->sin_local)) || !g->kcache ||
-        !g->vcache || !g->x || !g->x2 || !g->ln || !g->q || !g->qr || !g->att || !g->k || !g->v || !g->o || !g->gate ||
-        !g->up || !g->h || !g->down || !g->scores) {
-        free(inv_freq);
+    if (!g->cos_table || !g->sin_table || (sliding && (!g->cos_local || !g->sin_local)) || !g->kcache || !g->vcache ||
+        !g->x || !g->x2 || !g->ln || !g->q || !g->qr || !g->att || !g->k || !g->v || !g->o || !g->gate || !g->up ||
+        !g->h || !g->down || !g->scores) {
         mt_generator_free(g);
         return mt_errorf(MT_ERR_NOMEM, "out of host memory for a %d-position key/value cache (%.1f GiB)", max_len,
                          2.0 * cache * 4 / 1073741824.0);
     }
-    mt_model_rope_inv_freq(cfg, 0, inv_freq);
-    mt_rope_tables(g->cos_table, g->sin_table, inv_freq, max_len, cfg->D);
-    if (sliding) {
-        mt_model_rope_inv_freq(cfg, 1, inv_freq);
-        mt_rope_tables(g->cos_local, g->sin_local, inv_freq, max_len, cfg->D);
-    }
-    free(inv_freq);
+    mt_model_rope_tables(cfg, 0, max_len, g->cos_table, g->sin_table);
+    if (sliding) mt_model_rope_tables(cfg, 1, max_len, g->cos_local, g->sin_local);
     *out = g;
     return MT_OK;
 }

@@ -32,6 +32,46 @@ static int get_float(const cJSON *j, const char *key, float *out) {
     return 0;
 }
 
+// key: an array of exactly n numbers into dst.
+static int get_floats(const cJSON *j, const char *key, float *dst, int n) {
+    const cJSON *a = cJSON_GetObjectItemCaseSensitive(j, key);
+    if (!cJSON_IsArray(a) || cJSON_GetArraySize(a) != n) return -1;
+    int i = 0;
+    for (const cJSON *v = a->child; v; v = v->next, i++) {
+        if (!cJSON_IsNumber(v)) return -1;
+        dst[i] = (float)v->valuedouble;
+    }
+    return 0;
+}
+
+// longrope (Phi-3 mini/medium 128k, Phi-3.5, Phi-4-mini) as transformers 5
+// reads it: original_max_position_embeddings from the config's top level
+// (else the rope's own, else max_position_embeddings), factor from the rope
+// (else max / original), attention_factor from the rope (else sqrt(1 +
+// ln(factor) / ln(original)), 1 for factor <= 1).
+static mt_err read_longrope(const char *path, const cJSON *j, const cJSON *rope, mt_model_config *c) {
+    int half = c->D / 2;
+    if (half > MT_MAX_ROPE_FACTORS)
+        return mt_errorf(MT_ERR_MODEL, "%s: longrope scaling with head_dim %d is not supported (at most %d)", path,
+                         c->D, 2 * MT_MAX_ROPE_FACTORS);
+    if (get_floats(rope, "long_factor", c->rope_long_factor, half) ||
+        get_floats(rope, "short_factor", c->rope_short_factor, half))
+        return mt_errorf(MT_ERR_MODEL,
+                         "%s: longrope scaling needs long_factor and short_factor, %d numbers each (head_dim / 2)",
+                         path, half);
+    int orig = 0;
+    if (get_int(j, "original_max_position_embeddings", &orig) || orig <= 0)
+        if (get_int(rope, "original_max_position_embeddings", &orig) || orig <= 0) orig = c->max_position;
+    float factor = 0.0f, attention = 0.0f;
+    double f = get_float(rope, "factor", &factor) ? (double)c->max_position / orig : (double)factor;
+    if (get_float(rope, "attention_factor", &attention))
+        attention = f <= 1.0 ? 1.0f : (float)sqrt(1.0 + log(f) / log((double)orig));
+    c->rope_longrope = 1;
+    c->rope_original_max_position = orig;
+    c->rope_attention_factor = attention;
+    return MT_OK;
+}
+
 static mt_err read_rope(const char *path, const cJSON *j, mt_model_config *c) {
     // transformers 4.x: rope_theta + rope_scaling; 5.x: rope_parameters, for
     // Gemma 3 one per layer type (full_attention: the global layers')
@@ -62,10 +102,11 @@ static mt_err read_rope(const char *path, const cJSON *j, mt_model_config *c) {
             return mt_errorf(MT_ERR_MODEL, "%s: linear rope scaling needs a positive factor", path);
         return MT_OK;
     }
+    if (!strcmp(t, "longrope") || !strcmp(t, "su")) return read_longrope(path, j, rope, c);
     if (strcmp(t, "llama3"))
         return mt_errorf(MT_ERR_MODEL,
                          "%s: rope type '%s' (field %s.rope_type) is not supported; memtune supports "
-                         "default, linear and llama3",
+                         "default, linear, llama3 and longrope",
                          path, t, params ? "rope_parameters" : "rope_scaling");
     c->rope_llama3 = 1;
     if (get_float(rope, "factor", &c->rope_factor) || get_float(rope, "low_freq_factor", &c->rope_low_freq_factor) ||
@@ -476,6 +517,14 @@ static cJSON *config_from_model(const mt_model_config *c) {
         }
     } else {
         cJSON_AddStringToObject(j, "hidden_act", "silu");
+    }
+    if (c->rope_longrope) {
+        cJSON_AddNumberToObject(j, "original_max_position_embeddings", c->rope_original_max_position);
+        cJSON *s = cJSON_AddObjectToObject(j, "rope_scaling");
+        cJSON_AddStringToObject(s, "rope_type", "longrope");
+        cJSON_AddNumberToObject(s, "attention_factor", c->rope_attention_factor);
+        cJSON_AddItemToObject(s, "long_factor", cJSON_CreateFloatArray(c->rope_long_factor, c->D / 2));
+        cJSON_AddItemToObject(s, "short_factor", cJSON_CreateFloatArray(c->rope_short_factor, c->D / 2));
     }
     return j;
 }

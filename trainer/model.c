@@ -343,12 +343,19 @@ static void bind_params(mt_model *m) {
 #undef GPTR
 }
 
-void mt_model_rope_inv_freq(const mt_model_config *c, int local, float *inv_freq) {
+// RoPE's D/2 inverse frequencies as transformers computes them, for a table
+// of `positions` rows (longrope's factors depend on it).
+static void rope_inv_freq(const mt_model_config *c, int local, int positions, float *inv_freq) {
     int half = c->D / 2;
     for (int i = 0; i < half; i++) {
         double theta = local ? c->rope_local_theta : c->rope_theta;
         inv_freq[i] = (float)(1.0 / pow(theta, (double)(2 * i) / c->D));
         if (local) continue;  // Gemma's sliding layers: no scaling
+        if (c->rope_longrope) {
+            const float *ext = positions > c->rope_original_max_position ? c->rope_long_factor : c->rope_short_factor;
+            inv_freq[i] = (float)(1.0 / ((double)ext[i] * pow(theta, (double)(2 * i) / c->D)));
+            continue;
+        }
         if (c->rope_linear_factor > 0) inv_freq[i] = (float)((double)inv_freq[i] / c->rope_linear_factor);
         if (!c->rope_llama3) continue;
         // Llama 3.1 frequency scaling: long wavelengths divided by factor,
@@ -366,6 +373,18 @@ void mt_model_rope_inv_freq(const mt_model_config *c, int local, float *inv_freq
         }
         inv_freq[i] = (float)f;
     }
+}
+
+void mt_model_rope_tables(const mt_model_config *c, int local, int positions, float *cos_table, float *sin_table) {
+    float *inv_freq = malloc((size_t)(c->D / 2) * sizeof(float));
+    MT_CHECK(inv_freq != NULL, "rope tables");
+    rope_inv_freq(c, local, positions, inv_freq);
+    mt_rope_tables(cos_table, sin_table, inv_freq, positions, c->D);
+    free(inv_freq);
+    if (local || !c->rope_longrope || c->rope_attention_factor == 1.0f) return;
+    // longrope scales cos and sin (fp32 products, as torch multiplies a table by a float)
+    size_t n = (size_t)positions * (c->D / 2);
+    for (size_t i = 0; i < n; i++) cos_table[i] *= c->rope_attention_factor, sin_table[i] *= c->rope_attention_factor;
 }
 
 // Carves `bytes` from a block with 256-byte alignment. Works on addresses as
@@ -760,15 +779,13 @@ mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_confi
     // rope tables, computed on the host in fp32 as transformers does
     int half = cfg->D / 2;
     int R = rope_rows(m);
-    float *inv_freq = malloc((size_t)half * 4), *cs = malloc((size_t)R * half * 8);
-    MT_CHECK(inv_freq && cs, "rope tables");
+    float *cs = malloc((size_t)R * half * 8);
+    MT_CHECK(cs, "rope tables");
     for (int kind = 0; kind <= (cfg->global_every > 0); kind++) {  // global, then Gemma's sliding layers'
-        mt_model_rope_inv_freq(cfg, kind, inv_freq);
-        mt_rope_tables(cs, cs + (size_t)R * half, inv_freq, R, cfg->D);
+        mt_model_rope_tables(cfg, kind, R, cs, cs + (size_t)R * half);
         mt_backend_from_host(be, kind ? m->cos_local : m->cos_table, cs, (size_t)R * half * 4);
         mt_backend_from_host(be, kind ? m->sin_local : m->sin_table, cs + (size_t)R * half, (size_t)R * half * 4);
     }
-    free(inv_freq);
     free(cs);
     if (!m->decode_len) mt_model_set_positions(m, NULL);
     *out = m;

@@ -191,10 +191,13 @@ size_t mt_model_streamed_grad_bytes(const mt_model *m);
 // is not finite (else some ranks would wait in a collective for the others).
 typedef int (*mt_agree_fn)(void *ctx, int flag);
 void mt_model_set_agreement(mt_model *m, mt_agree_fn any, void *ctx);
-// RoPE's D/2 inverse frequencies as transformers computes them (llama3
-// scaling included).
-// local: Gemma's sliding layers' (rope_local_theta, no scaling).
-void mt_model_rope_inv_freq(const mt_model_config *c, int local, float *inv_freq);
+// RoPE's tables for `positions` positions (positions x D/2 each, fp32) as
+// transformers computes them: linear, llama3 and longrope scaling included
+// (longrope takes its long factors when positions exceeds
+// original_max_position_embeddings, as transformers does for a sequence that
+// long, and scales cos and sin by its attention factor). local: Gemma's
+// sliding layers' (rope_local_theta, no scaling).
+void mt_model_rope_tables(const mt_model_config *c, int local, int positions, float *cos_table, float *sin_table);
 // Full logits (B*T, V) fp32 into host memory `logits` (for tests and parity).
 void mt_model_logits(mt_model *m, const int32_t *inputs, float *logits);
 // Decoding: row b's token tokens[b] at position pos[b] (0 <= pos < decode_len)

@@ -18,6 +18,8 @@
 extern "C" {
 #endif
 
+#define MT_MAX_ROPE_FACTORS 256  // longrope's per-frequency factors: head dims up to 512
+
 typedef struct {
     char architecture[64];
     int V, C, F, L, H, KV, D;  // vocab, hidden, ffn, layers, heads, kv heads, head dim
@@ -26,6 +28,12 @@ typedef struct {
     int rope_llama3;  // rope_scaling / rope_parameters of type llama3
     float rope_factor, rope_low_freq_factor, rope_high_freq_factor;
     int rope_original_max_position;
+    // Phi-3's longrope (rope type "longrope", formerly "su"): each frequency
+    // divided by its factor, the long ones where a table covers more than
+    // rope_original_max_position positions, and cos and sin scaled by
+    // rope_attention_factor
+    int rope_longrope;
+    float rope_long_factor[MT_MAX_ROPE_FACTORS], rope_short_factor[MT_MAX_ROPE_FACTORS], rope_attention_factor;
     int tie_embeddings;
     int qkv_bias, o_bias;  // Qwen2: qkv; Llama attention_bias: qkv and o
     int qk_norm;           // Qwen3, Gemma 3: RMSNorm of each head's query and key (head_dim weights) before RoPE
