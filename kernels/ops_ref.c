@@ -500,28 +500,39 @@ void mt_adam_direction_ref(float *dir, const float *grad, const mt_adam_state *s
         }
         return;
     }
-    const float *smap = mt_qmap(1), *umap = mt_qmap(0);
     size_t blocks = (n + MT_QBLOCK - 1) / MT_QBLOCK;
 #pragma omp parallel for
     for (size_t b = 0; b < blocks; b++) {
         size_t i0 = b * MT_QBLOCK, len = n - i0 < MT_QBLOCK ? n - i0 : MT_QBLOCK;
-        float m[MT_QBLOCK], v[MT_QBLOCK], m_max = 0.0f, v_max = 0.0f;
+        float m[MT_QBLOCK], v[MT_QBLOCK];
+        mt_qblock_decode(s->mq + i0, s->vq + i0, s->m_absmax[b], s->v_absmax[b], m, v, len);
         for (size_t k = 0; k < len; k++) {
             size_t i = i0 + k;
             float g = grad[i];
-            m[k] = beta1 * (smap[s->mq[i]] * s->m_absmax[b]) + (1.0f - beta1) * g;
-            v[k] = beta2 * (umap[s->vq[i]] * s->v_absmax[b]) + (1.0f - beta2) * g * g;
+            m[k] = beta1 * m[k] + (1.0f - beta1) * g;
+            v[k] = beta2 * v[k] + (1.0f - beta2) * g * g;
             dir[i] = (m[k] / bias_correction1) / (sqrtf(v[k]) / bc2_sqrt + eps);
-            m_max = fmaxf(m_max, fabsf(m[k]));
-            v_max = fmaxf(v_max, v[k]);
         }
-        s->m_absmax[b] = m_max, s->v_absmax[b] = v_max;
-        for (size_t k = 0; k < len; k++) {
-            size_t i = i0 + k;
-            s->mq[i] = mt_qmap_encode(smap, m_max > 0.0f ? m[k] / m_max : 0.0f);
-            uint8_t code = mt_qmap_encode(umap, v_max > 0.0f ? v[k] / v_max : 0.0f);
-            s->vq[i] = code == 0 && v[k] > 0.0f ? 1 : code;  // a nonzero v never decodes to 0
-        }
+        mt_qblock_encode(m, v, len, s->mq + i0, s->vq + i0, &s->m_absmax[b], &s->v_absmax[b]);
+    }
+}
+
+void mt_qblock_decode(const uint8_t *mq, const uint8_t *vq, float m_absmax, float v_absmax, float *m, float *v,
+                      size_t len) {
+    const float *smap = mt_qmap(1), *umap = mt_qmap(0);
+    for (size_t k = 0; k < len; k++) m[k] = smap[mq[k]] * m_absmax, v[k] = umap[vq[k]] * v_absmax;
+}
+
+void mt_qblock_encode(const float *m, const float *v, size_t len, uint8_t *mq, uint8_t *vq, float *m_absmax,
+                      float *v_absmax) {
+    const float *smap = mt_qmap(1), *umap = mt_qmap(0);
+    float m_max = 0.0f, v_max = 0.0f;
+    for (size_t k = 0; k < len; k++) m_max = fmaxf(m_max, fabsf(m[k])), v_max = fmaxf(v_max, v[k]);
+    *m_absmax = m_max, *v_absmax = v_max;
+    for (size_t k = 0; k < len; k++) {
+        mq[k] = mt_qmap_encode(smap, m_max > 0.0f ? m[k] / m_max : 0.0f);
+        uint8_t code = mt_qmap_encode(umap, v_max > 0.0f ? v[k] / v_max : 0.0f);
+        vq[k] = code == 0 && v[k] > 0.0f ? 1 : code;  // a nonzero v never decodes to 0
     }
 }
 

@@ -112,6 +112,14 @@ void mt_apply_update_ref(float *w, const float *update, size_t n, float lr, floa
 void mt_gauss_ref(float *dst, size_t n, uint64_t seed);
 // The code of map (mt_qmap) nearest to x (ties to the lower code).
 uint8_t mt_qmap_encode(const float *map, float x);
+// One 8-bit block of Adam's moments (len <= MT_QBLOCK values): decoded to
+// fp32 with its absmax, or encoded with a new absmax (the block's largest |m|
+// and largest v; a nonzero v never gets code 0). GaLore's 8-bit moments and
+// the offload store's int8 moments are these.
+void mt_qblock_decode(const uint8_t *mq, const uint8_t *vq, float m_absmax, float v_absmax, float *m, float *v,
+                      size_t len);
+void mt_qblock_encode(const float *m, const float *v, size_t len, uint8_t *mq, uint8_t *vq, float *m_absmax,
+                      float *v_absmax);
 
 // Sum of squares in double precision.
 double mt_sumsq_ref(const float *x, size_t n);

@@ -257,6 +257,20 @@ static void *worker_main(void *arg) {
     return NULL;
 }
 
+int mt_offload_segments(const mt_offload_param *params, int n_params, size_t total, size_t *seg) {
+    int n = 0;
+    seg[n++] = 0;
+    for (int p = 0; p < n_params;) {
+        int q = p;
+        while (q < n_params && params[q].bucket == params[p].bucket) q++;
+        size_t edges[2] = {params[p].slot, params[q - 1].slot + params[q - 1].count};
+        for (int e = 0; e < 2; e++)
+            if (edges[e] > seg[n - 1] && edges[e] < total) seg[n++] = edges[e];
+        p = q;
+    }
+    return n;
+}
+
 mt_err mt_offload_init(mt_offload **out, mt_backend *be, const mt_offload_config *cfg, const mt_offload_param *params,
                        int n_params, size_t total, void *weights, const float *master, const float *m, const float *v,
                        int steps) {
@@ -309,9 +323,15 @@ mt_err mt_offload_init(mt_offload **out, mt_backend *be, const mt_offload_config
         for (; p < q; p++) o->params[p].bucket = b;
     }
 
-    mt_store_config sc = {cfg->kind,         cfg->dir,        total, cfg->rank, cfg->world > 0 ? cfg->world : 1,
-                          cfg->block_params, cfg->io_threads, 0};
+    // int8 moments: quantization blocks never cross a bucket's start or end
+    size_t *segments = malloc((size_t)(2 * n_params + 1) * sizeof *segments);
+    MT_CHECK(segments != NULL, "offload segments");
+    int n_segments = mt_offload_segments(params, n_params, total, segments);
+    mt_store_config sc = {cfg->kind,         cfg->dir,        total, cfg->rank,         cfg->world > 0 ? cfg->world : 1,
+                          cfg->block_params, cfg->io_threads, 0,     cfg->int8_moments, segments,
+                          n_segments};
     mt_err err = mt_store_open(&o->store, &sc);
+    free(segments);
     if (!err) err = mt_store_write_all(o->store, master, m, v);
     o->steps = steps;
     if (!err) err = mt_alloc(&o->grad_host, (total ? total : 1) * (o->gpu ? 2 : 4), MT_MEM_OFFLOAD, MT_HOST);

@@ -48,6 +48,7 @@ typedef struct {
     int layers;         // L: names the units in the trace (1 + l layer l, L + 1 the head)
     int rank, world;    // data parallelism: names the store's file (0, 1 without)
     int micro_batches;  // gradient accumulation: micro-batches whose gradients stream in a step (0, 1: none)
+    int int8_moments;   // Adam's moments as blockwise 8-bit codes (memory kind; store.h), never split by a bucket
 } mt_offload_config;
 
 typedef struct mt_offload mt_offload;
@@ -67,6 +68,10 @@ mt_err mt_offload_init(mt_offload **out, mt_backend *be, const mt_offload_config
                        int n_params, size_t total, void *weights, const float *master, const float *m, const float *v,
                        int steps);
 void mt_offload_free(mt_offload *o);
+// int8 moments: the store's quantization segments for these params (as
+// mt_offload_init takes them): 0, then each bucket's first slot and the end
+// of its last, ascending and below total. seg holds 2 n + 1; returns the count.
+int mt_offload_segments(const mt_offload_param *params, int n_params, size_t total, size_t *seg);
 
 // One optimizer step: begin, every parameter's whole gradient once (fp32,
 // where the backend computes; the buffer may be reused when the call

@@ -10,6 +10,7 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
 #include <sys/stat.h>
@@ -17,6 +18,8 @@
 #include <unistd.h>
 
 #include "kernels/mem.h"
+#include "kernels/ops.h"
+#include "kernels/ops_ref.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -80,6 +83,15 @@ struct mt_store {
     size_t count, block_params, blocks, record_bytes;
     // memory kind
     float *master, *m, *v;
+    // int8 moments (memory kind): codes, each block's absmax, the segments'
+    // starts and first block, and the window's moments in fp32
+    int int8;
+    uint8_t *mq, *vq;
+    float *m_absmax, *v_absmax;
+    size_t *seg, *seg_block;
+    int n_seg;
+    float *win_m, *win_v;
+    size_t cursor;  // the next window's first value
     // file kind
     char path[1100];
     int fd, direct, prefetch;
@@ -182,7 +194,85 @@ size_t mt_store_block_params(const mt_store *s) { return s->block_params; }
 const char *mt_store_path(const mt_store *s) { return s->path; }
 int mt_store_direct_io(const mt_store *s) { return s->direct; }
 
+// int8 moments: the segment holding value i.
+static int segment_of(const mt_store *s, size_t i) {
+    int lo = 0, hi = s->n_seg - 1;
+    while (lo < hi) {
+        int mid = (lo + hi + 1) / 2;
+        if (s->seg[mid] <= i)
+            lo = mid;
+        else
+            hi = mid - 1;
+    }
+    return lo;
+}
+
+static size_t segment_end(const mt_store *s, int k) { return k + 1 < s->n_seg ? s->seg[k + 1] : s->count; }
+
+// Whether a quantization block starts at value i (or i ends the shard).
+static int block_start(const mt_store *s, size_t i) {
+    if (i >= s->count) return 1;
+    int k = segment_of(s, i);
+    return (i - s->seg[k]) % MT_QBLOCK == 0;
+}
+
+// Decodes (encode 0) or encodes the moments of values [a, b), whole blocks,
+// between the codes and the window's fp32 arrays.
+static void code_window(mt_store *s, size_t a, size_t b, int encode) {
+    for (int k = segment_of(s, a); k < s->n_seg && s->seg[k] < b; k++) {
+        size_t lo = s->seg[k] > a ? s->seg[k] : a, hi = segment_end(s, k) < b ? segment_end(s, k) : b;
+        size_t first = s->seg_block[k] + (lo - s->seg[k]) / MT_QBLOCK, blocks = (hi - lo + MT_QBLOCK - 1) / MT_QBLOCK;
+#pragma omp parallel for
+        for (size_t j = 0; j < blocks; j++) {
+            size_t i = lo + j * MT_QBLOCK, len = hi - i < MT_QBLOCK ? hi - i : MT_QBLOCK, w = i - a;
+            if (encode)
+                mt_qblock_encode(s->win_m + w, s->win_v + w, len, s->mq + i, s->vq + i, &s->m_absmax[first + j],
+                                 &s->v_absmax[first + j]);
+            else
+                mt_qblock_decode(s->mq + i, s->vq + i, s->m_absmax[first + j], s->v_absmax[first + j], s->win_m + w,
+                                 s->win_v + w, len);
+        }
+    }
+}
+
+size_t mt_store_int8_blocks(const size_t *segments, int n_segments, size_t count) {
+    size_t blocks = 0;
+    for (int k = 0; k < n_segments; k++) {
+        size_t end = k + 1 < n_segments ? segments[k + 1] : count;
+        blocks += (end - segments[k] + MT_QBLOCK - 1) / MT_QBLOCK;
+    }
+    return blocks;
+}
+
+// int8 moments: segments and their blocks, the codes, the windows.
+static mt_err open_int8(mt_store *s, const mt_store_config *c) {
+    MT_CHECK(c->kind == MT_STORE_MEMORY, "int8 moments need the memory store");
+    s->int8 = 1;
+    s->n_seg = c->n_segments > 0 ? c->n_segments : 1;
+    s->seg = calloc((size_t)s->n_seg, sizeof *s->seg);
+    s->seg_block = calloc((size_t)s->n_seg + 1, sizeof *s->seg_block);
+    MT_CHECK(s->seg && s->seg_block, "store segments");
+    for (int k = 0; k < c->n_segments; k++) s->seg[k] = c->segments[k];
+    MT_CHECK(s->seg[0] == 0, "store segments start at 0");
+    for (int k = 0; k < s->n_seg; k++) {
+        MT_CHECK(k == 0 || s->seg[k] > s->seg[k - 1], "store segments ascend");
+        MT_CHECK(s->seg[k] <= s->count, "store segment %d beyond the shard", k);
+        s->seg_block[k + 1] = s->seg_block[k] + (segment_end(s, k) - s->seg[k] + MT_QBLOCK - 1) / MT_QBLOCK;
+    }
+    size_t n = s->count ? s->count : 1, blocks = s->seg_block[s->n_seg] ? s->seg_block[s->n_seg] : 1;
+    mt_err err = mt_alloc_host_large((void **)&s->mq, n, MT_MEM_OFFLOAD);
+    if (!err) err = mt_alloc_host_large((void **)&s->vq, n, MT_MEM_OFFLOAD);
+    if (!err) err = mt_alloc_host_large((void **)&s->m_absmax, blocks * sizeof(float), MT_MEM_OFFLOAD);
+    if (!err) err = mt_alloc_host_large((void **)&s->v_absmax, blocks * sizeof(float), MT_MEM_OFFLOAD);
+    if (!err) err = mt_alloc_host_large((void **)&s->win_m, s->block_params * sizeof(float), MT_MEM_OFFLOAD);
+    if (!err) err = mt_alloc_host_large((void **)&s->win_v, s->block_params * sizeof(float), MT_MEM_OFFLOAD);
+    return err;
+}
+
 size_t mt_store_host_bytes(const mt_store *s) {
+    if (s->int8)
+        return s->count * (sizeof(float) + 2) + 2 * s->seg_block[s->n_seg] * sizeof(float) +
+               2 * s->block_params * sizeof(float);
     if (s->kind == MT_STORE_MEMORY) return 3 * s->count * sizeof(float);
     return (size_t)s->n_slots * s->record_bytes + s->blocks * sizeof(uint32_t);
 }
@@ -279,9 +369,11 @@ mt_err mt_store_open(mt_store **out, const mt_store_config *c) {
         // plain (not page-locked) memory: only the CPU touches the state
         size_t bytes = (c->count ? c->count : 1) * sizeof(float);
         err = mt_alloc_host_large((void **)&s->master, bytes, MT_MEM_OFFLOAD);
-        if (!err) err = mt_alloc_host_large((void **)&s->m, bytes, MT_MEM_OFFLOAD);
-        if (!err) err = mt_alloc_host_large((void **)&s->v, bytes, MT_MEM_OFFLOAD);
+        if (!err && c->int8) err = open_int8(s, c);
+        if (!err && !c->int8) err = mt_alloc_host_large((void **)&s->m, bytes, MT_MEM_OFFLOAD);
+        if (!err && !c->int8) err = mt_alloc_host_large((void **)&s->v, bytes, MT_MEM_OFFLOAD);
     } else {
+        MT_CHECK(!c->int8, "int8 moments need the memory store");
         err = open_file(s, c);
     }
     if (err) {
@@ -315,6 +407,14 @@ void mt_store_close(mt_store *s) {
     mt_free((void **)&s->master);
     mt_free((void **)&s->m);
     mt_free((void **)&s->v);
+    mt_free((void **)&s->mq);
+    mt_free((void **)&s->vq);
+    mt_free((void **)&s->m_absmax);
+    mt_free((void **)&s->v_absmax);
+    mt_free((void **)&s->win_m);
+    mt_free((void **)&s->win_v);
+    free(s->seg);
+    free(s->seg_block);
     free(s);
 }
 
@@ -325,6 +425,10 @@ void mt_store_begin(mt_store *s, size_t begin, size_t end, mt_store_mode mode) {
     s->mode = mode;
     s->next_block = begin / s->block_params;
     s->issued = s->next_block;
+    s->cursor = begin;
+    if (s->int8)
+        MT_CHECK(block_start(s, begin) && block_start(s, end), "store pass [%zu, %zu) splits a block of 8-bit moments",
+                 begin, end);
 }
 
 static int find_slot(mt_store *s, size_t block) {  // with the lock held
@@ -339,7 +443,31 @@ static int free_slot(mt_store *s) {
     return -1;
 }
 
+// int8 moments: windows of whole quantization blocks, at most block_params
+// values, their moments decoded into win_m and win_v (zero to be overwritten).
+static int next_int8(mt_store *s, mt_store_block *out) {
+    size_t a = s->cursor;
+    if (a >= s->end) return 0;
+    size_t b = a + s->block_params < s->end ? a + s->block_params : s->end;
+    if (b < s->end) {  // back to the start of the block it cuts
+        int k = segment_of(s, b);
+        b = s->seg[k] + (b - s->seg[k]) / MT_QBLOCK * MT_QBLOCK;
+        if (b <= a) b = s->seg[k] > a ? s->seg[k] : a + MT_QBLOCK;
+    }
+    s->cursor = b;
+    out->offset = a, out->count = b - a, out->slot = -1;
+    out->master = s->master + a, out->m = s->win_m, out->v = s->win_v;
+    if (s->mode == MT_STORE_OVERWRITE) {
+        memset(s->win_m, 0, (b - a) * sizeof(float));
+        memset(s->win_v, 0, (b - a) * sizeof(float));
+    } else {
+        code_window(s, a, b, 0);
+    }
+    return 1;
+}
+
 int mt_store_next(mt_store *s, mt_store_block *out) {
+    if (s->int8) return next_int8(s, out);
     size_t b = s->next_block, first = b * s->block_params;
     if (first >= s->end || s->begin == s->end) return 0;
     size_t offset = first > s->begin ? first : s->begin;
@@ -394,6 +522,7 @@ int mt_store_next(mt_store *s, mt_store_block *out) {
 }
 
 void mt_store_done(mt_store *s, const mt_store_block *block) {
+    if (s->int8 && s->mode != MT_STORE_READ) code_window(s, block->offset, block->offset + block->count, 1);
     if (s->kind == MT_STORE_MEMORY || block->slot < 0) return;
     pthread_mutex_lock(&s->lock);
     slot *sl = &s->slots[block->slot];

@@ -33,6 +33,18 @@ typedef struct {
     size_t block_params;  // parameters per block (rounded up to 1024; 0: 2^21, 24 MiB of state)
     int io_threads;       // file: concurrent reads and writes (0: 4)
     int prefetch;         // file: blocks read ahead of the one in use (0: 2)
+    // memory kind: Adam's moments as 8-bit codes (offload.moments int8), the
+    // quantization GaLore's 8-bit moments use (kernels/ops.h mt_adam_state:
+    // blocks of MT_QBLOCK values, each with its absmax). Blocks start at each
+    // segment start (sorted, the first 0) and every MT_QBLOCK values after
+    // it, so that a pass over whole segments never splits one (give the
+    // ends of what is updated apart as segment starts too). A window
+    // (mt_store_next) then gives the moments decoded to fp32 and, in the
+    // update modes, encodes them back when it is done; passes must begin at
+    // a block start and end at one (or at a segment's or the shard's end).
+    int int8;
+    const size_t *segments;
+    int n_segments;
 } mt_store_config;
 
 typedef struct mt_store mt_store;
@@ -46,7 +58,12 @@ void mt_store_close(mt_store *s);
 size_t mt_store_count(const mt_store *s);
 // Parameters per block: the largest window mt_store_next gives.
 size_t mt_store_block_params(const mt_store *s);
-// Host memory the store holds (arrays, or the file kind's block buffers).
+// int8 moments: the quantization blocks of a shard of count values cut into
+// n_segments segments (store config's segments).
+size_t mt_store_int8_blocks(const size_t *segments, int n_segments, size_t count);
+// Host memory the store holds (arrays, or the file kind's block buffers): 12
+// bytes a value, or with int8 moments 6 and the blocks' absmax (8 bytes a
+// block of 256) and two fp32 windows.
 size_t mt_store_host_bytes(const mt_store *s);
 // The file's path ("" for the memory kind) and whether it uses O_DIRECT
 // (some filesystems, tmpfs among them, refuse it; then the page cache is used).

@@ -76,6 +76,9 @@ check "GaLore r=16" --set optim.kind=galore --set optim.grad_clip=0 --set galore
 check "GaLore r=16, int8 moments, offload" --set optim.kind=galore --set optim.grad_clip=0 --set galore.rank=16 \
     --set galore.moments=int8 --set offload.optimizer=cpu
 check "AdamW state in host memory" --set offload.optimizer=cpu --set train.grad_accum=2
+check "AdamW state in host memory, int8 moments" --set offload.optimizer=cpu --set offload.moments=int8
+check "GaLore r=16, offload with int8 moments" --set optim.kind=galore --set optim.grad_clip=0 --set galore.rank=16 \
+    --set offload.optimizer=cpu --set offload.moments=int8
 check "AdamW state on disk" --set offload.optimizer=ssd --set "offload.path=$W/ssd"
 
 # memory.budget: the fastest setting that keeps the training and fits, and the

@@ -447,6 +447,11 @@ mt_err mt_config_validate(const mt_config *cfg) {
                          cfg->dist_zero_stage);
     if (!offload && section_changed(cfg, "offload"))
         return mt_errorf(MT_ERR_CONFIG, "offload.* keys need offload.optimizer: cpu or ssd (it is none)");
+    if (!strcmp(cfg->offload_moments, "int8") && strcmp(cfg->offload_optimizer, "cpu"))
+        return mt_errorf(MT_ERR_CONFIG,
+                         "offload.moments int8 keeps the moments' codes in host memory: it needs offload.optimizer: "
+                         "cpu (it is %s); set offload.moments: fp32 for ssd",
+                         cfg->offload_optimizer);
     if (!strcmp(cfg->offload_optimizer, "ssd") && !cfg->offload_path[0])
         return mt_errorf(MT_ERR_CONFIG,
                          "offload.optimizer ssd needs offload.path: a folder on a fast local disk (NVMe) with room for "

@@ -70,10 +70,16 @@ static void galore_bytes(const mt_config *cfg, const mt_plan *pl, double *state,
 // What the store holds with offload (state.c's offload plan: the trained
 // block, the largest rank's shard of it, or what GaLore does not project),
 // and its largest forward unit's run (offload.c's device ring).
-static void offload_counts(const mt_plan *pl, int L, size_t shard, size_t *count, size_t *ring) {
+// The offloaded state's values, the largest bucket's span and the int8
+// moments' quantization blocks.
+static void offload_counts(const mt_plan *pl, int L, size_t shard, size_t *count, size_t *ring, size_t *qblocks) {
     mt_offload_plan plan = mt_offload_plan_make(pl->trained, pl->n_trained, pl->trained_total - shard,
                                                 pl->trained_total, pl->galore ? pl->selected : NULL, L);
     *count = plan.count, *ring = 0;
+    size_t *seg = malloc((size_t)(2 * plan.n + 1) * sizeof *seg);
+    MT_CHECK(seg != NULL, "offload segments");
+    *qblocks = mt_store_int8_blocks(seg, mt_offload_segments(plan.params, plan.n, plan.count, seg), plan.count);
+    free(seg);
     for (int p = 0; p < plan.n;) {
         int q = p;
         while (q < plan.n && plan.params[q].bucket == plan.params[p].bucket) q++;
@@ -128,13 +134,17 @@ mt_err mt_forecast_run(const mt_config *cfg, const mt_model_config *mc, int gpu,
         state_where = "AdamW's state offloaded";
     }
     if (pl.offload) {
-        size_t count, ring;
-        offload_counts(&pl, mc->L, pl.galore ? pl.trained_total : shard, &count, &ring);
+        size_t count, ring, qblocks;
+        offload_counts(&pl, mc->L, pl.galore ? pl.trained_total : shard, &count, &ring, &qblocks);
         size_t block = (size_t)1 << 21;  // store.c's block of parameters (a small store is one block)
         if (block > count) block = count ? count : 1;
         block = (block + 1023) / 1024 * 1024;
         if (!strcmp(cfg->offload_optimizer, "ssd"))
             h[MT_MEM_OFFLOAD] += (double)(kSsdPrefetch + 3) * huge_pages((double)block * 12);
+        else if (!strcmp(cfg->offload_moments, "int8"))  // fp32 master, codes, absmax, two fp32 windows
+            h[MT_MEM_OFFLOAD] += huge_pages((double)count * 4) + 2 * huge_pages((double)(count ? count : 1)) +
+                                 2 * huge_pages((double)(qblocks ? qblocks : 1) * 4) +
+                                 2 * huge_pages((double)block * 4);
         else
             h[MT_MEM_OFFLOAD] += 3 * huge_pages((double)count * 4);  // fp32 master, m, v
         h[MT_MEM_OFFLOAD] += (double)count * (gpu ? 2 : 4);

@@ -102,7 +102,8 @@ static mt_err build_offload(mt_updater *u) {
                             u->mc->L,
                             u->rank,
                             u->world,
-                            pl->offload_streamed ? u->accum : 1};
+                            pl->offload_streamed ? u->accum : 1,
+                            !strcmp(cfg->offload_moments, "int8")};
     int ranks = pl->zero && u->world > 1;
     mt_err err = MT_OK;
     if (plan->packed) {
@@ -283,8 +284,9 @@ void mt_updater_report(const mt_updater *u, size_t count) {
             pl->use_gpu ? "; bf16 weights updated with stochastic rounding" : "");
     if (pl->offload) {
         const mt_store *st = mt_offload_store(u->ofl);
+        int int8 = !strcmp(cfg->offload_moments, "int8");
         mt_info(
-            "AdamW state offloaded to %s: %.2fM parameters%s, %.2f GiB (fp32 master, m, v)%s%s; CPU AdamW %s, %d "
+            "AdamW state offloaded to %s: %.2fM parameters%s, %.2f GiB (%s)%s%s; CPU AdamW %s, %d "
             "thread%s; gradients %s, %.1f MiB of GPU staging; host memory %.2f GiB",
             !strcmp(cfg->offload_optimizer, "ssd") ? "SSD" : "host memory", u->plan.count / 1e6,
             u->plan.packed     ? (u->gbounds && u->world > 1 ? " (those GaLore does not project, of this rank's "
@@ -292,8 +294,10 @@ void mt_updater_report(const mt_updater *u, size_t count) {
                                                              : " (those GaLore does not project)")
             : u->ohook->gather ? " (this rank's shard)"
                                : "",
-            u->plan.count * 12.0 / 1073741824.0, st && mt_store_path(st)[0] ? " in " : "", st ? mt_store_path(st) : "",
-            mt_offload_cpu_path(u->ofl), u->offload_threads, u->offload_threads == 1 ? "" : "s",
+            u->plan.count * (int8 ? 6.0 : 12.0) / 1073741824.0,
+            int8 ? "fp32 master, m and v as 8-bit codes with an absmax per 256" : "fp32 master, m, v",
+            st && mt_store_path(st)[0] ? " in " : "", st ? mt_store_path(st) : "", mt_offload_cpu_path(u->ofl),
+            u->offload_threads, u->offload_threads == 1 ? "" : "s",
             lora                    ? "sent after backward"
             : !pl->offload_streamed ? "summed over the micro-batches where computed, sent after backward"
             : u->accum > 1          ? "streamed per layer and summed on the host over the micro-batches"
