@@ -106,6 +106,7 @@ def run_memtune(args, folder, data, run):
             "train.eval_batches": 0, "train.steps": args.steps, "train.micro_batch": args.B, "train.seq_len": args.T,
             "train.log_every": 10, "train.device": "gpu", "optim.lr": 1e-4, "optim.warmup_steps": 10,
             "optim.weight_decay": 0.0, "optim.beta2": 0.95, "output.dir": run, "output.save_model": "false",
+            "checkpoint.every": 0, "checkpoint.final": "false",  # the bench times steps, not a 13 GB write after
             "model.activation_checkpointing": "true" if args.checkpointing else "false"}
     for k, v in sets.items():
         cmd += ["--set", f"{k}={v}"]
@@ -147,6 +148,8 @@ def main():
     ap.add_argument("--work", default="/tmp/mt-bench")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/mt-bench"))
     args = ap.parse_args()
+    if args.steps % 10 or args.warmup % 10 or args.warmup >= args.steps:
+        ap.error("--steps and --warmup must be multiples of 10 (memtune logs every 10 steps), warmup below steps")
     os.makedirs(args.work, exist_ok=True)
     folder = os.path.join(args.work, "tinyllama")
     os.makedirs(folder, exist_ok=True)
