@@ -437,45 +437,83 @@ mt_err mt_hf_load_weights(const char *dir, const mt_model_config *cfg, float *pa
     return mt_hf_load_params(dir, cfg, 0, n, params);
 }
 
-mt_err mt_hf_load_params(const char *dir, const mt_model_config *cfg, int first, int count, float *dst) {
+// A folder's safetensors shards, each opened (its header read and checked)
+// once, and the model's parameter table: what loading in parts reads from.
+typedef struct {
+    const char *dir;
+    const mt_model_config *cfg;
+    mt_param_info *table;
     int n;
+    char **files;
+    mt_safetensors **st;
+    int nfiles;
+} shards;
+
+static void shards_close(shards *h) {
+    for (int f = 0; f < h->nfiles; f++) {
+        if (h->st) mt_safetensors_close(h->st[f]);
+        free(h->files[f]);
+    }
+    free(h->files);
+    free(h->st);
+    free(h->table);
+}
+
+static mt_err shards_open(shards *h, const char *dir, const mt_model_config *cfg) {
     size_t total;
-    mt_param_info *table = mt_model_param_table(cfg, &n, &total);
-    MT_CHECK(first >= 0 && count >= 0 && first + count <= n, "parameters %d..%d of %d", first, first + count, n);
-    char *loaded = calloc((size_t)n, 1);
-    char **files = NULL;
-    int nfiles = 0;
-    mt_err err = list_shards(dir, &files, &nfiles);
-    for (int f = 0; f < nfiles && !err; f++) {
-        mt_safetensors *st = NULL;
-        if ((err = mt_safetensors_open(&st, files[f]))) break;
+    *h = (shards){.dir = dir, .cfg = cfg};
+    h->table = mt_model_param_table(cfg, &h->n, &total);
+    mt_err err = list_shards(dir, &h->files, &h->nfiles);
+    if (!err) {
+        h->st = calloc((size_t)(h->nfiles ? h->nfiles : 1), sizeof *h->st);
+        MT_CHECK(h->st != NULL, "shards");
+    }
+    for (int f = 0; f < h->nfiles && !err; f++) err = mt_safetensors_open(&h->st[f], h->files[f]);
+    if (err) shards_close(h);
+    return err;
+}
+
+// Parameters first .. first + count - 1 as fp32 into dst (their span of the
+// table's layout, from the first one's offset).
+static mt_err shards_load(const shards *h, int first, int count, float *dst) {
+    const mt_param_info *table = h->table;
+    MT_CHECK(first >= 0 && count >= 0 && first + count <= h->n, "parameters %d..%d of %d", first, first + count, h->n);
+    char *loaded = calloc((size_t)(count ? count : 1), 1);
+    MT_CHECK(loaded != NULL, "loaded flags");
+    mt_err err = MT_OK;
+    for (int f = 0; f < h->nfiles && !err; f++) {
         for (int i = first; i < first + count && !err; i++) {
             char name[300];
-            file_name(cfg, table[i].name, name, sizeof name);
-            const mt_st_tensor *t = mt_safetensors_find(st, name);
+            file_name(h->cfg, table[i].name, name, sizeof name);
+            const mt_st_tensor *t = mt_safetensors_find(h->st[f], name);
             if (!t) continue;
             int ok = t->ndim == table[i].ndim && t->shape[0] == table[i].shape[0] &&
                      (table[i].ndim == 1 || t->shape[1] == table[i].shape[1]);
             if (!ok) {
                 err = mt_errorf(MT_ERR_MODEL, "%s: tensor %s has shape [%lld%s%lld], config.json implies [%lld%s%lld]",
-                                files[f], t->name, (long long)t->shape[0], t->ndim > 1 ? ", " : "",
+                                h->files[f], t->name, (long long)t->shape[0], t->ndim > 1 ? ", " : "",
                                 t->ndim > 1 ? (long long)t->shape[1] : 0LL, (long long)table[i].shape[0],
                                 table[i].ndim > 1 ? ", " : "", table[i].ndim > 1 ? (long long)table[i].shape[1] : 0LL);
                 break;
             }
-            err = mt_safetensors_read_f32(st, t, dst + (table[i].offset - table[first].offset));
-            loaded[i] = 1;
+            err = mt_safetensors_read_f32(h->st[f], t, dst + (table[i].offset - table[first].offset));
+            loaded[i - first] = 1;
         }
-        mt_safetensors_close(st);
     }
     for (int i = first; i < first + count && !err; i++)
-        if (!loaded[i])
+        if (!loaded[i - first])
             err = mt_errorf(MT_ERR_MODEL, "%s: tensor %s is missing from the safetensors files (config.json says %s)",
-                            dir, table[i].name, cfg->tie_embeddings ? "tied embeddings" : "untied embeddings");
-    for (int f = 0; f < nfiles; f++) free(files[f]);
-    free(files);
+                            h->dir, table[i].name, h->cfg->tie_embeddings ? "tied embeddings" : "untied embeddings");
     free(loaded);
-    free(table);
+    return err;
+}
+
+mt_err mt_hf_load_params(const char *dir, const mt_model_config *cfg, int first, int count, float *dst) {
+    shards h;
+    mt_err err = shards_open(&h, dir, cfg);
+    if (err) return err;
+    err = shards_load(&h, first, count, dst);
+    shards_close(&h);
     return err;
 }
 
@@ -662,16 +700,22 @@ mt_err mt_hf_set_model(mt_model *m, const char *dir, uint64_t seed) {
     if (!buf)
         return mt_errorf(MT_ERR_NOMEM, "out of host memory for one layer's fp32 values (%.1f GiB)",
                          widest * 4.0 / 1073741824.0);
-    mt_err err = MT_OK;
+    shards h;  // each shard's header read once for all the units
+    mt_err err = dir ? shards_open(&h, dir, cfg) : MT_OK;
+    if (err) {
+        free(buf);
+        return err;
+    }
     for (int first = 0, end; first < n && !err; first = end) {
         end = unit_end(table, n, cfg->L, first);
         memset(buf, 0, unit_span(table, first, end) * sizeof(float));  // the padding between tensors
         if (!dir)
             mt_model_init_random_params(cfg, first, end - first, buf, seed);
         else
-            err = mt_hf_load_params(dir, cfg, first, end - first, buf);
+            err = shards_load(&h, first, end - first, buf);
         if (!err) err = mt_model_set_params(m, first, end - first, buf);
     }
+    if (dir) shards_close(&h);
     free(buf);
     return err;
 }
