@@ -246,7 +246,6 @@ size_t mt_store_int8_blocks(const size_t *segments, int n_segments, size_t count
 
 // int8 moments: segments and their blocks, the codes, the windows.
 static mt_err open_int8(mt_store *s, const mt_store_config *c) {
-    MT_CHECK(c->kind == MT_STORE_MEMORY, "int8 moments need the memory store");
     s->int8 = 1;
     s->n_seg = c->n_segments > 0 ? c->n_segments : 1;
     s->seg = calloc((size_t)s->n_seg, sizeof *s->seg);
@@ -449,10 +448,9 @@ static int next_int8(mt_store *s, mt_store_block *out) {
     size_t a = s->cursor;
     if (a >= s->end) return 0;
     size_t b = a + s->block_params < s->end ? a + s->block_params : s->end;
-    if (b < s->end) {  // back to the start of the block it cuts
+    if (b < s->end) {  // back to the start of the block it cuts (past a: a starts a block, windows span 1024 or more)
         int k = segment_of(s, b);
         b = s->seg[k] + (b - s->seg[k]) / MT_QBLOCK * MT_QBLOCK;
-        if (b <= a) b = s->seg[k] > a ? s->seg[k] : a + MT_QBLOCK;
     }
     s->cursor = b;
     out->offset = a, out->count = b - a, out->slot = -1;
