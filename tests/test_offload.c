@@ -428,6 +428,26 @@ static void train_losses(const char *name, const char *const *extra, double *los
     mt_config_free(&cfg);
 }
 
+// A run stopped after 5 of its 12 steps and resumed has the uninterrupted
+// run's losses bit for bit (run folders NAME-whole and NAME-split).
+static void resumed_equals_whole(const char *name, const char *const *extra) {
+    char data[300], folder[300], whole[300], split[300];
+    data_and_model(data, folder);
+    snprintf(whole, sizeof whole, "%s/%s-whole", dir, name);
+    snprintf(split, sizeof split, "%s/%s-split", dir, name);
+    for (int shift = 0; shift < 3; shift++) {
+        mt_config cfg;
+        mt_train_result r;
+        run_config(&cfg, folder, data, shift ? split : whole, extra);
+        if (shift == 1) ck_assert_int_eq(mt_config_set(&cfg, "train.stop_after", "5", "t"), MT_OK);
+        if (shift == 2) ck_assert_int_eq(mt_config_set(&cfg, "train.resume", "auto", "t"), MT_OK);
+        ck_assert_msg(mt_train(&cfg, &r) == MT_OK, "%s: %s", name, mt_last_error());
+        ck_assert_int_eq(r.steps_done, shift == 1 ? 5 : 12);
+        mt_config_free(&cfg);
+    }
+    tu_assert_same_losses(whole, split, 12, NULL);
+}
+
 START_TEST(offloaded_runs_follow_the_run_without_offload) {
     char ssd[400];
     snprintf(ssd, sizeof ssd, "%s/ssd", dir);
@@ -505,20 +525,8 @@ START_TEST(streamed_weights_runs_equal_resident_runs) {
         ck_assert_msg(system(cmd) == 0, "variant %zu: the saved %s differs", k, file);
     }
     // stopped after 5 steps and resumed, streamed with the offloaded optimizer
-    char whole[300], split[300];
-    snprintf(whole, sizeof whole, "%s/streamed-whole", dir);
-    snprintf(split, sizeof split, "%s/streamed-split", dir);
     const char *const extra[] = {"offload.optimizer", "cpu", "model.weights", "cpu", NULL};
-    for (int shift = 0; shift < 3; shift++) {
-        mt_config cfg;
-        mt_train_result r;
-        run_config(&cfg, folder, data, shift ? split : whole, extra);
-        if (shift == 1) ck_assert_int_eq(mt_config_set(&cfg, "train.stop_after", "5", "t"), MT_OK);
-        if (shift == 2) ck_assert_int_eq(mt_config_set(&cfg, "train.resume", "auto", "t"), MT_OK);
-        ck_assert_msg(mt_train(&cfg, &r) == MT_OK, "%s", mt_last_error());
-        mt_config_free(&cfg);
-    }
-    tu_assert_same_losses(whole, split, 12, NULL);
+    resumed_equals_whole("streamed", extra);
 }
 END_TEST
 
@@ -658,22 +666,12 @@ START_TEST(int8_moments_follow_fp32_and_resume_bit_identically) {
            b[0], b[11]);
     ck_assert_msg(worst > 0 && worst < 2e-2, "int8 vs fp32 moments: worst relative difference %g", worst);
     ck_assert(b[11] < b[0]);
-    char data[300], folder[300], whole[300], split[300];
+    resumed_equals_whole("int8", int8);
+    char data[300], folder[300], out[300];
     data_and_model(data, folder);
-    snprintf(whole, sizeof whole, "%s/int8-whole", dir);
-    snprintf(split, sizeof split, "%s/int8-split", dir);
-    for (int shift = 0; shift < 3; shift++) {
-        mt_config cfg;
-        mt_train_result r;
-        run_config(&cfg, folder, data, shift ? split : whole, int8);
-        if (shift == 1) ck_assert_int_eq(mt_config_set(&cfg, "train.stop_after", "5", "t"), MT_OK);
-        if (shift == 2) ck_assert_int_eq(mt_config_set(&cfg, "train.resume", "auto", "t"), MT_OK);
-        ck_assert_msg(mt_train(&cfg, &r) == MT_OK, "%s", mt_last_error());
-        mt_config_free(&cfg);
-    }
-    tu_assert_same_losses(whole, split, 12, NULL);
+    snprintf(out, sizeof out, "%s/int8-ssd", dir);
     mt_config cfg;
-    run_config(&cfg, folder, data, whole, int8);
+    run_config(&cfg, folder, data, out, int8);
     ck_assert_int_eq(mt_config_set(&cfg, "offload.optimizer", "ssd", "t"), MT_OK);
     ck_assert_int_eq(mt_config_set(&cfg, "offload.path", dir, "t"), MT_OK);
     ck_assert_int_eq(mt_config_validate(&cfg), MT_ERR_CONFIG);

@@ -35,6 +35,18 @@ from parity_common import (MEMTUNE, Gemma3ForCausalLM, Gemma3TextConfig, Phi3Con
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+def phi3_longrope(original):
+    """A small Phi-3 with longrope scaling, its original length `original` against T=64."""
+    return dict(
+        cls=Phi3ForCausalLM, cfg=Phi3Config, B=2, T=64, cpu_grads=True, shard=None,
+        kw=dict(vocab_size=1000, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
+                num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
+                original_max_position_embeddings=original, rms_norm_eps=1e-5, rope_theta=10000.0,
+                rope_scaling=dict(rope_type="longrope", long_factor=[1.0 + 0.25 * i for i in range(16)],
+                                  short_factor=[1.0 + 0.05 * i for i in range(16)]),
+                resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, pad_token_id=0, tie_word_embeddings=False))
+
+
 SHAPES = {
     "tinyllama-1.1b": dict(
         cls=LlamaForCausalLM, cfg=LlamaConfig, B=2, T=128, cpu_grads=False, shard=None,
@@ -78,22 +90,8 @@ SHAPES = {
                 pad_token_id=0, tie_word_embeddings=False)),
     # longrope (Phi-3 128k, Phi-3.5): a table longer than original_max_position_embeddings takes the long
     # factors, a shorter one the short; cos and sin scaled by sqrt(1 + ln(512 / orig) / ln(orig))
-    "phi3-longrope-long": dict(
-        cls=Phi3ForCausalLM, cfg=Phi3Config, B=2, T=64, cpu_grads=True, shard=None,
-        kw=dict(vocab_size=1000, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
-                num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
-                original_max_position_embeddings=32, rms_norm_eps=1e-5, rope_theta=10000.0,
-                rope_scaling=dict(rope_type="longrope", long_factor=[1.0 + 0.25 * i for i in range(16)],
-                                  short_factor=[1.0 + 0.05 * i for i in range(16)]),
-                resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, pad_token_id=0, tie_word_embeddings=False)),
-    "phi3-longrope-short": dict(
-        cls=Phi3ForCausalLM, cfg=Phi3Config, B=2, T=64, cpu_grads=True, shard=None,
-        kw=dict(vocab_size=1000, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
-                num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=512,
-                original_max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=10000.0,
-                rope_scaling=dict(rope_type="longrope", long_factor=[1.0 + 0.25 * i for i in range(16)],
-                                  short_factor=[1.0 + 0.05 * i for i in range(16)]),
-                resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, pad_token_id=0, tie_word_embeddings=False)),
+    "phi3-longrope-long": phi3_longrope(32),
+    "phi3-longrope-short": phi3_longrope(128),
     "phi3-mini-4-layers": dict(  # Phi-3-mini's widths (head_dim 96, 32064 tokens), 4 of its 32 layers
         cls=Phi3ForCausalLM, cfg=Phi3Config, B=2, T=128, cpu_grads=False, shard=None,
         kw=dict(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=4,
