@@ -149,7 +149,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/mt-parity"))
     ap.add_argument("--work", default="/tmp/mt-parity-work")
-    ap.add_argument("--only", default=None)
+    ap.add_argument("--only", default=None, help="shape names, comma-separated")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     os.makedirs(args.work, exist_ok=True)
@@ -157,7 +157,7 @@ def main():
     torch.backends.cudnn.allow_tf32 = False
     report, failures = {}, []
     for name, spec in SHAPES.items():
-        if args.only and name != args.only:
+        if args.only and name not in args.only.split(","):
             continue
         log(f"== {name}")
         if spec["cls"] is None:
@@ -224,7 +224,7 @@ def main():
         if worst < 0.99:
             failures.append(f"{name}: gpu bf16 gradient cosine {worst:.4f} < 0.99")
 
-    if not args.only or args.only == "saved":
+    if not args.only or "saved" in args.only.split(","):
         report["saved_by_memtune"] = check_saved_model(args.work, "qwen2-small", Qwen2ForCausalLM, failures)
         if Qwen3ForCausalLM is not None:
             report["saved_by_memtune_qwen3"] = check_saved_model(args.work, "qwen3-small", Qwen3ForCausalLM, failures)

@@ -6,13 +6,14 @@
 # benchmarks of bench/. Logs and results go under $OUT.
 #
 # Stages: ctest quickstart resume dist-test parity chat generate peft peft-qwen3 peft-gemma3 peft-phi3 (default), plus bench
-# (attention and full fine-tune), lora-bench, mezo-bench, galore-bench,
+# (attention and full fine-tune), full-bench (full fine-tune alone; MT_FULL_ARGS adds bench/full_ft.py options), lora-bench, mezo-bench, galore-bench,
 # offload-bench, decode-bench, streaming-bench, profile (per-kernel time of a step; MT_PROFILE_MODES picks bench/profile_step.sh's modes) and plan (memtune plan against 24 measured runs) with --bench; attention-bench alone; or name them: run.sh --stages
 # "ctest mezo-bench". MT_CTEST_FILTER narrows ctest; MT_LORA_SHAPES picks
 # lora-bench's shapes and MT_LORA_ARGS adds bench/lora_ft.py options (e.g.
 # "--steps 20"); MT_MEZO_ARGS adds bench/mezo.py options, MT_GALORE_ARGS
 # bench/galore.py's, MT_OFFLOAD_ARGS bench/offload.py's, MT_DECODE_ARGS bench/decode.py's, MT_STREAMING_ARGS bench/streaming.py's, MT_DIST_ARGS
-# bench/dist.py's (stage dist, on a machine with 2 or more GPUs); MT_RESUME_ONLY (a
+# bench/dist.py's (stage dist, on a machine with 2 or more GPUs); MT_PARITY_ARGS tests/gpu/hf_parity.py's
+# (e.g. "--only llama-1.1b,phi3-longrope-long"), MT_PLAN_ARGS tests/gpu/plan_check.py's; MT_RESUME_ONLY (a
 # regular expression) picks resume checks by name.
 # Python packages the machine lacks travel in .whl/ (see docs/development.md):
 # .whl/bnb (bitsandbytes) and .whl/galore (galore-torch) always, .whl/peft
@@ -187,8 +188,11 @@ py_stage() {
     python3 "$2" --out "$OUT" "${@:5}" 2>&1 | tee "$OUT/$3"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 }
-py_stage parity tests/gpu/hf_parity.py parity.log "parity with transformers"
-py_stage plan tests/gpu/plan_check.py plan_check.log "memtune plan's forecasts against measured GPU allocator peaks"
+# shellcheck disable=SC2086
+py_stage parity tests/gpu/hf_parity.py parity.log "parity with transformers" ${MT_PARITY_ARGS:-}
+# shellcheck disable=SC2086
+py_stage plan tests/gpu/plan_check.py plan_check.log "memtune plan's forecasts against measured GPU allocator peaks" \
+    ${MT_PLAN_ARGS:-}
 py_stage generate tests/gpu/generate_parity.py generate_parity.log \
     "memtune generate against transformers' generate (greedy, fp32, CPU)"
 py_stage chat tests/gpu/chat_e2e.py chat_e2e.log \
@@ -219,9 +223,10 @@ py_stage decode-bench bench/decode.py decode_bench.log "bench: decoding, memtune
 # shellcheck disable=SC2086
 py_stage streaming-bench bench/streaming.py streaming_bench.log \
     "bench: weights streamed from host memory (model.weights: cpu) vs resident" ${MT_STREAMING_ARGS:-}
-if want bench; then
-    echo "== bench: full fine-tune vs PyTorch"
-    python3 bench/full_ft.py --out "$OUT" 2>&1 | tee "$OUT/bench.log"
+if want bench || want full-bench; then
+    echo "== bench: full fine-tune vs PyTorch (eager and torch.compile'd)"
+    # shellcheck disable=SC2086
+    python3 bench/full_ft.py --out "$OUT" --compile ${MT_FULL_ARGS:-} 2>&1 | tee "$OUT/bench.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 
