@@ -161,12 +161,17 @@ int mt_backend_init(mt_backend *be, int device) {
     int err = mt_alloc(&reduce, 4096, MT_MEM_WORKSPACE, MT_DEVICE);
     if (err) return err;
     be->reduce_buffer = (float *)reduce;
-    const char *use_cudnn = getenv("MT_CUDNN");
-    if (use_cudnn && strcmp(use_cudnn, "0") == 0)
-        snprintf(be->attention_note, sizeof be->attention_note, "MT_CUDNN=0 in the environment");
-    else
-        be->cudnn = mt_cudnn_init(be->attention_note, sizeof be->attention_note);
+    be->cudnn = mt_cudnn_open(be->attention_note, sizeof be->attention_note);
     return MT_OK;
+}
+
+mt_cudnn *mt_cudnn_open(char *note, size_t len) {
+    const char *use_cudnn = getenv("MT_CUDNN");
+    if (use_cudnn && strcmp(use_cudnn, "0") == 0) {
+        snprintf(note, len, "MT_CUDNN=0 in the environment");
+        return NULL;
+    }
+    return mt_cudnn_init(note, len);
 }
 
 void mt_backend_free(mt_backend *be) {

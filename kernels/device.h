@@ -79,6 +79,9 @@ typedef struct {
 // GPU it also loads cuDNN for attention unless the environment has
 // MT_CUDNN=0 (then, or when cuDNN is missing, memtune's own kernel runs).
 int mt_backend_init(mt_backend *be, int device);
+// cuDNN's handle on the current device for attention, unless the environment
+// has MT_CUDNN=0 or cuDNN cannot serve: then NULL, and `note` says why.
+struct mt_cudnn *mt_cudnn_open(char *note, size_t len);
 void mt_backend_free(mt_backend *be);
 // Grows the backend scratch to at least `bytes` (device or host memory).
 int mt_backend_reserve_workspace(mt_backend *be, size_t bytes);

@@ -81,6 +81,15 @@ size_t mt_attention_workspace_bytes(mt_backend *be, const mt_attention_shape *s)
     return 0;
 }
 
+size_t mt_attention_planned_workspace_bytes(int device, const mt_attention_shape *s, int *cudnn) {
+    *cudnn = 0;
+#ifdef MT_HAVE_CUDA
+    if (device >= 0 && device < mt_device_count()) return mt_attention_planned_workspace_bytes_cuda(device, s, cudnn);
+#endif
+    (void)device;
+    return mt_attention_own_workspace_bytes(s);
+}
+
 // Own kernel: delta (B, H, T), then the per-head fp32 dK and dV partials
 // (B, H, T_pad, D) each, T_pad a multiple of the 64-query tile.
 size_t mt_attention_own_workspace_bytes(const mt_attention_shape *s) {

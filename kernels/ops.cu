@@ -784,6 +784,26 @@ extern "C" size_t mt_attention_workspace_bytes_cuda(mt_backend *be, const mt_att
     return mt_attention_own_workspace_bytes(s);
 }
 
+// A backend that holds only cuDNN's handle on `device`, opened on the first
+// forecast and kept for the process: it builds the graphs a run would.
+extern "C" size_t mt_attention_planned_workspace_bytes_cuda(int device, const mt_attention_shape *s, int *cudnn) {
+    static mt_backend probe;
+    static int probe_device = -1;
+    if (probe_device != device) {
+        mt_cudnn_free(probe.cudnn);
+        memset(&probe, 0, sizeof probe);
+        probe.gpu = 1, probe.device = device;
+        if (cudaSetDevice(device) == cudaSuccess)
+            probe.cudnn = mt_cudnn_open(probe.attention_note, sizeof probe.attention_note);
+        else
+            cudaGetLastError();
+        probe_device = device;
+    }
+    size_t workspace = 0;
+    *cudnn = cudnn_serves(&probe, s, &workspace);
+    return *cudnn ? workspace : mt_attention_own_workspace_bytes(s);
+}
+
 // The scores' scale: the shape's, or 1/sqrt(D).
 static float attention_scale(const mt_attention_shape *s) {
     return s->scale != 0.0f ? s->scale : 1.0f / sqrtf((float)s->D);

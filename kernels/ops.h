@@ -66,6 +66,12 @@ size_t mt_norm_embedding_workspace_bytes(const mt_backend *be, int N, int C);
 // memtune's own attention kernel's backward scratch, and the RMSNorm and
 // embedding backward's.
 size_t mt_attention_own_workspace_bytes(const mt_attention_shape *s);
+// The attention workspace a GPU run on GPU `device` will reserve, for a
+// forecast made before the run: cuDNN's for a shape it serves there (its
+// handle opened on the first call and kept for the process; *cudnn = 1),
+// memtune's own kernel's where cuDNN does not serve or no such GPU is visible
+// (device < 0 included; *cudnn = 0).
+size_t mt_attention_planned_workspace_bytes(int device, const mt_attention_shape *s, int *cudnn);
 size_t mt_norm_embedding_workspace_bytes_gpu(int N, int C);
 // out (B, T, H, D); lse (B, H, T) fp32, the log-sum-exp of each row's scaled
 // scores, is written by forward and read by backward. Both are deterministic:

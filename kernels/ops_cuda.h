@@ -31,6 +31,7 @@ int mt_attention_supports_cuda(mt_backend *be, const mt_attention_shape *s);
 void mt_attention_describe_cuda(mt_backend *be, const mt_attention_shape *s, char *buf, size_t len);
 size_t mt_norm_embedding_workspace_bytes_cuda(int N, int C);
 size_t mt_attention_workspace_bytes_cuda(mt_backend *be, const mt_attention_shape *s);
+size_t mt_attention_planned_workspace_bytes_cuda(int device, const mt_attention_shape *s, int *cudnn);
 void mt_attention_forward_cuda(mt_backend *be, const mt_attention_shape *s, void *out, float *lse, const void *q,
                                const void *k, const void *v, const int32_t *pos);
 void mt_attention_backward_cuda(mt_backend *be, const mt_attention_shape *s, void *dq, void *dk, void *dv,

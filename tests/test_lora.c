@@ -456,8 +456,8 @@ START_TEST(streamed_weights_change_nothing) {
         ck_assert_mem_eq(ta.grads, tb.grads, ta.total * 4);
         // on the backend: the outer tensors and two layer slots, not the base
         mt_model_bytes ra, rb;
-        mt_model_plan_bytes(0, &c, &o, NULL, &ra);
-        mt_model_plan_bytes(0, &c, &so, NULL, &rb);
+        mt_model_plan_bytes(0, -1, &c, &o, NULL, &ra, NULL);
+        mt_model_plan_bytes(0, -1, &c, &so, NULL, &rb, NULL);
         ck_assert_uint_lt(rb.weights, ra.weights);
         ck_assert_uint_eq(rb.weights_host, mt_model_base_weight_bytes(a));
         free(adapters);

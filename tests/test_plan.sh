@@ -134,6 +134,8 @@ for c in llama-lora llama-qlora mezo galore full-offload-cpu full-offload-ssd; d
     tiled=$(echo "$out" | sed -n 's/^with model.mlp_tile_rows=4096 (the MLP in tiles of 4096 tokens): //p')
     [ -z "$tiled" ] || [ "$tiled" -gt "$longest" ] || fail "$c: tiled $tiled not above $longest"
     [ "$c" != llama-qlora ] || [ -n "$tiled" ] || fail "$c: no tiled length in: $out"
+    # whose attention workspace: cuDNN's where a GPU is visible, else memtune's kernel's, said either way
+    echo "$out" | grep -q "^(attention's workspace: " || fail "$c: no line on attention's workspace in: $out"
     echo "test_plan: configs/$c.yaml at Llama-2-7B's shape on a GPU: peak $peak"
 done
 # a combination the trainer refuses: the same message, exit 1

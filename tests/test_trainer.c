@@ -905,8 +905,8 @@ START_TEST(tiled_mlp_equals_untiled) {
             double err = tu_norm_rel_error(mt_model_grads(b), mt_model_grads(a), total);
             ck_assert_msg(err < 1e-6, "variant %d checkpointing %d: gradients differ by %g", variant, ckpt, err);
             mt_model_bytes ba, bb;
-            mt_model_plan_bytes(0, &mc, &o, NULL, &ba);
-            mt_model_plan_bytes(0, &mc, &ot, NULL, &bb);
+            mt_model_plan_bytes(0, -1, &mc, &o, NULL, &ba, NULL);
+            mt_model_plan_bytes(0, -1, &mc, &ot, NULL, &bb, NULL);
             ck_assert_uint_lt(bb.activations, ba.activations);
             mt_model_free(a), mt_model_free(b);
         }

@@ -828,8 +828,8 @@ static void perturb_widest(const mt_model *m, const unsigned char *selected, siz
     }
 }
 
-void mt_model_plan_bytes(int gpu, const mt_model_config *cfg, const mt_model_options *o, const unsigned char *perturbed,
-                         mt_model_bytes *b) {
+void mt_model_plan_bytes(int gpu, int device, const mt_model_config *cfg, const mt_model_options *o,
+                         const unsigned char *perturbed, mt_model_bytes *b, int *attention_cudnn) {
     mt_backend be = {0};
     be.gpu = gpu;
     mt_attention_shape attn = attention_shape(cfg, o, 0), local = attention_shape(cfg, o, 1);
@@ -853,12 +853,15 @@ void mt_model_plan_bytes(int gpu, const mt_model_config *cfg, const mt_model_opt
     b->activations = layout_activations(m, 0);
     b->activations += mt_model_kv_cache_bytes(gpu, cfg, o->B, o->decode_len);
     b->offload_host = m->offload ? (size_t)(cfg->L - 1) * N * cfg->C * act : 0;
-    if (gpu) {
-        size_t att = mt_attention_own_workspace_bytes(&attn), att_local = mt_attention_own_workspace_bytes(&local),
+    int cudnn = 0, cudnn_local = 0;
+    if (gpu) {  // decoding reserves no attention workspace (mt_model_create_with)
+        int attends = !o->decode_len, both = attends && cfg->global_every;
+        size_t att = attends ? mt_attention_planned_workspace_bytes(device, &attn, &cudnn) : 0,
+               att_local = both ? mt_attention_planned_workspace_bytes(device, &local, &cudnn_local) : 0,
                norm = mt_norm_embedding_workspace_bytes_gpu((int)N, cfg->C),
                heads = cfg->qk_norm ? mt_norm_embedding_workspace_bytes_gpu((int)N * cfg->H, cfg->D) : 0;
         if (heads > norm) norm = heads;
-        if (cfg->global_every && att_local > att) att = att_local;
+        if (att_local > att) att = att_local;
         b->workspace = att > norm ? att : norm;
         // the fp32 staging of each upload (transient), at most 4 Mi values
         b->staging = (m->total < ((size_t)4 << 20) ? m->total : ((size_t)4 << 20)) * sizeof(float);
@@ -868,6 +871,7 @@ void mt_model_plan_bytes(int gpu, const mt_model_config *cfg, const mt_model_opt
         perturb_widest(m, perturbed, &wm, &wv);
         b->perturbation = (wm + wv) * act;
     }
+    if (attention_cudnn) *attention_cudnn = cudnn || cudnn_local;
     mt_model_free(m);
 }
 

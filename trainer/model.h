@@ -74,15 +74,18 @@ mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_confi
 // What mt_model_create_with allocates for (cfg, o) on a GPU (gpu) or the
 // host, by category, counted from the same tables and layout without
 // allocating (memtune plan). perturbation: MeZO's scratch (forward_only),
-// for the trained tensors `perturbed` selects (NULL: all).
+// for the trained tensors `perturbed` selects (NULL: all). device: the GPU
+// whose cuDNN gives the attention workspace of a GPU forecast (ops.h's
+// mt_attention_planned_workspace_bytes; -1: memtune's own kernel's);
+// *attention_cudnn (when not NULL) says whether cuDNN's was counted.
 typedef struct {
     size_t weights, adapters, grads, activations, workspace, perturbation;
     size_t staging;       // transient: the fp32 staging of weight uploads (GPU)
     size_t offload_host;  // pinned host memory of offloaded layer inputs
     size_t weights_host;  // the host store of streamed weights (pinned on a GPU)
 } mt_model_bytes;
-void mt_model_plan_bytes(int gpu, const mt_model_config *cfg, const mt_model_options *o, const unsigned char *perturbed,
-                         mt_model_bytes *b);
+void mt_model_plan_bytes(int gpu, int device, const mt_model_config *cfg, const mt_model_options *o,
+                         const unsigned char *perturbed, mt_model_bytes *b, int *attention_cudnn);
 
 mt_err mt_model_create(mt_model **out, mt_backend *be, const mt_model_config *cfg, int B, int T,
                        int activation_checkpointing);
