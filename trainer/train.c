@@ -479,6 +479,10 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
         char memory[1024];
         mt_mem_format(r.pl.use_gpu ? MT_DEVICE : MT_HOST, memory, sizeof memory);
         mt_info("memory (%s): %s", r.pl.use_gpu ? "GPU" : "host", memory);
+        if (r.pl.use_gpu) {  // what a GPU run keeps in host memory (offload stores, pinned buffers)
+            mt_mem_format(MT_HOST, memory, sizeof memory);
+            mt_info("memory (host): %s", memory);
+        }
     }
     if (!err && !stopped && cfg->output_save_model)
         err = mt_run_state_save_outputs(&r.ckpt, r.rank, r.random_init, &r.trained, &r.host_params);

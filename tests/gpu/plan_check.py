@@ -4,12 +4,15 @@ configurations (TinyLlama-1.1B and Llama-2-7B shapes, random weights; full
 AdamW, LoRA, QLoRA, MeZO, GaLore, AdamW state offloaded to host memory;
 activation checkpointing on and off; micro-batch 2 and 4; T=1024), each
 forecast with `memtune plan --device gpu` and then run for 3 steps on the
-GPU; the run's memory report gives the allocator's peak of every category.
-Fails when a forecast peak is off by more than 5% and more than 256 MiB, or
-an offload run's host forecast by more than 10%. Writes the table to
+GPU; the run's memory reports (GPU and host) give the allocator's peak of
+every category. Fails when a forecast GPU peak is off by more than 5% and
+more than 256 MiB, or an offload run's host forecast by more than 10%. Then
+memory.budget on the GPU: a 1.1B full fine-tune with an 8 GiB budget must
+pick a setting and run within it, and a 1 GiB budget must be refused with
+an exit code below 128 that names the size needed. Writes the table to
 $OUT/plan_check.md (for docs/plan.md).
 
-  python3 tests/gpu/plan_check.py --out $OUT [--only 1.1B]
+  python3 tests/gpu/plan_check.py --out $OUT [--only 1.1B|7B|budget]
 """
 import argparse
 import os
@@ -57,20 +60,54 @@ def forecast(sets, data):
     return dev, host
 
 
-def measure(sets, data, work):
+def category_peaks(line):
+    """The sum of the categories' peaks of one memory report line's text."""
+    return sum(float(p) for _, p in re.findall(r"(\w+) [\d.]+ MiB \(peak ([\d.]+)\)", line)) * 2 ** 20
+
+
+def train(sets, data, work):
+    """`memtune train` of the quickstart config with sets, 3 steps on the GPU."""
     args = [MEMTUNE, "train", "configs/quickstart.yaml", "--set", f"data.train={data}", "--set", "train.steps=3",
             "--set", "optim.warmup_steps=0", "--set", "train.device=gpu", "--set", f"output.dir={work}",
             "--set", "train.eval_every=0", "--set", "data.eval_fraction=0", "--set", "checkpoint.final=false",
             "--set", "output.save_model=false"]
     for s in sets:
         args += ["--set", s]
-    res = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
-    m = re.search(r"peak mem ([\d.]+) GiB", res.stdout + res.stderr)
+    return subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
+
+
+def measure(sets, data, work):
+    """The run's GPU and host allocator peaks (sums of the categories'), or None and the output's end."""
+    res = train(sets, data, work)
     report = re.search(r"memory \(GPU\): (.*)", res.stdout + res.stderr)
+    host = re.search(r"memory \(host\): (.*)", res.stdout + res.stderr)
     if res.returncode or not report:
-        return None, (res.stdout + res.stderr)[-800:]
-    peaks = re.findall(r"(\w+) [\d.]+ MiB \(peak ([\d.]+)\)", report.group(1))
-    return sum(float(p) for _, p in peaks) * 2 ** 20, report.group(1)
+        return None, 0.0, (res.stdout + res.stderr)[-800:]
+    return category_peaks(report.group(1)), category_peaks(host.group(1)) if host else 0.0, report.group(1)
+
+
+def check_budget(data):
+    """memory.budget on the GPU: a fitting choice that runs within it, and a refusal. Returns failures."""
+    model = ["model.path=" + SHAPES["1.1B"], "model.init=random", "train.micro_batch=2", "train.seq_len=1024"]
+    bad = 0
+    res = train(model + ["memory.budget=8GiB"], data, "/tmp/mt-plan-budget")
+    out = res.stdout + res.stderr
+    chose = re.search(r"memory\.budget .*", out)
+    report = re.search(r"memory \(GPU\): (.*)", out)
+    peak = category_peaks(report.group(1)) if report else None
+    ok = res.returncode == 0 and chose is not None and peak is not None and peak <= 8 * 2 ** 30
+    print(f"budget 8GiB, 1.1B AdamW B=2: {'ok' if ok else 'FAILED'}: "
+          f"{chose.group(0) if chose else 'no memory.budget line'}; measured peak "
+          f"{peak / 2 ** 30 if peak else float('nan'):.2f} GiB", flush=True)
+    if not ok:
+        print(out[-800:])
+    bad += not ok
+    res = train(model + ["memory.budget=1GiB"], data, "/tmp/mt-plan-budget-refused")
+    out = res.stdout + res.stderr
+    ok = 0 < res.returncode < 128 and re.search(r"the smallest .* needs [\d.]+ [GM]iB", out) is not None
+    print(f"budget 1GiB, 1.1B AdamW B=2: {'refused' if ok else 'FAILED'} (exit {res.returncode}): "
+          f"{out.strip().splitlines()[-1] if out.strip() else ''}", flush=True)
+    return bad + (not ok)
 
 
 def main():
@@ -87,7 +124,7 @@ def main():
     rows, bad = [], 0
     for name, sets in configs(args.only):
         dev, host = forecast(sets, data)
-        got, note = measure(sets, data, "/tmp/mt-plan-run")
+        got, got_host, note = measure(sets, data, "/tmp/mt-plan-run")
         if got is None:
             rows.append(f"| {name} | {dev / 2**30:.2f} | run failed | | |")
             print(f"{name}: the run failed: {note}", flush=True)
@@ -95,13 +132,21 @@ def main():
             continue
         diff = dev - got
         ok = abs(diff) <= max(0.05 * got, 256 * 2 ** 20)
+        host_text = ""
+        if "offload" in name:  # the store and its pinned buffers in host memory
+            host_ok = got_host > 0 and abs(host - got_host) <= 0.10 * got_host
+            host_text = (f"; host {host / 2**30:.2f} GiB forecast, {got_host / 2**30:.2f} measured "
+                         f"({100 * (host - got_host) / max(got_host, 1):+.1f}%) {'ok' if host_ok else 'OFF'}")
+            ok = ok and host_ok
         bad += not ok
         rows.append(f"| {name} | {dev / 2**30:.2f} | {got / 2**30:.2f} | {diff / 2**20:+.0f} MiB "
-                    f"({100 * diff / got:+.1f}%) | {'ok' if ok else 'OFF'} |")
+                    f"({100 * diff / got:+.1f}%){host_text} | {'ok' if ok else 'OFF'} |")
         print(rows[-1], flush=True)
+    if not args.only or args.only == "budget":
+        bad += check_budget(data)
     table = ("| configuration | forecast GiB | measured GiB (sum of category peaks) | difference | |\n"
              "|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
-    with open(os.path.join(args.out, "plan_check.md"), "w") as f:
+    with open(os.path.join(args.out, f"plan_check{'-' + args.only if args.only else ''}.md"), "w") as f:
         f.write(table)
     print(f"plan_check: {len(rows) - bad} of {len(rows)} within 5% or 256 MiB")
     sys.exit(1 if bad else 0)
