@@ -2,8 +2,14 @@
 // few (blocks carved per category), so a small table maps pointer -> record.
 #include "kernels/mem.h"
 
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "kernels/device.h"
 
@@ -23,10 +29,11 @@ typedef struct {
     mt_mem_category cat;
     mt_mem_place place;
     int pinned;  // page-locked host memory (freed by the device layer)
+    int mapped;  // a file's mapping (mt_alloc_file): unmapped, never charged
 } allocation;
 
 static allocation *live;
-static size_t live_count, live_capacity;
+static size_t live_count, live_capacity, mapped_bytes;
 static mt_mem_tally tallies[2];
 
 static void charge(mt_mem_place place, mt_mem_category cat, size_t bytes) {
@@ -67,14 +74,17 @@ static mt_err out_of_memory(size_t bytes, mt_mem_category cat, mt_mem_place plac
                      place == MT_DEVICE ? "GPU" : "host", bytes / 1048576.0, category_names[cat], held, hint);
 }
 
-static void record(void *p, size_t bytes, mt_mem_category cat, mt_mem_place place, int pinned) {
+static void record(void *p, size_t bytes, mt_mem_category cat, mt_mem_place place, int pinned, int mapped) {
     if (live_count == live_capacity) {
         live_capacity = live_capacity ? 2 * live_capacity : 64;
         live = realloc(live, live_capacity * sizeof *live);
         MT_CHECK(live != NULL, "allocation table");
     }
-    live[live_count++] = (allocation){p, bytes, cat, place, pinned};
-    charge(place, cat, bytes);
+    live[live_count++] = (allocation){p, bytes, cat, place, pinned, mapped};
+    if (mapped)
+        mapped_bytes += bytes;
+    else
+        charge(place, cat, bytes);
 }
 
 mt_err mt_alloc(void **out, size_t bytes, mt_mem_category cat, mt_mem_place place) {
@@ -91,7 +101,7 @@ mt_err mt_alloc(void **out, size_t bytes, mt_mem_category cat, mt_mem_place plac
         p = pinned ? mt_host_malloc_pinned(bytes) : calloc(1, bytes);
     }
     if (!p) return out_of_memory(bytes, cat, place);
-    record(p, bytes, cat, place, pinned);
+    record(p, bytes, cat, place, pinned, 0);
     *out = p;
     return MT_OK;
 }
@@ -110,10 +120,42 @@ mt_err mt_alloc_host_large(void **out, size_t bytes, mt_mem_category cat) {
     size_t pages = bytes / huge;
 #pragma omp parallel for schedule(static)
     for (size_t i = 0; i < pages; i++) memset((char *)p + i * huge, 0, huge);
-    record(p, bytes, cat, MT_HOST, 0);
+    record(p, bytes, cat, MT_HOST, 0, 0);
     *out = p;
     return MT_OK;
 }
+
+mt_err mt_alloc_file(void **out, size_t bytes, mt_mem_category cat, const char *dir) {
+    MT_CHECK(cat >= 0 && cat < MT_MEM_NCATEGORIES, "bad category %d", (int)cat);
+    *out = NULL;
+    if (bytes == 0) bytes = 1;
+    if (mkdir(dir, 0755) != 0 && errno != EEXIST)
+        return mt_errorf(MT_ERR_IO,
+                         "%s: cannot create the folder for the %s file (%s); set offload.path to a folder "
+                         "on a local disk",
+                         dir, category_names[cat], strerror(errno));
+    char path[4096];
+    snprintf(path, sizeof path, "%s/memtune-%s-XXXXXX", dir, category_names[cat]);
+    int fd = mkstemp(path);
+    if (fd < 0)
+        return mt_errorf(MT_ERR_IO, "%s: cannot create the %s file (%s); set offload.path to a writable folder", dir,
+                         category_names[cat], strerror(errno));
+    unlink(path);  // the mapping keeps the file: nothing is left behind, whatever ends the process
+    int e = posix_fallocate(fd, 0, (off_t)bytes);
+    void *p = e ? MAP_FAILED : mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (p == MAP_FAILED && !e) e = errno;
+    close(fd);
+    if (p == MAP_FAILED)
+        return mt_errorf(MT_ERR_IO,
+                         "%s: cannot take %.2f GiB for the %s file (%s); free space there or set "
+                         "offload.path to a larger disk",
+                         dir, bytes / 1073741824.0, category_names[cat], strerror(e));
+    record(p, bytes, cat, MT_HOST, 0, 1);
+    *out = p;
+    return MT_OK;
+}
+
+size_t mt_mem_mapped_bytes(void) { return mapped_bytes; }
 
 void mt_free(void **p) {
     if (!p || !*p) return;
@@ -121,6 +163,12 @@ void mt_free(void **p) {
         if (live[i].ptr != *p) continue;
         allocation a = live[i];
         live[i] = live[--live_count];
+        if (a.mapped) {
+            mapped_bytes -= a.bytes;
+            munmap(a.ptr, a.bytes);
+            *p = NULL;
+            return;
+        }
         tallies[a.place].current[a.cat] -= a.bytes;
         tallies[a.place].current_total -= a.bytes;
         if (a.place == MT_DEVICE)

@@ -47,7 +47,18 @@ mt_err mt_alloc(void **out, size_t bytes, mt_mem_category cat, mt_mem_place plac
 // OpenMP thread, never page-locked (no copy engine reads it). Aligned enough
 // for O_DIRECT. Freed with mt_free.
 mt_err mt_alloc_host_large(void **out, size_t bytes, mt_mem_category cat);
-// Frees what mt_alloc or mt_alloc_host_large gave and sets *p to NULL; NULL is a no-op.
+// Memory backed by a file under `dir` (created if missing), for data larger
+// than host memory should hold (model.weights: ssd): the file takes its whole
+// size on disk at once (a disk too small fails here), is deleted at once (the
+// mapping keeps it; nothing outlives the process, kill -9 included) and is
+// mapped shared, zeroed, never page-locked. Its resident pages are the
+// kernel's page cache, which reads them in on use and drops them under
+// pressure. Not charged to the tally (it is disk): mt_mem_mapped_bytes says
+// how much is mapped. Freed with mt_free.
+mt_err mt_alloc_file(void **out, size_t bytes, mt_mem_category cat, const char *dir);
+size_t mt_mem_mapped_bytes(void);
+// Frees what mt_alloc, mt_alloc_host_large or mt_alloc_file gave and sets *p
+// to NULL; NULL is a no-op.
 void mt_free(void **p);
 
 typedef struct {

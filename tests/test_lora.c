@@ -437,9 +437,24 @@ START_TEST(streamed_weights_change_nothing) {
                               .quantize_nf4 = nf4};
         mt_model_options so = o;
         so.stream_weights = 1;
+        char file_dir[256];
+        tu_tempdir(file_dir, sizeof file_dir);
+        so.weights_dir = v % 2 ? file_dir : NULL;  // LoRA's NF4 variants: the base in a file (model.weights: ssd)
         mt_model *a, *b;
         ck_assert_int_eq(mt_model_create_with(&a, &be, &c, &o), MT_OK);
+        size_t mapped = mt_mem_mapped_bytes();
+        mt_mem_tally before, after;
+        mt_mem_get_tally(MT_HOST, &before);
         ck_assert_int_eq(mt_model_create_with(&b, &be, &c, &so), MT_OK);
+        mt_mem_get_tally(MT_HOST, &after);
+        // in host memory's tally: the base's store unless it is mapped from the file (already deleted), and
+        // the offloaded layer inputs
+        mt_model_bytes planned;
+        mt_model_plan_bytes(0, -1, &c, &so, NULL, &planned, NULL);
+        size_t store = so.weights_dir ? 0 : mt_model_base_weight_bytes(a);
+        ck_assert_uint_eq(after.current[MT_MEM_OFFLOAD] - before.current[MT_MEM_OFFLOAD], store + planned.offload_host);
+        ck_assert_uint_eq(mt_mem_mapped_bytes() - mapped, so.weights_dir ? mt_model_base_weight_bytes(a) : 0);
+        ck_assert_int_eq(rmdir(file_dir), 0);
         float *adapters = random_adapters(&c, &o.lora, 3);
         mt_model *models[2] = {a, b};
         double loss[2][2];

@@ -23,6 +23,7 @@
 #include "offload/store.h"
 #include "testutil.h"
 #include "trainer/config.h"
+#include "trainer/forecast.h"
 #include "trainer/train.h"
 
 static char dir[256];
@@ -485,14 +486,15 @@ START_TEST(offloaded_runs_follow_the_run_without_offload) {
 END_TEST
 
 // model.weights: cpu (the base's layers streamed from a host store through
-// two slots) changes nothing in a run: the same losses bit for bit and the
-// same saved model, for full fine-tuning with the offloaded optimizer (with
-// and without clipping, with accumulation, on the SSD tier), LoRA with
-// checkpointing, and MeZO; and a streamed run stopped and resumed is the
-// uninterrupted one.
+// two slots) and ssd (from a file under offload.path) change nothing in a
+// run: the same losses bit for bit and the same saved model, for full
+// fine-tuning with the offloaded optimizer (with and without clipping, with
+// accumulation, on the SSD tier), LoRA with checkpointing, and MeZO; and a
+// streamed run stopped and resumed is the uninterrupted one.
 START_TEST(streamed_weights_runs_equal_resident_runs) {
-    char ssd[400], data[300], folder[300];
+    char ssd[400], data[300], folder[300], weights_dir[400];
     snprintf(ssd, sizeof ssd, "%s/ssd-streamed", dir);
+    snprintf(weights_dir, sizeof weights_dir, "%s/weights-file", dir);
     data_and_model(data, folder);
     // clang-format off
     const char *const variants[][12] = {
@@ -504,25 +506,30 @@ START_TEST(streamed_weights_runs_equal_resident_runs) {
     };
     // clang-format on
     for (size_t k = 0; k < sizeof variants / sizeof *variants; k++) {
-        char out[2][300];
-        double losses[2][12];
-        for (int streamed = 0; streamed <= 1; streamed++) {
-            snprintf(out[streamed], sizeof out[streamed], "%s/streamed-%zu-%d", dir, k, streamed);
+        static const char *const places[] = {"gpu", "cpu", "ssd"};
+        char out[3][300];
+        double losses[3][12];
+        for (int w = 0; w < 3; w++) {
+            snprintf(out[w], sizeof out[w], "%s/streamed-%zu-%s", dir, k, places[w]);
             mt_config cfg;
             mt_train_result r;
-            run_config(&cfg, folder, data, out[streamed], variants[k]);
-            ck_assert_int_eq(mt_config_set(&cfg, "model.weights", streamed ? "cpu" : "gpu", "t"), MT_OK);
-            ck_assert_msg(mt_train(&cfg, &r) == MT_OK, "variant %zu: %s", k, mt_last_error());
-            ck_assert_int_eq(tu_read_losses(out[streamed], losses[streamed], 12), 12);
+            run_config(&cfg, folder, data, out[w], variants[k]);
+            ck_assert_int_eq(mt_config_set(&cfg, "model.weights", places[w], "t"), MT_OK);
+            if (w == 2 && !cfg.offload_path[0])
+                ck_assert_int_eq(mt_config_set(&cfg, "offload.path", weights_dir, "t"), MT_OK);
+            ck_assert_msg(mt_train(&cfg, &r) == MT_OK, "variant %zu, %s: %s", k, places[w], mt_last_error());
+            ck_assert_int_eq(tu_read_losses(out[w], losses[w], 12), 12);
             mt_config_free(&cfg);
         }
-        for (int i = 0; i < 12; i++)
-            ck_assert_msg(losses[1][i] == losses[0][i], "variant %zu step %d: streamed %.17g, resident %.17g", k, i + 1,
-                          losses[1][i], losses[0][i]);
-        char cmd[1400];
-        const char *file = k == 3 ? "adapter/adapter_model.safetensors" : "model/model.safetensors";
-        snprintf(cmd, sizeof cmd, "cmp -s %s/%s %s/%s", out[0], file, out[1], file);
-        ck_assert_msg(system(cmd) == 0, "variant %zu: the saved %s differs", k, file);
+        for (int w = 1; w < 3; w++) {
+            for (int i = 0; i < 12; i++)
+                ck_assert_msg(losses[w][i] == losses[0][i], "variant %zu step %d: %s %.17g, resident %.17g", k, i + 1,
+                              places[w], losses[w][i], losses[0][i]);
+            char cmd[1400];
+            const char *file = k == 3 ? "adapter/adapter_model.safetensors" : "model/model.safetensors";
+            snprintf(cmd, sizeof cmd, "cmp -s %s/%s %s/%s", out[0], file, out[w], file);
+            ck_assert_msg(system(cmd) == 0, "variant %zu, %s: the saved %s differs", k, places[w], file);
+        }
     }
     // stopped after 5 steps and resumed, streamed with the offloaded optimizer
     const char *const extra[] = {"offload.optimizer", "cpu", "model.weights", "cpu", NULL};
@@ -702,6 +709,35 @@ START_TEST(offload_config_errors_name_the_fix) {
     ck_assert_int_eq(mt_config_set(&cfg, "offload.threads", "2", "t"), MT_OK);
     ck_assert_int_eq(mt_config_validate(&cfg), MT_ERR_CONFIG);
     ck_assert_msg(strstr(mt_last_error(), "offload.optimizer: cpu or ssd"), "%s", mt_last_error());
+    mt_config_free(&cfg);
+    // model.weights ssd: needs offload.path (the only offload key it takes without offload.optimizer), and a
+    // folder it can create its file in
+    run_config(&cfg, folder, data, out, NULL);
+    ck_assert_int_eq(mt_config_set(&cfg, "lora.r", "4", "t"), MT_OK);
+    ck_assert_int_eq(mt_config_set(&cfg, "model.weights", "ssd", "t"), MT_OK);
+    ck_assert_int_eq(mt_config_validate(&cfg), MT_ERR_CONFIG);
+    ck_assert_msg(strstr(mt_last_error(), "model.weights ssd needs offload.path"), "%s", mt_last_error());
+    ck_assert_int_eq(mt_config_set(&cfg, "offload.path", "/proc/memtune-cannot-be-here", "t"), MT_OK);
+    ck_assert_int_eq(mt_config_validate(&cfg), MT_OK);
+    ck_assert_int_eq(mt_train(&cfg, &r), MT_ERR_IO);
+    ck_assert_msg(strstr(mt_last_error(), "/proc/memtune-cannot-be-here") && strstr(mt_last_error(), "offload.path"),
+                  "%s", mt_last_error());
+    ck_assert_int_eq(mt_config_set(&cfg, "offload.io_threads", "2", "t"), MT_OK);
+    ck_assert_int_eq(mt_config_validate(&cfg), MT_ERR_CONFIG);
+    ck_assert_msg(strstr(mt_last_error(), "except offload.path"), "%s", mt_last_error());
+    mt_config_free(&cfg);
+    // with GaLore, or a full fine-tune keeping AdamW's state on the GPU, it names the value it was given
+    run_config(&cfg, folder, data, out, NULL);
+    ck_assert_int_eq(mt_config_set(&cfg, "model.weights", "ssd", "t"), MT_OK);
+    ck_assert_int_eq(mt_config_set(&cfg, "offload.path", dir, "t"), MT_OK);
+    ck_assert_int_eq(mt_config_validate(&cfg), MT_ERR_CONFIG);
+    ck_assert_msg(strstr(mt_last_error(), "model.weights: ssd with a full fine-tune"), "%s", mt_last_error());
+    mt_config_free(&cfg);
+    // auto on the CPU backend: resident, said so
+    run_config(&cfg, folder, data, out, NULL);
+    ck_assert_int_eq(mt_config_set(&cfg, "model.weights", "auto", "t"), MT_OK);
+    ck_assert_int_eq(mt_forecast_weights_auto(&cfg, 0, 1), MT_OK);
+    ck_assert_str_eq(cfg.model_weights, "gpu");
     mt_config_free(&cfg);
 }
 END_TEST

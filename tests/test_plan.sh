@@ -121,6 +121,18 @@ untiled=$(echo "$out" | sed -n 's/^longest train.seq_len that fits as configured
 echo "$out" | grep -q "refused: train.seq_len: max" && fail "train.seq_len max: alternatives refused: $out"
 echo "test_plan: train.seq_len max, QLoRA 7B on 8GiB: T=$chosen with the MLP in tiles ($untiled without)"
 
+# model.weights: auto keeps the base on the GPU where the run fits and streams it from host memory where it does
+# not (QLoRA 7B needs 6.6 GiB resident, 3.7 GiB streamed, 3.6 GiB of host memory); ssd puts it on disk
+q7=(configs/llama-qlora.yaml --set model.path=configs/models/llama-2-7b)
+out=$("$MEMTUNE" plan "${q7[@]}" --set model.weights=auto --gpu-memory 24GiB 2>&1)
+echo "$out" | grep -q "^model.weights auto: gpu (the run fits" || fail "model.weights auto on 24GiB: $out"
+out=$("$MEMTUNE" plan "${q7[@]}" --set model.weights=auto --gpu-memory 4GiB 2>&1)
+echo "$out" | grep -q "^model.weights auto: cpu (resident it needs" || fail "model.weights auto on 4GiB: $out"
+out=$("$MEMTUNE" plan "${q7[@]}" --set model.weights=ssd --set offload.path="$W/weights" --gpu-memory 4GiB 2>&1)
+echo "$out" | grep -q "^disk .* (the base's file under offload.path" || fail "model.weights ssd: no disk line: $out"
+echo "$out" | grep -q "^peak .*: fits" || fail "model.weights ssd on 4GiB: $out"
+echo "test_plan: model.weights auto and ssd for QLoRA 7B"
+
 # the 7B configs, forecast for the GPU from config.json alone
 for c in llama-lora llama-qlora mezo galore full-offload-cpu full-offload-ssd; do
     out=$("$MEMTUNE" plan "configs/$c.yaml" --set model.path=configs/models/llama-2-7b --gpu-memory 80GiB 2>&1) ||

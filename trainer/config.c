@@ -342,13 +342,14 @@ void mt_config_write_reference(FILE *f, int markdown) {
 }
 
 // Whether any key of `section` differs from its default.
-static int section_changed(const mt_config *cfg, const char *section) {
+// Whether a key of `section` other than `except` (NULL: none) differs from its default.
+static int section_changed(const mt_config *cfg, const char *section, const char *except) {
     mt_config d;
     mt_config_defaults(&d);
     int changed = 0;
     for (int i = 0; i < num_keys && !changed; i++) {
         const key_info *k = &keys[i];
-        if (strcmp(k->section, section)) continue;
+        if (strcmp(k->section, section) || (except && !strcmp(k->key, except))) continue;
         const char *a = (const char *)cfg + k->offset, *b = (const char *)&d + k->offset;
         if (k->type == TYPE_INT)
             changed = *(const long *)a != *(const long *)b;
@@ -384,19 +385,27 @@ mt_err mt_config_validate(const mt_config *cfg) {
         return mt_errorf(MT_ERR_CONFIG,
                          "model.quantize is nf4 but lora.r is 0: a quantized base cannot be trained itself; "
                          "set lora.r (e.g. --set lora.r=16) for QLoRA, or model.quantize: none");
-    int streamed = !strcmp(cfg->model_weights, "cpu"), adamw = !strcmp(cfg->optim_kind, "adamw");
+    const char *w = cfg->model_weights;
+    int streamed = !strcmp(w, "cpu") || !strcmp(w, "ssd"), adamw = !strcmp(cfg->optim_kind, "adamw");
     if (streamed && !strcmp(cfg->optim_kind, "galore"))
         return mt_errorf(MT_ERR_CONFIG,
-                         "model.weights: cpu streams the base's layers through the GPU, which GaLore does not take "
-                         "yet; set model.weights: gpu, or train with LoRA, MeZO or offload.optimizer: cpu");
+                         "model.weights: %s streams the base's layers through the GPU, which GaLore does not take "
+                         "yet; set model.weights: gpu, or train with LoRA, MeZO or offload.optimizer: cpu",
+                         w);
     if (streamed && adamw && cfg->lora_r == 0 && !strcmp(cfg->offload_optimizer, "none"))
         return mt_errorf(MT_ERR_CONFIG,
-                         "model.weights: cpu with a full fine-tune needs AdamW's state off the GPU too "
-                         "(offload.optimizer: cpu or ssd), which updates the weights where they live");
+                         "model.weights: %s with a full fine-tune needs AdamW's state off the GPU too "
+                         "(offload.optimizer: cpu or ssd), which updates the weights where they live",
+                         w);
     if (streamed && cfg->dist_zero_stage > 0)
         return mt_errorf(MT_ERR_CONFIG,
-                         "model.weights: cpu keeps every rank's whole base in its host memory; ZeRO's gather of "
-                         "updated shards into it is not built: set dist.zero_stage: 0");
+                         "model.weights: %s keeps every rank's whole base in its host memory; ZeRO's gather of "
+                         "updated shards into it is not built: set dist.zero_stage: 0",
+                         w);
+    if (!strcmp(w, "ssd") && !cfg->offload_path[0])
+        return mt_errorf(MT_ERR_CONFIG,
+                         "model.weights ssd needs offload.path: a folder on a fast local disk (NVMe) with room for "
+                         "the base (2 bytes a parameter, about 0.56 with model.quantize: nf4)");
     unsigned targets;
     if (cfg->lora_r > 0 && mt_lora_parse_targets(cfg->lora_targets, &targets)) {
         char why[512];
@@ -410,12 +419,12 @@ mt_err mt_config_validate(const mt_config *cfg) {
         return mt_errorf(MT_ERR_CONFIG,
                          "model.offload_activations does nothing with optim.kind: mezo (its forward passes keep one "
                          "layer's activations); set it to false");
-    if (!mezo && section_changed(cfg, "mezo"))
+    if (!mezo && section_changed(cfg, "mezo", NULL))
         return mt_errorf(MT_ERR_CONFIG, "mezo.* keys need optim.kind: mezo (it is %s)", cfg->optim_kind);
     if (!cfg->mezo_trainable[0])
         return mt_errorf(MT_ERR_CONFIG, "mezo.trainable is empty; use * to train every trainable parameter");
     int galore = !strcmp(cfg->optim_kind, "galore");
-    if (!galore && section_changed(cfg, "galore"))
+    if (!galore && section_changed(cfg, "galore", NULL))
         return mt_errorf(MT_ERR_CONFIG, "galore.* keys need optim.kind: galore (it is %s)", cfg->optim_kind);
     if (galore && cfg->lora_r > 0)
         return mt_errorf(MT_ERR_CONFIG,
@@ -445,8 +454,11 @@ mt_err mt_config_validate(const mt_config *cfg) {
                          "dist.zero_stage %ld shards the optimizer's state, but optim.kind is mezo, which keeps none; "
                          "set dist.zero_stage: 0",
                          cfg->dist_zero_stage);
-    if (!offload && section_changed(cfg, "offload"))
-        return mt_errorf(MT_ERR_CONFIG, "offload.* keys need offload.optimizer: cpu or ssd (it is none)");
+    // offload.path also serves model.weights ssd (auto may choose it)
+    int weights_file = !strcmp(cfg->model_weights, "ssd") || !strcmp(cfg->model_weights, "auto");
+    if (!offload && section_changed(cfg, "offload", weights_file ? "path" : NULL))
+        return mt_errorf(MT_ERR_CONFIG, "offload.* keys need offload.optimizer: cpu or ssd (it is none)%s",
+                         weights_file ? ", except offload.path for model.weights' file" : "");
     if (!strcmp(cfg->offload_moments, "int8") && strcmp(cfg->offload_optimizer, "cpu"))
         return mt_errorf(MT_ERR_CONFIG,
                          "offload.moments int8 keeps the moments' codes in host memory: it needs offload.optimizer: "

@@ -27,10 +27,12 @@ extern "C" {
     X(model, offload_activations, BOOL, "false", 0, 0, "",                                                             \
       "with activation_checkpointing: keep the saved layer inputs in pinned host memory, copied out in forward and "   \
       "back in backward beside the compute (frees L-1 of them on the GPU)")                                            \
-    X(model, weights, ENUM, "gpu", 0, 0, "gpu|cpu",                                                                    \
-      "where the base's layers live: gpu, or cpu (host memory; each layer is copied to the GPU just before it runs, "  \
+    X(model, weights, ENUM, "gpu", 0, 0, "gpu|cpu|ssd|auto",                                                           \
+      "where the base's layers live: gpu, cpu (host memory; each layer is copied to the GPU just before it runs, "     \
       "the next beside the compute: GPU memory independent of the model's depth; LoRA/QLoRA, MeZO, and full "          \
-      "fine-tuning with offload.optimizer: cpu or ssd)")                                                               \
+      "fine-tuning with offload.optimizer: cpu or ssd), ssd (as cpu, from a file under offload.path that the "         \
+      "kernel's page cache reads in: host memory independent of the model's size) or auto (gpu when the run fits "     \
+      "memory.budget or the GPU's free memory, else cpu when host memory holds the base, else ssd; says which)")       \
     X(model, mlp_tile_rows, INT, "0", 0, 1 << 30, "",                                                                  \
       "0: the MLP runs over the whole micro-batch; N > 0: over tiles of N tokens, so its intermediate (tokens x "      \
       "intermediate_size, 3-4 such buffers) exists for one tile at a time; backward recomputes each tile's gate and "  \

@@ -118,7 +118,8 @@ mt_err mt_forecast_run(const mt_config *cfg, const mt_model_config *mc, int gpu,
     d[MT_MEM_GRADS] = (double)mb.grads;
     d[MT_MEM_ACTIVATIONS] = (double)mb.activations;
     d[MT_MEM_WORKSPACE] = (double)(mb.workspace + mb.perturbation);
-    h[MT_MEM_OFFLOAD] += (double)(mb.offload_host + mb.weights_host);
+    h[MT_MEM_OFFLOAD] += (double)(mb.offload_host + (o.weights_dir ? 0 : mb.weights_host));
+    f->disk = o.weights_dir ? (double)mb.weights_host : 0;  // model.weights: ssd maps it from a file
     double transient = (double)mb.staging;
     const char *state_where;
     if (pl.mezo) {
@@ -212,9 +213,21 @@ static mt_err load(mt_config *cfg, const char *path, char *const *sets, int n_se
     for (int i = 0; extra && extra[i] && !err; i++) {
         err = mt_config_set_assignment(cfg, extra[i], "memtune plan");
         for (int k = 0; !err && !strcmp(extra[i], "offload.optimizer=none") && no_offload[k]; k++)
-            err = mt_config_set_assignment(cfg, no_offload[k], "memtune plan");
+            if (k > 0 || strcmp(cfg->model_weights, "ssd"))  // the base's file keeps its folder
+                err = mt_config_set_assignment(cfg, no_offload[k], "memtune plan");
     }
     return err;
+}
+
+// Host memory the kernel counts as available (MemAvailable), bytes; 0 when unknown.
+static double host_available(void) {
+    FILE *f = fopen("/proc/meminfo", "r");
+    double kib = 0;
+    char line[256];
+    while (f && fgets(line, sizeof line, f))
+        if (sscanf(line, "MemAvailable: %lf kB", &kib) == 1) break;
+    if (f) fclose(f);
+    return kib * 1024.0;
 }
 
 // train.seq_len: max's ceiling: the model's max_position_embeddings, at most 2^20.
@@ -268,6 +281,9 @@ mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_s
                     tiles_note(cfg.train_seq_len, as_configured));
         auto_tiles = cfg.train_seq_len > as_configured;
     }
+    char why[512];
+    if (!err) err = mt_forecast_choose_weights(&cfg, &mc, gpu, world, capacity, host_available(), why, sizeof why);
+    if (!err && why[0]) fprintf(out, "model.weights auto: %s (%s)\n", cfg.model_weights, why);
     mt_forecast f;
     if (!err) err = mt_forecast_run(&cfg, &mc, gpu, world, &f);
     if (err) {
@@ -289,6 +305,9 @@ mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_s
         if (gpu && f.host[c] > 0) fprintf(out, " %s", size_text(f.host[c], b2, sizeof b2));
         fputc('\n', out);
     }
+    if (f.disk > 0)
+        fprintf(out, "%-12s %s (the base's file under offload.path; the page cache holds what it can)\n", "disk",
+                size_text(f.disk, b1, sizeof b1));
     fprintf(out, "%-12s %s", "peak", size_text(f.device_peak, b1, sizeof b1));
     if (gpu && f.host_peak > 0) fprintf(out, " %s", size_text(f.host_peak, b2, sizeof b2));
     if (capacity > 0)
@@ -437,6 +456,70 @@ static mt_err read_budget(const mt_config *cfg, int gpu, double *budget, char *s
                          cfg->memory_budget);
     snprintf(source, len, "%s", cfg->memory_budget);
     return MT_OK;
+}
+
+mt_err mt_forecast_choose_weights(mt_config *cfg, const mt_model_config *mc, int gpu, int world, double capacity,
+                                  double host, char *why, size_t len) {
+    why[0] = '\0';
+    if (strcmp(cfg->model_weights, "auto")) return MT_OK;
+    char b1[32], b2[32], b3[32], b4[32];
+    const char *choice = "gpu";
+    mt_forecast f;
+    mt_config_set(cfg, "model.weights", "gpu", "model.weights auto");
+    mt_err err = mt_forecast_run(cfg, mc, gpu, world, &f);
+    if (err) return err;
+    if (!gpu) {
+        snprintf(why, len, "the CPU backend computes where the weights are");
+    } else if (capacity <= 0 || f.device_peak <= capacity) {
+        snprintf(why, len, "the run fits the GPU's %s as it is (%s)",
+                 capacity > 0 ? trimmed(size_text(capacity, b1, sizeof b1)) : "memory (its size unknown here)",
+                 trimmed(size_text(f.device_peak, b2, sizeof b2)));
+    } else {
+        double resident = f.device_peak;
+        mt_config_set(cfg, "model.weights", "cpu", "model.weights auto");
+        if (mt_forecast_run(cfg, mc, gpu, world, &f)) {  // streaming is refused for this run: resident it stays
+            snprintf(why, len, "streaming does not serve this run (%.120s)", mt_last_error());
+            mt_config_set(cfg, "model.weights", "gpu", "model.weights auto");
+        } else if (host <= 0 || f.host_peak <= 0.85 * host) {
+            choice = "cpu";
+            char b5[32];
+            snprintf(why, len,
+                     "resident it needs %s of the GPU's %s, streamed %s; host memory holds the base (%s of %s "
+                     "available)",
+                     trimmed(size_text(resident, b1, sizeof b1)), trimmed(size_text(capacity, b2, sizeof b2)),
+                     trimmed(size_text(f.device_peak, b5, sizeof b5)), trimmed(size_text(f.host_peak, b3, sizeof b3)),
+                     host > 0 ? trimmed(size_text(host, b4, sizeof b4)) : "unknown");
+        } else if (cfg->offload_path[0]) {
+            choice = "ssd";
+            snprintf(why, len,
+                     "it fits neither the GPU's %s resident nor host memory (%s needed, %s available): "
+                     "the base goes to a file under %s",
+                     trimmed(size_text(capacity, b1, sizeof b1)), trimmed(size_text(f.host_peak, b2, sizeof b2)),
+                     trimmed(size_text(host, b3, sizeof b3)), cfg->offload_path);
+        } else {
+            mt_config_set(cfg, "model.weights", "auto", "model.weights auto");
+            return mt_errorf(MT_ERR_CONFIG,
+                             "model.weights auto: the run fits neither the GPU's %s resident nor host memory "
+                             "(%s needed with the base there, %s available); set offload.path to a folder on a "
+                             "local SSD for model.weights: ssd",
+                             trimmed(size_text(capacity, b1, sizeof b1)),
+                             trimmed(size_text(f.host_peak, b2, sizeof b2)), trimmed(size_text(host, b3, sizeof b3)));
+        }
+    }
+    mt_config_set(cfg, "model.weights", choice, "model.weights auto");
+    return MT_OK;
+}
+
+mt_err mt_forecast_weights_auto(mt_config *cfg, int gpu, int world) {
+    if (strcmp(cfg->model_weights, "auto")) return MT_OK;
+    double capacity = gpu ? (double)mt_device_free_bytes() - 1073741824.0 : 0;
+    char source[64], why[512];
+    mt_model_config mc;
+    mt_err err = cfg->memory_budget[0] ? read_budget(cfg, gpu, &capacity, source, sizeof source) : MT_OK;
+    if (!err) err = mt_hf_read_config(cfg->model_path, &mc);
+    if (!err) err = mt_forecast_choose_weights(cfg, &mc, gpu, world, capacity, host_available(), why, sizeof why);
+    if (!err) mt_info("model.weights auto: %s (%s)", cfg->model_weights, why);
+    return err;
 }
 
 long mt_forecast_longest_seq_len(mt_config *cfg, const mt_model_config *mc, int gpu, int world, double capacity,

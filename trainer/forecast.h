@@ -23,6 +23,7 @@ typedef struct {
     double device_peak;                 // all of them at once (resident plus the largest transient)
     double host[MT_MEM_NCATEGORIES];    // host memory of a GPU run (offload stores, pinned buffers)
     double host_peak;
+    double disk;           // the base's file with model.weights: ssd (bytes)
     double step_time;      // relative: FLOPs / R + offloaded updates / S (forecast.c)
     double tokens;         // per step, over the ranks
     char what[256];        // the run in words: what is trained, where the state lives
@@ -59,6 +60,17 @@ long mt_forecast_longest_seq_len(mt_config *cfg, const mt_model_config *mc, int 
 // max_position_embeddings) and logs it; refuses without a budget, or when
 // nothing fits. Any other length: nothing changes.
 mt_err mt_forecast_seq_len_max(mt_config *cfg, int gpu, int world);
+// model.weights: auto: the first of gpu, cpu and ssd that serves cfg's run on
+// mc: gpu when the resident forecast fits `capacity` bytes of GPU memory (0:
+// unknown, so gpu) or the run is on the CPU (gpu 0); cpu when streaming from
+// host memory serves the run and its host forecast is at most 85% of `host`
+// available bytes (0: unknown); ssd when offload.path is set; else refused.
+// Sets model.weights and says why in `why`. Other values: nothing changes.
+mt_err mt_forecast_choose_weights(mt_config *cfg, const mt_model_config *mc, int gpu, int world, double capacity,
+                                  double host, char *why, size_t len);
+// The trainer's model.weights: auto, against memory.budget (or the GPU's
+// free memory less 1 GiB) and the host's available memory; logs the choice.
+mt_err mt_forecast_weights_auto(mt_config *cfg, int gpu, int world);
 // "24GiB", "80G", "900MiB", "1.5T", or bytes; -1 when not a size.
 double mt_parse_size(const char *v);
 

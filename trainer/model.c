@@ -5,6 +5,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include "kernels/mem.h"
 #include "kernels/nf4.h"
@@ -104,6 +106,7 @@ struct mt_model {
     // `nf4_storage` are the host store; on the backend the embedding, final
     // norm and lm_head (outer) and two slots of one layer's weights each
     int streamed;
+    int in_file;  // the store is a file's mapping (model.weights: ssd)
     void *outer, *slots[2];
     int slot_layer[2], slot_ticket[2];  // the layer each slot holds (-1: none), its copy
     int slot_dirty[2];                  // MeZO's update changed the slot: written back before reuse
@@ -673,6 +676,20 @@ static void bind_slot(mt_model *m, int l, int k) {
     }
 }
 
+// A store in a file: the kernel starts reading layer l's span (compute and
+// NF4) into its page cache, so that its copy into a slot finds it there.
+static void read_ahead(const mt_model *m, int l) {
+    if (!m->in_file || l < 0 || l >= m->cfg.L) return;
+    uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    const char *spans[2] = {store_compute(m, l), store_nf4(m, l)};
+    size_t bytes[2] = {m->layer_compute, m->layer_nf4};
+    for (int k = 0; k < 2; k++) {
+        if (!spans[k] || !bytes[k]) continue;
+        uintptr_t begin = (uintptr_t)spans[k] & ~(page - 1);
+        madvise((void *)begin, (uintptr_t)spans[k] + bytes[k] - begin, MADV_WILLNEED);  // a hint
+    }
+}
+
 // Layer l's weights on the backend, waited for; then `next` (-1: none) on
 // its way into the other slot.
 static void stream_layer(mt_model *m, int l, int next) {
@@ -687,7 +704,13 @@ static void stream_layer(mt_model *m, int l, int next) {
     if (next >= 0 && next < m->cfg.L && m->slot_layer[0] != next && m->slot_layer[1] != next) {
         if (m->weights_needed) m->weights_needed(m->weights_needed_ctx, 1 + next);  // its update is in the store
         fill_slot(m, 1 - k, next);
+        read_ahead(m, next + (next > l ? 1 : -1));  // the one after, in this pass's direction
     }
+}
+
+// The base's store: where it computes, in host memory, or mapped from a file in `dir`.
+static mt_err store_alloc(void **out, size_t bytes, mt_mem_category cat, mt_mem_place place, const char *dir) {
+    return dir ? mt_alloc_file(out, bytes, cat, dir) : mt_alloc(out, bytes, cat, place);
 }
 
 mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_config *cfg, const mt_model_options *o) {
@@ -722,10 +745,12 @@ mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_confi
     MT_CHECK(!m->grad_ready || (!m->frozen && !m->forward_only), "streamed gradients need a full fine-tune");
     MT_CHECK(!m->streamed || m->frozen || m->forward_only || m->weights_needed,
              "streamed weights need a frozen base, a forward-only model or the offloaded optimizer");
-    // streamed: the base in host memory (pinned where a GPU copies from it)
+    // streamed: the base in host memory (pinned where a GPU copies from it), or in a file
     mt_mem_place store = m->streamed ? MT_HOST : place;
     mt_mem_category store_cat = m->streamed ? MT_MEM_OFFLOAD : MT_MEM_WEIGHTS;
-    mt_err err = mt_alloc(&m->weights, m->compute_total * act, store_cat, store);
+    const char *file = m->streamed ? o->weights_dir : NULL;
+    m->in_file = file != NULL;
+    mt_err err = store_alloc(&m->weights, m->compute_total * act, store_cat, store, file);
     if (!err && !m->frozen && !m->forward_only && !m->grad_ready)
         err = mt_alloc((void **)&m->grads, m->total * sizeof(float), MT_MEM_GRADS, place);
     if (!err && m->grad_ready) {
@@ -735,7 +760,7 @@ mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_confi
                        place);
         if (!err) err = mt_alloc((void **)&m->grad_outer, m->grad_outer_count * sizeof(float), MT_MEM_GRADS, place);
     }
-    if (!err && m->quantized) err = mt_alloc(&m->nf4_storage, nf4_bytes, store_cat, store);
+    if (!err && m->quantized) err = store_alloc(&m->nf4_storage, nf4_bytes, store_cat, store, file);
     size_t outer = 0, slot = 0;
     if (m->streamed) streamed_sizes(m, nf4_bytes, &outer, &slot);
     if (!err && m->streamed) err = mt_alloc(&m->outer, outer, MT_MEM_WEIGHTS, place);

@@ -166,14 +166,16 @@ void mt_plan_free(mt_plan *p) {
 }
 
 mt_model_options mt_plan_model_options(const mt_plan *p, const mt_config *cfg) {
-    return (mt_model_options){.B = p->B,
-                              .T = p->T,
-                              .activation_checkpointing = (int)cfg->model_activation_checkpointing,
-                              .lora = p->lora_cfg,
-                              .quantize_nf4 = !strcmp(cfg->model_quantize, "nf4"),
-                              .offload_activations = (int)cfg->model_offload_activations,
-                              .forward_only = p->mezo,
-                              .document_mask = (int)cfg->data_document_mask,
-                              .stream_weights = !strcmp(cfg->model_weights, "cpu"),
-                              .mlp_tile_rows = (int)cfg->model_mlp_tile_rows};
+    return (mt_model_options){
+        .B = p->B,
+        .T = p->T,
+        .activation_checkpointing = (int)cfg->model_activation_checkpointing,
+        .lora = p->lora_cfg,
+        .quantize_nf4 = !strcmp(cfg->model_quantize, "nf4"),
+        .offload_activations = (int)cfg->model_offload_activations,
+        .forward_only = p->mezo,
+        .document_mask = (int)cfg->data_document_mask,
+        .stream_weights = !strcmp(cfg->model_weights, "cpu") || !strcmp(cfg->model_weights, "ssd"),
+        .weights_dir = !strcmp(cfg->model_weights, "ssd") ? cfg->offload_path : NULL,
+        .mlp_tile_rows = (int)cfg->model_mlp_tile_rows};
 }

@@ -253,14 +253,18 @@ static void report(run *r) {
     char attention[256];
     mt_model_describe_attention(r->model, attention, sizeof attention);
     mt_info("attention: %s", attention);
+    char where[512];  // the base's layers
+    if (r->opts.stream_weights)
+        snprintf(where, sizeof where, "%s%s%s, a layer at a time %s (model.weights: %s)",
+                 r->opts.weights_dir ? "disk (a file under " : "host", r->opts.weights_dir ? r->opts.weights_dir : "",
+                 r->opts.weights_dir ? ")" : "", pl->use_gpu ? "on the GPU" : "in a slot", cfg->model_weights);
+    else
+        snprintf(where, sizeof where, "%s", pl->use_gpu ? "GPU" : "host");
     if (lora)
         mt_lora_report(lora, pl->trained, pl->n_trained, count, mt_model_base_weight_bytes(r->model),
-                       r->opts.quantize_nf4,
-                       r->opts.stream_weights ? (pl->use_gpu ? "host, a layer at a time on the GPU (model.weights: cpu)"
-                                                             : "host, a layer at a time in a slot (model.weights: cpu)")
-                       : pl->use_gpu          ? "GPU"
-                                              : "host",
-                       cfg->lora_init);
+                       r->opts.quantize_nf4, where, cfg->lora_init);
+    else if (r->opts.stream_weights)
+        mt_info("base weights: %.2f GiB on the %s", mt_model_base_weight_bytes(r->model) / 1073741824.0, where);
     mt_updater_report(&r->up, count);
     mt_info("data %s: %llu tokens in %llu docs, %llu train batches/epoch", cfg->data_train,
             (unsigned long long)mt_dataset_num_tokens(r->ds), (unsigned long long)mt_dataset_num_docs(r->ds),
