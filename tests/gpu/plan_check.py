@@ -142,14 +142,17 @@ def main():
         rows.append(f"| {name} | {dev / 2**30:.2f} | {got / 2**30:.2f} | {diff / 2**20:+.0f} MiB "
                     f"({100 * diff / got:+.1f}%){host_text} | {'ok' if ok else 'OFF'} |")
         print(rows[-1], flush=True)
-    if not args.only or args.only == "budget":
-        bad += check_budget(data)
+    budget_bad = check_budget(data) if not args.only or args.only == "budget" else 0
     table = ("| configuration | forecast GiB | measured GiB (sum of category peaks) | difference | |\n"
              "|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
-    with open(os.path.join(args.out, f"plan_check{'-' + args.only if args.only else ''}.md"), "w") as f:
-        f.write(table)
-    print(f"plan_check: {len(rows) - bad} of {len(rows)} within 5% or 256 MiB")
-    sys.exit(1 if bad else 0)
+    if rows:
+        with open(os.path.join(args.out, f"plan_check{'-' + args.only if args.only else ''}.md"), "w") as f:
+            f.write(table)
+    if rows:
+        print(f"plan_check: {len(rows) - bad} of {len(rows)} within 5% or 256 MiB")
+    if budget_bad:
+        print(f"plan_check: {budget_bad} memory.budget check(s) failed")
+    sys.exit(1 if bad or budget_bad else 0)
 
 
 if __name__ == "__main__":
