@@ -131,7 +131,7 @@ struct mt_model {
     uint64_t pending_round_seed;
     int index_wte, index_norm, index_lm;  // in the parameter table (lm: wte's when tied)
     void *lora_du;                        // (N, r)
-    void *drop_buf;                       // (N, max IN) dropout(x), and its gradient (see lora_du_of)
+    void *drop_buf;                       // (rows, IN) dropout(x), and its gradient (see lora_du_of)
     struct {                              // what drop_buf holds: dropout(x) of these rows, this mask
         const void *x;
         uint64_t seed;
@@ -442,11 +442,12 @@ static size_t layout_activations(mt_model *m, uintptr_t base) {
     }
     int backward = !m->forward_only;
     m->lora_du = m->lora.r && backward ? carve(&cur, N * m->lora.r * a) : NULL;
-    size_t widest_input = c->C > c->F ? c->C : c->F;
-    if (HD > widest_input) widest_input = HD;
-    // with dropout, k's and v's (up's) du wait beside dropout(ln1) (ln2): lora_du_of
-    if ((size_t)c->C + 2 * (size_t)m->lora.r > widest_input) widest_input = (size_t)c->C + 2 * (size_t)m->lora.r;
-    m->drop_buf = m->lora.r && m->lora.dropout > 0 && backward ? carve(&cur, N * widest_input * a) : NULL;
+    // dropout's inputs: ln1 (with k's and v's du beside it: lora_du_of) and o_proj's over every row; ln2 (with
+    // up's du) and down_proj's intermediate over the MLP's rows (a tile of them with mlp_tile_rows)
+    size_t grouped = (size_t)c->C + 2 * (size_t)m->lora.r, all_rows = grouped > HD ? grouped : HD;
+    size_t F = (size_t)c->F, drop = N * all_rows, mlp = (size_t)m->mlp_rows * (F > grouped ? F : grouped);
+    if (mlp > drop) drop = mlp;
+    m->drop_buf = m->lora.r && m->lora.dropout > 0 && backward ? carve(&cur, drop * a) : NULL;
     m->lnf = carve(&cur, N * c->C * a);
     m->rstdf = carve(&cur, N * 4);
     m->qkv_flat = carve(&cur, N * (HD + 2 * KVD) * a);
