@@ -153,7 +153,7 @@ struct mt_model {
     void *lnf;                      // (N, C)
     float *rstdf;                   // (N)
     void *qkv_flat;                 // (N, (H+2KV)D) projections before rope
-    void *scratch_c;                // (N, C) o_proj / down_proj output
+    void *scratch_c;                // (N, C) o_proj / down_proj output; also lnf, between the layers' passes
     void *f0, *f1;                  // (N, F) swiglu out (then gate grad), its grad
     void *dres, *dln;               // (N, C) residual grad, norm-input grad
     void *datty;                    // (N, HD)
@@ -448,10 +448,12 @@ static size_t layout_activations(mt_model *m, uintptr_t base) {
     size_t F = (size_t)c->F, drop = N * all_rows, mlp = (size_t)m->mlp_rows * (F > grouped ? F : grouped);
     if (mlp > drop) drop = mlp;
     m->drop_buf = m->lora.r && m->lora.dropout > 0 && backward ? carve(&cur, drop * a) : NULL;
-    m->lnf = carve(&cur, N * c->C * a);
     m->rstdf = carve(&cur, N * 4);
     m->qkv_flat = carve(&cur, N * (HD + 2 * KVD) * a);
     m->scratch_c = carve(&cur, N * c->C * a);
+    // the final norm's output is made after the last layer and read by the head before backward's first
+    // layer: the layers' scratch is free all that time
+    m->lnf = m->scratch_c;
     m->f0 = carve(&cur, (size_t)m->mlp_rows * c->F * a);
     if (backward) {
         m->f1 = carve(&cur, (size_t)m->mlp_rows * c->F * a);
