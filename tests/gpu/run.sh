@@ -7,7 +7,7 @@
 #
 # Stages: ctest quickstart resume dist-test parity chat generate peft peft-qwen3 peft-gemma3 peft-phi3 (default), plus bench
 # (attention and full fine-tune), full-bench (full fine-tune alone; MT_FULL_ARGS adds bench/full_ft.py options), lora-bench, mezo-bench, galore-bench,
-# offload-bench, decode-bench, streaming-bench, profile (per-kernel time of a step; MT_PROFILE_MODES picks bench/profile_step.sh's modes) and plan (memtune plan against 24 measured runs) with --bench; attention-bench alone; or name them: run.sh --stages
+# offload-bench, decode-bench, streaming-bench, profile (per-kernel time of a step; MT_PROFILE_MODES picks bench/profile_step.sh's modes) and plan (memtune plan against 24 measured runs) with --bench; attention-bench and long-context (bench/long_context.py; MT_LONG_ARGS adds its options) alone; or name them: run.sh --stages
 # "ctest mezo-bench". MT_CTEST_FILTER narrows ctest; MT_LORA_SHAPES picks
 # lora-bench's shapes and MT_LORA_ARGS adds bench/lora_ft.py options (e.g.
 # "--steps 20"); MT_MEZO_ARGS adds bench/mezo.py options, MT_GALORE_ARGS
@@ -220,6 +220,10 @@ fi
 # shellcheck disable=SC2086 # the *_ARGS variables are lists of options
 py_stage decode-bench bench/decode.py decode_bench.log "bench: decoding, memtune generate vs transformers' generate" \
     ${MT_DECODE_ARGS:-}
+# shellcheck disable=SC2086
+py_stage long-context bench/long_context.py long_context.log \
+    "bench: the longest context per memory.budget next to Unsloth's table (Llama-3.1-8B shape, QLoRA r=32)" \
+    ${MT_LONG_ARGS:-}
 # shellcheck disable=SC2086
 py_stage streaming-bench bench/streaming.py streaming_bench.log \
     "bench: weights streamed from host memory (model.weights: cpu) vs resident" ${MT_STREAMING_ARGS:-}
