@@ -538,7 +538,8 @@ END_TEST
 // mt_hf_set_model (a frozen base a layer at a time through one layer-sized
 // buffer) sets what the whole fp32 copy sets: the same logits from the folder
 // and from a random draw, with bf16-range and NF4 bases, resident and
-// streamed; a tensor missing from the folder is named.
+// streamed, and for generate's NF4 decoding; a tensor missing from the folder
+// is named.
 START_TEST(a_base_set_a_layer_at_a_time_equals_the_whole_copy) {
     mt_model_config c;
     tiny_config(&c, 0, 1);
@@ -583,6 +584,41 @@ START_TEST(a_base_set_a_layer_at_a_time_equals_the_whole_copy) {
         }
         mt_model_free(a), mt_model_free(b);
     }
+    // memtune generate on a GPU with --quantize nf4 and an adapter: the decoding model keeps NF4 codes, read from
+    // the folder a layer at a time; its logits are those of the base through NF4 and back (the CPU generator's)
+    mt_model_options oq = {.B = B,
+                           .T = 1,
+                           .forward_only = 1,
+                           .decode_len = T,
+                           .lora = {2, 4.0f, 0.0f, 0, (1u << MT_LORA_MODULES) - 1},
+                           .quantize_nf4 = 1},
+                     or = oq;
+    or.quantize_nf4 = 0;
+    mt_model *q, *r;
+    ck_assert_int_eq(mt_model_create_with(&q, &be, &c, &oq), MT_OK);
+    ck_assert_int_eq(mt_model_create_with(&r, &be, &c, &or), MT_OK);
+    mt_trainable ta;
+    mt_model_trainable(q, &ta);
+    float *adapters = calloc(ta.total, 4), *round_trip = malloc(total * 4);
+    tu_fill_uniform(adapters, ta.total, -0.2f, 0.2f, 77);  // lora_B too: the adapters count
+    memcpy(round_trip, params, total * 4);
+    ck_assert_int_eq(mt_generate_quantize_nf4(&c, round_trip), MT_OK);
+    ck_assert_int_eq(mt_hf_set_model(q, out, 0), MT_OK);
+    ck_assert_int_eq(mt_model_set_weights(r, round_trip), MT_OK);
+    mt_model_set_adapters(q, adapters), mt_model_set_adapters(r, adapters);
+    float *dq = malloc((size_t)B * c.V * 4), *dr = malloc((size_t)B * c.V * 4);
+    for (int step = 0; step < T; step++) {
+        int32_t pos[B] = {step, step / 2}, tok[B] = {in[step], in[T + step]};
+        mt_model_decode(q, tok, pos, dq);
+        mt_model_decode(r, tok, pos, dr);
+        ck_assert_msg(!memcmp(dq, dr, (size_t)B * c.V * 4), "NF4 decoding, step %d: logits differ", step);
+    }
+    mt_model_bytes bq, br;
+    mt_model_plan_bytes(0, -1, &c, &oq, NULL, &bq, NULL);
+    mt_model_plan_bytes(0, -1, &c, &or, NULL, &br, NULL);
+    ck_assert_uint_lt(bq.weights, br.weights);  // codes, not the compute type
+    mt_model_free(q), mt_model_free(r);
+    free(adapters), free(round_trip), free(dq), free(dr);
     c.L = 3;  // a layer the folder does not have
     mt_model_options o = {.B = B, .T = T, .forward_only = 1};
     mt_model *m;

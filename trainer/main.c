@@ -357,7 +357,8 @@ static const char GENERATE_HELP[] =
     "                         to the GPU as it runs (a model larger than the GPU, slowly: every token reads them)\n"
     "  --adapter DIR          a PEFT LoRA adapter, applied on the fly (the base's values untouched)\n"
     "  --merge                fold the adapter into the base first instead (the same function)\n"
-    "  --quantize nf4         the base as QLoRA trained it: its linear weights through NF4 and back\n"
+    "  --quantize nf4         the base as QLoRA trained it: its linear weights through NF4 (on a GPU with\n"
+    "                         --adapter and no --merge kept as NF4 codes, a quarter of bf16's memory)\n"
     "  --prompt TEXT          continue TEXT (BOS first when the tokenizer has one)\n"
     "  --chat TEXT            TEXT as the user's message, rendered with the model's chat template\n"
     "  --system TEXT          a system message before --chat's\n"
@@ -375,7 +376,9 @@ typedef struct {
     mt_tokenizer *tok;  // NULL: memtune's bytes
     mt_generate_options o;
     const mt_model_config *mc;
-    const float *params;
+    const float *params;         // the whole base in fp32, or NULL: read from model_dir into the GPU's model
+    const char *model_dir;       // a layer at a time (as training reads a frozen base)
+    int nf4;                     // --quantize nf4: the base's linear weights through NF4
     const mt_lora_config *lora;  // an adapter on the fly, or NULL
     const float *adapter;
     int max_len, batch, gpu, stream_weights;
@@ -519,12 +522,18 @@ static mt_err generate_gpu(const gen_ctx *c, gen_item *items, int n, FILE *strea
     mt_backend be;
     mt_err err = mt_backend_init(&be, 0);
     if (err) return err;
-    mt_model_options mo = {
-        .B = rows, .T = 1, .forward_only = 1, .decode_len = len, .stream_weights = c->stream_weights};
+    // without params: the base read a layer at a time, its linear weights kept as NF4 codes with --quantize nf4
+    // (dequantized a weight at a time, as QLoRA trains)
+    mt_model_options mo = {.B = rows,
+                           .T = 1,
+                           .forward_only = 1,
+                           .decode_len = len,
+                           .stream_weights = c->stream_weights,
+                           .quantize_nf4 = !c->params && c->nf4};
     if (c->lora) mo.lora = *c->lora, mo.lora.dropout = 0.0f;
     mt_model *m = NULL;
     err = mt_model_create_with(&m, &be, c->mc, &mo);
-    if (!err) err = mt_model_set_weights(m, c->params);
+    if (!err) err = c->params ? mt_model_set_weights(m, c->params) : mt_hf_set_model(m, c->model_dir, 0);
     if (!err && c->lora) mt_model_set_adapters(m, c->adapter);
     mt_ids *prompts = malloc((size_t)(n ? n : 1) * sizeof *prompts);
     MT_CHECK(prompts != NULL, "prompts");
@@ -629,16 +638,18 @@ static int cmd_generate(int argc, char **argv) {
     if (!err && bytes && chat)
         err =
             mt_errorf(MT_ERR_USAGE, "%s has memtune's byte tokenizer, which has no chat template: use --prompt", model);
+    // the CPU generator and --merge work on the whole base in fp32 host memory (so does NF4 without an
+    // adapter: QLoRA's model has one); a GPU reads it a layer at a time
     float *params = NULL;
-    int n_params;
+    int n_params, whole = !c.gpu || merge || (nf4 && !adapter);
     size_t total = 0;
-    if (!err) {
+    if (!err && whole) {
         free(mt_model_param_table(&mc, &n_params, &total));
         params = malloc(total * sizeof(float));
         if (!params) err = mt_errorf(MT_ERR_NOMEM, "out of host memory for the model (%.1f GiB)", total * 4.0 / 1e9);
     }
-    if (!err) err = mt_hf_load_weights(model, &mc, params);
-    if (!err && nf4) err = mt_generate_quantize_nf4(&mc, params);
+    if (!err && whole) err = mt_hf_load_weights(model, &mc, params);
+    if (!err && whole && nf4) err = mt_generate_quantize_nf4(&mc, params);
     mt_lora_config lora;
     float *ad = NULL;
     if (!err && adapter) err = mt_lora_read_folder(adapter, &mc, &lora, &ad);
@@ -657,6 +668,7 @@ static int cmd_generate(int argc, char **argv) {
     // the key/value cache holds the prompt and the new tokens, at most max_position_embeddings
     c.max_len = mc.max_position > 0 ? mc.max_position : 4096;
     c.mc = &mc, c.params = params, c.lora = ad && !merge ? &lora : NULL, c.adapter = ad && !merge ? ad : NULL;
+    c.model_dir = model, c.nf4 = nf4;
     gen_item one = {0}, *items = &one;
     int n = 1;
     if (!err && !input) {
