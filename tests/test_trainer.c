@@ -596,7 +596,7 @@ START_TEST(a_base_set_a_layer_at_a_time_equals_the_whole_copy) {
     or.quantize_nf4 = 0;
     mt_model *q, *r;
     ck_assert_int_eq(mt_model_create_with(&q, &be, &c, &oq), MT_OK);
-    ck_assert_int_eq(mt_model_create_with(&r, &be, &c, &or), MT_OK);
+    ck_assert_int_eq(mt_model_create_with(&r, &be, &c, & or), MT_OK);
     mt_trainable ta;
     mt_model_trainable(q, &ta);
     float *adapters = calloc(ta.total, 4), *round_trip = malloc(total * 4);
@@ -615,7 +615,7 @@ START_TEST(a_base_set_a_layer_at_a_time_equals_the_whole_copy) {
     }
     mt_model_bytes bq, br;
     mt_model_plan_bytes(0, -1, &c, &oq, NULL, &bq, NULL);
-    mt_model_plan_bytes(0, -1, &c, &or, NULL, &br, NULL);
+    mt_model_plan_bytes(0, -1, &c, & or, NULL, &br, NULL);
     ck_assert_uint_lt(bq.weights, br.weights);  // codes, not the compute type
     mt_model_free(q), mt_model_free(r);
     free(adapters), free(round_trip), free(dq), free(dr);
