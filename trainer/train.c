@@ -124,11 +124,18 @@ static mt_err load_values(run *r) {
     const mt_plan *pl = &r->pl;
     const mt_lora_config *lora = pl->lora ? &pl->lora_cfg : NULL;
     mt_err err;
-    // a frozen base is read a layer at a time into the model (build_model):
-    // only a trained base has a whole fp32 copy on the host
-    r->host_params = lora ? NULL : calloc(pl->total, sizeof(float));
+    if ((err = mt_make_dirs(cfg->output_dir))) return err;
+    if (!strcmp(cfg->train_resume, "auto"))
+        mt_checkpoint_find_latest(cfg->output_dir, r->resume_dir, sizeof r->resume_dir);
+    else if (cfg->train_resume[0])
+        snprintf(r->resume_dir, sizeof r->resume_dir, "%s", cfg->train_resume);
+    // a frozen base, and MeZO's weights unless a checkpoint's replace them,
+    // are read a layer at a time into the model (build_model): only the rest
+    // have a whole fp32 copy on the host (MeZO's checkpoints make one each)
+    int whole = !lora && !(pl->mezo && !r->resume_dir[0]);
+    r->host_params = whole ? calloc(pl->total, sizeof(float)) : NULL;
     r->trained = lora ? calloc(pl->trained_total ? pl->trained_total : 1, sizeof(float)) : r->host_params;
-    if ((!lora && !r->host_params) || !r->trained)
+    if ((whole && !r->host_params) || (lora && !r->trained))
         return mt_errorf(MT_ERR_NOMEM, "out of host memory for the %.2fM parameters' fp32 copy (%.1f GiB)",
                          pl->total / 1e6, pl->total * 4.0 / 1073741824.0);
     if (lora && cfg->lora_init[0]) {
@@ -137,17 +144,12 @@ static mt_err load_values(run *r) {
         mt_lora_init_params(pl->trained, pl->n_trained, r->trained, (uint64_t)cfg->train_seed);
     }
     r->random_init = !strcmp(cfg->model_init, "random");
-    if (lora)
+    if (!whole)
         ;
     else if (r->random_init)
         mt_model_init_random(&r->mc, r->host_params, (uint64_t)cfg->train_seed);
     else if ((err = mt_hf_load_weights(cfg->model_path, &r->mc, r->host_params)))
         return err;
-    if ((err = mt_make_dirs(cfg->output_dir))) return err;
-    if (!strcmp(cfg->train_resume, "auto"))
-        mt_checkpoint_find_latest(cfg->output_dir, r->resume_dir, sizeof r->resume_dir);
-    else if (cfg->train_resume[0])
-        snprintf(r->resume_dir, sizeof r->resume_dir, "%s", cfg->train_resume);
     // AdamW's moments' host copies for checkpoints, of this rank's shard (MeZO
     // has none, GaLore its own); with offload the moments live in the store:
     // host copies only to resume
@@ -182,10 +184,10 @@ static mt_err build_model(run *r) {
         snprintf(r->devname, sizeof r->devname, "CPU (fp32 reference backend)");
     if ((err = mt_model_create_with(&r->model, &r->be, &r->mc, &r->opts))) return err;
     if (r->world > 1 && r->opts.grad_ready) mt_model_set_agreement(r->model, mt_route_any_rank, r->dist);
-    if (r->pl.lora) {
+    if (!r->host_params) {  // a layer at a time (load_values)
         if ((err = mt_hf_set_model(r->model, r->random_init ? NULL : r->cfg->model_path, (uint64_t)r->cfg->train_seed)))
             return err;
-        mt_model_set_adapters(r->model, r->trained);
+        if (r->pl.lora) mt_model_set_adapters(r->model, r->trained);
     } else if ((err = mt_model_set_weights(r->model, r->host_params))) {
         return err;
     }

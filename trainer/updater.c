@@ -386,6 +386,10 @@ mt_err mt_updater_read_state(mt_updater *u, long steps_done, mt_updater_state *s
         if ((err = mt_state_copy_alloc(pl->trained_total + 2 * n, 1, &s->copy))) return err;
         master = s->copy, m = s->copy + pl->trained_total, v = m + n;
         err = read_master(u, master, m, v);
+    } else if (!master && !packed) {  // no lasting host copy (MeZO read its weights a layer at a time): one now
+        if ((err = mt_state_copy_alloc(pl->trained_total, 1, &s->copy))) return err;
+        master = s->copy;
+        err = mt_updater_get_trained(u, master, NULL);
     } else {
         if (packed && (err = mt_state_copy_alloc(u->plan.count, 3, &s->copy))) return err;
         err = mt_updater_get_trained(u, master, s->copy);
