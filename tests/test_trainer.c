@@ -860,7 +860,10 @@ START_TEST(eval_matches_logits_and_adapter) {
     o.stream_weights = 1;  // --weights cpu: the base streamed a layer at a time, the same loss bit for bit
     ck_assert_msg(mt_eval_run(&o, &rs) == MT_OK, "%s", mt_last_error());
     ck_assert_msg(rs.loss == ra.loss, "streamed %.17g, resident %.17g", rs.loss, ra.loss);
-    o.stream_weights = 0;
+    o.weights_dir = dir;  // --weights ssd: from a file there (deleted at once), the same loss again
+    ck_assert_msg(mt_eval_run(&o, &rs) == MT_OK, "%s", mt_last_error());
+    ck_assert_msg(rs.loss == ra.loss, "from a file %.17g, resident %.17g", rs.loss, ra.loss);
+    o.stream_weights = 0, o.weights_dir = NULL;
     mt_lora_merge(&mc, &lora, params, ad);
     ck_assert_int_eq(mt_hf_save(merged, NULL, &mc, params, MT_DTYPE_F32), MT_OK);
     o.adapter = NULL, o.model = merged;

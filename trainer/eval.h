@@ -19,17 +19,18 @@ extern "C" {
 mt_err mt_eval_loss(mt_model *model, mt_loader *loader, int batches, int B, int T, double *loss, long *targets);
 
 typedef struct {
-    const char *model;    // a Hugging Face model folder
-    const char *adapter;  // a PEFT LoRA adapter folder, or NULL
-    const char *data;     // a dataset file (memtune tokenize)
-    const char *device;   // auto, cpu, gpu
-    int seq_len;          // 0: the file's window, else 1024
-    int batch;            // rows a batch (4)
-    long max_batches;     // 0: every whole batch of the file
-    int progress;         // a progress line on stderr
-    int document_mask;    // documents attend only within themselves (data.document_mask)
-    int quantize_nf4;     // the base's linear weights in NF4, as QLoRA trained them (needs adapter)
-    int stream_weights;   // the base in host memory, a layer at a time on the backend (model.weights: cpu)
+    const char *model;        // a Hugging Face model folder
+    const char *adapter;      // a PEFT LoRA adapter folder, or NULL
+    const char *data;         // a dataset file (memtune tokenize)
+    const char *device;       // auto, cpu, gpu
+    int seq_len;              // 0: the file's window, else 1024
+    int batch;                // rows a batch (4)
+    long max_batches;         // 0: every whole batch of the file
+    int progress;             // a progress line on stderr
+    int document_mask;        // documents attend only within themselves (data.document_mask)
+    int quantize_nf4;         // the base's linear weights in NF4, as QLoRA trained them (needs adapter)
+    int stream_weights;       // the base in host memory, a layer at a time on the backend (model.weights: cpu)
+    const char *weights_dir;  // with stream_weights: NULL, or the folder of the base's file (model.weights: ssd)
 } mt_eval_options;
 
 typedef struct {

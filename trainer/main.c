@@ -127,8 +127,15 @@ static int positive_option(const char *opt, const char *v, long *out) {
 
 // --quantize of eval and generate: index 1 is NF4.
 static const char *const quantizations[] = {"none", "nf4"};
-// --weights of eval and generate: index 1 streams the base from host memory (model.weights).
-static const char *const weight_places[] = {"gpu", "cpu"};
+// --weights of eval and generate: index 1 streams the base from host memory, 2 from a file under
+// --weights-dir (model.weights).
+static const char *const weight_places[] = {"gpu", "cpu", "ssd"};
+
+// --weights-dir's default: $TMPDIR, else /var/tmp (disk, where /tmp may be memory).
+static const char *default_weights_dir(void) {
+    const char *t = getenv("TMPDIR");
+    return t && t[0] ? t : "/var/tmp";
+}
 
 static int parse_choice(const char *opt, const char *v, const char *const *names, int n, int *out) {
     for (int i = 0; i < n; i++)
@@ -233,8 +240,9 @@ static const char EVAL_HELP[] =
     "  --batches N          evaluate the first N batches only\n"
     "  --device D           auto (the default), cpu, gpu\n"
     "  --quantize nf4       the base as QLoRA trained it (linear weights in NF4); needs --adapter\n"
-    "  --weights W          gpu (the default) or cpu: the base's layers in host memory, each copied to the\n"
-    "                       GPU as it runs (a model larger than the GPU; model.weights in training)\n"
+    "  --weights W          gpu (the default), cpu: the base's layers in host memory, each copied to the\n"
+    "                       GPU as it runs (a model larger than the GPU; model.weights in training), or ssd:\n"
+    "                       as cpu, from a file under --weights-dir (default $TMPDIR, else /var/tmp)\n"
     "  --document-mask      documents packed into a window attend only within themselves and restart their\n"
     "                       positions (as data.document_mask trains); a window's last token of a document\n"
     "                       does not count\n"
@@ -263,8 +271,12 @@ static int cmd_eval(int argc, char **argv) {
         else if (!strcmp(a, "--device"))
             o.device = v;
         else if (!strcmp(a, "--weights")) {
-            int rc = parse_choice(a, v, weight_places, 2, &o.stream_weights);
+            int place, rc = parse_choice(a, v, weight_places, 3, &place);
             if (rc) return rc;
+            o.stream_weights = place > 0;
+            o.weights_dir = place == 2 ? (o.weights_dir ? o.weights_dir : default_weights_dir()) : NULL;
+        } else if (!strcmp(a, "--weights-dir")) {
+            o.weights_dir = v;
         } else if (!strcmp(a, "--quantize")) {
             int rc = parse_choice(a, v, quantizations, 2, &o.quantize_nf4);
             if (rc) return rc;
@@ -282,6 +294,7 @@ static int cmd_eval(int argc, char **argv) {
             return fail(mt_errorf(MT_ERR_USAGE, "unknown option %s (memtune eval --help)", a));
         i++;
     }
+    if (o.weights_dir && !o.stream_weights) o.weights_dir = NULL;  // --weights-dir without --weights ssd
     mt_eval_result r;
     mt_err err = mt_eval_run(&o, &r);
     if (err) return fail(err);
@@ -353,8 +366,9 @@ static const char GENERATE_HELP[] =
     "Text from a model folder (its tokenizer.json and chat template), one token at a time with a key/value cache:\n"
     "on a GPU in bf16, rows of --input decoded together; on the CPU in fp32.\n\n"
     "  --device D             auto (a GPU when one is visible), gpu or cpu\n"
-    "  --weights W            on a GPU: gpu (the default) or cpu, the model's layers in host memory, each copied\n"
-    "                         to the GPU as it runs (a model larger than the GPU, slowly: every token reads them)\n"
+    "  --weights W            on a GPU: gpu (the default), cpu (the model's layers in host memory, each copied\n"
+    "                         to the GPU as it runs: a model larger than the GPU, slowly, every token reads them)\n"
+    "                         or ssd (as cpu, from a file under --weights-dir DIR, default $TMPDIR or /var/tmp)\n"
     "  --adapter DIR          a PEFT LoRA adapter, applied on the fly (the base's values untouched)\n"
     "  --merge                fold the adapter into the base first instead (the same function)\n"
     "  --quantize nf4         the base as QLoRA trained it: its linear weights through NF4 (on a GPU with\n"
@@ -382,6 +396,7 @@ typedef struct {
     const mt_lora_config *lora;  // an adapter on the fly, or NULL
     const float *adapter;
     int max_len, batch, gpu, stream_weights;
+    const char *weights_dir;  // --weights ssd: the base's file is there
 } gen_ctx;
 
 // One line of a --input file (or the one prompt): its JSON, the prompt's
@@ -529,6 +544,7 @@ static mt_err generate_gpu(const gen_ctx *c, gen_item *items, int n, FILE *strea
                            .forward_only = 1,
                            .decode_len = len,
                            .stream_weights = c->stream_weights,
+                           .weights_dir = c->weights_dir,
                            .quantize_nf4 = !c->params && c->nf4};
     if (c->lora) mo.lora = *c->lora, mo.lora.dropout = 0.0f;
     mt_model *m = NULL;
@@ -559,7 +575,7 @@ static mt_err generate_gpu(const gen_ctx *c, gen_item *items, int n, FILE *strea
 
 static int cmd_generate(int argc, char **argv) {
     const char *model = NULL, *adapter = NULL, *prompt = NULL, *chat = NULL, *system = NULL, *input = NULL,
-               *template_name = "auto", *device = "auto", *weights = "gpu";
+               *template_name = "auto", *device = "auto", *weights = "gpu", *weights_dir = NULL;
     gen_ctx c = {.o = {.max_new = 128, .sampling = {0.0f, 0, 1.0f, 0.0f, 1.0f, 0}}};
     int merge = 0, nf4 = 0;
     for (int i = 0; i < argc; i++) {
@@ -574,10 +590,11 @@ static int cmd_generate(int argc, char **argv) {
         const struct {
             const char *name;
             const char **dst;
-        } strings[] = {
-            {"--model", &model},    {"--adapter", &adapter}, {"--prompt", &prompt}, {"--chat", &chat},
-            {"--system", &system},  {"--input", &input},     {"--device", &device}, {"--chat-template", &template_name},
-            {"--weights", &weights}};
+        } strings[] = {{"--model", &model},     {"--adapter", &adapter},
+                       {"--prompt", &prompt},   {"--chat", &chat},
+                       {"--system", &system},   {"--input", &input},
+                       {"--device", &device},   {"--chat-template", &template_name},
+                       {"--weights", &weights}, {"--weights-dir", &weights_dir}};
         int taken = 0;
         for (size_t k = 0; k < sizeof strings / sizeof strings[0] && !taken; k++)
             if (!strcmp(a, strings[k].name)) *strings[k].dst = v, taken = 1;
@@ -624,7 +641,10 @@ static int cmd_generate(int argc, char **argv) {
     int dev;
     int rc = parse_choice("--device", device, devices, 3, &dev);
     if (rc) return rc;
-    if ((rc = parse_choice("--weights", weights, weight_places, 2, &c.stream_weights))) return rc;
+    int place;
+    if ((rc = parse_choice("--weights", weights, weight_places, 3, &place))) return rc;
+    c.stream_weights = place > 0;
+    c.weights_dir = place == 2 ? (weights_dir ? weights_dir : default_weights_dir()) : NULL;
     c.gpu = dev != 1 && mt_device_count() > 0;
     if (dev == 2 && !c.gpu)
         return fail(mt_errorf(MT_ERR_DEVICE, "--device gpu but no GPU is visible; use --device cpu or auto"));
