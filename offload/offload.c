@@ -332,7 +332,7 @@ mt_err mt_offload_init(mt_offload **out, mt_backend *be, const mt_offload_config
                           n_segments};
     mt_err err = mt_store_open(&o->store, &sc);
     free(segments);
-    if (!err) err = mt_store_write_all(o->store, master, m, v);
+    if (!err && master) err = mt_store_write_all(o->store, master, m, v);
     o->steps = steps;
     if (!err) err = mt_alloc(&o->grad_host, (total ? total : 1) * (o->gpu ? 2 : 4), MT_MEM_OFFLOAD, MT_HOST);
     if (!err && o->gpu && cfg->micro_batches > 1)
@@ -367,6 +367,38 @@ mt_err mt_offload_init(mt_offload **out, mt_backend *be, const mt_offload_config
     }
     *out = o;
     return MT_OK;
+}
+
+mt_err mt_offload_write_master(mt_offload *o, size_t offset, size_t count, const float *values) {
+    size_t end = offset + count, lo_slot = SIZE_MAX, hi_slot = 0;
+    for (int p = 0; p < o->n_params; p++) {  // the slots the range's parameters take
+        const mt_offload_param *pa = &o->params[p];
+        if (pa->offset + pa->count <= offset || pa->offset >= end) continue;
+        size_t a = pa->offset > offset ? pa->offset : offset,
+               b = pa->offset + pa->count < end ? pa->offset + pa->count : end;
+        if (pa->slot + (a - pa->offset) < lo_slot) lo_slot = pa->slot + (a - pa->offset);
+        if (pa->slot + (b - pa->offset) > hi_slot) hi_slot = pa->slot + (b - pa->offset);
+    }
+    if (lo_slot >= hi_slot) return MT_OK;
+    mt_store_begin(o->store, lo_slot, hi_slot, MT_STORE_UPDATE);
+    mt_store_block blk;
+    while (mt_store_next(o->store, &blk)) {
+        size_t blk_end = blk.offset + blk.count;
+        for (int p = 0; p < o->n_params; p++) {
+            const mt_offload_param *pa = &o->params[p];
+            size_t a = pa->offset > offset ? pa->offset : offset,
+                   b = pa->offset + pa->count < end ? pa->offset + pa->count : end;
+            if (a >= b) continue;
+            size_t s0 = pa->slot + (a - pa->offset), s1 = pa->slot + (b - pa->offset);  // their slots, in the block
+            if (s0 < blk.offset) s0 = blk.offset;
+            if (s1 > blk_end) s1 = blk_end;
+            if (s0 < s1)
+                memcpy(blk.master + (s0 - blk.offset), values + (pa->offset + (s0 - pa->slot) - offset),
+                       (s1 - s0) * sizeof(float));
+        }
+        mt_store_done(o->store, &blk);
+    }
+    return mt_store_end(o->store);
 }
 
 void mt_offload_free(mt_offload *o) {

@@ -63,11 +63,16 @@ typedef struct mt_offload mt_offload;
 // between them are written too: leave such gaps only over padding. The
 // state starts as master, m and v (host fp32 in the slots' layout; m, v
 // NULL: zero) after `steps` updates (0 fresh, a checkpoint's count on
-// resume), written to the store once.
+// resume), written to the store once. master NULL: zero, the master values
+// written afterwards with mt_offload_write_master (and m, v zero).
 mt_err mt_offload_init(mt_offload **out, mt_backend *be, const mt_offload_config *cfg, const mt_offload_param *params,
                        int n_params, size_t total, void *weights, const float *master, const float *m, const float *v,
                        int steps);
 void mt_offload_free(mt_offload *o);
+// Before the first step: the master values of the trainable block's
+// elements [offset, offset + count) (the weights' offsets), into the slots
+// of the parameters they cover (others, of other ranks' shards, are left).
+mt_err mt_offload_write_master(mt_offload *o, size_t offset, size_t count, const float *values);
 // int8 moments: the store's quantization segments for these params (as
 // mt_offload_init takes them): 0, then each bucket's first slot and the end
 // of its last, ascending and below total. seg holds 2 n + 1; returns the count.

@@ -687,7 +687,15 @@ static size_t unit_span(const mt_param_info *table, int first, int end) {
     return table[end - 1].offset + table[end - 1].count - table[first].offset;
 }
 
+static mt_err set_unit(void *ctx, int first, int count, const float *values) {
+    return mt_model_set_params(ctx, first, count, values);
+}
+
 mt_err mt_hf_set_model(mt_model *m, const char *dir, uint64_t seed) {
+    return mt_hf_each_unit(m, dir, seed, set_unit, m);
+}
+
+mt_err mt_hf_each_unit(mt_model *m, const char *dir, uint64_t seed, mt_hf_unit_fn fn, void *ctx) {
     const mt_model_config *cfg = mt_model_get_config(m);
     int n;
     const mt_param_info *table = mt_model_params(m, &n);
@@ -713,7 +721,7 @@ mt_err mt_hf_set_model(mt_model *m, const char *dir, uint64_t seed) {
             mt_model_init_random_params(cfg, first, end - first, buf, seed);
         else
             err = shards_load(&h, first, end - first, buf);
-        if (!err) err = mt_model_set_params(m, first, end - first, buf);
+        if (!err) err = fn(ctx, first, end - first, buf);
     }
     if (dir) shards_close(&h);
     free(buf);

@@ -24,6 +24,10 @@ mt_err mt_hf_load_params(const char *dir, const mt_model_config *cfg, int first,
 // values of seed), a layer at a time through one layer-sized fp32 host buffer:
 // host memory never holds the whole model in fp32.
 mt_err mt_hf_set_model(mt_model *m, const char *dir, uint64_t seed);
+// The same walk handing each unit's values (parameters first .. first +
+// count - 1 of m's table, from the first one's offset; padding zero) to fn.
+typedef mt_err (*mt_hf_unit_fn)(void *ctx, int first, int count, const float *values);
+mt_err mt_hf_each_unit(mt_model *m, const char *dir, uint64_t seed, mt_hf_unit_fn fn, void *ctx);
 // Writes dir/config.json (the source folder's, or one made from cfg when
 // src_dir is NULL) and dir/model.safetensors in `dtype`. The folder is built
 // under a temporary name and renamed over `dir` when complete.

@@ -75,7 +75,7 @@ typedef struct {
     // host copies: the base's fp32 values (until on the backend), the
     // trained values (the adapters', or the base's), AdamW's moments
     float *host_params, *trained, *moment_m, *moment_v;
-    int random_init;
+    int random_init, fill;  // fill: the base's values go to the model and the offload store together
     char resume_dir[1200];
     mt_checkpoint_meta resume;
     mt_backend be;
@@ -129,10 +129,11 @@ static mt_err load_values(run *r) {
         mt_checkpoint_find_latest(cfg->output_dir, r->resume_dir, sizeof r->resume_dir);
     else if (cfg->train_resume[0])
         snprintf(r->resume_dir, sizeof r->resume_dir, "%s", cfg->train_resume);
-    // a frozen base, and MeZO's weights unless a checkpoint's replace them,
-    // are read a layer at a time into the model (build_model): only the rest
-    // have a whole fp32 copy on the host (MeZO's checkpoints make one each)
-    int whole = !lora && !(pl->mezo && !r->resume_dir[0]);
+    // a frozen base, and (unless a checkpoint's replace them) MeZO's and an offloaded full fine-tune's weights,
+    // go into the model a layer at a time (build_model; mt_updater_fill also fills the store's master): only
+    // the rest have a whole fp32 copy on the host
+    r->fill = pl->offload && !pl->galore && !lora && !r->resume_dir[0];
+    int whole = !lora && !(pl->mezo && !r->resume_dir[0]) && !r->fill;
     r->host_params = whole ? calloc(pl->total, sizeof(float)) : NULL;
     r->trained = lora ? calloc(pl->trained_total ? pl->trained_total : 1, sizeof(float)) : r->host_params;
     if ((whole && !r->host_params) || (lora && !r->trained))
@@ -184,11 +185,11 @@ static mt_err build_model(run *r) {
         snprintf(r->devname, sizeof r->devname, "CPU (fp32 reference backend)");
     if ((err = mt_model_create_with(&r->model, &r->be, &r->mc, &r->opts))) return err;
     if (r->world > 1 && r->opts.grad_ready) mt_model_set_agreement(r->model, mt_route_any_rank, r->dist);
-    if (!r->host_params) {  // a layer at a time (load_values)
+    if (!r->host_params && !r->fill) {  // a layer at a time (load_values; fill: after the updater)
         if ((err = mt_hf_set_model(r->model, r->random_init ? NULL : r->cfg->model_path, (uint64_t)r->cfg->train_seed)))
             return err;
         if (r->pl.lora) mt_model_set_adapters(r->model, r->trained);
-    } else if ((err = mt_model_set_weights(r->model, r->host_params))) {
+    } else if (r->host_params && (err = mt_model_set_weights(r->model, r->host_params))) {
         return err;
     }
     mt_model_trainable(r->model, &r->tr);
@@ -461,6 +462,7 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     // backend, model, optimizer, run folder
     if (!err) err = build_model(&r);
     if (!err) err = build_updater(&r);
+    if (!err && r.fill) err = mt_updater_fill(&r.up, r.random_init ? NULL : cfg->model_path, (uint64_t)cfg->train_seed);
     if (!err) err = open_outputs(&r);
     int stopped = 0;
     if (!err) {

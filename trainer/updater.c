@@ -11,6 +11,7 @@
 
 #include "kernels/mem.h"
 #include "trainer/checkpoint.h"
+#include "trainer/hf.h"
 
 // MeZO's update rides on the model's next forward.
 static void defer_to_model(void *model, const mt_zo_directions *d, float lr, float weight_decay, uint64_t round_seed) {
@@ -128,9 +129,11 @@ static mt_err build_offload(mt_updater *u) {
         if (!err && ranks) mt_offload_set_norm_sum(u->ofl, mt_route_sum_over_ranks, u->dist);
         return err;
     }
-    // moment_m and moment_v exist only when resuming (resume.optimizer_steps is 0 otherwise)
+    // moment_m and moment_v exist only when resuming (resume.optimizer_steps is 0 otherwise); without the
+    // trained block's host copy the master comes a unit at a time (mt_updater_fill)
     err = mt_offload_init(&u->ofl, u->be, &oc, plan->params, plan->n, plan->count, u->tr.weights,
-                          *u->trained + pl->shard_lo, *u->moment_m, *u->moment_v, u->resume->optimizer_steps);
+                          *u->trained ? *u->trained + pl->shard_lo : NULL, *u->moment_m, *u->moment_v,
+                          u->resume->optimizer_steps);
     if (!err && ranks) {
         mt_offload_hook *h = u->ohook;
         mt_offload_set_norm_sum(u->ofl, mt_route_sum_over_ranks, u->dist);
@@ -354,6 +357,20 @@ static mt_err read_master(mt_updater *u, float *dst, float *m, float *v) {
         err = mt_offload_read_state(u->ofl, dst + pl->shard_lo, m, v);
     if (sharded(u)) mt_dist_share_shards_host(u->dist, dst, pl->trained_total);
     return err;
+}
+
+static mt_err fill_unit(void *ctx, int first, int count, const float *values) {
+    mt_updater *u = ctx;
+    int n;
+    const mt_param_info *table = mt_model_params(u->model, &n);
+    size_t span = table[first + count - 1].offset + table[first + count - 1].count - table[first].offset;
+    mt_err err = mt_model_set_params(u->model, first, count, values);
+    return err ? err : mt_offload_write_master(u->ofl, table[first].offset, span, values);
+}
+
+mt_err mt_updater_fill(mt_updater *u, const char *dir, uint64_t seed) {
+    MT_CHECK(u->ofl && !u->plan.packed && !u->pl->lora, "mt_updater_fill: an offloaded full fine-tune");
+    return mt_hf_each_unit(u->model, dir, seed, fill_unit, u);
 }
 
 mt_err mt_updater_get_trained(mt_updater *u, float *dst, float *packed) {
