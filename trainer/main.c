@@ -251,6 +251,8 @@ static const char EVAL_HELP[] =
 static int cmd_eval(int argc, char **argv) {
     mt_eval_options o;
     mt_eval_defaults(&o);
+    int place = 0;  // --weights
+    const char *weights_dir = NULL;
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) return printf("%s", EVAL_HELP), 0;
@@ -271,12 +273,10 @@ static int cmd_eval(int argc, char **argv) {
         else if (!strcmp(a, "--device"))
             o.device = v;
         else if (!strcmp(a, "--weights")) {
-            int place, rc = parse_choice(a, v, weight_places, 3, &place);
+            int rc = parse_choice(a, v, weight_places, 3, &place);
             if (rc) return rc;
-            o.stream_weights = place > 0;
-            o.weights_dir = place == 2 ? (o.weights_dir ? o.weights_dir : default_weights_dir()) : NULL;
         } else if (!strcmp(a, "--weights-dir")) {
-            o.weights_dir = v;
+            weights_dir = v;
         } else if (!strcmp(a, "--quantize")) {
             int rc = parse_choice(a, v, quantizations, 2, &o.quantize_nf4);
             if (rc) return rc;
@@ -294,7 +294,8 @@ static int cmd_eval(int argc, char **argv) {
             return fail(mt_errorf(MT_ERR_USAGE, "unknown option %s (memtune eval --help)", a));
         i++;
     }
-    if (o.weights_dir && !o.stream_weights) o.weights_dir = NULL;  // --weights-dir without --weights ssd
+    o.stream_weights = place > 0;  // --weights-dir counts with --weights ssd only
+    o.weights_dir = place == 2 ? (weights_dir ? weights_dir : default_weights_dir()) : NULL;
     mt_eval_result r;
     mt_err err = mt_eval_run(&o, &r);
     if (err) return fail(err);
