@@ -22,6 +22,10 @@ int mt_device_count(void) {
     return n;
 }
 
+void mt_device_select(int device) {
+    if (device >= 0 && device < mt_device_count()) CUDA_CHECK(cudaSetDevice(device));
+}
+
 size_t mt_device_free_bytes(void) {
     size_t free_bytes = 0, total = 0;
     if (cudaMemGetInfo(&free_bytes, &total) != cudaSuccess) return 0;

@@ -20,6 +20,9 @@ void mt_device_describe(char *buf, size_t len);
 size_t mt_device_total_bytes(void);
 // What the current device has free now (0: no GPU).
 size_t mt_device_free_bytes(void);
+// Makes GPU `device` the current one (before a query, so that each rank asks
+// its own GPU and opens no context on another); nothing without one.
+void mt_device_select(int device);
 
 void *mt_device_malloc(size_t bytes);  // NULL when out of memory
 void mt_device_free(void *p);

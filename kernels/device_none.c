@@ -12,6 +12,7 @@ int mt_device_count(void) { return 0; }
 void mt_device_describe(char *buf, size_t len) { snprintf(buf, len, "CPU (built without CUDA)"); }
 size_t mt_device_total_bytes(void) { return 0; }
 size_t mt_device_free_bytes(void) { return 0; }
+void mt_device_select(int device) { (void)device; }
 void *mt_device_malloc(size_t bytes) {
     (void)bytes;
     return NULL;

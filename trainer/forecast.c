@@ -440,13 +440,23 @@ static void describe_knobs(const knobs *k, const knobs *was, char *buf, size_t n
 }
 
 // memory.budget in bytes, and where it came from (a size, or auto: the GPU's free memory less 1 GiB).
+// This rank's GPU's free memory (its local rank's device: no context on another).
+static double rank_gpu_free_bytes(void) {
+    mt_dist *d;
+    int local = 0;
+    if (mt_dist_init(&d) == MT_OK) local = mt_dist_local_rank(d);
+    mt_dist_free(d);
+    mt_device_select(local);
+    return (double)mt_device_free_bytes();
+}
+
 static mt_err read_budget(const mt_config *cfg, int gpu, double *budget, char *source, size_t len) {
     if (!strcmp(cfg->memory_budget, "auto")) {
         if (!gpu)
             return mt_errorf(MT_ERR_CONFIG,
                              "memory.budget auto takes the GPU's free memory, and this run is on the "
                              "CPU; give a size (memory.budget: 16GiB) or none");
-        *budget = (double)mt_device_free_bytes() - 1073741824.0;
+        *budget = rank_gpu_free_bytes() - 1073741824.0;
         snprintf(source, len, "auto: the GPU's free memory less 1 GiB");
         return MT_OK;
     }
@@ -512,7 +522,7 @@ mt_err mt_forecast_choose_weights(mt_config *cfg, const mt_model_config *mc, int
 
 mt_err mt_forecast_weights_auto(mt_config *cfg, int gpu, int world) {
     if (strcmp(cfg->model_weights, "auto")) return MT_OK;
-    double capacity = gpu ? (double)mt_device_free_bytes() - 1073741824.0 : 0;
+    double capacity = gpu ? rank_gpu_free_bytes() - 1073741824.0 : 0;
     char source[64], why[512];
     mt_model_config mc;
     mt_err err = cfg->memory_budget[0] ? read_budget(cfg, gpu, &capacity, source, sizeof source) : MT_OK;
