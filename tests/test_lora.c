@@ -24,11 +24,6 @@
 
 static char dir[256];
 
-static void expect_error(mt_err got, mt_err want, const char *fragment) {
-    ck_assert_int_eq(got, want);
-    ck_assert_msg(strstr(mt_last_error(), fragment) != NULL, "message '%s' lacks '%s'", mt_last_error(), fragment);
-}
-
 // ------------------------------------------------------------------ NF4
 
 START_TEST(nf4_tables_follow_bitsandbytes) {
@@ -596,18 +591,18 @@ START_TEST(peft_folder_round_trip_and_refusals) {
     snprintf(path, sizeof path, "%s/adapter_config.json", bad_dir);
     for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
         ck_assert_int_eq(mt_write_text(path, bad[i].json), MT_OK);
-        expect_error(mt_lora_read_config(bad_dir, &read), bad[i].err, bad[i].message);
+        tu_expect_error(mt_lora_read_config(bad_dir, &read), bad[i].err, bad[i].message);
     }
     // tensors: one missing (the config names more modules), or of another shape (another base)
     mt_lora_config more = lora;
     more.targets |= 1u << MT_LORA_K;
-    expect_error(mt_lora_load(adapter, &c, &more, back), MT_ERR_FORMAT, "k_proj.lora_A.weight is missing");
+    tu_expect_error(mt_lora_load(adapter, &c, &more, back), MT_ERR_FORMAT, "k_proj.lora_A.weight is missing");
     mt_lora_config wider = lora;
     wider.r = 5;
-    expect_error(mt_lora_load(adapter, &c, &wider, back), MT_ERR_MODEL, "another base model");
+    tu_expect_error(mt_lora_load(adapter, &c, &wider, back), MT_ERR_MODEL, "another base model");
     mt_lora_config fewer = lora;
     fewer.targets = 1u << MT_LORA_Q;
-    expect_error(mt_lora_load(adapter, &c, &fewer, back), MT_ERR_MODEL, "is not part of a LoRA adapter");
+    tu_expect_error(mt_lora_load(adapter, &c, &fewer, back), MT_ERR_MODEL, "is not part of a LoRA adapter");
     free(table), free(params), free(back);
 }
 END_TEST
@@ -639,10 +634,10 @@ START_TEST(merge_writes_a_new_folder) {
     ck_assert_mem_eq(got, expect, tb * 4);
     ck_assert(memcmp(got, base, tb * 4) != 0);
     // an existing output folder is never overwritten
-    expect_error(mt_lora_merge_folders(folder, adapter, out), MT_ERR_USAGE, "already exists");
-    expect_error(mt_lora_merge_folders(folder, "/nonexistent-adapter", adapter), MT_ERR_USAGE, "already exists");
+    tu_expect_error(mt_lora_merge_folders(folder, adapter, out), MT_ERR_USAGE, "already exists");
+    tu_expect_error(mt_lora_merge_folders(folder, "/nonexistent-adapter", adapter), MT_ERR_USAGE, "already exists");
     snprintf(out, sizeof out, "%s/merged2", dir);
-    expect_error(mt_lora_merge_folders(folder, "/nonexistent-adapter", out), MT_ERR_IO, "adapter_config.json");
+    tu_expect_error(mt_lora_merge_folders(folder, "/nonexistent-adapter", out), MT_ERR_IO, "adapter_config.json");
     ck_assert_int_ne(access(out, F_OK), 0);
     free(table), free(adapters), free(base), free(expect), free(got);
 }

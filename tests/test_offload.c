@@ -696,44 +696,36 @@ START_TEST(offload_config_errors_name_the_fix) {
     mt_train_result r;
     run_config(&cfg, folder, data, out, NULL);
     ck_assert_int_eq(mt_config_set(&cfg, "offload.optimizer", "ssd", "t"), MT_OK);
-    ck_assert_int_eq(mt_config_validate(&cfg), MT_ERR_CONFIG);
-    ck_assert_msg(strstr(mt_last_error(), "offload.path"), "%s", mt_last_error());
+    tu_expect_error(mt_config_validate(&cfg), MT_ERR_CONFIG, "offload.path");
     ck_assert_int_eq(mt_config_set(&cfg, "offload.path", "/proc/memtune-cannot-be-here", "t"), MT_OK);
-    ck_assert_int_eq(mt_train(&cfg, &r), MT_ERR_IO);
-    ck_assert_msg(strstr(mt_last_error(), "offload.path"), "%s", mt_last_error());
+    tu_expect_error(mt_train(&cfg, &r), MT_ERR_IO, "offload.path");
     ck_assert_int_eq(mt_config_set(&cfg, "optim.kind", "mezo", "t"), MT_OK);
-    ck_assert_int_eq(mt_config_validate(&cfg), MT_ERR_CONFIG);
-    ck_assert_msg(strstr(mt_last_error(), "optim.kind: adamw or galore"), "%s", mt_last_error());
+    tu_expect_error(mt_config_validate(&cfg), MT_ERR_CONFIG, "optim.kind: adamw or galore");
     mt_config_free(&cfg);
     run_config(&cfg, folder, data, out, NULL);
     ck_assert_int_eq(mt_config_set(&cfg, "offload.threads", "2", "t"), MT_OK);
-    ck_assert_int_eq(mt_config_validate(&cfg), MT_ERR_CONFIG);
-    ck_assert_msg(strstr(mt_last_error(), "offload.optimizer: cpu or ssd"), "%s", mt_last_error());
+    tu_expect_error(mt_config_validate(&cfg), MT_ERR_CONFIG, "offload.optimizer: cpu or ssd");
     mt_config_free(&cfg);
     // model.weights ssd: needs offload.path (the only offload key it takes without offload.optimizer), and a
     // folder it can create its file in
     run_config(&cfg, folder, data, out, NULL);
     ck_assert_int_eq(mt_config_set(&cfg, "lora.r", "4", "t"), MT_OK);
     ck_assert_int_eq(mt_config_set(&cfg, "model.weights", "ssd", "t"), MT_OK);
-    ck_assert_int_eq(mt_config_validate(&cfg), MT_ERR_CONFIG);
-    ck_assert_msg(strstr(mt_last_error(), "model.weights ssd needs offload.path"), "%s", mt_last_error());
+    tu_expect_error(mt_config_validate(&cfg), MT_ERR_CONFIG, "model.weights ssd needs offload.path");
     ck_assert_int_eq(mt_config_set(&cfg, "offload.path", "/proc/memtune-cannot-be-here", "t"), MT_OK);
     ck_assert_int_eq(mt_config_validate(&cfg), MT_OK);
-    ck_assert_int_eq(mt_train(&cfg, &r), MT_ERR_IO);
-    ck_assert_msg(strstr(mt_last_error(), "/proc/memtune-cannot-be-here") && strstr(mt_last_error(), "offload.path"),
-                  "%s", mt_last_error());
+    tu_expect_error(mt_train(&cfg, &r), MT_ERR_IO, "/proc/memtune-cannot-be-here");
+    ck_assert_msg(strstr(mt_last_error(), "offload.path"), "%s", mt_last_error());
     ck_assert_int_eq(mt_config_set(&cfg, "offload.io_threads", "2", "t"), MT_OK);
-    ck_assert_int_eq(mt_config_validate(&cfg), MT_ERR_CONFIG);
-    ck_assert_msg(strstr(mt_last_error(), "except offload.path"), "%s", mt_last_error());
+    tu_expect_error(mt_config_validate(&cfg), MT_ERR_CONFIG, "except offload.path");
     mt_config_free(&cfg);
-    // with GaLore, or a full fine-tune keeping AdamW's state on the GPU, it names the value it was given
+    // a full fine-tune keeping AdamW's state on the GPU: refused, naming the value it was given
     run_config(&cfg, folder, data, out, NULL);
     ck_assert_int_eq(mt_config_set(&cfg, "model.weights", "ssd", "t"), MT_OK);
     ck_assert_int_eq(mt_config_set(&cfg, "offload.path", dir, "t"), MT_OK);
-    ck_assert_int_eq(mt_config_validate(&cfg), MT_ERR_CONFIG);
-    ck_assert_msg(strstr(mt_last_error(), "model.weights: ssd with a full fine-tune"), "%s", mt_last_error());
+    tu_expect_error(mt_config_validate(&cfg), MT_ERR_CONFIG, "model.weights: ssd with a full fine-tune");
     mt_config_free(&cfg);
-    // auto on the CPU backend: resident, said so
+    // auto on the CPU backend: resident
     run_config(&cfg, folder, data, out, NULL);
     ck_assert_int_eq(mt_config_set(&cfg, "model.weights", "auto", "t"), MT_OK);
     ck_assert_int_eq(mt_forecast_weights_auto(&cfg, 0, 1), MT_OK);

@@ -40,11 +40,6 @@ static void write_text(const char *path, const char *text) {
     fclose(f);
 }
 
-static void expect_error(mt_err got, mt_err want, const char *fragment) {
-    ck_assert_int_eq(got, want);
-    ck_assert_msg(strstr(mt_last_error(), fragment), "message '%s' lacks '%s'", mt_last_error(), fragment);
-}
-
 // ------------------------------------------------------------------ config
 
 START_TEST(config_yaml_set_and_errors) {
@@ -64,23 +59,24 @@ START_TEST(config_yaml_set_and_errors) {
     ck_assert_int_eq(cfg.model_activation_checkpointing, 1);
     ck_assert_int_eq(mt_config_set_assignment(&cfg, "train.steps=9", "--set"), MT_OK);
     ck_assert_int_eq(cfg.train_steps, 9);
-    expect_error(mt_config_set_assignment(&cfg, "train.stesp=9", "--set"), MT_ERR_CONFIG, "did you mean 'train.steps'");
-    expect_error(mt_config_set_assignment(&cfg, "steps", "--set"), MT_ERR_USAGE, "expected section.key=value");
+    tu_expect_error(mt_config_set_assignment(&cfg, "train.stesp=9", "--set"), MT_ERR_CONFIG,
+                    "did you mean 'train.steps'");
+    tu_expect_error(mt_config_set_assignment(&cfg, "steps", "--set"), MT_ERR_USAGE, "expected section.key=value");
     write_text(path, "train:\n  steps: 7\n  micro_bach: 2\n");
-    expect_error(mt_config_load_yaml(&cfg, path), MT_ERR_CONFIG,
-                 "c.yaml:3: unknown key 'train.micro_bach' (did you mean 'train.micro_batch'?)");
+    tu_expect_error(mt_config_load_yaml(&cfg, path), MT_ERR_CONFIG,
+                    "c.yaml:3: unknown key 'train.micro_bach' (did you mean 'train.micro_batch'?)");
     write_text(path, "optim:\n  lr: fast\n");
-    expect_error(mt_config_load_yaml(&cfg, path), MT_ERR_CONFIG, "c.yaml:2: optim.lr = 'fast': expected a number");
+    tu_expect_error(mt_config_load_yaml(&cfg, path), MT_ERR_CONFIG, "c.yaml:2: optim.lr = 'fast': expected a number");
     write_text(path, "train:\n  steps: 0\n");
-    expect_error(mt_config_load_yaml(&cfg, path), MT_ERR_CONFIG, "expected an integer in [1, 1000000000]");
+    tu_expect_error(mt_config_load_yaml(&cfg, path), MT_ERR_CONFIG, "expected an integer in [1, 1000000000]");
     write_text(path, "optim:\n  schedule: cosin\n");
-    expect_error(mt_config_load_yaml(&cfg, path), MT_ERR_CONFIG, "expected one of cosine|linear|constant");
+    tu_expect_error(mt_config_load_yaml(&cfg, path), MT_ERR_CONFIG, "expected one of cosine|linear|constant");
     write_text(path, "train:\n  steps: \"unterminated\n");
-    expect_error(mt_config_load_yaml(&cfg, path), MT_ERR_CONFIG, "YAML syntax error");
+    tu_expect_error(mt_config_load_yaml(&cfg, path), MT_ERR_CONFIG, "YAML syntax error");
     write_text(path, "train: 5\n");
-    expect_error(mt_config_load_yaml(&cfg, path), MT_ERR_CONFIG, "should be a section");
+    tu_expect_error(mt_config_load_yaml(&cfg, path), MT_ERR_CONFIG, "should be a section");
     snprintf(path, sizeof path, "%s/none.yaml", dir);
-    expect_error(mt_config_load_yaml(&cfg, path), MT_ERR_IO, "cannot open the config file");
+    tu_expect_error(mt_config_load_yaml(&cfg, path), MT_ERR_IO, "cannot open the config file");
     mt_config_free(&cfg);
 }
 END_TEST
@@ -146,7 +142,7 @@ START_TEST(safetensors_round_trip_and_malformed) {
         fwrite(a, 4, 2, f);
         fclose(f);
         mt_safetensors *st = (mt_safetensors *)1;
-        expect_error(mt_safetensors_open(&st, path), MT_ERR_FORMAT, cases[c].fragment);
+        tu_expect_error(mt_safetensors_open(&st, path), MT_ERR_FORMAT, cases[c].fragment);
         ck_assert_ptr_null(st);
     }
     FILE *f = fopen(path, "wb");
@@ -154,9 +150,9 @@ START_TEST(safetensors_round_trip_and_malformed) {
     fwrite(&huge, 8, 1, f);
     fclose(f);
     mt_safetensors *st;
-    expect_error(mt_safetensors_open(&st, path), MT_ERR_FORMAT, "header length is past the end");
+    tu_expect_error(mt_safetensors_open(&st, path), MT_ERR_FORMAT, "header length is past the end");
     write_text(path, "abc");
-    expect_error(mt_safetensors_open(&st, path), MT_ERR_FORMAT, "shorter than the 8-byte header");
+    tu_expect_error(mt_safetensors_open(&st, path), MT_ERR_FORMAT, "shorter than the 8-byte header");
 }
 END_TEST
 
@@ -235,10 +231,10 @@ START_TEST(hf_config_checks) {
     ck_assert(mt_layer_local(&c, 0) && !mt_layer_local(&c, 1) && mt_layer_local(&c, 2));
     snprintf(gjson, sizeof gjson, gemma, "30.0", "\"sliding_attention\",\"full_attention\"");
     make_folder("gemma3-softcap", gjson, folder, sizeof folder);
-    expect_error(mt_hf_read_config(folder, &c), MT_ERR_MODEL, "final_logit_softcapping");
+    tu_expect_error(mt_hf_read_config(folder, &c), MT_ERR_MODEL, "final_logit_softcapping");
     snprintf(gjson, sizeof gjson, gemma, "null", "\"full_attention\",\"full_attention\"");
     make_folder("gemma3-pattern", gjson, folder, sizeof folder);
-    expect_error(mt_hf_read_config(folder, &c), MT_ERR_MODEL, "layer_types[2]");
+    tu_expect_error(mt_hf_read_config(folder, &c), MT_ERR_MODEL, "layer_types[2]");
     // Phi-3: fused qkv_proj and gate_up_proj in the table; partial RoPE refused
     const char *phi3 =
         "{\"architectures\":[\"Phi3ForCausalLM\"],\"vocab_size\":13,\"hidden_size\":16,"
@@ -258,7 +254,7 @@ START_TEST(hf_config_checks) {
     }
     snprintf(gjson, sizeof gjson, phi3, ",\"partial_rotary_factor\":0.75");
     make_folder("phi4-mini", gjson, folder, sizeof folder);
-    expect_error(mt_hf_read_config(folder, &c), MT_ERR_MODEL, "partial_rotary_factor 0.75");
+    tu_expect_error(mt_hf_read_config(folder, &c), MT_ERR_MODEL, "partial_rotary_factor 0.75");
     // Qwen2's window from layer max_window_layers on: all full when that is every layer; refused between
     const char *qwen_window =
         "{\"architectures\":[\"Qwen2ForCausalLM\"],\"vocab_size\":13,\"hidden_size\":16,\"intermediate_size\":24,"
@@ -275,20 +271,21 @@ START_TEST(hf_config_checks) {
     ck_assert_int_eq(c.sliding_window, 8);
     snprintf(json, sizeof json, qwen_window, 2);
     make_folder("qwen-window-some", json, folder, sizeof folder);
-    expect_error(mt_hf_read_config(folder, &c), MT_ERR_MODEL, "max_window_layers");
+    tu_expect_error(mt_hf_read_config(folder, &c), MT_ERR_MODEL, "max_window_layers");
     make_folder("gpt", "{\"architectures\":[\"GPT2LMHeadModel\"],\"vocab_size\":5}", folder, sizeof folder);
-    expect_error(mt_hf_read_config(folder, &c), MT_ERR_MODEL, "architecture 'GPT2LMHeadModel' (field architectures)");
+    tu_expect_error(mt_hf_read_config(folder, &c), MT_ERR_MODEL,
+                    "architecture 'GPT2LMHeadModel' (field architectures)");
     make_folder("nolayers",
                 "{\"architectures\":[\"LlamaForCausalLM\"],\"vocab_size\":5,\"hidden_size\":8,"
                 "\"intermediate_size\":8,\"num_attention_heads\":2}",
                 folder, sizeof folder);
-    expect_error(mt_hf_read_config(folder, &c), MT_ERR_MODEL, "field num_hidden_layers is missing");
+    tu_expect_error(mt_hf_read_config(folder, &c), MT_ERR_MODEL, "field num_hidden_layers is missing");
     make_folder("yarn",
                 "{\"architectures\":[\"LlamaForCausalLM\"],\"vocab_size\":5,\"hidden_size\":8,"
                 "\"intermediate_size\":8,\"num_hidden_layers\":1,\"num_attention_heads\":2,"
                 "\"rope_scaling\":{\"rope_type\":\"yarn\",\"factor\":4}}",
                 folder, sizeof folder);
-    expect_error(mt_hf_read_config(folder, &c), MT_ERR_MODEL, "rope type 'yarn'");
+    tu_expect_error(mt_hf_read_config(folder, &c), MT_ERR_MODEL, "rope type 'yarn'");
     make_folder("llama3",
                 "{\"architectures\":[\"LlamaForCausalLM\"],\"vocab_size\":5,\"hidden_size\":8,"
                 "\"intermediate_size\":8,\"num_hidden_layers\":1,\"num_attention_heads\":2,\"rope_theta\":500000.0,"
@@ -327,20 +324,21 @@ START_TEST(hf_config_checks) {
     ck_assert_float_eq(c.rope_short_factor[3], 1.3f);
     snprintf(gjson, sizeof gjson, longrope, "su", "");  // Phi-3's first name for it; three long factors, not four
     make_folder("phi3-longrope-short-list", gjson, folder, sizeof folder);
-    expect_error(mt_hf_read_config(folder, &c), MT_ERR_MODEL, "long_factor and short_factor, 4 numbers each");
-    expect_error(mt_hf_read_config("/nonexistent-folder", &c), MT_ERR_MODEL, "no config.json");
+    tu_expect_error(mt_hf_read_config(folder, &c), MT_ERR_MODEL, "long_factor and short_factor, 4 numbers each");
+    tu_expect_error(mt_hf_read_config("/nonexistent-folder", &c), MT_ERR_MODEL, "no config.json");
     // found by fuzzing: a huge number is refused, not converted (that was undefined behaviour)
     make_folder("huge",
                 "{\"architectures\":[\"LlamaForCausalLM\"],\"vocab_size\":258,\"hidden_size\":128,"
                 "\"intermediate_size\":359999999999999999999999999999992,\"num_hidden_layers\":1,"
                 "\"num_attention_heads\":2}",
                 folder, sizeof folder);
-    expect_error(mt_hf_read_config(folder, &c), MT_ERR_MODEL, "field intermediate_size is missing or not a positive");
+    tu_expect_error(mt_hf_read_config(folder, &c), MT_ERR_MODEL,
+                    "field intermediate_size is missing or not a positive");
     make_folder("enormous",
                 "{\"architectures\":[\"LlamaForCausalLM\"],\"vocab_size\":1000000,\"hidden_size\":1000000,"
                 "\"intermediate_size\":4000000,\"num_hidden_layers\":1000,\"num_attention_heads\":1000}",
                 folder, sizeof folder);
-    expect_error(mt_hf_read_config(folder, &c), MT_ERR_MODEL, "beyond any model memtune can train");
+    tu_expect_error(mt_hf_read_config(folder, &c), MT_ERR_MODEL, "beyond any model memtune can train");
 }
 END_TEST
 
@@ -521,8 +519,8 @@ START_TEST(save_and_load_round_trip) {
     // a tensor whose shape disagrees with config.json is named with both shapes
     c2.F = 32;
     float *wide = calloc(total * 2, 4);
-    expect_error(mt_hf_load_weights(out, &c2, wide), MT_ERR_MODEL,
-                 "tensor model.layers.0.mlp.gate_proj.weight has shape [24, 16], config.json implies [32, 16]");
+    tu_expect_error(mt_hf_load_weights(out, &c2, wide), MT_ERR_MODEL,
+                    "tensor model.layers.0.mlp.gate_proj.weight has shape [24, 16], config.json implies [32, 16]");
     free(wide);
     c2.F = c.F;
     c2.L = 3;
@@ -530,7 +528,8 @@ START_TEST(save_and_load_round_trip) {
     size_t total3;
     free(mt_model_param_table(&c2, &n3, &total3));
     float *back3 = calloc(total3, 4);
-    expect_error(mt_hf_load_weights(out, &c2, back3), MT_ERR_MODEL, "model.layers.2.input_layernorm.weight is missing");
+    tu_expect_error(mt_hf_load_weights(out, &c2, back3), MT_ERR_MODEL,
+                    "model.layers.2.input_layernorm.weight is missing");
     free(params), free(back), free(back3), free(table);
 }
 END_TEST
@@ -623,7 +622,7 @@ START_TEST(a_base_set_a_layer_at_a_time_equals_the_whole_copy) {
     mt_model_options o = {.B = B, .T = T, .forward_only = 1};
     mt_model *m;
     ck_assert_int_eq(mt_model_create_with(&m, &be, &c, &o), MT_OK);
-    expect_error(mt_hf_set_model(m, out, 0), MT_ERR_MODEL, "model.layers.2.input_layernorm.weight is missing");
+    tu_expect_error(mt_hf_set_model(m, out, 0), MT_ERR_MODEL, "model.layers.2.input_layernorm.weight is missing");
     mt_model_free(m);
     mt_backend_free(&be);
     free(params), free(table), free(la), free(lb);
@@ -702,7 +701,7 @@ START_TEST(training_reduces_loss_and_saves) {
     ck_assert_int_eq(mt_config_set(&cfg, "model.path", bad, "t"), MT_OK);
     ck_assert_int_eq(mt_config_set(&cfg, "model.init", "pretrained", "t"), MT_OK);
     ck_assert_int_eq(mt_config_set(&cfg, "output.dir", bad_run, "t"), MT_OK);
-    expect_error(mt_train(&cfg, &r), MT_ERR_NONFINITE, "step 1: loss nan");
+    tu_expect_error(mt_train(&cfg, &r), MT_ERR_NONFINITE, "step 1: loss nan");
     ck_assert_ptr_nonnull(strstr(mt_last_error(), "the update was not applied"));
     snprintf(path, sizeof path, "%s/model", bad_run);
     ck_assert_int_ne(access(path, F_OK), 0);
@@ -714,7 +713,7 @@ START_TEST(training_reduces_loss_and_saves) {
     ck_assert_int_eq(mt_config_set(&cfg, "train.on_nonfinite", "stop", "t"), MT_OK);
     // a missing dataset is a clear error before anything runs
     ck_assert_int_eq(mt_config_set(&cfg, "data.train", "/nonexistent.h5", "t"), MT_OK);
-    expect_error(mt_train(&cfg, &r), MT_ERR_IO, "/nonexistent.h5: dataset file not found");
+    tu_expect_error(mt_train(&cfg, &r), MT_ERR_IO, "/nonexistent.h5: dataset file not found");
     // too little data for one eval batch: refused, and the early exit frees
     // only what it made (it once freed the unset unit ranges)
     char small[300];
@@ -724,7 +723,7 @@ START_TEST(training_reduces_loss_and_saves) {
     uint64_t few_offsets[2] = {0, 400};
     ck_assert_int_eq(mt_dataset_write(small, few, 400, few_offsets, 1, NULL, 13, "test"), MT_OK);
     ck_assert_int_eq(mt_config_set(&cfg, "data.train", small, "t"), MT_OK);
-    expect_error(mt_train(&cfg, &r), MT_ERR_DATASET, "fewer than one batch");
+    tu_expect_error(mt_train(&cfg, &r), MT_ERR_DATASET, "fewer than one batch");
     mt_config_free(&cfg);
 }
 END_TEST
@@ -873,7 +872,7 @@ START_TEST(eval_matches_logits_and_adapter) {
     ck_assert_msg(fabs(ra.loss - rm.loss) < 1e-5 * rm.loss, "on the fly %.9g, merged %.9g", ra.loss, rm.loss);
     // a file too short for one window, and a missing model, are clear errors
     o.seq_len = 4096;
-    expect_error(mt_eval_run(&o, &rm), MT_ERR_DATASET, "no window of 4096+1");
+    tu_expect_error(mt_eval_run(&o, &rm), MT_ERR_DATASET, "no window of 4096+1");
     o.seq_len = T, o.model = "/nonexistent";
     ck_assert_int_ne(mt_eval_run(&o, &rm), MT_OK);
     free(table), free(ad), free(params), free(tok), free(mask), free(logits);
@@ -1235,7 +1234,7 @@ START_TEST(training_samples_its_text) {
         ck_assert_int_eq(mt_config_set(&cfg, "train.sample_every", "2", "t"), MT_OK);
         if (lora) ck_assert_int_eq(mt_config_set(&cfg, "lora.r", "4", "t"), MT_OK);
         mt_train_result r;
-        expect_error(mt_train(&cfg, &r), MT_ERR_CONFIG, "train.sample_prompts is empty");
+        tu_expect_error(mt_train(&cfg, &r), MT_ERR_CONFIG, "train.sample_prompts is empty");
         ck_assert_int_eq(mt_config_set(&cfg, "train.sample_prompts", "abc|de", "t"), MT_OK);
         ck_assert_int_eq(mt_config_set(&cfg, "train.sample_tokens", "6", "t"), MT_OK);
         ck_assert_int_eq(mt_train(&cfg, &r), MT_OK);
@@ -1377,12 +1376,12 @@ START_TEST(resume_is_bit_identical) {
     // resuming with other training settings is refused; a finished run has nothing left
     ck_assert_int_eq(mt_config_set(&cfg, "train.steps", "20", "t"), MT_OK);
     ck_assert_int_eq(mt_config_set(&cfg, "optim.lr", "1e-3", "t"), MT_OK);
-    expect_error(mt_train(&cfg, &r), MT_ERR_CONFIG, "different configuration");
+    tu_expect_error(mt_train(&cfg, &r), MT_ERR_CONFIG, "different configuration");
     ck_assert_int_eq(mt_config_set(&cfg, "train.steps", "14", "t"), MT_OK);
     ck_assert_int_eq(mt_config_set(&cfg, "optim.lr", "3e-4", "t"), MT_OK);
-    expect_error(mt_train(&cfg, &r), MT_ERR_CONFIG, "nothing left to train");
+    tu_expect_error(mt_train(&cfg, &r), MT_ERR_CONFIG, "nothing left to train");
     ck_assert_int_eq(mt_config_set(&cfg, "train.resume", "/nonexistent/step-1", "t"), MT_OK);
-    expect_error(mt_train(&cfg, &r), MT_ERR_IO, "no readable state.h5");
+    tu_expect_error(mt_train(&cfg, &r), MT_ERR_IO, "no readable state.h5");
     mt_config_free(&cfg);
     // the runs above wrote their checkpoints in the background (checkpoint.async, the default); written
     // in place they hold the same values
@@ -1502,7 +1501,7 @@ START_TEST(lora_starts_from_an_adapter_folder) {
     ck_assert_int_eq(mt_config_set(&cfg, "lora.r", "8", "t"), MT_OK);
     snprintf(path, sizeof path, "%s/init-run-refused", dir);
     ck_assert_int_eq(mt_config_set(&cfg, "output.dir", path, "t"), MT_OK);
-    expect_error(mt_train(&cfg, &r), MT_ERR_CONFIG, "set lora.* to the adapter's values");
+    tu_expect_error(mt_train(&cfg, &r), MT_ERR_CONFIG, "set lora.* to the adapter's values");
     ck_assert_int_ne(access(path, F_OK), 0);  // refused before anything was written
     mt_config_free(&cfg);
     free(table), free(init), free(back);

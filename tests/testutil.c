@@ -52,6 +52,11 @@ double tu_fd_check(tu_loss_fn loss, void *ctx, float *x, const float *analytic, 
     return worst;
 }
 
+void tu_expect_error(mt_err got, mt_err want, const char *fragment) {
+    ck_assert_int_eq(got, want);
+    ck_assert_msg(strstr(mt_last_error(), fragment) != NULL, "message '%s' lacks '%s'", mt_last_error(), fragment);
+}
+
 void tu_tempdir(char *buf, size_t len) {
     snprintf(buf, len, "/tmp/memtune-test-XXXXXX");
     if (!mkdtemp(buf)) {  // may run outside a test (in main), so no ck_assert

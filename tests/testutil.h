@@ -50,6 +50,9 @@ void tu_write_sequence_data(const char *path);
 // out (room for all of them and the NULL).
 void tu_pairs_without(const char *const *pairs, const char *prefix, const char **out);
 
+// Asserts that got is want and that the last error's message holds fragment.
+void tu_expect_error(mt_err got, mt_err want, const char *fragment);
+
 // A fresh empty folder under /tmp (path written to buf).
 void tu_tempdir(char *buf, size_t len);
 
