@@ -439,7 +439,6 @@ static void describe_knobs(const knobs *k, const knobs *was, char *buf, size_t n
     if (at > 0 && at <= n) buf[at - 1] = '\0';
 }
 
-// memory.budget in bytes, and where it came from (a size, or auto: the GPU's free memory less 1 GiB).
 // This rank's GPU's free memory (its local rank's device: no context on another).
 static double rank_gpu_free_bytes(void) {
     mt_dist *d;
@@ -450,6 +449,7 @@ static double rank_gpu_free_bytes(void) {
     return (double)mt_device_free_bytes();
 }
 
+// memory.budget in bytes, and where it came from (a size, or auto: the GPU's free memory less 1 GiB).
 static mt_err read_budget(const mt_config *cfg, int gpu, double *budget, char *source, size_t len) {
     if (!strcmp(cfg->memory_budget, "auto")) {
         if (!gpu)
@@ -522,10 +522,14 @@ mt_err mt_forecast_choose_weights(mt_config *cfg, const mt_model_config *mc, int
 
 mt_err mt_forecast_weights_auto(mt_config *cfg, int gpu, int world) {
     if (strcmp(cfg->model_weights, "auto")) return MT_OK;
-    double capacity = gpu ? rank_gpu_free_bytes() - 1073741824.0 : 0;
+    double capacity = 0;  // memory.budget, else what its auto takes
     char source[64], why[512];
     mt_model_config mc;
-    mt_err err = cfg->memory_budget[0] ? read_budget(cfg, gpu, &capacity, source, sizeof source) : MT_OK;
+    mt_err err = MT_OK;
+    if (cfg->memory_budget[0])
+        err = read_budget(cfg, gpu, &capacity, source, sizeof source);
+    else if (gpu)
+        capacity = rank_gpu_free_bytes() - 1073741824.0;
     if (!err) err = mt_hf_read_config(cfg->model_path, &mc);
     if (!err) err = mt_forecast_choose_weights(cfg, &mc, gpu, world, capacity, host_available(), why, sizeof why);
     if (!err) mt_info("model.weights auto: %s (%s)", cfg->model_weights, why);

@@ -711,6 +711,19 @@ static void stream_layer(mt_model *m, int l, int next) {
     }
 }
 
+// The backend's scratch for (cfg, o): the larger of attention's (att: its
+// larger layer kind's) and, on a GPU, the norms' and the embedding's
+// backward (ops.h; the CPU's need none). The run reserves it; the forecast
+// counts it.
+static size_t scratch_bytes(int gpu, const mt_model_config *cfg, const mt_model_options *o, size_t att) {
+    if (!gpu) return att;
+    int N = o->B * o->T;
+    size_t norm = mt_norm_embedding_workspace_bytes_gpu(N, cfg->C),
+           heads = cfg->qk_norm ? mt_norm_embedding_workspace_bytes_gpu(N * cfg->H, cfg->D) : 0;
+    if (heads > norm) norm = heads;
+    return att > norm ? att : norm;
+}
+
 // The base's store: where it computes, in host memory, or mapped from a file in `dir`.
 static mt_err store_alloc(void **out, size_t bytes, mt_mem_category cat, mt_mem_place place, const char *dir) {
     return dir ? mt_alloc_file(out, bytes, cat, dir) : mt_alloc(out, bytes, cat, place);
@@ -779,12 +792,8 @@ mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_confi
     size_t cache = mt_model_kv_cache_bytes(be->gpu, cfg, B, o->decode_len) / 2;
     if (!err && cache) err = mt_alloc(&m->kcache, cache, MT_MEM_ACTIVATIONS, place);
     if (!err && cache) err = mt_alloc(&m->vcache, cache, MT_MEM_ACTIVATIONS, place);
-    size_t workspace = o->decode_len ? 0 : attention_workspace(be, cfg, o);
-    size_t norm_workspace = mt_norm_embedding_workspace_bytes(be, B * T, cfg->C);
-    if (norm_workspace > workspace) workspace = norm_workspace;
-    size_t heads_workspace = cfg->qk_norm ? mt_norm_embedding_workspace_bytes(be, B * T * cfg->H, cfg->D) : 0;
-    if (heads_workspace > workspace) workspace = heads_workspace;
-    if (!err) err = mt_backend_reserve_workspace(be, workspace);
+    size_t att = o->decode_len ? 0 : attention_workspace(be, cfg, o);  // decoding's attention needs none
+    if (!err) err = mt_backend_reserve_workspace(be, scratch_bytes(be->gpu, cfg, o, att));
     if (err) {
         mt_model_free(m);
         return err;
@@ -885,12 +894,8 @@ void mt_model_plan_bytes(int gpu, int device, const mt_model_config *cfg, const 
     if (gpu) {  // decoding reserves no attention workspace (mt_model_create_with)
         int attends = !o->decode_len, both = attends && cfg->global_every;
         size_t att = attends ? mt_attention_planned_workspace_bytes(device, &attn, &cudnn) : 0,
-               att_local = both ? mt_attention_planned_workspace_bytes(device, &local, &cudnn_local) : 0,
-               norm = mt_norm_embedding_workspace_bytes_gpu((int)N, cfg->C),
-               heads = cfg->qk_norm ? mt_norm_embedding_workspace_bytes_gpu((int)N * cfg->H, cfg->D) : 0;
-        if (heads > norm) norm = heads;
-        if (att_local > att) att = att_local;
-        b->workspace = att > norm ? att : norm;
+               att_local = both ? mt_attention_planned_workspace_bytes(device, &local, &cudnn_local) : 0;
+        b->workspace = scratch_bytes(1, cfg, o, att > att_local ? att : att_local);
         // the fp32 staging of each upload (transient), at most 4 Mi values
         b->staging = (m->total < ((size_t)4 << 20) ? m->total : ((size_t)4 << 20)) * sizeof(float);
     }
