@@ -341,7 +341,6 @@ void mt_config_write_reference(FILE *f, int markdown) {
     }
 }
 
-// Whether any key of `section` differs from its default.
 // Whether a key of `section` other than `except` (NULL: none) differs from its default.
 static int section_changed(const mt_config *cfg, const char *section, const char *except) {
     mt_config d;

@@ -131,10 +131,14 @@ static const char *const quantizations[] = {"none", "nf4"};
 // --weights-dir (model.weights).
 static const char *const weight_places[] = {"gpu", "cpu", "ssd"};
 
-// --weights-dir's default: $TMPDIR, else /var/tmp (disk, where /tmp may be memory).
-static const char *default_weights_dir(void) {
+// --weights' choice (an index of weight_places) and --weights-dir: whether
+// the base streams, and the folder of its file with ssd (--weights-dir,
+// default $TMPDIR, else /var/tmp: disk, where /tmp may be memory), else NULL.
+static const char *weights_file_dir(int place, const char *dir, int *stream) {
+    *stream = place > 0;
+    if (place != 2) return NULL;
     const char *t = getenv("TMPDIR");
-    return t && t[0] ? t : "/var/tmp";
+    return dir ? dir : t && t[0] ? t : "/var/tmp";
 }
 
 static int parse_choice(const char *opt, const char *v, const char *const *names, int n, int *out) {
@@ -294,8 +298,7 @@ static int cmd_eval(int argc, char **argv) {
             return fail(mt_errorf(MT_ERR_USAGE, "unknown option %s (memtune eval --help)", a));
         i++;
     }
-    o.stream_weights = place > 0;  // --weights-dir counts with --weights ssd only
-    o.weights_dir = place == 2 ? (weights_dir ? weights_dir : default_weights_dir()) : NULL;
+    o.weights_dir = weights_file_dir(place, weights_dir, &o.stream_weights);  // --weights-dir counts with ssd only
     mt_eval_result r;
     mt_err err = mt_eval_run(&o, &r);
     if (err) return fail(err);
@@ -644,8 +647,7 @@ static int cmd_generate(int argc, char **argv) {
     if (rc) return rc;
     int place;
     if ((rc = parse_choice("--weights", weights, weight_places, 3, &place))) return rc;
-    c.stream_weights = place > 0;
-    c.weights_dir = place == 2 ? (weights_dir ? weights_dir : default_weights_dir()) : NULL;
+    c.weights_dir = weights_file_dir(place, weights_dir, &c.stream_weights);
     c.gpu = dev != 1 && mt_device_count() > 0;
     if (dev == 2 && !c.gpu)
         return fail(mt_errorf(MT_ERR_DEVICE, "--device gpu but no GPU is visible; use --device cpu or auto"));

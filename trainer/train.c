@@ -130,7 +130,7 @@ static mt_err load_values(run *r) {
     else if (cfg->train_resume[0])
         snprintf(r->resume_dir, sizeof r->resume_dir, "%s", cfg->train_resume);
     // a frozen base, and (unless a checkpoint's replace them) MeZO's and an offloaded full fine-tune's weights,
-    // go into the model a layer at a time (build_model; mt_updater_fill also fills the store's master): only
+    // go into the model a layer at a time (build_model; the updater's offload with the store's master): only
     // the rest have a whole fp32 copy on the host
     r->fill = pl->offload && !pl->galore && !lora && !r->resume_dir[0];
     int whole = !lora && !(pl->mezo && !r->resume_dir[0]) && !r->fill;
@@ -185,7 +185,7 @@ static mt_err build_model(run *r) {
         snprintf(r->devname, sizeof r->devname, "CPU (fp32 reference backend)");
     if ((err = mt_model_create_with(&r->model, &r->be, &r->mc, &r->opts))) return err;
     if (r->world > 1 && r->opts.grad_ready) mt_model_set_agreement(r->model, mt_route_any_rank, r->dist);
-    if (!r->host_params && !r->fill) {  // a layer at a time (load_values; fill: after the updater)
+    if (!r->host_params && !r->fill) {  // a layer at a time (load_values; fill: the updater's offload)
         if ((err = mt_hf_set_model(r->model, r->random_init ? NULL : r->cfg->model_path, (uint64_t)r->cfg->train_seed)))
             return err;
         if (r->pl.lora) mt_model_set_adapters(r->model, r->trained);
@@ -462,7 +462,6 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     // backend, model, optimizer, run folder
     if (!err) err = build_model(&r);
     if (!err) err = build_updater(&r);
-    if (!err && r.fill) err = mt_updater_fill(&r.up, r.random_init ? NULL : cfg->model_path, (uint64_t)cfg->train_seed);
     if (!err) err = open_outputs(&r);
     int stopped = 0;
     if (!err) {

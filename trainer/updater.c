@@ -64,6 +64,18 @@ static mt_err build_galore(mt_updater *u) {
     }
     return err;
 }
+// A fresh offloaded full fine-tune without the trained block's fp32 host
+// copy: each unit's values (mt_hf_set_model's walk) into the model and into
+// the store's master slots of this rank's parameters.
+static mt_err fill_unit(void *ctx, int first, int count, const float *values) {
+    mt_updater *u = ctx;
+    int n;
+    const mt_param_info *table = mt_model_params(u->model, &n);
+    size_t span = table[first + count - 1].offset + table[first + count - 1].count - table[first].offset;
+    mt_err err = mt_model_set_params(u->model, first, count, values);
+    return err ? err : mt_offload_write_master(u->ofl, table[first].offset, span, values);
+}
+
 // AdamW's state in a store off the GPU (host memory or a file): with GaLore
 // the parameters it does not project, packed; else the trained block (ZeRO:
 // this rank's shard).
@@ -130,10 +142,13 @@ static mt_err build_offload(mt_updater *u) {
         return err;
     }
     // moment_m and moment_v exist only when resuming (resume.optimizer_steps is 0 otherwise); without the
-    // trained block's host copy the master comes a unit at a time (mt_updater_fill)
+    // trained block's host copy the model's values and the master come a unit at a time (fill_unit)
     err = mt_offload_init(&u->ofl, u->be, &oc, plan->params, plan->n, plan->count, u->tr.weights,
                           *u->trained ? *u->trained + pl->shard_lo : NULL, *u->moment_m, *u->moment_v,
                           u->resume->optimizer_steps);
+    if (!err && !*u->trained)
+        err = mt_hf_each_unit(u->model, strcmp(cfg->model_init, "random") ? cfg->model_path : NULL,
+                              (uint64_t)cfg->train_seed, fill_unit, u);
     if (!err && ranks) {
         mt_offload_hook *h = u->ohook;
         mt_offload_set_norm_sum(u->ofl, mt_route_sum_over_ranks, u->dist);
@@ -357,20 +372,6 @@ static mt_err read_master(mt_updater *u, float *dst, float *m, float *v) {
         err = mt_offload_read_state(u->ofl, dst + pl->shard_lo, m, v);
     if (sharded(u)) mt_dist_share_shards_host(u->dist, dst, pl->trained_total);
     return err;
-}
-
-static mt_err fill_unit(void *ctx, int first, int count, const float *values) {
-    mt_updater *u = ctx;
-    int n;
-    const mt_param_info *table = mt_model_params(u->model, &n);
-    size_t span = table[first + count - 1].offset + table[first + count - 1].count - table[first].offset;
-    mt_err err = mt_model_set_params(u->model, first, count, values);
-    return err ? err : mt_offload_write_master(u->ofl, table[first].offset, span, values);
-}
-
-mt_err mt_updater_fill(mt_updater *u, const char *dir, uint64_t seed) {
-    MT_CHECK(u->ofl && !u->plan.packed && !u->pl->lora, "mt_updater_fill: an offloaded full fine-tune");
-    return mt_hf_each_unit(u->model, dir, seed, fill_unit, u);
 }
 
 mt_err mt_updater_get_trained(mt_updater *u, float *dst, float *packed) {

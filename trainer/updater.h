@@ -64,11 +64,6 @@ typedef struct {
 } mt_updater;
 
 mt_err mt_updater_build(mt_updater *u);
-// A fresh offloaded full fine-tune without the trained block's fp32 host
-// copy (*u->trained NULL; the store starts zero): the model's weights and
-// the store's master values together, a unit at a time, from the folder dir
-// (NULL: drawn from seed) as mt_hf_set_model reads them.
-mt_err mt_updater_fill(mt_updater *u, const char *dir, uint64_t seed);
 // Before the step's first backward.
 void mt_updater_begin(mt_updater *u, float lr);
 // Before micro-batch a (> 0) of a step whose gradients stream off the GPU.
