@@ -89,7 +89,8 @@ def main():
         for name, *_ in SHAPES:
             if line.startswith(name + " "):
                 parts = line[len(name):].split()
-                results[(name, "memtune " + parts[0])] = (float(parts[2]), float(parts[4]), parts[5])
+                if len(parts) == 6:  # path fwd-ms fwd-TF/s bwd-ms bwd-TF/s repeat (else "out of memory")
+                    results[(name, "memtune " + parts[0])] = (float(parts[2]), float(parts[4]), parts[5])
     print(f"{'shape':20s} {'path':16s} {'fwd TF/s':>9s} {'bwd TF/s':>9s}  note")
     for (name, path), (f, b, note) in results.items():
         print(f"{name:20s} {path:16s} {f:9.1f} {b:9.1f}  {note}")
@@ -102,8 +103,11 @@ def main():
             continue
         best_f, best_b = max(p[0] for p in peers), max(p[1] for p in peers)
         ratios[name] = {"forward": ours[0] / best_f, "backward": ours[1] / best_b, "backward_repeat": ours[2]}
+        nd = results.get((name, "memtune cudnn-nd"))
+        if nd:
+            ratios[name]["backward_nondeterministic"] = nd[1] / best_b
         print(f"  {name:20s} forward x{ours[0] / best_f:.3f}  backward x{ours[1] / best_b:.3f}  "
-              f"(two backward runs: {ours[2]})")
+              f"(two backward runs: {ours[2]})" + (f"; non-deterministic backward x{nd[1] / best_b:.3f}" if nd else ""))
     with open(os.path.join(args.out, "attention_bench.json"), "w") as f:
         json.dump({"results": {f"{k[0]} | {k[1]}": v for k, v in results.items()}, "ratios": ratios,
                    "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,

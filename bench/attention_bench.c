@@ -1,6 +1,8 @@
 // bench/attention_bench.c: times the GPU attention op (forward, backward) at
-// the shapes the benchmarks train, on random inputs: cuDNN's fused graphs and
-// memtune's own kernel (where it takes the head dim), each the median of 20
+// the shapes the benchmarks train, on random inputs: cuDNN's fused graphs
+// (cudnn: the deterministic backward memtune runs by default; cudnn-nd: the
+// non-deterministic one, model.deterministic_attention false) and memtune's
+// own kernel (where it takes the head dim), each the median of 20
 // runs timed with CUDA events after 3 warm-ups, as TFLOP/s of useful (causal)
 // matrix work; and whether two backward runs give the same bits. Prints one
 // line per (shape, path); bench/attention.py puts torch's SDPA beside it.
@@ -91,16 +93,21 @@ int main(int argc, char **argv) {
     if (mt_device_count() == 0) return printf("attention_bench: no GPU\n"), 77;
     mt_backend be;
     if (mt_backend_init(&be, 0)) return 1;
-    mt_attention_shape shapes[] = {{4, 1024, 32, 4, 64, 0, 0, 0.0f},
-                                   {4, 1024, 32, 32, 128, 0, 0, 0.0f},
-                                   {1, 4096, 32, 8, 128, 0, 0, 0.0f},
-                                   {1, 16384, 32, 8, 128, 0, 0, 0.0f}};
+    mt_attention_shape shapes[] = {{4, 1024, 32, 4, 64, 0, 0, 0.0f, 0},
+                                   {4, 1024, 32, 32, 128, 0, 0, 0.0f, 0},
+                                   {1, 4096, 32, 8, 128, 0, 0, 0.0f, 0},
+                                   {1, 16384, 32, 8, 128, 0, 0, 0.0f, 0}};
     const char *names[] = {"TinyLlama-1.1B", "Llama-2-7B", "Llama-3-8B T=4096", "Llama-3-8B T=16384"};
     int own = argc < 2 || strcmp(argv[1], "--cudnn-only") != 0;
     printf("%-20s %-10s %9s %9s %9s %9s %s\n", "shape", "path", "fwd ms", "fwd TF/s", "bwd ms", "bwd TF/s",
            "backward twice");
     for (int i = 0; i < 4; i++) {
-        if (be.cudnn) bench(&be, names[i], "cudnn", &shapes[i]);
+        if (be.cudnn) {
+            bench(&be, names[i], "cudnn", &shapes[i]);
+            mt_attention_shape nd = shapes[i];  // cuDNN's non-deterministic backward
+            nd.nondeterministic = 1;
+            bench(&be, names[i], "cudnn-nd", &nd);
+        }
         struct mt_cudnn *saved = be.cudnn;
         be.cudnn = NULL;
         if (own) bench(&be, names[i], "own", &shapes[i]);

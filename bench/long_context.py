@@ -88,7 +88,8 @@ def memtune_train(folder, data, run, sets, timeout):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--budgets", default="16,24,40,48,80", help="GiB, those above the GPU's memory are skipped")
+    ap.add_argument("--budgets", default="16,24,40,48,80",
+                    help="GiB, those above the GPU's memory are skipped; empty: none")
     ap.add_argument("--throughput", action="store_true", help="also tokens/s at T=32768 and 65536 against PEFT")
     ap.add_argument("--lengths", default="32768,65536")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per memtune run")
@@ -104,7 +105,7 @@ def main():
                                capture_output=True, text=True).stdout.split()[0]) / 1024
     results = {"gpu_memory_gib": total, "budgets": {}, "throughput": {}}
     print(f"{'budget':>7s} {'memtune T':>10s} {'2 steps':>8s} {'peak':>10s} {'step s':>8s} {'Unsloth T':>10s} {'ratio':>6s}")
-    for b in (int(x) for x in args.budgets.split(",")):
+    for b in (int(x) for x in args.budgets.split(",") if x):
         if b > total:
             print(f"{b:5d} GiB: skipped, the GPU has {total:.0f} GiB")
             continue

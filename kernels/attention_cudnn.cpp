@@ -7,7 +7,10 @@
 // for the life of the handle (a training run meets one or two shapes: the
 // training and the eval batch). The backward graph asks for cuDNN's
 // deterministic algorithm, so that two runs of the same step give the same
-// bits (resumes stay bit-identical); a shape whose graphs cuDNN does not
+// bits (resumes stay bit-identical), unless the shape is marked
+// nondeterministic: the deterministic backward's workspace is B x H x T x T
+// bf16 on Hopper (7.8 GB at T = 11008 with 32 heads), the other's a few
+// copies of dQ in fp32; a shape whose graphs cuDNN does not
 // build (too old a library, an unsupported head dimension) is refused by
 // prepare, and the caller runs memtune's own kernel instead.
 #include <cuda_runtime.h>
@@ -31,7 +34,7 @@ namespace {
 // The tensors' ids in the variant packs.
 enum : int64_t { kQ = 1, kK, kV, kO, kStats, kDO, kDQ, kDK, kDV };
 
-typedef std::tuple<int, int, int, int, int, int, float> shape_key;
+typedef std::tuple<int, int, int, int, int, int, float, int> shape_key;
 
 struct attention_graphs {
     bool ok = false;
@@ -40,7 +43,9 @@ struct attention_graphs {
     int64_t workspace = 0;
 };
 
-shape_key key_of(const mt_attention_shape *s) { return shape_key(s->B, s->T, s->H, s->KV, s->D, s->window, s->scale); }
+shape_key key_of(const mt_attention_shape *s) {
+    return shape_key(s->B, s->T, s->H, s->KV, s->D, s->window, s->scale, s->nondeterministic);
+}
 
 // The scores' scale: the shape's, or 1/sqrt(D).
 float attention_scale(const mt_attention_shape *s) { return s->scale != 0.0f ? s->scale : 1.0f / sqrtf((float)s->D); }
@@ -104,7 +109,7 @@ std::shared_ptr<fe::graph::Graph> backward_graph(const mt_attention_shape *s) {
                        .set_name("attention_backward")
                        .set_causal_mask(true)
                        .set_attn_scale(attention_scale(s))
-                       .set_deterministic_algorithm(true);
+                       .set_deterministic_algorithm(!s->nondeterministic);
     if (s->window > 0) options.set_diagonal_band_left_bound(s->window);
     auto [dq, dk, dv] = g->sdpa_backward(q, k, v, o, dout, stats, options);
     dq->set_output(true).set_uid(kDQ).set_dim({B, H, T, D}).set_stride(bhsd_strides(H, T, D));

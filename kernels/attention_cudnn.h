@@ -1,6 +1,7 @@
 // kernels/attention_cudnn.h: cuDNN's fused scaled-dot-product attention
 // (forward and backward, bf16, causal, grouped-query heads without repeating
-// K/V, optional sliding window, deterministic backward) behind a C API. The
+// K/V, optional sliding window, deterministic backward unless the shape asks
+// otherwise) behind a C API. The
 // graphs are built through the cuDNN frontend (C++, kernels/attention_cudnn.cpp)
 // once per shape and kept in the handle, which the backend owns.
 //

@@ -767,7 +767,8 @@ extern "C" int mt_attention_supports_cuda(mt_backend *be, const mt_attention_sha
 
 extern "C" void mt_attention_describe_cuda(mt_backend *be, const mt_attention_shape *s, char *buf, size_t len) {
     if (cudnn_serves(be, s, NULL))
-        snprintf(buf, len, "%s fused attention (deterministic backward)", mt_cudnn_describe(be->cudnn));
+        snprintf(buf, len, "%s fused attention (%s backward)", mt_cudnn_describe(be->cudnn),
+                 s->nondeterministic ? "non-deterministic: model.deterministic_attention false" : "deterministic");
     else if (be->cudnn && s->docs)
         snprintf(buf, len, "memtune's kernel (packed-document masks do not go through %s yet)",
                  mt_cudnn_describe(be->cudnn));

@@ -44,11 +44,16 @@ void mt_op_rope_backward(const mt_backend *be, void *dinp, const void *dout, con
 // packed one after another, and query t sees no key before its document's
 // start; the ops then take pos (B, T), each token's position in its document
 // (0 where a document starts, else the position before plus 1).
+// nondeterministic: the backward may sum dQ in any order (cuDNN's
+// non-deterministic algorithm, whose workspace grows as T where the
+// deterministic one's grows as T x T); 0 keeps every path bit-reproducible.
+// memtune's own kernel and the CPU are deterministic either way.
 typedef struct {
     int B, T, H, KV, D;
     int window;
     int docs;
     float scale;  // the scores' scale; 0: 1/sqrt(D) (Gemma: query_pre_attn_scalar^-1/2)
+    int nondeterministic;
 } mt_attention_shape;
 // Whether the backend's attention handles this shape: on the GPU cuDNN's fused
 // attention where the library serves it (built with cuDNN, found at run time),

@@ -198,8 +198,8 @@ static void attention_case(const mt_attention_shape *s, const char *path) {
     float *yg = host_from_bf16(y_d, nq), *lseg = host_from_f32(lse_d, nl), *dqg = host_from_bf16(dq_d, nq),
           *dkg = host_from_bf16(dk_d, nk), *dvg = host_from_bf16(dv_d, nk);
     char what[128];
-    snprintf(what, sizeof what, "%s attention B=%d T=%d H=%d KV=%d D=%d window=%d%s", path, B, T, H, KV, D, s->window,
-             s->docs ? " packed documents" : "");
+    snprintf(what, sizeof what, "%s attention B=%d T=%d H=%d KV=%d D=%d window=%d%s%s", path, B, T, H, KV, D, s->window,
+             s->docs ? " packed documents" : "", s->nondeterministic ? " non-deterministic" : "");
     printf("%s\n", what);
     char part[160];
 #define EXPECT(name, got, ref, n, tol) \
@@ -210,7 +210,7 @@ static void attention_case(const mt_attention_shape *s, const char *path) {
     EXPECT("dk", dkg, dk, nk, 2 * kBf16Tol);
     EXPECT("dv", dvg, dv, nk, kBf16Tol);
 #undef EXPECT
-    // the same backward again: bit for bit
+    // the same backward again: bit for bit (asked of every path but cuDNN's non-deterministic one)
     uint16_t *first = malloc((nq + 2 * nk) * 2), *second = malloc((nq + 2 * nk) * 2);
     mt_copy_to_host(first, dq_d, nq * 2), mt_copy_to_host(first + nq, dk_d, nk * 2);
     mt_copy_to_host(first + nq + nk, dv_d, nk * 2);
@@ -218,7 +218,8 @@ static void attention_case(const mt_attention_shape *s, const char *path) {
     mt_op_attention_backward(&be, s, dq_d, dk_d, dv_d, g_d, q_d, k_d, v_d, y_d, lse_d, pos_d);
     mt_copy_to_host(second, dq_d, nq * 2), mt_copy_to_host(second + nq, dk_d, nk * 2);
     mt_copy_to_host(second + nq + nk, dv_d, nk * 2);
-    ck_assert_msg(memcmp(first, second, (nq + 2 * nk) * 2) == 0, "%s: two backward runs differ", what);
+    ck_assert_msg((s->nondeterministic && be.cudnn) || memcmp(first, second, (nq + 2 * nk) * 2) == 0,
+                  "%s: two backward runs differ", what);
     free(first), free(second), free(lseg), free(lse), free(pos);
     if (pos_d) mt_device_free(pos_d);
     free(q), free(k), free(v), free(g), free(y), free(dq), free(dk), free(dv), free(yg), free(dqg), free(dkg),
@@ -230,27 +231,30 @@ static void attention_case(const mt_attention_shape *s, const char *path) {
 START_TEST(attention) {
     // head dims 16..256, T around the 64-row tiles, grouped and plain heads,
     // sliding windows shorter than T (Mistral) and one no shorter
-    mt_attention_shape shapes[] = {{1, 1, 1, 1, 16, 0, 0, 0.0f},
-                                   {2, 7, 4, 2, 16, 0, 0, 0.0f},
-                                   {1, 257, 6, 2, 64, 0, 0, 0.0f},
-                                   {2, 129, 8, 8, 128, 0, 0, 0.0f},
-                                   {1, 1025, 4, 1, 64, 0, 0, 0.0f},
-                                   {3, 64, 4, 4, 32, 0, 0, 0.0f},
-                                   {1, 65, 8, 2, 128, 0, 0, 0.0f},
-                                   {2, 200, 4, 2, 64, 37, 0, 0.0f},
-                                   {1, 300, 8, 4, 128, 64, 0, 0.0f},
-                                   {1, 33, 2, 1, 32, 40, 0, 0.0f},
-                                   {2, 130, 4, 2, 80, 0, 0, 0.0f},
-                                   {1, 257, 6, 3, 96, 0, 0, 0.0f},
-                                   {1, 129, 4, 2, 96, 50, 0, 0.0f},
-                                   {1, 100, 4, 1, 256, 0, 0, 0.0f},
+    mt_attention_shape shapes[] = {{1, 1, 1, 1, 16, 0, 0, 0.0f, 0},
+                                   {2, 7, 4, 2, 16, 0, 0, 0.0f, 0},
+                                   {1, 257, 6, 2, 64, 0, 0, 0.0f, 0},
+                                   {2, 129, 8, 8, 128, 0, 0, 0.0f, 0},
+                                   {1, 1025, 4, 1, 64, 0, 0, 0.0f, 0},
+                                   {3, 64, 4, 4, 32, 0, 0, 0.0f, 0},
+                                   {1, 65, 8, 2, 128, 0, 0, 0.0f, 0},
+                                   {2, 200, 4, 2, 64, 37, 0, 0.0f, 0},
+                                   {1, 300, 8, 4, 128, 64, 0, 0.0f, 0},
+                                   {1, 33, 2, 1, 32, 40, 0, 0.0f, 0},
+                                   {2, 130, 4, 2, 80, 0, 0, 0.0f, 0},
+                                   {1, 257, 6, 3, 96, 0, 0, 0.0f, 0},
+                                   {1, 129, 4, 2, 96, 50, 0, 0.0f, 0},
+                                   {1, 100, 4, 1, 256, 0, 0, 0.0f, 0},
                                    // packed documents (memtune's kernel: cuDNN's path does not take them)
-                                   {3, 300, 4, 2, 64, 0, 1, 0.0f},
-                                   {3, 257, 8, 4, 128, 0, 1, 0.0f},
-                                   {2, 129, 4, 1, 32, 50, 1, 0.0f},
-                                   {1, 1025, 4, 2, 64, 0, 1, 0.0f},
+                                   {3, 300, 4, 2, 64, 0, 1, 0.0f, 0},
+                                   {3, 257, 8, 4, 128, 0, 1, 0.0f, 0},
+                                   {2, 129, 4, 1, 32, 50, 1, 0.0f, 0},
+                                   {1, 1025, 4, 2, 64, 0, 1, 0.0f, 0},
                                    // Gemma: scale query_pre_attn_scalar^-1/2 (here 1/sqrt(144)), window
-                                   {2, 200, 4, 1, 128, 64, 0, 1.0f / 12.0f}};
+                                   {2, 200, 4, 1, 128, 64, 0, 1.0f / 12.0f, 0},
+                                   // cuDNN's non-deterministic backward (model.deterministic_attention false)
+                                   {2, 257, 8, 2, 128, 0, 0, 0.0f, 1},
+                                   {1, 300, 8, 4, 64, 64, 0, 0.0f, 1}};
     int n = sizeof shapes / sizeof shapes[0], served = 0;
     for (int i = 0; i < n; i++) {
         mt_attention_shape *s = &shapes[i];
@@ -272,6 +276,22 @@ START_TEST(attention) {
         // the shapes memtune trains (head dims 64 and 128, windows) must not
         // fall back silently
         ck_assert_msg(served >= 8, "cuDNN served only %d of %d attention shapes", served, n);
+        // the two backward algorithms' workspaces at a long length (8B's
+        // heads, T=8192): the deterministic one grows as T x T, the other as
+        // T; the forecast asks the same of a handle of its own
+        mt_attention_shape det = {1, 8192, 32, 8, 128, 0, 0, 0.0f, 0}, nd = det;
+        nd.nondeterministic = 1;
+        size_t w_det = 0, w_nd = 0;
+        int cudnn_det = 0, cudnn_nd = 0;
+        if (mt_cudnn_attention_prepare(be.cudnn, &det, &w_det) && mt_cudnn_attention_prepare(be.cudnn, &nd, &w_nd)) {
+            printf("attention workspace at B=1 T=8192 H=32: deterministic %.1f MiB, non-deterministic %.1f MiB\n",
+                   w_det / 1048576.0, w_nd / 1048576.0);
+            ck_assert_msg(w_nd * 4 < w_det, "non-deterministic workspace %zu not far below the deterministic %zu", w_nd,
+                          w_det);
+            ck_assert_uint_eq(mt_attention_planned_workspace_bytes(be.device, &nd, &cudnn_nd), w_nd);
+            ck_assert_uint_eq(mt_attention_planned_workspace_bytes(be.device, &det, &cudnn_det), w_det);
+            ck_assert(cudnn_det && cudnn_nd);
+        }
     } else {
         printf("attention: no cuDNN (%s): memtune's kernel alone was tested\n", be.attention_note);
         const char *off = getenv("MT_CUDNN");

@@ -270,9 +270,12 @@ END_TEST
 
 // model.mlp_tile_rows on the GPU: the MLP over tiles of 100 rows (the last
 // short) against the whole batch at once, full fine-tune and LoRA with
-// dropout (each tile its rows' part of the mask), with checkpointing.
+// dropout (each tile its rows' part of the mask), with checkpointing; and
+// likewise cuDNN's non-deterministic attention backward
+// (model.deterministic_attention false) against the deterministic one.
 START_TEST(gpu_tiled_mlp_matches_untiled) {
-    for (int lora = 0; lora <= 1; lora++) {
+    for (int variant = 0; variant < 4; variant++) {
+        int lora = variant & 1, attention = variant >> 1;
         mt_model_config c;
         small_config(&c, 0);
         int B = 2, T = 127, N = B * T;
@@ -280,7 +283,11 @@ START_TEST(gpu_tiled_mlp_matches_untiled) {
         ck_assert_int_eq(mt_backend_init(&gpu, 0), MT_OK);
         mt_model_options o = {.B = B, .T = T, .activation_checkpointing = 1}, ot;
         if (lora) o.lora = (mt_lora_config){8, 16.0f, 0.1f, 0, (1u << MT_LORA_MODULES) - 1};
-        ot = o, ot.mlp_tile_rows = 100;
+        ot = o;
+        if (attention)
+            ot.attention_nondeterministic = 1;
+        else
+            ot.mlp_tile_rows = 100;
         mt_model *a, *b;
         ck_assert_int_eq(mt_model_create_with(&a, &gpu, &c, &o), MT_OK);
         ck_assert_int_eq(mt_model_create_with(&b, &gpu, &c, &ot), MT_OK);
@@ -312,8 +319,9 @@ START_TEST(gpu_tiled_mlp_matches_untiled) {
         mt_trainable t;
         mt_model_trainable(a, &t);
         double cs = cosine(grads[1], grads[0], t.total), rel = fabs(loss[1] - loss[0]) / loss[0];
-        printf("tiled MLP (%s): loss %.9g untiled %.9g (rel %.1e), gradient cosine %.7f\n", lora ? "LoRA" : "full",
-               loss[1], loss[0], rel, cs);
+        printf("%s (%s): loss %.9g, as before %.9g (rel %.1e), gradient cosine %.7f\n",
+               attention ? "non-deterministic attention backward" : "tiled MLP", lora ? "LoRA" : "full", loss[1],
+               loss[0], rel, cs);
         ck_assert_double_lt(rel, 1e-3);
         ck_assert_double_gt(cs, 0.9999);
         mt_model_free(a), mt_model_free(b);

@@ -135,6 +135,19 @@ echo "$out" | grep -q "^disk .* (the base's file under offload.path" || fail "mo
 echo "$out" | grep -q "^peak .*: fits" || fail "model.weights ssd on 4GiB: $out"
 echo "test_plan: model.weights auto and ssd for QLoRA 7B"
 
+# model.deterministic_attention: without a GPU to ask, the forecast counts memtune's own kernel (deterministic,
+# linear in T), so auto stays deterministic and says nothing; false forecasts the same; a bad value names the choices
+out=$("$MEMTUNE" plan "${q7[@]}" --set train.seq_len=32768 --gpu-memory 16GiB 2>&1) || fail "plan at T=32768: $out"
+echo "$out" | grep -q "deterministic_attention auto" && fail "deterministic_attention auto chose without a GPU: $out"
+p_auto=$(echo "$out" | awk '/^peak/{print $2, $3; exit}')
+p_false=$("$MEMTUNE" plan "${q7[@]}" --set train.seq_len=32768 --set model.deterministic_attention=false \
+    --gpu-memory 16GiB 2>&1 | awk '/^peak/{print $2, $3; exit}')
+[ -n "$p_auto" ] && [ "$p_auto" = "$p_false" ] || fail "deterministic_attention false changed the own kernel's forecast"
+out=$("$MEMTUNE" plan "${q7[@]}" --set model.deterministic_attention=sometimes 2>&1)
+[ $? -eq 1 ] && echo "$out" | grep -q "expected one of auto|true|false" ||
+    fail "model.deterministic_attention=sometimes: expected a refusal naming the choices: $out"
+echo "test_plan: model.deterministic_attention without a GPU ($p_auto either way)"
+
 # the 7B configs, forecast for the GPU from config.json alone
 for c in llama-lora llama-qlora mezo galore full-offload-cpu full-offload-ssd; do
     out=$("$MEMTUNE" plan "configs/$c.yaml" --set model.path=configs/models/llama-2-7b --gpu-memory 80GiB 2>&1) ||
@@ -145,7 +158,7 @@ for c in llama-lora llama-qlora mezo galore full-offload-cpu full-offload-ssd; d
     # the MLP in tiles: a longer context fits where the configured one is
     # bound by the MLP's buffers (reported only when longer)
     longest=$(echo "$out" | sed -n 's/^longest train.seq_len that fits as configured: //p')
-    tiled=$(echo "$out" | sed -n 's/^with model.mlp_tile_rows=4096 (the MLP in tiles of 4096 tokens): //p')
+    tiled=$(echo "$out" | sed -n 's/^with the MLP in tiles of 4096 tokens (model.mlp_tile_rows: 4096)[^:]*: //p')
     [ -z "$tiled" ] || [ "$tiled" -gt "$longest" ] || fail "$c: tiled $tiled not above $longest"
     [ "$c" != llama-qlora ] || [ -n "$tiled" ] || fail "$c: no tiled length in: $out"
     # whose attention workspace: cuDNN's where a GPU is visible, else memtune's kernel's, said either way

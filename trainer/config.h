@@ -37,6 +37,11 @@ extern "C" {
       "0: the MLP runs over the whole micro-batch; N > 0: over tiles of N tokens, so its intermediate (tokens x "      \
       "intermediate_size, 3-4 such buffers) exists for one tile at a time; backward recomputes each tile's gate and "  \
       "up (long sequences: e.g. 4096)")                                                                                \
+    X(model, deterministic_attention, ENUM, "auto", 0, 0, "auto|true|false",                                           \
+      "true: the GPU's attention backward is cuDNN's deterministic algorithm (the same bits every run: resumes "       \
+      "bit-identical), whose workspace is B x heads x T x T bf16 (1 GiB at T=4096 with 32 heads, 256 GiB at 64k); "    \
+      "false: its non-deterministic one, workspace linear in T (resumes exact to fp32 rounding, not bit for bit); "    \
+      "auto: true unless only false fits memory.budget or the GPU's free memory (says so)")                            \
     X(model, quantize, ENUM, "none", 0, 0, "none|nf4",                                                                 \
       "nf4: QLoRA, the frozen base's linear weights stored in 4-bit NormalFloat with double quantization "             \
       "(bitsandbytes' format, ~0.52 bytes per weight); needs lora.r > 0")                                              \

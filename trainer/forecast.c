@@ -238,26 +238,58 @@ static long seq_len_limit(const mt_model_config *mc) {
 // The MLP's tile when the planner may choose one (train.seq_len: max).
 enum { kAutoMlpTileRows = 4096 };
 
-// The longest seq_len up to limit whose forecast fits capacity; where
-// model.mlp_tile_rows is 0 and the MLP in tiles of kAutoMlpTileRows tokens fits
-// a longer one, that one, with the tiles set in cfg. *as_configured: the
-// longest without that choice.
-static long longest_choosing_tiles(mt_config *cfg, const mt_model_config *mc, int gpu, int world, double capacity,
-                                   long limit, long *as_configured) {
+// What train.seq_len: max chose beyond the configuration: the MLP in tiles
+// (model.mlp_tile_rows was 0) and cuDNN's non-deterministic attention
+// backward (model.deterministic_attention was auto).
+typedef struct {
+    int tiles, attention;
+} long_choices;
+
+// The longest seq_len up to limit whose forecast fits capacity. Where
+// model.mlp_tile_rows is 0 and the MLP in tiles of kAutoMlpTileRows tokens
+// fits a longer one, the tiles are set in cfg; then, on the GPU, where
+// model.deterministic_attention is auto and false (a workspace linear in T,
+// not T x T) fits a longer one still, false is. *as_configured: the longest
+// without either choice.
+static long longest_choosing(mt_config *cfg, const mt_model_config *mc, int gpu, int world, double capacity, long limit,
+                             long *as_configured, long_choices *chose) {
     long best = mt_forecast_longest_seq_len(cfg, mc, gpu, world, capacity, limit);
     *as_configured = best;
-    if (cfg->model_mlp_tile_rows != 0) return best;
-    cfg->model_mlp_tile_rows = kAutoMlpTileRows;
-    long tiled = mt_forecast_longest_seq_len(cfg, mc, gpu, world, capacity, limit);
-    if (tiled > best) return tiled;
-    cfg->model_mlp_tile_rows = 0;
+    *chose = (long_choices){0, 0};
+    if (cfg->model_mlp_tile_rows == 0) {
+        cfg->model_mlp_tile_rows = kAutoMlpTileRows;
+        long tiled = mt_forecast_longest_seq_len(cfg, mc, gpu, world, capacity, limit);
+        if (tiled > best)
+            best = tiled, chose->tiles = 1;
+        else
+            cfg->model_mlp_tile_rows = 0;
+    }
+    if (gpu && !strcmp(cfg->model_deterministic_attention, "auto")) {
+        mt_config_set(cfg, "model.deterministic_attention", "false", "train.seq_len max");
+        long fast = mt_forecast_longest_seq_len(cfg, mc, gpu, world, capacity, limit);
+        if (fast > best)
+            best = fast, chose->attention = 1;
+        else
+            mt_config_set(cfg, "model.deterministic_attention", "auto", "train.seq_len max");
+    }
     return best;
 }
 
 // How a chosen length was reached, for the line that reports it.
-static const char *tiles_note(long chosen, long as_configured) {
-    return chosen > as_configured ? " with the MLP in tiles of 4096 tokens (model.mlp_tile_rows: 4096)"
-                                  : " as configured";
+static const char *choices_note(long_choices c, char *buf, size_t len) {
+    snprintf(buf, len, "%s%s%s", c.tiles ? " with the MLP in tiles of 4096 tokens (model.mlp_tile_rows: 4096)" : "",
+             c.tiles && c.attention ? " and" : "",
+             c.attention ? " with cuDNN's non-deterministic attention backward (model.deterministic_attention: false; "
+                           "the deterministic one's workspace grows as T x T)"
+             : c.tiles   ? ""
+                         : " as configured");
+    return buf;
+}
+
+// Undoes longest_choosing's choices: the configuration as the file and --set say.
+static void unchoose(mt_config *cfg, long_choices c) {
+    if (c.tiles) cfg->model_mlp_tile_rows = 0;
+    if (c.attention) mt_config_set(cfg, "model.deterministic_attention", "auto", "memtune plan");
 }
 
 mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_sets, int gpu, int world,
@@ -266,11 +298,12 @@ mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_s
     mt_err err = load(&cfg, path, sets, n_sets, NULL);
     mt_model_config mc;
     if (!err) err = mt_hf_read_config(cfg.model_path, &mc);
-    int auto_tiles = 0;                                 // train.seq_len: max chose the MLP's tiles
+    long_choices chose = {0, 0};  // what train.seq_len: max chose
+    char note[256];
     if (!err && cfg.train_seq_len == MT_SEQ_LEN_MAX) {  // the longest that fits the GPU's memory
         long as_configured = 0;
         cfg.train_seq_len =
-            capacity > 0 ? longest_choosing_tiles(&cfg, &mc, gpu, world, capacity, seq_len_limit(&mc), &as_configured)
+            capacity > 0 ? longest_choosing(&cfg, &mc, gpu, world, capacity, seq_len_limit(&mc), &as_configured, &chose)
                          : 0;
         if (!cfg.train_seq_len)
             err = mt_errorf(MT_ERR_CONFIG, "train.seq_len: max: %s",
@@ -278,12 +311,13 @@ mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_s
                                          : "give the GPU's memory (--gpu-memory 80GiB) to find the longest length");
         else
             fprintf(out, "train.seq_len max: %ld tokens, the longest that fits%s\n", cfg.train_seq_len,
-                    tiles_note(cfg.train_seq_len, as_configured));
-        auto_tiles = cfg.train_seq_len > as_configured;
+                    choices_note(chose, note, sizeof note));
     }
     char why[512];
     if (!err) err = mt_forecast_choose_weights(&cfg, &mc, gpu, world, capacity, host_available(), why, sizeof why);
     if (!err && why[0]) fprintf(out, "model.weights auto: %s (%s)\n", cfg.model_weights, why);
+    if (!err) err = mt_forecast_choose_attention(&cfg, &mc, gpu, world, capacity, why, sizeof why);
+    if (!err && why[0]) fprintf(out, "model.deterministic_attention auto: false (%s)\n", why);
     mt_forecast f;
     if (!err) err = mt_forecast_run(&cfg, &mc, gpu, world, &f);
     if (err) {
@@ -323,8 +357,9 @@ mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_s
         else if (f.attention_device < 0)
             fprintf(out,
                     "(attention's workspace: memtune's own kernel's. No GPU is visible here: where cuDNN serves the "
-                    "run, its workspace is larger (cuDNN 9.19: 288.5 MiB against 64.5 MiB for TinyLlama-1.1B at B=4, "
-                    "T=1024); plan on the GPU's machine for its figure)\n");
+                    "run, its workspace differs (cuDNN 9.19: 288.5 MiB against 64.5 MiB for TinyLlama-1.1B at B=4, "
+                    "T=1024; its deterministic backward's grows as T x T); plan on the GPU's machine for its "
+                    "figure)\n");
     }
     fputc('\n', out);
     // the alternatives
@@ -361,8 +396,10 @@ mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_s
         mt_err e = load(&alt, path, sets, n_sets, alternatives[a] + 1);
         if (!e && alt.train_seq_len == MT_SEQ_LEN_MAX) {  // at the length chosen above
             alt.train_seq_len = cfg.train_seq_len;
-            if (auto_tiles && !alt.model_mlp_tile_rows) alt.model_mlp_tile_rows = cfg.model_mlp_tile_rows;
+            if (chose.tiles && !alt.model_mlp_tile_rows) alt.model_mlp_tile_rows = cfg.model_mlp_tile_rows;
         }
+        if (!e && !strcmp(alt.model_deterministic_attention, "auto"))  // as the configured run resolved it
+            e = mt_config_set(&alt, "model.deterministic_attention", cfg.model_deterministic_attention, "memtune plan");
         if (!e) e = mt_forecast_run(&alt, &mc, gpu, world, &fa);
         if (e)
             fprintf(out, "%-40s %11s   refused: %.100s\n", alternatives[a][0], "-", mt_last_error());
@@ -380,13 +417,13 @@ mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_s
     // the longest seq_len that fits, as configured
     if (capacity > 0) {
         // long contexts: the MLP's (tokens x intermediate) buffers in tiles
-        if (auto_tiles) cfg.model_mlp_tile_rows = 0;  // "as configured": as the file and --set say
-        long best = 0, tiled = longest_choosing_tiles(&cfg, &mc, gpu, world, capacity, 1L << 20, &best);
+        unchoose(&cfg, chose);  // "as configured": as the file and --set say
+        long best = 0, longest = longest_choosing(&cfg, &mc, gpu, world, capacity, 1L << 20, &best, &chose);
         if (best)
             fprintf(out, "\nlongest train.seq_len that fits as configured: %ld\n", best);
         else
             fprintf(out, "\nno train.seq_len fits as configured\n");
-        if (tiled > best) fprintf(out, "with model.mlp_tile_rows=4096 (the MLP in tiles of 4096 tokens): %ld\n", tiled);
+        if (longest > best) fprintf(out, "%s: %ld\n", choices_note(chose, note, sizeof note) + 1, longest);
     }
     mt_config_free(&cfg);
     return MT_OK;
@@ -520,19 +557,61 @@ mt_err mt_forecast_choose_weights(mt_config *cfg, const mt_model_config *mc, int
     return MT_OK;
 }
 
+// memory.budget, else (on a GPU) its free memory less 1 GiB, else 0 (unknown).
+static mt_err auto_capacity(mt_config *cfg, int gpu, double *capacity) {
+    char source[64];
+    *capacity = 0;
+    if (cfg->memory_budget[0]) return read_budget(cfg, gpu, capacity, source, sizeof source);
+    if (gpu) *capacity = rank_gpu_free_bytes() - 1073741824.0;
+    return MT_OK;
+}
+
 mt_err mt_forecast_weights_auto(mt_config *cfg, int gpu, int world) {
     if (strcmp(cfg->model_weights, "auto")) return MT_OK;
     double capacity = 0;  // memory.budget, else what its auto takes
-    char source[64], why[512];
+    char why[512];
     mt_model_config mc;
-    mt_err err = MT_OK;
-    if (cfg->memory_budget[0])
-        err = read_budget(cfg, gpu, &capacity, source, sizeof source);
-    else if (gpu)
-        capacity = rank_gpu_free_bytes() - 1073741824.0;
+    mt_err err = auto_capacity(cfg, gpu, &capacity);
     if (!err) err = mt_hf_read_config(cfg->model_path, &mc);
     if (!err) err = mt_forecast_choose_weights(cfg, &mc, gpu, world, capacity, host_available(), why, sizeof why);
     if (!err) mt_info("model.weights auto: %s (%s)", cfg->model_weights, why);
+    return err;
+}
+
+mt_err mt_forecast_choose_attention(mt_config *cfg, const mt_model_config *mc, int gpu, int world, double capacity,
+                                    char *why, size_t len) {
+    why[0] = '\0';
+    if (strcmp(cfg->model_deterministic_attention, "auto")) return MT_OK;
+    mt_config_set(cfg, "model.deterministic_attention", "true", "model.deterministic_attention auto");
+    if (!gpu || capacity <= 0) return MT_OK;  // the CPU's attention is deterministic; an unknown GPU: keep it
+    mt_forecast f;
+    mt_err err = mt_forecast_run(cfg, mc, gpu, world, &f);
+    if (err || f.device_peak <= capacity) return err;
+    double deterministic = f.device_peak;
+    mt_config_set(cfg, "model.deterministic_attention", "false", "model.deterministic_attention auto");
+    if (mt_forecast_run(cfg, mc, gpu, world, &f) || f.device_peak > capacity) {  // no help: the budget's check says
+        mt_config_set(cfg, "model.deterministic_attention", "true", "model.deterministic_attention auto");
+        return MT_OK;
+    }
+    char b1[32], b2[32], b3[32];
+    snprintf(why, len,
+             "with cuDNN's deterministic attention backward the run needs %s of the GPU's %s, with the "
+             "non-deterministic one %s; a resumed run then equals an uninterrupted one to fp32 rounding, not bit for "
+             "bit",
+             trimmed(size_text(deterministic, b1, sizeof b1)), trimmed(size_text(capacity, b2, sizeof b2)),
+             trimmed(size_text(f.device_peak, b3, sizeof b3)));
+    return MT_OK;
+}
+
+mt_err mt_forecast_attention_auto(mt_config *cfg, int gpu, int world) {
+    if (strcmp(cfg->model_deterministic_attention, "auto")) return MT_OK;
+    double capacity = 0;
+    char why[512];
+    mt_model_config mc;
+    mt_err err = auto_capacity(cfg, gpu, &capacity);
+    if (!err) err = mt_hf_read_config(cfg->model_path, &mc);
+    if (!err) err = mt_forecast_choose_attention(cfg, &mc, gpu, world, capacity, why, sizeof why);
+    if (!err && why[0]) mt_info("model.deterministic_attention auto: false (%s)", why);
     return err;
 }
 
@@ -565,7 +644,9 @@ mt_err mt_forecast_seq_len_max(mt_config *cfg, int gpu, int world) {
     if (!err) err = mt_hf_read_config(cfg->model_path, &mc);
     if (err) return err;
     long limit = seq_len_limit(&mc), as_configured = 0;
-    long best = longest_choosing_tiles(cfg, &mc, gpu, world, budget, limit, &as_configured);
+    long_choices chose;
+    char note[256];
+    long best = longest_choosing(cfg, &mc, gpu, world, budget, limit, &as_configured, &chose);
     if (!best)
         return mt_errorf(MT_ERR_CONFIG,
                          "train.seq_len: max: not even 16 tokens fit memory.budget %s (%s) as configured; raise the "
@@ -573,7 +654,7 @@ mt_err mt_forecast_seq_len_max(mt_config *cfg, int gpu, int world) {
                          source, trimmed(size_text(budget, b1, sizeof b1)));
     cfg->train_seq_len = best;
     mt_info("train.seq_len max: %ld tokens, the longest that fits memory.budget %s (%s)%s%s", best, source,
-            trimmed(size_text(budget, b1, sizeof b1)), tiles_note(best, as_configured),
+            trimmed(size_text(budget, b1, sizeof b1)), choices_note(chose, note, sizeof note),
             best == limit ? " (the model's max_position_embeddings)" : "");
     return MT_OK;
 }

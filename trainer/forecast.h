@@ -71,6 +71,16 @@ mt_err mt_forecast_choose_weights(mt_config *cfg, const mt_model_config *mc, int
 // The trainer's model.weights: auto, against memory.budget (or the GPU's
 // free memory less 1 GiB) and the host's available memory; logs the choice.
 mt_err mt_forecast_weights_auto(mt_config *cfg, int gpu, int world);
+// model.deterministic_attention auto, resolved before the run: true (cuDNN's
+// deterministic backward, bit-reproducible) where the run fits capacity with
+// it, or no GPU computes, or capacity is unknown (<= 0); false where only the
+// non-deterministic backward's workspace (linear in T, not T x T) fits. why:
+// empty, or (for false) the two peaks and what false gives up.
+mt_err mt_forecast_choose_attention(mt_config *cfg, const mt_model_config *mc, int gpu, int world, double capacity,
+                                    char *why, size_t len);
+// mt_forecast_choose_attention against memory.budget, else the GPU's free
+// memory less 1 GiB; logs a choice of false.
+mt_err mt_forecast_attention_auto(mt_config *cfg, int gpu, int world);
 // "24GiB", "80G", "900MiB", "1.5T", or bytes; -1 when not a size.
 double mt_parse_size(const char *v);
 

@@ -81,11 +81,12 @@ static int cmd_train(int argc, char **argv) {
     if (!err) err = mt_config_load_yaml(&cfg, config_path);
     for (int i = 0; i < argc && !err; i++)
         if (!strcmp(argv[i], "--set")) err = mt_config_set_assignment(&cfg, argv[++i], "--set");
-    // train.seq_len max, model.weights auto, then memory.budget: the settings that fit, before anything is
-    // allocated
+    // train.seq_len max, model.weights auto, model.deterministic_attention auto, then memory.budget: the settings
+    // that fit, before anything is allocated
     int gpu = strcmp(cfg.train_device, "cpu") && mt_device_count() > 0;
     if (!err) err = mt_forecast_seq_len_max(&cfg, gpu, mt_dist_launched_world());
     if (!err) err = mt_forecast_weights_auto(&cfg, gpu, mt_dist_launched_world());
+    if (!err) err = mt_forecast_attention_auto(&cfg, gpu, mt_dist_launched_world());
     if (!err && cfg.memory_budget[0]) err = mt_forecast_fit_budget(&cfg, gpu, mt_dist_launched_world());
     mt_train_result result;
     if (!err) err = mt_train(&cfg, &result);

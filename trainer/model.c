@@ -571,7 +571,15 @@ static mt_model *model_setup(mt_backend *be, const mt_model_config *cfg, const m
 static mt_attention_shape attention_shape(const mt_model_config *cfg, const mt_model_options *o, int local) {
     int sliding = cfg->global_every == 0 || local;
     int window = sliding && cfg->sliding_window > 0 && cfg->sliding_window < o->T ? (int)cfg->sliding_window : 0;
-    return (mt_attention_shape){o->B, o->T, cfg->H, cfg->KV, cfg->D, window, o->document_mask != 0, cfg->attn_scale};
+    return (mt_attention_shape){o->B,
+                                o->T,
+                                cfg->H,
+                                cfg->KV,
+                                cfg->D,
+                                window,
+                                o->document_mask != 0,
+                                cfg->attn_scale,
+                                o->attention_nondeterministic != 0};
 }
 
 // The larger of the two layer kinds' attention workspaces.

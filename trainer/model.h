@@ -55,18 +55,20 @@ typedef struct {
     void *weights_needed_ctx;
     mt_grads_done_fn grads_done;  // NULL, or the hook above (data parallelism)
     void *grads_done_ctx;
-    int document_mask;        // rows hold packed documents: mt_model_set_positions gives each token's
-                              // position in its document, and attention stays inside the document
-    int decode_len;           // decoding (with forward_only and T 1): each of the B rows is a sequence
-                              // with a key/value cache of decode_len positions (mt_model_decode)
-    int stream_weights;       // a frozen base (LoRA, QLoRA) or a forward-only model: the base's layers live in
-                              // host memory and each is copied into one of two slots on the backend before it
-                              // runs, the next beside the compute (the embedding, norm and lm_head stay)
-    const char *weights_dir;  // with stream_weights: NULL, the base in host memory; a folder: in a file there,
-                              // mapped (mem.h mt_alloc_file; model.weights: ssd)
-    int mlp_tile_rows;        // > 0 and below B*T: the MLP runs over tiles of this many rows (tokens), its
-                              // (rows, intermediate) buffers sized by the tile; backward recomputes each
-                              // tile's gate and up from the kept norm output (0: the whole batch at once)
+    int document_mask;               // rows hold packed documents: mt_model_set_positions gives each token's
+                                     // position in its document, and attention stays inside the document
+    int decode_len;                  // decoding (with forward_only and T 1): each of the B rows is a sequence
+                                     // with a key/value cache of decode_len positions (mt_model_decode)
+    int stream_weights;              // a frozen base (LoRA, QLoRA) or a forward-only model: the base's layers live in
+                                     // host memory and each is copied into one of two slots on the backend before it
+                                     // runs, the next beside the compute (the embedding, norm and lm_head stay)
+    const char *weights_dir;         // with stream_weights: NULL, the base in host memory; a folder: in a file there,
+                                     // mapped (mem.h mt_alloc_file; model.weights: ssd)
+    int mlp_tile_rows;               // > 0 and below B*T: the MLP runs over tiles of this many rows (tokens), its
+                                     // (rows, intermediate) buffers sized by the tile; backward recomputes each
+                                     // tile's gate and up from the kept norm output (0: the whole batch at once)
+    int attention_nondeterministic;  // the GPU's attention backward may sum in any order (ops.h's
+                                     // mt_attention_shape.nondeterministic; model.deterministic_attention false)
 } mt_model_options;
 
 // Builds the parameter tables and allocates weights, gradients (of the
