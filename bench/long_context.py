@@ -89,7 +89,8 @@ def memtune_train(folder, data, run, sets, timeout):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--budgets", default="16,24,40,48,80",
-                    help="GiB, those above the GPU's memory are skipped; empty: none")
+                    help="GiB, those above the GPU's memory are skipped; empty: none. A budget below a "
+                         "card's size (15: a 16 GB card less its CUDA context) is compared with that card's row")
     ap.add_argument("--throughput", action="store_true", help="also tokens/s at T=32768 and 65536 against PEFT")
     ap.add_argument("--lengths", default="32768,65536")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per memtune run")
@@ -116,8 +117,10 @@ def main():
         ok = r.get("steps", 0) >= 2 and "error" not in r
         peak = f"{r['allocator_peak'] / GIB:.2f} GiB" if "allocator_peak" in r else "-"
         step = f"{r['step_seconds']:.1f}" if "step_seconds" in r else "-"
-        print(f"{b:5d} GiB {T:10d} {'yes' if ok else 'NO':>8s} {peak:>10s} {step:>8s} {UNSLOTH[b]:10d} "
-              f"{T / UNSLOTH[b]:6.2f}" + ("" if ok else f"  {r.get('error', '')[:150]}"), flush=True)
+        row = min([k for k in UNSLOTH if k >= b] or [max(UNSLOTH)])  # a budget below a card's size: that card's row
+        r["unsloth_row_gb"] = row
+        print(f"{b:5d} GiB {T:10d} {'yes' if ok else 'NO':>8s} {peak:>10s} {step:>8s} {UNSLOTH[row]:10d} "
+              f"{T / UNSLOTH[row]:6.2f}" + ("" if ok else f"  {r.get('error', '')[:150]}"), flush=True)
     if args.throughput:
         for T in (int(x) for x in args.lengths.split(",")):
             m = memtune_train(folder, data, os.path.join(args.work, f"run-T{T}"),

@@ -148,6 +148,19 @@ out=$("$MEMTUNE" plan "${q7[@]}" --set model.deterministic_attention=sometimes 2
     fail "model.deterministic_attention=sometimes: expected a refusal naming the choices: $out"
 echo "test_plan: model.deterministic_attention without a GPU ($p_auto either way)"
 
+# train.seq_len: max on an 80 GiB GPU with the layer inputs offloaded: Llama-3.1-8B's would need ~126 GiB of
+# pinned host memory at the GPU's longest length, so on a machine with less the host binds, and says so
+avail=$(awk '/^MemAvailable:/{print int($2 / 1048576)}' /proc/meminfo)
+if [ "$avail" -lt 140 ]; then
+    out=$("$MEMTUNE" plan configs/llama-qlora.yaml --set model.path=configs/models/llama-3.1-8b --set train.micro_batch=1 \
+        --set model.activation_checkpointing=true --set model.offload_activations=true --set train.seq_len=max \
+        --gpu-memory 80GiB 2>&1) || fail "train.seq_len max, host-bound: memtune plan failed: $out"
+    echo "$out" | grep -q "^train.seq_len max: [0-9]* tokens.*; host memory binds it" ||
+        fail "train.seq_len max on a ${avail} GiB host: expected the host to bind: $out"
+    host=$(echo "$out" | awk '/^peak/{print $4, $5; exit}')
+    echo "test_plan: train.seq_len max, 8B QLoRA on 80GiB: host memory binds ($host of ${avail} GiB available)"
+fi
+
 # the 7B configs, forecast for the GPU from config.json alone
 for c in llama-lora llama-qlora mezo galore full-offload-cpu full-offload-ssd; do
     out=$("$MEMTUNE" plan "configs/$c.yaml" --set model.path=configs/models/llama-2-7b --gpu-memory 80GiB 2>&1) ||
@@ -158,7 +171,7 @@ for c in llama-lora llama-qlora mezo galore full-offload-cpu full-offload-ssd; d
     # the MLP in tiles: a longer context fits where the configured one is
     # bound by the MLP's buffers (reported only when longer)
     longest=$(echo "$out" | sed -n 's/^longest train.seq_len that fits as configured: //p')
-    tiled=$(echo "$out" | sed -n 's/^with the MLP in tiles of 4096 tokens (model.mlp_tile_rows: 4096)[^:]*: //p')
+    tiled=$(echo "$out" | sed -n 's/^with the MLP in tiles of 2048 tokens (model.mlp_tile_rows: 2048)[^:]*: //p')
     [ -z "$tiled" ] || [ "$tiled" -gt "$longest" ] || fail "$c: tiled $tiled not above $longest"
     [ "$c" != llama-qlora ] || [ -n "$tiled" ] || fail "$c: no tiled length in: $out"
     # whose attention workspace: cuDNN's where a GPU is visible, else memtune's kernel's, said either way

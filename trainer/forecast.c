@@ -236,26 +236,33 @@ static long seq_len_limit(const mt_model_config *mc) {
 }
 
 // The MLP's tile when the planner may choose one (train.seq_len: max).
-enum { kAutoMlpTileRows = 4096 };
+enum { kAutoMlpTileRows = 2048 };
+
+// The share of the host's available memory a run may plan to hold (pinned
+// offload buffers, a streamed base): the rest is the system's and the page
+// cache's.
+static const double kHostShare = 0.85;
 
 // What train.seq_len: max chose beyond the configuration: the MLP in tiles
 // (model.mlp_tile_rows was 0) and cuDNN's non-deterministic attention
-// backward (model.deterministic_attention was auto).
+// backward (model.deterministic_attention was auto); and whether host memory
+// (not the GPU's) stopped the length.
 typedef struct {
-    int tiles, attention;
+    int tiles, attention, host_binds;
 } long_choices;
 
-// The longest seq_len up to limit whose forecast fits capacity. Where
+// The longest seq_len up to limit whose forecast fits capacity on the device
+// and, for a GPU run, kHostShare of the host's available memory. Where
 // model.mlp_tile_rows is 0 and the MLP in tiles of kAutoMlpTileRows tokens
 // fits a longer one, the tiles are set in cfg; then, on the GPU, where
 // model.deterministic_attention is auto and false (a workspace linear in T,
 // not T x T) fits a longer one still, false is. *as_configured: the longest
 // without either choice.
-static long longest_choosing(mt_config *cfg, const mt_model_config *mc, int gpu, int world, double capacity, long limit,
-                             long *as_configured, long_choices *chose) {
+static long longest_choosing(mt_config *cfg, const mt_model_config *mc, int gpu, int world, double capacity,
+                             long limit, long *as_configured, long_choices *chose) {
     long best = mt_forecast_longest_seq_len(cfg, mc, gpu, world, capacity, limit);
     *as_configured = best;
-    *chose = (long_choices){0, 0};
+    *chose = (long_choices){0, 0, 0};
     if (cfg->model_mlp_tile_rows == 0) {
         cfg->model_mlp_tile_rows = kAutoMlpTileRows;
         long tiled = mt_forecast_longest_seq_len(cfg, mc, gpu, world, capacity, limit);
@@ -272,17 +279,29 @@ static long longest_choosing(mt_config *cfg, const mt_model_config *mc, int gpu,
         else
             mt_config_set(cfg, "model.deterministic_attention", "auto", "train.seq_len max");
     }
+    if (gpu && best > 0 && best < limit) {  // one token more: the GPU fits it, the host does not?
+        long saved = cfg->train_seq_len;
+        mt_forecast f;
+        cfg->train_seq_len = best + 1;
+        chose->host_binds = !mt_forecast_run(cfg, mc, gpu, world, &f) && f.device_peak <= capacity;
+        cfg->train_seq_len = saved;
+    }
     return best;
 }
 
 // How a chosen length was reached, for the line that reports it.
 static const char *choices_note(long_choices c, char *buf, size_t len) {
-    snprintf(buf, len, "%s%s%s", c.tiles ? " with the MLP in tiles of 4096 tokens (model.mlp_tile_rows: 4096)" : "",
-             c.tiles && c.attention ? " and" : "",
+    char tiles[96];
+    snprintf(tiles, sizeof tiles, " with the MLP in tiles of %d tokens (model.mlp_tile_rows: %d)", kAutoMlpTileRows,
+             kAutoMlpTileRows);
+    snprintf(buf, len, "%s%s%s%s", c.tiles ? tiles : "", c.tiles && c.attention ? " and" : "",
              c.attention ? " with cuDNN's non-deterministic attention backward (model.deterministic_attention: false; "
                            "the deterministic one's workspace grows as T x T)"
              : c.tiles   ? ""
-                         : " as configured");
+                         : " as configured",
+             c.host_binds ? "; host memory binds it, not the GPU's (offloaded layer inputs and a streamed base may "
+                            "take 85% of MemAvailable)"
+                          : "");
     return buf;
 }
 
@@ -298,8 +317,8 @@ mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_s
     mt_err err = load(&cfg, path, sets, n_sets, NULL);
     mt_model_config mc;
     if (!err) err = mt_hf_read_config(cfg.model_path, &mc);
-    long_choices chose = {0, 0};  // what train.seq_len: max chose
-    char note[256];
+    long_choices chose = {0, 0, 0};  // what train.seq_len: max chose
+    char note[512];
     if (!err && cfg.train_seq_len == MT_SEQ_LEN_MAX) {  // the longest that fits the GPU's memory
         long as_configured = 0;
         cfg.train_seq_len =
@@ -383,7 +402,7 @@ mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_s
         {"MeZO (all weights)", "lora.r=0", "model.quantize=none", "optim.kind=mezo", "offload.optimizer=none", NULL},
         {"AdamW state in host memory + ckpt", "lora.r=0", "model.quantize=none", "optim.kind=adamw",
          "offload.optimizer=cpu", "model.activation_checkpointing=true"},
-        {"MLP in tiles of 4096 tokens", "model.mlp_tile_rows=4096", NULL},
+        {"MLP in tiles of 2048 tokens", "model.mlp_tile_rows=2048", NULL},
         {"base in host memory, streamed", "model.weights=cpu", NULL},
         {"micro-batch x2", mb2, NULL},
         {"micro-batch /2, accumulation x2", mbh, acc2, NULL},
@@ -527,7 +546,7 @@ mt_err mt_forecast_choose_weights(mt_config *cfg, const mt_model_config *mc, int
         if (mt_forecast_run(cfg, mc, gpu, world, &f)) {  // streaming is refused for this run: resident it stays
             snprintf(why, len, "streaming does not serve this run (%.120s)", mt_last_error());
             mt_config_set(cfg, "model.weights", "gpu", "model.weights auto");
-        } else if (host <= 0 || f.host_peak <= 0.85 * host) {
+        } else if (host <= 0 || f.host_peak <= kHostShare * host) {
             choice = "cpu";
             char b5[32];
             snprintf(why, len,
@@ -618,11 +637,19 @@ mt_err mt_forecast_attention_auto(mt_config *cfg, int gpu, int world) {
 long mt_forecast_longest_seq_len(mt_config *cfg, const mt_model_config *mc, int gpu, int world, double capacity,
                                  long limit) {
     long saved = cfg->train_seq_len, lo = 16, hi = limit, best = 0;
+    // the host's bound, where it binds the length: 0 for a CPU run (its device is the host), where the host's
+    // memory is unknown, and where even the shortest length does not fit it (the run's host memory, not its
+    // length, is then the problem, and this machine may not be the one that runs it)
+    double host = gpu ? kHostShare * host_available() : 0;
+    mt_forecast shortest;
+    cfg->train_seq_len = lo;
+    if (host > 0 && !mt_forecast_run(cfg, mc, gpu, world, &shortest) && shortest.host_peak > host) host = 0;
     while (lo <= hi) {
         long mid = lo + (hi - lo) / 2;
         cfg->train_seq_len = mid;
         mt_forecast f;
-        if (!mt_forecast_run(cfg, mc, gpu, world, &f) && f.device_peak <= capacity)
+        if (!mt_forecast_run(cfg, mc, gpu, world, &f) && f.device_peak <= capacity &&
+            (host <= 0 || f.host_peak <= host))
             best = mid, lo = mid + 1;
         else
             hi = mid - 1;
@@ -645,7 +672,7 @@ mt_err mt_forecast_seq_len_max(mt_config *cfg, int gpu, int world) {
     if (err) return err;
     long limit = seq_len_limit(&mc), as_configured = 0;
     long_choices chose;
-    char note[256];
+    char note[512];
     long best = longest_choosing(cfg, &mc, gpu, world, budget, limit, &as_configured, &chose);
     if (!best)
         return mt_errorf(MT_ERR_CONFIG,
