@@ -19,7 +19,8 @@ cpu-accum2) runs N micro-batches a step (train.grad_accum): offloaded, each
 micro-batch's gradients stream to the host, which sums them, so the GPU
 holds no gradient block; on the GPU the block holds the sums. A further
 suffix -gpusum (cpu-accum2-gpusum) keeps the offloaded run's sums on the GPU
-(offload.grad_sum: gpu).
+(offload.grad_sum: gpu). A suffix -delay (cpu-delay, cpu-noclip-delay) turns
+on ZeRO-Offload's delayed parameter update (offload.delay: 1).
 
 Then the CPU AdamW alone: memtune's (bench/cpu_adam_bench.c, every
 instruction path, fp32 and bf16 gradients) against torch's CPU AdamW
@@ -48,7 +49,7 @@ GIB = 1024 ** 3
 
 
 def run_memtune(args, folder, data, run, mode, trace_step=0):
-    parts = [p for p in mode.split("-") if not p.startswith("accum") and p != "gpusum"]
+    parts = [p for p in mode.split("-") if not p.startswith("accum") and p not in ("gpusum", "delay")]
     accum = [int(p[len("accum"):]) for p in mode.split("-") if p.startswith("accum")]
     galore = parts[0] == "galore"
     offload = (parts[1] if len(parts) > 1 else "none") if galore else parts[0]
@@ -65,6 +66,8 @@ def run_memtune(args, folder, data, run, mode, trace_step=0):
         sets["train.grad_accum"] = accum[0]
     if mode.endswith("-gpusum"):
         sets["offload.grad_sum"] = "gpu"
+    if "delay" in mode.split("-"):
+        sets["offload.delay"] = 1
     if offload == "ssd":
         sets["offload.path"] = args.ssd_path
     if trace_step:

@@ -15,6 +15,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "kernels/dtype.h"
 #include "kernels/mem.h"
 #include "kernels/ops.h"
 #include "offload/cpu_adam.h"
@@ -30,6 +31,8 @@ typedef struct {
     double sumsq;                      // of this step's gradients
     long arrived, ready;               // last step whose sum is in / whose update is issued (or skipped)
     long sent, taken;                  // accumulation: landings copied to the host / added to the sum
+    long updated, copied;              // delay: last step whose update is in `shadow` / was copied to the weights
+                                       // (-1: none; 0: a resumed state's, mt_offload_set_pending)
     double t_sum[2][2], t_adam[2][2];  // trace: host seconds, per step parity
 } bucket;
 
@@ -75,6 +78,7 @@ struct mt_offload {
     uint16_t *stage[STAGES];
     void *stage_done[STAGES];
     int stage_next;
+    void *shadow;  // delay: the updated weights in the slots' layout (bf16, pinned, from a GPU; fp32 on the CPU)
     // the worker
     pthread_t worker;
     int has_worker, stop;
@@ -116,6 +120,7 @@ static void post(mt_offload *o, int kind, int b, long step) {
 static void mark_ready(mt_offload *o, int b, long step, int applied) {
     pthread_mutex_lock(&o->lock);
     o->buckets[b].ready = step;
+    if (applied) o->buckets[b].updated = step;
     o->applied += applied;
     pthread_cond_broadcast(&o->changed);
     pthread_mutex_unlock(&o->lock);
@@ -140,16 +145,34 @@ static const void *grads_at(const mt_offload *o, size_t slot) {
 }
 
 // AdamW over bucket b's state, block by block, each block's bf16 weights
-// copied back as soon as it is done.
+// copied back as soon as it is done; with delay the new weights go to the
+// shadow instead, once its last copy to the weights has been made.
 static void update_bucket(mt_offload *o, int b, long step) {
     bucket *k = &o->buckets[b];
     k->t_adam[step & 1][0] = mt_now();
+    if (o->cfg.delay && o->gpu && k->copied >= 0) mt_event_synchronize(event(o, EV_UPDATED, k->copied, b));
     mt_store_begin(o->store, k->offset, k->offset + k->count, MT_STORE_UPDATE);
     mt_store_block blk;
     int first = 1;
     while (mt_store_next(o->store, &blk)) {
         uint16_t *stage = NULL;
         int s = 0;
+        if (o->cfg.delay) {
+            size_t blk_end = blk.offset + blk.count;
+            for (int p = k->first; p < k->end; p++) {
+                const mt_offload_param *pa = &o->params[p];
+                size_t lo = pa->slot > blk.offset ? pa->slot : blk.offset;
+                size_t hi = pa->slot + pa->count < blk_end ? pa->slot + pa->count : blk_end;
+                if (lo >= hi) continue;
+                size_t at = lo - blk.offset;
+                mt_cpu_adam_update(o->path, pa->decay ? &o->adam_decay : &o->adam_plain, blk.master + at, blk.m + at,
+                                   blk.v + at, grads_at(o, lo), grads_bf16(o),
+                                   o->gpu ? (uint16_t *)o->shadow + lo : NULL, hi - lo);
+                if (!o->gpu) memcpy((float *)o->shadow + lo, blk.master + at, (hi - lo) * sizeof(float));
+            }
+            mt_store_done(o->store, &blk);
+            continue;
+        }
         if (o->gpu) {
             s = o->stage_next;
             o->stage_next = (o->stage_next + 1) % STAGES;
@@ -187,9 +210,36 @@ static void update_bucket(mt_offload *o, int b, long step) {
     }
     mt_err err = mt_store_end(o->store);
     if (err) record_error(o, err);
-    if (o->gpu) mt_event_record(event(o, EV_UPDATED, step, b), o->h2d);
+    if (o->gpu && !o->cfg.delay) mt_event_record(event(o, EV_UPDATED, step, b), o->h2d);
     k->t_adam[step & 1][1] = mt_now();
     mark_ready(o, b, step, !err);
+}
+
+// Delay: bucket b's last update, from the shadow into the weights, if not
+// there yet; from a GPU on the copy stream after `after` (recorded on the
+// compute stream once nothing reads the bucket's weights any more). The
+// main thread calls it once the update is ready.
+static void copy_bucket(mt_offload *o, int b, void *after) {
+    bucket *k = &o->buckets[b];
+    if (k->updated <= k->copied) return;
+    if (o->gpu && after) mt_stream_wait_event(o->h2d, after);
+    for (int p = k->first; p < k->end; p++) {
+        const mt_offload_param *pa = &o->params[p];
+        if (o->gpu)
+            mt_memcpy_async((uint16_t *)o->weights + pa->offset, (uint16_t *)o->shadow + pa->slot, pa->count * 2,
+                            o->h2d);
+        else
+            memcpy((float *)o->weights + pa->offset, (float *)o->shadow + pa->slot, pa->count * sizeof(float));
+    }
+    if (o->gpu) mt_event_record(event(o, EV_UPDATED, k->updated, b), o->h2d);
+    k->copied = k->updated;
+}
+
+// Delay: blocks until the update of bucket b from `step` is done (or skipped).
+static void wait_ready(mt_offload *o, int b, long step) {
+    pthread_mutex_lock(&o->lock);
+    while (!o->error && o->buckets[b].ready < step) pthread_cond_wait(&o->changed, &o->lock);
+    pthread_mutex_unlock(&o->lock);
 }
 
 // Accumulation from a GPU: bucket b's bf16 gradients, landed, into the fp32
@@ -318,6 +368,7 @@ mt_err mt_offload_init(mt_offload **out, mt_backend *be, const mt_offload_config
         k->end = q;
         k->offset = params[p].slot;
         k->count = params[q - 1].slot + params[q - 1].count - k->offset;
+        k->updated = k->copied = -1;
         if (k->count > o->ring_count) o->ring_count = k->count;
         o->unit_bucket[params[p].bucket] = b;
         for (; p < q; p++) o->params[p].bucket = b;
@@ -337,6 +388,7 @@ mt_err mt_offload_init(mt_offload **out, mt_backend *be, const mt_offload_config
     if (!err) err = mt_alloc(&o->grad_host, (total ? total : 1) * (o->gpu ? 2 : 4), MT_MEM_OFFLOAD, MT_HOST);
     if (!err && o->gpu && cfg->micro_batches > 1)
         err = mt_alloc_host_large((void **)&o->grad_sum, (total ? total : 1) * sizeof(float), MT_MEM_OFFLOAD);
+    if (!err && cfg->delay) err = mt_alloc(&o->shadow, (total ? total : 1) * (o->gpu ? 2 : 4), MT_MEM_OFFLOAD, MT_HOST);
     if (!err && o->gpu) {
         for (int r = 0; r < 2 && !err; r++)
             err = mt_alloc(&o->ring[r], (o->ring_count ? o->ring_count : 1) * 2, MT_MEM_GRADS, MT_DEVICE);
@@ -427,6 +479,7 @@ void mt_offload_free(mt_offload *o) {
     free(o->queue);
     mt_free(&o->grad_host);
     mt_free((void **)&o->grad_sum);
+    mt_free(&o->shadow);
     mt_store_close(o->store);
     pthread_mutex_destroy(&o->lock);
     pthread_cond_destroy(&o->changed);
@@ -501,9 +554,13 @@ void mt_offload_grad(mt_offload *o, int param, const float *grad) {
     }
     if (--k->remaining > 0) return;
     if (!o->gpu) {
+        if (o->cfg.delay && last) copy_bucket(o, b, NULL);  // the last update (made inline) now reaches the weights
         if (last) arrive(o, b, o->gen, o->micro);
         return;
     }
+    // delay: the last update must be done before its weights are copied, and before these gradients land where
+    // it reads them (the landing, without a separate sum)
+    if (o->cfg.delay && (last || !o->grad_sum)) wait_ready(o, b, o->gen - 1);
     if (o->grad_sum) {
         // the landing is free once the worker has added the micro-batch before
         pthread_mutex_lock(&o->lock);
@@ -517,6 +574,7 @@ void mt_offload_grad(mt_offload *o, int param, const float *grad) {
     mt_memcpy_async((uint16_t *)o->grad_host + k->offset, o->ring[k->ring], k->count * 2, o->d2h);
     mt_event_record(event(o, EV_D2H, o->gen, b), o->d2h);
     o->ring_free[k->ring] = event(o, EV_D2H, o->gen, b);
+    if (o->cfg.delay && last) copy_bucket(o, b, event(o, EV_GRADS, o->gen, b));  // backward is done with them
     post(o, last ? MSG_ARRIVE : MSG_ADD, b, o->gen);
 }
 
@@ -568,6 +626,11 @@ void mt_offload_cancel_step(mt_offload *o) {
 void mt_offload_wait_bucket(mt_offload *o, int unit) {
     if (!o->gpu || unit < 0 || unit >= o->n_units || o->unit_bucket[unit] < 0) return;
     int b = o->unit_bucket[unit];
+    if (o->cfg.delay) {  // the last copy made (by this thread: nothing to wait for on the host)
+        if (o->buckets[b].copied >= 0) mt_stream_wait_event(NULL, event(o, EV_UPDATED, o->buckets[b].copied, b));
+        if (o->in_step) mt_event_record(event(o, EV_FORWARD, o->gen, b), NULL);
+        return;
+    }
     long needed = o->in_step ? o->gen - 1 : o->gen;
     if (needed > 0) {
         pthread_mutex_lock(&o->lock);
@@ -585,10 +648,26 @@ mt_err mt_offload_sync(mt_offload *o) {
         while (!o->error && o->buckets[b].ready < o->gen) pthread_cond_wait(&o->changed, &o->lock);
     mt_err err = o->error;
     pthread_mutex_unlock(&o->lock);
-    if (o->gpu)
+    if (o->gpu && !o->cfg.delay)  // (with delay the last update stays pending: the weights keep their step)
         for (int b = 0; b < o->n_buckets && o->gen > 0; b++) mt_event_synchronize(event(o, EV_UPDATED, o->gen, b));
     if (err) return mt_errorf(err, "%s", o->error_msg);
     return MT_OK;
+}
+
+mt_err mt_offload_set_pending(mt_offload *o) {
+    MT_CHECK(o->cfg.delay && o->gen == 0, "mt_offload_set_pending: only with delay, before the first step");
+    float *master = NULL;
+    mt_err err = mt_alloc_host_large((void **)&master, (o->total ? o->total : 1) * sizeof(float), MT_MEM_OFFLOAD);
+    if (!err) err = mt_store_read_all(o->store, master, NULL, NULL);
+    for (size_t i = 0; !err && i < o->total; i++) {
+        if (o->gpu)
+            ((uint16_t *)o->shadow)[i] = mt_f32_to_bf16(master[i]);  // as cpu_adam rounds its output
+        else
+            ((float *)o->shadow)[i] = master[i];
+    }
+    mt_free((void **)&master);
+    for (int b = 0; !err && b < o->n_buckets; b++) o->buckets[b].updated = 0;
+    return err;
 }
 
 int mt_offload_steps_taken(const mt_offload *o) { return o->steps; }
@@ -602,7 +681,8 @@ mt_err mt_offload_read_state(mt_offload *o, float *master, float *m, float *v) {
 
 size_t mt_offload_host_bytes(const mt_offload *o) {
     size_t stages = o->gpu ? STAGES * mt_store_block_params(o->store) * 2 : 0;
-    return mt_store_host_bytes(o->store) + o->total * (o->gpu ? 2 : 4) + (o->grad_sum ? o->total * 4 : 0) + stages;
+    return mt_store_host_bytes(o->store) + o->total * (o->gpu ? 2 : 4) * (o->shadow ? 2 : 1) +
+           (o->grad_sum ? o->total * 4 : 0) + stages;
 }
 
 size_t mt_offload_device_bytes(const mt_offload *o) { return o->gpu ? 2 * o->ring_count * 2 : 0; }

@@ -15,6 +15,16 @@
 // gradients land, beside the rest of backward; with clipping the update
 // waits for the norm and then runs in forward order, beside the next
 // forward. On the CPU backend the same steps run inline, with fp32 gradients.
+//
+// With delay (ZeRO-Offload's DPU), a step's forward and backward do not wait
+// for the previous step's update: the update of step s is computed on the
+// CPU beside step s + 1 and its weights reach the model once step s + 1's
+// backward has finished with each bucket, for step s + 2 to read. The
+// gradient of step s is thus taken at the weights of step s - 2 (the
+// initial ones for steps 1 and 2): this changes the math. The last update
+// stays pending between steps (mt_offload_sync waits for it to be computed,
+// not copied): a checkpoint keeps the weights as they are beside the state,
+// and a resumed run sets them back and calls mt_offload_set_pending.
 #ifndef MT_OFFLOAD_H
 #define MT_OFFLOAD_H
 
@@ -49,6 +59,7 @@ typedef struct {
     int rank, world;    // data parallelism: names the store's file (0, 1 without)
     int micro_batches;  // gradient accumulation: micro-batches whose gradients stream in a step (0, 1: none)
     int int8_moments;   // Adam's moments as blockwise 8-bit codes (memory kind; store.h), never split by a bucket
+    int delay;          // 1: ZeRO-Offload's delayed parameter update (below); 0: exact
 } mt_offload_config;
 
 typedef struct mt_offload mt_offload;
@@ -107,16 +118,22 @@ void mt_offload_cancel_step(mt_offload *o);
 // compute stream waits for its copy (the host blocks only until the worker
 // has issued it). A unit with nothing trained returns at once.
 void mt_offload_wait_bucket(mt_offload *o, int unit);
-// Waits for every update, the copies of the weights back included; returns
-// the first store error.
+// Waits for every update, the copies of the weights back included (with
+// delay the last update's copy stays pending); returns the first store error.
 mt_err mt_offload_sync(mt_offload *o);
 
+// Delay, resuming: the weights hold the state's master one update behind
+// (as a checkpoint kept them); the next step's backward brings the master
+// in, as the uninterrupted run's did. Before the first step.
+mt_err mt_offload_set_pending(mt_offload *o);
 int mt_offload_steps_taken(const mt_offload *o);
 // The whole state as host arrays in the slots' layout (checkpoints; m, v may
 // be NULL), after every pending update.
 mt_err mt_offload_read_state(mt_offload *o, float *master, float *m, float *v);
 // Host bytes held: the store, the gradient buffers (with accumulation from
-// a GPU an fp32 sum as well: 4 bytes a parameter), the staging buffers.
+// a GPU an fp32 sum as well: 4 bytes a parameter), the staging buffers
+// (with delay the updated weights: 2 bytes a parameter from a GPU, 4 on the
+// CPU).
 size_t mt_offload_host_bytes(const mt_offload *o);
 // Device bytes held: the two gradient staging buffers.
 size_t mt_offload_device_bytes(const mt_offload *o);

@@ -688,6 +688,131 @@ START_TEST(int8_moments_follow_fp32_and_resume_bit_identically) {
 }
 END_TEST
 
+// One step of the offload API on the CPU backend for
+// delayed_update_takes_each_gradient_two_steps_back: three parameters, each
+// its own bucket, handed over in backward order, each gradient 2 (w - target)
+// from the weights as they are when it is taken.
+static double delayed_step(mt_offload *o, float *weights, const float *target, float *grad, const size_t *offs,
+                           const size_t *counts, int n, float lr) {
+    mt_offload_begin_step(o, lr);
+    for (int p = n - 1; p >= 0; p--) {
+        for (size_t i = offs[p]; i < offs[p] + counts[p]; i++) grad[i] = 2.0f * (weights[i] - target[i]);
+        mt_offload_grad(o, p, grad + offs[p]);
+    }
+    double norm;
+    int finite;
+    ck_assert_int_eq(mt_offload_end_step(o, &norm, &finite), MT_OK);
+    ck_assert(finite);
+    return norm;
+}
+
+// offload.delay on the CPU backend, through the offload API alone, on a
+// model whose gradient says which weights it was taken at. With delay, step
+// s's gradient must be taken at the master after s - 2 updates (the first
+// two at the initial weights), and the weights must follow the master one
+// update behind, also after mt_offload_sync; without, after s updates. The
+// reference is AdamW over plain arrays with the same CPU kernel, the same
+// per-bucket sums and clip factor: bit for bit, with and without clipping.
+// Then a second offload built from the first's state and weights (a resume,
+// with mt_offload_set_pending) takes the next steps as the first does.
+START_TEST(delayed_update_takes_each_gradient_two_steps_back) {
+    enum { kSteps = 6, kParams = 3 };
+    const size_t counts[kParams] = {37, 100, 5};
+    size_t total = 0, offs[kParams];
+    mt_offload_param params[kParams];
+    for (int p = 0; p < kParams; p++) {
+        offs[p] = total;
+        params[p] = (mt_offload_param){total, counts[p], p != 1, p, total};
+        total += counts[p];
+    }
+    float *init = malloc(total * 4), *target = malloc(total * 4), *weights = malloc(total * 4);
+    float *grad = malloc(total * 4), *ref_g = malloc(total * 4), *weights2 = malloc(total * 4);
+    float *master = malloc(total * 4), *m = calloc(total, 4), *v = calloc(total, 4);
+    float *seen = malloc(total * 4);  // the weights the reference's next gradient is taken at
+    float *state = malloc(3 * total * 4);
+    for (size_t i = 0; i < total; i++) init[i] = mt_rng_normal(11, i), target[i] = mt_rng_normal(12, i);
+    mt_backend cpu;
+    mt_backend_init(&cpu, -1);
+    mt_cpu_adam_path path = mt_cpu_adam_best_path();
+    for (int variant = 0; variant < 4; variant++) {
+        int delay = variant & 1;
+        float clip = variant >> 1 ? 0.5f : 0.0f, lr = 0.05f, wd = 0.1f;
+        mt_offload_config oc = {.kind = MT_STORE_MEMORY,
+                                .beta1 = 0.9f,
+                                .beta2 = 0.95f,
+                                .eps = 1e-8f,
+                                .weight_decay = wd,
+                                .grad_clip = clip,
+                                .threads = 1,
+                                .delay = delay};
+        memcpy(weights, init, total * 4), memcpy(master, init, total * 4), memcpy(seen, init, total * 4);
+        memset(m, 0, total * 4), memset(v, 0, total * 4);
+        mt_offload *o;
+        ck_assert_int_eq(mt_offload_init(&o, &cpu, &oc, params, kParams, total, weights, init, NULL, NULL, 0), MT_OK);
+        for (int s = 1; s <= kSteps; s++) {
+            double norm = delayed_step(o, weights, target, grad, offs, counts, kParams, lr);
+            // the reference: the gradient at `seen`, its norm as the buckets sum it, AdamW with the same kernel
+            double sum = 0.0;
+            for (size_t i = 0; i < total; i++) ref_g[i] = 2.0f * (seen[i] - target[i]);
+            for (int p = 0; p < kParams; p++) sum += mt_cpu_sumsq(ref_g + offs[p], 0, counts[p]);
+            ck_assert_msg(sqrt(sum) == norm, "variant %d step %d: norm %.17g, reference %.17g", variant, s, norm,
+                          sqrt(sum));
+            float scale = clip > 0 && norm > clip ? (float)(clip / (norm + 1e-6)) : 1.0f;
+            mt_cpu_adam_step decay, plain;
+            mt_cpu_adam_prepare(&decay, lr, 0.9f, 0.95f, 1e-8f, wd, s, scale);
+            mt_cpu_adam_prepare(&plain, lr, 0.9f, 0.95f, 1e-8f, 0.0f, s, scale);
+            if (delay && s > 1) memcpy(seen, master, total * 4);  // the next gradient sees one update less
+            for (int p = 0; p < kParams; p++)
+                mt_cpu_adam_update(path, params[p].decay ? &decay : &plain, master + offs[p], m + offs[p], v + offs[p],
+                                   ref_g + offs[p], 0, NULL, counts[p]);
+            if (!delay) memcpy(seen, master, total * 4);
+            // the model's weights: the master one update behind with delay (s - 1 updates), else all s
+            ck_assert_msg(memcmp(weights, seen, total * 4) == 0, "variant %d (delay %d, clip %g) step %d: weights",
+                          variant, delay, clip, s);
+        }
+        ck_assert_int_eq(mt_offload_sync(o), MT_OK);
+        ck_assert_msg(memcmp(weights, seen, total * 4) == 0, "variant %d: sync moved the weights", variant);
+        ck_assert_int_eq(mt_offload_read_state(o, state, state + total, state + 2 * total), MT_OK);
+        ck_assert(memcmp(state, master, total * 4) == 0);
+        if (delay) {  // a resume from this state and these weights continues as the first offload does
+            memcpy(weights2, weights, total * 4);
+            mt_offload *o2;
+            ck_assert_int_eq(mt_offload_init(&o2, &cpu, &oc, params, kParams, total, weights2, state, state + total,
+                                             state + 2 * total, kSteps),
+                             MT_OK);
+            ck_assert_int_eq(mt_offload_set_pending(o2), MT_OK);
+            for (int s = kSteps + 1; s <= kSteps + 3; s++) {
+                double n1 = delayed_step(o, weights, target, grad, offs, counts, kParams, lr);
+                double n2 = delayed_step(o2, weights2, target, grad, offs, counts, kParams, lr);
+                ck_assert_msg(n1 == n2 && memcmp(weights, weights2, total * 4) == 0,
+                              "variant %d step %d: the resumed offload differs", variant, s);
+            }
+            mt_offload_free(o2);
+        }
+        mt_offload_free(o);
+    }
+    mt_backend_free(&cpu);
+    free(init), free(target), free(weights), free(grad), free(ref_g), free(master), free(m), free(v), free(seen);
+    free(weights2), free(state);
+}
+END_TEST
+
+// offload.delay in a training run: it trains (the loss falls), differs from the exact run after step 1, and
+// a run stopped and resumed is the uninterrupted one (the checkpoint keeps the delayed weights)
+START_TEST(delayed_update_trains_and_resumes_bit_identically) {
+    const char *const exact[] = {"offload.optimizer", "cpu", NULL};
+    const char *const delayed[] = {"offload.optimizer", "cpu", "offload.delay", "1", NULL};
+    double a[12], b[12];
+    train_losses("exact", exact, a);
+    train_losses("delayed", delayed, b);
+    ck_assert_msg(a[0] == b[0], "step 1 sees the initial weights either way: %.17g vs %.17g", a[0], b[0]);
+    ck_assert_msg(b[1] != a[1] && b[11] != a[11], "offload.delay changed nothing");
+    ck_assert_msg(b[11] < b[0], "offload.delay: loss %g -> %g", b[0], b[11]);
+    printf("offload.delay 1: losses %.5f -> %.5f (exact %.5f -> %.5f)\n", b[0], b[11], a[0], a[11]);
+    resumed_equals_whole("delayed", delayed);
+}
+END_TEST
+
 START_TEST(offload_config_errors_name_the_fix) {
     char data[300], folder[300], out[300];
     data_and_model(data, folder);
@@ -725,6 +850,20 @@ START_TEST(offload_config_errors_name_the_fix) {
     ck_assert_int_eq(mt_config_set(&cfg, "offload.path", dir, "t"), MT_OK);
     tu_expect_error(mt_config_validate(&cfg), MT_ERR_CONFIG, "model.weights: ssd with a full fine-tune");
     mt_config_free(&cfg);
+    // offload.delay where it is not built: GaLore, ZeRO, streamed weights
+    const char *const delay_refusals[][3] = {{"optim.kind", "galore", "optim.kind galore"},
+                                             {"dist.zero_stage", "1", "dist.zero_stage above 0"},
+                                             {"model.weights", "cpu", "streamed (model.weights)"}};
+    for (int k = 0; k < 3; k++) {
+        run_config(&cfg, folder, data, out, NULL);
+        ck_assert_int_eq(mt_config_set(&cfg, "offload.optimizer", "cpu", "t"), MT_OK);
+        ck_assert_int_eq(mt_config_set(&cfg, "offload.delay", "1", "t"), MT_OK);
+        if (k == 0) ck_assert_int_eq(mt_config_set(&cfg, "optim.grad_clip", "0", "t"), MT_OK);
+        ck_assert_int_eq(mt_config_set(&cfg, delay_refusals[k][0], delay_refusals[k][1], "t"), MT_OK);
+        tu_expect_error(mt_config_validate(&cfg), MT_ERR_CONFIG, delay_refusals[k][2]);
+        ck_assert_msg(strstr(mt_last_error(), "set offload.delay: 0"), "%s", mt_last_error());
+        mt_config_free(&cfg);
+    }
     // auto on the CPU backend: resident
     run_config(&cfg, folder, data, out, NULL);
     ck_assert_int_eq(mt_config_set(&cfg, "model.weights", "auto", "t"), MT_OK);
@@ -755,6 +894,8 @@ int main(void) {
     tcase_add_test(tc, galore_offloads_what_it_does_not_project);
     tcase_add_test(tc, offload_config_errors_name_the_fix);
     tcase_add_test(tc, int8_moments_follow_fp32_and_resume_bit_identically);
+    tcase_add_test(tc, delayed_update_takes_each_gradient_two_steps_back);
+    tcase_add_test(tc, delayed_update_trains_and_resumes_bit_identically);
     suite_add_tcase(s, tc);
     return tu_run_suite(s, 0);
 }

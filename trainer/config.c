@@ -463,6 +463,18 @@ mt_err mt_config_validate(const mt_config *cfg) {
                          "offload.moments int8 keeps the moments' codes in host memory: it needs offload.optimizer: "
                          "cpu (it is %s); set offload.moments: fp32 for ssd",
                          cfg->offload_optimizer);
+    if (cfg->offload_delay) {
+        const char *why = galore                     ? "optim.kind galore updates most weights itself"
+                          : cfg->dist_zero_stage > 0 ? "dist.zero_stage above 0 shares each rank's updated shard"
+                          : strcmp(cfg->model_weights, "gpu") ? "the base's layers are streamed (model.weights)"
+                          : cfg->offload_trace_step > 0       ? "offload.trace_step's timeline has no delayed copies"
+                                                              : NULL;
+        if (why)
+            return mt_errorf(MT_ERR_CONFIG,
+                             "offload.delay 1 is built for AdamW on one GPU's resident weights, and here %s; set "
+                             "offload.delay: 0",
+                             why);
+    }
     if (!strcmp(cfg->offload_optimizer, "ssd") && !cfg->offload_path[0])
         return mt_errorf(MT_ERR_CONFIG,
                          "offload.optimizer ssd needs offload.path: a folder on a fast local disk (NVMe) with room for "

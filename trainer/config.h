@@ -151,6 +151,10 @@ extern "C" {
       "stream out and host memory sums them in fp32, 4 bytes a trained parameter; none on the GPU), gpu (the fp32 "    \
       "block on the GPU, 4 bytes a parameter there) or auto (host when the run's host memory then stays within 85% "   \
       "of the node's; LoRA's adapters always on the GPU)")                                                             \
+    X(offload, delay, INT, "0", 0, 1, "",                                                                              \
+      "1: ZeRO-Offload's delayed parameter update: a step's forward and backward do not wait for the CPU's update "    \
+      "of the step before, which reaches the weights a step later (each gradient is taken at the weights of two "      \
+      "steps before; checkpoints apply the pending update first); changes the math; 0: exact")                         \
     X(offload, trace_step, INT, "0", 0, 1000000000, "",                                                                \
       "GPU: write the copy/update timeline of this step and the next to output.dir/offload-trace.json (Chrome trace "  \
       "format, for chrome://tracing or ui.perfetto.dev); 0: none")                                                     \

@@ -150,14 +150,14 @@ mt_err mt_forecast_run(const mt_config *cfg, const mt_model_config *mc, int gpu,
                                  2 * huge_pages((double)(qblocks ? qblocks : 1) * 4) +
                                  2 * huge_pages((double)block * 4);
         else
-            h[MT_MEM_OFFLOAD] += 3 * huge_pages((double)count * 4);  // fp32 master, m, v
-        h[MT_MEM_OFFLOAD] += (double)count * (gpu ? 2 : 4);
+            h[MT_MEM_OFFLOAD] += 3 * huge_pages((double)count * 4);                         // fp32 master, m, v
+        h[MT_MEM_OFFLOAD] += (double)count * (gpu ? 2 : 4) * (cfg->offload_delay ? 2 : 1);  // (delay: the weights)
         if (gpu) {
             if (pl.accum > 1 && pl.host_sum) h[MT_MEM_OFFLOAD] += huge_pages((double)count * 4);
             h[MT_MEM_OFFLOAD] += 4.0 * block * 2;
             d[MT_MEM_GRADS] += 2.0 * ring * 2;
         }
-        f->step_time += (double)count / kOffloadParamsPerSecond;
+        f->step_time += (double)count / kOffloadParamsPerSecond;  // the CPU's AdamW
     }
     for (int c = 0; c < MT_MEM_NCATEGORIES; c++) f->device_peak += d[c];
     f->device_peak += transient;
@@ -181,7 +181,13 @@ mt_err mt_forecast_run(const mt_config *cfg, const mt_model_config *mc, int gpu,
     // compute: the slower of the two binds
     double transfer =
         (double)mb.weights_host * (pl.mezo ? (double)cfg->mezo_samples : 2.0) * pl.accum / kHostToDeviceBytesPerSecond;
-    f->step_time += gpu && transfer > compute ? transfer : compute;
+    double gpu_time = gpu && transfer > compute ? transfer : compute;
+    // offload.delay: the CPU's update runs beside the next step's forward and backward, the slower binds (a
+    // forecast: not yet measured)
+    if (pl.offload && cfg->offload_delay)
+        f->step_time = f->step_time > gpu_time ? f->step_time : gpu_time;
+    else
+        f->step_time += gpu_time;
     snprintf(f->what, sizeof f->what, "%s%.2fM of %.2fM parameters trained; %s%s", pl.lora ? "LoRA: " : "",
              pl.trained_total / 1e6, P / 1e6, state_where, zero ? "; ZeRO shards over the ranks" : "");
     mt_plan_free(&pl);
@@ -208,14 +214,22 @@ static mt_err load(mt_config *cfg, const char *path, char *const *sets, int n_se
     mt_err err = mt_config_load_yaml(cfg, path);
     for (int i = 0; i < n_sets && !err; i++) err = mt_config_set_assignment(cfg, sets[i], "--set");
     // an alternative without offload: the file's offload.* keys go back to their defaults
-    static const char *const no_offload[] = {"offload.path=",         "offload.io_threads=4", "offload.threads=0",
-                                             "offload.grad_sum=auto", "offload.trace_step=0", NULL};
+    static const char *const no_offload[] = {"offload.path=",
+                                             "offload.io_threads=4",
+                                             "offload.threads=0",
+                                             "offload.grad_sum=auto",
+                                             "offload.trace_step=0",
+                                             "offload.delay=0",
+                                             NULL};
     for (int i = 0; extra && extra[i] && !err; i++) {
         err = mt_config_set_assignment(cfg, extra[i], "memtune plan");
         for (int k = 0; !err && !strcmp(extra[i], "offload.optimizer=none") && no_offload[k]; k++)
             if (k > 0 || strcmp(cfg->model_weights, "ssd"))  // the base's file keeps its folder
                 err = mt_config_set_assignment(cfg, no_offload[k], "memtune plan");
     }
+    // an alternative that offload.delay does not serve (GaLore, streamed weights) goes without it
+    if (!err && extra && cfg->offload_delay && (strcmp(cfg->optim_kind, "adamw") || strcmp(cfg->model_weights, "gpu")))
+        cfg->offload_delay = 0;
     return err;
 }
 
@@ -258,8 +272,8 @@ typedef struct {
 // model.deterministic_attention is auto and false (a workspace linear in T,
 // not T x T) fits a longer one still, false is. *as_configured: the longest
 // without either choice.
-static long longest_choosing(mt_config *cfg, const mt_model_config *mc, int gpu, int world, double capacity,
-                             long limit, long *as_configured, long_choices *chose) {
+static long longest_choosing(mt_config *cfg, const mt_model_config *mc, int gpu, int world, double capacity, long limit,
+                             long *as_configured, long_choices *chose) {
     long best = mt_forecast_longest_seq_len(cfg, mc, gpu, world, capacity, limit);
     *as_configured = best;
     *chose = (long_choices){0, 0, 0};

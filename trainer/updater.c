@@ -79,6 +79,30 @@ static mt_err fill_unit(void *ctx, int first, int count, const float *values) {
 // AdamW's state in a store off the GPU (host memory or a file): with GaLore
 // the parameters it does not project, packed; else the trained block (ZeRO:
 // this rank's shard).
+// offload.delay's checkpoint tensor: the trained block's weights as the model
+// holds them, one update behind the master.
+static mt_state_tensor delayed_weights_tensor(size_t total, float *data) {
+    return (mt_state_tensor){"offload", "delayed_weights", 0, total, data};
+}
+
+// offload.delay, resuming: the model's weights as the checkpoint kept them
+// (one update behind its master), and the offload told that the master's
+// update is pending.
+static mt_err resume_delayed(mt_updater *u) {
+    size_t total = u->pl->trained_total;
+    float *w = NULL;
+    mt_err err = mt_state_copy_alloc(total, 1, &w);
+    if (err) return err;
+    mt_state_tensor t = delayed_weights_tensor(total, w);
+    err = mt_checkpoint_read_extra(u->resume_dir, &t, 1);
+    if (!err && u->pl->lora)
+        mt_model_set_adapters(u->model, w);
+    else if (!err)
+        err = mt_model_set_weights(u->model, w);
+    free(w);
+    return err ? err : mt_offload_set_pending(u->ofl);
+}
+
 static mt_err build_offload(mt_updater *u) {
     const mt_config *cfg = u->cfg;
     const mt_plan *pl = u->pl;
@@ -116,7 +140,8 @@ static mt_err build_offload(mt_updater *u) {
                             u->rank,
                             u->world,
                             pl->offload_streamed ? u->accum : 1,
-                            !strcmp(cfg->offload_moments, "int8")};
+                            !strcmp(cfg->offload_moments, "int8"),
+                            (int)cfg->offload_delay};
     int ranks = pl->zero && u->world > 1;
     mt_err err = MT_OK;
     if (plan->packed) {
@@ -149,6 +174,7 @@ static mt_err build_offload(mt_updater *u) {
     if (!err && !*u->trained)
         err = mt_hf_each_unit(u->model, strcmp(cfg->model_init, "random") ? cfg->model_path : NULL,
                               (uint64_t)cfg->train_seed, fill_unit, u);
+    if (!err && cfg->offload_delay && u->resume_dir[0]) err = resume_delayed(u);
     if (!err && ranks) {
         mt_offload_hook *h = u->ohook;
         mt_offload_set_norm_sum(u->ofl, mt_route_sum_over_ranks, u->dist);
@@ -398,12 +424,20 @@ mt_err mt_updater_read_state(mt_updater *u, long steps_done, mt_updater_state *s
     float *master = *u->trained, *m = *u->moment_m, *v = *u->moment_v;
     mt_err err = MT_OK;
     int packed = u->ofl && u->plan.packed;
+    int delayed = u->ofl && u->cfg->offload_delay;
     if (u->ofl && !packed) {
-        // the whole master (ZeRO: every rank's shard of it), this rank's moments
-        size_t n = pl->shard_hi - pl->shard_lo;
-        if ((err = mt_state_copy_alloc(pl->trained_total + 2 * n, 1, &s->copy))) return err;
-        master = s->copy, m = s->copy + pl->trained_total, v = m + n;
+        // the whole master (ZeRO: every rank's shard of it), this rank's moments; with offload.delay the
+        // weights as the model holds them too (one update behind the master)
+        size_t n = pl->shard_hi - pl->shard_lo, total = pl->trained_total;
+        if ((err = mt_state_copy_alloc(total + 2 * n + (delayed ? total : 0), 1, &s->copy))) return err;
+        master = s->copy, m = s->copy + total, v = m + n;
         err = read_master(u, master, m, v);
+        if (!err && delayed) {
+            mt_model_get_trainable(u->model, v + n);
+            s->all = malloc(sizeof *s->all);
+            MT_CHECK(s->all != NULL, "checkpoint tensors");
+            s->all[0] = delayed_weights_tensor(total, v + n);
+        }
     } else if (!master && !packed) {  // no lasting host copy (MeZO read its weights a layer at a time): one now
         if ((err = mt_state_copy_alloc(pl->trained_total, 1, &s->copy))) return err;
         master = s->copy;
@@ -431,6 +465,7 @@ mt_err mt_updater_read_state(mt_updater *u, long steps_done, mt_updater_state *s
         free(mine);
         extra = s->all, n_extra += 2 * u->plan.n;
     }
+    if (delayed && !packed) extra = s->all, n_extra = 1;
     s->master = master, s->m = m, s->v = v, s->extra = extra, s->n_extra = n_extra;
     s->optimizer_steps = u->opt   ? mt_optimizer_steps_taken(u->opt)
                          : u->gal ? mt_galore_steps_taken(u->gal)
