@@ -599,8 +599,10 @@ mt_err mt_offload_end_step(mt_offload *o, double *grad_norm, int *finite) {
         float scale = *grad_norm > o->cfg.grad_clip ? (float)(o->cfg.grad_clip / (*grad_norm + 1e-6)) : 1.0f;
         o->steps++;
         prepare(o, o->steps, scale);
-        // forward order: the next forward's first reads are the first ready
-        for (int b = 0; b < o->n_buckets; b++) {
+        // forward order: the next forward's first reads are the first ready; with delay backward order, as the
+        // next backward is what waits for them
+        for (int i = 0; i < o->n_buckets; i++) {
+            int b = o->cfg.delay ? o->n_buckets - 1 - i : i;
             if (o->gpu)
                 post(o, MSG_UPDATE, b, o->gen);
             else
@@ -648,8 +650,12 @@ mt_err mt_offload_sync(mt_offload *o) {
         while (!o->error && o->buckets[b].ready < o->gen) pthread_cond_wait(&o->changed, &o->lock);
     mt_err err = o->error;
     pthread_mutex_unlock(&o->lock);
-    if (o->gpu && !o->cfg.delay)  // (with delay the last update stays pending: the weights keep their step)
-        for (int b = 0; b < o->n_buckets && o->gen > 0; b++) mt_event_synchronize(event(o, EV_UPDATED, o->gen, b));
+    for (int b = 0; o->gpu && b < o->n_buckets; b++) {
+        if (!o->cfg.delay && o->gen > 0)
+            mt_event_synchronize(event(o, EV_UPDATED, o->gen, b));
+        else if (o->cfg.delay && o->buckets[b].copied >= 0)  // the copies made; the last update stays pending
+            mt_event_synchronize(event(o, EV_UPDATED, o->buckets[b].copied, b));
+    }
     if (err) return mt_errorf(err, "%s", o->error_msg);
     return MT_OK;
 }
