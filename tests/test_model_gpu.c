@@ -10,11 +10,14 @@
 #include <string.h>
 
 #include "kernels/device.h"
+#include "kernels/dtype.h"
 #include "kernels/mem.h"
 #include "kernels/nf4.h"
 #include "kernels/rng.h"
 #include "optim/galore.h"
 #include "optim/mezo.h"
+#include "offload/cpu_adam.h"
+#include "offload/offload.h"
 #include "testutil.h"
 #include "trainer/config.h"
 #include "trainer/lora.h"
@@ -808,6 +811,90 @@ START_TEST(gpu_offload_follows_gpu_adamw) {
 }
 END_TEST
 
+// offload.delay on the GPU through the offload API (test_offload checks the
+// CPU backend the same way): bf16 weights on the device, three parameters
+// each its own bucket; every step waits for each unit as a forward would
+// (mt_offload_wait_bucket), reads the weights it then sees and hands over
+// gradients 2 (w - target), which cross to the host as bf16. With delay the
+// weights a step sees must be the master after s - 2 updates (rounded to
+// bf16), without it after s - 1; the reference is AdamW over host arrays with
+// the same CPU kernel on those bf16 gradients: bit for bit, with and without
+// clipping. This is what exercises the delayed copies' events and stream.
+START_TEST(gpu_offload_delay_takes_each_gradient_two_steps_back) {
+    enum { kSteps = 6, kParams = 3 };
+    const size_t counts[kParams] = {37, 3000, 5};
+    size_t total = 0, offs[kParams];
+    mt_offload_param params[kParams];
+    for (int p = 0; p < kParams; p++) {
+        offs[p] = total;
+        params[p] = (mt_offload_param){total, counts[p], p != 1, p, total};
+        total += counts[p];
+    }
+    float *init = malloc(total * 4), *target = malloc(total * 4), *seen = malloc(total * 4), *g = malloc(total * 4);
+    float *master = malloc(total * 4), *m = malloc(total * 4), *v = malloc(total * 4);
+    uint16_t *wb = malloc(total * 2), *gb = malloc(total * 2);
+    for (size_t i = 0; i < total; i++) init[i] = mt_rng_normal(21, i), target[i] = mt_rng_normal(22, i);
+    mt_backend gpu;
+    ck_assert_int_eq(mt_backend_init(&gpu, 0), MT_OK);
+    void *w_d = mt_device_malloc(total * 2);
+    float *g_d = mt_device_malloc(total * 4);
+    mt_cpu_adam_path path = mt_cpu_adam_best_path();
+    for (int variant = 0; variant < 4; variant++) {
+        int delay = variant & 1;
+        float clip = variant >> 1 ? 0.5f : 0.0f, lr = 0.05f, wd = 0.1f;
+        mt_offload_config oc = {.kind = MT_STORE_MEMORY, .beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f,
+                                .weight_decay = wd, .grad_clip = clip, .threads = 2, .delay = delay};
+        for (size_t i = 0; i < total; i++) wb[i] = mt_f32_to_bf16(init[i]);
+        mt_copy_to_device(w_d, wb, total * 2);
+        memcpy(master, init, total * 4), memcpy(seen, init, total * 4);
+        memset(m, 0, total * 4), memset(v, 0, total * 4);
+        mt_offload *o;
+        ck_assert_int_eq(mt_offload_init(&o, &gpu, &oc, params, kParams, total, w_d, init, NULL, NULL, 0), MT_OK);
+        for (int s = 1; s <= kSteps; s++) {
+            mt_offload_begin_step(o, lr);
+            for (int p = 0; p < kParams; p++) mt_offload_wait_bucket(o, p);  // the forward, unit by unit
+            mt_device_synchronize();
+            mt_copy_to_host(wb, w_d, total * 2);
+            for (size_t i = 0; i < total; i++) {
+                ck_assert_msg(wb[i] == mt_f32_to_bf16(seen[i]),
+                              "variant %d (delay %d, clip %g) step %d: weight %zu is %g, expected %g", variant, delay,
+                              clip, s, i, mt_bf16_to_f32(wb[i]), mt_round_bf16(seen[i]));
+                g[i] = 2.0f * (mt_bf16_to_f32(wb[i]) - target[i]);
+                gb[i] = mt_f32_to_bf16(g[i]);  // as it crosses to the host
+            }
+            mt_copy_to_device(g_d, g, total * 4);
+            for (int p = kParams - 1; p >= 0; p--) mt_offload_grad(o, p, g_d + offs[p]);  // backward order
+            double norm, sum = 0.0;
+            int finite;
+            ck_assert_int_eq(mt_offload_end_step(o, &norm, &finite), MT_OK);
+            for (int p = 0; p < kParams; p++) sum += mt_cpu_sumsq(gb + offs[p], 1, counts[p]);
+            ck_assert_msg(finite && sqrt(sum) == norm, "variant %d step %d: norm %.17g, reference %.17g", variant, s,
+                          norm, sqrt(sum));
+            float scale = clip > 0 && norm > clip ? (float)(clip / (norm + 1e-6)) : 1.0f;
+            mt_cpu_adam_step decay, plain;
+            mt_cpu_adam_prepare(&decay, lr, 0.9f, 0.95f, 1e-8f, wd, s, scale);
+            mt_cpu_adam_prepare(&plain, lr, 0.9f, 0.95f, 1e-8f, 0.0f, s, scale);
+            if (delay && s > 1) memcpy(seen, master, total * 4);  // the next step sees one update less
+            for (int p = 0; p < kParams; p++)
+                mt_cpu_adam_update(path, params[p].decay ? &decay : &plain, master + offs[p], m + offs[p], v + offs[p],
+                                   gb + offs[p], 1, NULL, counts[p]);
+            if (!delay) memcpy(seen, master, total * 4);
+        }
+        ck_assert_int_eq(mt_offload_sync(o), MT_OK);
+        float *state = malloc(total * 4);
+        ck_assert_int_eq(mt_offload_read_state(o, state, NULL, NULL), MT_OK);
+        ck_assert_msg(memcmp(state, master, total * 4) == 0, "variant %d: the master", variant);
+        free(state);
+        mt_offload_free(o);
+        printf("offload API on the GPU, delay %d, clip %g: %d steps as the reference, bit for bit\n", delay, clip,
+               kSteps);
+    }
+    mt_device_free(w_d), mt_device_free(g_d);
+    mt_backend_free(&gpu);
+    free(init), free(target), free(seen), free(g), free(master), free(m), free(v), free(wb), free(gb);
+}
+END_TEST
+
 int main(void) {
     if (mt_device_count() == 0) {
         printf("test_model_gpu: no GPU, skipped\n");
@@ -826,6 +913,7 @@ int main(void) {
     tcase_add_test(tc, gpu_galore_matches_cpu_reference);
     tcase_add_test(tc, gpu_out_of_memory_is_a_clear_error);
     tcase_add_test(tc, gpu_offload_follows_gpu_adamw);
+    tcase_add_test(tc, gpu_offload_delay_takes_each_gradient_two_steps_back);
     suite_add_tcase(s, tc);
     return tu_run_suite(s, 1);
 }
