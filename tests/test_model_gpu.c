@@ -14,10 +14,10 @@
 #include "kernels/mem.h"
 #include "kernels/nf4.h"
 #include "kernels/rng.h"
-#include "optim/galore.h"
-#include "optim/mezo.h"
 #include "offload/cpu_adam.h"
 #include "offload/offload.h"
+#include "optim/galore.h"
+#include "optim/mezo.h"
 #include "testutil.h"
 #include "trainer/config.h"
 #include "trainer/lora.h"
@@ -842,8 +842,14 @@ START_TEST(gpu_offload_delay_takes_each_gradient_two_steps_back) {
     for (int variant = 0; variant < 4; variant++) {
         int delay = variant & 1;
         float clip = variant >> 1 ? 0.5f : 0.0f, lr = 0.05f, wd = 0.1f;
-        mt_offload_config oc = {.kind = MT_STORE_MEMORY, .beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f,
-                                .weight_decay = wd, .grad_clip = clip, .threads = 2, .delay = delay};
+        mt_offload_config oc = {.kind = MT_STORE_MEMORY,
+                                .beta1 = 0.9f,
+                                .beta2 = 0.95f,
+                                .eps = 1e-8f,
+                                .weight_decay = wd,
+                                .grad_clip = clip,
+                                .threads = 2,
+                                .delay = delay};
         for (size_t i = 0; i < total; i++) wb[i] = mt_f32_to_bf16(init[i]);
         mt_copy_to_device(w_d, wb, total * 2);
         memcpy(master, init, total * 4), memcpy(seen, init, total * 4);
