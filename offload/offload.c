@@ -146,34 +146,20 @@ static const void *grads_at(const mt_offload *o, size_t slot) {
 
 // AdamW over bucket b's state, block by block, each block's bf16 weights
 // copied back as soon as it is done; with delay the new weights go to the
-// shadow instead, once its last copy to the weights has been made.
+// shadow instead (in the slots' layout), once its last copy to the weights
+// has been made.
 static void update_bucket(mt_offload *o, int b, long step) {
     bucket *k = &o->buckets[b];
+    int delay = o->cfg.delay, copies = o->gpu && !delay;  // this thread copies the weights to the GPU
     k->t_adam[step & 1][0] = mt_now();
-    if (o->cfg.delay && o->gpu && k->copied >= 0) mt_event_synchronize(event(o, EV_UPDATED, k->copied, b));
+    if (delay && o->gpu && k->copied >= 0) mt_event_synchronize(event(o, EV_UPDATED, k->copied, b));
     mt_store_begin(o->store, k->offset, k->offset + k->count, MT_STORE_UPDATE);
     mt_store_block blk;
     int first = 1;
     while (mt_store_next(o->store, &blk)) {
         uint16_t *stage = NULL;
         int s = 0;
-        if (o->cfg.delay) {
-            size_t blk_end = blk.offset + blk.count;
-            for (int p = k->first; p < k->end; p++) {
-                const mt_offload_param *pa = &o->params[p];
-                size_t lo = pa->slot > blk.offset ? pa->slot : blk.offset;
-                size_t hi = pa->slot + pa->count < blk_end ? pa->slot + pa->count : blk_end;
-                if (lo >= hi) continue;
-                size_t at = lo - blk.offset;
-                mt_cpu_adam_update(o->path, pa->decay ? &o->adam_decay : &o->adam_plain, blk.master + at, blk.m + at,
-                                   blk.v + at, grads_at(o, lo), grads_bf16(o),
-                                   o->gpu ? (uint16_t *)o->shadow + lo : NULL, hi - lo);
-                if (!o->gpu) memcpy((float *)o->shadow + lo, blk.master + at, (hi - lo) * sizeof(float));
-            }
-            mt_store_done(o->store, &blk);
-            continue;
-        }
-        if (o->gpu) {
+        if (copies) {
             s = o->stage_next;
             o->stage_next = (o->stage_next + 1) % STAGES;
             mt_event_synchronize(o->stage_done[s]);  // its previous copy is done
@@ -191,18 +177,20 @@ static void update_bucket(mt_offload *o, int b, long step) {
             size_t hi = pa->slot + pa->count < blk_end ? pa->slot + pa->count : blk_end;
             if (lo >= hi) continue;
             size_t at = lo - blk.offset, w = pa->offset + (lo - pa->slot);
+            uint16_t *out = delay && o->gpu ? (uint16_t *)o->shadow + lo : stage ? stage + at : NULL;
             mt_cpu_adam_update(o->path, pa->decay ? &o->adam_decay : &o->adam_plain, blk.master + at, blk.m + at,
-                               blk.v + at, grads_at(o, lo), grads_bf16(o), stage ? stage + at : NULL, hi - lo);
-            if (!o->gpu) {
-                memcpy((float *)o->weights + w, blk.master + at, (hi - lo) * sizeof(float));
-            } else if (run_n && w - run_w == at - run_at) {
+                               blk.v + at, grads_at(o, lo), grads_bf16(o), out, hi - lo);
+            if (!o->gpu) {  // the CPU's weights (with delay its shadow) are the master values
+                memcpy(delay ? (float *)o->shadow + lo : (float *)o->weights + w, blk.master + at,
+                       (hi - lo) * sizeof(float));
+            } else if (copies && run_n && w - run_w == at - run_at) {
                 run_n = at + (hi - lo) - run_at;
-            } else {
+            } else if (copies) {
                 if (run_n) mt_memcpy_async((uint16_t *)o->weights + run_w, stage + run_at, run_n * 2, o->h2d);
                 run_w = w, run_at = at, run_n = hi - lo;
             }
         }
-        if (o->gpu) {
+        if (copies) {
             if (run_n) mt_memcpy_async((uint16_t *)o->weights + run_w, stage + run_at, run_n * 2, o->h2d);
             mt_event_record(o->stage_done[s], o->h2d);
         }
@@ -210,7 +198,7 @@ static void update_bucket(mt_offload *o, int b, long step) {
     }
     mt_err err = mt_store_end(o->store);
     if (err) record_error(o, err);
-    if (o->gpu && !o->cfg.delay) mt_event_record(event(o, EV_UPDATED, step, b), o->h2d);
+    if (copies) mt_event_record(event(o, EV_UPDATED, step, b), o->h2d);
     k->t_adam[step & 1][1] = mt_now();
     mark_ready(o, b, step, !err);
 }
