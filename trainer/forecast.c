@@ -641,8 +641,18 @@ mt_err mt_forecast_attention_auto(mt_config *cfg, int gpu, int world) {
     double capacity = 0;
     char why[512];
     mt_model_config mc;
-    mt_err err = auto_capacity(cfg, gpu, &capacity);
-    if (!err) err = mt_hf_read_config(cfg->model_path, &mc);
+    if (!gpu) return mt_config_set(cfg, "model.deterministic_attention", "true", "model.deterministic_attention auto");
+    mt_err err = mt_hf_read_config(cfg->model_path, &mc);
+    if (err) return err;
+    // cuDNN's deterministic backward on Hopper: B x heads x T (64s) x T (128s) bf16. Without a budget, below
+    // 1 GiB it stays, unasked (the forecast would open a cuDNN handle of its own on the GPU for the run's life)
+    double T = (double)cfg->train_seq_len,
+           dp = (double)cfg->train_micro_batch * mc.H * (ceil(T / 64) * 64) * (ceil(T / 128) * 128) * 2;
+    if (!cfg->memory_budget[0] && dp < 1073741824.0) {
+        mt_config_set(cfg, "model.deterministic_attention", "true", "model.deterministic_attention auto");
+        return MT_OK;
+    }
+    err = auto_capacity(cfg, gpu, &capacity);
     if (!err) err = mt_forecast_choose_attention(cfg, &mc, gpu, world, capacity, why, sizeof why);
     if (!err && why[0]) mt_info("model.deterministic_attention auto: false (%s)", why);
     return err;

@@ -79,7 +79,9 @@ mt_err mt_forecast_weights_auto(mt_config *cfg, int gpu, int world);
 mt_err mt_forecast_choose_attention(mt_config *cfg, const mt_model_config *mc, int gpu, int world, double capacity,
                                     char *why, size_t len);
 // mt_forecast_choose_attention against memory.budget, else the GPU's free
-// memory less 1 GiB; logs a choice of false.
+// memory less 1 GiB; logs a choice of false. Without a budget, where the
+// deterministic backward's workspace would stay under 1 GiB, true at once
+// (no forecast: it would open a cuDNN handle of its own on the GPU).
 mt_err mt_forecast_attention_auto(mt_config *cfg, int gpu, int world);
 // "24GiB", "80G", "900MiB", "1.5T", or bytes; -1 when not a size.
 double mt_parse_size(const char *v);
