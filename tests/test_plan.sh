@@ -162,7 +162,7 @@ if [ "$avail" -lt 140 ]; then
 fi
 
 # the 7B configs, forecast for the GPU from config.json alone
-for c in llama-lora llama-qlora mezo galore full-offload-cpu full-offload-ssd; do
+for c in llama-lora llama-qlora mezo galore full-offload-cpu full-offload-ssd long-context; do
     out=$("$MEMTUNE" plan "configs/$c.yaml" --set model.path=configs/models/llama-2-7b --gpu-memory 80GiB 2>&1) ||
         fail "$c: memtune plan failed: $out"
     peak=$(echo "$out" | awk '/^peak/{print $2, $3; exit}')
