@@ -810,6 +810,10 @@ START_TEST(delayed_update_trains_and_resumes_bit_identically) {
     ck_assert_msg(b[11] < b[0], "offload.delay: loss %g -> %g", b[0], b[11]);
     printf("offload.delay 1: losses %.5f -> %.5f (exact %.5f -> %.5f)\n", b[0], b[11], a[0], a[11]);
     resumed_equals_whole("delayed", delayed);
+    // adapters (handed over after backward), likewise
+    const char *const delayed_lora[] = {
+        "offload.optimizer", "cpu", "offload.delay", "1", "lora.r", "4", "lora.dropout", "0", NULL};
+    resumed_equals_whole("delayed-lora", delayed_lora);
 }
 END_TEST
 

@@ -76,9 +76,6 @@ static mt_err fill_unit(void *ctx, int first, int count, const float *values) {
     return err ? err : mt_offload_write_master(u->ofl, table[first].offset, span, values);
 }
 
-// AdamW's state in a store off the GPU (host memory or a file): with GaLore
-// the parameters it does not project, packed; else the trained block (ZeRO:
-// this rank's shard).
 // offload.delay's checkpoint tensor: the trained block's weights as the model
 // holds them, one update behind the master.
 static mt_state_tensor delayed_weights_tensor(size_t total, float *data) {
@@ -103,6 +100,9 @@ static mt_err resume_delayed(mt_updater *u) {
     return err ? err : mt_offload_set_pending(u->ofl);
 }
 
+// AdamW's state in a store off the GPU (host memory or a file): with GaLore
+// the parameters it does not project, packed; else the trained block (ZeRO:
+// this rank's shard).
 static mt_err build_offload(mt_updater *u) {
     const mt_config *cfg = u->cfg;
     const mt_plan *pl = u->pl;
@@ -465,7 +465,7 @@ mt_err mt_updater_read_state(mt_updater *u, long steps_done, mt_updater_state *s
         free(mine);
         extra = s->all, n_extra += 2 * u->plan.n;
     }
-    if (delayed && !packed) extra = s->all, n_extra = 1;
+    if (delayed && !packed && s->all) extra = s->all, n_extra = 1;
     s->master = master, s->m = m, s->v = v, s->extra = extra, s->n_extra = n_extra;
     s->optimizer_steps = u->opt   ? mt_optimizer_steps_taken(u->opt)
                          : u->gal ? mt_galore_steps_taken(u->gal)
