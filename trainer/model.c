@@ -158,7 +158,8 @@ struct mt_model {
     void *dres, *dln;               // (N, C) residual grad, norm-input grad
     void *datty;                    // (N, HD)
     void *dq, *dk, *dv;             // (B,H,T,D), (B,KV,T,D) x2
-    void *dqkv_flat;                // (N, (H+2KV)D)
+    void *dqkv_flat;                // (N, (H+2KV)D), or NULL: the layer's x2 and ln2 hold it (dqkv_in_x2)
+    int dqkv_in_x2;                 // qkv_flat lies in dq|dk|dv and dqkv_flat in the layer's x2|ln2
     float *logits;                  // (R, V) fp32 chunk
     void *dlogits;                  // (R, V) activation type (aliases logits on the CPU)
     float *losses;                  // (N)
@@ -405,6 +406,12 @@ static size_t layout_activations(mt_model *m, uintptr_t base) {
     const mt_model_config *c = &m->cfg;
     size_t N = (size_t)m->B * m->T, a = mt_act_size(m->be), HD = (size_t)c->H * c->D, KVD = (size_t)c->KV * c->D;
     uintptr_t cur = base;
+    int backward = !m->forward_only;
+    // The projections before RoPE (qkv_flat) live from the q/k/v product to RoPE, in forward and in backward's
+    // recompute, when dq|dk|dv are free; their gradient (dqkv_flat) from RoPE's backward to the products'
+    // backward, when the layer's x2 and ln2 are (their norm's backward has run): no buffers of their own where
+    // x2|ln2 hold (H + 2 KV) D values a token (Llama: 12 KiB a token of 8B's 148 saved)
+    m->dqkv_in_x2 = backward && HD + 2 * KVD <= 2 * (size_t)c->C;
     if (m->offload || m->forward_only) {
         void *slots[2] = {carve(&cur, N * c->C * a), carve(&cur, N * c->C * a)};
         for (int l = 0; l <= c->L; l++) m->x[l] = slots[l % 2];
@@ -440,7 +447,6 @@ static size_t layout_activations(mt_model *m, uintptr_t base) {
         A->rstd_a = c->gemma ? carve(&cur, N * 4) : NULL;
         A->rstd_f = c->gemma ? carve(&cur, N * 4) : NULL;
     }
-    int backward = !m->forward_only;
     m->lora_du = m->lora.r && backward ? carve(&cur, N * m->lora.r * a) : NULL;
     // dropout's inputs: ln1 (with k's and v's du beside it: lora_du_of) and o_proj's over every row; ln2 (with
     // up's du) and down_proj's intermediate over the MLP's rows (a tile of them with mlp_tile_rows)
@@ -449,7 +455,7 @@ static size_t layout_activations(mt_model *m, uintptr_t base) {
     if (mlp > drop) drop = mlp;
     m->drop_buf = m->lora.r && m->lora.dropout > 0 && backward ? carve(&cur, drop * a) : NULL;
     m->rstdf = carve(&cur, N * 4);
-    m->qkv_flat = carve(&cur, N * (HD + 2 * KVD) * a);
+    m->qkv_flat = m->dqkv_in_x2 ? NULL : carve(&cur, N * (HD + 2 * KVD) * a);
     m->scratch_c = carve(&cur, N * c->C * a);
     // the final norm's output is made after the last layer and read by the head before backward's first
     // layer: the layers' scratch is free all that time
@@ -464,7 +470,8 @@ static size_t layout_activations(mt_model *m, uintptr_t base) {
         m->dk = carve(&cur, N * KVD * a);
         m->dv = carve(&cur, N * KVD * a);
     }
-    m->dqkv_flat = m->qkv_flat;  // free once rope has read it, in forward and in recompute
+    if (m->dqkv_in_x2) m->qkv_flat = m->dq;             // dq, dk, dv: one span, at least as long
+    m->dqkv_flat = m->dqkv_in_x2 ? NULL : m->qkv_flat;  // free once rope has read it, in forward and in recompute
     m->logits = carve(&cur, (size_t)m->chunk_rows * c->V * 4);
     if (backward) m->dlogits = m->be->gpu ? carve(&cur, (size_t)m->chunk_rows * c->V * a) : (void *)m->logits;
     m->losses = carve(&cur, N * 4);
@@ -1561,7 +1568,8 @@ static void layer_backward(mt_model *m, int l) {
     lora_input_backward(m, l, MT_LORA_O, m->datty, HD, 0, N);
     mt_op_attention_backward(be, local ? &m->attn_local : &m->attn, m->dq, m->dk, m->dv, m->datty, A->q, A->k, A->v,
                              A->atty, A->lse, m->pos);
-    void *dqf = m->dqkv_flat, *dkf = rows(m, dqf, (size_t)N, (size_t)HD), *dvf = rows(m, dkf, (size_t)N, (size_t)KVD);
+    void *dqf = m->dqkv_in_x2 ? A->x2 : m->dqkv_flat, *dkf = rows(m, dqf, (size_t)N, (size_t)HD),
+         *dvf = rows(m, dkf, (size_t)N, (size_t)KVD);
     mt_op_rope_backward(be, dqf, m->dq, cs, sn, m->pos, m->B, m->T, c->H, c->D, 1);
     mt_op_rope_backward(be, dkf, m->dk, cs, sn, m->pos, m->B, m->T, c->KV, c->D, 1);
     mt_op_rope_backward(be, dvf, m->dv, cs, sn, m->pos, m->B, m->T, c->KV, c->D, 0);
