@@ -650,16 +650,19 @@ mt_err mt_offload_sync(mt_offload *o) {
 
 mt_err mt_offload_set_pending(mt_offload *o) {
     MT_CHECK(o->cfg.delay && o->gen == 0, "mt_offload_set_pending: only with delay, before the first step");
-    float *master = NULL;
-    mt_err err = mt_alloc_host_large((void **)&master, (o->total ? o->total : 1) * sizeof(float), MT_MEM_OFFLOAD);
-    if (!err) err = mt_store_read_all(o->store, master, NULL, NULL);
-    for (size_t i = 0; !err && i < o->total; i++) {
-        if (o->gpu)
-            ((uint16_t *)o->shadow)[i] = mt_f32_to_bf16(master[i]);  // as cpu_adam rounds its output
-        else
-            ((float *)o->shadow)[i] = master[i];
+    // the master into the shadow, a store block at a time (from a GPU rounded to bf16, as cpu_adam rounds its output)
+    mt_store_begin(o->store, 0, o->total, MT_STORE_READ);
+    mt_store_block blk;
+    while (mt_store_next(o->store, &blk)) {
+        for (size_t i = 0; i < blk.count; i++) {
+            if (o->gpu)
+                ((uint16_t *)o->shadow)[blk.offset + i] = mt_f32_to_bf16(blk.master[i]);
+            else
+                ((float *)o->shadow)[blk.offset + i] = blk.master[i];
+        }
+        mt_store_done(o->store, &blk);
     }
-    mt_free((void **)&master);
+    mt_err err = mt_store_end(o->store);
     for (int b = 0; !err && b < o->n_buckets; b++) o->buckets[b].updated = 0;
     return err;
 }
