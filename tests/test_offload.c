@@ -718,13 +718,9 @@ static double delayed_step(mt_offload *o, float *weights, const float *target, f
 START_TEST(delayed_update_takes_each_gradient_two_steps_back) {
     enum { kSteps = 6, kParams = 3 };
     const size_t counts[kParams] = {37, 100, 5};
-    size_t total = 0, offs[kParams];
+    size_t offs[kParams];
     mt_offload_param params[kParams];
-    for (int p = 0; p < kParams; p++) {
-        offs[p] = total;
-        params[p] = (mt_offload_param){total, counts[p], p != 1, p, total};
-        total += counts[p];
-    }
+    size_t total = tu_delay_params(counts, kParams, params, offs);
     float *init = malloc(total * 4), *target = malloc(total * 4), *weights = malloc(total * 4);
     float *grad = malloc(total * 4), *ref_g = malloc(total * 4), *weights2 = malloc(total * 4);
     float *master = malloc(total * 4), *m = calloc(total, 4), *v = calloc(total, 4);
@@ -733,39 +729,21 @@ START_TEST(delayed_update_takes_each_gradient_two_steps_back) {
     for (size_t i = 0; i < total; i++) init[i] = mt_rng_normal(11, i), target[i] = mt_rng_normal(12, i);
     mt_backend cpu;
     mt_backend_init(&cpu, -1);
-    mt_cpu_adam_path path = mt_cpu_adam_best_path();
     for (int variant = 0; variant < 4; variant++) {
         int delay = variant & 1;
         float clip = variant >> 1 ? 0.5f : 0.0f, lr = 0.05f, wd = 0.1f;
-        mt_offload_config oc = {.kind = MT_STORE_MEMORY,
-                                .beta1 = 0.9f,
-                                .beta2 = 0.95f,
-                                .eps = 1e-8f,
-                                .weight_decay = wd,
-                                .grad_clip = clip,
-                                .threads = 1,
-                                .delay = delay};
+        mt_offload_config oc = tu_delay_config(wd, clip, 1, delay);
         memcpy(weights, init, total * 4), memcpy(master, init, total * 4), memcpy(seen, init, total * 4);
         memset(m, 0, total * 4), memset(v, 0, total * 4);
         mt_offload *o;
         ck_assert_int_eq(mt_offload_init(&o, &cpu, &oc, params, kParams, total, weights, init, NULL, NULL, 0), MT_OK);
         for (int s = 1; s <= kSteps; s++) {
             double norm = delayed_step(o, weights, target, grad, offs, counts, kParams, lr);
-            // the reference: the gradient at `seen`, its norm as the buckets sum it, AdamW with the same kernel
-            double sum = 0.0;
+            // the reference: the gradient at `seen`, then its step
             for (size_t i = 0; i < total; i++) ref_g[i] = 2.0f * (seen[i] - target[i]);
-            for (int p = 0; p < kParams; p++) sum += mt_cpu_sumsq(ref_g + offs[p], 0, counts[p]);
-            ck_assert_msg(sqrt(sum) == norm, "variant %d step %d: norm %.17g, reference %.17g", variant, s, norm,
-                          sqrt(sum));
-            float scale = clip > 0 && norm > clip ? (float)(clip / (norm + 1e-6)) : 1.0f;
-            mt_cpu_adam_step decay, plain;
-            mt_cpu_adam_prepare(&decay, lr, 0.9f, 0.95f, 1e-8f, wd, s, scale);
-            mt_cpu_adam_prepare(&plain, lr, 0.9f, 0.95f, 1e-8f, 0.0f, s, scale);
-            if (delay && s > 1) memcpy(seen, master, total * 4);  // the next gradient sees one update less
-            for (int p = 0; p < kParams; p++)
-                mt_cpu_adam_update(path, params[p].decay ? &decay : &plain, master + offs[p], m + offs[p], v + offs[p],
-                                   ref_g + offs[p], 0, NULL, counts[p]);
-            if (!delay) memcpy(seen, master, total * 4);
+            double ref =
+                tu_delay_reference_step(params, kParams, ref_g, 0, s, lr, wd, clip, delay, master, m, v, seen, total);
+            ck_assert_msg(ref == norm, "variant %d step %d: norm %.17g, reference %.17g", variant, s, norm, ref);
             // the model's weights: the master one update behind with delay (s - 1 updates), else all s
             ck_assert_msg(memcmp(weights, seen, total * 4) == 0, "variant %d (delay %d, clip %g) step %d: weights",
                           variant, delay, clip, s);

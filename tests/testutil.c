@@ -11,6 +11,7 @@
 
 #include "datasets/dataset.h"
 #include "kernels/rng.h"
+#include "offload/cpu_adam.h"
 #include "trainer/config.h"
 
 void tu_fill_uniform(float *x, size_t n, float lo, float hi, uint64_t seed) {
@@ -175,4 +176,47 @@ mt_galore_param *tu_galore_layer_params(const mt_param_info *table, int n) {
                                   0,
                                   0};
     return gp;
+}
+
+size_t tu_delay_params(const size_t *counts, int n, mt_offload_param *params, size_t *offs) {
+    size_t total = 0;
+    for (int p = 0; p < n; p++) {
+        offs[p] = total;
+        params[p] = (mt_offload_param){total, counts[p], p != 1, p, total};
+        total += counts[p];
+    }
+    return total;
+}
+
+mt_offload_config tu_delay_config(float wd, float clip, int threads, int delay) {
+    return (mt_offload_config){.kind = MT_STORE_MEMORY,
+                               .beta1 = 0.9f,
+                               .beta2 = 0.95f,
+                               .eps = 1e-8f,
+                               .weight_decay = wd,
+                               .grad_clip = clip,
+                               .threads = threads,
+                               .delay = delay};
+}
+
+double tu_delay_reference_step(const mt_offload_param *params, int n, const void *grad, int grad_bf16, int s, float lr,
+                               float wd, float clip, int delay, float *master, float *m, float *v, float *seen,
+                               size_t total) {
+    size_t elem = grad_bf16 ? 2 : 4;
+    double sum = 0.0;
+    for (int p = 0; p < n; p++)
+        sum += mt_cpu_sumsq((const char *)grad + params[p].offset * elem, grad_bf16, params[p].count);
+    double norm = sqrt(sum);
+    float scale = clip > 0 && norm > clip ? (float)(clip / (norm + 1e-6)) : 1.0f;
+    mt_cpu_adam_step decay, plain;
+    mt_cpu_adam_prepare(&decay, lr, 0.9f, 0.95f, 1e-8f, wd, s, scale);
+    mt_cpu_adam_prepare(&plain, lr, 0.9f, 0.95f, 1e-8f, 0.0f, s, scale);
+    if (delay && s > 1) memcpy(seen, master, total * sizeof(float));  // the next step sees one update less
+    for (int p = 0; p < n; p++) {
+        size_t at = params[p].offset;
+        mt_cpu_adam_update(mt_cpu_adam_best_path(), params[p].decay ? &decay : &plain, master + at, m + at, v + at,
+                           (const char *)grad + at * elem, grad_bf16, NULL, params[p].count);
+    }
+    if (!delay) memcpy(seen, master, total * sizeof(float));
+    return norm;
 }

@@ -7,6 +7,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "offload/offload.h"
 #include "optim/galore.h"
 #include "trainer/model.h"
 
@@ -59,5 +60,21 @@ void tu_tempdir(char *buf, size_t len);
 // Runs every test of `s` (in this process when `no_fork`, as GPU suites
 // must) and returns the exit status for main: 0 when all passed.
 int tu_run_suite(Suite *s, int no_fork);
+
+// The offload.delay checks' problem (test_offload on the CPU backend,
+// test_model_gpu on the GPU): n parameters of counts[p] values laid out one
+// after another (slots = offsets), each its own bucket, weight decay on all
+// but the second; offs gets their offsets; returns the total.
+size_t tu_delay_params(const size_t *counts, int n, mt_offload_param *params, size_t *offs);
+// Their offload: AdamW (betas 0.9, 0.95, eps 1e-8, weight decay wd), clipping at clip (0: none), threads, delay.
+mt_offload_config tu_delay_config(float wd, float clip, int threads, int delay);
+// Their reference for step s: the norm of grad (bf16 codes when grad_bf16)
+// summed bucket by bucket as the offload sums it, its clip factor, and AdamW
+// over master, m, v with the CPU kernel. seen (the weights the next step's
+// gradient is taken at) becomes the master before this update with delay
+// (from step 2 on), after it without. Returns the norm.
+double tu_delay_reference_step(const mt_offload_param *params, int n, const void *grad, int grad_bf16, int s, float lr,
+                               float wd, float clip, int delay, float *master, float *m, float *v, float *seen,
+                               size_t total);
 
 #endif
