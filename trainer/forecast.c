@@ -305,17 +305,19 @@ static long longest_choosing(mt_config *cfg, const mt_model_config *mc, int gpu,
 
 // How a chosen length was reached, for the line that reports it.
 static const char *choices_note(long_choices c, char *buf, size_t len) {
-    char tiles[96];
+    char tiles[96], host[160];
     snprintf(tiles, sizeof tiles, " with the MLP in tiles of %d tokens (model.mlp_tile_rows: %d)", kAutoMlpTileRows,
              kAutoMlpTileRows);
+    snprintf(host, sizeof host,
+             "; host memory binds it, not the GPU's (offloaded layer inputs and a streamed base may take %.0f%% of "
+             "MemAvailable)",
+             100 * kHostShare);
     snprintf(buf, len, "%s%s%s%s", c.tiles ? tiles : "", c.tiles && c.attention ? " and" : "",
              c.attention ? " with cuDNN's non-deterministic attention backward (model.deterministic_attention: false; "
                            "the deterministic one's workspace grows as T x T)"
              : c.tiles   ? ""
                          : " as configured",
-             c.host_binds ? "; host memory binds it, not the GPU's (offloaded layer inputs and a streamed base may "
-                            "take 85% of MemAvailable)"
-                          : "");
+             c.host_binds ? host : "");
     return buf;
 }
 
