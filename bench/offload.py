@@ -57,7 +57,7 @@ def run_memtune(args, folder, data, run, mode, trace_step=0):
     sets = {"model.path": folder, "model.init": "random", "data.train": data, "data.eval_fraction": 0,
             "train.eval_batches": 0, "train.steps": args.steps, "train.micro_batch": args.B, "train.seq_len": args.T,
             "train.log_every": 1, "train.device": "gpu", "optim.lr": 1e-5, "optim.warmup_steps": 0,
-            "optim.grad_clip": 0 if mode.endswith("noclip") or galore else 1.0, "output.dir": run,
+            "optim.grad_clip": 0 if "noclip" in mode.split("-") or galore else 1.0, "output.dir": run,
             "output.save_model": "false", "checkpoint.every": 0, "checkpoint.final": "false",
             "model.activation_checkpointing": "true", "offload.optimizer": offload}
     if galore:
@@ -125,6 +125,12 @@ def main():
             res["ratio_cpu_step_vs_gpu"] = res["cpu"]["step_ms"] / res["none"]["step_ms"]
         if "error" not in res.get("none", {"error": 1}) and "error" not in res.get("cpu-noclip", {"error": 1}):
             res["ratio_cpu_noclip_step_vs_gpu"] = res["cpu-noclip"]["step_ms"] / res["none"]["step_ms"]
+        for mode in [m for m in res if m.endswith("-delay")]:  # the delayed update against its exact twin
+            twin = mode[:-len("-delay")]
+            if "error" not in res[mode] and "error" not in res.get(twin, {"error": 1}):
+                res[f"ratio_{mode}_step_vs_{twin}"] = res[mode]["step_ms"] / res[twin]["step_ms"]
+                if "error" not in res.get("none", {"error": 1}):
+                    res[f"ratio_{mode}_step_vs_gpu"] = res[mode]["step_ms"] / res["none"]["step_ms"]
         if "error" not in res.get("galore", {"error": 1}) and "error" not in res.get("galore-cpu", {"error": 1}):
             res["ratio_galore_cpu_step_vs_galore"] = res["galore-cpu"]["step_ms"] / res["galore"]["step_ms"]
             res["galore_cpu_device_peak_saved_gib"] = \
