@@ -18,8 +18,8 @@ int mt_h5_read_scalar(hid_t loc, const char *name, hid_t type, void *value) {
     return ok;
 }
 
-int mt_h5_write_vector(hid_t loc, const char *name, hid_t filetype, hid_t memtype, const void *data,
-                       unsigned long long n) {
+// A chunked 1-D dataset of n elements (negative on failure).
+static hid_t create_vector(hid_t loc, const char *name, hid_t filetype, unsigned long long n) {
     hsize_t dims[1] = {n};
     hid_t space = H5Screate_simple(1, dims, NULL);
     hid_t dcpl = H5Pcreate(H5P_DATASET_CREATE);
@@ -28,9 +28,37 @@ int mt_h5_write_vector(hid_t loc, const char *name, hid_t filetype, hid_t memtyp
         H5Pset_chunk(dcpl, 1, chunk);
     }
     hid_t d = H5Dcreate2(loc, name, filetype, space, H5P_DEFAULT, dcpl, H5P_DEFAULT);
-    int ok = d >= 0 && (n == 0 || H5Dwrite(d, memtype, H5S_ALL, H5S_ALL, H5P_DEFAULT, data) >= 0);
-    if (d >= 0) H5Dclose(d);
     H5Pclose(dcpl);
     H5Sclose(space);
+    return d;
+}
+
+int mt_h5_write_vector(hid_t loc, const char *name, hid_t filetype, hid_t memtype, const void *data,
+                       unsigned long long n) {
+    hid_t d = create_vector(loc, name, filetype, n);
+    int ok = d >= 0 && (n == 0 || H5Dwrite(d, memtype, H5S_ALL, H5S_ALL, H5P_DEFAULT, data) >= 0);
+    if (d >= 0) H5Dclose(d);
+    return ok;
+}
+
+int mt_h5_write_floats_from(hid_t loc, const char *name, const mt_f32_source *src, size_t offset, size_t n, float *buf,
+                            size_t buf_n, mt_err *src_err) {
+    *src_err = MT_OK;
+    hid_t d = create_vector(loc, name, H5T_IEEE_F32LE, n);
+    hid_t file_space = d >= 0 ? H5Dget_space(d) : -1;
+    int ok = file_space >= 0;
+    for (size_t done = 0; done < n && ok; done += buf_n) {
+        hsize_t start[1] = {done}, count[1] = {n - done < buf_n ? n - done : buf_n};
+        if ((*src_err = src->read(src->ctx, offset + done, (size_t)count[0], buf))) {
+            ok = 0;
+            break;
+        }
+        hid_t mem = H5Screate_simple(1, count, NULL);
+        ok = H5Sselect_hyperslab(file_space, H5S_SELECT_SET, start, NULL, count, NULL) >= 0 &&
+             H5Dwrite(d, H5T_NATIVE_FLOAT, mem, file_space, H5P_DEFAULT, buf) >= 0;
+        H5Sclose(mem);
+    }
+    if (file_space >= 0) H5Sclose(file_space);
+    if (d >= 0) H5Dclose(d);
     return ok;
 }

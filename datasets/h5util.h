@@ -5,6 +5,8 @@
 
 #include <hdf5.h>
 
+#include "kernels/common.h"
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -16,6 +18,11 @@ int mt_h5_write_scalar(hid_t loc, const char *name, hid_t type, const void *valu
 // returns 1 on success.
 int mt_h5_write_vector(hid_t loc, const char *name, hid_t filetype, hid_t memtype, const void *data,
                        unsigned long long n);
+// The same for n fp32 values read from src (from its value `offset`) a
+// chunk of buf_n at a time through buf; 0 on failure, with *src_err the
+// source's error where it was the source that failed (else MT_OK).
+int mt_h5_write_floats_from(hid_t loc, const char *name, const mt_f32_source *src, size_t offset, size_t n, float *buf,
+                            size_t buf_n, mt_err *src_err);
 // Reads a scalar attribute converted to `type`; returns 0 if absent or unreadable.
 int mt_h5_read_scalar(hid_t loc, const char *name, hid_t type, void *value);
 

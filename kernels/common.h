@@ -48,6 +48,14 @@ mt_err mt_errorf(mt_err err, const char *fmt, ...) __attribute__((format(printf,
 const char *mt_last_error(void);
 void mt_clear_error(void);
 
+// fp32 values read a range at a time where no whole host array of them
+// exists (a checkpoint written straight from the offload store): read puts
+// values [offset, offset + count) into dst.
+typedef struct {
+    mt_err (*read)(void *ctx, size_t offset, size_t count, float *dst);
+    void *ctx;
+} mt_f32_source;
+
 // Fatal check for programmer errors: prints the condition, file:line and the
 // message, then aborts. Stays in release builds, unlike assert().
 void mt_fatal(const char *file, int line, const char *fmt, ...) __attribute__((noreturn, format(printf, 3, 4)));

@@ -409,7 +409,8 @@ mt_err mt_offload_init(mt_offload **out, mt_backend *be, const mt_offload_config
     return MT_OK;
 }
 
-mt_err mt_offload_write_master(mt_offload *o, size_t offset, size_t count, const float *values) {
+mt_err mt_offload_write_state(mt_offload *o, size_t offset, size_t count, const float *values, const float *m,
+                              const float *v) {
     size_t end = offset + count, lo_slot = SIZE_MAX, hi_slot = 0;
     for (int p = 0; p < o->n_params; p++) {  // the slots the range's parameters take
         const mt_offload_param *pa = &o->params[p];
@@ -432,9 +433,11 @@ mt_err mt_offload_write_master(mt_offload *o, size_t offset, size_t count, const
             size_t s0 = pa->slot + (a - pa->offset), s1 = pa->slot + (b - pa->offset);  // their slots, in the block
             if (s0 < blk.offset) s0 = blk.offset;
             if (s1 > blk_end) s1 = blk_end;
-            if (s0 < s1)
-                memcpy(blk.master + (s0 - blk.offset), values + (pa->offset + (s0 - pa->slot) - offset),
-                       (s1 - s0) * sizeof(float));
+            if (s0 >= s1) continue;
+            size_t at = pa->offset + (s0 - pa->slot) - offset, bytes = (s1 - s0) * sizeof(float);
+            memcpy(blk.master + (s0 - blk.offset), values + at, bytes);
+            if (m) memcpy(blk.m + (s0 - blk.offset), m + at, bytes);
+            if (v) memcpy(blk.v + (s0 - blk.offset), v + at, bytes);
         }
         mt_store_done(o->store, &blk);
     }
@@ -674,6 +677,10 @@ const char *mt_offload_cpu_path(const mt_offload *o) { return mt_cpu_adam_path_n
 mt_err mt_offload_read_state(mt_offload *o, float *master, float *m, float *v) {
     mt_err err = mt_offload_sync(o);
     return err ? err : mt_store_read_all(o->store, master, m, v);
+}
+
+mt_err mt_offload_read_range(mt_offload *o, size_t lo, size_t hi, float *master, float *m, float *v) {
+    return mt_store_read_range(o->store, lo, hi, master, m, v);
 }
 
 size_t mt_offload_host_bytes(const mt_offload *o) {

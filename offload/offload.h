@@ -75,15 +75,17 @@ typedef struct mt_offload mt_offload;
 // state starts as master, m and v (host fp32 in the slots' layout; m, v
 // NULL: zero) after `steps` updates (0 fresh, a checkpoint's count on
 // resume), written to the store once. master NULL: zero, the master values
-// written afterwards with mt_offload_write_master (and m, v zero).
+// written afterwards with mt_offload_write_state.
 mt_err mt_offload_init(mt_offload **out, mt_backend *be, const mt_offload_config *cfg, const mt_offload_param *params,
                        int n_params, size_t total, void *weights, const float *master, const float *m, const float *v,
                        int steps);
 void mt_offload_free(mt_offload *o);
-// Before the first step: the master values of the trainable block's
-// elements [offset, offset + count) (the weights' offsets), into the slots
-// of the parameters they cover (others, of other ranks' shards, are left).
-mt_err mt_offload_write_master(mt_offload *o, size_t offset, size_t count, const float *values);
+// Before the first step: the master values (and, unless NULL, the moments)
+// of the trainable block's elements [offset, offset + count) (the weights'
+// offsets; values, m, v from index 0), into the slots of the parameters they
+// cover (others, of other ranks' shards, are left).
+mt_err mt_offload_write_state(mt_offload *o, size_t offset, size_t count, const float *values, const float *m,
+                              const float *v);
 // int8 moments: the store's quantization segments for these params (as
 // mt_offload_init takes them): 0, then each bucket's first slot and the end
 // of its last, ascending and below total. seg holds 2 n + 1; returns the count.
@@ -130,6 +132,9 @@ int mt_offload_steps_taken(const mt_offload *o);
 // The whole state as host arrays in the slots' layout (checkpoints; m, v may
 // be NULL), after every pending update.
 mt_err mt_offload_read_state(mt_offload *o, float *master, float *m, float *v);
+// Slots [lo, hi) of the state into master, m, v from index 0 (each NULL: not
+// read). No step may run meanwhile; call mt_offload_sync first.
+mt_err mt_offload_read_range(mt_offload *o, size_t lo, size_t hi, float *master, float *m, float *v);
 // Host bytes held: the store, the gradient buffers (with accumulation from
 // a GPU an fp32 sum as well: 4 bytes a parameter), the staging buffers
 // (with delay the updated weights: 2 bytes a parameter from a GPU, 4 on the

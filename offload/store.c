@@ -571,23 +571,49 @@ mt_err mt_store_end(mt_store *s) {
                      err == EIO && done < s->record_bytes ? ", a short transfer that made no progress" : "");
 }
 
-static mt_err copy_all(mt_store *s, float *master, float *m, float *v, const float *in_master, const float *in_m,
-                       const float *in_v) {
-    int writing = in_master != NULL;
-    mt_store_begin(s, 0, s->count, writing ? MT_STORE_OVERWRITE : MT_STORE_READ);
+mt_err mt_store_write_all(mt_store *s, const float *master, const float *m, const float *v) {
+    MT_CHECK(master != NULL, "mt_store_write_all needs the master values");
+    mt_store_begin(s, 0, s->count, MT_STORE_OVERWRITE);
     mt_store_block b;
     while (mt_store_next(s, &b)) {
         size_t bytes = b.count * sizeof(float);
-        if (writing) {
-            memcpy(b.master, in_master + b.offset, bytes);
-            if (in_m) memcpy(b.m, in_m + b.offset, bytes);
-            if (in_v) memcpy(b.v, in_v + b.offset, bytes);
-            if (s->kind == MT_STORE_MEMORY && !in_m) memset(b.m, 0, bytes);
-            if (s->kind == MT_STORE_MEMORY && !in_v) memset(b.v, 0, bytes);
-        } else {
-            if (master) memcpy(master + b.offset, b.master, bytes);
-            if (m) memcpy(m + b.offset, b.m, bytes);
-            if (v) memcpy(v + b.offset, b.v, bytes);
+        memcpy(b.master, master + b.offset, bytes);
+        if (m) memcpy(b.m, m + b.offset, bytes);
+        if (v) memcpy(b.v, v + b.offset, bytes);
+        if (s->kind == MT_STORE_MEMORY && !m) memset(b.m, 0, bytes);
+        if (s->kind == MT_STORE_MEMORY && !v) memset(b.v, 0, bytes);
+        mt_store_done(s, &b);
+    }
+    return mt_store_end(s);
+}
+
+// The start of the quantization block holding value i (with int8 moments; i itself otherwise).
+static size_t block_floor(const mt_store *s, size_t i) {
+    if (!s->int8 || i >= s->count) return i;
+    int k = segment_of(s, i);
+    return s->seg[k] + (i - s->seg[k]) / MT_QBLOCK * MT_QBLOCK;
+}
+
+// The first block start at or after value i.
+static size_t block_ceil(const mt_store *s, size_t i) {
+    size_t a = block_floor(s, i);
+    if (a == i) return i;
+    size_t end = segment_end(s, segment_of(s, i));
+    return a + MT_QBLOCK < end ? a + MT_QBLOCK : end;
+}
+
+mt_err mt_store_read_range(mt_store *s, size_t lo, size_t hi, float *master, float *m, float *v) {
+    MT_CHECK(lo <= hi && hi <= s->count, "store read [%zu, %zu) of %zu", lo, hi, s->count);
+    // a pass over the whole quantization blocks that hold the range; what lies outside it is not copied
+    mt_store_begin(s, block_floor(s, lo), block_ceil(s, hi), MT_STORE_READ);
+    mt_store_block b;
+    while (mt_store_next(s, &b)) {
+        size_t a = b.offset > lo ? b.offset : lo, e = b.offset + b.count < hi ? b.offset + b.count : hi;
+        if (a < e) {
+            size_t bytes = (e - a) * sizeof(float), at = a - b.offset;
+            if (master) memcpy(master + (a - lo), b.master + at, bytes);
+            if (m) memcpy(m + (a - lo), b.m + at, bytes);
+            if (v) memcpy(v + (a - lo), b.v + at, bytes);
         }
         mt_store_done(s, &b);
     }
@@ -595,10 +621,5 @@ static mt_err copy_all(mt_store *s, float *master, float *m, float *v, const flo
 }
 
 mt_err mt_store_read_all(mt_store *s, float *master, float *m, float *v) {
-    return copy_all(s, master, m, v, NULL, NULL, NULL);
-}
-
-mt_err mt_store_write_all(mt_store *s, const float *master, const float *m, const float *v) {
-    MT_CHECK(master != NULL, "mt_store_write_all needs the master values");
-    return copy_all(s, NULL, NULL, NULL, master, m, v);
+    return mt_store_read_range(s, 0, s->count, master, m, v);
 }

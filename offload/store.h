@@ -98,6 +98,10 @@ mt_err mt_store_end(mt_store *s);
 // Copies between the state and host arrays of the whole shard (checkpoints,
 // resume). m or v NULL: not copied (read) or set to zero (write).
 mt_err mt_store_read_all(mt_store *s, float *master, float *m, float *v);
+// Values [lo, hi) of the shard into master, m, v (each NULL: not read),
+// which get them from index 0 on; any range (with int8 moments the pass
+// covers the whole quantization blocks that hold it).
+mt_err mt_store_read_range(mt_store *s, size_t lo, size_t hi, float *master, float *m, float *v);
 mt_err mt_store_write_all(mt_store *s, const float *master, const float *m, const float *v);
 
 // CRC-32C (Castagnoli) of len bytes continuing from crc (0 to start); the

@@ -205,6 +205,24 @@ static mt_store *open_store(mt_store_kind kind, const char *sub, size_t count, s
     return s;
 }
 
+// Ranges read alone (a checkpoint's tensors, a chunk at a time) equal the
+// same values of the whole state x, y, z: ranges that start and end inside
+// blocks, cross blocks and segments, and are empty, each array on its own.
+static void ranges_equal_whole(mt_store *s, size_t n, const float *x, const float *y, const float *z) {
+    float *r = malloc((n ? n : 1) * sizeof *r);
+    for (int k = 0; k < 40; k++) {
+        size_t lo = k == 0 ? 0 : mt_rng_bits(7, (uint64_t)k) % n;
+        size_t hi = k == 0 ? n : lo + mt_rng_bits(8, (uint64_t)k) % (n - lo + 1);
+        const float *want = k % 3 == 0 ? x : k % 3 == 1 ? y : z;
+        ck_assert_msg(mt_store_read_range(s, lo, hi, k % 3 == 0 ? r : NULL, k % 3 == 1 ? r : NULL,
+                                          k % 3 == 2 ? r : NULL) == MT_OK,
+                      "%s", mt_last_error());
+        ck_assert_msg(memcmp(r, want + lo, (hi - lo) * sizeof *r) == 0, "array %d, [%zu, %zu) of %zu", k % 3, lo, hi,
+                      n);
+    }
+    free(r);
+}
+
 // Writes random state, reads it back, changes an odd sub-range in place and
 // reads again: every value must be the one written.
 static void round_trip(mt_store *s, size_t n, uint64_t seed) {
@@ -231,6 +249,7 @@ static void round_trip(mt_store *s, size_t n, uint64_t seed) {
     for (size_t i = lo; i < hi; i++) a[i] += 1.0f, b[i] *= 2.0f;
     ck_assert_msg(mt_store_read_all(s, x, y, z) == MT_OK, "%s", mt_last_error());
     ck_assert(memcmp(a, x, n * 4) == 0 && memcmp(b, y, n * 4) == 0 && memcmp(c, z, n * 4) == 0);
+    ranges_equal_whole(s, n, x, y, z);
     free(a), free(b), free(c), free(x), free(y), free(z);
 }
 
@@ -314,6 +333,7 @@ START_TEST(store_int8_moments_quantize_by_segment) {
     ck_assert_mem_eq(x, a, n * 4);
     ck_assert_mem_eq(y, m, n * 4);
     ck_assert_mem_eq(z, v, n * 4);
+    ranges_equal_whole(s, n, x, y, z);  // (a pass over the whole blocks that hold each range)
     mt_store_close(s);
     free(a), free(m), free(v), free(x), free(y), free(z), free(x2), free(y2), free(z2);
 }
@@ -795,6 +815,55 @@ START_TEST(delayed_update_trains_and_resumes_bit_identically) {
 }
 END_TEST
 
+// A checkpoint of an offloaded full fine-tune written in place
+// (checkpoint.async false) is read straight from the store a chunk at a
+// time, with no host copy of the state (its log line says so): it holds
+// what a background write's copy holds (the saved model byte for byte), and
+// a run resumed from it is the uninterrupted one; for fp32 and int8
+// moments in host memory and for the SSD tier.
+START_TEST(checkpoints_written_from_the_store_resume_bit_identically) {
+    char ssd[400], data[300], folder[300], copied[300], log[300], a[1400], b[3000];
+    snprintf(ssd, sizeof ssd, "%s/ssd-stream", dir);
+    data_and_model(data, folder);
+    // clang-format off
+    const char *const variants[][8] = {
+        {"offload.optimizer", "cpu", NULL},
+        {"offload.optimizer", "cpu", "offload.moments", "int8", NULL},
+        {"offload.optimizer", "ssd", "offload.path", ssd, NULL},
+    };
+    // clang-format on
+    for (size_t k = 0; k < sizeof variants / sizeof *variants; k++) {
+        const char *in_place[12];
+        int n = 0;
+        while (variants[k][n]) in_place[n] = variants[k][n], n++;
+        in_place[n] = "checkpoint.async", in_place[n + 1] = "false", in_place[n + 2] = NULL;
+        char name[32];
+        snprintf(name, sizeof name, "stream-%zu", k);
+        // the log of the three runs (whole, stopped, resumed) into a file
+        snprintf(log, sizeof log, "%s/%s.log", dir, name);
+        fflush(stderr);
+        int saved = dup(2), fd = open(log, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        ck_assert(saved >= 0 && fd >= 0 && dup2(fd, 2) >= 0);
+        resumed_equals_whole(name, in_place);
+        fflush(stderr);
+        dup2(saved, 2), close(saved), close(fd);
+        snprintf(a, sizeof a, "grep -q 'step-00000005 (.*read straight from the offload store' %s", log);
+        ck_assert_msg(system(a) == 0, "%s: the stopped run's checkpoint was not read from the store (%s)", name, log);
+        // the same stop, written in the background from a host copy
+        snprintf(copied, sizeof copied, "%s/%s-copied", dir, name);
+        mt_config cfg;
+        mt_train_result r;
+        run_config(&cfg, folder, data, copied, variants[k]);
+        ck_assert_int_eq(mt_config_set(&cfg, "train.stop_after", "5", "t"), MT_OK);
+        ck_assert_msg(mt_train(&cfg, &r) == MT_OK, "%s: %s", name, mt_last_error());
+        mt_config_free(&cfg);
+        snprintf(a, sizeof a, "%s/%s-split/checkpoints/step-00000005/model/model.safetensors", dir, name);
+        snprintf(b, sizeof b, "cmp -s %s %s/checkpoints/step-00000005/model/model.safetensors", a, copied);
+        ck_assert_msg(system(b) == 0, "%s: the checkpoint read from the store differs from the copied one", name);
+    }
+}
+END_TEST
+
 START_TEST(offload_config_errors_name_the_fix) {
     char data[300], folder[300], out[300];
     data_and_model(data, folder);
@@ -873,6 +942,7 @@ int main(void) {
     tcase_add_test(tc, ssd_offload_resumes_bit_identically);
     tcase_add_test(tc, streamed_weights_runs_equal_resident_runs);
     tcase_add_test(tc, a_full_disk_mid_run_leaves_the_last_checkpoint_whole);
+    tcase_add_test(tc, checkpoints_written_from_the_store_resume_bit_identically);
     tcase_add_test(tc, galore_offloads_what_it_does_not_project);
     tcase_add_test(tc, offload_config_errors_name_the_fix);
     tcase_add_test(tc, int8_moments_follow_fp32_and_resume_bit_identically);

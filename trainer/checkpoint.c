@@ -18,6 +18,9 @@
 #define MT_CHECKPOINT_FORMAT 1
 #define MT_VERSION_STRING "0.1.0"
 
+// Values read from a source at a time (4 MiB of fp32).
+enum { kSourceChunk = 1 << 20 };
+
 // The trained parameters' table: the model's, or the adapters' with LoRA.
 static mt_param_info *trained_table(const mt_model_config *mc, const mt_lora_config *lora, int *n, size_t *total) {
     return lora && lora->r > 0 ? mt_lora_param_table(mc, lora, n, total) : mt_model_param_table(mc, n, total);
@@ -44,8 +47,16 @@ static int write_tensors(hid_t opt, const mt_state_tensor *extra, int n_extra) {
     return ok;
 }
 
+// A moment of parameter i from its array, or from its source (from[1] exp_avg, from[2] exp_avg_sq) through buf.
+static int write_moment(hid_t g, const char *name, const mt_param_info *p, const float *array,
+                        const mt_f32_source *from, float *buf, mt_err *src_err) {
+    if (array) return mt_h5_write_vector(g, name, H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, array + p->offset, p->count);
+    return mt_h5_write_floats_from(g, name, from, p->offset, p->count, buf, kSourceChunk, src_err);
+}
+
 static mt_err write_state(const char *path, const mt_param_info *table, int n, const float *m, const float *v,
-                          const mt_state_tensor *extra, int n_extra, const mt_checkpoint_meta *meta) {
+                          const mt_f32_source *from, const mt_state_tensor *extra, int n_extra,
+                          const mt_checkpoint_meta *meta) {
     hid_t file = H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
     if (file < 0) return mt_errorf(MT_ERR_IO, "%s: cannot create the checkpoint state", path);
     int format = MT_CHECKPOINT_FORMAT;
@@ -66,18 +77,22 @@ static mt_err write_state(const char *path, const mt_param_info *table, int n, c
     hid_t opt = ok ? H5Gcreate2(file, "optimizer", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT) : -1;
     ok = ok && opt >= 0;
     // MeZO keeps no moments (an empty group); sharded, they are in the shard files
-    for (int i = 0; i < n && ok && m && shards == 0; i++) {
+    float *buf = from ? malloc(kSourceChunk * sizeof *buf) : NULL;
+    MT_CHECK(!from || buf, "checkpoint buffer");
+    mt_err src_err = MT_OK;
+    for (int i = 0; i < n && ok && (m || from) && shards == 0; i++) {
         // one group per parameter, named as torch's AdamW names its state
         hid_t g = H5Gcreate2(opt, table[i].name, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
-        ok = g >= 0 &&
-             mt_h5_write_vector(g, "exp_avg", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, m + table[i].offset, table[i].count) &&
-             mt_h5_write_vector(g, "exp_avg_sq", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, v + table[i].offset, table[i].count);
+        ok = g >= 0 && write_moment(g, "exp_avg", &table[i], m, from ? &from[1] : NULL, buf, &src_err) &&
+             write_moment(g, "exp_avg_sq", &table[i], v, from ? &from[2] : NULL, buf, &src_err);
         if (g >= 0) H5Gclose(g);
     }
+    free(buf);
     ok = ok && write_tensors(opt, extra, n_extra);
     if (opt >= 0) H5Gclose(opt);
     ok = H5Fclose(file) >= 0 && ok;
     if (ok && mt_fsync_path(path) != 0) ok = 0;
+    if (src_err) return src_err;  // its message names the problem
     return ok ? MT_OK : mt_errorf(MT_ERR_IO, "%s: writing the checkpoint state failed (disk full?)", path);
 }
 
@@ -159,9 +174,11 @@ mt_err mt_checkpoint_write_shard(const char *tmp, int rank, int world, size_t lo
     return ok ? MT_OK : mt_errorf(MT_ERR_IO, "%s: writing the checkpoint shard failed (disk full?)", path);
 }
 
-mt_err mt_checkpoint_publish(const char *tmp, const char *run_dir, const char *src_model_dir, const mt_model_config *mc,
-                             const mt_lora_config *lora, const float *master, const float *m, const float *v,
-                             const mt_state_tensor *extra, int n_extra, const mt_checkpoint_meta *meta, int keep) {
+// mt_checkpoint_publish, with the state from host arrays or (from not NULL, full fine-tunes) read from sources.
+static mt_err publish(const char *tmp, const char *run_dir, const char *src_model_dir, const mt_model_config *mc,
+                      const mt_lora_config *lora, const float *master, const float *m, const float *v,
+                      const mt_f32_source *from, const mt_state_tensor *extra, int n_extra,
+                      const mt_checkpoint_meta *meta, int keep) {
     char dir[1100], final[1200], path[1300];
     snprintf(dir, sizeof dir, "%s/checkpoints", run_dir);
     snprintf(final, sizeof final, "%s/step-%08ld", dir, meta->step);
@@ -174,12 +191,13 @@ mt_err mt_checkpoint_publish(const char *tmp, const char *run_dir, const char *s
         err = mt_lora_save(path, lora, src_model_dir, table, n, master);
     } else {
         snprintf(path, sizeof path, "%s/model", tmp);
-        err = mt_hf_save(path, src_model_dir, mc, master, MT_DTYPE_F32);
+        err = from ? mt_hf_save_from(path, src_model_dir, mc, &from[0], MT_DTYPE_F32)
+                   : mt_hf_save(path, src_model_dir, mc, master, MT_DTYPE_F32);
     }
     // state.h5 last: with shards, it is the completion marker of a folder
     // whose shard files every rank has written and fsynced
     snprintf(path, sizeof path, "%s/state.h5", tmp);
-    if (!err) err = write_state(path, table, n, m, v, extra, n_extra, meta);
+    if (!err) err = write_state(path, table, n, m, v, from, extra, n_extra, meta);
     free(table);
     if (!err && mt_fsync_path(tmp) != 0) err = mt_errorf(MT_ERR_IO, "%s: fsync failed (%s)", tmp, strerror(errno));
     if (!err) {
@@ -201,18 +219,38 @@ mt_err mt_checkpoint_publish(const char *tmp, const char *run_dir, const char *s
     return MT_OK;
 }
 
+mt_err mt_checkpoint_publish(const char *tmp, const char *run_dir, const char *src_model_dir, const mt_model_config *mc,
+                             const mt_lora_config *lora, const float *master, const float *m, const float *v,
+                             const mt_state_tensor *extra, int n_extra, const mt_checkpoint_meta *meta, int keep) {
+    return publish(tmp, run_dir, src_model_dir, mc, lora, master, m, v, NULL, extra, n_extra, meta, keep);
+}
+
 int mt_checkpoint_background_ok(void) {
     hbool_t safe = 0;
     return H5is_library_threadsafe(&safe) >= 0 && safe;
 }
 
-mt_err mt_checkpoint_write(const char *run_dir, const char *src_model_dir, const mt_model_config *mc,
-                           const mt_lora_config *lora, const float *master, const float *m, const float *v,
-                           const mt_state_tensor *extra, int n_extra, const mt_checkpoint_meta *meta, int keep) {
+// Prepare and publish in one process.
+static mt_err write_checkpoint(const char *run_dir, const char *src_model_dir, const mt_model_config *mc,
+                               const mt_lora_config *lora, const float *master, const float *m, const float *v,
+                               const mt_f32_source *from, const mt_state_tensor *extra, int n_extra,
+                               const mt_checkpoint_meta *meta, int keep) {
     char tmp[1200];
     mt_err err = mt_checkpoint_prepare(run_dir, meta->step, (long)getpid(), tmp, sizeof tmp);
     if (err) return err;
-    return mt_checkpoint_publish(tmp, run_dir, src_model_dir, mc, lora, master, m, v, extra, n_extra, meta, keep);
+    return publish(tmp, run_dir, src_model_dir, mc, lora, master, m, v, from, extra, n_extra, meta, keep);
+}
+
+mt_err mt_checkpoint_write(const char *run_dir, const char *src_model_dir, const mt_model_config *mc,
+                           const mt_lora_config *lora, const float *master, const float *m, const float *v,
+                           const mt_state_tensor *extra, int n_extra, const mt_checkpoint_meta *meta, int keep) {
+    return write_checkpoint(run_dir, src_model_dir, mc, lora, master, m, v, NULL, extra, n_extra, meta, keep);
+}
+
+mt_err mt_checkpoint_write_from(const char *run_dir, const char *src_model_dir, const mt_model_config *mc,
+                                const mt_f32_source from[3], const mt_state_tensor *extra, int n_extra,
+                                const mt_checkpoint_meta *meta, int keep) {
+    return write_checkpoint(run_dir, src_model_dir, mc, NULL, NULL, NULL, NULL, from, extra, n_extra, meta, keep);
 }
 
 void mt_checkpoint_find_latest(const char *run_dir, char *out, size_t len) {
@@ -336,7 +374,7 @@ mt_err mt_checkpoint_read(const char *dir, const mt_model_config *mc, const mt_l
     if (!err && lora && lora->r > 0) {
         snprintf(path, sizeof path, "%s/adapter", dir);
         err = mt_lora_load(path, mc, lora, master);
-    } else if (!err) {
+    } else if (!err && master) {
         snprintf(path, sizeof path, "%s/model", dir);
         err = mt_hf_load_weights(path, mc, master);
     }

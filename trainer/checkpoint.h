@@ -39,6 +39,13 @@ int mt_checkpoint_background_ok(void);
 mt_err mt_checkpoint_write(const char *run_dir, const char *src_model_dir, const mt_model_config *mc,
                            const mt_lora_config *lora, const float *master, const float *m, const float *v,
                            const mt_state_tensor *extra, int n_extra, const mt_checkpoint_meta *meta, int keep);
+// The same for a full fine-tune whose values and moments are read a chunk at
+// a time from from[0] (the values), from[1] (exp_avg) and from[2]
+// (exp_avg_sq), each in the model's table's layout: no host copy of the
+// whole state is made.
+mt_err mt_checkpoint_write_from(const char *run_dir, const char *src_model_dir, const mt_model_config *mc,
+                                const mt_f32_source from[3], const mt_state_tensor *extra, int n_extra,
+                                const mt_checkpoint_meta *meta, int keep);
 // Sharded checkpoints (data parallelism with ZeRO): rank 0 prepares the
 // folder being built (OUTPUT/checkpoints/.step-N.tmp.TAG, TAG the same on
 // every rank); every rank writes its shard [lo, hi) of the moments into it
@@ -59,8 +66,8 @@ void mt_checkpoint_abandon(const char *tmp);
 // The newest complete checkpoint folder of run_dir into out ("" if none).
 void mt_checkpoint_find_latest(const char *run_dir, char *out, size_t len);
 // Reads a checkpoint folder written for model config mc (and adapters lora):
-// the whole master, and the moments [lo, hi) of the trained block into m and
-// v (hi - lo values each; NULL: not read), from state.h5 or from the shard
+// the whole master (NULL: not read), and the moments [lo, hi) of the trained
+// block into m and v (hi - lo values each; NULL: not read), from state.h5 or from the shard
 // files of a sharded one, whatever number of ranks wrote it.
 mt_err mt_checkpoint_read(const char *dir, const mt_model_config *mc, const mt_lora_config *lora, float *master,
                           size_t lo, size_t hi, float *m, float *v, mt_checkpoint_meta *meta);

@@ -257,6 +257,8 @@ enum { kAutoMlpTileRows = 2048 };
 // cache's.
 static const double kHostShare = 0.85;
 
+double mt_host_plannable(void) { return kHostShare * host_available(); }
+
 // What train.seq_len: max chose beyond the configuration: the MLP in tiles
 // (model.mlp_tile_rows was 0) and cuDNN's non-deterministic attention
 // backward (model.deterministic_attention was auto); and whether host memory
@@ -666,7 +668,7 @@ long mt_forecast_longest_seq_len(mt_config *cfg, const mt_model_config *mc, int 
     // the host's bound, where it binds the length: 0 for a CPU run (its device is the host), where the host's
     // memory is unknown, and where even the shortest length does not fit it (the run's host memory, not its
     // length, is then the problem, and this machine may not be the one that runs it)
-    double host = gpu ? kHostShare * host_available() : 0;
+    double host = gpu ? mt_host_plannable() : 0;
     mt_forecast shortest;
     cfg->train_seq_len = lo;
     if (host > 0 && !mt_forecast_run(cfg, mc, gpu, world, &shortest) && shortest.host_peak > host) host = 0;

@@ -85,6 +85,9 @@ mt_err mt_forecast_choose_attention(mt_config *cfg, const mt_model_config *mc, i
 mt_err mt_forecast_attention_auto(mt_config *cfg, int gpu, int world);
 // "24GiB", "80G", "900MiB", "1.5T", or bytes; -1 when not a size.
 double mt_parse_size(const char *v);
+// The host memory a run may still plan to take: a share of what the kernel
+// counts as available (MemAvailable), bytes; 0 when unknown.
+double mt_host_plannable(void);
 
 #ifdef __cplusplus
 }

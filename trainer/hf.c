@@ -624,8 +624,8 @@ static mt_err carry_other_tensors(const char *src_dir, const mt_model_config *cf
     return err;
 }
 
-mt_err mt_hf_save(const char *dir, const char *src_dir, const mt_model_config *cfg, const float *params,
-                  mt_dtype dtype) {
+static mt_err save(const char *dir, const char *src_dir, const mt_model_config *cfg, const float *params,
+                   const mt_f32_source *source, mt_dtype dtype) {
     char tmp[1100], path[1200];
     mt_err err = mt_dir_stage(dir, tmp, sizeof tmp);
     if (err) return err;
@@ -652,25 +652,38 @@ mt_err mt_hf_save(const char *dir, const char *src_dir, const mt_model_config *c
         if (cfg->multimodal && src_dir) err = carry_other_tensors(src_dir, cfg, &extra);
         mt_st_write_tensor *tensors = calloc((size_t)(n + extra.n), sizeof *tensors);
         char(*names)[300] = calloc((size_t)n + 1, sizeof *names);
-        MT_CHECK(tensors && names, "save tables");
+        size_t *offsets = calloc((size_t)(n + extra.n), sizeof *offsets);
+        MT_CHECK(tensors && names && offsets, "save tables");
         for (int i = 0; i < n; i++) {
             file_name(cfg, table[i].name, names[i], sizeof names[i]);
             tensors[i].name = names[i];
             tensors[i].ndim = table[i].ndim;
             tensors[i].shape[0] = table[i].shape[0];
             tensors[i].shape[1] = table[i].shape[1];
-            tensors[i].data = params + table[i].offset;
+            tensors[i].data = params ? params + table[i].offset : NULL;
+            offsets[i] = table[i].offset;
         }
         if (extra.n)  // the folder's other parts, as they were
             memcpy(tensors + n, extra.tensors, (size_t)extra.n * sizeof *tensors);
         snprintf(path, sizeof path, "%s/model.safetensors", tmp);
-        if (!err) err = mt_safetensors_write(path, tensors, n + extra.n, dtype, "pt");
+        if (!err) err = mt_safetensors_write_from(path, tensors, n + extra.n, dtype, "pt", source, offsets);
         carried_free(&extra);
         free(tensors);
         free(names);
+        free(offsets);
         free(table);
     }
     return mt_dir_publish(tmp, dir, err);
+}
+
+mt_err mt_hf_save(const char *dir, const char *src_dir, const mt_model_config *cfg, const float *params,
+                  mt_dtype dtype) {
+    return save(dir, src_dir, cfg, params, NULL, dtype);
+}
+
+mt_err mt_hf_save_from(const char *dir, const char *src_dir, const mt_model_config *cfg, const mt_f32_source *params,
+                       mt_dtype dtype) {
+    return save(dir, src_dir, cfg, NULL, params, dtype);
 }
 
 // ------------------------------------------------------ a layer at a time

@@ -33,6 +33,10 @@ mt_err mt_hf_each_unit(mt_model *m, const char *dir, uint64_t seed, mt_hf_unit_f
 // under a temporary name and renamed over `dir` when complete.
 mt_err mt_hf_save(const char *dir, const char *src_dir, const mt_model_config *cfg, const float *params,
                   mt_dtype dtype);
+// The same, the values (the model's table's layout) read from a source a
+// chunk at a time.
+mt_err mt_hf_save_from(const char *dir, const char *src_dir, const mt_model_config *cfg, const mt_f32_source *params,
+                       mt_dtype dtype);
 
 #ifdef __cplusplus
 }

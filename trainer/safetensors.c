@@ -187,6 +187,11 @@ static int write_all(int fd, const void *buf, size_t len) {
 
 mt_err mt_safetensors_write(const char *path, const mt_st_write_tensor *tensors, int count, mt_dtype dtype,
                             const char *format_metadata) {
+    return mt_safetensors_write_from(path, tensors, count, dtype, format_metadata, NULL, NULL);
+}
+
+mt_err mt_safetensors_write_from(const char *path, const mt_st_write_tensor *tensors, int count, mt_dtype dtype,
+                                 const char *format_metadata, const mt_f32_source *source, const size_t *source_at) {
     cJSON *root = cJSON_CreateObject();
     cJSON *meta = cJSON_AddObjectToObject(root, "__metadata__");
     cJSON_AddStringToObject(meta, "format", format_metadata ? format_metadata : "pt");
@@ -224,17 +229,30 @@ mt_err mt_safetensors_write(const char *path, const mt_st_write_tensor *tensors,
     free(json);
     size_t chunk_elems = 1 << 20;
     void *buf = malloc(chunk_elems * esize);
-    MT_CHECK(buf != NULL, "write buffer");
+    float *values = source ? malloc(chunk_elems * sizeof(float)) : NULL;  // a source's chunk
+    MT_CHECK(buf && (values || !source), "write buffer");
+    for (int i = 0; i < count; i++) MT_CHECK(tensors[i].data || source, "tensor %s has no values", tensors[i].name);
+    mt_err source_err = MT_OK;
     for (int i = 0; i < count && !fail; i++) {
+        const mt_st_write_tensor *t = &tensors[i];
         uint64_t elems = 1;
-        for (int d = 0; d < tensors[i].ndim; d++) elems *= (uint64_t)tensors[i].shape[d];
+        for (int d = 0; d < t->ndim; d++) elems *= (uint64_t)t->shape[d];
         for (uint64_t done = 0; done < elems && !fail; done += chunk_elems) {
             size_t n = elems - done < chunk_elems ? (size_t)(elems - done) : chunk_elems;
-            mt_convert_from_f32(buf, tensors[i].data + done, dtype, n);
+            const float *from = t->data ? t->data + done : values;
+            if (!t->data && (source_err = source->read(source->ctx, source_at[i] + done, n, values))) break;
+            mt_convert_from_f32(buf, from, dtype, n);
             fail = write_all(fd, buf, n * esize);
         }
+        fail = fail || source_err;
     }
+    free(values);
     free(buf);
+    if (source_err) {  // its message stands
+        close(fd);
+        unlink(tmp);
+        return source_err;
+    }
     int saved_errno = errno;
     if (!fail) fail = fsync(fd) != 0, saved_errno = errno;
     if (close(fd) != 0 && !fail) fail = 1, saved_errno = errno;

@@ -46,6 +46,10 @@ typedef struct {
 // temporary file that is fsynced and renamed: never a half-written file.
 mt_err mt_safetensors_write(const char *path, const mt_st_write_tensor *tensors, int count, mt_dtype dtype,
                             const char *format_metadata);
+// The same where the values of the tensors whose data is NULL are read from
+// source a chunk at a time, tensor i's from source value source_at[i] on.
+mt_err mt_safetensors_write_from(const char *path, const mt_st_write_tensor *tensors, int count, mt_dtype dtype,
+                                 const char *format_metadata, const mt_f32_source *source, const size_t *source_at);
 
 #ifdef __cplusplus
 }

@@ -9,6 +9,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "trainer/forecast.h"
 #include "trainer/hf.h"
 #include "trainer/lora.h"
 
@@ -94,23 +95,34 @@ mt_err mt_run_state_wait(mt_run_state *c, int collective) {
 mt_err mt_run_state_save(mt_run_state *c, long steps_done) {
     mt_err err = mt_run_state_wait(c, 1);  // the last one first: its host copies are about to be read again
     if (err) return err;
-    mt_updater_state us;
-    err = mt_updater_read_state(c->up, steps_done, &us);
-    if (err && !us.master) return err;  // no host copy for it
-    float *master = us.master, *m = us.m, *v = us.v;
-    const mt_state_tensor *extra = us.extra;
-    int n_extra = us.n_extra;
-    mt_cursor cursor = mt_loader_get_cursor(c->train);
-    mt_checkpoint_meta meta = {
-        steps_done, cursor.epoch, cursor.batch, us.optimizer_steps, mt_config_training_hash(c->cfg), 0};
     double t0 = mt_now();
-    static int warned;
+    static int warned, told;
     int background = c->cfg->checkpoint_async && mt_checkpoint_background_ok();
     if (c->cfg->checkpoint_async && !background && !warned++)
         mt_warn(
             "checkpoint.async: this HDF5 library is not thread-safe (the loader reads with it meanwhile); "
             "checkpoints are written in place");
-    if (!err && !c->sharded && background) {
+    // An offloaded full fine-tune writes straight from the store where it is written in place anyway, or where
+    // the host copy a background write needs would not fit; the loop then waits for the write.
+    size_t copy_bytes;
+    double host = mt_host_plannable();
+    int stream = mt_updater_state_streams(c->up, &copy_bytes) && (!background || (host > 0 && copy_bytes > host));
+    if (stream && background && !told++)
+        mt_info(
+            "checkpoint: written straight from the offload store while training waits: a host copy for a "
+            "background write takes %.1f GiB, more than the %.1f GiB of host memory the run may still take",
+            copy_bytes / 1073741824.0, host / 1073741824.0);
+    mt_updater_state us;
+    err = mt_updater_read_state(c->up, steps_done, stream, &us);
+    if (err && !us.master && !us.streamed) return err;  // no host copy for it
+    float *master = us.master, *m = us.m, *v = us.v;
+    int streamed = us.streamed;
+    const mt_state_tensor *extra = us.extra;
+    int n_extra = us.n_extra;
+    mt_cursor cursor = mt_loader_get_cursor(c->train);
+    mt_checkpoint_meta meta = {
+        steps_done, cursor.epoch, cursor.batch, us.optimizer_steps, mt_config_training_hash(c->cfg), 0};
+    if (!err && !c->sharded && background && !streamed) {
         // rank 0 writes on its own thread; every rank learns how it went at the next wait
         if (mt_dist_rank(c->dist) == 0) {
             mt_ckpt_writer *w = calloc(1, sizeof *w);
@@ -130,6 +142,9 @@ mt_err mt_run_state_save(mt_run_state *c, long steps_done) {
     }
     if (!err && c->sharded)
         err = write_sharded(c, &meta, master, m, v, extra, n_extra);
+    else if (!err && streamed && mt_dist_rank(c->dist) == 0)
+        err = mt_checkpoint_write_from(c->cfg->output_dir, c->cfg->model_path, c->mc, us.from, extra, n_extra, &meta,
+                                       (int)c->cfg->checkpoint_keep);
     else if (!err && mt_dist_rank(c->dist) == 0)  // every rank holds the same state; rank 0 writes it
         err = mt_checkpoint_write(c->cfg->output_dir, c->cfg->model_path, c->mc, c->lora, master, m, v, extra, n_extra,
                                   &meta, (int)c->cfg->checkpoint_keep);
@@ -137,7 +152,9 @@ mt_err mt_run_state_save(mt_run_state *c, long steps_done) {
         err = mt_errorf(MT_ERR_IO, "rank 0 could not write the checkpoint of step %ld (its log says why)", steps_done);
     mt_dist_heartbeat(c->dist);
     mt_updater_state_free(&us);
-    if (!err) mt_info("checkpoint: %s/checkpoints/step-%08ld (%.1fs)", c->cfg->output_dir, steps_done, mt_now() - t0);
+    if (!err)
+        mt_info("checkpoint: %s/checkpoints/step-%08ld (%.1fs%s)", c->cfg->output_dir, steps_done, mt_now() - t0,
+                streamed ? ", read straight from the offload store" : "");
     return err;
 }
 

@@ -129,10 +129,10 @@ static mt_err load_values(run *r) {
         mt_checkpoint_find_latest(cfg->output_dir, r->resume_dir, sizeof r->resume_dir);
     else if (cfg->train_resume[0])
         snprintf(r->resume_dir, sizeof r->resume_dir, "%s", cfg->train_resume);
-    // a frozen base, and (unless a checkpoint's replace them) MeZO's and an offloaded full fine-tune's weights,
-    // go into the model a layer at a time (build_model; the updater's offload with the store's master): only
-    // the rest have a whole fp32 copy on the host
-    r->fill = pl->offload && !pl->galore && !lora && !r->resume_dir[0];
+    // a frozen base, MeZO's weights (unless a checkpoint's replace them) and an offloaded full fine-tune's
+    // weights, its checkpoint's master and moments included, go into the model a layer at a time (build_model;
+    // the updater's offload with the store's state): only the rest have a whole fp32 copy on the host
+    r->fill = pl->offload && !pl->galore && !lora;
     int whole = !lora && !(pl->mezo && !r->resume_dir[0]) && !r->fill;
     r->host_params = whole ? calloc(pl->total, sizeof(float)) : NULL;
     r->trained = lora ? calloc(pl->trained_total ? pl->trained_total : 1, sizeof(float)) : r->host_params;
@@ -154,7 +154,7 @@ static mt_err load_values(run *r) {
     // AdamW's moments' host copies for checkpoints, of this rank's shard (MeZO
     // has none, GaLore its own); with offload the moments live in the store:
     // host copies only to resume
-    int host_moments = !pl->mezo && !pl->galore && (!pl->offload || r->resume_dir[0]);
+    int host_moments = !pl->mezo && !pl->galore && (!pl->offload || r->resume_dir[0]) && !r->fill;
     size_t n_moments = pl->shard_hi - pl->shard_lo;
     if (host_moments) {
         r->moment_m = malloc((n_moments ? n_moments : 1) * sizeof(float));

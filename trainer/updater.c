@@ -64,16 +64,34 @@ static mt_err build_galore(mt_updater *u) {
     }
     return err;
 }
-// A fresh offloaded full fine-tune without the trained block's fp32 host
-// copy: each unit's values (mt_hf_set_model's walk) into the model and into
-// the store's master slots of this rank's parameters.
+// An offloaded full fine-tune without the trained block's fp32 host copy:
+// each unit's values (mt_hf_set_model's walk of the base, or of a
+// checkpoint's model) into the model and into the store's master slots of
+// this rank's parameters; resuming, the unit's moments from the checkpoint
+// with them (m, v: room for the widest unit so far).
+typedef struct {
+    mt_updater *u;
+    float *m, *v;
+    size_t room;
+} unit_fill;
+
 static mt_err fill_unit(void *ctx, int first, int count, const float *values) {
-    mt_updater *u = ctx;
+    unit_fill *f = ctx;
+    mt_updater *u = f->u;
     int n;
     const mt_param_info *table = mt_model_params(u->model, &n);
-    size_t span = table[first + count - 1].offset + table[first + count - 1].count - table[first].offset;
+    size_t lo = table[first].offset, span = table[first + count - 1].offset + table[first + count - 1].count - lo;
+    int resuming = u->resume_dir[0] != 0;
     mt_err err = mt_model_set_params(u->model, first, count, values);
-    return err ? err : mt_offload_write_master(u->ofl, table[first].offset, span, values);
+    if (!err && resuming && span > f->room) {
+        free(f->m);
+        f->m = f->v = NULL, f->room = 0;
+        if (!(err = mt_state_copy_alloc(span, 2, &f->m))) f->v = f->m + span, f->room = span;
+    }
+    mt_checkpoint_meta meta;
+    if (!err && resuming) err = mt_checkpoint_read(u->resume_dir, u->mc, NULL, NULL, lo, lo + span, f->m, f->v, &meta);
+    if (err) return err;
+    return mt_offload_write_state(u->ofl, lo, span, values, resuming ? f->m : NULL, resuming ? f->v : NULL);
 }
 
 // offload.delay's checkpoint tensor: the trained block's weights as the model
@@ -166,14 +184,23 @@ static mt_err build_offload(mt_updater *u) {
         if (!err && ranks) mt_offload_set_norm_sum(u->ofl, mt_route_sum_over_ranks, u->dist);
         return err;
     }
-    // moment_m and moment_v exist only when resuming (resume.optimizer_steps is 0 otherwise); without the
-    // trained block's host copy the model's values and the master come a unit at a time (fill_unit)
+    // moment_m and moment_v exist only when resuming with the trained block's host copy (resume.optimizer_steps
+    // is 0 otherwise); without it the model's values, the master and a checkpoint's moments come a unit at a
+    // time (fill_unit)
     err = mt_offload_init(&u->ofl, u->be, &oc, plan->params, plan->n, plan->count, u->tr.weights,
                           *u->trained ? *u->trained + pl->shard_lo : NULL, *u->moment_m, *u->moment_v,
                           u->resume->optimizer_steps);
-    if (!err && !*u->trained)
-        err = mt_hf_each_unit(u->model, strcmp(cfg->model_init, "random") ? cfg->model_path : NULL,
-                              (uint64_t)cfg->train_seed, fill_unit, u);
+    if (!err && !*u->trained) {
+        char dir[1200];
+        snprintf(dir, sizeof dir, "%s/model", u->resume_dir);  // resuming: the checkpoint's master
+        unit_fill fill = {u, NULL, NULL, 0};
+        err = mt_hf_each_unit(u->model,
+                              u->resume_dir[0]                    ? dir
+                              : strcmp(cfg->model_init, "random") ? cfg->model_path
+                                                                  : NULL,
+                              (uint64_t)cfg->train_seed, fill_unit, &fill);
+        free(fill.m);
+    }
     if (!err && cfg->offload_delay && u->resume_dir[0]) err = resume_delayed(u);
     if (!err && ranks) {
         mt_offload_hook *h = u->ohook;
@@ -418,13 +445,48 @@ mt_err mt_updater_get_trained(mt_updater *u, float *dst, float *packed) {
     return err;
 }
 
-mt_err mt_updater_read_state(mt_updater *u, long steps_done, mt_updater_state *s) {
+int mt_updater_state_streams(const mt_updater *u, size_t *copy_bytes) {
+    const mt_plan *pl = u->pl;
+    int delayed = u->ofl && u->cfg->offload_delay;
+    size_t total = pl->trained_total, n = pl->shard_hi - pl->shard_lo;
+    *copy_bytes = u->ofl && !u->plan.packed ? (total + 2 * n + (delayed ? total : 0)) * sizeof(float) : 0;
+    return u->ofl && !u->plan.packed && !u->gal && !delayed && !pl->lora && !sharded(u) && n == total;
+}
+
+// The store read where the values and moments of a checkpoint are (mt_f32_source's read; ctx the offload).
+static mt_err read_master_range(void *ctx, size_t offset, size_t count, float *dst) {
+    return mt_offload_read_range(ctx, offset, offset + count, dst, NULL, NULL);
+}
+static mt_err read_m_range(void *ctx, size_t offset, size_t count, float *dst) {
+    return mt_offload_read_range(ctx, offset, offset + count, NULL, dst, NULL);
+}
+static mt_err read_v_range(void *ctx, size_t offset, size_t count, float *dst) {
+    return mt_offload_read_range(ctx, offset, offset + count, NULL, NULL, dst);
+}
+
+static int steps_taken(const mt_updater *u, long steps_done) {
+    return u->opt   ? mt_optimizer_steps_taken(u->opt)
+           : u->gal ? mt_galore_steps_taken(u->gal)
+           : u->ofl ? mt_offload_steps_taken(u->ofl)
+                    : (int)steps_done;
+}
+
+mt_err mt_updater_read_state(mt_updater *u, long steps_done, int stream, mt_updater_state *s) {
     const mt_plan *pl = u->pl;
     *s = (mt_updater_state){0};
     float *master = *u->trained, *m = *u->moment_m, *v = *u->moment_v;
     mt_err err = MT_OK;
     int packed = u->ofl && u->plan.packed;
     int delayed = u->ofl && u->cfg->offload_delay;
+    size_t copy_bytes;
+    if (stream && mt_updater_state_streams(u, &copy_bytes)) {
+        s->streamed = 1;
+        s->from[0] = (mt_f32_source){read_master_range, u->ofl};
+        s->from[1] = (mt_f32_source){read_m_range, u->ofl};
+        s->from[2] = (mt_f32_source){read_v_range, u->ofl};
+        s->optimizer_steps = steps_taken(u, steps_done);
+        return mt_offload_sync(u->ofl);  // every update in the store
+    }
     if (u->ofl && !packed) {
         // the whole master (ZeRO: every rank's shard of it), this rank's moments; with offload.delay the
         // weights as the model holds them too (one update behind the master)
@@ -467,10 +529,7 @@ mt_err mt_updater_read_state(mt_updater *u, long steps_done, mt_updater_state *s
     }
     if (delayed && !packed && s->all) extra = s->all, n_extra = 1;
     s->master = master, s->m = m, s->v = v, s->extra = extra, s->n_extra = n_extra;
-    s->optimizer_steps = u->opt   ? mt_optimizer_steps_taken(u->opt)
-                         : u->gal ? mt_galore_steps_taken(u->gal)
-                         : u->ofl ? mt_offload_steps_taken(u->ofl)
-                                  : (int)steps_done;
+    s->optimizer_steps = steps_taken(u, steps_done);
     return err;
 }
 

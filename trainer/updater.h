@@ -87,18 +87,27 @@ mt_err mt_state_copy_alloc(size_t n, int arrays, float **block);
 // to fill (master, m, v: 3 arrays of plan.count), which checkpoints keep.
 mt_err mt_updater_get_trained(mt_updater *u, float *dst, float *packed);
 
-// What a checkpoint keeps of the updater, read back to the host.
+// What a checkpoint keeps of the updater, read back to the host, or (from)
+// to be read from the offload store while the run waits.
 typedef struct {
-    float *master;                 // the trained block's values (NULL when reading failed to start)
+    float *master;                 // the trained block's values (NULL when reading failed to start or streamed)
     float *m, *v;                  // AdamW's moments of this rank's shard, or NULL
     const mt_state_tensor *extra;  // GaLore's tensors, then the packed offloaded parameters' moments
     int n_extra;
     int optimizer_steps;  // updates applied (MeZO: the steps done)
     float *copy;          // owned: the host copy of offloaded state
     mt_state_tensor *all;
+    int streamed;  // the state is read from `from` (values, exp_avg, exp_avg_sq) as it is written
+    mt_f32_source from[3];
 } mt_updater_state;
+// Whether a checkpoint can be written straight from the offload store: a
+// full fine-tune's whole state offloaded on this rank (no ZeRO shards, no
+// GaLore, no offload.delay). copy_bytes: what a host copy of the state takes.
+int mt_updater_state_streams(const mt_updater *u, size_t *copy_bytes);
 // Every rank calls it. steps_done: the run's steps (MeZO's update count).
-mt_err mt_updater_read_state(mt_updater *u, long steps_done, mt_updater_state *s);
+// stream (where mt_updater_state_streams): no host copy; the state stays in
+// the store, read through s->from, and no step may run until it is written.
+mt_err mt_updater_read_state(mt_updater *u, long steps_done, int stream, mt_updater_state *s);
 void mt_updater_state_free(mt_updater_state *s);
 // Logs the start-up lines of MeZO, GaLore and offload (count: the model's
 // parameters).
