@@ -20,7 +20,11 @@ micro-batch's gradients stream to the host, which sums them, so the GPU
 holds no gradient block; on the GPU the block holds the sums. A further
 suffix -gpusum (cpu-accum2-gpusum) keeps the offloaded run's sums on the GPU
 (offload.grad_sum: gpu). A suffix -delay (cpu-delay, cpu-noclip-delay) turns
-on ZeRO-Offload's delayed parameter update (offload.delay: 1).
+on ZeRO-Offload's delayed parameter update (offload.delay: 1). A suffix -ckpt
+writes a checkpoint every 6 steps in the background (checkpoint.async, the
+default), -ckptsync in place (checkpoint.async: false; offloaded, straight
+from the store): the run reports each checkpoint's stall, the time its step
+took beyond the median step (metrics.jsonl), and the log's checkpoint lines.
 
 Then the CPU AdamW alone: memtune's (bench/cpu_adam_bench.c, every
 instruction path, fp32 and bf16 gradients) against torch's CPU AdamW
@@ -49,7 +53,8 @@ GIB = 1024 ** 3
 
 
 def run_memtune(args, folder, data, run, mode, trace_step=0):
-    parts = [p for p in mode.split("-") if not p.startswith("accum") and p not in ("gpusum", "delay")]
+    parts = [p for p in mode.split("-")
+             if not p.startswith("accum") and p not in ("gpusum", "delay", "ckpt", "ckptsync")]
     accum = [int(p[len("accum"):]) for p in mode.split("-") if p.startswith("accum")]
     galore = parts[0] == "galore"
     offload = (parts[1] if len(parts) > 1 else "none") if galore else parts[0]
@@ -68,12 +73,27 @@ def run_memtune(args, folder, data, run, mode, trace_step=0):
         sets["offload.grad_sum"] = "gpu"
     if "delay" in mode.split("-"):
         sets["offload.delay"] = 1
+    ckpt = [p for p in mode.split("-") if p in ("ckpt", "ckptsync")]
+    if ckpt:
+        sets.update({"checkpoint.every": 6, "checkpoint.keep": 1, "checkpoint.async": str(ckpt[0] == "ckpt").lower()})
     if offload == "ssd":
         sets["offload.path"] = args.ssd_path
     if trace_step:
         sets["offload.trace_step"] = trace_step
     shutil.rmtree(run, ignore_errors=True)
-    return train_and_time(args, cmd, sets, run, ("offloaded", "memory (GPU)", "O_DIRECT", "timeline", "grad_sum"))
+    r = train_and_time(args, cmd, sets, run, ("offloaded", "memory (GPU)", "O_DIRECT", "timeline", "grad_sum",
+                                              "checkpoint:"))
+    if ckpt and "error" not in r:
+        recs = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+        t = {rec["step"]: rec["elapsed_seconds"] for rec in recs if "elapsed_seconds" in rec}
+        steps = sorted(t)
+        dur = {s: t[s] - t[p] for p, s in zip(steps, steps[1:])}
+        median = sorted(dur.values())[len(dur) // 2]
+        # a checkpoint after step s shows in step s + 1's time (the write or the copy happens between them)
+        r["checkpoint_stall_s"] = {s: dur[s + 1] - median for s in steps if s % 6 == 0 and s + 1 in dur}
+        r["median_step_s"] = median
+        shutil.rmtree(run, ignore_errors=True)  # the checkpoints (13 GB each at 1.1B)
+    return r
 
 
 def json_lines(cmd, timeout):
