@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "kernels/device.h"
 #include "kernels/dtype.h"
@@ -203,9 +204,12 @@ END_TEST
 // model.weights: cpu on the GPU: the base in pinned host memory, layers
 // copied into two slots on a side stream beside the compute, gives the
 // resident model's losses and adapter gradients bit for bit (LoRA, QLoRA
-// with checkpointing, two steps), with the base's layers off the GPU.
+// with checkpointing, two steps), with the base's layers off the GPU; and
+// model.weights: ssd, the base in a mapped file (LoRA), likewise.
 START_TEST(gpu_streamed_weights_equal_resident) {
-    for (int variant = 0; variant < 2; variant++) {
+    char file_dir[] = "/tmp/memtune-gpu-weights-XXXXXX";
+    ck_assert(mkdtemp(file_dir) != NULL);
+    for (int variant = 0; variant < 3; variant++) {
         mt_model_config c;
         small_config(&c, 0);
         c.L = 6;
@@ -219,6 +223,7 @@ START_TEST(gpu_streamed_weights_equal_resident) {
                               .quantize_nf4 = nf4},
                          so = o;
         so.stream_weights = 1;
+        so.weights_dir = variant == 2 ? file_dir : NULL;
         mt_model *a, *b;
         ck_assert_int_eq(mt_model_create_with(&a, &gpu, &c, &o), MT_OK);
         mt_mem_tally before, after;
@@ -254,7 +259,10 @@ START_TEST(gpu_streamed_weights_equal_resident) {
         printf(
             "streamed weights (%s): losses %.9g %.9g, resident %.9g %.9g; the streamed model holds %.1f MiB of "
             "weights on the GPU, the resident %.1f MiB\n",
-            nf4 ? "QLoRA, checkpointing" : "LoRA", loss[1][0], loss[1][1], loss[0][0], loss[0][1],
+            nf4            ? "QLoRA, checkpointing"
+            : variant == 2 ? "LoRA, the base in a mapped file"
+                           : "LoRA",
+            loss[1][0], loss[1][1], loss[0][0], loss[0][1],
             (after.current[MT_MEM_WEIGHTS] - before.current[MT_MEM_WEIGHTS]) / 1048576.0,
             before.current[MT_MEM_WEIGHTS] / 1048576.0);
         ck_assert(loss[0][0] == loss[1][0] && loss[0][1] == loss[1][1]);
@@ -267,6 +275,7 @@ START_TEST(gpu_streamed_weights_equal_resident) {
         mt_backend_free(&gpu);
         free(params), free(ad), free(in), free(tg), free(grads[0]), free(grads[1]);
     }
+    rmdir(file_dir);  // (the mapped file is deleted as it is made)
 }
 END_TEST
 
