@@ -177,6 +177,11 @@ for c in llama-lora llama-qlora mezo galore full-offload-cpu full-offload-ssd lo
     # whose attention workspace: cuDNN's where a GPU is visible, else memtune's kernel's, said either way
     echo "$out" | grep -q "^(attention's workspace: " || fail "$c: no line on attention's workspace in: $out"
     echo "test_plan: configs/$c.yaml at Llama-2-7B's shape on a GPU: peak $peak"
+    # --brief: the same forecast, without the alternatives or the longest length
+    brief=$("$MEMTUNE" plan "configs/$c.yaml" --set model.path=configs/models/llama-2-7b --gpu-memory 80GiB \
+        --brief 2>&1) || fail "$c --brief: memtune plan failed: $brief"
+    [ "$(echo "$brief" | awk '/^peak/{print $2, $3; exit}')" = "$peak" ] || fail "$c --brief: another peak: $brief"
+    echo "$brief" | grep -q "^alternative\|^longest" && fail "$c --brief: more than the forecast: $brief"
 done
 # a combination the trainer refuses: the same message, exit 1
 out=$("$MEMTUNE" plan "${base[@]}" --set optim.kind=mezo --set dist.zero_stage=1 2>&1)

@@ -330,7 +330,7 @@ static void unchoose(mt_config *cfg, long_choices c) {
 }
 
 mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_sets, int gpu, int world,
-                         double capacity, const char *capacity_source) {
+                         double capacity, const char *capacity_source, int brief) {
     mt_config cfg;
     mt_err err = load(&cfg, path, sets, n_sets, NULL);
     mt_model_config mc;
@@ -399,6 +399,10 @@ mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_s
                     "figure)\n");
     }
     fputc('\n', out);
+    if (brief) {
+        mt_config_free(&cfg);
+        return MT_OK;
+    }
     // the alternatives
     char mb2[64], mbh[64], acc2[64];
     snprintf(mb2, sizeof mb2, "train.micro_batch=%ld", cfg.train_micro_batch * 2);

@@ -40,9 +40,11 @@ mt_err mt_forecast_run(const mt_config *cfg, const mt_model_config *mc, int gpu,
 // alternatives (checkpointing, offloaded activations, LoRA, QLoRA, GaLore,
 // MeZO, optimizer offload, micro-batch sizes) against `capacity` bytes of GPU
 // memory (0: unknown), and the longest train.seq_len that fits. The config is
-// the file at path with its --set assignments (sets).
+// the file at path with its --set assignments (sets). brief: the configured
+// run's forecast alone (no alternatives, no longest length: on a GPU's
+// machine each of those forecasts asks cuDNN for its attention's workspace).
 mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_sets, int gpu, int world,
-                         double capacity, const char *capacity_source);
+                         double capacity, const char *capacity_source, int brief);
 
 // memory.budget: when cfg's run would need more than the budget where it
 // computes (gpu, world ranks), changes cfg to the fastest of the settings

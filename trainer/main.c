@@ -312,7 +312,7 @@ static int cmd_eval(int argc, char **argv) {
 static int cmd_plan(int argc, char **argv) {
     const char *path = NULL, *device = NULL;
     char **sets = calloc((size_t)argc + 2, sizeof *sets);
-    int n_sets = 0, ranks = 1;
+    int n_sets = 0, ranks = 1, brief = 0;
     double capacity = 0;
     const char *source = "";
     MT_CHECK(sets != NULL, "plan arguments");
@@ -321,12 +321,16 @@ static int cmd_plan(int argc, char **argv) {
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
             printf(
                 "usage: memtune plan CONFIG.yaml [--set section.key=value ...] [--gpu-memory SIZE] [--device gpu|cpu] "
-                "[--ranks N]\n\nForecasts the run's memory by category on the device (and host memory for "
+                "[--ranks N] [--brief]\n\nForecasts the run's memory by category on the device (and host memory for "
                 "offload), without a GPU and without loading weights, with alternatives that fit or not and the "
-                "longest train.seq_len that fits. SIZE: 80GiB, 24G, ... (default: the GPU's, when one is "
-                "visible). docs/plan.md.\n");
+                "longest train.seq_len that fits (--brief: the run's forecast alone). SIZE: 80GiB, 24G, ... "
+                "(default: the GPU's, when one is visible). docs/plan.md.\n");
             free(sets);
             return 0;
+        }
+        if (!strcmp(a, "--brief")) {
+            brief = 1;
+            continue;
         }
         if (a[0] == '-' && !v) return free(sets), fail(mt_errorf(MT_ERR_USAGE, "%s needs a value", a));
         if (!strcmp(a, "--set"))
@@ -361,7 +365,7 @@ static int cmd_plan(int argc, char **argv) {
     snprintf(set_device, sizeof set_device, "train.device=%s", gpu ? "gpu" : "cpu");
     sets[n_sets++] = set_device;
     // plan forecasts a GPU run on any machine: the plan's device check is the trainer's, so it sees one
-    mt_err err = mt_forecast_print(stdout, path, sets, n_sets, gpu, ranks, capacity, source);
+    mt_err err = mt_forecast_print(stdout, path, sets, n_sets, gpu, ranks, capacity, source, brief);
     free(sets);
     return err ? fail(err) : 0;
 }

@@ -52,7 +52,7 @@ def configs(only):
 
 
 def forecast(sets, data):
-    args = [MEMTUNE, "plan", "configs/quickstart.yaml", "--device", "gpu", "--set", f"data.train={data}"]
+    args = [MEMTUNE, "plan", "configs/quickstart.yaml", "--device", "gpu", "--brief", "--set", f"data.train={data}"]
     for s in sets:
         args += ["--set", s]
     out = subprocess.run(args, capture_output=True, text=True, cwd=ROOT).stdout
