@@ -26,6 +26,11 @@ default), -ckptsync in place (checkpoint.async: false; offloaded, straight
 from the store): the run reports each checkpoint's stall, the time its step
 took beyond the median step (metrics.jsonl), and the log's checkpoint lines.
 
+Before an ssd run, the disk under --ssd-path alone (bench/disk_bench.c:
+the store's write, read and update passes at 4 and 8 I/O threads beside
+plain O_DIRECT threads): each ssd run then reports its step against the
+floor the update pass sets (12 bytes a parameter read and written).
+
 Then the CPU AdamW alone: memtune's (bench/cpu_adam_bench.c, every
 instruction path, fp32 and bf16 gradients) against torch's CPU AdamW
 (bench/torch_cpu_adam.py: the default and fused=True) on the same
@@ -39,6 +44,7 @@ the table and the ratios.
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -128,6 +134,12 @@ def main():
     disk = shutil.disk_usage(os.path.dirname(args.ssd_path.rstrip("/")) or "/")
     results = {"B": args.B, "T": args.T, "steps": args.steps, "warmup": args.warmup, "cores": os.cpu_count(),
                "ssd_path": args.ssd_path, "disk_free_gib": disk.free / GIB, "shapes": {}}
+    if any(m.split("-")[0] == "ssd" for m in args.modes.split(",")):
+        os.makedirs(args.ssd_path, exist_ok=True)
+        results["disk"] = json_lines([os.path.join(BUILD, "mt_disk_bench"), args.ssd_path, "4", "4,8"], 600)
+        for row in results["disk"]:
+            print(json.dumps({"disk": row}), flush=True)
+    update_rate = max([r.get("update_gb_per_s_each_way", 0) for r in results.get("disk", [])] + [0])
     for shape in args.shapes.split(","):
         folder, _ = shape_folder(args.work, shape)
         res = results["shapes"][shape] = {}
@@ -139,6 +151,11 @@ def main():
             r = run_memtune(args, folder, data, run, mode, trace)
             if trace and os.path.exists(os.path.join(run, "offload-trace.json")):
                 shutil.copy(os.path.join(run, "offload-trace.json"), os.path.join(args.out, "offload-trace.json"))
+            found = re.search(r"offloaded to [^:]*: ([\d.]+)M parameters", " ".join(r.get("log", [])))
+            if mode.split("-")[0] == "ssd" and "error" not in r and update_rate > 0 and found:
+                # the state a step moves each way (master, m, v) over the disk's update rate
+                r["disk_floor_ms"] = 1000 * float(found.group(1)) * 1e6 * 12 / (update_rate * 1e9)
+                r["step_vs_disk_floor"] = r["step_ms"] / r["disk_floor_ms"]
             res[mode] = r
             print(json.dumps({"shape": shape, "mode": mode, **r}), flush=True)
         if "error" not in res.get("none", {"error": 1}) and "error" not in res.get("cpu", {"error": 1}):
@@ -205,6 +222,9 @@ def main():
         for k, v in res.items():
             if isinstance(v, float):
                 print(f"{shape} {k}: {v:.2f}")
+            if isinstance(v, dict) and "step_vs_disk_floor" in v:
+                print(f"{shape} {k}: step {v['step_ms']:.0f} ms against the disk's floor {v['disk_floor_ms']:.0f} ms: "
+                      f"{v['step_vs_disk_floor']:.2f}x")
     for k, v in results.get("cpu_adam", {}).get("ratios", {}).items():
         print(f"CPU AdamW {k}: {v:.2f}")
 
