@@ -20,7 +20,8 @@ micro-batch's gradients stream to the host, which sums them, so the GPU
 holds no gradient block; on the GPU the block holds the sums. A further
 suffix -gpusum (cpu-accum2-gpusum) keeps the offloaded run's sums on the GPU
 (offload.grad_sum: gpu). A suffix -delay (cpu-delay, cpu-noclip-delay) turns
-on ZeRO-Offload's delayed parameter update (offload.delay: 1). A suffix -ckpt
+on ZeRO-Offload's delayed parameter update (offload.delay: 1), -int8 the
+store's 8-bit moments (offload.moments: int8; cpu-int8, cpu-int8-delay). A suffix -ckpt
 writes a checkpoint every 6 steps in the background (checkpoint.async, the
 default), -ckptsync in place (checkpoint.async: false; offloaded, straight
 from the store): the run reports each checkpoint's stall, the time its step
@@ -60,7 +61,7 @@ GIB = 1024 ** 3
 
 def run_memtune(args, folder, data, run, mode, trace_step=0):
     parts = [p for p in mode.split("-")
-             if not p.startswith("accum") and p not in ("gpusum", "delay", "ckpt", "ckptsync")]
+             if not p.startswith("accum") and p not in ("gpusum", "delay", "ckpt", "ckptsync", "int8")]
     accum = [int(p[len("accum"):]) for p in mode.split("-") if p.startswith("accum")]
     galore = parts[0] == "galore"
     offload = (parts[1] if len(parts) > 1 else "none") if galore else parts[0]
@@ -79,6 +80,8 @@ def run_memtune(args, folder, data, run, mode, trace_step=0):
         sets["offload.grad_sum"] = "gpu"
     if "delay" in mode.split("-"):
         sets["offload.delay"] = 1
+    if "int8" in mode.split("-"):
+        sets["offload.moments"] = "int8"
     ckpt = [p for p in mode.split("-") if p in ("ckpt", "ckptsync")]
     if ckpt:
         sets.update({"checkpoint.every": 6, "checkpoint.keep": 1, "checkpoint.async": str(ckpt[0] == "ckpt").lower()})
