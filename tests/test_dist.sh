@@ -351,6 +351,20 @@ if [ "$PART" != pairs ]; then
         cmp -s <(losses "$W/owhole") <(losses "$W/osplit") || fail "offload resume: losses differ"
         cmp -s "$W/owhole/model/model.safetensors" "$W/osplit/model/model.safetensors" || fail "offload resume: models differ"
         echo "test_dist: 2 ranks, ZeRO-2, each offloading its shard to a file, stopped and resumed: losses and model identical"
+        # without ZeRO every rank holds the whole store; rank 0 writes the in-place checkpoint straight from its
+        # store, and a resume reads it into every rank's store a unit at a time
+        po=(--set checkpoint.every=4 --set checkpoint.async=false --set offload.optimizer=cpu)
+        two "$MEMTUNE" "${common[@]}" "${po[@]}" --set "output.dir=$W/pwhole" > "$W/pwhole.log" 2>&1 || fail "pwhole"
+        two "$MEMTUNE" "${common[@]}" "${po[@]}" --set "output.dir=$W/psplit" --set train.stop_after=7 \
+            > "$W/psplit.log" 2>&1 || fail "psplit"
+        two "$MEMTUNE" "${common[@]}" "${po[@]}" --set "output.dir=$W/psplit" --set train.resume=auto \
+            > "$W/presumed.log" 2>&1 || fail "presumed"
+        grep -q "step-00000007 (.*read straight from the offload store" "$W/psplit.log" ||
+            fail "offload without ZeRO: the stop's checkpoint was not read from the store"
+        cmp -s <(losses "$W/pwhole") <(losses "$W/psplit") || fail "offload resume without ZeRO: losses differ"
+        cmp -s "$W/pwhole/model/model.safetensors" "$W/psplit/model/model.safetensors" ||
+            fail "offload resume without ZeRO: models differ"
+        echo "test_dist: 2 ranks, offloaded in every rank, checkpoints read straight from rank 0's store, stopped and resumed: losses and model identical"
     fi
 
     if wanted mismatch; then
