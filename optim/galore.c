@@ -285,7 +285,7 @@ static void add_tensor(mt_galore *g, const galore_param *p, const char *name, in
                        size_t *host_bytes) {
     if (g->tensors) {
         mt_state_tensor *t = &g->tensors[g->n_tensors];
-        *t = (mt_state_tensor){p->name, name, is_u8, count, (char *)g->host_block + *host_bytes};
+        *t = (mt_state_tensor){p->name, name, is_u8, count, (char *)g->host_block + *host_bytes, NULL};
         g->tensor_src[g->n_tensors] = src;
     }
     g->n_tensors++;

@@ -91,7 +91,8 @@ typedef struct {
     const char *name;   // "projector", "exp_avg", "exp_avg_q8", ...
     int is_u8;          // uint8 (else fp32)
     size_t count;
-    void *data;
+    void *data;  // NULL: fp32 values read from source (checkpoints written a chunk at a time)
+    const mt_f32_source *source;
 } mt_state_tensor;
 int mt_galore_state(mt_galore *g, mt_state_tensor **tensors);
 void mt_galore_state_download(mt_galore *g);

@@ -820,7 +820,8 @@ END_TEST
 // time, with no host copy of the state (its log line says so): it holds
 // what a background write's copy holds (the saved model byte for byte), and
 // a run resumed from it is the uninterrupted one; for fp32 and int8
-// moments in host memory and for the SSD tier.
+// moments in host memory, for the SSD tier, and with offload.delay (its
+// weights, one update behind, read from the model a chunk at a time).
 START_TEST(checkpoints_written_from_the_store_resume_bit_identically) {
     char ssd[400], data[300], folder[300], copied[300], log[300], a[1400], b[3000];
     snprintf(ssd, sizeof ssd, "%s/ssd-stream", dir);
@@ -830,6 +831,7 @@ START_TEST(checkpoints_written_from_the_store_resume_bit_identically) {
         {"offload.optimizer", "cpu", NULL},
         {"offload.optimizer", "cpu", "offload.moments", "int8", NULL},
         {"offload.optimizer", "ssd", "offload.path", ssd, NULL},
+        {"offload.optimizer", "cpu", "offload.delay", "1", NULL},
     };
     // clang-format on
     for (size_t k = 0; k < sizeof variants / sizeof *variants; k++) {

@@ -33,17 +33,23 @@ static hid_t param_group(hid_t opt, const char *name) {
     return H5Gcreate2(opt, name, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
 }
 
-// Optimizer tensors by parameter: opt/PARAM/NAME.
-static int write_tensors(hid_t opt, const mt_state_tensor *extra, int n_extra) {
+// Optimizer tensors by parameter: opt/PARAM/NAME; those without data read
+// from their source a chunk at a time (*src_err: its error, if it failed).
+static int write_tensors(hid_t opt, const mt_state_tensor *extra, int n_extra, mt_err *src_err) {
     int ok = 1;
+    float *buf = NULL;
+    *src_err = MT_OK;
     for (int i = 0; i < n_extra && ok; i++) {
-        hid_t g = param_group(opt, extra[i].param);
-        ok = g >= 0 && (extra[i].is_u8 ? mt_h5_write_vector(g, extra[i].name, H5T_STD_U8LE, H5T_NATIVE_UCHAR,
-                                                            extra[i].data, extra[i].count)
-                                       : mt_h5_write_vector(g, extra[i].name, H5T_IEEE_F32LE, H5T_NATIVE_FLOAT,
-                                                            extra[i].data, extra[i].count));
+        const mt_state_tensor *t = &extra[i];
+        hid_t g = param_group(opt, t->param);
+        if (!t->data && !buf) MT_CHECK((buf = malloc(kSourceChunk * sizeof *buf)) != NULL, "checkpoint buffer");
+        ok = g >= 0 &&
+             (!t->data   ? mt_h5_write_floats_from(g, t->name, t->source, 0, t->count, buf, kSourceChunk, src_err)
+              : t->is_u8 ? mt_h5_write_vector(g, t->name, H5T_STD_U8LE, H5T_NATIVE_UCHAR, t->data, t->count)
+                         : mt_h5_write_vector(g, t->name, H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, t->data, t->count));
         if (g >= 0) H5Gclose(g);
     }
+    free(buf);
     return ok;
 }
 
@@ -88,7 +94,9 @@ static mt_err write_state(const char *path, const mt_param_info *table, int n, c
         if (g >= 0) H5Gclose(g);
     }
     free(buf);
-    ok = ok && write_tensors(opt, extra, n_extra);
+    mt_err tensors_err = MT_OK;
+    ok = ok && write_tensors(opt, extra, n_extra, &tensors_err);
+    if (!src_err) src_err = tensors_err;
     if (opt >= 0) H5Gclose(opt);
     ok = H5Fclose(file) >= 0 && ok;
     if (ok && mt_fsync_path(path) != 0) ok = 0;
@@ -156,6 +164,7 @@ mt_err mt_checkpoint_write_shard(const char *tmp, int rank, int world, size_t lo
     hid_t file = H5Fcreate(path, H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
     if (file < 0) return mt_errorf(MT_ERR_IO, "%s: cannot create the checkpoint shard", path);
     unsigned long long a = lo, b = hi, n = total;
+    mt_err src_err = MT_OK;
     int ok = mt_h5_write_scalar(file, "rank", H5T_NATIVE_INT, &rank) &&
              mt_h5_write_scalar(file, "world", H5T_NATIVE_INT, &world) &&
              mt_h5_write_scalar(file, "lo", H5T_NATIVE_ULLONG, &a) &&
@@ -166,11 +175,12 @@ mt_err mt_checkpoint_write_shard(const char *tmp, int rank, int world, size_t lo
              mt_h5_write_vector(file, "exp_avg_sq", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, v, hi - lo);
     if (ok && n_extra > 0) {
         hid_t opt = H5Gcreate2(file, "optimizer", H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
-        ok = opt >= 0 && write_tensors(opt, extra, n_extra);
+        ok = opt >= 0 && write_tensors(opt, extra, n_extra, &src_err);
         if (opt >= 0) H5Gclose(opt);
     }
     ok = H5Fclose(file) >= 0 && ok;
     if (ok && mt_fsync_path(path) != 0) ok = 0;
+    if (src_err) return src_err;  // its message names the problem
     return ok ? MT_OK : mt_errorf(MT_ERR_IO, "%s: writing the checkpoint shard failed (disk full?)", path);
 }
 
@@ -382,7 +392,9 @@ mt_err mt_checkpoint_read(const char *dir, const mt_model_config *mc, const mt_l
     return err;
 }
 
-mt_err mt_checkpoint_read_extra(const char *dir, const mt_state_tensor *extra, int n_extra) {
+// The extra tensors into their data, or (into not NULL) values [lo, hi) of
+// the one tensor extra[0] into `into`.
+static mt_err read_extra(const char *dir, const mt_state_tensor *extra, int n_extra, size_t lo, size_t hi, void *into) {
     char path[1300];
     snprintf(path, sizeof path, "%s/state.h5", dir);
     H5Eset_auto2(H5E_DEFAULT, NULL, NULL);
@@ -411,8 +423,9 @@ mt_err mt_checkpoint_read_extra(const char *dir, const mt_state_tensor *extra, i
             hid_t g = groups[k] >= 0 && H5Lexists(groups[k], t->param, H5P_DEFAULT) > 0
                           ? H5Gopen2(groups[k], t->param, H5P_DEFAULT)
                           : -1;
-            found =
-                g >= 0 && read_vector(g, t->name, t->is_u8 ? H5T_NATIVE_UCHAR : H5T_NATIVE_FLOAT, t->data, t->count);
+            hid_t type = t->is_u8 ? H5T_NATIVE_UCHAR : H5T_NATIVE_FLOAT;
+            found = g >= 0 && (into ? read_slice(g, t->name, type, into, t->count, lo, hi - lo)
+                                    : read_vector(g, t->name, type, t->data, t->count));
             if (g >= 0) H5Gclose(g);
         }
         if (!found)
@@ -428,4 +441,12 @@ mt_err mt_checkpoint_read_extra(const char *dir, const mt_state_tensor *extra, i
     }
     free(groups);
     return err;
+}
+
+mt_err mt_checkpoint_read_extra(const char *dir, const mt_state_tensor *extra, int n_extra) {
+    return read_extra(dir, extra, n_extra, 0, 0, NULL);
+}
+
+mt_err mt_checkpoint_read_extra_range(const char *dir, const mt_state_tensor *t, size_t lo, size_t hi, void *dst) {
+    return read_extra(dir, t, 1, lo, hi, dst);
 }

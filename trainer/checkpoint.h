@@ -75,6 +75,8 @@ mt_err mt_checkpoint_read(const char *dir, const mt_model_config *mc, const mt_l
 // (each must be there with exactly its count), from state.h5 or, sharded,
 // from whichever rank's shard file holds it.
 mt_err mt_checkpoint_read_extra(const char *dir, const mt_state_tensor *extra, int n_extra);
+// Values [lo, hi) of one such tensor (t->count its whole length) into dst.
+mt_err mt_checkpoint_read_extra_range(const char *dir, const mt_state_tensor *t, size_t lo, size_t hi, void *dst);
 
 #ifdef __cplusplus
 }

@@ -1249,6 +1249,15 @@ void mt_model_get_trainable(mt_model *m, float *dst) {
     MT_CHECK(convert_compute(m, t.weights, dst, t.total, 0) == MT_OK, "out of device memory reading the weights back");
 }
 
+mt_err mt_model_get_trainable_range(mt_model *m, size_t offset, size_t count, float *dst) {
+    MT_CHECK(!(m->streamed && !m->frozen), "mt_model_get_trainable_range: the weights are streamed");
+    mt_model_flush_update(m);
+    mt_trainable t;
+    mt_model_trainable(m, &t);
+    MT_CHECK(offset + count <= t.total, "trainable range [%zu, %zu) of %zu", offset, offset + count, t.total);
+    return convert_compute(m, (char *)t.weights + offset * mt_act_size(m->be), dst, count, 0);
+}
+
 // ------------------------------------------------------- forward/backward
 
 static layer_acts *acts_of(mt_model *m, int l) { return &m->acts[m->checkpointing || m->forward_only ? 0 : l]; }

@@ -147,6 +147,8 @@ void mt_model_flush_update(mt_model *m);
 size_t mt_model_perturbation_bytes(const mt_model *m);
 // The trainable block's compute weights as fp32 host values (total floats).
 void mt_model_get_trainable(mt_model *m, float *dst);
+// Values [offset, offset + count) of them into dst (not with streamed weights).
+mt_err mt_model_get_trainable_range(mt_model *m, size_t offset, size_t count, float *dst);
 
 const mt_model_config *mt_model_get_config(const mt_model *m);
 const mt_param_info *mt_model_params(const mt_model *m, int *count);

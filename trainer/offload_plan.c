@@ -46,8 +46,8 @@ mt_state_tensor *mt_offload_plan_moments(const mt_offload_plan *p, const mt_para
     for (int i = 0, k = 0; i < n; i++) {
         if (p->index[i] < 0) continue;
         const mt_offload_param *q = &p->params[p->index[i]];
-        t[k++] = (mt_state_tensor){table[i].name, "exp_avg", 0, q->count, m + q->slot};
-        t[k++] = (mt_state_tensor){table[i].name, "exp_avg_sq", 0, q->count, v + q->slot};
+        t[k++] = (mt_state_tensor){table[i].name, "exp_avg", 0, q->count, m + q->slot, NULL};
+        t[k++] = (mt_state_tensor){table[i].name, "exp_avg_sq", 0, q->count, v + q->slot, NULL};
     }
     return t;
 }

@@ -64,6 +64,12 @@ static mt_err build_galore(mt_updater *u) {
     }
     return err;
 }
+// offload.delay's checkpoint tensor: the trained block's weights as the model
+// holds them, one update behind the master (data, or read from source).
+static mt_state_tensor delayed_weights_tensor(size_t total, float *data, const mt_f32_source *source) {
+    return (mt_state_tensor){"offload", "delayed_weights", 0, total, data, source};
+}
+
 // An offloaded full fine-tune without the trained block's fp32 host copy:
 // each unit's values (mt_hf_set_model's walk of the base, or of a
 // checkpoint's model) into the model and into the store's master slots of
@@ -71,7 +77,7 @@ static mt_err build_galore(mt_updater *u) {
 // with them (m, v: room for the widest unit so far).
 typedef struct {
     mt_updater *u;
-    float *m, *v;
+    float *m, *v, *w;  // w: offload.delay's weights of the unit
     size_t room;
 } unit_fill;
 
@@ -81,23 +87,22 @@ static mt_err fill_unit(void *ctx, int first, int count, const float *values) {
     int n;
     const mt_param_info *table = mt_model_params(u->model, &n);
     size_t lo = table[first].offset, span = table[first + count - 1].offset + table[first + count - 1].count - lo;
-    int resuming = u->resume_dir[0] != 0;
-    mt_err err = mt_model_set_params(u->model, first, count, values);
-    if (!err && resuming && span > f->room) {
+    int resuming = u->resume_dir[0] != 0, delayed = resuming && u->cfg->offload_delay;
+    mt_err err = MT_OK;
+    if (resuming && span > f->room) {
         free(f->m);
-        f->m = f->v = NULL, f->room = 0;
-        if (!(err = mt_state_copy_alloc(span, 2, &f->m))) f->v = f->m + span, f->room = span;
+        f->m = f->v = f->w = NULL, f->room = 0;
+        if (!(err = mt_state_copy_alloc(span, 3, &f->m))) f->v = f->m + span, f->w = f->v + span, f->room = span;
     }
     mt_checkpoint_meta meta;
     if (!err && resuming) err = mt_checkpoint_read(u->resume_dir, u->mc, NULL, NULL, lo, lo + span, f->m, f->v, &meta);
+    if (!err && delayed) {  // the model takes the weights the checkpoint's model held, one update behind
+        mt_state_tensor t = delayed_weights_tensor(u->pl->trained_total, NULL, NULL);
+        err = mt_checkpoint_read_extra_range(u->resume_dir, &t, lo, lo + span, f->w);
+    }
+    if (!err) err = mt_model_set_params(u->model, first, count, delayed ? f->w : values);
     if (err) return err;
     return mt_offload_write_state(u->ofl, lo, span, values, resuming ? f->m : NULL, resuming ? f->v : NULL);
-}
-
-// offload.delay's checkpoint tensor: the trained block's weights as the model
-// holds them, one update behind the master.
-static mt_state_tensor delayed_weights_tensor(size_t total, float *data) {
-    return (mt_state_tensor){"offload", "delayed_weights", 0, total, data};
 }
 
 // offload.delay, resuming: the model's weights as the checkpoint kept them
@@ -108,7 +113,7 @@ static mt_err resume_delayed(mt_updater *u) {
     float *w = NULL;
     mt_err err = mt_state_copy_alloc(total, 1, &w);
     if (err) return err;
-    mt_state_tensor t = delayed_weights_tensor(total, w);
+    mt_state_tensor t = delayed_weights_tensor(total, w, NULL);
     err = mt_checkpoint_read_extra(u->resume_dir, &t, 1);
     if (!err && u->pl->lora)
         mt_model_set_adapters(u->model, w);
@@ -190,10 +195,11 @@ static mt_err build_offload(mt_updater *u) {
     err = mt_offload_init(&u->ofl, u->be, &oc, plan->params, plan->n, plan->count, u->tr.weights,
                           *u->trained ? *u->trained + pl->shard_lo : NULL, *u->moment_m, *u->moment_v,
                           u->resume->optimizer_steps);
-    if (!err && !*u->trained) {
+    int filled = !*u->trained;
+    if (!err && filled) {
         char dir[1200];
         snprintf(dir, sizeof dir, "%s/model", u->resume_dir);  // resuming: the checkpoint's master
-        unit_fill fill = {u, NULL, NULL, 0};
+        unit_fill fill = {u, NULL, NULL, NULL, 0};
         err = mt_hf_each_unit(u->model,
                               u->resume_dir[0]                    ? dir
                               : strcmp(cfg->model_init, "random") ? cfg->model_path
@@ -201,7 +207,9 @@ static mt_err build_offload(mt_updater *u) {
                               (uint64_t)cfg->train_seed, fill_unit, &fill);
         free(fill.m);
     }
-    if (!err && cfg->offload_delay && u->resume_dir[0]) err = resume_delayed(u);
+    // offload.delay: the master's update pending (filled, the model already holds the checkpoint's weights)
+    if (!err && cfg->offload_delay && u->resume_dir[0])
+        err = filled ? mt_offload_set_pending(u->ofl) : resume_delayed(u);
     if (!err && ranks) {
         mt_offload_hook *h = u->ohook;
         mt_offload_set_norm_sum(u->ofl, mt_route_sum_over_ranks, u->dist);
@@ -450,7 +458,7 @@ int mt_updater_state_streams(const mt_updater *u, size_t *copy_bytes) {
     int delayed = u->ofl && u->cfg->offload_delay;
     size_t total = pl->trained_total, n = pl->shard_hi - pl->shard_lo;
     *copy_bytes = u->ofl && !u->plan.packed ? (total + 2 * n + (delayed ? total : 0)) * sizeof(float) : 0;
-    return u->ofl && !u->plan.packed && !u->gal && !delayed && !pl->lora && !sharded(u) && n == total;
+    return u->ofl && !u->plan.packed && !u->gal && !pl->lora && !sharded(u) && n == total;
 }
 
 // The store read where the values and moments of a checkpoint are (mt_f32_source's read; ctx the offload).
@@ -462,6 +470,10 @@ static mt_err read_m_range(void *ctx, size_t offset, size_t count, float *dst) {
 }
 static mt_err read_v_range(void *ctx, size_t offset, size_t count, float *dst) {
     return mt_offload_read_range(ctx, offset, offset + count, NULL, NULL, dst);
+}
+// offload.delay's weights, as the model holds them (ctx the model).
+static mt_err read_weights_range(void *ctx, size_t offset, size_t count, float *dst) {
+    return mt_model_get_trainable_range(ctx, offset, count, dst);
 }
 
 static int steps_taken(const mt_updater *u, long steps_done) {
@@ -485,6 +497,13 @@ mt_err mt_updater_read_state(mt_updater *u, long steps_done, int stream, mt_upda
         s->from[1] = (mt_f32_source){read_m_range, u->ofl};
         s->from[2] = (mt_f32_source){read_v_range, u->ofl};
         s->optimizer_steps = steps_taken(u, steps_done);
+        if (delayed) {  // and the weights one update behind, read from the model as they are written
+            s->weights_from = (mt_f32_source){read_weights_range, u->model};
+            s->all = malloc(sizeof *s->all);
+            MT_CHECK(s->all != NULL, "checkpoint tensors");
+            s->all[0] = delayed_weights_tensor(pl->trained_total, NULL, &s->weights_from);
+            s->extra = s->all, s->n_extra = 1;
+        }
         return mt_offload_sync(u->ofl);  // every update in the store
     }
     if (u->ofl && !packed) {
@@ -498,7 +517,7 @@ mt_err mt_updater_read_state(mt_updater *u, long steps_done, int stream, mt_upda
             mt_model_get_trainable(u->model, v + n);
             s->all = malloc(sizeof *s->all);
             MT_CHECK(s->all != NULL, "checkpoint tensors");
-            s->all[0] = delayed_weights_tensor(total, v + n);
+            s->all[0] = delayed_weights_tensor(total, v + n, NULL);
         }
     } else if (!master && !packed) {  // no lasting host copy (MeZO read its weights a layer at a time): one now
         if ((err = mt_state_copy_alloc(pl->trained_total, 1, &s->copy))) return err;

@@ -99,10 +99,12 @@ typedef struct {
     mt_state_tensor *all;
     int streamed;  // the state is read from `from` (values, exp_avg, exp_avg_sq) as it is written
     mt_f32_source from[3];
+    mt_f32_source weights_from;  // and offload.delay's weights (extra's one tensor) from the model
 } mt_updater_state;
 // Whether a checkpoint can be written straight from the offload store: a
 // full fine-tune's whole state offloaded on this rank (no ZeRO shards, no
-// GaLore, no offload.delay). copy_bytes: what a host copy of the state takes.
+// GaLore; offload.delay's weights read from the model). copy_bytes: what a
+// host copy of the state takes.
 int mt_updater_state_streams(const mt_updater *u, size_t *copy_bytes);
 // Every rank calls it. steps_done: the run's steps (MeZO's update count).
 // stream (where mt_updater_state_streams): no host copy; the state stays in
