@@ -41,24 +41,35 @@ int mt_h5_write_vector(hid_t loc, const char *name, hid_t filetype, hid_t memtyp
     return ok;
 }
 
-int mt_h5_write_floats_from(hid_t loc, const char *name, const mt_f32_source *src, size_t offset, size_t n, float *buf,
-                            size_t buf_n, mt_err *src_err) {
+int mt_h5_write_floats_from(hid_t loc, const char *const *names, const mt_f32_source *const *srcs, int k, size_t offset,
+                            size_t n, float *buf, size_t buf_n, mt_err *src_err) {
+    enum { kMost = 4 };
     *src_err = MT_OK;
-    hid_t d = create_vector(loc, name, H5T_IEEE_F32LE, n);
-    hid_t file_space = d >= 0 ? H5Dget_space(d) : -1;
-    int ok = file_space >= 0;
+    hid_t d[kMost], space[kMost];
+    int ok = k > 0 && k <= kMost, made = 0;
+    for (; ok && made < k; made++) {
+        d[made] = create_vector(loc, names[made], H5T_IEEE_F32LE, n);
+        space[made] = d[made] >= 0 ? H5Dget_space(d[made]) : -1;
+        ok = d[made] >= 0 && space[made] >= 0;
+        if (!ok) made++;  // (its handles are closed below)
+    }
+    // chunk by chunk, each vector's in turn: a source that read the chunk's window for one serves the others
     for (size_t done = 0; done < n && ok; done += buf_n) {
         hsize_t start[1] = {done}, count[1] = {n - done < buf_n ? n - done : buf_n};
-        if ((*src_err = src->read(src->ctx, offset + done, (size_t)count[0], buf))) {
-            ok = 0;
-            break;
-        }
         hid_t mem = H5Screate_simple(1, count, NULL);
-        ok = H5Sselect_hyperslab(file_space, H5S_SELECT_SET, start, NULL, count, NULL) >= 0 &&
-             H5Dwrite(d, H5T_NATIVE_FLOAT, mem, file_space, H5P_DEFAULT, buf) >= 0;
+        for (int j = 0; j < k && ok; j++) {
+            if ((*src_err = srcs[j]->read(srcs[j]->ctx, offset + done, (size_t)count[0], buf))) {
+                ok = 0;
+                break;
+            }
+            ok = H5Sselect_hyperslab(space[j], H5S_SELECT_SET, start, NULL, count, NULL) >= 0 &&
+                 H5Dwrite(d[j], H5T_NATIVE_FLOAT, mem, space[j], H5P_DEFAULT, buf) >= 0;
+        }
         H5Sclose(mem);
     }
-    if (file_space >= 0) H5Sclose(file_space);
-    if (d >= 0) H5Dclose(d);
+    for (int j = 0; j < made; j++) {
+        if (space[j] >= 0) H5Sclose(space[j]);
+        if (d[j] >= 0) H5Dclose(d[j]);
+    }
     return ok;
 }

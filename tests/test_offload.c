@@ -821,17 +821,30 @@ END_TEST
 // what a background write's copy holds (the saved model byte for byte), and
 // a run resumed from it is the uninterrupted one; for fp32 and int8
 // moments in host memory, for the SSD tier, and with offload.delay (its
-// weights, one update behind, read from the model a chunk at a time).
+// weights, one update behind, read from the model a chunk at a time). The
+// wide model (a 160000-token vocabulary: 5.1M parameters, its embedding
+// and head 2.56M each) is larger than the reader's 4M-value window of the
+// store, and its embedding and head take three of the writer's 1M-value
+// chunks each: the window moves, over SSD blocks and over int8 moments'
+// quantization blocks.
+static const char kWideLlamaJson[] =
+    "{\"architectures\":[\"LlamaForCausalLM\"],\"vocab_size\":160000,\"hidden_size\":16,\"intermediate_size\":24,"
+    "\"num_hidden_layers\":2,\"num_attention_heads\":4,\"num_key_value_heads\":2,\"rms_norm_eps\":1e-5,"
+    "\"rope_theta\":10000.0,\"tie_word_embeddings\":false,\"torch_dtype\":\"float32\"}";
+
 START_TEST(checkpoints_written_from_the_store_resume_bit_identically) {
-    char ssd[400], data[300], folder[300], copied[300], log[300], a[1400], b[3000];
+    char ssd[400], data[300], folder[300], wide[300], copied[300], log[300], a[1400], b[3000];
     snprintf(ssd, sizeof ssd, "%s/ssd-stream", dir);
     data_and_model(data, folder);
+    tu_model_folder(dir, "wide", kWideLlamaJson, wide, sizeof wide);
     // clang-format off
     const char *const variants[][8] = {
         {"offload.optimizer", "cpu", NULL},
         {"offload.optimizer", "cpu", "offload.moments", "int8", NULL},
         {"offload.optimizer", "ssd", "offload.path", ssd, NULL},
         {"offload.optimizer", "cpu", "offload.delay", "1", NULL},
+        {"offload.optimizer", "ssd", "offload.path", ssd, "model.path", wide, NULL},
+        {"offload.optimizer", "cpu", "offload.moments", "int8", "model.path", wide, NULL},
     };
     // clang-format on
     for (size_t k = 0; k < sizeof variants / sizeof *variants; k++) {

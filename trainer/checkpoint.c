@@ -44,7 +44,7 @@ static int write_tensors(hid_t opt, const mt_state_tensor *extra, int n_extra, m
         hid_t g = param_group(opt, t->param);
         if (!t->data && !buf) MT_CHECK((buf = malloc(kSourceChunk * sizeof *buf)) != NULL, "checkpoint buffer");
         ok = g >= 0 &&
-             (!t->data   ? mt_h5_write_floats_from(g, t->name, t->source, 0, t->count, buf, kSourceChunk, src_err)
+             (!t->data   ? mt_h5_write_floats_from(g, &t->name, &t->source, 1, 0, t->count, buf, kSourceChunk, src_err)
               : t->is_u8 ? mt_h5_write_vector(g, t->name, H5T_STD_U8LE, H5T_NATIVE_UCHAR, t->data, t->count)
                          : mt_h5_write_vector(g, t->name, H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, t->data, t->count));
         if (g >= 0) H5Gclose(g);
@@ -53,11 +53,16 @@ static int write_tensors(hid_t opt, const mt_state_tensor *extra, int n_extra, m
     return ok;
 }
 
-// A moment of parameter i from its array, or from its source (from[1] exp_avg, from[2] exp_avg_sq) through buf.
-static int write_moment(hid_t g, const char *name, const mt_param_info *p, const float *array,
-                        const mt_f32_source *from, float *buf, mt_err *src_err) {
-    if (array) return mt_h5_write_vector(g, name, H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, array + p->offset, p->count);
-    return mt_h5_write_floats_from(g, name, from, p->offset, p->count, buf, kSourceChunk, src_err);
+// Parameter p's moments from the arrays m and v, or from their sources
+// (from[1] exp_avg, from[2] exp_avg_sq) through buf, a chunk of each in turn.
+static int write_moments(hid_t g, const mt_param_info *p, const float *m, const float *v, const mt_f32_source *from,
+                         float *buf, mt_err *src_err) {
+    if (m)
+        return mt_h5_write_vector(g, "exp_avg", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, m + p->offset, p->count) &&
+               mt_h5_write_vector(g, "exp_avg_sq", H5T_IEEE_F32LE, H5T_NATIVE_FLOAT, v + p->offset, p->count);
+    static const char *const names[2] = {"exp_avg", "exp_avg_sq"};
+    const mt_f32_source *const srcs[2] = {&from[1], &from[2]};
+    return mt_h5_write_floats_from(g, names, srcs, 2, p->offset, p->count, buf, kSourceChunk, src_err);
 }
 
 static mt_err write_state(const char *path, const mt_param_info *table, int n, const float *m, const float *v,
@@ -89,8 +94,7 @@ static mt_err write_state(const char *path, const mt_param_info *table, int n, c
     for (int i = 0; i < n && ok && (m || from) && shards == 0; i++) {
         // one group per parameter, named as torch's AdamW names its state
         hid_t g = H5Gcreate2(opt, table[i].name, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
-        ok = g >= 0 && write_moment(g, "exp_avg", &table[i], m, from ? &from[1] : NULL, buf, &src_err) &&
-             write_moment(g, "exp_avg_sq", &table[i], v, from ? &from[2] : NULL, buf, &src_err);
+        ok = g >= 0 && write_moments(g, &table[i], m, v, from, buf, &src_err);
         if (g >= 0) H5Gclose(g);
     }
     free(buf);

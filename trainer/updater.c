@@ -461,15 +461,41 @@ int mt_updater_state_streams(const mt_updater *u, size_t *copy_bytes) {
     return u->ofl && !u->plan.packed && !u->gal && !pl->lora && !sharded(u) && n == total;
 }
 
-// The store read where the values and moments of a checkpoint are (mt_f32_source's read; ctx the offload).
-static mt_err read_master_range(void *ctx, size_t offset, size_t count, float *dst) {
-    return mt_offload_read_range(ctx, offset, offset + count, dst, NULL, NULL);
-}
-static mt_err read_m_range(void *ctx, size_t offset, size_t count, float *dst) {
-    return mt_offload_read_range(ctx, offset, offset + count, NULL, dst, NULL);
-}
-static mt_err read_v_range(void *ctx, size_t offset, size_t count, float *dst) {
-    return mt_offload_read_range(ctx, offset, offset + count, NULL, NULL, dst);
+// A checkpoint's reads of the store (mt_f32_source's, ctx a window_array):
+// a window of it, read in one store pass, serves the chunks the writer asks
+// for; the master alone (the model file), or both moments (state.h5, whose
+// writer takes a chunk of each in turn).
+enum { kStoreWindow = 4 << 20 };  // values: no fewer than the writer's chunk
+typedef struct {
+    mt_offload *o;
+    size_t total, lo, hi;  // the window [lo, hi) holds
+    int moments;           // 0: the master, 1: m and v
+    float *win;            // master or m (kStoreWindow), then v (kStoreWindow)
+} store_window;
+typedef struct {
+    store_window *w;
+    int array;  // 0 master, 1 m, 2 v
+} window_array;
+struct mt_state_reader {
+    store_window w;
+    window_array arrays[3];
+};
+
+static mt_err read_window(void *ctx, size_t offset, size_t count, float *dst) {
+    window_array *a = ctx;
+    store_window *w = a->w;
+    int moments = a->array > 0;
+    if (offset < w->lo || offset + count > w->hi || moments != w->moments) {
+        size_t hi = w->total - offset < kStoreWindow ? w->total : offset + kStoreWindow;
+        MT_CHECK(offset + count <= hi, "a read of %zu values past the window of %d", count, (int)kStoreWindow);
+        w->lo = w->hi = 0;
+        mt_err err = mt_offload_read_range(w->o, offset, hi, moments ? NULL : w->win, moments ? w->win : NULL,
+                                           moments ? w->win + kStoreWindow : NULL);
+        if (err) return err;
+        w->lo = offset, w->hi = hi, w->moments = moments;
+    }
+    memcpy(dst, w->win + (a->array == 2 ? kStoreWindow : 0) + (offset - w->lo), count * sizeof(float));
+    return MT_OK;
 }
 // offload.delay's weights, as the model holds them (ctx the model).
 static mt_err read_weights_range(void *ctx, size_t offset, size_t count, float *dst) {
@@ -492,10 +518,18 @@ mt_err mt_updater_read_state(mt_updater *u, long steps_done, int stream, mt_upda
     int delayed = u->ofl && u->cfg->offload_delay;
     size_t copy_bytes;
     if (stream && mt_updater_state_streams(u, &copy_bytes)) {
-        s->streamed = 1;
-        s->from[0] = (mt_f32_source){read_master_range, u->ofl};
-        s->from[1] = (mt_f32_source){read_m_range, u->ofl};
-        s->from[2] = (mt_f32_source){read_v_range, u->ofl};
+        mt_state_reader *r = calloc(1, sizeof *r);
+        float *win = malloc(2 * (size_t)kStoreWindow * sizeof *win);
+        if (!r || !win) {
+            free(r), free(win);
+            return mt_errorf(MT_ERR_NOMEM, "out of host memory for the checkpoint's window of the store");
+        }
+        r->w = (store_window){u->ofl, pl->trained_total, 0, 0, 0, win};
+        s->reader = r, s->streamed = 1;
+        for (int j = 0; j < 3; j++) {
+            r->arrays[j] = (window_array){&r->w, j};
+            s->from[j] = (mt_f32_source){read_window, &r->arrays[j]};
+        }
         s->optimizer_steps = steps_taken(u, steps_done);
         if (delayed) {  // and the weights one update behind, read from the model as they are written
             s->weights_from = (mt_f32_source){read_weights_range, u->model};
@@ -555,6 +589,8 @@ mt_err mt_updater_read_state(mt_updater *u, long steps_done, int stream, mt_upda
 void mt_updater_state_free(mt_updater_state *s) {
     free(s->all);
     free(s->copy);
+    if (s->reader) free(s->reader->w.win);
+    free(s->reader);
     *s = (mt_updater_state){0};
 }
 

@@ -87,6 +87,7 @@ mt_err mt_state_copy_alloc(size_t n, int arrays, float **block);
 // to fill (master, m, v: 3 arrays of plan.count), which checkpoints keep.
 mt_err mt_updater_get_trained(mt_updater *u, float *dst, float *packed);
 
+typedef struct mt_state_reader mt_state_reader;
 // What a checkpoint keeps of the updater, read back to the host, or (from)
 // to be read from the offload store while the run waits.
 typedef struct {
@@ -100,6 +101,7 @@ typedef struct {
     int streamed;  // the state is read from `from` (values, exp_avg, exp_avg_sq) as it is written
     mt_f32_source from[3];
     mt_f32_source weights_from;  // and offload.delay's weights (extra's one tensor) from the model
+    mt_state_reader *reader;     // owned: what `from` reads the store through
 } mt_updater_state;
 // Whether a checkpoint can be written straight from the offload store: a
 // full fine-tune's whole state offloaded on this rank (no ZeRO shards, no
