@@ -465,7 +465,7 @@ int mt_updater_state_streams(const mt_updater *u, size_t *copy_bytes) {
 // a window of it, read in one store pass, serves the chunks the writer asks
 // for; the master alone (the model file), or both moments (state.h5, whose
 // writer takes a chunk of each in turn).
-enum { kStoreWindow = 4 << 20 };  // values: no fewer than the writer's chunk
+enum { kStoreWindow = 2 << 20 };  // values: no fewer than the writer's chunk
 typedef struct {
     mt_offload *o;
     size_t total, lo, hi;  // the window [lo, hi) holds
