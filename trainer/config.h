@@ -154,7 +154,8 @@ extern "C" {
     X(offload, delay, INT, "0", 0, 1, "",                                                                              \
       "1: ZeRO-Offload's delayed parameter update: a step's forward and backward do not wait for the CPU's update "    \
       "of the step before, which reaches the weights a step later (each gradient is taken at the weights of two "      \
-      "steps before; checkpoints apply the pending update first); changes the math; 0: exact")                         \
+      "steps before; checkpoints keep the weights one update behind beside the master, and resumes continue bit for "  \
+      "bit); changes the math; 0: exact")                                                                              \
     X(offload, trace_step, INT, "0", 0, 1000000000, "",                                                                \
       "GPU: write the copy/update timeline of this step and the next to output.dir/offload-trace.json (Chrome trace "  \
       "format, for chrome://tracing or ui.perfetto.dev); 0: none")                                                     \

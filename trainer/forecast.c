@@ -182,8 +182,9 @@ mt_err mt_forecast_run(const mt_config *cfg, const mt_model_config *mc, int gpu,
     double transfer =
         (double)mb.weights_host * (pl.mezo ? (double)cfg->mezo_samples : 2.0) * pl.accum / kHostToDeviceBytesPerSecond;
     double gpu_time = gpu && transfer > compute ? transfer : compute;
-    // offload.delay: the CPU's update runs beside the next step's forward and backward, the slower binds (a
-    // forecast: not yet measured)
+    // offload.delay: the CPU's update runs beside the next step's forward and backward, the slower binds. (On an
+    // H100 with the 1.1B shape the CPU bound and the step measured no shorter than exact, 317 against 300 ms,
+    // where this says 289 against 432: bench/results/2026-12-05-h100-session-checks)
     if (pl.offload && cfg->offload_delay)
         f->step_time = f->step_time > gpu_time ? f->step_time : gpu_time;
     else

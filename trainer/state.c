@@ -105,8 +105,9 @@ mt_err mt_run_state_save(mt_run_state *c, long steps_done) {
     // An offloaded full fine-tune writes straight from the store where it is written in place anyway, or where
     // the host copy a background write needs would not fit; the loop then waits for the write.
     size_t copy_bytes;
-    double host = mt_host_plannable();
-    int stream = mt_updater_state_streams(c->up, &copy_bytes) && (!background || (host > 0 && copy_bytes > host));
+    int can_stream = mt_updater_state_streams(c->up, &copy_bytes);
+    double host = can_stream && background ? mt_host_plannable() : 0;  // (read only where it decides)
+    int stream = can_stream && (!background || (host > 0 && copy_bytes > host));
     if (stream && background && !told++)
         mt_info(
             "checkpoint: written straight from the offload store while training waits: a host copy for a "
