@@ -75,6 +75,8 @@ def main():
     ap.add_argument("--T", type=int, default=1024)
     ap.add_argument("--eps", type=float, default=1e-3)
     ap.add_argument("--lr", type=float, default=1e-6)
+    ap.add_argument("--skip-torch", action="store_true",
+                    help="memtune's runs alone (an A/B of two builds through MT_BUILD_DIR)")
     ap.add_argument("--work", default="/tmp/mt-mezo-bench")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/mt-mezo-bench"))
     args = ap.parse_args()
@@ -89,7 +91,7 @@ def main():
         print(f"{shape} memtune forward: {json.dumps(runs['memtune forward'])}", flush=True)
         runs["memtune MeZO"] = run_memtune(args, folder, data, os.path.join(args.work, f"run-{shape}"))
         print(f"{shape} memtune MeZO: {json.dumps(runs['memtune MeZO'])}", flush=True)
-        runs["PyTorch MeZO"] = run_torch(args, config_path)
+        runs["PyTorch MeZO"] = {"error": "not run (--skip-torch)"} if args.skip_torch else run_torch(args, config_path)
         print(f"{shape} PyTorch MeZO: {json.dumps(runs['PyTorch MeZO'])}", flush=True)
         results[shape] = runs
         fwd, ours, theirs = runs["memtune forward"], runs["memtune MeZO"], runs["PyTorch MeZO"]
