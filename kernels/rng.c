@@ -50,12 +50,19 @@ static void philox_group(uint64_t seed, uint64_t group, uint32_t out[4]) {
     mt_philox4x32_10(counter, key, out);
 }
 
+float mt_rng_mantissa_float(uint32_t word) {
+    uint32_t bits = 0x3f800000u | (word >> 9);
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
 void mt_rng_gauss4(uint64_t seed, uint64_t group, float out[4]) {
     uint32_t w[4];
     philox_group(seed, group, w);
     for (int pair = 0; pair < 2; pair++) {
-        double u1 = (double)((w[2 * pair] >> 8) + 1) * (1.0 / 16777216.0);
-        double u2 = (double)(w[2 * pair + 1] >> 8) * (1.0 / 16777216.0);
+        double u1 = 2.0 - (double)mt_rng_mantissa_float(w[2 * pair]);
+        double u2 = (double)mt_rng_mantissa_float(w[2 * pair + 1]) - 1.0;
         double r = sqrt(-2.0 * log(u1)), angle = 6.283185307179586 * u2;
         out[2 * pair] = (float)(r * cos(angle));
         out[2 * pair + 1] = (float)(r * sin(angle));

@@ -23,15 +23,19 @@ float mt_rng_normal(uint64_t seed, uint64_t counter);
 // The same function as cuRAND's curand_Philox4x32_10, which the GPU calls.
 void mt_philox4x32_10(const uint32_t counter[4], const uint32_t key[2], uint32_t out[4]);
 
-// The perturbation stream of MeZO: z(seed, i), i = 0, 1, ..., standard
-// normal. Group g = i / 4 is one Philox call keyed by the seed at counter
-// (g low, g high, 0, 0); its words (a, b) and (c, d) give two Box-Muller
-// pairs from 24-bit uniforms u1 = (a >> 8) + 1) / 2^24 in (0, 1] and
-// u2 = (b >> 8) / 2^24: z[4g] = r cos(2 pi u2), z[4g+1] = r sin(2 pi u2),
+// The perturbation stream of MeZO (and GaLore's random matrices): z(seed, i),
+// i = 0, 1, ..., standard normal. Group g = i / 4 is one Philox call keyed
+// by the seed at counter (g low, g high, 0, 0); its words (a, b) and (c, d)
+// give two Box-Muller pairs from 23-bit uniforms made by placing a word's
+// top 23 bits in a float's mantissa, u1 = 2 - 1.m(a) in (0, 1] and
+// u2 = 1.m(b) - 1 in [0, 1) (exact in single precision, no integer-to-float
+// conversion): z[4g] = r cos(2 pi u2), z[4g+1] = r sin(2 pi u2),
 // r = sqrt(-2 ln u1), likewise z[4g+2], z[4g+3] from (c, d). The GPU draws
 // the same words from cuRAND and differs only by its single-precision
-// hardware log/sin/cos (absolute differences near 1e-6).
+// hardware log/sqrt/sin/cos (absolute differences near 1e-6).
 void mt_rng_gauss4(uint64_t seed, uint64_t group, float out[4]);
+// 1.m in [1, 2): the word's top 23 bits as the mantissa of a float.
+float mt_rng_mantissa_float(uint32_t word);
 float mt_rng_gauss(uint64_t seed, uint64_t i);
 // 32 random bits number i of the stream keyed by seed (Philox group i / 4,
 // word i % 4): the stochastic-rounding bits of the GPU's MeZO update.

@@ -671,11 +671,33 @@ START_TEST(philox_words_equal_the_cpu_stream) {
 }
 END_TEST
 
+START_TEST(gauss_stream_equals_the_cpu_stream) {
+    // a million values element by element (the norm-wise checks elsewhere
+    // would hide a wrong word), the tails included
+    const size_t n = (1u << 20) + 3;
+    float *d = mt_device_malloc(n * 4), *ref = malloc(n * 4);
+    ck_assert_ptr_nonnull(d);
+    mt_op_gauss(&be, d, n, 0x0123456789abcdefull);
+    mt_gauss_ref(ref, n, 0x0123456789abcdefull);
+    float *got = host_from_f32(d, n), worst = 0.0f, largest = 0.0f;
+    for (size_t i = 0; i < n; i++) {
+        float err = fabsf(got[i] - ref[i]) / fmaxf(1.0f, fabsf(ref[i]));
+        ck_assert_msg(err <= 2e-5f, "z %zu: %.8g vs %.8g", i, got[i], ref[i]);
+        worst = fmaxf(worst, err), largest = fmaxf(largest, fabsf(ref[i]));
+    }
+    printf("gauss stream: %zu values, largest |z| %.2f, worst error %.2e\n", n, largest, worst);
+    ck_assert_float_gt(largest, 4.5f);
+    mt_device_free(d);
+    free(ref), free(got);
+}
+END_TEST
+
 START_TEST(perturb_ops) {
     static const size_t sizes[] = {1, 7, 22, 257, 1025, 100003};
-    static const uint64_t offsets[] = {0, 1, 3, 4099};
+    // the last offset: group counters past 32 bits
+    static const uint64_t offsets[] = {0, 1, 3, 4099, (1ull << 35) + 5};
     for (int si = 0; si < 6; si++)
-        for (int oi = 0; oi < 4; oi++) {
+        for (int oi = 0; oi < 5; oi++) {
             size_t n = sizes[si];
             uint64_t off = offsets[oi];
             float *w = host_random(n, -0.1f, 0.1f), *ref = malloc(n * 4);
@@ -934,6 +956,7 @@ int main(void) {
     tcase_add_test(tc, crossentropy);
     tcase_add_test(tc, adamw_sums_and_casts);
     tcase_add_test(tc, philox_words_equal_the_cpu_stream);
+    tcase_add_test(tc, gauss_stream_equals_the_cpu_stream);
     tcase_add_test(tc, perturb_ops);
     tcase_add_test(tc, zo_update_rounds_stochastically);
     tcase_add_test(tc, in_place_bf16_drift_is_measured);

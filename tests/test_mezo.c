@@ -47,6 +47,28 @@ START_TEST(philox_matches_the_published_vectors) {
 }
 END_TEST
 
+START_TEST(gauss4_follows_its_definition) {
+    // the uniforms: a word's top 23 bits as a mantissa, exactly
+    ck_assert_float_eq(mt_rng_mantissa_float(0), 1.0f);
+    ck_assert_float_eq(mt_rng_mantissa_float(0xffffffffu), 2.0f - 0x1p-23f);
+    ck_assert_float_eq(mt_rng_mantissa_float(0x80000000u), 1.5f);
+    ck_assert_float_eq(mt_rng_mantissa_float(0x000001ffu), 1.0f);  // the low 9 bits are dropped
+    // group g's normals from Philox's words at counter g, as rng.h writes them
+    for (uint64_t g = 0; g < 3; g++) {
+        float z[4];
+        mt_rng_gauss4(7, g, z);
+        for (int pair = 0; pair < 2; pair++) {
+            double u1 = 2.0 - mt_rng_mantissa_float(mt_rng_philox_word(7, 4 * g + 2 * (uint64_t)pair));
+            double u2 = mt_rng_mantissa_float(mt_rng_philox_word(7, 4 * g + 2 * (uint64_t)pair + 1)) - 1.0;
+            double r = sqrt(-2.0 * log(u1));
+            ck_assert_float_eq(z[2 * pair], (float)(r * cos(6.283185307179586 * u2)));
+            ck_assert_float_eq(z[2 * pair + 1], (float)(r * sin(6.283185307179586 * u2)));
+            ck_assert_float_eq(mt_rng_gauss(7, 4 * g + 2 * (uint64_t)pair), z[2 * pair]);
+        }
+    }
+}
+END_TEST
+
 START_TEST(gauss_stream_is_standard_normal) {
     const int n = 1 << 20;
     double sum = 0, sq = 0, fourth = 0, cross = 0;
@@ -716,6 +738,7 @@ int main(void) {
     TCase *tc = tcase_create("mezo");
     tcase_set_timeout(tc, 600);
     tcase_add_test(tc, philox_matches_the_published_vectors);
+    tcase_add_test(tc, gauss4_follows_its_definition);
     tcase_add_test(tc, gauss_stream_is_standard_normal);
     tcase_add_test(tc, perturb_and_update_follow_their_definition);
     tcase_add_test(tc, in_place_drift_after_1000_cycles_stays_within_rounding);
