@@ -1412,34 +1412,78 @@ static __device__ long long group_start(size_t t, unsigned long long offset) {
 
 static size_t group_count(size_t n, uint64_t offset) { return (size_t)((offset + n + 3) / 4 - offset / 4); }
 
-static __global__ void perturb_kernel(bf16 *dst, const bf16 *src, size_t n, float scale, unsigned long long seed,
-                                      unsigned long long offset) {
-    size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (t >= (offset + n + 3) / 4 - offset / 4) return;
-    float z[4];
-    gauss4(seed, offset / 4 + t, z);
-    long long j0 = group_start(t, offset);
-    if (whole4(src, j0, n) && whole4(dst, j0, n)) {
-        float v[4];
-        bf16 out[4];
-        load4(src + j0, v);
-        for (int q = 0; q < 4; q++) out[q] = __float2bfloat16(v[q] + scale * z[q]);
-        store4(dst + j0, out);
+// Whether eight elements from j0 are whole and 16-byte aligned.
+static __device__ bool whole8(const void *base, long long j0, size_t n) {
+    return j0 >= 0 && (size_t)j0 + 8 <= n && (((uintptr_t)base + (size_t)j0 * 2) & 15) == 0;
+}
+
+// The MeZO kernels give each thread two consecutive groups (8 elements):
+// the index arithmetic once, and one 16-byte load and store where aligned.
+static __device__ int thread_groups(size_t n, unsigned long long offset, size_t *first) {
+    size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x, groups = (offset + n + 3) / 4 - offset / 4;
+    *first = 2 * t;
+    return *first >= groups ? 0 : *first + 1 < groups ? 2 : 1;
+}
+
+static unsigned grid_for_groups(size_t groups) { return grid_for((groups + 1) / 2, kThreads); }
+
+// Elements j0 + q (q < 4 * count) of src into v (zero outside [0, n)): one
+// 16-byte load for both groups where aligned, else 8 bytes or one element
+// at a time per group.
+static __device__ void load_groups(const bf16 *src, long long j0, size_t n, int count, float v[8]) {
+    if (count == 2 && whole8(src, j0, n)) {
+        load8(v, src + j0);
         return;
     }
-    for (int q = 0; q < 4; q++) {
-        long long j = j0 + q;
-        if (j >= 0 && (size_t)j < n) dst[j] = __float2bfloat16(__bfloat162float(src[j]) + scale * z[q]);
+    for (int h = 0; h < count; h++) {
+        long long jh = j0 + 4 * h;
+        if (whole4(src, jh, n)) {
+            load4(src + jh, v + 4 * h);
+            continue;
+        }
+        for (int q = 0; q < 4; q++)
+            v[4 * h + q] = jh + q >= 0 && (size_t)(jh + q) < n ? __bfloat162float(src[jh + q]) : 0.0f;
     }
+}
+
+static __device__ void store_groups(bf16 *dst, long long j0, size_t n, int count, const bf16 out[8]) {
+    if (count == 2 && whole8(dst, j0, n)) {
+        uint4 u;
+        memcpy(&u, out, sizeof u);
+        *(uint4 *)(dst + j0) = u;
+        return;
+    }
+    for (int h = 0; h < count; h++) {
+        long long jh = j0 + 4 * h;
+        if (whole4(dst, jh, n)) {
+            store4(dst + jh, out + 4 * h);
+            continue;
+        }
+        for (int q = 0; q < 4; q++)
+            if (jh + q >= 0 && (size_t)(jh + q) < n) dst[jh + q] = out[4 * h + q];
+    }
+}
+
+static __global__ void perturb_kernel(bf16 *dst, const bf16 *src, size_t n, float scale, unsigned long long seed,
+                                      unsigned long long offset) {
+    size_t t;
+    int count = thread_groups(n, offset, &t);
+    if (!count) return;
+    float z[8], v[8];
+    bf16 out[8];
+    for (int h = 0; h < count; h++) gauss4(seed, offset / 4 + t + h, z + 4 * h);
+    long long j0 = group_start(t, offset);
+    load_groups(src, j0, n, count, v);
+    for (int q = 0; q < 4 * count; q++) out[q] = __float2bfloat16(v[q] + scale * z[q]);
+    store_groups(dst, j0, n, count, out);
 }
 
 extern "C" void mt_perturb_cuda(const mt_backend *be, void *dst, const void *src, size_t n, float scale, uint64_t seed,
                                 uint64_t offset) {
     (void)be;
     if (n == 0) return;
-    size_t groups = group_count(n, offset);
-    perturb_kernel<<<grid_for(groups, kThreads), kThreads>>>((bf16 *)dst, (const bf16 *)src, n, scale,
-                                                             (unsigned long long)seed, (unsigned long long)offset);
+    perturb_kernel<<<grid_for_groups(group_count(n, offset)), kThreads>>>(
+        (bf16 *)dst, (const bf16 *)src, n, scale, (unsigned long long)seed, (unsigned long long)offset);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -1490,37 +1534,31 @@ static __device__ void round_bits4(unsigned long long seed, unsigned long long g
 static __global__ void zo_update_kernel(bf16 *w, size_t n, unsigned long long offset, mt_zo_directions d, float lr,
                                         float weight_decay, unsigned long long round_seed, bf16 *perturbed, float scale,
                                         unsigned long long seed) {
-    size_t t = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (t >= (offset + n + 3) / 4 - offset / 4) return;
-    unsigned long long group = offset / 4 + t;
-    float step[4] = {0.0f, 0.0f, 0.0f, 0.0f}, z[4];
-    for (int k = 0; k < d.count; k++) {
-        gauss4(d.seed[k], group, z);
-        for (int q = 0; q < 4; q++) step[q] += d.coef[k] * z[q];
-    }
-    unsigned random[4];
-    round_bits4(round_seed, group, random);
-    if (perturbed) gauss4(seed, group, z);
-    long long j0 = group_start(t, offset);
-    if (whole4(w, j0, n) && (!perturbed || whole4(perturbed, j0, n))) {
-        float v[4];
-        bf16 out[4], read[4];
-        load4(w + j0, v);
-        for (int q = 0; q < 4; q++) {
-            out[q] = bf16_stochastic(v[q] - lr * (step[q] + weight_decay * v[q]), random[q]);
-            if (perturbed) read[q] = __float2bfloat16(__bfloat162float(out[q]) + scale * z[q]);
+    size_t t;
+    int count = thread_groups(n, offset, &t);
+    if (!count) return;
+    float step[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f}, z[4], v[8];
+    unsigned random[8];
+    for (int h = 0; h < count; h++) {
+        unsigned long long group = offset / 4 + t + h;
+        for (int k = 0; k < d.count; k++) {
+            gauss4(d.seed[k], group, z);
+            for (int q = 0; q < 4; q++) step[4 * h + q] += d.coef[k] * z[q];
         }
-        store4(w + j0, out);
-        if (perturbed) store4(perturbed + j0, read);
-        return;
+        round_bits4(round_seed, group, random + 4 * h);
     }
-    for (int q = 0; q < 4; q++) {
-        long long j = j0 + q;
-        if (j < 0 || (size_t)j >= n) continue;
-        float p = __bfloat162float(w[j]);
-        w[j] = bf16_stochastic(p - lr * (step[q] + weight_decay * p), random[q]);
-        if (perturbed) perturbed[j] = __float2bfloat16(__bfloat162float(w[j]) + scale * z[q]);
+    long long j0 = group_start(t, offset);
+    load_groups(w, j0, n, count, v);
+    bf16 out[8], read[8];
+    for (int q = 0; q < 4 * count; q++)
+        out[q] = bf16_stochastic(v[q] - lr * (step[q] + weight_decay * v[q]), random[q]);
+    store_groups(w, j0, n, count, out);
+    if (!perturbed) return;
+    for (int h = 0; h < count; h++) {
+        gauss4(seed, offset / 4 + t + h, z);
+        for (int q = 0; q < 4; q++) read[4 * h + q] = __float2bfloat16(__bfloat162float(out[4 * h + q]) + scale * z[q]);
     }
+    store_groups(perturbed, j0, n, count, read);
 }
 
 extern "C" void mt_zo_update_cuda(const mt_backend *be, void *w, size_t n, uint64_t offset, const mt_zo_directions *d,
@@ -1528,10 +1566,9 @@ extern "C" void mt_zo_update_cuda(const mt_backend *be, void *w, size_t n, uint6
                                   uint64_t seed) {
     (void)be;
     if (n == 0) return;
-    size_t groups = group_count(n, offset);
-    zo_update_kernel<<<grid_for(groups, kThreads), kThreads>>>((bf16 *)w, n, (unsigned long long)offset, *d, lr,
-                                                               weight_decay, (unsigned long long)round_seed,
-                                                               (bf16 *)perturbed, scale, (unsigned long long)seed);
+    zo_update_kernel<<<grid_for_groups(group_count(n, offset)), kThreads>>>(
+        (bf16 *)w, n, (unsigned long long)offset, *d, lr, weight_decay, (unsigned long long)round_seed,
+        (bf16 *)perturbed, scale, (unsigned long long)seed);
     CUDA_CHECK_LAUNCH();
 }
 
