@@ -681,11 +681,15 @@ START_TEST(gauss_stream_equals_the_cpu_stream) {
     mt_gauss_ref(ref, n, 0x0123456789abcdefull);
     float *got = host_from_f32(d, n), worst = 0.0f, largest = 0.0f;
     for (size_t i = 0; i < n; i++) {
-        float err = fabsf(got[i] - ref[i]) / fmaxf(1.0f, fabsf(ref[i]));
-        ck_assert_msg(err <= 2e-5f, "z %zu: %.8g vs %.8g", i, got[i], ref[i]);
-        worst = fmaxf(worst, err), largest = fmaxf(largest, fabsf(ref[i]));
+        // MUFU's log2 is off by ~1e-7 absolute near 1, so where u1 is that
+        // close to 1 the pair's radius r = sqrt(-2 ln u1) is off by ~1e-7 / r
+        size_t p = i & ~(size_t)1;
+        double r = p + 1 < n ? hypot(ref[p], ref[p + 1]) : fabs(ref[p]);
+        double err = fabs((double)got[i] - ref[i]), bound = 2e-5 * fmax(1.0, fabs(ref[i])) + 3e-7 / fmax(r, 1e-6);
+        ck_assert_msg(err <= bound, "z %zu: %.8g vs %.8g (bound %.3g)", i, got[i], ref[i], bound);
+        worst = fmaxf(worst, (float)(err / bound)), largest = fmaxf(largest, fabsf(ref[i]));
     }
-    printf("gauss stream: %zu values, largest |z| %.2f, worst error %.2e\n", n, largest, worst);
+    printf("gauss stream: %zu values, largest |z| %.2f, worst error %.2f of its bound\n", n, largest, worst);
     ck_assert_float_gt(largest, 4.5f);
     mt_device_free(d);
     free(ref), free(got);
