@@ -32,7 +32,8 @@ void mt_philox4x32_10(const uint32_t counter[4], const uint32_t key[2], uint32_t
 // conversion): z[4g] = r cos(2 pi u2), z[4g+1] = r sin(2 pi u2),
 // r = sqrt(-2 ln u1), likewise z[4g+2], z[4g+3] from (c, d). The GPU draws
 // the same words from cuRAND and differs only by its single-precision
-// hardware log/sqrt/sin/cos (absolute differences near 1e-6).
+// hardware log/sqrt/sin/cos: absolute differences near 1e-6, and about
+// 1e-7 / r for a pair whose radius r is tiny (u1 within 1e-6 of 1).
 void mt_rng_gauss4(uint64_t seed, uint64_t group, float out[4]);
 // 1.m in [1, 2): the word's top 23 bits as the mantissa of a float.
 float mt_rng_mantissa_float(uint32_t word);
