@@ -47,11 +47,10 @@ int mt_h5_write_floats_from(hid_t loc, const char *const *names, const mt_f32_so
     *src_err = MT_OK;
     hid_t d[kMost], space[kMost];
     int ok = k > 0 && k <= kMost, made = 0;
-    for (; ok && made < k; made++) {
+    for (; ok && made < k; made++) {  // a failed one counts too: its handles that opened are closed below
         d[made] = create_vector(loc, names[made], H5T_IEEE_F32LE, n);
         space[made] = d[made] >= 0 ? H5Dget_space(d[made]) : -1;
         ok = d[made] >= 0 && space[made] >= 0;
-        if (!ok) made++;  // (its handles are closed below)
     }
     // chunk by chunk, each vector's in turn: a source that read the chunk's window for one serves the others
     for (size_t done = 0; done < n && ok; done += buf_n) {
