@@ -1352,7 +1352,8 @@ extern "C" void mt_dropout_cuda(const mt_backend *be, void *out, const void *inp
 
 // --------------------------------------------------------------------- MeZO
 // z(seed, i) as rng.h defines it: Philox group i / 4 from cuRAND, Box-Muller
-// on 23-bit uniforms in single precision. One thread owns one group.
+// on 23-bit uniforms in single precision. The weight passes give a thread
+// two groups (thread_groups); the embedding rows' and GaLore's kernels one.
 
 static __device__ uint4 philox_group(unsigned long long seed, unsigned long long group) {
     uint4 counter = make_uint4((unsigned)group, (unsigned)(group >> 32), 0u, 0u);
@@ -1431,7 +1432,7 @@ static unsigned grid_for_groups(size_t groups) { return grid_for((groups + 1) / 
 // 16-byte load for both groups where aligned, else 8 bytes or one element
 // at a time per group. Every loop has a constant bound and is unrolled, so
 // the arrays stay in registers (a loop to `count` put them in local memory:
-// the kernels ran at half their speed).
+// on an H100 the 1.1B perturbation pass took 5.3 ms against 2.4).
 static __device__ __forceinline__ void load_groups(const bf16 *src, long long j0, size_t n, int count, float v[8]) {
     if (count == 2 && whole8(src, j0, n)) {
         load8(v, src + j0);
