@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include "kernels/common.h"
+#include "kernels/device.h"
 
 #define CUDA_CHECK(call)                                                               \
     do {                                                                               \
@@ -28,5 +29,9 @@
 
 // After every launch: a bad configuration shows here, not three kernels later.
 #define CUDA_CHECK_LAUNCH() CUDA_CHECK(cudaGetLastError())
+
+// The stream an op's kernels and copies go to: the backend's (NULL, the
+// legacy stream, unless a caller such as a CUDA Graph capture set one).
+static inline cudaStream_t mt_stream_of(const mt_backend *be) { return (cudaStream_t)be->stream; }
 
 #endif

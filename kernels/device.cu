@@ -66,7 +66,10 @@ void mt_copy_to_device(void *dst, const void *src, size_t bytes) {
 void mt_copy_to_host(void *dst, const void *src, size_t bytes) {
     CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost));
 }
-void mt_device_memset(void *dst, int value, size_t bytes) { CUDA_CHECK(cudaMemsetAsync(dst, value, bytes, 0)); }
+void mt_device_memset(void *dst, int value, size_t bytes) { mt_device_memset_on(dst, value, bytes, NULL); }
+void mt_device_memset_on(void *dst, int value, size_t bytes, void *stream) {
+    CUDA_CHECK(cudaMemsetAsync(dst, value, bytes, (cudaStream_t)stream));
+}
 void mt_device_synchronize(void) { CUDA_CHECK(cudaDeviceSynchronize()); }
 
 void mt_device_profile(int on) {
@@ -178,9 +181,54 @@ mt_cudnn *mt_cudnn_open(char *note, size_t len) {
     return mt_cudnn_init(note, len);
 }
 
+void mt_backend_set_stream(mt_backend *be, void *stream) {
+    be->stream = stream;
+    if (be->cublas) CUBLAS_CHECK(cublasSetStream((cublasHandle_t)be->cublas, (cudaStream_t)stream));
+}
+
+// The graph stream is a blocking one: it waits for the legacy stream's earlier
+// work and the legacy stream's later work waits for it, so the synchronous
+// copies around a replay need no events.
+void mt_graph_begin(mt_backend *be) {
+    MT_CHECK(be->gpu && be->stream == NULL, "a graph records from the legacy stream of a GPU backend");
+    if (!be->graph_stream) {
+        cudaStream_t s;
+        CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamDefault));
+        be->graph_stream = s;
+    }
+    CUDA_CHECK(cudaDeviceSynchronize());
+    CUDA_CHECK(cudaStreamBeginCapture((cudaStream_t)be->graph_stream, cudaStreamCaptureModeThreadLocal));
+    mt_backend_set_stream(be, be->graph_stream);
+}
+
+void *mt_graph_end(mt_backend *be, char *why, size_t len) {
+    cudaGraph_t graph = NULL;
+    cudaGraphExec_t exec = NULL;
+    mt_backend_set_stream(be, NULL);
+    cudaError_t err = cudaStreamEndCapture((cudaStream_t)be->graph_stream, &graph);
+    if (err == cudaSuccess) err = cudaGraphInstantiate(&exec, graph, 0);
+    if (graph) cudaGraphDestroy(graph);
+    if (err != cudaSuccess) {
+        snprintf(why, len, "%s", cudaGetErrorString(err));
+        cudaGetLastError();
+        return NULL;
+    }
+    return exec;
+}
+
+void mt_graph_launch(mt_backend *be, void *graph) {
+    CUDA_CHECK(cudaGraphLaunch((cudaGraphExec_t)graph, (cudaStream_t)be->graph_stream));
+}
+
+void mt_graph_free(void *graph) {
+    if (graph) CUDA_CHECK(cudaGraphExecDestroy((cudaGraphExec_t)graph));
+}
+
 void mt_backend_free(mt_backend *be) {
     mt_free(&be->workspace);
     be->workspace_bytes = 0;
+    if (be->graph_stream) CUDA_CHECK(cudaStreamDestroy((cudaStream_t)be->graph_stream));
+    be->graph_stream = NULL;
     if (be->gpu) {
         void *reduce = be->reduce_buffer;
         mt_free(&reduce);

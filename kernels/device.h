@@ -29,6 +29,8 @@ void mt_device_free(void *p);
 void mt_copy_to_device(void *dst, const void *src, size_t bytes);
 void mt_copy_to_host(void *dst, const void *src, size_t bytes);
 void mt_device_memset(void *dst, int value, size_t bytes);
+// The same, ordered on `stream` (NULL: the legacy stream).
+void mt_device_memset_on(void *dst, int value, size_t bytes, void *stream);
 void mt_device_synchronize(void);
 // Starts (on != 0) or stops the profiler's capture range, after the work
 // issued so far (ncu --profile-from-start off); nothing without CUDA.
@@ -76,6 +78,7 @@ typedef struct {
     float *reduce_buffer;      // small device buffer for scalar reductions
     struct mt_cudnn *cudnn;    // cuDNN's handle and attention graphs; NULL: memtune's own attention kernel
     char attention_note[160];  // without cuDNN: why not (for the start-up line)
+    void *graph_stream;        // where CUDA Graphs are recorded and replayed (mt_graph_*); NULL until the first
 } mt_backend;
 
 // Creates the backend on device `device` (gpu) or the CPU (device < 0). On a
@@ -86,6 +89,21 @@ int mt_backend_init(mt_backend *be, int device);
 // has MT_CUDNN=0 or cuDNN cannot serve: then NULL, and `note` says why.
 struct mt_cudnn *mt_cudnn_open(char *note, size_t len);
 void mt_backend_free(mt_backend *be);
+// The stream the ops run on from now (NULL: the legacy stream) and cuBLAS's.
+void mt_backend_set_stream(mt_backend *be, void *stream);
+
+// CUDA Graphs: the ops issued between mt_graph_begin and mt_graph_end are
+// recorded, not run, into a graph that mt_graph_launch replays with one
+// launch, reading and writing the same device addresses each time. The
+// recorded ops must make no synchronous call (no cudaMemcpy, no host read of
+// a device value). Replays run on a stream that waits for earlier work on the
+// legacy stream and that later legacy-stream copies wait for. mt_graph_end
+// returns NULL, with the reason in `why`, where recording failed; nothing of
+// it is then left running. GPU backends only.
+void mt_graph_begin(mt_backend *be);
+void *mt_graph_end(mt_backend *be, char *why, size_t len);
+void mt_graph_launch(mt_backend *be, void *graph);
+void mt_graph_free(void *graph);
 // Grows the backend scratch to at least `bytes` (device or host memory).
 int mt_backend_reserve_workspace(mt_backend *be, size_t bytes);
 // Copies between host memory and where the backend computes (device memory

@@ -21,6 +21,10 @@ void mt_device_free(void *p) { (void)p; }
 void mt_copy_to_device(void *dst, const void *src, size_t bytes) { memcpy(dst, src, bytes); }
 void mt_copy_to_host(void *dst, const void *src, size_t bytes) { memcpy(dst, src, bytes); }
 void mt_device_memset(void *dst, int value, size_t bytes) { memset(dst, value, bytes); }
+void mt_device_memset_on(void *dst, int value, size_t bytes, void *stream) {
+    (void)stream;
+    memset(dst, value, bytes);
+}
 void mt_device_synchronize(void) {}
 void mt_device_profile(int on) { (void)on; }
 void *mt_host_malloc_pinned(size_t bytes) { return calloc(1, bytes); }
@@ -57,3 +61,16 @@ void mt_backend_free(mt_backend *be) {
     mt_free(&be->workspace);
     be->workspace_bytes = 0;
 }
+
+void mt_backend_set_stream(mt_backend *be, void *stream) { be->stream = stream; }
+void mt_graph_begin(mt_backend *be) { MT_CHECK(0, "CUDA Graphs in a build without CUDA (backend %d)", be->gpu); }
+void *mt_graph_end(mt_backend *be, char *why, size_t len) {
+    (void)be;
+    snprintf(why, len, "this memtune was built without CUDA");
+    return NULL;
+}
+void mt_graph_launch(mt_backend *be, void *graph) {
+    (void)be, (void)graph;
+    MT_CHECK(0, "CUDA Graphs in a build without CUDA");
+}
+void mt_graph_free(void *graph) { (void)graph; }

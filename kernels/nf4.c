@@ -211,7 +211,7 @@ void mt_nf4_dequantize(const mt_backend *be, void *out, const mt_nf4 *q) {
         return;
     }
 #ifdef MT_HAVE_CUDA
-    mt_nf4_dequantize_cuda(out, q);
+    mt_nf4_dequantize_cuda(be, out, q);
 #else
     MT_CHECK(0, "GPU backend in a CPU-only build");
 #endif

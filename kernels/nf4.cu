@@ -138,13 +138,13 @@ static __global__ void dequantize1_kernel(bf16 *out, const uint8_t *codes, const
         __float2bfloat16(__fmul_rn(nf4_code_device[code], block_scale(absmax_q, absmax2, offset, i / MT_NF4_BLOCK)));
 }
 
-extern "C" void mt_nf4_dequantize_cuda(void *out, const mt_nf4 *q) {
+extern "C" void mt_nf4_dequantize_cuda(const mt_backend *be, void *out, const mt_nf4 *q) {
     upload_tables();
     if (q->n % 8 == 0 && ((uintptr_t)out & 15) == 0 && ((uintptr_t)q->codes & 3) == 0)
-        dequantize8_kernel<<<grid_for(q->n / 8, kThreads), kThreads>>>((bf16 *)out, q->codes, q->absmax_q, q->absmax2,
-                                                                       q->offset, q->n);
+        dequantize8_kernel<<<grid_for(q->n / 8, kThreads), kThreads, 0, mt_stream_of(be)>>>(
+            (bf16 *)out, q->codes, q->absmax_q, q->absmax2, q->offset, q->n);
     else
-        dequantize1_kernel<<<grid_for(q->n, kThreads), kThreads>>>((bf16 *)out, q->codes, q->absmax_q, q->absmax2,
-                                                                   q->offset, q->n);
+        dequantize1_kernel<<<grid_for(q->n, kThreads), kThreads, 0, mt_stream_of(be)>>>(
+            (bf16 *)out, q->codes, q->absmax_q, q->absmax2, q->offset, q->n);
     CUDA_CHECK_LAUNCH();
 }

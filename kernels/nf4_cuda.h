@@ -17,8 +17,8 @@ extern "C" {
 mt_err mt_nf4_codes_cuda(uint8_t *codes, float *absmax, const float *host_values, size_t n);
 // Same, for n fp32 values already on the device (for tests).
 void mt_nf4_codes_device_cuda(uint8_t *codes, float *absmax, const float *values, size_t n);
-// out (bf16, device) <- dequantized q (device arrays).
-void mt_nf4_dequantize_cuda(void *out, const mt_nf4 *q);
+// out (bf16, device) <- dequantized q (device arrays), on the backend's stream.
+void mt_nf4_dequantize_cuda(const mt_backend *be, void *out, const mt_nf4 *q);
 
 #ifdef __cplusplus
 }

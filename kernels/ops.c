@@ -305,7 +305,7 @@ void mt_op_cast_to_f32(const mt_backend *be, float *dst, const void *src, size_t
 
 void mt_op_zero(const mt_backend *be, void *dst, size_t bytes) {
     if (be->gpu)
-        mt_device_memset(dst, 0, bytes);
+        mt_device_memset_on(dst, 0, bytes, be->stream);
     else
         memset(dst, 0, bytes);
 }

@@ -8,6 +8,7 @@
 #include <curand_kernel.h>
 #include <math.h>
 #include <mma.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "kernels/attention_cudnn.h"
@@ -120,7 +121,8 @@ extern "C" void mt_embedding_forward_cuda(const mt_backend *be, void *out, const
                                           int N, int C) {
     (void)be;
     size_t n = (size_t)N * C;
-    embedding_forward_kernel<<<grid_for(n, kThreads), kThreads>>>((bf16 *)out, tokens, (const bf16 *)wte, N, C);
+    embedding_forward_kernel<<<grid_for(n, kThreads), kThreads, 0, mt_stream_of(be)>>>((bf16 *)out, tokens,
+                                                                                       (const bf16 *)wte, N, C);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -145,7 +147,8 @@ extern "C" void mt_embedding_backward_cuda(const mt_backend *be, float *dwte, co
     CUDA_CHECK(cudaMemcpy(dev + 2 * U + 1, order, (size_t)N * sizeof(int32_t), cudaMemcpyHostToDevice));
     free(host);
     if (U == 0) return;
-    embedding_backward_kernel<<<U, kThreads>>>(dwte, dev, dev + U, dev + 2 * U + 1, (const bf16 *)dout, C);
+    embedding_backward_kernel<<<U, kThreads, 0, mt_stream_of(be)>>>(dwte, dev, dev + U, dev + 2 * U + 1,
+                                                                    (const bf16 *)dout, C);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -256,7 +259,7 @@ extern "C" void mt_rmsnorm_forward_cuda(const mt_backend *be, void *out, float *
                                         const void *weight, int N, int C, float eps, int plus_one) {
     (void)be;
     int vector = C % kVec == 0 && vec8(out, inp, weight);
-    rmsnorm_forward_kernel<<<grid_for((size_t)N, kThreads / 32), kThreads>>>(
+    rmsnorm_forward_kernel<<<grid_for((size_t)N, kThreads / 32), kThreads, 0, mt_stream_of(be)>>>(
         (bf16 *)out, rstd, (const bf16 *)inp, (const bf16 *)weight, N, C, eps, plus_one, vector);
     CUDA_CHECK_LAUNCH();
 }
@@ -265,7 +268,7 @@ extern "C" void mt_rmsnorm_backward_cuda(const mt_backend *be, void *dinp, float
                                          const void *inp, const void *weight, const float *rstd, int N, int C,
                                          int plus_one) {
     int vector = C % kVec == 0 && vec8(dinp, dout, inp, weight);
-    rmsnorm_backward_kernel<<<grid_for((size_t)N, kThreads / 32), kThreads>>>(
+    rmsnorm_backward_kernel<<<grid_for((size_t)N, kThreads / 32), kThreads, 0, mt_stream_of(be)>>>(
         (bf16 *)dinp, (const bf16 *)dout, (const bf16 *)inp, (const bf16 *)weight, rstd, N, C, plus_one ? 1.0f : 0.0f,
         vector);
     CUDA_CHECK_LAUNCH();
@@ -273,10 +276,11 @@ extern "C" void mt_rmsnorm_backward_cuda(const mt_backend *be, void *dinp, float
     unsigned chunks = grid_for((size_t)N, kRmsRowsPerBlock);
     MT_CHECK(be->workspace_bytes >= (size_t)chunks * C * sizeof(float), "rmsnorm workspace too small");
     float *partials = (float *)be->workspace;
-    rmsnorm_dweight_kernel<<<dim3(grid_for((size_t)C, kThreads), chunks), kThreads>>>(partials, (const bf16 *)dout,
-                                                                                      (const bf16 *)inp, rstd, N, C);
+    rmsnorm_dweight_kernel<<<dim3(grid_for((size_t)C, kThreads), chunks), kThreads, 0, mt_stream_of(be)>>>(
+        partials, (const bf16 *)dout, (const bf16 *)inp, rstd, N, C);
     CUDA_CHECK_LAUNCH();
-    sum_partials_kernel<<<grid_for((size_t)C, kThreads), kThreads>>>(dweight, partials, (int)chunks, C);
+    sum_partials_kernel<<<grid_for((size_t)C, kThreads), kThreads, 0, mt_stream_of(be)>>>(dweight, partials,
+                                                                                          (int)chunks, C);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -347,16 +351,17 @@ static __global__ void rope8_kernel(bf16 *dst, const bf16 *src, const float *cos
     store8(dst + to + i, y1), store8(dst + to + i + half, y2);
 }
 
-static void rope_launch(void *dst, const void *src, const float *cos_table, const float *sin_table, const int32_t *pos,
-                        int B, int T, int H, int D, int rotate, int backward) {
+static void rope_launch(const mt_backend *be, void *dst, const void *src, const float *cos_table,
+                        const float *sin_table, const int32_t *pos, int B, int T, int H, int D, int rotate,
+                        int backward) {
     int width = rotate ? D / 2 : D;
     size_t n = (size_t)B * T * H * width;
     if (width % kVec == 0 && vec8(dst, src)) {
-        rope8_kernel<<<grid_for(n / kVec, kThreads), kThreads>>>((bf16 *)dst, (const bf16 *)src, cos_table, sin_table,
-                                                                 pos, B, T, H, D, rotate, backward);
+        rope8_kernel<<<grid_for(n / kVec, kThreads), kThreads, 0, mt_stream_of(be)>>>(
+            (bf16 *)dst, (const bf16 *)src, cos_table, sin_table, pos, B, T, H, D, rotate, backward);
     } else {
-        rope_kernel<<<grid_for(n, kThreads), kThreads>>>((bf16 *)dst, (const bf16 *)src, cos_table, sin_table, pos, B,
-                                                         T, H, D, rotate, backward);
+        rope_kernel<<<grid_for(n, kThreads), kThreads, 0, mt_stream_of(be)>>>(
+            (bf16 *)dst, (const bf16 *)src, cos_table, sin_table, pos, B, T, H, D, rotate, backward);
     }
     CUDA_CHECK_LAUNCH();
 }
@@ -364,15 +369,13 @@ static void rope_launch(void *dst, const void *src, const float *cos_table, cons
 extern "C" void mt_rope_forward_cuda(const mt_backend *be, void *out, const void *inp, const float *cos_table,
                                      const float *sin_table, const int32_t *pos, int B, int T, int H, int D,
                                      int rotate) {
-    (void)be;
-    rope_launch(out, inp, cos_table, sin_table, pos, B, T, H, D, rotate, 0);
+    rope_launch(be, out, inp, cos_table, sin_table, pos, B, T, H, D, rotate, 0);
 }
 
 extern "C" void mt_rope_backward_cuda(const mt_backend *be, void *dinp, const void *dout, const float *cos_table,
                                       const float *sin_table, const int32_t *pos, int B, int T, int H, int D,
                                       int rotate) {
-    (void)be;
-    rope_launch(dinp, dout, cos_table, sin_table, pos, B, T, H, D, rotate, 1);
+    rope_launch(be, dinp, dout, cos_table, sin_table, pos, B, T, H, D, rotate, 1);
 }
 
 // ---------------------------------------------------------------- attention
@@ -814,21 +817,21 @@ static float attention_scale(const mt_attention_shape *s) {
 static int kernel_window(const mt_attention_shape *s) { return s->window > 0 ? s->window : s->T; }
 
 template <int D>
-static void attention_forward_launch(const mt_attention_shape *s, void *out, float *lse, const void *q, const void *k,
-                                     const void *v, const int32_t *pos) {
+static void attention_forward_launch(const mt_backend *be, const mt_attention_shape *s, void *out, float *lse,
+                                     const void *q, const void *k, const void *v, const int32_t *pos) {
     size_t smem = attn_forward_smem<D>::bytes;
     CUDA_CHECK(cudaFuncSetAttribute(flash_forward_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     dim3 grid((s->T + kTile - 1) / kTile, s->H, s->B);
-    flash_forward_kernel<D><<<grid, kAttnThreads, smem>>>((bf16 *)out, lse, (const bf16 *)q, (const bf16 *)k,
-                                                          (const bf16 *)v, pos, s->T, s->H, s->KV, kernel_window(s),
-                                                          attention_scale(s));
+    flash_forward_kernel<D><<<grid, kAttnThreads, smem, mt_stream_of(be)>>>(
+        (bf16 *)out, lse, (const bf16 *)q, (const bf16 *)k, (const bf16 *)v, pos, s->T, s->H, s->KV, kernel_window(s),
+        attention_scale(s));
     CUDA_CHECK_LAUNCH();
 }
 
 template <int D>
-static void attention_backward_launch(const mt_attention_shape *s, void *dq, void *dk, void *dv, const void *dout,
-                                      const void *q, const void *k, const void *v, const float *lse, const float *delta,
-                                      const int32_t *pos, float *dk_part, float *dv_part) {
+static void attention_backward_launch(const mt_backend *be, const mt_attention_shape *s, void *dq, void *dk, void *dv,
+                                      const void *dout, const void *q, const void *k, const void *v, const float *lse,
+                                      const float *delta, const int32_t *pos, float *dk_part, float *dv_part) {
     int B = s->B, T = s->T, H = s->H, KV = s->KV, window = kernel_window(s);
     float scale = attention_scale(s);
     size_t smem_kv = attn_backward_smem<D>::bytes, smem_q = attn_backward_q_smem<D>::bytes;
@@ -837,18 +840,20 @@ static void attention_backward_launch(const mt_attention_shape *s, void *dq, voi
     CUDA_CHECK(
         cudaFuncSetAttribute(flash_backward_q_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_q));
     int tiles = (T + kTile - 1) / kTile;
-    flash_backward_kv_kernel<D><<<dim3(tiles, H, B), kAttnThreads, smem_kv>>>(
+    flash_backward_kv_kernel<D><<<dim3(tiles, H, B), kAttnThreads, smem_kv, mt_stream_of(be)>>>(
         dk_part, dv_part, (const bf16 *)dout, (const bf16 *)q, (const bf16 *)k, (const bf16 *)v, lse, delta, pos, T, H,
         KV, window, scale);
     CUDA_CHECK_LAUNCH();
     size_t n = (size_t)B * KV * T * D;
-    group_sum_kernel<<<grid_for(n, kThreads), kThreads>>>((bf16 *)dk, dk_part, B, KV, H / KV, T, tiles * kTile, D);
+    group_sum_kernel<<<grid_for(n, kThreads), kThreads, 0, mt_stream_of(be)>>>((bf16 *)dk, dk_part, B, KV, H / KV, T,
+                                                                               tiles * kTile, D);
     CUDA_CHECK_LAUNCH();
-    group_sum_kernel<<<grid_for(n, kThreads), kThreads>>>((bf16 *)dv, dv_part, B, KV, H / KV, T, tiles * kTile, D);
+    group_sum_kernel<<<grid_for(n, kThreads), kThreads, 0, mt_stream_of(be)>>>((bf16 *)dv, dv_part, B, KV, H / KV, T,
+                                                                               tiles * kTile, D);
     CUDA_CHECK_LAUNCH();
-    flash_backward_q_kernel<D>
-        <<<dim3(tiles, H, B), kAttnThreads, smem_q>>>((bf16 *)dq, (const bf16 *)dout, (const bf16 *)q, (const bf16 *)k,
-                                                      (const bf16 *)v, lse, delta, pos, T, H, KV, window, scale);
+    flash_backward_q_kernel<D><<<dim3(tiles, H, B), kAttnThreads, smem_q, mt_stream_of(be)>>>(
+        (bf16 *)dq, (const bf16 *)dout, (const bf16 *)q, (const bf16 *)k, (const bf16 *)v, lse, delta, pos, T, H, KV,
+        window, scale);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -862,12 +867,12 @@ extern "C" void mt_attention_forward_cuda(mt_backend *be, const mt_attention_sha
     }
     MT_CHECK(s->H % s->KV == 0 && own_kernel_supports(s->D), "attention H=%d KV=%d D=%d", s->H, s->KV, s->D);
     switch (s->D) {
-        case 16: attention_forward_launch<16>(s, out, lse, q, k, v, pos); break;
-        case 32: attention_forward_launch<32>(s, out, lse, q, k, v, pos); break;
-        case 64: attention_forward_launch<64>(s, out, lse, q, k, v, pos); break;
-        case 80: attention_forward_launch<80>(s, out, lse, q, k, v, pos); break;
-        case 96: attention_forward_launch<96>(s, out, lse, q, k, v, pos); break;
-        default: attention_forward_launch<128>(s, out, lse, q, k, v, pos); break;
+        case 16: attention_forward_launch<16>(be, s, out, lse, q, k, v, pos); break;
+        case 32: attention_forward_launch<32>(be, s, out, lse, q, k, v, pos); break;
+        case 64: attention_forward_launch<64>(be, s, out, lse, q, k, v, pos); break;
+        case 80: attention_forward_launch<80>(be, s, out, lse, q, k, v, pos); break;
+        case 96: attention_forward_launch<96>(be, s, out, lse, q, k, v, pos); break;
+        default: attention_forward_launch<128>(be, s, out, lse, q, k, v, pos); break;
     }
 }
 
@@ -887,15 +892,28 @@ extern "C" void mt_attention_backward_cuda(mt_backend *be, const mt_attention_sh
     size_t rows = (size_t)B * T * H, T_pad = (size_t)(T + kTile - 1) / kTile * kTile;
     float *dk_part = (float *)(((uintptr_t)(delta + rows) + 255) & ~(uintptr_t)255);
     float *dv_part = dk_part + (size_t)B * H * T_pad * D;
-    attention_delta_kernel<<<grid_for(rows, 8), 256>>>(delta, (const bf16 *)dout, (const bf16 *)out, B, T, H, D);
+    attention_delta_kernel<<<grid_for(rows, 8), 256, 0, mt_stream_of(be)>>>(delta, (const bf16 *)dout,
+                                                                            (const bf16 *)out, B, T, H, D);
     CUDA_CHECK_LAUNCH();
     switch (D) {
-        case 16: attention_backward_launch<16>(s, dq, dk, dv, dout, q, k, v, lse, delta, pos, dk_part, dv_part); break;
-        case 32: attention_backward_launch<32>(s, dq, dk, dv, dout, q, k, v, lse, delta, pos, dk_part, dv_part); break;
-        case 64: attention_backward_launch<64>(s, dq, dk, dv, dout, q, k, v, lse, delta, pos, dk_part, dv_part); break;
-        case 80: attention_backward_launch<80>(s, dq, dk, dv, dout, q, k, v, lse, delta, pos, dk_part, dv_part); break;
-        case 96: attention_backward_launch<96>(s, dq, dk, dv, dout, q, k, v, lse, delta, pos, dk_part, dv_part); break;
-        default: attention_backward_launch<128>(s, dq, dk, dv, dout, q, k, v, lse, delta, pos, dk_part, dv_part); break;
+        case 16:
+            attention_backward_launch<16>(be, s, dq, dk, dv, dout, q, k, v, lse, delta, pos, dk_part, dv_part);
+            break;
+        case 32:
+            attention_backward_launch<32>(be, s, dq, dk, dv, dout, q, k, v, lse, delta, pos, dk_part, dv_part);
+            break;
+        case 64:
+            attention_backward_launch<64>(be, s, dq, dk, dv, dout, q, k, v, lse, delta, pos, dk_part, dv_part);
+            break;
+        case 80:
+            attention_backward_launch<80>(be, s, dq, dk, dv, dout, q, k, v, lse, delta, pos, dk_part, dv_part);
+            break;
+        case 96:
+            attention_backward_launch<96>(be, s, dq, dk, dv, dout, q, k, v, lse, delta, pos, dk_part, dv_part);
+            break;
+        default:
+            attention_backward_launch<128>(be, s, dq, dk, dv, dout, q, k, v, lse, delta, pos, dk_part, dv_part);
+            break;
     }
 }
 
@@ -916,8 +934,8 @@ extern "C" void mt_kv_store_cuda(const mt_backend *be, void *kcache, void *vcach
                                  const int32_t *pos, int B, int KV, int D, int S) {
     (void)be;
     size_t n = (size_t)B * KV * D;
-    kv_store_kernel<<<grid_for(n, kThreads), kThreads>>>((bf16 *)kcache, (bf16 *)vcache, (const bf16 *)k,
-                                                         (const bf16 *)v, pos, B, KV, D, S);
+    kv_store_kernel<<<grid_for(n, kThreads), kThreads, 0, mt_stream_of(be)>>>(
+        (bf16 *)kcache, (bf16 *)vcache, (const bf16 *)k, (const bf16 *)v, pos, B, KV, D, S);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -979,7 +997,7 @@ extern "C" void mt_attention_decode_cuda(const mt_backend *be, void *out, const 
     (void)be;
     MT_CHECK(D <= 32 * kDecodeDims, "decoding attention: head dim %d above %d", D, 32 * kDecodeDims);
     if (scale == 0.0f) scale = 1.0f / sqrtf((float)D);
-    attention_decode_kernel<<<dim3((unsigned)H, (unsigned)B), 32 * kDecodeWarps>>>(
+    attention_decode_kernel<<<dim3((unsigned)H, (unsigned)B), 32 * kDecodeWarps, 0, mt_stream_of(be)>>>(
         (bf16 *)out, (const bf16 *)q, (const bf16 *)kcache, (const bf16 *)vcache, pos, H, KV, D, S, window, scale);
     CUDA_CHECK_LAUNCH();
 }
@@ -1041,8 +1059,8 @@ extern "C" void mt_glu_forward_cuda(const mt_backend *be, void *out, const void 
                                     mt_act act) {
     (void)be;
     if (n == 0) return;
-    glu_forward_kernel<<<grid_for8(n), kThreads>>>((bf16 *)out, (const bf16 *)gate, (const bf16 *)up, n, act,
-                                                   vec8(out, gate, up));
+    glu_forward_kernel<<<grid_for8(n), kThreads, 0, mt_stream_of(be)>>>((bf16 *)out, (const bf16 *)gate,
+                                                                        (const bf16 *)up, n, act, vec8(out, gate, up));
     CUDA_CHECK_LAUNCH();
 }
 
@@ -1050,8 +1068,9 @@ extern "C" void mt_glu_backward_cuda(const mt_backend *be, void *dgate, void *du
                                      const void *up, size_t n, mt_act act) {
     (void)be;
     if (n == 0) return;
-    glu_backward_kernel<<<grid_for8(n), kThreads>>>((bf16 *)dgate, (bf16 *)dup, (const bf16 *)dout, (const bf16 *)gate,
-                                                    (const bf16 *)up, n, act, vec8(dgate, dup, dout, gate) && vec8(up));
+    glu_backward_kernel<<<grid_for8(n), kThreads, 0, mt_stream_of(be)>>>((bf16 *)dgate, (bf16 *)dup, (const bf16 *)dout,
+                                                                         (const bf16 *)gate, (const bf16 *)up, n, act,
+                                                                         vec8(dgate, dup, dout, gate) && vec8(up));
     CUDA_CHECK_LAUNCH();
 }
 
@@ -1064,7 +1083,8 @@ static __global__ void scale_kernel(bf16 *x, size_t n, float s) {
 
 extern "C" void mt_scale_cuda(const mt_backend *be, void *x, size_t n, float s) {
     (void)be;
-    scale_kernel<<<grid_for(n, kThreads), kThreads>>>((bf16 *)x, n, __bfloat162float(__float2bfloat16(s)));
+    scale_kernel<<<grid_for(n, kThreads), kThreads, 0, mt_stream_of(be)>>>((bf16 *)x, n,
+                                                                           __bfloat162float(__float2bfloat16(s)));
     CUDA_CHECK_LAUNCH();
 }
 
@@ -1092,18 +1112,102 @@ static __global__ void bias_grad_kernel(float *dbias, const bf16 *dout, int N, i
     dbias[o] += sum;
 }
 
+// ------------------------------------------------------- skinny products
+// Y = X W^T for a few rows of X (decoding: a row a sequence). A warp per
+// output column streams its row of W once, 16 bytes a lane, and takes the dot
+// product with each row of X, which stays in L1. MT_SKINNY=0 in the
+// environment turns the kernel off (cuBLAS for every product).
+constexpr int kSkinnyRows = 8, kSkinnyWarps = 8;
+
+static __device__ void store_out(bf16 *p, float y) { *p = __float2bfloat16(y); }
+static __device__ void store_out(float *p, float y) { *p = y; }
+static __device__ float load_out(const bf16 *p) { return __bfloat162float(*p); }
+static __device__ float load_out(const float *p) { return *p; }
+
+// out (R, OUT) = alpha * inp (R, IN) W^T + beta * out, then + bias (as a
+// separate rounding, as the cuBLAS path adds it); IN % 8 == 0, rows aligned.
+template <int R, typename T>
+static __global__ void skinny_kernel(T *out, const bf16 *inp, const bf16 *w, const bf16 *bias, int IN, int OUT,
+                                     float alpha, float beta) {
+    int o = blockIdx.x * kSkinnyWarps + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (o >= OUT) return;
+    const bf16 *wr = w + (size_t)o * IN;
+    float acc[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) acc[r] = 0.0f;
+#pragma unroll 4
+    for (int i = lane * kVec; i < IN; i += 32 * kVec) {
+        uint4 wu = __ldcs((const uint4 *)(wr + i));  // read once: no cache line kept
+        const bf16 *wh = (const bf16 *)&wu;
+        float wf[kVec];
+#pragma unroll
+        for (int j = 0; j < kVec; j++) wf[j] = __bfloat162float(wh[j]);
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            float xf[kVec];
+            load8(xf, inp + (size_t)r * IN + i);
+#pragma unroll
+            for (int j = 0; j < kVec; j++) acc[r] = fmaf(wf[j], xf[j], acc[r]);
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; r++) acc[r] = warp_sum(acc[r]);
+    if (lane != 0) return;
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        T *y = out + (size_t)r * OUT + o;
+        store_out(y, beta != 0.0f ? alpha * acc[r] + beta * load_out(y) : alpha * acc[r]);
+        if (bias) store_out(y, load_out(y) + __bfloat162float(bias[o]));
+    }
+}
+
+static int skinny_enabled(void) {
+    static int enabled = -1;
+    if (enabled < 0) {
+        const char *env = getenv("MT_SKINNY");
+        enabled = !(env && strcmp(env, "0") == 0);
+    }
+    return enabled;
+}
+
+// Runs the skinny kernel when it serves (N rows <= kSkinnyRows, aligned
+// rows); 0: the caller runs cuBLAS.
+template <typename T>
+static int skinny(const mt_backend *be, T *out, const void *inp, const void *weight, const void *bias, int N, int IN,
+                  int OUT, float alpha, float beta) {
+    if (N > kSkinnyRows || IN % kVec != 0 || !vec8(inp, weight) || !skinny_enabled()) return 0;
+    dim3 grid((OUT + kSkinnyWarps - 1) / kSkinnyWarps), block(32 * kSkinnyWarps);
+    const bf16 *x = (const bf16 *)inp, *w = (const bf16 *)weight, *b = (const bf16 *)bias;
+    cudaStream_t st = mt_stream_of(be);
+    switch (N) {
+        case 1: skinny_kernel<1, T><<<grid, block, 0, st>>>(out, x, w, b, IN, OUT, alpha, beta); break;
+        case 2: skinny_kernel<2, T><<<grid, block, 0, st>>>(out, x, w, b, IN, OUT, alpha, beta); break;
+        case 3: skinny_kernel<3, T><<<grid, block, 0, st>>>(out, x, w, b, IN, OUT, alpha, beta); break;
+        case 4: skinny_kernel<4, T><<<grid, block, 0, st>>>(out, x, w, b, IN, OUT, alpha, beta); break;
+        case 5: skinny_kernel<5, T><<<grid, block, 0, st>>>(out, x, w, b, IN, OUT, alpha, beta); break;
+        case 6: skinny_kernel<6, T><<<grid, block, 0, st>>>(out, x, w, b, IN, OUT, alpha, beta); break;
+        case 7: skinny_kernel<7, T><<<grid, block, 0, st>>>(out, x, w, b, IN, OUT, alpha, beta); break;
+        default: skinny_kernel<8, T><<<grid, block, 0, st>>>(out, x, w, b, IN, OUT, alpha, beta); break;
+    }
+    CUDA_CHECK_LAUNCH();
+    return 1;
+}
+
 extern "C" void mt_matmul_forward_cuda(const mt_backend *be, void *out, const void *inp, const void *weight,
                                        const void *bias, int N, int IN, int OUT) {
+    if (skinny(be, (bf16 *)out, inp, weight, bias, N, IN, OUT, 1.0f, 0.0f)) return;
     gemm(be, CUBLAS_OP_T, CUBLAS_OP_N, OUT, N, IN, weight, IN, inp, IN, 1.0f, 0.0f, out, CUDA_R_16BF, OUT);
     if (bias) {
         size_t n = (size_t)N * OUT;
-        add_bias_kernel<<<grid_for(n, kThreads), kThreads>>>((bf16 *)out, (const bf16 *)bias, n, OUT);
+        add_bias_kernel<<<grid_for(n, kThreads), kThreads, 0, mt_stream_of(be)>>>((bf16 *)out, (const bf16 *)bias, n,
+                                                                                  OUT);
         CUDA_CHECK_LAUNCH();
     }
 }
 
 extern "C" void mt_matmul_forward_add_cuda(const mt_backend *be, void *out, const void *inp, const void *weight, int N,
                                            int IN, int OUT, float alpha) {
+    if (skinny(be, (bf16 *)out, inp, weight, NULL, N, IN, OUT, alpha, 1.0f)) return;
     gemm(be, CUBLAS_OP_T, CUBLAS_OP_N, OUT, N, IN, weight, IN, inp, IN, alpha, 1.0f, out, CUDA_R_16BF, OUT);
 }
 
@@ -1116,13 +1220,15 @@ extern "C" void mt_matmul_backward_cuda(const mt_backend *be, void *dinp, float 
     if (dweight)
         gemm(be, CUBLAS_OP_N, CUBLAS_OP_T, IN, OUT, N, inp, IN, dout, OUT, alpha, 1.0f, dweight, CUDA_R_32F, IN);
     if (dbias) {
-        bias_grad_kernel<<<grid_for((size_t)OUT, kThreads), kThreads>>>(dbias, (const bf16 *)dout, N, OUT);
+        bias_grad_kernel<<<grid_for((size_t)OUT, kThreads), kThreads, 0, mt_stream_of(be)>>>(dbias, (const bf16 *)dout,
+                                                                                             N, OUT);
         CUDA_CHECK_LAUNCH();
     }
 }
 
 extern "C" void mt_logits_forward_cuda(const mt_backend *be, float *logits, const void *inp, const void *weight, int N,
                                        int C, int V) {
+    if (skinny(be, logits, inp, weight, NULL, N, C, V, 1.0f, 0.0f)) return;
     gemm(be, CUBLAS_OP_T, CUBLAS_OP_N, V, N, C, weight, C, inp, C, 1.0f, 0.0f, logits, CUDA_R_32F, V);
 }
 
@@ -1156,7 +1262,7 @@ extern "C" void mt_crossentropy_cuda(const mt_backend *be, float *losses, void *
                                      const int32_t *targets, int N, int V, float dscale) {
     (void)be;
     if (N == 0) return;
-    crossentropy_kernel<<<N, 512>>>(losses, (bf16 *)dlogits, logits, targets, V, dscale);
+    crossentropy_kernel<<<N, 512, 0, mt_stream_of(be)>>>(losses, (bf16 *)dlogits, logits, targets, V, dscale);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -1179,7 +1285,8 @@ static __global__ void add_kernel(bf16 *out, const bf16 *a, const bf16 *b, size_
 extern "C" void mt_add_cuda(const mt_backend *be, void *out, const void *a, const void *b, size_t n) {
     (void)be;
     if (n == 0) return;
-    add_kernel<<<grid_for8(n), kThreads>>>((bf16 *)out, (const bf16 *)a, (const bf16 *)b, n, vec8(out, a, b));
+    add_kernel<<<grid_for8(n), kThreads, 0, mt_stream_of(be)>>>((bf16 *)out, (const bf16 *)a, (const bf16 *)b, n,
+                                                                vec8(out, a, b));
     CUDA_CHECK_LAUNCH();
 }
 
@@ -1191,7 +1298,7 @@ static __global__ void add_f32_kernel(float *out, const float *a, const float *b
 extern "C" void mt_add_f32_cuda(const mt_backend *be, float *out, const float *a, const float *b, size_t n) {
     (void)be;
     if (n == 0) return;
-    add_f32_kernel<<<grid_for(n, kThreads), kThreads>>>(out, a, b, n);
+    add_f32_kernel<<<grid_for(n, kThreads), kThreads, 0, mt_stream_of(be)>>>(out, a, b, n);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -1215,9 +1322,9 @@ extern "C" void mt_adamw_cuda(const mt_backend *be, float *master, void *param_c
                               float *v, size_t n, float lr, float beta1, float beta2, float eps, float weight_decay,
                               float bias_correction1, float bias_correction2, float grad_scale) {
     (void)be;
-    adamw_kernel<<<grid_for(n, kThreads), kThreads>>>(master, (bf16 *)param_copy, grad, m, v, n, lr, beta1, beta2, eps,
-                                                      weight_decay, lr / bias_correction1, sqrtf(bias_correction2),
-                                                      grad_scale);
+    adamw_kernel<<<grid_for(n, kThreads), kThreads, 0, mt_stream_of(be)>>>(
+        master, (bf16 *)param_copy, grad, m, v, n, lr, beta1, beta2, eps, weight_decay, lr / bias_correction1,
+        sqrtf(bias_correction2), grad_scale);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -1263,9 +1370,9 @@ extern "C" double mt_sumsq_cuda(const mt_backend *be, const float *x, size_t n, 
     unsigned blocks = grid_for(n, kThreads);
     if (blocks > (unsigned)kSumBlocks) blocks = kSumBlocks;
     if (blocks == 0) blocks = 1;
-    sum_kernel<<<blocks, kThreads>>>(partials, x, n, squares);
+    sum_kernel<<<blocks, kThreads, 0, mt_stream_of(be)>>>(partials, x, n, squares);
     CUDA_CHECK_LAUNCH();
-    sum_partials_double_kernel<<<1, 1>>>(out, partials, (int)blocks);
+    sum_partials_double_kernel<<<1, 1, 0, mt_stream_of(be)>>>(out, partials, (int)blocks);
     CUDA_CHECK_LAUNCH();
     CUDA_CHECK(cudaMemcpy(&host, out, sizeof host, cudaMemcpyDeviceToHost));
     return host;
@@ -1283,13 +1390,13 @@ static __global__ void cast_to_f32_kernel(float *dst, const bf16 *src, size_t n)
 
 extern "C" void mt_cast_from_f32_cuda(const mt_backend *be, void *dst, const float *src, size_t n) {
     (void)be;
-    cast_from_f32_kernel<<<grid_for(n, kThreads), kThreads>>>((bf16 *)dst, src, n);
+    cast_from_f32_kernel<<<grid_for(n, kThreads), kThreads, 0, mt_stream_of(be)>>>((bf16 *)dst, src, n);
     CUDA_CHECK_LAUNCH();
 }
 
 extern "C" void mt_cast_to_f32_cuda(const mt_backend *be, float *dst, const void *src, size_t n) {
     (void)be;
-    cast_to_f32_kernel<<<grid_for(n, kThreads), kThreads>>>(dst, (const bf16 *)src, n);
+    cast_to_f32_kernel<<<grid_for(n, kThreads), kThreads, 0, mt_stream_of(be)>>>(dst, (const bf16 *)src, n);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -1344,9 +1451,9 @@ extern "C" void mt_dropout_cuda(const mt_backend *be, void *out, const void *inp
     if (n == 0) return;
     size_t groups = (offset + n + 3) / 4 - offset / 4;
     int vector = offset % 8 == 0 && vec8(out, inp);
-    dropout_kernel<<<grid_for((groups + 1) / 2, kThreads), kThreads>>>((bf16 *)out, (const bf16 *)inp, n, p,
-                                                                       1.0f / (1.0f - p), (unsigned long long)seed,
-                                                                       (unsigned long long)offset, accumulate, vector);
+    dropout_kernel<<<grid_for((groups + 1) / 2, kThreads), kThreads, 0, mt_stream_of(be)>>>(
+        (bf16 *)out, (const bf16 *)inp, n, p, 1.0f / (1.0f - p), (unsigned long long)seed, (unsigned long long)offset,
+        accumulate, vector);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -1491,7 +1598,7 @@ extern "C" void mt_perturb_cuda(const mt_backend *be, void *dst, const void *src
                                 uint64_t offset) {
     (void)be;
     if (n == 0) return;
-    perturb_kernel<<<grid_for_groups(group_count(n, offset)), kThreads>>>(
+    perturb_kernel<<<grid_for_groups(group_count(n, offset)), kThreads, 0, mt_stream_of(be)>>>(
         (bf16 *)dst, (const bf16 *)src, n, scale, (unsigned long long)seed, (unsigned long long)offset);
     CUDA_CHECK_LAUNCH();
 }
@@ -1512,8 +1619,8 @@ extern "C" void mt_perturb_rows_cuda(const mt_backend *be, void *x, const int32_
     (void)be;
     size_t n = (size_t)N * C;
     if (n == 0) return;
-    perturb_rows_kernel<<<grid_for(n, kThreads), kThreads>>>((bf16 *)x, tokens, N, C, scale, (unsigned long long)seed,
-                                                             (unsigned long long)offset);
+    perturb_rows_kernel<<<grid_for(n, kThreads), kThreads, 0, mt_stream_of(be)>>>(
+        (bf16 *)x, tokens, N, C, scale, (unsigned long long)seed, (unsigned long long)offset);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -1579,7 +1686,7 @@ extern "C" void mt_zo_update_cuda(const mt_backend *be, void *w, size_t n, uint6
                                   uint64_t seed) {
     (void)be;
     if (n == 0) return;
-    zo_update_kernel<<<grid_for_groups(group_count(n, offset)), kThreads>>>(
+    zo_update_kernel<<<grid_for_groups(group_count(n, offset)), kThreads, 0, mt_stream_of(be)>>>(
         (bf16 *)w, n, (unsigned long long)offset, *d, lr, weight_decay, (unsigned long long)round_seed,
         (bf16 *)perturbed, scale, (unsigned long long)seed);
     CUDA_CHECK_LAUNCH();
@@ -1626,8 +1733,8 @@ extern "C" void mt_apply_update_cuda(const mt_backend *be, void *w, const float 
     (void)be;
     if (n == 0) return;
     size_t groups = (n + 3) / 4;
-    apply_update_kernel<<<grid_for(groups, kThreads), kThreads>>>((bf16 *)w, update, n, 1.0f - lr * weight_decay,
-                                                                  lr * scale, (unsigned long long)round_seed);
+    apply_update_kernel<<<grid_for(groups, kThreads), kThreads, 0, mt_stream_of(be)>>>(
+        (bf16 *)w, update, n, 1.0f - lr * weight_decay, lr * scale, (unsigned long long)round_seed);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -1642,7 +1749,7 @@ static __global__ void gauss_kernel(float *dst, size_t n, unsigned long long see
 extern "C" void mt_gauss_cuda(const mt_backend *be, float *dst, size_t n, uint64_t seed) {
     (void)be;
     if (n == 0) return;
-    gauss_kernel<<<grid_for((n + 3) / 4, kThreads), kThreads>>>(dst, n, (unsigned long long)seed);
+    gauss_kernel<<<grid_for((n + 3) / 4, kThreads), kThreads, 0, mt_stream_of(be)>>>(dst, n, (unsigned long long)seed);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -1696,8 +1803,8 @@ extern "C" void mt_adam_direction_cuda(const mt_backend *be, float *dir, const f
     if (n == 0) return;
     float bc2_sqrt = sqrtf(bias_correction2);
     if (s->m) {
-        adam_direction_kernel<<<grid_for(n, kThreads), kThreads>>>(dir, grad, s->m, s->v, n, beta1, beta2, eps,
-                                                                   bias_correction1, bc2_sqrt);
+        adam_direction_kernel<<<grid_for(n, kThreads), kThreads, 0, mt_stream_of(be)>>>(
+            dir, grad, s->m, s->v, n, beta1, beta2, eps, bias_correction1, bc2_sqrt);
     } else {
         static int maps_loaded;
         if (!maps_loaded) {
@@ -1708,8 +1815,8 @@ extern "C" void mt_adam_direction_cuda(const mt_backend *be, float *dir, const f
             maps_loaded = 1;
         }
         size_t blocks = (n + MT_QBLOCK - 1) / MT_QBLOCK;
-        adam_direction_8bit_kernel<<<(unsigned)blocks, MT_QBLOCK>>>(dir, grad, s->mq, s->vq, s->m_absmax, s->v_absmax,
-                                                                    n, beta1, beta2, eps, bias_correction1, bc2_sqrt);
+        adam_direction_8bit_kernel<<<(unsigned)blocks, MT_QBLOCK, 0, mt_stream_of(be)>>>(
+            dir, grad, s->mq, s->vq, s->m_absmax, s->v_absmax, n, beta1, beta2, eps, bias_correction1, bc2_sqrt);
     }
     CUDA_CHECK_LAUNCH();
 }

@@ -401,9 +401,14 @@ START_TEST(swiglu_add_and_embedding) {
 }
 END_TEST
 
+// Up to 8 rows with rows of whole 16-byte vectors go to the skinny kernel
+// (decoding), the rest to cuBLAS: both are checked, the skinny one at one row
+// of a 2048-wide model and at its widest (8 rows) with an output count that
+// is not a multiple of its 8 warps a block.
 START_TEST(matmul_and_logits) {
-    int shapes[][3] = {{1, 1, 1}, {7, 22, 13}, {257, 64, 1025}, {1025, 257, 96}};
-    for (int s = 0; s < 4; s++) {
+    int shapes[][3] = {{1, 1, 1},      {7, 22, 13},    {257, 64, 1025}, {1025, 257, 96},
+                       {1, 2048, 333}, {3, 520, 1000}, {8, 64, 1025},   {9, 64, 100}};
+    for (int s = 0; s < 8; s++) {
         int N = shapes[s][0], IN = shapes[s][1], OUT = shapes[s][2];
         size_t nx = (size_t)N * IN, nw = (size_t)OUT * IN, ny = (size_t)N * OUT;
         float *x = host_random(nx, -1, 1), *w = host_random(nw, -1, 1), *b = host_random(OUT, -1, 1);
@@ -442,8 +447,8 @@ END_TEST
 
 // LoRA's products: y += alpha x W^T; dx (+)= alpha g W and dW += alpha g^T x.
 START_TEST(scaled_matmuls) {
-    int shapes[][3] = {{1, 1, 1}, {7, 22, 3}, {1025, 257, 16}, {257, 16, 1025}};
-    for (int s = 0; s < 4; s++) {
+    int shapes[][3] = {{1, 1, 1}, {7, 22, 3}, {1025, 257, 16}, {257, 16, 1025}, {1, 2048, 16}, {5, 16, 2050}};
+    for (int s = 0; s < 6; s++) {
         int N = shapes[s][0], IN = shapes[s][1], OUT = shapes[s][2];
         float alpha = 0.5f + (float)s;
         size_t nx = (size_t)N * IN, nw = (size_t)OUT * IN, ny = (size_t)N * OUT;

@@ -151,7 +151,9 @@ END_TEST
 // Decoding (memtune generate's GPU path) in every family: three rows at
 // their own positions (one starting over midway) through the key/value
 // caches give the CPU reference's decoding logits, and the GPU's full
-// forward's logits at each row's position.
+// forward's logits at each row's position. The steps replayed as a CUDA
+// Graph give the same logits bit for bit as the same steps op by op
+// (MT_CUDA_GRAPHS=0 at a model's first step).
 START_TEST(gpu_decoding_matches_cpu_and_full_forward) {
     for (int variant = 0; variant < 6; variant++) {
         if (variant == 2) continue;  // packed documents: a training setting
@@ -163,20 +165,24 @@ START_TEST(gpu_decoding_matches_cpu_and_full_forward) {
         ck_assert_int_eq(mt_backend_init(&gpu, 0), MT_OK);
         mt_model_options od = {.B = B, .T = 1, .forward_only = 1, .decode_len = S};
         mt_model_options of = {.B = 1, .T = S, .forward_only = 1};
-        mt_model *dc, *dg, *fg;
+        mt_model *dc, *dg, *de, *fg;
         ck_assert_int_eq(mt_model_create_with(&dc, &cpu, &c, &od), MT_OK);
         ck_assert_int_eq(mt_model_create_with(&dg, &gpu, &c, &od), MT_OK);
+        ck_assert_int_eq(mt_model_create_with(&de, &gpu, &c, &od), MT_OK);
         ck_assert_int_eq(mt_model_create_with(&fg, &gpu, &c, &of), MT_OK);
         size_t total = mt_model_num_params(dc);
         float *params = malloc(total * 4);
         mt_model_init_random(&c, params, 91);
         for (size_t i = 0; i < total; i++) params[i] = mt_round_bf16(params[i] + 0.02f * mt_rng_normal(92, i));
         mt_model_set_weights(dc, params), mt_model_set_weights(dg, params), mt_model_set_weights(fg, params);
+        mt_model_set_weights(de, params);
         int32_t seq[S];
         for (int i = 0; i < S; i++) seq[i] = (int32_t)(mt_rng_bits(93, i) % c.V);
         float *full = malloc((size_t)S * c.V * 4), *lc = malloc((size_t)B * c.V * 4), *lg = malloc((size_t)B * c.V * 4);
+        float *le = malloc((size_t)B * c.V * 4);
         mt_model_logits(fg, seq, full);
-        double worst_cpu = 0.0, worst_full = 0.0;
+        double worst_cpu = 0.0, worst_full = 0.0, worst_eager = 0.0;
+        int differ = 0;
         for (int step = 0; step < S + 20; step++) {
             // row 0 from the start; row 1 starts over at step 20; row 2 runs 7 behind
             int32_t pos[B] = {step < S ? step : S - 1, step < 20 ? step : (step - 20) % S, step < 7 ? 0 : step - 7};
@@ -185,18 +191,29 @@ START_TEST(gpu_decoding_matches_cpu_and_full_forward) {
             for (int b = 0; b < B; b++) tok[b] = seq[pos[b]];
             mt_model_decode(dc, tok, pos, lc);
             mt_model_decode(dg, tok, pos, lg);
+            if (step == 0) setenv("MT_CUDA_GRAPHS", "0", 1);
+            mt_model_decode(de, tok, pos, le);
+            if (step == 0) unsetenv("MT_CUDA_GRAPHS");
+            worst_eager = fmax(worst_eager, tu_norm_rel_error(lg, le, (size_t)B * c.V));
+            differ += memcmp(lg, le, (size_t)B * c.V * 4) != 0;
             worst_cpu = fmax(worst_cpu, tu_norm_rel_error(lg, lc, (size_t)B * c.V));
             for (int b = 0; b < B; b++)
                 worst_full =
                     fmax(worst_full, tu_norm_rel_error(lg + (size_t)b * c.V, full + (size_t)pos[b] * c.V, (size_t)c.V));
         }
-        printf("%s decoding: logits relative error vs CPU %.3e, vs the GPU's full forward %.3e\n", c.architecture,
-               worst_cpu, worst_full);
+        printf(
+            "%s decoding: logits relative error vs CPU %.3e, vs the GPU's full forward %.3e; as a CUDA Graph "
+            "(%s) vs op by op (%s): %d of %d steps differ, relative error %.3e\n",
+            c.architecture, worst_cpu, worst_full, mt_model_decode_graph(dg) ? mt_model_decode_graph(dg) : "yes",
+            mt_model_decode_graph(de) ? mt_model_decode_graph(de) : "a graph", differ, S + 20, worst_eager);
         ck_assert_double_lt(worst_cpu, 2e-2);
         ck_assert_double_lt(worst_full, 2e-2);
-        mt_model_free(dc), mt_model_free(dg), mt_model_free(fg);
+        ck_assert_ptr_null(mt_model_decode_graph(dg));
+        ck_assert_ptr_nonnull(mt_model_decode_graph(de));
+        ck_assert_int_eq(differ, 0);
+        mt_model_free(dc), mt_model_free(dg), mt_model_free(de), mt_model_free(fg);
         mt_backend_free(&cpu), mt_backend_free(&gpu);
-        free(params), free(full), free(lc), free(lg);
+        free(params), free(full), free(lc), free(lg), free(le);
     }
 }
 END_TEST

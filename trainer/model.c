@@ -147,27 +147,30 @@ struct mt_model {
     // offload: x[l] lives in slot l % 2 on the backend; x[0..L-2] are copied
     // to host_x in forward and fetched back in backward, beside the compute
     int offload;
-    void *host_x;                   // (L-1, N, C) pinned host memory
-    int *tickets;                   // (L+1) the copy that last moved x[l]
-    layer_acts *acts;               // L sets, or 1 shared set with checkpointing
-    void *lnf;                      // (N, C)
-    float *rstdf;                   // (N)
-    void *qkv_flat;                 // (N, (H+2KV)D) projections before rope
-    void *scratch_c;                // (N, C) o_proj / down_proj output; also lnf, between the layers' passes
-    void *f0, *f1;                  // (N, F) swiglu out (then gate grad), its grad
-    void *dres, *dln;               // (N, C) residual grad, norm-input grad
-    void *datty;                    // (N, HD)
-    void *dq, *dk, *dv;             // (B,H,T,D), (B,KV,T,D) x2
-    void *dqkv_flat;                // (N, (H+2KV)D), or NULL: the layer's x2 and ln2 hold it (dqkv_in_x2)
-    int dqkv_in_x2;                 // qkv_flat lies in dq|dk|dv and dqkv_flat in the layer's x2|ln2
-    float *logits;                  // (R, V) fp32 chunk
-    void *dlogits;                  // (R, V) activation type (aliases logits on the CPU)
-    float *losses;                  // (N)
-    int32_t *tokens, *targets;      // (N) where the backend computes
-    int32_t *pos;                   // (N) positions in documents (document_mask) or sequences (decoding)
-    float *cos_table, *sin_table;   // (T, D/2), decoding (decode_len, D/2)
-    float *cos_local, *sin_local;   // Gemma's sliding layers' (as above), else NULL
-    int decode_len;                 // decoding: positions per row's cache, else 0
+    void *host_x;                  // (L-1, N, C) pinned host memory
+    int *tickets;                  // (L+1) the copy that last moved x[l]
+    layer_acts *acts;              // L sets, or 1 shared set with checkpointing
+    void *lnf;                     // (N, C)
+    float *rstdf;                  // (N)
+    void *qkv_flat;                // (N, (H+2KV)D) projections before rope
+    void *scratch_c;               // (N, C) o_proj / down_proj output; also lnf, between the layers' passes
+    void *f0, *f1;                 // (N, F) swiglu out (then gate grad), its grad
+    void *dres, *dln;              // (N, C) residual grad, norm-input grad
+    void *datty;                   // (N, HD)
+    void *dq, *dk, *dv;            // (B,H,T,D), (B,KV,T,D) x2
+    void *dqkv_flat;               // (N, (H+2KV)D), or NULL: the layer's x2 and ln2 hold it (dqkv_in_x2)
+    int dqkv_in_x2;                // qkv_flat lies in dq|dk|dv and dqkv_flat in the layer's x2|ln2
+    float *logits;                 // (R, V) fp32 chunk
+    void *dlogits;                 // (R, V) activation type (aliases logits on the CPU)
+    float *losses;                 // (N)
+    int32_t *tokens, *targets;     // (N) where the backend computes
+    int32_t *pos;                  // (N) positions in documents (document_mask) or sequences (decoding)
+    float *cos_table, *sin_table;  // (T, D/2), decoding (decode_len, D/2)
+    float *cos_local, *sin_local;  // Gemma's sliding layers' (as above), else NULL
+    int decode_len;                // decoding: positions per row's cache, else 0
+    void *decode_graph;            // decoding on a GPU: a step's launches as one CUDA Graph (NULL: none yet)
+    int decode_graph_off;          // decoding runs op by op (decode_graph_note says why)
+    char decode_graph_note[160];
     int mlp_rows, mlp_tiled;        // rows of an MLP tile (N: untiled), and whether N > mlp_rows
     void *kcache, *vcache;          // (L, B, KV, decode_len, D) compute dtype
     mt_attention_shape attn_local;  // Gemma's sliding layers' attention
@@ -931,6 +934,7 @@ mt_err mt_model_create(mt_model **out, mt_backend *be, const mt_model_config *cf
 
 void mt_model_free(mt_model *m) {
     if (!m) return;
+    mt_graph_free(m->decode_graph);
     mt_free(&m->weights);
     mt_free((void **)&m->grads);
     mt_free((void **)&m->grad_stream);
@@ -1814,13 +1818,57 @@ void mt_model_logits(mt_model *m, const int32_t *inputs, float *logits) {
     }
 }
 
+// Decoding on a GPU replays a step's launches as one CUDA Graph where the
+// step's work is the same every time: the weights stay where they are (not
+// streamed, no pending update) and the logits are one chunk. The positions
+// and tokens are read from device memory, so the graph serves every step.
+// MT_CUDA_GRAPHS=0 in the environment turns it off.
+static int decode_graph_fits(mt_model *m) {
+    const char *env = getenv("MT_CUDA_GRAPHS");
+    const char *why = !m->be->gpu                         ? "not on a GPU"
+                      : env && strcmp(env, "0") == 0      ? "MT_CUDA_GRAPHS=0 in the environment"
+                      : m->streamed || m->weights_needed  ? "the weights are streamed"
+                      : m->pending || m->perturb_selected ? "the weights change between steps"
+                      : m->B * m->T > m->chunk_rows       ? "the logits take several chunks"
+                                                          : NULL;
+    if (why) snprintf(m->decode_graph_note, sizeof m->decode_graph_note, "%s", why);
+    return why == NULL;
+}
+
+// The step's device work after the uploads: the body and lm_head into m->logits.
+static void decode_step(mt_model *m) {
+    body_forward(m);
+    mt_op_logits_forward(m->be, m->logits, m->lnf, lm_weight(m), m->B * m->T, m->cfg.C, m->cfg.V);
+}
+
 void mt_model_decode(mt_model *m, const int32_t *tokens, const int32_t *pos, float *logits) {
     MT_CHECK(m->decode_len > 0, "mt_model_decode on a model created without decode_len");
     for (int b = 0; b < m->B; b++)
         MT_CHECK(pos[b] >= 0 && pos[b] < m->decode_len, "position %d of row %d outside the cache's %d", pos[b], b,
                  m->decode_len);
     mt_backend_from_host(m->be, m->pos, pos, (size_t)m->B * sizeof *pos);
-    mt_model_logits(m, tokens, logits);
+    if (m->decode_graph_off || (!m->decode_graph && !decode_graph_fits(m))) {
+        m->decode_graph_off = 1;
+        mt_model_logits(m, tokens, logits);
+        return;
+    }
+    m->training = 0;
+    upload_tokens(m, tokens, NULL);
+    if (m->decode_graph) {
+        mt_graph_launch(m->be, m->decode_graph);
+    } else {
+        // the first step op by op (kernels loaded, cuBLAS set up), then recorded for the next ones
+        decode_step(m);
+        mt_graph_begin(m->be);
+        decode_step(m);
+        m->decode_graph = mt_graph_end(m->be, m->decode_graph_note, sizeof m->decode_graph_note);
+        m->decode_graph_off = m->decode_graph == NULL;
+    }
+    mt_backend_to_host(m->be, logits, m->logits, (size_t)m->B * m->T * m->cfg.V * sizeof(float));
+}
+
+const char *mt_model_decode_graph(const mt_model *m) {
+    return m->decode_graph ? NULL : m->decode_graph_off ? m->decode_graph_note : "not yet recorded";
 }
 
 int mt_model_decode_len(const mt_model *m) { return m->decode_len; }

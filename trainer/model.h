@@ -218,6 +218,9 @@ void mt_model_decode(mt_model *m, const int32_t *tokens, const int32_t *pos, flo
 // Decoding: the cache's positions and the rows (B) decoded together.
 int mt_model_decode_len(const mt_model *m);
 int mt_model_decode_rows(const mt_model *m);
+// Decoding on a GPU: NULL once a step replays as one CUDA Graph, else why it
+// does not (set by the first mt_model_decode).
+const char *mt_model_decode_graph(const mt_model *m);
 // Bytes of the key/value caches of (cfg, B, decode_len) in the backend's
 // compute type.
 size_t mt_model_kv_cache_bytes(int gpu, const mt_model_config *cfg, int B, int decode_len);
