@@ -12,9 +12,15 @@ cache (which transformers compiles with torch.compile itself) where it runs;
 both after a warm-up generate; min_new_tokens forces the same length. The batch-1 bound:
 the model's bf16 weight bytes read once per token over the GPU's copy
 bandwidth (measured here: a device-to-device copy, bytes read plus written).
-Writes decode_bench.json; prints tokens/s and the ratios.
+memtune times its decoding after one set-up step (kernels loaded, the step
+recorded as a CUDA Graph), as transformers is timed after its warm-up.
+--variants also runs memtune with parts turned off, for an A/B in one call:
+no-graph (MT_CUDA_GRAPHS=0: the step op by op), no-skinny (MT_SKINNY=0:
+cuBLAS for the one-row products), neither (both: the step's launches as
+they were before 2026-12-06, timed after the same set-up step). Writes decode_bench.json; prints tokens/s and the ratios.
 
   python3 bench/decode.py --out $OUT [--shapes TinyLlama-1.1B,Llama-2-7B] [--new 128]
+                          [--variants default,no-graph,no-skinny,neither]
 """
 import argparse
 import json
@@ -57,20 +63,26 @@ def copy_bandwidth():
     return bw
 
 
-def memtune_decode(folder, batch, new):
+VARIANTS = {"default": {}, "no-graph": {"MT_CUDA_GRAPHS": "0"}, "no-skinny": {"MT_SKINNY": "0"},
+            "neither": {"MT_CUDA_GRAPHS": "0", "MT_SKINNY": "0"}}
+
+
+def memtune_decode(folder, batch, new, variant="default"):
     prompts = os.path.join(folder, "prompts.jsonl")
     with open(prompts, "w") as f:
         for i in range(batch):
             f.write(json.dumps({"prompt": "Hello"}) + "\n")
     out = subprocess.run([os.path.join(BUILD, "memtune"), "generate", "--model", folder, "--input", prompts,
                           "--batch", str(batch), "--max-new-tokens", str(new), "--device", "gpu"],
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, env=dict(os.environ, **VARIANTS[variant]))
     m = re.search(r"(\d+) new tokens in ([0-9.]+) s", out.stderr)
+    step = re.search(r"a decoding step runs (.*)", out.stderr)
     if out.returncode or not m:
         print(out.stderr[-2000:])
         return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
     tokens, seconds = int(m.group(1)), float(m.group(2))
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "step": step.group(1) if step else "?"}
 
 
 def torch_decode(model, batch, new, static):
@@ -98,6 +110,7 @@ def main():
     ap.add_argument("--batches", default="1,16")
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--variants", default="default", help="memtune variants: " + ",".join(VARIANTS))
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     gpu = torch.cuda.get_device_name()
@@ -116,8 +129,11 @@ def main():
         weight_bytes = sum(p.numel() for p in model.parameters()) * 2
         row = {"weight_bytes": weight_bytes, "batches": {}}
         for batch in [int(b) for b in args.batches.split(",")]:
-            r = {"memtune": memtune_decode(folder, batch, args.new),
-                 "transformers_eager": torch_decode(model, batch, args.new, static=False)}
+            r = {"memtune": memtune_decode(folder, batch, args.new)}
+            for v in args.variants.split(","):
+                if v != "default":
+                    r["memtune_" + v] = memtune_decode(folder, batch, args.new, v)
+            r["transformers_eager"] = torch_decode(model, batch, args.new, static=False)
             if not args.no_compile:
                 # transformers compiles the forward itself for a static cache
                 # (generation_config.compile_config); compiling model.forward by
@@ -128,18 +144,21 @@ def main():
                     r["transformers_static_compiled"] = {"error": str(e).splitlines()[0][:300]}
                 torch._dynamo.reset()
             mt = r["memtune"].get("tokens_per_s")
-            best = max([v.get("tokens_per_s", 0) for k, v in r.items() if k != "memtune"] or [0])
+            best = max([v.get("tokens_per_s", 0) for k, v in r.items() if k.startswith("transformers")] or [0])
             if mt and best:
                 r["ratio_vs_best_transformers"] = mt / best
             if mt and batch == 1:
                 r["memtune_bandwidth_fraction"] = weight_bytes * mt / bw
+                for k, v in list(r.items()):
+                    if k.startswith("memtune_") and isinstance(v, dict) and "tokens_per_s" in v:
+                        v["bandwidth_fraction"] = weight_bytes * v["tokens_per_s"] / bw
             row["batches"][str(batch)] = r
             line = " | ".join(f"{k} {v['tokens_per_s']:.0f} tok/s" if "tokens_per_s" in v else f"{k} {v.get('error')}"
                               for k, v in r.items() if isinstance(v, dict))
             extra = f" | ratio {r['ratio_vs_best_transformers']:.2f}x" if "ratio_vs_best_transformers" in r else ""
             if "memtune_bandwidth_fraction" in r:
                 extra += f" | {100 * r['memtune_bandwidth_fraction']:.0f}% of the bandwidth bound"
-            print(f"{shape} batch {batch}: {line}{extra}", flush=True)
+            print(f"{shape} batch {batch}: {line}{extra} | memtune's step: {r['memtune'].get('step')}", flush=True)
         results["shapes"][shape] = row
         del model
         torch.cuda.empty_cache()
