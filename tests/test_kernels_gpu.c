@@ -206,8 +206,16 @@ static void attention_case(const mt_attention_shape *s, const char *path) {
     snprintf(part, sizeof part, "%s %s", what, name), expect_close(part, got, ref, n, tol)
     EXPECT("out", yg, y, nq, kBf16Tol);
     EXPECT("lse", lseg, lse, nl, 1e-5);
-    EXPECT("dq", dqg, dq, nq, 2 * kBf16Tol);
-    EXPECT("dk", dkg, dk, nk, 2 * kBf16Tol);
+    if (T > 1) {
+        EXPECT("dq", dqg, dq, nq, 2 * kBf16Tol);
+        EXPECT("dk", dkg, dk, nk, 2 * kBf16Tol);
+    } else {
+        // one key: the softmax is 1 whatever the scores, so dq and dk are 0
+        // but for rounding (dout . v against dout . out summed in another
+        // order), which a relative error of a norm near 0 cannot judge
+        for (size_t i = 0; i < nq; i++) ck_assert_msg(fabsf(dqg[i]) < 1e-3f, "%s dq[%zu] = %g", what, i, dqg[i]);
+        for (size_t i = 0; i < nk; i++) ck_assert_msg(fabsf(dkg[i]) < 1e-3f, "%s dk[%zu] = %g", what, i, dkg[i]);
+    }
     EXPECT("dv", dvg, dv, nk, kBf16Tol);
 #undef EXPECT
     // the same backward again: bit for bit (asked of every path but cuDNN's non-deterministic one)
