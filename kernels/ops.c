@@ -36,6 +36,13 @@ void mt_op_rmsnorm_forward(const mt_backend *be, void *out, float *rstd, const v
     mt_rmsnorm_forward_ref(out, rstd, inp, weight, N, C, eps, plus_one);
 }
 
+void mt_op_add_rmsnorm_forward(const mt_backend *be, void *sum, void *out, float *rstd, const void *a, const void *b,
+                               const void *weight, int N, int C, float eps, int plus_one) {
+    MT_GPU(be, mt_add_rmsnorm_forward_cuda(be, sum, out, rstd, a, b, weight, N, C, eps, plus_one));
+    mt_add_ref(sum, a, b, (size_t)N * C);
+    mt_rmsnorm_forward_ref(out, rstd, sum, weight, N, C, eps, plus_one);
+}
+
 void mt_op_rmsnorm_backward(const mt_backend *be, void *dinp, float *dweight, const void *dout, const void *inp,
                             const void *weight, const float *rstd, int N, int C, int plus_one) {
     MT_GPU(be, mt_rmsnorm_backward_cuda(be, dinp, dweight, dout, inp, weight, rstd, N, C, plus_one));
@@ -162,6 +169,12 @@ void mt_op_matmul_forward(const mt_backend *be, void *out, const void *inp, cons
                           int IN, int OUT) {
     MT_GPU(be, mt_matmul_forward_cuda(be, out, inp, weight, bias, N, IN, OUT));
     mt_matmul_forward_ref(out, inp, weight, bias, N, IN, OUT);
+}
+
+void mt_op_matmul_forward_many(const mt_backend *be, const mt_product *p, int count, const void *inp, int N, int IN) {
+    MT_CHECK(count >= 1 && count <= MT_MAX_PRODUCTS, "%d products of one input (1 to %d)", count, MT_MAX_PRODUCTS);
+    MT_GPU(be, mt_matmul_forward_many_cuda(be, p, count, inp, N, IN));
+    for (int k = 0; k < count; k++) mt_matmul_forward_ref(p[k].out, inp, p[k].weight, p[k].bias, N, IN, p[k].OUT);
 }
 
 void mt_op_matmul_backward(const mt_backend *be, void *dinp, float *dweight, float *dbias, const void *dout,

@@ -160,13 +160,30 @@ static __device__ float rms_scaled(float x, float r, float w, int plus_one) {
     return plus_one ? x * r * (1.0f + w) : __bfloat162float(__float2bfloat16(x * r)) * w;
 }
 
-// One warp per row, 8 columns a load where the row allows it.
-static __global__ void rmsnorm_forward_kernel(bf16 *out, float *rstd, const bf16 *inp, const bf16 *weight, int N, int C,
-                                              float eps, int plus_one, int vector) {
+// One warp per row, 8 columns a load where the row allows it. With `add`:
+// sum = inp + add first (as add_kernel rounds it), each lane writing the
+// columns it then reads back, and the norm of sum.
+static __global__ void rmsnorm_forward_kernel(bf16 *out, float *rstd, const bf16 *inp, const bf16 *add, bf16 *sum,
+                                              const bf16 *weight, int N, int C, float eps, int plus_one, int vector) {
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x & 31;
     if (row >= N) return;
     const bf16 *x = inp + (size_t)row * C;
     bf16 *y = out + (size_t)row * C;
+    if (add) {
+        const bf16 *b = add + (size_t)row * C;
+        bf16 *s = sum + (size_t)row * C;
+        if (vector) {
+            for (int c = lane * kVec; c < C; c += 32 * kVec) {
+                float xv[kVec], bv[kVec];
+                load8(xv, x + c), load8(bv, b + c);
+                for (int j = 0; j < kVec; j++) xv[j] += bv[j];
+                store8(s + c, xv);
+            }
+        } else {
+            for (int c = lane; c < C; c += 32) s[c] = __float2bfloat16(__bfloat162float(x[c]) + __bfloat162float(b[c]));
+        }
+        x = s;
+    }
     float ss = 0.0f;
     if (vector) {
         for (int c = lane * kVec; c < C; c += 32 * kVec) {
@@ -257,10 +274,15 @@ static __global__ void sum_partials_kernel(float *dweight, const float *partials
 
 extern "C" void mt_rmsnorm_forward_cuda(const mt_backend *be, void *out, float *rstd, const void *inp,
                                         const void *weight, int N, int C, float eps, int plus_one) {
-    (void)be;
-    int vector = C % kVec == 0 && vec8(out, inp, weight);
+    mt_add_rmsnorm_forward_cuda(be, NULL, out, rstd, inp, NULL, weight, N, C, eps, plus_one);
+}
+
+extern "C" void mt_add_rmsnorm_forward_cuda(const mt_backend *be, void *sum, void *out, float *rstd, const void *a,
+                                            const void *b, const void *weight, int N, int C, float eps, int plus_one) {
+    int vector = C % kVec == 0 && vec8(out, a, weight) && vec8(b, sum);
     rmsnorm_forward_kernel<<<grid_for((size_t)N, kThreads / 32), kThreads, 0, mt_stream_of(be)>>>(
-        (bf16 *)out, rstd, (const bf16 *)inp, (const bf16 *)weight, N, C, eps, plus_one, vector);
+        (bf16 *)out, rstd, (const bf16 *)a, (const bf16 *)b, (bf16 *)sum, (const bf16 *)weight, N, C, eps, plus_one,
+        vector);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -1124,14 +1146,38 @@ static __device__ void store_out(float *p, float y) { *p = y; }
 static __device__ float load_out(const bf16 *p) { return __bfloat162float(*p); }
 static __device__ float load_out(const float *p) { return *p; }
 
+// Up to MT_MAX_PRODUCTS products of one input in one launch: product k takes
+// blocks first[k] .. first[k + 1] - 1.
+template <typename T>
+struct skinny_set {
+    T *out[MT_MAX_PRODUCTS];
+    const bf16 *w[MT_MAX_PRODUCTS], *bias[MT_MAX_PRODUCTS];
+    int OUT[MT_MAX_PRODUCTS], first[MT_MAX_PRODUCTS + 1];
+};
+
+// The set's entry k, read with constant indices (a runtime index into a
+// kernel parameter would copy the set to local memory).
+template <typename V>
+static __device__ V pick(int k, const V (&v)[MT_MAX_PRODUCTS]) {
+    static_assert(MT_MAX_PRODUCTS == 3, "pick reads three entries");
+    return k == 0 ? v[0] : k == 1 ? v[1] : v[2];
+}
+
 // out (R, OUT) = alpha * inp (R, IN) W^T + beta * out, then + bias (as a
-// separate rounding, as the cuBLAS path adds it); IN % 8 == 0, rows aligned.
+// separate rounding, as the cuBLAS path adds it), for each product of the
+// set; IN % 8 == 0, rows aligned.
 template <int R, typename T>
-static __global__ void skinny_kernel(T *out, const bf16 *inp, const bf16 *w, const bf16 *bias, int IN, int OUT,
-                                     float alpha, float beta) {
-    int o = blockIdx.x * kSkinnyWarps + threadIdx.x / 32, lane = threadIdx.x % 32;
+static __global__ void skinny_kernel(skinny_set<T> set, const bf16 *inp, int IN, float alpha, float beta) {
+    int k = ((int)blockIdx.x >= set.first[1]) + ((int)blockIdx.x >= set.first[2]);
+    int o = ((int)blockIdx.x - (k == 0   ? set.first[0]
+                                : k == 1 ? set.first[1]
+                                         : set.first[2])) *
+                kSkinnyWarps +
+            threadIdx.x / 32,
+        lane = threadIdx.x % 32;
+    int OUT = pick(k, set.OUT);
     if (o >= OUT) return;
-    const bf16 *wr = w + (size_t)o * IN;
+    const bf16 *wr = pick(k, set.w) + (size_t)o * IN;
     float acc[R];
 #pragma unroll
     for (int r = 0; r < R; r++) acc[r] = 0.0f;
@@ -1153,6 +1199,8 @@ static __global__ void skinny_kernel(T *out, const bf16 *inp, const bf16 *w, con
 #pragma unroll
     for (int r = 0; r < R; r++) acc[r] = warp_sum(acc[r]);
     if (lane != 0) return;
+    T *out = pick(k, set.out);
+    const bf16 *bias = pick(k, set.bias);
 #pragma unroll
     for (int r = 0; r < R; r++) {
         T *y = out + (size_t)r * OUT + o;
@@ -1170,32 +1218,53 @@ static int skinny_enabled(void) {
     return enabled;
 }
 
-// Runs the skinny kernel when it serves (N rows <= kSkinnyRows, aligned
-// rows); 0: the caller runs cuBLAS.
+// Runs the skinny kernel over `count` products of inp when it serves (N rows
+// <= kSkinnyRows, aligned rows); 0: the caller runs cuBLAS.
 template <typename T>
-static int skinny(const mt_backend *be, T *out, const void *inp, const void *weight, const void *bias, int N, int IN,
-                  int OUT, float alpha, float beta) {
-    if (N > kSkinnyRows || IN % kVec != 0 || !vec8(inp, weight) || !skinny_enabled()) return 0;
-    dim3 grid((OUT + kSkinnyWarps - 1) / kSkinnyWarps), block(32 * kSkinnyWarps);
-    const bf16 *x = (const bf16 *)inp, *w = (const bf16 *)weight, *b = (const bf16 *)bias;
+static int skinny(const mt_backend *be, const mt_product *p, int count, const void *inp, int N, int IN, float alpha,
+                  float beta) {
+    if (N > kSkinnyRows || IN % kVec != 0 || !vec8(inp) || !skinny_enabled()) return 0;
+    skinny_set<T> set = {};
+    int blocks = 0;
+    for (int k = 0; k < MT_MAX_PRODUCTS; k++) {
+        set.first[k] = blocks;
+        if (k >= count) continue;
+        if (!vec8(p[k].weight)) return 0;
+        set.out[k] = (T *)p[k].out, set.w[k] = (const bf16 *)p[k].weight, set.bias[k] = (const bf16 *)p[k].bias;
+        set.OUT[k] = p[k].OUT;
+        blocks += (p[k].OUT + kSkinnyWarps - 1) / kSkinnyWarps;
+    }
+    set.first[MT_MAX_PRODUCTS] = blocks;
+    for (int k = count; k < MT_MAX_PRODUCTS; k++) set.first[k] = blocks;
+    if (blocks == 0) return 1;
+    const bf16 *x = (const bf16 *)inp;
+    dim3 grid(blocks), block(32 * kSkinnyWarps);
     cudaStream_t st = mt_stream_of(be);
     switch (N) {
-        case 1: skinny_kernel<1, T><<<grid, block, 0, st>>>(out, x, w, b, IN, OUT, alpha, beta); break;
-        case 2: skinny_kernel<2, T><<<grid, block, 0, st>>>(out, x, w, b, IN, OUT, alpha, beta); break;
-        case 3: skinny_kernel<3, T><<<grid, block, 0, st>>>(out, x, w, b, IN, OUT, alpha, beta); break;
-        case 4: skinny_kernel<4, T><<<grid, block, 0, st>>>(out, x, w, b, IN, OUT, alpha, beta); break;
-        case 5: skinny_kernel<5, T><<<grid, block, 0, st>>>(out, x, w, b, IN, OUT, alpha, beta); break;
-        case 6: skinny_kernel<6, T><<<grid, block, 0, st>>>(out, x, w, b, IN, OUT, alpha, beta); break;
-        case 7: skinny_kernel<7, T><<<grid, block, 0, st>>>(out, x, w, b, IN, OUT, alpha, beta); break;
-        default: skinny_kernel<8, T><<<grid, block, 0, st>>>(out, x, w, b, IN, OUT, alpha, beta); break;
+        case 1: skinny_kernel<1, T><<<grid, block, 0, st>>>(set, x, IN, alpha, beta); break;
+        case 2: skinny_kernel<2, T><<<grid, block, 0, st>>>(set, x, IN, alpha, beta); break;
+        case 3: skinny_kernel<3, T><<<grid, block, 0, st>>>(set, x, IN, alpha, beta); break;
+        case 4: skinny_kernel<4, T><<<grid, block, 0, st>>>(set, x, IN, alpha, beta); break;
+        case 5: skinny_kernel<5, T><<<grid, block, 0, st>>>(set, x, IN, alpha, beta); break;
+        case 6: skinny_kernel<6, T><<<grid, block, 0, st>>>(set, x, IN, alpha, beta); break;
+        case 7: skinny_kernel<7, T><<<grid, block, 0, st>>>(set, x, IN, alpha, beta); break;
+        default: skinny_kernel<8, T><<<grid, block, 0, st>>>(set, x, IN, alpha, beta); break;
     }
     CUDA_CHECK_LAUNCH();
     return 1;
 }
 
+// One product through the skinny kernel where it serves.
+template <typename T>
+static int skinny1(const mt_backend *be, T *out, const void *inp, const void *weight, const void *bias, int N, int IN,
+                   int OUT, float alpha, float beta) {
+    mt_product p = {out, weight, bias, OUT};
+    return skinny<T>(be, &p, 1, inp, N, IN, alpha, beta);
+}
+
 extern "C" void mt_matmul_forward_cuda(const mt_backend *be, void *out, const void *inp, const void *weight,
                                        const void *bias, int N, int IN, int OUT) {
-    if (skinny(be, (bf16 *)out, inp, weight, bias, N, IN, OUT, 1.0f, 0.0f)) return;
+    if (skinny1(be, (bf16 *)out, inp, weight, bias, N, IN, OUT, 1.0f, 0.0f)) return;
     gemm(be, CUBLAS_OP_T, CUBLAS_OP_N, OUT, N, IN, weight, IN, inp, IN, 1.0f, 0.0f, out, CUDA_R_16BF, OUT);
     if (bias) {
         size_t n = (size_t)N * OUT;
@@ -1205,9 +1274,15 @@ extern "C" void mt_matmul_forward_cuda(const mt_backend *be, void *out, const vo
     }
 }
 
+extern "C" void mt_matmul_forward_many_cuda(const mt_backend *be, const mt_product *p, int count, const void *inp,
+                                            int N, int IN) {
+    if (skinny<bf16>(be, p, count, inp, N, IN, 1.0f, 0.0f)) return;
+    for (int k = 0; k < count; k++) mt_matmul_forward_cuda(be, p[k].out, inp, p[k].weight, p[k].bias, N, IN, p[k].OUT);
+}
+
 extern "C" void mt_matmul_forward_add_cuda(const mt_backend *be, void *out, const void *inp, const void *weight, int N,
                                            int IN, int OUT, float alpha) {
-    if (skinny(be, (bf16 *)out, inp, weight, NULL, N, IN, OUT, alpha, 1.0f)) return;
+    if (skinny1(be, (bf16 *)out, inp, weight, NULL, N, IN, OUT, alpha, 1.0f)) return;
     gemm(be, CUBLAS_OP_T, CUBLAS_OP_N, OUT, N, IN, weight, IN, inp, IN, alpha, 1.0f, out, CUDA_R_16BF, OUT);
 }
 
@@ -1228,7 +1303,7 @@ extern "C" void mt_matmul_backward_cuda(const mt_backend *be, void *dinp, float 
 
 extern "C" void mt_logits_forward_cuda(const mt_backend *be, float *logits, const void *inp, const void *weight, int N,
                                        int C, int V) {
-    if (skinny(be, logits, inp, weight, NULL, N, C, V, 1.0f, 0.0f)) return;
+    if (skinny1(be, logits, inp, weight, NULL, N, C, V, 1.0f, 0.0f)) return;
     gemm(be, CUBLAS_OP_T, CUBLAS_OP_N, V, N, C, weight, C, inp, C, 1.0f, 0.0f, logits, CUDA_R_32F, V);
 }
 

@@ -28,6 +28,11 @@ void mt_op_embedding_backward(const mt_backend *be, float *dwte, const int32_t *
 // (Llama's).
 void mt_op_rmsnorm_forward(const mt_backend *be, void *out, float *rstd, const void *inp, const void *weight, int N,
                            int C, float eps, int plus_one);
+// sum = a + b (a residual, rounded as mt_op_add rounds it), then out =
+// RMSNorm(sum) as mt_op_rmsnorm_forward: the same values as the two ops, in
+// one pass on the GPU.
+void mt_op_add_rmsnorm_forward(const mt_backend *be, void *sum, void *out, float *rstd, const void *a, const void *b,
+                               const void *weight, int N, int C, float eps, int plus_one);
 // dweight may be NULL (a frozen norm).
 void mt_op_rmsnorm_backward(const mt_backend *be, void *dinp, float *dweight, const void *dout, const void *inp,
                             const void *weight, const float *rstd, int N, int C, int plus_one);
@@ -107,6 +112,17 @@ void mt_op_glu_backward(const mt_backend *be, void *dgate, void *dup, const void
 void mt_op_scale(const mt_backend *be, void *x, size_t n, float s);
 void mt_op_matmul_forward(const mt_backend *be, void *out, const void *inp, const void *weight, const void *bias, int N,
                           int IN, int OUT);
+// Products of one input (a layer's q, k and v; gate and up), each as
+// mt_op_matmul_forward; on the GPU one launch where a decoding step's few
+// rows let the skinny kernel serve all of them.
+typedef struct {
+    void *out;
+    const void *weight;
+    const void *bias;  // NULL: none
+    int OUT;
+} mt_product;
+enum { MT_MAX_PRODUCTS = 3 };
+void mt_op_matmul_forward_many(const mt_backend *be, const mt_product *p, int count, const void *inp, int N, int IN);
 void mt_op_matmul_backward(const mt_backend *be, void *dinp, float *dweight, float *dbias, const void *dout,
                            const void *inp, const void *weight, int N, int IN, int OUT, int accumulate);
 // out (N, OUT) += alpha * inp (N, IN) @ weight (OUT, IN)^T.

@@ -19,6 +19,8 @@ void mt_embedding_backward_cuda(const mt_backend *be, float *dwte, const int32_t
                                 int C);
 void mt_rmsnorm_forward_cuda(const mt_backend *be, void *out, float *rstd, const void *inp, const void *weight, int N,
                              int C, float eps, int plus_one);
+void mt_add_rmsnorm_forward_cuda(const mt_backend *be, void *sum, void *out, float *rstd, const void *a, const void *b,
+                                 const void *weight, int N, int C, float eps, int plus_one);
 void mt_rmsnorm_backward_cuda(const mt_backend *be, void *dinp, float *dweight, const void *dout, const void *inp,
                               const void *weight, const float *rstd, int N, int C, int plus_one);
 void mt_rope_forward_cuda(const mt_backend *be, void *out, const void *inp, const float *cos_table,
@@ -47,6 +49,7 @@ void mt_glu_backward_cuda(const mt_backend *be, void *dgate, void *dup, const vo
                           const void *up, size_t n, mt_act act);
 void mt_matmul_forward_cuda(const mt_backend *be, void *out, const void *inp, const void *weight, const void *bias,
                             int N, int IN, int OUT);
+void mt_matmul_forward_many_cuda(const mt_backend *be, const mt_product *p, int count, const void *inp, int N, int IN);
 void mt_matmul_forward_add_cuda(const mt_backend *be, void *out, const void *inp, const void *weight, int N, int IN,
                                 int OUT, float alpha);
 void mt_dropout_cuda(const mt_backend *be, void *out, const void *inp, size_t n, float p, uint64_t seed,

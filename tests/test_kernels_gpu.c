@@ -128,6 +128,29 @@ START_TEST(rmsnorm) {
         expect_close("rmsnorm rstd", rg, rstd, N, 1e-5);
         expect_close("rmsnorm dx (accumulated)", dxg, dx, n, kBf16Tol);
         expect_close("rmsnorm dweight", dwg, dw, C, 1e-3);
+        // the residual and the norm in one op: the sum rounded as the CPU's,
+        // the norm of the rounded sum as the CPU's, and the same bits as
+        // mt_op_add then mt_op_rmsnorm_forward on the GPU
+        float *b = host_random(n, -2, 2), *sum = malloc(n * 4), *y2 = malloc(n * 4), *rstd2 = malloc(N * 4);
+        mt_add_ref(sum, x, b, n);
+        for (size_t i = 0; i < n; i++) sum[i] = mt_round_bf16(sum[i]);
+        mt_rmsnorm_forward_ref(y2, rstd2, sum, w, N, C, 1e-5f, one);
+        void *b_d = dev_bf16(b, n), *sum_d = dev_poisoned(n * 2), *y2_d = dev_poisoned(n * 2),
+             *r2_d = dev_poisoned(N * 4), *sum1_d = dev_poisoned(n * 2), *y1_d = dev_poisoned(n * 2),
+             *r1_d = dev_poisoned(N * 4);
+        mt_op_add_rmsnorm_forward(&be, sum_d, y2_d, r2_d, x_d, b_d, w_d, N, C, 1e-5f, one);
+        mt_op_add(&be, sum1_d, x_d, b_d, n);
+        mt_op_rmsnorm_forward(&be, y1_d, r1_d, sum1_d, w_d, N, C, 1e-5f, one);
+        float *sumg = host_from_bf16(sum_d, n), *y2g = host_from_bf16(y2_d, n), *r2g = host_from_f32(r2_d, N),
+              *sum1g = host_from_bf16(sum1_d, n), *y1g = host_from_bf16(y1_d, n), *r1g = host_from_f32(r1_d, N);
+        expect_close("add_rmsnorm sum", sumg, sum, n, 1e-7);
+        expect_close("add_rmsnorm y", y2g, y2, n, kBf16Tol);
+        expect_close("add_rmsnorm rstd", r2g, rstd2, N, 1e-5);
+        ck_assert_msg(!memcmp(sumg, sum1g, n * 4) && !memcmp(y2g, y1g, n * 4) && !memcmp(r2g, r1g, N * 4),
+                      "add_rmsnorm (N %d, C %d) differs from add then rmsnorm", N, C);
+        free(b), free(sum), free(y2), free(rstd2), free(sumg), free(y2g), free(r2g), free(sum1g), free(y1g), free(r1g);
+        mt_device_free(b_d), mt_device_free(sum_d), mt_device_free(y2_d), mt_device_free(r2_d);
+        mt_device_free(sum1_d), mt_device_free(y1_d), mt_device_free(r1_d);
         // a frozen norm (LoRA): no dweight, the same dx
         void *dx2_d = dev_bf16(dx, n);
         mt_device_memset(dx2_d, 0, n * 2);
@@ -409,6 +432,15 @@ START_TEST(swiglu_add_and_embedding) {
 }
 END_TEST
 
+// w (n host values) twice over, as a new bf16 device array
+static void *dev_bf16_twice(const float *w, size_t n) {
+    float *h = malloc(2 * n * 4);
+    memcpy(h, w, n * 4), memcpy(h + n, w, n * 4);
+    void *d = dev_bf16(h, 2 * n);
+    free(h);
+    return d;
+}
+
 // Up to 8 rows with rows of whole 16-byte vectors go to the skinny kernel
 // (decoding), the rest to cuBLAS: both are checked, the skinny one at one row
 // of a 2048-wide model and at its widest (8 rows) with an output count that
@@ -436,6 +468,24 @@ START_TEST(matmul_and_logits) {
         float *yg = host_from_bf16(y_d, ny), *lgg = host_from_f32(lg_d, ny), *dxg = host_from_bf16(dx_d, nx),
               *dwg = host_from_f32(dw_d, nw), *dbg = host_from_f32(db_d, OUT);
         expect_close("matmul forward", yg, y, ny, 1e-2);
+        // three products of x in one op (q, k, v): each as the one product,
+        // bit for bit (the second with the bias, the third twice as wide)
+        mt_product p[3] = {{dev_poisoned(ny * 2), w_d, NULL, OUT},
+                           {dev_poisoned(ny * 2), w_d, b_d, OUT},
+                           {dev_poisoned(2 * ny * 2), dev_bf16_twice(w, nw), NULL, 2 * OUT}};
+        mt_op_matmul_forward_many(&be, p, 3, x_d, N, IN);
+        void *one_d = dev_poisoned(2 * ny * 2);
+        for (int k = 0; k < 3; k++) {
+            size_t nk = (size_t)N * p[k].OUT;
+            mt_op_matmul_forward(&be, one_d, x_d, p[k].weight, p[k].bias, N, IN, p[k].OUT);
+            float *many = host_from_bf16(p[k].out, nk), *alone = host_from_bf16(one_d, nk);
+            ck_assert_msg(!memcmp(many, alone, nk * 4), "product %d of three (N %d, IN %d, OUT %d) differs from alone",
+                          k, N, IN, OUT);
+            if (k == 1) expect_close("three products: the biased one", many, y, ny, 1e-2);
+            free(many), free(alone);
+            mt_device_free(p[k].out);
+        }
+        mt_device_free(one_d), mt_device_free((void *)p[2].weight);
         expect_close("logits (fp32 out)", lgg, lg, ny, 1e-5);
         expect_close("matmul dinp", dxg, dx, nx, 1e-2);
         expect_close("matmul dweight (fp32)", dwg, dw, nw, 1e-5);

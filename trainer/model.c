@@ -1321,6 +1321,22 @@ static const void *layer_weight(mt_model *m, int l, int p) {
 
 static const void *lm_weight(mt_model *m) { return m->frozen ? m->lm_w : perturbed(m, m->index_lm, m->lm_w); }
 
+// The base products of one input (q, k and v; gate and up): weights w[k] and
+// biases b[k] (-1: none) of layer l into out[k] (N, OUT[k]). One op where the
+// weights stay put while it runs; an NF4 base dequantizes, and a MeZO
+// perturbation generates, into one scratch buffer, so there each product
+// runs as soon as its weight is there.
+static void base_products(mt_model *m, int l, const int *w, const int *b, void **out, const int *OUT, int count,
+                          const void *inp, int N, int IN) {
+    int together = !m->quantized && m->perturb_scale == 0.0f;
+    mt_product p[MT_MAX_PRODUCTS];
+    for (int k = 0; k < count; k++) {
+        p[k] = (mt_product){out[k], layer_weight(m, l, w[k]), b[k] >= 0 ? layer_weight(m, l, b[k]) : NULL, OUT[k]};
+        if (!together) mt_op_matmul_forward(m->be, p[k].out, inp, p[k].weight, p[k].bias, N, IN, p[k].OUT);
+    }
+    if (together) mt_op_matmul_forward_many(m->be, p, count, inp, N, IN);
+}
+
 // Adapters that read one input share one dropout mask, drawn and applied
 // once forward and once backward: q, k and v (the attention's norm), gate and
 // up (the MLP's); a fused module's parts (Phi-3) are such groups too. The
@@ -1425,9 +1441,10 @@ static void mlp_rows_forward(mt_model *m, int l, int r0, int R, void *d) {
     mt_backend *be = m->be;
     layer_acts *A = acts_of(m, l);
     const void *ln2 = rows(m, A->ln2, (size_t)r0, (size_t)c->C);
-    mt_op_matmul_forward(be, A->gate, ln2, layer_weight(m, l, P_WG), NULL, R, c->C, c->F);
+    void *gate_up[2] = {A->gate, A->up};
+    base_products(m, l, (const int[]){P_WG, P_WU}, (const int[]){-1, -1}, gate_up, (const int[]){c->F, c->F}, 2, ln2, R,
+                  c->C);
     lora_forward(m, l, MT_LORA_GATE, A->gate, ln2, c->C, c->F, r0, R);
-    mt_op_matmul_forward(be, A->up, ln2, layer_weight(m, l, P_WU), NULL, R, c->C, c->F);
     lora_forward(m, l, MT_LORA_UP, A->up, ln2, c->C, c->F, r0, R);
     if (!d) return;
     mt_op_glu_forward(be, m->f0, A->gate, A->up, (size_t)R * c->F, glu_act(c));
@@ -1470,16 +1487,16 @@ static void layer_forward(mt_model *m, int l, int recompute) {
     mt_op_rmsnorm_forward(be, A->ln1, A->rstd1, m->x[l], layer_weight(m, l, P_LN1), N, c->C, c->rms_eps, g);
     // Qwen3: the projections stay for backward; each head's norm writes what RoPE reads
     void *qp = c->qk_norm ? A->qraw : qf, *kp = c->qk_norm ? A->kraw : kf;
-    mt_op_matmul_forward(be, qp, A->ln1, layer_weight(m, l, P_WQ), layer_weight(m, l, P_BQ), N, c->C, HD);
+    void *qkv[3] = {qp, kp, vf};
+    base_products(m, l, (const int[]){P_WQ, P_WK, P_WV}, (const int[]){P_BQ, P_BK, P_BV}, qkv,
+                  (const int[]){HD, KVD, KVD}, 3, A->ln1, N, c->C);
     lora_forward(m, l, MT_LORA_Q, qp, A->ln1, c->C, HD, 0, N);
-    mt_op_matmul_forward(be, kp, A->ln1, layer_weight(m, l, P_WK), layer_weight(m, l, P_BK), N, c->C, KVD);
     lora_forward(m, l, MT_LORA_K, kp, A->ln1, c->C, KVD, 0, N);
+    lora_forward(m, l, MT_LORA_V, vf, A->ln1, c->C, KVD, 0, N);
     if (c->qk_norm) {
         mt_op_rmsnorm_forward(be, qf, A->rstd_q, qp, layer_weight(m, l, P_QN), N * c->H, c->D, c->rms_eps, g);
         mt_op_rmsnorm_forward(be, kf, A->rstd_k, kp, layer_weight(m, l, P_KN), N * c->KV, c->D, c->rms_eps, g);
     }
-    mt_op_matmul_forward(be, vf, A->ln1, layer_weight(m, l, P_WV), layer_weight(m, l, P_BV), N, c->C, KVD);
-    lora_forward(m, l, MT_LORA_V, vf, A->ln1, c->C, KVD, 0, N);
     mt_op_rope_forward(be, A->q, qf, cs, sn, m->pos, m->B, m->T, c->H, c->D, 1);
     mt_op_rope_forward(be, A->k, kf, cs, sn, m->pos, m->B, m->T, c->KV, c->D, 1);
     mt_op_rope_forward(be, A->v, vf, cs, sn, m->pos, m->B, m->T, c->KV, c->D, 0);
@@ -1492,8 +1509,8 @@ static void layer_forward(mt_model *m, int l, int recompute) {
     mt_op_matmul_forward(be, o, A->atty, layer_weight(m, l, P_WO), layer_weight(m, l, P_BO), N, HD, c->C);
     lora_forward(m, l, MT_LORA_O, o, A->atty, HD, c->C, 0, N);
     if (g) mt_op_rmsnorm_forward(be, m->scratch_c, A->rstd_a, o, layer_weight(m, l, P_ANORM), N, c->C, c->rms_eps, 1);
-    mt_op_add(be, A->x2, m->x[l], m->scratch_c, (size_t)N * c->C);
-    mt_op_rmsnorm_forward(be, A->ln2, A->rstd2, A->x2, layer_weight(m, l, P_LN2), N, c->C, c->rms_eps, g);
+    mt_op_add_rmsnorm_forward(be, A->x2, A->ln2, A->rstd2, m->x[l], m->scratch_c, layer_weight(m, l, P_LN2), N, c->C,
+                              c->rms_eps, g);
     // the MLP, whole or in tiles of rows; Gemma's backward needs down_proj's
     // output for its norm: recompute reaches it
     void *d = g ? A->mlp_out : m->scratch_c;
