@@ -10,8 +10,9 @@ gpu --input` (its own summary line times the decoding, not the loading).
 transformers: generate with its dynamic cache (eager), and with the static
 cache (which transformers compiles with torch.compile itself) where it runs;
 both after a warm-up generate; min_new_tokens forces the same length. The batch-1 bound:
-the model's bf16 weight bytes read once per token over the GPU's copy
-bandwidth (measured here: a device-to-device copy, bytes read plus written).
+the bf16 weight bytes a token reads (every weight once, of the untied
+embedding table one row) over the GPU's copy bandwidth (measured here: a
+device-to-device copy, bytes read plus written).
 memtune times its decoding after one set-up step (kernels loaded, the step
 recorded as a CUDA Graph), as transformers is timed after its warm-up.
 --variants also runs memtune with parts turned off, for an A/B in one call:
@@ -77,12 +78,15 @@ def memtune_decode(folder, batch, new, variant="default"):
                          capture_output=True, text=True, env=dict(os.environ, **VARIANTS[variant]))
     m = re.search(r"(\d+) new tokens in ([0-9.]+) s", out.stderr)
     step = re.search(r"a decoding step runs (.*)", out.stderr)
+    split = re.search(r"steps of ([0-9.]+) ms in the model, ([0-9.]+) ms a step in sampling", out.stderr)
     if out.returncode or not m:
         print(out.stderr[-2000:])
         return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
     tokens, seconds = int(m.group(1)), float(m.group(2))
-    return {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-            "step": step.group(1) if step else "?"}
+    r = {"tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds, "step": step.group(1) if step else "?"}
+    if split:
+        r["model_ms_per_step"], r["host_ms_per_step"] = float(split.group(1)), float(split.group(2))
+    return r
 
 
 def torch_decode(model, batch, new, static):
@@ -127,7 +131,11 @@ def main():
         for f in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(os.path.join(FIXTURE, f), folder)
         weight_bytes = sum(p.numel() for p in model.parameters()) * 2
-        row = {"weight_bytes": weight_bytes, "batches": {}}
+        # a step reads every weight once but of the (untied) embedding table one row a sequence
+        emb = model.get_input_embeddings().weight
+        tied = model.config.tie_word_embeddings
+        read_bytes = weight_bytes - (0 if tied else (emb.numel() - emb.shape[1]) * 2)
+        row = {"weight_bytes": weight_bytes, "bytes_read_per_token": read_bytes, "batches": {}}
         for batch in [int(b) for b in args.batches.split(",")]:
             r = {"memtune": memtune_decode(folder, batch, args.new)}
             for v in args.variants.split(","):
@@ -148,17 +156,20 @@ def main():
             if mt and best:
                 r["ratio_vs_best_transformers"] = mt / best
             if mt and batch == 1:
-                r["memtune_bandwidth_fraction"] = weight_bytes * mt / bw
+                r["memtune_bandwidth_fraction"] = read_bytes * mt / bw
                 for k, v in list(r.items()):
                     if k.startswith("memtune_") and isinstance(v, dict) and "tokens_per_s" in v:
-                        v["bandwidth_fraction"] = weight_bytes * v["tokens_per_s"] / bw
+                        v["bandwidth_fraction"] = read_bytes * v["tokens_per_s"] / bw
             row["batches"][str(batch)] = r
             line = " | ".join(f"{k} {v['tokens_per_s']:.0f} tok/s" if "tokens_per_s" in v else f"{k} {v.get('error')}"
                               for k, v in r.items() if isinstance(v, dict))
             extra = f" | ratio {r['ratio_vs_best_transformers']:.2f}x" if "ratio_vs_best_transformers" in r else ""
             if "memtune_bandwidth_fraction" in r:
                 extra += f" | {100 * r['memtune_bandwidth_fraction']:.0f}% of the bandwidth bound"
-            print(f"{shape} batch {batch}: {line}{extra} | memtune's step: {r['memtune'].get('step')}", flush=True)
+            m = r["memtune"]
+            print(f"{shape} batch {batch}: {line}{extra} | memtune's step: {m.get('step')}, "
+                  f"{m.get('model_ms_per_step')} ms in the model, {m.get('host_ms_per_step')} ms on the host",
+                  flush=True)
         results["shapes"][shape] = row
         del model
         torch.cuda.empty_cache()

@@ -444,9 +444,9 @@ mt_err mt_generate_text(mt_generator *g, const mt_tokenizer *tok, const mt_ids *
 
 mt_err mt_generate_batch(mt_model *m, const mt_tokenizer *tok, const mt_ids *prompts, int n,
                          const mt_generate_options *o, FILE *stream, mt_generated_fn ready, void *ctx,
-                         long *new_tokens) {
+                         mt_generate_stats *stats) {
     const mt_model_config *c = mt_model_get_config(m);
-    long made = 0;
+    mt_generate_stats st = {0};
     int cache = mt_model_decode_len(m), rows = mt_model_decode_rows(m);
     gen_seq *seqs = calloc((size_t)rows, sizeof *seqs);
     int *item = malloc((size_t)rows * sizeof *item);  // the prompt each row is on, -1: none
@@ -474,13 +474,25 @@ mt_err mt_generate_batch(mt_model *m, const mt_tokenizer *tok, const mt_ids *pro
                                 item[r] + 1, cache);
             tokens[r] = live ? (int32_t)s->hist.ids[s->fed] : 0, pos[r] = live ? (int)s->fed : 0;
         }
-        if (any && !err) mt_model_decode(m, tokens, pos, logits);
+        if (any && !err) {
+            double t0 = mt_now();
+            mt_model_decode(m, tokens, pos, logits);
+            st.step_seconds += mt_now() - t0;
+            st.steps++;
+        }
+        // the rows' next tokens: independent, on the host's cores (one row
+        // streams to the terminal only when it is the only prompt)
+        if (!err) {
+#pragma omp parallel for schedule(dynamic) if (rows > 1)
+            for (int r = 0; r < rows; r++) {
+                gen_seq *s = &seqs[r];
+                if (item[r] >= 0 && !s->done && ++s->fed == s->hist.n) seq_take(s, logits + (size_t)r * c->V, c->V);
+            }
+        }
         for (int r = 0; r < rows && !err; r++) {
             gen_seq *s = &seqs[r];
-            if (item[r] < 0) continue;
-            if (!s->done && ++s->fed == s->hist.n) seq_take(s, logits + (size_t)r * c->V, c->V);
-            if (!s->done) continue;
-            made += (long)(s->hist.n - s->start);
+            if (item[r] < 0 || !s->done) continue;
+            st.new_tokens += (long)(s->hist.n - s->start);
             texts[item[r]] = seq_end(s);
             item[r] = -1;
         }
@@ -495,6 +507,6 @@ mt_err mt_generate_batch(mt_model *m, const mt_tokenizer *tok, const mt_ids *pro
         if (item[r] >= 0) free(seq_end(&seqs[r]));
     for (int i = next_ready; i < n; i++) free(texts[i]);
     free(seqs), free(item), free(pos), free(tokens), free(logits), free(texts);
-    if (new_tokens) *new_tokens = made;
+    if (stats) *stats = st;
     return err;
 }

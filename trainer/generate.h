@@ -82,10 +82,17 @@ typedef void (*mt_generated_fn)(void *ctx, int index, const char *text);
 // step at a time beside other rows' new ones. A single prompt (n 1) streams
 // to `stream`. Stops at the first sequence that outgrows the cache (the
 // completions before it were handed over).
-// new_tokens (may be NULL): how many tokens the completions hold.
+// stats (may be NULL): how many tokens the completions hold, and the steps
+// and the wall time spent in them (mt_model_decode: the model and the
+// logits' copy to the host; the rest is sampling and text).
+typedef struct {
+    long new_tokens;
+    long steps;
+    double step_seconds;
+} mt_generate_stats;
 mt_err mt_generate_batch(mt_model *m, const mt_tokenizer *tok, const mt_ids *prompts, int n,
                          const mt_generate_options *o, FILE *stream, mt_generated_fn ready, void *ctx,
-                         long *new_tokens);
+                         mt_generate_stats *stats);
 
 #ifdef __cplusplus
 }

@@ -583,13 +583,16 @@ static mt_err generate_gpu(const gen_ctx *c, gen_item *items, int n, FILE *strea
                 why ? "op by op (" : "as one CUDA Graph", why ? why : "", why ? ")" : "");
     }
     double t0 = mt_now();
-    long made = 0;
+    mt_generate_stats st = {0};
     if (!err)
-        err = mt_generate_batch(m, c->tok, prompts, n, &c->o, stream, stream ? NULL : print_completion, items, &made);
+        err = mt_generate_batch(m, c->tok, prompts, n, &c->o, stream, stream ? NULL : print_completion, items, &st);
     double dt = mt_now() - t0;
-    if (!err)
-        fprintf(stderr, "generate: %d completion%s, %ld new tokens in %.3f s (%.1f tokens/s)\n", n, n > 1 ? "s" : "",
-                made, dt, made / (dt > 0 ? dt : 1e-9));
+    if (!err && st.steps)
+        fprintf(stderr,
+                "generate: %d completion%s, %ld new tokens in %.3f s (%.1f tokens/s); %ld steps of %.2f ms in the "
+                "model, %.2f ms a step in sampling and text\n",
+                n, n > 1 ? "s" : "", st.new_tokens, dt, st.new_tokens / (dt > 0 ? dt : 1e-9), st.steps,
+                1e3 * st.step_seconds / st.steps, 1e3 * (dt - st.step_seconds) / st.steps);
     free(prompts);
     mt_model_free(m);
     mt_backend_free(&be);
