@@ -55,6 +55,14 @@ void mt_op_rope_forward(const mt_backend *be, void *out, const void *inp, const 
     mt_rope_forward_ref(out, inp, cos_table, sin_table, pos, B, T, H, D, rotate);
 }
 
+void mt_op_rope_forward_many(const mt_backend *be, const mt_rope_part *p, int count, const float *cos_table,
+                             const float *sin_table, const int32_t *pos, int B, int T, int D) {
+    MT_CHECK(count >= 1 && count <= MT_MAX_ROPE_PARTS, "%d RoPE parts (1 to %d)", count, MT_MAX_ROPE_PARTS);
+    MT_GPU(be, mt_rope_forward_many_cuda(be, p, count, cos_table, sin_table, pos, B, T, D));
+    for (int k = 0; k < count; k++)
+        mt_rope_forward_ref(p[k].dst, p[k].src, cos_table, sin_table, pos, B, T, p[k].H, D, p[k].rotate);
+}
+
 void mt_op_rope_backward(const mt_backend *be, void *dinp, const void *dout, const float *cos_table,
                          const float *sin_table, const int32_t *pos, int B, int T, int H, int D, int rotate) {
     MT_GPU(be, mt_rope_backward_cuda(be, dinp, dout, cos_table, sin_table, pos, B, T, H, D, rotate));
@@ -151,6 +159,14 @@ void mt_op_attention_decode(const mt_backend *be, void *out, const void *q, cons
 void mt_op_glu_forward(const mt_backend *be, void *out, const void *gate, const void *up, size_t n, mt_act act) {
     MT_GPU(be, mt_glu_forward_cuda(be, out, gate, up, n, act));
     mt_glu_forward_ref(out, gate, up, n, act);
+}
+
+void mt_op_matmul_glu_forward(const mt_backend *be, void *out, void *gate, void *up, const void *inp, const void *wg,
+                              const void *wu, int N, int IN, int F, mt_act act) {
+    MT_GPU(be, mt_matmul_glu_forward_cuda(be, out, gate, up, inp, wg, wu, N, IN, F, act));
+    mt_matmul_forward_ref(gate, inp, wg, NULL, N, IN, F);
+    mt_matmul_forward_ref(up, inp, wu, NULL, N, IN, F);
+    mt_op_glu_forward(be, out, gate, up, (size_t)N * F, act);
 }
 
 void mt_op_glu_backward(const mt_backend *be, void *dgate, void *dup, const void *dout, const void *gate,

@@ -344,10 +344,10 @@ static __global__ void rope_kernel(bf16 *dst, const bf16 *src, const float *cos_
 
 // The same, 8 consecutive i a thread (16-byte loads): width and D/2 are
 // multiples of 8 and the pointers aligned.
-static __global__ void rope8_kernel(bf16 *dst, const bf16 *src, const float *cos_table, const float *sin_table,
-                                    const int32_t *pos, int B, int T, int H, int D, int rotate, int backward) {
+static __device__ __forceinline__ void rope8_item(bf16 *dst, const bf16 *src, const float *cos_table,
+                                                  const float *sin_table, const int32_t *pos, size_t idx, int B, int T,
+                                                  int H, int D, int rotate, int backward) {
     int width = rotate ? D / 2 : D;
-    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (size_t)B * T * H * (width / kVec)) return;
     int i = (int)(idx % (width / kVec)) * kVec;
     size_t rest = idx / (width / kVec);
@@ -373,6 +373,40 @@ static __global__ void rope8_kernel(bf16 *dst, const bf16 *src, const float *cos
     store8(dst + to + i, y1), store8(dst + to + i + half, y2);
 }
 
+static __global__ void rope8_kernel(bf16 *dst, const bf16 *src, const float *cos_table, const float *sin_table,
+                                    const int32_t *pos, int B, int T, int H, int D, int rotate, int backward) {
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    rope8_item(dst, src, cos_table, sin_table, pos, idx, B, T, H, D, rotate, backward);
+}
+
+// Up to MT_MAX_ROPE_PARTS passes of rope8_kernel in one launch: part k takes
+// the threads first[k] .. first[k + 1] - 1.
+struct rope_parts {
+    bf16 *dst[MT_MAX_ROPE_PARTS];
+    const bf16 *src[MT_MAX_ROPE_PARTS];
+    int H[MT_MAX_ROPE_PARTS], rotate[MT_MAX_ROPE_PARTS];
+    size_t first[MT_MAX_ROPE_PARTS + 1];
+};
+
+static __global__ void rope8_parts_kernel(rope_parts p, const float *cos_table, const float *sin_table,
+                                          const int32_t *pos, int B, int T, int D, int backward) {
+    static_assert(MT_MAX_ROPE_PARTS == 3, "the parts are read with constant indices");
+    size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= p.first[3]) return;
+    int k = (idx >= p.first[1]) + (idx >= p.first[2]);
+    // constant indices: a runtime index into a kernel parameter would copy it to local memory
+    bf16 *dst = k == 0 ? p.dst[0] : k == 1 ? p.dst[1] : p.dst[2];
+    const bf16 *src = k == 0 ? p.src[0] : k == 1 ? p.src[1] : p.src[2];
+    int H = k == 0   ? p.H[0]
+            : k == 1 ? p.H[1]
+                     : p.H[2],
+        rotate = k == 0   ? p.rotate[0]
+                 : k == 1 ? p.rotate[1]
+                          : p.rotate[2];
+    size_t first = k == 0 ? p.first[0] : k == 1 ? p.first[1] : p.first[2];
+    rope8_item(dst, src, cos_table, sin_table, pos, idx - first, B, T, H, D, rotate, backward);
+}
+
 static void rope_launch(const mt_backend *be, void *dst, const void *src, const float *cos_table,
                         const float *sin_table, const int32_t *pos, int B, int T, int H, int D, int rotate,
                         int backward) {
@@ -385,6 +419,34 @@ static void rope_launch(const mt_backend *be, void *dst, const void *src, const 
         rope_kernel<<<grid_for(n, kThreads), kThreads, 0, mt_stream_of(be)>>>(
             (bf16 *)dst, (const bf16 *)src, cos_table, sin_table, pos, B, T, H, D, rotate, backward);
     }
+    CUDA_CHECK_LAUNCH();
+}
+
+extern "C" void mt_rope_forward_many_cuda(const mt_backend *be, const mt_rope_part *parts, int count,
+                                          const float *cos_table, const float *sin_table, const int32_t *pos, int B,
+                                          int T, int D) {
+    rope_parts p = {};
+    size_t threads = 0;
+    int together = 1;
+    for (int k = 0; k < MT_MAX_ROPE_PARTS; k++) {
+        p.first[k] = threads;
+        if (k >= count) continue;
+        int width = parts[k].rotate ? D / 2 : D;
+        together &= width % kVec == 0 && vec8(parts[k].dst, parts[k].src);
+        p.dst[k] = (bf16 *)parts[k].dst, p.src[k] = (const bf16 *)parts[k].src;
+        p.H[k] = parts[k].H, p.rotate[k] = parts[k].rotate;
+        threads += (size_t)B * T * parts[k].H * (width / kVec);
+    }
+    p.first[MT_MAX_ROPE_PARTS] = threads;
+    if (!together) {
+        for (int k = 0; k < count; k++)
+            rope_launch(be, parts[k].dst, parts[k].src, cos_table, sin_table, pos, B, T, parts[k].H, D, parts[k].rotate,
+                        0);
+        return;
+    }
+    if (threads == 0) return;
+    rope8_parts_kernel<<<grid_for(threads, kThreads), kThreads, 0, mt_stream_of(be)>>>(p, cos_table, sin_table, pos, B,
+                                                                                       T, D, 0);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -1278,6 +1340,70 @@ extern "C" void mt_matmul_forward_many_cuda(const mt_backend *be, const mt_produ
                                             int N, int IN) {
     if (skinny<bf16>(be, p, count, inp, N, IN, 1.0f, 0.0f)) return;
     for (int k = 0; k < count; k++) mt_matmul_forward_cuda(be, p[k].out, inp, p[k].weight, p[k].bias, N, IN, p[k].OUT);
+}
+
+// The MLP's first half for a few rows in one launch: a warp per output
+// column streams its rows of both weights, rounds each product to bf16 as
+// the skinny kernel stores it, and applies the activation as
+// glu_forward_kernel does (the same bits as the three launches).
+template <int R>
+static __global__ void skinny_glu_kernel(bf16 *out, const bf16 *inp, const bf16 *wg, const bf16 *wu, int IN, int F,
+                                         mt_act act) {
+    int o = blockIdx.x * kSkinnyWarps + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (o >= F) return;
+    const bf16 *gr = wg + (size_t)o * IN, *ur = wu + (size_t)o * IN;
+    float ag[R], au[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) ag[r] = 0.0f, au[r] = 0.0f;
+#pragma unroll 2
+    for (int i = lane * kVec; i < IN; i += 32 * kVec) {
+        uint4 gw = __ldcs((const uint4 *)(gr + i)), uw = __ldcs((const uint4 *)(ur + i));
+        const bf16 *gh = (const bf16 *)&gw, *uh = (const bf16 *)&uw;
+        float gf[kVec], uf[kVec];
+#pragma unroll
+        for (int j = 0; j < kVec; j++) gf[j] = __bfloat162float(gh[j]), uf[j] = __bfloat162float(uh[j]);
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+            float xf[kVec];
+            load8(xf, inp + (size_t)r * IN + i);
+#pragma unroll
+            for (int j = 0; j < kVec; j++) ag[r] = fmaf(gf[j], xf[j], ag[r]), au[r] = fmaf(uf[j], xf[j], au[r]);
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; r++) ag[r] = warp_sum(ag[r]), au[r] = warp_sum(au[r]);
+    if (lane != 0) return;
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        float a, da, g = __bfloat162float(__float2bfloat16(ag[r])), u = __bfloat162float(__float2bfloat16(au[r]));
+        glu_act(act, g, &a, &da);
+        out[(size_t)r * F + o] = __float2bfloat16(a * u);
+    }
+}
+
+extern "C" void mt_matmul_glu_forward_cuda(const mt_backend *be, void *out, void *gate, void *up, const void *inp,
+                                           const void *wg, const void *wu, int N, int IN, int F, mt_act act) {
+    if (N <= kSkinnyRows && IN % kVec == 0 && vec8(inp, wg, wu) && skinny_enabled()) {
+        dim3 grid((F + kSkinnyWarps - 1) / kSkinnyWarps), block(32 * kSkinnyWarps);
+        const bf16 *x = (const bf16 *)inp, *g = (const bf16 *)wg, *u = (const bf16 *)wu;
+        bf16 *y = (bf16 *)out;
+        cudaStream_t st = mt_stream_of(be);
+        switch (N) {
+            case 1: skinny_glu_kernel<1><<<grid, block, 0, st>>>(y, x, g, u, IN, F, act); break;
+            case 2: skinny_glu_kernel<2><<<grid, block, 0, st>>>(y, x, g, u, IN, F, act); break;
+            case 3: skinny_glu_kernel<3><<<grid, block, 0, st>>>(y, x, g, u, IN, F, act); break;
+            case 4: skinny_glu_kernel<4><<<grid, block, 0, st>>>(y, x, g, u, IN, F, act); break;
+            case 5: skinny_glu_kernel<5><<<grid, block, 0, st>>>(y, x, g, u, IN, F, act); break;
+            case 6: skinny_glu_kernel<6><<<grid, block, 0, st>>>(y, x, g, u, IN, F, act); break;
+            case 7: skinny_glu_kernel<7><<<grid, block, 0, st>>>(y, x, g, u, IN, F, act); break;
+            default: skinny_glu_kernel<8><<<grid, block, 0, st>>>(y, x, g, u, IN, F, act); break;
+        }
+        CUDA_CHECK_LAUNCH();
+        return;
+    }
+    mt_product p[2] = {{gate, wg, NULL, F}, {up, wu, NULL, F}};
+    mt_matmul_forward_many_cuda(be, p, 2, inp, N, IN);
+    mt_glu_forward_cuda(be, out, gate, up, (size_t)N * F, act);
 }
 
 extern "C" void mt_matmul_forward_add_cuda(const mt_backend *be, void *out, const void *inp, const void *weight, int N,

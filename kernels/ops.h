@@ -40,6 +40,17 @@ void mt_op_rmsnorm_backward(const mt_backend *be, void *dinp, float *dweight, co
 // row of the tables); NULL means t. Packed documents restart it at 0.
 void mt_op_rope_forward(const mt_backend *be, void *out, const void *inp, const float *cos_table,
                         const float *sin_table, const int32_t *pos, int B, int T, int H, int D, int rotate);
+// Several RoPE passes over the same positions (a layer's q, k and v: rotate
+// 0 only moves v to the attention's layout), each as mt_op_rope_forward with
+// its head count; on the GPU one launch where the rows allow 16-byte loads.
+typedef struct {
+    void *dst;
+    const void *src;
+    int H, rotate;
+} mt_rope_part;
+enum { MT_MAX_ROPE_PARTS = 3 };
+void mt_op_rope_forward_many(const mt_backend *be, const mt_rope_part *p, int count, const float *cos_table,
+                             const float *sin_table, const int32_t *pos, int B, int T, int D);
 void mt_op_rope_backward(const mt_backend *be, void *dinp, const void *dout, const float *cos_table,
                          const float *sin_table, const int32_t *pos, int B, int T, int H, int D, int rotate);
 // One attention problem: q (B, H, T, D), k/v (B, KV, T, D) with H a multiple
@@ -108,6 +119,13 @@ typedef enum { MT_ACT_SILU, MT_ACT_GELU_TANH } mt_act;
 void mt_op_glu_forward(const mt_backend *be, void *out, const void *gate, const void *up, size_t n, mt_act act);
 void mt_op_glu_backward(const mt_backend *be, void *dgate, void *dup, const void *dout, const void *gate,
                         const void *up, size_t n, mt_act act);
+// The MLP's first half without adapters: out (N, F) = act(inp wg^T) * inp
+// wu^T, each product rounded to the activation type as mt_op_matmul_forward
+// rounds it, then mt_op_glu_forward's arithmetic (the same values as the three
+// ops). gate and up (N, F) are scratch: the GPU leaves them alone where one
+// launch serves (a decoding step's few rows).
+void mt_op_matmul_glu_forward(const mt_backend *be, void *out, void *gate, void *up, const void *inp, const void *wg,
+                              const void *wu, int N, int IN, int F, mt_act act);
 // x *= s over n activations (rounded to the activation type, as s * x in it).
 void mt_op_scale(const mt_backend *be, void *x, size_t n, float s);
 void mt_op_matmul_forward(const mt_backend *be, void *out, const void *inp, const void *weight, const void *bias, int N,

@@ -25,6 +25,8 @@ void mt_rmsnorm_backward_cuda(const mt_backend *be, void *dinp, float *dweight, 
                               const void *weight, const float *rstd, int N, int C, int plus_one);
 void mt_rope_forward_cuda(const mt_backend *be, void *out, const void *inp, const float *cos_table,
                           const float *sin_table, const int32_t *pos, int B, int T, int H, int D, int rotate);
+void mt_rope_forward_many_cuda(const mt_backend *be, const mt_rope_part *p, int count, const float *cos_table,
+                               const float *sin_table, const int32_t *pos, int B, int T, int D);
 void mt_rope_backward_cuda(const mt_backend *be, void *dinp, const void *dout, const float *cos_table,
                            const float *sin_table, const int32_t *pos, int B, int T, int H, int D, int rotate);
 // Attention: cuDNN's fused graphs where the backend has them for the shape,
@@ -50,6 +52,8 @@ void mt_glu_backward_cuda(const mt_backend *be, void *dgate, void *dup, const vo
 void mt_matmul_forward_cuda(const mt_backend *be, void *out, const void *inp, const void *weight, const void *bias,
                             int N, int IN, int OUT);
 void mt_matmul_forward_many_cuda(const mt_backend *be, const mt_product *p, int count, const void *inp, int N, int IN);
+void mt_matmul_glu_forward_cuda(const mt_backend *be, void *out, void *gate, void *up, const void *inp, const void *wg,
+                                const void *wu, int N, int IN, int F, mt_act act);
 void mt_matmul_forward_add_cuda(const mt_backend *be, void *out, const void *inp, const void *weight, int N, int IN,
                                 int OUT, float alpha);
 void mt_dropout_cuda(const mt_backend *be, void *out, const void *inp, size_t n, float p, uint64_t seed,

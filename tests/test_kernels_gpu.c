@@ -191,6 +191,27 @@ START_TEST(rope) {
                 expect_close(docs ? "rope forward (documents)" : "rope forward", yg, y, n, rotate ? 1e-2 : 1e-7);
                 expect_close(docs ? "rope backward (documents)" : "rope backward", dxg, dx, n, rotate ? 1e-2 : 1e-7);
                 free(yg), free(dxg);
+                for (int shift = 0; rotate && shift <= (H > 1); shift++) {  // shifted: v's rows stay inside x
+                    // q, k and v in one op (k and v with fewer heads, v moved only): each part the
+                    // same bits as its own op, in one launch (aligned rows of 8) or one each (D 2,
+                    // or v's rows shifted by an element)
+                    int H2 = H > 1 ? H / 2 : 1;
+                    size_t n2 = (size_t)B * T * H2 * D;
+                    mt_rope_part parts[3] = {{dev_poisoned(n * 2), x_d, H, 1},
+                                             {dev_poisoned(n2 * 2), x_d, H2, 1},
+                                             {dev_poisoned(n2 * 2), (const char *)x_d + 2 * shift, H2, 0}};
+                    mt_op_rope_forward_many(&be, parts, 3, cos_d, sin_d, docs ? pos_d : NULL, B, T, D);
+                    for (int k = 0; k < 3; k++) {
+                        size_t nk = k ? n2 : n;
+                        void *one_d = dev_poisoned(nk * 2);
+                        mt_op_rope_forward(&be, one_d, parts[k].src, cos_d, sin_d, docs ? pos_d : NULL, B, T,
+                                           parts[k].H, D, parts[k].rotate);
+                        float *many = host_from_bf16(parts[k].dst, nk), *alone = host_from_bf16(one_d, nk);
+                        ck_assert_msg(!memcmp(many, alone, nk * 4), "rope part %d of three (B %d T %d H %d D %d)", k, B,
+                                      T, parts[k].H, D);
+                        free(many), free(alone), mt_device_free(one_d), mt_device_free(parts[k].dst);
+                    }
+                }
             }
             free(inv), free(cs), free(x), free(y), free(dx), free(pos);
             mt_device_free(cos_d), mt_device_free(sin_d), mt_device_free(x_d), mt_device_free(y_d),
@@ -486,6 +507,27 @@ START_TEST(matmul_and_logits) {
             mt_device_free(p[k].out);
         }
         mt_device_free(one_d), mt_device_free((void *)p[2].weight);
+        // the MLP's first half (gate x, up x, the activation) in one op: the
+        // same bits as the products and mt_op_glu_forward, and the CPU's values
+        for (int act = 0; act < 2; act++) {
+            float *w2 = host_random(nw, -1, 1), *ga = malloc(ny * 4), *up = malloc(ny * 4), *h = malloc(ny * 4);
+            void *w2_d = dev_bf16(w2, nw), *h_d = dev_poisoned(ny * 2), *ga_d = dev_poisoned(ny * 2),
+                 *up_d = dev_poisoned(ny * 2), *h1_d = dev_poisoned(ny * 2);
+            mt_matmul_forward_ref(ga, x, w, NULL, N, IN, OUT);
+            mt_matmul_forward_ref(up, x, w2, NULL, N, IN, OUT);
+            for (size_t i = 0; i < ny; i++) ga[i] = mt_round_bf16(ga[i]), up[i] = mt_round_bf16(up[i]);
+            mt_glu_forward_ref(h, ga, up, ny, (mt_act)act);
+            mt_op_matmul_glu_forward(&be, h_d, ga_d, up_d, x_d, w_d, w2_d, N, IN, OUT, (mt_act)act);
+            mt_op_matmul_forward(&be, ga_d, x_d, w_d, NULL, N, IN, OUT);
+            mt_op_matmul_forward(&be, up_d, x_d, w2_d, NULL, N, IN, OUT);
+            mt_op_glu_forward(&be, h1_d, ga_d, up_d, ny, (mt_act)act);
+            float *hg = host_from_bf16(h_d, ny), *h1g = host_from_bf16(h1_d, ny);
+            expect_close("matmul + glu", hg, h, ny, 1e-2);
+            ck_assert_msg(!memcmp(hg, h1g, ny * 4),
+                          "matmul + glu (N %d, IN %d, OUT %d, act %d) differs from the three ops", N, IN, OUT, act);
+            free(w2), free(ga), free(up), free(h), free(hg), free(h1g);
+            mt_device_free(w2_d), mt_device_free(h_d), mt_device_free(ga_d), mt_device_free(up_d), mt_device_free(h1_d);
+        }
         expect_close("logits (fp32 out)", lgg, lg, ny, 1e-5);
         expect_close("matmul dinp", dxg, dx, nx, 1e-2);
         expect_close("matmul dweight (fp32)", dwg, dw, nw, 1e-5);

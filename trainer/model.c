@@ -1441,13 +1441,22 @@ static void mlp_rows_forward(mt_model *m, int l, int r0, int R, void *d) {
     mt_backend *be = m->be;
     layer_acts *A = acts_of(m, l);
     const void *ln2 = rows(m, A->ln2, (size_t)r0, (size_t)c->C);
-    void *gate_up[2] = {A->gate, A->up};
-    base_products(m, l, (const int[]){P_WG, P_WU}, (const int[]){-1, -1}, gate_up, (const int[]){c->F, c->F}, 2, ln2, R,
-                  c->C);
-    lora_forward(m, l, MT_LORA_GATE, A->gate, ln2, c->C, c->F, r0, R);
-    lora_forward(m, l, MT_LORA_UP, A->up, ln2, c->C, c->F, r0, R);
-    if (!d) return;
-    mt_op_glu_forward(be, m->f0, A->gate, A->up, (size_t)R * c->F, glu_act(c));
+    const layer_params *P = &m->layers[l];
+    // forward only, no adapters on gate and up, weights that stay put: the
+    // products and the activation in one op (gate and up are not kept)
+    if (d && m->forward_only && !P->lora_a[MT_LORA_GATE] && !P->lora_a[MT_LORA_UP] && !m->quantized &&
+        m->perturb_scale == 0.0f) {
+        mt_op_matmul_glu_forward(be, m->f0, A->gate, A->up, ln2, layer_weight(m, l, P_WG), layer_weight(m, l, P_WU), R,
+                                 c->C, c->F, glu_act(c));
+    } else {
+        void *gate_up[2] = {A->gate, A->up};
+        base_products(m, l, (const int[]){P_WG, P_WU}, (const int[]){-1, -1}, gate_up, (const int[]){c->F, c->F}, 2,
+                      ln2, R, c->C);
+        lora_forward(m, l, MT_LORA_GATE, A->gate, ln2, c->C, c->F, r0, R);
+        lora_forward(m, l, MT_LORA_UP, A->up, ln2, c->C, c->F, r0, R);
+        if (!d) return;
+        mt_op_glu_forward(be, m->f0, A->gate, A->up, (size_t)R * c->F, glu_act(c));
+    }
     void *dr = rows(m, d, (size_t)r0, (size_t)c->C);
     mt_op_matmul_forward(be, dr, m->f0, layer_weight(m, l, P_WD), NULL, R, c->F, c->C);
     lora_forward(m, l, MT_LORA_DOWN, dr, m->f0, c->F, c->C, r0, R);
@@ -1497,9 +1506,8 @@ static void layer_forward(mt_model *m, int l, int recompute) {
         mt_op_rmsnorm_forward(be, qf, A->rstd_q, qp, layer_weight(m, l, P_QN), N * c->H, c->D, c->rms_eps, g);
         mt_op_rmsnorm_forward(be, kf, A->rstd_k, kp, layer_weight(m, l, P_KN), N * c->KV, c->D, c->rms_eps, g);
     }
-    mt_op_rope_forward(be, A->q, qf, cs, sn, m->pos, m->B, m->T, c->H, c->D, 1);
-    mt_op_rope_forward(be, A->k, kf, cs, sn, m->pos, m->B, m->T, c->KV, c->D, 1);
-    mt_op_rope_forward(be, A->v, vf, cs, sn, m->pos, m->B, m->T, c->KV, c->D, 0);
+    mt_rope_part qkv_rope[3] = {{A->q, qf, c->H, 1}, {A->k, kf, c->KV, 1}, {A->v, vf, c->KV, 0}};
+    mt_op_rope_forward_many(be, qkv_rope, 3, cs, sn, m->pos, m->B, m->T, c->D);
     if (m->decode_len)
         decode_attention(m, l, A);
     else
