@@ -1045,6 +1045,34 @@ START_TEST(generation_matches_the_full_forward) {
     memcpy(c, l, sizeof l);
     ck_assert_int_eq(mt_sample(c, 6, &rp, hist, 2, 0), 3);
     ck_assert_float_eq(c[1], 1.0f);  // once, though seen twice
+    // top-k selects its head without sorting the rest: the same token as the
+    // whole sort over logits whose tokens past the k best (ties by id) are
+    // -inf, for every draw; logits drawn from few values, so ties cross k
+    enum { NV = 3000 };
+    float *big = malloc(NV * 4), *work = malloc(NV * 4), *masked = malloc(NV * 4);
+    int32_t *rank = malloc(NV * 4);
+    for (int v = 0; v < NV; v++) big[v] = (float)(mt_rng_bits(5, (uint64_t)v) % 97) / 9.0f, rank[v] = v;
+    for (int i = 1; i < NV; i++)  // insertion sort by (logit desc, id asc): the test's own order
+        for (int j = i;
+             j > 0 && (big[rank[j]] > big[rank[j - 1]] || (big[rank[j]] == big[rank[j - 1]] && rank[j] < rank[j - 1]));
+             j--) {
+            int32_t t = rank[j];
+            rank[j] = rank[j - 1], rank[j - 1] = t;
+        }
+    int ks[] = {1, 2, 7, 50, 333, NV - 1};
+    for (int t = 0; t < 6; t++) {
+        for (int v = 0; v < NV; v++) masked[v] = -INFINITY;
+        for (int i = 0; i < ks[t]; i++) masked[rank[i]] = big[rank[i]];
+        mt_sampling topk = {0.7f, ks[t], 0.9f, 0.01f, 1.0f, 13}, whole = topk;
+        whole.top_k = 0;
+        for (int d = 0; d < 40; d++) {
+            memcpy(work, big, NV * 4);
+            int32_t got = mt_sample(work, NV, &topk, NULL, 0, (uint64_t)d);
+            memcpy(work, masked, NV * 4);
+            ck_assert_int_eq(got, mt_sample(work, NV, &whole, NULL, 0, (uint64_t)d));
+        }
+    }
+    free(big), free(work), free(masked), free(rank);
 }
 END_TEST
 

@@ -292,6 +292,30 @@ static int by_logit_desc(const void *a, const void *b) {
     return ((const cand *)a)->id - ((const cand *)b)->id;
 }
 
+// Moves the k candidates that by_logit_desc puts first into c[0..k), in no
+// order (quickselect; the order is total: ties go by id).
+static void select_head(cand *c, int n, int k) {
+    int lo = 0, hi = n - 1;
+    while (lo < hi) {
+        cand pivot = c[lo + (hi - lo) / 2];
+        int i = lo, j = hi;
+        while (i <= j) {
+            while (by_logit_desc(&c[i], &pivot) < 0) i++;
+            while (by_logit_desc(&c[j], &pivot) > 0) j--;
+            if (i <= j) {
+                cand t = c[i];
+                c[i++] = c[j], c[j--] = t;
+            }
+        }
+        if (k - 1 <= j)
+            hi = j;
+        else if (k - 1 >= i)
+            lo = i;
+        else
+            return;
+    }
+}
+
 int32_t mt_sample(float *logits, int V, const mt_sampling *s, const uint32_t *history, size_t n_history,
                   uint64_t draw) {
     if (s->repetition_penalty != 1.0f)
@@ -309,8 +333,10 @@ int32_t mt_sample(float *logits, int V, const mt_sampling *s, const uint32_t *hi
     cand *c = malloc((size_t)V * sizeof *c);
     MT_CHECK(c != NULL, "sampling");
     for (int v = 0; v < V; v++) c[v] = (cand){logits[v] / s->temperature, v};
-    qsort(c, (size_t)V, sizeof *c, by_logit_desc);
     int n = s->top_k > 0 && s->top_k < V ? s->top_k : V;
+    // top-k reads the sorted head alone: the same k first as a whole sort's
+    if (n < V) select_head(c, V, n);
+    qsort(c, (size_t)n, sizeof *c, by_logit_desc);
     double z = 0.0;
     for (int i = 0; i < n; i++) z += exp((double)c[i].logit - c[0].logit);
     // min-p: drop what is below min_p of the top probability; top-p: the
