@@ -92,7 +92,9 @@ def memtune_decode(folder, batch, new, variant="default"):
 def torch_decode(model, batch, new, static):
     ids = torch.full((batch, 2), 15043, dtype=torch.long, device="cuda")
     ids[:, 0] = 1
-    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=2)
+    # every row the same unpadded prompt: the mask says so (transformers warns without one)
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=2,
+              attention_mask=torch.ones_like(ids))
     if static:
         kw["cache_implementation"] = "static"
     with torch.no_grad():
