@@ -1045,6 +1045,18 @@ START_TEST(generation_matches_the_full_forward) {
     memcpy(c, l, sizeof l);
     ck_assert_int_eq(mt_sample(c, 6, &rp, hist, 2, 0), 3);
     ck_assert_float_eq(c[1], 1.0f);  // once, though seen twice
+    // a long history of few ids: each seen id's logit divided (positive) or
+    // multiplied (negative) by the penalty exactly once, the rest untouched
+    uint32_t longh[500];
+    for (int i = 0; i < 500; i++) longh[i] = (uint32_t)(mt_rng_bits(9, (uint64_t)i) % 5);  // ids 0..4
+    memcpy(c, l, sizeof l);
+    mt_sample(c, 6, &rp, longh, 500, 0);
+    for (int v = 0; v < 6; v++) {
+        int in = 0;
+        for (int i = 0; i < 500; i++) in |= longh[i] == (uint32_t)v;
+        float want = !in ? l[v] : l[v] > 0 ? l[v] / 2.0f : l[v] * 2.0f;
+        ck_assert_msg(c[v] == want, "logit %d: %g after the penalty, %g expected", v, c[v], want);
+    }
     // top-k selects its head without sorting the rest: the same token as the
     // whole sort over logits whose tokens past the k best (ties by id) are
     // -inf, for every draw; logits drawn from few values, so ties cross k

@@ -318,14 +318,20 @@ static void select_head(cand *c, int n, int k) {
 
 int32_t mt_sample(float *logits, int V, const mt_sampling *s, const uint32_t *history, size_t n_history,
                   uint64_t draw) {
-    if (s->repetition_penalty != 1.0f)
+    if (s->repetition_penalty != 1.0f && n_history) {
+        // once per distinct id, as transformers gathers the scores of the ids
+        // seen (a bit per id: the history is read once, not once per id)
+        unsigned char *seen = calloc(((size_t)V + 7) / 8, 1);
+        MT_CHECK(seen != NULL, "repetition penalty");
         for (size_t i = 0; i < n_history; i++) {
-            float *x = &logits[history[i]];
-            // once per distinct id, as transformers gathers the scores of the ids seen
-            int seen = 0;
-            for (size_t j = 0; j < i && !seen; j++) seen = history[j] == history[i];
-            if (!seen) *x = *x > 0 ? *x / s->repetition_penalty : *x * s->repetition_penalty;
+            uint32_t id = history[i];
+            if (id >= (uint32_t)V || seen[id / 8] & (1u << (id % 8))) continue;
+            seen[id / 8] |= (unsigned char)(1u << (id % 8));
+            float *x = &logits[id];
+            *x = *x > 0 ? *x / s->repetition_penalty : *x * s->repetition_penalty;
         }
+        free(seen);
+    }
     int32_t best = 0;
     for (int v = 1; v < V; v++)
         if (logits[v] > logits[best]) best = v;
