@@ -11,6 +11,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <type_traits>
+
 #include "kernels/attention_cudnn.h"
 #include "kernels/cuda_check.h"
 #include "kernels/ops_cuda.h"
@@ -1280,12 +1282,36 @@ static int skinny_enabled(void) {
     return enabled;
 }
 
-// Runs the skinny kernel over `count` products of inp when it serves (N rows
-// <= kSkinnyRows, aligned rows); 0: the caller runs cuBLAS.
+// Whether the skinny kernels take N rows of IN from inp: at most
+// kSkinnyRows rows of whole 16-byte vectors (the weights' rows checked apart).
+static bool skinny_serves(int N, int IN, const void *inp) {
+    return N <= kSkinnyRows && IN % kVec == 0 && vec8(inp) && skinny_enabled();
+}
+
+// launch(std::integral_constant<int, R>()) for the N rows (1 to kSkinnyRows)
+// a skinny kernel is compiled for.
+template <typename F>
+static void skinny_rows(int N, F launch) {
+    static_assert(kSkinnyRows == 8, "a case a row count");
+    switch (N) {
+        case 1: launch(std::integral_constant<int, 1>()); break;
+        case 2: launch(std::integral_constant<int, 2>()); break;
+        case 3: launch(std::integral_constant<int, 3>()); break;
+        case 4: launch(std::integral_constant<int, 4>()); break;
+        case 5: launch(std::integral_constant<int, 5>()); break;
+        case 6: launch(std::integral_constant<int, 6>()); break;
+        case 7: launch(std::integral_constant<int, 7>()); break;
+        default: launch(std::integral_constant<int, 8>()); break;
+    }
+    CUDA_CHECK_LAUNCH();
+}
+
+// Runs the skinny kernel over `count` products of inp when it serves; 0: the
+// caller runs cuBLAS.
 template <typename T>
 static int skinny(const mt_backend *be, const mt_product *p, int count, const void *inp, int N, int IN, float alpha,
                   float beta) {
-    if (N > kSkinnyRows || IN % kVec != 0 || !vec8(inp) || !skinny_enabled()) return 0;
+    if (!skinny_serves(N, IN, inp)) return 0;
     skinny_set<T> set = {};
     int blocks = 0;
     for (int k = 0; k < MT_MAX_PRODUCTS; k++) {
@@ -1302,17 +1328,7 @@ static int skinny(const mt_backend *be, const mt_product *p, int count, const vo
     const bf16 *x = (const bf16 *)inp;
     dim3 grid(blocks), block(32 * kSkinnyWarps);
     cudaStream_t st = mt_stream_of(be);
-    switch (N) {
-        case 1: skinny_kernel<1, T><<<grid, block, 0, st>>>(set, x, IN, alpha, beta); break;
-        case 2: skinny_kernel<2, T><<<grid, block, 0, st>>>(set, x, IN, alpha, beta); break;
-        case 3: skinny_kernel<3, T><<<grid, block, 0, st>>>(set, x, IN, alpha, beta); break;
-        case 4: skinny_kernel<4, T><<<grid, block, 0, st>>>(set, x, IN, alpha, beta); break;
-        case 5: skinny_kernel<5, T><<<grid, block, 0, st>>>(set, x, IN, alpha, beta); break;
-        case 6: skinny_kernel<6, T><<<grid, block, 0, st>>>(set, x, IN, alpha, beta); break;
-        case 7: skinny_kernel<7, T><<<grid, block, 0, st>>>(set, x, IN, alpha, beta); break;
-        default: skinny_kernel<8, T><<<grid, block, 0, st>>>(set, x, IN, alpha, beta); break;
-    }
-    CUDA_CHECK_LAUNCH();
+    skinny_rows(N, [&](auto rows) { skinny_kernel<rows(), T><<<grid, block, 0, st>>>(set, x, IN, alpha, beta); });
     return 1;
 }
 
@@ -1383,22 +1399,12 @@ static __global__ void skinny_glu_kernel(bf16 *out, const bf16 *inp, const bf16 
 
 extern "C" void mt_matmul_glu_forward_cuda(const mt_backend *be, void *out, void *gate, void *up, const void *inp,
                                            const void *wg, const void *wu, int N, int IN, int F, mt_act act) {
-    if (N <= kSkinnyRows && IN % kVec == 0 && vec8(inp, wg, wu) && skinny_enabled()) {
+    if (skinny_serves(N, IN, inp) && vec8(wg, wu)) {
         dim3 grid((F + kSkinnyWarps - 1) / kSkinnyWarps), block(32 * kSkinnyWarps);
         const bf16 *x = (const bf16 *)inp, *g = (const bf16 *)wg, *u = (const bf16 *)wu;
         bf16 *y = (bf16 *)out;
         cudaStream_t st = mt_stream_of(be);
-        switch (N) {
-            case 1: skinny_glu_kernel<1><<<grid, block, 0, st>>>(y, x, g, u, IN, F, act); break;
-            case 2: skinny_glu_kernel<2><<<grid, block, 0, st>>>(y, x, g, u, IN, F, act); break;
-            case 3: skinny_glu_kernel<3><<<grid, block, 0, st>>>(y, x, g, u, IN, F, act); break;
-            case 4: skinny_glu_kernel<4><<<grid, block, 0, st>>>(y, x, g, u, IN, F, act); break;
-            case 5: skinny_glu_kernel<5><<<grid, block, 0, st>>>(y, x, g, u, IN, F, act); break;
-            case 6: skinny_glu_kernel<6><<<grid, block, 0, st>>>(y, x, g, u, IN, F, act); break;
-            case 7: skinny_glu_kernel<7><<<grid, block, 0, st>>>(y, x, g, u, IN, F, act); break;
-            default: skinny_glu_kernel<8><<<grid, block, 0, st>>>(y, x, g, u, IN, F, act); break;
-        }
-        CUDA_CHECK_LAUNCH();
+        skinny_rows(N, [&](auto rows) { skinny_glu_kernel<rows()><<<grid, block, 0, st>>>(y, x, g, u, IN, F, act); });
         return;
     }
     mt_product p[2] = {{gate, wg, NULL, F}, {up, wu, NULL, F}};
