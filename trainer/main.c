@@ -534,6 +534,21 @@ static mt_err generate_cpu(const gen_ctx *c, gen_item *items, int n, FILE *strea
     return err;
 }
 
+// One decoding step before the clock starts, as a warmed-up peer is timed:
+// kernels loaded, cuBLAS set up and the step recorded as a CUDA Graph (its
+// cache writes at position 0 are overwritten by every sequence's first token).
+static void decode_set_up(mt_model *m, int rows, int V) {
+    double t0 = mt_now();
+    int32_t *zeros = calloc((size_t)rows * 2, sizeof *zeros);
+    float *logits = malloc((size_t)rows * V * sizeof *logits);
+    MT_CHECK(zeros && logits, "decoding's set-up step");
+    mt_model_decode(m, zeros, zeros + rows, logits);
+    free(zeros), free(logits);
+    const char *why = mt_model_decode_graph(m);
+    fprintf(stderr, "generate: set-up step %.0f ms; a decoding step runs %s%s%s\n", 1e3 * (mt_now() - t0),
+            why ? "op by op (" : "as one CUDA Graph", why ? why : "", why ? ")" : "");
+}
+
 // On a GPU: one model with a key/value cache for --batch rows, as long as
 // the longest prompt and the new tokens need (at most the model's context),
 // every item through mt_generate_batch.
@@ -568,20 +583,7 @@ static mt_err generate_gpu(const gen_ctx *c, gen_item *items, int n, FILE *strea
     if (!err)
         fprintf(stderr, "generate: %s, bf16, %d row%s, a cache of %d positions (%.1f MiB)\n", device, rows,
                 rows > 1 ? "s" : "", len, mt_model_kv_cache_bytes(1, c->mc, rows, len) / 1048576.0);
-    // one step before the clock starts, as a warmed-up peer is timed: kernels
-    // loaded, cuBLAS set up and the step recorded as a CUDA Graph (its cache
-    // writes at position 0 are overwritten by every sequence's first token)
-    if (!err) {
-        double w0 = mt_now();
-        int32_t *zeros = calloc((size_t)rows * 2, sizeof *zeros);
-        float *logits = malloc((size_t)rows * c->mc->V * sizeof *logits);
-        MT_CHECK(zeros && logits, "warm-up step");
-        mt_model_decode(m, zeros, zeros + rows, logits);
-        free(zeros), free(logits);
-        const char *why = mt_model_decode_graph(m);
-        fprintf(stderr, "generate: set-up step %.0f ms; a decoding step runs %s%s%s\n", 1e3 * (mt_now() - w0),
-                why ? "op by op (" : "as one CUDA Graph", why ? why : "", why ? ")" : "");
-    }
+    if (!err) decode_set_up(m, rows, c->mc->V);
     double t0 = mt_now();
     mt_generate_stats st = {0};
     if (!err)

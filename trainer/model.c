@@ -1321,14 +1321,17 @@ static const void *layer_weight(mt_model *m, int l, int p) {
 
 static const void *lm_weight(mt_model *m) { return m->frozen ? m->lm_w : perturbed(m, m->index_lm, m->lm_w); }
 
+// Whether the base weights the forward reads stay where they are stored: an
+// NF4 base dequantizes, and a MeZO perturbation generates, each weight into
+// one scratch buffer, which the next weight overwrites.
+static int weights_stay_put(const mt_model *m) { return !m->quantized && m->perturb_scale == 0.0f; }
+
 // The base products of one input (q, k and v; gate and up): weights w[k] and
 // biases b[k] (-1: none) of layer l into out[k] (N, OUT[k]). One op where the
-// weights stay put while it runs; an NF4 base dequantizes, and a MeZO
-// perturbation generates, into one scratch buffer, so there each product
-// runs as soon as its weight is there.
+// weights stay put; otherwise each product runs as soon as its weight is there.
 static void base_products(mt_model *m, int l, const int *w, const int *b, void **out, const int *OUT, int count,
                           const void *inp, int N, int IN) {
-    int together = !m->quantized && m->perturb_scale == 0.0f;
+    int together = weights_stay_put(m);
     mt_product p[MT_MAX_PRODUCTS];
     for (int k = 0; k < count; k++) {
         p[k] = (mt_product){out[k], layer_weight(m, l, w[k]), b[k] >= 0 ? layer_weight(m, l, b[k]) : NULL, OUT[k]};
@@ -1444,8 +1447,7 @@ static void mlp_rows_forward(mt_model *m, int l, int r0, int R, void *d) {
     const layer_params *P = &m->layers[l];
     // forward only, no adapters on gate and up, weights that stay put: the
     // products and the activation in one op (gate and up are not kept)
-    if (d && m->forward_only && !P->lora_a[MT_LORA_GATE] && !P->lora_a[MT_LORA_UP] && !m->quantized &&
-        m->perturb_scale == 0.0f) {
+    if (d && m->forward_only && !P->lora_a[MT_LORA_GATE] && !P->lora_a[MT_LORA_UP] && weights_stay_put(m)) {
         mt_op_matmul_glu_forward(be, m->f0, A->gate, A->up, ln2, layer_weight(m, l, P_WG), layer_weight(m, l, P_WU), R,
                                  c->C, c->F, glu_act(c));
     } else {
