@@ -223,6 +223,36 @@ void mt_op_dropout_add(const mt_backend *be, void *out, const void *inp, size_t 
     mt_dropout_ref(out, inp, n, p, seed, offset, 1);
 }
 
+void mt_op_lora_down(const mt_backend *be, void *const *u, const void *const *a, int count, const void *x,
+                     void *scratch, int R, int IN, int r, float p, uint64_t seed, uint64_t offset) {
+#ifdef MT_HAVE_CUDA
+    if (be->gpu && mt_lora_down_cuda(be, u, a, count, x, scratch, R, IN, r, p, seed, offset)) return;
+#endif
+    const void *in = x;
+    if (p > 0.0f) {
+        MT_CHECK(scratch != NULL, "LoRA dropout without room for dropout(x)");
+        mt_op_dropout(be, scratch, x, (size_t)R * IN, p, seed, offset);
+        in = scratch;
+    }
+    for (int g = 0; g < count; g++) mt_op_matmul_forward(be, u[g], in, a[g], NULL, R, IN, r);
+}
+
+void mt_op_lora_down_backward(const mt_backend *be, void *dx, const void *const *du, const void *const *a, int count,
+                              void *scratch, int R, int IN, int r, float p, uint64_t seed, uint64_t offset) {
+#ifdef MT_HAVE_CUDA
+    if (be->gpu && mt_lora_down_backward_cuda(be, dx, du, a, count, R, IN, r, p, seed, offset)) return;
+#endif
+    if (p > 0.0f) {
+        MT_CHECK(scratch != NULL, "LoRA dropout without room for its gradient");
+        for (int g = 0; g < count; g++)
+            mt_op_matmul_backward_scaled(be, scratch, NULL, du[g], NULL, a[g], R, IN, r, 1.0f, g > 0);
+        mt_op_dropout_add(be, dx, scratch, (size_t)R * IN, p, seed, offset);
+    } else {
+        for (int g = 0; g < count; g++)
+            mt_op_matmul_backward_scaled(be, dx, NULL, du[g], NULL, a[g], R, IN, r, 1.0f, 1);
+    }
+}
+
 void mt_op_perturb(const mt_backend *be, void *dst, const void *src, size_t n, float scale, uint64_t seed,
                    uint64_t offset) {
     MT_GPU(be, mt_perturb_cuda(be, dst, src, n, scale, seed, offset));

@@ -1618,18 +1618,25 @@ extern "C" void mt_cast_to_f32_cuda(const mt_backend *be, float *dst, const void
 // (rounded to bf16 first, as a dropout then an add). vector: offset is a
 // multiple of 8 and the pointers 16-byte aligned, so the thread's 8 elements
 // move in one load.
+// The draws of mask indices 4 group .. 4 group + 7 (two Philox groups), each
+// in (0, 1]; index i is kept when 1 - draw >= p (1 - u is uniform in [0, 1),
+// like the CPU's draws).
+static __device__ void dropout_draws8(float draws[8], unsigned long long seed, unsigned long long group) {
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        curandStatePhilox4_32_10_t state;
+        curand_init(seed, group + h, 0, &state);
+        float4 u = curand_uniform4(&state);
+        draws[4 * h] = u.x, draws[4 * h + 1] = u.y, draws[4 * h + 2] = u.z, draws[4 * h + 3] = u.w;
+    }
+}
+
 static __global__ void dropout_kernel(bf16 *out, const bf16 *inp, size_t n, float p, float keep_scale,
                                       unsigned long long seed, unsigned long long offset, int accumulate, int vector) {
     unsigned long long group = offset / 4 + 2 * ((size_t)blockIdx.x * blockDim.x + threadIdx.x);
     if (group * 4 >= offset + n) return;
     float draws[8];
-    for (int h = 0; h < 2; h++) {
-        curandStatePhilox4_32_10_t state;
-        curand_init(seed, group + h, 0, &state);
-        float4 u = curand_uniform4(&state);  // in (0, 1]
-        draws[4 * h] = u.x, draws[4 * h + 1] = u.y, draws[4 * h + 2] = u.z, draws[4 * h + 3] = u.w;
-    }
-    // 1 - u is uniform in [0, 1), like the CPU's draws
+    dropout_draws8(draws, seed, group);
     if (vector && group * 4 + 8 <= offset + n) {
         size_t i = group * 4 - offset;
         float x[kVec], o[kVec];
@@ -1662,6 +1669,249 @@ extern "C" void mt_dropout_cuda(const mt_backend *be, void *out, const void *inp
         (bf16 *)out, (const bf16 *)inp, n, p, 1.0f / (1.0f - p), (unsigned long long)seed, (unsigned long long)offset,
         accumulate, vector);
     CUDA_CHECK_LAUNCH();
+}
+
+// ------------------------------------------------------ LoRA's A products
+// The down-projections of one input that a group of adapters shares, and the
+// input gradient through them, on the tensor cores (WMMA tiles of 16), with
+// dropout's mask drawn where x is read and where dx is written: x passes
+// through memory once forward, dx once backward, and dropout(x) is never
+// stored. The mask is dropout_kernel's (the same draws for the same element
+// index). MT_LORA_FUSED=0 in the environment turns them off (the dropout and
+// cuBLAS products of ops.c).
+constexpr int kLoraWarps = 4, kLoraRows = 16 * kLoraWarps, kLoraCols = 64, kLoraLd = kLoraCols + 8;
+constexpr int kLoraMaxFrags = 8;  // the group's r summed, over 16
+
+struct lora_set {
+    bf16 *out[MT_MAX_PRODUCTS];       // u (R, r) of each adapter
+    const bf16 *a[MT_MAX_PRODUCTS];   // A (r, IN)
+    const bf16 *du[MT_MAX_PRODUCTS];  // du (R, r)
+};
+
+static int lora_fused_enabled(void) {
+    static int enabled = -1;
+    if (enabled < 0) {
+        const char *env = getenv("MT_LORA_FUSED");
+        enabled = !(env && strcmp(env, "0") == 0);
+    }
+    return enabled;
+}
+
+// Whether the kernels take the group: r a multiple of 16 (a fragment lies in
+// one adapter) summing to at most kLoraMaxFrags fragments, whole 64-wide
+// chunks of whole 16-row tiles, every pointer 16-byte aligned, and the
+// mask's 8-element groups aligned with the chunks' vectors.
+static bool lora_fused_serves(const void *const *a, int count, const void *x, int R, int IN, int r, uint64_t offset) {
+    if (!lora_fused_enabled() || count < 1 || count > MT_MAX_PRODUCTS || r % 16 || count * r > 16 * kLoraMaxFrags ||
+        R % 16 || IN % kLoraCols || offset % 8 || !vec8(x))
+        return false;
+    for (int g = 0; g < count; g++)
+        if (!vec8(a[g])) return false;
+    return true;
+}
+
+// x's 8 values at element index e (a multiple of 8) as the adapters read
+// them: dropout's bf16(x / (1 - p)) or 0 where p > 0.
+static __device__ uint4 dropped8(uint4 v, float p, float keep_scale, unsigned long long seed, unsigned long long e) {
+    if (p <= 0.0f) return v;
+    float draws[8];
+    dropout_draws8(draws, seed, e / 4);
+    bf16 *h = (bf16 *)&v;
+#pragma unroll
+    for (int j = 0; j < 8; j++)
+        h[j] = 1.0f - draws[j] >= p ? __float2bfloat16(__bfloat162float(h[j]) * keep_scale) : __float2bfloat16(0.0f);
+    return v;
+}
+
+// A block: kLoraRows rows of x, 16 a warp; it takes every gridDim.y-th
+// 64-wide chunk of IN from blockIdx.y and writes its partial sums (rows, NF *
+// 16 columns: the adapters' r side by side) to ws[blockIdx.y] in fp32.
+template <int NF>
+static __global__ void lora_down_kernel(float *ws, lora_set set, const bf16 *x, int R, int Rpad, int IN, int r, float p,
+                                        float keep_scale, unsigned long long seed, unsigned long long offset) {
+    __shared__ __align__(32) bf16 xs[kLoraWarps][16 * kLoraLd];
+    __shared__ __align__(32) bf16 as[NF * 16 * kLoraLd];
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, row0 = blockIdx.x * kLoraRows + warp * 16;
+    frag_acc acc[NF];
+#pragma unroll
+    for (int f = 0; f < NF; f++) wmma::fill_fragment(acc[f], 0.0f);
+    for (int k0 = blockIdx.y * kLoraCols; k0 < IN; k0 += gridDim.y * kLoraCols) {
+        // the adapters' A over the chunk: row j of the group's (NF * 16, 64)
+        for (int v = threadIdx.x; v < NF * 16 * (kLoraCols / 8); v += blockDim.x) {
+            int j = v / (kLoraCols / 8), col = v % (kLoraCols / 8) * 8, g = j / r;
+            *(uint4 *)&as[j * kLoraLd + col] = *(const uint4 *)(pick(g, set.a) + (size_t)(j % r) * IN + k0 + col);
+        }
+        // the warp's 16 rows of x over the chunk, 4 vectors a lane, masked
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            int v = lane + 32 * i, rr = v / (kLoraCols / 8), col = v % (kLoraCols / 8) * 8, row = row0 + rr;
+            uint4 val = make_uint4(0, 0, 0, 0);
+            if (row < R) {
+                size_t e = (size_t)row * IN + k0 + col;
+                val = dropped8(__ldcs((const uint4 *)(x + e)), p, keep_scale, seed, offset + e);
+            }
+            *(uint4 *)&xs[warp][rr * kLoraLd + col] = val;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < kLoraCols; kk += 16) {
+            frag_a_row fa;
+            wmma::load_matrix_sync(fa, &xs[warp][kk], kLoraLd);
+#pragma unroll
+            for (int f = 0; f < NF; f++) {
+                frag_b_col fb;
+                wmma::load_matrix_sync(fb, &as[f * 16 * kLoraLd + kk], kLoraLd);
+                wmma::mma_sync(acc[f], fa, fb, acc[f]);
+            }
+        }
+        __syncthreads();
+    }
+    float *w = ws + ((size_t)blockIdx.y * Rpad + row0) * (NF * 16);
+#pragma unroll
+    for (int f = 0; f < NF; f++) wmma::store_matrix_sync(w + f * 16, acc[f], NF * 16, wmma::mem_row_major);
+}
+
+// u[g] (R, r) = the splits' partial sums added in split order, in bf16.
+static __global__ void lora_down_sum_kernel(lora_set set, const float *ws, int splits, int R, int Rpad, int width,
+                                            int r) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)R * width) return;
+    size_t row = i / width;
+    int j = (int)(i % width), g = j / r;
+    float sum = 0.0f;
+    for (int s = 0; s < splits; s++) sum += ws[((size_t)s * Rpad + row) * width + j];
+    pick(g, set.out)[row * r + j % r] = __float2bfloat16(sum);
+}
+
+static int sm_count(void) {
+    static int count = 0;
+    if (!count) {
+        int dev = 0;
+        CUDA_CHECK(cudaGetDevice(&dev));
+        CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev));
+    }
+    return count;
+}
+
+// launch(std::integral_constant<int, NF>()) for the group's NF fragments.
+template <typename F>
+static void lora_frags(int NF, F launch) {
+    static_assert(kLoraMaxFrags == 8, "a case a fragment count");
+    switch (NF) {
+        case 1: launch(std::integral_constant<int, 1>()); break;
+        case 2: launch(std::integral_constant<int, 2>()); break;
+        case 3: launch(std::integral_constant<int, 3>()); break;
+        case 4: launch(std::integral_constant<int, 4>()); break;
+        case 5: launch(std::integral_constant<int, 5>()); break;
+        case 6: launch(std::integral_constant<int, 6>()); break;
+        case 7: launch(std::integral_constant<int, 7>()); break;
+        default: launch(std::integral_constant<int, 8>()); break;
+    }
+    CUDA_CHECK_LAUNCH();
+}
+
+extern "C" int mt_lora_down_cuda(const mt_backend *be, void *const *u, const void *const *a, int count, const void *x,
+                                 void *scratch, int R, int IN, int r, float p, uint64_t seed, uint64_t offset) {
+    if (!scratch || !lora_fused_serves(a, count, x, R, IN, r, offset)) return 0;
+    int NF = count * r / 16, width = NF * 16, row_blocks = (R + kLoraRows - 1) / kLoraRows,
+        Rpad = row_blocks * kLoraRows;
+    // splits of IN enough for about 4 blocks an SM, their partial sums within the scratch's (R, IN) bf16
+    int chunks = IN / kLoraCols, splits = (4 * sm_count() + row_blocks - 1) / row_blocks;
+    size_t room = (size_t)R * IN * 2 / ((size_t)Rpad * width * 4);
+    if (splits > chunks) splits = chunks;
+    if ((size_t)splits > room) splits = (int)room;
+    if (splits < 1 || (uintptr_t)scratch % 32) return 0;  // WMMA stores its tiles 32-byte aligned
+    lora_set set = {};
+    for (int g = 0; g < count; g++) set.out[g] = (bf16 *)u[g], set.a[g] = (const bf16 *)a[g];
+    float *ws = (float *)scratch;
+    cudaStream_t st = mt_stream_of(be);
+    dim3 grid(row_blocks, splits), block(32 * kLoraWarps);
+    const bf16 *xb = (const bf16 *)x;
+    float keep_scale = p > 0.0f ? 1.0f / (1.0f - p) : 1.0f;
+    lora_frags(NF, [&](auto nf) {
+        lora_down_kernel<nf()><<<grid, block, 0, st>>>(ws, set, xb, R, Rpad, IN, r, p, keep_scale,
+                                                       (unsigned long long)seed, (unsigned long long)offset);
+    });
+    size_t n = (size_t)R * width;
+    lora_down_sum_kernel<<<grid_for(n, kThreads), kThreads, 0, st>>>(set, ws, splits, R, Rpad, width, r);
+    CUDA_CHECK_LAUNCH();
+    return 1;
+}
+
+// A block: 64 rows by 64 columns of dx, 16 rows a warp. The group's sum of
+// du[g] A[g] over those columns, then dx = bf16(dx + kept), kept being
+// dropout's bf16(bf16(sum) / (1 - p)) or 0 where p > 0 (as the sum stored,
+// then dropped out and added), bf16(dx + sum) where p is 0.
+template <int NF>
+static __global__ void lora_down_backward_kernel(bf16 *dx, lora_set set, int R, int IN, int r, float p,
+                                                 float keep_scale, unsigned long long seed, unsigned long long offset) {
+    __shared__ __align__(32) bf16 as[NF * 16 * kLoraLd];
+    __shared__ __align__(32) float sums[kLoraWarps][16 * (kLoraCols + 4)];
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, row0 = blockIdx.y * kLoraRows + warp * 16;
+    int col0 = blockIdx.x * kLoraCols;
+    // the adapters' A over the columns: NF * 16 rows (their r side by side) of 64
+    for (int v = threadIdx.x; v < NF * 16 * (kLoraCols / 8); v += blockDim.x) {
+        int j = v / (kLoraCols / 8), col = v % (kLoraCols / 8) * 8, g = j / r;
+        *(uint4 *)&as[j * kLoraLd + col] = *(const uint4 *)(pick(g, set.a) + (size_t)(j % r) * IN + col0 + col);
+    }
+    __syncthreads();
+    if (row0 >= R) return;
+    frag_acc acc[kLoraCols / 16];
+#pragma unroll
+    for (int c = 0; c < kLoraCols / 16; c++) wmma::fill_fragment(acc[c], 0.0f);
+#pragma unroll
+    for (int f = 0; f < NF; f++) {
+        int g = f * 16 / r;
+        frag_a_row fa;
+        wmma::load_matrix_sync(fa, pick(g, set.du) + (size_t)row0 * r + f * 16 % r, r);
+#pragma unroll
+        for (int c = 0; c < kLoraCols / 16; c++) {
+            frag_b_row fb;
+            wmma::load_matrix_sync(fb, &as[f * 16 * kLoraLd + c * 16], kLoraLd);
+            wmma::mma_sync(acc[c], fa, fb, acc[c]);
+        }
+    }
+    float *s = sums[warp];
+#pragma unroll
+    for (int c = 0; c < kLoraCols / 16; c++)
+        wmma::store_matrix_sync(s + c * 16, acc[c], kLoraCols + 4, wmma::mem_row_major);
+    __syncwarp();
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        int v = lane + 32 * i, rr = v / (kLoraCols / 8), col = v % (kLoraCols / 8) * 8;
+        size_t e = (size_t)(row0 + rr) * IN + col0 + col;
+        float d[8], draws[8];
+        load8(d, dx + e);
+        if (p > 0.0f) dropout_draws8(draws, seed, (offset + e) / 4);
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            float sum = s[rr * (kLoraCols + 4) + col + j];
+            if (p > 0.0f)
+                sum = 1.0f - draws[j] >= p
+                          ? __bfloat162float(__float2bfloat16(__bfloat162float(__float2bfloat16(sum)) * keep_scale))
+                          : 0.0f;
+            d[j] += sum;
+        }
+        store8(dx + e, d);
+    }
+}
+
+extern "C" int mt_lora_down_backward_cuda(const mt_backend *be, void *dx, const void *const *du, const void *const *a,
+                                          int count, int R, int IN, int r, float p, uint64_t seed, uint64_t offset) {
+    if (!lora_fused_serves(a, count, dx, R, IN, r, offset)) return 0;
+    for (int g = 0; g < count; g++)
+        if ((uintptr_t)du[g] % 32) return 0;  // WMMA loads its tiles 32-byte aligned
+    lora_set set = {};
+    for (int g = 0; g < count; g++) set.a[g] = (const bf16 *)a[g], set.du[g] = (const bf16 *)du[g];
+    int NF = count * r / 16;
+    dim3 grid(IN / kLoraCols, (R + kLoraRows - 1) / kLoraRows), block(32 * kLoraWarps);
+    cudaStream_t st = mt_stream_of(be);
+    float keep_scale = p > 0.0f ? 1.0f / (1.0f - p) : 1.0f;
+    lora_frags(NF, [&](auto nf) {
+        lora_down_backward_kernel<nf()><<<grid, block, 0, st>>>((bf16 *)dx, set, R, IN, r, p, keep_scale,
+                                                                (unsigned long long)seed, (unsigned long long)offset);
+    });
+    return 1;
 }
 
 // --------------------------------------------------------------------- MeZO

@@ -1039,6 +1039,109 @@ START_TEST(galore_linear_algebra) {
 }
 END_TEST
 
+// LoRA's fused A products against the ops they replace on the GPU (the
+// same cuRAND mask: a dropout, then cuBLAS products) and, without dropout,
+// against the CPU reference. The fused kernels must take the first shapes
+// (mt_lora_down_cuda says so); the last ones (rows not in tiles of 16, r not
+// a multiple of 16) are composed by the op.
+START_TEST(lora_down_fused) {
+    // R, IN, r, adapters, p, first row (the mask's offset: a tile of the MLP)
+    struct {
+        int R, IN, r, count;
+        float p;
+        int r0;
+    } shapes[] = {{64, 128, 16, 3, 0.1f, 0}, {48, 192, 16, 2, 0.0f, 0},  {112, 320, 32, 2, 0.3f, 16},
+                  {16, 64, 16, 1, 0.05f, 0}, {80, 640, 16, 3, 0.0f, 32}, {208, 2048, 64, 2, 0.05f, 0},
+                  {10, 128, 16, 3, 0.1f, 0}, {32, 128, 8, 2, 0.2f, 0}};
+    for (int s = 0; s < 8; s++) {
+        int R = shapes[s].R, IN = shapes[s].IN, r = shapes[s].r, count = shapes[s].count;
+        float p = shapes[s].p;
+        int fused = s < 6;
+        uint64_t offset = (uint64_t)shapes[s].r0 * IN, mask_seed = 77 + (uint64_t)s;
+        size_t nx = (size_t)R * IN, nu = (size_t)R * r;
+        float *x = host_random(nx, -1, 1), *dx0 = host_random(nx, -0.01f, 0.01f);
+        float *a[3], *du[3];
+        void *a_d[3], *du_d[3], *u_d[3], *uc_d[3];
+        for (int g = 0; g < count; g++) {
+            a[g] = host_random((size_t)r * IN, -1, 1), du[g] = host_random(nu, -1, 1);
+            a_d[g] = dev_bf16(a[g], (size_t)r * IN), du_d[g] = dev_bf16(du[g], nu);
+            u_d[g] = dev_poisoned(nu * 2), uc_d[g] = dev_poisoned(nu * 2);
+        }
+        void *x_d = dev_bf16(x, nx), *scratch_d = dev_poisoned(nx * 2), *dx_d = dev_bf16(dx0, nx),
+             *dxc_d = dev_bf16(dx0, nx);
+        ck_assert_int_eq(mt_lora_down_cuda(&be, u_d, (const void *const *)a_d, count, x_d, scratch_d, R, IN, r, p,
+                                           mask_seed, offset),
+                         fused);
+        // the op itself (composed where the kernels do not take the shape)
+        mt_op_lora_down(&be, u_d, (const void *const *)a_d, count, x_d, scratch_d, R, IN, r, p, mask_seed, offset);
+        const void *in_d = x_d;
+        if (p > 0.0f) mt_op_dropout(&be, scratch_d, x_d, nx, p, mask_seed, offset), in_d = scratch_d;
+        for (int g = 0; g < count; g++) mt_op_matmul_forward(&be, uc_d[g], in_d, a_d[g], NULL, R, IN, r);
+        for (int g = 0; g < count; g++) {
+            float *ug = host_from_bf16(u_d[g], nu), *uc = host_from_bf16(uc_d[g], nu);
+            expect_close("lora down (fused vs composed)", ug, uc, nu, 1e-2);
+            if (p == 0.0f) {
+                float *ref = malloc(nu * 4);
+                mt_matmul_forward_ref(ref, x, a[g], NULL, R, IN, r);
+                expect_close("lora down (fused vs CPU)", ug, ref, nu, 1e-2);
+                free(ref);
+            }
+            free(ug), free(uc);
+        }
+        ck_assert_int_eq(mt_lora_down_backward_cuda(&be, dx_d, (const void *const *)du_d, (const void *const *)a_d,
+                                                    count, R, IN, r, p, mask_seed, offset),
+                         fused);
+        mt_device_free(dx_d);
+        dx_d = dev_bf16(dx0, nx);
+        mt_op_lora_down_backward(&be, dx_d, (const void *const *)du_d, (const void *const *)a_d, count, scratch_d, R,
+                                 IN, r, p, mask_seed, offset);
+        if (p > 0.0f) {
+            for (int g = 0; g < count; g++)
+                mt_op_matmul_backward_scaled(&be, scratch_d, NULL, du_d[g], NULL, a_d[g], R, IN, r, 1.0f, g > 0);
+            mt_op_dropout_add(&be, dxc_d, scratch_d, nx, p, mask_seed, offset);
+        } else {
+            for (int g = 0; g < count; g++)
+                mt_op_matmul_backward_scaled(&be, dxc_d, NULL, du_d[g], NULL, a_d[g], R, IN, r, 1.0f, 1);
+        }
+        float *dxg = host_from_bf16(dx_d, nx), *dxc = host_from_bf16(dxc_d, nx), *dx0b = malloc(nx * 4);
+        for (size_t i = 0; i < nx; i++) dx0b[i] = mt_round_bf16(dx0[i]);
+        expect_close("lora down backward (fused vs composed)", dxg, dxc, nx, 1e-2);
+        // the same mask (dropout's of ones): where it drops, dx keeps its value
+        if (p > 0.0f) {
+            float *ones = malloc(nx * 4);
+            for (size_t i = 0; i < nx; i++) ones[i] = 1.0f;
+            void *mask_d = dev_bf16(ones, nx);
+            mt_op_dropout(&be, mask_d, mask_d, nx, p, mask_seed, offset);
+            float *mask = host_from_bf16(mask_d, nx);
+            size_t dropped = 0;
+            for (size_t i = 0; i < nx; i++) {
+                if (mask[i] != 0.0f) continue;
+                dropped++;
+                ck_assert_msg(dxg[i] == dx0b[i], "lora down backward: element %zu not dropped", i);
+            }
+            double share = (double)dropped / (double)nx, sd = sqrt(p * (1 - p) / (double)nx);
+            ck_assert_msg(fabs(share - p) < 5 * sd + 1e-9, "lora down backward dropped %g, expected %g", share, p);
+            free(ones), free(mask);
+            mt_device_free(mask_d);
+        }
+        if (p == 0.0f) {
+            float *ref = malloc(nx * 4);
+            memcpy(ref, dx0b, nx * 4);
+            for (int g = 0; g < count; g++)
+                mt_matmul_backward_ref(ref, NULL, NULL, du[g], NULL, a[g], R, IN, r, 1.0f, 1);
+            expect_close("lora down backward (fused vs CPU)", dxg, ref, nx, 1e-2);
+            free(ref);
+        }
+        free(dxg), free(dxc), free(dx0b), free(x), free(dx0);
+        for (int g = 0; g < count; g++) {
+            free(a[g]), free(du[g]);
+            mt_device_free(a_d[g]), mt_device_free(du_d[g]), mt_device_free(u_d[g]), mt_device_free(uc_d[g]);
+        }
+        mt_device_free(x_d), mt_device_free(scratch_d), mt_device_free(dx_d), mt_device_free(dxc_d);
+    }
+}
+END_TEST
+
 int main(void) {
     if (mt_device_count() == 0) {
         printf("test_kernels_gpu: no GPU, skipped\n");
@@ -1061,6 +1164,7 @@ int main(void) {
     tcase_add_test(tc, matmul_and_logits);
     tcase_add_test(tc, scaled_matmuls);
     tcase_add_test(tc, dropout);
+    tcase_add_test(tc, lora_down_fused);
     tcase_add_test(tc, nf4_codes_and_dequantize);
     tcase_add_test(tc, crossentropy);
     tcase_add_test(tc, adamw_sums_and_casts);

@@ -130,7 +130,8 @@ struct mt_model {
     float pending_lr, pending_decay;
     uint64_t pending_round_seed;
     int index_wte, index_norm, index_lm;  // in the parameter table (lm: wte's when tied)
-    void *lora_du;                        // (N, r)
+    void *lora_du;                        // (N, r), or three of them (see lora_du_of)
+    int du_in_f1;                         // without dropout, f1 holds a group's later du (lora_du_of)
     void *drop_buf;                       // (rows, IN) dropout(x), and its gradient (see lora_du_of)
     struct {                              // what drop_buf holds: dropout(x) of these rows, this mask
         const void *x;
@@ -450,13 +451,18 @@ static size_t layout_activations(mt_model *m, uintptr_t base) {
         A->rstd_a = c->gemma ? carve(&cur, N * 4) : NULL;
         A->rstd_f = c->gemma ? carve(&cur, N * 4) : NULL;
     }
-    m->lora_du = m->lora.r && backward ? carve(&cur, N * m->lora.r * a) : NULL;
+    // a group's later members (k and v; up) keep their du beside dropout(x) in drop_buf, or without dropout in
+    // f1 where it holds them (lora_du_of), else in lora_du
+    int dropout = m->lora.r && m->lora.dropout > 0 && backward;
+    m->du_in_f1 = 2 * N * m->lora.r <= (size_t)m->mlp_rows * c->F;
+    size_t du_slots = dropout || m->du_in_f1 ? 1 : 3;
+    m->lora_du = m->lora.r && backward ? carve(&cur, du_slots * N * m->lora.r * a) : NULL;
     // dropout's inputs: ln1 (with k's and v's du beside it: lora_du_of) and o_proj's over every row; ln2 (with
     // up's du) and down_proj's intermediate over the MLP's rows (a tile of them with mlp_tile_rows)
     size_t grouped = (size_t)c->C + 2 * (size_t)m->lora.r, all_rows = grouped > HD ? grouped : HD;
     size_t F = (size_t)c->F, drop = N * all_rows, mlp = (size_t)m->mlp_rows * (F > grouped ? F : grouped);
     if (mlp > drop) drop = mlp;
-    m->drop_buf = m->lora.r && m->lora.dropout > 0 && backward ? carve(&cur, drop * a) : NULL;
+    m->drop_buf = dropout ? carve(&cur, drop * a) : NULL;
     m->rstdf = carve(&cur, N * 4);
     m->qkv_flat = m->dqkv_in_x2 ? NULL : carve(&cur, N * (HD + 2 * KVD) * a);
     m->scratch_c = carve(&cur, N * c->C * a);
@@ -1370,23 +1376,51 @@ static const void *adapter_input(mt_model *m, int l, int t, const void *x, int I
     return m->drop_buf;
 }
 
-// Where adapter t's du (R, r) waits: lora_du, except that with dropout the
-// group's later members keep theirs beside dropout(x) in drop_buf until the
-// group's input gradient is formed (lora_input_backward).
+// The dropout probability a pass applies (0 outside training).
+static float dropout_p(const mt_model *m) { return m->drop_buf && m->training ? m->lora.dropout : 0.0f; }
+
+// Where adapter t's du (R, r) waits until its group's input gradient is
+// formed (lora_input_backward): the group's first in lora_du; the later ones
+// beside dropout(x) in drop_buf, or without dropout in f1 (free once the
+// MLP's activation backward has read it) where it holds them, else in
+// lora_du's further slots.
 static void *lora_du_of(mt_model *m, int t, int IN, int R) {
-    int slot = t - drop_group(t);
-    if (!m->drop_buf || !m->training || slot == 0) return m->lora_du;
-    return rows(m, m->drop_buf, 1, (size_t)R * IN + (size_t)(slot - 1) * R * m->lora.r);
+    size_t slot = (size_t)(t - drop_group(t)), r = (size_t)m->lora.r;
+    if (slot == 0) return m->lora_du;
+    if (m->drop_buf && m->training) return rows(m, m->drop_buf, 1, (size_t)R * IN + (slot - 1) * R * r);
+    if (m->du_in_f1) return rows(m, m->f1, 1, (slot - 1) * R * r);
+    return rows(m, m->lora_du, 1, slot * R * r);
 }
 
-// y (R, OUT) += scale * B (A dropout(x)); keeps u = A dropout(x) (its R rows).
-static void lora_forward(mt_model *m, int l, int t, void *y, const void *x, int IN, int OUT, int r0, int R) {
+// u = A dropout(x) (its R rows) of adapters t0..t1, which read one input x
+// (R, IN) and share one mask: one op where their A stay put (a MeZO
+// perturbation generates each into one scratch buffer: then one op each).
+static void lora_down(mt_model *m, int l, int t0, int t1, const void *x, int IN, int r0, int R) {
+    layer_params *P = &m->layers[l];
+    void *u[MT_MAX_PRODUCTS];
+    const void *a[MT_MAX_PRODUCTS];
+    int n = 0, each = m->perturb_scale != 0.0f;
+    for (int t = t0; t <= t1; t++) {
+        if (!P->lora_a[t]) continue;
+        u[n] = rows(m, acts_of(m, l)->lora_u[t], (size_t)r0, (size_t)m->lora.r);
+        a[n] = perturbed(m, P->lora_index_a[t], P->lora_a[t]);
+        if (++n < MT_MAX_PRODUCTS && !each && t < t1) continue;
+        mt_op_lora_down(m->be, u, a, n, x, m->drop_buf, R, IN, m->lora.r, dropout_p(m), dropout_seed(m, l, t0),
+                        (uint64_t)r0 * IN);
+        n = 0;
+    }
+    if (n)
+        mt_op_lora_down(m->be, u, a, n, x, m->drop_buf, R, IN, m->lora.r, dropout_p(m), dropout_seed(m, l, t0),
+                        (uint64_t)r0 * IN);
+    m->drop_holds.x = NULL;  // the op may have used drop_buf
+}
+
+// y (R, OUT) += scale * B u, u from lora_down.
+static void lora_forward(mt_model *m, int l, int t, void *y, int OUT, int r0, int R) {
     layer_params *P = &m->layers[l];
     if (!P->lora_a[t]) return;
     int r = m->lora.r;
     void *u = rows(m, acts_of(m, l)->lora_u[t], (size_t)r0, (size_t)r);
-    mt_op_matmul_forward(m->be, u, adapter_input(m, l, t, x, IN, r0, R), perturbed(m, P->lora_index_a[t], P->lora_a[t]),
-                         NULL, R, IN, r);
     // a fused module's part: its rows of the whole B (MeZO perturbs the whole)
     int owner = mt_lora_fused_owner(&m->cfg, t);
     const void *whole = perturbed(m, P->lora_index_b[t], P->lora_b[owner]);
@@ -1394,12 +1428,9 @@ static void lora_forward(mt_model *m, int l, int t, void *y, const void *x, int 
     mt_op_matmul_forward_add(m->be, y, u, b, R, r, OUT, m->lora_scale);
 }
 
-// Adds the adapter's gradients from dy (R, OUT). Without dropout its part of
-// dx (R, IN), which already holds the base's part, is added here; with
-// dropout the group's parts are added together by lora_input_backward once
-// its last member is done.
-static void lora_backward(mt_model *m, int l, int t, void *dx, const void *dy, const void *x, int IN, int OUT, int r0,
-                          int R) {
+// Adds the adapter's B and A gradients from dy (R, OUT); its du waits in
+// lora_du_of until lora_input_backward adds the group's part of dx.
+static void lora_backward(mt_model *m, int l, int t, const void *dy, const void *x, int IN, int OUT, int r0, int R) {
     layer_params *P = &m->layers[l];
     if (!P->lora_a[t]) return;
     mt_backend *be = m->be;
@@ -1411,26 +1442,21 @@ static void lora_backward(mt_model *m, int l, int t, void *dx, const void *dy, c
     // dA += du^T dropout(x)
     mt_op_matmul_backward_scaled(be, NULL, P->glora_a[t], du, adapter_input(m, l, t, x, IN, r0, R), P->lora_a[t], R, IN,
                                  r, 1.0f, 0);
-    if (!m->drop_buf || !m->training)
-        mt_op_matmul_backward_scaled(be, dx, NULL, du, NULL, P->lora_a[t], R, IN, r, 1.0f, 1);
 }
 
-// With dropout: dx (R, IN) += dropout's backward of the sum of du A over the
-// adapters of the group that ends at module t, through their one mask.
+// dx (R, IN), which holds the base's part, += the input gradient of the
+// adapters of the group that ends at module t: dropout's backward (through
+// their one mask) of the sum of du A over them.
 static void lora_input_backward(mt_model *m, int l, int t, void *dx, int IN, int r0, int R) {
-    if (!m->drop_buf || !m->training) return;
     layer_params *P = &m->layers[l];
-    int any = 0;
-    for (int s = drop_group(t); s <= t; s++) {
-        if (!P->lora_a[s]) continue;
-        mt_op_matmul_backward_scaled(m->be, m->drop_buf, NULL, lora_du_of(m, s, IN, R), NULL, P->lora_a[s], R, IN,
-                                     m->lora.r, 1.0f, any);
-        any = 1;
-    }
-    if (!any) return;
-    m->drop_holds.x = NULL;  // drop_buf now holds a gradient
-    mt_op_dropout_add(m->be, dx, m->drop_buf, (size_t)R * IN, m->lora.dropout, dropout_seed(m, l, t),
-                      (uint64_t)r0 * IN);
+    const void *du[MT_MAX_PRODUCTS], *a[MT_MAX_PRODUCTS];
+    int n = 0;
+    for (int s = drop_group(t); s <= t; s++)
+        if (P->lora_a[s]) du[n] = lora_du_of(m, s, IN, R), a[n++] = P->lora_a[s];
+    if (!n) return;
+    m->drop_holds.x = NULL;  // drop_buf may hold the sum
+    mt_op_lora_down_backward(m->be, dx, du, a, n, m->drop_buf, R, IN, m->lora.r, dropout_p(m), dropout_seed(m, l, t),
+                             (uint64_t)r0 * IN);
 }
 
 // The MLP's gate activation: Gemma's tanh GELU, else SiLU.
@@ -1454,14 +1480,16 @@ static void mlp_rows_forward(mt_model *m, int l, int r0, int R, void *d) {
         void *gate_up[2] = {A->gate, A->up};
         base_products(m, l, (const int[]){P_WG, P_WU}, (const int[]){-1, -1}, gate_up, (const int[]){c->F, c->F}, 2,
                       ln2, R, c->C);
-        lora_forward(m, l, MT_LORA_GATE, A->gate, ln2, c->C, c->F, r0, R);
-        lora_forward(m, l, MT_LORA_UP, A->up, ln2, c->C, c->F, r0, R);
+        lora_down(m, l, MT_LORA_GATE, MT_LORA_UP, ln2, c->C, r0, R);
+        lora_forward(m, l, MT_LORA_GATE, A->gate, c->F, r0, R);
+        lora_forward(m, l, MT_LORA_UP, A->up, c->F, r0, R);
         if (!d) return;
         mt_op_glu_forward(be, m->f0, A->gate, A->up, (size_t)R * c->F, glu_act(c));
     }
     void *dr = rows(m, d, (size_t)r0, (size_t)c->C);
     mt_op_matmul_forward(be, dr, m->f0, layer_weight(m, l, P_WD), NULL, R, c->F, c->C);
-    lora_forward(m, l, MT_LORA_DOWN, dr, m->f0, c->F, c->C, r0, R);
+    lora_down(m, l, MT_LORA_DOWN, MT_LORA_DOWN, m->f0, c->F, r0, R);
+    lora_forward(m, l, MT_LORA_DOWN, dr, c->C, r0, R);
 }
 
 // Rows in the MLP tile starting at row r0.
@@ -1501,9 +1529,10 @@ static void layer_forward(mt_model *m, int l, int recompute) {
     void *qkv[3] = {qp, kp, vf};
     base_products(m, l, (const int[]){P_WQ, P_WK, P_WV}, (const int[]){P_BQ, P_BK, P_BV}, qkv,
                   (const int[]){HD, KVD, KVD}, 3, A->ln1, N, c->C);
-    lora_forward(m, l, MT_LORA_Q, qp, A->ln1, c->C, HD, 0, N);
-    lora_forward(m, l, MT_LORA_K, kp, A->ln1, c->C, KVD, 0, N);
-    lora_forward(m, l, MT_LORA_V, vf, A->ln1, c->C, KVD, 0, N);
+    lora_down(m, l, MT_LORA_Q, MT_LORA_V, A->ln1, c->C, 0, N);
+    lora_forward(m, l, MT_LORA_Q, qp, HD, 0, N);
+    lora_forward(m, l, MT_LORA_K, kp, KVD, 0, N);
+    lora_forward(m, l, MT_LORA_V, vf, KVD, 0, N);
     if (c->qk_norm) {
         mt_op_rmsnorm_forward(be, qf, A->rstd_q, qp, layer_weight(m, l, P_QN), N * c->H, c->D, c->rms_eps, g);
         mt_op_rmsnorm_forward(be, kf, A->rstd_k, kp, layer_weight(m, l, P_KN), N * c->KV, c->D, c->rms_eps, g);
@@ -1517,7 +1546,8 @@ static void layer_forward(mt_model *m, int l, int recompute) {
     // Gemma: o_proj's output is kept and normalised before the residual
     void *o = g ? A->attn_out : m->scratch_c;
     mt_op_matmul_forward(be, o, A->atty, layer_weight(m, l, P_WO), layer_weight(m, l, P_BO), N, HD, c->C);
-    lora_forward(m, l, MT_LORA_O, o, A->atty, HD, c->C, 0, N);
+    lora_down(m, l, MT_LORA_O, MT_LORA_O, A->atty, HD, 0, N);
+    lora_forward(m, l, MT_LORA_O, o, c->C, 0, N);
     if (g) mt_op_rmsnorm_forward(be, m->scratch_c, A->rstd_a, o, layer_weight(m, l, P_ANORM), N, c->C, c->rms_eps, 1);
     mt_op_add_rmsnorm_forward(be, A->x2, A->ln2, A->rstd2, m->x[l], m->scratch_c, layer_weight(m, l, P_LN2), N, c->C,
                               c->rms_eps, g);
@@ -1557,24 +1587,21 @@ static void mlp_rows_backward(mt_model *m, int l, const void *dmlp, int r0, int 
     layer_acts *A = acts_of(m, l);
     size_t RF = (size_t)R * c->F;
     mt_op_glu_forward(be, m->f0, A->gate, A->up, RF, glu_act(c));
-    if (P->lora_a[MT_LORA_DOWN] && (m->mlp_tiled || (m->checkpointing && !c->gemma))) {
-        // the recompute stopped before down_proj (or a tile's was not kept): its adapter's u again
-        mt_op_matmul_forward(be, rows(m, A->lora_u[MT_LORA_DOWN], (size_t)r0, (size_t)m->lora.r),
-                             adapter_input(m, l, MT_LORA_DOWN, m->f0, c->F, r0, R), P->lora_a[MT_LORA_DOWN], NULL, R,
-                             c->F, m->lora.r);
-    }
+    // the recompute stopped before down_proj (or a tile's was not kept): its adapter's u again
+    if (m->mlp_tiled || (m->checkpointing && !c->gemma))
+        lora_down(m, l, MT_LORA_DOWN, MT_LORA_DOWN, m->f0, c->F, r0, R);
     const void *dy = rows(m, (void *)dmlp, (size_t)r0, (size_t)c->C), *ln2 = rows(m, A->ln2, (size_t)r0, (size_t)c->C);
     void *dln = rows(m, m->dln, (size_t)r0, (size_t)c->C);
     mt_op_matmul_backward(be, m->f1, P->g[P_WD], NULL, dy, m->f0, base_weight(m, l, P_WD), R, c->F, c->C, 0);
-    lora_backward(m, l, MT_LORA_DOWN, m->f1, dy, m->f0, c->F, c->C, r0, R);
+    lora_backward(m, l, MT_LORA_DOWN, dy, m->f0, c->F, c->C, r0, R);
     lora_input_backward(m, l, MT_LORA_DOWN, m->f1, c->F, r0, R);
     // up's gradient replaces up itself (read first, element by element)
     void *dup = A->up;
     mt_op_glu_backward(be, m->f0, dup, m->f1, A->gate, A->up, RF, glu_act(c));
     mt_op_matmul_backward(be, dln, P->g[P_WG], NULL, m->f0, ln2, base_weight(m, l, P_WG), R, c->C, c->F, 0);
-    lora_backward(m, l, MT_LORA_GATE, dln, m->f0, ln2, c->C, c->F, r0, R);
+    lora_backward(m, l, MT_LORA_GATE, m->f0, ln2, c->C, c->F, r0, R);
     mt_op_matmul_backward(be, dln, P->g[P_WU], NULL, dup, ln2, base_weight(m, l, P_WU), R, c->C, c->F, 1);
-    lora_backward(m, l, MT_LORA_UP, dln, dup, ln2, c->C, c->F, r0, R);
+    lora_backward(m, l, MT_LORA_UP, dup, ln2, c->C, c->F, r0, R);
     lora_input_backward(m, l, MT_LORA_UP, dln, c->C, r0, R);
 }
 
@@ -1604,7 +1631,7 @@ static void layer_backward(mt_model *m, int l) {
     void *dattn = g ? sandwich_backward(m, l, P_ANORM, A->attn_out, A->rstd_a) : m->dres;
     mt_op_matmul_backward(be, m->datty, P->g[P_WO], P->g[P_BO], dattn, A->atty, base_weight(m, l, P_WO), N, HD, c->C,
                           0);
-    lora_backward(m, l, MT_LORA_O, m->datty, dattn, A->atty, HD, c->C, 0, N);
+    lora_backward(m, l, MT_LORA_O, dattn, A->atty, HD, c->C, 0, N);
     lora_input_backward(m, l, MT_LORA_O, m->datty, HD, 0, N);
     mt_op_attention_backward(be, local ? &m->attn_local : &m->attn, m->dq, m->dk, m->dv, m->datty, A->q, A->k, A->v,
                              A->atty, A->lse, m->pos);
@@ -1623,11 +1650,11 @@ static void layer_backward(mt_model *m, int l) {
         dqf = m->dq, dkf = m->dk;
     }
     mt_op_matmul_backward(be, m->dln, P->g[P_WQ], P->g[P_BQ], dqf, A->ln1, base_weight(m, l, P_WQ), N, c->C, HD, 0);
-    lora_backward(m, l, MT_LORA_Q, m->dln, dqf, A->ln1, c->C, HD, 0, N);
+    lora_backward(m, l, MT_LORA_Q, dqf, A->ln1, c->C, HD, 0, N);
     mt_op_matmul_backward(be, m->dln, P->g[P_WK], P->g[P_BK], dkf, A->ln1, base_weight(m, l, P_WK), N, c->C, KVD, 1);
-    lora_backward(m, l, MT_LORA_K, m->dln, dkf, A->ln1, c->C, KVD, 0, N);
+    lora_backward(m, l, MT_LORA_K, dkf, A->ln1, c->C, KVD, 0, N);
     mt_op_matmul_backward(be, m->dln, P->g[P_WV], P->g[P_BV], dvf, A->ln1, base_weight(m, l, P_WV), N, c->C, KVD, 1);
-    lora_backward(m, l, MT_LORA_V, m->dln, dvf, A->ln1, c->C, KVD, 0, N);
+    lora_backward(m, l, MT_LORA_V, dvf, A->ln1, c->C, KVD, 0, N);
     lora_input_backward(m, l, MT_LORA_V, m->dln, c->C, 0, N);
     // with a frozen embedding nothing needs d(loss)/d(x[0])
     if (l > 0 || !m->frozen)
