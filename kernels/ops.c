@@ -223,27 +223,45 @@ void mt_op_dropout_add(const mt_backend *be, void *out, const void *inp, size_t 
     mt_dropout_ref(out, inp, n, p, seed, offset, 1);
 }
 
+// dropout(x) into scratch where p > 0 (the composed LoRA ops' input), else x.
+static const void *lora_dropped(const mt_backend *be, const void *x, void *scratch, size_t scratch_bytes, size_t n,
+                                float p, uint64_t seed, uint64_t offset) {
+    if (p <= 0.0f) return x;
+    MT_CHECK(scratch != NULL && scratch_bytes >= n * mt_act_size(be), "LoRA dropout without room for dropout(x)");
+    mt_op_dropout(be, scratch, x, n, p, seed, offset);
+    return scratch;
+}
+
 void mt_op_lora_down(const mt_backend *be, void *const *u, const void *const *a, int count, const void *x,
-                     void *scratch, int R, int IN, int r, float p, uint64_t seed, uint64_t offset) {
+                     void *scratch, size_t scratch_bytes, int R, int IN, int r, float p, uint64_t seed,
+                     uint64_t offset) {
 #ifdef MT_HAVE_CUDA
-    if (be->gpu && mt_lora_down_cuda(be, u, a, count, x, scratch, R, IN, r, p, seed, offset)) return;
+    if (be->gpu && mt_lora_down_cuda(be, u, a, count, x, scratch, scratch_bytes, R, IN, r, p, seed, offset)) return;
 #endif
-    const void *in = x;
-    if (p > 0.0f) {
-        MT_CHECK(scratch != NULL, "LoRA dropout without room for dropout(x)");
-        mt_op_dropout(be, scratch, x, (size_t)R * IN, p, seed, offset);
-        in = scratch;
-    }
+    const void *in = lora_dropped(be, x, scratch, scratch_bytes, (size_t)R * IN, p, seed, offset);
     for (int g = 0; g < count; g++) mt_op_matmul_forward(be, u[g], in, a[g], NULL, R, IN, r);
 }
 
-void mt_op_lora_down_backward(const mt_backend *be, void *dx, const void *const *du, const void *const *a, int count,
-                              void *scratch, int R, int IN, int r, float p, uint64_t seed, uint64_t offset) {
+void mt_op_lora_down_backward(const mt_backend *be, void *dx, float *const *da, const void *const *du,
+                              const void *const *a, int count, const void *x, void *scratch, size_t scratch_bytes,
+                              int R, int IN, int r, float p, uint64_t seed, uint64_t offset) {
+    int fused_da = 0, fused_dx = 0;
 #ifdef MT_HAVE_CUDA
-    if (be->gpu && mt_lora_down_backward_cuda(be, dx, du, a, count, R, IN, r, p, seed, offset)) return;
+    if (be->gpu && da)
+        fused_da = mt_lora_down_wgrad_cuda(be, da, du, count, x, scratch, scratch_bytes, R, IN, r, p, seed, offset);
 #endif
+    if (da && !fused_da) {
+        const void *in = lora_dropped(be, x, scratch, scratch_bytes, (size_t)R * IN, p, seed, offset);
+        for (int g = 0; g < count; g++)
+            mt_op_matmul_backward_scaled(be, NULL, da[g], du[g], in, a[g], R, IN, r, 1.0f, 0);
+    }
+#ifdef MT_HAVE_CUDA
+    if (be->gpu) fused_dx = mt_lora_down_dx_cuda(be, dx, du, a, count, R, IN, r, p, seed, offset);
+#endif
+    if (fused_dx) return;
     if (p > 0.0f) {
-        MT_CHECK(scratch != NULL, "LoRA dropout without room for its gradient");
+        MT_CHECK(scratch != NULL && scratch_bytes >= (size_t)R * IN * mt_act_size(be),
+                 "LoRA dropout without room for its gradient");
         for (int g = 0; g < count; g++)
             mt_op_matmul_backward_scaled(be, scratch, NULL, du[g], NULL, a[g], R, IN, r, 1.0f, g > 0);
         mt_op_dropout_add(be, dx, scratch, (size_t)R * IN, p, seed, offset);

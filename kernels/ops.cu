@@ -1686,27 +1686,29 @@ struct lora_set {
     bf16 *out[MT_MAX_PRODUCTS];       // u (R, r) of each adapter
     const bf16 *a[MT_MAX_PRODUCTS];   // A (r, IN)
     const bf16 *du[MT_MAX_PRODUCTS];  // du (R, r)
+    float *da[MT_MAX_PRODUCTS];       // dA (r, IN)
 };
 
+typedef wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::col_major> frag_a_col;
+
 static int lora_fused_enabled(void) {
-    static int enabled = -1;
-    if (enabled < 0) {
-        const char *env = getenv("MT_LORA_FUSED");
-        enabled = !(env && strcmp(env, "0") == 0);
-    }
-    return enabled;
+    const char *env = getenv("MT_LORA_FUSED");  // read each time: a test compares both ways in one process
+    return !(env && strcmp(env, "0") == 0);
 }
 
 // Whether the kernels take the group: r a multiple of 16 (a fragment lies in
 // one adapter) summing to at most kLoraMaxFrags fragments, whole 64-wide
-// chunks of whole 16-row tiles, every pointer 16-byte aligned, and the
-// mask's 8-element groups aligned with the chunks' vectors.
-static bool lora_fused_serves(const void *const *a, int count, const void *x, int R, int IN, int r, uint64_t offset) {
-    if (!lora_fused_enabled() || count < 1 || count > MT_MAX_PRODUCTS || r % 16 || count * r > 16 * kLoraMaxFrags ||
-        R % 16 || IN % kLoraCols || offset % 8 || !vec8(x))
-        return false;
+// chunks of whole 16-row tiles, x (or dx) 16-byte aligned, and the mask's
+// 8-element groups aligned with the chunks' vectors.
+static bool lora_fused_serves(int count, const void *x, int R, int IN, int r, uint64_t offset) {
+    return lora_fused_enabled() && count >= 1 && count <= MT_MAX_PRODUCTS && r % 16 == 0 &&
+           count * r <= 16 * kLoraMaxFrags && R % 16 == 0 && IN % kLoraCols == 0 && offset % 8 == 0 && vec8(x);
+}
+
+// Whether every one of the group's tensors (its A, or its du) is 16-byte aligned.
+static bool lora_aligned(const void *const *t, int count) {
     for (int g = 0; g < count; g++)
-        if (!vec8(a[g])) return false;
+        if (!vec8(t[g])) return false;
     return true;
 }
 
@@ -1727,7 +1729,7 @@ static __device__ uint4 dropped8(uint4 v, float p, float keep_scale, unsigned lo
 // 64-wide chunk of IN from blockIdx.y and writes its partial sums (rows, NF *
 // 16 columns: the adapters' r side by side) to ws[blockIdx.y] in fp32.
 template <int NF>
-static __global__ void lora_down_kernel(float *ws, lora_set set, const bf16 *x, int R, int Rpad, int IN, int r, float p,
+static __global__ void lora_down_kernel(float *ws, lora_set set, const bf16 *x, int R, int IN, int r, float p,
                                         float keep_scale, unsigned long long seed, unsigned long long offset) {
     __shared__ __align__(32) bf16 xs[kLoraWarps][16 * kLoraLd];
     __shared__ __align__(32) bf16 as[NF * 16 * kLoraLd];
@@ -1766,20 +1768,22 @@ static __global__ void lora_down_kernel(float *ws, lora_set set, const bf16 *x, 
         }
         __syncthreads();
     }
-    float *w = ws + ((size_t)blockIdx.y * Rpad + row0) * (NF * 16);
+    if (row0 >= R) return;
+    float *w = ws + ((size_t)blockIdx.y * R + row0) * (NF * 16);
 #pragma unroll
     for (int f = 0; f < NF; f++) wmma::store_matrix_sync(w + f * 16, acc[f], NF * 16, wmma::mem_row_major);
 }
 
-// u[g] (R, r) = the splits' partial sums added in split order, in bf16.
-static __global__ void lora_down_sum_kernel(lora_set set, const float *ws, int splits, int R, int Rpad, int width,
-                                            int r) {
+// u[g] (R, r) = the splits' partial sums added in split order, in bf16
+// (unrolled: a thread's loads are in flight together).
+static __global__ void lora_down_sum_kernel(lora_set set, const float *ws, int splits, int R, int width, int r) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (size_t)R * width) return;
-    size_t row = i / width;
+    size_t row = i / width, stride = (size_t)R * width;
     int j = (int)(i % width), g = j / r;
     float sum = 0.0f;
-    for (int s = 0; s < splits; s++) sum += ws[((size_t)s * Rpad + row) * width + j];
+#pragma unroll 8
+    for (int s = 0; s < splits; s++) sum += ws[s * stride + i];
     pick(g, set.out)[row * r + j % r] = __float2bfloat16(sum);
 }
 
@@ -1811,13 +1815,13 @@ static void lora_frags(int NF, F launch) {
 }
 
 extern "C" int mt_lora_down_cuda(const mt_backend *be, void *const *u, const void *const *a, int count, const void *x,
-                                 void *scratch, int R, int IN, int r, float p, uint64_t seed, uint64_t offset) {
-    if (!scratch || !lora_fused_serves(a, count, x, R, IN, r, offset)) return 0;
-    int NF = count * r / 16, width = NF * 16, row_blocks = (R + kLoraRows - 1) / kLoraRows,
-        Rpad = row_blocks * kLoraRows;
-    // splits of IN enough for about 4 blocks an SM, their partial sums within the scratch's (R, IN) bf16
+                                 void *scratch, size_t scratch_bytes, int R, int IN, int r, float p, uint64_t seed,
+                                 uint64_t offset) {
+    if (!scratch || !lora_fused_serves(count, x, R, IN, r, offset) || !lora_aligned(a, count)) return 0;
+    int NF = count * r / 16, width = NF * 16, row_blocks = (R + kLoraRows - 1) / kLoraRows;
+    // splits of IN enough for about 4 blocks an SM, their partial sums (R, width) in fp32 within the scratch
     int chunks = IN / kLoraCols, splits = (4 * sm_count() + row_blocks - 1) / row_blocks;
-    size_t room = (size_t)R * IN * 2 / ((size_t)Rpad * width * 4);
+    size_t room = scratch_bytes / ((size_t)R * width * 4);
     if (splits > chunks) splits = chunks;
     if ((size_t)splits > room) splits = (int)room;
     if (splits < 1 || (uintptr_t)scratch % 32) return 0;  // WMMA stores its tiles 32-byte aligned
@@ -1829,11 +1833,115 @@ extern "C" int mt_lora_down_cuda(const mt_backend *be, void *const *u, const voi
     const bf16 *xb = (const bf16 *)x;
     float keep_scale = p > 0.0f ? 1.0f / (1.0f - p) : 1.0f;
     lora_frags(NF, [&](auto nf) {
-        lora_down_kernel<nf()><<<grid, block, 0, st>>>(ws, set, xb, R, Rpad, IN, r, p, keep_scale,
-                                                       (unsigned long long)seed, (unsigned long long)offset);
+        lora_down_kernel<nf()><<<grid, block, 0, st>>>(ws, set, xb, R, IN, r, p, keep_scale, (unsigned long long)seed,
+                                                       (unsigned long long)offset);
     });
     size_t n = (size_t)R * width;
-    lora_down_sum_kernel<<<grid_for(n, kThreads), kThreads, 0, st>>>(set, ws, splits, R, Rpad, width, r);
+    lora_down_sum_kernel<<<grid_for(n, kThreads), kThreads, 0, st>>>(set, ws, splits, R, width, r);
+    CUDA_CHECK_LAUNCH();
+    return 1;
+}
+
+// A block: the group's dA over 64 columns of IN (NF * 16 rows: the
+// adapters' r side by side), summed over its split of R's rows (every
+// gridDim.y-th 64-row chunk from blockIdx.y): the chunk's du and masked x in
+// shared memory, warp w the columns 16 w .. 16 w + 15 of each fragment row;
+// the partial sums to ws[blockIdx.y] (NF * 16, IN) in fp32.
+template <int NF>
+static __global__ void lora_down_wgrad_kernel(float *ws, lora_set set, const bf16 *x, int R, int IN, int r, float p,
+                                              float keep_scale, unsigned long long seed, unsigned long long offset) {
+    constexpr int ldu = NF * 16 + 8;
+    __shared__ __align__(32) bf16 xs[kLoraRows * kLoraLd];
+    __shared__ __align__(32) bf16 dus[kLoraRows * ldu];
+    int warp = threadIdx.x / 32, col0 = blockIdx.x * kLoraCols;
+    frag_acc acc[NF];
+#pragma unroll
+    for (int f = 0; f < NF; f++) wmma::fill_fragment(acc[f], 0.0f);
+    for (int row0 = blockIdx.y * kLoraRows; row0 < R; row0 += gridDim.y * kLoraRows) {
+        for (int v = threadIdx.x; v < kLoraRows * (kLoraCols / 8); v += blockDim.x) {
+            int rr = v / (kLoraCols / 8), col = v % (kLoraCols / 8) * 8, row = row0 + rr;
+            uint4 val = make_uint4(0, 0, 0, 0);
+            if (row < R) {
+                size_t e = (size_t)row * IN + col0 + col;
+                val = dropped8(__ldcs((const uint4 *)(x + e)), p, keep_scale, seed, offset + e);
+            }
+            *(uint4 *)&xs[rr * kLoraLd + col] = val;
+        }
+        for (int v = threadIdx.x; v < kLoraRows * NF * 2; v += blockDim.x) {
+            int rr = v / (NF * 2), j = v % (NF * 2) * 8, g = j / r, row = row0 + rr;
+            uint4 val = make_uint4(0, 0, 0, 0);
+            if (row < R) val = *(const uint4 *)(pick(g, set.du) + (size_t)row * r + j % r);
+            *(uint4 *)&dus[rr * ldu + j] = val;
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < kLoraRows; kk += 16) {
+            frag_b_row fb;
+            wmma::load_matrix_sync(fb, &xs[kk * kLoraLd + warp * 16], kLoraLd);
+#pragma unroll
+            for (int f = 0; f < NF; f++) {
+                frag_a_col fa;  // du^T: (j, row) at dus[row][j]
+                wmma::load_matrix_sync(fa, &dus[kk * ldu + f * 16], ldu);
+                wmma::mma_sync(acc[f], fa, fb, acc[f]);
+            }
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int f = 0; f < NF; f++)
+        wmma::store_matrix_sync(ws + ((size_t)blockIdx.y * NF * 16 + f * 16) * IN + col0 + warp * 16, acc[f], IN,
+                                wmma::mem_row_major);
+}
+
+// dA (r, IN) of each adapter += the splits' partial sums, added in split
+// order (unrolled: a thread's loads are in flight together); a thread an
+// element of one adapter's dA, or with `serial` (parts of a fused module
+// share one dA) an element of all of them in turn, so their adds stay in
+// order.
+static __global__ void lora_down_wgrad_sum_kernel(lora_set set, const float *ws, int splits, int count, int r, int IN,
+                                                  int serial) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x, plane = (size_t)r * IN, stride = count * plane;
+    if (i >= (serial ? 1 : count) * plane) return;
+    int first = serial ? 0 : (int)(i / plane), last = serial ? count - 1 : first;
+    size_t e = i % plane;  // the element of dA[g]
+    for (int g = first; g <= last; g++) {
+        const float *w = ws + g * plane + e;
+        float sum = 0.0f;
+#pragma unroll 8
+        for (int s = 0; s < splits; s++) sum += w[s * stride];
+        pick(g, set.da)[e] += sum;
+    }
+}
+
+extern "C" int mt_lora_down_wgrad_cuda(const mt_backend *be, float *const *da, const void *const *du, int count,
+                                       const void *x, void *scratch, size_t scratch_bytes, int R, int IN, int r,
+                                       float p, uint64_t seed, uint64_t offset) {
+    if (!scratch || (uintptr_t)scratch % 32 || !lora_fused_serves(count, x, R, IN, r, offset) ||
+        !lora_aligned(du, count))
+        return 0;
+    int NF = count * r / 16, width = NF * 16, col_blocks = IN / kLoraCols, row_chunks = (R + kLoraRows - 1) / kLoraRows;
+    // splits of R enough for about 4 blocks an SM, their partial sums (width, IN) in fp32 within the scratch
+    int splits = (4 * sm_count() + col_blocks - 1) / col_blocks;
+    size_t room = scratch_bytes / ((size_t)width * IN * 4);
+    if (splits > row_chunks) splits = row_chunks;
+    if ((size_t)splits > room) splits = (int)room;
+    if (splits < 1) return 0;
+    lora_set set = {};
+    for (int g = 0; g < count; g++) set.du[g] = (const bf16 *)du[g], set.da[g] = da[g];
+    float *ws = (float *)scratch;
+    cudaStream_t st = mt_stream_of(be);
+    dim3 grid(col_blocks, splits), block(32 * kLoraWarps);
+    const bf16 *xb = (const bf16 *)x;
+    float keep_scale = p > 0.0f ? 1.0f / (1.0f - p) : 1.0f;
+    lora_frags(NF, [&](auto nf) {
+        lora_down_wgrad_kernel<nf()><<<grid, block, 0, st>>>(ws, set, xb, R, IN, r, p, keep_scale,
+                                                             (unsigned long long)seed, (unsigned long long)offset);
+    });
+    int serial = 0;
+    for (int g = 0; g < count; g++)
+        for (int h = 0; h < g; h++) serial |= da[g] == da[h];
+    size_t n = (size_t)(serial ? 1 : count) * r * IN;
+    lora_down_wgrad_sum_kernel<<<grid_for(n, kThreads), kThreads, 0, st>>>(set, ws, splits, count, r, IN, serial);
     CUDA_CHECK_LAUNCH();
     return 1;
 }
@@ -1896,9 +2004,9 @@ static __global__ void lora_down_backward_kernel(bf16 *dx, lora_set set, int R, 
     }
 }
 
-extern "C" int mt_lora_down_backward_cuda(const mt_backend *be, void *dx, const void *const *du, const void *const *a,
-                                          int count, int R, int IN, int r, float p, uint64_t seed, uint64_t offset) {
-    if (!lora_fused_serves(a, count, dx, R, IN, r, offset)) return 0;
+extern "C" int mt_lora_down_dx_cuda(const mt_backend *be, void *dx, const void *const *du, const void *const *a,
+                                    int count, int R, int IN, int r, float p, uint64_t seed, uint64_t offset) {
+    if (!lora_fused_serves(count, dx, R, IN, r, offset) || !lora_aligned(a, count)) return 0;
     for (int g = 0; g < count; g++)
         if ((uintptr_t)du[g] % 32) return 0;  // WMMA loads its tiles 32-byte aligned
     lora_set set = {};

@@ -163,19 +163,23 @@ void mt_op_dropout_add(const mt_backend *be, void *out, const void *inp, size_t 
 // LoRA's down-projections of one input that up to MT_MAX_PRODUCTS adapters
 // share (q, k and v read the attention's norm; gate and up the MLP's):
 // u[g] (R, r) = dropout(x) (R, IN) a[g]^T for a[g] (r, IN), the dropout
-// mt_op_dropout's with (p, seed, offset) and none where p is 0. scratch: room
-// for (R, IN) activations or NULL; its contents afterwards are undefined. The
-// CPU forms dropout(x) there and runs the products (the same values as those
-// ops); the GPU reads x once for the whole group with the mask applied on
-// the way, using scratch for partial sums, and composes the ops where its
-// kernels do not take the shapes.
+// mt_op_dropout's with (p, seed, offset) and none where p is 0. scratch:
+// scratch_bytes of room, or NULL; its contents afterwards are undefined.
+// The CPU forms dropout(x) there (p > 0 needs (R, IN) activations of room)
+// and runs the products: the same values as those ops. The GPU reads x once
+// for the whole group, drawing the mask on the way, with partial sums in
+// the scratch; where its kernels do not take the shapes, or the scratch is
+// too small, it composes the ops as the CPU does.
 void mt_op_lora_down(const mt_backend *be, void *const *u, const void *const *a, int count, const void *x,
-                     void *scratch, int R, int IN, int r, float p, uint64_t seed, uint64_t offset);
-// Its input gradient: dx (R, IN) += dropout's backward (the same mask) of
-// sum_g du[g] (R, r) a[g]; p 0: no mask. scratch as above (the CPU forms the
-// sum there where p > 0; the GPU writes dx in one pass).
-void mt_op_lora_down_backward(const mt_backend *be, void *dx, const void *const *du, const void *const *a, int count,
-                              void *scratch, int R, int IN, int r, float p, uint64_t seed, uint64_t offset);
+                     void *scratch, size_t scratch_bytes, int R, int IN, int r, float p, uint64_t seed,
+                     uint64_t offset);
+// Its backward from du[g] (R, r): da[g] (r, IN, fp32) += du[g]^T dropout(x)
+// (da NULL: none; parts of a fused module may share one), and dx (R, IN) +=
+// dropout's backward (the same mask) of sum_g du[g] a[g]. The GPU reads x
+// once for all the dA and writes dx in one pass.
+void mt_op_lora_down_backward(const mt_backend *be, void *dx, float *const *da, const void *const *du,
+                              const void *const *a, int count, const void *x, void *scratch, size_t scratch_bytes,
+                              int R, int IN, int r, float p, uint64_t seed, uint64_t offset);
 // Zeroth-order (MeZO) perturbations. z(seed, i) is the stream of rng.h's
 // mt_rng_gauss: Philox4x32-10 and Box-Muller, cuRAND's Philox on the GPU with
 // the same words; nothing of a parameter's size is stored for it.

@@ -58,12 +58,17 @@ void mt_matmul_forward_add_cuda(const mt_backend *be, void *out, const void *inp
                                 int OUT, float alpha);
 void mt_dropout_cuda(const mt_backend *be, void *out, const void *inp, size_t n, float p, uint64_t seed,
                      uint64_t offset, int accumulate);
-// LoRA's fused A products (mt_op_lora_down, mt_op_lora_down_backward); 0:
-// the kernels do not take these shapes (the caller composes the op).
+// LoRA's fused A products (mt_op_lora_down, mt_op_lora_down_backward's dA
+// and dx parts); 0: the kernels do not take these shapes or this scratch
+// (the caller composes the op).
 int mt_lora_down_cuda(const mt_backend *be, void *const *u, const void *const *a, int count, const void *x,
-                      void *scratch, int R, int IN, int r, float p, uint64_t seed, uint64_t offset);
-int mt_lora_down_backward_cuda(const mt_backend *be, void *dx, const void *const *du, const void *const *a, int count,
-                               int R, int IN, int r, float p, uint64_t seed, uint64_t offset);
+                      void *scratch, size_t scratch_bytes, int R, int IN, int r, float p, uint64_t seed,
+                      uint64_t offset);
+int mt_lora_down_wgrad_cuda(const mt_backend *be, float *const *da, const void *const *du, int count, const void *x,
+                            void *scratch, size_t scratch_bytes, int R, int IN, int r, float p, uint64_t seed,
+                            uint64_t offset);
+int mt_lora_down_dx_cuda(const mt_backend *be, void *dx, const void *const *du, const void *const *a, int count, int R,
+                         int IN, int r, float p, uint64_t seed, uint64_t offset);
 void mt_perturb_cuda(const mt_backend *be, void *dst, const void *src, size_t n, float scale, uint64_t seed,
                      uint64_t offset);
 void mt_perturb_rows_cuda(const mt_backend *be, void *x, const int32_t *tokens, int N, int C, float scale,

@@ -1041,9 +1041,10 @@ END_TEST
 
 // LoRA's fused A products against the ops they replace on the GPU (the
 // same cuRAND mask: a dropout, then cuBLAS products) and, without dropout,
-// against the CPU reference. The fused kernels must take the first shapes
-// (mt_lora_down_cuda says so); the last ones (rows not in tiles of 16, r not
-// a multiple of 16) are composed by the op.
+// against the CPU reference: u, every dA and dx. The fused kernels must take
+// the first shapes (the mt_lora_down_*_cuda calls say so); the last ones
+// (rows not in tiles of 16, r not a multiple of 16) and a scratch too small
+// for the partial sums are composed by the ops.
 START_TEST(lora_down_fused) {
     // R, IN, r, adapters, p, first row (the mask's offset: a tile of the MLP)
     struct {
@@ -1053,27 +1054,32 @@ START_TEST(lora_down_fused) {
     } shapes[] = {{64, 128, 16, 3, 0.1f, 0}, {48, 192, 16, 2, 0.0f, 0},  {112, 320, 32, 2, 0.3f, 16},
                   {16, 64, 16, 1, 0.05f, 0}, {80, 640, 16, 3, 0.0f, 32}, {208, 2048, 64, 2, 0.05f, 0},
                   {10, 128, 16, 3, 0.1f, 0}, {32, 128, 8, 2, 0.2f, 0}};
-    for (int s = 0; s < 8; s++) {
-        int R = shapes[s].R, IN = shapes[s].IN, r = shapes[s].r, count = shapes[s].count;
-        float p = shapes[s].p;
+    for (int s = 0; s < 9; s++) {
+        int k = s < 8 ? s : 0;  // the last: the first shape without dropout and with 64 bytes of scratch
+        int R = shapes[k].R, IN = shapes[k].IN, r = shapes[k].r, count = shapes[k].count;
+        float p = s < 8 ? shapes[k].p : 0.0f;
         int fused = s < 6;
-        uint64_t offset = (uint64_t)shapes[s].r0 * IN, mask_seed = 77 + (uint64_t)s;
-        size_t nx = (size_t)R * IN, nu = (size_t)R * r;
+        uint64_t offset = (uint64_t)shapes[k].r0 * IN, mask_seed = 77 + (uint64_t)s;
+        // scratch: dropout(x)'s room, and the partial sums of up to 4 splits of R for every dA
+        size_t nx = (size_t)R * IN, nu = (size_t)R * r, na = (size_t)r * IN, room = nx * 2 + 16 * na * count,
+               bytes = s < 8 ? room : 64;
         float *x = host_random(nx, -1, 1), *dx0 = host_random(nx, -0.01f, 0.01f);
-        float *a[3], *du[3];
+        float *a[3], *du[3], *da0[3];
         void *a_d[3], *du_d[3], *u_d[3], *uc_d[3];
+        float *da_d[3], *dac_d[3];
         for (int g = 0; g < count; g++) {
-            a[g] = host_random((size_t)r * IN, -1, 1), du[g] = host_random(nu, -1, 1);
-            a_d[g] = dev_bf16(a[g], (size_t)r * IN), du_d[g] = dev_bf16(du[g], nu);
+            a[g] = host_random(na, -1, 1), du[g] = host_random(nu, -1, 1), da0[g] = host_random(na, -1, 1);
+            a_d[g] = dev_bf16(a[g], na), du_d[g] = dev_bf16(du[g], nu);
             u_d[g] = dev_poisoned(nu * 2), uc_d[g] = dev_poisoned(nu * 2);
+            da_d[g] = dev_f32(da0[g], na), dac_d[g] = dev_f32(da0[g], na);
         }
-        void *x_d = dev_bf16(x, nx), *scratch_d = dev_poisoned(nx * 2), *dx_d = dev_bf16(dx0, nx),
+        void *x_d = dev_bf16(x, nx), *scratch_d = dev_poisoned(room), *dx_d = dev_bf16(dx0, nx),
              *dxc_d = dev_bf16(dx0, nx);
-        ck_assert_int_eq(mt_lora_down_cuda(&be, u_d, (const void *const *)a_d, count, x_d, scratch_d, R, IN, r, p,
-                                           mask_seed, offset),
+        const void *const *A = (const void *const *)a_d, *const *DU = (const void *const *)du_d;
+        // forward: u
+        ck_assert_int_eq(mt_lora_down_cuda(&be, u_d, A, count, x_d, scratch_d, bytes, R, IN, r, p, mask_seed, offset),
                          fused);
-        // the op itself (composed where the kernels do not take the shape)
-        mt_op_lora_down(&be, u_d, (const void *const *)a_d, count, x_d, scratch_d, R, IN, r, p, mask_seed, offset);
+        mt_op_lora_down(&be, u_d, A, count, x_d, scratch_d, bytes, R, IN, r, p, mask_seed, offset);
         const void *in_d = x_d;
         if (p > 0.0f) mt_op_dropout(&be, scratch_d, x_d, nx, p, mask_seed, offset), in_d = scratch_d;
         for (int g = 0; g < count; g++) mt_op_matmul_forward(&be, uc_d[g], in_d, a_d[g], NULL, R, IN, r);
@@ -1088,13 +1094,19 @@ START_TEST(lora_down_fused) {
             }
             free(ug), free(uc);
         }
-        ck_assert_int_eq(mt_lora_down_backward_cuda(&be, dx_d, (const void *const *)du_d, (const void *const *)a_d,
-                                                    count, R, IN, r, p, mask_seed, offset),
-                         fused);
+        // backward: the dA and dx parts alone, then the op
+        ck_assert_int_eq(
+            mt_lora_down_wgrad_cuda(&be, da_d, DU, count, x_d, scratch_d, bytes, R, IN, r, p, mask_seed, offset),
+            fused);
+        ck_assert_int_eq(mt_lora_down_dx_cuda(&be, dx_d, DU, A, count, R, IN, r, p, mask_seed, offset),
+                         s < 6 || s == 8);
+        for (int g = 0; g < count; g++) mt_copy_to_device(da_d[g], da0[g], na * 4);
         mt_device_free(dx_d);
         dx_d = dev_bf16(dx0, nx);
-        mt_op_lora_down_backward(&be, dx_d, (const void *const *)du_d, (const void *const *)a_d, count, scratch_d, R,
-                                 IN, r, p, mask_seed, offset);
+        mt_op_lora_down_backward(&be, dx_d, da_d, DU, A, count, x_d, scratch_d, bytes, R, IN, r, p, mask_seed, offset);
+        if (p > 0.0f) mt_op_dropout(&be, scratch_d, x_d, nx, p, mask_seed, offset);
+        for (int g = 0; g < count; g++)
+            mt_op_matmul_backward_scaled(&be, NULL, dac_d[g], du_d[g], in_d, a_d[g], R, IN, r, 1.0f, 0);
         if (p > 0.0f) {
             for (int g = 0; g < count; g++)
                 mt_op_matmul_backward_scaled(&be, scratch_d, NULL, du_d[g], NULL, a_d[g], R, IN, r, 1.0f, g > 0);
@@ -1103,9 +1115,21 @@ START_TEST(lora_down_fused) {
             for (int g = 0; g < count; g++)
                 mt_op_matmul_backward_scaled(&be, dxc_d, NULL, du_d[g], NULL, a_d[g], R, IN, r, 1.0f, 1);
         }
+        for (int g = 0; g < count; g++) {
+            float *dag = host_from_f32(da_d[g], na), *dac = host_from_f32(dac_d[g], na);
+            expect_close("lora dA (fused vs composed)", dag, dac, na, 1e-4);
+            if (p == 0.0f) {
+                float *ref = malloc(na * 4);
+                memcpy(ref, da0[g], na * 4);
+                mt_matmul_backward_ref(NULL, ref, NULL, du[g], x, a[g], R, IN, r, 1.0f, 0);
+                expect_close("lora dA (fused vs CPU)", dag, ref, na, 1e-4);
+                free(ref);
+            }
+            free(dag), free(dac);
+        }
         float *dxg = host_from_bf16(dx_d, nx), *dxc = host_from_bf16(dxc_d, nx), *dx0b = malloc(nx * 4);
         for (size_t i = 0; i < nx; i++) dx0b[i] = mt_round_bf16(dx0[i]);
-        expect_close("lora down backward (fused vs composed)", dxg, dxc, nx, 1e-2);
+        expect_close("lora dx (fused vs composed)", dxg, dxc, nx, 1e-2);
         // the same mask (dropout's of ones): where it drops, dx keeps its value
         if (p > 0.0f) {
             float *ones = malloc(nx * 4);
@@ -1117,10 +1141,10 @@ START_TEST(lora_down_fused) {
             for (size_t i = 0; i < nx; i++) {
                 if (mask[i] != 0.0f) continue;
                 dropped++;
-                ck_assert_msg(dxg[i] == dx0b[i], "lora down backward: element %zu not dropped", i);
+                ck_assert_msg(dxg[i] == dx0b[i], "lora dx: element %zu not dropped", i);
             }
             double share = (double)dropped / (double)nx, sd = sqrt(p * (1 - p) / (double)nx);
-            ck_assert_msg(fabs(share - p) < 5 * sd + 1e-9, "lora down backward dropped %g, expected %g", share, p);
+            ck_assert_msg(fabs(share - p) < 5 * sd + 1e-9, "lora dx dropped %g, expected %g", share, p);
             free(ones), free(mask);
             mt_device_free(mask_d);
         }
@@ -1129,13 +1153,14 @@ START_TEST(lora_down_fused) {
             memcpy(ref, dx0b, nx * 4);
             for (int g = 0; g < count; g++)
                 mt_matmul_backward_ref(ref, NULL, NULL, du[g], NULL, a[g], R, IN, r, 1.0f, 1);
-            expect_close("lora down backward (fused vs CPU)", dxg, ref, nx, 1e-2);
+            expect_close("lora dx (fused vs CPU)", dxg, ref, nx, 1e-2);
             free(ref);
         }
         free(dxg), free(dxc), free(dx0b), free(x), free(dx0);
         for (int g = 0; g < count; g++) {
-            free(a[g]), free(du[g]);
+            free(a[g]), free(du[g]), free(da0[g]);
             mt_device_free(a_d[g]), mt_device_free(du_d[g]), mt_device_free(u_d[g]), mt_device_free(uc_d[g]);
+            mt_device_free(da_d[g]), mt_device_free(dac_d[g]);
         }
         mt_device_free(x_d), mt_device_free(scratch_d), mt_device_free(dx_d), mt_device_free(dxc_d);
     }

@@ -296,6 +296,77 @@ START_TEST(gpu_streamed_weights_equal_resident) {
 }
 END_TEST
 
+// LoRA's fused A products (one read of a group's input with dropout's mask
+// drawn on the way; the group's input gradient in one pass) against the
+// dropout and cuBLAS products they replace (MT_LORA_FUSED=0): r = 16 and
+// widths the kernels take (F 768), with and without dropout and
+// checkpointing, two steps: the same losses and adapter gradients up to bf16
+// rounding (the mask is the same).
+START_TEST(gpu_lora_fused_matches_composed) {
+    mt_model_config c;
+    small_config(&c, 0);
+    c.F = 768;
+    int B = 2, T = 96, N = B * T;
+    mt_backend gpu;
+    ck_assert_int_eq(mt_backend_init(&gpu, 0), MT_OK);
+    size_t total = 0;
+    float *params = NULL;
+    for (int variant = 0; variant < 3; variant++) {
+        float dropout = variant == 0 ? 0.0f : 0.1f;
+        mt_model_options o = {.B = B,
+                              .T = T,
+                              .lora = {16, 32.0f, dropout, 0, (1u << MT_LORA_MODULES) - 1},
+                              .activation_checkpointing = variant == 2};
+        mt_model *models[2];
+        for (int k = 0; k < 2; k++) ck_assert_int_eq(mt_model_create_with(&models[k], &gpu, &c, &o), MT_OK);
+        if (!params) {
+            total = mt_model_num_params(models[0]);
+            params = malloc(total * 4);
+            mt_model_init_random(&c, params, 91);
+        }
+        int na;
+        size_t ta;
+        mt_param_info *table = mt_lora_param_table(&c, &o.lora, &na, &ta);
+        float *ad = malloc(ta * 4);
+        for (size_t i = 0; i < ta; i++) ad[i] = mt_round_bf16(0.05f * mt_rng_normal(92, i));
+        int32_t *in = malloc(N * 4), *tg = malloc(N * 4);
+        for (int i = 0; i < N; i++)
+            in[i] = (int32_t)(mt_rng_bits(93, i) % c.V), tg[i] = (int32_t)(mt_rng_bits(94, i) % c.V);
+        double loss[2][2];
+        float *grads[2];
+        for (int k = 0; k < 2; k++) {
+            setenv("MT_LORA_FUSED", k == 0 ? "1" : "0", 1);
+            ck_assert_int_eq(mt_model_set_weights(models[k], params), MT_OK);
+            mt_model_set_adapters(models[k], ad);
+            mt_model_set_dropout_seed(models[k], 7);
+            mt_model_zero_grads(models[k]);
+            loss[k][0] = mt_model_step(models[k], in, tg, 1.0f / N, 1);
+            loss[k][1] = mt_model_step(models[k], tg, in, 1.0f / N, 1);
+            mt_trainable t;
+            mt_model_trainable(models[k], &t);
+            grads[k] = malloc(t.total * 4);
+            mt_copy_to_host(grads[k], t.grads, t.total * 4);
+        }
+        unsetenv("MT_LORA_FUSED");
+        double worst = 1.0;
+        for (int i = 0; i < na; i++) {
+            double cs = cosine(grads[0] + table[i].offset, grads[1] + table[i].offset, table[i].count);
+            if (cs < worst) worst = cs;
+            ck_assert_msg(cs > 0.999, "%s: fused vs composed gradient cosine %.6f", table[i].name, cs);
+        }
+        printf(
+            "LoRA fused A products (dropout %g%s): losses %.7g %.7g, composed %.7g %.7g; worst adapter gradient "
+            "cosine %.7f\n",
+            dropout, variant == 2 ? ", checkpointing" : "", loss[0][0], loss[0][1], loss[1][0], loss[1][1], worst);
+        for (int s = 0; s < 2; s++) ck_assert_double_lt(fabs(loss[0][s] - loss[1][s]) / loss[1][s], 2e-3);
+        for (int k = 0; k < 2; k++) mt_model_free(models[k]), free(grads[k]);
+        free(ad), free(in), free(tg), free(table);
+    }
+    mt_backend_free(&gpu);
+    free(params);
+}
+END_TEST
+
 // model.mlp_tile_rows on the GPU: the MLP over tiles of 100 rows (the last
 // short) against the whole batch at once, full fine-tune and LoRA with
 // dropout (each tile its rows' part of the mask), with checkpointing; and
@@ -373,7 +444,7 @@ START_TEST(gpu_lora_matches_cpu_reference) {
         ck_assert_int_eq(mt_backend_init(&gpu, 0), MT_OK);
         mt_model_options o = {.B = B,
                               .T = T,
-                              .lora = {8, 16.0f, 0.0f, quantized, (1u << MT_LORA_MODULES) - 1},
+                              .lora = {16, 32.0f, 0.0f, quantized, (1u << MT_LORA_MODULES) - 1},
                               .quantize_nf4 = quantized};
         mt_model_options ok = o, off = o;
         ok.activation_checkpointing = 1;
@@ -917,6 +988,7 @@ int main(void) {
     tcase_add_test(tc, gpu_model_matches_cpu_reference);
     tcase_add_test(tc, gpu_decoding_matches_cpu_and_full_forward);
     tcase_add_test(tc, gpu_lora_matches_cpu_reference);
+    tcase_add_test(tc, gpu_lora_fused_matches_composed);
     tcase_add_test(tc, gpu_streamed_weights_equal_resident);
     tcase_add_test(tc, gpu_tiled_mlp_matches_untiled);
     tcase_add_test(tc, gpu_mezo_matches_cpu_reference);

@@ -133,11 +133,6 @@ struct mt_model {
     void *lora_du;                        // (N, r), or three of them (see lora_du_of)
     int du_in_f1;                         // without dropout, f1 holds a group's later du (lora_du_of)
     void *drop_buf;                       // (rows, IN) dropout(x), and its gradient (see lora_du_of)
-    struct {                              // what drop_buf holds: dropout(x) of these rows, this mask
-        const void *x;
-        uint64_t seed;
-        int r0, R, IN;
-    } drop_holds;
     layer_params *layers;
     void *wte, *norm_w, *lm_w;
     float *g_wte, *g_norm, *g_lm;
@@ -1362,34 +1357,33 @@ static uint64_t dropout_seed(const mt_model *m, int l, int t) {
 // MLP's): x, y, dx and dy point at those rows; their u rows and dropout mask
 // are those rows' part of the whole batch's.
 
-// x as the adapter sees it: dropout(x) in training (into drop_buf, unless it
-// holds it already for another adapter of the group), else x.
-static const void *adapter_input(mt_model *m, int l, int t, const void *x, int IN, int r0, int R) {
-    if (!m->drop_buf || !m->training) return x;
-    uint64_t seed = dropout_seed(m, l, t);
-    if (m->drop_holds.x != x || m->drop_holds.seed != seed || m->drop_holds.r0 != r0 || m->drop_holds.R != R ||
-        m->drop_holds.IN != IN) {
-        mt_op_dropout(m->be, m->drop_buf, x, (size_t)R * IN, m->lora.dropout, seed, (uint64_t)r0 * IN);
-        m->drop_holds.x = x, m->drop_holds.seed = seed, m->drop_holds.r0 = r0, m->drop_holds.R = R;
-        m->drop_holds.IN = IN;
-    }
-    return m->drop_buf;
-}
-
 // The dropout probability a pass applies (0 outside training).
 static float dropout_p(const mt_model *m) { return m->drop_buf && m->training ? m->lora.dropout : 0.0f; }
 
-// Where adapter t's du (R, r) waits until its group's input gradient is
-// formed (lora_input_backward): the group's first in lora_du; the later ones
-// beside dropout(x) in drop_buf, or without dropout in f1 (free once the
-// MLP's activation backward has read it) where it holds them, else in
-// lora_du's further slots.
+// Where adapter t's du (R, r) waits until its group's backward through A
+// (lora_input_backward): the group's first in lora_du; the later ones beside
+// the (R, IN) room for dropout(x) in drop_buf, or without dropout in f1 (free
+// once the MLP's activation backward has read it) where it holds them, else
+// in lora_du's further slots.
 static void *lora_du_of(mt_model *m, int t, int IN, int R) {
     size_t slot = (size_t)(t - drop_group(t)), r = (size_t)m->lora.r;
     if (slot == 0) return m->lora_du;
     if (m->drop_buf && m->training) return rows(m, m->drop_buf, 1, (size_t)R * IN + (slot - 1) * R * r);
     if (m->du_in_f1) return rows(m, m->f1, 1, (slot - 1) * R * r);
     return rows(m, m->lora_du, 1, slot * R * r);
+}
+
+// Scratch for the LoRA ops of an (R, IN) input: drop_buf's room for
+// dropout(x) with dropout; without, f1 past the du kept there, unless f1 is
+// busy (down_proj's input gradient) or absent (forward only: none).
+static void *lora_scratch(mt_model *m, const void *busy, int IN, int R, size_t *bytes) {
+    size_t a = mt_act_size(m->be);
+    *bytes = 0;
+    if (m->drop_buf && m->training) return *bytes = (size_t)R * IN * a, m->drop_buf;
+    if (!m->f1 || m->f1 == busy) return NULL;
+    size_t kept = m->du_in_f1 ? 2 * (size_t)m->B * m->T * m->lora.r : 0, room = (size_t)m->mlp_rows * m->cfg.F;
+    *bytes = (room - kept) * a;
+    return rows(m, m->f1, 1, kept);
 }
 
 // u = A dropout(x) (its R rows) of adapters t0..t1, which read one input x
@@ -1399,20 +1393,21 @@ static void lora_down(mt_model *m, int l, int t0, int t1, const void *x, int IN,
     layer_params *P = &m->layers[l];
     void *u[MT_MAX_PRODUCTS];
     const void *a[MT_MAX_PRODUCTS];
+    size_t bytes;
+    void *scratch = lora_scratch(m, NULL, IN, R, &bytes);
     int n = 0, each = m->perturb_scale != 0.0f;
     for (int t = t0; t <= t1; t++) {
         if (!P->lora_a[t]) continue;
         u[n] = rows(m, acts_of(m, l)->lora_u[t], (size_t)r0, (size_t)m->lora.r);
-        a[n] = perturbed(m, P->lora_index_a[t], P->lora_a[t]);
-        if (++n < MT_MAX_PRODUCTS && !each && t < t1) continue;
-        mt_op_lora_down(m->be, u, a, n, x, m->drop_buf, R, IN, m->lora.r, dropout_p(m), dropout_seed(m, l, t0),
+        a[n++] = perturbed(m, P->lora_index_a[t], P->lora_a[t]);
+        if (!each && t < t1) continue;
+        mt_op_lora_down(m->be, u, a, n, x, scratch, bytes, R, IN, m->lora.r, dropout_p(m), dropout_seed(m, l, t0),
                         (uint64_t)r0 * IN);
         n = 0;
     }
     if (n)
-        mt_op_lora_down(m->be, u, a, n, x, m->drop_buf, R, IN, m->lora.r, dropout_p(m), dropout_seed(m, l, t0),
+        mt_op_lora_down(m->be, u, a, n, x, scratch, bytes, R, IN, m->lora.r, dropout_p(m), dropout_seed(m, l, t0),
                         (uint64_t)r0 * IN);
-    m->drop_holds.x = NULL;  // the op may have used drop_buf
 }
 
 // y (R, OUT) += scale * B u, u from lora_down.
@@ -1428,35 +1423,32 @@ static void lora_forward(mt_model *m, int l, int t, void *y, int OUT, int r0, in
     mt_op_matmul_forward_add(m->be, y, u, b, R, r, OUT, m->lora_scale);
 }
 
-// Adds the adapter's B and A gradients from dy (R, OUT); its du waits in
-// lora_du_of until lora_input_backward adds the group's part of dx.
-static void lora_backward(mt_model *m, int l, int t, const void *dy, const void *x, int IN, int OUT, int r0, int R) {
+// From dy (R, OUT): B's gradient, and du = scale dy B (R, r) into
+// lora_du_of, where it waits for lora_input_backward.
+static void lora_backward(mt_model *m, int l, int t, const void *dy, int IN, int OUT, int r0, int R) {
     layer_params *P = &m->layers[l];
     if (!P->lora_a[t]) return;
-    mt_backend *be = m->be;
-    int r = m->lora.r;
-    const void *u = rows(m, acts_of(m, l)->lora_u[t], (size_t)r0, (size_t)r);
-    void *du = lora_du_of(m, t, IN, R);
-    // du = scale dy B, dB += scale dy^T u
-    mt_op_matmul_backward_scaled(be, du, P->glora_b[t], dy, u, P->lora_b[t], R, r, OUT, m->lora_scale, 0);
-    // dA += du^T dropout(x)
-    mt_op_matmul_backward_scaled(be, NULL, P->glora_a[t], du, adapter_input(m, l, t, x, IN, r0, R), P->lora_a[t], R, IN,
-                                 r, 1.0f, 0);
+    const void *u = rows(m, acts_of(m, l)->lora_u[t], (size_t)r0, (size_t)m->lora.r);
+    mt_op_matmul_backward_scaled(m->be, lora_du_of(m, t, IN, R), P->glora_b[t], dy, u, P->lora_b[t], R, m->lora.r, OUT,
+                                 m->lora_scale, 0);
 }
 
-// dx (R, IN), which holds the base's part, += the input gradient of the
-// adapters of the group that ends at module t: dropout's backward (through
-// their one mask) of the sum of du A over them.
-static void lora_input_backward(mt_model *m, int l, int t, void *dx, int IN, int r0, int R) {
+// The backward through A of the adapters of the group that ends at module t,
+// which read x (R, IN): each one's dA += du^T dropout(x), and dx (R, IN),
+// which holds the base's part, += dropout's backward (their one mask) of the
+// sum of du A over them.
+static void lora_input_backward(mt_model *m, int l, int t, void *dx, const void *x, int IN, int r0, int R) {
     layer_params *P = &m->layers[l];
     const void *du[MT_MAX_PRODUCTS], *a[MT_MAX_PRODUCTS];
+    float *da[MT_MAX_PRODUCTS];
     int n = 0;
     for (int s = drop_group(t); s <= t; s++)
-        if (P->lora_a[s]) du[n] = lora_du_of(m, s, IN, R), a[n++] = P->lora_a[s];
+        if (P->lora_a[s]) du[n] = lora_du_of(m, s, IN, R), da[n] = P->glora_a[s], a[n++] = P->lora_a[s];
     if (!n) return;
-    m->drop_holds.x = NULL;  // drop_buf may hold the sum
-    mt_op_lora_down_backward(m->be, dx, du, a, n, m->drop_buf, R, IN, m->lora.r, dropout_p(m), dropout_seed(m, l, t),
-                             (uint64_t)r0 * IN);
+    size_t bytes;
+    void *scratch = lora_scratch(m, dx, IN, R, &bytes);
+    mt_op_lora_down_backward(m->be, dx, da, du, a, n, x, scratch, bytes, R, IN, m->lora.r, dropout_p(m),
+                             dropout_seed(m, l, t), (uint64_t)r0 * IN);
 }
 
 // The MLP's gate activation: Gemma's tanh GELU, else SiLU.
@@ -1522,7 +1514,6 @@ static void layer_forward(mt_model *m, int l, int recompute) {
     void *qf = m->qkv_flat, *kf = rows(m, qf, (size_t)N, (size_t)HD), *vf = rows(m, kf, (size_t)N, (size_t)KVD);
     int g = c->gemma, local = mt_layer_local(c, l);
     const float *cs = local ? m->cos_local : m->cos_table, *sn = local ? m->sin_local : m->sin_table;
-    m->drop_holds.x = NULL;  // a dropped-out input is shared within a layer's pass only
     mt_op_rmsnorm_forward(be, A->ln1, A->rstd1, m->x[l], layer_weight(m, l, P_LN1), N, c->C, c->rms_eps, g);
     // Qwen3: the projections stay for backward; each head's norm writes what RoPE reads
     void *qp = c->qk_norm ? A->qraw : qf, *kp = c->qk_norm ? A->kraw : kf;
@@ -1593,16 +1584,16 @@ static void mlp_rows_backward(mt_model *m, int l, const void *dmlp, int r0, int 
     const void *dy = rows(m, (void *)dmlp, (size_t)r0, (size_t)c->C), *ln2 = rows(m, A->ln2, (size_t)r0, (size_t)c->C);
     void *dln = rows(m, m->dln, (size_t)r0, (size_t)c->C);
     mt_op_matmul_backward(be, m->f1, P->g[P_WD], NULL, dy, m->f0, base_weight(m, l, P_WD), R, c->F, c->C, 0);
-    lora_backward(m, l, MT_LORA_DOWN, dy, m->f0, c->F, c->C, r0, R);
-    lora_input_backward(m, l, MT_LORA_DOWN, m->f1, c->F, r0, R);
+    lora_backward(m, l, MT_LORA_DOWN, dy, c->F, c->C, r0, R);
+    lora_input_backward(m, l, MT_LORA_DOWN, m->f1, m->f0, c->F, r0, R);
     // up's gradient replaces up itself (read first, element by element)
     void *dup = A->up;
     mt_op_glu_backward(be, m->f0, dup, m->f1, A->gate, A->up, RF, glu_act(c));
     mt_op_matmul_backward(be, dln, P->g[P_WG], NULL, m->f0, ln2, base_weight(m, l, P_WG), R, c->C, c->F, 0);
-    lora_backward(m, l, MT_LORA_GATE, m->f0, ln2, c->C, c->F, r0, R);
+    lora_backward(m, l, MT_LORA_GATE, m->f0, c->C, c->F, r0, R);
     mt_op_matmul_backward(be, dln, P->g[P_WU], NULL, dup, ln2, base_weight(m, l, P_WU), R, c->C, c->F, 1);
-    lora_backward(m, l, MT_LORA_UP, dup, ln2, c->C, c->F, r0, R);
-    lora_input_backward(m, l, MT_LORA_UP, dln, c->C, r0, R);
+    lora_backward(m, l, MT_LORA_UP, dup, c->C, c->F, r0, R);
+    lora_input_backward(m, l, MT_LORA_UP, dln, ln2, c->C, r0, R);
 }
 
 // Adds layer l's gradients; dres holds d(loss)/d(x[l+1]) on entry and
@@ -1615,7 +1606,6 @@ static void layer_backward(mt_model *m, int l) {
     layer_acts *A = acts_of(m, l);
     int g = c->gemma, local = mt_layer_local(c, l);
     const float *cs = local ? m->cos_local : m->cos_table, *sn = local ? m->sin_local : m->sin_table;
-    m->drop_holds.x = NULL;
     if (m->checkpointing) layer_forward(m, l, 1);
     // Gemma: through the MLP output's norm first
     void *dmlp = g ? sandwich_backward(m, l, P_FNORM, A->mlp_out, A->rstd_f) : m->dres;
@@ -1631,8 +1621,8 @@ static void layer_backward(mt_model *m, int l) {
     void *dattn = g ? sandwich_backward(m, l, P_ANORM, A->attn_out, A->rstd_a) : m->dres;
     mt_op_matmul_backward(be, m->datty, P->g[P_WO], P->g[P_BO], dattn, A->atty, base_weight(m, l, P_WO), N, HD, c->C,
                           0);
-    lora_backward(m, l, MT_LORA_O, dattn, A->atty, HD, c->C, 0, N);
-    lora_input_backward(m, l, MT_LORA_O, m->datty, HD, 0, N);
+    lora_backward(m, l, MT_LORA_O, dattn, HD, c->C, 0, N);
+    lora_input_backward(m, l, MT_LORA_O, m->datty, A->atty, HD, 0, N);
     mt_op_attention_backward(be, local ? &m->attn_local : &m->attn, m->dq, m->dk, m->dv, m->datty, A->q, A->k, A->v,
                              A->atty, A->lse, m->pos);
     void *dqf = m->dqkv_in_x2 ? A->x2 : m->dqkv_flat, *dkf = rows(m, dqf, (size_t)N, (size_t)HD),
@@ -1650,12 +1640,12 @@ static void layer_backward(mt_model *m, int l) {
         dqf = m->dq, dkf = m->dk;
     }
     mt_op_matmul_backward(be, m->dln, P->g[P_WQ], P->g[P_BQ], dqf, A->ln1, base_weight(m, l, P_WQ), N, c->C, HD, 0);
-    lora_backward(m, l, MT_LORA_Q, dqf, A->ln1, c->C, HD, 0, N);
+    lora_backward(m, l, MT_LORA_Q, dqf, c->C, HD, 0, N);
     mt_op_matmul_backward(be, m->dln, P->g[P_WK], P->g[P_BK], dkf, A->ln1, base_weight(m, l, P_WK), N, c->C, KVD, 1);
-    lora_backward(m, l, MT_LORA_K, dkf, A->ln1, c->C, KVD, 0, N);
+    lora_backward(m, l, MT_LORA_K, dkf, c->C, KVD, 0, N);
     mt_op_matmul_backward(be, m->dln, P->g[P_WV], P->g[P_BV], dvf, A->ln1, base_weight(m, l, P_WV), N, c->C, KVD, 1);
-    lora_backward(m, l, MT_LORA_V, dvf, A->ln1, c->C, KVD, 0, N);
-    lora_input_backward(m, l, MT_LORA_V, m->dln, c->C, 0, N);
+    lora_backward(m, l, MT_LORA_V, dvf, c->C, KVD, 0, N);
+    lora_input_backward(m, l, MT_LORA_V, m->dln, A->ln1, c->C, 0, N);
     // with a frozen embedding nothing needs d(loss)/d(x[0])
     if (l > 0 || !m->frozen)
         mt_op_rmsnorm_backward(be, m->dres, P->g[P_LN1], m->dln, m->x[l], P->w[P_LN1], A->rstd1, N, c->C, g);
