@@ -1677,8 +1677,7 @@ extern "C" void mt_dropout_cuda(const mt_backend *be, void *out, const void *inp
 // dropout's mask drawn where x is read and where dx is written: x passes
 // through memory once forward, dx once backward, and dropout(x) is never
 // stored. The mask is dropout_kernel's (the same draws for the same element
-// index). MT_LORA_FUSED=0 in the environment turns them off (the dropout and
-// cuBLAS products of ops.c).
+// index). Which of them run: lora_fused_enabled.
 constexpr int kLoraWarps = 4, kLoraRows = 16 * kLoraWarps, kLoraCols = 64, kLoraLd = kLoraCols + 8;
 constexpr int kLoraMaxFrags = 8;  // the group's r summed, over 16
 
@@ -1691,17 +1690,26 @@ struct lora_set {
 
 typedef wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::col_major> frag_a_col;
 
-static int lora_fused_enabled(void) {
-    const char *env = getenv("MT_LORA_FUSED");  // read each time: a test compares both ways in one process
-    return !(env && strcmp(env, "0") == 0);
+// Which kernels run. By default the dx kernel always, the u and dA kernels
+// with dropout only: without it they lost to cuBLAS's products on an H100
+// (docs/development.md), with it they save the passes that store and read
+// dropout(x). MT_LORA_FUSED (read each time: tests compare the ways in one
+// process): 0 none, dx the dx kernel alone, all every kernel at any p.
+typedef enum { LORA_U, LORA_DA, LORA_DX } lora_kernel;
+static bool lora_fused_enabled(lora_kernel k, float p) {
+    const char *env = getenv("MT_LORA_FUSED");
+    if (env && strcmp(env, "0") == 0) return false;
+    if (env && strcmp(env, "all") == 0) return true;
+    if (env && strcmp(env, "dx") == 0) return k == LORA_DX;
+    return k == LORA_DX || p > 0.0f;
 }
 
 // Whether the kernels take the group: r a multiple of 16 (a fragment lies in
 // one adapter) summing to at most kLoraMaxFrags fragments, whole 64-wide
 // chunks of whole 16-row tiles, x (or dx) 16-byte aligned, and the mask's
 // 8-element groups aligned with the chunks' vectors.
-static bool lora_fused_serves(int count, const void *x, int R, int IN, int r, uint64_t offset) {
-    return lora_fused_enabled() && count >= 1 && count <= MT_MAX_PRODUCTS && r % 16 == 0 &&
+static bool lora_fused_serves(lora_kernel k, float p, int count, const void *x, int R, int IN, int r, uint64_t offset) {
+    return lora_fused_enabled(k, p) && count >= 1 && count <= MT_MAX_PRODUCTS && r % 16 == 0 &&
            count * r <= 16 * kLoraMaxFrags && R % 16 == 0 && IN % kLoraCols == 0 && offset % 8 == 0 && vec8(x);
 }
 
@@ -1817,7 +1825,7 @@ static void lora_frags(int NF, F launch) {
 extern "C" int mt_lora_down_cuda(const mt_backend *be, void *const *u, const void *const *a, int count, const void *x,
                                  void *scratch, size_t scratch_bytes, int R, int IN, int r, float p, uint64_t seed,
                                  uint64_t offset) {
-    if (!scratch || !lora_fused_serves(count, x, R, IN, r, offset) || !lora_aligned(a, count)) return 0;
+    if (!scratch || !lora_fused_serves(LORA_U, p, count, x, R, IN, r, offset) || !lora_aligned(a, count)) return 0;
     int NF = count * r / 16, width = NF * 16, row_blocks = (R + kLoraRows - 1) / kLoraRows;
     // splits of IN enough for about 4 blocks an SM, their partial sums (R, width) in fp32 within the scratch
     int chunks = IN / kLoraCols, splits = (4 * sm_count() + row_blocks - 1) / row_blocks;
@@ -1916,7 +1924,7 @@ static __global__ void lora_down_wgrad_sum_kernel(lora_set set, const float *ws,
 extern "C" int mt_lora_down_wgrad_cuda(const mt_backend *be, float *const *da, const void *const *du, int count,
                                        const void *x, void *scratch, size_t scratch_bytes, int R, int IN, int r,
                                        float p, uint64_t seed, uint64_t offset) {
-    if (!scratch || (uintptr_t)scratch % 32 || !lora_fused_serves(count, x, R, IN, r, offset) ||
+    if (!scratch || (uintptr_t)scratch % 32 || !lora_fused_serves(LORA_DA, p, count, x, R, IN, r, offset) ||
         !lora_aligned(du, count))
         return 0;
     int NF = count * r / 16, width = NF * 16, col_blocks = IN / kLoraCols, row_chunks = (R + kLoraRows - 1) / kLoraRows;
@@ -2006,7 +2014,7 @@ static __global__ void lora_down_backward_kernel(bf16 *dx, lora_set set, int R, 
 
 extern "C" int mt_lora_down_dx_cuda(const mt_backend *be, void *dx, const void *const *du, const void *const *a,
                                     int count, int R, int IN, int r, float p, uint64_t seed, uint64_t offset) {
-    if (!lora_fused_serves(count, dx, R, IN, r, offset) || !lora_aligned(a, count)) return 0;
+    if (!lora_fused_serves(LORA_DX, p, count, dx, R, IN, r, offset) || !lora_aligned(a, count)) return 0;
     for (int g = 0; g < count; g++)
         if ((uintptr_t)du[g] % 32) return 0;  // WMMA loads its tiles 32-byte aligned
     lora_set set = {};

@@ -1039,13 +1039,15 @@ START_TEST(galore_linear_algebra) {
 }
 END_TEST
 
-// LoRA's fused A products against the ops they replace on the GPU (the
-// same cuRAND mask: a dropout, then cuBLAS products) and, without dropout,
-// against the CPU reference: u, every dA and dx. The fused kernels must take
+// LoRA's fused A products (all of them, MT_LORA_FUSED=all) against the ops
+// they replace on the GPU (the same cuRAND mask: a dropout, then cuBLAS
+// products) and, without dropout, against the CPU reference: u, every dA
+// and dx. The fused kernels must take
 // the first shapes (the mt_lora_down_*_cuda calls say so); the last ones
 // (rows not in tiles of 16, r not a multiple of 16) and a scratch too small
 // for the partial sums are composed by the ops.
 START_TEST(lora_down_fused) {
+    setenv("MT_LORA_FUSED", "all", 1);  // every kernel, without dropout too
     // R, IN, r, adapters, p, first row (the mask's offset: a tile of the MLP)
     struct {
         int R, IN, r, count;
@@ -1164,6 +1166,7 @@ START_TEST(lora_down_fused) {
         }
         mt_device_free(x_d), mt_device_free(scratch_d), mt_device_free(dx_d), mt_device_free(dxc_d);
     }
+    unsetenv("MT_LORA_FUSED");
 }
 END_TEST
 

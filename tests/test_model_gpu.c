@@ -297,8 +297,9 @@ START_TEST(gpu_streamed_weights_equal_resident) {
 END_TEST
 
 // LoRA's fused A products (one read of a group's input with dropout's mask
-// drawn on the way; the group's input gradient in one pass) against the
-// dropout and cuBLAS products they replace (MT_LORA_FUSED=0): r = 16 and
+// drawn on the way; the group's input gradient in one pass), all of them
+// (MT_LORA_FUSED=all), against the dropout and cuBLAS products they replace
+// (MT_LORA_FUSED=0): r = 16 and
 // widths the kernels take (F 768), with and without dropout and
 // checkpointing, two steps: the same losses and adapter gradients up to bf16
 // rounding (the mask is the same).
@@ -335,7 +336,7 @@ START_TEST(gpu_lora_fused_matches_composed) {
         double loss[2][2];
         float *grads[2];
         for (int k = 0; k < 2; k++) {
-            setenv("MT_LORA_FUSED", k == 0 ? "1" : "0", 1);
+            setenv("MT_LORA_FUSED", k == 0 ? "all" : "0", 1);
             ck_assert_int_eq(mt_model_set_weights(models[k], params), MT_OK);
             mt_model_set_adapters(models[k], ad);
             mt_model_set_dropout_seed(models[k], 7);
