@@ -166,17 +166,18 @@ void mt_op_dropout_add(const mt_backend *be, void *out, const void *inp, size_t 
 // mt_op_dropout's with (p, seed, offset) and none where p is 0. scratch:
 // scratch_bytes of room, or NULL; its contents afterwards are undefined.
 // The CPU forms dropout(x) there (p > 0 needs (R, IN) activations of room)
-// and runs the products: the same values as those ops. The GPU reads x once
-// for the whole group, drawing the mask on the way, with partial sums in
-// the scratch; where its kernels do not take the shapes, or the scratch is
-// too small, it composes the ops as the CPU does.
+// and runs the products: the same values as those ops. With dropout the GPU
+// reads x once for the whole group, drawing the mask on the way, with
+// partial sums in the scratch; without dropout, where its kernels do not
+// take the shapes, or where the scratch is too small, it composes the ops
+// as the CPU does (ops.cu's lora_fused_enabled says which runs when).
 void mt_op_lora_down(const mt_backend *be, void *const *u, const void *const *a, int count, const void *x,
                      void *scratch, size_t scratch_bytes, int R, int IN, int r, float p, uint64_t seed,
                      uint64_t offset);
 // Its backward from du[g] (R, r): da[g] (r, IN, fp32) += du[g]^T dropout(x)
 // (da NULL: none; parts of a fused module may share one), and dx (R, IN) +=
-// dropout's backward (the same mask) of sum_g du[g] a[g]. The GPU reads x
-// once for all the dA and writes dx in one pass.
+// dropout's backward (the same mask) of sum_g du[g] a[g]. The GPU writes dx
+// in one pass, and with dropout reads x once for all the dA.
 void mt_op_lora_down_backward(const mt_backend *be, void *dx, float *const *da, const void *const *du,
                               const void *const *a, int count, const void *x, void *scratch, size_t scratch_bytes,
                               int R, int IN, int r, float p, uint64_t seed, uint64_t offset);
