@@ -1056,11 +1056,13 @@ START_TEST(lora_down_fused) {
     } shapes[] = {{64, 128, 16, 3, 0.1f, 0}, {48, 192, 16, 2, 0.0f, 0},  {112, 320, 32, 2, 0.3f, 16},
                   {16, 64, 16, 1, 0.05f, 0}, {80, 640, 16, 3, 0.0f, 32}, {208, 2048, 64, 2, 0.05f, 0},
                   {10, 128, 16, 3, 0.1f, 0}, {32, 128, 8, 2, 0.2f, 0}};
-    for (int s = 0; s < 9; s++) {
-        int k = s < 8 ? s : 0;  // the last: the first shape without dropout and with 64 bytes of scratch
+    // then the first shape twice more: without dropout and with 64 bytes of scratch; and with its first two
+    // adapters sharing one dA (the parts of a fused module: their adds in order)
+    for (int s = 0; s < 10; s++) {
+        int k = s < 8 ? s : 0, shared = s == 9;
         int R = shapes[k].R, IN = shapes[k].IN, r = shapes[k].r, count = shapes[k].count;
-        float p = s < 8 ? shapes[k].p : 0.0f;
-        int fused = s < 6;
+        float p = s == 8 ? 0.0f : shapes[k].p;
+        int fused = s < 6 || shared;
         uint64_t offset = (uint64_t)shapes[k].r0 * IN, mask_seed = 77 + (uint64_t)s;
         // scratch: dropout(x)'s room, and the partial sums of up to 4 splits of R for every dA
         size_t nx = (size_t)R * IN, nu = (size_t)R * r, na = (size_t)r * IN, room = nx * 2 + 16 * na * count,
@@ -1074,6 +1076,10 @@ START_TEST(lora_down_fused) {
             a_d[g] = dev_bf16(a[g], na), du_d[g] = dev_bf16(du[g], nu);
             u_d[g] = dev_poisoned(nu * 2), uc_d[g] = dev_poisoned(nu * 2);
             da_d[g] = dev_f32(da0[g], na), dac_d[g] = dev_f32(da0[g], na);
+        }
+        if (shared) {
+            mt_device_free(da_d[1]), mt_device_free(dac_d[1]);
+            da_d[1] = da_d[0], dac_d[1] = dac_d[0];
         }
         void *x_d = dev_bf16(x, nx), *scratch_d = dev_poisoned(room), *dx_d = dev_bf16(dx0, nx),
              *dxc_d = dev_bf16(dx0, nx);
@@ -1101,8 +1107,9 @@ START_TEST(lora_down_fused) {
             mt_lora_down_wgrad_cuda(&be, da_d, DU, count, x_d, scratch_d, bytes, R, IN, r, p, mask_seed, offset),
             fused);
         ck_assert_int_eq(mt_lora_down_dx_cuda(&be, dx_d, DU, A, count, R, IN, r, p, mask_seed, offset),
-                         s < 6 || s == 8);
-        for (int g = 0; g < count; g++) mt_copy_to_device(da_d[g], da0[g], na * 4);
+                         fused || s == 8);
+        for (int g = 0; g < count; g++)
+            if (!(shared && g == 1)) mt_copy_to_device(da_d[g], da0[g], na * 4);
         mt_device_free(dx_d);
         dx_d = dev_bf16(dx0, nx);
         mt_op_lora_down_backward(&be, dx_d, da_d, DU, A, count, x_d, scratch_d, bytes, R, IN, r, p, mask_seed, offset);
@@ -1162,7 +1169,7 @@ START_TEST(lora_down_fused) {
         for (int g = 0; g < count; g++) {
             free(a[g]), free(du[g]), free(da0[g]);
             mt_device_free(a_d[g]), mt_device_free(du_d[g]), mt_device_free(u_d[g]), mt_device_free(uc_d[g]);
-            mt_device_free(da_d[g]), mt_device_free(dac_d[g]);
+            if (!(shared && g == 1)) mt_device_free(da_d[g]), mt_device_free(dac_d[g]);
         }
         mt_device_free(x_d), mt_device_free(scratch_d), mt_device_free(dx_d), mt_device_free(dxc_d);
     }
