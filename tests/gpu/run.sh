@@ -7,7 +7,7 @@
 #
 # Stages: ctest quickstart resume dist-test parity chat generate peft peft-qwen3 peft-gemma3 peft-phi3 (default), plus bench
 # (attention and full fine-tune), full-bench (full fine-tune alone; MT_FULL_ARGS adds bench/full_ft.py options), lora-bench, mezo-bench, galore-bench,
-# offload-bench, decode-bench, streaming-bench, profile (per-kernel time of a step; MT_PROFILE_MODES picks bench/profile_step.sh's modes) and plan (memtune plan against 36 measured runs) with --bench; attention-bench and long-context (bench/long_context.py; MT_LONG_ARGS adds its options) alone; or name them: run.sh --stages
+# lora-ops (mt_lora_bench: LoRA's fused A products against the composed ops), offload-bench, decode-bench, streaming-bench, profile (per-kernel time of a step; MT_PROFILE_MODES picks bench/profile_step.sh's modes) and plan (memtune plan against 36 measured runs) with --bench; attention-bench and long-context (bench/long_context.py; MT_LONG_ARGS adds its options) alone; or name them: run.sh --stages
 # "ctest mezo-bench". MT_CTEST_FILTER narrows ctest; MT_LORA_SHAPES picks
 # lora-bench's shapes and MT_LORA_ARGS adds bench/lora_ft.py options (e.g.
 # "--steps 20"); MT_MEZO_ARGS adds bench/mezo.py options, MT_GALORE_ARGS
@@ -68,7 +68,7 @@ fi
 
 STAGES="ctest quickstart resume dist-test parity chat generate peft peft-qwen3 peft-gemma3 peft-phi3"
 case "${1:-}" in
-    --bench) STAGES="$STAGES bench profile lora-bench mezo-bench galore-bench offload-bench decode-bench streaming-bench plan" ;;
+    --bench) STAGES="$STAGES bench profile lora-bench lora-ops mezo-bench galore-bench offload-bench decode-bench streaming-bench plan" ;;
     --stages) STAGES=$2 ;;
 esac
 want() { case " $STAGES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
@@ -248,6 +248,11 @@ if want bench || want full-bench; then
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 fi
 
+if want lora-ops; then
+    echo "== bench: LoRA's fused A products vs the dropout and cuBLAS products they replace (mt_lora_bench)"
+    "$BUILD/mt_lora_bench" 50 2>&1 | tee "$OUT/lora_ops.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+fi
 if want lora-bench; then
     echo "== bench: LoRA and QLoRA vs PEFT (+ bitsandbytes)"
     python3 bench/lora_ft.py --out "$OUT" ${MT_LORA_SHAPES:+--shapes "$MT_LORA_SHAPES"} ${MT_LORA_ARGS:-} 2>&1 |
