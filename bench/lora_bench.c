@@ -4,7 +4,11 @@
 // each), at the layer
 // shapes of the TinyLlama-1.1B and Llama-2-7B benches (B=4, T=1024, r=16),
 // with and without dropout; and a device-to-device copy of the input, the
-// floor for a pass that reads it. Prints a table: microseconds per call.
+// floor for a pass that reads it. Prints a table: microseconds per call of
+// GPU time, from a CUDA Graph of ITERS calls replayed (a call's host-side
+// launches would otherwise bound the small ones: on 2026-12-06 the table
+// was wall time per call, launches included), or wall time per call where
+// the graph cannot be recorded (the line says so).
 // Usage: mt_lora_bench [ITERS]
 #include <stdio.h>
 #include <stdlib.h>
@@ -26,14 +30,32 @@ static void *dev_random(size_t n, float scale, uint64_t seed) {
     return d;
 }
 
-// Microseconds a call of op(arg) takes, over iters calls after 3.
-static double time_us(void (*op)(void *), void *arg, int iters) {
+static int graphs_failed;  // a graph could not be recorded: wall times instead
+
+// Microseconds a call of op(arg) takes: iters calls recorded as one CUDA
+// Graph and replayed 5 times after one replay, or without a graph their
+// wall time, over iters calls after 3.
+static double time_us(mt_backend *be, void (*op)(void *), void *arg, int iters) {
     for (int i = 0; i < 3; i++) op(arg);
     mt_device_synchronize();
-    double t0 = mt_now();
+    mt_graph_begin(be);
     for (int i = 0; i < iters; i++) op(arg);
+    char why[256];
+    void *graph = mt_graph_end(be, why, sizeof why);
+    if (!graph) {
+        if (!graphs_failed++) printf("(no CUDA Graph: %s; wall times per call instead)\n", why);
+        double t0 = mt_now();
+        for (int i = 0; i < iters; i++) op(arg);
+        mt_device_synchronize();
+        return 1e6 * (mt_now() - t0) / iters;
+    }
+    mt_graph_launch(be, graph);
     mt_device_synchronize();
-    return 1e6 * (mt_now() - t0) / iters;
+    double t0 = mt_now();
+    for (int k = 0; k < 5; k++) mt_graph_launch(be, graph);
+    mt_device_synchronize();
+    mt_graph_free(graph);
+    return 1e6 * (mt_now() - t0) / (5.0 * iters);
 }
 
 typedef struct {
@@ -74,7 +96,7 @@ static void dx(void *arg) {
 
 static void copy(void *arg) {
     bench *b = arg;
-    mt_memcpy_async(b->copy, b->x, (size_t)b->R * b->IN * 2, NULL);
+    mt_memcpy_async(b->copy, b->x, (size_t)b->R * b->IN * 2, b->be->stream);  // recorded in the graph
 }
 
 int main(int argc, char **argv) {
@@ -104,15 +126,15 @@ int main(int argc, char **argv) {
             b.da[g] = mt_device_malloc((size_t)b.r * b.IN * 4);
             mt_device_memset(b.da[g], 0, (size_t)b.r * b.IN * 4);
         }
-        double copy_us = time_us(copy, &b, iters);
+        double copy_us = time_us(&be, copy, &b, iters);
         for (int d = 0; d < 2; d++) {
             b.p = d ? 0.05f : 0.0f;
             double t[6];
             setenv("MT_LORA_FUSED", "0", 1);
-            t[1] = time_us(forward, &b, iters), t[5] = time_us(backward, &b, iters);
+            t[1] = time_us(&be, forward, &b, iters), t[5] = time_us(&be, backward, &b, iters);
             setenv("MT_LORA_FUSED", "all", 1);  // the kernels without dropout too
-            t[0] = time_us(forward, &b, iters), t[2] = time_us(backward, &b, iters);
-            t[3] = time_us(wgrad, &b, iters), t[4] = time_us(dx, &b, iters);
+            t[0] = time_us(&be, forward, &b, iters), t[2] = time_us(&be, backward, &b, iters);
+            t[3] = time_us(&be, wgrad, &b, iters), t[4] = time_us(&be, dx, &b, iters);
             printf("%-14s %5.2f %8.1f %11.1f %11.1f %11.1f %11.1f %11.1f %11.1f\n", shapes[s].what, b.p, copy_us, t[0],
                    t[1], t[2], t[3], t[4], t[5]);
             fflush(stdout);
