@@ -1204,6 +1204,7 @@ static __global__ void bias_grad_kernel(float *dbias, const bf16 *dout, int N, i
 // product with each row of X, which stays in L1. MT_SKINNY=0 in the
 // environment turns the kernel off (cuBLAS for every product).
 constexpr int kSkinnyRows = 8, kSkinnyWarps = 8;
+static_assert(kSkinnyRows == 8, "launch_1_to_8 launches a kernel a row count");
 
 static __device__ void store_out(bf16 *p, float y) { *p = __float2bfloat16(y); }
 static __device__ void store_out(float *p, float y) { *p = y; }
@@ -1288,12 +1289,12 @@ static bool skinny_serves(int N, int IN, const void *inp) {
     return N <= kSkinnyRows && IN % kVec == 0 && vec8(inp) && skinny_enabled();
 }
 
-// launch(std::integral_constant<int, R>()) for the N rows (1 to kSkinnyRows)
-// a skinny kernel is compiled for.
+// launch(std::integral_constant<int, n>()) for n from 1 to 8 (more: 8), then
+// the launch check: a kernel compiled for each count (the skinny kernels'
+// rows, the LoRA kernels' fragments).
 template <typename F>
-static void skinny_rows(int N, F launch) {
-    static_assert(kSkinnyRows == 8, "a case a row count");
-    switch (N) {
+static void launch_1_to_8(int n, F launch) {
+    switch (n) {
         case 1: launch(std::integral_constant<int, 1>()); break;
         case 2: launch(std::integral_constant<int, 2>()); break;
         case 3: launch(std::integral_constant<int, 3>()); break;
@@ -1328,7 +1329,7 @@ static int skinny(const mt_backend *be, const mt_product *p, int count, const vo
     const bf16 *x = (const bf16 *)inp;
     dim3 grid(blocks), block(32 * kSkinnyWarps);
     cudaStream_t st = mt_stream_of(be);
-    skinny_rows(N, [&](auto rows) { skinny_kernel<rows(), T><<<grid, block, 0, st>>>(set, x, IN, alpha, beta); });
+    launch_1_to_8(N, [&](auto rows) { skinny_kernel<rows(), T><<<grid, block, 0, st>>>(set, x, IN, alpha, beta); });
     return 1;
 }
 
@@ -1404,7 +1405,7 @@ extern "C" void mt_matmul_glu_forward_cuda(const mt_backend *be, void *out, void
         const bf16 *x = (const bf16 *)inp, *g = (const bf16 *)wg, *u = (const bf16 *)wu;
         bf16 *y = (bf16 *)out;
         cudaStream_t st = mt_stream_of(be);
-        skinny_rows(N, [&](auto rows) { skinny_glu_kernel<rows()><<<grid, block, 0, st>>>(y, x, g, u, IN, F, act); });
+        launch_1_to_8(N, [&](auto rows) { skinny_glu_kernel<rows()><<<grid, block, 0, st>>>(y, x, g, u, IN, F, act); });
         return;
     }
     mt_product p[2] = {{gate, wg, NULL, F}, {up, wu, NULL, F}};
@@ -1680,6 +1681,7 @@ extern "C" void mt_dropout_cuda(const mt_backend *be, void *out, const void *inp
 // index). Which of them run: lora_fused_enabled.
 constexpr int kLoraWarps = 4, kLoraRows = 16 * kLoraWarps, kLoraCols = 64, kLoraLd = kLoraCols + 8;
 constexpr int kLoraMaxFrags = 8;  // the group's r summed, over 16
+static_assert(kLoraMaxFrags == 8, "launch_1_to_8 launches a kernel a fragment count");
 
 struct lora_set {
     bf16 *out[MT_MAX_PRODUCTS];       // u (R, r) of each adapter
@@ -1805,23 +1807,6 @@ static int sm_count(void) {
     return count;
 }
 
-// launch(std::integral_constant<int, NF>()) for the group's NF fragments.
-template <typename F>
-static void lora_frags(int NF, F launch) {
-    static_assert(kLoraMaxFrags == 8, "a case a fragment count");
-    switch (NF) {
-        case 1: launch(std::integral_constant<int, 1>()); break;
-        case 2: launch(std::integral_constant<int, 2>()); break;
-        case 3: launch(std::integral_constant<int, 3>()); break;
-        case 4: launch(std::integral_constant<int, 4>()); break;
-        case 5: launch(std::integral_constant<int, 5>()); break;
-        case 6: launch(std::integral_constant<int, 6>()); break;
-        case 7: launch(std::integral_constant<int, 7>()); break;
-        default: launch(std::integral_constant<int, 8>()); break;
-    }
-    CUDA_CHECK_LAUNCH();
-}
-
 extern "C" int mt_lora_down_cuda(const mt_backend *be, void *const *u, const void *const *a, int count, const void *x,
                                  void *scratch, size_t scratch_bytes, int R, int IN, int r, float p, uint64_t seed,
                                  uint64_t offset) {
@@ -1840,7 +1825,7 @@ extern "C" int mt_lora_down_cuda(const mt_backend *be, void *const *u, const voi
     dim3 grid(row_blocks, splits), block(32 * kLoraWarps);
     const bf16 *xb = (const bf16 *)x;
     float keep_scale = p > 0.0f ? 1.0f / (1.0f - p) : 1.0f;
-    lora_frags(NF, [&](auto nf) {
+    launch_1_to_8(NF, [&](auto nf) {
         lora_down_kernel<nf()><<<grid, block, 0, st>>>(ws, set, xb, R, IN, r, p, keep_scale, (unsigned long long)seed,
                                                        (unsigned long long)offset);
     });
@@ -1941,7 +1926,7 @@ extern "C" int mt_lora_down_wgrad_cuda(const mt_backend *be, float *const *da, c
     dim3 grid(col_blocks, splits), block(32 * kLoraWarps);
     const bf16 *xb = (const bf16 *)x;
     float keep_scale = p > 0.0f ? 1.0f / (1.0f - p) : 1.0f;
-    lora_frags(NF, [&](auto nf) {
+    launch_1_to_8(NF, [&](auto nf) {
         lora_down_wgrad_kernel<nf()><<<grid, block, 0, st>>>(ws, set, xb, R, IN, r, p, keep_scale,
                                                              (unsigned long long)seed, (unsigned long long)offset);
     });
@@ -2023,7 +2008,7 @@ extern "C" int mt_lora_down_dx_cuda(const mt_backend *be, void *dx, const void *
     dim3 grid(IN / kLoraCols, (R + kLoraRows - 1) / kLoraRows), block(32 * kLoraWarps);
     cudaStream_t st = mt_stream_of(be);
     float keep_scale = p > 0.0f ? 1.0f / (1.0f - p) : 1.0f;
-    lora_frags(NF, [&](auto nf) {
+    launch_1_to_8(NF, [&](auto nf) {
         lora_down_backward_kernel<nf()><<<grid, block, 0, st>>>((bf16 *)dx, set, R, IN, r, p, keep_scale,
                                                                 (unsigned long long)seed, (unsigned long long)offset);
     });
