@@ -1397,17 +1397,15 @@ static void lora_down(mt_model *m, int l, int t0, int t1, const void *x, int IN,
     void *scratch = lora_scratch(m, NULL, IN, R, &bytes);
     int n = 0, each = m->perturb_scale != 0.0f;
     for (int t = t0; t <= t1; t++) {
-        if (!P->lora_a[t]) continue;
-        u[n] = rows(m, acts_of(m, l)->lora_u[t], (size_t)r0, (size_t)m->lora.r);
-        a[n++] = perturbed(m, P->lora_index_a[t], P->lora_a[t]);
-        if (!each && t < t1) continue;
+        if (P->lora_a[t]) {
+            u[n] = rows(m, acts_of(m, l)->lora_u[t], (size_t)r0, (size_t)m->lora.r);
+            a[n++] = perturbed(m, P->lora_index_a[t], P->lora_a[t]);
+        }
+        if (!n || (!each && t < t1)) continue;
         mt_op_lora_down(m->be, u, a, n, x, scratch, bytes, R, IN, m->lora.r, dropout_p(m), dropout_seed(m, l, t0),
                         (uint64_t)r0 * IN);
         n = 0;
     }
-    if (n)
-        mt_op_lora_down(m->be, u, a, n, x, scratch, bytes, R, IN, m->lora.r, dropout_p(m), dropout_seed(m, l, t0),
-                        (uint64_t)r0 * IN);
 }
 
 // y (R, OUT) += scale * B u, u from lora_down.
