@@ -30,6 +30,24 @@ static double cosine(const float *a, const float *b, size_t n) {
     return ab / (sqrt(aa * bb) + 1e-30);
 }
 
+// Two training steps of a LoRA model from the given base and adapters (the
+// second with inputs and targets swapped), its dropout seeded: the losses,
+// and the adapters' gradients summed over both (malloc'd host copy).
+static float *two_lora_steps(mt_model *m, const float *params, const float *adapters, uint64_t dropout_seed,
+                             const int32_t *in, const int32_t *tg, int N, double loss[2]) {
+    ck_assert_int_eq(mt_model_set_weights(m, params), MT_OK);
+    mt_model_set_adapters(m, adapters);
+    mt_model_set_dropout_seed(m, dropout_seed);
+    mt_model_zero_grads(m);
+    loss[0] = mt_model_step(m, in, tg, 1.0f / N, 1);
+    loss[1] = mt_model_step(m, tg, in, 1.0f / N, 1);
+    mt_trainable t;
+    mt_model_trainable(m, &t);
+    float *grads = malloc(t.total * 4);
+    mt_copy_to_host(grads, t.grads, t.total * 4);
+    return grads;
+}
+
 static void small_config(mt_model_config *c, int qwen_like) {
     memset(c, 0, sizeof *c);
     snprintf(c->architecture, sizeof c->architecture, "%s", qwen_like ? "Qwen2ForCausalLM" : "LlamaForCausalLM");
@@ -261,18 +279,7 @@ START_TEST(gpu_streamed_weights_equal_resident) {
         mt_model *models[2] = {a, b};
         double loss[2][2];
         float *grads[2];
-        for (int k = 0; k < 2; k++) {
-            ck_assert_int_eq(mt_model_set_weights(models[k], params), MT_OK);
-            mt_model_set_adapters(models[k], ad);
-            mt_model_set_dropout_seed(models[k], 9);
-            mt_model_zero_grads(models[k]);
-            loss[k][0] = mt_model_step(models[k], in, tg, 1.0f / N, 1);
-            loss[k][1] = mt_model_step(models[k], tg, in, 1.0f / N, 1);
-            mt_trainable t;
-            mt_model_trainable(models[k], &t);
-            grads[k] = malloc(t.total * 4);
-            mt_copy_to_host(grads[k], t.grads, t.total * 4);
-        }
+        for (int k = 0; k < 2; k++) grads[k] = two_lora_steps(models[k], params, ad, 9, in, tg, N, loss[k]);
         printf(
             "streamed weights (%s): losses %.9g %.9g, resident %.9g %.9g; the streamed model holds %.1f MiB of "
             "weights on the GPU, the resident %.1f MiB\n",
@@ -337,16 +344,7 @@ START_TEST(gpu_lora_fused_matches_composed) {
         float *grads[2];
         for (int k = 0; k < 2; k++) {
             setenv("MT_LORA_FUSED", k == 0 ? "all" : "0", 1);
-            ck_assert_int_eq(mt_model_set_weights(models[k], params), MT_OK);
-            mt_model_set_adapters(models[k], ad);
-            mt_model_set_dropout_seed(models[k], 7);
-            mt_model_zero_grads(models[k]);
-            loss[k][0] = mt_model_step(models[k], in, tg, 1.0f / N, 1);
-            loss[k][1] = mt_model_step(models[k], tg, in, 1.0f / N, 1);
-            mt_trainable t;
-            mt_model_trainable(models[k], &t);
-            grads[k] = malloc(t.total * 4);
-            mt_copy_to_host(grads[k], t.grads, t.total * 4);
+            grads[k] = two_lora_steps(models[k], params, ad, 7, in, tg, N, loss[k]);
         }
         unsetenv("MT_LORA_FUSED");
         double worst = 1.0;
