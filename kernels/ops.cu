@@ -1609,53 +1609,62 @@ extern "C" void mt_cast_to_f32_cuda(const mt_backend *be, float *dst, const void
 }
 
 // ------------------------------------------------------------------ dropout
-// The keep mask comes from cuRAND's Philox generator keyed by (seed, index /
-// 4): any element's draw can be regenerated, so backward recomputes the mask
-// instead of storing it.
+// The keep mask is rng.h's (mt_dropout_kept, the CPU's too): index i (offset
+// + i for element i of a call) is kept when its 16-bit draw, a field of
+// splitmix_hash(seed, i / 4), is at least p * 65536 rounded. Any element's
+// draw can be regenerated, so backward recomputes the mask instead of
+// storing it. (Until 2026-12-06 each index drew a 32-bit uniform from cuRAND's
+// Philox: two Philox calls and eight conversions to float for 8 elements,
+// where this takes two hashes.)
 
-// One thread per two groups of 4 mask indices (offset + i for element i):
-// the groups from offset / 4 cover the n elements; each group's 4 draws are
-// Philox's for that group alone. accumulate: out += the dropped-out input
-// (rounded to bf16 first, as a dropout then an add). vector: offset is a
-// multiple of 8 and the pointers 16-byte aligned, so the thread's 8 elements
-// move in one load.
-// The draws of mask indices 4 group .. 4 group + 7 (two Philox groups), each
-// in (0, 1]; index i is kept when 1 - draw >= p (1 - u is uniform in [0, 1),
-// like the CPU's draws).
-static __device__ void dropout_draws8(float draws[8], unsigned long long seed, unsigned long long group) {
-#pragma unroll
-    for (int h = 0; h < 2; h++) {
-        curandStatePhilox4_32_10_t state;
-        curand_init(seed, group + h, 0, &state);
-        float4 u = curand_uniform4(&state);
-        draws[4 * h] = u.x, draws[4 * h + 1] = u.y, draws[4 * h + 2] = u.z, draws[4 * h + 3] = u.w;
-    }
+// rng.h's mt_rng_hash.
+static __device__ unsigned long long splitmix_hash(unsigned long long seed, unsigned long long group) {
+    unsigned long long h = seed ^ (group * 0x9e3779b97f4a7c15ull);
+    h = (h ^ (h >> 30)) * 0xbf58476d1ce4e5b9ull;
+    h = (h ^ (h >> 27)) * 0x94d049bb133111ebull;
+    return h ^ (h >> 31);
 }
 
+static __device__ unsigned dropout_threshold(float p) { return __float2uint_rn(p * 65536.0f); }
+
+// Bit j set: index 8 group + j is kept.
+static __device__ unsigned dropout_keep8(unsigned long long seed, unsigned long long group, unsigned threshold) {
+    unsigned keep = 0;
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+        unsigned long long bits = splitmix_hash(seed, 2 * group + h);
+#pragma unroll
+        for (int j = 0; j < 4; j++) keep |= (unsigned)(((bits >> (16 * j)) & 0xffffu) >= threshold) << (4 * h + j);
+    }
+    return keep;
+}
+
+// One thread per group of 8 mask indices: the groups from offset / 8 cover
+// the n elements. accumulate: out += the dropped-out input (rounded to bf16
+// first, as a dropout then an add). vector: offset is a multiple of 8 and
+// the pointers 16-byte aligned, so a group's elements move in one load.
 static __global__ void dropout_kernel(bf16 *out, const bf16 *inp, size_t n, float p, float keep_scale,
                                       unsigned long long seed, unsigned long long offset, int accumulate, int vector) {
-    unsigned long long group = offset / 4 + 2 * ((size_t)blockIdx.x * blockDim.x + threadIdx.x);
-    if (group * 4 >= offset + n) return;
-    float draws[8];
-    dropout_draws8(draws, seed, group);
-    if (vector && group * 4 + 8 <= offset + n) {
-        size_t i = group * 4 - offset;
+    unsigned long long group = offset / 8 + (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (group * 8 >= offset + n) return;
+    unsigned keep = dropout_keep8(seed, group, dropout_threshold(p));
+    if (vector && group * 8 + 8 <= offset + n) {
+        size_t i = group * 8 - offset;
         float x[kVec], o[kVec];
         load8(x, inp + i);
         if (accumulate) load8(o, out + i);
         for (int j = 0; j < kVec; j++) {
-            float kept = 1.0f - draws[j] >= p ? __bfloat162float(__float2bfloat16(x[j] * keep_scale)) : 0.0f;
+            float kept = keep >> j & 1 ? __bfloat162float(__float2bfloat16(x[j] * keep_scale)) : 0.0f;
             x[j] = accumulate ? o[j] + kept : kept;
         }
         store8(out + i, x);
         return;
     }
     for (int j = 0; j < 8; j++) {
-        unsigned long long index = group * 4 + j;
+        unsigned long long index = group * 8 + j;
         if (index < offset || index >= offset + n) continue;
         size_t i = index - offset;
-        bf16 kept =
-            1.0f - draws[j] >= p ? __float2bfloat16(__bfloat162float(inp[i]) * keep_scale) : __float2bfloat16(0.0f);
+        bf16 kept = keep >> j & 1 ? __float2bfloat16(__bfloat162float(inp[i]) * keep_scale) : __float2bfloat16(0.0f);
         out[i] = accumulate ? __float2bfloat16(__bfloat162float(out[i]) + __bfloat162float(kept)) : kept;
     }
 }
@@ -1664,9 +1673,9 @@ extern "C" void mt_dropout_cuda(const mt_backend *be, void *out, const void *inp
                                 uint64_t offset, int accumulate) {
     (void)be;
     if (n == 0) return;
-    size_t groups = (offset + n + 3) / 4 - offset / 4;
+    size_t groups = (offset + n + 7) / 8 - offset / 8;
     int vector = offset % 8 == 0 && vec8(out, inp);
-    dropout_kernel<<<grid_for((groups + 1) / 2, kThreads), kThreads, 0, mt_stream_of(be)>>>(
+    dropout_kernel<<<grid_for(groups, kThreads), kThreads, 0, mt_stream_of(be)>>>(
         (bf16 *)out, (const bf16 *)inp, n, p, 1.0f / (1.0f - p), (unsigned long long)seed, (unsigned long long)offset,
         accumulate, vector);
     CUDA_CHECK_LAUNCH();
@@ -1723,15 +1732,14 @@ static bool lora_aligned(const void *const *t, int count) {
 }
 
 // x's 8 values at element index e (a multiple of 8) as the adapters read
-// them: dropout's bf16(x / (1 - p)) or 0 where p > 0.
+// them: dropout's bf16(x / (1 - p)) or 0 where p > 0 (dropout_keep8's mask).
 static __device__ uint4 dropped8(uint4 v, float p, float keep_scale, unsigned long long seed, unsigned long long e) {
     if (p <= 0.0f) return v;
-    float draws[8];
-    dropout_draws8(draws, seed, e / 4);
+    unsigned keep = dropout_keep8(seed, e / 8, dropout_threshold(p));
     bf16 *h = (bf16 *)&v;
 #pragma unroll
     for (int j = 0; j < 8; j++)
-        h[j] = 1.0f - draws[j] >= p ? __float2bfloat16(__bfloat162float(h[j]) * keep_scale) : __float2bfloat16(0.0f);
+        h[j] = keep >> j & 1 ? __float2bfloat16(__bfloat162float(h[j]) * keep_scale) : __float2bfloat16(0.0f);
     return v;
 }
 
@@ -1981,14 +1989,14 @@ static __global__ void lora_down_backward_kernel(bf16 *dx, lora_set set, int R, 
     for (int i = 0; i < 4; i++) {
         int v = lane + 32 * i, rr = v / (kLoraCols / 8), col = v % (kLoraCols / 8) * 8;
         size_t e = (size_t)(row0 + rr) * IN + col0 + col;
-        float d[8], draws[8];
+        float d[8];
         load8(d, dx + e);
-        if (p > 0.0f) dropout_draws8(draws, seed, (offset + e) / 4);
+        unsigned keep = p > 0.0f ? dropout_keep8(seed, (offset + e) / 8, dropout_threshold(p)) : 0xffu;
 #pragma unroll
         for (int j = 0; j < 8; j++) {
             float sum = s[rr * (kLoraCols + 4) + col + j];
             if (p > 0.0f)
-                sum = 1.0f - draws[j] >= p
+                sum = keep >> j & 1
                           ? __bfloat162float(__float2bfloat16(__bfloat162float(__float2bfloat16(sum)) * keep_scale))
                           : 0.0f;
             d[j] += sum;
@@ -2191,13 +2199,10 @@ static __device__ bf16 bf16_stochastic(float x, unsigned random_bits) {
 }
 
 // 16 rounding bits (in the high half) for each of the 4 elements of a group.
-// The rounding needs independent bits, not Philox's quality: a SplitMix64
-// finaliser of (seed, group) gives them at a sixth of the cost.
+// The rounding needs independent bits, not Philox's quality: splitmix_hash
+// gives them at a sixth of the cost.
 static __device__ void round_bits4(unsigned long long seed, unsigned long long group, unsigned random[4]) {
-    unsigned long long h = seed ^ (group * 0x9e3779b97f4a7c15ull);
-    h = (h ^ (h >> 30)) * 0xbf58476d1ce4e5b9ull;
-    h = (h ^ (h >> 27)) * 0x94d049bb133111ebull;
-    h ^= h >> 31;
+    unsigned long long h = splitmix_hash(seed, group);
     random[0] = (unsigned)(h << 16), random[1] = (unsigned)h & 0xffff0000u;
     random[2] = (unsigned)(h >> 16) << 16, random[3] = (unsigned)(h >> 32) & 0xffff0000u;
 }

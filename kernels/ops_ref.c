@@ -397,9 +397,10 @@ void mt_cast_bf16_ref(uint16_t *out, const float *inp, size_t n) {
 
 void mt_dropout_ref(float *out, const float *inp, size_t n, float p, uint64_t seed, uint64_t offset, int accumulate) {
     float keep_scale = 1.0f / (1.0f - p);
+    uint32_t threshold = mt_dropout_threshold(p);
 #pragma omp parallel for
     for (size_t i = 0; i < n; i++) {
-        float kept = mt_rng_uniform(seed, offset + i) >= p ? inp[i] * keep_scale : 0.0f;
+        float kept = mt_dropout_kept(seed, offset + i, threshold) ? inp[i] * keep_scale : 0.0f;
         out[i] = accumulate ? out[i] + kept : kept;
     }
 }

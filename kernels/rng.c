@@ -16,6 +16,19 @@ uint64_t mt_rng_bits(uint64_t seed, uint64_t counter) {
     return z ^ (z >> 31);
 }
 
+uint64_t mt_rng_hash(uint64_t seed, uint64_t group) {
+    uint64_t h = seed ^ (group * 0x9e3779b97f4a7c15ull);
+    h = (h ^ (h >> 30)) * 0xbf58476d1ce4e5b9ull;
+    h = (h ^ (h >> 27)) * 0x94d049bb133111ebull;
+    return h ^ (h >> 31);
+}
+
+uint32_t mt_dropout_threshold(float p) { return (uint32_t)lrintf(p * 65536.0f); }
+
+int mt_dropout_kept(uint64_t seed, uint64_t i, uint32_t threshold) {
+    return ((mt_rng_hash(seed, i / 4) >> (16 * (i % 4))) & 0xffffu) >= threshold;
+}
+
 float mt_rng_uniform(uint64_t seed, uint64_t counter) {
     return (float)(mt_rng_bits(seed, counter) >> 40) * (1.0f / 16777216.0f);
 }

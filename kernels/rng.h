@@ -13,6 +13,15 @@ extern "C" {
 // 64 random bits for (seed, counter): SplitMix64's finaliser applied to a
 // Weyl sequence keyed by the seed (Steele et al., 2014).
 uint64_t mt_rng_bits(uint64_t seed, uint64_t counter);
+// 64 bits for (seed, group) at a sixth of Philox's cost, where independent
+// bits suffice (dropout's masks, MeZO's rounding bits on the GPU): SplitMix64's
+// finaliser of seed ^ (group * 0x9e3779b97f4a7c15).
+uint64_t mt_rng_hash(uint64_t seed, uint64_t group);
+// Dropout's mask (the CPU's and the GPU's): index i is kept when its 16-bit
+// draw, bits 16 (i % 4) .. 16 (i % 4) + 15 of mt_rng_hash(seed, i / 4), is at
+// least mt_dropout_threshold(p) = p * 65536 rounded (p to 1/65536).
+uint32_t mt_dropout_threshold(float p);
+int mt_dropout_kept(uint64_t seed, uint64_t i, uint32_t threshold);
 // Uniform in [0, 1) with 24 bits.
 float mt_rng_uniform(uint64_t seed, uint64_t counter);
 // Standard normal (Box-Muller on two uniforms drawn at 2*counter, 2*counter+1).

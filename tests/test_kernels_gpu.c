@@ -577,9 +577,9 @@ START_TEST(scaled_matmuls) {
 }
 END_TEST
 
-// cuRAND's masks differ from the CPU's, so the op is checked by what it must
-// do: every output is 0 or x/(1-p), the dropped share is p, the same seed
-// gives the same mask (backward regenerates it), another seed another one.
+// The mask is the CPU's (rng.h's mt_dropout_kept, element by element);
+// every output is 0 or x/(1-p), the dropped share is p, the same seed gives
+// the same mask (backward regenerates it), another seed another one.
 START_TEST(dropout) {
     size_t sizes[] = {1, 7, 1025, 1 << 20};
     for (int s = 0; s < 4; s++) {
@@ -595,6 +595,8 @@ START_TEST(dropout) {
         for (size_t i = 0; i < n; i++) {
             float kept = mt_round_bf16(x[i] * (1.0f / (1.0f - p)));
             ck_assert_msg(a[i] == 0.0f || a[i] == kept, "dropout %zu: %g from %g", i, a[i], x[i]);
+            ck_assert_msg((a[i] != 0.0f) == mt_dropout_kept(42, i, mt_dropout_threshold(p)),
+                          "dropout %zu: the CPU's mask", i);
             ck_assert_msg(a[i] == b[i], "the same seed gave another mask at %zu", i);
             dropped += a[i] == 0.0f;
             differ += (a[i] == 0.0f) != (c[i] == 0.0f);
