@@ -247,6 +247,9 @@ void mt_op_lora_down_backward(const mt_backend *be, void *dx, float *const *da, 
                               int R, int IN, int r, float p, uint64_t seed, uint64_t offset) {
     int fused_da = 0, fused_dx = 0;
 #ifdef MT_HAVE_CUDA
+    if (be->gpu && da &&
+        mt_lora_down_backward_cuda(be, dx, da, du, a, count, x, scratch, scratch_bytes, R, IN, r, p, seed, offset))
+        return;
     if (be->gpu && da)
         fused_da = mt_lora_down_wgrad_cuda(be, da, du, count, x, scratch, scratch_bytes, R, IN, r, p, seed, offset);
 #endif

@@ -1701,18 +1701,22 @@ struct lora_set {
 
 typedef wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::col_major> frag_a_col;
 
-// Which kernels run. By default the dx kernel always, the u and dA kernels
-// with dropout only: without it they lost to cuBLAS's products on an H100
-// (docs/development.md), with it they save the passes that store and read
-// dropout(x). MT_LORA_FUSED (read each time: tests compare the ways in one
-// process): 0 none, dx the dx kernel alone, all every kernel at any p.
+// Which kernels run: every one by default, with or without dropout. On an
+// H100 (2026-12-06, the 1.1B LoRA step without dropout, one call) they gave
+// 79549 tokens/s against 78743 with cuBLAS's products for u and dA, whose
+// dx kernel was then a variant (dx loaded first) that ran about 16 us a
+// layer slower, some 0.7% of the step: without dropout the two ways are
+// about level, and with it the kernels win (docs/development.md).
+// MT_LORA_FUSED (read each time: tests compare the ways in one process): 0
+// none, dx the dx kernel alone, dropout the dx kernel and the others with
+// dropout only (the choice before), all (or unset) every one.
 typedef enum { LORA_U, LORA_DA, LORA_DX } lora_kernel;
 static bool lora_fused_enabled(lora_kernel k, float p) {
     const char *env = getenv("MT_LORA_FUSED");
     if (env && strcmp(env, "0") == 0) return false;
-    if (env && strcmp(env, "all") == 0) return true;
     if (env && strcmp(env, "dx") == 0) return k == LORA_DX;
-    return k == LORA_DX || p > 0.0f;
+    if (env && strcmp(env, "dropout") == 0) return k == LORA_DX || p > 0.0f;
+    return true;
 }
 
 // Whether the kernels take the group: r a multiple of 16 (a fragment lies in
@@ -1731,16 +1735,37 @@ static bool lora_aligned(const void *const *t, int count) {
     return true;
 }
 
-// x's 8 values at element index e (a multiple of 8) as the adapters read
-// them: dropout's bf16(x / (1 - p)) or 0 where p > 0 (dropout_keep8's mask).
-static __device__ uint4 dropped8(uint4 v, float p, float keep_scale, unsigned long long seed, unsigned long long e) {
-    if (p <= 0.0f) return v;
-    unsigned keep = dropout_keep8(seed, e / 8, dropout_threshold(p));
+// Whether every one is 32-byte aligned (WMMA's loads from global memory).
+static bool lora_aligned32(const void *const *t, int count) {
+    for (int g = 0; g < count; g++)
+        if ((uintptr_t)t[g] % 32) return false;
+    return true;
+}
+
+// 8 values with dropout's mask applied: bf16(v / (1 - p)) where bit j of
+// keep is set, else 0.
+static __device__ uint4 kept8(uint4 v, unsigned keep, float keep_scale) {
     bf16 *h = (bf16 *)&v;
 #pragma unroll
     for (int j = 0; j < 8; j++)
         h[j] = keep >> j & 1 ? __float2bfloat16(__bfloat162float(h[j]) * keep_scale) : __float2bfloat16(0.0f);
     return v;
+}
+
+// x's 8 values at element index e (a multiple of 8) as the adapters read
+// them: dropout's bf16(x / (1 - p)) or 0 where p > 0 (dropout_keep8's mask).
+static __device__ uint4 dropped8(uint4 v, float p, float keep_scale, unsigned long long seed, unsigned long long e) {
+    return p <= 0.0f ? v : kept8(v, dropout_keep8(seed, e / 8, dropout_threshold(p)), keep_scale);
+}
+
+// The adapters' A over the 64 columns from k0 into shared memory: row j of
+// the group's (NF * 16, 64), their r side by side, rows kLoraLd apart.
+template <int NF>
+static __device__ void load_a_chunk(bf16 *as, const lora_set &set, int r, int IN, int k0) {
+    for (int v = threadIdx.x; v < NF * 16 * (kLoraCols / 8); v += blockDim.x) {
+        int j = v / (kLoraCols / 8), col = v % (kLoraCols / 8) * 8, g = j / r;
+        *(uint4 *)&as[j * kLoraLd + col] = *(const uint4 *)(pick(g, set.a) + (size_t)(j % r) * IN + k0 + col);
+    }
 }
 
 // A block: kLoraRows rows of x, 16 a warp; it takes every gridDim.y-th
@@ -1756,11 +1781,7 @@ static __global__ void lora_down_kernel(float *ws, lora_set set, const bf16 *x, 
 #pragma unroll
     for (int f = 0; f < NF; f++) wmma::fill_fragment(acc[f], 0.0f);
     for (int k0 = blockIdx.y * kLoraCols; k0 < IN; k0 += gridDim.y * kLoraCols) {
-        // the adapters' A over the chunk: row j of the group's (NF * 16, 64)
-        for (int v = threadIdx.x; v < NF * 16 * (kLoraCols / 8); v += blockDim.x) {
-            int j = v / (kLoraCols / 8), col = v % (kLoraCols / 8) * 8, g = j / r;
-            *(uint4 *)&as[j * kLoraLd + col] = *(const uint4 *)(pick(g, set.a) + (size_t)(j % r) * IN + k0 + col);
-        }
+        load_a_chunk<NF>(as, set, r, IN, k0);
         // the warp's 16 rows of x over the chunk, 4 vectors a lane, masked
 #pragma unroll
         for (int i = 0; i < 4; i++) {
@@ -1815,10 +1836,177 @@ static int sm_count(void) {
     return count;
 }
 
+// Version 2 of the u kernel, for groups of up to kLora2Frags fragments (r =
+// 16 on q, k and v): a block of kLora2Warps warps on 32 rows, each warp
+// streaming its own chunks of IN with the next chunk's loads in flight while
+// it multiplies the current one, and no block barrier until the end, where
+// the warps' sums are added in a fixed tree in shared memory. The adapters'
+// A is read as WMMA fragments straight from global memory, where every block
+// finds it in L2. Splits of IN across blocks (partial sums in the scratch,
+// lora_down_sum_kernel) only where one block of rows each would leave SMs
+// idle. On an H100 (2026-12-06) it took 16.2 against version 1's 22.5 us on
+// the 1.1B q, k and v without dropout; a dA kernel built the same way (a
+// block an SM, 8 warps) was slower than version 1's (29.5 against 25.3 us)
+// and was not kept. MT_LORA_KERNELS=1 in the environment keeps version 1
+// (A/B runs, tests).
+constexpr int kLora2Warps = 8, kLora2Frags = 3, kLora2Rows = 32;
+constexpr int kLora2Stage = kLora2Rows * kLoraLd;  // a warp's staged 32 rows of 64 (bf16)
+
+static bool lora_v2(int count, int r) {
+    const char *env = getenv("MT_LORA_KERNELS");
+    return count * r <= 16 * kLora2Frags && !(env && strcmp(env, "1") == 0);
+}
+
+// The accumulators of the block's warps added into warp 0's, warp w adding
+// warp w + h's for h = warps / 2, ..., 1 (a fixed order: the same bits every
+// run), through `slots` warps' worth of fragments at buf.
+template <int N>
+static __device__ void sum_warps(frag_acc (&acc)[N], float *buf, int slots) {
+    int warp = threadIdx.x / 32, warps = blockDim.x / 32;
+    for (int half = warps / 2; half >= 1; half /= 2)
+        for (int b = 0; b < half; b += slots) {
+            int from = warp - half - b, to = warp - b;
+            if (from >= 0 && from < slots && warp < 2 * half)
+#pragma unroll
+                for (int i = 0; i < N; i++)
+                    wmma::store_matrix_sync(buf + (from * N + i) * 256, acc[i], 16, wmma::mem_row_major);
+            __syncthreads();
+            if (to >= 0 && to < slots && warp < half)
+#pragma unroll
+                for (int i = 0; i < N; i++) {
+                    frag_acc o;
+                    wmma::load_matrix_sync(o, buf + (to * N + i) * 256, 16, wmma::mem_row_major);
+#pragma unroll
+                    for (int e = 0; e < o.num_elements; e++) acc[i].x[e] += o.x[e];
+                }
+            __syncthreads();
+        }
+}
+
+// A warp's 32 rows of x from row0 over the 64 columns from k0, 8 vectors a
+// lane (rows past R read as 0): lane l takes rows l / 8 + 4 i, columns l % 8 * 8.
+static __device__ void lora2_load(uint4 (&v)[8], const bf16 *x, int row0, int R, int IN, int k0, int lane) {
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        int row = row0 + lane / 8 + 4 * i;
+        v[i] = row < R ? __ldcs((const uint4 *)(x + (size_t)row * IN + k0 + lane % 8 * 8)) : make_uint4(0, 0, 0, 0);
+    }
+}
+
+// Those rows masked (dropped8) into the warp's stage.
+static __device__ void lora2_stage(bf16 *xs, const uint4 (&v)[8], int row0, int IN, int k0, int lane, float p,
+                                   float keep_scale, unsigned long long seed, unsigned long long offset) {
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        int rr = lane / 8 + 4 * i, col = lane % 8 * 8;
+        size_t e = (size_t)(row0 + rr) * IN + k0 + col;
+        *(uint4 *)&xs[rr * kLoraLd + col] = dropped8(v[i], p, keep_scale, seed, offset + e);
+    }
+}
+
+// u: a block takes 32 rows and the 64-wide chunks of IN, warp w every
+// (gridDim.y * kLora2Warps)-th chunk from blockIdx.y * kLora2Warps + w. One
+// split: u[g] in bf16; several: the split's sums to ws[blockIdx.y] (R, NF *
+// 16) for lora_down_sum_kernel.
+template <int NF>
+static __global__ void __launch_bounds__(32 * kLora2Warps)
+    lora_down2_kernel(float *ws, lora_set set, const bf16 *x, int R, int IN, int r, float p, float keep_scale,
+                      unsigned long long seed, unsigned long long offset) {
+    constexpr int kWidth = NF * 16, kFrags = 2 * NF;
+    __shared__ __align__(32) bf16 smem[kLora2Warps * kLora2Stage];
+    static_assert(kLora2Warps * kLora2Stage * 2 >= kFrags * 256 * 4, "room for one warp's sums");
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, row0 = blockIdx.x * kLora2Rows;
+    int chunks = IN / kLoraCols, step = gridDim.y * kLora2Warps, c = blockIdx.y * kLora2Warps + warp;
+    bf16 *xs = smem + warp * kLora2Stage;
+    frag_acc acc[kFrags];  // row tile t, fragment f at t * NF + f
+#pragma unroll
+    for (int i = 0; i < kFrags; i++) wmma::fill_fragment(acc[i], 0.0f);
+    uint4 next[8];
+    if (c < chunks) lora2_load(next, x, row0, R, IN, c * kLoraCols, lane);
+    for (; c < chunks; c += step) {
+        int k0 = c * kLoraCols;
+        frag_b_col fb[kLoraCols / 16][NF];  // A^T over the chunk: (k, j) at a[j * IN + k]
+#pragma unroll
+        for (int kk = 0; kk < kLoraCols / 16; kk++)
+#pragma unroll
+            for (int f = 0; f < NF; f++)
+                wmma::load_matrix_sync(fb[kk][f], pick(f * 16 / r, set.a) + (size_t)(f * 16 % r) * IN + k0 + kk * 16,
+                                       IN);
+        lora2_stage(xs, next, row0, IN, k0, lane, p, keep_scale, seed, offset);
+        __syncwarp();
+        if (c + step < chunks) lora2_load(next, x, row0, R, IN, (c + step) * kLoraCols, lane);
+#pragma unroll
+        for (int kk = 0; kk < kLoraCols / 16; kk++)
+#pragma unroll
+            for (int t = 0; t < 2; t++) {
+                frag_a_row fa;
+                wmma::load_matrix_sync(fa, xs + t * 16 * kLoraLd + kk * 16, kLoraLd);
+#pragma unroll
+                for (int f = 0; f < NF; f++) wmma::mma_sync(acc[t * NF + f], fa, fb[kk][f], acc[t * NF + f]);
+            }
+        __syncwarp();
+    }
+    __syncthreads();  // the stages are free: the sums go there
+    float *buf = (float *)smem;
+    sum_warps(acc, buf, kLora2Warps * kLora2Stage * 2 / (kFrags * 256 * 4));
+    if (warp == 0)
+#pragma unroll
+        for (int t = 0; t < 2; t++)
+#pragma unroll
+            for (int f = 0; f < NF; f++)
+                wmma::store_matrix_sync(buf + t * 16 * kWidth + f * 16, acc[t * NF + f], kWidth, wmma::mem_row_major);
+    __syncthreads();
+    for (int i = threadIdx.x; i < kLora2Rows * kWidth; i += blockDim.x) {
+        int row = row0 + i / kWidth, j = i % kWidth;
+        if (row >= R) continue;
+        if (gridDim.y == 1)
+            pick(j / r, set.out)[(size_t)row * r + j % r] = __float2bfloat16(buf[i]);
+        else
+            ws[((size_t)blockIdx.y * R + row) * kWidth + j] = buf[i];
+    }
+}
+
+// Splits of IN across blocks only where one block of 32 rows each would leave
+// more than half the SMs idle (their partial sums need the scratch; without
+// room, one split).
+static int lora_down2(const mt_backend *be, void *const *u, const void *const *a, int count, const void *x,
+                      void *scratch, size_t scratch_bytes, int R, int IN, int r, float p, uint64_t seed,
+                      uint64_t offset) {
+    int NF = count * r / 16, width = NF * 16, row_blocks = (R + kLora2Rows - 1) / kLora2Rows, splits = 1;
+    int chunks = IN / kLoraCols, sms = sm_count();
+    if (row_blocks < sms / 2) {
+        splits = (sms + row_blocks - 1) / row_blocks;
+        int most = (chunks + kLora2Warps - 1) / kLora2Warps;  // a chunk a warp at least
+        if (splits > most) splits = most;
+        size_t room = scratch ? scratch_bytes / ((size_t)R * width * 4) : 0;
+        if ((size_t)splits > room) splits = room > 1 ? (int)room : 1;
+    }
+    lora_set set = {};
+    for (int g = 0; g < count; g++) set.out[g] = (bf16 *)u[g], set.a[g] = (const bf16 *)a[g];
+    float *ws = (float *)scratch;
+    cudaStream_t st = mt_stream_of(be);
+    dim3 grid(row_blocks, splits), block(32 * kLora2Warps);
+    float keep_scale = p > 0.0f ? 1.0f / (1.0f - p) : 1.0f;
+    launch_1_to_8(NF, [&](auto nf) {
+        if constexpr (nf() <= kLora2Frags)
+            lora_down2_kernel<nf()><<<grid, block, 0, st>>>(ws, set, (const bf16 *)x, R, IN, r, p, keep_scale,
+                                                            (unsigned long long)seed, (unsigned long long)offset);
+    });
+    if (splits > 1) {
+        size_t n = (size_t)R * width;
+        lora_down_sum_kernel<<<grid_for(n, kThreads), kThreads, 0, st>>>(set, ws, splits, R, width, r);
+        CUDA_CHECK_LAUNCH();
+    }
+    return 1;
+}
+
 extern "C" int mt_lora_down_cuda(const mt_backend *be, void *const *u, const void *const *a, int count, const void *x,
                                  void *scratch, size_t scratch_bytes, int R, int IN, int r, float p, uint64_t seed,
                                  uint64_t offset) {
-    if (!scratch || !lora_fused_serves(LORA_U, p, count, x, R, IN, r, offset) || !lora_aligned(a, count)) return 0;
+    if (!lora_fused_serves(LORA_U, p, count, x, R, IN, r, offset) || !lora_aligned(a, count)) return 0;
+    if (lora_v2(count, r) && lora_aligned32(a, count))
+        return lora_down2(be, u, a, count, x, scratch, scratch_bytes, R, IN, r, p, seed, offset);
+    if (!scratch) return 0;
     int NF = count * r / 16, width = NF * 16, row_blocks = (R + kLoraRows - 1) / kLoraRows;
     // splits of IN enough for about 4 blocks an SM, their partial sums (R, width) in fp32 within the scratch
     int chunks = IN / kLoraCols, splits = (4 * sm_count() + row_blocks - 1) / row_blocks;
@@ -1914,18 +2102,35 @@ static __global__ void lora_down_wgrad_sum_kernel(lora_set set, const float *ws,
     }
 }
 
+// dA[g] += the splits' partial sums in ws (splits, NF * 16, IN).
+static void lora_down_wgrad_sum(cudaStream_t st, const lora_set &set, float *const *da, const float *ws, int splits,
+                                int count, int r, int IN) {
+    int serial = 0;
+    for (int g = 0; g < count; g++)
+        for (int h = 0; h < g; h++) serial |= da[g] == da[h];
+    size_t n = (size_t)(serial ? 1 : count) * r * IN;
+    lora_down_wgrad_sum_kernel<<<grid_for(n, kThreads), kThreads, 0, st>>>(set, ws, splits, count, r, IN, serial);
+    CUDA_CHECK_LAUNCH();
+}
+
+// Splits of R for dA's kernels: enough for about 4 blocks an SM, their
+// partial sums (NF * 16, IN) in fp32 within the scratch (32-byte aligned for
+// WMMA's stores); 0: no room.
+static int lora_wgrad_splits(const void *scratch, size_t scratch_bytes, int R, int IN, int NF) {
+    if (!scratch || (uintptr_t)scratch % 32) return 0;
+    int col_blocks = IN / kLoraCols, row_chunks = (R + kLoraRows - 1) / kLoraRows;
+    int splits = (4 * sm_count() + col_blocks - 1) / col_blocks;
+    size_t room = scratch_bytes / ((size_t)NF * 16 * IN * 4);
+    if (splits > row_chunks) splits = row_chunks;
+    if ((size_t)splits > room) splits = (int)room;
+    return splits;
+}
+
 extern "C" int mt_lora_down_wgrad_cuda(const mt_backend *be, float *const *da, const void *const *du, int count,
                                        const void *x, void *scratch, size_t scratch_bytes, int R, int IN, int r,
                                        float p, uint64_t seed, uint64_t offset) {
-    if (!scratch || (uintptr_t)scratch % 32 || !lora_fused_serves(LORA_DA, p, count, x, R, IN, r, offset) ||
-        !lora_aligned(du, count))
-        return 0;
-    int NF = count * r / 16, width = NF * 16, col_blocks = IN / kLoraCols, row_chunks = (R + kLoraRows - 1) / kLoraRows;
-    // splits of R enough for about 4 blocks an SM, their partial sums (width, IN) in fp32 within the scratch
-    int splits = (4 * sm_count() + col_blocks - 1) / col_blocks;
-    size_t room = scratch_bytes / ((size_t)width * IN * 4);
-    if (splits > row_chunks) splits = row_chunks;
-    if ((size_t)splits > room) splits = (int)room;
+    if (!lora_fused_serves(LORA_DA, p, count, x, R, IN, r, offset) || !lora_aligned(du, count)) return 0;
+    int NF = count * r / 16, col_blocks = IN / kLoraCols, splits = lora_wgrad_splits(scratch, scratch_bytes, R, IN, NF);
     if (splits < 1) return 0;
     lora_set set = {};
     for (int g = 0; g < count; g++) set.du[g] = (const bf16 *)du[g], set.da[g] = da[g];
@@ -1938,13 +2143,25 @@ extern "C" int mt_lora_down_wgrad_cuda(const mt_backend *be, float *const *da, c
         lora_down_wgrad_kernel<nf()><<<grid, block, 0, st>>>(ws, set, xb, R, IN, r, p, keep_scale,
                                                              (unsigned long long)seed, (unsigned long long)offset);
     });
-    int serial = 0;
-    for (int g = 0; g < count; g++)
-        for (int h = 0; h < g; h++) serial |= da[g] == da[h];
-    size_t n = (size_t)(serial ? 1 : count) * r * IN;
-    lora_down_wgrad_sum_kernel<<<grid_for(n, kThreads), kThreads, 0, st>>>(set, ws, splits, count, r, IN, serial);
-    CUDA_CHECK_LAUNCH();
+    lora_down_wgrad_sum(st, set, da, ws, splits, count, r, IN);
     return 1;
+}
+
+// dx's 8 values (v, their old ones) at dst + the sums' 8 (mask bits keep):
+// bf16(v + bf16(bf16(sum) / (1 - p))) where kept, v where dropped, and
+// bf16(v + sum) where p is 0.
+static __device__ void add_dx8(bf16 *dst, uint4 v, const float *sum, unsigned keep, float p, float keep_scale) {
+    float d[8];
+    const bf16 *h = (const bf16 *)&v;
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        float s = sum[j];
+        if (p > 0.0f)
+            s = keep >> j & 1 ? __bfloat162float(__float2bfloat16(__bfloat162float(__float2bfloat16(s)) * keep_scale))
+                              : 0.0f;
+        d[j] = __bfloat162float(h[j]) + s;
+    }
+    store8(dst, d);
 }
 
 // A block: 64 rows by 64 columns of dx, 16 rows a warp. The group's sum of
@@ -1958,11 +2175,7 @@ static __global__ void lora_down_backward_kernel(bf16 *dx, lora_set set, int R, 
     __shared__ __align__(32) float sums[kLoraWarps][16 * (kLoraCols + 4)];
     int warp = threadIdx.x / 32, lane = threadIdx.x % 32, row0 = blockIdx.y * kLoraRows + warp * 16;
     int col0 = blockIdx.x * kLoraCols;
-    // the adapters' A over the columns: NF * 16 rows (their r side by side) of 64
-    for (int v = threadIdx.x; v < NF * 16 * (kLoraCols / 8); v += blockDim.x) {
-        int j = v / (kLoraCols / 8), col = v % (kLoraCols / 8) * 8, g = j / r;
-        *(uint4 *)&as[j * kLoraLd + col] = *(const uint4 *)(pick(g, set.a) + (size_t)(j % r) * IN + col0 + col);
-    }
+    load_a_chunk<NF>(as, set, r, IN, col0);
     __syncthreads();
     if (row0 >= R) return;
     frag_acc acc[kLoraCols / 16];
@@ -1989,27 +2202,15 @@ static __global__ void lora_down_backward_kernel(bf16 *dx, lora_set set, int R, 
     for (int i = 0; i < 4; i++) {
         int v = lane + 32 * i, rr = v / (kLoraCols / 8), col = v % (kLoraCols / 8) * 8;
         size_t e = (size_t)(row0 + rr) * IN + col0 + col;
-        float d[8];
-        load8(d, dx + e);
         unsigned keep = p > 0.0f ? dropout_keep8(seed, (offset + e) / 8, dropout_threshold(p)) : 0xffu;
-#pragma unroll
-        for (int j = 0; j < 8; j++) {
-            float sum = s[rr * (kLoraCols + 4) + col + j];
-            if (p > 0.0f)
-                sum = keep >> j & 1
-                          ? __bfloat162float(__float2bfloat16(__bfloat162float(__float2bfloat16(sum)) * keep_scale))
-                          : 0.0f;
-            d[j] += sum;
-        }
-        store8(dx + e, d);
+        add_dx8(dx + e, *(const uint4 *)(dx + e), s + rr * (kLoraCols + 4) + col, keep, p, keep_scale);
     }
 }
 
 extern "C" int mt_lora_down_dx_cuda(const mt_backend *be, void *dx, const void *const *du, const void *const *a,
                                     int count, int R, int IN, int r, float p, uint64_t seed, uint64_t offset) {
     if (!lora_fused_serves(LORA_DX, p, count, dx, R, IN, r, offset) || !lora_aligned(a, count)) return 0;
-    for (int g = 0; g < count; g++)
-        if ((uintptr_t)du[g] % 32) return 0;  // WMMA loads its tiles 32-byte aligned
+    if (!lora_aligned32(du, count)) return 0;  // WMMA loads its tiles 32-byte aligned
     lora_set set = {};
     for (int g = 0; g < count; g++) set.a[g] = (const bf16 *)a[g], set.du[g] = (const bf16 *)du[g];
     int NF = count * r / 16;
@@ -2020,6 +2221,145 @@ extern "C" int mt_lora_down_dx_cuda(const mt_backend *be, void *dx, const void *
         lora_down_backward_kernel<nf()><<<grid, block, 0, st>>>((bf16 *)dx, set, R, IN, r, p, keep_scale,
                                                                 (unsigned long long)seed, (unsigned long long)offset);
     });
+    return 1;
+}
+
+// dA and dx of a group in one pass, for up to kLoraBothFrags fragments: a
+// block is lora_down_wgrad_kernel's (64 columns of IN over its split of R's
+// 64-row chunks) and also writes dx over those columns for each chunk as
+// lora_down_backward_kernel does: the same products in the same order, so
+// the same bits as those two kernels, but the mask is drawn once for both
+// (x's element and dx's at one index share it) and the next chunk's x, dx
+// and du are loaded while the current one is multiplied. A thread's share of
+// a chunk's x and dx: rows 16 warp + lane / 8 + 4 i, columns lane % 8 * 8.
+constexpr int kLoraBothFrags = 4;
+
+template <int NF>
+static __global__ void __launch_bounds__(32 * kLoraWarps, 3)
+    lora_down_both_kernel(bf16 *dx, float *ws, lora_set set, const bf16 *x, int R, int IN, int r, float p,
+                          float keep_scale, unsigned long long seed, unsigned long long offset) {
+    constexpr int ldu = NF * 16 + 8, kDuVecs = kLoraRows * NF * 2,
+                  kDuPer = (kDuVecs + 32 * kLoraWarps - 1) / (32 * kLoraWarps);
+    __shared__ __align__(32) bf16 xs[kLoraRows * kLoraLd];
+    __shared__ __align__(32) bf16 dus[kLoraRows * ldu];
+    __shared__ __align__(32) bf16 as[NF * 16 * kLoraLd];
+    __shared__ __align__(32) float sums[kLoraWarps][16 * (kLoraCols + 4)];
+    int warp = threadIdx.x / 32, lane = threadIdx.x % 32, col0 = blockIdx.x * kLoraCols, step = gridDim.y * kLoraRows;
+    unsigned threshold = dropout_threshold(p);
+    uint4 xv[4], dxv[4], duv[kDuPer];
+    auto load = [&](int row0) {
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            int row = row0 + 16 * warp + lane / 8 + 4 * i;
+            size_t e = (size_t)row * IN + col0 + lane % 8 * 8;
+            xv[i] = row < R ? __ldcs((const uint4 *)(x + e)) : make_uint4(0, 0, 0, 0);
+            if (row < R) dxv[i] = *(const uint4 *)(dx + e);
+        }
+#pragma unroll
+        for (int k = 0; k < kDuPer; k++) {
+            int v = threadIdx.x + 32 * kLoraWarps * k, rr = v / (NF * 2), j = v % (NF * 2) * 8, row = row0 + rr;
+            duv[k] = v < kDuVecs && row < R ? *(const uint4 *)(pick(j / r, set.du) + (size_t)row * r + j % r)
+                                            : make_uint4(0, 0, 0, 0);
+        }
+    };
+    load_a_chunk<NF>(as, set, r, IN, col0);
+    frag_acc da_acc[NF];
+#pragma unroll
+    for (int f = 0; f < NF; f++) wmma::fill_fragment(da_acc[f], 0.0f);
+    int row0 = blockIdx.y * kLoraRows;
+    if (row0 < R) load(row0);
+    for (; row0 < R; row0 += step) {
+        unsigned keep[4];
+        uint4 dcur[4];
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            int rr = 16 * warp + lane / 8 + 4 * i, col = lane % 8 * 8;
+            size_t e = (size_t)(row0 + rr) * IN + col0 + col;
+            keep[i] = p > 0.0f ? dropout_keep8(seed, (offset + e) / 8, threshold) : 0xffu;
+            *(uint4 *)&xs[rr * kLoraLd + col] = p > 0.0f ? kept8(xv[i], keep[i], keep_scale) : xv[i];
+            dcur[i] = dxv[i];
+        }
+#pragma unroll
+        for (int k = 0; k < kDuPer; k++) {
+            int v = threadIdx.x + 32 * kLoraWarps * k;
+            if (v < kDuVecs) *(uint4 *)&dus[v / (NF * 2) * ldu + v % (NF * 2) * 8] = duv[k];
+        }
+        __syncthreads();
+        if (row0 + step < R) load(row0 + step);  // in flight during the products
+            // dA: the warp's 16 columns, every fragment (lora_down_wgrad_kernel's products)
+#pragma unroll
+        for (int kk = 0; kk < kLoraRows; kk += 16) {
+            frag_b_row fb;
+            wmma::load_matrix_sync(fb, &xs[kk * kLoraLd + warp * 16], kLoraLd);
+#pragma unroll
+            for (int f = 0; f < NF; f++) {
+                frag_a_col fa;
+                wmma::load_matrix_sync(fa, &dus[kk * ldu + f * 16], ldu);
+                wmma::mma_sync(da_acc[f], fa, fb, da_acc[f]);
+            }
+        }
+        // dx: the warp's 16 rows, every column (lora_down_backward_kernel's products)
+        if (row0 + 16 * warp < R) {
+            frag_acc acc[kLoraCols / 16];
+#pragma unroll
+            for (int c = 0; c < kLoraCols / 16; c++) wmma::fill_fragment(acc[c], 0.0f);
+#pragma unroll
+            for (int f = 0; f < NF; f++) {
+                frag_a_row fa;
+                wmma::load_matrix_sync(fa, &dus[16 * warp * ldu + f * 16], ldu);
+#pragma unroll
+                for (int c = 0; c < kLoraCols / 16; c++) {
+                    frag_b_row fb;
+                    wmma::load_matrix_sync(fb, &as[f * 16 * kLoraLd + c * 16], kLoraLd);
+                    wmma::mma_sync(acc[c], fa, fb, acc[c]);
+                }
+            }
+            float *s = sums[warp];
+#pragma unroll
+            for (int c = 0; c < kLoraCols / 16; c++)
+                wmma::store_matrix_sync(s + c * 16, acc[c], kLoraCols + 4, wmma::mem_row_major);
+            __syncwarp();
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                int rr = lane / 8 + 4 * i, col = lane % 8 * 8;
+                add_dx8(dx + (size_t)(row0 + 16 * warp + rr) * IN + col0 + col, dcur[i], s + rr * (kLoraCols + 4) + col,
+                        keep[i], p, keep_scale);
+            }
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int f = 0; f < NF; f++)
+        wmma::store_matrix_sync(ws + ((size_t)blockIdx.y * NF * 16 + f * 16) * IN + col0 + warp * 16, da_acc[f], IN,
+                                wmma::mem_row_major);
+}
+
+extern "C" int mt_lora_down_backward_cuda(const mt_backend *be, void *dx, float *const *da, const void *const *du,
+                                          const void *const *a, int count, const void *x, void *scratch,
+                                          size_t scratch_bytes, int R, int IN, int r, float p, uint64_t seed,
+                                          uint64_t offset) {
+    const char *env = getenv("MT_LORA_KERNELS");
+    int NF = count * r / 16;
+    if ((env && strcmp(env, "1") == 0) || NF > kLoraBothFrags ||
+        !lora_fused_serves(LORA_DA, p, count, x, R, IN, r, offset) ||
+        !lora_fused_serves(LORA_DX, p, count, dx, R, IN, r, offset) || !lora_aligned(a, count) ||
+        !lora_aligned(du, count))
+        return 0;
+    int splits = lora_wgrad_splits(scratch, scratch_bytes, R, IN, NF);
+    if (splits < 1) return 0;
+    lora_set set = {};
+    for (int g = 0; g < count; g++) set.a[g] = (const bf16 *)a[g], set.du[g] = (const bf16 *)du[g], set.da[g] = da[g];
+    float *ws = (float *)scratch;
+    cudaStream_t st = mt_stream_of(be);
+    dim3 grid(IN / kLoraCols, splits), block(32 * kLoraWarps);
+    float keep_scale = p > 0.0f ? 1.0f / (1.0f - p) : 1.0f;
+    launch_1_to_8(NF, [&](auto nf) {
+        if constexpr (nf() <= kLoraBothFrags)
+            lora_down_both_kernel<nf()><<<grid, block, 0, st>>>((bf16 *)dx, ws, set, (const bf16 *)x, R, IN, r, p,
+                                                                keep_scale, (unsigned long long)seed,
+                                                                (unsigned long long)offset);
+    });
+    lora_down_wgrad_sum(st, set, da, ws, splits, count, r, IN);
     return 1;
 }
 

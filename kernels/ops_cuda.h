@@ -69,6 +69,12 @@ int mt_lora_down_wgrad_cuda(const mt_backend *be, float *const *da, const void *
                             uint64_t offset);
 int mt_lora_down_dx_cuda(const mt_backend *be, void *dx, const void *const *du, const void *const *a, int count, int R,
                          int IN, int r, float p, uint64_t seed, uint64_t offset);
+// Both parts in one pass (the dA kernel's blocks also writing dx, one mask
+// draw for both), for groups of up to 64 adapter rows; MT_LORA_KERNELS=1
+// keeps them apart.
+int mt_lora_down_backward_cuda(const mt_backend *be, void *dx, float *const *da, const void *const *du,
+                               const void *const *a, int count, const void *x, void *scratch, size_t scratch_bytes,
+                               int R, int IN, int r, float p, uint64_t seed, uint64_t offset);
 void mt_perturb_cuda(const mt_backend *be, void *dst, const void *src, size_t n, float scale, uint64_t seed,
                      uint64_t offset);
 void mt_perturb_rows_cuda(const mt_backend *be, void *x, const int32_t *tokens, int N, int C, float scale,

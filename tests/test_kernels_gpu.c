@@ -1044,10 +1044,13 @@ END_TEST
 // LoRA's fused A products (all of them, MT_LORA_FUSED=all) against the ops
 // they replace on the GPU (the same cuRAND mask: a dropout, then cuBLAS
 // products) and, without dropout, against the CPU reference: u, every dA
-// and dx. The fused kernels must take
-// the first shapes (the mt_lora_down_*_cuda calls say so); the last ones
-// (rows not in tiles of 16, r not a multiple of 16) and a scratch too small
-// for the partial sums are composed by the ops.
+// and dx, in both versions (MT_LORA_KERNELS=1, then the default: its u
+// kernel up to 3 fragments, and its backward's one pass for dA and dx up to
+// 4, which must give the bits of the dA and dx kernels run apart). The
+// fused kernels must take the first shapes (the mt_lora_down_*_cuda calls
+// say so); the last ones (rows not in tiles of 16, r not a multiple of 16)
+// are composed by the ops, and so is a scratch too small for the partial
+// sums (version 2's u kernel then runs in one split).
 START_TEST(lora_down_fused) {
     setenv("MT_LORA_FUSED", "all", 1);  // every kernel, without dropout too
     // R, IN, r, adapters, p, first row (the mask's offset: a tile of the MLP)
@@ -1055,20 +1058,24 @@ START_TEST(lora_down_fused) {
         int R, IN, r, count;
         float p;
         int r0;
-    } shapes[] = {{64, 128, 16, 3, 0.1f, 0}, {48, 192, 16, 2, 0.0f, 0},  {112, 320, 32, 2, 0.3f, 16},
-                  {16, 64, 16, 1, 0.05f, 0}, {80, 640, 16, 3, 0.0f, 32}, {208, 2048, 64, 2, 0.05f, 0},
-                  {10, 128, 16, 3, 0.1f, 0}, {32, 128, 8, 2, 0.2f, 0}};
+    } shapes[] = {{64, 128, 16, 3, 0.1f, 0},   {48, 192, 16, 2, 0.0f, 0},  {112, 320, 32, 2, 0.3f, 16},
+                  {16, 64, 16, 1, 0.05f, 0},   {80, 640, 16, 3, 0.0f, 32}, {208, 2048, 64, 2, 0.05f, 0},
+                  {512, 1024, 16, 3, 0.1f, 0}, {10, 128, 16, 3, 0.1f, 0},  {32, 128, 8, 2, 0.2f, 0}};
     // then the first shape twice more: without dropout and with 64 bytes of scratch; and with its first two
     // adapters sharing one dA (the parts of a fused module: their adds in order)
-    for (int s = 0; s < 10; s++) {
-        int k = s < 8 ? s : 0, shared = s == 9;
+    for (int run = 0; run < 22; run++) {
+        int version = run < 11 ? 1 : 2, s = run % 11;  // s: the shapes, then the small scratch, the shared dA
+        if (s == 0) setenv("MT_LORA_KERNELS", version == 1 ? "1" : "2", 1);
+        int k = s < 9 ? s : 0, shared = s == 10;
         int R = shapes[k].R, IN = shapes[k].IN, r = shapes[k].r, count = shapes[k].count;
-        float p = s == 8 ? 0.0f : shapes[k].p;
-        int fused = s < 6 || shared;
+        float p = s == 9 ? 0.0f : shapes[k].p;
+        int fused = s < 7 || shared, small = s == 9;
+        // version 2's u kernel needs no scratch in one split; its backward is one kernel up to 64 adapter rows
+        int fused_u = fused || (small && version == 2), both = fused && version == 2 && count * r <= 64;
         uint64_t offset = (uint64_t)shapes[k].r0 * IN, mask_seed = 77 + (uint64_t)s;
         // scratch: dropout(x)'s room, and the partial sums of up to 4 splits of R for every dA
         size_t nx = (size_t)R * IN, nu = (size_t)R * r, na = (size_t)r * IN, room = nx * 2 + 16 * na * count,
-               bytes = s < 8 ? room : 64;
+               bytes = small ? 64 : room;
         float *x = host_random(nx, -1, 1), *dx0 = host_random(nx, -0.01f, 0.01f);
         float *a[3], *du[3], *da0[3];
         void *a_d[3], *du_d[3], *u_d[3], *uc_d[3];
@@ -1088,7 +1095,7 @@ START_TEST(lora_down_fused) {
         const void *const *A = (const void *const *)a_d, *const *DU = (const void *const *)du_d;
         // forward: u
         ck_assert_int_eq(mt_lora_down_cuda(&be, u_d, A, count, x_d, scratch_d, bytes, R, IN, r, p, mask_seed, offset),
-                         fused);
+                         fused_u);
         mt_op_lora_down(&be, u_d, A, count, x_d, scratch_d, bytes, R, IN, r, p, mask_seed, offset);
         const void *in_d = x_d;
         if (p > 0.0f) mt_op_dropout(&be, scratch_d, x_d, nx, p, mask_seed, offset), in_d = scratch_d;
@@ -1108,8 +1115,10 @@ START_TEST(lora_down_fused) {
         ck_assert_int_eq(
             mt_lora_down_wgrad_cuda(&be, da_d, DU, count, x_d, scratch_d, bytes, R, IN, r, p, mask_seed, offset),
             fused);
-        ck_assert_int_eq(mt_lora_down_dx_cuda(&be, dx_d, DU, A, count, R, IN, r, p, mask_seed, offset),
-                         fused || s == 8);
+        ck_assert_int_eq(mt_lora_down_dx_cuda(&be, dx_d, DU, A, count, R, IN, r, p, mask_seed, offset), fused || small);
+        // the two kernels' results, which the one-pass backward must give bit for bit
+        float *apart_da[3], *apart_dx = host_from_bf16(dx_d, nx);
+        for (int g = 0; g < count; g++) apart_da[g] = host_from_f32(da_d[g], na);
         for (int g = 0; g < count; g++)
             if (!(shared && g == 1)) mt_copy_to_device(da_d[g], da0[g], na * 4);
         mt_device_free(dx_d);
@@ -1129,6 +1138,8 @@ START_TEST(lora_down_fused) {
         for (int g = 0; g < count; g++) {
             float *dag = host_from_f32(da_d[g], na), *dac = host_from_f32(dac_d[g], na);
             expect_close("lora dA (fused vs composed)", dag, dac, na, 1e-4);
+            if (both) ck_assert_msg(memcmp(dag, apart_da[g], na * 4) == 0, "one-pass dA differs (shape %d)", s);
+            free(apart_da[g]);
             if (p == 0.0f) {
                 float *ref = malloc(na * 4);
                 memcpy(ref, da0[g], na * 4);
@@ -1141,6 +1152,8 @@ START_TEST(lora_down_fused) {
         float *dxg = host_from_bf16(dx_d, nx), *dxc = host_from_bf16(dxc_d, nx), *dx0b = malloc(nx * 4);
         for (size_t i = 0; i < nx; i++) dx0b[i] = mt_round_bf16(dx0[i]);
         expect_close("lora dx (fused vs composed)", dxg, dxc, nx, 1e-2);
+        if (both) ck_assert_msg(memcmp(dxg, apart_dx, nx * 4) == 0, "one-pass dx differs (shape %d)", s);
+        free(apart_dx);
         // the same mask (dropout's of ones): where it drops, dx keeps its value
         if (p > 0.0f) {
             float *ones = malloc(nx * 4);
@@ -1176,6 +1189,7 @@ START_TEST(lora_down_fused) {
         mt_device_free(x_d), mt_device_free(scratch_d), mt_device_free(dx_d), mt_device_free(dxc_d);
     }
     unsetenv("MT_LORA_FUSED");
+    unsetenv("MT_LORA_KERNELS");
 }
 END_TEST
 
