@@ -1,7 +1,8 @@
 // bench/lora_bench.c: LoRA's A products of one input (mt_op_lora_down and
-// its backward) on the GPU, every fused kernel (MT_LORA_FUSED=all) against
-// the ops they replace (MT_LORA_FUSED=0: a dropout, then a cuBLAS product
-// each), at the layer
+// its backward) on the GPU, every fused kernel (MT_LORA_FUSED=all; the
+// default version, and version 1, MT_LORA_KERNELS=1: its u kernel, dA and
+// dx kernels apart, each also timed alone) against the ops they replace
+// (MT_LORA_FUSED=0: a dropout, then a cuBLAS product each), at the layer
 // shapes of the TinyLlama-1.1B and Llama-2-7B benches (B=4, T=1024, r=16),
 // with and without dropout; and a device-to-device copy of the input, the
 // floor for a pass that reads it. Prints a table: microseconds per call of
@@ -112,8 +113,8 @@ int main(int argc, char **argv) {
         int IN, count;
     } shapes[] = {{"1.1B q,k,v", 2048, 3}, {"1.1B gate,up", 2048, 2}, {"1.1B o", 2048, 1},  {"1.1B down", 5632, 1},
                   {"7B q,k,v", 4096, 3},   {"7B gate,up", 4096, 2},   {"7B down", 11008, 1}};
-    printf("%-14s %5s %8s %11s %11s %11s %11s %11s %11s\n", "input", "p", "copy", "fwd fused", "fwd composed",
-           "bwd fused", "(its dA)", "(its dx)", "bwd composed");
+    printf("%-14s %5s %7s %9s %9s %9s %9s %9s %9s %9s %9s\n", "input", "p", "copy", "fwd", "fwd v1", "fwd cmp", "bwd",
+           "bwd v1", "dA", "dx", "bwd cmp");
     for (int s = 0; s < 7; s++) {
         bench b = {.be = &be, .R = 4096, .IN = shapes[s].IN, .r = 16, .count = shapes[s].count};
         size_t nx = (size_t)b.R * b.IN;
@@ -129,14 +130,17 @@ int main(int argc, char **argv) {
         double copy_us = time_us(&be, copy, &b, iters);
         for (int d = 0; d < 2; d++) {
             b.p = d ? 0.05f : 0.0f;
-            double t[6];
+            double t[8];
             setenv("MT_LORA_FUSED", "0", 1);
-            t[1] = time_us(&be, forward, &b, iters), t[5] = time_us(&be, backward, &b, iters);
+            t[2] = time_us(&be, forward, &b, iters), t[7] = time_us(&be, backward, &b, iters);
             setenv("MT_LORA_FUSED", "all", 1);  // the kernels without dropout too
-            t[0] = time_us(&be, forward, &b, iters), t[2] = time_us(&be, backward, &b, iters);
-            t[3] = time_us(&be, wgrad, &b, iters), t[4] = time_us(&be, dx, &b, iters);
-            printf("%-14s %5.2f %8.1f %11.1f %11.1f %11.1f %11.1f %11.1f %11.1f\n", shapes[s].what, b.p, copy_us, t[0],
-                   t[1], t[2], t[3], t[4], t[5]);
+            setenv("MT_LORA_KERNELS", "1", 1);  // version 1: its u kernel, dA and dx apart
+            t[1] = time_us(&be, forward, &b, iters), t[4] = time_us(&be, backward, &b, iters);
+            unsetenv("MT_LORA_KERNELS");
+            t[0] = time_us(&be, forward, &b, iters), t[3] = time_us(&be, backward, &b, iters);
+            t[5] = time_us(&be, wgrad, &b, iters), t[6] = time_us(&be, dx, &b, iters);
+            printf("%-14s %5.2f %7.1f %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f %9.1f\n", shapes[s].what, b.p, copy_us,
+                   t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7]);
             fflush(stdout);
         }
         mt_device_free(b.x), mt_device_free(b.dx), mt_device_free(b.scratch), mt_device_free(b.copy);

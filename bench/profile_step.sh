@@ -1,28 +1,39 @@
 #!/usr/bin/env bash
 # Per-kernel GPU time of one training step (Nsight Compute), on the
-# TinyLlama-1.1B shape (22 layers, random weights) at B=4, T=1024: the third
-# step alone (MT_PROFILE_STEP brackets it with the profiler's capture range).
+# TinyLlama-1.1B shape (22 layers, random weights) at B=4, T=1024, or with
+# MT_PROFILE_SHAPE=7B the Llama-2-7B shape (32 layers): the third step alone
+# (MT_PROFILE_STEP brackets it with the profiler's capture range).
 # Modes (arguments; default "full lora lora-dropout mezo"):
 #   full          full fine-tune (AdamW), configs/quickstart.yaml's settings
 #   lora          LoRA r=16 on all linear modules, dropout 0
 #   lora-dropout  the same with dropout 0.05
 #   lora-ckpt     LoRA dropout 0 with activation checkpointing
+#   lora-ckpt-dropout  the same with dropout 0.05
 #   mezo          MeZO on all weights
 # Each mode also runs 8 steps without the profiler for its step time. Run on
 # the GPU machine from the repo root after tests/gpu/run.sh has set up the
 # library path (or through its stage `profile`); writes $OUT/profile-MODE.csv
-# and a table, $OUT/profile-MODE.md.
+# and a table, $OUT/profile-MODE.md (profile-7B-MODE.* for the 7B shape).
 set -euo pipefail
 OUT=${OUT:-/tmp}
 BUILD=${MT_BUILD_DIR:-build}
 W=/tmp/mt-profile
 mkdir -p $W/model
-python3 - <<'PY'
-import json, numpy as np, h5py
+SHAPE=${MT_PROFILE_SHAPE:-1.1B}
+case $SHAPE in
+    1.1B) TAG= ;;
+    7B) TAG=7B- ;;
+    *) echo "profile_step.sh: MT_PROFILE_SHAPE is $SHAPE; it must be 1.1B or 7B"; exit 2 ;;
+esac
+python3 - "$SHAPE" <<'PY'
+import json, sys, numpy as np, h5py
 cfg = {"architectures": ["LlamaForCausalLM"], "vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632,
        "num_hidden_layers": 22, "num_attention_heads": 32, "num_key_value_heads": 4, "rms_norm_eps": 1e-5,
        "rope_theta": 10000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
        "max_position_embeddings": 2048}
+if sys.argv[1] == "7B":
+    cfg.update(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_key_value_heads=32,
+               max_position_embeddings=4096)
 json.dump(cfg, open("/tmp/mt-profile/model/config.json", "w"))
 with h5py.File("/tmp/mt-profile/tokens.h5", "w") as f:
     n = 200000
@@ -41,17 +52,19 @@ for mode in $modes; do
         lora) cfg=(configs/llama-lora.yaml --set lora.dropout=0 --set model.activation_checkpointing=false) ;;
         lora-dropout) cfg=(configs/llama-lora.yaml --set lora.dropout=0.05 --set model.activation_checkpointing=false) ;;
         lora-ckpt) cfg=(configs/llama-lora.yaml --set lora.dropout=0 --set model.activation_checkpointing=true) ;;
+        lora-ckpt-dropout)
+            cfg=(configs/llama-lora.yaml --set lora.dropout=0.05 --set model.activation_checkpointing=true) ;;
         mezo) cfg=(configs/mezo.yaml --set train.micro_batch=4) ;;
-        *) echo "profile_step.sh: unknown mode $mode (full lora lora-dropout lora-ckpt mezo)"; exit 2 ;;
+        *) echo "profile_step.sh: unknown mode $mode (full lora lora-dropout lora-ckpt lora-ckpt-dropout mezo)"; exit 2 ;;
     esac
     rm -rf $W/run
     "$BUILD/memtune" train "${cfg[@]}" "${common[@]}" --set train.steps=8 > $W/$mode-timed.log 2>&1 ||
         { tail -20 $W/$mode-timed.log; exit 1; }
     rm -rf $W/run
     MT_PROFILE_STEP=3 ncu --csv --clock-control none --profile-from-start off --metrics gpu__time_duration.sum \
-        "$BUILD/memtune" train "${cfg[@]}" "${common[@]}" --set train.steps=3 > $OUT/profile-$mode.csv 2> $W/ncu.err ||
+        "$BUILD/memtune" train "${cfg[@]}" "${common[@]}" --set train.steps=3 > $OUT/profile-$TAG$mode.csv 2> $W/ncu.err ||
         { tail -20 $W/ncu.err; exit 1; }
-    python3 - "$OUT/profile-$mode.csv" "$W/$mode-timed.log" "$mode" > $OUT/profile-$mode.md <<'PY'
+    python3 - "$OUT/profile-$TAG$mode.csv" "$W/$mode-timed.log" "$TAG$mode" > $OUT/profile-$TAG$mode.md <<'PY'
 import csv, sys, collections
 rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
 head = rows[0]; ki = head.index("Kernel Name"); vi = head.index("Metric Value"); ui = head.index("Metric Unit")
@@ -67,5 +80,5 @@ if log: print(f"last timed step (no profiler): `{log[-1].strip()}`")
 print("\n| kernel | ms | share | launches |\n|---|---|---|---|")
 for k, v in tot.most_common(30): print(f"| {k} | {v:.3f} | {100*v/s:.1f}% | {cnt[k]} |")
 PY
-    cat $OUT/profile-$mode.md
+    cat $OUT/profile-$TAG$mode.md
 done
