@@ -7,7 +7,7 @@
 #
 # Stages: ctest quickstart resume dist-test parity chat generate peft peft-qwen3 peft-gemma3 peft-phi3 (default), plus bench
 # (attention and full fine-tune), full-bench (full fine-tune alone; MT_FULL_ARGS adds bench/full_ft.py options), lora-bench, mezo-bench, galore-bench,
-# lora-ops (mt_lora_bench: LoRA's fused A products against the composed ops), offload-bench, decode-bench, streaming-bench, profile (per-kernel time of a step; MT_PROFILE_MODES picks bench/profile_step.sh's modes) and plan (memtune plan against 36 measured runs) with --bench; attention-bench and long-context (bench/long_context.py; MT_LONG_ARGS adds its options) alone; or name them: run.sh --stages
+# lora-ops (mt_lora_bench: LoRA's fused A products against the composed ops), offload-bench, decode-bench, streaming-bench, profile (per-kernel time of a step; MT_PROFILE_MODES picks bench/profile_step.sh's modes, MT_PROFILE_SHAPE=7B its 7B shape) and plan (memtune plan against 36 measured runs) with --bench; attention-bench and long-context (bench/long_context.py; MT_LONG_ARGS adds its options) alone; or name them: run.sh --stages
 # "ctest mezo-bench". MT_CTEST_FILTER narrows ctest; MT_LORA_SHAPES picks
 # lora-bench's shapes and MT_LORA_ARGS adds bench/lora_ft.py options (e.g.
 # "--steps 20"); MT_MEZO_ARGS adds bench/mezo.py options, MT_GALORE_ARGS
