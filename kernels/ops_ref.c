@@ -395,21 +395,26 @@ void mt_cast_bf16_ref(uint16_t *out, const float *inp, size_t n) {
     for (size_t i = 0; i < n; i++) out[i] = mt_f32_to_bf16(inp[i]);
 }
 
+// Dropout's masks and the z streams are drawn a group of 4 indices at a
+// time: groups [offset / 4, (offset + n + 3) / 4) cover elements j < n,
+// whose index is offset + j.
+static uint64_t first_group(uint64_t offset) { return offset / 4; }
+static uint64_t end_group(size_t n, uint64_t offset) { return (offset + n + 3) / 4; }
+
 void mt_dropout_ref(float *out, const float *inp, size_t n, float p, uint64_t seed, uint64_t offset, int accumulate) {
     float keep_scale = 1.0f / (1.0f - p);
     uint32_t threshold = mt_dropout_threshold(p);
 #pragma omp parallel for
-    for (size_t i = 0; i < n; i++) {
-        float kept = mt_dropout_kept(seed, offset + i, threshold) ? inp[i] * keep_scale : 0.0f;
-        out[i] = accumulate ? out[i] + kept : kept;
+    for (uint64_t g = first_group(offset); g < end_group(n, offset); g++) {
+        unsigned keep = mt_dropout_keep4(seed, g, threshold);
+        for (uint64_t i = g * 4; i < g * 4 + 4; i++) {
+            if (i < offset || i >= offset + n) continue;
+            size_t j = i - offset;
+            float kept = keep >> (i - g * 4) & 1 ? inp[j] * keep_scale : 0.0f;
+            out[j] = accumulate ? out[j] + kept : kept;
+        }
     }
 }
-
-// The z streams are drawn a Philox group (4 values) at a time: groups
-// [offset / 4, (offset + n + 3) / 4) cover elements j < n, whose z index is
-// offset + j.
-static uint64_t first_group(uint64_t offset) { return offset / 4; }
-static uint64_t end_group(size_t n, uint64_t offset) { return (offset + n + 3) / 4; }
 
 void mt_perturb_ref(float *dst, const float *src, size_t n, float scale, uint64_t seed, uint64_t offset) {
 #pragma omp parallel for

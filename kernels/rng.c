@@ -25,8 +25,15 @@ uint64_t mt_rng_hash(uint64_t seed, uint64_t group) {
 
 uint32_t mt_dropout_threshold(float p) { return (uint32_t)lrintf(p * 65536.0f); }
 
+unsigned mt_dropout_keep4(uint64_t seed, uint64_t group, uint32_t threshold) {
+    uint64_t bits = mt_rng_hash(seed, group);
+    unsigned keep = 0;
+    for (int q = 0; q < 4; q++) keep |= (unsigned)(((bits >> (16 * q)) & 0xffffu) >= threshold) << q;
+    return keep;
+}
+
 int mt_dropout_kept(uint64_t seed, uint64_t i, uint32_t threshold) {
-    return ((mt_rng_hash(seed, i / 4) >> (16 * (i % 4))) & 0xffffu) >= threshold;
+    return mt_dropout_keep4(seed, i / 4, threshold) >> (i % 4) & 1;
 }
 
 float mt_rng_uniform(uint64_t seed, uint64_t counter) {

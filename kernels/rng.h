@@ -22,6 +22,8 @@ uint64_t mt_rng_hash(uint64_t seed, uint64_t group);
 // least mt_dropout_threshold(p) = p * 65536 rounded (p to 1/65536).
 uint32_t mt_dropout_threshold(float p);
 int mt_dropout_kept(uint64_t seed, uint64_t i, uint32_t threshold);
+// The four of one hash: bit q set when index 4 group + q is kept.
+unsigned mt_dropout_keep4(uint64_t seed, uint64_t group, uint32_t threshold);
 // Uniform in [0, 1) with 24 bits.
 float mt_rng_uniform(uint64_t seed, uint64_t counter);
 // Standard normal (Box-Muller on two uniforms drawn at 2*counter, 2*counter+1).
