@@ -2253,7 +2253,7 @@ static __global__ void __launch_bounds__(32 * kLoraWarps, 3)
             int row = row0 + 16 * warp + lane / 8 + 4 * i;
             size_t e = (size_t)row * IN + col0 + lane % 8 * 8;
             xv[i] = row < R ? __ldcs((const uint4 *)(x + e)) : make_uint4(0, 0, 0, 0);
-            if (row < R) dxv[i] = *(const uint4 *)(dx + e);
+            dxv[i] = row < R ? *(const uint4 *)(dx + e) : make_uint4(0, 0, 0, 0);  // past R: never written back
         }
 #pragma unroll
         for (int k = 0; k < kDuPer; k++) {
