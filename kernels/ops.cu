@@ -1852,10 +1852,13 @@ static int sm_count(void) {
 constexpr int kLora2Warps = 8, kLora2Frags = 3, kLora2Rows = 32;
 constexpr int kLora2Stage = kLora2Rows * kLoraLd;  // a warp's staged 32 rows of 64 (bf16)
 
-static bool lora_v2(int count, int r) {
+// MT_LORA_KERNELS=1: version 1 (read each time: tests run both in one process).
+static bool lora_version1(void) {
     const char *env = getenv("MT_LORA_KERNELS");
-    return count * r <= 16 * kLora2Frags && !(env && strcmp(env, "1") == 0);
+    return env && strcmp(env, "1") == 0;
 }
+
+static bool lora_v2(int count, int r) { return count * r <= 16 * kLora2Frags && !lora_version1(); }
 
 // The accumulators of the block's warps added into warp 0's, warp w adding
 // warp w + h's for h = warps / 2, ..., 1 (a fixed order: the same bits every
@@ -2164,6 +2167,33 @@ static __device__ void add_dx8(bf16 *dst, uint4 v, const float *sum, unsigned ke
     store8(dst, d);
 }
 
+// A warp's 16 rows of the group's sum of du A over 64 columns, into s (rows
+// kLoraCols + 4 floats apart), then __syncwarp: du's fragment f (16 rows of
+// 16 of the group's r side by side) at du_at(f), rows ld apart; A's (NF *
+// 16, 64) at as (load_a_chunk's layout). The dx kernel and the one-pass
+// backward both form dx's sums here, so they agree bit for bit.
+template <int NF, typename DuAt>
+static __device__ void du_a_sums(float *s, const bf16 *as, DuAt du_at, unsigned ld) {
+    frag_acc acc[kLoraCols / 16];
+#pragma unroll
+    for (int c = 0; c < kLoraCols / 16; c++) wmma::fill_fragment(acc[c], 0.0f);
+#pragma unroll
+    for (int f = 0; f < NF; f++) {
+        frag_a_row fa;
+        wmma::load_matrix_sync(fa, du_at(f), ld);
+#pragma unroll
+        for (int c = 0; c < kLoraCols / 16; c++) {
+            frag_b_row fb;
+            wmma::load_matrix_sync(fb, &as[f * 16 * kLoraLd + c * 16], kLoraLd);
+            wmma::mma_sync(acc[c], fa, fb, acc[c]);
+        }
+    }
+#pragma unroll
+    for (int c = 0; c < kLoraCols / 16; c++)
+        wmma::store_matrix_sync(s + c * 16, acc[c], kLoraCols + 4, wmma::mem_row_major);
+    __syncwarp();
+}
+
 // A block: 64 rows by 64 columns of dx, 16 rows a warp. The group's sum of
 // du[g] A[g] over those columns, then dx = bf16(dx + kept), kept being
 // dropout's bf16(bf16(sum) / (1 - p)) or 0 where p > 0 (as the sum stored,
@@ -2178,26 +2208,9 @@ static __global__ void lora_down_backward_kernel(bf16 *dx, lora_set set, int R, 
     load_a_chunk<NF>(as, set, r, IN, col0);
     __syncthreads();
     if (row0 >= R) return;
-    frag_acc acc[kLoraCols / 16];
-#pragma unroll
-    for (int c = 0; c < kLoraCols / 16; c++) wmma::fill_fragment(acc[c], 0.0f);
-#pragma unroll
-    for (int f = 0; f < NF; f++) {
-        int g = f * 16 / r;
-        frag_a_row fa;
-        wmma::load_matrix_sync(fa, pick(g, set.du) + (size_t)row0 * r + f * 16 % r, r);
-#pragma unroll
-        for (int c = 0; c < kLoraCols / 16; c++) {
-            frag_b_row fb;
-            wmma::load_matrix_sync(fb, &as[f * 16 * kLoraLd + c * 16], kLoraLd);
-            wmma::mma_sync(acc[c], fa, fb, acc[c]);
-        }
-    }
     float *s = sums[warp];
-#pragma unroll
-    for (int c = 0; c < kLoraCols / 16; c++)
-        wmma::store_matrix_sync(s + c * 16, acc[c], kLoraCols + 4, wmma::mem_row_major);
-    __syncwarp();
+    du_a_sums<NF>(
+        s, as, [&](int f) { return pick(f * 16 / r, set.du) + (size_t)row0 * r + f * 16 % r; }, r);
 #pragma unroll
     for (int i = 0; i < 4; i++) {
         int v = lane + 32 * i, rr = v / (kLoraCols / 8), col = v % (kLoraCols / 8) * 8;
@@ -2300,25 +2313,9 @@ static __global__ void __launch_bounds__(32 * kLoraWarps, 3)
         }
         // dx: the warp's 16 rows, every column (lora_down_backward_kernel's products)
         if (row0 + 16 * warp < R) {
-            frag_acc acc[kLoraCols / 16];
-#pragma unroll
-            for (int c = 0; c < kLoraCols / 16; c++) wmma::fill_fragment(acc[c], 0.0f);
-#pragma unroll
-            for (int f = 0; f < NF; f++) {
-                frag_a_row fa;
-                wmma::load_matrix_sync(fa, &dus[16 * warp * ldu + f * 16], ldu);
-#pragma unroll
-                for (int c = 0; c < kLoraCols / 16; c++) {
-                    frag_b_row fb;
-                    wmma::load_matrix_sync(fb, &as[f * 16 * kLoraLd + c * 16], kLoraLd);
-                    wmma::mma_sync(acc[c], fa, fb, acc[c]);
-                }
-            }
             float *s = sums[warp];
-#pragma unroll
-            for (int c = 0; c < kLoraCols / 16; c++)
-                wmma::store_matrix_sync(s + c * 16, acc[c], kLoraCols + 4, wmma::mem_row_major);
-            __syncwarp();
+            du_a_sums<NF>(
+                s, as, [&](int f) { return &dus[16 * warp * ldu + f * 16]; }, ldu);
 #pragma unroll
             for (int i = 0; i < 4; i++) {
                 int rr = lane / 8 + 4 * i, col = lane % 8 * 8;
@@ -2338,10 +2335,8 @@ extern "C" int mt_lora_down_backward_cuda(const mt_backend *be, void *dx, float 
                                           const void *const *a, int count, const void *x, void *scratch,
                                           size_t scratch_bytes, int R, int IN, int r, float p, uint64_t seed,
                                           uint64_t offset) {
-    const char *env = getenv("MT_LORA_KERNELS");
     int NF = count * r / 16;
-    if ((env && strcmp(env, "1") == 0) || NF > kLoraBothFrags ||
-        !lora_fused_serves(LORA_DA, p, count, x, R, IN, r, offset) ||
+    if (lora_version1() || NF > kLoraBothFrags || !lora_fused_serves(LORA_DA, p, count, x, R, IN, r, offset) ||
         !lora_fused_serves(LORA_DX, p, count, dx, R, IN, r, offset) || !lora_aligned(a, count) ||
         !lora_aligned(du, count))
         return 0;
