@@ -49,9 +49,19 @@ mt_err mt_optimizer_init(mt_optimizer **out, mt_backend *be, const mt_adamw_conf
         mt_optimizer_free(opt);
         return err;
     }
-    opt->groups = malloc((size_t)num_groups * sizeof *groups);
-    memcpy(opt->groups, groups, (size_t)num_groups * sizeof *groups);
-    opt->num_groups = num_groups;
+    // groups that follow each other in the block with the same decay are one
+    // pass: an adapter's A and B and the layers' adapters one after another
+    // make a single launch a step instead of one per tensor (element-wise
+    // updates: the same values either way)
+    opt->groups = malloc((size_t)(num_groups ? num_groups : 1) * sizeof *groups);
+    MT_CHECK(opt->groups != NULL, "parameter groups");
+    for (int g = 0; g < num_groups; g++) {
+        mt_param_group *last = opt->num_groups ? &opt->groups[opt->num_groups - 1] : NULL;
+        if (last && last->offset + last->count == groups[g].offset && last->decay == groups[g].decay)
+            last->count += groups[g].count;
+        else
+            opt->groups[opt->num_groups++] = groups[g];
+    }
     *out = opt;
     return MT_OK;
 }
@@ -87,6 +97,8 @@ void mt_optimizer_step(mt_optimizer *opt, const float *grad, float lr, mt_step_i
 }
 
 int mt_optimizer_steps_taken(const mt_optimizer *opt) { return opt->steps; }
+
+int mt_optimizer_passes(const mt_optimizer *opt) { return opt->num_groups; }
 
 // Host <-> where the backend keeps the optimizer (device or host).
 void mt_optimizer_get_master(const mt_optimizer *opt, float *dst) {

@@ -46,6 +46,9 @@ typedef struct {
 // not finite the step is skipped and info->finite is 0.
 void mt_optimizer_step(mt_optimizer *opt, const float *grad, float lr, mt_step_info *info);
 int mt_optimizer_steps_taken(const mt_optimizer *opt);
+// Update passes (launches on the GPU) a step makes: one per run of groups
+// that follow each other in the block with the same decay.
+int mt_optimizer_passes(const mt_optimizer *opt);
 // A sharded optimizer (ZeRO) sees its shard of the gradient: `sum` turns its
 // shard's sum of squares into the whole gradient's (over the ranks).
 void mt_optimizer_set_norm_sum(mt_optimizer *opt, double (*sum)(void *ctx, double local), void *ctx);

@@ -65,11 +65,44 @@ START_TEST(adamw_groups_and_clipping) {
 }
 END_TEST
 
+// Groups that follow each other with the same decay are updated in one
+// pass; the values are those of the groups updated one by one.
+START_TEST(adamw_adjacent_groups_one_pass) {
+    mt_backend be;
+    ck_assert_int_eq(mt_backend_init(&be, -1), MT_OK);
+    size_t n = 128;
+    float *w = calloc(n, 4), *init = tu_random(n, -1, 1, 3), *g = tu_random(n, -1, 1, 4);
+    // 0-16-32 decayed, 32-64 not, 64-80 not, a gap, 96-128 not: three passes
+    mt_param_group groups[5] = {{0, 16, 1}, {16, 16, 1}, {32, 32, 0}, {64, 16, 0}, {96, 32, 0}};
+    mt_adamw_config cfg = {0.1f, 0.9f, 0.99f, 1e-8f, 0.5f, 0.0f};
+    mt_optimizer *opt;
+    ck_assert_int_eq(mt_optimizer_init(&opt, &be, &cfg, w, init, n, groups, 5), MT_OK);
+    ck_assert_int_eq(mt_optimizer_passes(opt), 3);
+    mt_step_info info;
+    mt_optimizer_step(opt, g, 0.1f, &info);
+    // each group alone, by an optimizer of its own (no clipping: independent)
+    float *ref = malloc(n * 4);
+    memcpy(ref, init, n * 4);
+    for (int k = 0; k < 5; k++) {
+        mt_optimizer *one;
+        ck_assert_int_eq(mt_optimizer_init(&one, &be, &cfg, ref, ref, n, &groups[k], 1), MT_OK);
+        ck_assert_int_eq(mt_optimizer_passes(one), 1);
+        mt_optimizer_step(one, g, 0.1f, &info);
+        mt_optimizer_free(one);
+    }
+    ck_assert_mem_eq(w, ref, n * 4);  // the gap (80-96) untouched in both
+    mt_optimizer_free(opt);
+    mt_backend_free(&be);
+    free(w), free(init), free(g), free(ref);
+}
+END_TEST
+
 int main(void) {
     Suite *s = suite_create("optim");
     TCase *tc = tcase_create("adamw");
     tcase_add_test(tc, schedules);
     tcase_add_test(tc, adamw_groups_and_clipping);
+    tcase_add_test(tc, adamw_adjacent_groups_one_pass);
     suite_add_tcase(s, tc);
     return tu_run_suite(s, 0);
 }
