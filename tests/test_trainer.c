@@ -954,6 +954,80 @@ START_TEST(tiled_mlp_equals_untiled) {
 }
 END_TEST
 
+// The sampler by its definition: every candidate sorted by (logit desc, id
+// asc) up front, the normaliser summed in id order, the walks in sorted
+// order, the last token of any weight the pick's walk passed as its end.
+static const float *ws_scaled;
+static int ws_by_desc(const void *a, const void *b) {
+    int x = *(const int *)a, y = *(const int *)b;
+    if (ws_scaled[x] != ws_scaled[y]) return ws_scaled[x] < ws_scaled[y] ? 1 : -1;
+    return x - y;
+}
+
+static int32_t sample_whole_sort(const float *logits, int V, const mt_sampling *s, uint64_t draw) {
+    float *x = malloc((size_t)V * 4);
+    int *order = malloc((size_t)V * sizeof *order);
+    unsigned char *in = calloc((size_t)V, 1);
+    for (int v = 0; v < V; v++) x[v] = logits[v] / s->temperature, order[v] = v;
+    ws_scaled = x;
+    qsort(order, (size_t)V, sizeof *order, ws_by_desc);
+    int n = s->top_k > 0 && s->top_k < V ? s->top_k : V;
+    for (int i = 0; i < n; i++) in[order[i]] = 1;
+    double top = x[order[0]], z = 0.0;
+    for (int v = 0; v < V; v++)
+        if (in[v]) z += exp((double)x[v] - top);
+    int keep = n;
+    for (int i = 1; s->min_p > 0.0f && i < keep; i++)
+        if (exp((double)x[order[i]] - top) < s->min_p) keep = i;
+    double mass = 0.0, total = z;
+    for (int i = 0; s->top_p < 1.0f && i < keep; i++)
+        if ((mass += exp((double)x[order[i]] - top) / z) >= s->top_p) keep = i + 1;
+    if (keep < n) {
+        total = 0.0;
+        for (int i = 0; i < keep; i++) total += exp((double)x[order[i]] - top);
+    }
+    double u = (double)(mt_rng_bits(s->seed, draw) >> 11) * (1.0 / 9007199254740992.0) * total, acc = 0.0;
+    int32_t pick = order[0];
+    for (int i = 0; i < keep; i++) {
+        double p = exp((double)x[order[i]] - top);
+        if (p > 0.0) pick = order[i];
+        if ((acc += p) > u) break;
+    }
+    free(x), free(order), free(in);
+    return pick;
+}
+
+// mt_sample sorts only as far as its walks reach (a heap or quickselect
+// for the next candidates): the same token as the whole sort, for flat and
+// peaked logits, ties, and each cut alone and together.
+START_TEST(sampling_equals_the_whole_sort) {
+    enum { NV = 5000 };
+    float *l = malloc(NV * 4), *work = malloc(NV * 4);
+    mt_sampling cfgs[] = {{1.0f, 0, 1.0f, 0.0f, 1.0f, 3},    {0.8f, 0, 0.9f, 0.0f, 1.0f, 4},
+                          {0.8f, 0, 1.0f, 0.05f, 1.0f, 5},   {0.7f, 7, 0.9f, 0.0f, 1.0f, 6},
+                          {1.0f, 333, 1.0f, 0.0f, 1.0f, 7},  {0.9f, 0, 0.3f, 0.2f, 1.0f, 8},
+                          {1.3f, 2000, 0.99f, 0.0f, 1.0f, 9}};
+    int ncfg = (int)(sizeof cfgs / sizeof cfgs[0]), mismatches = 0, checked = 0;
+    for (int kind = 0; kind < 3; kind++) {
+        for (int v = 0; v < NV; v++) {
+            float g = mt_rng_normal(21, (uint64_t)v);
+            l[v] = kind == 0 ? g : kind == 1 ? 6.0f * g : (float)(mt_rng_bits(22, (uint64_t)v) % 41) / 4.0f;
+        }
+        for (int c = 0; c < ncfg; c++)
+            for (int d = 0; d < 30; d++) {
+                memcpy(work, l, NV * 4);
+                int32_t got = mt_sample(work, NV, &cfgs[c], NULL, 0, (uint64_t)d);
+                int32_t want = sample_whole_sort(l, NV, &cfgs[c], (uint64_t)d);
+                if (got != want && mismatches++ < 5)
+                    fprintf(stderr, "logits %d, sampling %d, draw %d: %d, the whole sort %d\n", kind, c, d, got, want);
+                checked++;
+            }
+    }
+    ck_assert_msg(mismatches == 0, "%d of %d draws differ from the whole sort", mismatches, checked);
+    free(l), free(work);
+}
+END_TEST
+
 START_TEST(generation_matches_the_full_forward) {
     for (int variant = 0; variant < 5; variant++) {
         mt_model_config mc;
@@ -1782,6 +1856,7 @@ int main(void) {
     tcase_add_test(tc, loss_is_the_mean_over_the_steps_trained_tokens);
     tcase_add_test(tc, eval_matches_logits_and_adapter);
     tcase_add_test(tc, generation_matches_the_full_forward);
+    tcase_add_test(tc, sampling_equals_the_whole_sort);
     tcase_add_test(tc, generation_applies_adapters_on_the_fly_and_over_nf4);
     tcase_add_test(tc, batched_decoding_gives_the_generators_texts);
     tcase_add_test(tc, tiled_mlp_equals_untiled);

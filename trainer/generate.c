@@ -292,9 +292,44 @@ static int by_logit_desc(const void *a, const void *b) {
     return ((const cand *)a)->id - ((const cand *)b)->id;
 }
 
+static int by_id(const void *a, const void *b) {
+    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    return (x > y) - (x < y);
+}
+
+static void c_swap(cand *c, int i, int j) {
+    cand t = c[i];
+    c[i] = c[j], c[j] = t;
+}
+
+// c[0..k) as a heap with its last candidate (by by_logit_desc) at the root:
+// restores that below node i.
+static void sift_worst(cand *c, int k, int i) {
+    for (;;) {
+        int w = i, l = 2 * i + 1, r = l + 1;
+        if (l < k && by_logit_desc(&c[l], &c[w]) > 0) w = l;
+        if (r < k && by_logit_desc(&c[r], &c[w]) > 0) w = r;
+        if (w == i) return;
+        c_swap(c, i, w);
+        i = w;
+    }
+}
+
 // Moves the k candidates that by_logit_desc puts first into c[0..k), in no
-// order (quickselect; the order is total: ties go by id).
+// order, the rest into c[k..n) (the order is total: ties go by id). A few
+// among many: one pass against a heap of the k best so far (most
+// candidates cost one comparison); else quickselect.
 static void select_head(cand *c, int n, int k) {
+    if (k < 1 || k >= n) return;
+    if (k <= 1024 && n >= 16 * k) {
+        for (int i = k / 2 - 1; i >= 0; i--) sift_worst(c, k, i);
+        for (int i = k; i < n; i++)
+            if (by_logit_desc(&c[i], &c[0]) < 0) {
+                c_swap(c, 0, i);
+                sift_worst(c, k, 0);
+            }
+        return;
+    }
     int lo = 0, hi = n - 1;
     while (lo < hi) {
         cand pivot = c[lo + (hi - lo) / 2];
@@ -302,10 +337,7 @@ static void select_head(cand *c, int n, int k) {
         while (i <= j) {
             while (by_logit_desc(&c[i], &pivot) < 0) i++;
             while (by_logit_desc(&c[j], &pivot) > 0) j--;
-            if (i <= j) {
-                cand t = c[i];
-                c[i++] = c[j], c[j--] = t;
-            }
+            if (i <= j) c_swap(c, i++, j--);
         }
         if (k - 1 <= j)
             hi = j;
@@ -316,8 +348,22 @@ static void select_head(cand *c, int n, int k) {
     }
 }
 
+// c[0..sorted) holds a whole sort's first candidates in its order; extends
+// that to past index i (four times as far, 64 at least; all of it once that
+// is a quarter of n) by selecting the next ones among the rest and sorting
+// them alone. Returns the new extent.
+static int sort_more(cand *c, int n, int sorted, int i) {
+    int want = 4 * sorted > 64 ? 4 * sorted : 64;
+    if (want < i + 1) want = i + 1;
+    if (want > n / 4) want = n;
+    if (want < n) select_head(c + sorted, n - sorted, want - sorted);
+    qsort(c + sorted, (size_t)(want - sorted), sizeof *c, by_logit_desc);
+    return want;
+}
+
 int32_t mt_sample(float *logits, int V, const mt_sampling *s, const uint32_t *history, size_t n_history,
                   uint64_t draw) {
+    MT_CHECK(V > 0, "sampling over an empty vocabulary");
     if (s->repetition_penalty != 1.0f && n_history) {
         // once per distinct id, as transformers gathers the scores of the ids
         // seen (a bit per id: the history is read once, not once per id)
@@ -340,40 +386,63 @@ int32_t mt_sample(float *logits, int V, const mt_sampling *s, const uint32_t *hi
     MT_CHECK(c != NULL, "sampling");
     for (int v = 0; v < V; v++) c[v] = (cand){logits[v] / s->temperature, v};
     int n = s->top_k > 0 && s->top_k < V ? s->top_k : V;
-    // top-k reads the sorted head alone: the same k first as a whole sort's
+    // top-k: the head alone, in no order (the same k as a whole sort's first)
     if (n < V) select_head(c, V, n);
-    qsort(c, (size_t)n, sizeof *c, by_logit_desc);
-    double z = 0.0;
-    for (int i = 0; i < n; i++) z += exp((double)c[i].logit - c[0].logit);
+    // the top candidate first; the normaliser over the head relative to it,
+    // summed in id order (whatever order the head is in)
+    for (int i = 1; i < n; i++)
+        if (by_logit_desc(&c[i], &c[0]) < 0) c_swap(c, 0, i);
+    double top = c[0].logit, z = 0.0;
+    if (n == V) {
+        for (int v = 0; v < V; v++) z += exp((double)(logits[v] / s->temperature) - top);
+    } else {
+        int32_t *ids = malloc((size_t)n * sizeof *ids);
+        MT_CHECK(ids != NULL, "sampling");
+        for (int i = 0; i < n; i++) ids[i] = c[i].id;
+        qsort(ids, (size_t)n, sizeof *ids, by_id);
+        for (int i = 0; i < n; i++) z += exp((double)(logits[ids[i]] / s->temperature) - top);
+        free(ids);
+    }
+    // the head is sorted only as far as the walks below reach (a flat
+    // distribution may reach all of it; a peaked one stops after a few)
+    int sorted = 1;
     // min-p: drop what is below min_p of the top probability; top-p: the
     // smallest head whose mass reaches top_p (the top token always stays)
     int keep = n;
     if (s->min_p > 0.0f)
-        for (int i = 1; i < keep; i++)
-            if (exp((double)c[i].logit - c[0].logit) < s->min_p) {
+        for (int i = 1; i < keep; i++) {
+            if (i >= sorted) sorted = sort_more(c, n, sorted, i);
+            if (exp((double)c[i].logit - top) < s->min_p) {
                 keep = i;
                 break;
             }
+        }
+    double total = z;  // nothing cut: the whole head's mass
     if (s->top_p < 1.0f) {
         double mass = 0.0;
         for (int i = 0; i < keep; i++) {
-            mass += exp((double)c[i].logit - c[0].logit) / z;
+            if (i >= sorted) sorted = sort_more(c, n, sorted, i);
+            mass += exp((double)c[i].logit - top) / z;
             if (mass >= s->top_p) {
                 keep = i + 1;
                 break;
             }
         }
     }
-    double total = 0.0;
-    for (int i = 0; i < keep; i++) total += exp((double)c[i].logit - c[0].logit);
+    if (keep < n) {
+        total = 0.0;
+        for (int i = 0; i < keep; i++) total += exp((double)c[i].logit - top);
+    }
     double u = (double)(mt_rng_bits(s->seed, draw) >> 11) * (1.0 / 9007199254740992.0) * total, acc = 0.0;
-    int32_t pick = c[keep - 1].id;
+    // past the walk (rounding: the sorted sum may end just below a total
+    // summed in id order), the last token of any weight it passed
+    int32_t pick = c[0].id;
     for (int i = 0; i < keep; i++) {
-        acc += exp((double)c[i].logit - c[0].logit);
-        if (u < acc) {
-            pick = c[i].id;
-            break;
-        }
+        if (i >= sorted) sorted = sort_more(c, n, sorted, i);
+        double p = exp((double)c[i].logit - top);
+        if (p > 0.0) pick = c[i].id;
+        acc += p;
+        if (u < acc) break;
     }
     free(c);
     return pick;
