@@ -65,6 +65,11 @@ def run_memtune(args, folder, data, run, checkpointing, qlora, offload=False):
             "output.save_model": "false", "checkpoint.every": 0, "model.quantize": "nf4" if qlora else "none",
             "model.activation_checkpointing": "true" if checkpointing else "false",
             "model.offload_activations": "true" if offload else "false"}
+    for kv in args.memtune_set:  # e.g. model.mlp_tile_rows=2048: memtune's runs only
+        key, _, value = kv.partition("=")
+        if not key or not _:
+            raise SystemExit(f"--memtune-set takes KEY=VALUE, got {kv!r}")
+        sets[key] = value
     return train_and_time(args, cmd, sets, run, ("base weights", "memory (GPU)"))
 
 
@@ -148,6 +153,8 @@ def main():
     ap.add_argument("--alpha", type=float, default=32)
     ap.add_argument("--dropout", type=float, default=0.05)
     ap.add_argument("--memtune-only", action="store_true")
+    ap.add_argument("--memtune-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a further memtune setting for its runs (repeatable), e.g. model.mlp_tile_rows=2048")
     ap.add_argument("--only", default="", help="run only these runs, comma-separated, spaces in names as _ (memtune_LoRA_ckpt)")
     ap.add_argument("--work", default="/tmp/mt-lora-bench")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/mt-lora-bench"))
