@@ -1244,14 +1244,15 @@ static void read_streamed(mt_model *m, float *dst) {
 }
 
 void mt_model_get_trainable(mt_model *m, float *dst) {
-    mt_model_flush_update(m);
-    mt_trainable t;
-    mt_model_trainable(m, &t);
     if (m->streamed && !m->frozen) {
+        mt_model_flush_update(m);
         read_streamed(m, dst);
         return;
     }
-    MT_CHECK(convert_compute(m, t.weights, dst, t.total, 0) == MT_OK, "out of device memory reading the weights back");
+    mt_trainable t;
+    mt_model_trainable(m, &t);
+    MT_CHECK(mt_model_get_trainable_range(m, 0, t.total, dst) == MT_OK,
+             "out of device memory reading the weights back");
 }
 
 mt_err mt_model_get_trainable_range(mt_model *m, size_t offset, size_t count, float *dst) {
