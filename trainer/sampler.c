@@ -17,7 +17,9 @@
 struct mt_sampler {
     const mt_config *cfg;
     mt_model_config mc;
-    float *values;      // the model's fp32 host copy, while training
+    float *values;      // the model's fp32 host copy (LoRA: the base, loaded once)
+    float *adapters;    // LoRA: the adapters' values, read back at each sample
+    int base_loaded;    // LoRA: values hold the base (QLoRA's: its NF4 round trip)
     mt_tokenizer *tok;  // NULL: memtune's bytes
     char *prompts;      // the list, split in place
     char **prompt;
@@ -55,13 +57,15 @@ mt_err mt_sampler_open(mt_sampler **out, const mt_config *cfg, const mt_model_co
     return MT_OK;
 }
 
-mt_err mt_sampler_run(mt_sampler *s, const float *params, int step, mt_metrics *metrics) {
+mt_err mt_sampler_run(mt_sampler *s, const float *params, const mt_lora_config *lora, const float *adapters, int step,
+                      mt_metrics *metrics) {
     int longest = 0;
     for (int i = 0; i < s->n; i++)
         if ((int)strlen(s->prompt[i]) > longest) longest = (int)strlen(s->prompt[i]);
     int max_len = longest + 2 + s->tokens;  // a token a byte at most, BOS
     mt_generator *g;
     mt_err err = mt_generator_init(&g, &s->mc, params, max_len);
+    if (!err && lora) mt_generator_set_adapter(g, lora, adapters);
     mt_generate_options greedy = {
         {0.0f, 0, 1.0f, 0.0f, 1.0f, 0}, s->tokens, s->tok ? mt_tokenizer_eos(s->tok) : MT_TOKEN_EOS, -1, {NULL}, 0};
     for (int i = 0; i < s->n && !err; i++) {
@@ -77,33 +81,47 @@ mt_err mt_sampler_run(mt_sampler *s, const float *params, int step, mt_metrics *
     return err;
 }
 
-mt_err mt_sampler_after_step(mt_sampler *s, mt_run_state *state, int rank, int random_init, int step,
-                             mt_metrics *metrics) {
-    if (!s || (step > 0 && step % s->cfg->train_sample_every)) return MT_OK;
+// LoRA: the base the adapters train over, once: as loaded or initialised,
+// and for QLoRA its NF4 round trip (what the forward computes with).
+static mt_err load_base(mt_sampler *s, int random_init) {
     int n;
     size_t total;
     free(mt_model_param_table(&s->mc, &n, &total));
-    mt_err err = s->values ? MT_OK : mt_state_copy_alloc(total, 1, &s->values);
-    if (!err && state->lora) {
-        float *adapters = NULL;
-        err = mt_state_copy_alloc(state->trained_total, 1, &adapters);
-        if (!err) err = mt_updater_get_trained(state->up, adapters, NULL);
-        if (!err && random_init)
-            mt_model_init_random(&s->mc, s->values, (uint64_t)s->cfg->train_seed);
-        else if (!err)
-            err = mt_hf_load_weights(s->cfg->model_path, &s->mc, s->values);
-        if (!err) mt_lora_merge(&s->mc, state->lora, s->values, adapters);
-        free(adapters);
-    } else if (!err) {
-        err = mt_updater_get_trained(state->up, s->values, NULL);
+    mt_err err = mt_state_copy_alloc(total, 1, &s->values);
+    if (!err && random_init)
+        mt_model_init_random(&s->mc, s->values, (uint64_t)s->cfg->train_seed);
+    else if (!err)
+        err = mt_hf_load_weights(s->cfg->model_path, &s->mc, s->values);
+    if (!err && !strcmp(s->cfg->model_quantize, "nf4")) err = mt_generate_quantize_nf4(&s->mc, s->values);
+    s->base_loaded = !err;
+    return err;
+}
+
+mt_err mt_sampler_after_step(mt_sampler *s, mt_run_state *state, int rank, int random_init, int step,
+                             mt_metrics *metrics) {
+    if (!s || (step > 0 && step % s->cfg->train_sample_every)) return MT_OK;
+    mt_err err = MT_OK;
+    if (state->lora) {
+        // the adapters applied on the fly over the base, as memtune generate
+        // --adapter does: the base is read once, not at every sample
+        if (!s->adapters) err = mt_state_copy_alloc(state->trained_total, 1, &s->adapters);
+        if (!err) err = mt_updater_get_trained(state->up, s->adapters, NULL);
+        if (!err && rank == 0 && !s->base_loaded) err = load_base(s, random_init);
+        if (!err && rank == 0) err = mt_sampler_run(s, s->values, state->lora, s->adapters, step, metrics);
+        return err;
     }
-    if (!err && rank == 0) err = mt_sampler_run(s, s->values, step, metrics);
+    int n;
+    size_t total;
+    free(mt_model_param_table(&s->mc, &n, &total));
+    if (!s->values) err = mt_state_copy_alloc(total, 1, &s->values);
+    if (!err) err = mt_updater_get_trained(state->up, s->values, NULL);
+    if (!err && rank == 0) err = mt_sampler_run(s, s->values, NULL, NULL, step, metrics);
     return err;
 }
 
 void mt_sampler_free(mt_sampler *s) {
     if (!s) return;
-    free(s->values);
+    free(s->values), free(s->adapters);
     mt_tokenizer_free(s->tok);
     free(s->prompts), free(s->prompt);
     free(s);

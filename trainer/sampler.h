@@ -19,12 +19,15 @@ typedef struct mt_sampler mt_sampler;
 // and the prompts; refuses a configuration it cannot sample, before training.
 mt_err mt_sampler_open(mt_sampler **out, const mt_config *cfg, const mt_model_config *mc);
 // One greedy sample a prompt from the model's values (fp32, the parameter
-// table's layout) after `step`.
-mt_err mt_sampler_run(mt_sampler *s, const float *params, int step, mt_metrics *metrics);
+// table's layout) after `step`, with a LoRA adapter's values (lora's table
+// layout) applied on the fly when lora is not NULL.
+mt_err mt_sampler_run(mt_sampler *s, const float *params, const mt_lora_config *lora, const float *adapters, int step,
+                      mt_metrics *metrics);
 // After `step` (0: before training), when it is one to sample (s NULL: none):
 // the run's values on the host (every rank calls: reading them back may be
-// collective; a LoRA adapter is merged over the base as loaded, random_init:
-// as initialised), then rank 0's samples.
+// collective), then rank 0's samples. A LoRA adapter is applied on the fly
+// over the base, which rank 0 reads once (as loaded, random_init: as
+// initialised; QLoRA: its NF4 round trip).
 mt_err mt_sampler_after_step(mt_sampler *s, mt_run_state *state, int rank, int random_init, int step,
                              mt_metrics *metrics);
 void mt_sampler_free(mt_sampler *s);
