@@ -1024,6 +1024,14 @@ START_TEST(sampling_equals_the_whole_sort) {
             }
     }
     ck_assert_msg(mismatches == 0, "%d of %d draws differ from the whole sort", mismatches, checked);
+    // NaN logits (a broken model's) are never drawn, and the walks stay in bounds
+    for (int v = 0; v < NV; v++) l[v] = v % 3 ? NAN : mt_rng_normal(23, (uint64_t)v);
+    for (int c = 0; c < ncfg; c++)
+        for (int d = 0; d < 10; d++) {
+            memcpy(work, l, NV * 4);
+            int32_t got = mt_sample(work, NV, &cfgs[c], NULL, 0, (uint64_t)d);
+            ck_assert_msg(got >= 0 && got < NV && got % 3 == 0, "sampling %d drew %d (a NaN logit)", c, got);
+        }
     free(l), free(work);
 }
 END_TEST

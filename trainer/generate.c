@@ -292,6 +292,13 @@ static int by_logit_desc(const void *a, const void *b) {
     return ((const cand *)a)->id - ((const cand *)b)->id;
 }
 
+// A logit over the temperature; NaN (a broken model's) as -inf: never drawn,
+// and the candidates' order stays total.
+static float scaled(float logit, float temperature) {
+    float x = logit / temperature;
+    return isnan(x) ? -INFINITY : x;
+}
+
 static int by_id(const void *a, const void *b) {
     int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
     return (x > y) - (x < y);
@@ -384,7 +391,7 @@ int32_t mt_sample(float *logits, int V, const mt_sampling *s, const uint32_t *hi
     if (s->temperature <= 0.0f) return best;
     cand *c = malloc((size_t)V * sizeof *c);
     MT_CHECK(c != NULL, "sampling");
-    for (int v = 0; v < V; v++) c[v] = (cand){logits[v] / s->temperature, v};
+    for (int v = 0; v < V; v++) c[v] = (cand){scaled(logits[v], s->temperature), v};
     int n = s->top_k > 0 && s->top_k < V ? s->top_k : V;
     // top-k: the head alone, in no order (the same k as a whole sort's first)
     if (n < V) select_head(c, V, n);
@@ -394,13 +401,13 @@ int32_t mt_sample(float *logits, int V, const mt_sampling *s, const uint32_t *hi
         if (by_logit_desc(&c[i], &c[0]) < 0) c_swap(c, 0, i);
     double top = c[0].logit, z = 0.0;
     if (n == V) {
-        for (int v = 0; v < V; v++) z += exp((double)(logits[v] / s->temperature) - top);
+        for (int v = 0; v < V; v++) z += exp((double)scaled(logits[v], s->temperature) - top);
     } else {
         int32_t *ids = malloc((size_t)n * sizeof *ids);
         MT_CHECK(ids != NULL, "sampling");
         for (int i = 0; i < n; i++) ids[i] = c[i].id;
         qsort(ids, (size_t)n, sizeof *ids, by_id);
-        for (int i = 0; i < n; i++) z += exp((double)(logits[ids[i]] / s->temperature) - top);
+        for (int i = 0; i < n; i++) z += exp((double)scaled(logits[ids[i]], s->temperature) - top);
         free(ids);
     }
     // the head is sorted only as far as the walks below reach (a flat
