@@ -23,8 +23,8 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from full_ft import PeakSampler, write_dataset  # noqa: E402
-from lora_ft import shape_folder, train_and_time  # noqa: E402
+from full_ft import PeakSampler, mfu_text, write_dataset  # noqa: E402
+from lora_ft import SHAPES, shape_folder, train_and_time  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILD = os.environ.get("MT_BUILD_DIR", os.path.join(ROOT, "build"))
@@ -125,7 +125,8 @@ def main():
                 continue
             refresh = r.get("refresh_seconds")
             print(f"{name:34s} {r['tokens_per_second']:9.0f} {r['step_ms']:8.1f} {r['allocator_peak'] / GIB:11.2f} GiB"
-                  f" {r['device_peak'] / GIB:8.2f} GiB {refresh if refresh is not None else float('nan'):10.2f}")
+                  f" {r['device_peak'] / GIB:8.2f} GiB {refresh if refresh is not None else float('nan'):10.2f}"
+                  f"  {mfu_text(SHAPES[shape], args.T, 'full', r['tokens_per_second'])}")  # every weight trained
         ratios = {}
         for name, r in runs.items():
             if "error" in r or not name.startswith("galore-torch"):
