@@ -368,6 +368,10 @@ static int sort_more(cand *c, int n, int sorted, int i) {
     return want;
 }
 
+// The last index a walk adding weights of at most 1 reaches before its sum
+// passes `sum`: the walk sorts that far at once (capped at keep - 1).
+static int reach_at_least(double sum, int keep) { return sum >= keep - 1 ? keep - 1 : sum > 1.0 ? (int)sum - 1 : 0; }
+
 int32_t mt_sample(float *logits, int V, const mt_sampling *s, const uint32_t *history, size_t n_history,
                   uint64_t draw) {
     MT_CHECK(V > 0, "sampling over an empty vocabulary");
@@ -426,9 +430,12 @@ int32_t mt_sample(float *logits, int V, const mt_sampling *s, const uint32_t *hi
         }
     double total = z;  // nothing cut: the whole head's mass
     if (s->top_p < 1.0f) {
+        // no weight exceeds the top's 1: the walk reaches top_p * z
+        // candidates at least, sorted in one go where that is most of them
+        int reach = reach_at_least(s->top_p * z, keep);
         double mass = 0.0;
         for (int i = 0; i < keep; i++) {
-            if (i >= sorted) sorted = sort_more(c, n, sorted, i);
+            if (i >= sorted) sorted = sort_more(c, n, sorted, i > reach ? i : reach);
             mass += exp((double)c[i].logit - top) / z;
             if (mass >= s->top_p) {
                 keep = i + 1;
@@ -443,9 +450,9 @@ int32_t mt_sample(float *logits, int V, const mt_sampling *s, const uint32_t *hi
     double u = (double)(mt_rng_bits(s->seed, draw) >> 11) * (1.0 / 9007199254740992.0) * total, acc = 0.0;
     // past the walk (rounding: the sorted sum may end just below a total
     // summed in id order), the last token of any weight it passed
-    int32_t pick = c[0].id;
+    int32_t pick = c[0].id, reach = reach_at_least(u, keep);
     for (int i = 0; i < keep; i++) {
-        if (i >= sorted) sorted = sort_more(c, n, sorted, i);
+        if (i >= sorted) sorted = sort_more(c, n, sorted, i > reach ? i : reach);
         double p = exp((double)c[i].logit - top);
         if (p > 0.0) pick = c[i].id;
         acc += p;
