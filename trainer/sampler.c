@@ -11,7 +11,6 @@
 #include "datasets/tokenizer.h"
 #include "trainer/generate.h"
 #include "trainer/hf.h"
-#include "trainer/lora.h"
 #include "trainer/model.h"
 
 struct mt_sampler {
