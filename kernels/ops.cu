@@ -2034,6 +2034,25 @@ extern "C" int mt_lora_down_cuda(const mt_backend *be, void *const *u, const voi
     return 1;
 }
 
+// acc[f] += du^T x over a chunk of kLoraRows rows: du (the rows' NF * 16
+// adapter columns) at dus with row stride ldu, the masked x at xs, the
+// warp's 16 columns of it (dA's products, in one order for every kernel).
+template <int NF>
+static __device__ __forceinline__ void du_x_products(frag_acc (&acc)[NF], const bf16 *xs, const bf16 *dus, int ldu,
+                                                     int warp) {
+#pragma unroll
+    for (int kk = 0; kk < kLoraRows; kk += 16) {
+        frag_b_row fb;
+        wmma::load_matrix_sync(fb, &xs[kk * kLoraLd + warp * 16], kLoraLd);
+#pragma unroll
+        for (int f = 0; f < NF; f++) {
+            frag_a_col fa;  // du^T: (j, row) at dus[row][j]
+            wmma::load_matrix_sync(fa, &dus[kk * ldu + f * 16], ldu);
+            wmma::mma_sync(acc[f], fa, fb, acc[f]);
+        }
+    }
+}
+
 // A block: the group's dA over 64 columns of IN (NF * 16 rows: the
 // adapters' r side by side), summed over its split of R's rows (every
 // gridDim.y-th 64-row chunk from blockIdx.y): the chunk's du and masked x in
@@ -2066,17 +2085,7 @@ static __global__ void lora_down_wgrad_kernel(float *ws, lora_set set, const bf1
             *(uint4 *)&dus[rr * ldu + j] = val;
         }
         __syncthreads();
-#pragma unroll
-        for (int kk = 0; kk < kLoraRows; kk += 16) {
-            frag_b_row fb;
-            wmma::load_matrix_sync(fb, &xs[kk * kLoraLd + warp * 16], kLoraLd);
-#pragma unroll
-            for (int f = 0; f < NF; f++) {
-                frag_a_col fa;  // du^T: (j, row) at dus[row][j]
-                wmma::load_matrix_sync(fa, &dus[kk * ldu + f * 16], ldu);
-                wmma::mma_sync(acc[f], fa, fb, acc[f]);
-            }
-        }
+        du_x_products(acc, xs, dus, ldu, warp);
         __syncthreads();
     }
 #pragma unroll
@@ -2299,18 +2308,8 @@ static __global__ void __launch_bounds__(32 * kLoraWarps, 3)
         }
         __syncthreads();
         if (row0 + step < R) load(row0 + step);  // in flight during the products
-            // dA: the warp's 16 columns, every fragment (lora_down_wgrad_kernel's products)
-#pragma unroll
-        for (int kk = 0; kk < kLoraRows; kk += 16) {
-            frag_b_row fb;
-            wmma::load_matrix_sync(fb, &xs[kk * kLoraLd + warp * 16], kLoraLd);
-#pragma unroll
-            for (int f = 0; f < NF; f++) {
-                frag_a_col fa;
-                wmma::load_matrix_sync(fa, &dus[kk * ldu + f * 16], ldu);
-                wmma::mma_sync(da_acc[f], fa, fb, da_acc[f]);
-            }
-        }
+        // dA: the warp's 16 columns, every fragment (lora_down_wgrad_kernel's products)
+        du_x_products(da_acc, xs, dus, ldu, warp);
         // dx: the warp's 16 rows, every column (lora_down_backward_kernel's products)
         if (row0 + 16 * warp < R) {
             float *s = sums[warp];
