@@ -4,24 +4,20 @@
 #include <math.h>
 #include <string.h>
 
-uint64_t mt_rng_bits(uint64_t seed, uint64_t counter) {
-    uint64_t z = seed * 0x9e3779b97f4a7c15ull + (counter + 1) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    z ^= z >> 31;
-    // a second round decorrelates neighbouring counters of nearby seeds
-    z += 0x9e3779b97f4a7c15ull;
+// SplitMix64's finaliser.
+static uint64_t mix64(uint64_t z) {
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
     z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
     return z ^ (z >> 31);
 }
 
-uint64_t mt_rng_hash(uint64_t seed, uint64_t group) {
-    uint64_t h = seed ^ (group * 0x9e3779b97f4a7c15ull);
-    h = (h ^ (h >> 30)) * 0xbf58476d1ce4e5b9ull;
-    h = (h ^ (h >> 27)) * 0x94d049bb133111ebull;
-    return h ^ (h >> 31);
+uint64_t mt_rng_bits(uint64_t seed, uint64_t counter) {
+    uint64_t z = mix64(seed * 0x9e3779b97f4a7c15ull + (counter + 1) * 0xbf58476d1ce4e5b9ull);
+    // a second round decorrelates neighbouring counters of nearby seeds
+    return mix64(z + 0x9e3779b97f4a7c15ull);
 }
+
+uint64_t mt_rng_hash(uint64_t seed, uint64_t group) { return mix64(seed ^ (group * 0x9e3779b97f4a7c15ull)); }
 
 uint32_t mt_dropout_threshold(float p) { return (uint32_t)lrintf(p * 65536.0f); }
 
