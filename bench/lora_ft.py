@@ -2,9 +2,10 @@
 """LoRA and QLoRA fine-tuning, memtune vs PyTorch + PEFT (+ bitsandbytes), in
 one run on one GPU.
 
-Shapes TinyLlama-1.1B and Llama-2-7B (random initialisation: speed and
-memory do not depend on the weights), B=4, T=1024, LoRA r=16, alpha=32,
-dropout 0.05 on all seven linear modules, fp32 adapters and AdamW state,
+Shapes TinyLlama-1.1B and Llama-2-7B by default, and Qwen3-1.7B, Gemma-3-1B
+and Phi-3-mini (3.8B; fused qkv_proj and gate_up_proj) on request (random
+initialisation: speed and memory do not depend on the weights), B=4, T=1024,
+LoRA r=16, alpha=32, dropout 0.05 on every linear module of the layers, fp32 adapters and AdamW state,
 gradient clipping at 1.0, bf16 compute. Runs per shape: PEFT LoRA without
 and with gradient checkpointing, PEFT + bitsandbytes QLoRA with
 checkpointing (when bitsandbytes imports), memtune LoRA without and with
@@ -39,6 +40,29 @@ SHAPES = {
                            num_attention_heads=32, num_key_value_heads=4),
     "Llama-2-7B": dict(BASE, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                        num_key_value_heads=32),
+    # issue 25's families, at the shapes of their released 1-4B models
+    "Qwen3-1.7B": {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "vocab_size": 151936,
+                   "hidden_size": 2048, "intermediate_size": 6144, "num_hidden_layers": 28, "num_attention_heads": 16,
+                   "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 40960,
+                   "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": True,
+                   "attention_bias": False, "hidden_act": "silu", "use_sliding_window": False,
+                   "initializer_range": 0.02, "torch_dtype": "bfloat16"},
+    "Gemma-3-1B": {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text", "vocab_size": 262144,
+                   "hidden_size": 1152, "intermediate_size": 6912, "num_hidden_layers": 26, "num_attention_heads": 4,
+                   "num_key_value_heads": 1, "head_dim": 256, "query_pre_attn_scalar": 256, "sliding_window": 512,
+                   "sliding_window_pattern": 6,
+                   "layer_types": ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(26)],
+                   "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+                   "rope_local_base_freq": 10000.0, "hidden_activation": "gelu_pytorch_tanh",
+                   "tie_word_embeddings": True, "attention_bias": False, "initializer_range": 0.02,
+                   "torch_dtype": "bfloat16"},
+    "Phi-3-mini": {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "vocab_size": 32064,
+                   "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32, "num_attention_heads": 32,
+                   "num_key_value_heads": 32, "max_position_embeddings": 4096,
+                   "original_max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+                   "sliding_window": 2047, "hidden_act": "silu", "tie_word_embeddings": False, "pad_token_id": 32000,
+                   "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attention_dropout": 0.0, "initializer_range": 0.02,
+                   "torch_dtype": "bfloat16"},
 }
 GIB = 1024 ** 3
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """The PyTorch + PEFT side of bench/lora_ft.py: LoRA (r, alpha, dropout on all
-seven linear modules, PEFT's defaults otherwise) on a bf16 base, or QLoRA with
+linear modules of the layers (the seven of LLaMA; Phi-3's fused qkv_proj and
+gate_up_proj), PEFT's defaults otherwise) on a bf16 base, or QLoRA with
 bitsandbytes (NF4, double quantization, bf16 compute), with bf16 autocast,
 fp32 adapters and fused AdamW, optionally with gradient checkpointing, on
 random tokens, optionally torch.compile'd. The model is built in bf16 on the GPU (random weights: speed
@@ -10,15 +11,23 @@ training step on: the allocator's, and the device's used memory sampled
 every 50 ms. Prints one JSON line."""
 import argparse
 import json
+import os
 import threading
 import time
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from torch_train import train
 
-MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def layer_linears(model):
+    """The names of the linear modules inside the decoder layers (PEFT's
+    target names): q_proj ... down_proj, or Phi-3's qkv_proj, o_proj,
+    gate_up_proj and down_proj."""
+    return sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and ".layers." in n})
 
 
 class DeviceSampler:
@@ -39,12 +48,12 @@ class DeviceSampler:
         return self.peak
 
 
-def quantize_linears(model):
+def quantize_linears(model, modules):
     import bitsandbytes as bnb
     for layer in model.model.layers:
         for parent in (layer.self_attn, layer.mlp):
             for name, child in list(parent.named_children()):
-                if name not in MODULES:
+                if name not in modules:
                     continue
                 q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
                                       compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4",
@@ -72,18 +81,18 @@ def main():
     args = ap.parse_args()
     from peft import LoraConfig, get_peft_model
     torch.manual_seed(0)
-    config = LlamaConfig.from_json_file(args.config)
-    config._attn_implementation = "sdpa"
+    config = AutoConfig.from_pretrained(os.path.dirname(os.path.abspath(args.config)))
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):
-        model = LlamaForCausalLM(config)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     torch.set_default_dtype(torch.float32)
+    modules = layer_linears(model)
     if args.qlora:
-        quantize_linears(model)
+        quantize_linears(model, modules)
     if args.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    lcfg = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=MODULES,
+    lcfg = LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=args.dropout, target_modules=modules,
                       task_type="CAUSAL_LM")
     model = get_peft_model(model, lcfg)  # adapters in fp32 (autocast_adapter_dtype)
     model.train()

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Per-kernel GPU time of one training step (Nsight Compute), on the
 # TinyLlama-1.1B shape (22 layers, random weights) at B=4, T=1024, or with
-# MT_PROFILE_SHAPE=7B the Llama-2-7B shape (32 layers): the third step alone
+# MT_PROFILE_SHAPE=7B the Llama-2-7B shape (32 layers), or a model folder's
+# config.json (MT_PROFILE_SHAPE=DIR; tokens below 32000): the third step alone
 # (MT_PROFILE_STEP brackets it with the profiler's capture range).
 # Modes (arguments; default "full lora lora-dropout mezo"):
 #   full          full fine-tune (AdamW), configs/quickstart.yaml's settings
@@ -13,7 +14,8 @@
 # Each mode also runs 8 steps without the profiler for its step time. Run on
 # the GPU machine from the repo root after tests/gpu/run.sh has set up the
 # library path (or through its stage `profile`); writes $OUT/profile-MODE.csv
-# and a table, $OUT/profile-MODE.md (profile-7B-MODE.* for the 7B shape).
+# and a table, $OUT/profile-MODE.md (profile-7B-MODE.* for the 7B shape, profile-DIRNAME-MODE.*
+# for a folder's).
 set -euo pipefail
 OUT=${OUT:-/tmp}
 BUILD=${MT_BUILD_DIR:-build}
@@ -23,10 +25,12 @@ SHAPE=${MT_PROFILE_SHAPE:-1.1B}
 case $SHAPE in
     1.1B) TAG= ;;
     7B) TAG=7B- ;;
-    *) echo "profile_step.sh: MT_PROFILE_SHAPE is $SHAPE; it must be 1.1B or 7B"; exit 2 ;;
+    *) [ -f "$SHAPE/config.json" ] ||
+        { echo "profile_step.sh: MT_PROFILE_SHAPE is $SHAPE; it must be 1.1B, 7B or a folder holding a config.json"; exit 2; }
+       TAG=$(basename "$SHAPE")- ;;
 esac
 python3 - "$SHAPE" <<'PY'
-import json, sys, numpy as np, h5py
+import json, os, sys, numpy as np, h5py
 cfg = {"architectures": ["LlamaForCausalLM"], "vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632,
        "num_hidden_layers": 22, "num_attention_heads": 32, "num_key_value_heads": 4, "rms_norm_eps": 1e-5,
        "rope_theta": 10000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
@@ -34,6 +38,8 @@ cfg = {"architectures": ["LlamaForCausalLM"], "vocab_size": 32000, "hidden_size"
 if sys.argv[1] == "7B":
     cfg.update(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_key_value_heads=32,
                max_position_embeddings=4096)
+if os.path.isdir(sys.argv[1]):  # another shape (e.g. one of bench/lora_ft.py's families): its config.json
+    cfg = json.load(open(os.path.join(sys.argv[1], "config.json")))
 json.dump(cfg, open("/tmp/mt-profile/model/config.json", "w"))
 with h5py.File("/tmp/mt-profile/tokens.h5", "w") as f:
     n = 200000
