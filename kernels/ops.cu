@@ -1442,8 +1442,50 @@ extern "C" void mt_logits_forward_cuda(const mt_backend *be, float *logits, cons
 
 // ------------------------------------------------------------ cross-entropy
 
-static __global__ void crossentropy_kernel(float *losses, bf16 *dlogits, const float *logits, const int32_t *targets,
-                                           int V, float dscale) {
+// A row's log-sum-exp as a running maximum m and the sum s of exp(z - m): one
+// read of the logits instead of a pass for the maximum and one for the sum. A
+// NaN makes the sum NaN; -inf adds nothing.
+static __device__ void lse_add(float &m, float &s, float z) {
+    if (z > m) {
+        s = s * __expf(m - z) + 1.0f;
+        m = z;
+    } else if (z != -INFINITY)
+        s += __expf(z - m);
+}
+
+static __device__ void lse_merge(float &m, float &s, float m2, float s2) {
+    if (m2 > m) {
+        s = s * __expf(m - m2) + s2;
+        m = m2;
+    } else if (s2 != 0.0f)
+        s += s2 * __expf(m2 - m);
+}
+
+// (m, s) merged over the block, returned to every thread (blockDim.x a
+// multiple of 32, at most 1024), in one fixed order.
+static __device__ void block_lse(float &m, float &s) {
+    __shared__ float pm[32], ps[32];
+    for (int offset = 16; offset > 0; offset >>= 1)
+        lse_merge(m, s, __shfl_xor_sync(0xffffffffu, m, offset), __shfl_xor_sync(0xffffffffu, s, offset));
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    __syncthreads();
+    if (lane == 0) pm[warp] = m, ps[warp] = s;
+    __syncthreads();
+    int live = lane < (int)(blockDim.x >> 5);
+    m = live ? pm[lane] : -INFINITY, s = live ? ps[lane] : 0.0f;
+    for (int offset = 16; offset > 0; offset >>= 1)
+        lse_merge(m, s, __shfl_xor_sync(0xffffffffu, m, offset), __shfl_xor_sync(0xffffffffu, s, offset));
+}
+
+static constexpr int kCrossEntropyThreads = 1024;
+
+// One block a row: the log-sum-exp in one read, then dlogits (softmax minus
+// the target's one-hot, times dscale) in a second. VEC 4: V a multiple of 4
+// (rows of float4, dlogits 4 bf16 at a time); 1 otherwise.
+template <int VEC>
+static __global__ void __launch_bounds__(kCrossEntropyThreads)
+    crossentropy_kernel(float *losses, bf16 *dlogits, const float *logits, const int32_t *targets, int V,
+                        float dscale) {
     size_t n = blockIdx.x;
     const float *z = logits + n * V;
     bf16 *dz = dlogits ? dlogits + n * V : NULL;
@@ -1454,23 +1496,45 @@ static __global__ void crossentropy_kernel(float *losses, bf16 *dlogits, const f
             for (int i = threadIdx.x; i < V; i += blockDim.x) dz[i] = __float2bfloat16(0.0f);
         return;
     }
-    float m = -INFINITY;
-    for (int i = threadIdx.x; i < V; i += blockDim.x) m = fmaxf(m, z[i]);
-    m = block_max(m);
-    float sum = 0.0f;
-    for (int i = threadIdx.x; i < V; i += blockDim.x) sum += __expf(z[i] - m);
-    float logsum = logf(block_sum(sum)) + m;
+    float m = -INFINITY, s = 0.0f;
+    for (int i = threadIdx.x * VEC; i < V; i += blockDim.x * VEC) {
+        if constexpr (VEC == 4) {
+            float4 v = *(const float4 *)(z + i);
+            lse_add(m, s, v.x), lse_add(m, s, v.y), lse_add(m, s, v.z), lse_add(m, s, v.w);
+        } else
+            lse_add(m, s, z[i]);
+    }
+    block_lse(m, s);
+    float logsum = logf(s) + m;
     if (threadIdx.x == 0) losses[n] = logsum - z[target];
-    if (dz)
-        for (int i = threadIdx.x; i < V; i += blockDim.x)
-            dz[i] = __float2bfloat16((__expf(z[i] - logsum) - (i == target ? 1.0f : 0.0f)) * dscale);
+    if (!dz) return;
+    for (int i = threadIdx.x * VEC; i < V; i += blockDim.x * VEC) {
+        float f[VEC];
+        if constexpr (VEC == 4) {
+            float4 v = *(const float4 *)(z + i);
+            f[0] = v.x, f[1] = v.y, f[2] = v.z, f[3] = v.w;
+        } else
+            f[0] = z[i];
+        uint2 u;  // 4 bf16
+        bf16 *h = (bf16 *)&u;
+        for (int j = 0; j < VEC; j++)
+            h[j] = __float2bfloat16((__expf(f[j] - logsum) - (i + j == target ? 1.0f : 0.0f)) * dscale);
+        if constexpr (VEC == 4)
+            *(uint2 *)(dz + i) = u;
+        else
+            dz[i] = h[0];
+    }
 }
 
 extern "C" void mt_crossentropy_cuda(const mt_backend *be, float *losses, void *dlogits, const float *logits,
                                      const int32_t *targets, int N, int V, float dscale) {
-    (void)be;
     if (N == 0) return;
-    crossentropy_kernel<<<N, 512, 0, mt_stream_of(be)>>>(losses, (bf16 *)dlogits, logits, targets, V, dscale);
+    cudaStream_t st = mt_stream_of(be);
+    // float4 rows where every row starts 16-byte aligned (dlogits then 8-byte)
+    if (V % 4 == 0 && ((uintptr_t)logits & 15) == 0 && ((uintptr_t)dlogits & 7) == 0)
+        crossentropy_kernel<4><<<N, kCrossEntropyThreads, 0, st>>>(losses, (bf16 *)dlogits, logits, targets, V, dscale);
+    else
+        crossentropy_kernel<1><<<N, kCrossEntropyThreads, 0, st>>>(losses, (bf16 *)dlogits, logits, targets, V, dscale);
     CUDA_CHECK_LAUNCH();
 }
 
