@@ -14,6 +14,12 @@
 #include "kernels/ops_ref.h"
 #include "kernels/rng.h"
 
+// The fewest rows a chunk of logits holds (all of them when fewer): see
+// model_setup. A build-time knob for measuring the choice.
+#ifndef MT_LOSS_MIN_ROWS
+#define MT_LOSS_MIN_ROWS 256
+#endif
+
 // Indices into a layer's parameters, in table order.
 enum {
     P_LN1,
@@ -567,9 +573,11 @@ static mt_model *model_setup(mt_backend *be, const mt_model_config *cfg, const m
         if (l >= 0) m->layer_first[l] = m->compute_offset[i];
         if (!strcmp(m->params[i].name, "model.norm.weight")) m->layer_first[cfg->L] = m->compute_offset[i];
     }
-    // logits chunk: at most 16 Mi elements (64 MiB fp32), whole rows
+    // logits chunk: whole rows, 16 Mi elements (64 MiB fp32) or MT_LOSS_MIN_ROWS rows where that is more:
+    // lm_head's two products read its whole weight once a chunk, and with fewer rows they wait on that read
     size_t N = (size_t)o->B * o->T, rows = ((size_t)16 << 20) / (size_t)cfg->V;
-    m->chunk_rows = (int)(rows < N ? (rows ? rows : 1) : N);
+    if (rows < MT_LOSS_MIN_ROWS) rows = MT_LOSS_MIN_ROWS;
+    m->chunk_rows = (int)(rows < N ? rows : N);
     m->grad_ready = o->grad_ready, m->grad_ready_ctx = o->grad_ready_ctx;
     m->grads_done = o->grads_done, m->grads_done_ctx = o->grads_done_ctx;
     m->weights_needed = o->weights_needed, m->weights_needed_ctx = o->weights_needed_ctx;
