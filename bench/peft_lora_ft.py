@@ -21,7 +21,6 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from torch_train import train
 
 
-
 def layer_linears(model):
     """The names of the linear modules inside the decoder layers (PEFT's
     target names): q_proj ... down_proj, or Phi-3's qkv_proj, o_proj,

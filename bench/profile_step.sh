@@ -2,7 +2,7 @@
 # Per-kernel GPU time of one training step (Nsight Compute), on the
 # TinyLlama-1.1B shape (22 layers, random weights) at B=4, T=1024, or with
 # MT_PROFILE_SHAPE=7B the Llama-2-7B shape (32 layers), or a model folder's
-# config.json (MT_PROFILE_SHAPE=DIR; tokens below 32000): the third step alone
+# config.json (MT_PROFILE_SHAPE=DIR; token ids below 32000): the third step alone
 # (MT_PROFILE_STEP brackets it with the profiler's capture range).
 # Modes (arguments; default "full lora lora-dropout mezo"):
 #   full          full fine-tune (AdamW), configs/quickstart.yaml's settings
@@ -43,9 +43,10 @@ if os.path.isdir(sys.argv[1]):  # another shape (e.g. one of bench/lora_ft.py's 
 json.dump(cfg, open("/tmp/mt-profile/model/config.json", "w"))
 with h5py.File("/tmp/mt-profile/tokens.h5", "w") as f:
     n = 200000
-    f["tokens"] = np.random.default_rng(0).integers(0, 32000, n).astype(np.uint32)
+    V = min(cfg["vocab_size"], 32000)
+    f["tokens"] = np.random.default_rng(0).integers(0, V, n).astype(np.uint32)
     f["doc_offsets"] = np.array([0, n], dtype=np.uint64)
-    f.attrs["format_version"] = np.int32(1); f.attrs["vocab_size"] = np.int64(32000); f.attrs["tokenizer"] = "random"
+    f.attrs["format_version"] = np.int32(1); f.attrs["vocab_size"] = np.int64(V); f.attrs["tokenizer"] = "random"
 PY
 common=(--set model.path=$W/model --set model.init=random --set data.train=$W/tokens.h5 --set data.eval_fraction=0
         --set train.eval_batches=0 --set optim.warmup_steps=0 --set train.micro_batch=4 --set train.seq_len=1024
