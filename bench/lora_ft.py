@@ -5,8 +5,8 @@ one run on one GPU.
 Shapes TinyLlama-1.1B and Llama-2-7B by default, and Qwen3-1.7B, Gemma-3-1B
 and Phi-3-mini (3.8B; fused qkv_proj and gate_up_proj) on request (random
 initialisation: speed and memory do not depend on the weights), B=4, T=1024,
-LoRA r=16, alpha=32, dropout 0.05 on every linear module of the layers, fp32 adapters and AdamW state,
-gradient clipping at 1.0, bf16 compute. Runs per shape: PEFT LoRA without
+LoRA r=16, alpha=32, dropout 0.05 on every linear module of the layers, fp32
+adapters and AdamW state, gradient clipping at 1.0, bf16 compute. Runs per shape: PEFT LoRA without
 and with gradient checkpointing, PEFT + bitsandbytes QLoRA with
 checkpointing (when bitsandbytes imports), memtune LoRA without and with
 activation checkpointing, memtune QLoRA with checkpointing, without and with
