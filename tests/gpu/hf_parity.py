@@ -36,9 +36,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from parity_common import (MEMTUNE, Gemma3ForCausalLM, Gemma3TextConfig, Phi3Config, Phi3ForCausalLM,  # noqa: E402
-                            Qwen3Config, Qwen3ForCausalLM, compare_grads, gemma_layers, log, memtune_parity, rel,
-                            write_dataset)
+from parity_common import (MEMTUNE, Gemma3Config, Gemma3ForCausalLM, Gemma3ForConditionalGeneration,  # noqa: E402
+                            Gemma3TextConfig, Phi3Config, Phi3ForCausalLM, Qwen3Config, Qwen3ForCausalLM,
+                            SiglipVisionConfig, compare_grads, gemma_layers, log, memtune_parity, rel, write_dataset)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -135,7 +135,7 @@ DEVICE = "cuda"  # transformers' device: "cpu" with --cpu-only
 
 
 def hf_run(model, ids, dtype, attn):
-    """logits, mean loss and gradients (fp32 numpy) from transformers."""
+    """logits, mean loss and gradients (fp32 numpy; of the parameters the loss reaches) from transformers."""
     model = model.to(DEVICE, dtype)
     model.config._attn_implementation = attn
     model.zero_grad(set_to_none=True)
@@ -144,7 +144,7 @@ def hf_run(model, ids, dtype, attn):
     logits = model(input_ids=inp).logits.float()
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1))
     loss.backward()
-    grads = {n: p.grad.float().cpu().numpy() for n, p in model.named_parameters()}
+    grads = {n: p.grad.float().cpu().numpy() for n, p in model.named_parameters() if p.grad is not None}
     out = logits.detach().reshape(-1, logits.shape[-1]).cpu().numpy(), float(loss), grads
     model.zero_grad(set_to_none=True)
     return out
@@ -256,6 +256,11 @@ def main():
         for key, name, cls in saved:
             if cls is not None:
                 report[key] = check_saved_model(args.work, name, cls, failures, cpu_only)
+    if not args.only or "gemma3-multimodal" in args.only.split(","):
+        if Gemma3ForConditionalGeneration is None:
+            failures.append(f"gemma3-multimodal: this transformers ({transformers.__version__}) has no such model class")
+        else:
+            report["gemma3_multimodal"] = check_gemma3_multimodal(args.work, failures, cpu_only)
     with open(os.path.join(args.out, "parity.json"), "w") as f:
         json.dump(report, f, indent=1)
     log("FAILURES:\n  " + "\n  ".join(failures) if failures else "parity: all checks passed")
@@ -333,6 +338,94 @@ def check_saved_model(work, name, cls, failures, cpu_only=False):
         failures.append(f"saved {name} model: cpu logits differ from transformers")
     if r["logits_rel_error_memtune_gpu_vs_hf_bf16"] >= 2e-2:
         failures.append(f"saved {name} model: gpu logits differ from transformers bf16")
+    return r
+
+
+def check_gemma3_multimodal(work, failures, cpu_only=False):
+    """A Gemma3ForConditionalGeneration folder saved by transformers (gemma3-small's language model, a one-layer
+    SigLIP vision tower and the projector): memtune's text logits, loss and every language-model gradient
+    against transformers' fp32 on text alone; then memtune trains it (full fine-tuning, 20 steps) and saves it,
+    and transformers loads the result as the same class with no tensor missing or unexpected, the vision tower
+    and projector unchanged, and memtune's logits of the saved model equal to transformers'."""
+    from safetensors.numpy import load_file
+    log("== gemma3-multimodal: a Gemma3ForConditionalGeneration folder")
+    kw = SHAPES["gemma3-small"]["kw"]
+    vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                image_size=28, patch_size=14)
+    config = Gemma3Config(text_config=Gemma3TextConfig(**kw).to_dict(), vision_config=vision.to_dict(),
+                          mm_tokens_per_image=4, boi_token_index=996, eoi_token_index=997, image_token_index=998)
+    torch.manual_seed(4321)
+    model = Gemma3ForConditionalGeneration(config).float().eval()
+    with torch.no_grad():  # non-trivial norms, as build_model does
+        for pname, p in model.named_parameters():
+            if pname.endswith("norm.weight"):
+                p.add_(0.1 * torch.randn_like(p))
+    src = os.path.join(work, "gemma3-multimodal")
+    model.save_pretrained(src)
+    B, T, V = 2, 64, kw["vocab_size"]
+    ids = np.random.default_rng(11).integers(0, 990, size=(B, T + 1), dtype=np.int32)  # no image tokens
+    tokens_path = os.path.join(work, "gemma3-multimodal.tokens")
+    ids.tofile(tokens_path)
+    hf32 = hf_run(model, ids, torch.float32, "eager")
+    device = "cpu" if cpu_only else "gpu"
+    mc = memtune_run(src, tokens_path, B, T, "cpu", True, os.path.join(work, "gemma3-multimodal.cpu.st"))
+    # the language model's parameters under memtune's names (model.layers..., model.embed_tokens...)
+    lm = {n: "model." + n[len("model.language_model."):] for n in hf32[2] if n.startswith("model.language_model.")}
+    missing = sorted(m for m in lm.values() if m not in mc[2])
+    if missing:
+        failures.append(f"gemma3-multimodal: memtune gave no gradient for {missing[:3]}")
+        return {}
+    grads = compare_grads({h: mc[2][m] for h, m in lm.items()}, hf32[2], list(lm), kind_of)
+    loss_rel = abs(mc[1] - hf32[1]) / abs(hf32[1])
+    worst, worst_rel = check_cpu("gemma3-multimodal", loss_rel, grads, failures)
+    r = {"loss_hf_fp32": hf32[1], "loss_memtune_cpu": mc[1], "loss_rel_error": loss_rel,
+         "logits_rel_error_memtune_cpu_vs_hf_fp32": rel(mc[0], hf32[0]), "gradients": len(lm),
+         "min_gradient_cosine": worst, "max_gradient_rel": worst_rel}
+    log(f"  text only: loss rel {loss_rel:.2e}; logits rel {r['logits_rel_error_memtune_cpu_vs_hf_fp32']:.2e}; "
+        f"{len(lm)} language-model gradients: min cosine {worst:.7f}, max rel {worst_rel:.2e}")
+    # memtune trains it and saves it; transformers loads it
+    data = os.path.join(work, "random-mm.h5")
+    write_dataset(data, np.random.default_rng(5).integers(0, 990, 200000), V)
+    run = os.path.join(work, "run-gemma3-multimodal")
+    subprocess.run([MEMTUNE, "train", os.path.join(ROOT, "configs", "quickstart.yaml"),
+                    "--set", f"model.path={src}", "--set", "model.init=pretrained", "--set", f"data.train={data}",
+                    "--set", f"output.dir={run}", "--set", "train.steps=20", "--set", "train.seq_len=64",
+                    "--set", f"train.device={device}", "--set", "optim.lr=1e-3"], check=True)
+    saved = os.path.join(run, "model")
+    loaded, info = Gemma3ForConditionalGeneration.from_pretrained(saved, torch_dtype=torch.float32,
+                                                                 output_loading_info=True)
+    loaded.eval()
+    odd = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if odd:
+        failures.append(f"gemma3-multimodal: transformers loaded the saved model with {odd}")
+    before = {}
+    for f in sorted(os.listdir(src)):
+        if f.endswith(".safetensors"):
+            before.update(load_file(os.path.join(src, f)))
+    after = {}
+    for f in sorted(os.listdir(saved)):
+        if f.endswith(".safetensors"):
+            after.update(load_file(os.path.join(saved, f)))
+    others = [n for n in before if "language_model" not in n and "lm_head" not in n]
+    changed = [n for n in others if n not in after or after[n].dtype != before[n].dtype
+               or not np.array_equal(after[n], before[n])]
+    trained = [n for n in before if "language_model" in n and n in after and not np.array_equal(after[n], before[n])]
+    if changed or not others:
+        failures.append(f"gemma3-multimodal: the vision tower and projector were not carried through: {changed[:3]}")
+    if not trained:
+        failures.append("gemma3-multimodal: the saved language model equals the untrained one")
+    ids2 = np.random.default_rng(12).integers(0, 990, size=(B, T + 1), dtype=np.int32)
+    tokens2 = os.path.join(work, "gemma3-multimodal-saved.tokens")
+    ids2.tofile(tokens2)
+    hf_saved = hf_run(loaded, ids2, torch.float32, "eager")
+    ms = memtune_run(saved, tokens2, B, T, "cpu", False, os.path.join(work, "gemma3-multimodal-saved.cpu.st"))
+    r.update({"carried_through": len(others), "carried_changed": changed, "language_tensors_trained": len(trained),
+              "saved_logits_rel_error_memtune_cpu_vs_hf_fp32": rel(ms[0], hf_saved[0])})
+    log(f"  saved by memtune, loaded by transformers: {len(others)} vision/projector tensors, {len(changed)} of "
+        f"them changed or missing; {len(trained)} language-model tensors trained; logits rel "
+        f"{r['saved_logits_rel_error_memtune_cpu_vs_hf_fp32']:.2e}")
+    if r["saved_logits_rel_error_memtune_cpu_vs_hf_fp32"] >= 1e-4:
+        failures.append("gemma3-multimodal: the saved model's cpu logits differ from transformers")
     return r
 
 

@@ -21,6 +21,10 @@ try:
     from transformers import Phi3Config, Phi3ForCausalLM
 except ImportError:
     Phi3Config = Phi3ForCausalLM = None
+try:  # the multimodal Gemma 3 (its language model is what memtune trains)
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, SiglipVisionConfig
+except ImportError:
+    Gemma3Config = Gemma3ForConditionalGeneration = SiglipVisionConfig = None
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BUILD = os.environ.get("MT_BUILD_DIR", os.path.join(ROOT, "build"))
