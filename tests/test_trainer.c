@@ -954,6 +954,45 @@ START_TEST(tiled_mlp_equals_untiled) {
 }
 END_TEST
 
+// The loss over several chunks of logits: a 70000-token vocabulary makes a
+// chunk 256 rows (its floor), so 3 sequences of 100 take two chunks, the
+// second of 44 rows. Its loss (a sum over tokens) and gradients equal the sums
+// of each sequence run alone (one chunk each), to fp32's reordering.
+START_TEST(loss_over_logit_chunks_equals_the_sequences_alone) {
+    char folder[300];
+    make_folder("wide-vocab",
+                "{\"architectures\":[\"LlamaForCausalLM\"],\"vocab_size\":70000,\"hidden_size\":8,"
+                "\"intermediate_size\":12,\"num_hidden_layers\":1,\"num_attention_heads\":2,"
+                "\"num_key_value_heads\":1,\"rms_norm_eps\":1e-5,\"rope_theta\":10000.0,"
+                "\"tie_word_embeddings\":false}",
+                folder, sizeof folder);
+    mt_model_config mc;
+    float *params = random_params(folder, &mc, 71);
+    mt_backend be;
+    ck_assert_int_eq(mt_backend_init(&be, -1), MT_OK);
+    enum { B = 3, T = 100, N = B * T };
+    int32_t in[N], tg[N];
+    for (int i = 0; i < N; i++)
+        in[i] = (int32_t)(mt_rng_bits(72, i) % mc.V), tg[i] = (int32_t)(mt_rng_bits(73, i) % mc.V);
+    tg[5] = tg[150] = tg[299] = -1;  // masked targets in both chunks
+    mt_model_options o = {.B = B, .T = T}, one = {.B = 1, .T = T};
+    mt_model *whole, *alone;
+    ck_assert_int_eq(mt_model_create_with(&whole, &be, &mc, &o), MT_OK);
+    ck_assert_int_eq(mt_model_create_with(&alone, &be, &mc, &one), MT_OK);
+    ck_assert_int_eq(mt_model_set_weights(whole, params), MT_OK);
+    ck_assert_int_eq(mt_model_set_weights(alone, params), MT_OK);
+    double loss = mt_model_step(whole, in, tg, 1.0f, 1), sum = 0.0;
+    for (int b = 0; b < B; b++)  // the gradients accumulate over the three steps
+        sum += mt_model_step(alone, in + b * T, tg + b * T, 1.0f, 1);
+    ck_assert_msg(fabs(loss - sum) <= 1e-9 * fabs(sum), "loss %.17g, the sequences alone %.17g", loss, sum);
+    double err = tu_norm_rel_error(mt_model_grads(whole), mt_model_grads(alone), mt_model_num_params(whole));
+    ck_assert_msg(err < 1e-5, "gradients differ from the sequences' sum by %g", err);
+    mt_model_free(whole), mt_model_free(alone);
+    mt_backend_free(&be);
+    free(params);
+}
+END_TEST
+
 // The sampler by its definition: every candidate sorted by (logit desc, id
 // asc) up front, the normaliser summed in id order, the walks in sorted
 // order, the last token of any weight the pick's walk passed as its end.
@@ -1877,6 +1916,7 @@ int main(void) {
     tcase_add_test(tc, generation_applies_adapters_on_the_fly_and_over_nf4);
     tcase_add_test(tc, batched_decoding_gives_the_generators_texts);
     tcase_add_test(tc, tiled_mlp_equals_untiled);
+    tcase_add_test(tc, loss_over_logit_chunks_equals_the_sequences_alone);
     tcase_add_test(tc, a_base_set_a_layer_at_a_time_equals_the_whole_copy);
     tcase_add_test(tc, training_samples_its_text);
     tcase_add_test(tc, resume_is_bit_identical);
