@@ -11,8 +11,11 @@ loads that folder and computes logits, loss and gradients for one batch, on
 the GPU (bf16) and on the CPU (fp32). transformers computes the same in fp32
 (eager attention, no TF32: the truth) and in bf16 (SDPA). Then a model
 trained and saved by memtune is loaded by transformers and both give the
-same logits (a Qwen2, a Qwen3, a Gemma 3 and a Phi-3 model). Prints a table and writes
-parity.json; exits 1 on a failure.
+same logits (a Qwen2, a Qwen3, a Gemma 3 and a Phi-3 model), and a
+Gemma3ForConditionalGeneration folder (gemma3-multimodal: the language model
+against transformers', then trained and saved by memtune with its vision
+tower and projector carried through). Prints a table and writes parity.json;
+exits 1 on a failure.
 
 --cpu-only runs the fp32 half on a machine without a GPU (transformers on the
 CPU, memtune's CPU backend; gradients at every shape; the saved models
