@@ -57,6 +57,7 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/memtune-gpu"))
     ap.add_argument("--work", default="/tmp/mt-generate-parity")
     args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
     shutil.rmtree(args.work, ignore_errors=True)
     os.makedirs(args.work)
     torch.manual_seed(0)
