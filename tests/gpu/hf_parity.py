@@ -300,6 +300,28 @@ def cpu_report(name, hf32, mc, names, failures):
     return r
 
 
+def train_and_save(src, data, run, cpu_only, *sets):
+    """memtune trains the folder src 20 steps (configs/quickstart.yaml, on the CPU with cpu_only, else the GPU)
+    on data, with the further KEY=VALUE sets, and saves it; returns the saved model's folder."""
+    cmd = [MEMTUNE, "train", os.path.join(ROOT, "configs", "quickstart.yaml")]
+    for kv in (f"model.path={src}", "model.init=pretrained", f"data.train={data}", f"output.dir={run}",
+               "train.steps=20", "train.seq_len=64", f"train.device={'cpu' if cpu_only else 'gpu'}", "optim.lr=1e-3",
+               *sets):
+        cmd += ["--set", kv]
+    subprocess.run(cmd, check=True)
+    return os.path.join(run, "model")
+
+
+def folder_tensors(folder):
+    """Every tensor of a model folder's safetensors files, by name (numpy)."""
+    from safetensors.numpy import load_file
+    out = {}
+    for f in sorted(os.listdir(folder)):
+        if f.endswith(".safetensors"):
+            out.update(load_file(os.path.join(folder, f)))
+    return out
+
+
 def check_saved_model(work, name, cls, failures, cpu_only=False):
     """memtune trains the model `name` (vocabulary 1000; built above) on the GPU (the CPU with cpu_only) and
     saves it; transformers loads it."""
@@ -309,14 +331,7 @@ def check_saved_model(work, name, cls, failures, cpu_only=False):
         build_model(name, SHAPES[name], src)
     data = os.path.join(work, "random.h5")
     write_dataset(data, np.random.default_rng(3).integers(0, 1000, 200000), 1000)
-    run = os.path.join(work, f"run-saved-{name}")
-    subprocess.run([MEMTUNE, "train", os.path.join(ROOT, "configs", "quickstart.yaml"),
-                    "--set", f"model.path={src}", "--set", "model.init=pretrained", "--set", f"data.train={data}",
-                    "--set", f"output.dir={run}", "--set", "train.steps=20", "--set", "train.seq_len=64",
-                    "--set", f"train.device={'cpu' if cpu_only else 'gpu'}", "--set", "optim.lr=1e-3",
-                    "--set", "output.save_dtype=BF16"],
-                   check=True)
-    saved = os.path.join(run, "model")
+    saved = train_and_save(src, data, os.path.join(work, f"run-saved-{name}"), cpu_only, "output.save_dtype=BF16")
     model = cls.from_pretrained(saved, torch_dtype=torch.float32)
     ids = np.random.default_rng(9).integers(0, 1000, size=(2, 65), dtype=np.int32)
     tokens_path = os.path.join(work, f"saved-{name}.tokens")
@@ -350,7 +365,6 @@ def check_gemma3_multimodal(work, failures, cpu_only=False):
     against transformers' fp32 on text alone; then memtune trains it (full fine-tuning, 20 steps) and saves it,
     and transformers loads the result as the same class with no tensor missing or unexpected, the vision tower
     and projector unchanged, and memtune's logits of the saved model equal to transformers'."""
-    from safetensors.numpy import load_file
     log("== gemma3-multimodal: a Gemma3ForConditionalGeneration folder")
     kw = SHAPES["gemma3-small"]["kw"]
     vision = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
@@ -370,7 +384,6 @@ def check_gemma3_multimodal(work, failures, cpu_only=False):
     tokens_path = os.path.join(work, "gemma3-multimodal.tokens")
     ids.tofile(tokens_path)
     hf32 = hf_run(model, ids, torch.float32, "eager")
-    device = "cpu" if cpu_only else "gpu"
     mc = memtune_run(src, tokens_path, B, T, "cpu", True, os.path.join(work, "gemma3-multimodal.cpu.st"))
     # the language model's parameters under memtune's names (model.layers..., model.embed_tokens...)
     lm = {n: "model." + n[len("model.language_model."):] for n in hf32[2] if n.startswith("model.language_model.")}
@@ -389,26 +402,14 @@ def check_gemma3_multimodal(work, failures, cpu_only=False):
     # memtune trains it and saves it; transformers loads it
     data = os.path.join(work, "random-mm.h5")
     write_dataset(data, np.random.default_rng(5).integers(0, 990, 200000), V)
-    run = os.path.join(work, "run-gemma3-multimodal")
-    subprocess.run([MEMTUNE, "train", os.path.join(ROOT, "configs", "quickstart.yaml"),
-                    "--set", f"model.path={src}", "--set", "model.init=pretrained", "--set", f"data.train={data}",
-                    "--set", f"output.dir={run}", "--set", "train.steps=20", "--set", "train.seq_len=64",
-                    "--set", f"train.device={device}", "--set", "optim.lr=1e-3"], check=True)
-    saved = os.path.join(run, "model")
+    saved = train_and_save(src, data, os.path.join(work, "run-gemma3-multimodal"), cpu_only)
     loaded, info = Gemma3ForConditionalGeneration.from_pretrained(saved, torch_dtype=torch.float32,
                                                                  output_loading_info=True)
     loaded.eval()
     odd = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
     if odd:
         failures.append(f"gemma3-multimodal: transformers loaded the saved model with {odd}")
-    before = {}
-    for f in sorted(os.listdir(src)):
-        if f.endswith(".safetensors"):
-            before.update(load_file(os.path.join(src, f)))
-    after = {}
-    for f in sorted(os.listdir(saved)):
-        if f.endswith(".safetensors"):
-            after.update(load_file(os.path.join(saved, f)))
+    before, after = folder_tensors(src), folder_tensors(saved)
     others = [n for n in before if "language_model" not in n and "lm_head" not in n]
     changed = [n for n in others if n not in after or after[n].dtype != before[n].dtype
                or not np.array_equal(after[n], before[n])]
