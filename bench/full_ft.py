@@ -3,7 +3,8 @@
 
 TinyLlama-1.1B shape (random initialisation: speed and memory do not depend
 on the weights), B=4, T=1024, bf16 compute, fp32 master weights and AdamW
-state, 200 steps each, gradient clipping at 1.0 on both sides. Tokens/s are
+state, 200 steps each, AdamW at a constant lr of 1e-4 (no warm-up) and
+gradient clipping at 1.0 on both sides. Tokens/s are
 measured after 20 warm-up steps. Peak GPU memory is measured the same way for
 both: the device's used memory (nvidia-smi, sampled every 50 ms) minus what
 was used before the process started; each side's own allocator figure is
@@ -106,7 +107,8 @@ def run_memtune(args, folder, data, run):
            os.path.join(ROOT, "configs", "quickstart.yaml")]
     sets = {"model.path": folder, "model.init": "random", "data.train": data, "data.eval_fraction": 0,
             "train.eval_batches": 0, "train.steps": args.steps, "train.micro_batch": args.B, "train.seq_len": args.T,
-            "train.log_every": 10, "train.device": "gpu", "optim.lr": 1e-4, "optim.warmup_steps": 10,
+            "train.log_every": 10, "train.device": "gpu", "optim.lr": 1e-4, "optim.warmup_steps": 0,
+            "optim.schedule": "constant",  # torch_train.py's AdamW: lr 1e-4 throughout
             "optim.weight_decay": 0.0, "optim.beta2": 0.95, "output.dir": run, "output.save_model": "false",
             "checkpoint.every": 0, "checkpoint.final": "false",  # the bench times steps, not a 13 GB write after
             "model.activation_checkpointing": "true" if args.checkpointing else "false"}
