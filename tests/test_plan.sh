@@ -190,4 +190,13 @@ rc=$?
     fail "MeZO with ZeRO: expected the trainer's refusal and exit 1, got $rc: $out"
 out=$("$MEMTUNE" plan "${base[@]}" --gpu-memory lots 2>&1)
 [ $? -eq 2 ] && echo "$out" | grep -q "expected a size" || fail "--gpu-memory lots: $out"
+# a bare number is not taken as bytes (nothing would fit 80 bytes): refused, naming the unit
+out=$("$MEMTUNE" plan "${base[@]}" --gpu-memory 80 2>&1)
+[ $? -eq 2 ] && echo "$out" | grep -q "expected a size with its unit" || fail "--gpu-memory 80: $out"
+out=$("$MEMTUNE" plan "${base[@]}" --gpu-memory 1073741824B 2>&1 | awk '/^peak/')
+echo "$out" | grep -q "of 1.0 GiB (--gpu-memory)" || fail "--gpu-memory 1073741824B: $out"
+out=$("$MEMTUNE" train "${base[@]}" --set memory.budget=16 --set "output.dir=$W/bare" 2>&1)
+[ $? -ne 0 ] && echo "$out" | grep -q "memory.budget 16: expected a size with its unit" ||
+    fail "memory.budget 16: expected a refusal naming the unit: $out"
+[ ! -e "$W/bare/model" ] || fail "memory.budget 16: a refused run wrote a model"
 echo "test_plan: all passed"

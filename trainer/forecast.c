@@ -471,11 +471,13 @@ mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_s
     return MT_OK;
 }
 
-// "24GiB", "80G", "900MiB", "1.5T", or bytes; -1 when not a size.
+// "24GiB", "80G", "900MiB", "1.5T", or bytes with their unit ("4096B");
+// -1 when not a size. A bare number is refused: "80" read as bytes would be
+// a budget nothing fits.
 double mt_parse_size(const char *v) {
     char *end;
     double x = strtod(v, &end);
-    if (end == v || x <= 0) return -1;
+    if (end == v || x <= 0 || !*end) return -1;
     double unit = 1;
     if (*end == 'K' || *end == 'k')
         unit = 1024.0, end++;
@@ -486,7 +488,7 @@ double mt_parse_size(const char *v) {
     else if (*end == 'T' || *end == 't')
         unit = 1099511627776.0, end++;
     if (unit > 1 && (*end == 'i' || *end == 'I')) end++;
-    if (unit > 1 && (*end == 'B' || *end == 'b')) end++;
+    if (*end == 'B' || *end == 'b') end++;
     return *end ? -1 : x * unit;
 }
 
@@ -541,7 +543,8 @@ static mt_err read_budget(const mt_config *cfg, int gpu, double *budget, char *s
     }
     *budget = mt_parse_size(cfg->memory_budget);
     if (*budget <= 0)
-        return mt_errorf(MT_ERR_CONFIG, "memory.budget %s: expected a size (24GiB, 16G, 900MiB), auto, or empty",
+        return mt_errorf(MT_ERR_CONFIG,
+                         "memory.budget %s: expected a size with its unit (24GiB, 16G, 900MiB), auto, or empty",
                          cfg->memory_budget);
     snprintf(source, len, "%s", cfg->memory_budget);
     return MT_OK;

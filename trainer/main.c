@@ -347,7 +347,8 @@ static int cmd_plan(int argc, char **argv) {
             source = "--gpu-memory";
             if (capacity <= 0)
                 return free(sets),
-                       fail(mt_errorf(MT_ERR_USAGE, "--gpu-memory %s: expected a size such as 80GiB or 24G", v));
+                       fail(mt_errorf(MT_ERR_USAGE,
+                                      "--gpu-memory %s: expected a size with its unit, such as 80GiB or 24G", v));
         } else if (a[0] == '-')
             return free(sets), fail(mt_errorf(MT_ERR_USAGE, "unknown option %s (memtune plan --help)", a));
         else if (path)
