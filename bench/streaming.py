@@ -10,12 +10,17 @@ steps, GPU peak from nvidia-smi and the allocator, host peak from VmRSS):
   mezo-13b   MeZO over a Llama-2-13B shape, bf16, at two batch sizes: where
              the transfer binds and where compute covers it (target: 0.9x of
              resident); the host-to-device bandwidth is measured first.
+  mezo-30b   MeZO over Llama-1-33B's shape (60 layers of hidden 6656, 32.5 B
+             parameters, 61 GiB in bf16: resident on an 80 GB GPU too), at
+             batch 1 and 8 with the MLP in tiles of 2048 rows on both sides
+             (target: at most 6 GiB of GPU memory streamed, 0.9x resident
+             where compute covers the transfer).
   full-3b    full fine-tuning of a 3B Llama shape with AdamW's state in host
              memory (offload.optimizer: cpu), checkpointing: weights and
              state off the GPU against the weights resident.
 Writes streaming_bench.json and prints one line per run.
 
-  python3 bench/streaming.py --out $OUT [--cases qlora-70b,mezo-13b,full-3b]
+  python3 bench/streaming.py --out $OUT [--cases qlora-70b,mezo-30b,mezo-13b,full-3b]
 """
 import argparse
 import json
@@ -35,6 +40,8 @@ SHAPES = {
                 num_key_value_heads=8),
     "13b": dict(BASE, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
                 num_key_value_heads=40),
+    "33b": dict(BASE, hidden_size=6656, intermediate_size=17920, num_hidden_layers=60, num_attention_heads=52,
+                num_key_value_heads=52),
     "3b": dict(BASE, hidden_size=3200, intermediate_size=8640, num_hidden_layers=26, num_attention_heads=32,
                num_key_value_heads=32),
 }
@@ -69,7 +76,8 @@ def run(args, case, folder, data, B, T, sets, weights):
     base.update(sets)
     cmd = [os.path.join(BUILD, "memtune"), "train", os.path.join(ROOT, "configs", "quickstart.yaml")]
     r = train_and_time(ns, cmd, base, out, ("base weights", "memory (GPU)", "memory (host)"))
-    line = (f"{case} {weights:3s} B={B} T={T}: " + (f"{r['tokens_per_second']:.0f} tok/s, GPU peak "
+    line = (f"{case} {weights:3s} B={B} T={T}: " + (f"{r['tokens_per_second']:.0f} tok/s, "
+            f"{r['step_ms']:.0f} ms a step, GPU peak "
             f"{r['device_peak'] / GIB:.2f} GiB (allocator {r['allocator_peak'] / GIB:.2f}), host peak "
             f"{r['host_peak'] / GIB:.1f} GiB" if "error" not in r else f"error {r['error']}"))
     print(line, flush=True)
@@ -78,7 +86,7 @@ def run(args, case, folder, data, B, T, sets, weights):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--cases", default="qlora-70b,mezo-13b,full-3b")
+    ap.add_argument("--cases", default="qlora-70b,mezo-30b,full-3b")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--work", default="/tmp/mt-streaming-bench")
@@ -104,6 +112,12 @@ def main():
             folder, _ = shape_folder(args.work, "13b", SHAPES)
             sets = {"optim.kind": "mezo", "optim.lr": 1e-6, "mezo.eps": 1e-3}
             for B in (1, 16):
+                for w in ("cpu", "gpu"):
+                    results["runs"][f"{case}-{w}-B{B}"] = run(args, case, folder, data, B, 1024, sets, w)
+        elif case == "mezo-30b":
+            folder, _ = shape_folder(args.work, "33b", SHAPES)
+            sets = {"optim.kind": "mezo", "optim.lr": 1e-6, "mezo.eps": 1e-3, "model.mlp_tile_rows": 2048}
+            for B in (1, 8):
                 for w in ("cpu", "gpu"):
                     results["runs"][f"{case}-{w}-B{B}"] = run(args, case, folder, data, B, 1024, sets, w)
         elif case == "full-3b":
