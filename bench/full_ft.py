@@ -43,10 +43,28 @@ def gpu_peak_tflops():
     return next((v for k, v in PEAK_TFLOPS.items() if k in out), None)
 
 
+def layer_windows(cfg):
+    """Each layer's sliding window from a config.json dict (None: global):
+    layer_types' sliding layers (Gemma 3, Qwen2), else every layer where a
+    sliding_window is set and not switched off (Mistral, Phi-3)."""
+    L, window = cfg["num_hidden_layers"], cfg.get("sliding_window")
+    if "layer_types" in cfg:
+        return [window if t == "sliding_attention" else None for t in cfg["layer_types"]]
+    return [window if window and cfg.get("use_sliding_window", True) else None] * L
+
+
+def mean_keys(T, window):
+    """The keys a query attends to, on average over T causal positions (i + 1
+    at position i, at most window)."""
+    w = min(T, window or T)
+    return (w * (w + 1) / 2 + (T - w) * w) / T
+
+
 def model_flops_per_token(cfg, T, mode):
     """Model FLOPs a trained token costs (no recompute counted), from a
-    config.json dict: the linear layers' 2 FLOPs a weight per pass and causal
-    attention's 2 T (H D) a layer per pass. full: forward + backward with
+    config.json dict: the linear layers' 2 FLOPs a weight per pass and
+    attention's 4 (H D) a key a query sees per layer and pass (T / 2 keys on
+    average when causal; fewer in a sliding window shorter than T). full: forward + backward with
     weight gradients (3 passes of the linears, 3 of attention); lora: the
     base's weight gradients skipped (2 passes of the linears, 3 of
     attention; the adapters are under 2% at r=16); mezo: two forwards."""
@@ -54,7 +72,7 @@ def model_flops_per_token(cfg, T, mode):
     H, KV = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
     D = cfg.get("head_dim") or C // H
     linear = L * (C * H * D + 2 * C * KV * D + H * D * C + 3 * C * F) + C * cfg["vocab_size"]
-    attention = L * 2 * T * H * D  # causal: half of the 4 T H D of full attention
+    attention = sum(4 * mean_keys(T, window) * H * D for window in layer_windows(cfg))
     passes = {"full": (3, 3), "lora": (2, 3), "mezo": (2, 2)}[mode]
     return 2 * linear * passes[0] + attention * passes[1]
 
