@@ -174,10 +174,11 @@ extern "C" {
     X(output, save_dtype, ENUM, "auto", 0, 0, "auto|F32|BF16",                                                         \
       "dtype of saved weights; auto: the dtype the model folder declares (F32 for random init)")                       \
     X(memory, budget, STR, "", 0, 0, "",                                                                               \
-      "the most the run may hold where it computes (SIZE: 24GiB, 16G, 900MiB; auto: the GPU's free memory less 1 "     \
-      "GiB): when the configuration needs more, memtune runs the fastest of the settings that keep the same "          \
-      "training (activation checkpointing, offloaded activations, smaller micro-batches with more accumulation, "      \
-      "AdamW's state in host memory) that fits, and says which; empty: no budget (docs/plan.md)")
+      "the most the run may hold where it computes (SIZE with its unit: 24GiB, 16G, 900MiB, 4096B; a bare number is "  \
+      "refused; auto: the GPU's free memory less 1 GiB): when the configuration needs more, memtune runs the "         \
+      "fastest of the settings that keep the same training (activation checkpointing, offloaded activations, "         \
+      "smaller micro-batches with more accumulation, AdamW's state in host memory) that fits, and says which; "        \
+      "empty: no budget (docs/plan.md)")
 
 // train.seq_len: max, until the budget resolves it (mt_forecast_seq_len_max)
 #define MT_SEQ_LEN_MAX 0L
