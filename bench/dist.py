@@ -130,7 +130,8 @@ def main():
     if "curves" in args.parts:
         base = ["train", os.path.join(ROOT, "configs", "quickstart.yaml"), "--set", f"data.train={args.kjv}",
                 "--set", "train.device=gpu", "--set", "train.steps=40", "--set", "train.log_every=1",
-                "--set", "train.eval_every=0", "--set", "checkpoint.every=0", "--set", "output.save_model=false"]
+                "--set", "train.eval_every=0", "--set", "checkpoint.every=0", "--set", "checkpoint.final=false",
+                "--set", "output.save_model=false"]
         for name, extra in variants.items():
             one, two = os.path.join(args.work, f"{name}-1"), os.path.join(args.work, f"{name}-{n}")
             wider = (f"train.micro_batch={n * quickstart_micro_batch()}" if name.startswith("galore")

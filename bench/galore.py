@@ -36,7 +36,7 @@ def run_memtune(args, folder, data, run, kind, rank=None, moments=None, refresh=
     sets = {"model.path": folder, "model.init": "random", "data.train": data, "data.eval_fraction": 0,
             "train.eval_batches": 0, "train.steps": args.steps, "train.micro_batch": args.B, "train.seq_len": args.T,
             "train.log_every": 1, "train.device": "gpu", "optim.lr": args.lr, "optim.warmup_steps": 0,
-            "output.dir": run, "output.save_model": "false", "checkpoint.every": 0,
+            "output.dir": run, "output.save_model": "false", "checkpoint.every": 0, "checkpoint.final": "false",
             "model.activation_checkpointing": "true"}
     if kind == "adamw":
         sets.update({"optim.kind": "adamw", "optim.grad_clip": 1.0})

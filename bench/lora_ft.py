@@ -86,7 +86,8 @@ def run_memtune(args, folder, data, run, checkpointing, qlora, offload=False):
             "train.eval_batches": 0, "train.steps": args.steps, "train.micro_batch": args.B, "train.seq_len": args.T,
             "train.grad_accum": 1, "train.log_every": 1, "train.device": "gpu", "optim.warmup_steps": 2,
             "lora.r": args.r, "lora.alpha": args.alpha, "lora.dropout": args.dropout, "output.dir": run,
-            "output.save_model": "false", "checkpoint.every": 0, "model.quantize": "nf4" if qlora else "none",
+            "output.save_model": "false", "checkpoint.every": 0, "checkpoint.final": "false",
+            "model.quantize": "nf4" if qlora else "none",
             "model.activation_checkpointing": "true" if checkpointing else "false",
             "model.offload_activations": "true" if offload else "false"}
     for kv in args.memtune_set:  # e.g. model.mlp_tile_rows=2048: memtune's runs only

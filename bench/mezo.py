@@ -51,7 +51,7 @@ def run_memtune(args, folder, data, run):
             "train.eval_batches": 0, "train.steps": args.steps, "train.micro_batch": args.B, "train.seq_len": args.T,
             "train.grad_accum": 1, "train.log_every": 1, "train.device": "gpu", "optim.lr": args.lr,
             "optim.warmup_steps": 0, "mezo.eps": args.eps, "output.dir": run, "output.save_model": "false",
-            "checkpoint.every": 0}
+            "checkpoint.every": 0, "checkpoint.final": "false"}
     return train_and_time(args, cmd, sets, run, ("MeZO", "memory (GPU)"))
 
 

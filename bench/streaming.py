@@ -72,7 +72,8 @@ def run(args, case, folder, data, B, T, sets, weights):
     base = {"model.path": folder, "model.init": "random", "data.train": data, "data.eval_fraction": 0,
             "train.eval_batches": 0, "train.steps": args.steps, "train.micro_batch": B, "train.seq_len": T,
             "train.grad_accum": 1, "train.log_every": 1, "train.device": "gpu", "optim.warmup_steps": 1,
-            "output.dir": out, "output.save_model": "false", "checkpoint.every": 0, "model.weights": weights}
+            "output.dir": out, "output.save_model": "false", "checkpoint.every": 0, "checkpoint.final": "false",
+            "model.weights": weights}
     base.update(sets)
     cmd = [os.path.join(BUILD, "memtune"), "train", os.path.join(ROOT, "configs", "quickstart.yaml")]
     r = train_and_time(ns, cmd, base, out, ("base weights", "memory (GPU)", "memory (host)"))
