@@ -64,10 +64,11 @@ def model_flops_per_token(cfg, T, mode):
     """Model FLOPs a trained token costs (no recompute counted), from a
     config.json dict: the linear layers' 2 FLOPs a weight per pass and
     attention's 4 (H D) a key a query sees per layer and pass (T / 2 keys on
-    average when causal; fewer in a sliding window shorter than T). full: forward + backward with
-    weight gradients (3 passes of the linears, 3 of attention); lora: the
-    base's weight gradients skipped (2 passes of the linears, 3 of
-    attention; the adapters are under 2% at r=16); mezo: two forwards."""
+    average when causal; fewer in a sliding window shorter than T). full:
+    forward + backward with weight gradients (3 passes of the linears, 3 of
+    attention); lora: the base's weight gradients skipped (2 passes of the
+    linears, 3 of attention; the adapters are under 2% at r=16); mezo: two
+    forwards."""
     C, F, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
     H, KV = cfg["num_attention_heads"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
     D = cfg.get("head_dim") or C // H
