@@ -42,6 +42,18 @@ float mt_rng_normal(uint64_t seed, uint64_t counter) {
     return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
 }
 
+void mt_rng_normal4(uint64_t seed, uint64_t group, float out[4]) {
+    uint64_t a = mt_rng_bits(seed, 2 * group), b = mt_rng_bits(seed, 2 * group + 1);
+    uint32_t w[4] = {(uint32_t)a, (uint32_t)(a >> 32), (uint32_t)b, (uint32_t)(b >> 32)};
+    for (int pair = 0; pair < 2; pair++) {
+        float u1 = ((float)(w[2 * pair] >> 8) + 1.0f) * (1.0f / 16777216.0f);
+        float u2 = (float)(w[2 * pair + 1] >> 8) * (1.0f / 16777216.0f);
+        float r = sqrtf(-2.0f * logf(u1)), angle = 6.28318530717958648f * u2;
+        out[2 * pair] = r * cosf(angle);
+        out[2 * pair + 1] = r * sinf(angle);
+    }
+}
+
 // One Philox round: two 32x32->64 multiplies mix the counter words, the key
 // is added by xor (the constants are the paper's).
 static void philox_round(uint32_t c[4], const uint32_t k[2]) {

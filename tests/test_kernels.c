@@ -612,6 +612,39 @@ START_TEST(rng_is_counter_based_and_well_spread) {
 }
 END_TEST
 
+// mt_rng_normal4 (random initialisation): the same four for (seed, group),
+// other seeds and groups other values, standard normal moments (mean, variance,
+// kurtosis 3, the share beyond 2 sigma) and no value past the radius its
+// 24-bit uniforms allow
+START_TEST(rng_normal4_is_counter_based_and_normal) {
+    float a[4], b[4];
+    mt_rng_normal4(7, 123, a);
+    mt_rng_normal4(7, 123, b);
+    ck_assert_mem_eq(a, b, sizeof a);
+    mt_rng_normal4(8, 123, b);
+    ck_assert(memcmp(a, b, sizeof a) != 0);
+    mt_rng_normal4(7, 124, b);
+    ck_assert(memcmp(a, b, sizeof a) != 0);
+    double s = 0, s2 = 0, s4 = 0, tail = 0, lag = 0;
+    int groups = 250000, n = 4 * groups;
+    float prev = 0.0f;
+    for (int g = 0; g < groups; g++) {
+        mt_rng_normal4(42, (uint64_t)g, a);
+        for (int k = 0; k < 4; k++) {
+            double z = a[k];
+            ck_assert(isfinite(a[k]) && fabs(z) <= 5.8);
+            s += z, s2 += z * z, s4 += z * z * z * z, tail += fabs(z) > 2.0, lag += z * prev;
+            prev = a[k];
+        }
+    }
+    ck_assert_double_lt(fabs(s / n), 0.005);
+    ck_assert_double_lt(fabs(s2 / n - 1.0), 0.005);
+    ck_assert_double_lt(fabs(s4 / n - 3.0), 0.05);
+    ck_assert_double_lt(fabs(tail / n - 0.0455), 0.002);  // P(|z| > 2) = 0.0455
+    ck_assert_double_lt(fabs(lag / n), 0.005);            // neighbours (a pair's cos and sin) uncorrelated
+}
+END_TEST
+
 START_TEST(mem_tally_and_oom_message) {
     mt_mem_tally before, after;
     mt_mem_get_tally(MT_HOST, &before);
@@ -687,6 +720,7 @@ int main(void) {
     tcase_add_test(tc, sumsq_and_bf16_cast);
     tcase_add_test(tc, dropout_and_dropout_add);
     tcase_add_test(tc, rng_is_counter_based_and_well_spread);
+    tcase_add_test(tc, rng_normal4_is_counter_based_and_normal);
     tcase_add_test(tc, mem_tally_and_oom_message);
     suite_add_tcase(s, tc);
     return tu_run_suite(s, 0);

@@ -240,8 +240,10 @@ START_TEST(lora_gradients_match_finite_differences) {
         memcpy(grads, tr.grads, tr.total * 4);
         double norm = 0;
         for (int i = 0; i < tr.count; i++) {
+            // a step of 2e-3: 1e-2's curvature error reached 0.04 on some draws of the base, 1e-3's fp32
+            // rounding 0.027; 2e-3 stays under 0.025 over base seeds 3 to 6
             double err = tu_fd_check(lora_loss, &ctx, ctx.adapters + tr.params[i].offset, grads + tr.params[i].offset,
-                                     tr.params[i].count, 5, 1e-2);
+                                     tr.params[i].count, 5, 2e-3);
             ck_assert_msg(err < 3e-2, "variant %d %s: finite-difference error %g", v, tr.params[i].name, err);
             for (size_t j = 0; j < tr.params[i].count; j++)
                 norm += (double)grads[tr.params[i].offset + j] * grads[tr.params[i].offset + j];

@@ -868,7 +868,11 @@ START_TEST(eval_matches_logits_and_adapter) {
     o.adapter = NULL, o.model = merged;
     mt_eval_result rm;
     ck_assert_int_eq(mt_eval_run(&o, &rm), MT_OK);
-    ck_assert_msg(fabs(ra.loss - r.loss) > 1e-3, "the adapter changed nothing (%g)", ra.loss);
+    // random tokens keep every loss near ln 13 whatever the weights: the
+    // adapter's effect is small, but ten times the 1e-5 within which the
+    // two paths agree (one that ignored the adapter would give r's loss)
+    ck_assert_msg(fabs(ra.loss - r.loss) > 1e-4 * r.loss, "the adapter changed nothing (%.9g against %.9g)", ra.loss,
+                  r.loss);
     ck_assert_msg(fabs(ra.loss - rm.loss) < 1e-5 * rm.loss, "on the fly %.9g, merged %.9g", ra.loss, rm.loss);
     // a file too short for one window, and a missing model, are clear errors
     o.seq_len = 4096;

@@ -202,9 +202,16 @@ void mt_model_init_random_params(const mt_model_config *cfg, int first, int coun
             // norms scale by w (1 + w with Gemma's: 0 there), biases start at 0
             for (size_t j = 0; j < t[i].count; j++) p[j] = is_bias || cfg->gemma ? 0.0f : 1.0f;
         } else {
-            // counter-based draws: the same values whatever the thread count
+            // counter-based draws, four a group of the block's element index:
+            // the same values whatever the thread count or the unit loaded
+            size_t c0 = t[i].offset, c1 = c0 + t[i].count;
 #pragma omp parallel for
-            for (size_t j = 0; j < t[i].count; j++) p[j] = cfg->init_std * mt_rng_normal(seed, t[i].offset + j);
+            for (size_t g = c0 / 4; g < (c1 + 3) / 4; g++) {
+                float z[4];
+                mt_rng_normal4(seed, g, z);
+                for (size_t c = 4 * g; c < 4 * g + 4; c++)
+                    if (c >= c0 && c < c1) p[c - c0] = cfg->init_std * z[c - 4 * g];
+            }
         }
     }
     free(t);
