@@ -93,10 +93,10 @@ int main(int argc, char **argv) {
     if (mt_device_count() == 0) return printf("attention_bench: no GPU\n"), 77;
     mt_backend be;
     if (mt_backend_init(&be, 0)) return 1;
-    mt_attention_shape shapes[] = {{4, 1024, 32, 4, 64, 0, 0, 0.0f, 0},
-                                   {4, 1024, 32, 32, 128, 0, 0, 0.0f, 0},
-                                   {1, 4096, 32, 8, 128, 0, 0, 0.0f, 0},
-                                   {1, 16384, 32, 8, 128, 0, 0, 0.0f, 0}};
+    mt_attention_shape shapes[] = {{4, 1024, 32, 4, 64, 0, 0, 0.0f, 0, 0},
+                                   {4, 1024, 32, 32, 128, 0, 0, 0.0f, 0, 0},
+                                   {1, 4096, 32, 8, 128, 0, 0, 0.0f, 0, 0},
+                                   {1, 16384, 32, 8, 128, 0, 0, 0.0f, 0, 0}};
     const char *names[] = {"TinyLlama-1.1B", "Llama-2-7B", "Llama-3-8B T=4096", "Llama-3-8B T=16384"};
     int own = argc < 2 || strcmp(argv[1], "--cudnn-only") != 0;
     printf("%-20s %-10s %9s %9s %9s %9s %s\n", "shape", "path", "fwd ms", "fwd TF/s", "bwd ms", "bwd TF/s",

@@ -40,7 +40,8 @@ struct attention_graphs {
     bool ok = false;
     std::string why;  // when not ok: what cuDNN said
     std::shared_ptr<fe::graph::Graph> forward, backward;
-    int64_t workspace = 0;
+    int64_t workspace = 0;          // the larger of the two graphs'
+    int64_t forward_workspace = 0;  // the forward's (a forward-only shape's)
 };
 
 shape_key key_of(const mt_attention_shape *s) {
@@ -187,6 +188,7 @@ extern "C" int mt_cudnn_attention_prepare(mt_cudnn *c, const mt_attention_shape 
         if (e.is_good()) e = a.backward->get_workspace_size(bw);
         a.ok = e.is_good();
         a.workspace = fw > bw ? fw : bw;
+        a.forward_workspace = fw;
         if (!a.ok) {
             a.why = std::string(which) + ": " + e.get_message();
             a.forward.reset(), a.backward.reset();
@@ -198,7 +200,7 @@ extern "C" int mt_cudnn_attention_prepare(mt_cudnn *c, const mt_attention_shape 
         cudaGetLastError();  // a refused plan may leave an error behind
         found = c->graphs.emplace(key_of(s), std::move(a)).first;
     }
-    if (workspace) *workspace = (size_t)found->second.workspace;
+    if (workspace) *workspace = (size_t)(s->forward_only ? found->second.forward_workspace : found->second.workspace);
     return found->second.ok;
 }
 

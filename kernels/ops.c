@@ -106,8 +106,10 @@ size_t mt_attention_planned_workspace_bytes(int device, const mt_attention_shape
 }
 
 // Own kernel: delta (B, H, T), then the per-head fp32 dK and dV partials
-// (B, H, T_pad, D) each, T_pad a multiple of the 64-query tile.
+// (B, H, T_pad, D) each, T_pad a multiple of the 64-query tile: all for the
+// backward (the forward takes none).
 size_t mt_attention_own_workspace_bytes(const mt_attention_shape *s) {
+    if (s->forward_only) return 0;
     size_t T_pad = (size_t)(s->T + 63) / 64 * 64;
     return (size_t)s->B * s->H * s->T * sizeof(float) + 2 * (size_t)s->B * s->H * T_pad * s->D * sizeof(float) + 256;
 }

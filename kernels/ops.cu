@@ -965,6 +965,7 @@ extern "C" void mt_attention_forward_cuda(mt_backend *be, const mt_attention_sha
 extern "C" void mt_attention_backward_cuda(mt_backend *be, const mt_attention_shape *s, void *dq, void *dk, void *dv,
                                            const void *dout, const void *q, const void *k, const void *v,
                                            const void *out, const float *lse, const int32_t *pos) {
+    MT_CHECK(!s->forward_only, "attention backward on a forward-only shape (its workspace is the forward's)");
     size_t workspace = 0;
     if (cudnn_serves(be, s, &workspace)) {
         MT_CHECK(be->workspace_bytes >= workspace, "attention workspace too small");

@@ -64,12 +64,16 @@ void mt_op_rope_backward(const mt_backend *be, void *dinp, const void *dout, con
 // non-deterministic algorithm, whose workspace grows as T where the
 // deterministic one's grows as T x T); 0 keeps every path bit-reproducible.
 // memtune's own kernel and the CPU are deterministic either way.
+// forward_only: no backward runs on this shape (MeZO, evaluation), so the
+// workspace is the forward's alone (cuDNN's forward graph; none for memtune's
+// kernel) instead of the larger backward's.
 typedef struct {
     int B, T, H, KV, D;
     int window;
     int docs;
     float scale;  // the scores' scale; 0: 1/sqrt(D) (Gemma: query_pre_attn_scalar^-1/2)
     int nondeterministic;
+    int forward_only;
 } mt_attention_shape;
 // Whether the backend's attention handles this shape: on the GPU cuDNN's fused
 // attention where the library serves it (built with cuDNN, found at run time),

@@ -616,6 +616,21 @@ END_TEST
 // other seeds and groups other values, standard normal moments (mean, variance,
 // kurtosis 3, the share beyond 2 sigma) and no value past the radius its
 // 24-bit uniforms allow
+// memtune's own attention kernel needs its workspace for the backward alone:
+// a forward-only shape (MeZO, evaluation) reserves none, here and in the
+// forecast made without a GPU
+START_TEST(attention_forward_only_workspace) {
+    mt_attention_shape s = {2, 1000, 32, 8, 128, 0, 0, 0.0f, 0, 0}, fwd = s;
+    fwd.forward_only = 1;
+    ck_assert_uint_gt(mt_attention_own_workspace_bytes(&s), (size_t)2 * 32 * 1024 * 128 * 4);
+    ck_assert_uint_eq(mt_attention_own_workspace_bytes(&fwd), 0);
+    int cudnn = 1;
+    ck_assert_uint_eq(mt_attention_planned_workspace_bytes(-1, &fwd, &cudnn), 0);
+    ck_assert_int_eq(cudnn, 0);
+    ck_assert_uint_eq(mt_attention_planned_workspace_bytes(-1, &s, &cudnn), mt_attention_own_workspace_bytes(&s));
+}
+END_TEST
+
 START_TEST(rng_normal4_is_counter_based_and_normal) {
     float a[4], b[4];
     mt_rng_normal4(7, 123, a);
@@ -721,6 +736,7 @@ int main(void) {
     tcase_add_test(tc, dropout_and_dropout_add);
     tcase_add_test(tc, rng_is_counter_based_and_well_spread);
     tcase_add_test(tc, rng_normal4_is_counter_based_and_normal);
+    tcase_add_test(tc, attention_forward_only_workspace);
     tcase_add_test(tc, mem_tally_and_oom_message);
     suite_add_tcase(s, tc);
     return tu_run_suite(s, 0);

@@ -283,30 +283,30 @@ static void attention_case(const mt_attention_shape *s, const char *path) {
 START_TEST(attention) {
     // head dims 16..256, T around the 64-row tiles, grouped and plain heads,
     // sliding windows shorter than T (Mistral) and one no shorter
-    mt_attention_shape shapes[] = {{1, 1, 1, 1, 16, 0, 0, 0.0f, 0},
-                                   {2, 7, 4, 2, 16, 0, 0, 0.0f, 0},
-                                   {1, 257, 6, 2, 64, 0, 0, 0.0f, 0},
-                                   {2, 129, 8, 8, 128, 0, 0, 0.0f, 0},
-                                   {1, 1025, 4, 1, 64, 0, 0, 0.0f, 0},
-                                   {3, 64, 4, 4, 32, 0, 0, 0.0f, 0},
-                                   {1, 65, 8, 2, 128, 0, 0, 0.0f, 0},
-                                   {2, 200, 4, 2, 64, 37, 0, 0.0f, 0},
-                                   {1, 300, 8, 4, 128, 64, 0, 0.0f, 0},
-                                   {1, 33, 2, 1, 32, 40, 0, 0.0f, 0},
-                                   {2, 130, 4, 2, 80, 0, 0, 0.0f, 0},
-                                   {1, 257, 6, 3, 96, 0, 0, 0.0f, 0},
-                                   {1, 129, 4, 2, 96, 50, 0, 0.0f, 0},
-                                   {1, 100, 4, 1, 256, 0, 0, 0.0f, 0},
+    mt_attention_shape shapes[] = {{1, 1, 1, 1, 16, 0, 0, 0.0f, 0, 0},
+                                   {2, 7, 4, 2, 16, 0, 0, 0.0f, 0, 0},
+                                   {1, 257, 6, 2, 64, 0, 0, 0.0f, 0, 0},
+                                   {2, 129, 8, 8, 128, 0, 0, 0.0f, 0, 0},
+                                   {1, 1025, 4, 1, 64, 0, 0, 0.0f, 0, 0},
+                                   {3, 64, 4, 4, 32, 0, 0, 0.0f, 0, 0},
+                                   {1, 65, 8, 2, 128, 0, 0, 0.0f, 0, 0},
+                                   {2, 200, 4, 2, 64, 37, 0, 0.0f, 0, 0},
+                                   {1, 300, 8, 4, 128, 64, 0, 0.0f, 0, 0},
+                                   {1, 33, 2, 1, 32, 40, 0, 0.0f, 0, 0},
+                                   {2, 130, 4, 2, 80, 0, 0, 0.0f, 0, 0},
+                                   {1, 257, 6, 3, 96, 0, 0, 0.0f, 0, 0},
+                                   {1, 129, 4, 2, 96, 50, 0, 0.0f, 0, 0},
+                                   {1, 100, 4, 1, 256, 0, 0, 0.0f, 0, 0},
                                    // packed documents (memtune's kernel: cuDNN's path does not take them)
-                                   {3, 300, 4, 2, 64, 0, 1, 0.0f, 0},
-                                   {3, 257, 8, 4, 128, 0, 1, 0.0f, 0},
-                                   {2, 129, 4, 1, 32, 50, 1, 0.0f, 0},
-                                   {1, 1025, 4, 2, 64, 0, 1, 0.0f, 0},
+                                   {3, 300, 4, 2, 64, 0, 1, 0.0f, 0, 0},
+                                   {3, 257, 8, 4, 128, 0, 1, 0.0f, 0, 0},
+                                   {2, 129, 4, 1, 32, 50, 1, 0.0f, 0, 0},
+                                   {1, 1025, 4, 2, 64, 0, 1, 0.0f, 0, 0},
                                    // Gemma: scale query_pre_attn_scalar^-1/2 (here 1/sqrt(144)), window
-                                   {2, 200, 4, 1, 128, 64, 0, 1.0f / 12.0f, 0},
+                                   {2, 200, 4, 1, 128, 64, 0, 1.0f / 12.0f, 0, 0},
                                    // cuDNN's non-deterministic backward (model.deterministic_attention false)
-                                   {2, 257, 8, 2, 128, 0, 0, 0.0f, 1},
-                                   {1, 300, 8, 4, 64, 64, 0, 0.0f, 1}};
+                                   {2, 257, 8, 2, 128, 0, 0, 0.0f, 1, 0},
+                                   {1, 300, 8, 4, 64, 64, 0, 0.0f, 1, 0}};
     int n = sizeof shapes / sizeof shapes[0], served = 0;
     for (int i = 0; i < n; i++) {
         mt_attention_shape *s = &shapes[i];
@@ -331,7 +331,7 @@ START_TEST(attention) {
         // the two backward algorithms' workspaces at a long length (8B's
         // heads, T=8192): the deterministic one grows as T x T, the other as
         // T; the forecast asks the same of a handle of its own
-        mt_attention_shape det = {1, 8192, 32, 8, 128, 0, 0, 0.0f, 0}, nd = det;
+        mt_attention_shape det = {1, 8192, 32, 8, 128, 0, 0, 0.0f, 0, 0}, nd = det;
         nd.nondeterministic = 1;
         size_t w_det = 0, w_nd = 0;
         int cudnn_det = 0, cudnn_nd = 0;
@@ -343,6 +343,17 @@ START_TEST(attention) {
             ck_assert_uint_eq(mt_attention_planned_workspace_bytes(be.device, &nd, &cudnn_nd), w_nd);
             ck_assert_uint_eq(mt_attention_planned_workspace_bytes(be.device, &det, &cudnn_det), w_det);
             ck_assert(cudnn_det && cudnn_nd);
+            // forward alone (MeZO, evaluation): the forward graph's workspace,
+            // far below the deterministic backward's, in the run and the forecast
+            mt_attention_shape fwd = det;
+            fwd.forward_only = 1;
+            size_t w_fwd = 0;
+            int cudnn_fwd = 0;
+            ck_assert(mt_cudnn_attention_prepare(be.cudnn, &fwd, &w_fwd));
+            printf("attention workspace at B=1 T=8192 H=32, forward alone: %.1f MiB\n", w_fwd / 1048576.0);
+            ck_assert_msg(w_fwd * 4 < w_det, "forward-only workspace %zu not far below %zu", w_fwd, w_det);
+            ck_assert_uint_eq(mt_attention_workspace_bytes(&be, &fwd), w_fwd);
+            ck_assert_uint_eq(mt_attention_planned_workspace_bytes(be.device, &fwd, &cudnn_fwd), w_fwd);
         }
     } else {
         printf("attention: no cuDNN (%s): memtune's kernel alone was tested\n", be.attention_note);

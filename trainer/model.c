@@ -605,7 +605,8 @@ static mt_attention_shape attention_shape(const mt_model_config *cfg, const mt_m
                                 window,
                                 o->document_mask != 0,
                                 cfg->attn_scale,
-                                o->attention_nondeterministic != 0};
+                                o->attention_nondeterministic != 0,
+                                o->forward_only != 0};
 }
 
 // The larger of the two layer kinds' attention workspaces.
