@@ -612,10 +612,6 @@ START_TEST(rng_is_counter_based_and_well_spread) {
 }
 END_TEST
 
-// mt_rng_normal4 (random initialisation): the same four for (seed, group),
-// other seeds and groups other values, standard normal moments (mean, variance,
-// kurtosis 3, the share beyond 2 sigma) and no value past the radius its
-// 24-bit uniforms allow
 // memtune's own attention kernel needs its workspace for the backward alone:
 // a forward-only shape (MeZO, evaluation) reserves none, here and in the
 // forecast made without a GPU
@@ -631,6 +627,10 @@ START_TEST(attention_forward_only_workspace) {
 }
 END_TEST
 
+// mt_rng_normal4 (random initialisation): the same four for (seed, group),
+// other seeds and groups other values, standard normal moments (mean, variance,
+// kurtosis 3, the share beyond 2 sigma) and no value past the radius its
+// 24-bit uniforms allow
 START_TEST(rng_normal4_is_counter_based_and_normal) {
     float a[4], b[4];
     mt_rng_normal4(7, 123, a);
