@@ -121,16 +121,25 @@ def write_dataset(path, n, vocab):
         f.attrs["tokenizer"] = "random"
 
 
+def timed_run_sets(folder, data, run, sets):
+    """The --set keys every bench's memtune run shares, then the bench's own
+    (sets, which may override them): random weights of the folder's shape,
+    the data with no evaluation, on the GPU, and nothing written after the
+    timed steps (no model, no checkpoint: checkpoint.final defaults to true)."""
+    return {"model.path": folder, "model.init": "random", "data.train": data, "data.eval_fraction": 0,
+            "train.eval_batches": 0, "train.device": "gpu", "output.dir": run, "output.save_model": "false",
+            "checkpoint.every": 0, "checkpoint.final": "false", **sets}
+
+
 def run_memtune(args, folder, data, run):
     cmd = [os.environ.get("MT_MEMTUNE_BIN", os.path.join(BUILD, "memtune")), "train",
            os.path.join(ROOT, "configs", "quickstart.yaml")]
-    sets = {"model.path": folder, "model.init": "random", "data.train": data, "data.eval_fraction": 0,
-            "train.eval_batches": 0, "train.steps": args.steps, "train.micro_batch": args.B, "train.seq_len": args.T,
-            "train.log_every": 10, "train.device": "gpu", "optim.lr": 1e-4, "optim.warmup_steps": 0,
-            "optim.schedule": "constant",  # torch_train.py's AdamW: lr 1e-4 throughout
-            "optim.weight_decay": 0.0, "optim.beta2": 0.95, "output.dir": run, "output.save_model": "false",
-            "checkpoint.every": 0, "checkpoint.final": "false",  # the bench times steps, not a 13 GB write after
-            "model.activation_checkpointing": "true" if args.checkpointing else "false"}
+    sets = timed_run_sets(folder, data, run, {
+        "train.steps": args.steps, "train.micro_batch": args.B, "train.seq_len": args.T, "train.log_every": 10,
+        "optim.lr": 1e-4, "optim.warmup_steps": 0,
+        "optim.schedule": "constant",  # torch_train.py's AdamW: lr 1e-4 throughout
+        "optim.weight_decay": 0.0, "optim.beta2": 0.95,
+        "model.activation_checkpointing": "true" if args.checkpointing else "false"})
     for k, v in sets.items():
         cmd += ["--set", f"{k}={v}"]
     sampler = PeakSampler()

@@ -23,7 +23,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from full_ft import PeakSampler, mfu_text, write_dataset  # noqa: E402
+from full_ft import PeakSampler, mfu_text, timed_run_sets, write_dataset  # noqa: E402
 from lora_ft import SHAPES, shape_folder, train_and_time  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,11 +33,9 @@ GIB = 1024 ** 3
 
 def run_memtune(args, folder, data, run, kind, rank=None, moments=None, refresh="randomized"):
     cmd = [os.path.join(BUILD, "memtune"), "train", os.path.join(ROOT, "configs", "galore.yaml")]
-    sets = {"model.path": folder, "model.init": "random", "data.train": data, "data.eval_fraction": 0,
-            "train.eval_batches": 0, "train.steps": args.steps, "train.micro_batch": args.B, "train.seq_len": args.T,
-            "train.log_every": 1, "train.device": "gpu", "optim.lr": args.lr, "optim.warmup_steps": 0,
-            "output.dir": run, "output.save_model": "false", "checkpoint.every": 0, "checkpoint.final": "false",
-            "model.activation_checkpointing": "true"}
+    sets = timed_run_sets(folder, data, run, {
+        "train.steps": args.steps, "train.micro_batch": args.B, "train.seq_len": args.T, "train.log_every": 1,
+        "optim.lr": args.lr, "optim.warmup_steps": 0, "model.activation_checkpointing": "true"})
     if kind == "adamw":
         sets.update({"optim.kind": "adamw", "optim.grad_clip": 1.0})
     else:

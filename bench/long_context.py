@@ -29,7 +29,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from full_ft import write_dataset  # noqa: E402
+from full_ft import timed_run_sets, write_dataset  # noqa: E402
 from lora_ft import run_peft  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,12 +54,10 @@ def model_folder(work):
 
 def memtune_train(folder, data, run, sets, timeout):
     """memtune train of configs/llama-qlora.yaml with the shared settings and sets; its log and metrics."""
-    base = {"model.path": folder, "model.init": "random", "data.train": data, "data.eval_fraction": 0,
-            "train.eval_batches": 0, "train.micro_batch": 1, "train.grad_accum": 1, "train.log_every": 1,
-            "train.device": "gpu", "optim.warmup_steps": 0, "lora.r": 32, "lora.alpha": 64, "lora.dropout": 0,
-            "model.activation_checkpointing": "true", "model.offload_activations": "true",
-            "output.dir": run, "output.save_model": "false", "checkpoint.every": 0, "checkpoint.final": "false"}
-    base.update(sets)
+    base = timed_run_sets(folder, data, run, {
+        "train.micro_batch": 1, "train.grad_accum": 1, "train.log_every": 1, "optim.warmup_steps": 0, "lora.r": 32,
+        "lora.alpha": 64, "lora.dropout": 0, "model.activation_checkpointing": "true",
+        "model.offload_activations": "true", **sets})
     cmd = [MEMTUNE, "train", os.path.join(ROOT, "configs", "llama-qlora.yaml")]
     for k, v in base.items():
         cmd += ["--set", f"{k}={v}"]

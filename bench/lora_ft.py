@@ -27,7 +27,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from full_ft import PeakSampler, gpu_used_mib, mfu_text, write_dataset  # noqa: E402
+from full_ft import PeakSampler, gpu_used_mib, mfu_text, timed_run_sets, write_dataset  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILD = os.environ.get("MT_BUILD_DIR", os.path.join(ROOT, "build"))
@@ -82,14 +82,12 @@ def shape_folder(work, shape, shapes=None):
 def run_memtune(args, folder, data, run, checkpointing, qlora, offload=False):
     cmd = [os.environ.get("MT_MEMTUNE_BIN", os.path.join(BUILD, "memtune")), "train",
            os.path.join(ROOT, "configs", "llama-lora.yaml")]
-    sets = {"model.path": folder, "model.init": "random", "data.train": data, "data.eval_fraction": 0,
-            "train.eval_batches": 0, "train.steps": args.steps, "train.micro_batch": args.B, "train.seq_len": args.T,
-            "train.grad_accum": 1, "train.log_every": 1, "train.device": "gpu", "optim.warmup_steps": 2,
-            "lora.r": args.r, "lora.alpha": args.alpha, "lora.dropout": args.dropout, "output.dir": run,
-            "output.save_model": "false", "checkpoint.every": 0, "checkpoint.final": "false",
-            "model.quantize": "nf4" if qlora else "none",
+    sets = timed_run_sets(folder, data, run, {
+        "train.steps": args.steps, "train.micro_batch": args.B, "train.seq_len": args.T, "train.grad_accum": 1,
+        "train.log_every": 1, "optim.warmup_steps": 2, "lora.r": args.r, "lora.alpha": args.alpha,
+        "lora.dropout": args.dropout, "model.quantize": "nf4" if qlora else "none",
             "model.activation_checkpointing": "true" if checkpointing else "false",
-            "model.offload_activations": "true" if offload else "false"}
+            "model.offload_activations": "true" if offload else "false"})
     for kv in args.memtune_set:  # e.g. model.mlp_tile_rows=2048: memtune's runs only
         key, _, value = kv.partition("=")
         if not key or not _:

@@ -20,7 +20,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from full_ft import PeakSampler, mfu_text, write_dataset  # noqa: E402
+from full_ft import PeakSampler, mfu_text, timed_run_sets, write_dataset  # noqa: E402
 from lora_ft import SHAPES, shape_folder, train_and_time  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,11 +47,9 @@ def run_forward(args, folder):
 
 def run_memtune(args, folder, data, run):
     cmd = [os.path.join(BUILD, "memtune"), "train", os.path.join(ROOT, "configs", "mezo.yaml")]
-    sets = {"model.path": folder, "model.init": "random", "data.train": data, "data.eval_fraction": 0,
-            "train.eval_batches": 0, "train.steps": args.steps, "train.micro_batch": args.B, "train.seq_len": args.T,
-            "train.grad_accum": 1, "train.log_every": 1, "train.device": "gpu", "optim.lr": args.lr,
-            "optim.warmup_steps": 0, "mezo.eps": args.eps, "output.dir": run, "output.save_model": "false",
-            "checkpoint.every": 0, "checkpoint.final": "false"}
+    sets = timed_run_sets(folder, data, run, {
+        "train.steps": args.steps, "train.micro_batch": args.B, "train.seq_len": args.T, "train.grad_accum": 1,
+        "train.log_every": 1, "optim.lr": args.lr, "optim.warmup_steps": 0, "mezo.eps": args.eps})
     return train_and_time(args, cmd, sets, run, ("MeZO", "memory (GPU)"))
 
 

@@ -51,7 +51,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from full_ft import write_dataset  # noqa: E402
+from full_ft import timed_run_sets, write_dataset  # noqa: E402
 from lora_ft import shape_folder, train_and_time  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -66,12 +66,11 @@ def run_memtune(args, folder, data, run, mode, trace_step=0):
     galore = parts[0] == "galore"
     offload = (parts[1] if len(parts) > 1 else "none") if galore else parts[0]
     cmd = [os.path.join(BUILD, "memtune"), "train", os.path.join(ROOT, "configs", "full-offload-cpu.yaml")]
-    sets = {"model.path": folder, "model.init": "random", "data.train": data, "data.eval_fraction": 0,
-            "train.eval_batches": 0, "train.steps": args.steps, "train.micro_batch": args.B, "train.seq_len": args.T,
-            "train.log_every": 1, "train.device": "gpu", "optim.lr": 1e-5, "optim.warmup_steps": 0,
-            "optim.grad_clip": 0 if "noclip" in mode.split("-") or galore else 1.0, "output.dir": run,
-            "output.save_model": "false", "checkpoint.every": 0, "checkpoint.final": "false",
-            "model.activation_checkpointing": "true", "offload.optimizer": offload}
+    sets = timed_run_sets(folder, data, run, {
+        "train.steps": args.steps, "train.micro_batch": args.B, "train.seq_len": args.T, "train.log_every": 1,
+        "optim.lr": 1e-5, "optim.warmup_steps": 0,
+        "optim.grad_clip": 0 if "noclip" in mode.split("-") or galore else 1.0,
+        "model.activation_checkpointing": "true", "offload.optimizer": offload})
     if galore:
         sets["optim.kind"] = "galore"
     if accum:

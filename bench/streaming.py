@@ -29,7 +29,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from full_ft import write_dataset  # noqa: E402
+from full_ft import timed_run_sets, write_dataset  # noqa: E402
 from lora_ft import BASE, shape_folder, train_and_time  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,12 +69,9 @@ def h2d_bandwidth():
 def run(args, case, folder, data, B, T, sets, weights):
     ns = argparse.Namespace(steps=args.steps, warmup=args.warmup, B=B, T=T)
     out = os.path.join(args.work, f"{case}-{weights}-B{B}")
-    base = {"model.path": folder, "model.init": "random", "data.train": data, "data.eval_fraction": 0,
-            "train.eval_batches": 0, "train.steps": args.steps, "train.micro_batch": B, "train.seq_len": T,
-            "train.grad_accum": 1, "train.log_every": 1, "train.device": "gpu", "optim.warmup_steps": 1,
-            "output.dir": out, "output.save_model": "false", "checkpoint.every": 0, "checkpoint.final": "false",
-            "model.weights": weights}
-    base.update(sets)
+    base = timed_run_sets(folder, data, out, {
+        "train.steps": args.steps, "train.micro_batch": B, "train.seq_len": T, "train.grad_accum": 1,
+        "train.log_every": 1, "optim.warmup_steps": 1, "model.weights": weights, **sets})
     cmd = [os.path.join(BUILD, "memtune"), "train", os.path.join(ROOT, "configs", "quickstart.yaml")]
     r = train_and_time(ns, cmd, base, out, ("base weights", "memory (GPU)", "memory (host)"))
     line = (f"{case} {weights:3s} B={B} T={T}: " + (f"{r['tokens_per_second']:.0f} tok/s, "
