@@ -20,7 +20,7 @@ steps, GPU peak from nvidia-smi and the allocator, host peak from VmRSS):
              state off the GPU against the weights resident.
 Writes streaming_bench.json and prints one line per run.
 
-  python3 bench/streaming.py --out $OUT [--cases qlora-70b,mezo-30b,mezo-13b,full-3b]
+  python3 bench/streaming.py --out $OUT [--cases qlora-70b,mezo-30b,mezo-13b,full-3b] [--batches 8]
 """
 import argparse
 import json
@@ -82,9 +82,15 @@ def run(args, case, folder, data, B, T, sets, weights):
     return r
 
 
+def batches(args, default):
+    return [int(b) for b in args.batches.split(",")] if args.batches else default
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", default="qlora-70b,mezo-30b,full-3b")
+    ap.add_argument("--batches", default="", help="mezo-13b's and mezo-30b's batch sizes, comma-separated "
+                    "(default: 1,16 and 8,1)")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--work", default="/tmp/mt-streaming-bench")
@@ -109,13 +115,13 @@ def main():
         elif case == "mezo-13b":
             folder, _ = shape_folder(args.work, "13b", SHAPES)
             sets = {"optim.kind": "mezo", "optim.lr": 1e-6, "mezo.eps": 1e-3}
-            for B in (1, 16):
+            for B in batches(args, (1, 16)):
                 for w in ("cpu", "gpu"):
                     results["runs"][f"{case}-{w}-B{B}"] = run(args, case, folder, data, B, 1024, sets, w)
         elif case == "mezo-30b":
             folder, _ = shape_folder(args.work, "33b", SHAPES)
             sets = {"optim.kind": "mezo", "optim.lr": 1e-6, "mezo.eps": 1e-3, "model.mlp_tile_rows": 4096}
-            for B in (8, 1):  # the pair the target is about first: each run draws 32.5 G random values on the host
+            for B in batches(args, (8, 1)):  # the pair the target is about first: each run draws 32.5 G random values on the host
                 for w in ("cpu", "gpu"):
                     results["runs"][f"{case}-{w}-B{B}"] = run(args, case, folder, data, B, 1024, sets, w)
         elif case == "full-3b":
