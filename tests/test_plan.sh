@@ -122,6 +122,20 @@ untiled=$(echo "$out" | sed -n 's/^longest train.seq_len that fits as configured
     fail "train.seq_len max on 8GiB: expected tiles and a length above the untiled $untiled: $out"
 echo "$out" | grep -q "refused: train.seq_len: max" && fail "train.seq_len max: alternatives refused: $out"
 echo "test_plan: train.seq_len max, QLoRA 7B on 8GiB: T=$chosen with the MLP in tiles ($untiled without)"
+# ... and, for LoRA's AdamW, the adapters' state in host memory: the length it reports is the one that
+# configuration fits (one token more does not); a full fine-tune is not offered it (its host update is slow)
+echo "$out" | grep -q "^train.seq_len max: $chosen tokens.* and the adapters' AdamW state in host memory" ||
+    fail "train.seq_len max on 8GiB: expected the adapters' state offloaded: $out"
+fits() {
+    "$MEMTUNE" plan configs/llama-qlora.yaml --set model.path=configs/models/llama-2-7b --set model.mlp_tile_rows=2048 \
+        --set offload.optimizer=cpu --set "train.seq_len=$1" --gpu-memory 8GiB 2>&1 | grep -q "^peak .*: fits"
+}
+fits "$chosen" && ! fits $((chosen + 1)) || fail "train.seq_len max on 8GiB: $chosen is not the longest that fits"
+out=$("$MEMTUNE" plan configs/llama-qlora.yaml --set model.path=configs/models/tinyllama-1.1b --set model.quantize=none \
+    --set lora.r=0 --set model.activation_checkpointing=true --set train.seq_len=max --gpu-memory 24GiB 2>&1)
+echo "$out" | grep -q "^train.seq_len max: [0-9]* tokens" && ! echo "$out" | grep -q "AdamW state in host memory (off" ||
+    fail "train.seq_len max, full fine-tune: expected no offload choice: $out"
+echo "test_plan: train.seq_len max, QLoRA 7B on 8GiB: the adapters' AdamW state offloaded; a full fine-tune not"
 
 # model.weights: auto keeps the base on the GPU where the run fits and streams it from host memory where it does
 # not (QLoRA 7B needs 6.6 GiB resident, 3.7 GiB streamed, 3.6 GiB of host memory); ssd puts it on disk
@@ -171,7 +185,7 @@ for c in llama-lora llama-qlora mezo galore full-offload-cpu full-offload-ssd lo
     # the MLP in tiles: a longer context fits where the configured one is
     # bound by the MLP's buffers (reported only when longer)
     longest=$(echo "$out" | sed -n 's/^longest train.seq_len that fits as configured: //p')
-    tiled=$(echo "$out" | sed -n 's/^with the MLP in tiles of 2048 tokens (model.mlp_tile_rows: 2048)[^:]*: //p')
+    tiled=$(echo "$out" | sed -n 's/^with the MLP in tiles of 2048 tokens (model.mlp_tile_rows: 2048).*: \([0-9]*\)$/\1/p')
     [ -z "$tiled" ] || [ "$tiled" -gt "$longest" ] || fail "$c: tiled $tiled not above $longest"
     [ "$c" != llama-qlora ] || [ -n "$tiled" ] || fail "$c: no tiled length in: $out"
     # whose attention workspace: cuDNN's where a GPU is visible, else memtune's kernel's, said either way

@@ -66,8 +66,9 @@ extern "C" {
     X(train, steps, INT, "100", 1, 1000000000, "", "optimizer steps to run")                                           \
     X(train, micro_batch, INT, "4", 1, 65536, "", "rows per forward/backward pass (B)")                                \
     X(train, seq_len, INT, "512", 2, 1048576, "",                                                                      \
-      "tokens per row (T); max: the longest that fits memory.budget as configured, or with model.mlp_tile_rows 4096 "  \
-      "where that fits a longer one and the key is 0 (memtune plan lists it)")                                         \
+      "tokens per row (T); max: the longest that fits memory.budget; on the way it sets model.mlp_tile_rows 2048 "     \
+      "(where 0), model.deterministic_attention false (where auto, on a GPU) and, for LoRA, offload.optimizer cpu "    \
+      "(where none, on a GPU) wherever each fits a longer one, and says so (memtune plan lists it)")                   \
     X(train, grad_accum, INT, "1", 1, 65536, "",                                                                       \
       "micro-batches per optimizer step; the loss is the mean over all their tokens")                                  \
     X(train, seed, INT, "1337", 0, 2147483647, "", "seed for data order and random initialisation")                    \

@@ -261,41 +261,53 @@ static const double kHostShare = 0.85;
 double mt_host_plannable(void) { return kHostShare * host_available(); }
 
 // What train.seq_len: max chose beyond the configuration: the MLP in tiles
-// (model.mlp_tile_rows was 0) and cuDNN's non-deterministic attention
-// backward (model.deterministic_attention was auto); and whether host memory
-// (not the GPU's) stopped the length.
+// (model.mlp_tile_rows was 0), cuDNN's non-deterministic attention backward
+// (model.deterministic_attention was auto), the adapters' AdamW state in host
+// memory (offload.optimizer was none); and whether host memory (not the
+// GPU's) stopped the length.
 typedef struct {
-    int tiles, attention, host_binds;
+    int tiles, attention, offload, host_binds;
 } long_choices;
 
+// Sets key to value where that lengthens the longest fit (*best), else puts
+// back `was`; 1 when it stays.
+static int keep_if_longer(mt_config *cfg, const mt_model_config *mc, int gpu, int world, double capacity, long limit,
+                          const char *key, const char *value, const char *was, long *best) {
+    mt_config_set(cfg, key, value, "train.seq_len max");
+    long len = mt_forecast_longest_seq_len(cfg, mc, gpu, world, capacity, limit);
+    if (len > *best) {
+        *best = len;
+        return 1;
+    }
+    mt_config_set(cfg, key, was, "train.seq_len max");
+    return 0;
+}
+
 // The longest seq_len up to limit whose forecast fits capacity on the device
-// and, for a GPU run, kHostShare of the host's available memory. Where
-// model.mlp_tile_rows is 0 and the MLP in tiles of kAutoMlpTileRows tokens
-// fits a longer one, the tiles are set in cfg; then, on the GPU, where
-// model.deterministic_attention is auto and false (a workspace linear in T,
-// not T x T) fits a longer one still, false is. *as_configured: the longest
-// without either choice.
+// and, for a GPU run, kHostShare of the host's available memory. In turn,
+// each of these is set where it fits a longer one (none changes what is
+// computed): the MLP in tiles of kAutoMlpTileRows tokens where
+// model.mlp_tile_rows is 0; on the GPU, model.deterministic_attention false
+// (a workspace linear in T, not T x T) where it is auto; on the GPU, for
+// LoRA's AdamW, offload.optimizer cpu where it is none (the adapters' master
+// weights and moments in host memory: the host updates so few parameters in
+// a small part of a long sequence's step). *as_configured: the longest
+// without any choice.
 static long longest_choosing(mt_config *cfg, const mt_model_config *mc, int gpu, int world, double capacity, long limit,
                              long *as_configured, long_choices *chose) {
     long best = mt_forecast_longest_seq_len(cfg, mc, gpu, world, capacity, limit);
     *as_configured = best;
-    *chose = (long_choices){0, 0, 0};
-    if (cfg->model_mlp_tile_rows == 0) {
-        cfg->model_mlp_tile_rows = kAutoMlpTileRows;
-        long tiled = mt_forecast_longest_seq_len(cfg, mc, gpu, world, capacity, limit);
-        if (tiled > best)
-            best = tiled, chose->tiles = 1;
-        else
-            cfg->model_mlp_tile_rows = 0;
-    }
-    if (gpu && !strcmp(cfg->model_deterministic_attention, "auto")) {
-        mt_config_set(cfg, "model.deterministic_attention", "false", "train.seq_len max");
-        long fast = mt_forecast_longest_seq_len(cfg, mc, gpu, world, capacity, limit);
-        if (fast > best)
-            best = fast, chose->attention = 1;
-        else
-            mt_config_set(cfg, "model.deterministic_attention", "auto", "train.seq_len max");
-    }
+    *chose = (long_choices){0, 0, 0, 0};
+    char tile[16];
+    snprintf(tile, sizeof tile, "%d", kAutoMlpTileRows);
+    if (cfg->model_mlp_tile_rows == 0)
+        chose->tiles = keep_if_longer(cfg, mc, gpu, world, capacity, limit, "model.mlp_tile_rows", tile, "0", &best);
+    if (gpu && !strcmp(cfg->model_deterministic_attention, "auto"))
+        chose->attention = keep_if_longer(cfg, mc, gpu, world, capacity, limit, "model.deterministic_attention",
+                                          "false", "auto", &best);
+    if (gpu && cfg->lora_r > 0 && !strcmp(cfg->optim_kind, "adamw") && !strcmp(cfg->offload_optimizer, "none"))
+        chose->offload =
+            keep_if_longer(cfg, mc, gpu, world, capacity, limit, "offload.optimizer", "cpu", "none", &best);
     if (gpu && best > 0 && best < limit) {  // one token more: the GPU fits it, the host does not?
         long saved = cfg->train_seq_len;
         mt_forecast f;
@@ -308,19 +320,26 @@ static long longest_choosing(mt_config *cfg, const mt_model_config *mc, int gpu,
 
 // How a chosen length was reached, for the line that reports it.
 static const char *choices_note(long_choices c, char *buf, size_t len) {
-    char tiles[96], host[160];
-    snprintf(tiles, sizeof tiles, " with the MLP in tiles of %d tokens (model.mlp_tile_rows: %d)", kAutoMlpTileRows,
+    char tiles[96];
+    snprintf(tiles, sizeof tiles, "the MLP in tiles of %d tokens (model.mlp_tile_rows: %d)", kAutoMlpTileRows,
              kAutoMlpTileRows);
-    snprintf(host, sizeof host,
-             "; host memory binds it, not the GPU's (offloaded layer inputs and a streamed base may take %.0f%% of "
-             "MemAvailable)",
-             100 * kHostShare);
-    snprintf(buf, len, "%s%s%s%s", c.tiles ? tiles : "", c.tiles && c.attention ? " and" : "",
-             c.attention ? " with cuDNN's non-deterministic attention backward (model.deterministic_attention: false; "
-                           "the deterministic one's workspace grows as T x T)"
-             : c.tiles   ? ""
-                         : " as configured",
-             c.host_binds ? host : "");
+    const char *parts[3], *all[3] = {
+                              tiles,
+                              "cuDNN's non-deterministic attention backward (model.deterministic_attention: false; the "
+                              "deterministic one's workspace grows as T x T)",
+                              "the adapters' AdamW state in host memory (offload.optimizer: cpu; the same AdamW)",
+                          };
+    int n = 0, on[3] = {c.tiles, c.attention, c.offload};
+    for (int i = 0; i < 3; i++)
+        if (on[i]) parts[n++] = all[i];
+    size_t at = (size_t)snprintf(buf, len, "%s", n ? " with " : " as configured");
+    for (int i = 0; i < n && at < len; i++)
+        at += (size_t)snprintf(buf + at, len - at, "%s%s", i == 0 ? "" : i == n - 1 ? " and " : ", ", parts[i]);
+    if (c.host_binds && at < len)
+        snprintf(buf + at, len - at,
+                 "; host memory binds it, not the GPU's (offloaded layer inputs and a streamed base may take %.0f%% "
+                 "of MemAvailable)",
+                 100 * kHostShare);
     return buf;
 }
 
@@ -328,6 +347,7 @@ static const char *choices_note(long_choices c, char *buf, size_t len) {
 static void unchoose(mt_config *cfg, long_choices c) {
     if (c.tiles) cfg->model_mlp_tile_rows = 0;
     if (c.attention) mt_config_set(cfg, "model.deterministic_attention", "auto", "memtune plan");
+    if (c.offload) mt_config_set(cfg, "offload.optimizer", "none", "memtune plan");
 }
 
 mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_sets, int gpu, int world,
@@ -336,7 +356,7 @@ mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_s
     mt_err err = load(&cfg, path, sets, n_sets, NULL);
     mt_model_config mc;
     if (!err) err = mt_hf_read_config(cfg.model_path, &mc);
-    long_choices chose = {0, 0, 0};  // what train.seq_len: max chose
+    long_choices chose = {0, 0, 0, 0};  // what train.seq_len: max chose
     char note[512];
     if (!err && cfg.train_seq_len == MT_SEQ_LEN_MAX) {  // the longest that fits the GPU's memory
         long as_configured = 0;
