@@ -445,14 +445,16 @@ START_TEST(gpu_lora_matches_cpu_reference) {
                               .T = T,
                               .lora = {16, 32.0f, 0.0f, quantized, (1u << MT_LORA_MODULES) - 1},
                               .quantize_nf4 = quantized};
-        mt_model_options ok = o, off = o;
+        mt_model_options ok = o, off = o, off1;
         ok.activation_checkpointing = 1;
         off.activation_checkpointing = off.offload_activations = 1;
-        mt_model *mc, *mg, *mk, *mo;
+        off1 = off, off1.gpu_layer_inputs = 1;  // the first layer input stays, the others are copied out and back
+        mt_model *mc, *mg, *mk, *mo, *m1;
         ck_assert_int_eq(mt_model_create_with(&mc, &cpu, &c, &o), MT_OK);
         ck_assert_int_eq(mt_model_create_with(&mg, &gpu, &c, &o), MT_OK);
         ck_assert_int_eq(mt_model_create_with(&mk, &gpu, &c, &ok), MT_OK);
         ck_assert_int_eq(mt_model_create_with(&mo, &gpu, &c, &off), MT_OK);
+        ck_assert_int_eq(mt_model_create_with(&m1, &gpu, &c, &off1), MT_OK);
         ck_assert_ptr_null(mt_model_grads(mg));
         size_t total = mt_model_num_params(mc);
         float *params = malloc(total * 4);
@@ -470,10 +472,10 @@ START_TEST(gpu_lora_matches_cpu_reference) {
         int32_t *in = malloc(N * 4), *tg = malloc(N * 4);
         for (int i = 0; i < N; i++)
             in[i] = (int32_t)(mt_rng_bits(5, i) % c.V), tg[i] = (int32_t)(mt_rng_bits(6, i) % c.V);
-        mt_model *models[4] = {mc, mg, mk, mo};
-        double loss[4];
+        mt_model *models[5] = {mc, mg, mk, mo, m1};
+        double loss[5];
         float scale = 1.0f / N;
-        for (int k = 0; k < 4; k++) {
+        for (int k = 0; k < 5; k++) {
             ck_assert_int_eq(mt_model_set_weights(models[k], params), MT_OK);
             mt_model_set_adapters(models[k], adapters);
             mt_model_zero_grads(models[k]);
@@ -500,6 +502,10 @@ START_TEST(gpu_lora_matches_cpu_reference) {
         mt_copy_to_host(go, to.grads, ta * 4);
         ck_assert_msg(loss[3] == loss[2], "offload changed the loss: %.17g vs %.17g", loss[3], loss[2]);
         ck_assert_msg(memcmp(go, gk, ta * 4) == 0, "offload changed the adapter gradients");
+        mt_model_trainable(m1, &to);
+        mt_copy_to_host(go, to.grads, ta * 4);
+        ck_assert_msg(loss[4] == loss[2], "offload keeping 1 changed the loss: %.17g vs %.17g", loss[4], loss[2]);
+        ck_assert_msg(memcmp(go, gk, ta * 4) == 0, "offload keeping 1 changed the adapter gradients");
         free(go);
         double worst = 1.0;
         for (int i = 0; i < na; i++) {
@@ -515,7 +521,7 @@ START_TEST(gpu_lora_matches_cpu_reference) {
             double per_param = (double)mt_model_base_weight_bytes(mg) / (double)total;
             ck_assert_double_lt(per_param, 2.0);
         }
-        for (int k = 0; k < 4; k++) mt_model_free(models[k]);
+        for (int k = 0; k < 5; k++) mt_model_free(models[k]);
         mt_backend_free(&cpu), mt_backend_free(&gpu);
         free(params), free(adapters), free(table), free(in), free(tg), free(gc), free(gg), free(gk);
     }

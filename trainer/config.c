@@ -380,6 +380,11 @@ mt_err mt_config_validate(const mt_config *cfg) {
         return mt_errorf(MT_ERR_CONFIG,
                          "model.offload_activations needs model.activation_checkpointing: true (it offloads the "
                          "layer inputs that checkpointing keeps)");
+    if (cfg->model_gpu_layer_inputs > 0 && !cfg->model_offload_activations)
+        return mt_errorf(MT_ERR_CONFIG,
+                         "model.gpu_layer_inputs is %ld, but model.offload_activations is false (then every layer "
+                         "input stays on the GPU); set model.offload_activations: true, or model.gpu_layer_inputs: 0",
+                         cfg->model_gpu_layer_inputs);
     if (!strcmp(cfg->model_quantize, "nf4") && cfg->lora_r == 0)
         return mt_errorf(MT_ERR_CONFIG,
                          "model.quantize is nf4 but lora.r is 0: a quantized base cannot be trained itself; "

@@ -27,6 +27,9 @@ extern "C" {
     X(model, offload_activations, BOOL, "false", 0, 0, "",                                                             \
       "with activation_checkpointing: keep the saved layer inputs in pinned host memory, copied out in forward and "   \
       "back in backward beside the compute (frees L-1 of them on the GPU)")                                            \
+    X(model, gpu_layer_inputs, INT, "0", 0, 1048576, "",                                                               \
+      "with offload_activations: the first N saved layer inputs stay on the GPU and only the others go to host "       \
+      "memory (train.seq_len: max raises it where host memory binds the length)")                                      \
     X(model, weights, ENUM, "gpu", 0, 0, "gpu|cpu|ssd|auto",                                                           \
       "where the base's layers live: gpu, cpu (host memory; each layer is copied to the GPU just before it runs, "     \
       "the next beside the compute: GPU memory independent of the model's depth; LoRA/QLoRA, MeZO, and full "          \

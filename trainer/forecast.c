@@ -234,8 +234,14 @@ static mt_err load(mt_config *cfg, const char *path, char *const *sets, int n_se
     return err;
 }
 
-// Host memory the kernel counts as available (MemAvailable), bytes; 0 when unknown.
+static double host_memory_given;  // memtune plan --host-memory; 0: this machine's
+
+void mt_forecast_set_host_memory(double bytes) { host_memory_given = bytes; }
+
+// Host memory the kernel counts as available (MemAvailable), bytes; 0 when
+// unknown; or what memtune plan was given.
 static double host_available(void) {
+    if (host_memory_given > 0) return host_memory_given;
     FILE *f = fopen("/proc/meminfo", "r");
     double kib = 0;
     char line[256];
@@ -267,16 +273,80 @@ double mt_host_plannable(void) { return kHostShare * host_available(); }
 // GPU's) stopped the length.
 typedef struct {
     int tiles, attention, offload, host_binds;
+    long kept;  // model.gpu_layer_inputs chosen where host memory bound the length (0: none)
 } long_choices;
 
-// Sets key to value where that lengthens the longest fit (*best), else puts
-// back `was`; 1 when it stays.
+// The fewest layer inputs kept on the GPU (model.gpu_layer_inputs) with
+// which the run at length T fits `host` bytes of host memory; -1 if none do.
+static long fewest_kept(mt_config *cfg, const mt_model_config *mc, int gpu, int world, long T, double host) {
+    long lo = 0, hi = mc->L - 1, found = -1;
+    cfg->train_seq_len = T;
+    while (lo <= hi) {
+        long k = lo + (hi - lo) / 2;
+        cfg->model_gpu_layer_inputs = k;
+        mt_forecast f;
+        if (!mt_forecast_run(cfg, mc, gpu, world, &f) && f.host_peak <= host)
+            found = k, hi = k - 1;
+        else
+            lo = k + 1;
+    }
+    return found;
+}
+
+// Where host memory binds the length of a run with its layer inputs
+// offloaded: the longest length above `from` at which keeping the fewest
+// layer inputs on the GPU that the host then fits still fits capacity on
+// the GPU; those in *kept (from and 0 when none is longer).
+static long longest_keeping_inputs(mt_config *cfg, const mt_model_config *mc, int gpu, int world, double capacity,
+                                   long limit, long from, long *kept) {
+    double host = mt_host_plannable();
+    long saved_T = cfg->train_seq_len, best = from, lo = from + 1, hi = limit;
+    *kept = 0;
+    while (host > 0 && lo <= hi) {
+        long mid = lo + (hi - lo) / 2, k = fewest_kept(cfg, mc, gpu, world, mid, host);
+        mt_forecast f;
+        cfg->train_seq_len = mid, cfg->model_gpu_layer_inputs = k;
+        if (k >= 0 && !mt_forecast_run(cfg, mc, gpu, world, &f) && f.device_peak <= capacity)
+            best = mid, *kept = k, lo = mid + 1;
+        else
+            hi = mid - 1;
+    }
+    cfg->train_seq_len = saved_T, cfg->model_gpu_layer_inputs = 0;
+    return best;
+}
+
+// Whether one token more than `len` fits the GPU but not the host.
+static int host_binds(mt_config *cfg, const mt_model_config *mc, int gpu, int world, double capacity, long len,
+                      long limit) {
+    if (!gpu || len <= 0 || len >= limit) return 0;
+    long saved = cfg->train_seq_len;
+    mt_forecast f;
+    cfg->train_seq_len = len + 1;
+    int binds = !mt_forecast_run(cfg, mc, gpu, world, &f) && f.device_peak <= capacity;
+    cfg->train_seq_len = saved;
+    return binds;
+}
+
+// The longest length as cfg stands; where may_keep and host memory binds
+// it, the longer one that keeping the fewest layer inputs on the GPU fits
+// (those in *kept, else 0).
+static long longest_keeping(mt_config *cfg, const mt_model_config *mc, int gpu, int world, double capacity, long limit,
+                            int may_keep, long *kept) {
+    long best = mt_forecast_longest_seq_len(cfg, mc, gpu, world, capacity, limit);
+    *kept = 0;
+    if (may_keep && host_binds(cfg, mc, gpu, world, capacity, best, limit))
+        best = longest_keeping_inputs(cfg, mc, gpu, world, capacity, limit, best, kept);
+    return best;
+}
+
+// Sets key to value where that lengthens the longest fit (*best, with
+// *kept), else puts back `was`; 1 when it stays.
 static int keep_if_longer(mt_config *cfg, const mt_model_config *mc, int gpu, int world, double capacity, long limit,
-                          const char *key, const char *value, const char *was, long *best) {
+                          int may_keep, const char *key, const char *value, const char *was, long *best, long *kept) {
     mt_config_set(cfg, key, value, "train.seq_len max");
-    long len = mt_forecast_longest_seq_len(cfg, mc, gpu, world, capacity, limit);
+    long k, len = longest_keeping(cfg, mc, gpu, world, capacity, limit, may_keep, &k);
     if (len > *best) {
-        *best = len;
+        *best = len, *kept = k;
         return 1;
     }
     mt_config_set(cfg, key, was, "train.seq_len max");
@@ -291,46 +361,51 @@ static int keep_if_longer(mt_config *cfg, const mt_model_config *mc, int gpu, in
 // (a workspace linear in T, not T x T) where it is auto; on the GPU, for
 // LoRA's AdamW, offload.optimizer cpu where it is none (the adapters' master
 // weights and moments in host memory: the host updates so few parameters in
-// a small part of a long sequence's step). *as_configured: the longest
-// without any choice.
+// a small part of a long sequence's step). Throughout, on the GPU, where
+// host memory binds the length with the layer inputs offloaded and
+// model.gpu_layer_inputs is 0, the fewest of them that let a longer length
+// fit both stay on the GPU. *as_configured: the longest without any choice.
 static long longest_choosing(mt_config *cfg, const mt_model_config *mc, int gpu, int world, double capacity, long limit,
                              long *as_configured, long_choices *chose) {
-    long best = mt_forecast_longest_seq_len(cfg, mc, gpu, world, capacity, limit);
+    int may_keep = gpu && cfg->model_offload_activations && cfg->model_gpu_layer_inputs == 0;
+    long kept = 0, best = mt_forecast_longest_seq_len(cfg, mc, gpu, world, capacity, limit);
     *as_configured = best;
-    *chose = (long_choices){0, 0, 0, 0};
+    *chose = (long_choices){0, 0, 0, 0, 0};
+    if (may_keep) best = longest_keeping(cfg, mc, gpu, world, capacity, limit, 1, &kept);
     char tile[16];
     snprintf(tile, sizeof tile, "%d", kAutoMlpTileRows);
     if (cfg->model_mlp_tile_rows == 0)
-        chose->tiles = keep_if_longer(cfg, mc, gpu, world, capacity, limit, "model.mlp_tile_rows", tile, "0", &best);
+        chose->tiles = keep_if_longer(cfg, mc, gpu, world, capacity, limit, may_keep, "model.mlp_tile_rows", tile, "0",
+                                      &best, &kept);
     if (gpu && !strcmp(cfg->model_deterministic_attention, "auto"))
-        chose->attention = keep_if_longer(cfg, mc, gpu, world, capacity, limit, "model.deterministic_attention",
-                                          "false", "auto", &best);
+        chose->attention = keep_if_longer(cfg, mc, gpu, world, capacity, limit, may_keep,
+                                          "model.deterministic_attention", "false", "auto", &best, &kept);
     if (gpu && cfg->lora_r > 0 && !strcmp(cfg->optim_kind, "adamw") && !strcmp(cfg->offload_optimizer, "none"))
-        chose->offload =
-            keep_if_longer(cfg, mc, gpu, world, capacity, limit, "offload.optimizer", "cpu", "none", &best);
-    if (gpu && best > 0 && best < limit) {  // one token more: the GPU fits it, the host does not?
-        long saved = cfg->train_seq_len;
-        mt_forecast f;
-        cfg->train_seq_len = best + 1;
-        chose->host_binds = !mt_forecast_run(cfg, mc, gpu, world, &f) && f.device_peak <= capacity;
-        cfg->train_seq_len = saved;
-    }
+        chose->offload = keep_if_longer(cfg, mc, gpu, world, capacity, limit, may_keep, "offload.optimizer", "cpu",
+                                        "none", &best, &kept);
+    chose->kept = kept, cfg->model_gpu_layer_inputs = kept;
+    chose->host_binds = host_binds(cfg, mc, gpu, world, capacity, best, limit);
     return best;
 }
 
 // How a chosen length was reached, for the line that reports it.
 static const char *choices_note(long_choices c, char *buf, size_t len) {
-    char tiles[96];
+    char tiles[96], kept[128];
     snprintf(tiles, sizeof tiles, "the MLP in tiles of %d tokens (model.mlp_tile_rows: %d)", kAutoMlpTileRows,
              kAutoMlpTileRows);
-    const char *parts[3], *all[3] = {
+    snprintf(kept, sizeof kept,
+             "the first %ld layer inputs kept on the GPU, not in host memory "
+             "(model.gpu_layer_inputs: %ld)",
+             c.kept, c.kept);
+    const char *parts[4], *all[4] = {
                               tiles,
                               "cuDNN's non-deterministic attention backward (model.deterministic_attention: false; the "
                               "deterministic one's workspace grows as T x T)",
                               "the adapters' AdamW state in host memory (offload.optimizer: cpu; the same AdamW)",
+                              kept,
                           };
-    int n = 0, on[3] = {c.tiles, c.attention, c.offload};
-    for (int i = 0; i < 3; i++)
+    int n = 0, on[4] = {c.tiles, c.attention, c.offload, c.kept > 0};
+    for (int i = 0; i < 4; i++)
         if (on[i]) parts[n++] = all[i];
     size_t at = (size_t)snprintf(buf, len, "%s", n ? " with " : " as configured");
     for (int i = 0; i < n && at < len; i++)
@@ -348,6 +423,7 @@ static void unchoose(mt_config *cfg, long_choices c) {
     if (c.tiles) cfg->model_mlp_tile_rows = 0;
     if (c.attention) mt_config_set(cfg, "model.deterministic_attention", "auto", "memtune plan");
     if (c.offload) mt_config_set(cfg, "offload.optimizer", "none", "memtune plan");
+    if (c.kept) cfg->model_gpu_layer_inputs = 0;
 }
 
 mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_sets, int gpu, int world,
@@ -356,7 +432,7 @@ mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_s
     mt_err err = load(&cfg, path, sets, n_sets, NULL);
     mt_model_config mc;
     if (!err) err = mt_hf_read_config(cfg.model_path, &mc);
-    long_choices chose = {0, 0, 0, 0};  // what train.seq_len: max chose
+    long_choices chose = {0, 0, 0, 0, 0};  // what train.seq_len: max chose
     char note[512];
     if (!err && cfg.train_seq_len == MT_SEQ_LEN_MAX) {  // the longest that fits the GPU's memory
         long as_configured = 0;

@@ -53,6 +53,9 @@ mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_s
 // in host memory) whose forecast fits, and logs which and why; refuses with
 // the smallest one's needs when none fits. No budget: nothing changes.
 mt_err mt_forecast_fit_budget(mt_config *cfg, int gpu, int world);
+// The host memory the forecasts take as available (memtune plan --host-memory)
+// instead of this machine's MemAvailable.
+void mt_forecast_set_host_memory(double bytes);
 // The longest train.seq_len, from 16 to limit, whose forecast fits capacity
 // bytes with cfg's other settings (cfg is changed and restored); 0: none.
 long mt_forecast_longest_seq_len(mt_config *cfg, const mt_model_config *mc, int gpu, int world, double capacity,

@@ -32,7 +32,8 @@ static void usage(FILE *f) {
             "  memtune tokenize --input FILE --output DATA.h5 [--tokenizer MODEL_DIR] [--format F] ...\n"
             "                                 text, JSONL, prompt/completion, Alpaca or chat data to tokens\n"
             "                                 (memtune tokenize --help)\n"
-            "  memtune plan CONFIG.yaml [--set ...] [--gpu-memory SIZE] [--device gpu|cpu] [--ranks N]\n"
+            "  memtune plan CONFIG.yaml [--set ...] [--gpu-memory SIZE] [--host-memory SIZE] [--device gpu|cpu] "
+            "[--ranks N]\n"
             "                                 what the run will hold, before it runs, and alternatives\n"
             "  memtune generate --model DIR [--adapter DIR] (--prompt TEXT | --chat TEXT | --input FILE.jsonl)\n"
             "                                 text from the model (KV cache, GPU or CPU; memtune generate --help)\n"
@@ -320,11 +321,13 @@ static int cmd_plan(int argc, char **argv) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
             printf(
-                "usage: memtune plan CONFIG.yaml [--set section.key=value ...] [--gpu-memory SIZE] [--device gpu|cpu] "
-                "[--ranks N] [--brief]\n\nForecasts the run's memory by category on the device (and host memory for "
-                "offload), without a GPU and without loading weights, with alternatives that fit or not and the "
-                "longest train.seq_len that fits (--brief: the run's forecast alone). SIZE: 80GiB, 24G, ... "
-                "(default: the GPU's, when one is visible). docs/plan.md.\n");
+                "usage: memtune plan CONFIG.yaml [--set section.key=value ...] [--gpu-memory SIZE] [--host-memory "
+                "SIZE] [--device gpu|cpu] [--ranks N] [--brief]\n\nForecasts the run's memory by category on the "
+                "device (and host memory for offload), without a GPU and without loading weights, with alternatives "
+                "that fit or not and the longest train.seq_len that fits (--brief: the run's forecast alone). SIZE: "
+                "80GiB, 24G, ... (--gpu-memory: default the GPU's, when one is visible; --host-memory: the host "
+                "memory available to the run, default this machine's MemAvailable, of which the offloaded layer "
+                "inputs and a streamed base may plan 85%%). docs/plan.md.\n");
             free(sets);
             return 0;
         }
@@ -349,6 +352,13 @@ static int cmd_plan(int argc, char **argv) {
                 return free(sets),
                        fail(mt_errorf(MT_ERR_USAGE,
                                       "--gpu-memory %s: expected a size with its unit, such as 80GiB or 24G", v));
+        } else if (!strcmp(a, "--host-memory")) {
+            double host = mt_parse_size(argv[++i]);
+            if (host <= 0)
+                return free(sets),
+                       fail(mt_errorf(MT_ERR_USAGE,
+                                      "--host-memory %s: expected a size with its unit, such as 120GiB or 64G", v));
+            mt_forecast_set_host_memory(host);
         } else if (a[0] == '-')
             return free(sets), fail(mt_errorf(MT_ERR_USAGE, "unknown option %s (memtune plan --help)", a));
         else if (path)

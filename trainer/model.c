@@ -146,10 +146,11 @@ struct mt_model {
     void *act_block;
     void **x;       // (L+1) residual stream inputs, (N, C) each
     void **x_pair;  // forward-only: a second stream's, for MeZO's paired passes
-    // offload: x[l] lives in slot l % 2 on the backend; x[0..L-2] are copied
-    // to host_x in forward and fetched back in backward, beside the compute
-    int offload;
-    void *host_x;                  // (L-1, N, C) pinned host memory
+    // offload: x[0..kept-1] have buffers of their own on the backend, x[l]
+    // from kept on lives in slot (l - kept) % 2; x[kept..L-2] are copied to
+    // host_x in forward and fetched back in backward, beside the compute
+    int offload, kept;
+    void *host_x;                  // (L-1-kept, N, C) pinned host memory
     int *tickets;                  // (L+1) the copy that last moved x[l]
     layer_acts *acts;              // L sets, or 1 shared set with checkpointing
     void *lnf;                     // (N, C)
@@ -425,8 +426,9 @@ static size_t layout_activations(mt_model *m, uintptr_t base) {
     // x2|ln2 hold (H + 2 KV) D values a token (Llama: 12 KiB a token of 8B's 148 saved)
     m->dqkv_in_x2 = backward && HD + 2 * KVD <= 2 * (size_t)c->C;
     if (m->offload || m->forward_only) {
+        for (int l = 0; l < m->kept; l++) m->x[l] = carve(&cur, N * c->C * a);
         void *slots[2] = {carve(&cur, N * c->C * a), carve(&cur, N * c->C * a)};
-        for (int l = 0; l <= c->L; l++) m->x[l] = slots[l % 2];
+        for (int l = m->kept; l <= c->L; l++) m->x[l] = slots[(l - m->kept) % 2];
         void *pair[2] = {NULL, NULL};
         if (m->forward_only && !m->decode_len) pair[0] = carve(&cur, N * c->C * a), pair[1] = carve(&cur, N * c->C * a);
         for (int l = 0; l <= c->L && m->x_pair; l++) m->x_pair[l] = pair[l % 2];
@@ -531,6 +533,7 @@ static mt_model *model_setup(mt_backend *be, const mt_model_config *cfg, const m
     m->quantized = o->quantize_nf4;
     m->dequant_layer = m->dequant_param = -1;
     m->offload = o->offload_activations && o->activation_checkpointing && cfg->L >= 2;
+    m->kept = m->offload ? (o->gpu_layer_inputs < cfg->L - 1 ? o->gpu_layer_inputs : cfg->L - 1) : 0;
     m->params = mt_model_param_table(cfg, &m->num_params, &m->total);
     if (m->lora.r) m->adapter_params = mt_lora_param_table(cfg, &m->lora, &m->num_adapter_params, &m->adapter_total);
     m->compute_offset = calloc((size_t)m->num_params, sizeof(size_t));
@@ -822,8 +825,8 @@ mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_confi
         err = mt_alloc((void **)&m->adapter_grads, m->adapter_total * sizeof(float), MT_MEM_GRADS, place);
     size_t act_bytes = layout_activations(m, 0);
     if (!err) err = mt_alloc(&m->act_block, act_bytes, MT_MEM_ACTIVATIONS, place);
-    if (!err && m->offload)
-        err = mt_alloc(&m->host_x, (size_t)(cfg->L - 1) * N * cfg->C * act, MT_MEM_OFFLOAD, MT_HOST);
+    if (!err && m->offload && m->kept < cfg->L - 1)
+        err = mt_alloc(&m->host_x, (size_t)(cfg->L - 1 - m->kept) * N * cfg->C * act, MT_MEM_OFFLOAD, MT_HOST);
     size_t cache = mt_model_kv_cache_bytes(be->gpu, cfg, B, o->decode_len) / 2;
     if (!err && cache) err = mt_alloc(&m->kcache, cache, MT_MEM_ACTIVATIONS, place);
     if (!err && cache) err = mt_alloc(&m->vcache, cache, MT_MEM_ACTIVATIONS, place);
@@ -924,7 +927,7 @@ void mt_model_plan_bytes(int gpu, int device, const mt_model_config *cfg, const 
     if (m->lora.r && !m->forward_only) b->grads += m->adapter_total * sizeof(float);
     b->activations = layout_activations(m, 0);
     b->activations += mt_model_kv_cache_bytes(gpu, cfg, o->B, o->decode_len);
-    b->offload_host = m->offload ? (size_t)(cfg->L - 1) * N * cfg->C * act : 0;
+    b->offload_host = m->offload ? (size_t)(cfg->L - 1 - m->kept) * N * cfg->C * act : 0;
     int cudnn = 0, cudnn_local = 0;
     if (gpu) {  // decoding reserves no attention workspace (mt_model_create_with)
         int attends = !o->decode_len, both = attends && cfg->global_every;
@@ -1673,8 +1676,11 @@ static void upload_tokens(mt_model *m, const int32_t *inputs, const int32_t *tar
 }
 
 // Offload: x[l] to or from its host copy (l <= L-2), beside the compute.
+// Whether x[l] goes to host memory between forward and backward (x[L-1] never leaves).
+static int offloaded(const mt_model *m, int l) { return m->offload && l >= m->kept && l <= m->cfg.L - 2; }
+
 static void *host_x(const mt_model *m, int l) {
-    return (char *)m->host_x + (size_t)l * m->B * m->T * m->cfg.C * mt_act_size(m->be);
+    return (char *)m->host_x + (size_t)(l - m->kept) * m->B * m->T * m->cfg.C * mt_act_size(m->be);
 }
 
 static void move_x(mt_model *m, int l, int to_host) {
@@ -1734,14 +1740,14 @@ static void body_forward(mt_model *m) {
     int offload = m->offload && m->training;
     begin_forward(m);
     embed_forward(m);
-    if (offload) move_x(m, 0, 1);
+    if (offload && offloaded(m, 0)) move_x(m, 0, 1);
     for (int l = 0; l < c->L; l++) {
         // x[l+1]'s slot held x[l-1]: its copy out must be done
-        if (offload && l >= 1) wait_x(m, l - 1);
+        if (offload && l >= 1 && offloaded(m, l - 1)) wait_x(m, l - 1);
         weights_needed(m, 1 + l);
         stream_layer(m, l, l + 1);
         layer_forward(m, l, 0);
-        if (offload && l + 1 <= c->L - 2) move_x(m, l + 1, 1);
+        if (offload && offloaded(m, l + 1)) move_x(m, l + 1, 1);
     }
     weights_needed(m, 1 + c->L);
     final_norm(m);
@@ -1839,12 +1845,9 @@ double mt_model_step(mt_model *m, const int32_t *inputs, const int32_t *targets,
     if (streamed) m->grad_ready(m->grad_ready_ctx, m->index_norm, m->g_norm);
     if (m->grads_done) m->grads_done(m->grads_done_ctx, c->L + 1);
     for (int l = c->L - 1; l >= 0; l--) {
-        if (m->offload) {
-            // fetch x[l-1] into the slot x[l+1] used, while layer l runs;
-            // x[L-1] never left
-            if (l >= 1) move_x(m, l - 1, 0);
-            if (l <= c->L - 2) wait_x(m, l);
-        }
+        // fetch x[l-1] into the slot x[l+1] used, while layer l runs
+        if (l >= 1 && offloaded(m, l - 1)) move_x(m, l - 1, 0);
+        if (offloaded(m, l)) wait_x(m, l);
         if (streamed) mt_op_zero(be, stream_buffer(m, l), m->grad_stream_count * sizeof(float));
         stream_layer(m, l, l - 1);
         layer_backward(m, l);

@@ -47,6 +47,7 @@ typedef struct {
     mt_lora_config lora;                  // lora.r > 0: adapters trained, the base frozen
     int quantize_nf4;                     // QLoRA: the base's linear weights in NF4 (needs lora.r > 0)
     int offload_activations;              // with checkpointing: layer inputs kept in (pinned) host memory
+    int gpu_layer_inputs;                 // with offload_activations: the first n layer inputs stay on the backend
     int forward_only;                     // inference memory: no gradients, no backward buffers, one
                                           // layer's activations (MeZO, evaluation)
     mt_grad_ready_fn grad_ready;          // full fine-tune: no model-sized gradient block; each

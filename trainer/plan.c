@@ -173,6 +173,7 @@ mt_model_options mt_plan_model_options(const mt_plan *p, const mt_config *cfg) {
         .lora = p->lora_cfg,
         .quantize_nf4 = !strcmp(cfg->model_quantize, "nf4"),
         .offload_activations = (int)cfg->model_offload_activations,
+        .gpu_layer_inputs = (int)cfg->model_gpu_layer_inputs,
         .forward_only = p->mezo,
         .document_mask = (int)cfg->data_document_mask,
         .stream_weights = !strcmp(cfg->model_weights, "cpu") || !strcmp(cfg->model_weights, "ssd"),
