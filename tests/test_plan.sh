@@ -178,10 +178,11 @@ K=$(echo "$out" | sed -n 's/^train.seq_len max: \([0-9]*\) tokens.*(model.gpu_la
 plain=$(echo "$out" | sed -n 's/^longest train.seq_len that fits as configured: //p')
 [ -n "$T" ] && [ "$K" -gt 0 ] && [ "$T" -gt "$plain" ] ||
     fail "train.seq_len max, host-bound: expected layer inputs kept on the GPU and a length above $plain: $out"
-both() {  # T K: 0 when the forecast fits the 40 GiB GPU (plan's word) and 85% of the 16 GiB host (its GiB, 2 decimals)
-    "$MEMTUNE" plan "${l8[@]}" --set model.mlp_tile_rows=2048 --set "train.seq_len=$1" \
-        --set "model.gpu_layer_inputs=$2" --gpu-memory 40GiB --brief 2>&1 |
-        awk '/^peak/{exit !($NF == "fits" && $5 == "GiB" && $4 <= 0.85 * 16)}'
+both() {  # T K: 0 when the forecast fits the 40 GiB GPU and 85% of the 16 GiB host (plan's words)
+    local f
+    f=$("$MEMTUNE" plan "${l8[@]}" --set model.mlp_tile_rows=2048 --set "train.seq_len=$1" \
+        --set "model.gpu_layer_inputs=$2" --gpu-memory 40GiB --brief 2>&1)
+    echo "$f" | grep -q "^peak .*: fits$" && echo "$f" | grep -q "^(host memory: .* (--host-memory): fits)$"
 }
 both "$T" "$K" || fail "train.seq_len max, host-bound: T=$T with $K kept does not fit"
 ! both "$T" $((K - 1)) || fail "train.seq_len max, host-bound: T=$T fits with $((K - 1)) kept, fewer than $K"

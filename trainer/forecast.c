@@ -413,7 +413,7 @@ static const char *choices_note(long_choices c, char *buf, size_t len) {
     if (c.host_binds && at < len)
         snprintf(buf + at, len - at,
                  "; host memory binds it, not the GPU's (offloaded layer inputs and a streamed base may take %.0f%% "
-                 "of MemAvailable)",
+                 "of the host's available memory)",
                  100 * kHostShare);
     return buf;
 }
@@ -465,7 +465,7 @@ mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_s
     if (world > 1) fprintf(out, " | %d ranks (each rank's share)", world);
     fputc('\n', out);
     fprintf(out, "%s\n\n", f.what);
-    char b1[32], b2[32];
+    char b1[32], b2[32], b3[32];
     fprintf(out, "%-12s %11s%s\n", "category", dev, gpu ? "        host" : "");
     for (int c = 0; c < MT_MEM_NCATEGORIES; c++) {
         if (f.device[c] == 0 && f.host[c] == 0) continue;
@@ -482,6 +482,13 @@ mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_s
         fprintf(out, "   of %.1f GiB (%s): %s", capacity / 1073741824.0, capacity_source,
                 f.device_peak <= capacity ? "fits" : "does NOT fit");
     fputc('\n', out);
+    double host = mt_host_plannable();
+    if (gpu && f.host_peak > 0 && host > 0)
+        fprintf(out, "(host memory: %s of the %s a run may plan, %.0f%% of %s (%s): %s)\n",
+                trimmed(size_text(f.host_peak, b1, sizeof b1)), trimmed(size_text(host, b2, sizeof b2)),
+                100 * kHostShare, trimmed(size_text(host_available(), b3, sizeof b3)),
+                host_memory_given > 0 ? "--host-memory" : "MemAvailable",
+                f.host_peak <= host ? "fits" : "does NOT fit");
     if (gpu) {
         fprintf(out,
                 "(the allocator's tally; the device also holds the CUDA context and the libraries' workspaces, "

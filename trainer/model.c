@@ -159,7 +159,8 @@ struct mt_model {
     void *scratch_c;               // (N, C) o_proj / down_proj output; also lnf, between the layers' passes
     void *f0, *f1;                 // (N, F) swiglu out (then gate grad), its grad
     void *dres, *dln;              // (N, C) residual grad, norm-input grad
-    void *datty;                   // (N, HD)
+    void *datty;                   // (N, HD), or NULL: the layer's x2|ln2 hold it (datty_in_x2)
+    int datty_in_x2;               // d(atty) lives from o_proj's backward to attention's, when x2|ln2 are free
     void *dq, *dk, *dv;            // (B,H,T,D), (B,KV,T,D) x2
     void *dqkv_flat;               // (N, (H+2KV)D), or NULL: the layer's x2 and ln2 hold it (dqkv_in_x2)
     int dqkv_in_x2;                // qkv_flat lies in dq|dk|dv and dqkv_flat in the layer's x2|ln2
@@ -425,6 +426,9 @@ static size_t layout_activations(mt_model *m, uintptr_t base) {
     // backward, when the layer's x2 and ln2 are (their norm's backward has run): no buffers of their own where
     // x2|ln2 hold (H + 2 KV) D values a token (Llama: 12 KiB a token of 8B's 148 saved)
     m->dqkv_in_x2 = backward && HD + 2 * KVD <= 2 * (size_t)c->C;
+    // d(atty) too, before dqkv_flat: from o_proj's backward (after ln2's) to attention's, before RoPE's backward
+    // writes there (8B: 8 KiB a token)
+    m->datty_in_x2 = backward && HD <= 2 * (size_t)c->C;
     if (m->offload || m->forward_only) {
         for (int l = 0; l < m->kept; l++) m->x[l] = carve(&cur, N * c->C * a);
         void *slots[2] = {carve(&cur, N * c->C * a), carve(&cur, N * c->C * a)};
@@ -484,7 +488,7 @@ static size_t layout_activations(mt_model *m, uintptr_t base) {
         m->f1 = carve(&cur, (size_t)m->mlp_rows * c->F * a);
         m->dres = carve(&cur, N * c->C * a);
         m->dln = carve(&cur, N * c->C * a);
-        m->datty = carve(&cur, N * HD * a);
+        m->datty = m->datty_in_x2 ? NULL : carve(&cur, N * HD * a);
         m->dq = carve(&cur, N * HD * a);
         m->dk = carve(&cur, N * KVD * a);
         m->dv = carve(&cur, N * KVD * a);
@@ -1636,12 +1640,13 @@ static void layer_backward(mt_model *m, int l) {
         }
     }
     mt_op_rmsnorm_backward(be, m->dres, P->g[P_LN2], m->dln, A->x2, P->w[P_LN2], A->rstd2, N, c->C, g);
-    void *dattn = g ? sandwich_backward(m, l, P_ANORM, A->attn_out, A->rstd_a) : m->dres;
-    mt_op_matmul_backward(be, m->datty, P->g[P_WO], P->g[P_BO], dattn, A->atty, base_weight(m, l, P_WO), N, HD, c->C,
-                          0);
+    // x2 and ln2 are free from here
+    void *dattn = g ? sandwich_backward(m, l, P_ANORM, A->attn_out, A->rstd_a) : m->dres,
+         *datty = m->datty_in_x2 ? A->x2 : m->datty;
+    mt_op_matmul_backward(be, datty, P->g[P_WO], P->g[P_BO], dattn, A->atty, base_weight(m, l, P_WO), N, HD, c->C, 0);
     lora_backward(m, l, MT_LORA_O, dattn, HD, c->C, 0, N);
-    lora_input_backward(m, l, MT_LORA_O, m->datty, A->atty, HD, 0, N);
-    mt_op_attention_backward(be, local ? &m->attn_local : &m->attn, m->dq, m->dk, m->dv, m->datty, A->q, A->k, A->v,
+    lora_input_backward(m, l, MT_LORA_O, datty, A->atty, HD, 0, N);
+    mt_op_attention_backward(be, local ? &m->attn_local : &m->attn, m->dq, m->dk, m->dv, datty, A->q, A->k, A->v,
                              A->atty, A->lse, m->pos);
     void *dqf = m->dqkv_in_x2 ? A->x2 : m->dqkv_flat, *dkf = rows(m, dqf, (size_t)N, (size_t)HD),
          *dvf = rows(m, dkf, (size_t)N, (size_t)KVD);
@@ -1675,9 +1680,10 @@ static void upload_tokens(mt_model *m, const int32_t *inputs, const int32_t *tar
     if (targets) mt_backend_from_host(m->be, m->targets, targets, bytes);
 }
 
-// Offload: x[l] to or from its host copy (l <= L-2), beside the compute.
 // Whether x[l] goes to host memory between forward and backward (x[L-1] never leaves).
 static int offloaded(const mt_model *m, int l) { return m->offload && l >= m->kept && l <= m->cfg.L - 2; }
+
+// Offload: x[l] to or from its host copy (offloaded ones), beside the compute.
 
 static void *host_x(const mt_model *m, int l) {
     return (char *)m->host_x + (size_t)(l - m->kept) * m->B * m->T * m->cfg.C * mt_act_size(m->be);
