@@ -88,27 +88,37 @@ void *mt_host_malloc_pinned(size_t bytes) {
 }
 void mt_host_free_pinned(void *p) { CUDA_CHECK(cudaFreeHost(p)); }
 
-// The side stream for copies and a ring of events as tickets. A ticket is
-// waited on long before the ring comes round (the model holds at most a few).
-static cudaStream_t copy_stream;
+// Two side streams for copies, one a direction (the copy engines run a copy
+// to the device beside one to the host), and a ring of events as tickets. A
+// ticket is waited on long before the ring comes round (the model holds at
+// most a few); one waited on after the ring came round waits for a later
+// copy, which is slower, never wrong.
+static cudaStream_t copy_streams[2];  // 0: to the device (or within it), 1: to the host
 static const int kEvents = 256;
 static cudaEvent_t events[kEvents], issued;
 static int next_event;
 
-int mt_copy_async(void *dst, const void *src, size_t bytes) {
-    if (!copy_stream) {
-        CUDA_CHECK(cudaStreamCreateWithFlags(&copy_stream, cudaStreamNonBlocking));
+int mt_copy_async_after(void *dst, const void *src, size_t bytes, const int *after, int n_after) {
+    if (!copy_streams[0]) {
+        for (int k = 0; k < 2; k++) CUDA_CHECK(cudaStreamCreateWithFlags(&copy_streams[k], cudaStreamNonBlocking));
         CUDA_CHECK(cudaEventCreateWithFlags(&issued, cudaEventDisableTiming));
         for (int i = 0; i < kEvents; i++) CUDA_CHECK(cudaEventCreateWithFlags(&events[i], cudaEventDisableTiming));
     }
+    cudaPointerAttributes at;
+    CUDA_CHECK(cudaPointerGetAttributes(&at, dst));
+    cudaStream_t st = copy_streams[at.type == cudaMemoryTypeDevice || at.type == cudaMemoryTypeManaged ? 0 : 1];
     CUDA_CHECK(cudaEventRecord(issued, 0));  // the legacy stream the ops run on
-    CUDA_CHECK(cudaStreamWaitEvent(copy_stream, issued, 0));
-    CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, copy_stream));
+    CUDA_CHECK(cudaStreamWaitEvent(st, issued, 0));
+    for (int i = 0; i < n_after; i++)
+        if (after[i] >= 0) CUDA_CHECK(cudaStreamWaitEvent(st, events[after[i]], 0));
+    CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, st));
     int ticket = next_event;
     next_event = (next_event + 1) % kEvents;
-    CUDA_CHECK(cudaEventRecord(events[ticket], copy_stream));
+    CUDA_CHECK(cudaEventRecord(events[ticket], st));
     return ticket;
 }
+
+int mt_copy_async(void *dst, const void *src, size_t bytes) { return mt_copy_async_after(dst, src, bytes, NULL, 0); }
 
 void mt_copy_async_wait(int ticket) { CUDA_CHECK(cudaStreamWaitEvent(0, events[ticket], 0)); }
 

@@ -42,7 +42,12 @@ void mt_host_free_pinned(void *p);
 // Copies bytes between device and pinned host memory on a side stream, after
 // every op issued so far; returns a ticket. mt_copy_async_wait makes the ops
 // issued after it wait for that copy (on the device: the host does not block).
+// Copies to the device and copies to the host run on two streams, beside each
+// other: one in each direction is ordered only by the ops issued before it
+// and by the tickets it is given to wait for (`after`, n_after of them; -1:
+// none).
 int mt_copy_async(void *dst, const void *src, size_t bytes);
+int mt_copy_async_after(void *dst, const void *src, size_t bytes, const int *after, int n_after);
 void mt_copy_async_wait(int ticket);
 
 // Side streams and events for copy pipelines (offload/), as opaque handles;

@@ -648,10 +648,15 @@ static double gpu_loss(void *p, uint64_t seed, float scale) {
     return loss;
 }
 
+static void gpu_pair(void *p, uint64_t seed, float eps, double *plus, double *minus) {
+    gpu_loss_ctx *c = p;
+    mt_model_forward_pair(c->model, c->in, c->tg, seed, eps, plus, minus);
+}
+
 // The fused update + perturbation kernel gives bit for bit what the update
 // kernel and the perturbation kernel give (bf16, stochastic rounding), and so
-// does the base streamed from host memory (the update applied in a slot and
-// written back).
+// does the base streamed from host memory through the paired passes (the
+// update applied in a slot and written back beside the next layer's copy in).
 START_TEST(gpu_deferred_mezo_update_is_bit_identical) {
     mt_model_config c;
     small_config(&c, 1);
@@ -692,7 +697,10 @@ START_TEST(gpu_deferred_mezo_update_is_bit_identical) {
         double l[3][4];
         for (int k = 0; k < 3; k++) {
             gpu_loss_ctx ctx = {m[k], in, tg};
-            mt_mezo_losses(mz[k], step, gpu_loss, &ctx, l[k]);
+            if (k == 2)  // the streamed base through MeZO's paired passes, as the trainer runs them
+                mt_mezo_losses_paired(mz[k], step, gpu_pair, &ctx, l[k]);
+            else
+                mt_mezo_losses(mz[k], step, gpu_loss, &ctx, l[k]);
             mt_mezo_info info;
             mt_mezo_update(mz[k], step, l[k], 1e-3f, &info);
         }

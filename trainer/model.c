@@ -114,8 +114,10 @@ struct mt_model {
     int streamed;
     int in_file;  // the store is a file's mapping (model.weights: ssd)
     void *outer, *slots[2];
-    int slot_layer[2], slot_ticket[2];  // the layer each slot holds (-1: none), its copy
+    int slot_layer[2], slot_ticket[2];  // the layer each slot holds (-1: none), its copy in
     int slot_dirty[2];                  // MeZO's update changed the slot: written back before reuse
+    int slot_wb[2];                     // the copy out of the slot's last write-back (-1: none)
+    int *store_wb;                      // (L) the copy out of each layer's last write-back into the store
     int *param_layer;                   // (num_params) the layer of each parameter, -1 outside layers
     size_t *layer_first;                // (L+1) element offset of each layer's span in the compute block
     size_t layer_compute, layer_nf4;    // bytes of one layer's compute weights, NF4 storage
@@ -547,6 +549,10 @@ static mt_model *model_setup(mt_backend *be, const mt_model_config *cfg, const m
     m->forward_only = o->forward_only;
     m->streamed = o->stream_weights;
     m->slot_layer[0] = m->slot_layer[1] = -1;
+    m->slot_wb[0] = m->slot_wb[1] = -1;
+    m->store_wb = malloc(((size_t)cfg->L + 1) * sizeof *m->store_wb);
+    MT_CHECK(m->store_wb != NULL, "model tables");
+    for (int l = 0; l <= cfg->L; l++) m->store_wb[l] = -1;
     m->param_layer = malloc((size_t)m->num_params * sizeof *m->param_layer);
     MT_CHECK(m->param_layer != NULL, "model tables");
     for (int i = 0; i < m->num_params; i++) {
@@ -682,24 +688,37 @@ static char *store_nf4(const mt_model *m, int l) {
     return m->quantized ? (char *)m->nf4_storage + (size_t)l * m->layer_nf4 : NULL;
 }
 
-// MeZO changed slot k's weights: back into the store (beside the compute,
-// after the ops that changed them; before anything else the copy stream does).
+// MeZO changed slot k's weights: back into the store, beside the compute
+// (after the ops that changed them; the copies to the host run beside those
+// to the device). A slot's refill and a layer's next copy in wait for it.
 static void write_back(mt_model *m, int k) {
     if (!m->slot_dirty[k]) return;
+    int l = m->slot_layer[k];
     if (m->be->gpu)
-        m->slot_ticket[k] = mt_copy_async(store_compute(m, m->slot_layer[k]), m->slots[k], m->layer_compute);
+        m->slot_wb[k] = m->store_wb[l] = mt_copy_async(store_compute(m, l), m->slots[k], m->layer_compute);
     else
-        memcpy(store_compute(m, m->slot_layer[k]), m->slots[k], m->layer_compute);
+        memcpy(store_compute(m, l), m->slots[k], m->layer_compute);
     m->slot_dirty[k] = 0;
 }
 
-// Copies layer l's span of the store into slot k.
+// Layer l's update is complete (MeZO: its weights are only read from here
+// on): its slot goes back into the store now, beside the rest of the
+// layer's work, not when the slot is next refilled, where the copy out and
+// the next layer's copy in would run one after the other.
+static void write_back_layer(mt_model *m, int l) {
+    for (int k = 0; k < 2 && m->streamed; k++)
+        if (m->slot_layer[k] == l) write_back(m, k);
+}
+
+// Copies layer l's span of the store into slot k (after the slot's write-back
+// and the layer's last one).
 static void fill_slot(mt_model *m, int k, int l) {
     write_back(m, k);
     const char *compute = store_compute(m, l), *nf4 = store_nf4(m, l);
     char *dst = m->slots[k];
     if (m->be->gpu) {
-        m->slot_ticket[k] = mt_copy_async(dst, compute, m->layer_compute);
+        int after[2] = {m->slot_wb[k], m->store_wb[l]};
+        m->slot_ticket[k] = mt_copy_async_after(dst, compute, m->layer_compute, after, 2);
         if (nf4) m->slot_ticket[k] = mt_copy_async(dst + align256(m->layer_compute), nf4, m->layer_nf4);
     } else {
         memcpy(dst, compute, m->layer_compute);
@@ -967,6 +986,7 @@ void mt_model_free(mt_model *m) {
     mt_free(&m->outer);
     mt_free(&m->slots[0]);
     mt_free(&m->slots[1]);
+    free(m->store_wb);
     mt_free(&m->dequant);
     mt_free(&m->adapter_weights);
     mt_free((void **)&m->adapter_grads);
@@ -1099,7 +1119,9 @@ mt_err mt_model_set_params(mt_model *m, int first, int count, const float *value
                               last->offset + last->count - base);
     }
     // streamed: the store is written on the host (bf16 by the same rounding
-    // as the GPU's cast, NF4 by the CPU's quantizer), the outer tensors go up
+    // as the GPU's cast, NF4 by the CPU's quantizer), the outer tensors go up,
+    // once no copy into or out of the store is under way
+    if (m->be->gpu) mt_device_synchronize();
     mt_backend host = {0};
     mt_err err = MT_OK;
     for (int i = first; i < first + count && !err; i++) {
@@ -1250,11 +1272,8 @@ void mt_model_defer_update(mt_model *m, const mt_zo_directions *d, float lr, flo
 // A streamed base as it stands: changed slots and the outer tensors back in
 // the store, then the store as fp32.
 static void read_streamed(mt_model *m, float *dst) {
-    for (int k = 0; k < 2; k++) {
-        int wrote = m->slot_dirty[k];
-        write_back(m, k);
-        if (wrote && m->be->gpu) mt_copy_async_wait(m->slot_ticket[k]);  // before the copies below
-    }
+    for (int k = 0; k < 2; k++) write_back(m, k);
+    if (m->be->gpu) mt_device_synchronize();  // every write-back landed (the copies below wait for none)
     sync_outer(m, m->index_wte, 0);
     sync_outer(m, m->index_norm, 0);
     if (m->index_lm != m->index_wte) sync_outer(m, m->index_lm, 0);
@@ -1753,6 +1772,7 @@ static void body_forward(mt_model *m) {
         weights_needed(m, 1 + l);
         stream_layer(m, l, l + 1);
         layer_forward(m, l, 0);
+        write_back_layer(m, l);  // a deferred MeZO update it applied
         if (offload && offloaded(m, l + 1)) move_x(m, l + 1, 1);
     }
     weights_needed(m, 1 + c->L);
@@ -1796,6 +1816,7 @@ void mt_model_forward_pair(mt_model *m, const int32_t *inputs, const int32_t *ta
             m->x = xs[s];
             mt_model_set_perturbation(m, seed, signed_scale[s]);
             layer_forward(m, l, 0);
+            if (s == 0) write_back_layer(m, l);  // the + pass applied the deferred update
         }
     }
     weights_needed(m, 1 + c->L);
