@@ -174,6 +174,13 @@ if want resume && [ -f data/kjv.txt ]; then
     resume_check offload-delay-noclip 40 15 "" train configs/quickstart.yaml --set data.train=/tmp/kjv.h5 \
         --set train.device=gpu --set train.steps=40 --set train.log_every=1 --set checkpoint.every=5 \
         --set offload.optimizer=cpu --set offload.delay=1 --set optim.grad_clip=0
+    if { [ ! -f /tmp/mt-quickstart/model/model.safetensors ] || [ ! -f /tmp/psalms.h5 ]; } &&
+        { [ -z "${MT_RESUME_ONLY:-}" ] || [[ QLoRA =~ $MT_RESUME_ONLY ]] || [[ MeZO =~ $MT_RESUME_ONLY ]] ||
+            [[ GaLore =~ $MT_RESUME_ONLY ]]; }; then
+        # (they would otherwise pass unrun)
+        echo "== QLoRA, MeZO and GaLore resume: NOT RUN: they resume the quickstart stage's model (/tmp/mt-quickstart); run --stages \"quickstart resume\""
+        status=1
+    fi
     if [ -f /tmp/mt-quickstart/model/model.safetensors ] && [ -f /tmp/psalms.h5 ]; then
         echo "== QLoRA (dropout on) and MeZO (bf16 weights, stochastic rounding) resume on the GPU"
         resume_check QLoRA 30 12 adapter/adapter_model.safetensors train configs/quickstart-lora.yaml \
