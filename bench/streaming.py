@@ -20,7 +20,7 @@ steps, GPU peak from nvidia-smi and the allocator, host peak from VmRSS):
              state off the GPU against the weights resident.
 Writes streaming_bench.json and prints one line per run.
 
-  python3 bench/streaming.py --out $OUT [--cases qlora-70b,mezo-30b,mezo-13b,full-3b] [--batches 8]
+  python3 bench/streaming.py --out $OUT [--cases qlora-70b,mezo-30b,mezo-13b,full-3b] [--batches 8] [--weights cpu]
 """
 import argparse
 import json
@@ -91,6 +91,7 @@ def main():
     ap.add_argument("--cases", default="qlora-70b,mezo-30b,full-3b")
     ap.add_argument("--batches", default="", help="mezo-13b's and mezo-30b's batch sizes, comma-separated "
                     "(default: 1,16 and 8,1)")
+    ap.add_argument("--weights", default="cpu,gpu", help="streamed (cpu), resident (gpu) or both, comma-separated")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--work", default="/tmp/mt-streaming-bench")
@@ -110,24 +111,24 @@ def main():
             sets = {"lora.r": 16, "lora.alpha": 32, "lora.dropout": 0.05, "lora.targets": "all-linear",
                     "model.quantize": "nf4", "model.activation_checkpointing": "true",
                     "model.offload_activations": "true", "optim.lr": 1e-4}
-            for w in ("cpu", "gpu"):
+            for w in args.weights.split(","):
                 results["runs"][f"{case}-{w}"] = run(args, case, folder, data, 1, 2048, sets, w)
         elif case == "mezo-13b":
             folder, _ = shape_folder(args.work, "13b", SHAPES)
             sets = {"optim.kind": "mezo", "optim.lr": 1e-6, "mezo.eps": 1e-3}
             for B in batches(args, (1, 16)):
-                for w in ("cpu", "gpu"):
+                for w in args.weights.split(","):
                     results["runs"][f"{case}-{w}-B{B}"] = run(args, case, folder, data, B, 1024, sets, w)
         elif case == "mezo-30b":
             folder, _ = shape_folder(args.work, "33b", SHAPES)
             sets = {"optim.kind": "mezo", "optim.lr": 1e-6, "mezo.eps": 1e-3, "model.mlp_tile_rows": 4096}
             for B in batches(args, (8, 1)):  # the pair the target is about first: each run draws 32.5 G random values on the host
-                for w in ("cpu", "gpu"):
+                for w in args.weights.split(","):
                     results["runs"][f"{case}-{w}-B{B}"] = run(args, case, folder, data, B, 1024, sets, w)
         elif case == "full-3b":
             folder, _ = shape_folder(args.work, "3b", SHAPES)
             sets = {"offload.optimizer": "cpu", "model.activation_checkpointing": "true", "optim.lr": 1e-5}
-            for w in ("cpu", "gpu"):
+            for w in args.weights.split(","):
                 results["runs"][f"{case}-{w}"] = run(args, case, folder, data, 4, 1024, sets, w)
     for key, r in results["runs"].items():
         twin = key.replace("-cpu", "-gpu")
