@@ -1121,7 +1121,7 @@ mt_err mt_model_set_params(mt_model *m, int first, int count, const float *value
     // streamed: the store is written on the host (bf16 by the same rounding
     // as the GPU's cast, NF4 by the CPU's quantizer), the outer tensors go up,
     // once no copy into or out of the store is under way
-    if (m->be->gpu) mt_device_synchronize();
+    if (m->streamed && m->be->gpu) mt_device_synchronize();
     mt_backend host = {0};
     mt_err err = MT_OK;
     for (int i = first; i < first + count && !err; i++) {
@@ -1702,8 +1702,7 @@ static void upload_tokens(mt_model *m, const int32_t *inputs, const int32_t *tar
 // Whether x[l] goes to host memory between forward and backward (x[L-1] never leaves).
 static int offloaded(const mt_model *m, int l) { return m->offload && l >= m->kept && l <= m->cfg.L - 2; }
 
-// Offload: x[l] to or from its host copy (offloaded ones), beside the compute.
-
+// Offload: x[l]'s host copy, and x[l] to or from it beside the compute.
 static void *host_x(const mt_model *m, int l) {
     return (char *)m->host_x + (size_t)(l - m->kept) * m->B * m->T * m->cfg.C * mt_act_size(m->be);
 }
