@@ -455,6 +455,11 @@ void mt_zo_update_ref(float *w, size_t n, uint64_t offset, int count, const uint
 // The 8-bit maps (ops.h): decade d of D holds 2^(D-1-d) magnitudes spread
 // linearly over (10^-(d+1), 10^-d].
 static float qmap_tables[2][256];
+// For each map and each 16-bit prefix of a float's bits (sign, exponent, 7
+// mantissa bits), the last code whose value is at most the least float with
+// that prefix: where mt_qmap_encode's search starts (a lower bound of the
+// answer for every float with the prefix; at most a few codes from it).
+static uint8_t qmap_start[2][65536];
 static pthread_once_t qmap_once = PTHREAD_ONCE_INIT;
 
 static int decade_magnitudes(double *out, int decades) {
@@ -478,6 +483,14 @@ static void build_qmaps(void) {
     float *u = qmap_tables[0];
     u[0] = 0.0f;
     for (int i = 0; i < n; i++) u[1 + i] = (float)mag[i];
+    for (int t = 0; t < 2; t++)
+        for (uint32_t p = 0; p < 65536; p++) {
+            // the least float with prefix p: the rest of its bits 0 (positive) or 1 (negative, larger magnitude)
+            uint32_t bits = p << 16 | (p & 0x8000 ? 0xFFFFu : 0u);
+            float x;
+            memcpy(&x, &bits, sizeof x);
+            qmap_start[t][p] = mt_qmap_floor(qmap_tables[t], x);
+        }
 }
 
 const float *mt_qmap(int is_signed) {
@@ -485,7 +498,23 @@ const float *mt_qmap(int is_signed) {
     return qmap_tables[is_signed ? 1 : 0];
 }
 
-uint8_t mt_qmap_encode(const float *map, float x) { return mt_qmap_nearest(map, x); }
+// Map t's code for x: mt_qmap_nearest's, found from the table of x's 16-bit
+// prefix instead of by bisection (the same code for every x:
+// tests/test_galore.c).
+static inline uint8_t qmap_code(int t, float x) {
+    const float *map = qmap_tables[t];
+    if (!(x > map[0])) return 0;  // (NaN too, as the bisection gives)
+    uint32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    int lo = qmap_start[t][bits >> 16];
+    while (lo < 255 && map[lo + 1] <= x) lo++;  // rarely a step (at most one for these maps)
+    return mt_qmap_round(map, x, lo);
+}
+
+uint8_t mt_qmap_encode(const float *map, float x) {
+    int t = map == qmap_tables[0] ? 0 : map == qmap_tables[1] ? 1 : -1;
+    return t < 0 ? mt_qmap_nearest(map, x) : qmap_code(t, x);
+}
 
 size_t mt_adam_state_bytes(size_t n, int int8) {
     if (!int8) return 2 * n * sizeof(float);
@@ -531,14 +560,25 @@ void mt_qblock_decode(const uint8_t *mq, const uint8_t *vq, float m_absmax, floa
 
 void mt_qblock_encode(const float *m, const float *v, size_t len, uint8_t *mq, uint8_t *vq, float *m_absmax,
                       float *v_absmax) {
-    const float *smap = mt_qmap(1), *umap = mt_qmap(0);
+    pthread_once(&qmap_once, build_qmaps);
+    // the absmax as fmaxf gives it (a NaN never wins), in plain compares the compiler vectorizes
     float m_max = 0.0f, v_max = 0.0f;
-    for (size_t k = 0; k < len; k++) m_max = fmaxf(m_max, fabsf(m[k])), v_max = fmaxf(v_max, v[k]);
-    *m_absmax = m_max, *v_absmax = v_max;
     for (size_t k = 0; k < len; k++) {
-        mq[k] = mt_qmap_encode(smap, m_max > 0.0f ? m[k] / m_max : 0.0f);
-        uint8_t code = mt_qmap_encode(umap, v_max > 0.0f ? v[k] / v_max : 0.0f);
-        vq[k] = code == 0 && v[k] > 0.0f ? 1 : code;  // a nonzero v never decodes to 0
+        float a = fabsf(m[k]);
+        m_max = a > m_max ? a : m_max;
+        v_max = v[k] > v_max ? v[k] : v_max;
+    }
+    *m_absmax = m_max, *v_absmax = v_max;
+    for (size_t k0 = 0; k0 < len; k0 += MT_QBLOCK) {
+        size_t n = len - k0 < MT_QBLOCK ? len - k0 : MT_QBLOCK;
+        float sm[MT_QBLOCK], sv[MT_QBLOCK];  // the scaled values, divided as one vector loop
+        for (size_t k = 0; k < n; k++)
+            sm[k] = m_max > 0.0f ? m[k0 + k] / m_max : 0.0f, sv[k] = v_max > 0.0f ? v[k0 + k] / v_max : 0.0f;
+        for (size_t k = 0; k < n; k++) {
+            mq[k0 + k] = qmap_code(1, sm[k]);
+            uint8_t code = qmap_code(0, sv[k]);
+            vq[k0 + k] = code == 0 && v[k0 + k] > 0.0f ? 1 : code;  // a nonzero v never decodes to 0
+        }
     }
 }
 

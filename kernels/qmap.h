@@ -9,10 +9,11 @@
 #define MT_QMAP_FN static inline
 #endif
 
-// map: 256 ascending values; ties go to the lower code.
-MT_QMAP_FN unsigned char mt_qmap_nearest(const float *map, float x) {
+// map: 256 ascending values. The last code whose value is at most x, by
+// bisection (0 when none is, or x is NaN).
+MT_QMAP_FN unsigned char mt_qmap_floor(const float *map, float x) {
     if (x <= map[0]) return 0;
-    int lo = 0, hi = 255;  // the last entry <= x, by bisection
+    int lo = 0, hi = 255;
     while (lo < hi) {
         int mid = (lo + hi + 1) / 2;
         if (map[mid] <= x)
@@ -20,8 +21,19 @@ MT_QMAP_FN unsigned char mt_qmap_nearest(const float *map, float x) {
         else
             hi = mid - 1;
     }
-    if (lo < 255 && map[lo + 1] - x < x - map[lo]) lo++;
     return (unsigned char)lo;
+}
+
+// Of code lo (the floor above) and the next one, the nearer to x; ties go to
+// the lower code.
+MT_QMAP_FN unsigned char mt_qmap_round(const float *map, float x, int lo) {
+    int next = lo < 255 ? lo + 1 : 255;  // (no branch on which is nearer: that is a coin toss for moments)
+    return (unsigned char)(lo + ((lo < 255) & (map[next] - x < x - map[lo])));
+}
+
+// The code nearest to x; ties go to the lower code.
+MT_QMAP_FN unsigned char mt_qmap_nearest(const float *map, float x) {
+    return x <= map[0] ? 0 : mt_qmap_round(map, x, mt_qmap_floor(map, x));
 }
 
 #endif
