@@ -459,7 +459,8 @@ static float qmap_tables[2][256];
 // mantissa bits), the last code whose value is at most the least float with
 // that prefix: where mt_qmap_encode's search starts (a lower bound of the
 // answer for every float with the prefix; at most a few codes from it).
-static uint8_t qmap_start[2][65536];
+static uint8_t qmap_start[2][65536 + 4];  // (4 bytes of padding: a vector gather reads 4 from any prefix)
+static int qmap_steps[2];                 // the most codes any x lies past its prefix's start
 static pthread_once_t qmap_once = PTHREAD_ONCE_INIT;
 
 static int decade_magnitudes(double *out, int decades) {
@@ -491,6 +492,22 @@ static void build_qmaps(void) {
             memcpy(&x, &bits, sizeof x);
             qmap_start[t][p] = mt_qmap_floor(qmap_tables[t], x);
         }
+    // the greatest float of each prefix (the rest of its bits 1 when positive, 0 when negative): its floor's
+    // distance from the prefix's start
+    for (int t = 0; t < 2; t++)
+        for (uint32_t p = 0; p < 65536; p++) {
+            uint32_t bits = p << 16 | (p & 0x8000 ? 0u : 0xFFFFu);
+            float x;
+            memcpy(&x, &bits, sizeof x);
+            int steps = (int)mt_qmap_floor(qmap_tables[t], x) - qmap_start[t][p];
+            if (steps > qmap_steps[t]) qmap_steps[t] = steps;
+        }
+}
+
+const uint8_t *mt_qmap_starts(int is_signed, int *most_steps) {
+    pthread_once(&qmap_once, build_qmaps);
+    *most_steps = qmap_steps[is_signed ? 1 : 0];
+    return qmap_start[is_signed ? 1 : 0];
 }
 
 const float *mt_qmap(int is_signed) {

@@ -112,6 +112,10 @@ void mt_apply_update_ref(float *w, const float *update, size_t n, float lr, floa
 void mt_gauss_ref(float *dst, size_t n, uint64_t seed);
 // The code of map (mt_qmap) nearest to x (ties to the lower code).
 uint8_t mt_qmap_encode(const float *map, float x);
+// mt_qmap_encode's table: for each 16-bit prefix of a float's bits, the last
+// code at most the least float with that prefix (65536 entries and 4 bytes of
+// padding); *most_steps: the most codes any float lies past its prefix's.
+const uint8_t *mt_qmap_starts(int is_signed, int *most_steps);
 // One 8-bit block of Adam's moments (len <= MT_QBLOCK values): decoded to
 // fp32 with its absmax, or encoded with a new absmax (the block's largest |m|
 // and largest v; a nonzero v never gets code 0). GaLore's 8-bit moments and

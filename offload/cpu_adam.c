@@ -11,6 +11,8 @@
 #include <string.h>
 
 #include "kernels/dtype.h"
+#include "kernels/ops.h"
+#include "kernels/ops_ref.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -232,4 +234,70 @@ void mt_cpu_accumulate(float *sum, const void *grad, int grad_bf16, size_t n, in
         else
             for (size_t i = at; i < end; i++) sum[i] += gf[i];
     }
+}
+
+// ------------------------------------------------ int8 moments' encoding
+
+#ifdef MT_X86
+// 16 values' codes on map (256 values) from its prefix table `start` (at most
+// one step past it: the caller checks), as kernels/ops_ref.c's qmap_code:
+// 0 unless x > map[0] (NaN included); the floor one step on where the next
+// code is at most x; then one more where the next code is nearer.
+__attribute__((target("avx512f"))) static __m512i qcodes16(__m512 x, const float *map, const uint8_t *start) {
+    const __m512i one = _mm512_set1_epi32(1), top = _mm512_set1_epi32(255);
+    __m512i prefix = _mm512_srli_epi32(_mm512_castps_si512(x), 16);
+    __m512i lo = _mm512_and_si512(_mm512_i32gather_epi32(prefix, (const void *)start, 1), _mm512_set1_epi32(0xFF));
+    __m512i next = _mm512_min_epi32(_mm512_add_epi32(lo, one), top);
+    __mmask16 below = _mm512_cmp_epi32_mask(lo, top, _MM_CMPINT_LT);
+    __mmask16 step = below & _mm512_cmp_ps_mask(_mm512_i32gather_ps(next, map, 4), x, _CMP_LE_OQ);
+    lo = _mm512_mask_add_epi32(lo, step, lo, one);
+    next = _mm512_min_epi32(_mm512_add_epi32(lo, one), top);
+    below = _mm512_cmp_epi32_mask(lo, top, _MM_CMPINT_LT);
+    __m512 at_next = _mm512_i32gather_ps(next, map, 4), at_lo = _mm512_i32gather_ps(lo, map, 4);
+    __mmask16 up = below & _mm512_cmp_ps_mask(_mm512_sub_ps(at_next, x), _mm512_sub_ps(x, at_lo), _CMP_LT_OQ);
+    lo = _mm512_mask_add_epi32(lo, up, lo, one);
+    return _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(x, _mm512_set1_ps(map[0]), _CMP_GT_OQ), lo);
+}
+
+__attribute__((target("avx512f"))) static void qencode_avx512(const float *m, const float *v, size_t len, uint8_t *mq,
+                                                              uint8_t *vq, float *m_absmax, float *v_absmax,
+                                                              const uint8_t *sstart, const uint8_t *ustart) {
+    const float *smap = mt_qmap(1), *umap = mt_qmap(0);
+    // the absmax: max_ps(a, b) is a > b ? a : b, the reference's compare (a NaN never wins); the lanes hold
+    // +0 or larger, so their order does not matter
+    __m512 mx = _mm512_setzero_ps(), vx = _mm512_setzero_ps();
+    for (size_t k = 0; k < len; k += 16) {
+        __mmask16 in = len - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (len - k)) - 1);
+        mx = _mm512_mask_max_ps(mx, in, _mm512_abs_ps(_mm512_maskz_loadu_ps(in, m + k)), mx);
+        vx = _mm512_mask_max_ps(vx, in, _mm512_maskz_loadu_ps(in, v + k), vx);
+    }
+    float m_max = _mm512_reduce_max_ps(mx), v_max = _mm512_reduce_max_ps(vx);
+    *m_absmax = m_max, *v_absmax = v_max;
+    __m512 md = _mm512_set1_ps(m_max), vd = _mm512_set1_ps(v_max), zero = _mm512_setzero_ps();
+    for (size_t k = 0; k < len; k += 16) {
+        __mmask16 in = len - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (len - k)) - 1);
+        __m512 mv = _mm512_maskz_loadu_ps(in, m + k), vv = _mm512_maskz_loadu_ps(in, v + k);
+        __m512 sm = m_max > 0.0f ? _mm512_div_ps(mv, md) : zero, sv = v_max > 0.0f ? _mm512_div_ps(vv, vd) : zero;
+        __m512i mc = qcodes16(sm, smap, sstart), vc = qcodes16(sv, umap, ustart);
+        // a nonzero v never decodes to 0
+        __mmask16 lift =
+            _mm512_cmp_epi32_mask(vc, _mm512_setzero_si512(), _MM_CMPINT_EQ) & _mm512_cmp_ps_mask(vv, zero, _CMP_GT_OQ);
+        vc = _mm512_mask_mov_epi32(vc, lift, _mm512_set1_epi32(1));
+        _mm512_mask_cvtepi32_storeu_epi8(mq + k, in, mc);
+        _mm512_mask_cvtepi32_storeu_epi8(vq + k, in, vc);
+    }
+}
+#endif
+
+void mt_cpu_qblock_encode(const float *m, const float *v, size_t len, uint8_t *mq, uint8_t *vq, float *m_absmax,
+                          float *v_absmax) {
+#ifdef MT_X86
+    int s_steps, u_steps;
+    const uint8_t *sstart = mt_qmap_starts(1, &s_steps), *ustart = mt_qmap_starts(0, &u_steps);
+    if (s_steps <= 1 && u_steps <= 1 && mt_cpu_adam_path_available(MT_CPU_ADAM_AVX512)) {
+        qencode_avx512(m, v, len, mq, vq, m_absmax, v_absmax, sstart, ustart);
+        return;
+    }
+#endif
+    mt_qblock_encode(m, v, len, mq, vq, m_absmax, v_absmax);
 }

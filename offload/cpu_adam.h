@@ -47,6 +47,12 @@ void mt_cpu_adam_prepare(mt_cpu_adam_step *s, float lr, float beta1, float beta2
 void mt_cpu_adam_update(mt_cpu_adam_path path, const mt_cpu_adam_step *s, float *master, float *m, float *v,
                         const void *grad, int grad_bf16, uint16_t *weights_bf16, size_t n);
 
+// One block of int8 moments encoded (offload.moments int8): the codes and
+// absmax values kernels/ops_ref.h's mt_qblock_encode gives, bit for bit, 16
+// values at a time where the processor has AVX-512 (else that function).
+void mt_cpu_qblock_encode(const float *m, const float *v, size_t len, uint8_t *mq, uint8_t *vq, float *m_absmax,
+                          float *v_absmax);
+
 // Sum of squares of grad (fp32 or bf16), accumulated in double: the
 // global-norm clip's input. Thread count fixed: the same sum every time.
 // Not finite when any value is not.

@@ -20,6 +20,7 @@
 #include "kernels/mem.h"
 #include "kernels/ops.h"
 #include "kernels/ops_ref.h"
+#include "offload/cpu_adam.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -226,8 +227,8 @@ static void code_window(mt_store *s, size_t a, size_t b, int encode) {
         for (size_t j = 0; j < blocks; j++) {
             size_t i = lo + j * MT_QBLOCK, len = hi - i < MT_QBLOCK ? hi - i : MT_QBLOCK, w = i - a;
             if (encode)
-                mt_qblock_encode(s->win_m + w, s->win_v + w, len, s->mq + i, s->vq + i, &s->m_absmax[first + j],
-                                 &s->v_absmax[first + j]);
+                mt_cpu_qblock_encode(s->win_m + w, s->win_v + w, len, s->mq + i, s->vq + i, &s->m_absmax[first + j],
+                                     &s->v_absmax[first + j]);
             else
                 mt_qblock_decode(s->mq + i, s->vq + i, s->m_absmax[first + j], s->v_absmax[first + j], s->win_m + w,
                                  s->win_v + w, len);

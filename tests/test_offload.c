@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "kernels/dtype.h"
+#include "kernels/ops.h"
 #include "kernels/ops_ref.h"
 #include "kernels/rng.h"
 #include "offload/cpu_adam.h"
@@ -73,6 +74,90 @@ START_TEST(cpu_adam_equals_the_reference_bit_for_bit) {
 #if defined(__x86_64__)
     ck_assert_msg(paths >= 2 || !__builtin_cpu_supports("avx2"), "the AVX2 path was not tested on an AVX2 machine");
 #endif
+}
+END_TEST
+
+// The store's int8 encoder (AVX-512 where the processor has it) gives the
+// reference's codes and absmax bit for bit: first every code's own case, in
+// blocks whose absmax is 1 (so each value is its own scaled value): the
+// least, the greatest and 4 random floats of every 16-bit prefix in [-1, 1],
+// every map value and midpoint and their neighbours 3 ulps either side; then
+// 2000 blocks of 1 to 256 values, moments spread over 12 decades, with
+// zeros, negative zeros, map values, denormals, infinities and NaNs mixed in.
+static void encoders_agree(const float *m, const float *v, size_t len, const char *what) {
+    float am[2], av[2];
+    uint8_t mq[2][256], vq[2][256];
+    mt_qblock_encode(m, v, len, mq[0], vq[0], &am[0], &av[0]);
+    mt_cpu_qblock_encode(m, v, len, mq[1], vq[1], &am[1], &av[1]);
+    ck_assert_msg(memcmp(&am[0], &am[1], sizeof am[0]) == 0 && memcmp(&av[0], &av[1], sizeof av[0]) == 0,
+                  "%s: absmax %g %g, reference %g %g", what, am[1], av[1], am[0], av[0]);
+    for (size_t k = 0; k < len; k++)
+        ck_assert_msg(mq[0][k] == mq[1][k] && vq[0][k] == vq[1][k],
+                      "%s, value %zu (%g, %g): codes %d %d, reference %d %d", what, k, m[k], v[k], mq[1][k], vq[1][k],
+                      mq[0][k], vq[0][k]);
+}
+
+// Appends x (m) and |x| (v) to the block, sent through both encoders when full.
+static void code_case(float *m, float *v, size_t *n, float x) {
+    if (!(fabsf(x) <= 1.0f)) return;
+    m[*n] = x, v[*n] = fabsf(x);
+    if (++*n == 256) encoders_agree(m, v, 256, "codes"), *n = 1;
+}
+
+START_TEST(int8_encoder_equals_the_reference) {
+    float bm[256] = {1.0f}, bv[256] = {1.0f};  // value 0 sets both absmax to 1
+    size_t n = 1;
+    for (uint32_t p = 0; p < 65536; p++) {
+        uint32_t lows[6] = {0, 0xFFFF, 0, 0, 0, 0};
+        for (int k = 2; k < 6; k++) lows[k] = (uint32_t)(mt_rng_bits(34, (uint64_t)p * 8 + (uint64_t)k) & 0xFFFF);
+        for (int k = 0; k < 6; k++) {
+            uint32_t bits = p << 16 | lows[k];
+            float x;
+            memcpy(&x, &bits, sizeof x);
+            code_case(bm, bv, &n, x);
+        }
+    }
+    for (int sgn = 0; sgn < 2; sgn++) {
+        const float *map = mt_qmap(sgn);
+        for (int i = 0; i < 256; i++)
+            for (int mid = 0; mid < 2 && (mid == 0 || i < 255); mid++) {
+                float c = mid ? 0.5f * (map[i] + map[i + 1]) : map[i];
+                uint32_t bits;
+                memcpy(&bits, &c, sizeof bits);
+                for (int d = -3; d <= 3; d++) {
+                    uint32_t b = bits + (uint32_t)d;
+                    float x;
+                    memcpy(&x, &b, sizeof x);
+                    code_case(bm, bv, &n, x);
+                }
+            }
+    }
+    encoders_agree(bm, bv, n, "codes");
+    const float *smap = mt_qmap(1), *umap = mt_qmap(0);
+    float m[256], v[256];
+    for (int b = 0; b < 2000; b++) {
+        size_t len = b < 256 ? (size_t)b + 1 : 1 + mt_rng_bits(31, (uint64_t)b) % 256;
+        for (size_t k = 0; k < len; k++) {
+            uint64_t r = mt_rng_bits(32, (uint64_t)b * 256 + k);
+            float mag = powf(10.0f, -(float)(r % 12)) * mt_rng_uniform(33, (uint64_t)b * 256 + k);
+            m[k] = r & 1024 ? -mag : mag;
+            v[k] = mag * mag;
+            switch (r >> 40 & 31) {
+                case 0: m[k] = 0.0f, v[k] = 0.0f; break;
+                case 1: m[k] = -0.0f; break;
+                case 2: m[k] = smap[r % 256], v[k] = umap[r % 256]; break;
+                case 3: m[k] = 1e-42f, v[k] = 1e-44f; break;
+                case 4:
+                    if (b % 7 == 0) m[k] = INFINITY;
+                    break;
+                case 5:
+                    if (b % 11 == 0) v[k] = NAN;
+                    break;
+                default: break;
+            }
+        }
+        encoders_agree(m, v, len, "random block");
+    }
 }
 END_TEST
 
@@ -943,6 +1028,7 @@ int main(void) {
     TCase *tc = tcase_create("offload");
     tcase_set_timeout(tc, 600);
     tcase_add_test(tc, cpu_adam_equals_the_reference_bit_for_bit);
+    tcase_add_test(tc, int8_encoder_equals_the_reference);
     tcase_add_test(tc, sumsq_is_the_same_for_any_thread_count);
     tcase_add_test(tc, accumulate_sums_micro_batches_in_fp32);
     tcase_add_test(tc, host_sum_fits_below_85_percent_of_the_node);
