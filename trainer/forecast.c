@@ -327,16 +327,21 @@ static int host_binds(mt_config *cfg, const mt_model_config *mc, int gpu, int wo
     return binds;
 }
 
-// The longest length as cfg stands; where may_keep and host memory binds
-// it, the longer one that keeping the fewest layer inputs on the GPU fits
-// (those in *kept, else 0).
+// From the longest length as cfg stands (`plain`): where may_keep and host
+// memory binds it, the longer one that keeping the fewest layer inputs on
+// the GPU fits (those in *kept, else 0).
+static long keeping_if_host_binds(mt_config *cfg, const mt_model_config *mc, int gpu, int world, double capacity,
+                                  long limit, int may_keep, long plain, long *kept) {
+    *kept = 0;
+    if (!may_keep || !host_binds(cfg, mc, gpu, world, capacity, plain, limit)) return plain;
+    return longest_keeping_inputs(cfg, mc, gpu, world, capacity, limit, plain, kept);
+}
+
+// The longest length as cfg stands, with keeping_if_host_binds's choice.
 static long longest_keeping(mt_config *cfg, const mt_model_config *mc, int gpu, int world, double capacity, long limit,
                             int may_keep, long *kept) {
-    long best = mt_forecast_longest_seq_len(cfg, mc, gpu, world, capacity, limit);
-    *kept = 0;
-    if (may_keep && host_binds(cfg, mc, gpu, world, capacity, best, limit))
-        best = longest_keeping_inputs(cfg, mc, gpu, world, capacity, limit, best, kept);
-    return best;
+    long plain = mt_forecast_longest_seq_len(cfg, mc, gpu, world, capacity, limit);
+    return keeping_if_host_binds(cfg, mc, gpu, world, capacity, limit, may_keep, plain, kept);
 }
 
 // Sets key to value where that lengthens the longest fit (*best, with
@@ -371,7 +376,7 @@ static long longest_choosing(mt_config *cfg, const mt_model_config *mc, int gpu,
     long kept = 0, best = mt_forecast_longest_seq_len(cfg, mc, gpu, world, capacity, limit);
     *as_configured = best;
     *chose = (long_choices){0, 0, 0, 0, 0};
-    if (may_keep) best = longest_keeping(cfg, mc, gpu, world, capacity, limit, 1, &kept);
+    best = keeping_if_host_binds(cfg, mc, gpu, world, capacity, limit, may_keep, best, &kept);
     char tile[16];
     snprintf(tile, sizeof tile, "%d", kAutoMlpTileRows);
     if (cfg->model_mlp_tile_rows == 0)
