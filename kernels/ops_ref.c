@@ -486,20 +486,15 @@ static void build_qmaps(void) {
     for (int i = 0; i < n; i++) u[1 + i] = (float)mag[i];
     for (int t = 0; t < 2; t++)
         for (uint32_t p = 0; p < 65536; p++) {
-            // the least float with prefix p: the rest of its bits 0 (positive) or 1 (negative, larger magnitude)
-            uint32_t bits = p << 16 | (p & 0x8000 ? 0xFFFFu : 0u);
-            float x;
-            memcpy(&x, &bits, sizeof x);
-            qmap_start[t][p] = mt_qmap_floor(qmap_tables[t], x);
-        }
-    // the greatest float of each prefix (the rest of its bits 1 when positive, 0 when negative): its floor's
-    // distance from the prefix's start
-    for (int t = 0; t < 2; t++)
-        for (uint32_t p = 0; p < 65536; p++) {
-            uint32_t bits = p << 16 | (p & 0x8000 ? 0u : 0xFFFFu);
-            float x;
-            memcpy(&x, &bits, sizeof x);
-            int steps = (int)mt_qmap_floor(qmap_tables[t], x) - qmap_start[t][p];
+            // the least and the greatest float with prefix p: the rest of their bits 0 and 1 when positive, 1
+            // and 0 when negative (larger magnitude, smaller value); the start is the least's floor, and the
+            // greatest's floor lies the most steps past it
+            uint32_t low = p & 0x8000 ? 0xFFFFu : 0u, bits[2] = {p << 16 | low, p << 16 | (low ^ 0xFFFFu)};
+            float least, greatest;
+            memcpy(&least, &bits[0], sizeof least);
+            memcpy(&greatest, &bits[1], sizeof greatest);
+            qmap_start[t][p] = mt_qmap_floor(qmap_tables[t], least);
+            int steps = (int)mt_qmap_floor(qmap_tables[t], greatest) - qmap_start[t][p];
             if (steps > qmap_steps[t]) qmap_steps[t] = steps;
         }
 }
