@@ -701,13 +701,16 @@ static void write_back(mt_model *m, int k) {
     m->slot_dirty[k] = 0;
 }
 
+// The slot holding layer l, or -1.
+static int slot_of(const mt_model *m, int l) { return m->slot_layer[0] == l ? 0 : m->slot_layer[1] == l ? 1 : -1; }
+
 // Layer l's update is complete (MeZO: its weights are only read from here
 // on): its slot goes back into the store now, beside the rest of the
 // layer's work, not when the slot is next refilled, where the copy out and
 // the next layer's copy in would run one after the other.
 static void write_back_layer(mt_model *m, int l) {
-    for (int k = 0; k < 2 && m->streamed; k++)
-        if (m->slot_layer[k] == l) write_back(m, k);
+    int k = m->streamed ? slot_of(m, l) : -1;
+    if (k >= 0) write_back(m, k);
 }
 
 // Copies layer l's span of the store into slot k (after the slot's write-back
@@ -758,14 +761,14 @@ static void read_ahead(const mt_model *m, int l) {
 // its way into the other slot.
 static void stream_layer(mt_model *m, int l, int next) {
     if (!m->streamed) return;
-    int k = m->slot_layer[0] == l ? 0 : m->slot_layer[1] == l ? 1 : -1;
+    int k = slot_of(m, l);
     if (k < 0) {
         k = m->slot_layer[0] == next ? 1 : 0;
         fill_slot(m, k, l);
     }
     if (m->be->gpu) mt_copy_async_wait(m->slot_ticket[k]);
     bind_slot(m, l, k);
-    if (next >= 0 && next < m->cfg.L && m->slot_layer[0] != next && m->slot_layer[1] != next) {
+    if (next >= 0 && next < m->cfg.L && slot_of(m, next) < 0) {
         if (m->weights_needed) m->weights_needed(m->weights_needed_ctx, 1 + next);  // its update is in the store
         fill_slot(m, 1 - k, next);
         read_ahead(m, next + (next > l ? 1 : -1));  // the one after, in this pass's direction
@@ -1216,7 +1219,7 @@ static void *trainable_weight(mt_model *m, int i) {
     }
     int l = m->param_layer[i];
     if (l < 0) return outer_of(m, i);
-    int k = m->slot_layer[0] == l ? 0 : m->slot_layer[1] == l ? 1 : -1;
+    int k = slot_of(m, l);
     MT_CHECK(k >= 0, "layer %d's weights written while not in a slot", l);
     m->slot_dirty[k] = 1;
     return (char *)m->slots[k] + (m->compute_offset[i] - layer_start(m, l)) * act;
