@@ -144,47 +144,20 @@ END_TEST
 // bisecting (the CPU's encoder; the GPU's bisects): the same code as
 // mt_qmap_nearest for the least, the greatest and 4 random floats of every
 // prefix, every map value and midpoint and their neighbours 3 ulps either
-// side, infinities and NaNs.
-static float from_bits(uint32_t b) {
-    float x;
-    memcpy(&x, &b, sizeof x);
-    return x;
-}
-static uint32_t to_bits(float x) {
-    uint32_t b;
-    memcpy(&b, &x, sizeof b);
-    return b;
+// side, infinities and NaNs (tu_qmap_cases).
+static void code_equals_the_bisection(float x, void *ctx) {
+    const float *map = ctx;
+    uint8_t want = mt_qmap_nearest(map, x), got = mt_qmap_encode(map, x);
+    uint32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    ck_assert_msg(got == want, "map %s, bits 0x%08x: code %d, bisection %d", map[0] < 0.0f ? "signed" : "unsigned",
+                  bits, got, want);
 }
 
 START_TEST(qmap_encode_equals_the_bisection) {
     long checked = 0;
-    for (int sgn = 0; sgn < 2; sgn++) {
-        const float *map = mt_qmap(sgn);
-        for (uint32_t p = 0; p < 65536; p++) {
-            uint32_t lows[6] = {0, 0xFFFF, 0, 0, 0, 0};
-            for (int k = 2; k < 6; k++) lows[k] = (uint32_t)(mt_rng_bits(11, (uint64_t)p * 8 + (uint64_t)k) & 0xFFFF);
-            for (int k = 0; k < 6; k++) {
-                float x = from_bits(p << 16 | lows[k]);
-                uint8_t want = mt_qmap_nearest(map, x), got = mt_qmap_encode(map, x);
-                ck_assert_msg(got == want, "map %d, bits 0x%08x: code %d, bisection %d", sgn, p << 16 | lows[k], got,
-                              want);
-                checked++;
-            }
-        }
-        for (int i = 0; i < 256; i++)
-            for (int mid = 0; mid < 2 && (mid == 0 || i < 255); mid++) {
-                float c = mid ? 0.5f * (map[i] + map[i + 1]) : map[i];
-                for (int d = -3; d <= 3; d++) {
-                    float x = from_bits(to_bits(c) + (uint32_t)d);
-                    ck_assert_int_eq(mt_qmap_encode(map, x), mt_qmap_nearest(map, x));
-                    checked++;
-                }
-            }
-        const float odd[] = {INFINITY, -INFINITY, NAN, -NAN, from_bits(0x7F800001u), from_bits(0xFF800001u),
-                             0.0f,     -0.0f};
-        for (size_t i = 0; i < sizeof odd / sizeof *odd; i++)
-            ck_assert_int_eq(mt_qmap_encode(map, odd[i]), mt_qmap_nearest(map, odd[i]));
-    }
+    for (int sgn = 0; sgn < 2; sgn++)
+        checked += tu_qmap_cases(mt_qmap(sgn), 11, code_equals_the_bisection, (void *)mt_qmap(sgn));
     ck_assert_int_gt(checked, 780000);
 }
 END_TEST

@@ -97,42 +97,24 @@ static void encoders_agree(const float *m, const float *v, size_t len, const cha
                       mq[0][k], vq[0][k]);
 }
 
-// Appends x (m) and |x| (v) to the block, sent through both encoders when full.
-static void code_case(float *m, float *v, size_t *n, float x) {
+// A block of scaled values (value 0 is 1, both absmax): x (m) and |x| (v)
+// appended for every x in [-1, 1], sent through both encoders when full.
+typedef struct {
+    float m[256], v[256];
+    size_t n;
+} code_block;
+
+static void code_case(float x, void *ctx) {
+    code_block *b = ctx;
     if (!(fabsf(x) <= 1.0f)) return;
-    m[*n] = x, v[*n] = fabsf(x);
-    if (++*n == 256) encoders_agree(m, v, 256, "codes"), *n = 1;
+    b->m[b->n] = x, b->v[b->n] = fabsf(x);
+    if (++b->n == 256) encoders_agree(b->m, b->v, 256, "codes"), b->n = 1;
 }
 
 START_TEST(int8_encoder_equals_the_reference) {
-    float bm[256] = {1.0f}, bv[256] = {1.0f};  // value 0 sets both absmax to 1
-    size_t n = 1;
-    for (uint32_t p = 0; p < 65536; p++) {
-        uint32_t lows[6] = {0, 0xFFFF, 0, 0, 0, 0};
-        for (int k = 2; k < 6; k++) lows[k] = (uint32_t)(mt_rng_bits(34, (uint64_t)p * 8 + (uint64_t)k) & 0xFFFF);
-        for (int k = 0; k < 6; k++) {
-            uint32_t bits = p << 16 | lows[k];
-            float x;
-            memcpy(&x, &bits, sizeof x);
-            code_case(bm, bv, &n, x);
-        }
-    }
-    for (int sgn = 0; sgn < 2; sgn++) {
-        const float *map = mt_qmap(sgn);
-        for (int i = 0; i < 256; i++)
-            for (int mid = 0; mid < 2 && (mid == 0 || i < 255); mid++) {
-                float c = mid ? 0.5f * (map[i] + map[i + 1]) : map[i];
-                uint32_t bits;
-                memcpy(&bits, &c, sizeof bits);
-                for (int d = -3; d <= 3; d++) {
-                    uint32_t b = bits + (uint32_t)d;
-                    float x;
-                    memcpy(&x, &b, sizeof x);
-                    code_case(bm, bv, &n, x);
-                }
-            }
-    }
-    encoders_agree(bm, bv, n, "codes");
+    code_block cb = {{1.0f}, {1.0f}, 1};
+    for (int sgn = 0; sgn < 2; sgn++) tu_qmap_cases(mt_qmap(sgn), 34, code_case, &cb);
+    encoders_agree(cb.m, cb.v, cb.n, "codes");
     const float *smap = mt_qmap(1), *umap = mt_qmap(0);
     float m[256], v[256];
     for (int b = 0; b < 2000; b++) {

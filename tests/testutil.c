@@ -14,6 +14,31 @@
 #include "offload/cpu_adam.h"
 #include "trainer/config.h"
 
+static float float_of(uint32_t bits) {
+    float x;
+    memcpy(&x, &bits, sizeof x);
+    return x;
+}
+
+long tu_qmap_cases(const float *map, uint64_t seed, void (*each)(float x, void *ctx), void *ctx) {
+    long count = 0;
+    for (uint32_t p = 0; p < 65536; p++) {
+        uint32_t lows[6] = {0, 0xFFFF, 0, 0, 0, 0};
+        for (int k = 2; k < 6; k++) lows[k] = (uint32_t)(mt_rng_bits(seed, (uint64_t)p * 8 + (uint64_t)k) & 0xFFFF);
+        for (int k = 0; k < 6; k++, count++) each(float_of(p << 16 | lows[k]), ctx);
+    }
+    for (int i = 0; i < 256; i++)
+        for (int mid = 0; mid < 2 && (mid == 0 || i < 255); mid++) {
+            float c = mid ? 0.5f * (map[i] + map[i + 1]) : map[i];
+            uint32_t bits;
+            memcpy(&bits, &c, sizeof bits);
+            for (int d = -3; d <= 3; d++, count++) each(float_of(bits + (uint32_t)d), ctx);
+        }
+    const float odd[] = {INFINITY, -INFINITY, NAN, -NAN, float_of(0x7F800001u), float_of(0xFF800001u), 0.0f, -0.0f};
+    for (size_t i = 0; i < sizeof odd / sizeof *odd; i++, count++) each(odd[i], ctx);
+    return count;
+}
+
 void tu_fill_uniform(float *x, size_t n, float lo, float hi, uint64_t seed) {
     for (size_t i = 0; i < n; i++) x[i] = lo + (hi - lo) * mt_rng_uniform(seed, i);
 }

@@ -17,6 +17,13 @@ float *tu_random(size_t n, float lo, float hi, uint64_t seed);  // malloc'd
 // ||a - b|| / ||b||
 double tu_norm_rel_error(const float *a, const float *b, size_t n);
 
+// The floats that probe an encoder to an 8-bit map (kernels/qmap.h, 256
+// ascending values): the least, the greatest and 4 random floats (from seed)
+// of every 16-bit prefix of a float's bits, every value and midpoint of map
+// and their neighbours 3 ulps either side, then infinities, NaNs and signed
+// zeros, each handed to each(x, ctx). Returns how many.
+long tu_qmap_cases(const float *map, uint64_t seed, void (*each)(float x, void *ctx), void *ctx);
+
 // Central finite differences of `loss` with respect to x[i] for `samples`
 // indices spread over x; returns the worst |fd - analytic| / (|fd| + |analytic| + floor).
 typedef double (*tu_loss_fn)(void *ctx);
