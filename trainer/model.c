@@ -550,9 +550,9 @@ static mt_model *model_setup(mt_backend *be, const mt_model_config *cfg, const m
     m->streamed = o->stream_weights;
     m->slot_layer[0] = m->slot_layer[1] = -1;
     m->slot_wb[0] = m->slot_wb[1] = -1;
-    m->store_wb = malloc(((size_t)cfg->L + 1) * sizeof *m->store_wb);
-    MT_CHECK(m->store_wb != NULL, "model tables");
-    for (int l = 0; l <= cfg->L; l++) m->store_wb[l] = -1;
+    m->store_wb = malloc((size_t)cfg->L * sizeof *m->store_wb);
+    MT_CHECK(m->store_wb != NULL || cfg->L == 0, "model tables");
+    for (int l = 0; l < cfg->L; l++) m->store_wb[l] = -1;
     m->param_layer = malloc((size_t)m->num_params * sizeof *m->param_layer);
     MT_CHECK(m->param_layer != NULL, "model tables");
     for (int i = 0; i < m->num_params; i++) {
