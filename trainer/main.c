@@ -345,20 +345,16 @@ static int cmd_plan(int argc, char **argv) {
             int rc = positive_option(a, argv[++i], &n);
             if (rc) return free(sets), rc;
             ranks = (int)n;
-        } else if (!strcmp(a, "--gpu-memory")) {
-            capacity = mt_parse_size(argv[++i]);
-            source = "--gpu-memory";
-            if (capacity <= 0)
-                return free(sets),
-                       fail(mt_errorf(MT_ERR_USAGE,
-                                      "--gpu-memory %s: expected a size with its unit, such as 80GiB or 24G", v));
-        } else if (!strcmp(a, "--host-memory")) {
-            double host = mt_parse_size(argv[++i]);
-            if (host <= 0)
-                return free(sets),
-                       fail(mt_errorf(MT_ERR_USAGE,
-                                      "--host-memory %s: expected a size with its unit, such as 120GiB or 64G", v));
-            mt_forecast_set_host_memory(host);
+        } else if (!strcmp(a, "--gpu-memory") || !strcmp(a, "--host-memory")) {
+            int gpu_memory = !strcmp(a, "--gpu-memory");
+            double bytes = mt_parse_size(argv[++i]);
+            if (bytes <= 0)
+                return free(sets), fail(mt_errorf(MT_ERR_USAGE, "%s %s: expected a size with its unit, such as %s", a,
+                                                  v, gpu_memory ? "80GiB or 24G" : "120GiB or 64G"));
+            if (gpu_memory)
+                capacity = bytes, source = "--gpu-memory";
+            else
+                mt_forecast_set_host_memory(bytes);
         } else if (a[0] == '-')
             return free(sets), fail(mt_errorf(MT_ERR_USAGE, "unknown option %s (memtune plan --help)", a));
         else if (path)
