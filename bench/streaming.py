@@ -42,8 +42,9 @@ SHAPES = {
                 num_key_value_heads=40),
     "33b": dict(BASE, hidden_size=6656, intermediate_size=17920, num_hidden_layers=60, num_attention_heads=52,
                 num_key_value_heads=52),
-    "3b": dict(BASE, hidden_size=3200, intermediate_size=8640, num_hidden_layers=26, num_attention_heads=32,
-               num_key_value_heads=32),
+    # Llama-3.2-3B's layers (head dimension 128; OpenLLaMA-3B's 100 is not a multiple of 8, which cuDNN asks)
+    "3b": dict(BASE, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+               num_key_value_heads=8),
 }
 
 
@@ -79,6 +80,8 @@ def run(args, case, folder, data, B, T, sets, weights):
             f"{r['device_peak'] / GIB:.2f} GiB (allocator {r['allocator_peak'] / GIB:.2f}), host peak "
             f"{r['host_peak'] / GIB:.1f} GiB" if "error" not in r else f"error {r['error']}"))
     print(line, flush=True)
+    for mark in r.get("log", []):  # memtune's own tallies, beside the sampled peaks
+        print(f"  {mark}", flush=True)
     return r
 
 
