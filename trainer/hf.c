@@ -704,23 +704,21 @@ static mt_err set_unit(void *ctx, int first, int count, const float *values) {
     return mt_model_set_params(ctx, first, count, values);
 }
 
-mt_err mt_hf_set_model(mt_model *m, const char *dir, uint64_t seed) {
-    return mt_hf_each_unit(m, dir, seed, set_unit, m);
-}
-
-mt_err mt_hf_each_unit(mt_model *m, const char *dir, uint64_t seed, mt_hf_unit_fn fn, void *ctx) {
+// The walk of mt_hf_set_model (by_tensor) and mt_hf_each_unit: the units, or
+// each tensor alone, through one buffer the size of the widest.
+static mt_err each_range(mt_model *m, const char *dir, uint64_t seed, int by_tensor, mt_hf_unit_fn fn, void *ctx) {
     const mt_model_config *cfg = mt_model_get_config(m);
     int n;
     const mt_param_info *table = mt_model_params(m, &n);
     size_t widest = 0;
     for (int first = 0, end; first < n; first = end) {
-        end = unit_end(table, n, cfg->L, first);
+        end = by_tensor ? first + 1 : unit_end(table, n, cfg->L, first);
         if (unit_span(table, first, end) > widest) widest = unit_span(table, first, end);
     }
     float *buf = malloc((widest ? widest : 1) * sizeof(float));
     if (!buf)
-        return mt_errorf(MT_ERR_NOMEM, "out of host memory for one layer's fp32 values (%.1f GiB)",
-                         widest * 4.0 / 1073741824.0);
+        return mt_errorf(MT_ERR_NOMEM, "out of host memory for one %s's fp32 values (%.1f GiB)",
+                         by_tensor ? "tensor" : "layer", widest * 4.0 / 1073741824.0);
     shards h;  // each shard's header read once for all the units
     mt_err err = dir ? shards_open(&h, dir, cfg) : MT_OK;
     if (err) {
@@ -728,7 +726,7 @@ mt_err mt_hf_each_unit(mt_model *m, const char *dir, uint64_t seed, mt_hf_unit_f
         return err;
     }
     for (int first = 0, end; first < n && !err; first = end) {
-        end = unit_end(table, n, cfg->L, first);
+        end = by_tensor ? first + 1 : unit_end(table, n, cfg->L, first);
         memset(buf, 0, unit_span(table, first, end) * sizeof(float));  // the padding between tensors
         if (!dir)
             mt_model_init_random_params(cfg, first, end - first, buf, seed);
@@ -739,4 +737,13 @@ mt_err mt_hf_each_unit(mt_model *m, const char *dir, uint64_t seed, mt_hf_unit_f
     if (dir) shards_close(&h);
     free(buf);
     return err;
+}
+
+// a tensor at a time: at 70B a layer's fp32 values take 3.2 GiB, its widest tensor's 0.9 (the store the
+// values go to is allocated already, so this buffer adds to the host peak: memtune plan counts it)
+mt_err mt_hf_set_model(mt_model *m, const char *dir, uint64_t seed) { return each_range(m, dir, seed, 1, set_unit, m); }
+
+// whole units: the offload store's int8 moments are filled in blocks that no unit splits
+mt_err mt_hf_each_unit(mt_model *m, const char *dir, uint64_t seed, mt_hf_unit_fn fn, void *ctx) {
+    return each_range(m, dir, seed, 0, fn, ctx);
 }

@@ -21,10 +21,11 @@ mt_err mt_hf_load_weights(const char *dir, const mt_model_config *cfg, float *pa
 // (dst[0] is parameter first's): a base loaded a layer at a time.
 mt_err mt_hf_load_params(const char *dir, const mt_model_config *cfg, int first, int count, float *dst);
 // The model's base weights from the folder dir (NULL: mt_model_init_random's
-// values of seed), a layer at a time through one layer-sized fp32 host buffer:
-// host memory never holds the whole model in fp32.
+// values of seed), a tensor at a time through one fp32 host buffer the size of
+// the widest tensor: host memory never holds a whole layer in fp32.
 mt_err mt_hf_set_model(mt_model *m, const char *dir, uint64_t seed);
-// The same walk handing each unit's values (parameters first .. first +
+// The same walk by units (the embedding, a layer, the head: a layer's fp32
+// values at a time) handing each unit's values (parameters first .. first +
 // count - 1 of m's table, from the first one's offset; padding zero) to fn.
 typedef mt_err (*mt_hf_unit_fn)(void *ctx, int first, int count, const float *values);
 mt_err mt_hf_each_unit(mt_model *m, const char *dir, uint64_t seed, mt_hf_unit_fn fn, void *ctx);
