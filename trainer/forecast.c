@@ -161,8 +161,17 @@ mt_err mt_forecast_run(const mt_config *cfg, const mt_model_config *mc, int gpu,
     }
     for (int c = 0; c < MT_MEM_NCATEGORIES; c++) f->device_peak += d[c];
     f->device_peak += transient;
-    if (gpu)
+    if (gpu) {  // the stores are allocated before the base is loaded into them, a tensor at a time
+        int n;
+        size_t total, widest = 0;
+        mt_param_info *table = mt_model_param_table(mc, &n, &total);
+        for (int i = 0; i < n; i++)
+            if (table[i].count > widest) widest = table[i].count;
+        free(table);
+        f->host_load = (double)widest * sizeof(float);
+        f->host_peak = f->host_load;
         for (int c = 0; c < MT_MEM_NCATEGORIES; c++) f->host_peak += f->host[c];
+    }
     // FLOPs a token: forward 2P + 2LTC (the causal attention's two products)
     double P = (double)pl.total, fwd = 2 * P + 2.0 * mc->L * pl.T * mc->C;
     double passes = pl.mezo ? 2.0 * (double)cfg->mezo_samples : pl.lora ? 2.0 : 3.0;
@@ -470,7 +479,7 @@ mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_s
     if (world > 1) fprintf(out, " | %d ranks (each rank's share)", world);
     fputc('\n', out);
     fprintf(out, "%s\n\n", f.what);
-    char b1[32], b2[32], b3[32];
+    char b1[32], b2[32], b3[32], b4[32];
     fprintf(out, "%-12s %11s%s\n", "category", dev, gpu ? "        host" : "");
     for (int c = 0; c < MT_MEM_NCATEGORIES; c++) {
         if (f.device[c] == 0 && f.host[c] == 0) continue;
@@ -489,9 +498,12 @@ mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_s
     fputc('\n', out);
     double host = mt_host_plannable();
     if (gpu && f.host_peak > 0 && host > 0)
-        fprintf(out, "(host memory: %s of the %s a run may plan, %.0f%% of %s (%s): %s)\n",
-                trimmed(size_text(f.host_peak, b1, sizeof b1)), trimmed(size_text(host, b2, sizeof b2)),
-                100 * kHostShare, trimmed(size_text(host_available(), b3, sizeof b3)),
+        fprintf(out,
+                "(host memory: %s, with %s for loading the base a tensor at a time, of the %s a run may plan, "
+                "%.0f%% of %s (%s): %s)\n",
+                trimmed(size_text(f.host_peak, b1, sizeof b1)), trimmed(size_text(f.host_load, b4, sizeof b4)),
+                trimmed(size_text(host, b2, sizeof b2)), 100 * kHostShare,
+                trimmed(size_text(host_available(), b3, sizeof b3)),
                 host_memory_given > 0 ? "--host-memory" : "MemAvailable",
                 f.host_peak <= host ? "fits" : "does NOT fit");
     if (gpu) {

@@ -22,11 +22,12 @@ typedef struct {
     double device[MT_MEM_NCATEGORIES];  // each category's peak where the run computes
     double device_peak;                 // all of them at once (resident plus the largest transient)
     double host[MT_MEM_NCATEGORIES];    // host memory of a GPU run (offload stores, pinned buffers)
-    double host_peak;
-    double disk;           // the base's file with model.weights: ssd (bytes)
-    double step_time;      // relative: FLOPs / R + offloaded updates / S (forecast.c)
-    double tokens;         // per step, over the ranks
-    char what[256];        // the run in words: what is trained, where the state lives
+    double host_peak;                   // with host_load
+    double host_load;                   // loading the base: one tensor's fp32 values (mt_hf_set_model), GPU runs
+    double disk;                        // the base's file with model.weights: ssd (bytes)
+    double step_time;                   // relative: FLOPs / R + offloaded updates / S (forecast.c)
+    double tokens;                      // per step, over the ranks
+    char what[256];                     // the run in words: what is trained, where the state lives
     int attention_device;  // GPU forecasts: the visible GPU whose cuDNN was asked for attention's workspace, or -1
     int attention_cudnn;   // and whether cuDNN serves there (else memtune's own kernel's workspace is counted)
 } mt_forecast;
