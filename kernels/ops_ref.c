@@ -461,6 +461,14 @@ static float qmap_tables[2][256];
 // answer for every float with the prefix; at most a few codes from it).
 static uint8_t qmap_start[2][65536 + 4];  // (4 bytes of padding: a vector gather reads 4 from any prefix)
 static int qmap_steps[2];                 // the most codes any x lies past its prefix's start
+// The same search without the map: mt_qmap_nearest never decreases as x
+// grows, so its code is the count of thresholds at most x. qmap_up[t][c]: the
+// least float whose code exceeds c (NaN for 255: never reached);
+// qmap_code_start[t][p]: the code of prefix p's least float; qmap_up_steps:
+// the most codes any non-NaN prefix spans past it (at most 1: one compare).
+static float qmap_up[2][256];
+static uint8_t qmap_code_start[2][65536 + 4];
+static int qmap_up_steps[2];
 static pthread_once_t qmap_once = PTHREAD_ONCE_INIT;
 
 static int decade_magnitudes(double *out, int decades) {
@@ -470,6 +478,20 @@ static int decade_magnitudes(double *out, int decades) {
         for (int j = 0; j < levels; j++) out[count++] = pow(10.0, -d) * (0.1 + 0.9 * (j + 1) / levels);
     }
     return count;
+}
+
+// A float's bits as a key that orders as its value (-0 just below +0).
+static uint32_t ordered_key(float x) {
+    uint32_t b;
+    memcpy(&b, &x, sizeof b);
+    return b & 0x80000000u ? ~b : b | 0x80000000u;
+}
+
+static float key_float(uint32_t key) {
+    uint32_t b = key & 0x80000000u ? key & 0x7FFFFFFFu : ~key;
+    float x;
+    memcpy(&x, &b, sizeof x);
+    return x;
 }
 
 static void build_qmaps(void) {
@@ -496,13 +518,39 @@ static void build_qmaps(void) {
             qmap_start[t][p] = mt_qmap_floor(qmap_tables[t], least);
             int steps = (int)mt_qmap_floor(qmap_tables[t], greatest) - qmap_start[t][p];
             if (steps > qmap_steps[t]) qmap_steps[t] = steps;
+            qmap_code_start[t][p] = mt_qmap_nearest(qmap_tables[t], least);
+            steps = (int)mt_qmap_nearest(qmap_tables[t], greatest) - qmap_code_start[t][p];
+            if (least == least && greatest == greatest && steps > qmap_up_steps[t]) qmap_up_steps[t] = steps;
         }
+    for (int t = 0; t < 2; t++) {
+        for (int c = 0; c < 255; c++) {
+            // bisection over the floats from -inf to +inf in value order (their bits as ordered keys); the
+            // code of +inf is 255, so one exists
+            uint32_t lo = ordered_key(-INFINITY), hi = ordered_key(INFINITY);
+            while (lo < hi) {
+                uint32_t mid = lo + (hi - lo) / 2;
+                if (mt_qmap_nearest(qmap_tables[t], key_float(mid)) > c)
+                    hi = mid;
+                else
+                    lo = mid + 1;
+            }
+            qmap_up[t][c] = key_float(lo);
+        }
+        qmap_up[t][255] = NAN;
+    }
 }
 
 const uint8_t *mt_qmap_starts(int is_signed, int *most_steps) {
     pthread_once(&qmap_once, build_qmaps);
     *most_steps = qmap_steps[is_signed ? 1 : 0];
     return qmap_start[is_signed ? 1 : 0];
+}
+
+const uint8_t *mt_qmap_thresholds(int is_signed, const float **up, int *most_steps) {
+    pthread_once(&qmap_once, build_qmaps);
+    *up = qmap_up[is_signed ? 1 : 0];
+    *most_steps = qmap_up_steps[is_signed ? 1 : 0];
+    return qmap_code_start[is_signed ? 1 : 0];
 }
 
 const float *mt_qmap(int is_signed) {

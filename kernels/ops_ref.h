@@ -116,6 +116,12 @@ uint8_t mt_qmap_encode(const float *map, float x);
 // code at most the least float with that prefix (65536 entries and 4 bytes of
 // padding); *most_steps: the most codes any float lies past its prefix's.
 const uint8_t *mt_qmap_starts(int is_signed, int *most_steps);
+// The same code as a count: mt_qmap_encode(map, x) is, for x > map[0] (else
+// 0), start[p] + (x >= up[start[p]]) with p x's 16-bit prefix, where
+// *most_steps <= 1. Returns start (65536 entries and 4 bytes of padding);
+// *up: 256 thresholds, up[c] the least float whose code exceeds c (NaN at
+// 255).
+const uint8_t *mt_qmap_thresholds(int is_signed, const float **up, int *most_steps);
 // One 8-bit block of Adam's moments (len <= MT_QBLOCK values): decoded to
 // fp32 with its absmax, or encoded with a new absmax (the block's largest |m|
 // and largest v; a nonzero v never gets code 0). GaLore's 8-bit moments and

@@ -259,9 +259,23 @@ __attribute__((target("avx512f"))) static __m512i qcodes16(__m512 x, const float
     return _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(x, _mm512_set1_ps(map[0]), _CMP_GT_OQ), lo);
 }
 
+// The same codes as a count (ops_ref.h's mt_qmap_thresholds: at most one
+// threshold in any prefix, which the caller checks): the code of x's prefix,
+// one more where x is at least its threshold; 0 unless x > map[0]. Two
+// gathers where qcodes16 makes four.
+__attribute__((target("avx512f"))) static __m512i qcodes16_up(__m512 x, float map0, const float *up,
+                                                              const uint8_t *start) {
+    __m512i prefix = _mm512_srli_epi32(_mm512_castps_si512(x), 16);
+    __m512i c = _mm512_and_si512(_mm512_i32gather_epi32(prefix, (const void *)start, 1), _mm512_set1_epi32(0xFF));
+    __mmask16 past = _mm512_cmp_ps_mask(x, _mm512_i32gather_ps(c, up, 4), _CMP_GE_OQ);
+    c = _mm512_mask_add_epi32(c, past, c, _mm512_set1_epi32(1));
+    return _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(x, _mm512_set1_ps(map0), _CMP_GT_OQ), c);
+}
+
 __attribute__((target("avx512f"))) static void qencode_avx512(const float *m, const float *v, size_t len, uint8_t *mq,
                                                               uint8_t *vq, float *m_absmax, float *v_absmax,
-                                                              const uint8_t *sstart, const uint8_t *ustart) {
+                                                              const uint8_t *sstart, const uint8_t *ustart,
+                                                              const float *sup, const float *uup) {
     const float *smap = mt_qmap(1), *umap = mt_qmap(0);
     // the absmax: max_ps(a, b) is a > b ? a : b, the reference's compare (a NaN never wins); the lanes hold
     // +0 or larger, so their order does not matter
@@ -278,7 +292,9 @@ __attribute__((target("avx512f"))) static void qencode_avx512(const float *m, co
         __mmask16 in = len - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (len - k)) - 1);
         __m512 mv = _mm512_maskz_loadu_ps(in, m + k), vv = _mm512_maskz_loadu_ps(in, v + k);
         __m512 sm = m_max > 0.0f ? _mm512_div_ps(mv, md) : zero, sv = v_max > 0.0f ? _mm512_div_ps(vv, vd) : zero;
-        __m512i mc = qcodes16(sm, smap, sstart), vc = qcodes16(sv, umap, ustart);
+        // (up: the thresholds' tables in sstart and ustart, else the floors')
+        __m512i mc = sup ? qcodes16_up(sm, smap[0], sup, sstart) : qcodes16(sm, smap, sstart);
+        __m512i vc = uup ? qcodes16_up(sv, umap[0], uup, ustart) : qcodes16(sv, umap, ustart);
         // a nonzero v never decodes to 0
         __mmask16 lift =
             _mm512_cmp_epi32_mask(vc, _mm512_setzero_si512(), _MM_CMPINT_EQ) & _mm512_cmp_ps_mask(vv, zero, _CMP_GT_OQ);
@@ -287,15 +303,51 @@ __attribute__((target("avx512f"))) static void qencode_avx512(const float *m, co
         _mm512_mask_cvtepi32_storeu_epi8(vq + k, in, vc);
     }
 }
+
+// 16 codes at a time: each a gather of its map value, times the absmax (the reference's product).
+__attribute__((target("avx512f"))) static void qdecode_avx512(const uint8_t *mq, const uint8_t *vq, float m_absmax,
+                                                              float v_absmax, float *m, float *v, size_t len) {
+    const float *smap = mt_qmap(1), *umap = mt_qmap(0);
+    __m512 ma = _mm512_set1_ps(m_absmax), va = _mm512_set1_ps(v_absmax);
+    for (size_t k = 0; k < len; k += 16) {
+        __mmask16 in = len - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (len - k)) - 1);
+        uint8_t mt[16] = {0}, vt[16] = {0};  // (a block's tail: its codes, then code 0)
+        const uint8_t *mp = mq + k, *vp = vq + k;
+        if (len - k < 16) {
+            memcpy(mt, mp, len - k), memcpy(vt, vp, len - k);
+            mp = mt, vp = vt;
+        }
+        __m512i mc = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)mp));
+        __m512i vc = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)vp));
+        _mm512_mask_storeu_ps(m + k, in, _mm512_mul_ps(_mm512_i32gather_ps(mc, smap, 4), ma));
+        _mm512_mask_storeu_ps(v + k, in, _mm512_mul_ps(_mm512_i32gather_ps(vc, umap, 4), va));
+    }
+}
 #endif
+
+void mt_cpu_qblock_decode(const uint8_t *mq, const uint8_t *vq, float m_absmax, float v_absmax, float *m, float *v,
+                          size_t len) {
+#ifdef MT_X86
+    if (mt_cpu_adam_path_available(MT_CPU_ADAM_AVX512)) {
+        qdecode_avx512(mq, vq, m_absmax, v_absmax, m, v, len);
+        return;
+    }
+#endif
+    mt_qblock_decode(mq, vq, m_absmax, v_absmax, m, v, len);
+}
 
 void mt_cpu_qblock_encode(const float *m, const float *v, size_t len, uint8_t *mq, uint8_t *vq, float *m_absmax,
                           float *v_absmax) {
 #ifdef MT_X86
     int s_steps, u_steps;
-    const uint8_t *sstart = mt_qmap_starts(1, &s_steps), *ustart = mt_qmap_starts(0, &u_steps);
+    const float *sup, *uup;
+    const uint8_t *sstart = mt_qmap_thresholds(1, &sup, &s_steps), *ustart = mt_qmap_thresholds(0, &uup, &u_steps);
+    if (s_steps > 1 || u_steps > 1) {  // (not for these maps) the floors' tables, a step and a rounding
+        sup = uup = NULL;
+        sstart = mt_qmap_starts(1, &s_steps), ustart = mt_qmap_starts(0, &u_steps);
+    }
     if (s_steps <= 1 && u_steps <= 1 && mt_cpu_adam_path_available(MT_CPU_ADAM_AVX512)) {
-        qencode_avx512(m, v, len, mq, vq, m_absmax, v_absmax, sstart, ustart);
+        qencode_avx512(m, v, len, mq, vq, m_absmax, v_absmax, sstart, ustart, sup, uup);
         return;
     }
 #endif

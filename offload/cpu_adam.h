@@ -53,6 +53,11 @@ void mt_cpu_adam_update(mt_cpu_adam_path path, const mt_cpu_adam_step *s, float 
 void mt_cpu_qblock_encode(const float *m, const float *v, size_t len, uint8_t *mq, uint8_t *vq, float *m_absmax,
                           float *v_absmax);
 
+// One block of int8 moments decoded: kernels/ops_ref.h's mt_qblock_decode,
+// bit for bit, 16 values at a time where the processor has AVX-512.
+void mt_cpu_qblock_decode(const uint8_t *mq, const uint8_t *vq, float m_absmax, float v_absmax, float *m, float *v,
+                          size_t len);
+
 // Sum of squares of grad (fp32 or bf16), accumulated in double: the
 // global-norm clip's input. Thread count fixed: the same sum every time.
 // Not finite when any value is not.

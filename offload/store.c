@@ -230,8 +230,8 @@ static void code_window(mt_store *s, size_t a, size_t b, int encode) {
                 mt_cpu_qblock_encode(s->win_m + w, s->win_v + w, len, s->mq + i, s->vq + i, &s->m_absmax[first + j],
                                      &s->v_absmax[first + j]);
             else
-                mt_qblock_decode(s->mq + i, s->vq + i, s->m_absmax[first + j], s->v_absmax[first + j], s->win_m + w,
-                                 s->win_v + w, len);
+                mt_cpu_qblock_decode(s->mq + i, s->vq + i, s->m_absmax[first + j], s->v_absmax[first + j], s->win_m + w,
+                                     s->win_v + w, len);
         }
     }
 }

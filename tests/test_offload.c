@@ -77,8 +77,9 @@ START_TEST(cpu_adam_equals_the_reference_bit_for_bit) {
 }
 END_TEST
 
-// The store's int8 encoder (AVX-512 where the processor has it) gives the
-// reference's codes and absmax bit for bit: first every code's own case, in
+// The store's int8 encoder and decoder (AVX-512 where the processor has it)
+// give the reference's codes, absmax and decoded values bit for bit: first
+// every code's own case, in
 // blocks whose absmax is 1 (so each value is its own scaled value): the
 // least, the greatest and 4 random floats of every 16-bit prefix in [-1, 1],
 // every map value and midpoint and their neighbours 3 ulps either side; then
@@ -95,6 +96,13 @@ static void encoders_agree(const float *m, const float *v, size_t len, const cha
         ck_assert_msg(mq[0][k] == mq[1][k] && vq[0][k] == vq[1][k],
                       "%s, value %zu (%g, %g): codes %d %d, reference %d %d", what, k, m[k], v[k], mq[1][k], vq[1][k],
                       mq[0][k], vq[0][k]);
+    float dm[2][256], dv[2][256];  // and decoded back, both ways
+    mt_qblock_decode(mq[0], vq[0], am[0], av[0], dm[0], dv[0], len);
+    mt_cpu_qblock_decode(mq[1], vq[1], am[1], av[1], dm[1], dv[1], len);
+    for (size_t k = 0; k < len; k++)
+        ck_assert_msg(
+            memcmp(&dm[0][k], &dm[1][k], sizeof(float)) == 0 && memcmp(&dv[0][k], &dv[1][k], sizeof(float)) == 0,
+            "%s, value %zu: decoded %g %g, reference %g %g", what, k, dm[1][k], dv[1][k], dm[0][k], dv[0][k]);
 }
 
 // A block of scaled values (value 0 is 1, both absmax): x (m) and |x| (v)
