@@ -161,14 +161,13 @@ mt_err mt_forecast_run(const mt_config *cfg, const mt_model_config *mc, int gpu,
     }
     for (int c = 0; c < MT_MEM_NCATEGORIES; c++) f->device_peak += d[c];
     f->device_peak += transient;
-    if (gpu) {  // the stores are allocated before the base is loaded into them, a tensor at a time
-        int n;
-        size_t total, widest = 0;
-        mt_param_info *table = mt_model_param_table(mc, &n, &total);
-        for (int i = 0; i < n; i++)
-            if (table[i].count > widest) widest = table[i].count;
-        free(table);
-        f->host_load = (double)widest * sizeof(float);
+    if (gpu) {
+        // the base's fp32 values on the host (train.c's build_model; a run that does not resume): an offloaded
+        // full fine-tune's a unit at a time (the updater fills the store), a frozen base's and MeZO's a tensor
+        // at a time, the rest's whole, kept; the stores are allocated first
+        int fill = pl.offload && !pl.galore && !pl.lora, whole = !pl.lora && !pl.mezo && !fill;
+        f->host_load =
+            whole ? (double)pl.total * sizeof(float) : (double)mt_hf_load_buffer_floats(mc, !fill) * sizeof(float);
         f->host_peak = f->host_load;
         for (int c = 0; c < MT_MEM_NCATEGORIES; c++) f->host_peak += f->host[c];
     }
@@ -499,7 +498,7 @@ mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_s
     double host = mt_host_plannable();
     if (gpu && f.host_peak > 0 && host > 0)
         fprintf(out,
-                "(host memory: %s, with %s for loading the base a tensor at a time, of the %s a run may plan, "
+                "(host memory: %s, with %s of the base's fp32 values while it loads, of the %s a run may plan, "
                 "%.0f%% of %s (%s): %s)\n",
                 trimmed(size_text(f.host_peak, b1, sizeof b1)), trimmed(size_text(f.host_load, b4, sizeof b4)),
                 trimmed(size_text(host, b2, sizeof b2)), 100 * kHostShare,

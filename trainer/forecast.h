@@ -23,7 +23,7 @@ typedef struct {
     double device_peak;                 // all of them at once (resident plus the largest transient)
     double host[MT_MEM_NCATEGORIES];    // host memory of a GPU run (offload stores, pinned buffers)
     double host_peak;                   // with host_load
-    double host_load;                   // loading the base: one tensor's fp32 values (mt_hf_set_model), GPU runs
+    double host_load;                   // the base's fp32 values on the host while it loads (GPU runs)
     double disk;                        // the base's file with model.weights: ssd (bytes)
     double step_time;                   // relative: FLOPs / R + offloaded updates / S (forecast.c)
     double tokens;                      // per step, over the ranks

@@ -700,6 +700,24 @@ static size_t unit_span(const mt_param_info *table, int first, int end) {
     return table[end - 1].offset + table[end - 1].count - table[first].offset;
 }
 
+static size_t widest_range(const mt_param_info *table, int n, int L, int by_tensor) {
+    size_t widest = 0;
+    for (int first = 0, end; first < n; first = end) {
+        end = by_tensor ? first + 1 : unit_end(table, n, L, first);
+        if (unit_span(table, first, end) > widest) widest = unit_span(table, first, end);
+    }
+    return widest;
+}
+
+size_t mt_hf_load_buffer_floats(const mt_model_config *cfg, int by_tensor) {
+    int n;
+    size_t total;
+    mt_param_info *table = mt_model_param_table(cfg, &n, &total);
+    size_t widest = widest_range(table, n, cfg->L, by_tensor);
+    free(table);
+    return widest;
+}
+
 static mt_err set_unit(void *ctx, int first, int count, const float *values) {
     return mt_model_set_params(ctx, first, count, values);
 }
@@ -710,11 +728,7 @@ static mt_err each_range(mt_model *m, const char *dir, uint64_t seed, int by_ten
     const mt_model_config *cfg = mt_model_get_config(m);
     int n;
     const mt_param_info *table = mt_model_params(m, &n);
-    size_t widest = 0;
-    for (int first = 0, end; first < n; first = end) {
-        end = by_tensor ? first + 1 : unit_end(table, n, cfg->L, first);
-        if (unit_span(table, first, end) > widest) widest = unit_span(table, first, end);
-    }
+    size_t widest = widest_range(table, n, cfg->L, by_tensor);
     float *buf = malloc((widest ? widest : 1) * sizeof(float));
     if (!buf)
         return mt_errorf(MT_ERR_NOMEM, "out of host memory for one %s's fp32 values (%.1f GiB)",

@@ -29,6 +29,9 @@ mt_err mt_hf_set_model(mt_model *m, const char *dir, uint64_t seed);
 // count - 1 of m's table, from the first one's offset; padding zero) to fn.
 typedef mt_err (*mt_hf_unit_fn)(void *ctx, int first, int count, const float *values);
 mt_err mt_hf_each_unit(mt_model *m, const char *dir, uint64_t seed, mt_hf_unit_fn fn, void *ctx);
+// The fp32 values the walks' buffer holds: the widest tensor (by_tensor,
+// mt_hf_set_model's) or the widest unit (mt_hf_each_unit's).
+size_t mt_hf_load_buffer_floats(const mt_model_config *cfg, int by_tensor);
 // Writes dir/config.json (the source folder's, or one made from cfg when
 // src_dir is NULL) and dir/model.safetensors in `dtype`. The folder is built
 // under a temporary name and renamed over `dir` when complete.
