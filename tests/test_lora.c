@@ -367,7 +367,9 @@ static void set_model(mt_model *m, const float *base, const float *adapters, uin
 // values: loss and gradients are bit-identical (full fine-tune and QLoRA),
 // whether all of them go (gpu_layer_inputs 0), the first few stay
 // (1, 2), all but the last, which never leaves, stay (4 of L = 5), or more
-// are asked than there are (9: as 4). Host memory holds the others only.
+// are asked than there are (9: as 4); and whether none, the last 2 or all of
+// the offloaded ones (ssd_layer_inputs 9) live in a mapped file. Host memory
+// holds the others only, the file the last ones.
 START_TEST(offloaded_layer_inputs_change_nothing) {
     mt_model_config c;
     tiny_config(&c);
@@ -378,7 +380,9 @@ START_TEST(offloaded_layer_inputs_change_nothing) {
     int32_t inputs[N], targets[N];
     for (int i = 0; i < N; i++)
         inputs[i] = (int32_t)(mt_rng_bits(4, i) % 13), targets[i] = (int32_t)(mt_rng_bits(5, i) % 13);
-    const int kept[] = {0, 1, 2, 4, 9};
+    const int kept[] = {0, 1, 2, 4, 9}, on_disk[] = {0, 2, 9};
+    char file_dir[256];
+    tu_tempdir(file_dir, sizeof file_dir);
     for (int lora = 0; lora < 2; lora++) {
         mt_model_options o = {.B = B,
                               .T = T,
@@ -393,22 +397,27 @@ START_TEST(offloaded_layer_inputs_change_nothing) {
         want += mt_model_step(a, inputs, targets, 1.0f, 1);  // twice: the slots are reused
         mt_trainable ta;
         mt_model_trainable(a, &ta);
-        for (size_t k = 0; k < sizeof kept / sizeof *kept; k++) {
+        for (size_t j = 0; j < sizeof kept / sizeof *kept * 3; j++) {
+            size_t k = j / 3, d = j % 3;
             mt_mem_tally before, after;
             mt_mem_get_tally(MT_HOST, &before);
+            size_t mapped = mt_mem_mapped_bytes();
             mt_model_options off = o;
             off.offload_activations = 1, off.gpu_layer_inputs = kept[k];
+            off.ssd_layer_inputs = on_disk[d], off.activations_dir = on_disk[d] ? file_dir : NULL;
             mt_model *b;
             ck_assert_int_eq(mt_model_create_with(&b, &be, &c, &off), MT_OK);
             mt_mem_get_tally(MT_HOST, &after);
-            int gone = c.L - 1 - (kept[k] < c.L - 1 ? kept[k] : c.L - 1);
+            int gone = c.L - 1 - (kept[k] < c.L - 1 ? kept[k] : c.L - 1), filed = on_disk[d] < gone ? on_disk[d] : gone;
             ck_assert_uint_eq(after.current[MT_MEM_OFFLOAD] - before.current[MT_MEM_OFFLOAD],
-                              (size_t)gone * N * c.C * 4);
+                              (size_t)(gone - filed) * N * c.C * 4);
+            ck_assert_uint_eq(mt_mem_mapped_bytes() - mapped, (size_t)filed * N * c.C * 4);
             set_model(b, base, adapters, 5);
             double loss = mt_model_step(b, inputs, targets, 1.0f, 1);
             loss += mt_model_step(b, inputs, targets, 1.0f, 1);
-            ck_assert_msg(loss == want, "lora %d, %d layer inputs kept: loss %.17g, without offload %.17g", lora,
-                          kept[k], loss, want);
+            ck_assert_msg(loss == want,
+                          "lora %d, %d layer inputs kept, %d in the file: loss %.17g, without offload %.17g", lora,
+                          kept[k], filed, loss, want);
             mt_trainable tb;
             mt_model_trainable(b, &tb);
             ck_assert_mem_eq(ta.grads, tb.grads, ta.total * 4);
@@ -417,6 +426,7 @@ START_TEST(offloaded_layer_inputs_change_nothing) {
         free(adapters);
         mt_model_free(a);
     }
+    rmdir(file_dir);  // (the files were deleted at their creation)
     free(base);
 }
 END_TEST

@@ -28,7 +28,8 @@ base=(configs/quickstart.yaml --set "data.train=$W/data.h5" --set train.seq_len=
 # "weights 3.1 MiB (peak 3.1), grads ..." -> "weights 3.1\ngrads ..."
 run_peaks() { grep -o 'memory (host): .*' | sed 's/memory (host): //; s/ MiB (peak \([0-9.]*\))/ \1/g' | tr ',' '\n' |
     sed 's/^ //' | awk '{print $1, $3}'; }
-plan_peaks() { awk '/^category/{on=1; next} on && /^peak/{exit} on && NF {print $1, $2}'; }
+# (the disk line is a file's size, which the run's tally does not count: test_lora checks the file holds those inputs)
+plan_peaks() { awk '/^category/{on=1; next} on && /^peak/{exit} on && NF && $1 != "disk" {print $1, $2}'; }
 
 n=0
 check() {
@@ -55,6 +56,8 @@ check "AdamW, checkpointing" --set model.activation_checkpointing=true
 check "AdamW, offloaded activations" --set model.activation_checkpointing=true --set model.offload_activations=true
 check "AdamW, offloaded activations, 2 kept" --set model.activation_checkpointing=true --set model.offload_activations=true \
     --set model.gpu_layer_inputs=2
+check "AdamW, offloaded activations, the last 2 in a file" --set model.activation_checkpointing=true \
+    --set model.offload_activations=true --set model.ssd_layer_inputs=2 --set "offload.path=$W/inputs"
 check "AdamW, accumulation 3, micro-batch 2" --set train.grad_accum=3 --set train.micro_batch=2
 check "LoRA r=16" --set lora.r=16
 check "QLoRA r=8, checkpointing" --set lora.r=8 --set model.quantize=nf4 --set model.activation_checkpointing=true
@@ -191,6 +194,16 @@ out=$("$MEMTUNE" plan "${l8[@]}" --set train.seq_len=max --set model.gpu_layer_i
 echo "$out" | grep -q "^train.seq_len max: [0-9]* tokens.*; host memory binds it" ||
     fail "train.seq_len max with model.gpu_layer_inputs 1 on a 16 GiB host: expected the host to bind: $out"
 echo "test_plan: train.seq_len max, 8B QLoRA on 40GiB beside 16GiB of host: T=$T with $K layer inputs kept ($plain without)"
+# the last 8 layer inputs in a file under offload.path: the host holds fewer, a longer length fits, the disk line
+# gives the file's size (8 inputs of T tokens x 4096 x 2 bytes)
+out=$("$MEMTUNE" plan "${l8[@]}" --set train.seq_len=max --gpu-memory 40GiB --set model.ssd_layer_inputs=8 \
+    --set "offload.path=$W/inputs" 2>&1) || fail "train.seq_len max, 8 layer inputs in a file: memtune plan failed: $out"
+T8=$(echo "$out" | sed -n 's/^train.seq_len max: \([0-9]*\) tokens.*/\1/p')
+[ -n "$T8" ] && [ "$T8" -gt "$T" ] || fail "train.seq_len max, 8 layer inputs in a file: expected more than $T: $out"
+disk=$(echo "$out" | awk '/^disk /{print $2, $3; exit}')
+want=$(awk -v t="$T8" 'BEGIN { printf "%.2f GiB", 8 * t * 4096 * 2 / 1073741824 }')
+[ "$disk" = "$want" ] || fail "train.seq_len max, 8 layer inputs in a file: disk line '$disk', expected '$want': $out"
+echo "test_plan: the same with the last 8 layer inputs in a file: T=$T8, $disk on disk"
 
 # the 7B configs, forecast for the GPU from config.json alone
 for c in llama-lora llama-qlora mezo galore full-offload-cpu full-offload-ssd long-context; do
@@ -222,6 +235,13 @@ rc=$?
 out=$("$MEMTUNE" plan "${base[@]}" --set model.gpu_layer_inputs=2 2>&1)
 [ $? -eq 1 ] && echo "$out" | grep -q "model.gpu_layer_inputs is 2, but model.offload_activations is false" ||
     fail "model.gpu_layer_inputs without offloaded activations: expected a refusal: $out"
+out=$("$MEMTUNE" plan "${base[@]}" --set model.ssd_layer_inputs=2 --set "offload.path=$W/inputs" 2>&1)
+[ $? -eq 1 ] && echo "$out" | grep -q "model.ssd_layer_inputs is 2, but model.offload_activations is false" ||
+    fail "model.ssd_layer_inputs without offloaded activations: expected a refusal: $out"
+out=$("$MEMTUNE" plan "${base[@]}" --set model.activation_checkpointing=true --set model.offload_activations=true \
+    --set model.ssd_layer_inputs=2 2>&1)
+[ $? -eq 1 ] && echo "$out" | grep -q "model.ssd_layer_inputs needs offload.path" ||
+    fail "model.ssd_layer_inputs without offload.path: expected a refusal: $out"
 out=$("$MEMTUNE" plan "${base[@]}" --host-memory 64 2>&1)
 [ $? -eq 2 ] && echo "$out" | grep -q "expected a size with its unit" || fail "--host-memory 64: $out"
 out=$("$MEMTUNE" plan "${base[@]}" --gpu-memory lots 2>&1)

@@ -380,6 +380,15 @@ mt_err mt_config_validate(const mt_config *cfg) {
         return mt_errorf(MT_ERR_CONFIG,
                          "model.offload_activations needs model.activation_checkpointing: true (it offloads the "
                          "layer inputs that checkpointing keeps)");
+    if (cfg->model_ssd_layer_inputs > 0 && !cfg->model_offload_activations)
+        return mt_errorf(MT_ERR_CONFIG,
+                         "model.ssd_layer_inputs is %ld, but model.offload_activations is false (no layer input "
+                         "leaves the GPU); set model.offload_activations: true, or model.ssd_layer_inputs: 0",
+                         cfg->model_ssd_layer_inputs);
+    if (cfg->model_ssd_layer_inputs > 0 && !cfg->offload_path[0])
+        return mt_errorf(MT_ERR_CONFIG,
+                         "model.ssd_layer_inputs needs offload.path: a folder on a local disk with room for those "
+                         "layer inputs (memtune plan gives their size on its disk line)");
     if (cfg->model_gpu_layer_inputs > 0 && !cfg->model_offload_activations)
         return mt_errorf(MT_ERR_CONFIG,
                          "model.gpu_layer_inputs is %ld, but model.offload_activations is false (then every layer "
@@ -458,11 +467,12 @@ mt_err mt_config_validate(const mt_config *cfg) {
                          "dist.zero_stage %ld shards the optimizer's state, but optim.kind is mezo, which keeps none; "
                          "set dist.zero_stage: 0",
                          cfg->dist_zero_stage);
-    // offload.path also serves model.weights ssd (auto may choose it)
-    int weights_file = !strcmp(cfg->model_weights, "ssd") || !strcmp(cfg->model_weights, "auto");
+    // offload.path also serves model.weights ssd (auto may choose it) and model.ssd_layer_inputs
+    int weights_file =
+        !strcmp(cfg->model_weights, "ssd") || !strcmp(cfg->model_weights, "auto") || cfg->model_ssd_layer_inputs > 0;
     if (!offload && section_changed(cfg, "offload", weights_file ? "path" : NULL))
         return mt_errorf(MT_ERR_CONFIG, "offload.* keys need offload.optimizer: cpu or ssd (it is none)%s",
-                         weights_file ? ", except offload.path for model.weights' file" : "");
+                         weights_file ? ", except offload.path for model.weights' and the layer inputs' files" : "");
     if (!strcmp(cfg->offload_moments, "int8") && strcmp(cfg->offload_optimizer, "cpu"))
         return mt_errorf(MT_ERR_CONFIG,
                          "offload.moments int8 keeps the moments' codes in host memory: it needs offload.optimizer: "

@@ -30,6 +30,10 @@ extern "C" {
     X(model, gpu_layer_inputs, INT, "0", 0, 1048576, "",                                                               \
       "with offload_activations: the first N saved layer inputs stay on the GPU and only the others go to host "       \
       "memory (train.seq_len: max raises it where host memory binds the length)")                                      \
+    X(model, ssd_layer_inputs, INT, "0", 0, 1048576, "",                                                               \
+      "with offload_activations: the last N offloaded layer inputs live in a file under offload.path (deleted at "     \
+      "once and mapped: the kernel's page cache holds what it can, the disk the rest) instead of pinned host "         \
+      "memory, for lengths whose layer inputs exceed host memory; their copies are slower (pageable memory)")          \
     X(model, weights, ENUM, "gpu", 0, 0, "gpu|cpu|ssd|auto",                                                           \
       "where the base's layers live: gpu, cpu (host memory; each layer is copied to the GPU just before it runs, "     \
       "the next beside the compute: GPU memory independent of the model's depth; LoRA/QLoRA, MeZO, and full "          \

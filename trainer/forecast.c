@@ -120,6 +120,7 @@ mt_err mt_forecast_run(const mt_config *cfg, const mt_model_config *mc, int gpu,
     d[MT_MEM_WORKSPACE] = (double)(mb.workspace + mb.perturbation);
     h[MT_MEM_OFFLOAD] += (double)(mb.offload_host + (o.weights_dir ? 0 : mb.weights_host));
     f->disk = o.weights_dir ? (double)mb.weights_host : 0;  // model.weights: ssd maps it from a file
+    f->disk += (double)mb.offload_disk;                     // and model.ssd_layer_inputs' file
     double transient = (double)mb.staging;
     const char *state_where;
     if (pl.mezo) {
@@ -487,8 +488,11 @@ mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_s
         fputc('\n', out);
     }
     if (f.disk > 0)
-        fprintf(out, "%-12s %s (the base's file under offload.path; the page cache holds what it can)\n", "disk",
-                size_text(f.disk, b1, sizeof b1));
+        fprintf(out, "%-12s %s (%s under offload.path; the page cache holds what it can)\n", "disk",
+                size_text(f.disk, b1, sizeof b1),
+                !cfg.model_ssd_layer_inputs        ? "the base's file"
+                : strcmp(cfg.model_weights, "ssd") ? "the last layer inputs' file (model.ssd_layer_inputs)"
+                                                   : "the base's and the last layer inputs' files");
     fprintf(out, "%-12s %s", "peak", size_text(f.device_peak, b1, sizeof b1));
     if (gpu && f.host_peak > 0) fprintf(out, " %s", size_text(f.host_peak, b2, sizeof b2));
     if (capacity > 0)

@@ -152,7 +152,9 @@ struct mt_model {
     // from kept on lives in slot (l - kept) % 2; x[kept..L-2] are copied to
     // host_x in forward and fetched back in backward, beside the compute
     int offload, kept;
-    void *host_x;                  // (L-1-kept, N, C) pinned host memory
+    void *host_x;  // (L-1-kept-on_disk, N, C) pinned host memory
+    void *disk_x;  // (on_disk, N, C): the last offloaded inputs, a mapped file (ssd_layer_inputs)
+    int on_disk;
     int *tickets;                  // (L+1) the copy that last moved x[l]
     layer_acts *acts;              // L sets, or 1 shared set with checkpointing
     void *lnf;                     // (N, C)
@@ -540,6 +542,9 @@ static mt_model *model_setup(mt_backend *be, const mt_model_config *cfg, const m
     m->dequant_layer = m->dequant_param = -1;
     m->offload = o->offload_activations && o->activation_checkpointing && cfg->L >= 2;
     m->kept = m->offload ? (o->gpu_layer_inputs < cfg->L - 1 ? o->gpu_layer_inputs : cfg->L - 1) : 0;
+    int offloaded_inputs = m->offload ? cfg->L - 1 - m->kept : 0;
+    m->on_disk =
+        o->activations_dir ? (o->ssd_layer_inputs < offloaded_inputs ? o->ssd_layer_inputs : offloaded_inputs) : 0;
     m->params = mt_model_param_table(cfg, &m->num_params, &m->total);
     if (m->lora.r) m->adapter_params = mt_lora_param_table(cfg, &m->lora, &m->num_adapter_params, &m->adapter_total);
     m->compute_offset = calloc((size_t)m->num_params, sizeof(size_t));
@@ -851,8 +856,10 @@ mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_confi
         err = mt_alloc((void **)&m->adapter_grads, m->adapter_total * sizeof(float), MT_MEM_GRADS, place);
     size_t act_bytes = layout_activations(m, 0);
     if (!err) err = mt_alloc(&m->act_block, act_bytes, MT_MEM_ACTIVATIONS, place);
-    if (!err && m->offload && m->kept < cfg->L - 1)
-        err = mt_alloc(&m->host_x, (size_t)(cfg->L - 1 - m->kept) * N * cfg->C * act, MT_MEM_OFFLOAD, MT_HOST);
+    size_t in_host = m->offload ? (size_t)(cfg->L - 1 - m->kept - m->on_disk) : 0;
+    if (!err && in_host) err = mt_alloc(&m->host_x, in_host * N * cfg->C * act, MT_MEM_OFFLOAD, MT_HOST);
+    if (!err && m->on_disk)
+        err = mt_alloc_file(&m->disk_x, (size_t)m->on_disk * N * cfg->C * act, MT_MEM_OFFLOAD, o->activations_dir);
     size_t cache = mt_model_kv_cache_bytes(be->gpu, cfg, B, o->decode_len) / 2;
     if (!err && cache) err = mt_alloc(&m->kcache, cache, MT_MEM_ACTIVATIONS, place);
     if (!err && cache) err = mt_alloc(&m->vcache, cache, MT_MEM_ACTIVATIONS, place);
@@ -953,7 +960,9 @@ void mt_model_plan_bytes(int gpu, int device, const mt_model_config *cfg, const 
     if (m->lora.r && !m->forward_only) b->grads += m->adapter_total * sizeof(float);
     b->activations = layout_activations(m, 0);
     b->activations += mt_model_kv_cache_bytes(gpu, cfg, o->B, o->decode_len);
-    b->offload_host = m->offload ? (size_t)(cfg->L - 1 - m->kept) * N * cfg->C * act : 0;
+    size_t input = N * cfg->C * act;
+    b->offload_host = m->offload ? (size_t)(cfg->L - 1 - m->kept - m->on_disk) * input : 0;
+    b->offload_disk = (size_t)m->on_disk * input;
     int cudnn = 0, cudnn_local = 0;
     if (gpu) {  // decoding reserves no attention workspace (mt_model_create_with)
         int attends = !o->decode_len, both = attends && cfg->global_every;
@@ -995,6 +1004,7 @@ void mt_model_free(mt_model *m) {
     mt_free((void **)&m->adapter_grads);
     mt_free(&m->act_block);
     mt_free(&m->host_x);
+    mt_free(&m->disk_x);
     mt_free(&m->kcache);
     mt_free(&m->vcache);
     mt_free(&m->perturb_matrix);
@@ -1705,9 +1715,12 @@ static void upload_tokens(mt_model *m, const int32_t *inputs, const int32_t *tar
 // Whether x[l] goes to host memory between forward and backward (x[L-1] never leaves).
 static int offloaded(const mt_model *m, int l) { return m->offload && l >= m->kept && l <= m->cfg.L - 2; }
 
-// Offload: x[l]'s host copy, and x[l] to or from it beside the compute.
+// Offload: x[l]'s host copy (in pinned memory, or in the file for the last
+// on_disk), and x[l] to or from it beside the compute.
 static void *host_x(const mt_model *m, int l) {
-    return (char *)m->host_x + (size_t)(l - m->kept) * m->B * m->T * m->cfg.C * mt_act_size(m->be);
+    size_t input = (size_t)m->B * m->T * m->cfg.C * mt_act_size(m->be);
+    int i = l - m->kept, in_host = m->cfg.L - 1 - m->kept - m->on_disk;  // the last on_disk in the file
+    return i < in_host ? (char *)m->host_x + (size_t)i * input : (char *)m->disk_x + (size_t)(i - in_host) * input;
 }
 
 static void move_x(mt_model *m, int l, int to_host) {

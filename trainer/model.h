@@ -48,6 +48,10 @@ typedef struct {
     int quantize_nf4;                     // QLoRA: the base's linear weights in NF4 (needs lora.r > 0)
     int offload_activations;              // with checkpointing: layer inputs kept in (pinned) host memory
     int gpu_layer_inputs;                 // with offload_activations: the first n layer inputs stay on the backend
+    int ssd_layer_inputs;                 // with offload_activations and activations_dir: the last n offloaded
+                                          // layer inputs in a file there, mapped (mt_alloc_file), not in pinned
+                                          // host memory (model.ssd_layer_inputs)
+    const char *activations_dir;          // the folder of that file (offload.path), or NULL
     int forward_only;                     // inference memory: no gradients, no backward buffers, one
                                           // layer's activations (MeZO, evaluation)
     mt_grad_ready_fn grad_ready;          // full fine-tune: no model-sized gradient block; each
@@ -87,6 +91,7 @@ typedef struct {
     size_t weights, adapters, grads, activations, workspace, perturbation;
     size_t staging;       // transient: the fp32 staging of weight uploads (GPU)
     size_t offload_host;  // pinned host memory of offloaded layer inputs
+    size_t offload_disk;  // the last ssd_layer_inputs of them, in a file
     size_t weights_host;  // the host store of streamed weights (pinned on a GPU)
 } mt_model_bytes;
 void mt_model_plan_bytes(int gpu, int device, const mt_model_config *cfg, const mt_model_options *o,

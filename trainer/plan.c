@@ -174,6 +174,8 @@ mt_model_options mt_plan_model_options(const mt_plan *p, const mt_config *cfg) {
         .quantize_nf4 = !strcmp(cfg->model_quantize, "nf4"),
         .offload_activations = (int)cfg->model_offload_activations,
         .gpu_layer_inputs = (int)cfg->model_gpu_layer_inputs,
+        .ssd_layer_inputs = (int)cfg->model_ssd_layer_inputs,
+        .activations_dir = cfg->model_ssd_layer_inputs > 0 ? cfg->offload_path : NULL,
         .forward_only = p->mezo,
         .document_mask = (int)cfg->data_document_mask,
         .stream_weights = !strcmp(cfg->model_weights, "cpu") || !strcmp(cfg->model_weights, "ssd"),
