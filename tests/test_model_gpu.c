@@ -448,7 +448,11 @@ START_TEST(gpu_lora_matches_cpu_reference) {
         mt_model_options ok = o, off = o, off1;
         ok.activation_checkpointing = 1;
         off.activation_checkpointing = off.offload_activations = 1;
-        off1 = off, off1.gpu_layer_inputs = 1;  // the first layer input stays, the others are copied out and back
+        // the first layer input stays, the other (of L = 3) is copied out to a mapped file and back
+        // (model.ssd_layer_inputs: pageable memory)
+        char file_dir[256];
+        tu_tempdir(file_dir, sizeof file_dir);
+        off1 = off, off1.gpu_layer_inputs = 1, off1.ssd_layer_inputs = 1, off1.activations_dir = file_dir;
         mt_model *mc, *mg, *mk, *mo, *m1;
         ck_assert_int_eq(mt_model_create_with(&mc, &cpu, &c, &o), MT_OK);
         ck_assert_int_eq(mt_model_create_with(&mg, &gpu, &c, &o), MT_OK);
@@ -504,8 +508,9 @@ START_TEST(gpu_lora_matches_cpu_reference) {
         ck_assert_msg(memcmp(go, gk, ta * 4) == 0, "offload changed the adapter gradients");
         mt_model_trainable(m1, &to);
         mt_copy_to_host(go, to.grads, ta * 4);
-        ck_assert_msg(loss[4] == loss[2], "offload keeping 1 changed the loss: %.17g vs %.17g", loss[4], loss[2]);
-        ck_assert_msg(memcmp(go, gk, ta * 4) == 0, "offload keeping 1 changed the adapter gradients");
+        ck_assert_msg(loss[4] == loss[2], "offload keeping 1, the other in a file, changed the loss: %.17g vs %.17g",
+                      loss[4], loss[2]);
+        ck_assert_msg(memcmp(go, gk, ta * 4) == 0, "offload keeping 1, the other in a file, changed the gradients");
         free(go);
         double worst = 1.0;
         for (int i = 0; i < na; i++) {
@@ -522,6 +527,7 @@ START_TEST(gpu_lora_matches_cpu_reference) {
             ck_assert_double_lt(per_param, 2.0);
         }
         for (int k = 0; k < 5; k++) mt_model_free(models[k]);
+        rmdir(file_dir);  // (the file was deleted at its creation)
         mt_backend_free(&cpu), mt_backend_free(&gpu);
         free(params), free(adapters), free(table), free(in), free(tg), free(gc), free(gg), free(gk);
     }
