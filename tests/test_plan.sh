@@ -204,6 +204,21 @@ disk=$(echo "$out" | awk '/^disk /{print $2, $3; exit}')
 want=$(awk -v t="$T8" 'BEGIN { printf "%.2f GiB", 8 * t * 4096 * 2 / 1073741824 }')
 [ "$disk" = "$want" ] || fail "train.seq_len max, 8 layer inputs in a file: disk line '$disk', expected '$want': $out"
 echo "test_plan: the same with the last 8 layer inputs in a file: T=$T8, $disk on disk"
+# with offload.path and no count, train.seq_len: max puts the fewest last inputs in the file that the host then
+# fits (none on the GPU): a length above the kept-only one, and one fewer in the file does not fit the host
+out=$("$MEMTUNE" plan "${l8[@]}" --set train.seq_len=max --gpu-memory 40GiB --set "offload.path=$W/inputs" 2>&1) ||
+    fail "train.seq_len max with offload.path: memtune plan failed: $out"
+TF=$(echo "$out" | sed -n 's/^train.seq_len max: \([0-9]*\) tokens.*(model.ssd_layer_inputs: \([0-9]*\)).*/\1/p')
+KF=$(echo "$out" | sed -n 's/^train.seq_len max: \([0-9]*\) tokens.*(model.ssd_layer_inputs: \([0-9]*\)).*/\2/p')
+[ -n "$TF" ] && [ "$KF" -gt 0 ] && [ "$TF" -gt "$T" ] ||
+    fail "train.seq_len max with offload.path: expected inputs in the file and a length above $T: $out"
+filed() {  # T K: 0 when the forecast with the last K inputs in the file fits the host (plan's words)
+    "$MEMTUNE" plan "${l8[@]}" --set model.mlp_tile_rows=2048 --set "train.seq_len=$1" --set "model.ssd_layer_inputs=$2" \
+        --set "offload.path=$W/inputs" --gpu-memory 40GiB --brief 2>&1 | grep -q "^(host memory: .* (--host-memory): fits)$"
+}
+filed "$TF" "$KF" || fail "train.seq_len max with offload.path: T=$TF with $KF in the file does not fit the host"
+! filed "$TF" $((KF - 1)) || fail "train.seq_len max with offload.path: T=$TF fits with $((KF - 1)) in the file"
+echo "test_plan: the same with offload.path: T=$TF with the last $KF layer inputs in a file"
 
 # the 7B configs, forecast for the GPU from config.json alone
 for c in llama-lora llama-qlora mezo galore full-offload-cpu full-offload-ssd long-context; do

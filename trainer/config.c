@@ -467,9 +467,10 @@ mt_err mt_config_validate(const mt_config *cfg) {
                          "dist.zero_stage %ld shards the optimizer's state, but optim.kind is mezo, which keeps none; "
                          "set dist.zero_stage: 0",
                          cfg->dist_zero_stage);
-    // offload.path also serves model.weights ssd (auto may choose it) and model.ssd_layer_inputs
+    // offload.path also serves model.weights ssd (auto may choose it) and the layer inputs' file
+    // (model.ssd_layer_inputs, which train.seq_len: max may set)
     int weights_file =
-        !strcmp(cfg->model_weights, "ssd") || !strcmp(cfg->model_weights, "auto") || cfg->model_ssd_layer_inputs > 0;
+        !strcmp(cfg->model_weights, "ssd") || !strcmp(cfg->model_weights, "auto") || cfg->model_offload_activations;
     if (!offload && section_changed(cfg, "offload", weights_file ? "path" : NULL))
         return mt_errorf(MT_ERR_CONFIG, "offload.* keys need offload.optimizer: cpu or ssd (it is none)%s",
                          weights_file ? ", except offload.path for model.weights' and the layer inputs' files" : "");

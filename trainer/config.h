@@ -33,7 +33,8 @@ extern "C" {
     X(model, ssd_layer_inputs, INT, "0", 0, 1048576, "",                                                               \
       "with offload_activations: the last N offloaded layer inputs live in a file under offload.path (deleted at "     \
       "once and mapped: the kernel's page cache holds what it can, the disk the rest) instead of pinned host "         \
-      "memory, for lengths whose layer inputs exceed host memory; their copies are slower (pageable memory)")          \
+      "memory, for lengths whose layer inputs exceed host memory; their copies are slower (pageable memory). "         \
+      "train.seq_len: max sets it where offload.path is set and host memory binds")                                    \
     X(model, weights, ENUM, "gpu", 0, 0, "gpu|cpu|ssd|auto",                                                           \
       "where the base's layers live: gpu, cpu (host memory; each layer is copied to the GPU just before it runs, "     \
       "the next beside the compute: GPU memory independent of the model's depth; LoRA/QLoRA, MeZO, and full "          \
@@ -149,7 +150,8 @@ extern "C" {
       "the math within the 8-bit moments' rounding)")                                                                  \
     X(offload, path, STR, "", 0, 0, "",                                                                                \
       "offload.optimizer ssd: folder on a fast local disk for the state file (12 bytes per trained parameter, "        \
-      "reserved at start, deleted at the end; checkpoints keep the state)")                                            \
+      "reserved at start, deleted at the end; checkpoints keep the state); also model.weights ssd's base file and "    \
+      "model.ssd_layer_inputs' file")                                                                                  \
     X(offload, io_threads, INT, "4", 1, 64, "", "offload.optimizer ssd: reads and writes in flight at once")           \
     X(offload, threads, INT, "0", 0, 4096, "",                                                                         \
       "CPU threads of the offloaded AdamW (0: the cores this rank may run on, at most its share of the node's, "       \

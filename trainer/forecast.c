@@ -283,16 +283,28 @@ double mt_host_plannable(void) { return kHostShare * host_available(); }
 typedef struct {
     int tiles, attention, offload, host_binds;
     long kept;  // model.gpu_layer_inputs chosen where host memory bound the length (0: none)
+    int filed;  // kept counts model.ssd_layer_inputs instead: the last inputs in a file under offload.path
 } long_choices;
 
-// The fewest layer inputs kept on the GPU (model.gpu_layer_inputs) with
-// which the run at length T fits `host` bytes of host memory; -1 if none do.
-static long fewest_kept(mt_config *cfg, const mt_model_config *mc, int gpu, int world, long T, double host) {
+// Where host memory binds, which count train.seq_len: max raises: none (0),
+// the layer inputs kept on the GPU (KEEP_ON_GPU) or those in a file under
+// offload.path (KEEP_IN_FILE: no GPU memory, so preferred where the path is set).
+enum { KEEP_ON_GPU = 1, KEEP_IN_FILE = 2 };
+
+static long *keep_knob(mt_config *cfg, int may_keep) {
+    return may_keep == KEEP_IN_FILE ? &cfg->model_ssd_layer_inputs : &cfg->model_gpu_layer_inputs;
+}
+
+// The fewest layer inputs kept out of host memory (on the GPU, or in the
+// file: may_keep) with which the run at length T fits `host` bytes of host
+// memory; -1 if none do.
+static long fewest_kept(mt_config *cfg, const mt_model_config *mc, int gpu, int world, int may_keep, long T,
+                        double host) {
     long lo = 0, hi = mc->L - 1, found = -1;
     cfg->train_seq_len = T;
     while (lo <= hi) {
         long k = lo + (hi - lo) / 2;
-        cfg->model_gpu_layer_inputs = k;
+        *keep_knob(cfg, may_keep) = k;
         mt_forecast f;
         if (!mt_forecast_run(cfg, mc, gpu, world, &f) && f.host_peak <= host)
             found = k, hi = k - 1;
@@ -307,20 +319,20 @@ static long fewest_kept(mt_config *cfg, const mt_model_config *mc, int gpu, int 
 // layer inputs on the GPU that the host then fits still fits capacity on
 // the GPU; those in *kept (from and 0 when none is longer).
 static long longest_keeping_inputs(mt_config *cfg, const mt_model_config *mc, int gpu, int world, double capacity,
-                                   long limit, long from, long *kept) {
+                                   long limit, int may_keep, long from, long *kept) {
     double host = mt_host_plannable();
     long saved_T = cfg->train_seq_len, best = from, lo = from + 1, hi = limit;
     *kept = 0;
     while (host > 0 && lo <= hi) {
-        long mid = lo + (hi - lo) / 2, k = fewest_kept(cfg, mc, gpu, world, mid, host);
+        long mid = lo + (hi - lo) / 2, k = fewest_kept(cfg, mc, gpu, world, may_keep, mid, host);
         mt_forecast f;
-        cfg->train_seq_len = mid, cfg->model_gpu_layer_inputs = k;
+        cfg->train_seq_len = mid, *keep_knob(cfg, may_keep) = k;
         if (k >= 0 && !mt_forecast_run(cfg, mc, gpu, world, &f) && f.device_peak <= capacity)
             best = mid, *kept = k, lo = mid + 1;
         else
             hi = mid - 1;
     }
-    cfg->train_seq_len = saved_T, cfg->model_gpu_layer_inputs = 0;
+    cfg->train_seq_len = saved_T, *keep_knob(cfg, may_keep) = 0;
     return best;
 }
 
@@ -343,7 +355,7 @@ static long keeping_if_host_binds(mt_config *cfg, const mt_model_config *mc, int
                                   long limit, int may_keep, long plain, long *kept) {
     *kept = 0;
     if (!may_keep || !host_binds(cfg, mc, gpu, world, capacity, plain, limit)) return plain;
-    return longest_keeping_inputs(cfg, mc, gpu, world, capacity, limit, plain, kept);
+    return longest_keeping_inputs(cfg, mc, gpu, world, capacity, limit, may_keep, plain, kept);
 }
 
 // The longest length as cfg stands, with keeping_if_host_binds's choice.
@@ -381,10 +393,13 @@ static int keep_if_longer(mt_config *cfg, const mt_model_config *mc, int gpu, in
 // fit both stay on the GPU. *as_configured: the longest without any choice.
 static long longest_choosing(mt_config *cfg, const mt_model_config *mc, int gpu, int world, double capacity, long limit,
                              long *as_configured, long_choices *chose) {
-    int may_keep = gpu && cfg->model_offload_activations && cfg->model_gpu_layer_inputs == 0;
+    // (a count the configuration fixes is not raised; with the file's fixed, the GPU's may be)
+    int may_keep = !gpu || !cfg->model_offload_activations || cfg->model_gpu_layer_inputs ? 0
+                   : cfg->offload_path[0] && !cfg->model_ssd_layer_inputs                 ? KEEP_IN_FILE
+                                                                                          : KEEP_ON_GPU;
     long kept = 0, best = mt_forecast_longest_seq_len(cfg, mc, gpu, world, capacity, limit);
     *as_configured = best;
-    *chose = (long_choices){0, 0, 0, 0, 0};
+    *chose = (long_choices){0, 0, 0, 0, 0, may_keep == KEEP_IN_FILE};
     best = keeping_if_host_binds(cfg, mc, gpu, world, capacity, limit, may_keep, best, &kept);
     char tile[16];
     snprintf(tile, sizeof tile, "%d", kAutoMlpTileRows);
@@ -397,7 +412,8 @@ static long longest_choosing(mt_config *cfg, const mt_model_config *mc, int gpu,
     if (gpu && cfg->lora_r > 0 && !strcmp(cfg->optim_kind, "adamw") && !strcmp(cfg->offload_optimizer, "none"))
         chose->offload = keep_if_longer(cfg, mc, gpu, world, capacity, limit, may_keep, "offload.optimizer", "cpu",
                                         "none", &best, &kept);
-    chose->kept = kept, cfg->model_gpu_layer_inputs = kept;
+    chose->kept = kept;
+    if (may_keep) *keep_knob(cfg, may_keep) = kept;
     chose->host_binds = host_binds(cfg, mc, gpu, world, capacity, best, limit);
     return best;
 }
@@ -407,10 +423,16 @@ static const char *choices_note(long_choices c, char *buf, size_t len) {
     char tiles[96], kept[128];
     snprintf(tiles, sizeof tiles, "the MLP in tiles of %d tokens (model.mlp_tile_rows: %d)", kAutoMlpTileRows,
              kAutoMlpTileRows);
-    snprintf(kept, sizeof kept,
-             "the first %ld layer inputs kept on the GPU, not in host memory "
-             "(model.gpu_layer_inputs: %ld)",
-             c.kept, c.kept);
+    if (c.filed)
+        snprintf(kept, sizeof kept,
+                 "the last %ld layer inputs in a file under offload.path, not in host memory "
+                 "(model.ssd_layer_inputs: %ld)",
+                 c.kept, c.kept);
+    else
+        snprintf(kept, sizeof kept,
+                 "the first %ld layer inputs kept on the GPU, not in host memory "
+                 "(model.gpu_layer_inputs: %ld)",
+                 c.kept, c.kept);
     const char *parts[4], *all[4] = {
                               tiles,
                               "cuDNN's non-deterministic attention backward (model.deterministic_attention: false; the "
@@ -437,7 +459,7 @@ static void unchoose(mt_config *cfg, long_choices c) {
     if (c.tiles) cfg->model_mlp_tile_rows = 0;
     if (c.attention) mt_config_set(cfg, "model.deterministic_attention", "auto", "memtune plan");
     if (c.offload) mt_config_set(cfg, "offload.optimizer", "none", "memtune plan");
-    if (c.kept) cfg->model_gpu_layer_inputs = 0;
+    if (c.kept) *keep_knob(cfg, c.filed ? KEEP_IN_FILE : KEEP_ON_GPU) = 0;
 }
 
 mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_sets, int gpu, int world,
@@ -446,7 +468,7 @@ mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_s
     mt_err err = load(&cfg, path, sets, n_sets, NULL);
     mt_model_config mc;
     if (!err) err = mt_hf_read_config(cfg.model_path, &mc);
-    long_choices chose = {0, 0, 0, 0, 0};  // what train.seq_len: max chose
+    long_choices chose = {0, 0, 0, 0, 0, 0};  // what train.seq_len: max chose
     char note[512];
     if (!err && cfg.train_seq_len == MT_SEQ_LEN_MAX) {  // the longest that fits the GPU's memory
         long as_configured = 0;
