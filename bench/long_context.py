@@ -19,7 +19,7 @@ checkpointing and SDPA where PEFT fits, each side over 3 steps timed after
 the first. Writes long_context.json.
 
   python3 bench/long_context.py --out $OUT [--budgets 16,24] [--throughput]
-      [--ssd-layer-inputs N [--inputs-path DIR]]
+      [--inputs-path DIR [--ssd-layer-inputs N]]
 """
 import argparse
 import json
@@ -93,10 +93,10 @@ def main():
     ap.add_argument("--throughput", action="store_true", help="also tokens/s at T=32768 and 65536 against PEFT")
     ap.add_argument("--lengths", default="32768,65536")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per memtune run")
-    ap.add_argument("--ssd-layer-inputs", type=int, default=0,
-                    help="the budgets' runs put the last N offloaded layer inputs in a file under --inputs-path "
-                         "(model.ssd_layer_inputs): for the rows that host memory binds")
-    ap.add_argument("--inputs-path", default="/tmp/mt-long-context-inputs", help="offload.path for that file")
+    ap.add_argument("--inputs-path", default="",
+                    help="offload.path for the budgets' runs: where host memory binds, train.seq_len: max puts the "
+                         "last layer inputs in a file there (model.ssd_layer_inputs)")
+    ap.add_argument("--ssd-layer-inputs", type=int, default=0, help="with --inputs-path: that count, fixed")
     ap.add_argument("--work", default="/tmp/mt-long-context")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/mt-long-context"))
     args = ap.parse_args()
@@ -114,8 +114,10 @@ def main():
             print(f"{b:5d} GiB: skipped, the GPU has {total:.0f} GiB")
             continue
         sets = {"memory.budget": f"{b}GiB", "train.seq_len": "max", "train.steps": 2}
-        if args.ssd_layer_inputs:
-            sets.update({"model.ssd_layer_inputs": args.ssd_layer_inputs, "offload.path": args.inputs_path})
+        if args.inputs_path:
+            sets["offload.path"] = args.inputs_path
+        if args.inputs_path and args.ssd_layer_inputs:
+            sets["model.ssd_layer_inputs"] = args.ssd_layer_inputs
         r = memtune_train(folder, data, os.path.join(args.work, f"run-{b}"), sets, args.timeout)
         results["budgets"][b] = r
         T = r.get("seq_len", 0)
