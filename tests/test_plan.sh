@@ -203,6 +203,8 @@ T8=$(echo "$out" | sed -n 's/^train.seq_len max: \([0-9]*\) tokens.*/\1/p')
 disk=$(echo "$out" | awk '/^disk /{print $2, $3; exit}')
 want=$(awk -v t="$T8" 'BEGIN { printf "%.2f GiB", 8 * t * 4096 * 2 / 1073741824 }')
 [ "$disk" = "$want" ] || fail "train.seq_len max, 8 layer inputs in a file: disk line '$disk', expected '$want': $out"
+echo "$out" | grep -q "^(disk: .* free at $W/inputs: \(fits\|does NOT fit\)" ||
+    fail "train.seq_len max, 8 layer inputs in a file: no line on the disk's free space: $out"
 echo "test_plan: the same with the last 8 layer inputs in a file: T=$T8, $disk on disk"
 # with offload.path and no count, train.seq_len: max puts the fewest last inputs in the file that the host then
 # fits (none on the GPU): a length above the kept-only one, and one fewer in the file does not fit the host

@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/statvfs.h>
 
 #include "kernels/device.h"
 #include "kernels/ops.h"
@@ -462,6 +463,25 @@ static void unchoose(mt_config *cfg, long_choices c) {
     if (c.kept) *keep_knob(cfg, c.filed ? KEEP_IN_FILE : KEEP_ON_GPU) = 0;
 }
 
+// Bytes free on the file system of path, or of the folder above it where
+// path is not made yet (the run makes it); -1 when neither is there.
+static double disk_free(const char *path) {
+    char at[4096];
+    snprintf(at, sizeof at, "%s", path[0] ? path : ".");
+    struct statvfs fs;
+    while (statvfs(at, &fs) != 0) {
+        char *slash = strrchr(at, '/');
+        if (!slash && !strcmp(at, ".")) return -1;
+        if (!slash)
+            snprintf(at, sizeof at, ".");  // a relative path's first folder: the working directory's disk
+        else if (slash == at && at[1] == '\0')
+            return -1;
+        else
+            slash[slash == at] = '\0';  // "/x" -> "/", "a/b" -> "a"
+    }
+    return (double)fs.f_bavail * (double)fs.f_frsize;
+}
+
 mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_sets, int gpu, int world,
                          double capacity, const char *capacity_source, int brief) {
     mt_config cfg;
@@ -509,12 +529,17 @@ mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_s
         if (gpu && f.host[c] > 0) fprintf(out, " %s", size_text(f.host[c], b2, sizeof b2));
         fputc('\n', out);
     }
-    if (f.disk > 0)
+    if (f.disk > 0) {
         fprintf(out, "%-12s %s (%s under offload.path; the page cache holds what it can)\n", "disk",
                 size_text(f.disk, b1, sizeof b1),
                 !cfg.model_ssd_layer_inputs        ? "the base's file"
                 : strcmp(cfg.model_weights, "ssd") ? "the last layer inputs' file (model.ssd_layer_inputs)"
                                                    : "the base's and the last layer inputs' files");
+        double room = disk_free(cfg.offload_path);
+        if (room >= 0)
+            fprintf(out, "(disk: %s free at %s: %s)\n", trimmed(size_text(room, b1, sizeof b1)), cfg.offload_path,
+                    f.disk <= room ? "fits" : "does NOT fit; the run stops at start, naming it");
+    }
     fprintf(out, "%-12s %s", "peak", size_text(f.device_peak, b1, sizeof b1));
     if (gpu && f.host_peak > 0) fprintf(out, " %s", size_text(f.host_peak, b2, sizeof b2));
     if (capacity > 0)
