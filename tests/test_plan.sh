@@ -28,8 +28,8 @@ base=(configs/quickstart.yaml --set "data.train=$W/data.h5" --set train.seq_len=
 # "weights 3.1 MiB (peak 3.1), grads ..." -> "weights 3.1\ngrads ..."
 run_peaks() { grep -o 'memory (host): .*' | sed 's/memory (host): //; s/ MiB (peak \([0-9.]*\))/ \1/g' | tr ',' '\n' |
     sed 's/^ //' | awk '{print $1, $3}'; }
-# (the disk line is a file's size, which the run's tally does not count: test_lora checks the file holds those inputs)
-plan_peaks() { awk '/^category/{on=1; next} on && /^peak/{exit} on && NF && $1 != "disk" {print $1, $2}'; }
+# (the disk lines give a file's size and the free space: the run's tally does not count the file; test_lora checks it holds those inputs)
+plan_peaks() { awk '/^category/{on=1; next} on && /^peak/{exit} on && NF && $1 != "disk" && $1 !~ /^\(/ {print $1, $2}'; }
 
 n=0
 check() {
