@@ -753,7 +753,7 @@ static mt_err each_range(mt_model *m, const char *dir, uint64_t seed, int by_ten
     return err;
 }
 
-// a tensor at a time: at 70B a layer's fp32 values take 3.2 GiB, its widest tensor's 0.9 (the store the
+// a tensor at a time: at 70B a layer's fp32 values take 3.2 GiB, its widest tensor's 1.0 (the store the
 // values go to is allocated already, so this buffer adds to the host peak: memtune plan counts it)
 mt_err mt_hf_set_model(mt_model *m, const char *dir, uint64_t seed) { return each_range(m, dir, seed, 1, set_unit, m); }
 
