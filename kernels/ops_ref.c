@@ -459,15 +459,14 @@ static float qmap_tables[2][256];
 // mantissa bits), the last code whose value is at most the least float with
 // that prefix: where mt_qmap_encode's search starts (a lower bound of the
 // answer for every float with the prefix; at most a few codes from it).
-static uint8_t qmap_start[2][65536 + 4];  // (4 bytes of padding: a vector gather reads 4 from any prefix)
-static int qmap_steps[2];                 // the most codes any x lies past its prefix's start
+static uint8_t qmap_start[2][65536];
 // The same search without the map: mt_qmap_nearest never decreases as x
 // grows, so its code is the count of thresholds at most x. qmap_up[t][c]: the
 // least float whose code exceeds c (NaN for 255: never reached);
 // qmap_code_start[t][p]: the code of prefix p's least float; qmap_up_steps:
 // the most codes any non-NaN prefix spans past it (at most 1: one compare).
 static float qmap_up[2][256];
-static uint8_t qmap_code_start[2][65536 + 4];
+static uint8_t qmap_code_start[2][65536 + 4];  // (4 bytes of padding: a vector gather reads 4 from any prefix)
 static int qmap_up_steps[2];
 static pthread_once_t qmap_once = PTHREAD_ONCE_INIT;
 
@@ -510,16 +509,14 @@ static void build_qmaps(void) {
         for (uint32_t p = 0; p < 65536; p++) {
             // the least and the greatest float with prefix p: the rest of their bits 0 and 1 when positive, 1
             // and 0 when negative (larger magnitude, smaller value); the start is the least's floor, and the
-            // greatest's floor lies the most steps past it
+            // greatest's code lies the most codes past the least's
             uint32_t low = p & 0x8000 ? 0xFFFFu : 0u, bits[2] = {p << 16 | low, p << 16 | (low ^ 0xFFFFu)};
             float least, greatest;
             memcpy(&least, &bits[0], sizeof least);
             memcpy(&greatest, &bits[1], sizeof greatest);
             qmap_start[t][p] = mt_qmap_floor(qmap_tables[t], least);
-            int steps = (int)mt_qmap_floor(qmap_tables[t], greatest) - qmap_start[t][p];
-            if (steps > qmap_steps[t]) qmap_steps[t] = steps;
             qmap_code_start[t][p] = mt_qmap_nearest(qmap_tables[t], least);
-            steps = (int)mt_qmap_nearest(qmap_tables[t], greatest) - qmap_code_start[t][p];
+            int steps = (int)mt_qmap_nearest(qmap_tables[t], greatest) - qmap_code_start[t][p];
             if (least == least && greatest == greatest && steps > qmap_up_steps[t]) qmap_up_steps[t] = steps;
         }
     for (int t = 0; t < 2; t++) {
@@ -538,12 +535,6 @@ static void build_qmaps(void) {
         }
         qmap_up[t][255] = NAN;
     }
-}
-
-const uint8_t *mt_qmap_starts(int is_signed, int *most_steps) {
-    pthread_once(&qmap_once, build_qmaps);
-    *most_steps = qmap_steps[is_signed ? 1 : 0];
-    return qmap_start[is_signed ? 1 : 0];
 }
 
 const uint8_t *mt_qmap_thresholds(int is_signed, const float **up, int *most_steps) {

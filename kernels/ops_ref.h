@@ -112,11 +112,7 @@ void mt_apply_update_ref(float *w, const float *update, size_t n, float lr, floa
 void mt_gauss_ref(float *dst, size_t n, uint64_t seed);
 // The code of map (mt_qmap) nearest to x (ties to the lower code).
 uint8_t mt_qmap_encode(const float *map, float x);
-// mt_qmap_encode's table: for each 16-bit prefix of a float's bits, the last
-// code at most the least float with that prefix (65536 entries and 4 bytes of
-// padding); *most_steps: the most codes any float lies past its prefix's.
-const uint8_t *mt_qmap_starts(int is_signed, int *most_steps);
-// The same code as a count: mt_qmap_encode(map, x) is, for x > map[0] (else
+// mt_qmap_encode's code as a count: mt_qmap_encode(map, x) is, for x > map[0] (else
 // 0), start[p] + (x >= up[start[p]]) with p x's 16-bit prefix, where
 // *most_steps <= 1. Returns start (65536 entries and 4 bytes of padding);
 // *up: 256 thresholds, up[c] the least float whose code exceeds c (NaN at

@@ -239,32 +239,12 @@ void mt_cpu_accumulate(float *sum, const void *grad, int grad_bf16, size_t n, in
 // ------------------------------------------------ int8 moments' encoding
 
 #ifdef MT_X86
-// 16 values' codes on map (256 values) from its prefix table `start` (at most
-// one step past it: the caller checks), as kernels/ops_ref.c's qmap_code:
-// 0 unless x > map[0] (NaN included); the floor one step on where the next
-// code is at most x; then one more where the next code is nearer.
-__attribute__((target("avx512f"))) static __m512i qcodes16(__m512 x, const float *map, const uint8_t *start) {
-    const __m512i one = _mm512_set1_epi32(1), top = _mm512_set1_epi32(255);
-    __m512i prefix = _mm512_srli_epi32(_mm512_castps_si512(x), 16);
-    __m512i lo = _mm512_and_si512(_mm512_i32gather_epi32(prefix, (const void *)start, 1), _mm512_set1_epi32(0xFF));
-    __m512i next = _mm512_min_epi32(_mm512_add_epi32(lo, one), top);
-    __mmask16 below = _mm512_cmp_epi32_mask(lo, top, _MM_CMPINT_LT);
-    __mmask16 step = below & _mm512_cmp_ps_mask(_mm512_i32gather_ps(next, map, 4), x, _CMP_LE_OQ);
-    lo = _mm512_mask_add_epi32(lo, step, lo, one);
-    next = _mm512_min_epi32(_mm512_add_epi32(lo, one), top);
-    below = _mm512_cmp_epi32_mask(lo, top, _MM_CMPINT_LT);
-    __m512 at_next = _mm512_i32gather_ps(next, map, 4), at_lo = _mm512_i32gather_ps(lo, map, 4);
-    __mmask16 up = below & _mm512_cmp_ps_mask(_mm512_sub_ps(at_next, x), _mm512_sub_ps(x, at_lo), _CMP_LT_OQ);
-    lo = _mm512_mask_add_epi32(lo, up, lo, one);
-    return _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(x, _mm512_set1_ps(map[0]), _CMP_GT_OQ), lo);
-}
-
-// The same codes as a count (ops_ref.h's mt_qmap_thresholds: at most one
-// threshold in any prefix, which the caller checks): the code of x's prefix,
-// one more where x is at least its threshold; 0 unless x > map[0]. Two
-// gathers where qcodes16 makes four.
-__attribute__((target("avx512f"))) static __m512i qcodes16_up(__m512 x, float map0, const float *up,
-                                                              const uint8_t *start) {
+// 16 values' codes on a map, as kernels/ops_ref.c's qmap_code gives them,
+// counted (ops_ref.h's mt_qmap_thresholds: at most one threshold in any
+// prefix, which the caller checks): the code of x's prefix, one more where x
+// is at least its threshold; 0 unless x > map[0] (NaN included).
+__attribute__((target("avx512f"))) static __m512i qcodes16(__m512 x, float map0, const float *up,
+                                                           const uint8_t *start) {
     __m512i prefix = _mm512_srli_epi32(_mm512_castps_si512(x), 16);
     __m512i c = _mm512_and_si512(_mm512_i32gather_epi32(prefix, (const void *)start, 1), _mm512_set1_epi32(0xFF));
     __mmask16 past = _mm512_cmp_ps_mask(x, _mm512_i32gather_ps(c, up, 4), _CMP_GE_OQ);
@@ -292,9 +272,7 @@ __attribute__((target("avx512f"))) static void qencode_avx512(const float *m, co
         __mmask16 in = len - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (len - k)) - 1);
         __m512 mv = _mm512_maskz_loadu_ps(in, m + k), vv = _mm512_maskz_loadu_ps(in, v + k);
         __m512 sm = m_max > 0.0f ? _mm512_div_ps(mv, md) : zero, sv = v_max > 0.0f ? _mm512_div_ps(vv, vd) : zero;
-        // (up: the thresholds' tables in sstart and ustart, else the floors')
-        __m512i mc = sup ? qcodes16_up(sm, smap[0], sup, sstart) : qcodes16(sm, smap, sstart);
-        __m512i vc = uup ? qcodes16_up(sv, umap[0], uup, ustart) : qcodes16(sv, umap, ustart);
+        __m512i mc = qcodes16(sm, smap[0], sup, sstart), vc = qcodes16(sv, umap[0], uup, ustart);
         // a nonzero v never decodes to 0
         __mmask16 lift =
             _mm512_cmp_epi32_mask(vc, _mm512_setzero_si512(), _MM_CMPINT_EQ) & _mm512_cmp_ps_mask(vv, zero, _CMP_GT_OQ);
@@ -342,10 +320,6 @@ void mt_cpu_qblock_encode(const float *m, const float *v, size_t len, uint8_t *m
     int s_steps, u_steps;
     const float *sup, *uup;
     const uint8_t *sstart = mt_qmap_thresholds(1, &sup, &s_steps), *ustart = mt_qmap_thresholds(0, &uup, &u_steps);
-    if (s_steps > 1 || u_steps > 1) {  // (not for these maps) the floors' tables, a step and a rounding
-        sup = uup = NULL;
-        sstart = mt_qmap_starts(1, &s_steps), ustart = mt_qmap_starts(0, &u_steps);
-    }
     if (s_steps <= 1 && u_steps <= 1 && mt_cpu_adam_path_available(MT_CPU_ADAM_AVX512)) {
         qencode_avx512(m, v, len, mq, vq, m_absmax, v_absmax, sstart, ustart, sup, uup);
         return;
