@@ -164,12 +164,12 @@ mt_err mt_forecast_run(const mt_config *cfg, const mt_model_config *mc, int gpu,
     for (int c = 0; c < MT_MEM_NCATEGORIES; c++) f->device_peak += d[c];
     f->device_peak += transient;
     if (gpu) {
-        // the base's fp32 values on the host (train.c's build_model; a run that does not resume): an offloaded
-        // full fine-tune's a unit at a time (the updater fills the store), a frozen base's and MeZO's a tensor
-        // at a time, the rest's whole, kept; the stores are allocated first
-        int fill = pl.offload && !pl.galore && !pl.lora, whole = !pl.lora && !pl.mezo && !fill;
-        f->host_load =
-            whole ? (double)pl.total * sizeof(float) : (double)mt_hf_load_buffer_floats(mc, !fill) * sizeof(float);
+        // the base's fp32 values on the host as it loads (a run that does not resume); the stores are allocated
+        // first
+        mt_base_load load = mt_plan_base_load(&pl, 0);
+        f->host_load = load == MT_LOAD_WHOLE
+                           ? (double)pl.total * sizeof(float)
+                           : (double)mt_hf_load_buffer_floats(mc, load == MT_LOAD_TENSORS) * sizeof(float);
         f->host_peak = f->host_load;
         for (int c = 0; c < MT_MEM_NCATEGORIES; c++) f->host_peak += f->host[c];
     }

@@ -165,6 +165,11 @@ void mt_plan_free(mt_plan *p) {
     p->table = p->trained = NULL, p->selected = NULL;
 }
 
+mt_base_load mt_plan_base_load(const mt_plan *p, int resuming) {
+    if (p->offload && !p->galore && !p->lora) return MT_LOAD_UNITS;
+    return p->lora || (p->mezo && !resuming) ? MT_LOAD_TENSORS : MT_LOAD_WHOLE;
+}
+
 mt_model_options mt_plan_model_options(const mt_plan *p, const mt_config *cfg) {
     return (mt_model_options){
         .B = p->B,

@@ -58,6 +58,13 @@ void mt_plan_free(mt_plan *p);
 // route.c installs them; the forecast counts with stand-ins).
 mt_model_options mt_plan_model_options(const mt_plan *p, const mt_config *cfg);
 
+// How the base's fp32 values reach the model (train.c's build_model): a
+// tensor at a time (a frozen base; MeZO's weights unless a checkpoint's
+// replace them), a unit at a time filling the offload store too (an offloaded
+// full fine-tune), or through a whole fp32 copy kept on the host (the rest).
+typedef enum { MT_LOAD_TENSORS, MT_LOAD_UNITS, MT_LOAD_WHOLE } mt_base_load;
+mt_base_load mt_plan_base_load(const mt_plan *p, int resuming);
+
 // mezo.trainable, galore.targets: which parameters match one of the listed
 // glob patterns. Returns how many do.
 int mt_plan_select(const char *patterns, const mt_param_info *table, int n, unsigned char *selected);

@@ -129,11 +129,11 @@ static mt_err load_values(run *r) {
         mt_checkpoint_find_latest(cfg->output_dir, r->resume_dir, sizeof r->resume_dir);
     else if (cfg->train_resume[0])
         snprintf(r->resume_dir, sizeof r->resume_dir, "%s", cfg->train_resume);
-    // a frozen base, MeZO's weights (unless a checkpoint's replace them) and an offloaded full fine-tune's
-    // weights, its checkpoint's master and moments included, go into the model a layer at a time (build_model;
-    // the updater's offload with the store's state): only the rest have a whole fp32 copy on the host
-    r->fill = pl->offload && !pl->galore && !lora;
-    int whole = !lora && !(pl->mezo && !r->resume_dir[0]) && !r->fill;
+    // only MT_LOAD_WHOLE has a whole fp32 copy on the host (an offloaded full fine-tune's checkpoint master and
+    // moments go into the store a unit at a time too: the updater's offload)
+    mt_base_load load = mt_plan_base_load(pl, r->resume_dir[0] != 0);
+    r->fill = load == MT_LOAD_UNITS;
+    int whole = load == MT_LOAD_WHOLE;
     r->host_params = whole ? calloc(pl->total, sizeof(float)) : NULL;
     r->trained = lora ? calloc(pl->trained_total ? pl->trained_total : 1, sizeof(float)) : r->host_params;
     if ((whole && !r->host_params) || (lora && !r->trained))
