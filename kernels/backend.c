@@ -19,12 +19,12 @@ void mt_backend_to_host(const mt_backend *be, void *dst, const void *src, size_t
     if (be->gpu)
         mt_copy_to_host(dst, src, bytes);
     else
-        memcpy(dst, src, bytes);
+        mt_copy_parallel(dst, src, bytes);
 }
 
 void mt_backend_from_host(const mt_backend *be, void *dst, const void *src, size_t bytes) {
     if (be->gpu)
         mt_copy_to_device(dst, src, bytes);
     else
-        memcpy(dst, src, bytes);
+        mt_copy_parallel(dst, src, bytes);
 }

@@ -87,6 +87,15 @@ void *mt_host_malloc_pinned(size_t bytes) {
     return p;
 }
 void mt_host_free_pinned(void *p) { CUDA_CHECK(cudaFreeHost(p)); }
+int mt_host_register(void *p, size_t bytes) {
+    if (!p || !bytes) return 0;
+    if (cudaHostRegister(p, bytes, cudaHostRegisterDefault) == cudaSuccess) return 1;
+    cudaGetLastError();  // (a memlock limit, say): the memory stays pageable
+    return 0;
+}
+void mt_host_unregister(void *p) {
+    if (p && cudaHostUnregister(p) != cudaSuccess) cudaGetLastError();  // (the memory is freed next all the same)
+}
 
 // Two side streams for copies, one a direction (the copy engines run a copy
 // to the device beside one to the host), and a ring of events as tickets. A

@@ -39,6 +39,12 @@ void mt_device_profile(int on);
 // in a CPU-only build.
 void *mt_host_malloc_pinned(size_t bytes);  // NULL when out of memory
 void mt_host_free_pinned(void *p);
+// Page-locks host memory malloc gave, so copies between it and the device
+// run at the copy engines' speed (its pages are faulted in here, not at the
+// first copy); returns 1, or 0 where it could not (the memory stays
+// pageable and usable) and in a CPU-only build. Unregister before freeing.
+int mt_host_register(void *p, size_t bytes);
+void mt_host_unregister(void *p);
 // Copies bytes between device and pinned host memory on a side stream, after
 // every op issued so far; returns a ticket. mt_copy_async_wait makes the ops
 // issued after it wait for that copy (on the device: the host does not block).

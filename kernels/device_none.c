@@ -29,6 +29,11 @@ void mt_device_synchronize(void) {}
 void mt_device_profile(int on) { (void)on; }
 void *mt_host_malloc_pinned(size_t bytes) { return calloc(1, bytes); }
 void mt_host_free_pinned(void *p) { free(p); }
+int mt_host_register(void *p, size_t bytes) {
+    (void)p, (void)bytes;
+    return 0;
+}
+void mt_host_unregister(void *p) { (void)p; }
 int mt_copy_async(void *dst, const void *src, size_t bytes) {
     memcpy(dst, src, bytes);
     return 0;

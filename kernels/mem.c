@@ -4,6 +4,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -123,6 +124,31 @@ mt_err mt_alloc_host_large(void **out, size_t bytes, mt_mem_category cat) {
     record(p, bytes, cat, MT_HOST, 0, 0);
     *out = p;
     return MT_OK;
+}
+
+void *mt_host_alloc_copy(size_t bytes) {
+    const size_t huge = (size_t)2 << 20;
+    bytes = (bytes ? bytes + huge - 1 : huge) / huge * huge;
+    void *p = NULL;
+    if (posix_memalign(&p, huge, bytes) != 0) return NULL;
+#ifdef MADV_HUGEPAGE
+    madvise(p, bytes, MADV_HUGEPAGE);  // a hint: a fault per 2 MiB
+#endif
+    return p;
+}
+
+void mt_copy_parallel(void *dst, const void *src, size_t bytes) {
+    const size_t piece = (size_t)2 << 20;
+    if (bytes < 4 * piece || omp_in_parallel()) {
+        memcpy(dst, src, bytes);
+        return;
+    }
+    size_t pieces = (bytes + piece - 1) / piece;
+#pragma omp parallel for schedule(static)
+    for (size_t i = 0; i < pieces; i++) {
+        size_t at = i * piece, n = bytes - at < piece ? bytes - at : piece;
+        memcpy((char *)dst + at, (const char *)src + at, n);
+    }
 }
 
 mt_err mt_alloc_file(void **out, size_t bytes, mt_mem_category cat, const char *dir) {

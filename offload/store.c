@@ -612,9 +612,9 @@ mt_err mt_store_read_range(mt_store *s, size_t lo, size_t hi, float *master, flo
         size_t a = b.offset > lo ? b.offset : lo, e = b.offset + b.count < hi ? b.offset + b.count : hi;
         if (a < e) {
             size_t bytes = (e - a) * sizeof(float), at = a - b.offset;
-            if (master) memcpy(master + (a - lo), b.master + at, bytes);
-            if (m) memcpy(m + (a - lo), b.m + at, bytes);
-            if (v) memcpy(v + (a - lo), b.v + at, bytes);
+            if (master) mt_copy_parallel(master + (a - lo), b.master + at, bytes);
+            if (m) mt_copy_parallel(m + (a - lo), b.m + at, bytes);
+            if (v) mt_copy_parallel(v + (a - lo), b.v + at, bytes);
         }
         mt_store_done(s, &b);
     }

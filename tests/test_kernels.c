@@ -3,6 +3,7 @@
 // random projection of the forward output.
 #include <check.h>
 #include <math.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -713,6 +714,35 @@ START_TEST(log_lines_are_written_whole) {
 }
 END_TEST
 
+// mt_copy_parallel gives memcpy's bytes: large copies in 2 MiB pieces over
+// the threads (a tail shorter than a piece, an odd offset), small ones and
+// those inside a parallel region by the caller; into mt_host_alloc_copy's
+// 2 MiB-aligned memory.
+START_TEST(copy_parallel_equals_memcpy) {
+    const size_t sizes[] = {0, 1, 4095, (size_t)8 << 20, ((size_t)21 << 20) + 12345};
+    for (size_t k = 0; k < sizeof sizes / sizeof *sizes; k++) {
+        size_t n = sizes[k];
+        unsigned char *src = malloc(n + 3), *dst = mt_host_alloc_copy(n + 3), *want = malloc(n + 3);
+        ck_assert(src && dst && want);
+        ck_assert_uint_eq((uintptr_t)dst % ((size_t)2 << 20), 0);
+        for (size_t i = 0; i < n + 3; i++) src[i] = (unsigned char)(i * 2654435761u >> 13);
+        memset(dst, 0xa5, n + 3);
+        memset(want, 0xa5, n + 3);
+        for (size_t i = 0; i < n; i++) want[i + 1] = src[i + 2];
+        mt_copy_parallel(dst + 1, src + 2, n);
+        ck_assert_msg(memcmp(dst, want, n + 3) == 0, "copy of %zu bytes", n);
+        memset(dst, 0xa5, n + 3);
+#pragma omp parallel num_threads(2)
+        {
+#pragma omp single
+            mt_copy_parallel(dst + 1, src + 2, n);
+        }
+        ck_assert_msg(memcmp(dst, want, n + 3) == 0, "copy of %zu bytes inside a parallel region", n);
+        free(src), free(dst), free(want);
+    }
+}
+END_TEST
+
 int main(void) {
     Suite *s = suite_create("kernels");
     TCase *tc = tcase_create("cpu reference");
@@ -738,6 +768,7 @@ int main(void) {
     tcase_add_test(tc, rng_normal4_is_counter_based_and_normal);
     tcase_add_test(tc, attention_forward_only_workspace);
     tcase_add_test(tc, mem_tally_and_oom_message);
+    tcase_add_test(tc, copy_parallel_equals_memcpy);
     suite_add_tcase(s, tc);
     return tu_run_suite(s, 0);
 }

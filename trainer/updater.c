@@ -410,7 +410,7 @@ void mt_updater_cancel(mt_updater *u) {
 // --------------------------------------------------------------- state
 
 mt_err mt_state_copy_alloc(size_t n, int arrays, float **block) {
-    *block = malloc((n ? n : 1) * (size_t)arrays * sizeof(float));
+    *block = mt_host_alloc_copy((n ? n : 1) * (size_t)arrays * sizeof(float));
     if (*block) return MT_OK;
     return mt_errorf(MT_ERR_NOMEM,
                      "out of host memory for a copy of the offloaded optimizer state (%.1f GiB for checkpoints and the "
