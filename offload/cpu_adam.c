@@ -10,6 +10,7 @@
 #include <math.h>
 #include <string.h>
 
+#include "kernels/common.h"
 #include "kernels/dtype.h"
 #include "kernels/ops.h"
 #include "kernels/ops_ref.h"
@@ -187,34 +188,86 @@ void mt_cpu_adam_update(mt_cpu_adam_path path, const mt_cpu_adam_step *s, float 
 
 // The sum is split into a fixed number of stripes, each summed in order and
 // then added in order: the same value for any thread count or schedule.
+// Within a stripe, eight lanes each add the squares of every eighth value
+// (no chain of dependent adds to wait on), and the tail goes to lane 0; the
+// vector paths hold the same eight lanes in registers and do the same
+// multiplies and adds (bf16 and fp32 values widen to double exactly).
 #define STRIPES 256
 
-double mt_cpu_sumsq(const void *grad, int grad_bf16, size_t n) {
+static void sumsq_lanes_scalar(const void *grad, int grad_bf16, size_t i, size_t end, double *lane) {
     const float *gf = grad;
     const uint16_t *gh = grad;
+    for (; i + 8 <= end; i += 8)
+        for (int j = 0; j < 8; j++) {
+            double g = grad_bf16 ? mt_bf16_to_f32(gh[i + j]) : gf[i + j];
+            lane[j] += g * g;
+        }
+    for (; i < end; i++) {
+        double g = grad_bf16 ? mt_bf16_to_f32(gh[i]) : gf[i];
+        lane[0] += g * g;
+    }
+}
+
+#ifdef MT_X86
+// Eight values from i as fp32: bf16 bit patterns shifted into place, or loaded.
+__attribute__((target("avx2"))) static __m256 sumsq_load8(const void *grad, int grad_bf16, size_t i) {
+    if (!grad_bf16) return _mm256_loadu_ps((const float *)grad + i);
+    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)grad + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+__attribute__((target("avx2"))) static void sumsq_lanes_avx2(const void *grad, int grad_bf16, size_t i, size_t end,
+                                                             double *lane) {
+    __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();  // lanes 0-3 and 4-7
+    for (; i + 8 <= end; i += 8) {
+        __m256 g = sumsq_load8(grad, grad_bf16, i);
+        __m256d a = _mm256_cvtps_pd(_mm256_castps256_ps128(g)), b = _mm256_cvtps_pd(_mm256_extractf128_ps(g, 1));
+        lo = _mm256_add_pd(lo, _mm256_mul_pd(a, a));
+        hi = _mm256_add_pd(hi, _mm256_mul_pd(b, b));
+    }
+    _mm256_storeu_pd(lane, lo);
+    _mm256_storeu_pd(lane + 4, hi);
+    sumsq_lanes_scalar(grad, grad_bf16, i, end, lane);
+}
+
+__attribute__((target("avx512f"))) static void sumsq_lanes_avx512(const void *grad, int grad_bf16, size_t i, size_t end,
+                                                                  double *lane) {
+    __m512d acc = _mm512_setzero_pd();
+    for (; i + 8 <= end; i += 8) {
+        __m512d g = _mm512_cvtps_pd(sumsq_load8(grad, grad_bf16, i));
+        acc = _mm512_add_pd(acc, _mm512_mul_pd(g, g));
+    }
+    _mm512_storeu_pd(lane, acc);
+    sumsq_lanes_scalar(grad, grad_bf16, i, end, lane);
+}
+#endif
+
+double mt_cpu_sumsq_path(mt_cpu_adam_path path, const void *grad, int grad_bf16, size_t n) {
+    MT_CHECK(mt_cpu_adam_path_available(path), "CPU path %s is not available here", mt_cpu_adam_path_name(path));
+    void (*lanes)(const void *, int, size_t, size_t, double *) = sumsq_lanes_scalar;
+#ifdef MT_X86
+    if (path == MT_CPU_ADAM_AVX2) lanes = sumsq_lanes_avx2;
+    if (path == MT_CPU_ADAM_AVX512) lanes = sumsq_lanes_avx512;
+#endif
     double part[STRIPES];
 #pragma omp parallel for schedule(static)
     for (int k = 0; k < STRIPES; k++) {
         size_t extra = n % STRIPES, kk = (size_t)k;
         size_t begin = n / STRIPES * kk + (kk < extra ? kk : extra);
         size_t end = begin + n / STRIPES + (kk < extra);
-        // eight independent sums: no chain of dependent adds to wait on
         double lane[8] = {0};
-        size_t i = begin;
-        for (; i + 8 <= end; i += 8)
-            for (int j = 0; j < 8; j++) {
-                double g = grad_bf16 ? mt_bf16_to_f32(gh[i + j]) : gf[i + j];
-                lane[j] += g * g;
-            }
-        for (; i < end; i++) {
-            double g = grad_bf16 ? mt_bf16_to_f32(gh[i]) : gf[i];
-            lane[0] += g * g;
-        }
+        lanes(grad, grad_bf16, begin, end, lane);
         part[k] = ((lane[0] + lane[1]) + (lane[2] + lane[3])) + ((lane[4] + lane[5]) + (lane[6] + lane[7]));
     }
     double sum = 0.0;
     for (int k = 0; k < STRIPES; k++) sum += part[k];
     return sum;
+}
+
+double mt_cpu_sumsq(const void *grad, int grad_bf16, size_t n) {
+    static int best = -1;  // (a benign race: every thread finds the same)
+    if (best < 0) best = (int)mt_cpu_adam_best_path();
+    return mt_cpu_sumsq_path((mt_cpu_adam_path)best, grad, grad_bf16, n);
 }
 
 void mt_cpu_accumulate(float *sum, const void *grad, int grad_bf16, size_t n, int first) {

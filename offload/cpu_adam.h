@@ -59,9 +59,10 @@ void mt_cpu_qblock_decode(const uint8_t *mq, const uint8_t *vq, float m_absmax, 
                           size_t len);
 
 // Sum of squares of grad (fp32 or bf16), accumulated in double: the
-// global-norm clip's input. Thread count fixed: the same sum every time.
-// Not finite when any value is not.
+// global-norm clip's input. The same sum for any thread count and on every
+// path (mt_cpu_sumsq: the best). Not finite when any value is not.
 double mt_cpu_sumsq(const void *grad, int grad_bf16, size_t n);
+double mt_cpu_sumsq_path(mt_cpu_adam_path path, const void *grad, int grad_bf16, size_t n);
 
 // Gradient accumulation over micro-batches: sum = grad (first) or
 // sum + grad, in fp32, over n values; grad fp32 or bf16. OpenMP threads

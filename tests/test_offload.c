@@ -164,8 +164,30 @@ START_TEST(sumsq_is_the_same_for_any_thread_count) {
     omp_set_num_threads(before);
     ck_assert_msg(one == three, "%.17g vs %.17g", one, three);
     ck_assert_msg(fabs(one - serial) <= 1e-12 * serial, "%.17g vs %.17g", one, serial);
+    // every path the processor has gives the scalar path's sum, bit for bit, of fp32 and of bf16 values,
+    // whatever the stripes' tails (sizes below, at and past a stripe of eight-value groups)
+    uint16_t *h = malloc(n * sizeof *h);
+    ck_assert(h != NULL);
+    for (size_t i = 0; i < n; i++) h[i] = mt_f32_to_bf16(g[i]);
+    const size_t sizes[] = {0, 7, 8, 2048, 2048 * 8 + 5, n};
+    for (int p = 1; p < MT_CPU_ADAM_NPATHS; p++) {
+        if (!mt_cpu_adam_path_available((mt_cpu_adam_path)p)) continue;
+        for (size_t k = 0; k < sizeof sizes / sizeof *sizes; k++)
+            for (int bf16 = 0; bf16 < 2; bf16++) {
+                const void *x = bf16 ? (const void *)h : (const void *)g;
+                double want = mt_cpu_sumsq_path(MT_CPU_ADAM_SCALAR, x, bf16, sizes[k]),
+                       got = mt_cpu_sumsq_path((mt_cpu_adam_path)p, x, bf16, sizes[k]);
+                ck_assert_msg(got == want, "%s, %zu %s values: %.17g vs %.17g",
+                              mt_cpu_adam_path_name((mt_cpu_adam_path)p), sizes[k], bf16 ? "bf16" : "fp32", got, want);
+            }
+    }
     g[n / 2] = INFINITY;
     ck_assert(!isfinite(mt_cpu_sumsq(g, 0, n)));
+    h[n / 3] = 0x7fc0;  // a bf16 NaN
+    for (int p = 0; p < MT_CPU_ADAM_NPATHS; p++)
+        if (mt_cpu_adam_path_available((mt_cpu_adam_path)p))
+            ck_assert(!isfinite(mt_cpu_sumsq_path((mt_cpu_adam_path)p, h, 1, n)));
+    free(h);
     free(g);
 }
 END_TEST
