@@ -16,6 +16,20 @@
 #include "offload/cpu_adam.h"
 #include "offload/store.h"
 
+// A piece of a store block's update (mt_store_update_pieces), as offload.c's.
+typedef struct {
+    const mt_cpu_adam_step *s;
+    const mt_store_block *b;
+    const uint16_t *gh;
+    uint16_t *out;
+} store_piece;
+
+static void update_piece(void *ctx, size_t lo, size_t hi, float *m, float *v) {
+    const store_piece *p = ctx;
+    mt_cpu_adam_update(mt_cpu_adam_best_path(), p->s, p->b->master + (lo - p->b->offset), m, v, p->gh + lo, 1,
+                       p->out + lo, hi - lo);
+}
+
 int main(int argc, char **argv) {
     size_t n = (size_t)((argc > 1 ? atof(argv[1]) : 256.0) * 1e6);
     int repeats = argc > 2 ? atoi(argv[2]) : 5;
@@ -71,39 +85,46 @@ int main(int argc, char **argv) {
         }
     }
     free(master), free(m), free(v), free(g);
-    // the offloaded step's pass over the store (offload/store.h, memory kind): moments in fp32, or int8 codes
-    // decoded to fp32 windows and encoded back (offload.moments int8), bf16 gradients, best path, all threads
+    // the offloaded step's pass over the store (offload/store.h, memory kind): moments in fp32, or int8 codes,
+    // bf16 gradients, best path, all threads; each as offload.c runs it (pieces: int8 coded a piece at a time
+    // beside the update) and as before (windows: the block decoded, updated and encoded in three passes)
     omp_set_num_threads(counts[n_counts - 1]);
-    for (int int8 = 0; int8 < 2; int8++) {
-        size_t segment = 0;
-        mt_store_config sc = {MT_STORE_MEMORY, NULL, n, 0, 1, 0, 0, 0, int8, &segment, 1};
-        mt_store *st;
-        if (mt_store_open(&st, &sc)) {
-            fprintf(stderr, "%s\n", mt_last_error());
-            return 1;
-        }
-        double best = 0.0;
-        for (int r = 0; r <= repeats; r++) {  // the first pass (pages touched) untimed
-            mt_cpu_adam_step s;
-            mt_cpu_adam_prepare(&s, 1e-4f, 0.9f, 0.95f, 1e-8f, 0.01f, r + 1, 1.0f);
-            double t0 = mt_now();
-            mt_store_begin(st, 0, n, MT_STORE_UPDATE);
-            mt_store_block b;
-            while (mt_store_next(st, &b)) {
-                mt_cpu_adam_update(mt_cpu_adam_best_path(), &s, b.master, b.m, b.v, gh + b.offset, 1, out + b.offset,
-                                   b.count);
-                mt_store_done(st, &b);
+    for (int int8 = 0; int8 < 2; int8++)
+        for (int pieces = 1; pieces >= 0; pieces--) {
+            size_t segment = 0;
+            mt_store_config sc = {MT_STORE_MEMORY, NULL, n, 0, 1, 0, 0, 0, int8, &segment, 1};
+            mt_store *st;
+            if (mt_store_open(&st, &sc)) {
+                fprintf(stderr, "%s\n", mt_last_error());
+                return 1;
             }
-            if (mt_store_end(st)) return 1;
-            double dt = mt_now() - t0;
-            if (r && (best == 0.0 || dt < best)) best = dt;
+            double best = 0.0;
+            for (int r = 0; r <= repeats; r++) {  // the first pass (pages touched) untimed
+                mt_cpu_adam_step s;
+                mt_cpu_adam_prepare(&s, 1e-4f, 0.9f, 0.95f, 1e-8f, 0.01f, r + 1, 1.0f);
+                double t0 = mt_now();
+                mt_store_begin(st, 0, n, pieces ? MT_STORE_UPDATE_PIECES : MT_STORE_UPDATE);
+                mt_store_block b;
+                while (mt_store_next(st, &b)) {
+                    if (pieces) {
+                        store_piece ctx = {&s, &b, gh, out};
+                        mt_store_update_pieces(st, &b, update_piece, &ctx);
+                    } else {
+                        mt_cpu_adam_update(mt_cpu_adam_best_path(), &s, b.master, b.m, b.v, gh + b.offset, 1,
+                                           out + b.offset, b.count);
+                    }
+                    mt_store_done(st, &b);
+                }
+                if (mt_store_end(st)) return 1;
+                double dt = mt_now() - t0;
+                if (r && (best == 0.0 || dt < best)) best = dt;
+            }
+            printf(
+                "{\"impl\":\"memtune store pass\",\"moments\":\"%s\",\"pass\":\"%s\",\"threads\":%d,\"params\":%zu,"
+                "\"seconds\":%.5f,\"params_per_second\":%.4g}\n",
+                int8 ? "int8" : "fp32", pieces ? "pieces" : "windows", counts[n_counts - 1], n, best, n / best);
+            mt_store_close(st);
         }
-        printf(
-            "{\"impl\":\"memtune store pass\",\"moments\":\"%s\",\"threads\":%d,\"params\":%zu,\"seconds\":%.5f,"
-            "\"params_per_second\":%.4g}\n",
-            int8 ? "int8" : "fp32", counts[n_counts - 1], n, best, n / best);
-        mt_store_close(st);
-    }
     free(gh), free(out);
     return 0;
 }

@@ -8,6 +8,7 @@
 #include "offload/cpu_adam.h"
 
 #include <math.h>
+#include <omp.h>
 #include <string.h>
 
 #include "kernels/common.h"
@@ -178,7 +179,7 @@ void mt_cpu_adam_update(mt_cpu_adam_path path, const mt_cpu_adam_step *s, float 
     (void)path;
 #endif
     size_t chunks = (n + CHUNK - 1) / CHUNK, gsize = grad_bf16 ? 2 : 4;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (!omp_in_parallel())
     for (size_t c = 0; c < chunks; c++) {
         size_t at = c * CHUNK, len = n - at < CHUNK ? n - at : CHUNK;
         fn(s, master + at, m + at, v + at, (const char *)grad + at * gsize, grad_bf16,

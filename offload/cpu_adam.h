@@ -43,7 +43,7 @@ void mt_cpu_adam_prepare(mt_cpu_adam_step *s, float lr, float beta1, float beta2
 // One AdamW update of n parameters: master, m, v (fp32) in place from grad
 // (fp32, or bf16 bit patterns with grad_bf16), and weights_bf16 (may be
 // NULL) set to the new master rounded to bf16. OpenMP threads share the
-// elements in fixed chunks.
+// elements in fixed chunks (inside a parallel region, the caller does all).
 void mt_cpu_adam_update(mt_cpu_adam_path path, const mt_cpu_adam_step *s, float *master, float *m, float *v,
                         const void *grad, int grad_bf16, uint16_t *weights_bf16, size_t n);
 

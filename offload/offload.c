@@ -144,6 +144,30 @@ static const void *grads_at(const mt_offload *o, size_t slot) {
     return (const char *)o->grad_host + slot * (o->gpu ? 2 : 4);
 }
 
+// A block's AdamW, a piece at a time on every thread (mt_store_update_pieces):
+// each parameter's part of piece [lo, hi), its bf16 weights into out (the
+// block's staging buffer, with delay the shadow, or none).
+typedef struct {
+    mt_offload *o;
+    const bucket *k;
+    const mt_store_block *blk;
+    uint16_t *stage;
+} piece_update;
+
+static void update_piece(void *ctx, size_t lo, size_t hi, float *m, float *v) {
+    const piece_update *u = ctx;
+    mt_offload *o = u->o;
+    for (int p = u->k->first; p < u->k->end; p++) {
+        const mt_offload_param *pa = &o->params[p];
+        size_t a = pa->slot > lo ? pa->slot : lo, e = pa->slot + pa->count < hi ? pa->slot + pa->count : hi;
+        if (a >= e) continue;
+        size_t at = a - u->blk->offset;
+        uint16_t *out = o->cfg.delay && o->gpu ? (uint16_t *)o->shadow + a : u->stage ? u->stage + at : NULL;
+        mt_cpu_adam_update(o->path, pa->decay ? &o->adam_decay : &o->adam_plain, u->blk->master + at, m + (a - lo),
+                           v + (a - lo), grads_at(o, a), grads_bf16(o), out, e - a);
+    }
+}
+
 // AdamW over bucket b's state, block by block, each block's bf16 weights
 // copied back as soon as it is done; with delay the new weights go to the
 // shadow instead (in the slots' layout), once its last copy to the weights
@@ -153,7 +177,7 @@ static void update_bucket(mt_offload *o, int b, long step) {
     int delay = o->cfg.delay, copies = o->gpu && !delay;  // this thread copies the weights to the GPU
     k->t_adam[step & 1][0] = mt_now();
     if (delay && o->gpu && k->copied >= 0) mt_event_synchronize(event(o, EV_UPDATED, k->copied, b));
-    mt_store_begin(o->store, k->offset, k->offset + k->count, MT_STORE_UPDATE);
+    mt_store_begin(o->store, k->offset, k->offset + k->count, MT_STORE_UPDATE_PIECES);
     mt_store_block blk;
     int first = 1;
     while (mt_store_next(o->store, &blk)) {
@@ -167,6 +191,8 @@ static void update_bucket(mt_offload *o, int b, long step) {
             if (first) mt_event_record(event(o, EV_H2D_START, step, b), o->h2d);
             first = 0;
         }
+        piece_update pu = {o, k, &blk, stage};
+        mt_store_update_pieces(o->store, &blk, update_piece, &pu);
         size_t blk_end = blk.offset + blk.count;
         // the weights go back in runs: parameters the same distance apart in
         // both layouts share a copy (all of a block, when slots are offsets)
@@ -177,9 +203,6 @@ static void update_bucket(mt_offload *o, int b, long step) {
             size_t hi = pa->slot + pa->count < blk_end ? pa->slot + pa->count : blk_end;
             if (lo >= hi) continue;
             size_t at = lo - blk.offset, w = pa->offset + (lo - pa->slot);
-            uint16_t *out = delay && o->gpu ? (uint16_t *)o->shadow + lo : stage ? stage + at : NULL;
-            mt_cpu_adam_update(o->path, pa->decay ? &o->adam_decay : &o->adam_plain, blk.master + at, blk.m + at,
-                               blk.v + at, grads_at(o, lo), grads_bf16(o), out, hi - lo);
             if (!o->gpu) {  // the CPU's weights (with delay its shadow) are the master values
                 memcpy(delay ? (float *)o->shadow + lo : (float *)o->weights + w, blk.master + at,
                        (hi - lo) * sizeof(float));

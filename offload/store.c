@@ -8,6 +8,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <omp.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -87,6 +88,7 @@ struct mt_store {
     // int8 moments (memory kind): codes, each block's absmax, the segments'
     // starts and first block, and the window's moments in fp32
     int int8;
+    int pieces;  // the pass is MT_STORE_UPDATE_PIECES's: int8 windows are coded a piece at a time
     uint8_t *mq, *vq;
     float *m_absmax, *v_absmax;
     size_t *seg, *seg_block;
@@ -218,22 +220,26 @@ static int block_start(const mt_store *s, size_t i) {
 }
 
 // Decodes (encode 0) or encodes the moments of values [a, b), whole blocks,
-// between the codes and the window's fp32 arrays.
-static void code_window(mt_store *s, size_t a, size_t b, int encode) {
+// between the codes and fp32 arrays m, v (m[0] is a's).
+static void code_range(mt_store *s, size_t a, size_t b, float *m, float *v, int encode) {
     for (int k = segment_of(s, a); k < s->n_seg && s->seg[k] < b; k++) {
         size_t lo = s->seg[k] > a ? s->seg[k] : a, hi = segment_end(s, k) < b ? segment_end(s, k) : b;
         size_t first = s->seg_block[k] + (lo - s->seg[k]) / MT_QBLOCK, blocks = (hi - lo + MT_QBLOCK - 1) / MT_QBLOCK;
-#pragma omp parallel for
+#pragma omp parallel for if (!omp_in_parallel())
         for (size_t j = 0; j < blocks; j++) {
             size_t i = lo + j * MT_QBLOCK, len = hi - i < MT_QBLOCK ? hi - i : MT_QBLOCK, w = i - a;
             if (encode)
-                mt_cpu_qblock_encode(s->win_m + w, s->win_v + w, len, s->mq + i, s->vq + i, &s->m_absmax[first + j],
+                mt_cpu_qblock_encode(m + w, v + w, len, s->mq + i, s->vq + i, &s->m_absmax[first + j],
                                      &s->v_absmax[first + j]);
             else
-                mt_cpu_qblock_decode(s->mq + i, s->vq + i, s->m_absmax[first + j], s->v_absmax[first + j], s->win_m + w,
-                                     s->win_v + w, len);
+                mt_cpu_qblock_decode(s->mq + i, s->vq + i, s->m_absmax[first + j], s->v_absmax[first + j], m + w, v + w,
+                                     len);
         }
     }
+}
+
+static void code_window(mt_store *s, size_t a, size_t b, int encode) {
+    code_range(s, a, b, s->win_m, s->win_v, encode);
 }
 
 size_t mt_store_int8_blocks(const size_t *segments, int n_segments, size_t count) {
@@ -422,7 +428,8 @@ void mt_store_begin(mt_store *s, size_t begin, size_t end, mt_store_mode mode) {
     MT_CHECK(begin <= end && end <= s->count, "store pass [%zu, %zu) of %zu", begin, end, s->count);
     s->begin = begin;
     s->end = end;
-    s->mode = mode;
+    s->pieces = mode == MT_STORE_UPDATE_PIECES;
+    s->mode = s->pieces ? MT_STORE_UPDATE : mode;
     s->next_block = begin / s->block_params;
     s->issued = s->next_block;
     s->cursor = begin;
@@ -459,7 +466,7 @@ static int next_int8(mt_store *s, mt_store_block *out) {
     if (s->mode == MT_STORE_OVERWRITE) {
         memset(s->win_m, 0, (b - a) * sizeof(float));
         memset(s->win_v, 0, (b - a) * sizeof(float));
-    } else {
+    } else if (!s->pieces) {
         code_window(s, a, b, 0);
     }
     return 1;
@@ -520,8 +527,48 @@ int mt_store_next(mt_store *s, mt_store_block *out) {
     return 1;
 }
 
+static size_t block_ceil(const mt_store *s, size_t i);
+
+enum { kPiece = 16384 };  // values: 128 KiB of fp32 moments, whole quantization blocks
+
+void mt_store_update_pieces(mt_store *s, const mt_store_block *block,
+                            void (*fn)(void *ctx, size_t lo, size_t hi, float *m, float *v), void *ctx) {
+    MT_CHECK(s->pieces, "mt_store_update_pieces outside an MT_STORE_UPDATE_PIECES pass");
+    size_t a = block->offset, end = a + block->count;
+    if (!s->int8) {  // fp32 moments in place: the whole block at once, fn's work on every thread
+        fn(ctx, a, end, block->m, block->v);
+        return;
+    }
+    // piece boundaries: about kPiece values each, each ending where a quantization block does
+    size_t n = 0, room = block->count / kPiece + (size_t)s->n_seg + 2, *at = malloc(room * sizeof *at);
+    MT_CHECK(at != NULL, "store pieces");
+    at[n++] = a;
+    while (at[n - 1] < end) {
+        size_t next = at[n - 1] + kPiece < end ? block_ceil(s, at[n - 1] + kPiece) : end;
+        MT_CHECK(n < room, "store pieces: %zu of %zu", n, room);
+        at[n++] = next < end ? next : end;
+    }
+#pragma omp parallel
+    {
+        // a piece spans at most kPiece values and one block more
+        float *m = malloc(2 * (kPiece + MT_QBLOCK) * sizeof *m), *v = m + kPiece + MT_QBLOCK;
+        MT_CHECK(m != NULL, "store piece buffers");
+        size_t pieces = n - 1;
+#pragma omp for schedule(static)
+        for (size_t k = 0; k < pieces; k++) {
+            size_t lo = at[k], hi = at[k + 1];
+            code_range(s, lo, hi, m, v, 0);
+            fn(ctx, lo, hi, m, v);
+            code_range(s, lo, hi, m, v, 1);
+        }
+        free(m);
+    }
+    free(at);
+}
+
 void mt_store_done(mt_store *s, const mt_store_block *block) {
-    if (s->int8 && s->mode != MT_STORE_READ) code_window(s, block->offset, block->offset + block->count, 1);
+    if (s->int8 && s->mode != MT_STORE_READ && !s->pieces)
+        code_window(s, block->offset, block->offset + block->count, 1);
     if (s->kind == MT_STORE_MEMORY || block->slot < 0) return;
     pthread_mutex_lock(&s->lock);
     slot *sl = &s->slots[block->slot];

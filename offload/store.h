@@ -78,9 +78,11 @@ typedef struct {
 } mt_store_block;
 
 typedef enum {
-    MT_STORE_READ,      // look only
-    MT_STORE_UPDATE,    // read, change in place, write back
-    MT_STORE_OVERWRITE  // every value is set: no read (the values start undefined)
+    MT_STORE_READ,          // look only
+    MT_STORE_UPDATE,        // read, change in place, write back
+    MT_STORE_OVERWRITE,     // every value is set: no read (the values start undefined)
+    MT_STORE_UPDATE_PIECES  // MT_STORE_UPDATE through mt_store_update_pieces (int8 moments: the blocks' m
+                            // and v are not decoded; each piece's are, beside its update)
 } mt_store_mode;
 
 // A pass over [begin, end): mt_store_next gives its blocks in order (waiting
@@ -94,6 +96,18 @@ void mt_store_begin(mt_store *s, size_t begin, size_t end, mt_store_mode mode);
 int mt_store_next(mt_store *s, mt_store_block *block);
 void mt_store_done(mt_store *s, const mt_store_block *block);
 mt_err mt_store_end(mt_store *s);
+// In an MT_STORE_UPDATE_PIECES pass: fn(ctx, lo, hi, m, v) over the block
+// [lo, hi) (store offsets), its moments in m and v from index 0 (m[0] is
+// lo's). With int8 moments it runs over consecutive pieces of about 16 K
+// values (whole quantization blocks) on every OpenMP thread, each thread
+// decoding its piece into a buffer of its own and encoding it back after
+// fn, so the fp32 moments stay in its cache (decoding, updating and encoding
+// the whole block in three passes moves about 32 bytes a value more through
+// memory); fn must then not depend on the pieces' order, and its own work
+// runs on the one thread. Otherwise fn runs once, over the whole block and
+// its own m and v, and its work may use every thread.
+void mt_store_update_pieces(mt_store *s, const mt_store_block *block,
+                            void (*fn)(void *ctx, size_t lo, size_t hi, float *m, float *v), void *ctx);
 
 // Copies between the state and host arrays of the whole shard (checkpoints,
 // resume). m or v NULL: not copied (read) or set to zero (write).

@@ -436,6 +436,62 @@ START_TEST(store_int8_moments_quantize_by_segment) {
 }
 END_TEST
 
+// An MT_STORE_UPDATE_PIECES pass (what the offloaded update runs) leaves
+// the store as an MT_STORE_UPDATE pass with the same change does, bit for
+// bit: int8 moments coded a piece at a time on every thread (windows of
+// several pieces, segments that do not start on a piece's bound, a pass
+// that starts past the first), and fp32 moments, handed over whole.
+typedef struct {
+    const mt_store_block *b;
+    size_t calls;
+} piece_change;
+
+static void change_piece(void *ctx, size_t lo, size_t hi, float *m, float *v) {
+    piece_change *c = ctx;
+    for (size_t i = lo; i < hi; i++)
+        c->b->master[i - c->b->offset] += 1.0f, m[i - lo] = m[i - lo] * -0.5f + 1e-4f, v[i - lo] *= 3.0f;
+#pragma omp atomic
+    c->calls++;
+}
+
+START_TEST(store_update_pieces_equal_windows) {
+    size_t n = 100000, seg[] = {0, 700, 20001, 61001};
+    int n_seg = 4;
+    float *a = tu_random(n, -1, 1, 13), *m = tu_random(n, -1e-3f, 1e-3f, 14), *v = tu_random(n, 0, 1e-6f, 15);
+    float *want[3], *got[3];
+    for (int k = 0; k < 3; k++) want[k] = malloc(n * 4), got[k] = malloc(n * 4);
+    for (int int8 = 0; int8 < 2; int8++) {
+        for (int pieces = 0; pieces < 2; pieces++) {
+            mt_store_config c = {MT_STORE_MEMORY, NULL, n, 0, 1, 40000, 0, 0, int8, seg, n_seg};
+            mt_store *s = NULL;
+            ck_assert_msg(mt_store_open(&s, &c) == MT_OK, "%s", mt_last_error());
+            ck_assert_msg(mt_store_write_all(s, a, m, v) == MT_OK, "%s", mt_last_error());
+            mt_store_begin(s, 700, n, pieces ? MT_STORE_UPDATE_PIECES : MT_STORE_UPDATE);
+            mt_store_block b;
+            size_t calls = 0;
+            while (mt_store_next(s, &b)) {
+                piece_change pc = {&b, 0};
+                if (pieces)
+                    mt_store_update_pieces(s, &b, change_piece, &pc);
+                else
+                    change_piece(&pc, b.offset, b.offset + b.count, b.m, b.v);
+                calls += pc.calls;
+                mt_store_done(s, &b);
+            }
+            ck_assert_int_eq(mt_store_end(s), MT_OK);
+            if (pieces && int8) ck_assert_uint_gt(calls, 6);  // windows of 40000 cut into pieces of about 16384
+            float **dst = pieces ? got : want;
+            ck_assert_msg(mt_store_read_all(s, dst[0], dst[1], dst[2]) == MT_OK, "%s", mt_last_error());
+            mt_store_close(s);
+        }
+        for (int k = 0; k < 3; k++)
+            ck_assert_msg(!memcmp(got[k], want[k], n * 4), "int8 %d: array %d differs", int8, k);
+    }
+    free(a), free(m), free(v);
+    for (int k = 0; k < 3; k++) free(want[k]), free(got[k]);
+}
+END_TEST
+
 // pread/pwrite doubles: short transfers, no progress, ENOSPC, EIO
 static ssize_t short_pread(int fd, void *buf, size_t len, off_t at) {
     return pread(fd, buf, len < 4096 ? len : 4096, at);
@@ -1049,6 +1105,7 @@ int main(void) {
     tcase_add_test(tc, store_round_trip_is_bit_exact_at_odd_sizes);
     tcase_add_test(tc, store_errors_are_clear_and_values);
     tcase_add_test(tc, store_int8_moments_quantize_by_segment);
+    tcase_add_test(tc, store_update_pieces_equal_windows);
     tcase_add_test(tc, offloaded_runs_follow_the_run_without_offload);
     tcase_add_test(tc, ssd_offload_resumes_bit_identically);
     tcase_add_test(tc, streamed_weights_runs_equal_resident_runs);
