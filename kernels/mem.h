@@ -59,8 +59,8 @@ mt_err mt_alloc_file(void **out, size_t bytes, mt_mem_category cat, const char *
 size_t mt_mem_mapped_bytes(void);
 // Host memory for a large copy made now and then (a checkpoint's state):
 // 2 MiB-aligned and advised for huge pages, not zeroed, not tallied; NULL
-// when out of memory; freed with free(). Filled by mt_copy_parallel, its
-// pages are faulted and zeroed by every core rather than by one.
+// when out of memory; freed with free(). Where mt_copy_parallel fills it,
+// its pages are faulted and zeroed by every core rather than by one.
 void *mt_host_alloc_copy(size_t bytes);
 // memcpy between host arrays by every OpenMP thread, in 2 MiB pieces (by the
 // caller alone below 8 MiB, or inside a parallel region).
