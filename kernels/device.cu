@@ -108,6 +108,11 @@ static cudaEvent_t events[kEvents], issued;
 static int next_event;
 
 int mt_copy_async_after(void *dst, const void *src, size_t bytes, const int *after, int n_after) {
+    return mt_copy_async_timed(dst, src, bytes, after, n_after, NULL, NULL);
+}
+
+int mt_copy_async_timed(void *dst, const void *src, size_t bytes, const int *after, int n_after, void *start,
+                        void *end) {
     if (!copy_streams[0]) {
         for (int k = 0; k < 2; k++) CUDA_CHECK(cudaStreamCreateWithFlags(&copy_streams[k], cudaStreamNonBlocking));
         CUDA_CHECK(cudaEventCreateWithFlags(&issued, cudaEventDisableTiming));
@@ -120,7 +125,9 @@ int mt_copy_async_after(void *dst, const void *src, size_t bytes, const int *aft
     CUDA_CHECK(cudaStreamWaitEvent(st, issued, 0));
     for (int i = 0; i < n_after; i++)
         if (after[i] >= 0) CUDA_CHECK(cudaStreamWaitEvent(st, events[after[i]], 0));
+    if (start) CUDA_CHECK(cudaEventRecord((cudaEvent_t)start, st));
     CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, st));
+    if (end) CUDA_CHECK(cudaEventRecord((cudaEvent_t)end, st));
     int ticket = next_event;
     next_event = (next_event + 1) % kEvents;
     CUDA_CHECK(cudaEventRecord(events[ticket], st));

@@ -54,6 +54,11 @@ void mt_host_unregister(void *p);
 // none).
 int mt_copy_async(void *dst, const void *src, size_t bytes);
 int mt_copy_async_after(void *dst, const void *src, size_t bytes, const int *after, int n_after);
+// The same, with timing events (mt_event_create; either may be NULL)
+// recorded on the copy's stream just before the copy (once what it waits
+// for is done) and just after it: a timeline's span.
+int mt_copy_async_timed(void *dst, const void *src, size_t bytes, const int *after, int n_after, void *start,
+                        void *end);
 void mt_copy_async_wait(int ticket);
 
 // Side streams and events for copy pipelines (offload/), as opaque handles;

@@ -5,6 +5,7 @@
 // state offloaded against the same run without it, resume, and a disk that
 // fills mid-run leaving the last checkpoint whole.
 #define _GNU_SOURCE
+#include <cjson/cJSON.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
@@ -658,12 +659,62 @@ START_TEST(offloaded_runs_follow_the_run_without_offload) {
 }
 END_TEST
 
+// offload.trace_step 3 of a streamed run's 12 steps: output.dir's
+// streaming-trace.json holds steps 3 and 4 alone, each layer's compute in
+// both (backward too where there is one), the copies in where the slots are
+// refilled each forward (full fine-tuning: the optimizer's updates), MeZO's
+// copies back out; spans in order on the compute track, none negative.
+static void check_streaming_trace(const char *out, int refills, int backward, int writebacks) {
+    char path[1400];
+    snprintf(path, sizeof path, "%s/streaming-trace.json", out);
+    FILE *f = fopen(path, "r");
+    ck_assert_msg(f != NULL, "%s missing", path);
+    char *text = calloc(1, 1 << 20);
+    ck_assert(text != NULL);
+    size_t len = fread(text, 1, (1 << 20) - 1, f);
+    fclose(f);
+    ck_assert_uint_gt(len, 0);
+    cJSON *doc = cJSON_Parse(text);
+    ck_assert_msg(doc != NULL, "%s is not JSON", path);
+    const cJSON *events = cJSON_GetObjectItemCaseSensitive(doc, "traceEvents"), *e;
+    int forward[2] = {0}, back[2] = {0}, copies[3] = {0};
+    double last = -1.0;
+    cJSON_ArrayForEach(e, events) {
+        const char *ph = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(e, "ph"));
+        if (!ph || strcmp(ph, "X")) continue;
+        const char *name = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(e, "name"));
+        int tid = (int)cJSON_GetNumberValue(cJSON_GetObjectItemCaseSensitive(e, "tid"));
+        double ts = cJSON_GetNumberValue(cJSON_GetObjectItemCaseSensitive(e, "ts")),
+               dur = cJSON_GetNumberValue(cJSON_GetObjectItemCaseSensitive(e, "dur"));
+        int step = 0;
+        ck_assert_msg(name && sscanf(name, "step %d", &step) == 1 && (step == 3 || step == 4), "span %s", name);
+        ck_assert_msg(ts >= 0 && dur >= 0, "span %s at %g for %g", name, ts, dur);
+        ck_assert(tid >= 1 && tid <= 3);
+        copies[tid - 1]++;
+        if (tid == 1) {
+            ck_assert_msg(ts >= last, "compute span %s at %g before the one before it (%g)", name, ts, last);
+            last = ts;
+            if (strstr(name, "forward layer")) forward[step - 3]++;
+            if (strstr(name, "backward layer")) back[step - 3]++;
+        }
+    }
+    cJSON_Delete(doc);
+    free(text);
+    for (int k = 0; k < 2; k++) {
+        ck_assert_msg(forward[k] >= 2, "step %d: %d forward layers", k + 3, forward[k]);
+        ck_assert_msg(backward ? back[k] >= 2 : back[k] == 0, "step %d: %d backward layers", k + 3, back[k]);
+    }
+    if (refills) ck_assert_msg(copies[1] >= 4, "%d copies in", copies[1]);
+    ck_assert_msg(writebacks ? copies[2] > 0 : copies[2] == 0, "%d copies out", copies[2]);
+}
+
 // model.weights: cpu (the base's layers streamed from a host store through
 // two slots) and ssd (from a file under offload.path) change nothing in a
 // run: the same losses bit for bit and the same saved model, for full
 // fine-tuning with the offloaded optimizer (with and without clipping, with
 // accumulation, on the SSD tier), LoRA with checkpointing, and MeZO; and a
-// streamed run stopped and resumed is the uninterrupted one.
+// streamed run stopped and resumed is the uninterrupted one. The streamed
+// runs from host memory take a timeline of steps 3 and 4 as well.
 START_TEST(streamed_weights_runs_equal_resident_runs) {
     char ssd[400], data[300], folder[300], weights_dir[400];
     snprintf(ssd, sizeof ssd, "%s/ssd-streamed", dir);
@@ -690,7 +741,9 @@ START_TEST(streamed_weights_runs_equal_resident_runs) {
             ck_assert_int_eq(mt_config_set(&cfg, "model.weights", places[w], "t"), MT_OK);
             if (w == 2 && !cfg.offload_path[0])
                 ck_assert_int_eq(mt_config_set(&cfg, "offload.path", weights_dir, "t"), MT_OK);
+            if (w == 1) ck_assert_int_eq(mt_config_set(&cfg, "offload.trace_step", "3", "t"), MT_OK);
             ck_assert_msg(mt_train(&cfg, &r) == MT_OK, "variant %zu, %s: %s", k, places[w], mt_last_error());
+            if (w == 1) check_streaming_trace(out[w], k <= 2, k != 4, k == 4);
             ck_assert_int_eq(tu_read_losses(out[w], losses[w], 12), 12);
             mt_config_free(&cfg);
         }

@@ -342,13 +342,17 @@ void mt_config_write_reference(FILE *f, int markdown) {
 }
 
 // Whether a key of `section` other than `except` (NULL: none) differs from its default.
-static int section_changed(const mt_config *cfg, const char *section, const char *except) {
+// Whether any key of `section` differs from its default, leaving out the
+// keys named in `except` (NULL-terminated; NULL: none).
+static int section_changed(const mt_config *cfg, const char *section, const char *const *except) {
     mt_config d;
     mt_config_defaults(&d);
     int changed = 0;
     for (int i = 0; i < num_keys && !changed; i++) {
         const key_info *k = &keys[i];
-        if (strcmp(k->section, section) || (except && !strcmp(k->key, except))) continue;
+        int left_out = 0;
+        for (int e = 0; except && except[e]; e++) left_out |= !strcmp(k->key, except[e]);
+        if (strcmp(k->section, section) || left_out) continue;
         const char *a = (const char *)cfg + k->offset, *b = (const char *)&d + k->offset;
         if (k->type == TYPE_INT)
             changed = *(const long *)a != *(const long *)b;
@@ -468,12 +472,19 @@ mt_err mt_config_validate(const mt_config *cfg) {
                          "set dist.zero_stage: 0",
                          cfg->dist_zero_stage);
     // offload.path also serves model.weights ssd (auto may choose it) and the layer inputs' file
-    // (model.ssd_layer_inputs, which train.seq_len: max may set)
+    // (model.ssd_layer_inputs, which train.seq_len: max may set); offload.trace_step streamed weights' timeline
     int weights_file =
         !strcmp(cfg->model_weights, "ssd") || !strcmp(cfg->model_weights, "auto") || cfg->model_offload_activations;
-    if (!offload && section_changed(cfg, "offload", weights_file ? "path" : NULL))
-        return mt_errorf(MT_ERR_CONFIG, "offload.* keys need offload.optimizer: cpu or ssd (it is none)%s",
-                         weights_file ? ", except offload.path for model.weights' and the layer inputs' files" : "");
+    int may_stream = strcmp(cfg->model_weights, "gpu") != 0;
+    const char *except[3] = {NULL, NULL, NULL}, **next = except;
+    if (weights_file) *next++ = "path";
+    if (may_stream) *next++ = "trace_step";
+    if (!offload && section_changed(cfg, "offload", except))
+        return mt_errorf(MT_ERR_CONFIG, "offload.* keys need offload.optimizer: cpu or ssd (it is none)%s%s",
+                         weights_file ? ", except offload.path for model.weights' and the layer inputs' files" : "",
+                         may_stream ? (weights_file ? " and offload.trace_step for the streamed weights' timeline"
+                                                    : ", except offload.trace_step for the streamed weights' timeline")
+                                    : "");
     if (!strcmp(cfg->offload_moments, "int8") && strcmp(cfg->offload_optimizer, "cpu"))
         return mt_errorf(MT_ERR_CONFIG,
                          "offload.moments int8 keeps the moments' codes in host memory: it needs offload.optimizer: "

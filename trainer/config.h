@@ -167,8 +167,9 @@ extern "C" {
       "steps before; checkpoints keep the weights one update behind beside the master, and resumes continue bit for "  \
       "bit); changes the math; 0: exact")                                                                              \
     X(offload, trace_step, INT, "0", 0, 1000000000, "",                                                                \
-      "GPU: write the copy/update timeline of this step and the next to output.dir/offload-trace.json (Chrome trace "  \
-      "format, for chrome://tracing or ui.perfetto.dev); 0: none")                                                     \
+      "write the timeline of this step and the next (1-based) in Chrome's trace format (chrome://tracing, "            \
+      "ui.perfetto.dev): offload.optimizer's copies and CPU updates to output.dir/offload-trace.json (GPU), "          \
+      "model.weights cpu or ssd's layer copies and compute to output.dir/streaming-trace.json (rank 0's); 0: none")    \
     X(dist, zero_stage, INT, "0", 0, 2, "",                                                                            \
       "data parallelism (mpirun -np N): 0 every rank keeps the whole AdamW state; 1 each keeps (or, with offload, "    \
       "offloads) its shard (1/N); 2 also the gradient: each rank holds its shard's sums, reduced to it as backward "   \

@@ -1,6 +1,7 @@
 // trainer/model.c: the LLaMA-family model over the op API (model.h).
 #include "trainer/model.h"
 
+#include <errno.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -118,6 +119,7 @@ struct mt_model {
     int slot_dirty[2];                  // MeZO's update changed the slot: written back before reuse
     int slot_wb[2];                     // the copy out of the slot's last write-back (-1: none)
     int *store_wb;                      // (L) the copy out of each layer's last write-back into the store
+    struct stream_trace *trace;         // the streamed weights' timeline while one is taken (NULL: none)
     int *param_layer;                   // (num_params) the layer of each parameter, -1 outside layers
     size_t *layer_first;                // (L+1) element offset of each layer's span in the compute block
     size_t layer_compute, layer_nf4;    // bytes of one layer's compute weights, NF4 storage
@@ -693,16 +695,173 @@ static char *store_nf4(const mt_model *m, int l) {
     return m->quantized ? (char *)m->nf4_storage + (size_t)l * m->layer_nf4 : NULL;
 }
 
+// ---- the streamed weights' timeline (mt_model_trace_begin): each layer's
+// compute and each copy of a layer's weights, timed on the device by events
+// (on the CPU backend, where copies are plain copies, by the host clock)
+
+enum { TRACE_COMPUTE, TRACE_UPLOAD, TRACE_WRITEBACK, TRACE_TRACKS };
+enum { kTraceSpans = 16384 };
+
+typedef struct {
+    int track, layer, step, pass;  // pass: trace_compute's
+    void *ev[2];                   // start, end (a compute span's end is the next one's start)
+    double host[2];
+} trace_span;
+
+struct stream_trace {
+    trace_span spans[kTraceSpans];
+    int n, step, dropped;
+    void *origin, *last;  // compute stream: the start, and the end of the last span
+    double host_origin, host_last;
+};
+
+static void *trace_event(const mt_model *m) { return m->be->gpu ? mt_event_create() : NULL; }
+
+// A new span of `track` for layer l, or NULL when the trace is full.
+static trace_span *trace_span_new(mt_model *m, int track, int l, int pass) {
+    struct stream_trace *t = m->trace;
+    if (t->n == kTraceSpans) {
+        t->dropped++;
+        return NULL;
+    }
+    trace_span *s = &t->spans[t->n++];
+    *s = (trace_span){track, l, t->step, pass, {NULL, NULL}, {NAN, NAN}};
+    return s;
+}
+
+// Layer l's compute starts (its weights are in their slot): a compute span on
+// the compute stream, which the next one ends. pass: 0 forward, 1 backward,
+// 2 a deferred update applied outside either.
+static void trace_compute(mt_model *m, int l, int pass) {
+    if (!m->trace) return;
+    trace_span *s = trace_span_new(m, TRACE_COMPUTE, l, pass);
+    if (!s) return;
+    s->ev[0] = trace_event(m);
+    if (s->ev[0]) mt_event_record(s->ev[0], NULL);
+    s->host[0] = mt_now();
+}
+
+// A copy of bytes (two parts: the compute weights, then the NF4 codes, if
+// any) for layer l: returns the second part's ticket as the copies do.
+static int trace_copy(mt_model *m, int track, int l, void *dst, const void *src, size_t bytes, const int *after,
+                      int n_after, void *dst2, const void *src2, size_t bytes2) {
+    trace_span *s = m->trace ? trace_span_new(m, track, l, 0) : NULL;
+    if (s) {
+        s->ev[0] = trace_event(m), s->ev[1] = trace_event(m);
+        s->host[0] = mt_now();
+    }
+    void *start = s ? s->ev[0] : NULL, *end = s ? s->ev[1] : NULL;
+    int ticket;
+    if (!m->be->gpu) {
+        memcpy(dst, src, bytes);
+        if (bytes2) memcpy(dst2, src2, bytes2);
+        ticket = -1;
+    } else {
+        ticket = mt_copy_async_timed(dst, src, bytes, after, n_after, start, bytes2 ? NULL : end);
+        if (bytes2) ticket = mt_copy_async_timed(dst2, src2, bytes2, NULL, 0, NULL, end);
+    }
+    if (s) s->host[1] = mt_now();
+    return ticket;
+}
+
+void mt_model_trace_begin(mt_model *m) {
+    if (m->trace || !m->streamed) return;
+    m->trace = calloc(1, sizeof *m->trace);
+    MT_CHECK(m->trace != NULL, "streaming trace");
+    m->trace->origin = trace_event(m);
+    if (m->trace->origin) mt_event_record(m->trace->origin, NULL);
+    m->trace->host_origin = mt_now();
+}
+
+void mt_model_trace_step(mt_model *m, int step) {
+    if (m->trace) m->trace->step = step;
+}
+
+int mt_model_tracing(const mt_model *m) { return m->trace != NULL; }
+
+static void trace_free(mt_model *m) {
+    struct stream_trace *t = m->trace;
+    if (!t) return;
+    for (int i = 0; i < t->n; i++) mt_event_destroy(t->spans[i].ev[0]), mt_event_destroy(t->spans[i].ev[1]);
+    mt_event_destroy(t->origin);
+    mt_event_destroy(t->last);
+    free(t);
+    m->trace = NULL;
+}
+
+// Milliseconds from the trace's start: an event's, or on the CPU a host time's.
+static double trace_ms(const struct stream_trace *t, void *ev, double host) {
+    return ev ? (double)mt_event_elapsed_ms(t->origin, ev) : (host - t->host_origin) * 1e3;
+}
+
+mt_err mt_model_trace_write(mt_model *m, const char *path) {
+    struct stream_trace *t = m->trace;
+    if (!t || !path) {
+        trace_free(m);
+        return MT_OK;
+    }
+    t->last = trace_event(m);
+    if (t->last) mt_event_record(t->last, NULL);
+    t->host_last = mt_now();
+    if (m->be->gpu) mt_device_synchronize();
+    FILE *f = fopen(path, "w");
+    if (!f) {
+        trace_free(m);
+        return mt_errorf(MT_ERR_IO, "%s: cannot write the streaming timeline (%s)", path, strerror(errno));
+    }
+    static const char *const tracks[TRACE_TRACKS] = {"compute (from a layer's weights in their slot to the next's)",
+                                                     "copy in (a layer's weights, store to slot)",
+                                                     "copy out (MeZO's updated layer, slot to store)"};
+    fprintf(f, "{\"traceEvents\":[\n");
+    for (int k = 0; k < TRACE_TRACKS; k++)
+        fprintf(f, "{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":1,\"tid\":%d,\"args\":{\"name\":\"%s\"}},\n", k + 1,
+                tracks[k]);
+    int last_compute = -1;
+    for (int i = 0; i < t->n; i++)
+        if (t->spans[i].track == TRACE_COMPUTE) last_compute = i;
+    for (int i = 0, written = 0; i < t->n; i++) {
+        const trace_span *s = &t->spans[i];
+        double a = trace_ms(t, s->ev[0], s->host[0]), b;
+        if (s->track != TRACE_COMPUTE) {
+            b = trace_ms(t, s->ev[1], s->host[1]);
+        } else {  // to the next compute span's start, or the end
+            int next = i + 1;
+            while (next < t->n && t->spans[next].track != TRACE_COMPUTE) next++;
+            b = i == last_compute ? trace_ms(t, t->last, t->host_last)
+                                  : trace_ms(t, t->spans[next].ev[0], t->spans[next].host[0]);
+        }
+        if (!isfinite(a) || !isfinite(b)) continue;
+        char name[96];
+        if (s->track == TRACE_COMPUTE)
+            snprintf(name, sizeof name, "step %d %s layer %d", s->step,
+                     s->pass == 2 ? "update"
+                     : s->pass    ? "backward"
+                                  : "forward",
+                     s->layer);
+        else
+            snprintf(name, sizeof name, "step %d layer %d", s->step, s->layer);
+        fprintf(f, "%s{\"name\":\"%s\",\"ph\":\"X\",\"pid\":1,\"tid\":%d,\"ts\":%.1f,\"dur\":%.1f}",
+                written++ ? ",\n" : "", name, s->track + 1, a * 1e3, (b > a ? b - a : 0.0) * 1e3);
+    }
+    fprintf(f, "\n]}\n");
+    int bad = ferror(f);
+    bad |= fclose(f) != 0;
+    int dropped = t->dropped;
+    trace_free(m);
+    if (bad) return mt_errorf(MT_ERR_IO, "%s: writing the streaming timeline failed", path);
+    if (dropped) mt_warn("streaming timeline: %d spans past the first %d left out", dropped, (int)kTraceSpans);
+    return MT_OK;
+}
+
 // MeZO changed slot k's weights: back into the store, beside the compute
 // (after the ops that changed them; the copies to the host run beside those
 // to the device). A slot's refill and a layer's next copy in wait for it.
 static void write_back(mt_model *m, int k) {
     if (!m->slot_dirty[k]) return;
     int l = m->slot_layer[k];
-    if (m->be->gpu)
-        m->slot_wb[k] = m->store_wb[l] = mt_copy_async(store_compute(m, l), m->slots[k], m->layer_compute);
-    else
-        memcpy(store_compute(m, l), m->slots[k], m->layer_compute);
+    int ticket =
+        trace_copy(m, TRACE_WRITEBACK, l, store_compute(m, l), m->slots[k], m->layer_compute, NULL, 0, NULL, NULL, 0);
+    if (m->be->gpu) m->slot_wb[k] = m->store_wb[l] = ticket;
     m->slot_dirty[k] = 0;
 }
 
@@ -724,14 +883,10 @@ static void fill_slot(mt_model *m, int k, int l) {
     write_back(m, k);
     const char *compute = store_compute(m, l), *nf4 = store_nf4(m, l);
     char *dst = m->slots[k];
-    if (m->be->gpu) {
-        int after[2] = {m->slot_wb[k], m->store_wb[l]};
-        m->slot_ticket[k] = mt_copy_async_after(dst, compute, m->layer_compute, after, 2);
-        if (nf4) m->slot_ticket[k] = mt_copy_async(dst + align256(m->layer_compute), nf4, m->layer_nf4);
-    } else {
-        memcpy(dst, compute, m->layer_compute);
-        if (nf4) memcpy(dst + align256(m->layer_compute), nf4, m->layer_nf4);
-    }
+    int after[2] = {m->slot_wb[k], m->store_wb[l]};
+    int ticket = trace_copy(m, TRACE_UPLOAD, l, dst, compute, m->layer_compute, after, 2,
+                            nf4 ? dst + align256(m->layer_compute) : NULL, nf4, nf4 ? m->layer_nf4 : 0);
+    if (m->be->gpu) m->slot_ticket[k] = ticket;
     m->slot_layer[k] = l;
 }
 
@@ -762,8 +917,8 @@ static void read_ahead(const mt_model *m, int l) {
     }
 }
 
-// Layer l's weights on the backend, waited for; then `next` (-1: none) on
-// its way into the other slot.
+// Layer l's weights on the backend, waited for; then `next` (-1: none; -2:
+// none, outside a forward or backward pass) on its way into the other slot.
 static void stream_layer(mt_model *m, int l, int next) {
     if (!m->streamed) return;
     int k = slot_of(m, l);
@@ -772,6 +927,7 @@ static void stream_layer(mt_model *m, int l, int next) {
         fill_slot(m, k, l);
     }
     if (m->be->gpu) mt_copy_async_wait(m->slot_ticket[k]);
+    trace_compute(m, l, next == -2 ? 2 : next < l);
     bind_slot(m, l, k);
     if (next >= 0 && next < m->cfg.L && slot_of(m, next) < 0) {
         if (m->weights_needed) m->weights_needed(m->weights_needed_ctx, 1 + next);  // its update is in the store
@@ -989,6 +1145,7 @@ mt_err mt_model_create(mt_model **out, mt_backend *be, const mt_model_config *cf
 
 void mt_model_free(mt_model *m) {
     if (!m) return;
+    trace_free(m);
     mt_graph_free(m->decode_graph);
     mt_free(&m->weights);
     mt_free((void **)&m->grads);
@@ -1262,7 +1419,7 @@ void mt_model_flush_update(mt_model *m) {
         int owes = 0;
         for (int i = 0; i < t.count && !owes; i++) owes = m->param_layer[i] == l && m->pending_left[i];
         if (!owes) continue;
-        stream_layer(m, l, -1);
+        stream_layer(m, l, -2);  // (outside a pass)
         for (int i = 0; i < t.count; i++)
             if (m->param_layer[i] == l) apply_pending(m, i);
     }

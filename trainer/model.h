@@ -201,6 +201,18 @@ int mt_model_backward_skipped(const mt_model *m);
 // one embedding-sized matrix, whichever is larger (two such with grads_done,
 // used in turn), plus the final norm's and a tied embedding's.
 size_t mt_model_streamed_grad_bytes(const mt_model *m);
+// The streamed weights' timeline (model.weights cpu or ssd; offload.trace_step
+// starts it): from mt_model_trace_begin on, each layer's compute (from its
+// weights' arrival in their slot to the next layer's) and each copy of a
+// layer's weights in, or (MeZO) its update back out, timed by events on the
+// device (on the CPU backend by the host clock), labelled with the step
+// mt_model_trace_step gives; mt_model_trace_write puts it in a Chrome trace
+// file (chrome://tracing, ui.perfetto.dev; path NULL: nowhere) and stops.
+// Without streamed weights they do nothing.
+void mt_model_trace_begin(mt_model *m);
+void mt_model_trace_step(mt_model *m, int step);
+int mt_model_tracing(const mt_model *m);  // whether a timeline is being taken
+mt_err mt_model_trace_write(mt_model *m, const char *path);
 // Data parallelism with streamed gradients: any(ctx, flag) returns whether
 // any rank set flag; backward is skipped on every rank when one rank's loss
 // is not finite (else some ranks would wait in a collective for the others).

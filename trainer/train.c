@@ -399,6 +399,9 @@ static mt_err train_steps(run *r, int *stopped) {
         if (err) break;
         float lr = mt_schedule_lr(&sched, step);
         if (step == profile_step) mt_device_profile(1);
+        // offload.trace_step: streamed weights' timeline of that step and the next (offload's has its own)
+        if (cfg->offload_trace_step > 0 && step + 1 == cfg->offload_trace_step) mt_model_trace_begin(r->model);
+        mt_model_trace_step(r->model, step + 1);
         double loss, refresh_seconds = NAN;
         // a non-finite loss or gradient stops the run before any update is applied
         mt_step_info info = {NAN, 0};
@@ -447,6 +450,14 @@ static mt_err train_steps(run *r, int *stopped) {
                               mt_mem_peak_total(r->pl.use_gpu ? MT_DEVICE : MT_HOST)};
         double tps = mt_metrics_step(r->metrics, &rec);
         if (isfinite(tps)) result->tokens_per_second = tps;
+        if (mt_model_tracing(r->model) && (step + 1 == cfg->offload_trace_step + 1 || last)) {
+            char path[1200];
+            snprintf(path, sizeof path, "%s/streaming-trace.json", cfg->output_dir);
+            if ((err = mt_model_trace_write(r->model, r->rank == 0 ? path : NULL))) break;
+            if (r->rank == 0)
+                mt_info("streamed weights: timeline of steps %ld-%d written to %s", cfg->offload_trace_step, step + 1,
+                        path);
+        }
         if ((err = mt_sampler_after_step(r->sampler, &r->ckpt, r->rank, r->random_init, step + 1, r->metrics))) break;
         int run_steps = step + 1 - (int)r->resume.step;
         // every rank stops at the same step
