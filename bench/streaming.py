@@ -18,9 +18,11 @@ steps, GPU peak from nvidia-smi and the allocator, host peak from VmRSS):
   full-3b    full fine-tuning of a 3B Llama shape with AdamW's state in host
              memory (offload.optimizer: cpu), checkpointing: weights and
              state off the GPU against the weights resident.
+  full-7b    the same on Llama-2-7B's shape, with 8-bit moments
+             (offload.moments: int8), which the GPU machine's host holds.
 Writes streaming_bench.json and prints one line per run.
 
-  python3 bench/streaming.py --out $OUT [--cases qlora-70b,mezo-30b,mezo-13b,full-3b] [--batches 8] [--weights cpu]
+  python3 bench/streaming.py --out $OUT [--cases qlora-70b,mezo-30b,mezo-13b,full-3b,full-7b] [--batches 8] [--weights cpu]
 """
 import argparse
 import json
@@ -45,6 +47,8 @@ SHAPES = {
     # Llama-3.2-3B's layers (head dimension 128; OpenLLaMA-3B's 100 is not a multiple of 8, which cuDNN asks)
     "3b": dict(BASE, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
                num_key_value_heads=8),
+    "7b": dict(BASE, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32),
 }
 
 
@@ -128,9 +132,11 @@ def main():
             for B in batches(args, (8, 1)):  # the pair the target is about first: each run draws 32.5 G random values on the host
                 for w in args.weights.split(","):
                     results["runs"][f"{case}-{w}-B{B}"] = run(args, case, folder, data, B, 1024, sets, w)
-        elif case == "full-3b":
-            folder, _ = shape_folder(args.work, "3b", SHAPES)
+        elif case in ("full-3b", "full-7b"):
+            folder, _ = shape_folder(args.work, case[5:], SHAPES)
             sets = {"offload.optimizer": "cpu", "model.activation_checkpointing": "true", "optim.lr": 1e-5}
+            if case == "full-7b":  # 8-bit moments: memtune plan puts the host at 63.8 GiB (101.2 with fp32 ones)
+                sets["offload.moments"] = "int8"
             for w in args.weights.split(","):
                 results["runs"][f"{case}-{w}"] = run(args, case, folder, data, 4, 1024, sets, w)
     for key, r in results["runs"].items():
