@@ -27,6 +27,7 @@ Writes streaming_bench.json and prints one line per run.
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -77,8 +78,13 @@ def run(args, case, folder, data, B, T, sets, weights):
     base = timed_run_sets(folder, data, out, {
         "train.steps": args.steps, "train.micro_batch": B, "train.seq_len": T, "train.grad_accum": 1,
         "train.log_every": 1, "optim.warmup_steps": 1, "model.weights": weights, **sets})
+    if args.trace_step and weights != "gpu":
+        base["offload.trace_step"] = args.trace_step
     cmd = [os.path.join(BUILD, "memtune"), "train", os.path.join(ROOT, "configs", "quickstart.yaml")]
     r = train_and_time(ns, cmd, base, out, ("base weights", "memory (GPU)", "memory (host)"))
+    trace = os.path.join(out, "streaming-trace.json")
+    if args.trace_step and weights != "gpu" and os.path.exists(trace):
+        shutil.copy(trace, os.path.join(args.out, f"{case}-B{B}-streaming-trace.json"))
     line = (f"{case} {weights:3s} B={B} T={T}: " + (f"{r['tokens_per_second']:.0f} tok/s, "
             f"{r['step_ms']:.0f} ms a step, GPU peak "
             f"{r['device_peak'] / GIB:.2f} GiB (allocator {r['allocator_peak'] / GIB:.2f}), host peak "
@@ -99,6 +105,9 @@ def main():
     ap.add_argument("--batches", default="", help="mezo-13b's and mezo-30b's batch sizes, comma-separated "
                     "(default: 1,16 and 8,1)")
     ap.add_argument("--weights", default="cpu,gpu", help="streamed (cpu), resident (gpu) or both, comma-separated")
+    ap.add_argument("--trace-step", type=int, default=0,
+                    help="offload.trace_step for the streamed runs: their timeline of that step and the next goes to "
+                    "--out as <case>-B<batch>-streaming-trace.json (docs/offload.md)")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--work", default="/tmp/mt-streaming-bench")
