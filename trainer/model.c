@@ -814,12 +814,12 @@ mt_err mt_model_trace_write(mt_model *m, const char *path) {
                                                      "copy out (MeZO's updated layer, slot to store)"};
     fprintf(f, "{\"traceEvents\":[\n");
     for (int k = 0; k < TRACE_TRACKS; k++)
-        fprintf(f, "{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":1,\"tid\":%d,\"args\":{\"name\":\"%s\"}},\n", k + 1,
-                tracks[k]);
+        fprintf(f, "%s{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":1,\"tid\":%d,\"args\":{\"name\":\"%s\"}}",
+                k ? ",\n" : "", k + 1, tracks[k]);
     int last_compute = -1;
     for (int i = 0; i < t->n; i++)
         if (t->spans[i].track == TRACE_COMPUTE) last_compute = i;
-    for (int i = 0, written = 0; i < t->n; i++) {
+    for (int i = 0; i < t->n; i++) {
         const trace_span *s = &t->spans[i];
         double a = trace_ms(t, s->ev[0], s->host[0]), b;
         if (s->track != TRACE_COMPUTE) {
@@ -840,8 +840,8 @@ mt_err mt_model_trace_write(mt_model *m, const char *path) {
                      s->layer);
         else
             snprintf(name, sizeof name, "step %d layer %d", s->step, s->layer);
-        fprintf(f, "%s{\"name\":\"%s\",\"ph\":\"X\",\"pid\":1,\"tid\":%d,\"ts\":%.1f,\"dur\":%.1f}",
-                written++ ? ",\n" : "", name, s->track + 1, a * 1e3, (b > a ? b - a : 0.0) * 1e3);
+        fprintf(f, ",\n{\"name\":\"%s\",\"ph\":\"X\",\"pid\":1,\"tid\":%d,\"ts\":%.1f,\"dur\":%.1f}", name,
+                s->track + 1, a * 1e3, (b > a ? b - a : 0.0) * 1e3);
     }
     fprintf(f, "\n]}\n");
     int bad = ferror(f);
