@@ -266,9 +266,7 @@ double mt_cpu_sumsq_path(mt_cpu_adam_path path, const void *grad, int grad_bf16,
 }
 
 double mt_cpu_sumsq(const void *grad, int grad_bf16, size_t n) {
-    static int best = -1;  // (a benign race: every thread finds the same)
-    if (best < 0) best = (int)mt_cpu_adam_best_path();
-    return mt_cpu_sumsq_path((mt_cpu_adam_path)best, grad, grad_bf16, n);
+    return mt_cpu_sumsq_path(mt_cpu_adam_best_path(), grad, grad_bf16, n);
 }
 
 void mt_cpu_accumulate(float *sum, const void *grad, int grad_bf16, size_t n, int first) {

@@ -240,7 +240,8 @@ static void pin_checkpoint_copies(run *r) {
     size_t bytes[3] = {pl->trained_total * sizeof(float), n * sizeof(float), n * sizeof(float)};
     double t0 = mt_now(), pinned = 0, refused = 0;
     for (int k = 0; k < 3; k++) {
-        if (!arrays[k]) continue;
+        // (small ones, LoRA's adapters say, copy fast anyway, and may share a page with another)
+        if (!arrays[k] || bytes[k] < ((size_t)16 << 20)) continue;
         if (mt_host_register(arrays[k], bytes[k]))
             r->pinned[k] = arrays[k], pinned += (double)bytes[k];
         else
