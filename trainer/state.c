@@ -9,6 +9,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "kernels/device.h"
 #include "trainer/forecast.h"
 #include "trainer/hf.h"
 #include "trainer/lora.h"
@@ -157,6 +158,47 @@ mt_err mt_run_state_save(mt_run_state *c, long steps_done) {
         mt_info("checkpoint: %s/checkpoints/step-%08ld (%.1fs%s)", c->cfg->output_dir, steps_done, mt_now() - t0,
                 streamed ? ", read straight from the offload store" : "");
     return err;
+}
+
+// A GPU run that checkpoints as it trains, with AdamW on the GPU: the host
+// copies each checkpoint reads the master and the moments back into are
+// page-locked once, here (which faults their pages in). A checkpoint's
+// read-back, which training waits for, then runs at the copy engines'
+// speed. Pageable, it went through the driver's staging copies and the
+// first one faulted the moments' fresh pages in (H100, TinyLlama-1.1B
+// shape: 5.7 s for the first read-back, 0.9 s for the next).
+void mt_run_state_pin_copies(mt_run_state *c) {
+    const mt_updater *u = c->up;
+    if (!u->pl->use_gpu || !u->opt || c->cfg->checkpoint_every <= 0) return;
+    size_t n = c->shard_hi - c->shard_lo;
+    float *arrays[3] = {*u->trained, *u->moment_m, *u->moment_v};
+    size_t bytes[3] = {c->trained_total * sizeof(float), n * sizeof(float), n * sizeof(float)};
+    double t0 = mt_now(), pinned = 0, refused = 0;
+    for (int k = 0; k < 3; k++) {
+        // (small ones, LoRA's adapters say, copy fast anyway, and may share a page with another)
+        if (!arrays[k] || bytes[k] < ((size_t)16 << 20)) continue;
+        if (mt_host_register(arrays[k], bytes[k]))
+            c->pinned[k] = arrays[k], pinned += (double)bytes[k];
+        else
+            refused += (double)bytes[k];
+    }
+    if (pinned > 0)
+        mt_info(
+            "checkpoint: %.2f GiB of host copies of the weights and moments page-locked in %.1fs (read back at "
+            "the copy engines' speed)",
+            pinned / 1073741824.0, mt_now() - t0);
+    if (refused > 0)
+        mt_warn(
+            "checkpoint: %.2f GiB of host copies could not be page-locked (ulimit -l?); each checkpoint reads the "
+            "state back through pageable copies, and training waits longer",
+            refused / 1073741824.0);
+}
+
+void mt_run_state_unpin_copies(mt_run_state *c) {
+    for (int k = 0; k < 3; k++) {
+        if (c->pinned[k]) mt_host_unregister(c->pinned[k]);
+        c->pinned[k] = NULL;
+    }
 }
 
 mt_err mt_run_state_read_resume(const char *dir, const mt_config *cfg, const mt_model_config *mc,

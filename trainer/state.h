@@ -35,6 +35,7 @@ typedef struct {
     mt_dist *dist;
     int sharded;  // ZeRO 1, 2 over several ranks: the AdamW state of [shard_lo, shard_hi) is this rank's
     size_t shard_lo, shard_hi;
+    float *pinned[3];  // the updater's host copies page-locked by mt_run_state_pin_copies
 } mt_run_state;
 
 // Writes the checkpoint of `steps_done` steps (every rank calls it). With
@@ -47,6 +48,12 @@ mt_err mt_run_state_save(mt_run_state *c, long steps_done);
 // host copies of the state are read again and at the end of the run): its
 // error, on any rank. collective 0: this rank alone (a run already failing).
 mt_err mt_run_state_wait(mt_run_state *c, int collective);
+// A GPU run that checkpoints as it trains with AdamW on the GPU: the host
+// copies its checkpoints read the master and moments back into, page-locked
+// once at start (each read-back, which training waits for, then runs at the
+// copy engines' speed); unpinned before the backend goes.
+void mt_run_state_pin_copies(mt_run_state *c);
+void mt_run_state_unpin_copies(mt_run_state *c);
 
 // The trained result at the end of a run: the adapter (PEFT's layout) or the
 // model (Hugging Face's; output.save_dtype, or F32 for a random init, else

@@ -75,7 +75,6 @@ typedef struct {
     // host copies: the base's fp32 values (until on the backend), the
     // trained values (the adapters', or the base's), AdamW's moments
     float *host_params, *trained, *moment_m, *moment_v;
-    float *pinned[3];       // those of them page-locked (pin_checkpoint_copies)
     int random_init, fill;  // fill: the base's values go to the model and the offload store together
     char resume_dir[1200];
     mt_checkpoint_meta resume;
@@ -223,47 +222,6 @@ static mt_err build_updater(run *r) {
                              .shard_lo = pl->shard_lo,
                              .shard_hi = pl->shard_hi};
     return MT_OK;
-}
-
-// A GPU run that checkpoints as it trains, with AdamW on the GPU: the host
-// copies each checkpoint reads the master and the moments back into are
-// page-locked once, here (which faults their pages in). A checkpoint's
-// read-back, which training waits for, then runs at the copy engines'
-// speed. Pageable, it went through the driver's staging copies and the
-// first one faulted the moments' fresh pages in (H100, TinyLlama-1.1B
-// shape: 5.7 s for the first read-back, 0.9 s for the next).
-static void pin_checkpoint_copies(run *r) {
-    const mt_plan *pl = &r->pl;
-    if (!pl->use_gpu || !r->up.opt || r->cfg->checkpoint_every <= 0) return;
-    size_t n = pl->shard_hi - pl->shard_lo;
-    float *arrays[3] = {r->trained, r->moment_m, r->moment_v};
-    size_t bytes[3] = {pl->trained_total * sizeof(float), n * sizeof(float), n * sizeof(float)};
-    double t0 = mt_now(), pinned = 0, refused = 0;
-    for (int k = 0; k < 3; k++) {
-        // (small ones, LoRA's adapters say, copy fast anyway, and may share a page with another)
-        if (!arrays[k] || bytes[k] < ((size_t)16 << 20)) continue;
-        if (mt_host_register(arrays[k], bytes[k]))
-            r->pinned[k] = arrays[k], pinned += (double)bytes[k];
-        else
-            refused += (double)bytes[k];
-    }
-    if (pinned > 0)
-        mt_info(
-            "checkpoint: %.2f GiB of host copies of the weights and moments page-locked in %.1fs (read back at "
-            "the copy engines' speed)",
-            pinned / 1073741824.0, mt_now() - t0);
-    if (refused > 0)
-        mt_warn(
-            "checkpoint: %.2f GiB of host copies could not be page-locked (ulimit -l?); each checkpoint reads the "
-            "state back through pageable copies, and training waits longer",
-            refused / 1073741824.0);
-}
-
-static void unpin_checkpoint_copies(run *r) {
-    for (int k = 0; k < 3; k++) {
-        if (r->pinned[k]) mt_host_unregister(r->pinned[k]);
-        r->pinned[k] = NULL;
-    }
 }
 
 // The run folder (rank 0's): config.yaml and the metrics.
@@ -488,7 +446,7 @@ static void run_free(run *r) {
     mt_sampler_free(r->sampler);
     free(r->ohook.stale);
     mt_model_free(r->model);
-    unpin_checkpoint_copies(r);  // (on the backend's device)
+    mt_run_state_unpin_copies(&r->ckpt);  // (on the backend's device)
     if (r->backend_ready) mt_backend_free(&r->be);
     free(r->moment_m);
     free(r->moment_v);
@@ -516,7 +474,7 @@ mt_err mt_train(const mt_config *cfg, mt_train_result *result) {
     // backend, model, optimizer, run folder
     if (!err) err = build_model(&r);
     if (!err) err = build_updater(&r);
-    if (!err) pin_checkpoint_copies(&r);
+    if (!err) mt_run_state_pin_copies(&r.ckpt);
     if (!err) err = open_outputs(&r);
     int stopped = 0;
     if (!err) {
