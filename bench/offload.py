@@ -32,6 +32,12 @@ the store's write, read and update passes at 4 and 8 I/O threads beside
 plain O_DIRECT threads): each ssd run then reports its step against the
 floor the update pass sets (12 bytes a parameter read and written).
 
+With --deepspeed, after memtune's runs of each shape, DeepSpeed's
+ZeRO-Offload (bench/deepspeed_offload.py: stage 2, CPU Adam, the same
+shape, B, T, checkpointing, clipping and steps) in the same call, its device
+and host peaks sampled as memtune's are; the table then gives memtune's
+`cpu` step and host peak against it.
+
 Then the CPU AdamW alone: memtune's (bench/cpu_adam_bench.c, every
 instruction path, fp32 and bf16 gradients) against torch's CPU AdamW
 (bench/torch_cpu_adam.py: the default and fused=True) on the same
@@ -51,8 +57,8 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from full_ft import timed_run_sets, write_dataset  # noqa: E402
-from lora_ft import shape_folder, train_and_time  # noqa: E402
+from full_ft import PeakSampler, timed_run_sets, write_dataset  # noqa: E402
+from lora_ft import HostSampler, shape_folder, train_and_time  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILD = os.environ.get("MT_BUILD_DIR", os.path.join(ROOT, "build"))
@@ -104,6 +110,29 @@ def run_memtune(args, folder, data, run, mode, trace_step=0):
     return r
 
 
+def run_deepspeed(args, config_path):
+    """bench/deepspeed_offload.py on the shape, sampled as memtune's runs are."""
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "deepspeed_offload.py"), "--config", config_path,
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--B", str(args.B), "--T", str(args.T)]
+    sampler = PeakSampler()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    host = HostSampler(proc.pid)
+    try:
+        stdout, stderr = proc.communicate(timeout=args.deepspeed_timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        stdout, stderr = proc.communicate()
+        stderr += f"\ntimed out after {args.deepspeed_timeout}s"
+    peak, host_peak = sampler.finish(), host.finish()
+    rows = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    if proc.returncode or not rows:
+        print(stderr[-3000:])
+        return {"error": stderr.strip().splitlines()[-1] if stderr.strip() else "failed"}
+    r = rows[-1]
+    r.update({"device_peak": peak, "allocator_peak": r["max_memory_allocated"], "host_peak": host_peak})
+    return r
+
+
 def json_lines(cmd, timeout):
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -126,6 +155,9 @@ def main():
     ap.add_argument("--ssd-path", default="/tmp/memtune-offload-bench")
     ap.add_argument("--adam-millions", type=float, default=256)
     ap.add_argument("--skip-adam", action="store_true")
+    ap.add_argument("--deepspeed", action="store_true",
+                    help="DeepSpeed's ZeRO-Offload on each shape too (bench/deepspeed_offload.py; .whl/ds)")
+    ap.add_argument("--deepspeed-timeout", type=int, default=600)
     ap.add_argument("--out", default=".")
     ap.add_argument("--work", default="/tmp/mt-offload-bench")
     args = ap.parse_args()
@@ -143,7 +175,7 @@ def main():
             print(json.dumps({"disk": row}), flush=True)
     update_rate = max([r.get("update_gb_per_s_each_way", 0) for r in results.get("disk", [])] + [0])
     for shape in args.shapes.split(","):
-        folder, _ = shape_folder(args.work, shape)
+        folder, config_path = shape_folder(args.work, shape)
         res = results["shapes"][shape] = {}
         for mode in args.modes.split(","):
             if mode == "cpu-noclip" and shape != "TinyLlama-1.1B":
@@ -160,6 +192,14 @@ def main():
                 r["step_vs_disk_floor"] = r["step_ms"] / r["disk_floor_ms"]
             res[mode] = r
             print(json.dumps({"shape": shape, "mode": mode, **r}), flush=True)
+        if args.deepspeed:
+            r = res["deepspeed-zero2-cpu"] = run_deepspeed(args, config_path)
+            print(json.dumps({"shape": shape, "mode": "deepspeed-zero2-cpu", **r}), flush=True)
+            for mode in [m for m in res if m.split("-")[0] == "cpu"]:
+                if "error" not in r and "error" not in res[mode]:
+                    res[f"ratio_{mode}_step_vs_deepspeed"] = res[mode]["step_ms"] / r["step_ms"]
+                    res[f"ratio_{mode}_host_peak_vs_deepspeed"] = res[mode]["host_peak"] / r["host_peak"]
+                    res[f"ratio_{mode}_device_peak_vs_deepspeed"] = res[mode]["device_peak"] / r["device_peak"]
         if "error" not in res.get("none", {"error": 1}) and "error" not in res.get("cpu", {"error": 1}):
             res["ratio_cpu_step_vs_gpu"] = res["cpu"]["step_ms"] / res["none"]["step_ms"]
         if "error" not in res.get("none", {"error": 1}) and "error" not in res.get("cpu-noclip", {"error": 1}):
