@@ -21,7 +21,9 @@ holds no gradient block; on the GPU the block holds the sums. A further
 suffix -gpusum (cpu-accum2-gpusum) keeps the offloaded run's sums on the GPU
 (offload.grad_sum: gpu). A suffix -delay (cpu-delay, cpu-noclip-delay) turns
 on ZeRO-Offload's delayed parameter update (offload.delay: 1), -int8 the
-store's 8-bit moments (offload.moments: int8; cpu-int8, cpu-int8-delay). A suffix -ckpt
+store's 8-bit moments (offload.moments: int8; cpu-int8, cpu-int8-delay), -rN
+offloads N% of the state (offload.ratio N/100; cpu-r25: the first units'
+other 75% stay on the GPU). A suffix -ckpt
 writes a checkpoint every 6 steps in the background (checkpoint.async, the
 default), -ckptsync in place (checkpoint.async: false; offloaded, straight
 from the store): the run reports each checkpoint's stall, the time its step
@@ -66,8 +68,9 @@ GIB = 1024 ** 3
 
 
 def run_memtune(args, folder, data, run, mode, trace_step=0):
-    parts = [p for p in mode.split("-")
-             if not p.startswith("accum") and p not in ("gpusum", "delay", "ckpt", "ckptsync", "int8")]
+    parts = [p for p in mode.split("-") if not p.startswith("accum") and not re.fullmatch(r"r\d+", p)
+             and p not in ("gpusum", "delay", "ckpt", "ckptsync", "int8")]
+    ratio = [int(p[1:]) for p in mode.split("-") if re.fullmatch(r"r\d+", p)]
     accum = [int(p[len("accum"):]) for p in mode.split("-") if p.startswith("accum")]
     galore = parts[0] == "galore"
     offload = (parts[1] if len(parts) > 1 else "none") if galore else parts[0]
@@ -87,6 +90,8 @@ def run_memtune(args, folder, data, run, mode, trace_step=0):
         sets["offload.delay"] = 1
     if "int8" in mode.split("-"):
         sets["offload.moments"] = "int8"
+    if ratio:
+        sets["offload.ratio"] = ratio[0] / 100
     ckpt = [p for p in mode.split("-") if p in ("ckpt", "ckptsync")]
     if ckpt:
         sets.update({"checkpoint.every": 6, "checkpoint.keep": 1, "checkpoint.async": str(ckpt[0] == "ckpt").lower()})
@@ -96,7 +101,7 @@ def run_memtune(args, folder, data, run, mode, trace_step=0):
         sets["offload.trace_step"] = trace_step
     shutil.rmtree(run, ignore_errors=True)
     r = train_and_time(args, cmd, sets, run, ("offloaded", "memory (GPU)", "O_DIRECT", "timeline", "grad_sum",
-                                              "checkpoint:"))
+                                              "checkpoint:", "offload.ratio"))
     if ckpt and "error" not in r:
         recs = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
         t = {rec["step"]: rec["elapsed_seconds"] for rec in recs if "elapsed_seconds" in rec}
@@ -204,6 +209,9 @@ def main():
             res["ratio_cpu_step_vs_gpu"] = res["cpu"]["step_ms"] / res["none"]["step_ms"]
         if "error" not in res.get("none", {"error": 1}) and "error" not in res.get("cpu-noclip", {"error": 1}):
             res["ratio_cpu_noclip_step_vs_gpu"] = res["cpu-noclip"]["step_ms"] / res["none"]["step_ms"]
+        for mode in [m for m in res if re.search(r"-r\d+", m)]:  # part of the state on the GPU
+            if "error" not in res[mode] and "error" not in res.get("none", {"error": 1}):
+                res[f"ratio_{mode}_step_vs_gpu"] = res[mode]["step_ms"] / res["none"]["step_ms"]
         for mode in [m for m in res if m.endswith("-delay")]:  # the delayed update against its exact twin
             twin = mode[:-len("-delay")]
             if "error" not in res[mode] and "error" not in res.get(twin, {"error": 1}):

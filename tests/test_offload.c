@@ -25,7 +25,11 @@
 #include "offload/store.h"
 #include "testutil.h"
 #include "trainer/config.h"
+#include "trainer/dist.h"
 #include "trainer/forecast.h"
+#include "trainer/hf.h"
+#include "trainer/params.h"
+#include "trainer/plan.h"
 #include "trainer/train.h"
 
 static char dir[256];
@@ -659,6 +663,105 @@ START_TEST(offloaded_runs_follow_the_run_without_offload) {
 }
 END_TEST
 
+// offload.ratio: the plan keeps the whole first units that fit in 1 - ratio
+// of the trained block (the tiny model: embedding 208 values, a layer 1952,
+// the head 224, of 4336): none at 1 or 0.99, the embedding at 0.9, the
+// embedding and layer 0 at 0.5, all but the head at 0.05.
+START_TEST(ratio_splits_the_state_at_whole_units) {
+    char data[300], folder[300];
+    data_and_model(data, folder);
+    mt_model_config mc;
+    ck_assert_int_eq(mt_hf_read_config(folder, &mc), MT_OK);
+    mt_dist *dist = NULL;
+    ck_assert_int_eq(mt_dist_init(&dist), MT_OK);
+    const char *ratios[] = {"1", "0.99", "0.9", "0.5", "0.05"};
+    const int units[] = {0, 0, 1, 2, 3};
+    for (int k = 0; k < 5; k++) {
+        mt_config cfg;
+        run_config(&cfg, folder, data, dir, NULL);
+        ck_assert_int_eq(mt_config_set(&cfg, "train.device", "cpu", "t"), MT_OK);
+        ck_assert_int_eq(mt_config_set(&cfg, "offload.optimizer", "cpu", "t"), MT_OK);
+        ck_assert_int_eq(mt_config_set(&cfg, "offload.ratio", ratios[k], "t"), MT_OK);
+        mt_plan pl;
+        ck_assert_msg(mt_plan_make(&pl, &cfg, &mc, dist, 0) == MT_OK, "%s", mt_last_error());
+        ck_assert_int_eq(pl.resident_units, units[k]);
+        size_t split = 0;  // the first offset of the first unit offloaded
+        for (int i = pl.n_trained - 1; i >= 0; i--)
+            if (mt_param_forward_unit(pl.trained[i].name, mc.L) >= units[k]) split = pl.trained[i].offset;
+        ck_assert_uint_eq(pl.offload_split, split);
+        ck_assert_msg((double)split <= (1 - atof(ratios[k])) * (double)pl.trained_total, "ratio %s", ratios[k]);
+        mt_plan_free(&pl);
+        mt_config_free(&cfg);
+    }
+    mt_dist_free(dist);
+}
+END_TEST
+
+// offload.ratio 0.5: the embedding and the first layer keep their AdamW
+// state on the backend, the store the rest (the split: the test above).
+// The runs follow the run without offload as the fully offloaded ones do
+// (the norm is summed in two parts), with clipping, without, with either
+// place of the micro-batches' sums, from host memory or the SSD alike; a
+// stopped run resumes bit for bit, and its checkpoint resumes as well with
+// everything offloaded (the state is one block either way).
+START_TEST(ratio_keeps_the_first_units_on_the_backend) {
+    char ssd[400];
+    snprintf(ssd, sizeof ssd, "%s/ssd-ratio", dir);
+    // clang-format off
+    const char *const variants[][8] = {
+        {NULL},
+        {"optim.grad_clip", "0", NULL},
+        {"train.grad_accum", "2", NULL},
+        {"train.grad_accum", "2", "offload.grad_sum", "gpu", NULL},
+    };
+    // clang-format on
+    for (size_t k = 0; k < sizeof variants / sizeof *variants; k++) {
+        double base[12], half[12], file[12];
+        const char *plain[12], *off_cpu[12], *off_ssd[16];
+        int n = 0;
+        while (variants[k][n]) n++;
+        tu_pairs_without(variants[k], "offload.", plain);
+        for (int i = 0; i <= n; i++) off_cpu[i] = off_ssd[i] = variants[k][i];
+        const char *const cpu_keys[] = {"offload.optimizer", "cpu", "offload.ratio", "0.5", NULL};
+        const char *const ssd_keys[] = {"offload.optimizer", "ssd", "offload.path", ssd, "offload.ratio", "0.5", NULL};
+        for (int i = 0; i < 5; i++) off_cpu[n + i] = cpu_keys[i];
+        for (int i = 0; i < 7; i++) off_ssd[n + i] = ssd_keys[i];
+        train_losses("ratio-plain", plain, base);
+        train_losses("ratio-cpu", off_cpu, half);
+        train_losses("ratio-ssd", off_ssd, file);
+        for (int i = 0; i < 12; i++) {
+            ck_assert_msg(fabs(half[i] - base[i]) <= 1e-5 * fabs(base[i]), "variant %zu step %d: %.9g vs %.9g", k,
+                          i + 1, half[i], base[i]);
+            ck_assert_msg(file[i] == half[i], "variant %zu step %d: ssd %.17g vs cpu %.17g", k, i + 1, file[i],
+                          half[i]);
+        }
+        ck_assert_msg(half[11] < half[0], "variant %zu: loss %g -> %g", k, half[0], half[11]);
+    }
+    const char *const ratio[] = {"offload.optimizer", "cpu", "offload.ratio", "0.5", NULL};
+    resumed_equals_whole("ratio", ratio);
+    // stopped at step 5 with offload.ratio 0.5, resumed with everything offloaded
+    char data[300], folder[300], out[300], whole[300];
+    data_and_model(data, folder);
+    snprintf(out, sizeof out, "%s/ratio-switch", dir);
+    snprintf(whole, sizeof whole, "%s/ratio-whole", dir);
+    const char *const stop[] = {"offload.optimizer", "cpu", "offload.ratio", "0.5", "train.stop_after", "5", NULL};
+    const char *const all[] = {"offload.optimizer", "cpu", "train.resume", "auto", NULL};
+    for (int part = 0; part < 2; part++) {
+        mt_config cfg;
+        mt_train_result r;
+        run_config(&cfg, folder, data, out, part ? all : stop);
+        ck_assert_msg(mt_train(&cfg, &r) == MT_OK, "%s", mt_last_error());
+        ck_assert_int_eq(r.steps_done, part ? 12 : 5);
+        mt_config_free(&cfg);
+    }
+    double a[12], b[12];
+    ck_assert_int_eq(tu_read_losses(whole, a, 12), 12);
+    ck_assert_int_eq(tu_read_losses(out, b, 12), 12);
+    for (int i = 0; i < 12; i++)
+        ck_assert_msg(fabs(b[i] - a[i]) <= 1e-5 * fabs(a[i]), "step %d: %.9g vs %.9g", i + 1, b[i], a[i]);
+}
+END_TEST
+
 // offload.trace_step 3 of a streamed run's 12 steps: output.dir's
 // streaming-trace.json holds steps 3 and 4 alone, each layer's compute in
 // both (backward too where there is one), the copies in where the slots are
@@ -1134,6 +1237,24 @@ START_TEST(offload_config_errors_name_the_fix) {
         ck_assert_msg(strstr(mt_last_error(), "set offload.delay: 0"), "%s", mt_last_error());
         mt_config_free(&cfg);
     }
+    // offload.ratio below 1 where it is not built, at 0, and without offload
+    const char *const ratio_refusals[][3] = {{"optim.kind", "galore", "optim.kind galore"},
+                                             {"lora.r", "4", "LoRA's adapters"},
+                                             {"dist.zero_stage", "1", "dist.zero_stage above 0"},
+                                             {"offload.delay", "1", "offload.delay 1"},
+                                             {"model.weights", "cpu", "streamed (model.weights)"},
+                                             {"offload.ratio", "0", "set offload.optimizer: none"},
+                                             {"offload.optimizer", "none", "need offload.optimizer: cpu or ssd"}};
+    for (int k = 0; k < 7; k++) {
+        run_config(&cfg, folder, data, out, NULL);
+        ck_assert_int_eq(mt_config_set(&cfg, "offload.optimizer", "cpu", "t"), MT_OK);
+        ck_assert_int_eq(mt_config_set(&cfg, "offload.ratio", "0.5", "t"), MT_OK);
+        if (k == 0) ck_assert_int_eq(mt_config_set(&cfg, "optim.grad_clip", "0", "t"), MT_OK);
+        ck_assert_int_eq(mt_config_set(&cfg, ratio_refusals[k][0], ratio_refusals[k][1], "t"), MT_OK);
+        tu_expect_error(mt_config_validate(&cfg), MT_ERR_CONFIG, ratio_refusals[k][2]);
+        if (k < 5) ck_assert_msg(strstr(mt_last_error(), "set offload.ratio: 1"), "%s", mt_last_error());
+        mt_config_free(&cfg);
+    }
     // auto on the CPU backend: resident
     run_config(&cfg, folder, data, out, NULL);
     ck_assert_int_eq(mt_config_set(&cfg, "model.weights", "auto", "t"), MT_OK);
@@ -1160,6 +1281,8 @@ int main(void) {
     tcase_add_test(tc, store_int8_moments_quantize_by_segment);
     tcase_add_test(tc, store_update_pieces_equal_windows);
     tcase_add_test(tc, offloaded_runs_follow_the_run_without_offload);
+    tcase_add_test(tc, ratio_splits_the_state_at_whole_units);
+    tcase_add_test(tc, ratio_keeps_the_first_units_on_the_backend);
     tcase_add_test(tc, ssd_offload_resumes_bit_identically);
     tcase_add_test(tc, streamed_weights_runs_equal_resident_runs);
     tcase_add_test(tc, a_full_disk_mid_run_leaves_the_last_checkpoint_whole);

@@ -271,7 +271,7 @@ static const char *const outside_training_hash[] = {
     // where the optimizer state lives changes no value it holds: a run may
     // resume with it moved (onto a smaller GPU, say)
     "offload.optimizer", "offload.path", "offload.io_threads", "offload.threads", "offload.trace_step",
-    "offload.grad_sum",
+    "offload.grad_sum", "offload.ratio",
     // a checkpoint resumes whatever the sharding (docs/checkpoints.md)
     "dist.zero_stage", "dist.timeout",
     // the settings it picks are in the hash themselves
@@ -501,6 +501,23 @@ mt_err mt_config_validate(const mt_config *cfg) {
                              "offload.delay 1 is built for AdamW on one GPU's resident weights, and here %s; set "
                              "offload.delay: 0",
                              why);
+    }
+    if (cfg->offload_ratio < 1) {
+        const char *why = galore                     ? "optim.kind galore keeps its own state"
+                          : cfg->lora_r > 0          ? "LoRA's adapters are few; offload them all or none"
+                          : cfg->dist_zero_stage > 0 ? "dist.zero_stage above 0 shards the state over the ranks"
+                          : cfg->offload_delay       ? "offload.delay 1 delays every unit's update"
+                          : strcmp(cfg->model_weights, "gpu") ? "the base's layers are streamed (model.weights)"
+                                                              : NULL;
+        if (why)
+            return mt_errorf(MT_ERR_CONFIG,
+                             "offload.ratio %g keeps the AdamW state of a full fine-tune's first units on the GPU, "
+                             "but %s; set offload.ratio: 1",
+                             cfg->offload_ratio, why);
+        if (cfg->offload_ratio <= 0)
+            return mt_errorf(MT_ERR_CONFIG,
+                             "offload.ratio 0 offloads nothing: set offload.optimizer: none to keep the whole state "
+                             "on the GPU, or a ratio above 0");
     }
     if (!strcmp(cfg->offload_optimizer, "ssd") && !cfg->offload_path[0])
         return mt_errorf(MT_ERR_CONFIG,

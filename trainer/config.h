@@ -166,6 +166,11 @@ extern "C" {
       "of the step before, which reaches the weights a step later (each gradient is taken at the weights of two "      \
       "steps before; checkpoints keep the weights one update behind beside the master, and resumes continue bit for "  \
       "bit); changes the math; 0: exact")                                                                              \
+    X(offload, ratio, FLOAT, "1", 0, 1, "",                                                                            \
+      "the share of a full fine-tune's trained parameters whose AdamW state is offloaded (DeepSpeed's "                \
+      "offload_optimizer.ratio); the first forward units (the embedding, then the first layers) keep the rest on "     \
+      "the GPU (16 bytes a parameter: master, moments, gradient), updated there after backward while the CPU updates " \
+      "the others beside the next forward; rounded down to whole units on the GPU; 1: all offloaded")                  \
     X(offload, trace_step, INT, "0", 0, 1000000000, "",                                                                \
       "write the timeline of this step and the next (1-based) in Chrome's trace format (chrome://tracing, "            \
       "ui.perfetto.dev): offload.optimizer's copies and CPU updates to output.dir/offload-trace.json (GPU), "          \

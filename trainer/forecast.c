@@ -136,12 +136,18 @@ mt_err mt_forecast_run(const mt_config *cfg, const mt_model_config *mc, int gpu,
         d[MT_MEM_OPTIMIZER] = (double)shard * (gpu ? 12 : 8);  // fp32 master (the GPU's), m, v
         if (pl.zero2_streamed) d[MT_MEM_GRADS] += (double)shard * 4;
         state_where = gpu ? "AdamW's fp32 master and moments on the GPU" : "AdamW's moments in host memory";
+    } else if (pl.offload_split) {
+        // offload.ratio: the first units' AdamW on the backend, their streamed gradients summed beside it
+        d[MT_MEM_OPTIMIZER] = (double)pl.offload_split * (gpu ? 12 : 8);
+        if (pl.offload_streamed) d[MT_MEM_GRADS] += (double)pl.offload_split * 4;
+        state_where = gpu ? "AdamW's state of the first units on the GPU, the rest's offloaded"
+                          : "AdamW's state of the first units in the backend's memory, the rest's offloaded";
     } else {
         state_where = "AdamW's state offloaded";
     }
     if (pl.offload) {
         size_t count, ring, qblocks;
-        offload_counts(&pl, mc->L, pl.galore ? pl.trained_total : shard, &count, &ring, &qblocks);
+        offload_counts(&pl, mc->L, pl.galore ? pl.trained_total : shard - pl.offload_split, &count, &ring, &qblocks);
         size_t block = (size_t)1 << 21;  // store.c's block of parameters (a small store is one block)
         if (block > count) block = count ? count : 1;
         block = (block + 1023) / 1024 * 1024;

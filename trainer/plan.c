@@ -107,6 +107,19 @@ static mt_err choose_device(mt_plan *p, const mt_config *cfg, int ngpu) {
     return MT_OK;
 }
 
+// offload.ratio: the state of the first whole forward units (the trained
+// block holds them in order) that fit in 1 - ratio of it stays on the backend.
+static void split_state(mt_plan *p, double ratio, int L) {
+    double keep = (1.0 - ratio) * (double)p->trained_total;
+    int unit = -1;
+    for (int i = 0; i < p->n_trained; i++) {
+        int u = mt_param_forward_unit(p->trained[i].name, L);
+        if (u == unit) continue;
+        if (u < unit || (double)p->trained[i].offset > keep) break;  // (units after it must all be offloaded)
+        p->offload_split = p->trained[i].offset, p->resident_units = u, unit = u;
+    }
+}
+
 mt_err mt_plan_make(mt_plan *p, const mt_config *cfg, const mt_model_config *mc, mt_dist *dist, int ngpu) {
     memset(p, 0, sizeof *p);
     p->B = (int)cfg->train_micro_batch, p->T = (int)cfg->train_seq_len, p->accum = (int)cfg->train_grad_accum;
@@ -155,6 +168,7 @@ mt_err mt_plan_make(mt_plan *p, const mt_config *cfg, const mt_model_config *mc,
         p->offload && !p->lora && p->accum > 1 &&
         sum_on_host(cfg, p->use_gpu, p->total, p->shard_hi - p->shard_lo, p->local_world, &p->host_need, &p->host_have);
     p->offload_streamed = p->offload && !p->lora && (p->accum == 1 || p->host_sum);
+    if (p->offload && cfg->offload_ratio < 1) split_state(p, cfg->offload_ratio, mc->L);
     return MT_OK;
 }
 

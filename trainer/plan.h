@@ -26,6 +26,8 @@ typedef struct {
     // what is trained
     int mezo, galore;         // optim.kind (else AdamW)
     int offload;              // AdamW's state in a store off the GPU (offload.optimizer)
+    size_t offload_split;     // offload.ratio < 1: the trained block's [0, split) keeps its state on the backend
+    int resident_units;       // the forward units in it (0 the embedding, then layers)
     int lora;                 // adapters on a frozen base
     mt_lora_config lora_cfg;  // lora.* (r 0 without LoRA)
     mt_param_info *table;     // the base model's parameters

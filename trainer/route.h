@@ -92,6 +92,14 @@ typedef struct {
     const size_t *lo, *hi;
     void *weights;
     size_t total, elem;
+    // offload.ratio < 1: the parameters [0, split) of the block keep their
+    // state on the backend; their gradients are summed into resident (split
+    // fp32 where the backend computes, zeroed at each step's start); the
+    // rest go to the store as index (mt_offload_plan.index) says
+    size_t split;
+    float *resident;
+    const int *index;
+    mt_backend *be;
 } mt_offload_hook;
 
 // GaLore under ZeRO: each parameter's owner is the rank whose shard of the

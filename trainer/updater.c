@@ -79,6 +79,7 @@ typedef struct {
     mt_updater *u;
     float *m, *v, *w;  // w: offload.delay's weights of the unit
     size_t room;
+    float *resident;  // offload.ratio < 1: master, m, v of [0, split) (3 x split), for AdamW on the backend
 } unit_fill;
 
 static mt_err fill_unit(void *ctx, int first, int count, const float *values) {
@@ -102,6 +103,15 @@ static mt_err fill_unit(void *ctx, int first, int count, const float *values) {
     }
     if (!err) err = mt_model_set_params(u->model, first, count, delayed ? f->w : values);
     if (err) return err;
+    size_t split = u->pl->offload_split;
+    if (lo < split) {  // (units are whole on either side of it)
+        size_t len = (lo + span < split ? lo + span : split) - lo;
+        memcpy(f->resident + lo, values, len * sizeof(float));
+        if (resuming) {
+            memcpy(f->resident + split + lo, f->m, len * sizeof(float));
+            memcpy(f->resident + 2 * split + lo, f->v, len * sizeof(float));
+        }
+    }
     return mt_offload_write_state(u->ofl, lo, span, values, resuming ? f->m : NULL, resuming ? f->v : NULL);
 }
 
@@ -123,6 +133,65 @@ static mt_err resume_delayed(mt_updater *u) {
     return err ? err : mt_offload_set_pending(u->ofl);
 }
 
+// AdamW on the backend over groups (clipped to [lo, hi) of the block, the
+// shard) from master (host fp32 values of [lo, hi)).
+static mt_err build_adamw(mt_updater *u, mt_param_group *groups, int n_groups, size_t lo, size_t hi,
+                          const float *master) {
+    const mt_config *cfg = u->cfg;
+    mt_adamw_config ac = {(float)cfg->optim_lr,  (float)cfg->optim_beta1,        (float)cfg->optim_beta2,
+                          (float)cfg->optim_eps, (float)cfg->optim_weight_decay, (float)cfg->optim_grad_clip};
+    int n = 0;
+    for (int g = 0; g < n_groups; g++) {
+        size_t a = groups[g].offset, b = a + groups[g].count;
+        if (mt_range_clip(&a, &b, lo, hi)) groups[n++] = (mt_param_group){a - lo, b - a, groups[g].decay};
+    }
+    return mt_optimizer_init(&u->opt, u->be, &ac, (float *)((char *)u->tr.weights + lo * mt_act_size(u->be)), master,
+                             hi - lo, groups, n);
+}
+
+// offload.ratio < 1: the store's update (mt_offload_end_step) asks first,
+// with its part's sum of squares, and AdamW on the backend then takes the
+// same total, so both clip by the norm of the whole gradient.
+static double store_norm_sum(void *ctx, double local) {
+    mt_updater *u = ctx;
+    u->norm_total = local + mt_op_sumsq(u->be, u->opt_grads, u->pl->offload_split);
+    return u->norm_total;
+}
+static double resident_norm_sum(void *ctx, double local) {
+    (void)local;
+    return ((mt_updater *)ctx)->norm_total;
+}
+
+// offload.ratio < 1: AdamW on the backend over [0, split) of the block, from
+// the values (and, resuming, the moments) the walk of the units collected;
+// its gradients summed from the stream (or the block's, when the GPU sums
+// the micro-batches).
+static mt_err build_resident(mt_updater *u, const float *resident) {
+    const mt_plan *pl = u->pl;
+    size_t split = pl->offload_split;
+    int n = pl->n_trained;
+    mt_param_group *groups = malloc((size_t)(n ? n : 1) * sizeof *groups);
+    MT_CHECK(groups, "parameter groups");
+    for (int i = 0; i < n; i++)
+        groups[i] = (mt_param_group){pl->trained[i].offset, pl->trained[i].count, pl->trained[i].decay};
+    mt_err err = build_adamw(u, groups, n, 0, split, resident);
+    free(groups);
+    if (!err && u->resume_dir[0])
+        mt_optimizer_set_moments(u->opt, resident + split, resident + 2 * split, u->resume->optimizer_steps);
+    if (!err && pl->offload_streamed) {
+        err = mt_alloc((void **)&u->resident_grads, split * sizeof(float), MT_MEM_GRADS,
+                       pl->use_gpu ? MT_DEVICE : MT_HOST);
+        if (!err) mt_op_zero(u->be, u->resident_grads, split * sizeof(float));
+    }
+    if (err) return err;
+    u->opt_grads = u->resident_grads ? u->resident_grads : u->tr.grads;
+    mt_offload_set_norm_sum(u->ofl, store_norm_sum, u);
+    mt_optimizer_set_norm_sum(u->opt, resident_norm_sum, u);
+    mt_offload_hook *h = u->ohook;
+    h->split = split, h->resident = u->resident_grads, h->index = u->plan.index, h->be = u->be;
+    return MT_OK;
+}
+
 // AdamW's state in a store off the GPU (host memory or a file): with GaLore
 // the parameters it does not project, packed; else the trained block (ZeRO:
 // this rank's shard).
@@ -141,9 +210,10 @@ static mt_err build_offload(mt_updater *u) {
             cores, cores == 1 ? "" : "s", u->offload_threads, u->offload_threads == 1 ? "" : "s");
     // (GaLore under ZeRO: the unprojected ones of this rank's parameters)
     mt_offload_plan *plan = &u->plan;
-    *plan = mt_offload_plan_make(pl->trained, pl->n_trained, u->gbounds ? u->gbounds[u->rank] : pl->shard_lo,
-                                 u->gbounds ? u->gbounds[u->rank + 1] : pl->shard_hi, pl->galore ? pl->selected : NULL,
-                                 u->mc->L);
+    // (offload.ratio < 1: what follows the units AdamW keeps on the backend)
+    *plan = mt_offload_plan_make(
+        pl->trained, pl->n_trained, u->gbounds ? u->gbounds[u->rank] : pl->shard_lo + pl->offload_split,
+        u->gbounds ? u->gbounds[u->rank + 1] : pl->shard_hi, pl->galore ? pl->selected : NULL, u->mc->L);
     u->ghook->offloaded = plan->index;
     char trace[1200];
     snprintf(trace, sizeof trace, "%s/offload-trace.json", cfg->output_dir);
@@ -196,16 +266,21 @@ static mt_err build_offload(mt_updater *u) {
                           *u->trained ? *u->trained + pl->shard_lo : NULL, *u->moment_m, *u->moment_v,
                           u->resume->optimizer_steps);
     int filled = !*u->trained;
+    MT_CHECK(filled || !pl->offload_split, "offload.ratio < 1 with the trained block's host copy");
     if (!err && filled) {
         char dir[1200];
         snprintf(dir, sizeof dir, "%s/model", u->resume_dir);  // resuming: the checkpoint's master
-        unit_fill fill = {u, NULL, NULL, NULL, 0};
-        err = mt_hf_each_unit(u->model,
-                              u->resume_dir[0]                    ? dir
-                              : strcmp(cfg->model_init, "random") ? cfg->model_path
-                                                                  : NULL,
-                              (uint64_t)cfg->train_seed, fill_unit, &fill);
+        unit_fill fill = {u, NULL, NULL, NULL, 0, NULL};
+        if (pl->offload_split) err = mt_state_copy_alloc(pl->offload_split, 3, &fill.resident);
+        if (!err)
+            err = mt_hf_each_unit(u->model,
+                                  u->resume_dir[0]                    ? dir
+                                  : strcmp(cfg->model_init, "random") ? cfg->model_path
+                                                                      : NULL,
+                                  (uint64_t)cfg->train_seed, fill_unit, &fill);
+        if (!err && pl->offload_split) err = build_resident(u, fill.resident);
         free(fill.m);
+        free(fill.resident);
     }
     // offload.delay: the master's update pending (filled, the model already holds the checkpoint's weights)
     if (!err && cfg->offload_delay && u->resume_dir[0])
@@ -265,26 +340,16 @@ mt_err mt_updater_build(mt_updater *u) {
     if (pl->offload && !err) {
         err = build_offload(u);
     } else if (!pl->galore && !pl->mezo && !err) {
-        mt_adamw_config ac = {(float)cfg->optim_lr,  (float)cfg->optim_beta1,        (float)cfg->optim_beta2,
-                              (float)cfg->optim_eps, (float)cfg->optim_weight_decay, (float)cfg->optim_grad_clip};
-        // ZeRO 1, 2: this rank's shard of the block, its groups clipped to it
-        int n_shard = 0;
-        for (int g = 0; g < n_groups; g++) {
-            size_t a = groups[g].offset, b = a + groups[g].count;
-            if (mt_range_clip(&a, &b, pl->shard_lo, pl->shard_hi))
-                groups[n_shard++] = (mt_param_group){a - pl->shard_lo, b - a, groups[g].decay};
-        }
-        err =
-            mt_optimizer_init(&u->opt, u->be, &ac, (float *)((char *)u->tr.weights + pl->shard_lo * mt_act_size(u->be)),
-                              *u->trained + pl->shard_lo, pl->shard_hi - pl->shard_lo, groups, n_shard);
+        // ZeRO 1, 2: this rank's shard of the block
+        err = build_adamw(u, groups, n_groups, pl->shard_lo, pl->shard_hi, *u->trained + pl->shard_lo);
         if (!err && pl->zero && u->world > 1) mt_optimizer_set_norm_sum(u->opt, mt_route_sum_over_ranks, u->dist);
     }
     free(groups);
     if (err) return err;
-    if (u->resume_dir[0] && u->opt)
+    if (u->resume_dir[0] && u->opt && !u->ofl)  // (offload.ratio's got theirs with the units)
         mt_optimizer_set_moments(u->opt, *u->moment_m, *u->moment_v, u->resume->optimizer_steps);
     u->dp->grads = u->tr.grads, u->dp->total = pl->trained_total, u->dp->shard_lo = pl->shard_lo;
-    u->opt_grads = pl->zero2_streamed ? u->shard_grads : u->tr.grads + pl->shard_lo;
+    if (!pl->offload_split) u->opt_grads = pl->zero2_streamed ? u->shard_grads : u->tr.grads + pl->shard_lo;
     return MT_OK;
 }
 // After backward: the updates that wait for the whole step (AdamW, the
@@ -382,6 +447,16 @@ void mt_updater_report(const mt_updater *u, size_t count) {
             : u->accum > 1          ? "streamed per layer and summed on the host over the micro-batches"
                                     : "streamed per layer",
             mt_offload_device_bytes(u->ofl) / 1048576.0, mt_offload_host_bytes(u->ofl) / 1073741824.0);
+        if (pl->offload_split) {
+            char layers[64] = "";
+            if (pl->resident_units > 1) snprintf(layers, sizeof layers, " and layers 0-%d", pl->resident_units - 2);
+            mt_info(
+                "offload.ratio %g: the AdamW state of the embedding%s (%.2fM parameters, %.2f GiB with their "
+                "gradients) stays %s, updated there after backward; the store holds the rest",
+                cfg->offload_ratio, layers, pl->offload_split / 1e6,
+                pl->offload_split * (u->resident_grads ? 16.0 : 12.0) / 1073741824.0,
+                pl->use_gpu ? "on the GPU" : "with the CPU backend's weights");
+        }
         if (pl->host_need > 0.0 && !pl->host_sum)
             mt_info(
                 "offload.grad_sum auto: summed in host memory, the gradients would bring this node's ranks to about "
@@ -394,6 +469,7 @@ void mt_updater_report(const mt_updater *u, size_t count) {
 }
 
 void mt_updater_begin(mt_updater *u, float lr) {
+    if (u->resident_grads) mt_op_zero(u->be, u->resident_grads, u->pl->offload_split * sizeof(float));
     if (u->gal) mt_galore_begin_step(u->gal, lr);
     if (u->ofl) mt_offload_begin_step(u->ofl, lr);
 }
@@ -426,11 +502,12 @@ static int sharded(const mt_updater *u) { return u->pl->zero > 0 && u->world > 1
 // read); ZeRO: every rank gets every shard's master.
 static mt_err read_master(mt_updater *u, float *dst, float *m, float *v) {
     const mt_plan *pl = u->pl;
+    size_t split = pl->offload_split;  // (offload.ratio < 1: the backend's AdamW keeps [0, split), the store the rest)
     mt_err err = MT_OK;
-    if (u->opt)
-        mt_optimizer_get_master(u->opt, dst + pl->shard_lo);
-    else
-        err = mt_offload_read_state(u->ofl, dst + pl->shard_lo, m, v);
+    if (u->opt) mt_optimizer_get_master(u->opt, dst + pl->shard_lo);
+    if (u->opt && u->ofl && m) mt_optimizer_get_moments(u->opt, m, v);
+    if (u->ofl)
+        err = mt_offload_read_state(u->ofl, dst + pl->shard_lo + split, m ? m + split : NULL, v ? v + split : NULL);
     if (sharded(u)) mt_dist_share_shards_host(u->dist, dst, pl->trained_total);
     return err;
 }
@@ -458,7 +535,7 @@ int mt_updater_state_streams(const mt_updater *u, size_t *copy_bytes) {
     int delayed = u->ofl && u->cfg->offload_delay;
     size_t total = pl->trained_total, n = pl->shard_hi - pl->shard_lo;
     *copy_bytes = u->ofl && !u->plan.packed ? (total + 2 * n + (delayed ? total : 0)) * sizeof(float) : 0;
-    return u->ofl && !u->plan.packed && !u->gal && !pl->lora && !sharded(u) && n == total;
+    return u->ofl && !u->plan.packed && !u->gal && !u->opt && !pl->lora && !sharded(u) && n == total;
 }
 
 // A checkpoint's reads of the store (mt_f32_source's, ctx a window_array):
@@ -604,6 +681,7 @@ void mt_updater_free(mt_updater *u) {
     mt_offload_free(u->ofl);
     mt_offload_plan_free(&u->plan);
     mt_free((void **)&u->shard_grads);
+    mt_free((void **)&u->resident_grads);
     u->gparams = NULL, u->gowner = NULL, u->gbounds = NULL, u->gal = NULL, u->mz = NULL, u->opt = NULL;
     u->ofl = NULL;
 }

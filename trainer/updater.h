@@ -60,6 +60,12 @@ typedef struct {
     size_t *gbounds;      // and each rank's run of the block (mt_route_galore_owners)
     float *shard_grads;   // ZeRO-2's sums of this rank's shard
     float *opt_grads;     // what AdamW reads: the block's shard, or ZeRO-2's sums
+    // offload.ratio < 1: AdamW on the backend keeps [0, pl->offload_split) of
+    // the block (opt), the store the rest; streamed gradients of that part
+    // are summed into resident_grads (owned) for it; both see the norm over
+    // the whole block (norm_total, the store's part plus opt's)
+    float *resident_grads;
+    double norm_total;
     size_t selected_count, projected_count;
 } mt_updater;
 
