@@ -86,8 +86,9 @@ extern "C" {
     X(train, eval_every, INT, "50", 0, 1000000000, "", "steps between eval losses (0: only at the end)")               \
     X(train, eval_batches, INT, "4", 0, 100000, "", "micro-batches per eval loss (0: no eval)")                        \
     X(train, sample_every, INT, "0", 0, 1000000000, "",                                                                \
-      "steps between samples of the model's text from train.sample_prompts (greedy, on the CPU, printed and in "       \
-      "metrics.jsonl; 0: none)")                                                                                       \
+      "steps between samples of the model's text from train.sample_prompts (greedy, on the run's GPU in bf16, or the " \
+      "CPU in fp32 on a CPU run or when the GPU has no room for a decoding copy; printed and in metrics.jsonl; 0: "    \
+      "none)")                                                                                                         \
     X(train, sample_prompts, STR, "", 0, 0, "", "prompts for train.sample_every, separated by |")                      \
     X(train, sample_tokens, INT, "48", 1, 4096, "", "new tokens per sample")                                           \
     X(train, resume, STR, "", 0, 0, "",                                                                                \

@@ -23,6 +23,7 @@ struct mt_sampler {
     char *prompts;      // the list, split in place
     char **prompt;
     int n, tokens;
+    int cpu_only;  // a GPU run found no room for a decoding copy once: the CPU from then on
 };
 
 mt_err mt_sampler_open(mt_sampler **out, const mt_config *cfg, const mt_model_config *mc) {
@@ -56,17 +57,25 @@ mt_err mt_sampler_open(mt_sampler **out, const mt_config *cfg, const mt_model_co
     return MT_OK;
 }
 
-mt_err mt_sampler_run(mt_sampler *s, const float *params, const mt_lora_config *lora, const float *adapters, int step,
-                      mt_metrics *metrics) {
+// Room in the cache for the longest prompt and the new tokens.
+static int sample_len(const mt_sampler *s) {
     int longest = 0;
     for (int i = 0; i < s->n; i++)
         if ((int)strlen(s->prompt[i]) > longest) longest = (int)strlen(s->prompt[i]);
-    int max_len = longest + 2 + s->tokens;  // a token a byte at most, BOS
-    mt_generator *g;
-    mt_err err = mt_generator_init(&g, &s->mc, params, max_len);
-    if (!err && lora) mt_generator_set_adapter(g, lora, adapters);
-    mt_generate_options greedy = {
+    return longest + 2 + s->tokens;  // a token a byte at most, BOS
+}
+
+static mt_generate_options greedy_options(const mt_sampler *s) {
+    return (mt_generate_options){
         {0.0f, 0, 1.0f, 0.0f, 1.0f, 0}, s->tokens, s->tok ? mt_tokenizer_eos(s->tok) : MT_TOKEN_EOS, -1, {NULL}, 0};
+}
+
+mt_err mt_sampler_run(mt_sampler *s, const float *params, const mt_lora_config *lora, const float *adapters, int step,
+                      mt_metrics *metrics) {
+    mt_generator *g;
+    mt_err err = mt_generator_init(&g, &s->mc, params, sample_len(s));
+    if (!err && lora) mt_generator_set_adapter(g, lora, adapters);
+    mt_generate_options greedy = greedy_options(s);
     for (int i = 0; i < s->n && !err; i++) {
         mt_ids ids = {0};
         char *text = NULL;
@@ -78,6 +87,61 @@ mt_err mt_sampler_run(mt_sampler *s, const float *params, const mt_lora_config *
     }
     mt_generator_free(g);
     return err;
+}
+
+typedef struct {
+    mt_sampler *s;
+    mt_metrics *metrics;
+    int step;
+} sample_sink;
+
+static void record_sample(void *ctx, int index, const char *text) {
+    sample_sink *k = ctx;
+    mt_metrics_sample(k->metrics, k->step, k->s->prompt[index], text);
+}
+
+// On the run's GPU: a decoding copy of the model (bf16, a key/value cache
+// for every prompt at once) made for the samples and freed after them, so
+// the GPU holds it only while it samples. No room for it: *fits 0 and
+// nothing was sampled.
+static mt_err run_gpu(mt_sampler *s, mt_backend *be, const float *params, const mt_lora_config *lora,
+                      const float *adapters, int step, mt_metrics *metrics, int *fits) {
+    mt_model_options mo = {.B = s->n, .T = 1, .forward_only = 1, .decode_len = sample_len(s)};
+    if (lora) mo.lora = *lora, mo.lora.dropout = 0.0f;
+    mt_model *m = NULL;
+    mt_err err = mt_model_create_with(&m, be, &s->mc, &mo);
+    *fits = err != MT_ERR_NOMEM;
+    if (err) return *fits ? err : MT_OK;
+    err = mt_model_set_weights(m, params);
+    if (!err && lora) mt_model_set_adapters(m, adapters);
+    mt_ids *ids = calloc((size_t)s->n, sizeof *ids);
+    MT_CHECK(ids != NULL, "sample prompts");
+    for (int i = 0; i < s->n; i++) mt_generate_prompt(s->tok, s->prompt[i], &ids[i]);
+    mt_generate_options greedy = greedy_options(s);
+    sample_sink sink = {s, metrics, step};
+    if (!err) err = mt_generate_batch(m, s->tok, ids, s->n, &greedy, NULL, record_sample, &sink, NULL);
+    for (int i = 0; i < s->n; i++) mt_ids_free(&ids[i]);
+    free(ids);
+    mt_model_free(m);
+    return err;
+}
+
+// Rank 0's samples: on the run's GPU, or on the CPU (a CPU run, or no room
+// on the GPU, which is said once).
+static mt_err sample(mt_sampler *s, mt_run_state *state, const float *params, const mt_lora_config *lora,
+                     const float *adapters, int step, mt_metrics *metrics) {
+    mt_backend *be = state->up->be;
+    if (be->gpu && !s->cpu_only) {
+        int fits;
+        mt_err err = run_gpu(s, be, params, lora, adapters, step, metrics, &fits);
+        if (err || fits) return err;
+        s->cpu_only = 1;
+        mt_warn(
+            "train.sample_every: no room on the GPU for a decoding copy of the model (%s); samples decode on the "
+            "CPU in fp32 from now on, which is slower",
+            mt_last_error());
+    }
+    return mt_sampler_run(s, params, lora, adapters, step, metrics);
 }
 
 // LoRA: the base the adapters train over, once: as loaded or initialised,
@@ -106,7 +170,7 @@ mt_err mt_sampler_after_step(mt_sampler *s, mt_run_state *state, int rank, int r
         if (!s->adapters) err = mt_state_copy_alloc(state->trained_total, 1, &s->adapters);
         if (!err) err = mt_updater_get_trained(state->up, s->adapters, NULL);
         if (!err && rank == 0 && !s->base_loaded) err = load_base(s, random_init);
-        if (!err && rank == 0) err = mt_sampler_run(s, s->values, state->lora, s->adapters, step, metrics);
+        if (!err && rank == 0) err = sample(s, state, s->values, state->lora, s->adapters, step, metrics);
         return err;
     }
     int n;
@@ -114,7 +178,7 @@ mt_err mt_sampler_after_step(mt_sampler *s, mt_run_state *state, int rank, int r
     free(mt_model_param_table(&s->mc, &n, &total));
     if (!s->values) err = mt_state_copy_alloc(total, 1, &s->values);
     if (!err) err = mt_updater_get_trained(state->up, s->values, NULL);
-    if (!err && rank == 0) err = mt_sampler_run(s, s->values, NULL, NULL, step, metrics);
+    if (!err && rank == 0) err = sample(s, state, s->values, NULL, NULL, step, metrics);
     return err;
 }
 

@@ -1,6 +1,8 @@
 // trainer/sampler.h: train.sample_every: the model's text for a few prompts
-// while it trains (greedy, on the CPU from an fp32 host copy of the values,
-// trainer/generate.h), printed and recorded in metrics.jsonl.
+// while it trains (greedy, trainer/generate.h: on a GPU run by a decoding
+// copy of the model in bf16, made for the samples and freed after them; on
+// the CPU from an fp32 host copy of the values on a CPU run, or when the GPU
+// has no room for the copy), printed and recorded in metrics.jsonl.
 #ifndef MT_SAMPLER_H
 #define MT_SAMPLER_H
 

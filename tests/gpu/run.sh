@@ -93,8 +93,22 @@ if want quickstart && [ -f data/kjv.txt ]; then
     echo "== quickstart on the GPU"
     "$BUILD/memtune" tokenize --input data/kjv.txt --output /tmp/kjv.h5 &&
     "$BUILD/memtune" train configs/quickstart.yaml --set data.train=/tmp/kjv.h5 --set train.device=gpu \
-        --set output.dir=/tmp/mt-quickstart 2>&1 | tee "$OUT/quickstart.log"
+        --set output.dir=/tmp/mt-quickstart --set train.sample_every=75 \
+        --set "train.sample_prompts=And God said|In the beginning" 2>&1 | tee "$OUT/quickstart.log"
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+    # its samples (steps 0, 75, 150) decoded on the GPU, and the text changed as it trained
+    python3 - /tmp/mt-quickstart/metrics.jsonl "$OUT/quickstart.log" <<'PY' || status=1
+import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1]) if '"sample"' in line]
+by = {(r["step"], r["sample_prompt"]): r["sample"] for r in rows}
+log = open(sys.argv[2]).read()
+ok = sorted({s for s, _ in by}) == [0, 75, 150] and len(by) == 6 and "decode on the CPU" not in log
+ok = ok and all(by[(0, p)] != by[(150, p)] and by[(150, p)].strip() for p in ("And God said", "In the beginning"))
+for k in sorted(by):
+    print("quickstart sample", k, repr(by[k][:60]))
+print("quickstart samples on the GPU:", "PASS" if ok else "FAIL")
+sys.exit(0 if ok else 1)
+PY
     echo "== quickstart's LoRA variant on the GPU, then merge"
     # the Psalms: from the "Psalms 1" heading to the "Proverbs 1" one
     awk '/^Psalms 1$/{p=1} /^Proverbs 1$/{exit} p{print}' data/kjv.txt > /tmp/psalms.txt
