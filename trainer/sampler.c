@@ -101,15 +101,20 @@ static void record_sample(void *ctx, int index, const char *text) {
 }
 
 // On the run's GPU: a decoding copy of the model (bf16, a key/value cache
-// for every prompt at once) made for the samples and freed after them, so
-// the GPU holds it only while it samples. No room for it: *fits 0 and
-// nothing was sampled.
-static mt_err run_gpu(mt_sampler *s, mt_backend *be, const float *params, const mt_lora_config *lora,
-                      const float *adapters, int step, mt_metrics *metrics, int *fits) {
+// for every prompt at once) on a backend of its own (the run's workspace is
+// not touched), made for the samples and freed after them, so the GPU holds
+// it only while it samples. No room for it: *fits 0 and nothing was sampled.
+static mt_err run_gpu(mt_sampler *s, int device, const float *params, const mt_lora_config *lora, const float *adapters,
+                      int step, mt_metrics *metrics, int *fits) {
     mt_model_options mo = {.B = s->n, .T = 1, .forward_only = 1, .decode_len = sample_len(s)};
     if (lora) mo.lora = *lora, mo.lora.dropout = 0.0f;
+    mt_backend be;
     mt_model *m = NULL;
-    mt_err err = mt_model_create_with(&m, be, &s->mc, &mo);
+    mt_err err = mt_backend_init(&be, device);
+    if (!err) {
+        err = mt_model_create_with(&m, &be, &s->mc, &mo);
+        if (err) mt_backend_free(&be);
+    }
     *fits = err != MT_ERR_NOMEM;
     if (err) return *fits ? err : MT_OK;
     err = mt_model_set_weights(m, params);
@@ -123,6 +128,7 @@ static mt_err run_gpu(mt_sampler *s, mt_backend *be, const float *params, const 
     for (int i = 0; i < s->n; i++) mt_ids_free(&ids[i]);
     free(ids);
     mt_model_free(m);
+    mt_backend_free(&be);
     return err;
 }
 
@@ -133,7 +139,7 @@ static mt_err sample(mt_sampler *s, mt_run_state *state, const float *params, co
     mt_backend *be = state->up->be;
     if (be->gpu && !s->cpu_only) {
         int fits;
-        mt_err err = run_gpu(s, be, params, lora, adapters, step, metrics, &fits);
+        mt_err err = run_gpu(s, be->device, params, lora, adapters, step, metrics, &fits);
         if (err || fits) return err;
         s->cpu_only = 1;
         mt_warn(
