@@ -2,7 +2,8 @@
 # memtune plan against real runs: for configurations of the quickstart model
 # on the CPU (full AdamW, checkpointing, offloaded activations, LoRA, QLoRA,
 # MeZO on all weights and on adapters, GaLore alone and with offload, AdamW
-# state in host memory and on disk, accumulation, micro-batch sizes), every
+# state in host memory (all of it, or half with offload.ratio) and on disk,
+# accumulation, micro-batch sizes), every
 # category `memtune plan --device cpu` forecasts equals the peak the run's
 # memory report gives (to its 0.1 MiB). Then the 7B configs of configs/
 # forecast for the GPU with configs/models/llama-2-7b's shape (no weights
@@ -82,6 +83,9 @@ check "GaLore r=16, int8 moments, offload" --set optim.kind=galore --set optim.g
     --set galore.moments=int8 --set offload.optimizer=cpu
 check "AdamW state in host memory" --set offload.optimizer=cpu --set train.grad_accum=2
 check "AdamW state in host memory, int8 moments" --set offload.optimizer=cpu --set offload.moments=int8
+check "AdamW state half in host memory" --set offload.optimizer=cpu --set offload.ratio=0.5
+check "AdamW state half in host memory, accumulation 2" --set offload.optimizer=cpu --set offload.ratio=0.5 \
+    --set train.grad_accum=2
 check "GaLore r=16, offload with int8 moments" --set optim.kind=galore --set optim.grad_clip=0 --set galore.rank=16 \
     --set offload.optimizer=cpu --set offload.moments=int8
 check "AdamW state on disk" --set offload.optimizer=ssd --set "offload.path=$W/ssd"
