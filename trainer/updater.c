@@ -447,6 +447,16 @@ void mt_updater_report(const mt_updater *u, size_t count) {
             : u->accum > 1          ? "streamed per layer and summed on the host over the micro-batches"
                                     : "streamed per layer",
             mt_offload_device_bytes(u->ofl) / 1048576.0, mt_offload_host_bytes(u->ofl) / 1073741824.0);
+        if (cfg->offload_ratio < 1 && !pl->offload_split && pl->n_trained > 0) {
+            size_t first = 0;  // the first forward unit's values
+            int unit = mt_param_forward_unit(pl->trained[0].name, u->mc->L);
+            for (int i = 0; i < pl->n_trained && mt_param_forward_unit(pl->trained[i].name, u->mc->L) == unit; i++)
+                first = pl->trained[i].offset + pl->trained[i].count;
+            mt_warn(
+                "offload.ratio %g keeps no forward unit out of the store: the first alone (%.2fM parameters) is more "
+                "than %g of the trained ones; all the state is offloaded (lower offload.ratio to keep units)",
+                cfg->offload_ratio, first / 1e6, 1 - cfg->offload_ratio);
+        }
         if (pl->offload_split) {
             char layers[64] = "";
             if (pl->resident_units > 1) snprintf(layers, sizeof layers, " and layers 0-%d", pl->resident_units - 2);
