@@ -697,6 +697,38 @@ START_TEST(ratio_splits_the_state_at_whole_units) {
 }
 END_TEST
 
+// memory.budget on a GPU (forecast here, with no GPU): a 1.1B full fine-tune
+// (19.3 GiB as configured, checkpointing, B=4, T=1024) runs with the
+// largest share of AdamW's state on the GPU that fits: a quarter offloaded
+// at 16 GiB (forecast 15.5), half at 12 (11.6), three quarters at 8 (7.0),
+// all at 4 (3.4); and the budget never changes a ratio the user set.
+START_TEST(budget_keeps_what_fits_of_the_state_on_the_gpu) {
+    char data[300], folder[300];
+    data_and_model(data, folder);
+    const char *budgets[] = {"16GiB", "12GiB", "8GiB", "4GiB"};
+    const double ratios[] = {0.25, 0.5, 0.75, 1};
+    for (int k = 0; k < 5; k++) {
+        mt_config cfg;
+        run_config(&cfg, "configs/models/tinyllama-1.1b", data, dir, NULL);
+        const char *const sets[][2] = {{"train.micro_batch", "4"},
+                                       {"train.seq_len", "1024"},
+                                       {"model.activation_checkpointing", "true"},
+                                       {"memory.budget", k < 4 ? budgets[k] : "12GiB"}};
+        for (int i = 0; i < 4; i++) ck_assert_int_eq(mt_config_set(&cfg, sets[i][0], sets[i][1], "t"), MT_OK);
+        if (k == 4) {  // offloaded as the user said: left as it is (it fits)
+            ck_assert_int_eq(mt_config_set(&cfg, "offload.optimizer", "cpu", "t"), MT_OK);
+            ck_assert_int_eq(mt_config_set(&cfg, "offload.ratio", "0.9", "t"), MT_OK);
+        }
+        ck_assert_msg(mt_forecast_fit_budget(&cfg, 1, 1) == MT_OK, "%s", mt_last_error());
+        ck_assert_str_eq(cfg.offload_optimizer, "cpu");
+        ck_assert_msg(cfg.offload_ratio == (k < 4 ? ratios[k] : 0.9), "budget %s: offload.ratio %g",
+                      k < 4 ? budgets[k] : "12GiB, ratio 0.9", cfg.offload_ratio);
+        ck_assert_int_eq(cfg.train_micro_batch, 4);
+        mt_config_free(&cfg);
+    }
+}
+END_TEST
+
 // offload.ratio 0.5: the embedding and the first layer keep their AdamW
 // state on the backend, the store the rest (the split: the test above).
 // The runs follow the run without offload as the fully offloaded ones do
@@ -1282,6 +1314,7 @@ int main(void) {
     tcase_add_test(tc, store_update_pieces_equal_windows);
     tcase_add_test(tc, offloaded_runs_follow_the_run_without_offload);
     tcase_add_test(tc, ratio_splits_the_state_at_whole_units);
+    tcase_add_test(tc, budget_keeps_what_fits_of_the_state_on_the_gpu);
     tcase_add_test(tc, ratio_keeps_the_first_units_on_the_backend);
     tcase_add_test(tc, ssd_offload_resumes_bit_identically);
     tcase_add_test(tc, streamed_weights_runs_equal_resident_runs);

@@ -194,7 +194,8 @@ extern "C" {
       "the most the run may hold where it computes (SIZE with its unit: 24GiB, 16G, 900MiB, 4096B; a bare number is "  \
       "refused; auto: the GPU's free memory less 1 GiB): when the configuration needs more, memtune runs the "         \
       "fastest of the settings that keep the same training (activation checkpointing, offloaded activations, "         \
-      "smaller micro-batches with more accumulation, AdamW's state in host memory) that fits, and says which; "        \
+      "smaller micro-batches with more accumulation, AdamW's state in host memory, all of it or for a full "           \
+      "fine-tune the share the GPU cannot hold, in quarters: offload.ratio) that fits, and says which; "               \
       "empty: no budget (docs/plan.md)")
 
 // train.seq_len: max, until the budget resolves it (mt_forecast_seq_len_max)

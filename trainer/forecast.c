@@ -672,14 +672,18 @@ double mt_parse_size(const char *v) {
 typedef struct {
     int ckpt, offload_acts;
     long micro_batch, accum;
-    int offload_cpu;  // AdamW's state to host memory (from none)
+    int offload_cpu;  // AdamW's state to host memory (from none): 0 no, else kOffloadRatios[offload_cpu - 1] of it
 } knobs;
+// The shares of a full fine-tune's AdamW state the budget may offload (offload.ratio; the rest stays on the GPU).
+static const char *const kOffloadRatios[] = {"1", "0.75", "0.5", "0.25"};
+enum { kOffloadChoices = sizeof kOffloadRatios / sizeof *kOffloadRatios };
 
-static void set_knobs(mt_config *cfg, const knobs *k, const char *offload_was) {
+static void set_knobs(mt_config *cfg, const knobs *k, const char *offload_was, double ratio_was) {
     cfg->model_activation_checkpointing = k->ckpt;
     cfg->model_offload_activations = k->offload_acts;
     cfg->train_micro_batch = k->micro_batch, cfg->train_grad_accum = k->accum;
     mt_config_set(cfg, "offload.optimizer", k->offload_cpu ? "cpu" : offload_was, "memory.budget");
+    cfg->offload_ratio = k->offload_cpu ? atof(kOffloadRatios[k->offload_cpu - 1]) : ratio_was;
 }
 
 static void describe_knobs(const knobs *k, const knobs *was, char *buf, size_t n) {
@@ -693,6 +697,8 @@ static void describe_knobs(const knobs *k, const knobs *was, char *buf, size_t n
             (size_t)snprintf(buf + at, n - at, "train.micro_batch=%ld train.grad_accum=%ld ", k->micro_batch, k->accum);
     if (at < n && k->offload_cpu != was->offload_cpu)
         at += (size_t)snprintf(buf + at, n - at, "offload.optimizer=cpu ");
+    if (at < n && k->offload_cpu > 1)
+        at += (size_t)snprintf(buf + at, n - at, "offload.ratio=%s ", kOffloadRatios[k->offload_cpu - 1]);
     if (at > 0 && at <= n) buf[at - 1] = '\0';
 }
 
@@ -908,6 +914,7 @@ mt_err mt_forecast_fit_budget(mt_config *cfg, int gpu, int world) {
     if ((err = mt_hf_read_config(cfg->model_path, &mc))) return err;
     char *offload_was = strdup(cfg->offload_optimizer);
     MT_CHECK(offload_was != NULL, "budget");
+    double ratio_was = cfg->offload_ratio;
     knobs was = {(int)cfg->model_activation_checkpointing, (int)cfg->model_offload_activations, cfg->train_micro_batch,
                  cfg->train_grad_accum, 0};
     mt_forecast f;
@@ -930,21 +937,21 @@ mt_err mt_forecast_fit_budget(mt_config *cfg, int gpu, int world) {
         for (int acts = was.offload_acts; acts <= ckpt; acts++)
             for (long mb = was.micro_batch, acc = was.accum; mb >= 1; mb /= 2, acc *= 2) {
                 if (mb != was.micro_batch && strcmp(cfg->optim_kind, "galore") == 0) break;  // GaLore: accum 1
-                for (int off = 0; off <= can_offload; off++) {
+                // (offload.ratio below 1 only where it is built: the forecast refuses it elsewhere)
+                for (int off = 0; off <= (can_offload ? kOffloadChoices : 0); off++) {
                     knobs k = {ckpt, acts, mb, acc, off};
-                    set_knobs(cfg, &k, offload_was);
+                    set_knobs(cfg, &k, offload_was, ratio_was);
                     mt_forecast fk;
                     if (mt_forecast_run(cfg, &mc, gpu, world, &fk)) continue;
                     double t = fk.step_time / fk.tokens;
                     if (fk.device_peak < smallest_peak) smallest = k, smallest_peak = fk.device_peak;
                     if (fk.device_peak <= budget && t < best_time) best = k, best_time = t, best_peak = fk.device_peak;
-                    if (mb % 2) break;  // whole halvings only
                 }
                 if (mb % 2) break;
             }
     char what[256];
     if (isinf(best_time)) {
-        set_knobs(cfg, &was, offload_was);
+        set_knobs(cfg, &was, offload_was, ratio_was);
         describe_knobs(&smallest, &was, what, sizeof what);
         free(offload_was);
         char b1[32], b2[32], b3[32];
@@ -955,7 +962,7 @@ mt_err mt_forecast_fit_budget(mt_config *cfg, int gpu, int world) {
                          source, trimmed(size_text(budget, b1, sizeof b1)), trimmed(size_text(need, b2, sizeof b2)),
                          what[0] ? what : "as configured", trimmed(size_text(smallest_peak, b3, sizeof b3)));
     }
-    set_knobs(cfg, &best, offload_was);
+    set_knobs(cfg, &best, offload_was, ratio_was);
     describe_knobs(&best, &was, what, sizeof what);
     char b1[32], b2[32], b3[32];
     mt_info(
