@@ -601,6 +601,8 @@ mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_s
         {"MeZO (all weights)", "lora.r=0", "model.quantize=none", "optim.kind=mezo", "offload.optimizer=none", NULL},
         {"AdamW state in host memory + ckpt", "lora.r=0", "model.quantize=none", "optim.kind=adamw",
          "offload.optimizer=cpu", "model.activation_checkpointing=true"},
+        {"half AdamW state in host memory + ckpt", "lora.r=0", "model.quantize=none", "optim.kind=adamw",
+         "offload.optimizer=cpu", "offload.ratio=0.5", "model.activation_checkpointing=true"},
         {"MLP in tiles of 2048 tokens", "model.mlp_tile_rows=2048", NULL},
         {"base in host memory, streamed", "model.weights=cpu", NULL},
         {"micro-batch x2", mb2, NULL},
