@@ -200,7 +200,7 @@ def main():
         if args.deepspeed:
             r = res["deepspeed-zero2-cpu"] = run_deepspeed(args, config_path)
             print(json.dumps({"shape": shape, "mode": "deepspeed-zero2-cpu", **r}), flush=True)
-            for mode in [m for m in res if m.split("-")[0] == "cpu"]:
+            for mode in [m for m, v in res.items() if isinstance(v, dict) and m.split("-")[0] == "cpu"]:
                 if "error" not in r and "error" not in res[mode]:
                     res[f"ratio_{mode}_step_vs_deepspeed"] = res[mode]["step_ms"] / r["step_ms"]
                     res[f"ratio_{mode}_host_peak_vs_deepspeed"] = res[mode]["host_peak"] / r["host_peak"]
@@ -209,7 +209,7 @@ def main():
             res["ratio_cpu_step_vs_gpu"] = res["cpu"]["step_ms"] / res["none"]["step_ms"]
         if "error" not in res.get("none", {"error": 1}) and "error" not in res.get("cpu-noclip", {"error": 1}):
             res["ratio_cpu_noclip_step_vs_gpu"] = res["cpu-noclip"]["step_ms"] / res["none"]["step_ms"]
-        for mode in [m for m in res if re.search(r"-r\d+", m)]:  # part of the state on the GPU
+        for mode in [m for m, r in res.items() if isinstance(r, dict) and re.search(r"-r\d+", m)]:  # part on the GPU
             if "error" not in res[mode] and "error" not in res.get("none", {"error": 1}):
                 res[f"ratio_{mode}_step_vs_gpu"] = res[mode]["step_ms"] / res["none"]["step_ms"]
         for mode in [m for m in res if m.endswith("-delay")]:  # the delayed update against its exact twin
