@@ -9,6 +9,8 @@
 
 #include "datasets/hf_tokenizer.h"
 #include "datasets/tokenizer.h"
+#include "kernels/mem.h"
+#include "trainer/forecast.h"
 #include "trainer/generate.h"
 #include "trainer/hf.h"
 #include "trainer/model.h"
@@ -100,14 +102,20 @@ static void record_sample(void *ctx, int index, const char *text) {
     mt_metrics_sample(k->metrics, k->step, k->s->prompt[index], text);
 }
 
+// The decoding copy: every prompt a row of one cache.
+static mt_model_options decode_options(const mt_sampler *s, const mt_lora_config *lora) {
+    mt_model_options mo = {.B = s->n, .T = 1, .forward_only = 1, .decode_len = sample_len(s)};
+    if (lora) mo.lora = *lora, mo.lora.dropout = 0.0f;
+    return mo;
+}
+
 // On the run's GPU: a decoding copy of the model (bf16, a key/value cache
 // for every prompt at once) on a backend of its own (the run's workspace is
 // not touched), made for the samples and freed after them, so the GPU holds
 // it only while it samples. No room for it: *fits 0 and nothing was sampled.
 static mt_err run_gpu(mt_sampler *s, int device, const float *params, const mt_lora_config *lora, const float *adapters,
                       int step, mt_metrics *metrics, int *fits) {
-    mt_model_options mo = {.B = s->n, .T = 1, .forward_only = 1, .decode_len = sample_len(s)};
-    if (lora) mo.lora = *lora, mo.lora.dropout = 0.0f;
+    mt_model_options mo = decode_options(s, lora);
     mt_backend be;
     mt_model *m = NULL;
     mt_err err = mt_backend_init(&be, device);
@@ -137,6 +145,23 @@ static mt_err run_gpu(mt_sampler *s, int device, const float *params, const mt_l
 static mt_err sample(mt_sampler *s, mt_run_state *state, const float *params, const mt_lora_config *lora,
                      const float *adapters, int step, mt_metrics *metrics) {
     mt_backend *be = state->up->be;
+    double budget = s->cfg->memory_budget[0] ? mt_parse_size(s->cfg->memory_budget) : 0;  // (auto: < 0)
+    if (be->gpu && !s->cpu_only && budget > 0) {
+        // memory.budget: the copy only where the run's GPU memory stays within it
+        mt_model_options mo = decode_options(s, lora);
+        mt_model_bytes b;
+        mt_model_plan_bytes(1, -1, &s->mc, &mo, NULL, &b, NULL);
+        mt_mem_tally held;
+        mt_mem_get_tally(MT_DEVICE, &held);
+        double copy = (double)(b.weights + b.adapters + b.activations + b.workspace + b.staging);
+        if ((double)held.current_total + copy > budget) {
+            s->cpu_only = 1;
+            mt_warn(
+                "train.sample_every: a decoding copy of the model (%.2f GiB) beside the run's %.2f GiB would pass "
+                "memory.budget %s; samples decode on the CPU in fp32, which is slower",
+                copy / 1073741824.0, held.current_total / 1073741824.0, s->cfg->memory_budget);
+        }
+    }
     if (be->gpu && !s->cpu_only) {
         int fits;
         mt_err err = run_gpu(s, be->device, params, lora, adapters, step, metrics, &fits);
