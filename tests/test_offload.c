@@ -1035,6 +1035,17 @@ START_TEST(int8_moments_follow_fp32_and_resume_bit_identically) {
     ck_assert_msg(worst > 0 && worst < 2e-2, "int8 vs fp32 moments: worst relative difference %g", worst);
     ck_assert(b[11] < b[0]);
     resumed_equals_whole("int8", int8);
+    // with offload.ratio 0.5 the store's half keeps 8-bit moments (its quantization segments start at the
+    // split): between the fp32 run and the fully 8-bit one, and it resumes bit for bit
+    const char *const half[] = {"offload.optimizer", "cpu", "offload.moments", "int8", "offload.ratio", "0.5", NULL};
+    double h[12];
+    train_losses("moments-int8-half", half, h);
+    double to_fp32 = 0;
+    for (int i = 0; i < 12; i++) to_fp32 = fmax(to_fp32, fabs(h[i] - a[i]) / fabs(a[i]));
+    ck_assert_msg(to_fp32 > 0 && to_fp32 < 2e-2, "int8 moments, ratio 0.5, vs fp32: worst relative difference %g",
+                  to_fp32);
+    ck_assert_msg(memcmp(h, b, sizeof h) != 0, "ratio 0.5 with int8 moments gave the fully offloaded run's losses");
+    resumed_equals_whole("int8-half", half);
     char data[300], folder[300], out[300];
     data_and_model(data, folder);
     snprintf(out, sizeof out, "%s/int8-ssd", dir);
