@@ -98,7 +98,7 @@ void mt_route_offload_grad_ready(void *ctx, int param, float *grad) {
     if (offset < h->split)
         mt_op_add_f32(h->be, h->resident + offset, h->resident + offset, grad, h->table[param].count);
     else
-        mt_offload_grad(*h->offload, h->index ? h->index[param] : param, grad);
+        mt_offload_grad(*h->offload, h->index[param], grad);
 }
 
 void mt_route_offload_weights_needed(void *ctx, int bucket) {
@@ -127,7 +127,7 @@ void mt_route_share_shards(mt_dist *d, void *weights, size_t total, size_t elem)
 
 void mt_route_install(const mt_plan *pl, int L, mt_dist *dist, int world, mt_offload **ofl, mt_model_options *o,
                       mt_dp_hook *dp, mt_zero2_hook *z, mt_galore_hook *g, mt_offload_hook *oh) {
-    *oh = (mt_offload_hook){ofl, dist, pl->trained, 0, NULL, NULL, NULL, NULL, 0, 0, 0, NULL, NULL, NULL};
+    *oh = (mt_offload_hook){ofl, dist, pl->trained, 0, NULL, NULL, NULL, NULL, 0, 0, NULL, 0, NULL, NULL};
     dp->dist = dist, dp->zero_stage = pl->zero;
     if (pl->galore) o->grad_ready = mt_route_galore_grad_ready, o->grad_ready_ctx = g;
     if (pl->offload_streamed && !pl->galore && !pl->zero2_streamed)

@@ -92,13 +92,13 @@ typedef struct {
     const size_t *lo, *hi;
     void *weights;
     size_t total, elem;
+    // each trained parameter's entry in the store (mt_offload_plan.index)
+    const int *index;
     // offload.ratio < 1: the parameters [0, split) of the block keep their
     // state on the backend; their gradients are summed into resident (split
-    // fp32 where the backend computes, zeroed at each step's start); the
-    // rest go to the store as index (mt_offload_plan.index) says
+    // fp32 where the backend computes, zeroed at each step's start)
     size_t split;
     float *resident;
-    const int *index;
     mt_backend *be;
 } mt_offload_hook;
 

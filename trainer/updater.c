@@ -162,20 +162,14 @@ static double resident_norm_sum(void *ctx, double local) {
     return ((mt_updater *)ctx)->norm_total;
 }
 
-// offload.ratio < 1: AdamW on the backend over [0, split) of the block, from
-// the values (and, resuming, the moments) the walk of the units collected;
-// its gradients summed from the stream (or the block's, when the GPU sums
-// the micro-batches).
-static mt_err build_resident(mt_updater *u, const float *resident) {
+// offload.ratio < 1: AdamW on the backend over [0, split) of the block (the
+// trained parameters' groups, clipped to it), from the values (and,
+// resuming, the moments) the walk of the units collected; its gradients
+// summed from the stream (or the block's, when the GPU sums the micro-batches).
+static mt_err build_resident(mt_updater *u, const float *resident, mt_param_group *groups, int n_groups) {
     const mt_plan *pl = u->pl;
     size_t split = pl->offload_split;
-    int n = pl->n_trained;
-    mt_param_group *groups = malloc((size_t)(n ? n : 1) * sizeof *groups);
-    MT_CHECK(groups, "parameter groups");
-    for (int i = 0; i < n; i++)
-        groups[i] = (mt_param_group){pl->trained[i].offset, pl->trained[i].count, pl->trained[i].decay};
-    mt_err err = build_adamw(u, groups, n, 0, split, resident);
-    free(groups);
+    mt_err err = build_adamw(u, groups, n_groups, 0, split, resident);
     if (!err && u->resume_dir[0])
         mt_optimizer_set_moments(u->opt, resident + split, resident + 2 * split, u->resume->optimizer_steps);
     if (!err && pl->offload_streamed) {
@@ -188,14 +182,15 @@ static mt_err build_resident(mt_updater *u, const float *resident) {
     mt_offload_set_norm_sum(u->ofl, store_norm_sum, u);
     mt_optimizer_set_norm_sum(u->opt, resident_norm_sum, u);
     mt_offload_hook *h = u->ohook;
-    h->split = split, h->resident = u->resident_grads, h->index = u->plan.index, h->be = u->be;
+    h->split = split, h->resident = u->resident_grads, h->be = u->be;
     return MT_OK;
 }
 
 // AdamW's state in a store off the GPU (host memory or a file): with GaLore
 // the parameters it does not project, packed; else the trained block (ZeRO:
-// this rank's shard).
-static mt_err build_offload(mt_updater *u) {
+// this rank's shard). groups: the trained parameters' (offload.ratio's
+// AdamW on the backend takes them).
+static mt_err build_offload(mt_updater *u, mt_param_group *groups, int n_groups) {
     const mt_config *cfg = u->cfg;
     const mt_plan *pl = u->pl;
     int cores;
@@ -214,7 +209,7 @@ static mt_err build_offload(mt_updater *u) {
     *plan = mt_offload_plan_make(
         pl->trained, pl->n_trained, u->gbounds ? u->gbounds[u->rank] : pl->shard_lo + pl->offload_split,
         u->gbounds ? u->gbounds[u->rank + 1] : pl->shard_hi, pl->galore ? pl->selected : NULL, u->mc->L);
-    u->ghook->offloaded = plan->index;
+    u->ghook->offloaded = u->ohook->index = plan->index;
     char trace[1200];
     snprintf(trace, sizeof trace, "%s/offload-trace.json", cfg->output_dir);
     mt_offload_config oc = {!strcmp(cfg->offload_optimizer, "ssd") ? MT_STORE_FILE : MT_STORE_MEMORY,
@@ -278,7 +273,7 @@ static mt_err build_offload(mt_updater *u) {
                                   : strcmp(cfg->model_init, "random") ? cfg->model_path
                                                                       : NULL,
                                   (uint64_t)cfg->train_seed, fill_unit, &fill);
-        if (!err && pl->offload_split) err = build_resident(u, fill.resident);
+        if (!err && pl->offload_split) err = build_resident(u, fill.resident, groups, n_groups);
         free(fill.m);
         free(fill.resident);
     }
@@ -338,7 +333,7 @@ mt_err mt_updater_build(mt_updater *u) {
     z->lo = pl->shard_lo, z->hi = pl->shard_hi, z->total = pl->trained_total, z->first = 1;
     z->offload = &u->ofl, z->plan = &u->plan;
     if (pl->offload && !err) {
-        err = build_offload(u);
+        err = build_offload(u, groups, n_groups);
     } else if (!pl->galore && !pl->mezo && !err) {
         // ZeRO 1, 2: this rank's shard of the block
         err = build_adamw(u, groups, n_groups, pl->shard_lo, pl->shard_hi, *u->trained + pl->shard_lo);
