@@ -1229,6 +1229,25 @@ START_TEST(checkpoints_written_from_the_store_resume_bit_identically) {
 }
 END_TEST
 
+// offload.optimizer cpu with key = value, and refusals[k]'s key = value on
+// top (the first, GaLore, without clipping): refused by validation, the
+// error naming refusals[k][2], and for the first `named` of them `fix` too.
+static void expect_offload_refusals(const char *folder, const char *data, const char *out, const char *key,
+                                    const char *value, const char *const (*refusals)[3], int n, int named,
+                                    const char *fix) {
+    for (int k = 0; k < n; k++) {
+        mt_config cfg;
+        run_config(&cfg, folder, data, out, NULL);
+        ck_assert_int_eq(mt_config_set(&cfg, "offload.optimizer", "cpu", "t"), MT_OK);
+        ck_assert_int_eq(mt_config_set(&cfg, key, value, "t"), MT_OK);
+        if (k == 0) ck_assert_int_eq(mt_config_set(&cfg, "optim.grad_clip", "0", "t"), MT_OK);
+        ck_assert_int_eq(mt_config_set(&cfg, refusals[k][0], refusals[k][1], "t"), MT_OK);
+        tu_expect_error(mt_config_validate(&cfg), MT_ERR_CONFIG, refusals[k][2]);
+        if (k < named) ck_assert_msg(strstr(mt_last_error(), fix), "%s", mt_last_error());
+        mt_config_free(&cfg);
+    }
+}
+
 START_TEST(offload_config_errors_name_the_fix) {
     char data[300], folder[300], out[300];
     data_and_model(data, folder);
@@ -1270,16 +1289,7 @@ START_TEST(offload_config_errors_name_the_fix) {
     const char *const delay_refusals[][3] = {{"optim.kind", "galore", "optim.kind galore"},
                                              {"dist.zero_stage", "1", "dist.zero_stage above 0"},
                                              {"model.weights", "cpu", "streamed (model.weights)"}};
-    for (int k = 0; k < 3; k++) {
-        run_config(&cfg, folder, data, out, NULL);
-        ck_assert_int_eq(mt_config_set(&cfg, "offload.optimizer", "cpu", "t"), MT_OK);
-        ck_assert_int_eq(mt_config_set(&cfg, "offload.delay", "1", "t"), MT_OK);
-        if (k == 0) ck_assert_int_eq(mt_config_set(&cfg, "optim.grad_clip", "0", "t"), MT_OK);
-        ck_assert_int_eq(mt_config_set(&cfg, delay_refusals[k][0], delay_refusals[k][1], "t"), MT_OK);
-        tu_expect_error(mt_config_validate(&cfg), MT_ERR_CONFIG, delay_refusals[k][2]);
-        ck_assert_msg(strstr(mt_last_error(), "set offload.delay: 0"), "%s", mt_last_error());
-        mt_config_free(&cfg);
-    }
+    expect_offload_refusals(folder, data, out, "offload.delay", "1", delay_refusals, 3, 3, "set offload.delay: 0");
     // offload.ratio below 1 where it is not built, at 0, and without offload
     const char *const ratio_refusals[][3] = {{"optim.kind", "galore", "optim.kind galore"},
                                              {"lora.r", "4", "LoRA's adapters"},
@@ -1288,16 +1298,7 @@ START_TEST(offload_config_errors_name_the_fix) {
                                              {"model.weights", "cpu", "streamed (model.weights)"},
                                              {"offload.ratio", "0", "set offload.optimizer: none"},
                                              {"offload.optimizer", "none", "need offload.optimizer: cpu or ssd"}};
-    for (int k = 0; k < 7; k++) {
-        run_config(&cfg, folder, data, out, NULL);
-        ck_assert_int_eq(mt_config_set(&cfg, "offload.optimizer", "cpu", "t"), MT_OK);
-        ck_assert_int_eq(mt_config_set(&cfg, "offload.ratio", "0.5", "t"), MT_OK);
-        if (k == 0) ck_assert_int_eq(mt_config_set(&cfg, "optim.grad_clip", "0", "t"), MT_OK);
-        ck_assert_int_eq(mt_config_set(&cfg, ratio_refusals[k][0], ratio_refusals[k][1], "t"), MT_OK);
-        tu_expect_error(mt_config_validate(&cfg), MT_ERR_CONFIG, ratio_refusals[k][2]);
-        if (k < 5) ck_assert_msg(strstr(mt_last_error(), "set offload.ratio: 1"), "%s", mt_last_error());
-        mt_config_free(&cfg);
-    }
+    expect_offload_refusals(folder, data, out, "offload.ratio", "0.5", ratio_refusals, 7, 5, "set offload.ratio: 1");
     // auto on the CPU backend: resident
     run_config(&cfg, folder, data, out, NULL);
     ck_assert_int_eq(mt_config_set(&cfg, "model.weights", "auto", "t"), MT_OK);
