@@ -706,6 +706,15 @@ mt_err mt_offload_read_range(mt_offload *o, size_t lo, size_t hi, float *master,
     return mt_store_read_range(o->store, lo, hi, master, m, v);
 }
 
+size_t mt_offload_snapshot_bytes(const mt_offload *o) { return o->cfg.delay ? 0 : mt_store_snapshot_bytes(o->store); }
+
+mt_err mt_offload_snapshot(mt_offload *o, mt_store **copy) {
+    *copy = NULL;
+    MT_CHECK(mt_offload_snapshot_bytes(o) > 0, "a snapshot of a file store or of a delayed update");
+    mt_err err = mt_offload_sync(o);
+    return err ? err : mt_store_snapshot(o->store, copy);
+}
+
 size_t mt_offload_host_bytes(const mt_offload *o) {
     size_t stages = o->gpu ? STAGES * mt_store_block_params(o->store) * 2 : 0;
     return mt_store_host_bytes(o->store) + o->total * (o->gpu ? 2 : 4) * (o->shadow ? 2 : 1) +

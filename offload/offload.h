@@ -135,6 +135,13 @@ mt_err mt_offload_read_state(mt_offload *o, float *master, float *m, float *v);
 // Slots [lo, hi) of the state into master, m, v from index 0 (each NULL: not
 // read). No step may run meanwhile; call mt_offload_sync first.
 mt_err mt_offload_read_range(mt_offload *o, size_t lo, size_t hi, float *master, float *m, float *v);
+// After every pending update, a copy of the state in host memory, in the
+// store's encoding, that steps may run beside (mt_store_snapshot: read it
+// with mt_store_read_range, free it with mt_store_close). The file kind has
+// none: mt_offload_snapshot_bytes is then 0, and so it is with delay (its
+// weights, one update behind, are the model's).
+size_t mt_offload_snapshot_bytes(const mt_offload *o);
+mt_err mt_offload_snapshot(mt_offload *o, mt_store **copy);
 // Host bytes held: the store, the gradient buffers (with accumulation from
 // a GPU an fp32 sum as well: 4 bytes a parameter), the staging buffers
 // (with delay the updated weights: 2 bytes a parameter from a GPU, 4 on the

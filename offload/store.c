@@ -95,6 +95,7 @@ struct mt_store {
     int n_seg;
     float *win_m, *win_v;
     size_t cursor;  // the next window's first value
+    int snapshot;   // mt_store_snapshot's copy: its arrays are mt_host_alloc_copy's (not counted), freed with free
     // file kind
     char path[1100];
     int fd, direct, prefetch;
@@ -410,15 +411,15 @@ void mt_store_close(mt_store *s) {
     free(s->slots);
     free(s->queue);
     free(s->crc);
-    mt_free((void **)&s->master);
-    mt_free((void **)&s->m);
-    mt_free((void **)&s->v);
-    mt_free((void **)&s->mq);
-    mt_free((void **)&s->vq);
-    mt_free((void **)&s->m_absmax);
-    mt_free((void **)&s->v_absmax);
-    mt_free((void **)&s->win_m);
-    mt_free((void **)&s->win_v);
+    void **arrays[] = {(void **)&s->master,   (void **)&s->m,     (void **)&s->v,
+                       (void **)&s->mq,       (void **)&s->vq,    (void **)&s->m_absmax,
+                       (void **)&s->v_absmax, (void **)&s->win_m, (void **)&s->win_v};
+    for (size_t k = 0; k < sizeof arrays / sizeof *arrays; k++) {
+        if (s->snapshot)
+            free(*arrays[k]), *arrays[k] = NULL;
+        else
+            mt_free(arrays[k]);
+    }
     free(s->seg);
     free(s->seg_block);
     free(s);
@@ -652,6 +653,13 @@ static size_t block_ceil(const mt_store *s, size_t i) {
 
 mt_err mt_store_read_range(mt_store *s, size_t lo, size_t hi, float *master, float *m, float *v) {
     MT_CHECK(lo <= hi && hi <= s->count, "store read [%zu, %zu) of %zu", lo, hi, s->count);
+    if (s->kind == MT_STORE_MEMORY && !s->int8) {  // the arrays as they are, each copied by every thread
+        size_t bytes = (hi - lo) * sizeof(float);
+        if (master) mt_copy_parallel(master, s->master + lo, bytes);
+        if (m) mt_copy_parallel(m, s->m + lo, bytes);
+        if (v) mt_copy_parallel(v, s->v + lo, bytes);
+        return MT_OK;
+    }
     // a pass over the whole quantization blocks that hold the range; what lies outside it is not copied
     mt_store_begin(s, block_floor(s, lo), block_ceil(s, hi), MT_STORE_READ);
     mt_store_block b;
@@ -670,4 +678,54 @@ mt_err mt_store_read_range(mt_store *s, size_t lo, size_t hi, float *master, flo
 
 mt_err mt_store_read_all(mt_store *s, float *master, float *m, float *v) {
     return mt_store_read_range(s, 0, s->count, master, m, v);
+}
+
+size_t mt_store_snapshot_bytes(const mt_store *s) { return s->kind == MT_STORE_MEMORY ? mt_store_host_bytes(s) : 0; }
+
+// One array of a snapshot: bytes of src into a fresh copy (NULL src: none).
+static mt_err snapshot_array(void **dst, const void *src, size_t bytes) {
+    if (!src) return MT_OK;
+    *dst = mt_host_alloc_copy(bytes);
+    if (!*dst)
+        return mt_errorf(MT_ERR_NOMEM, "out of host memory for a snapshot of the offload store (%.2f GiB more)",
+                         bytes / 1073741824.0);
+    mt_copy_parallel(*dst, src, bytes);
+    return MT_OK;
+}
+
+mt_err mt_store_snapshot(const mt_store *s, mt_store **out) {
+    MT_CHECK(s->kind == MT_STORE_MEMORY, "a snapshot of a file store");
+    *out = NULL;
+    mt_store *c = calloc(1, sizeof *c);
+    MT_CHECK(c != NULL, "store snapshot");
+    c->kind = MT_STORE_MEMORY, c->snapshot = 1, c->fd = -1;
+    c->count = s->count, c->block_params = s->block_params, c->blocks = s->blocks, c->record_bytes = s->record_bytes;
+    c->int8 = s->int8, c->n_seg = s->n_seg;
+    size_t n = s->count ? s->count : 1, floats = n * sizeof(float);
+    mt_err err = snapshot_array((void **)&c->master, s->master, floats);
+    if (!err) err = snapshot_array((void **)&c->m, s->m, floats);
+    if (!err) err = snapshot_array((void **)&c->v, s->v, floats);
+    if (!err && s->int8) {
+        size_t blocks = s->seg_block[s->n_seg] ? s->seg_block[s->n_seg] : 1;
+        c->seg = malloc((size_t)s->n_seg * sizeof *c->seg);
+        c->seg_block = malloc(((size_t)s->n_seg + 1) * sizeof *c->seg_block);
+        MT_CHECK(c->seg && c->seg_block, "store snapshot segments");
+        memcpy(c->seg, s->seg, (size_t)s->n_seg * sizeof *c->seg);
+        memcpy(c->seg_block, s->seg_block, ((size_t)s->n_seg + 1) * sizeof *c->seg_block);
+        err = snapshot_array((void **)&c->mq, s->mq, n);
+        if (!err) err = snapshot_array((void **)&c->vq, s->vq, n);
+        if (!err) err = snapshot_array((void **)&c->m_absmax, s->m_absmax, blocks * sizeof(float));
+        if (!err) err = snapshot_array((void **)&c->v_absmax, s->v_absmax, blocks * sizeof(float));
+        // (its own windows to decode into: the store's serve its passes meanwhile)
+        if (!err && !(c->win_m = mt_host_alloc_copy(s->block_params * sizeof(float))))
+            err = mt_errorf(MT_ERR_NOMEM, "out of host memory for a snapshot of the offload store's window");
+        if (!err && !(c->win_v = mt_host_alloc_copy(s->block_params * sizeof(float))))
+            err = mt_errorf(MT_ERR_NOMEM, "out of host memory for a snapshot of the offload store's window");
+    }
+    if (err) {
+        mt_store_close(c);
+        return err;
+    }
+    *out = c;
+    return MT_OK;
 }

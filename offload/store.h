@@ -118,6 +118,16 @@ mt_err mt_store_read_all(mt_store *s, float *master, float *m, float *v);
 mt_err mt_store_read_range(mt_store *s, size_t lo, size_t hi, float *master, float *m, float *v);
 mt_err mt_store_write_all(mt_store *s, const float *master, const float *m, const float *v);
 
+// A copy of a memory store as it is now, in its own encoding (int8 moments
+// stay codes), every array copied by every thread: a checkpoint written in
+// the background reads the copy (with mt_store_read_range) while training
+// goes on changing the store. No pass may run on s meanwhile. The copy is a
+// store of its own (mt_store_close frees it); its host memory is not counted
+// in the memory report's categories. mt_store_snapshot_bytes: what it takes
+// (0: the file kind has none).
+size_t mt_store_snapshot_bytes(const mt_store *s);
+mt_err mt_store_snapshot(const mt_store *s, mt_store **copy);
+
 // CRC-32C (Castagnoli) of len bytes continuing from crc (0 to start); the
 // SSE4.2 instruction where the processor has it.
 uint32_t mt_crc32c(uint32_t crc, const void *data, size_t len);

@@ -365,6 +365,18 @@ if [ "$PART" != pairs ]; then
         cmp -s "$W/pwhole/model/model.safetensors" "$W/psplit/model/model.safetensors" ||
             fail "offload resume without ZeRO: models differ"
         echo "test_dist: 2 ranks, offloaded in every rank, checkpoints read straight from rank 0's store, stopped and resumed: losses and model identical"
+        # in the background (checkpoint.async, the default): rank 0 writes a snapshot of its store while both
+        # ranks train on (the others copy nothing); resumed from step 4's, the uninterrupted run's losses
+        pb=(--set checkpoint.every=4 --set checkpoint.keep=5 --set offload.optimizer=cpu --set "output.dir=$W/pbg")
+        two "$MEMTUNE" "${common[@]}" "${pb[@]}" > "$W/pbg.log" 2>&1 || fail "pbg"
+        grep -q "step 4 copied from the offload store" "$W/pbg.log" ||
+            fail "offload without ZeRO: the background checkpoint was not a snapshot of the store"
+        [ "$(grep -c "copied from the offload store" "$W/pbg.log")" = 4 ] ||
+            fail "offload without ZeRO: a rank other than 0 copied its store, or a checkpoint was not a snapshot"
+        two "$MEMTUNE" "${common[@]}" "${pb[@]}" --set "train.resume=$W/pbg/checkpoints/step-00000004" \
+            > "$W/pbg-resumed.log" 2>&1 || fail "pbg-resumed"
+        cmp -s <(losses "$W/pwhole") <(losses "$W/pbg") || fail "offload without ZeRO, resumed from a background checkpoint: losses differ"
+        echo "test_dist: 2 ranks, offloaded in every rank, background checkpoints from a snapshot of rank 0's store, resumed from one: losses identical"
     fi
 
     if wanted mismatch; then

@@ -30,6 +30,7 @@
 #include "trainer/hf.h"
 #include "trainer/params.h"
 #include "trainer/plan.h"
+#include "trainer/state.h"
 #include "trainer/train.h"
 
 static char dir[256];
@@ -438,6 +439,42 @@ START_TEST(store_int8_moments_quantize_by_segment) {
     ranges_equal_whole(s, n, x, y, z);  // (a pass over the whole blocks that hold each range)
     mt_store_close(s);
     free(a), free(m), free(v), free(x), free(y), free(z), free(x2), free(y2), free(z2);
+}
+END_TEST
+
+// A snapshot of a memory store (fp32 and int8 moments) reads as the store
+// did when it was taken, whole and by range, while a pass changes the store,
+// and takes what the store's arrays take.
+START_TEST(store_snapshot_keeps_the_state_it_was_taken_at) {
+    size_t n = 9000, seg[] = {0, 700, 1301, 4000, 4001};
+    for (int int8 = 0; int8 <= 1; int8++) {
+        mt_store_config c = {MT_STORE_MEMORY, NULL, n, 0, 1, 1024, 0, 0, int8, seg, 5};
+        mt_store *s = NULL, *snap = NULL;
+        ck_assert_msg(mt_store_open(&s, &c) == MT_OK, "%s", mt_last_error());
+        float *a = tu_random(n, -1, 1, 3), *m = tu_random(n, -1e-3f, 1e-3f, 4), *v = tu_random(n, 0, 1e-6f, 5);
+        float *x = malloc(n * 4), *y = malloc(n * 4), *z = malloc(n * 4);
+        ck_assert_msg(mt_store_write_all(s, a, m, v) == MT_OK, "%s", mt_last_error());
+        ck_assert_msg(mt_store_read_all(s, a, m, v) == MT_OK, "%s", mt_last_error());  // (int8: as coded)
+        ck_assert_msg(mt_store_snapshot(s, &snap) == MT_OK, "%s", mt_last_error());
+        ck_assert_uint_eq(mt_store_snapshot_bytes(s), mt_store_host_bytes(s));
+        mt_store_begin(s, 0, n, MT_STORE_UPDATE);
+        mt_store_block b;
+        while (mt_store_next(s, &b)) {
+            for (size_t i = 0; i < b.count; i++) b.master[i] += 1.0f, b.m[i] *= -0.5f, b.v[i] *= 3.0f;
+            mt_store_done(s, &b);
+        }
+        ck_assert_int_eq(mt_store_end(s), MT_OK);
+        ck_assert_msg(mt_store_read_all(s, x, NULL, NULL) == MT_OK, "%s", mt_last_error());
+        ck_assert_float_eq(x[17], a[17] + 1.0f);  // the store changed
+        ck_assert_msg(mt_store_read_all(snap, x, y, z) == MT_OK, "%s", mt_last_error());
+        ck_assert_mem_eq(x, a, n * 4);
+        ck_assert_mem_eq(y, m, n * 4);
+        ck_assert_mem_eq(z, v, n * 4);
+        ranges_equal_whole(snap, n, x, y, z);
+        mt_store_close(snap);
+        mt_store_close(s);
+        free(a), free(m), free(v), free(x), free(y), free(z);
+    }
 }
 END_TEST
 
@@ -1229,6 +1266,55 @@ START_TEST(checkpoints_written_from_the_store_resume_bit_identically) {
 }
 END_TEST
 
+// A background checkpoint of an offloaded full fine-tune with its state in
+// host memory (fp32 and int8 moments) is written from a snapshot of the
+// store (its log says so) while the next steps change the store: with its
+// writer held back until two more steps have run (mt_run_state_delay_writes),
+// the checkpoint still holds its own step's state, and a run resumed from it
+// is the uninterrupted one.
+START_TEST(background_checkpoints_write_a_snapshot_of_the_store) {
+    char data[300], folder[300], whole[300], run[300], log[400], cmd[1400], from[400];
+    data_and_model(data, folder);
+    const char *const variants[][6] = {{"offload.optimizer", "cpu", NULL},
+                                       {"offload.optimizer", "cpu", "offload.moments", "int8", NULL}};
+    for (int k = 0; k < 2; k++) {
+        snprintf(whole, sizeof whole, "%s/snapshot-%d-whole", dir, k);
+        snprintf(run, sizeof run, "%s/snapshot-%d", dir, k);
+        snprintf(log, sizeof log, "%s/snapshot-%d.log", dir, k);
+        mt_config cfg;
+        mt_train_result r;
+        run_config(&cfg, folder, data, whole, variants[k]);
+        ck_assert_msg(mt_train(&cfg, &r) == MT_OK, "%s", mt_last_error());
+        mt_config_free(&cfg);
+        // checkpoints at 4 (in the background, written after steps 5 and 6) and 6 (the stop)
+        run_config(&cfg, folder, data, run, variants[k]);
+        ck_assert_int_eq(mt_config_set(&cfg, "checkpoint.every", "4", "t"), MT_OK);
+        ck_assert_int_eq(mt_config_set(&cfg, "checkpoint.keep", "3", "t"), MT_OK);
+        ck_assert_int_eq(mt_config_set(&cfg, "train.stop_after", "6", "t"), MT_OK);
+        fflush(stderr);
+        int saved = dup(2), fd = open(log, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        ck_assert(saved >= 0 && fd >= 0 && dup2(fd, 2) >= 0);
+        mt_run_state_delay_writes(0.3);
+        mt_err err = mt_train(&cfg, &r);
+        mt_run_state_delay_writes(0);
+        fflush(stderr);
+        dup2(saved, 2), close(saved), close(fd);
+        ck_assert_msg(err == MT_OK, "%s", mt_last_error());
+        mt_config_free(&cfg);
+        snprintf(cmd, sizeof cmd, "grep -q 'step 4 copied from the offload store in' %s", log);
+        ck_assert_msg(system(cmd) == 0, "variant %d: the checkpoint of step 4 was not a snapshot (%s)", k, log);
+        // resumed from step 4's checkpoint (step 6's stays): the uninterrupted run's losses
+        snprintf(from, sizeof from, "%s/checkpoints/step-00000004", run);
+        run_config(&cfg, folder, data, run, variants[k]);
+        ck_assert_int_eq(mt_config_set(&cfg, "train.resume", from, "t"), MT_OK);
+        ck_assert_msg(mt_train(&cfg, &r) == MT_OK, "%s", mt_last_error());
+        ck_assert_int_eq(r.steps_done, 12);
+        mt_config_free(&cfg);
+        tu_assert_same_losses(whole, run, 12, NULL);
+    }
+}
+END_TEST
+
 // offload.optimizer cpu with key = value, and refusals[k]'s key = value on
 // top (the first, GaLore, without clipping): refused by validation, the
 // error naming refusals[k][2], and for the first `named` of them `fix` too.
@@ -1324,6 +1410,7 @@ int main(void) {
     tcase_add_test(tc, store_errors_are_clear_and_values);
     tcase_add_test(tc, store_int8_moments_quantize_by_segment);
     tcase_add_test(tc, store_update_pieces_equal_windows);
+    tcase_add_test(tc, store_snapshot_keeps_the_state_it_was_taken_at);
     tcase_add_test(tc, offloaded_runs_follow_the_run_without_offload);
     tcase_add_test(tc, ratio_splits_the_state_at_whole_units);
     tcase_add_test(tc, budget_keeps_what_fits_of_the_state_on_the_gpu);
@@ -1332,6 +1419,7 @@ int main(void) {
     tcase_add_test(tc, streamed_weights_runs_equal_resident_runs);
     tcase_add_test(tc, a_full_disk_mid_run_leaves_the_last_checkpoint_whole);
     tcase_add_test(tc, checkpoints_written_from_the_store_resume_bit_identically);
+    tcase_add_test(tc, background_checkpoints_write_a_snapshot_of_the_store);
     tcase_add_test(tc, galore_offloads_what_it_does_not_project);
     tcase_add_test(tc, offload_config_errors_name_the_fix);
     tcase_add_test(tc, int8_moments_follow_fp32_and_resume_bit_identically);

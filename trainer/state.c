@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "kernels/device.h"
@@ -64,11 +65,23 @@ struct mt_ckpt_writer {
     char message[2048];  // the error's (mt_last_error is per thread)
 };
 
+static double write_delay;  // mt_run_state_delay_writes
+
+void mt_run_state_delay_writes(double seconds) { write_delay = seconds; }
+
 static void *write_in_background(void *arg) {
     mt_ckpt_writer *w = arg;
+    if (write_delay > 0) {
+        struct timespec ts = {(time_t)write_delay, (long)((write_delay - (double)(time_t)write_delay) * 1e9)};
+        nanosleep(&ts, NULL);
+    }
     const mt_run_state *c = w->c;
-    w->err = mt_checkpoint_write(c->cfg->output_dir, c->cfg->model_path, c->mc, c->lora, w->us.master, w->us.m, w->us.v,
-                                 w->us.extra, w->us.n_extra, &w->meta, (int)c->cfg->checkpoint_keep);
+    const mt_updater_state *us = &w->us;
+    w->err = us->streamed
+                 ? mt_checkpoint_write_from(c->cfg->output_dir, c->cfg->model_path, c->mc, us->from, us->extra,
+                                            us->n_extra, &w->meta, (int)c->cfg->checkpoint_keep)
+                 : mt_checkpoint_write(c->cfg->output_dir, c->cfg->model_path, c->mc, c->lora, us->master, us->m, us->v,
+                                       us->extra, us->n_extra, &w->meta, (int)c->cfg->checkpoint_keep);
     if (w->err)
         snprintf(w->message, sizeof w->message, "%s", mt_last_error());
     else
@@ -103,19 +116,31 @@ mt_err mt_run_state_save(mt_run_state *c, long steps_done) {
         mt_warn(
             "checkpoint.async: this HDF5 library is not thread-safe (the loader reads with it meanwhile); "
             "checkpoints are written in place");
-    // An offloaded full fine-tune writes straight from the store where it is written in place anyway, or where
-    // the host copy a background write needs would not fit; the loop then waits for the write.
-    size_t copy_bytes;
-    int can_stream = mt_updater_state_streams(c->up, &copy_bytes);
+    // An offloaded full fine-tune writes in the background from a snapshot of the store (its arrays copied in
+    // its own encoding); where there is none (the SSD tier, offload.delay) from a host copy of the state. It
+    // writes straight from the store where it is written in place anyway, or where the copy would not fit; the
+    // loop then waits for the write. (Every rank decides alike.)
+    size_t copy_bytes, snapshot_bytes;
+    int rank = mt_dist_rank(c->dist);
+    int can_stream = mt_updater_state_streams(c->up, &copy_bytes, &snapshot_bytes);
     double host = can_stream && background ? mt_host_plannable() : 0;  // (read only where it decides)
-    int stream = can_stream && (!background || (host > 0 && copy_bytes > host));
-    if (stream && background && !told++)
+    mt_state_read how = MT_STATE_COPY;
+    if (can_stream && !background)
+        how = MT_STATE_STREAM;
+    else if (can_stream && snapshot_bytes > 0 && !(host > 0 && (double)snapshot_bytes > host))
+        how = MT_STATE_SNAPSHOT;
+    else if (can_stream && host > 0 && (double)copy_bytes > host)
+        how = MT_STATE_STREAM;
+    if (how == MT_STATE_STREAM && background && !told++)
         mt_info(
-            "checkpoint: written straight from the offload store while training waits: a host copy for a "
-            "background write takes %.1f GiB, more than the %.1f GiB of host memory the run may still take",
-            copy_bytes / 1073741824.0, host / 1073741824.0);
+            "checkpoint: written straight from the offload store while training waits: a copy for a background "
+            "write takes %.1f GiB, more than the %.1f GiB of host memory the run may still take",
+            (double)(snapshot_bytes > 0 ? snapshot_bytes : copy_bytes) / 1073741824.0, host / 1073741824.0);
+    int in_background = !c->sharded && background && how != MT_STATE_STREAM;
+    // ranks other than 0 write nothing in the background, so they read nothing either (only wait for updates)
     mt_updater_state us;
-    err = mt_updater_read_state(c->up, steps_done, stream, &us);
+    err =
+        mt_updater_read_state(c->up, steps_done, in_background && rank != 0 && can_stream ? MT_STATE_STREAM : how, &us);
     if (err && !us.master && !us.streamed) return err;  // no host copy for it
     float *master = us.master, *m = us.m, *v = us.v;
     int streamed = us.streamed;
@@ -124,30 +149,30 @@ mt_err mt_run_state_save(mt_run_state *c, long steps_done) {
     mt_cursor cursor = mt_loader_get_cursor(c->train);
     mt_checkpoint_meta meta = {
         steps_done, cursor.epoch, cursor.batch, us.optimizer_steps, mt_config_training_hash(c->cfg), 0};
-    if (!err && !c->sharded && background && !streamed) {
+    if (in_background) {
         // rank 0 writes on its own thread; every rank learns how it went at the next wait
-        if (mt_dist_rank(c->dist) == 0) {
+        if (!err && rank == 0) {
             mt_ckpt_writer *w = calloc(1, sizeof *w);
             MT_CHECK(w != NULL, "checkpoint writer");
             *w = (mt_ckpt_writer){.c = c, .us = us, .meta = meta, .start = t0};
             w->joinable = pthread_create(&w->thread, NULL, write_in_background, w) == 0;
             if (w->joinable)
-                mt_info("checkpoint: step %ld read back in %.1fs; writing it in the background", steps_done,
-                        mt_now() - t0);
+                mt_info("checkpoint: step %ld %s in %.1fs; writing it in the background", steps_done,
+                        us.snapshot ? "copied from the offload store" : "read back", mt_now() - t0);
             else
                 write_in_background(w);  // no thread: here, its outcome reported at the next wait all the same
             c->writer = w;
             return MT_OK;
         }
         mt_updater_state_free(&us);
-        return MT_OK;
+        return err;  // (a rank that failed to read stops; the others learn of it from the dist layer)
     }
     if (!err && c->sharded)
         err = write_sharded(c, &meta, master, m, v, extra, n_extra);
-    else if (!err && streamed && mt_dist_rank(c->dist) == 0)
+    else if (!err && streamed && rank == 0)
         err = mt_checkpoint_write_from(c->cfg->output_dir, c->cfg->model_path, c->mc, us.from, extra, n_extra, &meta,
                                        (int)c->cfg->checkpoint_keep);
-    else if (!err && mt_dist_rank(c->dist) == 0)  // every rank holds the same state; rank 0 writes it
+    else if (!err && rank == 0)  // every rank holds the same state; rank 0 writes it
         err = mt_checkpoint_write(c->cfg->output_dir, c->cfg->model_path, c->mc, c->lora, master, m, v, extra, n_extra,
                                   &meta, (int)c->cfg->checkpoint_keep);
     if (mt_dist_any(c->dist, err != MT_OK) && !err)

@@ -40,10 +40,14 @@ typedef struct {
 
 // Writes the checkpoint of `steps_done` steps (every rank calls it). With
 // checkpoint.async (and one writing rank: not ZeRO's shards) the state is
-// read back to the host now and written by a background thread while
-// training goes on; the previous one is waited for first, and its failure is
-// this call's error.
+// read back to the host now (an offload store in host memory: copied as it
+// is, mt_store_snapshot) and written by a background thread while training
+// goes on; the previous one is waited for first, and its failure is this
+// call's error.
 mt_err mt_run_state_save(mt_run_state *c, long steps_done);
+// Tests: background writes start `seconds` after their checkpoint's step,
+// so that the next steps run before the state is read.
+void mt_run_state_delay_writes(double seconds);
 // Waits for a checkpoint in flight (every rank calls it, before the run's
 // host copies of the state are read again and at the end of the run): its
 // error, on any rank. collective 0: this rank alone (a run already failing).

@@ -535,12 +535,14 @@ mt_err mt_updater_get_trained(mt_updater *u, float *dst, float *packed) {
     return err;
 }
 
-int mt_updater_state_streams(const mt_updater *u, size_t *copy_bytes) {
+int mt_updater_state_streams(const mt_updater *u, size_t *copy_bytes, size_t *snapshot_bytes) {
     const mt_plan *pl = u->pl;
     int delayed = u->ofl && u->cfg->offload_delay;
     size_t total = pl->trained_total, n = pl->shard_hi - pl->shard_lo;
     *copy_bytes = u->ofl && !u->plan.packed ? (total + 2 * n + (delayed ? total : 0)) * sizeof(float) : 0;
-    return u->ofl && !u->plan.packed && !u->gal && !u->opt && !pl->lora && !sharded(u) && n == total;
+    int streams = u->ofl && !u->plan.packed && !u->gal && !u->opt && !pl->lora && !sharded(u) && n == total;
+    *snapshot_bytes = streams ? mt_offload_snapshot_bytes(u->ofl) : 0;
+    return streams;
 }
 
 // A checkpoint's reads of the store (mt_f32_source's, ctx a window_array):
@@ -550,6 +552,7 @@ int mt_updater_state_streams(const mt_updater *u, size_t *copy_bytes) {
 enum { kStoreWindow = 2 << 20 };  // values: no fewer than the writer's chunk
 typedef struct {
     mt_offload *o;
+    mt_store *snapshot;    // read instead of o's store where set
     size_t total, lo, hi;  // the window [lo, hi) holds
     int moments;           // 0: the master, 1: m and v
     float *win;            // master or m (kStoreWindow), then v (kStoreWindow)
@@ -571,8 +574,10 @@ static mt_err read_window(void *ctx, size_t offset, size_t count, float *dst) {
         size_t hi = w->total - offset < kStoreWindow ? w->total : offset + kStoreWindow;
         MT_CHECK(offset + count <= hi, "a read of %zu values past the window of %d", count, (int)kStoreWindow);
         w->lo = w->hi = 0;
-        mt_err err = mt_offload_read_range(w->o, offset, hi, moments ? NULL : w->win, moments ? w->win : NULL,
-                                           moments ? w->win + kStoreWindow : NULL);
+        float *master = moments ? NULL : w->win, *m = moments ? w->win : NULL,
+              *v = moments ? w->win + kStoreWindow : NULL;
+        mt_err err = w->snapshot ? mt_store_read_range(w->snapshot, offset, hi, master, m, v)
+                                 : mt_offload_read_range(w->o, offset, hi, master, m, v);
         if (err) return err;
         w->lo = offset, w->hi = hi, w->moments = moments;
     }
@@ -591,28 +596,36 @@ static int steps_taken(const mt_updater *u, long steps_done) {
                     : (int)steps_done;
 }
 
-mt_err mt_updater_read_state(mt_updater *u, long steps_done, int stream, mt_updater_state *s) {
+mt_err mt_updater_read_state(mt_updater *u, long steps_done, mt_state_read how, mt_updater_state *s) {
     const mt_plan *pl = u->pl;
     *s = (mt_updater_state){0};
     float *master = *u->trained, *m = *u->moment_m, *v = *u->moment_v;
     mt_err err = MT_OK;
     int packed = u->ofl && u->plan.packed;
     int delayed = u->ofl && u->cfg->offload_delay;
-    size_t copy_bytes;
-    if (stream && mt_updater_state_streams(u, &copy_bytes)) {
+    size_t copy_bytes, snapshot_bytes;
+    int streams = mt_updater_state_streams(u, &copy_bytes, &snapshot_bytes);
+    MT_CHECK(how == MT_STATE_COPY || (streams && (how == MT_STATE_STREAM || snapshot_bytes > 0)),
+             "a checkpoint read of %s where there is none", how == MT_STATE_STREAM ? "the store" : "a snapshot");
+    if (how != MT_STATE_COPY) {
         mt_state_reader *r = calloc(1, sizeof *r);
         float *win = malloc(2 * (size_t)kStoreWindow * sizeof *win);
         if (!r || !win) {
             free(r), free(win);
             return mt_errorf(MT_ERR_NOMEM, "out of host memory for the checkpoint's window of the store");
         }
-        r->w = (store_window){u->ofl, pl->trained_total, 0, 0, 0, win};
+        r->w = (store_window){u->ofl, NULL, pl->trained_total, 0, 0, 0, win};
         s->reader = r, s->streamed = 1;
         for (int j = 0; j < 3; j++) {
             r->arrays[j] = (window_array){&r->w, j};
             s->from[j] = (mt_f32_source){read_window, &r->arrays[j]};
         }
         s->optimizer_steps = steps_taken(u, steps_done);
+        if (how == MT_STATE_SNAPSHOT) {  // (no delay: its weights would be read from the model as it trains)
+            err = mt_offload_snapshot(u->ofl, &s->snapshot);
+            r->w.snapshot = s->snapshot;
+            return err;
+        }
         if (delayed) {  // and the weights one update behind, read from the model as they are written
             s->weights_from = (mt_f32_source){read_weights_range, u->model};
             s->all = malloc(sizeof *s->all);
@@ -673,6 +686,7 @@ void mt_updater_state_free(mt_updater_state *s) {
     free(s->copy);
     if (s->reader) free(s->reader->w.win);
     free(s->reader);
+    mt_store_close(s->snapshot);
     *s = (mt_updater_state){0};
 }
 

@@ -108,16 +108,23 @@ typedef struct {
     mt_f32_source from[3];
     mt_f32_source weights_from;  // and offload.delay's weights (extra's one tensor) from the model
     mt_state_reader *reader;     // owned: what `from` reads the store through
+    mt_store *snapshot;          // owned: MT_STATE_SNAPSHOT's copy of the store, which `from` reads
 } mt_updater_state;
 // Whether a checkpoint can be written straight from the offload store: a
 // full fine-tune's whole state offloaded on this rank (no ZeRO shards, no
 // GaLore; offload.delay's weights read from the model). copy_bytes: what a
-// host copy of the state takes.
-int mt_updater_state_streams(const mt_updater *u, size_t *copy_bytes);
+// host copy of the state takes; snapshot_bytes: what a copy of the store in
+// its own encoding takes (mt_store_snapshot: int8 moments stay codes), 0
+// where there is none (the SSD tier, offload.delay).
+int mt_updater_state_streams(const mt_updater *u, size_t *copy_bytes, size_t *snapshot_bytes);
+typedef enum {
+    MT_STATE_COPY,      // host copies of the state (master, m, v, extra)
+    MT_STATE_STREAM,    // (where it streams) read through `from` from the store itself: no step may run until
+                        // it is written
+    MT_STATE_SNAPSHOT,  // (where snapshot_bytes > 0) read through `from` from a copy of the store: steps may run
+} mt_state_read;
 // Every rank calls it. steps_done: the run's steps (MeZO's update count).
-// stream (where mt_updater_state_streams): no host copy; the state stays in
-// the store, read through s->from, and no step may run until it is written.
-mt_err mt_updater_read_state(mt_updater *u, long steps_done, int stream, mt_updater_state *s);
+mt_err mt_updater_read_state(mt_updater *u, long steps_done, mt_state_read how, mt_updater_state *s);
 void mt_updater_state_free(mt_updater_state *s);
 // Logs the start-up lines of MeZO, GaLore and offload (count: the model's
 // parameters).
