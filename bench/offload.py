@@ -11,7 +11,8 @@ after the warm-up steps (from metrics.jsonl), the device's used memory
 minus what was used before (nvidia-smi, sampled), memtune's allocator peak,
 and the process's peak resident host memory (VmRSS, pinned pages included).
 The cpu run of the 1.1B shape writes the copy/update timeline of two steps
-(offload-trace.json, Chrome's trace format) to --out. Modes galore and
+(offload-trace.json, Chrome's trace format) to --out, and each -rN mode's
+run (below) its own (offload-trace-MODE.json). Modes galore and
 galore-cpu: GaLore (optim.kind galore, its defaults, no clipping) with the
 AdamW state of what it does not project (embeddings, norms, head) on the
 GPU or offloaded to host memory. A suffix -accumN on a mode (none-accum2,
@@ -185,11 +186,14 @@ def main():
         for mode in args.modes.split(","):
             if mode == "cpu-noclip" and shape != "TinyLlama-1.1B":
                 continue
-            trace = 6 if mode == "cpu" and shape == "TinyLlama-1.1B" else 0
+            # the timelines of the plain offloaded run and of partial offload (-rN), 1.1B shape
+            traced = mode == "cpu" or re.fullmatch(r"cpu(-noclip)?-r\d+", mode)
+            trace = 6 if traced and shape == "TinyLlama-1.1B" else 0
             run = os.path.join(args.work, f"{shape}-{mode}")
             r = run_memtune(args, folder, data, run, mode, trace)
             if trace and os.path.exists(os.path.join(run, "offload-trace.json")):
-                shutil.copy(os.path.join(run, "offload-trace.json"), os.path.join(args.out, "offload-trace.json"))
+                name = "offload-trace.json" if mode == "cpu" else f"offload-trace-{mode}.json"
+                shutil.copy(os.path.join(run, "offload-trace.json"), os.path.join(args.out, name))
             found = re.search(r"offloaded to [^:]*: ([\d.]+)M parameters", " ".join(r.get("log", [])))
             if mode.split("-")[0] == "ssd" and "error" not in r and update_rate > 0 and found:
                 # the state a step moves each way (master, m, v) over the disk's update rate
