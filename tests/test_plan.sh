@@ -121,6 +121,22 @@ out=$("$MEMTUNE" train "${base[@]}" --set train.seq_len=max --set "output.dir=$W
 [ $? -eq 1 ] && echo "$out" | grep -q "train.seq_len: max takes the longest length that fits memory.budget" ||
     fail "train.seq_len max without a budget: expected a refusal: $out"
 
+# a configuration with offload.* keys that other modes do not take (part of
+# the state offloaded, int8 moments): its alternatives without offload, with
+# GaLore or with the base streamed go back to those keys' defaults rather than
+# being refused, and "AdamW state in host memory" offloads all of it
+out=$("$MEMTUNE" plan configs/full-offload-cpu.yaml --set model.path=configs/models/llama-2-7b --set offload.ratio=0.25 \
+    --set offload.moments=int8 --gpu-memory 80GiB --host-memory 120GiB 2>&1) || fail "plan with offload.ratio: $out"
+for alt in "LoRA r=16, all linear" "QLoRA (NF4) r=16 + checkpointing" "GaLore r=128 + checkpointing" \
+    "MeZO (all weights)" "base in host memory, streamed"; do
+    echo "$out" | grep -F "$alt" | grep -q " yes " || fail "plan with offload.ratio: $alt not offered: $out"
+done
+configured=$(echo "$out" | awk '/^as configured/{print $3}')
+everything=$(echo "$out" | awk '/^AdamW state in host memory \+ ckpt/{print $8}')
+[ -n "$everything" ] && awk -v a="$everything" -v b="$configured" 'BEGIN {exit !(a < b / 2)}' ||
+    fail "plan with offload.ratio 0.25: all of the state offloaded should need far less than $configured GiB: $out"
+echo "test_plan: offload.ratio 0.25 + int8: alternatives offered; all offloaded $everything GiB against $configured"
+
 # train.seq_len: max may put the MLP in tiles when that fits a longer
 # length (QLoRA 7B on 8 GiB); the alternatives are forecast at that length
 out=$("$MEMTUNE" plan configs/llama-qlora.yaml --set model.path=configs/models/llama-2-7b --set train.seq_len=max \

@@ -231,22 +231,20 @@ static mt_err load(mt_config *cfg, const char *path, char *const *sets, int n_se
     mt_err err = mt_config_load_yaml(cfg, path);
     for (int i = 0; i < n_sets && !err; i++) err = mt_config_set_assignment(cfg, sets[i], "--set");
     // an alternative without offload: the file's offload.* keys go back to their defaults
-    static const char *const no_offload[] = {"offload.path=",
-                                             "offload.io_threads=4",
-                                             "offload.threads=0",
-                                             "offload.grad_sum=auto",
-                                             "offload.trace_step=0",
-                                             "offload.delay=0",
-                                             NULL};
+    static const char *const no_offload[] = {"offload.path=",         "offload.io_threads=4", "offload.threads=0",
+                                             "offload.grad_sum=auto", "offload.trace_step=0", "offload.delay=0",
+                                             "offload.moments=fp32",  "offload.ratio=1",      NULL};
     for (int i = 0; extra && extra[i] && !err; i++) {
         err = mt_config_set_assignment(cfg, extra[i], "memtune plan");
         for (int k = 0; !err && !strcmp(extra[i], "offload.optimizer=none") && no_offload[k]; k++)
             if (k > 0 || strcmp(cfg->model_weights, "ssd"))  // the base's file keeps its folder
                 err = mt_config_set_assignment(cfg, no_offload[k], "memtune plan");
     }
-    // an alternative that offload.delay does not serve (GaLore, streamed weights) goes without it
-    if (!err && extra && cfg->offload_delay && (strcmp(cfg->optim_kind, "adamw") || strcmp(cfg->model_weights, "gpu")))
-        cfg->offload_delay = 0;
+    // an alternative that offload.delay does not serve (GaLore, streamed weights) goes without it, and one that
+    // offload.ratio does not (GaLore, LoRA, streamed weights) offloads all of the state it offloads
+    int galore_or_streamed = strcmp(cfg->optim_kind, "adamw") || strcmp(cfg->model_weights, "gpu");
+    if (!err && extra && cfg->offload_delay && galore_or_streamed) cfg->offload_delay = 0;
+    if (!err && extra && cfg->offload_ratio < 1 && (galore_or_streamed || cfg->lora_r > 0)) cfg->offload_ratio = 1;
     return err;
 }
 
@@ -600,7 +598,7 @@ mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_s
          "optim.grad_clip=0", "model.activation_checkpointing=true"},
         {"MeZO (all weights)", "lora.r=0", "model.quantize=none", "optim.kind=mezo", "offload.optimizer=none", NULL},
         {"AdamW state in host memory + ckpt", "lora.r=0", "model.quantize=none", "optim.kind=adamw",
-         "offload.optimizer=cpu", "model.activation_checkpointing=true"},
+         "offload.optimizer=cpu", "offload.ratio=1", "model.activation_checkpointing=true"},
         {"half AdamW state in host memory + ckpt", "lora.r=0", "model.quantize=none", "optim.kind=adamw",
          "offload.optimizer=cpu", "offload.ratio=0.5", "model.activation_checkpointing=true"},
         {"MLP in tiles of 2048 tokens", "model.mlp_tile_rows=2048", NULL},
