@@ -506,7 +506,6 @@ mt_err mt_config_validate(const mt_config *cfg) {
         const char *why = galore                     ? "optim.kind galore keeps its own state"
                           : cfg->lora_r > 0          ? "LoRA's adapters are few; offload them all or none"
                           : cfg->dist_zero_stage > 0 ? "dist.zero_stage above 0 shards the state over the ranks"
-                          : cfg->offload_delay       ? "offload.delay 1 delays every unit's update"
                           : strcmp(cfg->model_weights, "gpu") ? "the base's layers are streamed (model.weights)"
                                                               : NULL;
         if (why)

@@ -171,7 +171,8 @@ extern "C" {
       "the share of a full fine-tune's trained parameters whose AdamW state is offloaded (DeepSpeed's "                \
       "offload_optimizer.ratio); the first forward units (the embedding, then the first layers) keep the rest on "     \
       "the GPU (16 bytes a parameter: master, moments, gradient), updated there after backward while the CPU updates " \
-      "the others beside the next forward; rounded down to whole units on the GPU; 1: all offloaded")                  \
+      "the others beside the next forward (with offload.delay 1, a step late, beside the next step: only those "       \
+      "change the math); rounded down to whole units on the GPU; 1: all offloaded")                                    \
     X(offload, trace_step, INT, "0", 0, 1000000000, "",                                                                \
       "write the timeline of this step and the next (1-based) in Chrome's trace format (chrome://tracing, "            \
       "ui.perfetto.dev): offload.optimizer's copies and CPU updates to output.dir/offload-trace.json (GPU), "          \
