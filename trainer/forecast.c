@@ -22,13 +22,15 @@
 #include "trainer/plan.h"
 
 // The step-time model: FLOPs / R plus the offloaded updates / S. R and S
-// come from one H100 (16 cores) with TinyLlama-1.1B's shape, B=4, T=1024
-// (README, 2026-11-23): full fine-tuning at 38.3k tokens/s, 3 x (2P + 2LTC)
-// FLOPs a token, gives R; AdamW's state in host memory took 290 ms a step more
-// for 1.1B parameters, S. The estimate is relative: different GPUs scale R.
-static const double kFlopsPerSecond = 2.63e14, kOffloadParamsPerSecond = 3.8e9;
-// pinned host memory to the GPU over PCIe (a planning figure, not yet measured here)
-static const double kHostToDeviceBytesPerSecond = 2.5e10;
+// come from one H100 (16 cores) with TinyLlama-1.1B's shape, B=4, T=1024,
+// checkpointing (bench/results/2026-12-07-h100-offload-ratio-deepspeed-streaming):
+// the full fine-tune's step, 82.0 ms for 4 x (2P + 2LTC) FLOPs a token,
+// gives R; AdamW of the 1.10 G offloaded parameters took 288.7 ms on the
+// CPU, S (the step with them offloaded measured 4.11x, this model 4.5x).
+// The estimate is relative: different GPUs scale R.
+static const double kFlopsPerSecond = 4.58e14, kOffloadParamsPerSecond = 3.8e9;
+// pinned host memory to the GPU (H100 machines' PCIe, 55.1-55.5 GB/s measured for 1 GiB)
+static const double kHostToDeviceBytesPerSecond = 5.5e10;
 // offload/store.c's read-ahead for a file store (records in flight: it, plus 3)
 enum { kSsdPrefetch = 2 };
 
