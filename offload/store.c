@@ -682,14 +682,14 @@ mt_err mt_store_read_all(mt_store *s, float *master, float *m, float *v) {
 
 size_t mt_store_snapshot_bytes(const mt_store *s) { return s->kind == MT_STORE_MEMORY ? mt_store_host_bytes(s) : 0; }
 
-// One array of a snapshot: bytes of src into a fresh copy (NULL src: none).
+// One array of a snapshot: a fresh array of `bytes`, src copied into it
+// (NULL src: left as it comes, for a window).
 static mt_err snapshot_array(void **dst, const void *src, size_t bytes) {
-    if (!src) return MT_OK;
     *dst = mt_host_alloc_copy(bytes);
     if (!*dst)
         return mt_errorf(MT_ERR_NOMEM, "out of host memory for a snapshot of the offload store (%.2f GiB more)",
                          bytes / 1073741824.0);
-    mt_copy_parallel(*dst, src, bytes);
+    if (src) mt_copy_parallel(*dst, src, bytes);
     return MT_OK;
 }
 
@@ -703,8 +703,8 @@ mt_err mt_store_snapshot(const mt_store *s, mt_store **out) {
     c->int8 = s->int8, c->n_seg = s->n_seg;
     size_t n = s->count ? s->count : 1, floats = n * sizeof(float);
     mt_err err = snapshot_array((void **)&c->master, s->master, floats);
-    if (!err) err = snapshot_array((void **)&c->m, s->m, floats);
-    if (!err) err = snapshot_array((void **)&c->v, s->v, floats);
+    if (!err && !s->int8) err = snapshot_array((void **)&c->m, s->m, floats);
+    if (!err && !s->int8) err = snapshot_array((void **)&c->v, s->v, floats);
     if (!err && s->int8) {
         size_t blocks = s->seg_block[s->n_seg] ? s->seg_block[s->n_seg] : 1;
         c->seg = malloc((size_t)s->n_seg * sizeof *c->seg);
@@ -717,10 +717,8 @@ mt_err mt_store_snapshot(const mt_store *s, mt_store **out) {
         if (!err) err = snapshot_array((void **)&c->m_absmax, s->m_absmax, blocks * sizeof(float));
         if (!err) err = snapshot_array((void **)&c->v_absmax, s->v_absmax, blocks * sizeof(float));
         // (its own windows to decode into: the store's serve its passes meanwhile)
-        if (!err && !(c->win_m = mt_host_alloc_copy(s->block_params * sizeof(float))))
-            err = mt_errorf(MT_ERR_NOMEM, "out of host memory for a snapshot of the offload store's window");
-        if (!err && !(c->win_v = mt_host_alloc_copy(s->block_params * sizeof(float))))
-            err = mt_errorf(MT_ERR_NOMEM, "out of host memory for a snapshot of the offload store's window");
+        if (!err) err = snapshot_array((void **)&c->win_m, NULL, s->block_params * sizeof(float));
+        if (!err) err = snapshot_array((void **)&c->win_v, NULL, s->block_params * sizeof(float));
     }
     if (err) {
         mt_store_close(c);

@@ -1233,6 +1233,21 @@ static const char kWideLlamaJson[] =
     "\"num_hidden_layers\":2,\"num_attention_heads\":4,\"num_key_value_heads\":2,\"rms_norm_eps\":1e-5,"
     "\"rope_theta\":10000.0,\"tie_word_embeddings\":false,\"torch_dtype\":\"float32\"}";
 
+// Sends this process's stderr (the runs' logs) into the file `log` until
+// stderr_back(the returned descriptor).
+static int stderr_to(const char *log) {
+    fflush(stderr);
+    int saved = dup(2), fd = open(log, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    ck_assert(saved >= 0 && fd >= 0 && dup2(fd, 2) >= 0);
+    close(fd);
+    return saved;
+}
+
+static void stderr_back(int saved) {
+    fflush(stderr);
+    dup2(saved, 2), close(saved);
+}
+
 START_TEST(checkpoints_written_from_the_store_resume_bit_identically) {
     char ssd[400], data[300], folder[300], wide[300], copied[300], log[300], a[1400], b[3000];
     snprintf(ssd, sizeof ssd, "%s/ssd-stream", dir);
@@ -1256,15 +1271,13 @@ START_TEST(checkpoints_written_from_the_store_resume_bit_identically) {
         snprintf(name, sizeof name, "stream-%zu", k);
         // the log of the three runs (whole, stopped, resumed) into a file
         snprintf(log, sizeof log, "%s/%s.log", dir, name);
-        fflush(stderr);
-        int saved = dup(2), fd = open(log, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-        ck_assert(saved >= 0 && fd >= 0 && dup2(fd, 2) >= 0);
+        int saved = stderr_to(log);
         resumed_equals_whole(name, in_place);
-        fflush(stderr);
-        dup2(saved, 2), close(saved), close(fd);
+        stderr_back(saved);
         snprintf(a, sizeof a, "grep -q 'step-00000005 (.*read straight from the offload store' %s", log);
         ck_assert_msg(system(a) == 0, "%s: the stopped run's checkpoint was not read from the store (%s)", name, log);
-        // the same stop, written in the background from a host copy
+        // the same stop, written in the background (from a snapshot of a host-memory store, or from a host
+        // copy with the SSD tier and offload.delay)
         snprintf(copied, sizeof copied, "%s/%s-copied", dir, name);
         mt_config cfg;
         mt_train_result r;
@@ -1291,27 +1304,25 @@ START_TEST(background_checkpoints_write_a_snapshot_of_the_store) {
     const char *const variants[][6] = {{"offload.optimizer", "cpu", NULL},
                                        {"offload.optimizer", "cpu", "offload.moments", "int8", NULL}};
     for (int k = 0; k < 2; k++) {
-        snprintf(whole, sizeof whole, "%s/snapshot-%d-whole", dir, k);
+        char name[32];
+        double losses[12];
+        snprintf(name, sizeof name, "snapshot-%d-whole", k);
+        train_losses(name, variants[k], losses);
+        snprintf(whole, sizeof whole, "%s/%s", dir, name);
         snprintf(run, sizeof run, "%s/snapshot-%d", dir, k);
         snprintf(log, sizeof log, "%s/snapshot-%d.log", dir, k);
         mt_config cfg;
         mt_train_result r;
-        run_config(&cfg, folder, data, whole, variants[k]);
-        ck_assert_msg(mt_train(&cfg, &r) == MT_OK, "%s", mt_last_error());
-        mt_config_free(&cfg);
         // checkpoints at 4 (in the background, written after steps 5 and 6) and 6 (the stop)
         run_config(&cfg, folder, data, run, variants[k]);
         ck_assert_int_eq(mt_config_set(&cfg, "checkpoint.every", "4", "t"), MT_OK);
         ck_assert_int_eq(mt_config_set(&cfg, "checkpoint.keep", "3", "t"), MT_OK);
         ck_assert_int_eq(mt_config_set(&cfg, "train.stop_after", "6", "t"), MT_OK);
-        fflush(stderr);
-        int saved = dup(2), fd = open(log, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-        ck_assert(saved >= 0 && fd >= 0 && dup2(fd, 2) >= 0);
+        int saved = stderr_to(log);
         mt_run_state_delay_writes(0.3);
         mt_err err = mt_train(&cfg, &r);
         mt_run_state_delay_writes(0);
-        fflush(stderr);
-        dup2(saved, 2), close(saved), close(fd);
+        stderr_back(saved);
         ck_assert_msg(err == MT_OK, "%s", mt_last_error());
         mt_config_free(&cfg);
         snprintf(cmd, sizeof cmd, "grep -q 'step 4 copied from the offload store in' %s", log);
