@@ -106,37 +106,45 @@ mt_err mt_run_state_wait(mt_run_state *c, int collective) {
     return err;
 }
 
-mt_err mt_run_state_save(mt_run_state *c, long steps_done) {
-    mt_err err = mt_run_state_wait(c, 1);  // the last one first: its host copies are about to be read again
-    if (err) return err;
-    double t0 = mt_now();
-    static int warned, told;
-    int background = c->cfg->checkpoint_async && mt_checkpoint_background_ok();
-    if (c->cfg->checkpoint_async && !background && !warned++)
-        mt_warn(
-            "checkpoint.async: this HDF5 library is not thread-safe (the loader reads with it meanwhile); "
-            "checkpoints are written in place");
-    // An offloaded full fine-tune writes in the background from a snapshot of the store (its arrays copied in
-    // its own encoding); where there is none (the SSD tier, offload.delay) from a host copy of the state. It
-    // writes straight from the store where it is written in place anyway, or where the copy would not fit; the
-    // loop then waits for the write. (Every rank decides alike.)
+// How a checkpoint reads the state (every rank decides alike). An offloaded
+// full fine-tune writes in the background from a snapshot of the store (its
+// arrays copied in its own encoding); where there is none (the SSD tier,
+// offload.delay) from a host copy of the state. It writes straight from the
+// store where it is written in place anyway, or where the copy would not fit;
+// the loop then waits for the write. *can_stream: whether it may.
+static mt_state_read read_way(const mt_run_state *c, int background, int *can_stream) {
+    static int told;
     size_t copy_bytes, snapshot_bytes;
-    int rank = mt_dist_rank(c->dist);
-    int can_stream = mt_updater_state_streams(c->up, &copy_bytes, &snapshot_bytes);
-    double host = can_stream && background ? mt_host_plannable() : 0;  // (read only where it decides)
+    *can_stream = mt_updater_state_streams(c->up, &copy_bytes, &snapshot_bytes);
+    double host = *can_stream && background ? mt_host_plannable() : 0;  // (read only where it decides)
     mt_state_read how = MT_STATE_COPY;
-    if (can_stream && !background)
+    if (*can_stream && !background)
         how = MT_STATE_STREAM;
-    else if (can_stream && snapshot_bytes > 0 && !(host > 0 && (double)snapshot_bytes > host))
+    else if (*can_stream && snapshot_bytes > 0 && !(host > 0 && (double)snapshot_bytes > host))
         how = MT_STATE_SNAPSHOT;
-    else if (can_stream && host > 0 && (double)copy_bytes > host)
+    else if (*can_stream && host > 0 && (double)copy_bytes > host)
         how = MT_STATE_STREAM;
     if (how == MT_STATE_STREAM && background && !told++)
         mt_info(
             "checkpoint: written straight from the offload store while training waits: a copy for a background "
             "write takes %.1f GiB, more than the %.1f GiB of host memory the run may still take",
             (double)(snapshot_bytes > 0 ? snapshot_bytes : copy_bytes) / 1073741824.0, host / 1073741824.0);
-    int in_background = !c->sharded && background && how != MT_STATE_STREAM;
+    return how;
+}
+
+mt_err mt_run_state_save(mt_run_state *c, long steps_done) {
+    mt_err err = mt_run_state_wait(c, 1);  // the last one first: its host copies are about to be read again
+    if (err) return err;
+    double t0 = mt_now();
+    static int warned;
+    int background = c->cfg->checkpoint_async && mt_checkpoint_background_ok();
+    if (c->cfg->checkpoint_async && !background && !warned++)
+        mt_warn(
+            "checkpoint.async: this HDF5 library is not thread-safe (the loader reads with it meanwhile); "
+            "checkpoints are written in place");
+    int can_stream;
+    mt_state_read how = read_way(c, background, &can_stream);
+    int rank = mt_dist_rank(c->dist), in_background = !c->sharded && background && how != MT_STATE_STREAM;
     // ranks other than 0 write nothing in the background, so they read nothing either (only wait for updates)
     mt_updater_state us;
     err =
