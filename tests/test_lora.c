@@ -96,6 +96,41 @@ START_TEST(nf4_codes_known_values_and_ties) {
 }
 END_TEST
 
+// Every code is the number of midpoints below its value (the bisection's
+// answer: an exact midpoint goes to the lower code) and no farther from the
+// value than its neighbouring codes, over random values in blocks of absmax
+// 1e-3 to 10, each midpoint and its neighbouring floats, and an odd tail.
+START_TEST(nf4_codes_are_the_nearest) {
+    size_t n = 64 * 600 + 31;
+    float *x = malloc(n * sizeof(float)), *absmax = malloc(mt_nf4_blocks(n) * sizeof(float));
+    uint8_t *codes = malloc((n + 1) / 2);
+    for (size_t i = 0; i < n; i++) x[i] = powf(10.0f, (float)(i / 64 % 5) - 3.0f) * mt_rng_normal(11, i);
+    for (int j = 0; j < 15; j++) {  // block 1: each midpoint exactly and one float either side, at absmax 1
+        float mid = (mt_nf4_code[j] + mt_nf4_code[j + 1]) / 2.0f;
+        x[64 + 3 * j] = mid, x[65 + 3 * j] = nextafterf(mid, -2.0f), x[66 + 3 * j] = nextafterf(mid, 2.0f);
+    }
+    x[64 + 45] = 1.0f;
+    mt_nf4_absmax_ref(absmax, x, n);
+    mt_nf4_codes_ref(codes, x, n, absmax);
+    for (size_t i = 0; i < n; i++) {
+        float v = x[i] * (1.0f / absmax[i / 64]);
+        v = v < -1.0f ? -1.0f : v > 1.0f ? 1.0f : v;
+        int best = 0;
+        for (int k = 1; k < 16; k++) {
+            float mid = (mt_nf4_code[k - 1] + mt_nf4_code[k]) / 2.0f;
+            if (v > mid) best = k;
+        }
+        int got = i % 2 ? codes[i / 2] & 15 : codes[i / 2] >> 4;
+        ck_assert_msg(got == best, "value %zu (%g of absmax %g): code %d, nearest %d", i, (double)x[i],
+                      (double)absmax[i / 64], got, best);
+        ck_assert(fabsf(v - mt_nf4_code[got]) <= fabsf(v - mt_nf4_code[got ? got - 1 : 0]) &&
+                  fabsf(v - mt_nf4_code[got]) <= fabsf(v - mt_nf4_code[got < 15 ? got + 1 : 15]) * 1.000001f);
+    }
+    ck_assert_uint_eq(codes[n / 2] & 15, 7u);  // the odd tail's padding
+    free(x), free(absmax), free(codes);
+}
+END_TEST
+
 START_TEST(nf4_double_quantization_and_round_trip) {
     size_t n = 64 * 1000 + 40;  // 1001 blocks: 4 groups, the last partial
     float *x = malloc(n * 4), *back = malloc(n * 4), *absmax = malloc(mt_nf4_blocks(n) * 4);
@@ -676,6 +711,7 @@ int main(void) {
     tcase_set_timeout(tc, 120);
     tcase_add_test(tc, nf4_tables_follow_bitsandbytes);
     tcase_add_test(tc, nf4_codes_known_values_and_ties);
+    tcase_add_test(tc, nf4_codes_are_the_nearest);
     tcase_add_test(tc, nf4_double_quantization_and_round_trip);
     tcase_add_test(tc, lora_gradients_match_finite_differences);
     tcase_add_test(tc, lora_zero_b_merge_and_qlora);
