@@ -766,6 +766,51 @@ START_TEST(budget_keeps_what_fits_of_the_state_on_the_gpu) {
 }
 END_TEST
 
+// memory.host_check (forecast here, the host's memory given as
+// memtune plan --host-memory gives it): a 1.1B full fine-tune with AdamW's
+// state in host memory (about 15 GiB of host memory on a GPU) starts with 64
+// GiB available and is refused, naming the fix, with 8; 8-bit moments fit 12
+// GiB; the key false lets it start. On the CPU backend everything counts
+// (about 16 B a parameter), and two ranks on one host count twice.
+START_TEST(host_check_refuses_what_host_memory_cannot_hold) {
+    char data[300], folder[300];
+    data_and_model(data, folder);
+    mt_config cfg;
+    run_config(&cfg, "configs/models/tinyllama-1.1b", data, dir, NULL);
+    ck_assert_int_eq(mt_config_set(&cfg, "model.activation_checkpointing", "true", "t"), MT_OK);
+    ck_assert_int_eq(mt_config_set(&cfg, "offload.optimizer", "cpu", "t"), MT_OK);
+    const double gib = 1073741824.0;
+    mt_forecast_set_host_memory(64 * gib);
+    ck_assert_msg(mt_forecast_check_host(&cfg, 1, 1) == MT_OK, "%s", mt_last_error());
+    mt_forecast_set_host_memory(8 * gib);
+    ck_assert_int_eq(mt_forecast_check_host(&cfg, 1, 1), MT_ERR_NOMEM);
+    ck_assert_msg(strstr(mt_last_error(), "offload.moments: int8") && strstr(mt_last_error(), "memory.host_check"),
+                  "%s", mt_last_error());
+    mt_forecast_set_host_memory(12 * gib);
+    ck_assert_int_eq(mt_forecast_check_host(&cfg, 1, 1), MT_ERR_NOMEM);
+    ck_assert_int_eq(mt_config_set(&cfg, "offload.moments", "int8", "t"), MT_OK);
+    ck_assert_msg(mt_forecast_check_host(&cfg, 1, 1) == MT_OK, "%s", mt_last_error());
+    mt_forecast_set_host_memory(8 * gib);
+    ck_assert_int_eq(mt_config_set(&cfg, "memory.host_check", "false", "t"), MT_OK);
+    ck_assert_int_eq(mt_forecast_check_host(&cfg, 1, 1), MT_OK);
+    mt_config_free(&cfg);
+    // the CPU backend: weights, gradients and moments all in host memory
+    run_config(&cfg, "configs/models/tinyllama-1.1b", data, dir, NULL);
+    mt_forecast_set_host_memory(24 * gib);
+    ck_assert_msg(mt_forecast_check_host(&cfg, 0, 1) == MT_OK, "%s", mt_last_error());
+    mt_forecast_set_host_memory(12 * gib);
+    ck_assert_int_eq(mt_forecast_check_host(&cfg, 0, 1), MT_ERR_NOMEM);
+    ck_assert_msg(strstr(mt_last_error(), "lora.r"), "%s", mt_last_error());
+    mt_forecast_set_host_memory(24 * gib);
+    setenv("MT_LOCAL_WORLD_SIZE", "2", 1);
+    ck_assert_int_eq(mt_forecast_check_host(&cfg, 0, 2), MT_ERR_NOMEM);
+    ck_assert_msg(strstr(mt_last_error(), "2 ranks on this host"), "%s", mt_last_error());
+    unsetenv("MT_LOCAL_WORLD_SIZE");
+    mt_forecast_set_host_memory(0);
+    mt_config_free(&cfg);
+}
+END_TEST
+
 // offload.ratio 0.5: the embedding and the first layer keep their AdamW
 // state on the backend, the store the rest (the split: the test above).
 // The runs follow the run without offload as the fully offloaded ones do
@@ -1437,6 +1482,7 @@ int main(void) {
     tcase_add_test(tc, offloaded_runs_follow_the_run_without_offload);
     tcase_add_test(tc, ratio_splits_the_state_at_whole_units);
     tcase_add_test(tc, budget_keeps_what_fits_of_the_state_on_the_gpu);
+    tcase_add_test(tc, host_check_refuses_what_host_memory_cannot_hold);
     tcase_add_test(tc, ratio_keeps_the_first_units_on_the_backend);
     tcase_add_test(tc, ssd_offload_resumes_bit_identically);
     tcase_add_test(tc, streamed_weights_runs_equal_resident_runs);

@@ -275,7 +275,7 @@ static const char *const outside_training_hash[] = {
     // a checkpoint resumes whatever the sharding (docs/checkpoints.md)
     "dist.zero_stage", "dist.timeout",
     // the settings it picks are in the hash themselves
-    "memory.budget"};
+    "memory.budget", "memory.host_check"};
 
 // FNV-1a over KEY=VALUE lines of every key, or of those that change what
 // training computes.

@@ -197,7 +197,10 @@ extern "C" {
       "fastest of the settings that keep the same training (activation checkpointing, offloaded activations, "         \
       "smaller micro-batches with more accumulation, AdamW's state in host memory, all of it or for a full "           \
       "fine-tune the share the GPU cannot hold, in quarters: offload.ratio) that fits, and says which; "               \
-      "empty: no budget (docs/plan.md)")
+      "empty: no budget (docs/plan.md)")                                                                               \
+    X(memory, host_check, BOOL, "true", 0, 0, "",                                                                      \
+      "refuse at start, naming the need and the fixes, a run whose forecast host memory (memtune plan's; all of it "   \
+      "on the CPU backend, times the ranks on this host) is more than the host's MemAvailable; false: run it anyway")
 
 // train.seq_len: max, until the budget resolves it (mt_forecast_seq_len_max)
 #define MT_SEQ_LEN_MAX 0L

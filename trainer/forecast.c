@@ -975,3 +975,46 @@ mt_err mt_forecast_fit_budget(mt_config *cfg, int gpu, int world) {
     free(offload_was);
     return MT_OK;
 }
+
+// Ranks of this launch on this host: mpirun's and the env launcher's count (1 alone).
+static int host_ranks(void) {
+    const char *names[] = {"OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "MT_LOCAL_WORLD_SIZE"};
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        const char *v = getenv(names[i]);
+        if (v && atoi(v) > 0) return atoi(v);
+    }
+    return 1;
+}
+
+mt_err mt_forecast_check_host(const mt_config *cfg, int gpu, int world) {
+    if (!cfg->memory_host_check) return MT_OK;
+    double host = host_available();
+    mt_model_config mc;
+    mt_forecast f;
+    // unknown available memory, or a run the forecast does not serve (the trainer speaks for it): no check
+    if (host <= 0 || mt_hf_read_config(cfg->model_path, &mc) || mt_forecast_run(cfg, &mc, gpu, world, &f)) {
+        mt_clear_error();
+        return MT_OK;
+    }
+    // the CPU backend computes in host memory: its "device" is the host
+    double one = gpu ? f.host_peak : f.device_peak + f.host_load;
+    if (!gpu)
+        for (int c = 0; c < MT_MEM_NCATEGORIES; c++) one += f.host[c];
+    int ranks = host_ranks();
+    double need = one * ranks;
+    if (need <= host) return MT_OK;
+    char b1[32], b2[32], b3[32], per[96] = "";
+    if (ranks > 1)
+        snprintf(per, sizeof per, " (%d ranks on this host, %s each)", ranks, trimmed(size_text(one, b3, sizeof b3)));
+    return mt_errorf(
+        MT_ERR_NOMEM,
+        "this run needs about %s of host memory%s by memtune plan's forecast (%s: %s), and this machine has %s "
+        "available (MemAvailable): the kernel would kill it part way. Hold less: %s; `memtune plan` lists what each "
+        "needs. memory.host_check: false runs it anyway",
+        trimmed(size_text(need, b1, sizeof b1)), per, gpu ? "the GPU run's host side" : "the CPU backend", f.what,
+        trimmed(size_text(host, b2, sizeof b2)),
+        gpu ? "offload.moments: int8 (8-bit AdamW moments in the store), offload.optimizer: ssd, offload.ratio "
+              "below 1 (part of the state on the GPU), model.weights: gpu, or LoRA/QLoRA (lora.r, model.quantize: nf4)"
+            : "LoRA or QLoRA (lora.r, model.quantize: nf4), optim.kind: galore or mezo, a smaller train.micro_batch "
+              "or train.seq_len, or a GPU (train.device: gpu)");
+}

@@ -54,6 +54,12 @@ mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_s
 // in host memory) whose forecast fits, and logs which and why; refuses with
 // the smallest one's needs when none fits. No budget: nothing changes.
 mt_err mt_forecast_fit_budget(mt_config *cfg, int gpu, int world);
+// memory.host_check: refuses, naming the need and the fixes, a run whose
+// forecast host memory (a GPU run's offload stores, pinned buffers and
+// loading buffer; everything on the CPU backend), times the ranks launched
+// on this host, is more than the host's available memory; nothing is
+// allocated yet. Unknown available memory, or the key false: nothing.
+mt_err mt_forecast_check_host(const mt_config *cfg, int gpu, int world);
 // The host memory the forecasts take as available (memtune plan --host-memory)
 // instead of this machine's MemAvailable.
 void mt_forecast_set_host_memory(double bytes);

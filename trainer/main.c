@@ -89,6 +89,7 @@ static int cmd_train(int argc, char **argv) {
     if (!err) err = mt_forecast_weights_auto(&cfg, gpu, mt_dist_launched_world());
     if (!err) err = mt_forecast_attention_auto(&cfg, gpu, mt_dist_launched_world());
     if (!err && cfg.memory_budget[0]) err = mt_forecast_fit_budget(&cfg, gpu, mt_dist_launched_world());
+    if (!err) err = mt_forecast_check_host(&cfg, gpu, mt_dist_launched_world());
     mt_train_result result;
     if (!err) err = mt_train(&cfg, &result);
     if (!err && result.rank == 0)
