@@ -171,13 +171,17 @@ mt_err mt_forecast_run(const mt_config *cfg, const mt_model_config *mc, int gpu,
     }
     for (int c = 0; c < MT_MEM_NCATEGORIES; c++) f->device_peak += d[c];
     f->device_peak += transient;
+    // the base's fp32 values on the host as it loads (a run that does not resume; a whole copy stays as the
+    // trained block's host copy); the stores are allocated first
+    mt_base_load load = mt_plan_base_load(&pl, 0);
+    f->host_load = load == MT_LOAD_WHOLE
+                       ? (double)pl.total * sizeof(float)
+                       : (double)mt_hf_load_buffer_floats(mc, load == MT_LOAD_TENSORS) * sizeof(float);
+    // the moments' host copies a checkpoint reads them into (trainer/train.c: not with offload, whose store
+    // holds them, nor MeZO's or GaLore's)
+    if (!pl.mezo && !pl.galore && !pl.offload && (cfg->checkpoint_every > 0 || cfg->checkpoint_final))
+        f->host_copies = 2.0 * (double)shard * sizeof(float);
     if (gpu) {
-        // the base's fp32 values on the host as it loads (a run that does not resume); the stores are allocated
-        // first
-        mt_base_load load = mt_plan_base_load(&pl, 0);
-        f->host_load = load == MT_LOAD_WHOLE
-                           ? (double)pl.total * sizeof(float)
-                           : (double)mt_hf_load_buffer_floats(mc, load == MT_LOAD_TENSORS) * sizeof(float);
         f->host_peak = f->host_load;
         for (int c = 0; c < MT_MEM_NCATEGORIES; c++) f->host_peak += f->host[c];
     }
@@ -996,10 +1000,8 @@ mt_err mt_forecast_check_host(const mt_config *cfg, int gpu, int world) {
         mt_clear_error();
         return MT_OK;
     }
-    // the CPU backend computes in host memory: its "device" is the host
-    double one = gpu ? f.host_peak : f.device_peak + f.host_load;
-    if (!gpu)
-        for (int c = 0; c < MT_MEM_NCATEGORIES; c++) one += f.host[c];
+    // the CPU backend computes in host memory: its "device" is the host (its host categories are counted there)
+    double one = (gpu ? f.host_peak : f.device_peak + f.host_load) + f.host_copies;
     int ranks = host_ranks();
     double need = one * ranks;
     if (need <= host) return MT_OK;
@@ -1008,7 +1010,7 @@ mt_err mt_forecast_check_host(const mt_config *cfg, int gpu, int world) {
         snprintf(per, sizeof per, " (%d ranks on this host, %s each)", ranks, trimmed(size_text(one, b3, sizeof b3)));
     return mt_errorf(
         MT_ERR_NOMEM,
-        "this run needs about %s of host memory%s by memtune plan's forecast (%s: %s), and this machine has %s "
+        "this run needs about %s of host memory%s by memtune's forecast (%s: %s), and this machine has %s "
         "available (MemAvailable): the kernel would kill it part way. Hold less: %s; `memtune plan` lists what each "
         "needs. memory.host_check: false runs it anyway",
         trimmed(size_text(need, b1, sizeof b1)), per, gpu ? "the GPU run's host side" : "the CPU backend", f.what,

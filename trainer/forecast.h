@@ -23,7 +23,8 @@ typedef struct {
     double device_peak;                 // all of them at once (resident plus the largest transient)
     double host[MT_MEM_NCATEGORIES];    // host memory of a GPU run (offload stores, pinned buffers)
     double host_peak;                   // with host_load
-    double host_load;                   // the base's fp32 values on the host while it loads (GPU runs)
+    double host_load;                   // the base's fp32 values on the host while it loads (a whole copy: kept)
+    double host_copies;                 // AdamW's moments' host copies once a checkpoint is written (8 B a value)
     double disk;                        // the base's file with model.weights: ssd (bytes)
     double step_time;                   // relative: FLOPs / R + offloaded updates / S (forecast.c)
     double tokens;                      // per step, over the ranks
@@ -56,7 +57,8 @@ mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_s
 mt_err mt_forecast_fit_budget(mt_config *cfg, int gpu, int world);
 // memory.host_check: refuses, naming the need and the fixes, a run whose
 // forecast host memory (a GPU run's offload stores, pinned buffers and
-// loading buffer; everything on the CPU backend), times the ranks launched
+// loading buffer; everything on the CPU backend; and the moments' host
+// copies where checkpoints are written), times the ranks launched
 // on this host, is more than the host's available memory; nothing is
 // allocated yet. Unknown available memory, or the key false: nothing.
 mt_err mt_forecast_check_host(const mt_config *cfg, int gpu, int world);
