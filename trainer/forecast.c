@@ -980,9 +980,10 @@ mt_err mt_forecast_fit_budget(mt_config *cfg, int gpu, int world) {
     return MT_OK;
 }
 
-// Ranks of this launch on this host: mpirun's and the env launcher's count (1 alone).
+// Ranks of this launch on this host: mpirun's count (Open MPI's, MPICH's), the env launcher's (its world when
+// MT_LOCAL_WORLD_SIZE is unset, as trainer/dist.c takes it), 1 alone.
 static int host_ranks(void) {
-    const char *names[] = {"OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "MT_LOCAL_WORLD_SIZE"};
+    const char *names[] = {"OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "MT_LOCAL_WORLD_SIZE", "MT_WORLD_SIZE"};
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
         const char *v = getenv(names[i]);
         if (v && atoi(v) > 0) return atoi(v);
