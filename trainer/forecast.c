@@ -93,6 +93,10 @@ static void offload_counts(const mt_plan *pl, int L, size_t shard, size_t *count
     mt_offload_plan_free(&plan);
 }
 
+// Set while a forecast needs host memory alone (memory.host_check): the GPU
+// is not asked (attention's workspace, on the device, is the own kernel's).
+static int host_side_only;
+
 mt_err mt_forecast_run(const mt_config *cfg, const mt_model_config *mc, int gpu, int world, mt_forecast *f) {
     memset(f, 0, sizeof *f);
     f->gpu = gpu;
@@ -104,7 +108,7 @@ mt_err mt_forecast_run(const mt_config *cfg, const mt_model_config *mc, int gpu,
     err = mt_plan_make(&pl, cfg, mc, dist, gpu);
     // a GPU forecast where this rank's GPU is visible asks its cuDNN (the run's attention)
     int local_rank = mt_dist_local_rank(dist);
-    f->attention_device = gpu && local_rank < mt_device_count() ? local_rank : -1;
+    f->attention_device = gpu && !host_side_only && local_rank < mt_device_count() ? local_rank : -1;
     mt_dist_free(dist);
     if (err) return err;
     int zero = pl.zero && world > 1;
@@ -996,8 +1000,12 @@ mt_err mt_forecast_check_host(const mt_config *cfg, int gpu, int world) {
     double host = host_available();
     mt_model_config mc;
     mt_forecast f;
-    // unknown available memory, or a run the forecast does not serve (the trainer speaks for it): no check
-    if (host <= 0 || mt_hf_read_config(cfg->model_path, &mc) || mt_forecast_run(cfg, &mc, gpu, world, &f)) {
+    // unknown available memory, or a run the forecast does not serve (the trainer speaks for it): no check.
+    // (Host memory alone: every GPU run passes here, and asking its cuDNN would open a handle for nothing.)
+    host_side_only = 1;
+    int unserved = host <= 0 || mt_hf_read_config(cfg->model_path, &mc) || mt_forecast_run(cfg, &mc, gpu, world, &f);
+    host_side_only = 0;
+    if (unserved) {
         mt_clear_error();
         return MT_OK;
     }
