@@ -806,13 +806,14 @@ START_TEST(host_check_refuses_what_host_memory_cannot_hold) {
     ck_assert_int_eq(mt_config_set(&cfg, "checkpoint.final", "false", "t"), MT_OK);  // no moments' host copies
     ck_assert_msg(mt_forecast_check_host(&cfg, 0, 1) == MT_OK, "%s", mt_last_error());
     mt_forecast_set_host_memory(32 * gib);
+    setenv("MT_WORLD_SIZE", "4", 1);  // the env launcher: 4 ranks, 2 of them on this host
+    setenv("MT_RANK", "0", 1);
+    setenv("MT_RENDEZVOUS", dir, 1);
     setenv("MT_LOCAL_WORLD_SIZE", "2", 1);
-    ck_assert_int_eq(mt_forecast_check_host(&cfg, 0, 2), MT_ERR_NOMEM);
+    ck_assert_int_eq(mt_forecast_check_host(&cfg, 0, 4), MT_ERR_NOMEM);
     ck_assert_msg(strstr(mt_last_error(), "2 ranks on this host"), "%s", mt_last_error());
     unsetenv("MT_LOCAL_WORLD_SIZE");
     setenv("MT_WORLD_SIZE", "2", 1);  // the env launcher without a local count: all of its ranks here
-    setenv("MT_RANK", "0", 1);
-    setenv("MT_RENDEZVOUS", dir, 1);
     ck_assert_int_eq(mt_forecast_check_host(&cfg, 0, 2), MT_ERR_NOMEM);
     ck_assert_msg(strstr(mt_last_error(), "2 ranks on this host"), "%s", mt_last_error());
     unsetenv("MT_WORLD_SIZE"), unsetenv("MT_RANK"), unsetenv("MT_RENDEZVOUS");

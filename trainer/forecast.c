@@ -93,11 +93,10 @@ static void offload_counts(const mt_plan *pl, int L, size_t shard, size_t *count
     mt_offload_plan_free(&plan);
 }
 
-// Set while a forecast needs host memory alone (memory.host_check): the GPU
-// is not asked (attention's workspace, on the device, is the own kernel's).
-static int host_side_only;
-
-mt_err mt_forecast_run(const mt_config *cfg, const mt_model_config *mc, int gpu, int world, mt_forecast *f) {
+// mt_forecast_run; ask_gpu 0 for host memory alone (memory.host_check): no
+// GPU is asked (attention's workspace, on the device, is the own kernel's).
+static mt_err forecast_run(const mt_config *cfg, const mt_model_config *mc, int gpu, int world, int ask_gpu,
+                           mt_forecast *f) {
     memset(f, 0, sizeof *f);
     f->gpu = gpu;
     mt_err err = mt_config_validate(cfg);
@@ -108,7 +107,7 @@ mt_err mt_forecast_run(const mt_config *cfg, const mt_model_config *mc, int gpu,
     err = mt_plan_make(&pl, cfg, mc, dist, gpu);
     // a GPU forecast where this rank's GPU is visible asks its cuDNN (the run's attention)
     int local_rank = mt_dist_local_rank(dist);
-    f->attention_device = gpu && !host_side_only && local_rank < mt_device_count() ? local_rank : -1;
+    f->attention_device = gpu && ask_gpu && local_rank < mt_device_count() ? local_rank : -1;
     mt_dist_free(dist);
     if (err) return err;
     int zero = pl.zero && world > 1;
@@ -185,6 +184,7 @@ mt_err mt_forecast_run(const mt_config *cfg, const mt_model_config *mc, int gpu,
     // holds them, nor MeZO's or GaLore's)
     if (!pl.mezo && !pl.galore && !pl.offload && (cfg->checkpoint_every > 0 || cfg->checkpoint_final))
         f->host_copies = 2.0 * (double)shard * sizeof(float);
+    f->host_ranks = pl.local_world > 0 ? pl.local_world : 1;
     if (gpu) {
         f->host_peak = f->host_load;
         for (int c = 0; c < MT_MEM_NCATEGORIES; c++) f->host_peak += f->host[c];
@@ -219,6 +219,10 @@ mt_err mt_forecast_run(const mt_config *cfg, const mt_model_config *mc, int gpu,
              pl.trained_total / 1e6, P / 1e6, state_where, zero ? "; ZeRO shards over the ranks" : "");
     mt_plan_free(&pl);
     return MT_OK;
+}
+
+mt_err mt_forecast_run(const mt_config *cfg, const mt_model_config *mc, int gpu, int world, mt_forecast *f) {
+    return forecast_run(cfg, mc, gpu, world, 1, f);
 }
 
 // Bytes in GiB, or MiB under one GiB.
@@ -984,17 +988,6 @@ mt_err mt_forecast_fit_budget(mt_config *cfg, int gpu, int world) {
     return MT_OK;
 }
 
-// Ranks of this launch on this host: mpirun's count (Open MPI's, MPICH's), the env launcher's (its world when
-// MT_LOCAL_WORLD_SIZE is unset, as trainer/dist.c takes it), 1 alone.
-static int host_ranks(void) {
-    const char *names[] = {"OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "MT_LOCAL_WORLD_SIZE", "MT_WORLD_SIZE"};
-    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
-        const char *v = getenv(names[i]);
-        if (v && atoi(v) > 0) return atoi(v);
-    }
-    return 1;
-}
-
 mt_err mt_forecast_check_host(const mt_config *cfg, int gpu, int world) {
     if (!cfg->memory_host_check) return MT_OK;
     double host = host_available();
@@ -1002,16 +995,13 @@ mt_err mt_forecast_check_host(const mt_config *cfg, int gpu, int world) {
     mt_forecast f;
     // unknown available memory, or a run the forecast does not serve (the trainer speaks for it): no check.
     // (Host memory alone: every GPU run passes here, and asking its cuDNN would open a handle for nothing.)
-    host_side_only = 1;
-    int unserved = host <= 0 || mt_hf_read_config(cfg->model_path, &mc) || mt_forecast_run(cfg, &mc, gpu, world, &f);
-    host_side_only = 0;
-    if (unserved) {
+    if (host <= 0 || mt_hf_read_config(cfg->model_path, &mc) || forecast_run(cfg, &mc, gpu, world, 0, &f)) {
         mt_clear_error();
         return MT_OK;
     }
     // the CPU backend computes in host memory: its "device" is the host (its host categories are counted there)
     double one = (gpu ? f.host_peak : f.device_peak + f.host_load) + f.host_copies;
-    int ranks = host_ranks();
+    int ranks = f.host_ranks;
     double need = one * ranks;
     if (need <= host) return MT_OK;
     char b1[32], b2[32], b3[32], per[96] = "";

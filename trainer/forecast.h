@@ -25,6 +25,7 @@ typedef struct {
     double host_peak;                   // with host_load
     double host_load;                   // the base's fp32 values on the host while it loads (a whole copy: kept)
     double host_copies;                 // AdamW's moments' host copies once a checkpoint is written (8 B a value)
+    int host_ranks;                     // the launch's ranks on this host (trainer/dist.c's local world)
     double disk;                        // the base's file with model.weights: ssd (bytes)
     double step_time;                   // relative: FLOPs / R + offloaded updates / S (forecast.c)
     double tokens;                      // per step, over the ranks
