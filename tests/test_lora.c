@@ -471,6 +471,9 @@ END_TEST
 // and adapter gradients bit for bit (LoRA and QLoRA, with checkpointing and
 // with offloaded layer inputs, Phi-3's fused modules, two steps: the slots
 // refilled), and a forward-only model's logits; the slots hold two layers.
+// With the first layers resident (model.resident_layers: none, 1, 2, all 4
+// and 3 of the variants) the same, each such layer taking a slot's bytes
+// more on the backend and crossing once.
 START_TEST(streamed_weights_change_nothing) {
     mt_backend be;
     mt_backend_init(&be, -1);
@@ -494,6 +497,7 @@ START_TEST(streamed_weights_change_nothing) {
         char file_dir[256];
         tu_tempdir(file_dir, sizeof file_dir);
         so.weights_dir = v % 2 ? file_dir : NULL;  // LoRA's NF4 variants: the base in a file (model.weights: ssd)
+        so.resident_layers = (const int[]){0, 1, 2, 4, 3}[v];
         mt_model *a, *b;
         ck_assert_int_eq(mt_model_create_with(&a, &be, &c, &o), MT_OK);
         size_t mapped = mt_mem_mapped_bytes();
@@ -527,8 +531,17 @@ START_TEST(streamed_weights_change_nothing) {
         mt_model_bytes ra, rb;
         mt_model_plan_bytes(0, -1, &c, &o, NULL, &ra, NULL);
         mt_model_plan_bytes(0, -1, &c, &so, NULL, &rb, NULL);
-        ck_assert_uint_lt(rb.weights, ra.weights);
         ck_assert_uint_eq(rb.weights_host, mt_model_base_weight_bytes(a));
+        mt_model_options none = so;  // every layer streamed: each kept one adds its slot, and crosses no more
+        none.resident_layers = 0;
+        mt_model_bytes rn;
+        mt_model_plan_bytes(0, -1, &c, &none, NULL, &rn, NULL);
+        ck_assert_uint_lt(rn.weights, ra.weights);
+        size_t layer = rn.weights_streamed / (size_t)c.L;
+        ck_assert_uint_eq(rn.weights_streamed, layer * (size_t)c.L);
+        ck_assert_uint_eq(rb.weights_streamed, (size_t)(c.L - so.resident_layers) * layer);
+        ck_assert_uint_ge(rb.weights - rn.weights, (size_t)so.resident_layers * layer);
+        ck_assert_uint_le(rb.weights - rn.weights, (size_t)so.resident_layers * (layer + 512));
         free(adapters);
         mt_model_free(a), mt_model_free(b);
         free(base);

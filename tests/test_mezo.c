@@ -545,7 +545,15 @@ static void mezo_runs_agree(const mt_model_config *c, const mt_model_options *oa
             mt_mezo_info info;
             mt_mezo_update(mz[k], step, l[k], 1e-2f, &info);
         }
-        if (step == eval_step) ck_assert(model_loss(&ctx[1], 0, 0.0f) == model_loss(&ctx[0], 0, 0.0f));  // flushes
+        if (step == eval_step) {
+            ck_assert(model_loss(&ctx[1], 0, 0.0f) == model_loss(&ctx[0], 0, 0.0f));  // flushes
+            // one tensor of layer 0 set anew: its layer's other tensors keep their updates (a resident slot's too)
+            int i0 = 0;
+            while (i0 < t[0].count && !strstr(t[0].params[i0].name, "layers.0.")) i0++;
+            ck_assert_int_lt(i0, t[0].count);
+            for (int k = 0; k < 2; k++)
+                ck_assert_int_eq(mt_model_set_params(models[k], i0, 1, w + t[0].params[i0].offset), MT_OK);
+        }
         if (step == read_step) {  // a read-back mid-run (a checkpoint) changes nothing after it
             mt_model_get_trainable(models[0], wa);
             mt_model_get_trainable(models[1], wb);
@@ -576,7 +584,9 @@ END_TEST
 // (the deferred update applied in a slot and written back to the store
 // before the slot is reused; an eval and the read-back flush it) give the
 // resident model's losses and weights bit for bit, with tied embeddings (the
-// outer tensors updated where they live) and a partial selection.
+// outer tensors updated where they live) and a partial selection; and with
+// the first two layers resident (model.resident_layers: their update stays in
+// their slots, which go back to the store only when it is read).
 START_TEST(streamed_weights_under_mezo_equal_resident) {
     mt_model_config c;
     tiny(&c, 1, 1);
@@ -584,6 +594,8 @@ START_TEST(streamed_weights_under_mezo_equal_resident) {
     mt_model_options o = {.B = B, .T = T, .forward_only = 1}, so = o;
     so.stream_weights = 1;
     mezo_runs_agree(&c, &o, &so, 1, "layers.1.self_attn", 19, 12, 5, 8);
+    so.resident_layers = 2;
+    mezo_runs_agree(&c, &o, &so, 1, "*", 19, 12, 5, 8);
 }
 END_TEST
 
@@ -594,14 +606,15 @@ END_TEST
 START_TEST(paired_passes_equal_two_passes) {
     mt_backend be;
     mt_backend_init(&be, -1);
-    for (int v = 0; v < 3; v++) {
+    for (int v = 0; v < 4; v++) {
         mt_model_config c;
         tiny(&c, 1, 1);
         c.L = 3;
         if (v == 2) c.gemma = 1, c.embed_scale = 4.0f;
         size_t total;
         float *w = random_weights(&c, &total);
-        mt_model_options o = {.B = B, .T = T, .forward_only = 1, .stream_weights = v == 1};
+        mt_model_options o = {
+            .B = B, .T = T, .forward_only = 1, .stream_weights = v == 1 || v == 3, .resident_layers = v == 3 ? 2 : 0};
         mt_model *ma, *mb;
         ck_assert_int_eq(mt_model_create_with(&ma, &be, &c, &o), MT_OK);
         ck_assert_int_eq(mt_model_create_with(&mb, &be, &c, &o), MT_OK);

@@ -240,15 +240,16 @@ END_TEST
 // copied into two slots on a side stream beside the compute, gives the
 // resident model's losses and adapter gradients bit for bit (LoRA, QLoRA
 // with checkpointing, two steps), with the base's layers off the GPU; and
-// model.weights: ssd, the base in a mapped file (LoRA), likewise.
+// model.weights: ssd, the base in a mapped file (LoRA), likewise; and QLoRA
+// with the first 3 of 6 layers resident (model.resident_layers).
 START_TEST(gpu_streamed_weights_equal_resident) {
     char file_dir[] = "/tmp/memtune-gpu-weights-XXXXXX";
     ck_assert(mkdtemp(file_dir) != NULL);
-    for (int variant = 0; variant < 3; variant++) {
+    for (int variant = 0; variant < 4; variant++) {
         mt_model_config c;
         small_config(&c, 0);
         c.L = 6;
-        int B = 2, T = 128, N = B * T, nf4 = variant == 1;
+        int B = 2, T = 128, N = B * T, nf4 = variant == 1 || variant == 3;
         mt_backend gpu;
         ck_assert_int_eq(mt_backend_init(&gpu, 0), MT_OK);
         mt_model_options o = {.B = B,
@@ -259,6 +260,7 @@ START_TEST(gpu_streamed_weights_equal_resident) {
                          so = o;
         so.stream_weights = 1;
         so.weights_dir = variant == 2 ? file_dir : NULL;
+        so.resident_layers = variant == 3 ? 3 : 0;  // half the layers kept on the GPU, the rest streamed
         mt_model *a, *b;
         ck_assert_int_eq(mt_model_create_with(&a, &gpu, &c, &o), MT_OK);
         mt_mem_tally before, after;
@@ -283,7 +285,8 @@ START_TEST(gpu_streamed_weights_equal_resident) {
         printf(
             "streamed weights (%s): losses %.9g %.9g, resident %.9g %.9g; the streamed model holds %.1f MiB of "
             "weights on the GPU, the resident %.1f MiB\n",
-            nf4            ? "QLoRA, checkpointing"
+            variant == 3   ? "QLoRA, checkpointing, 3 of 6 layers resident"
+            : nf4          ? "QLoRA, checkpointing"
             : variant == 2 ? "LoRA, the base in a mapped file"
                            : "LoRA",
             loss[1][0], loss[1][1], loss[0][0], loss[0][1],
@@ -662,7 +665,8 @@ static void gpu_pair(void *p, uint64_t seed, float eps, double *plus, double *mi
 // The fused update + perturbation kernel gives bit for bit what the update
 // kernel and the perturbation kernel give (bf16, stochastic rounding), and so
 // does the base streamed from host memory through the paired passes (the
-// update applied in a slot and written back beside the next layer's copy in).
+// update applied in a slot and written back beside the next layer's copy in),
+// also with the first two of its three layers resident (model.resident_layers).
 START_TEST(gpu_deferred_mezo_update_is_bit_identical) {
     mt_model_config c;
     small_config(&c, 1);
@@ -670,18 +674,19 @@ START_TEST(gpu_deferred_mezo_update_is_bit_identical) {
     mt_backend gpu;
     ck_assert_int_eq(mt_backend_init(&gpu, 0), MT_OK);
     // 0: updated at once; 1: deferred into the next forward; 2: deferred, the
-    // base streamed from host memory (model.weights: cpu)
-    mt_model_options o = {.B = B, .T = T, .forward_only = 1}, so = o;
+    // base streamed from host memory (model.weights: cpu); 3: the same with two layers resident
+    mt_model_options o = {.B = B, .T = T, .forward_only = 1}, so = o, sr;
     so.stream_weights = 1;
-    mt_model *m[3];
-    mt_mezo *mz[3];
+    sr = so, sr.resident_layers = 2;
+    mt_model *m[4];
+    mt_mezo *mz[4];
     size_t total = 0;
     float *params = NULL;
     mt_mezo_config zc = {1e-3f, 2, 0.1f, 23};
     int32_t *in = malloc(N * 4), *tg = malloc(N * 4);
     for (int i = 0; i < N; i++) in[i] = (int32_t)(mt_rng_bits(7, i) % c.V), tg[i] = (int32_t)(mt_rng_bits(8, i) % c.V);
-    for (int k = 0; k < 3; k++) {
-        ck_assert_int_eq(mt_model_create_with(&m[k], &gpu, &c, k == 2 ? &so : &o), MT_OK);
+    for (int k = 0; k < 4; k++) {
+        ck_assert_int_eq(mt_model_create_with(&m[k], &gpu, &c, k == 3 ? &sr : k == 2 ? &so : &o), MT_OK);
         if (!params) {
             total = mt_model_num_params(m[k]);
             params = malloc(total * 4);
@@ -699,11 +704,12 @@ START_TEST(gpu_deferred_mezo_update_is_bit_identical) {
     }
     mt_mezo_defer_updates(mz[1], defer_to, m[1]);
     mt_mezo_defer_updates(mz[2], defer_to, m[2]);
+    mt_mezo_defer_updates(mz[3], defer_to, m[3]);
     for (int step = 0; step < 6; step++) {
-        double l[3][4];
-        for (int k = 0; k < 3; k++) {
+        double l[4][4];
+        for (int k = 0; k < 4; k++) {
             gpu_loss_ctx ctx = {m[k], in, tg};
-            if (k == 2)  // the streamed base through MeZO's paired passes, as the trainer runs them
+            if (k >= 2)  // the streamed base through MeZO's paired passes, as the trainer runs them
                 mt_mezo_losses_paired(mz[k], step, gpu_pair, &ctx, l[k]);
             else
                 mt_mezo_losses(mz[k], step, gpu_loss, &ctx, l[k]);
@@ -711,7 +717,8 @@ START_TEST(gpu_deferred_mezo_update_is_bit_identical) {
             mt_mezo_update(mz[k], step, l[k], 1e-3f, &info);
         }
         for (int j = 0; j < 4; j++)
-            ck_assert_msg(l[0][j] == l[1][j] && l[0][j] == l[2][j], "step %d loss %d differs", step, j);
+            ck_assert_msg(l[0][j] == l[1][j] && l[0][j] == l[2][j] && l[0][j] == l[3][j], "step %d loss %d differs",
+                          step, j);
     }
     // MeZO's paired passes (as the trainer runs them) on the pending update
     // of the deferred models: the two separate passes' losses bit for bit
@@ -726,7 +733,9 @@ START_TEST(gpu_deferred_mezo_update_is_bit_identical) {
     ck_assert_msg(memcmp(a, b, total * 4) == 0, "deferred update changed the weights");
     mt_model_get_trainable(m[2], b);
     ck_assert_msg(memcmp(a, b, total * 4) == 0, "streamed weights changed the weights");
-    for (int k = 0; k < 3; k++) mt_mezo_free(mz[k]), mt_model_free(m[k]);
+    mt_model_get_trainable(m[3], b);
+    ck_assert_msg(memcmp(a, b, total * 4) == 0, "resident layers changed the weights");
+    for (int k = 0; k < 4; k++) mt_mezo_free(mz[k]), mt_model_free(m[k]);
     mt_backend_free(&gpu);
     free(params), free(in), free(tg), free(a), free(b);
 }

@@ -892,8 +892,10 @@ END_TEST
 // streaming-trace.json holds steps 3 and 4 alone, each layer's compute in
 // both (backward too where there is one), the copies in where the slots are
 // refilled each forward (full fine-tuning: the optimizer's updates), MeZO's
-// copies back out; spans in order on the compute track, none negative.
-static void check_streaming_trace(const char *out, int refills, int backward, int writebacks) {
+// copies back out; spans in order on the compute track, none negative; no
+// copy of the first `resident` layers (model.resident_layers: their slots
+// were filled at step 1 and MeZO's updates stay in them).
+static void check_streaming_trace(const char *out, int refills, int backward, int writebacks, int resident) {
     char path[1400];
     snprintf(path, sizeof path, "%s/streaming-trace.json", out);
     FILE *f = fopen(path, "r");
@@ -915,8 +917,10 @@ static void check_streaming_trace(const char *out, int refills, int backward, in
         int tid = (int)cJSON_GetNumberValue(cJSON_GetObjectItemCaseSensitive(e, "tid"));
         double ts = cJSON_GetNumberValue(cJSON_GetObjectItemCaseSensitive(e, "ts")),
                dur = cJSON_GetNumberValue(cJSON_GetObjectItemCaseSensitive(e, "dur"));
-        int step = 0;
+        int step = 0, layer = -1;
         ck_assert_msg(name && sscanf(name, "step %d", &step) == 1 && (step == 3 || step == 4), "span %s", name);
+        ck_assert_msg(tid == 1 || (sscanf(name, "step %d layer %d", &step, &layer) == 2 && layer >= resident),
+                      "a copy of a resident layer: %s on track %d", name, tid);
         ck_assert_msg(ts >= 0 && dur >= 0, "span %s at %g for %g", name, ts, dur);
         ck_assert(tid >= 1 && tid <= 3);
         copies[tid - 1]++;
@@ -941,8 +945,9 @@ static void check_streaming_trace(const char *out, int refills, int backward, in
 // two slots) and ssd (from a file under offload.path) change nothing in a
 // run: the same losses bit for bit and the same saved model, for full
 // fine-tuning with the offloaded optimizer (with and without clipping, with
-// accumulation, on the SSD tier), LoRA with checkpointing, and MeZO; and a
-// streamed run stopped and resumed is the uninterrupted one. The streamed
+// accumulation, on the SSD tier), LoRA with checkpointing, and MeZO (these
+// two streamed with the first layer resident, model.resident_layers: 1); and
+// a streamed run stopped and resumed is the uninterrupted one. The streamed
 // runs from host memory take a timeline of steps 3 and 4 as well.
 START_TEST(streamed_weights_runs_equal_resident_runs) {
     char ssd[400], data[300], folder[300], weights_dir[400];
@@ -971,8 +976,10 @@ START_TEST(streamed_weights_runs_equal_resident_runs) {
             if (w == 2 && !cfg.offload_path[0])
                 ck_assert_int_eq(mt_config_set(&cfg, "offload.path", weights_dir, "t"), MT_OK);
             if (w == 1) ck_assert_int_eq(mt_config_set(&cfg, "offload.trace_step", "3", "t"), MT_OK);
+            int resident = w > 0 && k >= 3;
+            if (resident) ck_assert_int_eq(mt_config_set(&cfg, "model.resident_layers", "1", "t"), MT_OK);
             ck_assert_msg(mt_train(&cfg, &r) == MT_OK, "variant %zu, %s: %s", k, places[w], mt_last_error());
-            if (w == 1) check_streaming_trace(out[w], k <= 2, k != 4, k == 4);
+            if (w == 1) check_streaming_trace(out[w], k <= 2, k != 4, k == 4, resident);
             ck_assert_int_eq(tu_read_losses(out[w], losses[w], 12), 12);
             mt_config_free(&cfg);
         }
@@ -1451,6 +1458,18 @@ START_TEST(offload_config_errors_name_the_fix) {
     ck_assert_int_eq(mt_config_set(&cfg, "model.weights", "ssd", "t"), MT_OK);
     ck_assert_int_eq(mt_config_set(&cfg, "offload.path", dir, "t"), MT_OK);
     tu_expect_error(mt_config_validate(&cfg), MT_ERR_CONFIG, "model.weights: ssd with a full fine-tune");
+    mt_config_free(&cfg);
+    // model.resident_layers: nothing to keep with the base on the GPU, and not for a full fine-tune (its
+    // offloaded optimizer updates the layers in host memory)
+    run_config(&cfg, folder, data, out, NULL);
+    ck_assert_int_eq(mt_config_set(&cfg, "lora.r", "4", "t"), MT_OK);
+    ck_assert_int_eq(mt_config_set(&cfg, "model.resident_layers", "1", "t"), MT_OK);
+    tu_expect_error(mt_config_validate(&cfg), MT_ERR_CONFIG, "model.weights is gpu: every layer is on the GPU");
+    ck_assert_int_eq(mt_config_set(&cfg, "model.weights", "cpu", "t"), MT_OK);
+    ck_assert_int_eq(mt_config_validate(&cfg), MT_OK);
+    ck_assert_int_eq(mt_config_set(&cfg, "lora.r", "0", "t"), MT_OK);
+    ck_assert_int_eq(mt_config_set(&cfg, "offload.optimizer", "cpu", "t"), MT_OK);
+    tu_expect_error(mt_config_validate(&cfg), MT_ERR_CONFIG, "set model.resident_layers: 0");
     mt_config_free(&cfg);
     // offload.delay where it is not built: GaLore, ZeRO, streamed weights
     const char *const delay_refusals[][3] = {{"optim.kind", "galore", "optim.kind galore"},

@@ -272,6 +272,8 @@ static const char *const outside_training_hash[] = {
     // resume with it moved (onto a smaller GPU, say)
     "offload.optimizer", "offload.path", "offload.io_threads", "offload.threads", "offload.trace_step",
     "offload.grad_sum", "offload.ratio",
+    // nor which of a streamed base's layers stay on the GPU (the same values, copied once)
+    "model.resident_layers",
     // a checkpoint resumes whatever the sharding (docs/checkpoints.md)
     "dist.zero_stage", "dist.timeout",
     // the settings it picks are in the hash themselves
@@ -419,6 +421,19 @@ mt_err mt_config_validate(const mt_config *cfg) {
                          "model.weights: %s keeps every rank's whole base in its host memory; ZeRO's gather of "
                          "updated shards into it is not built: set dist.zero_stage: 0",
                          w);
+    if (cfg->model_resident_layers > 0 && !streamed && strcmp(w, "auto"))
+        return mt_errorf(MT_ERR_CONFIG,
+                         "model.resident_layers is %ld, but model.weights is %s: every layer is on the GPU already; "
+                         "set model.resident_layers: 0, or model.weights: cpu to stream the layers after the first %ld",
+                         cfg->model_resident_layers, w, cfg->model_resident_layers);
+    if (cfg->model_resident_layers > 0 && adamw && cfg->lora_r == 0)
+        return mt_errorf(
+            MT_ERR_CONFIG,
+            "model.resident_layers is %ld, but a full fine-tune's offloaded optimizer writes every updated "
+            "layer into host memory, so a layer kept on the GPU would be copied there each step all the "
+            "same; set model.resident_layers: 0 (or offload.ratio below 1 keeps the first units' state "
+            "and weights on the GPU with model.weights: gpu)",
+            cfg->model_resident_layers);
     if (!strcmp(w, "ssd") && !cfg->offload_path[0])
         return mt_errorf(MT_ERR_CONFIG,
                          "model.weights ssd needs offload.path: a folder on a fast local disk (NVMe) with room for "

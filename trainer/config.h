@@ -40,7 +40,12 @@ extern "C" {
       "the next beside the compute: GPU memory independent of the model's depth; LoRA/QLoRA, MeZO, and full "          \
       "fine-tuning with offload.optimizer: cpu or ssd), ssd (as cpu, from a file under offload.path that the "         \
       "kernel's page cache reads in: host memory independent of the model's size) or auto (gpu when the run fits "     \
-      "memory.budget or the GPU's free memory, else cpu when host memory holds the base, else ssd; says which)")       \
+      "memory.budget or the GPU's free memory, else cpu when host memory holds the base, else ssd, keeping on the "    \
+      "GPU the first layers that fit (model.resident_layers); says which)")                                            \
+    X(model, resident_layers, INT, "0", 0, 1048576, "",                                                                \
+      "with model.weights cpu or ssd (LoRA/QLoRA, MeZO): the first N layers' weights stay on the GPU, copied there "   \
+      "once, and only the others are streamed each pass (less to copy a step, more GPU memory: a layer each); "        \
+      "model.weights auto sets it to the most that fits and says so")                                                  \
     X(model, mlp_tile_rows, INT, "0", 0, 1 << 30, "",                                                                  \
       "0: the MLP runs over the whole micro-batch; N > 0: over tiles of N tokens, so its intermediate (tokens x "      \
       "intermediate_size, 3-4 such buffers) exists for one tile at a time; backward recomputes each tile's gate and "  \

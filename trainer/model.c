@@ -112,17 +112,21 @@ struct mt_model {
     // streamed base weights (mt_model_options.stream_weights): `weights` and
     // `nf4_storage` are the host store; on the backend the embedding, final
     // norm and lm_head (outer) and two slots of one layer's weights each
-    int streamed;
+    // that the streamed layers take turns in, then one slot for each of the
+    // first `resident` layers (mt_model_options.resident_layers)
+    int streamed, resident, nslots;
     int in_file;  // the store is a file's mapping (model.weights: ssd)
-    void *outer, *slots[2];
-    int slot_layer[2], slot_ticket[2];  // the layer each slot holds (-1: none), its copy in
-    int slot_dirty[2];                  // MeZO's update changed the slot: written back before reuse
-    int slot_wb[2];                     // the copy out of the slot's last write-back (-1: none)
-    int *store_wb;                      // (L) the copy out of each layer's last write-back into the store
-    struct stream_trace *trace;         // the streamed weights' timeline while one is taken (NULL: none)
-    int *param_layer;                   // (num_params) the layer of each parameter, -1 outside layers
-    size_t *layer_first;                // (L+1) element offset of each layer's span in the compute block
-    size_t layer_compute, layer_nf4;    // bytes of one layer's compute weights, NF4 storage
+    void *outer, *resident_block;
+    void **slots;                     // (nslots): 0 and 1 rotate, 2 + l is resident layer l's
+    int *slot_layer, *slot_ticket;    // the layer each slot holds (-1: none), its copy in (-1: waited for)
+    int *slot_dirty;                  // MeZO's update changed the slot: written back before reuse
+    int *slot_wb;                     // the copy out of the slot's last write-back (-1: none)
+    size_t slot_stride;               // bytes of one slot (compute weights, then NF4 codes)
+    int *store_wb;                    // (L) the copy out of each layer's last write-back into the store
+    struct stream_trace *trace;       // the streamed weights' timeline while one is taken (NULL: none)
+    int *param_layer;                 // (num_params) the layer of each parameter, -1 outside layers
+    size_t *layer_first;              // (L+1) element offset of each layer's span in the compute block
+    size_t layer_compute, layer_nf4;  // bytes of one layer's compute weights, NF4 storage
     uint64_t dropout_seed;
     int training;  // dropout on (a backward step)
     int forward_only;
@@ -555,8 +559,14 @@ static mt_model *model_setup(mt_backend *be, const mt_model_config *cfg, const m
     m->x_pair = o->forward_only ? calloc((size_t)cfg->L + 1, sizeof *m->x_pair) : NULL;
     m->forward_only = o->forward_only;
     m->streamed = o->stream_weights;
-    m->slot_layer[0] = m->slot_layer[1] = -1;
-    m->slot_wb[0] = m->slot_wb[1] = -1;
+    m->resident = m->streamed ? (o->resident_layers < cfg->L ? o->resident_layers : cfg->L) : 0;
+    m->nslots = m->streamed ? 2 + m->resident : 0;
+    m->slots = calloc((size_t)m->nslots + 1, sizeof *m->slots);
+    int *slot_ints = malloc(((size_t)m->nslots + 1) * 4 * sizeof *slot_ints);
+    MT_CHECK(m->slots && slot_ints, "model tables");
+    m->slot_layer = slot_ints, m->slot_ticket = slot_ints + m->nslots + 1;
+    m->slot_dirty = slot_ints + 2 * (m->nslots + 1), m->slot_wb = slot_ints + 3 * (m->nslots + 1);
+    for (int k = 0; k < m->nslots; k++) m->slot_layer[k] = m->slot_ticket[k] = m->slot_wb[k] = -1, m->slot_dirty[k] = 0;
     m->store_wb = malloc((size_t)cfg->L * sizeof *m->store_wb);
     MT_CHECK(m->store_wb != NULL || cfg->L == 0, "model tables");
     for (int l = 0; l < cfg->L; l++) m->store_wb[l] = -1;
@@ -666,7 +676,8 @@ static void streamed_sizes(mt_model *m, size_t nf4_bytes, size_t *outer, size_t 
         int i = find_param(m, names[k]);
         if (i >= 0) *outer += align16(m->params[i].count) * act;
     }
-    *slot = align256(m->layer_compute) + m->layer_nf4;
+    *slot = align256(align256(m->layer_compute) + m->layer_nf4);
+    m->slot_stride = *slot;
 }
 
 // The outer tensors on the backend (their home stays in the store, where
@@ -865,15 +876,24 @@ static void write_back(mt_model *m, int k) {
     m->slot_dirty[k] = 0;
 }
 
+// Whether layer l keeps a slot of its own (resident_layers), and which.
+static int is_resident(const mt_model *m, int l) { return l >= 0 && l < m->resident; }
+static int resident_slot(int l) { return 2 + l; }
+
 // The slot holding layer l, or -1.
-static int slot_of(const mt_model *m, int l) { return m->slot_layer[0] == l ? 0 : m->slot_layer[1] == l ? 1 : -1; }
+static int slot_of(const mt_model *m, int l) {
+    if (is_resident(m, l)) return m->slot_layer[resident_slot(l)] == l ? resident_slot(l) : -1;
+    return m->slot_layer[0] == l ? 0 : m->slot_layer[1] == l ? 1 : -1;
+}
 
 // Layer l's update is complete (MeZO: its weights are only read from here
 // on): its slot goes back into the store now, beside the rest of the
 // layer's work, not when the slot is next refilled, where the copy out and
-// the next layer's copy in would run one after the other.
+// the next layer's copy in would run one after the other. A resident
+// layer's slot is the weights' home on the backend: it goes back only when
+// the store is read (read_streamed), so nothing crosses each step.
 static void write_back_layer(mt_model *m, int l) {
-    int k = m->streamed ? slot_of(m, l) : -1;
+    int k = m->streamed && !is_resident(m, l) ? slot_of(m, l) : -1;
     if (k >= 0) write_back(m, k);
 }
 
@@ -917,22 +937,34 @@ static void read_ahead(const mt_model *m, int l) {
     }
 }
 
+// The slot layer l is copied into: its own when resident, else the
+// rotating one that does not hold `keep` (the layer running, or the one
+// prefetched next).
+static int slot_for(const mt_model *m, int l, int keep) {
+    if (is_resident(m, l)) return resident_slot(l);
+    return m->slot_layer[0] == keep && keep >= 0 ? 1 : 0;
+}
+
 // Layer l's weights on the backend, waited for; then `next` (-1: none; -2:
-// none, outside a forward or backward pass) on its way into the other slot.
+// none, outside a forward or backward pass) on its way into a free slot. A
+// resident layer's slot is filled the first time the layer runs and after
+// its weights are set; then nothing is copied for it.
 static void stream_layer(mt_model *m, int l, int next) {
     if (!m->streamed) return;
     int k = slot_of(m, l);
     if (k < 0) {
-        k = m->slot_layer[0] == next ? 1 : 0;
+        k = slot_for(m, l, next);
         fill_slot(m, k, l);
     }
-    if (m->be->gpu) mt_copy_async_wait(m->slot_ticket[k]);
+    if (m->be->gpu && m->slot_ticket[k] >= 0) mt_copy_async_wait(m->slot_ticket[k]);
+    m->slot_ticket[k] = -1;  // the ops issued from here on run after the copy
     trace_compute(m, l, next == -2 ? 2 : next < l);
     bind_slot(m, l, k);
     if (next >= 0 && next < m->cfg.L && slot_of(m, next) < 0) {
         if (m->weights_needed) m->weights_needed(m->weights_needed_ctx, 1 + next);  // its update is in the store
-        fill_slot(m, 1 - k, next);
-        read_ahead(m, next + (next > l ? 1 : -1));  // the one after, in this pass's direction
+        fill_slot(m, slot_for(m, next, l), next);
+        int after = next + (next > l ? 1 : -1);  // the one after, in this pass's direction
+        if (!is_resident(m, after)) read_ahead(m, after);
     }
 }
 
@@ -986,6 +1018,8 @@ mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_confi
     MT_CHECK(!m->grad_ready || (!m->frozen && !m->forward_only), "streamed gradients need a full fine-tune");
     MT_CHECK(!m->streamed || m->frozen || m->forward_only || m->weights_needed,
              "streamed weights need a frozen base, a forward-only model or the offloaded optimizer");
+    MT_CHECK(!m->resident || m->frozen || m->forward_only,
+             "resident layers need a frozen base or a forward-only model");
     // streamed: the base in host memory (pinned where a GPU copies from it), or in a file
     mt_mem_place store = m->streamed ? MT_HOST : place;
     mt_mem_category store_cat = m->streamed ? MT_MEM_OFFLOAD : MT_MEM_WEIGHTS;
@@ -1006,6 +1040,8 @@ mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_confi
     if (m->streamed) streamed_sizes(m, nf4_bytes, &outer, &slot);
     if (!err && m->streamed) err = mt_alloc(&m->outer, outer, MT_MEM_WEIGHTS, place);
     for (int k = 0; k < 2 && !err && m->streamed; k++) err = mt_alloc(&m->slots[k], slot, MT_MEM_WEIGHTS, place);
+    if (!err && m->resident) err = mt_alloc(&m->resident_block, (size_t)m->resident * slot, MT_MEM_WEIGHTS, place);
+    for (int l = 0; l < m->resident && !err; l++) m->slots[resident_slot(l)] = (char *)m->resident_block + l * slot;
     if (!err && m->quantized) err = mt_alloc(&m->dequant, widest_linear * act, MT_MEM_WEIGHTS, place);
     if (!err && m->lora.r) err = mt_alloc(&m->adapter_weights, m->adapter_total * act, MT_MEM_ADAPTERS, place);
     if (!err && m->lora.r && !m->forward_only)
@@ -1101,11 +1137,12 @@ void mt_model_plan_bytes(int gpu, int device, const mt_model_config *cfg, const 
     mt_model *m = model_setup(&be, cfg, o, attn, &nf4_bytes, &widest_linear);
     *b = (mt_model_bytes){0};
     b->weights = m->compute_total * act + (m->quantized ? nf4_bytes + widest_linear * act : 0);
-    if (m->streamed) {  // the store in host memory; on the backend the outer tensors and two slots
+    if (m->streamed) {  // the store in host memory; on the backend the outer tensors, two slots, the resident
         size_t outer, slot;
         streamed_sizes(m, nf4_bytes, &outer, &slot);
         b->weights_host = m->compute_total * act + (m->quantized ? nf4_bytes : 0);
-        b->weights = outer + 2 * slot + (m->quantized ? widest_linear * act : 0);
+        b->weights = outer + (size_t)(2 + m->resident) * slot + (m->quantized ? widest_linear * act : 0);
+        b->weights_streamed = (size_t)(m->cfg.L - m->resident) * (m->layer_compute + m->layer_nf4);
     }
     b->adapters = m->lora.r ? m->adapter_total * act : 0;
     if (!m->frozen && !m->forward_only && !m->grad_ready) b->grads = m->total * sizeof(float);
@@ -1153,8 +1190,10 @@ void mt_model_free(mt_model *m) {
     mt_free((void **)&m->grad_outer);
     mt_free(&m->nf4_storage);
     mt_free(&m->outer);
-    mt_free(&m->slots[0]);
-    mt_free(&m->slots[1]);
+    for (int k = 0; k < 2 && m->slots; k++) mt_free(&m->slots[k]);
+    mt_free(&m->resident_block);
+    free(m->slots);
+    free(m->slot_layer);
     free(m->store_wb);
     mt_free(&m->dequant);
     mt_free(&m->adapter_weights);
@@ -1291,6 +1330,9 @@ mt_err mt_model_set_params(mt_model *m, int first, int count, const float *value
     // streamed: the store is written on the host (bf16 by the same rounding
     // as the GPU's cast, NF4 by the CPU's quantizer), the outer tensors go up,
     // once no copy into or out of the store is under way
+    // (a changed slot, MeZO's resident layers' above all, goes back first: a
+    // part of its layer may be set while the rest keeps the slot's values)
+    for (int k = 0; k < m->nslots; k++) write_back(m, k);
     if (m->streamed && m->be->gpu) mt_device_synchronize();
     mt_backend host = {0};
     mt_err err = MT_OK;
@@ -1298,7 +1340,7 @@ mt_err mt_model_set_params(mt_model *m, int first, int count, const float *value
         const float *src = values + (m->params[i].offset - base);
         size_t n = m->params[i].count;
         int l = m->param_layer[i];
-        for (int k = 0; k < 2 && m->streamed; k++)
+        for (int k = 0; k < m->nslots; k++)
             if (m->slot_layer[k] == l && l >= 0) m->slot_layer[k] = -1, m->slot_dirty[k] = 0;
         if (m->compute_offset[i] == SIZE_MAX) {
             mt_nf4 *q = nf4_home(m, i);
@@ -1442,7 +1484,7 @@ void mt_model_defer_update(mt_model *m, const mt_zo_directions *d, float lr, flo
 // A streamed base as it stands: changed slots and the outer tensors back in
 // the store, then the store as fp32.
 static void read_streamed(mt_model *m, float *dst) {
-    for (int k = 0; k < 2; k++) write_back(m, k);
+    for (int k = 0; k < m->nslots; k++) write_back(m, k);
     if (m->be->gpu) mt_device_synchronize();  // every write-back landed (the copies below wait for none)
     sync_outer(m, m->index_wte, 0);
     sync_outer(m, m->index_norm, 0);
@@ -1906,7 +1948,7 @@ static void weights_needed(const mt_model *m, int bucket) {
 // A forward's start: the embedding's weights (stale slots dropped when the
 // offloaded optimizer updates a streamed base in the store).
 static void begin_forward(mt_model *m) {
-    if (m->streamed && !m->frozen && m->weights_needed) m->slot_layer[0] = m->slot_layer[1] = -1;
+    for (int k = 0; k < m->nslots && !m->frozen && m->weights_needed; k++) m->slot_layer[k] = -1;
     weights_needed(m, 0);
 }
 

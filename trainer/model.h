@@ -69,6 +69,8 @@ typedef struct {
                                      // runs, the next beside the compute (the embedding, norm and lm_head stay)
     const char *weights_dir;         // with stream_weights: NULL, the base in host memory; a folder: in a file there,
                                      // mapped (mem.h mt_alloc_file; model.weights: ssd)
+    int resident_layers;             // with stream_weights (a frozen base or a forward-only model): the first n layers
+                                     // keep a slot of their own on the backend, filled once; only the others cross
     int mlp_tile_rows;               // > 0 and below B*T: the MLP runs over tiles of this many rows (tokens), its
                                      // (rows, intermediate) buffers sized by the tile; backward recomputes each
                                      // tile's gate and up from the kept norm output (0: the whole batch at once)
@@ -89,10 +91,11 @@ mt_err mt_model_create_with(mt_model **out, mt_backend *be, const mt_model_confi
 // *attention_cudnn (when not NULL) says whether cuDNN's was counted.
 typedef struct {
     size_t weights, adapters, grads, activations, workspace, perturbation;
-    size_t staging;       // transient: the fp32 staging of weight uploads (GPU)
-    size_t offload_host;  // pinned host memory of offloaded layer inputs
-    size_t offload_disk;  // the last ssd_layer_inputs of them, in a file
-    size_t weights_host;  // the host store of streamed weights (pinned on a GPU)
+    size_t staging;           // transient: the fp32 staging of weight uploads (GPU)
+    size_t offload_host;      // pinned host memory of offloaded layer inputs
+    size_t offload_disk;      // the last ssd_layer_inputs of them, in a file
+    size_t weights_host;      // the host store of streamed weights (pinned on a GPU)
+    size_t weights_streamed;  // of the store, the bytes copied to the backend each pass (the layers not resident)
 } mt_model_bytes;
 void mt_model_plan_bytes(int gpu, int device, const mt_model_config *cfg, const mt_model_options *o,
                          const unsigned char *perturbed, mt_model_bytes *b, int *attention_cudnn);

@@ -199,6 +199,7 @@ mt_model_options mt_plan_model_options(const mt_plan *p, const mt_config *cfg) {
         .document_mask = (int)cfg->data_document_mask,
         .stream_weights = !strcmp(cfg->model_weights, "cpu") || !strcmp(cfg->model_weights, "ssd"),
         .weights_dir = !strcmp(cfg->model_weights, "ssd") ? cfg->offload_path : NULL,
+        .resident_layers = (int)cfg->model_resident_layers,
         .mlp_tile_rows = (int)cfg->model_mlp_tile_rows,
         .attention_nondeterministic = !strcmp(cfg->model_deterministic_attention, "false")};
 }

@@ -257,10 +257,16 @@ static void report(run *r) {
     mt_model_describe_attention(r->model, attention, sizeof attention);
     mt_info("attention: %s", attention);
     char where[512];  // the base's layers
+    int kept = r->opts.resident_layers < r->mc.L ? r->opts.resident_layers : r->mc.L;
+    char resident[96] = "";
+    if (r->opts.stream_weights && kept)
+        snprintf(resident, sizeof resident, "; the first %d of %d layers stay %s (model.resident_layers)", kept,
+                 r->mc.L, pl->use_gpu ? "on the GPU" : "in slots of their own");
     if (r->opts.stream_weights)
-        snprintf(where, sizeof where, "%s%s%s, a layer at a time %s (model.weights: %s)",
+        snprintf(where, sizeof where, "%s%s%s, a layer at a time %s (model.weights: %s)%s",
                  r->opts.weights_dir ? "disk (a file under " : "host", r->opts.weights_dir ? r->opts.weights_dir : "",
-                 r->opts.weights_dir ? ")" : "", pl->use_gpu ? "on the GPU" : "in a slot", cfg->model_weights);
+                 r->opts.weights_dir ? ")" : "", pl->use_gpu ? "on the GPU" : "in a slot", cfg->model_weights,
+                 resident);
     else
         snprintf(where, sizeof where, "%s", pl->use_gpu ? "GPU" : "host");
     if (lora)
