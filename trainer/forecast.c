@@ -202,11 +202,11 @@ static mt_err forecast_run(const mt_config *cfg, const mt_model_config *mc, int 
                              : 0.0;
     f->tokens = (double)pl.B * pl.T * pl.accum * (world > 0 ? world : 1);
     double compute = (passes * fwd + tiles_again) * (double)pl.B * pl.T * pl.accum / kFlopsPerSecond;
-    // streamed weights cross to the GPU once in forward and once in backward
-    // a micro-batch (MeZO: once a direction, both passes at once), beside the
-    // compute: the slower of the two binds
-    double transfer =
-        (double)mb.weights_host * (pl.mezo ? (double)cfg->mezo_samples : 2.0) * pl.accum / kHostToDeviceBytesPerSecond;
+    // streamed weights (the layers not resident) cross to the GPU once in
+    // forward and once in backward a micro-batch (MeZO: once a direction,
+    // both passes at once), beside the compute: the slower of the two binds
+    double transfer = (double)mb.weights_streamed * (pl.mezo ? (double)cfg->mezo_samples : 2.0) * pl.accum /
+                      kHostToDeviceBytesPerSecond;
     double gpu_time = gpu && transfer > compute ? transfer : compute;
     // offload.delay: the CPU's update runs beside the next step's forward and backward, the slower binds. (On an
     // H100 with the 1.1B shape the CPU bound and the step measured no shorter than exact, 317 against 300 ms,
@@ -746,10 +746,67 @@ static mt_err read_budget(const mt_config *cfg, int gpu, double *budget, char *s
     return MT_OK;
 }
 
+// model.weights auto chose to stream (cfg says cpu or ssd; f is that run's
+// forecast): the first layers that fit `capacity` beside it stay on the GPU
+// (model.resident_layers, where 0: a frozen base or MeZO's, whose layers
+// nothing updates in host memory). Each kept layer takes a slot's bytes, so
+// the peak grows with their count: the most that fit, by bisection. *f
+// becomes the chosen run's forecast; `kept` says what was kept ("" none).
+static void keep_resident_layers(mt_config *cfg, const mt_model_config *mc, int gpu, int world, double capacity,
+                                 mt_forecast *f, char *kept, size_t len) {
+    kept[0] = '\0';
+    int full_ft = !strcmp(cfg->optim_kind, "adamw") && cfg->lora_r == 0;
+    if (cfg->model_resident_layers > 0 || full_ft || capacity <= 0 || f->device_peak > capacity) return;
+    long lo = 1, hi = mc->L, best = 0;
+    mt_forecast g, best_f = *f;
+    while (lo <= hi) {
+        long mid = lo + (hi - lo) / 2;
+        cfg->model_resident_layers = mid;
+        if (!mt_forecast_run(cfg, mc, gpu, world, &g) && g.device_peak <= capacity)
+            best = mid, best_f = g, lo = mid + 1;
+        else
+            hi = mid - 1;
+    }
+    cfg->model_resident_layers = 0;
+    if (!best) return;
+    char value[24], b1[32];
+    snprintf(value, sizeof value, "%ld", best);
+    mt_config_set(cfg, "model.resident_layers", value, "model.weights auto");
+    *f = best_f;
+    if (best == mc->L)
+        snprintf(kept, len, "; with every layer's slot on the GPU, %s",
+                 trimmed(size_text(f->device_peak, b1, sizeof b1)));
+    else
+        snprintf(kept, len,
+                 ", %s keeping the first %ld of %d layers on the GPU (model.resident_layers) and streaming "
+                 "the other %ld",
+                 trimmed(size_text(f->device_peak, b1, sizeof b1)), best, mc->L, mc->L - best);
+}
+
+static mt_err choose_weights(mt_config *cfg, const mt_model_config *mc, int gpu, int world, double capacity,
+                             double host, const char *ssd_path, char *why, size_t len);
+
 mt_err mt_forecast_choose_weights(mt_config *cfg, const mt_model_config *mc, int gpu, int world, double capacity,
                                   double host, char *why, size_t len) {
     why[0] = '\0';
     if (strcmp(cfg->model_weights, "auto")) return MT_OK;
+    // an offload.path that serves nothing but auto's ssd choice (no offloaded optimizer or layer inputs) is
+    // refused beside gpu and cpu: their forecasts, and the run unless it takes ssd, go without it
+    char *ssd_path = NULL;
+    if (cfg->offload_path[0] && !strcmp(cfg->offload_optimizer, "none") && !cfg->model_offload_activations) {
+        ssd_path = strdup(cfg->offload_path);
+        MT_CHECK(ssd_path != NULL, "offload.path");
+        mt_config_set(cfg, "offload.path", "", "model.weights auto");
+    }
+    mt_err err = choose_weights(cfg, mc, gpu, world, capacity, host, ssd_path, why, len);
+    if (ssd_path && (err || !strcmp(cfg->model_weights, "ssd") || !strcmp(cfg->model_weights, "auto")))
+        mt_config_set(cfg, "offload.path", ssd_path, "model.weights auto");
+    free(ssd_path);
+    return err;
+}
+
+static mt_err choose_weights(mt_config *cfg, const mt_model_config *mc, int gpu, int world, double capacity,
+                             double host, const char *ssd_path, char *why, size_t len) {
     char b1[32], b2[32], b3[32], b4[32];
     const char *choice = "gpu";
     mt_forecast f;
@@ -770,20 +827,27 @@ mt_err mt_forecast_choose_weights(mt_config *cfg, const mt_model_config *mc, int
             mt_config_set(cfg, "model.weights", "gpu", "model.weights auto");
         } else if (host <= 0 || f.host_peak <= kHostShare * host) {
             choice = "cpu";
-            char b5[32];
+            char b5[32], kept[256];
+            double streamed = f.device_peak;
+            keep_resident_layers(cfg, mc, gpu, world, capacity, &f, kept, sizeof kept);
             snprintf(why, len,
-                     "resident it needs %s of the GPU's %s, streamed %s; host memory holds the base (%s of %s "
+                     "resident it needs %s of the GPU's %s, streamed %s%s; host memory holds the base (%s of %s "
                      "available)",
                      trimmed(size_text(resident, b1, sizeof b1)), trimmed(size_text(capacity, b2, sizeof b2)),
-                     trimmed(size_text(f.device_peak, b5, sizeof b5)), trimmed(size_text(f.host_peak, b3, sizeof b3)),
+                     trimmed(size_text(streamed, b5, sizeof b5)), kept, trimmed(size_text(f.host_peak, b3, sizeof b3)),
                      host > 0 ? trimmed(size_text(host, b4, sizeof b4)) : "unknown");
-        } else if (cfg->offload_path[0]) {
+        } else if (ssd_path || cfg->offload_path[0]) {
             choice = "ssd";
+            char kept[256];
+            double host_peak = f.host_peak;
+            if (ssd_path) mt_config_set(cfg, "offload.path", ssd_path, "model.weights auto");
+            mt_config_set(cfg, "model.weights", "ssd", "model.weights auto");
+            keep_resident_layers(cfg, mc, gpu, world, capacity, &f, kept, sizeof kept);
             snprintf(why, len,
                      "it fits neither the GPU's %s resident nor host memory (%s needed, %s available): "
-                     "the base goes to a file under %s",
-                     trimmed(size_text(capacity, b1, sizeof b1)), trimmed(size_text(f.host_peak, b2, sizeof b2)),
-                     trimmed(size_text(host, b3, sizeof b3)), cfg->offload_path);
+                     "the base goes to a file under %s%s",
+                     trimmed(size_text(capacity, b1, sizeof b1)), trimmed(size_text(host_peak, b2, sizeof b2)),
+                     trimmed(size_text(host, b3, sizeof b3)), cfg->offload_path, kept);
         } else {
             mt_config_set(cfg, "model.weights", "auto", "model.weights auto");
             return mt_errorf(MT_ERR_CONFIG,
