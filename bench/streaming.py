@@ -20,13 +20,18 @@ steps, GPU peak from nvidia-smi and the allocator, host peak from VmRSS):
              state off the GPU against the weights resident.
   full-7b    the same on Llama-2-7B's shape, with 8-bit moments
              (offload.moments: int8), which the GPU machine's host holds.
+--weights takes, comma-separated: gpu (resident), cpu (streamed), cpu:N (streamed
+with the first N layers resident, model.resident_layers: N) and auto@SIZE
+(model.weights: auto under memory.budget: SIZE, which keeps on the GPU the first
+layers that fit and streams the rest; the run's start-up line says how many).
 Writes streaming_bench.json and prints one line per run.
 
-  python3 bench/streaming.py --out $OUT [--cases qlora-70b,mezo-30b,mezo-13b,full-3b,full-7b] [--batches 8] [--weights cpu]
+  python3 bench/streaming.py --out $OUT [--cases qlora-70b,mezo-30b,mezo-13b,full-3b,full-7b] [--batches 8] [--weights cpu,cpu:30,auto@40GiB,gpu]
 """
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -72,20 +77,32 @@ def h2d_bandwidth():
         return None
 
 
-def run(args, case, folder, data, B, T, sets, weights):
+def placement(spec):
+    """A --weights entry as (label, memtune settings): gpu, cpu, cpu:N, auto@SIZE."""
+    if spec.startswith("cpu:"):
+        return f"cpu-r{int(spec[4:])}", {"model.weights": "cpu", "model.resident_layers": int(spec[4:])}
+    if spec.startswith("auto@"):
+        return f"auto-{spec[5:]}", {"model.weights": "auto", "memory.budget": spec[5:]}
+    if spec not in ("gpu", "cpu", "ssd"):
+        sys.exit(f"--weights: {spec!r} is not gpu, cpu, cpu:N or auto@SIZE")
+    return spec, {"model.weights": spec}
+
+
+def run(args, case, folder, data, B, T, sets, spec):
+    weights, where = placement(spec)
     ns = argparse.Namespace(steps=args.steps, warmup=args.warmup, B=B, T=T)
     out = os.path.join(args.work, f"{case}-{weights}-B{B}")
     base = timed_run_sets(folder, data, out, {
         "train.steps": args.steps, "train.micro_batch": B, "train.seq_len": T, "train.grad_accum": 1,
-        "train.log_every": 1, "optim.warmup_steps": 1, "model.weights": weights, **sets})
+        "train.log_every": 1, "optim.warmup_steps": 1, **where, **sets})
     if args.trace_step and weights != "gpu":
         base["offload.trace_step"] = args.trace_step
     cmd = [os.path.join(BUILD, "memtune"), "train", os.path.join(ROOT, "configs", "quickstart.yaml")]
-    r = train_and_time(ns, cmd, base, out, ("base weights", "memory (GPU)", "memory (host)"))
+    r = train_and_time(ns, cmd, base, out, ("base weights", "memory (GPU)", "memory (host)", "model.weights auto"))
     trace = os.path.join(out, "streaming-trace.json")
     if args.trace_step and weights != "gpu" and os.path.exists(trace):
         shutil.copy(trace, os.path.join(args.out, f"{case}-B{B}-streaming-trace.json"))
-    line = (f"{case} {weights:3s} B={B} T={T}: " + (f"{r['tokens_per_second']:.0f} tok/s, "
+    line = (f"{case} {weights} B={B} T={T}: " + (f"{r['tokens_per_second']:.0f} tok/s, "
             f"{r['step_ms']:.0f} ms a step, GPU peak "
             f"{r['device_peak'] / GIB:.2f} GiB (allocator {r['allocator_peak'] / GIB:.2f}), host peak "
             f"{r['host_peak'] / GIB:.1f} GiB" if "error" not in r else f"error {r['error']}"))
@@ -128,28 +145,28 @@ def main():
                     "model.quantize": "nf4", "model.activation_checkpointing": "true",
                     "model.offload_activations": "true", "optim.lr": 1e-4}
             for w in args.weights.split(","):
-                results["runs"][f"{case}-{w}"] = run(args, case, folder, data, 1, 2048, sets, w)
+                results["runs"][f"{case}-{placement(w)[0]}"] = run(args, case, folder, data, 1, 2048, sets, w)
         elif case == "mezo-13b":
             folder, _ = shape_folder(args.work, "13b", SHAPES)
             sets = {"optim.kind": "mezo", "optim.lr": 1e-6, "mezo.eps": 1e-3}
             for B in batches(args, (1, 16)):
                 for w in args.weights.split(","):
-                    results["runs"][f"{case}-{w}-B{B}"] = run(args, case, folder, data, B, 1024, sets, w)
+                    results["runs"][f"{case}-{placement(w)[0]}-B{B}"] = run(args, case, folder, data, B, 1024, sets, w)
         elif case == "mezo-30b":
             folder, _ = shape_folder(args.work, "33b", SHAPES)
             sets = {"optim.kind": "mezo", "optim.lr": 1e-6, "mezo.eps": 1e-3, "model.mlp_tile_rows": 4096}
             for B in batches(args, (8, 1)):  # the pair the target is about first: each run draws 32.5 G random values on the host
                 for w in args.weights.split(","):
-                    results["runs"][f"{case}-{w}-B{B}"] = run(args, case, folder, data, B, 1024, sets, w)
+                    results["runs"][f"{case}-{placement(w)[0]}-B{B}"] = run(args, case, folder, data, B, 1024, sets, w)
         elif case in ("full-3b", "full-7b"):
             folder, _ = shape_folder(args.work, case[5:], SHAPES)
             sets = {"offload.optimizer": "cpu", "model.activation_checkpointing": "true", "optim.lr": 1e-5}
             if case == "full-7b":  # 8-bit moments: memtune plan puts the host at 63.8 GiB (101.2 with fp32 ones)
                 sets["offload.moments"] = "int8"
             for w in args.weights.split(","):
-                results["runs"][f"{case}-{w}"] = run(args, case, folder, data, 4, 1024, sets, w)
-    for key, r in results["runs"].items():
-        twin = key.replace("-cpu", "-gpu")
+                results["runs"][f"{case}-{placement(w)[0]}"] = run(args, case, folder, data, 4, 1024, sets, w)
+    for key, r in results["runs"].items():  # each placement against the resident run of its case and batch
+        twin = re.sub(r"-(cpu|ssd|cpu-r\d+|auto-[^-]+)(-B\d+)?$", r"-gpu\2", key)
         if key != twin and "tokens_per_second" in r and "tokens_per_second" in results["runs"].get(twin, {}):
             r["vs_resident"] = r["tokens_per_second"] / results["runs"][twin]["tokens_per_second"]
             print(f"{key}: {r['vs_resident']:.2f}x the resident run's tokens/s", flush=True)
