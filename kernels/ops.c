@@ -1,6 +1,7 @@
 // kernels/ops.c: routes each op to its CPU reference or its CUDA version.
 #include "kernels/ops.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -339,16 +340,20 @@ void mt_op_adamw(const mt_backend *be, float *master, void *param_copy, const fl
 }
 
 void mt_op_adam_direction(const mt_backend *be, float *dir, const float *grad, const mt_adam_state *s, size_t n,
-                          float beta1, float beta2, float eps, float bias_correction1, float bias_correction2) {
+                          float beta1, float beta2, float eps, float bias_correction1, float bias_correction2,
+                          const double *gate) {
     MT_CHECK(s->m ? s->v != NULL : s->mq && s->vq && s->m_absmax && s->v_absmax, "adam_direction: incomplete state");
-    MT_GPU(be, mt_adam_direction_cuda(be, dir, grad, s, n, beta1, beta2, eps, bias_correction1, bias_correction2));
+    MT_GPU(be,
+           mt_adam_direction_cuda(be, dir, grad, s, n, beta1, beta2, eps, bias_correction1, bias_correction2, gate));
+    if (gate && !isfinite(*gate)) return;
     mt_adam_direction_ref(dir, grad, s, n, beta1, beta2, eps, bias_correction1, bias_correction2);
 }
 
 void mt_op_apply_update(const mt_backend *be, void *w, const float *update, size_t n, float lr, float scale,
-                        float weight_decay, uint64_t round_seed) {
-    MT_GPU(be, mt_apply_update_cuda(be, w, update, n, lr, scale, weight_decay, round_seed));
+                        float weight_decay, uint64_t round_seed, const double *gate) {
+    MT_GPU(be, mt_apply_update_cuda(be, w, update, n, lr, scale, weight_decay, round_seed, gate));
     (void)round_seed;  // fp32 on the CPU: nothing to round
+    if (gate && !isfinite(*gate)) return;
     mt_apply_update_ref(w, update, n, lr, scale, weight_decay);
 }
 
@@ -363,6 +368,11 @@ double mt_op_sumsq(const mt_backend *be, const float *x, size_t n) {
 #endif
     MT_CHECK(!be->gpu, "GPU backend in a CPU-only build");
     return mt_sumsq_ref(x, n);
+}
+
+void mt_op_sumsq_to(const mt_backend *be, const float *x, size_t n, double *dst) {
+    MT_GPU(be, mt_sumsq_to_cuda(be, x, n, dst));
+    *dst = mt_sumsq_ref(x, n);
 }
 
 double mt_op_sum(const mt_backend *be, const float *x, size_t n) {

@@ -1638,8 +1638,9 @@ static __global__ void sum_partials_double_kernel(double *out, const double *par
     *out = sum;
 }
 
-extern "C" double mt_sumsq_cuda(const mt_backend *be, const float *x, size_t n, int squares) {
-    double *partials = (double *)be->reduce_buffer, *out = partials + kSumBlocks, host = 0.0;
+// The sum (of squares) of x into *out on the device, on the backend's stream.
+static void sum_to(const mt_backend *be, const float *x, size_t n, int squares, double *out) {
+    double *partials = (double *)be->reduce_buffer;
     unsigned blocks = grid_for(n, kThreads);
     if (blocks > (unsigned)kSumBlocks) blocks = kSumBlocks;
     if (blocks == 0) blocks = 1;
@@ -1647,9 +1648,21 @@ extern "C" double mt_sumsq_cuda(const mt_backend *be, const float *x, size_t n, 
     CUDA_CHECK_LAUNCH();
     sum_partials_double_kernel<<<1, 1, 0, mt_stream_of(be)>>>(out, partials, (int)blocks);
     CUDA_CHECK_LAUNCH();
+}
+
+extern "C" double mt_sumsq_cuda(const mt_backend *be, const float *x, size_t n, int squares) {
+    double *out = (double *)be->reduce_buffer + kSumBlocks, host = 0.0;
+    sum_to(be, x, n, squares, out);
     CUDA_CHECK(cudaMemcpy(&host, out, sizeof host, cudaMemcpyDeviceToHost));
     return host;
 }
+
+extern "C" void mt_sumsq_to_cuda(const mt_backend *be, const float *x, size_t n, double *dst) {
+    sum_to(be, x, n, 1, dst);
+}
+
+// A gated op (mt_op_adam_direction's gate) does nothing where its gate is not finite.
+static __device__ bool gated_off(const double *gate) { return gate && !isfinite(*gate); }
 
 static __global__ void cast_from_f32_kernel(bf16 *dst, const float *src, size_t n) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -2670,10 +2683,10 @@ extern "C" void mt_philox_words_cuda(uint32_t *out, size_t groups, uint64_t seed
 // ------------------------------------------------------------------ GaLore
 
 static __global__ void apply_update_kernel(bf16 *w, const float *update, size_t n, float keep, float step,
-                                           unsigned long long round_seed) {
+                                           unsigned long long round_seed, const double *gate) {
     size_t g = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     long long j0 = (long long)(4 * g);
-    if ((size_t)j0 >= n) return;
+    if ((size_t)j0 >= n || gated_off(gate)) return;
     unsigned random[4];
     round_bits4(round_seed, g, random);
     if (whole4(w, j0, n) && ((uintptr_t)(update + j0) & 15) == 0) {
@@ -2691,12 +2704,12 @@ static __global__ void apply_update_kernel(bf16 *w, const float *update, size_t 
 }
 
 extern "C" void mt_apply_update_cuda(const mt_backend *be, void *w, const float *update, size_t n, float lr,
-                                     float scale, float weight_decay, uint64_t round_seed) {
+                                     float scale, float weight_decay, uint64_t round_seed, const double *gate) {
     (void)be;
     if (n == 0) return;
     size_t groups = (n + 3) / 4;
     apply_update_kernel<<<grid_for(groups, kThreads), kThreads, 0, mt_stream_of(be)>>>(
-        (bf16 *)w, update, n, 1.0f - lr * weight_decay, lr * scale, (unsigned long long)round_seed);
+        (bf16 *)w, update, n, 1.0f - lr * weight_decay, lr * scale, (unsigned long long)round_seed, gate);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -2726,9 +2739,9 @@ static __device__ float adam_dir(float m, float v, float bc1, float bc2_sqrt, fl
 }
 
 static __global__ void adam_direction_kernel(float *dir, const float *grad, float *m, float *v, size_t n, float beta1,
-                                             float beta2, float eps, float bc1, float bc2_sqrt) {
+                                             float beta2, float eps, float bc1, float bc2_sqrt, const double *gate) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n) return;
+    if (i >= n || gated_off(gate)) return;
     float g = grad[i];
     float mi = ema(beta1, m[i], g), vi = ema(beta2, v[i], __fmul_rn(g, g));
     m[i] = mi, v[i] = vi;
@@ -2740,7 +2753,8 @@ static __constant__ float c_qmap[2][256];  // [0] unsigned, [1] signed (mt_qmap)
 // One block per MT_QBLOCK values, one thread per value.
 static __global__ void adam_direction_8bit_kernel(float *dir, const float *grad, unsigned char *mq, unsigned char *vq,
                                                   float *m_absmax, float *v_absmax, size_t n, float beta1, float beta2,
-                                                  float eps, float bc1, float bc2_sqrt) {
+                                                  float eps, float bc1, float bc2_sqrt, const double *gate) {
+    if (gated_off(gate)) return;  // (the whole block: every thread reads the same gate)
     size_t b = blockIdx.x, i = b * MT_QBLOCK + threadIdx.x;
     bool live = i < n;
     float m = 0.0f, v = 0.0f;
@@ -2760,13 +2774,13 @@ static __global__ void adam_direction_8bit_kernel(float *dir, const float *grad,
 
 extern "C" void mt_adam_direction_cuda(const mt_backend *be, float *dir, const float *grad, const mt_adam_state *s,
                                        size_t n, float beta1, float beta2, float eps, float bias_correction1,
-                                       float bias_correction2) {
+                                       float bias_correction2, const double *gate) {
     (void)be;
     if (n == 0) return;
     float bc2_sqrt = sqrtf(bias_correction2);
     if (s->m) {
         adam_direction_kernel<<<grid_for(n, kThreads), kThreads, 0, mt_stream_of(be)>>>(
-            dir, grad, s->m, s->v, n, beta1, beta2, eps, bias_correction1, bc2_sqrt);
+            dir, grad, s->m, s->v, n, beta1, beta2, eps, bias_correction1, bc2_sqrt, gate);
     } else {
         static int maps_loaded;
         if (!maps_loaded) {
@@ -2778,7 +2792,7 @@ extern "C" void mt_adam_direction_cuda(const mt_backend *be, float *dir, const f
         }
         size_t blocks = (n + MT_QBLOCK - 1) / MT_QBLOCK;
         adam_direction_8bit_kernel<<<(unsigned)blocks, MT_QBLOCK, 0, mt_stream_of(be)>>>(
-            dir, grad, s->mq, s->vq, s->m_absmax, s->v_absmax, n, beta1, beta2, eps, bias_correction1, bc2_sqrt);
+            dir, grad, s->mq, s->vq, s->m_absmax, s->v_absmax, n, beta1, beta2, eps, bias_correction1, bc2_sqrt, gate);
     }
     CUDA_CHECK_LAUNCH();
 }

@@ -239,15 +239,19 @@ size_t mt_adam_state_bytes(size_t n, int int8);
 // Adam's direction without the step: m, v updated from grad, then
 // dir = (m / bc1) / (sqrt(v / bc2) + eps). dir may alias grad. With 8-bit
 // moments each block is decoded, updated in fp32 and encoded again with its
-// new absmax (the direction uses the fp32 values).
+// new absmax (the direction uses the fp32 values). gate: NULL, or a double
+// on the backend (mt_op_sumsq_to's): where it is not finite nothing changes
+// (the GPU reads it there, so no host wait decides it).
 void mt_op_adam_direction(const mt_backend *be, float *dir, const float *grad, const mt_adam_state *s, size_t n,
-                          float beta1, float beta2, float eps, float bias_correction1, float bias_correction2);
+                          float beta1, float beta2, float eps, float bias_correction1, float bias_correction2,
+                          const double *gate);
 // w = w * (1 - lr * weight_decay) - lr * scale * update. On the GPU the bf16
 // result is rounded stochastically (16 bits of a SplitMix64 hash of
 // (round_seed, element), as mt_op_zo_update does): no fp32 master copy, and
 // updates below bf16's resolution still count on average.
+// gate as mt_op_adam_direction's.
 void mt_op_apply_update(const mt_backend *be, void *w, const float *update, size_t n, float lr, float scale,
-                        float weight_decay, uint64_t round_seed);
+                        float weight_decay, uint64_t round_seed, const double *gate);
 // dst (fp32) = z(seed, j), j < n: the z stream of mt_op_perturb.
 void mt_op_gauss(const mt_backend *be, float *dst, size_t n, uint64_t seed);
 // The 8-bit moment maps: 256 ascending values in [-1, 1] (signed: 0, and
@@ -257,6 +261,9 @@ void mt_op_gauss(const mt_backend *be, float *dst, size_t n, uint64_t seed);
 const float *mt_qmap(int is_signed);
 // Sum of squares of n fp32 values, returned on the host (synchronises).
 double mt_op_sumsq(const mt_backend *be, const float *x, size_t n);
+// The same sum written to *dst on the backend (device memory on a GPU), the
+// host not waiting for it: the same bits as mt_op_sumsq.
+void mt_op_sumsq_to(const mt_backend *be, const float *x, size_t n, double *dst);
 // Sum of n fp32 values, returned on the host (synchronises).
 double mt_op_sum(const mt_backend *be, const float *x, size_t n);
 // dst (activation type) <- src fp32, n elements (a copy on the CPU).

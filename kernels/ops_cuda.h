@@ -97,11 +97,13 @@ void mt_adamw_cuda(const mt_backend *be, float *master, void *param_copy, const 
                    size_t n, float lr, float beta1, float beta2, float eps, float weight_decay, float bias_correction1,
                    float bias_correction2, float grad_scale);
 void mt_adam_direction_cuda(const mt_backend *be, float *dir, const float *grad, const mt_adam_state *s, size_t n,
-                            float beta1, float beta2, float eps, float bias_correction1, float bias_correction2);
+                            float beta1, float beta2, float eps, float bias_correction1, float bias_correction2,
+                            const double *gate);
 void mt_apply_update_cuda(const mt_backend *be, void *w, const float *update, size_t n, float lr, float scale,
-                          float weight_decay, uint64_t round_seed);
+                          float weight_decay, uint64_t round_seed, const double *gate);
 void mt_gauss_cuda(const mt_backend *be, float *dst, size_t n, uint64_t seed);
 double mt_sumsq_cuda(const mt_backend *be, const float *x, size_t n, int squares);
+void mt_sumsq_to_cuda(const mt_backend *be, const float *x, size_t n, double *dst);
 void mt_cast_from_f32_cuda(const mt_backend *be, void *dst, const float *src, size_t n);
 void mt_cast_to_f32_cuda(const mt_backend *be, float *dst, const void *src, size_t n);
 

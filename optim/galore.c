@@ -38,7 +38,11 @@ struct mt_galore {
     galore_param *p;
     int steps, refreshing;
     float lr, bc1, bc2;
-    double sumsq;
+    // each updated parameter's gradient sum of squares, on the backend (the
+    // GPU's updates read theirs there: no host wait a parameter), summed on
+    // the host at the step's end in the order the updates came
+    double *sumsq, *sumsq_host;
+    int *order, n_order;
     int finite;
     float *work;  // X, then the refresh's Omega, Y, Z, S, eigenvalues (sized at init)
     double refresh_seconds;
@@ -136,6 +140,11 @@ mt_err mt_galore_init(mt_galore **out, mt_backend *be, const mt_galore_config *c
     }
     if (!err && work)
         err = mt_alloc((void **)&g->work, work * sizeof(float), MT_MEM_WORKSPACE, be->gpu ? MT_DEVICE : MT_HOST);
+    if (!err && n)
+        err = mt_alloc((void **)&g->sumsq, (size_t)n * sizeof(double), MT_MEM_OPTIMIZER, be->gpu ? MT_DEVICE : MT_HOST);
+    g->sumsq_host = malloc((size_t)(n ? n : 1) * sizeof(double));
+    g->order = malloc((size_t)(n ? n : 1) * sizeof(int));
+    MT_CHECK(g->sumsq_host && g->order, "galore norms");
     if (err) {
         mt_galore_free(g);
         return err;
@@ -151,6 +160,9 @@ void mt_galore_free(mt_galore *g) {
         mt_free((void **)&g->p[i].P);
     }
     mt_free((void **)&g->work);
+    mt_free((void **)&g->sumsq);
+    free(g->sumsq_host);
+    free(g->order);
     free(g->p);
     free(g->tensors);
     free(g->tensor_src);
@@ -164,7 +176,7 @@ void mt_galore_begin_step(mt_galore *g, float lr) {
     g->bc1 = 1.0f - powf(g->cfg.beta1, (float)g->steps);
     g->bc2 = 1.0f - powf(g->cfg.beta2, (float)g->steps);
     g->refreshing = (g->steps - 1) % g->cfg.update_gap == 0;
-    g->sumsq = 0.0;
+    g->n_order = 0;
     g->finite = 1;
     g->refresh_seconds = 0.0;
     g->refresh_count = 0;
@@ -218,35 +230,50 @@ void mt_galore_update(mt_galore *g, int i, float *grad, void *weights) {
     galore_param *p = &g->p[i];
     MT_CHECK(!p->external, "galore: %s is updated elsewhere", p->name);
     mt_backend *be = g->be;
-    double ss = mt_op_sumsq(be, grad, p->count);
-    g->sumsq += ss;
-    if (!isfinite(ss)) {
-        g->finite = 0;  // this parameter keeps its values; the others go on
-        return;
+    // A non-finite gradient leaves this parameter as it was (the others go
+    // on): its sum of squares gates its updates on the backend. A refresh
+    // waits for the device anyway, and must not see such a gradient.
+    double *ss = &g->sumsq[i];
+    MT_CHECK(g->n_order < g->n, "galore: more updates than parameters in a step");
+    g->order[g->n_order++] = i;
+    mt_op_sumsq_to(be, grad, p->count, ss);
+    int refresh_now = p->projected && g->refreshing && p->refreshed_at != g->steps;
+    if (refresh_now) {
+        double host = 0.0;
+        mt_backend_to_host(be, &host, ss, sizeof host);
+        if (!isfinite(host)) return;
     }
     const mt_galore_config *c = &g->cfg;
     float decay = p->decay ? c->weight_decay : 0.0f;
     uint64_t round_seed = stream(g, 0xbb67ae8584caa73bull, i);
     if (!p->projected) {
-        mt_op_adam_direction(be, grad, grad, &p->st, p->count, c->beta1, c->beta2, c->eps, g->bc1, g->bc2);
-        mt_op_apply_update(be, weights, grad, p->count, g->lr, 1.0f, decay, round_seed);
+        mt_op_adam_direction(be, grad, grad, &p->st, p->count, c->beta1, c->beta2, c->eps, g->bc1, g->bc2, ss);
+        mt_op_apply_update(be, weights, grad, p->count, g->lr, 1.0f, decay, round_seed, ss);
         return;
     }
     int a = p->a, b = p->b, r = p->r, ta = p->left, ldg = p->left ? b : a;  // G_cm is (n, m), ld n
-    if (g->refreshing && p->refreshed_at != g->steps) refresh(g, p, i, grad, ldg);
+    if (refresh_now) refresh(g, p, i, grad, ldg);
     float *X = g->work;
     mt_la_gemm(be, 1, ta, r, b, a, 1.0f, p->P, a, grad, ldg, 0.0f, X, r);  // X = P^T A
-    mt_op_adam_direction(be, X, X, &p->st, p->state_n, c->beta1, c->beta2, c->eps, g->bc1, g->bc2);
+    mt_op_adam_direction(be, X, X, &p->st, p->state_n, c->beta1, c->beta2, c->eps, g->bc1, g->bc2, ss);
     // P D back in G's layout: left (G = A) as D^T P^T, right (G = A^T) as P D
     if (p->left)
         mt_la_gemm(be, 1, 1, b, a, r, 1.0f, X, r, p->P, a, 0.0f, grad, ldg);
     else
         mt_la_gemm(be, 0, 0, a, b, r, 1.0f, p->P, a, X, r, 0.0f, grad, ldg);
-    mt_op_apply_update(be, weights, grad, p->count, g->lr, c->scale, decay, round_seed);
+    mt_op_apply_update(be, weights, grad, p->count, g->lr, c->scale, decay, round_seed, ss);
 }
 
 void mt_galore_end_step(mt_galore *g, mt_step_info *info) {
-    info->grad_norm = sqrt(g->sumsq);
+    // one read of the step's sums (which waits for its updates), added in the order they came
+    if (g->n) mt_backend_to_host(g->be, g->sumsq_host, g->sumsq, (size_t)g->n * sizeof(double));
+    double sumsq = 0.0;
+    for (int k = 0; k < g->n_order; k++) {
+        double ss = g->sumsq_host[g->order[k]];
+        sumsq += ss;
+        if (!isfinite(ss)) g->finite = 0;
+    }
+    info->grad_norm = sqrt(sumsq);
     info->finite = g->finite && isfinite(info->grad_norm);
 }
 

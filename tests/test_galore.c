@@ -174,8 +174,8 @@ START_TEST(adam_with_8bit_moments_follows_fp32_adam) {
         float *g = tu_random(n, -1, 1, 100 + (uint64_t)step);
         for (size_t i = 0; i < n; i++) g[i] *= 0.5f + (float)(i % 7);  // varied scales within a block
         float bc1 = 1 - powf(0.9f, (float)step), bc2 = 1 - powf(0.999f, (float)step);
-        mt_op_adam_direction(&cpu, dir32, g, &s32, n, 0.9f, 0.999f, 1e-8f, bc1, bc2);
-        mt_op_adam_direction(&cpu, dir8, g, &s8, n, 0.9f, 0.999f, 1e-8f, bc1, bc2);
+        mt_op_adam_direction(&cpu, dir32, g, &s32, n, 0.9f, 0.999f, 1e-8f, bc1, bc2, NULL);
+        mt_op_adam_direction(&cpu, dir8, g, &s8, n, 0.9f, 0.999f, 1e-8f, bc1, bc2, NULL);
         worst = fmax(worst, tu_norm_rel_error(dir8, dir32, n));
         free(g);
     }
@@ -313,6 +313,74 @@ START_TEST(one_update_matches_a_direct_computation) {
         ck_assert_msg(worst < 1e-5, "shape %dx%d: worst |w - direct| %g", m, n, worst);
         free(P), free(w), free(w0), free(G), free(G0), free(R);
         mt_galore_free(g);
+    }
+}
+END_TEST
+
+// A parameter whose gradient is not finite keeps its weights and moments,
+// and the others update as they would alone: its sum of squares gates its
+// ops where they run (no host wait a parameter); the step then reports a
+// non-finite norm. A projected matrix (after its refresh step) and a plain
+// vector, each poisoned in turn, fp32 and int8 moments.
+START_TEST(a_non_finite_gradient_leaves_its_parameter_alone) {
+    const int m = 6, n = 10;
+    mt_galore_param gp[2] = {{"w", m, n, 1, 1, 0, 0}, {"b", n, 0, 0, 0, 0, 0}};
+    size_t sizes[2] = {(size_t)m * n, (size_t)n};
+    for (int v = 0; v < 4; v++) {
+        int bad = v % 2, int8 = v / 2;
+        mt_galore_config gc = {0.9f, 0.95f, 1e-8f, 0.1f, 3, 1000, 0.5f, MT_GALORE_RANDOMIZED, int8, 1};
+        mt_galore *g[2];  // 0: both gradients finite; 1: parameter `bad`'s poisoned at step 2
+        float *w[2][2], *grad[2][2];
+        for (int k = 0; k < 2; k++) {
+            ck_assert_int_eq(mt_galore_init(&g[k], &cpu, &gc, gp, 2), MT_OK);
+            for (int i = 0; i < 2; i++) w[k][i] = tu_random(sizes[i], -1, 1, 20 + i);
+        }
+        for (int step = 1; step <= 3; step++) {
+            mt_step_info info[2];
+            for (int k = 0; k < 2; k++) {
+                mt_galore_begin_step(g[k], 0.01f);
+                for (int i = 0; i < 2; i++) {
+                    grad[k][i] = tu_random(sizes[i], -1, 1, (uint64_t)(30 + 10 * step + i));
+                    if (k == 1 && i == bad && step == 2) grad[k][i][3] = NAN;
+                    mt_galore_update(g[k], i, grad[k][i], w[k][i]);
+                }
+                mt_galore_end_step(g[k], &info[k]);
+            }
+            ck_assert(info[0].finite && isfinite(info[0].grad_norm));
+            ck_assert_msg(step == 2 ? !info[1].finite : info[1].finite, "variant %d step %d", v, step);
+            int other = 1 - bad;
+            ck_assert_mem_eq(w[0][other], w[1][other], sizes[other] * 4);  // the other went on as alone
+            if (step == 1) ck_assert_mem_eq(w[0][bad], w[1][bad], sizes[bad] * 4);
+            if (step == 2) {  // the poisoned one kept its values: one step behind the clean run's from here
+                float *w1 = w[1][bad];
+                for (size_t j = 0; j < sizes[bad]; j++) ck_assert(isfinite(w1[j]));
+                ck_assert(memcmp(w[0][bad], w1, sizes[bad] * 4) != 0);
+            }
+            for (int k = 0; k < 2; k++)
+                for (int i = 0; i < 2; i++) free(grad[k][i]);
+        }
+        // its moments did not take the poisoned step either: a third run that skips parameter `bad`'s update
+        // at step 2 altogether ends where run 1 did
+        mt_galore *h;
+        ck_assert_int_eq(mt_galore_init(&h, &cpu, &gc, gp, 2), MT_OK);
+        float *wh[2] = {tu_random(sizes[0], -1, 1, 20), tu_random(sizes[1], -1, 1, 21)};
+        for (int step = 1; step <= 3; step++) {
+            mt_step_info info;
+            mt_galore_begin_step(h, 0.01f);
+            for (int i = 0; i < 2; i++) {
+                float *gi = tu_random(sizes[i], -1, 1, (uint64_t)(30 + 10 * step + i));
+                if (!(i == bad && step == 2)) mt_galore_update(h, i, gi, wh[i]);
+                free(gi);
+            }
+            mt_galore_end_step(h, &info);
+        }
+        for (int i = 0; i < 2; i++) ck_assert_mem_eq(wh[i], w[1][i], sizes[i] * 4);
+        for (int i = 0; i < 2; i++) free(wh[i]);
+        mt_galore_free(h);
+        for (int k = 0; k < 2; k++) {
+            for (int i = 0; i < 2; i++) free(w[k][i]);
+            mt_galore_free(g[k]);
+        }
     }
 }
 END_TEST
@@ -561,6 +629,7 @@ int main(void) {
     tcase_add_test(tc, adam_with_8bit_moments_follows_fp32_adam);
     tcase_add_test(tc, streamed_gradients_equal_the_gradient_block);
     tcase_add_test(tc, one_update_matches_a_direct_computation);
+    tcase_add_test(tc, a_non_finite_gradient_leaves_its_parameter_alone);
     tcase_add_test(tc, refresh_recovers_the_top_singular_subspace);
     tcase_add_test(tc, full_rank_identity_galore_equals_adamw);
     tcase_add_test(tc, galore_training_lowers_the_loss_and_resumes_bit_identically);

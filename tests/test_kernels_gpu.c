@@ -938,7 +938,7 @@ START_TEST(galore_adam_update_and_gauss) {
     float *dir = malloc(n * 4);
     mt_adam_state hs = {m, v, NULL, NULL, NULL, NULL}, ds = {dm, dv, NULL, NULL, NULL, NULL};
     mt_adam_direction_ref(dir, g, &hs, n, 0.9f, 0.95f, 1e-8f, 0.19f, 0.0975f);
-    mt_op_adam_direction(&be, ddir, dg, &ds, n, 0.9f, 0.95f, 1e-8f, 0.19f, 0.0975f);
+    mt_op_adam_direction(&be, ddir, dg, &ds, n, 0.9f, 0.95f, 1e-8f, 0.19f, 0.0975f, NULL);
     float *got = host_from_f32(ddir, n), *gm = host_from_f32(dm, n);
     expect_close("adam direction", got, dir, n, 1e-6);
     expect_close("adam m", gm, m, n, 1e-6);
@@ -956,7 +956,7 @@ START_TEST(galore_adam_update_and_gauss) {
         mt_copy_to_device(dg, gs, n * 4);
         float bc1 = 1 - powf(0.9f, (float)step), bc2 = 1 - powf(0.95f, (float)step);
         mt_adam_direction_ref(dir, gs, &h8, n, 0.9f, 0.95f, 1e-8f, bc1, bc2);
-        mt_op_adam_direction(&be, ddir, dg, &d8, n, 0.9f, 0.95f, 1e-8f, bc1, bc2);
+        mt_op_adam_direction(&be, ddir, dg, &d8, n, 0.9f, 0.95f, 1e-8f, bc1, bc2, NULL);
         got = host_from_f32(ddir, n);
         // where the GPU's and the CPU's codes agree the directions agree to
         // fp32 rounding; a code may land on the other neighbour (at most 1 in
@@ -978,13 +978,50 @@ START_TEST(galore_adam_update_and_gauss) {
     float *w = host_random(n, -0.5f, 0.5f), *ref = malloc(n * 4);
     for (size_t i = 0; i < n; i++) ref[i] = mt_bf16_to_f32(mt_f32_to_bf16(w[i]));
     void *dw = dev_bf16(w, n);
-    mt_op_apply_update(&be, dw, dg, n, 1e-3f, 0.5f, 0.1f, 99);
+    mt_op_apply_update(&be, dw, dg, n, 1e-3f, 0.5f, 0.1f, 99, NULL);
     float *gs = host_from_f32(dg, n);
     mt_apply_update_ref(ref, gs, n, 1e-3f, 0.5f, 0.1f);
     got = host_from_bf16(dw, n);
     for (size_t j = 0; j < n; j++)
         ck_assert_msg(fabsf(got[j] - ref[j]) <= fabsf(ref[j]) / 128 + 1e-6f, "update j=%zu: %g vs %g", j, got[j],
                       ref[j]);
+    // gated by a sum of squares on the device (mt_op_sumsq_to: mt_op_sumsq's bits, the host not waiting):
+    // finite, the same bits as ungated; not finite, the weights and moments (fp32 and 8-bit) stay as they were
+    double *dss = dev_poisoned(2 * sizeof(double)), ss_host = 0.0, nan_host = NAN;
+    mt_op_sumsq_to(&be, dg, n, dss);
+    mt_copy_to_host(&ss_host, dss, sizeof ss_host);
+    double ss_sync = mt_op_sumsq(&be, dg, n);
+    ck_assert_msg(memcmp(&ss_host, &ss_sync, sizeof ss_host) == 0, "sumsq_to %.17g, sumsq %.17g", ss_host, ss_sync);
+    mt_copy_to_device(dss + 1, &nan_host, sizeof nan_host);
+    void *dw2 = dev_bf16(w, n), *dw3 = dev_bf16(w, n);
+    mt_op_apply_update(&be, dw2, dg, n, 1e-3f, 0.5f, 0.1f, 99, NULL);
+    mt_op_apply_update(&be, dw3, dg, n, 1e-3f, 0.5f, 0.1f, 99, dss);
+    uint16_t *b2 = malloc(n * 2), *b3 = malloc(n * 2), *b0 = malloc(n * 2);
+    mt_copy_to_host(b2, dw2, n * 2), mt_copy_to_host(b3, dw3, n * 2);
+    ck_assert_msg(memcmp(b2, b3, n * 2) == 0, "the update gated by a finite sum differs from the ungated one");
+    mt_copy_to_host(b0, dw3, n * 2);
+    mt_op_apply_update(&be, dw3, dg, n, 1e-3f, 0.5f, 0.1f, 99, dss + 1);
+    mt_copy_to_host(b3, dw3, n * 2);
+    ck_assert_msg(memcmp(b0, b3, n * 2) == 0, "the update gated by NaN changed the weights");
+    float *m0 = host_from_f32(dm, n), *dir0 = host_from_f32(ddir, n);
+    mt_op_adam_direction(&be, ddir, dg, &ds, n, 0.9f, 0.95f, 1e-8f, 0.19f, 0.0975f, dss + 1);
+    float *m1 = host_from_f32(dm, n), *dir1 = host_from_f32(ddir, n);
+    ck_assert_msg(memcmp(m0, m1, n * 4) == 0 && memcmp(dir0, dir1, n * 4) == 0, "gated adam direction ran");
+    uint8_t *q0 = malloc(n), *q1 = malloc(n);
+    void *dmq8 = dev_poisoned(n), *dvq8 = dev_poisoned(n);
+    float *zeros = calloc(blocks, 4), *dma8 = dev_f32(zeros, blocks), *dva8 = dev_f32(zeros, blocks);
+    mt_device_memset(dmq8, 0, n), mt_device_memset(dvq8, 0, n);
+    mt_adam_state g8 = {NULL, NULL, dmq8, dvq8, dma8, dva8};
+    mt_op_adam_direction(&be, ddir, dg, &g8, n, 0.9f, 0.95f, 1e-8f, 0.19f, 0.0975f, dss);  // finite: runs
+    mt_copy_to_host(q0, dmq8, n);
+    mt_op_adam_direction(&be, ddir, dg, &g8, n, 0.9f, 0.95f, 1e-8f, 0.19f, 0.0975f, dss + 1);
+    mt_copy_to_host(q1, dmq8, n);
+    size_t nonzero = 0;
+    for (size_t i = 0; i < n; i++) nonzero += q0[i] != 0;
+    ck_assert_msg(nonzero > n / 2 && memcmp(q0, q1, n) == 0, "8-bit codes: %zu set, gated step changed them", nonzero);
+    free(b0), free(b2), free(b3), free(m0), free(m1), free(dir0), free(dir1), free(q0), free(q1), free(zeros);
+    mt_device_free(dw2), mt_device_free(dw3), mt_device_free(dss), mt_device_free(dmq8), mt_device_free(dvq8);
+    mt_device_free(dma8), mt_device_free(dva8);
     free(got), free(gs), free(w), free(ref);
     mt_device_free(dw);
     // the z stream in fp32
