@@ -121,7 +121,6 @@ struct mt_model {
     int *slot_layer, *slot_ticket;    // the layer each slot holds (-1: none), its copy in (-1: waited for)
     int *slot_dirty;                  // MeZO's update changed the slot: written back before reuse
     int *slot_wb;                     // the copy out of the slot's last write-back (-1: none)
-    size_t slot_stride;               // bytes of one slot (compute weights, then NF4 codes)
     int *store_wb;                    // (L) the copy out of each layer's last write-back into the store
     struct stream_trace *trace;       // the streamed weights' timeline while one is taken (NULL: none)
     int *param_layer;                 // (num_params) the layer of each parameter, -1 outside layers
@@ -676,8 +675,7 @@ static void streamed_sizes(mt_model *m, size_t nf4_bytes, size_t *outer, size_t 
         int i = find_param(m, names[k]);
         if (i >= 0) *outer += align16(m->params[i].count) * act;
     }
-    *slot = align256(align256(m->layer_compute) + m->layer_nf4);
-    m->slot_stride = *slot;
+    *slot = align256(align256(m->layer_compute) + m->layer_nf4);  // (resident slots follow each other)
 }
 
 // The outer tensors on the backend (their home stays in the store, where
