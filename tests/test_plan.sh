@@ -314,4 +314,11 @@ out=$("$MEMTUNE" train "${base[@]}" --set memory.budget=16 --set "output.dir=$W/
 [ $? -ne 0 ] && echo "$out" | grep -q "memory.budget 16: expected a size with its unit" ||
     fail "memory.budget 16: expected a refusal naming the unit: $out"
 [ ! -e "$W/bare/model" ] || fail "memory.budget 16: a refused run wrote a model"
+# eval's and generate's --resident-layers: a count, and only for a streamed base
+out=$("$MEMTUNE" generate --model configs/models/tiny --prompt hi --resident-layers 2 2>&1)
+[ $? -eq 2 ] && echo "$out" | grep -q "it needs --weights cpu or ssd" ||
+    fail "generate --resident-layers without --weights cpu: $out"
+out=$("$MEMTUNE" eval --model configs/models/tiny --data "$W/none.h5" --weights cpu --resident-layers x 2>&1)
+[ $? -eq 2 ] && echo "$out" | grep -q "resident-layers x: expected a whole number" ||
+    fail "eval --resident-layers x: $out"
 echo "test_plan: all passed"

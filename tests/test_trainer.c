@@ -862,7 +862,10 @@ START_TEST(eval_matches_logits_and_adapter) {
     o.weights_dir = dir;  // --weights ssd: from a file there (deleted at once), the same loss again
     ck_assert_msg(mt_eval_run(&o, &rs) == MT_OK, "%s", mt_last_error());
     ck_assert_msg(rs.loss == ra.loss, "from a file %.17g, resident %.17g", rs.loss, ra.loss);
-    o.stream_weights = 0, o.weights_dir = NULL;
+    o.resident_layers = 1;  // --resident-layers 1: the first layer kept, the same loss again
+    ck_assert_msg(mt_eval_run(&o, &rs) == MT_OK, "%s", mt_last_error());
+    ck_assert_msg(rs.loss == ra.loss, "one layer resident %.17g, resident %.17g", rs.loss, ra.loss);
+    o.stream_weights = 0, o.weights_dir = NULL, o.resident_layers = 0;
     mt_lora_merge(&mc, &lora, params, ad);
     ck_assert_int_eq(mt_hf_save(merged, NULL, &mc, params, MT_DTYPE_F32), MT_OK);
     o.adapter = NULL, o.model = merged;
@@ -1121,24 +1124,32 @@ START_TEST(generation_matches_the_full_forward) {
         // the backend's decoding (memtune generate on a GPU; here the CPU
         // backend): two rows, the second 5 positions behind after it starts
         // over, each row's logits the full forward's at its position
-        mt_model_options od = {.B = 2, .T = 1, .forward_only = 1, .decode_len = T};
-        mt_model *dec;
+        // (and with the base streamed, its first layer resident: generate --weights cpu --resident-layers 1,
+        // the same logits bit for bit)
+        mt_model_options od = {.B = 2, .T = 1, .forward_only = 1, .decode_len = T}, os = od;
+        os.stream_weights = 1, os.resident_layers = 1;
+        mt_model *dec, *decs;
         ck_assert_int_eq(mt_model_create_with(&dec, &be, &mc, &od), MT_OK);
+        ck_assert_int_eq(mt_model_create_with(&decs, &be, &mc, &os), MT_OK);
         ck_assert_int_eq(mt_model_set_weights(dec, params), MT_OK);
+        ck_assert_int_eq(mt_model_set_weights(decs, params), MT_OK);
         mt_model_logits(m, seq, full);
-        float *two = malloc(2 * (size_t)mc.V * 4);
+        float *two = malloc(2 * (size_t)mc.V * 4), *twos = malloc(2 * (size_t)mc.V * 4);
         double worst_dec = 0.0;
         for (int step = 0; step < T + 5; step++) {
             int32_t pos[2] = {step < T ? step : T - 1, step < 5 ? step : step - 5};
             int32_t tok[2] = {seq[pos[0]], seq[pos[1]]};
             mt_model_decode(dec, tok, pos, two);
+            mt_model_decode(decs, tok, pos, twos);
+            ck_assert_msg(memcmp(two, twos, 2 * (size_t)mc.V * 4) == 0, "variant %d step %d: streamed decoding differs",
+                          variant, step);
             for (int b = 0; b < 2; b++)
                 for (int v = 0; v < mc.V; v++)
                     worst_dec = fmax(worst_dec, fabs(two[(size_t)b * mc.V + v] - full[(size_t)pos[b] * mc.V + v]));
         }
         ck_assert_msg(worst_dec < 1e-4, "variant %d: decoding's logits differ by %g", variant, worst_dec);
-        mt_model_free(dec);
-        free(two);
+        mt_model_free(dec), mt_model_free(decs);
+        free(two), free(twos);
         ck_assert_int_eq(mt_generator_step(g, 1, logits), MT_OK);         // the cache's last position
         ck_assert_int_eq(mt_generator_step(g, 1, logits), MT_ERR_USAGE);  // past it
         mt_model_free(m);

@@ -108,7 +108,8 @@ mt_err mt_eval_run(const mt_eval_options *o, mt_eval_result *r) {
                            .forward_only = 1,
                            .document_mask = o->document_mask,
                            .stream_weights = o->stream_weights,
-                           .weights_dir = o->weights_dir};
+                           .weights_dir = o->weights_dir,
+                           .resident_layers = o->resident_layers};
     if (!err) err = mt_model_create_with(&model, &be, &mc, &mo);
     if (!err) err = mt_hf_set_model(model, o->model, 0);  // a layer at a time: no whole fp32 copy
     if (!err && adapters) mt_model_set_adapters(model, adapters);

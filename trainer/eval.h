@@ -31,6 +31,7 @@ typedef struct {
     int quantize_nf4;         // the base's linear weights in NF4, as QLoRA trained them (needs adapter)
     int stream_weights;       // the base in host memory, a layer at a time on the backend (model.weights: cpu)
     const char *weights_dir;  // with stream_weights: NULL, or the folder of the base's file (model.weights: ssd)
+    int resident_layers;      // with stream_weights: the first n layers stay on the backend (model.resident_layers)
 } mt_eval_options;
 
 typedef struct {

@@ -144,6 +144,20 @@ static const char *weights_file_dir(int place, const char *dir, int *stream) {
     return dir ? dir : t && t[0] ? t : "/var/tmp";
 }
 
+// --resident-layers N of eval and generate: with --weights cpu or ssd only.
+static int resident_option(const char *v, int stream, int *out) {
+    long n;
+    if (mt_parse_long(v, 0, 1L << 20, &n))
+        return fail(mt_errorf(MT_ERR_USAGE, "--resident-layers %s: expected a whole number of layers", v));
+    if (n > 0 && !stream)
+        return fail(mt_errorf(MT_ERR_USAGE,
+                              "--resident-layers %ld keeps the first layers of a streamed base on the GPU: it needs "
+                              "--weights cpu or ssd (with --weights gpu every layer is there already)",
+                              n));
+    *out = (int)n;
+    return 0;
+}
+
 static int parse_choice(const char *opt, const char *v, const char *const *names, int n, int *out) {
     for (int i = 0; i < n; i++)
         if (!strcmp(v, names[i])) return *out = i, 0;
@@ -250,6 +264,7 @@ static const char EVAL_HELP[] =
     "  --weights W          gpu (the default), cpu: the base's layers in host memory, each copied to the\n"
     "                       GPU as it runs (a model larger than the GPU; model.weights in training), or ssd:\n"
     "                       as cpu, from a file under --weights-dir (default $TMPDIR, else /var/tmp)\n"
+    "  --resident-layers N  with --weights cpu or ssd: the first N layers stay on the GPU, copied once (0)\n"
     "  --document-mask      documents packed into a window attend only within themselves and restart their\n"
     "                       positions (as data.document_mask trains); a window's last token of a document\n"
     "                       does not count\n"
@@ -259,7 +274,7 @@ static int cmd_eval(int argc, char **argv) {
     mt_eval_options o;
     mt_eval_defaults(&o);
     int place = 0;  // --weights
-    const char *weights_dir = NULL;
+    const char *weights_dir = NULL, *resident = NULL;
     for (int i = 0; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--help") || !strcmp(a, "-h")) return printf("%s", EVAL_HELP), 0;
@@ -284,6 +299,8 @@ static int cmd_eval(int argc, char **argv) {
             if (rc) return rc;
         } else if (!strcmp(a, "--weights-dir")) {
             weights_dir = v;
+        } else if (!strcmp(a, "--resident-layers")) {
+            resident = v;
         } else if (!strcmp(a, "--quantize")) {
             int rc = parse_choice(a, v, quantizations, 2, &o.quantize_nf4);
             if (rc) return rc;
@@ -302,6 +319,10 @@ static int cmd_eval(int argc, char **argv) {
         i++;
     }
     o.weights_dir = weights_file_dir(place, weights_dir, &o.stream_weights);  // --weights-dir counts with ssd only
+    if (resident) {
+        int rc = resident_option(resident, o.stream_weights, &o.resident_layers);
+        if (rc) return rc;
+    }
     mt_eval_result r;
     mt_err err = mt_eval_run(&o, &r);
     if (err) return fail(err);
@@ -386,6 +407,7 @@ static const char GENERATE_HELP[] =
     "  --weights W            on a GPU: gpu (the default), cpu (the model's layers in host memory, each copied\n"
     "                         to the GPU as it runs: a model larger than the GPU, slowly, every token reads them)\n"
     "                         or ssd (as cpu, from a file under --weights-dir DIR, default $TMPDIR or /var/tmp)\n"
+    "  --resident-layers N    with --weights cpu or ssd: the first N layers stay on the GPU, copied there once\n"
     "  --adapter DIR          a PEFT LoRA adapter, applied on the fly (the base's values untouched)\n"
     "  --merge                fold the adapter into the base first instead (the same function)\n"
     "  --quantize nf4         the base as QLoRA trained it: its linear weights through NF4 (on a GPU with\n"
@@ -412,7 +434,7 @@ typedef struct {
     int nf4;                     // --quantize nf4: the base's linear weights through NF4
     const mt_lora_config *lora;  // an adapter on the fly, or NULL
     const float *adapter;
-    int max_len, batch, gpu, stream_weights;
+    int max_len, batch, gpu, stream_weights, resident_layers;
     const char *weights_dir;  // --weights ssd: the base's file is there
 } gen_ctx;
 
@@ -577,6 +599,7 @@ static mt_err generate_gpu(const gen_ctx *c, gen_item *items, int n, FILE *strea
                            .decode_len = len,
                            .stream_weights = c->stream_weights,
                            .weights_dir = c->weights_dir,
+                           .resident_layers = c->resident_layers,
                            .quantize_nf4 = !c->params && c->nf4};
     if (c->lora) mo.lora = *c->lora, mo.lora.dropout = 0.0f;
     mt_model *m = NULL;
@@ -611,7 +634,7 @@ static mt_err generate_gpu(const gen_ctx *c, gen_item *items, int n, FILE *strea
 
 static int cmd_generate(int argc, char **argv) {
     const char *model = NULL, *adapter = NULL, *prompt = NULL, *chat = NULL, *system = NULL, *input = NULL,
-               *template_name = "auto", *device = "auto", *weights = "gpu", *weights_dir = NULL;
+               *template_name = "auto", *device = "auto", *weights = "gpu", *weights_dir = NULL, *resident = NULL;
     gen_ctx c = {.o = {.max_new = 128, .sampling = {0.0f, 0, 1.0f, 0.0f, 1.0f, 0}}};
     int merge = 0, nf4 = 0;
     for (int i = 0; i < argc; i++) {
@@ -626,11 +649,17 @@ static int cmd_generate(int argc, char **argv) {
         const struct {
             const char *name;
             const char **dst;
-        } strings[] = {{"--model", &model},     {"--adapter", &adapter},
-                       {"--prompt", &prompt},   {"--chat", &chat},
-                       {"--system", &system},   {"--input", &input},
-                       {"--device", &device},   {"--chat-template", &template_name},
-                       {"--weights", &weights}, {"--weights-dir", &weights_dir}};
+        } strings[] = {{"--model", &model},
+                       {"--adapter", &adapter},
+                       {"--prompt", &prompt},
+                       {"--chat", &chat},
+                       {"--system", &system},
+                       {"--input", &input},
+                       {"--device", &device},
+                       {"--chat-template", &template_name},
+                       {"--weights", &weights},
+                       {"--weights-dir", &weights_dir},
+                       {"--resident-layers", &resident}};
         int taken = 0;
         for (size_t k = 0; k < sizeof strings / sizeof strings[0] && !taken; k++)
             if (!strcmp(a, strings[k].name)) *strings[k].dst = v, taken = 1;
@@ -680,6 +709,7 @@ static int cmd_generate(int argc, char **argv) {
     int place;
     if ((rc = parse_choice("--weights", weights, weight_places, 3, &place))) return rc;
     c.weights_dir = weights_file_dir(place, weights_dir, &c.stream_weights);
+    if (resident && (rc = resident_option(resident, c.stream_weights, &c.resident_layers))) return rc;
     c.gpu = dev != 1 && mt_device_count() > 0;
     if (dev == 2 && !c.gpu)
         return fail(mt_errorf(MT_ERR_DEVICE, "--device gpu but no GPU is visible; use --device cpu or auto"));
