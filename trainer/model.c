@@ -1188,7 +1188,7 @@ void mt_model_free(mt_model *m) {
     mt_free((void **)&m->grad_outer);
     mt_free(&m->nf4_storage);
     mt_free(&m->outer);
-    for (int k = 0; k < 2 && m->slots; k++) mt_free(&m->slots[k]);
+    for (int k = 0; k < 2 && k < m->nslots; k++) mt_free(&m->slots[k]);  // (the resident ones are in one block)
     mt_free(&m->resident_block);
     free(m->slots);
     free(m->slot_layer);
