@@ -170,11 +170,11 @@ echo "$out" | grep -q "^model.weights auto: gpu (the run fits" || fail "model.we
 out=$("$MEMTUNE" plan "${q7[@]}" --set model.weights=auto --gpu-memory 4GiB 2>&1)
 echo "$out" | grep -q "^model.weights auto: cpu (resident it needs" || fail "model.weights auto on 4GiB: $out"
 # ... and keeps on the GPU the first layers that fit beside the streamed rest: the most that fit (one more does not)
-out=$("$MEMTUNE" plan "${q7[@]}" --set model.weights=auto --gpu-memory 5GiB 2>&1)
+out=$("$MEMTUNE" plan "${q7[@]}" --set model.weights=auto --gpu-memory 5GiB --brief 2>&1)
 kept=$(echo "$out" | sed -n 's/^model.weights auto: cpu (.* keeping the first \([0-9]*\) of 32 layers on the GPU.*/\1/p')
 [ -n "$kept" ] && [ "$kept" -gt 0 ] && [ "$kept" -lt 32 ] || fail "model.weights auto on 5GiB kept no layers: $out"
 keeps() {
-    "$MEMTUNE" plan "${q7[@]}" --set model.weights=cpu --set "model.resident_layers=$1" --gpu-memory 5GiB 2>&1 |
+    "$MEMTUNE" plan "${q7[@]}" --set model.weights=cpu --set "model.resident_layers=$1" --gpu-memory 5GiB --brief 2>&1 |
         grep -q "^peak .*: fits"
 }
 keeps "$kept" && ! keeps $((kept + 1)) || fail "model.weights auto on 5GiB: $kept resident layers is not the most"
@@ -182,7 +182,7 @@ out=$("$MEMTUNE" plan "${q7[@]}" --set model.weights=ssd --set offload.path="$W/
 echo "$out" | grep -q "^disk .* (the base's file under offload.path" || fail "model.weights ssd: no disk line: $out"
 echo "$out" | grep -q "^peak .*: fits" || fail "model.weights ssd on 4GiB: $out"
 # offload.path set for auto's ssd choice alone: no refusal where the run fits the GPU (the path goes unused) ...
-out=$("$MEMTUNE" plan "${q7[@]}" --set model.weights=auto --set offload.path="$W/weights" --gpu-memory 24GiB 2>&1)
+out=$("$MEMTUNE" plan "${q7[@]}" --set model.weights=auto --set offload.path="$W/weights" --gpu-memory 24GiB --brief 2>&1)
 echo "$out" | grep -q "^model.weights auto: gpu (the run fits" || fail "model.weights auto with offload.path: $out"
 # ... and where no host holds the base (MeZO over 200 layers of hidden 16384, 1.3 TB of bf16) the file takes it,
 # with the first layers that fit the GPU kept there
@@ -191,7 +191,7 @@ echo '{"architectures":["LlamaForCausalLM"],"vocab_size":32000,"hidden_size":163
 "num_hidden_layers":200,"num_attention_heads":128,"num_key_value_heads":8,"rms_norm_eps":1e-5,
 "max_position_embeddings":4096,"rope_theta":10000.0,"tie_word_embeddings":false}' > "$W/huge/config.json"
 out=$("$MEMTUNE" plan configs/mezo.yaml --set model.path="$W/huge" --set model.weights=auto --set train.micro_batch=1 \
-    --set offload.path="$W/weights" --gpu-memory 80GiB 2>&1)
+    --set offload.path="$W/weights" --gpu-memory 80GiB --brief 2>&1)
 echo "$out" | grep -q "^model.weights auto: ssd (.* keeping the first [0-9]* of 200 layers on the GPU" ||
     fail "model.weights auto for a base no host holds: $out"
 echo "test_plan: model.weights auto (resident, streamed, $kept layers kept) and ssd for QLoRA 7B"
