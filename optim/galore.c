@@ -43,7 +43,6 @@ struct mt_galore {
     // the host at the step's end in the order the updates came
     double *sumsq, *sumsq_host;
     int *order, n_order;
-    int finite;
     float *work;  // X, then the refresh's Omega, Y, Z, S, eigenvalues (sized at init)
     double refresh_seconds;
     int refresh_count;
@@ -112,7 +111,7 @@ mt_err mt_galore_init(mt_galore **out, mt_backend *be, const mt_galore_config *c
     MT_CHECK(cfg->rank >= 1 && cfg->update_gap >= 1, "galore: rank %d, update_gap %d", cfg->rank, cfg->update_gap);
     mt_galore *g = calloc(1, sizeof *g);
     MT_CHECK(g != NULL, "galore");
-    g->be = be, g->cfg = *cfg, g->n = n, g->finite = 1;
+    g->be = be, g->cfg = *cfg, g->n = n;
     g->p = calloc((size_t)(n ? n : 1), sizeof *g->p);
     MT_CHECK(g->p != NULL, "galore parameters");
     size_t work = 0;
@@ -177,7 +176,6 @@ void mt_galore_begin_step(mt_galore *g, float lr) {
     g->bc2 = 1.0f - powf(g->cfg.beta2, (float)g->steps);
     g->refreshing = (g->steps - 1) % g->cfg.update_gap == 0;
     g->n_order = 0;
-    g->finite = 1;
     g->refresh_seconds = 0.0;
     g->refresh_count = 0;
 }
@@ -268,13 +266,10 @@ void mt_galore_end_step(mt_galore *g, mt_step_info *info) {
     // one read of the step's sums (which waits for its updates), added in the order they came
     if (g->n) mt_backend_to_host(g->be, g->sumsq_host, g->sumsq, (size_t)g->n * sizeof(double));
     double sumsq = 0.0;
-    for (int k = 0; k < g->n_order; k++) {
-        double ss = g->sumsq_host[g->order[k]];
-        sumsq += ss;
-        if (!isfinite(ss)) g->finite = 0;
-    }
+    for (int k = 0; k < g->n_order; k++) sumsq += g->sumsq_host[g->order[k]];
+    // (sums of squares are never negative: a NaN or an infinity in any of them makes the total not finite)
     info->grad_norm = sqrt(sumsq);
-    info->finite = g->finite && isfinite(info->grad_norm);
+    info->finite = isfinite(info->grad_norm);
 }
 
 void mt_galore_cancel_step(mt_galore *g) {
