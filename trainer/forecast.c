@@ -748,15 +748,22 @@ static mt_err read_budget(const mt_config *cfg, int gpu, double *budget, char *s
 
 // model.weights auto chose to stream (cfg says cpu or ssd; f is that run's
 // forecast): the first layers that fit `capacity` beside it stay on the GPU
-// (model.resident_layers, where 0: a frozen base or MeZO's, whose layers
-// nothing updates in host memory). Each kept layer takes a slot's bytes, so
-// the peak grows with their count: the most that fit, by bisection. *f
-// becomes the chosen run's forecast; `kept` says what was kept ("" none).
+// (model.resident_layers, where 0 and the run takes it: the config's rules
+// refuse it where the layers are updated in host memory). Each kept layer
+// takes a slot's bytes, so the peak grows with their count: the most that
+// fit, by bisection. *f becomes the chosen run's forecast; `kept` says what
+// was kept ("" none).
 static void keep_resident_layers(mt_config *cfg, const mt_model_config *mc, int gpu, int world, double capacity,
                                  mt_forecast *f, char *kept, size_t len) {
     kept[0] = '\0';
-    int full_ft = !strcmp(cfg->optim_kind, "adamw") && cfg->lora_r == 0;
-    if (cfg->model_resident_layers > 0 || full_ft || capacity <= 0 || f->device_peak > capacity) return;
+    if (cfg->model_resident_layers > 0 || capacity <= 0 || f->device_peak > capacity) return;
+    cfg->model_resident_layers = 1;
+    int refused = mt_config_validate(cfg) != MT_OK;
+    cfg->model_resident_layers = 0;
+    if (refused) {
+        mt_clear_error();
+        return;
+    }
     long lo = 1, hi = mc->L, best = 0;
     mt_forecast g, best_f = *f;
     while (lo <= hi) {
