@@ -1247,6 +1247,8 @@ void mt_model_describe_attention(mt_model *m, char *buf, size_t len) {
     snprintf(buf, len, "%s%s%s", what, window, m->attn.docs ? ", packed documents kept apart" : "");
 }
 
+int mt_model_resident_layers(const mt_model *m) { return m->resident; }
+
 size_t mt_model_base_weight_bytes(const mt_model *m) {
     size_t bytes = m->compute_total * mt_act_size(m->be);
     for (int l = 0; l < m->cfg.L && m->quantized; l++)

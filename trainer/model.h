@@ -121,6 +121,9 @@ void mt_model_set_adapters(mt_model *m, const float *host_params);
 void mt_model_set_dropout_seed(mt_model *m, uint64_t seed);
 // Bytes that hold the base weights on the backend (NF4 storage included).
 size_t mt_model_base_weight_bytes(const mt_model *m);
+// The streamed base's layers that keep a slot of their own (resident_layers,
+// at most L; 0 without streaming).
+int mt_model_resident_layers(const mt_model *m);
 // Which attention runs (cuDNN's, memtune's kernel, the CPU reference) and the
 // sliding window when one binds, for the start-up line.
 void mt_model_describe_attention(mt_model *m, char *buf, size_t len);

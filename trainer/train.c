@@ -257,9 +257,9 @@ static void report(run *r) {
     mt_model_describe_attention(r->model, attention, sizeof attention);
     mt_info("attention: %s", attention);
     char where[512];  // the base's layers
-    int kept = r->opts.resident_layers < r->mc.L ? r->opts.resident_layers : r->mc.L;
+    int kept = mt_model_resident_layers(r->model);
     char resident[96] = "";
-    if (r->opts.stream_weights && kept)
+    if (kept)
         snprintf(resident, sizeof resident, "; the first %d of %d layers stay %s (model.resident_layers)", kept,
                  r->mc.L, pl->use_gpu ? "on the GPU" : "in slots of their own");
     if (r->opts.stream_weights)
