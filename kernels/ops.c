@@ -279,8 +279,15 @@ void mt_op_lora_down_backward(const mt_backend *be, void *dx, float *const *da, 
 
 void mt_op_perturb(const mt_backend *be, void *dst, const void *src, size_t n, float scale, uint64_t seed,
                    uint64_t offset) {
-    MT_GPU(be, mt_perturb_cuda(be, dst, src, n, scale, seed, offset));
-    mt_perturb_ref(dst, src, n, scale, seed, offset);
+    mt_op_perturb_pair(be, dst, NULL, src, n, scale, seed, offset);
+}
+
+void mt_op_perturb_pair(const mt_backend *be, void *plus, void *minus, const void *src, size_t n, float scale,
+                        uint64_t seed, uint64_t offset) {
+    MT_CHECK(!minus || (minus != src && minus != plus), "perturb_pair: the mirror aliases an input or the output");
+    MT_GPU(be, mt_perturb_cuda(be, plus, minus, src, n, scale, seed, offset));
+    if (minus) mt_perturb_ref(minus, src, n, -scale, seed, offset);  // before plus, which may alias src
+    mt_perturb_ref(plus, src, n, scale, seed, offset);
 }
 
 void mt_op_perturb_rows(const mt_backend *be, void *x, const int32_t *tokens, int N, int C, float scale, uint64_t seed,
@@ -292,19 +299,21 @@ void mt_op_perturb_rows(const mt_backend *be, void *x, const int32_t *tokens, in
 void mt_op_zo_update(const mt_backend *be, void *w, size_t n, uint64_t offset, const mt_zo_directions *d, float lr,
                      float weight_decay, uint64_t round_seed) {
     MT_CHECK(d->count >= 1 && d->count <= MT_ZO_MAX_DIRECTIONS, "zo_update: %d directions", d->count);
-    MT_GPU(be, mt_zo_update_cuda(be, w, n, offset, d, lr, weight_decay, round_seed, NULL, 0.0f, 0));
+    MT_GPU(be, mt_zo_update_cuda(be, w, n, offset, d, lr, weight_decay, round_seed, NULL, NULL, 0.0f, 0));
     (void)round_seed;  // fp32 on the CPU: no rounding to draw
     mt_zo_update_ref(w, n, offset, d->count, d->seed, d->coef, lr, weight_decay);
 }
 
-void mt_op_zo_update_perturb(const mt_backend *be, void *w, void *perturbed, size_t n, uint64_t offset,
+void mt_op_zo_update_perturb(const mt_backend *be, void *w, void *perturbed, void *mirror, size_t n, uint64_t offset,
                              const mt_zo_directions *d, float lr, float weight_decay, uint64_t round_seed, float scale,
                              uint64_t seed) {
     MT_CHECK(d->count >= 1 && d->count <= MT_ZO_MAX_DIRECTIONS, "zo_update: %d directions", d->count);
-    MT_GPU(be, mt_zo_update_cuda(be, w, n, offset, d, lr, weight_decay, round_seed, perturbed, scale, seed));
+    MT_CHECK(mirror != w && mirror != perturbed, "zo_update_perturb: the mirror aliases the weights or the output");
+    MT_GPU(be, mt_zo_update_cuda(be, w, n, offset, d, lr, weight_decay, round_seed, perturbed, mirror, scale, seed));
     (void)round_seed;
     mt_zo_update_ref(w, n, offset, d->count, d->seed, d->coef, lr, weight_decay);
     mt_perturb_ref(perturbed, w, n, scale, seed, offset);
+    if (mirror) mt_perturb_ref(mirror, w, n, -scale, seed, offset);
 }
 
 void mt_op_logits_forward(const mt_backend *be, float *logits, const void *inp, const void *weight, int N, int C,

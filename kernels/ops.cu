@@ -2556,28 +2556,41 @@ static __device__ __forceinline__ void store_groups(bf16 *dst, long long j0, siz
     }
 }
 
-static __global__ void perturb_kernel(bf16 *dst, const bf16 *src, size_t n, float scale, unsigned long long seed,
-                                      unsigned long long offset) {
+// The perturbation's read, and where `mirror` is not NULL the opposite
+// sign's, src - scale z, written as the kernel with -scale writes it (the same
+// rounding of the same fma).
+static __device__ __forceinline__ void store_perturbed(bf16 *dst, bf16 *mirror, long long j0, size_t n, int count,
+                                                       const float v[8], float scale, const float z[8]) {
+    bf16 out[8];
+#pragma unroll
+    for (int q = 0; q < 8; q++) out[q] = __float2bfloat16(v[q] + scale * z[q]);
+    store_groups(dst, j0, n, count, out);
+    if (!mirror) return;
+    float opposite = -scale;
+#pragma unroll
+    for (int q = 0; q < 8; q++) out[q] = __float2bfloat16(v[q] + opposite * z[q]);
+    store_groups(mirror, j0, n, count, out);
+}
+
+static __global__ void perturb_kernel(bf16 *dst, bf16 *mirror, const bf16 *src, size_t n, float scale,
+                                      unsigned long long seed, unsigned long long offset) {
     size_t t;
     int count = thread_groups(n, offset, &t);
     if (!count) return;
     float z[8], v[8];
-    bf16 out[8];
 #pragma unroll
     for (int h = 0; h < 2; h++) gauss4(seed, offset / 4 + t + h, z + 4 * h);  // a second past the end is unused
     long long j0 = group_start(t, offset);
     load_groups(src, j0, n, count, v);
-#pragma unroll
-    for (int q = 0; q < 8; q++) out[q] = __float2bfloat16(v[q] + scale * z[q]);
-    store_groups(dst, j0, n, count, out);
+    store_perturbed(dst, mirror, j0, n, count, v, scale, z);
 }
 
-extern "C" void mt_perturb_cuda(const mt_backend *be, void *dst, const void *src, size_t n, float scale, uint64_t seed,
-                                uint64_t offset) {
+extern "C" void mt_perturb_cuda(const mt_backend *be, void *dst, void *mirror, const void *src, size_t n, float scale,
+                                uint64_t seed, uint64_t offset) {
     (void)be;
     if (n == 0) return;
     perturb_kernel<<<grid_for_groups(group_count(n, offset)), kThreads, 0, mt_stream_of(be)>>>(
-        (bf16 *)dst, (const bf16 *)src, n, scale, (unsigned long long)seed, (unsigned long long)offset);
+        (bf16 *)dst, (bf16 *)mirror, (const bf16 *)src, n, scale, (unsigned long long)seed, (unsigned long long)offset);
     CUDA_CHECK_LAUNCH();
 }
 
@@ -2623,8 +2636,8 @@ static __device__ void round_bits4(unsigned long long seed, unsigned long long g
 // updated weights, w_new + scale * z(seed), in the same pass: the same values
 // as the update kernel followed by the perturbation kernel, one read fewer.
 static __global__ void zo_update_kernel(bf16 *w, size_t n, unsigned long long offset, mt_zo_directions d, float lr,
-                                        float weight_decay, unsigned long long round_seed, bf16 *perturbed, float scale,
-                                        unsigned long long seed) {
+                                        float weight_decay, unsigned long long round_seed, bf16 *perturbed,
+                                        bf16 *mirror, float scale, unsigned long long seed) {
     size_t t;
     int count = thread_groups(n, offset, &t);
     if (!count) return;
@@ -2642,28 +2655,27 @@ static __global__ void zo_update_kernel(bf16 *w, size_t n, unsigned long long of
     }
     long long j0 = group_start(t, offset);
     load_groups(w, j0, n, count, v);
-    bf16 out[8], read[8];
+    bf16 out[8];
 #pragma unroll
     for (int q = 0; q < 8; q++) out[q] = bf16_stochastic(v[q] - lr * (step[q] + weight_decay * v[q]), random[q]);
     store_groups(w, j0, n, count, out);
     if (!perturbed) return;
+    float zn[8];
 #pragma unroll
-    for (int h = 0; h < 2; h++) {
-        gauss4(seed, offset / 4 + t + h, z);
+    for (int h = 0; h < 2; h++) gauss4(seed, offset / 4 + t + h, zn + 4 * h);
 #pragma unroll
-        for (int q = 0; q < 4; q++) read[4 * h + q] = __float2bfloat16(__bfloat162float(out[4 * h + q]) + scale * z[q]);
-    }
-    store_groups(perturbed, j0, n, count, read);
+    for (int q = 0; q < 8; q++) v[q] = __bfloat162float(out[q]);
+    store_perturbed(perturbed, mirror, j0, n, count, v, scale, zn);
 }
 
 extern "C" void mt_zo_update_cuda(const mt_backend *be, void *w, size_t n, uint64_t offset, const mt_zo_directions *d,
-                                  float lr, float weight_decay, uint64_t round_seed, void *perturbed, float scale,
-                                  uint64_t seed) {
+                                  float lr, float weight_decay, uint64_t round_seed, void *perturbed, void *mirror,
+                                  float scale, uint64_t seed) {
     (void)be;
     if (n == 0) return;
     zo_update_kernel<<<grid_for_groups(group_count(n, offset)), kThreads, 0, mt_stream_of(be)>>>(
         (bf16 *)w, n, (unsigned long long)offset, *d, lr, weight_decay, (unsigned long long)round_seed,
-        (bf16 *)perturbed, scale, (unsigned long long)seed);
+        (bf16 *)perturbed, (bf16 *)mirror, scale, (unsigned long long)seed);
     CUDA_CHECK_LAUNCH();
 }
 

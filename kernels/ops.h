@@ -191,6 +191,11 @@ void mt_op_lora_down_backward(const mt_backend *be, void *dx, float *const *da, 
 // dst = src + scale * z(seed, offset + j) for j < n; dst may alias src.
 void mt_op_perturb(const mt_backend *be, void *dst, const void *src, size_t n, float scale, uint64_t seed,
                    uint64_t offset);
+// Both signs from one draw of z: plus = src + scale * z and, unless minus is
+// NULL, minus = src - scale * z, each the same values as mt_op_perturb with
+// that sign. plus may alias src; minus aliases neither.
+void mt_op_perturb_pair(const mt_backend *be, void *plus, void *minus, const void *src, size_t n, float scale,
+                        uint64_t seed, uint64_t offset);
 // x (N, C) += scale * z(seed, offset + tokens[n] * C + c): the rows an
 // embedding lookup gathered, perturbed as the table itself would be.
 void mt_op_perturb_rows(const mt_backend *be, void *x, const int32_t *tokens, int N, int C, float scale, uint64_t seed,
@@ -207,9 +212,10 @@ typedef struct {
 // unbiased, so steps far below bf16's resolution still count.
 void mt_op_zo_update(const mt_backend *be, void *w, size_t n, uint64_t offset, const mt_zo_directions *d, float lr,
                      float weight_decay, uint64_t round_seed);
-// The update, then perturbed = w_new + scale * z(seed, offset + j), in one
-// pass: the same values as mt_op_zo_update followed by mt_op_perturb.
-void mt_op_zo_update_perturb(const mt_backend *be, void *w, void *perturbed, size_t n, uint64_t offset,
+// The update, then perturbed = w_new + scale * z(seed, offset + j) and, unless
+// mirror is NULL, mirror = w_new - scale * z(seed, offset + j), in one pass:
+// the same values as mt_op_zo_update followed by mt_op_perturb_pair.
+void mt_op_zo_update_perturb(const mt_backend *be, void *w, void *perturbed, void *mirror, size_t n, uint64_t offset,
                              const mt_zo_directions *d, float lr, float weight_decay, uint64_t round_seed, float scale,
                              uint64_t seed);
 // logits (N, V) fp32 = inp (N, C) @ weight (V, C)^T.

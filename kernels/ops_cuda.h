@@ -75,13 +75,16 @@ int mt_lora_down_dx_cuda(const mt_backend *be, void *dx, const void *const *du, 
 int mt_lora_down_backward_cuda(const mt_backend *be, void *dx, float *const *da, const void *const *du,
                                const void *const *a, int count, const void *x, void *scratch, size_t scratch_bytes,
                                int R, int IN, int r, float p, uint64_t seed, uint64_t offset);
-void mt_perturb_cuda(const mt_backend *be, void *dst, const void *src, size_t n, float scale, uint64_t seed,
-                     uint64_t offset);
+// mirror: NULL, or where src - scale * z(seed) goes (mt_op_perturb_pair).
+void mt_perturb_cuda(const mt_backend *be, void *dst, void *mirror, const void *src, size_t n, float scale,
+                     uint64_t seed, uint64_t offset);
 void mt_perturb_rows_cuda(const mt_backend *be, void *x, const int32_t *tokens, int N, int C, float scale,
                           uint64_t seed, uint64_t offset);
-// perturbed: NULL, or where w_new + scale * z(seed) goes (mt_op_zo_update_perturb).
+// perturbed: NULL, or where w_new + scale * z(seed) goes, and mirror NULL or
+// where w_new - scale * z(seed) goes (mt_op_zo_update_perturb).
 void mt_zo_update_cuda(const mt_backend *be, void *w, size_t n, uint64_t offset, const mt_zo_directions *d, float lr,
-                       float weight_decay, uint64_t round_seed, void *perturbed, float scale, uint64_t seed);
+                       float weight_decay, uint64_t round_seed, void *perturbed, void *mirror, float scale,
+                       uint64_t seed);
 // Philox words of groups [0, groups) keyed by seed, 4 per group (tests: the
 // GPU's stream equals the CPU's).
 void mt_philox_words_cuda(uint32_t *out, size_t groups, uint64_t seed);

@@ -839,12 +839,35 @@ START_TEST(perturb_ops) {
                 ck_assert_msg(fabsf(got[j] - ref[j]) <= fabsf(ref[j]) * (1.0f / 256) + 1e-6f,
                               "perturb n=%zu offset=%llu j=%zu: %g vs %g", n, (unsigned long long)off, j, got[j],
                               ref[j]);
+            // both signs from one draw: each the bits of its own pass
+            void *dplus = dev_poisoned(n * 2), *dminus = dev_poisoned(n * 2), *dneg = dev_poisoned(n * 2);
+            mt_op_perturb_pair(&be, dplus, dminus, dw, n, 1e-2f, 31, off);
+            mt_op_perturb(&be, dneg, dw, n, -1e-2f, 31, off);
+            float *plus = host_from_bf16(dplus, n), *minus = host_from_bf16(dminus, n), *neg = host_from_bf16(dneg, n);
+            ck_assert(memcmp(plus, got, n * 4) == 0);
+            ck_assert(memcmp(minus, neg, n * 4) == 0);
+            // the deferred update with both signs' reads in one pass: the
+            // update, then the pair, as separate launches
+            mt_zo_directions d = {2, {101, 202}, {0.5f, -1.0f}};
+            void *dw2 = dev_bf16(w, n);
+            mt_op_zo_update_perturb(&be, dw, dplus, dminus, n, off, &d, 1e-3f, 0.1f, 77, 1e-2f, 31);
+            mt_op_zo_update(&be, dw2, n, off, &d, 1e-3f, 0.1f, 77);
+            mt_op_perturb_pair(&be, dout, dneg, dw2, n, 1e-2f, 31, off);
+            float *w1 = host_from_bf16(dw, n), *w2 = host_from_bf16(dw2, n), *p1 = host_from_bf16(dplus, n),
+                  *p2 = host_from_bf16(dout, n), *m1 = host_from_bf16(dminus, n), *m2 = host_from_bf16(dneg, n);
+            ck_assert(memcmp(w1, w2, n * 4) == 0);
+            ck_assert(memcmp(p1, p2, n * 4) == 0);
+            ck_assert(memcmp(m1, m2, n * 4) == 0);
+            ck_assert(n < 7 || memcmp(p1, m1, n * 4) != 0);
+            free(plus), free(minus), free(neg), free(w1), free(w2), free(p1), free(p2), free(m1), free(m2);
+            mt_device_free(dplus), mt_device_free(dminus), mt_device_free(dneg), mt_device_free(dw2);
             // in place (dst = src) gives the same values
-            mt_op_perturb(&be, dw, dw, n, 1e-2f, 31, off);
-            float *inplace = host_from_bf16(dw, n);
+            dw2 = dev_bf16(w, n);
+            mt_op_perturb(&be, dw2, dw2, n, 1e-2f, 31, off);
+            float *inplace = host_from_bf16(dw2, n);
             ck_assert(memcmp(inplace, got, n * 4) == 0);
             free(w), free(ref), free(got), free(inplace);
-            mt_device_free(dw), mt_device_free(dout);
+            mt_device_free(dw), mt_device_free(dw2), mt_device_free(dout);
         }
     // embedding rows
     int N = 37, C = 22, V = 11;

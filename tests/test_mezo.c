@@ -602,19 +602,28 @@ END_TEST
 // MeZO's paired passes (mt_model_forward_pair: each layer read once for +eps
 // and -eps) give the two separate passes' losses bit for bit, with a deferred
 // update pending (applied at the first perturbed read), resident and with the
-// base streamed, tied embeddings and a Gemma 3 model.
+// base streamed, tied embeddings and a Gemma 3 model. With an untied lm_head
+// wider than the layers' matrices the + pass also writes the - pass's reads
+// of as many of a layer's 13 tensors as the scratch's spare room holds, in
+// the order the layer reads them (v 4: all but o_proj's weight and the MLP's
+// 3; v 5: all 13; v 6: the same with MT_MEZO_MIRROR=0, none).
 START_TEST(paired_passes_equal_two_passes) {
     mt_backend be;
     mt_backend_init(&be, -1);
-    for (int v = 0; v < 4; v++) {
+    for (int v = 0; v < 7; v++) {
         mt_model_config c;
-        tiny(&c, 1, 1);
+        tiny(&c, v < 4, 1);
         c.L = 3;
         if (v == 2) c.gemma = 1, c.embed_scale = 4.0f;
+        if (v >= 4) c.V = v == 4 ? 64 : 200;  // lm_head 1024 or 3200 values; the widest layer matrix 384
+        if (v == 6) setenv("MT_MEZO_MIRROR", "0", 1);
         size_t total;
         float *w = random_weights(&c, &total);
-        mt_model_options o = {
-            .B = B, .T = T, .forward_only = 1, .stream_weights = v == 1 || v == 3, .resident_layers = v == 3 ? 2 : 0};
+        mt_model_options o = {.B = B,
+                              .T = T,
+                              .forward_only = 1,
+                              .stream_weights = v == 1 || v == 3 || v == 5,
+                              .resident_layers = v == 3 || v == 5 ? 2 : 0};
         mt_model *ma, *mb;
         ck_assert_int_eq(mt_model_create_with(&ma, &be, &c, &o), MT_OK);
         ck_assert_int_eq(mt_model_create_with(&mb, &be, &c, &o), MT_OK);
@@ -643,6 +652,11 @@ START_TEST(paired_passes_equal_two_passes) {
         mt_model_get_trainable(ma, wa);
         mt_model_get_trainable(mb, wb);
         ck_assert(memcmp(wa, wb, total * 4) == 0);
+        // mirrored tensors a layer, times 3 layers and 2 rounds
+        size_t mirrored = v == 4 ? 9 : v == 5 ? 13 : 0;
+        ck_assert_uint_eq(mt_model_mirror_saved(mb), mirrored * c.L * 2);
+        ck_assert_uint_eq(mt_model_mirror_saved(ma), 0);
+        unsetenv("MT_MEZO_MIRROR");
         free(w), free(wa), free(wb);
         mt_model_free(ma), mt_model_free(mb);
     }

@@ -667,9 +667,13 @@ static void gpu_pair(void *p, uint64_t seed, float eps, double *plus, double *mi
 // does the base streamed from host memory through the paired passes (the
 // update applied in a slot and written back beside the next layer's copy in),
 // also with the first two of its three layers resident (model.resident_layers).
-START_TEST(gpu_deferred_mezo_update_is_bit_identical) {
-    mt_model_config c;
-    small_config(&c, 1);
+// Where the perturbation scratch (sized for the lm_head) has room past the
+// widest layer matrix, the paired passes' + kernels also write the - pass's
+// reads: 7 of a layer's 12 tensors in the tied Qwen-like model (q's and k's
+// weights and biases, v's bias, both norms), all 9 with an untied lm_head of
+// 4099 rows.
+static void deferred_mezo_case(const mt_model_config *cfg, int all_mirrored) {
+    mt_model_config c = *cfg;
     int B = 2, T = 64, N = B * T;
     mt_backend gpu;
     ck_assert_int_eq(mt_backend_init(&gpu, 0), MT_OK);
@@ -735,9 +739,22 @@ START_TEST(gpu_deferred_mezo_update_is_bit_identical) {
     ck_assert_msg(memcmp(a, b, total * 4) == 0, "streamed weights changed the weights");
     mt_model_get_trainable(m[3], b);
     ck_assert_msg(memcmp(a, b, total * 4) == 0, "resident layers changed the weights");
+    size_t saved = mt_model_mirror_saved(m[3]);
+    printf("paired passes: %zu perturbation passes spared (%s)\n", saved, c.architecture);
+    ck_assert(saved > 0 && saved % (size_t)(all_mirrored ? 9 * c.L : 7 * c.L) == 0);
+    ck_assert_uint_eq(mt_model_mirror_saved(m[0]), 0);
     for (int k = 0; k < 4; k++) mt_mezo_free(mz[k]), mt_model_free(m[k]);
     mt_backend_free(&gpu);
     free(params), free(in), free(tg), free(a), free(b);
+}
+
+START_TEST(gpu_deferred_mezo_update_is_bit_identical) {
+    mt_model_config c;
+    small_config(&c, 1);
+    deferred_mezo_case(&c, 0);
+    small_config(&c, 0);
+    c.V = 4099;
+    deferred_mezo_case(&c, 1);
 }
 END_TEST
 

@@ -20,6 +20,8 @@
 #ifndef MT_LOSS_MIN_ROWS
 #define MT_LOSS_MIN_ROWS 256
 #endif
+// The most tensors of one layer a MeZO pair keeps mirrored (see mirror_room).
+#define MIRRORS 16
 
 // Indices into a layer's parameters, in table order.
 enum {
@@ -136,6 +138,15 @@ struct mt_model {
     void *perturb_matrix, *perturb_vector;           // scratch: the widest selected matrix and vector
     int perturb_matrix_holds, perturb_vector_holds;  // the trainable index each holds (-1: none)
     size_t perturb_bytes;
+    // A pair's - pass reads the layer tensors that the + pass's kernels also
+    // wrote with the opposite sign (one draw of z for both) into
+    // perturb_matrix's room past the widest layer matrix, which only the
+    // lm_head's perturbation, after the layers, needs. MT_MEZO_MIRROR=0: none.
+    size_t mirror_from, mirror_room, mirror_used;  // elements of perturb_matrix
+    int mirror_recording;                          // the + pass of a pair's layer
+    int mirrors, mirror_index[MIRRORS];            // what the room holds for this layer
+    size_t mirror_at[MIRRORS];
+    size_t mirror_saved;  // perturbation passes the mirrors spared (a count, for tests)
     // a deferred MeZO update (mt_model_defer_update)
     int pending;                  // trainable tensors whose update is still to apply
     unsigned char *pending_left;  // per trainable parameter
@@ -1401,8 +1412,23 @@ mt_err mt_model_enable_perturbation(mt_model *m, const unsigned char *selected) 
     if (!err && widest_vector) err = mt_alloc(&m->perturb_vector, widest_vector * act, MT_MEM_WORKSPACE, place);
     m->perturb_bytes = (widest_matrix + widest_vector) * act;
     m->perturb_matrix_holds = m->perturb_vector_holds = -1;
+    // the mirrors' room: past the widest selected layer matrix, 16-byte aligned
+    size_t layer_widest = 0;
+    for (int i = 0; i < t.count && !m->frozen; i++) {
+        const mt_param_info *p = &m->params[i];
+        if (m->perturb_selected[i] && p->ndim > 1 && m->param_layer[i] >= 0 && p->count > layer_widest)
+            layer_widest = p->count;
+    }
+    const char *env = getenv("MT_MEZO_MIRROR");
+    m->mirror_from = (layer_widest + 7) / 8 * 8;
+    m->mirror_room = m->frozen || (env && strcmp(env, "0") == 0) || widest_matrix < m->mirror_from
+                         ? 0
+                         : widest_matrix - m->mirror_from;
+    m->mirrors = 0, m->mirror_recording = 0;
     return err;
 }
+
+size_t mt_model_mirror_saved(const mt_model *m) { return m->mirror_saved; }
 
 void mt_model_set_perturbation(mt_model *m, uint64_t seed, float scale) {
     MT_CHECK(m->perturb_selected || scale == 0.0f, "perturbation set before mt_model_enable_perturbation");
@@ -1544,20 +1570,58 @@ static const void *base_weight(mt_model *m, int l, int p) {
 // What the forward reads for trainable parameter i stored at w: w itself, or
 // under a MeZO perturbation w + scale z, generated into the scratch buffer of
 // its kind unless that already holds it.
+static void *mirror_ptr(const mt_model *m, size_t at) {
+    return (char *)m->perturb_matrix + (m->mirror_from + at) * mt_act_size(m->be);
+}
+
+// The - pass of a pair: trainable tensor i as the + pass mirrored it (NULL:
+// not mirrored).
+static const void *mirrored(const mt_model *m, int i) {
+    for (int k = 0; k < m->mirrors && !m->mirror_recording; k++)
+        if (m->mirror_index[k] == i) return mirror_ptr(m, m->mirror_at[k]);
+    return NULL;
+}
+
+// The + pass of a pair: room for trainable tensor i's mirror (NULL: none
+// left, or mirrored already by an earlier read of this pass), in the order
+// the layer reads its tensors.
+static void *mirror_room(mt_model *m, int i, size_t count) {
+    if (!m->mirror_recording || m->mirrors == MIRRORS || m->mirror_used + count > m->mirror_room) return NULL;
+    for (int k = 0; k < m->mirrors; k++)
+        if (m->mirror_index[k] == i) return NULL;
+    m->mirror_index[m->mirrors] = i;
+    m->mirror_at[m->mirrors++] = m->mirror_used;
+    void *at = mirror_ptr(m, m->mirror_used);
+    m->mirror_used += (count + 7) / 8 * 8;
+    m->mirror_saved++;
+    return at;
+}
+
+// A pair's layer l: its + pass records mirrors (recording 1), its - pass
+// reads them (0); -1 forgets them.
+static void mirror_phase(mt_model *m, int recording) {
+    if (recording) m->mirrors = 0, m->mirror_used = 0;
+    if (recording < 0) m->mirrors = 0;
+    m->mirror_recording = recording > 0;
+}
+
 static const void *perturbed(mt_model *m, int i, const void *w) {
     if (m->perturb_scale == 0.0f || i < 0 || !m->perturb_selected[i]) return w;
     const mt_param_info *p = trainable_param(m, i);
     int vector = p->ndim == 1;
+    const void *kept = mirrored(m, i);
+    if (kept) return kept;
     void *buf = vector ? m->perturb_vector : m->perturb_matrix;
     int *holds = vector ? &m->perturb_vector_holds : &m->perturb_matrix_holds;
     if (*holds != i) {
+        void *mirror = mirror_room(m, i, p->count);
         if (take_pending(m, i)) {
             // the deferred update and this read's perturbation in one pass
-            mt_op_zo_update_perturb(m->be, trainable_weight(m, i), buf, p->count, p->offset, &m->pending_directions,
-                                    m->pending_lr, pending_decay(m, i), m->pending_round_seed, m->perturb_scale,
-                                    m->perturb_seed);
+            mt_op_zo_update_perturb(m->be, trainable_weight(m, i), buf, mirror, p->count, p->offset,
+                                    &m->pending_directions, m->pending_lr, pending_decay(m, i), m->pending_round_seed,
+                                    m->perturb_scale, m->perturb_seed);
         } else {
-            mt_op_perturb(m->be, buf, w, p->count, m->perturb_scale, m->perturb_seed, p->offset);
+            mt_op_perturb_pair(m->be, buf, mirror, w, p->count, m->perturb_scale, m->perturb_seed, p->offset);
         }
         *holds = i;
     }
@@ -2029,9 +2093,11 @@ void mt_model_forward_pair(mt_model *m, const int32_t *inputs, const int32_t *ta
         for (int s = 0; s < 2; s++) {
             m->x = xs[s];
             mt_model_set_perturbation(m, seed, signed_scale[s]);
+            mirror_phase(m, s == 0);  // the + pass's kernels also write what the - pass reads
             layer_forward(m, l, 0);
             if (s == 0) write_back_layer(m, l);  // the + pass applied the deferred update
         }
+        mirror_phase(m, -1);
     }
     weights_needed(m, 1 + c->L);
     for (int s = 0; s < 2; s++) {

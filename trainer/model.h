@@ -157,6 +157,14 @@ void mt_model_defer_update(mt_model *m, const mt_zo_directions *d, float lr, flo
 void mt_model_flush_update(mt_model *m);
 // Bytes of the perturbation scratch.
 size_t mt_model_perturbation_bytes(const mt_model *m);
+// Perturbation passes over layer tensors that mt_model_forward_pair has
+// spared so far: where the scratch has room past the widest layer matrix
+// (the lm_head's is wider), the + pass's kernel of a layer's tensor also
+// writes its - perturbation there, from the same draw of z, and the - pass
+// reads it (the same values), for as many of the layer's tensors, in the
+// order it reads them, as the room holds. The environment's MT_MEZO_MIRROR=0
+// turns this off.
+size_t mt_model_mirror_saved(const mt_model *m);
 // The trainable block's compute weights as fp32 host values (total floats).
 void mt_model_get_trainable(mt_model *m, float *dst);
 // Values [offset, offset + count) of them into dst (not with streamed weights).
