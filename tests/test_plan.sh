@@ -161,6 +161,18 @@ out=$("$MEMTUNE" plan configs/llama-qlora.yaml --set model.path=configs/models/t
 echo "$out" | grep -q "^train.seq_len max: [0-9]* tokens" && ! echo "$out" | grep -q "AdamW state in host memory (off" ||
     fail "train.seq_len max, full fine-tune: expected no offload choice: $out"
 echo "test_plan: train.seq_len max, QLoRA 7B on 8GiB: the adapters' AdamW state offloaded; a full fine-tune not"
+# memory.budget below the GPU's memory bounds the plan as it bounds the run: on 24GiB with a budget of 8GiB the
+# same length as on 8GiB, and the peak set against the budget
+out=$("$MEMTUNE" plan configs/llama-qlora.yaml --set model.path=configs/models/llama-2-7b --set train.seq_len=max \
+    --set memory.budget=8GiB --gpu-memory 24GiB 2>&1)
+echo "$out" | grep -q "^train.seq_len max: $chosen tokens" && echo "$out" | grep -q "of 8.0 GiB (memory.budget 8GiB)" ||
+    fail "train.seq_len max with memory.budget 8GiB on 24GiB: expected T=$chosen against the budget: $out"
+# a configuration refused at any length says why, not that nothing fits
+out=$("$MEMTUNE" plan configs/llama-qlora.yaml --set model.path=configs/models/llama-2-7b --set train.seq_len=max \
+    --set train.steps=2 --gpu-memory 8GiB 2>&1)
+echo "$out" | grep -q "optim.warmup_steps (30) must be below train.steps (2)" ||
+    fail "train.seq_len max with warmup past the steps: expected that error: $out"
+echo "test_plan: memory.budget bounds memtune plan below --gpu-memory; a refused configuration names its key"
 
 # model.weights: auto keeps the base on the GPU where the run fits and streams it from host memory where it does
 # not (QLoRA 7B needs 6.6 GiB resident, 3.7 GiB streamed, 3.6 GiB of host memory); ssd puts it on disk

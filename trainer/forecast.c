@@ -500,12 +500,36 @@ static double disk_free(const char *path) {
     return (double)fs.f_bavail * (double)fs.f_frsize;
 }
 
+static mt_err read_budget(const mt_config *cfg, int gpu, double *budget, char *source, size_t len);
+
+// Where a length search found nothing: the configuration's own error at
+// the shortest length (a key the forecast refuses at any length, such as
+// optim.warmup_steps past train.steps), which is then the problem, not memory.
+static mt_err shortest_error(mt_config *cfg, const mt_model_config *mc, int gpu, int world) {
+    long saved = cfg->train_seq_len;
+    cfg->train_seq_len = 16;
+    mt_forecast f;
+    mt_err err = mt_forecast_run(cfg, mc, gpu, world, &f);
+    cfg->train_seq_len = saved;
+    return err;
+}
+
 mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_sets, int gpu, int world,
                          double capacity, const char *capacity_source, int brief) {
     mt_config cfg;
     mt_err err = load(&cfg, path, sets, n_sets, NULL);
     mt_model_config mc;
     if (!err) err = mt_hf_read_config(cfg.model_path, &mc);
+    // the run keeps to memory.budget where it is below the GPU's memory (auto: the GPU's less 1 GiB)
+    char budget_source[96];
+    if (!err && gpu && cfg.memory_budget[0]) {
+        double budget = capacity > 0 ? capacity - 1073741824.0 : 0;
+        if (strcmp(cfg.memory_budget, "auto")) err = read_budget(&cfg, gpu, &budget, budget_source, 64);
+        if (!err && budget > 0 && (capacity <= 0 || budget < capacity)) {
+            snprintf(budget_source, sizeof budget_source, "memory.budget %s", cfg.memory_budget);
+            capacity = budget, capacity_source = budget_source;
+        }
+    }
     long_choices chose = {0, 0, 0, 0, 0, 0};  // what train.seq_len: max chose
     char note[512];
     if (!err && cfg.train_seq_len == MT_SEQ_LEN_MAX) {  // the longest that fits the GPU's memory
@@ -513,11 +537,12 @@ mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_s
         cfg.train_seq_len =
             capacity > 0 ? longest_choosing(&cfg, &mc, gpu, world, capacity, seq_len_limit(&mc), &as_configured, &chose)
                          : 0;
-        if (!cfg.train_seq_len)
+        if (!cfg.train_seq_len && capacity > 0) err = shortest_error(&cfg, &mc, gpu, world);
+        if (!cfg.train_seq_len && !err)
             err = mt_errorf(MT_ERR_CONFIG, "train.seq_len: max: %s",
                             capacity > 0 ? "not even 16 tokens fit the GPU's memory as configured"
                                          : "give the GPU's memory (--gpu-memory 80GiB) to find the longest length");
-        else
+        else if (!err)
             fprintf(out, "train.seq_len max: %ld tokens, the longest that fits%s\n", cfg.train_seq_len,
                     choices_note(chose, note, sizeof note));
     }
@@ -977,6 +1002,7 @@ mt_err mt_forecast_seq_len_max(mt_config *cfg, int gpu, int world) {
     long_choices chose;
     char note[512];
     long best = longest_choosing(cfg, &mc, gpu, world, budget, limit, &as_configured, &chose);
+    if (!best && (err = shortest_error(cfg, &mc, gpu, world))) return err;
     if (!best)
         return mt_errorf(MT_ERR_CONFIG,
                          "train.seq_len: max: not even 16 tokens fit memory.budget %s (%s) as configured; raise the "
