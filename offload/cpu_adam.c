@@ -9,6 +9,7 @@
 
 #include <math.h>
 #include <omp.h>
+#include <pthread.h>
 #include <string.h>
 
 #include "kernels/common.h"
@@ -291,24 +292,82 @@ void mt_cpu_accumulate(float *sum, const void *grad, int grad_bf16, size_t n, in
 // ------------------------------------------------ int8 moments' encoding
 
 #ifdef MT_X86
-// 16 values' codes on a map, as kernels/ops_ref.c's qmap_code gives them,
-// counted (ops_ref.h's mt_qmap_thresholds: at most one threshold in any
-// prefix, which the caller checks): the code of x's prefix, one more where x
-// is at least its threshold; 0 unless x > map[0] (NaN included).
-__attribute__((target("avx512f"))) static __m512i qcodes16(__m512 x, float map0, const float *up,
-                                                           const uint8_t *start) {
-    __m512i prefix = _mm512_srli_epi32(_mm512_castps_si512(x), 16);
-    __m512i c = _mm512_and_si512(_mm512_i32gather_epi32(prefix, (const void *)start, 1), _mm512_set1_epi32(0xFF));
-    __mmask16 past = _mm512_cmp_ps_mask(x, _mm512_i32gather_ps(c, up, 4), _CMP_GE_OQ);
+// The codes of mt_qmap_thresholds in one table a map: for each 16-bit prefix
+// p, its code start[p] (bits 0-7) and, in bits 15-31, the least of its 16
+// low bits at which the code is one more (0x10000: nowhere in the prefix),
+// the low bits counted in value order (complemented where the sign is set:
+// a larger negative float has larger bits). Built once from start and up
+// (at most one threshold in any prefix, which the caller checks), so a
+// value's code takes one gather instead of two.
+static uint32_t qcode_table[2][65536];
+static pthread_once_t qcode_once = PTHREAD_ONCE_INIT;
+
+static float f32_of_bits(uint32_t bits) {
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static void build_qcode_tables(void) {
+    for (int t = 0; t < 2; t++) {
+        const float *up;
+        int steps;
+        const uint8_t *start = mt_qmap_thresholds(t, &up, &steps);
+        for (uint32_t p = 0; p < 65536; p++) {
+            uint32_t flip = p & 0x8000 ? 0xFFFFu : 0u, c = start[p];
+            // the code one more at value-ordered low bits k: x >= up[c], false for NaN
+#define QCODE_PAST(k) (f32_of_bits(p << 16 | ((k) ^ flip)) >= up[c])
+            uint32_t split = 0x10000;
+            if (QCODE_PAST(0xFFFFu)) {
+                uint32_t lo = 0, hi = 0xFFFF;  // the least k past: the codes are monotone in k
+                while (lo < hi) {
+                    uint32_t mid = (lo + hi) / 2;
+                    if (QCODE_PAST(mid))
+                        hi = mid;
+                    else
+                        lo = mid + 1;
+                }
+                split = lo;
+            }
+#undef QCODE_PAST
+            qcode_table[t][p] = c | split << 15;
+        }
+    }
+}
+
+// 16 values' codes on a map, as kernels/ops_ref.c's qmap_code gives them:
+// the code of x's prefix, one more past the prefix's split (qcode_table); 0
+// unless x > map[0] (NaN included).
+__attribute__((target("avx512f"))) static __m512i qcodes16(__m512 x, float map0, const uint32_t *table) {
+    __m512i bits = _mm512_castps_si512(x);
+    __m512i e = _mm512_i32gather_epi32(_mm512_srli_epi32(bits, 16), (const void *)table, 4);
+    __m512i flip = _mm512_srli_epi32(_mm512_srai_epi32(bits, 31), 16);  // 0xFFFF where the sign is set
+    __m512i low = _mm512_xor_si512(_mm512_and_si512(bits, _mm512_set1_epi32(0xFFFF)), flip);
+    __m512i c = _mm512_and_si512(e, _mm512_set1_epi32(0xFF));
+    __mmask16 past = _mm512_cmp_epu32_mask(low, _mm512_srli_epi32(e, 15), _MM_CMPINT_NLT);
     c = _mm512_mask_add_epi32(c, past, c, _mm512_set1_epi32(1));
     return _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(x, _mm512_set1_ps(map0), _CMP_GT_OQ), c);
 }
 
+// x / d for 16 values, the quotient correctly rounded as a division gives
+// it, at a multiply's cost: q = x r with r = 1 / d rounded, then one
+// correction q + (x - q d) r (Markstein), exact for d in [2^-126, 2^126] and
+// |x| >= 2^-100 (the remainder stays normal); smaller x, zeros (their sign)
+// among them, are divided.
+__attribute__((target("avx512f"))) static __m512 quotient16(__m512 x, __m512 d, __m512 r) {
+    __m512 q = _mm512_mul_ps(x, r);
+    q = _mm512_fmadd_ps(_mm512_fnmadd_ps(q, d, x), r, q);
+    __mmask16 tiny = _mm512_cmp_ps_mask(_mm512_abs_ps(x), _mm512_set1_ps(0x1p-100f), _CMP_LT_OQ);
+    return tiny ? _mm512_mask_div_ps(q, tiny, x, d) : q;
+}
+
+// Whether quotient16 serves divisor d.
+static int quotient_fast(float d) { return d >= 0x1p-126f && d <= 0x1p126f; }
+
 __attribute__((target("avx512f"))) static void qencode_avx512(const float *m, const float *v, size_t len, uint8_t *mq,
-                                                              uint8_t *vq, float *m_absmax, float *v_absmax,
-                                                              const uint8_t *sstart, const uint8_t *ustart,
-                                                              const float *sup, const float *uup) {
+                                                              uint8_t *vq, float *m_absmax, float *v_absmax) {
     const float *smap = mt_qmap(1), *umap = mt_qmap(0);
+    const uint32_t *stable = qcode_table[1], *utable = qcode_table[0];
     // the absmax: max_ps(a, b) is a > b ? a : b, the reference's compare (a NaN never wins); the lanes hold
     // +0 or larger, so their order does not matter
     __m512 mx = _mm512_setzero_ps(), vx = _mm512_setzero_ps();
@@ -320,11 +379,14 @@ __attribute__((target("avx512f"))) static void qencode_avx512(const float *m, co
     float m_max = _mm512_reduce_max_ps(mx), v_max = _mm512_reduce_max_ps(vx);
     *m_absmax = m_max, *v_absmax = v_max;
     __m512 md = _mm512_set1_ps(m_max), vd = _mm512_set1_ps(v_max), zero = _mm512_setzero_ps();
+    __m512 mr = _mm512_set1_ps(1.0f / m_max), vr = _mm512_set1_ps(1.0f / v_max);
+    int m_fast = quotient_fast(m_max), v_fast = quotient_fast(v_max);
     for (size_t k = 0; k < len; k += 16) {
         __mmask16 in = len - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (len - k)) - 1);
         __m512 mv = _mm512_maskz_loadu_ps(in, m + k), vv = _mm512_maskz_loadu_ps(in, v + k);
-        __m512 sm = m_max > 0.0f ? _mm512_div_ps(mv, md) : zero, sv = v_max > 0.0f ? _mm512_div_ps(vv, vd) : zero;
-        __m512i mc = qcodes16(sm, smap[0], sup, sstart), vc = qcodes16(sv, umap[0], uup, ustart);
+        __m512 sm = m_max > 0.0f ? m_fast ? quotient16(mv, md, mr) : _mm512_div_ps(mv, md) : zero;
+        __m512 sv = v_max > 0.0f ? v_fast ? quotient16(vv, vd, vr) : _mm512_div_ps(vv, vd) : zero;
+        __m512i mc = qcodes16(sm, smap[0], stable), vc = qcodes16(sv, umap[0], utable);
         // a nonzero v never decodes to 0
         __mmask16 lift =
             _mm512_cmp_epi32_mask(vc, _mm512_setzero_si512(), _MM_CMPINT_EQ) & _mm512_cmp_ps_mask(vv, zero, _CMP_GT_OQ);
@@ -355,6 +417,27 @@ __attribute__((target("avx512f"))) static void qdecode_avx512(const uint8_t *mq,
 }
 #endif
 
+#ifdef MT_X86
+__attribute__((target("avx512f"))) static void divide_avx512(float *q, const float *x, float d, size_t n) {
+    __m512 dv = _mm512_set1_ps(d), r = _mm512_set1_ps(1.0f / d);
+    for (size_t k = 0; k < n; k += 16) {
+        __mmask16 in = n - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - k)) - 1);
+        __m512 xv = _mm512_maskz_loadu_ps(in, x + k);
+        _mm512_mask_storeu_ps(q + k, in, quotient_fast(d) ? quotient16(xv, dv, r) : _mm512_div_ps(xv, dv));
+    }
+}
+#endif
+
+void mt_cpu_divide(float *q, const float *x, float d, size_t n) {
+#ifdef MT_X86
+    if (mt_cpu_adam_path_available(MT_CPU_ADAM_AVX512)) {
+        divide_avx512(q, x, d, n);
+        return;
+    }
+#endif
+    for (size_t i = 0; i < n; i++) q[i] = x[i] / d;
+}
+
 void mt_cpu_qblock_decode(const uint8_t *mq, const uint8_t *vq, float m_absmax, float v_absmax, float *m, float *v,
                           size_t len) {
 #ifdef MT_X86
@@ -371,9 +454,10 @@ void mt_cpu_qblock_encode(const float *m, const float *v, size_t len, uint8_t *m
 #ifdef MT_X86
     int s_steps, u_steps;
     const float *sup, *uup;
-    const uint8_t *sstart = mt_qmap_thresholds(1, &sup, &s_steps), *ustart = mt_qmap_thresholds(0, &uup, &u_steps);
+    mt_qmap_thresholds(1, &sup, &s_steps), mt_qmap_thresholds(0, &uup, &u_steps);
     if (s_steps <= 1 && u_steps <= 1 && mt_cpu_adam_path_available(MT_CPU_ADAM_AVX512)) {
-        qencode_avx512(m, v, len, mq, vq, m_absmax, v_absmax, sstart, ustart, sup, uup);
+        pthread_once(&qcode_once, build_qcode_tables);
+        qencode_avx512(m, v, len, mq, vq, m_absmax, v_absmax);
         return;
     }
 #endif

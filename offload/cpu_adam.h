@@ -53,6 +53,11 @@ void mt_cpu_adam_update(mt_cpu_adam_path path, const mt_cpu_adam_step *s, float 
 void mt_cpu_qblock_encode(const float *m, const float *v, size_t len, uint8_t *mq, uint8_t *vq, float *m_absmax,
                           float *v_absmax);
 
+// q[i] = x[i] / d as a division rounds it, n values: the encoder's scaling
+// of a block by its absmax, by the reciprocal and one correction where the
+// processor has AVX-512 (else divided).
+void mt_cpu_divide(float *q, const float *x, float d, size_t n);
+
 // One block of int8 moments decoded: kernels/ops_ref.h's mt_qblock_decode,
 // bit for bit, 16 values at a time where the processor has AVX-512.
 void mt_cpu_qblock_decode(const uint8_t *mq, const uint8_t *vq, float m_absmax, float v_absmax, float *m, float *v,

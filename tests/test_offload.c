@@ -90,7 +90,8 @@ END_TEST
 // least, the greatest and 4 random floats of every 16-bit prefix in [-1, 1],
 // every map value and midpoint and their neighbours 3 ulps either side; then
 // 2000 blocks of 1 to 256 values, moments spread over 12 decades, with
-// zeros, negative zeros, map values, denormals, infinities and NaNs mixed in.
+// zeros, negative zeros, map values, denormals, infinities and NaNs mixed in;
+// then blocks whose absmax is tiny (down to 2^-127) or huge (up to 2^127).
 static void encoders_agree(const float *m, const float *v, size_t len, const char *what) {
     float am[2], av[2];
     uint8_t mq[2][256], vq[2][256];
@@ -153,6 +154,53 @@ START_TEST(int8_encoder_equals_the_reference) {
             }
         }
         encoders_agree(m, v, len, "random block");
+    }
+    // blocks of tiny and of huge moments (absmax 2^-127 to 2^-96 and 2^100 to 2^127): the scaled values as a
+    // division gives them where the encoder multiplies by the absmax's reciprocal (and where it must divide)
+    for (int b = 0; b < 640; b++) {
+        size_t len = 1 + mt_rng_bits(34, (uint64_t)b) % 256;
+        float scale = b % 2 ? ldexpf(1.0f, 100 + b / 2 % 28) : ldexpf(1.0f, -96 - b / 2 % 32);
+        for (size_t k = 0; k < len; k++) {
+            uint64_t r = mt_rng_bits(35, (uint64_t)b * 256 + k);
+            m[k] = scale * mt_rng_uniform(36, (uint64_t)b * 256 + k) * (r & 1 ? -1.0f : 1.0f);
+            v[k] = scale * mt_rng_uniform(37, (uint64_t)b * 256 + k);
+        }
+        encoders_agree(m, v, len, b % 2 ? "huge block" : "tiny block");
+    }
+}
+END_TEST
+
+// The encoder's scaling by a block's absmax (mt_cpu_divide) equals a
+// division bit for bit: divisors over the whole exponent range with
+// quotients in [-1, 1], among them the values near the divisor, tiny values
+// whose remainder would be subnormal, zeros of both signs, infinities
+// (divisor infinite) and NaN.
+START_TEST(divide_equals_a_division) {
+    enum { N = 4096 };
+    float x[N], q[N];
+    for (int b = 0; b < 3000; b++) {
+        uint64_t r0 = mt_rng_bits(40, (uint64_t)b);
+        float d = ldexpf(1.0f + (float)(r0 % 8388608) / 8388608.0f, (int)(r0 >> 32) % 254 - 126);
+        if (b == 0) d = INFINITY;
+        if (b == 1) d = 0x1p-140f;  // subnormal
+        for (int k = 0; k < N; k++) {
+            uint64_t r = mt_rng_bits(41, (uint64_t)b * N + k);
+            float f;
+            switch (r % 5) {
+                case 0: f = d * mt_rng_uniform(42, (uint64_t)b * N + k); break;
+                case 1: f = nextafterf(d, 0.0f) - (float)(r >> 40 & 63) * d * 0x1p-24f; break;
+                case 2: f = ldexpf(1.0f + (float)(r >> 20 & 0xFFFFF) / 1048576.0f, -100 - (int)(r >> 44 & 31)); break;
+                case 3: f = (r >> 8 & 3) == 0 ? NAN : 0.0f; break;
+                default: f = d * ldexpf(mt_rng_uniform(43, (uint64_t)b * N + k), -(int)(r >> 40 & 63)); break;
+            }
+            if (!(fabsf(f) <= d) && f == f) f = d;
+            x[k] = r >> 39 & 1 ? -f : f;
+        }
+        mt_cpu_divide(q, x, d, N);
+        for (int k = 0; k < N; k++) {
+            float ref = x[k] / d;
+            ck_assert_msg(memcmp(&ref, &q[k], sizeof ref) == 0, "%a / %a: %a, a division gives %a", x[k], d, q[k], ref);
+        }
     }
 }
 END_TEST
@@ -1500,6 +1548,7 @@ int main(void) {
     tcase_set_timeout(tc, 600);
     tcase_add_test(tc, cpu_adam_equals_the_reference_bit_for_bit);
     tcase_add_test(tc, int8_encoder_equals_the_reference);
+    tcase_add_test(tc, divide_equals_a_division);
     tcase_add_test(tc, sumsq_is_the_same_for_any_thread_count);
     tcase_add_test(tc, accumulate_sums_micro_batches_in_fp32);
     tcase_add_test(tc, host_sum_fits_below_85_percent_of_the_node);
