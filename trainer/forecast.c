@@ -520,9 +520,9 @@ mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_s
     mt_err err = load(&cfg, path, sets, n_sets, NULL);
     mt_model_config mc;
     if (!err) err = mt_hf_read_config(cfg.model_path, &mc);
-    // the run keeps to memory.budget where it is below the GPU's memory (auto: the GPU's less 1 GiB)
+    // the run keeps to memory.budget where it is below the device's memory (auto, on a GPU: its memory less 1 GiB)
     char budget_source[96];
-    if (!err && gpu && cfg.memory_budget[0]) {
+    if (!err && cfg.memory_budget[0] && (gpu || strcmp(cfg.memory_budget, "auto"))) {
         double budget = capacity > 0 ? capacity - 1073741824.0 : 0;
         if (strcmp(cfg.memory_budget, "auto")) err = read_budget(&cfg, gpu, &budget, budget_source, 64);
         if (!err && budget > 0 && (capacity <= 0 || budget < capacity)) {

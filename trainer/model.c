@@ -1567,9 +1567,7 @@ static const void *base_weight(mt_model *m, int l, int p) {
     return m->dequant;
 }
 
-// What the forward reads for trainable parameter i stored at w: w itself, or
-// under a MeZO perturbation w + scale z, generated into the scratch buffer of
-// its kind unless that already holds it.
+// Element `at` of the mirrors' room.
 static void *mirror_ptr(const mt_model *m, size_t at) {
     return (char *)m->perturb_matrix + (m->mirror_from + at) * mt_act_size(m->be);
 }
@@ -1597,14 +1595,17 @@ static void *mirror_room(mt_model *m, int i, size_t count) {
     return at;
 }
 
-// A pair's layer l: its + pass records mirrors (recording 1), its - pass
+// A pair's layer: its + pass records mirrors (recording 1), its - pass
 // reads them (0); -1 forgets them.
 static void mirror_phase(mt_model *m, int recording) {
     if (recording) m->mirrors = 0, m->mirror_used = 0;
-    if (recording < 0) m->mirrors = 0;
     m->mirror_recording = recording > 0;
 }
 
+// What the forward reads for trainable parameter i stored at w: w itself, or
+// under a MeZO perturbation w + scale z, generated into the scratch buffer of
+// its kind unless that already holds it (or, in a pair's - pass, the + pass
+// mirrored it).
 static const void *perturbed(mt_model *m, int i, const void *w) {
     if (m->perturb_scale == 0.0f || i < 0 || !m->perturb_selected[i]) return w;
     const mt_param_info *p = trainable_param(m, i);
