@@ -181,6 +181,9 @@ out=$("$MEMTUNE" plan "${q7[@]}" --set model.weights=auto --gpu-memory 24GiB 2>&
 echo "$out" | grep -q "^model.weights auto: gpu (the run fits" || fail "model.weights auto on 24GiB: $out"
 out=$("$MEMTUNE" plan "${q7[@]}" --set model.weights=auto --gpu-memory 4GiB 2>&1)
 echo "$out" | grep -q "^model.weights auto: cpu (resident it needs" || fail "model.weights auto on 4GiB: $out"
+# ... and the alternatives resolve auto as their runs would: "as configured" is the forecast above it
+peak=$(echo "$out" | awk '/^peak/ {print $2, $3; exit}')
+echo "$out" | grep -q "^as configured  *$peak  *yes" || fail "model.weights auto on 4GiB: as configured is not $peak: $out"
 # ... and keeps on the GPU the first layers that fit beside the streamed rest: the most that fit (one more does not)
 out=$("$MEMTUNE" plan "${q7[@]}" --set model.weights=auto --gpu-memory 5GiB --brief 2>&1)
 kept=$(echo "$out" | sed -n 's/^model.weights auto: cpu (.* keeping the first \([0-9]*\) of 32 layers on the GPU.*/\1/p')

@@ -657,6 +657,8 @@ mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_s
         }
         if (!e && !strcmp(alt.model_deterministic_attention, "auto"))  // as the configured run resolved it
             e = mt_config_set(&alt, "model.deterministic_attention", cfg.model_deterministic_attention, "memtune plan");
+        if (!e && !strcmp(alt.model_weights, "auto"))  // as a run of this alternative would resolve it
+            e = mt_forecast_choose_weights(&alt, &mc, gpu, world, capacity, host_available(), why, sizeof why);
         if (!e) e = mt_forecast_run(&alt, &mc, gpu, world, &fa);
         if (e)
             fprintf(out, "%-40s %11s   refused: %.100s\n", alternatives[a][0], "-", mt_last_error());
