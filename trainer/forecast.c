@@ -522,9 +522,10 @@ mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_s
     if (!err) err = mt_hf_read_config(cfg.model_path, &mc);
     // the run keeps to memory.budget where it is below the device's memory (auto, on a GPU: its memory less 1 GiB)
     char budget_source[96];
-    if (!err && cfg.memory_budget[0] && (gpu || strcmp(cfg.memory_budget, "auto"))) {
+    if (!err && cfg.memory_budget[0]) {
         double budget = capacity > 0 ? capacity - 1073741824.0 : 0;
-        if (strcmp(cfg.memory_budget, "auto")) err = read_budget(&cfg, gpu, &budget, budget_source, 64);
+        if (!gpu || strcmp(cfg.memory_budget, "auto"))  // (auto on the CPU: the run's refusal)
+            err = read_budget(&cfg, gpu, &budget, budget_source, 64);
         if (!err && budget > 0 && (capacity <= 0 || budget < capacity)) {
             snprintf(budget_source, sizeof budget_source, "memory.budget %s", cfg.memory_budget);
             capacity = budget, capacity_source = budget_source;
