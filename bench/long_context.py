@@ -19,7 +19,14 @@ checkpointing and SDPA where PEFT fits, each side over 3 steps timed after
 the first. Writes long_context.json.
 
   python3 bench/long_context.py --out $OUT [--budgets 16,24] [--throughput]
-      [--inputs-path DIR [--ssd-layer-inputs N]]
+      [--inputs-path DIR [--ssd-layer-inputs N]] [--stop-after 1 | --resume]
+
+A budget whose two steps take longer than one command may run (the GPU
+machine's 10 minutes: 48 GiB, about 5 minutes a step) trains in two parts:
+`--stop-after 1` trains the first step and leaves its state in --work (keep
+it on a warm machine: a folder under .gpu/, which travels nowhere), then
+`--resume` (same --work and --budgets) trains the second at the length the
+first part chose; the row counts both parts' steps.
 """
 import argparse
 import json
@@ -78,6 +85,7 @@ def memtune_train(folder, data, run, sets, timeout):
     metrics = os.path.join(run, "metrics.jsonl")
     recs = [json.loads(line) for line in open(metrics)] if os.path.exists(metrics) else []
     r["steps"] = len(recs)
+    r["elapsed"] = [x["elapsed_seconds"] for x in recs]
     if len(recs) >= 2:  # the steps after the first
         r["step_seconds"] = (recs[-1]["elapsed_seconds"] - recs[0]["elapsed_seconds"]) / (len(recs) - 1)
     if out.returncode:
@@ -97,6 +105,10 @@ def main():
                     help="offload.path for the budgets' runs: where host memory binds, train.seq_len: max puts the "
                          "last layer inputs in a file there (model.ssd_layer_inputs)")
     ap.add_argument("--ssd-layer-inputs", type=int, default=0, help="with --inputs-path: that count, fixed")
+    ap.add_argument("--stop-after", type=int, default=0,
+                    help="stop each budget's run after this many steps, its state kept in --work for --resume")
+    ap.add_argument("--resume", action="store_true",
+                    help="go on with the budgets' runs that --stop-after left in --work, at the lengths they chose")
     ap.add_argument("--work", default="/tmp/mt-long-context")
     ap.add_argument("--out", default=os.environ.get("OUT", "/tmp/mt-long-context"))
     args = ap.parse_args()
@@ -118,16 +130,47 @@ def main():
             sets["offload.path"] = args.inputs_path
         if args.inputs_path and args.ssd_layer_inputs:
             sets["model.ssd_layer_inputs"] = args.ssd_layer_inputs
-        r = memtune_train(folder, data, os.path.join(args.work, f"run-{b}"), sets, args.timeout)
+        run = os.path.join(args.work, f"run-{b}")
+        part = os.path.join(run, "long-context-part.json")  # what the first part chose
+        if args.stop_after:
+            sets["train.stop_after"] = args.stop_after
+        if args.resume:
+            if not os.path.exists(part):
+                print(f"{b:5d} GiB: nothing to resume in {run} (run --stop-after first, with the same --work)")
+                continue
+            with open(part) as f:
+                first = json.load(f)
+            sets.update({"train.resume": "auto", "train.seq_len": first["seq_len"]})
+            for k in ("model.mlp_tile_rows", "model.deterministic_attention", "offload.optimizer",
+                      "model.gpu_layer_inputs", "model.ssd_layer_inputs"):
+                if k in first.get("chosen", {}):
+                    sets[k] = first["chosen"][k]
+        r = memtune_train(folder, data, run, sets, args.timeout)
+        if args.stop_after and "seq_len" in r:
+            chosen = dict(re.findall(r"\((model\.[a-z_]+|offload\.optimizer): ([a-z0-9]+)[;)]", r.get("choice", "")))
+            with open(part, "w") as f:
+                json.dump({"seq_len": r["seq_len"], "chosen": chosen, "steps": r.get("steps", 0),
+                           "step_seconds_first": r["elapsed"][0] if r.get("elapsed") else None}, f)
+        if args.resume:
+            r["seq_len"], r["choice"] = first["seq_len"], f"resumed at the first part's {first['seq_len']} tokens"
+            # this part's elapsed time starts again at its first step: its steps' own times
+            own = r.get("elapsed", [])[first.get("steps", 0):]
+            times = own[:1] + [b2 - a2 for a2, b2 in zip(own, own[1:])]
+            if times:
+                r["step_seconds"] = sum(times) / len(times)
         results["budgets"][b] = r
         T = r.get("seq_len", 0)
         ok = r.get("steps", 0) >= 2 and "error" not in r
-        peak = f"{r['allocator_peak'] / GIB:.2f} GiB" if "allocator_peak" in r else "-"
-        step = f"{r['step_seconds']:.1f}" if "step_seconds" in r else "-"
         row = min([k for k in UNSLOTH if k >= b] or [max(UNSLOTH)])  # a budget below a card's size: that card's row
         r["unsloth_row_gb"] = row
-        print(f"{b:5d} GiB {T:10d} {'yes' if ok else 'NO':>8s} {peak:>10s} {step:>8s} {UNSLOTH[row]:10d} "
-              f"{T / UNSLOTH[row]:6.2f}" + ("" if ok else f"  {r.get('error', '')[:150]}"), flush=True)
+        first_part = args.stop_after and r.get("steps", 0) >= 1 and "error" not in r  # the rest by --resume
+        if first_part and "step_seconds" not in r:
+            r["step_seconds"] = r["elapsed"][0]
+        peak = f"{r['allocator_peak'] / GIB:.2f} GiB" if "allocator_peak" in r else "-"
+        step = f"{r['step_seconds']:.1f}" if "step_seconds" in r else "-"
+        print(f"{b:5d} GiB {T:10d} {'yes' if ok else 'part 1' if first_part else 'NO':>8s} {peak:>10s} {step:>8s} "
+              f"{UNSLOTH[row]:10d} {T / UNSLOTH[row]:6.2f}" + ("" if ok or first_part else f"  {r.get('error', '')[:150]}"),
+              flush=True)
     if args.throughput:
         for T in (int(x) for x in args.lengths.split(",")):
             m = memtune_train(folder, data, os.path.join(args.work, f"run-T{T}"),
