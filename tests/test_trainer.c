@@ -326,6 +326,8 @@ START_TEST(hf_config_checks) {
     make_folder("phi3-longrope-short-list", gjson, folder, sizeof folder);
     tu_expect_error(mt_hf_read_config(folder, &c), MT_ERR_MODEL, "long_factor and short_factor, 4 numbers each");
     tu_expect_error(mt_hf_read_config("/nonexistent-folder", &c), MT_ERR_MODEL, "no config.json");
+    // a relative model.path says where it was looked for
+    tu_expect_error(mt_hf_read_config("nonexistent-folder", &c), MT_ERR_MODEL, "read from the working directory");
     // found by fuzzing: a huge number is refused, not converted (that was undefined behaviour)
     make_folder("huge",
                 "{\"architectures\":[\"LlamaForCausalLM\"],\"vocab_size\":258,\"hidden_size\":128,"
