@@ -149,8 +149,7 @@ def main():
         if args.stop_after and "seq_len" in r:
             chosen = dict(re.findall(r"\((model\.[a-z_]+|offload\.optimizer): ([a-z0-9]+)[;)]", r.get("choice", "")))
             with open(part, "w") as f:
-                json.dump({"seq_len": r["seq_len"], "chosen": chosen, "steps": r.get("steps", 0),
-                           "step_seconds_first": r["elapsed"][0] if r.get("elapsed") else None}, f)
+                json.dump({"seq_len": r["seq_len"], "chosen": chosen, "steps": r.get("steps", 0)}, f)
         if args.resume:
             r["seq_len"], r["choice"] = first["seq_len"], f"resumed at the first part's {first['seq_len']} tokens"
             # this part's elapsed time starts again at its first step: its steps' own times

@@ -364,6 +364,11 @@ __attribute__((target("avx512f"))) static __m512 quotient16(__m512 x, __m512 d, 
 // Whether quotient16 serves divisor d.
 static int quotient_fast(float d) { return d >= 0x1p-126f && d <= 0x1p126f; }
 
+// x / d as a division rounds it: quotient16 where it serves d (fast), else divided.
+__attribute__((target("avx512f"))) static __m512 divide16(__m512 x, __m512 d, __m512 r, int fast) {
+    return fast ? quotient16(x, d, r) : _mm512_div_ps(x, d);
+}
+
 __attribute__((target("avx512f"))) static void qencode_avx512(const float *m, const float *v, size_t len, uint8_t *mq,
                                                               uint8_t *vq, float *m_absmax, float *v_absmax) {
     const float *smap = mt_qmap(1), *umap = mt_qmap(0);
@@ -384,8 +389,8 @@ __attribute__((target("avx512f"))) static void qencode_avx512(const float *m, co
     for (size_t k = 0; k < len; k += 16) {
         __mmask16 in = len - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (len - k)) - 1);
         __m512 mv = _mm512_maskz_loadu_ps(in, m + k), vv = _mm512_maskz_loadu_ps(in, v + k);
-        __m512 sm = m_max > 0.0f ? m_fast ? quotient16(mv, md, mr) : _mm512_div_ps(mv, md) : zero;
-        __m512 sv = v_max > 0.0f ? v_fast ? quotient16(vv, vd, vr) : _mm512_div_ps(vv, vd) : zero;
+        __m512 sm = m_max > 0.0f ? divide16(mv, md, mr, m_fast) : zero;
+        __m512 sv = v_max > 0.0f ? divide16(vv, vd, vr, v_fast) : zero;
         __m512i mc = qcodes16(sm, smap[0], stable), vc = qcodes16(sv, umap[0], utable);
         // a nonzero v never decodes to 0
         __mmask16 lift =
@@ -420,10 +425,10 @@ __attribute__((target("avx512f"))) static void qdecode_avx512(const uint8_t *mq,
 #ifdef MT_X86
 __attribute__((target("avx512f"))) static void divide_avx512(float *q, const float *x, float d, size_t n) {
     __m512 dv = _mm512_set1_ps(d), r = _mm512_set1_ps(1.0f / d);
+    int fast = quotient_fast(d);
     for (size_t k = 0; k < n; k += 16) {
         __mmask16 in = n - k >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - k)) - 1);
-        __m512 xv = _mm512_maskz_loadu_ps(in, x + k);
-        _mm512_mask_storeu_ps(q + k, in, quotient_fast(d) ? quotient16(xv, dv, r) : _mm512_div_ps(xv, dv));
+        _mm512_mask_storeu_ps(q + k, in, divide16(_mm512_maskz_loadu_ps(in, x + k), dv, r, fast));
     }
 }
 #endif

@@ -500,6 +500,10 @@ static double disk_free(const char *path) {
     return (double)fs.f_bavail * (double)fs.f_frsize;
 }
 
+// memory.budget auto (and no budget on a GPU): the GPU's memory less this, for what the forecast does not
+// see (the CUDA context, the libraries' workspaces)
+static const double kAutoBudgetMargin = 1073741824.0;
+
 static mt_err read_budget(const mt_config *cfg, int gpu, double *budget, char *source, size_t len);
 
 // Where a length search found nothing: the configuration's own error at
@@ -523,9 +527,9 @@ mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_s
     // the run keeps to memory.budget where it is below the device's memory (auto, on a GPU: its memory less 1 GiB)
     char budget_source[96];
     if (!err && cfg.memory_budget[0]) {
-        double budget = capacity > 0 ? capacity - 1073741824.0 : 0;
+        double budget = capacity > 0 ? capacity - kAutoBudgetMargin : 0;
         if (!gpu || strcmp(cfg.memory_budget, "auto"))  // (auto on the CPU: the run's refusal)
-            err = read_budget(&cfg, gpu, &budget, budget_source, 64);
+            err = read_budget(&cfg, gpu, &budget, budget_source, sizeof budget_source);
         if (!err && budget > 0 && (capacity <= 0 || budget < capacity)) {
             snprintf(budget_source, sizeof budget_source, "memory.budget %s", cfg.memory_budget);
             capacity = budget, capacity_source = budget_source;
@@ -761,7 +765,7 @@ static mt_err read_budget(const mt_config *cfg, int gpu, double *budget, char *s
             return mt_errorf(MT_ERR_CONFIG,
                              "memory.budget auto takes the GPU's free memory, and this run is on the "
                              "CPU; give a size (memory.budget: 16GiB) or none");
-        *budget = rank_gpu_free_bytes() - 1073741824.0;
+        *budget = rank_gpu_free_bytes() - kAutoBudgetMargin;
         snprintf(source, len, "auto: the GPU's free memory less 1 GiB");
         return MT_OK;
     }
@@ -902,7 +906,7 @@ static mt_err auto_capacity(mt_config *cfg, int gpu, double *capacity) {
     char source[64];
     *capacity = 0;
     if (cfg->memory_budget[0]) return read_budget(cfg, gpu, capacity, source, sizeof source);
-    if (gpu) *capacity = rank_gpu_free_bytes() - 1073741824.0;
+    if (gpu) *capacity = rank_gpu_free_bytes() - kAutoBudgetMargin;
     return MT_OK;
 }
 

@@ -241,13 +241,11 @@ mt_err mt_hf_read_config(const char *dir, mt_model_config *c) {
     if (!j) {
         if (err != MT_ERR_IO) return err;
         // a relative path is taken from the working directory, not from the experiment file's folder
-        char cwd[1024];
+        char cwd[1024], where[1100] = "";
         if (dir[0] != '/' && getcwd(cwd, sizeof cwd))
-            return mt_errorf(MT_ERR_MODEL,
-                             "%s: no config.json; model.path must be a Hugging Face model folder (a relative path "
-                             "is read from the working directory, here %s)",
-                             dir, cwd);
-        return mt_errorf(MT_ERR_MODEL, "%s: no config.json; model.path must be a Hugging Face model folder", dir);
+            snprintf(where, sizeof where, " (a relative path is read from the working directory, here %s)", cwd);
+        return mt_errorf(MT_ERR_MODEL, "%s: no config.json; model.path must be a Hugging Face model folder%s", dir,
+                         where);
     }
     const cJSON *archs = cJSON_GetObjectItemCaseSensitive(j, "architectures");
     const cJSON *arch = cJSON_IsArray(archs) ? cJSON_GetArrayItem(archs, 0) : NULL;
