@@ -12,7 +12,9 @@ minus what was used before (nvidia-smi, sampled), memtune's allocator peak,
 and the process's peak resident host memory (VmRSS, pinned pages included).
 The cpu run of the 1.1B shape writes the copy/update timeline of two steps
 (offload-trace.json, Chrome's trace format) to --out, and each -rN mode's
-run (below) its own (offload-trace-MODE.json). Modes galore and
+run (below) its own (offload-trace-MODE.json); --trace-modes names modes
+to trace at every shape (offload-trace-SHAPE-MODE.json), the delayed
+update's included. Modes galore and
 galore-cpu: GaLore (optim.kind galore, its defaults, no clipping) with the
 AdamW state of what it does not project (embeddings, norms, head) on the
 GPU or offloaded to host memory. A suffix -accumN on a mode (none-accum2,
@@ -164,6 +166,8 @@ def main():
     ap.add_argument("--deepspeed", action="store_true",
                     help="DeepSpeed's ZeRO-Offload on each shape too (bench/deepspeed_offload.py; .whl/ds)")
     ap.add_argument("--deepspeed-timeout", type=int, default=600)
+    ap.add_argument("--trace-modes", default="",
+                    help="modes whose steps 6-7 are traced at every shape (offload.trace_step), as offload-trace-SHAPE-MODE.json")
     ap.add_argument("--out", default=".")
     ap.add_argument("--work", default="/tmp/mt-offload-bench")
     args = ap.parse_args()
@@ -188,11 +192,13 @@ def main():
                 continue
             # the timelines of the plain offloaded run and of partial offload (-rN), 1.1B shape
             traced = mode == "cpu" or re.fullmatch(r"cpu(-noclip)?-r\d+", mode)
-            trace = 6 if traced and shape == "TinyLlama-1.1B" else 0
+            asked = mode in args.trace_modes.split(",")
+            trace = 6 if (traced and shape == "TinyLlama-1.1B") or asked else 0
             run = os.path.join(args.work, f"{shape}-{mode}")
             r = run_memtune(args, folder, data, run, mode, trace)
             if trace and os.path.exists(os.path.join(run, "offload-trace.json")):
-                name = "offload-trace.json" if mode == "cpu" else f"offload-trace-{mode}.json"
+                name = (f"offload-trace-{shape}-{mode}.json" if asked
+                        else "offload-trace.json" if mode == "cpu" else f"offload-trace-{mode}.json")
                 shutil.copy(os.path.join(run, "offload-trace.json"), os.path.join(args.out, name))
             found = re.search(r"offloaded to [^:]*: ([\d.]+)M parameters", " ".join(r.get("log", [])))
             if mode.split("-")[0] == "ssd" and "error" not in r and update_rate > 0 and found:

@@ -34,6 +34,7 @@ typedef struct {
     long updated, copied;              // delay: last step whose update is in `shadow` / was copied to the weights
                                        // (-1: none; 0: a resumed state's, mt_offload_set_pending)
     double t_sum[2][2], t_adam[2][2];  // trace: host seconds, per step parity
+    double t_wait[2][2];               // trace, delay: the training thread's wait for the bucket's last update
 } bucket;
 
 enum {
@@ -234,6 +235,7 @@ static void copy_bucket(mt_offload *o, int b, void *after) {
     bucket *k = &o->buckets[b];
     if (k->updated <= k->copied) return;
     if (o->gpu && after) mt_stream_wait_event(o->h2d, after);
+    if (o->gpu) mt_event_record(event(o, EV_H2D_START, k->updated, b), o->h2d);  // (the trace's)
     for (int p = k->first; p < k->end; p++) {
         const mt_offload_param *pa = &o->params[p];
         if (o->gpu)
@@ -574,7 +576,11 @@ void mt_offload_grad(mt_offload *o, int param, const float *grad) {
     }
     // delay: the last update must be done before its weights are copied, and before these gradients land where
     // it reads them (the landing, without a separate sum)
-    if (o->cfg.delay && (last || !o->grad_sum)) wait_ready(o, b, o->gen - 1);
+    if (o->cfg.delay && (last || !o->grad_sum)) {
+        k->t_wait[o->gen & 1][0] = mt_now();
+        wait_ready(o, b, o->gen - 1);
+        k->t_wait[o->gen & 1][1] = mt_now();
+    }
     if (o->grad_sum) {
         // the landing is free once the worker has added the micro-batch before
         pthread_mutex_lock(&o->lock);
@@ -753,11 +759,16 @@ static void write_trace(mt_offload *o) {
         mt_warn("offload trace: cannot write %s", o->trace_path);
         return;
     }
-    static const char *const tracks[] = {"", "GPU compute", "copy GPU to host (gradients)", "CPU (norm, AdamW)",
-                                         "copy host to GPU (weights)"};
+    static const char *const tracks[] = {"",
+                                         "GPU compute",
+                                         "copy GPU to host (gradients)",
+                                         "CPU (norm, AdamW)",
+                                         "copy host to GPU (weights)",
+                                         "training thread (waits for the delayed update)"};
+    int delay = o->cfg.delay;
     fprintf(f, "{\"traceEvents\":[\n");
     int first = 1;
-    for (int t = 1; t <= 4; t++) {
+    for (int t = 1; t <= (delay ? 5 : 4); t++) {
         fprintf(f, "%s{\"name\":\"thread_name\",\"ph\":\"M\",\"pid\":1,\"tid\":%d,\"args\":{\"name\":\"%s\"}}",
                 first ? "" : ",\n", t, tracks[t]);
         first = 0;
@@ -782,8 +793,15 @@ static void write_trace(mt_offload *o) {
             span(f, &first, name, o->origin_host, 3, k->t_sum[step & 1][0], k->t_sum[step & 1][1]);
             snprintf(name, sizeof name, "step %ld AdamW %s", step, unit);
             span(f, &first, name, o->origin_host, 3, k->t_adam[step & 1][0], k->t_adam[step & 1][1]);
-            snprintf(name, sizeof name, "step %ld weights %s", step, unit);
-            span(f, &first, name, o->origin_host, 4, GPU_TIME(EV_H2D_START, b), GPU_TIME(EV_UPDATED, b));
+            // with delay, step s's weights cross in step s + 1's backward: the last step's are still pending
+            if (!delay || step <= k->copied) {
+                snprintf(name, sizeof name, "step %ld weights %s", step, unit);
+                span(f, &first, name, o->origin_host, 4, GPU_TIME(EV_H2D_START, b), GPU_TIME(EV_UPDATED, b));
+            }
+            if (delay) {
+                snprintf(name, sizeof name, "step %ld waits for %s's update", step, unit);
+                span(f, &first, name, o->origin_host, 5, k->t_wait[step & 1][0], k->t_wait[step & 1][1]);
+            }
         }
 #undef GPU_TIME
     }

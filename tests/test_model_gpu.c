@@ -886,6 +886,29 @@ static void gpu_run(const char *dir, const char *name, const char *const *extra,
     mt_config_free(&cfg);
 }
 
+// Spans of an offload trace (Chrome's format) whose names hold each of
+// needles[0..n): counts[i].
+static void trace_spans(const char *path, const char *const *needles, int n, int *counts) {
+    FILE *f = fopen(path, "r");
+    ck_assert_msg(f != NULL, "no %s", path);
+    static char text[1 << 20];
+    size_t len = fread(text, 1, sizeof text - 1, f);
+    fclose(f);
+    text[len] = 0;
+    cJSON *doc = cJSON_Parse(text);
+    ck_assert_msg(doc != NULL, "%s is not JSON", path);
+    const cJSON *events = cJSON_GetObjectItemCaseSensitive(doc, "traceEvents"), *e;
+    for (int i = 0; i < n; i++) counts[i] = 0;
+    cJSON_ArrayForEach(e, events) {
+        const char *nm = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(e, "name"));
+        const cJSON *dur = cJSON_GetObjectItemCaseSensitive(e, "dur");
+        if (!nm || !cJSON_IsNumber(dur)) continue;  // (the tracks' names)
+        ck_assert_msg(dur->valuedouble >= 0.0, "%s: span %s lasts %g us", path, nm, dur->valuedouble);
+        for (int i = 0; i < n; i++) counts[i] += strstr(nm, needles[i]) != NULL;
+    }
+    cJSON_Delete(doc);
+}
+
 START_TEST(gpu_offload_follows_gpu_adamw) {
     char dir[256], ssd[300], trace[400];
     tu_tempdir(dir, sizeof dir);
@@ -924,30 +947,15 @@ START_TEST(gpu_offload_follows_gpu_adamw) {
         ck_assert_msg(cpu[11] < cpu[0], "variant %d: no learning", k);
         // the timeline of steps 3 and 4
         snprintf(trace, sizeof trace, "%s/cpu/offload-trace.json", dir);
-        FILE *f = fopen(trace, "r");
-        ck_assert_msg(f != NULL, "no %s", trace);
-        static char text[1 << 20];
-        size_t len = fread(text, 1, sizeof text - 1, f);
-        fclose(f);
-        text[len] = 0;
-        cJSON *doc = cJSON_Parse(text);
-        ck_assert_msg(doc != NULL, "the trace is not JSON");
-        const cJSON *events = cJSON_GetObjectItemCaseSensitive(doc, "traceEvents"), *e;
-        int adam = 0, weights = 0, grads = 0, forward = 0;
-        cJSON_ArrayForEach(e, events) {
-            const char *nm = cJSON_GetStringValue(cJSON_GetObjectItemCaseSensitive(e, "name"));
-            adam += nm && strstr(nm, "AdamW") != NULL;
-            weights += nm && strstr(nm, "weights") != NULL;
-            grads += nm && strstr(nm, "gradients") != NULL;
-            forward += nm && strstr(nm, "forward") != NULL;
-        }
-        cJSON_Delete(doc);
+        static const char *const kinds[] = {"AdamW", "weights", "gradients", "forward"};
+        int c[4];
+        trace_spans(trace, kinds, 4, c);
         // per step, 4 buckets (embedding, 2 layers, head; GaLore's: the layers' norms), or the 2 layers' adapters
         // with LoRA
         int spans = 2 * (k == 3 ? 2 : 4);
-        ck_assert_msg(adam == spans && weights == spans && grads == spans && forward == spans,
-                      "variant %d trace spans: AdamW %d, weights %d, gradients %d, forward %d (want %d)", k, adam,
-                      weights, grads, forward, spans);
+        ck_assert_msg(c[0] == spans && c[1] == spans && c[2] == spans && c[3] == spans,
+                      "variant %d trace spans: AdamW %d, weights %d, gradients %d, forward %d (want %d)", k, c[0], c[1],
+                      c[2], c[3], spans);
     }
 }
 END_TEST
@@ -975,10 +983,15 @@ START_TEST(gpu_offload_delay_takes_each_gradient_two_steps_back) {
     ck_assert_int_eq(mt_backend_init(&gpu, 0), MT_OK);
     void *w_d = mt_device_malloc(total * 2);
     float *g_d = mt_device_malloc(total * 4);
+    char dir[256], trace[300];
+    tu_tempdir(dir, sizeof dir);
+    snprintf(trace, sizeof trace, "%s/offload-trace.json", dir);
     for (int variant = 0; variant < 4; variant++) {
         int delay = variant & 1;
         float clip = variant >> 1 ? 0.5f : 0.0f, lr = 0.05f, wd = 0.1f;
         mt_offload_config oc = tu_delay_config(wd, clip, 2, delay);
+        oc.trace_path = trace, oc.trace_step = 3, oc.layers = 1;  // written as step 5 begins
+        remove(trace);
         for (size_t i = 0; i < total; i++) wb[i] = mt_f32_to_bf16(init[i]);
         mt_copy_to_device(w_d, wb, total * 2);
         memcpy(master, init, total * 4), memcpy(seen, init, total * 4);
@@ -1013,6 +1026,14 @@ START_TEST(gpu_offload_delay_takes_each_gradient_two_steps_back) {
         ck_assert_msg(memcmp(state, master, total * 4) == 0, "variant %d: the master", variant);
         free(state);
         mt_offload_free(o);
+        // the timeline of steps 3 and 4, 3 buckets each; with delay step 4's weights are still pending, and the
+        // training thread's waits for the last update are a track of their own
+        static const char *const kinds[] = {"AdamW", "weights", "gradients", "waits for"};
+        int c[4];
+        trace_spans(trace, kinds, 4, c);
+        ck_assert_msg(c[0] == 6 && c[1] == (delay ? 3 : 6) && c[2] == 6 && c[3] == (delay ? 6 : 0),
+                      "variant %d trace spans: AdamW %d, weights %d, gradients %d, waits %d", variant, c[0], c[1], c[2],
+                      c[3]);
         printf("offload API on the GPU, delay %d, clip %g: %d steps as the reference, bit for bit\n", delay, clip,
                kSteps);
     }

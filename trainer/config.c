@@ -509,7 +509,6 @@ mt_err mt_config_validate(const mt_config *cfg) {
         const char *why = galore                     ? "optim.kind galore updates most weights itself"
                           : cfg->dist_zero_stage > 0 ? "dist.zero_stage above 0 shares each rank's updated shard"
                           : strcmp(cfg->model_weights, "gpu") ? "the base's layers are streamed (model.weights)"
-                          : cfg->offload_trace_step > 0       ? "offload.trace_step's timeline has no delayed copies"
                                                               : NULL;
         if (why)
             return mt_errorf(MT_ERR_CONFIG,
