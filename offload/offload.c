@@ -323,13 +323,10 @@ static void *worker_main(void *arg) {
 int mt_offload_segments(const mt_offload_param *params, int n_params, size_t total, size_t *seg) {
     int n = 0;
     seg[n++] = 0;
-    for (int p = 0; p < n_params;) {
-        int q = p;
-        while (q < n_params && params[q].bucket == params[p].bucket) q++;
-        size_t edges[2] = {params[p].slot, params[q - 1].slot + params[q - 1].count};
+    for (int p = 0; p < n_params; p++) {
+        size_t edges[2] = {params[p].slot, params[p].slot + params[p].count};
         for (int e = 0; e < 2; e++)
             if (edges[e] > seg[n - 1] && edges[e] < total) seg[n++] = edges[e];
-        p = q;
     }
     return n;
 }

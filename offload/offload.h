@@ -87,8 +87,11 @@ void mt_offload_free(mt_offload *o);
 mt_err mt_offload_write_state(mt_offload *o, size_t offset, size_t count, const float *values, const float *m,
                               const float *v);
 // int8 moments: the store's quantization segments for these params (as
-// mt_offload_init takes them): 0, then each bucket's first slot and the end
-// of its last, ascending and below total. seg holds 2 n + 1; returns the count.
+// mt_offload_init takes them): 0, then each parameter's first slot and the
+// end of its last, ascending and below total, so that a block never holds
+// two parameters (a checkpoint keeps each parameter's codes as they are) nor
+// crosses a bucket's edge (a bucket's update pass never splits one). seg
+// holds 2 n + 1; returns the count.
 int mt_offload_segments(const mt_offload_param *params, int n_params, size_t total, size_t *seg);
 
 // One optimizer step: begin, every parameter's whole gradient once (fp32,

@@ -243,6 +243,15 @@ static void code_window(mt_store *s, size_t a, size_t b, int encode) {
     code_range(s, a, b, s->win_m, s->win_v, encode);
 }
 
+int mt_store_segment_codes(const mt_store *s, size_t lo, size_t hi, mt_store_codes *out) {
+    if (!s->int8 || lo >= hi || hi > s->count) return 0;
+    int k = segment_of(s, lo);
+    if (s->seg[k] != lo || segment_end(s, k) != hi) return 0;
+    *out = (mt_store_codes){s->mq + lo, s->vq + lo, s->m_absmax + s->seg_block[k], s->v_absmax + s->seg_block[k],
+                            s->seg_block[k + 1] - s->seg_block[k]};
+    return 1;
+}
+
 size_t mt_store_int8_blocks(const size_t *segments, int n_segments, size_t count) {
     size_t blocks = 0;
     for (int k = 0; k < n_segments; k++) {

@@ -118,6 +118,18 @@ mt_err mt_store_read_all(mt_store *s, float *master, float *m, float *v);
 mt_err mt_store_read_range(mt_store *s, size_t lo, size_t hi, float *master, float *m, float *v);
 mt_err mt_store_write_all(mt_store *s, const float *master, const float *m, const float *v);
 
+// int8 moments: the codes and block absmax of values [lo, hi) where that is
+// one whole segment (a segment starts at lo and ends at hi), as they are in
+// the store (pointers into its arrays, valid while it is open and no pass
+// runs): m's and v's codes from lo, and their `blocks` absmax values; 0 if
+// [lo, hi) is not a segment or the moments are fp32.
+typedef struct {
+    const uint8_t *mq, *vq;
+    const float *m_absmax, *v_absmax;
+    size_t blocks;
+} mt_store_codes;
+int mt_store_segment_codes(const mt_store *s, size_t lo, size_t hi, mt_store_codes *out);
+
 // A copy of a memory store as it is now, in its own encoding (int8 moments
 // stay codes), every array copied by every thread: a checkpoint written in
 // the background reads the copy (with mt_store_read_range) while training

@@ -8,12 +8,14 @@
 #include <cjson/cJSON.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <hdf5.h>
 #include <math.h>
 #include <omp.h>
 #include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "kernels/dtype.h"
@@ -24,6 +26,7 @@
 #include "offload/offload.h"
 #include "offload/store.h"
 #include "testutil.h"
+#include "trainer/checkpoint.h"
 #include "trainer/config.h"
 #include "trainer/dist.h"
 #include "trainer/forecast.h"
@@ -1335,7 +1338,8 @@ END_TEST
 // what a background write's copy holds (the saved model byte for byte), and
 // a run resumed from it is the uninterrupted one; for fp32 and int8
 // moments in host memory, for the SSD tier, and with offload.delay (its
-// weights, one update behind, read from the model a chunk at a time). The
+// weights, one update behind, read from the model a chunk at a time), also
+// with int8 moments; int8 moments are kept as codes (expect_coded_moments). The
 // wide model (an 80000-token vocabulary: 2.56M parameters, its embedding
 // and head 1.28M each) is larger than the reader's 2M-value window of the
 // store, and its embedding and head take two of the writer's 1M-value
@@ -1360,6 +1364,54 @@ static void stderr_back(int saved) {
     dup2(saved, 2), close(saved);
 }
 
+static off_t file_size(const char *path) {
+    struct stat st;
+    ck_assert_msg(stat(path, &st) == 0, "%s", path);
+    return st.st_size;
+}
+
+// An offloaded run with int8 moments keeps each parameter's moments in its
+// checkpoint as the store holds them (exp_avg_q8, exp_avg_sq_q8 and the
+// blocks' absmax), with no fp32 copy; read back a range at a time, cut
+// anywhere (within parameters and quantization blocks), they equal one read
+// of the whole block, and they are not all zero.
+static void expect_coded_moments(const char *ckpt, const char *model_dir) {
+    mt_model_config mc;
+    ck_assert_int_eq(mt_hf_read_config(model_dir, &mc), MT_OK);
+    int n;
+    size_t total;
+    mt_param_info *table = mt_model_param_table(&mc, &n, &total);
+    char path[1400], name[400];
+    snprintf(path, sizeof path, "%s/state.h5", ckpt);
+    hid_t file = H5Fopen(path, H5F_ACC_RDONLY, H5P_DEFAULT);
+    ck_assert_msg(file >= 0, "%s", path);
+    for (int i = 0; i < n; i++) {
+        static const char *const kept[] = {"exp_avg_q8", "exp_avg_sq_q8", "exp_avg_absmax", "exp_avg_sq_absmax"};
+        for (int j = 0; j < 4; j++) {
+            snprintf(name, sizeof name, "optimizer/%s/%s", table[i].name, kept[j]);
+            ck_assert_msg(H5Lexists(file, name, H5P_DEFAULT) > 0, "%s: no %s", path, name);
+        }
+        snprintf(name, sizeof name, "optimizer/%s/exp_avg", table[i].name);
+        ck_assert_msg(H5Lexists(file, name, H5P_DEFAULT) <= 0, "%s: fp32 moments %s beside the codes", path, name);
+    }
+    H5Fclose(file);
+    float *m = malloc(total * 4), *v = malloc(total * 4), *m2 = malloc(total * 4), *v2 = malloc(total * 4);
+    mt_checkpoint_meta meta;
+    ck_assert_int_eq(mt_checkpoint_read(ckpt, &mc, NULL, NULL, 0, total, m, v, &meta), MT_OK);
+    for (size_t lo = 0, k = 0; lo < total; k++) {
+        size_t hi = lo + 300 + 97 * (k % 11);
+        if (hi > total) hi = total;
+        ck_assert_int_eq(mt_checkpoint_read(ckpt, &mc, NULL, NULL, lo, hi, m2 + lo, v2 + lo, &meta), MT_OK);
+        lo = hi;
+    }
+    ck_assert_msg(memcmp(m, m2, total * 4) == 0 && memcmp(v, v2, total * 4) == 0,
+                  "%s: moments read in pieces differ from one read", ckpt);
+    size_t nonzero = 0;
+    for (size_t i = 0; i < total; i++) nonzero += m[i] != 0.0f && v[i] > 0.0f;
+    ck_assert_msg(nonzero > total / 2, "%s: %zu of %zu moments non-zero", ckpt, nonzero, total);
+    free(m), free(v), free(m2), free(v2), free(table);
+}
+
 START_TEST(checkpoints_written_from_the_store_resume_bit_identically) {
     char ssd[400], data[300], folder[300], wide[300], copied[300], log[300], a[1400], b[3000];
     snprintf(ssd, sizeof ssd, "%s/ssd-stream", dir);
@@ -1372,6 +1424,7 @@ START_TEST(checkpoints_written_from_the_store_resume_bit_identically) {
         {"offload.optimizer", "ssd", "offload.path", ssd, NULL},
         {"offload.optimizer", "cpu", "offload.delay", "1", NULL},
         {"offload.optimizer", "cpu", "offload.moments", "int8", "model.path", wide, NULL},
+        {"offload.optimizer", "cpu", "offload.moments", "int8", "offload.delay", "1", NULL},
     };
     // clang-format on
     for (size_t k = 0; k < sizeof variants / sizeof *variants; k++) {
@@ -1400,7 +1453,25 @@ START_TEST(checkpoints_written_from_the_store_resume_bit_identically) {
         snprintf(a, sizeof a, "%s/%s-split/checkpoints/step-00000005/model/model.safetensors", dir, name);
         snprintf(b, sizeof b, "cmp -s %s %s/checkpoints/step-00000005/model/model.safetensors", a, copied);
         ck_assert_msg(system(b) == 0, "%s: the checkpoint read from the store differs from the copied one", name);
+        if (k == 1 || k == 4 || k == 5) {  // int8 moments: codes in place, and from the snapshot (not with delay)
+            const char *model_dir = k == 4 ? wide : folder;
+            snprintf(a, sizeof a, "%s/%s-split/checkpoints/step-00000005", dir, name);
+            expect_coded_moments(a, model_dir);
+            snprintf(a, sizeof a, "%s/checkpoints/step-00000005", copied);
+            if (k != 5) expect_coded_moments(a, model_dir);
+        }
     }
+    // the wide model's state.h5 with codes: about 2 bytes a parameter (fp32 moments take 8)
+    mt_model_config mc;
+    ck_assert_int_eq(mt_hf_read_config(wide, &mc), MT_OK);
+    int n;
+    size_t total;
+    free(mt_model_param_table(&mc, &n, &total));
+    snprintf(a, sizeof a, "%s/stream-4-split/checkpoints/step-00000005/state.h5", dir);
+    off_t codes = file_size(a);
+    printf("state.h5 with int8 moments: %lld bytes for %zu parameters\n", (long long)codes, total);
+    ck_assert_msg(codes < 3 * (off_t)total, "int8 moments' state.h5 %lld bytes for %zu parameters", (long long)codes,
+                  total);
 }
 END_TEST
 

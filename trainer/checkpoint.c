@@ -11,6 +11,8 @@
 #include <unistd.h>
 
 #include "datasets/h5util.h"
+#include "kernels/ops.h"
+#include "offload/cpu_adam.h"
 #include "trainer/fsutil.h"
 #include "trainer/hf.h"
 #include "trainer/lora.h"
@@ -91,7 +93,8 @@ static mt_err write_state(const char *path, const mt_param_info *table, int n, c
     float *buf = from ? malloc(kSourceChunk * sizeof *buf) : NULL;
     MT_CHECK(!from || buf, "checkpoint buffer");
     mt_err src_err = MT_OK;
-    for (int i = 0; i < n && ok && (m || from) && shards == 0; i++) {
+    int fp32 = m || (from && from[1].read);  // (else the moments are extra's 8-bit codes, or there are none)
+    for (int i = 0; i < n && ok && fp32 && shards == 0; i++) {
         // one group per parameter, named as torch's AdamW names its state
         hid_t g = H5Gcreate2(opt, table[i].name, H5P_DEFAULT, H5P_DEFAULT, H5P_DEFAULT);
         ok = g >= 0 && write_moments(g, &table[i], m, v, from, buf, &src_err);
@@ -301,6 +304,40 @@ static int read_vector(hid_t loc, const char *name, hid_t memtype, void *data, s
     return read_slice(loc, name, memtype, data, n, 0, n);
 }
 
+// Values [start, start + count) of a parameter of n values whose moments are
+// kept as 8-bit codes (exp_avg_q8, exp_avg_sq_q8, and exp_avg_absmax,
+// exp_avg_sq_absmax per block of MT_QBLOCK values from its first: offload's
+// int8 moments), decoded into m and v as the store decodes them.
+static int read_coded_slice(hid_t g, size_t n, size_t start, size_t count, float *m, float *v) {
+    size_t b0 = start / MT_QBLOCK, b1 = (start + count + MT_QBLOCK - 1) / MT_QBLOCK, blocks = b1 - b0;
+    size_t lo = b0 * MT_QBLOCK, hi = b1 * MT_QBLOCK < n ? b1 * MT_QBLOCK : n, len = hi - lo;
+    uint8_t *q = malloc(2 * len);
+    float *absmax = malloc(2 * blocks * sizeof *absmax), *dm = malloc(2 * len * sizeof *dm);
+    MT_CHECK(q && absmax && dm, "checkpoint codes");
+    size_t all = (n + MT_QBLOCK - 1) / MT_QBLOCK;
+    int ok = read_slice(g, "exp_avg_q8", H5T_NATIVE_UCHAR, q, n, lo, len) &&
+             read_slice(g, "exp_avg_sq_q8", H5T_NATIVE_UCHAR, q + len, n, lo, len) &&
+             read_slice(g, "exp_avg_absmax", H5T_NATIVE_FLOAT, absmax, all, b0, blocks) &&
+             read_slice(g, "exp_avg_sq_absmax", H5T_NATIVE_FLOAT, absmax + blocks, all, b0, blocks);
+    for (size_t j = 0; ok && j < blocks; j++) {
+        size_t at = j * MT_QBLOCK, part = len - at < MT_QBLOCK ? len - at : MT_QBLOCK;
+        mt_cpu_qblock_decode(q + at, q + len + at, absmax[j], absmax[blocks + j], dm + at, dm + len + at, part);
+    }
+    if (ok) {
+        memcpy(m, dm + (start - lo), count * sizeof *m);
+        memcpy(v, dm + len + (start - lo), count * sizeof *v);
+    }
+    free(q), free(absmax), free(dm);
+    return ok;
+}
+
+// Values [start, start + count) of a parameter's moments, fp32 or 8-bit codes.
+static int read_moments(hid_t g, size_t n, size_t start, size_t count, float *m, float *v) {
+    if (H5Lexists(g, "exp_avg_q8", H5P_DEFAULT) > 0) return read_coded_slice(g, n, start, count, m, v);
+    return read_slice(g, "exp_avg", H5T_NATIVE_FLOAT, m, n, start, count) &&
+           read_slice(g, "exp_avg_sq", H5T_NATIVE_FLOAT, v, n, start, count);
+}
+
 // The moments [lo, hi) of the trained block from the shard files of a
 // checkpoint written by `shards` ranks (any number may read it).
 static mt_err read_sharded_moments(const char *dir, int shards, size_t total, size_t lo, size_t hi, float *m,
@@ -373,9 +410,7 @@ mt_err mt_checkpoint_read(const char *dir, const mt_model_config *mc, const mt_l
         size_t a = table[i].offset, b = a + table[i].count, from = a > lo ? a : lo, to = b < hi ? b : hi;
         if (from >= to) continue;
         hid_t g = H5Lexists(opt, table[i].name, H5P_DEFAULT) > 0 ? H5Gopen2(opt, table[i].name, H5P_DEFAULT) : -1;
-        if (g < 0 ||
-            !read_slice(g, "exp_avg", H5T_NATIVE_FLOAT, m + (from - lo), table[i].count, from - a, to - from) ||
-            !read_slice(g, "exp_avg_sq", H5T_NATIVE_FLOAT, v + (from - lo), table[i].count, from - a, to - from))
+        if (g < 0 || !read_moments(g, table[i].count, from - a, to - from, m + (from - lo), v + (from - lo)))
             err = mt_errorf(MT_ERR_FORMAT,
                             "%s: optimizer state of %s is missing or has the wrong size; the "
                             "checkpoint was written for another model",

@@ -51,3 +51,20 @@ mt_state_tensor *mt_offload_plan_moments(const mt_offload_plan *p, const mt_para
     }
     return t;
 }
+
+int mt_offload_plan_codes(const mt_offload_plan *p, const mt_param_info *table, int n, const mt_store *st,
+                          mt_state_tensor *tensors, int at) {
+    int k = at;
+    for (int i = 0; i < n; i++) {
+        if (p->index[i] < 0) continue;
+        const mt_offload_param *q = &p->params[p->index[i]];
+        mt_store_codes c;
+        if (!mt_store_segment_codes(st, q->slot, q->slot + q->count, &c)) return 0;
+        // (the store's arrays, read only by the checkpoint's writer)
+        tensors[k++] = (mt_state_tensor){table[i].name, "exp_avg_q8", 1, q->count, (void *)c.mq, NULL};
+        tensors[k++] = (mt_state_tensor){table[i].name, "exp_avg_sq_q8", 1, q->count, (void *)c.vq, NULL};
+        tensors[k++] = (mt_state_tensor){table[i].name, "exp_avg_absmax", 0, c.blocks, (void *)c.m_absmax, NULL};
+        tensors[k++] = (mt_state_tensor){table[i].name, "exp_avg_sq_absmax", 0, c.blocks, (void *)c.v_absmax, NULL};
+    }
+    return 1;
+}

@@ -36,6 +36,15 @@ void mt_offload_plan_gather(const mt_offload_plan *p, const float *weights_layou
 // The packed parameters' moments as checkpoint tensors, over m and v.
 mt_state_tensor *mt_offload_plan_moments(const mt_offload_plan *p, const mt_param_info *table, int n, float *m,
                                          float *v);
+// With int8 moments, each parameter's codes and block absmax as the store st
+// holds them, as checkpoint tensors named as GaLore names its 8-bit moments
+// (exp_avg_q8, exp_avg_sq_q8: uint8; exp_avg_absmax, exp_avg_sq_absmax: one
+// fp32 per block of MT_QBLOCK values from the parameter's first), pointing
+// into st's arrays, 4 a parameter from index `at` of a tensors array that
+// holds at + 4 p->n; 0 (nothing written) where the moments are fp32 or a
+// parameter's values are not a quantization segment of their own.
+int mt_offload_plan_codes(const mt_offload_plan *p, const mt_param_info *table, int n, const mt_store *st,
+                          mt_state_tensor *tensors, int at);
 
 #ifdef __cplusplus
 }

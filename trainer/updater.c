@@ -624,16 +624,25 @@ mt_err mt_updater_read_state(mt_updater *u, long steps_done, mt_state_read how, 
         if (how == MT_STATE_SNAPSHOT) {  // (no delay: its weights would be read from the model as it trains)
             err = mt_offload_snapshot(u->ofl, &s->snapshot);
             r->w.snapshot = s->snapshot;
-            return err;
+        } else {
+            err = mt_offload_sync(u->ofl);  // every update in the store
         }
+        if (err) return err;
+        s->all = malloc((size_t)(4 * u->plan.n + 1) * sizeof *s->all);
+        MT_CHECK(s->all != NULL, "checkpoint tensors");
         if (delayed) {  // and the weights one update behind, read from the model as they are written
             s->weights_from = (mt_f32_source){read_weights_range, u->model};
-            s->all = malloc(sizeof *s->all);
-            MT_CHECK(s->all != NULL, "checkpoint tensors");
-            s->all[0] = delayed_weights_tensor(pl->trained_total, NULL, &s->weights_from);
-            s->extra = s->all, s->n_extra = 1;
+            s->all[s->n_extra++] = delayed_weights_tensor(pl->trained_total, NULL, &s->weights_from);
         }
-        return mt_offload_sync(u->ofl);  // every update in the store
+        // int8 moments: each parameter's codes and block absmax as the store holds them (a quarter of fp32
+        // moments' bytes), in place of exp_avg and exp_avg_sq
+        const mt_store *st = s->snapshot ? s->snapshot : mt_offload_store(u->ofl);
+        if (mt_offload_plan_codes(&u->plan, pl->trained, pl->n_trained, st, s->all, s->n_extra)) {
+            s->n_extra += 4 * u->plan.n;
+            s->from[1] = s->from[2] = (mt_f32_source){NULL, NULL};
+        }
+        s->extra = s->all;
+        return MT_OK;
     }
     if (u->ofl && !packed) {
         // the whole master (ZeRO: every rank's shard of it), this rank's moments; with offload.delay the

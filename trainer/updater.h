@@ -99,14 +99,15 @@ typedef struct mt_state_reader mt_state_reader;
 typedef struct {
     float *master;                 // the trained block's values (NULL when reading failed to start or streamed)
     float *m, *v;                  // AdamW's moments of this rank's shard, or NULL
-    const mt_state_tensor *extra;  // GaLore's tensors, then the packed offloaded parameters' moments
+    const mt_state_tensor *extra;  // GaLore's tensors, then the packed offloaded parameters' moments; streamed:
+                                   // offload.delay's weights, then int8 moments' codes
     int n_extra;
     int optimizer_steps;  // updates applied (MeZO: the steps done)
     float *copy;          // owned: the host copy of offloaded state
     mt_state_tensor *all;
-    int streamed;  // the state is read from `from` (values, exp_avg, exp_avg_sq) as it is written
-    mt_f32_source from[3];
-    mt_f32_source weights_from;  // and offload.delay's weights (extra's one tensor) from the model
+    int streamed;                // the state is read from `from` (values, exp_avg, exp_avg_sq) as it is written
+    mt_f32_source from[3];       // (int8 moments: from[1], from[2] have no read; extra holds their codes)
+    mt_f32_source weights_from;  // and offload.delay's weights (extra's first tensor) from the model
     mt_state_reader *reader;     // owned: what `from` reads the store through
     mt_store *snapshot;          // owned: MT_STATE_SNAPSHOT's copy of the store, which `from` reads
 } mt_updater_state;
