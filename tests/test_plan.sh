@@ -161,6 +161,34 @@ out=$("$MEMTUNE" plan configs/llama-qlora.yaml --set model.path=configs/models/t
 echo "$out" | grep -q "^train.seq_len max: [0-9]* tokens" && ! echo "$out" | grep -q "AdamW state in host memory (off" ||
     fail "train.seq_len max, full fine-tune: expected no offload choice: $out"
 echo "test_plan: train.seq_len max, QLoRA 7B on 8GiB: the adapters' AdamW state offloaded; a full fine-tune not"
+# with model.weights auto, where the base does not fit resident (QLoRA 7B on 4GiB), train.seq_len: max streams it
+# and weighs the other choices with it streamed: the length is the one that configuration fits (one token more does
+# not), far above what resident weights leave
+out=$("$MEMTUNE" plan configs/llama-qlora.yaml --set model.path=configs/models/llama-2-7b --set train.seq_len=max \
+    --set model.weights=auto --gpu-memory 4GiB --host-memory 120GiB 2>&1) ||
+    fail "train.seq_len max, model.weights auto on 4GiB: memtune plan failed: $out"
+streamed=$(echo "$out" | sed -n 's/^train.seq_len max: \([0-9]*\) tokens, the longest that fits with the MLP in tiles.*and the base.s layers streamed from host memory (model.weights auto: cpu)$/\1/p')
+[ -n "$streamed" ] || fail "train.seq_len max, model.weights auto on 4GiB: expected the base streamed: $out"
+resident=$("$MEMTUNE" plan configs/llama-qlora.yaml --set model.path=configs/models/llama-2-7b --set train.seq_len=max \
+    --gpu-memory 4GiB --host-memory 120GiB 2>&1 | sed -n 's/^train.seq_len max: \([0-9]*\) tokens.*/\1/p')
+[ "$streamed" -gt $((10 * ${resident:-0})) ] ||
+    fail "train.seq_len max on 4GiB: $streamed tokens streamed against ${resident:-none} resident"
+echo "$out" | grep -q "^longest train.seq_len that fits as configured\|^no train.seq_len fits as configured" ||
+    fail "train.seq_len max, model.weights auto: no as-configured line: $out"
+streams() {
+    "$MEMTUNE" plan configs/llama-qlora.yaml --set model.path=configs/models/llama-2-7b --set model.mlp_tile_rows=2048 \
+        --set offload.optimizer=cpu --set model.weights=cpu --set "train.seq_len=$1" --gpu-memory 4GiB \
+        --host-memory 120GiB 2>&1 | grep -q "^peak .*: fits"
+}
+streams "$streamed" && ! streams $((streamed + 1)) ||
+    fail "train.seq_len max, model.weights auto on 4GiB: $streamed is not the longest the streamed run fits"
+# ... and at a configured length, memtune plan's last lines search as train.seq_len: max would (auto's choice at
+# that length, 3 layers resident, is not held fixed)
+out=$("$MEMTUNE" plan configs/llama-qlora.yaml --set model.path=configs/models/llama-2-7b --set model.weights=auto \
+    --gpu-memory 4GiB --host-memory 120GiB 2>&1)
+echo "$out" | tail -1 | grep -q "the base's layers streamed from host memory (model.weights auto: cpu): $streamed\$" ||
+    fail "model.weights auto at T=1024 on 4GiB: the longest length is not train.seq_len max's $streamed: $out"
+echo "test_plan: train.seq_len max, model.weights auto, QLoRA 7B on 4GiB: T=$streamed streamed (${resident:-none} resident)"
 # memory.budget below the GPU's memory bounds the plan as it bounds the run: on 24GiB with a budget of 8GiB the
 # same length as on 8GiB, and the peak set against the budget
 out=$("$MEMTUNE" plan configs/llama-qlora.yaml --set model.path=configs/models/llama-2-7b --set train.seq_len=max \

@@ -41,7 +41,8 @@ extern "C" {
       "fine-tuning with offload.optimizer: cpu or ssd), ssd (as cpu, from a file under offload.path that the "         \
       "kernel's page cache reads in: host memory independent of the model's size) or auto (gpu when the run fits "     \
       "memory.budget or the GPU's free memory, else cpu when host memory holds the base, else ssd, keeping on the "    \
-      "GPU the first layers that fit (model.resident_layers); says which)")                                            \
+      "GPU the first layers that fit (model.resident_layers); says which; with train.seq_len max, cpu where that "     \
+      "fits a longer length)")                                                                                         \
     X(model, resident_layers, INT, "0", 0, 1048576, "",                                                                \
       "with model.weights cpu or ssd (LoRA/QLoRA, MeZO): the first N layers' weights stay on the GPU, copied there "   \
       "once, and only the others are streamed each pass (less to copy a step, more GPU memory: a layer each); "        \
@@ -79,9 +80,10 @@ extern "C" {
     X(train, steps, INT, "100", 1, 1000000000, "", "optimizer steps to run")                                           \
     X(train, micro_batch, INT, "4", 1, 65536, "", "rows per forward/backward pass (B)")                                \
     X(train, seq_len, INT, "512", 2, 1048576, "",                                                                      \
-      "tokens per row (T); max: the longest that fits memory.budget; on the way it sets model.mlp_tile_rows 2048 "     \
-      "(where 0), model.deterministic_attention false (where auto, on a GPU) and, for LoRA, offload.optimizer cpu "    \
-      "(where none, on a GPU) wherever each fits a longer one, and says so (memtune plan lists it)")                   \
+      "tokens per row (T); max: the longest that fits memory.budget; on the way it sets model.weights cpu (where "     \
+      "auto, on a GPU: the base streamed), model.mlp_tile_rows 2048 (where 0), model.deterministic_attention false "   \
+      "(where auto, on a GPU) and, for LoRA, offload.optimizer cpu (where none, on a GPU) wherever each fits a "       \
+      "longer one, and says so (memtune plan lists it)")                                                               \
     X(train, grad_accum, INT, "1", 1, 65536, "",                                                                       \
       "micro-batches per optimizer step; the loss is the mean over all their tokens")                                  \
     X(train, seed, INT, "1337", 0, 2147483647, "", "seed for data order and random initialisation")                    \

@@ -301,8 +301,9 @@ double mt_host_plannable(void) { return kHostShare * host_available(); }
 // GPU's) stopped the length.
 typedef struct {
     int tiles, attention, offload, host_binds;
-    long kept;  // model.gpu_layer_inputs chosen where host memory bound the length (0: none)
-    int filed;  // kept counts model.ssd_layer_inputs instead: the last inputs in a file under offload.path
+    long kept;     // model.gpu_layer_inputs chosen where host memory bound the length (0: none)
+    int filed;     // kept counts model.ssd_layer_inputs instead: the last inputs in a file under offload.path
+    int streamed;  // model.weights auto: the base streamed from host memory (cpu)
 } long_choices;
 
 // Where host memory binds, which count train.seq_len: max raises: none (0),
@@ -406,7 +407,10 @@ static int keep_if_longer(mt_config *cfg, const mt_model_config *mc, int gpu, in
 // (a workspace linear in T, not T x T) where it is auto; on the GPU, for
 // LoRA's AdamW, offload.optimizer cpu where it is none (the adapters' master
 // weights and moments in host memory: the host updates so few parameters in
-// a small part of a long sequence's step). Throughout, on the GPU, where
+// a small part of a long sequence's step); on the GPU, model.weights cpu
+// where it is auto (the frozen base's layers streamed from host memory, as
+// model.weights auto streams a base that does not fit: the GPU's memory
+// goes to the sequence instead). Throughout, on the GPU, where
 // host memory binds the length with the layer inputs offloaded and
 // model.gpu_layer_inputs is 0, the fewest of them that let a longer length
 // fit both stay on the GPU. *as_configured: the longest without any choice.
@@ -418,8 +422,12 @@ static long longest_choosing(mt_config *cfg, const mt_model_config *mc, int gpu,
                                                                                           : KEEP_ON_GPU;
     long kept = 0, best = mt_forecast_longest_seq_len(cfg, mc, gpu, world, capacity, limit);
     *as_configured = best;
-    *chose = (long_choices){0, 0, 0, 0, 0, may_keep == KEEP_IN_FILE};
+    *chose = (long_choices){0, 0, 0, 0, 0, may_keep == KEEP_IN_FILE, 0};
     best = keeping_if_host_binds(cfg, mc, gpu, world, capacity, limit, may_keep, best, &kept);
+    // (first: where the base does not fit resident, the other choices are weighed with it streamed)
+    if (gpu && !strcmp(cfg->model_weights, "auto"))
+        chose->streamed = keep_if_longer(cfg, mc, gpu, world, capacity, limit, may_keep, "model.weights", "cpu", "auto",
+                                         &best, &kept);
     char tile[16];
     snprintf(tile, sizeof tile, "%d", kAutoMlpTileRows);
     if (cfg->model_mlp_tile_rows == 0)
@@ -452,15 +460,16 @@ static const char *choices_note(long_choices c, char *buf, size_t len) {
                  "the first %ld layer inputs kept on the GPU, not in host memory "
                  "(model.gpu_layer_inputs: %ld)",
                  c.kept, c.kept);
-    const char *parts[4], *all[4] = {
+    const char *parts[5], *all[5] = {
                               tiles,
                               "cuDNN's non-deterministic attention backward (model.deterministic_attention: false; the "
                               "deterministic one's workspace grows as T x T)",
                               "the adapters' AdamW state in host memory (offload.optimizer: cpu; the same AdamW)",
+                              "the base's layers streamed from host memory (model.weights auto: cpu)",
                               kept,
                           };
-    int n = 0, on[4] = {c.tiles, c.attention, c.offload, c.kept > 0};
-    for (int i = 0; i < 4; i++)
+    int n = 0, on[5] = {c.tiles, c.attention, c.offload, c.streamed, c.kept > 0};
+    for (int i = 0; i < 5; i++)
         if (on[i]) parts[n++] = all[i];
     size_t at = (size_t)snprintf(buf, len, "%s", n ? " with " : " as configured");
     for (int i = 0; i < n && at < len; i++)
@@ -478,6 +487,7 @@ static void unchoose(mt_config *cfg, long_choices c) {
     if (c.tiles) cfg->model_mlp_tile_rows = 0;
     if (c.attention) mt_config_set(cfg, "model.deterministic_attention", "auto", "memtune plan");
     if (c.offload) mt_config_set(cfg, "offload.optimizer", "none", "memtune plan");
+    if (c.streamed) mt_config_set(cfg, "model.weights", "auto", "memtune plan");
     if (c.kept) *keep_knob(cfg, c.filed ? KEEP_IN_FILE : KEEP_ON_GPU) = 0;
 }
 
@@ -535,8 +545,14 @@ mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_s
             capacity = budget, capacity_source = budget_source;
         }
     }
-    long_choices chose = {0, 0, 0, 0, 0, 0};  // what train.seq_len: max chose
+    long_choices chose = {0};  // what train.seq_len: max chose
     char note[512];
+    // the last line's search takes model.weights as configured: what train.seq_len max and model.weights auto
+    // choose (the base streamed, its resident layers, its file's folder) is put back for it
+    char weights_was[16], *path_was = err ? NULL : strdup(cfg.offload_path);
+    long resident_was = err ? 0 : cfg.model_resident_layers;
+    MT_CHECK(err || path_was != NULL, "memtune plan");
+    snprintf(weights_was, sizeof weights_was, "%s", err ? "" : cfg.model_weights);
     if (!err && cfg.train_seq_len == MT_SEQ_LEN_MAX) {  // the longest that fits the GPU's memory
         long as_configured = 0;
         cfg.train_seq_len =
@@ -559,6 +575,7 @@ mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_s
     mt_forecast f;
     if (!err) err = mt_forecast_run(&cfg, &mc, gpu, world, &f);
     if (err) {
+        free(path_was);
         mt_config_free(&cfg);
         return err;
     }
@@ -619,6 +636,7 @@ mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_s
     }
     fputc('\n', out);
     if (brief) {
+        free(path_was);
         mt_config_free(&cfg);
         return MT_OK;
     }
@@ -682,6 +700,9 @@ mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_s
     if (capacity > 0) {
         // long contexts: the MLP's (tokens x intermediate) buffers in tiles
         unchoose(&cfg, chose);  // "as configured": as the file and --set say
+        mt_config_set(&cfg, "model.weights", weights_was, "memtune plan");
+        mt_config_set(&cfg, "offload.path", path_was, "memtune plan");
+        cfg.model_resident_layers = resident_was;
         long best = 0, longest = longest_choosing(&cfg, &mc, gpu, world, capacity, 1L << 20, &best, &chose);
         if (best)
             fprintf(out, "\nlongest train.seq_len that fits as configured: %ld\n", best);
@@ -689,6 +710,7 @@ mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_s
             fprintf(out, "\nno train.seq_len fits as configured\n");
         if (longest > best) fprintf(out, "%s: %ld\n", choices_note(chose, note, sizeof note) + 1, longest);
     }
+    free(path_was);
     mt_config_free(&cfg);
     return MT_OK;
 }
