@@ -62,6 +62,10 @@ head -2 "$OUT/env.txt"
 
 [ -d .whl/bnb ] && export PYTHONPATH=$ROOT/.whl/bnb${PYTHONPATH:+:$PYTHONPATH}
 [ -d .whl/galore ] && export PYTHONPATH=$ROOT/.whl/galore${PYTHONPATH:+:$PYTHONPATH}
+# galore-torch imports bitsandbytes at import time: without it every galore-torch run fails
+if [ -d .whl/galore ] && ! python3 -c "import bitsandbytes" 2> /dev/null; then
+    echo "run.sh: .whl/galore is here but bitsandbytes is not: galore-torch will not import; carry .whl/bnb too"
+fi
 if ! python3 -c "import peft" 2> /dev/null && [ -d .whl/peft ]; then
     export PYTHONPATH=$ROOT/.whl/peft${PYTHONPATH:+:$PYTHONPATH}
 fi
