@@ -454,6 +454,19 @@ void mt_cpu_qblock_decode(const uint8_t *mq, const uint8_t *vq, float m_absmax, 
     mt_qblock_decode(mq, vq, m_absmax, v_absmax, m, v, len);
 }
 
+void mt_cpu_qblocks_code(uint8_t *mq, uint8_t *vq, float *m_absmax, float *v_absmax, float *m, float *v, size_t n,
+                         int encode) {
+    size_t blocks = (n + MT_QBLOCK - 1) / MT_QBLOCK;
+#pragma omp parallel for if (!omp_in_parallel())
+    for (size_t j = 0; j < blocks; j++) {
+        size_t i = j * MT_QBLOCK, len = n - i < MT_QBLOCK ? n - i : MT_QBLOCK;
+        if (encode)
+            mt_cpu_qblock_encode(m + i, v + i, len, mq + i, vq + i, &m_absmax[j], &v_absmax[j]);
+        else
+            mt_cpu_qblock_decode(mq + i, vq + i, m_absmax[j], v_absmax[j], m + i, v + i, len);
+    }
+}
+
 void mt_cpu_qblock_encode(const float *m, const float *v, size_t len, uint8_t *mq, uint8_t *vq, float *m_absmax,
                           float *v_absmax) {
 #ifdef MT_X86

@@ -63,6 +63,13 @@ void mt_cpu_divide(float *q, const float *x, float d, size_t n);
 void mt_cpu_qblock_decode(const uint8_t *mq, const uint8_t *vq, float m_absmax, float v_absmax, float *m, float *v,
                           size_t len);
 
+// n consecutive values' int8 moments in blocks of MT_QBLOCK from the first
+// (the last may be short), block j's absmax at m_absmax[j], v_absmax[j]:
+// decoded into m and v (encode 0), or m and v encoded into them (encode 1),
+// a block per OpenMP thread unless called from a parallel region.
+void mt_cpu_qblocks_code(uint8_t *mq, uint8_t *vq, float *m_absmax, float *v_absmax, float *m, float *v, size_t n,
+                         int encode);
+
 // Sum of squares of grad (fp32 or bf16), accumulated in double: the
 // global-norm clip's input. The same sum for any thread count and on every
 // path (mt_cpu_sumsq: the best). Not finite when any value is not.

@@ -225,17 +225,9 @@ static int block_start(const mt_store *s, size_t i) {
 static void code_range(mt_store *s, size_t a, size_t b, float *m, float *v, int encode) {
     for (int k = segment_of(s, a); k < s->n_seg && s->seg[k] < b; k++) {
         size_t lo = s->seg[k] > a ? s->seg[k] : a, hi = segment_end(s, k) < b ? segment_end(s, k) : b;
-        size_t first = s->seg_block[k] + (lo - s->seg[k]) / MT_QBLOCK, blocks = (hi - lo + MT_QBLOCK - 1) / MT_QBLOCK;
-#pragma omp parallel for if (!omp_in_parallel())
-        for (size_t j = 0; j < blocks; j++) {
-            size_t i = lo + j * MT_QBLOCK, len = hi - i < MT_QBLOCK ? hi - i : MT_QBLOCK, w = i - a;
-            if (encode)
-                mt_cpu_qblock_encode(m + w, v + w, len, s->mq + i, s->vq + i, &s->m_absmax[first + j],
-                                     &s->v_absmax[first + j]);
-            else
-                mt_cpu_qblock_decode(s->mq + i, s->vq + i, s->m_absmax[first + j], s->v_absmax[first + j], m + w, v + w,
-                                     len);
-        }
+        size_t first = s->seg_block[k] + (lo - s->seg[k]) / MT_QBLOCK;
+        mt_cpu_qblocks_code(s->mq + lo, s->vq + lo, s->m_absmax + first, s->v_absmax + first, m + (lo - a),
+                            v + (lo - a), hi - lo, encode);
     }
 }
 

@@ -319,11 +319,8 @@ static int read_coded_slice(hid_t g, size_t n, size_t start, size_t count, float
              read_slice(g, "exp_avg_sq_q8", H5T_NATIVE_UCHAR, q + len, n, lo, len) &&
              read_slice(g, "exp_avg_absmax", H5T_NATIVE_FLOAT, absmax, all, b0, blocks) &&
              read_slice(g, "exp_avg_sq_absmax", H5T_NATIVE_FLOAT, absmax + blocks, all, b0, blocks);
-    for (size_t j = 0; ok && j < blocks; j++) {
-        size_t at = j * MT_QBLOCK, part = len - at < MT_QBLOCK ? len - at : MT_QBLOCK;
-        mt_cpu_qblock_decode(q + at, q + len + at, absmax[j], absmax[blocks + j], dm + at, dm + len + at, part);
-    }
     if (ok) {
+        mt_cpu_qblocks_code(q, q + len, absmax, absmax + blocks, dm, dm + len, len, 0);
         memcpy(m, dm + (start - lo), count * sizeof *m);
         memcpy(v, dm + len + (start - lo), count * sizeof *v);
     }
