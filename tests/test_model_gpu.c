@@ -78,6 +78,50 @@ static void family_config(mt_model_config *c, int variant) {
     if (variant == 5) snprintf(c->architecture, sizeof c->architecture, "Phi3ForCausalLM"), c->fused = 1;
 }
 
+// Positions of N tokens in rows of T packed with documents of 1 to longest
+// tokens (drawn from seed): 0 at each document's and each row's start.
+static int32_t *packed_positions(int N, int T, uint64_t seed, int longest) {
+    int32_t *pos = malloc((size_t)N * 4);
+    for (int i = 0, left = 0, k = 0; i < N; i++) {
+        int start = i % T == 0 || left == 0;
+        if (start) left = 1 + (int)(mt_rng_bits(seed, k++) % (uint64_t)longest);
+        pos[i] = start ? 0 : pos[i - 1] + 1;
+        left--;
+    }
+    return pos;
+}
+
+// LoRA adapters for a test: mt_lora_init_params (seed), the B matrices
+// non-zero (seed + 1), rounded to bf16; their table in *table (na, ta).
+static float *test_adapters(const mt_model_config *c, const mt_lora_config *l, uint64_t seed, mt_param_info **table,
+                            int *na, size_t *ta) {
+    *table = mt_lora_param_table(c, l, na, ta);
+    float *adapters = calloc(*ta, 4);
+    mt_lora_init_params(*table, *na, adapters, seed);
+    for (int i = 0; i < *na; i++)
+        if (strstr((*table)[i].name, "lora_B"))
+            for (size_t j = 0; j < (*table)[i].count; j++)
+                adapters[(*table)[i].offset + j] = 0.05f * mt_rng_normal(seed + 1, (*table)[i].offset + j);
+    for (size_t i = 0; i < *ta; i++) adapters[i] = mt_round_bf16(adapters[i]);
+    return adapters;
+}
+
+// Each adapter gradient of the GPU (gg) against the CPU's (gc): cosine above
+// 0.99 and relative error below 0.1 (what: the run, in a failure); the
+// worst cosine.
+static double expect_adapter_grads(const mt_param_info *table, int na, const float *gg, const float *gc,
+                                   const char *what) {
+    double worst = 1.0;
+    for (int i = 0; i < na; i++) {
+        double cs = cosine(gg + table[i].offset, gc + table[i].offset, table[i].count);
+        double rel = tu_norm_rel_error(gg + table[i].offset, gc + table[i].offset, table[i].count);
+        if (cs < worst) worst = cs;
+        ck_assert_msg(cs > 0.99 && rel < 0.1, "%s %s: gradient cosine %.5f, relative error %.3g", what, table[i].name,
+                      cs, rel);
+    }
+    return worst;
+}
+
 START_TEST(gpu_model_matches_cpu_reference) {
     for (int variant = 0; variant < 6; variant++) {
         mt_model_config c;
@@ -94,13 +138,7 @@ START_TEST(gpu_model_matches_cpu_reference) {
         ck_assert_int_eq(mt_model_create_with(&mg_ckpt, &gpu, &c, &ok), MT_OK);
         if (docs) {
             // documents of 1 to 90 tokens, across the kernel's 64-row tiles
-            int32_t *pos = malloc(N * 4);
-            for (int i = 0, left = 0, k = 0; i < N; i++) {
-                int start = i % T == 0 || left == 0;
-                if (start) left = 1 + (int)(mt_rng_bits(7, k++) % 90);
-                pos[i] = start ? 0 : pos[i - 1] + 1;
-                left--;
-            }
+            int32_t *pos = packed_positions(N, T, 7, 90);
             mt_model_set_positions(mc, pos), mt_model_set_positions(mg, pos), mt_model_set_positions(mg_ckpt, pos);
             free(pos);
         }
@@ -468,14 +506,8 @@ START_TEST(gpu_lora_matches_cpu_reference) {
         mt_model_init_random(&c, params, 77);
         int na;
         size_t ta;
-        mt_param_info *table = mt_lora_param_table(&c, &o.lora, &na, &ta);
-        float *adapters = calloc(ta, 4);
-        mt_lora_init_params(table, na, adapters, 5);
-        for (int i = 0; i < na; i++)
-            if (strstr(table[i].name, "lora_B"))
-                for (size_t j = 0; j < table[i].count; j++)
-                    adapters[table[i].offset + j] = 0.05f * mt_rng_normal(6, table[i].offset + j);
-        for (size_t i = 0; i < ta; i++) adapters[i] = mt_round_bf16(adapters[i]);
+        mt_param_info *table;
+        float *adapters = test_adapters(&c, &o.lora, 5, &table, &na, &ta);
         int32_t *in = malloc(N * 4), *tg = malloc(N * 4);
         for (int i = 0; i < N; i++)
             in[i] = (int32_t)(mt_rng_bits(5, i) % c.V), tg[i] = (int32_t)(mt_rng_bits(6, i) % c.V);
@@ -515,14 +547,7 @@ START_TEST(gpu_lora_matches_cpu_reference) {
                       loss[4], loss[2]);
         ck_assert_msg(memcmp(go, gk, ta * 4) == 0, "offload keeping 1, the other in a file, changed the gradients");
         free(go);
-        double worst = 1.0;
-        for (int i = 0; i < na; i++) {
-            double cs = cosine(gg + table[i].offset, gc + table[i].offset, table[i].count);
-            double rel = tu_norm_rel_error(gg + table[i].offset, gc + table[i].offset, table[i].count);
-            if (cs < worst) worst = cs;
-            ck_assert_msg(cs > 0.99 && rel < 0.1, "%s: gradient cosine %.5f, relative error %.3g", table[i].name, cs,
-                          rel);
-        }
+        double worst = expect_adapter_grads(table, na, gg, gc, quantized ? "QLoRA" : "LoRA");
         printf("%s: worst adapter gradient cosine vs CPU %.5f over %d tensors\n", quantized ? "QLoRA" : "LoRA", worst,
                na);
         if (quantized) {
@@ -567,13 +592,7 @@ START_TEST(gpu_long_window_matches_cpu_reference) {
         ck_assert_int_eq(mt_model_create_with(&mc, &cpu, &c, &o), MT_OK);
         ck_assert_int_eq(mt_model_create_with(&mg, &gpu, &c, &og), MT_OK);
         if (docs) {
-            int32_t *pos = malloc(N * 4);
-            for (int i = 0, left = 0, k = 0; i < N; i++) {
-                int start = i == 0 || left == 0;
-                if (start) left = 1 + (int)(mt_rng_bits(17, k++) % 1500);
-                pos[i] = start ? 0 : pos[i - 1] + 1;
-                left--;
-            }
+            int32_t *pos = packed_positions(N, T, 17, 1500);
             mt_model_set_positions(mc, pos), mt_model_set_positions(mg, pos);
             free(pos);
         }
@@ -582,14 +601,8 @@ START_TEST(gpu_long_window_matches_cpu_reference) {
         mt_model_init_random(&c, params, 81);
         int na;
         size_t ta;
-        mt_param_info *table = mt_lora_param_table(&c, &o.lora, &na, &ta);
-        float *adapters = calloc(ta, 4);
-        mt_lora_init_params(table, na, adapters, 8);
-        for (int i = 0; i < na; i++)
-            if (strstr(table[i].name, "lora_B"))
-                for (size_t j = 0; j < table[i].count; j++)
-                    adapters[table[i].offset + j] = 0.05f * mt_rng_normal(9, table[i].offset + j);
-        for (size_t i = 0; i < ta; i++) adapters[i] = mt_round_bf16(adapters[i]);
+        mt_param_info *table;
+        float *adapters = test_adapters(&c, &o.lora, 8, &table, &na, &ta);
         int32_t *in = malloc(N * 4), *tg = malloc(N * 4);
         for (int i = 0; i < N; i++)
             in[i] = (int32_t)(mt_rng_bits(15, i) % c.V), tg[i] = (int32_t)(mt_rng_bits(16, i) % c.V);
@@ -608,14 +621,7 @@ START_TEST(gpu_long_window_matches_cpu_reference) {
         float *gc = malloc(ta * 4), *gg = malloc(ta * 4);
         memcpy(gc, tc.grads, ta * 4);
         mt_copy_to_host(gg, tgpu.grads, ta * 4);
-        double worst = 1.0;
-        for (int i = 0; i < na; i++) {
-            double cs = cosine(gg + table[i].offset, gc + table[i].offset, table[i].count);
-            double rel = tu_norm_rel_error(gg + table[i].offset, gc + table[i].offset, table[i].count);
-            if (cs < worst) worst = cs;
-            ck_assert_msg(cs > 0.99 && rel < 0.1, "T=%d%s %s: gradient cosine %.5f, relative error %.3g", T,
-                          docs ? " (documents)" : "", table[i].name, cs, rel);
-        }
+        double worst = expect_adapter_grads(table, na, gg, gc, docs ? "long window (documents)" : "long window");
         printf(
             "QLoRA, one row of %d tokens%s: loss cpu %.6f gpu (tiles, offloaded inputs%s) %.6f (rel %.2e); worst "
             "adapter gradient cosine %.5f over %d tensors\n",
