@@ -7,7 +7,7 @@
 #
 # Stages: ctest quickstart resume dist-test parity chat generate peft peft-qwen3 peft-gemma3 peft-phi3 (default), plus bench
 # (attention and full fine-tune), full-bench (full fine-tune alone; MT_FULL_ARGS adds bench/full_ft.py options), lora-bench, mezo-bench, galore-bench,
-# lora-ops (mt_lora_bench: LoRA's fused A products against the composed ops), offload-bench, decode-bench, streaming-bench, profile (per-kernel time of a step; MT_PROFILE_MODES picks bench/profile_step.sh's modes, MT_PROFILE_SHAPE=7B its 7B shape) and plan (memtune plan against 36 measured runs) with --bench; attention-bench and long-context (bench/long_context.py; MT_LONG_ARGS adds its options) alone; or name them: run.sh --stages
+# lora-ops (mt_lora_bench: LoRA's fused A products against the composed ops), offload-bench, decode-bench, streaming-bench, profile (per-kernel time of a step; MT_PROFILE_MODES picks bench/profile_step.sh's modes, MT_PROFILE_SHAPE=7B its 7B shape) and plan (memtune plan against 36 measured runs) with --bench; attention-bench, long-context (bench/long_context.py; MT_LONG_ARGS adds its options) and int8-loss (bench/int8_moments.py: 8-bit offloaded moments against fp32 over 200 steps; MT_INT8_ARGS adds its options) alone; or name them: run.sh --stages
 # "ctest mezo-bench". MT_CTEST_FILTER narrows ctest; MT_LORA_SHAPES picks
 # lora-bench's shapes and MT_LORA_ARGS adds bench/lora_ft.py options (e.g.
 # "--steps 20"); MT_MEZO_ARGS adds bench/mezo.py options, MT_GALORE_ARGS
@@ -79,7 +79,7 @@ want() { case " $STAGES " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 
 status=0
 # the stages that train on the bundled text say so when it was not carried (they would otherwise pass unrun)
-for stage in quickstart resume dist; do
+for stage in quickstart resume dist int8-loss; do
     if want "$stage" && [ ! -f data/kjv.txt ]; then
         echo "== $stage: NOT RUN: data/kjv.txt is missing (scripts/quickstart.sh fetches it; carry it to the GPU machine)"
         status=1
@@ -263,6 +263,9 @@ py_stage decode-bench bench/decode.py decode_bench.log "bench: decoding, memtune
 py_stage long-context bench/long_context.py long_context.log \
     "bench: the longest context per memory.budget next to Unsloth's table (Llama-3.1-8B shape, QLoRA r=32)" \
     ${MT_LONG_ARGS:-}
+# shellcheck disable=SC2086
+py_stage int8-loss bench/int8_moments.py int8_moments.log \
+    "bench: 8-bit AdamW moments in the offload store against fp32 ones over a run" ${MT_INT8_ARGS:-}
 # shellcheck disable=SC2086
 py_stage streaming-bench bench/streaming.py streaming_bench.log \
     "bench: weights streamed from host memory (model.weights: cpu) vs resident" ${MT_STREAMING_ARGS:-}
