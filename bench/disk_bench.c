@@ -6,10 +6,15 @@
 // that only writes (the store being filled), one that only reads (a
 // checkpoint read from it) and one that reads, changes and writes back every
 // block (an optimizer step's update), at each I/O thread count given. Prints
-// one JSON line per count: GB/s of state each way. bench/offload.py runs it
-// on offload.path beside its ssd runs: a step moves 12 bytes a parameter
-// each way, so the update pass's rate is the floor of the ssd step.
-//   mt_disk_bench FOLDER [state GiB] [io_threads,io_threads,...]
+// one JSON line per count: GB/s of state each way, and parameters a second
+// of the update pass. bench/offload.py runs it on offload.path beside its
+// ssd runs: a step moves 12 bytes a parameter each way (6 with int8
+// moments), so the update pass's rate is the floor of the ssd step. With
+// moments int8 (or both) the store keeps 8-bit moments (offload.moments:
+// int8), the same parameters (state GiB / 12 of them) in half the bytes, and
+// the update pass decodes and encodes them a piece at a time on every core,
+// as a step does.
+//   mt_disk_bench FOLDER [state GiB] [io_threads,io_threads,...] [fp32|int8|both]
 #define _GNU_SOURCE
 #include <fcntl.h>
 #include <pthread.h>
@@ -21,6 +26,15 @@
 #include "kernels/common.h"
 #include "offload/store.h"
 
+// The update pass's change to a piece: the first value of each (so that
+// every block is written back as a step's would be).
+static void touch(void *ctx, size_t lo, size_t hi, float *m, float *v) {
+    const mt_store_block *b = ctx;
+    (void)hi, (void)v;
+    b->master[lo - b->offset] += 1.0f;
+    m[0] += 1e-9f;
+}
+
 // One pass over the whole store; seconds, or a negative number on an error.
 static double pass(mt_store *s, mt_store_mode mode) {
     double t0 = mt_now();
@@ -31,8 +45,8 @@ static double pass(mt_store *s, mt_store_mode mode) {
             memset(b.master, 0, b.count * sizeof(float));
             memset(b.m, 0, b.count * sizeof(float));
             memset(b.v, 0, b.count * sizeof(float));
-        } else if (mode == MT_STORE_UPDATE) {
-            b.master[0] += 1.0f;  // a change, so that the block is written back as a step's would be
+        } else if (mode == MT_STORE_UPDATE_PIECES) {
+            mt_store_update_pieces(s, &b, touch, &b);
         }
         mt_store_done(s, &b);
     }
@@ -90,34 +104,40 @@ static void raw_rates(const char *folder, double bytes, int threads, double *wri
 }
 
 int main(int argc, char **argv) {
-    if (argc < 2) {
-        fprintf(stderr, "usage: mt_disk_bench FOLDER [state GiB] [io_threads,io_threads,...]\n");
+    const char *moments = argc > 4 ? argv[4] : "fp32";
+    if (argc < 2 || (strcmp(moments, "fp32") && strcmp(moments, "int8") && strcmp(moments, "both"))) {
+        fprintf(stderr, "usage: mt_disk_bench FOLDER [state GiB] [io_threads,io_threads,...] [fp32|int8|both]\n");
         return 2;
     }
     double gib = argc > 2 ? atof(argv[2]) : 4.0;
     const char *list = argc > 3 ? argv[3] : "1,4,8";
-    size_t count = (size_t)(gib * 1073741824.0 / 12.0);
-    double bytes = (double)count * 12.0;  // master, m, v: 12 bytes a parameter
+    size_t count = (size_t)(gib * 1073741824.0 / 12.0), seg = 0;  // fp32: master, m, v, 12 bytes a parameter
     for (const char *p = list; p && *p; p = strchr(p, ',') ? strchr(p, ',') + 1 : NULL) {
         int threads = atoi(p);
-        mt_store_config c = {MT_STORE_FILE, argv[1], count, 0, 1, 0, threads, 0, 0, NULL, 0};
-        mt_store *s = NULL;
-        if (mt_store_open(&s, &c)) {
-            fprintf(stderr, "mt_disk_bench: %s\n", mt_last_error());
-            return 1;
+        double raw_w = 0, raw_r = 0;
+        for (int int8 = 0; int8 < 2; int8++) {
+            if (!strcmp(moments, int8 ? "fp32" : "int8")) continue;
+            mt_store_config c = {MT_STORE_FILE, argv[1], count, 0, 1, 0, threads, 0, int8, &seg, 1};
+            mt_store *s = NULL;
+            if (mt_store_open(&s, &c)) {
+                fprintf(stderr, "mt_disk_bench: %s\n", mt_last_error());
+                return 1;
+            }
+            double bytes = (double)mt_store_file_bytes(s);
+            double w = pass(s, MT_STORE_OVERWRITE), r = pass(s, MT_STORE_READ), u = pass(s, MT_STORE_UPDATE_PIECES);
+            int direct = mt_store_direct_io(s);
+            mt_store_close(s);
+            if (w < 0 || r < 0 || u < 0) return 1;
+            if (raw_w == 0) raw_rates(argv[1], bytes, threads, &raw_w, &raw_r);
+            printf(
+                "{\"io_threads\": %d, \"moments\": \"%s\", \"direct_io\": %d, \"state_gib\": %.2f, "
+                "\"write_gb_per_s\": %.3f, \"read_gb_per_s\": %.3f, \"update_gb_per_s_each_way\": %.3f, "
+                "\"update_seconds\": %.3f, \"update_params_per_s\": %.4g, \"raw_write_gb_per_s\": %.3f, "
+                "\"raw_read_gb_per_s\": %.3f}\n",
+                threads, int8 ? "int8" : "fp32", direct, bytes / 1073741824.0, bytes / w / 1e9, bytes / r / 1e9,
+                bytes / u / 1e9, u, count / u, raw_w, raw_r);
+            fflush(stdout);
         }
-        double w = pass(s, MT_STORE_OVERWRITE), r = pass(s, MT_STORE_READ), u = pass(s, MT_STORE_UPDATE);
-        int direct = mt_store_direct_io(s);
-        mt_store_close(s);
-        if (w < 0 || r < 0 || u < 0) return 1;
-        double raw_w, raw_r;
-        raw_rates(argv[1], bytes, threads, &raw_w, &raw_r);
-        printf(
-            "{\"io_threads\": %d, \"direct_io\": %d, \"state_gib\": %.2f, \"write_gb_per_s\": %.3f, "
-            "\"read_gb_per_s\": %.3f, \"update_gb_per_s_each_way\": %.3f, \"update_seconds\": %.3f, "
-            "\"raw_write_gb_per_s\": %.3f, \"raw_read_gb_per_s\": %.3f}\n",
-            threads, direct, bytes / 1073741824.0, bytes / w / 1e9, bytes / r / 1e9, bytes / u / 1e9, u, raw_w, raw_r);
-        fflush(stdout);
     }
     return 0;
 }

@@ -58,7 +58,7 @@ typedef struct {
     int layers;         // L: names the units in the trace (1 + l layer l, L + 1 the head)
     int rank, world;    // data parallelism: names the store's file (0, 1 without)
     int micro_batches;  // gradient accumulation: micro-batches whose gradients stream in a step (0, 1: none)
-    int int8_moments;   // Adam's moments as blockwise 8-bit codes (memory kind; store.h), never split by a bucket
+    int int8_moments;   // Adam's moments as blockwise 8-bit codes (store.h), never split by a bucket
     int delay;          // 1: ZeRO-Offload's delayed parameter update (below); 0: exact
 } mt_offload_config;
 

@@ -1,8 +1,10 @@
 // offload/store.c: the optimizer-state store (store.h). The file kind keeps
 // block b's master, m and v as one contiguous 3 * block_params * 4-byte record
 // at b * record bytes, so each block is one aligned read and one aligned
-// write. A small pool of I/O threads serves a queue of slot requests; the
-// caller's thread only waits for the block it needs next.
+// write; with int8 moments a record holds whole quantization blocks (at most
+// block_params values: master, m's and v's codes, their blocks' absmax). A
+// small pool of I/O threads serves a queue of slot requests; the caller's
+// thread only waits for the block it needs next.
 #define _GNU_SOURCE
 #include "offload/store.h"
 
@@ -96,7 +98,10 @@ struct mt_store {
     float *win_m, *win_v;
     size_t cursor;  // the next window's first value
     int snapshot;   // mt_store_snapshot's copy: its arrays are mt_host_alloc_copy's (not counted), freed with free
-    // file kind
+    // file kind (with int8 moments record r holds values [rec_start[r], rec_start[r + 1]), at byte offsets
+    // rec_mq, rec_vq, rec_mabs, rec_vabs its codes and absmax, after its master)
+    size_t *rec_start, rec_q;  // (rec_q: a record's room for quantization blocks)
+    size_t rec_mq, rec_vq, rec_mabs, rec_vabs;
     char path[1100];
     int fd, direct, prefetch;
     uint32_t *crc;  // per block, of its whole record
@@ -220,23 +225,61 @@ static int block_start(const mt_store *s, size_t i) {
     return (i - s->seg[k]) % MT_QBLOCK == 0;
 }
 
+// The quantization block holding value i (int8 moments): its index in the shard.
+static size_t qblock_of(const mt_store *s, size_t i) {
+    int k = segment_of(s, i);
+    return s->seg_block[k] + (i - s->seg[k]) / MT_QBLOCK;
+}
+
+// Where codes are (int8 moments): value i's at mq[i - value0] and vq[i -
+// value0], quantization block j's absmax at m_absmax[j - block0] and
+// v_absmax[j - block0]: the memory kind's arrays, or a file record's; values
+// and blocks are how many they hold.
+typedef struct {
+    uint8_t *mq, *vq;
+    float *m_absmax, *v_absmax;
+    size_t value0, block0, values, blocks;
+} codes_at;
+
+// The codes a window of the store reads and writes: the arrays (memory
+// kind), or the record in the window's slot.
+static codes_at codes_of(const mt_store *s, const mt_store_block *block) {
+    if (block->slot < 0)
+        return (codes_at){s->mq, s->vq, s->m_absmax, s->v_absmax, 0, 0, s->count, s->seg_block[s->n_seg]};
+    char *rec = (char *)s->slots[block->slot].buffer;
+    size_t r = s->slots[block->slot].block, first = s->rec_start[r];
+    return (codes_at){(uint8_t *)rec + s->rec_mq,
+                      (uint8_t *)rec + s->rec_vq,
+                      (float *)(rec + s->rec_mabs),
+                      (float *)(rec + s->rec_vabs),
+                      first,
+                      qblock_of(s, first),
+                      s->rec_start[r + 1] - first,
+                      s->rec_q};
+}
+
 // Decodes (encode 0) or encodes the moments of values [a, b), whole blocks,
-// between the codes and fp32 arrays m, v (m[0] is a's).
-static void code_range(mt_store *s, size_t a, size_t b, float *m, float *v, int encode) {
+// between the codes at c and fp32 arrays m, v (m[0] is a's).
+static void code_range(const mt_store *s, const codes_at *c, size_t a, size_t b, float *m, float *v, int encode) {
     for (int k = segment_of(s, a); k < s->n_seg && s->seg[k] < b; k++) {
         size_t lo = s->seg[k] > a ? s->seg[k] : a, hi = segment_end(s, k) < b ? segment_end(s, k) : b;
-        size_t first = s->seg_block[k] + (lo - s->seg[k]) / MT_QBLOCK;
-        mt_cpu_qblocks_code(s->mq + lo, s->vq + lo, s->m_absmax + first, s->v_absmax + first, m + (lo - a),
-                            v + (lo - a), hi - lo, encode);
+        size_t first = s->seg_block[k] + (lo - s->seg[k]) / MT_QBLOCK - c->block0;
+        MT_CHECK(lo >= c->value0 && hi - c->value0 <= c->values &&
+                     first + (hi - lo + MT_QBLOCK - 1) / MT_QBLOCK <= c->blocks,
+                 "store codes [%zu, %zu) outside their array or record", lo, hi);
+        mt_cpu_qblocks_code(c->mq + (lo - c->value0), c->vq + (lo - c->value0), c->m_absmax + first,
+                            c->v_absmax + first, m + (lo - a), v + (lo - a), hi - lo, encode);
     }
 }
 
-static void code_window(mt_store *s, size_t a, size_t b, int encode) {
-    code_range(s, a, b, s->win_m, s->win_v, encode);
+// A window's moments between its codes and the store's fp32 windows.
+static void code_window(mt_store *s, const mt_store_block *block, int encode) {
+    codes_at c = codes_of(s, block);
+    code_range(s, &c, block->offset, block->offset + block->count, s->win_m, s->win_v, encode);
 }
 
 int mt_store_segment_codes(const mt_store *s, size_t lo, size_t hi, mt_store_codes *out) {
-    if (!s->int8 || lo >= hi || hi > s->count) return 0;
+    if (!s->int8 || s->kind != MT_STORE_MEMORY || lo >= hi || hi > s->count) return 0;
     int k = segment_of(s, lo);
     if (s->seg[k] != lo || segment_end(s, k) != hi) return 0;
     *out = (mt_store_codes){s->mq + lo, s->vq + lo, s->m_absmax + s->seg_block[k], s->v_absmax + s->seg_block[k],
@@ -253,37 +296,84 @@ size_t mt_store_int8_blocks(const size_t *segments, int n_segments, size_t count
     return blocks;
 }
 
-// int8 moments: segments and their blocks, the codes, the windows.
-static mt_err open_int8(mt_store *s, const mt_store_config *c) {
+static size_t block_floor(const mt_store *s, size_t i);
+
+// int8 moments: the segments and the first quantization block of each.
+static void set_segments(mt_store *s, const size_t *segments, int n_segments) {
     s->int8 = 1;
-    s->n_seg = c->n_segments > 0 ? c->n_segments : 1;
+    s->n_seg = n_segments > 0 ? n_segments : 1;
     s->seg = calloc((size_t)s->n_seg, sizeof *s->seg);
     s->seg_block = calloc((size_t)s->n_seg + 1, sizeof *s->seg_block);
     MT_CHECK(s->seg && s->seg_block, "store segments");
-    for (int k = 0; k < c->n_segments; k++) s->seg[k] = c->segments[k];
+    for (int k = 0; k < n_segments; k++) s->seg[k] = segments[k];
     MT_CHECK(s->seg[0] == 0, "store segments start at 0");
     for (int k = 0; k < s->n_seg; k++) {
         MT_CHECK(k == 0 || s->seg[k] > s->seg[k - 1], "store segments ascend");
         MT_CHECK(s->seg[k] <= s->count, "store segment %d beyond the shard", k);
         s->seg_block[k + 1] = s->seg_block[k] + (segment_end(s, k) - s->seg[k] + MT_QBLOCK - 1) / MT_QBLOCK;
     }
+}
+
+// The file kind with int8 moments: records of whole quantization blocks,
+// each ending where block_params values from its start would cut one, moved
+// back to that block's start (blocks are 256 values, records 1024 or more).
+// Their number; their starts into rec_start (records + 1 of them) unless
+// NULL; into most the most quantization blocks a record holds.
+static size_t int8_records(const mt_store *s, size_t *rec_start, size_t *most) {
+    size_t n = 0;
+    *most = 1;
+    for (size_t a = 0; a < s->count; n++) {
+        if (rec_start) rec_start[n] = a;
+        size_t b = a + s->block_params < s->count ? block_floor(s, a + s->block_params) : s->count;
+        size_t q = qblock_of(s, b - 1) - qblock_of(s, a) + 1;
+        if (q > *most) *most = q;
+        a = b;
+    }
+    if (rec_start) rec_start[n] = s->count;
+    return n;
+}
+
+// A record's layout for int8 moments: master, m's and v's codes, their
+// blocks' absmax (room for `most`), in whole 4 KiB (O_DIRECT's alignment).
+static void int8_record_layout(mt_store *s, size_t most) {
+    s->rec_q = most;
+    s->rec_mq = s->block_params * sizeof(float), s->rec_vq = s->rec_mq + s->block_params;
+    s->rec_mabs = s->rec_vq + s->block_params, s->rec_vabs = s->rec_mabs + most * sizeof(float);
+    s->record_bytes = (s->rec_vabs + most * sizeof(float) + 4095) / 4096 * 4096;
+}
+
+// int8 moments: segments and their blocks, the windows; the memory kind's
+// codes, or the file kind's records.
+static mt_err open_int8(mt_store *s, const mt_store_config *c) {
+    set_segments(s, c->segments, c->n_segments);
+    mt_err err = mt_alloc_host_large((void **)&s->win_m, s->block_params * sizeof(float), MT_MEM_OFFLOAD);
+    if (!err) err = mt_alloc_host_large((void **)&s->win_v, s->block_params * sizeof(float), MT_MEM_OFFLOAD);
+    if (err) return err;
+    if (c->kind == MT_STORE_FILE) {
+        size_t most;
+        s->blocks = int8_records(s, NULL, &most);
+        s->rec_start = malloc((s->blocks + 1) * sizeof *s->rec_start);
+        MT_CHECK(s->rec_start != NULL, "store records");
+        int8_records(s, s->rec_start, &most);
+        int8_record_layout(s, most);
+        return MT_OK;
+    }
     size_t n = s->count ? s->count : 1, blocks = s->seg_block[s->n_seg] ? s->seg_block[s->n_seg] : 1;
-    mt_err err = mt_alloc_host_large((void **)&s->mq, n, MT_MEM_OFFLOAD);
+    err = mt_alloc_host_large((void **)&s->mq, n, MT_MEM_OFFLOAD);
     if (!err) err = mt_alloc_host_large((void **)&s->vq, n, MT_MEM_OFFLOAD);
     if (!err) err = mt_alloc_host_large((void **)&s->m_absmax, blocks * sizeof(float), MT_MEM_OFFLOAD);
     if (!err) err = mt_alloc_host_large((void **)&s->v_absmax, blocks * sizeof(float), MT_MEM_OFFLOAD);
-    if (!err) err = mt_alloc_host_large((void **)&s->win_m, s->block_params * sizeof(float), MT_MEM_OFFLOAD);
-    if (!err) err = mt_alloc_host_large((void **)&s->win_v, s->block_params * sizeof(float), MT_MEM_OFFLOAD);
     return err;
 }
 
 size_t mt_store_host_bytes(const mt_store *s) {
-    if (s->int8)
-        return s->count * (sizeof(float) + 2) + 2 * s->seg_block[s->n_seg] * sizeof(float) +
-               2 * s->block_params * sizeof(float);
-    if (s->kind == MT_STORE_MEMORY) return 3 * s->count * sizeof(float);
-    return (size_t)s->n_slots * s->record_bytes + s->blocks * sizeof(uint32_t);
+    size_t windows = s->int8 ? 2 * s->block_params * sizeof(float) : 0;
+    if (s->kind == MT_STORE_FILE) return (size_t)s->n_slots * s->record_bytes + s->blocks * sizeof(uint32_t) + windows;
+    if (s->int8) return s->count * (sizeof(float) + 2) + 2 * s->seg_block[s->n_seg] * sizeof(float) + windows;
+    return 3 * s->count * sizeof(float);
 }
+
+size_t mt_store_file_bytes(const mt_store *s) { return s->kind == MT_STORE_FILE ? s->blocks * s->record_bytes : 0; }
 
 void mt_store_set_io(mt_store *s, mt_store_pread_fn pread_fn, mt_store_pwrite_fn pwrite_fn) {
     s->pread_fn = pread_fn ? pread_fn : plain_pread;
@@ -355,18 +445,37 @@ static mt_err open_file(mt_store *s, const mt_store_config *c) {
     return MT_OK;
 }
 
-mt_err mt_store_open(mt_store **out, const mt_store_config *c) {
-    *out = NULL;
-    mt_store *s = calloc(1, sizeof *s);
-    MT_CHECK(s != NULL, "store");
+// The sizes every kind starts from: block_params, blocks, fp32 records.
+static void set_blocks(mt_store *s, const mt_store_config *c) {
     s->kind = c->kind;
     s->count = c->count;
-    s->fd = -1;
     size_t bp = c->block_params ? c->block_params : (size_t)1 << 21;
     if (bp > c->count) bp = c->count ? c->count : 1;  // a small shard is one block
     s->block_params = (bp + 1023) / 1024 * 1024;
     s->blocks = (c->count + s->block_params - 1) / s->block_params;
     s->record_bytes = 3 * s->block_params * sizeof(float);
+}
+
+size_t mt_store_file_size(const mt_store_config *c, size_t *record_bytes) {
+    mt_store s = {0};
+    set_blocks(&s, c);
+    if (c->int8) {
+        size_t most;
+        set_segments(&s, c->segments, c->n_segments);
+        s.blocks = int8_records(&s, NULL, &most);
+        int8_record_layout(&s, most);
+        free(s.seg), free(s.seg_block);
+    }
+    if (record_bytes) *record_bytes = s.record_bytes;
+    return c->kind == MT_STORE_FILE ? s.blocks * s.record_bytes : 0;
+}
+
+mt_err mt_store_open(mt_store **out, const mt_store_config *c) {
+    *out = NULL;
+    mt_store *s = calloc(1, sizeof *s);
+    MT_CHECK(s != NULL, "store");
+    set_blocks(s, c);
+    s->fd = -1;
     s->n_threads = c->io_threads > 0 ? c->io_threads : 4;
     s->prefetch = c->prefetch > 0 ? c->prefetch : 2;
     mt_store_set_io(s, NULL, NULL);
@@ -381,8 +490,8 @@ mt_err mt_store_open(mt_store **out, const mt_store_config *c) {
         if (!err && !c->int8) err = mt_alloc_host_large((void **)&s->m, bytes, MT_MEM_OFFLOAD);
         if (!err && !c->int8) err = mt_alloc_host_large((void **)&s->v, bytes, MT_MEM_OFFLOAD);
     } else {
-        MT_CHECK(!c->int8, "int8 moments need the memory store");
-        err = open_file(s, c);
+        if (c->int8) err = open_int8(s, c);
+        if (!err) err = open_file(s, c);
     }
     if (err) {
         mt_store_close(s);
@@ -423,7 +532,23 @@ void mt_store_close(mt_store *s) {
     }
     free(s->seg);
     free(s->seg_block);
+    free(s->rec_start);
     free(s);
+}
+
+// The file kind's record r: its first value, and the record holding value i (< count).
+static size_t record_first(const mt_store *s, size_t r) { return s->rec_start ? s->rec_start[r] : r * s->block_params; }
+static size_t record_of(const mt_store *s, size_t i) {
+    if (!s->rec_start) return i / s->block_params;
+    size_t lo = 0, hi = s->blocks - 1;
+    while (lo < hi) {
+        size_t mid = (lo + hi + 1) / 2;
+        if (s->rec_start[mid] <= i)
+            lo = mid;
+        else
+            hi = mid - 1;
+    }
+    return lo;
 }
 
 void mt_store_begin(mt_store *s, size_t begin, size_t end, mt_store_mode mode) {
@@ -432,7 +557,7 @@ void mt_store_begin(mt_store *s, size_t begin, size_t end, mt_store_mode mode) {
     s->end = end;
     s->pieces = mode == MT_STORE_UPDATE_PIECES;
     s->mode = s->pieces ? MT_STORE_UPDATE : mode;
-    s->next_block = begin / s->block_params;
+    s->next_block = begin < s->count ? record_of(s, begin) : s->blocks;
     s->issued = s->next_block;
     s->cursor = begin;
     if (s->int8)
@@ -452,8 +577,20 @@ static int free_slot(mt_store *s) {
     return -1;
 }
 
-// int8 moments: windows of whole quantization blocks, at most block_params
-// values, their moments decoded into win_m and win_v (zero to be overwritten).
+// int8 moments: a window's moments in win_m and win_v, decoded (zero to be
+// overwritten; in a pieces pass, left to mt_store_update_pieces).
+static void int8_window(mt_store *s, mt_store_block *out) {
+    out->m = s->win_m, out->v = s->win_v;
+    if (s->mode == MT_STORE_OVERWRITE) {
+        memset(s->win_m, 0, out->count * sizeof(float));
+        memset(s->win_v, 0, out->count * sizeof(float));
+    } else if (!s->pieces) {
+        code_window(s, out, 0);
+    }
+}
+
+// int8 moments, memory kind: windows of whole quantization blocks, at most
+// block_params values.
 static int next_int8(mt_store *s, mt_store_block *out) {
     size_t a = s->cursor;
     if (a >= s->end) return 0;
@@ -464,22 +601,17 @@ static int next_int8(mt_store *s, mt_store_block *out) {
     }
     s->cursor = b;
     out->offset = a, out->count = b - a, out->slot = -1;
-    out->master = s->master + a, out->m = s->win_m, out->v = s->win_v;
-    if (s->mode == MT_STORE_OVERWRITE) {
-        memset(s->win_m, 0, (b - a) * sizeof(float));
-        memset(s->win_v, 0, (b - a) * sizeof(float));
-    } else if (!s->pieces) {
-        code_window(s, a, b, 0);
-    }
+    out->master = s->master + a;
+    int8_window(s, out);
     return 1;
 }
 
 int mt_store_next(mt_store *s, mt_store_block *out) {
-    if (s->int8) return next_int8(s, out);
-    size_t b = s->next_block, first = b * s->block_params;
-    if (first >= s->end || s->begin == s->end) return 0;
-    size_t offset = first > s->begin ? first : s->begin;
-    size_t last = (b + 1) * s->block_params < s->end ? (b + 1) * s->block_params : s->end;
+    if (s->int8 && s->kind == MT_STORE_MEMORY) return next_int8(s, out);
+    size_t b = s->next_block;
+    if (b >= s->blocks || record_first(s, b) >= s->end || s->begin == s->end) return 0;
+    size_t first = record_first(s, b), offset = first > s->begin ? first : s->begin;
+    size_t last = record_first(s, b + 1) < s->end ? record_first(s, b + 1) : s->end;
     out->offset = offset;
     out->count = last - offset;
     s->next_block++;
@@ -490,7 +622,7 @@ int mt_store_next(mt_store *s, mt_store_block *out) {
         out->slot = -1;
         return 1;
     }
-    size_t end_block = (s->end + s->block_params - 1) / s->block_params;
+    size_t end_block = record_of(s, s->end - 1) + 1;
     pthread_mutex_lock(&s->lock);
     int k;
     for (;;) {
@@ -523,9 +655,13 @@ int mt_store_next(mt_store *s, mt_store_block *out) {
     float *buf = s->slots[k].buffer;
     size_t within = offset - first;
     out->master = buf + within;
-    out->m = buf + s->block_params + within;
-    out->v = buf + 2 * s->block_params + within;
     out->slot = k;
+    if (s->int8) {
+        int8_window(s, out);
+    } else {
+        out->m = buf + s->block_params + within;
+        out->v = buf + 2 * s->block_params + within;
+    }
     return 1;
 }
 
@@ -550,6 +686,7 @@ void mt_store_update_pieces(mt_store *s, const mt_store_block *block,
         MT_CHECK(n < room, "store pieces: %zu of %zu", n, room);
         at[n++] = next < end ? next : end;
     }
+    codes_at c = codes_of(s, block);
 #pragma omp parallel
     {
         // a piece spans at most kPiece values and one block more
@@ -559,9 +696,9 @@ void mt_store_update_pieces(mt_store *s, const mt_store_block *block,
 #pragma omp for schedule(static)
         for (size_t k = 0; k < pieces; k++) {
             size_t lo = at[k], hi = at[k + 1];
-            code_range(s, lo, hi, m, v, 0);
+            code_range(s, &c, lo, hi, m, v, 0);
             fn(ctx, lo, hi, m, v);
-            code_range(s, lo, hi, m, v, 1);
+            code_range(s, &c, lo, hi, m, v, 1);
         }
         free(m);
     }
@@ -569,8 +706,7 @@ void mt_store_update_pieces(mt_store *s, const mt_store_block *block,
 }
 
 void mt_store_done(mt_store *s, const mt_store_block *block) {
-    if (s->int8 && s->mode != MT_STORE_READ && !s->pieces)
-        code_window(s, block->offset, block->offset + block->count, 1);
+    if (s->int8 && s->mode != MT_STORE_READ && !s->pieces) code_window(s, block, 1);
     if (s->kind == MT_STORE_MEMORY || block->slot < 0) return;
     pthread_mutex_lock(&s->lock);
     slot *sl = &s->slots[block->slot];

@@ -33,15 +33,19 @@ typedef struct {
     size_t block_params;  // parameters per block (rounded up to 1024; 0: 2^21, 24 MiB of state)
     int io_threads;       // file: concurrent reads and writes (0: 4)
     int prefetch;         // file: blocks read ahead of the one in use (0: 2)
-    // memory kind: Adam's moments as 8-bit codes (offload.moments int8), the
-    // quantization GaLore's 8-bit moments use (kernels/ops.h mt_adam_state:
-    // blocks of MT_QBLOCK values, each with its absmax). Blocks start at each
+    // Adam's moments as 8-bit codes (offload.moments int8), the quantization
+    // GaLore's 8-bit moments use (kernels/ops.h mt_adam_state: blocks of
+    // MT_QBLOCK values, each with its absmax), in host memory or in the file
+    // (6 bytes a value instead of 12 each way a pass). Blocks start at each
     // segment start (sorted, the first 0) and every MT_QBLOCK values after
     // it, so that a pass over whole segments never splits one (give the
     // ends of what is updated apart as segment starts too). A window
     // (mt_store_next) then gives the moments decoded to fp32 and, in the
     // update modes, encodes them back when it is done; passes must begin at
     // a block start and end at one (or at a segment's or the shard's end).
+    // The file kind's records then hold whole quantization blocks: each ends
+    // at the start of the block that block_params values from its own start
+    // would cut (so records hold block_params - 255 to block_params values).
     int int8;
     const size_t *segments;
     int n_segments;
@@ -65,6 +69,12 @@ size_t mt_store_int8_blocks(const size_t *segments, int n_segments, size_t count
 // bytes a value, or with int8 moments 6 and the blocks' absmax (8 bytes a
 // block of 256) and two fp32 windows.
 size_t mt_store_host_bytes(const mt_store *s);
+// The file kind's size on disk (its records; 0 for the memory kind).
+size_t mt_store_file_bytes(const mt_store *s);
+// The size a file store of config c takes on disk (0 for the memory kind),
+// and one record's bytes into record_bytes (unless NULL): what mt_store_open
+// reserves, without opening it.
+size_t mt_store_file_size(const mt_store_config *c, size_t *record_bytes);
 // The file's path ("" for the memory kind) and whether it uses O_DIRECT
 // (some filesystems, tmpfs among them, refuse it; then the page cache is used).
 const char *mt_store_path(const mt_store *s);

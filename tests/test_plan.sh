@@ -18,6 +18,13 @@ fail() {
     echo "test_plan: FAIL: $*"
     exit 1
 }
+# grep -q that reads all its input first: with pipefail, `echo "$out" | grep -q` fails at random when grep exits
+# on a match before echo has written the rest (SIGPIPE)
+gq() {
+    local text
+    text=$(cat)
+    grep -q "$@" <<< "$text"
+}
 cd "$ROOT" || exit 1
 printf 'In the beginning was the word.\n\nAnd the word was with the model.\n' > "$W/text.txt"
 for i in $(seq 200); do printf 'line %d of some text for a few windows of tokens to train on\n' "$i"; done >> "$W/text.txt"
@@ -89,18 +96,20 @@ check "AdamW state half in host memory, accumulation 2" --set offload.optimizer=
 check "GaLore r=16, offload with int8 moments" --set optim.kind=galore --set optim.grad_clip=0 --set galore.rank=16 \
     --set offload.optimizer=cpu --set offload.moments=int8
 check "AdamW state on disk" --set offload.optimizer=ssd --set "offload.path=$W/ssd"
+check "AdamW state on disk, int8 moments" --set offload.optimizer=ssd --set "offload.path=$W/ssd" \
+    --set offload.moments=int8
 
 # memory.budget: the fastest setting that keeps the training and fits, and the
 # run then holds no more than the budget; a budget nothing fits is refused
 out=$("$MEMTUNE" train "${base[@]}" --set memory.budget=16MiB --set "output.dir=$W/budget" 2>&1) ||
     fail "memory.budget 16MiB: the run failed: $out"
-echo "$out" | grep -q "memory.budget 16MiB (16.0 MiB): the configuration needs .* running with" ||
+echo "$out" | gq "memory.budget 16MiB (16.0 MiB): the configuration needs .* running with" ||
     fail "memory.budget 16MiB: no line saying what it chose: $out"
 total=$(echo "$out" | run_peaks | awk '{s += $2} END {print s}')
 awk -v t="$total" 'BEGIN {exit !(t <= 16.0)}' || fail "memory.budget 16MiB: the run held $total MiB"
 echo "test_plan: memory.budget 16MiB: $(echo "$out" | grep -o 'running with [^(]*')held $total MiB"
 out=$("$MEMTUNE" train "${base[@]}" --set memory.budget=2MiB --set "output.dir=$W/budget2" 2>&1)
-[ $? -eq 1 ] && echo "$out" | grep -q "no setting that keeps this training fits: the smallest" ||
+[ $? -eq 1 ] && echo "$out" | gq "no setting that keeps this training fits: the smallest" ||
     fail "memory.budget 2MiB: expected a refusal naming the smallest setting: $out"
 [ ! -e "$W/budget2/model" ] || fail "memory.budget 2MiB: a refused run wrote a model"
 
@@ -109,16 +118,16 @@ out=$("$MEMTUNE" train "${base[@]}" --set memory.budget=2MiB --set "output.dir=$
 out=$("$MEMTUNE" train "${base[@]}" --set train.seq_len=max --set memory.budget=24MiB --set "output.dir=$W/max" 2>&1) ||
     fail "train.seq_len max: the run failed: $out"
 len=$(echo "$out" | sed -n 's/.*train.seq_len max: \([0-9]*\) tokens.*/\1/p')
-[ -n "$len" ] && echo "$out" | grep -q "T=$len " || fail "train.seq_len max: no length chosen and used: $out"
+[ -n "$len" ] && echo "$out" | gq "T=$len " || fail "train.seq_len max: no length chosen and used: $out"
 total=$(echo "$out" | run_peaks | awk '{s += $2} END {print s}')
 awk -v t="$total" 'BEGIN {exit !(t <= 24.0)}' || fail "train.seq_len max: the run at T=$len held $total MiB"
 # one token more: the forecast's own verdict against 24 MiB (its printed size is rounded to 0.1 MiB)
 more=$("$MEMTUNE" plan "${base[@]}" --device cpu --set "train.seq_len=$((len + 1))" --gpu-memory 24MiB 2>&1 |
     awk '/^peak/{print; exit}')
 echo "test_plan: train.seq_len max under 24MiB: T=$len, held $total MiB (T=$((len + 1)): $more)"
-echo "$more" | grep -q "does NOT fit" || fail "T=$((len + 1)) fits too: $more"
+echo "$more" | gq "does NOT fit" || fail "T=$((len + 1)) fits too: $more"
 out=$("$MEMTUNE" train "${base[@]}" --set train.seq_len=max --set "output.dir=$W/max2" 2>&1)
-[ $? -eq 1 ] && echo "$out" | grep -q "train.seq_len: max takes the longest length that fits memory.budget" ||
+[ $? -eq 1 ] && echo "$out" | gq "train.seq_len: max takes the longest length that fits memory.budget" ||
     fail "train.seq_len max without a budget: expected a refusal: $out"
 
 # a configuration with offload.* keys that other modes do not take (part of
@@ -129,7 +138,7 @@ out=$("$MEMTUNE" plan configs/full-offload-cpu.yaml --set model.path=configs/mod
     --set offload.moments=int8 --gpu-memory 80GiB --host-memory 120GiB 2>&1) || fail "plan with offload.ratio: $out"
 for alt in "LoRA r=16, all linear" "QLoRA (NF4) r=16 + checkpointing" "GaLore r=128 + checkpointing" \
     "MeZO (all weights)" "base in host memory, streamed"; do
-    echo "$out" | grep -F "$alt" | grep -q " yes " || fail "plan with offload.ratio: $alt not offered: $out"
+    echo "$out" | grep -F "$alt" | gq " yes " || fail "plan with offload.ratio: $alt not offered: $out"
 done
 configured=$(echo "$out" | awk '/^as configured/{print $3}')
 everything=$(echo "$out" | awk '/^AdamW state in host memory \+ ckpt/{print $8}')
@@ -145,20 +154,20 @@ chosen=$(echo "$out" | sed -n 's/^train.seq_len max: \([0-9]*\) tokens, the long
 untiled=$(echo "$out" | sed -n 's/^longest train.seq_len that fits as configured: //p')
 [ -n "$chosen" ] && [ -n "$untiled" ] && [ "$chosen" -gt "$untiled" ] ||
     fail "train.seq_len max on 8GiB: expected tiles and a length above the untiled $untiled: $out"
-echo "$out" | grep -q "refused: train.seq_len: max" && fail "train.seq_len max: alternatives refused: $out"
+echo "$out" | gq "refused: train.seq_len: max" && fail "train.seq_len max: alternatives refused: $out"
 echo "test_plan: train.seq_len max, QLoRA 7B on 8GiB: T=$chosen with the MLP in tiles ($untiled without)"
 # ... and, for LoRA's AdamW, the adapters' state in host memory: the length it reports is the one that
 # configuration fits (one token more does not); a full fine-tune is not offered it (its host update is slow)
-echo "$out" | grep -q "^train.seq_len max: $chosen tokens.* and the adapters' AdamW state in host memory" ||
+echo "$out" | gq "^train.seq_len max: $chosen tokens.* and the adapters' AdamW state in host memory" ||
     fail "train.seq_len max on 8GiB: expected the adapters' state offloaded: $out"
 fits() {
     "$MEMTUNE" plan configs/llama-qlora.yaml --set model.path=configs/models/llama-2-7b --set model.mlp_tile_rows=2048 \
-        --set offload.optimizer=cpu --set "train.seq_len=$1" --gpu-memory 8GiB 2>&1 | grep -q "^peak .*: fits"
+        --set offload.optimizer=cpu --set "train.seq_len=$1" --gpu-memory 8GiB 2>&1 | gq "^peak .*: fits"
 }
 fits "$chosen" && ! fits $((chosen + 1)) || fail "train.seq_len max on 8GiB: $chosen is not the longest that fits"
 out=$("$MEMTUNE" plan configs/llama-qlora.yaml --set model.path=configs/models/tinyllama-1.1b --set model.quantize=none \
     --set lora.r=0 --set model.activation_checkpointing=true --set train.seq_len=max --gpu-memory 24GiB 2>&1)
-echo "$out" | grep -q "^train.seq_len max: [0-9]* tokens" && ! echo "$out" | grep -q "AdamW state in host memory (off" ||
+echo "$out" | gq "^train.seq_len max: [0-9]* tokens" && ! echo "$out" | gq "AdamW state in host memory (off" ||
     fail "train.seq_len max, full fine-tune: expected no offload choice: $out"
 echo "test_plan: train.seq_len max, QLoRA 7B on 8GiB: the adapters' AdamW state offloaded; a full fine-tune not"
 # with model.weights auto, where the base does not fit resident (QLoRA 7B on 4GiB), train.seq_len: max streams it
@@ -173,12 +182,12 @@ resident=$("$MEMTUNE" plan configs/llama-qlora.yaml --set model.path=configs/mod
     --gpu-memory 4GiB --host-memory 120GiB 2>&1 | sed -n 's/^train.seq_len max: \([0-9]*\) tokens.*/\1/p')
 [ "$streamed" -gt $((10 * ${resident:-0})) ] ||
     fail "train.seq_len max on 4GiB: $streamed tokens streamed against ${resident:-none} resident"
-echo "$out" | grep -q "^longest train.seq_len that fits as configured\|^no train.seq_len fits as configured" ||
+echo "$out" | gq "^longest train.seq_len that fits as configured\|^no train.seq_len fits as configured" ||
     fail "train.seq_len max, model.weights auto: no as-configured line: $out"
 streams() {
     "$MEMTUNE" plan configs/llama-qlora.yaml --set model.path=configs/models/llama-2-7b --set model.mlp_tile_rows=2048 \
         --set offload.optimizer=cpu --set model.weights=cpu --set "train.seq_len=$1" --gpu-memory 4GiB \
-        --host-memory 120GiB 2>&1 | grep -q "^peak .*: fits"
+        --host-memory 120GiB 2>&1 | gq "^peak .*: fits"
 }
 streams "$streamed" && ! streams $((streamed + 1)) ||
     fail "train.seq_len max, model.weights auto on 4GiB: $streamed is not the longest the streamed run fits"
@@ -186,19 +195,19 @@ streams "$streamed" && ! streams $((streamed + 1)) ||
 # that length, 3 layers resident, is not held fixed)
 out=$("$MEMTUNE" plan configs/llama-qlora.yaml --set model.path=configs/models/llama-2-7b --set model.weights=auto \
     --gpu-memory 4GiB --host-memory 120GiB 2>&1)
-echo "$out" | tail -1 | grep -q "the base's layers streamed from host memory (model.weights auto: cpu): $streamed\$" ||
+echo "$out" | tail -1 | gq "the base's layers streamed from host memory (model.weights auto: cpu): $streamed\$" ||
     fail "model.weights auto at T=1024 on 4GiB: the longest length is not train.seq_len max's $streamed: $out"
 echo "test_plan: train.seq_len max, model.weights auto, QLoRA 7B on 4GiB: T=$streamed streamed (${resident:-none} resident)"
 # memory.budget below the GPU's memory bounds the plan as it bounds the run: on 24GiB with a budget of 8GiB the
 # same length as on 8GiB, and the peak set against the budget
 out=$("$MEMTUNE" plan configs/llama-qlora.yaml --set model.path=configs/models/llama-2-7b --set train.seq_len=max \
     --set memory.budget=8GiB --gpu-memory 24GiB 2>&1)
-echo "$out" | grep -q "^train.seq_len max: $chosen tokens" && echo "$out" | grep -q "of 8.0 GiB (memory.budget 8GiB)" ||
+echo "$out" | gq "^train.seq_len max: $chosen tokens" && echo "$out" | gq "of 8.0 GiB (memory.budget 8GiB)" ||
     fail "train.seq_len max with memory.budget 8GiB on 24GiB: expected T=$chosen against the budget: $out"
 # a configuration refused at any length says why, not that nothing fits
 out=$("$MEMTUNE" plan configs/llama-qlora.yaml --set model.path=configs/models/llama-2-7b --set train.seq_len=max \
     --set train.steps=2 --gpu-memory 8GiB 2>&1)
-echo "$out" | grep -q "optim.warmup_steps (30) must be below train.steps (2)" ||
+echo "$out" | gq "optim.warmup_steps (30) must be below train.steps (2)" ||
     fail "train.seq_len max with warmup past the steps: expected that error: $out"
 echo "test_plan: memory.budget bounds memtune plan below --gpu-memory; a refused configuration names its key"
 
@@ -206,12 +215,12 @@ echo "test_plan: memory.budget bounds memtune plan below --gpu-memory; a refused
 # not (QLoRA 7B needs 6.6 GiB resident, 3.7 GiB streamed, 3.6 GiB of host memory); ssd puts it on disk
 q7=(configs/llama-qlora.yaml --set model.path=configs/models/llama-2-7b)
 out=$("$MEMTUNE" plan "${q7[@]}" --set model.weights=auto --gpu-memory 24GiB 2>&1)
-echo "$out" | grep -q "^model.weights auto: gpu (the run fits" || fail "model.weights auto on 24GiB: $out"
+echo "$out" | gq "^model.weights auto: gpu (the run fits" || fail "model.weights auto on 24GiB: $out"
 out=$("$MEMTUNE" plan "${q7[@]}" --set model.weights=auto --gpu-memory 4GiB 2>&1)
-echo "$out" | grep -q "^model.weights auto: cpu (resident it needs" || fail "model.weights auto on 4GiB: $out"
+echo "$out" | gq "^model.weights auto: cpu (resident it needs" || fail "model.weights auto on 4GiB: $out"
 # ... and the alternatives resolve auto as their runs would: "as configured" is the forecast above it
 peak=$(echo "$out" | awk '/^peak/ {print $2, $3; exit}')
-echo "$out" | grep -q "^as configured  *$peak  *yes" || fail "model.weights auto on 4GiB: as configured is not $peak: $out"
+echo "$out" | gq "^as configured  *$peak  *yes" || fail "model.weights auto on 4GiB: as configured is not $peak: $out"
 # ... and keeps on the GPU the first layers that fit beside the streamed rest: the most that fit (one more does not)
 out=$("$MEMTUNE" plan "${q7[@]}" --set model.weights=auto --gpu-memory 5GiB --brief 2>&1)
 kept=$(echo "$out" | sed -n 's/^model.weights auto: cpu (.* keeping the first \([0-9]*\) of 32 layers on the GPU.*/\1/p')
@@ -222,11 +231,21 @@ keeps() {
 }
 keeps "$kept" && ! keeps $((kept + 1)) || fail "model.weights auto on 5GiB: $kept resident layers is not the most"
 out=$("$MEMTUNE" plan "${q7[@]}" --set model.weights=ssd --set offload.path="$W/weights" --gpu-memory 4GiB 2>&1)
-echo "$out" | grep -q "^disk .* (the base's file under offload.path" || fail "model.weights ssd: no disk line: $out"
-echo "$out" | grep -q "^peak .*: fits" || fail "model.weights ssd on 4GiB: $out"
+echo "$out" | gq "^disk .* (the base's file under offload.path" || fail "model.weights ssd: no disk line: $out"
+echo "$out" | gq "^peak .*: fits" || fail "model.weights ssd on 4GiB: $out"
+# the optimizer state's file on the disk line: Llama-2-7B's 75.33 GiB with fp32 moments, 37.86 with int8 (6.03 bytes
+# a parameter: master, two codes and an absmax per 256 of each moment, in records of whole blocks)
+f7=(configs/full-offload-cpu.yaml --set model.path=configs/models/llama-2-7b --set offload.optimizer=ssd
+    --set offload.path="$W/ssd7" --set train.device=gpu)
+for moments in fp32:75.33 int8:37.86; do
+    out=$("$MEMTUNE" plan "${f7[@]}" --set offload.moments="${moments%:*}" 2>&1)
+    echo "$out" | gq "^disk  *${moments#*:} GiB (the optimizer state's file under offload.path)" ||
+        fail "offload.moments ${moments%:*} on disk: $out"
+done
+echo "test_plan: the 7B optimizer state on disk: 75.33 GiB, 37.86 GiB with int8 moments"
 # offload.path set for auto's ssd choice alone: no refusal where the run fits the GPU (the path goes unused) ...
 out=$("$MEMTUNE" plan "${q7[@]}" --set model.weights=auto --set offload.path="$W/weights" --gpu-memory 24GiB --brief 2>&1)
-echo "$out" | grep -q "^model.weights auto: gpu (the run fits" || fail "model.weights auto with offload.path: $out"
+echo "$out" | gq "^model.weights auto: gpu (the run fits" || fail "model.weights auto with offload.path: $out"
 # ... and where no host holds the base (MeZO over 200 layers of hidden 16384, 1.3 TB of bf16) the file takes it,
 # with the first layers that fit the GPU kept there
 mkdir -p "$W/huge"
@@ -235,20 +254,20 @@ echo '{"architectures":["LlamaForCausalLM"],"vocab_size":32000,"hidden_size":163
 "max_position_embeddings":4096,"rope_theta":10000.0,"tie_word_embeddings":false}' > "$W/huge/config.json"
 out=$("$MEMTUNE" plan configs/mezo.yaml --set model.path="$W/huge" --set model.weights=auto --set train.micro_batch=1 \
     --set offload.path="$W/weights" --gpu-memory 80GiB --brief 2>&1)
-echo "$out" | grep -q "^model.weights auto: ssd (.* keeping the first [0-9]* of 200 layers on the GPU" ||
+echo "$out" | gq "^model.weights auto: ssd (.* keeping the first [0-9]* of 200 layers on the GPU" ||
     fail "model.weights auto for a base no host holds: $out"
 echo "test_plan: model.weights auto (resident, streamed, $kept layers kept) and ssd for QLoRA 7B"
 
 # model.deterministic_attention: without a GPU to ask, the forecast counts memtune's own kernel (deterministic,
 # linear in T), so auto stays deterministic and says nothing; false forecasts the same; a bad value names the choices
 out=$("$MEMTUNE" plan "${q7[@]}" --set train.seq_len=32768 --gpu-memory 16GiB 2>&1) || fail "plan at T=32768: $out"
-echo "$out" | grep -q "deterministic_attention auto" && fail "deterministic_attention auto chose without a GPU: $out"
+echo "$out" | gq "deterministic_attention auto" && fail "deterministic_attention auto chose without a GPU: $out"
 p_auto=$(echo "$out" | awk '/^peak/{print $2, $3; exit}')
 p_false=$("$MEMTUNE" plan "${q7[@]}" --set train.seq_len=32768 --set model.deterministic_attention=false \
     --gpu-memory 16GiB 2>&1 | awk '/^peak/{print $2, $3; exit}')
 [ -n "$p_auto" ] && [ "$p_auto" = "$p_false" ] || fail "deterministic_attention false changed the own kernel's forecast"
 out=$("$MEMTUNE" plan "${q7[@]}" --set model.deterministic_attention=sometimes 2>&1)
-[ $? -eq 1 ] && echo "$out" | grep -q "expected one of auto|true|false" ||
+[ $? -eq 1 ] && echo "$out" | gq "expected one of auto|true|false" ||
     fail "model.deterministic_attention=sometimes: expected a refusal naming the choices: $out"
 echo "test_plan: model.deterministic_attention without a GPU ($p_auto either way)"
 
@@ -270,13 +289,13 @@ both() {  # T K: 0 when the forecast fits the 40 GiB GPU and 85% of the 16 GiB h
     local f
     f=$("$MEMTUNE" plan "${l8[@]}" --set model.mlp_tile_rows=2048 --set "train.seq_len=$1" \
         --set "model.gpu_layer_inputs=$2" --gpu-memory 40GiB --brief 2>&1)
-    echo "$f" | grep -q "^peak .*: fits$" && echo "$f" | grep -q "^(host memory: .* (--host-memory): fits)$"
+    echo "$f" | gq "^peak .*: fits$" && echo "$f" | gq "^(host memory: .* (--host-memory): fits)$"
 }
 both "$T" "$K" || fail "train.seq_len max, host-bound: T=$T with $K kept does not fit"
 ! both "$T" $((K - 1)) || fail "train.seq_len max, host-bound: T=$T fits with $((K - 1)) kept, fewer than $K"
 ! both $((T + 1)) "$K" && ! both $((T + 1)) $((K + 1)) || fail "train.seq_len max, host-bound: T=$((T + 1)) fits"
 out=$("$MEMTUNE" plan "${l8[@]}" --set train.seq_len=max --set model.gpu_layer_inputs=1 --gpu-memory 40GiB 2>&1)
-echo "$out" | grep -q "^train.seq_len max: [0-9]* tokens.*; host memory binds it" ||
+echo "$out" | gq "^train.seq_len max: [0-9]* tokens.*; host memory binds it" ||
     fail "train.seq_len max with model.gpu_layer_inputs 1 on a 16 GiB host: expected the host to bind: $out"
 echo "test_plan: train.seq_len max, 8B QLoRA on 40GiB beside 16GiB of host: T=$T with $K layer inputs kept ($plain without)"
 # the last 8 layer inputs in a file under offload.path: the host holds fewer, a longer length fits, the disk line
@@ -288,7 +307,7 @@ T8=$(echo "$out" | sed -n 's/^train.seq_len max: \([0-9]*\) tokens.*/\1/p')
 disk=$(echo "$out" | awk '/^disk /{print $2, $3; exit}')
 want=$(awk -v t="$T8" 'BEGIN { printf "%.2f GiB", 8 * t * 4096 * 2 / 1073741824 }')
 [ "$disk" = "$want" ] || fail "train.seq_len max, 8 layer inputs in a file: disk line '$disk', expected '$want': $out"
-echo "$out" | grep -q "^(disk: .* free at $W/inputs: \(fits\|does NOT fit\)" ||
+echo "$out" | gq "^(disk: .* free at $W/inputs: \(fits\|does NOT fit\)" ||
     fail "train.seq_len max, 8 layer inputs in a file: no line on the disk's free space: $out"
 echo "test_plan: the same with the last 8 layer inputs in a file: T=$T8, $disk on disk"
 # with offload.path and no count, train.seq_len: max puts the fewest last inputs in the file that the host then
@@ -301,7 +320,7 @@ KF=$(echo "$out" | sed -n 's/^train.seq_len max: \([0-9]*\) tokens.*(model.ssd_l
     fail "train.seq_len max with offload.path: expected inputs in the file and a length above $T: $out"
 filed() {  # T K: 0 when the forecast with the last K inputs in the file fits the host (plan's words)
     "$MEMTUNE" plan "${l8[@]}" --set model.mlp_tile_rows=2048 --set "train.seq_len=$1" --set "model.ssd_layer_inputs=$2" \
-        --set "offload.path=$W/inputs" --gpu-memory 40GiB --brief 2>&1 | grep -q "^(host memory: .* (--host-memory): fits)$"
+        --set "offload.path=$W/inputs" --gpu-memory 40GiB --brief 2>&1 | gq "^(host memory: .* (--host-memory): fits)$"
 }
 filed "$TF" "$KF" || fail "train.seq_len max with offload.path: T=$TF with $KF in the file does not fit the host"
 ! filed "$TF" $((KF - 1)) || fail "train.seq_len max with offload.path: T=$TF fits with $((KF - 1)) in the file"
@@ -312,7 +331,7 @@ for c in llama-lora llama-qlora mezo galore full-offload-cpu full-offload-ssd lo
     out=$("$MEMTUNE" plan "configs/$c.yaml" --set model.path=configs/models/llama-2-7b --gpu-memory 80GiB 2>&1) ||
         fail "$c: memtune plan failed: $out"
     peak=$(echo "$out" | awk '/^peak/{print $2, $3; exit}')
-    echo "$out" | grep -q "^longest train.seq_len that fits as configured: [0-9]" ||
+    echo "$out" | gq "^longest train.seq_len that fits as configured: [0-9]" ||
         fail "$c: no longest seq_len in: $out"
     # the MLP in tiles: a longer context fits where the configured one is
     # bound by the MLP's buffers (reported only when longer)
@@ -321,47 +340,47 @@ for c in llama-lora llama-qlora mezo galore full-offload-cpu full-offload-ssd lo
     [ -z "$tiled" ] || [ "$tiled" -gt "$longest" ] || fail "$c: tiled $tiled not above $longest"
     [ "$c" != llama-qlora ] || [ -n "$tiled" ] || fail "$c: no tiled length in: $out"
     # whose attention workspace: cuDNN's where a GPU is visible, else memtune's kernel's, said either way
-    echo "$out" | grep -q "^(attention's workspace: " || fail "$c: no line on attention's workspace in: $out"
+    echo "$out" | gq "^(attention's workspace: " || fail "$c: no line on attention's workspace in: $out"
     echo "test_plan: configs/$c.yaml at Llama-2-7B's shape on a GPU: peak $peak"
     # --brief: the same forecast, without the alternatives or the longest length
     brief=$("$MEMTUNE" plan "configs/$c.yaml" --set model.path=configs/models/llama-2-7b --gpu-memory 80GiB \
         --brief 2>&1) || fail "$c --brief: memtune plan failed: $brief"
     [ "$(echo "$brief" | awk '/^peak/{print $2, $3; exit}')" = "$peak" ] || fail "$c --brief: another peak: $brief"
-    echo "$brief" | grep -q "^alternative\|^longest" && fail "$c --brief: more than the forecast: $brief"
+    echo "$brief" | gq "^alternative\|^longest" && fail "$c --brief: more than the forecast: $brief"
 done
 # a combination the trainer refuses: the same message, exit 1
 out=$("$MEMTUNE" plan "${base[@]}" --set optim.kind=mezo --set dist.zero_stage=1 2>&1)
 rc=$?
-[ $rc -eq 1 ] && echo "$out" | grep -q "dist.zero_stage 1 shards the optimizer's state" ||
+[ $rc -eq 1 ] && echo "$out" | gq "dist.zero_stage 1 shards the optimizer's state" ||
     fail "MeZO with ZeRO: expected the trainer's refusal and exit 1, got $rc: $out"
 out=$("$MEMTUNE" plan "${base[@]}" --set model.gpu_layer_inputs=2 2>&1)
-[ $? -eq 1 ] && echo "$out" | grep -q "model.gpu_layer_inputs is 2, but model.offload_activations is false" ||
+[ $? -eq 1 ] && echo "$out" | gq "model.gpu_layer_inputs is 2, but model.offload_activations is false" ||
     fail "model.gpu_layer_inputs without offloaded activations: expected a refusal: $out"
 out=$("$MEMTUNE" plan "${base[@]}" --set model.ssd_layer_inputs=2 --set "offload.path=$W/inputs" 2>&1)
-[ $? -eq 1 ] && echo "$out" | grep -q "model.ssd_layer_inputs is 2, but model.offload_activations is false" ||
+[ $? -eq 1 ] && echo "$out" | gq "model.ssd_layer_inputs is 2, but model.offload_activations is false" ||
     fail "model.ssd_layer_inputs without offloaded activations: expected a refusal: $out"
 out=$("$MEMTUNE" plan "${base[@]}" --set model.activation_checkpointing=true --set model.offload_activations=true \
     --set model.ssd_layer_inputs=2 2>&1)
-[ $? -eq 1 ] && echo "$out" | grep -q "model.ssd_layer_inputs needs offload.path" ||
+[ $? -eq 1 ] && echo "$out" | gq "model.ssd_layer_inputs needs offload.path" ||
     fail "model.ssd_layer_inputs without offload.path: expected a refusal: $out"
 out=$("$MEMTUNE" plan "${base[@]}" --host-memory 64 2>&1)
-[ $? -eq 2 ] && echo "$out" | grep -q "expected a size with its unit" || fail "--host-memory 64: $out"
+[ $? -eq 2 ] && echo "$out" | gq "expected a size with its unit" || fail "--host-memory 64: $out"
 out=$("$MEMTUNE" plan "${base[@]}" --gpu-memory lots 2>&1)
-[ $? -eq 2 ] && echo "$out" | grep -q "expected a size" || fail "--gpu-memory lots: $out"
+[ $? -eq 2 ] && echo "$out" | gq "expected a size" || fail "--gpu-memory lots: $out"
 # a bare number is not taken as bytes (nothing would fit 80 bytes): refused, naming the unit
 out=$("$MEMTUNE" plan "${base[@]}" --gpu-memory 80 2>&1)
-[ $? -eq 2 ] && echo "$out" | grep -q "expected a size with its unit" || fail "--gpu-memory 80: $out"
+[ $? -eq 2 ] && echo "$out" | gq "expected a size with its unit" || fail "--gpu-memory 80: $out"
 out=$("$MEMTUNE" plan "${base[@]}" --gpu-memory 1073741824B 2>&1 | awk '/^peak/')
-echo "$out" | grep -q "of 1.0 GiB (--gpu-memory)" || fail "--gpu-memory 1073741824B: $out"
+echo "$out" | gq "of 1.0 GiB (--gpu-memory)" || fail "--gpu-memory 1073741824B: $out"
 out=$("$MEMTUNE" train "${base[@]}" --set memory.budget=16 --set "output.dir=$W/bare" 2>&1)
-[ $? -ne 0 ] && echo "$out" | grep -q "memory.budget 16: expected a size with its unit" ||
+[ $? -ne 0 ] && echo "$out" | gq "memory.budget 16: expected a size with its unit" ||
     fail "memory.budget 16: expected a refusal naming the unit: $out"
 [ ! -e "$W/bare/model" ] || fail "memory.budget 16: a refused run wrote a model"
 # eval's and generate's --resident-layers: a count, and only for a streamed base
 out=$("$MEMTUNE" generate --model configs/models/tiny --prompt hi --resident-layers 2 2>&1)
-[ $? -eq 2 ] && echo "$out" | grep -q "it needs --weights cpu or ssd" ||
+[ $? -eq 2 ] && echo "$out" | gq "it needs --weights cpu or ssd" ||
     fail "generate --resident-layers without --weights cpu: $out"
 out=$("$MEMTUNE" eval --model configs/models/tiny --data "$W/none.h5" --weights cpu --resident-layers x 2>&1)
-[ $? -eq 2 ] && echo "$out" | grep -q "resident-layers x: expected a whole number" ||
+[ $? -eq 2 ] && echo "$out" | gq "resident-layers x: expected a whole number" ||
     fail "eval --resident-layers x: $out"
 echo "test_plan: all passed"

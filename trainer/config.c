@@ -500,11 +500,6 @@ mt_err mt_config_validate(const mt_config *cfg) {
                          may_stream ? (weights_file ? " and offload.trace_step for the streamed weights' timeline"
                                                     : ", except offload.trace_step for the streamed weights' timeline")
                                     : "");
-    if (!strcmp(cfg->offload_moments, "int8") && strcmp(cfg->offload_optimizer, "cpu"))
-        return mt_errorf(MT_ERR_CONFIG,
-                         "offload.moments int8 keeps the moments' codes in host memory: it needs offload.optimizer: "
-                         "cpu (it is %s); set offload.moments: fp32 for ssd",
-                         cfg->offload_optimizer);
     if (cfg->offload_delay) {
         const char *why = galore                     ? "optim.kind galore updates most weights itself"
                           : cfg->dist_zero_stage > 0 ? "dist.zero_stage above 0 shares each rank's updated shard"

@@ -153,12 +153,13 @@ extern "C" {
       "ahead and written behind with O_DIRECT); with optim.kind galore, the state of what GaLore does not project "    \
       "(embeddings, norms, head); see docs/offload.md")                                                                \
     X(offload, moments, ENUM, "fp32", 0, 0, "fp32|int8",                                                               \
-      "offload.optimizer cpu: AdamW's moments in host memory as fp32, or int8 (blockwise 8-bit codes, 256 values "     \
-      "per block with an absmax, as galore.moments int8; 6 bytes a trained parameter of state instead of 12; changes " \
-      "the math within the 8-bit moments' rounding)")                                                                  \
+      "AdamW's offloaded moments (host memory or the ssd file) as fp32, or int8 (blockwise 8-bit codes, 256 values "   \
+      "per block with an absmax, as galore.moments int8; 6 bytes a trained parameter of state instead of 12, in "      \
+      "memory or on disk; changes the math within the 8-bit moments' rounding)")                                       \
     X(offload, path, STR, "", 0, 0, "",                                                                                \
-      "offload.optimizer ssd: folder on a fast local disk for the state file (12 bytes per trained parameter, "        \
-      "reserved at start, deleted at the end; checkpoints keep the state); also model.weights ssd's base file and "    \
+      "offload.optimizer ssd: folder on a fast local disk for the state file (12 bytes per trained parameter, 6 "      \
+      "with offload.moments int8, reserved at start, deleted at the end; checkpoints keep the state); also "           \
+      "model.weights ssd's base file and "                                                                             \
       "model.ssd_layer_inputs' file")                                                                                  \
     X(offload, io_threads, INT, "4", 1, 64, "", "offload.optimizer ssd: reads and writes in flight at once")           \
     X(offload, threads, INT, "0", 0, 4096, "",                                                                         \

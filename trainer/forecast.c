@@ -14,6 +14,7 @@
 
 #include "kernels/device.h"
 #include "kernels/ops.h"
+#include "offload/store.h"
 #include "optim/galore.h"
 #include "trainer/dist.h"
 #include "trainer/hf.h"
@@ -74,14 +75,19 @@ static void galore_bytes(const mt_config *cfg, const mt_plan *pl, double *state,
 // block, the largest rank's shard of it, or what GaLore does not project),
 // and its largest forward unit's run (offload.c's device ring).
 // The offloaded state's values, the largest bucket's span and the int8
-// moments' quantization blocks.
-static void offload_counts(const mt_plan *pl, int L, size_t shard, size_t *count, size_t *ring, size_t *qblocks) {
+// moments' quantization blocks; for a file store (ssd) its size on disk and
+// one record's bytes (int8: whether the moments are 8-bit codes).
+static void offload_counts(const mt_plan *pl, int L, size_t shard, int int8, size_t *count, size_t *ring,
+                           size_t *qblocks, size_t *file_bytes, size_t *record_bytes) {
     mt_offload_plan plan = mt_offload_plan_make(pl->trained, pl->n_trained, pl->trained_total - shard,
                                                 pl->trained_total, pl->galore ? pl->selected : NULL, L);
     *count = plan.count, *ring = 0;
     size_t *seg = malloc((size_t)(2 * plan.n + 1) * sizeof *seg);
     MT_CHECK(seg != NULL, "offload segments");
-    *qblocks = mt_store_int8_blocks(seg, mt_offload_segments(plan.params, plan.n, plan.count, seg), plan.count);
+    int n_seg = mt_offload_segments(plan.params, plan.n, plan.count, seg);
+    *qblocks = mt_store_int8_blocks(seg, n_seg, plan.count);
+    mt_store_config sc = {MT_STORE_FILE, NULL, plan.count, 0, 1, 0, 0, 0, int8, seg, n_seg};
+    *file_bytes = mt_store_file_size(&sc, record_bytes);
     free(seg);
     for (int p = 0; p < plan.n;) {
         int q = p;
@@ -151,19 +157,24 @@ static mt_err forecast_run(const mt_config *cfg, const mt_model_config *mc, int 
         state_where = "AdamW's state offloaded";
     }
     if (pl.offload) {
-        size_t count, ring, qblocks;
-        offload_counts(&pl, mc->L, pl.galore ? pl.trained_total : shard - pl.offload_split, &count, &ring, &qblocks);
+        size_t count, ring, qblocks, file_bytes, record_bytes;
+        int int8 = !strcmp(cfg->offload_moments, "int8");
+        offload_counts(&pl, mc->L, pl.galore ? pl.trained_total : shard - pl.offload_split, int8, &count, &ring,
+                       &qblocks, &file_bytes, &record_bytes);
         size_t block = (size_t)1 << 21;  // store.c's block of parameters (a small store is one block)
         if (block > count) block = count ? count : 1;
         block = (block + 1023) / 1024 * 1024;
-        if (!strcmp(cfg->offload_optimizer, "ssd"))
-            h[MT_MEM_OFFLOAD] += (double)(kSsdPrefetch + 3) * huge_pages((double)block * 12);
-        else if (!strcmp(cfg->offload_moments, "int8"))  // fp32 master, codes, absmax, two fp32 windows
+        if (!strcmp(cfg->offload_optimizer, "ssd")) {  // its records' buffers (int8: and two fp32 windows)
+            h[MT_MEM_OFFLOAD] += (double)(kSsdPrefetch + 3) * huge_pages((double)record_bytes) +
+                                 (int8 ? 2 * huge_pages((double)block * 4) : 0);
+            f->disk += (double)file_bytes * (pl.local_world > 0 ? pl.local_world : 1);  // a file a rank
+        } else if (int8) {  // fp32 master, codes, absmax, two fp32 windows
             h[MT_MEM_OFFLOAD] += huge_pages((double)count * 4) + 2 * huge_pages((double)(count ? count : 1)) +
                                  2 * huge_pages((double)(qblocks ? qblocks : 1) * 4) +
                                  2 * huge_pages((double)block * 4);
-        else
-            h[MT_MEM_OFFLOAD] += 3 * huge_pages((double)count * 4);                         // fp32 master, m, v
+        } else {
+            h[MT_MEM_OFFLOAD] += 3 * huge_pages((double)count * 4);  // fp32 master, m, v
+        }
         h[MT_MEM_OFFLOAD] += (double)count * (gpu ? 2 : 4) * (cfg->offload_delay ? 2 : 1);  // (delay: the weights)
         if (gpu) {
             if (pl.accum > 1 && pl.host_sum) h[MT_MEM_OFFLOAD] += huge_pages((double)count * 4);
@@ -595,11 +606,21 @@ mt_err mt_forecast_print(FILE *out, const char *path, char *const *sets, int n_s
         fputc('\n', out);
     }
     if (f.disk > 0) {
-        fprintf(out, "%-12s %s (%s under offload.path; the page cache holds what it can)\n", "disk",
-                size_text(f.disk, b1, sizeof b1),
-                !cfg.model_ssd_layer_inputs        ? "the base's file"
-                : strcmp(cfg.model_weights, "ssd") ? "the last layer inputs' file (model.ssd_layer_inputs)"
-                                                   : "the base's and the last layer inputs' files");
+        const char *files[3];
+        int n_files = 0;
+        if (!strcmp(cfg.offload_optimizer, "ssd")) files[n_files++] = "the optimizer state's file";
+        if (!strcmp(cfg.model_weights, "ssd")) files[n_files++] = "the base's file";
+        if (cfg.model_ssd_layer_inputs) files[n_files++] = "the last layer inputs' file (model.ssd_layer_inputs)";
+        char what[200] = "";
+        for (int k = 0; k < n_files; k++)
+            snprintf(what + strlen(what), sizeof what - strlen(what), "%s%s",
+                     k == 0            ? ""
+                     : k + 1 < n_files ? ", "
+                                       : " and ",
+                     files[k]);
+        int state_only = n_files == 1 && !strcmp(cfg.offload_optimizer, "ssd");  // (read and written with O_DIRECT)
+        fprintf(out, "%-12s %s (%s under offload.path%s)\n", "disk", size_text(f.disk, b1, sizeof b1), what,
+                state_only ? "" : "; the page cache holds what it can");
         double room = disk_free(cfg.offload_path);
         if (room >= 0)
             fprintf(out, "(disk: %s free at %s: %s)\n", trimmed(size_text(room, b1, sizeof b1)), cfg.offload_path,
