@@ -134,9 +134,11 @@ static const char *module_name(const mt_model_config *c, int t) {
 // fused module's name (qkv_proj, gate_up_proj) stands for its parts.
 static unsigned module_bits(const char *name, size_t len) {
     for (int t = 0; t <= MT_LORA_GATE; t += MT_LORA_GATE) {
+        const char *fused = fused_name(t);  // (q and gate name theirs)
         char with_parent[64];
-        snprintf(with_parent, sizeof with_parent, "%s.%s", module_parent(t), fused_name(t));
-        if ((strlen(fused_name(t)) == len && !strncmp(name, fused_name(t), len)) ||
+        if (!fused) continue;
+        snprintf(with_parent, sizeof with_parent, "%s.%s", module_parent(t), fused);
+        if ((strlen(fused) == len && !strncmp(name, fused, len)) ||
             (strlen(with_parent) == len && !strncmp(name, with_parent, len)))
             return t == MT_LORA_Q ? 1u << MT_LORA_Q | 1u << MT_LORA_K | 1u << MT_LORA_V
                                   : 1u << MT_LORA_GATE | 1u << MT_LORA_UP;
