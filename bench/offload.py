@@ -24,7 +24,7 @@ holds no gradient block; on the GPU the block holds the sums. A further
 suffix -gpusum (cpu-accum2-gpusum) keeps the offloaded run's sums on the GPU
 (offload.grad_sum: gpu). A suffix -delay (cpu-delay, cpu-noclip-delay) turns
 on ZeRO-Offload's delayed parameter update (offload.delay: 1), -int8 the
-store's 8-bit moments (offload.moments: int8; cpu-int8, cpu-int8-delay), -rN
+store's 8-bit moments (offload.moments: int8; cpu-int8, cpu-int8-delay, ssd-int8), -rN
 offloads N% of the state (offload.ratio N/100; cpu-r25: the first units'
 other 75% stay on the GPU). A suffix -ckpt
 writes a checkpoint every 6 steps in the background (checkpoint.async, the
@@ -35,7 +35,9 @@ took beyond the median step (metrics.jsonl), and the log's checkpoint lines.
 Before an ssd run, the disk under --ssd-path alone (bench/disk_bench.c:
 the store's write, read and update passes at 4 and 8 I/O threads beside
 plain O_DIRECT threads): each ssd run then reports its step against the
-floor the update pass sets (12 bytes a parameter read and written).
+floor the update pass sets (12 bytes a parameter read and written; with an
+ssd-int8 mode the disk is also measured with int8 records, 6 bytes a
+parameter, which set that mode's floor).
 
 With --deepspeed, after memtune's runs of each shape, DeepSpeed's
 ZeRO-Offload (bench/deepspeed_offload.py: stage 2, CPU Adam, the same
@@ -180,10 +182,14 @@ def main():
                "ssd_path": args.ssd_path, "disk_free_gib": disk.free / GIB, "shapes": {}}
     if any(m.split("-")[0] == "ssd" for m in args.modes.split(",")):
         os.makedirs(args.ssd_path, exist_ok=True)
-        results["disk"] = json_lines([os.path.join(BUILD, "mt_disk_bench"), args.ssd_path, "4", "4,8"], 600)
+        int8 = any(m.split("-")[0] == "ssd" and "int8" in m.split("-") for m in args.modes.split(","))
+        results["disk"] = json_lines([os.path.join(BUILD, "mt_disk_bench"), args.ssd_path, "4", "4,8",
+                                      "both" if int8 else "fp32"], 600)
         for row in results["disk"]:
             print(json.dumps({"disk": row}), flush=True)
-    update_rate = max([r.get("update_gb_per_s_each_way", 0) for r in results.get("disk", [])] + [0])
+    # the update pass's parameters a second, the fastest thread count's, by the moments' kind
+    update_rate = {kind: max([r.get("update_params_per_s", 0) for r in results.get("disk", [])
+                              if r.get("moments", "fp32") == kind] + [0]) for kind in ("fp32", "int8")}
     for shape in args.shapes.split(","):
         folder, config_path = shape_folder(args.work, shape)
         res = results["shapes"][shape] = {}
@@ -201,9 +207,11 @@ def main():
                         else "offload-trace.json" if mode == "cpu" else f"offload-trace-{mode}.json")
                 shutil.copy(os.path.join(run, "offload-trace.json"), os.path.join(args.out, name))
             found = re.search(r"offloaded to [^:]*: ([\d.]+)M parameters", " ".join(r.get("log", [])))
-            if mode.split("-")[0] == "ssd" and "error" not in r and update_rate > 0 and found:
-                # the state a step moves each way (master, m, v) over the disk's update rate
-                r["disk_floor_ms"] = 1000 * float(found.group(1)) * 1e6 * 12 / (update_rate * 1e9)
+            rate = update_rate["int8" if "int8" in mode.split("-") else "fp32"]
+            if mode.split("-")[0] == "ssd" and "error" not in r and rate > 0 and found:
+                # the offloaded parameters over the rate of the disk's update pass (12 bytes a parameter each way,
+                # 6 with int8 moments)
+                r["disk_floor_ms"] = 1000 * float(found.group(1)) * 1e6 / rate
                 r["step_vs_disk_floor"] = r["step_ms"] / r["disk_floor_ms"]
             res[mode] = r
             print(json.dumps({"shape": shape, "mode": mode, **r}), flush=True)

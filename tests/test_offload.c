@@ -1208,7 +1208,7 @@ END_TEST
 // instead of 12, and stopped and resumed it is the uninterrupted run bit
 // for bit (its checkpoints keep the decoded moments, which encode back to
 // the same codes); with the SSD tier the same run, bit for bit, which
-// resumes as well.
+// resumes as well, also from a checkpoint of the run in host memory.
 START_TEST(int8_moments_follow_fp32_and_resume_bit_identically) {
     const char *const fp32[] = {"offload.optimizer", "cpu", NULL};
     const char *const int8[] = {"offload.optimizer", "cpu", "offload.moments", "int8", NULL};
@@ -1241,6 +1241,22 @@ START_TEST(int8_moments_follow_fp32_and_resume_bit_identically) {
     for (int i = 0; i < 12; i++)
         ck_assert_msg(d[i] == b[i], "int8 moments on disk, step %d: %.17g vs in host memory %.17g", i + 1, d[i], b[i]);
     resumed_equals_whole("int8-ssd", on_disk);
+    // a run stopped with its moments' codes in host memory (the checkpoint keeps them as codes) resumes with
+    // them on disk, and goes on as the uninterrupted run in host memory did
+    char data[300], folder[300], split[300], whole[300];
+    data_and_model(data, folder);
+    snprintf(split, sizeof split, "%s/int8-cpu-then-ssd", dir);
+    snprintf(whole, sizeof whole, "%s/moments-int8", dir);
+    for (int part = 0; part < 2; part++) {
+        mt_config cfg;
+        mt_train_result r;
+        run_config(&cfg, folder, data, split, part ? on_disk : int8);
+        ck_assert_int_eq(mt_config_set(&cfg, part ? "train.resume" : "train.stop_after", part ? "auto" : "5", "t"),
+                         MT_OK);
+        ck_assert_msg(mt_train(&cfg, &r) == MT_OK, "int8, host memory then disk: %s", mt_last_error());
+        mt_config_free(&cfg);
+    }
+    tu_assert_same_losses(whole, split, 12, NULL);
 }
 END_TEST
 
