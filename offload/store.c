@@ -203,18 +203,21 @@ size_t mt_store_block_params(const mt_store *s) { return s->block_params; }
 const char *mt_store_path(const mt_store *s) { return s->path; }
 int mt_store_direct_io(const mt_store *s) { return s->direct; }
 
-// int8 moments: the segment holding value i.
-static int segment_of(const mt_store *s, size_t i) {
-    int lo = 0, hi = s->n_seg - 1;
+// The last of n ascending starts at or below i (starts[0] <= i).
+static size_t start_of(const size_t *starts, size_t n, size_t i) {
+    size_t lo = 0, hi = n - 1;
     while (lo < hi) {
-        int mid = (lo + hi + 1) / 2;
-        if (s->seg[mid] <= i)
+        size_t mid = (lo + hi + 1) / 2;
+        if (starts[mid] <= i)
             lo = mid;
         else
             hi = mid - 1;
     }
     return lo;
 }
+
+// int8 moments: the segment holding value i.
+static int segment_of(const mt_store *s, size_t i) { return (int)start_of(s->seg, (size_t)s->n_seg, i); }
 
 static size_t segment_end(const mt_store *s, int k) { return k + 1 < s->n_seg ? s->seg[k + 1] : s->count; }
 
@@ -539,16 +542,7 @@ void mt_store_close(mt_store *s) {
 // The file kind's record r: its first value, and the record holding value i (< count).
 static size_t record_first(const mt_store *s, size_t r) { return s->rec_start ? s->rec_start[r] : r * s->block_params; }
 static size_t record_of(const mt_store *s, size_t i) {
-    if (!s->rec_start) return i / s->block_params;
-    size_t lo = 0, hi = s->blocks - 1;
-    while (lo < hi) {
-        size_t mid = (lo + hi + 1) / 2;
-        if (s->rec_start[mid] <= i)
-            lo = mid;
-        else
-            hi = mid - 1;
-    }
-    return lo;
+    return s->rec_start ? start_of(s->rec_start, s->blocks, i) : i / s->block_params;
 }
 
 void mt_store_begin(mt_store *s, size_t begin, size_t end, mt_store_mode mode) {
