@@ -417,10 +417,12 @@ static mt_err open_file(mt_store *s, const mt_store_config *c) {
         close(s->fd);
         s->fd = -1;
         if (err == ENOSPC)
-            return mt_errorf(MT_ERR_IO,
-                             "offload.path %s: the optimizer state needs %.2f GiB and the disk has %.2f GiB free; "
-                             "free space there or set offload.path to a larger disk",
-                             c->dir, bytes / 1073741824.0, free_gib);
+            return mt_errorf(
+                MT_ERR_IO,
+                "offload.path %s: the optimizer state needs %.2f GiB and the disk has %.2f GiB free; "
+                "free space there or set offload.path to a larger disk%s",
+                c->dir, bytes / 1073741824.0, free_gib,
+                s->int8 ? "" : ", or keep the moments as 8-bit codes (offload.moments: int8: half the bytes)");
         return mt_errorf(MT_ERR_IO, "%s: cannot reserve %.2f GiB (%s)", s->path, bytes / 1073741824.0, strerror(err));
     }
     // every record starts as zeros, as posix_fallocate leaves them

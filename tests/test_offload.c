@@ -506,6 +506,25 @@ static void int8_store_passes(const mt_store_config *c) {
     free(a), free(m), free(v), free(x), free(y), free(z), free(x2), free(y2), free(z2);
 }
 
+// A state larger than the disk is refused before anything is written,
+// naming what it needs and the ways out: with fp32 moments int8 ones too.
+START_TEST(store_larger_than_the_disk_is_refused) {
+    char path[512];
+    snprintf(path, sizeof path, "%s/huge", dir);
+    for (int int8 = 0; int8 < 2; int8++) {
+        size_t seg = 0;
+        mt_store_config c = {MT_STORE_FILE, path, (size_t)1 << 44, 0, 1, 0, 2, 0, int8, &seg, 1};  // 17.6 T values
+        mt_store *s = NULL;
+        ck_assert_int_eq(mt_store_open(&s, &c), MT_ERR_IO);
+        ck_assert(s == NULL);
+        const char *e = mt_last_error();
+        ck_assert_msg(strstr(e, "the optimizer state needs") && strstr(e, "GiB free") && strstr(e, "larger disk"), "%s",
+                      e);
+        ck_assert_msg((strstr(e, "offload.moments: int8") != NULL) == !int8, "int8 %d: %s", int8, e);
+    }
+}
+END_TEST
+
 START_TEST(store_int8_moments_quantize_by_segment) {
     for (int kind = 0; kind < 2; kind++) {
         size_t n = 9000, seg[] = {0, 700, 1301, 4000, 4001};
@@ -1675,6 +1694,7 @@ int main(void) {
     tcase_add_test(tc, crc32c_known_answer_and_continuation);
     tcase_add_test(tc, store_round_trip_is_bit_exact_at_odd_sizes);
     tcase_add_test(tc, store_errors_are_clear_and_values);
+    tcase_add_test(tc, store_larger_than_the_disk_is_refused);
     tcase_add_test(tc, store_int8_moments_quantize_by_segment);
     tcase_add_test(tc, store_update_pieces_equal_windows);
     tcase_add_test(tc, store_snapshot_keeps_the_state_it_was_taken_at);
