@@ -106,6 +106,24 @@ static float *test_adapters(const mt_model_config *c, const mt_lora_config *l, u
     return adapters;
 }
 
+// One training step of each of n models from the same base weights and
+// adapters over N random tokens (inputs drawn from seed, targets from
+// seed + 1): model k's mean loss into loss[k].
+static void lora_step_each(mt_model **models, int n, const float *params, const float *adapters,
+                           const mt_model_config *c, int N, uint64_t seed, double *loss) {
+    int32_t *in = malloc(N * 4), *tg = malloc(N * 4);
+    for (int i = 0; i < N; i++)
+        in[i] = (int32_t)(mt_rng_bits(seed, i) % c->V), tg[i] = (int32_t)(mt_rng_bits(seed + 1, i) % c->V);
+    float scale = 1.0f / N;
+    for (int k = 0; k < n; k++) {
+        ck_assert_int_eq(mt_model_set_weights(models[k], params), MT_OK);
+        mt_model_set_adapters(models[k], adapters);
+        mt_model_zero_grads(models[k]);
+        loss[k] = mt_model_step(models[k], in, tg, scale, 1) * scale;
+    }
+    free(in), free(tg);
+}
+
 // Each adapter gradient of the GPU (gg) against the CPU's (gc): cosine above
 // 0.99 and relative error below 0.1 (what: the run, in a failure); the
 // worst cosine.
@@ -508,18 +526,9 @@ START_TEST(gpu_lora_matches_cpu_reference) {
         size_t ta;
         mt_param_info *table;
         float *adapters = test_adapters(&c, &o.lora, 5, &table, &na, &ta);
-        int32_t *in = malloc(N * 4), *tg = malloc(N * 4);
-        for (int i = 0; i < N; i++)
-            in[i] = (int32_t)(mt_rng_bits(5, i) % c.V), tg[i] = (int32_t)(mt_rng_bits(6, i) % c.V);
         mt_model *models[5] = {mc, mg, mk, mo, m1};
         double loss[5];
-        float scale = 1.0f / N;
-        for (int k = 0; k < 5; k++) {
-            ck_assert_int_eq(mt_model_set_weights(models[k], params), MT_OK);
-            mt_model_set_adapters(models[k], adapters);
-            mt_model_zero_grads(models[k]);
-            loss[k] = mt_model_step(models[k], in, tg, scale, 1) * scale;
-        }
+        lora_step_each(models, 5, params, adapters, &c, N, 5, loss);
         printf("%s: loss cpu %.6f gpu %.6f (rel %.2e) gpu+checkpointing %.6f; base %.3f bytes/param\n",
                quantized ? "QLoRA" : "LoRA", loss[0], loss[1], fabs(loss[1] - loss[0]) / loss[0], loss[2],
                (double)mt_model_base_weight_bytes(mg) / (double)total);
@@ -557,7 +566,7 @@ START_TEST(gpu_lora_matches_cpu_reference) {
         for (int k = 0; k < 5; k++) mt_model_free(models[k]);
         rmdir(file_dir);  // (the file was deleted at its creation)
         mt_backend_free(&cpu), mt_backend_free(&gpu);
-        free(params), free(adapters), free(table), free(in), free(tg), free(gc), free(gg), free(gk);
+        free(params), free(adapters), free(table), free(gc), free(gg), free(gk);
     }
 }
 END_TEST
@@ -603,18 +612,9 @@ START_TEST(gpu_long_window_matches_cpu_reference) {
         size_t ta;
         mt_param_info *table;
         float *adapters = test_adapters(&c, &o.lora, 8, &table, &na, &ta);
-        int32_t *in = malloc(N * 4), *tg = malloc(N * 4);
-        for (int i = 0; i < N; i++)
-            in[i] = (int32_t)(mt_rng_bits(15, i) % c.V), tg[i] = (int32_t)(mt_rng_bits(16, i) % c.V);
         mt_model *models[2] = {mc, mg};
         double loss[2];
-        float scale = 1.0f / N;
-        for (int k = 0; k < 2; k++) {
-            ck_assert_int_eq(mt_model_set_weights(models[k], params), MT_OK);
-            mt_model_set_adapters(models[k], adapters);
-            mt_model_zero_grads(models[k]);
-            loss[k] = mt_model_step(models[k], in, tg, scale, 1) * scale;
-        }
+        lora_step_each(models, 2, params, adapters, &c, N, 15, loss);
         mt_trainable tc, tgpu;
         mt_model_trainable(mc, &tc);
         mt_model_trainable(mg, &tgpu);
@@ -630,7 +630,7 @@ START_TEST(gpu_long_window_matches_cpu_reference) {
         ck_assert_double_lt(fabs(loss[1] - loss[0]) / loss[0], 1e-2);
         mt_model_free(mc), mt_model_free(mg);
         mt_backend_free(&cpu), mt_backend_free(&gpu);
-        free(params), free(adapters), free(table), free(in), free(tg), free(gc), free(gg);
+        free(params), free(adapters), free(table), free(gc), free(gg);
     }
 }
 END_TEST
