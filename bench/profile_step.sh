@@ -11,6 +11,7 @@
 #   lora-ckpt     LoRA dropout 0 with activation checkpointing
 #   lora-ckpt-dropout  the same with dropout 0.05
 #   mezo          MeZO on all weights
+#   galore        GaLore r=128, fp32 moments, activation checkpointing (configs/galore.yaml)
 # Each mode also runs 8 steps without the profiler for its step time. Run on
 # the GPU machine from the repo root after tests/gpu/run.sh has set up the
 # library path (or through its stage `profile`); writes $OUT/profile-MODE.csv
@@ -62,7 +63,8 @@ for mode in $modes; do
         lora-ckpt-dropout)
             cfg=(configs/llama-lora.yaml --set lora.dropout=0.05 --set model.activation_checkpointing=true) ;;
         mezo) cfg=(configs/mezo.yaml --set train.micro_batch=4) ;;
-        *) echo "profile_step.sh: unknown mode $mode (full lora lora-dropout lora-ckpt lora-ckpt-dropout mezo)"; exit 2 ;;
+        galore) cfg=(configs/galore.yaml) ;;
+        *) echo "profile_step.sh: unknown mode $mode (full lora lora-dropout lora-ckpt lora-ckpt-dropout mezo galore)"; exit 2 ;;
     esac
     rm -rf $W/run
     "$BUILD/memtune" train "${cfg[@]}" "${common[@]}" --set train.steps=8 > $W/$mode-timed.log 2>&1 ||
