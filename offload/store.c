@@ -461,9 +461,10 @@ static void set_blocks(mt_store *s, const mt_store_config *c) {
     s->record_bytes = 3 * s->block_params * sizeof(float);
 }
 
-size_t mt_store_file_size(const mt_store_config *c, size_t *record_bytes) {
+size_t mt_store_file_size(const mt_store_config *c, size_t *record_bytes, size_t *block_params) {
     mt_store s = {0};
     set_blocks(&s, c);
+    if (block_params) *block_params = s.block_params;
     if (c->int8) {
         size_t most;
         set_segments(&s, c->segments, c->n_segments);

@@ -72,9 +72,10 @@ size_t mt_store_host_bytes(const mt_store *s);
 // The file kind's size on disk (its records; 0 for the memory kind).
 size_t mt_store_file_bytes(const mt_store *s);
 // The size a file store of config c takes on disk (0 for the memory kind),
-// and one record's bytes into record_bytes (unless NULL): what mt_store_open
-// reserves, without opening it.
-size_t mt_store_file_size(const mt_store_config *c, size_t *record_bytes);
+// one record's bytes into record_bytes and its parameters a block (what
+// mt_store_block_params gives once open) into block_params (each unless
+// NULL): what mt_store_open reserves, without opening it.
+size_t mt_store_file_size(const mt_store_config *c, size_t *record_bytes, size_t *block_params);
 // The file's path ("" for the memory kind) and whether it uses O_DIRECT
 // (some filesystems, tmpfs among them, refuse it; then the page cache is used).
 const char *mt_store_path(const mt_store *s);

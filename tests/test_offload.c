@@ -416,7 +416,9 @@ START_TEST(store_round_trip_is_bit_exact_at_odd_sizes) {
                 mt_store *s = open_store((mt_store_kind)kind, "rt", counts[i], blocks[j]);
                 ck_assert_uint_eq(mt_store_count(s), counts[i]);
                 mt_store_config c = {(mt_store_kind)kind, NULL, counts[i], 0, 1, blocks[j], 0, 0, 0, NULL, 0};
-                ck_assert_uint_eq(mt_store_file_size(&c, NULL), mt_store_file_bytes(s));
+                size_t block_params;
+                ck_assert_uint_eq(mt_store_file_size(&c, NULL, &block_params), mt_store_file_bytes(s));
+                ck_assert_uint_eq(block_params, mt_store_block_params(s));
                 if (kind) ck_assert_uint_ge(mt_store_file_bytes(s), counts[i] * 12);
                 round_trip(s, counts[i], 10 * i + j);
                 char path[1200];
@@ -466,7 +468,7 @@ static void int8_store_passes(const mt_store_config *c) {
     } else {  // records [0, 956), [956, 1813), ...: at most 5 blocks of 256, 6 KiB + 40 B rounded to 8 KiB
         size_t record;
         ck_assert_uint_eq(mt_store_file_bytes(s), 10 * 8192);
-        ck_assert_uint_eq(mt_store_file_size(c, &record), 10 * 8192);
+        ck_assert_uint_eq(mt_store_file_size(c, &record, NULL), 10 * 8192);
         ck_assert_uint_eq(record, 8192);
     }
     float *a = tu_random(n, -1, 1, 3), *m = tu_random(n, -1e-3f, 1e-3f, 4), *v = tu_random(n, 0, 1e-6f, 5);

@@ -76,9 +76,10 @@ static void galore_bytes(const mt_config *cfg, const mt_plan *pl, double *state,
 // and its largest forward unit's run (offload.c's device ring).
 // The offloaded state's values, the largest bucket's span and the int8
 // moments' quantization blocks; for a file store (ssd) its size on disk and
-// one record's bytes (int8: whether the moments are 8-bit codes).
+// one record's bytes; the store's parameters a block (int8: whether the
+// moments are 8-bit codes).
 static void offload_counts(const mt_plan *pl, int L, size_t shard, int int8, size_t *count, size_t *ring,
-                           size_t *qblocks, size_t *file_bytes, size_t *record_bytes) {
+                           size_t *qblocks, size_t *file_bytes, size_t *record_bytes, size_t *block) {
     mt_offload_plan plan = mt_offload_plan_make(pl->trained, pl->n_trained, pl->trained_total - shard,
                                                 pl->trained_total, pl->galore ? pl->selected : NULL, L);
     *count = plan.count, *ring = 0;
@@ -87,7 +88,7 @@ static void offload_counts(const mt_plan *pl, int L, size_t shard, int int8, siz
     int n_seg = mt_offload_segments(plan.params, plan.n, plan.count, seg);
     *qblocks = mt_store_int8_blocks(seg, n_seg, plan.count);
     mt_store_config sc = {MT_STORE_FILE, NULL, plan.count, 0, 1, 0, 0, 0, int8, seg, n_seg};
-    *file_bytes = mt_store_file_size(&sc, record_bytes);
+    *file_bytes = mt_store_file_size(&sc, record_bytes, block);
     free(seg);
     for (int p = 0; p < plan.n;) {
         int q = p;
@@ -157,13 +158,10 @@ static mt_err forecast_run(const mt_config *cfg, const mt_model_config *mc, int 
         state_where = "AdamW's state offloaded";
     }
     if (pl.offload) {
-        size_t count, ring, qblocks, file_bytes, record_bytes;
+        size_t count, ring, qblocks, file_bytes, record_bytes, block;
         int int8 = !strcmp(cfg->offload_moments, "int8");
         offload_counts(&pl, mc->L, pl.galore ? pl.trained_total : shard - pl.offload_split, int8, &count, &ring,
-                       &qblocks, &file_bytes, &record_bytes);
-        size_t block = (size_t)1 << 21;  // store.c's block of parameters (a small store is one block)
-        if (block > count) block = count ? count : 1;
-        block = (block + 1023) / 1024 * 1024;
+                       &qblocks, &file_bytes, &record_bytes, &block);
         if (!strcmp(cfg->offload_optimizer, "ssd")) {  // its records' buffers (int8: and two fp32 windows)
             h[MT_MEM_OFFLOAD] += (double)(kSsdPrefetch + 3) * huge_pages((double)record_bytes) +
                                  (int8 ? 2 * huge_pages((double)block * 4) : 0);
