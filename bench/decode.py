@@ -18,10 +18,13 @@ recorded as a CUDA Graph), as transformers is timed after its warm-up.
 --variants also runs memtune with parts turned off, for an A/B in one call:
 no-graph (MT_CUDA_GRAPHS=0: the step op by op), no-skinny (MT_SKINNY=0:
 cuBLAS for the one-row products), neither (both: the step's launches as
-they were before 2026-12-06, timed after the same set-up step). Writes decode_bench.json; prints tokens/s and the ratios.
+they were before 2026-12-06, timed after the same set-up step), no-pdl
+(MT_PDL=0: the graph's kernels without programmatic dependent launch),
+baseline (another memtune binary, --baseline: the build before a change).
+Writes decode_bench.json; prints tokens/s and the ratios.
 
   python3 bench/decode.py --out $OUT [--shapes TinyLlama-1.1B,Llama-2-7B] [--new 128]
-                          [--variants default,no-graph,no-skinny,neither]
+                          [--variants default,no-graph,no-skinny,neither,no-pdl,baseline] [--baseline BIN]
 """
 import argparse
 import json
@@ -65,15 +68,15 @@ def copy_bandwidth():
 
 
 VARIANTS = {"default": {}, "no-graph": {"MT_CUDA_GRAPHS": "0"}, "no-skinny": {"MT_SKINNY": "0"},
-            "neither": {"MT_CUDA_GRAPHS": "0", "MT_SKINNY": "0"}}
+            "neither": {"MT_CUDA_GRAPHS": "0", "MT_SKINNY": "0"}, "no-pdl": {"MT_PDL": "0"}, "baseline": {}}
 
 
-def memtune_decode(folder, batch, new, variant="default"):
+def memtune_decode(folder, batch, new, variant="default", binary=None):
     prompts = os.path.join(folder, "prompts.jsonl")
     with open(prompts, "w") as f:
         for i in range(batch):
             f.write(json.dumps({"prompt": "Hello"}) + "\n")
-    out = subprocess.run([os.path.join(BUILD, "memtune"), "generate", "--model", folder, "--input", prompts,
+    out = subprocess.run([binary or os.path.join(BUILD, "memtune"), "generate", "--model", folder, "--input", prompts,
                           "--batch", str(batch), "--max-new-tokens", str(new), "--device", "gpu"],
                          capture_output=True, text=True, env=dict(os.environ, **VARIANTS[variant]))
     m = re.search(r"(\d+) new tokens in ([0-9.]+) s", out.stderr)
@@ -117,7 +120,10 @@ def main():
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--variants", default="default", help="memtune variants: " + ",".join(VARIANTS))
+    ap.add_argument("--baseline", help="the memtune binary of the variant baseline")
     args = ap.parse_args()
+    if "baseline" in args.variants.split(",") and not args.baseline:
+        ap.error("the variant baseline needs --baseline BIN (the memtune binary to compare with)")
     os.makedirs(args.out, exist_ok=True)
     gpu = torch.cuda.get_device_name()
     bw = copy_bandwidth()
@@ -142,7 +148,8 @@ def main():
             r = {"memtune": memtune_decode(folder, batch, args.new)}
             for v in args.variants.split(","):
                 if v != "default":
-                    r["memtune_" + v] = memtune_decode(folder, batch, args.new, v)
+                    r["memtune_" + v] = memtune_decode(folder, batch, args.new, v,
+                                                       args.baseline if v == "baseline" else None)
             r["transformers_eager"] = torch_decode(model, batch, args.new, static=False)
             if not args.no_compile:
                 # transformers compiles the forward itself for a static cache
