@@ -225,12 +225,15 @@ void mt_graph_begin(mt_backend *be) {
     CUDA_CHECK(cudaDeviceSynchronize());
     CUDA_CHECK(cudaStreamBeginCapture((cudaStream_t)be->graph_stream, cudaStreamCaptureModeThreadLocal));
     mt_backend_set_stream(be, be->graph_stream);
+    const char *pdl = getenv("MT_PDL");
+    be->pdl = !(pdl && strcmp(pdl, "0") == 0);
 }
 
 void *mt_graph_end(mt_backend *be, char *why, size_t len) {
     cudaGraph_t graph = NULL;
     cudaGraphExec_t exec = NULL;
     mt_backend_set_stream(be, NULL);
+    be->pdl = 0;
     cudaError_t err = cudaStreamEndCapture((cudaStream_t)be->graph_stream, &graph);
     if (err == cudaSuccess) err = cudaGraphInstantiate(&exec, graph, 0);
     if (graph) cudaGraphDestroy(graph);

@@ -29,6 +29,42 @@ static __device__ float warp_sum(float v) {
     return v;
 }
 
+// Programmatic dependent launch (sm_90), for the kernels a decoding step runs
+// as a CUDA Graph: launched through launch_pdl while a graph is recorded
+// (be->pdl), a kernel may be scheduled while the kernel before it still runs.
+// Each such kernel calls pdl_next() first, so that the kernel after it may be
+// scheduled in turn, and pdl_wait() before it reads anything an earlier kernel
+// wrote or writes anything: pdl_wait() returns once the kernel before it has
+// finished and its writes are visible (and that kernel waited for the one
+// before it). Between the two it may only read what no kernel writes (the
+// skinny products load their first weights there). Launched the ordinary way,
+// both return at once.
+static __device__ __forceinline__ void pdl_next() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+static __device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// kernel<<<grid, block, 0, the backend's stream>>>(args), with programmatic
+// dependent launch while a graph is recorded. Only for kernels that call
+// pdl_next() and pdl_wait() as above.
+template <typename... P, typename... A>
+static void launch_pdl(const mt_backend *be, void (*kernel)(P...), dim3 grid, dim3 block, A... args) {
+    cudaLaunchAttribute attr = {};
+    attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr.val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid, cfg.blockDim = block, cfg.dynamicSmemBytes = 0, cfg.stream = mt_stream_of(be);
+    cfg.attrs = &attr, cfg.numAttrs = be->pdl ? 1 : 0;
+    CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, static_cast<P>(args)...));
+}
+
 // Memory-bound kernels move 8 bf16 (16 bytes) a load where every pointer they
 // touch is 16-byte aligned; vec8 says so for up to four pointers (NULL counts
 // as aligned).
@@ -167,6 +203,8 @@ static __device__ float rms_scaled(float x, float r, float w, int plus_one) {
 // columns it then reads back, and the norm of sum.
 static __global__ void rmsnorm_forward_kernel(bf16 *out, float *rstd, const bf16 *inp, const bf16 *add, bf16 *sum,
                                               const bf16 *weight, int N, int C, float eps, int plus_one, int vector) {
+    pdl_next();
+    pdl_wait();
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x & 31;
     if (row >= N) return;
     const bf16 *x = inp + (size_t)row * C;
@@ -282,10 +320,8 @@ extern "C" void mt_rmsnorm_forward_cuda(const mt_backend *be, void *out, float *
 extern "C" void mt_add_rmsnorm_forward_cuda(const mt_backend *be, void *sum, void *out, float *rstd, const void *a,
                                             const void *b, const void *weight, int N, int C, float eps, int plus_one) {
     int vector = C % kVec == 0 && vec8(out, a, weight) && vec8(b, sum);
-    rmsnorm_forward_kernel<<<grid_for((size_t)N, kThreads / 32), kThreads, 0, mt_stream_of(be)>>>(
-        (bf16 *)out, rstd, (const bf16 *)a, (const bf16 *)b, (bf16 *)sum, (const bf16 *)weight, N, C, eps, plus_one,
-        vector);
-    CUDA_CHECK_LAUNCH();
+    launch_pdl(be, rmsnorm_forward_kernel, dim3(grid_for((size_t)N, kThreads / 32)), dim3(kThreads), (bf16 *)out, rstd,
+               (const bf16 *)a, (const bf16 *)b, (bf16 *)sum, (const bf16 *)weight, N, C, eps, plus_one, vector);
 }
 
 extern "C" void mt_rmsnorm_backward_cuda(const mt_backend *be, void *dinp, float *dweight, const void *dout,
@@ -393,6 +429,8 @@ struct rope_parts {
 static __global__ void rope8_parts_kernel(rope_parts p, const float *cos_table, const float *sin_table,
                                           const int32_t *pos, int B, int T, int D, int backward) {
     static_assert(MT_MAX_ROPE_PARTS == 3, "the parts are read with constant indices");
+    pdl_next();
+    pdl_wait();
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= p.first[3]) return;
     int k = (idx >= p.first[1]) + (idx >= p.first[2]);
@@ -447,9 +485,8 @@ extern "C" void mt_rope_forward_many_cuda(const mt_backend *be, const mt_rope_pa
         return;
     }
     if (threads == 0) return;
-    rope8_parts_kernel<<<grid_for(threads, kThreads), kThreads, 0, mt_stream_of(be)>>>(p, cos_table, sin_table, pos, B,
-                                                                                       T, D, 0);
-    CUDA_CHECK_LAUNCH();
+    launch_pdl(be, rope8_parts_kernel, dim3(grid_for(threads, kThreads)), dim3(kThreads), p, cos_table, sin_table, pos,
+               B, T, D, 0);
 }
 
 extern "C" void mt_rope_forward_cuda(const mt_backend *be, void *out, const void *inp, const float *cos_table,
@@ -1009,6 +1046,8 @@ extern "C" void mt_attention_backward_cuda(mt_backend *be, const mt_attention_sh
 // One thread per (b, kv head, d): the new token's key and value into the caches.
 static __global__ void kv_store_kernel(bf16 *kcache, bf16 *vcache, const bf16 *k, const bf16 *v, const int32_t *pos,
                                        int B, int KV, int D, int S) {
+    pdl_next();
+    pdl_wait();
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (size_t)B * KV * D) return;
     size_t bh = idx / D, b = bh / KV;
@@ -1021,21 +1060,25 @@ extern "C" void mt_kv_store_cuda(const mt_backend *be, void *kcache, void *vcach
                                  const int32_t *pos, int B, int KV, int D, int S) {
     (void)be;
     size_t n = (size_t)B * KV * D;
-    kv_store_kernel<<<grid_for(n, kThreads), kThreads, 0, mt_stream_of(be)>>>(
-        (bf16 *)kcache, (bf16 *)vcache, (const bf16 *)k, (const bf16 *)v, pos, B, KV, D, S);
-    CUDA_CHECK_LAUNCH();
+    launch_pdl(be, kv_store_kernel, dim3(grid_for(n, kThreads)), dim3(kThreads), (bf16 *)kcache, (bf16 *)vcache,
+               (const bf16 *)k, (const bf16 *)v, pos, B, KV, D, S);
 }
 
 // One block per (query head, row), kDecodeWarps warps: warp w takes the
 // cached positions first + w, first + w + kDecodeWarps, ..., each lane the
 // dims lane, lane + 32, ... (head dims up to 32 kDecodeDims), with an online
 // softmax; the warps' partial sums are merged at the end through shared memory.
-static const int kDecodeWarps = 4, kDecodeDims = 8;
+// A position costs a warp a chain of dependent steps (the key's load, the
+// sum across lanes, the exponentials), so the positions are spread over 16
+// warps: at batch 1 the blocks are only the heads (32 on 132 SMs).
+static const int kDecodeWarps = 16, kDecodeDims = 8;
 
 static __global__ void attention_decode_kernel(bf16 *out, const bf16 *q, const bf16 *kcache, const bf16 *vcache,
                                                const int32_t *pos, int H, int KV, int D, int S, int window,
                                                float scale) {
     __shared__ float m_part[kDecodeWarps], l_part[kDecodeWarps], acc_part[kDecodeWarps][32 * kDecodeDims];
+    pdl_next();
+    pdl_wait();
     int h = blockIdx.x, b = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     int t = pos[b], first = window > 0 && t >= window ? t - window + 1 : 0;
     size_t kv = (size_t)b * KV + h / (H / KV);
@@ -1084,9 +1127,8 @@ extern "C" void mt_attention_decode_cuda(const mt_backend *be, void *out, const 
     (void)be;
     MT_CHECK(D <= 32 * kDecodeDims, "decoding attention: head dim %d above %d", D, 32 * kDecodeDims);
     if (scale == 0.0f) scale = 1.0f / sqrtf((float)D);
-    attention_decode_kernel<<<dim3((unsigned)H, (unsigned)B), 32 * kDecodeWarps, 0, mt_stream_of(be)>>>(
-        (bf16 *)out, (const bf16 *)q, (const bf16 *)kcache, (const bf16 *)vcache, pos, H, KV, D, S, window, scale);
-    CUDA_CHECK_LAUNCH();
+    launch_pdl(be, attention_decode_kernel, dim3((unsigned)H, (unsigned)B), dim3(32 * kDecodeWarps), (bf16 *)out,
+               (const bf16 *)q, (const bf16 *)kcache, (const bf16 *)vcache, pos, H, KV, D, S, window, scale);
 }
 
 // ---------------------------------------------------------------------- glu
@@ -1229,11 +1271,41 @@ static __device__ V pick(int k, const V (&v)[MT_MAX_PRODUCTS]) {
     return k == 0 ? v[0] : k == 1 ? v[1] : v[2];
 }
 
+// A lane's first kAhead vectors of a weight row (those in [0, IN)), loaded
+// before pdl_wait(): the weights are not written by the kernels before.
+static const int kAhead = 4;
+
+static __device__ __forceinline__ void load_ahead(uint4 (&ahead)[kAhead], const bf16 *row, int lane, int IN) {
+#pragma unroll
+    for (int a = 0; a < kAhead; a++) {
+        int i = (lane + 32 * a) * kVec;
+        ahead[a] = i < IN ? __ldcs((const uint4 *)(row + i)) : make_uint4(0, 0, 0, 0);
+    }
+}
+
+// acc[r] += the 8 weights of w times inputs r's 8 values at i (rows IN apart).
+template <int R>
+static __device__ __forceinline__ void dot8(float (&acc)[R], uint4 w, const bf16 *inp, int IN, int i) {
+    const bf16 *wh = (const bf16 *)&w;
+    float wf[kVec];
+#pragma unroll
+    for (int j = 0; j < kVec; j++) wf[j] = __bfloat162float(wh[j]);
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        float xf[kVec];
+        load8(xf, inp + (size_t)r * IN + i);
+#pragma unroll
+        for (int j = 0; j < kVec; j++) acc[r] = fmaf(wf[j], xf[j], acc[r]);
+    }
+}
+
 // out (R, OUT) = alpha * inp (R, IN) W^T + beta * out, then + bias (as a
 // separate rounding, as the cuBLAS path adds it), for each product of the
-// set; IN % 8 == 0, rows aligned.
+// set; IN % 8 == 0, rows aligned. A lane adds its products in the order of
+// i (the first kAhead vectors loaded before pdl_wait, then the rest).
 template <int R, typename T>
 static __global__ void skinny_kernel(skinny_set<T> set, const bf16 *inp, int IN, float alpha, float beta) {
+    pdl_next();
     int k = ((int)blockIdx.x >= set.first[1]) + ((int)blockIdx.x >= set.first[2]);
     int o = ((int)blockIdx.x - (k == 0   ? set.first[0]
                                 : k == 1 ? set.first[1]
@@ -1244,24 +1316,18 @@ static __global__ void skinny_kernel(skinny_set<T> set, const bf16 *inp, int IN,
     int OUT = pick(k, set.OUT);
     if (o >= OUT) return;
     const bf16 *wr = pick(k, set.w) + (size_t)o * IN;
+    uint4 ahead[kAhead];
+    load_ahead(ahead, wr, lane, IN);  // read once: no cache line kept (__ldcs)
+    pdl_wait();
     float acc[R];
 #pragma unroll
     for (int r = 0; r < R; r++) acc[r] = 0.0f;
+#pragma unroll
+    for (int a = 0; a < kAhead; a++)
+        if ((lane + 32 * a) * kVec < IN) dot8(acc, ahead[a], inp, IN, (lane + 32 * a) * kVec);
 #pragma unroll 4
-    for (int i = lane * kVec; i < IN; i += 32 * kVec) {
-        uint4 wu = __ldcs((const uint4 *)(wr + i));  // read once: no cache line kept
-        const bf16 *wh = (const bf16 *)&wu;
-        float wf[kVec];
-#pragma unroll
-        for (int j = 0; j < kVec; j++) wf[j] = __bfloat162float(wh[j]);
-#pragma unroll
-        for (int r = 0; r < R; r++) {
-            float xf[kVec];
-            load8(xf, inp + (size_t)r * IN + i);
-#pragma unroll
-            for (int j = 0; j < kVec; j++) acc[r] = fmaf(wf[j], xf[j], acc[r]);
-        }
-    }
+    for (int i = (lane + 32 * kAhead) * kVec; i < IN; i += 32 * kVec)
+        dot8(acc, __ldcs((const uint4 *)(wr + i)), inp, IN, i);
 #pragma unroll
     for (int r = 0; r < R; r++) acc[r] = warp_sum(acc[r]);
     if (lane != 0) return;
@@ -1329,8 +1395,8 @@ static int skinny(const mt_backend *be, const mt_product *p, int count, const vo
     if (blocks == 0) return 1;
     const bf16 *x = (const bf16 *)inp;
     dim3 grid(blocks), block(32 * kSkinnyWarps);
-    cudaStream_t st = mt_stream_of(be);
-    launch_1_to_8(N, [&](auto rows) { skinny_kernel<rows(), T><<<grid, block, 0, st>>>(set, x, IN, alpha, beta); });
+    launch_1_to_8(N,
+                  [&](auto rows) { launch_pdl(be, skinny_kernel<rows(), T>, grid, block, set, x, IN, alpha, beta); });
     return 1;
 }
 
@@ -1367,27 +1433,25 @@ extern "C" void mt_matmul_forward_many_cuda(const mt_backend *be, const mt_produ
 template <int R>
 static __global__ void skinny_glu_kernel(bf16 *out, const bf16 *inp, const bf16 *wg, const bf16 *wu, int IN, int F,
                                          mt_act act) {
+    pdl_next();
     int o = blockIdx.x * kSkinnyWarps + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (o >= F) return;
     const bf16 *gr = wg + (size_t)o * IN, *ur = wu + (size_t)o * IN;
+    uint4 gahead[kAhead], uahead[kAhead];
+    load_ahead(gahead, gr, lane, IN);
+    load_ahead(uahead, ur, lane, IN);
+    pdl_wait();
     float ag[R], au[R];
 #pragma unroll
     for (int r = 0; r < R; r++) ag[r] = 0.0f, au[r] = 0.0f;
-#pragma unroll 2
-    for (int i = lane * kVec; i < IN; i += 32 * kVec) {
-        uint4 gw = __ldcs((const uint4 *)(gr + i)), uw = __ldcs((const uint4 *)(ur + i));
-        const bf16 *gh = (const bf16 *)&gw, *uh = (const bf16 *)&uw;
-        float gf[kVec], uf[kVec];
 #pragma unroll
-        for (int j = 0; j < kVec; j++) gf[j] = __bfloat162float(gh[j]), uf[j] = __bfloat162float(uh[j]);
-#pragma unroll
-        for (int r = 0; r < R; r++) {
-            float xf[kVec];
-            load8(xf, inp + (size_t)r * IN + i);
-#pragma unroll
-            for (int j = 0; j < kVec; j++) ag[r] = fmaf(gf[j], xf[j], ag[r]), au[r] = fmaf(uf[j], xf[j], au[r]);
-        }
+    for (int a = 0; a < kAhead; a++) {
+        int i = (lane + 32 * a) * kVec;
+        if (i < IN) dot8(ag, gahead[a], inp, IN, i), dot8(au, uahead[a], inp, IN, i);
     }
+#pragma unroll 2
+    for (int i = (lane + 32 * kAhead) * kVec; i < IN; i += 32 * kVec)
+        dot8(ag, __ldcs((const uint4 *)(gr + i)), inp, IN, i), dot8(au, __ldcs((const uint4 *)(ur + i)), inp, IN, i);
 #pragma unroll
     for (int r = 0; r < R; r++) ag[r] = warp_sum(ag[r]), au[r] = warp_sum(au[r]);
     if (lane != 0) return;
@@ -1405,8 +1469,8 @@ extern "C" void mt_matmul_glu_forward_cuda(const mt_backend *be, void *out, void
         dim3 grid((F + kSkinnyWarps - 1) / kSkinnyWarps), block(32 * kSkinnyWarps);
         const bf16 *x = (const bf16 *)inp, *g = (const bf16 *)wg, *u = (const bf16 *)wu;
         bf16 *y = (bf16 *)out;
-        cudaStream_t st = mt_stream_of(be);
-        launch_1_to_8(N, [&](auto rows) { skinny_glu_kernel<rows()><<<grid, block, 0, st>>>(y, x, g, u, IN, F, act); });
+        launch_1_to_8(
+            N, [&](auto rows) { launch_pdl(be, skinny_glu_kernel<rows()>, grid, block, y, x, g, u, IN, F, act); });
         return;
     }
     mt_product p[2] = {{gate, wg, NULL, F}, {up, wu, NULL, F}};
@@ -1542,6 +1606,8 @@ extern "C" void mt_crossentropy_cuda(const mt_backend *be, float *losses, void *
 // -------------------------------------------------------------- elementwise
 
 static __global__ void add_kernel(bf16 *out, const bf16 *a, const bf16 *b, size_t n, int vector) {
+    pdl_next();
+    pdl_wait();
     size_t i0 = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) * kVec;
     if (i0 >= n) return;
     if (vector && i0 + kVec <= n) {
@@ -1558,9 +1624,8 @@ static __global__ void add_kernel(bf16 *out, const bf16 *a, const bf16 *b, size_
 extern "C" void mt_add_cuda(const mt_backend *be, void *out, const void *a, const void *b, size_t n) {
     (void)be;
     if (n == 0) return;
-    add_kernel<<<grid_for8(n), kThreads, 0, mt_stream_of(be)>>>((bf16 *)out, (const bf16 *)a, (const bf16 *)b, n,
-                                                                vec8(out, a, b));
-    CUDA_CHECK_LAUNCH();
+    launch_pdl(be, add_kernel, dim3(grid_for8(n)), dim3(kThreads), (bf16 *)out, (const bf16 *)a, (const bf16 *)b, n,
+               (int)vec8(out, a, b));
 }
 
 static __global__ void add_f32_kernel(float *out, const float *a, const float *b, size_t n) {

@@ -473,6 +473,87 @@ static void *dev_bf16_twice(const float *w, size_t n) {
     return d;
 }
 
+// A decoding layer's ops (each reads what the one before wrote) recorded as
+// a CUDA Graph, where they start with programmatic dependent launch, give
+// the bits of the same ops run one by one, replay after replay, with every
+// intermediate poisoned and the caches restored in between: a kernel that
+// read its input before the kernel writing it had finished would read NaN.
+START_TEST(graph_of_decoding_ops_matches_op_by_op) {
+    const int C = 2048, H = 16, KV = 4, D = 128, F = 5632, S = 64, V = 1000, KVD = KV * D;
+    for (int N = 1; N <= 4; N += 3) {
+        float *x = host_random((size_t)N * C, -1, 1), *nw = host_random(C, 0.5f, 1.5f);
+        float *wq = host_random((size_t)C * C, -0.05f, 0.05f), *wk = host_random((size_t)KVD * C, -0.05f, 0.05f);
+        float *wv = host_random((size_t)KVD * C, -0.05f, 0.05f), *wo = host_random((size_t)C * C, -0.05f, 0.05f);
+        float *wg = host_random((size_t)F * C, -0.05f, 0.05f), *wu = host_random((size_t)F * C, -0.05f, 0.05f);
+        float *wd = host_random((size_t)C * F, -0.05f, 0.05f), *wl = host_random((size_t)V * C, -0.05f, 0.05f);
+        size_t ncache = (size_t)N * KV * S * D;
+        float *cache = host_random(ncache, -1, 1);
+        int32_t pos[4];
+        for (int b = 0; b < N; b++) pos[b] = 5 + 17 * b;
+        void *x_d = dev_bf16(x, (size_t)N * C), *nw_d = dev_bf16(nw, C), *wq_d = dev_bf16(wq, (size_t)C * C),
+             *wk_d = dev_bf16(wk, (size_t)KVD * C), *wv_d = dev_bf16(wv, (size_t)KVD * C),
+             *wo_d = dev_bf16(wo, (size_t)C * C), *wg_d = dev_bf16(wg, (size_t)F * C),
+             *wu_d = dev_bf16(wu, (size_t)F * C), *wd_d = dev_bf16(wd, (size_t)C * F),
+             *wl_d = dev_bf16(wl, (size_t)V * C), *pos_d = dev_i32(pos, (size_t)N);
+        void *kc = dev_bf16(cache, ncache), *vc = dev_bf16(cache, ncache);
+        uint16_t *cache_h = malloc(ncache * 2);
+        mt_copy_to_host(cache_h, kc, ncache * 2);
+        // the intermediates, poisoned before every run: bf16 (N, width) each
+        enum { LN, Q, K, VV, ATT, O, X2, LN2, HID, GATE, UP, DOWN, OUT, NBUF };
+        int width[NBUF] = {C, C, KVD, KVD, C, C, C, C, F, F, F, C, C};
+        void *buf[NBUF];
+        for (int i = 0; i < NBUF; i++) buf[i] = dev_poisoned((size_t)N * width[i] * 2);
+        float *rstd = mt_device_malloc((size_t)N * 4), *rstd2 = mt_device_malloc((size_t)N * 4);
+        float *lg = mt_device_malloc((size_t)N * V * 4);
+        mt_product qkv[3] = {{buf[Q], wq_d, NULL, C}, {buf[K], wk_d, NULL, KVD}, {buf[VV], wv_d, NULL, KVD}};
+        size_t nout = (size_t)N * C * 2, nlg = (size_t)N * V * 4;
+        void *out_ref = malloc(nout), *lg_ref = malloc(nlg), *out_got = malloc(nout), *lg_got = malloc(nlg);
+        void *graph = NULL;
+        for (int run = 0; run < 2 + 20; run++) {
+            // run 0: op by op (the reference); run 1: recorded; then replays
+            for (int i = 0; i < NBUF; i++) mt_device_memset(buf[i], 0xff, (size_t)N * width[i] * 2);
+            mt_device_memset(rstd, 0xff, (size_t)N * 4), mt_device_memset(rstd2, 0xff, (size_t)N * 4);
+            mt_device_memset(lg, 0xff, nlg);
+            mt_copy_to_device(kc, cache_h, ncache * 2), mt_copy_to_device(vc, cache_h, ncache * 2);
+            if (run >= 2) {
+                mt_graph_launch(&be, graph);
+            } else {
+                if (run == 1) mt_graph_begin(&be);
+                mt_op_rmsnorm_forward(&be, buf[LN], rstd, x_d, nw_d, N, C, 1e-5f, 0);
+                mt_op_matmul_forward_many(&be, qkv, 3, buf[LN], N, C);
+                mt_op_kv_store(&be, kc, vc, buf[K], buf[VV], pos_d, N, KV, D, S);
+                mt_op_attention_decode(&be, buf[ATT], buf[Q], kc, vc, pos_d, N, H, KV, D, S, 0, 0.0f);
+                mt_op_matmul_forward(&be, buf[O], buf[ATT], wo_d, NULL, N, C, C);
+                mt_op_add_rmsnorm_forward(&be, buf[X2], buf[LN2], rstd2, x_d, buf[O], nw_d, N, C, 1e-5f, 0);
+                mt_op_matmul_glu_forward(&be, buf[HID], buf[GATE], buf[UP], buf[LN2], wg_d, wu_d, N, C, F, MT_ACT_SILU);
+                mt_op_matmul_forward(&be, buf[DOWN], buf[HID], wd_d, NULL, N, F, C);
+                mt_op_add(&be, buf[OUT], buf[X2], buf[DOWN], (size_t)N * C);
+                mt_op_logits_forward(&be, lg, buf[OUT], wl_d, N, C, V);
+                if (run == 1) {
+                    char why[160] = "";
+                    graph = mt_graph_end(&be, why, sizeof why);
+                    ck_assert_msg(graph != NULL, "recording the decoding ops failed: %s", why);
+                    mt_graph_launch(&be, graph);
+                }
+            }
+            mt_copy_to_host(run == 0 ? out_ref : out_got, buf[OUT], nout);
+            mt_copy_to_host(run == 0 ? lg_ref : lg_got, lg, nlg);
+            if (run == 0) continue;
+            ck_assert_msg(!memcmp(out_got, out_ref, nout) && !memcmp(lg_got, lg_ref, nlg),
+                          "rows %d: the graph's run %d differs from the ops one by one", N, run - 1);
+        }
+        mt_graph_free(graph);
+        printf("decoding ops as a CUDA Graph (rows %d, MT_PDL=%s): 21 runs equal the ops one by one, bit for bit\n", N,
+               getenv("MT_PDL") ? getenv("MT_PDL") : "unset");
+        for (int i = 0; i < NBUF; i++) mt_device_free(buf[i]);
+        void *dev[] = {x_d, nw_d, wq_d, wk_d, wv_d, wo_d, wg_d, wu_d, wd_d, wl_d, pos_d, kc, vc, rstd, rstd2, lg};
+        for (size_t i = 0; i < sizeof dev / sizeof dev[0]; i++) mt_device_free(dev[i]);
+        free(x), free(nw), free(wq), free(wk), free(wv), free(wo), free(wg), free(wu), free(wd), free(wl);
+        free(cache), free(cache_h), free(out_ref), free(lg_ref), free(out_got), free(lg_got);
+    }
+}
+END_TEST
+
 // Up to 8 rows with rows of whole 16-byte vectors go to the skinny kernel
 // (decoding), the rest to cuBLAS: both are checked, the skinny one at one row
 // of a 2048-wide model and at its widest (8 rows) with an output count that
@@ -1289,6 +1370,7 @@ int main(void) {
     tcase_add_test(tc, rope);
     tcase_add_test(tc, attention);
     tcase_add_test(tc, attention_decode);
+    tcase_add_test(tc, graph_of_decoding_ops_matches_op_by_op);
     tcase_add_test(tc, swiglu_add_and_embedding);
     tcase_add_test(tc, matmul_and_logits);
     tcase_add_test(tc, scaled_matmuls);
