@@ -2230,6 +2230,9 @@ void mt_model_decode(mt_model *m, const int32_t *tokens, const int32_t *pos, flo
         // the first step op by op (kernels loaded, cuBLAS set up), then recorded for the next ones
         decode_step(m);
         mt_graph_begin(m->be);
+        // an NF4 base's weights are dequantized into one buffer during the step, and the skinny products load
+        // their first weights before waiting for the kernel before them: no programmatic dependent launch
+        if (m->quantized) m->be->pdl = 0;
         decode_step(m);
         m->decode_graph = mt_graph_end(m->be, m->decode_graph_note, sizeof m->decode_graph_note);
         m->decode_graph_off = m->decode_graph == NULL;
