@@ -18,13 +18,13 @@ recorded as a CUDA Graph), as transformers is timed after its warm-up.
 --variants also runs memtune with parts turned off, for an A/B in one call:
 no-graph (MT_CUDA_GRAPHS=0: the step op by op), no-skinny (MT_SKINNY=0:
 cuBLAS for the one-row products), neither (both: the step's launches as
-they were before 2026-12-06, timed after the same set-up step), no-pdl
-(MT_PDL=0: the graph's kernels without programmatic dependent launch),
+they were before 2026-12-06, timed after the same set-up step), pdl
+(MT_PDL=1: the graph's kernels with programmatic dependent launch),
 baseline (another memtune binary, --baseline: the build before a change).
 Writes decode_bench.json; prints tokens/s and the ratios.
 
   python3 bench/decode.py --out $OUT [--shapes TinyLlama-1.1B,Llama-2-7B] [--new 128]
-                          [--variants default,no-graph,no-skinny,neither,no-pdl,baseline] [--baseline BIN]
+                          [--variants default,no-graph,no-skinny,neither,pdl,baseline] [--baseline BIN]
 """
 import argparse
 import json
@@ -68,7 +68,7 @@ def copy_bandwidth():
 
 
 VARIANTS = {"default": {}, "no-graph": {"MT_CUDA_GRAPHS": "0"}, "no-skinny": {"MT_SKINNY": "0"},
-            "neither": {"MT_CUDA_GRAPHS": "0", "MT_SKINNY": "0"}, "no-pdl": {"MT_PDL": "0"}, "baseline": {}}
+            "neither": {"MT_CUDA_GRAPHS": "0", "MT_SKINNY": "0"}, "pdl": {"MT_PDL": "1"}, "baseline": {}}
 
 
 def memtune_decode(folder, batch, new, variant="default", binary=None):

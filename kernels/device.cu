@@ -225,8 +225,8 @@ void mt_graph_begin(mt_backend *be) {
     CUDA_CHECK(cudaDeviceSynchronize());
     CUDA_CHECK(cudaStreamBeginCapture((cudaStream_t)be->graph_stream, cudaStreamCaptureModeThreadLocal));
     mt_backend_set_stream(be, be->graph_stream);
-    const char *pdl = getenv("MT_PDL");
-    be->pdl = !(pdl && strcmp(pdl, "0") == 0);
+    const char *pdl = getenv("MT_PDL");  // opt-in until it has run on a GPU (docs/design.md)
+    be->pdl = pdl && strcmp(pdl, "1") == 0;
 }
 
 void *mt_graph_end(mt_backend *be, char *why, size_t len) {

@@ -96,7 +96,7 @@ typedef struct {
     char attention_note[160];  // without cuDNN: why not (for the start-up line)
     void *graph_stream;        // where CUDA Graphs are recorded and replayed (mt_graph_*); NULL until the first
     int pdl;  // while a graph is recorded: the kernels that wait for their inputs themselves launch with
-              // programmatic dependent launch (kernels/ops.cu; MT_PDL=0 in the environment: never)
+              // programmatic dependent launch (kernels/ops.cu; only with MT_PDL=1 in the environment)
 } mt_backend;
 
 // Creates the backend on device `device` (gpu) or the CPU (device < 0). On a
@@ -117,9 +117,9 @@ void mt_backend_set_stream(mt_backend *be, void *stream);
 // a device value). Replays run on a stream that waits for earlier work on the
 // legacy stream and that later legacy-stream copies wait for. mt_graph_end
 // returns NULL, with the reason in `why`, where recording failed; nothing of
-// it is then left running. While recording, the kernels built for it start
-// with programmatic dependent launch (be->pdl), unless the environment has
-// MT_PDL=0. GPU backends only.
+// it is then left running. While recording with MT_PDL=1 in the environment,
+// the kernels built for it start with programmatic dependent launch
+// (be->pdl). GPU backends only.
 void mt_graph_begin(mt_backend *be);
 void *mt_graph_end(mt_backend *be, char *why, size_t len);
 void mt_graph_launch(mt_backend *be, void *graph);

@@ -30,8 +30,9 @@ static __device__ float warp_sum(float v) {
 }
 
 // Programmatic dependent launch (sm_90), for the kernels a decoding step runs
-// as a CUDA Graph: launched through launch_pdl while a graph is recorded
-// (be->pdl), a kernel may be scheduled while the kernel before it still runs.
+// as a CUDA Graph: launched through launch_pdl while a graph is recorded with
+// MT_PDL=1 (be->pdl), a kernel may be scheduled while the kernel before it
+// still runs.
 // Each such kernel calls pdl_next() first, so that the kernel after it may be
 // scheduled in turn, and pdl_wait() before it reads anything an earlier kernel
 // wrote or writes anything: pdl_wait() returns once the kernel before it has
